@@ -1,0 +1,81 @@
+"""Dependencies as named aliases: SessionDep, State, AdminDep, NodeDep, ServiceDep, ClientIp."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from admission import security
+from admission.db import session_scope
+from admission.errors import ApiError
+from admission.security import AdminPrincipal, NodePrincipal
+from admission.state import AppState
+
+_admin_bearer = HTTPBearer(auto_error=False, scheme_name="AdminKey", description="rma_admin_<id>_<secret>")
+_join_bearer = HTTPBearer(auto_error=False, scheme_name="JoinToken", description="rma_join_<id>_<secret>")
+_node_bearer = HTTPBearer(auto_error=False, scheme_name="NodeToken", description="rma_node_<id>_<secret>")
+_any_bearer = HTTPBearer(auto_error=False, scheme_name="AdminOrNode", description="an admin key or a node token")
+
+Creds = HTTPAuthorizationCredentials | None
+
+
+async def get_state(request: Request) -> AppState:
+    return security.state_of(request)
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    with session_scope(security.state_of(request).sessions) as session:
+        yield session
+
+
+async def get_ip(request: Request) -> str:
+    return security.client_ip(request)
+
+
+State = Annotated[AppState, Depends(get_state)]
+SessionDep = Annotated[Session, Depends(get_session)]
+ClientIp = Annotated[str, Depends(get_ip)]
+
+
+def require_admin(state: State, ip: ClientIp, creds: Annotated[Creds, Depends(_admin_bearer)]) -> AdminPrincipal:
+    return security.authenticate_admin(state, ip, creds)
+
+
+async def require_node(state: State, ip: ClientIp, creds: Annotated[Creds, Depends(_node_bearer)]
+                       ) -> NodePrincipal:
+    # async so that a heartbeat (the hot path) never hops to a thread; only a cache miss touches the database
+    if creds is not None and creds.credentials.startswith("rma_node_"):
+        worker_id = creds.credentials.split("_")[2]
+        if worker_id not in state.nodes:
+            await run_in_threadpool(security.load_node, state, worker_id)
+    return security.authenticate_node(state, ip, creds)
+
+
+async def join_credentials(creds: Annotated[Creds, Depends(_join_bearer)]) -> Creds:
+    return creds
+
+
+def require_service(state: State, ip: ClientIp,
+                    creds: Annotated[Creds, Depends(_any_bearer)]) -> AdminPrincipal | NodePrincipal:
+    if creds is not None and creds.credentials.startswith("rma_node_"):
+        return security.authenticate_node(state, ip, creds)
+    return security.authenticate_admin(state, ip, creds)
+
+
+def require_session(state: State, request: Request) -> AdminPrincipal:
+    admin = security.session_admin(state, request)
+    if admin is None:
+        raise ApiError(401, "login_required", "log in on /registry/login with an admin key")
+    return admin
+
+
+AdminDep = Annotated[AdminPrincipal, Depends(require_admin)]
+NodeDep = Annotated[NodePrincipal, Depends(require_node)]
+ServiceDep = Annotated[AdminPrincipal | NodePrincipal, Depends(require_service)]
+JoinCreds = Annotated[Creds, Depends(join_credentials)]
+SessionAdmin = Annotated[AdminPrincipal, Depends(require_session)]

@@ -1,0 +1,132 @@
+"""The coordinator app: `create_app(settings)`; `admission.main:app` for uvicorn (settings from RMA_*)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.concurrency import run_in_threadpool
+from fastapi.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from admission import db, errors, migrate
+from admission.ratelimit import IpLimiter
+from admission.routes import admin, health, invites, registry, worker
+from admission.services import keys
+from admission.state import AppState
+from rma_ray.settings import Settings
+
+log = logging.getLogger("rma.admission")
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """413 for request bodies over the limit, whether announced by Content-Length or streamed."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                return await self._reject(send)
+        seen = 0
+        started = False
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _TooLarge
+            return message
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, tracked)
+        except _TooLarge:
+            if not started:
+                await self._reject(send)
+
+    async def _reject(self, send: Send) -> None:
+        body = (b'{"error":{"code":"payload_too_large","message":"request body over %d bytes"}}' % self.max_bytes)
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def build_state(settings: Settings) -> AppState:
+    engine = db.make_engine(settings.resolved_database_url)
+    return AppState(settings=settings, engine=engine, sessions=db.make_sessionmaker(engine),
+                    secret_key=settings.resolved_secret_key(),
+                    limiter=IpLimiter(settings.register_rate, settings.auth_failure_rate))
+
+
+def prepare_database(state: AppState) -> str | None:
+    """Migrate and bootstrap admin keys; returns a newly minted first admin key (to show once), or None."""
+    if state.settings.auto_migrate:
+        migrate.upgrade(state.engine)
+    given = state.settings.admin_key.get_secret_value() if state.settings.admin_key else None
+    with db.session_scope(state.sessions) as session:
+        return keys.ensure_admin_key(session, given)
+
+
+async def _flush_loop(state: AppState) -> None:
+    while True:
+        await asyncio.sleep(state.settings.heartbeat_flush_s)
+        try:
+            await run_in_threadpool(state.buffer.flush, state.sessions)
+        except Exception:
+            log.exception("heartbeat flush failed; will retry")
+
+
+def create_app(settings: Settings | None = None, state: AppState | None = None) -> FastAPI:
+    settings = settings or (state.settings if state else Settings())
+    state = state or build_state(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        minted = await run_in_threadpool(prepare_database, state)
+        if minted:
+            # Started without the CLI and without RMA_ADMIN_KEY: never log the key itself.
+            log.warning("no admin key existed; one was created but cannot be shown here. "
+                        "Use `rma admission serve` (prints it once) or set RMA_ADMIN_KEY.")
+        flusher = asyncio.create_task(_flush_loop(state))
+        try:
+            yield
+        finally:
+            flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flusher
+            await run_in_threadpool(state.buffer.flush, state.sessions)
+
+    app = FastAPI(title="RMA Pool admission coordinator", version="0.1.0", lifespan=lifespan,
+                  description="Admission, tiers, credentials and the registry of the RMA compute pool.")
+    app.state.rma = state
+    errors.install(app)
+    for r in (invites.router, worker.router, admin.router, registry.router, health.router):
+        app.include_router(r)
+    app.mount("/static", StaticFiles(directory=Path(__file__).resolve().parent / "static"), name="static")
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    return app
+
+
+def __getattr__(name: str) -> FastAPI:
+    # `uvicorn admission.main:app` builds the app from RMA_* only when asked, so importing this module is cheap.
+    if name == "app":
+        return create_app()
+    raise AttributeError(name)

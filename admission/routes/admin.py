@@ -1,0 +1,100 @@
+"""The admin API (the seed's /api/admin/*): workers, stats, health, admin keys, client keys, audit."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from admission import schemas, security
+from admission.deps import AdminDep, ClientIp, ServiceDep, SessionDep, State
+from admission.models import AdminKey, ClientKey
+from admission.services import audit, keys, stats, workers
+
+router = APIRouter(prefix="/api", tags=["admin"])
+
+TierQ = Annotated[str | None, Query(pattern="^(gpu|service|data)$")]
+StatusQ = Annotated[str | None, Query(pattern="^(joining|healthy|warning|offline|quarantined|revoked|left)$")]
+
+
+@router.get("/admin/workers", response_model=list[schemas.WorkerOut], openapi_extra=security.ADMIN)
+def list_workers(admin: AdminDep, session: SessionDep, state: State, tier: TierQ = None, status: StatusQ = None
+                 ) -> list[schemas.WorkerOut]:
+    return workers.list_all(state, session, tier, status)
+
+
+@router.get("/admin/workers/{worker_id}", response_model=schemas.WorkerOut, openapi_extra=security.ADMIN)
+def get_worker(worker_id: str, admin: AdminDep, session: SessionDep, state: State) -> schemas.WorkerOut:
+    return workers.get(state, session, worker_id)
+
+
+@router.post("/admin/workers/{worker_id}/revoke", response_model=schemas.WorkerOut, openapi_extra=security.ADMIN)
+def revoke_worker(worker_id: str, admin: AdminDep, session: SessionDep, state: State, ip: ClientIp
+                  ) -> schemas.WorkerOut:
+    return workers.revoke(state, session, worker_id, admin.actor, ip)
+
+
+@router.post("/admin/workers/{worker_id}/drain", response_model=schemas.WorkerOut, openapi_extra=security.ADMIN)
+def drain_worker(worker_id: str, admin: AdminDep, session: SessionDep, state: State, ip: ClientIp
+                 ) -> schemas.WorkerOut:
+    return workers.set_action(state, session, worker_id, "drain", admin.actor, ip)
+
+
+@router.post("/admin/workers/{worker_id}/resume", response_model=schemas.WorkerOut, openapi_extra=security.ADMIN)
+def resume_worker(worker_id: str, admin: AdminDep, session: SessionDep, state: State, ip: ClientIp
+                  ) -> schemas.WorkerOut:
+    return workers.set_action(state, session, worker_id, "none", admin.actor, ip)
+
+
+@router.get("/admin/stats", response_model=schemas.StatsOut, openapi_extra=security.ADMIN)
+def get_stats(admin: AdminDep, session: SessionDep, state: State) -> schemas.StatsOut:
+    return stats.stats(state, session)
+
+
+@router.get("/admin/health", response_model=schemas.HealthOut, openapi_extra=security.ADMIN)
+def get_health(admin: AdminDep, session: SessionDep, state: State) -> schemas.HealthOut:
+    return stats.health(state, session)
+
+
+@router.get("/admin/audit", response_model=list[schemas.AuditOut], openapi_extra=security.ADMIN)
+def get_audit(admin: AdminDep, session: SessionDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+              action: Annotated[str | None, Query(max_length=64)] = None) -> list[schemas.AuditOut]:
+    return [schemas.AuditOut.model_validate(e, from_attributes=True) for e in audit.recent(session, limit, action)]
+
+
+@router.post("/admin/keys", status_code=201, response_model=schemas.KeyCreated, openapi_extra=security.ADMIN)
+def create_admin_key(req: schemas.NamedCreate, admin: AdminDep, session: SessionDep, ip: ClientIp
+                     ) -> schemas.KeyCreated:
+    return keys.create(session, AdminKey, req.name, admin.actor, ip)
+
+
+@router.get("/admin/keys", response_model=list[schemas.KeyOut], openapi_extra=security.ADMIN)
+def list_admin_keys(admin: AdminDep, session: SessionDep) -> list[schemas.KeyOut]:
+    return keys.list_all(session, AdminKey)
+
+
+@router.post("/admin/keys/{key_id}/revoke", response_model=schemas.KeyOut, openapi_extra=security.ADMIN)
+def revoke_admin_key(key_id: str, admin: AdminDep, session: SessionDep, ip: ClientIp) -> schemas.KeyOut:
+    return keys.revoke(session, AdminKey, key_id, admin.actor, ip)
+
+
+@router.post("/admin/clients", status_code=201, response_model=schemas.KeyCreated, openapi_extra=security.ADMIN)
+def create_client(req: schemas.NamedCreate, admin: AdminDep, session: SessionDep, ip: ClientIp
+                  ) -> schemas.KeyCreated:
+    return keys.create(session, ClientKey, req.name, admin.actor, ip)
+
+
+@router.get("/admin/clients", response_model=list[schemas.KeyOut], openapi_extra=security.ADMIN)
+def list_clients(admin: AdminDep, session: SessionDep) -> list[schemas.KeyOut]:
+    return keys.list_all(session, ClientKey)
+
+
+@router.post("/admin/clients/{key_id}/revoke", response_model=schemas.KeyOut, openapi_extra=security.ADMIN)
+def revoke_client(key_id: str, admin: AdminDep, session: SessionDep, ip: ClientIp) -> schemas.KeyOut:
+    return keys.revoke(session, ClientKey, key_id, admin.actor, ip)
+
+
+@router.get("/clients/keyring", response_model=schemas.KeyringOut, openapi_extra=security.SERVICE)
+def client_keyring(who: ServiceDep, session: SessionDep) -> schemas.KeyringOut:
+    """Ids and hashes of live client keys, for the Serve-side verifier (no secrets)."""
+    return keys.keyring(session)

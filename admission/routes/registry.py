@@ -1,0 +1,76 @@
+"""The admin registry page: server-rendered, log-in with an admin key (HttpOnly cookie), refreshes itself by
+swapping in a freshly rendered fragment. Everything it loads is served from this package (no CDN)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Form, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials
+from fastapi.templating import Jinja2Templates
+
+from admission import security
+from admission.deps import ClientIp, SessionDep, State
+from admission.errors import ApiError
+from admission.services import stats, workers
+from rma_ray.tiers import MINIMUMS, TIER_ORDER
+
+router = APIRouter(tags=["registry"], include_in_schema=True)
+templates = Jinja2Templates(directory=Path(__file__).resolve().parent.parent / "templates")
+
+
+def _fmt_mb(mb: float) -> str:
+    return f"{mb / 1024:.1f} GiB" if mb >= 1024 else f"{mb:.0f} MiB"
+
+
+templates.env.filters["mb"] = _fmt_mb
+
+
+@router.get("/registry/login", response_class=HTMLResponse, openapi_extra=security.PUBLIC)
+def login_page(request: Request) -> HTMLResponse:
+    return templates.TemplateResponse(request, "login.html", {"error": None})
+
+
+@router.post("/registry/login", openapi_extra=security.PUBLIC)
+def login(request: Request, state: State, ip: ClientIp, admin_key: Annotated[str, Form(max_length=200)]
+          ) -> Response:
+    creds = HTTPAuthorizationCredentials(scheme="Bearer", credentials=admin_key.strip())
+    try:
+        admin = security.authenticate_admin(state, ip, creds)
+    except ApiError as exc:
+        return templates.TemplateResponse(request, "login.html", {"error": exc.message}, status_code=exc.status,
+                                          headers=exc.headers if exc.status == 429 else None)
+    resp = RedirectResponse("/registry", status_code=303)
+    resp.set_cookie(security.SESSION_COOKIE, security.issue_session(state, admin), httponly=True, samesite="strict",
+                    secure=request.url.scheme == "https", max_age=state.settings.session_ttl_s, path="/")
+    return resp
+
+
+@router.post("/registry/logout", openapi_extra=security.PUBLIC)
+def logout() -> Response:
+    resp = RedirectResponse("/registry/login", status_code=303)
+    resp.delete_cookie(security.SESSION_COOKIE, path="/")
+    return resp
+
+
+@router.get("/registry", response_class=HTMLResponse, openapi_extra=security.SESSION)
+def registry(request: Request, state: State, session: SessionDep, partial: bool = False) -> Response:
+    admin = security.session_admin(state, request)
+    if admin is None:
+        if partial:
+            return Response(status_code=401)
+        return RedirectResponse("/registry/login", status_code=303)
+    ws = workers.list_all(state, session)
+    tier_of = {t: [w for w in ws if w.tier == str(t)] for t in TIER_ORDER}
+    ctx = {
+        "stats": stats.stats(state, session),
+        "tiers": [(str(t), t.number, MINIMUMS[t], tier_of[t]) for t in TIER_ORDER],
+        "workers": ws,
+        "ray_dashboard_url": state.settings.ray_dashboard_url,
+        "admin_id": admin.key_id,
+        "partial": partial,
+    }
+    return templates.TemplateResponse(request, "registry_body.html" if partial else "registry.html", ctx,
+                                      headers={"Cache-Control": "no-store"})

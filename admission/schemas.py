@@ -1,0 +1,165 @@
+"""Wire shapes of the coordinator's API."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from rma_ray.capabilities import Capabilities, _to_mb
+from rma_ray.tiers import Tier
+
+WorkerStatus = Literal["joining", "healthy", "warning", "offline", "quarantined", "revoked", "left"]
+Action = Literal["none", "drain", "leave"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class InviteCreate(Strict):
+    ttl_s: int | None = Field(default=None, ge=10, description="lifetime in seconds (default 15 min)")
+    uses: int = Field(default=1, ge=1, le=10_000)
+    trusted: bool = False
+    tier: Tier | None = Field(default=None, description="pin the donor to this tier if its hardware qualifies")
+    note: str = Field(default="", max_length=500)
+
+
+class InviteCreated(BaseModel):
+    id: str
+    token: str = Field(description="shown once; only its hash is kept")
+    expires_at: datetime
+    uses: int
+
+
+class InviteOut(BaseModel):
+    id: str
+    created_at: datetime
+    expires_at: datetime
+    uses: int
+    uses_left: int
+    trusted: bool
+    tier: str | None
+    note: str
+    status: Literal["active", "expired", "used", "revoked"]
+
+
+class RegisterRequest(Strict):
+    name: str = Field(min_length=1, max_length=255)
+    capabilities: Capabilities
+
+
+class RayInfo(BaseModel):
+    address: str
+    auth_token: str | None
+
+
+class RegisterResponse(BaseModel):
+    worker_id: str
+    tier: Tier
+    tier_number: int
+    trusted: bool
+    labels: dict[str, str]
+    node_token: str = Field(description="shown once; only its hash is kept")
+    heartbeat_interval_s: int
+    ray: RayInfo | None
+
+
+class HeartbeatRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    status: Literal["healthy", "starting", "draining", "degraded", "stopping"] = "healthy"
+    current_load: float = Field(default=0.0, ge=0, le=100_000)
+    available_memory_mb: int | None = Field(default=None, ge=0, le=64 * 1024 * 1024)
+    ray_node_id: str | None = Field(default=None, max_length=64, pattern=r"^[0-9a-fA-F]*$")
+
+    @field_validator("available_memory_mb", mode="before")
+    @classmethod
+    def _human(cls, v: Any) -> Any:
+        return _to_mb(v)
+
+
+class HeartbeatResponse(BaseModel):
+    action: Action
+
+
+class WorkerOut(BaseModel):
+    id: str
+    name: str
+    tier: str
+    trusted: bool
+    status: WorkerStatus
+    labels: dict[str, str]
+    capabilities: dict[str, Any]
+    created_at: datetime
+    last_seen_at: datetime | None
+    current_load: float | None
+    available_memory_mb: int | None
+    ray_node_id: str | None
+    ray_alive: bool | None
+    action: Action
+    quarantine_reason: str | None
+    revoked_at: datetime | None
+
+
+class TierStats(BaseModel):
+    workers: dict[str, int]
+    online: int
+    capacity: dict[str, float]
+    demand: int
+
+
+class StatsOut(BaseModel):
+    tiers: dict[str, TierStats]
+    total_workers: int
+    online_workers: int
+    invites_active: int
+    clients_active: int
+    generated_at: datetime
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok", "degraded"]
+    database: str
+    ray_configured: bool
+    workers_online: int
+    workers_total: int
+
+
+class NamedCreate(Strict):
+    name: str = Field(min_length=1, max_length=100, pattern=r"^[\w .@:/-]+$")
+
+
+class KeyCreated(BaseModel):
+    id: str
+    name: str
+    key: str = Field(description="shown once; only its hash is kept")
+    created_at: datetime
+
+
+class KeyOut(BaseModel):
+    id: str
+    name: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class KeyringEntry(BaseModel):
+    id: str
+    hash: str
+
+
+class KeyringOut(BaseModel):
+    generated_at: datetime
+    keys: list[KeyringEntry]
+
+
+class AuditOut(BaseModel):
+    id: int
+    at: datetime
+    actor: str
+    action: str
+    subject: str
+    ip: str
+    detail: dict[str, Any]

@@ -1,0 +1,1 @@
+"""The coordinator's logic; routes only parse, authenticate and call one function here."""

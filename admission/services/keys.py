@@ -1,0 +1,83 @@
+"""Admin keys and client API keys: minted here, shown once, kept as hashes.
+
+Client keys are checked on the Serve side by `rma_ray.client_keys.ClientKeyVerifier`, which pulls the keyring
+(ids and hashes of live keys) instead of calling the coordinator per request.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from admission import schemas
+from admission.errors import ApiError
+from admission.models import AdminKey, ClientKey, utcnow
+from admission.services import audit
+from rma_ray import credentials
+from rma_ray.credentials import Kind, MalformedToken
+
+Model = type[AdminKey] | type[ClientKey]
+
+
+def _out(row: AdminKey | ClientKey) -> schemas.KeyOut:
+    return schemas.KeyOut(id=row.id, name=row.name, created_at=row.created_at, revoked_at=row.revoked_at)
+
+
+def create(session: Session, model: Model, name: str, actor: str, ip: str) -> schemas.KeyCreated:
+    kind = Kind.ADMIN if model is AdminKey else Kind.CLIENT
+    minted = credentials.mint(kind)
+    row = model(id=minted.id, name=name, key_hash=minted.hash, created_at=utcnow())
+    session.add(row)
+    audit.record(session, actor, f"{kind}_key.create", minted.id, ip, name=name)
+    session.flush()
+    return schemas.KeyCreated(id=row.id, name=row.name, key=minted.token, created_at=row.created_at)
+
+
+def list_all(session: Session, model: Model) -> list[schemas.KeyOut]:
+    return [_out(r) for r in session.scalars(select(model).order_by(model.created_at))]
+
+
+def revoke(session: Session, model: Model, key_id: str, actor: str, ip: str) -> schemas.KeyOut:
+    kind = "admin" if model is AdminKey else "client"
+    row = session.get(model, key_id)
+    if row is None:
+        raise ApiError(404, "not_found", f"no {kind} key {key_id}")
+    if row.revoked_at is None:
+        if model is AdminKey and active_admin_keys(session) <= 1:
+            raise ApiError(409, "last_admin_key", "this is the last active admin key; create another one first")
+        row.revoked_at = utcnow()
+        audit.record(session, actor, f"{kind}_key.revoke", key_id, ip)
+    return _out(row)
+
+
+def active_admin_keys(session: Session) -> int:
+    return session.scalar(select(func.count()).select_from(AdminKey).where(AdminKey.revoked_at.is_(None))) or 0
+
+
+def ensure_admin_key(session: Session, given: str | None) -> str | None:
+    """Bootstrap: accept RMA_ADMIN_KEY if given; else mint the first admin key when there is none.
+
+    Returns a newly minted key (to print once) or None.
+    """
+    if given:
+        try:
+            parsed = credentials.parse(given, Kind.ADMIN)
+        except MalformedToken as exc:
+            raise ValueError(f"RMA_ADMIN_KEY: {exc}; create one with `rma admission new-admin-key`") from None
+        row = session.get(AdminKey, parsed.id)
+        if row is None:
+            session.add(AdminKey(id=parsed.id, name="RMA_ADMIN_KEY", key_hash=credentials.hash_secret(parsed.secret),
+                                 created_at=utcnow()))
+            audit.record(session, "system", "admin_key.import", parsed.id)
+        elif not credentials.matches(parsed, row.key_hash) or row.revoked_at is not None:
+            raise ValueError("RMA_ADMIN_KEY does not match the stored (or a revoked) admin key with that id")
+        return None
+    if active_admin_keys(session) == 0:
+        return create(session, AdminKey, "first admin key", "system", "").key
+    return None
+
+
+def keyring(session: Session) -> schemas.KeyringOut:
+    rows = session.scalars(select(ClientKey).where(ClientKey.revoked_at.is_(None)).order_by(ClientKey.id))
+    return schemas.KeyringOut(generated_at=utcnow(),
+                              keys=[schemas.KeyringEntry(id=r.id, hash=r.key_hash) for r in rows])

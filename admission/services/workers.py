@@ -1,0 +1,197 @@
+"""Donors: registration (the tier decision), heartbeats, leaving, revocation, and the status the registry shows.
+
+Status is derived, not stored: from the last heartbeat (healthy, warning after one missed beat, offline after
+two and a half intervals) and, once `rma up` wires a Ray head, from what Ray reports, whichever knows first.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from admission import schemas
+from admission.errors import ApiError
+from admission.models import Invite, TierDemand, Worker, utcnow
+from admission.security import NodePrincipal, auth_failed
+from admission.services import audit, invites
+from admission.state import AppState, Beat, NodeEntry
+from rma_ray import credentials, tiers
+from rma_ray.credentials import Kind, MalformedToken
+from rma_ray.tiers import Tier
+
+
+def _refuse(state: AppState, ip: str, status: int, code: str, message: str, **detail: object) -> ApiError:
+    """A refusal the admin should see in the audit log, written outside the request's (rolled-back) transaction."""
+    state.metrics.refusals.labels(code).inc()
+    with state.sessions() as session, session.begin():
+        audit.record(session, "anonymous", "worker.register.refused", "", ip, code=code, **detail)
+    return ApiError(status, code, message)
+
+
+def demand(session: Session) -> dict[str, int]:
+    return {row.tier: row.pending for row in session.scalars(select(TierDemand))}
+
+
+def register(state: AppState, session: Session, creds_token: str | None, req: schemas.RegisterRequest, ip: str
+             ) -> schemas.RegisterResponse:
+    state.limiter.hit_register(ip)
+    state.limiter.check_auth_allowed(ip)
+    if not creds_token:
+        raise auth_failed(state, ip, "join", "missing_credentials", "send 'Authorization: Bearer rma_join_<id>_<secret>'")
+    try:
+        parsed = credentials.parse(creds_token, Kind.JOIN)
+    except MalformedToken as exc:
+        raise auth_failed(state, ip, "join", "malformed_token", str(exc)) from None
+    invite = session.get(Invite, parsed.id)
+    if invite is None or not credentials.matches(parsed, invite.token_hash):
+        raise auth_failed(state, ip, "join", "invalid_join_token", "unknown join token; check you copied all of it")
+    why = invites.status_of(invite)
+    if why == "expired":
+        raise auth_failed(state, ip, "join", "token_expired",
+                          f"join token expired at {invite.expires_at:%Y-%m-%d %H:%M} UTC; ask the pool admin for a new invite")
+    if why == "used":
+        raise auth_failed(state, ip, "join", "token_used", "join token already used; ask the pool admin for a new invite")
+    if why == "revoked":
+        raise auth_failed(state, ip, "join", "token_revoked", "join token was revoked by the pool admin")
+
+    caps = req.capabilities
+    candidates = tiers.eligible(caps)
+    if not candidates:
+        raise _refuse(state, ip, 422, "hardware_below_minimum", tiers.refusal(caps), invite=invite.id)
+    pinned = Tier(invite.tier) if invite.tier else None
+    if pinned is not None and pinned not in candidates:
+        raise _refuse(state, ip, 422, "tier_not_qualified", tiers.pin_refusal(pinned, caps), invite=invite.id)
+    tier = tiers.choose(candidates, demand(session), pinned)
+
+    if not invites.consume(session, invite.id):  # lost the race for the last use
+        raise auth_failed(state, ip, "join", "token_used", "join token already used; ask the pool admin for a new invite")
+
+    minted = credentials.mint(Kind.NODE)
+    labels = tiers.node_labels(tier, minted.id, invite.trusted)
+    worker = Worker(id=minted.id, name=req.name, invite_id=invite.id, tier=str(tier), trusted=invite.trusted,
+                    capabilities=caps.model_dump(), labels=labels, node_token_hash=minted.hash, registered_ip=ip)
+    session.add(worker)
+    audit.record(session, f"invite:{invite.id}", "worker.register", worker.id, ip, tier=str(tier), name=req.name,
+                 trusted=invite.trusted, candidates=[str(t) for t in candidates])
+    session.flush()
+    state.metrics.registrations.labels(str(tier)).inc()
+    with state.nodes_lock:
+        state.nodes[worker.id] = NodeEntry(worker.id, minted.hash, True)
+
+    settings = state.settings
+    ray = (schemas.RayInfo(address=settings.ray_address, auth_token=settings.ray_auth_token())
+           if settings.ray_address else None)
+    return schemas.RegisterResponse(worker_id=worker.id, tier=tier, tier_number=tier.number, trusted=invite.trusted,
+                                    labels=labels, node_token=minted.token,
+                                    heartbeat_interval_s=settings.heartbeat_interval_s, ray=ray)
+
+
+def heartbeat(state: AppState, node: NodePrincipal, req: schemas.HeartbeatRequest) -> schemas.HeartbeatResponse:
+    state.buffer.put(node.worker_id, Beat(utcnow(), req.status, req.current_load, req.available_memory_mb,
+                                          req.ray_node_id))
+    state.metrics.heartbeats.inc()
+    with state.nodes_lock:
+        entry = state.nodes[node.worker_id]
+    return schemas.HeartbeatResponse(action=entry.action)  # type: ignore[arg-type]
+
+
+def _deactivate(state: AppState, worker_id: str, action: str = "leave") -> None:
+    with state.nodes_lock:
+        entry = state.nodes.get(worker_id)
+        if entry is not None:
+            entry.active, entry.action = False, action
+    state.buffer.drop(worker_id)
+
+
+def unregister(state: AppState, session: Session, node: NodePrincipal, ip: str) -> None:
+    worker = session.get(Worker, node.worker_id)
+    assert worker is not None  # the node token was just verified against it
+    worker.left_at = utcnow()
+    worker.action = "leave"
+    audit.record(session, node.actor, "worker.unregister", worker.id, ip)
+    session.flush()
+    _deactivate(state, worker.id)
+
+
+def _get(session: Session, worker_id: str) -> Worker:
+    worker = session.get(Worker, worker_id)
+    if worker is None:
+        raise ApiError(404, "not_found", f"no worker {worker_id}; `rma donors list` shows the ids")
+    return worker
+
+
+def revoke(state: AppState, session: Session, worker_id: str, actor: str, ip: str) -> schemas.WorkerOut:
+    worker = _get(session, worker_id)
+    if worker.revoked_at is None:
+        worker.revoked_at = utcnow()
+        worker.action = "leave"
+        audit.record(session, actor, "worker.revoke", worker.id, ip, tier=worker.tier, name=worker.name)
+        session.flush()
+        _deactivate(state, worker.id)
+    return to_out(state, worker)
+
+
+def set_action(state: AppState, session: Session, worker_id: str, action: str, actor: str, ip: str
+               ) -> schemas.WorkerOut:
+    worker = _get(session, worker_id)
+    if worker.revoked_at is not None or worker.left_at is not None:
+        raise ApiError(409, "conflict", f"worker {worker_id} has already left the pool")
+    worker.action = action
+    audit.record(session, actor, f"worker.{'drain' if action == 'drain' else 'resume'}", worker.id, ip)
+    session.flush()
+    with state.nodes_lock:
+        entry = state.nodes.get(worker.id)
+        if entry is not None:
+            entry.action = action
+    return to_out(state, worker)
+
+
+def derive_status(worker: Worker, last_beat: datetime | None, interval_s: int, now: datetime) -> str:
+    if worker.revoked_at is not None:
+        return "revoked"
+    if worker.left_at is not None:
+        return "left"
+    if worker.quarantine_reason:
+        return "quarantined"
+    if worker.ray_alive is False and worker.ray_seen_at and (last_beat is None or worker.ray_seen_at >= last_beat):
+        return "offline"  # Ray saw the node die after its last heartbeat
+    seen = max((t for t in (last_beat, worker.ray_seen_at if worker.ray_alive else None) if t), default=None)
+    if seen is None:
+        return "joining" if now - worker.created_at < timedelta(seconds=2.5 * interval_s) else "offline"
+    age = now - seen
+    if age <= timedelta(seconds=1.5 * interval_s):
+        return "healthy"
+    if age <= timedelta(seconds=2.5 * interval_s):
+        return "warning"
+    return "offline"
+
+
+def to_out(state: AppState, worker: Worker, now: datetime | None = None) -> schemas.WorkerOut:
+    beat = state.buffer.peek(worker.id)
+    last_beat = beat.at if beat else worker.last_heartbeat_at
+    seen = max((t for t in (last_beat, worker.ray_seen_at if worker.ray_alive else None) if t), default=None)
+    status = derive_status(worker, last_beat, state.settings.heartbeat_interval_s, now or utcnow())
+    return schemas.WorkerOut(
+        id=worker.id, name=worker.name, tier=worker.tier, trusted=worker.trusted, status=status,  # type: ignore[arg-type]
+        labels=worker.labels, capabilities=worker.capabilities, created_at=worker.created_at, last_seen_at=seen,
+        current_load=beat.current_load if beat else worker.current_load,
+        available_memory_mb=beat.available_memory_mb if beat else worker.available_memory_mb,
+        ray_node_id=(beat.ray_node_id if beat else None) or worker.ray_node_id, ray_alive=worker.ray_alive,
+        action=worker.action, quarantine_reason=worker.quarantine_reason, revoked_at=worker.revoked_at,  # type: ignore[arg-type]
+    )
+
+
+def list_all(state: AppState, session: Session, tier: str | None = None, status: str | None = None
+             ) -> list[schemas.WorkerOut]:
+    q = select(Worker).order_by(Worker.created_at)
+    if tier:
+        q = q.where(Worker.tier == tier)
+    now = utcnow()
+    out = [to_out(state, w, now) for w in session.scalars(q)]
+    return [w for w in out if status is None or w.status == status]
+
+
+def get(state: AppState, session: Session, worker_id: str) -> schemas.WorkerOut:
+    return to_out(state, _get(session, worker_id))

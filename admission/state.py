@@ -1,0 +1,98 @@
+"""What one coordinator process holds in memory beside the database: the node-credential cache and the
+heartbeat write-behind buffer (so that a heartbeat costs a dict write, not a transaction), the rate limiter and
+the metrics. The coordinator is one process by design (a free-tier host); all writes go through it."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from sqlalchemy import Engine, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from admission.models import Worker
+from admission.ratelimit import IpLimiter
+from rma_ray.settings import Settings
+
+
+@dataclass
+class NodeEntry:
+    worker_id: str
+    token_hash: str
+    active: bool  # False once revoked or left
+    action: str = "none"
+
+
+@dataclass
+class Beat:
+    at: datetime
+    status: str
+    current_load: float
+    available_memory_mb: int | None
+    ray_node_id: str | None
+
+
+class HeartbeatBuffer:
+    """Latest heartbeat per worker, flushed to the database in one bulk UPDATE every `flush_s`."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: dict[str, Beat] = {}
+
+    def put(self, worker_id: str, beat: Beat) -> None:
+        with self._lock:
+            self._pending[worker_id] = beat
+
+    def peek(self, worker_id: str) -> Beat | None:
+        with self._lock:
+            return self._pending.get(worker_id)
+
+    def drop(self, worker_id: str) -> None:
+        with self._lock:
+            self._pending.pop(worker_id, None)
+
+    def flush(self, factory: sessionmaker[Session]) -> int:
+        with self._lock:
+            batch, self._pending = self._pending, {}
+        if not batch:
+            return 0
+        rows = [{"id": wid, "last_heartbeat_at": b.at, "heartbeat_status": b.status, "current_load": b.current_load,
+                 "available_memory_mb": b.available_memory_mb, "ray_node_id": b.ray_node_id}
+                for wid, b in batch.items()]
+        try:
+            with factory() as session, session.begin():
+                session.execute(update(Worker), rows)
+        except Exception:
+            with self._lock:  # keep what was not written, unless a newer beat arrived meanwhile
+                for wid, b in batch.items():
+                    self._pending.setdefault(wid, b)
+            raise
+        return len(rows)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.heartbeats = Counter("rma_heartbeats", "Heartbeats accepted", registry=self.registry)
+        self.registrations = Counter("rma_registrations", "Donors admitted", ["tier"], registry=self.registry)
+        self.refusals = Counter("rma_registrations_refused", "Registrations refused", ["reason"],
+                                registry=self.registry)
+        self.auth_failures = Counter("rma_auth_failures", "Failed authentications", ["kind"],
+                                     registry=self.registry)
+        self.rate_limited = Counter("rma_rate_limited", "Requests refused by a rate limit", registry=self.registry)
+        self.workers = Gauge("rma_workers", "Workers by tier and status", ["tier", "status"], registry=self.registry)
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    secret_key: str
+    limiter: IpLimiter
+    buffer: HeartbeatBuffer = field(default_factory=HeartbeatBuffer)
+    nodes: dict[str, NodeEntry] = field(default_factory=dict)
+    nodes_lock: threading.Lock = field(default_factory=threading.Lock)
+    metrics: Metrics = field(default_factory=Metrics)

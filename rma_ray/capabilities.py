@@ -1,0 +1,168 @@
+"""The hardware probe: what a donor machine offers, measured with psutil and NVML.
+
+`read_raw()` takes the readings, `from_readings()` turns them into `Capabilities` (a pure function, tested
+against real readings in shared/fixtures/hardware/). A machine without an NVIDIA GPU or driver reports no GPUs;
+the probe never raises for that. `Capabilities` also accepts the seed's human strings ("16GB", "1TB") so that an
+old-style agent can register.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+from typing import Any
+
+import psutil
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+
+MB = 1024 * 1024
+GB = 1024 * MB
+_BYTES = TypeAdapter(ByteSize)
+
+
+def _to_mb(value: Any) -> Any:
+    """'16GB', '64 GiB', 1.5e10 bytes-as-string -> MiB; ints pass through as MiB already."""
+    if isinstance(value, str):
+        return int(_BYTES.validate_python(value.strip()) // MB)
+    return value
+
+
+def _to_gb(value: Any) -> Any:
+    if isinstance(value, str):
+        return round(_BYTES.validate_python(value.strip()) / GB, 1)
+    return value
+
+
+class GpuInfo(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(min_length=1, max_length=200)
+    memory_mb: int = Field(ge=0, le=16 * 1024 * 1024)
+    uuid: str | None = Field(default=None, max_length=100)
+    compute_capability: str | None = Field(default=None, max_length=10, pattern=r"^\d+\.\d+$")
+
+    @field_validator("memory_mb", mode="before")
+    @classmethod
+    def _human_memory(cls, v: Any) -> Any:
+        return _to_mb(v)
+
+
+class Capabilities(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    gpus: list[GpuInfo] = Field(default_factory=list, max_length=64)
+    cpu_cores: int = Field(ge=1, le=4096)
+    ram_mb: int = Field(ge=0, le=64 * 1024 * 1024)
+    disk_free_gb: float = Field(default=0.0, ge=0, le=10_000_000)
+    os: str = Field(default="", max_length=200)
+    hostname: str = Field(default="", max_length=255)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _seed_shape(cls, data: Any) -> Any:
+        """Accept the seed's registration spec: gpu_memory/gpu_type/ram/storage as human strings."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if "gpus" not in data and data.get("gpu_memory"):
+            data["gpus"] = [{"name": data.get("gpu_type") or "unknown GPU", "memory_mb": data["gpu_memory"]}]
+        if "ram_mb" not in data and "ram" in data:
+            data["ram_mb"] = data["ram"]
+        if "disk_free_gb" not in data and "storage" in data:
+            data["disk_free_gb"] = data["storage"]
+        return data
+
+    @field_validator("ram_mb", mode="before")
+    @classmethod
+    def _human_ram(cls, v: Any) -> Any:
+        return _to_mb(v)
+
+    @field_validator("disk_free_gb", mode="before")
+    @classmethod
+    def _human_disk(cls, v: Any) -> Any:
+        return _to_gb(v)
+
+    @property
+    def gpu_memory_mb(self) -> int:
+        return max((g.memory_mb for g in self.gpus), default=0)
+
+
+def _read_nvml() -> dict[str, Any]:
+    """NVML readings in the fixture's shape, or {'error': why} when there is no driver or no GPU."""
+    try:
+        import pynvml
+    except ImportError as exc:  # nvidia-ml-py is a dependency, but a trimmed install may lack it
+        return {"error": f"nvidia-ml-py not installed ({exc})"}
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as exc:
+        return {"error": f"no NVIDIA driver ({exc})"}
+    try:
+        devices = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            name = pynvml.nvmlDeviceGetName(h)
+            mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+            try:
+                cc = list(pynvml.nvmlDeviceGetCudaComputeCapability(h))
+            except pynvml.NVMLError:
+                cc = None
+            devices.append({
+                "index": i,
+                "name": name.decode() if isinstance(name, bytes) else name,
+                "uuid": (lambda u: u.decode() if isinstance(u, bytes) else u)(pynvml.nvmlDeviceGetUUID(h)),
+                "memory_total_bytes": int(mem.total),
+                "compute_capability": cc,
+            })
+        return {"devices": devices}
+    except pynvml.NVMLError as exc:
+        return {"error": f"NVML query failed ({exc})"}
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except pynvml.NVMLError:
+            pass
+
+
+def read_raw(disk_path: str | os.PathLike[str] = "/") -> dict[str, Any]:
+    """Take the readings; never raises for a missing GPU or driver."""
+    disk = psutil.disk_usage(os.fspath(disk_path))
+    return {
+        "platform": platform.platform(),
+        "hostname": socket.gethostname(),
+        "psutil": {
+            "cpu_count_logical": psutil.cpu_count(logical=True) or 1,
+            "ram_total_bytes": psutil.virtual_memory().total,
+            "disk_total_bytes": disk.total,
+            "disk_free_bytes": disk.free,
+        },
+        "nvml": _read_nvml(),
+    }
+
+
+def from_readings(raw: dict[str, Any]) -> Capabilities:
+    """Readings (from read_raw, or a fixture file) -> Capabilities."""
+    ps = raw.get("psutil") or raw.get("psutil_equivalent") or {}
+    nvml = raw.get("nvml") or {}
+    gpus = []
+    for d in nvml.get("devices", []):
+        cc = d.get("compute_capability")
+        gpus.append(GpuInfo(
+            name=d["name"],
+            memory_mb=int(d["memory_total_bytes"]) // MB,
+            uuid=d.get("uuid"),
+            compute_capability=f"{cc[0]}.{cc[1]}" if cc else None,
+        ))
+    return Capabilities(
+        gpus=gpus,
+        cpu_cores=int(ps["cpu_count_logical"]),
+        ram_mb=int(ps["ram_total_bytes"]) // MB,
+        disk_free_gb=round(int(ps["disk_free_bytes"]) / GB, 1),
+        os=raw.get("platform", ""),
+        hostname=raw.get("hostname", ""),
+    )
+
+
+def probe(disk_path: str | os.PathLike[str] = "/") -> Capabilities:
+    return from_readings(read_raw(disk_path))

@@ -1,0 +1,94 @@
+"""Settings for every side of the pool, from `RMA_*` environment variables (one pydantic-settings class).
+
+Secrets never come from a command line. The coordinator refuses to start with an empty or well-known secret
+unless `RMA_DEV=1`; when no secret is given at all it generates one and keeps it, mode 0600, in the data dir.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Self
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+WEAK_SECRETS = {"", "changeme", "change-me", "secret", "password", "dev", "test", "admin", "default", "rma"}
+
+
+class InsecureSettings(ValueError):
+    """A secret is empty or well known and RMA_DEV is not set."""
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "rma"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RMA_", extra="ignore")
+
+    dev: bool = Field(default=False, description="allow weak secrets and plain HTTP cookies (never in production)")
+    data_dir: Path = Field(default_factory=default_data_dir)
+
+    # coordinator
+    database_url: str | None = Field(default=None, description="SQLAlchemy URL; default SQLite in the data dir")
+    secret_key: SecretStr | None = Field(default=None, description="signs registry session cookies")
+    admin_key: SecretStr | None = Field(default=None, description="an admin key to accept (for automation)")
+    public_url: str | None = Field(default=None, description="the coordinator's URL as donors see it")
+    heartbeat_interval_s: int = Field(default=15, ge=1, le=3600)
+    heartbeat_flush_s: float = Field(default=1.0, gt=0, le=60)
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024)
+    register_rate: str = Field(default="20/minute", description="per-IP limit on POST /api/worker/register")
+    auth_failure_rate: str = Field(default="30/minute", description="per-IP limit on failed authentications")
+    invite_default_ttl_s: int = Field(default=15 * 60, ge=10)
+    invite_max_ttl_s: int = Field(default=30 * 24 * 3600, ge=60)
+    session_ttl_s: int = Field(default=12 * 3600, ge=60)
+    auto_migrate: bool = True
+
+    # the Ray head this coordinator admits donors into (set by `rma up`; absent for a coordinator alone)
+    ray_address: str | None = None
+    ray_auth_token_file: Path | None = None
+    ray_dashboard_url: str | None = None
+
+    # client side (CLI, agent)
+    coordinator_url: str = "http://127.0.0.1:8470"
+
+    @model_validator(mode="after")
+    def _refuse_weak(self) -> Self:
+        for name in ("secret_key", "admin_key"):
+            value: SecretStr | None = getattr(self, name)
+            if value is not None and value.get_secret_value().strip().lower() in WEAK_SECRETS and not self.dev:
+                raise InsecureSettings(
+                    f"RMA_{name.upper()} is empty or a well-known default; set a real secret "
+                    f"(or unset it to have one generated), or RMA_DEV=1 for a throw-away dev setup"
+                )
+        return self
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'coordinator.db'}"
+
+    def resolved_secret_key(self) -> str:
+        """The cookie-signing secret: given, or generated once and kept 0600 in the data dir."""
+        if self.secret_key is not None:
+            return self.secret_key.get_secret_value()
+        return read_or_create_secret(self.data_dir / "secret_key")
+
+    def ray_auth_token(self) -> str | None:
+        if self.ray_auth_token_file and self.ray_auth_token_file.exists():
+            return self.ray_auth_token_file.read_text().strip() or None
+        return None
+
+
+def read_or_create_secret(path: Path, nbytes: int = 32) -> str:
+    """Read a secret file, creating it (mode 0600, atomically) if absent."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_text().strip()
+    value = secrets.token_hex(nbytes)
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")
+    return value
