@@ -38,7 +38,8 @@ async def get_ip(request: Request) -> str:
 
 
 State = Annotated[AppState, Depends(get_state)]
-SessionDep = Annotated[Session, Depends(get_session)]
+# scope="function": commit before the response is sent, so a client that got 200 sees its change next time
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 ClientIp = Annotated[str, Depends(get_ip)]
 
 

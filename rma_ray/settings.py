@@ -17,10 +17,6 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 WEAK_SECRETS = {"", "changeme", "change-me", "secret", "password", "dev", "test", "admin", "default", "rma"}
 
 
-class InsecureSettings(ValueError):
-    """A secret is empty or well known and RMA_DEV is not set."""
-
-
 def default_data_dir() -> Path:
     return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "rma"
 
@@ -59,7 +55,7 @@ class Settings(BaseSettings):
         for name in ("secret_key", "admin_key"):
             value: SecretStr | None = getattr(self, name)
             if value is not None and value.get_secret_value().strip().lower() in WEAK_SECRETS and not self.dev:
-                raise InsecureSettings(
+                raise ValueError(
                     f"RMA_{name.upper()} is empty or a well-known default; set a real secret "
                     f"(or unset it to have one generated), or RMA_DEV=1 for a throw-away dev setup"
                 )

@@ -22,11 +22,13 @@ from rma_ray.credentials import Kind, MalformedToken
 from rma_ray.tiers import Tier
 
 
-def _refuse(state: AppState, ip: str, status: int, code: str, message: str, **detail: object) -> ApiError:
-    """A refusal the admin should see in the audit log, written outside the request's (rolled-back) transaction."""
+def _refuse(state: AppState, session: Session, ip: str, status: int, code: str, message: str, **detail: object
+            ) -> ApiError:
+    """A refusal the admin should see in the audit log: nothing else of this request is kept, the audit row is."""
     state.metrics.refusals.labels(code).inc()
-    with state.sessions() as session, session.begin():
-        audit.record(session, "anonymous", "worker.register.refused", "", ip, code=code, **detail)
+    session.rollback()
+    audit.record(session, "anonymous", "worker.register.refused", "", ip, code=code, **detail)
+    session.commit()
     return ApiError(status, code, message)
 
 
@@ -59,10 +61,10 @@ def register(state: AppState, session: Session, creds_token: str | None, req: sc
     caps = req.capabilities
     candidates = tiers.eligible(caps)
     if not candidates:
-        raise _refuse(state, ip, 422, "hardware_below_minimum", tiers.refusal(caps), invite=invite.id)
+        raise _refuse(state, session, ip, 422, "hardware_below_minimum", tiers.refusal(caps), invite=invite.id)
     pinned = Tier(invite.tier) if invite.tier else None
     if pinned is not None and pinned not in candidates:
-        raise _refuse(state, ip, 422, "tier_not_qualified", tiers.pin_refusal(pinned, caps), invite=invite.id)
+        raise _refuse(state, session, ip, 422, "tier_not_qualified", tiers.pin_refusal(pinned, caps), invite=invite.id)
     tier = tiers.choose(candidates, demand(session), pinned)
 
     if not invites.consume(session, invite.id):  # lost the race for the last use

@@ -1,0 +1,93 @@
+"""Client API keys checked on the Serve side without a coordinator round-trip per request.
+
+The verifier keeps the coordinator's keyring (ids and SHA-256 hashes of live `rma_client_` keys) and refreshes
+it every `refresh_s`; a revoked key disappears from the keyring, so it stops working within `refresh_s` plus
+one request. If the keyring cannot be refreshed for `max_stale_s`, the verifier fails closed: a coordinator
+outage must not keep revoked keys alive.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from rma_ray import credentials
+from rma_ray.credentials import Kind, MalformedToken
+
+log = logging.getLogger("rma.client_keys")
+
+
+class KeyRejected(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+@dataclass(frozen=True)
+class ClientIdentity:
+    key_id: str
+
+
+class ClientKeyVerifier:
+    def __init__(self, fetch: Callable[[], dict[str, Any]], refresh_s: float = 10.0, max_stale_s: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._fetch = fetch
+        self.refresh_s, self.max_stale_s = refresh_s, max_stale_s
+        self._clock = clock
+        self._hashes: dict[str, str] = {}
+        self._loaded_at: float | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def from_coordinator(cls, base_url: str, credential: str, **kwargs: Any) -> ClientKeyVerifier:
+        from rma_ray.client import AdmissionClient
+
+        client = AdmissionClient(base_url, credential, timeout=5.0)
+        return cls(client.keyring, **kwargs)
+
+    def refresh(self) -> bool:
+        try:
+            ring = self._fetch()
+            hashes = {e["id"]: e["hash"] for e in ring["keys"]}
+        except Exception as exc:  # keep the last keyring until it goes stale
+            log.warning("client keyring refresh failed: %s", exc)
+            return False
+        with self._lock:
+            self._hashes, self._loaded_at = hashes, self._clock()
+        return True
+
+    def start(self) -> ClientKeyVerifier:
+        self.refresh()
+        self._thread = threading.Thread(target=self._loop, name="rma-keyring", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.refresh_s):
+            self.refresh()
+
+    def verify(self, authorization: str | None) -> ClientIdentity:
+        """Check an `Authorization` header value; raise KeyRejected (401/503) with a message for the caller."""
+        if not authorization or not authorization.lower().startswith("bearer "):
+            raise KeyRejected(401, "missing_api_key", "send 'Authorization: Bearer rma_client_<id>_<secret>'")
+        try:
+            parsed = credentials.parse(authorization[7:].strip(), Kind.CLIENT)
+        except MalformedToken as exc:
+            raise KeyRejected(401, "invalid_api_key", str(exc)) from None
+        with self._lock:
+            loaded_at, stored = self._loaded_at, self._hashes.get(parsed.id)
+        if loaded_at is None or self._clock() - loaded_at > self.max_stale_s:
+            raise KeyRejected(503, "keyring_stale", "API keys cannot be checked right now (coordinator unreachable)")
+        if stored is None or not hmac.compare_digest(credentials.hash_secret(parsed.secret), stored):
+            raise KeyRejected(401, "invalid_api_key", "unknown or revoked API key")
+        return ClientIdentity(parsed.id)

@@ -1,0 +1,48 @@
+"""Fixtures for every layer. Anything that starts a server says what it costs."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import Postgres, run_postgres
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT.parent / "shared" / "fixtures" / "hardware"
+ARTIFACTS = ROOT / "artifacts"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Own HOME and data dir per test: nothing leaks into ~/.ray or ~/.local/share/rma, no RMA_* from outside."""
+    for key in list(os.environ):
+        if key.startswith("RMA_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("RMA_DATA_DIR", str(tmp_path / "rma-data"))
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """A private PostgreSQL server (initdb + start, ~3 s); session-scoped, one database per test."""
+    with run_postgres() as pg:
+        yield pg
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The same test on SQLite (a file, WAL) and on a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'coordinator.db'}"
+    pg: Postgres = request.getfixturevalue("postgres")
+    return pg.create_database()
+
+
+@pytest.fixture(scope="session")
+def hardware_fixtures() -> dict[str, dict]:  # type: ignore[type-arg]
+    import json
+
+    return {p.stem: json.loads(p.read_text()) for p in sorted(FIXTURES.glob("*.json"))}

@@ -1,0 +1,335 @@
+"""The coordinator's contract, against the real app on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import pytest
+from sqlalchemy import select, update
+
+from admission.models import AuditEvent, Invite, Worker
+from rma_ray import credentials
+from tests.integration.conftest import CPU_BOX, Coordinator
+from tests.support import wait_for
+
+H200 = {"cpu_cores": 16, "ram_mb": 128887, "disk_free_gb": 64.0,
+        "gpus": [{"name": "NVIDIA H200", "memory_mb": 143771, "uuid": "GPU-x", "compute_capability": "9.0"}]}
+TINY = {"cpu_cores": 1, "ram_mb": 1024, "disk_free_gb": 8.0}
+
+
+def error(resp: httpx.Response) -> tuple[str, str]:
+    body = resp.json()["error"]
+    return body["code"], body["message"]
+
+
+def test_invite_token_shown_once_and_only_hash_stored(coordinator: Coordinator) -> None:
+    inv = coordinator.invite()
+    assert inv["token"].startswith(f"rma_join_{inv['id']}_") and inv["uses"] == 1
+    expires = datetime.fromisoformat(inv["expires_at"])
+    assert timedelta(minutes=14) < expires - datetime.now(UTC) <= timedelta(minutes=15)
+    with coordinator.state.sessions() as s:
+        row = s.get(Invite, inv["id"])
+        assert row is not None and inv["token"].split("_")[3] not in (row.token_hash, row.note)
+    listed = coordinator.admin("GET", "/api/invites").json()
+    assert listed[0]["id"] == inv["id"] and "token" not in listed[0]
+
+
+def test_register_returns_credentials_and_labels(coordinator: Coordinator) -> None:
+    reg = coordinator.join(trusted=True)
+    assert reg["tier"] == "service" and reg["tier_number"] == 2
+    assert reg["labels"] == {"rma.io/tier": "service", "rma.io/node": reg["worker_id"], "rma.io/trusted": "true"}
+    assert reg["node_token"].startswith(f"rma_node_{reg['worker_id']}_")
+    assert reg["heartbeat_interval_s"] == 2
+    assert reg["ray"] is None  # this coordinator runs without a head
+    w = coordinator.admin("GET", f"/api/admin/workers/{reg['worker_id']}").json()
+    assert w["status"] == "joining" and w["capabilities"]["cpu_cores"] == 2
+
+
+def test_gpu_box_goes_to_gpu_tier_and_seed_strings_work(coordinator: Coordinator) -> None:
+    assert coordinator.join(H200)["tier"] == "gpu"
+    seed = {"gpu_memory": "24GB", "gpu_type": "NVIDIA RTX 4090", "cpu_cores": 16, "ram": "64GB", "storage": "1TB"}
+    assert coordinator.join(seed)["tier"] == "gpu"
+
+
+def test_tier_follows_unmet_demand(coordinator: Coordinator) -> None:
+    from admission.models import TierDemand
+
+    with coordinator.state.sessions() as s, s.begin():
+        s.add(TierDemand(tier="data", pending=3))
+    assert coordinator.join(H200)["tier"] == "data"
+    stats = coordinator.admin("GET", "/api/admin/stats").json()
+    assert stats["tiers"]["data"]["demand"] == 3
+
+
+def test_invite_tier_pin(coordinator: Coordinator) -> None:
+    assert coordinator.join(tier="data")["tier"] == "data"
+    inv = coordinator.invite(tier="gpu")
+    r = coordinator.register(inv["token"])
+    assert r.status_code == 422
+    code, msg = error(r)
+    assert code == "tier_not_qualified" and "no GPU found" in msg
+    # the refusal did not spend the token: the right hardware still joins with it
+    assert coordinator.register(inv["token"], H200).status_code == 201
+
+
+def test_below_minimum_hardware_is_refused_with_minimums_and_keeps_token(coordinator: Coordinator) -> None:
+    inv = coordinator.invite()
+    r = coordinator.register(inv["token"], TINY)
+    assert r.status_code == 422
+    code, msg = error(r)
+    assert code == "hardware_below_minimum"
+    assert "at least 2 GB of RAM and 20 GB of free disk" in msg and "1024 MiB RAM" in msg
+    assert coordinator.admin("GET", "/api/invites").json()[0]["uses_left"] == 1
+    audit = coordinator.admin("GET", "/api/admin/audit", params={"action": "worker.register.refused"}).json()
+    assert audit and audit[0]["detail"]["code"] == "hardware_below_minimum"
+
+
+def test_used_token_refused(coordinator: Coordinator) -> None:
+    inv = coordinator.invite()
+    assert coordinator.register(inv["token"]).status_code == 201
+    r = coordinator.register(inv["token"])
+    assert r.status_code == 401 and error(r)[0] == "token_used"
+    assert "new invite" in error(r)[1]
+
+
+def test_multi_use_invite(coordinator: Coordinator) -> None:
+    inv = coordinator.invite(uses=2)
+    assert coordinator.register(inv["token"]).status_code == 201
+    assert coordinator.register(inv["token"]).status_code == 201
+    assert error(coordinator.register(inv["token"]))[0] == "token_used"
+
+
+def test_expired_token_refused(coordinator: Coordinator) -> None:
+    inv = coordinator.invite(ttl_s=60)
+    with coordinator.state.sessions() as s, s.begin():
+        s.execute(update(Invite).where(Invite.id == inv["id"]).values(
+            expires_at=datetime.now(UTC) - timedelta(seconds=1)))
+    r = coordinator.register(inv["token"])
+    assert r.status_code == 401 and error(r)[0] == "token_expired"
+    assert "expired at" in error(r)[1]
+
+
+def test_revoked_invite_refused(coordinator: Coordinator) -> None:
+    inv = coordinator.invite()
+    assert coordinator.admin("POST", f"/api/invites/{inv['id']}/revoke").json()["status"] == "revoked"
+    r = coordinator.register(inv["token"])
+    assert r.status_code == 401 and error(r)[0] == "token_revoked"
+
+
+@pytest.mark.parametrize(("header", "code"), [
+    (None, "missing_credentials"),
+    ("Bearer nonsense", "malformed_token"),
+    ("Bearer " + credentials.mint(credentials.Kind.NODE).token, "malformed_token"),
+    ("Bearer " + credentials.mint(credentials.Kind.JOIN).token, "invalid_join_token"),
+])
+def test_bad_join_tokens(coordinator: Coordinator, header: str | None, code: str) -> None:
+    headers = {"Authorization": header} if header else {}
+    r = coordinator.http.post("/api/worker/register", json={"name": "x", "capabilities": CPU_BOX}, headers=headers)
+    assert r.status_code == 401 and error(r)[0] == code
+    assert r.headers["WWW-Authenticate"] == "Bearer"
+
+
+def test_forged_secret_for_real_invite_id(coordinator: Coordinator) -> None:
+    inv = coordinator.invite()
+    forged = f"rma_join_{inv['id']}_" + "0" * 64
+    assert error(coordinator.register(forged))[0] == "invalid_join_token"
+    assert coordinator.register(inv["token"]).status_code == 201
+
+
+def test_concurrent_redemptions_of_single_use_token(coordinator: Coordinator) -> None:
+    """50 donors redeem one single-use token at once: exactly one gets in, on SQLite and on PostgreSQL."""
+    inv = coordinator.invite()
+    n = 50
+    barrier = threading.Barrier(n)
+    results: list[int] = []
+    lock = threading.Lock()
+
+    def redeem(i: int) -> None:
+        with httpx.Client(base_url=coordinator.url, timeout=60) as http:
+            barrier.wait()
+            r = http.post("/api/worker/register", json={"name": f"d{i}", "capabilities": CPU_BOX},
+                          headers={"Authorization": f"Bearer {inv['token']}"})
+        with lock:
+            results.append(r.status_code)
+
+    threads = [threading.Thread(target=redeem, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert sorted(results) == [201] + [401] * (n - 1)
+    with coordinator.state.sessions() as s:
+        assert len(s.scalars(select(Worker).where(Worker.invite_id == inv["id"])).all()) == 1
+        assert s.get(Invite, inv["id"]).uses_left == 0  # type: ignore[union-attr]
+
+
+def test_heartbeat_status_and_actions(coordinator: Coordinator) -> None:
+    reg = coordinator.join()
+    node = {"Authorization": f"Bearer {reg['node_token']}"}
+    r = coordinator.http.post("/api/worker/heartbeat", headers=node,
+                              json={"status": "healthy", "current_load": 0.3, "available_memory_mb": 12000,
+                                    "ray_node_id": "ab12"})
+    assert r.status_code == 200 and r.json() == {"action": "none"}
+    w = coordinator.admin("GET", f"/api/admin/workers/{reg['worker_id']}").json()
+    assert w["status"] == "healthy" and w["current_load"] == 0.3 and w["available_memory_mb"] == 12000
+    # written through to the database by the flusher
+    def flushed() -> bool:
+        with coordinator.state.sessions() as s:
+            row = s.get(Worker, reg["worker_id"])
+            return row is not None and row.last_heartbeat_at is not None and row.ray_node_id == "ab12"
+    wait_for(flushed, timeout=10, what="the heartbeat flush")
+
+    assert coordinator.admin("POST", f"/api/admin/workers/{reg['worker_id']}/drain").status_code == 200
+    assert coordinator.http.post("/api/worker/heartbeat", headers=node, json={}).json() == {"action": "drain"}
+    coordinator.admin("POST", f"/api/admin/workers/{reg['worker_id']}/resume")
+    assert coordinator.http.post("/api/worker/heartbeat", headers=node, json={}).json() == {"action": "none"}
+
+
+def test_seed_style_heartbeat(coordinator: Coordinator) -> None:
+    reg = coordinator.join()
+    r = coordinator.http.post("/api/worker/heartbeat", headers={"Authorization": f"Bearer {reg['node_token']}"},
+                              json={"worker_id": reg["worker_id"], "status": "healthy", "current_load": 0.3,
+                                    "available_memory_mb": "12GB"})
+    assert r.status_code == 200
+
+
+def test_missed_heartbeats_go_warning_then_offline(coordinator: Coordinator) -> None:
+    reg = coordinator.join()
+    coordinator.http.post("/api/worker/heartbeat", headers={"Authorization": f"Bearer {reg['node_token']}"}, json={})
+
+    def status() -> str:
+        return coordinator.admin("GET", f"/api/admin/workers/{reg['worker_id']}").json()["status"]  # type: ignore[no-any-return]
+
+    assert status() == "healthy"
+    wait_for(lambda: status() == "warning", timeout=10, what="warning after a missed heartbeat (interval 2 s)")
+    wait_for(lambda: status() == "offline", timeout=10, what="offline after 2.5 intervals")
+
+
+def test_unregister(coordinator: Coordinator) -> None:
+    reg = coordinator.join()
+    node = {"Authorization": f"Bearer {reg['node_token']}"}
+    assert coordinator.http.delete("/api/worker/unregister", headers=node).status_code == 204
+    r = coordinator.http.post("/api/worker/heartbeat", headers=node, json={})
+    assert r.status_code == 401 and error(r)[0] == "worker_revoked"
+    assert coordinator.admin("GET", f"/api/admin/workers/{reg['worker_id']}").json()["status"] == "left"
+
+
+def test_revoke_kills_node_token_at_once(coordinator: Coordinator) -> None:
+    reg = coordinator.join()
+    node = {"Authorization": f"Bearer {reg['node_token']}"}
+    assert coordinator.http.post("/api/worker/heartbeat", headers=node, json={}).status_code == 200
+    r = coordinator.admin("POST", f"/api/admin/workers/{reg['worker_id']}/revoke")
+    assert r.status_code == 200 and r.json()["status"] == "revoked"
+    r = coordinator.http.post("/api/worker/heartbeat", headers=node, json={})
+    assert r.status_code == 401 and error(r)[0] == "worker_revoked"
+    assert coordinator.http.delete("/api/worker/unregister", headers=node).status_code == 401
+    actions = [e["action"] for e in coordinator.admin("GET", "/api/admin/audit").json()]
+    assert {"invite.create", "worker.register", "worker.revoke"} <= set(actions)
+
+
+def test_revoked_token_survives_coordinator_restart(coordinator: Coordinator, db_url: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Revocation lives in the database, not only in the process's cache."""
+    from admission.main import build_state, create_app
+    from tests.integration.conftest import make_settings
+    from tests.support import ServerThread
+
+    reg = coordinator.join()
+    coordinator.admin("POST", f"/api/admin/workers/{reg['worker_id']}/revoke")
+    state = build_state(make_settings(db_url, tmp_path / "data"))
+    with ServerThread(create_app(state=state)) as other:
+        r = httpx.post(other.url + "/api/worker/heartbeat", json={},
+                       headers={"Authorization": f"Bearer {reg['node_token']}"})
+        assert r.status_code == 401 and error(r)[0] == "worker_revoked"
+    state.engine.dispose()
+
+
+def test_stats_and_health(coordinator: Coordinator) -> None:
+    a = coordinator.join()
+    coordinator.join(H200)
+    coordinator.http.post("/api/worker/heartbeat", headers={"Authorization": f"Bearer {a['node_token']}"}, json={})
+    stats = coordinator.admin("GET", "/api/admin/stats").json()
+    assert stats["total_workers"] == 2 and stats["online_workers"] == 1
+    assert stats["tiers"]["service"]["online"] == 1
+    assert stats["tiers"]["service"]["capacity"]["cpu_cores"] == 2
+    assert stats["tiers"]["gpu"]["workers"] == {"joining": 1}
+    health = coordinator.admin("GET", "/api/admin/health").json()
+    assert health == {"status": "ok", "database": "ok", "ray_configured": False, "workers_online": 1,
+                      "workers_total": 2}
+    assert coordinator.http.get("/healthz").json() == {"status": "ok"}
+    metrics = coordinator.http.get("/metrics").text
+    assert "rma_heartbeats_total 1.0" in metrics and 'rma_registrations_total{tier="gpu"} 1.0' in metrics
+
+
+def test_workers_filter(coordinator: Coordinator) -> None:
+    coordinator.join()
+    coordinator.join(H200)
+    assert [w["tier"] for w in coordinator.admin("GET", "/api/admin/workers", params={"tier": "gpu"}).json()] == ["gpu"]
+    assert coordinator.admin("GET", "/api/admin/workers", params={"tier": "nope"}).status_code == 422
+
+
+def test_client_keys_and_keyring(coordinator: Coordinator) -> None:
+    created = coordinator.admin("POST", "/api/admin/clients", json={"name": "frontend"})
+    assert created.status_code == 201
+    key = created.json()
+    assert key["key"].startswith(f"rma_client_{key['id']}_")
+    ring = coordinator.admin("GET", "/api/clients/keyring").json()
+    assert [e["id"] for e in ring["keys"]] == [key["id"]]
+    assert key["key"].split("_")[3] not in str(ring)
+    # a node may read the keyring too (the Serve side runs on nodes); nobody else
+    reg = coordinator.join()
+    assert coordinator.http.get("/api/clients/keyring",
+                                headers={"Authorization": f"Bearer {reg['node_token']}"}).status_code == 200
+    assert coordinator.http.get("/api/clients/keyring").status_code == 401
+    coordinator.admin("POST", f"/api/admin/clients/{key['id']}/revoke")
+    assert coordinator.admin("GET", "/api/clients/keyring").json()["keys"] == []
+    assert coordinator.admin("GET", "/api/admin/clients").json()[0]["revoked_at"] is not None
+
+
+def test_admin_keys(coordinator: Coordinator) -> None:
+    first_id = coordinator.admin_key.split("_")[2]
+    second = coordinator.admin("POST", "/api/admin/keys", json={"name": "ops"}).json()
+    r = coordinator.admin("POST", f"/api/admin/keys/{second['id']}/revoke")
+    assert r.status_code == 200
+    r = coordinator.http.get("/api/admin/workers", headers={"Authorization": f"Bearer {second['key']}"})
+    assert r.status_code == 401
+    r = coordinator.admin("POST", f"/api/admin/keys/{first_id}/revoke")
+    assert r.status_code == 409 and error(r)[0] == "last_admin_key"
+
+
+@pytest.mark.parametrize("body", [
+    {"name": "x"},
+    {"name": "", "capabilities": CPU_BOX},
+    {"name": "x", "capabilities": {"cpu_cores": -1, "ram_mb": 1}},
+    {"name": "x", "capabilities": CPU_BOX, "surprise": 1},
+    [],
+])
+def test_malformed_register_bodies_are_422(coordinator: Coordinator, body: object) -> None:
+    inv = coordinator.invite()
+    r = coordinator.http.post("/api/worker/register", json=body, headers={"Authorization": f"Bearer {inv['token']}"})
+    assert r.status_code == 422 and error(r)[0] == "invalid_request"
+    assert coordinator.admin("GET", "/api/invites").json()[0]["uses_left"] == 1
+
+
+def test_invite_validation(coordinator: Coordinator) -> None:
+    for body in ({"ttl_s": 1}, {"uses": 0}, {"tier": "quantum"}, {"ttl_s": 10**9}):
+        r = coordinator.admin("POST", "/api/invites", json=body)
+        assert r.status_code == 422, body
+        assert error(r)[1]
+
+
+def test_body_limit(coordinator: Coordinator) -> None:
+    inv = coordinator.invite()
+    r = coordinator.http.post("/api/worker/register", content=b"{" + b" " * 100_000 + b"}",
+                              headers={"Authorization": f"Bearer {inv['token']}", "Content-Type": "application/json"})
+    assert r.status_code == 413 and error(r)[0] == "payload_too_large"
+
+
+def test_audit_rows_only_for_committed_changes(coordinator: Coordinator) -> None:
+    inv = coordinator.invite(tier="gpu")
+    coordinator.register(inv["token"])  # refused: 422
+    with coordinator.state.sessions() as s:
+        actions = [e.action for e in s.scalars(select(AuditEvent))]
+        assert "worker.register" not in actions and "worker.register.refused" in actions
+        assert s.scalars(select(Worker)).all() == []
