@@ -15,6 +15,8 @@ from admission.db import session_scope
 from admission.errors import ApiError
 from admission.security import AdminPrincipal, NodePrincipal
 from admission.state import AppState
+from rma_ray import credentials
+from rma_ray.credentials import Kind
 
 _admin_bearer = HTTPBearer(auto_error=False, scheme_name="AdminKey", description="rma_admin_<id>_<secret>")
 _join_bearer = HTTPBearer(auto_error=False, scheme_name="JoinToken", description="rma_join_<id>_<secret>")
@@ -57,8 +59,12 @@ async def require_node(state: State, ip: ClientIp, creds: Annotated[Creds, Depen
     return security.authenticate_node(state, ip, creds)
 
 
-async def join_credentials(creds: Annotated[Creds, Depends(_join_bearer)]) -> Creds:
-    return creds
+async def join_credentials(state: State, ip: ClientIp, creds: Annotated[Creds, Depends(_join_bearer)]
+                           ) -> credentials.Parsed:
+    """Rate limits and the token's shape, before the body is even read; the hash is checked by the service."""
+    state.limiter.hit_register(ip)
+    state.limiter.check_auth_allowed(ip)
+    return security.parse_bearer(state, ip, creds, Kind.JOIN)
 
 
 def require_service(state: State, ip: ClientIp,
@@ -78,5 +84,5 @@ def require_session(state: State, request: Request) -> AdminPrincipal:
 AdminDep = Annotated[AdminPrincipal, Depends(require_admin)]
 NodeDep = Annotated[NodePrincipal, Depends(require_node)]
 ServiceDep = Annotated[AdminPrincipal | NodePrincipal, Depends(require_service)]
-JoinCreds = Annotated[Creds, Depends(join_credentials)]
+JoinCreds = Annotated[credentials.Parsed, Depends(join_credentials)]
 SessionAdmin = Annotated[AdminPrincipal, Depends(require_session)]

@@ -59,7 +59,7 @@ def auth_failed(state: AppState, ip: str, kind: str, code: str, message: str) ->
     return ApiError(401, code, message, headers={"WWW-Authenticate": "Bearer"})
 
 
-def _parse(state: AppState, ip: str, creds: HTTPAuthorizationCredentials | None, kind: Kind) -> credentials.Parsed:
+def parse_bearer(state: AppState, ip: str, creds: HTTPAuthorizationCredentials | None, kind: Kind) -> credentials.Parsed:
     if creds is None or creds.scheme.lower() != "bearer":
         raise auth_failed(state, ip, str(kind), "missing_credentials",
                           f"send 'Authorization: Bearer rma_{kind}_<id>_<secret>'")
@@ -71,7 +71,7 @@ def _parse(state: AppState, ip: str, creds: HTTPAuthorizationCredentials | None,
 
 def authenticate_admin(state: AppState, ip: str, creds: HTTPAuthorizationCredentials | None) -> AdminPrincipal:
     state.limiter.check_auth_allowed(ip)
-    parsed = _parse(state, ip, creds, Kind.ADMIN)
+    parsed = parse_bearer(state, ip, creds, Kind.ADMIN)
     with state.sessions() as session:
         key = session.get(AdminKey, parsed.id)
         ok = key is not None and key.revoked_at is None and credentials.matches(parsed, key.key_hash)
@@ -96,7 +96,7 @@ def load_node(state: AppState, worker_id: str) -> NodeEntry | None:
 
 def authenticate_node(state: AppState, ip: str, creds: HTTPAuthorizationCredentials | None) -> NodePrincipal:
     state.limiter.check_auth_allowed(ip)
-    parsed = _parse(state, ip, creds, Kind.NODE)
+    parsed = parse_bearer(state, ip, creds, Kind.NODE)
     entry = load_node(state, parsed.id)
     if entry is None or not credentials.matches(parsed, entry.token_hash):
         raise auth_failed(state, ip, "node", "invalid_node_token", "unknown node token")

@@ -14,7 +14,7 @@ router = APIRouter(prefix="/api/worker", tags=["worker"])
 @router.post("/register", status_code=201, response_model=schemas.RegisterResponse, openapi_extra=security.JOIN)
 def register(req: schemas.RegisterRequest, creds: JoinCreds, session: SessionDep, state: State, ip: ClientIp
              ) -> schemas.RegisterResponse:
-    return workers.register(state, session, creds.credentials if creds else None, req, ip)
+    return workers.register(state, session, creds, req, ip)
 
 
 @router.post("/heartbeat", response_model=schemas.HeartbeatResponse, openapi_extra=security.NODE)

@@ -18,7 +18,7 @@ from admission.security import NodePrincipal, auth_failed
 from admission.services import audit, invites
 from admission.state import AppState, Beat, NodeEntry
 from rma_ray import credentials, tiers
-from rma_ray.credentials import Kind, MalformedToken
+from rma_ray.credentials import Kind
 from rma_ray.tiers import Tier
 
 
@@ -36,16 +36,9 @@ def demand(session: Session) -> dict[str, int]:
     return {row.tier: row.pending for row in session.scalars(select(TierDemand))}
 
 
-def register(state: AppState, session: Session, creds_token: str | None, req: schemas.RegisterRequest, ip: str
+def register(state: AppState, session: Session, parsed: credentials.Parsed, req: schemas.RegisterRequest, ip: str
              ) -> schemas.RegisterResponse:
-    state.limiter.hit_register(ip)
-    state.limiter.check_auth_allowed(ip)
-    if not creds_token:
-        raise auth_failed(state, ip, "join", "missing_credentials", "send 'Authorization: Bearer rma_join_<id>_<secret>'")
-    try:
-        parsed = credentials.parse(creds_token, Kind.JOIN)
-    except MalformedToken as exc:
-        raise auth_failed(state, ip, "join", "malformed_token", str(exc)) from None
+    """Admit a donor: rate limits and the token's shape were checked by the route's dependency."""
     invite = session.get(Invite, parsed.id)
     if invite is None or not credentials.matches(parsed, invite.token_hash):
         raise auth_failed(state, ip, "join", "invalid_join_token", "unknown join token; check you copied all of it")
