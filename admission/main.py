@@ -118,7 +118,7 @@ def create_app(settings: Settings | None = None, state: AppState | None = None) 
                   description="Admission, tiers, credentials and the registry of the RMA compute pool.")
     app.state.rma = state
     errors.install(app)
-    for r in (invites.router, worker.router, admin.router, registry.router, health.router):
+    for r in (worker.router, invites.router, admin.router, registry.router, health.router):  # hottest first
         app.include_router(r)
     app.mount("/static", StaticFiles(directory=Path(__file__).resolve().parent / "static"), name="static")
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)

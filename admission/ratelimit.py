@@ -17,6 +17,8 @@ class IpLimiter:
         self._limiter = MovingWindowRateLimiter(MemoryStorage())
         self.register: RateLimitItem = parse(register_rate)
         self.auth_failure: RateLimitItem = parse(auth_failure_rate)
+        # IPs with a failure inside the window; the common case (no failures) skips the limiter entirely
+        self._failed_at: dict[str, float] = {}
 
     def _too_many(self, item: RateLimitItem, ip: str, what: str) -> ApiError:
         reset = self._limiter.get_window_stats(item, ip).reset_time
@@ -30,8 +32,15 @@ class IpLimiter:
 
     def check_auth_allowed(self, ip: str) -> None:
         """Refuse an IP that has failed authentication too often, before looking at its credential."""
+        last = self._failed_at.get(ip)
+        if last is None:
+            return
+        if time.time() - last > self.auth_failure.get_expiry():
+            self._failed_at.pop(ip, None)
+            return
         if not self._limiter.test(self.auth_failure, ip):
             raise self._too_many(self.auth_failure, ip, "failed authentications")
 
     def record_auth_failure(self, ip: str) -> None:
+        self._failed_at[ip] = time.time()
         self._limiter.hit(self.auth_failure, ip)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from sqlalchemy import Engine, update
+from sqlalchemy import Engine, bindparam, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from admission.models import Worker
@@ -58,12 +58,14 @@ class HeartbeatBuffer:
             batch, self._pending = self._pending, {}
         if not batch:
             return 0
-        rows = [{"id": wid, "last_heartbeat_at": b.at, "heartbeat_status": b.status, "current_load": b.current_load,
+        rows = [{"wid": wid, "last_heartbeat_at": b.at, "heartbeat_status": b.status, "current_load": b.current_load,
                  "available_memory_mb": b.available_memory_mb, "ray_node_id": b.ray_node_id}
                 for wid, b in batch.items()]
+        table = Worker.__table__
+        stmt = update(table).where(table.c.id == bindparam("wid"))  # one executemany, no ORM bookkeeping
         try:
             with factory() as session, session.begin():
-                session.execute(update(Worker), rows)
+                session.connection().execute(stmt, rows)
         except Exception:
             with self._lock:  # keep what was not written, unless a newer beat arrived meanwhile
                 for wid, b in batch.items():

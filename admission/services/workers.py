@@ -83,13 +83,13 @@ def register(state: AppState, session: Session, parsed: credentials.Parsed, req:
                                     heartbeat_interval_s=settings.heartbeat_interval_s, ray=ray)
 
 
-def heartbeat(state: AppState, node: NodePrincipal, req: schemas.HeartbeatRequest) -> schemas.HeartbeatResponse:
+def heartbeat(state: AppState, node: NodePrincipal, req: schemas.HeartbeatRequest) -> str:
+    """Record the beat in memory (flushed in bulk) and return the action the donor must take."""
     state.buffer.put(node.worker_id, Beat(utcnow(), req.status, req.current_load, req.available_memory_mb,
                                           req.ray_node_id))
     state.metrics.heartbeats.inc()
     with state.nodes_lock:
-        entry = state.nodes[node.worker_id]
-    return schemas.HeartbeatResponse(action=entry.action)  # type: ignore[arg-type]
+        return state.nodes[node.worker_id].action
 
 
 def _deactivate(state: AppState, worker_id: str, action: str = "leave") -> None:

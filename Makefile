@@ -1,0 +1,40 @@
+# The two set-up commands of the README: `make up` (install and run the pool) and `make test` (install and test).
+# Both are idempotent: they install what is missing and skip what is there.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+APT_RUN  := python3 python3-venv python3-dev build-essential iproute2
+APT_TEST := $(APT_RUN) postgresql redis-server chromium wrk
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: up test system-run system-test venv venv-test bench clean
+
+up: system-run venv
+	$(VENV)/bin/rma admission serve --host $${RMA_HOST:-127.0.0.1} --port $${RMA_PORT:-8470}
+
+test: system-test venv-test
+	$(PY) -m pytest -q
+
+system-run:
+	@./scripts/apt-ensure.sh $(APT_RUN)
+
+system-test:
+	@./scripts/apt-ensure.sh $(APT_TEST)
+
+$(VENV)/.created:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	touch $@
+
+venv: $(VENV)/.created
+	$(PY) -m pip install -q -e .
+
+venv-test: $(VENV)/.created
+	$(PY) -m pip install -q -e '.[test]'
+
+bench: system-test venv-test
+	$(PY) -m bench.admission_heartbeats
+
+clean:
+	rm -rf $(VENV) artifacts .pytest_cache
