@@ -100,30 +100,23 @@ def _print_json(data: Any) -> None:
 # ---- admission -------------------------------------------------------------------------------------------
 
 
+def _admission(name: str) -> Any:
+    """The coordinator, reached by import path (as uvicorn reaches an app): rma_ray never imports admission."""
+    import pkgutil
+
+    return pkgutil.resolve_name(f"admission.serve:{name}")
+
+
 @admission_app.command("serve")
 def admission_serve(
     host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port to bind", min=1, max=65535)] = 8470,
     data_dir: Annotated[Path | None, typer.Option(help="where the SQLite registry and secrets live")] = None,
     forwarded_allow_ips: Annotated[str, typer.Option(help="proxies trusted for X-Forwarded-For")] = "127.0.0.1",
+    quiet: Annotated[bool, typer.Option("--quiet", help="print only the first admin key")] = False,
 ) -> None:
     """Run the coordinator alone (as on a free-tier host). On first start it prints an admin key, once."""
-    import uvicorn
-
-    from admission.main import build_state, create_app, prepare_database
-
-    if data_dir is not None:
-        os.environ["RMA_DATA_DIR"] = str(data_dir)
-    s = settings()
-    state = build_state(s)
-    minted = prepare_database(state)
-    url = f"http://{host}:{port}"
-    out.print(f"[bold]RMA coordinator[/] on {url}  (database: {state.engine.url.render_as_string(hide_password=True)})")
-    out.print(f"  registry page: {url}/registry   API docs: {url}/docs")
-    if minted:
-        out.print(f"  [bold yellow]admin key (shown once, keep it safe):[/] {minted}")
-    uvicorn.run(create_app(state=state), host=host, port=port, proxy_headers=True,
-                forwarded_allow_ips=forwarded_allow_ips, log_level="info", access_log=False)
+    _admission("serve")(host, port, data_dir, forwarded_allow_ips, quiet)
 
 
 @admission_app.command("create-admin-key")
@@ -132,19 +125,7 @@ def admission_create_admin_key(
     data_dir: Annotated[Path | None, typer.Option(help="the coordinator's data dir")] = None,
 ) -> None:
     """Mint an admin key directly in the database (for the operator of the coordinator host)."""
-    from admission.db import session_scope
-    from admission.main import build_state
-    from admission.migrate import upgrade
-    from admission.models import AdminKey
-    from admission.services import keys
-
-    if data_dir is not None:
-        os.environ["RMA_DATA_DIR"] = str(data_dir)
-    state = build_state(settings())
-    upgrade(state.engine)
-    with session_scope(state.sessions) as session:
-        created = keys.create(session, AdminKey, name, "system:cli", "")
-    out.print(f"admin key {created.id} (shown once): {created.key}")
+    out.print(_admission("create_admin_key")(name, data_dir))
 
 
 # ---- invites ---------------------------------------------------------------------------------------------
