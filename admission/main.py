@@ -106,9 +106,15 @@ def create_app(settings: Settings | None = None, state: AppState | None = None) 
             log.warning("no admin key existed; one was created but cannot be shown here. "
                         "Use `rma admission serve` (prints it once) or set RMA_ADMIN_KEY.")
         flusher = asyncio.create_task(_flush_loop(state))
+        if state.settings.ray_dashboard_url:
+            from admission.services.reconcile import Reconciler
+
+            state.reconciler = Reconciler(state, state.settings.reconcile_interval_s).start()
         try:
             yield
         finally:
+            if state.reconciler is not None:
+                state.reconciler.stop()
             flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await flusher

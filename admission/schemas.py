@@ -163,3 +163,11 @@ class AuditOut(BaseModel):
     subject: str
     ip: str
     detail: dict[str, Any]
+
+
+class RayViewOut(BaseModel):
+    wired: bool
+    at: datetime | None = None
+    error: str | None = None
+    nodes_alive: int = 0
+    intruders: list[dict[str, Any]] = Field(default_factory=list)

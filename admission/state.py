@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from sqlalchemy import Engine, bindparam, update
@@ -98,3 +99,4 @@ class AppState:
     nodes: dict[str, NodeEntry] = field(default_factory=dict)
     nodes_lock: threading.Lock = field(default_factory=threading.Lock)
     metrics: Metrics = field(default_factory=Metrics)
+    reconciler: Any = None  # admission.services.reconcile.Reconciler when a Ray head is wired

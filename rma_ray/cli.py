@@ -250,6 +250,216 @@ def clients_revoke(key_id: str, coordinator: CoordinatorOpt = None, admin_key_fi
     out.print(f"client key {key_id} revoked")
 
 
+# ---- the pool: head and donors -----------------------------------------------------------------------
+
+DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="this machine's RMA data dir")]
+
+
+def _data_dir(data_dir: Path | None) -> Path:
+    return data_dir or settings().data_dir
+
+
+def _say(message: str) -> None:
+    out.print(message, highlight=False)
+
+
+@app.command("up")
+def up(
+    node_ip_address: Annotated[str | None, typer.Option("--node-ip-address",
+                                                        help="address donors reach this head on")] = None,
+    coordinator_host: Annotated[str | None, typer.Option(help="bind the coordinator here (default: node IP)")] = None,
+    coordinator_port: Annotated[int, typer.Option(min=1, max=65535)] = 8470,
+    gcs_port: Annotated[int, typer.Option(help="Ray GCS port (6379 is Redis's too)", min=1, max=65535)] = 6380,
+    dashboard_port: Annotated[int, typer.Option(min=1, max=65535)] = 8265,
+    serve_port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    head_cpus: Annotated[float | None, typer.Option(help="CPUs the head offers to Ray work")] = None,
+    heartbeat_interval: Annotated[int, typer.Option(help="donor heartbeat interval, seconds", min=1)] = 3,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Start the pool on this machine (Ray head, Serve, coordinator) and supervise it until Ctrl-C."""
+    from rma_ray.agent import local_ip_towards
+    from rma_ray.head import Pool, UpError, UpOptions
+
+    ip = node_ip_address or local_ip_towards("192.0.2.1")
+    opts = UpOptions(data_dir=_data_dir(data_dir), node_ip=ip, coordinator_host=coordinator_host or ip,
+                     coordinator_port=coordinator_port, gcs_port=gcs_port, dashboard_port=dashboard_port,
+                     serve_port=serve_port, head_cpus=head_cpus, heartbeat_interval_s=heartbeat_interval)
+    pool = Pool(opts, _say)
+
+    def stop(signum: int, _frame: object) -> None:
+        pool.stop_event.set()
+
+    import signal as _signal
+
+    _signal.signal(_signal.SIGINT, stop)
+    _signal.signal(_signal.SIGTERM, stop)
+    try:
+        info = pool.up()
+    except UpError as exc:
+        pool.down()
+        fail(str(exc))
+    out.print("[bold green]RMA Pool is up[/]")
+    for key, label in (("coordinator_url", "coordinator"), ("registry_url", "registry page"),
+                       ("serve_url", "Serve (clients)"), ("ray_dashboard_url", "Ray dashboard")):
+        out.print(f"  {label:<16} {info[key]}")
+    if info["first_start"]:
+        out.print(f"  [bold yellow]admin key (first start; kept 0600 in pool.json):[/] {info['admin_key']}")
+    out.print(f"  join token (1 use, expires {info['join_token_expires_at']}): {info['join_token']}")
+    out.print(f"  on a donor: rma join {info['coordinator_url']} --token <join token>")
+    out.print(f"  details for scripts: {opts.data_dir / 'pool.json'}   stop with Ctrl-C or `rma down`")
+    try:
+        pool.supervise()
+    finally:
+        out.print("stopping the pool …")
+        pool.down()
+        out.print("pool stopped")
+
+
+@app.command("down")
+def down(data_dir: DataDirOpt = None) -> None:
+    """Stop the pool that `rma up` started from this data dir."""
+    from rma_ray.head import UpError, signal_down
+
+    try:
+        out.print(signal_down(_data_dir(data_dir)))
+    except UpError as exc:
+        fail(str(exc))
+
+
+def _read_caps_file(path: Path) -> capabilities.Capabilities:
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        fail(f"cannot read capabilities from {path}: {exc}")
+    if isinstance(raw, dict) and ({"psutil", "psutil_equivalent", "nvml"} & raw.keys()):
+        return capabilities.from_readings(raw)
+    return capabilities.Capabilities.model_validate(raw)
+
+
+@app.command("join")
+def join(
+    coordinator_url: Annotated[str, typer.Argument(help="the pool's coordinator, e.g. https://pool.example.org")],
+    token: Annotated[str | None, typer.Option(envvar="RMA_JOIN_TOKEN", help="the join token from the admin")] = None,
+    token_file: Annotated[Path | None, typer.Option(help="file holding the join token")] = None,
+    name: Annotated[str | None, typer.Option(help="how this machine shows in the registry")] = None,
+    cpus: Annotated[float | None, typer.Option(help="most CPUs Ray may use here", min=1)] = None,
+    memory: Annotated[str | None, typer.Option(help="most memory Ray may use here, e.g. 8GB")] = None,
+    gpus: Annotated[int | None, typer.Option(help="most GPUs Ray may use here", min=0)] = None,
+    node_ip_address: Annotated[str | None, typer.Option("--node-ip-address", help="address Ray advertises")] = None,
+    drain_deadline: Annotated[float, typer.Option(help="seconds to drain work when leaving", min=0)] = 30,
+    capabilities_file: Annotated[Path | None, typer.Option(help="send these capabilities instead of probing")] = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Donate this machine: register, start a Ray worker node in the assigned tier, stay until Ctrl-C."""
+    from rma_ray.agent import Agent, AgentError, JoinOptions
+
+    if token_file is not None:
+        try:
+            token = token_file.read_text().strip()
+        except OSError as exc:
+            fail(f"cannot read {token_file}: {exc.strerror}")
+    if not token:
+        fail("no join token: pass --token, --token-file or RMA_JOIN_TOKEN (ask the pool admin for an invite)")
+    if not coordinator_url.startswith(("http://", "https://")):
+        fail(f"coordinator URL must start with http:// or https:// (got {coordinator_url!r})")
+    memory_bytes = None
+    if memory is not None:
+        try:
+            memory_bytes = capabilities._BYTES.validate_python(memory)
+        except ValidationError:
+            fail(f"cannot read the memory size {memory!r}; use e.g. 8GB or 512MiB")
+    d = _data_dir(data_dir)
+    caps = _read_caps_file(capabilities_file) if capabilities_file else capabilities.probe(d if d.exists() else "/")
+    import socket as _socket
+
+    opts = JoinOptions(coordinator_url=coordinator_url.rstrip("/"), join_token=token, data_dir=d,
+                       name=name or _socket.gethostname(), capabilities=caps, node_ip=node_ip_address, cpus=cpus,
+                       memory_bytes=memory_bytes, gpus=gpus, drain_deadline_s=drain_deadline)
+    _say(f"probed: {caps.cpu_cores} cores, {caps.ram_mb} MiB RAM, {caps.disk_free_gb:g} GiB free disk, "
+         f"{len(caps.gpus)} GPU(s)")
+    try:
+        agent = Agent.join(opts, _say)
+    except AgentError as exc:
+        fail(str(exc))
+    agent.install_signal_handlers()
+    _say(f"in the pool; heartbeating every {agent.m.heartbeat_interval_s} s. Ctrl-C or `rma leave` to leave.")
+    code = agent.run()
+    if code:
+        sys.exit(code)
+
+
+@app.command("leave")
+def leave(data_dir: DataDirOpt = None,
+          timeout: Annotated[float, typer.Option(help="seconds to wait for the agent")] = 120) -> None:
+    """Leave the pool: the running `rma join` drains, unregisters and stops its Ray node."""
+    import signal as _signal
+
+    import psutil
+
+    from rma_ray import membership
+    from rma_ray.client import AdmissionClient
+
+    d = _data_dir(data_dir)
+    m = membership.load(d)
+    if m is None:
+        fail(f"this machine is not in a pool (no {membership.path(d)})")
+    if m.agent_pid and psutil.pid_exists(m.agent_pid):
+        agent = psutil.Process(m.agent_pid)
+        agent.send_signal(_signal.SIGTERM)
+        try:
+            agent.wait(timeout)
+        except psutil.TimeoutExpired:
+            fail(f"the agent (pid {m.agent_pid}) did not finish leaving within {timeout:.0f} s")
+        out.print(f"left the pool (donor {m.worker_id})")
+        return
+    # the agent is gone (killed): unregister and stop what it left behind ourselves
+    from rma_ray.raynode import NodeSpec, RayNode
+
+    if m.ray_pid and psutil.pid_exists(m.ray_pid):
+        node = RayNode(NodeSpec(node_ip=m.node_ip, token_file=d / "cluster_token", temp_dir=d, labels={}), d / "x.log")
+        node.proc = None
+        node._seen = {p.pid: p.create_time() for p in [psutil.Process(m.ray_pid),
+                                                     *psutil.Process(m.ray_pid).children(recursive=True)]}
+        node.kill_leftovers()
+    with AdmissionClient(m.coordinator_url) as client:
+        try:
+            client.unregister(m.node_token)
+        except AdmissionError as exc:
+            if exc.code != "worker_revoked":
+                err.print(f"[yellow]could not unregister:[/] {exc}")
+    membership.clear(d)
+    out.print(f"left the pool (donor {m.worker_id}; its agent was not running)")
+
+
+@app.command("status")
+def status(data_dir: DataDirOpt = None, as_json: JsonOpt = False) -> None:
+    """This machine's membership: donor id, tier, labels, agent and Ray node, and what the coordinator says."""
+    import psutil
+
+    from rma_ray import membership
+    from rma_ray.client import AdmissionClient
+
+    d = _data_dir(data_dir)
+    m = membership.load(d)
+    if m is None:
+        fail(f"this machine is not in a pool (no {membership.path(d)}); join with `rma join URL --token T`")
+    view: dict[str, Any] = {"worker_id": m.worker_id, "tier": m.tier, "trusted": m.trusted, "labels": m.labels,
+                            "coordinator_url": m.coordinator_url, "node_ip": m.node_ip,
+                            "ray_address": m.ray_address, "ray_node_id": m.ray_node_id,
+                            "agent_running": bool(m.agent_pid and psutil.pid_exists(m.agent_pid)),
+                            "ray_node_running": bool(m.ray_pid and psutil.pid_exists(m.ray_pid))}
+    with AdmissionClient(m.coordinator_url, m.node_token, timeout=5) as client:
+        try:
+            me = client.request("GET", "/api/worker/me")
+            view.update(registry_status=me["status"], action=me["action"], last_seen_at=me["last_seen_at"])
+        except AdmissionError as exc:
+            view["registry_status"] = f"unknown ({exc})"
+    if as_json:
+        return _print_json(view)
+    for k, v in view.items():
+        out.print(f"{k:<16} {v}", highlight=False)
+
+
 # ---- probe -----------------------------------------------------------------------------------------------
 
 

@@ -32,7 +32,7 @@ class Settings(BaseSettings):
     secret_key: SecretStr | None = Field(default=None, description="signs registry session cookies")
     admin_key: SecretStr | None = Field(default=None, description="an admin key to accept (for automation)")
     public_url: str | None = Field(default=None, description="the coordinator's URL as donors see it")
-    heartbeat_interval_s: int = Field(default=15, ge=1, le=3600)
+    heartbeat_interval_s: int = Field(default=3, ge=1, le=3600, description="offline after 2.5 intervals")
     heartbeat_flush_s: float = Field(default=1.0, gt=0, le=60)
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
     register_rate: str = Field(default="20/minute", description="per-IP limit on POST /api/worker/register")
@@ -46,6 +46,7 @@ class Settings(BaseSettings):
     ray_address: str | None = None
     ray_auth_token_file: Path | None = None
     ray_dashboard_url: str | None = None
+    reconcile_interval_s: float = Field(default=2.0, gt=0, le=600)
 
     # client side (CLI, agent)
     coordinator_url: str = "http://127.0.0.1:8470"

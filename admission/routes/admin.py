@@ -56,6 +56,16 @@ def get_health(admin: AdminDep, session: SessionDep, state: State) -> schemas.He
     return stats.health(state, session)
 
 
+@router.get("/admin/ray", response_model=schemas.RayViewOut, openapi_extra=security.ADMIN)
+def get_ray(admin: AdminDep, state: State) -> schemas.RayViewOut:
+    """What the reconciler last saw of the Ray cluster: live nodes, intruders, errors."""
+    view = state.reconciler.view if state.reconciler is not None else None
+    if view is None:
+        return schemas.RayViewOut(wired=False)
+    return schemas.RayViewOut(wired=True, at=view.at, error=view.error, nodes_alive=view.nodes_alive,
+                              intruders=view.intruders)
+
+
 @router.get("/admin/audit", response_model=list[schemas.AuditOut], openapi_extra=security.ADMIN)
 def get_audit(admin: AdminDep, session: SessionDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
               action: Annotated[str | None, Query(max_length=64)] = None) -> list[schemas.AuditOut]:

@@ -69,6 +69,7 @@ def registry(request: Request, state: State, session: SessionDep, partial: bool 
         "tiers": [(str(t), t.number, MINIMUMS[t], tier_of[t]) for t in TIER_ORDER],
         "workers": ws,
         "ray_dashboard_url": state.settings.ray_dashboard_url,
+        "ray_view": state.reconciler.view if state.reconciler is not None else None,
         "admin_id": admin.key_id,
         "partial": partial,
     }

@@ -25,6 +25,12 @@ async def heartbeat(req: schemas.HeartbeatRequest, node: NodeDep, request: Reque
     return Response(b'{"action":"%s"}' % action.encode(), media_type="application/json")
 
 
+@router.get("/me", response_model=schemas.WorkerOut, openapi_extra=security.NODE)
+def me(node: NodeDep, session: SessionDep, state: State) -> schemas.WorkerOut:
+    """The registry's view of this donor (for `rma status`)."""
+    return workers.get(state, session, node.worker_id)
+
+
 @router.delete("/unregister", status_code=204, openapi_extra=security.NODE)
 def unregister(node: NodeDep, session: SessionDep, state: State, ip: ClientIp) -> Response:
     workers.unregister(state, session, node, ip)

@@ -144,6 +144,7 @@ def set_action(state: AppState, session: Session, worker_id: str, action: str, a
 
 
 def derive_status(worker: Worker, last_beat: datetime | None, interval_s: int, now: datetime) -> str:
+    """Offline as soon as either source says so: heartbeats stopped, or Ray saw the node die after the last beat."""
     if worker.revoked_at is not None:
         return "revoked"
     if worker.left_at is not None:
@@ -151,11 +152,10 @@ def derive_status(worker: Worker, last_beat: datetime | None, interval_s: int, n
     if worker.quarantine_reason:
         return "quarantined"
     if worker.ray_alive is False and worker.ray_seen_at and (last_beat is None or worker.ray_seen_at >= last_beat):
-        return "offline"  # Ray saw the node die after its last heartbeat
-    seen = max((t for t in (last_beat, worker.ray_seen_at if worker.ray_alive else None) if t), default=None)
-    if seen is None:
+        return "offline"
+    if last_beat is None:
         return "joining" if now - worker.created_at < timedelta(seconds=2.5 * interval_s) else "offline"
-    age = now - seen
+    age = now - last_beat
     if age <= timedelta(seconds=1.5 * interval_s):
         return "healthy"
     if age <= timedelta(seconds=2.5 * interval_s):

@@ -1,0 +1,198 @@
+"""Keeping the registry true against Ray.
+
+Every few seconds: read the live Ray nodes from the head's dashboard (`GET /api/v0/nodes`, bearer cluster token),
+match each to its worker by the `rma.io/node` label, and record what Ray says (alive/dead, node id). Labels are
+declared by the joining node, so the registry is the source of truth: a node whose labels or Ray-reported
+hardware disagree with its registration is quarantined (drained, shown to the admin); a Ray node that matches no
+admitted worker is flagged as an intruder. Replicas pending for lack of a node of a tier become that tier's
+demand, which the tier choice at registration reads.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import httpx
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from admission.models import TierDemand, Worker, utcnow
+from admission.services import audit
+from admission.state import AppState
+from rma_ray.tiers import LABEL_NODE, LABEL_TIER, LABEL_TRUSTED, TIER_ORDER
+
+log = logging.getLogger("rma.reconciler")
+MB = 1024 * 1024
+
+
+@dataclass
+class RayView:
+    """What the last pass saw; read by the registry page and /api/admin/ray."""
+
+    at: datetime | None = None
+    error: str | None = None
+    nodes_alive: int = 0
+    intruders: list[dict[str, Any]] = field(default_factory=list)
+    drained: set[str] = field(default_factory=set)  # ray node ids we already asked to drain
+
+
+def mismatch(worker: Worker, node: dict[str, Any]) -> str | None:
+    """Why a live node disagrees with its registration, or None."""
+    labels = node.get("labels") or {}
+    want = worker.labels
+    for key in (LABEL_TIER, LABEL_TRUSTED):
+        if labels.get(key) != want.get(key):
+            return f"label {key}={labels.get(key)!r} on the Ray node, registered {want.get(key)!r}"
+    res = node.get("resources_total") or {}
+    gpus_reg = worker.capabilities.get("gpus") or []
+    ray_gpus = float(res.get("GPU", 0))
+    if worker.tier == "gpu" and ray_gpus < 1:
+        names = ", ".join(g.get("name", "?") for g in gpus_reg) or "none"
+        return f"registered as gpu tier with {len(gpus_reg)} GPU(s) ({names}) but Ray reports 0 GPUs on its node"
+    if ray_gpus > len(gpus_reg):
+        return f"Ray reports {ray_gpus:g} GPUs, registered {len(gpus_reg)}"
+    accel = [k.split(":", 1)[1] for k in res if k.startswith("accelerator_type:")]
+    if accel and gpus_reg and not any(a.lower() in g.get("name", "").lower().replace(" ", "") for a in accel
+                                      for g in gpus_reg):
+        return f"Ray reports accelerator {accel[0]}, registered " + ", ".join(g.get("name", "?") for g in gpus_reg)
+    ray_mem_mb = (float(res.get("memory", 0)) + float(res.get("object_store_memory", 0))) / MB
+    reg_mb = float(worker.capabilities.get("ram_mb", 0))
+    if reg_mb and ray_mem_mb > reg_mb * 1.25:
+        return f"Ray sees {ray_mem_mb:.0f} MiB of memory, registered {reg_mb:.0f} MiB"
+    return None
+
+
+def fetch(state: AppState) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    s = state.settings
+    token = s.ray_auth_token()
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    with httpx.Client(base_url=s.ray_dashboard_url or "", headers=headers, timeout=5) as http:
+        nodes = http.get("/api/v0/nodes", params={"limit": 10000, "detail": "true"})
+        nodes.raise_for_status()
+        actors = http.get("/api/v0/actors", params={"limit": 10000, "detail": "true", "filter_keys": "state",
+                                                      "filter_predicates": "=", "filter_values": "PENDING_CREATION"})
+        actors.raise_for_status()
+    return nodes.json()["data"]["result"]["result"], actors.json()["data"]["result"]["result"]
+
+
+def apply(state: AppState, session: Session, nodes: list[dict[str, Any]], pending: list[dict[str, Any]],
+          view: RayView) -> list[tuple[str, str]]:
+    """Update the registry from one reading; return (ray node id, reason) of nodes to drain."""
+    now = utcnow()
+    by_worker: dict[str, dict[str, Any]] = {}
+    intruders = []
+    workers = {w.id: w for w in session.scalars(select(Worker))}
+    for node in nodes:
+        labels = node.get("labels") or {}
+        if node.get("is_head_node"):
+            continue
+        wid = labels.get(LABEL_NODE)
+        w = workers.get(wid or "")
+        alive = node.get("state") == "ALIVE"
+        if w is None or w.revoked_at is not None or w.left_at is not None:
+            if alive:
+                why = ("no rma.io/node label" if not wid else f"unknown worker {wid}" if w is None
+                       else f"worker {wid} was {'revoked' if w.revoked_at else 'unregistered'}")
+                intruders.append({"node_id": node["node_id"], "node_ip": node.get("node_ip"), "reason": why})
+            continue
+        # the newest node per worker wins (a restarted node leaves a DEAD twin behind)
+        prev = by_worker.get(w.id)
+        if prev is None or (alive and prev.get("state") != "ALIVE") or (
+                (node.get("start_time_ms") or 0) > (prev.get("start_time_ms") or 0) and alive == (prev.get("state") == "ALIVE")):
+            by_worker[w.id] = node
+    to_drain: list[tuple[str, str]] = []
+    for wid, node in by_worker.items():
+        w = workers[wid]
+        alive = node.get("state") == "ALIVE"
+        w.ray_node_id, w.ray_alive, w.ray_seen_at = node["node_id"], alive, now
+        if alive and not w.quarantine_reason:
+            why = mismatch(w, node)
+            if why:
+                w.quarantine_reason, w.action = why, "drain"
+                audit.record(session, "reconciler", "worker.quarantine", w.id, "", reason=why)
+                log.warning("quarantined worker %s: %s", w.id, why)
+        if alive and (w.quarantine_reason or w.revoked_at) and node["node_id"] not in view.drained:
+            to_drain.append((node["node_id"], w.quarantine_reason or "revoked"))
+    for w in workers.values():
+        if w.revoked_at is None and w.left_at is None and w.id not in by_worker and w.ray_alive:
+            w.ray_alive, w.ray_seen_at = False, now  # its node vanished from Ray altogether
+    for intruder in intruders:
+        if intruder["node_id"] not in {i["node_id"] for i in view.intruders}:
+            audit.record(session, "reconciler", "ray.intruder", intruder["node_id"][:12], intruder.get("node_ip") or "",
+                         reason=intruder["reason"])
+        if intruder["node_id"] not in view.drained:
+            to_drain.append((intruder["node_id"], intruder["reason"]))
+    demand = {str(t): 0 for t in TIER_ORDER}
+    for actor in pending:
+        tier = (actor.get("label_selector") or {}).get(LABEL_TIER)
+        if tier in demand:
+            demand[tier] += 1
+    for tier, n in demand.items():
+        row = session.get(TierDemand, tier)
+        if row is None:
+            session.add(TierDemand(tier=tier, pending=n, updated_at=now))
+        elif row.pending != n:
+            row.pending, row.updated_at = n, now
+    view.at, view.error = now, None
+    view.nodes_alive = sum(1 for n in nodes if n.get("state") == "ALIVE")
+    view.intruders = intruders
+    return to_drain
+
+
+def reconcile_once(state: AppState, view: RayView) -> None:
+    try:
+        nodes, pending = fetch(state)
+    except (httpx.HTTPError, KeyError, ValueError) as exc:
+        view.error = f"cannot read Ray's state: {exc}"
+        return
+    with state.sessions() as session, session.begin():
+        to_drain = apply(state, session, nodes, pending, view)
+    if to_drain and state.settings.ray_address and state.settings.ray_auth_token_file:
+        from rma_ray.raynode import drain_node
+
+        for node_id, why in to_drain:
+            try:
+                drain_node(state.settings.ray_address, state.settings.ray_auth_token_file, node_id,
+                           f"RMA Pool: {why}", 60)
+                view.drained.add(node_id)
+            except Exception as exc:  # the node may already be gone
+                log.warning("drain of %s failed: %s", node_id[:12], exc)
+
+
+class Reconciler:
+    def __init__(self, state: AppState, interval_s: float = 2.0) -> None:
+        self.state, self.interval_s = state, interval_s
+        self.view = RayView()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="rma-reconciler", daemon=True)
+
+    def start(self) -> Reconciler:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                reconcile_once(self.state, self.view)
+                self._sync_actions()
+            except Exception:
+                log.exception("reconcile pass failed")
+            self._stop.wait(self.interval_s)
+
+    def _sync_actions(self) -> None:
+        """Quarantined workers must see action=drain on their next heartbeat (the cache serves heartbeats)."""
+        with self.state.sessions() as session:
+            rows = session.execute(select(Worker.id, Worker.action).where(Worker.quarantine_reason.is_not(None))).all()
+        with self.state.nodes_lock:
+            for wid, action in rows:
+                entry = self.state.nodes.get(wid)
+                if entry is not None:
+                    entry.action = action

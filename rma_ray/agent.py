@@ -1,0 +1,218 @@
+"""The donor agent behind `rma join`: register, start the Ray worker node with the tier's labels, heartbeat,
+obey drain/leave, restart the node if it dies, and leave cleanly (drain, unregister, stop) on Ctrl-C, SIGTERM or
+`rma leave`. Every failure a donor can cause or meet is one line (AgentError)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import psutil
+
+from rma_ray import membership
+from rma_ray.capabilities import Capabilities
+from rma_ray.client import AdmissionClient, AdmissionError
+from rma_ray.membership import Membership
+from rma_ray.raynode import NodeSpec, NodeStartError, RayNode, drain_node, short_temp_dir
+from rma_ray.tiers import LABEL_NODE
+
+MB = 1024 * 1024
+
+
+class AgentError(Exception):
+    """One line for the donor; the agent exits non-zero."""
+
+
+@dataclass
+class JoinOptions:
+    coordinator_url: str
+    join_token: str
+    data_dir: Path
+    name: str
+    capabilities: Capabilities
+    node_ip: str | None = None
+    cpus: float | None = None
+    memory_bytes: int | None = None
+    gpus: int | None = None
+    drain_deadline_s: float = 30.0
+    start_timeout_s: float = 120.0
+
+
+def local_ip_towards(url_or_host: str) -> str:
+    """The address this machine uses to reach the coordinator: what Ray should advertise (no packet is sent)."""
+    host = urlparse(url_or_host).hostname or url_or_host
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((host, 9))
+            return str(s.getsockname()[0])
+        except OSError:
+            return "127.0.0.1"
+
+
+Say = Callable[[str], None]
+
+
+class Agent:
+    def __init__(self, data_dir: Path, member: Membership, node: RayNode, say: Say) -> None:
+        self.data_dir, self.m, self.node, self.say = data_dir, member, node, say
+        self.client = AdmissionClient(member.coordinator_url, timeout=10)
+        self.stop_event = threading.Event()
+        self.exit_reason = "left the pool"
+        self.drained = False
+        self.unregister_on_exit = True
+
+    # -- joining ---------------------------------------------------------------------------------------
+
+    @classmethod
+    def join(cls, opts: JoinOptions, say: Say) -> Agent:
+        existing = membership.load(opts.data_dir)
+        if existing and existing.agent_pid and psutil.pid_exists(existing.agent_pid):
+            raise AgentError(f"this machine is already in the pool as {existing.worker_id} (agent pid "
+                             f"{existing.agent_pid}); run `rma leave` first")
+        client = AdmissionClient(opts.coordinator_url, timeout=30)
+        try:
+            reg = client.register(opts.join_token, opts.name, opts.capabilities)
+        except AdmissionError as exc:
+            raise AgentError(f"registration refused: {exc}") from None
+        finally:
+            client.close()
+        say(f"admitted as [bold]{reg['tier']}[/] tier donor {reg['worker_id']} "
+            f"({'trusted' if reg['trusted'] else 'untrusted'})")
+        if not reg.get("ray"):
+            raise AgentError("the coordinator runs without a Ray head (`rma admission serve` alone); "
+                             "ask the admin for a pool started with `rma up`")
+        token_file = opts.data_dir / "cluster_token"
+        membership.write_private(token_file, (reg["ray"]["auth_token"] or "") + "\n")
+        address = reg["ray"]["address"]
+        node_ip = opts.node_ip or local_ip_towards(address.rsplit(":", 1)[0])
+        m = Membership(coordinator_url=opts.coordinator_url, worker_id=reg["worker_id"], node_token=reg["node_token"],
+                       tier=reg["tier"], labels=reg["labels"], trusted=reg["trusted"],
+                       heartbeat_interval_s=reg["heartbeat_interval_s"], ray_address=address, node_ip=node_ip,
+                       agent_pid=os.getpid(), agent_started=psutil.Process().create_time())
+        membership.save(opts.data_dir, m)
+        spec = NodeSpec(node_ip=node_ip, token_file=token_file, temp_dir=short_temp_dir(reg["worker_id"]),
+                        labels=reg["labels"], address=address, num_cpus=opts.cpus, num_gpus=opts.gpus,
+                        memory_bytes=opts.memory_bytes, drain_timeout_s=opts.drain_deadline_s)
+        agent = cls(opts.data_dir, m, RayNode(spec, opts.data_dir / "logs" / "ray-node.log"), say)
+        try:
+            agent.start_node(opts.start_timeout_s)
+        except NodeStartError as exc:
+            agent.node.kill()
+            agent.unregister()
+            membership.clear(opts.data_dir)
+            raise AgentError(f"could not start the Ray node: {exc}") from None
+        return agent
+
+    def start_node(self, timeout: float) -> None:
+        self.say(f"starting the Ray node on {self.m.node_ip} (head {self.m.ray_address}) …")
+        self.node.start()
+        node_id = self.node.wait_registered(self.m.ray_address or "", (LABEL_NODE, self.m.worker_id), timeout)
+        self.m.ray_pid, self.m.ray_node_id = self.node.pid, node_id
+        membership.save(self.data_dir, self.m)
+        self.say(f"Ray node {node_id[:12]} is up with labels "
+                 + ", ".join(f"{k}={v}" for k, v in self.m.labels.items()))
+
+    # -- running ---------------------------------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        def handler(signum: int, _frame: object) -> None:
+            self.exit_reason = "left the pool (" + signal.Signals(signum).name + ")"
+            self.stop_event.set()
+
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
+
+    def beat(self) -> str:
+        vm = psutil.virtual_memory()
+        load = os.getloadavg()[0] / (psutil.cpu_count() or 1)
+        status = "draining" if self.drained else "healthy" if self.node.running() else "degraded"
+        reply = self.client.heartbeat(self.m.node_token, status=status, current_load=round(load, 3),
+                                      available_memory_mb=vm.available // MB, ray_node_id=self.m.ray_node_id)
+        return str(reply.get("action", "none"))
+
+    def run(self) -> int:
+        """Heartbeat until told to leave, revoked, or interrupted. Returns the process exit code."""
+        interval = max(1, self.m.heartbeat_interval_s)
+        restarts, unreachable_since = 0, None
+        code = 0
+        while not self.stop_event.is_set():
+            self.node.track()
+            if not self.node.running():
+                failure = self.node.failure()
+                if failure and "refused the cluster token" in failure:
+                    self.say(f"[red]{failure}[/]; leaving")
+                    code = 1
+                    break
+                restarts += 1
+                delay = min(60, 2 ** min(restarts, 6))
+                self.say(f"[yellow]the Ray node stopped[/] ({failure or 'no reason in its log'}); "
+                         f"restarting in {delay} s (restart {restarts})")
+                if self.stop_event.wait(delay):
+                    break
+                try:
+                    self.node.kill_leftovers()
+                    self.start_node(120)
+                    self.drained = False
+                except NodeStartError as exc:
+                    self.say(f"[yellow]restart failed:[/] {exc}")
+                continue
+            try:
+                action = self.beat()
+                if unreachable_since is not None:
+                    self.say("coordinator reachable again")
+                unreachable_since = None
+            except AdmissionError as exc:
+                if exc.code == "worker_revoked":
+                    self.say("[red]this donor was revoked by the pool admin (or has left); stopping the node[/]")
+                    self.exit_reason, self.unregister_on_exit, code = "revoked", False, 1
+                    break
+                if unreachable_since is None:
+                    unreachable_since = time.monotonic()
+                    self.say(f"[yellow]heartbeat failed:[/] {exc}; the node keeps serving, retrying")
+                action = "none"
+            if action == "leave":
+                self.exit_reason = "asked to leave by the coordinator"
+                break
+            if action == "drain" and not self.drained:
+                self.drain("the pool admin asked this donor to drain")
+            elif action == "none" and self.drained:
+                self.say("resuming: restarting the Ray node to take work again")
+                self.node.stop(timeout=15)
+                self.drained = False
+                continue
+            self.stop_event.wait(interval)
+        self.leave()
+        return code
+
+    def drain(self, why: str) -> None:
+        try:
+            accepted = drain_node(self.m.ray_address or "", self.node.spec.token_file, self.m.ray_node_id or "", why,
+                                  self.node.spec.drain_timeout_s)
+        except Exception as exc:  # the GCS may be gone; the node is stopped on leave anyway
+            self.say(f"[yellow]drain request failed:[/] {exc}")
+            return
+        self.drained = accepted
+        self.say("draining: no new work will be placed here" if accepted else "[yellow]the head refused the drain[/]")
+
+    def unregister(self) -> None:
+        try:
+            self.client.unregister(self.m.node_token)
+        except AdmissionError as exc:
+            if exc.code != "worker_revoked":
+                self.say(f"[yellow]could not unregister:[/] {exc}")
+
+    def leave(self) -> None:
+        self.say(f"leaving: draining the Ray node (up to {self.node.spec.drain_timeout_s:.0f} s) …")
+        self.node.stop()
+        if self.unregister_on_exit:
+            self.unregister()
+        membership.clear(self.data_dir)
+        self.client.close()
+        self.say(f"done: {self.exit_reason}; no Ray process of this donor is left")

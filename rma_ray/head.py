@@ -1,0 +1,243 @@
+"""`rma up` and `rma down`: the pool's head machine.
+
+`rma up` starts and supervises, until Ctrl-C: a Ray head with token auth (the cluster token generated once, kept
+0600 in the data dir, never printed), Ray Serve (proxy on the head only), and the admission coordinator wired to
+the head. It prints the URLs, the admin key (first start) and a join token, and writes the same to
+`<data dir>/pool.json` (0600) for scripts. `rma down` asks the supervisor to stop, or stops what it left, by PID.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+from rma_ray import credentials
+from rma_ray.client import AdmissionClient
+from rma_ray.membership import write_private
+from rma_ray.raynode import FAST_HEALTH_CHECKS, NodeSpec, NodeStartError, RayNode, ray_env, short_temp_dir
+from rma_ray.settings import read_or_create_secret
+from rma_ray.tiers import LABEL_TIER
+
+
+class UpError(Exception):
+    """One line for the admin."""
+
+
+@dataclass
+class UpOptions:
+    data_dir: Path
+    node_ip: str
+    coordinator_host: str
+    coordinator_port: int = 8470
+    gcs_port: int = 6380
+    dashboard_port: int = 8265
+    serve_port: int = 8000
+    head_cpus: float | None = None
+    heartbeat_interval_s: int = 3
+    fast_health_checks: bool = True
+    invite_ttl_s: int = 900
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def coordinator_url(self) -> str:
+        host = self.node_ip if self.coordinator_host in ("0.0.0.0", "::") else self.coordinator_host
+        return f"http://{host}:{self.coordinator_port}"
+
+    @property
+    def gcs_address(self) -> str:
+        return f"{self.node_ip}:{self.gcs_port}"
+
+
+def pool_file(data_dir: Path) -> Path:
+    return data_dir / "pool.json"
+
+
+def read_pool(data_dir: Path) -> dict[str, Any]:
+    p = pool_file(data_dir)
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def _port_free(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
+class Pool:
+    def __init__(self, opts: UpOptions, say: Any) -> None:
+        self.o, self.say = opts, say
+        self.stop_event = threading.Event()
+        self.token_file = opts.data_dir / "cluster_token"
+        self.logs = opts.data_dir / "logs"
+        self.head: RayNode | None = None
+        self.coordinator: subprocess.Popen[bytes] | None = None
+        self.admin_key = ""
+
+    def _check_ports(self) -> None:
+        for what, host, port in (("Ray GCS", self.o.node_ip, self.o.gcs_port),
+                                 ("Ray dashboard", self.o.node_ip, self.o.dashboard_port),
+                                 ("coordinator", self.o.coordinator_host, self.o.coordinator_port),
+                                 ("Serve", self.o.node_ip, self.o.serve_port)):
+            if not _port_free(host, port):
+                hint = " (a Redis on this box? use --gcs-port)" if port == 6379 else ""
+                raise UpError(f"port {port} on {host} for the {what} is already in use{hint}")
+
+    def start_head(self) -> None:
+        spec = NodeSpec(node_ip=self.o.node_ip, token_file=self.token_file, head=True,
+                        temp_dir=short_temp_dir("head-" + credentials.hash_secret(str(self.o.data_dir))[:8]),
+                        labels={LABEL_TIER: "head"}, gcs_port=self.o.gcs_port, dashboard_port=self.o.dashboard_port,
+                        num_cpus=self.o.head_cpus, drain_timeout_s=5,
+                        env={**(FAST_HEALTH_CHECKS if self.o.fast_health_checks else {}), **self.o.extra_env})
+        self.head = RayNode(spec, self.logs / "ray-head.log")
+        self.say(f"starting the Ray head on {self.o.gcs_address} (token auth) …")
+        self.head.start()
+        try:
+            self.head.wait_registered(self.o.gcs_address, None, 120)
+        except NodeStartError as exc:
+            self.head.kill()
+            raise UpError(f"the Ray head did not start: {exc}") from None
+        dash = f"http://{self.o.node_ip}:{self.o.dashboard_port}"
+        token = self.token_file.read_text().strip()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(dash + "/api/v0/nodes", headers={"Authorization": f"Bearer {token}"},
+                             timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        else:
+            raise UpError(f"the Ray dashboard at {dash} did not answer; see {self.head.log_path}")
+
+    def start_serve(self) -> None:
+        self.say(f"starting Ray Serve (proxy on the head, port {self.o.serve_port}) …")
+        r = subprocess.run([sys.executable, "-m", "rma_ray.serve_admin", "start", "--address", self.o.gcs_address,
+                            "--host", self.o.node_ip, "--port", str(self.o.serve_port)],
+                           env=ray_env(self.token_file), capture_output=True, text=True, timeout=180)
+        if r.returncode != 0:
+            (self.logs / "serve-start.log").write_text(r.stdout + r.stderr)
+            raise UpError(f"Ray Serve did not start; see {self.logs / 'serve-start.log'}")
+
+    def start_coordinator(self) -> None:
+        env = {**os.environ, "RMA_ADMIN_KEY": self.admin_key, "RMA_DATA_DIR": str(self.o.data_dir / "coordinator"),
+               "RMA_RAY_ADDRESS": self.o.gcs_address, "RMA_RAY_AUTH_TOKEN_FILE": str(self.token_file),
+               "RMA_RAY_DASHBOARD_URL": f"http://{self.o.node_ip}:{self.o.dashboard_port}",
+               "RMA_PUBLIC_URL": self.o.coordinator_url,
+               "RMA_HEARTBEAT_INTERVAL_S": str(self.o.heartbeat_interval_s), **self.o.extra_env}
+        log = open(self.logs / "coordinator.log", "ab")
+        self.coordinator = subprocess.Popen(
+            [sys.executable, "-m", "rma_ray.cli", "admission", "serve", "--host", self.o.coordinator_host,
+             "--port", str(self.o.coordinator_port), "--quiet"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.coordinator.poll() is not None:
+                raise UpError(f"the coordinator exited; see {self.logs / 'coordinator.log'}")
+            try:
+                if httpx.get(self.o.coordinator_url + "/healthz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise UpError(f"the coordinator did not answer on {self.o.coordinator_url}")
+
+    def up(self) -> dict[str, Any]:
+        self.o.data_dir.mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(parents=True, exist_ok=True)
+        old = read_pool(self.o.data_dir)
+        if old.get("supervisor_pid") and psutil.pid_exists(old["supervisor_pid"]):
+            raise UpError(f"a pool is already running from {self.o.data_dir} (pid {old['supervisor_pid']}); "
+                          f"`rma down` first")
+        self._check_ports()
+        read_or_create_secret(self.token_file)  # the cluster token: generated once, 0600, never printed
+        first_start = not old.get("admin_key")
+        self.admin_key = old.get("admin_key") or credentials.mint(credentials.Kind.ADMIN).token
+        self.start_head()
+        self.start_serve()
+        self.start_coordinator()
+        with AdmissionClient(self.o.coordinator_url, self.admin_key) as client:
+            invite = client.create_invite(ttl_s=self.o.invite_ttl_s, uses=1, note="printed by rma up")
+        info = {
+            "coordinator_url": self.o.coordinator_url,
+            "registry_url": self.o.coordinator_url + "/registry",
+            "serve_url": f"http://{self.o.node_ip}:{self.o.serve_port}",
+            "ray_dashboard_url": f"http://{self.o.node_ip}:{self.o.dashboard_port}",
+            "ray_address": self.o.gcs_address,
+            "admin_key": self.admin_key,
+            "join_token": invite["token"],
+            "join_token_expires_at": invite["expires_at"],
+            "data_dir": str(self.o.data_dir),
+            "supervisor_pid": os.getpid(),
+            "head_pid": self.head.pid if self.head else None,
+            "coordinator_pid": self.coordinator.pid if self.coordinator else None,
+            "first_start": first_start,
+        }
+        write_private(pool_file(self.o.data_dir), json.dumps(info, indent=2))
+        return info
+
+    def supervise(self) -> None:
+        """Restart the coordinator if it dies; the head's death ends the pool (donors would have to rejoin)."""
+        while not self.stop_event.wait(2):
+            if self.head is not None:
+                self.head.track()
+                if not self.head.running():
+                    self.say("[red]the Ray head stopped[/]; see " + str(self.head.log_path))
+                    break
+            if self.coordinator is not None and self.coordinator.poll() is not None:
+                self.say("[yellow]the coordinator stopped; restarting it[/]")
+                try:
+                    self.start_coordinator()
+                except UpError as exc:
+                    self.say(f"[red]{exc}[/]")
+
+    def down(self) -> None:
+        if self.coordinator is not None and self.coordinator.poll() is None:
+            self.coordinator.terminate()
+            try:
+                self.coordinator.wait(15)
+            except subprocess.TimeoutExpired:
+                self.coordinator.kill()
+        if self.head is not None and self.head.running():
+            subprocess.run([sys.executable, "-m", "rma_ray.serve_admin", "shutdown", "--address", self.o.gcs_address],
+                           env=ray_env(self.token_file), capture_output=True, timeout=90, check=False)
+        if self.head is not None:
+            self.head.stop(timeout=30)
+        info = read_pool(self.o.data_dir)
+        for key in ("supervisor_pid", "head_pid", "coordinator_pid"):
+            info.pop(key, None)
+        if info:
+            write_private(pool_file(self.o.data_dir), json.dumps(info, indent=2))
+
+
+def signal_down(data_dir: Path, timeout: float = 120) -> str:
+    """`rma down`: SIGTERM the supervisor and wait for it to finish its clean shutdown."""
+    info = read_pool(data_dir)
+    pid = info.get("supervisor_pid")
+    if not pid or not psutil.pid_exists(pid):
+        raise UpError(f"no pool is running from {data_dir}")
+    proc = psutil.Process(pid)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except psutil.TimeoutExpired:
+        raise UpError(f"the pool supervisor (pid {pid}) did not stop within {timeout:.0f} s") from None
+    return f"pool stopped (supervisor pid {pid})"

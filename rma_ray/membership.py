@@ -1,0 +1,61 @@
+"""What a donor machine remembers about its membership (`<data dir>/membership.json`, mode 0600): enough for
+`rma status`, `rma leave` and an agent restart. Holds the node token, so it is written like a secret."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class Membership:
+    coordinator_url: str
+    worker_id: str
+    node_token: str
+    tier: str
+    labels: dict[str, str]
+    trusted: bool
+    heartbeat_interval_s: int
+    ray_address: str | None
+    node_ip: str
+    agent_pid: int | None = None
+    agent_started: float | None = None
+    ray_pid: int | None = None
+    ray_node_id: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def path(data_dir: Path) -> Path:
+    return data_dir / "membership.json"
+
+
+def write_private(file: Path, text: str) -> None:
+    """Write a secret-bearing file atomically with mode 0600 from the first byte."""
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_suffix(file.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, file)
+
+
+def save(data_dir: Path, m: Membership) -> None:
+    write_private(path(data_dir), json.dumps(asdict(m), indent=2))
+
+
+def load(data_dir: Path) -> Membership | None:
+    p = path(data_dir)
+    if not p.exists():
+        return None
+    return Membership(**json.loads(p.read_text()))
+
+
+def clear(data_dir: Path) -> None:
+    for name in ("membership.json", "cluster_token"):
+        try:
+            (data_dir / name).unlink()
+        except FileNotFoundError:
+            pass

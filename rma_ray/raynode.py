@@ -1,0 +1,230 @@
+"""Starting and stopping Ray nodes (head and donor) as supervised child processes.
+
+A node is one `ray start --block` process: it starts the node's Ray processes, watches them, and on SIGTERM
+drains the node (Ray >= 2.60: Serve moves replicas off it, for up to RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S) and
+then stops them. We never run `ray stop` (it would kill every Ray process on the machine, other nodes' too):
+we stop our own process tree, by PID. The cluster token reaches Ray through RAY_AUTH_TOKEN_PATH (a 0600 file),
+never a command line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+# Health checks the head uses to declare a node dead (DESIGN.md: 62.6 s by default, 8.6 s with these).
+FAST_HEALTH_CHECKS = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "2000",
+                      "RAY_health_check_failure_threshold": "3"}
+
+
+class NodeStartError(Exception):
+    """Ray could not start or join: the message is one line for a person."""
+
+
+def ray_executable() -> str:
+    exe = Path(sys.executable).with_name("ray")
+    return str(exe) if exe.exists() else (shutil.which("ray") or "ray")
+
+
+def short_temp_dir(key: str) -> Path:
+    """Ray's Unix sockets live under the temp dir and must fit in 107 bytes: keep the path short."""
+    return Path("/tmp") / f"rma-{key}"
+
+
+def ray_env(token_file: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
+    env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file), "RAY_USAGE_STATS_ENABLED": "0"})
+    env.update(extra or {})
+    return env
+
+
+def format_labels(labels: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in labels.items())
+
+
+@dataclass
+class NodeSpec:
+    node_ip: str
+    token_file: Path
+    temp_dir: Path
+    labels: dict[str, str]
+    head: bool = False
+    address: str | None = None  # GCS address to join (worker nodes)
+    gcs_port: int = 6380  # Ray's default 6379 is Redis's too
+    dashboard_port: int = 8265
+    num_cpus: float | None = None
+    num_gpus: int | None = None
+    memory_bytes: int | None = None
+    drain_timeout_s: float = 30.0
+    env: dict[str, str] = field(default_factory=dict)
+
+    def argv(self) -> list[str]:
+        args = [ray_executable(), "start", "--block", "--node-ip-address", self.node_ip,
+                "--temp-dir", str(self.temp_dir), "--disable-usage-stats", "--labels", format_labels(self.labels)]
+        if self.head:
+            args += ["--head", "--port", str(self.gcs_port), "--dashboard-host", self.node_ip,
+                     "--dashboard-port", str(self.dashboard_port)]
+        else:
+            assert self.address, "a worker node needs the head's address"
+            args += ["--address", self.address]
+        if self.num_cpus is not None:
+            args += ["--num-cpus", str(int(self.num_cpus))]
+        if self.num_gpus is not None:
+            args += ["--num-gpus", str(self.num_gpus)]
+        if self.memory_bytes is not None:
+            args += ["--memory", str(self.memory_bytes)]
+        return args
+
+
+_FAILURES = [
+    (re.compile(r"InvalidAuthToken|Authentication token is missing or incorrect"),
+     "the Ray head refused the cluster token (revoked, rotated, or not this pool's)"),
+    (re.compile(r"Failed to connect to GCS|Timed out while waiting for GCS|Failed to get cluster ID"),
+     "cannot reach the Ray head at {address}: check the network path (firewall, NAT) to it"),
+    (re.compile(r"Address already in use|port .* is already in use|already in use", re.I),
+     "a port Ray needs is already in use on this machine"),
+    (re.compile(r"version mismatch|Version mismatch", re.I),
+     "this machine's Ray version differs from the head's"),
+]
+
+
+class RayNode:
+    """One supervised `ray start --block` process and everything it starts."""
+
+    def __init__(self, spec: NodeSpec, log_path: Path) -> None:
+        self.spec, self.log_path = spec, log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._seen: dict[int, float] = {}  # pid -> create_time of every descendant seen, to stop orphans too
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def start(self) -> None:
+        self.spec.temp_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = ray_env(self.spec.token_file, {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": str(self.spec.drain_timeout_s),
+                                             **self.spec.env})
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.spec.argv(), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        log.close()
+        self.track()
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def track(self) -> None:
+        """Remember the process tree (called while it runs), so stop() can end orphans by PID."""
+        if not self.running():
+            return
+        try:
+            root = psutil.Process(self.proc.pid)  # type: ignore[union-attr]
+            for p in [root, *root.children(recursive=True)]:
+                self._seen.setdefault(p.pid, p.create_time())
+        except psutil.Error:
+            pass
+
+    def failure(self) -> str | None:
+        """Why the node failed, as one line, read from its log; None when nothing known went wrong."""
+        try:
+            text = self.log_path.read_text(errors="replace")[-20000:]
+        except OSError:
+            return None
+        for pattern, message in _FAILURES:
+            if pattern.search(text):
+                return message.format(address=self.spec.address)
+        return None
+
+    def wait_registered(self, gcs_address: str, node_label: tuple[str, str] | None, timeout: float) -> str:
+        """Wait until the node is ALIVE in the GCS (matched by label, or as head); return its node id."""
+        from ray._raylet import GcsClient
+
+        deadline = time.monotonic() + timeout
+        os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.spec.token_file)})
+        client: Any = None
+        while time.monotonic() < deadline:
+            if not self.running():
+                raise NodeStartError(self.failure() or f"ray start exited with code {self.proc.returncode}; "  # type: ignore[union-attr]
+                                     f"see {self.log_path}")
+            self.track()
+            known = self.failure()
+            if known and "refused the cluster token" in known:
+                raise NodeStartError(known)
+            try:
+                client = client or GcsClient(address=gcs_address)
+                for node_id, info in client.get_all_node_info(timeout=5).items():
+                    if info.state != 0:
+                        continue
+                    if (node_label is None and info.is_head_node) or (
+                            node_label is not None and info.labels.get(node_label[0]) == node_label[1]):
+                        return node_id.hex()  # type: ignore[no-any-return]
+            except Exception:  # GCS not up yet, or unreachable: keep waiting until the deadline
+                client = None
+            time.sleep(0.5)
+        raise NodeStartError(self.failure() or f"the Ray node did not come up within {timeout:.0f} s; see {self.log_path}")
+
+    def stop(self, timeout: float | None = None) -> None:
+        """SIGTERM (Ray drains, then stops its processes); after `timeout`, SIGKILL whatever of ours is left."""
+        timeout = self.spec.drain_timeout_s + 15 if timeout is None else timeout
+        self.track()
+        if self.running():
+            self.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+            try:
+                self.proc.wait(timeout)  # type: ignore[union-attr]
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill_leftovers()
+
+    def kill(self) -> None:
+        self.track()
+        self.kill_leftovers(sig=signal.SIGKILL, grace=0)
+
+    def kill_leftovers(self, sig: int = signal.SIGTERM, grace: float = 5.0) -> None:
+        procs = []
+        for pid, created in self._seen.items():
+            try:
+                p = psutil.Process(pid)
+                if p.create_time() == created:  # the same process, not a reused PID
+                    procs.append(p)
+            except psutil.Error:
+                continue
+        for p in procs:
+            try:
+                p.send_signal(sig)
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=grace)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(alive, timeout=5)
+        if self.proc is not None:
+            try:
+                self.proc.wait(1)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+def drain_node(gcs_address: str, token_file: Path, node_id: str, message: str, deadline_s: float = 60.0) -> bool:
+    """Ask the GCS to drain a node (no new work; Serve moves its replicas). Returns whether it was accepted."""
+    from ray._raylet import GcsClient
+    from ray.core.generated import autoscaler_pb2
+
+    os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)})
+    client = GcsClient(address=gcs_address)
+    accepted, _ = client.drain_node(node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
+                                    message, int(time.time() * 1000 + deadline_s * 1000))
+    return bool(accepted)
