@@ -137,7 +137,7 @@ class Pool:
             raise UpError(f"Ray Serve did not start; see {self.logs / 'serve-start.log'}")
 
     def start_coordinator(self) -> None:
-        env = {**os.environ, "RMA_ADMIN_KEY": self.admin_key, "RMA_DATA_DIR": str(self.o.data_dir / "coordinator"),
+        env = {**ray_env(self.token_file), "RMA_ADMIN_KEY": self.admin_key, "RMA_DATA_DIR": str(self.o.data_dir / "coordinator"),
                "RMA_RAY_ADDRESS": self.o.gcs_address, "RMA_RAY_AUTH_TOKEN_FILE": str(self.token_file),
                "RMA_RAY_DASHBOARD_URL": f"http://{self.o.node_ip}:{self.o.dashboard_port}",
                "RMA_PUBLIC_URL": self.o.coordinator_url,

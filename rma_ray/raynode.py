@@ -48,6 +48,15 @@ def ray_env(token_file: Path, extra: dict[str, str] | None = None) -> dict[str, 
     return env
 
 
+def use_token_auth(token_file: Path) -> None:
+    """Make this process a token-auth Ray client. Ray reads these once, when it is first imported, so the
+    CLI calls this before anything imports ray; a later call with another token file is refused."""
+    current = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if "ray" in sys.modules and current != str(token_file):
+        raise RuntimeError("Ray was imported before token auth was configured for this process")
+    os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)})
+
+
 def format_labels(labels: dict[str, str]) -> str:
     return ",".join(f"{k}={v}" for k, v in labels.items())
 
@@ -148,10 +157,10 @@ class RayNode:
 
     def wait_registered(self, gcs_address: str, node_label: tuple[str, str] | None, timeout: float) -> str:
         """Wait until the node is ALIVE in the GCS (matched by label, or as head); return its node id."""
+        use_token_auth(self.spec.token_file)
         from ray._raylet import GcsClient
 
         deadline = time.monotonic() + timeout
-        os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.spec.token_file)})
         client: Any = None
         while time.monotonic() < deadline:
             if not self.running():
@@ -220,10 +229,10 @@ class RayNode:
 
 def drain_node(gcs_address: str, token_file: Path, node_id: str, message: str, deadline_s: float = 60.0) -> bool:
     """Ask the GCS to drain a node (no new work; Serve moves its replicas). Returns whether it was accepted."""
+    use_token_auth(token_file)
     from ray._raylet import GcsClient
     from ray.core.generated import autoscaler_pb2
 
-    os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)})
     client = GcsClient(address=gcs_address)
     accepted, _ = client.drain_node(node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
                                     message, int(time.time() * 1000 + deadline_s * 1000))

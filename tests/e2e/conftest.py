@@ -1,0 +1,150 @@
+"""The multi-host pool: `rma up` on the head (the root namespace, on the test bridge) and `rma join` from
+donor namespaces, each a host with its own address. Real Ray, real processes, real network."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.e2e.netns import Host, TestBed, available
+from tests.support import wait_for
+
+PY = sys.executable
+N_HOSTS = 7
+
+
+@dataclass
+class Donor:
+    host: Host
+    proc: subprocess.Popen[bytes]
+    data_dir: Path
+    log: Path
+    worker_id: str = ""
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def pids(self) -> list[int]:
+        r = subprocess.run(["ip", "netns", "pids", self.host.name], capture_output=True, text=True)
+        return [int(p) for p in r.stdout.split()]
+
+
+@dataclass
+class PoolUnderTest:
+    bed: TestBed
+    info: dict[str, Any]
+    root: Path
+    proc: subprocess.Popen[bytes]
+    free_hosts: list[Host] = field(default_factory=list)
+    donors: list[Donor] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return self.info["coordinator_url"]  # type: ignore[no-any-return]
+
+    def admin(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        return httpx.request(method, self.url + path, headers={"Authorization": f"Bearer {self.info['admin_key']}"},
+                             timeout=30, **kw)
+
+    def invite(self, **fields: Any) -> str:
+        r = self.admin("POST", "/api/invites", json=fields)
+        assert r.status_code == 201, r.text
+        return r.json()["token"]  # type: ignore[no-any-return]
+
+    def worker(self, worker_id: str) -> dict[str, Any]:
+        return self.admin("GET", f"/api/admin/workers/{worker_id}").json()  # type: ignore[no-any-return]
+
+    def ray_nodes(self) -> list[dict[str, Any]]:
+        token = (self.root / "head" / "cluster_token").read_text().strip()
+        r = httpx.get(self.info["ray_dashboard_url"] + "/api/v0/nodes", params={"detail": "true"},
+                      headers={"Authorization": f"Bearer {token}"}, timeout=10)
+        return r.json()["data"]["result"]["result"]  # type: ignore[no-any-return]
+
+    def alive_nodes(self) -> list[dict[str, Any]]:
+        return [n for n in self.ray_nodes() if n["state"] == "ALIVE"]
+
+    def start_join(self, token: str, *args: str) -> Donor:
+        host = self.free_hosts.pop(0)
+        d = self.root / host.name
+        d.mkdir(parents=True, exist_ok=True)
+        log = d / "join.log"
+        env = {**os.environ, "HOME": str(d / "home"), "RMA_DATA_DIR": str(d / "data"), "RMA_JOIN_TOKEN": token,
+               "COLUMNS": "200"}
+        proc = host.popen([PY, "-m", "rma_ray.cli", "join", self.url, "--cpus", "1", "--drain-deadline", "10", *args],
+                          env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        donor = Donor(host, proc, d / "data", log)
+        self.donors.append(donor)
+        return donor
+
+    def join(self, token: str, *args: str, timeout: float = 120) -> Donor:
+        """Join and wait until the registry shows the donor healthy on a live Ray node."""
+        donor = self.start_join(token, *args)
+
+        def joined() -> str | None:
+            assert donor.proc.poll() is None, f"rma join exited: {donor.output()}"
+            m = donor.data_dir / "membership.json"
+            if not m.exists():
+                return None
+            wid = json.loads(m.read_text())["worker_id"]
+            w = self.worker(wid)
+            return wid if w["status"] in ("healthy", "quarantined") and w["ray_node_id"] else None
+
+        donor.worker_id = wait_for(joined, timeout=timeout, interval=0.5, what=f"donor on {donor.host.name} to join")
+        return donor
+
+    def driver(self, script: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+        """Run a Ray driver on the head (token auth from the pool's cluster token)."""
+        env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.root / "head" / "cluster_token"),
+               "RAY_ADDRESS": self.info["ray_address"], "HOME": str(self.root / "hhome")}
+        return subprocess.run([PY, "-c", textwrap.dedent(script)], env=env, capture_output=True, text=True,
+                              timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PoolUnderTest]:
+    """A bed of 7 donor hosts and `rma up` on the head (~15 s to start); session-scoped, torn down by PID."""
+    reason = available()
+    if reason:
+        pytest.skip(f"network namespaces unavailable: {reason}")
+    root = tmp_path_factory.mktemp("pool")
+    with TestBed(N_HOSTS) as bed:
+        env = {**os.environ, "HOME": str(root / "hhome"), "RMA_DATA_DIR": str(root / "head"), "COLUMNS": "200"}
+        log = root / "up.log"
+        proc = subprocess.Popen([PY, "-m", "rma_ray.cli", "up", "--node-ip-address", bed.head_ip,
+                                 "--heartbeat-interval", "2"], env=env, stdout=open(log, "wb"),
+                                stderr=subprocess.STDOUT)
+        try:
+            def ready() -> dict[str, Any] | None:
+                assert proc.poll() is None, f"rma up exited: {log.read_text()}"
+                p = root / "head" / "pool.json"
+                return json.loads(p.read_text()) if p.exists() and "join_token" in p.read_text() else None
+
+            info = wait_for(ready, timeout=240, interval=0.5, what="rma up to write pool.json")
+            put = PoolUnderTest(bed, info, root, proc, free_hosts=list(bed.hosts))
+            yield put
+        finally:
+            # donors first (each leaves cleanly), then the head, which shuts Serve and Ray down
+            live = [d for d in (locals().get("put") or PoolUnderTest(bed, {}, root, proc)).donors if d.proc.poll() is None]
+            for d in live:
+                d.proc.send_signal(signal.SIGTERM)
+            for d in live:
+                try:
+                    d.proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    d.proc.kill()
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(120)
+            except subprocess.TimeoutExpired:
+                proc.kill()

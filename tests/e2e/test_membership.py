@@ -1,0 +1,236 @@
+"""Pool membership on Ray across real hosts (network namespaces): `rma up`, `rma join`, tier labels, the
+reconciler (quarantine, offline), revocation, and leaving. One session-scoped pool; each test that breaks a
+donor brings its own."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import FIXTURES
+from tests.e2e.conftest import PoolUnderTest
+from tests.support import wait_for
+
+pytestmark = [pytest.mark.e2e, pytest.mark.ray]
+
+WHERE_APP = """
+import ray, time
+from ray import serve
+ray.init(address="auto", namespace="rma", logging_level="ERROR")
+
+@serve.deployment(num_replicas={replicas}, max_ongoing_requests=32,
+                  ray_actor_options={{"num_cpus": 0.1, "label_selector": {{"rma.io/tier": "{tier}"}}}})
+class Where:
+    def __call__(self, request):
+        ctx = ray.get_runtime_context()
+        return {{"node_id": ctx.get_node_id(), "labels": ctx.get_node_labels()}}
+
+serve._run(Where.bind(), name="{name}", route_prefix="/{name}", _blocking=False)  # returns before RUNNING
+deadline = time.time() + {wait}
+while {wait} and time.time() < deadline:
+    st = serve.status().applications["{name}"].status
+    if st == "RUNNING":
+        break
+    time.sleep(0.5)
+st = serve.status().applications["{name}"].status
+print("status", getattr(st, "value", st))
+"""
+
+
+def deploy(pool: PoolUnderTest, name: str, tier: str, replicas: int = 1, wait: int = 120) -> str:
+    r = pool.driver(WHERE_APP.format(name=name, tier=tier, replicas=replicas, wait=wait))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout.strip().split()[-1]
+
+
+def where(pool: PoolUnderTest, name: str) -> dict:  # type: ignore[type-arg]
+    r = httpx.get(f"{pool.info['serve_url']}/{name}", timeout=10)
+    r.raise_for_status()
+    return r.json()  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def members(pool: PoolUnderTest) -> dict[str, object]:
+    """A service donor, a trusted data donor (both pinned by invite), and a donor lying about an H200."""
+    service = pool.join(pool.invite(tier="service"))
+    data = pool.join(pool.invite(tier="data", trusted=True))
+    liar = pool.join(pool.invite(), "--capabilities-file", str(FIXTURES / "h200-16cpu-128g.json"))
+    return {"service": service, "data": data, "liar": liar}
+
+
+def test_donors_join_with_tier_labels(pool: PoolUnderTest, members: dict) -> None:  # type: ignore[type-arg]
+    service, data = members["service"], members["data"]
+    nodes = {n["labels"].get("rma.io/node"): n for n in pool.alive_nodes()}
+    assert nodes[service.worker_id]["labels"]["rma.io/tier"] == "service"
+    assert nodes[service.worker_id]["labels"]["rma.io/trusted"] == "false"
+    assert nodes[service.worker_id]["node_ip"] == service.host.ip
+    assert nodes[data.worker_id]["labels"]["rma.io/tier"] == "data"
+    assert nodes[data.worker_id]["labels"]["rma.io/trusted"] == "true"
+    assert nodes[data.worker_id]["node_ip"] == data.host.ip
+    for d in (service, data):
+        w = pool.worker(d.worker_id)
+        assert w["status"] == "healthy" and w["ray_alive"] is True and w["ray_node_id"] == nodes[d.worker_id]["node_id"]
+    # the cluster token reached the donor as a 0600 file, never on a command line
+    token_file = service.data_dir / "cluster_token"
+    assert oct(token_file.stat().st_mode & 0o777) == "0o600"
+    token = token_file.read_text().strip()
+    for pid in service.pids():
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        assert token not in cmdline
+
+
+def test_lying_donor_is_quarantined(pool: PoolUnderTest, members: dict) -> None:  # type: ignore[type-arg]
+    liar = members["liar"]
+    reg = pool.admin("GET", "/api/admin/audit", params={"action": "worker.register"}).json()
+    assert any(e["subject"] == liar.worker_id and e["detail"]["tier"] == "gpu" for e in reg)
+
+    def quarantined() -> dict | None:  # type: ignore[type-arg]
+        w = pool.worker(liar.worker_id)
+        return w if w["status"] == "quarantined" else None
+
+    w = wait_for(quarantined, timeout=30, what="the reconciler to quarantine the donor that claimed an H200")
+    assert "0 GPUs" in w["quarantine_reason"] and w["action"] == "drain"
+    # the agent hears "drain" on its next heartbeat
+    wait_for(lambda: "draining" in liar.output(), timeout=20, what="the lying donor's agent to drain")
+
+
+def test_serve_deployment_lands_on_its_tier(pool: PoolUnderTest, members: dict) -> None:  # type: ignore[type-arg]
+    assert deploy(pool, "where-service", "service") == "RUNNING"
+    seen = where(pool, "where-service")
+    assert seen["labels"]["rma.io/tier"] == "service"
+    assert seen["labels"]["rma.io/node"] == members["service"].worker_id
+    assert deploy(pool, "where-data", "data") == "RUNNING"
+    assert where(pool, "where-data")["labels"]["rma.io/node"] == members["data"].worker_id
+
+
+def test_pending_replicas_become_demand(pool: PoolUnderTest, members: dict) -> None:  # type: ignore[type-arg]
+    # no honest GPU donor is in the pool: a gpu-tier replica waits, and shows as gpu demand
+    deploy(pool, "where-gpu", "gpu", wait=0)
+    wait_for(lambda: pool.admin("GET", "/api/admin/stats").json()["tiers"]["gpu"]["demand"] >= 1, timeout=30,
+             what="gpu demand to be reported")
+    r = pool.driver('import ray; from ray import serve; ray.init(address="auto", namespace="rma"); '
+                    'serve.delete("where-gpu")')
+    assert r.returncode == 0, r.stderr[-2000:]
+    wait_for(lambda: pool.admin("GET", "/api/admin/stats").json()["tiers"]["gpu"]["demand"] == 0, timeout=30,
+             what="gpu demand to clear")
+
+
+def _rma_join(pool: PoolUnderTest, token: str) -> subprocess.CompletedProcess[str]:
+    host = pool.free_hosts[0]  # not consumed: a refused join starts nothing
+    d = pool.root / f"refused-{time.monotonic_ns()}"
+    return host.run([__import__("sys").executable, "-m", "rma_ray.cli", "join", pool.url],
+                    check=False, timeout=60, env={**__import__("os").environ, "RMA_JOIN_TOKEN": token,
+                                                  "RMA_DATA_DIR": str(d), "HOME": str(d), "COLUMNS": "200"})
+
+
+def test_bad_tokens_are_refused_and_start_nothing(pool: PoolUnderTest, members: dict) -> None:  # type: ignore[type-arg]
+    before = len(pool.alive_nodes())
+    used = pool.invite()
+    assert _rma_join(pool, "rma_join_nonsense").returncode == 1
+    # use up a token through the API, then present it again
+    httpx.post(pool.url + "/api/worker/register", headers={"Authorization": f"Bearer {used}"},
+               json={"name": "x", "capabilities": {"cpu_cores": 4, "ram_mb": 16000, "disk_free_gb": 100}})
+    revoked = pool.invite()
+    inv_id = revoked.split("_")[2]
+    pool.admin("POST", f"/api/invites/{inv_id}/revoke")
+    expired = pool.invite(ttl_s=10)
+    expiry = datetime.now(UTC) + timedelta(seconds=11)
+    cases = {"rma_join_" + "0" * 12 + "_" + "0" * 64: "unknown join token", used: "already used",
+             revoked: "was revoked"}
+    for token, message in cases.items():
+        r = _rma_join(pool, token)
+        assert r.returncode == 1, r.stdout
+        assert message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    wait_for(lambda: datetime.now(UTC) > expiry, timeout=20, what="the invite to expire")
+    r = _rma_join(pool, expired)
+    assert r.returncode == 1 and "expired at" in r.stderr
+    r = _rma_join(pool, "garbage")
+    assert r.returncode == 1 and "not an RMA join credential" in r.stderr
+    assert len(pool.alive_nodes()) == before
+
+
+def test_sigkill_and_sigstop_go_offline_within_10s(pool: PoolUnderTest) -> None:
+    killed = pool.join(pool.invite(tier="service"))
+    stopped = pool.join(pool.invite(tier="service"))
+    t0 = time.monotonic()
+    for pid in killed.pids():
+        subprocess.run(["kill", "-KILL", str(pid)], check=False)
+    for pid in stopped.pids():
+        subprocess.run(["kill", "-STOP", str(pid)], check=False)
+    try:
+        wait_for(lambda: pool.worker(killed.worker_id)["status"] == "offline", timeout=10,
+                 what="SIGKILLed donor offline")
+        wait_for(lambda: pool.worker(stopped.worker_id)["status"] == "offline", timeout=max(1, 10 - (time.monotonic() - t0)),
+                 what="SIGSTOPped donor offline")
+    finally:
+        for pid in stopped.pids():
+            subprocess.run(["kill", "-KILL", str(pid)], check=False)
+            subprocess.run(["kill", "-CONT", str(pid)], check=False)
+
+
+def test_revoke_under_load_keeps_serving(pool: PoolUnderTest, members: dict) -> None:  # type: ignore[type-arg]
+    second = pool.join(pool.invite(tier="service"))
+    assert deploy(pool, "where-load", "service", replicas=2) == "RUNNING"
+    nodes = set()
+    wait_for(lambda: nodes.add(where(pool, "where-load")["labels"]["rma.io/node"]) or len(nodes) == 2, timeout=30,
+             what="replicas on both service donors")
+    ok, failed, stop = [0], [0], threading.Event()
+
+    def load() -> None:
+        with httpx.Client(timeout=10) as http:
+            while not stop.is_set():
+                try:
+                    r = http.get(f"{pool.info['serve_url']}/where-load")
+                    (ok if r.status_code == 200 else failed)[0] += 1
+                except httpx.HTTPError:
+                    failed[0] += 1
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        wait_for(lambda: ok[0] > 20, timeout=30, what="load to flow")
+        r = pool.admin("POST", f"/api/admin/workers/{second.worker_id}/revoke")
+        assert r.status_code == 200 and r.json()["status"] == "revoked"
+        revoked_at = ok[0]
+        # its agent hears 401 worker_revoked, stops its Ray node and exits
+        wait_for(lambda: second.proc.poll() is not None, timeout=60, what="the revoked donor's agent to exit")
+        assert "revoked by the pool admin" in second.output()
+        wait_for(lambda: not any(n["labels"].get("rma.io/node") == second.worker_id for n in pool.alive_nodes()),
+                 timeout=30, what="the revoked node to leave Ray")
+        wait_for(lambda: ok[0] > revoked_at + 50, timeout=60, what="requests served after the revocation")
+        # every replica now runs on the remaining service donor
+        for _ in range(10):
+            assert where(pool, "where-load")["labels"]["rma.io/node"] == members["service"].worker_id
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(15)
+    assert failed[0] <= max(5, 0.05 * ok[0]), f"{failed[0]} failed of {ok[0] + failed[0]}"
+    assert second.pids() == [], "the revoked donor left processes behind"
+    # its credential is dead: it cannot rejoin with it
+    m = json.loads((second.data_dir / "membership.json").read_text()) if (second.data_dir / "membership.json").exists() else None
+    assert m is None
+
+
+def test_ctrl_c_drains_unregisters_and_leaves_nothing(pool: PoolUnderTest) -> None:
+    donor = pool.join(pool.invite(tier="service"))
+    donor.proc.send_signal(signal.SIGINT)
+    donor.proc.wait(60)
+    assert donor.proc.returncode == 0, donor.output()
+    assert pool.worker(donor.worker_id)["status"] == "left"
+    assert donor.pids() == []
+    assert not (donor.data_dir / "membership.json").exists()
+    wait_for(lambda: not any(n["labels"].get("rma.io/node") == donor.worker_id for n in pool.alive_nodes()),
+             timeout=30, what="the node to leave Ray")
