@@ -82,6 +82,7 @@ class HeartbeatRequest(BaseModel):
 
 class HeartbeatResponse(BaseModel):
     action: Action
+    cluster: str = Field(default="", description="fingerprint of the cluster token; changes on rotation")
 
 
 class WorkerOut(BaseModel):

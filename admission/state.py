@@ -5,6 +5,7 @@ the metrics. The coordinator is one process by design (a free-tier host); all wr
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -100,3 +101,11 @@ class AppState:
     nodes_lock: threading.Lock = field(default_factory=threading.Lock)
     metrics: Metrics = field(default_factory=Metrics)
     reconciler: Any = None  # admission.services.reconcile.Reconciler when a Ray head is wired
+    _epoch: tuple[float, str] = (0.0, "")
+
+    def cluster_epoch(self) -> str:
+        """The cluster token's fingerprint, re-read at most once a second (heartbeats carry it)."""
+        now = time.monotonic()
+        if now - self._epoch[0] > 1.0:
+            self._epoch = (now, self.settings.cluster_epoch())
+        return self._epoch[1]

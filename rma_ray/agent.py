@@ -21,7 +21,6 @@ from rma_ray.capabilities import Capabilities
 from rma_ray.client import AdmissionClient, AdmissionError
 from rma_ray.membership import Membership
 from rma_ray.raynode import NodeSpec, NodeStartError, RayNode, drain_node, short_temp_dir
-from rma_ray.tiers import LABEL_NODE
 
 MB = 1024 * 1024
 
@@ -57,6 +56,12 @@ def local_ip_towards(url_or_host: str) -> str:
 
 
 Say = Callable[[str], None]
+
+
+def epoch_of(token: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(token.encode()).hexdigest()[:12] if token else ""
 
 
 class Agent:
@@ -95,7 +100,8 @@ class Agent:
         m = Membership(coordinator_url=opts.coordinator_url, worker_id=reg["worker_id"], node_token=reg["node_token"],
                        tier=reg["tier"], labels=reg["labels"], trusted=reg["trusted"],
                        heartbeat_interval_s=reg["heartbeat_interval_s"], ray_address=address, node_ip=node_ip,
-                       agent_pid=os.getpid(), agent_started=psutil.Process().create_time())
+                       agent_pid=os.getpid(), agent_started=psutil.Process().create_time(),
+                       extra={"cluster": epoch_of(reg["ray"]["auth_token"] or "")})
         membership.save(opts.data_dir, m)
         spec = NodeSpec(node_ip=node_ip, token_file=token_file, temp_dir=short_temp_dir(reg["worker_id"]),
                         labels=reg["labels"], address=address, num_cpus=opts.cpus, num_gpus=opts.gpus,
@@ -113,7 +119,7 @@ class Agent:
     def start_node(self, timeout: float) -> None:
         self.say(f"starting the Ray node on {self.m.node_ip} (head {self.m.ray_address}) …")
         self.node.start()
-        node_id = self.node.wait_registered(self.m.ray_address or "", (LABEL_NODE, self.m.worker_id), timeout)
+        node_id = self.node.wait_started(timeout)
         self.m.ray_pid, self.m.ray_node_id = self.node.pid, node_id
         membership.save(self.data_dir, self.m)
         self.say(f"Ray node {node_id[:12]} is up with labels "
@@ -135,7 +141,35 @@ class Agent:
         status = "draining" if self.drained else "healthy" if self.node.running() else "degraded"
         reply = self.client.heartbeat(self.m.node_token, status=status, current_load=round(load, 3),
                                       available_memory_mb=vm.available // MB, ray_node_id=self.m.ray_node_id)
+        epoch = reply.get("cluster") or ""
+        if epoch and epoch != self.m.extra.get("cluster"):
+            self.say("the pool rotated its cluster token: rejoining the new cluster")
+            self.rejoin_cluster()
         return str(reply.get("action", "none"))
+
+    def refresh_ray(self) -> bool:
+        """Fetch the head's address and current cluster token with this donor's node token."""
+        try:
+            info = self.client.request("GET", "/api/worker/ray", token=self.m.node_token)
+        except AdmissionError as exc:
+            self.say(f"[yellow]could not fetch the cluster token:[/] {exc}")
+            return False
+        token = info.get("auth_token") or ""
+        membership.write_private(self.node.spec.token_file, token + "\n")
+        self.m.ray_address, self.m.extra["cluster"] = info["address"], epoch_of(token)
+        self.node.spec.address = info["address"]
+        membership.save(self.data_dir, self.m)
+        return True
+
+    def rejoin_cluster(self) -> None:
+        if not self.refresh_ray():
+            return
+        self.node.stop(timeout=10)  # the old cluster is gone: nothing to drain
+        try:
+            self.start_node(120)
+            self.drained = False
+        except NodeStartError as exc:
+            self.say(f"[yellow]rejoin failed:[/] {exc}; will retry")
 
     def run(self) -> int:
         """Heartbeat until told to leave, revoked, or interrupted. Returns the process exit code."""
@@ -146,7 +180,7 @@ class Agent:
             self.node.track()
             if not self.node.running():
                 failure = self.node.failure()
-                if failure and "refused the cluster token" in failure:
+                if failure and "refused the cluster token" in failure and not self.refresh_ray():
                     self.say(f"[red]{failure}[/]; leaving")
                     code = 1
                     break

@@ -280,10 +280,7 @@ def up(
     from rma_ray.agent import local_ip_towards
     from rma_ray.head import Pool, UpError, UpOptions
 
-    from rma_ray.raynode import use_token_auth
-
     ip = node_ip_address or local_ip_towards("192.0.2.1")
-    use_token_auth(_data_dir(data_dir) / "cluster_token")
     opts = UpOptions(data_dir=_data_dir(data_dir), node_ip=ip, coordinator_host=coordinator_host or ip,
                      coordinator_port=coordinator_port, gcs_port=gcs_port, dashboard_port=dashboard_port,
                      serve_port=serve_port, head_cpus=head_cpus, heartbeat_interval_s=heartbeat_interval)
@@ -296,6 +293,7 @@ def up(
 
     _signal.signal(_signal.SIGINT, stop)
     _signal.signal(_signal.SIGTERM, stop)
+    _signal.signal(_signal.SIGHUP, lambda *_: pool.rotate_event.set())
     try:
         info = pool.up()
     except UpError as exc:
@@ -325,6 +323,18 @@ def down(data_dir: DataDirOpt = None) -> None:
 
     try:
         out.print(signal_down(_data_dir(data_dir)))
+    except UpError as exc:
+        fail(str(exc))
+
+
+@app.command("rotate-cluster-token")
+def rotate_cluster_token(data_dir: DataDirOpt = None) -> None:
+    """Give the pool a new Ray cluster token: the head restarts with it, live donors fetch it with their node
+    token and rejoin, revoked donors are locked out (their copy of the old token is worthless)."""
+    from rma_ray.head import UpError, signal_rotate
+
+    try:
+        out.print(signal_rotate(_data_dir(data_dir)))
     except UpError as exc:
         fail(str(exc))
 
@@ -372,9 +382,6 @@ def join(
         except ValidationError:
             fail(f"cannot read the memory size {memory!r}; use e.g. 8GB or 512MiB")
     d = _data_dir(data_dir)
-    from rma_ray.raynode import use_token_auth
-
-    use_token_auth(d / "cluster_token")
     caps = _read_caps_file(capabilities_file) if capabilities_file else capabilities.probe(d if d.exists() else "/")
     import socket as _socket
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -84,6 +86,7 @@ class Pool:
     def __init__(self, opts: UpOptions, say: Any) -> None:
         self.o, self.say = opts, say
         self.stop_event = threading.Event()
+        self.rotate_event = threading.Event()
         self.token_file = opts.data_dir / "cluster_token"
         self.logs = opts.data_dir / "logs"
         self.head: RayNode | None = None
@@ -100,16 +103,21 @@ class Pool:
                 raise UpError(f"port {port} on {host} for the {what} is already in use{hint}")
 
     def start_head(self) -> None:
+        # A fresh temp dir per start: `ray start --head` refuses to start where its temp dir says a cluster ran
+        # and any process on the machine still names that GCS address (a donor on the same box, in tests).
+        old_temp = self.head.spec.temp_dir if self.head else None
         spec = NodeSpec(node_ip=self.o.node_ip, token_file=self.token_file, head=True,
-                        temp_dir=short_temp_dir("head-" + credentials.hash_secret(str(self.o.data_dir))[:8]),
+                        temp_dir=short_temp_dir("head-" + secrets.token_hex(4)),
                         labels={LABEL_TIER: "head"}, gcs_port=self.o.gcs_port, dashboard_port=self.o.dashboard_port,
                         num_cpus=self.o.head_cpus, drain_timeout_s=5,
                         env={**(FAST_HEALTH_CHECKS if self.o.fast_health_checks else {}), **self.o.extra_env})
+        if old_temp is not None:
+            shutil.rmtree(old_temp, ignore_errors=True)
         self.head = RayNode(spec, self.logs / "ray-head.log")
         self.say(f"starting the Ray head on {self.o.gcs_address} (token auth) …")
         self.head.start()
         try:
-            self.head.wait_registered(self.o.gcs_address, None, 120)
+            self.head.wait_started(120)
         except NodeStartError as exc:
             self.head.kill()
             raise UpError(f"the Ray head did not start: {exc}") from None
@@ -194,9 +202,33 @@ class Pool:
         write_private(pool_file(self.o.data_dir), json.dumps(info, indent=2))
         return info
 
+    def rotate(self) -> None:
+        """A new cluster token: restart the Ray head with it. Live donors learn of it from their heartbeat
+        reply and fetch it with their node token; revoked donors cannot, so the old token is worthless.
+        Serve's state lives in the head's GCS and starts again empty."""
+        self.say("rotating the cluster token: stopping Serve and the Ray head …")
+        subprocess.run([sys.executable, "-m", "rma_ray.serve_admin", "shutdown", "--address", self.o.gcs_address],
+                       env=ray_env(self.token_file), capture_output=True, timeout=60, check=False)
+        if self.head is not None:
+            self.head.stop(timeout=30)
+        write_private(self.token_file, secrets.token_hex(32) + "\n")
+        self.start_head()
+        self.start_serve()
+        info = read_pool(self.o.data_dir)
+        info.update(head_pid=self.head.pid if self.head else None, cluster_token_rotated_at=time.time())
+        write_private(pool_file(self.o.data_dir), json.dumps(info, indent=2))
+        self.say("[green]cluster token rotated[/]; live donors rejoin on their next heartbeat")
+
     def supervise(self) -> None:
         """Restart the coordinator if it dies; the head's death ends the pool (donors would have to rejoin)."""
         while not self.stop_event.wait(2):
+            if self.rotate_event.is_set():
+                self.rotate_event.clear()
+                try:
+                    self.rotate()
+                except (UpError, OSError, subprocess.SubprocessError) as exc:
+                    self.say(f"[red]rotation failed:[/] {exc}")
+                    break
             if self.head is not None:
                 self.head.track()
                 if not self.head.running():
@@ -221,11 +253,30 @@ class Pool:
                            env=ray_env(self.token_file), capture_output=True, timeout=90, check=False)
         if self.head is not None:
             self.head.stop(timeout=30)
+            shutil.rmtree(self.head.spec.temp_dir, ignore_errors=True)
         info = read_pool(self.o.data_dir)
         for key in ("supervisor_pid", "head_pid", "coordinator_pid"):
             info.pop(key, None)
         if info:
             write_private(pool_file(self.o.data_dir), json.dumps(info, indent=2))
+
+
+def signal_rotate(data_dir: Path, timeout: float = 240) -> str:
+    """`rma rotate-cluster-token`: SIGHUP the supervisor and wait until it has restarted the head."""
+    info = read_pool(data_dir)
+    pid = info.get("supervisor_pid")
+    if not pid or not psutil.pid_exists(pid):
+        raise UpError(f"no pool is running from {data_dir}")
+    before = info.get("cluster_token_rotated_at")
+    os.kill(pid, signal.SIGHUP)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if read_pool(data_dir).get("cluster_token_rotated_at") != before:
+            return "cluster token rotated; the Ray head restarted with it, live donors rejoin on their next heartbeat"
+        if not psutil.pid_exists(pid):
+            raise UpError("the pool supervisor stopped during the rotation; see its logs")
+        time.sleep(0.5)
+    raise UpError(f"the rotation did not finish within {timeout:.0f} s")
 
 
 def signal_down(data_dir: Path, timeout: float = 120) -> str:

@@ -18,7 +18,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import psutil
 
@@ -46,15 +45,6 @@ def ray_env(token_file: Path, extra: dict[str, str] | None = None) -> dict[str, 
     env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file), "RAY_USAGE_STATS_ENABLED": "0"})
     env.update(extra or {})
     return env
-
-
-def use_token_auth(token_file: Path) -> None:
-    """Make this process a token-auth Ray client. Ray reads these once, when it is first imported, so the
-    CLI calls this before anything imports ray; a later call with another token file is refused."""
-    current = os.environ.get("RAY_AUTH_TOKEN_PATH")
-    if "ray" in sys.modules and current != str(token_file):
-        raise RuntimeError("Ray was imported before token auth was configured for this process")
-    os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)})
 
 
 def format_labels(labels: dict[str, str]) -> str:
@@ -114,6 +104,7 @@ class RayNode:
         self.spec, self.log_path = spec, log_path
         self.proc: subprocess.Popen[bytes] | None = None
         self._seen: dict[int, float] = {}  # pid -> create_time of every descendant seen, to stop orphans too
+        self._log_offset = 0  # failure() reads only what this start wrote
 
     @property
     def pid(self) -> int | None:
@@ -125,6 +116,7 @@ class RayNode:
         env = ray_env(self.spec.token_file, {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": str(self.spec.drain_timeout_s),
                                              **self.spec.env})
         log = open(self.log_path, "ab")
+        self._log_offset = log.tell()
         self.proc = subprocess.Popen(self.spec.argv(), stdout=log, stderr=subprocess.STDOUT, env=env,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
         log.close()
@@ -147,7 +139,9 @@ class RayNode:
     def failure(self) -> str | None:
         """Why the node failed, as one line, read from its log; None when nothing known went wrong."""
         try:
-            text = self.log_path.read_text(errors="replace")[-20000:]
+            with open(self.log_path, "rb") as f:
+                f.seek(self._log_offset)
+                text = f.read()[-20000:].decode(errors="replace")
         except OSError:
             return None
         for pattern, message in _FAILURES:
@@ -155,13 +149,12 @@ class RayNode:
                 return message.format(address=self.spec.address)
         return None
 
-    def wait_registered(self, gcs_address: str, node_label: tuple[str, str] | None, timeout: float) -> str:
-        """Wait until the node is ALIVE in the GCS (matched by label, or as head); return its node id."""
-        use_token_auth(self.spec.token_file)
-        from ray._raylet import GcsClient
-
+    def wait_started(self, timeout: float) -> str:
+        """Wait until `ray start` reports the node up; return its node id (read from the raylet's own command
+        line). No GCS client in this process: Ray caches the cluster token per process, and a rotated token
+        must reach the next `ray start` from the file alone."""
         deadline = time.monotonic() + timeout
-        client: Any = None
+        offset = self._log_offset
         while time.monotonic() < deadline:
             if not self.running():
                 raise NodeStartError(self.failure() or f"ray start exited with code {self.proc.returncode}; "  # type: ignore[union-attr]
@@ -170,18 +163,33 @@ class RayNode:
             known = self.failure()
             if known and "refused the cluster token" in known:
                 raise NodeStartError(known)
-            try:
-                client = client or GcsClient(address=gcs_address)
-                for node_id, info in client.get_all_node_info(timeout=5).items():
-                    if info.state != 0:
-                        continue
-                    if (node_label is None and info.is_head_node) or (
-                            node_label is not None and info.labels.get(node_label[0]) == node_label[1]):
-                        return node_id.hex()  # type: ignore[no-any-return]
-            except Exception:  # GCS not up yet, or unreachable: keep waiting until the deadline
-                client = None
-            time.sleep(0.5)
+            if self._started_since(offset):
+                node_id = self.raylet_node_id()
+                if node_id:
+                    return node_id
+            time.sleep(0.3)
         raise NodeStartError(self.failure() or f"the Ray node did not come up within {timeout:.0f} s; see {self.log_path}")
+
+    def _started_since(self, offset: int) -> bool:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(offset)
+                return b"Ray runtime started" in f.read()
+        except OSError:
+            return False
+
+    def raylet_node_id(self) -> str | None:
+        if not self.running():
+            return None
+        try:
+            for p in psutil.Process(self.proc.pid).children(recursive=True):  # type: ignore[union-attr]
+                if p.name() == "raylet":
+                    for arg in p.cmdline():
+                        if arg.startswith("--node_id="):
+                            return arg.split("=", 1)[1]
+        except psutil.Error:
+            return None
+        return None
 
     def stop(self, timeout: float | None = None) -> None:
         """SIGTERM (Ray drains, then stops its processes); after `timeout`, SIGKILL whatever of ours is left."""
@@ -228,12 +236,10 @@ class RayNode:
 
 
 def drain_node(gcs_address: str, token_file: Path, node_id: str, message: str, deadline_s: float = 60.0) -> bool:
-    """Ask the GCS to drain a node (no new work; Serve moves its replicas). Returns whether it was accepted."""
-    use_token_auth(token_file)
-    from ray._raylet import GcsClient
-    from ray.core.generated import autoscaler_pb2
-
-    client = GcsClient(address=gcs_address)
-    accepted, _ = client.drain_node(node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
-                                    message, int(time.time() * 1000 + deadline_s * 1000))
-    return bool(accepted)
+    """Ask the GCS to drain a node (no new work; Serve moves its replicas off it). Runs Ray's own
+    `ray drain-node` in a child process, which reads the current cluster token from its file."""
+    r = subprocess.run([ray_executable(), "drain-node", "--address", gcs_address, "--node-id", node_id,
+                        "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", message,
+                        "--deadline-remaining-seconds", str(int(deadline_s))],
+                       env=ray_env(token_file), capture_output=True, text=True, timeout=60)
+    return r.returncode == 0

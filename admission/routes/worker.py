@@ -21,8 +21,16 @@ def register(req: schemas.RegisterRequest, creds: JoinCreds, session: SessionDep
 async def heartbeat(req: schemas.HeartbeatRequest, node: NodeDep, request: Request) -> Response:
     # Answered as a ready Response: FastAPI then skips re-validating the reply, which is a third of the cost
     # of this, the hottest route.
-    action = workers.heartbeat(security.state_of(request), node, req)
-    return Response(b'{"action":"%s"}' % action.encode(), media_type="application/json")
+    state = security.state_of(request)
+    action = workers.heartbeat(state, node, req)
+    return Response(b'{"action":"%s","cluster":"%s"}' % (action.encode(), state.cluster_epoch().encode()),
+                    media_type="application/json")
+
+
+@router.get("/ray", response_model=schemas.RayInfo, openapi_extra=security.NODE)
+def ray_info(node: NodeDep, session: SessionDep, state: State) -> schemas.RayInfo:
+    """The head's address and the current cluster token, for a live donor (after a token rotation)."""
+    return workers.ray_info(state, session, node)
 
 
 @router.get("/me", response_model=schemas.WorkerOut, openapi_extra=security.NODE)

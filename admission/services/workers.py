@@ -92,6 +92,15 @@ def heartbeat(state: AppState, node: NodePrincipal, req: schemas.HeartbeatReques
         return state.nodes[node.worker_id].action
 
 
+def ray_info(state: AppState, session: Session, node: NodePrincipal) -> schemas.RayInfo:
+    worker = _get(session, node.worker_id)
+    if worker.quarantine_reason:
+        raise ApiError(403, "quarantined", f"this donor is quarantined: {worker.quarantine_reason}")
+    if not state.settings.ray_address:
+        raise ApiError(409, "no_ray_head", "this coordinator runs without a Ray head")
+    return schemas.RayInfo(address=state.settings.ray_address, auth_token=state.settings.ray_auth_token())
+
+
 def _deactivate(state: AppState, worker_id: str, action: str = "leave") -> None:
     with state.nodes_lock:
         entry = state.nodes.get(worker_id)

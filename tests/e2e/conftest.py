@@ -21,7 +21,7 @@ from tests.e2e.netns import Host, TestBed, available
 from tests.support import wait_for
 
 PY = sys.executable
-N_HOSTS = 7
+N_HOSTS = 8
 
 
 @dataclass
@@ -113,7 +113,7 @@ class PoolUnderTest:
 
 @pytest.fixture(scope="session")
 def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PoolUnderTest]:
-    """A bed of 7 donor hosts and `rma up` on the head (~15 s to start); session-scoped, torn down by PID."""
+    """A bed of 8 donor hosts and `rma up` on the head (~15 s to start); session-scoped, torn down by PID."""
     reason = available()
     if reason:
         pytest.skip(f"network namespaces unavailable: {reason}")

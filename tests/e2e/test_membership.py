@@ -234,3 +234,33 @@ def test_ctrl_c_drains_unregisters_and_leaves_nothing(pool: PoolUnderTest) -> No
     assert not (donor.data_dir / "membership.json").exists()
     wait_for(lambda: not any(n["labels"].get("rma.io/node") == donor.worker_id for n in pool.alive_nodes()),
              timeout=30, what="the node to leave Ray")
+
+
+def test_rotate_cluster_token_readmits_live_donors_and_locks_out_the_old_token(
+        pool: PoolUnderTest, members: dict) -> None:  # type: ignore[type-arg]
+    import os
+    import sys
+
+    service = members["service"]
+    old = pool.root / "old_cluster_token"
+    old.write_text((pool.root / "head" / "cluster_token").read_text())
+    old.chmod(0o600)
+    r = subprocess.run([sys.executable, "-m", "rma_ray.cli", "rotate-cluster-token", "--data-dir",
+                        str(pool.root / "head")], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "COLUMNS": "200"})
+    assert r.returncode == 0, r.stderr
+    assert (pool.root / "head" / "cluster_token").read_text() != old.read_text()
+    # the live donor hears of the rotation in a heartbeat reply, fetches the new token and rejoins
+    wait_for(lambda: any(n["labels"].get("rma.io/node") == service.worker_id for n in pool.alive_nodes()),
+             timeout=120, interval=1, what="the live donor to rejoin the rotated cluster")
+    wait_for(lambda: pool.worker(service.worker_id)["status"] == "healthy", timeout=30, what="healthy again")
+    assert "rejoining the new cluster" in service.output()
+    # someone holding only the old token (a revoked donor) is refused by the new head
+    host = pool.free_hosts[0]
+    out = host.run([str(Path(sys.executable).with_name("ray")), "start", "--address", pool.info["ray_address"],
+                    "--node-ip-address", host.ip, "--temp-dir", f"/tmp/rma-old-{host.name[-6:]}", "--block"],
+                   check=False, timeout=120,
+                   env={**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(old),
+                        "HOME": str(pool.root / "oldhome")})
+    assert out.returncode != 0
+    assert "InvalidAuthToken" in out.stdout + out.stderr

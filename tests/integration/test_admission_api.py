@@ -171,7 +171,7 @@ def test_heartbeat_status_and_actions(coordinator: Coordinator) -> None:
     r = coordinator.http.post("/api/worker/heartbeat", headers=node,
                               json={"status": "healthy", "current_load": 0.3, "available_memory_mb": 12000,
                                     "ray_node_id": "ab12"})
-    assert r.status_code == 200 and r.json() == {"action": "none"}
+    assert r.status_code == 200 and r.json() == {"action": "none", "cluster": ""}
     w = coordinator.admin("GET", f"/api/admin/workers/{reg['worker_id']}").json()
     assert w["status"] == "healthy" and w["current_load"] == 0.3 and w["available_memory_mb"] == 12000
     # written through to the database by the flusher
@@ -182,9 +182,9 @@ def test_heartbeat_status_and_actions(coordinator: Coordinator) -> None:
     wait_for(flushed, timeout=10, what="the heartbeat flush")
 
     assert coordinator.admin("POST", f"/api/admin/workers/{reg['worker_id']}/drain").status_code == 200
-    assert coordinator.http.post("/api/worker/heartbeat", headers=node, json={}).json() == {"action": "drain"}
+    assert coordinator.http.post("/api/worker/heartbeat", headers=node, json={}).json()["action"] == "drain"
     coordinator.admin("POST", f"/api/admin/workers/{reg['worker_id']}/resume")
-    assert coordinator.http.post("/api/worker/heartbeat", headers=node, json={}).json() == {"action": "none"}
+    assert coordinator.http.post("/api/worker/heartbeat", headers=node, json={}).json()["action"] == "none"
 
 
 def test_seed_style_heartbeat(coordinator: Coordinator) -> None:
