@@ -11,7 +11,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 .PHONY: up test system-run system-test venv venv-test bench clean
 
 up: system-run venv
-	$(VENV)/bin/rma admission serve --host $${RMA_HOST:-127.0.0.1} --port $${RMA_PORT:-8470}
+	$(VENV)/bin/rma up $${RMA_NODE_IP:+--node-ip-address $$RMA_NODE_IP}
 
 test: system-test venv-test
 	$(PY) -m pytest -q
