@@ -91,6 +91,8 @@ class Agent:
         say(f"admitted as [bold]{reg['tier']}[/] tier donor {reg['worker_id']} "
             f"({'trusted' if reg['trusted'] else 'untrusted'})")
         if not reg.get("ray"):
+            with AdmissionClient(opts.coordinator_url, timeout=10) as c:
+                c.unregister(reg["node_token"])  # nothing to join: do not leave a registry entry behind
             raise AgentError("the coordinator runs without a Ray head (`rma admission serve` alone); "
                              "ask the admin for a pool started with `rma up`")
         token_file = opts.data_dir / "cluster_token"

@@ -143,7 +143,10 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PoolUnderTest]:
                     d.proc.wait(30)
                 except subprocess.TimeoutExpired:
                     d.proc.kill()
-            proc.send_signal(signal.SIGINT)
+            down = subprocess.run([PY, "-m", "rma_ray.cli", "down"], env=env, capture_output=True, text=True,
+                                  timeout=150)
+            if down.returncode != 0:
+                proc.send_signal(signal.SIGINT)
             try:
                 proc.wait(120)
             except subprocess.TimeoutExpired:

@@ -78,6 +78,16 @@ def test_donors_join_with_tier_labels(pool: PoolUnderTest, members: dict) -> Non
     for d in (service, data):
         w = pool.worker(d.worker_id)
         assert w["status"] == "healthy" and w["ray_alive"] is True and w["ray_node_id"] == nodes[d.worker_id]["node_id"]
+    # `rma status` on the donor shows its membership as the registry sees it
+    import os
+    import sys
+
+    st = service.host.run([sys.executable, "-m", "rma_ray.cli", "status", "--json"], check=False,
+                          env={**os.environ, "RMA_DATA_DIR": str(service.data_dir), "HOME": str(service.data_dir)})
+    assert st.returncode == 0, st.stderr
+    view = json.loads(st.stdout)
+    assert view["worker_id"] == service.worker_id and view["registry_status"] == "healthy"
+    assert view["agent_running"] and view["ray_node_running"] and view["tier"] == "service"
     # the cluster token reached the donor as a 0600 file, never on a command line
     token_file = service.data_dir / "cluster_token"
     assert oct(token_file.stat().st_mode & 0o777) == "0o600"

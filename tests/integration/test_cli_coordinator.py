@@ -121,3 +121,33 @@ def test_no_admin_key_without_a_terminal(served: tuple) -> None:  # type: ignore
 def test_insecure_secret_refused_at_start(tmp_path: Path) -> None:
     r = rma("admission", "serve", "--data-dir", str(tmp_path), env={"RMA_SECRET_KEY": "changeme"})
     assert r.returncode == 1 and "well-known default" in r.stderr and "Traceback" not in r.stderr
+
+
+def _join(url: str, token: str, *extra: str, data_dir: Path) -> subprocess.CompletedProcess[str]:
+    return rma("join", url, *extra, env={"RMA_JOIN_TOKEN": token, "RMA_DATA_DIR": str(data_dir)})
+
+
+def test_join_failures_are_one_line(served: tuple, tmp_path: Path) -> None:  # type: ignore[type-arg]
+    url, _, _, key = served
+    invite = httpx.post(url + "/api/invites", json={"uses": 5}, headers={"Authorization": f"Bearer {key}"}).json()
+    tiny = tmp_path / "tiny.json"
+    tiny.write_text('{"cpu_cores": 1, "ram_mb": 1024, "disk_free_gb": 5}')
+    cases = [
+        (("http://127.0.0.1:1", invite["token"]), (), "cannot reach the coordinator"),
+        (("not-a-url", invite["token"]), (), "must start with http"),
+        ((url, invite["token"]), ("--capabilities-file", str(tiny)), "below every tier's minimum"),
+        ((url, invite["token"]), ("--memory", "lots"), "cannot read the memory size"),
+        # this coordinator runs alone (no Ray head): the donor is told so instead of hanging
+        ((url, invite["token"]), (), "runs without a Ray head"),
+    ]
+    for (u, token), extra, message in cases:
+        r = _join(u, token, *extra, data_dir=tmp_path / "d")
+        assert r.returncode == 1, r.stdout
+        assert message in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    workers = httpx.get(url + "/api/admin/workers", headers={"Authorization": f"Bearer {key}"}).json()
+    assert [w["status"] for w in workers] == ["left"]  # the headless join unregistered itself
+    r = rma("status", env={"RMA_DATA_DIR": str(tmp_path / "d")})
+    assert r.returncode == 1 and "not in a pool" in r.stderr
+    r = rma("leave", env={"RMA_DATA_DIR": str(tmp_path / "d")})
+    assert r.returncode == 1 and "not in a pool" in r.stderr
