@@ -36,14 +36,18 @@ class Base(DeclarativeBase):
     pass
 
 
-class AdminKey(Base):
-    __tablename__ = "admin_keys"
+class _Key:
+    """An API credential: its id, a name for people, the SHA-256 of its secret, and when it died."""
 
     id: Mapped[str] = mapped_column(String(12), primary_key=True)
     name: Mapped[str] = mapped_column(String(100))
     key_hash: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class AdminKey(_Key, Base):
+    __tablename__ = "admin_keys"
 
 
 class Invite(Base):
@@ -88,14 +92,8 @@ class Worker(Base):
     left_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
-class ClientKey(Base):
+class ClientKey(_Key, Base):
     __tablename__ = "client_keys"
-
-    id: Mapped[str] = mapped_column(String(12), primary_key=True)
-    name: Mapped[str] = mapped_column(String(100))
-    key_hash: Mapped[str] = mapped_column(String(64))
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
 class TierDemand(Base):
