@@ -5,6 +5,7 @@ obey drain/leave, restart the node if it dies, and leave cleanly (drain, unregis
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import threading
@@ -247,6 +248,7 @@ class Agent:
     def leave(self) -> None:
         self.say(f"leaving: draining the Ray node (up to {self.node.spec.drain_timeout_s:.0f} s) …")
         self.node.stop()
+        shutil.rmtree(self.node.spec.temp_dir, ignore_errors=True)  # Ray's sockets and session logs
         if self.unregister_on_exit:
             self.unregister()
         membership.clear(self.data_dir)

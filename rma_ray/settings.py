@@ -48,6 +48,15 @@ class Settings(BaseSettings):
     ray_dashboard_url: str | None = None
     reconcile_interval_s: float = Field(default=2.0, gt=0, le=600)
 
+    # data stores on this node (root: a system path the stores' own users, e.g. `postgres`, can traverse)
+    stores_dir: Path | None = None
+
+    @property
+    def resolved_stores_dir(self) -> Path:
+        if self.stores_dir is not None:
+            return self.stores_dir
+        return Path("/var/lib/rma/stores") if os.geteuid() == 0 else self.data_dir / "stores"
+
     # client side (CLI, agent)
     coordinator_url: str = "http://127.0.0.1:8470"
 

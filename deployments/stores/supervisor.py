@@ -1,0 +1,137 @@
+"""The supervisor actor: one per store, detached and named `rma-store-<store>` in namespace `rma`, restarted by
+Ray forever (`max_restarts=-1`), placed only on trusted data-tier nodes by label selector. It starts (or adopts)
+the store, checks readiness with a real query, restarts the store if it dies, and answers `endpoint()` for the
+services and `status()` for the registry."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from deployments.stores.kinds import KINDS, Endpoint, credentials, dir_size
+from deployments.stores.runtime import ProcessRuntime, StoreError
+from rma_ray.settings import Settings
+from rma_ray.tiers import LABEL_TIER, LABEL_TRUSTED
+
+NAMESPACE = "rma"
+TRUSTED_DATA = {LABEL_TIER: "data", LABEL_TRUSTED: "true"}
+
+
+def actor_name(store: str) -> str:
+    return f"rma-store-{store}"
+
+
+class StoreSupervisor:
+    def __init__(self, store: str, runtime: str = "process", port: int | None = None,
+                 data_dir: str | None = None) -> None:
+        import ray
+
+        if store not in KINDS:
+            raise ValueError(f"unknown store {store!r}; known: {', '.join(KINDS)}")
+        if runtime != "process":
+            raise ValueError(f"runtime {runtime!r} is not available in this build; use 'process'")
+        self.kind = KINDS[store]
+        ctx = ray.get_runtime_context()
+        self.node_id, self.labels = ctx.get_node_id(), ctx.get_node_labels()
+        self.host = ray.util.get_node_ip_address()
+        root = Path(data_dir) if data_dir else Settings().resolved_stores_dir
+        self.volume = root / store
+        self.volume.mkdir(parents=True, exist_ok=True)
+        self.port = port or self.kind.default_port
+        self.creds = credentials(self.volume)
+        self.runtime = ProcessRuntime(self.kind, self.volume, self.host, self.port, self.creds)
+        self.state, self.error, self.restarts = "starting", None, 0
+        self.ready_s: float | None = None
+        self.adopted = False
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._supervise, daemon=True)
+        self._thread.start()
+
+    def _endpoint(self) -> Endpoint:
+        return self.kind.endpoint(self.host, self.port, self.creds)  # type: ignore[no-any-return]
+
+    def _bring_up(self) -> None:
+        t0 = time.monotonic()
+        self.adopted = self.runtime.adopt()
+        if not self.adopted:
+            self.runtime.start()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if not self.runtime.alive():
+                raise StoreError(f"{self.kind.name} exited while starting; see {self.volume}/{self.kind.name}.log")
+            try:
+                if self.kind.ready(self._endpoint()):
+                    self.ready_s = time.monotonic() - t0
+                    self.state, self.error = "ready", None
+                    self._ready.set()
+                    return
+            except Exception:  # not accepting queries yet
+                pass
+            time.sleep(0.2)
+        raise StoreError(f"{self.kind.name} did not answer a query within 120 s")
+
+    def _supervise(self) -> None:
+        delay = 1.0
+        while not self._stop.is_set():
+            if self.state != "ready":
+                try:
+                    self._bring_up()
+                    delay = 1.0
+                except StoreError as exc:
+                    self.state, self.error = "failed", str(exc)
+                    self.runtime.stop(5)
+                    self._stop.wait(delay)
+                    delay = min(60.0, delay * 2)
+                    continue
+            if not self.runtime.alive():
+                self.state, self.error = "restarting", f"{self.kind.name} process exited"
+                self._ready.clear()
+                self.restarts += 1
+                continue
+            self._stop.wait(1.0)
+
+    # -- the actor's API ---------------------------------------------------------------------------------
+
+    def endpoint(self, timeout: float = 120.0) -> dict[str, Any]:
+        """Host, port and credentials, once the store answers queries (raises with the reason otherwise)."""
+        if not self._ready.wait(timeout):
+            raise StoreError(self.error or f"{self.kind.name} is not ready yet")
+        return self._endpoint().__dict__.copy()
+
+    def status(self) -> dict[str, Any]:
+        return {"name": self.kind.name, "runtime": self.runtime.name, "node_id": self.node_id,
+                "node_ip": self.host, "labels": self.labels, "status": self.state, "error": self.error,
+                "pid": self.runtime.pid, "port": self.port, "size_bytes": dir_size(self.volume),
+                "ready_s": self.ready_s, "restarts": self.restarts, "adopted": self.adopted,
+                "supervisor_pid": os.getpid()}
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.runtime.stop()
+        self.state = "stopped"
+
+
+def ensure(store: str, runtime: str = "process", selector: dict[str, str] | None = None, port: int | None = None,
+           data_dir: str | None = None) -> Any:
+    """Get or create the store's supervisor (a Ray driver must be connected)."""
+    import ray
+
+    try:
+        return ray.get_actor(actor_name(store), namespace=NAMESPACE)
+    except ValueError:
+        pass
+    cls = ray.remote(StoreSupervisor)
+    return cls.options(name=actor_name(store), namespace=NAMESPACE, lifetime="detached", max_restarts=-1,
+                       max_concurrency=8, num_cpus=0, label_selector=selector or TRUSTED_DATA,
+                       get_if_exists=True).remote(store, runtime, port, data_dir)
+
+
+def endpoint(store: str, timeout: float = 120.0) -> Endpoint:
+    import ray
+
+    actor = ray.get_actor(actor_name(store), namespace=NAMESPACE)
+    return Endpoint(**ray.get(actor.endpoint.remote(timeout), timeout=timeout + 10))

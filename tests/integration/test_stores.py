@@ -1,0 +1,239 @@
+"""Data stores under their Ray supervisors on a real multi-node Ray cluster (process runtime): placement only on
+trusted data-tier nodes, real readiness, 1,000 acknowledged records that survive the supervisor's death and the
+store process's death. Drivers run as child processes (a Ray client reads its token settings once, at import)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from rma_ray.agent import local_ip_towards
+from rma_ray.raynode import NodeSpec, RayNode, ray_env, short_temp_dir
+from rma_ray.settings import read_or_create_secret
+from tests.support import free_port, wait_for
+
+pytestmark = [pytest.mark.ray]
+STORES = ["redis", "postgres"]
+pytestmark.append(pytest.mark.skipif(not shutil.which("redis-server"), reason="Debian redis-server not installed"))
+
+
+@dataclass
+class Cluster:
+    root: Path
+    token: Path
+    address: str
+    ip: str
+    nodes: dict[str, RayNode]
+    stores: Path  # store volumes: a path the `postgres` user can traverse (pytest's tmp is 0700)
+
+    def driver(self, script: str, timeout: float = 180) -> Any:
+        env = {**ray_env(self.token), "RAY_ADDRESS": self.address, "HOME": str(self.root / "home"),
+               "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+        r = subprocess.run([sys.executable, "-c", "import json, ray\nray.init(logging_level='ERROR')\n"
+                            + textwrap.dedent(script)], env=env, capture_output=True, text=True, timeout=timeout)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    def add_node(self, key: str, labels: dict[str, str]) -> RayNode:
+        spec = NodeSpec(node_ip=self.ip, token_file=self.token, temp_dir=short_temp_dir(f"it-{key}-{os.getpid()}"),
+                        labels=labels, address=self.address, num_cpus=1, drain_timeout_s=2,
+                        env={"RMA_DATA_DIR": str(self.root / key), "RMA_STORES_DIR": str(self.stores / key)})
+        node = RayNode(spec, self.root / f"{key}.log")
+        node.start()
+        node.wait_started(120)
+        self.nodes[key] = node
+        return node
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A Ray head plus an untrusted data node (~20 s); the trusted data node joins in the first test."""
+    root = tmp_path_factory.mktemp("stores")
+    token = root / "cluster_token"
+    read_or_create_secret(token)
+    ip = local_ip_towards("192.0.2.1")
+    port = free_port(ip)
+    head = RayNode(NodeSpec(node_ip=ip, token_file=token, head=True, temp_dir=short_temp_dir(f"it-head-{os.getpid()}"),
+                            labels={"rma.io/tier": "head"}, gcs_port=port, dashboard_port=free_port(ip), num_cpus=1,
+                            drain_timeout_s=2), root / "head.log")
+    head.start()
+    stores = Path(tempfile.mkdtemp(prefix="rma-it-stores-"))
+    stores.chmod(0o755)
+    c = Cluster(root, token, f"{ip}:{port}", ip, {"head": head}, stores)
+    try:
+        head.wait_started(120)
+        c.add_node("untrusted", {"rma.io/tier": "data", "rma.io/trusted": "false", "rma.io/node": "untrusted"})
+        yield c
+    finally:
+        try:
+            c.driver("""
+                for s in %r:
+                    try:
+                        a = ray.get_actor("rma-store-" + s, namespace="rma")
+                        ray.get(a.stop.remote(), timeout=60)
+                        ray.kill(a, no_restart=True)
+                    except Exception:
+                        pass
+                print("{}")
+            """ % STORES, timeout=120)
+        finally:
+            for node in reversed(list(c.nodes.values())):
+                node.stop(timeout=20)
+                shutil.rmtree(node.spec.temp_dir, ignore_errors=True)
+            for pidfile in stores.glob("*/*/.rma-pid.json"):  # a store the supervisor could not stop
+                try:
+                    os.kill(json.loads(pidfile.read_text())["pid"], signal.SIGKILL)
+                except (OSError, ValueError):
+                    pass
+            shutil.rmtree(stores, ignore_errors=True)
+
+
+STATUS = """
+from deployments.stores import supervisor
+a = supervisor.ensure(%(store)r)
+print(json.dumps(ray.get(a.status.remote())))
+"""
+
+
+def actor_state(c: Cluster, store: str) -> str:
+    return c.driver("""
+        from ray.util.state import list_actors
+        found = [a.state for a in list_actors(filters=[("name", "=", "rma-store-%s")])]
+        print(json.dumps(found[-1] if found else "none"))
+    """ % store)
+
+
+def test_stores_wait_for_a_trusted_data_node_and_never_use_an_untrusted_one(cluster: Cluster) -> None:
+    for store in STORES:
+        cluster.driver("""
+            from deployments.stores import supervisor
+            supervisor.ensure(%r)
+            print("{}")
+        """ % store)
+    # only an untrusted data node (and the head) exist: the supervisors wait, they do not settle there
+    for store in STORES:
+        wait_for(lambda s=store: actor_state(cluster, s) == "PENDING_CREATION", timeout=30,
+                 what=f"{store} supervisor pending")
+    cluster.add_node("trusted", {"rma.io/tier": "data", "rma.io/trusted": "true", "rma.io/node": "trusted"})
+    for store in STORES:
+        wait_for(lambda s=store: actor_state(cluster, s) == "ALIVE", timeout=60, what=f"{store} supervisor placed")
+        st = cluster.driver(STATUS % {"store": store})
+        assert st["labels"]["rma.io/trusted"] == "true" and st["labels"]["rma.io/tier"] == "data"
+        assert st["labels"]["rma.io/node"] == "trusted"
+
+
+@pytest.mark.parametrize("store", STORES)
+def test_ready_with_a_real_query_and_credentials_kept_private(cluster: Cluster, store: str) -> None:
+    ep = cluster.driver("""
+        from deployments.stores import supervisor
+        supervisor.ensure(%r)
+        print(json.dumps(supervisor.endpoint(%r).__dict__))
+    """ % (store, store))
+    assert ep["host"] == cluster.ip and ep["password"]
+    st = cluster.driver(STATUS % {"store": store})
+    assert st["status"] == "ready" and st["ready_s"] is not None and st["size_bytes"] > 0
+    creds = cluster.stores / "trusted" / store / ".rma-credentials.json"
+    assert oct(creds.stat().st_mode & 0o777) == "0o600"
+    proc = psutil.Process(st["pid"])
+    assert ep["password"] not in " ".join(proc.cmdline())
+
+
+WRITE = {
+    "redis": """
+        import redis
+        r = redis.Redis(host=ep.host, port=ep.port, password=ep.password)
+        acked = sum(1 for i in range(1000) if r.set(f"rec:{i}", f"value-{i}"))
+    """,
+    "postgres": """
+        import psycopg
+        with psycopg.connect(ep.url(), autocommit=True) as c:
+            c.execute("CREATE TABLE IF NOT EXISTS recs (id int PRIMARY KEY, v text)")
+            acked = 0
+            for i in range(1000):
+                c.execute("INSERT INTO recs VALUES (%s, %s) ON CONFLICT (id) DO UPDATE SET v = EXCLUDED.v",
+                          (i, f"value-{i}"))
+                acked += 1
+    """,
+}
+COUNT = {
+    "redis": """
+        import redis
+        r = redis.Redis(host=ep.host, port=ep.port, password=ep.password)
+        n = sum(1 for i in range(1000) if r.get(f"rec:{i}") == f"value-{i}".encode())
+    """,
+    "postgres": """
+        import psycopg
+        with psycopg.connect(ep.url()) as c:
+            n = c.execute("SELECT count(*) FROM recs WHERE v = 'value-' || id").fetchone()[0]
+    """,
+}
+
+
+def _run(c: Cluster, store: str, body: str, out: str) -> Any:
+    return c.driver("from deployments.stores import supervisor\nsupervisor.ensure(%r)\n"
+                    "ep = supervisor.endpoint(%r)\n" % (store, store) + textwrap.dedent(body)
+                    + f"\nprint(json.dumps({out}))")
+
+
+@pytest.mark.parametrize("store", STORES)
+def test_1000_records_survive_supervisor_and_store_deaths(cluster: Cluster, store: str) -> None:
+    assert _run(cluster, store, WRITE[store], "acked") == 1000
+    before = cluster.driver(STATUS % {"store": store})
+    # 1. the supervisor actor dies (Ray restarts it, and by default kills the dead worker's children too):
+    #    the new supervisor adopts the store if it survived, or restarts it on the same volume
+    cluster.driver("""
+        a = ray.get_actor("rma-store-%s", namespace="rma")
+        ray.kill(a, no_restart=False)
+        print("{}")
+    """ % store)
+    wait_for(lambda: cluster.driver(STATUS % {"store": store})["supervisor_pid"] != before["supervisor_pid"],
+             timeout=60, what="the supervisor to be restarted by Ray")
+    after = wait_for(lambda: (lambda s: s if s["status"] == "ready" else None)(cluster.driver(STATUS % {"store": store})),
+                     timeout=90, what="the store to be ready under the new supervisor")
+    assert after["adopted"] == (after["pid"] == before["pid"])
+    assert _run(cluster, store, COUNT[store], "n") == 1000
+    # 2. the store process itself dies hard: the supervisor restarts it on the same volume
+    os.kill(after["pid"], signal.SIGKILL)
+    wait_for(lambda: (lambda s: s["status"] == "ready" and s["pid"] != after["pid"])(
+        cluster.driver(STATUS % {"store": store})), timeout=90, what="the store to be restarted")
+    assert _run(cluster, store, COUNT[store], "n") == 1000
+
+
+def test_port_taken_is_a_clear_error(cluster: Cluster) -> None:
+    import socket
+
+    holder = socket.socket()
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    port = free_port(cluster.ip)
+    holder.bind((cluster.ip, port))
+    holder.listen()
+    try:
+        st = cluster.driver("""
+            import time
+            from deployments.stores.supervisor import StoreSupervisor, TRUSTED_DATA
+            a = ray.remote(StoreSupervisor).options(num_cpus=0, label_selector=TRUSTED_DATA).remote("redis", "process", %d, "/tmp/rma-it-porttaken")
+            for _ in range(100):
+                st = ray.get(a.status.remote())
+                if st["error"]:
+                    break
+                time.sleep(0.1)
+            ray.kill(a)
+            print(json.dumps(st))
+        """ % port)
+    finally:
+        holder.close()
+        shutil.rmtree("/tmp/rma-it-porttaken", ignore_errors=True)
+    assert st["status"] == "failed" and f"port {port}" in st["error"] and "taken" in st["error"]
