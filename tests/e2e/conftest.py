@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from tests.e2e.netns import Host, TestBed, available
 from tests.support import wait_for
 
 PY = sys.executable
-N_HOSTS = 8
+N_HOSTS = 9
 
 
 @dataclass
@@ -113,7 +114,7 @@ class PoolUnderTest:
 
 @pytest.fixture(scope="session")
 def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PoolUnderTest]:
-    """A bed of 8 donor hosts and `rma up` on the head (~15 s to start); session-scoped, torn down by PID."""
+    """A bed of 9 donor hosts and `rma up` on the head (~15 s to start); session-scoped, torn down by PID."""
     reason = available()
     if reason:
         pytest.skip(f"network namespaces unavailable: {reason}")
@@ -134,8 +135,9 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PoolUnderTest]:
             put = PoolUnderTest(bed, info, root, proc, free_hosts=list(bed.hosts))
             yield put
         finally:
-            # donors first (each leaves cleanly), then the head, which shuts Serve and Ray down
-            live = [d for d in (locals().get("put") or PoolUnderTest(bed, {}, root, proc)).donors if d.proc.poll() is None]
+            # donors first (each leaves cleanly), then the head (`rma down` shuts Serve and Ray down)
+            donors = put.donors if "put" in locals() else []
+            live = [d for d in donors if d.proc.poll() is None]
             for d in live:
                 d.proc.send_signal(signal.SIGTERM)
             for d in live:
@@ -143,6 +145,9 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PoolUnderTest]:
                     d.proc.wait(30)
                 except subprocess.TimeoutExpired:
                     d.proc.kill()
+            for d in donors:  # Ray's temp dirs of donors a test killed (a clean leave removes its own)
+                if d.worker_id:
+                    shutil.rmtree(f"/tmp/rma-{d.worker_id}", ignore_errors=True)
             down = subprocess.run([PY, "-m", "rma_ray.cli", "down"], env=env, capture_output=True, text=True,
                                   timeout=150)
             if down.returncode != 0:

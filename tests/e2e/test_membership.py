@@ -234,6 +234,22 @@ def test_revoke_under_load_keeps_serving(pool: PoolUnderTest, members: dict) -> 
     assert m is None
 
 
+def test_agent_restarts_its_ray_node_when_it_dies(pool: PoolUnderTest) -> None:
+    import psutil
+
+    donor = pool.join(pool.invite(tier="service"))
+    old_node = pool.worker(donor.worker_id)["ray_node_id"]
+    raylets = [p for p in map(psutil.Process, donor.pids()) if p.name() == "raylet"]
+    assert len(raylets) == 1
+    raylets[0].kill()
+    wait_for(lambda: any(n["labels"].get("rma.io/node") == donor.worker_id and n["node_id"] != old_node
+                         for n in pool.alive_nodes()), timeout=90, interval=1,
+             what="the agent to bring up a new Ray node for the same donor")
+    wait_for(lambda: pool.worker(donor.worker_id)["status"] == "healthy", timeout=30, what="healthy again")
+    assert "restarting" in donor.output()
+    assert donor.proc.poll() is None
+
+
 def test_ctrl_c_drains_unregisters_and_leaves_nothing(pool: PoolUnderTest) -> None:
     donor = pool.join(pool.invite(tier="service"))
     donor.proc.send_signal(signal.SIGINT)

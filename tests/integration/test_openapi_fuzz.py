@@ -3,6 +3,8 @@ get a server error, and documented responses must match their schemas. Bounded: 
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from admission.main import build_state, create_app, prepare_database
 from tests.integration.conftest import CPU_BOX, make_settings
 
 _tmp = Path(tempfile.mkdtemp(prefix="rma-fuzz-"))
+atexit.register(shutil.rmtree, _tmp, True)
 _state = build_state(make_settings(f"sqlite:///{_tmp / 'db'}", _tmp))
 _admin = prepare_database(_state)
 _app = create_app(state=_state)
