@@ -6,7 +6,6 @@ from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
@@ -50,14 +49,8 @@ def require_admin(state: State, ip: ClientIp, creds: Annotated[Creds, Depends(_a
 
 
 async def require_node(request: Request, creds: Annotated[Creds, Depends(_node_bearer)]) -> NodePrincipal:
-    # The heartbeat's hot path: async (no thread hop), one dependency (each costs), and only a cache miss
-    # touches the database.
-    state, ip = security.state_of(request), security.client_ip(request)
-    if creds is not None and creds.credentials.startswith("rma_node_"):
-        worker_id = creds.credentials.split("_")[2]
-        if worker_id not in state.nodes:
-            await run_in_threadpool(security.load_node, state, worker_id)
-    return security.authenticate_node(state, ip, creds)
+    # async: no thread hop; only a cache miss touches the database
+    return await security.authenticate_node_async(security.state_of(request), security.client_ip(request), creds)
 
 
 async def join_credentials(state: State, ip: ClientIp, creds: Annotated[Creds, Depends(_join_bearer)]

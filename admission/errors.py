@@ -22,7 +22,7 @@ def body(code: str, message: str) -> dict[str, dict[str, str]]:
     return {"error": {"code": code, "message": message}}
 
 
-def _describe(errors: list[dict]) -> str:  # type: ignore[type-arg]
+def describe(errors: list[dict]) -> str:  # type: ignore[type-arg]
     parts = []
     for e in errors[:5]:
         loc = ".".join(str(p) for p in e.get("loc", ()) if p not in ("body", "query", "path", "header"))
@@ -43,7 +43,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse(body("invalid_request", _describe(list(exc.errors()))), status_code=422)
+        return JSONResponse(body("invalid_request", describe(list(exc.errors()))), status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -106,6 +106,24 @@ def authenticate_node(state: AppState, ip: str, creds: HTTPAuthorizationCredenti
     return NodePrincipal(parsed.id)
 
 
+async def authenticate_node_async(state: AppState, ip: str, creds: HTTPAuthorizationCredentials | None
+                                  ) -> NodePrincipal:
+    """authenticate_node without blocking the event loop: only a cache miss touches the database, in a thread."""
+    from fastapi.concurrency import run_in_threadpool
+
+    if creds is not None and creds.credentials.startswith("rma_node_"):
+        worker_id = creds.credentials.split("_")[2]
+        if worker_id not in state.nodes:
+            await run_in_threadpool(load_node, state, worker_id)
+    return authenticate_node(state, ip, creds)
+
+
+async def authenticate_node_header(state: AppState, ip: str, header: str | None) -> NodePrincipal:
+    scheme, _, value = (header or "").partition(" ")
+    creds = HTTPAuthorizationCredentials(scheme=scheme, credentials=value.strip()) if value else None
+    return await authenticate_node_async(state, ip, creds)
+
+
 def issue_session(state: AppState, admin: AdminPrincipal) -> str:
     now = int(time.time())
     claims = {"sub": admin.key_id, "iat": now, "exp": now + state.settings.session_ttl_s, "aud": "rma-registry"}

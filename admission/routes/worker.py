@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
+from pydantic import ValidationError
 
-from admission import schemas, security
+from admission import errors, schemas, security
+from admission.errors import ApiError
 from admission.deps import ClientIp, JoinCreds, NodeDep, SessionDep, State
 from admission.services import workers
 
@@ -17,11 +19,25 @@ def register(req: schemas.RegisterRequest, creds: JoinCreds, session: SessionDep
     return workers.register(state, session, creds, req, ip)
 
 
-@router.post("/heartbeat", response_model=schemas.HeartbeatResponse, openapi_extra=security.NODE)
-async def heartbeat(req: schemas.HeartbeatRequest, node: NodeDep, request: Request) -> Response:
-    # Answered as a ready Response: FastAPI then skips re-validating the reply, which is a third of the cost
-    # of this, the hottest route.
+_HEARTBEAT_DOC = {
+    **security.NODE,
+    "security": [{"NodeToken": []}],
+    "requestBody": {"required": True, "content": {"application/json": {
+        "schema": schemas.HeartbeatRequest.model_json_schema()}}},
+}
+
+
+@router.post("/heartbeat", response_model=schemas.HeartbeatResponse, openapi_extra=_HEARTBEAT_DOC)
+async def heartbeat(request: Request) -> Response:
+    # The hottest route (every donor, every few seconds) skips FastAPI's dependency and body machinery, which
+    # cost it 40% of its throughput: the same checks, inline. Documented by hand (openapi_extra) to match.
     state = security.state_of(request)
+    node = await security.authenticate_node_header(state, security.client_ip(request),
+                                                   request.headers.get("authorization"))
+    try:
+        req = schemas.HeartbeatRequest.model_validate_json(await request.body() or b"{}")
+    except ValidationError as exc:
+        raise ApiError(422, "invalid_request", errors.describe(list(exc.errors()))) from None
     action = workers.heartbeat(state, node, req)
     return Response(b'{"action":"%s","cluster":"%s"}' % (action.encode(), state.cluster_epoch().encode()),
                     media_type="application/json")

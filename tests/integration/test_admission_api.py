@@ -333,3 +333,14 @@ def test_audit_rows_only_for_committed_changes(coordinator: Coordinator) -> None
         actions = [e.action for e in s.scalars(select(AuditEvent))]
         assert "worker.register" not in actions and "worker.register.refused" in actions
         assert s.scalars(select(Worker)).all() == []
+
+
+def test_bad_heartbeat_bodies_are_422_after_auth(coordinator: Coordinator) -> None:
+    reg = coordinator.join()
+    node = {"Authorization": f"Bearer {reg['node_token']}", "Content-Type": "application/json"}
+    for body in (b'{"current_load": -1}', b"not json", b'{"status": "on fire"}', b"[]"):
+        r = coordinator.http.post("/api/worker/heartbeat", headers=node, content=body)
+        assert r.status_code == 422 and error(r)[0] == "invalid_request", (body, r.text)
+    # without a credential the body is never looked at
+    r = coordinator.http.post("/api/worker/heartbeat", content=b"not json")
+    assert r.status_code == 401
