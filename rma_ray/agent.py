@@ -7,13 +7,11 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 import psutil
 
@@ -21,6 +19,7 @@ from rma_ray import membership
 from rma_ray.capabilities import Capabilities
 from rma_ray.client import AdmissionClient, AdmissionError
 from rma_ray.membership import Membership
+from rma_ray.net import local_ip_towards
 from rma_ray.raynode import NodeSpec, NodeStartError, RayNode, drain_node, short_temp_dir
 
 MB = 1024 * 1024
@@ -43,17 +42,6 @@ class JoinOptions:
     gpus: int | None = None
     drain_deadline_s: float = 30.0
     start_timeout_s: float = 120.0
-
-
-def local_ip_towards(url_or_host: str) -> str:
-    """The address this machine uses to reach the coordinator: what Ray should advertise (no packet is sent)."""
-    host = urlparse(url_or_host).hostname or url_or_host
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect((host, 9))
-            return str(s.getsockname()[0])
-        except OSError:
-            return "127.0.0.1"
 
 
 Say = Callable[[str], None]

@@ -277,7 +277,7 @@ def up(
     data_dir: DataDirOpt = None,
 ) -> None:
     """Start the pool on this machine (Ray head, Serve, coordinator) and supervise it until Ctrl-C."""
-    from rma_ray.agent import local_ip_towards
+    from rma_ray.net import local_ip_towards
     from rma_ray.head import Pool, UpError, UpOptions
 
     ip = node_ip_address or local_ip_towards("192.0.2.1")

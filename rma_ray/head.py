@@ -27,6 +27,7 @@ import psutil
 from rma_ray import credentials
 from rma_ray.client import AdmissionClient
 from rma_ray.membership import write_private
+from rma_ray.net import port_free
 from rma_ray.raynode import FAST_HEALTH_CHECKS, NodeSpec, NodeStartError, RayNode, ray_env, short_temp_dir
 from rma_ray.settings import read_or_create_secret
 from rma_ray.tiers import LABEL_TIER
@@ -70,18 +71,6 @@ def read_pool(data_dir: Path) -> dict[str, Any]:
     return json.loads(p.read_text()) if p.exists() else {}
 
 
-def _port_free(host: str, port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-            return True
-        except OSError:
-            return False
-
-
 class Pool:
     def __init__(self, opts: UpOptions, say: Any) -> None:
         self.o, self.say = opts, say
@@ -98,7 +87,7 @@ class Pool:
                                  ("Ray dashboard", self.o.node_ip, self.o.dashboard_port),
                                  ("coordinator", self.o.coordinator_host, self.o.coordinator_port),
                                  ("Serve", self.o.node_ip, self.o.serve_port)):
-            if not _port_free(host, port):
+            if not port_free(host, port):
                 hint = " (a Redis on this box? use --gcs-port)" if port == 6379 else ""
                 raise UpError(f"port {port} on {host} for the {what} is already in use{hint}")
 

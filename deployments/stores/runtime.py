@@ -9,28 +9,19 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import psutil
 
+from rma_ray.net import port_free
+
 MIN_FREE_BYTES = 200 * 1024 * 1024
 
 
 class StoreError(Exception):
     """A situation the operator must fix, in one line (port taken, disk full, binary missing)."""
-
-
-def port_taken(host: str, port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-            return False
-        except OSError:
-            return True
 
 
 class ProcessRuntime:
@@ -57,7 +48,7 @@ class ProcessRuntime:
     def start(self) -> None:
         if shutil.disk_usage(self.volume).free < MIN_FREE_BYTES:
             raise StoreError(f"disk full: less than {MIN_FREE_BYTES >> 20} MiB free under {self.volume}")
-        if port_taken(self.host, self.port):
+        if not port_free(self.host, self.port):
             raise StoreError(f"port {self.port} on {self.host} is taken by another program; "
                              f"free it or give the {self.kind.name} store another port")
         try:

@@ -20,7 +20,7 @@ from typing import Any
 import psutil
 import pytest
 
-from rma_ray.agent import local_ip_towards
+from rma_ray.net import local_ip_towards
 from rma_ray.raynode import NodeSpec, RayNode, ray_env, short_temp_dir
 from rma_ray.settings import read_or_create_secret
 from tests.support import free_port, wait_for
