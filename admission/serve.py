@@ -10,7 +10,7 @@ from rich.console import Console
 
 from rma_ray.settings import Settings
 
-out = Console()
+out = Console(soft_wrap=True)
 
 
 def serve(host: str, port: int, data_dir: Path | None, forwarded_allow_ips: str, quiet: bool = False) -> None:

@@ -123,8 +123,11 @@ def main() -> None:
     results = {"bare route": run_baseline(args.seconds, args.connections)}
     if args.only in (None, "sqlite"):
         tmp = Path(tempfile.mkdtemp(prefix="rma-bench-db-"))
-        results["sqlite"] = run_case("sqlite", f"sqlite:///{tmp / 'c.db'}", args.donors, args.seconds,
-                                     args.connections)
+        try:
+            results["sqlite"] = run_case("sqlite", f"sqlite:///{tmp / 'c.db'}", args.donors, args.seconds,
+                                         args.connections)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     if args.only in (None, "postgres"):
         with run_postgres() as pg:
             results["postgres"] = run_case("postgres", pg.create_database(), args.donors, args.seconds,

@@ -33,7 +33,7 @@ app.add_typer(invite_app, name="invite")
 app.add_typer(donors_app, name="donors")
 app.add_typer(clients_app, name="clients")
 
-out = Console()
+out = Console(soft_wrap=True)  # never break a token across lines: people copy them
 err = Console(stderr=True, soft_wrap=True)
 
 
