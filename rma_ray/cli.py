@@ -426,14 +426,10 @@ def leave(data_dir: DataDirOpt = None,
         out.print(f"left the pool (donor {m.worker_id})")
         return
     # the agent is gone (killed): unregister and stop what it left behind ourselves
-    from rma_ray.raynode import NodeSpec, RayNode
+    from rma_ray.raynode import stop_process_tree
 
-    if m.ray_pid and psutil.pid_exists(m.ray_pid):
-        node = RayNode(NodeSpec(node_ip=m.node_ip, token_file=d / "cluster_token", temp_dir=d, labels={}), d / "x.log")
-        node.proc = None
-        node._seen = {p.pid: p.create_time() for p in [psutil.Process(m.ray_pid),
-                                                     *psutil.Process(m.ray_pid).children(recursive=True)]}
-        node.kill_leftovers()
+    if m.ray_pid:
+        stop_process_tree(m.ray_pid)
     with AdmissionClient(m.coordinator_url) as client:
         try:
             client.unregister(m.node_token)

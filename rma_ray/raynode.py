@@ -235,6 +235,26 @@ class RayNode:
                 pass
 
 
+def stop_process_tree(pid: int, grace: float = 10.0) -> None:
+    """Stop a `ray start` process left by an agent that died, and everything under it (SIGTERM, then SIGKILL)."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+
+
 def drain_node(gcs_address: str, token_file: Path, node_id: str, message: str, deadline_s: float = 60.0) -> bool:
     """Ask the GCS to drain a node (no new work; Serve moves its replicas off it). Runs Ray's own
     `ray drain-node` in a child process, which reads the current cluster token from its file."""

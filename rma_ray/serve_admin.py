@@ -1,5 +1,5 @@
 """Starting and shutting down Ray Serve on the pool's head, as a short-lived driver process
-(`python -m rma_ray.serve_admin start|shutdown|status`), so that `rma up` itself never becomes a Ray driver.
+(`python -m rma_ray.serve_admin start|shutdown`), so that `rma up` itself never becomes a Ray driver.
 
 The proxy runs on the head only (`proxy_location=HeadOnly`): clients reach Serve there, never on a donor.
 """
@@ -7,13 +7,12 @@ The proxy runs on the head only (`proxy_location=HeadOnly`): clients reach Serve
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m rma_ray.serve_admin")
-    ap.add_argument("action", choices=["start", "shutdown", "status"])
+    ap.add_argument("action", choices=["start", "shutdown"])
     ap.add_argument("--address", required=True, help="GCS address of the head")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
@@ -26,10 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.action == "start":
             serve.start(proxy_location="HeadOnly", http_options={"host": args.host, "port": args.port})
-        elif args.action == "shutdown":
-            serve.shutdown()
         else:
-            print(json.dumps(serve.status().to_dict() if hasattr(serve.status(), "to_dict") else str(serve.status())))
+            serve.shutdown()
     finally:
         ray.shutdown()
     return 0

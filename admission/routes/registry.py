@@ -17,7 +17,7 @@ from admission.errors import ApiError
 from admission.services import stats, workers
 from rma_ray.tiers import MINIMUMS, TIER_ORDER
 
-router = APIRouter(tags=["registry"], include_in_schema=True)
+router = APIRouter(tags=["registry"])
 templates = Jinja2Templates(directory=Path(__file__).resolve().parent.parent / "templates")
 
 
