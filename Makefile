@@ -4,8 +4,8 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-APT_RUN  := python3 python3-venv python3-dev build-essential iproute2
-APT_TEST := $(APT_RUN) postgresql redis-server chromium wrk iptables
+APT_RUN  := python3 python3-venv python3-dev build-essential iproute2 postgresql redis-server wireguard-tools wireguard-go nftables
+APT_TEST := $(APT_RUN) chromium wrk iptables docker.io debootstrap
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: up test system-run system-test venv venv-test bench clean
@@ -28,10 +28,12 @@ $(VENV)/.created:
 	touch $@
 
 venv: $(VENV)/.created
-	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q -e '.[stores,services,overlay]'
+	./scripts/install-llm.sh $(PY)
 
 venv-test: $(VENV)/.created
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,stores,services,overlay]'
+	./scripts/install-llm.sh $(PY)
 
 bench: system-test venv-test
 	$(PY) -m bench.admission_heartbeats
