@@ -149,6 +149,7 @@ class KeyOut(BaseModel):
 class KeyringEntry(BaseModel):
     id: str
     hash: str
+    name: str  # the client the key belongs to: client-scoped routes (client RAG) compare it with the path
 
 
 class KeyringOut(BaseModel):

@@ -96,7 +96,9 @@ class Agent:
         membership.save(opts.data_dir, m)
         spec = NodeSpec(node_ip=node_ip, token_file=token_file, temp_dir=short_temp_dir(reg["worker_id"]),
                         labels=reg["labels"], address=address, num_cpus=opts.cpus, num_gpus=opts.gpus,
-                        memory_bytes=opts.memory_bytes, drain_timeout_s=opts.drain_deadline_s)
+                        memory_bytes=opts.memory_bytes, drain_timeout_s=opts.drain_deadline_s,
+                        # store supervisors and Serve replicas on this node find membership.json through it
+                        env={"RMA_DATA_DIR": str(opts.data_dir)})
         agent = cls(opts.data_dir, m, RayNode(spec, opts.data_dir / "logs" / "ray-node.log"), say)
         try:
             agent.start_node(opts.start_timeout_s)

@@ -31,6 +31,7 @@ class KeyRejected(Exception):
 @dataclass(frozen=True)
 class ClientIdentity:
     key_id: str
+    client: str = ""  # the name the key was created with (`rma clients create <name>`): the client it acts for
 
 
 class ClientKeyVerifier:
@@ -40,6 +41,7 @@ class ClientKeyVerifier:
         self.refresh_s, self.max_stale_s = refresh_s, max_stale_s
         self._clock = clock
         self._hashes: dict[str, str] = {}
+        self._names: dict[str, str] = {}
         self._loaded_at: float | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -56,11 +58,12 @@ class ClientKeyVerifier:
         try:
             ring = self._fetch()
             hashes = {e["id"]: e["hash"] for e in ring["keys"]}
+            names = {e["id"]: e.get("name", "") for e in ring["keys"]}
         except Exception as exc:  # keep the last keyring until it goes stale
             log.warning("client keyring refresh failed: %s", exc)
             return False
         with self._lock:
-            self._hashes, self._loaded_at = hashes, self._clock()
+            self._hashes, self._names, self._loaded_at = hashes, names, self._clock()
         return True
 
     def start(self) -> ClientKeyVerifier:
@@ -85,9 +88,9 @@ class ClientKeyVerifier:
         except MalformedToken as exc:
             raise KeyRejected(401, "invalid_api_key", str(exc)) from None
         with self._lock:
-            loaded_at, stored = self._loaded_at, self._hashes.get(parsed.id)
+            loaded_at, stored, name = self._loaded_at, self._hashes.get(parsed.id), self._names.get(parsed.id, "")
         if loaded_at is None or self._clock() - loaded_at > self.max_stale_s:
             raise KeyRejected(503, "keyring_stale", "API keys cannot be checked right now (coordinator unreachable)")
         if stored is None or not hmac.compare_digest(credentials.hash_secret(parsed.secret), stored):
             raise KeyRejected(401, "invalid_api_key", "unknown or revoked API key")
-        return ClientIdentity(parsed.id)
+        return ClientIdentity(parsed.id, name)

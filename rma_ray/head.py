@@ -99,7 +99,9 @@ class Pool:
                         temp_dir=short_temp_dir("head-" + secrets.token_hex(4)),
                         labels={LABEL_TIER: "head"}, gcs_port=self.o.gcs_port, dashboard_port=self.o.dashboard_port,
                         num_cpus=self.o.head_cpus, drain_timeout_s=5,
-                        env={**(FAST_HEALTH_CHECKS if self.o.fast_health_checks else {}), **self.o.extra_env})
+                        env={**(FAST_HEALTH_CHECKS if self.o.fast_health_checks else {}),
+                             # actors on the head (store supervisors, Serve replicas) find pool.json through it
+                             "RMA_DATA_DIR": str(self.o.data_dir), **self.o.extra_env})
         if old_temp is not None:
             shutil.rmtree(old_temp, ignore_errors=True)
         self.head = RayNode(spec, self.logs / "ray-head.log")

@@ -80,4 +80,4 @@ def ensure_admin_key(session: Session, given: str | None) -> str | None:
 def keyring(session: Session) -> schemas.KeyringOut:
     rows = session.scalars(select(ClientKey).where(ClientKey.revoked_at.is_(None)).order_by(ClientKey.id))
     return schemas.KeyringOut(generated_at=utcnow(),
-                              keys=[schemas.KeyringEntry(id=r.id, hash=r.key_hash) for r in rows])
+                              keys=[schemas.KeyringEntry(id=r.id, hash=r.key_hash, name=r.name) for r in rows])

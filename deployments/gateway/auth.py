@@ -1,0 +1,94 @@
+"""Client-key authentication shared by every Serve ingress (the LLM's OpenAI routes and the RMA services), so that
+no client route is reachable without a valid `rma_client_` key.
+
+One `ClientKeyVerifier` per replica process, built lazily from this node's identity (`rma_ray.identity`: the donor's
+node credential or, on the head, the pool's admin key) and refreshed in the background; there is no coordinator
+round trip per request, and a revoked key stops working within the refresh interval. Tests and `rma up` may set
+`RMA_COORDINATOR_URL` + `RMA_KEYRING_CREDENTIAL_FILE` instead (a 0600 file: never a secret in an env var value).
+
+Use it as a FastAPI dependency (`ClientDep`) and install one of the error handlers so that a refusal has the shape
+the route's clients expect: `{"error": {"code", "message"}}` on /api, OpenAI's `{"error": {"message", "type",
+"code"}}` on /v1.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from rma_ray.client_keys import ClientIdentity, ClientKeyVerifier, KeyRejected
+
+_lock = threading.Lock()
+_verifier: ClientKeyVerifier | None = None
+
+
+def _build() -> ClientKeyVerifier:
+    url, cred_file = os.environ.get("RMA_COORDINATOR_URL"), os.environ.get("RMA_KEYRING_CREDENTIAL_FILE")
+    if url and cred_file:
+        credential = Path(cred_file).read_text().strip()
+    else:
+        from rma_ray.identity import local_identity
+
+        ident = local_identity()
+        url, credential = ident.coordinator_url, ident.credential
+    refresh = float(os.environ.get("RMA_KEYRING_REFRESH_S", "10"))
+    return ClientKeyVerifier.from_coordinator(url, credential, refresh_s=refresh,
+                                              max_stale_s=max(30.0, 3 * refresh)).start()
+
+
+def verifier() -> ClientKeyVerifier:
+    global _verifier
+    with _lock:
+        if _verifier is None:
+            _verifier = _build()
+        return _verifier
+
+
+def set_verifier(v: ClientKeyVerifier | None) -> None:
+    """For tests of a router outside Serve: use this verifier instead of one built from the node's identity."""
+    global _verifier
+    with _lock:
+        _verifier = v
+
+
+def require_client(request: Request) -> ClientIdentity:
+    try:
+        v = verifier()
+    except Exception as exc:  # no identity on this node: fail closed, say why
+        raise KeyRejected(503, "keyring_unavailable", f"API keys cannot be checked on this replica: {exc}") from None
+    client = v.verify(request.headers.get("authorization"))
+    request.state.client = client
+    return client
+
+
+ClientDep = Annotated[ClientIdentity, Depends(require_client)]
+
+
+def rma_error_handler(app: FastAPI) -> None:
+    """Refusals as `{"error": {"code", "message"}}` (the coordinator's and the services' shape)."""
+
+    @app.exception_handler(KeyRejected)
+    async def _rejected(request: Request, exc: KeyRejected) -> JSONResponse:
+        return JSONResponse({"error": {"code": exc.code, "message": exc.message}}, status_code=exc.status,
+                            headers=_headers(exc))
+
+
+def openai_error_handler(app: FastAPI) -> None:
+    """Refusals as OpenAI error bodies, so the `openai` client raises AuthenticationError with the message."""
+
+    @app.exception_handler(KeyRejected)
+    async def _rejected(request: Request, exc: KeyRejected) -> JSONResponse:
+        kind = "authentication_error" if exc.status == 401 else "service_unavailable"
+        return JSONResponse({"error": {"message": exc.message, "type": kind, "param": None, "code": exc.code}},
+                            status_code=exc.status, headers=_headers(exc))
+
+
+def _headers(exc: KeyRejected) -> dict[str, Any]:
+    if exc.status == 401:
+        return {"WWW-Authenticate": "Bearer"}
+    return {"Retry-After": "5"}
