@@ -96,6 +96,24 @@ class ClientKey(_Key, Base):
     __tablename__ = "client_keys"
 
 
+class Store(Base):
+    """A data store as its Ray supervisor last reported it (the coordinator never imports the supervisors)."""
+    __tablename__ = "stores"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    runtime: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16))
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    worker_id: Mapped[str | None] = mapped_column(String(12), nullable=True)  # None: on the head
+    node_id: Mapped[str] = mapped_column(String(64))
+    node_ip: Mapped[str] = mapped_column(String(64))
+    port: Mapped[int] = mapped_column(Integer)
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    restarts: Mapped[int] = mapped_column(Integer, default=0)
+    ready_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    reported_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
 class TierDemand(Base):
     """Replicas waiting for a node of a tier; written by the reconciler, read by the tier choice."""
 

@@ -173,3 +173,40 @@ class RayViewOut(BaseModel):
     error: str | None = None
     nodes_alive: int = 0
     intruders: list[dict[str, Any]] = Field(default_factory=list)
+
+
+STORE_NAME = r"^[a-z][a-z0-9-]{0,31}$"
+StoreStatus = Literal["starting", "ready", "restarting", "failed", "stopped"]
+
+
+class StoreReport(BaseModel):
+    """What a store supervisor reports about its store (PUT /api/stores/{name}); never credentials."""
+    model_config = ConfigDict(extra="forbid")
+
+    runtime: Literal["process", "docker"]
+    status: StoreStatus
+    error: str | None = Field(None, max_length=2000)
+    node_id: str = Field(min_length=1, max_length=64)
+    node_ip: str = Field(min_length=1, max_length=64)
+    port: int = Field(ge=1, le=65535)
+    size_bytes: int = Field(ge=0)
+    restarts: int = Field(0, ge=0)
+    ready_s: float | None = Field(None, ge=0)
+
+
+class StoreOut(BaseModel):
+    name: str
+    runtime: str
+    status: str  # the reported status, or "unknown" when the supervisor has gone quiet
+    reported_status: str
+    error: str | None
+    node: str  # the donor's worker id, or "head"
+    worker_name: str | None
+    node_id: str
+    node_ip: str
+    port: int
+    size_bytes: int
+    restarts: int
+    ready_s: float | None
+    reported_at: datetime
+    seconds_since_report: float

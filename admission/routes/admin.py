@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Path, Query, Response
 
 from admission import schemas, security
 from admission.deps import AdminDep, ClientIp, ServiceDep, SessionDep, State
 from admission.models import AdminKey, ClientKey
-from admission.services import audit, keys, stats, workers
+from admission.services import audit, keys, stats, stores, workers
 
 router = APIRouter(prefix="/api", tags=["admin"])
 
@@ -108,3 +108,17 @@ def revoke_client(key_id: str, admin: AdminDep, session: SessionDep, ip: ClientI
 def client_keyring(who: ServiceDep, session: SessionDep) -> schemas.KeyringOut:
     """Ids and hashes of live client keys, for the Serve-side verifier (no secrets)."""
     return keys.keyring(session)
+
+
+@router.put("/stores/{name}", status_code=204, response_class=Response, openapi_extra=security.SERVICE)
+def report_store(name: Annotated[str, Path(pattern=schemas.STORE_NAME)], body: schemas.StoreReport,
+                 who: ServiceDep, session: SessionDep) -> Response:
+    """A store supervisor's report (a trusted data donor's node credential, or the head's admin key)."""
+    stores.report(session, who, name, body)
+    return Response(status_code=204)
+
+
+@router.get("/admin/stores", response_model=list[schemas.StoreOut], openapi_extra=security.ADMIN)
+def list_stores(admin: AdminDep, session: SessionDep) -> list[schemas.StoreOut]:
+    """Stores with name, runtime, node, status and size; `unknown` when the supervisor stopped reporting."""
+    return stores.list_all(session)

