@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from admission import db, errors, migrate
 from admission.ratelimit import IpLimiter
 from admission.routes import admin, health, invites, registry, worker
-from admission.services import keys
+from admission.services import keys, overlay
 from admission.state import AppState
 from rma_ray.settings import Settings
 
@@ -82,6 +82,7 @@ def prepare_database(state: AppState) -> str | None:
         migrate.upgrade(state.engine)
     given = state.settings.admin_key.get_secret_value() if state.settings.admin_key else None
     with db.session_scope(state.sessions) as session:
+        overlay.sync(state, session)  # a restarted head brings its hub up empty: give it the live donors back
         return keys.ensure_admin_key(session, given)
 
 

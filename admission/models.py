@@ -90,6 +90,10 @@ class Worker(Base):
     quarantine_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     left_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # the WireGuard overlay: the address is released when the donor leaves or is revoked; the public key is
+    # kept for ever, so that a key once used (a revoked donor's above all) can never join again
+    overlay_ip: Mapped[str | None] = mapped_column(String(45), nullable=True, unique=True)
+    wg_public_key: Mapped[str | None] = mapped_column(String(44), nullable=True, unique=True)
 
 
 class ClientKey(_Key, Base):

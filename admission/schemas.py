@@ -45,9 +45,34 @@ class InviteOut(BaseModel):
     status: Literal["active", "expired", "used", "revoked"]
 
 
+class OverlayRequest(Strict):
+    public_key: str = Field(description="the donor's WireGuard public key (base64, 32 bytes); the private key "
+                                        "never leaves the donor")
+
+    @field_validator("public_key")
+    @classmethod
+    def _key(cls, v: str) -> str:
+        from rma_ray.overlay import is_key
+
+        if not is_key(v):
+            raise ValueError("not a WireGuard public key (base64 of 32 bytes, as `wg pubkey` prints)")
+        return v
+
+
+class OverlayInfo(BaseModel):
+    address: str = Field(description="this donor's overlay address; Ray advertises it")
+    prefix: int
+    hub_address: str
+    hub_public_key: str
+    hub_endpoint: str = Field(description="host:port (UDP) the donor dials")
+    keepalive_s: int
+    mtu: int
+
+
 class RegisterRequest(Strict):
     name: str = Field(min_length=1, max_length=255)
     capabilities: Capabilities
+    overlay: OverlayRequest | None = Field(default=None, description="required when the pool runs an overlay")
 
 
 class RayInfo(BaseModel):
@@ -64,6 +89,7 @@ class RegisterResponse(BaseModel):
     node_token: str = Field(description="shown once; only its hash is kept")
     heartbeat_interval_s: int
     ray: RayInfo | None
+    overlay: OverlayInfo | None = None
 
 
 class HeartbeatRequest(BaseModel):
@@ -102,6 +128,7 @@ class WorkerOut(BaseModel):
     action: Action
     quarantine_reason: str | None
     revoked_at: datetime | None
+    overlay_ip: str | None = None
 
 
 class TierStats(BaseModel):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 
-from rma_ray import membership
+from rma_ray import membership, overlay
 from rma_ray.capabilities import Capabilities
 from rma_ray.client import AdmissionClient, AdmissionError
 from rma_ray.membership import Membership
@@ -61,6 +61,7 @@ class Agent:
         self.exit_reason = "left the pool"
         self.drained = False
         self.unregister_on_exit = True
+        self.spoke: overlay.Spoke | None = None
 
     # -- joining ---------------------------------------------------------------------------------------
 
@@ -70,9 +71,16 @@ class Agent:
         if existing and existing.agent_pid and psutil.pid_exists(existing.agent_pid):
             raise AgentError(f"this machine is already in the pool as {existing.worker_id} (agent pid "
                              f"{existing.agent_pid}); run `rma leave` first")
+        # a new WireGuard key for every join (a key once used never joins again); the private half stays here
+        key_file = opts.data_dir / "overlay" / "private.key"
+        key_file.unlink(missing_ok=True)
+        try:
+            public_key = overlay.load_or_create_key(key_file)
+        except (OSError, overlay.OverlayError) as exc:
+            raise AgentError(f"could not make this machine's WireGuard key: {exc}") from None
         client = AdmissionClient(opts.coordinator_url, timeout=30)
         try:
-            reg = client.register(opts.join_token, opts.name, opts.capabilities)
+            reg = client.register(opts.join_token, opts.name, opts.capabilities, public_key)
         except AdmissionError as exc:
             raise AgentError(f"registration refused: {exc}") from None
         finally:
@@ -87,27 +95,55 @@ class Agent:
         token_file = opts.data_dir / "cluster_token"
         membership.write_private(token_file, (reg["ray"]["auth_token"] or "") + "\n")
         address = reg["ray"]["address"]
-        node_ip = opts.node_ip or local_ip_towards(address.rsplit(":", 1)[0])
+        spoke = cls.overlay_up(opts, reg, key_file, say)
+        node_ip = opts.node_ip or (spoke.address if spoke else local_ip_towards(address.rsplit(":", 1)[0]))
         m = Membership(coordinator_url=opts.coordinator_url, worker_id=reg["worker_id"], node_token=reg["node_token"],
                        tier=reg["tier"], labels=reg["labels"], trusted=reg["trusted"],
                        heartbeat_interval_s=reg["heartbeat_interval_s"], ray_address=address, node_ip=node_ip,
                        agent_pid=os.getpid(), agent_started=psutil.Process().create_time(),
-                       extra={"cluster": epoch_of(reg["ray"]["auth_token"] or "")})
+                       extra={"cluster": epoch_of(reg["ray"]["auth_token"] or ""),
+                              "overlay": {"interface": spoke.name, "address": spoke.address} if spoke else None})
         membership.save(opts.data_dir, m)
         spec = NodeSpec(node_ip=node_ip, token_file=token_file, temp_dir=short_temp_dir(reg["worker_id"]),
                         labels=reg["labels"], address=address, num_cpus=opts.cpus, num_gpus=opts.gpus,
                         memory_bytes=opts.memory_bytes, drain_timeout_s=opts.drain_deadline_s,
                         # store supervisors and Serve replicas on this node find membership.json through it
-                        env={"RMA_DATA_DIR": str(opts.data_dir)})
+                        env={"RMA_DATA_DIR": str(opts.data_dir)},
+                        # on the overlay every Ray port is pinned, so the firewall can keep them off other addresses
+                        extra_args=spoke.ports.argv(head=False) if spoke else [])
         agent = cls(opts.data_dir, m, RayNode(spec, opts.data_dir / "logs" / "ray-node.log"), say)
+        agent.spoke = spoke
         try:
             agent.start_node(opts.start_timeout_s)
         except NodeStartError as exc:
             agent.node.kill()
+            if spoke:
+                spoke.down()
             agent.unregister()
             membership.clear(opts.data_dir)
             raise AgentError(f"could not start the Ray node: {exc}") from None
         return agent
+
+    @staticmethod
+    def overlay_up(opts: JoinOptions, reg: dict, key_file: Path, say: Say) -> overlay.Spoke | None:  # type: ignore[type-arg]
+        """Bring up this donor's end of the pool's overlay, when the pool runs one; None in direct mode."""
+        ov = reg.get("overlay")
+        if not ov:
+            key_file.unlink(missing_ok=True)
+            return None
+        spoke = overlay.Spoke(name=overlay.interface_name(reg["worker_id"]), key_file=key_file,
+                              address=ov["address"], prefix=ov["prefix"], hub_public_key=ov["hub_public_key"],
+                              hub_endpoint=ov["hub_endpoint"], hub_address=ov["hub_address"],
+                              keepalive_s=ov["keepalive_s"], mtu=ov["mtu"])
+        say(f"joining the pool's overlay as {spoke.address} (hub {spoke.hub_endpoint}, interface {spoke.name}) …")
+        try:
+            spoke.up()
+        except overlay.OverlayError as exc:
+            with AdmissionClient(opts.coordinator_url, timeout=10) as c:
+                c.unregister(reg["node_token"])
+            key_file.unlink(missing_ok=True)
+            raise AgentError(f"could not join the pool's overlay: {exc}") from None
+        return spoke
 
     def start_node(self, timeout: float) -> None:
         self.say(f"starting the Ray node on {self.m.node_ip} (head {self.m.ray_address}) …")
@@ -177,6 +213,13 @@ class Agent:
                     self.say(f"[red]{failure}[/]; leaving")
                     code = 1
                     break
+                try:  # a revoked donor (cut off the overlay: its node died of it) must not restart
+                    self.beat()
+                except AdmissionError as exc:
+                    if exc.code == "worker_revoked":
+                        self.say("[red]this donor was revoked by the pool admin; stopping[/]")
+                        self.exit_reason, self.unregister_on_exit, code = "revoked", False, 1
+                        break
                 restarts += 1
                 delay = min(60, 2 ** min(restarts, 6))
                 self.say(f"[yellow]the Ray node stopped[/] ({failure or 'no reason in its log'}); "
@@ -236,8 +279,15 @@ class Agent:
                 self.say(f"[yellow]could not unregister:[/] {exc}")
 
     def leave(self) -> None:
-        self.say(f"leaving: draining the Ray node (up to {self.node.spec.drain_timeout_s:.0f} s) …")
-        self.node.stop()
+        if self.exit_reason == "revoked":  # cut off: there is no head left to drain to
+            self.say("stopping the Ray node …")
+            self.node.stop(timeout=5)
+        else:
+            self.say(f"leaving: draining the Ray node (up to {self.node.spec.drain_timeout_s:.0f} s) …")
+            self.node.stop()
+        if self.spoke is not None:
+            self.spoke.down()
+            self.spoke.key_file.unlink(missing_ok=True)
         shutil.rmtree(self.node.spec.temp_dir, ignore_errors=True)  # Ray's sockets and session logs
         if self.unregister_on_exit:
             self.unregister()

@@ -274,6 +274,13 @@ def up(
     serve_port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
     head_cpus: Annotated[float | None, typer.Option(help="CPUs the head offers to Ray work")] = None,
     heartbeat_interval: Annotated[int, typer.Option(help="donor heartbeat interval, seconds", min=1)] = 3,
+    overlay: Annotated[bool, typer.Option("--overlay/--no-overlay",
+                                          help="run a WireGuard hub: donors behind NAT join through it, Ray talks "
+                                               "only over it, revocation cuts a donor off at once (root)")] = False,
+    overlay_port: Annotated[int, typer.Option(help="the hub's UDP port (open it to donors)", min=1,
+                                              max=65535)] = 51820,
+    overlay_subnet: Annotated[str, typer.Option(help="overlay addresses (hub takes the first)")] = "10.88.0.0/16",
+    overlay_interface: Annotated[str, typer.Option(help="the hub's interface name")] = "rma-hub",
     data_dir: DataDirOpt = None,
 ) -> None:
     """Start the pool on this machine (Ray head, Serve, coordinator) and supervise it until Ctrl-C."""
@@ -283,7 +290,18 @@ def up(
     ip = node_ip_address or local_ip_towards("192.0.2.1")
     opts = UpOptions(data_dir=_data_dir(data_dir), node_ip=ip, coordinator_host=coordinator_host or ip,
                      coordinator_port=coordinator_port, gcs_port=gcs_port, dashboard_port=dashboard_port,
-                     serve_port=serve_port, head_cpus=head_cpus, heartbeat_interval_s=heartbeat_interval)
+                     serve_port=serve_port, head_cpus=head_cpus, heartbeat_interval_s=heartbeat_interval,
+                     overlay=overlay, overlay_port=overlay_port, overlay_subnet=overlay_subnet,
+                     overlay_interface=overlay_interface)
+    if overlay:
+        import ipaddress
+
+        try:
+            net = ipaddress.ip_network(overlay_subnet)
+        except ValueError:
+            fail(f"--overlay-subnet {overlay_subnet!r} is not a network; use e.g. 10.88.0.0/16")
+        if not net.is_private or net.version != 4 or net.prefixlen > 28:
+            fail(f"--overlay-subnet {overlay_subnet}: use a private IPv4 network of /28 or larger")
     pool = Pool(opts, _say)
 
     def stop(signum: int, _frame: object) -> None:
@@ -358,7 +376,9 @@ def join(
     cpus: Annotated[float | None, typer.Option(help="most CPUs Ray may use here", min=1)] = None,
     memory: Annotated[str | None, typer.Option(help="most memory Ray may use here, e.g. 8GB")] = None,
     gpus: Annotated[int | None, typer.Option(help="most GPUs Ray may use here", min=0)] = None,
-    node_ip_address: Annotated[str | None, typer.Option("--node-ip-address", help="address Ray advertises")] = None,
+    node_ip_address: Annotated[str | None, typer.Option(
+        "--node-ip-address", help="address Ray advertises (default: the overlay address, or the one towards "
+                                  "the head in a pool without an overlay)")] = None,
     drain_deadline: Annotated[float, typer.Option(help="seconds to drain work when leaving", min=0)] = 30,
     capabilities_file: Annotated[Path | None, typer.Option(help="send these capabilities instead of probing")] = None,
     data_dir: DataDirOpt = None,

@@ -72,9 +72,13 @@ class AdmissionClient:
         raise AdmissionError(message, resp.status_code, code)
 
     # donor side
-    def register(self, join_token: str, name: str, capabilities: Capabilities) -> dict[str, Any]:
+    def register(self, join_token: str, name: str, capabilities: Capabilities,
+                 overlay_public_key: str | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"name": name, "capabilities": capabilities.model_dump()}
+        if overlay_public_key:
+            body["overlay"] = {"public_key": overlay_public_key}
         return self.request("POST", "/api/worker/register", token=join_token,  # type: ignore[no-any-return]
-                            json={"name": name, "capabilities": capabilities.model_dump()})
+                            json=body)
 
     def heartbeat(self, node_token: str, **beat: Any) -> dict[str, Any]:
         return self.request("POST", "/api/worker/heartbeat", token=node_token, json=beat)  # type: ignore[no-any-return]

@@ -25,6 +25,7 @@ import httpx
 import psutil
 
 from rma_ray import credentials
+from rma_ray import overlay as wg
 from rma_ray.client import AdmissionClient
 from rma_ray.membership import write_private
 from rma_ray.net import port_free
@@ -51,6 +52,15 @@ class UpOptions:
     fast_health_checks: bool = True
     invite_ttl_s: int = 900
     extra_env: dict[str, str] = field(default_factory=dict)
+    overlay: bool = False  # a WireGuard hub here; Ray on its address (rma_ray/overlay.py)
+    overlay_port: int = wg.DEFAULT_PORT
+    overlay_subnet: str = wg.DEFAULT_SUBNET
+    overlay_interface: str = "rma-hub"
+
+    @property
+    def ray_ip(self) -> str:
+        """Where Ray binds and what it advertises: the hub's overlay address, or node_ip without an overlay."""
+        return wg.hub_address(self.overlay_subnet) if self.overlay else self.node_ip
 
     @property
     def coordinator_url(self) -> str:
@@ -59,7 +69,7 @@ class UpOptions:
 
     @property
     def gcs_address(self) -> str:
-        return f"{self.node_ip}:{self.gcs_port}"
+        return f"{self.ray_ip}:{self.gcs_port}"
 
 
 def pool_file(data_dir: Path) -> Path:
@@ -81,6 +91,7 @@ class Pool:
         self.head: RayNode | None = None
         self.coordinator: subprocess.Popen[bytes] | None = None
         self.admin_key = ""
+        self.hub: wg.Hub | None = None
 
     def _check_ports(self) -> None:
         for what, host, port in (("Ray GCS", self.o.node_ip, self.o.gcs_port),
@@ -95,7 +106,8 @@ class Pool:
         # A fresh temp dir per start: `ray start --head` refuses to start where its temp dir says a cluster ran
         # and any process on the machine still names that GCS address (a donor on the same box, in tests).
         old_temp = self.head.spec.temp_dir if self.head else None
-        spec = NodeSpec(node_ip=self.o.node_ip, token_file=self.token_file, head=True,
+        spec = NodeSpec(node_ip=self.o.ray_ip, token_file=self.token_file, head=True,
+                        extra_args=wg.RayPorts().argv(head=True) if self.o.overlay else [],
                         temp_dir=short_temp_dir("head-" + secrets.token_hex(4)),
                         labels={LABEL_TIER: "head"}, gcs_port=self.o.gcs_port, dashboard_port=self.o.dashboard_port,
                         num_cpus=self.o.head_cpus, drain_timeout_s=5,
@@ -112,7 +124,7 @@ class Pool:
         except NodeStartError as exc:
             self.head.kill()
             raise UpError(f"the Ray head did not start: {exc}") from None
-        dash = f"http://{self.o.node_ip}:{self.o.dashboard_port}"
+        dash = f"http://{self.o.ray_ip}:{self.o.dashboard_port}"
         token = self.token_file.read_text().strip()
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -126,6 +138,29 @@ class Pool:
         else:
             raise UpError(f"the Ray dashboard at {dash} did not answer; see {self.head.log_path}")
 
+    def start_hub(self) -> None:
+        """The overlay's hub, before Ray: the head's Ray binds to the hub's address."""
+        if not self.o.overlay:
+            return
+        why = wg.missing_tools()
+        if why:
+            raise UpError(f"--overlay: {why}")
+        self.hub = wg.Hub(self.o.data_dir, self.o.overlay_subnet, self.o.overlay_port, self.o.overlay_interface,
+                               extra_tcp=[self.o.gcs_port, self.o.dashboard_port])
+        self.say(f"starting the overlay hub {self.hub.name} on {self.hub.address} (UDP {self.o.overlay_port}) …")
+        try:
+            self.hub.up()
+        except wg.OverlayError as exc:
+            self.hub = None
+            raise UpError(f"the overlay hub did not start: {exc}") from None
+
+    def hub_env(self) -> dict[str, str]:
+        if self.hub is None:
+            return {}
+        return {"RMA_OVERLAY_HUB_INTERFACE": self.hub.name, "RMA_OVERLAY_HUB_PUBLIC_KEY": self.hub.public_key,
+                "RMA_OVERLAY_HUB_ENDPOINT": f"{self.o.node_ip}:{self.hub.port}",
+                "RMA_OVERLAY_SUBNET": self.hub.subnet}
+
     def start_serve(self) -> None:
         self.say(f"starting Ray Serve (proxy on the head, port {self.o.serve_port}) …")
         r = subprocess.run([sys.executable, "-m", "rma_ray.serve_admin", "start", "--address", self.o.gcs_address,
@@ -138,7 +173,8 @@ class Pool:
     def start_coordinator(self) -> None:
         env = {**ray_env(self.token_file), "RMA_ADMIN_KEY": self.admin_key, "RMA_DATA_DIR": str(self.o.data_dir / "coordinator"),
                "RMA_RAY_ADDRESS": self.o.gcs_address, "RMA_RAY_AUTH_TOKEN_FILE": str(self.token_file),
-               "RMA_RAY_DASHBOARD_URL": f"http://{self.o.node_ip}:{self.o.dashboard_port}",
+               "RMA_RAY_DASHBOARD_URL": f"http://{self.o.ray_ip}:{self.o.dashboard_port}",
+               **self.hub_env(),
                "RMA_PUBLIC_URL": self.o.coordinator_url,
                "RMA_HEARTBEAT_INTERVAL_S": str(self.o.heartbeat_interval_s), **self.o.extra_env}
         log = open(self.logs / "coordinator.log", "ab")
@@ -170,6 +206,7 @@ class Pool:
         read_or_create_secret(self.token_file)  # the cluster token: generated once, 0600, never printed
         first_start = not old.get("admin_key")
         self.admin_key = old.get("admin_key") or credentials.mint(credentials.Kind.ADMIN).token
+        self.start_hub()
         self.start_head()
         self.start_serve()
         self.start_coordinator()
@@ -179,7 +216,10 @@ class Pool:
             "coordinator_url": self.o.coordinator_url,
             "registry_url": self.o.coordinator_url + "/registry",
             "serve_url": f"http://{self.o.node_ip}:{self.o.serve_port}",
-            "ray_dashboard_url": f"http://{self.o.node_ip}:{self.o.dashboard_port}",
+            "ray_dashboard_url": f"http://{self.o.ray_ip}:{self.o.dashboard_port}",
+            "overlay": ({"interface": self.hub.name, "address": self.hub.address, "subnet": self.hub.subnet,
+                         "endpoint": f"{self.o.node_ip}:{self.hub.port}", "public_key": self.hub.public_key}
+                        if self.hub else None),
             "ray_address": self.o.gcs_address,
             "admin_key": self.admin_key,
             "join_token": invite["token"],
@@ -245,6 +285,8 @@ class Pool:
         if self.head is not None:
             self.head.stop(timeout=30)
             shutil.rmtree(self.head.spec.temp_dir, ignore_errors=True)
+        if self.hub is not None:
+            self.hub.down()
         info = read_pool(self.o.data_dir)
         for key in ("supervisor_pid", "head_pid", "coordinator_pid"):
             info.pop(key, None)

@@ -66,6 +66,7 @@ class NodeSpec:
     memory_bytes: int | None = None
     drain_timeout_s: float = 30.0
     env: dict[str, str] = field(default_factory=dict)
+    extra_args: list[str] = field(default_factory=list)  # e.g. pinned ports (rma_ray.overlay.RayPorts)
 
     def argv(self) -> list[str]:
         args = [ray_executable(), "start", "--block", "--node-ip-address", self.node_ip,
@@ -82,7 +83,7 @@ class NodeSpec:
             args += ["--num-gpus", str(self.num_gpus)]
         if self.memory_bytes is not None:
             args += ["--memory", str(self.memory_bytes)]
-        return args
+        return args + self.extra_args
 
 
 _FAILURES = [

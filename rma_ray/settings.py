@@ -48,6 +48,19 @@ class Settings(BaseSettings):
     ray_dashboard_url: str | None = None
     reconcile_interval_s: float = Field(default=2.0, gt=0, le=600)
 
+    # the WireGuard overlay (set by `rma up --overlay`; see rma_ray/overlay.py). With a hub interface on this
+    # machine the coordinator hands each donor an overlay address and adds/removes its peer on the hub itself.
+    overlay_subnet: str = Field(default="10.88.0.0/16", description="donor addresses come from here")
+    overlay_hub_interface: str | None = Field(default=None, description="the hub's WireGuard interface, here")
+    overlay_hub_public_key: str | None = None
+    overlay_hub_endpoint: str | None = Field(default=None, description="host:port donors dial (UDP)")
+    overlay_keepalive_s: int = Field(default=25, ge=1, le=120, description="under the NAT's UDP timeout")
+    overlay_mtu: int = Field(default=1280, ge=1280, le=9000)
+
+    @property
+    def overlay_enabled(self) -> bool:
+        return bool(self.overlay_hub_interface and self.overlay_hub_public_key and self.overlay_hub_endpoint)
+
     # data stores on this node (root: a system path the stores' own users, e.g. `postgres`, can traverse)
     stores_dir: Path | None = None
 

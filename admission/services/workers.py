@@ -15,7 +15,7 @@ from admission import schemas
 from admission.errors import ApiError
 from admission.models import Invite, TierDemand, Worker, utcnow
 from admission.security import NodePrincipal, auth_failed
-from admission.services import audit, invites
+from admission.services import audit, invites, overlay
 from admission.state import AppState, Beat, NodeEntry
 from rma_ray import credentials, tiers
 from rma_ray.credentials import Kind
@@ -59,6 +59,9 @@ def register(state: AppState, session: Session, parsed: credentials.Parsed, req:
     if pinned is not None and pinned not in candidates:
         raise _refuse(state, session, ip, 422, "tier_not_qualified", tiers.pin_refusal(pinned, caps), invite=invite.id)
     tier = tiers.choose(candidates, demand(session), pinned)
+    refusal = overlay.check_request(state.settings, session, req.overlay)
+    if refusal is not None:
+        raise _refuse(state, session, ip, refusal.status, refusal.code, refusal.message, invite=invite.id)
 
     if not invites.consume(session, invite.id):  # lost the race for the last use
         raise auth_failed(state, ip, "join", "token_used", "join token already used; ask the pool admin for a new invite")
@@ -71,6 +74,7 @@ def register(state: AppState, session: Session, parsed: credentials.Parsed, req:
     audit.record(session, f"invite:{invite.id}", "worker.register", worker.id, ip, tier=str(tier), name=req.name,
                  trusted=invite.trusted, candidates=[str(t) for t in candidates])
     session.flush()
+    overlay_info = overlay.admit(state, session, worker, req.overlay)  # may refuse: nothing is committed then
     state.metrics.registrations.labels(str(tier)).inc()
     with state.nodes_lock:
         state.nodes[worker.id] = NodeEntry(worker.id, minted.hash, True)
@@ -80,7 +84,8 @@ def register(state: AppState, session: Session, parsed: credentials.Parsed, req:
            if settings.ray_address else None)
     return schemas.RegisterResponse(worker_id=worker.id, tier=tier, tier_number=tier.number, trusted=invite.trusted,
                                     labels=labels, node_token=minted.token,
-                                    heartbeat_interval_s=settings.heartbeat_interval_s, ray=ray)
+                                    heartbeat_interval_s=settings.heartbeat_interval_s, ray=ray,
+                                    overlay=overlay_info)
 
 
 def heartbeat(state: AppState, node: NodePrincipal, req: schemas.HeartbeatRequest) -> str:
@@ -115,6 +120,7 @@ def unregister(state: AppState, session: Session, node: NodePrincipal, ip: str) 
     worker.left_at = utcnow()
     worker.action = "leave"
     audit.record(session, node.actor, "worker.unregister", worker.id, ip)
+    overlay.cut(state, worker)
     session.flush()
     _deactivate(state, worker.id)
 
@@ -132,6 +138,7 @@ def revoke(state: AppState, session: Session, worker_id: str, actor: str, ip: st
         worker.revoked_at = utcnow()
         worker.action = "leave"
         audit.record(session, actor, "worker.revoke", worker.id, ip, tier=worker.tier, name=worker.name)
+        overlay.cut(state, worker)  # off the hub before this request returns: its traffic stops now
         session.flush()
         _deactivate(state, worker.id)
     return to_out(state, worker)
@@ -184,6 +191,7 @@ def to_out(state: AppState, worker: Worker, now: datetime | None = None) -> sche
         available_memory_mb=beat.available_memory_mb if beat else worker.available_memory_mb,
         ray_node_id=(beat.ray_node_id if beat else None) or worker.ray_node_id, ray_alive=worker.ray_alive,
         action=worker.action, quarantine_reason=worker.quarantine_reason, revoked_at=worker.revoked_at,  # type: ignore[arg-type]
+        overlay_ip=worker.overlay_ip,
     )
 
 

@@ -1,0 +1,403 @@
+"""The pool's WireGuard overlay: a hub on the head, one spoke per donor, and the firewall that keeps Ray's ports
+off every address but the overlay's.
+
+Why: a donor behind a home NAT accepts no inbound connection, yet Ray needs the head to reach every raylet; and
+Ray's cluster token is one shared secret, so cutting one donor off must happen below Ray. Each donor dials out to
+the hub (keepalive keeps its NAT mapping open), Ray advertises the overlay address, and removing a donor's peer
+on the hub cuts it off at once. Donor-to-donor traffic goes through the hub (allowed-ips on a spoke is the whole
+overlay subnet; on the hub, each peer's one /32).
+
+Tools, not a home-made tunnel: `wg` (wireguard-tools) configures the interface; the kernel's WireGuard is used
+where `ip link add ... type wireguard` works, `wireguard-go` (userspace) otherwise; `ip` sets addresses;
+`nft` (nftables) holds the firewall. Keys are X25519 from the `cryptography` package. A private key is written
+0600 where it is made and reaches `wg` as a file path, never a command line or a log.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rma_ray.membership import write_private
+
+DEFAULT_SUBNET = "10.88.0.0/16"
+DEFAULT_PORT = 51820
+KEEPALIVE_S = 25  # under the 30 s most NATs keep an idle UDP mapping
+MTU = 1280  # donors sit on unknown uplinks: 1420 only works where the path MTU allows it (DESIGN.md)
+WG_SOCKET_DIR = Path("/var/run/wireguard")
+NFT_TABLE = "rma_overlay"
+
+
+class OverlayError(Exception):
+    """The overlay could not be set up or changed: one line for a person."""
+
+
+# ---- keys -----------------------------------------------------------------------------------------------
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
+def public_key_of(private_b64: str) -> str:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    key = X25519PrivateKey.from_private_bytes(base64.b64decode(private_b64))
+    return _b64(key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
+
+
+def is_key(text: str) -> bool:
+    """A WireGuard key as `wg` writes it: base64 of exactly 32 bytes."""
+    try:
+        return len(text) == 44 and len(base64.b64decode(text, validate=True)) == 32
+    except (ValueError, TypeError):
+        return False
+
+
+def load_or_create_key(path: Path) -> str:
+    """The private key in `path` (created 0600 if absent); returns the public key. The private key stays put."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    if not path.exists():
+        raw = X25519PrivateKey.generate().private_bytes(serialization.Encoding.Raw,
+                                                       serialization.PrivateFormat.Raw,
+                                                       serialization.NoEncryption())
+        write_private(path, _b64(raw) + "\n")
+    if path.stat().st_mode & 0o077:
+        raise OverlayError(f"{path} is readable by others; it must be mode 0600")
+    return public_key_of(path.read_text().strip())
+
+
+# ---- addresses ------------------------------------------------------------------------------------------
+
+
+def hub_address(subnet: str) -> str:
+    """The hub holds the first host address of the overlay subnet."""
+    return str(next(ipaddress.ip_network(subnet).hosts()))
+
+
+def next_free(subnet: str, taken: Iterable[str]) -> str:
+    """The lowest host address of the subnet that is neither the hub's nor taken."""
+    net = ipaddress.ip_network(subnet)
+    used = {ipaddress.ip_address(a) for a in taken} | {ipaddress.ip_address(hub_address(subnet))}
+    for addr in net.hosts():
+        if addr not in used:
+            return str(addr)
+    raise OverlayError(f"the overlay subnet {subnet} is full ({net.num_addresses - 2} addresses); "
+                       f"set RMA_OVERLAY_SUBNET to a larger one")
+
+
+def interface_name(key: str, prefix: str = "rma") -> str:
+    """A per-machine unique interface name within Linux's 15 characters (wireguard-go's control socket lives
+    in /var/run/wireguard/<name>.sock, which every network namespace on a machine shares)."""
+    name = f"{prefix}{key}"[:15]
+    if not all(c.isalnum() or c in "-_" for c in name):
+        raise OverlayError(f"bad interface name {name!r}")
+    return name
+
+
+# ---- Ray's ports ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RayPorts:
+    """Every port Ray listens on, pinned, so the firewall can name them all. Ray would otherwise pick random
+    ones for most of them (raylet, object manager, agents, metrics)."""
+
+    node_manager: int = 6391
+    object_manager: int = 6392
+    metrics_export: int = 6393
+    dashboard_agent_grpc: int = 6394
+    runtime_env_agent: int = 6395
+    dashboard_agent_listen: int = 52365
+    min_worker: int = 10002
+    max_worker: int = 19999
+    ray_client: int = 10001  # head only
+
+    def argv(self, head: bool) -> list[str]:
+        args = ["--node-manager-port", str(self.node_manager), "--object-manager-port", str(self.object_manager),
+                "--metrics-export-port", str(self.metrics_export),
+                "--dashboard-agent-grpc-port", str(self.dashboard_agent_grpc),
+                "--dashboard-agent-listen-port", str(self.dashboard_agent_listen),
+                "--runtime-env-agent-port", str(self.runtime_env_agent),
+                "--min-worker-port", str(self.min_worker), "--max-worker-port", str(self.max_worker)]
+        if head:
+            args += ["--ray-client-server-port", str(self.ray_client)]
+        return args
+
+    def firewalled(self, extra: Iterable[int] = ()) -> list[str]:
+        """nft set elements: single ports and ranges."""
+        singles = sorted({self.node_manager, self.object_manager, self.metrics_export, self.dashboard_agent_grpc,
+                          self.runtime_env_agent, self.dashboard_agent_listen, self.ray_client, *extra})
+        singles = [p for p in singles if not self.min_worker <= p <= self.max_worker]
+        return [str(p) for p in singles] + [f"{self.min_worker}-{self.max_worker}"]
+
+
+def render_firewall(interface: str, elements: list[str], table: str = NFT_TABLE) -> str:
+    """An nftables table that drops TCP to Ray's ports unless it arrives on the overlay interface or loopback.
+    Only Ray's ports: a donor's own services (ssh, ...) are none of the pool's business."""
+    return (f"table inet {table} {{\n"
+            f"  set ray_tcp {{ type inet_service; flags interval; elements = {{ {', '.join(elements)} }} }}\n"
+            f"  chain input {{\n"
+            f"    type filter hook input priority filter - 5; policy accept;\n"
+            f"    iifname \"lo\" accept\n"
+            f"    iifname \"{interface}\" accept\n"
+            f"    tcp dport @ray_tcp counter drop\n"
+            f"  }}\n"
+            f"}}\n")
+
+
+def _run(argv: list[str], what: str, input: str | None = None, timeout: float = 20) -> str:
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, input=input, timeout=timeout)
+    except FileNotFoundError:
+        raise OverlayError(f"{what}: `{argv[0]}` is not installed (Debian: wireguard-tools, wireguard-go, "
+                           f"nftables, iproute2)") from None
+    except subprocess.TimeoutExpired:
+        raise OverlayError(f"{what}: `{argv[0]}` did not finish in {timeout:.0f} s") from None
+    if r.returncode != 0:
+        lines = (r.stderr or r.stdout).strip().splitlines()
+        raise OverlayError(f"{what}: {lines[-1] if lines else 'failed'}"[:300])
+    return r.stdout
+
+
+@dataclass
+class Firewall:
+    interface: str
+    elements: list[str]
+    table: str = NFT_TABLE
+
+    def install(self) -> None:
+        self.remove()
+        _run(["nft", "-f", "-"], "installing the Ray firewall", input=render_firewall(self.interface, self.elements,
+                                                                                        self.table))
+
+    def remove(self) -> None:
+        subprocess.run(["nft", "delete", "table", "inet", self.table], capture_output=True, timeout=20)
+
+
+def missing_tools() -> str | None:
+    """Why this machine cannot run the overlay, or None."""
+    if os.geteuid() != 0:
+        return "the overlay needs root (to create a network interface and firewall rules)"
+    for tool, pkg in (("wg", "wireguard-tools"), ("ip", "iproute2"), ("nft", "nftables")):
+        if not shutil.which(tool):
+            return f"`{tool}` is missing: apt-get install {pkg}"
+    return None
+
+
+# ---- interfaces -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Peer:
+    public_key: str
+    allowed_ips: list[str]
+    endpoint: str | None
+    latest_handshake: int
+    rx_bytes: int
+    tx_bytes: int
+
+
+@dataclass
+class Interface:
+    """One WireGuard interface on this machine: kernel module where available, wireguard-go otherwise."""
+
+    name: str
+    address: str  # e.g. 10.88.0.5/16
+    key_file: Path
+    listen_port: int | None = None
+    mtu: int = MTU
+    userspace: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    def up(self) -> None:
+        if missing_tools():
+            raise OverlayError(str(missing_tools()))
+        self.down()  # a stale interface of a previous run would hold the name
+        if subprocess.run(["ip", "link", "add", self.name, "type", "wireguard"], capture_output=True).returncode:
+            self._start_userspace()
+        cmd = ["wg", "set", self.name, "private-key", str(self.key_file)]
+        if self.listen_port:
+            cmd += ["listen-port", str(self.listen_port)]
+        try:
+            _run(cmd, f"configuring {self.name}")
+            _run(["ip", "address", "add", self.address, "dev", self.name], f"addressing {self.name}")
+            _run(["ip", "link", "set", self.name, "mtu", str(self.mtu), "up"], f"bringing {self.name} up")
+        except OverlayError:
+            self.down()
+            raise
+
+    def _start_userspace(self) -> None:
+        exe = shutil.which("wireguard-go")
+        if not exe:
+            raise OverlayError("no kernel WireGuard here and `wireguard-go` is missing: apt-get install wireguard-go")
+        env = {**os.environ, "WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD": "1", "LOG_LEVEL": "error"}
+        # foreground (-f): a child we stop by PID, not a daemon we would have to hunt for
+        self.userspace = subprocess.Popen([exe, "-f", self.name], env=env, stdin=subprocess.DEVNULL,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        sock = WG_SOCKET_DIR / f"{self.name}.sock"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.userspace.poll() is not None:
+                err = (self.userspace.stderr.read().decode(errors="replace") if self.userspace.stderr else "").strip()
+                raise OverlayError(f"wireguard-go could not create {self.name}: {err[-200:] or 'no reason given'}")
+            if sock.exists() and os.path.exists(f"/sys/class/net/{self.name}"):
+                return
+            time.sleep(0.05)
+        raise OverlayError(f"wireguard-go did not create {self.name} within 10 s")
+
+    def down(self) -> None:
+        """Delete the interface (wireguard-go exits with it) and stop our wireguard-go by PID."""
+        if os.path.exists(f"/sys/class/net/{self.name}"):
+            subprocess.run(["ip", "link", "del", self.name], capture_output=True, timeout=20)
+        if self.userspace is not None:
+            if self.userspace.poll() is None:
+                self.userspace.send_signal(signal.SIGTERM)
+                try:
+                    self.userspace.wait(5)
+                except subprocess.TimeoutExpired:
+                    self.userspace.kill()
+                    self.userspace.wait(5)
+            self.userspace = None
+
+    def exists(self) -> bool:
+        return os.path.exists(f"/sys/class/net/{self.name}")
+
+    def set_peer(self, public_key: str, allowed_ips: str, endpoint: str | None = None,
+                 keepalive_s: int | None = None) -> None:
+        cmd = ["wg", "set", self.name, "peer", public_key, "allowed-ips", allowed_ips]
+        if endpoint:
+            cmd += ["endpoint", endpoint]
+        if keepalive_s:
+            cmd += ["persistent-keepalive", str(keepalive_s)]
+        _run(cmd, f"adding a peer to {self.name}")
+
+    def remove_peer(self, public_key: str) -> None:
+        _run(["wg", "set", self.name, "peer", public_key, "remove"], f"removing a peer from {self.name}")
+
+    def peers(self) -> list[Peer]:
+        return parse_dump(_run(["wg", "show", self.name, "dump"], f"reading {self.name}"))
+
+
+def parse_dump(text: str) -> list[Peer]:
+    """`wg show <if> dump`: the interface line first, then one tab-separated line per peer."""
+    peers = []
+    for line in text.strip().splitlines()[1:]:
+        f = line.split("\t")
+        if len(f) < 8:
+            continue
+        peers.append(Peer(public_key=f[0], endpoint=None if f[2] == "(none)" else f[2],
+                          allowed_ips=[] if f[3] == "(none)" else f[3].split(","),
+                          latest_handshake=int(f[4]), rx_bytes=int(f[5]), tx_bytes=int(f[6])))
+    return peers
+
+
+def set_peer(interface: str, public_key: str, allowed_ips: str) -> None:
+    """Add or update a peer on an interface this process does not own (the coordinator on the head)."""
+    _run(["wg", "set", interface, "peer", public_key, "allowed-ips", allowed_ips], f"adding a peer to {interface}")
+
+
+def remove_peer(interface: str, public_key: str) -> None:
+    _run(["wg", "set", interface, "peer", public_key, "remove"], f"removing a peer from {interface}")
+
+
+def peers_of(interface: str) -> list[Peer]:
+    return parse_dump(_run(["wg", "show", interface, "dump"], f"reading {interface}"))
+
+
+# ---- the two ends ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Hub:
+    """The head's end: listens on UDP `port`, holds the subnet's first address, forwards spoke to spoke."""
+
+    data_dir: Path
+    subnet: str = DEFAULT_SUBNET
+    port: int = DEFAULT_PORT
+    name: str = "rma-hub"
+    ports: RayPorts = field(default_factory=RayPorts)
+    extra_tcp: list[int] = field(default_factory=list)  # the head's own Ray ports: GCS, dashboard
+
+    def __post_init__(self) -> None:
+        self.key_file = self.data_dir / "overlay" / "hub.key"
+        prefix = ipaddress.ip_network(self.subnet).prefixlen
+        self.address = hub_address(self.subnet)
+        self.iface = Interface(self.name, f"{self.address}/{prefix}", self.key_file, listen_port=self.port)
+        self.firewall = Firewall(self.name, self.ports.firewalled(self.extra_tcp))
+        self.public_key = ""
+
+    def up(self) -> None:
+        # the hub key lives as long as the data dir: donors were handed it at registration
+        self.public_key = load_or_create_key(self.key_file)
+        self.iface.up()
+        try:
+            # route spoke-to-spoke packets back out of the hub, on this interface only (no machine-wide routing)
+            Path(f"/proc/sys/net/ipv4/conf/{self.name}/forwarding").write_text("1")
+            self.firewall.install()
+        except (OSError, OverlayError) as exc:
+            self.down()
+            raise OverlayError(f"hub set-up failed: {exc}") from None
+
+    def down(self) -> None:
+        self.firewall.remove()
+        self.iface.down()
+
+
+@dataclass
+class Spoke:
+    """A donor's end: its own key (made here, never sent), one peer (the hub), keepalive through the NAT."""
+
+    name: str
+    key_file: Path
+    address: str
+    prefix: int
+    hub_public_key: str
+    hub_endpoint: str
+    hub_address: str
+    keepalive_s: int = KEEPALIVE_S
+    mtu: int = MTU
+    ports: RayPorts = field(default_factory=RayPorts)
+
+    def __post_init__(self) -> None:
+        self.iface = Interface(self.name, f"{self.address}/{self.prefix}", self.key_file, mtu=self.mtu)
+        self.firewall = Firewall(self.name, self.ports.firewalled())
+
+    @property
+    def subnet(self) -> str:
+        return str(ipaddress.ip_network(f"{self.address}/{self.prefix}", strict=False))
+
+    def up(self, timeout: float = 30) -> None:
+        self.iface.up()
+        try:
+            self.iface.set_peer(self.hub_public_key, self.subnet, endpoint=self.hub_endpoint,
+                                keepalive_s=self.keepalive_s)
+            self.firewall.install()
+            self.wait_handshake(timeout)
+        except OverlayError:
+            self.down()
+            raise
+
+    def wait_handshake(self, timeout: float) -> None:
+        """The tunnel is up once the hub answered a handshake (the keepalive starts one at once)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(p.latest_handshake for p in self.iface.peers()):
+                return
+            time.sleep(0.1)
+        raise OverlayError(f"no handshake with the pool's hub at {self.hub_endpoint} within {timeout:.0f} s: "
+                           f"is UDP to it blocked on this network?")
+
+    def down(self) -> None:
+        self.firewall.remove()
+        self.iface.down()

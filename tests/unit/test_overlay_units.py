@@ -1,0 +1,110 @@
+"""The overlay's pure parts: addresses, keys, the firewall and `wg` output (no Ray, no interface)."""
+
+from __future__ import annotations
+
+import base64
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from rma_ray import overlay
+from rma_ray.overlay import RayPorts
+
+
+def test_hub_takes_the_first_address_and_donors_the_lowest_free() -> None:
+    assert overlay.hub_address("10.88.0.0/16") == "10.88.0.1"
+    assert overlay.next_free("10.88.0.0/16", []) == "10.88.0.2"
+    assert overlay.next_free("10.88.0.0/16", ["10.88.0.2", "10.88.0.4"]) == "10.88.0.3"
+    # a released address is handed out again
+    assert overlay.next_free("10.88.0.0/16", ["10.88.0.3"]) == "10.88.0.2"
+
+
+def test_a_full_subnet_says_how_to_grow_it() -> None:
+    taken = ["10.9.0.2", "10.9.0.3", "10.9.0.4", "10.9.0.5", "10.9.0.6"]
+    assert overlay.next_free("10.9.0.0/29", taken[:-1]) == "10.9.0.6"
+    with pytest.raises(overlay.OverlayError, match="RMA_OVERLAY_SUBNET"):
+        overlay.next_free("10.9.0.0/29", taken)
+
+
+def test_interface_names_fit_linux_limit() -> None:
+    assert overlay.interface_name("0123456789abcdef") == "rma0123456789ab"
+    assert len(overlay.interface_name("0123456789abcdef")) == 15
+    with pytest.raises(overlay.OverlayError):
+        overlay.interface_name("a b")
+
+
+def test_private_key_is_made_0600_and_stays(tmp_path: Path) -> None:
+    key = tmp_path / "overlay" / "private.key"
+    pub = overlay.load_or_create_key(key)
+    assert oct(key.stat().st_mode & 0o777) == "0o600"
+    assert overlay.is_key(pub) and overlay.is_key(key.read_text().strip())
+    assert overlay.load_or_create_key(key) == pub  # the same key on the next start
+    assert pub not in key.read_text()
+
+
+def test_key_readable_by_others_is_refused(tmp_path: Path) -> None:
+    key = tmp_path / "k"
+    overlay.load_or_create_key(key)
+    key.chmod(0o644)
+    with pytest.raises(overlay.OverlayError, match="0600"):
+        overlay.load_or_create_key(key)
+
+
+@pytest.mark.skipif(not shutil.which("wg"), reason="wireguard-tools not installed")
+def test_public_key_matches_wg_pubkey(tmp_path: Path) -> None:
+    key = tmp_path / "k"
+    pub = overlay.load_or_create_key(key)
+    with open(key) as f:  # the private key reaches wg on stdin, as it would reach `wg set` as a file
+        out = subprocess.run(["wg", "pubkey"], stdin=f, capture_output=True, text=True, check=True).stdout.strip()
+    assert out == pub
+
+
+@pytest.mark.parametrize("text,ok", [
+    (base64.b64encode(bytes(32)).decode(), True),
+    (base64.b64encode(bytes(31)).decode(), False),
+    ("not base64 at all, not at all, not at all!!", False),
+    ("", False),
+])
+def test_is_key(text: str, ok: bool) -> None:
+    assert overlay.is_key(text) is ok
+
+
+def test_every_pinned_ray_port_is_firewalled() -> None:
+    ports = RayPorts()
+    argv = ports.argv(head=True)
+    pinned = {int(argv[i + 1]) for i, a in enumerate(argv) if a.endswith("-port") and "worker" not in a}
+    elements = ports.firewalled([6380, 8265])
+    singles = {int(e) for e in elements if "-" not in e}
+    lo, hi = map(int, next(e for e in elements if "-" in e).split("-"))
+    assert (lo, hi) == (ports.min_worker, ports.max_worker)
+    assert pinned | {6380, 8265} <= singles | set(range(lo, hi + 1))
+    assert "--ray-client-server-port" not in ports.argv(head=False)
+
+
+def test_firewall_drops_only_ray_ports_off_the_overlay() -> None:
+    text = overlay.render_firewall("rmaabc", ["6391", "10002-19999"])
+    assert 'iifname "rmaabc" accept' in text and 'iifname "lo" accept' in text
+    assert "elements = { 6391, 10002-19999 }" in text
+    assert "tcp dport @ray_tcp counter drop" in text
+    assert "policy accept" in text  # a donor's own services are not the pool's business
+
+
+@pytest.mark.skipif(not shutil.which("nft") or not Path("/proc/self").exists(), reason="nftables not installed")
+def test_firewall_is_valid_nftables() -> None:
+    text = overlay.render_firewall("rmaabc", RayPorts().firewalled([6380, 8265]))
+    r = subprocess.run(["nft", "-c", "-f", "-"], input=text, capture_output=True, text=True)
+    if r.returncode and "Operation not permitted" in r.stderr:
+        pytest.skip("nft -c needs CAP_NET_ADMIN here")
+    assert r.returncode == 0, r.stderr
+
+
+def test_parse_wg_dump() -> None:
+    dump = ("PRIV\tPUB\t51820\toff\n"
+            "peerA=\t(none)\t(none)\t10.88.0.2/32\t0\t0\t0\toff\n"
+            "peerB=\t(none)\t10.1.1.5:40000\t10.88.0.3/32,10.88.1.0/24\t1700000000\t1200\t900\t25\n")
+    a, b = overlay.parse_dump(dump)
+    assert a.public_key == "peerA=" and a.endpoint is None and a.latest_handshake == 0
+    assert b.endpoint == "10.1.1.5:40000" and b.allowed_ips == ["10.88.0.3/32", "10.88.1.0/24"]
+    assert (b.rx_bytes, b.tx_bytes, b.latest_handshake) == (1200, 900, 1700000000)
