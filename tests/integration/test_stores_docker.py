@@ -1,0 +1,194 @@
+"""Data stores under the docker runtime, against a real dockerd (tests/docker_support.py starts a private one and
+builds the images from images/ into it): the container's shape (labels, host network, bind-mounted volume,
+non-root, no secret in `docker inspect`), adoption, orphan removal, clear errors; then on a real multi-node Ray
+cluster: placement only on the trusted data node, 1,000 acknowledged records that survive the supervisor's death
+(the container is adopted, a dead supervisor's orphan removed) and the container's death."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from deployments.stores.docker_runtime import (LABEL_ENDPOINT, LABEL_ROLE, LABEL_STORE, LABEL_SUPERVISOR,
+                                               LABEL_VOLUME, DockerRuntime)
+from deployments.stores.kinds import KINDS, credentials
+from deployments.stores.runtime import StoreError
+from tests.docker_support import Dockerd, dockerd, start_to_ready  # noqa: F401  (dockerd is a fixture)
+from tests.support import free_port, wait_for
+
+pytestmark = [pytest.mark.docker]
+STORES = ["redis", "postgres"]
+HOST = "127.0.0.1"
+
+
+@pytest.fixture
+def volumes() -> Iterator[Path]:
+    root = Path(tempfile.mkdtemp(prefix="rma-it-docker-"))
+    root.chmod(0o755)
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def runtime(store: str, root: Path, port: int | None = None) -> tuple[DockerRuntime, Any]:
+    vol = root / store
+    vol.mkdir(exist_ok=True)
+    creds = credentials(vol)
+    rt = DockerRuntime(KINDS[store], vol, HOST, port or free_port(HOST), creds)
+    return rt, KINDS[store].endpoint(HOST, rt.port, creds)
+
+
+WRITE_FEW = {
+    "redis": lambda ep: __import__("redis").Redis(host=ep.host, port=ep.port, password=ep.password).mset(
+        {f"k{i}": f"v{i}" for i in range(10)}),
+    "postgres": lambda ep: _pg(ep, "CREATE TABLE t AS SELECT g AS id FROM generate_series(1, 10) g"),
+}
+COUNT_FEW = {
+    "redis": lambda ep: sum(1 for v in __import__("redis").Redis(host=ep.host, port=ep.port, password=ep.password)
+                            .mget([f"k{i}" for i in range(10)]) if v),
+    "postgres": lambda ep: _pg(ep, "SELECT count(*) FROM t")[0],
+}
+
+
+def _pg(ep: Any, sql: str) -> Any:
+    import psycopg
+
+    with psycopg.connect(ep.url(), autocommit=True) as c:
+        cur = c.execute(sql)
+        return cur.fetchone() if cur.description else None
+
+
+@pytest.mark.parametrize("store", STORES)
+def test_store_container_shape_adoption_and_restart_on_the_same_volume(dockerd: Dockerd, volumes: Path,
+                                                                       store: str) -> None:
+    client = dockerd.client()
+    rt, ep = runtime(store, volumes)
+    try:
+        print(f"\n[docker] {store}: first start -> ready {start_to_ready(rt, KINDS[store], ep):.2f} s")
+        attrs = client.containers.get(rt.container_name).attrs
+        labels = attrs["Config"]["Labels"]
+        assert labels[LABEL_STORE] == store and labels[LABEL_VOLUME] == str(rt.volume)
+        assert labels[LABEL_ENDPOINT] == f"{HOST}:{rt.port}" and labels[LABEL_ROLE] == "store"
+        assert attrs["HostConfig"]["NetworkMode"] == "host"
+        assert attrs["HostConfig"]["RestartPolicy"]["Name"] == "no"
+        assert [(m["Source"], m["Destination"]) for m in attrs["Mounts"]] == [(str(rt.volume / "container"), "/data")]
+        assert attrs["State"]["Pid"] == rt.pid and attrs["State"]["Health"]["Status"] in ("starting", "healthy")
+        # the secret is nowhere docker shows, nor on the host's view of the process
+        shown = json.dumps([attrs["Config"].get(k) for k in ("Cmd", "Entrypoint", "Env", "Labels")])
+        assert ep.password not in shown
+        proc = psutil.Process(rt.pid)
+        assert proc.uids().real == 999 and ep.password not in " ".join(proc.cmdline())
+        assert ep.password not in json.dumps(proc.environ())
+        assert oct((rt.volume / ".rma-credentials.json").stat().st_mode & 0o777) == "0o600"
+        wait_for(lambda: client.containers.get(rt.container_name).attrs["State"]["Health"]["Status"] == "healthy",
+                 timeout=60, what=f"docker's health check of {store} to pass")
+
+        WRITE_FEW[store](ep)
+        # a new supervisor on the same volume adopts the running container instead of starting a second one
+        rt2, _ = runtime(store, volumes, rt.port)
+        assert rt2.adopt() and rt2.container.id == rt.container.id and rt2.pid == rt.pid and rt2.alive()
+        assert rt2.reconcile_orphans("next-incarnation") == []  # the adopted container is not an orphan
+        rt2.stop()
+        assert not rt.alive() and not client.containers.list(all=True, filters={"name": rt.container_name})
+        assert (rt.volume / f"{store}.log").stat().st_size > 0  # the container's output is kept
+        # a fresh container on the kept volume has the data
+        rt3, _ = runtime(store, volumes, rt.port)
+        start_to_ready(rt3, KINDS[store], ep)
+        assert COUNT_FEW[store](ep) == 10
+        rt3.stop()
+    finally:
+        rt.stop(5)
+        client.close()
+
+
+def test_orphans_of_a_dead_supervisor_are_removed_and_a_dead_container_replaced(dockerd: Dockerd,
+                                                                                volumes: Path) -> None:
+    client = dockerd.client()
+    rt, ep = runtime("redis", volumes)
+    rt.reconcile_orphans("incarnation-1")
+    try:
+        start_to_ready(rt, KINDS["redis"], ep)
+        WRITE_FEW["redis"](ep)
+        assert client.containers.get(rt.container_name).labels[LABEL_SUPERVISOR] == "incarnation-1"
+        # what a supervisor that crashed mid-way leaves: a one-shot step still running and an exited one,
+        # labelled for this store and volume; and a container of the same store on another volume
+        base = {LABEL_STORE: "redis", LABEL_VOLUME: str(rt.volume), LABEL_SUPERVISOR: "incarnation-0"}
+        running = client.containers.run(rt.spec.image, ["sleep", "infinity"], detach=True, network_mode="none",
+                                        name=f"{rt.container_name}-init", labels={**base, LABEL_ROLE: "init"})
+        exited = client.containers.run(rt.spec.image, ["true"], detach=True, network_mode="none",
+                                       labels={**base, LABEL_ROLE: "init"})
+        exited.wait(timeout=60)
+        elsewhere = client.containers.run(rt.spec.image, ["sleep", "infinity"], detach=True, network_mode="none",
+                                          labels={**base, LABEL_VOLUME: "/elsewhere/redis", LABEL_ROLE: "store"})
+        try:
+            rt2, _ = runtime("redis", volumes, rt.port)
+            assert rt2.adopt()
+            removed = rt2.reconcile_orphans("incarnation-2")
+            assert sorted(removed) == sorted([running.name, exited.name])
+            left = {c.id for c in client.containers.list(all=True, filters={"label": f"{LABEL_STORE}=redis"})}
+            assert left == {rt.container.id, elsewhere.id}
+            # the store dies hard: the supervisor sees it and starts a new container on the same volume
+            os.kill(rt2.pid, signal.SIGKILL)  # type: ignore[arg-type]
+            wait_for(lambda: not rt2.alive(), timeout=30, what="docker to notice the dead store")
+            rt2.start()
+            wait_for(lambda: KINDS["redis"].ready(ep), timeout=60, what="redis in its new container")
+            assert rt2.container.id != rt.container.id and COUNT_FEW["redis"](ep) == 10
+            assert client.containers.get(rt.container_name).labels[LABEL_SUPERVISOR] == "incarnation-2"
+            rt2.stop()
+        finally:
+            elsewhere.remove(force=True)
+    finally:
+        rt.stop(5)
+        client.close()
+
+
+def test_errors_say_what_to_fix(dockerd: Dockerd, volumes: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # image missing
+    rt, _ = runtime("redis", volumes)
+    rt.spec = dataclasses.replace(rt.spec, image="rma-store-redis:never-built")
+    with pytest.raises(StoreError, match=r"image rma-store-redis:never-built is missing .*build-store-images.sh redis"):
+        rt.start()
+    # port taken
+    holder = socket.socket()
+    holder.bind((HOST, 0))
+    holder.listen()
+    try:
+        rt, _ = runtime("redis", volumes, holder.getsockname()[1])
+        with pytest.raises(StoreError, match=f"port {rt.port} on {HOST} is taken"):
+            rt.start()
+    finally:
+        holder.close()
+    # disk full: the volume on a 16 MiB filesystem
+    small = volumes / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(small)], check=True)
+    try:
+        rt, _ = runtime("redis", small)
+        with pytest.raises(StoreError, match=f"disk full: less than 200 MiB free under {small}"):
+            rt.start()
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+    # no daemon behind DOCKER_HOST
+    monkeypatch.setenv("DOCKER_HOST", "unix:///run/rma-test-docker/nobody-here.sock")
+    rt, _ = runtime("redis", volumes)
+    with pytest.raises(StoreError, match="docker daemon unreachable at unix:///run/rma-test-docker/nobody-here.sock"):
+        rt.start()
+    assert not rt.adopt()
+    # a store without an image yet says so instead of failing later
+    other = next((k for k in KINDS if k not in ("redis", "postgres")), None)
+    if other:
+        with pytest.raises(StoreError, match=f"no container image for the {other} store"):
+            DockerRuntime(KINDS[other], volumes, HOST, 1, {})
