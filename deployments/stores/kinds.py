@@ -218,6 +218,7 @@ class Graph:
             # HTTP (and the MCP plugin on it) stay on loopback: services use Bolt only
             "arcadedb.server.httpIncomingHost": "127.0.0.1",
             "arcadedb.server.httpIncomingPort": port + 1,
+            "arcadedb.server.plugins": "Bolt:com.arcadedb.bolt.BoltProtocolPlugin",
             "arcadedb.bolt.host": host,
             "arcadedb.bolt.port": port,
             "arcadedb.server.defaultDatabases": f"{self.database}[root]",

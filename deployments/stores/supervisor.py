@@ -5,6 +5,7 @@ services and `status()` for the registry."""
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -12,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from deployments.stores.kinds import KINDS, Endpoint, credentials, dir_size
-from deployments.stores.runtime import ProcessRuntime, StoreError
+from deployments.stores.runtime import RUNTIMES, StoreError, make_runtime
 from rma_ray.settings import Settings
 from rma_ray.tiers import LABEL_TIER, LABEL_TRUSTED
 
 NAMESPACE = "rma"
+REPORT_EVERY_S = 10.0  # the coordinator shows a store as `unknown` after three missed reports
+log = logging.getLogger("rma.stores")
 TRUSTED_DATA = {LABEL_TIER: "data", LABEL_TRUSTED: "true"}
 
 
@@ -31,8 +34,8 @@ class StoreSupervisor:
 
         if store not in KINDS:
             raise ValueError(f"unknown store {store!r}; known: {', '.join(KINDS)}")
-        if runtime != "process":
-            raise ValueError(f"runtime {runtime!r} is not available in this build; use 'process'")
+        if runtime not in RUNTIMES:
+            raise ValueError(f"unknown runtime {runtime!r}; use one of: {', '.join(RUNTIMES)}")
         self.kind = KINDS[store]
         ctx = ray.get_runtime_context()
         self.node_id, self.labels = ctx.get_node_id(), ctx.get_node_labels()
@@ -42,14 +45,23 @@ class StoreSupervisor:
         self.volume.mkdir(parents=True, exist_ok=True)
         self.port = port or self.kind.default_port
         self.creds = credentials(self.volume)
-        self.runtime = ProcessRuntime(self.kind, self.volume, self.host, self.port, self.creds)
+        self.runtime_name = runtime
+        # one id per incarnation of this actor: containers started by an earlier incarnation are orphans
+        self.incarnation = f"{ctx.get_actor_id() or 'driver'}:{os.getpid()}:{int(time.time())}"
         self.state, self.error, self.restarts = "starting", None, 0
+        try:
+            self.runtime: Any = make_runtime(runtime, self.kind, self.volume, self.host, self.port, self.creds)
+        except StoreError as exc:  # e.g. no Docker on this node: say so in status(), do not crash-loop the actor
+            self.runtime, self.state, self.error = None, "failed", str(exc)
         self.ready_s: float | None = None
         self.adopted = False
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._supervise, daemon=True)
-        self._thread.start()
+        if self.runtime is not None:
+            self._thread.start()
+        self._reporter = threading.Thread(target=self._report_loop, daemon=True)
+        self._reporter.start()
 
     def _endpoint(self) -> Endpoint:
         return self.kind.endpoint(self.host, self.port, self.creds)  # type: ignore[no-any-return]
@@ -57,6 +69,9 @@ class StoreSupervisor:
     def _bring_up(self) -> None:
         t0 = time.monotonic()
         self.adopted = self.runtime.adopt()
+        reconcile = getattr(self.runtime, "reconcile_orphans", None)
+        if reconcile is not None:  # docker: remove containers of this store that no live supervisor owns
+            reconcile(self.incarnation)
         if not self.adopted:
             self.runtime.start()
         deadline = time.monotonic() + 120
@@ -81,14 +96,15 @@ class StoreSupervisor:
                 try:
                     self._bring_up()
                     delay = 1.0
-                except StoreError as exc:
-                    self.state, self.error = "failed", str(exc)
+                except Exception as exc:  # StoreError says what to fix; anything else: its type and text
+                    self.state = "failed"
+                    self.error = str(exc) if isinstance(exc, StoreError) else f"{type(exc).__name__}: {exc}"
                     self.runtime.stop(5)
                     self._stop.wait(delay)
                     delay = min(60.0, delay * 2)
                     continue
             if not self.runtime.alive():
-                self.state, self.error = "restarting", f"{self.kind.name} process exited"
+                self.state, self.error = "restarting", f"{self.kind.name} {self.runtime.name} exited"
                 self._ready.clear()
                 self.restarts += 1
                 continue
@@ -103,16 +119,55 @@ class StoreSupervisor:
         return self._endpoint().__dict__.copy()
 
     def status(self) -> dict[str, Any]:
-        return {"name": self.kind.name, "runtime": self.runtime.name, "node_id": self.node_id,
+        return {"name": self.kind.name, "runtime": self.runtime_name, "node_id": self.node_id,
                 "node_ip": self.host, "labels": self.labels, "status": self.state, "error": self.error,
-                "pid": self.runtime.pid, "port": self.port, "size_bytes": dir_size(self.volume),
+                "pid": self.runtime.pid if self.runtime else None, "port": self.port,
+                "size_bytes": dir_size(self.volume),
                 "ready_s": self.ready_s, "restarts": self.restarts, "adopted": self.adopted,
                 "supervisor_pid": os.getpid()}
 
     def stop(self) -> None:
         self._stop.set()
-        self.runtime.stop()
+        if self.runtime is not None:
+            self.runtime.stop()
         self.state = "stopped"
+        self._report()
+
+    # -- reporting to the coordinator (registry page, GET /api/admin/stores) ------------------------------
+
+    def _report(self) -> bool:
+        """PUT this store's status to the coordinator with this node's credential; never the store's password."""
+        import httpx
+
+        from rma_ray.identity import NoIdentity, local_identity
+
+        try:
+            ident = local_identity()
+        except NoIdentity:
+            return False  # a bare test cluster: nobody to tell
+        st = self.status()
+        body = {"runtime": st["runtime"], "status": st["status"], "error": (st["error"] or None) and st["error"][:2000],
+                "node_id": st["node_id"], "node_ip": st["node_ip"], "port": st["port"],
+                "size_bytes": st["size_bytes"], "restarts": st["restarts"], "ready_s": st["ready_s"]}
+        try:
+            r = httpx.put(f"{ident.coordinator_url}/api/stores/{self.kind.name}", json=body, timeout=5,
+                          headers={"Authorization": f"Bearer {ident.credential}"})
+            if r.status_code != 204:
+                log.warning("store report refused: %s %s", r.status_code, r.text[:200])
+            return r.status_code == 204
+        except httpx.HTTPError as exc:
+            log.info("store report failed (coordinator unreachable?): %s", exc)
+            return False
+
+    def _report_loop(self) -> None:
+        last = None
+        next_at = 0.0
+        while not self._stop.is_set():
+            if self.state != last or time.monotonic() >= next_at:
+                if self._report():
+                    last = self.state
+                next_at = time.monotonic() + REPORT_EVERY_S
+            self._stop.wait(0.5)
 
 
 def ensure(store: str, runtime: str = "process", selector: dict[str, str] | None = None, port: int | None = None,
