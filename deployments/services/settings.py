@@ -1,0 +1,55 @@
+"""Settings of the services app, from `RMA_SERVICES_*` environment variables or passed to `build_app()`.
+
+They travel to every replica as a constructor argument, so a test can place deployments with its own label
+selectors and limits without touching the environment of the nodes."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from rma_ray.tiers import LABEL_TIER, LABEL_TRUSTED
+
+
+class Limits(BaseModel):
+    """Queueing and concurrency of one deployment (Serve: max_ongoing_requests, max_queued_requests)."""
+
+    max_ongoing_requests: int = Field(ge=1)
+    max_queued_requests: int = Field(ge=1)
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=4, ge=1)
+    target_ongoing_requests: float = Field(default=2.0, gt=0)
+    num_cpus: float = Field(default=0.0, ge=0)
+
+
+def _limits(ongoing: int, queued: int, target: float, max_replicas: int = 4) -> Limits:
+    return Limits(max_ongoing_requests=ongoing, max_queued_requests=queued, target_ongoing_requests=target,
+                  max_replicas=max_replicas)
+
+
+class ServicesSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RMA_SERVICES_", extra="ignore")
+
+    # placement: service deployments on service-tier nodes; uploads (bytes on a volume) on trusted data nodes
+    service_selector: dict[str, str] = Field(default_factory=lambda: {LABEL_TIER: "service"})
+    data_selector: dict[str, str] = Field(default_factory=lambda: {LABEL_TIER: "data", LABEL_TRUSTED: "true"})
+
+    # the gateway is async and only waits on handles: it can hold many requests; the CPU-bound deployments
+    # (parse, OCR, embeddings, NER) are kept near their core count so that a queue forms where it can be bounded
+    gateway: Limits = Field(default_factory=lambda: _limits(256, 512, 64.0))
+    documents: Limits = Field(default_factory=lambda: _limits(4, 64, 2.0))
+    ocr: Limits = Field(default_factory=lambda: _limits(2, 32, 1.0))
+    uploads: Limits = Field(default_factory=lambda: _limits(16, 128, 8.0, max_replicas=1))
+    notes: Limits = Field(default_factory=lambda: _limits(32, 256, 16.0))
+    rag: Limits = Field(default_factory=lambda: _limits(8, 128, 4.0))
+    graph: Limits = Field(default_factory=lambda: _limits(8, 128, 4.0))
+
+    retry_after_s: float = Field(default=2.0, ge=0, description="Retry-After on a 503 for a full queue")
+    request_timeout_s: float = Field(default=120.0, gt=0, description="the gateway's limit on one backend call")
+    upload_max_bytes: int = Field(default=25 * 1024 * 1024, ge=1024)
+    uploads_dir: str | None = Field(default=None, description="content-addressed bytes; default <stores dir>/uploads")
+    database: str = Field(default="rma_services", pattern=r"^[a-z_][a-z0-9_]{0,62}$",
+                          description="the Postgres database of uploads and notes (created if missing)")
+    rag_chunk_chars: int = Field(default=800, ge=100, le=8000)
+    rag_chunk_overlap: int = Field(default=120, ge=0, le=2000)
+    llm_timeout_s: float = Field(default=120.0, gt=0)
