@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,16 +22,32 @@ from typing import Any
 import psutil
 import pytest
 
-from deployments.stores.docker_runtime import (LABEL_ENDPOINT, LABEL_ROLE, LABEL_STORE, LABEL_SUPERVISOR,
-                                               LABEL_VOLUME, DockerRuntime)
+from deployments.stores.docker_runtime import (
+    LABEL_ENDPOINT,
+    LABEL_ROLE,
+    LABEL_STORE,
+    LABEL_SUPERVISOR,
+    LABEL_VOLUME,
+    DockerRuntime,
+)
 from deployments.stores.kinds import KINDS, credentials
 from deployments.stores.runtime import StoreError
-from tests.docker_support import Dockerd, dockerd, start_to_ready  # noqa: F401  (dockerd is a fixture)
+from rma_ray.net import local_ip_towards
+from rma_ray.raynode import NodeSpec, RayNode, short_temp_dir
+from rma_ray.settings import read_or_create_secret
+from tests.docker_support import Dockerd, dockerd_for_session, start_to_ready
+from tests.integration.test_stores import COUNT, WRITE, Cluster, actor_state
 from tests.support import free_port, wait_for
 
 pytestmark = [pytest.mark.docker]
 STORES = ["redis", "postgres"]
 HOST = "127.0.0.1"
+
+
+@pytest.fixture(scope="session")
+def dockerd() -> Iterator[Dockerd]:
+    """A private dockerd with the store images built (~75 s cold, ~1 s with its kept data root); session-scoped."""
+    yield from dockerd_for_session()
 
 
 @pytest.fixture
@@ -192,3 +209,135 @@ def test_errors_say_what_to_fix(dockerd: Dockerd, volumes: Path, monkeypatch: py
     if other:
         with pytest.raises(StoreError, match=f"no container image for the {other} store"):
             DockerRuntime(KINDS[other], volumes, HOST, 1, {})
+
+
+# -- on a real Ray cluster, through the supervisor ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ray_cluster(dockerd: Dockerd, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A Ray head plus an untrusted data node (~20 s), with DOCKER_HOST set for their workers; module-scoped.
+    The trusted data node joins in the first test."""
+    root = tmp_path_factory.mktemp("stores-docker")
+    token = root / "cluster_token"
+    read_or_create_secret(token)
+    ip = local_ip_towards("192.0.2.1")
+    port = free_port(ip)
+    assert os.environ["DOCKER_HOST"] == dockerd.host  # Ray nodes inherit it: supervisors reach the private dockerd
+    head = RayNode(NodeSpec(node_ip=ip, token_file=token, head=True, temp_dir=short_temp_dir(f"itd-head-{os.getpid()}"),
+                            labels={"rma.io/tier": "head"}, gcs_port=port, dashboard_port=free_port(ip), num_cpus=1,
+                            drain_timeout_s=2), root / "head.log")
+    head.start()
+    stores = Path(tempfile.mkdtemp(prefix="rma-itd-stores-"))
+    stores.chmod(0o755)
+    c = Cluster(root, token, f"{ip}:{port}", ip, {"head": head}, stores)
+    try:
+        head.wait_started(120)
+        c.add_node("untrusted", {"rma.io/tier": "data", "rma.io/trusted": "false", "rma.io/node": "untrusted"})
+        yield c
+    finally:
+        try:
+            c.driver("""
+                for s in %r:
+                    try:
+                        a = ray.get_actor("rma-store-" + s, namespace="rma")
+                        ray.get(a.stop.remote(), timeout=90)
+                        ray.kill(a, no_restart=True)
+                    except Exception:
+                        pass
+                print("{}")
+            """ % STORES, timeout=150)
+        finally:
+            for node in reversed(list(c.nodes.values())):
+                node.stop(timeout=20)
+                shutil.rmtree(node.spec.temp_dir, ignore_errors=True)
+            shutil.rmtree(stores, ignore_errors=True)
+
+
+STATUS = """
+from deployments.stores import supervisor
+a = supervisor.ensure(%(store)r, runtime="docker")
+print(json.dumps(ray.get(a.status.remote())))
+"""
+
+
+def _status(c: Cluster, store: str) -> dict[str, Any]:
+    return c.driver(STATUS % {"store": store})  # type: ignore[no-any-return]
+
+
+def _ready_status(c: Cluster, store: str) -> dict[str, Any] | None:
+    st = _status(c, store)
+    return st if st["status"] == "ready" else None
+
+
+def _store_containers(client: Any, store: str) -> list[Any]:
+    return list(client.containers.list(all=True, filters={"label": f"{LABEL_STORE}={store}"}))
+
+
+@pytest.mark.ray
+def test_docker_stores_wait_for_a_trusted_data_node_and_never_use_an_untrusted_one(dockerd: Dockerd,
+                                                                                  ray_cluster: Cluster) -> None:
+    for store in STORES:  # ports of their own: a process-runtime test may hold the defaults on this machine
+        ray_cluster.driver("""
+            from deployments.stores import supervisor
+            supervisor.ensure(%r, runtime="docker", port=%d)
+            print("{}")
+        """ % (store, free_port(ray_cluster.ip)))
+    for store in STORES:
+        wait_for(lambda s=store: actor_state(ray_cluster, s) == "PENDING_CREATION", timeout=30,
+                 what=f"{store} supervisor pending")
+    client = dockerd.client()
+    assert not [c.name for s in STORES for c in _store_containers(client, s)]  # nothing ran on the untrusted node
+    ray_cluster.add_node("trusted", {"rma.io/tier": "data", "rma.io/trusted": "true", "rma.io/node": "trusted"})
+    for store in STORES:
+        st = wait_for(lambda s=store: _ready_status(ray_cluster, s), timeout=120, what=f"{store} ready in its container")
+        assert st["runtime"] == "docker" and st["labels"]["rma.io/node"] == "trusted"
+        assert st["labels"]["rma.io/trusted"] == "true" and st["labels"]["rma.io/tier"] == "data"
+        print(f"\n[docker] {store} under its supervisor: start -> ready {st['ready_s']:.2f} s")
+        (ctr,) = _store_containers(client, store)
+        assert ctr.labels[LABEL_VOLUME] == str(ray_cluster.stores / "trusted" / store)
+        assert ctr.attrs["State"]["Pid"] == st["pid"]
+    client.close()
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("store", STORES)
+def test_1000_records_survive_a_supervisor_crash_and_a_container_death(dockerd: Dockerd, ray_cluster: Cluster,
+                                                                       store: str) -> None:
+    def run(body: str, out: str) -> Any:
+        return ray_cluster.driver(
+            "from deployments.stores import supervisor\nsupervisor.ensure(%r, runtime='docker')\n"
+            "ep = supervisor.endpoint(%r)\n" % (store, store) + textwrap.dedent(body)
+            + f"\nprint(json.dumps({out}))")
+
+    client = dockerd.client()
+    assert run(WRITE[store], "acked") == 1000
+    before = _status(ray_cluster, store)
+    (ctr,) = _store_containers(client, store)
+    # what a supervisor that crashed mid-way leaves behind: a labelled one-shot container on this store's volume
+    orphan = client.containers.run(ctr.image.id, ["sleep", "infinity"], detach=True, network_mode="none",
+                                   labels={LABEL_STORE: store, LABEL_VOLUME: ctr.labels[LABEL_VOLUME],
+                                           LABEL_SUPERVISOR: "a-crashed-incarnation", LABEL_ROLE: "init"})
+    # 1. the supervisor actor dies; Ray restarts it; it adopts the running store container and removes the orphan
+    ray_cluster.driver("""
+        ray.kill(ray.get_actor("rma-store-%s", namespace="rma"), no_restart=False)
+        print("{}")
+    """ % store)
+    wait_for(lambda: _status(ray_cluster, store)["supervisor_pid"] != before["supervisor_pid"], timeout=90,
+             what="the supervisor to be restarted by Ray")
+    after = wait_for(lambda: _ready_status(ray_cluster, store), timeout=120, what="the store to be ready under the new supervisor")
+    assert after["adopted"] and after["pid"] == before["pid"]
+    assert [c.id for c in _store_containers(client, store)] == [ctr.id]  # the orphan is gone, the store kept
+    assert run(COUNT[store], "n") == 1000
+    # 2. the store's container dies hard: the supervisor starts a new one on the same volume
+    os.kill(after["pid"], signal.SIGKILL)
+    def restarted() -> dict[str, Any] | None:
+        st = _ready_status(ray_cluster, store)
+        return st if st and st["pid"] != after["pid"] else None
+
+    again = wait_for(restarted, timeout=120, what="the store to be restarted in a new container")
+    (new,) = _store_containers(client, store)
+    assert new.id != ctr.id and new.attrs["State"]["Pid"] == again["pid"]
+    assert run(COUNT[store], "n") == 1000
+    orphan_gone = not client.containers.list(all=True, filters={"id": orphan.id})
+    client.close()
+    assert orphan_gone
