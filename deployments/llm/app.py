@@ -1,0 +1,285 @@
+"""The LLM's Serve applications, on the pool's one HTTP port (Serve routes by the longest route prefix):
+
+- `rma-llm` at `/v1`: ray.serve.llm's `OpenAiIngress` (GET /v1/models, GET /v1/models/{id}, POST
+  /v1/chat/completions with `stream` SSE, POST /v1/completions) in front of one `LLMServer` (vLLM). Its FastAPI app
+  is ours: every route carries the client-key dependency (`deployments.gateway.auth`), refusals are OpenAI error
+  bodies, and the docs/OpenAPI routes are off (they would be reachable without a key). ray.serve.llm's other routes
+  (embeddings, score, tokenize, transcriptions) are not mounted.
+- `rma-inference` at `/api/inference` (longer than the services' `/api`, so it wins there): the seed's POST
+  /api/inference/llm, and the handle entry (`LLMGateway.chat`) that other deployments use through
+  `deployments.llm.client` with plain dicts (so callers never import vLLM).
+
+`deploy()` runs both with `serve.run` from a driver connected to the pool (`python -m deployments.llm deploy`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Literal
+
+from fastapi import Depends, FastAPI
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ray import serve
+
+from deployments.gateway.auth import ClientDep, openai_error_handler, require_client, rma_error_handler
+from deployments.llm.config import (
+    INFERENCE_APP,
+    INFERENCE_ROUTE_PREFIX,
+    LLM_APP,
+    LLM_ROUTE_PREFIX,
+    LLMSettings,
+    build_llm_config,
+)
+
+INGRESS_DEPLOYMENT = "OpenAiIngress"
+GATEWAY_DEPLOYMENT = "LLMGateway"
+AUTH = [Depends(require_client)]
+
+
+def openai_fastapi_app() -> FastAPI:
+    """ray.serve.llm's ingress middlewares (request ids, OpenAI-shaped errors, HTTP metrics) on an app with no
+    docs routes, plus our client-key refusals in OpenAI's shape."""
+    from ray.llm._internal.serve.core.ingress.middleware import (
+        SetRequestIdMiddleware,
+        add_exception_handling_middleware,
+    )
+    from ray.llm._internal.serve.observability.metrics.fast_api_metrics import (
+        add_http_metrics_middleware,
+        metrics_lifespan,
+    )
+
+    app = FastAPI(lifespan=metrics_lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    add_exception_handling_middleware(app)
+    add_http_metrics_middleware(app)
+    app.add_middleware(SetRequestIdMiddleware)
+    openai_error_handler(app)
+    return app
+
+
+def openai_routes() -> dict[str, Any]:
+    """OpenAiIngress method -> route, each behind the client key (paths are relative to the /v1 prefix)."""
+    from ray.llm._internal.serve.core.configs.openai_api_models import ModelCard, ModelList
+
+    return {
+        "models": lambda app: app.get("/models", response_model=ModelList, dependencies=AUTH),
+        "model_data": lambda app: app.get("/models/{model:path}", response_model=ModelCard, dependencies=AUTH),
+        "completions": lambda app: app.post("/completions", dependencies=AUTH),
+        "chat": lambda app: app.post("/chat/completions", dependencies=AUTH),
+    }
+
+
+def build_llm_app(settings: LLMSettings) -> Any:
+    from ray import serve
+    from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
+    from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress, make_fastapi_ingress
+    from ray.serve.llm import build_llm_deployment
+
+    llm_config = build_llm_config(settings)
+    ingress_cls = make_fastapi_ingress(OpenAiIngress, endpoint_map=openai_routes(), app=openai_fastapi_app())
+    options = OpenAiIngress.get_deployment_options([llm_config])
+    # The ingress only forwards: on a 2-core node the LLM's placement group takes every CPU, so it reserves none.
+    options["ray_actor_options"] = {"num_cpus": 0}
+    return serve.deployment(ingress_cls, name=INGRESS_DEPLOYMENT, **options).bind(
+        llm_deployments={llm_config.model_id: build_llm_deployment(llm_config)},
+        model_cards={llm_config.model_id: to_model_metadata(llm_config.model_id, llm_config)},
+        lora_paths={},
+    )
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=200_000)
+
+
+class InferenceRequest(BaseModel):
+    """The seed's /api/inference/llm body: a prompt or chat messages."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: str | None = Field(default=None, min_length=1, max_length=200_000)
+    system: str | None = Field(default=None, max_length=20_000)
+    messages: list[Message] | None = Field(default=None, min_length=1, max_length=500)
+    model: str | None = None
+    max_tokens: int = Field(default=256, ge=1, le=32_768)
+    temperature: float = Field(default=0.7, ge=0, le=2)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    stop: list[str] | None = Field(default=None, max_length=8)
+
+    @model_validator(mode="after")
+    def _one_input(self) -> InferenceRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("send exactly one of 'prompt' or 'messages'")
+        return self
+
+    def chat_messages(self) -> list[dict[str, str]]:
+        if self.messages is not None:
+            msgs = [m.model_dump() for m in self.messages]
+        else:
+            msgs = [{"role": "user", "content": self.prompt or ""}]
+        if self.system:
+            msgs.insert(0, {"role": "system", "content": self.system})
+        return msgs
+
+
+class LLMCallError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def inference_fastapi_app() -> FastAPI:
+    from fastapi import Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    rma_error_handler(app)
+
+    @app.exception_handler(LLMCallError)
+    async def _llm_error(request: Request, exc: LLMCallError) -> JSONResponse:
+        return JSONResponse({"error": {"code": exc.code, "message": exc.message}}, status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"msg": "invalid request", "loc": ()}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        message = f"{where}: {first['msg']}" if where else str(first["msg"])
+        return JSONResponse({"error": {"code": "invalid_request", "message": message}}, status_code=422)
+
+    return app
+
+
+_inference_app = inference_fastapi_app()
+
+
+def _error_from(resp: Any) -> LLMCallError:
+    err = resp.error
+    status = int(err.code) if 400 <= int(err.code) < 600 else 500
+    code = {400: "invalid_request", 404: "model_not_found"}.get(status, "llm_error")
+    return LLMCallError(status, code, _short(err.message))
+
+
+def _short(message: str) -> str:
+    """vLLM's messages come wrapped ('Message: ..., Internal exception: ...'): keep the first part."""
+    if message.startswith("Message: "):
+        message = message[len("Message: "):].split(", Internal exception:")[0]
+    return message[:500]
+
+
+@serve.deployment(name=GATEWAY_DEPLOYMENT, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
+@serve.ingress(_inference_app)
+class LLMGateway:
+    """POST /api/inference/llm, and `chat(payload)` for other deployments (plain dicts in and out)."""
+
+    def __init__(self) -> None:
+        self._models: list[str] = []
+        self._servers: dict[str, Any] = {}
+
+    async def _model_ids(self) -> list[str]:
+        if not self._models:
+            ingress = serve.get_deployment_handle(INGRESS_DEPLOYMENT, app_name=LLM_APP)
+            listing = await ingress.models.remote()
+            self._models = [m.id for m in listing.data]
+        return self._models
+
+    async def _server(self, model: str | None) -> tuple[str, Any]:
+        ids = await self._model_ids()
+        chosen = model or ids[0]
+        if chosen not in ids:
+            raise LLMCallError(404, "model_not_found", f"unknown model {chosen!r}; served: {', '.join(ids)}")
+        if chosen not in self._servers:
+            name = "LLMServer:" + chosen.replace("/", "--").replace(".", "_")
+            self._servers[chosen] = serve.get_deployment_handle(name, app_name=LLM_APP).options(stream=True)
+        return chosen, self._servers[chosen]
+
+    async def chat(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """`payload`: OpenAI chat fields (messages, max_tokens, temperature, top_p, stop, model). Returns
+        {"text", "model", "finish_reason", "usage"}; raises LLMCallError(status, code, message)."""
+        from ray.llm._internal.serve.core.configs.openai_api_models import (
+            ChatCompletionRequest,
+            ErrorResponse,
+        )
+
+        model, server = await self._server(payload.get("model"))
+        try:
+            request = ChatCompletionRequest(**{**payload, "model": model, "stream": False})
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise LLMCallError(400, "invalid_request", f"{'.'.join(map(str, first['loc']))}: {first['msg']}") \
+                from None
+        async for resp in server.chat.remote(request, None):
+            if isinstance(resp, list):  # batched stream chunks never come for stream=False; be safe
+                resp = resp[0]
+            if isinstance(resp, ErrorResponse):
+                raise _error_from(resp)
+            choice = resp.choices[0]
+            return {"text": choice.message.content or "", "model": resp.model,
+                    "finish_reason": choice.finish_reason,
+                    "usage": resp.usage.model_dump() if resp.usage else None}
+        raise LLMCallError(502, "llm_error", "the LLM replica returned nothing")
+
+    @_inference_app.post("/llm")
+    async def llm(self, body: InferenceRequest, client: ClientDep) -> dict[str, Any]:
+        started = time.perf_counter()
+        payload: dict[str, Any] = {"messages": body.chat_messages(), "max_tokens": body.max_tokens,
+                                   "temperature": body.temperature, "top_p": body.top_p}
+        if body.stop:
+            payload["stop"] = body.stop
+        if body.model:
+            payload["model"] = body.model
+        out = await self.chat(payload)
+        return {**out, "latency_ms": round((time.perf_counter() - started) * 1000, 1)}
+
+
+
+def build_inference_app() -> Any:
+    return LLMGateway.bind()
+
+
+def deploy(settings: LLMSettings | None = None, *, blocking_timeout_s: float = 600) -> dict[str, Any]:
+    """Run both applications on the Serve instance of the Ray cluster this process is connected to
+    (`ray.init(address=...)` first). Returns once they are RUNNING, with timings; raises on failure."""
+    from ray import serve
+
+    settings = settings or LLMSettings()
+    if settings.resolved_tier() == "cpu" and (settings.model_source or settings.entry().source).startswith("embedded:"):
+        from deployments.llm.prepare import prepare_embedded
+
+        prepare_embedded(settings.embedded_dir(), progress=True)
+    started = time.monotonic()
+    serve.run(build_llm_app(settings), name=LLM_APP, route_prefix=LLM_ROUTE_PREFIX, blocking=False)
+    serve.run(build_inference_app(), name=INFERENCE_APP, route_prefix=INFERENCE_ROUTE_PREFIX, blocking=False)
+    wait_running([LLM_APP, INFERENCE_APP], timeout_s=blocking_timeout_s)
+    return {"apps": [LLM_APP, INFERENCE_APP], "ready_s": round(time.monotonic() - started, 1),
+            "model": settings.entry().model_id}
+
+
+def wait_running(apps: list[str], timeout_s: float) -> None:
+    from ray import serve
+    from ray.serve.schema import ApplicationStatus
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = serve.status().applications
+        states = {a: status[a].status if a in status else "MISSING" for a in apps}
+        failed = [a for a, s in states.items() if s in (ApplicationStatus.DEPLOY_FAILED, ApplicationStatus.UNHEALTHY)]
+        if failed:
+            raise RuntimeError(f"Serve app {failed[0]} failed: {status[failed[0]].message[-2000:]}")
+        if all(s == ApplicationStatus.RUNNING for s in states.values()):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"Serve apps not running after {timeout_s:.0f} s: {json.dumps(states, default=str)}")
+        time.sleep(1)
+
+
+def undeploy() -> None:
+    """Delete both applications (Serve stops the replicas; vLLM's engine process goes with its replica)."""
+    from ray import serve
+
+    for app in (INFERENCE_APP, LLM_APP):
+        try:
+            serve.delete(app, _blocking=True)
+        except Exception:  # already gone
+            pass

