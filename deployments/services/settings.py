@@ -44,6 +44,9 @@ class ServicesSettings(BaseSettings):
     rag: Limits = Field(default_factory=lambda: _limits(8, 128, 4.0))
     graph: Limits = Field(default_factory=lambda: _limits(8, 128, 4.0))
 
+    replica_env: dict[str, str] = Field(default_factory=dict, description="extra environment of every replica "
+                                        "(e.g. RMA_COORDINATOR_URL and RMA_KEYRING_CREDENTIAL_FILE: a path, "
+                                        "never a secret)")
     retry_after_s: float = Field(default=2.0, ge=0, description="Retry-After on a 503 for a full queue")
     request_timeout_s: float = Field(default=120.0, gt=0, description="the gateway's limit on one backend call")
     upload_max_bytes: int = Field(default=25 * 1024 * 1024, ge=1024)

