@@ -263,6 +263,16 @@ def _say(message: str) -> None:
     out.print(message, highlight=False)
 
 
+def _store_list(value: str) -> tuple[str, ...]:
+    from rma_ray.head import STORE_NAMES
+
+    names = tuple(s.strip() for s in value.split(",") if s.strip() and s.strip() != "none")
+    unknown = [n for n in names if n not in STORE_NAMES]
+    if unknown:
+        fail(f"--stores: unknown store {', '.join(unknown)}; choose from {', '.join(STORE_NAMES)} or 'none'")
+    return names
+
+
 @app.command("up")
 def up(
     node_ip_address: Annotated[str | None, typer.Option("--node-ip-address",
@@ -281,6 +291,9 @@ def up(
                                               max=65535)] = 51820,
     overlay_subnet: Annotated[str, typer.Option(help="overlay addresses (hub takes the first)")] = "10.88.0.0/16",
     overlay_interface: Annotated[str, typer.Option(help="the hub's interface name")] = "rma-hub",
+    stores: Annotated[str, typer.Option(help="data stores to start, comma-separated, or 'none'")]
+    = "redis,postgres,chroma,graph",
+    store_runtime: Annotated[str, typer.Option(help="process (the stores' own binaries) or docker")] = "process",
     data_dir: DataDirOpt = None,
 ) -> None:
     """Start the pool on this machine (Ray head, Serve, coordinator) and supervise it until Ctrl-C."""
@@ -288,11 +301,13 @@ def up(
     from rma_ray.head import Pool, UpError, UpOptions
 
     ip = node_ip_address or local_ip_towards("192.0.2.1")
+    if store_runtime not in ("process", "docker"):
+        fail(f"--store-runtime {store_runtime!r}: use 'process' or 'docker'")
     opts = UpOptions(data_dir=_data_dir(data_dir), node_ip=ip, coordinator_host=coordinator_host or ip,
                      coordinator_port=coordinator_port, gcs_port=gcs_port, dashboard_port=dashboard_port,
                      serve_port=serve_port, head_cpus=head_cpus, heartbeat_interval_s=heartbeat_interval,
                      overlay=overlay, overlay_port=overlay_port, overlay_subnet=overlay_subnet,
-                     overlay_interface=overlay_interface)
+                     overlay_interface=overlay_interface, stores=_store_list(stores), store_runtime=store_runtime)
     if overlay:
         import ipaddress
 

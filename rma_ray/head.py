@@ -34,6 +34,10 @@ from rma_ray.settings import read_or_create_secret
 from rma_ray.tiers import LABEL_TIER
 
 
+# the stores deployments/stores/kinds.py knows (rma_ray never imports deployments; a unit test keeps them equal)
+STORE_NAMES = ("redis", "postgres", "chroma", "graph")
+
+
 class UpError(Exception):
     """One line for the admin."""
 
@@ -56,6 +60,9 @@ class UpOptions:
     overlay_port: int = wg.DEFAULT_PORT
     overlay_subnet: str = wg.DEFAULT_SUBNET
     overlay_interface: str = "rma-hub"
+    stores: tuple[str, ...] = STORE_NAMES  # the embedded default's data stores
+    store_runtime: str = "process"
+    stores_wait_s: float = 240.0
 
     @property
     def ray_ip(self) -> str:
@@ -146,13 +153,24 @@ class Pool:
         if why:
             raise UpError(f"--overlay: {why}")
         self.hub = wg.Hub(self.o.data_dir, self.o.overlay_subnet, self.o.overlay_port, self.o.overlay_interface,
-                               extra_tcp=[self.o.gcs_port, self.o.dashboard_port])
+                               extra_tcp=[self.o.gcs_port, self.o.dashboard_port],
+                               public_tcp={self.o.coordinator_port, self.o.serve_port})
         self.say(f"starting the overlay hub {self.hub.name} on {self.hub.address} (UDP {self.o.overlay_port}) …")
         try:
             self.hub.up()
         except wg.OverlayError as exc:
             self.hub = None
             raise UpError(f"the overlay hub did not start: {exc}") from None
+
+    def guard_ports(self) -> None:
+        """Firewall any port the head's Ray opened outside the pinned ones (autoscaler monitor, dashboard gRPC)."""
+        if self.hub is None or self.head is None:
+            return
+        self.head.track()
+        try:
+            self.hub.firewall.cover(wg.listening_ports(self.head.pids()))
+        except wg.OverlayError as exc:
+            self.say(f"[yellow]firewall:[/] {exc}")
 
     def hub_env(self) -> dict[str, str]:
         if self.hub is None:
@@ -231,13 +249,57 @@ class Pool:
             "first_start": first_start,
         }
         write_private(pool_file(self.o.data_dir), json.dumps(info, indent=2))
+        info["stores"] = self.start_stores()  # after pool.json: supervisors on the head report with its admin key
+        write_private(pool_file(self.o.data_dir), json.dumps(info, indent=2))
         return info
+
+    def _stores_cmd(self, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+        env = {**ray_env(self.token_file), "RAY_ADDRESS": self.o.gcs_address}
+        return subprocess.run([sys.executable, "-m", "deployments.stores", *args], env=env, capture_output=True,
+                              text=True, timeout=timeout, check=False)
+
+    def start_stores(self) -> dict[str, Any]:
+        """The data stores under their Ray supervisors: on a trusted data donor when one is online, on the head
+        otherwise. A store that fails is reported (registry, `rma status`) but does not take the pool down."""
+        if not self.o.stores:
+            return {}
+        self.say(f"starting data stores ({', '.join(self.o.stores)}, {self.o.store_runtime} runtime) …")
+        try:
+            r = self._stores_cmd("up", "--stores", ",".join(self.o.stores), "--runtime", self.o.store_runtime,
+                                 "--wait", str(self.o.stores_wait_s), timeout=self.o.stores_wait_s + 120)
+        except subprocess.TimeoutExpired:
+            self.say("[yellow]the data stores did not report in time[/]; see the registry page")
+            return {}
+        out: dict[str, Any] = {}
+        for line in r.stdout.splitlines():
+            try:
+                st = json.loads(line)
+            except ValueError:
+                continue
+            out[st["store"]] = {k: st.get(k) for k in ("status", "where", "node_ip", "port", "error")}
+            if st["status"] == "ready":
+                self.say(f"  {st['store']}: ready on {st['where']} ({st['node_ip']}:{st['port']}, "
+                         f"{st['ready_s']:.1f} s)")
+            else:
+                self.say(f"  [yellow]{st['store']}: {st['status']}[/] — {st.get('error')}")
+        if r.returncode not in (0, 1):
+            (self.logs / "stores.log").write_text(r.stdout + r.stderr)
+            self.say(f"[yellow]starting the data stores failed[/]; see {self.logs / 'stores.log'}")
+        return out
+
+    def stop_stores(self) -> None:
+        if self.o.stores and self.head is not None and self.head.running():
+            try:
+                self._stores_cmd("down", "--stores", ",".join(self.o.stores), "--wait", "60", timeout=150)
+            except subprocess.TimeoutExpired:
+                self.say("[yellow]the data stores did not stop in time[/]")
 
     def rotate(self) -> None:
         """A new cluster token: restart the Ray head with it. Live donors learn of it from their heartbeat
         reply and fetch it with their node token; revoked donors cannot, so the old token is worthless.
         Serve's state lives in the head's GCS and starts again empty."""
-        self.say("rotating the cluster token: stopping Serve and the Ray head …")
+        self.say("rotating the cluster token: stopping the stores, Serve and the Ray head …")
+        self.stop_stores()
         subprocess.run([sys.executable, "-m", "rma_ray.serve_admin", "shutdown", "--address", self.o.gcs_address],
                        env=ray_env(self.token_file), capture_output=True, timeout=60, check=False)
         if self.head is not None:
@@ -248,11 +310,14 @@ class Pool:
         info = read_pool(self.o.data_dir)
         info.update(head_pid=self.head.pid if self.head else None, cluster_token_rotated_at=time.time())
         write_private(pool_file(self.o.data_dir), json.dumps(info, indent=2))
+        info["stores"] = self.start_stores()  # the new cluster starts empty: the supervisors again, same volumes
+        write_private(pool_file(self.o.data_dir), json.dumps(info, indent=2))
         self.say("[green]cluster token rotated[/]; live donors rejoin on their next heartbeat")
 
     def supervise(self) -> None:
         """Restart the coordinator if it dies; the head's death ends the pool (donors would have to rejoin)."""
         while not self.stop_event.wait(2):
+            self.guard_ports()
             if self.rotate_event.is_set():
                 self.rotate_event.clear()
                 try:
@@ -273,6 +338,7 @@ class Pool:
                     self.say(f"[red]{exc}[/]")
 
     def down(self) -> None:
+        self.stop_stores()  # first: Postgres checkpoints and Redis fsyncs before their node goes
         if self.coordinator is not None and self.coordinator.poll() is None:
             self.coordinator.terminate()
             try:

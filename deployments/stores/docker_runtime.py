@@ -79,9 +79,38 @@ def _prepare_postgres(rt: DockerRuntime, data: Path) -> tuple[list[str], dict[st
              "-k", "/run/postgresql"], {"PGPORT": str(rt.port)})
 
 
+def _prepare_chroma(rt: DockerRuntime, data: Path) -> tuple[list[str], dict[str, str]]:
+    # Chroma 1.x has no authentication: bound to the node's pool address only, as under the process runtime
+    return (["run", "--path", f"{MOUNT}/chroma", "--host", rt.host, "--port", str(rt.port)],
+            {"RMA_HOST": rt.host, "RMA_PORT": str(rt.port)})
+
+
+def _prepare_graph(rt: DockerRuntime, data: Path) -> tuple[list[str], dict[str, str]]:
+    kind = rt.kind
+    pw = data / ".root-password"
+    if not pw.exists():  # read by ArcadeDB when it creates the root user (kept hashed after that)
+        _write_private(pw, rt.creds["password"], rt.spec.uid)
+    props = {
+        "arcadedb.server.rootPath": f"{MOUNT}/arcadedb",
+        "arcadedb.server.rootPasswordPath": f"{MOUNT}/.root-password",
+        "arcadedb.server.mode": "production",
+        # HTTP stays on loopback (the health check uses it): services use Bolt only
+        "arcadedb.server.httpIncomingHost": "127.0.0.1",
+        "arcadedb.server.httpIncomingPort": rt.port + 1,
+        "arcadedb.server.plugins": "Bolt:com.arcadedb.bolt.BoltProtocolPlugin",
+        "arcadedb.bolt.host": rt.host,
+        "arcadedb.bolt.port": rt.port,
+        "arcadedb.server.defaultDatabases": f"{kind.database}[root]",
+    }
+    return ([f"-Xmx{kind.heap}", "-cp", "/opt/arcadedb/jars/*", *(f"-D{k}={v}" for k, v in props.items()),
+             "com.arcadedb.server.ArcadeDBServer"], {"RMA_HTTP_PORT": str(rt.port + 1)})
+
+
 SPECS: dict[str, ContainerSpec] = {
     "redis": ContainerSpec("rma-store-redis:latest", 999, _prepare_redis),
     "postgres": ContainerSpec("rma-store-postgres:latest", 999, _prepare_postgres, stop_timeout=60),
+    "chroma": ContainerSpec("rma-store-chroma:latest", 999, _prepare_chroma),
+    "graph": ContainerSpec("rma-store-graph:latest", 999, _prepare_graph, stop_timeout=60),
 }
 
 

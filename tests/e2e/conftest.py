@@ -22,7 +22,7 @@ from tests.e2e.netns import Host, TestBed, available
 from tests.support import wait_for
 
 PY = sys.executable
-N_HOSTS = 9
+N_HOSTS = 10
 
 
 @dataclass
@@ -75,22 +75,22 @@ class PoolUnderTest:
     def alive_nodes(self) -> list[dict[str, Any]]:
         return [n for n in self.ray_nodes() if n["state"] == "ALIVE"]
 
-    def start_join(self, token: str, *args: str) -> Donor:
+    def start_join(self, token: str, *args: str, env: dict[str, str] | None = None) -> Donor:
         host = self.free_hosts.pop(0)
         d = self.root / host.name
         d.mkdir(parents=True, exist_ok=True)
         log = d / "join.log"
         env = {**os.environ, "HOME": str(d / "home"), "RMA_DATA_DIR": str(d / "data"), "RMA_JOIN_TOKEN": token,
-               "COLUMNS": "200"}
+               "COLUMNS": "200", **(env or {})}
         proc = host.popen([PY, "-m", "rma_ray.cli", "join", self.url, "--cpus", "1", "--drain-deadline", "10", *args],
                           env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         donor = Donor(host, proc, d / "data", log)
         self.donors.append(donor)
         return donor
 
-    def join(self, token: str, *args: str, timeout: float = 120) -> Donor:
+    def join(self, token: str, *args: str, timeout: float = 120, env: dict[str, str] | None = None) -> Donor:
         """Join and wait until the registry shows the donor healthy on a live Ray node."""
-        donor = self.start_join(token, *args)
+        donor = self.start_join(token, *args, env=env)
 
         def joined() -> str | None:
             assert donor.proc.poll() is None, f"rma join exited: {donor.output()}"
@@ -123,7 +123,7 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PoolUnderTest]:
         env = {**os.environ, "HOME": str(root / "hhome"), "RMA_DATA_DIR": str(root / "head"), "COLUMNS": "200"}
         log = root / "up.log"
         proc = subprocess.Popen([PY, "-m", "rma_ray.cli", "up", "--node-ip-address", bed.head_ip,
-                                 "--heartbeat-interval", "2"], env=env, stdout=open(log, "wb"),
+                                 "--heartbeat-interval", "2", "--stores", "none"], env=env, stdout=open(log, "wb"),
                                 stderr=subprocess.STDOUT)
         try:
             def ready() -> dict[str, Any] | None:

@@ -27,3 +27,10 @@ def test_room_imports(room: str) -> None:
     bad = {str(p.relative_to(ROOT)): sorted(imported_roots(p) & FORBIDDEN[room])
            for p in (ROOT / room).rglob("*.py")}
     assert {k: v for k, v in bad.items() if v} == {}
+
+
+def test_rma_up_knows_every_store_kind() -> None:
+    from deployments.stores.kinds import KINDS
+    from rma_ray.head import STORE_NAMES
+
+    assert set(STORE_NAMES) == set(KINDS)
