@@ -151,6 +151,7 @@ class Agent:
         node_id = self.node.wait_started(timeout)
         self.m.ray_pid, self.m.ray_node_id = self.node.pid, node_id
         membership.save(self.data_dir, self.m)
+        self.guard_ports()
         self.say(f"Ray node {node_id[:12]} is up with labels "
                  + ", ".join(f"{k}={v}" for k, v in self.m.labels.items()))
 
@@ -163,6 +164,15 @@ class Agent:
 
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)
+
+    def guard_ports(self) -> None:
+        """Firewall any port Ray opened outside the pinned ones (on the overlay only)."""
+        if self.spoke is None:
+            return
+        try:
+            self.spoke.firewall.cover(overlay.listening_ports(self.node.pids()))
+        except overlay.OverlayError as exc:
+            self.say(f"[yellow]firewall:[/] {exc}")
 
     def beat(self) -> str:
         vm = psutil.virtual_memory()
@@ -207,6 +217,7 @@ class Agent:
         code = 0
         while not self.stop_event.is_set():
             self.node.track()
+            self.guard_ports()
             if not self.node.running():
                 failure = self.node.failure()
                 if failure and "refused the cluster token" in failure and not self.refresh_ray():

@@ -26,6 +26,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
 from rma_ray.membership import write_private
 
 DEFAULT_SUBNET = "10.88.0.0/16"
@@ -171,16 +173,46 @@ def _run(argv: list[str], what: str, input: str | None = None, timeout: float = 
     return r.stdout
 
 
+def listening_ports(pids: Iterable[int]) -> set[int]:
+    """TCP ports these processes listen on, on any address but loopback."""
+    ports = set()
+    for pid in pids:
+        try:
+            conns = psutil.Process(pid).net_connections(kind="tcp")
+        except psutil.Error:
+            continue
+        for c in conns:
+            if c.status == psutil.CONN_LISTEN and c.laddr and not c.laddr.ip.startswith("127.") and c.laddr.ip != "::1":
+                ports.add(c.laddr.port)
+    return ports
+
+
 @dataclass
 class Firewall:
+    """Ray's pinned ports from the start; `cover()` adds any port a Ray process opened at random (the
+    autoscaler monitor, the dashboard's gRPC server), except the ones meant for the public (`allow`)."""
+
     interface: str
     elements: list[str]
     table: str = NFT_TABLE
+    allow: set[int] = field(default_factory=set)
 
     def install(self) -> None:
         self.remove()
         _run(["nft", "-f", "-"], "installing the Ray firewall", input=render_firewall(self.interface, self.elements,
                                                                                         self.table))
+        self._covered: set[int] = set()
+        for e in self.elements:
+            lo, _, hi = e.partition("-")
+            self._covered.update(range(int(lo), int(hi or lo) + 1))
+
+    def cover(self, ports: Iterable[int]) -> list[int]:
+        new = sorted(set(ports) - getattr(self, "_covered", set()) - self.allow)
+        if new:
+            _run(["nft", "add", "element", "inet", self.table, "ray_tcp", "{ " + ", ".join(map(str, new)) + " }"],
+                 "firewalling Ray's ports")
+            self._covered.update(new)
+        return new
 
     def remove(self) -> None:
         subprocess.run(["nft", "delete", "table", "inet", self.table], capture_output=True, timeout=20)
@@ -328,13 +360,14 @@ class Hub:
     name: str = "rma-hub"
     ports: RayPorts = field(default_factory=RayPorts)
     extra_tcp: list[int] = field(default_factory=list)  # the head's own Ray ports: GCS, dashboard
+    public_tcp: set[int] = field(default_factory=set)  # open to all: the coordinator, Serve's HTTP proxy
 
     def __post_init__(self) -> None:
         self.key_file = self.data_dir / "overlay" / "hub.key"
         prefix = ipaddress.ip_network(self.subnet).prefixlen
         self.address = hub_address(self.subnet)
         self.iface = Interface(self.name, f"{self.address}/{prefix}", self.key_file, listen_port=self.port)
-        self.firewall = Firewall(self.name, self.ports.firewalled(self.extra_tcp))
+        self.firewall = Firewall(self.name, self.ports.firewalled(self.extra_tcp), allow=self.public_tcp)
         self.public_key = ""
 
     def up(self) -> None:

@@ -126,6 +126,10 @@ class RayNode:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def pids(self) -> list[int]:
+        """Every process of this node seen so far (call track() first for the newest)."""
+        return list(self._seen)
+
     def track(self) -> None:
         """Remember the process tree (called while it runs), so stop() can end orphans by PID."""
         if not self.running():
