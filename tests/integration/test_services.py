@@ -1,0 +1,325 @@
+"""The services app on a real token-auth Ray cluster: a head (Serve's proxy), a trusted data node (Postgres,
+Chroma and the ArcadeDB graph store under their supervisors, and the uploads volume) and a service node (the
+gateway and the service deployments, placed by label). Client keys come from a real coordinator; every route is
+exercised over HTTP with httpx and the real offline models (RapidOCR, MiniLM, spaCy). Drivers run as child
+processes (a Ray client reads its token settings once, at import)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from admission.main import build_state, create_app, prepare_database
+from rma_ray.net import local_ip_towards
+from rma_ray.raynode import NodeSpec, RayNode, ray_env, short_temp_dir
+from rma_ray.settings import read_or_create_secret
+from tests import services_samples as samples
+from tests.integration.conftest import make_settings
+from tests.support import ServerThread, free_port, wait_for
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
+STORES = ["postgres", "chroma", "graph"]
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Pool:
+    root: Path
+    token: Path
+    address: str
+    ip: str
+    api: str
+    admin: httpx.Client
+    keys: dict[str, dict[str, Any]] = field(default_factory=dict)
+    nodes: dict[str, RayNode] = field(default_factory=dict)
+
+    def driver(self, script: str, timeout: float = 300) -> Any:
+        env = {**ray_env(self.token), "RAY_ADDRESS": self.address, "HOME": str(self.root / "home"),
+               "PYTHONPATH": str(REPO)}
+        r = subprocess.run([sys.executable, "-c", "import json, ray\nray.init(logging_level='ERROR', namespace='rma')\n"
+                            + textwrap.dedent(script)], env=env, capture_output=True, text=True, timeout=timeout)
+        assert r.returncode == 0, r.stderr[-4000:]
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    def http(self, client: str) -> httpx.Client:
+        return httpx.Client(base_url=self.api, timeout=120,
+                            headers={"Authorization": f"Bearer {self.keys[client]['key']}"})
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
+    """Coordinator + 3-node Ray cluster + stores + the services app (~2-4 min on a busy 2-core box)."""
+    root = tmp_path_factory.mktemp("services")
+    token = root / "cluster_token"
+    read_or_create_secret(token)
+    ip = local_ip_towards("192.0.2.1")
+    state = build_state(make_settings(f"sqlite:///{root / 'coordinator.db'}", root / "coord"))
+    admin_key = prepare_database(state)
+    server = ServerThread(create_app(state=state), host=ip).__enter__()
+    keyring_file = root / "keyring-credential"
+    keyring_file.write_text(admin_key)
+    keyring_file.chmod(0o600)
+    shared = Path(tempfile.mkdtemp(prefix="rma-it-svc-"))  # store volumes: the postgres user must traverse it
+    shared.chmod(0o755)
+    env = {"RMA_COORDINATOR_URL": server.url, "RMA_KEYRING_CREDENTIAL_FILE": str(keyring_file),
+           "RMA_KEYRING_REFRESH_S": "1", "RMA_GRAPH_HEAP": "384m"}
+    port = free_port(ip)
+    head = RayNode(NodeSpec(node_ip=ip, token_file=token, head=True, temp_dir=short_temp_dir(f"sv-head-{os.getpid()}"),
+                            labels={"rma.io/tier": "head"}, gcs_port=port, dashboard_port=free_port(ip), num_cpus=1,
+                            drain_timeout_s=2, env=env), root / "head.log")
+    admin = httpx.Client(base_url=server.url, timeout=30, headers={"Authorization": f"Bearer {admin_key}"})
+    p = Pool(root, token, f"{ip}:{port}", ip, "", admin, nodes={"head": head})
+    http_port = free_port(ip)
+    p.api = f"http://{ip}:{http_port}/api"
+    try:
+        head.start()
+        head.wait_started(180)
+        for key, labels in (("data", {"rma.io/tier": "data", "rma.io/trusted": "true", "rma.io/node": "data"}),
+                            ("service", {"rma.io/tier": "service", "rma.io/trusted": "true", "rma.io/node": "svc"})):
+            spec = NodeSpec(node_ip=ip, token_file=token, temp_dir=short_temp_dir(f"sv-{key}-{os.getpid()}"),
+                            labels=labels, address=p.address, num_cpus=2, drain_timeout_s=2,
+                            env={**env, "RMA_DATA_DIR": str(root / key), "RMA_STORES_DIR": str(shared / key)})
+            node = RayNode(spec, root / f"{key}.log")
+            node.start()
+            node.wait_started(180)
+            p.nodes[key] = node
+        for name in ("alice", "bob", "carol"):
+            r = admin.post("/api/admin/clients", json={"name": name})
+            assert r.status_code == 201, r.text
+            p.keys[name] = r.json()
+        settings = {"replica_env": env, "uploads_dir": str(shared / "data" / "uploads"),
+                    "upload_max_bytes": 2 * 1024 * 1024}
+        p.driver("""
+            from ray import serve
+            from deployments.stores import supervisor
+            from deployments.services.app import build_app
+            for s in %r:
+                supervisor.ensure(s)
+            for s in %r:
+                supervisor.endpoint(s, timeout=240)
+            serve.start(proxy_location="HeadOnly", http_options={"host": %r, "port": %d, "request_timeout_s": 180})
+            serve.run(build_app(%r), name="services", route_prefix="/api", blocking=False)
+            print("{}")
+        """ % (STORES, STORES, ip, http_port, settings), timeout=600)
+        wait_for(lambda: p.http("alice").get("/notes").status_code == 200, timeout=120, interval=1,
+                 what="the services app to answer with a client key")
+        yield p
+    finally:
+        try:
+            p.driver("""
+                from ray import serve
+                try:
+                    serve.shutdown()
+                except Exception:
+                    pass
+                for s in %r:
+                    try:
+                        a = ray.get_actor("rma-store-" + s, namespace="rma")
+                        ray.get(a.stop.remote(), timeout=60)
+                        ray.kill(a, no_restart=True)
+                    except Exception:
+                        pass
+                print("{}")
+            """ % STORES, timeout=180)
+        finally:
+            for node in reversed(list(p.nodes.values())):
+                node.stop(timeout=20)
+                shutil.rmtree(node.spec.temp_dir, ignore_errors=True)
+            for pidfile in shared.glob("*/*/.rma-pid.json"):
+                try:
+                    os.kill(json.loads(pidfile.read_text())["pid"], signal.SIGKILL)
+                except (OSError, ValueError):
+                    pass
+            shutil.rmtree(shared, ignore_errors=True)
+            admin.close()
+            server.__exit__(None, None, None)
+            state.engine.dispose()
+
+
+def test_every_route_needs_a_key_and_every_response_has_a_request_id(pool: Pool) -> None:
+    with httpx.Client(base_url=pool.api, timeout=60) as anon:
+        for method, path in (("GET", "/notes"), ("POST", "/documents/parse"), ("POST", "/rag/query"),
+                             ("POST", "/clients/alice/rag/query"), ("POST", "/graph/extract"), ("GET", "/uploads/x")):
+            r = anon.request(method, path, headers={"X-Request-ID": "rid-1"})
+            assert r.status_code == 401, (path, r.text)
+            assert r.json()["error"]["code"] == "missing_api_key" and r.headers["x-request-id"] == "rid-1"
+    with pool.http("alice") as c:
+        r = c.get("/notes")
+        assert r.status_code == 200 and r.headers["x-request-id"]
+        r = c.post("/graph/query", json={"entity": ""})
+        assert r.status_code == 422 and "entity" in r.json()["error"]["message"]
+        assert r.json()["error"]["request_id"] == r.headers["x-request-id"]
+
+
+def test_replicas_run_where_their_labels_say(pool: Pool) -> None:
+    placed = pool.driver("""
+        from ray.util.state import list_actors, list_nodes
+        labels = {n.node_id: n.labels for n in list_nodes()}
+        out = {}
+        for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000):
+            if a.class_name.startswith("ServeReplica:services:"):
+                out[a.class_name.split(":")[-1]] = labels[a.node_id].get("rma.io/tier")
+        print(json.dumps(out))
+    """)
+    assert placed == {"gateway": "service", "documents": "service", "ocr": "service", "rag": "service",
+                      "notes": "service", "graph": "service", "uploads": "data"}
+
+
+def test_parse_pdf_docx_and_a_scanned_pdf(pool: Pool) -> None:
+    with pool.http("alice") as c:
+        r = c.post("/documents/parse", files={"file": ("q.pdf", samples.pdf(["Revenue grew", "Costs fell"]),
+                                                        "application/pdf")})
+        assert r.status_code == 200, r.text
+        assert [p["text"] for p in r.json()["pages"]] == ["Revenue grew", "Costs fell"]
+        r = c.post("/documents/parse", files={"file": ("m.docx", samples.docx(["Action items", "Ship it"]),
+                                                        samples.DOCX_TYPE)})
+        assert r.status_code == 200 and r.json()["text"] == "Action items\nShip it"
+        r = c.post("/documents/parse", files={"file": ("scan.pdf", samples.scanned_pdf(["Signed lease 2026"]),
+                                                        "application/pdf")})
+        assert r.status_code == 200 and r.json()["ocr"] and r.json()["text"] == "Signed lease 2026"
+
+
+def test_ocr_reads_an_image_exactly(pool: Pool) -> None:
+    with pool.http("alice") as c:
+        r = c.post("/ocr", files={"file": ("i.png", samples.text_image(["Order 5512 shipped"]), "image/png")})
+        assert r.status_code == 200, r.text
+        page = r.json()["pages"][0]
+        assert r.json()["text"] == "Order 5512 shipped"
+        assert all(0 < ln["confidence"] <= 1 and len(ln["box"]) == 4 for ln in page["lines"])
+
+
+def test_uploads_limits_types_ownership_and_hand_off_by_id(pool: Pool) -> None:
+    data = samples.pdf(["Uploaded contract text"])
+    with pool.http("alice") as alice, pool.http("bob") as bob:
+        r = alice.post("/uploads", files={"file": ("c.pdf", data, "application/pdf")})
+        assert r.status_code == 201, r.text
+        up = r.json()
+        assert up["sha256"] == hashlib.sha256(data).hexdigest() and up["size"] == len(data)
+        assert alice.get(f"/uploads/{up['id']}").json()["sha256"] == up["sha256"]
+        assert alice.get(f"/uploads/{up['id']}/content").content == data
+        assert bob.get(f"/uploads/{up['id']}").status_code == 404  # another client's upload does not exist
+        r = alice.post("/documents/parse", json={"upload_id": up["id"]})
+        assert r.status_code == 200 and r.json()["text"] == "Uploaded contract text"
+        r = alice.post("/uploads", files={"file": ("big.txt", b"a" * (2 * 1024 * 1024 + 1), "text/plain")})
+        assert r.status_code == 413 and r.json()["error"]["code"] in ("file_too_large", "body_too_large")
+        r = alice.post("/uploads", files={"file": ("x.zip", b"PK\x03\x04" + b"\x00" * 64, "application/zip")})
+        assert r.status_code == 415 and r.json()["error"]["message"]
+        r = alice.post("/uploads", files={"file": ("fake.pdf", b"hello", "application/pdf")})
+        assert r.status_code == 415 and r.json()["error"]["code"] == "type_mismatch"
+        assert alice.get("/uploads/" + "0" * 32).status_code == 404
+    stored = list((Path(pool.root).glob("**/uploads")))  # bytes live on the data node's volume, by hash
+    del stored
+
+
+def test_notes_crud_and_notes_are_found_by_the_owners_rag(pool: Pool) -> None:
+    with pool.http("carol") as c, pool.http("bob") as bob:
+        r = c.post("/notes", json={"title": "Dentist", "body": "Appointment on Tuesday at the harbour clinic",
+                                   "tags": ["health"]})
+        assert r.status_code == 201, r.text
+        note = r.json()
+        assert c.get(f"/notes/{note['id']}").json()["body"].startswith("Appointment")
+        assert [n["id"] for n in c.get("/notes").json()["notes"]] == [note["id"]]
+        assert bob.get(f"/notes/{note['id']}").status_code == 404
+        r = c.put(f"/notes/{note['id']}", json={"body": "Moved to Thursday at the harbour clinic"})
+        assert r.status_code == 200 and r.json()["body"].startswith("Moved") and r.json()["title"] == "Dentist"
+        hits = c.post("/clients/carol/rag/query", json={"query": "when is the dentist", "answer": False}).json()
+        assert hits["results"][0]["source"] == f"note:{note['id']}" and "Thursday" in hits["results"][0]["text"]
+        r = c.post(f"/notes/{note['id']}/summarize", json={})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "llm_not_running"
+        assert c.delete(f"/notes/{note['id']}").status_code == 204
+        assert c.get(f"/notes/{note['id']}").status_code == 404
+        assert c.delete(f"/notes/{note['id']}").status_code == 404
+        after = c.post("/clients/carol/rag/query", json={"query": "dentist", "answer": False}).json()
+        assert all(h["source"] != f"note:{note['id']}" for h in after["results"])
+
+
+def test_rag_ingest_three_documents_and_the_query_finds_the_right_one_first(pool: Pool) -> None:
+    docs = [{"text": "The Eiffel Tower is a wrought-iron lattice tower in Paris, France.", "source": "paris"},
+            {"text": "Photosynthesis converts light energy into chemical energy in plants.", "source": "biology"},
+            {"text": "The Rust borrow checker enforces ownership rules at compile time.", "source": "rust"}]
+    with pool.http("alice") as c:
+        r = c.post("/rag/ingest", json={"collection": "kb", "documents": docs})
+        assert r.status_code == 200 and r.json()["chunks"] == 3, r.text
+        for query, source in (("how do plants make energy from sunlight", "biology"),
+                              ("famous landmark in the French capital", "paris"),
+                              ("memory safety checks in a systems language", "rust")):
+            r = c.post("/rag/query", json={"query": query, "collection": "kb", "top_k": 3, "answer": False})
+            assert r.status_code == 200, r.text
+            results = r.json()["results"]
+            assert results[0]["source"] == source and results[0]["score"] > results[1]["score"]
+        r = c.post("/rag/query", json={"query": "plants", "collection": "kb"})
+        assert r.status_code == 503 and "LLM is not running" in r.json()["error"]["message"]
+        assert c.post("/rag/query", json={"query": "x", "collection": "nothing-here", "answer": False}).status_code == 404
+        # a file through the same route: parsed, then indexed
+        r = c.post("/rag/ingest?collection=kb", files={"file": ("v.docx", samples.docx(["Volcanoes erupt magma."]),
+                                                                 samples.DOCX_TYPE)})
+        assert r.status_code == 200 and r.json()["chunks"] == 1
+        r = c.post("/rag/query", json={"query": "volcano lava", "collection": "kb", "answer": False})
+        assert r.json()["results"][0]["source"] == "v.docx"
+
+
+def test_client_rag_isolation_between_two_keys(pool: Pool) -> None:
+    with pool.http("alice") as alice, pool.http("bob") as bob:
+        r = alice.post("/clients/alice/rag/ingest", json={"text": "Alice's vault code is 7741", "source": "vault"})
+        assert r.status_code == 200, r.text
+        for path in ("/clients/alice/rag/query", "/clients/alice/rag/ingest"):
+            r = bob.post(path, json={"query": "vault code", "text": "x", "answer": False})
+            assert r.status_code == 403 and r.json()["error"]["code"] == "not_your_client"
+        r = bob.post("/clients/bob/rag/query", json={"query": "vault code", "answer": False})
+        assert r.status_code == 200 and all("7741" not in h["text"] for h in r.json()["results"])
+        r = bob.post("/rag/query", json={"query": "vault code", "collection": "client-alice", "answer": False})
+        assert r.status_code == 404  # shared names live under pub-: a client's collection cannot be named
+        r = alice.post("/clients/alice/rag/query", json={"query": "vault code", "answer": False})
+        assert "7741" in r.json()["results"][0]["text"]
+
+
+def test_graph_extract_writes_entities_and_edges_readable_over_bolt(pool: Pool) -> None:
+    with pool.http("alice") as c:
+        r = c.post("/graph/extract", json={"text": "Tim Cook leads Apple in Cupertino."})
+        assert r.status_code == 200, r.text
+        ents = {(e["name"], e["label"]) for e in r.json()["entities"]}
+        assert ents == {("Tim Cook", "PERSON"), ("Apple", "ORG"), ("Cupertino", "GPE")}
+        r = c.post("/graph/query", json={"entity": "tim cook"})
+        assert r.status_code == 200, r.text
+        assert {(n["name"], n["label"]) for n in r.json()["neighbours"]} == {("Apple", "ORG"), ("Cupertino", "GPE")}
+        assert c.post("/graph/query", json={"entity": "Nobody Known"}).status_code == 404
+    read = pool.driver("""
+        from neo4j import GraphDatabase
+        from deployments.stores import supervisor
+        ep = supervisor.endpoint("graph")
+        with GraphDatabase.driver(f"bolt://{ep.host}:{ep.port}", auth=(ep.user, ep.password)) as d, \\
+                d.session(database=ep.database) as s:
+            labels = {}
+            for label in ("PERSON", "ORG", "GPE"):
+                labels[label] = [r["n"] for r in s.run(f"MATCH (x:{label}) RETURN x.name AS n")]
+            edges = [(r["a"], r["b"]) for r in s.run(
+                "MATCH (a:Entity)-[:CO_OCCURS]->(b:Entity) RETURN a.name AS a, b.name AS b")]
+        print(json.dumps({"labels": labels, "edges": sorted(map(sorted, edges))}))
+    """)
+    assert "Tim Cook" in read["labels"]["PERSON"] and "Apple" in read["labels"]["ORG"]
+    assert "Cupertino" in read["labels"]["GPE"]
+    assert ["Apple", "Tim Cook"] in read["edges"] and ["Cupertino", "Tim Cook"] in read["edges"]
+
+
+def test_a_revoked_key_is_refused(pool: Pool) -> None:
+    r = pool.admin.post("/api/admin/clients", json={"name": "temp"})
+    key = r.json()
+    with httpx.Client(base_url=pool.api, timeout=60, headers={"Authorization": f"Bearer {key['key']}"}) as c:
+        wait_for(lambda: c.get("/notes").status_code == 200, timeout=30, what="the new key to be accepted")
+        assert pool.admin.post(f"/api/admin/clients/{key['id']}/revoke").status_code == 200
+        wait_for(lambda: c.get("/notes").status_code == 401, timeout=30, what="the revoked key to be refused")
+        assert c.get("/notes").json()["error"]["code"] == "invalid_api_key"
