@@ -465,6 +465,13 @@ def leave(data_dir: DataDirOpt = None,
 
     if m.ray_pid:
         stop_process_tree(m.ray_pid)
+    ov = (m.extra or {}).get("overlay")
+    if ov:  # the agent's overlay interface and firewall outlive it; its wireguard-go exits with the interface
+        from rma_ray import overlay as wg
+
+        wg.Firewall(ov["interface"], []).remove()
+        wg.Interface(ov["interface"], "", d / "overlay" / "private.key").down()
+        (d / "overlay" / "private.key").unlink(missing_ok=True)
     with AdmissionClient(m.coordinator_url) as client:
         try:
             client.unregister(m.node_token)

@@ -108,3 +108,17 @@ def test_parse_wg_dump() -> None:
     assert a.public_key == "peerA=" and a.endpoint is None and a.latest_handshake == 0
     assert b.endpoint == "10.1.1.5:40000" and b.allowed_ips == ["10.88.0.3/32", "10.88.1.0/24"]
     assert (b.rx_bytes, b.tx_bytes, b.latest_handshake) == (1200, 900, 1700000000)
+
+
+def test_firewall_covers_random_ray_ports_once_and_never_public_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[list[str]] = []
+    monkeypatch.setattr(overlay, "_run", lambda argv, what, input=None, timeout=20: calls.append(argv) or "")
+    monkeypatch.setattr(overlay.subprocess, "run", lambda *a, **k: None)  # remove() before install()
+    fw = overlay.Firewall("rmaabc", RayPorts().firewalled([6380]), allow={8000, 8470})
+    fw.install()
+    assert calls[-1][:3] == ["nft", "-f", "-"]
+    assert fw.cover([6391, 12000, 8000, 8470]) == []  # pinned, in the workers' range, or public
+    assert fw.cover([44217, 44227, 8000]) == [44217, 44227]
+    assert calls[-1] == ["nft", "add", "element", "inet", "rma_overlay", "ray_tcp", "{ 44217, 44227 }"]
+    assert fw.cover([44217]) == []
+    assert len(calls) == 2
