@@ -265,6 +265,11 @@ def create_api(backends: Backends, settings: ServicesSettings | None = None, *, 
         return _error(500, "internal_error", "the server failed on this request; the request id is in the logs",
                       request)
 
+    @app.get("/whoami")
+    async def whoami(client: ClientDep) -> dict[str, str]:
+        """Which client this key acts for (a cheap check that a key works; the gateway's no-op route)."""
+        return {"client": _owner(client), "key_id": client.key_id}
+
     # -- documents, OCR, uploads --
 
     async def _file_or_upload(request: Request, client: ClientIdentity) -> tuple[bytes, str | None, str | None, dict[str, str]]:
@@ -349,6 +354,8 @@ def create_api(backends: Backends, settings: ServicesSettings | None = None, *, 
                     "note": "nothing in the collection matches; no answer generated"}
         messages = llm.rag_messages(body.query, found["results"])
         if body.stream:
+            if not await asyncio.to_thread(llm.llm_running):  # say so before a 200 stream starts
+                raise ServiceError(503, "llm_not_running", llm.NOT_RUNNING, 30)
             return _stream_answer(found, messages)
         answer = await asyncio.wait_for(llm.complete(messages), s.llm_timeout_s)
         return {**found, "answer": answer, "citations": llm.citations(answer, found["results"])}

@@ -101,8 +101,11 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
             r = admin.post("/api/admin/clients", json={"name": name})
             assert r.status_code == 201, r.text
             p.keys[name] = r.json()
+        # OCR kept to one replica with a one-deep queue, so that a burst shows the bounded queue's 503
         settings = {"replica_env": env, "uploads_dir": str(shared / "data" / "uploads"),
-                    "upload_max_bytes": 2 * 1024 * 1024}
+                    "upload_max_bytes": 2 * 1024 * 1024, "retry_after_s": 3,
+                    "ocr": {"max_ongoing_requests": 1, "max_queued_requests": 1, "max_replicas": 1,
+                            "target_ongoing_requests": 1}}
         p.driver("""
             from ray import serve
             from deployments.stores import supervisor
@@ -323,3 +326,39 @@ def test_a_revoked_key_is_refused(pool: Pool) -> None:
         assert pool.admin.post(f"/api/admin/clients/{key['id']}/revoke").status_code == 200
         wait_for(lambda: c.get("/notes").status_code == 401, timeout=30, what="the revoked key to be refused")
         assert c.get("/notes").json()["error"]["code"] == "invalid_api_key"
+
+
+def test_a_full_queue_answers_503_with_retry_after_instead_of_hanging(pool: Pool) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    image = samples.text_image(["Burst " + "word " * 12] * 6)
+
+    def one(_: int) -> httpx.Response:
+        with pool.http("alice") as c:
+            return c.post("/ocr", files={"file": ("b.png", image, "image/png")})
+
+    with ThreadPoolExecutor(12) as ex:
+        replies = list(ex.map(one, range(12)))
+    codes = sorted(r.status_code for r in replies)
+    assert set(codes) <= {200, 503} and 200 in codes and 503 in codes, codes
+    for r in replies:
+        if r.status_code == 503:
+            assert r.headers["retry-after"] == "3" and r.json()["error"]["code"] == "overloaded"
+            assert r.headers["x-request-id"]
+
+
+def test_prometheus_metrics_per_route(pool: Pool) -> None:
+    port = pool.driver("""
+        ports = [n["MetricsExportPort"] for n in ray.nodes()
+                 if n["Alive"] and n.get("Labels", {}).get("rma.io/tier") == "service"]
+        print(json.dumps(ports[0]))
+    """)
+    with pool.http("alice") as c:
+        assert c.get("/notes").status_code == 200
+
+    def scraped() -> str | None:
+        text = httpx.get(f"http://{pool.ip}:{port}/metrics", timeout=10).text
+        return text if "rma_api_requests" in text and 'route="/notes"' in text else None
+
+    text = wait_for(scraped, timeout=90, interval=2, what="the gateway's metrics on the node's Prometheus port")
+    assert "rma_api_latency_ms" in text and "ray_serve_deployment_request_counter" in text

