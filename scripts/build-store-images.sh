@@ -15,6 +15,9 @@ command -v docker >/dev/null || { echo "the docker CLI is not installed: apt-get
 docker version --format '{{.Server.Version}}' >/dev/null 2>&1 \
   || { echo "no docker daemon answers at ${DOCKER_HOST:-unix:///var/run/docker.sock}: start dockerd or set DOCKER_HOST" >&2; exit 2; }
 
+# pip for stores whose images install wheels (requirements.txt beside the Dockerfile)
+PIP="${PIP:-$( [ -x .venv/bin/pip ] && echo "$PWD/.venv/bin/pip" || echo pip )}"
+
 images/base/build.sh
 base_id="$(docker image inspect --format '{{.Id}}' rma-base:bookworm)"
 
@@ -34,12 +37,24 @@ for store in "$@"; do
   fi
   t0=$(date +%s)
   log="$(mktemp)"
+  build_ctx="$(mktemp -d)"
+  cp -a "$ctx/." "$build_ctx/"
+  if [ -f "$ctx/requirements.txt" ]; then
+    # Python wheels come through this host's pip (its index, proxy and CA bundle), not from inside the build
+    mkdir -p "$build_ctx/wheels"
+    if ! "$PIP" download -q --no-deps --only-binary=:all: --python-version 3.11 \
+           --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 \
+           -r "$ctx/requirements.txt" -d "$build_ctx/wheels" >"$log" 2>&1; then
+      tail -n 20 "$log" >&2; rm -rf "$log" "$build_ctx"
+      echo "downloading the wheels for rma-store-$store failed (see above; PIP=$PIP)" >&2; exit 1
+    fi
+  fi
   if ! DOCKER_BUILDKIT=0 docker build --network host --label "rma.io/content-hash=$hash" \
-         -t "$tag" -t "rma-store-$store:latest" "$ctx" >"$log" 2>&1; then
-    tail -n 30 "$log" >&2; rm -f "$log"
+         -t "$tag" -t "rma-store-$store:latest" "$build_ctx" >"$log" 2>&1; then
+    tail -n 30 "$log" >&2; rm -rf "$log" "$build_ctx"
     echo "building rma-store-$store failed (see above)" >&2; exit 1
   fi
-  rm -f "$log"
+  rm -rf "$log" "$build_ctx"
   echo "$store: built $tag in $(( $(date +%s) - t0 )) s"
   # older builds of this store: untag them (their layers go once no container uses them)
   docker image ls --format '{{.Repository}}:{{.Tag}}' "rma-store-$store" \
