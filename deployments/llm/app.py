@@ -50,12 +50,38 @@ def openai_fastapi_app() -> FastAPI:
         metrics_lifespan,
     )
 
+    from fastapi import Request
+    from fastapi.responses import JSONResponse
+    from ray.llm._internal.serve.core.configs.openai_api_models import OpenAIHTTPException
+    from starlette.exceptions import HTTPException
+
     app = FastAPI(lifespan=metrics_lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     add_exception_handling_middleware(app)
     add_http_metrics_middleware(app)
     app.add_middleware(SetRequestIdMiddleware)
     openai_error_handler(app)
+
+    # FastAPI's own HTTPException handler would answer {"detail": ...} (OpenAiIngress raises HTTPException for an
+    # unknown model), and ray.serve.llm wraps engine refusals in "Message: ..., Internal exception: ...": both
+    # become OpenAI error bodies with a message a person can act on.
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        return openai_error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(OpenAIHTTPException)
+    async def _openai(request: Request, exc: OpenAIHTTPException) -> JSONResponse:
+        return openai_error(exc.status_code, _short(exc.message))
+
     return app
+
+
+def openai_error(status: int, message: str) -> Any:
+    from fastapi.responses import JSONResponse
+
+    kind = "invalid_request_error" if 400 <= status < 500 else "server_error"
+    code = {404: "model_not_found" if "model" in message.lower() else "not_found"}.get(status, None)
+    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code or status}},
+                        status_code=status)
 
 
 def openai_routes() -> dict[str, Any]:
@@ -124,9 +150,14 @@ class InferenceRequest(BaseModel):
 
 
 class LLMCallError(Exception):
+    """A refusal or failure of the LLM, with the HTTP status it maps to."""
+
     def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
+        super().__init__(status, code, message)  # all three in args: Ray pickles it across the handle
         self.status, self.code, self.message = status, code, message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def inference_fastapi_app() -> FastAPI:

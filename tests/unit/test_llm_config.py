@@ -1,0 +1,92 @@
+"""The LLMConfig per tier and the OpenAI route table (building them starts no Ray and loads no model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm", reason="the LLM stack is not installed: run scripts/install-llm.sh")
+
+from deployments.llm.config import LLMSettings, build_llm_config, label_selector  # noqa: E402
+
+
+def test_cpu_tier_serves_the_embedded_model_from_the_data_dir(tmp_path: Path) -> None:
+    s = LLMSettings(data_dir=tmp_path, kv_cache_gib=2)
+    c = build_llm_config(s)
+    assert c.model_id == "smollm2-135m-instruct"
+    assert c.model_loading_config.model_source == str(tmp_path / "models" / "smollm2-135m-instruct")
+    assert c.accelerator_config.kind == "cpu" and c.accelerator_type is None
+    assert c.engine_kwargs["enforce_eager"] is True and c.engine_kwargs["max_model_len"] == 2048
+    env = c.runtime_env["env_vars"]
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "2" and env["HF_HUB_OFFLINE"] == "1"
+    assert c.deployment_config["placement_group_bundle_label_selector"] == [{"rma.io/tier": "in(service,head)"}]
+    # the replica converts the GGUF on its own node before vLLM starts
+    assert c.callback_config.callback_class == "deployments.llm.prepare:PrepareEmbeddedModel"
+    assert c.callback_config.callback_kwargs == {"target": c.model_loading_config.model_source}
+
+
+def test_gpu_tier_picks_by_memory_and_selects_gpu_nodes_of_the_accelerator_type(tmp_path: Path) -> None:
+    s = LLMSettings(data_dir=tmp_path, gpu_memory_mb=24_576, accelerator_type="A10G")
+    c = build_llm_config(s)
+    assert s.resolved_tier() == "gpu"
+    assert c.model_id == "qwen2.5-14b-instruct-awq"
+    assert c.model_loading_config.model_source == "Qwen/Qwen2.5-14B-Instruct-AWQ"
+    assert c.accelerator_type == "A10G" and c.accelerator_config.kind == "gpu"
+    assert c.engine_kwargs["quantization"] == "awq_marlin" and c.engine_kwargs["gpu_memory_utilization"] == 0.9
+    assert "enforce_eager" not in c.engine_kwargs
+    assert c.deployment_config["placement_group_bundle_label_selector"] == [{"rma.io/tier": "gpu"}]
+    assert c.runtime_env is None  # a GPU donor may reach the hub; nothing forces offline mode
+
+
+def test_model_source_override_points_at_a_volume(tmp_path: Path) -> None:
+    s = LLMSettings(data_dir=tmp_path, gpu_memory_mb=16_000, model_source="/mnt/rma-data/models/qwen7b-awq")
+    c = build_llm_config(s)
+    assert c.model_loading_config.model_source == "/mnt/rma-data/models/qwen7b-awq"
+    assert c.callback_config.callback_class != "deployments.llm.prepare:PrepareEmbeddedModel"
+
+
+def test_settings_come_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RMA_LLM_TIER", "cpu")
+    monkeypatch.setenv("RMA_LLM_MAX_MODEL_LEN", "1024")
+    monkeypatch.setenv("RMA_LLM_CPU_TIERS", "service")
+    monkeypatch.setenv("RMA_DATA_DIR", str(tmp_path))
+    s = LLMSettings()
+    c = build_llm_config(s)
+    assert s.data_dir == tmp_path and c.engine_kwargs["max_model_len"] == 1024
+    assert c.deployment_config["placement_group_bundle_label_selector"] == [{"rma.io/tier": "service"}]
+
+
+def test_a_model_for_the_wrong_tier_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="gpu tier, not cpu"):
+        build_llm_config(LLMSettings(data_dir=tmp_path, tier="cpu", model="qwen2.5-7b-instruct-awq"))
+    with pytest.raises(ValueError, match="names no tier"):
+        label_selector("cpu", " , ")
+
+
+def test_every_openai_route_needs_a_client_key() -> None:
+    """Drift guard: the ingress mounts only these routes, each with the client-key dependency, and no docs."""
+    from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress, make_fastapi_ingress
+
+    from deployments.gateway.auth import require_client
+    from deployments.llm.app import AUTH, openai_fastapi_app, openai_routes
+
+    app = openai_fastapi_app()
+    make_fastapi_ingress(OpenAiIngress, endpoint_map=openai_routes(), app=app)
+    routes = {(next(iter(r.methods)), r.path): r for r in app.routes if hasattr(r, "methods")}
+    assert set(routes) == {("GET", "/models"), ("GET", "/models/{model:path}"), ("POST", "/completions"),
+                           ("POST", "/chat/completions")}
+    for route in routes.values():
+        assert any(d.call is require_client for d in route.dependant.dependencies), route.path
+    assert AUTH[0].dependency is require_client
+    assert app.docs_url is None and app.openapi_url is None
+
+
+def test_inference_routes_need_a_client_key() -> None:
+    from deployments.gateway.auth import require_client
+    from deployments.llm.app import _inference_app
+
+    routes = [r for r in _inference_app.routes if hasattr(r, "methods")]
+    assert [(r.path, sorted(r.methods)) for r in routes] == [("/llm", ["POST"])]
+    assert any(d.call is require_client for d in routes[0].dependant.dependencies)
+    assert _inference_app.docs_url is None and _inference_app.openapi_url is None
