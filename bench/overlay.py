@@ -117,10 +117,8 @@ def one_pool(use_overlay: bool) -> dict[str, Any]:
         if use_overlay:
             nat(a_host)
             nat(b_host)
-        a = pool.start_join(a_host, pool.invite(tier="service"))
-        b = pool.start_join(b_host, pool.invite(tier="service"))
-        pool.wait_joined(a)
-        pool.wait_joined(b)
+        a = pool.wait_joined(pool.start_join(a_host, pool.invite(tier="service")))
+        b = pool.wait_joined(pool.start_join(b_host, pool.invite(tier="service")))
         r = pool.driver(APP.format(a=a.worker_id))
         assert "RUNNING" in r.stdout, r.stdout + r.stderr[-3000:]
         out: dict[str, Any] = {"serve": serve_figures(pool), "object": object_figures(pool, a.worker_id, b.worker_id)}

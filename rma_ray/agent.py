@@ -114,7 +114,14 @@ class Agent:
         agent = cls(opts.data_dir, m, RayNode(spec, opts.data_dir / "logs" / "ray-node.log"), say)
         agent.spoke = spoke
         try:
-            agent.start_node(opts.start_timeout_s)
+            try:
+                agent.start_node(opts.start_timeout_s)
+            except NodeStartError as exc:
+                if "overloaded" not in str(exc):
+                    raise
+                say(f"[yellow]{exc}[/]; trying once more")
+                agent.node.kill()
+                agent.start_node(opts.start_timeout_s)
         except NodeStartError as exc:
             agent.node.kill()
             if spoke:

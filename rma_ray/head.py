@@ -62,6 +62,7 @@ class UpOptions:
     overlay_interface: str = "rma-hub"
     stores: tuple[str, ...] = STORE_NAMES  # the embedded default's data stores
     store_runtime: str = "process"
+    store_ports: dict[str, int] = field(default_factory=dict)  # instead of each store's default port
     stores_wait_s: float = 240.0
 
     @property
@@ -265,8 +266,9 @@ class Pool:
             return {}
         self.say(f"starting data stores ({', '.join(self.o.stores)}, {self.o.store_runtime} runtime) …")
         try:
+            ports = [a for s, p in self.o.store_ports.items() for a in ("--port", f"{s}={p}")]
             r = self._stores_cmd("up", "--stores", ",".join(self.o.stores), "--runtime", self.o.store_runtime,
-                                 "--wait", str(self.o.stores_wait_s), timeout=self.o.stores_wait_s + 120)
+                                 "--wait", str(self.o.stores_wait_s), *ports, timeout=self.o.stores_wait_s + 120)
         except subprocess.TimeoutExpired:
             self.say("[yellow]the data stores did not report in time[/]; see the registry page")
             return {}
@@ -338,7 +340,9 @@ class Pool:
                     self.say(f"[red]{exc}[/]")
 
     def down(self) -> None:
+        t0 = time.monotonic()
         self.stop_stores()  # first: Postgres checkpoints and Redis fsyncs before their node goes
+        self.say(f"  stores stopped ({time.monotonic() - t0:.1f} s)")
         if self.coordinator is not None and self.coordinator.poll() is None:
             self.coordinator.terminate()
             try:
@@ -348,6 +352,7 @@ class Pool:
         if self.head is not None and self.head.running():
             subprocess.run([sys.executable, "-m", "rma_ray.serve_admin", "shutdown", "--address", self.o.gcs_address],
                            env=ray_env(self.token_file), capture_output=True, timeout=90, check=False)
+        self.say(f"  coordinator and Serve stopped ({time.monotonic() - t0:.1f} s)")
         if self.head is not None:
             self.head.stop(timeout=30)
             shutil.rmtree(self.head.spec.temp_dir, ignore_errors=True)
@@ -386,8 +391,16 @@ def signal_down(data_dir: Path, timeout: float = 120) -> str:
         raise UpError(f"no pool is running from {data_dir}")
     proc = psutil.Process(pid)
     proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-    except psutil.TimeoutExpired:
-        raise UpError(f"the pool supervisor (pid {pid}) did not stop within {timeout:.0f} s") from None
+    # not proc.wait(): for a process that is not our child it waits until the PID is gone, and a finished
+    # supervisor stays a zombie until its own parent (a shell, a test harness) reaps it
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                break
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.2)
+    else:
+        raise UpError(f"the pool supervisor (pid {pid}) did not stop within {timeout:.0f} s")
     return f"pool stopped (supervisor pid {pid})"

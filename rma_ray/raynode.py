@@ -95,6 +95,8 @@ _FAILURES = [
      "a port Ray needs is already in use on this machine"),
     (re.compile(r"version mismatch|Version mismatch", re.I),
      "this machine's Ray version differs from the head's"),
+    (re.compile(r"The current node timed out during startup"),
+     "the Ray node did not register with the head within Ray's 30 s (this machine or the head is overloaded)"),
 ]
 
 

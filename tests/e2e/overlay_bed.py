@@ -163,7 +163,8 @@ class OverlayPool:
 
     def wait_joined(self, donor: Donor, timeout: float = 180) -> Donor:
         def joined() -> str | None:
-            assert donor.proc.poll() is None, f"rma join exited: {donor.output()}"
+            if donor.proc.poll() is not None:
+                return "exited"  # an assert here would only be retried by wait_for until its timeout
             m = donor.data_dir / "membership.json"
             if not m.exists():
                 return None
@@ -172,6 +173,7 @@ class OverlayPool:
             return wid if w["status"] == "healthy" and w["ray_node_id"] else None
 
         donor.worker_id = wait_for(joined, timeout=timeout, interval=0.5, what=f"donor on {donor.host.name} to join")
+        assert donor.worker_id != "exited", f"rma join exited: {donor.output()[-3000:]}"
         donor.joined_at = time.monotonic()
         return donor
 
