@@ -30,9 +30,12 @@ from rma_ray.settings import read_or_create_secret
 from tests.support import free_port, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
-BASELINE = """
+RATE = "100000000/minute"  # the per-client limiter runs (its cost is measured) but never refuses
+BASELINE = f"""
+RATE = {RATE!r}
 from deployments.services.api import Backends, create_api
-app = create_api(Backends(None, None, None, None, None, None))
+from deployments.services.settings import ServicesSettings
+app = create_api(Backends(None, None, None, None, None, None), ServicesSettings(client_rate=RATE))
 """
 
 
@@ -68,14 +71,26 @@ def coordinator(root: Path, ip: str) -> tuple[subprocess.Popen[bytes], str, str,
     return proc, url, key, cred
 
 
-def serve_case(root: Path, ip: str, env: dict[str, str], haproxy: bool, key: str, seconds: int) -> dict[int, Any]:
+# Serve configurations: env of the head node (its proxy), env of the gateway replica, gateway settings
+CASES: dict[str, tuple[dict[str, str], dict[str, str], dict[str, Any]]] = {
+    "default": ({}, {}, {}),
+    "haproxy": ({"RAY_SERVE_ENABLE_HA_PROXY": "1"}, {}, {}),
+    # HAProxy with one thread per core of this box, user code on the replica's own event loop, no access log
+    "haproxy-tuned": ({"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_NBTHREAD": "1"},
+                      {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}, {"access_log": False}),
+    "default-tuned": ({}, {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}, {"access_log": False}),
+}
+
+
+def serve_case(root: Path, ip: str, env: dict[str, str], case: str, key: str, seconds: int) -> dict[int, Any]:
     token = root / "cluster_token"
     read_or_create_secret(token)
     gcs, http_port = free_port(ip), free_port(ip)
-    node_env = {**env, **({"RAY_SERVE_ENABLE_HA_PROXY": "1"} if haproxy else {})}
+    node_extra, replica_extra, overrides = CASES[case]
+    node_env = {**env, **node_extra}
     head = RayNode(NodeSpec(node_ip=ip, token_file=token, head=True, temp_dir=short_temp_dir(f"bsv-{os.getpid()}"),
                             labels={"rma.io/tier": "service"}, gcs_port=gcs, dashboard_port=free_port(ip),
-                            num_cpus=2, drain_timeout_s=2, env=node_env), root / f"head-{haproxy}.log")
+                            num_cpus=2, drain_timeout_s=2, env=node_env), root / f"head-{case}.log")
     head.start()
     try:
         head.wait_started(180)
@@ -85,15 +100,17 @@ def serve_case(root: Path, ip: str, env: dict[str, str], haproxy: bool, key: str
             from deployments.services.app import Gateway, _options
             from deployments.services.settings import ServicesSettings
             ray.init(logging_level="ERROR", namespace="rma")
-            s = ServicesSettings(replica_env=%r)
+            s = ServicesSettings(replica_env=%r, client_rate=%r, **%r)
             serve.start(proxy_location="HeadOnly", http_options={"host": %r, "port": %d, "request_timeout_s": 60})
             app = serve.deployment(Gateway).options(**_options("gateway", s.gateway, s.service_selector, s)).bind(
                 s.model_dump(mode="json"), None, None, None, None, None, None)
             serve.run(app, name="services", route_prefix="/api")
-        """) % (env, ip, http_port)
-        subprocess.run([sys.executable, "-c", script], check=True, timeout=600, capture_output=True,
-                       env={**ray_env(token), "RAY_ADDRESS": f"{ip}:{gcs}", "HOME": str(root / "home"),
-                            "PYTHONPATH": str(REPO)})
+        """) % ({**env, **replica_extra}, RATE, overrides, ip, http_port)
+        r = subprocess.run([sys.executable, "-c", script], timeout=600, capture_output=True, text=True,
+                           env={**ray_env(token), "RAY_ADDRESS": f"{ip}:{gcs}", "HOME": str(root / "home"),
+                                "PYTHONPATH": str(REPO)})
+        if r.returncode != 0:
+            raise SystemExit(f"deploying the gateway failed:\n{r.stderr[-3000:]}")
         url = f"http://{ip}:{http_port}/api/whoami"
         wait_for(lambda: httpx.get(url, headers={"Authorization": f"Bearer {key}"}).status_code == 200,
                  timeout=120, what="the gateway on Serve")
@@ -125,7 +142,7 @@ def uvicorn_case(root: Path, ip: str, env: dict[str, str], key: str, seconds: in
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=int, default=10)
-    ap.add_argument("--cases", default="default,haproxy")
+    ap.add_argument("--cases", default=",".join(CASES), help=f"some of: {', '.join(CASES)}")
     args = ap.parse_args()
     if not shutil.which("wrk"):
         sys.exit("wrk is not installed (Debian package wrk; `make test` installs it)")
@@ -137,17 +154,17 @@ def main() -> None:
     try:
         results["uvicorn"] = uvicorn_case(root, ip, env, key, args.seconds)
         for case in args.cases.split(","):
-            results[f"serve-{case}"] = serve_case(root, ip, env, case == "haproxy", key, args.seconds)
+            results[f"serve-{case}"] = serve_case(root, ip, env, case, key, args.seconds)
     finally:
         coord.terminate()
         coord.wait(10)
         shutil.rmtree(root, ignore_errors=True)
     base = results["uvicorn"]
-    print(f"{'case':<16}{'conns':>6}{'rps':>10}{'p50 ms':>9}{'p99 ms':>9}{'non-2xx':>9}{'rps ratio':>11}"
+    print(f"{'case':<22}{'conns':>6}{'rps':>10}{'p50 ms':>9}{'p99 ms':>9}{'non-2xx':>9}{'rps ratio':>11}"
           f"{'p50 ratio':>11}{'p99 ratio':>11}")
     for name, by_conns in results.items():
         for c, r in by_conns.items():
-            print(f"{name:<16}{c:>6}{r['rps']:>10.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}{r['errors']:>9}"
+            print(f"{name:<22}{c:>6}{r['rps']:>10.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}{r['errors']:>9}"
                   f"{r['rps'] / base[c]['rps']:>11.3f}{r['p50_ms'] / base[c]['p50_ms']:>11.2f}"
                   f"{r['p99_ms'] / base[c]['p99_ms']:>11.2f}")
     print(json.dumps(results))

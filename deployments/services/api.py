@@ -41,9 +41,12 @@ class Backends:
     notes: Any
     rag: Any
     graph: Any
+    client_rag: Any = None  # clients' own collections (trusted nodes); the shared RAG deployment when absent
 
     def __post_init__(self) -> None:
-        for name in ("documents", "ocr", "uploads", "notes", "rag", "graph"):
+        if self.client_rag is None:
+            self.client_rag = self.rag
+        for name in ("documents", "ocr", "uploads", "notes", "rag", "graph", "client_rag"):
             setattr(self, name, as_backend(getattr(self, name)))
 
 
@@ -126,6 +129,70 @@ class GraphQueryBody(Strict):
         return v
 
 
+class ClientLimiter:
+    """Per-client request rate (the `limits` library, moving window, in this replica's memory): one client
+    cannot take the whole gateway; past the rate it gets 429 with Retry-After."""
+
+    def __init__(self, rate: str) -> None:
+        from limits import parse
+        from limits.storage import MemoryStorage
+        from limits.strategies import MovingWindowRateLimiter
+
+        self.item = parse(rate)
+        self._limiter = MovingWindowRateLimiter(MemoryStorage())
+
+    def hit(self, client: ClientIdentity) -> None:
+        import math
+
+        if not self._limiter.hit(self.item, client.key_id):
+            reset = self._limiter.get_window_stats(self.item, client.key_id).reset_time
+            retry = max(1, math.ceil(reset - time.time()))
+            raise ServiceError(429, "rate_limited", f"this API key sent more than {self.item} requests; retry in "
+                                                    f"{retry} s", retry)
+
+
+class GatewayMiddleware:
+    """Request ids, the body-size limit before anything is read, and per-route metrics, as plain ASGI (Starlette's
+    BaseHTTPMiddleware costs a task and a stream per request)."""
+
+    def __init__(self, app: Any, settings: ServicesSettings, set_request_id: bool, metrics: Any) -> None:
+        self.app, self.settings, self.set_request_id, self.metrics = app, settings, set_request_id, metrics
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        rid = (headers.get(b"x-request-id") or b"").decode("latin-1") or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+        t0 = time.perf_counter()
+        status = 500
+
+        async def send_with_id(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                if self.set_request_id:
+                    out = list(message.get("headers") or [])
+                    if not any(k.lower() == b"x-request-id" for k, _ in out):
+                        out.append((b"x-request-id", rid.encode("latin-1")))
+                    message = {**message, "headers": out}
+            await send(message)
+
+        length = headers.get(b"content-length", b"")
+        limit = self.settings.upload_max_bytes + 64 * 1024
+        if length.isdigit() and int(length) > limit:
+            body = {"error": {"code": "body_too_large", "request_id": rid,
+                              "message": f"the request body is {int(length):,} bytes; the limit is "
+                                         f"{self.settings.upload_max_bytes:,}"}}
+            await JSONResponse(body, status_code=413)(scope, receive, send_with_id)
+        else:
+            await self.app(scope, receive, send_with_id)
+        if self.metrics is not None:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.observe(route, scope["method"], status, (time.perf_counter() - t0) * 1000)
+
+
 # -- helpers -----------------------------------------------------------------------------------------------------
 
 
@@ -191,8 +258,16 @@ def create_api(backends: Backends, settings: ServicesSettings | None = None, *, 
     response, its own 503s and 408s included)."""
     s = settings or ServicesSettings()
     b = backends
+    limiter = ClientLimiter(s.client_rate) if s.client_rate else None
+
+    def authenticated(request: Request) -> ClientIdentity:
+        client = require_client(request)
+        if limiter is not None:
+            limiter.hit(client)
+        return client
+
     app = FastAPI(title="RMA services", version="1", docs_url=None, redoc_url=None, openapi_url="/openapi.json",
-                  dependencies=[Depends(require_client)])
+                  dependencies=[Depends(authenticated)])
     rma_error_handler(app)
 
     async def call(what: str, fn: Callable[..., Awaitable[Any]], *args: Any, retry: bool = False,
@@ -221,24 +296,7 @@ def create_api(backends: Backends, settings: ServicesSettings | None = None, *, 
                 raise
         raise AssertionError("unreachable")
 
-    @app.middleware("http")
-    async def _request_ids_and_limits(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        rid = request.headers.get(REQUEST_ID) or uuid.uuid4().hex
-        request.state.request_id = rid
-        t0 = time.perf_counter()
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > s.upload_max_bytes + 64 * 1024:
-            response: Response = _error(413, "body_too_large", f"the request body is {int(length):,} bytes; the "
-                                                                f"limit is {s.upload_max_bytes:,}", request)
-        else:
-            response = await call_next(request)
-        if set_request_id and REQUEST_ID not in response.headers:
-            response.headers["X-Request-ID"] = rid
-        if metrics is not None:
-            route = request.scope.get("route")
-            metrics.observe(getattr(route, "path", "unmatched"), request.method, response.status_code,
-                            (time.perf_counter() - t0) * 1000)
-        return response
+    app.add_middleware(GatewayMiddleware, settings=s, set_request_id=set_request_id, metrics=metrics)
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
@@ -316,7 +374,8 @@ def create_api(backends: Backends, settings: ServicesSettings | None = None, *, 
 
     # -- RAG (shared collections and per-client collections) --
 
-    async def _ingest(request: Request, client: ClientIdentity, collection: str, model: type[BaseModel]) -> Any:
+    async def _ingest(request: Request, client: ClientIdentity, collection: str, model: type[BaseModel],
+                      rag: Any) -> Any:
         docs: list[dict[str, Any]]
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
             data, filename, ctype, fields = await _form_file(request, s.upload_max_bytes)
@@ -343,10 +402,10 @@ def create_api(backends: Backends, settings: ServicesSettings | None = None, *, 
                          "metadata": d.metadata} for d in body.documents]
         if not any(d["text"].strip() for d in docs):
             raise ServiceError(422, "no_text", "the document has no text to index")
-        return await call("RAG", b.rag.ingest, collection, docs)
+        return await call("RAG", rag.ingest, collection, docs)
 
-    async def _query(collection: str, body: Any, missing_ok: bool) -> Any:
-        found = await call("RAG", b.rag.query, collection, body.query, body.top_k, missing_ok, retry=True)
+    async def _query(collection: str, body: Any, missing_ok: bool, rag: Any) -> Any:
+        found = await call("RAG", rag.query, collection, body.query, body.top_k, missing_ok, retry=True)
         if not body.answer:
             return found
         if not found["results"]:
@@ -383,12 +442,13 @@ def create_api(backends: Backends, settings: ServicesSettings | None = None, *, 
                 collection = (json.loads(raw) or {}).get("collection", "default") if raw else "default"
             except (ValueError, AttributeError):
                 raise ServiceError(400, "bad_json", "the body is not valid JSON") from None
-        return await _ingest(request, client, collection_name("pub", str(collection or "default")), IngestBody)
+        return await _ingest(request, client, collection_name("pub", str(collection or "default")), IngestBody,
+                             b.rag)
 
     @app.post("/rag/query")
     async def rag_query(request: Request, client: ClientDep) -> Any:
         body = await _json_body(request, QueryBody)
-        return await _query(collection_name("pub", body.collection), body, missing_ok=False)
+        return await _query(collection_name("pub", body.collection), body, False, b.rag)
 
     def _own(client_id: str, client: ClientIdentity) -> str:
         import hmac
@@ -400,13 +460,13 @@ def create_api(backends: Backends, settings: ServicesSettings | None = None, *, 
 
     @app.post("/clients/{client_id}/rag/ingest")
     async def client_rag_ingest(client_id: str, request: Request, client: ClientDep) -> Any:
-        return await _ingest(request, client, _own(client_id, client), ClientIngestBody)
+        return await _ingest(request, client, _own(client_id, client), ClientIngestBody, b.client_rag)
 
     @app.post("/clients/{client_id}/rag/query")
     async def client_rag_query(client_id: str, request: Request, client: ClientDep) -> Any:
         collection = _own(client_id, client)
         body = await _json_body(request, ClientQueryBody)
-        return await _query(collection, body, missing_ok=True)
+        return await _query(collection, body, True, b.client_rag)
 
     # -- notes --
 

@@ -42,11 +42,11 @@ class ApiMetrics:
 @serve.ingress()
 class Gateway:
     def __init__(self, settings: dict[str, Any], documents: Any, ocr: Any, uploads: Any, notes: Any, rag: Any,
-                 graph: Any) -> None:
+                 graph: Any, client_rag: Any = None) -> None:
         from deployments.services.api import Backends
 
         self.settings = ServicesSettings(**settings)
-        self.backends = Backends(documents, ocr, uploads, notes, rag, graph)
+        self.backends = Backends(documents, ocr, uploads, notes, rag, graph, client_rag)
 
     def __serve_build_asgi_app__(self) -> Any:
         from deployments.services.api import create_api
@@ -78,6 +78,7 @@ def _options(name: str, limits: Limits, selector: dict[str, str], settings: Serv
         "health_check_period_s": 10,
         "health_check_timeout_s": 30,
         "graceful_shutdown_timeout_s": 20,
+        "logging_config": {"enable_access_log": settings.access_log},
     }
 
 
@@ -95,13 +96,16 @@ def build_app(settings: ServicesSettings | dict[str, Any] | None = None) -> Any:
     elif isinstance(settings, dict):
         settings = ServicesSettings(**settings)
     cfg = settings.model_dump(mode="json")
-    svc, data = settings.service_selector, settings.data_selector
+    svc, data, trusted = settings.service_selector, settings.data_selector, settings.client_data_selector
 
     ocr = serve.deployment(Ocr).options(**_options("ocr", settings.ocr, svc, settings)).bind()
     documents = serve.deployment(Documents).options(**_options("documents", settings.documents, svc, settings)).bind(ocr)
     uploads = serve.deployment(Uploads).options(**_options("uploads", settings.uploads, data, settings)).bind(cfg)
     rag = serve.deployment(Rag).options(**_options("rag", settings.rag, svc, settings)).bind(cfg)
-    notes = serve.deployment(Notes).options(**_options("notes", settings.notes, svc, settings)).bind(cfg, rag)
+    # clients' own data (their RAG collections, their notes) only on trusted service nodes
+    client_rag = serve.deployment(Rag).options(**_options("client_rag", settings.rag, trusted, settings)).bind(cfg)
+    notes = serve.deployment(Notes).options(**_options("notes", settings.notes, trusted, settings)).bind(
+        cfg, client_rag)
     graph = serve.deployment(Graph).options(**_options("graph", settings.graph, svc, settings)).bind()
     return serve.deployment(Gateway).options(**_options("gateway", settings.gateway, svc, settings)).bind(
-        cfg, documents, ocr, uploads, notes, rag, graph)
+        cfg, documents, ocr, uploads, notes, rag, graph, client_rag)

@@ -49,12 +49,15 @@ class Notes:
         return note
 
     def list(self, owner: str, limit: int = 50, offset: int = 0, tag: str | None = None) -> dict[str, Any]:
+        """Newest first. A tag filter reads the owner's notes and filters here (tags are JSON, portable)."""
         with self.db.sessions()() as s:
-            q = select(Note).where(Note.owner == owner)
-            rows = s.scalars(q.order_by(Note.id.desc())).all()
-            total = s.scalar(select(func.count()).select_from(Note).where(Note.owner == owner))
-        notes = [r.as_dict() for r in rows if tag is None or tag in (r.tags or [])]
-        return {"total": total if tag is None else len(notes), "notes": notes[offset:offset + limit]}
+            q = select(Note).where(Note.owner == owner).order_by(Note.id.desc())
+            if tag is None:
+                total = s.scalar(select(func.count()).select_from(Note).where(Note.owner == owner)) or 0
+                rows = s.scalars(q.limit(limit).offset(offset)).all()
+                return {"total": total, "notes": [r.as_dict() for r in rows]}
+            tagged = [r.as_dict() for r in s.scalars(q).all() if tag in (r.tags or [])]
+        return {"total": len(tagged), "notes": tagged[offset:offset + limit]}
 
     def get(self, owner: str, note_id: int) -> dict[str, Any]:
         with self.db.sessions()() as s:

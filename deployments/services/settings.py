@@ -33,6 +33,9 @@ class ServicesSettings(BaseSettings):
     # placement: service deployments on service-tier nodes; uploads (bytes on a volume) on trusted data nodes
     service_selector: dict[str, str] = Field(default_factory=lambda: {LABEL_TIER: "service"})
     data_selector: dict[str, str] = Field(default_factory=lambda: {LABEL_TIER: "data", LABEL_TRUSTED: "true"})
+    # clients' own data (client RAG collections, notes) stays on trusted service nodes
+    client_data_selector: dict[str, str] = Field(default_factory=lambda: {LABEL_TIER: "service",
+                                                                          LABEL_TRUSTED: "true"})
 
     # the gateway is async and only waits on handles: it can hold many requests; the CPU-bound deployments
     # (parse, OCR, embeddings, NER) are kept near their core count so that a queue forms where it can be bounded
@@ -47,6 +50,9 @@ class ServicesSettings(BaseSettings):
     replica_env: dict[str, str] = Field(default_factory=dict, description="extra environment of every replica "
                                         "(e.g. RMA_COORDINATOR_URL and RMA_KEYRING_CREDENTIAL_FILE: a path, "
                                         "never a secret)")
+    client_rate: str | None = Field(default="1200/minute", description="requests per client key per gateway "
+                                    "replica (the `limits` library's notation); None: no per-client limit")
+    access_log: bool = Field(default=True, description="Serve's per-request access log lines of the replicas")
     retry_after_s: float = Field(default=2.0, ge=0, description="Retry-After on a 503 for a full queue")
     request_timeout_s: float = Field(default=120.0, gt=0, description="the gateway's limit on one backend call")
     upload_max_bytes: int = Field(default=25 * 1024 * 1024, ge=1024)

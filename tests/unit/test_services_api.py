@@ -158,3 +158,13 @@ def test_an_answer_without_an_llm_is_a_503_that_says_so(client: TestClient) -> N
     r = client.post("/rag/query", json={"query": "q"}, headers=auth())
     assert r.status_code == 503 and r.json()["error"]["code"] == "llm_not_running"
     assert "LLM is not running" in r.json()["error"]["message"] and int(r.headers["retry-after"]) > 0
+
+
+def test_a_client_past_its_rate_gets_429_with_retry_after(client: TestClient) -> None:
+    app = create_api(Backends(None, None, None, None, None, None), ServicesSettings(client_rate="3/minute"))
+    with TestClient(app) as c:
+        assert [c.get("/whoami", headers=auth()).status_code for _ in range(3)] == [200, 200, 200]
+        r = c.get("/whoami", headers=auth())
+        assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limited"
+        assert 1 <= int(r.headers["retry-after"]) <= 60
+        assert c.get("/whoami", headers=auth(BOB)).json() == {"client": "bob", "key_id": BOB.id}  # per key

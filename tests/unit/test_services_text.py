@@ -86,3 +86,18 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     s = ServicesSettings()
     assert s.upload_max_bytes == 4096 and s.service_selector == {"rma.io/tier": "gpu"}
     assert ServicesSettings(**s.model_dump(mode="json")) == s  # travels to replicas as a plain dict
+
+
+def test_deployment_options_place_client_data_on_trusted_nodes_and_bound_queues() -> None:
+    from ray.serve.config import BackpressureConfig
+
+    from deployments.services.app import _options, build_app
+
+    s = ServicesSettings(retry_after_s=4)
+    opts = _options("notes", s.notes, s.client_data_selector, s)
+    assert opts["ray_actor_options"]["label_selector"] == {"rma.io/tier": "service", "rma.io/trusted": "true"}
+    assert opts["max_queued_requests"] == s.notes.max_queued_requests > 0
+    assert opts["backpressure_config"] == BackpressureConfig(status_code=503, retry_after_s=4)
+    assert opts["ray_actor_options"]["runtime_env"]["env_vars"]["HF_HUB_OFFLINE"] == "1"
+    app = build_app(s)  # builds the bind graph without Ray
+    assert type(app).__name__ == "Application"
