@@ -273,6 +273,18 @@ def _store_list(value: str) -> tuple[str, ...]:
     return names
 
 
+def _store_ports(items: list[str]) -> dict[str, int]:
+    from rma_ray.head import STORE_NAMES
+
+    ports = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        if name not in STORE_NAMES or not value.isdigit() or not 0 < int(value) < 65536:
+            fail(f"--store-port {item!r}: use STORE=PORT, e.g. postgres=5441 (stores: {', '.join(STORE_NAMES)})")
+        ports[name] = int(value)
+    return ports
+
+
 @app.command("up")
 def up(
     node_ip_address: Annotated[str | None, typer.Option("--node-ip-address",
@@ -294,6 +306,8 @@ def up(
     stores: Annotated[str, typer.Option(help="data stores to start, comma-separated, or 'none'")]
     = "redis,postgres,chroma,graph",
     store_runtime: Annotated[str, typer.Option(help="process (the stores' own binaries) or docker")] = "process",
+    store_port: Annotated[list[str] | None, typer.Option(help="STORE=PORT instead of the store's default port "
+                                                          "(repeatable), e.g. postgres=5441")] = None,
     data_dir: DataDirOpt = None,
 ) -> None:
     """Start the pool on this machine (Ray head, Serve, coordinator) and supervise it until Ctrl-C."""
@@ -307,7 +321,8 @@ def up(
                      coordinator_port=coordinator_port, gcs_port=gcs_port, dashboard_port=dashboard_port,
                      serve_port=serve_port, head_cpus=head_cpus, heartbeat_interval_s=heartbeat_interval,
                      overlay=overlay, overlay_port=overlay_port, overlay_subnet=overlay_subnet,
-                     overlay_interface=overlay_interface, stores=_store_list(stores), store_runtime=store_runtime)
+                     overlay_interface=overlay_interface, stores=_store_list(stores), store_runtime=store_runtime,
+                     store_ports=_store_ports(store_port or []))
     if overlay:
         import ipaddress
 

@@ -289,12 +289,14 @@ class Pool:
             self.say(f"[yellow]starting the data stores failed[/]; see {self.logs / 'stores.log'}")
         return out
 
-    def stop_stores(self) -> None:
-        if self.o.stores and self.head is not None and self.head.running():
-            try:
-                self._stores_cmd("down", "--stores", ",".join(self.o.stores), "--wait", "60", timeout=150)
-            except subprocess.TimeoutExpired:
-                self.say("[yellow]the data stores did not stop in time[/]")
+    def stop_stores(self) -> bool:
+        if not (self.o.stores and self.head is not None and self.head.running()):
+            return False
+        try:
+            self._stores_cmd("down", "--stores", ",".join(self.o.stores), "--wait", "60", timeout=150)
+        except subprocess.TimeoutExpired:
+            self.say("[yellow]the data stores did not stop in time[/]")
+        return True
 
     def rotate(self) -> None:
         """A new cluster token: restart the Ray head with it. Live donors learn of it from their heartbeat
@@ -341,8 +343,8 @@ class Pool:
 
     def down(self) -> None:
         t0 = time.monotonic()
-        self.stop_stores()  # first: Postgres checkpoints and Redis fsyncs before their node goes
-        self.say(f"  stores stopped ({time.monotonic() - t0:.1f} s)")
+        if self.stop_stores():  # first: Postgres checkpoints and Redis fsyncs before their node goes
+            self.say(f"  data stores stopped ({time.monotonic() - t0:.1f} s)")
         if self.coordinator is not None and self.coordinator.poll() is None:
             self.coordinator.terminate()
             try:
@@ -352,8 +354,8 @@ class Pool:
         if self.head is not None and self.head.running():
             subprocess.run([sys.executable, "-m", "rma_ray.serve_admin", "shutdown", "--address", self.o.gcs_address],
                            env=ray_env(self.token_file), capture_output=True, timeout=90, check=False)
-        self.say(f"  coordinator and Serve stopped ({time.monotonic() - t0:.1f} s)")
         if self.head is not None:
+            self.say(f"  coordinator and Serve stopped ({time.monotonic() - t0:.1f} s)")
             self.head.stop(timeout=30)
             shutil.rmtree(self.head.spec.temp_dir, ignore_errors=True)
         if self.hub is not None:

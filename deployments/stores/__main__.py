@@ -40,12 +40,12 @@ def placement(on: str) -> dict[str, str]:
     return TRUSTED_DATA if trusted_data_alive() else ON_HEAD
 
 
-def up(stores: list[str], runtime: str, on: str, wait_s: float) -> int:
+def up(stores: list[str], runtime: str, on: str, wait_s: float, ports: dict[str, int] | None = None) -> int:
     import ray
 
     selector = placement(on)
     where = "a trusted data donor" if selector == TRUSTED_DATA else "the head"
-    actors = {s: ensure(s, runtime=runtime, selector=selector) for s in stores}
+    actors = {s: ensure(s, runtime=runtime, selector=selector, port=(ports or {}).get(s)) for s in stores}
     deadline = time.monotonic() + wait_s
     pending = dict(actors)
     failed = 0
@@ -87,18 +87,22 @@ def status(stores: list[str]) -> int:
 
 
 def down(stores: list[str], timeout: float) -> int:
+    """Stop all stores at once (each flushes and exits), then remove their supervisors."""
     import ray
 
+    actors = {}
     for store in stores:
         try:
-            actor = ray.get_actor(actor_name(store), namespace=NAMESPACE)
+            actors[store] = ray.get_actor(actor_name(store), namespace=NAMESPACE)
         except ValueError:
             continue
+    refs = {store: a.stop.remote() for store, a in actors.items()}
+    for store, ref in refs.items():
         try:
-            ray.get(actor.stop.remote(), timeout=timeout)
+            ray.get(ref, timeout=timeout)
         except Exception as exc:  # already dead or unplaced: killing it is all that is left
             print(json.dumps({"store": store, "warning": f"clean stop failed: {exc}"[:300]}), flush=True)
-        ray.kill(actor, no_restart=True)
+        ray.kill(actors[store], no_restart=True)
         print(json.dumps({"store": store, "status": "stopped"}), flush=True)
     return 0
 
@@ -110,8 +114,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runtime", default="process", choices=["process", "docker"])
     p.add_argument("--on", default="auto", choices=["auto", "data", "head"])
     p.add_argument("--wait", type=float, default=180.0)
+    p.add_argument("--port", action="append", default=[], metavar="STORE=PORT",
+                   help="a store's port instead of its default (repeatable)")
     a = p.parse_args(argv)
     stores = [s for s in a.stores.split(",") if s]
+    ports: dict[str, int] = {}
+    for item in a.port:
+        name, _, value = item.partition("=")
+        if name not in KINDS or not value.isdigit() or not 0 < int(value) < 65536:
+            print(f"error: --port {item!r}: use STORE=PORT with a store from {', '.join(KINDS)}", file=sys.stderr)
+            return 2
+        ports[name] = int(value)
     unknown = [s for s in stores if s not in KINDS]
     if unknown:
         print(f"error: unknown store(s) {', '.join(unknown)}; known: {', '.join(KINDS)}", file=sys.stderr)
@@ -121,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(namespace=NAMESPACE, logging_level="ERROR", log_to_driver=False)
     try:
         if a.command == "up":
-            return up(stores, a.runtime, a.on, a.wait)
+            return up(stores, a.runtime, a.on, a.wait, ports)
         if a.command == "status":
             return status(stores)
         return down(stores, a.wait)

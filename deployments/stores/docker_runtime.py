@@ -34,6 +34,7 @@ LABEL_ENDPOINT = "rma.io/endpoint"  # host:port the store binds (host networking
 LABEL_ROLE = "rma.io/role"  # `store` (the long-running one) or `init` (a one-shot preparation step)
 BUILD_HINT = "scripts/build-store-images.sh"
 MOUNT = "/data"
+LOG_KEEP_BYTES = 4 * 1024 * 1024  # <store>.log rolls over to <store>.log.1 past this
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class ContainerSpec:
     uid: int
     prepare: Callable[[DockerRuntime, Path], tuple[list[str], dict[str, str]]]
     stop_timeout: int = 30
+    side_ports: Callable[[DockerRuntime], list[tuple[str, int]]] | None = None  # bound besides the store's port
 
 
 def _write_private(path: Path, text: str, uid: int) -> None:
@@ -110,7 +112,8 @@ SPECS: dict[str, ContainerSpec] = {
     "redis": ContainerSpec("rma-store-redis:latest", 999, _prepare_redis),
     "postgres": ContainerSpec("rma-store-postgres:latest", 999, _prepare_postgres, stop_timeout=60),
     "chroma": ContainerSpec("rma-store-chroma:latest", 999, _prepare_chroma),
-    "graph": ContainerSpec("rma-store-graph:latest", 999, _prepare_graph, stop_timeout=60),
+    "graph": ContainerSpec("rma-store-graph:latest", 999, _prepare_graph, stop_timeout=60,
+                           side_ports=lambda rt: [("127.0.0.1", rt.port + 1)]),  # ArcadeDB's HTTP
 }
 
 
@@ -186,7 +189,10 @@ class DockerRuntime:
         except Exception:
             return
         if out:
-            with open(self.volume / f"{self.kind.name}.log", "ab") as f:
+            log = self.volume / f"{self.kind.name}.log"
+            if log.exists() and log.stat().st_size > LOG_KEEP_BYTES:
+                os.replace(log, log.with_suffix(".log.1"))
+            with open(log, "ab") as f:
                 f.write(f"--- container {container.name} ({container.short_id})\n".encode() + out)
 
     def _remove(self, container: Any) -> None:
@@ -269,9 +275,10 @@ class DockerRuntime:
             self._remove(client.containers.get(self.container_name))  # an exited or unadoptable predecessor
         except docker.errors.NotFound:
             pass
-        if not port_free(self.host, self.port):
-            raise StoreError(f"port {self.port} on {self.host} is taken by another program; "
-                             f"free it or give the {self.kind.name} store another port")
+        for host, port in [(self.host, self.port), *(self.spec.side_ports(self) if self.spec.side_ports else [])]:
+            if not port_free(host, port):
+                raise StoreError(f"port {port} on {host} is taken by another program; "
+                                 f"free it or give the {self.kind.name} store another port")
         try:
             client.images.get(self.spec.image)
         except docker.errors.ImageNotFound:

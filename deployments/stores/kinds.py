@@ -7,6 +7,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -106,6 +107,8 @@ class Redis:
 class Postgres:
     name = "postgres"
     default_port = 5440
+    # "fast" shutdown: roll back open sessions, checkpoint, exit (SIGTERM's "smart" mode waits for every client)
+    stop_signal = signal.SIGINT
 
     def prepare(self, volume: Path, creds: dict[str, str]) -> None:
         data = volume / "pgdata"

@@ -50,7 +50,8 @@ class ProcessRuntime:
             raise StoreError(f"disk full: less than {MIN_FREE_BYTES >> 20} MiB free under {self.volume}")
         if not port_free(self.host, self.port):
             raise StoreError(f"port {self.port} on {self.host} is taken by another program; "
-                             f"free it or give the {self.kind.name} store another port")
+                             f"free it or give the {self.kind.name} store another port "
+                             f"(rma up --store-port {self.kind.name}=<port>)")
         try:
             self.kind.prepare(self.volume, self.creds)
             argv, as_user = self.kind.argv(self.volume, self.host, self.port, self.creds)
@@ -80,7 +81,7 @@ class ProcessRuntime:
         if self.proc is None:
             return
         try:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(getattr(self.kind, "stop_signal", signal.SIGTERM))
             self.proc.wait(timeout)
         except psutil.TimeoutExpired:
             self.proc.kill()
