@@ -46,7 +46,7 @@ HOST = "127.0.0.1"
 
 @pytest.fixture(scope="session")
 def dockerd() -> Iterator[Dockerd]:
-    """A private dockerd with the store images built (~75 s cold, ~1 s with its kept data root); session-scoped."""
+    """A private dockerd with the store images built (2.5-7 min cold, ~2 s with its kept data root); session-scoped."""
     yield from dockerd_for_session()
 
 
