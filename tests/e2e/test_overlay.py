@@ -43,19 +43,21 @@ def ovpool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OverlayPool]:
 
 @pytest.fixture(scope="module")
 def nated(ovpool: OverlayPool) -> dict[str, Donor]:
-    """Two donors behind NAT, A and B, joined through the overlay at the same time (~30 s)."""
-    a_host, b_host = ovpool.bed.hosts[1], ovpool.bed.hosts[2]
-    nat(a_host)
-    nat(b_host)
+    """Two donors behind NAT, A and B, joined through the overlay, and the control C (below), all started at
+    once (~30 s)."""
+    a_host, b_host, c_host = ovpool.bed.hosts[1:4]
+    for host in (a_host, b_host, c_host):
+        nat(host)
     a = ovpool.start_join(a_host, ovpool.invite(tier="service"))
     b = ovpool.start_join(b_host, ovpool.invite(tier="service"))
-    return {"a": ovpool.wait_joined(a), "b": ovpool.wait_joined(b)}
+    c = ovpool.start_join(c_host, ovpool.invite(tier="service"), "--node-ip-address", c_host.ip)
+    return {"a": ovpool.wait_joined(a), "b": ovpool.wait_joined(b), "c": c}
 
 
 def test_nat_donors_join_through_the_overlay_and_advertise_it(ovpool: OverlayPool, nated: dict[str, Donor]) -> None:
     outsider = NsHelper(ovpool.bed.hosts[4])
     try:
-        for d in nated.values():
+        for d in (nated["a"], nated["b"]):
             w = ovpool.worker(d.worker_id)
             node = ovpool.node_of(d.worker_id)
             assert node is not None and w["overlay_ip"] and node["node_ip"] == w["overlay_ip"]
@@ -80,10 +82,7 @@ def test_nat_donors_join_through_the_overlay_and_advertise_it(ovpool: OverlayPoo
 
 def test_without_the_overlay_a_nat_donor_is_declared_dead(ovpool: OverlayPool, nated: dict[str, Donor]) -> None:
     """The control: the same kind of donor, its Ray advertising its LAN address, is unreachable for the head."""
-    c_host = ovpool.bed.hosts[3]
-    nat(c_host)
-    c = ovpool.start_join(c_host, ovpool.invite(tier="service"), "--node-ip-address", c_host.ip)
-
+    c = nated["c"]
     def registered() -> str | None:
         m = c.data_dir / "membership.json"
         return json.loads(m.read_text())["worker_id"] if m.exists() else None
@@ -91,7 +90,7 @@ def test_without_the_overlay_a_nat_donor_is_declared_dead(ovpool: OverlayPool, n
     c.worker_id = wait_for(registered, timeout=120, interval=0.5, what="the control donor to register")
     dead = wait_for(lambda: ovpool.node_of(c.worker_id, "DEAD"), timeout=120, interval=1,
                     what="Ray to declare the LAN-advertising NAT donor dead")
-    assert dead["node_ip"] == c_host.ip
+    assert dead["node_ip"] == c.host.ip
     c.proc.send_signal(signal.SIGTERM)
     c.proc.wait(60)
     assert c.pids() == []
@@ -167,7 +166,7 @@ def test_serve_request_across_two_nat_donors_goes_through_the_hub(ovpool: Overla
 def test_ray_ports_are_closed_off_the_overlay(ovpool: OverlayPool, nated: dict[str, Donor], apps: None) -> None:
     outsider = NsHelper(ovpool.bed.hosts[4])
     try:
-        for d in nated.values():
+        for d in (nated["a"], nated["b"]):
             ports = listening_tcp(d.host)
             assert {PORTS.node_manager, PORTS.object_manager} <= ports, ports
             # nothing of Ray answers on the donor's LAN address, even without its NAT
