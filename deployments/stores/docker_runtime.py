@@ -277,8 +277,8 @@ class DockerRuntime:
             pass
         for host, port in [(self.host, self.port), *(self.spec.side_ports(self) if self.spec.side_ports else [])]:
             if not port_free(host, port):
-                raise StoreError(f"port {port} on {host} is taken by another program; "
-                                 f"free it or give the {self.kind.name} store another port")
+                raise StoreError(f"port {port} on {host} is taken by another program; free it or give the "
+                                 f"{self.kind.name} store another port (rma up --store-port {self.kind.name}=<port>)")
         try:
             client.images.get(self.spec.image)
         except docker.errors.ImageNotFound:
@@ -354,8 +354,8 @@ class DockerRuntime:
         if "no space left" in low:
             return StoreError(f"disk full while starting the {self.kind.name} container: {text}")
         if "address already in use" in low:
-            return StoreError(f"port {self.port} on {self.host} is taken by another program; "
-                              f"free it or give the {self.kind.name} store another port")
+            return StoreError(f"port {self.port} on {self.host} is taken by another program; free it or give the "
+                              f"{self.kind.name} store another port (rma up --store-port {self.kind.name}=<port>)")
         if "no such image" in low:
             return StoreError(f"image {self.spec.image} is missing on this node's Docker: build it with "
                               f"`{BUILD_HINT} {self.kind.name}`")
