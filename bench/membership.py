@@ -75,7 +75,7 @@ DELETE_APP = ('import ray; from ray import serve; ray.init(address="auto", names
 def launch_pool(bed: TestBed, root: Path) -> PoolUnderTest:
     env = {**os.environ, "HOME": str(root / "hhome"), "RMA_DATA_DIR": str(root / "head"), "COLUMNS": "200"}
     argv = [PY, "-m", "rma_ray.cli", "up", "--node-ip-address", bed.head_ip,
-            "--heartbeat-interval", str(HEARTBEAT_S)]
+            "--heartbeat-interval", str(HEARTBEAT_S), "--stores", "none", "--apps", "none"]
     proc = subprocess.Popen(argv, env=env, stdout=open(root / "up.log", "wb"), stderr=subprocess.STDOUT)
     return PoolUnderTest(bed, {}, root, proc, free_hosts=list(bed.hosts))
 

@@ -273,6 +273,16 @@ def _store_list(value: str) -> tuple[str, ...]:
     return names
 
 
+def _app_list(value: str) -> tuple[str, ...]:
+    from rma_ray.head import APP_NAMES
+
+    names = tuple(s.strip() for s in value.split(",") if s.strip() and s.strip() != "none")
+    unknown = [n for n in names if n not in APP_NAMES]
+    if unknown:
+        fail(f"--apps: unknown app {', '.join(unknown)}; choose from {', '.join(APP_NAMES)} or 'none'")
+    return names
+
+
 def _store_ports(items: list[str]) -> dict[str, int]:
     from rma_ray.head import STORE_NAMES
 
@@ -306,6 +316,8 @@ def up(
     stores: Annotated[str, typer.Option(help="data stores to start, comma-separated, or 'none'")]
     = "redis,postgres,chroma,graph",
     store_runtime: Annotated[str, typer.Option(help="process (the stores' own binaries) or docker")] = "process",
+    apps: Annotated[str, typer.Option(help="Serve apps to deploy, comma-separated (llm, services), or 'none'")]
+    = "llm,services",
     store_port: Annotated[list[str] | None, typer.Option(help="STORE=PORT instead of the store's default port "
                                                           "(repeatable), e.g. postgres=5441")] = None,
     data_dir: DataDirOpt = None,
@@ -322,7 +334,7 @@ def up(
                      serve_port=serve_port, head_cpus=head_cpus, heartbeat_interval_s=heartbeat_interval,
                      overlay=overlay, overlay_port=overlay_port, overlay_subnet=overlay_subnet,
                      overlay_interface=overlay_interface, stores=_store_list(stores), store_runtime=store_runtime,
-                     store_ports=_store_ports(store_port or []))
+                     store_ports=_store_ports(store_port or []), apps=_app_list(apps))
     if overlay:
         import ipaddress
 

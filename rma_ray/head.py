@@ -31,9 +31,11 @@ from rma_ray.membership import write_private
 from rma_ray.net import port_free
 from rma_ray.raynode import FAST_HEALTH_CHECKS, NodeSpec, NodeStartError, RayNode, ray_env, short_temp_dir
 from rma_ray.settings import read_or_create_secret
-from rma_ray.tiers import LABEL_TIER
+from rma_ray.tiers import LABEL_TIER, LABEL_TRUSTED
 
 
+# the Serve apps `rma up` deploys: `python -m deployments.<app> deploy|undeploy` (run as child processes)
+APP_NAMES = ("llm", "services")
 # the stores deployments/stores/kinds.py knows (rma_ray never imports deployments; a unit test keeps them equal)
 STORE_NAMES = ("redis", "postgres", "chroma", "graph")
 
@@ -63,6 +65,8 @@ class UpOptions:
     stores: tuple[str, ...] = STORE_NAMES  # the embedded default's data stores
     store_runtime: str = "process"
     store_ports: dict[str, int] = field(default_factory=dict)  # instead of each store's default port
+    apps: tuple[str, ...] = APP_NAMES
+    apps_wait_s: float = 900.0  # the embedded model is converted once (first start) and vLLM warms up
     stores_wait_s: float = 240.0
 
     @property
@@ -117,7 +121,8 @@ class Pool:
         spec = NodeSpec(node_ip=self.o.ray_ip, token_file=self.token_file, head=True,
                         extra_args=wg.RayPorts().argv(head=True) if self.o.overlay else [],
                         temp_dir=short_temp_dir("head-" + secrets.token_hex(4)),
-                        labels={LABEL_TIER: "head"}, gcs_port=self.o.gcs_port, dashboard_port=self.o.dashboard_port,
+                        # the operator's own machine: trusted, so the embedded default may keep client data here
+                        labels={LABEL_TIER: "head", LABEL_TRUSTED: "true"}, gcs_port=self.o.gcs_port, dashboard_port=self.o.dashboard_port,
                         num_cpus=self.o.head_cpus, drain_timeout_s=5,
                         env={**(FAST_HEALTH_CHECKS if self.o.fast_health_checks else {}),
                              # actors on the head (store supervisors, Serve replicas) find pool.json through it
@@ -252,7 +257,53 @@ class Pool:
         write_private(pool_file(self.o.data_dir), json.dumps(info, indent=2))
         info["stores"] = self.start_stores()  # after pool.json: supervisors on the head report with its admin key
         write_private(pool_file(self.o.data_dir), json.dumps(info, indent=2))
+        info["apps"] = self.start_apps()
+        write_private(pool_file(self.o.data_dir), json.dumps(info, indent=2))
         return info
+
+    def _app_env(self) -> dict[str, str]:
+        """Where the apps may run: donors of their tier, and the head too, so that the embedded default (no
+        donor yet) serves everything from this machine."""
+        return {**ray_env(self.token_file), "RMA_DATA_DIR": str(self.o.data_dir),
+                "RMA_SERVICES_SERVICE_SELECTOR": json.dumps({LABEL_TIER: "in(service,head)"}),
+                "RMA_SERVICES_DATA_SELECTOR": json.dumps({LABEL_TIER: "in(data,head)", LABEL_TRUSTED: "true"}),
+                "RMA_SERVICES_CLIENT_DATA_SELECTOR": json.dumps({LABEL_TIER: "in(service,head)",
+                                                                 LABEL_TRUSTED: "true"}),
+                **self.o.extra_env}
+
+    def start_apps(self) -> dict[str, Any]:
+        """Deploy the Serve apps (LLM at /v1 and /api/inference, the RMA services at /api). An app that fails is
+        reported and logged; the rest of the pool stays up."""
+        out: dict[str, Any] = {}
+        for app in self.o.apps:
+            self.say(f"deploying the {app} app …")
+            t0 = time.monotonic()
+            try:
+                r = subprocess.run([sys.executable, "-m", f"deployments.{app}", "deploy", "--address",
+                                    self.o.gcs_address, "--timeout", str(self.o.apps_wait_s)], env=self._app_env(),
+                                   capture_output=True, text=True, timeout=self.o.apps_wait_s + 120, check=False)
+            except subprocess.TimeoutExpired:
+                out[app] = {"status": "timeout"}
+                self.say(f"  [yellow]{app}: not running after {self.o.apps_wait_s:.0f} s[/]; see the Ray dashboard")
+                continue
+            (self.logs / f"deploy-{app}.log").write_text(r.stdout + r.stderr)
+            if r.returncode == 0:
+                out[app] = {"status": "running", "ready_s": round(time.monotonic() - t0, 1)}
+                self.say(f"  {app}: running ({out[app]['ready_s']} s)")
+            else:
+                err = (r.stderr.strip().splitlines() or ["see the log"])[-1][:300]
+                out[app] = {"status": "failed", "error": err}
+                self.say(f"  [yellow]{app}: failed[/] — {err} (log: {self.logs / f'deploy-{app}.log'})")
+        return out
+
+    def stop_apps(self) -> None:
+        for app in reversed(self.o.apps):  # undeploy: the LLM's vLLM engine process goes with its replica
+            try:
+                subprocess.run([sys.executable, "-m", f"deployments.{app}", "undeploy", "--address",
+                                self.o.gcs_address], env=self._app_env(), capture_output=True, timeout=120,
+                               check=False)
+            except subprocess.TimeoutExpired:
+                self.say(f"[yellow]undeploying {app} timed out[/]")
 
     def _stores_cmd(self, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
         env = {**ray_env(self.token_file), "RAY_ADDRESS": self.o.gcs_address}
@@ -302,7 +353,8 @@ class Pool:
         """A new cluster token: restart the Ray head with it. Live donors learn of it from their heartbeat
         reply and fetch it with their node token; revoked donors cannot, so the old token is worthless.
         Serve's state lives in the head's GCS and starts again empty."""
-        self.say("rotating the cluster token: stopping the stores, Serve and the Ray head …")
+        self.say("rotating the cluster token: stopping the apps, the stores, Serve and the Ray head …")
+        self.stop_apps()
         self.stop_stores()
         subprocess.run([sys.executable, "-m", "rma_ray.serve_admin", "shutdown", "--address", self.o.gcs_address],
                        env=ray_env(self.token_file), capture_output=True, timeout=60, check=False)
@@ -315,6 +367,7 @@ class Pool:
         info.update(head_pid=self.head.pid if self.head else None, cluster_token_rotated_at=time.time())
         write_private(pool_file(self.o.data_dir), json.dumps(info, indent=2))
         info["stores"] = self.start_stores()  # the new cluster starts empty: the supervisors again, same volumes
+        info["apps"] = self.start_apps()
         write_private(pool_file(self.o.data_dir), json.dumps(info, indent=2))
         self.say("[green]cluster token rotated[/]; live donors rejoin on their next heartbeat")
 
@@ -343,6 +396,9 @@ class Pool:
 
     def down(self) -> None:
         t0 = time.monotonic()
+        if self.o.apps and self.head is not None and self.head.running():
+            self.stop_apps()
+            self.say(f"  apps undeployed ({time.monotonic() - t0:.1f} s)")
         if self.stop_stores():  # first: Postgres checkpoints and Redis fsyncs before their node goes
             self.say(f"  data stores stopped ({time.monotonic() - t0:.1f} s)")
         if self.coordinator is not None and self.coordinator.poll() is None:

@@ -123,7 +123,7 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PoolUnderTest]:
         env = {**os.environ, "HOME": str(root / "hhome"), "RMA_DATA_DIR": str(root / "head"), "COLUMNS": "200"}
         log = root / "up.log"
         proc = subprocess.Popen([PY, "-m", "rma_ray.cli", "up", "--node-ip-address", bed.head_ip,
-                                 "--heartbeat-interval", "2", "--stores", "none"], env=env, stdout=open(log, "wb"),
+                                 "--heartbeat-interval", "2", "--stores", "none", "--apps", "none"], env=env, stdout=open(log, "wb"),
                                 stderr=subprocess.STDOUT)
         try:
             def ready() -> dict[str, Any] | None:
