@@ -109,15 +109,21 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
         p.driver("""
             from ray import serve
             from deployments.stores import supervisor
-            from deployments.services.app import build_app
             for s in %r:
                 supervisor.ensure(s)
             for s in %r:
                 supervisor.endpoint(s, timeout=240)
             serve.start(proxy_location="HeadOnly", http_options={"host": %r, "port": %d, "request_timeout_s": 180})
-            serve.run(build_app(%r), name="services", route_prefix="/api", blocking=False)
             print("{}")
-        """ % (STORES, STORES, ip, http_port, settings), timeout=600)
+        """ % (STORES, STORES, ip, http_port), timeout=600)
+        # deployed the way `rma up` does it: the module's CLI, settings from RMA_SERVICES_* variables
+        svc_env = {**ray_env(token), "HOME": str(root / "home"), "PYTHONPATH": str(REPO),
+                   **{f"RMA_SERVICES_{k.upper()}": v if isinstance(v, str) else json.dumps(v)
+                      for k, v in settings.items()}}
+        r = subprocess.run([sys.executable, "-m", "deployments.services", "deploy", "--address", p.address],
+                           env=svc_env, capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert json.loads(r.stdout.strip().splitlines()[-1])["route_prefix"] == "/api"
         wait_for(lambda: p.http("alice").get("/notes").status_code == 200, timeout=120, interval=1,
                  what="the services app to answer with a client key")
         yield p

@@ -1,0 +1,58 @@
+"""`python -m deployments.services deploy|undeploy --address <gcs host:port>`: what `rma up` (or an admin) runs to
+start the services app at /api on the pool's Serve instance, as a short-lived Ray driver.
+
+Settings come from `RMA_SERVICES_*` (deployments/services/settings.py); the Ray cluster token from
+RAY_AUTH_TOKEN_PATH (run it with `rma_ray.raynode.ray_env(token_file)`). Serve must already be started
+(rma_ray.serve_admin). Prints one JSON line on success; one error line and exit 1 on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m deployments.services")
+    ap.add_argument("action", choices=["deploy", "undeploy"])
+    ap.add_argument("--address", required=True, help="GCS address of the pool's Ray head")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds to wait for the app to run")
+    args = ap.parse_args(argv)
+    try:
+        import ray
+        from ray import serve
+
+        from deployments.services.app import APP_NAME, ROUTE_PREFIX, build_app
+
+        ray.init(address=args.address, namespace="rma", logging_level="ERROR", log_to_driver=False)
+        try:
+            if args.action == "undeploy":
+                serve.delete(APP_NAME)
+                print(json.dumps({"undeployed": APP_NAME}))
+                return 0
+            started = time.monotonic()
+            serve.run(build_app(), name=APP_NAME, route_prefix=ROUTE_PREFIX, blocking=False)
+            while True:
+                app = serve.status().applications.get(APP_NAME)
+                state = str(getattr(app, "status", "")).rsplit(".", 1)[-1]
+                if state == "RUNNING":
+                    break
+                if state in ("DEPLOY_FAILED", "UNHEALTHY"):
+                    raise RuntimeError(f"the services app is {state}: {getattr(app, 'message', '')[:500]}")
+                if time.monotonic() - started > args.timeout:
+                    raise RuntimeError(f"the services app was not running after {args.timeout:.0f} s ({state})")
+                time.sleep(1)
+            print(json.dumps({"app": APP_NAME, "route_prefix": ROUTE_PREFIX,
+                              "ready_s": round(time.monotonic() - started, 1)}))
+        finally:
+            ray.shutdown()
+    except Exception as exc:  # one line for the operator; details are in the Serve logs
+        print(f"services {args.action} failed: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
