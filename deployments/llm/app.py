@@ -18,12 +18,14 @@ import json
 import time
 from typing import Any, Literal
 
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
 from ray import serve
+from starlette.exceptions import HTTPException
 
-from deployments.gateway.auth import ClientDep, openai_error_handler, require_client, rma_error_handler
+from deployments.gateway.auth import openai_error_handler, require_client, rma_error_handler
 from deployments.llm.config import (
     INFERENCE_APP,
     INFERENCE_ROUTE_PREFIX,
@@ -41,6 +43,8 @@ AUTH = [Depends(require_client)]
 def openai_fastapi_app() -> FastAPI:
     """ray.serve.llm's ingress middlewares (request ids, OpenAI-shaped errors, HTTP metrics) on an app with no
     docs routes, plus our client-key refusals in OpenAI's shape."""
+    # ray.serve.llm's modules import vLLM: imported here, so that `deployments.llm.client` stays light for callers.
+    from ray.llm._internal.serve.core.configs.openai_api_models import OpenAIHTTPException
     from ray.llm._internal.serve.core.ingress.middleware import (
         SetRequestIdMiddleware,
         add_exception_handling_middleware,
@@ -49,11 +53,6 @@ def openai_fastapi_app() -> FastAPI:
         add_http_metrics_middleware,
         metrics_lifespan,
     )
-
-    from fastapi import Request
-    from fastapi.responses import JSONResponse
-    from ray.llm._internal.serve.core.configs.openai_api_models import OpenAIHTTPException
-    from starlette.exceptions import HTTPException
 
     app = FastAPI(lifespan=metrics_lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     add_exception_handling_middleware(app)
@@ -75,9 +74,7 @@ def openai_fastapi_app() -> FastAPI:
     return app
 
 
-def openai_error(status: int, message: str) -> Any:
-    from fastapi.responses import JSONResponse
-
+def openai_error(status: int, message: str) -> JSONResponse:
     kind = "invalid_request_error" if 400 <= status < 500 else "server_error"
     code = {404: "model_not_found" if "model" in message.lower() else "not_found"}.get(status, None)
     return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code or status}},
@@ -97,7 +94,6 @@ def openai_routes() -> dict[str, Any]:
 
 
 def build_llm_app(settings: LLMSettings) -> Any:
-    from ray import serve
     from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
     from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress, make_fastapi_ingress
     from ray.serve.llm import build_llm_deployment
@@ -161,10 +157,6 @@ class LLMCallError(Exception):
 
 
 def inference_fastapi_app() -> FastAPI:
-    from fastapi import Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
-
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
     rma_error_handler(app)
 
@@ -210,17 +202,22 @@ class LLMGateway:
 
     async def _model_ids(self) -> list[str]:
         if not self._models:
-            ingress = serve.get_deployment_handle(INGRESS_DEPLOYMENT, app_name=LLM_APP)
-            listing = await ingress.models.remote()
+            try:
+                ingress = serve.get_deployment_handle(INGRESS_DEPLOYMENT, app_name=LLM_APP)
+                listing = await ingress.models.remote()
+            except Exception as exc:  # the rma-llm app is not deployed (yet), or is being replaced
+                raise LLMCallError(503, "llm_unavailable", f"the LLM is not running: {exc}"[:300]) from None
             self._models = [m.id for m in listing.data]
         return self._models
 
     async def _server(self, model: str | None) -> tuple[str, Any]:
         ids = await self._model_ids()
+        if not ids:
+            raise LLMCallError(503, "llm_unavailable", "the LLM app serves no model")
         chosen = model or ids[0]
         if chosen not in ids:
             raise LLMCallError(404, "model_not_found", f"unknown model {chosen!r}; served: {', '.join(ids)}")
-        if chosen not in self._servers:
+        if chosen not in self._servers:  # ray.serve.llm's deployment name for a model id (its builder's rule)
             name = "LLMServer:" + chosen.replace("/", "--").replace(".", "_")
             self._servers[chosen] = serve.get_deployment_handle(name, app_name=LLM_APP).options(stream=True)
         return chosen, self._servers[chosen]
@@ -251,8 +248,8 @@ class LLMGateway:
                     "usage": resp.usage.model_dump() if resp.usage else None}
         raise LLMCallError(502, "llm_error", "the LLM replica returned nothing")
 
-    @_inference_app.post("/llm")
-    async def llm(self, body: InferenceRequest, client: ClientDep) -> dict[str, Any]:
+    @_inference_app.post("/llm", dependencies=AUTH)
+    async def llm(self, body: InferenceRequest) -> dict[str, Any]:
         started = time.perf_counter()
         payload: dict[str, Any] = {"messages": body.chat_messages(), "max_tokens": body.max_tokens,
                                    "temperature": body.temperature, "top_p": body.top_p}
@@ -264,7 +261,6 @@ class LLMGateway:
         return {**out, "latency_ms": round((time.perf_counter() - started) * 1000, 1)}
 
 
-
 def build_inference_app() -> Any:
     return LLMGateway.bind()
 
@@ -272,8 +268,6 @@ def build_inference_app() -> Any:
 def deploy(settings: LLMSettings | None = None, *, blocking_timeout_s: float = 600) -> dict[str, Any]:
     """Run both applications on the Serve instance of the Ray cluster this process is connected to
     (`ray.init(address=...)` first). Returns once they are RUNNING, with timings; raises on failure."""
-    from ray import serve
-
     settings = settings or LLMSettings()
     if settings.resolved_tier() == "cpu" and (settings.model_source or settings.entry().source).startswith("embedded:"):
         from deployments.llm.prepare import prepare_embedded
@@ -288,7 +282,6 @@ def deploy(settings: LLMSettings | None = None, *, blocking_timeout_s: float = 6
 
 
 def wait_running(apps: list[str], timeout_s: float) -> None:
-    from ray import serve
     from ray.serve.schema import ApplicationStatus
 
     deadline = time.monotonic() + timeout_s
@@ -307,8 +300,6 @@ def wait_running(apps: list[str], timeout_s: float) -> None:
 
 def undeploy() -> None:
     """Delete both applications (Serve stops the replicas; vLLM's engine process goes with its replica)."""
-    from ray import serve
-
     for app in (INFERENCE_APP, LLM_APP):
         try:
             serve.delete(app, _blocking=True)
