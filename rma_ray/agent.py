@@ -124,8 +124,10 @@ class Agent:
                 agent.start_node(opts.start_timeout_s)
         except NodeStartError as exc:
             agent.node.kill()
+            shutil.rmtree(spec.temp_dir, ignore_errors=True)
             if spoke:
                 spoke.down()
+                key_file.unlink(missing_ok=True)
             agent.unregister()
             membership.clear(opts.data_dir)
             raise AgentError(f"could not start the Ray node: {exc}") from None

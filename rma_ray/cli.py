@@ -526,6 +526,18 @@ def status(data_dir: DataDirOpt = None, as_json: JsonOpt = False) -> None:
                             "ray_address": m.ray_address, "ray_node_id": m.ray_node_id,
                             "agent_running": bool(m.agent_pid and psutil.pid_exists(m.agent_pid)),
                             "ray_node_running": bool(m.ray_pid and psutil.pid_exists(m.ray_pid))}
+    ov = (m.extra or {}).get("overlay")
+    if ov:
+        import time as _time
+
+        from rma_ray import overlay as wg
+
+        try:
+            shake = max((p.latest_handshake for p in wg.peers_of(ov["interface"])), default=0)
+            view["overlay"] = {"address": ov["address"], "interface": ov["interface"],
+                               "last_handshake_s": round(_time.time() - shake) if shake else None}
+        except wg.OverlayError as exc:
+            view["overlay"] = {"address": ov["address"], "interface": ov["interface"], "error": str(exc)}
     with AdmissionClient(m.coordinator_url, m.node_token, timeout=5) as client:
         try:
             me = client.request("GET", "/api/worker/me")

@@ -12,7 +12,9 @@ uplink (eth0) is dropped; replies and loopback pass. What arrives inside the tun
 from __future__ import annotations
 
 import json
+import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -76,6 +78,13 @@ def test_nat_donors_join_through_the_overlay_and_advertise_it(ovpool: OverlayPoo
                 except OSError:
                     continue
             assert "joining the pool's overlay" in d.output()
+            # `rma status` shows the donor's overlay end and a recent handshake with the hub
+            st = d.host.run([sys.executable, "-m", "rma_ray.cli", "status", "--json"], check=False,
+                            env={**os.environ, "RMA_DATA_DIR": str(d.data_dir), "HOME": str(d.data_dir)})
+            assert st.returncode == 0, st.stderr
+            view = json.loads(st.stdout)["overlay"]
+            assert view["address"] == w["overlay_ip"] and view["interface"] == d.interface
+            assert view["last_handshake_s"] is not None and view["last_handshake_s"] < 180
     finally:
         outsider.close()
 
