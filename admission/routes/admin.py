@@ -119,6 +119,8 @@ def report_store(name: Annotated[str, Path(pattern=schemas.STORE_NAME)], body: s
 
 
 @router.get("/admin/stores", response_model=list[schemas.StoreOut], openapi_extra=security.ADMIN)
-def list_stores(admin: AdminDep, session: SessionDep) -> list[schemas.StoreOut]:
-    """Stores with name, runtime, node, status and size; `unknown` when the supervisor stopped reporting."""
-    return stores.list_all(session)
+def list_stores(admin: AdminDep, session: SessionDep, state: State) -> list[schemas.StoreOut]:
+    """Stores with name, runtime, node, status and size; `unknown` when the supervisor stopped reporting,
+    `pending` when Ray has no node its selector matches (a trusted data donor is needed)."""
+    view = state.reconciler.view if state.reconciler is not None else None
+    return stores.list_all(session, view.pending_stores if view else None)

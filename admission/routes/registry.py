@@ -68,7 +68,7 @@ def registry(request: Request, state: State, session: SessionDep, partial: bool 
         "stats": stats.stats(state, session),
         "tiers": [(str(t), t.number, MINIMUMS[t], tier_of[t]) for t in TIER_ORDER],
         "workers": ws,
-        "stores": stores.list_all(session),
+        "stores": stores.list_all(session, state.reconciler.view.pending_stores if state.reconciler else None),
         "ray_dashboard_url": state.settings.ray_dashboard_url,
         "ray_view": state.reconciler.view if state.reconciler is not None else None,
         "admin_id": admin.key_id,

@@ -38,6 +38,8 @@ class RayView:
     nodes_alive: int = 0
     intruders: list[dict[str, Any]] = field(default_factory=list)
     drained: set[str] = field(default_factory=set)  # ray node ids we already asked to drain
+    # store supervisors (actors `rma-store-<name>`) waiting for a node their label selector matches
+    pending_stores: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 def mismatch(worker: Worker, node: dict[str, Any]) -> str | None:
@@ -140,6 +142,8 @@ def apply(state: AppState, session: Session, nodes: list[dict[str, Any]], pendin
     view.at, view.error = now, None
     view.nodes_alive = sum(1 for n in nodes if n.get("state") == "ALIVE")
     view.intruders = intruders
+    view.pending_stores = {a["name"][len("rma-store-"):]: dict(a.get("label_selector") or {}) for a in pending
+                           if str(a.get("name") or "").startswith("rma-store-")}
     return to_drain
 
 

@@ -31,7 +31,9 @@ def report(session: Session, who: AdminPrincipal | NodePrincipal, name: str, bod
     session.add(row)
 
 
-def list_all(session: Session) -> list[schemas.StoreOut]:
+def list_all(session: Session, pending: dict[str, dict[str, str]] | None = None) -> list[schemas.StoreOut]:
+    """Every reported store; `pending` (from the reconciler's view of Ray) adds the supervisors that wait for a
+    node, with the label selector nobody matches."""
     now = utcnow()
     names = {w.id: w.name for w in session.scalars(select(Worker))}
     out = []
@@ -43,4 +45,14 @@ def list_all(session: Session) -> list[schemas.StoreOut]:
             worker_name=names.get(r.worker_id) if r.worker_id else None, node_id=r.node_id, node_ip=r.node_ip,
             port=r.port, size_bytes=r.size_bytes, restarts=r.restarts, ready_s=r.ready_s, reported_at=r.reported_at,
             seconds_since_report=round(age, 1)))
+    for name, selector in sorted((pending or {}).items()):
+        why = ("waiting for a node labelled " + ", ".join(f"{k}={v}" for k, v in sorted(selector.items()))
+               + " (no such donor is online: invite one with --trusted --tier data)")
+        row = next((o for o in out if o.name == name), None)
+        if row is None:
+            out.append(schemas.StoreOut(name=name, runtime="", status="pending", reported_status="", error=why,
+                                        node="", worker_name=None, node_id="", node_ip="", port=0, size_bytes=0,
+                                        restarts=0, ready_s=None, reported_at=now, seconds_since_report=0.0))
+        else:
+            row.status, row.error = "pending", why
     return out

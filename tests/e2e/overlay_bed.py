@@ -207,7 +207,7 @@ def start_pool(bed: TestBed, root: Path, use_overlay: bool = True) -> Iterator[O
     env = {**os.environ, "HOME": str(root / "hhome"), "RMA_DATA_DIR": str(root / "head"), "COLUMNS": "200"}
     log = root / "up.log"
     argv = [PY, "-m", "rma_ray.cli", "up", "--node-ip-address", head.ip, "--heartbeat-interval", "2",
-            "--stores", "none"]
+            "--stores", "none", "--apps", "none"]
     if use_overlay:
         argv += ["--overlay", "--overlay-interface", hub_if]
     proc = head.popen(argv, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)

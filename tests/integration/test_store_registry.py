@@ -65,3 +65,23 @@ def test_silent_supervisor_shows_unknown(coordinator: Coordinator) -> None:
         s.commit()
     chroma = coordinator.admin("GET", "/api/admin/stores").json()[0]
     assert chroma["status"] == "unknown" and chroma["reported_status"] == "ready"
+
+
+def test_pending_supervisor_is_listed_with_what_it_waits_for(coordinator: Coordinator) -> None:
+    """A store supervisor that Ray cannot place (no trusted data donor) shows as pending, with its selector."""
+    from admission.services import stores
+    from admission.services.reconcile import RayView, apply
+
+    coordinator.admin("PUT", "/api/stores/redis", json=REPORT)  # redis ran before; its node is gone now
+    pending = [{"name": "rma-store-postgres", "label_selector": {"rma.io/tier": "data", "rma.io/trusted": "true"}},
+               {"name": "rma-store-redis", "label_selector": {"rma.io/tier": "data", "rma.io/trusted": "true"}},
+               {"name": "SERVE_REPLICA::x", "label_selector": {"rma.io/tier": "service"}}]
+    view = RayView()
+    with coordinator.state.sessions() as s, s.begin():
+        apply(coordinator.state, s, [], pending, view)
+    assert set(view.pending_stores) == {"postgres", "redis"}
+    with coordinator.state.sessions() as s:
+        rows = {r.name: r for r in stores.list_all(s, view.pending_stores)}
+    assert rows["postgres"].status == "pending" and "rma.io/trusted=true" in (rows["postgres"].error or "")
+    assert "--trusted --tier data" in (rows["postgres"].error or "")
+    assert rows["redis"].status == "pending" and rows["redis"].reported_status == "ready"
