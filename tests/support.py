@@ -24,6 +24,10 @@ import uvicorn
 T = TypeVar("T")
 
 
+class GiveUp(Exception):
+    """Raised by a wait_for predicate when waiting longer cannot help (the process it waits on has exited)."""
+
+
 def wait_for(predicate: Callable[[], T], timeout: float = 30.0, interval: float = 0.1, what: str = "condition") -> T:
     deadline = time.monotonic() + timeout
     last: Any = None
@@ -32,6 +36,8 @@ def wait_for(predicate: Callable[[], T], timeout: float = 30.0, interval: float 
             last = predicate()
             if last:
                 return last
+        except GiveUp:
+            raise
         except Exception as exc:  # the thing may not be up yet
             last = exc
         time.sleep(interval)

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from tests.e2e.netns import Host, TestBed, available
-from tests.support import wait_for
+from tests.support import GiveUp, wait_for
 
 PY = sys.executable
 N_HOSTS = 10
@@ -93,7 +93,8 @@ class PoolUnderTest:
         donor = self.start_join(token, *args, env=env)
 
         def joined() -> str | None:
-            assert donor.proc.poll() is None, f"rma join exited: {donor.output()}"
+            if donor.proc.poll() is not None:
+                raise GiveUp(f"rma join exited: {donor.output()}")
             m = donor.data_dir / "membership.json"
             if not m.exists():
                 return None
@@ -127,7 +128,8 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PoolUnderTest]:
                                 stderr=subprocess.STDOUT)
         try:
             def ready() -> dict[str, Any] | None:
-                assert proc.poll() is None, f"rma up exited: {log.read_text()}"
+                if proc.poll() is not None:
+                    raise GiveUp(f"rma up exited: {log.read_text()}")
                 p = root / "head" / "pool.json"
                 return json.loads(p.read_text()) if p.exists() and "join_token" in p.read_text() else None
 

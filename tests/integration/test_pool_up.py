@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from rma_ray.net import local_ip_towards
-from tests.support import free_port, wait_for
+from tests.support import GiveUp, free_port, wait_for
 
 pytestmark = [pytest.mark.ray,
               pytest.mark.skipif(not shutil.which("redis-server"), reason="Debian redis-server not installed")]
@@ -44,7 +44,8 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     info: dict[str, Any] = {"log": log, "stores_dir": stores, "env": env}
     try:
         def stores_reported() -> dict[str, Any] | None:
-            assert proc.poll() is None, log.read_text()
+            if proc.poll() is not None:
+                raise GiveUp(f"rma up exited: {log.read_text()}")
             p = root / "data" / "pool.json"
             if not p.exists() or "stores" not in p.read_text():
                 return None
