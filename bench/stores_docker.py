@@ -35,6 +35,23 @@ from rma_ray.settings import read_or_create_secret
 from tests.docker_support import bench_docker, missing, private_dockerd
 
 
+def _endpoint(store: str, timeout: float = 240) -> Any:
+    """The endpoint once the (possibly restarting) supervisor answers: a call that reaches the dying worker fails
+    with an actor error instead of waiting for the restart, so ask again."""
+    import ray
+
+    from deployments.stores import supervisor
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return supervisor.endpoint(store, max(1.0, deadline - time.monotonic()))
+        except (ray.exceptions.RayError, ValueError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 def recovery(stores: list[str]) -> list[dict[str, Any]]:
     reason = missing()
     if reason:
@@ -79,7 +96,7 @@ def recovery(stores: list[str]) -> list[dict[str, Any]]:
                 row: dict[str, Any] = {"store": store}
                 t0 = time.monotonic()
                 actor = supervisor.ensure(store, runtime="docker", port=free)
-                ep = supervisor.endpoint(store, 240)
+                ep = _endpoint(store)
                 row["start"] = time.monotonic() - t0
                 st = ray.get(actor.status.remote())
                 row["ready_s"], first_pid = st["ready_s"], st["pid"]
@@ -88,7 +105,7 @@ def recovery(stores: list[str]) -> list[dict[str, Any]]:
                 t0 = time.monotonic()
                 ray.kill(actor, no_restart=False)
                 time.sleep(0.5)  # let Ray see the death before asking the (restarting) actor
-                ep = supervisor.endpoint(store, 240)
+                ep = _endpoint(store)
                 row["actor kill"] = time.monotonic() - t0
                 print(f"  {store}: back after the actor kill", flush=True)
                 raylet = next(p for p in psutil.Process(node.pid).children(recursive=True) if p.name() == "raylet")
@@ -97,7 +114,7 @@ def recovery(stores: list[str]) -> list[dict[str, Any]]:
                 node.stop(timeout=10)
                 shutil.rmtree(node.spec.temp_dir, ignore_errors=True)
                 node = data_node(n + 1)
-                ep = supervisor.endpoint(store, 240)
+                ep = _endpoint(store)
                 row["node kill"] = time.monotonic() - t0
                 st = ray.get(supervisor.ensure(store).status.remote())
                 row["same container"] = st["pid"] == first_pid
@@ -108,12 +125,16 @@ def recovery(stores: list[str]) -> list[dict[str, Any]]:
                 a = ray.get_actor(supervisor.actor_name(store), namespace=supervisor.NAMESPACE)
                 ray.get(a.stop.remote(), timeout=90)
                 ray.kill(a, no_restart=True)
-            ray.shutdown()
         finally:
+            if "ray" in sys.modules:
+                sys.modules["ray"].shutdown()  # before the nodes go: a driver that loses its GCS aborts the process
+            keep = os.environ.get("RMA_BENCH_KEEP")  # keep the Ray logs to look at a failed run
             for nd in reversed(nodes):
                 nd.stop(timeout=20)
-                shutil.rmtree(nd.spec.temp_dir, ignore_errors=True)
-            shutil.rmtree(root, ignore_errors=True)
+                if not keep:
+                    shutil.rmtree(nd.spec.temp_dir, ignore_errors=True)
+            if not keep:
+                shutil.rmtree(root, ignore_errors=True)
     print(f"\nstores under Ray supervisors, docker runtime, {os.cpu_count()} CPUs (seconds)")
     print(f"{'store':10} {'start':>7} {'ready_s':>8} {'actor kill':>11} {'node kill':>10} {'same ctr':>9} "
           f"{'records':>10}")
