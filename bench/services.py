@@ -4,7 +4,10 @@ its default proxy and with `RAY_SERVE_ENABLE_HA_PROXY=1` (HAProxy in front of th
 package). Load comes from `wrk` (Debian package). Prints rps and p50/p99, and each Serve case as a ratio of plain
 uvicorn. Nothing is asserted.
 
-    .venv/bin/python -m bench.services [--seconds 10] [--cases default,haproxy]
+    .venv/bin/python -m bench.services [--part gateway|models|all] [--seconds 10] [--cases default,haproxy]
+
+`--part models`: per replica (one process running the deployments' own classes): RAG query p50/p99 with 10,000
+chunks in a real Chroma server, OCR images/s, PDF parse/s.
 """
 
 from __future__ import annotations
@@ -104,7 +107,10 @@ def serve_case(root: Path, ip: str, env: dict[str, str], case: str, key: str, se
             serve.start(proxy_location="HeadOnly", http_options={"host": %r, "port": %d, "request_timeout_s": 60})
             app = serve.deployment(Gateway).options(**_options("gateway", s.gateway, s.service_selector, s)).bind(
                 s.model_dump(mode="json"), None, None, None, None, None, None)
-            serve.run(app, name="services", route_prefix="/api")
+            try:
+                serve.run(app, name="services", route_prefix="/api")
+            except Exception as exc:  # a proxy slow to get ready on a busy box is restarted by the controller;
+                print("serve.run:", type(exc).__name__)  # the HTTP wait below tells when the route answers
         """) % ({**env, **replica_extra}, RATE, overrides, ip, http_port)
         r = subprocess.run([sys.executable, "-c", script], timeout=600, capture_output=True, text=True,
                            env={**ray_env(token), "RAY_ADDRESS": f"{ip}:{gcs}", "HOME": str(root / "home"),
@@ -113,7 +119,7 @@ def serve_case(root: Path, ip: str, env: dict[str, str], case: str, key: str, se
             raise SystemExit(f"deploying the gateway failed:\n{r.stderr[-3000:]}")
         url = f"http://{ip}:{http_port}/api/whoami"
         wait_for(lambda: httpx.get(url, headers={"Authorization": f"Bearer {key}"}).status_code == 200,
-                 timeout=120, what="the gateway on Serve")
+                 timeout=300, interval=1, what="the gateway on Serve")
         wrk(url, key, 16, 3)  # warm up
         return {c: wrk(url, key, c, seconds) for c in (16, 64)}
     finally:
@@ -139,11 +145,79 @@ def uvicorn_case(root: Path, ip: str, env: dict[str, str], key: str, seconds: in
         proc.wait(10)
 
 
+def models(chunks: int, queries: int) -> None:
+    """Per replica (one process, the deployments' own classes): RAG query latency with `chunks` chunks in a real
+    Chroma server, and OCR / parse throughput."""
+    import asyncio
+    import statistics
+    import time
+
+    from deployments.services.documents import parse_document
+    from deployments.services.ocr import Ocr
+    from deployments.services.rag import Rag
+    from deployments.stores.kinds import KINDS, credentials as store_credentials
+    from deployments.stores.runtime import ProcessRuntime
+    from tests import services_samples as samples
+
+    root = Path(tempfile.mkdtemp(prefix="rma-bench-models-"))
+    kind, host, port = KINDS["chroma"], "127.0.0.1", free_port()
+    creds = store_credentials(root)
+    chroma = ProcessRuntime(kind, root, host, port, creds)
+    chroma.start()
+    try:
+        ep = kind.endpoint(host, port, creds)
+        wait_for(lambda: kind.ready(ep), timeout=60, what="chroma")
+        rag = Rag({}, endpoint=lambda _: ep)
+        words = ("river mountain engine contract invoice harbour clinic ledger orbit violin pepper granite "
+                 "lantern meadow copper falcon").split()
+        docs = [{"text": " ".join(words[(i * 7 + j) % len(words)] for j in range(60)) + f" record {i}.",
+                 "source": f"doc-{i}"} for i in range(chunks)]
+        t0 = time.perf_counter()
+        for i in range(0, len(docs), 500):
+            rag.ingest("pub-bench", docs[i:i + 500])
+        ingest_s = time.perf_counter() - t0
+        lat = []
+        for i in range(queries):
+            t = time.perf_counter()
+            rag.query("pub-bench", f"{words[i % len(words)]} {words[(i * 3) % len(words)]} record {i}", 5)
+            lat.append((time.perf_counter() - t) * 1000)
+        lat.sort()
+        print(f"rag: {chunks} chunks ingested in {ingest_s:.1f} s ({chunks / ingest_s:.0f} chunks/s); query over "
+              f"{queries} queries: p50 {statistics.median(lat):.1f} ms, p99 {lat[int(0.99 * (len(lat) - 1))]:.1f} ms")
+    finally:
+        chroma.stop(10)
+        shutil.rmtree(root, ignore_errors=True)
+
+    ocr = Ocr()
+    image = samples.text_image(["Invoice 4711 paid in full", "Due date 2026-12-01"])
+    ocr.image(image)
+    n, t0 = 20, time.perf_counter()
+    for _ in range(n):
+        ocr.image(image)
+    print(f"ocr: {n / (time.perf_counter() - t0):.2f} images/s (2 lines, {len(image):,} bytes PNG)")
+    pdf = samples.pdf([f"Page {i} of the quarterly report with some text." for i in range(10)])
+
+    async def no_ocr(*_: Any) -> Any:
+        raise AssertionError("text PDFs need no OCR")
+
+    n, t0 = 30, time.perf_counter()
+    for _ in range(n):
+        asyncio.run(parse_document(pdf, "r.pdf", "application/pdf", no_ocr, no_ocr))
+    print(f"parse: {n / (time.perf_counter() - t0):.1f} PDFs/s (10 pages each)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--part", choices=["gateway", "models", "all"], default="all")
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--cases", default=",".join(CASES), help=f"some of: {', '.join(CASES)}")
+    ap.add_argument("--chunks", type=int, default=10_000)
+    ap.add_argument("--queries", type=int, default=200)
     args = ap.parse_args()
+    if args.part in ("models", "all"):
+        models(args.chunks, args.queries)
+    if args.part == "models":
+        return
     if not shutil.which("wrk"):
         sys.exit("wrk is not installed (Debian package wrk; `make test` installs it)")
     ip = local_ip_towards("192.0.2.1")
@@ -154,7 +228,10 @@ def main() -> None:
     try:
         results["uvicorn"] = uvicorn_case(root, ip, env, key, args.seconds)
         for case in args.cases.split(","):
-            results[f"serve-{case}"] = serve_case(root, ip, env, case, key, args.seconds)
+            try:
+                results[f"serve-{case}"] = serve_case(root, ip, env, case, key, args.seconds)
+            except (TimeoutError, SystemExit) as exc:
+                print(f"serve-{case}: did not come up: {str(exc)[:300]}")
     finally:
         coord.terminate()
         coord.wait(10)

@@ -33,7 +33,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps({"undeployed": APP_NAME}))
                 return 0
             started = time.monotonic()
-            serve.run(build_app(), name=APP_NAME, route_prefix=ROUTE_PREFIX, blocking=False)
+            try:
+                serve.run(build_app(), name=APP_NAME, route_prefix=ROUTE_PREFIX, blocking=False)
+            except TimeoutError:  # Serve gives its proxies 60 s; on a busy box they take longer: keep waiting
+                pass
             while True:
                 app = serve.status().applications.get(APP_NAME)
                 state = str(getattr(app, "status", "")).rsplit(".", 1)[-1]

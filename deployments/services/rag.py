@@ -135,22 +135,30 @@ class Rag:
             return None
 
     def ingest(self, collection: str, documents: list[dict[str, Any]]) -> dict[str, Any]:
-        """Each document: {text, source, metadata?}. Re-ingesting a source replaces its chunks."""
+        """Each document: {text, source, metadata?}. Re-ingesting a source replaces its chunks. One delete, one
+        embedding pass and one add per call, however many documents it carries."""
         col = self._collection(collection, create=True)
-        total, sources = 0, []
+        ids: list[str] = []
+        texts: list[str] = []
+        metas: list[dict[str, Any]] = []
+        sources: list[dict[str, Any]] = []
         for doc in documents:
             source = doc["source"]
             chunks = chunk_text(doc["text"], self.settings.rag_chunk_chars, self.settings.rag_chunk_overlap)
-            col.delete(where={"source": source})
-            if not chunks:
-                continue
             extra = {k: v for k, v in (doc.get("metadata") or {}).items()
                      if isinstance(v, (str, int, float, bool)) and k not in ("source", "chunk")}
-            metas = [{**extra, "source": source, "chunk": i} for i in range(len(chunks))]
-            col.add(ids=_ids(source, len(chunks)), documents=chunks, embeddings=self.embed(chunks), metadatas=metas)
-            total += len(chunks)
+            ids += _ids(source, len(chunks))
+            texts += chunks
+            metas += [{**extra, "source": source, "chunk": i} for i in range(len(chunks))]
             sources.append({"source": source, "chunks": len(chunks)})
-        return {"collection": collection, "chunks": total, "sources": sources}
+        names = sorted({d["source"] for d in documents})
+        if not names:
+            return {"collection": collection, "chunks": 0, "sources": []}
+        col.delete(where={"source": {"$in": names}} if len(names) > 1 else {"source": names[0]})
+        for i in range(0, len(texts), 1000):  # bounded request sizes towards Chroma
+            col.add(ids=ids[i:i + 1000], documents=texts[i:i + 1000], embeddings=self.embed(texts[i:i + 1000]),
+                    metadatas=metas[i:i + 1000])
+        return {"collection": collection, "chunks": len(texts), "sources": sources}
 
     def query(self, collection: str, query: str, top_k: int = 5, missing_ok: bool = False) -> dict[str, Any]:
         col = self._collection(collection, create=False)
