@@ -115,3 +115,7 @@ class PrepareEmbeddedModel(CallbackBase):
 
         target = Path(self.kwargs["target"])
         await asyncio.to_thread(prepare_embedded, target)
+        # ray.serve.llm would next start a Ray task per node of the placement group (a fresh worker process with
+        # the replica's runtime env) only to "download" the model: the model is a local folder on this node, so
+        # there is nothing to fetch, and on a busy 2-core box that worker took minutes to start.
+        self.ctx.run_init_node = False
