@@ -21,6 +21,7 @@ Prints a table; asserts nothing about time. The docker runtime's figures: `pytho
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -88,6 +89,23 @@ def count(store: str, ep: Any) -> int:
         return int(s.run("MATCH (r:Rec) RETURN count(r) AS n").single()["n"])  # type: ignore[index]
 
 
+def endpoint_again(store: str, timeout: float = 300) -> Any:
+    """The endpoint once the store answers again; right after a kill, calls may fail until Ray restarts the
+    supervisor, so keep asking."""
+    import ray
+
+    from deployments.stores import supervisor
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return supervisor.endpoint(store, 60)
+        except (ray.exceptions.RayError, ValueError) as exc:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{store} did not come back within {timeout:.0f} s: {exc}") from None
+            time.sleep(0.2)
+
+
 def main(stores: list[str]) -> None:
     root = Path(tempfile.mkdtemp(prefix="rma-bench-stores-"))
     root.chmod(0o755)  # the postgres user must traverse the volumes
@@ -132,8 +150,7 @@ def main(stores: list[str]) -> None:
             written = write_1000(store, ep)
             t0 = time.monotonic()
             ray.kill(actor, no_restart=False)
-            time.sleep(0.5)  # let Ray see the death before asking the (restarting) actor
-            ep = supervisor.endpoint(store, 240)
+            ep = endpoint_again(store)
             row["actor kill"] = time.monotonic() - t0
             raylet = next(p for p in psutil.Process(node.pid).children(recursive=True) if p.name() == "raylet")
             t0 = time.monotonic()
@@ -141,7 +158,7 @@ def main(stores: list[str]) -> None:
             node.stop(timeout=10)
             shutil.rmtree(node.spec.temp_dir, ignore_errors=True)
             node = data_node(n + 1)
-            ep = supervisor.endpoint(store, 240)
+            ep = endpoint_again(store)
             row["node kill"] = time.monotonic() - t0
             row["records"] = f"{count(store, ep)}/{written}"
             rows.append(row)
@@ -150,11 +167,17 @@ def main(stores: list[str]) -> None:
             a = ray.get_actor(supervisor.actor_name(store), namespace=supervisor.NAMESPACE)
             ray.get(a.stop.remote(), timeout=60)
             ray.kill(a, no_restart=True)
-        ray.shutdown()
     finally:
+        if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+            sys.modules["ray"].shutdown()  # before the nodes go: a connected driver aborts when its GCS vanishes
         for nd in reversed(nodes):
             nd.stop(timeout=20)
             shutil.rmtree(nd.spec.temp_dir, ignore_errors=True)
+        for pidfile in (root / "stores").glob("*/.rma-pid.json"):  # a store whose supervisor never stopped it
+            try:
+                psutil.Process(json.loads(pidfile.read_text())["pid"]).kill()
+            except (psutil.Error, OSError, ValueError):
+                pass
         shutil.rmtree(root, ignore_errors=True)
     print(f"\nstores under Ray supervisors, process runtime, {os.cpu_count()} CPUs (seconds)")
     print(f"{'store':10} {'start':>7} {'ready_s':>8} {'actor kill':>11} {'node kill':>10} {'records':>10}")
