@@ -16,6 +16,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--address", required=True, help="GCS address of the head")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--request-timeout", type=float, default=180.0,
+                    help="seconds a request may take end to end before the proxy answers 408")
     args = ap.parse_args(argv)
 
     import ray
@@ -24,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(address=args.address, namespace="rma", logging_level="ERROR", log_to_driver=False)
     try:
         if args.action == "start":
-            serve.start(proxy_location="HeadOnly", http_options={"host": args.host, "port": args.port})
+            serve.start(proxy_location="HeadOnly", http_options={"host": args.host, "port": args.port,
+                                                                 "request_timeout_s": args.request_timeout})
         else:
             serve.shutdown()
     finally:
