@@ -113,7 +113,7 @@ class PoolUnderTest:
                               timeout=timeout)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")  # torn down when tests/e2e is done: no idle pool through the other suites
 def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PoolUnderTest]:
     """A bed of 9 donor hosts and `rma up` on the head (~15 s to start); session-scoped, torn down by PID."""
     reason = available()

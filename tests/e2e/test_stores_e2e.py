@@ -26,7 +26,7 @@ import json, ray
 from deployments.stores import supervisor
 ray.init(logging_level="ERROR")
 for s in %r:
-    supervisor.ensure(s)
+    supervisor.ensure(s, selector={**supervisor.TRUSTED_DATA, "rma.io/node": %r})
 print(json.dumps({s: supervisor.endpoint(s, 180).__dict__ for s in %r}))
 """
 WRITE = """
@@ -65,7 +65,8 @@ def data_donor(pool: PoolUnderTest) -> Iterator[tuple[Donor, dict[str, Any]]]:
     stores_dir.chmod(0o755)  # the postgres user must traverse it
     donor = pool.join(pool.invite(tier="data", trusted=True), env={"RMA_STORES_DIR": str(stores_dir)})
     try:
-        r = pool.driver(ENSURE % (STORES, STORES), timeout=300)
+        # pinned to this donor: other trusted data donors of the session's pool (test_membership's) stay out of it
+        r = pool.driver(ENSURE % (STORES, donor.worker_id, STORES), timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
         yield donor, json.loads(r.stdout.strip().splitlines()[-1])
     finally:
@@ -120,7 +121,7 @@ def test_1000_records_survive_a_sigkill_of_the_donors_ray_node(pool: PoolUnderTe
     wait_for(lambda: any(n["labels"].get("rma.io/node") == donor.worker_id and n["node_id"] != old_node
                          for n in pool.alive_nodes()), timeout=120, interval=1,
              what="the agent to bring up a new Ray node")
-    r = pool.driver(ENSURE % (STORES, STORES), timeout=300)  # waits until both answer queries again
+    r = pool.driver(ENSURE % (STORES, donor.worker_id, STORES), timeout=300)  # until both answer queries again
     assert r.returncode == 0, r.stderr[-3000:]
     eps2 = json.loads(r.stdout.strip().splitlines()[-1])
     assert {s: eps2[s]["host"] for s in STORES} == {s: donor.host.ip for s in STORES}
