@@ -9,7 +9,7 @@ Prints a table, in a few minutes:
      GGUF does not fit the 64 MiB allowance), greedy decoding of fixed-length outputs: tokens/s for 1 and for 8
      sequences, time to first token, peak GPU memory. This measures the compute path, not answers.
 
-    python bench/gpu_llm.py [--tokens 128]       (from the repo root; PYTHONPATH=. is set by the script itself)
+    python bench/gpu/llm_check.py [--tokens 128]       (from the repo root; PYTHONPATH=. is set by the script itself)
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 def row(label: str, value: object) -> None:
