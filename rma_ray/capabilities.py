@@ -2,7 +2,9 @@
 
 `read_raw()` takes the readings, `from_readings()` turns them into `Capabilities` (a pure function, tested
 against real readings in shared/fixtures/hardware/). A machine without an NVIDIA GPU or driver reports no GPUs;
-the probe never raises for that. `Capabilities` also accepts the seed's human strings ("16GB", "1TB") so that an
+the probe never raises for that. It also asks a local Ollama server (the official `ollama` client; `OLLAMA_HOST` or
+http://127.0.0.1:11434) which models it has and which of them take images: a donor that runs one beside its node
+hosts the pool's vision route (label `rma.io/ollama=true`, see rma_ray.tiers). No server, no `ollama` package: none. `Capabilities` also accepts the seed's human strings ("16GB", "1TB") so that an
 old-style agent can register.
 """
 
@@ -48,6 +50,16 @@ class GpuInfo(BaseModel):
         return _to_mb(v)
 
 
+class OllamaInfo(BaseModel):
+    """A local Ollama server: where it answered, its models, and those that accept images."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    url: str = Field(min_length=1, max_length=300)
+    models: list[str] = Field(default_factory=list, max_length=1000)
+    vision_models: list[str] = Field(default_factory=list, max_length=1000)
+
+
 class Capabilities(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -57,6 +69,7 @@ class Capabilities(BaseModel):
     disk_free_gb: float = Field(default=0.0, ge=0, le=10_000_000)
     os: str = Field(default="", max_length=200)
     hostname: str = Field(default="", max_length=255)
+    ollama: OllamaInfo | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -125,8 +138,48 @@ def _read_nvml() -> dict[str, Any]:
             pass
 
 
-def read_raw(disk_path: str | os.PathLike[str] = "/") -> dict[str, Any]:
-    """Take the readings; never raises for a missing GPU or driver."""
+OLLAMA_DEFAULT_URL = "http://127.0.0.1:11434"
+# Older Ollama servers list no `capabilities` in /api/show: their vision models carry a vision-encoder family
+# (llava: "clip"; llama3.2-vision: "mllama").
+_VISION_FAMILIES = {"clip", "mllama"}
+
+
+def ollama_url(host: str | None = None) -> str:
+    """The Ollama server this machine would use: `host`, else $OLLAMA_HOST (as the `ollama` client reads it)."""
+    return host or os.environ.get("OLLAMA_HOST") or OLLAMA_DEFAULT_URL
+
+
+def is_vision_model(capabilities: list[str] | None, families: list[str] | None) -> bool:
+    if capabilities is not None:
+        return "vision" in capabilities
+    return bool(_VISION_FAMILIES & set(families or ()))
+
+
+def _read_ollama(host: str | None, timeout_s: float = 3.0) -> dict[str, Any]:
+    """The local Ollama server's models, or {'error': why} (no client package, no server, no answer)."""
+    try:
+        import ollama
+    except ImportError as exc:
+        return {"error": f"the ollama client is not installed ({exc})"}
+    url = ollama_url(host)
+    try:
+        with ollama.Client(host=url, timeout=timeout_s) as client:
+            models = []
+            for m in client.list().models:
+                if not m.model:
+                    continue
+                show = client.show(m.model)
+                families = list((show.details.families if show.details else None) or [])
+                models.append({"name": m.model, "capabilities": show.capabilities, "families": families})
+    except (ConnectionError, ollama.ResponseError, ollama.RequestError, OSError, ValueError) as exc:
+        return {"error": f"no Ollama server at {url} ({str(exc)[:200]})"}
+    except Exception as exc:  # httpx timeouts and protocol errors: an answer we cannot use
+        return {"error": f"Ollama at {url} did not answer usably ({type(exc).__name__}: {str(exc)[:200]})"}
+    return {"url": url, "models": models}
+
+
+def read_raw(disk_path: str | os.PathLike[str] = "/", ollama_host: str | None = None) -> dict[str, Any]:
+    """Take the readings; never raises for a missing GPU, driver or Ollama server."""
     disk = psutil.disk_usage(os.fspath(disk_path))
     return {
         "platform": platform.platform(),
@@ -138,6 +191,7 @@ def read_raw(disk_path: str | os.PathLike[str] = "/") -> dict[str, Any]:
             "disk_free_bytes": disk.free,
         },
         "nvml": _read_nvml(),
+        "ollama": _read_ollama(ollama_host),
     }
 
 
@@ -154,6 +208,13 @@ def from_readings(raw: dict[str, Any]) -> Capabilities:
             uuid=d.get("uuid"),
             compute_capability=f"{cc[0]}.{cc[1]}" if cc else None,
         ))
+    ollama_raw = raw.get("ollama") or {}
+    ollama_info = None
+    if "url" in ollama_raw:
+        models = ollama_raw.get("models") or []
+        ollama_info = OllamaInfo(
+            url=ollama_raw["url"], models=[m["name"] for m in models],
+            vision_models=[m["name"] for m in models if is_vision_model(m.get("capabilities"), m.get("families"))])
     return Capabilities(
         gpus=gpus,
         cpu_cores=int(ps["cpu_count_logical"]),
@@ -161,8 +222,9 @@ def from_readings(raw: dict[str, Any]) -> Capabilities:
         disk_free_gb=round(int(ps["disk_free_bytes"]) / GB, 1),
         os=raw.get("platform", ""),
         hostname=raw.get("hostname", ""),
+        ollama=ollama_info,
     )
 
 
-def probe(disk_path: str | os.PathLike[str] = "/") -> Capabilities:
-    return from_readings(read_raw(disk_path))
+def probe(disk_path: str | os.PathLike[str] = "/", ollama_host: str | None = None) -> Capabilities:
+    return from_readings(read_raw(disk_path, ollama_host))

@@ -451,7 +451,9 @@ def join(
                        name=name or _socket.gethostname(), capabilities=caps, node_ip=node_ip_address, cpus=cpus,
                        memory_bytes=memory_bytes, gpus=gpus, drain_deadline_s=drain_deadline)
     _say(f"probed: {caps.cpu_cores} cores, {caps.ram_mb} MiB RAM, {caps.disk_free_gb:g} GiB free disk, "
-         f"{len(caps.gpus)} GPU(s)")
+         f"{len(caps.gpus)} GPU(s)"
+         + (f", Ollama at {caps.ollama.url} with vision models {', '.join(caps.ollama.vision_models) or 'none'}"
+            if caps.ollama else ""))
     try:
         agent = Agent.join(opts, _say)
     except AgentError as exc:

@@ -47,6 +47,10 @@ MINIMUMS: dict[Tier, str] = {
 LABEL_TIER = "rma.io/tier"
 LABEL_NODE = "rma.io/node"
 LABEL_TRUSTED = "rma.io/trusted"
+# A local Ollama server with at least one vision model (the probe's `ollama.vision_models`): the vision route's
+# Ollama backend is placed only on such nodes. The model names stay in the capabilities (Ray label values
+# cannot hold "llava:7b").
+LABEL_OLLAMA = "rma.io/ollama"
 
 
 @dataclass(frozen=True)
@@ -109,5 +113,8 @@ def choose(candidates: list[Tier], demand: Mapping[str, int] | None = None, pinn
     return max(candidates, key=lambda t: (demand.get(str(t), 0), -TIER_ORDER.index(t)))
 
 
-def node_labels(tier: Tier, node_id: str, trusted: bool) -> dict[str, str]:
-    return {LABEL_TIER: str(tier), LABEL_NODE: node_id, LABEL_TRUSTED: "true" if trusted else "false"}
+def node_labels(tier: Tier, node_id: str, trusted: bool, caps: Capabilities | None = None) -> dict[str, str]:
+    labels = {LABEL_TIER: str(tier), LABEL_NODE: node_id, LABEL_TRUSTED: "true" if trusted else "false"}
+    if caps is not None and caps.ollama is not None and caps.ollama.vision_models:
+        labels[LABEL_OLLAMA] = "true"
+    return labels

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from admission.models import TierDemand, Worker, utcnow
 from admission.services import audit
 from admission.state import AppState
-from rma_ray.tiers import LABEL_NODE, LABEL_TIER, LABEL_TRUSTED, TIER_ORDER
+from rma_ray.tiers import LABEL_NODE, LABEL_OLLAMA, LABEL_TIER, LABEL_TRUSTED, TIER_ORDER
 
 log = logging.getLogger("rma.reconciler")
 MB = 1024 * 1024
@@ -46,7 +46,7 @@ def mismatch(worker: Worker, node: dict[str, Any]) -> str | None:
     """Why a live node disagrees with its registration, or None."""
     labels = node.get("labels") or {}
     want = worker.labels
-    for key in (LABEL_TIER, LABEL_TRUSTED):
+    for key in (LABEL_TIER, LABEL_TRUSTED, LABEL_OLLAMA):
         if labels.get(key) != want.get(key):
             return f"label {key}={labels.get(key)!r} on the Ray node, registered {want.get(key)!r}"
     res = node.get("resources_total") or {}
@@ -173,13 +173,18 @@ class Reconciler:
         self.view = RayView()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="rma-reconciler", daemon=True)
+        from admission.services.metrics import Collector
+
+        self.collector = Collector(state)  # Serve's request metrics, scraped on a sibling thread
 
     def start(self) -> Reconciler:
         self._thread.start()
+        self.collector.start()
         return self
 
     def stop(self) -> None:
         self._stop.set()
+        self.collector.stop()
         self._thread.join(10)
 
     def _loop(self) -> None:

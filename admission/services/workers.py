@@ -67,7 +67,7 @@ def register(state: AppState, session: Session, parsed: credentials.Parsed, req:
         raise auth_failed(state, ip, "join", "token_used", "join token already used; ask the pool admin for a new invite")
 
     minted = credentials.mint(Kind.NODE)
-    labels = tiers.node_labels(tier, minted.id, invite.trusted)
+    labels = tiers.node_labels(tier, minted.id, invite.trusted, caps)
     worker = Worker(id=minted.id, name=req.name, invite_id=invite.id, tier=str(tier), trusted=invite.trusted,
                     capabilities=caps.model_dump(), labels=labels, node_token_hash=minted.hash, registered_ip=ip)
     session.add(worker)

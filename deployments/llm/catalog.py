@@ -27,6 +27,7 @@ class CatalogEntry(BaseModel):
     max_model_len: int = Field(ge=256)
     quantization: str | None = None
     dtype: str = "auto"
+    vision: bool = Field(default=False, description="takes images (the vision route's vLLM backend)")
     description: str = ""
 
 
@@ -44,6 +45,14 @@ DEFAULT_CATALOG: tuple[CatalogEntry, ...] = (
     CatalogEntry(model_id="qwen2.5-32b-instruct-awq", source="Qwen/Qwen2.5-32B-Instruct-AWQ", tier="gpu",
                  min_gpu_memory_mb=40_000, max_model_len=16384, quantization="awq_marlin",
                  description="32B instruct, AWQ 4-bit: 40 GB and larger"),
+    # Vision (image + text -> text) for POST /api/inference/vision with RMA_VISION_BACKEND=vllm. vLLM reads the
+    # AWQ quantization from the checkpoint's config. 7B AWQ: ~7 GB weights + vision encoder + KV cache.
+    CatalogEntry(model_id="qwen2.5-vl-7b-instruct-awq", source="Qwen/Qwen2.5-VL-7B-Instruct-AWQ", tier="gpu",
+                 min_gpu_memory_mb=15_000, max_model_len=8192, vision=True,
+                 description="7B vision-language, AWQ 4-bit: 16-40 GB cards"),
+    CatalogEntry(model_id="qwen2.5-vl-32b-instruct-awq", source="Qwen/Qwen2.5-VL-32B-Instruct-AWQ", tier="gpu",
+                 min_gpu_memory_mb=40_000, max_model_len=16384, vision=True,
+                 description="32B vision-language, AWQ 4-bit: 40 GB and larger"),
 )
 
 
@@ -69,18 +78,28 @@ def load_catalog(path: Path | None) -> tuple[CatalogEntry, ...]:
 
 
 def choose(gpu_memory_mb: int, catalog: tuple[CatalogEntry, ...] = DEFAULT_CATALOG) -> CatalogEntry:
-    """The entry for a node: the GPU entry with the largest requirement that fits, else the CPU default.
+    """The chat entry for a node: the GPU entry with the largest requirement that fits, else the CPU default.
 
-    `gpu_memory_mb` is the largest GPU of the node (0 for none)."""
-    fitting = [e for e in catalog if e.tier == "gpu" and 0 < e.min_gpu_memory_mb <= gpu_memory_mb]
+    `gpu_memory_mb` is the largest GPU of the node (0 for none). Vision entries are chosen by `choose_vision`."""
+    fitting = [e for e in catalog if e.tier == "gpu" and not e.vision and 0 < e.min_gpu_memory_mb <= gpu_memory_mb]
     if fitting:
         return max(fitting, key=lambda e: e.min_gpu_memory_mb)
-    cpu = [e for e in catalog if e.tier == "cpu"]
+    cpu = [e for e in catalog if e.tier == "cpu" and not e.vision]
     if cpu:
         return cpu[0]
     smallest = min((e.min_gpu_memory_mb for e in catalog), default=0)
     raise NoModelFits(f"no catalog entry fits a GPU with {gpu_memory_mb} MiB (smallest needs {smallest} MiB) "
                       f"and the catalog has no CPU entry")
+
+
+def choose_vision(gpu_memory_mb: int, catalog: tuple[CatalogEntry, ...] = DEFAULT_CATALOG) -> CatalogEntry:
+    """The largest vision entry that fits a GPU of `gpu_memory_mb` MiB (no CPU fallback: none fits this box)."""
+    fitting = [e for e in catalog if e.vision and e.tier == "gpu" and 0 < e.min_gpu_memory_mb <= gpu_memory_mb]
+    if not fitting:
+        smallest = min((e.min_gpu_memory_mb for e in catalog if e.vision), default=0)
+        raise NoModelFits(f"no vision model fits a GPU with {gpu_memory_mb} MiB"
+                          + (f" (the smallest needs {smallest} MiB)" if smallest else " (the catalog has none)"))
+    return max(fitting, key=lambda e: e.min_gpu_memory_mb)
 
 
 def by_id(model_id: str, catalog: tuple[CatalogEntry, ...] = DEFAULT_CATALOG) -> CatalogEntry:

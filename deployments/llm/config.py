@@ -99,6 +99,9 @@ def build_llm_config(settings: LLMSettings) -> Any:
             engine_kwargs["quantization"] = entry.quantization
         if settings.accelerator_type:
             kwargs["accelerator_type"] = settings.accelerator_type
+    if entry.vision:
+        # one image per request (the vision route sends one); bounds the encoder's memory per sequence
+        engine_kwargs["limit_mm_per_prompt"] = {"image": 1}
     if embedded:
         env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
         kwargs["callback_config"] = {"callback_class": "deployments.llm.prepare:PrepareEmbeddedModel",

@@ -1,0 +1,253 @@
+"""POST /api/inference/vision: image + prompt -> text, behind the client key, on the pool's one Serve port.
+
+Two Serve applications, so that the route answers even while no node can host a model:
+- `rma-vision` at /api/inference/vision (longer than rma-inference's /api/inference, so Serve routes it here): the
+  `VisionGateway` front (no CPU reserved, placed anywhere). It checks the key, parses and checks the request
+  (`request`), and forwards plain values to the backend through a Serve handle. When the backend has no running
+  replica it answers 503 `vision_not_available` at once, instead of queueing the request for a node that may
+  never come.
+- `rma-vision-backend` (no HTTP route): with `RMA_VISION_BACKEND=ollama`, `OllamaVision` replicas placed by the
+  label selector `rma.io/ollama=true` + tier, each calling the Ollama server beside its own node; with `vllm`,
+  ray.serve.llm's `LLMServer` with a multimodal catalog model on the gpu tier. Serve keeps its replicas pending
+  until a matching node joins, then places them; the front notices within `STATUS_TTL_S`.
+
+`deploy()` runs both from a driver connected to the pool (`python -m deployments.vision deploy`); it waits for the
+front only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+
+from deployments.gateway.auth import require_client, rma_error_handler
+from deployments.vision import request as vreq
+from deployments.vision.config import (
+    BACKEND_APP,
+    FRONT_DEPLOYMENT,
+    OLLAMA_DEPLOYMENT,
+    VISION_APP,
+    VISION_ROUTE_PREFIX,
+    VisionSettings,
+)
+from deployments.vision.request import VisionError
+
+AUTH = [Depends(require_client)]
+STATUS_TTL_S = 2.0
+
+
+def vision_fastapi_app() -> FastAPI:
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    rma_error_handler(app)
+
+    @app.exception_handler(VisionError)
+    async def _vision_error(request: Request, exc: VisionError) -> JSONResponse:
+        headers = {"Retry-After": "30"} if exc.status == 503 else None
+        return JSONResponse({"error": {"code": exc.code, "message": exc.message}}, status_code=exc.status,
+                            headers=headers)
+
+    return app
+
+
+_app = vision_fastapi_app()
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it passes `limit` bytes (Content-Length first, then as it streams)."""
+    declared = request.headers.get("content-length")
+    too_big = VisionError(413, "request_too_large", f"the request body is over {limit} bytes; send a smaller "
+                                                    f"image (at most {limit * 3 // 4 // 2**20} MiB)")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def parse_request(request: Request, limits: vreq.Limits) -> vreq.VisionInput:
+    """multipart/form-data (an `image` file part) or JSON (`image` in base64) -> a checked VisionInput."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    body = await read_body(request, limits.max_body_bytes())
+    if ctype == "application/json":
+        return vreq.from_json(body, limits)
+    if ctype != "multipart/form-data":
+        raise VisionError(415, "unsupported_media_type", "send multipart/form-data (an `image` file and a `prompt` "
+                                                         "field) or application/json ({\"image\": base64, "
+                                                         "\"prompt\": ...})")
+    sent = False
+
+    async def replay() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    from starlette.requests import Request as StarletteRequest
+
+    try:
+        form = await StarletteRequest(request.scope, replay).form(max_files=1, max_fields=len(vreq.FORM_FIELDS))
+    except Exception as exc:  # python-multipart's parse errors, too many parts
+        raise VisionError(400, "invalid_form", f"the multipart body cannot be read: {str(exc)[:200]}") from None
+    fields: dict[str, Any] = {}
+    image: bytes | None = None
+    try:
+        for name, value in form.multi_items():
+            if isinstance(value, str):
+                fields[name] = value
+            elif name == "image":
+                image = await value.read()
+            else:
+                raise VisionError(422, "invalid_request", f"{name}: unexpected file; send the picture as `image`")
+    finally:
+        await form.close()
+    return vreq.from_form(fields, image, limits)
+
+
+@serve.deployment(name=FRONT_DEPLOYMENT, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
+@serve.ingress(_app)
+class VisionGateway:
+    """The route: key, request checks, backend availability, and the call through a Serve handle."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.s = VisionSettings(**settings)
+        self.limits = self.s.limits()
+        self.deployment = self.s.backend_deployment()
+        self.handle = serve.get_deployment_handle(self.deployment, app_name=BACKEND_APP)
+        self._checked_at, self._available = 0.0, (False, "")
+        self._model_id = self.s.vllm_entry().model_id if self.s.backend == "vllm" else None
+
+    def _backend_state(self) -> tuple[bool, str]:
+        status = serve.status().applications.get(BACKEND_APP)
+        if status is None:
+            return False, "the vision backend is not deployed (`python -m deployments.vision deploy`)"
+        dep = status.deployments.get(self.deployment)
+        running = dep.replica_states.get("RUNNING", 0) if dep else 0
+        if running:
+            return True, ""
+        if self.s.backend == "ollama":
+            return False, (f"no node in the pool runs Ollama with a vision model (needed: a node labelled "
+                           f"rma.io/ollama=true of tier {self.s.tiers}); a GPU donor that runs `ollama serve` "
+                           f"with e.g. llava:7b pulled and joins will host it")
+        return False, (f"the vision model {self._model_id} is not running (it needs a gpu-tier donor; "
+                       f"{'starting' if dep and dep.replica_states else 'waiting for one'})")
+
+    async def _require_backend(self) -> None:
+        now = time.monotonic()
+        if now - self._checked_at > STATUS_TTL_S:
+            self._available = await asyncio.to_thread(self._backend_state)
+            self._checked_at = now
+        ok, why = self._available
+        if not ok:
+            raise VisionError(503, "vision_not_available", why)
+
+    async def _call_ollama(self, inp: vreq.VisionInput) -> dict[str, Any]:
+        try:
+            out: dict[str, Any] = await self.handle.describe.remote(inp.payload())
+        except VisionError as exc:  # Ray re-raises the replica's exception as a subclass of it
+            raise VisionError(exc.status, exc.code, exc.message) from None
+        return out
+
+    async def _call_vllm(self, inp: vreq.VisionInput) -> dict[str, Any]:
+        from ray.llm._internal.serve.core.configs.openai_api_models import ChatCompletionRequest, ErrorResponse
+
+        from deployments.vision.backends import from_chat_response, openai_messages
+
+        if inp.model and inp.model != self._model_id:
+            raise VisionError(404, "model_not_found", f"unknown vision model {inp.model!r}; served: {self._model_id}")
+        request = ChatCompletionRequest(model=self._model_id, messages=openai_messages(inp), stream=False,
+                                        max_tokens=inp.max_tokens, temperature=inp.temperature)
+        async for resp in self.handle.options(stream=True).chat.remote(request, None):
+            if isinstance(resp, list):
+                resp = resp[0]
+            if isinstance(resp, ErrorResponse):
+                status = int(resp.error.code) if 400 <= int(resp.error.code) < 600 else 502
+                raise VisionError(status, "invalid_request" if status == 400 else "vision_error",
+                                  str(resp.error.message)[:500])
+            return from_chat_response(resp)
+        raise VisionError(502, "vision_error", "the vision model returned nothing")
+
+    @_app.post("/", dependencies=AUTH)
+    async def vision(self, request: Request) -> dict[str, Any]:
+        started = time.perf_counter()
+        inp = await parse_request(request, self.limits)
+        await self._require_backend()
+        call = self._call_ollama if self.s.backend == "ollama" else self._call_vllm
+        try:
+            out = await asyncio.wait_for(call(inp), timeout=self.s.timeout_s + 10)
+        except asyncio.TimeoutError:
+            raise VisionError(504, "vision_timeout", f"no answer within {self.s.timeout_s:.0f} s") from None
+        return {**out, "image": {"mime": inp.mime, "width": inp.width, "height": inp.height},
+                "latency_ms": round((time.perf_counter() - started) * 1000, 1)}
+
+
+@serve.deployment(name=OLLAMA_DEPLOYMENT, ray_actor_options={"num_cpus": 0})
+class OllamaVisionBackend:
+    """Calls the Ollama server beside its node. Placed only on nodes labelled rma.io/ollama=true."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        from deployments.vision.backends import OllamaVision
+
+        s = VisionSettings(**settings)
+        self.ollama = OllamaVision(s.ollama_host, s.model, timeout_s=s.timeout_s, keep_alive=s.keep_alive)
+
+    async def describe(self, payload: dict[str, Any]) -> dict[str, Any]:
+        return await self.ollama.describe(vreq.VisionInput.from_payload(payload))
+
+    def where(self) -> dict[str, Any]:
+        """Which node and which Ollama server answer (for operators and tests)."""
+        import ray
+
+        return {"node_id": ray.get_runtime_context().get_node_id(), "ollama": self.ollama.url}
+
+
+def build_backend_app(settings: VisionSettings) -> Any:
+    if settings.backend == "ollama":
+        return OllamaVisionBackend.options(
+            num_replicas=settings.num_replicas, max_ongoing_requests=settings.max_ongoing_requests,
+            ray_actor_options={"num_cpus": 0, "label_selector": settings.ollama_selector()},
+        ).bind(settings.model_dump(mode="json"))
+    from ray.serve.llm import build_llm_deployment
+
+    return build_llm_deployment(settings.vllm_config())
+
+
+def build_front_app(settings: VisionSettings) -> Any:
+    return VisionGateway.bind(settings.model_dump(mode="json"))
+
+
+def deploy(settings: VisionSettings | None = None, *, blocking_timeout_s: float = 300) -> dict[str, Any]:
+    """Run both applications on the Serve instance of the connected cluster. Waits for the front only: the backend
+    stays pending until a node it may run on joins."""
+    from ray.serve import RunTarget
+
+    from deployments.llm.app import wait_running
+
+    settings = settings or VisionSettings()
+    started = time.monotonic()
+    serve.run_many([RunTarget(build_backend_app(settings), name=BACKEND_APP, route_prefix=None),
+                    RunTarget(build_front_app(settings), name=VISION_APP, route_prefix=VISION_ROUTE_PREFIX)],
+                   wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+    wait_running([VISION_APP], timeout_s=blocking_timeout_s)
+    backend = serve.status().applications.get(BACKEND_APP)
+    return {"apps": [VISION_APP, BACKEND_APP], "backend": settings.backend, "ready_s":
+            round(time.monotonic() - started, 1), "backend_status": str(backend.status) if backend else "MISSING",
+            "selector": settings.ollama_selector() if settings.backend == "ollama" else None}
+
+
+def undeploy() -> None:
+    for app in (VISION_APP, BACKEND_APP):
+        try:
+            serve.delete(app, _blocking=True)
+        except Exception:  # already gone
+            pass
+
