@@ -139,3 +139,45 @@ class AuditEvent(Base):
     subject: Mapped[str] = mapped_column(String(64), default="")
     ip: Mapped[str] = mapped_column(String(64), default="")
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class RequestMinute(Base):
+    """Ray Serve's HTTP requests in one minute, per application, route and status code: the proxies' request
+    counter and latency histogram, as deltas (written by admission.services.metrics). Bucket deltas are kept
+    cumulative by upper bound ({"10.0": n, ..., "+Inf": n}) so that percentiles over any span can be estimated."""
+
+    __tablename__ = "request_minutes"
+
+    minute: Mapped[datetime] = mapped_column(UTCDateTime, primary_key=True)
+    application: Mapped[str] = mapped_column(String(128), primary_key=True)
+    route: Mapped[str] = mapped_column(String(255), primary_key=True)
+    status_code: Mapped[str] = mapped_column(String(8), primary_key=True)
+    requests: Mapped[int] = mapped_column(Integer, default=0)
+    latency_count: Mapped[int] = mapped_column(Integer, default=0)
+    latency_sum_ms: Mapped[float] = mapped_column(Float, default=0.0)
+    latency_buckets: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
+
+
+class DeploymentLoad(Base):
+    """Requests queued (waiting for a replica) and ongoing at replicas, per Serve deployment, as last scraped."""
+
+    __tablename__ = "deployment_load"
+
+    application: Mapped[str] = mapped_column(String(128), primary_key=True)
+    deployment: Mapped[str] = mapped_column(String(128), primary_key=True)
+    queued: Mapped[float] = mapped_column(Float, default=0.0)
+    ongoing: Mapped[float] = mapped_column(Float, default=0.0)
+    at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class MetricCursor(Base):
+    """The last cumulative value the collector saw of one scraped series (keyed by a hash of its target,
+    name and labels), kept in the same transaction as the rollups so a restarted coordinator counts each
+    request once."""
+
+    __tablename__ = "metric_cursors"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    target: Mapped[str] = mapped_column(String(255))
+    value: Mapped[dict[str, Any]] = mapped_column(JSON)
+    seen_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)

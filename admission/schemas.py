@@ -237,3 +237,55 @@ class StoreOut(BaseModel):
     ready_s: float | None
     reported_at: datetime
     seconds_since_report: float
+
+
+class RequestFigures(BaseModel):
+    """Ray Serve HTTP requests over a span; percentiles estimated from the proxies' latency histogram buckets."""
+    requests: int
+    errors_4xx: int
+    errors_5xx: int
+    p50_ms: float | None
+    p99_ms: float | None
+
+
+class ApplicationRequests(RequestFigures):
+    application: str  # "" for requests no application's route matched (Serve's own 404)
+
+
+class DeploymentQueue(BaseModel):
+    application: str
+    deployment: str
+    queued: float  # waiting for a replica, summed over the handles that call the deployment
+    ongoing: float  # submitted to a replica and not yet answered
+    at: datetime
+
+
+class RequestSeries(BaseModel):
+    """Columns for the chart: bucket starts (epoch seconds) and one value per bucket."""
+    step_s: int
+    t: list[int]
+    requests: list[int]
+    errors: list[int]
+    p50_ms: list[float | None]
+    p99_ms: list[float | None]
+
+
+class CollectorOut(BaseModel):
+    running: bool
+    interval_s: float | None = None
+    at: datetime | None = None
+    error: str | None = None
+    targets: int = 0
+
+
+class RequestMetricsOut(BaseModel):
+    """GET /api/admin/metrics: what the seed's dashboard showed beside the workers. "today" is the UTC day."""
+    generated_at: datetime
+    day_start: datetime
+    today: RequestFigures
+    last_hour: RequestFigures
+    applications: list[ApplicationRequests]
+    queued_total: float
+    queues: list[DeploymentQueue]
+    series: RequestSeries
+    collector: CollectorOut

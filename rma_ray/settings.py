@@ -47,6 +47,8 @@ class Settings(BaseSettings):
     ray_auth_token_file: Path | None = None
     ray_dashboard_url: str | None = None
     reconcile_interval_s: float = Field(default=2.0, gt=0, le=600)
+    metrics_interval_s: float = Field(default=10.0, gt=0, le=600, description="Serve metrics scrape period")
+    metrics_retention_h: int = Field(default=48, ge=25, le=24 * 90, description="per-minute request rollups kept")
 
     # the WireGuard overlay (set by `rma up --overlay`; see rma_ray/overlay.py). With a hub interface on this
     # machine the coordinator hands each donor an overlay address and adds/removes its peer on the hub itself.

@@ -1,20 +1,21 @@
 """The admin registry page: server-rendered, log-in with an admin key (HttpOnly cookie), refreshes itself by
-swapping in a freshly rendered fragment. Everything it loads is served from this package (no CDN)."""
+swapping in a freshly rendered fragment; its Requests section (Serve's request metrics and a 24 h chart drawn by
+the vendored uPlot) updates from /registry/metrics. Everything it loads is served from this package (no CDN)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Form, Request
+from fastapi import APIRouter, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials
 from fastapi.templating import Jinja2Templates
 
-from admission import security
-from admission.deps import ClientIp, SessionDep, State
+from admission import schemas, security
+from admission.deps import AdminDep, ClientIp, SessionAdmin, SessionDep, State
 from admission.errors import ApiError
-from admission.services import stats, stores, workers
+from admission.services import metrics, stats, stores, workers
 from rma_ray.tiers import MINIMUMS, TIER_ORDER
 
 router = APIRouter(tags=["registry"])
@@ -26,6 +27,31 @@ def _fmt_mb(mb: float) -> str:
 
 
 templates.env.filters["mb"] = _fmt_mb
+StepQ = Annotated[int, Query(ge=60, le=3600, description="the series' bucket in whole minutes that divide a day: "
+                                                        "60, 300, 600 (default), 900, 1800 or 3600 seconds")]
+
+
+def _request_metrics(state: State, session: SessionDep, step_s: int) -> schemas.RequestMetricsOut:
+    if step_s % 60 or 86400 % step_s:
+        raise ApiError(422, "invalid_request", f"step_s: {step_s} is not a whole number of minutes that divides a "
+                                               "day; use 60, 300, 600, 900, 1800 or 3600")
+    collector = state.reconciler.collector if state.reconciler is not None else None
+    return metrics.summary(session, collector, step_s=step_s)
+
+
+@router.get("/api/admin/metrics", response_model=schemas.RequestMetricsOut, openapi_extra=security.ADMIN)
+def request_metrics(admin: AdminDep, state: State, session: SessionDep, step_s: StepQ = 600
+                    ) -> schemas.RequestMetricsOut:
+    """Ray Serve requests: today (UTC) and the last hour (count, 4xx/5xx, p50/p99 from latency buckets), per
+    application, queued now per deployment, and a 24 h series; from the head's scrapes of Serve's metrics."""
+    return _request_metrics(state, session, step_s)
+
+
+@router.get("/registry/metrics", response_model=schemas.RequestMetricsOut, openapi_extra=security.SESSION)
+def registry_metrics(admin: SessionAdmin, state: State, session: SessionDep, step_s: StepQ = 600
+                     ) -> schemas.RequestMetricsOut:
+    """The same figures for the registry page (its session cookie)."""
+    return _request_metrics(state, session, step_s)
 
 
 @router.get("/registry/login", response_class=HTMLResponse, openapi_extra=security.PUBLIC)
@@ -74,5 +100,8 @@ def registry(request: Request, state: State, session: SessionDep, partial: bool 
         "admin_id": admin.key_id,
         "partial": partial,
     }
+    if not partial:  # the Requests section sits outside the refreshed fragment; its script keeps it current
+        ctx["requests"] = _request_metrics(state, session, 600)
+        ctx["metrics_wired"] = state.reconciler is not None
     return templates.TemplateResponse(request, "registry_body.html" if partial else "registry.html", ctx,
                                       headers={"Cache-Control": "no-store"})
