@@ -1,0 +1,214 @@
+"""What the pages say against what the code is, without a pool (a few seconds): every page parses, every link
+resolves, every `rma` command shown (run or skipped, in a block or inline) names a real subcommand and real
+options, the client guide lists exactly the routes the code serves, and the README keeps its two set-up commands."""
+
+from __future__ import annotations
+
+import ast
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+import typer.main
+
+from tests.docs.mdblocks import Block, DocError, command_lines, inline_code, parse
+from tests.docs.pages import ROOT, all_blocks, all_pages
+
+PAGE_IDS = [str(p.relative_to(ROOT)) for p in all_pages()]
+
+
+@pytest.mark.parametrize("page", all_pages(), ids=PAGE_IDS)
+def test_page_parses(page: Path) -> None:
+    try:
+        parse(page, ROOT)
+    except DocError as exc:
+        pytest.fail(str(exc))
+
+
+def test_every_page_exists_and_has_commands_or_says_none() -> None:
+    for rel in ("README.md", "SECURITY.md", "docs/donor.md", "docs/admin.md", "docs/client.md",
+                "docs/architecture.md"):
+        assert (ROOT / rel).is_file(), f"{rel} is missing"
+    assert (ROOT / "docs" / "architecture.svg").is_file()
+
+
+def test_skips_that_name_an_app_name_the_test_that_covers_it() -> None:
+    for b in all_blocks():
+        reason = b.options.get("reason", "").lower()
+        if b.skip and ("llm app" in reason or "services app" in reason):
+            assert b.options.get("covered-by"), f"{b.id}: skipped for an app but names no covering test"
+
+
+# -- links -------------------------------------------------------------------------------------------------------
+
+_LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)|<img[^>]+src=\"([^\"]+)\"")
+
+
+@pytest.mark.parametrize("page", all_pages(), ids=PAGE_IDS)
+def test_relative_links_resolve(page: Path) -> None:
+    text = page.read_text()
+    broken = []
+    for m in _LINK.finditer(text):
+        target = (m[1] or m[2]).split("#")[0]
+        if not target or re.match(r"^[a-z]+:", target):
+            continue
+        if not (page.parent / target).exists():
+            broken.append(target)
+    assert not broken, f"{page.relative_to(ROOT)} links to missing files: {broken}"
+
+
+# -- the CLI -----------------------------------------------------------------------------------------------------
+
+
+def _rma_argv(command: str) -> list[str] | None:
+    """The arguments after `rma` in a shell command (after env assignments, sudo, exec), or None."""
+    try:
+        tokens = shlex.split(command)
+    except ValueError:
+        return None
+    while tokens and (re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", tokens[0]) or tokens[0] in ("sudo", "exec", "-E")):
+        tokens.pop(0)
+    if not tokens or not (tokens[0] == "rma" or tokens[0].endswith("/rma")):
+        return None
+    return tokens[1:]
+
+
+def check_rma(argv: list[str]) -> str | None:
+    """Why `rma <argv>` is not a real command line of our CLI, or None."""
+    from rma_ray.cli import app
+
+    cmd = typer.main.get_command(app)  # typer vendors its own click: groups are told by their `commands`
+    path = ["rma"]
+    args = list(argv)
+    while hasattr(cmd, "commands") and args and not args[0].startswith("-"):
+        sub = cmd.commands.get(args[0])
+        if sub is None:
+            return f"`{' '.join(path)}` has no subcommand {args[0]!r} (it has: {', '.join(sorted(cmd.commands))})"
+        path.append(args.pop(0))
+        cmd = sub
+    known = {"--help"} | {o for p in cmd.params for o in (*p.opts, *p.secondary_opts) if o.startswith("-")}
+    for a in args:
+        if a.startswith("-") and a not in ("-", "--") and not re.match(r"^-\d", a):
+            name = a.split("=", 1)[0]
+            if name not in known:
+                return f"`{' '.join(path)}` has no option {name} (it has: {', '.join(sorted(known))})"
+    return None
+
+
+def _shown_rma_commands() -> list[tuple[str, str]]:
+    out = []
+    for b in all_blocks():
+        if b.lang in ("sh", "bash"):
+            out += [(b.id, c) for c in command_lines(b)]
+    for page in all_pages():
+        rel = page.relative_to(ROOT)
+        for line, span in inline_code(page):
+            if span.startswith("rma ") or span == "rma":
+                out.append((f"{rel}:{line}", span.replace("…", "").replace("...", "")))
+    return out
+
+
+def test_every_rma_command_shown_exists() -> None:
+    bad = []
+    for where, command in _shown_rma_commands():
+        argv = _rma_argv(command)
+        if argv is None:
+            continue
+        argv = [a for a in argv if not (a.startswith("[") or a.endswith("]") or a in ("|",))]
+        why = check_rma(argv)
+        if why:
+            bad.append(f"{where}: {command!r}: {why}")
+    assert not bad, "\n".join(bad)
+
+
+def test_python_modules_and_make_targets_shown_exist() -> None:
+    import importlib.util
+
+    targets = set(re.findall(r"^([a-z][a-z-]*):", (ROOT / "Makefile").read_text(), re.M))
+    bad = []
+    for b in all_blocks():
+        if b.lang not in ("sh", "bash"):
+            continue
+        for c in command_lines(b):
+            tokens = shlex.split(c)
+            if len(tokens) >= 3 and tokens[0].split("/")[-1].startswith("python") and tokens[1] == "-m":
+                mod = tokens[2]
+                if mod.split(".")[0] in ("bench", "deployments", "rma_ray", "admission") and \
+                        importlib.util.find_spec(mod) is None:
+                    bad.append(f"{b.id}: no module {mod}")
+            if tokens and tokens[0] == "make":
+                bad += [f"{b.id}: no make target {t}" for t in tokens[1:] if not t.startswith("-")
+                        and "=" not in t and t not in targets]
+    assert not bad, "\n".join(bad)
+
+
+# -- the client guide's routes -----------------------------------------------------------------------------------
+
+
+def _route_sources() -> dict[str, dict[str, str]]:
+    """File -> {name of a FastAPI app in it: the route prefix Serve mounts it at}, for the apps whose modules
+    import ray.serve.llm (importing it loads vLLM: 18 s here), read from their source instead."""
+    from deployments.llm import config as llm
+    from deployments.vision import config as vision
+
+    return {"deployments/llm/app.py": {"app": llm.LLM_ROUTE_PREFIX, "_inference_app": llm.INFERENCE_ROUTE_PREFIX},
+            "deployments/vision/app.py": {"_app": vision.VISION_ROUTE_PREFIX}}
+
+
+def _decorated_routes(file: Path) -> list[tuple[str, str, str]]:
+    """(app name, METHOD, path) of every `<app>.get/post/...("/path")` call in a module."""
+    out = []
+    for node in ast.walk(ast.parse(file.read_text())):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("get", "post", "put", "delete", "patch")
+                and isinstance(node.func.value, ast.Name) and node.args and isinstance(node.args[0], ast.Constant)
+                and isinstance(node.args[0].value, str) and node.args[0].value.startswith("/")):
+            out.append((node.func.value.id, node.func.attr.upper(), node.args[0].value))
+    return out
+
+
+def code_routes() -> set[str]:
+    """`METHOD /path` of every client route: the services app (FastAPI, at /api) and the LLM and vision apps."""
+    from deployments.services.api import Backends, create_api, public_routes
+
+    routes = {f"{m} /api{p}" for m, p in public_routes(create_api(Backends(None, None, None, None, None, None)))
+              if m != "HEAD" and p != "/openapi.json"}
+    for rel, prefixes in _route_sources().items():
+        for app, method, path in _decorated_routes(ROOT / rel):
+            assert app in prefixes, f"{rel}: routes on {app!r}, whose prefix the doc test does not know"
+            full = (prefixes[app] + re.sub(r"\{(\w+):\w+\}", r"{\1}", path)).rstrip("/")
+            routes.add(f"{method} {full}")
+    return routes
+
+
+def test_no_serve_app_with_routes_is_left_out_of_the_route_check() -> None:
+    known = set(_route_sources()) | {"deployments/services/api.py"}
+    for file in sorted((ROOT / "deployments").rglob("*.py")):
+        rel = str(file.relative_to(ROOT))
+        if rel not in known and any(p.startswith("/") for _, _, p in _decorated_routes(file)):
+            pytest.fail(f"{rel} serves routes: add it to _route_sources() and its routes to docs/client.md")
+
+
+def doc_routes() -> set[str]:
+    text = (ROOT / "docs" / "client.md").read_text()
+    found = re.findall(r"`(GET|POST|PUT|DELETE|PATCH) (/[^`\s]*)`", text)
+    return {m + " " + re.sub(r"\{(\w+):\w+\}", r"{\1}", p) for m, p in found}
+
+
+def test_client_guide_lists_exactly_the_routes_the_code_serves() -> None:
+    code, docs = code_routes(), doc_routes()
+    assert not code - docs, f"routes the code serves that docs/client.md does not list: {sorted(code - docs)}"
+    assert not docs - code, f"routes docs/client.md lists that the code does not serve: {sorted(docs - code)}"
+
+
+# -- the README's two commands -----------------------------------------------------------------------------------
+
+
+def test_readme_has_exactly_two_setup_commands_and_make_knows_them() -> None:
+    blocks: list[Block] = [b for b in parse(ROOT / "README.md", ROOT) if b.runnable]
+    assert [b.text.strip() for b in blocks] == ["make up", "make test"]
+    for target in ("up", "test"):
+        r = subprocess.run(["make", "-n", target], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
