@@ -138,7 +138,11 @@ def build_config() -> dict[str, Any]:
             schema = ServeApplicationSchema(name=spec.name, route_prefix=spec.route_prefix,
                                             import_path=spec.import_path, args=spec.args, runtime_env={},
                                             deployments=deployments)
-            applications.append(schema.model_dump(mode="json", exclude_unset=True))
+            app = schema.model_dump(mode="json", exclude_unset=True)
+            for d in app["deployments"]:  # ray.serve.llm merges bundle resources from a set: fix their order
+                if d.get("placement_group_bundles"):
+                    d["placement_group_bundles"] = [dict(sorted(b.items())) for b in d["placement_group_bundles"]]
+            applications.append(app)
     config = {"proxy_location": PROXY_LOCATION, "http_options": dict(HTTP_OPTIONS), "applications": applications}
     ServeDeploySchema.model_validate(config)
     return config
