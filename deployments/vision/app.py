@@ -25,7 +25,8 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
-from deployments.gateway.auth import require_client, rma_error_handler
+from deployments.gateway.auth import rma_error_handler
+from deployments.llm.app import require_client_async
 from deployments.vision import request as vreq
 from deployments.vision.config import (
     BACKEND_APP,
@@ -37,12 +38,26 @@ from deployments.vision.config import (
 )
 from deployments.vision.request import VisionError
 
-AUTH = [Depends(require_client)]
+AUTH = [Depends(require_client_async)]
 STATUS_TTL_S = 2.0
+
+
+class PrefixIsRoot:
+    """ASGI middleware: a request for the route prefix itself (/api/inference/vision, which Serve hands over as
+    the empty path under root_path) is served by the "/" route, instead of a 307 to the trailing slash."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope.get("root_path") and scope["path"] == scope["root_path"]:
+            scope = {**scope, "path": scope["path"] + "/"}
+        await self.app(scope, receive, send)
 
 
 def vision_fastapi_app() -> FastAPI:
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(PrefixIsRoot)
     rma_error_handler(app)
 
     @app.exception_handler(VisionError)

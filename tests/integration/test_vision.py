@@ -1,0 +1,298 @@
+"""The vision route on a real token-auth Ray cluster with real node labels: a head (Serve's proxy and the vision
+front), a real coordinator issuing client keys and admitting a donor, and the vision apps deployed the way an admin
+does (`python -m deployments.vision deploy`).
+
+First no node has a local Ollama: the backend replica stays pending (its label selector matches no node) and the
+route answers 503 `vision_not_available` at once. Then a donor registers with the coordinator with capabilities
+that say it has a GPU and a local Ollama with a vision model, and its Ray node starts with the labels admission
+gave it (`rma.io/tier=gpu`, `rma.io/ollama=true`). Two parts of that donor are STAND-INS, because they cannot exist
+on this machine: its hardware reading is the H200 fixture from shared/fixtures/hardware (this box has no GPU), and
+its Ollama is tests.fake_ollama.FakeOllamaServer (no Ollama binary or vision model here), which speaks Ollama's
+wire format and replies with what it received, never a model answer. Serve places the backend on that node; a
+request then goes client -> Serve proxy -> front (key, checks) -> backend on the donor node -> the stand-in -> back.
+
+A real Ollama with a real model: set RMA_TEST_OLLAMA_URL (skipped otherwise). A vLLM multimodal model: needs a GPU
+(skipped here; bench/gpu/llm_check.py covers what a GPU box without Ray/vLLM allows).
+
+Module-scoped: cluster + Serve + apps ~40-60 s on an idle 2-core box; the donor node ~15 s more.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image
+
+from admission.main import build_state, create_app, prepare_database
+from rma_ray import capabilities
+from rma_ray.membership import write_private
+from rma_ray.net import local_ip_towards
+from rma_ray.raynode import NodeSpec, RayNode, ray_env, short_temp_dir
+from rma_ray.settings import read_or_create_secret
+from tests.fake_ollama import FakeOllamaServer
+from tests.integration.conftest import make_settings
+from tests.support import ServerThread, free_port, wait_for
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def png(size: tuple[int, int] = (64, 48), colour: tuple[int, int, int] = (220, 20, 20)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@dataclass
+class VisionPool:
+    root: Path
+    address: str
+    ip: str
+    serve_url: str
+    coordinator: ServerThread
+    admin_key: str
+    env: dict[str, str]
+    node_env: dict[str, str]
+    token: Path
+    nodes: dict[str, RayNode] = field(default_factory=dict)
+    key: str = ""
+
+    def run(self, args: list[str], timeout: float = 300) -> str:
+        r = subprocess.run([sys.executable, *args], env=self.env, capture_output=True, text=True, timeout=timeout,
+                           cwd=ROOT)
+        assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
+        return r.stdout
+
+    def driver(self, script: str, timeout: float = 120) -> Any:
+        out = self.run(["-c", "import json, ray\nray.init(namespace='rma', logging_level='ERROR')\n"
+                        + textwrap.dedent(script)], timeout=timeout)
+        return json.loads(out.strip().splitlines()[-1])
+
+    def admin(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        return httpx.request(method, self.coordinator.url + path, timeout=30, **kw,
+                             headers={"Authorization": f"Bearer {self.admin_key}"})
+
+    def post(self, timeout: float = 60, key: str | None = None, **kw: Any) -> httpx.Response:
+        """POST /api/inference/vision with the tests' client key, another `key`, or none (key="")."""
+        key = self.key if key is None else key
+        headers = {**kw.pop("headers", {}), **({"Authorization": f"Bearer {key}"} if key else {})}
+        return httpx.post(self.serve_url + "/api/inference/vision", timeout=timeout, headers=headers, **kw)
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VisionPool]:
+    """Coordinator + Ray head + Serve + the vision apps (no node with Ollama yet); torn down through Serve and Ray."""
+    root = tmp_path_factory.mktemp("vision")
+    token = root / "cluster_token"
+    read_or_create_secret(token)
+    ip = local_ip_towards("192.0.2.1")
+    state = build_state(make_settings(f"sqlite:///{root / 'coordinator.db'}", root / "coordinator"))
+    admin_key = prepare_database(state)
+    assert admin_key
+    coordinator = ServerThread(create_app(state=state), host=ip).__enter__()
+    cred = root / "keyring_credential"
+    write_private(cred, admin_key + "\n")
+    node_env = {"RMA_COORDINATOR_URL": coordinator.url, "RMA_KEYRING_CREDENTIAL_FILE": str(cred),
+                "RMA_KEYRING_REFRESH_S": "1", "HOME": str(root / "home")}
+    gcs_port = free_port(ip)
+    address = f"{ip}:{gcs_port}"
+    serve_port = free_port(ip)
+    env = {**ray_env(token), "RAY_ADDRESS": address, "HOME": str(root / "home"), "PYTHONPATH": str(ROOT)}
+    p = VisionPool(root, address, ip, f"http://{ip}:{serve_port}", coordinator, admin_key, env, node_env, token)
+    head = RayNode(NodeSpec(node_ip=ip, token_file=token, head=True, temp_dir=short_temp_dir(f"it-vish-{os.getpid()}"),
+                            labels={"rma.io/tier": "head"}, gcs_port=gcs_port, dashboard_port=free_port(ip),
+                            num_cpus=1, drain_timeout_s=2, env={**node_env, "RMA_DATA_DIR": str(root / "head")}),
+                   root / "head.log")
+    p.nodes["head"] = head
+    try:
+        head.start()
+        head.wait_started(120)
+        p.run(["-m", "rma_ray.serve_admin", "start", "--address", address, "--host", ip, "--port", str(serve_port)])
+        out = p.run(["-m", "deployments.vision", "deploy", "--address", address, "--timeout", "300"], timeout=400)
+        info = json.loads(out.strip().splitlines()[-1])
+        assert info["backend"] == "ollama" and info["selector"] == {"rma.io/ollama": "true", "rma.io/tier": "gpu"}
+        r = p.admin("POST", "/api/admin/clients", json={"name": "vision-tests"})
+        assert r.status_code == 201, r.text
+        p.key = r.json()["key"]
+        yield p
+    finally:
+        try:
+            p.run(["-m", "rma_ray.serve_admin", "shutdown", "--address", address], timeout=180)
+        except Exception as exc:  # keep tearing down
+            print(f"serve shutdown failed: {exc}")
+        for node in reversed(list(p.nodes.values())):
+            node.stop(timeout=30)
+            shutil.rmtree(node.spec.temp_dir, ignore_errors=True)
+        coordinator.__exit__(None, None, None)
+        state.engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def fake_ollama(pool: VisionPool) -> Iterator[FakeOllamaServer]:
+    """Stand-in Ollama on the pool's address (real Ollama cannot run on this machine); ~0.3 s."""
+    with FakeOllamaServer(host=pool.ip) as srv:
+        yield srv
+
+
+def backend_state(pool: VisionPool) -> dict[str, Any]:
+    return pool.driver("""
+        from ray import serve
+        from ray.util.state import list_actors
+        app = serve.status().applications.get("rma-vision-backend")
+        dep = app.deployments["OllamaVision"] if app else None
+        actors = [a for a in list_actors(filters=[("class_name", "=", "ServeReplica:rma-vision-backend:OllamaVision")],
+                                         detail=True) if a.state != "DEAD"]
+        print(json.dumps({"replicas": {str(k): v for k, v in (dep.replica_states if dep else {}).items()},
+                          "actors": [{"state": a.state, "node_id": a.node_id,
+                                      "label_selector": a.label_selector} for a in actors]}))
+    """)
+
+
+def test_every_refusal_of_the_key(pool: VisionPool) -> None:
+    for key in ("", "not-a-key", pool.key[:-4] + ("aaaa" if not pool.key.endswith("aaaa") else "bbbb")):
+        r = pool.post(key=key, json={"image": base64.b64encode(png()).decode(), "prompt": "hi"})
+        assert r.status_code == 401, r.text
+        assert r.json()["error"]["code"] and r.json()["error"]["message"]
+    for path in ("/api/inference/vision/docs", "/api/inference/vision/openapi.json"):
+        assert httpx.get(pool.serve_url + path, timeout=30).status_code == 404
+
+
+def test_without_an_ollama_node_the_backend_is_pending_and_the_route_says_503(pool: VisionPool) -> None:
+    st = backend_state(pool)
+    assert "RUNNING" not in st["replicas"], st
+    # Serve asked Ray for the replica; Ray holds it for a node matching the selector, and none does
+    assert st["actors"] and all(a["state"] == "PENDING_CREATION" for a in st["actors"]), st
+    assert st["actors"][0]["label_selector"] == {"rma.io/ollama": "true", "rma.io/tier": "gpu"}
+    r = pool.post(timeout=30, files={"image": ("red.png", png(), "image/png")}, data={"prompt": "What is this?"})
+    assert r.status_code == 503, r.text
+    err = r.json()["error"]
+    assert err["code"] == "vision_not_available" and "rma.io/ollama=true" in err["message"]
+    assert r.headers.get("retry-after")
+
+
+def test_user_mistakes_are_4xx_even_without_a_backend(pool: VisionPool) -> None:
+    gif = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(gif, format="GIF")
+    cases = [
+        ({"files": {"image": ("a.gif", gif.getvalue(), "image/gif")}, "data": {"prompt": "x"}}, 415,
+         "unsupported_image_type"),
+        ({"files": {"image": ("a.png", png(), "image/png")}}, 422, "invalid_request"),
+        ({"json": {"image": "###", "prompt": "x"}}, 400, "invalid_image"),
+        ({"content": b"0" * (15 * 2**20), "headers": {"content-type": "application/json"}}, 413, "request_too_large"),
+        ({"content": png(), "headers": {"content-type": "image/png"}}, 415, "unsupported_media_type"),
+    ]
+    for kw, status, code in cases:
+        r = pool.post(**kw)
+        assert (r.status_code, r.json()["error"]["code"]) == (status, code), r.text
+
+
+def test_a_donor_with_ollama_hosts_the_backend_and_requests_go_through_it(
+        pool: VisionPool, fake_ollama: FakeOllamaServer, hardware_fixtures: dict[str, Any]) -> None:
+    # the donor's registration: a GPU reading (the H200 fixture: stand-in hardware) + this probe of its Ollama
+    raw = {**hardware_fixtures["h200-16cpu-128g"], "ollama": capabilities.read_raw(ollama_host=fake_ollama.url)["ollama"]}
+    caps = capabilities.from_readings(raw)
+    assert caps.ollama is not None and caps.ollama.vision_models == ["llava:7b", "bakllava:latest"]
+    invite = pool.admin("POST", "/api/invites", json={})
+    assert invite.status_code == 201, invite.text
+    reg = httpx.post(pool.coordinator.url + "/api/worker/register", timeout=30,
+                     json={"name": "gpu-donor", "capabilities": caps.model_dump(mode="json")},
+                     headers={"Authorization": f"Bearer {invite.json()['token']}"})
+    assert reg.status_code == 201, reg.text
+    labels = reg.json()["labels"]
+    assert labels["rma.io/tier"] == "gpu" and labels["rma.io/ollama"] == "true"
+
+    donor = RayNode(NodeSpec(node_ip=pool.ip, token_file=pool.token, labels=labels, address=pool.address, num_cpus=1,
+                             temp_dir=short_temp_dir(f"it-visd-{os.getpid()}"), drain_timeout_s=2,
+                             # the agent's environment reaches the node: its Ollama is where OLLAMA_HOST says
+                             env={**pool.node_env, "RMA_DATA_DIR": str(pool.root / "donor"),
+                                  "OLLAMA_HOST": fake_ollama.url}),
+                    pool.root / "donor.log")
+    pool.nodes["donor"] = donor
+    donor.start()
+    donor.wait_started(120)
+
+    image = png()
+    r = wait_for(lambda: (lambda r: r if r.status_code != 503 else None)(
+        pool.post(timeout=60, files={"image": ("red.png", image, "image/png")},
+                  data={"prompt": "What colour is the square?", "max_tokens": "100"})),
+        timeout=240, interval=1, what="the vision backend to be placed on the donor with Ollama")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    digest = hashlib.sha256(image).hexdigest()[:16]
+    assert body["text"] == f"[stand-in] PNG 64x48 sha256:{digest} prompt='What colour is the square?'"
+    assert body["model"] == "llava:7b" and body["backend"] == "ollama" and body["finish_reason"] == "stop"
+    assert body["image"] == {"mime": "image/png", "width": 64, "height": 48}
+    assert body["usage"]["completion_tokens"] > 0
+    sent = fake_ollama.requests[-1]
+    assert sent["options"]["num_predict"] == 100 and base64.b64decode(sent["messages"][-1]["images"][0]) == image
+
+    # the replica runs on the donor's node and talks to the Ollama beside it
+    where = pool.driver("""
+        from ray import serve
+        from ray.util.state import list_nodes
+        w = serve.get_deployment_handle("OllamaVision", app_name="rma-vision-backend").where.remote().result()
+        node = [n for n in list_nodes(detail=True) if n.node_id == w["node_id"]][0]
+        print(json.dumps({**w, "labels": node.labels}))
+    """)
+    assert where["ollama"] == fake_ollama.url
+    assert where["labels"]["rma.io/node"] == labels["rma.io/node"] and where["labels"]["rma.io/ollama"] == "true"
+
+    # JSON with a data: URL, a chosen model, an unknown model
+    b64 = base64.b64encode(png((32, 32), (0, 200, 0))).decode()
+    r = pool.post(json={"image": f"data:image/png;base64,{b64}", "prompt": "and this?", "model": "bakllava"})
+    assert r.status_code == 200 and r.json()["model"] == "bakllava:latest" and "PNG 32x32" in r.json()["text"]
+    r = pool.post(json={"image": b64, "prompt": "x", "model": "llama3.2:1b"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", r.text
+
+
+def test_undeploy_removes_both_apps(pool: VisionPool) -> None:
+    """Last: `undeploy` deletes the front and the backend; the route is gone."""
+    out = pool.run(["-m", "deployments.vision", "undeploy", "--address", pool.address], timeout=300)
+    assert json.loads(out.strip().splitlines()[-1]) == {"undeployed": True}
+    # the proxy drops the route once both apps are deleted (it learns of it asynchronously)
+    wait_for(lambda: pool.post(json={"image": "aGk=", "prompt": "x"}).status_code == 404, timeout=60,
+             what="the vision route to be gone")
+    assert pool.post(json={"image": "aGk=", "prompt": "x"}).status_code == 404
+
+
+@pytest.mark.skipif(not os.environ.get("RMA_TEST_OLLAMA_URL"),
+                    reason="needs a real Ollama server with a vision model (set RMA_TEST_OLLAMA_URL, e.g. "
+                           "http://127.0.0.1:11434 after `ollama pull llava:7b`); none can run on this machine")
+def test_a_real_ollama_describes_an_image() -> None:
+    import asyncio
+
+    from deployments.vision.backends import OllamaVision
+    from deployments.vision.request import VisionInput
+
+    url = os.environ["RMA_TEST_OLLAMA_URL"]
+    caps = capabilities.probe(ollama_host=url)
+    assert caps.ollama is not None and caps.ollama.vision_models, "that Ollama has no vision model"
+    image = png((256, 256), (230, 20, 20))
+    out = asyncio.run(OllamaVision(url).describe(VisionInput(image=image, mime="image/png", width=256, height=256,
+                                                             prompt="What colour is this image? One word.",
+                                                             max_tokens=16, temperature=0)))
+    assert out["text"].strip() and out["usage"]["completion_tokens"] > 0
+    assert out["model"] in caps.ollama.vision_models
+
+
+@pytest.mark.skip(reason="the vLLM vision backend (Qwen2.5-VL through ray.serve.llm) needs a CUDA GPU and the "
+                         "model's weights; this machine has neither. Its LLMConfig is unit-tested "
+                         "(tests/unit/test_vision_config.py); bench/gpu/llm_check.py runs the vision path a GPU box "
+                         "without Ray/vLLM allows")
+def test_vllm_vision_backend() -> None:
+    raise AssertionError("unreachable")
