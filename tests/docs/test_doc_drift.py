@@ -212,3 +212,56 @@ def test_readme_has_exactly_two_setup_commands_and_make_knows_them() -> None:
     for target in ("up", "test"):
         r = subprocess.run(["make", "-n", target], cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr
+
+
+def test_the_picture_is_well_formed_svg() -> None:
+    import xml.etree.ElementTree as ET
+
+    root = ET.parse(ROOT / "docs" / "architecture.svg").getroot()
+    assert root.tag == "{http://www.w3.org/2000/svg}svg"
+
+
+# -- the checks themselves can fail --------------------------------------------------------------------------------
+
+
+def test_the_cli_check_refuses_what_the_cli_lacks() -> None:
+    assert check_rma(["join", "http://x", "--cpus", "2", "--memory=8GB"]) is None
+    assert "no option --cpu" in (check_rma(["join", "http://x", "--cpu", "2"]) or "")
+    assert "no subcommand 'donor'" in (check_rma(["donor", "list"]) or "")
+    assert "no option --ttl" in (check_rma(["donors", "list", "--ttl", "1h"]) or "")
+
+
+@pytest.mark.parametrize("text, error", [
+    ("```\nrma probe\n```\n", "unlabelled code block"),
+    ("```shell-session\nrma probe\n```\n", "unknown language"),
+    ("<!-- doctest: skip -->\n```sh\nrma probe\n```\n", "needs reason"),
+    ("<!-- doctest: expect=x -->\nsome prose\n```sh\nrma probe\n```\n", "not followed by a code block"),
+    ("<!-- doctest: colour=red -->\n```sh\nrma probe\n```\n", "unknown doctest key"),
+    ("<!-- doctest: background -->\n```sh\nrma join x\n```\n", "needs ready="),
+    ("<!-- doctest: stdin=PASSWORD -->\n```sh\nread -rs X\n```\n", "stdin='PASSWORD'"),
+    ("```sh\nrma probe\n", "never closed"),
+])
+def test_the_parser_refuses_pages_it_cannot_read_as_meant(tmp_path: Path, text: str, error: str) -> None:
+    page = tmp_path / "page.md"
+    page.write_text(text)
+    with pytest.raises(DocError, match=re.escape(error)):
+        parse(page, tmp_path)
+
+
+def test_the_parser_reads_directives_roles_and_inert_blocks(tmp_path: Path) -> None:
+    page = tmp_path / "page.md"
+    page.write_text('<!-- doctest-page: as=donor -->\n# t\n\n<!-- doctest: expect="a b" exit=1 -->\n\n```sh\n'
+                    'rma status\n```\n\n```text\nout\n```\n\n<!-- doctest: as=head skip reason="why not" -->\n'
+                    '````python\nprint(1)\n```\n````\n')
+    first, inert, last = parse(page, tmp_path)
+    assert (first.role, first.options, first.text, first.line) == ("donor", {"expect": "a b", "exit": "1"},
+                                                                    "rma status\n", 6)
+    assert not inert.runnable and inert.text == "out\n"
+    assert last.role == "head" and last.skip and last.options["reason"] == "why not"
+    assert last.text == "print(1)\n```\n"
+
+
+def test_command_lines_split_on_operators_and_join_continuations() -> None:
+
+    b = Block("x.md", 1, "sh", "cd a && rma invite create \\\n  --ttl 2h   # a comment\nexport X=1; rma status | cat\n")
+    assert command_lines(b) == ["cd a", "rma invite create --ttl 2h", "export X=1", "rma status", "cat"]
