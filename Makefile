@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 APT_RUN  := python3 python3-venv python3-dev build-essential iproute2 postgresql redis-server wireguard-tools wireguard-go nftables sqlite3
-APT_TEST := $(APT_RUN) chromium wrk iptables docker.io debootstrap
+APT_TEST := $(APT_RUN) chromium wrk iptables docker.io debootstrap systemd
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: up test system-run system-test venv venv-test bench clean
