@@ -275,7 +275,8 @@ class CollectorOut(BaseModel):
     interval_s: float | None = None
     at: datetime | None = None
     error: str | None = None
-    targets: int = 0
+    targets: int = 0  # Ray's metrics endpoints (every node's, the autoscaler's, the dashboard's)
+    unreachable: list[str] = Field(default_factory=list)
 
 
 class RequestMetricsOut(BaseModel):

@@ -51,6 +51,7 @@ _NOT_IDENTITY = {"le", "otel_scope_name", "otel_scope_schema_url", "otel_scope_v
 MARKER = "collector-started"
 MAX_SCRAPE_BYTES = 64 * 1024 * 1024
 QUANTILES = (0.5, 0.99)
+LOAD_STALE = timedelta(minutes=5)
 
 Key = tuple[str, str, str]  # application, route, status code
 
@@ -184,8 +185,9 @@ def _chunks(ids: list[str], n: int = 500) -> Iterable[list[str]]:
 
 
 def store(session: Session, reading: Reading, now: datetime, *, load_complete: bool = True) -> dict[str, int]:
-    """Turn one reading into per-minute deltas and move the cursors, in the caller's transaction. With
-    `load_complete` the deployments not in the reading are dropped from the queue table."""
+    """Turn one reading into per-minute deltas and move the cursors, in the caller's transaction. Deployments
+    not in the reading leave the queue table: at once when every endpoint answered (`load_complete`), else once
+    their last value is older than LOAD_STALE (the endpoint that did not answer may have been theirs)."""
     minute = now.replace(second=0, microsecond=0)
     ids = [*reading.counters, *reading.histograms, MARKER]
     cursors: dict[str, MetricCursor] = {}
@@ -238,10 +240,9 @@ def store(session: Session, reading: Reading, now: datetime, *, load_complete: b
             session.add(DeploymentLoad(application=app, deployment=dep, queued=queued, ongoing=ongoing, at=now))
         else:
             lr.queued, lr.ongoing, lr.at = queued, ongoing, now
-    if load_complete:
-        for lr in session.scalars(select(DeploymentLoad)):
-            if (lr.application, lr.deployment) not in reading.load:
-                session.delete(lr)
+    for lr in session.scalars(select(DeploymentLoad)):
+        if (lr.application, lr.deployment) not in reading.load and (load_complete or now - lr.at > LOAD_STALE):
+            session.delete(lr)
     return {"requests": counted, "series": len(reading.counters) + len(reading.histograms),
             "baseline": int(baseline)}
 
@@ -278,8 +279,9 @@ def scrape(http: httpx.Client, target: str) -> str:
 @dataclass
 class CollectorView:
     at: datetime | None = None
-    error: str | None = None
+    error: str | None = None  # nothing could be read: Ray's target list or every endpoint failed
     targets: int = 0
+    unreachable: list[str] = field(default_factory=list)  # "host:port: why" of endpoints that did not answer
     passes: int = 0
 
 
@@ -342,8 +344,11 @@ class Collector:
             if self._pruned_at is None or now - self._pruned_at > timedelta(minutes=10):
                 prune(session, now, self.state.settings.metrics_retention_h)
                 self._pruned_at = now
+        # Ray lists its autoscaler's and dashboard's endpoints too; one of them down is a note, not an outage
         self.view.at, self.view.targets, self.view.passes = now, len(targets), self.view.passes + 1
-        self.view.error = ("no answer from " + "; ".join(failed)[:500]) if failed else None
+        self.view.unreachable = [f[:200] for f in failed]
+        self.view.error = (f"no Ray metrics endpoint answered ({len(failed)} tried)"
+                           if failed and len(failed) == len(targets) else None)
         return out
 
 
@@ -415,7 +420,7 @@ def summary(session: Session, collector: Collector | None, now: datetime | None 
     else:
         v = collector.view
         col = schemas.CollectorOut(running=collector.running, interval_s=collector.interval_s, at=v.at,
-                                   error=v.error, targets=v.targets)
+                                   error=v.error, targets=v.targets, unreachable=list(v.unreachable))
     return schemas.RequestMetricsOut(
         generated_at=now, day_start=day_start, today=schemas.RequestFigures(**today.figures()),
         last_hour=schemas.RequestFigures(**hour.figures()),

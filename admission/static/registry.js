@@ -99,10 +99,13 @@
     const st = document.getElementById("metrics-status");
     if (st && section.dataset.wired === "true") {
       const c = m.collector;
+      const missed = (c.unreachable || []).length;
       st.textContent = c.error ? c.error : c.at
-        ? "Scraped " + c.targets + " Ray metrics endpoint(s) at " + c.at.slice(11, 19) + " UTC, every "
-          + Math.round(c.interval_s) + " s."
+        ? "Scraped " + (c.targets - missed) + " of " + c.targets + " Ray metrics endpoint(s) at "
+          + c.at.slice(11, 19) + " UTC, every " + Math.round(c.interval_s) + " s."
+          + (missed ? " " + missed + " did not answer." : "")
         : "Waiting for the first scrape of Serve's metrics…";
+      st.title = (c.unreachable || []).join("; ");
       st.classList.toggle("alert", !!c.error);
     }
     draw(m.series);

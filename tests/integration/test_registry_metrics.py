@@ -1,0 +1,219 @@
+"""Serve request metrics end to end: a real token-auth Ray head with Serve and two tiny apps, a coordinator wired
+to it (its reconciler and metrics collector running), real HTTP requests through Serve's proxy, and the figures
+read back from GET /api/admin/metrics and the registry page. Plus the rollups on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from admission import migrate
+from admission.db import make_engine, make_sessionmaker
+from admission.main import build_state, create_app, prepare_database
+from admission.models import DeploymentLoad, RequestMinute
+from admission.services import metrics
+from admission.state import AppState
+from rma_ray.net import local_ip_towards
+from rma_ray.raynode import NodeSpec, RayNode, ray_env, short_temp_dir
+from rma_ray.settings import read_or_create_secret
+from tests.integration.conftest import make_settings
+from tests.support import ServerThread, free_port, wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLES = REPO / "tests" / "unit" / "data" / "serve_metrics"
+
+# `echo` answers at once with the status asked for; `slow` sleeps and takes one request at a time, so that a
+# burst waits in the proxy's router queue (Serve's deployment_queued_queries gauge)
+APPS = """
+import asyncio
+from ray import serve
+from starlette.responses import PlainTextResponse
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class Echo:
+    async def __call__(self, request):
+        return PlainTextResponse("ok", status_code=int(request.query_params.get("status", 200)))
+
+@serve.deployment(max_ongoing_requests=1, max_queued_requests=-1, ray_actor_options={"num_cpus": 0})
+class Slow:
+    async def __call__(self, request):
+        await asyncio.sleep(float(request.query_params.get("s", 0)))
+        return "done"
+"""
+
+
+@dataclass
+class Pool:
+    serve_url: str
+    coordinator_url: str
+    admin_key: str
+    state: AppState
+
+    def metrics(self) -> dict[str, Any]:
+        r = httpx.get(self.coordinator_url + "/api/admin/metrics", timeout=30,
+                      headers={"Authorization": f"Bearer {self.admin_key}"})
+        assert r.status_code == 200, r.text
+        return r.json()  # type: ignore[no-any-return]
+
+    def app(self, m: dict[str, Any], name: str) -> dict[str, Any]:
+        return next((a for a in m["applications"] if a["application"] == name),
+                    {"requests": 0, "errors_4xx": 0, "errors_5xx": 0})
+
+    def metrics_when(self, cond: Any) -> Any:
+        """The metrics once `cond(metrics)` holds, else None (for wait_for)."""
+        m = self.metrics()
+        return m if cond(m) else None
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
+    """A one-node Ray head (token auth, metrics exported every second instead of every 10 s) with Serve and the
+    two apps, and a coordinator wired to it scraping every second: ~40-60 s on a busy 2-core box."""
+    root = tmp_path_factory.mktemp("reqmetrics")
+    token = root / "cluster_token"
+    read_or_create_secret(token)
+    ip = local_ip_towards("192.0.2.1")
+    gcs, dash, http_port = free_port(ip), free_port(ip), free_port(ip)
+    head = RayNode(NodeSpec(node_ip=ip, token_file=token, head=True, temp_dir=short_temp_dir(f"rm-{os.getpid()}"),
+                            labels={"rma.io/tier": "head"}, gcs_port=gcs, dashboard_port=dash, num_cpus=2,
+                            drain_timeout_s=2, env={"RAY_metrics_report_interval_ms": "1000"}), root / "head.log")
+    server = None
+    state = None
+    try:
+        head.start()
+        head.wait_started(180)
+        state = build_state(make_settings(f"sqlite:///{root / 'coordinator.db'}", root / "coord",
+                                          ray_dashboard_url=f"http://{ip}:{dash}", ray_auth_token_file=token,
+                                          reconcile_interval_s=5, metrics_interval_s=1))
+        admin_key = prepare_database(state)
+        assert admin_key
+        server = ServerThread(create_app(state=state)).__enter__()
+        env = {**ray_env(token), "HOME": str(root / "home"), "PYTHONPATH": str(REPO)}
+        script = APPS + textwrap.dedent(f"""
+            import ray
+            ray.init(address="{ip}:{gcs}", namespace="rma", logging_level="ERROR", log_to_driver=False)
+            serve.start(proxy_location="HeadOnly", http_options={{"host": "{ip}", "port": {http_port}}})
+            serve.run(Echo.bind(), name="echo", route_prefix="/echo")
+            serve.run(Slow.bind(), name="slow", route_prefix="/slow")
+            print("deployed")
+        """)
+        r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0 and "deployed" in r.stdout, r.stderr[-3000:]
+        p = Pool(f"http://{ip}:{http_port}", server.url, admin_key, state)
+        # the collector has read the head's endpoint at least once: what follows is counted, not a baseline
+        wait_for(lambda: p.metrics()["collector"]["at"] and state.reconciler.collector.view.passes >= 2,
+                 timeout=60, what="the metrics collector's first passes")
+        yield p
+    finally:
+        if server is not None:
+            server.__exit__(None, None, None)  # stops the reconciler and the collector with the app
+        head.stop(timeout=30)
+        shutil.rmtree(head.spec.temp_dir, ignore_errors=True)
+        if state is not None:
+            state.engine.dispose()
+
+
+@pytest.mark.ray
+def test_requests_errors_and_latency_reach_the_api(pool: Pool) -> None:
+    with httpx.Client(base_url=pool.serve_url, timeout=60) as c:
+        codes = [c.get("/echo").status_code for _ in range(30)]
+        codes += [c.get("/echo", params={"status": s}).status_code for s in (404, 404, 429, 500, 503)]
+    assert codes == [200] * 30 + [404, 404, 429, 500, 503]
+
+    m = wait_for(lambda: pool.metrics_when(lambda m: pool.app(m, "echo")["requests"] >= 35), timeout=60, interval=1, what="35 echo requests in /api/admin/metrics")
+    echo = pool.app(m, "echo")
+    # exactly once: the collector scraped many times while the counts settled
+    assert (echo["requests"], echo["errors_4xx"], echo["errors_5xx"]) == (35, 3, 2), echo
+    assert m["today"]["requests"] >= 35 and m["last_hour"]["requests"] >= 35
+    for span in ("today", "last_hour"):
+        p50, p99 = m[span]["p50_ms"], m[span]["p99_ms"]
+        assert p50 is not None and p99 is not None and 0 < p50 <= p99, m[span]
+    assert echo["p50_ms"] is not None
+    series = m["series"]
+    assert len(series["t"]) == 144 and sum(series["requests"]) >= 35 and sum(series["errors"]) >= 5
+    assert any(v is not None for v in series["p99_ms"])
+    c = m["collector"]
+    assert c["running"] and c["error"] is None and c["targets"] > len(c["unreachable"]), c
+
+
+@pytest.mark.ray
+def test_queued_now_per_deployment(pool: Pool) -> None:
+    want = {("echo", "Echo"), ("slow", "Slow")}
+    m = wait_for(lambda: pool.metrics_when(lambda m: {(q["application"], q["deployment"]) for q in m["queues"]}
+                                           >= want), timeout=60, interval=1, what="a queue gauge per deployment")
+    assert all(q["queued"] == 0 for q in m["queues"])
+
+    def call() -> None:
+        httpx.get(pool.serve_url + "/slow", params={"s": 3}, timeout=120)
+
+    burst = [threading.Thread(target=call) for _ in range(4)]
+    for t in burst:
+        t.start()
+    try:
+        # one request at the replica, the rest waiting for it in the proxy's router
+        def queued() -> dict[str, Any] | None:
+            q = next(q for q in pool.metrics()["queues"] if q["deployment"] == "Slow")
+            return q if q["queued"] >= 2 and q["ongoing"] >= 1 else None
+
+        q = wait_for(queued, timeout=15, interval=0.5, what="the slow deployment's queue to show the burst")
+        assert q["application"] == "slow"
+        m = pool.metrics()
+        assert m["queued_total"] >= 2
+    finally:
+        for t in burst:
+            t.join(120)
+    wait_for(lambda: next(q for q in pool.metrics()["queues"] if q["deployment"] == "Slow")["queued"] == 0,
+             timeout=40, interval=1, what="the queue to drain")
+
+
+@pytest.mark.ray
+def test_registry_page_shows_the_requests_section(pool: Pool) -> None:
+    with httpx.Client(base_url=pool.coordinator_url, timeout=30) as c:
+        r = c.post("/registry/login", data={"admin_key": pool.admin_key}, follow_redirects=True)
+        assert r.status_code == 200 and str(r.url).endswith("/registry")  # followed the redirect
+        page = r.text
+        m = c.get("/registry/metrics").json()
+    assert 'id="requests-chart"' in page and "/static/vendor/uplot/uPlot.iife.min.js" in page
+    assert f'id="req-today">{m["today"]["requests"]:,}<' in page
+    assert 'data-deployment="echo/Echo"' in page
+    assert "Scraped" in page and "Ray metrics endpoint" in page
+
+
+@pytest.mark.parametrize("db_url", ["sqlite", "postgres"], indirect=True)
+def test_rollups_and_summary_on_both_databases(db_url: str) -> None:
+    """The collector's writes and the API's reads on each database, from the real scrapes in the unit data."""
+    engine = make_engine(db_url)
+    migrate.upgrade(engine)
+    sessions = make_sessionmaker(engine)
+    t0 = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=3)
+    for i, name in enumerate(("0-idle", "1-after-13", "2-queued", "3-after-proxy-restart")):
+        with sessions() as s, s.begin():
+            metrics.store(s, metrics.parse((SAMPLES / f"{name}.prom").read_text(), "10.88.0.1:44217"),
+                          t0 + timedelta(seconds=40 * i))
+        if name == "2-queued":
+            with sessions() as s:
+                assert [(r.queued, r.ongoing) for r in s.query(DeploymentLoad)] == [(3.0, 1.0)]
+    with sessions() as s:
+        assert sum(r.requests for r in s.query(RequestMinute)) == 25
+        out = metrics.summary(s, None)
+    if t0.date() == datetime.now(UTC).date():
+        assert (out.today.requests, out.today.errors_4xx, out.today.errors_5xx) == (25, 2, 1)
+    assert out.last_hour.requests == 25 and out.last_hour.p99_ms is not None
+    assert sum(out.series.requests) == 25
+    with sessions() as s, s.begin():
+        metrics.prune(s, datetime.now(UTC) + timedelta(hours=49), 48)
+    with sessions() as s:
+        assert s.query(RequestMinute).count() == 0
+    engine.dispose()
