@@ -7,14 +7,15 @@ it names. One YAML (a `ServeDeploySchema`) that `serve deploy`, the Ray dashboar
                                                        # serveConfigV2 block of cluster_configs/kuberay/rayservice.yaml
     python -m deployments.serve_config --check         # exit 1 when either file differs from the code
 
-The apps are the ones `rma up` deploys with `python -m deployments.llm|services deploy`: `rma-llm` at /v1 and
-`rma-inference` at /api/inference (deployments/llm/app.py), `services` at /api (deployments/services/app.py). Each
+The apps are the ones `rma up` deploys with `python -m deployments.<app> deploy`: `rma-llm` at /v1 and
+`rma-inference` at /api/inference (deployments/llm/app.py), `rma-vision` at /api/inference/vision with its backend
+`rma-vision-backend` (deployments/vision/app.py), `services` at /api (deployments/services/app.py). Each
 entry names a builder here (`import_path: deployments.serve_config:<builder>` plus `args`) and lists its deployments
 with the options the code gives them (names, label selectors, autoscaling, max_ongoing_requests, ...), as `serve
 build` writes them; Serve applies those options over the code's, so the file is the one place an operator edits.
 
-The LLM entry is the gpu tier (a catalog model chosen for a 16 GB card, placed on `rma.io/tier=gpu` nodes): the
-file is for clusters with GPU nodes. The embedded CPU default of a single machine stays with `rma up`.
+The LLM and vision entries are the gpu tier (catalog models chosen for a 16 GB card, placed on `rma.io/tier=gpu`
+nodes): the file is for clusters with GPU nodes. The embedded CPU default of a single machine stays with `rma up`.
 
 Generating it never starts Ray: ray.serve.llm reads the driver's job runtime_env while it builds the LLM
 deployment, which would auto-start a local cluster; here that read answers what a plain driver has, an empty one.
@@ -47,12 +48,15 @@ PROXY_LOCATION = "HeadOnly"
 # The LLM on the gpu tier: the catalog's choice for the smallest GPU the pool promises (a "16 GB" card
 # reports 15,360 MiB). Clusters with larger cards raise gpu_memory_mb here and regenerate.
 LLM_ARGS: dict[str, Any] = {"tier": "gpu", "gpu_memory_mb": 15_360}
+# Vision on the same tier through vLLM (a multimodal catalog model). `rma up` pools whose GPU donors run Ollama
+# use the default backend instead ({"backend": "ollama"}: replicas on nodes labelled rma.io/ollama=true).
+VISION_ARGS: dict[str, Any] = {"backend": "vllm", "gpu_memory_mb": 15_360}
 
 
 @dataclass(frozen=True)
 class AppSpec:
     name: str
-    route_prefix: str
+    route_prefix: str | None  # None: reached through handles only, not over HTTP
     builder: str  # a function of this module
     args: dict[str, Any] = field(default_factory=dict)
 
@@ -86,12 +90,31 @@ def services_app(args: dict[str, Any]) -> Any:
     return build_app(args or None)
 
 
+def vision_app(args: dict[str, Any]) -> Any:
+    """`rma-vision` (/api/inference/vision): the front that checks keys and images; `args` are VisionSettings."""
+    from deployments.vision.app import build_front_app
+    from deployments.vision.config import VisionSettings
+
+    return build_front_app(VisionSettings(**(args or {})))
+
+
+def vision_backend_app(args: dict[str, Any]) -> Any:
+    """`rma-vision-backend` (no route): the model the front calls (Ollama beside a node, or vLLM)."""
+    from deployments.vision.app import build_backend_app
+    from deployments.vision.config import VisionSettings
+
+    return build_backend_app(VisionSettings(**(args or {})))
+
+
 def apps() -> tuple[AppSpec, ...]:
     from deployments.llm.config import INFERENCE_APP, INFERENCE_ROUTE_PREFIX, LLM_APP, LLM_ROUTE_PREFIX
     from deployments.services.app import APP_NAME, ROUTE_PREFIX
+    from deployments.vision.config import BACKEND_APP, VISION_APP, VISION_ROUTE_PREFIX
 
     return (AppSpec(LLM_APP, LLM_ROUTE_PREFIX, "llm_app", dict(LLM_ARGS)),
             AppSpec(INFERENCE_APP, INFERENCE_ROUTE_PREFIX, "inference_app"),
+            AppSpec(VISION_APP, VISION_ROUTE_PREFIX, "vision_app", dict(VISION_ARGS)),
+            AppSpec(BACKEND_APP, None, "vision_backend_app", dict(VISION_ARGS)),
             AppSpec(APP_NAME, ROUTE_PREFIX, "services_app"))
 
 

@@ -26,7 +26,8 @@ import jsonschema
 import pytest
 import yaml
 
-from rma_ray.tiers import LABEL_NODE, LABEL_TIER, LABEL_TRUSTED, Tier
+from rma_ray import tiers
+from rma_ray.tiers import LABEL_TIER, LABEL_TRUSTED, Tier
 
 ROOT = Path(__file__).resolve().parents[2]
 CC = ROOT / "cluster_configs"
@@ -38,7 +39,7 @@ COMPOSE = CC / "donor" / "docker-compose.yml"
 HEAD_VM = CC / "ray" / "head-vm.yaml"
 FLY = CC / "fly" / "fly.toml"
 FLY_ENTRYPOINT = CC / "fly" / "entrypoint.sh"
-LABELS = {LABEL_TIER, LABEL_NODE, LABEL_TRUSTED}
+LABELS = {v for k, v in vars(tiers).items() if k.startswith("LABEL_")}  # the rma.io/* labels the code knows
 TIER_VALUES = {str(t) for t in Tier} | {"head"}  # "head": what `rma up` labels its own node (rma_ray/head.py)
 
 
@@ -101,8 +102,9 @@ def test_serve_config_is_a_valid_serve_deploy_schema() -> None:
 
     schema = ServeDeploySchema.model_validate(load(SERVE_FILE))
     apps = {a.name: a for a in schema.applications}
-    assert {n: a.route_prefix for n, a in apps.items()} == {"rma-llm": "/v1", "rma-inference": "/api/inference",
-                                                            "services": "/api"}
+    assert {n: a.route_prefix for n, a in apps.items()} == {
+        "rma-llm": "/v1", "rma-inference": "/api/inference", "rma-vision": "/api/inference/vision",
+        "rma-vision-backend": None, "services": "/api"}
     assert schema.proxy_location.value == "HeadOnly"
     from deployments import serve_config
 
@@ -116,9 +118,10 @@ def test_serve_config_is_a_valid_serve_deploy_schema() -> None:
                                            if a["name"] == "services")["deployments"]}
     assert services["uploads"]["ray_actor_options"]["label_selector"] == {LABEL_TIER: "data", LABEL_TRUSTED: "true"}
     assert services["gateway"]["max_ongoing_requests"] == 256
-    llm = next(a for a in load(SERVE_FILE)["applications"] if a["name"] == "rma-llm")
-    server = next(d for d in llm["deployments"] if d["name"].startswith("LLMServer:"))
-    assert server["placement_group_bundle_label_selector"] == [{LABEL_TIER: "gpu"}]
+    for name in ("rma-llm", "rma-vision-backend"):  # both models on gpu-tier nodes
+        app = next(a for a in load(SERVE_FILE)["applications"] if a["name"] == name)
+        server = next(d for d in app["deployments"] if d["name"].startswith("LLMServer:"))
+        assert server["placement_group_bundle_label_selector"] == [{LABEL_TIER: "gpu"}]
 
 
 def test_serve_config_files_match_the_code(tmp_path: Path) -> None:
@@ -494,6 +497,6 @@ def test_every_rma_label_in_configs_exists_in_the_code() -> None:
                 seen.add(k)
                 assert k in LABELS, f"{path.name}: label {k!r} is not one of rma_ray/tiers.py's {sorted(LABELS)}"
                 values = {x.strip() for x in re.sub(r"^!?(in\()?|\)$", "", str(v)).split(",")}
-                allowed = TIER_VALUES if k == LABEL_TIER else {"true", "false"} if k == LABEL_TRUSTED else values
+                allowed = TIER_VALUES if k == LABEL_TIER else values if k == tiers.LABEL_NODE else {"true", "false"}
                 assert values <= allowed, f"{path.name}: {k}={v!r} (allowed: {sorted(allowed)})"
     assert {LABEL_TIER, LABEL_TRUSTED} <= seen
