@@ -26,7 +26,14 @@ def _fmt_mb(mb: float) -> str:
     return f"{mb / 1024:.1f} GiB" if mb >= 1024 else f"{mb:.0f} MiB"
 
 
+def _fmt_ms(ms: float | None) -> str:
+    if ms is None:
+        return "–"
+    return f"{ms:.0f} ms" if ms < 1000 else f"{ms / 1000:.1f} s"
+
+
 templates.env.filters["mb"] = _fmt_mb
+templates.env.filters["ms"] = _fmt_ms
 StepQ = Annotated[int, Query(ge=60, le=3600, description="the series' bucket in whole minutes that divide a day: "
                                                         "60, 300, 600 (default), 900, 1800 or 3600 seconds")]
 

@@ -23,7 +23,8 @@
   const every = parseInt(section.dataset.refreshMs || "15000", 10);
   const css = getComputedStyle(document.documentElement);
   const color = (name, fallback) => css.getPropertyValue(name).trim() || fallback;
-  const ms = (v) => (v === null || v === undefined ? "–" : Math.round(v) + " ms");
+  const ms = (v) => (v === null || v === undefined ? "–"
+    : v < 1000 ? Math.round(v) + " ms" : (v / 1000).toFixed(1) + " s");
   const set = (id, text) => { const el = document.getElementById(id); if (el) el.textContent = text; };
   let plot = null;
 
@@ -41,8 +42,8 @@
       width: chartWidth(), height: 220,
       tzDate: (ts) => uPlot.tzDate(new Date(ts * 1e3), "Etc/UTC"),
       cursor: { drag: { x: false, y: false } },
-      scales: { n: { range: (u, min, max) => [0, Math.max(1, max)] },
-                ms: { range: (u, min, max) => [0, Math.max(1, max || 1)] } },
+      scales: { n: { range: (u, min, max) => [0, Math.max(5, max)] },
+                ms: { range: (u, min, max) => [0, Math.max(10, max || 10)] } },
       series: [
         {},
         { label: "requests / " + per, scale: "n", stroke: color("--accent", "#58a6ff"),
@@ -54,9 +55,10 @@
       ],
       axes: [
         axis,
-        Object.assign({}, axis, { scale: "n", size: 50 }),
-        Object.assign({}, axis, { scale: "ms", side: 1, size: 60, grid: { show: false },
-                                  values: (u, vals) => vals.map((v) => v + " ms") }),
+        Object.assign({}, axis, { scale: "n", size: 50,
+                                  values: (u, vals) => vals.map((v) => (Number.isInteger(v) ? v : "")) }),
+        Object.assign({}, axis, { scale: "ms", side: 1, size: 64, grid: { show: false },
+                                  values: (u, vals) => vals.map(ms) }),
       ],
     }, data, chartEl);
     window.addEventListener("resize", () => plot.setSize({ width: chartWidth(), height: 220 }));

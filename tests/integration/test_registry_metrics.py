@@ -217,3 +217,41 @@ def test_rollups_and_summary_on_both_databases(db_url: str) -> None:
     with sessions() as s:
         assert s.query(RequestMinute).count() == 0
     engine.dispose()
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.ray
+@pytest.mark.browser
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed (`make test` installs it)")
+def test_registry_page_draws_the_chart_in_a_browser(pool: Pool) -> None:
+    """Headless Chromium (~2 s): the figures fill in, uPlot draws its canvas, nothing loads from elsewhere; a
+    screenshot goes to artifacts/registry-requests.png."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.conftest import ARTIFACTS
+    from tests.integration.test_registry_page import ARGS
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            asked: list[str] = []
+            page.on("request", lambda req: asked.append(req.url))
+            page.goto(pool.coordinator_url + "/registry/login")
+            page.fill("#admin_key", pool.admin_key)
+            page.click("button[type=submit]")
+            page.wait_for_url(pool.coordinator_url + "/registry")
+            page.wait_for_selector("#requests-chart canvas", timeout=20_000)
+            today = pool.metrics()["today"]["requests"]
+            assert today >= 35
+            page.wait_for_function(f"document.getElementById('req-today').textContent === '{today:,}'",
+                                   timeout=20_000)
+            assert page.locator("#queues tr[data-deployment='slow/Slow']").count() == 1
+            assert page.locator(".u-legend").inner_text().count("requests") == 1
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.locator("#requests").screenshot(path=str(ARTIFACTS / "registry-requests.png"))
+        finally:
+            browser.close()
+    assert asked and all(u.startswith(pool.coordinator_url) for u in asked), asked
