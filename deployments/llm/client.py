@@ -20,20 +20,33 @@ Signature:
 It goes through the `LLMGateway` deployment of the `rma-inference` app with plain dicts, so the caller needs no
 vLLM import and no client key (code inside the Ray cluster is already trusted). Call it from inside a replica (or
 any driver connected to the pool's Ray cluster); the handle is created once per process.
+
+Streaming (the answer as the model makes it):
+
+    async for text in chat_stream(messages, max_tokens=256):
+        ...  # pieces of the answer, in order; raises LLMCallError / TimeoutError like chat()
+
+It goes straight to ray.serve.llm's `LLMServer` deployment through a streaming handle (`.options(stream=True)`),
+with an OpenAI chat request that the LLM replica rebuilds as its own `ChatCompletionRequest` when it unpickles the
+call (`_StreamRequest.__reduce__`): the caller still imports no vLLM. The replica answers with OpenAI SSE chunks
+(`data: {...}`), parsed here.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 from deployments.llm.app import GATEWAY_DEPLOYMENT, LLMCallError
-from deployments.llm.config import INFERENCE_APP
+from deployments.llm.config import INFERENCE_APP, LLM_APP
 
-__all__ = ["ChatReply", "LLMCallError", "chat"]
+__all__ = ["ChatReply", "LLMCallError", "chat", "chat_stream"]
 
 _handle: Any = None
+_servers: dict[str, Any] = {}
 
 
 @dataclass(frozen=True)
@@ -70,3 +83,86 @@ async def chat(messages: list[dict[str, str]], max_tokens: int = 256, *, tempera
     except asyncio.TimeoutError:
         raise TimeoutError(f"the LLM did not answer within {timeout_s:.0f} s") from None
     return ChatReply(text=out["text"], model=out["model"], finish_reason=out["finish_reason"], usage=out["usage"])
+
+
+def _chat_completion_request(payload: dict[str, Any]) -> Any:
+    """Runs in the LLM replica, as it unpickles a `_StreamRequest` (it has vLLM imported already)."""
+    from ray.llm._internal.serve.core.configs.openai_api_models import ChatCompletionRequest
+
+    return ChatCompletionRequest(**payload)
+
+
+class _StreamRequest:
+    """An OpenAI chat request that crosses Ray as a call of `_chat_completion_request`: the caller never imports
+    vLLM's request class, the LLM replica receives one."""
+
+    def __init__(self, payload: dict[str, Any]) -> None:
+        self.payload = payload
+
+    def __reduce__(self) -> tuple[Any, tuple[dict[str, Any]]]:
+        return _chat_completion_request, (self.payload,)
+
+
+def _server(model: str | None) -> Any:
+    """A streaming handle to ray.serve.llm's `LLMServer` deployment of `model` (None: the one the pool serves)."""
+    from ray import serve
+
+    key = model or ""
+    if key not in _servers:
+        if model:  # ray.serve.llm's deployment name for a model id (its builder's rule)
+            name = "LLMServer:" + model.replace("/", "--").replace(".", "_")
+        else:
+            app = serve.status().applications.get(LLM_APP)
+            names = sorted(d for d in (app.deployments if app else {}) if d.startswith("LLMServer:"))
+            if not names:
+                raise LLMCallError(503, "llm_unavailable", "the LLM is not running (no LLMServer deployment)")
+            name = names[0]
+        _servers[key] = serve.get_deployment_handle(name, app_name=LLM_APP).options(stream=True)
+    return _servers[key]
+
+
+def _error(obj: Any) -> LLMCallError:
+    """An OpenAI error (a dict from an SSE chunk, or ray.serve.llm's ErrorResponse) as LLMCallError."""
+    err = obj.get("error") if isinstance(obj, dict) else getattr(obj, "error", None)
+    get = err.get if isinstance(err, dict) else (lambda k, d=None: getattr(err, k, d))
+    try:
+        status = int(get("code", 500))
+    except (TypeError, ValueError):
+        status = 500
+    status = status if 400 <= status < 600 else 500
+    code = {400: "invalid_request", 404: "model_not_found"}.get(status, "llm_error")
+    return LLMCallError(status, code, str(get("message", "the LLM failed"))[:500])
+
+
+async def chat_stream(messages: list[dict[str, str]], max_tokens: int = 256, *, temperature: float = 0.2,
+                      top_p: float = 1.0, stop: list[str] | None = None, model: str | None = None,
+                      timeout_s: float = 120.0) -> AsyncIterator[str]:
+    """The reply's text in pieces, as the LLM makes them (see the module docstring)."""
+    payload: dict[str, Any] = {"messages": messages, "max_tokens": max_tokens, "temperature": temperature,
+                               "top_p": top_p, "stream": True, "model": model}
+    if stop:
+        payload["stop"] = stop
+    gen = _server(model).chat.remote(_StreamRequest(payload), None)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for batch in gen:  # ray.serve.llm batches stream chunks: a list of SSE strings per step
+                for item in batch if isinstance(batch, list) else [batch]:
+                    if not isinstance(item, str):
+                        raise _error(item)
+                    for line in item.splitlines():
+                        if not line.startswith("data:"):
+                            continue
+                        data = line[5:].strip()
+                        if data == "[DONE]":
+                            return
+                        chunk = json.loads(data)
+                        if "error" in chunk:
+                            raise _error(chunk)
+                        for choice in chunk.get("choices") or []:
+                            text = (choice.get("delta") or {}).get("content")
+                            if text:
+                                yield text
+    except TimeoutError:
+        raise TimeoutError(f"the LLM did not finish within {timeout_s:.0f} s") from None
+    finally:
+        gen.cancel()

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deployments.gateway.auth import ClientDep, require_client, rma_error_handler
+from deployments.gateway.auth import ClientDep, current_client, rma_error_handler
 from deployments.services import llm
 from deployments.services.backends import as_backend
 from deployments.services.errors import ServiceError, unwrap
@@ -130,16 +130,17 @@ class GraphQueryBody(Strict):
 
 
 class ClientLimiter:
-    """Per-client request rate (the `limits` library, moving window, in this replica's memory): one client
-    cannot take the whole gateway; past the rate it gets 429 with Retry-After."""
+    """Per-client request rate (the `limits` library, sliding window counter, in this replica's memory): one
+    client cannot take the whole gateway; past the rate it gets 429 with Retry-After. The sliding window counter
+    costs the same per request at any rate (a moving window keeps one timestamp per request in the window)."""
 
     def __init__(self, rate: str) -> None:
         from limits import parse
         from limits.storage import MemoryStorage
-        from limits.strategies import MovingWindowRateLimiter
+        from limits.strategies import SlidingWindowCounterRateLimiter
 
         self.item = parse(rate)
-        self._limiter = MovingWindowRateLimiter(MemoryStorage())
+        self._limiter = SlidingWindowCounterRateLimiter(MemoryStorage())
 
     def hit(self, client: ClientIdentity) -> None:
         import math
@@ -260,8 +261,8 @@ def create_api(backends: Backends, settings: ServicesSettings | None = None, *, 
     b = backends
     limiter = ClientLimiter(s.client_rate) if s.client_rate else None
 
-    def authenticated(request: Request) -> ClientIdentity:
-        client = require_client(request)
+    async def authenticated(request: Request) -> ClientIdentity:
+        client = await current_client(request)
         if limiter is not None:
             limiter.hit(client)
         return client
@@ -289,6 +290,8 @@ def create_api(backends: Backends, settings: ServicesSettings | None = None, *, 
                                        s.retry_after_s) from None
                 if name in DIED and retry and attempt == 1:
                     log.warning("%s replica died under a request; retrying once", what)
+                    if metrics is not None:
+                        metrics.retried(what)
                     continue
                 if name in DIED or name == "DeploymentUnavailableError":
                     raise ServiceError(503, "service_unavailable", f"the {what} service is not available right "
@@ -420,18 +423,29 @@ def create_api(backends: Backends, settings: ServicesSettings | None = None, *, 
         return {**found, "answer": answer, "citations": llm.citations(answer, found["results"])}
 
     def _stream_answer(found: dict[str, Any], messages: list[dict[str, str]]) -> StreamingResponse:
-        """SSE: the retrieved chunks first, then the answer, then `done` (the LLM client answers whole)."""
+        """SSE: `results` (the retrieved chunks), a `delta` per piece of the answer as the LLM makes it, then
+        `answer` (the whole text and its citations) and `done`; an `error` event if the LLM fails midway."""
+
+        def event(name: str, data: Any) -> str:
+            return f"event: {name}\ndata: {json.dumps(data)}\n\n"
 
         async def events() -> AsyncIterator[str]:
-            yield f"event: results\ndata: {json.dumps(found)}\n\n"
+            yield event("results", found)
+            parts: list[str] = []
             try:
-                answer = await asyncio.wait_for(llm.complete(messages), s.llm_timeout_s)
-                yield f"event: answer\ndata: {json.dumps({'answer': answer, 'citations': llm.citations(answer, found['results'])})}\n\n"
+                async for text in llm.stream(messages, timeout_s=s.llm_timeout_s):
+                    parts.append(text)
+                    yield event("delta", {"text": text})
+                answer = "".join(parts).strip()
+                if not answer:
+                    raise ServiceError(503, "llm_failed", "the LLM returned an empty answer")
+                yield event("answer", {"answer": answer, "citations": llm.citations(answer, found["results"])})
             except ServiceError as exc:
-                yield f"event: error\ndata: {json.dumps({'code': exc.code, 'message': exc.message})}\n\n"
-            yield "event: done\ndata: {}\n\n"
+                yield event("error", {"code": exc.code, "message": exc.message})
+            yield event("done", {})
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.post("/rag/ingest")
     async def rag_ingest(request: Request, client: ClientDep) -> Any:

@@ -33,6 +33,11 @@ class ApiMetrics:
         self.latency = metrics.Histogram("rma_api_latency_ms", "RMA services API latency (ms)",
                                          boundaries=[5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000],
                                          tag_keys=("route", "method"))
+        self.retries = metrics.Counter("rma_api_backend_retries", "idempotent backend calls sent again because "
+                                       "the replica they reached died", tag_keys=("service",))
+
+    def retried(self, service: str) -> None:
+        self.retries.inc(tags={"service": service})
 
     def observe(self, route: str, method: str, status: int, ms: float) -> None:
         self.requests.inc(tags={"route": route, "method": method, "status": str(status)})
@@ -107,5 +112,6 @@ def build_app(settings: ServicesSettings | dict[str, Any] | None = None) -> Any:
     notes = serve.deployment(Notes).options(**_options("notes", settings.notes, trusted, settings)).bind(
         cfg, client_rag)
     graph = serve.deployment(Graph).options(**_options("graph", settings.graph, svc, settings)).bind()
-    return serve.deployment(Gateway).options(**_options("gateway", settings.gateway, svc, settings)).bind(
+    return serve.deployment(Gateway).options(**_options("gateway", settings.gateway, svc, settings,
+                                                        settings.ingress_env)).bind(
         cfg, documents, ocr, uploads, notes, rag, graph, client_rag)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 from deployments.services.errors import ServiceError, unavailable
@@ -69,6 +70,29 @@ async def complete(messages: list[dict[str, str]], max_tokens: int = 300, temper
     if not isinstance(text, str) or not text.strip():
         raise unavailable("llm_failed", "the LLM returned an empty answer")
     return text.strip()
+
+
+async def stream(messages: list[dict[str, str]], max_tokens: int = 300, temperature: float = 0.2,
+                 timeout_s: float = 120.0) -> AsyncIterator[str]:
+    """The answer in pieces as the LLM makes them (a Serve streaming handle to the LLM replica); the same
+    refusals as `complete`."""
+    client = _client()
+    if client is None or not llm_running():
+        raise unavailable("llm_not_running", NOT_RUNNING, retry_after_s=30)
+    try:
+        async for text in client.chat_stream(messages, max_tokens=max_tokens, temperature=temperature,
+                                             timeout_s=timeout_s):
+            yield text
+    except TimeoutError:
+        raise ServiceError(504, "llm_timeout", f"the LLM did not answer within {timeout_s:.0f} s") from None
+    except ServiceError:
+        raise
+    except Exception as exc:
+        status = getattr(exc, "status", None)
+        if isinstance(status, int) and 400 <= status < 500:
+            raise ServiceError(422, "llm_refused", f"the LLM refused the request: {getattr(exc, 'message', exc)}") from None
+        log.warning("LLM stream failed: %s", exc)
+        raise unavailable("llm_failed", f"the LLM did not answer: {getattr(exc, 'message', type(exc).__name__)}") from None
 
 
 def rag_messages(question: str, results: list[dict[str, Any]]) -> list[dict[str, str]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from rma_ray.serve_admin import INGRESS_REPLICA_ENV
 from rma_ray.tiers import LABEL_TIER, LABEL_TRUSTED
 
 
@@ -39,7 +40,11 @@ class ServicesSettings(BaseSettings):
 
     # the gateway is async and only waits on handles: it can hold many requests; the CPU-bound deployments
     # (parse, OCR, embeddings, NER) are kept near their core count so that a queue forms where it can be bounded
-    gateway: Limits = Field(default_factory=lambda: _limits(256, 512, 64.0))
+    # two gateway replicas from the start: on a 2-core box one replica's event loop is the ceiling of the whole
+    # API (bench.services: ~0.4x of plain uvicorn with one, ~0.7x with two), and a replica that dies leaves one
+    gateway: Limits = Field(default_factory=lambda: Limits(max_ongoing_requests=256, max_queued_requests=512,
+                                                           target_ongoing_requests=64.0, min_replicas=2,
+                                                           max_replicas=4))
     documents: Limits = Field(default_factory=lambda: _limits(4, 64, 2.0))
     ocr: Limits = Field(default_factory=lambda: _limits(2, 32, 1.0))
     uploads: Limits = Field(default_factory=lambda: _limits(16, 128, 8.0, max_replicas=1))
@@ -47,6 +52,9 @@ class ServicesSettings(BaseSettings):
     rag: Limits = Field(default_factory=lambda: _limits(8, 128, 4.0))
     graph: Limits = Field(default_factory=lambda: _limits(8, 128, 4.0))
 
+    ingress_env: dict[str, str] = Field(default_factory=lambda: dict(INGRESS_REPLICA_ENV), description="Serve "
+                                        "settings of the gateway replicas (rma_ray.serve_admin: an HTTP server for "
+                                        "the head's HAProxy); {} when Serve runs its Python proxy only")
     replica_env: dict[str, str] = Field(default_factory=dict, description="extra environment of every replica "
                                         "(e.g. RMA_COORDINATOR_URL and RMA_KEYRING_CREDENTIAL_FILE: a path, "
                                         "never a secret)")

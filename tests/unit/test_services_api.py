@@ -168,3 +168,56 @@ def test_a_client_past_its_rate_gets_429_with_retry_after(client: TestClient) ->
         assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limited"
         assert 1 <= int(r.headers["retry-after"]) <= 60
         assert c.get("/whoami", headers=auth(BOB)).json() == {"client": "bob", "key_id": BOB.id}  # per key
+
+
+class DyingOnceNotes:
+    """Stands in for the notes deployment: its first call of each method fails the way a Serve handle call fails
+    when the replica it reached dies (Ray's own ActorDiedError); calls after that answer."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = {}
+
+    def _call(self, method: str) -> int:
+        from ray.exceptions import ActorDiedError
+
+        self.calls[method] = self.calls.get(method, 0) + 1
+        if self.calls[method] == 1:
+            raise ActorDiedError()
+        return self.calls[method]
+
+    def get(self, owner: str, note_id: int) -> dict[str, Any]:
+        return {"id": note_id, "owner": owner, "attempt": self._call("get")}
+
+    def create(self, owner: str, title: str, body: str, tags: list[str]) -> dict[str, Any]:
+        return {"id": 1, "title": title, "attempt": self._call("create")}
+
+
+class CountingMetrics:
+    def __init__(self) -> None:
+        self.retries: list[str] = []
+
+    def retried(self, service: str) -> None:
+        self.retries.append(service)
+
+    def observe(self, *_: Any) -> None:
+        pass
+
+
+def test_an_idempotent_call_is_retried_once_when_its_replica_died_and_a_post_is_not() -> None:
+    ring = {"keys": [{"id": ALICE.id, "hash": ALICE.hash, "name": "alice"}]}
+    verifier = ClientKeyVerifier(lambda: ring, refresh_s=3600)
+    verifier.refresh()
+    set_verifier(verifier)
+    notes, metrics = DyingOnceNotes(), CountingMetrics()
+    app = create_api(Backends(None, None, None, notes, None, None), ServicesSettings(), metrics=metrics)
+    try:
+        with TestClient(app, raise_server_exceptions=False) as c:
+            r = c.get("/notes/7", headers=auth())
+            assert r.status_code == 200 and r.json()["attempt"] == 2
+            assert metrics.retries == ["notes"]
+            r = c.post("/notes", json={"title": "once"}, headers=auth())
+            assert r.status_code == 503 and r.json()["error"]["code"] == "service_unavailable"
+            assert "ActorDiedError" in r.json()["error"]["message"] and r.headers["retry-after"]
+            assert notes.calls["create"] == 1 and metrics.retries == ["notes"]
+    finally:
+        set_verifier(None)
