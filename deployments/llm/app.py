@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any, Literal
@@ -34,10 +35,30 @@ from deployments.llm.config import (
     LLMSettings,
     build_llm_config,
 )
+from rma_ray.client_keys import KeyRejected
 
 INGRESS_DEPLOYMENT = "OpenAiIngress"
 GATEWAY_DEPLOYMENT = "LLMGateway"
-AUTH = [Depends(require_client)]
+_keyring_ready = False
+
+
+async def require_client_async(request: Request) -> Any:
+    """`require_client` without FastAPI's thread hop for a sync dependency: the check is an in-memory hash lookup.
+    The first call builds the replica's keyring (a coordinator fetch) in a thread, off the event loop."""
+    global _keyring_ready
+    if not _keyring_ready:
+        from deployments.gateway.auth import verifier
+
+        try:
+            await asyncio.to_thread(verifier)
+        except Exception as exc:  # no identity on this node: fail closed, say why (as require_client does)
+            raise KeyRejected(503, "keyring_unavailable", f"API keys cannot be checked on this replica: {exc}") \
+                from None
+        _keyring_ready = True
+    return require_client(request)
+
+
+AUTH = [Depends(require_client_async)]
 
 
 def openai_fastapi_app() -> FastAPI:

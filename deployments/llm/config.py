@@ -42,6 +42,9 @@ class LLMSettings(BaseSettings):
     gpu_memory_utilization: float = Field(default=0.90, gt=0.1, le=0.98)
     num_replicas: int = Field(default=1, ge=1)
     replica_cpus: float = Field(default=1, ge=0, description="CPUs reserved for the LLM replica actor")
+    stream_batching_ms: float | None = Field(
+        default=None, ge=0, description="streamed tokens are sent from the replica to the ingress in batches every "
+                                        "this many ms (None: ray.serve.llm's 50; 0: every token on its own)")
 
     def resolved_tier(self) -> Literal["cpu", "gpu"]:
         if self.tier != "auto":
@@ -117,5 +120,7 @@ def build_llm_config(settings: LLMSettings) -> Any:
             "placement_group_bundle_label_selector": [label_selector(tier, settings.cpu_tiers)],
         },
         log_engine_metrics=False,
+        experimental_configs=({"stream_batching_interval_ms": settings.stream_batching_ms}
+                              if settings.stream_batching_ms is not None else {}),
         **kwargs,
     )

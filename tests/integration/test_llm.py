@@ -97,9 +97,10 @@ class Pool:
 
 
 @contextlib.contextmanager
-def start_pool(root: Path, say: Any = None) -> Iterator[Pool]:
+def start_pool(root: Path, say: Any = None, llm_env: dict[str, str] | None = None) -> Iterator[Pool]:
     """Coordinator + Ray head + LLM node + Serve + both LLM apps; torn down through Serve and Ray.
-    Also used by bench/llm.py. `say(step)` is called as each step finishes (for timings)."""
+    Also used by bench/llm.py. `say(step)` is called as each step finishes (for timings); `llm_env`: RMA_LLM_*
+    settings for the deploy."""
     say = say or (lambda _step: None)
     token = root / "cluster_token"
     read_or_create_secret(token)
@@ -122,7 +123,7 @@ def start_pool(root: Path, say: Any = None) -> Iterator[Pool]:
     address = f"{ip}:{gcs_port}"
     serve_port = free_port(ip)
     env = {**ray_env(token), "RAY_ADDRESS": address, "HOME": str(root / "home"), "PYTHONPATH": str(ROOT),
-           "RMA_DATA_DIR": str(root / "head"), "RMA_LLM_MODEL_DIR": str(MODEL_CACHE)}
+           "RMA_DATA_DIR": str(root / "head"), "RMA_LLM_MODEL_DIR": str(MODEL_CACHE), **(llm_env or {})}
     p = Pool(root, token, address, ip, f"http://{ip}:{serve_port}", coordinator, admin_key, {"head": head}, env)
     try:
         head.start()

@@ -68,8 +68,7 @@ def test_every_openai_route_needs_a_client_key() -> None:
     """Drift guard: the ingress mounts only these routes, each with the client-key dependency, and no docs."""
     from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress, make_fastapi_ingress
 
-    from deployments.gateway.auth import require_client
-    from deployments.llm.app import AUTH, openai_fastapi_app, openai_routes
+    from deployments.llm.app import AUTH, openai_fastapi_app, openai_routes, require_client_async
 
     app = openai_fastapi_app()
     make_fastapi_ingress(OpenAiIngress, endpoint_map=openai_routes(), app=app)
@@ -77,16 +76,46 @@ def test_every_openai_route_needs_a_client_key() -> None:
     assert set(routes) == {("GET", "/models"), ("GET", "/models/{model:path}"), ("POST", "/completions"),
                            ("POST", "/chat/completions")}
     for route in routes.values():
-        assert any(d.call is require_client for d in route.dependant.dependencies), route.path
-    assert AUTH[0].dependency is require_client
+        assert any(d.call is require_client_async for d in route.dependant.dependencies), route.path
+    assert AUTH[0].dependency is require_client_async
     assert app.docs_url is None and app.openapi_url is None
 
 
 def test_inference_routes_need_a_client_key() -> None:
-    from deployments.gateway.auth import require_client
-    from deployments.llm.app import _inference_app
+    from deployments.llm.app import _inference_app, require_client_async
 
     routes = [r for r in _inference_app.routes if hasattr(r, "methods")]
     assert [(r.path, sorted(r.methods)) for r in routes] == [("/llm", ["POST"])]
-    assert any(d.call is require_client for d in routes[0].dependant.dependencies)
+    assert any(d.call is require_client_async for d in routes[0].dependant.dependencies)
     assert _inference_app.docs_url is None and _inference_app.openapi_url is None
+
+
+def test_the_async_key_check_is_the_shared_verifier(monkeypatch: pytest.MonkeyPatch) -> None:
+    """require_client_async (no thread hop per request) refuses and accepts exactly as require_client does."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    from deployments.gateway import auth
+    from deployments.llm import app as llm_app
+    from rma_ray.client_keys import ClientKeyVerifier, KeyRejected
+    from rma_ray.credentials import Kind, mint
+
+    good = mint(Kind.CLIENT)
+    v = ClientKeyVerifier(lambda: {"keys": [{"id": good.id, "hash": good.hash, "name": "alice"}]}, refresh_s=3600,
+                          max_stale_s=3600)
+    v.refresh()
+    auth.set_verifier(v)
+    monkeypatch.setattr(llm_app, "_keyring_ready", False)
+    try:
+        def req(header: str | None) -> Request:
+            headers = [(b"authorization", header.encode())] if header else []
+            return Request({"type": "http", "method": "POST", "path": "/", "headers": headers})
+
+        assert asyncio.run(llm_app.require_client_async(req(f"Bearer {good.token}"))).client == "alice"
+        for header in (None, "Bearer rma_client_nope_nope", f"Bearer {mint(Kind.CLIENT).token}"):
+            with pytest.raises(KeyRejected) as exc:
+                asyncio.run(llm_app.require_client_async(req(header)))
+            assert exc.value.status == 401
+    finally:
+        auth.set_verifier(None)
