@@ -345,12 +345,6 @@ def test_other_deployments_call_the_llm_through_a_handle(pool: Pool) -> None:
     assert out["refused"] == 400
 
 
-@pytest.mark.skip(reason="vision needs an Ollama server with a llava model or a GPU for a vLLM multimodal model; "
-                         "neither exists on this machine (no Ollama binary, no GPU, no vision weights)")
-def test_vision_route() -> None:
-    raise AssertionError("unreachable")
-
-
 def test_undeploy_leaves_no_vllm_process(pool: Pool) -> None:
     """Last in the module: deleting the apps through Serve ends vLLM's engine process too (checked by PID)."""
     assert pool.vllm_pids
