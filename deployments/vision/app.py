@@ -139,6 +139,7 @@ class VisionGateway:
         self.deployment = self.s.backend_deployment()
         self.handle = serve.get_deployment_handle(self.deployment, app_name=BACKEND_APP)
         self._checked_at, self._available = 0.0, (False, "")
+        self._status_lock = asyncio.Lock()
         self._model_id = self.s.vllm_entry().model_id if self.s.backend == "vllm" else None
 
     def _backend_state(self) -> tuple[bool, str]:
@@ -157,10 +158,13 @@ class VisionGateway:
                        f"{'starting' if dep and dep.replica_states else 'waiting for one'})")
 
     async def _require_backend(self) -> None:
-        now = time.monotonic()
-        if now - self._checked_at > STATUS_TTL_S:
-            self._available = await asyncio.to_thread(self._backend_state)
-            self._checked_at = now
+        async with self._status_lock:  # one status read per TTL, however many requests arrive at once
+            if time.monotonic() - self._checked_at > STATUS_TTL_S:
+                try:
+                    self._available = await asyncio.to_thread(self._backend_state)
+                except Exception as exc:  # the Serve controller did not answer: say so, do not guess
+                    self._available = (False, f"the vision backend's state cannot be read right now ({exc})"[:300])
+                self._checked_at = time.monotonic()
         ok, why = self._available
         if not ok:
             raise VisionError(503, "vision_not_available", why)
