@@ -142,7 +142,8 @@ def counter_delta(prev: float | None, cur: float, baseline: bool) -> float:
 def hist_delta(prev: Hist | None, cur: Hist, baseline: bool) -> Hist | None:
     if prev is None:
         return None if baseline else cur
-    if cur.count < prev.count or any(v < prev.buckets.get(le, 0.0) for le, v in cur.buckets.items()):
+    if (cur.count < prev.count or set(cur.buckets) != set(prev.buckets)  # restarted, or rebuilt with new bounds
+            or any(v < prev.buckets[le] for le, v in cur.buckets.items())):
         return cur
     return Hist({le: v - prev.buckets.get(le, 0.0) for le, v in cur.buckets.items()},
                 cur.count - prev.count, max(0.0, cur.sum - prev.sum))

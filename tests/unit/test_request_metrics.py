@@ -148,6 +148,8 @@ def test_histogram_reset_and_bucket_deltas() -> None:
     restarted = metrics.Hist({"10.0": 1, "100.0": 2, "+Inf": 2}, 2, 30.0)
     assert metrics.hist_delta(prev, restarted, baseline=False) == restarted
     assert metrics.hist_delta(None, cur, baseline=True) is None
+    rebucketed = metrics.Hist({"50.0": 12, "+Inf": 14}, 14, 420.0)  # new bounds: a new process
+    assert metrics.hist_delta(prev, rebucketed, baseline=False) == rebucketed
 
 
 def test_cursors_survive_a_coordinator_restart(tmp_path: Path) -> None:
