@@ -1,7 +1,8 @@
 """`python -m deployments.services deploy|undeploy --address <gcs host:port>`: what `rma up` (or an admin) runs to
 start the services app at /api on the pool's Serve instance, as a short-lived Ray driver.
 
-Settings come from `RMA_SERVICES_*` (deployments/services/settings.py); the Ray cluster token from
+The services' database schema is migrated first (Alembic, deployments/services/migrations). Settings come from
+`RMA_SERVICES_*` (deployments/services/settings.py); the Ray cluster token from
 RAY_AUTH_TOKEN_PATH (run it with `rma_ray.raynode.ray_env(token_file)`). Serve must already be started
 (rma_ray.serve_admin). Prints one JSON line on success; one error line and exit 1 on failure.
 """
@@ -12,6 +13,30 @@ import argparse
 import json
 import sys
 import time
+
+
+def migrate_database() -> str | None:
+    """The services' Alembic migrations, run before the app is deployed (a replica runs them too, on first use,
+    if the Postgres store is not up yet). Returns the schema revision, or None when Postgres is not reachable."""
+    from deployments.services.db import Database, store_endpoint
+    from deployments.services.errors import ServiceError
+    from deployments.services.migrate import current
+    from deployments.services.settings import ServicesSettings
+
+    db = Database(ServicesSettings().database, lambda store: store_endpoint(store, timeout=20))
+    try:
+        db.sessions()
+    except ServiceError as exc:
+        if exc.code == "schema_migration_failed":
+            raise RuntimeError(exc.message) from None
+        print(f"services: {exc.message}; the replicas migrate the schema when it is", file=sys.stderr)
+        return None
+    assert db.engine is not None
+    try:
+        with db.engine.connect() as c:
+            return current(c)
+    finally:
+        db.engine.dispose()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps({"undeployed": APP_NAME}))
                 return 0
             started = time.monotonic()
+            schema = migrate_database()
             try:
                 serve.run(build_app(), name=APP_NAME, route_prefix=ROUTE_PREFIX, blocking=False)
             except TimeoutError:  # Serve gives its proxies 60 s; on a busy box they take longer: keep waiting
@@ -47,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                 if time.monotonic() - started > args.timeout:
                     raise RuntimeError(f"the services app was not running after {args.timeout:.0f} s ({state})")
                 time.sleep(1)
-            print(json.dumps({"app": APP_NAME, "route_prefix": ROUTE_PREFIX,
+            print(json.dumps({"app": APP_NAME, "route_prefix": ROUTE_PREFIX, "schema": schema,
                               "ready_s": round(time.monotonic() - started, 1)}))
         finally:
             ray.shutdown()

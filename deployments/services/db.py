@@ -1,8 +1,10 @@
 """The services' rows in Postgres (SQLAlchemy 2.0 ORM): upload metadata and notes. The database is the
-Postgres store's (found through its supervisor), in a database of its own, created with the tables on first use."""
+Postgres store's (found through its supervisor), in a database of its own, created on first use and brought to
+the current schema by the services' Alembic migrations (deployments/services/migrations)."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import uuid
 from collections.abc import Callable
@@ -14,6 +16,8 @@ from sqlalchemy.engine import URL, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from deployments.services.errors import unavailable
+
+log = logging.getLogger("rma.services.db")
 
 
 def _now() -> datetime:
@@ -86,6 +90,8 @@ class Database:
         self.engine: Engine | None = None
 
     def sessions(self) -> sessionmaker[Any]:
+        from deployments.services import migrate
+
         with self._lock:
             if self._sessions is None:
                 try:
@@ -94,11 +100,19 @@ class Database:
                     url = URL.create("postgresql+psycopg", username=ep.user, password=ep.password, host=ep.host,
                                      port=ep.port, database=self.database)
                     engine = create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=8)
-                    with engine.begin() as c:
-                        c.execute(text("SELECT pg_advisory_xact_lock(4711)"))  # one replica creates the tables
-                        Base.metadata.create_all(c)
+                    with engine.connect():
+                        pass
                 except Exception as exc:
                     raise unavailable("store_unavailable", f"the Postgres store is not reachable yet: "
                                                            f"{type(exc).__name__}") from None
+                try:
+                    with engine.begin() as c:
+                        c.execute(text("SELECT pg_advisory_xact_lock(4711)"))  # one replica migrates
+                        migrate.upgrade(c)
+                except Exception as exc:
+                    log.exception("migrating the services' database failed")
+                    engine.dispose()
+                    raise unavailable("schema_migration_failed", f"the services' database could not be brought to "
+                                                                 f"the current schema: {type(exc).__name__}") from None
                 self.engine, self._sessions = engine, sessionmaker(engine, expire_on_commit=False)
             return self._sessions
