@@ -43,7 +43,7 @@ def _request_metrics(state: State, session: SessionDep, step_s: int) -> schemas.
         raise ApiError(422, "invalid_request", f"step_s: {step_s} is not a whole number of minutes that divides a "
                                                "day; use 60, 300, 600, 900, 1800 or 3600")
     collector = state.reconciler.collector if state.reconciler is not None else None
-    return metrics.summary(session, collector, step_s=step_s)
+    return metrics.cached_summary(session, collector, step_s=step_s)
 
 
 @router.get("/api/admin/metrics", response_model=schemas.RequestMetricsOut, openapi_extra=security.ADMIN)

@@ -22,12 +22,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import operator
 import threading
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -297,6 +298,7 @@ class Collector:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="rma-metrics", daemon=True)
         self._pruned_at: datetime | None = None
+        self.summaries: dict[int, tuple[Any, schemas.RequestMetricsOut]] = {}  # step_s -> (pass, minute), figures
 
     @property
     def running(self) -> bool:
@@ -365,20 +367,49 @@ class _Acc:
     requests: int = 0
     e4: int = 0
     e5: int = 0
-    buckets: dict[str, float] = field(default_factory=dict)
+    # bucket counts grouped by their bounds (every row of one Ray version has the same), summed as lists
+    hists: dict[tuple[str, ...], list[float]] = field(default_factory=dict)
 
-    def add(self, r: RequestMinute) -> None:
-        self.requests += r.requests
-        if r.status_code.startswith("4"):
-            self.e4 += r.requests
-        elif r.status_code.startswith("5"):
-            self.e5 += r.requests
-        _add_buckets(self.buckets, r.latency_buckets or {})
+    def add(self, status_code: str, requests: int, buckets: Mapping[str, float] | None) -> None:
+        self.requests += requests
+        if status_code.startswith("4"):
+            self.e4 += requests
+        elif status_code.startswith("5"):
+            self.e5 += requests
+        if buckets:
+            bounds, counts = tuple(buckets), list(buckets.values())
+            acc = self.hists.get(bounds)
+            if acc is None:
+                self.hists[bounds] = counts
+            else:
+                acc[:] = map(operator.add, acc, counts)
+
+    @property
+    def buckets(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for bounds, counts in self.hists.items():
+            _add_buckets(out, dict(zip(bounds, counts, strict=True)))
+        return out
 
     def figures(self) -> dict[str, Any]:
-        p50, p99 = (quantile(q, self.buckets) for q in QUANTILES)
+        b = self.buckets
+        p50, p99 = (quantile(q, b) for q in QUANTILES)
         return {"requests": self.requests, "errors_4xx": self.e4, "errors_5xx": self.e5,
                 "p50_ms": _round(p50), "p99_ms": _round(p99)}
+
+
+def cached_summary(session: Session, collector: Collector | None, step_s: int = 600) -> schemas.RequestMetricsOut:
+    """summary(), computed once per collector pass and minute (the rollups change only then): a busy day is
+    tens of thousands of rows, and every open registry page asks every 15 s."""
+    if collector is None:
+        return summary(session, None, step_s=step_s)
+    key = (collector.view.passes, utcnow().replace(second=0, microsecond=0))
+    hit = collector.summaries.get(step_s)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    out = summary(session, collector, step_s=step_s)
+    collector.summaries[step_s] = (key, out)
+    return out
 
 
 def _round(v: float | None) -> float | None:
@@ -399,19 +430,26 @@ def summary(session: Session, collector: Collector | None, now: datetime | None 
     today, hour = _Acc(), _Acc()
     apps: dict[str, _Acc] = defaultdict(_Acc)
     slots = [_Acc() for _ in range(n)]
-    for r in session.scalars(select(RequestMinute).where(RequestMinute.minute >= since)):
-        if r.minute >= day_start:
-            today.add(r)
-            apps[r.application].add(r)
-        if r.minute >= hour_ago.replace(second=0, microsecond=0):
-            hour.add(r)
-        i = (int(r.minute.timestamp()) - first) // step_s
+    hour_start = hour_ago.replace(second=0, microsecond=0)
+    m = RequestMinute
+    # plain rows, not ORM objects: a busy day is tens of thousands of them
+    for minute, app, status, requests, buckets in session.execute(
+            select(m.minute, m.application, m.status_code, m.requests, m.latency_buckets).where(m.minute >= since)):
+        if minute.tzinfo is None:  # SQLite hands back naive datetimes outside the ORM's type
+            minute = minute.replace(tzinfo=UTC)
+        if minute >= day_start:
+            today.add(status, requests, buckets)
+            apps[app].add(status, requests, buckets)
+        if minute >= hour_start:
+            hour.add(status, requests, buckets)
+        i = (int(minute.timestamp()) - first) // step_s
         if 0 <= i < n:
-            slots[i].add(r)
+            slots[i].add(status, requests, buckets)
+    slot_figures = [s.figures() for s in slots]
     series = schemas.RequestSeries(step_s=step_s, t=[first + i * step_s for i in range(n)],
-                                   requests=[s.requests for s in slots], errors=[s.e4 + s.e5 for s in slots],
-                                   p50_ms=[_round(quantile(0.5, s.buckets)) for s in slots],
-                                   p99_ms=[_round(quantile(0.99, s.buckets)) for s in slots])
+                                   requests=[f["requests"] for f in slot_figures],
+                                   errors=[f["errors_4xx"] + f["errors_5xx"] for f in slot_figures],
+                                   p50_ms=[f["p50_ms"] for f in slot_figures], p99_ms=[f["p99_ms"] for f in slot_figures])
     queues = [schemas.DeploymentQueue(application=lr.application, deployment=lr.deployment, queued=lr.queued,
                                       ongoing=lr.ongoing, at=lr.at)
               for lr in session.scalars(select(DeploymentLoad).order_by(DeploymentLoad.application,

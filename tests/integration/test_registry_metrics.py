@@ -156,21 +156,21 @@ def test_queued_now_per_deployment(pool: Pool) -> None:
     assert all(q["queued"] == 0 for q in m["queues"])
 
     def call() -> None:
-        httpx.get(pool.serve_url + "/slow", params={"s": 3}, timeout=120)
+        httpx.get(pool.serve_url + "/slow", params={"s": 2.5}, timeout=120)
 
-    burst = [threading.Thread(target=call) for _ in range(4)]
+    burst = [threading.Thread(target=call) for _ in range(3)]
     for t in burst:
         t.start()
     try:
         # one request at the replica, the rest waiting for it in the proxy's router
         def queued() -> dict[str, Any] | None:
             q = next(q for q in pool.metrics()["queues"] if q["deployment"] == "Slow")
-            return q if q["queued"] >= 2 and q["ongoing"] >= 1 else None
+            return q if q["queued"] >= 1 and q["ongoing"] >= 1 else None
 
         q = wait_for(queued, timeout=15, interval=0.5, what="the slow deployment's queue to show the burst")
         assert q["application"] == "slow"
         m = pool.metrics()
-        assert m["queued_total"] >= 2
+        assert m["queued_total"] >= 1
     finally:
         for t in burst:
             t.join(120)
@@ -245,7 +245,7 @@ def test_registry_page_draws_the_chart_in_a_browser(pool: Pool) -> None:
             page.wait_for_url(pool.coordinator_url + "/registry")
             page.wait_for_selector("#requests-chart canvas", timeout=20_000)
             today = pool.metrics()["today"]["requests"]
-            assert today >= 35
+            assert today >= 35  # the echo requests and the slow burst
             page.wait_for_function(f"document.getElementById('req-today').textContent === '{today:,}'",
                                    timeout=20_000)
             assert page.locator("#queues tr[data-deployment='slow/Slow']").count() == 1

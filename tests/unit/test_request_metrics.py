@@ -335,3 +335,24 @@ def test_the_vendored_library_ships_in_the_wheel() -> None:
     assert {"static/vendor/uplot/uPlot.iife.min.js", "static/vendor/uplot/LICENSE"} <= set(vendored)
     missing = [f for f in vendored if not any(fnmatch(f, pat) and f.count("/") == pat.count("/") for pat in patterns)]
     assert missing == [], f"package-data does not ship {missing}"
+
+
+def test_summaries_are_computed_once_per_collector_pass(tmp_path: Path) -> None:
+    from admission.main import build_state, prepare_database
+
+    state = build_state(Settings(database_url=f"sqlite:///{tmp_path / 'db.sqlite'}", data_dir=tmp_path))
+    prepare_database(state)
+    collector = metrics.Collector(state, interval_s=10)  # not started: passes are counted by hand here
+    with state.sessions() as s:
+        first = metrics.cached_summary(s, collector)
+        assert metrics.cached_summary(s, collector) is first
+        assert metrics.cached_summary(s, collector, step_s=3600) is not first
+    with state.sessions() as s, s.begin():
+        s.add(RequestMinute(minute=datetime.now(UTC).replace(second=0, microsecond=0), application="echo",
+                            route="/echo", status_code="200", requests=3, latency_count=3, latency_sum_ms=3.0,
+                            latency_buckets={"10.0": 3, "+Inf": 3}))
+    collector.view.passes += 1
+    with state.sessions() as s:
+        again = metrics.cached_summary(s, collector)
+    assert again is not first and again.today.requests == 3 and again.collector.interval_s == 10
+    state.engine.dispose()
