@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# Build the donor images: rma-node (always buildable here: FROM the local debootstrap base, no registry), and on a
-# machine that can pull from Docker Hub, rma-node-gpu (nvidia/cuda base + vLLM) and rma-ollama (rma-node + Ollama).
+# Build the donor images: rma-node (FROM the local debootstrap base, no registry: buildable on this machine),
+# rma-node-gpu (the same base + vLLM's CUDA wheels, ~5 GB from PyPI) and, on a machine that can pull from Docker
+# Hub, rma-ollama (rma-node + the Ollama binary from its official image).
 #
 #   scripts/build-node-images.sh                   # rma-node
-#   scripts/build-node-images.sh node ollama       # these (node-gpu, ollama need a registry; ollama needs node)
+#   scripts/build-node-images.sh node ollama       # these (ollama needs a registry, and node first)
 #
 # Tags: rma-<image>:<hash> and :latest. <hash> covers the image's folder, the pool's source (pyproject.toml,
 # rma_ray/, deployments/) and the base image, so an unchanged image is not rebuilt (well under a second with a
 # kept docker data root). Python packages come through this host's pip (its index, proxy and CA bundle), never
 # from inside the build: wheels/ holds exactly the pins of images/node/constraints.txt (regenerate that file with
 # `.venv/bin/python images/node/constraints.py > images/node/constraints.txt` after changing dependencies).
-# rma-node-gpu is the exception: vLLM's CUDA stack is installed inside its build, from the index pip sees there.
+# rma-node-gpu adds vLLM's pin (images/node-gpu/requirements.txt) and what it requires, resolved by that pip
+# against the same constraints; the image records the result in /opt/rma/installed.txt.
 #
 # Environment: DOCKER_HOST (which dockerd), PIP (default .venv/bin/pip), RMA_WHEELHOUSE (where downloaded wheels
 # are kept between runs; default /var/cache/rma/wheels when writable, else ~/.cache/rma/wheels).
@@ -64,21 +66,22 @@ stage_common() {  # $1: build context; the pool's wheel (rma_ray + deployments; 
      "$ctx/"
 }
 
-fetch_wheels() {  # $1: build context; exactly the pinned wheels for the image's Python (3.11, manylinux x86_64)
+fetch_wheels() {  # $1: build context, $2..: what to fetch. Wheels for the images' Python (bookworm's 3.11, x86_64)
   local ctx="$1" log="$1/pip.log"
-  local target=(--no-deps --only-binary=:all: --python-version 3.11 --implementation cp --abi cp311
+  shift
+  local target=(--only-binary=:all: --python-version 3.11 --implementation cp --abi cp311
                 --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64
                 --platform manylinux_2_31_x86_64 --platform manylinux_2_34_x86_64 --platform manylinux1_x86_64
-                --platform manylinux2010_x86_64 --platform linux_x86_64 -r images/node/constraints.txt)
+                --platform manylinux2010_x86_64 --platform linux_x86_64 "$@")
   # offline from the kept wheelhouse first; the index only for what is missing there
-  if ! "$PIP" download -q --no-index --find-links "$RMA_WHEELHOUSE" "${target[@]}" \
-         -d "$ctx/wheels" >"$log" 2>&1; then
-    say "node: downloading $(grep -vc '^#' images/node/constraints.txt) pinned wheels into $RMA_WHEELHOUSE"
+  if ! "$PIP" download -q --no-index --find-links "$RMA_WHEELHOUSE" "${target[@]}" -d "$ctx/wheels" >"$log" 2>&1
+  then
+    say "downloading wheels into $RMA_WHEELHOUSE: $*"
     if ! "$PIP" download -q "${target[@]}" -d "$RMA_WHEELHOUSE" >"$log" 2>&1 \
-       || ! "$PIP" download -q --no-index --find-links "$RMA_WHEELHOUSE" "${target[@]}" \
-              -d "$ctx/wheels" >"$log" 2>&1; then
+       || ! "$PIP" download -q --no-index --find-links "$RMA_WHEELHOUSE" "${target[@]}" -d "$ctx/wheels" \
+              >"$log" 2>&1; then
       grep -v 'is ignored' "$log" | tail -n 20 >&2
-      die "downloading the wheels of images/node/constraints.txt failed (see above; PIP=$PIP)" 1
+      die "downloading the wheels failed (see above; PIP=$PIP): $*" 1
     fi
   fi
   rm -f "$log"
@@ -128,18 +131,23 @@ for img in "$@"; do
         CTX="$(mktemp -d)"
         stage_common "$CTX"
         cp images/node/Dockerfile "$CTX/"
-        fetch_wheels "$CTX"
+        fetch_wheels "$CTX" --no-deps -r images/node/constraints.txt
         build node "$hash" "$CTX"
         rm -rf "$CTX"; CTX=""
       fi
       NODE_ID="$(docker image inspect --format '{{.Id}}' rma-node:latest)"
       ;;
     node-gpu)
-      hash="$(echo "$(folder_hash node-gpu) $(folder_hash node) $SRC_HASH" | sha256sum | cut -c1-12)"
+      images/base/build.sh
+      base_id="$(docker image inspect --format '{{.Id}}' rma-base:bookworm)"
+      hash="$(echo "$(folder_hash node-gpu) $(folder_hash node) $SRC_HASH $base_id" | sha256sum | cut -c1-12)"
       if ! present node-gpu "$hash"; then
         CTX="$(mktemp -d)"
         stage_common "$CTX"
         cp images/node-gpu/* "$CTX/"
+        fetch_wheels "$CTX" --no-deps -r images/node/constraints.txt
+        # vLLM's CUDA build and the stack it pins (torch 2.13.0, nvidia-*-cu13): ~5 GB, resolved by this pip
+        fetch_wheels "$CTX" -c images/node/constraints.txt -r images/node-gpu/requirements.txt
         build node-gpu "$hash" "$CTX"
         rm -rf "$CTX"; CTX=""
       fi
