@@ -338,8 +338,8 @@ class Collector:
                 continue
             try:
                 reading.merge(parse(text, target))
-            except ValueError as exc:  # not Prometheus text
-                failed.append(f"{target}: {exc}")
+            except (ValueError, KeyError) as exc:  # not Prometheus text, or a bucket without its bound
+                failed.append(f"{target}: cannot parse its metrics: {exc!r}"[:200])
         now = now or utcnow()
         with self.state.sessions() as session, session.begin():
             # a node that did not answer keeps its deployments' last values rather than dropping them
@@ -350,8 +350,9 @@ class Collector:
         # Ray lists its autoscaler's and dashboard's endpoints too; one of them down is a note, not an outage
         self.view.at, self.view.targets, self.view.passes = now, len(targets), self.view.passes + 1
         self.view.unreachable = [f[:200] for f in failed]
-        self.view.error = (f"no Ray metrics endpoint answered ({len(failed)} tried)"
-                           if failed and len(failed) == len(targets) else None)
+        self.view.error = ("Ray lists no metrics endpoint yet" if not targets
+                           else f"no Ray metrics endpoint answered ({len(failed)} tried)"
+                           if len(failed) == len(targets) else None)
         return out
 
 

@@ -356,3 +356,53 @@ def test_summaries_are_computed_once_per_collector_pass(tmp_path: Path) -> None:
         again = metrics.cached_summary(s, collector)
     assert again is not first and again.today.requests == 3 and again.collector.interval_s == 10
     state.engine.dispose()
+
+
+def test_a_collector_pass_over_http(tmp_path: Path) -> None:
+    """Discovery and scraping over real HTTP, Ray's two endpoints played by a small Starlette app serving the real
+    scrapes (no Ray in unit tests): the cluster token goes to the dashboard only, a dead endpoint is a note."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, PlainTextResponse
+    from starlette.routing import Route
+
+    from admission.main import build_state, prepare_database
+    from tests.support import ServerThread, free_port
+
+    seen: list[tuple[str, str | None]] = []
+    serving = {"name": "0-idle", "host": ""}
+    dead = f"127.0.0.1:{free_port()}"
+
+    async def sd(req: Request) -> JSONResponse:
+        seen.append(("sd", req.headers.get("authorization")))
+        return JSONResponse([{"labels": {"job": "ray"}, "targets": [serving["host"], dead]}])
+
+    async def scrape(req: Request) -> PlainTextResponse:
+        seen.append(("metrics", req.headers.get("authorization")))
+        return PlainTextResponse(sample(serving["name"]))
+
+    async def healthz(req: Request) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/api/prometheus/sd", sd), Route("/metrics", scrape), Route("/healthz", healthz)])
+    token = tmp_path / "cluster_token"
+    token.write_text("t0ken-for-the-dashboard\n")
+    with ServerThread(app) as ray:
+        serving["host"] = ray.url.removeprefix("http://")
+        state = build_state(Settings(database_url=f"sqlite:///{tmp_path / 'db.sqlite'}", data_dir=tmp_path,
+                                     ray_dashboard_url=ray.url, ray_auth_token_file=token))
+        prepare_database(state)
+        collector = metrics.Collector(state, interval_s=1)
+        assert collector.collect_once()["baseline"] == 1
+        serving["name"] = "1-after-13"
+        assert collector.collect_once()["requests"] == 13
+    assert collector.view.targets == 2 and collector.view.error is None
+    assert len(collector.view.unreachable) == 1 and collector.view.unreachable[0].startswith(dead)
+    assert ("sd", "Bearer t0ken-for-the-dashboard") in seen and ("metrics", None) in seen
+    assert not any(kind == "metrics" and auth for kind, auth in seen)
+    with state.sessions() as s:
+        out = metrics.summary(s, collector)
+    assert out.today.requests == 13 and out.collector.running is False and out.collector.targets == 2
+    # Ray's dashboard gone: the pass says so and writes nothing
+    assert collector.collect_once() == {} and "cannot list Ray's metrics endpoints" in (collector.view.error or "")
+    state.engine.dispose()
