@@ -214,36 +214,51 @@ def docpool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DocPool]:
         shells[name] = Shell(name, home, work, _env(home, **extra))
     head = shells["head"]
     data_dir = head.home / ".local" / "share" / "rma"
-    args = ["--node-ip-address", ip, "--gcs-port", str(free_port(ip)), "--dashboard-port", str(free_port(ip)),
-            "--coordinator-port", str(free_port(ip)), "--serve-port", str(free_port(ip)),
-            "--stores", "postgres,redis", "--store-port", f"postgres={free_port(ip)}",
-            "--store-port", f"redis={free_port(ip)}", "--apps", "none"]
-    log = root / "up.log"
-    proc = subprocess.Popen([str(VENV_BIN / "rma"), "up", *args], env=head.env, cwd=head.work,
-                            stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
-    pool: DocPool | None = None
-    try:
+
+    def start(attempt: int) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
+        args = ["--node-ip-address", ip, "--gcs-port", str(free_port(ip)), "--dashboard-port", str(free_port(ip)),
+                "--coordinator-port", str(free_port(ip)), "--serve-port", str(free_port(ip)),
+                "--stores", "postgres,redis", "--store-port", f"postgres={free_port(ip)}",
+                "--store-port", f"redis={free_port(ip)}", "--apps", "none"]
+        log = root / f"up-{attempt}.log"
+        proc = subprocess.Popen([str(VENV_BIN / "rma"), "up", *args], env=head.env, cwd=head.work,
+                                stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+        procs.append(proc)
+
         def up() -> dict[str, Any] | None:
             if proc.poll() is not None:
-                raise GiveUp(f"rma up exited: {log.read_text()}")
+                logs = "".join(f"\n--- {f.name} ---\n{f.read_text(errors='replace')[-3000:]}"
+                               for f in sorted((data_dir / "logs").glob("*.log")) if f.name != "ray-head.log")
+                raise GiveUp(f"rma up exited: {log.read_text()}{logs}")
             p = data_dir / "pool.json"
             return json.loads(p.read_text()) if p.exists() and '"stores"' in p.read_text() else None
 
         info = wait_for(up, timeout=300, interval=0.5, what="rma up to start the pool and its stores")
         assert {s: v["status"] for s, v in info["stores"].items()} == {"postgres": "ready", "redis": "ready"}, \
             log.read_text()
+        return proc, info
+
+    procs: list[subprocess.Popen[bytes]] = []
+    pool: DocPool | None = None
+    try:
+        try:
+            proc, info = start(1)
+        except GiveUp:  # a start that failed cleaned up after itself (`rma up` stops what it started)
+            # Ray's 30 s node registration and Serve's start can time out on an overloaded 2-core box: once more
+            proc, info = start(2)
         pool = DocPool(info, root, stores, proc, shells)
         yield pool
     finally:
         if pool is not None:
             pool.stop_background()
-        if proc.poll() is None:
-            subprocess.run([str(VENV_BIN / "rma"), "down"], env=head.env, capture_output=True, timeout=300)
-            try:
-                proc.wait(120)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+        for proc in procs:
+            if proc.poll() is None:
+                subprocess.run([str(VENV_BIN / "rma"), "down"], env=head.env, capture_output=True, timeout=300)
+                try:
+                    proc.wait(120)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait(10)
         for pidfile in stores.glob("*/.rma-pid.json"):  # a store `rma down` failed to stop
             try:
                 psutil.Process(json.loads(pidfile.read_text())["pid"]).kill()
