@@ -450,7 +450,8 @@ def summary(session: Session, collector: Collector | None, now: datetime | None 
     series = schemas.RequestSeries(step_s=step_s, t=[first + i * step_s for i in range(n)],
                                    requests=[f["requests"] for f in slot_figures],
                                    errors=[f["errors_4xx"] + f["errors_5xx"] for f in slot_figures],
-                                   p50_ms=[f["p50_ms"] for f in slot_figures], p99_ms=[f["p99_ms"] for f in slot_figures])
+                                   p50_ms=[f["p50_ms"] for f in slot_figures],
+                                   p99_ms=[f["p99_ms"] for f in slot_figures])
     queues = [schemas.DeploymentQueue(application=lr.application, deployment=lr.deployment, queued=lr.queued,
                                       ongoing=lr.ongoing, at=lr.at)
               for lr in session.scalars(select(DeploymentLoad).order_by(DeploymentLoad.application,

@@ -132,7 +132,8 @@ def test_requests_errors_and_latency_reach_the_api(pool: Pool) -> None:
         codes += [c.get("/echo", params={"status": s}).status_code for s in (404, 404, 429, 500, 503)]
     assert codes == [200] * 30 + [404, 404, 429, 500, 503]
 
-    m = wait_for(lambda: pool.metrics_when(lambda m: pool.app(m, "echo")["requests"] >= 35), timeout=60, interval=1, what="35 echo requests in /api/admin/metrics")
+    m = wait_for(lambda: pool.metrics_when(lambda m: pool.app(m, "echo")["requests"] >= 35), timeout=60,
+                 interval=1, what="35 echo requests in /api/admin/metrics")
     echo = pool.app(m, "echo")
     # exactly once: the collector scraped many times while the counts settled
     assert (echo["requests"], echo["errors_4xx"], echo["errors_5xx"]) == (35, 3, 2), echo
