@@ -113,8 +113,9 @@ def apps() -> tuple[AppSpec, ...]:
 
     return (AppSpec(LLM_APP, LLM_ROUTE_PREFIX, "llm_app", dict(LLM_ARGS)),
             AppSpec(INFERENCE_APP, INFERENCE_ROUTE_PREFIX, "inference_app"),
-            AppSpec(VISION_APP, VISION_ROUTE_PREFIX, "vision_app", dict(VISION_ARGS)),
+            # the backend before its front: the front looks the backend's deployment up when it starts
             AppSpec(BACKEND_APP, None, "vision_backend_app", dict(VISION_ARGS)),
+            AppSpec(VISION_APP, VISION_ROUTE_PREFIX, "vision_app", dict(VISION_ARGS)),
             AppSpec(APP_NAME, ROUTE_PREFIX, "services_app"))
 
 
