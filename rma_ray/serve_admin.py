@@ -7,9 +7,14 @@ By default the head's proxy is Ray's HAProxy mode (`RAY_SERVE_ENABLE_HA_PROXY`, 
 forwards each HTTP request straight to an HTTP server inside the ingress replica (Serve's "direct ingress"),
 instead of Serve's Python proxy turning it into a Ray actor call. Measured on a 2-core box (`python -m
 bench.services --part gateway`) the gateway's no-op route went from ~0.08x of plain uvicorn to ~0.7x with two
-gateway replicas. Ingress deployments opt in with `INGRESS_REPLICA_ENV` in their runtime_env; an ingress without
-it is still served, through the Python proxy that Serve keeps on the head as HAProxy's fallback.
-`--proxy python` keeps Serve's Python proxy alone.
+gateway replicas. The mode is set in the Serve controller's environment (`controller_options`); HAProxy's manager,
+the fallback Python proxy Serve keeps on the head, and every replica inherit it (Ray merges a child's env_vars
+into its parent's), so every app's ingress replica serves HTTP for HAProxy. `INGRESS_REPLICA_ENV` adds what suits
+an async ingress (its request path on the replica's own event loop). `--proxy python` keeps Serve's Python proxy
+alone.
+
+A new app answers through HAProxy once HAProxy has reloaded with its backend, a fraction of a second after
+`serve.status()` says RUNNING (404 before that): callers that deploy and call at once should wait for a 200.
 
 HAProxy mode binds Serve's HTTP host on all addresses: Ray's HAProxy reaches a replica on its own node at
 127.0.0.1 and one on another node at that node's IP, and a replica's server binds Serve's HTTP host, so any
