@@ -212,6 +212,9 @@ def docpool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DocPool]:
         work.mkdir(parents=True)
         extra = {"RMA_STORES_DIR": str(stores)} if name == "head" else {}
         shells[name] = Shell(name, home, work, _env(home, **extra))
+    from PIL import Image  # the client page's sample picture (`-F image=@photo.jpg`)
+
+    Image.new("RGB", (64, 48), (220, 20, 20)).save(shells["client"].work / "photo.jpg")
     head = shells["head"]
     data_dir = head.home / ".local" / "share" / "rma"
 
