@@ -1,4 +1,4 @@
-"""Serve request metrics end to end: a real token-auth Ray head with Serve and two tiny apps, a coordinator wired
+"""Serve request metrics end to end: a real token-auth Ray head with Serve and a tiny app, a coordinator wired
 to it (its reconciler and metrics collector running), real HTTP requests through Serve's proxy, and the figures
 read back from GET /api/admin/metrics and the registry page. Plus the rollups on SQLite and PostgreSQL."""
 
@@ -34,23 +34,29 @@ from tests.support import ServerThread, free_port, wait_for
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO / "tests" / "unit" / "data" / "serve_metrics"
 
-# `echo` answers at once with the status asked for; `slow` sleeps and takes one request at a time, so that a
-# burst waits in the proxy's router queue (Serve's deployment_queued_queries gauge)
+# one app, `echo`, shaped like the services app: an ingress (Front) that answers at once with the status asked
+# for, and calls a deployment (Slow) through a handle for /echo/slow; Slow takes one request at a time, so that a
+# burst waits in the router of Front's handle (Serve's deployment_queued_queries gauge, on Front's replica)
 APPS = """
 import asyncio
 from ray import serve
 from starlette.responses import PlainTextResponse
 
-@serve.deployment(ray_actor_options={"num_cpus": 0})
-class Echo:
-    async def __call__(self, request):
-        return PlainTextResponse("ok", status_code=int(request.query_params.get("status", 200)))
-
 @serve.deployment(max_ongoing_requests=1, max_queued_requests=-1, ray_actor_options={"num_cpus": 0})
 class Slow:
-    async def __call__(self, request):
-        await asyncio.sleep(float(request.query_params.get("s", 0)))
+    async def __call__(self, seconds: float) -> str:
+        await asyncio.sleep(seconds)
         return "done"
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class Front:
+    def __init__(self, slow):
+        self.slow = slow
+
+    async def __call__(self, request):
+        if request.url.path.endswith("/slow"):
+            return PlainTextResponse(await self.slow.remote(float(request.query_params.get("s", 0))))
+        return PlainTextResponse("ok", status_code=int(request.query_params.get("status", 200)))
 """
 
 
@@ -80,7 +86,7 @@ class Pool:
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
     """A one-node Ray head (token auth, metrics exported every second instead of every 10 s) with Serve and the
-    two apps, and a coordinator wired to it scraping every second: ~40-60 s on a busy 2-core box."""
+    app, and a coordinator wired to it scraping every second: ~40 s on a quiet 2-core box, ~100 s at load 15."""
     root = tmp_path_factory.mktemp("reqmetrics")
     token = root / "cluster_token"
     read_or_create_secret(token)
@@ -105,8 +111,7 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
             import ray
             ray.init(address="{ip}:{gcs}", namespace="rma", logging_level="ERROR", log_to_driver=False)
             serve.start(proxy_location="HeadOnly", http_options={{"host": "{ip}", "port": {http_port}}})
-            serve.run(Echo.bind(), name="echo", route_prefix="/echo")
-            serve.run(Slow.bind(), name="slow", route_prefix="/slow")
+            serve.run(Front.bind(Slow.bind()), name="echo", route_prefix="/echo")
             print("deployed")
         """)
         r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
@@ -151,30 +156,32 @@ def test_requests_errors_and_latency_reach_the_api(pool: Pool) -> None:
 
 @pytest.mark.ray
 def test_queued_now_per_deployment(pool: Pool) -> None:
-    want = {("echo", "Echo"), ("slow", "Slow")}
+    slow = pool.serve_url + "/echo/slow"
+    # Front's handle to Slow starts its router (and its gauges) on the first call
+    assert httpx.get(slow, params={"s": 0}, timeout=60).text == "done"
+    want = {("echo", "Front"), ("echo", "Slow")}
     m = wait_for(lambda: pool.metrics_when(lambda m: {(q["application"], q["deployment"]) for q in m["queues"]}
                                            >= want), timeout=60, interval=1, what="a queue gauge per deployment")
     assert all(q["queued"] == 0 for q in m["queues"])
 
-    def call() -> None:
-        httpx.get(pool.serve_url + "/slow", params={"s": 2.5}, timeout=120)
-
-    burst = [threading.Thread(target=call) for _ in range(3)]
+    answers: list[str] = []
+    burst = [threading.Thread(target=lambda: answers.append(httpx.get(slow, params={"s": 2.5}, timeout=120).text))
+             for _ in range(3)]
     for t in burst:
         t.start()
     try:
-        # one request at the replica, the rest waiting for it in the proxy's router
+        # one request at Slow's replica, the others waiting for it in the router of Front's handle
         def queued() -> dict[str, Any] | None:
             q = next(q for q in pool.metrics()["queues"] if q["deployment"] == "Slow")
             return q if q["queued"] >= 1 and q["ongoing"] >= 1 else None
 
         q = wait_for(queued, timeout=15, interval=0.5, what="the slow deployment's queue to show the burst")
-        assert q["application"] == "slow"
-        m = pool.metrics()
-        assert m["queued_total"] >= 1
+        assert q["application"] == "echo"
+        assert pool.metrics()["queued_total"] >= 1
     finally:
         for t in burst:
             t.join(120)
+    assert answers == ["done"] * 3
     wait_for(lambda: next(q for q in pool.metrics()["queues"] if q["deployment"] == "Slow")["queued"] == 0,
              timeout=40, interval=1, what="the queue to drain")
 
@@ -188,7 +195,7 @@ def test_registry_page_shows_the_requests_section(pool: Pool) -> None:
         m = c.get("/registry/metrics").json()
     assert 'id="requests-chart"' in page and "/static/vendor/uplot/uPlot.iife.min.js" in page
     assert f'id="req-today">{m["today"]["requests"]:,}<' in page
-    assert 'data-deployment="echo/Echo"' in page
+    assert 'data-deployment="echo/Front"' in page and 'data-deployment="echo/Slow"' in page
     assert "Scraped" in page and "Ray metrics endpoint" in page
 
 
@@ -249,7 +256,7 @@ def test_registry_page_draws_the_chart_in_a_browser(pool: Pool) -> None:
             assert today >= 35  # the echo requests and the slow burst
             page.wait_for_function(f"document.getElementById('req-today').textContent === '{today:,}'",
                                    timeout=20_000)
-            assert page.locator("#queues tr[data-deployment='slow/Slow']").count() == 1
+            assert page.locator("#queues tr[data-deployment='echo/Slow']").count() == 1
             assert page.locator(".u-legend").inner_text().count("requests") == 1
             ARTIFACTS.mkdir(exist_ok=True)
             page.locator("#requests").screenshot(path=str(ARTIFACTS / "registry-requests.png"))
