@@ -12,7 +12,7 @@ from tests.docs.conftest import ROOT, DocPool
 from tests.docs.mdblocks import Block
 from tests.docs.pages import all_blocks
 
-pytestmark = [pytest.mark.ray, pytest.mark.docs]
+pytestmark = [pytest.mark.ray, pytest.mark.docs, pytest.mark.timeout(900)]  # the first block waits for the pool
 
 BLOCKS = [b for b in all_blocks() if b.runnable]
 
