@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
+import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -214,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"serveConfigV2 block of {RAYSERVICE_FILE.relative_to(ROOT)}")
     mode.add_argument("--check", action="store_true", help="exit 1 (with a diff) when those files and the code differ")
     args = ap.parse_args(argv)
+    # before Ray is imported: any Ray API the build touches raises instead of starting a local cluster
+    os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
     try:
         if not (args.write or args.check):
             sys.stdout.write(render())
