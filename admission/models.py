@@ -142,7 +142,7 @@ class AuditEvent(Base):
 
 
 class RequestMinute(Base):
-    """Ray Serve's HTTP requests in one minute, per application, route and status code: the proxies' request
+    """Ray Serve's HTTP requests in one minute, per application, route and status code: Serve's ingress request
     counter and latency histogram, as deltas (written by admission.services.metrics). Bucket deltas are kept
     cumulative by upper bound ({"10.0": n, ..., "+Inf": n}) so that percentiles over any span can be estimated."""
 

@@ -240,7 +240,7 @@ class StoreOut(BaseModel):
 
 
 class RequestFigures(BaseModel):
-    """Ray Serve HTTP requests over a span; percentiles estimated from the proxies' latency histogram buckets."""
+    """Ray Serve HTTP requests over a span; percentiles estimated from Serve's latency histogram buckets."""
     requests: int
     errors_4xx: int
     errors_5xx: int

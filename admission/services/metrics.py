@@ -4,15 +4,17 @@ A collector thread on the head scrapes every Ray node's metrics endpoint (the ta
 at the dashboard's `/api/prometheus/sd`), parses the Prometheus text with prometheus_client's parser and keeps
 per-minute rollups in the coordinator's database:
 
-- requests per application, route and status code: the proxies' `ray_serve_num_http_requests_total`;
-- latency: the proxies' `ray_serve_http_request_latency_ms` histogram, stored as bucket deltas, so that p50/p99
+- requests per application, route and status code: `ray_serve_num_http_requests_total`, recorded by Serve's
+  HTTP ingress (the Python proxy, or with HAProxy in front, as `rma up` runs it, each ingress replica: a request
+  is recorded by exactly one of them);
+- latency: `ray_serve_http_request_latency_ms` from the same place, stored as bucket deltas, so that p50/p99
   over any span are estimated from buckets the way Prometheus' `histogram_quantile` does;
 - queued and ongoing requests now, per deployment: the routers' `ray_serve_deployment_queued_queries` and
   `ray_serve_num_ongoing_requests_at_replicas`, summed over the handles that call the deployment.
 
 Counters are cumulative per process. A delta is the rise since the cursor kept for that series; a fall means the
 process restarted and its whole new value is new; a series first seen after the collector's first pass is new
-traffic (a restarted proxy has a new WorkerId label). Cursors are written in the same transaction as the rollups,
+traffic (a restarted proxy or replica has a new WorkerId label). Cursors are written in the same transaction as the rollups,
 so a restarted coordinator neither loses nor double-counts. The very first pass against a database with no
 cursors takes a baseline: a running cluster's history before the collector existed is not today's traffic.
 """
