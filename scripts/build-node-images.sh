@@ -47,8 +47,8 @@ CTX=""
 cleanup() { [ -z "$CTX" ] || rm -rf "$CTX"; }
 trap cleanup EXIT
 
-source_hash() {  # the pool's own files that go into every donor image
-  { find pyproject.toml README.md rma_ray deployments -type f ! -path '*/__pycache__/*' ! -name '*.pyc' -print0 \
+source_hash() {  # the pool's own files that go into every donor image (README.md only feeds the wheel's metadata)
+  { find pyproject.toml rma_ray deployments -type f ! -path '*/__pycache__/*' ! -name '*.pyc' -print0 \
       | sort -z | xargs -0 sha256sum; } | sha256sum | cut -c1-12
 }
 
@@ -148,6 +148,9 @@ for img in "$@"; do
         fetch_wheels "$CTX" --no-deps -r images/node/constraints.txt
         # vLLM's CUDA build and the stack it pins (torch 2.13.0, nvidia-*-cu13): ~5 GB, resolved by this pip
         fetch_wheels "$CTX" -c images/node/constraints.txt -r images/node-gpu/requirements.txt
+        if ls "$CTX"/wheels/torch-*+cpu-*.whl >/dev/null 2>&1; then
+          die "pip ($PIP) resolved torch to a CPU build ($(basename "$(ls "$CTX"/wheels/torch-*.whl)")): rma-node-gpu needs PyPI's CUDA wheels; check this pip's find-links and index" 1
+        fi
         build node-gpu "$hash" "$CTX"
         rm -rf "$CTX"; CTX=""
       fi

@@ -8,7 +8,7 @@ Build (marker docker): rma-node built by scripts/build-node-images.sh into the p
 tests/docker_support.py (FROM the local debootstrap base, no registry), then run: `rma --help`, `rma probe`, the
 non-root user, the health check, no secret files, the overlay tools' capability, `rma join` without a token, and
 `rma join` with the token from a docker secret file against a real coordinator, and a donor container that joins
-a pool started by `rma up`, turns healthy and leaves on `docker stop`. rma-node-gpu's build needs PyPI's CUDA
+a real pool (Ray head + coordinator), turns healthy and leaves on `docker stop`. rma-node-gpu's build needs PyPI's CUDA
 wheels (~5 GB; RMA_TEST_GPU_IMAGE=1) and rma-ollama's a registry (ollama/ollama; RMA_TEST_REGISTRY=1).
 
 Cost on the 2-core box: lint ~5 s. Build: cold (empty docker data root and wheelhouse) ~4-5 min with the base
@@ -44,8 +44,8 @@ OCI_LABELS = ("title", "description", "version", "revision", "licenses")
 SECRETISH = re.compile(r"(?i)(token|secret|passw|api_?key|private)")
 OLLAMA_REASON = ("needs a registry: the Ollama binary comes from the ollama/ollama image on Docker Hub (no package "
                  "registry this machine reaches ships it); set RMA_TEST_REGISTRY=1 where docker can pull")
-GPU_REASON = ("needs vLLM's CUDA wheels (torch 2.13.0 + nvidia-*-cu13, ~5 GB and ~15 GB of disk to build): this "
-              "machine's pip index serves a CPU torch and lacks the nvidia-nccl-cu13 release torch pins; set "
+GPU_REASON = ("needs vLLM's CUDA wheels (torch 2.13.0 + nvidia-*-cu13, ~5 GB, ~15 GB of disk to build): this "
+              "machine's pip resolves torch==2.13.0 to a local CPU build (its find-links); set "
               "RMA_TEST_GPU_IMAGE=1 where pip reaches PyPI's CUDA wheels")
 
 
@@ -109,9 +109,14 @@ def _final_stage(cmds: list[Any]) -> list[Any]:
 def test_donor_image_shape(image: str) -> None:
     cmds = _parse(IMAGES / image / "Dockerfile")
     args = {c.value[0].split("=", 1)[0] for c in cmds if c.cmd == "ARG"}
+    stages: set[str] = set()
     for c in cmds:
         if c.cmd == "FROM":
             ref = c.value[0]
+            if len(c.value) == 3 and c.value[1].upper() == "AS":
+                stages.add(c.value[2])
+            if ref in stages - {c.value[-1]}:  # an earlier stage of this file
+                continue
             name, _, tag = ref.rpartition(":")
             assert name and tag and tag != "latest", f"FROM {ref}: pin a tag"
             if tag.startswith("${"):  # a local image pinned by the build script (its content hash)
@@ -377,49 +382,51 @@ def test_gpu_and_ollama_images_build(node_image: Built, image: str, gate: str, r
 
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """`rma up --stores none --apps none` on this machine: a Ray head with token auth and the coordinator
-    (~20-40 s); module-scoped, `rma down` at the end."""
-    import sys
+    """A pool without `rma up`'s extras: a Ray head with token auth (RayNode, 1 CPU, ~10-20 s) and a coordinator
+    in this process that admits donors into it (SQLite). Module-scoped; the head is stopped at the end."""
+    import httpx
 
+    from admission.main import build_state, create_app, prepare_database
     from rma_ray.net import local_ip_towards
-    from tests.support import GiveUp, free_port, wait_for
+    from rma_ray.raynode import NodeSpec, RayNode, short_temp_dir
+    from rma_ray.settings import read_or_create_secret
+    from tests.integration.conftest import make_settings
+    from tests.support import ServerThread, free_port
 
-    root = tmp_path_factory.mktemp("images-up")
+    root = tmp_path_factory.mktemp("images-pool")
+    token = root / "cluster_token"
+    read_or_create_secret(token)
     ip = local_ip_towards("192.0.2.1")
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("RMA_")}, "HOME": str(root / "home"),
-           "RMA_DATA_DIR": str(root / "data"), "COLUMNS": "200"}
-    args = ["--node-ip-address", ip, "--gcs-port", str(free_port(ip)), "--dashboard-port", str(free_port(ip)),
-            "--coordinator-port", str(free_port(ip)), "--serve-port", str(free_port(ip)), "--stores", "none",
-            "--apps", "none", "--head-cpus", "1"]
-    log = root / "up.log"
-    proc = subprocess.Popen([sys.executable, "-m", "rma_ray.cli", "up", *args], env=env, cwd=REPO,
-                            stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    port = free_port(ip)
+    head = RayNode(NodeSpec(node_ip=ip, token_file=token, head=True, temp_dir=short_temp_dir(f"it-img-{os.getpid()}"),
+                            labels={"rma.io/tier": "head"}, gcs_port=port, dashboard_port=free_port(ip), num_cpus=1,
+                            drain_timeout_s=2), root / "head.log")
+    t0 = time.monotonic()
+    head.start()
+    state = build_state(make_settings(f"sqlite:///{root / 'c.db'}", root / "data", ray_address=f"{ip}:{port}",
+                                      ray_auth_token_file=token))
     try:
-        def up() -> dict[str, Any] | None:
-            if proc.poll() is not None:
-                raise GiveUp(f"rma up exited: {log.read_text()[-3000:]}")
-            p = root / "data" / "pool.json"
-            return json.loads(p.read_text()) if p.exists() and "join_token" in p.read_text() else None
-
-        info = wait_for(up, timeout=300, interval=0.5, what="rma up to write pool.json")
-        info["log"] = log
-        yield info
+        head.wait_started(120)
+        admin_key = prepare_database(state)
+        with ServerThread(create_app(state=state)) as server:
+            print(f"\n[images] Ray head and coordinator up in {time.monotonic() - t0:.1f} s")
+            auth = {"Authorization": f"Bearer {admin_key}"}
+            inv = httpx.post(server.url + "/api/invites", json={"note": "donor container"}, headers=auth, timeout=30)
+            assert inv.status_code == 201, inv.text
+            yield {"coordinator_url": server.url, "admin_key": admin_key, "join_token": inv.json()["token"]}
     finally:
-        subprocess.run([sys.executable, "-m", "rma_ray.cli", "down"], env=env, capture_output=True, timeout=300)
-        try:
-            proc.wait(120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(30)
+        head.stop(timeout=20)
+        shutil.rmtree(head.spec.temp_dir, ignore_errors=True)
+        state.engine.dispose()
 
 
 @pytest.mark.docker
 @pytest.mark.ray
 def test_donor_container_joins_the_pool_is_healthy_and_leaves_on_docker_stop(
         node_image: Built, pool: dict[str, Any], tmp_path: Path) -> None:
-    """The donor's real path: `docker run rma-node <coordinator>` with the token as a docker secret joins a pool
-    started by `rma up` (Ray node with the tier labels inside the container), docker's HEALTHCHECK turns
-    healthy, and `docker stop` makes the agent drain, unregister and exit 0."""
+    """The donor's real path: `docker run rma-node <coordinator>` with the token as a docker secret joins a real
+    pool (its Ray node, with the tier labels, inside the container), docker's HEALTHCHECK turns healthy, and
+    `docker stop` makes the agent drain, unregister and exit 0."""
     import httpx
 
     from tests.support import GiveUp, wait_for
@@ -444,17 +451,21 @@ def test_donor_container_joins_the_pool_is_healthy_and_leaves_on_docker_stop(
                          f"{node_image.docker('logs', name).stdout}")
         return s  # type: ignore[no-any-return]
 
+    t0 = time.monotonic()
     try:
         health = wait_for(lambda: state()["Health"]["Status"] == "healthy" and state()["Health"], timeout=240,
                           interval=1, what="the donor container to turn healthy")
         assert "healthy: agent and Ray node running" in health["Log"][-1]["Output"]
+        joined_s = time.monotonic() - t0
         workers = httpx.get(pool["coordinator_url"] + "/api/admin/workers", headers=admin, timeout=10).json()
         donor = next(w for w in workers if w["name"] == "container-donor")
         assert donor["status"] in ("joining", "healthy") and donor["labels"]["rma.io/tier"] in ("service", "data")
         logs = node_image.docker("logs", name)
         assert "in the pool; heartbeating" in logs.stdout + logs.stderr
+        t1 = time.monotonic()
         stop = node_image.docker("stop", "-t", "90", name, timeout=150)
         assert stop.returncode == 0, stop.stderr
+        print(f"\n[images] donor container: run -> healthy {joined_s:.1f} s, docker stop {time.monotonic() - t1:.1f} s")
         s = json.loads(node_image.docker("inspect", name).stdout)[0]["State"]
         logs = node_image.docker("logs", name)
         assert s["ExitCode"] == 0, logs.stdout + logs.stderr
