@@ -133,9 +133,9 @@ def start_pool(root: Path, say: Any = None, llm_env: dict[str, str] | None = Non
                                labels={"rma.io/tier": "service", "rma.io/node": "llm-node"}, address=address,
                                num_cpus=2, drain_timeout_s=2, env={**node_env, "RMA_DATA_DIR": str(root / "llm")}),
                       root / "llm.log")
+        p.nodes["llm"] = llm  # before waiting: a node that fails to come up is still stopped below
         llm.start()
         llm.wait_started(120)
-        p.nodes["llm"] = llm
         say("llm node")
         p.run(["-m", "rma_ray.serve_admin", "start", "--address", address, "--host", ip, "--port", str(serve_port)])
         say("serve")
