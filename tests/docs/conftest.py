@@ -1,6 +1,7 @@
-"""The doc tests' pool: one real `rma up` (Ray head with token auth, Serve, the coordinator on SQLite, the Postgres
-and Redis stores; no Serve apps) in a temp HOME with free ports, and the three machines the pages talk about (head, donor,
-client) as shells with their own HOME, working directory and exported variables. About 50 s to start on the
+"""The doc tests' pool: one real `rma up` (Ray head with token auth, Serve, the coordinator on SQLite, the
+Postgres and Redis stores; no Serve apps: the client page deploys the vision route's front) in a temp HOME with
+free ports, and the three machines the pages talk about (head, donor, client) as shells with their own HOME,
+working directory and exported variables. About 50 s to start on the
 2-core box; package-scoped, torn down by PID (`rma down`, which the admin page itself runs last)."""
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ VENV_BIN = Path(sys.executable).parent
 
 @dataclass
 class Shell:
-    """One machine of the docs: blocks run in bash with this HOME and cwd; what a block exports, the next sees."""
+    """One machine of the docs: blocks run in bash with this HOME and cwd; what one exports, the next sees."""
 
     name: str
     home: Path
@@ -44,7 +45,8 @@ class Shell:
         return self.home.parent / f"{self.name}.exports"
 
     def script(self, body: str, keep_state: bool) -> str:
-        save = f'\nexport -p > "{self.state}.new" && mv "{self.state}.new" "{self.state}"\npwd > "{self.state}.cwd"\n'
+        save = (f'\nexport -p > "{self.state}.new" && mv "{self.state}.new" "{self.state}"\n'
+                f'pwd > "{self.state}.cwd"\n')
         return (f'set -eo pipefail\n[ -f "{self.state}" ] && . "{self.state}"\n'
                 f'cd "$(cat "{self.state}.cwd" 2>/dev/null || echo "{self.work}")"\n'
                 f'{body}' + (save if keep_state else "\n"))
@@ -69,7 +71,8 @@ class DocPool:
         return r
 
     def join_token(self) -> str:
-        return self.admin("POST", "/api/invites", json={"ttl_s": 900, "uses": 1, "note": "doc tests"}).json()["token"]
+        invite = self.admin("POST", "/api/invites", json={"ttl_s": 900, "uses": 1, "note": "doc tests"})
+        return invite.json()["token"]  # type: ignore[no-any-return]
 
     def client(self) -> dict[str, str]:
         if not self._client:
@@ -77,8 +80,8 @@ class DocPool:
         return self._client
 
     def donor_id(self) -> str:
-        """A donor in the registry for the admin commands that take an id: registered through the real API with
-        this machine's probe (a registry record without a Ray node: drain and revoke act on the record)."""
+        """A donor in the registry for the admin commands that take an id: registered through the real API
+        with this machine's probe (a registry record without a Ray node: drain and revoke act on the record)."""
         if not self._donor_id:
             from rma_ray import capabilities
 
@@ -99,8 +102,8 @@ class DocPool:
             "http://HEAD:8000": i["serve_url"],
             "http://HEAD:8265": i["ray_dashboard_url"],
             "HEAD:6380": i["ray_address"],
-            **{f"-h HEAD -p {port}": f"-h {stores.get(s, {}).get('node_ip')} -p {stores.get(s, {}).get('port')}"
-               for s, port in (("postgres", 5440), ("redis", 6390))},
+            **{f"-h HEAD -p {default}": f"-h {st.get('node_ip')} -p {st.get('port')}"
+               for st, default in ((stores.get("postgres", {}), 5440), (stores.get("redis", {}), 6390))},
             "/var/lib/rma/stores": str(self.stores_dir),
             "rma_admin_...": i["admin_key"],
         }
@@ -112,7 +115,8 @@ class DocPool:
         if "CLIENT_KEY_ID" in text:
             out["CLIENT_KEY_ID"] = self.client()["id"]
         if "INVITE_ID" in text:
-            out["INVITE_ID"] = self.admin("POST", "/api/invites", json={"ttl_s": 900, "note": "doc tests"}).json()["id"]
+            invite = self.admin("POST", "/api/invites", json={"ttl_s": 900, "note": "doc tests"})
+            out["INVITE_ID"] = invite.json()["id"]
         if "DONOR_ID" in text:
             out["DONOR_ID"] = self.donor_id()
         if "ADMIN_KEY" in text:
@@ -162,7 +166,8 @@ class DocPool:
                     raise GiveUp(f"{where} exited with {proc.returncode}:\n{self.mask(out)}")
                 return block.options["ready"] in out
 
-            wait_for(ready, timeout=timeout, interval=0.5, what=f"{where} to print {block.options['ready']!r}")
+            wait_for(ready, timeout=timeout, interval=0.5,
+                     what=f"{where} to print {block.options['ready']!r}")
             return
         r = subprocess.run(["bash", "-c", shell.script(body, keep_state=True)], env=shell.env, input=stdin,
                            stdin=None if stdin else subprocess.DEVNULL, capture_output=True, text=True,
@@ -197,8 +202,8 @@ def _env(home: Path, **extra: str) -> dict[str, str]:
 
 @pytest.fixture(scope="package")
 def docpool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DocPool]:
-    """`rma up --stores postgres,redis --apps none` with free ports (~50 s here); torn down by PID at the end of the
-    package. The admin page ends with `rma down`: teardown only stops what is still running."""
+    """`rma up --stores postgres,redis --apps none` with free ports (~50 s here); torn down by PID at the end of
+    the package. The admin page ends with `rma down`: teardown only stops what is still running."""
     if not shutil.which("pg_dumpall") or not list(Path("/usr/lib/postgresql").glob("*/bin/initdb")):
         pytest.skip("Debian postgresql is not installed (`make test` installs it)")
     root = tmp_path_factory.mktemp("docs")
@@ -219,8 +224,9 @@ def docpool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DocPool]:
     data_dir = head.home / ".local" / "share" / "rma"
 
     def start(attempt: int) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
-        args = ["--node-ip-address", ip, "--gcs-port", str(free_port(ip)), "--dashboard-port", str(free_port(ip)),
-                "--coordinator-port", str(free_port(ip)), "--serve-port", str(free_port(ip)),
+        args = ["--node-ip-address", ip, "--gcs-port", str(free_port(ip)),
+                "--dashboard-port", str(free_port(ip)), "--coordinator-port", str(free_port(ip)),
+                "--serve-port", str(free_port(ip)),
                 "--stores", "postgres,redis", "--store-port", f"postgres={free_port(ip)}",
                 "--store-port", f"redis={free_port(ip)}", "--apps", "none"]
         log = root / f"up-{attempt}.log"
@@ -237,8 +243,8 @@ def docpool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DocPool]:
             return json.loads(p.read_text()) if p.exists() and '"stores"' in p.read_text() else None
 
         info = wait_for(up, timeout=300, interval=0.5, what="rma up to start the pool and its stores")
-        assert {s: v["status"] for s, v in info["stores"].items()} == {"postgres": "ready", "redis": "ready"}, \
-            log.read_text()
+        ready = {s: v["status"] for s, v in info["stores"].items()}
+        assert ready == {"postgres": "ready", "redis": "ready"}, log.read_text()
         return proc, info
 
     procs: list[subprocess.Popen[bytes]] = []
@@ -247,7 +253,7 @@ def docpool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DocPool]:
         try:
             proc, info = start(1)
         except GiveUp:  # a start that failed cleaned up after itself (`rma up` stops what it started)
-            # Ray's 30 s node registration and Serve's start can time out on an overloaded 2-core box: once more
+            # Ray's 30 s node registration and Serve's start can time out on an overloaded 2-core box
             proc, info = start(2)
         pool = DocPool(info, root, stores, proc, shells)
         yield pool
@@ -256,7 +262,8 @@ def docpool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DocPool]:
             pool.stop_background()
         for proc in procs:
             if proc.poll() is None:
-                subprocess.run([str(VENV_BIN / "rma"), "down"], env=head.env, capture_output=True, timeout=300)
+                subprocess.run([str(VENV_BIN / "rma"), "down"], env=head.env, capture_output=True,
+                               timeout=300)
                 try:
                     proc.wait(120)
                 except subprocess.TimeoutExpired:

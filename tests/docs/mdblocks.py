@@ -1,12 +1,12 @@
 """The fenced code blocks of the docs, and the `doctest` directives that say how each is run.
 
-Every block in a runnable language (sh, bash, python) is a test. A directive is an HTML comment on the line right
-before the block's opening fence (invisible when rendered, plain in the source):
+Every block in a runnable language (sh, bash, python) is a test. A directive is an HTML comment on the line
+right before the block's opening fence (invisible when rendered, plain in the source):
 
     <!-- doctest: as=donor stdin=JOIN_TOKEN expect="healthy" -->
     <!-- doctest: background ready="in the pool" -->
     <!-- doctest: skip reason="needs an NVIDIA GPU" -->
-    <!-- doctest: skip reason="needs the LLM app" covered-by="tests/integration/test_llm.py::test_models_lists_the_served_model" -->
+    <!-- doctest: skip reason="needs the LLM app" covered-by="tests/integration/test_llm.py::test_x" -->
 
 and `<!-- doctest-page: as=head -->` once per page sets the machine its blocks run on (head, donor or client;
 default head). Keys:
@@ -14,13 +14,13 @@ default head). Keys:
 - `as`: the machine (role) the block runs on: its own HOME, working directory and exported variables;
 - `stdin`: a secret fed on standard input (JOIN_TOKEN, ADMIN_KEY, CLIENT_KEY), as a person pastes it;
 - `expect`: text the output must contain; `exit`: the exit status expected (default 0); `timeout`: seconds;
-- `background` + `ready`: a command that runs until stopped (`rma join`): started, and the next block runs once
-  its output shows `ready`;
+- `background` + `ready`: a command that runs until stopped (`rma join`): started, and the next block runs
+  once its output shows `ready`;
 - `skip` + `reason` (required): not run, reported as a skip with that reason; `covered-by` names the test that
   makes the same call (checked to exist).
 
-Blocks in any other language must be labelled (`text`, `json`, `yaml`, ...): an unlabelled fence is an error, so
-that no command hides in an unlabelled block.
+Blocks in any other language must be labelled (`text`, `json`, `yaml`, ...): an unlabelled fence is an
+error, so that no command hides in an unlabelled block.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def _parse_directive(body: str, where: str, page: bool) -> dict[str, str]:
     if ("reason" in out or "covered-by" in out) and "skip" not in out:
         raise DocError(f"{where}: reason/covered-by only go with skip")
     if "background" in out and not out.get("ready"):
-        raise DocError(f"{where}: a background block needs ready=\"...\" (text its output shows once it is up)")
+        raise DocError(f"{where}: a background block needs ready=\"...\" (what its output shows once up)")
     if "stdin" in out and out["stdin"] not in STDIN:
         raise DocError(f"{where}: stdin={out['stdin']!r}: use one of {', '.join(sorted(STDIN))}")
     for key in ("exit", "timeout"):
@@ -138,8 +138,8 @@ def parse(path: Path, root: Path) -> list[Block]:
         if not lang:
             raise DocError(f"{rel}:{start}: unlabelled code block: label it (sh, python, text, json, ...)")
         if lang not in RUNNABLE | INERT:
-            raise DocError(f"{rel}:{start}: unknown language {lang!r}: the harness runs {sorted(RUNNABLE)} and "
-                           f"ignores {sorted(INERT)}")
+            raise DocError(f"{rel}:{start}: unknown language {lang!r}: the harness runs {sorted(RUNNABLE)} "
+                           f"and ignores {sorted(INERT)}")
         opts = pending[1] if pending else {}
         if opts and lang not in RUNNABLE:
             raise DocError(f"{rel}:{start}: doctest directive on a {lang!r} block (only sh/bash/python run)")

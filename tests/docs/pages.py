@@ -1,4 +1,5 @@
-"""The pages the doc tests read, in the order their blocks run (the admin guide last: it ends with `rma down`)."""
+"""The pages the doc tests read, in the order their blocks run (the admin guide last: it ends with
+`rma down`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from pathlib import Path
 from tests.docs.mdblocks import Block, parse
 
 ROOT = Path(__file__).resolve().parents[2]
-PAGES = ["README.md", "docs/donor.md", "docs/client.md", "docs/architecture.md", "SECURITY.md", "docs/admin.md"]
+PAGES = ["README.md", "docs/donor.md", "docs/client.md", "docs/architecture.md", "SECURITY.md",
+         "docs/admin.md"]
 
 
 def all_pages() -> list[Path]:

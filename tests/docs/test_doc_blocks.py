@@ -1,6 +1,7 @@
-"""Every command block of README.md, SECURITY.md and docs/*.md, run in page order against the doc tests' pool
-(tests/docs/conftest.py), on the machine the page names (head, donor or client). A block marked `skip` in its page
-is reported as a skip with the page's reason; one whose command fails (or prints less than its `expect`) fails."""
+"""Every command block of README.md, SECURITY.md and docs/*.md, run in page order against the doc tests'
+pool (tests/docs/conftest.py), on the machine the page names (head, donor or client). A block marked `skip` in
+its page is reported as a skip with the page's reason; one whose command fails (or prints less than its
+`expect`) fails."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from tests.docs.conftest import ROOT, DocPool
 from tests.docs.mdblocks import Block
 from tests.docs.pages import all_blocks
 
-pytestmark = [pytest.mark.ray, pytest.mark.docs, pytest.mark.timeout(900)]  # the first block waits for the pool
+# the first block also waits for the pool to start (up to two tries on a busy box)
+pytestmark = [pytest.mark.ray, pytest.mark.docs, pytest.mark.timeout(900)]
 
 BLOCKS = [b for b in all_blocks() if b.runnable]
 

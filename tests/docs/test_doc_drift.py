@@ -1,6 +1,7 @@
-"""What the pages say against what the code is, without a pool (a few seconds): every page parses, every link
-resolves, every `rma` command shown (run or skipped, in a block or inline) names a real subcommand and real
-options, the client guide lists exactly the routes the code serves, and the README keeps its two set-up commands."""
+"""What the pages say against what the code is, without a pool (a few seconds): every page parses, every
+link resolves, every `rma` command shown (run or skipped, in a block or inline) names a real subcommand and real
+options, the client guide lists exactly the routes the code serves, and the README keeps its two set-up
+commands. The last tests show that these checks can fail."""
 
 from __future__ import annotations
 
@@ -41,8 +42,6 @@ def test_skips_that_name_an_app_name_the_test_that_covers_it() -> None:
             assert b.options.get("covered-by"), f"{b.id}: skipped for an app but names no covering test"
 
 
-# -- links -------------------------------------------------------------------------------------------------------
-
 _LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)|<img[^>]+src=\"([^\"]+)\"")
 
 
@@ -59,8 +58,6 @@ def test_relative_links_resolve(page: Path) -> None:
     assert not broken, f"{page.relative_to(ROOT)} links to missing files: {broken}"
 
 
-# -- the CLI -----------------------------------------------------------------------------------------------------
-
 
 def _rma_argv(command: str) -> list[str] | None:
     """The arguments after `rma` in a shell command (after env assignments, sudo, exec), or None."""
@@ -68,7 +65,8 @@ def _rma_argv(command: str) -> list[str] | None:
         tokens = shlex.split(command)
     except ValueError:
         return None
-    while tokens and (re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", tokens[0]) or tokens[0] in ("sudo", "exec", "-E")):
+    env_or_wrapper = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=|^(sudo|exec|-E)$")
+    while tokens and env_or_wrapper.match(tokens[0]):
         tokens.pop(0)
     if not tokens or not (tokens[0] == "rma" or tokens[0].endswith("/rma")):
         return None
@@ -85,7 +83,8 @@ def check_rma(argv: list[str]) -> str | None:
     while hasattr(cmd, "commands") and args and not args[0].startswith("-"):
         sub = cmd.commands.get(args[0])
         if sub is None:
-            return f"`{' '.join(path)}` has no subcommand {args[0]!r} (it has: {', '.join(sorted(cmd.commands))})"
+            has = ", ".join(sorted(cmd.commands))
+            return f"`{' '.join(path)}` has no subcommand {args[0]!r} (it has: {has})"
         path.append(args.pop(0))
         cmd = sub
     known = {"--help"} | {o for p in cmd.params for o in (*p.opts, *p.secondary_opts) if o.startswith("-")}
@@ -144,8 +143,6 @@ def test_python_modules_and_make_targets_shown_exist() -> None:
     assert not bad, "\n".join(bad)
 
 
-# -- the client guide's routes -----------------------------------------------------------------------------------
-
 
 def _route_sources() -> dict[str, dict[str, str]]:
     """File -> {name of a FastAPI app in it: the route prefix Serve mounts it at}, for the apps whose modules
@@ -153,7 +150,8 @@ def _route_sources() -> dict[str, dict[str, str]]:
     from deployments.llm import config as llm
     from deployments.vision import config as vision
 
-    return {"deployments/llm/app.py": {"app": llm.LLM_ROUTE_PREFIX, "_inference_app": llm.INFERENCE_ROUTE_PREFIX},
+    return {"deployments/llm/app.py": {"app": llm.LLM_ROUTE_PREFIX,
+                                       "_inference_app": llm.INFERENCE_ROUTE_PREFIX},
             "deployments/vision/app.py": {"_app": vision.VISION_ROUTE_PREFIX}}
 
 
@@ -163,18 +161,19 @@ def _decorated_routes(file: Path) -> list[tuple[str, str, str]]:
     for node in ast.walk(ast.parse(file.read_text())):
         if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
                 and node.func.attr in ("get", "post", "put", "delete", "patch")
-                and isinstance(node.func.value, ast.Name) and node.args and isinstance(node.args[0], ast.Constant)
+                and isinstance(node.func.value, ast.Name) and node.args
+                and isinstance(node.args[0], ast.Constant)
                 and isinstance(node.args[0].value, str) and node.args[0].value.startswith("/")):
             out.append((node.func.value.id, node.func.attr.upper(), node.args[0].value))
     return out
 
 
 def code_routes() -> set[str]:
-    """`METHOD /path` of every client route: the services app (FastAPI, at /api) and the LLM and vision apps."""
+    """`METHOD /path` of every client route: the services app (FastAPI, at /api), the LLM and vision apps."""
     from deployments.services.api import Backends, create_api, public_routes
 
-    routes = {f"{m} /api{p}" for m, p in public_routes(create_api(Backends(None, None, None, None, None, None)))
-              if m != "HEAD" and p != "/openapi.json"}
+    services = create_api(Backends(None, None, None, None, None, None))
+    routes = {f"{m} /api{p}" for m, p in public_routes(services) if m != "HEAD" and p != "/openapi.json"}
     for rel, prefixes in _route_sources().items():
         for app, method, path in _decorated_routes(ROOT / rel):
             assert app in prefixes, f"{rel}: routes on {app!r}, whose prefix the doc test does not know"
@@ -203,8 +202,6 @@ def test_client_guide_lists_exactly_the_routes_the_code_serves() -> None:
     assert not docs - code, f"routes docs/client.md lists that the code does not serve: {sorted(docs - code)}"
 
 
-# -- the README's two commands -----------------------------------------------------------------------------------
-
 
 def test_readme_has_exactly_two_setup_commands_and_make_knows_them() -> None:
     blocks: list[Block] = [b for b in parse(ROOT / "README.md", ROOT) if b.runnable]
@@ -220,8 +217,6 @@ def test_the_picture_is_well_formed_svg() -> None:
     root = ET.parse(ROOT / "docs" / "architecture.svg").getroot()
     assert root.tag == "{http://www.w3.org/2000/svg}svg"
 
-
-# -- the checks themselves can fail --------------------------------------------------------------------------------
 
 
 def test_the_cli_check_refuses_what_the_cli_lacks() -> None:
@@ -251,7 +246,8 @@ def test_the_parser_refuses_pages_it_cannot_read_as_meant(tmp_path: Path, text: 
 def test_the_parser_reads_directives_roles_and_inert_blocks(tmp_path: Path) -> None:
     page = tmp_path / "page.md"
     page.write_text('<!-- doctest-page: as=donor -->\n# t\n\n<!-- doctest: expect="a b" exit=1 -->\n\n```sh\n'
-                    'rma status\n```\n\n```text\nout\n```\n\n<!-- doctest: as=head skip reason="why not" -->\n'
+                    'rma status\n```\n\n```text\nout\n```\n\n'
+                    '<!-- doctest: as=head skip reason="why not" -->\n'
                     '````python\nprint(1)\n```\n````\n')
     first, inert, last = parse(page, tmp_path)
     assert (first.role, first.options, first.text, first.line) == ("donor", {"expect": "a b", "exit": "1"},
@@ -263,5 +259,6 @@ def test_the_parser_reads_directives_roles_and_inert_blocks(tmp_path: Path) -> N
 
 def test_command_lines_split_on_operators_and_join_continuations() -> None:
 
-    b = Block("x.md", 1, "sh", "cd a && rma invite create \\\n  --ttl 2h   # a comment\nexport X=1; rma status | cat\n")
+    text = "cd a && rma invite create \\\n  --ttl 2h   # a comment\nexport X=1; rma status | cat\n"
+    b = Block("x.md", 1, "sh", text)
     assert command_lines(b) == ["cd a", "rma invite create --ttl 2h", "export X=1", "rma status", "cat"]
