@@ -36,6 +36,7 @@ from deployments.llm.config import (
     build_llm_config,
 )
 from rma_ray.client_keys import KeyRejected
+from rma_ray.serve_admin import INGRESS_REPLICA_ENV
 
 INGRESS_DEPLOYMENT = "OpenAiIngress"
 GATEWAY_DEPLOYMENT = "LLMGateway"
@@ -123,7 +124,9 @@ def build_llm_app(settings: LLMSettings) -> Any:
     ingress_cls = make_fastapi_ingress(OpenAiIngress, endpoint_map=openai_routes(), app=openai_fastapi_app())
     options = OpenAiIngress.get_deployment_options([llm_config])
     # The ingress only forwards: on a 2-core node the LLM's placement group takes every CPU, so it reserves none.
-    options["ray_actor_options"] = {"num_cpus": 0}
+    # INGRESS_REPLICA_ENV: HAProxy's direct ingress into this replica, and the request path (every streamed chunk)
+    # on the replica's own event loop instead of a hop to a user-code thread (OpenAiIngress is all async).
+    options["ray_actor_options"] = {"num_cpus": 0, "runtime_env": {"env_vars": dict(INGRESS_REPLICA_ENV)}}
     return serve.deployment(ingress_cls, name=INGRESS_DEPLOYMENT, **options).bind(
         llm_deployments={llm_config.model_id: build_llm_deployment(llm_config)},
         model_cards={llm_config.model_id: to_model_metadata(llm_config.model_id, llm_config)},
@@ -212,7 +215,8 @@ def _short(message: str) -> str:
     return message[:500]
 
 
-@serve.deployment(name=GATEWAY_DEPLOYMENT, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
+@serve.deployment(name=GATEWAY_DEPLOYMENT, max_ongoing_requests=256,
+                  ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": dict(INGRESS_REPLICA_ENV)}})
 @serve.ingress(_inference_app)
 class LLMGateway:
     """POST /api/inference/llm, and `chat(payload)` for other deployments (plain dicts in and out)."""

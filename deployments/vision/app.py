@@ -37,6 +37,7 @@ from deployments.vision.config import (
     VisionSettings,
 )
 from deployments.vision.request import VisionError
+from rma_ray.serve_admin import INGRESS_REPLICA_ENV
 
 AUTH = [Depends(require_client_async)]
 STATUS_TTL_S = 2.0
@@ -93,7 +94,7 @@ async def parse_request(request: Request, limits: vreq.Limits) -> vreq.VisionInp
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     body = await read_body(request, limits.max_body_bytes())
     if ctype == "application/json":
-        return vreq.from_json(body, limits)
+        return await asyncio.to_thread(vreq.from_json, body, limits)  # Pillow reads the whole image: off the loop
     if ctype != "multipart/form-data":
         raise VisionError(415, "unsupported_media_type", "send multipart/form-data (an `image` file and a `prompt` "
                                                          "field) or application/json ({\"image\": base64, "
@@ -125,10 +126,11 @@ async def parse_request(request: Request, limits: vreq.Limits) -> vreq.VisionInp
                 raise VisionError(422, "invalid_request", f"{name}: unexpected file; send the picture as `image`")
     finally:
         await form.close()
-    return vreq.from_form(fields, image, limits)
+    return await asyncio.to_thread(vreq.from_form, fields, image, limits)
 
 
-@serve.deployment(name=FRONT_DEPLOYMENT, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
+@serve.deployment(name=FRONT_DEPLOYMENT, max_ongoing_requests=64,
+                  ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": dict(INGRESS_REPLICA_ENV)}})
 @serve.ingress(_app)
 class VisionGateway:
     """The route: key, request checks, backend availability, and the call through a Serve handle."""

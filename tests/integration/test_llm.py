@@ -143,6 +143,11 @@ def start_pool(root: Path, say: Any = None, llm_env: dict[str, str] | None = Non
         say("prepare")
         out = p.run(["-m", "deployments.llm", "deploy", "--address", address, "--timeout", "600"], timeout=900)
         p.deploy_info = json.loads(out.strip().splitlines()[-1])
+        # with Serve's HAProxy mode a new route answers once HAProxy has reloaded (404 until then)
+        for path in ("/v1/models", "/api/inference/llm"):
+            wait_for(lambda: httpx.request("GET" if path == "/v1/models" else "POST", p.serve_url + path,
+                                           timeout=10).status_code == 401,
+                     timeout=120, interval=0.5, what=f"{path} to answer through Serve's proxy")
         say("deploy")
         llm.track()
         p.vllm_pids = [(x.pid, x.create_time()) for x in vllm_processes(llm.pid)]  # type: ignore[arg-type]

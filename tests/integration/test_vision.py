@@ -129,6 +129,9 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VisionPool]:
         r = p.admin("POST", "/api/admin/clients", json={"name": "vision-tests"})
         assert r.status_code == 201, r.text
         p.key = r.json()["key"]
+        # with Serve's HAProxy mode a new route answers once HAProxy has reloaded (404 until then)
+        wait_for(lambda: p.post(key="", json={}).status_code == 401, timeout=120, interval=0.5,
+                 what="the vision route to answer through Serve's proxy")
         yield p
     finally:
         try:
