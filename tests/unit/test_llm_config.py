@@ -20,6 +20,9 @@ def test_cpu_tier_serves_the_embedded_model_from_the_data_dir(tmp_path: Path) ->
     assert c.engine_kwargs["enforce_eager"] is True and c.engine_kwargs["max_model_len"] == 2048
     env = c.runtime_env["env_vars"]
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "2" and env["HF_HUB_OFFLINE"] == "1"
+    # not Ray's default of the replica's one CPU: the engine computes on what the placement group reserves
+    assert env["OMP_NUM_THREADS"] == "2"
+    assert build_llm_config(LLMSettings(data_dir=tmp_path, cpu_threads=6)).runtime_env["env_vars"]["OMP_NUM_THREADS"] == "6"
     assert c.deployment_config["placement_group_bundle_label_selector"] == [{"rma.io/tier": "in(service,head)"}]
     # the replica converts the GGUF on its own node before vLLM starts
     assert c.callback_config.callback_class == "deployments.llm.prepare:PrepareEmbeddedModel"
