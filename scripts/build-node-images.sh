@@ -15,7 +15,8 @@
 # against the same constraints; the image records the result in /opt/rma/installed.txt.
 #
 # Environment: DOCKER_HOST (which dockerd), PIP (default .venv/bin/pip), RMA_WHEELHOUSE (where downloaded wheels
-# are kept between runs; default /var/cache/rma/wheels when writable, else ~/.cache/rma/wheels).
+# are kept between runs; default /var/cache/rma/wheels when writable, else ~/.cache/rma/wheels),
+# RMA_BUILD_VERBOSE=1 (show docker build's output as it runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 say() { echo "$*"; }
@@ -94,7 +95,8 @@ build() {  # $1: image name, $2: hash, $3: context, $4..: extra docker build arg
   t0=$(date +%s)
   if ! DOCKER_BUILDKIT=0 docker build --network host --label "rma.io/content-hash=$hash" \
          --build-arg "RMA_VERSION=$VERSION" --build-arg "RMA_REVISION=$REVISION" "$@" \
-         -t "rma-$name:$hash" -t "rma-$name:latest" "$ctx" >"$log" 2>&1; then
+         -t "rma-$name:$hash" -t "rma-$name:latest" "$ctx" 2>&1 \
+       | if [ -n "${RMA_BUILD_VERBOSE:-}" ]; then tee "$log"; else cat >"$log"; fi; then
     tail -n 30 "$log" >&2
     if grep -qE 'pull access denied|dial tcp|no such host|manifest unknown|TLS handshake' "$log"; then
       rm -f "$log"; die "building rma-$name needs a registry (Docker Hub) that this docker daemon cannot reach" 1

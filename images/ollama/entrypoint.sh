@@ -14,7 +14,8 @@ until ollama list >/dev/null 2>&1; do
   [ "$SECONDS" -lt "$deadline" ] || { echo "error: ollama serve did not answer within ${RMA_OLLAMA_START_TIMEOUT:-60} s" >&2; kill "$ollama_pid"; exit 1; }
   sleep 0.5
 done
-for model in ${RMA_OLLAMA_MODELS//,/ }; do
+models="${RMA_OLLAMA_MODELS:-}"
+for model in ${models//,/ }; do
   echo "pulling $model (kept on the /var/lib/ollama volume)"
   ollama pull "$model" || { echo "error: could not pull the Ollama model '$model'" >&2; kill "$ollama_pid"; exit 1; }
 done
@@ -22,19 +23,20 @@ done
 /usr/local/bin/rma-node-entrypoint "$@" &
 join_pid=$!
 trap 'kill -TERM "$join_pid" 2>/dev/null' TERM INT
-code=0
 while :; do
-  wait -n "$join_pid" "$ollama_pid"
+  done_pid=""
+  wait -n -p done_pid "$join_pid" "$ollama_pid"
   code=$?
-  if ! kill -0 "$join_pid" 2>/dev/null; then  # the agent left (or failed): stop Ollama, exit with its code
-    wait "$join_pid"; code=$?
-    kill -TERM "$ollama_pid" 2>/dev/null; wait "$ollama_pid"
+  if [ "$done_pid" = "$join_pid" ]; then  # the agent left (or failed): stop Ollama, exit with the agent's code
+    kill -TERM "$ollama_pid" 2>/dev/null
+    wait "$ollama_pid"
     exit "$code"
   fi
-  if ! kill -0 "$ollama_pid" 2>/dev/null; then  # Ollama died under a running agent
+  if [ "$done_pid" = "$ollama_pid" ]; then  # Ollama died under a running agent
     echo "error: ollama serve exited; leaving the pool" >&2
-    kill -TERM "$join_pid"; wait "$join_pid"
+    kill -TERM "$join_pid"
+    wait "$join_pid"
     exit 1
   fi
-  # a trapped signal interrupted `wait`: keep waiting for the agent to drain and leave
+  # a trapped signal interrupted `wait` (done_pid unset): keep waiting while the agent drains and leaves
 done
