@@ -368,12 +368,15 @@ def up(
     out.print(f"  join token (1 use, expires {info['join_token_expires_at']}): {info['join_token']}")
     out.print(f"  on a donor: rma join {info['coordinator_url']} --token <join token>")
     out.print(f"  details for scripts: {opts.data_dir / 'pool.json'}   stop with Ctrl-C or `rma down`")
+    clean = False
     try:
-        pool.supervise()
+        clean = pool.supervise()
     finally:
         out.print("stopping the pool …")
         pool.down()
         out.print("pool stopped")
+    if not clean:
+        raise typer.Exit(1)  # the pool ended by itself: a service manager's Restart=on-failure brings it back
 
 
 @app.command("down")

@@ -371,8 +371,11 @@ class Pool:
         write_private(pool_file(self.o.data_dir), json.dumps(info, indent=2))
         self.say("[green]cluster token rotated[/]; live donors rejoin on their next heartbeat")
 
-    def supervise(self) -> None:
-        """Restart the coordinator if it dies; the head's death ends the pool (donors would have to rejoin)."""
+    def supervise(self) -> bool:
+        """Restart the coordinator if it dies; the head's death ends the pool (donors would have to rejoin).
+
+        True when asked to stop (signal, `rma down`); False when the pool ended by itself (the head died, a rotation
+        failed), so that `rma up` exits non-zero and a service manager restarts it."""
         while not self.stop_event.wait(2):
             self.guard_ports()
             if self.rotate_event.is_set():
@@ -381,18 +384,19 @@ class Pool:
                     self.rotate()
                 except (UpError, OSError, subprocess.SubprocessError) as exc:
                     self.say(f"[red]rotation failed:[/] {exc}")
-                    break
+                    return False
             if self.head is not None:
                 self.head.track()
                 if not self.head.running():
                     self.say("[red]the Ray head stopped[/]; see " + str(self.head.log_path))
-                    break
+                    return False
             if self.coordinator is not None and self.coordinator.poll() is not None:
                 self.say("[yellow]the coordinator stopped; restarting it[/]")
                 try:
                     self.start_coordinator()
                 except UpError as exc:
                     self.say(f"[red]{exc}[/]")
+        return True
 
     def down(self) -> None:
         t0 = time.monotonic()
