@@ -134,6 +134,29 @@ def _error(obj: Any) -> LLMCallError:
     return LLMCallError(status, code, str(get("message", "the LLM failed"))[:500])
 
 
+def parse_stream_batch(batch: Any) -> tuple[list[str], bool]:
+    """The text pieces in one step of ray.serve.llm's chat stream (a list of OpenAI SSE strings, `data: {...}`),
+    and whether `data: [DONE]` ended it; an error chunk (or ray.serve.llm's ErrorResponse) raises LLMCallError."""
+    texts: list[str] = []
+    for item in batch if isinstance(batch, list) else [batch]:
+        if not isinstance(item, str):
+            raise _error(item)
+        for line in item.splitlines():
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                return texts, True
+            chunk = json.loads(data)
+            if "error" in chunk:
+                raise _error(chunk)
+            for choice in chunk.get("choices") or []:
+                text = (choice.get("delta") or {}).get("content")
+                if text:
+                    texts.append(text)
+    return texts, False
+
+
 async def chat_stream(messages: list[dict[str, str]], max_tokens: int = 256, *, temperature: float = 0.2,
                       top_p: float = 1.0, stop: list[str] | None = None, model: str | None = None,
                       timeout_s: float = 120.0) -> AsyncIterator[str]:
@@ -146,22 +169,11 @@ async def chat_stream(messages: list[dict[str, str]], max_tokens: int = 256, *, 
     try:
         async with asyncio.timeout(timeout_s):
             async for batch in gen:  # ray.serve.llm batches stream chunks: a list of SSE strings per step
-                for item in batch if isinstance(batch, list) else [batch]:
-                    if not isinstance(item, str):
-                        raise _error(item)
-                    for line in item.splitlines():
-                        if not line.startswith("data:"):
-                            continue
-                        data = line[5:].strip()
-                        if data == "[DONE]":
-                            return
-                        chunk = json.loads(data)
-                        if "error" in chunk:
-                            raise _error(chunk)
-                        for choice in chunk.get("choices") or []:
-                            text = (choice.get("delta") or {}).get("content")
-                            if text:
-                                yield text
+                texts, done = parse_stream_batch(batch)
+                for text in texts:
+                    yield text
+                if done:
+                    return
     except TimeoutError:
         raise TimeoutError(f"the LLM did not finish within {timeout_s:.0f} s") from None
     finally:
