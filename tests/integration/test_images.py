@@ -11,9 +11,9 @@ non-root user, the health check, no secret files, the overlay tools' capability,
 a real pool (Ray head + coordinator), turns healthy and leaves on `docker stop`. rma-node-gpu's build needs PyPI's CUDA
 wheels (~5 GB; RMA_TEST_GPU_IMAGE=1) and rma-ollama's a registry (ollama/ollama; RMA_TEST_REGISTRY=1).
 
-Cost on the 2-core box: lint ~5 s. Build: cold (empty docker data root and wheelhouse) ~4-5 min with the base
-image; when only the pool's source changed ~1-2 min (the dependency layers are cached); unchanged ~1 s. The runs
-~20-40 s together.
+Cost on the 2-core box (load 8-15): lint ~3 s. Build: cold (empty docker data root and wheelhouse) ~5 min with
+the base image; when only the pool's source changed 30-45 s (the dependency layers stay cached); unchanged <1 s.
+The runs ~65 s together, ~30 s of it the Ray head and the donor container's join.
 """
 
 from __future__ import annotations
@@ -208,8 +208,8 @@ class Built:
 
 @pytest.fixture(scope="module")
 def node_image() -> Iterator[Built]:
-    """rma-node built into the private dockerd (reused when this session already runs it): ~1 s when unchanged,
-    1-2 min after a source change, 4-5 min cold. Module-scoped; removes the containers it labelled."""
+    """rma-node built into the private dockerd (reused when this session already runs it): <1 s when unchanged,
+    30-45 s after a source change, ~5 min cold. Module-scoped; removes the containers it labelled."""
     reason = docker_support.missing()
     if reason:
         pytest.skip(reason)
