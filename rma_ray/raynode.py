@@ -43,6 +43,9 @@ def short_temp_dir(key: str) -> Path:
 def ray_env(token_file: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
     env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file), "RAY_USAGE_STATS_ENABLED": "0"})
+    # Ray refuses a node whose Python differs from the head's down to the patch release by default; donors run
+    # whatever their distribution ships (3.11.2 on Debian 12 beside a head on 3.11.7), which pickles alike.
+    env.setdefault("RAY_DEFAULT_PYTHON_VERSION_MATCH_LEVEL", "minor")
     env.update(extra or {})
     return env
 
@@ -94,7 +97,8 @@ _FAILURES = [
     (re.compile(r"Address already in use|port .* is already in use|already in use", re.I),
      "a port Ray needs is already in use on this machine"),
     (re.compile(r"version mismatch|Version mismatch", re.I),
-     "this machine's Ray version differs from the head's"),
+     "this machine's Ray or Python version differs from the head's (Ray must match exactly, Python to the minor "
+     "release, e.g. 3.11)"),
     (re.compile(r"The current node timed out during startup"),
      "the Ray node did not register with the head within Ray's 30 s (this machine or the head is overloaded)"),
 ]
