@@ -221,7 +221,6 @@ class Pool:
 
     def up(self) -> dict[str, Any]:
         self.o.data_dir.mkdir(parents=True, exist_ok=True)
-        self.o.data_dir.chmod(0o700)  # the registry (coordinator.db), keys and logs: the head's user only
         self.logs.mkdir(parents=True, exist_ok=True)
         old = read_pool(self.o.data_dir)
         if old.get("supervisor_pid") and psutil.pid_exists(old["supervisor_pid"]):
