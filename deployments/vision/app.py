@@ -265,10 +265,17 @@ def deploy(settings: VisionSettings | None = None, *, blocking_timeout_s: float 
             "selector": settings.ollama_selector() if settings.backend == "ollama" else None}
 
 
-def undeploy() -> None:
-    for app in (VISION_APP, BACKEND_APP):
+def undeploy(timeout_s: float = 180) -> None:
+    """Delete both applications together (Serve stops their replicas in parallel); wait until both are gone."""
+    apps = (VISION_APP, BACKEND_APP)
+    for app in apps:
         try:
-            serve.delete(app, _blocking=True)
+            serve.delete(app, _blocking=False)
         except Exception:  # already gone
             pass
+    deadline = time.monotonic() + timeout_s
+    while any(a in serve.status().applications for a in apps):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the vision apps were not deleted within {timeout_s:.0f} s")
+        time.sleep(0.5)
 
