@@ -35,7 +35,7 @@ from rma_ray.tiers import LABEL_TIER, LABEL_TRUSTED
 
 
 # the Serve apps `rma up` deploys: `python -m deployments.<app> deploy|undeploy` (run as child processes)
-APP_NAMES = ("llm", "services")
+APP_NAMES = ("llm", "services", "vision")
 # the stores deployments/stores/kinds.py knows (rma_ray never imports deployments; a unit test keeps them equal)
 STORE_NAMES = ("redis", "postgres", "chroma", "graph")
 
@@ -272,7 +272,8 @@ class Pool:
                 **self.o.extra_env}
 
     def start_apps(self) -> dict[str, Any]:
-        """Deploy the Serve apps (LLM at /v1 and /api/inference, the RMA services at /api). An app that fails is
+        """Deploy the Serve apps (LLM at /v1 and /api/inference, the RMA services at /api, the vision front at
+        /api/inference/vision, whose backend waits for a GPU donor with Ollama). An app that fails is
         reported and logged; the rest of the pool stays up."""
         out: dict[str, Any] = {}
         for app in self.o.apps:

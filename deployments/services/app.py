@@ -112,6 +112,7 @@ def build_app(settings: ServicesSettings | dict[str, Any] | None = None) -> Any:
     notes = serve.deployment(Notes).options(**_options("notes", settings.notes, trusted, settings)).bind(
         cfg, client_rag)
     graph = serve.deployment(Graph).options(**_options("graph", settings.graph, svc, settings)).bind()
-    return serve.deployment(Gateway).options(**_options("gateway", settings.gateway, svc, settings,
+    # the gateway sees every client's key and data in clear: trusted nodes only (the head, trusted service donors)
+    return serve.deployment(Gateway).options(**_options("gateway", settings.gateway, trusted, settings,
                                                         settings.ingress_env)).bind(
         cfg, documents, ocr, uploads, notes, rag, graph, client_rag)
