@@ -4,6 +4,10 @@ The verifier keeps the coordinator's keyring (ids and SHA-256 hashes of live `rm
 it every `refresh_s`; a revoked key disappears from the keyring, so it stops working within `refresh_s` plus
 one request. If the keyring cannot be refreshed for `max_stale_s`, the verifier fails closed: a coordinator
 outage must not keep revoked keys alive.
+
+A key the keyring does not know yet (created since the last refresh) is not refused outright: the caller may
+`refresh_for_unknown()` once and check again; such refreshes are one at a time and at most one per
+`unknown_refresh_s`, so a flood of made-up keys costs the coordinator one keyring fetch per second per replica.
 """
 
 from __future__ import annotations
@@ -23,9 +27,10 @@ log = logging.getLogger("rma.client_keys")
 
 
 class KeyRejected(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, unknown_id: bool = False) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
+        self.unknown_id = unknown_id  # well-formed, but its id is not in this keyring (new since the last refresh?)
 
 
 @dataclass(frozen=True)
@@ -36,9 +41,11 @@ class ClientIdentity:
 
 class ClientKeyVerifier:
     def __init__(self, fetch: Callable[[], dict[str, Any]], refresh_s: float = 10.0, max_stale_s: float = 30.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, unknown_refresh_s: float = 1.0) -> None:
         self._fetch = fetch
-        self.refresh_s, self.max_stale_s = refresh_s, max_stale_s
+        self.refresh_s, self.max_stale_s, self.unknown_refresh_s = refresh_s, max_stale_s, unknown_refresh_s
+        self._unknown_lock = threading.Lock()
+        self._unknown_at: float | None = None
         self._clock = clock
         self._hashes: dict[str, str] = {}
         self._names: dict[str, str] = {}
@@ -66,6 +73,17 @@ class ClientKeyVerifier:
             self._hashes, self._names, self._loaded_at = hashes, names, self._clock()
         return True
 
+    def refresh_for_unknown(self) -> bool:
+        """Refresh now because a request carried a key id this keyring does not know; False when a refresh of this
+        kind ran less than `unknown_refresh_s` ago (concurrent callers wait for the one in flight, then see its
+        keyring) or the fetch failed. Blocking: call it off the event loop."""
+        with self._unknown_lock:
+            now = self._clock()
+            if self._unknown_at is not None and now - self._unknown_at < self.unknown_refresh_s:
+                return False
+            self._unknown_at = now
+            return self.refresh()
+
     def start(self) -> ClientKeyVerifier:
         self.refresh()
         self._thread = threading.Thread(target=self._loop, name="rma-keyring", daemon=True)
@@ -91,6 +109,8 @@ class ClientKeyVerifier:
             loaded_at, stored, name = self._loaded_at, self._hashes.get(parsed.id), self._names.get(parsed.id, "")
         if loaded_at is None or self._clock() - loaded_at > self.max_stale_s:
             raise KeyRejected(503, "keyring_stale", "API keys cannot be checked right now (coordinator unreachable)")
-        if stored is None or not hmac.compare_digest(credentials.hash_secret(parsed.secret), stored):
+        if stored is None:
+            raise KeyRejected(401, "invalid_api_key", "unknown or revoked API key", unknown_id=True)
+        if not hmac.compare_digest(credentials.hash_secret(parsed.secret), stored):
             raise KeyRejected(401, "invalid_api_key", "unknown or revoked API key")
         return ClientIdentity(parsed.id, name)

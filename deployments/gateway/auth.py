@@ -57,7 +57,7 @@ def set_verifier(v: ClientKeyVerifier | None) -> None:
         _verifier = v
 
 
-def require_client(request: Request) -> ClientIdentity:
+def _check(request: Request) -> ClientIdentity:
     try:
         v = verifier()
     except Exception as exc:  # no identity on this node: fail closed, say why
@@ -65,6 +65,27 @@ def require_client(request: Request) -> ClientIdentity:
     client = v.verify(request.headers.get("authorization"))
     request.state.client = client
     return client
+
+
+def require_client(request: Request) -> ClientIdentity:
+    """The sync check (FastAPI runs it in a worker thread): a key created since the keyring's last refresh is
+    looked up again at once instead of being refused until the next periodic refresh."""
+    try:
+        return _check(request)
+    except KeyRejected as exc:
+        if not exc.unknown_id or not verifier().refresh_for_unknown():
+            raise
+    return _check(request)
+
+
+async def require_client_on_loop(request: Request) -> ClientIdentity:
+    """The same check on the event loop: the hash lookup inline, a refresh for an unknown key in a thread."""
+    try:
+        return _check(request)
+    except KeyRejected as exc:
+        if not exc.unknown_id or not await asyncio.to_thread(verifier().refresh_for_unknown):
+            raise
+    return _check(request)
 
 
 async def current_client(request: Request) -> ClientIdentity:
@@ -77,9 +98,9 @@ async def current_client(request: Request) -> ClientIdentity:
     if _verifier is None:
         try:
             await asyncio.to_thread(verifier)
-        except Exception:  # require_client answers 503 with the reason
+        except Exception:  # _check answers 503 with the reason
             pass
-    return require_client(request)
+    return await require_client_on_loop(request)
 
 
 ClientDep = Annotated[ClientIdentity, Depends(current_client)]

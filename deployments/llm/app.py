@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from ray import serve
 from starlette.exceptions import HTTPException
 
-from deployments.gateway.auth import openai_error_handler, require_client, rma_error_handler
+from deployments.gateway.auth import openai_error_handler, require_client_on_loop, rma_error_handler
 from deployments.llm.config import (
     INFERENCE_APP,
     INFERENCE_ROUTE_PREFIX,
@@ -56,7 +56,7 @@ async def require_client_async(request: Request) -> Any:
             raise KeyRejected(503, "keyring_unavailable", f"API keys cannot be checked on this replica: {exc}") \
                 from None
         _keyring_ready = True
-    return require_client(request)
+    return await require_client_on_loop(request)
 
 
 AUTH = [Depends(require_client_async)]

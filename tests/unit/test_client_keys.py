@@ -80,3 +80,58 @@ def test_never_loaded_is_503() -> None:
     with pytest.raises(KeyRejected) as info:
         v.verify("Bearer " + credentials.mint(Kind.CLIENT).token)
     assert info.value.status == 503
+
+
+def test_a_key_created_since_the_last_refresh_works_on_its_first_request() -> None:
+    """The gateway's check (deployments.gateway.auth.require_client) looks an unknown key id up again at once,
+    instead of refusing a freshly created key until the next periodic refresh (10 s)."""
+    from starlette.requests import Request
+
+    from deployments.gateway import auth
+
+    old, new = credentials.mint(Kind.CLIENT), credentials.mint(Kind.CLIENT)
+    keys = [old]
+    fetches: list[int] = []
+
+    def fetch() -> dict:  # type: ignore[type-arg]
+        fetches.append(1)
+        return ring(*keys)
+
+    v = ClientKeyVerifier(fetch, refresh_s=3600, max_stale_s=3600, unknown_refresh_s=3600)
+    v.refresh()
+    keys.append(new)  # created at the coordinator after this replica loaded its keyring
+
+    def req(token: str) -> Request:
+        return Request({"type": "http", "method": "GET", "path": "/", "headers": [(b"authorization",
+                                                                                     f"Bearer {token}".encode())]})
+
+    auth.set_verifier(v)
+    try:
+        assert auth.require_client(req(new.token)).key_id == new.id
+        assert len(fetches) == 2
+        # a wrong secret for a known id is refused without asking the coordinator
+        with pytest.raises(KeyRejected):
+            auth.require_client(req(f"rma_client_{new.id}_{'0' * 64}"))
+        assert len(fetches) == 2
+        # made-up keys: the one refresh allowed per interval is spent, so no more coordinator fetches
+        for _ in range(20):
+            with pytest.raises(KeyRejected) as info:
+                auth.require_client(req(credentials.mint(Kind.CLIENT).token))
+            assert info.value.status == 401
+        assert len(fetches) == 2
+    finally:
+        auth.set_verifier(None)
+
+
+def test_unknown_key_refreshes_are_limited_per_interval() -> None:
+    clock = Clock()
+    fetches: list[int] = []
+    v = ClientKeyVerifier(lambda: fetches.append(1) or ring(), clock=clock,  # type: ignore[func-returns-value]
+                          unknown_refresh_s=1.0)
+    assert v.refresh_for_unknown() and len(fetches) == 1
+    assert not v.refresh_for_unknown() and len(fetches) == 1
+    clock.now += 1.5
+    assert v.refresh_for_unknown() and len(fetches) == 2
+    with pytest.raises(KeyRejected) as info:
+        v.verify(f"Bearer {credentials.mint(Kind.CLIENT).token}")
+    assert info.value.unknown_id
