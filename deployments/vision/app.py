@@ -38,6 +38,7 @@ from deployments.vision.config import (
 )
 from deployments.vision.request import VisionError
 from rma_ray.serve_admin import INGRESS_REPLICA_ENV
+from rma_ray.tiers import TRUSTED_NODES
 
 AUTH = [Depends(require_client_async)]
 STATUS_TTL_S = 2.0
@@ -130,7 +131,9 @@ async def parse_request(request: Request, limits: vreq.Limits) -> vreq.VisionInp
 
 
 @serve.deployment(name=FRONT_DEPLOYMENT, max_ongoing_requests=64,
-                  ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": dict(INGRESS_REPLICA_ENV)}})
+                  ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": dict(INGRESS_REPLICA_ENV)},
+                                     # it sees every client's key: trusted nodes only (the head is one)
+                                     "label_selector": dict(TRUSTED_NODES)})
 @serve.ingress(_app)
 class VisionGateway:
     """The route: key, request checks, backend availability, and the call through a Serve handle."""
@@ -139,10 +142,16 @@ class VisionGateway:
         self.s = VisionSettings(**settings)
         self.limits = self.s.limits()
         self.deployment = self.s.backend_deployment()
-        self.handle = serve.get_deployment_handle(self.deployment, app_name=BACKEND_APP)
+        self._handle: Any = None  # looked up once the backend app is seen running (it may be deployed later)
         self._checked_at, self._available = 0.0, (False, "")
         self._status_lock = asyncio.Lock()
         self._model_id = self.s.vllm_entry().model_id if self.s.backend == "vllm" else None
+
+    @property
+    def handle(self) -> Any:
+        if self._handle is None:
+            self._handle = serve.get_deployment_handle(self.deployment, app_name=BACKEND_APP)
+        return self._handle
 
     def _backend_state(self) -> tuple[bool, str]:
         status = serve.status().applications.get(BACKEND_APP)

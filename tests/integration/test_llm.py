@@ -117,7 +117,7 @@ def start_pool(root: Path, say: Any = None, llm_env: dict[str, str] | None = Non
                 "RMA_KEYRING_REFRESH_S": "1", "HOME": str(root / "home")}
     gcs_port = free_port(ip)
     head = RayNode(NodeSpec(node_ip=ip, token_file=token, head=True, temp_dir=short_temp_dir(f"it-llmh-{os.getpid()}"),
-                            labels={"rma.io/tier": "head"}, gcs_port=gcs_port, dashboard_port=free_port(ip),
+                            labels={"rma.io/tier": "head", "rma.io/trusted": "true"}, gcs_port=gcs_port, dashboard_port=free_port(ip),
                             num_cpus=0, drain_timeout_s=2, env={**node_env, "RMA_DATA_DIR": str(root / "head")}),
                    root / "head.log")
     address = f"{ip}:{gcs_port}"
@@ -130,7 +130,7 @@ def start_pool(root: Path, say: Any = None, llm_env: dict[str, str] | None = Non
         head.wait_started(120)
         say("head")
         llm = RayNode(NodeSpec(node_ip=ip, token_file=token, temp_dir=short_temp_dir(f"it-llmn-{os.getpid()}"),
-                               labels={"rma.io/tier": "service", "rma.io/node": "llm-node"}, address=address,
+                               labels={"rma.io/tier": "service", "rma.io/trusted": "true", "rma.io/node": "llm-node"}, address=address,
                                num_cpus=2, drain_timeout_s=2, env={**node_env, "RMA_DATA_DIR": str(root / "llm")}),
                       root / "llm.log")
         p.nodes["llm"] = llm  # before waiting: a node that fails to come up is still stopped below

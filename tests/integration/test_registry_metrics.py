@@ -94,7 +94,7 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
     ip = local_ip_towards("192.0.2.1")
     gcs, dash, http_port = free_port(ip), free_port(ip), free_port(ip)
     head = RayNode(NodeSpec(node_ip=ip, token_file=token, head=True, temp_dir=short_temp_dir(f"rm-{os.getpid()}"),
-                            labels={"rma.io/tier": "head"}, gcs_port=gcs, dashboard_port=dash, num_cpus=2,
+                            labels={"rma.io/tier": "head", "rma.io/trusted": "true"}, gcs_port=gcs, dashboard_port=dash, num_cpus=2,
                             drain_timeout_s=2, env={"RAY_metrics_report_interval_ms": "1000"}), root / "head.log")
     server = None
     state = None

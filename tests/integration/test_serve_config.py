@@ -99,7 +99,7 @@ def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Head]:
     write_private(cred, admin_key + "\n")
     dash_port = free_port(ip)
     node = RayNode(NodeSpec(node_ip=ip, token_file=token_file, head=True,
-                            temp_dir=short_temp_dir(f"it-sc-{os.getpid()}"), labels={"rma.io/tier": "head"},
+                            temp_dir=short_temp_dir(f"it-sc-{os.getpid()}"), labels={"rma.io/tier": "head", "rma.io/trusted": "true"},
                             gcs_port=free_port(ip), dashboard_port=dash_port, num_cpus=1, drain_timeout_s=2,
                             env={"RMA_COORDINATOR_URL": coordinator.url, "RMA_KEYRING_CREDENTIAL_FILE": str(cred),
                                  "RMA_KEYRING_REFRESH_S": "1", "HOME": str(root / "home"),

@@ -115,7 +115,7 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VisionPool]:
     env = {**ray_env(token), "RAY_ADDRESS": address, "HOME": str(root / "home"), "PYTHONPATH": str(ROOT)}
     p = VisionPool(root, address, ip, f"http://{ip}:{serve_port}", coordinator, admin_key, env, node_env, token)
     head = RayNode(NodeSpec(node_ip=ip, token_file=token, head=True, temp_dir=short_temp_dir(f"it-vish-{os.getpid()}"),
-                            labels={"rma.io/tier": "head"}, gcs_port=gcs_port, dashboard_port=free_port(ip),
+                            labels={"rma.io/tier": "head", "rma.io/trusted": "true"}, gcs_port=gcs_port, dashboard_port=free_port(ip),
                             num_cpus=1, drain_timeout_s=2, env={**node_env, "RMA_DATA_DIR": str(root / "head")}),
                    root / "head.log")
     p.nodes["head"] = head

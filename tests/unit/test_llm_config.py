@@ -23,7 +23,12 @@ def test_cpu_tier_serves_the_embedded_model_from_the_data_dir(tmp_path: Path) ->
     # not Ray's default of the replica's one CPU: the engine computes on what the placement group reserves
     assert env["OMP_NUM_THREADS"] == "2"
     assert build_llm_config(LLMSettings(data_dir=tmp_path, cpu_threads=6)).runtime_env["env_vars"]["OMP_NUM_THREADS"] == "6"
-    assert c.deployment_config["placement_group_bundle_label_selector"] == [{"rma.io/tier": "in(service,head)"}]
+    # threads float over the node (vLLM's 'auto' pins ONE thread on a 2-core node and every core on a big one)
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
+    # the CPU LLM runs on trusted nodes only (the head, trusted service donors): it is its app's ingress and sees keys
+    assert c.deployment_config["placement_group_bundle_label_selector"] == [{"rma.io/tier": "in(service,head)",
+                                                                              "rma.io/trusted": "true"}]
+    assert s.direct_ingress()
     # the replica converts the GGUF on its own node before vLLM starts
     assert c.callback_config.callback_class == "deployments.llm.prepare:PrepareEmbeddedModel"
     assert c.callback_config.callback_kwargs == {"target": c.model_loading_config.model_source}
@@ -38,7 +43,9 @@ def test_gpu_tier_picks_by_memory_and_selects_gpu_nodes_of_the_accelerator_type(
     assert c.accelerator_type == "A10G" and c.accelerator_config.kind == "gpu"
     assert c.engine_kwargs["quantization"] == "awq_marlin" and c.engine_kwargs["gpu_memory_utilization"] == 0.9
     assert "enforce_eager" not in c.engine_kwargs
+    # any admitted GPU donor may serve: so its replica is not an ingress (client keys stay on trusted nodes)
     assert c.deployment_config["placement_group_bundle_label_selector"] == [{"rma.io/tier": "gpu"}]
+    assert not s.direct_ingress()
     assert c.runtime_env is None  # a GPU donor may reach the hub; nothing forces offline mode
 
 
@@ -57,7 +64,8 @@ def test_settings_come_from_the_environment(tmp_path: Path, monkeypatch: pytest.
     s = LLMSettings()
     c = build_llm_config(s)
     assert s.data_dir == tmp_path and c.engine_kwargs["max_model_len"] == 1024
-    assert c.deployment_config["placement_group_bundle_label_selector"] == [{"rma.io/tier": "service"}]
+    assert c.deployment_config["placement_group_bundle_label_selector"] == [{"rma.io/tier": "service",
+                                                                              "rma.io/trusted": "true"}]
 
 
 def test_a_model_for_the_wrong_tier_is_refused(tmp_path: Path) -> None:
@@ -67,8 +75,106 @@ def test_a_model_for_the_wrong_tier_is_refused(tmp_path: Path) -> None:
         label_selector("cpu", " , ")
 
 
+def test_the_ingress_shape_follows_where_the_llm_may_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The LLM replica answers HTTP itself (and so sees client keys) only where it runs on trusted nodes only."""
+    import ray.serve.llm
+    from ray.llm._internal.serve.core.server.llm_server import LLMServer
+
+    from deployments.llm.app import PROXIED_INGRESS_DEPLOYMENT, build_llm_app
+
+    built: list[tuple[object, dict]] = []
+
+    def fake_build(llm_config: object, **kwargs: object) -> object:  # the real one asks a running Ray for its env
+        built.append((llm_config, kwargs))
+        return ray.serve.deployment(lambda: None, name="LLMServer:stand-in").bind()
+
+    monkeypatch.setattr(ray.serve.llm, "build_llm_deployment", fake_build)
+    build_llm_app(LLMSettings(data_dir=tmp_path))
+    config, kwargs = built[-1]
+    assert kwargs["name_prefix"] == "LLMServer:" and issubclass(kwargs["deployment_cls"], LLMServer)
+    assert hasattr(kwargs["deployment_cls"], "__serve_build_asgi_app__")
+    assert config.runtime_env["env_vars"]["RAY_SERVE_ENABLE_HA_PROXY"] == "1"  # its own HTTP server for HAProxy
+
+    proxied = build_llm_app(LLMSettings(data_dir=tmp_path, trusted_only=False))
+    assert "deployment_cls" not in built[-1][1]
+    assert "RAY_SERVE_ENABLE_HA_PROXY" not in built[-1][0].runtime_env["env_vars"]
+    assert proxied._bound_deployment.name == PROXIED_INGRESS_DEPLOYMENT
+    assert proxied._bound_deployment.ray_actor_options["label_selector"] == {"rma.io/trusted": "true"}
+    assert not LLMSettings(data_dir=tmp_path, ingress="proxied").direct_ingress()
+    with pytest.raises(ValueError, match="RMA_LLM_TRUSTED_ONLY=true"):
+        LLMSettings(data_dir=tmp_path, trusted_only=False, ingress="direct").direct_ingress()
+    gpu = LLMSettings(data_dir=tmp_path, gpu_memory_mb=24_576, trusted_only=True)
+    assert gpu.direct_ingress()
+    assert build_llm_config(gpu).deployment_config["placement_group_bundle_label_selector"] == [
+        {"rma.io/tier": "gpu", "rma.io/trusted": "true"}]
+
+
+def test_the_key_gate_serves_only_the_openai_routes_and_only_with_a_key() -> None:
+    """ClientKeyGate in front of an app shaped like vLLM's (routes carry /v1; Serve mounts it at root_path /v1)."""
+    import asyncio
+
+    import httpx
+    from fastapi import FastAPI
+
+    from deployments.gateway import auth
+    from deployments.llm import app as llm_app
+    from rma_ray.client_keys import ClientKeyVerifier
+    from rma_ray.credentials import Kind, mint
+
+    inner = FastAPI()
+    seen: list[str] = []
+
+    @inner.get("/v1/models")
+    async def models() -> dict[str, str]:
+        return {"object": "list"}
+
+    @inner.post("/v1/chat/completions")
+    async def chat() -> dict[str, str]:
+        return {"object": "chat.completion"}
+
+    @inner.get("/v1/tokenize")
+    async def tokenize() -> dict[str, str]:
+        seen.append("tokenize")
+        return {}
+
+    good = mint(Kind.CLIENT)
+    v = ClientKeyVerifier(lambda: {"keys": [{"id": good.id, "hash": good.hash, "name": "alice"}]}, refresh_s=3600,
+                          max_stale_s=3600)
+    v.refresh()
+    auth.set_verifier(v)
+
+    async def run() -> None:
+        gate = llm_app.ClientKeyGate(inner)
+
+        async def mounted(scope: dict, receive: object, send: object) -> None:  # what Serve's replica does
+            await gate({**scope, "root_path": "/v1"} if scope["type"] == "http" else scope, receive, send)
+
+        key = {"Authorization": f"Bearer {good.token}"}
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=mounted), base_url="http://pool") as c:
+            assert (await c.get("/v1/models", headers=key)).json() == {"object": "list"}
+            assert (await c.post("/v1/chat/completions", headers=key)).json() == {"object": "chat.completion"}
+            for headers in ({}, {"Authorization": "Bearer rma_client_nope_nope"},
+                            {"Authorization": f"Bearer {mint(Kind.CLIENT).token}"}):
+                r = await c.post("/v1/chat/completions", headers=headers)
+                assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+                assert r.headers["www-authenticate"] == "Bearer"
+            for path in ("/v1/tokenize", "/v1/docs", "/v1/openapi.json", "/v1/metrics", "/v1/embeddings"):
+                r = await c.get(path, headers=key)
+                assert r.status_code == 404 and "/chat/completions" in r.json()["error"]["message"], path
+            r = await c.delete("/v1/chat/completions", headers=key)
+            assert r.status_code == 405 and r.headers["allow"] == "POST"
+        assert seen == []  # vLLM's other routes were never reached
+
+    llm_app._keyring_ready = False
+    try:
+        asyncio.run(run())
+    finally:
+        auth.set_verifier(None)
+
+
 def test_every_openai_route_needs_a_client_key() -> None:
-    """Drift guard: the ingress mounts only these routes, each with the client-key dependency, and no docs."""
+    """Drift guard (proxied shape): the ingress mounts only these routes, each with the client-key dependency, and
+    no docs."""
     from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress, make_fastapi_ingress
 
     from deployments.llm.app import AUTH, openai_fastapi_app, openai_routes, require_client_async
