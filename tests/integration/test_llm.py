@@ -357,7 +357,7 @@ def test_other_deployments_call_the_llm_through_a_handle(pool: Pool) -> None:
 
 
 def test_undeploy_leaves_no_vllm_process(pool: Pool) -> None:
-    """Last in the module: deleting the apps through Serve ends vLLM's engine process too (checked by PID)."""
+    """Deleting the apps through Serve ends vLLM's engine process too (checked by PID)."""
     assert pool.vllm_pids
     pool.run(["-m", "deployments.llm", "undeploy", "--address", pool.address], timeout=300)
 
@@ -372,3 +372,40 @@ def test_undeploy_leaves_no_vllm_process(pool: Pool) -> None:
 
     wait_for(gone, timeout=90, what="vLLM's engine process to exit")
     assert not vllm_processes(pool.nodes["llm"].pid)  # type: ignore[arg-type]
+
+
+def test_the_proxied_shape_answers_from_an_ingress_on_another_node(pool: Pool, key: str) -> None:
+    """The shape for LLM replicas on untrusted donors (RMA_LLM_INGRESS=proxied, the gpu tier's default): the client's
+    key stops at ray.serve.llm's OpenAiIngress on a trusted node (here pinned to the head) and never reaches the LLM
+    node; the same routes, keys and streaming work. After the direct shape's apps were deleted (test above)."""
+    env = {"RMA_LLM_INGRESS": "proxied", "RMA_LLM_INGRESS_SELECTOR": json.dumps({"rma.io/tier": "head"})}
+    pool.run(["-m", "deployments.llm", "deploy", "--address", pool.address, "--timeout", "600"], timeout=900,
+             extra_env=env)
+    engines = vllm_processes(pool.nodes["llm"].pid)  # type: ignore[arg-type]
+    pool.vllm_pids += [(x.pid, x.create_time()) for x in engines]  # killed at teardown should the test fail
+    wait_for(lambda: httpx.get(pool.serve_url + "/v1/models", timeout=10).status_code == 401, timeout=120,
+             interval=0.5, what="/v1 to answer through Serve's proxy")
+
+    def replicas_under(node: str, name: str) -> list[psutil.Process]:
+        tree = psutil.Process(pool.nodes[node].pid).children(recursive=True)  # type: ignore[arg-type]
+        return [p for p in tree if name in " ".join(p.cmdline()[:1])]
+
+    assert replicas_under("head", "rma-llm:OpenAiIngress") and not replicas_under("llm", "OpenAiIngress")
+    assert engines and replicas_under("llm", "rma-llm:LLMServer")
+
+    oai = openai.OpenAI(base_url=pool.serve_url + "/v1", api_key=key, timeout=120, max_retries=0)
+    r = oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}],
+                                    max_tokens=24, temperature=0)
+    assert "paris" in (r.choices[0].message.content or "").lower()
+    deltas = [c.choices[0].delta.content or "" for c in oai.chat.completions.create(
+        model=MODEL, stream=True, max_tokens=16, temperature=0, messages=[{"role": "user", "content": "Hi"}])
+        if c.choices]
+    assert len([d for d in deltas if d]) > 3
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=pool.serve_url + "/v1", api_key="not-a-key", max_retries=0).models.list()
+    with pytest.raises(openai.NotFoundError):
+        oai.chat.completions.create(model="gpt-17", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+
+    pool.run(["-m", "deployments.llm", "undeploy", "--address", pool.address], timeout=300)
+    wait_for(lambda: not vllm_processes(pool.nodes["llm"].pid), timeout=90,  # type: ignore[arg-type]
+             what="vLLM's engine process to exit")

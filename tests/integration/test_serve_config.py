@@ -3,9 +3,9 @@ KubeRay's RayService applies `serveConfigV2`: `PUT /api/serve/applications/` on 
 token. Serve's controller imports the builders the file names (`deployments.serve_config:<builder>`), calls them
 with the file's `args` and applies the file's deployment options over the code's.
 
-Applied: the app that runs on a CPU-only box in seconds, exactly as in the file: `rma-inference`. Left out: `rma-llm`
-and `rma-vision-backend` (vLLM on a GPU), `rma-vision` (its front looks its backend up when it starts, so it fails
-without that app), and `services` (its models take minutes to load here; tests/integration/test_services.py covers
+Applied: the apps that run on a CPU-only box in seconds, exactly as in the file: `rma-inference` and the `rma-vision`
+front (its backend is looked up per request: without one it answers 503). Left out: `rma-llm` and
+`rma-vision-backend` (vLLM on a GPU), and `services` (its models take minutes to load here; tests/integration/test_services.py covers
 the app itself). The file's HTTP port (8000) is replaced by a free port.
 A real coordinator issues the client key the replicas check.
 
@@ -38,7 +38,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVE_FILE = ROOT / "cluster_configs" / "serve" / "rma-serve.yaml"
-APPLIED = ("rma-inference",)
+APPLIED = ("rma-inference", "rma-vision")
 
 
 @dataclass
@@ -158,6 +158,20 @@ def test_the_routes_check_client_keys_and_say_what_is_missing(head: Head) -> Non
                    headers={"Authorization": f"Bearer {head.client_key}"})
     # the key is good; the LLM app (vLLM on a gpu node) is not part of what this box runs
     assert r.status_code == 503 and r.json()["error"]["code"] == "llm_unavailable", r.text
+
+    import io
+
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.new("RGB", (32, 32), "red").save(png, format="PNG")
+    files, data = {"image": ("red.png", png.getvalue(), "image/png")}, {"prompt": "What colour is this?"}
+    r = httpx.post(head.serve_url + "/api/inference/vision", files=files, data=data, timeout=60)
+    assert r.status_code == 401, r.text
+    r = httpx.post(head.serve_url + "/api/inference/vision", files=files, data=data, timeout=60,
+                   headers={"Authorization": f"Bearer {head.client_key}"})
+    # no backend app: the front says so at once
+    assert r.status_code == 503 and r.json()["error"]["code"] == "vision_not_available", r.text
 
 
 def test_the_files_options_override_the_codes(head: Head) -> None:
