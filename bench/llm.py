@@ -104,6 +104,45 @@ print(json.dumps(asyncio.run(main())))
 """
 
 
+def _group(p: psutil.Process) -> str:
+    """Which part of either stack a process is (for the CPU breakdown of the concurrent phase)."""
+    if p.pid == os.getpid():
+        return "bench client"
+    try:
+        name, cmd = p.name(), " ".join(p.cmdline()[:3])
+    except psutil.Error:
+        return "other"
+    if "EngineCore" in name or "EngineCore" in cmd:
+        return "vLLM engine core"
+    if "haproxy" in name:
+        return "HAProxy"
+    if "vllm.entrypoints.openai.api_server" in cmd:
+        return "vLLM API server"
+    if "rma-llm" in cmd and ("LLMServer" in cmd or "OpenAiIngress" in cmd):
+        return "LLM replica" if "LLMServer" in cmd else "OpenAI ingress replica"
+    if name.startswith(("raylet", "gcs_server")) or "ray" in cmd or "dashboard" in cmd:
+        return "Ray and Serve (both nodes)"
+    return "other"
+
+
+def cpu_snapshot() -> dict[int, tuple[str, float]]:
+    out = {}
+    for p in psutil.process_iter():
+        try:
+            t = p.cpu_times()
+            out[p.pid] = (_group(p), t.user + t.system)
+        except psutil.Error:
+            continue
+    return out
+
+
+def cpu_used(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    used: dict[str, float] = {}
+    for pid, (group, t) in after.items():
+        used[group] = used.get(group, 0.0) + max(0.0, t - before.get(pid, (group, 0.0))[1])
+    return used
+
+
 async def measure(targets: dict[str, tuple[str, str]], model: str, tokens: int, single: int,
                   rounds: int, handle_round: Any = None) -> dict[str, dict[str, float]]:
     """Interleaved A/B/A/B over the targets (name -> (base_url, api_key)), so that other load on the machine
@@ -116,15 +155,21 @@ async def measure(targets: dict[str, tuple[str, str]], model: str, tokens: int, 
     names = [*targets, *(["handle"] if handle_round else [])]
     singles: dict[str, list[tuple[float, int, float]]] = {name: [] for name in names}
     conc: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, dict[str, float]] = {name: {} for name in clients}  # CPU-seconds per group, concurrent phase
+    wall: dict[str, float] = {name: 0.0 for name in clients}
     for client in clients.values():
         await one(client, model, 8)  # warm-up: connections, first-request paths
     for _ in range(rounds):
         for name, client in clients.items():
             singles[name] += [await one(client, model, tokens) for _ in range(single)]
         for name, client in clients.items():
-            t0 = time.perf_counter()
+            before, t0 = cpu_snapshot(), time.perf_counter()
             results = await asyncio.gather(*(one(client, model, tokens) for _ in range(8)))
-            conc[name].append(sum(r[1] for r in results) / (time.perf_counter() - t0))
+            took = time.perf_counter() - t0
+            for group, secs in cpu_used(before, cpu_snapshot()).items():
+                cpu[name][group] = cpu[name].get(group, 0.0) + secs
+            wall[name] += took
+            conc[name].append(sum(r[1] for r in results) / took)
         if handle_round:
             try:
                 out = await asyncio.to_thread(handle_round)
@@ -136,6 +181,14 @@ async def measure(targets: dict[str, tuple[str, str]], model: str, tokens: int, 
               + ", ".join(f"{n} {c[-1]:.0f}" for n, c in conc.items() if c), flush=True)
     for client in clients.values():
         await client.close()
+    print("\nCPU used while 8 requests ran at once (cores busy on average; the box has "
+          f"{psutil.cpu_count()}):")
+    groups = sorted({g for c in cpu.values() for g in c}, key=lambda g: -max(c.get(g, 0) for c in cpu.values()))
+    print(f"  {'process':28s} " + " ".join(f"{n:>8s}" for n in cpu))
+    for g in groups:
+        print(f"  {g:28s} " + " ".join(f"{cpu[n].get(g, 0.0) / wall[n]:8.2f}" if wall[n] else "       -" for n in cpu))
+    print(f"  {'all':28s} " + " ".join(f"{sum(cpu[n].values()) / wall[n]:8.2f}" if wall[n] else "       -"
+                                       for n in cpu))
     return {name: {"ttft_ms": 1000 * median(r[0] for r in singles[name]),
                    "single_tok_s": median(r[1] / r[2] for r in singles[name]),
                    "conc8_tok_s": median(conc[name])} for name in names if conc[name]}

@@ -82,7 +82,9 @@ class Pool:
         return r.stdout
 
     def driver(self, script: str, timeout: float = 180) -> Any:
-        out = self.run(["-c", "import json, asyncio, ray\nray.init(namespace='rma', logging_level='ERROR')\n"
+        # log_to_driver off: a replica's log line (vLLM's periodic stats) must not land after the JSON line
+        out = self.run(["-c", "import json, asyncio, ray\n"
+                        "ray.init(namespace='rma', logging_level='ERROR', log_to_driver=False)\n"
                         + textwrap.dedent(script)], timeout=timeout)
         return json.loads(out.strip().splitlines()[-1])
 

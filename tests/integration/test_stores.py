@@ -42,7 +42,7 @@ class Cluster:
     def driver(self, script: str, timeout: float = 180) -> Any:
         env = {**ray_env(self.token), "RAY_ADDRESS": self.address, "HOME": str(self.root / "home"),
                "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-        r = subprocess.run([sys.executable, "-c", "import json, ray\nray.init(logging_level='ERROR')\n"
+        r = subprocess.run([sys.executable, "-c", "import json, ray\nray.init(logging_level='ERROR', log_to_driver=False)\n"
                             + textwrap.dedent(script)], env=env, capture_output=True, text=True, timeout=timeout)
         assert r.returncode == 0, r.stderr[-3000:]
         return json.loads(r.stdout.strip().splitlines()[-1])

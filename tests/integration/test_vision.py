@@ -79,7 +79,7 @@ class VisionPool:
         return r.stdout
 
     def driver(self, script: str, timeout: float = 120) -> Any:
-        out = self.run(["-c", "import json, ray\nray.init(namespace='rma', logging_level='ERROR')\n"
+        out = self.run(["-c", "import json, ray\nray.init(namespace='rma', logging_level='ERROR', log_to_driver=False)\n"
                         + textwrap.dedent(script)], timeout=timeout)
         return json.loads(out.strip().splitlines()[-1])
 
