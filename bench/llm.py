@@ -104,35 +104,28 @@ print(json.dumps(asyncio.run(main())))
 """
 
 
-def _group(p: psutil.Process) -> str:
-    """Which part of either stack a process is (for the CPU breakdown of the concurrent phase)."""
-    if p.pid == os.getpid():
-        return "bench client"
-    try:
-        name, cmd = p.name(), " ".join(p.cmdline()[:3])
-    except psutil.Error:
-        return "other"
-    if "EngineCore" in name or "EngineCore" in cmd:
-        return "vLLM engine core"
-    if "haproxy" in name:
-        return "HAProxy"
-    if "vllm.entrypoints.openai.api_server" in cmd:
-        return "vLLM API server"
-    if "rma-llm" in cmd and ("LLMServer" in cmd or "OpenAiIngress" in cmd):
-        return "LLM replica" if "LLMServer" in cmd else "OpenAI ingress replica"
-    if name.startswith(("raylet", "gcs_server")) or "ray" in cmd or "dashboard" in cmd:
-        return "Ray and Serve (both nodes)"
-    return "other"
-
-
-def cpu_snapshot() -> dict[int, tuple[str, float]]:
+def cpu_snapshot(roots: dict[str, int]) -> dict[int, tuple[str, float]]:
+    """CPU seconds so far of every process, grouped: each root's process tree (a Ray node, vLLM's server), its vLLM
+    engine core apart, this bench (the client), and everything else on the box."""
+    group: dict[int, str] = {os.getpid(): "bench client"}
+    for label, pid in roots.items():
+        try:
+            tree = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+        except psutil.Error:
+            continue
+        for p in tree:
+            try:
+                engine = "EngineCore" in p.name() or "EngineCore" in " ".join(p.cmdline()[:1])
+            except psutil.Error:
+                continue
+            group[p.pid] = f"{label}: vLLM engine core" if engine else f"{label}: the rest"
     out = {}
     for p in psutil.process_iter():
         try:
             t = p.cpu_times()
-            out[p.pid] = (_group(p), t.user + t.system)
         except psutil.Error:
             continue
+        out[p.pid] = (group.get(p.pid, "other processes"), t.user + t.system)
     return out
 
 
@@ -144,7 +137,8 @@ def cpu_used(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, f
 
 
 async def measure(targets: dict[str, tuple[str, str]], model: str, tokens: int, single: int,
-                  rounds: int, handle_round: Any = None) -> dict[str, dict[str, float]]:
+                  rounds: int, handle_round: Any = None, roots: dict[str, int] | None = None
+                  ) -> dict[str, dict[str, float]]:
     """Interleaved A/B/A/B over the targets (name -> (base_url, api_key)), so that other load on the machine
     drifts over both sides alike. `handle_round()`, when given, measures the "handle" target (a Ray driver straight
     to the replica) once per round, in the same turn order."""
@@ -163,10 +157,10 @@ async def measure(targets: dict[str, tuple[str, str]], model: str, tokens: int, 
         for name, client in clients.items():
             singles[name] += [await one(client, model, tokens) for _ in range(single)]
         for name, client in clients.items():
-            before, t0 = cpu_snapshot(), time.perf_counter()
+            before, t0 = cpu_snapshot(roots or {}), time.perf_counter()
             results = await asyncio.gather(*(one(client, model, tokens) for _ in range(8)))
             took = time.perf_counter() - t0
-            for group, secs in cpu_used(before, cpu_snapshot()).items():
+            for group, secs in cpu_used(before, cpu_snapshot(roots or {})).items():
                 cpu[name][group] = cpu[name].get(group, 0.0) + secs
             wall[name] += took
             conc[name].append(sum(r[1] for r in results) / took)
@@ -257,6 +251,8 @@ def main() -> int:
                     help="RMA_LLM_INGRESS for the pool (default: direct, the replica answers HTTP itself)")
     ap.add_argument("--executor", choices=("uni", "mp"), default=None,
                     help="RMA_LLM_CPU_EXECUTOR (default uni; mp is what ray.serve.llm does when left alone)")
+    ap.add_argument("--coalesce-ms", type=float, default=None,
+                    help="RMA_LLM_STREAM_COALESCE_MS: the direct shape writes a stream at most once per this many ms")
     ap.add_argument("--no-handle", action="store_true", help="skip the Serve-handle column (no HTTP, no ingress)")
     args = ap.parse_args()
     # a SIGTERM (timeout, Ctrl-C from a wrapper) unwinds through the finally blocks: Serve, nodes, vLLM stop
@@ -267,6 +263,8 @@ def main() -> int:
         llm_env["RMA_LLM_CPU_THREADS_BIND"] = args.threads_bind
     if args.ingress is not None:
         llm_env["RMA_LLM_INGRESS"] = args.ingress
+    if args.coalesce_ms is not None:
+        llm_env["RMA_LLM_STREAM_COALESCE_MS"] = str(args.coalesce_ms)
     if args.executor is not None:
         llm_env["RMA_LLM_CPU_EXECUTOR"] = args.executor
 
@@ -308,7 +306,9 @@ def main() -> int:
             figs = asyncio.run(measure({"pool": (pool.serve_url + "/v1", key),
                                         "vllm": (f"http://127.0.0.1:{port}/v1", "none")},
                                        MODEL, args.tokens, args.single, args.rounds,
-                                       None if args.no_handle else handle_round))
+                                       None if args.no_handle else handle_round,
+                                       {"pool LLM node": pool.nodes["llm"].pid, "pool head": pool.nodes["head"].pid,
+                                        "vLLM server": proc.pid}))
             pool_fig, vllm_fig, handle_fig = figs["pool"], figs["vllm"], figs.get("handle")
         finally:
             if proc is not None:
@@ -323,7 +323,8 @@ def main() -> int:
     batching = "ray.serve.llm's 50" if args.stream_batching_ms is None else f"{args.stream_batching_ms:g}"
     defaults = LLMSettings()
     print(f"pool: ingress {args.ingress or 'direct'}, vllm-cpu executor {args.executor or defaults.cpu_executor}, "
-          f"thread binding {args.threads_bind or defaults.cpu_threads_bind}, stream batching (handle and proxied "
+          f"thread binding {args.threads_bind or defaults.cpu_threads_bind}, stream coalescing "
+          f"{args.coalesce_ms if args.coalesce_ms is not None else defaults.stream_coalesce_ms:g} ms, stream batching (handle and proxied "
           f"paths) {batching} ms")
     print(f"{'figure':34s} {'pool (auth /v1)':>16s} {'vLLM server':>12s} {'pool/vLLM':>10s}"
           + (f" {'replica via handle':>19s} {'handle/vLLM':>11s}" if handle_fig else ""))

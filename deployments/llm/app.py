@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import time
 from typing import Any, Literal
@@ -68,6 +69,7 @@ async def require_client_async(request: Request) -> Any:
 
 
 AUTH = [Depends(require_client_async)]
+COALESCE_ENV = "RMA_LLM_STREAM_COALESCE_MS"
 
 # The OpenAI routes the pool serves (paths under the /v1 prefix): vLLM's app has many more (tokenize, metrics,
 # docs, pooling, ...), and every one of them would be reachable with a key; only these are.
@@ -122,7 +124,58 @@ class ClientKeyGate:
         if refusal is not None:
             await refusal(scope, receive, send)
             return
-        await self.app({**scope, "root_path": root.removesuffix(self.prefix)}, receive, send)
+        window = float(os.environ.get(COALESCE_ENV, "0") or 0) / 1000
+        await self.app({**scope, "root_path": root.removesuffix(self.prefix)}, receive,
+                       StreamCoalescer(send, window) if window > 0 else send)
+
+
+class StreamCoalescer:
+    """An ASGI `send` that writes a streamed (text/event-stream) body at most once per `window` seconds: the first
+    chunk at once (time to first token unchanged), later ones gathered for up to `window`, the last one at once.
+    Fewer, larger writes through the replica's HTTP server, HAProxy and the client's socket."""
+
+    def __init__(self, send: Any, window: float) -> None:
+        self.send, self.window = send, window
+        self.streaming = False
+        self.buf: list[bytes] = []
+        self.last = 0.0
+        self.timer: asyncio.Task[None] | None = None
+        self.lock = asyncio.Lock()
+
+    async def __call__(self, message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            headers = dict(message.get("headers") or [])
+            self.streaming = headers.get(b"content-type", b"").startswith(b"text/event-stream")
+        elif self.streaming and message["type"] == "http.response.body" and message.get("more_body"):
+            self.buf.append(message.get("body", b""))
+            now = time.monotonic()
+            if now - self.last >= self.window and self.timer is None:
+                await self._flush()
+            elif self.timer is None:
+                self.timer = asyncio.get_running_loop().create_task(self._later(self.last + self.window - now))
+            return
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        async with self.lock:
+            if self.buf and message["type"] == "http.response.body":
+                message = {**message, "body": b"".join(self.buf) + message.get("body", b"")}
+                self.buf.clear()
+            await self.send(message)
+
+    async def _later(self, delay: float) -> None:
+        await asyncio.sleep(max(0.0, delay))
+        self.timer = None
+        await self._flush()
+
+    async def _flush(self) -> None:
+        async with self.lock:
+            if not self.buf:
+                return
+            body = b"".join(self.buf)
+            self.buf.clear()
+            self.last = time.monotonic()
+            await self.send({"type": "http.response.body", "body": body, "more_body": True})
 
 
 def openai_fastapi_app() -> FastAPI:

@@ -27,6 +27,8 @@ def test_cpu_tier_serves_the_embedded_model_from_the_data_dir(tmp_path: Path) ->
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
     # one worker inside vLLM's engine core, as vLLM's own server runs it (deployments.llm.server.CPUEngine)
     assert env["RMA_LLM_CPU_EXECUTOR"] == "uni"
+    # as its app's ingress, the replica's key gate writes a stream at most every 20 ms
+    assert build_llm_config(s, ingress=True).runtime_env["env_vars"]["RMA_LLM_STREAM_COALESCE_MS"] == "20"
     # the CPU LLM runs on trusted nodes only (the head, trusted service donors): it is its app's ingress and sees keys
     assert c.deployment_config["placement_group_bundle_label_selector"] == [{"rma.io/tier": "in(service,head)",
                                                                               "rma.io/trusted": "true"}]
@@ -232,3 +234,37 @@ def test_the_async_key_check_is_the_shared_verifier(monkeypatch: pytest.MonkeyPa
             assert exc.value.status == 401
     finally:
         auth.set_verifier(None)
+
+
+def test_the_stream_coalescer_writes_the_first_chunk_at_once_and_loses_nothing() -> None:
+    import asyncio
+    import time
+
+    from deployments.llm.app import StreamCoalescer
+
+    async def run(content_type: bytes, gaps: list[float]) -> list[tuple[float, bytes, bool]]:
+        sent: list[tuple[float, bytes, bool]] = []
+        t0 = time.monotonic()
+
+        async def send(message: dict) -> None:
+            if message["type"] == "http.response.body":
+                sent.append((time.monotonic() - t0, message["body"], bool(message.get("more_body"))))
+
+        c = StreamCoalescer(send, 0.05)
+        await c({"type": "http.response.start", "status": 200, "headers": [(b"content-type", content_type)]})
+        for i, gap in enumerate(gaps):
+            await asyncio.sleep(gap)
+            await c({"type": "http.response.body", "body": b"data: %d\n\n" % i, "more_body": True})
+        await c({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+        return sent
+
+    events = asyncio.run(run(b"text/event-stream", [0, 0.001, 0.001, 0.001, 0.12, 0.001]))
+    body = b"".join(b for _, b, _ in events)
+    assert body == b"".join(b"data: %d\n\n" % i for i in range(6)) + b"data: [DONE]\n\n"  # all, in order
+    assert events[0][1] == b"data: 0\n\n" and events[0][0] < 0.03  # the first token is not held back
+    assert len(events) < 7 and events[-1][2] is False  # fewer writes than chunks; the last one ends the body
+    # chunks 1-3 went out together within the window, before chunk 4 (sent 0.12 s later) arrived
+    assert any(b == b"data: 1\n\ndata: 2\n\ndata: 3\n\n" for _, b, _ in events), events
+    # a response that is not an event stream passes through untouched
+    plain = asyncio.run(run(b"application/json", [0, 0.001]))
+    assert [b for _, b, _ in plain] == [b"data: 0\n\n", b"data: 1\n\n", b"data: [DONE]\n\n"]
