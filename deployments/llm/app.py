@@ -7,7 +7,7 @@
   * direct (the LLM replicas may run only on trusted nodes, as the embedded CPU default does): ray.serve.llm's
     `LLMServer` is the app's ingress and answers with vLLM's own OpenAI app behind `ClientKeyGate`; HAProxy sends
     each request straight into the replica (ray.serve.llm's "direct streaming" shape; replica classes in
-    `deployments.llm.server`). bench.llm, 8 concurrent streams: 0.93x of vLLM's own server (the proxied shape: 0.68-0.73x);
+    `deployments.llm.server`). bench.llm, 8 concurrent streams: 0.91-0.96x of vLLM's own server (proxied: 0.68-0.73x);
   * proxied (the LLM may land on untrusted donors, e.g. any GPU donor): ray.serve.llm's `OpenAiIngress` with our
     FastAPI app, pinned to trusted nodes, in front of the `LLMServer`: a client's key never reaches an untrusted
     donor; every streamed token takes one Ray hop more.

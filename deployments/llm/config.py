@@ -63,7 +63,7 @@ class LLMSettings(BaseSettings):
         default=None, ge=0, description="streamed tokens are sent from the replica to the ingress in batches every "
                                         "this many ms (None: ray.serve.llm's 50; 0: every token on its own)")
 
-    # bench.llm, 8 concurrent streams on a 2-core box: 0.83-0.93x of vLLM's own server without, 0.96x with 20 ms
+    # bench.llm, 8 concurrent streams on a 2-core box: 0.83-0.93x of vLLM's own server without, 0.91-0.96x with 20 ms
     stream_coalesce_ms: float = Field(default=20, ge=0, le=1000, description="direct shape: a streamed answer is "
                                       "written at most once per this many ms (the first chunk at once, the last "
                                       "at once); 0: every chunk as vLLM yields it")
