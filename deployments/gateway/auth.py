@@ -120,9 +120,14 @@ def openai_error_handler(app: FastAPI) -> None:
 
     @app.exception_handler(KeyRejected)
     async def _rejected(request: Request, exc: KeyRejected) -> JSONResponse:
-        kind = "authentication_error" if exc.status == 401 else "service_unavailable"
-        return JSONResponse({"error": {"message": exc.message, "type": kind, "param": None, "code": exc.code}},
-                            status_code=exc.status, headers=_headers(exc))
+        return openai_refusal(exc)
+
+
+def openai_refusal(exc: KeyRejected) -> JSONResponse:
+    """A key refusal as an OpenAI error body (also used outside FastAPI, by the LLM replica's ASGI key gate)."""
+    kind = "authentication_error" if exc.status == 401 else "service_unavailable"
+    return JSONResponse({"error": {"message": exc.message, "type": kind, "param": None, "code": exc.code}},
+                        status_code=exc.status, headers=_headers(exc))
 
 
 def _headers(exc: KeyRejected) -> dict[str, Any]:

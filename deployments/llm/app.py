@@ -34,7 +34,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from ray import serve
 from starlette.exceptions import HTTPException
 
-from deployments.gateway.auth import openai_error_handler, require_client_on_loop, rma_error_handler
+from deployments.gateway.auth import (
+    openai_error_handler,
+    openai_refusal,
+    require_client_on_loop,
+    rma_error_handler,
+)
 from deployments.llm.config import (
     INFERENCE_APP,
     INFERENCE_ROUTE_PREFIX,
@@ -81,9 +86,10 @@ OPENAI_ROUTES: tuple[tuple[str, re.Pattern[str]], ...] = (
 )
 
 
-def openai_error(status: int, message: str, kind: str | None = None, code: Any = None,
-                 headers: dict[str, str] | None = None) -> JSONResponse:
-    kind = kind or ("invalid_request_error" if 400 <= status < 500 else "server_error")
+def openai_error(status: int, message: str, code: Any = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    kind = "invalid_request_error" if 400 <= status < 500 else "server_error"
+    if code is None and status == 404:
+        code = "model_not_found" if "model" in message.lower() else "not_found"
     return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code or status}},
                         status_code=status, headers=headers)
 
@@ -95,6 +101,7 @@ class ClientKeyGate:
 
     def __init__(self, app: Any, prefix: str = LLM_ROUTE_PREFIX) -> None:
         self.app, self.prefix = app, prefix
+        self.window = float(os.environ.get(COALESCE_ENV, "0") or 0) / 1000  # set in the replica's runtime env
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -118,15 +125,12 @@ class ClientKeyGate:
                 await require_client_async(Request(scope))
                 refusal = None
             except KeyRejected as exc:
-                kind = "authentication_error" if exc.status == 401 else "service_unavailable"
-                headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {"Retry-After": "5"}
-                refusal = openai_error(exc.status, exc.message, kind, exc.code, headers)
+                refusal = openai_refusal(exc)
         if refusal is not None:
             await refusal(scope, receive, send)
             return
-        window = float(os.environ.get(COALESCE_ENV, "0") or 0) / 1000
         await self.app({**scope, "root_path": root.removesuffix(self.prefix)}, receive,
-                       StreamCoalescer(send, window) if window > 0 else send)
+                       StreamCoalescer(send, self.window) if self.window > 0 else send)
 
 
 class StreamCoalescer:
@@ -256,10 +260,10 @@ def build_llm_app(settings: LLMSettings) -> Any:
         return build_proxied_llm_app(settings)
     from ray.serve.llm import build_llm_deployment
 
-    llm_config = build_llm_config(settings, ingress=True)
-    # the deployment keeps ray.serve.llm's usual name ("LLMServer:<model id>"): handles and tools look it up by it
     from deployments.llm.server import KeyedLLMServer
 
+    llm_config = build_llm_config(settings, ingress=True)
+    # the deployment keeps ray.serve.llm's usual name ("LLMServer:<model id>"): handles and tools look it up by it
     return build_llm_deployment(llm_config, name_prefix="LLMServer:", deployment_cls=serve.ingress()(KeyedLLMServer))
 
 
