@@ -11,62 +11,16 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 from fastapi.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from admission import db, errors, migrate
 from admission.ratelimit import IpLimiter
 from admission.routes import admin, health, invites, registry, worker
 from admission.services import keys, overlay
 from admission.state import AppState
+from rma_ray.bodylimit import BodyLimit, json_refusal
 from rma_ray.settings import Settings
 
 log = logging.getLogger("rma.admission")
-
-
-class _TooLarge(Exception):
-    pass
-
-
-class BodyLimit:
-    """413 for request bodies over the limit, whether announced by Content-Length or streamed."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        for name, value in scope["headers"]:
-            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                return await self._reject(send)
-        seen = 0
-        started = False
-
-        async def counted() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _TooLarge
-            return message
-
-        async def tracked(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, counted, tracked)
-        except _TooLarge:
-            if not started:
-                await self._reject(send)
-
-    async def _reject(self, send: Send) -> None:
-        body = (b'{"error":{"code":"payload_too_large","message":"request body over %d bytes"}}' % self.max_bytes)
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
 
 
 def build_state(settings: Settings) -> AppState:
@@ -128,7 +82,7 @@ def create_app(settings: Settings | None = None, state: AppState | None = None) 
     for r in (worker.router, invites.router, admin.router, registry.router, health.router):  # hottest first
         app.include_router(r)
     app.mount("/static", StaticFiles(directory=Path(__file__).resolve().parent / "static"), name="static")
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, refusal=json_refusal("payload_too_large"))
     return app
 
 

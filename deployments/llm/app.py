@@ -48,6 +48,7 @@ from deployments.llm.config import (
     LLMSettings,
     build_llm_config,
 )
+from rma_ray.bodylimit import BodyLimit, json_refusal
 from rma_ray.client_keys import KeyRejected
 from rma_ray.serve_admin import INGRESS_REPLICA_ENV
 from rma_ray.tiers import TRUSTED_NODES
@@ -75,6 +76,7 @@ async def require_client_async(request: Request) -> Any:
 
 AUTH = [Depends(require_client_async)]
 COALESCE_ENV = "RMA_LLM_STREAM_COALESCE_MS"
+MAX_BODY_BYTES = 16 * 2**20  # a chat request's body: a long context is well under 1 MiB, images in base64 a few MiB
 
 # The OpenAI routes the pool serves (paths under the /v1 prefix): vLLM's app has many more (tokenize, metrics,
 # docs, pooling, ...), and every one of them would be reachable with a key; only these are.
@@ -101,6 +103,8 @@ class ClientKeyGate:
 
     def __init__(self, app: Any, prefix: str = LLM_ROUTE_PREFIX) -> None:
         self.app, self.prefix = app, prefix
+        # vLLM's app reads the whole body: the pool's one streamed limit refuses chunked bodies over it as they come
+        self.limited = BodyLimit(app, MAX_BODY_BYTES, json_refusal("body_too_large", shape="openai"))
         self.window = float(os.environ.get(COALESCE_ENV, "0") or 0) / 1000  # set in the replica's runtime env
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -129,7 +133,7 @@ class ClientKeyGate:
         if refusal is not None:
             await refusal(scope, receive, send)
             return
-        await self.app({**scope, "root_path": root.removesuffix(self.prefix)}, receive,
+        await self.limited({**scope, "root_path": root.removesuffix(self.prefix)}, receive,
                        StreamCoalescer(send, self.window) if self.window > 0 else send)
 
 

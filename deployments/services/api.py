@@ -26,6 +26,7 @@ from deployments.services.backends import as_backend
 from deployments.services.errors import ServiceError, unwrap
 from deployments.services.rag import collection_name
 from deployments.services.settings import ServicesSettings
+from rma_ray.bodylimit import BodyLimit, json_refusal
 from rma_ray.client_keys import ClientIdentity
 
 log = logging.getLogger("rma.services.api")
@@ -158,6 +159,7 @@ class GatewayMiddleware:
 
     def __init__(self, app: Any, settings: ServicesSettings, set_request_id: bool, metrics: Any) -> None:
         self.app, self.settings, self.set_request_id, self.metrics = app, settings, set_request_id, metrics
+        self.limit = BodyLimit(app, settings.upload_max_bytes + 64 * 1024, json_refusal("body_too_large"))
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -180,15 +182,8 @@ class GatewayMiddleware:
                     message = {**message, "headers": out}
             await send(message)
 
-        length = headers.get(b"content-length", b"")
-        limit = self.settings.upload_max_bytes + 64 * 1024
-        if length.isdigit() and int(length) > limit:
-            body = {"error": {"code": "body_too_large", "request_id": rid,
-                              "message": f"the request body is {int(length):,} bytes; the limit is "
-                                         f"{self.settings.upload_max_bytes:,}"}}
-            await JSONResponse(body, status_code=413)(scope, receive, send_with_id)
-        else:
-            await self.app(scope, receive, send_with_id)
+        # the one streamed body limit (rma_ray.bodylimit): chunked bodies are counted as read, not only announced
+        await self.limit(scope, receive, send_with_id)
         if self.metrics is not None:
             route = getattr(scope.get("route"), "path", "unmatched")
             self.metrics.observe(route, scope["method"], status, (time.perf_counter() - t0) * 1000)

@@ -37,11 +37,13 @@ from deployments.vision.config import (
     VisionSettings,
 )
 from deployments.vision.request import VisionError
+from rma_ray.bodylimit import BodyLimit, json_refusal
 from rma_ray.serve_admin import INGRESS_REPLICA_ENV
 from rma_ray.tiers import TRUSTED_NODES
 
 AUTH = [Depends(require_client_async)]
 STATUS_TTL_S = 2.0
+BODY_LIMIT: dict[str, int] = {}
 
 
 class PrefixIsRoot:
@@ -57,9 +59,13 @@ class PrefixIsRoot:
         await self.app(scope, receive, send)
 
 
-def vision_fastapi_app() -> FastAPI:
+def vision_fastapi_app(max_body_bytes: int | None = None) -> FastAPI:
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(PrefixIsRoot)
+    # the largest body worth reading; by default from the replica's settings (VisionGateway sets it before any
+    # request reaches the app, and the middleware reads it on the first one)
+    app.add_middleware(BodyLimit, refusal=json_refusal("request_too_large"), max_bytes=max_body_bytes or (
+        lambda: BODY_LIMIT.get("max_bytes", vreq.Limits().max_body_bytes())))
     rma_error_handler(app)
 
     @app.exception_handler(VisionError)
@@ -74,26 +80,15 @@ def vision_fastapi_app() -> FastAPI:
 _app = vision_fastapi_app()
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it passes `limit` bytes (Content-Length first, then as it streams)."""
-    declared = request.headers.get("content-length")
-    too_big = VisionError(413, "request_too_large", f"the request body is over {limit} bytes; send a smaller "
-                                                    f"image (at most {limit * 3 // 4 // 2**20} MiB)")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise too_big
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_big
-        chunks.append(chunk)
-    return b"".join(chunks)
+async def read_body(request: Request) -> bytes:
+    """The body; the app's BodyLimit (rma_ray.bodylimit) refuses it with 413 as soon as it passes the limit."""
+    return await request.body()
 
 
 async def parse_request(request: Request, limits: vreq.Limits) -> vreq.VisionInput:
     """multipart/form-data (an `image` file part) or JSON (`image` in base64) -> a checked VisionInput."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    body = await read_body(request, limits.max_body_bytes())
+    body = await read_body(request)
     if ctype == "application/json":
         return await asyncio.to_thread(vreq.from_json, body, limits)  # Pillow reads the whole image: off the loop
     if ctype != "multipart/form-data":
@@ -141,6 +136,7 @@ class VisionGateway:
     def __init__(self, settings: dict[str, Any]) -> None:
         self.s = VisionSettings(**settings)
         self.limits = self.s.limits()
+        BODY_LIMIT["max_bytes"] = self.limits.max_body_bytes()
         self.deployment = self.s.backend_deployment()
         self._handle: Any = None  # looked up once the backend app is seen running (it may be deployed later)
         self._checked_at, self._available = 0.0, (False, "")

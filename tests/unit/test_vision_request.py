@@ -26,7 +26,7 @@ def image_bytes(fmt: str = "PNG", size: tuple[int, int] = (64, 48)) -> bytes:
 
 @pytest.fixture(scope="module")
 def client() -> TestClient:
-    app = vision_fastapi_app()
+    app = vision_fastapi_app(LIMITS.max_body_bytes())
 
     @app.post("/")
     async def route(request: Request) -> dict[str, Any]:
