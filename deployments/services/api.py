@@ -267,9 +267,11 @@ def create_api(backends: Backends, settings: ServicesSettings | None = None, *, 
     rma_error_handler(app)
 
     async def call(what: str, fn: Callable[..., Awaitable[Any]], *args: Any, retry: bool = False,
-                   **kwargs: Any) -> Any:
+                   hostile: bool = False, **kwargs: Any) -> Any:
         """One backend call with the gateway's time limit; Serve's refusals become 503s with Retry-After, and
-        an idempotent call (`retry`) is sent once more when the replica it reached died under it."""
+        an idempotent call (`retry`) is sent once more when the replica it reached died under it. A call that
+        hands the caller's file to a parser (`hostile`) is never retried: a replica that died under it is taken
+        as the file's doing (one bomb must not take down a second replica), and answered 422."""
         for attempt in (1, 2):
             try:
                 return await asyncio.wait_for(fn(*args, **kwargs), s.request_timeout_s)
@@ -283,6 +285,12 @@ def create_api(backends: Backends, settings: ServicesSettings | None = None, *, 
                 if name == "BackPressureError":
                     raise ServiceError(503, "overloaded", f"the {what} service is at capacity; retry shortly",
                                        s.retry_after_s) from None
+                if name in DIED and hostile:
+                    log.warning("%s replica died under a file; the file is refused, not retried", what)
+                    raise ServiceError(422, "parser_limits_exceeded",
+                                       f"the {what} service's replica died while processing this file: this file "
+                                       f"made the parser exceed its limits; it was not processed and is not "
+                                       f"retried. Send a smaller or simpler file") from None
                 if name in DIED and retry and attempt == 1:
                     log.warning("%s replica died under a request; retrying once", what)
                     if metrics is not None:
@@ -349,12 +357,12 @@ def create_api(backends: Backends, settings: ServicesSettings | None = None, *, 
     async def parse_document(request: Request, client: ClientDep,
                              ocr: Literal["auto", "never", "always"] = "auto") -> Any:
         data, filename, ctype, _ = await _file_or_upload(request, client)
-        return await call("documents", b.documents.parse, data, filename, ctype, ocr, retry=True)
+        return await call("documents", b.documents.parse, data, filename, ctype, ocr, hostile=True)
 
     @app.post("/ocr")
     async def ocr_document(request: Request, client: ClientDep) -> Any:
         data, filename, ctype, _ = await _file_or_upload(request, client)
-        return await call("OCR", b.ocr.document, data, filename, ctype, retry=True)
+        return await call("OCR", b.ocr.document, data, filename, ctype, hostile=True)
 
     @app.post("/uploads", status_code=201)
     async def create_upload(request: Request, client: ClientDep) -> Any:
@@ -377,7 +385,8 @@ def create_api(backends: Backends, settings: ServicesSettings | None = None, *, 
         docs: list[dict[str, Any]]
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
             data, filename, ctype, fields = await _form_file(request, s.upload_max_bytes)
-            parsed = await call("documents", b.documents.parse, data, filename, ctype, "auto")
+            parsed = await call("documents", b.documents.parse, data, filename, ctype, "auto",
+                                hostile=True)
             docs = [{"text": parsed["text"], "source": fields.get("source") or filename or "upload",
                      "metadata": {"content_type": parsed["content_type"]}}]
         else:
@@ -389,7 +398,7 @@ def create_api(backends: Backends, settings: ServicesSettings | None = None, *, 
             if body.upload_id is not None:
                 meta, data = await call("uploads", b.uploads.read, body.upload_id, _owner(client))
                 parsed = await call("documents", b.documents.parse, data, meta["filename"], meta["content_type"],
-                                    "auto")
+                                    "auto", hostile=True)
                 docs = [{"text": parsed["text"], "source": body.source or f"upload:{meta['id']}",
                          "metadata": {**body.metadata, "upload_id": meta["id"], "filename": meta["filename"] or ""}}]
             elif body.text is not None:

@@ -2,6 +2,11 @@
 pages and metadata with the format's own parser (pypdf, python-docx, BeautifulSoup, markdown-it). PDF pages
 without a text layer and images fall through to OCR.
 
+Every parser runs in a limited child process (`sandbox`); what can be checked from a file's own declarations is
+checked before a parser opens it: a PDF page's size before it is rendered (the scale is chosen to stay under the
+pixel limit, and a page too large even at the smallest useful scale is refused), a ZIP's members (count, total
+size, compression ratio) before python-docx unzips them.
+
 The functions here are plain Python (unit-tested without Ray); `Documents` is the Serve deployment's class."""
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
+from deployments.services import sandbox
 from deployments.services.errors import ServiceError
 
 log = logging.getLogger("rma.services.documents")
@@ -36,6 +42,13 @@ EXTENSIONS = {".pdf": PDF, ".docx": DOCX, ".html": HTML, ".htm": HTML, ".md": MA
               ".gif": "image/gif"}
 MAX_PAGES = 2000
 MAX_OCR_PAGES = 50
+RENDER_SCALE = 2.0  # 144 dpi: what OCR reads best at for ordinary print
+MIN_RENDER_SCALE = 1.0  # 72 dpi: below it ordinary print is too small for OCR to read, so a page is refused
+# a DOCX is a ZIP: these are checked from its directory before anything is unzipped
+MAX_ZIP_MEMBERS = 1000
+MAX_ZIP_BYTES = 200 * 2**20  # all members, uncompressed (embedded pictures included)
+MAX_XML_BYTES = 16 * 2**20  # the XML parts, uncompressed: python-docx builds a tree of every element in them
+MAX_ZIP_RATIO = 100  # uncompressed/compressed of a member over 1 MiB; real XML compresses 5-20x, a bomb 1000x
 
 
 def _declared(content_type: str | None) -> str:
@@ -130,31 +143,104 @@ def parse_pdf_text(data: bytes) -> tuple[list[Page], dict[str, Any]]:
     return pages, meta
 
 
-def render_pdf_pages(data: bytes, numbers: list[int], scale: float = 2.0) -> list[bytes]:
-    """PNG images of the given 1-based pages (pypdfium2: PDFium, no system poppler needed), for OCR."""
+def render_scale(width_pt: float, height_pt: float, number: int) -> float:
+    """The scale to render a page of this size at: RENDER_SCALE, less where that would pass the OCR pixel limit or
+    side; a page that would pass them even at MIN_RENDER_SCALE is refused (413) before anything is rendered."""
+    from deployments.services.ocr import MAX_PIXELS, MAX_SIDE
+
+    if not (width_pt > 0 and height_pt > 0):
+        raise ServiceError(422, "unreadable_pdf", f"page {number} has no size; the PDF is damaged")
+    scale = min(RENDER_SCALE, MAX_SIDE / max(width_pt, height_pt), (MAX_PIXELS / (width_pt * height_pt)) ** 0.5)
+    if scale < MIN_RENDER_SCALE:
+        pixels = round(width_pt * MIN_RENDER_SCALE) * round(height_pt * MIN_RENDER_SCALE)
+        raise ServiceError(413, "page_too_large",
+                           f"page {number} is {width_pt:.0f}x{height_pt:.0f} pt: at the smallest resolution OCR "
+                           f"can read ({72 * MIN_RENDER_SCALE:.0f} dpi) it is {pixels:,} pixels; the limit is "
+                           f"{MAX_SIDE} pixels a side and {MAX_PIXELS:,} pixels a page")
+    return scale
+
+
+def _pdfium(data: bytes) -> Any:
     import pypdfium2 as pdfium
 
-    pdf = pdfium.PdfDocument(data)
+    try:
+        return pdfium.PdfDocument(data)
+    except pdfium.PdfiumError as exc:
+        raise ServiceError(422, "unreadable_pdf", f"the PDF could not be read: {exc}") from None
+
+
+def plan_pdf_render(data: bytes, numbers: list[int]) -> list[float]:
+    """The render scale of each given 1-based page, from the page sizes alone (nothing is rendered)."""
+    pdf = _pdfium(data)
     try:
         out = []
         for n in numbers:
-            image = pdf[n - 1].render(scale=scale).to_pil()
-            buf = io.BytesIO()
-            image.save(buf, format="PNG")
-            out.append(buf.getvalue())
+            if not 1 <= n <= len(pdf):
+                raise ServiceError(422, "unreadable_pdf", f"the PDF has no page {n}")
+            width, height = pdf[n - 1].get_size()
+            out.append(render_scale(width, height, n))
         return out
     finally:
         pdf.close()
 
 
-def parse_docx(data: bytes) -> tuple[list[Page], dict[str, Any]]:
-    import docx
-    from docx.opc.exceptions import PackageNotFoundError
+def render_pdf_page(data: bytes, number: int, scale: float) -> Any:
+    """One 1-based page as an RGB numpy array (pypdfium2: PDFium, no system poppler needed), for OCR. The scale
+    comes from `plan_pdf_render`; the size is checked again here, where the page is rendered."""
+    import numpy as np
+
+    pdf = _pdfium(data)
+    try:
+        page = pdf[number - 1]
+        width, height = page.get_size()
+        scale = min(scale, render_scale(width, height, number))
+        return np.asarray(page.render(scale=scale).to_pil().convert("RGB"))
+    finally:
+        pdf.close()
+
+
+def check_zip(data: bytes, what: str) -> None:
+    """Refuse (413) a ZIP-based file (DOCX, XLSX) whose directory declares too many members, too many bytes, or a
+    bomb's compression ratio, before any member is unzipped. Members cannot unzip to more than they declare:
+    zipfile stops at the declared size and checks the CRC."""
+    import zipfile
 
     try:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            members = zf.infolist()
+    except (zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise ServiceError(422, f"unreadable_{what.lower()}", f"the {what} could not be read: {exc}") from None
+    if len(members) > MAX_ZIP_MEMBERS:
+        raise ServiceError(413, "too_many_parts", f"the {what} has {len(members):,} parts; the limit is "
+                                                  f"{MAX_ZIP_MEMBERS:,}")
+    total = sum(m.file_size for m in members)
+    if total > MAX_ZIP_BYTES:
+        raise ServiceError(413, "unpacked_too_large", f"the {what} unpacks to {total:,} bytes; the limit is "
+                                                      f"{MAX_ZIP_BYTES:,}")
+    xml = sum(m.file_size for m in members if m.filename.endswith((".xml", ".rels")))
+    if xml > MAX_XML_BYTES:
+        raise ServiceError(413, "unpacked_too_large", f"the {what}'s XML unpacks to {xml:,} bytes; the limit is "
+                                                      f"{MAX_XML_BYTES:,}")
+    for m in members:
+        if m.file_size > 2**20 and m.file_size > MAX_ZIP_RATIO * max(m.compress_size, 1):
+            raise ServiceError(413, "compression_bomb",
+                               f"the {what}'s part {m.filename} unpacks {m.file_size // max(m.compress_size, 1):,}"
+                               f" times larger than it is stored; the limit is {MAX_ZIP_RATIO}x")
+
+
+def parse_docx(data: bytes) -> tuple[list[Page], dict[str, Any]]:
+    import zipfile
+
+    import docx
+    from docx.opc.exceptions import PackageNotFoundError
+    from lxml.etree import LxmlError
+
+    check_zip(data, "DOCX")
+    try:
         doc = docx.Document(io.BytesIO(data))
-    except (PackageNotFoundError, KeyError, ValueError) as exc:
-        raise ServiceError(422, "unreadable_docx", f"the DOCX could not be read: {exc}") from None
+    except (PackageNotFoundError, KeyError, ValueError, LxmlError, zipfile.BadZipFile, EOFError) as exc:
+        # LxmlError: XMLSyntaxError among others (a text node over lxml's 10 MB limit is one)
+        raise ServiceError(422, "unreadable_docx", f"the DOCX could not be read: {str(exc)[:300]}") from None
     parts = [p.text for p in doc.paragraphs if p.text.strip()]
     for table in doc.tables:
         for row in table.rows:
@@ -218,6 +304,7 @@ def parse_text(data: bytes) -> tuple[list[Page], dict[str, Any]]:
 PARSERS: dict[str, Callable[[bytes], tuple[list[Page], dict[str, Any]]]] = {
     DOCX: parse_docx, HTML: parse_html, MARKDOWN: parse_markdown, TEXT: parse_text}
 
+FORMAT_NAMES = {PDF: "PDF", DOCX: "DOCX", HTML: "HTML", MARKDOWN: "Markdown", TEXT: "text"}
 OcrFn = Callable[[bytes], Awaitable[dict[str, Any]]]
 
 
@@ -236,7 +323,7 @@ async def parse_document(data: bytes, filename: str | None, content_type: str | 
         pages, meta = [Page(1, result["text"], ocr=True)], {"width": result.get("width"),
                                                            "height": result.get("height")}
     elif kind == PDF:
-        pages, meta = await asyncio.to_thread(parse_pdf_text, data)
+        pages, meta = await sandbox.shared().arun("PDF parser", parse_pdf_text, data)
         wanted = [p.number for p in pages if ocr == "always" or (ocr == "auto" and not p.text)]
         if len(wanted) > MAX_OCR_PAGES:
             raise ServiceError(413, "too_many_scanned_pages",
@@ -245,7 +332,7 @@ async def parse_document(data: bytes, filename: str | None, content_type: str | 
             for page, result in zip(wanted, await ocr_pdf_pages(data, wanted), strict=True):
                 pages[page - 1] = Page(page, result["text"], ocr=True)
     else:
-        pages, meta = await asyncio.to_thread(PARSERS[kind], data)
+        pages, meta = await sandbox.shared().arun(f"{FORMAT_NAMES[kind]} parser", PARSERS[kind], data)
     text = "\n\n".join(p.text for p in pages if p.text)
     return {"filename": filename, "content_type": kind, "size": len(data), "text": text,
             "pages": [p.as_dict() for p in pages], "page_count": len(pages), "metadata": meta,

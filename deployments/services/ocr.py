@@ -8,6 +8,7 @@ import logging
 import threading
 from typing import Any
 
+from deployments.services import sandbox
 from deployments.services.errors import ServiceError
 
 log = logging.getLogger("rma.services.ocr")
@@ -93,7 +94,8 @@ class OcrEngine:
 
 
 class Ocr:
-    """The Serve deployment's class."""
+    """The Serve deployment's class. What decodes the caller's bytes (Pillow, PDFium) runs in the limited child
+    processes of `sandbox`; the OCR engine reads only the bounded pixel arrays they hand back."""
 
     def __init__(self) -> None:
         self.engine = OcrEngine()
@@ -102,14 +104,17 @@ class Ocr:
     def image(self, data: bytes) -> dict[str, Any]:
         if not data:
             raise ServiceError(400, "empty_file", "the file is empty")
-        return self.engine.read(load_image(data))
+        return self.engine.read(sandbox.shared().run("image decoder", load_image, data))
 
     def pdf_pages(self, data: bytes, numbers: list[int]) -> list[dict[str, Any]]:
-        from deployments.services.documents import render_pdf_pages
+        from deployments.services.documents import plan_pdf_render, render_pdf_page
 
+        box = sandbox.shared()
+        # every page's size is checked before the first is rendered: a refusal costs no rendering
+        scales = box.run("PDF renderer", plan_pdf_render, data, numbers)
         results = []
-        for number, png in zip(numbers, render_pdf_pages(data, numbers), strict=True):
-            result = self.engine.read(load_image(png))
+        for number, scale in zip(numbers, scales, strict=True):  # one page at a time: memory stays one page's
+            result = self.engine.read(box.run("PDF renderer", render_pdf_page, data, number, scale))
             result["page"] = number
             results.append(result)
         return results
@@ -124,7 +129,7 @@ class Ocr:
             return {"content_type": kind, "text": result["text"],
                     "pages": [{"number": 1, **result}]}
         if kind == PDF:
-            pages, _ = parse_pdf_text(data)
+            pages, _ = sandbox.shared().run("PDF parser", parse_pdf_text, data)
             from deployments.services.documents import MAX_OCR_PAGES
 
             if len(pages) > MAX_OCR_PAGES:
