@@ -82,7 +82,8 @@ def create_app(settings: Settings | None = None, state: AppState | None = None) 
     for r in (worker.router, invites.router, admin.router, registry.router, health.router):  # hottest first
         app.include_router(r)
     app.mount("/static", StaticFiles(directory=Path(__file__).resolve().parent / "static"), name="static")
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, refusal=json_refusal("payload_too_large"))
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes,
+                       refusal=json_refusal("payload_too_large"))
     return app
 
 

@@ -1,11 +1,12 @@
-"""One streamed request-body limit for every HTTP ingress of the pool (the coordinator, the services gateway, the
-vision front, the LLM replica's own app), as plain ASGI middleware.
+"""One streamed request-body limit for every HTTP ingress of the pool (the coordinator, the services gateway,
+the vision front, the LLM replica's own app), as plain ASGI middleware.
 
-Bytes are counted as the app pulls them from `receive`: a body announced by Content-Length over the limit is refused
-before a byte is read, and a chunked (or lying) body is refused as soon as the count passes the limit, so no app
-ever holds, parses or spools more than the limit plus one chunk. The refusal (413) is sent by the middleware itself
-at that moment; whatever the app then does with the aborted read (a handler that turns any exception into a 400 or
-a 500, a multipart parser that wraps it) cannot answer a second time: its messages are dropped."""
+Bytes are counted as the app pulls them from `receive`: a body announced by Content-Length over the limit is
+refused before a byte is read, and a chunked (or lying) body is refused as soon as the count passes the limit,
+so no app ever holds, parses or spools more than the limit plus one chunk. The refusal (413) is sent by the
+middleware itself at that moment; whatever the app then does with the aborted read (a handler that turns any
+exception into a 400 or a 500, a multipart parser that wraps it) cannot answer a second time: its messages are
+dropped."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ Scope = dict[str, Any]
 Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
-# (scope, limit in bytes) -> (status, headers, body) of the refusal: each ingress answers in its own error shape
+# (scope, limit in bytes) -> (status, headers, body) of the refusal: each ingress answers in its own shape
 Refusal = Callable[[Scope, int], tuple[int, list[tuple[bytes, bytes]], bytes]]
 
 
@@ -50,10 +51,9 @@ def json_refusal(code: str = "body_too_large", *, shape: str = "rma") -> Refusal
 
 
 class BodyLimit:
-    """413 for a request body over `max_bytes`, announced (Content-Length) or streamed (chunked), counted as read.
-
-    `max_bytes` may be a callable (read once, on the first request) where the limit comes from settings that the
-    app only has at run time."""
+    """413 for a request body over `max_bytes`, announced (Content-Length) or streamed (chunked), counted as
+    read. `max_bytes` may be a callable (read once, on the first request) where the limit comes from settings
+    that the app only has at run time."""
 
     def __init__(self, app: Any, max_bytes: int | Callable[[], int], refusal: Refusal | None = None) -> None:
         self.app, self._max, self.refusal = app, max_bytes, refusal or json_refusal()

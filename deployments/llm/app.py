@@ -76,7 +76,7 @@ async def require_client_async(request: Request) -> Any:
 
 AUTH = [Depends(require_client_async)]
 COALESCE_ENV = "RMA_LLM_STREAM_COALESCE_MS"
-MAX_BODY_BYTES = 16 * 2**20  # a chat request's body: a long context is well under 1 MiB, images in base64 a few MiB
+MAX_BODY_BYTES = 16 * 2**20  # a chat body: a long context is well under 1 MiB, base64 images a few MiB
 
 # The OpenAI routes the pool serves (paths under the /v1 prefix): vLLM's app has many more (tokenize, metrics,
 # docs, pooling, ...), and every one of them would be reachable with a key; only these are.
@@ -103,7 +103,7 @@ class ClientKeyGate:
 
     def __init__(self, app: Any, prefix: str = LLM_ROUTE_PREFIX) -> None:
         self.app, self.prefix = app, prefix
-        # vLLM's app reads the whole body: the pool's one streamed limit refuses chunked bodies over it as they come
+        # vLLM's app reads the whole body: the pool's one streamed limit refuses a chunked one past it
         self.limited = BodyLimit(app, MAX_BODY_BYTES, json_refusal("body_too_large", shape="openai"))
         self.window = float(os.environ.get(COALESCE_ENV, "0") or 0) / 1000  # set in the replica's runtime env
 

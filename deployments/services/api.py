@@ -182,7 +182,7 @@ class GatewayMiddleware:
                     message = {**message, "headers": out}
             await send(message)
 
-        # the one streamed body limit (rma_ray.bodylimit): chunked bodies are counted as read, not only announced
+        # the one streamed body limit (rma_ray.bodylimit): chunked bodies are counted as read
         await self.limit(scope, receive, send_with_id)
         if self.metrics is not None:
             route = getattr(scope.get("route"), "path", "unmatched")
@@ -269,9 +269,9 @@ def create_api(backends: Backends, settings: ServicesSettings | None = None, *, 
     async def call(what: str, fn: Callable[..., Awaitable[Any]], *args: Any, retry: bool = False,
                    hostile: bool = False, **kwargs: Any) -> Any:
         """One backend call with the gateway's time limit; Serve's refusals become 503s with Retry-After, and
-        an idempotent call (`retry`) is sent once more when the replica it reached died under it. A call that
-        hands the caller's file to a parser (`hostile`) is never retried: a replica that died under it is taken
-        as the file's doing (one bomb must not take down a second replica), and answered 422."""
+        an idempotent call (`retry`) is sent once more when the replica it reached died under it. A call
+        that hands the caller's file to a parser (`hostile`) is never retried: a replica that died under it
+        is taken as the file's doing (one bomb must not take down a second replica), and answered 422."""
         for attempt in (1, 2):
             try:
                 return await asyncio.wait_for(fn(*args, **kwargs), s.request_timeout_s)
@@ -288,9 +288,9 @@ def create_api(backends: Backends, settings: ServicesSettings | None = None, *, 
                 if name in DIED and hostile:
                     log.warning("%s replica died under a file; the file is refused, not retried", what)
                     raise ServiceError(422, "parser_limits_exceeded",
-                                       f"the {what} service's replica died while processing this file: this file "
-                                       f"made the parser exceed its limits; it was not processed and is not "
-                                       f"retried. Send a smaller or simpler file") from None
+                                       f"the {what} service's replica died while processing this file: "
+                                       f"this file made the parser exceed its limits; it was not processed "
+                                       f"and is not retried. Send a smaller or simpler file") from None
                 if name in DIED and retry and attempt == 1:
                     log.warning("%s replica died under a request; retrying once", what)
                     if metrics is not None:

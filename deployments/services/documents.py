@@ -2,10 +2,10 @@
 pages and metadata with the format's own parser (pypdf, python-docx, BeautifulSoup, markdown-it). PDF pages
 without a text layer and images fall through to OCR.
 
-Every parser runs in a limited child process (`sandbox`); what can be checked from a file's own declarations is
-checked before a parser opens it: a PDF page's size before it is rendered (the scale is chosen to stay under the
-pixel limit, and a page too large even at the smallest useful scale is refused), a ZIP's members (count, total
-size, compression ratio) before python-docx unzips them.
+Every parser runs in a limited child process (`sandbox`); what can be checked from a file's own declarations
+is checked before a parser opens it: a PDF page's size before it is rendered (the scale is chosen to stay
+under the pixel limit, and a page too large even at the smallest useful scale is refused), a ZIP's members
+(count, total size, compression ratio) before python-docx unzips them.
 
 The functions here are plain Python (unit-tested without Ray); `Documents` is the Serve deployment's class."""
 
@@ -144,19 +144,21 @@ def parse_pdf_text(data: bytes) -> tuple[list[Page], dict[str, Any]]:
 
 
 def render_scale(width_pt: float, height_pt: float, number: int) -> float:
-    """The scale to render a page of this size at: RENDER_SCALE, less where that would pass the OCR pixel limit or
-    side; a page that would pass them even at MIN_RENDER_SCALE is refused (413) before anything is rendered."""
+    """The scale to render a page of this size at: RENDER_SCALE, less where that would pass the OCR pixel
+    limit or side; a page that would pass them even at MIN_RENDER_SCALE is refused (413) before anything is
+    rendered."""
     from deployments.services.ocr import MAX_PIXELS, MAX_SIDE
 
     if not (width_pt > 0 and height_pt > 0):
         raise ServiceError(422, "unreadable_pdf", f"page {number} has no size; the PDF is damaged")
-    scale = min(RENDER_SCALE, MAX_SIDE / max(width_pt, height_pt), (MAX_PIXELS / (width_pt * height_pt)) ** 0.5)
+    fit = min(MAX_SIDE / max(width_pt, height_pt), (MAX_PIXELS / (width_pt * height_pt)) ** 0.5)
+    scale = min(RENDER_SCALE, fit)
     if scale < MIN_RENDER_SCALE:
         pixels = round(width_pt * MIN_RENDER_SCALE) * round(height_pt * MIN_RENDER_SCALE)
         raise ServiceError(413, "page_too_large",
-                           f"page {number} is {width_pt:.0f}x{height_pt:.0f} pt: at the smallest resolution OCR "
-                           f"can read ({72 * MIN_RENDER_SCALE:.0f} dpi) it is {pixels:,} pixels; the limit is "
-                           f"{MAX_SIDE} pixels a side and {MAX_PIXELS:,} pixels a page")
+                           f"page {number} is {width_pt:.0f}x{height_pt:.0f} pt: at the smallest "
+                           f"resolution OCR can read ({72 * MIN_RENDER_SCALE:.0f} dpi) it is {pixels:,} "
+                           f"pixels; the limit is {MAX_SIDE} pixels a side and {MAX_PIXELS:,} pixels a page")
     return scale
 
 
@@ -185,8 +187,8 @@ def plan_pdf_render(data: bytes, numbers: list[int]) -> list[float]:
 
 
 def render_pdf_page(data: bytes, number: int, scale: float) -> Any:
-    """One 1-based page as an RGB numpy array (pypdfium2: PDFium, no system poppler needed), for OCR. The scale
-    comes from `plan_pdf_render`; the size is checked again here, where the page is rendered."""
+    """One 1-based page as an RGB numpy array (pypdfium2: PDFium, no system poppler needed), for OCR. The
+    scale comes from `plan_pdf_render`; the size is checked again here, where the page is rendered."""
     import numpy as np
 
     pdf = _pdfium(data)
@@ -200,16 +202,17 @@ def render_pdf_page(data: bytes, number: int, scale: float) -> Any:
 
 
 def check_zip(data: bytes, what: str) -> None:
-    """Refuse (413) a ZIP-based file (DOCX, XLSX) whose directory declares too many members, too many bytes, or a
-    bomb's compression ratio, before any member is unzipped. Members cannot unzip to more than they declare:
-    zipfile stops at the declared size and checks the CRC."""
+    """Refuse (413) a ZIP-based file (DOCX, XLSX) whose directory declares too many members, too many bytes,
+    or a bomb's compression ratio, before any member is unzipped. Members cannot unzip to more than they
+    declare: zipfile stops at the declared size and checks the CRC."""
     import zipfile
 
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
             members = zf.infolist()
     except (zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise ServiceError(422, f"unreadable_{what.lower()}", f"the {what} could not be read: {exc}") from None
+        raise ServiceError(422, f"unreadable_{what.lower()}",
+                           f"the {what} could not be read: {exc}") from None
     if len(members) > MAX_ZIP_MEMBERS:
         raise ServiceError(413, "too_many_parts", f"the {what} has {len(members):,} parts; the limit is "
                                                   f"{MAX_ZIP_MEMBERS:,}")
@@ -219,13 +222,14 @@ def check_zip(data: bytes, what: str) -> None:
                                                       f"{MAX_ZIP_BYTES:,}")
     xml = sum(m.file_size for m in members if m.filename.endswith((".xml", ".rels")))
     if xml > MAX_XML_BYTES:
-        raise ServiceError(413, "unpacked_too_large", f"the {what}'s XML unpacks to {xml:,} bytes; the limit is "
-                                                      f"{MAX_XML_BYTES:,}")
+        raise ServiceError(413, "unpacked_too_large", f"the {what}'s XML unpacks to {xml:,} bytes; the limit "
+                                                      f"is {MAX_XML_BYTES:,}")
     for m in members:
         if m.file_size > 2**20 and m.file_size > MAX_ZIP_RATIO * max(m.compress_size, 1):
-            raise ServiceError(413, "compression_bomb",
-                               f"the {what}'s part {m.filename} unpacks {m.file_size // max(m.compress_size, 1):,}"
-                               f" times larger than it is stored; the limit is {MAX_ZIP_RATIO}x")
+            ratio = m.file_size // max(m.compress_size, 1)
+            raise ServiceError(413, "compression_bomb", f"the {what}'s part {m.filename} unpacks {ratio:,} "
+                                                        f"times larger than it is stored; the limit is "
+                                                        f"{MAX_ZIP_RATIO}x")
 
 
 def parse_docx(data: bytes) -> tuple[list[Page], dict[str, Any]]:

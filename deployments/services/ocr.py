@@ -94,8 +94,8 @@ class OcrEngine:
 
 
 class Ocr:
-    """The Serve deployment's class. What decodes the caller's bytes (Pillow, PDFium) runs in the limited child
-    processes of `sandbox`; the OCR engine reads only the bounded pixel arrays they hand back."""
+    """The Serve deployment's class. What decodes the caller's bytes (Pillow, PDFium) runs in the limited
+    child processes of `sandbox`; the OCR engine reads only the bounded pixel arrays they hand back."""
 
     def __init__(self) -> None:
         self.engine = OcrEngine()

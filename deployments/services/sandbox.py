@@ -1,13 +1,14 @@
-"""Hostile files are parsed in child processes with a memory and a CPU limit, so that a file built to exhaust a
-parser (a decompression bomb, a page that renders to gigapixels, a pathological XML tree) kills a child, not the
-replica and the other requests it serves.
+"""Hostile files are parsed in child processes with a memory and a CPU limit, so that a file built to exhaust
+a parser (a decompression bomb, a page that renders to gigapixels, a pathological XML tree) kills a child,
+not the replica and the other requests it serves.
 
-Pebble's ProcessPool keeps a few workers and reuses them across requests (starting a Python process with pypdf,
-pypdfium2, python-docx, lxml and Pillow imported costs ~0.3 s of CPU: too much per request, and fork-per-request
-from a Ray worker, which runs gRPC threads, is unsafe). Workers come from a forkserver (a clean process started
-once, not a fork of the threaded replica) that imports the parsers once, so a replacement worker is a cheap fork.
-When a worker dies, only the request it was serving fails (pebble answers ProcessExpired for that task and starts
-a new worker); that request is answered 422 `parser_limits_exceeded`, naming the file as the cause, never retried.
+Pebble's ProcessPool keeps a few workers and reuses them across requests (starting a Python process with
+pypdf, pypdfium2, python-docx, lxml and Pillow imported costs ~0.3 s of CPU: too much per request, and fork-
+per-request from a Ray worker, which runs gRPC threads, is unsafe). Workers come from a forkserver (a clean
+process started once, not a fork of the threaded replica) that imports the parsers once, so a replacement
+worker is a cheap fork. When a worker dies, only the request it was serving fails (pebble answers
+ProcessExpired for that task and starts a new worker); that request is answered 422 `parser_limits_exceeded`,
+naming the file as the cause, never retried.
 
 Limits: RLIMIT_AS (address space) set once per worker; RLIMIT_CPU set per task as the worker's CPU time so far
 plus the task's budget (the limit counts a process's whole life, and workers are reused); a wall-clock timeout
@@ -33,7 +34,8 @@ log = logging.getLogger("rma.services.sandbox")
 T = TypeVar("T")
 MEMORY_LIMIT_MB = int(os.environ.get("RMA_PARSER_MEMORY_MB", "1024"))
 CPU_LIMIT_S = int(os.environ.get("RMA_PARSER_CPU_S", "60"))
-WORKERS = int(os.environ.get("RMA_PARSER_WORKERS", "2"))  # Serve sends an OCR or documents replica 2 at a time
+# Serve sends an OCR or a documents replica 2 requests at a time
+WORKERS = int(os.environ.get("RMA_PARSER_WORKERS", "2"))
 MAX_TASKS = 200  # a worker is replaced after this many tasks: what a parser's allocator kept is given back
 # imported once in the forkserver, so that every worker forked from it starts with the parsers loaded
 PRELOAD = ["pypdf", "pypdfium2", "docx", "lxml.etree", "bs4", "markdown_it", "filetype", "PIL.Image", "numpy",
@@ -43,12 +45,14 @@ PRELOAD = ["pypdf", "pypdfium2", "docx", "lxml.etree", "bs4", "markdown_it", "fi
 LIMITS_CODE = "parser_limits_exceeded"
 
 
-def limits_exceeded(what: str, detail: str, memory_mb: int = MEMORY_LIMIT_MB, cpu_s: int = CPU_LIMIT_S) -> ServiceError:
-    """The file made its parser exceed the child's memory, CPU or time limit (the child was killed): a 422 that
-    names the file as the cause (a ServiceError, so it pickles back from a child too)."""
-    return ServiceError(422, LIMITS_CODE, f"this file made the {what} exceed its limits ({detail}; at most "
-                                          f"{memory_mb} MiB of memory and {cpu_s} s of CPU per file); it was not "
-                                          f"processed: send a smaller or simpler file")
+def limits_exceeded(what: str, detail: str, memory_mb: int = MEMORY_LIMIT_MB,
+                    cpu_s: int = CPU_LIMIT_S) -> ServiceError:
+    """The file made its parser exceed the child's memory, CPU or time limit (the child was killed): a 422
+    that names the file as the cause (a ServiceError, so it pickles back from a child too)."""
+    return ServiceError(422, LIMITS_CODE,
+                        f"this file made the {what} exceed its limits ({detail}; at most {memory_mb} MiB "
+                        f"of memory and {cpu_s} s of CPU per file); it was not processed: send a smaller or "
+                        f"simpler file")
 
 
 def _init_worker(memory_bytes: int) -> None:
@@ -71,7 +75,7 @@ def _limited(fn: Callable[..., T], what: str, memory_mb: int, cpu_s: int, args: 
         raise limits_exceeded(what, "it ran out of memory", memory_mb, cpu_s) from None
     except RecursionError:
         raise limits_exceeded(what, "it is nested too deeply", memory_mb, cpu_s) from None
-    except Exception as exc:  # a parser's own error on a malformed file: the caller's file, so a 4xx, not a 500
+    except Exception as exc:  # a parser's own error on a malformed file: the caller's file, so a 4xx
         raise ServiceError(422, "unreadable_file", f"the {what} could not read this file "
                                                    f"({type(exc).__name__}: {str(exc)[:300]})") from None
 
@@ -80,7 +84,8 @@ class Sandbox:
     """A pool of limited child processes; `run` (blocking) and `arun` (async) call a module-level function in
     one of them and return its result or raise its exception (ServiceError included)."""
 
-    def __init__(self, workers: int = WORKERS, memory_mb: int = MEMORY_LIMIT_MB, cpu_s: int = CPU_LIMIT_S) -> None:
+    def __init__(self, workers: int = WORKERS, memory_mb: int = MEMORY_LIMIT_MB,
+                 cpu_s: int = CPU_LIMIT_S) -> None:
         self.workers, self.memory_mb, self.cpu_s = workers, memory_mb, cpu_s
         self._pool: Any = None
         self._lock = threading.Lock()
@@ -107,7 +112,8 @@ class Sandbox:
         try:
             return future.result()
         except ProcessExpired as exc:
-            log.warning("a %s child died (exit code %s): the file is refused, not retried", what, exc.exitcode)
+            log.warning("a %s child died (exit code %s): the file is refused, not retried", what,
+                        exc.exitcode)
             raise limits_exceeded(what, _why(exc.exitcode), self.memory_mb, self.cpu_s) from None
         except FutureTimeout:
             raise limits_exceeded(what, "it ran past the time limit", self.memory_mb, self.cpu_s) from None

@@ -81,7 +81,7 @@ _app = vision_fastapi_app()
 
 
 async def read_body(request: Request) -> bytes:
-    """The body; the app's BodyLimit (rma_ray.bodylimit) refuses it with 413 as soon as it passes the limit."""
+    """The body; the app's BodyLimit (rma_ray.bodylimit) refuses it with 413 once it passes the limit."""
     return await request.body()
 
 

@@ -218,6 +218,38 @@ def test_ocr_reads_an_image_exactly(pool: Pool) -> None:
         assert all(0 < ln["confidence"] <= 1 and len(ln["box"]) == 4 for ln in page["lines"])
 
 
+def test_hostile_files_and_chunked_bodies_are_refused_and_the_services_keep_answering(pool: Pool) -> None:
+    """Issue 16: a PDF page that would render to gigapixels and a DOCX decompression bomb are 413s (the limit
+    named), never a dead replica; a chunked body over the limit is refused before the gateway reads it
+    whole."""
+    from tests.unit.test_hostile_files import blank_pdf, docx_with, document_xml
+
+    pdf_bomb = blank_pdf(14400, 14400)
+    docx_bomb = docx_with(document_xml(b"<w:p/>" * (40 * 2**20 // 6)))
+    with pool.http("alice") as c:
+        for path, name, data in (("/documents/parse", "p.pdf", pdf_bomb), ("/ocr", "p.pdf", pdf_bomb),
+                                 ("/documents/parse", "d.docx", docx_bomb)):
+            r = c.post(path, files={"file": (name, data, "application/octet-stream")})
+            assert r.status_code == 413 and "limit" in r.json()["error"]["message"], (path, name, r.text)
+        total, pulled = 64 * 2**20, 0
+
+        def body() -> Iterator[bytes]:
+            nonlocal pulled
+            while pulled < total:
+                pulled += 2**16
+                yield b"x" * 2**16
+
+        try:  # the gateway may answer 413 and close while the client still writes: it stopped reading
+            r = c.post("/notes", content=body(), headers={"Content-Type": "application/json"})
+            assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large", r.text
+        except httpx.TransportError:
+            pass
+        assert pulled < total // 2  # the limit is 2 MiB: not the 64 MiB sent
+        still = samples.docx(["Still here"])
+        r = c.post("/documents/parse", files={"file": ("m.docx", still, samples.DOCX_TYPE)})
+        assert r.status_code == 200 and r.json()["text"] == "Still here"
+
+
 def test_uploads_limits_types_ownership_and_hand_off_by_id(pool: Pool) -> None:
     data = samples.pdf(["Uploaded contract text"])
     with pool.http("alice") as alice, pool.http("bob") as bob:

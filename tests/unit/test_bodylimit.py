@@ -1,6 +1,6 @@
-"""The one streamed body limit (rma_ray.bodylimit) in front of the services gateway, the coordinator and the LLM's
-key gate, without Ray: a chunked body (no Content-Length) over the limit is refused with 413 after at most the limit
-plus one chunk was pulled from the client, whatever the app does with the aborted read."""
+"""The one streamed body limit (rma_ray.bodylimit) in front of the services gateway, the coordinator and the
+LLM's key gate, without Ray: a chunked body (no Content-Length) over the limit is refused with 413 after at
+most the limit plus one chunk was pulled from the client, whatever the app does with the aborted read."""
 
 from __future__ import annotations
 
@@ -91,7 +91,8 @@ def services_app() -> Any:
     verifier.refresh()
     set_verifier(verifier)
     try:
-        yield create_api(Backends(None, None, None, None, None, None), ServicesSettings(upload_max_bytes=2**20))
+        none = Backends(None, None, None, None, None, None)
+        yield create_api(none, ServicesSettings(upload_max_bytes=2**20))
     finally:
         set_verifier(None)
 
@@ -101,8 +102,9 @@ def services_app() -> Any:
                                         ("/documents/parse", "multipart/form-data; boundary=b")])
 def test_the_services_gateway_refuses_a_chunked_body_over_the_limit(services_app: Any, path: str,
                                                                     ctype: str) -> None:
-    head = (b'--b\r\nContent-Disposition: form-data; name="file"; filename="big.txt"\r\n'
-            b"Content-Type: text/plain\r\n\r\n") if ctype.startswith("multipart") else b'{"title": "t", "body": "'
+    head = b'{"title": "t", "body": "'
+    if ctype.startswith("multipart"):
+        head = b'--b\r\nContent-Disposition: form-data; name="file"; filename="big.txt"\r\n\r\n'
     body = Body(200 * 2**20, head)
     r = post(services_app, path, body, {"Authorization": f"Bearer {KEY.token}", "Content-Type": ctype,
                                         "X-Request-ID": "rid-1"})

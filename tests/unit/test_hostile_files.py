@@ -1,7 +1,7 @@
 """Files built to exhaust a parser (issue 16, findings 1 and 2), without Ray: a PDF page that would render to
-gigapixels, DOCX decompression bombs and a DOCX text node past lxml's limit are refused with a 4xx, the parsing
-process stays small, and parsing answers again afterwards; what a child process cannot survive (memory, CPU, a
-kill) is a 422 naming the file as the cause, and the pool replaces the child."""
+gigapixels, DOCX decompression bombs and a DOCX text node past lxml's limit are refused with a 4xx, the
+parsing process stays small, and parsing answers again afterwards; what a child process cannot survive
+(memory, CPU, a kill) is a 422 naming the file as the cause, and the pool replaces the child."""
 
 from __future__ import annotations
 
@@ -97,7 +97,9 @@ def test_a_pdf_pixel_bomb_is_refused_before_rendering_and_parsing_goes_on(ocr: O
     bomb = blank_pdf(14400, 14400)  # ~1 KB; at 144 dpi one page is 28800x28800 pixels (3.3 GB as RGBA)
     assert len(bomb) < 4096
     before = tree_rss()
-    for call in (lambda: parse(bomb, ocr), lambda: ocr.pdf_pages(bomb, [1]), lambda: ocr.document(bomb, None, None)):
+    calls = (lambda: parse(bomb, ocr), lambda: ocr.pdf_pages(bomb, [1]),
+             lambda: ocr.document(bomb, None, None))
+    for call in calls:
         err = refused(call)
         assert err.status == 413 and err.code == "page_too_large", err
     assert tree_rss() - before < 300 * 2**20  # nothing was rendered: not the GiBs the page would take
@@ -127,7 +129,7 @@ def test_docx_decompression_bombs_are_refused_before_unzipping(ocr: Ocr, mib: in
 
 
 def test_a_docx_text_node_past_lxmls_limit_is_a_422_not_a_500(ocr: Ocr) -> None:
-    text = base64.b64encode(os.urandom(8 * 2**20))  # 10.7 MB of text in one node; random, so it compresses ~1.3x
+    text = base64.b64encode(os.urandom(8 * 2**20))  # 10.7 MB in one text node; random: compresses ~1.3x
     err = refused(parse, docx_with(document_xml(b"<w:p><w:r><w:t>" + text + b"</w:t></w:r></w:p>")), ocr)
     assert err.status == 422 and err.code == "unreadable_docx", err
 
@@ -161,7 +163,8 @@ def test_a_child_past_its_limits_is_a_422_and_the_pool_goes_on() -> None:
     box = sandbox.Sandbox(workers=1, memory_mb=512, cpu_s=1)
     try:
         assert box.run("parser", hog, 1024) == 1024
-        for fn, args, detail in [(hog, (2**30,), "out of memory"), (spin, (), "CPU time"), (die, (), "killed")]:
+        cases = [(hog, (2**30,), "out of memory"), (spin, (), "CPU time"), (die, (), "killed")]
+        for fn, args, detail in cases:
             err = refused(box.run, "test parser", fn, *args)
             assert err.status == 422 and err.code == sandbox.LIMITS_CODE and detail in err.message, err
             assert "512 MiB" in err.message and box.run("parser", hog, 10) == 10  # the next file is served
@@ -203,7 +206,8 @@ def test_a_file_that_killed_its_replica_is_a_422_and_is_not_retried() -> None:
     from rma_ray.client_keys import ClientKeyVerifier
 
     key = credentials.mint(credentials.Kind.CLIENT)
-    verifier = ClientKeyVerifier(lambda: {"keys": [{"id": key.id, "hash": key.hash, "name": "a"}]}, refresh_s=3600)
+    ring = {"keys": [{"id": key.id, "hash": key.hash, "name": "a"}]}
+    verifier = ClientKeyVerifier(lambda: ring, refresh_s=3600)
     verifier.refresh()
     set_verifier(verifier)
     dying = DyingParser()
