@@ -3,12 +3,16 @@ a parser (a decompression bomb, a page that renders to gigapixels, a pathologica
 not the replica and the other requests it serves.
 
 Pebble's ProcessPool keeps a few workers and reuses them across requests (starting a Python process with
-pypdf, pypdfium2, python-docx, lxml and Pillow imported costs ~0.3 s of CPU: too much per request, and fork-
-per-request from a Ray worker, which runs gRPC threads, is unsafe). Workers come from a forkserver (a clean
+pypdf, pypdfium2, python-docx, lxml and Pillow imported costs ~0.3 s of CPU: too much per request, and fork
+per request from a Ray worker, which runs gRPC threads, is unsafe). Workers come from a forkserver (a clean
 process started once, not a fork of the threaded replica) that imports the parsers once, so a replacement
 worker is a cheap fork. When a worker dies, only the request it was serving fails (pebble answers
 ProcessExpired for that task and starts a new worker); that request is answered 422 `parser_limits_exceeded`,
 naming the file as the cause, never retried.
+
+Under Ray, multiprocessing re-imports the replica's main module (Ray's default_worker.py, whose work is behind
+its `__name__` guard) in each worker: ~0.7 s of CPU and ~60 MiB of address space once per worker, not per
+file.
 
 Limits: RLIMIT_AS (address space) set once per worker; RLIMIT_CPU set per task as the worker's CPU time so far
 plus the task's budget (the limit counts a process's whole life, and workers are reused); a wall-clock timeout
@@ -25,6 +29,7 @@ import resource
 import threading
 from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
 from deployments.services.errors import ServiceError
@@ -95,6 +100,9 @@ class Sandbox:
             if self._pool is None or not self._pool.active:
                 from pebble import ProcessPool
 
+                if self._pool is not None:  # broken (its workers could not start): replaced
+                    self._pool.stop()
+
                 ctx = multiprocessing.get_context("forkserver")
                 ctx.set_forkserver_preload(PRELOAD)
                 self._pool = ProcessPool(max_workers=self.workers, max_tasks=MAX_TASKS, context=ctx,
@@ -117,6 +125,10 @@ class Sandbox:
             raise limits_exceeded(what, _why(exc.exitcode), self.memory_mb, self.cpu_s) from None
         except FutureTimeout:
             raise limits_exceeded(what, "it ran past the time limit", self.memory_mb, self.cpu_s) from None
+        except BrokenProcessPool as exc:  # no worker could start (not the file's doing): the next call retries
+            log.error("the %s pool is broken: %s", what, exc)
+            raise ServiceError(503, "parser_unavailable", f"the {what} could not start a worker process; "
+                                                          f"retry shortly", 5) from None
 
     def run(self, what: str, fn: Callable[..., T], *args: Any) -> T:
         return self._outcome(what, self._schedule(what, fn, args))  # type: ignore[no-any-return]
