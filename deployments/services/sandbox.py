@@ -125,7 +125,7 @@ class Sandbox:
             raise limits_exceeded(what, _why(exc.exitcode), self.memory_mb, self.cpu_s) from None
         except FutureTimeout:
             raise limits_exceeded(what, "it ran past the time limit", self.memory_mb, self.cpu_s) from None
-        except BrokenProcessPool as exc:  # no worker could start (not the file's doing): the next call retries
+        except BrokenProcessPool as exc:  # no worker could start (not the file's doing): replaced next call
             log.error("the %s pool is broken: %s", what, exc)
             raise ServiceError(503, "parser_unavailable", f"the {what} could not start a worker process; "
                                                           f"retry shortly", 5) from None
