@@ -1,7 +1,7 @@
-"""Per-client entity graphs on the real graph store (ArcadeDB over Bolt, the `neo4j` driver Neo4j also speaks):
-two clients extract text naming the same entities and each sees only its own graph. The store runs as a child
-process here (the supervisor's process runtime, no Ray); the routes pass the caller's client as the owner
-(tests/integration/test_services.py covers them over HTTP)."""
+"""Per-client entity graphs on the real graph store (ArcadeDB over Bolt, with the `neo4j` driver Neo4j also
+speaks): two clients extract text naming the same entities and each sees only its own graph. The store runs as
+a child process here (the supervisor's process runtime, no Ray); the routes pass the caller's client as the
+owner (tests/integration/test_services.py covers them over HTTP)."""
 
 from __future__ import annotations
 
@@ -77,25 +77,28 @@ def test_two_clients_have_disjoint_graphs(graph: Graph) -> None:
     rows = run(graph, "MATCH (n:Entity) WHERE n.name = 'Ada Lovelace' RETURN n.owner AS owner, "
                       "n.mentions AS mentions")
     assert sorted((r["owner"], r["mentions"]) for r in rows) == [("alice", 1), ("bob", 5)]
-    cross = run(graph, "MATCH (a:Entity)-[r:CO_OCCURS]->(b:Entity) WHERE a.owner <> b.owner OR r.owner <> a.owner "
-                       "RETURN count(r) AS n")
+    cross = run(graph, "MATCH (a:Entity)-[r:CO_OCCURS]->(b:Entity) "
+                       "WHERE a.owner <> b.owner OR r.owner <> a.owner RETURN count(r) AS n")
     assert cross[0]["n"] == 0
 
 
 def test_nodes_without_an_owner_are_seen_by_no_client(graph: Graph) -> None:
-    run(graph, "CREATE (:Entity {key: 'PERSON:grace hopper', name: 'Grace Hopper', label: 'PERSON', mentions: 9})")
+    run(graph, "CREATE (:Entity {key: 'PERSON:grace hopper', name: 'Grace Hopper', label: 'PERSON', "
+               "mentions: 9})")
     for owner in ("alice", "bob"):
         with pytest.raises(ServiceError) as err:
             graph.query(owner, "Grace Hopper")
         assert err.value.status == 404
     graph.extract("alice", "Grace Hopper worked at Harvard.")
     assert neighbours(graph, "alice", "grace hopper") == {"Harvard": 1}
-    rows = run(graph, "MATCH (n:Entity) WHERE n.name = 'Grace Hopper' AND n.owner IS NULL RETURN n.mentions AS m")
+    rows = run(graph, "MATCH (n:Entity) WHERE n.name = 'Grace Hopper' AND n.owner IS NULL "
+                      "RETURN n.mentions AS m")
     assert [r["m"] for r in rows] == [9]  # the legacy node is left alone, not merged into alice's
 
 
 def test_an_empty_owner_is_refused(graph: Graph) -> None:
-    for call in (lambda: graph.extract("", "Ada Lovelace met Charles Babbage."), lambda: graph.query(" ", "Ada")):
+    for call in (lambda: graph.extract("", "Ada Lovelace met Charles Babbage."),
+                 lambda: graph.query(" ", "Ada")):
         with pytest.raises(ServiceError) as err:
             call()
         assert err.value.status == 401
