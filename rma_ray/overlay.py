@@ -145,9 +145,24 @@ class RayPorts:
         return [str(p) for p in singles] + [f"{self.min_worker}-{self.max_worker}"]
 
 
-def render_firewall(interface: str, elements: list[str], table: str = NFT_TABLE) -> str:
+def render_firewall(interface: str, elements: list[str], table: str = NFT_TABLE,
+                    isolate: bool = False) -> str:
     """An nftables table that drops TCP to Ray's ports unless it arrives on the overlay interface or loopback.
-    Only Ray's ports: a donor's own services (ssh, ...) are none of the pool's business."""
+    Only Ray's ports: a donor's own services (ssh, ...) are none of the pool's business.
+
+    `isolate` (the hub): the head routes spoke to spoke, and nothing else. Without a forward chain a donor
+    could send through the hub to anything the head's other interfaces reach (its LAN, a cloud's metadata
+    address, Docker's bridges), and the head's networks could reach donors through it wherever the head
+    forwards. Packets between the overlay and the head's other interfaces are dropped both ways; towards the
+    overlay, replies to connections already made pass. What the head itself sends is output, not forwarded."""
+    forward = ("" if not isolate else
+               f"  chain forward {{\n"
+               f"    type filter hook forward priority filter - 5; policy accept;\n"
+               f"    iifname \"{interface}\" oifname \"{interface}\" accept\n"
+               f"    iifname \"{interface}\" counter drop\n"
+               f"    oifname \"{interface}\" ct state established,related accept\n"
+               f"    oifname \"{interface}\" counter drop\n"
+               f"  }}\n")
     return (f"table inet {table} {{\n"
             f"  set ray_tcp {{ type inet_service; flags interval; elements = {{ {', '.join(elements)} }} }}\n"
             f"  chain input {{\n"
@@ -156,6 +171,7 @@ def render_firewall(interface: str, elements: list[str], table: str = NFT_TABLE)
             f"    iifname \"{interface}\" accept\n"
             f"    tcp dport @ray_tcp counter drop\n"
             f"  }}\n"
+            f"{forward}"
             f"}}\n")
 
 
@@ -196,11 +212,12 @@ class Firewall:
     elements: list[str]
     table: str = NFT_TABLE
     allow: set[int] = field(default_factory=set)
+    isolate: bool = False  # the hub: forward spoke to spoke only (render_firewall)
 
     def install(self) -> None:
         self.remove()
-        _run(["nft", "-f", "-"], "installing the Ray firewall", input=render_firewall(self.interface, self.elements,
-                                                                                        self.table))
+        _run(["nft", "-f", "-"], "installing the Ray firewall", input=render_firewall(
+            self.interface, self.elements, self.table, self.isolate))
         self._covered: set[int] = set()
         for e in self.elements:
             lo, _, hi = e.partition("-")
@@ -367,7 +384,8 @@ class Hub:
         prefix = ipaddress.ip_network(self.subnet).prefixlen
         self.address = hub_address(self.subnet)
         self.iface = Interface(self.name, f"{self.address}/{prefix}", self.key_file, listen_port=self.port)
-        self.firewall = Firewall(self.name, self.ports.firewalled(self.extra_tcp), allow=self.public_tcp)
+        self.firewall = Firewall(self.name, self.ports.firewalled(self.extra_tcp), allow=self.public_tcp,
+                                 isolate=True)
         self.public_key = ""
 
     def up(self) -> None:
@@ -375,7 +393,7 @@ class Hub:
         self.public_key = load_or_create_key(self.key_file)
         self.iface.up()
         try:
-            # route spoke-to-spoke packets back out of the hub, on this interface only (no machine-wide routing)
+            # route spoke-to-spoke packets back out of the hub; the firewall's forward chain keeps them there
             Path(f"/proc/sys/net/ipv4/conf/{self.name}/forwarding").write_text("1")
             self.firewall.install()
         except (OSError, OverlayError) as exc:

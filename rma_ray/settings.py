@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     ray_auth_token_file: Path | None = None
     ray_dashboard_url: str | None = None
     reconcile_interval_s: float = Field(default=2.0, gt=0, le=600)
+    reconcile_registered_address: bool = Field(
+        default=True, description="hold a donor without an overlay address to the address it registered from "
+                                  "(turn off where a proxy or NAT between donors and coordinator hides it)")
     metrics_interval_s: float = Field(default=10.0, gt=0, le=600, description="Serve metrics scrape period")
     metrics_retention_h: int = Field(default=48, ge=25, le=24 * 90, description="per-minute request rollups kept")
 

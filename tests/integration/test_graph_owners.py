@@ -1,0 +1,104 @@
+"""Per-client entity graphs on the real graph store (ArcadeDB over Bolt, with the `neo4j` driver Neo4j also
+speaks): two clients extract text naming the same entities and each sees only its own graph. The store runs as
+a child process here (the supervisor's process runtime, no Ray); the routes pass the caller's client as the
+owner (tests/integration/test_services.py covers them over HTTP)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deployments.services.errors import ServiceError
+from deployments.services.graph import Graph
+from deployments.stores.kinds import KINDS, Endpoint, credentials
+from deployments.stores.runtime import ProcessRuntime
+from tests.support import free_port, wait_for
+
+
+@pytest.fixture(scope="module")
+def graph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Graph]:
+    """ArcadeDB with its Bolt plugin (~15-30 s to start on 2 busy cores) and the service class on it."""
+    kind = KINDS["graph"]
+    try:
+        kind._home()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    volume: Path = tmp_path_factory.mktemp("graph")
+    creds = credentials(volume)
+    rt = ProcessRuntime(kind, volume, "127.0.0.1", free_port(), creds)
+    rt.start()
+    ep: Endpoint = kind.endpoint(rt.host, rt.port, creds)
+
+    def ready() -> bool:
+        assert rt.alive(), (volume / "graph.log").read_text(errors="replace")[-2000:]
+        try:
+            return bool(kind.ready(ep))
+        except Exception:
+            return False
+
+    try:
+        wait_for(ready, timeout=180, interval=0.5, what="ArcadeDB to answer over Bolt")
+        g = Graph(endpoint=lambda _: ep)
+        yield g
+        if g._driver is not None:
+            g._driver.close()
+    finally:
+        rt.stop()
+
+
+def run(g: Graph, cypher: str, **params: Any) -> list[dict[str, Any]]:
+    with g._session() as s:
+        return [r.data() for r in s.run(cypher, **params)]
+
+
+def neighbours(g: Graph, owner: str, entity: str) -> dict[str, int]:
+    return {n["name"]: n["weight"] for n in g.query(owner, entity)["neighbours"]}
+
+
+def test_two_clients_have_disjoint_graphs(graph: Graph) -> None:
+    graph.extract("alice", "Ada Lovelace met Charles Babbage in London.")
+    graph.extract("bob", "Ada Lovelace moved to Paris. Ada Lovelace met Charles Babbage in Paris.")
+    assert neighbours(graph, "alice", "ada lovelace") == {"Charles Babbage": 1, "London": 1}
+    assert neighbours(graph, "bob", "ada lovelace") == {"Charles Babbage": 1, "Paris": 2}
+    # bob writing the same pair again changes bob's count only; alice's stays where her text put it
+    for _ in range(3):
+        graph.extract("bob", "Ada Lovelace met Charles Babbage in London.")
+    assert neighbours(graph, "alice", "ada lovelace") == {"Charles Babbage": 1, "London": 1}
+    assert neighbours(graph, "bob", "Ada Lovelace")["London"] == 3
+    assert neighbours(graph, "bob", "Ada Lovelace")["Charles Babbage"] == 4
+    # an entity only alice's text named is unknown to carol, and the refusal does not say it exists elsewhere
+    with pytest.raises(ServiceError) as err:
+        graph.query("carol", "Ada Lovelace")
+    assert err.value.status == 404 and "your graph" in err.value.message
+    # in the store: one node per (owner, entity), edges only between one owner's nodes, every edge owned
+    rows = run(graph, "MATCH (n:Entity) WHERE n.name = 'Ada Lovelace' RETURN n.owner AS owner, "
+                      "n.mentions AS mentions")
+    assert sorted((r["owner"], r["mentions"]) for r in rows) == [("alice", 1), ("bob", 5)]
+    cross = run(graph, "MATCH (a:Entity)-[r:CO_OCCURS]->(b:Entity) "
+                       "WHERE a.owner <> b.owner OR r.owner <> a.owner RETURN count(r) AS n")
+    assert cross[0]["n"] == 0
+
+
+def test_nodes_without_an_owner_are_seen_by_no_client(graph: Graph) -> None:
+    run(graph, "CREATE (:Entity {key: 'PERSON:grace hopper', name: 'Grace Hopper', label: 'PERSON', "
+               "mentions: 9})")
+    for owner in ("alice", "bob"):
+        with pytest.raises(ServiceError) as err:
+            graph.query(owner, "Grace Hopper")
+        assert err.value.status == 404
+    graph.extract("alice", "Grace Hopper worked at Harvard.")
+    assert neighbours(graph, "alice", "grace hopper") == {"Harvard": 1}
+    rows = run(graph, "MATCH (n:Entity) WHERE n.name = 'Grace Hopper' AND n.owner IS NULL "
+                      "RETURN n.mentions AS m")
+    assert [r["m"] for r in rows] == [9]  # the legacy node is left alone, not merged into alice's
+
+
+def test_an_empty_owner_is_refused(graph: Graph) -> None:
+    for call in (lambda: graph.extract("", "Ada Lovelace met Charles Babbage."),
+                 lambda: graph.query(" ", "Ada")):
+        with pytest.raises(ServiceError) as err:
+            call()
+        assert err.value.status == 401
