@@ -112,7 +112,8 @@ def admission_serve(
     host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port to bind", min=1, max=65535)] = 8470,
     data_dir: Annotated[Path | None, typer.Option(help="where the SQLite registry and secrets live")] = None,
-    forwarded_allow_ips: Annotated[str, typer.Option(help="proxies trusted for X-Forwarded-For")] = "127.0.0.1",
+    forwarded_allow_ips: Annotated[str | None, typer.Option(
+        help="proxy addresses/CIDRs trusted for X-Forwarded-For (default RMA_TRUSTED_PROXIES, 127.0.0.1)")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="print only the first admin key")] = False,
 ) -> None:
     """Run the coordinator alone (as on a free-tier host). On first start it prints an admin key, once."""
