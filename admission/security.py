@@ -99,8 +99,31 @@ def load_node(state: AppState, worker_id: str) -> NodeEntry | None:
         return state.nodes.setdefault(worker_id, entry)
 
 
+def _cached_node_ok(state: AppState, creds: HTTPAuthorizationCredentials | None) -> bool:
+    """A node token that verifies against the in-memory cache alone (no database work)."""
+    if creds is None or creds.scheme.lower() != "bearer":
+        return False
+    try:
+        parsed = credentials.parse(creds.credentials, Kind.NODE)
+    except MalformedToken:
+        return False
+    with state.nodes_lock:
+        entry = state.nodes.get(parsed.id)
+    return entry is not None and entry.active and credentials.matches(parsed, entry.token_hash)
+
+
+def check_node_allowed(state: AppState, ip: str, creds: HTTPAuthorizationCredentials | None) -> None:
+    """The IP's failed-auth limit, before any database work; a donor whose token the cache already vouches for
+    passes anyway, so that someone guessing behind the same NAT cannot stop its heartbeats."""
+    try:
+        state.limiter.check_auth_allowed(ip)
+    except ApiError:
+        if not _cached_node_ok(state, creds):
+            raise
+
+
 def authenticate_node(state: AppState, ip: str, creds: HTTPAuthorizationCredentials | None) -> NodePrincipal:
-    state.limiter.check_auth_allowed(ip)
+    check_node_allowed(state, ip, creds)
     parsed = parse_bearer(state, ip, creds, Kind.NODE)
     entry = load_node(state, parsed.id)
     if entry is None or not credentials.matches(parsed, entry.token_hash):
@@ -117,7 +140,7 @@ async def authenticate_node_async(state: AppState, ip: str, creds: HTTPAuthoriza
     """authenticate_node without blocking the event loop: only a cache miss touches the database, in a thread."""
     from fastapi.concurrency import run_in_threadpool
 
-    state.limiter.check_auth_allowed(ip)  # before the cache miss below reaches the database
+    check_node_allowed(state, ip, creds)  # before the cache miss below reaches the database
     if creds is not None and creds.credentials.startswith("rma_node_"):
         worker_id = creds.credentials.split("_")[2]
         if worker_id not in state.nodes:
