@@ -11,8 +11,10 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 from fastapi.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from admission import db, errors, migrate
+from admission.proxy import ClientAddress
 from admission.ratelimit import IpLimiter
 from admission.routes import admin, health, invites, registry, worker
 from admission.services import keys, overlay
@@ -21,6 +23,35 @@ from rma_ray.bodylimit import BodyLimit, json_refusal
 from rma_ray.settings import Settings
 
 log = logging.getLogger("rma.admission")
+
+
+# Everything the registry page loads is its own (no inline script or style, no CDN), so the CSP can be strict.
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+       "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+_HEADERS = [(b"content-security-policy", CSP.encode()), (b"x-frame-options", b"DENY"),
+            (b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer")]
+_HSTS = (b"strict-transport-security", b"max-age=31536000")
+
+
+class SecurityHeaders:
+    """CSP, no framing, no sniffing, no referrer on every response; HSTS when the request came over HTTPS
+    (directly, or through a trusted proxy's X-Forwarded-Proto: see admission.proxy)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        extra = _HEADERS + ([_HSTS] if scope.get("scheme") == "https" else [])
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                have = {name.lower() for name, _ in message.get("headers", [])}
+                message["headers"] = [*message.get("headers", []), *(h for h in extra if h[0] not in have)]
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
 
 
 def build_state(settings: Settings) -> AppState:
@@ -75,8 +106,10 @@ def create_app(settings: Settings | None = None, state: AppState | None = None) 
                 await flusher
             await run_in_threadpool(state.buffer.flush, state.sessions)
 
+    # No /docs or /redoc (Swagger UI and ReDoc load from a CDN); the schema is GET /api/admin/openapi.json.
     app = FastAPI(title="RMA Pool admission coordinator", version="0.1.0", lifespan=lifespan,
-                  description="Admission, tiers, credentials and the registry of the RMA compute pool.")
+                  description="Admission, tiers, credentials and the registry of the RMA compute pool.",
+                  docs_url=None, redoc_url=None, openapi_url=None)
     app.state.rma = state
     errors.install(app)
     for r in (worker.router, invites.router, admin.router, registry.router, health.router):  # hottest first
@@ -84,6 +117,10 @@ def create_app(settings: Settings | None = None, state: AppState | None = None) 
     app.mount("/static", StaticFiles(directory=Path(__file__).resolve().parent / "static"), name="static")
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes,
                        refusal=json_refusal("payload_too_large"))
+    app.add_middleware(SecurityHeaders)
+    # outermost: the rate limits, the audit rows and the Secure cookie all see what it resolves
+    app.add_middleware(ClientAddress, trusted_proxies=settings.trusted_proxies,
+                       client_ip_header=settings.client_ip_header)
     return app
 
 

@@ -50,6 +50,18 @@ class AdminKey(_Key, Base):
     __tablename__ = "admin_keys"
 
 
+class AdminSession(Base):
+    """A registry log-in: the session cookie's `jti`. Logging out (or revoking the key) ends it server-side."""
+
+    __tablename__ = "admin_sessions"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    key_id: Mapped[str] = mapped_column(String(12), ForeignKey("admin_keys.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
 class Invite(Base):
     __tablename__ = "invites"
 

@@ -1,17 +1,21 @@
 """Authentication: admin keys, node tokens, registry sessions. Every check compares hashes in constant time,
-counts failures per IP (429 once over the limit) and never logs more than a credential's prefix and id."""
+is refused (429) before any database work when the client IP is over its failed-auth limit, counts failures per
+IP and per credential id (admission.ratelimit) and never logs more than a credential's prefix and id."""
 
 from __future__ import annotations
 
+import secrets
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import jwt
 from fastapi import Request
 from fastapi.security import HTTPAuthorizationCredentials
 
 from admission.errors import ApiError
-from admission.models import AdminKey, Worker
+from admission.db import session_scope
+from admission.models import AdminKey, AdminSession, Worker, utcnow
 from admission.state import AppState, NodeEntry
 from rma_ray import credentials
 from rma_ray.credentials import Kind, MalformedToken
@@ -53,8 +57,9 @@ def client_ip(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
 
-def auth_failed(state: AppState, ip: str, kind: str, code: str, message: str) -> ApiError:
-    state.limiter.record_auth_failure(ip)
+def auth_failed(state: AppState, ip: str, kind: str, code: str, message: str, credential_id: str | None = None
+                ) -> ApiError:
+    state.limiter.record_auth_failure(ip, f"{kind}:{credential_id}" if credential_id else None)
     state.metrics.auth_failures.labels(kind).inc()
     return ApiError(401, code, message, headers={"WWW-Authenticate": "Bearer"})
 
@@ -76,7 +81,7 @@ def authenticate_admin(state: AppState, ip: str, creds: HTTPAuthorizationCredent
         key = session.get(AdminKey, parsed.id)
         ok = key is not None and key.revoked_at is None and credentials.matches(parsed, key.key_hash)
     if not ok:
-        raise auth_failed(state, ip, "admin", "invalid_admin_key", "unknown or revoked admin key")
+        raise auth_failed(state, ip, "admin", "invalid_admin_key", "unknown or revoked admin key", parsed.id)
     return AdminPrincipal(parsed.id)
 
 
@@ -94,15 +99,39 @@ def load_node(state: AppState, worker_id: str) -> NodeEntry | None:
         return state.nodes.setdefault(worker_id, entry)
 
 
+def _cached_node_ok(state: AppState, creds: HTTPAuthorizationCredentials | None) -> bool:
+    """A node token that verifies against the in-memory cache alone (no database work)."""
+    if creds is None or creds.scheme.lower() != "bearer":
+        return False
+    try:
+        parsed = credentials.parse(creds.credentials, Kind.NODE)
+    except MalformedToken:
+        return False
+    with state.nodes_lock:
+        entry = state.nodes.get(parsed.id)
+    return entry is not None and entry.active and credentials.matches(parsed, entry.token_hash)
+
+
+def check_node_allowed(state: AppState, ip: str, creds: HTTPAuthorizationCredentials | None) -> None:
+    """The IP's failed-auth limit, before any database work; a donor whose token the cache already vouches for
+    passes anyway, so that someone guessing behind the same NAT cannot stop its heartbeats."""
+    try:
+        state.limiter.check_auth_allowed(ip)
+    except ApiError:
+        if not _cached_node_ok(state, creds):
+            raise
+
+
 def authenticate_node(state: AppState, ip: str, creds: HTTPAuthorizationCredentials | None) -> NodePrincipal:
-    state.limiter.check_auth_allowed(ip)
+    check_node_allowed(state, ip, creds)
     parsed = parse_bearer(state, ip, creds, Kind.NODE)
     entry = load_node(state, parsed.id)
     if entry is None or not credentials.matches(parsed, entry.token_hash):
-        raise auth_failed(state, ip, "node", "invalid_node_token", "unknown node token")
+        raise auth_failed(state, ip, "node", "invalid_node_token", "unknown node token", parsed.id)
     if not entry.active:
         raise auth_failed(state, ip, "node", "worker_revoked",
-                          "this worker was revoked or has left the pool; stop the node (rejoin needs a new invite)")
+                          "this worker was revoked or has left the pool; stop the node (rejoin needs a new invite)",
+                          parsed.id)
     return NodePrincipal(parsed.id)
 
 
@@ -111,6 +140,7 @@ async def authenticate_node_async(state: AppState, ip: str, creds: HTTPAuthoriza
     """authenticate_node without blocking the event loop: only a cache miss touches the database, in a thread."""
     from fastapi.concurrency import run_in_threadpool
 
+    check_node_allowed(state, ip, creds)  # before the cache miss below reaches the database
     if creds is not None and creds.credentials.startswith("rma_node_"):
         worker_id = creds.credentials.split("_")[2]
         if worker_id not in state.nodes:
@@ -124,23 +154,64 @@ async def authenticate_node_header(state: AppState, ip: str, header: str | None)
     return await authenticate_node_async(state, ip, creds)
 
 
+SESSION_CLAIMS = ["exp", "iat", "sub", "aud", "jti"]
+
+
 def issue_session(state: AppState, admin: AdminPrincipal) -> str:
+    """A signed cookie naming a server-side session row (its jti), so that logging out can end it."""
     now = int(time.time())
-    claims = {"sub": admin.key_id, "iat": now, "exp": now + state.settings.session_ttl_s, "aud": "rma-registry"}
+    jti = secrets.token_hex(16)
+    expires = now + state.settings.session_ttl_s
+    with session_scope(state.sessions) as session:
+        session.query(AdminSession).filter(AdminSession.expires_at < utcnow()).delete()  # keep the table small
+        session.add(AdminSession(id=jti, key_id=admin.key_id, expires_at=datetime.fromtimestamp(expires, UTC)))
+    claims = {"sub": admin.key_id, "iat": now, "exp": expires, "aud": "rma-registry", "jti": jti}
     return jwt.encode(claims, state.secret_key, algorithm="HS256")
 
 
+def _session_claims(state: AppState, token: str, verify_exp: bool = True) -> dict[str, object]:
+    return jwt.decode(token, state.secret_key, algorithms=["HS256"], audience="rma-registry",
+                      options={"require": SESSION_CLAIMS, "verify_exp": verify_exp})
+
+
 def session_admin(state: AppState, request: Request) -> AdminPrincipal | None:
-    """The admin behind the registry cookie, or None (expired, forged, or its key revoked since)."""
+    """The admin behind the registry cookie, or None (expired, forged, logged out, or its key revoked since)."""
     token = request.cookies.get(SESSION_COOKIE)
     if not token:
         return None
+    ip = client_ip(request)
+    state.limiter.check_auth_allowed(ip)
     try:
-        claims = jwt.decode(token, state.secret_key, algorithms=["HS256"], audience="rma-registry")
+        claims = _session_claims(state, token)
+    except jwt.ExpiredSignatureError:
+        return None  # an honest browser's old cookie
     except jwt.PyJWTError:
+        state.limiter.record_auth_failure(ip)
+        state.metrics.auth_failures.labels("session").inc()
         return None
+    key_id = str(claims["sub"])
     with state.sessions() as session:
-        key = session.get(AdminKey, str(claims.get("sub", "")))
-        if key is None or key.revoked_at is not None:
-            return None
-    return AdminPrincipal(key.id)
+        key = session.get(AdminKey, key_id)
+        live = session.get(AdminSession, str(claims["jti"]))
+        ok = (key is not None and key.revoked_at is None and live is not None and live.key_id == key_id
+              and live.ended_at is None)
+    if not ok:
+        state.limiter.record_auth_failure(ip, f"session:{claims['jti']}")
+        state.metrics.auth_failures.labels("session").inc()
+        return None
+    return AdminPrincipal(key_id)
+
+
+def end_session(state: AppState, request: Request) -> None:
+    """Logging out: the cookie's session row is ended, so a copy of the cookie is worth nothing from now on."""
+    token = request.cookies.get(SESSION_COOKIE)
+    if not token:
+        return
+    try:
+        claims = _session_claims(state, token, verify_exp=False)
+    except jwt.PyJWTError:
+        return
+    with session_scope(state.sessions) as session:
+        live = session.get(AdminSession, str(claims["jti"]))
+        if live is not None and live.ended_at is None:
+            live.ended_at = utcnow()

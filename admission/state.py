@@ -86,7 +86,8 @@ class Metrics:
         self.auth_failures = Counter("rma_auth_failures", "Failed authentications", ["kind"],
                                      registry=self.registry)
         self.rate_limited = Counter("rma_rate_limited", "Requests refused by a rate limit", registry=self.registry)
-        self.workers = Gauge("rma_workers", "Workers by tier and status", ["tier", "status"], registry=self.registry)
+        self.workers = Gauge("rma_workers", "Live workers (not revoked or left) by tier and status",
+                             ["tier", "status"], registry=self.registry)
 
 
 @dataclass
@@ -101,6 +102,7 @@ class AppState:
     nodes_lock: threading.Lock = field(default_factory=threading.Lock)
     metrics: Metrics = field(default_factory=Metrics)
     reconciler: Any = None  # admission.services.reconcile.Reconciler when a Ray head is wired
+    gauges_at: float = float("-inf")  # when /metrics last refreshed the workers gauge (time.monotonic())
     _epoch: tuple[float, str] = (0.0, "")
 
     def cluster_epoch(self) -> str:

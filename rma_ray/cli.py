@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import unicodedata
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -17,6 +18,7 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from rma_ray import capabilities
 from rma_ray.client import AdmissionClient, AdmissionError
@@ -93,6 +95,13 @@ def parse_duration(text: str) -> int:
     return int(seconds)
 
 
+def shown(value: Any) -> Text:
+    """A donor-supplied string for the terminal: literal (no Rich markup), control and escape characters shown
+    escaped (`\\x1b`), so a name can neither break the table nor drive the admin's terminal."""
+    text = "" if value is None else str(value)
+    return Text("".join(repr(c)[1:-1] if unicodedata.category(c) in ("Cc", "Cf") else c for c in text))
+
+
 def _print_json(data: Any) -> None:
     out.print_json(json.dumps(data, default=str))
 
@@ -112,7 +121,8 @@ def admission_serve(
     host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port to bind", min=1, max=65535)] = 8470,
     data_dir: Annotated[Path | None, typer.Option(help="where the SQLite registry and secrets live")] = None,
-    forwarded_allow_ips: Annotated[str, typer.Option(help="proxies trusted for X-Forwarded-For")] = "127.0.0.1",
+    forwarded_allow_ips: Annotated[str | None, typer.Option(
+        help="proxy addresses/CIDRs trusted for X-Forwarded-For (default RMA_TRUSTED_PROXIES, 127.0.0.1)")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="print only the first admin key")] = False,
 ) -> None:
     """Run the coordinator alone (as on a free-tier host). On first start it prints an admin key, once."""
@@ -163,7 +173,7 @@ def invite_list(coordinator: CoordinatorOpt = None, admin_key_file: KeyFileOpt =
     table = Table("id", "status", "uses left", "tier", "trusted", "expires", "note")
     for r in rows:
         table.add_row(r["id"], r["status"], f"{r['uses_left']}/{r['uses']}", r["tier"] or "auto",
-                      "yes" if r["trusted"] else "no", r["expires_at"], r["note"])
+                      "yes" if r["trusted"] else "no", r["expires_at"], shown(r["note"]))
     out.print(table)
 
 
@@ -192,7 +202,7 @@ def donors_list(
     table = Table("id", "name", "tier", "trusted", "status", "load", "last seen")
     for w in rows:
         load = f"{w['current_load']:.2f}" if w["current_load"] is not None else "-"
-        table.add_row(w["id"], w["name"], w["tier"], "yes" if w["trusted"] else "no", w["status"], load,
+        table.add_row(w["id"], shown(w["name"]), w["tier"], "yes" if w["trusted"] else "no", w["status"], load,
                       w["last_seen_at"] or "never")
     out.print(table)
 
@@ -202,7 +212,7 @@ def donors_revoke(worker_id: str, coordinator: CoordinatorOpt = None, admin_key_
     """Revoke a donor: its node token dies at once, its node is told to leave, it cannot rejoin with it."""
     with admin_client(coordinator, admin_key_file) as client:
         w = client.revoke_worker(worker_id)
-    out.print(f"donor {w['id']} ({w['name']}) revoked")
+    out.print(Text.assemble(f"donor {w['id']} (", shown(w["name"]), ") revoked"))
 
 
 @donors_app.command("drain")
@@ -238,7 +248,7 @@ def clients_list(coordinator: CoordinatorOpt = None, admin_key_file: KeyFileOpt 
         return _print_json(rows)
     table = Table("id", "name", "created", "revoked")
     for r in rows:
-        table.add_row(r["id"], r["name"], r["created_at"], r["revoked_at"] or "")
+        table.add_row(r["id"], shown(r["name"]), r["created_at"], r["revoked_at"] or "")
     out.print(table)
 
 
@@ -552,7 +562,7 @@ def status(data_dir: DataDirOpt = None, as_json: JsonOpt = False) -> None:
     if as_json:
         return _print_json(view)
     for k, v in view.items():
-        out.print(f"{k:<16} {v}", highlight=False)
+        out.print(Text.assemble(f"{k:<16} ", shown(v)), highlight=False)
 
 
 # ---- probe -----------------------------------------------------------------------------------------------
@@ -574,8 +584,8 @@ def probe(disk: Annotated[Path, typer.Option(help="measure free disk here")] = P
 def main() -> None:
     try:
         app()
-    except (CliError, AdmissionError) as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False)
+    except (CliError, AdmissionError) as exc:  # may quote what a donor or the server sent: shown literally
+        err.print(Text.assemble(("error:", "red"), " ", shown(exc)), highlight=False)
         sys.exit(1)
     except ValidationError as exc:
         first = exc.errors()[0]

@@ -11,7 +11,7 @@ import secrets
 from pathlib import Path
 from typing import Self
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 WEAK_SECRETS = {"", "changeme", "change-me", "secret", "password", "dev", "test", "admin", "default", "rma"}
@@ -36,7 +36,12 @@ class Settings(BaseSettings):
     heartbeat_flush_s: float = Field(default=1.0, gt=0, le=60)
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
     register_rate: str = Field(default="20/minute", description="per-IP limit on POST /api/worker/register")
-    auth_failure_rate: str = Field(default="30/minute", description="per-IP limit on failed authentications")
+    auth_failure_rate: str = Field(default="30/minute", description="failed authentications per IP and per "
+                                   "credential id (a valid credential is never refused for others' failures)")
+    trusted_proxies: str = Field(default="127.0.0.1", description="comma-separated addresses/CIDRs whose "
+                                 "X-Forwarded-For/-Proto (and client_ip_header) are believed; '' trusts none")
+    client_ip_header: str | None = Field(default=None, description="a header a trusted proxy sets to the client "
+                                         "IP (Fly.io: Fly-Client-IP); read only from a trusted_proxies peer")
     invite_default_ttl_s: int = Field(default=15 * 60, ge=10)
     invite_max_ttl_s: int = Field(default=30 * 24 * 3600, ge=60)
     session_ttl_s: int = Field(default=12 * 3600, ge=60)
@@ -77,6 +82,21 @@ class Settings(BaseSettings):
 
     # client side (CLI, agent)
     coordinator_url: str = "http://127.0.0.1:8470"
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxy_networks(cls, value: str) -> str:
+        import ipaddress
+
+        for item in filter(None, (s.strip() for s in value.split(","))):
+            if item == "*":
+                raise ValueError("'*' lets every client choose its own IP (and lock out anyone else's); "
+                                 "list the proxy's addresses or CIDR networks")
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or CIDR network") from None
+        return value
 
     @model_validator(mode="after")
     def _refuse_weak(self) -> Self:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 
 from admission import schemas, security
 from admission.deps import AdminDep, ClientIp, ServiceDep, SessionDep, State
@@ -15,6 +15,12 @@ router = APIRouter(prefix="/api", tags=["admin"])
 
 TierQ = Annotated[str | None, Query(pattern="^(gpu|service|data)$")]
 StatusQ = Annotated[str | None, Query(pattern="^(joining|healthy|warning|offline|quarantined|revoked|left)$")]
+
+
+@router.get("/admin/openapi.json", include_in_schema=False, openapi_extra=security.ADMIN)
+def openapi_schema(admin: AdminDep, request: Request) -> dict[str, object]:
+    """The coordinator's OpenAPI schema, for admins only (there is no public /docs: Swagger UI loads from a CDN)."""
+    return request.app.openapi()  # type: ignore[no-any-return]
 
 
 @router.get("/admin/workers", response_model=list[schemas.WorkerOut], openapi_extra=security.ADMIN)

@@ -82,7 +82,8 @@ def login(request: Request, state: State, ip: ClientIp, admin_key: Annotated[str
 
 
 @router.post("/registry/logout", openapi_extra=security.PUBLIC)
-def logout() -> Response:
+def logout(request: Request, state: State) -> Response:
+    security.end_session(state, request)  # server-side: a copy of the cookie is worth nothing from now on
     resp = RedirectResponse("/registry/login", status_code=303)
     resp.delete_cookie(security.SESSION_COOKIE, path="/")
     return resp

@@ -24,11 +24,15 @@ from rma_ray.tiers import Tier
 
 def _refuse(state: AppState, session: Session, ip: str, status: int, code: str, message: str, **detail: object
             ) -> ApiError:
-    """A refusal the admin should see in the audit log: nothing else of this request is kept, the audit row is."""
+    """A refusal the admin should see in the audit log: nothing else of this request is kept, the audit row is.
+    At most one row per IP a minute (a valid token is not spent by a refusal, so it could be replayed forever):
+    the row's `count` says how many refusals from that IP it stands for."""
     state.metrics.refusals.labels(code).inc()
     session.rollback()
-    audit.record(session, "anonymous", "worker.register.refused", "", ip, code=code, **detail)
-    session.commit()
+    count = state.limiter.audit_refusal(ip)
+    if count is not None:
+        audit.record(session, "anonymous", "worker.register.refused", "", ip, code=code, count=count, **detail)
+        session.commit()
     return ApiError(status, code, message)
 
 
@@ -41,15 +45,19 @@ def register(state: AppState, session: Session, parsed: credentials.Parsed, req:
     """Admit a donor: rate limits and the token's shape were checked by the route's dependency."""
     invite = session.get(Invite, parsed.id)
     if invite is None or not credentials.matches(parsed, invite.token_hash):
-        raise auth_failed(state, ip, "join", "invalid_join_token", "unknown join token; check you copied all of it")
+        raise auth_failed(state, ip, "join", "invalid_join_token", "unknown join token; check you copied all of it",
+                          parsed.id)
     why = invites.status_of(invite)
     if why == "expired":
         raise auth_failed(state, ip, "join", "token_expired",
-                          f"join token expired at {invite.expires_at:%Y-%m-%d %H:%M} UTC; ask the pool admin for a new invite")
+                          f"join token expired at {invite.expires_at:%Y-%m-%d %H:%M} UTC; ask the pool admin for a "
+                          "new invite", parsed.id)
     if why == "used":
-        raise auth_failed(state, ip, "join", "token_used", "join token already used; ask the pool admin for a new invite")
+        raise auth_failed(state, ip, "join", "token_used", "join token already used; ask the pool admin for a new "
+                          "invite", parsed.id)
     if why == "revoked":
-        raise auth_failed(state, ip, "join", "token_revoked", "join token was revoked by the pool admin")
+        raise auth_failed(state, ip, "join", "token_revoked", "join token was revoked by the pool admin",
+                          parsed.id)
 
     caps = req.capabilities
     candidates = tiers.eligible(caps)
@@ -64,7 +72,8 @@ def register(state: AppState, session: Session, parsed: credentials.Parsed, req:
         raise _refuse(state, session, ip, refusal.status, refusal.code, refusal.message, invite=invite.id)
 
     if not invites.consume(session, invite.id):  # lost the race for the last use
-        raise auth_failed(state, ip, "join", "token_used", "join token already used; ask the pool admin for a new invite")
+        raise auth_failed(state, ip, "join", "token_used", "join token already used; ask the pool admin for a new "
+                          "invite", parsed.id)
 
     minted = credentials.mint(Kind.NODE)
     labels = tiers.node_labels(tier, minted.id, invite.trusted, caps)

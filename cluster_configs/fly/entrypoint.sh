@@ -22,9 +22,12 @@ if [ -z "${RMA_DATABASE_URL:-}" ] && [ -n "${DATABASE_URL:-}" ]; then
   export RMA_DATABASE_URL
 fi
 unset DATABASE_URL
-# Fly's proxy is the only way in and it sets X-Forwarded-For: trust it for the per-IP rate limits.
-set -- rma admission serve --host 0.0.0.0 --port "${PORT:-8470}" --data-dir "$data" \
-  --forwarded-allow-ips "${RMA_FORWARDED_ALLOW_IPS:-*}" "$@"
+# Client IPs (rate limits, failed-auth limits, audit rows) come from Fly's proxy and nobody else: its
+# Fly-Client-IP header (which it overwrites) is read only when the connection comes from the proxy's own
+# network (RMA_TRUSTED_PROXIES, set in fly.toml). Never '*': a client would pick its own IP (and anyone else's).
+export RMA_TRUSTED_PROXIES="${RMA_TRUSTED_PROXIES:-172.16.0.0/12}"
+export RMA_CLIENT_IP_HEADER="${RMA_CLIENT_IP_HEADER:-Fly-Client-IP}"
+set -- rma admission serve --host 0.0.0.0 --port "${PORT:-8470}" --data-dir "$data" "$@"
 if [ "$(id -u)" = 0 ]; then
   exec setpriv --reuid=rma --regid=rma --init-groups --inh-caps=-all -- "$@"
 fi

@@ -32,3 +32,38 @@ def test_invite_refuses_unknown_tier() -> None:
     result = runner.invoke(cli.app, ["invite", "create", "--tier", "quantum"])
     assert isinstance(result.exception, cli.CliError)
     assert "unknown tier" in str(result.exception)
+
+
+class _FakeAdmin:
+    """admin_client's stand-in: the rows a coordinator would send, no server."""
+
+    def __init__(self, rows: list[dict]) -> None:  # type: ignore[type-arg]
+        self.rows = rows
+
+    def __enter__(self) -> _FakeAdmin:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        return None
+
+    def workers(self, **_: object) -> list[dict]:  # type: ignore[type-arg]
+        return self.rows
+
+    def revoke_worker(self, worker_id: str) -> dict:  # type: ignore[type-arg]
+        return next(r for r in self.rows if r["id"] == worker_id)
+
+
+def test_donor_supplied_names_print_literally(monkeypatch: pytest.MonkeyPatch) -> None:
+    names = ["[/bold]x", "[red]pwned[/red]", "evil\x1b]0;owned\x07\x1b[2J", "rtl\u202eexe.txt"]
+    rows = [{"id": f"w{i:011d}", "name": n, "tier": "service", "trusted": False, "status": "healthy",
+             "current_load": None, "last_seen_at": None} for i, n in enumerate(names)]
+    monkeypatch.setattr(cli, "admin_client", lambda *_: _FakeAdmin(rows))
+    monkeypatch.setenv("COLUMNS", "200")
+    result = runner.invoke(cli.app, ["donors", "list"])
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "[/bold]x" in out and "[red]pwned[/red]" in out  # markup shown, not applied (nor a MarkupError)
+    assert "\x1b" not in out and "\x07" not in out and "\u202e" not in out  # nothing reaches the terminal raw
+    assert "evil\\x1b]0;owned\\x07\\x1b[2J" in out and "rtl\\u202eexe.txt" in out
+    result = runner.invoke(cli.app, ["donors", "revoke", "w00000000002"])
+    assert result.exit_code == 0 and "\x1b" not in result.stdout and "evil\\x1b" in result.stdout

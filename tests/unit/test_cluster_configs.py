@@ -443,6 +443,18 @@ def test_fly_entrypoint_maps_flys_database_url(tmp_path: Path) -> None:
     assert "u:p@" not in r.stdout.split("DB ")[0], "the database URL must not reach the command line"
 
 
+def test_fly_trusts_forwarded_ips_from_flys_proxy_only(tmp_path: Path) -> None:
+    from rma_ray.settings import Settings
+
+    env = tomllib.loads(FLY.read_text())["env"]
+    settings = Settings(trusted_proxies=env["RMA_TRUSTED_PROXIES"], client_ip_header=env["RMA_CLIENT_IP_HEADER"])
+    assert settings.client_ip_header == "Fly-Client-IP" and "*" not in settings.trusted_proxies
+    r = _run_entrypoint(tmp_path, {"RMA_ADMIN_KEY": "rma_admin_x_y", "RMA_DATA_DIR": str(tmp_path / "data")})
+    assert r.returncode == 0, r.stderr
+    assert "forwarded-allow-ips" not in r.stdout  # the settings above decide, not a '*' on the command line
+    # (tests/integration/test_coordinator_security.py sends forged headers to an app with these settings)
+
+
 # ---- names used in configs exist in the code --------------------------------------------------------------
 
 
