@@ -415,7 +415,7 @@ def _read_caps_file(path: Path) -> capabilities.Capabilities:
 @app.command("join")
 def join(
     coordinator_url: Annotated[str, typer.Argument(help="the pool's coordinator, e.g. https://pool.example.org")],
-    token: Annotated[str | None, typer.Option(envvar="RMA_JOIN_TOKEN", help="the join token from the admin")] = None,
+    token: Annotated[str | None, typer.Option(envvar="RMA_JOIN_TOKEN", help="the join token from the admin (first join only)")] = None,
     token_file: Annotated[Path | None, typer.Option(help="file holding the join token")] = None,
     name: Annotated[str | None, typer.Option(help="how this machine shows in the registry")] = None,
     cpus: Annotated[float | None, typer.Option(help="most CPUs Ray may use here", min=1)] = None,
@@ -428,7 +428,9 @@ def join(
     capabilities_file: Annotated[Path | None, typer.Option(help="send these capabilities instead of probing")] = None,
     data_dir: DataDirOpt = None,
 ) -> None:
-    """Donate this machine: register, start a Ray worker node in the assigned tier, stay until Ctrl-C."""
+    """Donate this machine: register, start a Ray worker node in the assigned tier, stay until Ctrl-C.
+
+    After a reboot or a restart (SIGTERM) it rejoins as the same donor; the join token is needed only once."""
     from rma_ray.agent import Agent, AgentError, JoinOptions
 
     if token_file is not None:
@@ -436,8 +438,6 @@ def join(
             token = token_file.read_text().strip()
         except OSError as exc:
             fail(f"cannot read {token_file}: {exc.strerror}")
-    if not token:
-        fail("no join token: pass --token, --token-file or RMA_JOIN_TOKEN (ask the pool admin for an invite)")
     if not coordinator_url.startswith(("http://", "https://")):
         fail(f"coordinator URL must start with http:// or https:// (got {coordinator_url!r})")
     memory_bytes = None
@@ -450,7 +450,7 @@ def join(
     caps = _read_caps_file(capabilities_file) if capabilities_file else capabilities.probe(d if d.exists() else "/")
     import socket as _socket
 
-    opts = JoinOptions(coordinator_url=coordinator_url.rstrip("/"), join_token=token, data_dir=d,
+    opts = JoinOptions(coordinator_url=coordinator_url.rstrip("/"), join_token=token or None, data_dir=d,
                        name=name or _socket.gethostname(), capabilities=caps, node_ip=node_ip_address, cpus=cpus,
                        memory_bytes=memory_bytes, gpus=gpus, drain_deadline_s=drain_deadline)
     _say(f"probed: {caps.cpu_cores} cores, {caps.ram_mb} MiB RAM, {caps.disk_free_gb:g} GiB free disk, "
@@ -483,9 +483,9 @@ def leave(data_dir: DataDirOpt = None,
     m = membership.load(d)
     if m is None:
         fail(f"this machine is not in a pool (no {membership.path(d)})")
-    if m.agent_pid and psutil.pid_exists(m.agent_pid):
+    if membership.alive(m.agent_pid, m.agent_started):
         agent = psutil.Process(m.agent_pid)
-        agent.send_signal(_signal.SIGTERM)
+        agent.send_signal(_signal.SIGINT)  # a leave, like Ctrl-C (SIGTERM stops the agent but keeps membership)
         try:
             agent.wait(timeout)
         except psutil.TimeoutExpired:

@@ -80,6 +80,19 @@ class AdmissionClient:
         return self.request("POST", "/api/worker/register", token=join_token,  # type: ignore[no-any-return]
                             json=body)
 
+    def rejoin(self, node_token: str, name: str, capabilities: Capabilities,
+               overlay_public_key: str | None = None) -> dict[str, Any]:
+        """Come back as the same donor after a restart; no join token is spent."""
+        body: dict[str, Any] = {"name": name, "capabilities": capabilities.model_dump()}
+        if overlay_public_key:
+            body["overlay"] = {"public_key": overlay_public_key}
+        return self.request("POST", "/api/worker/rejoin", token=node_token,  # type: ignore[no-any-return]
+                            json=body)
+
+    def abort(self, node_token: str) -> bool:
+        """End a registration whose node never started; True when its invite use was given back."""
+        return bool(self.request("POST", "/api/worker/abort", token=node_token)["refunded"])
+
     def heartbeat(self, node_token: str, **beat: Any) -> dict[str, Any]:
         return self.request("POST", "/api/worker/heartbeat", token=node_token, json=beat)  # type: ignore[no-any-return]
 
