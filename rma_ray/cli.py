@@ -22,12 +22,14 @@ from rma_ray import capabilities
 from rma_ray.client import AdmissionClient, AdmissionError
 from rma_ray.settings import Settings
 
-app = typer.Typer(help="RMA Pool: a compute pool of donated machines on Ray.", no_args_is_help=True,
-                  pretty_exceptions_enable=False, add_completion=False)
-admission_app = typer.Typer(help="Run the admission coordinator.", no_args_is_help=True)
-invite_app = typer.Typer(help="Invites (join tokens) for donors.", no_args_is_help=True)
-donors_app = typer.Typer(help="The donors in the registry.", no_args_is_help=True)
-clients_app = typer.Typer(help="Client API keys for the pool's HTTP routes.", no_args_is_help=True)
+# click's plain help: it wraps at any width, where Rich's help tables cut long option names at 80 columns
+_HELP: dict[str, Any] = {"no_args_is_help": True, "rich_markup_mode": None}
+app = typer.Typer(help="RMA Pool: a compute pool of donated machines on Ray.", pretty_exceptions_enable=False,
+                  add_completion=False, **_HELP)
+admission_app = typer.Typer(help="Run the admission coordinator.", **_HELP)
+invite_app = typer.Typer(help="Invites (join tokens) for donors.", **_HELP)
+donors_app = typer.Typer(help="The donors in the registry.", **_HELP)
+clients_app = typer.Typer(help="Client API keys for the pool's HTTP routes.", **_HELP)
 app.add_typer(admission_app, name="admission")
 app.add_typer(invite_app, name="invite")
 app.add_typer(donors_app, name="donors")
