@@ -118,7 +118,20 @@ def admission_serve(
     quiet: Annotated[bool, typer.Option("--quiet", help="print only the first admin key")] = False,
 ) -> None:
     """Run the coordinator alone (as on a free-tier host). On first start it prints an admin key, once."""
-    _admission("serve")(host, port, data_dir, forwarded_allow_ips, quiet)
+    import socket as _socket
+
+    try:  # uvicorn would log a bind failure after the migrations, and not as one line
+        with _socket.create_server((host, port)):
+            pass
+    except OSError as exc:
+        fail(f"cannot listen on {host}:{port}: {exc.strerror}; is a coordinator already running there? "
+             f"choose another --port")
+    try:
+        _admission("serve")(host, port, data_dir, forwarded_allow_ips, quiet)
+    except ValidationError:
+        raise  # settings: main() names the variable
+    except ValueError as exc:  # the bootstrap's refusals (a malformed or mismatched RMA_ADMIN_KEY): one line
+        fail(str(exc))
 
 
 @admission_app.command("create-admin-key")
@@ -409,15 +422,22 @@ def _read_caps_file(path: Path) -> capabilities.Capabilities:
         raw = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         fail(f"cannot read capabilities from {path}: {exc}")
-    if isinstance(raw, dict) and ({"psutil", "psutil_equivalent", "nvml"} & raw.keys()):
-        return capabilities.from_readings(raw)
-    return capabilities.Capabilities.model_validate(raw)
+    try:
+        if isinstance(raw, dict) and ({"psutil", "psutil_equivalent", "nvml"} & raw.keys()):
+            return capabilities.from_readings(raw)
+        return capabilities.Capabilities.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        fail(f"capabilities in {path}: {'.'.join(map(str, first['loc'])) or 'file'}: {first['msg']}")
+    except (KeyError, TypeError, ValueError) as exc:
+        fail(f"capabilities in {path}: not a probe reading ({exc!r}); `rma probe` prints one")
 
 
 @app.command("join")
 def join(
     coordinator_url: Annotated[str, typer.Argument(help="the pool's coordinator, e.g. https://pool.example.org")],
-    token: Annotated[str | None, typer.Option(envvar="RMA_JOIN_TOKEN", help="the join token from the admin (first join only)")] = None,
+    token: Annotated[str | None, typer.Option(envvar="RMA_JOIN_TOKEN",
+                                              help="the join token from the admin (first join only)")] = None,
     token_file: Annotated[Path | None, typer.Option(help="file holding the join token")] = None,
     name: Annotated[str | None, typer.Option(help="how this machine shows in the registry")] = None,
     cpus: Annotated[float | None, typer.Option(help="most CPUs Ray may use here", min=1)] = None,

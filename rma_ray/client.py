@@ -67,8 +67,9 @@ class AdmissionClient:
             code, message = err["code"], err["message"]
         except (ValueError, KeyError, TypeError):
             code, message = None, f"{resp.status_code} {resp.reason_phrase} from {self.base_url}{path}"
-        if resp.status_code == 404 and code is None:
-            message += " (is this an RMA coordinator URL?)"
+        if resp.status_code == 404 and (code is None or message == "Not Found"):  # no such route: a wrong URL
+            message = f"{resp.status_code} {resp.reason_phrase} from {self.base_url}{path} (is this an RMA " \
+                      f"coordinator URL?)"
         raise AdmissionError(message, resp.status_code, code)
 
     # donor side
