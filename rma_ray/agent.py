@@ -1,7 +1,8 @@
 """The donor agent behind `rma join`: register, start the Ray worker node with the tier's labels, heartbeat,
 obey drain/leave, restart the node if it dies, and leave cleanly (drain, unregister, stop) on Ctrl-C or
 `rma leave`. SIGTERM (a reboot, `systemctl stop`, `docker stop`) stops the node but keeps the membership: the
-next `rma join` rejoins as the same donor with its node credential, without the (spent) join token. Every failure a donor can cause or meet is one line (AgentError)."""
+next `rma join` rejoins as the same donor with its node credential, without the (spent) join token. Every
+failure a donor can cause or meet is one line (AgentError)."""
 
 from __future__ import annotations
 
@@ -86,9 +87,10 @@ class Agent:
             if reg is not None:
                 return cls.start(opts, reg, existing.node_token, key_file, say, first=False)
         if not opts.join_token:
-            raise AgentError("no join token: pass --token, --token-file or RMA_JOIN_TOKEN (ask the pool admin "
-                             "for an invite)")
-        # a new WireGuard key for every first join (a key once used never joins again); the private half stays here
+            raise AgentError("no join token: pass --token, --token-file or RMA_JOIN_TOKEN (ask the pool "
+                             "admin for an invite)")
+        # a new WireGuard key for every first join (a key once used never joins again); the private half
+        # stays here
         key_file.unlink(missing_ok=True)
         public_key = cls.overlay_key(key_file)
         client = AdmissionClient(opts.coordinator_url, timeout=30)
@@ -152,8 +154,8 @@ class Agent:
     @classmethod
     def start(cls, opts: JoinOptions, reg: dict[str, Any], node_token: str, key_file: Path, say: Say,
               first: bool) -> Agent:
-        """Overlay, then the Ray node. A first join that fails here is aborted, which gives the invite use back;
-        a rejoin that fails keeps its membership, so the next start (systemd, docker) tries again."""
+        """Overlay, then the Ray node. A first join that fails here is aborted, which gives the invite use
+        back; a rejoin that fails keeps its membership, so the next start (systemd, docker) tries again."""
         def give_up(why: str) -> AgentError:
             if first:
                 try:
@@ -178,7 +180,8 @@ class Agent:
         except AgentError as exc:
             raise give_up(str(exc)) from None
         node_ip = opts.node_ip or (spoke.address if spoke else local_ip_towards(address.rsplit(":", 1)[0]))
-        m = Membership(coordinator_url=opts.coordinator_url, worker_id=reg["worker_id"], node_token=node_token,
+        m = Membership(coordinator_url=opts.coordinator_url, worker_id=reg["worker_id"],
+                       node_token=node_token,
                        tier=reg["tier"], labels=reg["labels"], trusted=reg["trusted"],
                        heartbeat_interval_s=reg["heartbeat_interval_s"], ray_address=address, node_ip=node_ip,
                        agent_pid=os.getpid(), agent_started=psutil.Process().create_time(),

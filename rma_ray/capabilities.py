@@ -192,7 +192,8 @@ def _read(path: Path) -> str | None:
 
 def _ancestors(root: Path, rel: str) -> list[Path]:
     """The cgroup's directory and every parent up to the mount's root: a limit anywhere above applies too. A
-    container sees its own cgroup as the mount's root while /proc names the host's path: keep those that exist."""
+    container sees its own cgroup as the mount's root while /proc names the host's path: keep those that
+    exist."""
     parts = [p for p in rel.strip("/").split("/") if p]
     dirs = [root.joinpath(*parts[:i]) for i in range(len(parts), -1, -1)]
     return [d for d in dirs if d.is_dir()] or [root]
@@ -200,8 +201,9 @@ def _ancestors(root: Path, rel: str) -> list[Path]:
 
 def read_cgroup(root: str | os.PathLike[str] = "/sys/fs/cgroup",
                 proc_cgroup: str | os.PathLike[str] = "/proc/self/cgroup") -> dict[str, Any]:
-    """The CPU quota (in cores) and memory limit (bytes) of this process's cgroup, v2 or v1; None where there is
-    none. A container with `--cpus 2 --memory 4g` on a 64-core host offers 2 cores and 4 GiB, not the host's."""
+    """The CPU quota (in cores) and memory limit (bytes) of this process's cgroup, v2 or v1; None where there
+    is none. A container with `--cpus 2 --memory 4g` on a 64-core host offers 2 cores and 4 GiB, not the
+    host's."""
     base, out = Path(root), {"cpu_quota_cores": None, "memory_limit_bytes": None}
     lines = (_read(Path(proc_cgroup)) or "").splitlines()
     v1 = {}

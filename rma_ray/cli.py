@@ -507,7 +507,7 @@ def leave(data_dir: DataDirOpt = None,
         fail(f"this machine is not in a pool (no {membership.path(d)})")
     if membership.alive(m.agent_pid, m.agent_started):
         agent = psutil.Process(m.agent_pid)
-        agent.send_signal(_signal.SIGINT)  # a leave, like Ctrl-C (SIGTERM stops the agent but keeps membership)
+        agent.send_signal(_signal.SIGINT)  # a leave, like Ctrl-C (SIGTERM would keep the membership)
         try:
             agent.wait(timeout)
         except psutil.TimeoutExpired:
@@ -539,8 +539,6 @@ def leave(data_dir: DataDirOpt = None,
 @app.command("status")
 def status(data_dir: DataDirOpt = None, as_json: JsonOpt = False) -> None:
     """This machine's membership: donor id, tier, labels, agent and Ray node, and what the coordinator says."""
-    import psutil
-
     from rma_ray import membership
     from rma_ray.client import AdmissionClient
 
@@ -551,8 +549,9 @@ def status(data_dir: DataDirOpt = None, as_json: JsonOpt = False) -> None:
     view: dict[str, Any] = {"worker_id": m.worker_id, "tier": m.tier, "trusted": m.trusted, "labels": m.labels,
                             "coordinator_url": m.coordinator_url, "node_ip": m.node_ip,
                             "ray_address": m.ray_address, "ray_node_id": m.ray_node_id,
-                            "agent_running": bool(m.agent_pid and psutil.pid_exists(m.agent_pid)),
-                            "ray_node_running": bool(m.ray_pid and psutil.pid_exists(m.ray_pid))}
+                            "agent_running": membership.alive(m.agent_pid, m.agent_started),
+                            "ray_node_running": membership.alive(m.ray_pid,
+                                                                 (m.extra or {}).get("ray_started"))}
     ov = (m.extra or {}).get("overlay")
     if ov:
         import time as _time

@@ -467,9 +467,9 @@ def signal_rotate(data_dir: Path, timeout: float = 240) -> str:
 
 
 def signal_down(data_dir: Path, patience_s: float = 120) -> str:
-    """`rma down`: SIGTERM the supervisor and wait for it to finish its clean shutdown, for as long as it makes
-    progress (each step of the stop writes `<data dir>/stopping`); it gives up only after `patience_s` without
-    a step."""
+    """`rma down`: SIGTERM the supervisor and wait for it to finish its clean shutdown, for as long as it
+    makes progress (each step of the stop writes `<data dir>/stopping`); it gives up only after `patience_s`
+    without a step."""
     info = read_pool(data_dir)
     pid = info.get("supervisor_pid")
     if not pid or not psutil.pid_exists(pid):

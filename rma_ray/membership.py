@@ -1,6 +1,7 @@
 """What a donor machine remembers about its membership (`<data dir>/membership.json`, mode 0600): enough for
-`rma status`, `rma leave` and an agent restart (`rma join` after a reboot or a
-crash rejoins as the same donor with the node token kept here; only a clean leave removes the file). Holds the node token, so it is written like a secret."""
+`rma status`, `rma leave` and an agent restart (`rma join` after a reboot
+or a crash rejoins as the same donor with the node token kept here; only a clean leave removes the file).
+Holds the node token, so it is written like a secret."""
 
 from __future__ import annotations
 

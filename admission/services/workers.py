@@ -110,8 +110,8 @@ def unplaceable(settings: Settings) -> ApiError | None:
         socket.create_connection((host.strip("[]"), int(port)), timeout=2).close()
     except (OSError, ValueError) as exc:
         log.error("Ray head %s unreachable: %s", settings.ray_address, exc)
-        return ApiError(409, "ray_head_unreachable", "the pool's Ray head does not answer; tell the pool admin "
-                                                     "and try again later (the join token was not used)")
+        return ApiError(409, "ray_head_unreachable", "the pool's Ray head does not answer; tell the pool "
+                                                     "admin and try again later (the join token was not used)")
     return None
 
 
@@ -154,38 +154,43 @@ def rejoin(state: AppState, session: Session, parsed: credentials.Parsed, req: s
     if refusal is not None:
         state.metrics.refusals.labels(refusal.code).inc()
         session.rollback()
-        audit.record(session, f"worker:{worker.id}", "worker.rejoin.refused", worker.id, ip, code=refusal.code)
+        audit.record(session, f"worker:{worker.id}", "worker.rejoin.refused", worker.id, ip,
+                     code=refusal.code)
         session.commit()
         raise refusal
 
-    tier = Tier(worker.tier) if Tier(worker.tier) in candidates else tiers.choose(candidates, demand(session), pinned)
+    tier = Tier(worker.tier)
+    if tier not in candidates:
+        tier = tiers.choose(candidates, demand(session), pinned)
     worker.tier, worker.capabilities = str(tier), caps.model_dump()
     worker.labels = tiers.node_labels(tier, worker.id, worker.trusted, caps)
     worker.ray_alive, worker.ray_node_id = None, None
     overlay_info = None
     if state.settings.overlay_enabled and req.overlay is not None:
-        # off the hub with the old key and address, on again with the one the donor has now (a new key when the
-        # old one is gone); the replaced key is kept in the audit trail
+        # off the hub with the old key and address, on again with the one the donor has now (a new key when
+        # the old one is gone); the replaced key is kept in the audit trail
         old_key = worker.wg_public_key
         overlay.cut(state, worker)
         session.flush()
         overlay_info = overlay.admit(state, session, worker, req.overlay)
         if old_key != req.overlay.public_key:
-            audit.record(session, f"worker:{worker.id}", "worker.overlay_key", worker.id, ip, replaced=old_key)
-    audit.record(session, f"worker:{worker.id}", "worker.rejoin", worker.id, ip, tier=str(tier), name=req.name)
+            audit.record(session, f"worker:{worker.id}", "worker.overlay_key", worker.id, ip,
+                         replaced=old_key)
+    audit.record(session, f"worker:{worker.id}", "worker.rejoin", worker.id, ip, tier=str(tier),
+                 name=req.name)
     session.flush()
     with state.nodes_lock:
         state.nodes[worker.id] = NodeEntry(worker.id, worker.node_token_hash, True, worker.action)
     s = state.settings
-    return schemas.RejoinResponse(worker_id=worker.id, tier=tier, tier_number=tier.number, trusted=worker.trusted,
-                                  labels=worker.labels, heartbeat_interval_s=s.heartbeat_interval_s, ray=_ray(s),
-                                  overlay=overlay_info)
+    return schemas.RejoinResponse(worker_id=worker.id, tier=tier, tier_number=tier.number,
+                                  trusted=worker.trusted, labels=worker.labels,
+                                  heartbeat_interval_s=s.heartbeat_interval_s, ray=_ray(s), overlay=overlay_info)
 
 
 def abort(state: AppState, session: Session, node: NodePrincipal, ip: str) -> schemas.AbortResponse:
-    """The donor could not start (overlay or Ray failed): end a registration that never heartbeated and give its
-    invite use back. One conditional UPDATE decides, so a replay or a race refunds at most once, and never past
-    the invite's uses; a registration that ever ran is left the ordinary way, without a refund."""
+    """The donor could not start (overlay or Ray failed): end a registration that never heartbeated and give
+    its invite use back. One conditional UPDATE decides, so a replay or a race refunds at most once, and never
+    past the invite's uses; a registration that ever ran is left the ordinary way, without a refund."""
     ended = session.execute(
         update(Worker)
         .where(Worker.id == node.worker_id, Worker.last_heartbeat_at.is_(None), Worker.left_at.is_(None),
@@ -202,8 +207,10 @@ def abort(state: AppState, session: Session, node: NodePrincipal, ip: str) -> sc
         audit.record(session, node.actor, "worker.unregister", worker.id, ip)
     else:
         if worker.invite_id:
-            session.execute(update(Invite).where(Invite.id == worker.invite_id, Invite.uses_left < Invite.uses)
-                            .values(uses_left=Invite.uses_left + 1).execution_options(synchronize_session=False))
+            session.execute(update(Invite)
+                            .where(Invite.id == worker.invite_id, Invite.uses_left < Invite.uses)
+                            .values(uses_left=Invite.uses_left + 1)
+                            .execution_options(synchronize_session=False))
         audit.record(session, node.actor, "worker.register.aborted", worker.id, ip, invite=worker.invite_id)
     overlay.cut(state, worker)
     session.flush()

@@ -23,9 +23,9 @@ def restart(pool: PoolUnderTest, donor: Donor, token_file: str) -> Donor:
     log = donor.log.with_name("rejoin.log")
     env = {**os.environ, "HOME": str(donor.data_dir.parent / "home"), "RMA_DATA_DIR": str(donor.data_dir),
            "COLUMNS": "200"}
-    proc = donor.host.popen([PY, "-m", "rma_ray.cli", "join", pool.url, "--token-file", token_file, "--cpus", "1",
-                             "--drain-deadline", "10"], env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL)
+    proc = donor.host.popen([PY, "-m", "rma_ray.cli", "join", pool.url, "--token-file", token_file,
+                             "--cpus", "1", "--drain-deadline", "10"], env=env, stdout=open(log, "wb"),
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     again = Donor(donor.host, proc, donor.data_dir, log, donor.worker_id)
     pool.donors.append(again)
     return again
@@ -50,7 +50,8 @@ def test_killed_donor_rejoins_with_its_spent_token_and_a_revoked_one_is_refused(
         if again.proc.poll() is not None:
             raise GiveUp(f"rma join exited: {again.output()}")
         w = pool.worker(donor.worker_id)
-        return w if w["status"] == "healthy" and w["ray_node_id"] not in (None, first["ray_node_id"]) else None
+        new_node = w["ray_node_id"] not in (None, first["ray_node_id"])
+        return w if w["status"] == "healthy" and new_node else None
 
     w = wait_for(rejoined, timeout=120, interval=0.5, what="the killed donor to rejoin as the same donor")
     assert w["tier"] == "service" and "rejoining as donor" in again.output()

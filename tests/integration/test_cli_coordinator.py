@@ -148,7 +148,8 @@ def test_join_failures_are_one_line(served: tuple, tmp_path: Path) -> None:  # t
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     workers = httpx.get(url + "/api/admin/workers", headers={"Authorization": f"Bearer {key}"}).json()
     assert [w["status"] for w in workers] == ["left"]  # the headless join aborted its registration
-    assert httpx.get(url + "/api/invites", headers={"Authorization": f"Bearer {key}"}).json()[0]["uses_left"] == 5
+    invites = httpx.get(url + "/api/invites", headers={"Authorization": f"Bearer {key}"}).json()
+    assert invites[0]["uses_left"] == 5  # and gave its invite use back
     r = rma("status", env={"RMA_DATA_DIR": str(tmp_path / "d")})
     assert r.returncode == 1 and "not in a pool" in r.stderr
     r = rma("leave", env={"RMA_DATA_DIR": str(tmp_path / "d")})

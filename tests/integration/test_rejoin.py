@@ -42,7 +42,8 @@ def test_rejoin_keeps_the_id_spends_nothing_and_rechecks_the_tier(coordinator: C
     assert body["worker_id"] == reg["worker_id"] and "node_token" not in body
     assert body["tier"] == "data" and body["labels"]["rma.io/tier"] == "data"
     assert uses_left(coordinator, invite["id"]) == 0
-    me = coordinator.http.get("/api/worker/me", headers={"Authorization": f"Bearer {reg['node_token']}"}).json()
+    node = {"Authorization": f"Bearer {reg['node_token']}"}
+    me = coordinator.http.get("/api/worker/me", headers=node).json()
     assert me["capabilities"]["ram_mb"] == 4096 and me["tier"] == "data"
     # the spent join token itself still admits no one
     assert coordinator.register(invite["token"]).json()["error"]["code"] == "token_used"
@@ -52,8 +53,8 @@ def test_revoked_left_quarantined_and_unknown_donors_are_refused_with_the_reason
                                                                                  ) -> None:
     revoked, left, quarantined = (coordinator.join() for _ in range(3))
     assert coordinator.admin("POST", f"/api/admin/workers/{revoked['worker_id']}/revoke").status_code == 200
-    assert coordinator.http.delete("/api/worker/unregister",
-                                   headers={"Authorization": f"Bearer {left['node_token']}"}).status_code == 204
+    left_node = {"Authorization": f"Bearer {left['node_token']}"}
+    assert coordinator.http.delete("/api/worker/unregister", headers=left_node).status_code == 204
     with coordinator.state.sessions() as s, s.begin():
         s.execute(update(Worker).where(Worker.id == quarantined["worker_id"])
                   .values(quarantine_reason="labels differ from the registry"))
@@ -88,7 +89,8 @@ def test_abort_refunds_a_never_started_registration_once(coordinator: Coordinato
     assert statuses[first["worker_id"]] == statuses[second.json()["worker_id"]] == "left"
 
 
-def test_a_donor_that_cannot_be_placed_is_refused_before_its_invite_is_spent(coordinator: Coordinator) -> None:
+def test_a_donor_that_cannot_be_placed_is_refused_before_its_invite_is_spent(coordinator: Coordinator
+                                                                               ) -> None:
     invite = coordinator.invite(uses=1)
     reg = coordinator.join()
     settings = coordinator.state.settings
