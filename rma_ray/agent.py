@@ -146,6 +146,8 @@ class Agent:
                 if exc.code == "worker_left" and opts.join_token:
                     say(f"[yellow]{exc}[/]; joining with the join token instead")
                     return None
+            if exc.status is None:  # not an answer: the coordinator is down or unreachable; a restart retries
+                raise AgentError(f"could not rejoin as donor {m.worker_id}: {exc}") from None
             raise AgentError(f"rejoin refused: {exc}") from None
         say(f"rejoined as [bold]{reg['tier']}[/] tier donor {reg['worker_id']} "
             f"({'trusted' if reg['trusted'] else 'untrusted'})")
