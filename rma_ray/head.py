@@ -84,7 +84,7 @@ class UpOptions:
         return f"{self.ray_ip}:{self.gcs_port}"
 
 
-SERVE_SHUTDOWN_S = 8.0  # Serve's grace on `rma down`: the pool is going away, HAProxy with it
+SERVE_SHUTDOWN_S = 5.0  # Serve's grace on `rma down`: the pool is going away, HAProxy with it
 
 
 def pool_file(data_dir: Path) -> Path:
@@ -401,6 +401,17 @@ class Pool:
         except OSError:
             pass
 
+    def _shutdown_serve(self) -> None:
+        """Serve's own shutdown (every app deleted, the controller stopped) through the dashboard's REST API,
+        as `serve shutdown` does, but waiting at most SERVE_SHUTDOWN_S: a driver process would cost more than
+        that in start-up alone, and what is left then ends with the Ray head."""
+        try:
+            token = self.token_file.read_text().strip()
+            httpx.delete(f"http://{self.o.ray_ip}:{self.o.dashboard_port}/api/serve/applications/",
+                         headers={"Authorization": f"Bearer {token}"}, timeout=SERVE_SHUTDOWN_S)
+        except (OSError, httpx.HTTPError):
+            pass  # timed out (replicas still draining) or the dashboard is gone: the head's stop ends it
+
     def down(self) -> None:
         """Stop the whole pool in seconds: Serve is shut down at once with a short grace (no app-by-app
         undeploy: each ingress replica would drain for HAProxy's 30 s), beside the data stores (which do stop
@@ -413,19 +424,13 @@ class Pool:
         self._progress("stopping Serve and the data stores …")
         serve_stop = None
         if live and self.o.apps:
-            serve_stop = subprocess.Popen(
-                [sys.executable, "-m", "rma_ray.serve_admin", "shutdown", "--address", self.o.gcs_address,
-                 "--timeout", str(SERVE_SHUTDOWN_S)], env=ray_env(self.token_file),
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            serve_stop = threading.Thread(target=self._shutdown_serve, daemon=True)
+            serve_stop.start()
         if self.stop_stores():
             self._progress(f"data stores stopped ({time.monotonic() - t0:.1f} s)")
         if serve_stop is not None:
-            try:
-                serve_stop.wait(SERVE_SHUTDOWN_S + 20)
-            except subprocess.TimeoutExpired:
-                serve_stop.kill()
-                serve_stop.wait()
-            self._progress(f"Serve stopped ({time.monotonic() - t0:.1f} s)")
+            serve_stop.join(SERVE_SHUTDOWN_S + 2)
+            self._progress(f"Serve given {SERVE_SHUTDOWN_S:.0f} s to finish ({time.monotonic() - t0:.1f} s)")
         if self.coordinator is not None and self.coordinator.poll() is None:
             self.coordinator.terminate()
             try:
@@ -435,7 +440,7 @@ class Pool:
             self._progress(f"coordinator stopped ({time.monotonic() - t0:.1f} s)")
         if self.head is not None:
             self.head.track()
-            self.head.stop(timeout=30)
+            self.head.stop(timeout=5)  # Serve and the stores are done: nothing on the head needs draining
             shutil.rmtree(self.head.spec.temp_dir, ignore_errors=True)
             self._progress(f"Ray head stopped ({time.monotonic() - t0:.1f} s)")
         if self.hub is not None:
