@@ -80,16 +80,28 @@ class RayInfo(BaseModel):
     auth_token: str | None
 
 
-class RegisterResponse(BaseModel):
+class RejoinRequest(RegisterRequest):
+    """A known donor coming back (its machine or agent restarted): the same shape as a registration, sent with
+    its node token instead of a join token."""
+
+
+class RejoinResponse(BaseModel):
     worker_id: str
     tier: Tier
     tier_number: int
     trusted: bool
     labels: dict[str, str]
-    node_token: str = Field(description="shown once; only its hash is kept")
     heartbeat_interval_s: int
     ray: RayInfo | None
     overlay: OverlayInfo | None = None
+
+
+class RegisterResponse(RejoinResponse):
+    node_token: str = Field(description="shown once; only its hash is kept")
+
+
+class AbortResponse(BaseModel):
+    refunded: bool = Field(description="True: the registration never ran, and its invite use was given back")
 
 
 class HeartbeatRequest(BaseModel):

@@ -1,6 +1,8 @@
 """The donor agent behind `rma join`: register, start the Ray worker node with the tier's labels, heartbeat,
-obey drain/leave, restart the node if it dies, and leave cleanly (drain, unregister, stop) on Ctrl-C, SIGTERM or
-`rma leave`. Every failure a donor can cause or meet is one line (AgentError)."""
+obey drain/leave, restart the node if it dies, and leave cleanly (drain, unregister, stop) on Ctrl-C or
+`rma leave`. SIGTERM (a reboot, `systemctl stop`, `docker stop`) stops the node but keeps the membership: the
+next `rma join` rejoins as the same donor with its node credential, without the (spent) join token. Every
+failure a donor can cause or meet is one line (AgentError)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -32,7 +35,7 @@ class AgentError(Exception):
 @dataclass
 class JoinOptions:
     coordinator_url: str
-    join_token: str
+    join_token: str | None  # None: rejoin with the membership this machine kept
     data_dir: Path
     name: str
     capabilities: Capabilities
@@ -61,23 +64,35 @@ class Agent:
         self.exit_reason = "left the pool"
         self.drained = False
         self.unregister_on_exit = True
+        self.keep_membership = False
         self.spoke: overlay.Spoke | None = None
 
     # -- joining ---------------------------------------------------------------------------------------
 
     @classmethod
     def join(cls, opts: JoinOptions, say: Say) -> Agent:
+        """Join for the first time with the join token, or, when this machine kept its membership (a reboot, a
+        crash, a restarted unit or container), rejoin as the same donor with its node token."""
         existing = membership.load(opts.data_dir)
-        if existing and existing.agent_pid and psutil.pid_exists(existing.agent_pid):
+        if existing and membership.alive(existing.agent_pid, existing.agent_started):
             raise AgentError(f"this machine is already in the pool as {existing.worker_id} (agent pid "
                              f"{existing.agent_pid}); run `rma leave` first")
-        # a new WireGuard key for every join (a key once used never joins again); the private half stays here
+        if existing is not None and existing.coordinator_url.rstrip("/") != opts.coordinator_url.rstrip("/"):
+            raise AgentError(f"this machine is donor {existing.worker_id} of {existing.coordinator_url}; "
+                             f"run `rma leave` before joining another pool")
         key_file = opts.data_dir / "overlay" / "private.key"
+        if existing is not None:
+            cls.clean_up_after(existing, opts.data_dir, say)
+            reg = cls.rejoin_registry(opts, existing, key_file, say)
+            if reg is not None:
+                return cls.start(opts, reg, existing.node_token, key_file, say, first=False)
+        if not opts.join_token:
+            raise AgentError("no join token: pass --token, --token-file or RMA_JOIN_TOKEN (ask the pool "
+                             "admin for an invite)")
+        # a new WireGuard key for every first join (a key once used never joins again); the private half
+        # stays here
         key_file.unlink(missing_ok=True)
-        try:
-            public_key = overlay.load_or_create_key(key_file)
-        except (OSError, overlay.OverlayError) as exc:
-            raise AgentError(f"could not make this machine's WireGuard key: {exc}") from None
+        public_key = cls.overlay_key(key_file)
         client = AdmissionClient(opts.coordinator_url, timeout=30)
         try:
             reg = client.register(opts.join_token, opts.name, opts.capabilities, public_key)
@@ -87,17 +102,88 @@ class Agent:
             client.close()
         say(f"admitted as [bold]{reg['tier']}[/] tier donor {reg['worker_id']} "
             f"({'trusted' if reg['trusted'] else 'untrusted'})")
-        if not reg.get("ray"):
-            with AdmissionClient(opts.coordinator_url, timeout=10) as c:
-                c.unregister(reg["node_token"])  # nothing to join: do not leave a registry entry behind
-            raise AgentError("the coordinator runs without a Ray head (`rma admission serve` alone); "
-                             "ask the admin for a pool started with `rma up`")
+        return cls.start(opts, reg, reg["node_token"], key_file, say, first=True)
+
+    @staticmethod
+    def overlay_key(key_file: Path) -> str:
+        try:
+            return overlay.load_or_create_key(key_file)
+        except (OSError, overlay.OverlayError) as exc:
+            raise AgentError(f"could not make this machine's WireGuard key: {exc}") from None
+
+    @staticmethod
+    def clean_up_after(m: Membership, data_dir: Path, say: Say) -> None:
+        """What an agent that died (SIGKILL, a crash, a power cut) left running: its Ray node and its overlay
+        interface. Only processes that are still the recorded ones are stopped."""
+        from rma_ray.raynode import stop_process_tree
+
+        if membership.alive(m.ray_pid, m.extra.get("ray_started")):
+            say(f"stopping the Ray node (pid {m.ray_pid}) the previous agent left running …")
+            stop_process_tree(m.ray_pid or 0, grace=5)
+        ov = (m.extra or {}).get("overlay")
+        if ov:
+            try:
+                overlay.Firewall(ov["interface"], []).remove()
+                overlay.Interface(ov["interface"], "", data_dir / "overlay" / "private.key").down()
+            except overlay.OverlayError as exc:
+                say(f"[yellow]overlay clean-up:[/] {exc}")
+        shutil.rmtree(short_temp_dir(m.worker_id), ignore_errors=True)
+
+    @classmethod
+    def rejoin_registry(cls, opts: JoinOptions, m: Membership, key_file: Path, say: Say
+                        ) -> dict[str, Any] | None:
+        """The registry's side of a rejoin. None: this donor left the pool (a new join token may still admit
+        it); refusals the donor cannot fix (revoked, quarantined, hardware) are one line."""
+        public_key = cls.overlay_key(key_file)  # the old key when it survived; a new one when it is gone
+        say(f"rejoining as donor {m.worker_id} with its node credential …")
+        try:
+            with AdmissionClient(opts.coordinator_url, timeout=30) as client:
+                reg = client.rejoin(m.node_token, opts.name, opts.capabilities, public_key)
+        except AdmissionError as exc:
+            if exc.code in ("worker_left", "worker_revoked", "invalid_node_token"):
+                membership.clear(opts.data_dir)
+                key_file.unlink(missing_ok=True)
+                if exc.code == "worker_left" and opts.join_token:
+                    say(f"[yellow]{exc}[/]; joining with the join token instead")
+                    return None
+            if exc.status is None:  # not an answer: the coordinator is down or unreachable; a restart retries
+                raise AgentError(f"could not rejoin as donor {m.worker_id}: {exc}") from None
+            raise AgentError(f"rejoin refused: {exc}") from None
+        say(f"rejoined as [bold]{reg['tier']}[/] tier donor {reg['worker_id']} "
+            f"({'trusted' if reg['trusted'] else 'untrusted'})")
+        return reg  # type: ignore[no-any-return]
+
+    @classmethod
+    def start(cls, opts: JoinOptions, reg: dict[str, Any], node_token: str, key_file: Path, say: Say,
+              first: bool) -> Agent:
+        """Overlay, then the Ray node. A first join that fails here is aborted, which gives the invite use
+        back; a rejoin that fails keeps its membership, so the next start (systemd, docker) tries again."""
+        def give_up(why: str) -> AgentError:
+            if first:
+                try:
+                    with AdmissionClient(opts.coordinator_url, timeout=10) as c:
+                        refunded = c.abort(node_token)
+                except AdmissionError as exc:
+                    say(f"[yellow]could not end the registration:[/] {exc}")
+                else:
+                    why += "; the join token was not used up" if refunded else ""
+                membership.clear(opts.data_dir)
+                key_file.unlink(missing_ok=True)
+            return AgentError(why)
+
+        if not reg.get("ray"):  # an older coordinator; a current one refuses before spending the token
+            raise give_up("the coordinator runs without a Ray head (`rma admission serve` alone); "
+                          "ask the admin for a pool started with `rma up`")
         token_file = opts.data_dir / "cluster_token"
         membership.write_private(token_file, (reg["ray"]["auth_token"] or "") + "\n")
         address = reg["ray"]["address"]
-        spoke = cls.overlay_up(opts, reg, key_file, say)
+        try:
+            spoke = cls.overlay_up(reg, key_file, say)
+        except AgentError as exc:
+            raise give_up(str(exc)) from None
         node_ip = opts.node_ip or (spoke.address if spoke else local_ip_towards(address.rsplit(":", 1)[0]))
-        m = Membership(coordinator_url=opts.coordinator_url, worker_id=reg["worker_id"], node_token=reg["node_token"],
+        m = Membership(coordinator_url=opts.coordinator_url, worker_id=reg["worker_id"],
+                       node_token=node_token,
                        tier=reg["tier"], labels=reg["labels"], trusted=reg["trusted"],
                        heartbeat_interval_s=reg["heartbeat_interval_s"], ray_address=address, node_ip=node_ip,
                        agent_pid=os.getpid(), agent_started=psutil.Process().create_time(),
@@ -127,14 +213,14 @@ class Agent:
             shutil.rmtree(spec.temp_dir, ignore_errors=True)
             if spoke:
                 spoke.down()
-                key_file.unlink(missing_ok=True)
-            agent.unregister()
-            membership.clear(opts.data_dir)
-            raise AgentError(f"could not start the Ray node: {exc}") from None
+            if not first:  # still a member: the next start rejoins (and finds no process of this one)
+                m.agent_pid = m.ray_pid = None
+                membership.save(opts.data_dir, m)
+            raise give_up(f"could not start the Ray node: {exc}") from None
         return agent
 
     @staticmethod
-    def overlay_up(opts: JoinOptions, reg: dict, key_file: Path, say: Say) -> overlay.Spoke | None:  # type: ignore[type-arg]
+    def overlay_up(reg: dict[str, Any], key_file: Path, say: Say) -> overlay.Spoke | None:
         """Bring up this donor's end of the pool's overlay, when the pool runs one; None in direct mode."""
         ov = reg.get("overlay")
         if not ov:
@@ -148,9 +234,6 @@ class Agent:
         try:
             spoke.up()
         except overlay.OverlayError as exc:
-            with AdmissionClient(opts.coordinator_url, timeout=10) as c:
-                c.unregister(reg["node_token"])
-            key_file.unlink(missing_ok=True)
             raise AgentError(f"could not join the pool's overlay: {exc}") from None
         return spoke
 
@@ -159,6 +242,10 @@ class Agent:
         self.node.start()
         node_id = self.node.wait_started(timeout)
         self.m.ray_pid, self.m.ray_node_id = self.node.pid, node_id
+        try:  # so that a later agent stops this very process, never a PID reused after a reboot
+            self.m.extra["ray_started"] = psutil.Process(self.node.pid or 0).create_time()
+        except psutil.Error:
+            pass
         membership.save(self.data_dir, self.m)
         self.guard_ports()
         self.say(f"Ray node {node_id[:12]} is up with labels "
@@ -168,7 +255,13 @@ class Agent:
 
     def install_signal_handlers(self) -> None:
         def handler(signum: int, _frame: object) -> None:
-            self.exit_reason = "left the pool (" + signal.Signals(signum).name + ")"
+            # Ctrl-C and `rma leave` (SIGINT) leave the pool; SIGTERM is what a reboot, `systemctl stop` or
+            # `docker stop` sends: the node stops, the membership stays, and the next start rejoins
+            if signum == signal.SIGTERM:
+                self.exit_reason, self.unregister_on_exit = "stopped (SIGTERM); `rma join` rejoins", False
+                self.keep_membership = True
+            else:
+                self.exit_reason = "left the pool (" + signal.Signals(signum).name + ")"
             self.stop_event.set()
 
         signal.signal(signal.SIGINT, handler)
@@ -307,10 +400,15 @@ class Agent:
             self.node.stop()
         if self.spoke is not None:
             self.spoke.down()
-            self.spoke.key_file.unlink(missing_ok=True)
+            if not self.keep_membership:
+                self.spoke.key_file.unlink(missing_ok=True)
         shutil.rmtree(self.node.spec.temp_dir, ignore_errors=True)  # Ray's sockets and session logs
         if self.unregister_on_exit:
             self.unregister()
-        membership.clear(self.data_dir)
+        if self.keep_membership:
+            self.m.agent_pid = self.m.ray_pid = None
+            membership.save(self.data_dir, self.m)
+        else:
+            membership.clear(self.data_dir)
         self.client.close()
         self.say(f"done: {self.exit_reason}; no Ray process of this donor is left")

@@ -1,4 +1,5 @@
-"""The hardware probe: what a donor machine offers, measured with psutil and NVML.
+"""The hardware probe: what a donor machine offers, measured with psutil and NVML, cut to what this process
+may use (CPU affinity, cgroup v1/v2 CPU quota and memory limit: a container is probed honestly).
 
 `read_raw()` takes the readings, `from_readings()` turns them into `Capabilities` (a pure function, tested
 against real readings in shared/fixtures/hardware/). A machine without an NVIDIA GPU or driver reports no GPUs;
@@ -13,6 +14,7 @@ from __future__ import annotations
 import os
 import platform
 import socket
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -178,6 +180,73 @@ def _read_ollama(host: str | None, timeout_s: float = 3.0) -> dict[str, Any]:
     return {"url": url, "models": models}
 
 
+_UNLIMITED_V1 = 1 << 60  # cgroup v1 writes "no limit" as a page-rounded LONG_MAX
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def _ancestors(root: Path, rel: str) -> list[Path]:
+    """The cgroup's directory and every parent up to the mount's root: a limit anywhere above applies too. A
+    container sees its own cgroup as the mount's root while /proc names the host's path: keep those that
+    exist."""
+    parts = [p for p in rel.strip("/").split("/") if p]
+    dirs = [root.joinpath(*parts[:i]) for i in range(len(parts), -1, -1)]
+    return [d for d in dirs if d.is_dir()] or [root]
+
+
+def read_cgroup(root: str | os.PathLike[str] = "/sys/fs/cgroup",
+                proc_cgroup: str | os.PathLike[str] = "/proc/self/cgroup") -> dict[str, Any]:
+    """The CPU quota (in cores) and memory limit (bytes) of this process's cgroup, v2 or v1; None where there
+    is none. A container with `--cpus 2 --memory 4g` on a 64-core host offers 2 cores and 4 GiB, not the
+    host's."""
+    base, out = Path(root), {"cpu_quota_cores": None, "memory_limit_bytes": None}
+    lines = (_read(Path(proc_cgroup)) or "").splitlines()
+    v1 = {}
+    for line in lines:
+        _, controllers, rel = line.split(":", 2) if line.count(":") >= 2 else ("", "", "")
+        for c in controllers.split(","):
+            v1[c] = rel
+    quotas: list[float] = []
+    limits: list[int] = []
+    if "" in v1 and (base / "cgroup.controllers").exists():  # v2 (unified)
+        for d in _ancestors(base, v1[""]):
+            quota, _, period = (_read(d / "cpu.max") or "max").partition(" ")
+            if quota != "max" and period:
+                quotas.append(int(quota) / int(period))
+            mem = _read(d / "memory.max") or "max"
+            if mem != "max":
+                limits.append(int(mem))
+    else:
+        cpu_dir = next((base / n for n in ("cpu,cpuacct", "cpu", "cpuacct,cpu") if (base / n).is_dir()), None)
+        if cpu_dir is not None:
+            for d in _ancestors(cpu_dir, v1.get("cpu", "/")):
+                quota, period = _read(d / "cpu.cfs_quota_us"), _read(d / "cpu.cfs_period_us")
+                if quota and period and int(quota) > 0 and int(period) > 0:
+                    quotas.append(int(quota) / int(period))
+        if (base / "memory").is_dir():
+            for d in _ancestors(base / "memory", v1.get("memory", "/")):
+                mem = _read(d / "memory.limit_in_bytes")
+                if mem and int(mem) < _UNLIMITED_V1:
+                    limits.append(int(mem))
+    if quotas:
+        out["cpu_quota_cores"] = min(quotas)
+    if limits:
+        out["memory_limit_bytes"] = min(limits)
+    return out
+
+
+def _affinity() -> int | None:
+    try:
+        return len(psutil.Process().cpu_affinity() or []) or None
+    except (AttributeError, psutil.Error):  # not on every platform
+        return None
+
+
 def read_raw(disk_path: str | os.PathLike[str] = "/", ollama_host: str | None = None) -> dict[str, Any]:
     """Take the readings; never raises for a missing GPU, driver or Ollama server."""
     disk = psutil.disk_usage(os.fspath(disk_path))
@@ -189,15 +258,39 @@ def read_raw(disk_path: str | os.PathLike[str] = "/", ollama_host: str | None = 
             "ram_total_bytes": psutil.virtual_memory().total,
             "disk_total_bytes": disk.total,
             "disk_free_bytes": disk.free,
+            "cpu_affinity": _affinity(),
         },
+        "cgroup": _safe_cgroup(),
         "nvml": _read_nvml(),
         "ollama": _read_ollama(ollama_host),
     }
 
 
+def _safe_cgroup() -> dict[str, Any]:
+    try:
+        return read_cgroup()
+    except (OSError, ValueError) as exc:  # an odd cgroup file: the host's figures, never a crash
+        return {"error": str(exc)}
+
+
+def effective_cpus_and_memory(ps: dict[str, Any], cgroup: dict[str, Any]) -> tuple[int, int]:
+    """What this process may really use: the host's cores cut by the CPU affinity and the cgroup quota (whole
+    cores, at least one), its memory cut by the cgroup limit."""
+    cores = int(ps["cpu_count_logical"])
+    if ps.get("cpu_affinity"):
+        cores = min(cores, int(ps["cpu_affinity"]))
+    if cgroup.get("cpu_quota_cores"):
+        cores = min(cores, max(1, int(cgroup["cpu_quota_cores"])))
+    memory = int(ps["ram_total_bytes"])
+    if cgroup.get("memory_limit_bytes"):
+        memory = min(memory, int(cgroup["memory_limit_bytes"]))
+    return cores, memory
+
+
 def from_readings(raw: dict[str, Any]) -> Capabilities:
     """Readings (from read_raw, or a fixture file) -> Capabilities."""
     ps = raw.get("psutil") or raw.get("psutil_equivalent") or {}
+    cores, memory = effective_cpus_and_memory(ps, raw.get("cgroup") or {})
     nvml = raw.get("nvml") or {}
     gpus = []
     for d in nvml.get("devices", []):
@@ -217,8 +310,8 @@ def from_readings(raw: dict[str, Any]) -> Capabilities:
             vision_models=[m["name"] for m in models if is_vision_model(m.get("capabilities"), m.get("families"))])
     return Capabilities(
         gpus=gpus,
-        cpu_cores=int(ps["cpu_count_logical"]),
-        ram_mb=int(ps["ram_total_bytes"]) // MB,
+        cpu_cores=cores,
+        ram_mb=memory // MB,
         disk_free_gb=round(int(ps["disk_free_bytes"]) / GB, 1),
         os=raw.get("platform", ""),
         hostname=raw.get("hostname", ""),

@@ -24,12 +24,14 @@ from rma_ray import capabilities
 from rma_ray.client import AdmissionClient, AdmissionError
 from rma_ray.settings import Settings
 
-app = typer.Typer(help="RMA Pool: a compute pool of donated machines on Ray.", no_args_is_help=True,
-                  pretty_exceptions_enable=False, add_completion=False)
-admission_app = typer.Typer(help="Run the admission coordinator.", no_args_is_help=True)
-invite_app = typer.Typer(help="Invites (join tokens) for donors.", no_args_is_help=True)
-donors_app = typer.Typer(help="The donors in the registry.", no_args_is_help=True)
-clients_app = typer.Typer(help="Client API keys for the pool's HTTP routes.", no_args_is_help=True)
+# click's plain help: it wraps at any width, where Rich's help tables cut long option names at 80 columns
+_HELP: dict[str, Any] = {"no_args_is_help": True, "rich_markup_mode": None}
+app = typer.Typer(help="RMA Pool: a compute pool of donated machines on Ray.", pretty_exceptions_enable=False,
+                  add_completion=False, **_HELP)
+admission_app = typer.Typer(help="Run the admission coordinator.", **_HELP)
+invite_app = typer.Typer(help="Invites (join tokens) for donors.", **_HELP)
+donors_app = typer.Typer(help="The donors in the registry.", **_HELP)
+clients_app = typer.Typer(help="Client API keys for the pool's HTTP routes.", **_HELP)
 app.add_typer(admission_app, name="admission")
 app.add_typer(invite_app, name="invite")
 app.add_typer(donors_app, name="donors")
@@ -126,7 +128,20 @@ def admission_serve(
     quiet: Annotated[bool, typer.Option("--quiet", help="print only the first admin key")] = False,
 ) -> None:
     """Run the coordinator alone (as on a free-tier host). On first start it prints an admin key, once."""
-    _admission("serve")(host, port, data_dir, forwarded_allow_ips, quiet)
+    import socket as _socket
+
+    try:  # uvicorn would log a bind failure after the migrations, and not as one line
+        with _socket.create_server((host, port)):
+            pass
+    except OSError as exc:
+        fail(f"cannot listen on {host}:{port}: {exc.strerror}; is a coordinator already running there? "
+             f"choose another --port")
+    try:
+        _admission("serve")(host, port, data_dir, forwarded_allow_ips, quiet)
+    except ValidationError:
+        raise  # settings: main() names the variable
+    except ValueError as exc:  # the bootstrap's refusals (a malformed or mismatched RMA_ADMIN_KEY): one line
+        fail(str(exc))
 
 
 @admission_app.command("create-admin-key")
@@ -417,15 +432,22 @@ def _read_caps_file(path: Path) -> capabilities.Capabilities:
         raw = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         fail(f"cannot read capabilities from {path}: {exc}")
-    if isinstance(raw, dict) and ({"psutil", "psutil_equivalent", "nvml"} & raw.keys()):
-        return capabilities.from_readings(raw)
-    return capabilities.Capabilities.model_validate(raw)
+    try:
+        if isinstance(raw, dict) and ({"psutil", "psutil_equivalent", "nvml"} & raw.keys()):
+            return capabilities.from_readings(raw)
+        return capabilities.Capabilities.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        fail(f"capabilities in {path}: {'.'.join(map(str, first['loc'])) or 'file'}: {first['msg']}")
+    except (KeyError, TypeError, ValueError) as exc:
+        fail(f"capabilities in {path}: not a probe reading ({exc!r}); `rma probe` prints one")
 
 
 @app.command("join")
 def join(
     coordinator_url: Annotated[str, typer.Argument(help="the pool's coordinator, e.g. https://pool.example.org")],
-    token: Annotated[str | None, typer.Option(envvar="RMA_JOIN_TOKEN", help="the join token from the admin")] = None,
+    token: Annotated[str | None, typer.Option(envvar="RMA_JOIN_TOKEN",
+                                              help="the join token from the admin (first join only)")] = None,
     token_file: Annotated[Path | None, typer.Option(help="file holding the join token")] = None,
     name: Annotated[str | None, typer.Option(help="how this machine shows in the registry")] = None,
     cpus: Annotated[float | None, typer.Option(help="most CPUs Ray may use here", min=1)] = None,
@@ -438,7 +460,9 @@ def join(
     capabilities_file: Annotated[Path | None, typer.Option(help="send these capabilities instead of probing")] = None,
     data_dir: DataDirOpt = None,
 ) -> None:
-    """Donate this machine: register, start a Ray worker node in the assigned tier, stay until Ctrl-C."""
+    """Donate this machine: register, start a Ray worker node in the assigned tier, stay until Ctrl-C.
+
+    After a reboot or a restart (SIGTERM) it rejoins as the same donor; the join token is needed only once."""
     from rma_ray.agent import Agent, AgentError, JoinOptions
 
     if token_file is not None:
@@ -446,8 +470,6 @@ def join(
             token = token_file.read_text().strip()
         except OSError as exc:
             fail(f"cannot read {token_file}: {exc.strerror}")
-    if not token:
-        fail("no join token: pass --token, --token-file or RMA_JOIN_TOKEN (ask the pool admin for an invite)")
     if not coordinator_url.startswith(("http://", "https://")):
         fail(f"coordinator URL must start with http:// or https:// (got {coordinator_url!r})")
     memory_bytes = None
@@ -460,7 +482,7 @@ def join(
     caps = _read_caps_file(capabilities_file) if capabilities_file else capabilities.probe(d if d.exists() else "/")
     import socket as _socket
 
-    opts = JoinOptions(coordinator_url=coordinator_url.rstrip("/"), join_token=token, data_dir=d,
+    opts = JoinOptions(coordinator_url=coordinator_url.rstrip("/"), join_token=token or None, data_dir=d,
                        name=name or _socket.gethostname(), capabilities=caps, node_ip=node_ip_address, cpus=cpus,
                        memory_bytes=memory_bytes, gpus=gpus, drain_deadline_s=drain_deadline)
     _say(f"probed: {caps.cpu_cores} cores, {caps.ram_mb} MiB RAM, {caps.disk_free_gb:g} GiB free disk, "
@@ -493,9 +515,9 @@ def leave(data_dir: DataDirOpt = None,
     m = membership.load(d)
     if m is None:
         fail(f"this machine is not in a pool (no {membership.path(d)})")
-    if m.agent_pid and psutil.pid_exists(m.agent_pid):
+    if membership.alive(m.agent_pid, m.agent_started):
         agent = psutil.Process(m.agent_pid)
-        agent.send_signal(_signal.SIGTERM)
+        agent.send_signal(_signal.SIGINT)  # a leave, like Ctrl-C (SIGTERM would keep the membership)
         try:
             agent.wait(timeout)
         except psutil.TimeoutExpired:
@@ -527,8 +549,6 @@ def leave(data_dir: DataDirOpt = None,
 @app.command("status")
 def status(data_dir: DataDirOpt = None, as_json: JsonOpt = False) -> None:
     """This machine's membership: donor id, tier, labels, agent and Ray node, and what the coordinator says."""
-    import psutil
-
     from rma_ray import membership
     from rma_ray.client import AdmissionClient
 
@@ -539,8 +559,9 @@ def status(data_dir: DataDirOpt = None, as_json: JsonOpt = False) -> None:
     view: dict[str, Any] = {"worker_id": m.worker_id, "tier": m.tier, "trusted": m.trusted, "labels": m.labels,
                             "coordinator_url": m.coordinator_url, "node_ip": m.node_ip,
                             "ray_address": m.ray_address, "ray_node_id": m.ray_node_id,
-                            "agent_running": bool(m.agent_pid and psutil.pid_exists(m.agent_pid)),
-                            "ray_node_running": bool(m.ray_pid and psutil.pid_exists(m.ray_pid))}
+                            "agent_running": membership.alive(m.agent_pid, m.agent_started),
+                            "ray_node_running": membership.alive(m.ray_pid,
+                                                                 (m.extra or {}).get("ray_started"))}
     ov = (m.extra or {}).get("overlay")
     if ov:
         import time as _time

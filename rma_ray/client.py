@@ -67,8 +67,9 @@ class AdmissionClient:
             code, message = err["code"], err["message"]
         except (ValueError, KeyError, TypeError):
             code, message = None, f"{resp.status_code} {resp.reason_phrase} from {self.base_url}{path}"
-        if resp.status_code == 404 and code is None:
-            message += " (is this an RMA coordinator URL?)"
+        if resp.status_code == 404 and (code is None or message == "Not Found"):  # no such route: a wrong URL
+            message = f"{resp.status_code} {resp.reason_phrase} from {self.base_url}{path} (is this an RMA " \
+                      f"coordinator URL?)"
         raise AdmissionError(message, resp.status_code, code)
 
     # donor side
@@ -79,6 +80,19 @@ class AdmissionClient:
             body["overlay"] = {"public_key": overlay_public_key}
         return self.request("POST", "/api/worker/register", token=join_token,  # type: ignore[no-any-return]
                             json=body)
+
+    def rejoin(self, node_token: str, name: str, capabilities: Capabilities,
+               overlay_public_key: str | None = None) -> dict[str, Any]:
+        """Come back as the same donor after a restart; no join token is spent."""
+        body: dict[str, Any] = {"name": name, "capabilities": capabilities.model_dump()}
+        if overlay_public_key:
+            body["overlay"] = {"public_key": overlay_public_key}
+        return self.request("POST", "/api/worker/rejoin", token=node_token,  # type: ignore[no-any-return]
+                            json=body)
+
+    def abort(self, node_token: str) -> bool:
+        """End a registration whose node never started; True when its invite use was given back."""
+        return bool(self.request("POST", "/api/worker/abort", token=node_token)["refunded"])
 
     def heartbeat(self, node_token: str, **beat: Any) -> dict[str, Any]:
         return self.request("POST", "/api/worker/heartbeat", token=node_token, json=beat)  # type: ignore[no-any-return]

@@ -84,6 +84,9 @@ class UpOptions:
         return f"{self.ray_ip}:{self.gcs_port}"
 
 
+SERVE_SHUTDOWN_S = 5.0  # Serve's grace on `rma down`: the pool is going away, HAProxy with it
+
+
 def pool_file(data_dir: Path) -> Path:
     return data_dir / "pool.json"
 
@@ -297,15 +300,6 @@ class Pool:
                 self.say(f"  [yellow]{app}: failed[/] — {err} (log: {self.logs / f'deploy-{app}.log'})")
         return out
 
-    def stop_apps(self) -> None:
-        for app in reversed(self.o.apps):  # undeploy: the LLM's vLLM engine process goes with its replica
-            try:
-                subprocess.run([sys.executable, "-m", f"deployments.{app}", "undeploy", "--address",
-                                self.o.gcs_address], env=self._app_env(), capture_output=True, timeout=120,
-                               check=False)
-            except subprocess.TimeoutExpired:
-                self.say(f"[yellow]undeploying {app} timed out[/]")
-
     def _stores_cmd(self, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
         env = {**ray_env(self.token_file), "RAY_ADDRESS": self.o.gcs_address}
         return subprocess.run([sys.executable, "-m", "deployments.stores", *args], env=env, capture_output=True,
@@ -399,26 +393,56 @@ class Pool:
                     self.say(f"[red]{exc}[/]")
         return True
 
+    def _progress(self, step: str) -> None:
+        """What the stop is doing now (`<data dir>/stopping`): `rma down` waits as long as this moves on."""
+        self.say(f"  {step}")
+        try:
+            (self.o.data_dir / "stopping").write_text(f"{time.time():.1f} {step}\n")
+        except OSError:
+            pass
+
+    def _shutdown_serve(self) -> None:
+        """Serve's own shutdown (every app deleted, the controller stopped) through the dashboard's REST API,
+        as `serve shutdown` does, but waiting at most SERVE_SHUTDOWN_S: a driver process would cost more than
+        that in start-up alone, and what is left then ends with the Ray head."""
+        try:
+            token = self.token_file.read_text().strip()
+            httpx.delete(f"http://{self.o.ray_ip}:{self.o.dashboard_port}/api/serve/applications/",
+                         headers={"Authorization": f"Bearer {token}"}, timeout=SERVE_SHUTDOWN_S)
+        except (OSError, httpx.HTTPError):
+            pass  # timed out (replicas still draining) or the dashboard is gone: the head's stop ends it
+
     def down(self) -> None:
+        """Stop the whole pool in seconds: Serve is shut down at once with a short grace (no app-by-app
+        undeploy: each ingress replica would drain for HAProxy's 30 s), beside the data stores (which do stop
+        gracefully: Postgres checkpoints, Redis fsyncs); then the coordinator and the Ray head; any process of
+        the head's tree that lingers (vLLM's engine, whose replica was killed) is stopped by PID."""
         t0 = time.monotonic()
-        if self.o.apps and self.head is not None and self.head.running():
-            self.stop_apps()
-            self.say(f"  apps undeployed ({time.monotonic() - t0:.1f} s)")
-        if self.stop_stores():  # first: Postgres checkpoints and Redis fsyncs before their node goes
-            self.say(f"  data stores stopped ({time.monotonic() - t0:.1f} s)")
+        live = self.head is not None and self.head.running()
+        if self.head is not None:
+            self.head.track()  # every process of the head's tree now, vLLM's engines included
+        self._progress("stopping Serve and the data stores …")
+        serve_stop = None
+        if live and self.o.apps:
+            serve_stop = threading.Thread(target=self._shutdown_serve, daemon=True)
+            serve_stop.start()
+        if self.stop_stores():
+            self._progress(f"data stores stopped ({time.monotonic() - t0:.1f} s)")
+        if serve_stop is not None:
+            serve_stop.join(SERVE_SHUTDOWN_S + 2)
+            self._progress(f"Serve given {SERVE_SHUTDOWN_S:.0f} s to finish ({time.monotonic() - t0:.1f} s)")
         if self.coordinator is not None and self.coordinator.poll() is None:
             self.coordinator.terminate()
             try:
                 self.coordinator.wait(15)
             except subprocess.TimeoutExpired:
                 self.coordinator.kill()
-        if self.head is not None and self.head.running():
-            subprocess.run([sys.executable, "-m", "rma_ray.serve_admin", "shutdown", "--address", self.o.gcs_address],
-                           env=ray_env(self.token_file), capture_output=True, timeout=90, check=False)
+            self._progress(f"coordinator stopped ({time.monotonic() - t0:.1f} s)")
         if self.head is not None:
-            self.say(f"  coordinator and Serve stopped ({time.monotonic() - t0:.1f} s)")
-            self.head.stop(timeout=30)
+            self.head.track()
+            self.head.stop(timeout=5)  # Serve and the stores are done: nothing on the head needs draining
             shutil.rmtree(self.head.spec.temp_dir, ignore_errors=True)
+            self._progress(f"Ray head stopped ({time.monotonic() - t0:.1f} s)")
         if self.hub is not None:
             self.hub.down()
         info = read_pool(self.o.data_dir)
@@ -426,6 +450,7 @@ class Pool:
             info.pop(key, None)
         if info:
             write_private(pool_file(self.o.data_dir), json.dumps(info, indent=2))
+        (self.o.data_dir / "stopping").unlink(missing_ok=True)
 
 
 def signal_rotate(data_dir: Path, timeout: float = 240) -> str:
@@ -446,24 +471,35 @@ def signal_rotate(data_dir: Path, timeout: float = 240) -> str:
     raise UpError(f"the rotation did not finish within {timeout:.0f} s")
 
 
-def signal_down(data_dir: Path, timeout: float = 120) -> str:
-    """`rma down`: SIGTERM the supervisor and wait for it to finish its clean shutdown."""
+def signal_down(data_dir: Path, patience_s: float = 120) -> str:
+    """`rma down`: SIGTERM the supervisor and wait for it to finish its clean shutdown, for as long as it
+    makes progress (each step of the stop writes `<data dir>/stopping`); it gives up only after `patience_s`
+    without a step."""
     info = read_pool(data_dir)
     pid = info.get("supervisor_pid")
     if not pid or not psutil.pid_exists(pid):
         raise UpError(f"no pool is running from {data_dir}")
     proc = psutil.Process(pid)
     proc.send_signal(signal.SIGTERM)
+    marker = data_dir / "stopping"
+    last_step, last_change = "", time.monotonic()
     # not proc.wait(): for a process that is not our child it waits until the PID is gone, and a finished
     # supervisor stays a zombie until its own parent (a shell, a test harness) reaps it
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while True:
         try:
             if proc.status() == psutil.STATUS_ZOMBIE:
                 break
         except psutil.NoSuchProcess:
             break
+        try:
+            step = marker.read_text()
+        except OSError:
+            step = last_step
+        if step != last_step:
+            last_step, last_change = step, time.monotonic()
+        elif time.monotonic() - last_change > patience_s:
+            doing = last_step.partition(" ")[2].strip() or "the first step"
+            raise UpError(f"the pool supervisor (pid {pid}) made no progress for {patience_s:.0f} s (last: "
+                          f"{doing}); see its output")
         time.sleep(0.2)
-    else:
-        raise UpError(f"the pool supervisor (pid {pid}) did not stop within {timeout:.0f} s")
     return f"pool stopped (supervisor pid {pid})"

@@ -1,5 +1,7 @@
 """What a donor machine remembers about its membership (`<data dir>/membership.json`, mode 0600): enough for
-`rma status`, `rma leave` and an agent restart. Holds the node token, so it is written like a secret."""
+`rma status`, `rma leave` and an agent restart (`rma join` after a reboot
+or a crash rejoins as the same donor with the node token kept here; only a clean leave removes the file).
+Holds the node token, so it is written like a secret."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 
 @dataclass
@@ -51,6 +55,18 @@ def load(data_dir: Path) -> Membership | None:
     if not p.exists():
         return None
     return Membership(**json.loads(p.read_text()))
+
+
+def alive(pid: int | None, started: float | None) -> bool:
+    """Is this process still the one that was recorded (not a PID reused after a reboot or a container
+    restart, where the new agent may well get the old one's PID)?"""
+    if not pid or pid == os.getpid():
+        return False
+    try:
+        p = psutil.Process(pid)
+        return started is None or abs(p.create_time() - started) < 1.0
+    except psutil.Error:
+        return False
 
 
 def clear(data_dir: Path) -> None:

@@ -110,6 +110,16 @@ def start(host: str, port: int, request_timeout_s: float = 180.0, proxy: str = "
         time.sleep(1)
 
 
+def shutdown(timeout_s: float) -> None:
+    """Delete every app and stop Serve, waiting at most `timeout_s` for the controller (`serve.shutdown()`
+    waits 30 s, and every ingress replica's HAProxy draining takes 30 s of that on its own)."""
+    from ray.serve.context import _get_global_client  # serve.shutdown() has no timeout of its own
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is not None:  # None: no Serve on this cluster
+        client.shutdown(timeout_s=timeout_s)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m rma_ray.serve_admin")
     ap.add_argument("action", choices=["start", "shutdown"])
@@ -120,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="seconds a request may take end to end before the proxy answers 408")
     ap.add_argument("--proxy", choices=["haproxy", "python"], default="haproxy",
                     help="HAProxy in front of the ingress replicas (default), or Serve's Python proxy alone")
+    ap.add_argument("--timeout", type=float, default=30.0,
+                    help="shutdown: seconds to wait for Serve's controller (the pool's own stop uses a few; "
+                         "what is left is ended with the Ray head)")
     args = ap.parse_args(argv)
 
     import ray
@@ -130,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.action == "start":
             start(args.host, args.port, args.request_timeout, args.proxy)
         else:
-            serve.shutdown()
+            shutdown(args.timeout)
     except TimeoutError as exc:
         print(f"serve {args.action}: {exc}", file=sys.stderr)
         return 1

@@ -49,6 +49,9 @@ class Settings(BaseSettings):
 
     # the Ray head this coordinator admits donors into (set by `rma up`; absent for a coordinator alone)
     ray_address: str | None = None
+    admit_without_ray: bool = Field(default=False, description="admit donors with no Ray head (registry "
+                                                                "tests only); by default such a join is "
+                                                                "refused, its token unspent")
     ray_auth_token_file: Path | None = None
     ray_dashboard_url: str | None = None
     reconcile_interval_s: float = Field(default=2.0, gt=0, le=600)

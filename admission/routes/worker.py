@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.security import HTTPBearer
 from pydantic import ValidationError
 
 from admission import errors, schemas, security
 from admission.errors import ApiError
 from admission.deps import ClientIp, JoinCreds, NodeDep, SessionDep, State
+from admission.deps import Creds
 from admission.services import workers
+from rma_ray import credentials
+from rma_ray.credentials import Kind
 
 router = APIRouter(prefix="/api/worker", tags=["worker"])
 
@@ -17,6 +23,31 @@ router = APIRouter(prefix="/api/worker", tags=["worker"])
 def register(req: schemas.RegisterRequest, creds: JoinCreds, session: SessionDep, state: State, ip: ClientIp
              ) -> schemas.RegisterResponse:
     return workers.register(state, session, creds, req, ip)
+
+
+_node_bearer = HTTPBearer(auto_error=False, scheme_name="NodeToken", description="rma_node_<id>_<secret>")
+
+
+async def _rejoin_credentials(state: State, ip: ClientIp, creds: Annotated[Creds, Depends(_node_bearer)]
+                              ) -> credentials.Parsed:
+    """The node token's shape and the failure limit; the service checks the hash and says why a known donor
+    may not come back (revoked, left, quarantined), which the usual node dependency folds into one answer."""
+    state.limiter.check_auth_allowed(ip)
+    return security.parse_bearer(state, ip, creds, Kind.NODE)
+
+
+@router.post("/rejoin", response_model=schemas.RejoinResponse, openapi_extra=security.NODE)
+def rejoin(req: schemas.RejoinRequest, creds: Annotated[credentials.Parsed, Depends(_rejoin_credentials)],
+           session: SessionDep, state: State, ip: ClientIp) -> schemas.RejoinResponse:
+    """A known donor after a reboot or restart: same id, re-probed hardware, no invite spent."""
+    return workers.rejoin(state, session, creds, req, ip)
+
+
+@router.post("/abort", response_model=schemas.AbortResponse, openapi_extra=security.NODE)
+def abort(node: NodeDep, session: SessionDep, state: State, ip: ClientIp) -> schemas.AbortResponse:
+    """The donor could not start its overlay or Ray node: end the registration; an invite use is given back
+    when it never heartbeated."""
+    return workers.abort(state, session, node, ip)
 
 
 _HEARTBEAT_DOC = {

@@ -63,7 +63,7 @@ def ensure_admin_key(session: Session, given: str | None) -> str | None:
         try:
             parsed = credentials.parse(given, Kind.ADMIN)
         except MalformedToken as exc:
-            raise ValueError(f"RMA_ADMIN_KEY: {exc}; create one with `rma admission new-admin-key`") from None
+            raise ValueError(f"RMA_ADMIN_KEY: {exc}; `rma admission create-admin-key` mints one") from None
         row = session.get(AdminKey, parsed.id)
         if row is None:
             session.add(AdminKey(id=parsed.id, name="RMA_ADMIN_KEY", key_hash=credentials.hash_secret(parsed.secret),

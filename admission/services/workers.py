@@ -6,9 +6,11 @@ two and a half intervals) and, once `rma up` wires a Ray head, from what Ray rep
 
 from __future__ import annotations
 
+import logging
+import socket
 from datetime import datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from admission import schemas
@@ -19,7 +21,10 @@ from admission.services import audit, invites, overlay
 from admission.state import AppState, Beat, NodeEntry
 from rma_ray import credentials, tiers
 from rma_ray.credentials import Kind
+from rma_ray.settings import Settings
 from rma_ray.tiers import Tier
+
+log = logging.getLogger("rma.admission.workers")
 
 
 def _refuse(state: AppState, session: Session, ip: str, status: int, code: str, message: str, **detail: object
@@ -67,7 +72,7 @@ def register(state: AppState, session: Session, parsed: credentials.Parsed, req:
     if pinned is not None and pinned not in candidates:
         raise _refuse(state, session, ip, 422, "tier_not_qualified", tiers.pin_refusal(pinned, caps), invite=invite.id)
     tier = tiers.choose(candidates, demand(session), pinned)
-    refusal = overlay.check_request(state.settings, session, req.overlay)
+    refusal = overlay.check_request(state.settings, session, req.overlay) or unplaceable(state.settings)
     if refusal is not None:
         raise _refuse(state, session, ip, refusal.status, refusal.code, refusal.message, invite=invite.id)
 
@@ -89,12 +94,137 @@ def register(state: AppState, session: Session, parsed: credentials.Parsed, req:
         state.nodes[worker.id] = NodeEntry(worker.id, minted.hash, True)
 
     settings = state.settings
-    ray = (schemas.RayInfo(address=settings.ray_address, auth_token=settings.ray_auth_token())
-           if settings.ray_address else None)
     return schemas.RegisterResponse(worker_id=worker.id, tier=tier, tier_number=tier.number, trusted=invite.trusted,
                                     labels=labels, node_token=minted.token,
-                                    heartbeat_interval_s=settings.heartbeat_interval_s, ray=ray,
+                                    heartbeat_interval_s=settings.heartbeat_interval_s, ray=_ray(settings),
                                     overlay=overlay_info)
+
+
+def _ray(settings: Settings) -> schemas.RayInfo | None:
+    return (schemas.RayInfo(address=settings.ray_address, auth_token=settings.ray_auth_token())
+            if settings.ray_address else None)
+
+
+def unplaceable(settings: Settings) -> ApiError | None:
+    """Before a join token is spent: a donor this coordinator cannot place (no Ray head, or a head it cannot
+    reach) is refused, with the reason, and keeps its invite."""
+    if not settings.ray_address:
+        if settings.admit_without_ray:
+            return None
+        return ApiError(409, "no_ray_head", "this coordinator runs without a Ray head (`rma admission serve` "
+                                            "alone) and admits no one; ask the admin for a pool started with "
+                                            "`rma up` (the join token was not used)")
+    host, _, port = settings.ray_address.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=2).close()
+    except (OSError, ValueError) as exc:
+        log.error("Ray head %s unreachable: %s", settings.ray_address, exc)
+        return ApiError(409, "ray_head_unreachable", "the pool's Ray head does not answer; tell the pool "
+                                                     "admin and try again later (the join token was not used)")
+    return None
+
+
+def _rejoin_refusal(worker: Worker) -> ApiError | None:
+    if worker.revoked_at is not None:
+        return ApiError(403, "worker_revoked", f"donor {worker.id} was revoked by the pool admin on "
+                                               f"{worker.revoked_at:%Y-%m-%d %H:%M} UTC; it cannot rejoin")
+    if worker.left_at is not None:
+        return ApiError(403, "worker_left", f"donor {worker.id} left the pool; to come back, join with a new "
+                                            f"invite (`rma join <coordinator-url> --token-file <file>`)")
+    if worker.quarantine_reason:
+        return ApiError(403, "quarantined", f"donor {worker.id} is quarantined: {worker.quarantine_reason}; "
+                                            f"ask the pool admin")
+    return None
+
+
+def rejoin(state: AppState, session: Session, parsed: credentials.Parsed, req: schemas.RejoinRequest, ip: str
+           ) -> schemas.RejoinResponse:
+    """A known donor after a reboot or an agent restart: the same id and node token, no invite spent. The
+    hardware is re-probed and the tier checked again; a new overlay key replaces the old one."""
+    worker = session.get(Worker, parsed.id)
+    if worker is None or not credentials.matches(parsed, worker.node_token_hash):
+        raise auth_failed(state, ip, "node", "invalid_node_token", "unknown node token")
+    refusal = _rejoin_refusal(worker)
+    if refusal is None:
+        caps = req.capabilities
+        candidates = tiers.eligible(caps)
+        if not candidates:
+            refusal = ApiError(422, "hardware_below_minimum", tiers.refusal(caps))
+    if refusal is None:
+        invite = session.get(Invite, worker.invite_id) if worker.invite_id else None
+        pinned = Tier(invite.tier) if invite is not None and invite.tier else None
+        if pinned is not None and pinned not in candidates:
+            refusal = ApiError(422, "tier_not_qualified", tiers.pin_refusal(pinned, caps))
+    if refusal is None and req.overlay is not None and req.overlay.public_key != worker.wg_public_key:
+        refusal = overlay.check_request(state.settings, session, req.overlay)
+    if refusal is None and state.settings.overlay_enabled and req.overlay is None:
+        refusal = overlay.check_request(state.settings, session, None)
+    refusal = refusal or unplaceable(state.settings)
+    if refusal is not None:
+        state.metrics.refusals.labels(refusal.code).inc()
+        session.rollback()
+        audit.record(session, f"worker:{worker.id}", "worker.rejoin.refused", worker.id, ip,
+                     code=refusal.code)
+        session.commit()
+        raise refusal
+
+    tier = Tier(worker.tier)
+    if tier not in candidates:
+        tier = tiers.choose(candidates, demand(session), pinned)
+    worker.tier, worker.capabilities = str(tier), caps.model_dump()
+    worker.labels = tiers.node_labels(tier, worker.id, worker.trusted, caps)
+    worker.ray_alive, worker.ray_node_id = None, None
+    overlay_info = None
+    if state.settings.overlay_enabled and req.overlay is not None:
+        # off the hub with the old key and address, on again with the one the donor has now (a new key when
+        # the old one is gone); the replaced key is kept in the audit trail
+        old_key = worker.wg_public_key
+        overlay.cut(state, worker)
+        session.flush()
+        overlay_info = overlay.admit(state, session, worker, req.overlay)
+        if old_key != req.overlay.public_key:
+            audit.record(session, f"worker:{worker.id}", "worker.overlay_key", worker.id, ip,
+                         replaced=old_key)
+    audit.record(session, f"worker:{worker.id}", "worker.rejoin", worker.id, ip, tier=str(tier),
+                 name=req.name)
+    session.flush()
+    with state.nodes_lock:
+        state.nodes[worker.id] = NodeEntry(worker.id, worker.node_token_hash, True, worker.action)
+    s = state.settings
+    return schemas.RejoinResponse(worker_id=worker.id, tier=tier, tier_number=tier.number,
+                                  trusted=worker.trusted, labels=worker.labels,
+                                  heartbeat_interval_s=s.heartbeat_interval_s, ray=_ray(s), overlay=overlay_info)
+
+
+def abort(state: AppState, session: Session, node: NodePrincipal, ip: str) -> schemas.AbortResponse:
+    """The donor could not start (overlay or Ray failed): end a registration that never heartbeated and give
+    its invite use back. One conditional UPDATE decides, so a replay or a race refunds at most once, and never
+    past the invite's uses; a registration that ever ran is left the ordinary way, without a refund."""
+    ended = session.execute(
+        update(Worker)
+        .where(Worker.id == node.worker_id, Worker.last_heartbeat_at.is_(None), Worker.left_at.is_(None),
+               Worker.revoked_at.is_(None))
+        .values(left_at=utcnow(), action="leave")
+        .execution_options(synchronize_session=False)
+    ).rowcount == 1 and state.buffer.peek(node.worker_id) is None  # type: ignore[attr-defined]
+    worker = session.get(Worker, node.worker_id)
+    assert worker is not None  # the node token was just verified against it
+    session.refresh(worker)
+    if not ended:
+        if worker.left_at is None:
+            worker.left_at, worker.action = utcnow(), "leave"
+        audit.record(session, node.actor, "worker.unregister", worker.id, ip)
+    else:
+        if worker.invite_id:
+            session.execute(update(Invite)
+                            .where(Invite.id == worker.invite_id, Invite.uses_left < Invite.uses)
+                            .values(uses_left=Invite.uses_left + 1)
+                            .execution_options(synchronize_session=False))
+        audit.record(session, node.actor, "worker.register.aborted", worker.id, ip, invite=worker.invite_id)
+    overlay.cut(state, worker)
+    session.flush()
+    _deactivate(state, worker.id)
+    return schemas.AbortResponse(refunded=ended)
 
 
 def heartbeat(state: AppState, node: NodePrincipal, req: schemas.HeartbeatRequest) -> str:

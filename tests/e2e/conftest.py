@@ -141,7 +141,7 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PoolUnderTest]:
             donors = put.donors if "put" in locals() else []
             live = [d for d in donors if d.proc.poll() is None]
             for d in live:
-                d.proc.send_signal(signal.SIGTERM)
+                d.proc.send_signal(signal.SIGINT)  # a leave (SIGTERM keeps membership)
             for d in live:
                 try:
                     d.proc.wait(30)

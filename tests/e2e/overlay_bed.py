@@ -226,7 +226,7 @@ def start_pool(bed: TestBed, root: Path, use_overlay: bool = True) -> Iterator[O
         donors = pool.donors if pool else []
         live = [d for d in donors if d.proc.poll() is None]
         for d in live:
-            d.proc.send_signal(signal.SIGTERM)
+            d.proc.send_signal(signal.SIGINT)  # a leave (SIGTERM keeps membership)
         for d in live:
             try:
                 d.proc.wait(40)

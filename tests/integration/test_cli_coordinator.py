@@ -30,7 +30,8 @@ def served(tmp_path: Path) -> Iterator[tuple[str, Path, subprocess.Popen[str], s
     data = tmp_path / "coord"
     proc = subprocess.Popen([*RMA, "admission", "serve", "--port", str(port), "--data-dir", str(data)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "COLUMNS": "200"})
+                            # no Ray head here: admit anyway, registrations are what these tests drive
+                            env={**os.environ, "COLUMNS": "200", "RMA_ADMIT_WITHOUT_RAY": "1"})
     url = f"http://127.0.0.1:{port}"
     lines: list[str] = []
 
@@ -146,7 +147,9 @@ def test_join_failures_are_one_line(served: tuple, tmp_path: Path) -> None:  # t
         assert message in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     workers = httpx.get(url + "/api/admin/workers", headers={"Authorization": f"Bearer {key}"}).json()
-    assert [w["status"] for w in workers] == ["left"]  # the headless join unregistered itself
+    assert [w["status"] for w in workers] == ["left"]  # the headless join aborted its registration
+    invites = httpx.get(url + "/api/invites", headers={"Authorization": f"Bearer {key}"}).json()
+    assert invites[0]["uses_left"] == 5  # and gave its invite use back
     r = rma("status", env={"RMA_DATA_DIR": str(tmp_path / "d")})
     assert r.returncode == 1 and "not in a pool" in r.stderr
     r = rma("leave", env={"RMA_DATA_DIR": str(tmp_path / "d")})

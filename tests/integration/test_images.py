@@ -477,7 +477,7 @@ def test_donor_container_joins_the_pool_is_healthy_and_leaves_on_docker_stop(
         node_image: Built, pool: dict[str, Any], tmp_path: Path) -> None:
     """The donor's real path: `docker run rma-node <coordinator>` with the token as a docker secret joins a real
     pool (its Ray node, with the tier labels, inside the container), docker's HEALTHCHECK turns healthy, and
-    `docker stop` makes the agent drain, unregister and exit 0."""
+    `docker stop` makes the agent drain, stop its node (keeping its membership for a restart) and exit 0."""
     import httpx
 
     from tests.support import GiveUp, wait_for
@@ -521,6 +521,7 @@ def test_donor_container_joins_the_pool_is_healthy_and_leaves_on_docker_stop(
         logs = node_image.docker("logs", name)
         assert s["ExitCode"] == 0, logs.stdout + logs.stderr
         workers = httpx.get(pool["coordinator_url"] + "/api/admin/workers", headers=admin, timeout=10).json()
-        assert [w["status"] for w in workers if w["name"] == "container-donor"] == ["left"]
+        # docker stop is a restart's first half: the node stopped, the donor stays a member (and rejoins)
+        assert [w["status"] for w in workers if w["name"] == "container-donor"] not in (["left"], [])
     finally:
         node_image.docker("rm", "-f", "-v", name)

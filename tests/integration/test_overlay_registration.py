@@ -151,3 +151,29 @@ def test_without_an_overlay_the_key_is_ignored(tmp_path: Path) -> None:
         r = register(c, c.invite()["token"], new_key(tmp_path))
         assert r.status_code == 201 and r.json()["overlay"] is None
     state.engine.dispose()
+
+
+def test_rejoin_keeps_a_surviving_key_replaces_a_lost_one_and_aborts_cut_the_peer(
+        ov: Coordinator, hub: overlay.Interface, tmp_path: Path) -> None:
+    k1, k2, k3 = new_key(tmp_path), new_key(tmp_path), new_key(tmp_path)
+    reg = register(ov, ov.invite()["token"], k1).json()
+    node = {"Authorization": f"Bearer {reg['node_token']}"}
+
+    def rejoin(key: str) -> httpx.Response:
+        return ov.http.post("/api/worker/rejoin", headers=node,
+                            json={"name": "donor", "capabilities": CPU_BOX, "overlay": {"public_key": key}})
+
+    r = rejoin(k1)  # a restart that kept its key
+    assert r.status_code == 200 and r.json()["overlay"]["address"] == "10.77.0.2", r.text
+    assert {p.public_key: p.allowed_ips for p in hub.peers()} == {k1: ["10.77.0.2/32"]}
+    r = rejoin(k2)  # the key is gone (a new disk, a new container): the new one replaces it on the hub
+    assert r.status_code == 200, r.text
+    assert [p.public_key for p in hub.peers()] == [k2]
+    # a replaced key was never revoked, so the registry no longer holds it (only the audit trail does)
+    other = register(ov, ov.invite()["token"], k1)
+    assert other.status_code == 201
+    assert rejoin(k3).status_code == 200 and {p.public_key for p in hub.peers()} == {k1, k3}
+    # an aborted registration leaves the hub at once
+    r = ov.http.post("/api/worker/abort", headers={"Authorization": f"Bearer {other.json()['node_token']}"})
+    assert r.json() == {"refunded": True}
+    assert [p.public_key for p in hub.peers()] == [k3]

@@ -1,0 +1,67 @@
+"""How long `rma down` takes: `rma up` of the embedded default (every app and store, free ports, its own data
+dir and HOME), wait until it is up, then time `rma down`. Prints one JSON line; asserts nothing. Run it under
+the heavy lock: `flock /tmp/rma-heavy.lock .venv/bin/python -m bench.pool_down` (~3-8 min on 2 cores)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tests.support import GiveUp, wait_for
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.pool_down")
+    ap.add_argument("--apps", default="llm,services,vision")
+    ap.add_argument("--stores", default="redis,postgres,chroma,graph")
+    ap.add_argument("--up-timeout", type=float, default=1200)
+    args = ap.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="rma-down-bench-"))
+    env = {**os.environ, "HOME": str(root / "home"), "RMA_DATA_DIR": str(root / "data"), "COLUMNS": "200"}
+    stores = [s for s in args.stores.split(",") if s and s != "none"]
+    ports = [a for s in stores for a in ("--store-port", f"{s}={free_port()}")]
+    argv = [sys.executable, "-m", "rma_ray.cli", "up", "--node-ip-address", "127.0.0.1",
+            "--coordinator-port", str(free_port()), "--gcs-port", str(free_port()),
+            "--dashboard-port", str(free_port()), "--serve-port", str(free_port()),
+            "--apps", args.apps, "--stores", args.stores, *ports]
+    log = root / "up.log"
+    t0 = time.monotonic()
+    proc = subprocess.Popen(argv, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    try:
+        def up() -> bool:
+            if proc.poll() is not None:
+                raise GiveUp(f"rma up exited {proc.returncode}: {log.read_text()[-3000:]}")
+            return "stop with Ctrl-C or `rma down`" in log.read_text(errors="replace")
+
+        wait_for(up, timeout=args.up_timeout, interval=1, what="rma up to finish starting")
+        up_s = time.monotonic() - t0
+        t1 = time.monotonic()
+        down = subprocess.run([sys.executable, "-m", "rma_ray.cli", "down"], env=env, capture_output=True,
+                              text=True, timeout=900)
+        down_s = time.monotonic() - t1
+        proc.wait(120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stop_lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines()[-12:]]
+    print(json.dumps({"up_s": round(up_s, 1), "down_s": round(down_s, 1), "down_rc": down.returncode,
+                      "down_out": (down.stdout + down.stderr).strip()[-300:], "apps": args.apps,
+                      "stores": args.stores, "supervisor_tail": stop_lines}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
