@@ -60,6 +60,10 @@ class EmbeddingSettings(BaseSettings):
     model_source: str | None = Field(default=None, description="override the entry's source (hub id or path)")
     max_items: int = Field(default=2048, ge=1, le=100_000, description="inputs per request (OpenAI's limit)")
     max_tokens: int | None = Field(default=None, ge=8, description="tokens per input (default: the model's)")
+    token_ids: Literal["auto", "cl100k_base", "model", "refuse"] = Field(
+        default="auto", description="what an `input` of token ids means: cl100k_base (OpenAI's tokenizer: what "
+        "LangChain's OpenAIEmbeddings sends by default), model (this model's own tokenizer, vLLM's reading), "
+        "refuse (a 400 that says to send text); auto: cl100k_base where tiktoken can load it, else refuse")
     max_batch_size: int = Field(default=16, ge=1, description="requests @serve.batch gathers into one forward pass")
     batch_wait_timeout_s: float = Field(default=0.005, ge=0, le=1)
     encode_batch_size: int = Field(default=64, ge=1, description="inputs per forward pass")

@@ -125,6 +125,27 @@ def load_sentence_transformer(entry: EmbeddingEntry, source: str | None = None, 
     return SentenceTransformer(source, device=device)
 
 
+def _cl100k(timeout_s: float) -> Any:
+    """tiktoken's cl100k_base, or None where it cannot be loaded (it downloads once, then reads its cache): bounded,
+    since tiktoken's download has no timeout of its own."""
+    import threading
+
+    found: list[Any] = []
+
+    def load() -> None:
+        try:
+            import tiktoken
+
+            found.append(tiktoken.get_encoding("cl100k_base"))
+        except Exception:  # no network, no cache: ids are refused with a message that says so
+            pass
+
+    t = threading.Thread(target=load, daemon=True, name="cl100k-load")
+    t.start()
+    t.join(timeout_s)
+    return found[0] if found else None
+
+
 class EmbeddingModel:
     """One loaded model. `embed_many(requests)`: each request is {"input": [str | token ids], "dimensions": int |
     None, "truncate": bool}; the answer, per request, is {"vectors": float32 array, "tokens": int} or {"error":
@@ -143,20 +164,40 @@ class EmbeddingModel:
         self.model = model
         self.tokenizer = model.tokenizer
         self.limit = settings.token_limit()
-        self.vocab = len(self.tokenizer)
+        self.token_ids, self._decode, self.vocab = self._id_reader(settings.token_ids)
+
+    def _id_reader(self, mode: str) -> tuple[str, Any, int]:
+        """How token ids are read back into text: (mode, decode, vocabulary size)."""
+        if mode in ("auto", "cl100k_base"):
+            enc = _cl100k(timeout_s=10)
+            if enc is not None:
+                return "cl100k_base", enc.decode, enc.n_vocab
+            if mode == "cl100k_base":
+                raise RuntimeError("RMA_EMBEDDINGS_TOKEN_IDS=cl100k_base, but tiktoken cannot load cl100k_base on "
+                                   "this node (no network and no TIKTOKEN_CACHE_DIR with it)")
+            mode = "refuse"
+        if mode == "model":
+            return "model", lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), len(self.tokenizer)
+        return "refuse", None, 0
 
     def _texts(self, items: list[Any]) -> tuple[list[str], list[int]]:
         """Texts and their token counts (with the model's special tokens, as the model reads them)."""
         texts = []
         for i, item in enumerate(items):
             if isinstance(item, list):
+                if self._decode is None:
+                    raise EmbeddingError(400, "invalid_request", f"input[{i}] is token ids, which this pool does not "
+                                                                 "read (it cannot load OpenAI's cl100k_base "
+                                                                 "tokenizer): send text. LangChain: "
+                                                                 "OpenAIEmbeddings(check_embedding_ctx_length=False)",
+                                         "input")
                 bad = next((t for t in item if not 0 <= t < self.vocab), None)
                 if bad is not None:
                     raise EmbeddingError(400, "invalid_request", f"input[{i}] has token id {bad}, outside this "
-                                                                 f"model's vocabulary (0-{self.vocab - 1}); send "
-                                                                 f"text, or ids of {self.entry.model_id}'s tokenizer",
+                                                                 f"tokenizer's vocabulary (0-{self.vocab - 1}, "
+                                                                 f"{self.token_ids}); send text",
                                          "input")
-                texts.append(self.tokenizer.decode(item, skip_special_tokens=True))
+                texts.append(self._decode(item))
             else:
                 texts.append(item)
         counts = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=True, truncation=False,

@@ -20,7 +20,7 @@ MODEL = config.DEFAULT_MODEL
 
 @pytest.fixture(scope="module")
 def settings() -> EmbeddingSettings:
-    return EmbeddingSettings(max_items=4)
+    return EmbeddingSettings(max_items=4, token_ids="model")
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +83,19 @@ def test_a_batch_of_requests_answers_each_one_on_its_own(model: EmbeddingModel) 
     assert out[3]["tokens"] == 256 and out[3]["vectors"].shape == (1, 384)
     assert out[4]["error"].status == 400 and "vocabulary" in out[4]["error"].message
     assert out[5]["vectors"].shape == (1, 384)
+
+
+def test_token_ids_without_a_tokenizer_to_read_them_are_a_400_that_says_to_send_text(
+        model: EmbeddingModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where tiktoken cannot load cl100k_base (no network, no cache), the ids LangChain's default sends are refused,
+    not misread as this model's."""
+    from deployments.embeddings import model as model_module
+
+    monkeypatch.setattr(model_module, "_cl100k", lambda timeout_s: None)
+    refusing = EmbeddingModel(EmbeddingSettings(token_ids="auto"), model=model.model)
+    assert refusing.token_ids == "refuse"
+    err = refusing.embed_many([{"input": [[101, 2000]]}, {"input": ["text is fine"]}])
+    assert "check_embedding_ctx_length=False" in err[0]["error"].message and err[1]["vectors"].shape == (1, 384)
 
 
 def test_the_reply_is_openai_s_in_float_and_base64(model: EmbeddingModel, settings: EmbeddingSettings) -> None:
