@@ -2,7 +2,8 @@
 
 - `rma-llm` at `/v1`: GET /v1/models, GET /v1/models/{id}, POST /v1/chat/completions (with `stream` SSE), POST
   /v1/completions, every one only with a client key (`deployments.gateway.auth`), refusals as OpenAI error bodies,
-  no other route (vLLM's tokenize/metrics/docs routes and ray.serve.llm's embeddings/score are not reachable).
+  no other route (vLLM's tokenize/metrics/docs routes and ray.serve.llm's embeddings/score are not reachable;
+  POST /v1/embeddings is the `rma-embeddings` app's, deployments/embeddings, whose model GET /v1/models lists too).
   Two shapes, chosen by `LLMSettings.direct_ingress()`:
   * direct (the LLM replicas may run only on trusted nodes, as the embedded CPU default does): ray.serve.llm's
     `LLMServer` is the app's ingress and answers with vLLM's own OpenAI app behind `ClientKeyGate`; HAProxy sends
@@ -156,10 +157,12 @@ class ModelCards:
         if start.get("status") == 200:
             try:
                 data = json.loads(body)
-                for c in data.get("data", []) if wanted is None else [data]:
-                    c.setdefault("kind", "chat")
-                if wanted is None:
-                    data["data"] = list(data.get("data", [])) + others
+                if wanted is None and isinstance(data.get("data"), list):
+                    for c in data["data"]:
+                        c.setdefault("kind", "chat")
+                    data["data"] += others
+                elif wanted is not None:
+                    data.setdefault("kind", "chat")
                 body = json.dumps(data).encode()
             except (ValueError, AttributeError):  # not the list we know: pass it on as it is
                 pass
