@@ -30,6 +30,7 @@ from deployments.embeddings.config import (
 from deployments.embeddings.model import EmbeddingError, EmbeddingModel, model_card, parse_request, reply
 from deployments.gateway.auth import openai_error_handler
 from deployments.llm.app import AUTH
+from deployments.vision.app import PrefixIsRoot
 from rma_ray.serve_admin import INGRESS_REPLICA_ENV
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -61,6 +62,7 @@ class Embedder:
 
 
 _app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+_app.add_middleware(PrefixIsRoot)  # POST /v1/embeddings itself, not a 307 to /v1/embeddings/
 openai_error_handler(_app)
 
 
