@@ -1,13 +1,15 @@
 """Embedding figures: inputs embedded per second through the pool's POST /v1/embeddings (client key, Serve's
-HAProxy, the key-gated ingress, a handle call into the batched Embedder replica) against the same model called in
-this process, same box, one run.
+HAProxy, the key-gated ingress, a handle call into the batched Embedder replica) against the same model called
+in this process, same box, one run.
 
 Starts the pool of tests/integration/test_llm.py (token-auth Ray head, a service node, a coordinator issuing a
 client key, Serve; its LLM apps are deleted again before measuring, so that only the embedding model runs),
 deploys the rma-embeddings app as `rma up` does, and measures, in rounds that alternate the two sides:
-  - in process: EmbeddingModel.embed_many, one input per call (1) and 16 inputs per call (what batching at best
+  - in process: EmbeddingModel.embed_many, one input per call (1) and 16 inputs per call (what batching at
+  best
     reaches for 16 concurrent single-input requests);
-  - HTTP: the official `openai` AsyncOpenAI client, one input per request, 1 and 16 requests in flight (Serve's
+  - HTTP: the official `openai` AsyncOpenAI client, one input per request, 1 and 16 requests in flight
+  (Serve's
     @serve.batch gathers the concurrent ones into one forward pass).
 Both sides use the same torch thread count (`--threads`). Prints a table and one JSON line; asserts nothing.
 
@@ -26,7 +28,10 @@ from pathlib import Path
 from statistics import median
 from typing import Any
 
-TEXTS = [f"Request {i}: the refund for order {1000 + i} was sent to the customer's bank on Monday." for i in range(64)]
+TEXTS = [
+    f"Request {i}: the refund for order {1000 + i} was sent to the customer's bank on Monday."
+    for i in range(64)
+]
 
 
 def in_process(model: Any, per_call: int, seconds: float) -> float:
@@ -79,37 +84,75 @@ def main() -> None:
         pool.run(["-m", "deployments.llm", "undeploy", "--address", pool.address], timeout=300)
         env = {"RMA_EMBEDDINGS_CPU_THREADS": str(args.threads)}
         t0 = time.monotonic()
-        pool.run(["-m", "deployments.embeddings", "deploy", "--address", pool.address], timeout=400, extra_env=env)
+        pool.run(
+            ["-m", "deployments.embeddings", "deploy", "--address", pool.address], timeout=400, extra_env=env
+        )
         ready_s = time.monotonic() - t0
         key = pool.client_key("bench")["key"]
-        wait_for(lambda: httpx.post(pool.serve_url + "/v1/embeddings", json={"model": DEFAULT_MODEL, "input": "hi"},
-                                    headers={"Authorization": f"Bearer {key}"}, timeout=30).status_code == 200,
-                 timeout=120, interval=0.5, what="/v1/embeddings to answer")
-        client = openai.AsyncOpenAI(base_url=pool.serve_url + "/v1", api_key=key, max_retries=0, timeout=120,
-                                    http_client=openai.DefaultAsyncHttpxClient(
-                                        limits=httpx.Limits(max_connections=64, max_keepalive_connections=64)))
-        cases: dict[str, list[float]] = {"in-process, 1 per call": [], "HTTP, 1 in flight": [],
-                                         "in-process, 16 per call": [], "HTTP, 16 in flight": []}
+        wait_for(
+            lambda: (
+                httpx.post(
+                    pool.serve_url + "/v1/embeddings",
+                    json={"model": DEFAULT_MODEL, "input": "hi"},
+                    headers={"Authorization": f"Bearer {key}"},
+                    timeout=30,
+                ).status_code
+                == 200
+            ),
+            timeout=120,
+            interval=0.5,
+            what="/v1/embeddings to answer",
+        )
+        client = openai.AsyncOpenAI(
+            base_url=pool.serve_url + "/v1",
+            api_key=key,
+            max_retries=0,
+            timeout=120,
+            http_client=openai.DefaultAsyncHttpxClient(
+                limits=httpx.Limits(max_connections=64, max_keepalive_connections=64)
+            ),
+        )
+        cases: dict[str, list[float]] = {
+            "in-process, 1 per call": [],
+            "HTTP, 1 in flight": [],
+            "in-process, 16 per call": [],
+            "HTTP, 16 in flight": [],
+        }
         asyncio.run(over_http(client, DEFAULT_MODEL, 16, 1.0))  # warm the connections and the replica
         for _ in range(args.rounds):
             cases["in-process, 1 per call"].append(in_process(local, 1, args.seconds))
             cases["HTTP, 1 in flight"].append(asyncio.run(over_http(client, DEFAULT_MODEL, 1, args.seconds)))
             cases["in-process, 16 per call"].append(in_process(local, 16, args.seconds))
-            cases["HTTP, 16 in flight"].append(asyncio.run(over_http(client, DEFAULT_MODEL, 16, args.seconds)))
+            cases["HTTP, 16 in flight"].append(
+                asyncio.run(over_http(client, DEFAULT_MODEL, 16, args.seconds))
+            )
         load = os.getloadavg()
     med = {k: median(v) for k, v in cases.items()}
-    print(f"\nembeddings/s ({DEFAULT_MODEL}, one ~20-token input per request, torch threads {args.threads}, "
-          f"{args.rounds} rounds x {args.seconds:g} s, median; load avg {load[0]:.1f})")
+    print(
+        f"\nembeddings/s ({DEFAULT_MODEL}, one ~20-token input per request, torch threads {args.threads}, "
+        f"{args.rounds} rounds x {args.seconds:g} s, median; load avg {load[0]:.1f})"
+    )
     print(f"{'case':28} {'emb/s':>9}  rounds")
     for k, v in cases.items():
         print(f"{k:28} {med[k]:9.1f}  {', '.join(f'{x:.1f}' for x in v)}")
     r1 = med["HTTP, 1 in flight"] / med["in-process, 1 per call"]
     r16 = med["HTTP, 16 in flight"] / med["in-process, 16 per call"]
-    print(f"HTTP/in-process: 1 concurrent {r1:.2f}x, 16 concurrent {r16:.2f}x (vs 16 per call); "
-          f"HTTP 16 vs 1 in flight {med['HTTP, 16 in flight'] / med['HTTP, 1 in flight']:.2f}x; "
-          f"app ready in {ready_s:.1f} s")
-    print(json.dumps({"median_emb_per_s": {k: round(v, 1) for k, v in med.items()}, "ratio_1": round(r1, 3),
-                      "ratio_16": round(r16, 3), "ready_s": round(ready_s, 1), "load1": round(load[0], 2)}))
+    print(
+        f"HTTP/in-process: 1 concurrent {r1:.2f}x, 16 concurrent {r16:.2f}x (vs 16 per call); "
+        f"HTTP 16 vs 1 in flight {med['HTTP, 16 in flight'] / med['HTTP, 1 in flight']:.2f}x; "
+        f"app ready in {ready_s:.1f} s"
+    )
+    print(
+        json.dumps(
+            {
+                "median_emb_per_s": {k: round(v, 1) for k, v in med.items()},
+                "ratio_1": round(r1, 3),
+                "ratio_16": round(r16, 3),
+                "ready_s": round(ready_s, 1),
+                "load1": round(load[0], 2),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

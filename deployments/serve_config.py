@@ -53,7 +53,8 @@ LLM_ARGS: dict[str, Any] = {"tier": "gpu", "gpu_memory_mb": 15_360}
 # Vision on the same tier through vLLM (a multimodal catalog model). `rma up` pools whose GPU donors run Ollama
 # use the default backend instead ({"backend": "ollama"}: replicas on nodes labelled rma.io/ollama=true).
 VISION_ARGS: dict[str, Any] = {"backend": "vllm", "gpu_memory_mb": 15_360}
-# Embeddings on the gpu tier: the catalog's GPU model beside the LLM (RAG collections hold its 1024-long vectors)
+# Embeddings on the gpu tier: the catalog's GPU model beside the LLM (RAG collections hold its 1024-long
+# vectors)
 EMBEDDINGS_ARGS: dict[str, Any] = {"model": "mxbai-embed-large-v1"}
 
 
@@ -88,8 +89,8 @@ def inference_app(args: dict[str, Any]) -> Any:
 
 
 def embeddings_app(args: dict[str, Any]) -> Any:
-    """`rma-embeddings` (/v1/embeddings): OpenAI's embeddings route and the model the RAG services share; `args`
-    are EmbeddingSettings fields."""
+    """`rma-embeddings` (/v1/embeddings): OpenAI's embeddings route and the model the RAG services share;
+    `args` are EmbeddingSettings fields."""
     from deployments.embeddings.app import build_app
     from deployments.embeddings.config import EmbeddingSettings
 

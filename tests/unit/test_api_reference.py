@@ -1,9 +1,9 @@
-"""The services' published OpenAPI and docs/api.md: the doc is what the code generates, every route is described
-(a body example that the route's own model accepts, its error codes), and the schema is served only with a key."""
+"""The services' published OpenAPI and docs/api.md: the doc is what the code generates, every route is
+described (a body example that the route's own model accepts, its error codes), and the schema is served only
+with a key."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
@@ -28,9 +28,15 @@ def test_docs_api_md_is_what_the_code_generates() -> None:
 
 
 def test_every_route_is_described_with_its_errors_and_an_example(app: object) -> None:
-    served = {(m, r.path) for r in app.routes for m in (getattr(r, "methods", None) or ())  # type: ignore[attr-defined]
-              if getattr(r, "include_in_schema", False) and m != "HEAD"}
-    assert served == set(openapi.ROUTES), "describe every route of deployments/services/api.py in openapi.ROUTES"
+    served = {
+        (m, r.path)
+        for r in app.routes
+        for m in (getattr(r, "methods", None) or ())  # type: ignore[attr-defined]
+        if getattr(r, "include_in_schema", False) and m != "HEAD"
+    }
+    assert served == set(openapi.ROUTES), (
+        "describe every route of deployments/services/api.py in openapi.ROUTES"
+    )
     schema = openapi.published(app)
     for path, ops in schema["paths"].items():
         assert path.startswith("/api/")
@@ -39,7 +45,9 @@ def test_every_route_is_described_with_its_errors_and_an_example(app: object) ->
             assert {401, 429, 503} <= codes, (method, path)
             for status, resp in op["responses"].items():
                 if int(status) >= 400:
-                    assert resp["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
+                    assert resp["content"]["application/json"]["schema"] == {
+                        "$ref": "#/components/schemas/Error"
+                    }
             doc = openapi.ROUTES[(method.upper(), path.removeprefix("/api"))]
             body = op.get("requestBody", {}).get("content", {})
             if "application/json" in body:
@@ -56,7 +64,9 @@ def test_examples_of_fastapi_parsed_bodies_validate_against_their_schema(app: ob
         for method, op in ops.items():
             json_body = op.get("requestBody", {}).get("content", {}).get("application/json")
             if json_body and "example" in json_body:
-                jsonschema.validate(json_body["example"], {**json_body["schema"], "components": schema["components"]})
+                jsonschema.validate(
+                    json_body["example"], {**json_body["schema"], "components": schema["components"]}
+                )
 
 
 def test_the_schema_is_served_only_with_a_key(app: object) -> None:
