@@ -103,29 +103,34 @@ def main() -> None:
             interval=0.5,
             what="/v1/embeddings to answer",
         )
-        client = openai.AsyncOpenAI(
-            base_url=pool.serve_url + "/v1",
-            api_key=key,
-            max_retries=0,
-            timeout=120,
-            http_client=openai.DefaultAsyncHttpxClient(
-                limits=httpx.Limits(max_connections=64, max_keepalive_connections=64)
-            ),
-        )
         cases: dict[str, list[float]] = {
             "in-process, 1 per call": [],
             "HTTP, 1 in flight": [],
             "in-process, 16 per call": [],
             "HTTP, 16 in flight": [],
         }
-        asyncio.run(over_http(client, DEFAULT_MODEL, 16, 1.0))  # warm the connections and the replica
-        for _ in range(args.rounds):
-            cases["in-process, 1 per call"].append(in_process(local, 1, args.seconds))
-            cases["HTTP, 1 in flight"].append(asyncio.run(over_http(client, DEFAULT_MODEL, 1, args.seconds)))
-            cases["in-process, 16 per call"].append(in_process(local, 16, args.seconds))
-            cases["HTTP, 16 in flight"].append(
-                asyncio.run(over_http(client, DEFAULT_MODEL, 16, args.seconds))
+
+        async def measure() -> None:
+            # one event loop for every HTTP case: the client's pooled connections belong to it
+            client = openai.AsyncOpenAI(
+                base_url=pool.serve_url + "/v1",
+                api_key=key,
+                max_retries=0,
+                timeout=120,
+                http_client=openai.DefaultAsyncHttpxClient(
+                    limits=httpx.Limits(max_connections=64, max_keepalive_connections=64)
+                ),
             )
+            await over_http(client, DEFAULT_MODEL, 16, 1.0)  # warm the connections and the replica
+            for _ in range(args.rounds):
+                # in process: the loop is idle meanwhile (no HTTP case runs)
+                cases["in-process, 1 per call"].append(in_process(local, 1, args.seconds))
+                cases["HTTP, 1 in flight"].append(await over_http(client, DEFAULT_MODEL, 1, args.seconds))
+                cases["in-process, 16 per call"].append(in_process(local, 16, args.seconds))
+                cases["HTTP, 16 in flight"].append(await over_http(client, DEFAULT_MODEL, 16, args.seconds))
+            await client.close()
+
+        asyncio.run(measure())
         load = os.getloadavg()
     med = {k: median(v) for k, v in cases.items()}
     print(
