@@ -8,7 +8,8 @@ it names. One YAML (a `ServeDeploySchema`) that `serve deploy`, the Ray dashboar
     python -m deployments.serve_config --check         # exit 1 when either file differs from the code
 
 The apps are the ones `rma up` deploys with `python -m deployments.<app> deploy`: `rma-llm` at /v1 and
-`rma-inference` at /api/inference (deployments/llm/app.py), `rma-vision` at /api/inference/vision with its backend
+`rma-inference` at /api/inference (deployments/llm/app.py), `rma-embeddings` at /v1/embeddings
+(deployments/embeddings/app.py), `rma-vision` at /api/inference/vision with its backend
 `rma-vision-backend` (deployments/vision/app.py), `services` at /api (deployments/services/app.py). Each
 entry names a builder here (`import_path: deployments.serve_config:<builder>` plus `args`) and lists its deployments
 with the options the code gives them (names, label selectors, autoscaling, max_ongoing_requests, ...), as `serve
@@ -52,6 +53,9 @@ LLM_ARGS: dict[str, Any] = {"tier": "gpu", "gpu_memory_mb": 15_360}
 # Vision on the same tier through vLLM (a multimodal catalog model). `rma up` pools whose GPU donors run Ollama
 # use the default backend instead ({"backend": "ollama"}: replicas on nodes labelled rma.io/ollama=true).
 VISION_ARGS: dict[str, Any] = {"backend": "vllm", "gpu_memory_mb": 15_360}
+# Embeddings on the gpu tier: the catalog's GPU model beside the LLM (RAG collections hold its 1024-long
+# vectors)
+EMBEDDINGS_ARGS: dict[str, Any] = {"model": "mxbai-embed-large-v1"}
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,15 @@ def inference_app(args: dict[str, Any]) -> Any:
     return build_inference_app()
 
 
+def embeddings_app(args: dict[str, Any]) -> Any:
+    """`rma-embeddings` (/v1/embeddings): OpenAI's embeddings route and the model the RAG services share;
+    `args` are EmbeddingSettings fields."""
+    from deployments.embeddings.app import build_app
+    from deployments.embeddings.config import EmbeddingSettings
+
+    return build_app(EmbeddingSettings(**(args or {})))
+
+
 def services_app(args: dict[str, Any]) -> Any:
     """`services` (/api): the gateway and the RMA services; `args` are ServicesSettings fields."""
     from deployments.services.app import build_app
@@ -108,12 +121,15 @@ def vision_backend_app(args: dict[str, Any]) -> Any:
 
 
 def apps() -> tuple[AppSpec, ...]:
+    from deployments.embeddings.config import EMBEDDINGS_APP, EMBEDDINGS_ROUTE_PREFIX
     from deployments.llm.config import INFERENCE_APP, INFERENCE_ROUTE_PREFIX, LLM_APP, LLM_ROUTE_PREFIX
     from deployments.services.app import APP_NAME, ROUTE_PREFIX
     from deployments.vision.config import BACKEND_APP, VISION_APP, VISION_ROUTE_PREFIX
 
     return (AppSpec(LLM_APP, LLM_ROUTE_PREFIX, "llm_app", dict(LLM_ARGS)),
             AppSpec(INFERENCE_APP, INFERENCE_ROUTE_PREFIX, "inference_app"),
+            # before the services: their RAG deployments embed through its model
+            AppSpec(EMBEDDINGS_APP, EMBEDDINGS_ROUTE_PREFIX, "embeddings_app", dict(EMBEDDINGS_ARGS)),
             # the backend before its front (the front looks it up per request, and answers 503 while it is missing)
             AppSpec(BACKEND_APP, None, "vision_backend_app", dict(VISION_ARGS)),
             AppSpec(VISION_APP, VISION_ROUTE_PREFIX, "vision_app", dict(VISION_ARGS)),

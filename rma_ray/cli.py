@@ -341,8 +341,9 @@ def up(
     stores: Annotated[str, typer.Option(help="data stores to start, comma-separated, or 'none'")]
     = "redis,postgres,chroma,graph",
     store_runtime: Annotated[str, typer.Option(help="process (the stores' own binaries) or docker")] = "process",
-    apps: Annotated[str, typer.Option(help="Serve apps to deploy, comma-separated (llm, services, vision), or 'none'")]
-    = "llm,services,vision",
+    apps: Annotated[str, typer.Option(help="Serve apps to deploy, comma-separated (llm, embeddings, services, "
+                                           "vision), or 'none'")]
+    = "llm,embeddings,services,vision",
     store_port: Annotated[list[str] | None, typer.Option(help="STORE=PORT instead of the store's default port "
                                                           "(repeatable), e.g. postgres=5441")] = None,
     data_dir: DataDirOpt = None,

@@ -35,7 +35,7 @@ from rma_ray.tiers import LABEL_TIER, LABEL_TRUSTED
 
 
 # the Serve apps `rma up` deploys: `python -m deployments.<app> deploy|undeploy` (run as child processes)
-APP_NAMES = ("llm", "services", "vision")
+APP_NAMES = ("llm", "embeddings", "services", "vision")  # embeddings first: RAG shares its model
 # the stores deployments/stores/kinds.py knows (rma_ray never imports deployments; a unit test keeps them equal)
 STORE_NAMES = ("redis", "postgres", "chroma", "graph")
 

@@ -2,7 +2,9 @@
 
 - `rma-llm` at `/v1`: GET /v1/models, GET /v1/models/{id}, POST /v1/chat/completions (with `stream` SSE), POST
   /v1/completions, every one only with a client key (`deployments.gateway.auth`), refusals as OpenAI error bodies,
-  no other route (vLLM's tokenize/metrics/docs routes and ray.serve.llm's embeddings/score are not reachable).
+  no other route (vLLM's tokenize/metrics/docs routes and ray.serve.llm's embeddings/score are not reachable;
+  POST /v1/embeddings is the `rma-embeddings` app's, deployments/embeddings, whose model GET /v1/models lists
+  too).
   Two shapes, chosen by `LLMSettings.direct_ingress()`:
   * direct (the LLM replicas may run only on trusted nodes, as the embedded CPU default does): ray.serve.llm's
     `LLMServer` is the app's ingress and answers with vLLM's own OpenAI app behind `ClientKeyGate`; HAProxy sends
@@ -96,15 +98,92 @@ def openai_error(status: int, message: str, code: Any = None, headers: dict[str,
                         status_code=status, headers=headers)
 
 
+MODELS_PATH = re.compile(r"(?:/v1)?/models(?:/(?P<model>.+))?")
+_OTHER_TTL_S = 5.0
+_other: tuple[float, list[dict[str, Any]]] = (-_OTHER_TTL_S, [])
+
+
+async def other_models() -> list[dict[str, Any]]:
+    """The model cards of the pool's other OpenAI routes (the `rma-embeddings` app's, with `kind: embedding`),
+    for GET /v1/models; none while that app is not running. Cached for a few seconds per replica."""
+    global _other
+    now = time.monotonic()
+    if now - _other[0] < _OTHER_TTL_S:
+        return _other[1]
+    cards: list[dict[str, Any]] = []
+    try:
+        from deployments.embeddings.config import EMBEDDINGS_APP, INGRESS_DEPLOYMENT
+
+        apps = (await asyncio.to_thread(serve.status)).applications
+        if EMBEDDINGS_APP in apps and str(apps[EMBEDDINGS_APP].status).rsplit(".", 1)[-1] == "RUNNING":
+            handle = serve.get_deployment_handle(INGRESS_DEPLOYMENT, app_name=EMBEDDINGS_APP)
+            cards = list(await asyncio.wait_for(handle.models.remote(), 10))
+    except Exception:  # no Serve here, or the app is being replaced: list the LLM alone
+        cards = []
+    _other = (now, cards)
+    return cards
+
+
+class ModelCards:
+    """ASGI middleware on the LLM's OpenAI app: GET /models lists the LLM (`kind: chat`) and the pool's
+    embedding model; GET /models/{id} answers for the embedding model too."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "GET":
+            await self.app(scope, receive, send)
+            return
+        root = scope.get("root_path", "")
+        path = scope["path"][len(root):] if scope["path"].startswith(root) else scope["path"]
+        match = MODELS_PATH.fullmatch(path)
+        if match is None:
+            await self.app(scope, receive, send)
+            return
+        others = await other_models()
+        wanted = match.group("model")
+        card = next((c for c in others if c["id"] == wanted), None)
+        if card is not None:
+            await JSONResponse(card)(scope, receive, send)
+            return
+        start: dict[str, Any] = {}
+        chunks: list[bytes] = []
+
+        async def capture(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                start.update(message)
+            elif message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+
+        await self.app(scope, receive, capture)
+        body = b"".join(chunks)
+        if start.get("status") == 200:
+            try:
+                data = json.loads(body)
+                if wanted is None and isinstance(data.get("data"), list):
+                    for c in data["data"]:
+                        c.setdefault("kind", "chat")
+                    data["data"] += others
+                elif wanted is not None:
+                    data.setdefault("kind", "chat")
+                body = json.dumps(data).encode()
+            except (ValueError, AttributeError):  # not the list we know: pass it on as it is
+                pass
+        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+        await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
 class ClientKeyGate:
     """ASGI middleware in front of vLLM's own OpenAI app, inside the LLM replica: only OPENAI_ROUTES, each only with
     a valid client key (OpenAI error bodies otherwise, so the `openai` client raises AuthenticationError with the
     reason). It also mounts vLLM's app, whose routes carry their /v1, at the Serve app's /v1 route prefix."""
 
     def __init__(self, app: Any, prefix: str = LLM_ROUTE_PREFIX) -> None:
-        self.app, self.prefix = app, prefix
+        self.app, self.prefix = ModelCards(app), prefix
         # vLLM's app reads the whole body: the pool's one streamed limit refuses a chunked one past it
-        self.limited = BodyLimit(app, MAX_BODY_BYTES, json_refusal("body_too_large", shape="openai"))
+        self.limited = BodyLimit(self.app, MAX_BODY_BYTES, json_refusal("body_too_large", shape="openai"))
         self.window = float(os.environ.get(COALESCE_ENV, "0") or 0) / 1000  # set in the replica's runtime env
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -119,8 +198,8 @@ class ClientKeyGate:
         methods = [m for m, pattern in OPENAI_ROUTES if pattern.fullmatch(path)]
         if not methods:
             refusal = openai_error(404, f"no route {path!r} under {self.prefix}: the pool serves GET /models, "
-                                        "GET /models/{model}, POST /chat/completions, POST /completions",
-                                   code="not_found")
+                                        "GET /models/{model}, POST /chat/completions, POST /completions, "
+                                        "POST /embeddings", code="not_found")
         elif scope["method"] not in methods:
             refusal = openai_error(405, f"{scope['method']} is not allowed on {path}; use {methods[0]}",
                                    code="method_not_allowed", headers={"Allow": ", ".join(methods)})
@@ -204,6 +283,7 @@ def openai_fastapi_app() -> FastAPI:
     add_exception_handling_middleware(app)
     add_http_metrics_middleware(app)
     app.add_middleware(SetRequestIdMiddleware)
+    app.add_middleware(ModelCards)
     openai_error_handler(app)
 
     # FastAPI's own HTTPException handler would answer {"detail": ...} (OpenAiIngress raises HTTPException for an

@@ -262,7 +262,8 @@ def create_api(backends: Backends, settings: ServicesSettings | None = None, *, 
             limiter.hit(client)
         return client
 
-    app = FastAPI(title="RMA services", version="1", docs_url=None, redoc_url=None, openapi_url="/openapi.json",
+    # the schema is served by a route of its own below, behind the key like every other route
+    app = FastAPI(title="RMA services", version="1", docs_url=None, redoc_url=None, openapi_url=None,
                   dependencies=[Depends(authenticated)])
     rma_error_handler(app)
 
@@ -328,6 +329,17 @@ def create_api(backends: Backends, settings: ServicesSettings | None = None, *, 
         log.exception("request %s failed", request.state.request_id)
         return _error(500, "internal_error", "the server failed on this request; the request id is in the logs",
                       request)
+
+    published: list[dict[str, Any]] = []
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi_json() -> JSONResponse:
+        """The published OpenAPI (deployments/services/openapi.py), which docs/api.md is generated from."""
+        if not published:
+            from deployments.services.openapi import published as publish
+
+            published.append(publish(app))
+        return JSONResponse(published[0])
 
     @app.get("/whoami")
     async def whoami(client: ClientDep) -> dict[str, str]:

