@@ -1,6 +1,10 @@
 """How long `rma down` takes: `rma up` of the embedded default (every app and store, free ports, its own data
 dir and HOME), wait until it is up, then time `rma down`. Prints one JSON line; asserts nothing. Run it under
-the heavy lock: `flock /tmp/rma-heavy.lock .venv/bin/python -m bench.pool_down` (~3-8 min on 2 cores)."""
+the heavy lock: `flock /tmp/rma-heavy.lock .venv/bin/python -m bench.pool_down` (~3-8 min on 2 cores).
+
+Measured on the shared 2-core box (every app and store, idle pool): before issue 18, `rma down` gave up at
+121.4 s ("did not stop within 120 s") while the supervisor went on to 147.7 s (the apps' undeploy alone 142.9 s);
+after, 14.2 s (stores 4.2 s beside Serve's 5 s grace, coordinator 0.2 s, Ray head 7.8 s), exit 0."""
 
 from __future__ import annotations
 
