@@ -1,7 +1,12 @@
 """The supervisor actor: one per store, detached and named `rma-store-<store>` in namespace `rma`, restarted by
 Ray forever (`max_restarts=-1`), placed only on trusted data-tier nodes by label selector. It starts (or adopts)
 the store, checks readiness with a real query, restarts the store if it dies, and answers `endpoint()` for the
-services and `status()` for the registry."""
+services and `status()` for the registry.
+
+Least exposure: `endpoint()` hands the store's password only to a caller on a trusted node (labelled
+`rma.io/trusted=true`, or the Ray head, which is the operator's machine); anyone else gets a refusal. The caller
+names its node, so this stops honest misplacement (a replica of a store-reading deployment scheduled on an
+untrusted donor), not a hostile member of the same cluster: that boundary is the core/edge split (SECURITY.md)."""
 
 from __future__ import annotations
 
@@ -21,6 +26,20 @@ NAMESPACE = "rma"
 REPORT_EVERY_S = 10.0  # the coordinator shows a store as `unknown` after three missed reports
 log = logging.getLogger("rma.stores")
 TRUSTED_DATA = {LABEL_TIER: "data", LABEL_TRUSTED: "true"}
+HEAD_RESOURCE = "node:__internal_head__"
+
+
+def node_is_trusted(node: dict[str, Any] | None) -> bool:
+    """A `ray.nodes()` entry: alive and labelled trusted, or the Ray head."""
+    if not node or not node.get("Alive"):
+        return False
+    return (node.get("Labels") or {}).get(LABEL_TRUSTED) == "true" or HEAD_RESOURCE in (node.get("Resources") or {})
+
+
+def _ray_node(node_id: str) -> dict[str, Any] | None:
+    import ray
+
+    return next((n for n in ray.nodes() if n.get("NodeID") == node_id), None)
 
 
 def actor_name(store: str) -> str:
@@ -112,8 +131,15 @@ class StoreSupervisor:
 
     # -- the actor's API ---------------------------------------------------------------------------------
 
-    def endpoint(self, timeout: float = 120.0) -> dict[str, Any]:
-        """Host, port and credentials, once the store answers queries (raises with the reason otherwise)."""
+    def endpoint(self, timeout: float = 120.0, node_id: str | None = None) -> dict[str, Any]:
+        """Host, port and credentials, once the store answers queries (raises with the reason otherwise), to a
+        caller on a trusted node only."""
+        if not node_id or not node_is_trusted(_ray_node(node_id)):
+            log.warning("refused %s's credentials to a caller on node %s (not a trusted node)", self.kind.name,
+                        (node_id or "?")[:12])
+            raise StoreError(f"{self.kind.name}'s credentials go only to trusted nodes (rma.io/trusted=true or the "
+                             f"head); node {(node_id or '?')[:12]} is not one: place this deployment on trusted "
+                             f"nodes")
         if not self._ready.wait(timeout):
             raise StoreError(self.error or f"{self.kind.name} is not ready yet")
         return self._endpoint().__dict__.copy()
@@ -189,4 +215,5 @@ def endpoint(store: str, timeout: float = 120.0) -> Endpoint:
     import ray
 
     actor = ray.get_actor(actor_name(store), namespace=NAMESPACE)
-    return Endpoint(**ray.get(actor.endpoint.remote(timeout), timeout=timeout + 10))
+    here = ray.get_runtime_context().get_node_id()
+    return Endpoint(**ray.get(actor.endpoint.remote(timeout, here), timeout=timeout + 10))
