@@ -98,7 +98,8 @@ def authenticate_service(state: AppState, ip: str, creds: HTTPAuthorizationCrede
         key = session.get(ServiceKey, parsed.id)
         ok = key is not None and key.revoked_at is None and credentials.matches(parsed, key.key_hash)
     if not ok:
-        raise auth_failed(state, ip, "service", "invalid_service_key", "unknown or revoked service credential")
+        raise auth_failed(state, ip, "service", "invalid_service_key",
+                          "unknown or revoked service credential")
     return ServicePrincipal(parsed.id)
 
 

@@ -4,8 +4,9 @@
 0600 in the data dir, never printed), Ray Serve (proxy on the head only), and the admission coordinator wired to
 the head. It prints the URLs, the admin key (first start) and a join token, and writes the same to
 `<data dir>/pool.json` (0600) for scripts. Code in Ray on the head (Serve replicas, store supervisors) gets a
-service credential instead (`<data dir>/service.json`, 0600, minted anew on each start): keyring and store reports
-only, never the admin key (rma_ray/identity.py). `rma down` asks the supervisor to stop, or stops what it left, by PID.
+service credential instead (`<data dir>/service.json`, 0600, minted anew on each start): keyring and store
+reports only, never the admin key (rma_ray/identity.py). `rma down` asks the supervisor to stop, or stops what
+it left, by PID.
 """
 
 from __future__ import annotations
@@ -274,8 +275,9 @@ class Pool:
         except (OSError, ValueError):
             old_id = None
         key = client.request("POST", "/api/admin/service-keys", json={"name": "rma up: the head's services"})
+        # `overlay`: store supervisors on the head firewall their ports to trusted nodes (deployments/stores)
         write_private(path, json.dumps({"coordinator_url": self.o.coordinator_url, "service_key": key["key"],
-                                        "key_id": key["id"]}, indent=2))
+                                        "key_id": key["id"], "overlay": self.hub is not None}, indent=2))
         if old_id and old_id != key["id"]:
             try:
                 client.request("POST", f"/api/admin/service-keys/{old_id}/revoke")

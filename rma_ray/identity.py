@@ -1,8 +1,8 @@
 """Who this machine is to the coordinator, for code that runs inside Ray on it (store supervisors, Serve
 replicas): a donor has its node credential in `membership.json`; the head has a service credential
 (`rma_service_`: read the keyring, report stores, nothing else) in `service.json`, minted by `rma up` on each
-start. Never the admin key in `pool.json`: code in Ray on the head is not the operator. Both files are 0600 in the
-data dir that the agent or `rma up` passes to Ray as `RMA_DATA_DIR`. Nothing here logs the credential."""
+start. Never the admin key in `pool.json`: code in Ray on the head is not the operator. Both files are 0600 in
+the data dir that the agent or `rma up` passes to Ray as `RMA_DATA_DIR`. Nothing here logs the credential."""
 
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ def service_file(data_dir: Path) -> Path:
 def local_identity(data_dir: Path | None = None) -> LocalIdentity:
     """The coordinator URL and the credential this node may use (raises NoIdentity with what to do)."""
     d = data_dir or Settings().data_dir
-    for name, key, role in (("membership.json", "node_token", "donor"), (SERVICE_FILE, "service_key", "head")):
+    for name, key, role in (("membership.json", "node_token", "donor"),
+                            (SERVICE_FILE, "service_key", "head")):
         p = d / name
         try:
             info = json.loads(p.read_text())

@@ -118,7 +118,8 @@ def list_service_keys(admin: AdminDep, session: SessionDep) -> list[schemas.KeyO
     return keys.list_all(session, ServiceKey)
 
 
-@router.post("/admin/service-keys/{key_id}/revoke", response_model=schemas.KeyOut, openapi_extra=security.ADMIN)
+@router.post("/admin/service-keys/{key_id}/revoke", response_model=schemas.KeyOut,
+             openapi_extra=security.ADMIN)
 def revoke_service_key(key_id: str, admin: AdminDep, session: SessionDep, ip: ClientIp) -> schemas.KeyOut:
     return keys.revoke(session, ServiceKey, key_id, admin.actor, ip)
 

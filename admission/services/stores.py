@@ -1,10 +1,11 @@
 """Data stores in the registry: supervisors report (PUT /api/stores/{name}), admins list (GET /api/admin/stores).
 
-A report is bound to its reporter. A donor's node credential may report only if it is a trusted data-tier donor,
-only the pool's known stores, and only a store whose supervisor runs on its own Ray node (the node id the
-reconciler recorded for it). The head reports with its service credential (or an admin key). A row belongs to
-whoever created it (a donor, or the head): a report from anyone else is refused with 403 while the owner still
-reports; once the owner has been silent for STALE_AFTER_S (Ray moved the supervisor), the new node takes it."""
+A report is bound to its reporter. A donor's node credential may report only if it is a trusted data-tier
+donor, only the pool's known stores, and only a store whose supervisor runs on its own Ray node (the node id
+the reconciler recorded for it). The head reports with its service credential (or an admin key). A row
+belongs to whoever created it (a donor, or the head): a report from anyone else is refused with 403 while the
+owner still reports; once the owner has been silent for STALE_AFTER_S (Ray moved the supervisor), the new
+node takes it."""
 
 from __future__ import annotations
 
@@ -30,15 +31,17 @@ def _reporter(session: Session, who: AdminPrincipal | NodePrincipal | ServicePri
     if w is None or not (w.trusted and w.tier == "data"):
         raise ApiError(403, "not_trusted_data", "only a trusted data-tier donor may run and report a store")
     if w.ray_node_id and body.node_id != w.ray_node_id:
-        raise ApiError(403, "not_your_node", f"this report names Ray node {body.node_id[:12]}…, but this donor's "
-                                             f"node is {w.ray_node_id[:12]}…: report only stores that run on it")
+        raise ApiError(403, "not_your_node",
+                       f"this report names Ray node {body.node_id[:12]}…, but this donor's node is "
+                       f"{w.ray_node_id[:12]}…: report only stores that run on it")
     return w.id
 
 
 def report(session: Session, who: AdminPrincipal | NodePrincipal | ServicePrincipal, name: str,
            body: schemas.StoreReport) -> None:
     if name not in STORE_NAMES:
-        raise ApiError(404, "unknown_store", f"no store {name!r} in this pool; known: {', '.join(STORE_NAMES)}")
+        raise ApiError(404, "unknown_store",
+                       f"no store {name!r} in this pool; known: {', '.join(STORE_NAMES)}")
     worker_id = _reporter(session, who, body)
     row = session.get(Store, name, with_for_update=True)
     now = utcnow()

@@ -103,8 +103,8 @@ def build_app(settings: ServicesSettings | dict[str, Any] | None = None) -> Any:
     cfg = settings.model_dump(mode="json")
     svc, data, trusted = settings.service_selector, settings.data_selector, settings.client_data_selector
 
-    # least exposure: a deployment that holds a store password or reads clients' data runs on trusted nodes only;
-    # untrusted service donors get the stateless ones (OCR, parsing). The shared `rag` reads Chroma, which has no
+    # least exposure: what holds a store password or reads clients' data runs on trusted nodes only; untrusted
+    # service donors get the stateless ones (OCR, parsing). The shared `rag` reads Chroma, which has no
     # authentication and holds every client's private collection; `graph` gets the graph store's password.
     ocr = serve.deployment(Ocr).options(**_options("ocr", settings.ocr, svc, settings)).bind()
     documents = serve.deployment(Documents).options(**_options("documents", settings.documents, svc, settings)).bind(ocr)

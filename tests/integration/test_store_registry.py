@@ -138,7 +138,8 @@ def test_store_rows_are_bound_to_their_reporter(coordinator: Coordinator) -> Non
     # no new rows under made-up names
     for i in range(3):
         r = coordinator.http.put(f"/api/stores/fake-{i}", json=REPORT, headers=b)
-        assert r.status_code == 404 and "known: redis, postgres, chroma, graph" in r.json()["error"]["message"]
+        assert r.status_code == 404
+        assert "known: redis, postgres, chroma, graph" in r.json()["error"]["message"]
     listed = {s["name"]: s for s in coordinator.admin("GET", "/api/admin/stores").json()}
     assert set(listed) == {"postgres", "chroma"}
     assert (listed["postgres"]["node"], listed["postgres"]["size_bytes"], listed["postgres"]["status"]) == (
