@@ -274,7 +274,7 @@ class Pool:
             old_id = json.loads(path.read_text()).get("key_id")
         except (OSError, ValueError):
             old_id = None
-        key = client.request("POST", "/api/admin/service-keys", json={"name": "rma up: the head's services"})
+        key = client.request("POST", "/api/admin/service-keys", json={"name": "rma up: head services"})
         # `overlay`: store supervisors on the head firewall their ports to trusted nodes (deployments/stores)
         write_private(path, json.dumps({"coordinator_url": self.o.coordinator_url, "service_key": key["key"],
                                         "key_id": key["id"], "overlay": self.hub is not None}, indent=2))
