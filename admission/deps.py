@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from admission import security
 from admission.db import session_scope
 from admission.errors import ApiError
-from admission.security import AdminPrincipal, NodePrincipal
+from admission.security import AdminPrincipal, NodePrincipal, ServicePrincipal
 from admission.state import AppState
 from rma_ray import credentials
 from rma_ray.credentials import Kind
@@ -20,7 +20,8 @@ from rma_ray.credentials import Kind
 _admin_bearer = HTTPBearer(auto_error=False, scheme_name="AdminKey", description="rma_admin_<id>_<secret>")
 _join_bearer = HTTPBearer(auto_error=False, scheme_name="JoinToken", description="rma_join_<id>_<secret>")
 _node_bearer = HTTPBearer(auto_error=False, scheme_name="NodeToken", description="rma_node_<id>_<secret>")
-_any_bearer = HTTPBearer(auto_error=False, scheme_name="AdminOrNode", description="an admin key or a node token")
+_any_bearer = HTTPBearer(auto_error=False, scheme_name="AdminOrNode",
+                         description="an admin key, a node token or a service credential")
 
 Creds = HTTPAuthorizationCredentials | None
 
@@ -61,10 +62,14 @@ async def join_credentials(state: State, ip: ClientIp, creds: Annotated[Creds, D
     return security.parse_bearer(state, ip, creds, Kind.JOIN)
 
 
-def require_service(state: State, ip: ClientIp,
-                    creds: Annotated[Creds, Depends(_any_bearer)]) -> AdminPrincipal | NodePrincipal:
+Service = AdminPrincipal | NodePrincipal | ServicePrincipal
+
+
+def require_service(state: State, ip: ClientIp, creds: Annotated[Creds, Depends(_any_bearer)]) -> Service:
     if creds is not None and creds.credentials.startswith("rma_node_"):
         return security.authenticate_node(state, ip, creds)
+    if creds is not None and creds.credentials.startswith("rma_service_"):
+        return security.authenticate_service(state, ip, creds)
     return security.authenticate_admin(state, ip, creds)
 
 
@@ -77,6 +82,6 @@ def require_session(state: State, request: Request) -> AdminPrincipal:
 
 AdminDep = Annotated[AdminPrincipal, Depends(require_admin)]
 NodeDep = Annotated[NodePrincipal, Depends(require_node)]
-ServiceDep = Annotated[AdminPrincipal | NodePrincipal, Depends(require_service)]
+ServiceDep = Annotated[Service, Depends(require_service)]
 JoinCreds = Annotated[credentials.Parsed, Depends(join_credentials)]
 SessionAdmin = Annotated[AdminPrincipal, Depends(require_session)]

@@ -5,7 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, TypeDecorator
+from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text,
+                        TypeDecorator)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -112,6 +113,11 @@ class ClientKey(_Key, Base):
     __tablename__ = "client_keys"
 
 
+class ServiceKey(_Key, Base):
+    """The head's services (Serve replicas, store supervisors): keyring reads and store reports only."""
+    __tablename__ = "service_keys"
+
+
 class Store(Base):
     """A data store as its Ray supervisor last reported it (the coordinator never imports the supervisors)."""
     __tablename__ = "stores"
@@ -124,7 +130,7 @@ class Store(Base):
     node_id: Mapped[str] = mapped_column(String(64))
     node_ip: Mapped[str] = mapped_column(String(64))
     port: Mapped[int] = mapped_column(Integer)
-    size_bytes: Mapped[int] = mapped_column(Integer)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)  # a volume passes 2 GiB
     restarts: Mapped[int] = mapped_column(Integer, default=0)
     ready_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     reported_at: Mapped[datetime] = mapped_column(UTCDateTime)

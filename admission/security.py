@@ -15,7 +15,7 @@ from fastapi.security import HTTPAuthorizationCredentials
 
 from admission.errors import ApiError
 from admission.db import session_scope
-from admission.models import AdminKey, AdminSession, Worker, utcnow
+from admission.models import AdminKey, AdminSession, ServiceKey, Worker, utcnow
 from admission.state import AppState, NodeEntry
 from rma_ray import credentials
 from rma_ray.credentials import Kind, MalformedToken
@@ -25,7 +25,7 @@ PUBLIC = {"x-rma-auth": "public"}
 ADMIN = {"x-rma-auth": "admin"}
 JOIN = {"x-rma-auth": "join-token"}
 NODE = {"x-rma-auth": "node-token"}
-SERVICE = {"x-rma-auth": "admin-or-node"}
+SERVICE = {"x-rma-auth": "admin-or-node"}  # or the head's service credential (rma_service_)
 SESSION = {"x-rma-auth": "admin-session"}
 
 SESSION_COOKIE = "rma_session"
@@ -47,6 +47,16 @@ class NodePrincipal:
     @property
     def actor(self) -> str:
         return f"worker:{self.worker_id}"
+
+
+@dataclass(frozen=True)
+class ServicePrincipal:
+    """The head's services (rma_service_): keyring reads and store reports, nothing an admin route accepts."""
+    key_id: str
+
+    @property
+    def actor(self) -> str:
+        return f"service:{self.key_id}"
 
 
 def state_of(request: Request) -> AppState:
@@ -83,6 +93,19 @@ def authenticate_admin(state: AppState, ip: str, creds: HTTPAuthorizationCredent
     if not ok:
         raise auth_failed(state, ip, "admin", "invalid_admin_key", "unknown or revoked admin key", parsed.id)
     return AdminPrincipal(parsed.id)
+
+
+def authenticate_service(state: AppState, ip: str, creds: HTTPAuthorizationCredentials | None
+                         ) -> ServicePrincipal:
+    state.limiter.check_auth_allowed(ip)
+    parsed = parse_bearer(state, ip, creds, Kind.SERVICE)
+    with state.sessions() as session:
+        key = session.get(ServiceKey, parsed.id)
+        ok = key is not None and key.revoked_at is None and credentials.matches(parsed, key.key_hash)
+    if not ok:
+        raise auth_failed(state, ip, "service", "invalid_service_key",
+                          "unknown or revoked service credential")
+    return ServicePrincipal(parsed.id)
 
 
 def load_node(state: AppState, worker_id: str) -> NodeEntry | None:

@@ -20,11 +20,14 @@ class Kind(StrEnum):
     NODE = "node"
     CLIENT = "client"
     ADMIN = "admin"
+    # the head's own services (Serve replicas, store supervisors): read the keyring and report stores, nothing
+    # else; never the admin key (least privilege: code in Ray on the head is not the operator)
+    SERVICE = "service"
 
 
 _ID_BYTES = 6  # 12 hex chars: unique enough for a registry, short enough to type
 _SECRET_BYTES = 32
-_TOKEN_RE = re.compile(r"^rma_(join|node|client|admin)_([0-9a-f]{12})_([0-9a-f]{64})$")
+_TOKEN_RE = re.compile(r"^rma_(join|node|client|admin|service)_([0-9a-f]{12})_([0-9a-f]{64})$")
 
 
 class MalformedToken(ValueError):

@@ -3,7 +3,10 @@
 `rma up` starts and supervises, until Ctrl-C: a Ray head with token auth (the cluster token generated once, kept
 0600 in the data dir, never printed), Ray Serve (proxy on the head only), and the admission coordinator wired to
 the head. It prints the URLs, the admin key (first start) and a join token, and writes the same to
-`<data dir>/pool.json` (0600) for scripts. `rma down` asks the supervisor to stop, or stops what it left, by PID.
+`<data dir>/pool.json` (0600) for scripts. Code in Ray on the head (Serve replicas, store supervisors) gets a
+service credential instead (`<data dir>/service.json`, 0600, minted anew on each start): keyring and store
+reports only, never the admin key (rma_ray/identity.py). `rma down` asks the supervisor to stop, or stops what
+it left, by PID.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ import psutil
 
 from rma_ray import credentials
 from rma_ray import overlay as wg
-from rma_ray.client import AdmissionClient
+from rma_ray.client import AdmissionClient, AdmissionError
+from rma_ray.identity import service_file
 from rma_ray.membership import write_private
 from rma_ray.net import port_free
 from rma_ray.raynode import FAST_HEALTH_CHECKS, NodeSpec, NodeStartError, RayNode, ray_env, short_temp_dir
@@ -128,7 +132,7 @@ class Pool:
                         labels={LABEL_TIER: "head", LABEL_TRUSTED: "true"}, gcs_port=self.o.gcs_port, dashboard_port=self.o.dashboard_port,
                         num_cpus=self.o.head_cpus, drain_timeout_s=5,
                         env={**(FAST_HEALTH_CHECKS if self.o.fast_health_checks else {}),
-                             # actors on the head (store supervisors, Serve replicas) find pool.json through it
+                             # actors on the head (store supervisors, Serve replicas) find service.json there
                              "RMA_DATA_DIR": str(self.o.data_dir), **self.o.extra_env})
         if old_temp is not None:
             shutil.rmtree(old_temp, ignore_errors=True)
@@ -239,6 +243,7 @@ class Pool:
         self.start_coordinator()
         with AdmissionClient(self.o.coordinator_url, self.admin_key) as client:
             invite = client.create_invite(ttl_s=self.o.invite_ttl_s, uses=1, note="printed by rma up")
+            self.write_service_credential(client)
         info = {
             "coordinator_url": self.o.coordinator_url,
             "registry_url": self.o.coordinator_url + "/registry",
@@ -258,11 +263,30 @@ class Pool:
             "first_start": first_start,
         }
         write_private(pool_file(self.o.data_dir), json.dumps(info, indent=2))
-        info["stores"] = self.start_stores()  # after pool.json: supervisors on the head report with its admin key
+        info["stores"] = self.start_stores()  # supervisors on the head report with service.json's credential
         write_private(pool_file(self.o.data_dir), json.dumps(info, indent=2))
         info["apps"] = self.start_apps()
         write_private(pool_file(self.o.data_dir), json.dumps(info, indent=2))
         return info
+
+    def write_service_credential(self, client: AdmissionClient) -> None:
+        """Mint the head's service credential (keyring + store reports), write it 0600 where Ray actors on the
+        head look (RMA_DATA_DIR), and revoke the one of the previous start."""
+        path = service_file(self.o.data_dir)
+        try:
+            old_id = json.loads(path.read_text()).get("key_id")
+        except (OSError, ValueError):
+            old_id = None
+        key = client.request("POST", "/api/admin/service-keys", json={"name": "rma up: head services"})
+        # `overlay`: store supervisors on the head firewall their ports to trusted nodes (deployments/stores)
+        write_private(path, json.dumps({"coordinator_url": self.o.coordinator_url, "service_key": key["key"],
+                                        "key_id": key["id"], "overlay": self.hub is not None}, indent=2))
+        if old_id and old_id != key["id"]:
+            try:
+                client.request("POST", f"/api/admin/service-keys/{old_id}/revoke")
+            except AdmissionError as exc:  # a fresh coordinator database: nothing to revoke
+                if exc.status != 404:
+                    raise
 
     def _app_env(self) -> dict[str, str]:
         """Where the apps may run: donors of their tier, and the head too, so that the embedded default (no

@@ -1,4 +1,5 @@
-"""The admin API (the seed's /api/admin/*): workers, stats, health, admin keys, client keys, audit."""
+"""The admin API (the seed's /api/admin/*): workers, stats, health, admin keys, client keys, service
+credentials, audit; and the two routes the Serve side calls (keyring, store reports)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from fastapi import APIRouter, Path, Query, Request, Response
 
 from admission import schemas, security
 from admission.deps import AdminDep, ClientIp, ServiceDep, SessionDep, State
-from admission.models import AdminKey, ClientKey
+from admission.models import AdminKey, ClientKey, ServiceKey
 from admission.services import audit, keys, stats, stores, workers
 
 router = APIRouter(prefix="/api", tags=["admin"])
@@ -110,6 +111,25 @@ def revoke_client(key_id: str, admin: AdminDep, session: SessionDep, ip: ClientI
     return keys.revoke(session, ClientKey, key_id, admin.actor, ip)
 
 
+@router.post("/admin/service-keys", status_code=201, response_model=schemas.KeyCreated,
+             openapi_extra=security.ADMIN)
+def create_service_key(req: schemas.NamedCreate, admin: AdminDep, session: SessionDep, ip: ClientIp
+                       ) -> schemas.KeyCreated:
+    """A credential for the head's services (`rma up` mints one per start): keyring and store reports only."""
+    return keys.create(session, ServiceKey, req.name, admin.actor, ip)
+
+
+@router.get("/admin/service-keys", response_model=list[schemas.KeyOut], openapi_extra=security.ADMIN)
+def list_service_keys(admin: AdminDep, session: SessionDep) -> list[schemas.KeyOut]:
+    return keys.list_all(session, ServiceKey)
+
+
+@router.post("/admin/service-keys/{key_id}/revoke", response_model=schemas.KeyOut,
+             openapi_extra=security.ADMIN)
+def revoke_service_key(key_id: str, admin: AdminDep, session: SessionDep, ip: ClientIp) -> schemas.KeyOut:
+    return keys.revoke(session, ServiceKey, key_id, admin.actor, ip)
+
+
 @router.get("/clients/keyring", response_model=schemas.KeyringOut, openapi_extra=security.SERVICE)
 def client_keyring(who: ServiceDep, session: SessionDep) -> schemas.KeyringOut:
     """Ids and hashes of live client keys, for the Serve-side verifier (no secrets)."""
@@ -119,7 +139,8 @@ def client_keyring(who: ServiceDep, session: SessionDep) -> schemas.KeyringOut:
 @router.put("/stores/{name}", status_code=204, response_class=Response, openapi_extra=security.SERVICE)
 def report_store(name: Annotated[str, Path(pattern=schemas.STORE_NAME)], body: schemas.StoreReport,
                  who: ServiceDep, session: SessionDep) -> Response:
-    """A store supervisor's report (a trusted data donor's node credential, or the head's admin key)."""
+    """A store supervisor's report (a trusted data donor's node credential, or the head's service credential),
+    bound to the reporter that created the row."""
     stores.report(session, who, name, body)
     return Response(status_code=204)
 

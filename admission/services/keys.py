@@ -1,7 +1,9 @@
-"""Admin keys and client API keys: minted here, shown once, kept as hashes.
+"""Admin keys, client API keys and service credentials: minted here, shown once, kept as hashes.
 
 Client keys are checked on the Serve side by `rma_ray.client_keys.ClientKeyVerifier`, which pulls the keyring
-(ids and hashes of live keys) instead of calling the coordinator per request.
+(ids and hashes of live keys) instead of calling the coordinator per request. Service credentials
+(`rma_service_`) are what `rma up` gives the head's Serve replicas and store supervisors: they read the
+keyring and report stores, and no admin route accepts them.
 """
 
 from __future__ import annotations
@@ -11,20 +13,21 @@ from sqlalchemy.orm import Session
 
 from admission import schemas
 from admission.errors import ApiError
-from admission.models import AdminKey, ClientKey, utcnow
+from admission.models import AdminKey, ClientKey, ServiceKey, utcnow
 from admission.services import audit
 from rma_ray import credentials
 from rma_ray.credentials import Kind, MalformedToken
 
-Model = type[AdminKey] | type[ClientKey]
+Model = type[AdminKey] | type[ClientKey] | type[ServiceKey]
+KINDS: dict[Model, Kind] = {AdminKey: Kind.ADMIN, ClientKey: Kind.CLIENT, ServiceKey: Kind.SERVICE}
 
 
-def _out(row: AdminKey | ClientKey) -> schemas.KeyOut:
+def _out(row: AdminKey | ClientKey | ServiceKey) -> schemas.KeyOut:
     return schemas.KeyOut(id=row.id, name=row.name, created_at=row.created_at, revoked_at=row.revoked_at)
 
 
 def create(session: Session, model: Model, name: str, actor: str, ip: str) -> schemas.KeyCreated:
-    kind = Kind.ADMIN if model is AdminKey else Kind.CLIENT
+    kind = KINDS[model]
     minted = credentials.mint(kind)
     row = model(id=minted.id, name=name, key_hash=minted.hash, created_at=utcnow())
     session.add(row)
@@ -38,7 +41,7 @@ def list_all(session: Session, model: Model) -> list[schemas.KeyOut]:
 
 
 def revoke(session: Session, model: Model, key_id: str, actor: str, ip: str) -> schemas.KeyOut:
-    kind = "admin" if model is AdminKey else "client"
+    kind = KINDS[model]
     row = session.get(model, key_id)
     if row is None:
         raise ApiError(404, "not_found", f"no {kind} key {key_id}")

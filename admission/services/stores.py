@@ -1,7 +1,11 @@
 """Data stores in the registry: supervisors report (PUT /api/stores/{name}), admins list (GET /api/admin/stores).
 
-A donor's node credential may only report a store that runs on itself and only if it is a trusted data-tier
-donor: an untrusted donor cannot put a store in the listing. The head reports with the pool's admin key."""
+A report is bound to its reporter. A donor's node credential may report only if it is a trusted data-tier
+donor, only the pool's known stores, and only a store whose supervisor runs on its own Ray node (the node id
+the reconciler recorded for it). The head reports with its service credential (or an admin key). A row
+belongs to whoever created it (a donor, or the head): a report from anyone else is refused with 403 while the
+owner still reports; once the owner has been silent for STALE_AFTER_S (Ray moved the supervisor), the new
+node takes it."""
 
 from __future__ import annotations
 
@@ -11,23 +15,45 @@ from sqlalchemy.orm import Session
 from admission import schemas
 from admission.errors import ApiError
 from admission.models import Store, Worker, utcnow
-from admission.security import AdminPrincipal, NodePrincipal
+from admission.security import AdminPrincipal, NodePrincipal, ServicePrincipal
+from rma_ray.head import STORE_NAMES
 
 REPORT_EVERY_S = 10.0
 STALE_AFTER_S = 3 * REPORT_EVERY_S
 
 
-def report(session: Session, who: AdminPrincipal | NodePrincipal, name: str, body: schemas.StoreReport) -> None:
-    worker_id: str | None = None
-    if isinstance(who, NodePrincipal):
-        w = session.get(Worker, who.worker_id)
-        if w is None or not (w.trusted and w.tier == "data"):
-            raise ApiError(403, "not_trusted_data", "only a trusted data-tier donor may run and report a store")
-        worker_id = w.id
-    row = session.get(Store, name) or Store(name=name)
+def _reporter(session: Session, who: AdminPrincipal | NodePrincipal | ServicePrincipal,
+              body: schemas.StoreReport) -> str | None:
+    """The worker id the report speaks for (None: the head), after checking the donor may report at all."""
+    if not isinstance(who, NodePrincipal):
+        return None
+    w = session.get(Worker, who.worker_id)
+    if w is None or not (w.trusted and w.tier == "data"):
+        raise ApiError(403, "not_trusted_data", "only a trusted data-tier donor may run and report a store")
+    if w.ray_node_id and body.node_id != w.ray_node_id:
+        raise ApiError(403, "not_your_node",
+                       f"this report names Ray node {body.node_id[:12]}…, but this donor's node is "
+                       f"{w.ray_node_id[:12]}…: report only stores that run on it")
+    return w.id
+
+
+def report(session: Session, who: AdminPrincipal | NodePrincipal | ServicePrincipal, name: str,
+           body: schemas.StoreReport) -> None:
+    if name not in STORE_NAMES:
+        raise ApiError(404, "unknown_store",
+                       f"no store {name!r} in this pool; known: {', '.join(STORE_NAMES)}")
+    worker_id = _reporter(session, who, body)
+    row = session.get(Store, name, with_for_update=True)
+    now = utcnow()
+    if row is None:
+        row = Store(name=name)
+    elif row.worker_id != worker_id and (now - row.reported_at).total_seconds() <= STALE_AFTER_S:
+        owner = f"donor {row.worker_id}" if row.worker_id else "the head"
+        raise ApiError(403, "store_elsewhere", f"store {name} is reported by {owner}, whose supervisor still "
+                                               f"reports; a store's row takes reports from its own node only")
     for field, value in body.model_dump().items():
         setattr(row, field, value)
-    row.worker_id, row.reported_at = worker_id, utcnow()
+    row.worker_id, row.reported_at = worker_id, now
     session.add(row)
 
 

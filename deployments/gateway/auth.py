@@ -1,10 +1,11 @@
 """Client-key authentication shared by every Serve ingress (the LLM's OpenAI routes and the RMA services), so that
 no client route is reachable without a valid `rma_client_` key.
 
-One `ClientKeyVerifier` per replica process, built lazily from this node's identity (`rma_ray.identity`: the donor's
-node credential or, on the head, the pool's admin key) and refreshed in the background; there is no coordinator
-round trip per request, and a revoked key stops working within the refresh interval. Tests and `rma up` may set
-`RMA_COORDINATOR_URL` + `RMA_KEYRING_CREDENTIAL_FILE` instead (a 0600 file: never a secret in an env var value).
+One `ClientKeyVerifier` per replica process, built lazily from this node's identity (`rma_ray.identity`: the
+donor's node credential or, on the head, its service credential `rma_service_`) and refreshed in the
+background; there is no coordinator round trip per request, and a revoked key stops working within the refresh
+interval. Tests and `rma up` may set `RMA_COORDINATOR_URL` + `RMA_KEYRING_CREDENTIAL_FILE` instead (a 0600
+file: never a secret in an env var value).
 
 Use it as a FastAPI dependency (`ClientDep`) and install one of the error handlers so that a refusal has the shape
 the route's clients expect: `{"error": {"code", "message"}}` on /api, OpenAI's `{"error": {"message", "type",

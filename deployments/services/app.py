@@ -103,15 +103,17 @@ def build_app(settings: ServicesSettings | dict[str, Any] | None = None) -> Any:
     cfg = settings.model_dump(mode="json")
     svc, data, trusted = settings.service_selector, settings.data_selector, settings.client_data_selector
 
+    # least exposure: what holds a store password or reads clients' data runs on trusted nodes only; untrusted
+    # service donors get the stateless ones (OCR, parsing). The shared `rag` reads Chroma, which has no
+    # authentication and holds every client's private collection; `graph` gets the graph store's password.
     ocr = serve.deployment(Ocr).options(**_options("ocr", settings.ocr, svc, settings)).bind()
     documents = serve.deployment(Documents).options(**_options("documents", settings.documents, svc, settings)).bind(ocr)
     uploads = serve.deployment(Uploads).options(**_options("uploads", settings.uploads, data, settings)).bind(cfg)
-    rag = serve.deployment(Rag).options(**_options("rag", settings.rag, svc, settings)).bind(cfg)
-    # clients' own data (their RAG collections, their notes) only on trusted service nodes
+    rag = serve.deployment(Rag).options(**_options("rag", settings.rag, trusted, settings)).bind(cfg)
     client_rag = serve.deployment(Rag).options(**_options("client_rag", settings.rag, trusted, settings)).bind(cfg)
     notes = serve.deployment(Notes).options(**_options("notes", settings.notes, trusted, settings)).bind(
         cfg, client_rag)
-    graph = serve.deployment(Graph).options(**_options("graph", settings.graph, svc, settings)).bind()
+    graph = serve.deployment(Graph).options(**_options("graph", settings.graph, trusted, settings)).bind()
     # the gateway sees every client's key and data in clear: trusted nodes only (the head, trusted service donors)
     return serve.deployment(Gateway).options(**_options("gateway", settings.gateway, trusted, settings,
                                                         settings.ingress_env)).bind(

@@ -34,7 +34,8 @@ class ServicesSettings(BaseSettings):
     # placement: service deployments on service-tier nodes; uploads (bytes on a volume) on trusted data nodes
     service_selector: dict[str, str] = Field(default_factory=lambda: {LABEL_TIER: "service"})
     data_selector: dict[str, str] = Field(default_factory=lambda: {LABEL_TIER: "data", LABEL_TRUSTED: "true"})
-    # clients' own data (client RAG collections, notes) stays on trusted service nodes
+    # what holds a store password or clients' data (rag, client RAG, notes, graph, the gateway) stays on
+    # trusted service nodes: store supervisors hand credentials to trusted nodes only
     client_data_selector: dict[str, str] = Field(default_factory=lambda: {LABEL_TIER: "service",
                                                                           LABEL_TRUSTED: "true"})
 

@@ -1,7 +1,14 @@
 """The supervisor actor: one per store, detached and named `rma-store-<store>` in namespace `rma`, restarted by
 Ray forever (`max_restarts=-1`), placed only on trusted data-tier nodes by label selector. It starts (or adopts)
 the store, checks readiness with a real query, restarts the store if it dies, and answers `endpoint()` for the
-services and `status()` for the registry."""
+services and `status()` for the registry.
+
+Least exposure: `endpoint()` hands the store's password only to a caller on a trusted node (labelled
+`rma.io/trusted=true`, or the Ray head, which is the operator's machine); anyone else gets a refusal. The
+caller names its node, so this stops honest misplacement (a replica of a store-reading deployment scheduled
+on an untrusted donor), not a hostile member of the same cluster: that boundary is the core/edge split
+(SECURITY.md). Where the node runs the overlay, the store's port is firewalled to trusted nodes
+(firewall.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from deployments.stores.firewall import StoreFirewall, trusted_addresses, wanted
 from deployments.stores.kinds import KINDS, Endpoint, credentials, dir_size
 from deployments.stores.runtime import RUNTIMES, StoreError, make_runtime
 from rma_ray.settings import Settings
@@ -21,6 +29,21 @@ NAMESPACE = "rma"
 REPORT_EVERY_S = 10.0  # the coordinator shows a store as `unknown` after three missed reports
 log = logging.getLogger("rma.stores")
 TRUSTED_DATA = {LABEL_TIER: "data", LABEL_TRUSTED: "true"}
+HEAD_RESOURCE = "node:__internal_head__"
+
+
+def node_is_trusted(node: dict[str, Any] | None) -> bool:
+    """A `ray.nodes()` entry: alive and labelled trusted, or the Ray head."""
+    if not node or not node.get("Alive"):
+        return False
+    labels, resources = node.get("Labels") or {}, node.get("Resources") or {}
+    return labels.get(LABEL_TRUSTED) == "true" or HEAD_RESOURCE in resources
+
+
+def _ray_node(node_id: str) -> dict[str, Any] | None:
+    import ray
+
+    return next((n for n in ray.nodes() if n.get("NodeID") == node_id), None)
 
 
 def actor_name(store: str) -> str:
@@ -45,6 +68,8 @@ class StoreSupervisor:
         self.volume.mkdir(parents=True, exist_ok=True)
         self.port = port or self.kind.default_port
         self.creds = credentials(self.volume)
+        # the store's port: open to trusted nodes only, where this node runs the overlay (firewall.py)
+        self.firewall = StoreFirewall(store, self.port, wanted(Settings().data_dir))
         self.runtime_name = runtime
         # one id per incarnation of this actor: containers started by an earlier incarnation are orphans
         self.incarnation = f"{ctx.get_actor_id() or 'driver'}:{os.getpid()}:{int(time.time())}"
@@ -112,8 +137,15 @@ class StoreSupervisor:
 
     # -- the actor's API ---------------------------------------------------------------------------------
 
-    def endpoint(self, timeout: float = 120.0) -> dict[str, Any]:
-        """Host, port and credentials, once the store answers queries (raises with the reason otherwise)."""
+    def endpoint(self, timeout: float = 120.0, node_id: str | None = None) -> dict[str, Any]:
+        """Host, port and credentials, once the store answers queries (raises with the reason otherwise), to a
+        caller on a trusted node only."""
+        if not node_id or not node_is_trusted(_ray_node(node_id)):
+            log.warning("refused %s's credentials to a caller on node %s (not a trusted node)",
+                        self.kind.name, (node_id or "?")[:12])
+            raise StoreError(f"{self.kind.name}'s credentials go only to trusted nodes (rma.io/trusted=true "
+                             f"or the head); node {(node_id or '?')[:12]} is not one: place this deployment "
+                             f"on trusted nodes")
         if not self._ready.wait(timeout):
             raise StoreError(self.error or f"{self.kind.name} is not ready yet")
         return self._endpoint().__dict__.copy()
@@ -124,12 +156,13 @@ class StoreSupervisor:
                 "pid": self.runtime.pid if self.runtime else None, "port": self.port,
                 "size_bytes": dir_size(self.volume),
                 "ready_s": self.ready_s, "restarts": self.restarts, "adopted": self.adopted,
-                "supervisor_pid": os.getpid()}
+                "supervisor_pid": os.getpid(), "firewall": self.firewall.state}
 
     def stop(self) -> None:
         self._stop.set()
         if self.runtime is not None:
             self.runtime.stop()
+        self.firewall.remove()
         self.state = "stopped"
         self._report()
 
@@ -159,11 +192,21 @@ class StoreSupervisor:
             log.info("store report failed (coordinator unreachable?): %s", exc)
             return False
 
+    def _refresh_firewall(self) -> None:
+        import ray
+
+        if self.firewall.enabled:
+            try:
+                self.firewall.apply(trusted_addresses(ray.nodes(), node_is_trusted))
+            except Exception as exc:  # the GCS busy or restarting: keep the rules as they are, try again
+                log.info("store firewall not refreshed: %s", exc)
+
     def _report_loop(self) -> None:
         last = None
         next_at = 0.0
         while not self._stop.is_set():
             if self.state != last or time.monotonic() >= next_at:
+                self._refresh_firewall()
                 if self._report():
                     last = self.state
                 next_at = time.monotonic() + REPORT_EVERY_S
@@ -189,4 +232,5 @@ def endpoint(store: str, timeout: float = 120.0) -> Endpoint:
     import ray
 
     actor = ray.get_actor(actor_name(store), namespace=NAMESPACE)
-    return Endpoint(**ray.get(actor.endpoint.remote(timeout), timeout=timeout + 10))
+    here = ray.get_runtime_context().get_node_id()
+    return Endpoint(**ray.get(actor.endpoint.remote(timeout, here), timeout=timeout + 10))

@@ -83,6 +83,13 @@ def test_rma_up_starts_every_store_on_the_head_and_lists_them(pool: dict[str, An
         return rows if {r["name"] for r in rows if r["status"] == "ready"} == STORES else None
 
     rows = wait_for(listed, timeout=60, what="all four stores listed ready")
+    # they reported with the head's service credential (service.json, 0600), not pool.json's admin key
+    svc_file = Path(pool["data_dir"]) / "service.json"
+    svc = json.loads(svc_file.read_text())
+    assert oct(svc_file.stat().st_mode & 0o777) == "0o600" and svc["service_key"].startswith("rma_service_")
+    assert pool["admin_key"] not in svc_file.read_text() and svc["service_key"] not in out
+    keys = httpx.get(pool["coordinator_url"] + "/api/admin/service-keys", headers=headers, timeout=10).json()
+    assert [k["id"] for k in keys if k["revoked_at"] is None] == [svc["key_id"]]
     assert {r["node"] for r in rows} == {"head"} and all(r["size_bytes"] > 0 for r in rows)
     assert {r["runtime"] for r in rows} == {"process"}
     # credentials never leave through the listing or the printed output

@@ -85,3 +85,74 @@ def test_pending_supervisor_is_listed_with_what_it_waits_for(coordinator: Coordi
     assert rows["postgres"].status == "pending" and "rma.io/trusted=true" in (rows["postgres"].error or "")
     assert "--trusted --tier data" in (rows["postgres"].error or "")
     assert rows["redis"].status == "pending" and rows["redis"].reported_status == "ready"
+
+
+def service_key(coordinator: Coordinator) -> dict[str, Any]:
+    r = coordinator.admin("POST", "/api/admin/service-keys", json={"name": "head services"})
+    assert r.status_code == 201, r.text
+    assert r.json()["key"].startswith("rma_service_")
+    return r.json()  # type: ignore[no-any-return]
+
+
+def test_service_credential_reads_keyring_and_reports_but_no_admin_route(coordinator: Coordinator) -> None:
+    from fastapi.routing import APIRoute
+
+    from admission.main import create_app
+
+    key = service_key(coordinator)
+    svc = {"Authorization": f"Bearer {key['key']}"}
+    assert coordinator.http.get("/api/clients/keyring", headers=svc).status_code == 200
+    assert coordinator.http.put("/api/stores/redis", json=REPORT, headers=svc).status_code == 204
+    assert next(s for s in coordinator.admin("GET", "/api/admin/stores").json())["node"] == "head"
+    refused = 0
+    for route in create_app(state=coordinator.state).routes:
+        if isinstance(route, APIRoute) and (route.openapi_extra or {}).get("x-rma-auth") == "admin":
+            path = route.path.replace("{worker_id}", "abc123abc123").replace("{key_id}", "abc123abc123")
+            for method in route.methods:
+                r = coordinator.http.request(method, path, json={"name": "x"}, headers=svc)
+                assert r.status_code == 401, (method, path, r.status_code)
+                refused += 1
+    assert refused >= 20
+    assert coordinator.admin("GET", "/api/admin/service-keys").json()[0]["id"] == key["id"]
+    assert coordinator.admin("POST", f"/api/admin/service-keys/{key['id']}/revoke").status_code == 200
+    r = coordinator.http.get("/api/clients/keyring", headers=svc)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_service_key"
+
+
+def test_store_rows_are_bound_to_their_reporter(coordinator: Coordinator) -> None:
+    from datetime import timedelta
+
+    from admission.models import Store, Worker
+
+    a, b = node(coordinator, tier="data", trusted=True), node(coordinator, tier="data", trusted=True)
+    a_id, b_id = a.pop("X-Worker"), b.pop("X-Worker")
+    head = {"Authorization": f"Bearer {service_key(coordinator)['key']}"}
+    big = 5 * 2**40  # 5 TiB: past a 32-bit column
+    assert coordinator.http.put("/api/stores/postgres", json={**REPORT, "size_bytes": big},
+                                headers=a).status_code == 204
+    assert coordinator.http.put("/api/stores/chroma", json=REPORT, headers=head).status_code == 204
+    # another donor, or the head, cannot overwrite a row its owner still reports; a donor not the head's
+    for who, name in ((b, "postgres"), (head, "postgres"), (a, "chroma")):
+        r = coordinator.http.put(f"/api/stores/{name}", json={**REPORT, "status": "failed"}, headers=who)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "store_elsewhere", r.text
+    # no new rows under made-up names
+    for i in range(3):
+        r = coordinator.http.put(f"/api/stores/fake-{i}", json=REPORT, headers=b)
+        assert r.status_code == 404
+        assert "known: redis, postgres, chroma, graph" in r.json()["error"]["message"]
+    listed = {s["name"]: s for s in coordinator.admin("GET", "/api/admin/stores").json()}
+    assert set(listed) == {"postgres", "chroma"}
+    assert (listed["postgres"]["node"], listed["postgres"]["size_bytes"], listed["postgres"]["status"]) == (
+        a_id, big, "ready")
+    assert listed["chroma"]["node"] == "head"
+    with coordinator.state.sessions() as s:  # the reconciler saw donor b's Ray node; a report names another
+        s.get(Worker, b_id).ray_node_id = "b" * 56
+        s.get(Store, "postgres").reported_at -= timedelta(minutes=10)  # a went silent: Ray moved postgres
+        s.commit()
+    r = coordinator.http.put("/api/stores/postgres", json=REPORT, headers=b)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "not_your_node"
+    r = coordinator.http.put("/api/stores/postgres", json={**REPORT, "node_id": "b" * 56}, headers=b)
+    assert r.status_code == 204, r.text
+    assert coordinator.http.put("/api/stores/postgres", json=REPORT, headers=a).status_code == 403
+    pg = next(s for s in coordinator.admin("GET", "/api/admin/stores").json() if s["name"] == "postgres")
+    assert pg["node"] == b_id

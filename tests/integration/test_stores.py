@@ -152,6 +152,31 @@ def test_ready_with_a_real_query_and_credentials_kept_private(cluster: Cluster, 
     assert not ep["password"] or ep["password"] not in " ".join(proc.cmdline())
 
 
+def test_store_credentials_are_refused_to_an_untrusted_node(cluster: Cluster) -> None:
+    """A task on the untrusted data node asks the supervisor for the password (issue 16): refused; a task on
+    the trusted node and the head's driver get it. Without the overlay the store's port is not firewalled, and status() says so."""
+    out = cluster.driver("""
+        from deployments.stores import supervisor
+
+        @ray.remote(num_cpus=0)
+        def fetch():
+            try:
+                return "handed over: " + str(bool(supervisor.endpoint("redis", 60).password))
+            except Exception as exc:
+                return str(exc)
+
+        a = supervisor.ensure("redis")
+        on = lambda node: fetch.options(label_selector={"rma.io/node": node}).remote()
+        print(json.dumps({"untrusted": ray.get(on("untrusted"), timeout=120),
+                          "trusted": ray.get(on("trusted"), timeout=120),
+                          "head": bool(supervisor.endpoint("redis").password),
+                          "firewall": ray.get(a.status.remote())["firewall"]}))
+    """)
+    assert "credentials go only to trusted nodes" in out["untrusted"], out
+    assert out["trusted"] == "handed over: True" and out["head"] is True
+    assert out["firewall"].startswith("off: not wanted")
+
+
 WRITE = {
     "redis": """
         import redis
