@@ -6,8 +6,9 @@ one JSON line on success; one error line and exit 1 on failure."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+
+from deployments.driver import failed, run_action
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,25 +18,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=600, help="seconds to wait for the app to run")
     args = ap.parse_args(argv)
     try:
-        import ray
-
         from deployments.embeddings import app
         from deployments.embeddings.config import EmbeddingSettings
 
         settings = EmbeddingSettings()
-        ray.init(address=args.address, namespace="rma", logging_level="ERROR", log_to_driver=False)
-        try:
-            if args.action == "deploy":
-                print(json.dumps(app.deploy(settings, blocking_timeout_s=args.timeout)))
-            else:
-                app.undeploy()
-                print(json.dumps({"undeployed": True}))
-        finally:
-            ray.shutdown()
-    except Exception as exc:  # one line for the operator; details are in the Serve logs
-        print(f"embeddings {args.action} failed: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    except Exception as exc:
+        return failed("embeddings", args.action, exc)
+    return run_action("embeddings", args.address, args.action,
+                      lambda: app.deploy(settings, blocking_timeout_s=args.timeout), app.undeploy)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ import argparse
 import json
 import sys
 
+from deployments.driver import failed, run_action
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m deployments.llm")
@@ -34,23 +36,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not args.address:
             ap.error("--address is required for deploy and undeploy")
-        import ray
-
         from deployments.llm import app
-
-        ray.init(address=args.address, namespace="rma", logging_level="ERROR", log_to_driver=False)
-        try:
-            if args.action == "deploy":
-                print(json.dumps(app.deploy(settings, blocking_timeout_s=args.timeout)))
-            else:
-                app.undeploy()
-                print(json.dumps({"undeployed": True}))
-        finally:
-            ray.shutdown()
-    except Exception as exc:  # one line for the operator; details are in the Serve logs
-        print(f"llm {args.action} failed: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    except Exception as exc:
+        return failed("llm", args.action, exc)
+    return run_action("llm", args.address, args.action,
+                      lambda: app.deploy(settings, blocking_timeout_s=args.timeout), app.undeploy)
 
 
 if __name__ == "__main__":

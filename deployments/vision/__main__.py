@@ -11,8 +11,9 @@ on failure.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+
+from deployments.driver import failed, run_action
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,23 +29,11 @@ def main(argv: list[str] | None = None) -> int:
         settings = VisionSettings()
         if settings.backend == "vllm":
             settings.vllm_entry()  # an unknown or non-vision model: one line now, not a failed replica later
-        import ray
-
         from deployments.vision import app
-
-        ray.init(address=args.address, namespace="rma", logging_level="ERROR", log_to_driver=False)
-        try:
-            if args.action == "deploy":
-                print(json.dumps(app.deploy(settings, blocking_timeout_s=args.timeout)))
-            else:
-                app.undeploy()
-                print(json.dumps({"undeployed": True}))
-        finally:
-            ray.shutdown()
-    except Exception as exc:  # one line for the operator; details are in the Serve logs
-        print(f"vision {args.action} failed: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    except Exception as exc:
+        return failed("vision", args.action, exc)
+    return run_action("vision", args.address, args.action,
+                      lambda: app.deploy(settings, blocking_timeout_s=args.timeout), app.undeploy)
 
 
 if __name__ == "__main__":
