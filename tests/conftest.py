@@ -8,18 +8,24 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import Postgres, run_postgres
+from tests.support import Postgres, capabilities, run_postgres
 
 ROOT = Path(__file__).resolve().parent.parent
-FIXTURES = ROOT.parent / "shared" / "fixtures" / "hardware"
+FIXTURES = ROOT / "tests" / "fixtures" / "hardware"  # real probe readings; the tests own them
 ARTIFACTS = ROOT / "artifacts"
+OPT_IN = "RMA_TEST_"  # opt-in switches of the suite itself (RMA_TEST_OLLAMA_URL, RMA_TEST_REQUIRE, ...)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    capabilities.register(config)
 
 
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Own HOME and data dir per test: nothing leaks into ~/.ray or ~/.local/share/rma, no RMA_* from outside."""
+    """Own HOME and data dir per test: nothing leaks into ~/.ray or ~/.local/share/rma, no RMA_* from outside
+    but the suite's own RMA_TEST_* switches."""
     for key in list(os.environ):
-        if key.startswith("RMA_"):
+        if key.startswith("RMA_") and not key.startswith(OPT_IN):
             monkeypatch.delenv(key)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("RMA_DATA_DIR", str(tmp_path / "rma-data"))

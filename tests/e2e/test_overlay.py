@@ -30,7 +30,7 @@ from tests.e2e.overlay_bed import (COORDINATOR_PORT, DASHBOARD_PORT, GCS_PORT, P
                                    OverlayPool, listening_tcp, nat, start_pool)
 from tests.support import wait_for
 
-pytestmark = [pytest.mark.e2e, pytest.mark.ray]
+pytestmark = [pytest.mark.e2e, pytest.mark.overlay, pytest.mark.ray]
 
 
 @pytest.fixture(scope="module")
