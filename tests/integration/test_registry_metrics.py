@@ -213,7 +213,8 @@ def test_rollups_and_summary_on_both_databases(db_url: str) -> None:
     engine = make_engine(db_url)
     migrate.upgrade(engine)
     sessions = make_sessionmaker(engine)
-    t0 = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=3)
+    now = datetime(2026, 3, 14, 12, 0, tzinfo=UTC)  # the clock, injected: the same day whenever this runs
+    t0 = now - timedelta(minutes=3)
     for i, name in enumerate(("0-idle", "1-after-13", "2-queued", "3-after-proxy-restart")):
         with sessions() as s, s.begin():
             metrics.store(s, metrics.parse((SAMPLES / f"{name}.prom").read_text(), "10.88.0.1:44217"),
@@ -223,13 +224,16 @@ def test_rollups_and_summary_on_both_databases(db_url: str) -> None:
                 assert [(r.queued, r.ongoing) for r in s.query(DeploymentLoad)] == [(3.0, 1.0)]
     with sessions() as s:
         assert sum(r.requests for r in s.query(RequestMinute)) == 25
-        out = metrics.summary(s, None)
-    if t0.date() == datetime.now(UTC).date():
-        assert (out.today.requests, out.today.errors_4xx, out.today.errors_5xx) == (25, 2, 1)
+        out = metrics.summary(s, None, now=now)
+        next_day = metrics.summary(s, None, now=datetime(2026, 3, 15, 0, 30, tzinfo=UTC))
+    assert (out.today.requests, out.today.errors_4xx, out.today.errors_5xx) == (25, 2, 1)
     assert out.last_hour.requests == 25 and out.last_hour.p99_ms is not None
     assert sum(out.series.requests) == 25
+    # past midnight UTC the minutes are yesterday's: not today, still in the 24 h series
+    assert next_day.today.requests == 0 and next_day.last_hour.requests == 0
+    assert sum(next_day.series.requests) == 25
     with sessions() as s, s.begin():
-        metrics.prune(s, datetime.now(UTC) + timedelta(hours=49), 48)
+        metrics.prune(s, now + timedelta(hours=49), 48)
     with sessions() as s:
         assert s.query(RequestMinute).count() == 0
     engine.dispose()
