@@ -28,6 +28,7 @@ test: system-test venv-test
 	@rm -rf artifacts/test && mkdir -p artifacts/test/unit
 	RMA_TEST_REQUIRE=postgres $(PYTEST_CI) -p randomly tests/unit \
 	  --junitxml=artifacts/test/unit/junit.xml 2>&1 | tee artifacts/test/unit/pytest.log
+	@echo "RMA_TEST_REQUIRE=$${RMA_TEST_REQUIRE-$$($(PY) -m tests.support.capabilities)}"
 	RMA_TEST_REQUIRE="$${RMA_TEST_REQUIRE-$$($(PY) -m tests.support.capabilities)}" $(PYTEST_CI) \
 	  --ignore=tests/unit --junitxml=artifacts/test/junit.xml 2>&1 | tee artifacts/test/pytest.log
 

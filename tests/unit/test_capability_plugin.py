@@ -9,6 +9,9 @@ import json
 import pytest
 
 pytest_plugins = ["pytester"]
+# the inner runs load no plugin that imports heavy modules: pytester forgets what a run imported, and torch
+# (pulled in through pytest-randomly's seeders) cannot be imported twice in one process
+QUIET = ("-p", "no:randomly", "-p", "no:looptime_plugin")
 
 CONFTEST = """
 from tests.support import capabilities
@@ -69,7 +72,7 @@ def suite(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.
 
 
 def test_without_require_every_skip_stays_a_skip(suite: pytest.Pytester) -> None:
-    result = suite.runpytest_inprocess("-rs")
+    result = suite.runpytest_inprocess(*QUIET, "-rs")
     result.assert_outcomes(passed=2, skipped=5)
     result.stdout.fnmatch_lines(["*capabilities (RMA_TEST_REQUIRE=-)*",
                                  "postgres*0 passed*0 failed*1 skipped*", "browser*1 passed*0 failed*1 skipped*"])
@@ -80,7 +83,7 @@ def test_without_require_every_skip_stays_a_skip(suite: pytest.Pytester) -> None
 def test_a_skip_of_a_required_capability_fails(suite: pytest.Pytester,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RMA_TEST_REQUIRE", "browser,docker,llm")
-    result = suite.runpytest_inprocess("--junitxml=out/junit.xml", "test_marked.py")
+    result = suite.runpytest_inprocess(*QUIET, "--junitxml=out/junit.xml", "test_marked.py")
     # browser_missing fails, docker_missing errors (its skip is in set-up); the opt-in and the postgres one
     # (not required) stay skips
     result.assert_outcomes(passed=2, failed=1, errors=1, skipped=2)
@@ -98,7 +101,7 @@ def test_a_skip_of_a_required_capability_fails(suite: pytest.Pytester,
 def test_a_required_module_that_skips_at_import_fails(suite: pytest.Pytester,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RMA_TEST_REQUIRE", "llm")
-    result = suite.runpytest_inprocess("test_skipped_module.py")
+    result = suite.runpytest_inprocess(*QUIET, "test_skipped_module.py")
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*RMA_TEST_REQUIRE requires llm, but the whole module was skipped*"
                                  "no_such_module_here*"])
@@ -107,7 +110,7 @@ def test_a_required_module_that_skips_at_import_fails(suite: pytest.Pytester,
 
 def test_opting_in_makes_the_skip_count(suite: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RMA_TEST_SOMETHING", "1")
-    result = suite.runpytest_inprocess("-k", "opt_in", "test_marked.py")
+    result = suite.runpytest_inprocess(*QUIET, "-k", "opt_in", "test_marked.py")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*AssertionError: runs only when opted in*"])
 
@@ -115,17 +118,34 @@ def test_opting_in_makes_the_skip_count(suite: pytest.Pytester, monkeypatch: pyt
 def test_a_required_capability_with_nothing_run_fails_the_session(suite: pytest.Pytester,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RMA_TEST_REQUIRE", "e2e")
-    result = suite.runpytest_inprocess("-k", "plain", "test_marked.py")
+    result = suite.runpytest_inprocess(*QUIET, "-k", "plain", "test_marked.py")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["FAILED: RMA_TEST_REQUIRE requires e2e*no test of it passed*"])
     assert result.ret == pytest.ExitCode.TESTS_FAILED
-    result = suite.runpytest_inprocess("-k", "no_such_test", "test_marked.py")  # exit 5, no tests: fails too
+    result = suite.runpytest_inprocess(*QUIET, "-k", "no_such_test", "test_marked.py")  # exit 5, no tests: fails too
     assert result.ret == pytest.ExitCode.TESTS_FAILED
 
 
 def test_unknown_capability_is_a_usage_error(suite: pytest.Pytester,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RMA_TEST_REQUIRE", "browser,gpus")
-    result = suite.runpytest_inprocess()
+    result = suite.runpytest_inprocess(*QUIET)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*RMA_TEST_REQUIRE: unknown capability gpus*"])
+
+
+def test_opt_in_variables_survive_the_isolation_fixture(pytester: pytest.Pytester,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """tests/conftest.py's autouse _isolated_home drops every RMA_* from outside but the suite's RMA_TEST_*."""
+    pytester.makeconftest("from tests.conftest import _isolated_home  # noqa: F401\n")
+    pytester.makepyfile(test_env="""
+        import os
+
+        def test_env():
+            assert os.environ["RMA_TEST_OLLAMA_URL"] == "http://127.0.0.1:11434"
+            assert "RMA_ADMIN_KEY" not in os.environ
+            assert os.environ["RMA_DATA_DIR"].endswith("rma-data")
+    """)
+    monkeypatch.setenv("RMA_TEST_OLLAMA_URL", "http://127.0.0.1:11434")
+    monkeypatch.setenv("RMA_ADMIN_KEY", "from-outside")
+    pytester.runpytest_inprocess(*QUIET).assert_outcomes(passed=1)
