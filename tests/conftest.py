@@ -20,10 +20,24 @@ def pytest_configure(config: pytest.Config) -> None:
     capabilities.register(config)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Inside tests/e2e, the modules that build their own beds (overlay, the bed itself) run before those that
+    use the package's pool: that pool (9 hosts, `rma up`) stays up from its first test to the end of tests/e2e,
+    and a second cluster beside it would share this machine's two cores."""
+    e2e = [i for i, item in enumerate(items) if item.path.parent.name == "e2e"]
+    if not e2e:
+        return
+    uses_pool = {item.path for item in (items[i] for i in e2e) if "pool" in getattr(item, "fixturenames", ())}
+    # a stable sort: each module stays whole and in its order
+    ordered = sorted((items[i] for i in e2e), key=lambda item: item.path in uses_pool)
+    for i, item in zip(e2e, ordered, strict=True):
+        items[i] = item
+
+
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Own HOME and data dir per test: nothing leaks into ~/.ray or ~/.local/share/rma, no RMA_* from outside
-    but the suite's own RMA_TEST_* switches."""
+    """Own HOME and data dir per test: nothing leaks into ~/.ray or ~/.local/share/rma, no RMA_* from
+    outside but the suite's own RMA_TEST_* switches."""
     for key in list(os.environ):
         if key.startswith("RMA_") and not key.startswith(OPT_IN):
             monkeypatch.delenv(key)
