@@ -22,7 +22,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Inside tests/e2e, the modules that build their own beds (overlay, the bed itself) run before those that
-    use the package's pool: that pool (9 hosts, `rma up`) stays up from its first test to the end of the package,
+    use the package's pool: that pool (9 hosts, `rma up`) stays up from its first test to the package's end,
     and a second cluster beside it would share this machine's two cores."""
     e2e = [i for i, item in enumerate(items) if item.path.parent.name == "e2e"]
     if not e2e:

@@ -160,7 +160,8 @@ class CapabilityPlugin:
         # `make test` interrupts a run that outlives TEST_SESSION_LIMIT: say where it hung
         if self.current:
             nodeid, since = self.current
-            sys.stderr.write(f"\ninterrupted in {nodeid}, {time.monotonic() - since:.0f} s after it started\n")
+            took = time.monotonic() - since
+            sys.stderr.write(f"\ninterrupted in {nodeid}, {took:.0f} s after it started\n")
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         before = self.outcome.get(report.nodeid)

@@ -1,6 +1,6 @@
 """tests/support/capabilities.py: with RMA_TEST_REQUIRE, a skipped test of a required capability fails, an
-opt-in skip never does, a module whose import skipped fails, and a required capability with no passing test fails the
-session. Runs pytest in-process on small generated modules (pytester, ~1 s)."""
+opt-in skip never does, a module whose import skipped fails, and a required capability with no passing test
+fails the session. Runs pytest in-process on small generated modules (pytester, ~1 s)."""
 
 from __future__ import annotations
 
@@ -75,7 +75,8 @@ def test_without_require_every_skip_stays_a_skip(suite: pytest.Pytester) -> None
     result = suite.runpytest_inprocess(*QUIET, "-rs")
     result.assert_outcomes(passed=2, skipped=5)
     result.stdout.fnmatch_lines(["*capabilities (RMA_TEST_REQUIRE=-)*",
-                                 "postgres*0 passed*0 failed*1 skipped*", "browser*1 passed*0 failed*1 skipped*"])
+                                 "postgres*0 passed*0 failed*1 skipped*",
+                                 "browser*1 passed*0 failed*1 skipped*"])
     result.stdout.fnmatch_lines(["*opt-in: set RMA_TEST_SOMETHING to run it; needs a registry*"])
     assert result.ret == 0
 
@@ -122,7 +123,8 @@ def test_a_required_capability_with_nothing_run_fails_the_session(suite: pytest.
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["FAILED: RMA_TEST_REQUIRE requires e2e*no test of it passed*"])
     assert result.ret == pytest.ExitCode.TESTS_FAILED
-    result = suite.runpytest_inprocess(*QUIET, "-k", "no_such_test", "test_marked.py")  # exit 5, no tests: fails too
+    # nothing selected (pytest's exit 5): fails too
+    result = suite.runpytest_inprocess(*QUIET, "-k", "no_such_test", "test_marked.py")
     assert result.ret == pytest.ExitCode.TESTS_FAILED
 
 
@@ -136,7 +138,8 @@ def test_unknown_capability_is_a_usage_error(suite: pytest.Pytester,
 
 def test_opt_in_variables_survive_the_isolation_fixture(pytester: pytest.Pytester,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    """tests/conftest.py's autouse _isolated_home drops every RMA_* from outside but the suite's RMA_TEST_*."""
+    """tests/conftest.py's autouse _isolated_home drops every RMA_* from outside but the suite's own
+    RMA_TEST_*."""
     pytester.makeconftest("from tests.conftest import _isolated_home  # noqa: F401\n")
     pytester.makepyfile(test_env="""
         import os
