@@ -121,11 +121,9 @@ class CapabilityPlugin:
                     callspec is not None and callspec.params.get("db_url") == "postgres"):
                 item.add_marker(pytest.mark.postgres)
             self.marks[item.nodeid] = _capabilities(item)
-
-    def pytest_runtest_setup(self, item: pytest.Item) -> None:
-        why = _opted_out(item)
-        if why:
-            pytest.skip(why)
+            why = _opted_out(item)
+            if why:
+                item.add_marker(pytest.mark.skip(reason=why))
 
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_makereport(self, item: pytest.Item,
