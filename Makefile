@@ -7,14 +7,30 @@ PY     := $(VENV)/bin/python
 APT_RUN  := python3 python3-venv python3-dev build-essential iproute2 postgresql redis-server wireguard-tools wireguard-go nftables sqlite3
 APT_TEST := $(APT_RUN) chromium wrk iptables docker.io debootstrap systemd
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# a recipe piped through tee fails when pytest does
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -ec
 
 .PHONY: up test system-run system-test venv venv-test bench clean
 
 up: system-run venv
 	$(VENV)/bin/rma up $${RMA_NODE_IP:+--node-ip-address $$RMA_NODE_IP}
 
+# `make test`: the unit tests in random order (pytest-randomly; the seed is printed), then everything else with
+# RMA_TEST_REQUIRE set to all this machine can run (tests/support/capabilities.py), so a test that cannot run
+# here fails instead of skipping quietly; set RMA_TEST_REQUIRE yourself to narrow or widen it. Each run writes
+# JUnit XML, its output (with the 25 slowest) and per-capability counts under artifacts/. A run that hangs is
+# interrupted at TEST_SESSION_LIMIT: pytest prints the test it was in, and the run fails.
+TEST_SESSION_LIMIT ?= 45m
+PYTEST_CI = timeout --signal=INT --kill-after=120 $(TEST_SESSION_LIMIT) $(PY) -m pytest -q --durations=25
+
 test: system-test venv-test
-	$(PY) -m pytest -q
+	@rm -rf artifacts/test && mkdir -p artifacts/test/unit
+	RMA_TEST_REQUIRE=postgres $(PYTEST_CI) -p randomly tests/unit \
+	  --junitxml=artifacts/test/unit/junit.xml 2>&1 | tee artifacts/test/unit/pytest.log
+	@echo "RMA_TEST_REQUIRE=$${RMA_TEST_REQUIRE-$$($(PY) -m tests.support.capabilities)}"
+	RMA_TEST_REQUIRE="$${RMA_TEST_REQUIRE-$$($(PY) -m tests.support.capabilities)}" $(PYTEST_CI) \
+	  --ignore=tests/unit --junitxml=artifacts/test/junit.xml 2>&1 | tee artifacts/test/pytest.log
 
 system-run:
 	@./scripts/apt-ensure.sh $(APT_RUN)

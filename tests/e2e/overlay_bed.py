@@ -102,6 +102,7 @@ class Donor:
     log: Path
     worker_id: str = ""
     joined_at: float = 0.0
+    ray_node_id: str = ""  # the Ray node it joined with (a restarted node gets a new id)
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -175,6 +176,7 @@ class OverlayPool:
         donor.worker_id = wait_for(joined, timeout=timeout, interval=0.5, what=f"donor on {donor.host.name} to join")
         assert donor.worker_id != "exited", f"rma join exited: {donor.output()[-3000:]}"
         donor.joined_at = time.monotonic()
+        donor.ray_node_id = self.worker(donor.worker_id)["ray_node_id"]
         return donor
 
     def driver(self, script: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:

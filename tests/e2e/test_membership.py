@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from rma_ray.client import AdmissionClient, AdmissionError
 from tests.conftest import FIXTURES
 from tests.e2e.conftest import PoolUnderTest
 from tests.support import wait_for
@@ -191,6 +192,7 @@ def test_sigkill_and_sigstop_go_offline_within_10s(pool: PoolUnderTest) -> None:
 
 def test_revoke_under_load_keeps_serving(pool: PoolUnderTest, members: dict) -> None:  # type: ignore[type-arg]
     second = pool.join(pool.invite(tier="service"))
+    node_token = json.loads((second.data_dir / "membership.json").read_text())["node_token"]
     assert deploy(pool, "where-load", "service", replicas=2) == "RUNNING"
     nodes = set()
     wait_for(lambda: nodes.add(where(pool, "where-load")["labels"]["rma.io/node"]) or len(nodes) == 2, timeout=30,
@@ -229,9 +231,11 @@ def test_revoke_under_load_keeps_serving(pool: PoolUnderTest, members: dict) -> 
             t.join(15)
     assert failed[0] <= max(5, 0.05 * ok[0]), f"{failed[0]} failed of {ok[0] + failed[0]}"
     assert second.pids() == [], "the revoked donor left processes behind"
-    # its credential is dead: it cannot rejoin with it
-    m = json.loads((second.data_dir / "membership.json").read_text()) if (second.data_dir / "membership.json").exists() else None
-    assert m is None
+    # the agent forgot its membership, and the credential it held is dead at the coordinator
+    assert not (second.data_dir / "membership.json").exists()
+    with AdmissionClient(pool.url) as coordinator, pytest.raises(AdmissionError) as refused:
+        coordinator.heartbeat(node_token)
+    assert (refused.value.status, refused.value.code) == (401, "worker_revoked"), refused.value
 
 
 def test_agent_restarts_its_ray_node_when_it_dies(pool: PoolUnderTest) -> None:

@@ -7,6 +7,7 @@ import contextlib
 import ipaddress
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -176,13 +177,21 @@ def _leftovers(bed_id: str) -> list[str]:
 
 
 def test_exit_kills_processes_and_removes_everything() -> None:
+    import psutil
+
     with TestBed(2, prefix="rmat") as b:
         bridge, tag = b.bridge, b.id
-        stray = b.hosts[1].popen(["sh", "-c", "trap '' TERM; sleep 300 & sleep 300; wait"])  # ignores SIGTERM
+        # ignores SIGTERM, and so do its two sleeps (an ignored signal stays ignored across fork and exec)
+        stray = b.hosts[1].popen(["sh", "-c", "trap '' TERM; sleep 300 & sleep 300; wait"])
+        sleeps = wait_for(lambda: [c for c in psutil.Process(stray.pid).children() if c.name() == "sleep"][1:] and
+                          psutil.Process(stray.pid).children(), timeout=10, what="the stray's two sleeps")
         if netns.firewall_tool():
             b.hosts[0].block_inbound()
         assert _leftovers(tag)
-    assert stray.wait(timeout=10) is not None
+    assert stray.wait(timeout=10) == -signal.SIGKILL  # SIGTERM was not enough: the bed went on to SIGKILL
+    # every process in the namespace, not only the one the bed started
+    gone, alive = psutil.wait_procs(sleeps, timeout=10)
+    assert alive == [] and len(gone) == 2
     assert b.teardown_errors == []
     assert not os.path.exists(f"/sys/class/net/{bridge}")
     assert _leftovers(tag) == []

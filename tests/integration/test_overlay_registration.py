@@ -19,8 +19,9 @@ from rma_ray import overlay
 from tests.integration.conftest import CPU_BOX, Coordinator, make_settings
 from tests.support import ServerThread
 
-pytestmark = pytest.mark.skipif(overlay.missing_tools() is not None or not overlay.shutil.which("wireguard-go"),
-                                reason=f"overlay tools: {overlay.missing_tools() or 'wireguard-go missing'}")
+pytestmark = [pytest.mark.overlay,
+              pytest.mark.skipif(overlay.missing_tools() is not None or not overlay.shutil.which("wireguard-go"),
+                                 reason=f"overlay tools: {overlay.missing_tools() or 'wireguard-go missing'}")]
 
 
 @pytest.fixture

