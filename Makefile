@@ -21,7 +21,7 @@ up: system-run venv
 # here fails instead of skipping quietly; set RMA_TEST_REQUIRE yourself to narrow or widen it. Each run writes
 # JUnit XML, its output (with the 25 slowest) and per-capability counts under artifacts/. A run that hangs is
 # interrupted at TEST_SESSION_LIMIT: pytest prints the test it was in, and the run fails.
-TEST_SESSION_LIMIT ?= 45m
+TEST_SESSION_LIMIT ?= 70m
 PYTEST_CI = timeout --signal=INT --kill-after=120 $(TEST_SESSION_LIMIT) $(PY) -m pytest -q --durations=25
 
 test: system-test venv-test
