@@ -373,7 +373,8 @@ class Pool:
         reply and fetch it with their node token; revoked donors cannot, so the old token is worthless.
         Serve's state lives in the head's GCS and starts again empty."""
         self.say("rotating the cluster token: stopping the apps, the stores, Serve and the Ray head …")
-        self.stop_apps()
+        if self.o.apps:
+            self._shutdown_serve()  # the apps go with Serve (short grace), as in `rma down`
         self.stop_stores()
         subprocess.run([sys.executable, "-m", "rma_ray.serve_admin", "shutdown", "--address", self.o.gcs_address],
                        env=ray_env(self.token_file), capture_output=True, timeout=60, check=False)

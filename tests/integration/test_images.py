@@ -373,7 +373,8 @@ def test_overlay_tools_work_only_with_net_admin(node_image: Built) -> None:
 def test_join_reads_the_token_from_a_docker_secret_and_registers(node_image: Built, tmp_path: Path) -> None:
     """Inside the image, `rma join` takes the token from /run/secrets/rma_join_token, probes the container and
     registers with a real coordinator (host network); this coordinator runs without a Ray head, so the agent
-    unregisters and exits with the coordinator's reason. The token is never in the container's config."""
+    aborts its registration (the invite use is given back: a transactional join) and exits with the
+    coordinator's reason. The token is never in the container's config."""
     import httpx
 
     from admission.main import build_state, create_app, prepare_database
@@ -405,10 +406,10 @@ def test_join_reads_the_token_from_a_docker_secret_and_registers(node_image: Bui
             node_image.docker("rm", "-f", name)
             assert token not in json.dumps(inspect), "the join token leaked into the container's config"
             invites = http.get("/api/invites", headers=auth).json()
-            assert [i["status"] for i in invites if i["id"] == inv.json()["id"]] == ["used"]
+            assert [(i["status"], i["uses_left"]) for i in invites if i["id"] == inv.json()["id"]] == [("active", 1)]
             workers = http.get("/api/admin/workers", headers=auth).json()
             donor = [w for w in workers if w["name"] == "image-test-donor"]
-            assert len(donor) == 1, workers
+            assert [w["status"] for w in donor] == ["left"], workers
     finally:
         state.engine.dispose()
 

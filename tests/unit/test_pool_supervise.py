@@ -44,3 +44,22 @@ def test_a_requested_stop_is_clean(tmp_path: Path) -> None:
     threading.Timer(0.05, pool.stop_event.set).start()
     assert pool.supervise() is True
     assert not any("stopped" in line for line in said)
+
+
+def test_a_rotation_stops_serve_and_the_stores_then_starts_everything_again(tmp_path: Path,
+                                                                              monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The rotation's steps, in order, with the Ray-facing steps stood in (a rotation once called a stop step
+    that `rma down`'s rework had removed, and ended the pool)."""
+    import subprocess
+
+    pool, said = make_pool(tmp_path)
+    steps: list[str] = []
+    for name in ("_shutdown_serve", "stop_stores", "start_head", "start_serve", "start_stores", "start_apps"):
+        monkeypatch.setattr(pool, name, lambda name=name: steps.append(name) or {})
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: steps.append("serve_admin shutdown"))
+    pool.token_file.write_text("old\n")
+    pool.rotate()
+    assert steps == ["_shutdown_serve", "stop_stores", "serve_admin shutdown", "start_head", "start_serve",
+                     "start_stores", "start_apps"]
+    assert pool.token_file.read_text().strip() not in ("", "old")
+    assert any("cluster token rotated" in line for line in said)
