@@ -348,17 +348,27 @@ def test_ollama_entrypoint_starts_ollama_pulls_the_donors_models_then_joins(
 
 
 @pytest.mark.docker
-def test_overlay_tools_work_only_with_net_admin(node_image: Built) -> None:
+def test_overlay_tools_work_only_with_net_admin(node_image: Built, tmp_path: Path) -> None:
     """The WireGuard overlay's tools carry CAP_NET_ADMIN as file capabilities: the non-root agent can bring up an
-    interface when the container is given the capability, and cannot without it."""
+    interface when the container is given the capability, and cannot without it.
+
+    Docker gives the container the device node with the host node's mode. Debian's and Ubuntu's /dev/net/tun is
+    0666; some hosts (this test machine among them) have it 0600, where the non-root agent cannot open it (a donor
+    there runs `chmod 0666 /dev/net/tun`, images/README.md). The test hands the container its own 0666 node of the
+    same device (10, 200) instead of changing the host's."""
+    import stat
+
     if not Path("/dev/net/tun").exists():
         pytest.skip("no /dev/net/tun on this host")
+    tun = tmp_path / "tun"
+    os.mknod(tun, stat.S_IFCHR | 0o666, os.makedev(10, 200))
+    tun.chmod(0o666)
     # what rma_ray/overlay.py runs: a userspace WireGuard interface, its address, `wg`, an nftables table
     script = ("id -u; wireguard-go rmatest0 >/dev/null 2>&1 || exit 3; ip address add 10.88.0.2/32 dev rmatest0 "
               "&& ip link set rmatest0 up && wg show rmatest0 && nft add table inet rmatest "
               "&& nft list tables && ip -o address show rmatest0 && ip link del rmatest0")
     r = node_image.run("sh", "-c", script, entrypoint="/usr/local/bin/rma-with-net-admin",
-                       opts=("--network", "none", "--cap-add", "NET_ADMIN", "--device", "/dev/net/tun"))
+                       opts=("--network", "none", "--cap-add", "NET_ADMIN", "--device", f"{tun}:/dev/net/tun"))
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.startswith(f"{UID}\n") and "listening port" in r.stdout and "table inet rmatest" in r.stdout
     assert "10.88.0.2/32" in r.stdout
