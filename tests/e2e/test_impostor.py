@@ -18,6 +18,8 @@ from tests.e2e.conftest import PoolUnderTest
 from tests.support import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.ray]
+# it leaves a drained impostor raylet and a quarantined donor in the shared pool: after every other module
+RUNS_LAST = True
 
 
 def test_a_raylet_with_a_stolen_node_label_is_quarantined(pool: PoolUnderTest) -> None:
