@@ -28,7 +28,7 @@ def graph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Graph]:
         pytest.skip(str(exc))
     volume: Path = tmp_path_factory.mktemp("graph")
     creds = credentials(volume)
-    rt = ProcessRuntime(kind, volume, "127.0.0.1", free_port(), creds)
+    rt = ProcessRuntime(kind, volume, "127.0.0.1", free_port(span=2), creds)  # Bolt and HTTP
     rt.start()
     ep: Endpoint = kind.endpoint(rt.host, rt.port, creds)
 
@@ -40,7 +40,11 @@ def graph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Graph]:
             return False
 
     try:
-        wait_for(ready, timeout=180, interval=0.5, what="ArcadeDB to answer over Bolt")
+        try:
+            wait_for(ready, timeout=180, interval=0.5, what="ArcadeDB to answer over Bolt")
+        except TimeoutError as exc:  # say why: the server's own log
+            log = volume / "graph.log"
+            raise TimeoutError(f"{exc}; graph.log: {log.read_text(errors='replace')[-3000:] if log.exists() else '-'}")
         g = Graph(endpoint=lambda _: ep)
         yield g
         if g._driver is not None:

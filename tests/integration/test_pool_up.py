@@ -37,7 +37,7 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
            "RMA_STORES_DIR": str(stores), "COLUMNS": "200"}
     args = ["--node-ip-address", ip, "--gcs-port", str(free_port(ip)), "--dashboard-port", str(free_port(ip)),
             "--coordinator-port", str(free_port(ip)), "--serve-port", str(free_port(ip)), "--apps", "none",
-            *(a for s in sorted(STORES) for a in ("--store-port", f"{s}={free_port(ip)}"))]
+            *(a for s in sorted(STORES) for a in ("--store-port", f"{s}={free_port(ip, span=2)}"))]
     log = root / "up.log"
     proc = subprocess.Popen([sys.executable, "-m", "rma_ray.cli", "up", *args], env=env,
                             stdout=open(log, "wb"), stderr=subprocess.STDOUT)

@@ -64,7 +64,7 @@ def runtime(store: str, root: Path, port: int | None = None) -> tuple[DockerRunt
     vol = root / store
     vol.mkdir(exist_ok=True)
     creds = credentials(vol)
-    rt = DockerRuntime(KINDS[store], vol, HOST, port or free_port(HOST), creds)
+    rt = DockerRuntime(KINDS[store], vol, HOST, port or free_port(HOST, span=2), creds)
     return rt, KINDS[store].endpoint(HOST, rt.port, creds)
 
 
@@ -307,7 +307,7 @@ def _store_containers(client: Any, store: str) -> list[Any]:
 @pytest.mark.ray
 def test_docker_stores_wait_for_a_trusted_data_node_and_never_use_an_untrusted_one(dockerd: Dockerd,
                                                                                   ray_cluster: Cluster) -> None:
-    ports = {store: free_port(ray_cluster.ip) for store in STORES}  # a process-runtime test may hold the defaults
+    ports = {store: free_port(ray_cluster.ip, span=2) for store in STORES}  # a process-runtime test may hold the defaults
     _phase(ray_cluster, f"""
         from ray.util.state import list_actors
         for store, port in {ports!r}.items():

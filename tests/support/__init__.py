@@ -44,10 +44,26 @@ def wait_for(predicate: Callable[[], T], timeout: float = 30.0, interval: float 
     raise TimeoutError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+def free_port(host: str = "127.0.0.1", span: int = 1) -> int:
+    """A port free on `host`; with span > 1, the first of `span` consecutive free ports (the graph store takes
+    its Bolt port and the next one for HTTP: a busy next port leaves ArcadeDB up but not answering)."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if span == 1:
+            return port
+        if port + span > 65536:
+            continue
+        try:
+            with contextlib.ExitStack() as stack:
+                for p in range(port + 1, port + span):
+                    t = stack.enter_context(socket.socket())
+                    t.bind((host, p))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError(f"no {span} consecutive free ports on {host}")
 
 
 def pg_bindir() -> Path | None:
