@@ -231,6 +231,28 @@ def ensure(store: str, runtime: str = "process", selector: dict[str, str] | None
 def endpoint(store: str, timeout: float = 120.0) -> Endpoint:
     import ray
 
+    from ray.exceptions import ActorUnavailableError
+
+    from rma_ray.waiting import GiveUp, wait_until
+
     actor = ray.get_actor(actor_name(store), namespace=NAMESPACE)
     here = ray.get_runtime_context().get_node_id()
-    return Endpoint(**ray.get(actor.endpoint.remote(timeout, here), timeout=timeout + 10))
+    deadline = time.monotonic() + timeout
+
+    class Failed(GiveUp):
+        pass
+
+    def ask() -> dict[str, Any]:  # a supervisor Ray is restarting (its node died) is "not yet"; anything else fails
+        left = max(deadline - time.monotonic(), 1.0)
+        try:
+            return ray.get(actor.endpoint.remote(left, here), timeout=left + 10)  # type: ignore[no-any-return]
+        except ActorUnavailableError:
+            raise
+        except Exception as exc:
+            raise Failed() from exc
+
+    try:
+        return Endpoint(**wait_until(ask, timeout=timeout + 10, interval=1,
+                                     what=f"the supervisor of {store} (restarting) to give its endpoint"))
+    except Failed as exc:
+        raise exc.__cause__ from None  # type: ignore[misc]
