@@ -35,58 +35,9 @@ import psutil
 from rma_ray.net import local_ip_towards, port_free
 from rma_ray.raynode import FAST_HEALTH_CHECKS, NodeSpec, RayNode, ray_env, short_temp_dir
 from rma_ray.settings import read_or_create_secret
+from tests.support.records import count, write_1000
 
 STORES = ("redis", "postgres", "chroma", "graph")
-
-
-def write_1000(store: str, ep: Any) -> int:
-    if store == "redis":
-        import redis
-
-        r = redis.Redis(host=ep.host, port=ep.port, password=ep.password)
-        return sum(1 for i in range(1000) if r.set(f"rec:{i}", f"v{i}"))
-    if store == "postgres":
-        import psycopg
-
-        with psycopg.connect(ep.url(), autocommit=True) as c:
-            c.execute("CREATE TABLE IF NOT EXISTS recs (id int PRIMARY KEY, v text)")
-            for i in range(1000):
-                c.execute("INSERT INTO recs VALUES (%s, %s) ON CONFLICT DO NOTHING", (i, f"v{i}"))
-        return 1000
-    if store == "chroma":
-        import chromadb
-
-        col = chromadb.HttpClient(host=ep.host, port=ep.port).get_or_create_collection("recs", embedding_function=None)
-        for s in range(0, 1000, 100):
-            col.upsert(ids=[f"r{i}" for i in range(s, s + 100)], documents=[f"v{i}" for i in range(s, s + 100)],
-                       embeddings=[[float(i % 5), 1.0] for i in range(s, s + 100)])
-        return 1000
-    from neo4j import GraphDatabase
-
-    with GraphDatabase.driver(ep.url(), auth=(ep.user, ep.password)) as d, d.session(database=ep.database) as s:
-        s.run("UNWIND range(0, 999) AS i MERGE (r:Rec {id: i})").consume()
-    return 1000
-
-
-def count(store: str, ep: Any) -> int:
-    if store == "redis":
-        import redis
-
-        r = redis.Redis(host=ep.host, port=ep.port, password=ep.password)
-        return sum(1 for i in range(1000) if r.get(f"rec:{i}") == f"v{i}".encode())
-    if store == "postgres":
-        import psycopg
-
-        with psycopg.connect(ep.url()) as c:
-            return int(c.execute("SELECT count(*) FROM recs").fetchone()[0])  # type: ignore[index]
-    if store == "chroma":
-        import chromadb
-
-        return int(chromadb.HttpClient(host=ep.host, port=ep.port).get_collection("recs").count())
-    from neo4j import GraphDatabase
-
-    with GraphDatabase.driver(ep.url(), auth=(ep.user, ep.password)) as d, d.session(database=ep.database) as s:
-        return int(s.run("MATCH (r:Rec) RETURN count(r) AS n").single()["n"])  # type: ignore[index]
 
 
 def endpoint_again(store: str, timeout: float = 300) -> Any:

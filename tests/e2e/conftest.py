@@ -105,6 +105,19 @@ class PoolUnderTest:
         donor.worker_id = wait_for(joined, timeout=timeout, interval=0.5, what=f"donor on {donor.host.name} to join")
         return donor
 
+    def restart(self, donor: Donor, *args: str, env: dict[str, str] | None = None) -> Donor:
+        """`rma join` again on the donor's host and data dir (its saved membership), as systemd's Restart= or a
+        reboot would: the returned Donor is the new process, same worker id."""
+        log = donor.log.with_name(f"rejoin-{len(self.donors)}.log")
+        env = {**os.environ, "HOME": str(donor.data_dir.parent / "home"), "RMA_DATA_DIR": str(donor.data_dir),
+               "COLUMNS": "200", **(env or {})}
+        proc = donor.host.popen([PY, "-m", "rma_ray.cli", "join", self.url, "--cpus", "1", "--drain-deadline", "10",
+                                 *args], env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+        again = Donor(donor.host, proc, donor.data_dir, log, donor.worker_id)
+        self.donors.append(again)
+        return again
+
     def driver(self, script: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
         """Run a Ray driver on the head (token auth from the pool's cluster token)."""
         env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.root / "head" / "cluster_token"),

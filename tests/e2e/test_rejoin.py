@@ -5,30 +5,19 @@ one donor host."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
 
 import psutil
 import pytest
 
-from tests.e2e.conftest import PY, Donor, PoolUnderTest
+from tests.e2e.conftest import Donor, PoolUnderTest
 from tests.support import GiveUp, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.ray]
 
 
 def restart(pool: PoolUnderTest, donor: Donor, token_file: str) -> Donor:
-    """`rma join` again on the same host and data dir, as systemd's Restart= or a reboot would."""
-    log = donor.log.with_name("rejoin.log")
-    env = {**os.environ, "HOME": str(donor.data_dir.parent / "home"), "RMA_DATA_DIR": str(donor.data_dir),
-           "COLUMNS": "200"}
-    proc = donor.host.popen([PY, "-m", "rma_ray.cli", "join", pool.url, "--token-file", token_file,
-                             "--cpus", "1", "--drain-deadline", "10"], env=env, stdout=open(log, "wb"),
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    again = Donor(donor.host, proc, donor.data_dir, log, donor.worker_id)
-    pool.donors.append(again)
-    return again
+    return pool.restart(donor, "--token-file", token_file)
 
 
 def test_killed_donor_rejoins_with_its_spent_token_and_a_revoked_one_is_refused(pool: PoolUnderTest) -> None:
