@@ -124,10 +124,9 @@ class Settings(BaseSettings):
 
     def cluster_epoch(self) -> str:
         """A short fingerprint of the current cluster token: donors compare it to notice a rotation."""
-        import hashlib
+        from rma_ray.credentials import fingerprint
 
-        token = self.ray_auth_token()
-        return hashlib.sha256(token.encode()).hexdigest()[:12] if token else ""
+        return fingerprint(self.ray_auth_token())
 
     def ray_auth_token(self) -> str | None:
         if self.ray_auth_token_file and self.ray_auth_token_file.exists():
