@@ -378,11 +378,7 @@ class Agent:
         self.say("draining: no new work will be placed here" if accepted else "[yellow]the head refused the drain[/]")
 
     def unregister(self) -> None:
-        try:
-            self.client.unregister(self.m.node_token)
-        except AdmissionError as exc:
-            if exc.code != "worker_revoked":
-                self.say(f"[yellow]could not unregister:[/] {exc}")
+        unregister(self.client, self.m.node_token, self.say)
 
     def leave(self) -> None:
         if self.exit_reason == "revoked":  # cut off: there is no head left to drain to
@@ -405,3 +401,59 @@ class Agent:
             membership.clear(self.data_dir)
         self.client.close()
         self.say(f"done: {self.exit_reason}; no Ray process of this donor is left")
+
+
+def unregister(client: AdmissionClient, node_token: str, say: Say) -> None:
+    """Leave the registry; a donor the admin revoked has nothing left to unregister."""
+    try:
+        client.unregister(node_token)
+    except AdmissionError as exc:
+        if exc.code != "worker_revoked":
+            say(f"[yellow]could not unregister:[/] {exc}")
+
+
+def ask_to_leave(m: Membership, timeout: float) -> bool:
+    """`rma leave` while the agent runs: a SIGINT, like Ctrl-C (SIGTERM would keep the membership); False when
+    it did not finish leaving within `timeout` s."""
+    agent = psutil.Process(m.agent_pid)
+    agent.send_signal(signal.SIGINT)
+    try:
+        agent.wait(timeout)
+    except psutil.TimeoutExpired:
+        return False
+    return True
+
+
+def leave_without_agent(m: Membership, data_dir: Path, warn: Say) -> None:
+    """`rma leave` when the agent is gone (killed): stop what it left behind (its Ray node, its overlay
+    interface and firewall, which outlive it), unregister, and forget the membership."""
+    Agent.clean_up_after(m, data_dir, warn)
+    (data_dir / "overlay" / "private.key").unlink(missing_ok=True)
+    with AdmissionClient(m.coordinator_url) as client:
+        unregister(client, m.node_token, warn)
+    membership.clear(data_dir)
+
+
+def status_view(m: Membership) -> dict[str, Any]:
+    """`rma status`: this machine's membership, its processes and overlay, and what the coordinator says."""
+    view: dict[str, Any] = {"worker_id": m.worker_id, "tier": m.tier, "trusted": m.trusted, "labels": m.labels,
+                            "coordinator_url": m.coordinator_url, "node_ip": m.node_ip,
+                            "ray_address": m.ray_address, "ray_node_id": m.ray_node_id,
+                            "agent_running": membership.alive(m.agent_pid, m.agent_started),
+                            "ray_node_running": membership.alive(m.ray_pid,
+                                                                 (m.extra or {}).get("ray_started"))}
+    ov = (m.extra or {}).get("overlay")
+    if ov:
+        try:
+            shake = max((p.latest_handshake for p in overlay.peers_of(ov["interface"])), default=0)
+            view["overlay"] = {"address": ov["address"], "interface": ov["interface"],
+                               "last_handshake_s": round(time.time() - shake) if shake else None}
+        except overlay.OverlayError as exc:
+            view["overlay"] = {"address": ov["address"], "interface": ov["interface"], "error": str(exc)}
+    with AdmissionClient(m.coordinator_url, m.node_token, timeout=5) as client:
+        try:
+            me = client.me().model_dump(mode="json")
+            view.update(registry_status=me["status"], action=me["action"], last_seen_at=me["last_seen_at"])
+        except AdmissionError as exc:
+            view["registry_status"] = f"unknown ({exc})"
+    return view

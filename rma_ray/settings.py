@@ -145,3 +145,15 @@ def read_or_create_secret(path: Path, nbytes: int = 32) -> str:
     with os.fdopen(fd, "w") as f:
         f.write(value + "\n")
     return value
+
+
+def check_overlay_subnet(value: str) -> None:
+    """An overlay subnet `rma up --overlay` can hand donor addresses from; ValueError says what is wrong."""
+    import ipaddress
+
+    try:
+        net = ipaddress.ip_network(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a network; use e.g. 10.88.0.0/16") from None
+    if not net.is_private or net.version != 4 or net.prefixlen > 28:
+        raise ValueError(f"{value}: use a private IPv4 network of /28 or larger")
