@@ -20,7 +20,9 @@ def serve(host: str, port: int, data_dir: Path | None, forwarded_allow_ips: str 
     import uvicorn
 
     from admission.main import build_state, create_app, prepare_database
+    from rma_ray import logs
 
+    logs.configure("coordinator")  # the rma.* loggers' lines reach stderr: coordinator.log under `rma up`
     if data_dir is not None:
         os.environ["RMA_DATA_DIR"] = str(data_dir)
     settings = Settings() if forwarded_allow_ips is None else Settings(trusted_proxies=forwarded_allow_ips)

@@ -54,6 +54,7 @@ def join(
     """Donate this machine: register, start a Ray worker node in the assigned tier, stay until Ctrl-C.
 
     After a reboot or a restart (SIGTERM) it rejoins as the same donor; the join token is needed only once."""
+    from rma_ray import logs
     from rma_ray.agent import Agent, AgentError, JoinOptions
 
     if token_file is not None:
@@ -80,6 +81,7 @@ def join(
          f"{len(caps.gpus)} GPU(s)"
          + (f", Ollama at {caps.ollama.url} with vision models {', '.join(caps.ollama.vision_models) or 'none'}"
             if caps.ollama else ""))
+    logs.configure("agent")
     try:
         agent = Agent.join(opts, say)
     except AgentError as exc:

@@ -74,6 +74,7 @@ def up(
     data_dir: DataDirOpt = None,
 ) -> None:
     """Start the pool on this machine (Ray head, Serve, coordinator) and supervise it until Ctrl-C."""
+    from rma_ray import logs
     from rma_ray.net import local_ip_towards
     from rma_ray.head import Pool, UpError, UpOptions
 
@@ -91,6 +92,7 @@ def up(
             check_overlay_subnet(overlay_subnet)
         except ValueError as exc:
             fail(f"--overlay-subnet {exc}")
+    logs.configure("up")
     pool = Pool(opts, say)
 
     def stop(signum: int, _frame: object) -> None:
