@@ -1,6 +1,6 @@
-"""The coordinator's `rma` commands (`rma admission serve|create-admin-key`). `admission` registers this Typer
-app itself, as the `admission` entry of the `rma.commands` entry-point group (pyproject.toml), and the CLI loads
-that group: rma_ray never names admission, not even in a string."""
+"""The coordinator's `rma` commands (`rma admission serve|create-admin-key`). `admission` registers this
+Typer app itself, as the `admission` entry of the `rma.commands` entry-point group (pyproject.toml), and the
+CLI loads that group: rma_ray never names admission, not even in a string."""
 
 from __future__ import annotations
 
@@ -20,8 +20,12 @@ def admission_serve(
     host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port to bind", min=1, max=65535)] = 8470,
     data_dir: Annotated[Path | None, typer.Option(help="where the SQLite registry and secrets live")] = None,
-    forwarded_allow_ips: Annotated[str | None, typer.Option(
-        help="proxy addresses/CIDRs trusted for X-Forwarded-For (default RMA_TRUSTED_PROXIES, 127.0.0.1)")] = None,
+    forwarded_allow_ips: Annotated[
+        str | None,
+        typer.Option(
+            help="proxy addresses/CIDRs trusted for X-Forwarded-For (default RMA_TRUSTED_PROXIES, 127.0.0.1)"
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="print only the first admin key")] = False,
 ) -> None:
     """Run the coordinator alone (as on a free-tier host). On first start it prints an admin key, once."""
@@ -33,8 +37,10 @@ def admission_serve(
         with _socket.create_server((host, port)):
             pass
     except OSError as exc:
-        fail(f"cannot listen on {host}:{port}: {exc.strerror}; is a coordinator already running there? "
-             f"choose another --port")
+        fail(
+            f"cannot listen on {host}:{port}: {exc.strerror}; is a coordinator already running there? "
+            f"choose another --port"
+        )
     try:
         serve(host, port, data_dir, forwarded_allow_ips, quiet)
     except ValidationError:

@@ -11,26 +11,26 @@ from rma_ray.tiers import Tier
 
 # the donor and keyring wire is shared with the agent and the CLI (rma_ray/wire.py); re-exported here so that
 # routes and services find every wire shape of the coordinator in this one module
-from rma_ray.wire import (  # noqa: F401
-    STORE_NAME,
-    AbortResponse,
-    Action,
-    HeartbeatRequest,
-    HeartbeatResponse,
-    KeyringEntry,
-    KeyringOut,
-    OverlayInfo,
-    OverlayRequest,
-    RayInfo,
-    RegisterRequest,
-    RegisterResponse,
-    RejoinRequest,
-    RejoinResponse,
-    StoreReport,
-    StoreStatus,
-    Strict,
-    WorkerOut,
-    WorkerStatus,
+from rma_ray.wire import (
+    STORE_NAME as STORE_NAME,
+    AbortResponse as AbortResponse,
+    Action as Action,
+    HeartbeatRequest as HeartbeatRequest,
+    HeartbeatResponse as HeartbeatResponse,
+    KeyringEntry as KeyringEntry,
+    KeyringOut as KeyringOut,
+    OverlayInfo as OverlayInfo,
+    OverlayRequest as OverlayRequest,
+    RayInfo as RayInfo,
+    RegisterRequest as RegisterRequest,
+    RegisterResponse as RegisterResponse,
+    RejoinRequest as RejoinRequest,
+    RejoinResponse as RejoinResponse,
+    StoreReport as StoreReport,
+    StoreStatus as StoreStatus,
+    Strict as Strict,
+    WorkerOut as WorkerOut,
+    WorkerStatus as WorkerStatus,
 )
 
 

@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
 import psutil
 
 from rma_ray import membership, overlay, wire
@@ -181,14 +183,16 @@ class Agent:
                        heartbeat_interval_s=reg.heartbeat_interval_s, ray_address=address, node_ip=node_ip,
                        agent_pid=os.getpid(), agent_started=psutil.Process().create_time(),
                        extra={"cluster": fingerprint(reg.ray.auth_token),
-                              "overlay": {"interface": spoke.name, "address": spoke.address} if spoke else None})
+                              "overlay": ({"interface": spoke.name, "address": spoke.address}
+                                          if spoke else None)})
         membership.save(opts.data_dir, m)
         spec = NodeSpec(node_ip=node_ip, token_file=token_file, temp_dir=short_temp_dir(reg.worker_id),
                         labels=reg.labels, address=address, num_cpus=opts.cpus, num_gpus=opts.gpus,
                         memory_bytes=opts.memory_bytes, drain_timeout_s=opts.drain_deadline_s,
                         # store supervisors and Serve replicas on this node find membership.json through it
                         env={"RMA_DATA_DIR": str(opts.data_dir)},
-                        # on the overlay every Ray port is pinned, so the firewall can keep them off other addresses
+                        # on the overlay every Ray port is pinned, so the firewall can keep them off other
+                        # addresses
                         extra_args=spoke.ports.argv(head=False) if spoke else [])
         agent = cls(opts.data_dir, m, RayNode(spec, opts.data_dir / "logs" / "ray-node.log"), say)
         agent.spoke = spoke
@@ -223,7 +227,8 @@ class Agent:
                               address=ov.address, prefix=ov.prefix, hub_public_key=ov.hub_public_key,
                               hub_endpoint=ov.hub_endpoint, hub_address=ov.hub_address,
                               keepalive_s=ov.keepalive_s, mtu=ov.mtu)
-        say(f"joining the pool's overlay as {spoke.address} (hub {spoke.hub_endpoint}, interface {spoke.name}) …")
+        say(f"joining the pool's overlay as {spoke.address} (hub {spoke.hub_endpoint}, "
+            f"interface {spoke.name}) …")
         try:
             spoke.up()
         except overlay.OverlayError as exc:
@@ -346,7 +351,8 @@ class Agent:
                 unreachable_since = None
             except AdmissionError as exc:
                 if exc.code == "worker_revoked":
-                    self.say("[red]this donor was revoked by the pool admin (or has left); stopping the node[/]")
+                    self.say("[red]this donor was revoked by the pool admin (or has left); "
+                             "stopping the node[/]")
                     self.exit_reason, self.unregister_on_exit, code = "revoked", False, 1
                     break
                 if unreachable_since is None:
@@ -369,13 +375,15 @@ class Agent:
 
     def drain(self, why: str) -> None:
         try:
-            accepted = drain_node(self.m.ray_address or "", self.node.spec.token_file, self.m.ray_node_id or "", why,
+            accepted = drain_node(self.m.ray_address or "", self.node.spec.token_file,
+                                  self.m.ray_node_id or "", why,
                                   self.node.spec.drain_timeout_s)
         except Exception as exc:  # the GCS may be gone; the node is stopped on leave anyway
             self.say(f"[yellow]drain request failed:[/] {exc}")
             return
         self.drained = accepted
-        self.say("draining: no new work will be placed here" if accepted else "[yellow]the head refused the drain[/]")
+        self.say("draining: no new work will be placed here" if accepted
+                 else "[yellow]the head refused the drain[/]")
 
     def unregister(self) -> None:
         unregister(self.client, self.m.node_token, self.say)
@@ -436,8 +444,8 @@ def leave_without_agent(m: Membership, data_dir: Path, warn: Say) -> None:
 
 def status_view(m: Membership) -> dict[str, Any]:
     """`rma status`: this machine's membership, its processes and overlay, and what the coordinator says."""
-    view: dict[str, Any] = {"worker_id": m.worker_id, "tier": m.tier, "trusted": m.trusted, "labels": m.labels,
-                            "coordinator_url": m.coordinator_url, "node_ip": m.node_ip,
+    view: dict[str, Any] = {"worker_id": m.worker_id, "tier": m.tier, "trusted": m.trusted,
+                            "labels": m.labels, "coordinator_url": m.coordinator_url, "node_ip": m.node_ip,
                             "ray_address": m.ray_address, "ray_node_id": m.ray_node_id,
                             "agent_running": membership.alive(m.agent_pid, m.agent_started),
                             "ray_node_running": membership.alive(m.ray_pid,

@@ -29,11 +29,18 @@ class AdmissionError(Exception):
 
 
 class AdmissionClient:
-    def __init__(self, base_url: str, token: str | None = None, timeout: float = 10.0,
-                 transport: httpx.BaseTransport | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        token: str | None = None,
+        timeout: float = 10.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout, transport=transport)
+        self._http = httpx.Client(
+            base_url=self.base_url, headers=headers, timeout=timeout, transport=transport
+        )
 
     def close(self) -> None:
         self._http.close()
@@ -50,8 +57,10 @@ class AdmissionClient:
         try:
             resp = self._http.request(method, path, **kwargs)
         except httpx.ConnectError:
-            raise AdmissionError(f"cannot reach the coordinator at {self.base_url}: connection refused or no route; "
-                                 f"check the URL and that it is running") from None
+            raise AdmissionError(
+                f"cannot reach the coordinator at {self.base_url}: connection refused or no route; "
+                f"check the URL and that it is running"
+            ) from None
         except httpx.TimeoutException:
             raise AdmissionError(f"the coordinator at {self.base_url} did not answer in time") from None
         except httpx.InvalidURL as exc:
@@ -64,16 +73,20 @@ class AdmissionClient:
             try:
                 return resp.json()
             except ValueError:
-                raise AdmissionError(f"{self.base_url} answered {resp.status_code} but not with JSON; "
-                                     f"is this an RMA coordinator?") from None
+                raise AdmissionError(
+                    f"{self.base_url} answered {resp.status_code} but not with JSON; "
+                    f"is this an RMA coordinator?"
+                ) from None
         try:
             err = resp.json()["error"]
             code, message = err["code"], err["message"]
         except (ValueError, KeyError, TypeError):
             code, message = None, f"{resp.status_code} {resp.reason_phrase} from {self.base_url}{path}"
         if resp.status_code == 404 and (code is None or message == "Not Found"):  # no such route: a wrong URL
-            message = f"{resp.status_code} {resp.reason_phrase} from {self.base_url}{path} (is this an RMA " \
-                      f"coordinator URL?)"
+            message = (
+                f"{resp.status_code} {resp.reason_phrase} from {self.base_url}{path} (is this an RMA "
+                f"coordinator URL?)"
+            )
         raise AdmissionError(message, resp.status_code, code)
 
     def _object(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
@@ -97,28 +110,44 @@ class AdmissionClient:
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(map(str, first["loc"])) or "body"
-            raise AdmissionError(f"{self.base_url}{path} answered an unexpected {model.__name__} "
-                                 f"({where}: {first['msg']}); is the coordinator a matching version?") from None
+            raise AdmissionError(
+                f"{self.base_url}{path} answered an unexpected {model.__name__} "
+                f"({where}: {first['msg']}); is the coordinator a matching version?"
+            ) from None
 
     # donor side: the models of rma_ray/wire.py, which the coordinator validates and answers with
     @staticmethod
     def _join_body(name: str, capabilities: Capabilities, overlay_public_key: str | None) -> dict[str, Any]:
         overlay = wire.OverlayRequest(public_key=overlay_public_key) if overlay_public_key else None
-        body = wire.RegisterRequest(name=name, capabilities=capabilities, overlay=overlay).model_dump(mode="json")
+        body = wire.RegisterRequest(name=name, capabilities=capabilities, overlay=overlay).model_dump(
+            mode="json"
+        )
         if overlay is None:  # a pool without an overlay: the field stays out, as it always did
             del body["overlay"]
         return body
 
-    def register(self, join_token: str, name: str, capabilities: Capabilities,
-                 overlay_public_key: str | None = None) -> wire.RegisterResponse:
-        return self._reply(wire.RegisterResponse, "POST", "/api/worker/register", token=join_token,
-                           json=self._join_body(name, capabilities, overlay_public_key))
+    def register(
+        self, join_token: str, name: str, capabilities: Capabilities, overlay_public_key: str | None = None
+    ) -> wire.RegisterResponse:
+        return self._reply(
+            wire.RegisterResponse,
+            "POST",
+            "/api/worker/register",
+            token=join_token,
+            json=self._join_body(name, capabilities, overlay_public_key),
+        )
 
-    def rejoin(self, node_token: str, name: str, capabilities: Capabilities,
-               overlay_public_key: str | None = None) -> wire.RejoinResponse:
+    def rejoin(
+        self, node_token: str, name: str, capabilities: Capabilities, overlay_public_key: str | None = None
+    ) -> wire.RejoinResponse:
         """Come back as the same donor after a restart; no join token is spent."""
-        return self._reply(wire.RejoinResponse, "POST", "/api/worker/rejoin", token=node_token,
-                           json=self._join_body(name, capabilities, overlay_public_key))
+        return self._reply(
+            wire.RejoinResponse,
+            "POST",
+            "/api/worker/rejoin",
+            token=node_token,
+            json=self._join_body(name, capabilities, overlay_public_key),
+        )
 
     def abort(self, node_token: str) -> bool:
         """End a registration whose node never started; True when its invite use was given back."""
@@ -126,7 +155,9 @@ class AdmissionClient:
 
     def heartbeat(self, node_token: str, beat: wire.HeartbeatRequest | None = None) -> wire.HeartbeatResponse:
         body = (beat or wire.HeartbeatRequest()).model_dump(mode="json")
-        return self._reply(wire.HeartbeatResponse, "POST", "/api/worker/heartbeat", token=node_token, json=body)
+        return self._reply(
+            wire.HeartbeatResponse, "POST", "/api/worker/heartbeat", token=node_token, json=body
+        )
 
     def ray_info(self, node_token: str) -> wire.RayInfo:
         """The head's address and the current cluster token (after a rotation)."""

@@ -88,6 +88,6 @@ def display(kind: str, id_: str) -> str:
 
 
 def fingerprint(token: str | None) -> str:
-    """A short, non-reversible fingerprint of a shared secret (the Ray cluster token): the coordinator sends it
-    with every heartbeat reply and the agent keeps its own, so a donor notices a rotation. "" for no token."""
+    """A short, non-reversible fingerprint of a shared secret (the Ray cluster token): the coordinator sends
+    it with every heartbeat reply and the agent keeps its own, so a donor notices a rotation. "" for none."""
     return hashlib.sha256(token.encode()).hexdigest()[:12] if token else ""

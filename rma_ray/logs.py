@@ -1,10 +1,10 @@
-"""Logging, configured once per process: the coordinator (`rma admission serve`, whose stderr `rma up` keeps in
-`coordinator.log`), `rma up` and the donor agent call `configure(component)` at start.
+"""Logging, configured once per process: the coordinator (`rma admission serve`, whose stderr `rma up` keeps
+in `coordinator.log`), `rma up` and the donor agent call `configure(component)` at start.
 
-Every module logs to a named `rma.<part>` logger (`logging.getLogger("rma.reconciler")`); `configure` gives the
-`rma` tree one stderr handler with UTC timestamps, or one JSON object a line when `RMA_LOG_JSON=1` (for a log
-shipper). `RMA_LOG_LEVEL` (default INFO) sets the level. Nothing here logs secrets: callers log credentials
-only by their `display()` form (prefix and id)."""
+Every module logs to a named `rma.<part>` logger (`logging.getLogger("rma.reconciler")`); `configure` gives
+the `rma` tree one stderr handler with UTC timestamps, or one JSON object a line when `RMA_LOG_JSON=1` (for a
+log shipper). `RMA_LOG_LEVEL` (default INFO) sets the level. Nothing here logs secrets: callers log
+credentials only by their `display()` form (prefix and id)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,9 @@ _HANDLER_NAME = "rma.logs"
 
 
 def _timestamp(record: logging.LogRecord) -> str:
-    return datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return (
+        datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    )
 
 
 class _Component(logging.Filter):
@@ -46,17 +48,23 @@ class JsonFormatter(logging.Formatter):
     """One JSON object a line: ts, level, logger, component, message (and exc when there is a traceback)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        line = {"ts": _timestamp(record), "level": record.levelname, "logger": record.name,
-                "component": getattr(record, "component", ""), "message": record.getMessage()}
+        line = {
+            "ts": _timestamp(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "component": getattr(record, "component", ""),
+            "message": record.getMessage(),
+        }
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
         return json.dumps(line, ensure_ascii=False)
 
 
-def configure(component: str, *, json_lines: bool | None = None, level: str | None = None,
-              stream: TextIO | None = None) -> logging.Logger:
-    """Send the `rma.*` loggers' records to `stream` (stderr) with timestamps and `component`; JSON lines when
-    `json_lines` (default: RMA_LOG_JSON=1). Calling it again replaces the handler (never adds a second one)."""
+def configure(
+    component: str, *, json_lines: bool | None = None, level: str | None = None, stream: TextIO | None = None
+) -> logging.Logger:
+    """Send the `rma.*` loggers' records to `stream` (stderr) with timestamps and `component`; JSON lines
+    when `json_lines` (default: RMA_LOG_JSON=1). Calling it again replaces the handler, never adds one."""
     if json_lines is None:
         json_lines = os.environ.get("RMA_LOG_JSON", "").strip().lower() in ("1", "true", "yes")
     level = (level or os.environ.get("RMA_LOG_LEVEL") or "INFO").upper()

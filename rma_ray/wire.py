@@ -1,6 +1,7 @@
-"""The donor and keyring wire: one set of pydantic models for both ends. The coordinator (`admission/schemas.py`)
-validates requests and shapes replies with them; the agent and the CLI (`rma_ray/client.py`) send the same
-request models and parse replies into the same reply models, so no dict crosses a room boundary untyped.
+"""The donor and keyring wire: one set of pydantic models for both ends. The coordinator
+(`admission/schemas.py`) validates requests and shapes replies with them; the agent and the CLI
+(`rma_ray/client.py`) send the same request models and parse replies into the same reply models, so no dict
+crosses a room boundary untyped.
 
 Reply models ignore fields they do not know (a newer coordinator may add some); request models refuse them."""
 
@@ -24,8 +25,10 @@ class Strict(BaseModel):
 
 
 class OverlayRequest(Strict):
-    public_key: str = Field(description="the donor's WireGuard public key (base64, 32 bytes); the private key "
-                                        "never leaves the donor")
+    public_key: str = Field(
+        description="the donor's WireGuard public key (base64, 32 bytes); the private key "
+        "never leaves the donor"
+    )
 
     @field_validator("public_key")
     @classmethod
@@ -128,6 +131,7 @@ StoreStatus = Literal["starting", "ready", "restarting", "failed", "stopped"]
 
 class StoreReport(BaseModel):
     """What a store supervisor reports about its store (PUT /api/stores/{name}); never credentials."""
+
     model_config = ConfigDict(extra="forbid")
 
     runtime: Literal["process", "docker"]

@@ -1,6 +1,6 @@
-"""Admin commands, run with the admin key: invites, donors and client API keys. The coordinator's own commands
-(`rma admission serve|create-admin-key`) are registered by `admission` itself (the `rma.commands` entry points),
-so that rma_ray never reaches into it."""
+"""Admin commands, run with the admin key: invites, donors and client API keys. The coordinator's own
+commands (`rma admission serve|create-admin-key`) are registered by `admission` itself (the `rma.commands`
+entry points), so that rma_ray never reaches into it."""
 
 from __future__ import annotations
 
@@ -81,13 +81,17 @@ def invite_create(
     trusted: Annotated[bool, typer.Option("--trusted", help="donors may host data stores")] = False,
     tier: Annotated[str | None, typer.Option(help="pin the tier: gpu, service or data")] = None,
     note: Annotated[str, typer.Option(help="a note for the registry")] = "",
-    coordinator: CoordinatorOpt = None, admin_key_file: KeyFileOpt = None, as_json: JsonOpt = False,
+    coordinator: CoordinatorOpt = None,
+    admin_key_file: KeyFileOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Create a join token for a donor."""
     if tier is not None and tier not in ("gpu", "service", "data"):
         fail(f"unknown tier {tier!r}; use gpu, service or data")
     with admin_client(coordinator, admin_key_file) as client:
-        inv = client.create_invite(ttl_s=parse_duration(ttl), uses=uses, trusted=trusted, tier=tier, note=note)
+        inv = client.create_invite(
+            ttl_s=parse_duration(ttl), uses=uses, trusted=trusted, tier=tier, note=note
+        )
         if as_json:
             return print_json(inv)
         out.print(f"invite {inv['id']}: {inv['uses']} use(s), expires {inv['expires_at']}")
@@ -96,8 +100,9 @@ def invite_create(
 
 
 @invite_app.command("list")
-def invite_list(coordinator: CoordinatorOpt = None, admin_key_file: KeyFileOpt = None,
-                as_json: JsonOpt = False) -> None:
+def invite_list(
+    coordinator: CoordinatorOpt = None, admin_key_file: KeyFileOpt = None, as_json: JsonOpt = False
+) -> None:
     """List invites (tokens are never shown again)."""
     with admin_client(coordinator, admin_key_file) as client:
         rows = client.request("GET", "/api/invites")
@@ -105,13 +110,22 @@ def invite_list(coordinator: CoordinatorOpt = None, admin_key_file: KeyFileOpt =
         return print_json(rows)
     table = Table("id", "status", "uses left", "tier", "trusted", "expires", "note")
     for r in rows:
-        table.add_row(r["id"], r["status"], f"{r['uses_left']}/{r['uses']}", r["tier"] or "auto",
-                      "yes" if r["trusted"] else "no", r["expires_at"], shown(r["note"]))
+        table.add_row(
+            r["id"],
+            r["status"],
+            f"{r['uses_left']}/{r['uses']}",
+            r["tier"] or "auto",
+            "yes" if r["trusted"] else "no",
+            r["expires_at"],
+            shown(r["note"]),
+        )
     out.print(table)
 
 
 @invite_app.command("revoke")
-def invite_revoke(invite_id: str, coordinator: CoordinatorOpt = None, admin_key_file: KeyFileOpt = None) -> None:
+def invite_revoke(
+    invite_id: str, coordinator: CoordinatorOpt = None, admin_key_file: KeyFileOpt = None
+) -> None:
     """Revoke an unused invite."""
     with admin_client(coordinator, admin_key_file) as client:
         client.request("POST", f"/api/invites/{invite_id}/revoke")
@@ -125,7 +139,9 @@ def invite_revoke(invite_id: str, coordinator: CoordinatorOpt = None, admin_key_
 def donors_list(
     tier: Annotated[str | None, typer.Option(help="only this tier")] = None,
     status: Annotated[str | None, typer.Option(help="only this status")] = None,
-    coordinator: CoordinatorOpt = None, admin_key_file: KeyFileOpt = None, as_json: JsonOpt = False,
+    coordinator: CoordinatorOpt = None,
+    admin_key_file: KeyFileOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """List donors with tier, status, load and last heartbeat."""
     with admin_client(coordinator, admin_key_file) as client:
@@ -135,13 +151,22 @@ def donors_list(
     table = Table("id", "name", "tier", "trusted", "status", "load", "last seen")
     for w in rows:
         load = f"{w['current_load']:.2f}" if w["current_load"] is not None else "-"
-        table.add_row(w["id"], shown(w["name"]), w["tier"], "yes" if w["trusted"] else "no", w["status"], load,
-                      w["last_seen_at"] or "never")
+        table.add_row(
+            w["id"],
+            shown(w["name"]),
+            w["tier"],
+            "yes" if w["trusted"] else "no",
+            w["status"],
+            load,
+            w["last_seen_at"] or "never",
+        )
     out.print(table)
 
 
 @donors_app.command("revoke")
-def donors_revoke(worker_id: str, coordinator: CoordinatorOpt = None, admin_key_file: KeyFileOpt = None) -> None:
+def donors_revoke(
+    worker_id: str, coordinator: CoordinatorOpt = None, admin_key_file: KeyFileOpt = None
+) -> None:
     """Revoke a donor: its node token dies at once, its node is told to leave, it cannot rejoin with it."""
     with admin_client(coordinator, admin_key_file) as client:
         w = client.revoke_worker(worker_id)
@@ -149,7 +174,9 @@ def donors_revoke(worker_id: str, coordinator: CoordinatorOpt = None, admin_key_
 
 
 @donors_app.command("drain")
-def donors_drain(worker_id: str, coordinator: CoordinatorOpt = None, admin_key_file: KeyFileOpt = None) -> None:
+def donors_drain(
+    worker_id: str, coordinator: CoordinatorOpt = None, admin_key_file: KeyFileOpt = None
+) -> None:
     """Ask a donor to drain its work (it stays registered)."""
     with admin_client(coordinator, admin_key_file) as client:
         client.request("POST", f"/api/admin/workers/{worker_id}/drain")
@@ -160,8 +187,9 @@ def donors_drain(worker_id: str, coordinator: CoordinatorOpt = None, admin_key_f
 
 
 @clients_app.command("create")
-def clients_create(name: str, coordinator: CoordinatorOpt = None, admin_key_file: KeyFileOpt = None,
-                   as_json: JsonOpt = False) -> None:
+def clients_create(
+    name: str, coordinator: CoordinatorOpt = None, admin_key_file: KeyFileOpt = None, as_json: JsonOpt = False
+) -> None:
     """Create an API key for a client of the pool's HTTP routes."""
     with admin_client(coordinator, admin_key_file) as client:
         created = client.create_client(name)
@@ -172,8 +200,9 @@ def clients_create(name: str, coordinator: CoordinatorOpt = None, admin_key_file
 
 
 @clients_app.command("list")
-def clients_list(coordinator: CoordinatorOpt = None, admin_key_file: KeyFileOpt = None,
-                 as_json: JsonOpt = False) -> None:
+def clients_list(
+    coordinator: CoordinatorOpt = None, admin_key_file: KeyFileOpt = None, as_json: JsonOpt = False
+) -> None:
     """List client API keys (never the keys themselves)."""
     with admin_client(coordinator, admin_key_file) as client:
         rows = client.clients()
@@ -186,7 +215,9 @@ def clients_list(coordinator: CoordinatorOpt = None, admin_key_file: KeyFileOpt 
 
 
 @clients_app.command("revoke")
-def clients_revoke(key_id: str, coordinator: CoordinatorOpt = None, admin_key_file: KeyFileOpt = None) -> None:
+def clients_revoke(
+    key_id: str, coordinator: CoordinatorOpt = None, admin_key_file: KeyFileOpt = None
+) -> None:
     """Revoke a client API key (the Serve side stops accepting it within 30 s)."""
     with admin_client(coordinator, admin_key_file) as client:
         client.revoke_client(key_id)

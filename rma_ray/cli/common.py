@@ -33,11 +33,18 @@ def settings() -> Settings:
     return Settings()
 
 
-CoordinatorOpt = Annotated[str | None, typer.Option(
-    "--coordinator", "-c", envvar="RMA_COORDINATOR_URL",
-    help="coordinator URL (default: this pool's, or 127.0.0.1:8470)")]
-KeyFileOpt = Annotated[Path | None, typer.Option("--admin-key-file",
-                                                 help="file holding the admin key (mode 0600)")]
+CoordinatorOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--coordinator",
+        "-c",
+        envvar="RMA_COORDINATOR_URL",
+        help="coordinator URL (default: this pool's, or 127.0.0.1:8470)",
+    ),
+]
+KeyFileOpt = Annotated[
+    Path | None, typer.Option("--admin-key-file", help="file holding the admin key (mode 0600)")
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]
 DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="this machine's RMA data dir")]
 

@@ -36,19 +36,30 @@ def _read_caps_file(path: Path) -> capabilities.Capabilities:
 
 @commands.command("join")
 def join(
-    coordinator_url: Annotated[str, typer.Argument(help="the pool's coordinator, e.g. https://pool.example.org")],
-    token: Annotated[str | None, typer.Option(envvar="RMA_JOIN_TOKEN",
-                                              help="the join token from the admin (first join only)")] = None,
+    coordinator_url: Annotated[
+        str, typer.Argument(help="the pool's coordinator, e.g. https://pool.example.org")
+    ],
+    token: Annotated[
+        str | None,
+        typer.Option(envvar="RMA_JOIN_TOKEN", help="the join token from the admin (first join only)"),
+    ] = None,
     token_file: Annotated[Path | None, typer.Option(help="file holding the join token")] = None,
     name: Annotated[str | None, typer.Option(help="how this machine shows in the registry")] = None,
     cpus: Annotated[float | None, typer.Option(help="most CPUs Ray may use here", min=1)] = None,
     memory: Annotated[str | None, typer.Option(help="most memory Ray may use here, e.g. 8GB")] = None,
     gpus: Annotated[int | None, typer.Option(help="most GPUs Ray may use here", min=0)] = None,
-    node_ip_address: Annotated[str | None, typer.Option(
-        "--node-ip-address", help="address Ray advertises (default: the overlay address, or the one towards "
-                                  "the head in a pool without an overlay)")] = None,
+    node_ip_address: Annotated[
+        str | None,
+        typer.Option(
+            "--node-ip-address",
+            help="address Ray advertises (default: the overlay address, or the one towards "
+            "the head in a pool without an overlay)",
+        ),
+    ] = None,
     drain_deadline: Annotated[float, typer.Option(help="seconds to drain work when leaving", min=0)] = 30,
-    capabilities_file: Annotated[Path | None, typer.Option(help="send these capabilities instead of probing")] = None,
+    capabilities_file: Annotated[
+        Path | None, typer.Option(help="send these capabilities instead of probing")
+    ] = None,
     data_dir: DataDirOpt = None,
 ) -> None:
     """Donate this machine: register, start a Ray worker node in the assigned tier, stay until Ctrl-C.
@@ -71,16 +82,35 @@ def join(
         except ValidationError:
             fail(f"cannot read the memory size {memory!r}; use e.g. 8GB or 512MiB")
     d = data_dir_of(data_dir)
-    caps = _read_caps_file(capabilities_file) if capabilities_file else capabilities.probe(d if d.exists() else "/")
+    caps = (
+        _read_caps_file(capabilities_file)
+        if capabilities_file
+        else capabilities.probe(d if d.exists() else "/")
+    )
     import socket as _socket
 
-    opts = JoinOptions(coordinator_url=coordinator_url.rstrip("/"), join_token=token or None, data_dir=d,
-                       name=name or _socket.gethostname(), capabilities=caps, node_ip=node_ip_address, cpus=cpus,
-                       memory_bytes=memory_bytes, gpus=gpus, drain_deadline_s=drain_deadline)
-    say(f"probed: {caps.cpu_cores} cores, {caps.ram_mb} MiB RAM, {caps.disk_free_gb:g} GiB free disk, "
-         f"{len(caps.gpus)} GPU(s)"
-         + (f", Ollama at {caps.ollama.url} with vision models {', '.join(caps.ollama.vision_models) or 'none'}"
-            if caps.ollama else ""))
+    opts = JoinOptions(
+        coordinator_url=coordinator_url.rstrip("/"),
+        join_token=token or None,
+        data_dir=d,
+        name=name or _socket.gethostname(),
+        capabilities=caps,
+        node_ip=node_ip_address,
+        cpus=cpus,
+        memory_bytes=memory_bytes,
+        gpus=gpus,
+        drain_deadline_s=drain_deadline,
+    )
+    say(
+        f"probed: {caps.cpu_cores} cores, {caps.ram_mb} MiB RAM, {caps.disk_free_gb:g} GiB free disk, "
+        f"{len(caps.gpus)} GPU(s)"
+        + (
+            f", Ollama at {caps.ollama.url} with vision models "
+            f"{', '.join(caps.ollama.vision_models) or 'none'}"
+            if caps.ollama
+            else ""
+        )
+    )
     logs.configure("agent")
     try:
         agent = Agent.join(opts, say)
@@ -94,8 +124,10 @@ def join(
 
 
 @commands.command("leave")
-def leave(data_dir: DataDirOpt = None,
-          timeout: Annotated[float, typer.Option(help="seconds to wait for the agent")] = 120) -> None:
+def leave(
+    data_dir: DataDirOpt = None,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the agent")] = 120,
+) -> None:
     """Leave the pool: the running `rma join` drains, unregisters and stops its Ray node."""
     from rma_ray import agent, membership
 
@@ -115,7 +147,8 @@ def leave(data_dir: DataDirOpt = None,
 
 @commands.command("status")
 def status(data_dir: DataDirOpt = None, as_json: JsonOpt = False) -> None:
-    """This machine's membership: donor id, tier, labels, agent and Ray node, and what the coordinator says."""
+    """This machine's membership: donor id, tier, labels, agent and Ray node, and what the coordinator
+    says."""
     from rma_ray import agent, membership
 
     d = data_dir_of(data_dir)

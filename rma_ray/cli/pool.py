@@ -40,53 +40,90 @@ def _store_ports(items: list[str]) -> dict[str, int]:
     for item in items:
         name, _, value = item.partition("=")
         if name not in STORE_NAMES or not value.isdigit() or not 0 < int(value) < 65536:
-            fail(f"--store-port {item!r}: use STORE=PORT, e.g. postgres=5441 (stores: {', '.join(STORE_NAMES)})")
+            fail(
+                f"--store-port {item!r}: use STORE=PORT, e.g. postgres=5441 "
+                f"(stores: {', '.join(STORE_NAMES)})"
+            )
         ports[name] = int(value)
     return ports
 
 
 @commands.command("up")
 def up(
-    node_ip_address: Annotated[str | None, typer.Option("--node-ip-address",
-                                                        help="address donors reach this head on")] = None,
-    coordinator_host: Annotated[str | None, typer.Option(help="bind the coordinator here (default: node IP)")] = None,
+    node_ip_address: Annotated[
+        str | None, typer.Option("--node-ip-address", help="address donors reach this head on")
+    ] = None,
+    coordinator_host: Annotated[
+        str | None, typer.Option(help="bind the coordinator here (default: node IP)")
+    ] = None,
     coordinator_port: Annotated[int, typer.Option(min=1, max=65535)] = 8470,
-    gcs_port: Annotated[int, typer.Option(help="Ray GCS port (6379 is Redis's too)", min=1, max=65535)] = 6380,
+    gcs_port: Annotated[
+        int, typer.Option(help="Ray GCS port (6379 is Redis's too)", min=1, max=65535)
+    ] = 6380,
     dashboard_port: Annotated[int, typer.Option(min=1, max=65535)] = 8265,
     serve_port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
     head_cpus: Annotated[float | None, typer.Option(help="CPUs the head offers to Ray work")] = None,
     heartbeat_interval: Annotated[int, typer.Option(help="donor heartbeat interval, seconds", min=1)] = 3,
-    overlay: Annotated[bool, typer.Option("--overlay/--no-overlay",
-                                          help="run a WireGuard hub: donors behind NAT join through it, Ray talks "
-                                               "only over it, revocation cuts a donor off at once (root)")] = False,
-    overlay_port: Annotated[int, typer.Option(help="the hub's UDP port (open it to donors)", min=1,
-                                              max=65535)] = 51820,
-    overlay_subnet: Annotated[str, typer.Option(help="overlay addresses (hub takes the first)")] = "10.88.0.0/16",
+    overlay: Annotated[
+        bool,
+        typer.Option(
+            "--overlay/--no-overlay",
+            help="run a WireGuard hub: donors behind NAT join through it, Ray talks "
+            "only over it, revocation cuts a donor off at once (root)",
+        ),
+    ] = False,
+    overlay_port: Annotated[
+        int, typer.Option(help="the hub's UDP port (open it to donors)", min=1, max=65535)
+    ] = 51820,
+    overlay_subnet: Annotated[
+        str, typer.Option(help="overlay addresses (hub takes the first)")
+    ] = "10.88.0.0/16",
     overlay_interface: Annotated[str, typer.Option(help="the hub's interface name")] = "rma-hub",
-    stores: Annotated[str, typer.Option(help="data stores to start, comma-separated, or 'none'")]
-    = "redis,postgres,chroma,graph",
-    store_runtime: Annotated[str, typer.Option(help="process (the stores' own binaries) or docker")] = "process",
-    apps: Annotated[str, typer.Option(help="Serve apps to deploy, comma-separated (llm, embeddings, services, "
-                                           "vision), or 'none'")]
-    = "llm,embeddings,services,vision",
-    store_port: Annotated[list[str] | None, typer.Option(help="STORE=PORT instead of the store's default port "
-                                                          "(repeatable), e.g. postgres=5441")] = None,
+    stores: Annotated[
+        str, typer.Option(help="data stores to start, comma-separated, or 'none'")
+    ] = "redis,postgres,chroma,graph",
+    store_runtime: Annotated[
+        str, typer.Option(help="process (the stores' own binaries) or docker")
+    ] = "process",
+    apps: Annotated[
+        str,
+        typer.Option(
+            help="Serve apps to deploy, comma-separated (llm, embeddings, services, vision), or 'none'"
+        ),
+    ] = "llm,embeddings,services,vision",
+    store_port: Annotated[
+        list[str] | None,
+        typer.Option(help="STORE=PORT instead of the store's default port (repeatable), e.g. postgres=5441"),
+    ] = None,
     data_dir: DataDirOpt = None,
 ) -> None:
     """Start the pool on this machine (Ray head, Serve, coordinator) and supervise it until Ctrl-C."""
     from rma_ray import logs
-    from rma_ray.net import local_ip_towards
     from rma_ray.head import Pool, UpError, UpOptions
+    from rma_ray.net import local_ip_towards
 
     ip = node_ip_address or local_ip_towards("192.0.2.1")
     if store_runtime not in ("process", "docker"):
         fail(f"--store-runtime {store_runtime!r}: use 'process' or 'docker'")
-    opts = UpOptions(data_dir=data_dir_of(data_dir), node_ip=ip, coordinator_host=coordinator_host or ip,
-                     coordinator_port=coordinator_port, gcs_port=gcs_port, dashboard_port=dashboard_port,
-                     serve_port=serve_port, head_cpus=head_cpus, heartbeat_interval_s=heartbeat_interval,
-                     overlay=overlay, overlay_port=overlay_port, overlay_subnet=overlay_subnet,
-                     overlay_interface=overlay_interface, stores=_store_list(stores), store_runtime=store_runtime,
-                     store_ports=_store_ports(store_port or []), apps=_app_list(apps))
+    opts = UpOptions(
+        data_dir=data_dir_of(data_dir),
+        node_ip=ip,
+        coordinator_host=coordinator_host or ip,
+        coordinator_port=coordinator_port,
+        gcs_port=gcs_port,
+        dashboard_port=dashboard_port,
+        serve_port=serve_port,
+        head_cpus=head_cpus,
+        heartbeat_interval_s=heartbeat_interval,
+        overlay=overlay,
+        overlay_port=overlay_port,
+        overlay_subnet=overlay_subnet,
+        overlay_interface=overlay_interface,
+        stores=_store_list(stores),
+        store_runtime=store_runtime,
+        store_ports=_store_ports(store_port or []),
+        apps=_app_list(apps),
+    )
     if overlay:
         try:
             check_overlay_subnet(overlay_subnet)
@@ -109,8 +146,12 @@ def up(
         pool.down()
         fail(str(exc))
     out.print("[bold green]RMA Pool is up[/]")
-    for key, label in (("coordinator_url", "coordinator"), ("registry_url", "registry page"),
-                       ("serve_url", "Serve (clients)"), ("ray_dashboard_url", "Ray dashboard")):
+    for key, label in (
+        ("coordinator_url", "coordinator"),
+        ("registry_url", "registry page"),
+        ("serve_url", "Serve (clients)"),
+        ("ray_dashboard_url", "Ray dashboard"),
+    ):
         out.print(f"  {label:<16} {info[key]}")
     if info["first_start"]:
         out.print(f"  [bold yellow]admin key (first start; kept 0600 in pool.json):[/] {info['admin_key']}")

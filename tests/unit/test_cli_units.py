@@ -11,7 +11,8 @@ from rma_ray.cli import admin
 runner = CliRunner()
 
 
-@pytest.mark.parametrize(("text", "seconds"), [("90s", 90), ("15m", 900), ("2h", 7200), ("7d", 604800), ("600", 600)])
+@pytest.mark.parametrize(("text", "seconds"),
+                         [("90s", 90), ("15m", 900), ("2h", 7200), ("7d", 604800), ("600", 600)])
 def test_parse_duration(text: str, seconds: int) -> None:
     assert cli.parse_duration(text) == seconds
 

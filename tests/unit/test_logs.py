@@ -28,8 +28,11 @@ def test_text_lines_carry_a_timestamp_logger_and_component(rma_logger: logging.L
     logging.getLogger("rma.reconciler").warning("quarantined worker %s", "w1")
     logging.getLogger("rma.reconciler").debug("not at INFO")
     (line,) = stream.getvalue().splitlines()
-    assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z WARNING rma\.reconciler \[coordinator\] "
-                    r"quarantined worker w1$", line), line
+    assert re.match(
+        r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z WARNING rma\.reconciler \[coordinator\] "
+        r"quarantined worker w1$",
+        line,
+    ), line
 
 
 def test_json_lines_parse(rma_logger: logging.Logger, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -39,11 +42,13 @@ def test_json_lines_parse(rma_logger: logging.Logger, monkeypatch: pytest.Monkey
     try:
         raise ValueError("boom")
     except ValueError:
-        logging.getLogger("rma.agent").exception("heartbeat failed: %s", "quote\" and \n newline")
+        logging.getLogger("rma.agent").exception("heartbeat failed: %s", 'quote" and \n newline')
     logging.getLogger("rma.agent").info("second")
     first, second = (json.loads(line) for line in stream.getvalue().splitlines())
     assert first["level"] == "ERROR" and first["logger"] == "rma.agent" and first["component"] == "agent"
-    assert first["message"] == "heartbeat failed: quote\" and \n newline" and "ValueError: boom" in first["exc"]
+    assert (
+        first["message"] == 'heartbeat failed: quote" and \n newline' and "ValueError: boom" in first["exc"]
+    )
     assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$", first["ts"])
     assert second["message"] == "second" and "exc" not in second
 

@@ -1,7 +1,8 @@
 """Drift guard for the rooms of DESIGN.md: rma_ray imports neither admission nor deployments, and those two
 never import each other (they meet over HTTP and Ray). An import path written as a string counts as an import
-(`"pkg.mod:attr"` for pkgutil/uvicorn/Serve, `["-m", "pkg.mod"]` for a child process, `import_path:` in a YAML
-file of the room): a room above is reached through an entry point it registers (pyproject's `rma.commands`)."""
+(`"pkg.mod:attr"` for pkgutil/uvicorn/Serve, `["-m", "pkg.mod"]` for a child process, `import_path:` in a
+YAML file of the room): a room above is reached through an entry point it registers (pyproject's
+`rma.commands`)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-FORBIDDEN = {"rma_ray": {"admission", "deployments"}, "admission": {"deployments"}, "deployments": {"admission"}}
+FORBIDDEN = {"rma_ray": {"admission", "deployments"}, "admission": {"deployments"},
+             "deployments": {"admission"}}
 
 
 def imported_roots(path: Path) -> set[str]:
@@ -43,8 +45,9 @@ def string_roots(path: Path) -> set[str]:
                 roots.add(m[1])
         elif isinstance(node, ast.JoinedStr) and node.values:
             head = node.values[0]
-            if isinstance(head, ast.Constant) and isinstance(head.value, str) and (m := _PATH.match(head.value)):
-                roots.add(m[1])
+            if isinstance(head, ast.Constant) and isinstance(head.value, str):
+                if m := _PATH.match(head.value):
+                    roots.add(m[1])
         elif isinstance(node, ast.List | ast.Tuple):
             for flag, arg in zip(node.elts, node.elts[1:], strict=False):
                 if (isinstance(flag, ast.Constant) and flag.value == "-m" and isinstance(arg, ast.Constant)
