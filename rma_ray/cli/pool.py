@@ -13,24 +13,25 @@ from rma_ray.settings import check_overlay_subnet
 commands = typer.Typer()  # merged into the root `rma` app by rma_ray/cli/__init__.py
 
 
+def _name_list(value: str, known: tuple[str, ...], option: str, what: str) -> tuple[str, ...]:
+    """A comma-separated choice of `known` names, or 'none'."""
+    names = tuple(s.strip() for s in value.split(",") if s.strip() and s.strip() != "none")
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        fail(f"{option}: unknown {what} {', '.join(unknown)}; choose from {', '.join(known)} or 'none'")
+    return names
+
+
 def _store_list(value: str) -> tuple[str, ...]:
     from rma_ray.head import STORE_NAMES
 
-    names = tuple(s.strip() for s in value.split(",") if s.strip() and s.strip() != "none")
-    unknown = [n for n in names if n not in STORE_NAMES]
-    if unknown:
-        fail(f"--stores: unknown store {', '.join(unknown)}; choose from {', '.join(STORE_NAMES)} or 'none'")
-    return names
+    return _name_list(value, STORE_NAMES, "--stores", "store")
 
 
 def _app_list(value: str) -> tuple[str, ...]:
     from rma_ray.head import APP_NAMES
 
-    names = tuple(s.strip() for s in value.split(",") if s.strip() and s.strip() != "none")
-    unknown = [n for n in names if n not in APP_NAMES]
-    if unknown:
-        fail(f"--apps: unknown app {', '.join(unknown)}; choose from {', '.join(APP_NAMES)} or 'none'")
-    return names
+    return _name_list(value, APP_NAMES, "--apps", "app")
 
 
 def _store_ports(items: list[str]) -> dict[str, int]:
