@@ -1,5 +1,6 @@
-"""Running the coordinator as a program: `rma admission serve` and `rma up` reach this by import path
-(`admission.serve:serve`), so that `rma_ray` never imports `admission`."""
+"""Running the coordinator as a program: `rma admission serve` (admission/cli.py, which `admission` adds to
+`rma` through the `rma.commands` entry points) and `rma up` (which runs that command) reach this, so that
+`rma_ray` never imports `admission`."""
 
 from __future__ import annotations
 
