@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -22,7 +24,7 @@ def body(code: str, message: str) -> dict[str, dict[str, str]]:
     return {"error": {"code": code, "message": message}}
 
 
-def describe(errors: list[dict]) -> str:  # type: ignore[type-arg]
+def describe(errors: Sequence[Mapping[str, Any]]) -> str:
     parts = []
     for e in errors[:5]:
         loc = ".".join(str(p) for p in e.get("loc", ()) if p not in ("body", "query", "path", "header"))

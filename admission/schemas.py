@@ -1,21 +1,37 @@
-"""Wire shapes of the coordinator's API."""
+"""Wire shapes of the coordinator's API (the donor and keyring ones come from `rma_ray.wire`)."""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field
 
-from rma_ray.capabilities import Capabilities, _to_mb
 from rma_ray.tiers import Tier
 
-WorkerStatus = Literal["joining", "healthy", "warning", "offline", "quarantined", "revoked", "left"]
-Action = Literal["none", "drain", "leave"]
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+# the donor and keyring wire is shared with the agent and the CLI (rma_ray/wire.py); re-exported here so that
+# routes and services find every wire shape of the coordinator in this one module
+from rma_ray.wire import (
+    STORE_NAME as STORE_NAME,
+    AbortResponse as AbortResponse,
+    Action as Action,
+    HeartbeatRequest as HeartbeatRequest,
+    HeartbeatResponse as HeartbeatResponse,
+    KeyringEntry as KeyringEntry,
+    KeyringOut as KeyringOut,
+    OverlayInfo as OverlayInfo,
+    OverlayRequest as OverlayRequest,
+    RayInfo as RayInfo,
+    RegisterRequest as RegisterRequest,
+    RegisterResponse as RegisterResponse,
+    RejoinRequest as RejoinRequest,
+    RejoinResponse as RejoinResponse,
+    StoreReport as StoreReport,
+    StoreStatus as StoreStatus,
+    Strict as Strict,
+    WorkerOut as WorkerOut,
+    WorkerStatus as WorkerStatus,
+)
 
 
 class InviteCreate(Strict):
@@ -43,104 +59,6 @@ class InviteOut(BaseModel):
     tier: str | None
     note: str
     status: Literal["active", "expired", "used", "revoked"]
-
-
-class OverlayRequest(Strict):
-    public_key: str = Field(description="the donor's WireGuard public key (base64, 32 bytes); the private key "
-                                        "never leaves the donor")
-
-    @field_validator("public_key")
-    @classmethod
-    def _key(cls, v: str) -> str:
-        from rma_ray.overlay import is_key
-
-        if not is_key(v):
-            raise ValueError("not a WireGuard public key (base64 of 32 bytes, as `wg pubkey` prints)")
-        return v
-
-
-class OverlayInfo(BaseModel):
-    address: str = Field(description="this donor's overlay address; Ray advertises it")
-    prefix: int
-    hub_address: str
-    hub_public_key: str
-    hub_endpoint: str = Field(description="host:port (UDP) the donor dials")
-    keepalive_s: int
-    mtu: int
-
-
-class RegisterRequest(Strict):
-    name: str = Field(min_length=1, max_length=255)
-    capabilities: Capabilities
-    overlay: OverlayRequest | None = Field(default=None, description="required when the pool runs an overlay")
-
-
-class RayInfo(BaseModel):
-    address: str
-    auth_token: str | None
-
-
-class RejoinRequest(RegisterRequest):
-    """A known donor coming back (its machine or agent restarted): the same shape as a registration, sent with
-    its node token instead of a join token."""
-
-
-class RejoinResponse(BaseModel):
-    worker_id: str
-    tier: Tier
-    tier_number: int
-    trusted: bool
-    labels: dict[str, str]
-    heartbeat_interval_s: int
-    ray: RayInfo | None
-    overlay: OverlayInfo | None = None
-
-
-class RegisterResponse(RejoinResponse):
-    node_token: str = Field(description="shown once; only its hash is kept")
-
-
-class AbortResponse(BaseModel):
-    refunded: bool = Field(description="True: the registration never ran, and its invite use was given back")
-
-
-class HeartbeatRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    status: Literal["healthy", "starting", "draining", "degraded", "stopping"] = "healthy"
-    current_load: float = Field(default=0.0, ge=0, le=100_000)
-    available_memory_mb: int | None = Field(default=None, ge=0, le=64 * 1024 * 1024)
-    ray_node_id: str | None = Field(default=None, max_length=64, pattern=r"^[0-9a-fA-F]*$")
-
-    @field_validator("available_memory_mb", mode="before")
-    @classmethod
-    def _human(cls, v: Any) -> Any:
-        return _to_mb(v)
-
-
-class HeartbeatResponse(BaseModel):
-    action: Action
-    cluster: str = Field(default="", description="fingerprint of the cluster token; changes on rotation")
-
-
-class WorkerOut(BaseModel):
-    id: str
-    name: str
-    tier: str
-    trusted: bool
-    status: WorkerStatus
-    labels: dict[str, str]
-    capabilities: dict[str, Any]
-    created_at: datetime
-    last_seen_at: datetime | None
-    current_load: float | None
-    available_memory_mb: int | None
-    ray_node_id: str | None
-    ray_alive: bool | None
-    action: Action
-    quarantine_reason: str | None
-    revoked_at: datetime | None
-    overlay_ip: str | None = None
 
 
 class TierStats(BaseModel):
@@ -185,17 +103,6 @@ class KeyOut(BaseModel):
     revoked_at: datetime | None
 
 
-class KeyringEntry(BaseModel):
-    id: str
-    hash: str
-    name: str  # the client the key belongs to: client-scoped routes (client RAG) compare it with the path
-
-
-class KeyringOut(BaseModel):
-    generated_at: datetime
-    keys: list[KeyringEntry]
-
-
 class AuditOut(BaseModel):
     id: int
     at: datetime
@@ -212,25 +119,6 @@ class RayViewOut(BaseModel):
     error: str | None = None
     nodes_alive: int = 0
     intruders: list[dict[str, Any]] = Field(default_factory=list)
-
-
-STORE_NAME = r"^[a-z][a-z0-9-]{0,31}$"
-StoreStatus = Literal["starting", "ready", "restarting", "failed", "stopped"]
-
-
-class StoreReport(BaseModel):
-    """What a store supervisor reports about its store (PUT /api/stores/{name}); never credentials."""
-    model_config = ConfigDict(extra="forbid")
-
-    runtime: Literal["process", "docker"]
-    status: StoreStatus
-    error: str | None = Field(None, max_length=2000)
-    node_id: str = Field(min_length=1, max_length=64)
-    node_ip: str = Field(min_length=1, max_length=64)
-    port: int = Field(ge=1, le=65535)
-    size_bytes: int = Field(ge=0)
-    restarts: int = Field(0, ge=0)
-    ready_s: float | None = Field(None, ge=0)
 
 
 class StoreOut(BaseModel):

@@ -1,5 +1,6 @@
-"""Running the coordinator as a program: `rma admission serve` and `rma up` reach this by import path
-(`admission.serve:serve`), so that `rma_ray` never imports `admission`."""
+"""Running the coordinator as a program: `rma admission serve` (admission/cli.py, which `admission` adds to
+`rma` through the `rma.commands` entry points) and `rma up` (which runs that command) reach this, so that
+`rma_ray` never imports `admission`."""
 
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ def serve(host: str, port: int, data_dir: Path | None, forwarded_allow_ips: str 
     import uvicorn
 
     from admission.main import build_state, create_app, prepare_database
+    from rma_ray import logs
 
+    logs.configure("coordinator")  # the rma.* loggers' lines reach stderr: coordinator.log under `rma up`
     if data_dir is not None:
         os.environ["RMA_DATA_DIR"] = str(data_dir)
     settings = Settings() if forwarded_allow_ips is None else Settings(trusted_proxies=forwarded_allow_ips)

@@ -8,10 +8,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from sqlalchemy import Engine, bindparam, update
+from sqlalchemy import Engine, Table, bindparam, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from admission.models import Worker
@@ -63,7 +63,7 @@ class HeartbeatBuffer:
         rows = [{"wid": wid, "last_heartbeat_at": b.at, "heartbeat_status": b.status, "current_load": b.current_load,
                  "available_memory_mb": b.available_memory_mb, "ray_node_id": b.ray_node_id}
                 for wid, b in batch.items()]
-        table = Worker.__table__
+        table = cast(Table, Worker.__table__)  # a mapped class's table (typed as any FromClause)
         stmt = update(table).where(table.c.id == bindparam("wid"))  # one executemany, no ORM bookkeeping
         try:
             with factory() as session, session.begin():

@@ -18,9 +18,10 @@ from typing import Any
 
 import psutil
 
-from rma_ray import membership, overlay
+from rma_ray import membership, overlay, wire
 from rma_ray.capabilities import Capabilities
 from rma_ray.client import AdmissionClient, AdmissionError
+from rma_ray.credentials import fingerprint
 from rma_ray.membership import Membership
 from rma_ray.net import local_ip_towards
 from rma_ray.raynode import NodeSpec, NodeStartError, RayNode, drain_node, short_temp_dir
@@ -48,12 +49,6 @@ class JoinOptions:
 
 
 Say = Callable[[str], None]
-
-
-def epoch_of(token: str) -> str:
-    import hashlib
-
-    return hashlib.sha256(token.encode()).hexdigest()[:12] if token else ""
 
 
 class Agent:
@@ -100,9 +95,9 @@ class Agent:
             raise AgentError(f"registration refused: {exc}") from None
         finally:
             client.close()
-        say(f"admitted as [bold]{reg['tier']}[/] tier donor {reg['worker_id']} "
-            f"({'trusted' if reg['trusted'] else 'untrusted'})")
-        return cls.start(opts, reg, reg["node_token"], key_file, say, first=True)
+        say(f"admitted as [bold]{reg.tier}[/] tier donor {reg.worker_id} "
+            f"({'trusted' if reg.trusted else 'untrusted'})")
+        return cls.start(opts, reg, reg.node_token, key_file, say, first=True)
 
     @staticmethod
     def overlay_key(key_file: Path) -> str:
@@ -131,7 +126,7 @@ class Agent:
 
     @classmethod
     def rejoin_registry(cls, opts: JoinOptions, m: Membership, key_file: Path, say: Say
-                        ) -> dict[str, Any] | None:
+                        ) -> wire.RejoinResponse | None:
         """The registry's side of a rejoin. None: this donor left the pool (a new join token may still admit
         it); refusals the donor cannot fix (revoked, quarantined, hardware) are one line."""
         public_key = cls.overlay_key(key_file)  # the old key when it survived; a new one when it is gone
@@ -149,12 +144,12 @@ class Agent:
             if exc.status is None:  # not an answer: the coordinator is down or unreachable; a restart retries
                 raise AgentError(f"could not rejoin as donor {m.worker_id}: {exc}") from None
             raise AgentError(f"rejoin refused: {exc}") from None
-        say(f"rejoined as [bold]{reg['tier']}[/] tier donor {reg['worker_id']} "
-            f"({'trusted' if reg['trusted'] else 'untrusted'})")
-        return reg  # type: ignore[no-any-return]
+        say(f"rejoined as [bold]{reg.tier}[/] tier donor {reg.worker_id} "
+            f"({'trusted' if reg.trusted else 'untrusted'})")
+        return reg
 
     @classmethod
-    def start(cls, opts: JoinOptions, reg: dict[str, Any], node_token: str, key_file: Path, say: Say,
+    def start(cls, opts: JoinOptions, reg: wire.RejoinResponse, node_token: str, key_file: Path, say: Say,
               first: bool) -> Agent:
         """Overlay, then the Ray node. A first join that fails here is aborted, which gives the invite use
         back; a rejoin that fails keeps its membership, so the next start (systemd, docker) tries again."""
@@ -171,31 +166,33 @@ class Agent:
                 key_file.unlink(missing_ok=True)
             return AgentError(why)
 
-        if not reg.get("ray"):  # an older coordinator; a current one refuses before spending the token
+        if reg.ray is None:  # an older coordinator; a current one refuses before spending the token
             raise give_up("the coordinator runs without a Ray head (`rma admission serve` alone); "
                           "ask the admin for a pool started with `rma up`")
         token_file = opts.data_dir / "cluster_token"
-        membership.write_private(token_file, (reg["ray"]["auth_token"] or "") + "\n")
-        address = reg["ray"]["address"]
+        membership.write_private(token_file, (reg.ray.auth_token or "") + "\n")
+        address = reg.ray.address
         try:
             spoke = cls.overlay_up(reg, key_file, say)
         except AgentError as exc:
             raise give_up(str(exc)) from None
         node_ip = opts.node_ip or (spoke.address if spoke else local_ip_towards(address.rsplit(":", 1)[0]))
-        m = Membership(coordinator_url=opts.coordinator_url, worker_id=reg["worker_id"],
+        m = Membership(coordinator_url=opts.coordinator_url, worker_id=reg.worker_id,
                        node_token=node_token,
-                       tier=reg["tier"], labels=reg["labels"], trusted=reg["trusted"],
-                       heartbeat_interval_s=reg["heartbeat_interval_s"], ray_address=address, node_ip=node_ip,
+                       tier=str(reg.tier), labels=reg.labels, trusted=reg.trusted,
+                       heartbeat_interval_s=reg.heartbeat_interval_s, ray_address=address, node_ip=node_ip,
                        agent_pid=os.getpid(), agent_started=psutil.Process().create_time(),
-                       extra={"cluster": epoch_of(reg["ray"]["auth_token"] or ""),
-                              "overlay": {"interface": spoke.name, "address": spoke.address} if spoke else None})
+                       extra={"cluster": fingerprint(reg.ray.auth_token),
+                              "overlay": ({"interface": spoke.name, "address": spoke.address}
+                                          if spoke else None)})
         membership.save(opts.data_dir, m)
-        spec = NodeSpec(node_ip=node_ip, token_file=token_file, temp_dir=short_temp_dir(reg["worker_id"]),
-                        labels=reg["labels"], address=address, num_cpus=opts.cpus, num_gpus=opts.gpus,
+        spec = NodeSpec(node_ip=node_ip, token_file=token_file, temp_dir=short_temp_dir(reg.worker_id),
+                        labels=reg.labels, address=address, num_cpus=opts.cpus, num_gpus=opts.gpus,
                         memory_bytes=opts.memory_bytes, drain_timeout_s=opts.drain_deadline_s,
                         # store supervisors and Serve replicas on this node find membership.json through it
                         env={"RMA_DATA_DIR": str(opts.data_dir)},
-                        # on the overlay every Ray port is pinned, so the firewall can keep them off other addresses
+                        # on the overlay every Ray port is pinned, so the firewall can keep them off other
+                        # addresses
                         extra_args=spoke.ports.argv(head=False) if spoke else [])
         agent = cls(opts.data_dir, m, RayNode(spec, opts.data_dir / "logs" / "ray-node.log"), say)
         agent.spoke = spoke
@@ -220,17 +217,18 @@ class Agent:
         return agent
 
     @staticmethod
-    def overlay_up(reg: dict[str, Any], key_file: Path, say: Say) -> overlay.Spoke | None:
+    def overlay_up(reg: wire.RejoinResponse, key_file: Path, say: Say) -> overlay.Spoke | None:
         """Bring up this donor's end of the pool's overlay, when the pool runs one; None in direct mode."""
-        ov = reg.get("overlay")
-        if not ov:
+        ov = reg.overlay
+        if ov is None:
             key_file.unlink(missing_ok=True)
             return None
-        spoke = overlay.Spoke(name=overlay.interface_name(reg["worker_id"]), key_file=key_file,
-                              address=ov["address"], prefix=ov["prefix"], hub_public_key=ov["hub_public_key"],
-                              hub_endpoint=ov["hub_endpoint"], hub_address=ov["hub_address"],
-                              keepalive_s=ov["keepalive_s"], mtu=ov["mtu"])
-        say(f"joining the pool's overlay as {spoke.address} (hub {spoke.hub_endpoint}, interface {spoke.name}) …")
+        spoke = overlay.Spoke(name=overlay.interface_name(reg.worker_id), key_file=key_file,
+                              address=ov.address, prefix=ov.prefix, hub_public_key=ov.hub_public_key,
+                              hub_endpoint=ov.hub_endpoint, hub_address=ov.hub_address,
+                              keepalive_s=ov.keepalive_s, mtu=ov.mtu)
+        say(f"joining the pool's overlay as {spoke.address} (hub {spoke.hub_endpoint}, "
+            f"interface {spoke.name}) …")
         try:
             spoke.up()
         except overlay.OverlayError as exc:
@@ -280,25 +278,25 @@ class Agent:
         vm = psutil.virtual_memory()
         load = os.getloadavg()[0] / (psutil.cpu_count() or 1)
         status = "draining" if self.drained else "healthy" if self.node.running() else "degraded"
-        reply = self.client.heartbeat(self.m.node_token, status=status, current_load=round(load, 3),
-                                      available_memory_mb=vm.available // MB, ray_node_id=self.m.ray_node_id)
-        epoch = reply.get("cluster") or ""
-        if epoch and epoch != self.m.extra.get("cluster"):
+        beat = wire.HeartbeatRequest(status=status, current_load=round(load, 3),
+                                     available_memory_mb=vm.available // MB, ray_node_id=self.m.ray_node_id)
+        reply = self.client.heartbeat(self.m.node_token, beat)
+        if reply.cluster and reply.cluster != self.m.extra.get("cluster"):
             self.say("the pool rotated its cluster token: rejoining the new cluster")
             self.rejoin_cluster()
-        return str(reply.get("action", "none"))
+        return reply.action
 
     def refresh_ray(self) -> bool:
         """Fetch the head's address and current cluster token with this donor's node token."""
         try:
-            info = self.client.request("GET", "/api/worker/ray", token=self.m.node_token)
+            info = self.client.ray_info(self.m.node_token)
         except AdmissionError as exc:
             self.say(f"[yellow]could not fetch the cluster token:[/] {exc}")
             return False
-        token = info.get("auth_token") or ""
+        token = info.auth_token or ""
         membership.write_private(self.node.spec.token_file, token + "\n")
-        self.m.ray_address, self.m.extra["cluster"] = info["address"], epoch_of(token)
-        self.node.spec.address = info["address"]
+        self.m.ray_address, self.m.extra["cluster"] = info.address, fingerprint(token)
+        self.node.spec.address = info.address
         membership.save(self.data_dir, self.m)
         return True
 
@@ -353,7 +351,8 @@ class Agent:
                 unreachable_since = None
             except AdmissionError as exc:
                 if exc.code == "worker_revoked":
-                    self.say("[red]this donor was revoked by the pool admin (or has left); stopping the node[/]")
+                    self.say("[red]this donor was revoked by the pool admin (or has left); "
+                             "stopping the node[/]")
                     self.exit_reason, self.unregister_on_exit, code = "revoked", False, 1
                     break
                 if unreachable_since is None:
@@ -376,20 +375,18 @@ class Agent:
 
     def drain(self, why: str) -> None:
         try:
-            accepted = drain_node(self.m.ray_address or "", self.node.spec.token_file, self.m.ray_node_id or "", why,
+            accepted = drain_node(self.m.ray_address or "", self.node.spec.token_file,
+                                  self.m.ray_node_id or "", why,
                                   self.node.spec.drain_timeout_s)
         except Exception as exc:  # the GCS may be gone; the node is stopped on leave anyway
             self.say(f"[yellow]drain request failed:[/] {exc}")
             return
         self.drained = accepted
-        self.say("draining: no new work will be placed here" if accepted else "[yellow]the head refused the drain[/]")
+        self.say("draining: no new work will be placed here" if accepted
+                 else "[yellow]the head refused the drain[/]")
 
     def unregister(self) -> None:
-        try:
-            self.client.unregister(self.m.node_token)
-        except AdmissionError as exc:
-            if exc.code != "worker_revoked":
-                self.say(f"[yellow]could not unregister:[/] {exc}")
+        unregister(self.client, self.m.node_token, self.say)
 
     def leave(self) -> None:
         if self.exit_reason == "revoked":  # cut off: there is no head left to drain to
@@ -412,3 +409,59 @@ class Agent:
             membership.clear(self.data_dir)
         self.client.close()
         self.say(f"done: {self.exit_reason}; no Ray process of this donor is left")
+
+
+def unregister(client: AdmissionClient, node_token: str, say: Say) -> None:
+    """Leave the registry; a donor the admin revoked has nothing left to unregister."""
+    try:
+        client.unregister(node_token)
+    except AdmissionError as exc:
+        if exc.code != "worker_revoked":
+            say(f"[yellow]could not unregister:[/] {exc}")
+
+
+def ask_to_leave(m: Membership, timeout: float) -> bool:
+    """`rma leave` while the agent runs: a SIGINT, like Ctrl-C (SIGTERM would keep the membership); False when
+    it did not finish leaving within `timeout` s."""
+    agent = psutil.Process(m.agent_pid)
+    agent.send_signal(signal.SIGINT)
+    try:
+        agent.wait(timeout)
+    except psutil.TimeoutExpired:
+        return False
+    return True
+
+
+def leave_without_agent(m: Membership, data_dir: Path, warn: Say) -> None:
+    """`rma leave` when the agent is gone (killed): stop what it left behind (its Ray node, its overlay
+    interface and firewall, which outlive it), unregister, and forget the membership."""
+    Agent.clean_up_after(m, data_dir, warn)
+    (data_dir / "overlay" / "private.key").unlink(missing_ok=True)
+    with AdmissionClient(m.coordinator_url) as client:
+        unregister(client, m.node_token, warn)
+    membership.clear(data_dir)
+
+
+def status_view(m: Membership) -> dict[str, Any]:
+    """`rma status`: this machine's membership, its processes and overlay, and what the coordinator says."""
+    view: dict[str, Any] = {"worker_id": m.worker_id, "tier": m.tier, "trusted": m.trusted,
+                            "labels": m.labels, "coordinator_url": m.coordinator_url, "node_ip": m.node_ip,
+                            "ray_address": m.ray_address, "ray_node_id": m.ray_node_id,
+                            "agent_running": membership.alive(m.agent_pid, m.agent_started),
+                            "ray_node_running": membership.alive(m.ray_pid,
+                                                                 (m.extra or {}).get("ray_started"))}
+    ov = (m.extra or {}).get("overlay")
+    if ov:
+        try:
+            shake = max((p.latest_handshake for p in overlay.peers_of(ov["interface"])), default=0)
+            view["overlay"] = {"address": ov["address"], "interface": ov["interface"],
+                               "last_handshake_s": round(time.time() - shake) if shake else None}
+        except overlay.OverlayError as exc:
+            view["overlay"] = {"address": ov["address"], "interface": ov["interface"], "error": str(exc)}
+    with AdmissionClient(m.coordinator_url, m.node_token, timeout=5) as client:
+        try:
+            me = client.me().model_dump(mode="json")
+            view.update(registry_status=me["status"], action=me["action"], last_seen_at=me["last_seen_at"])
+        except AdmissionError as exc:
+            view["registry_status"] = f"unknown ({exc})"
+    return view

@@ -85,3 +85,9 @@ def matches(parsed: Parsed, stored_hash: str) -> bool:
 
 def display(kind: str, id_: str) -> str:
     return f"rma_{kind}_{id_}_…"
+
+
+def fingerprint(token: str | None) -> str:
+    """A short, non-reversible fingerprint of a shared secret (the Ray cluster token): the coordinator sends
+    it with every heartbeat reply and the agent keeps its own, so a donor notices a rotation. "" for none."""
+    return hashlib.sha256(token.encode()).hexdigest()[:12] if token else ""

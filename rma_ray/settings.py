@@ -24,11 +24,13 @@ def default_data_dir() -> Path:
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RMA_", extra="ignore")
 
-    dev: bool = Field(default=False, description="allow weak secrets and plain HTTP cookies (never in production)")
+    dev: bool = Field(default=False,
+                      description="allow weak secrets and plain HTTP cookies (never in production)")
     data_dir: Path = Field(default_factory=default_data_dir)
 
     # coordinator
-    database_url: str | None = Field(default=None, description="SQLAlchemy URL; default SQLite in the data dir")
+    database_url: str | None = Field(default=None,
+                                     description="SQLAlchemy URL; default SQLite in the data dir")
     secret_key: SecretStr | None = Field(default=None, description="signs registry session cookies")
     admin_key: SecretStr | None = Field(default=None, description="an admin key to accept (for automation)")
     public_url: str | None = Field(default=None, description="the coordinator's URL as donors see it")
@@ -40,7 +42,8 @@ class Settings(BaseSettings):
                                    "credential id (a valid credential is never refused for others' failures)")
     trusted_proxies: str = Field(default="127.0.0.1", description="comma-separated addresses/CIDRs whose "
                                  "X-Forwarded-For/-Proto (and client_ip_header) are believed; '' trusts none")
-    client_ip_header: str | None = Field(default=None, description="a header a trusted proxy sets to the client "
+    client_ip_header: str | None = Field(default=None,
+                                         description="a header a trusted proxy sets to the client "
                                          "IP (Fly.io: Fly-Client-IP); read only from a trusted_proxies peer")
     invite_default_ttl_s: int = Field(default=15 * 60, ge=10)
     invite_max_ttl_s: int = Field(default=30 * 24 * 3600, ge=60)
@@ -59,7 +62,8 @@ class Settings(BaseSettings):
         default=True, description="hold a donor without an overlay address to the address it registered from "
                                   "(turn off where a proxy or NAT between donors and coordinator hides it)")
     metrics_interval_s: float = Field(default=10.0, gt=0, le=600, description="Serve metrics scrape period")
-    metrics_retention_h: int = Field(default=48, ge=25, le=24 * 90, description="per-minute request rollups kept")
+    metrics_retention_h: int = Field(default=48, ge=25, le=24 * 90,
+                                     description="per-minute request rollups kept")
 
     # the WireGuard overlay (set by `rma up --overlay`; see rma_ray/overlay.py). With a hub interface on this
     # machine the coordinator hands each donor an overlay address and adds/removes its peer on the hub itself.
@@ -105,7 +109,8 @@ class Settings(BaseSettings):
     def _refuse_weak(self) -> Self:
         for name in ("secret_key", "admin_key"):
             value: SecretStr | None = getattr(self, name)
-            if value is not None and value.get_secret_value().strip().lower() in WEAK_SECRETS and not self.dev:
+            weak = value is not None and value.get_secret_value().strip().lower() in WEAK_SECRETS
+            if weak and not self.dev:
                 raise ValueError(
                     f"RMA_{name.upper()} is empty or a well-known default; set a real secret "
                     f"(or unset it to have one generated), or RMA_DEV=1 for a throw-away dev setup"
@@ -124,10 +129,9 @@ class Settings(BaseSettings):
 
     def cluster_epoch(self) -> str:
         """A short fingerprint of the current cluster token: donors compare it to notice a rotation."""
-        import hashlib
+        from rma_ray.credentials import fingerprint
 
-        token = self.ray_auth_token()
-        return hashlib.sha256(token.encode()).hexdigest()[:12] if token else ""
+        return fingerprint(self.ray_auth_token())
 
     def ray_auth_token(self) -> str | None:
         if self.ray_auth_token_file and self.ray_auth_token_file.exists():
@@ -146,3 +150,15 @@ def read_or_create_secret(path: Path, nbytes: int = 32) -> str:
     with os.fdopen(fd, "w") as f:
         f.write(value + "\n")
     return value
+
+
+def check_overlay_subnet(value: str) -> None:
+    """An overlay subnet `rma up --overlay` can hand donor addresses from; ValueError says what is wrong."""
+    import ipaddress
+
+    try:
+        net = ipaddress.ip_network(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a network; use e.g. 10.88.0.0/16") from None
+    if not net.is_private or net.version != 4 or net.prefixlen > 28:
+        raise ValueError(f"{value}: use a private IPv4 network of /28 or larger")

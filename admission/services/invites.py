@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from typing import Any, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import CursorResult, select, update
 from sqlalchemy.orm import Session
 
 from admission import schemas
@@ -30,7 +31,7 @@ def status_of(invite: Invite, now: datetime | None = None) -> str:
 def to_out(invite: Invite) -> schemas.InviteOut:
     return schemas.InviteOut(id=invite.id, created_at=invite.created_at, expires_at=invite.expires_at,
                              uses=invite.uses, uses_left=invite.uses_left, trusted=invite.trusted, tier=invite.tier,
-                             note=invite.note, status=status_of(invite))  # type: ignore[arg-type]
+                             note=invite.note, status=status_of(invite))
 
 
 def create(session: Session, settings: Settings, req: schemas.InviteCreate, actor: str, ip: str
@@ -66,11 +67,11 @@ def revoke(session: Session, invite_id: str, actor: str, ip: str) -> schemas.Inv
 
 def consume(session: Session, invite_id: str) -> bool:
     """Take one use, atomically: of N concurrent redemptions of the last use, exactly one gets True."""
-    result = session.execute(
+    result = cast(CursorResult[Any], session.execute(
         update(Invite)
         .where(Invite.id == invite_id, Invite.uses_left > 0, Invite.revoked_at.is_(None),
                Invite.expires_at > utcnow())
         .values(uses_left=Invite.uses_left - 1)
         .execution_options(synchronize_session=False)
-    )
-    return result.rowcount == 1  # type: ignore[attr-defined]
+    ))  # an UPDATE: a cursor result, with its row count
+    return result.rowcount == 1

@@ -8,6 +8,8 @@ keyring and report stores, and no admin route accepts them.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -19,6 +21,7 @@ from rma_ray import credentials
 from rma_ray.credentials import Kind, MalformedToken
 
 Model = type[AdminKey] | type[ClientKey] | type[ServiceKey]
+K = TypeVar("K", AdminKey, ClientKey, ServiceKey)
 KINDS: dict[Model, Kind] = {AdminKey: Kind.ADMIN, ClientKey: Kind.CLIENT, ServiceKey: Kind.SERVICE}
 
 
@@ -36,11 +39,11 @@ def create(session: Session, model: Model, name: str, actor: str, ip: str) -> sc
     return schemas.KeyCreated(id=row.id, name=row.name, key=minted.token, created_at=row.created_at)
 
 
-def list_all(session: Session, model: Model) -> list[schemas.KeyOut]:
+def list_all(session: Session, model: type[K]) -> list[schemas.KeyOut]:
     return [_out(r) for r in session.scalars(select(model).order_by(model.created_at))]
 
 
-def revoke(session: Session, model: Model, key_id: str, actor: str, ip: str) -> schemas.KeyOut:
+def revoke(session: Session, model: type[K], key_id: str, actor: str, ip: str) -> schemas.KeyOut:
     kind = KINDS[model]
     row = session.get(model, key_id)
     if row is None:

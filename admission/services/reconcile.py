@@ -170,17 +170,17 @@ def apply(state: AppState, session: Session, nodes: list[dict[str, Any]], pendin
         if len(live) > 1 and len({n.get("node_ip") for n in live}) == 1:
             since = view.duplicates_since.setdefault(wid, now)
         else:
-            since = view.duplicates_since.pop(wid, None) or now
+            since = view.duplicates_since.pop(wid, now)
         if alive and not w.quarantine_reason:
             claim = claim_problem(w, live, (now - since).total_seconds(),
                                   state.settings.reconcile_registered_address)
-            why = claim or mismatch(w, node)
-            if why:
-                w.quarantine_reason, w.action = why, "drain"
+            problem = claim or mismatch(w, node)
+            if problem:
+                w.quarantine_reason, w.action = problem, "drain"
                 nodes_of = [{"node_id": n["node_id"], "node_ip": n.get("node_ip")} for n in live]
                 audit.record(session, "reconciler", "worker.quarantine", w.id, str(node.get("node_ip") or ""),
-                             reason=why, kind="claim" if claim else "mismatch", nodes=nodes_of)
-                log.warning("quarantined worker %s: %s", w.id, why)
+                             reason=problem, kind="claim" if claim else "mismatch", nodes=nodes_of)
+                log.warning("quarantined worker %s: %s", w.id, problem)
         if w.quarantine_reason or w.revoked_at:  # every node claiming it, impostor and donor alike
             to_drain += [(n["node_id"], w.quarantine_reason or "revoked") for n in live
                          if n["node_id"] not in view.drained]

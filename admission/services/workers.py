@@ -324,12 +324,12 @@ def to_out(state: AppState, worker: Worker, now: datetime | None = None) -> sche
     seen = max((t for t in (last_beat, worker.ray_seen_at if worker.ray_alive else None) if t), default=None)
     status = derive_status(worker, last_beat, state.settings.heartbeat_interval_s, now or utcnow())
     return schemas.WorkerOut(
-        id=worker.id, name=worker.name, tier=worker.tier, trusted=worker.trusted, status=status,  # type: ignore[arg-type]
+        id=worker.id, name=worker.name, tier=worker.tier, trusted=worker.trusted, status=status,
         labels=worker.labels, capabilities=worker.capabilities, created_at=worker.created_at, last_seen_at=seen,
         current_load=beat.current_load if beat else worker.current_load,
         available_memory_mb=beat.available_memory_mb if beat else worker.available_memory_mb,
         ray_node_id=(beat.ray_node_id if beat else None) or worker.ray_node_id, ray_alive=worker.ray_alive,
-        action=worker.action, quarantine_reason=worker.quarantine_reason, revoked_at=worker.revoked_at,  # type: ignore[arg-type]
+        action=worker.action, quarantine_reason=worker.quarantine_reason, revoked_at=worker.revoked_at,
         overlay_ip=worker.overlay_ip,
     )
 

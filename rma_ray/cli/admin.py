@@ -1,0 +1,224 @@
+"""Admin commands, run with the admin key: invites, donors and client API keys. The coordinator's own
+commands (`rma admission serve|create-admin-key`) are registered by `admission` itself (the `rma.commands`
+entry points), so that rma_ray never reaches into it."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from rma_ray.cli.common import (
+    HELP,
+    CoordinatorOpt,
+    JsonOpt,
+    KeyFileOpt,
+    fail,
+    out,
+    print_json,
+    settings,
+    shown,
+)
+from rma_ray.client import AdmissionClient
+
+invite_app = typer.Typer(help="Invites (join tokens) for donors.", **HELP)
+donors_app = typer.Typer(help="The donors in the registry.", **HELP)
+clients_app = typer.Typer(help="Client API keys for the pool's HTTP routes.", **HELP)
+GROUPS = {"invite": invite_app, "donors": donors_app, "clients": clients_app}  # added by rma_ray/cli/__init__
+
+
+def _pool_file(data_dir: Path) -> dict[str, Any]:
+    from rma_ray.head import read_pool
+
+    try:
+        return read_pool(data_dir)
+    except (OSError, ValueError):
+        return {}
+
+
+def admin_client(coordinator: str | None, key_file: Path | None) -> AdmissionClient:
+    """An admin-authenticated client: key from RMA_ADMIN_KEY, --admin-key-file, this pool's pool.json, or a
+    prompt."""
+    s = settings()
+    pool = _pool_file(s.data_dir)
+    url = coordinator or pool.get("coordinator_url") or s.coordinator_url
+    if s.admin_key is not None:
+        key = s.admin_key.get_secret_value()
+    elif key_file is not None:
+        try:
+            key = key_file.read_text().strip()
+        except OSError as exc:
+            fail(f"cannot read the admin key file {key_file}: {exc.strerror}")
+    elif pool.get("admin_key"):
+        key = pool["admin_key"]
+    elif sys.stdin.isatty():
+        key = typer.prompt("Admin key", hide_input=True).strip()
+    else:
+        fail("no admin key: set RMA_ADMIN_KEY or pass --admin-key-file")
+    return AdmissionClient(url, key)
+
+
+def parse_duration(text: str) -> int:
+    from pytimeparse2 import parse as parse_time
+
+    seconds = parse_time(text) if not text.isdigit() else int(text)
+    if seconds is None or int(seconds) <= 0:
+        fail(f"cannot read the duration {text!r}; use e.g. 90s, 15m, 2h or 7d")
+    return int(seconds)
+
+
+# ---- invites ---------------------------------------------------------------------------------------------
+
+
+@invite_app.command("create")
+def invite_create(
+    ttl: Annotated[str, typer.Option(help="lifetime, e.g. 15m, 2h, 7d")] = "15m",
+    uses: Annotated[int, typer.Option(help="how many donors may join with it", min=1)] = 1,
+    trusted: Annotated[bool, typer.Option("--trusted", help="donors may host data stores")] = False,
+    tier: Annotated[str | None, typer.Option(help="pin the tier: gpu, service or data")] = None,
+    note: Annotated[str, typer.Option(help="a note for the registry")] = "",
+    coordinator: CoordinatorOpt = None,
+    admin_key_file: KeyFileOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create a join token for a donor."""
+    if tier is not None and tier not in ("gpu", "service", "data"):
+        fail(f"unknown tier {tier!r}; use gpu, service or data")
+    with admin_client(coordinator, admin_key_file) as client:
+        inv = client.create_invite(
+            ttl_s=parse_duration(ttl), uses=uses, trusted=trusted, tier=tier, note=note
+        )
+        if as_json:
+            return print_json(inv)
+        out.print(f"invite {inv['id']}: {inv['uses']} use(s), expires {inv['expires_at']}")
+        out.print(f"join token (shown once): [bold]{inv['token']}[/]")
+        out.print(f"on the donor: rma join {client.base_url} --token <join token>")
+
+
+@invite_app.command("list")
+def invite_list(
+    coordinator: CoordinatorOpt = None, admin_key_file: KeyFileOpt = None, as_json: JsonOpt = False
+) -> None:
+    """List invites (tokens are never shown again)."""
+    with admin_client(coordinator, admin_key_file) as client:
+        rows = client.request("GET", "/api/invites")
+    if as_json:
+        return print_json(rows)
+    table = Table("id", "status", "uses left", "tier", "trusted", "expires", "note")
+    for r in rows:
+        table.add_row(
+            r["id"],
+            r["status"],
+            f"{r['uses_left']}/{r['uses']}",
+            r["tier"] or "auto",
+            "yes" if r["trusted"] else "no",
+            r["expires_at"],
+            shown(r["note"]),
+        )
+    out.print(table)
+
+
+@invite_app.command("revoke")
+def invite_revoke(
+    invite_id: str, coordinator: CoordinatorOpt = None, admin_key_file: KeyFileOpt = None
+) -> None:
+    """Revoke an unused invite."""
+    with admin_client(coordinator, admin_key_file) as client:
+        client.request("POST", f"/api/invites/{invite_id}/revoke")
+    out.print(f"invite {invite_id} revoked")
+
+
+# ---- donors ----------------------------------------------------------------------------------------------
+
+
+@donors_app.command("list")
+def donors_list(
+    tier: Annotated[str | None, typer.Option(help="only this tier")] = None,
+    status: Annotated[str | None, typer.Option(help="only this status")] = None,
+    coordinator: CoordinatorOpt = None,
+    admin_key_file: KeyFileOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List donors with tier, status, load and last heartbeat."""
+    with admin_client(coordinator, admin_key_file) as client:
+        rows = client.workers(tier=tier, status=status)
+    if as_json:
+        return print_json(rows)
+    table = Table("id", "name", "tier", "trusted", "status", "load", "last seen")
+    for w in rows:
+        load = f"{w['current_load']:.2f}" if w["current_load"] is not None else "-"
+        table.add_row(
+            w["id"],
+            shown(w["name"]),
+            w["tier"],
+            "yes" if w["trusted"] else "no",
+            w["status"],
+            load,
+            w["last_seen_at"] or "never",
+        )
+    out.print(table)
+
+
+@donors_app.command("revoke")
+def donors_revoke(
+    worker_id: str, coordinator: CoordinatorOpt = None, admin_key_file: KeyFileOpt = None
+) -> None:
+    """Revoke a donor: its node token dies at once, its node is told to leave, it cannot rejoin with it."""
+    with admin_client(coordinator, admin_key_file) as client:
+        w = client.revoke_worker(worker_id)
+    out.print(Text.assemble(f"donor {w['id']} (", shown(w["name"]), ") revoked"))
+
+
+@donors_app.command("drain")
+def donors_drain(
+    worker_id: str, coordinator: CoordinatorOpt = None, admin_key_file: KeyFileOpt = None
+) -> None:
+    """Ask a donor to drain its work (it stays registered)."""
+    with admin_client(coordinator, admin_key_file) as client:
+        client.request("POST", f"/api/admin/workers/{worker_id}/drain")
+    out.print(f"donor {worker_id} asked to drain")
+
+
+# ---- clients ---------------------------------------------------------------------------------------------
+
+
+@clients_app.command("create")
+def clients_create(
+    name: str, coordinator: CoordinatorOpt = None, admin_key_file: KeyFileOpt = None, as_json: JsonOpt = False
+) -> None:
+    """Create an API key for a client of the pool's HTTP routes."""
+    with admin_client(coordinator, admin_key_file) as client:
+        created = client.create_client(name)
+    if as_json:
+        return print_json(created)
+    out.print(f"client {created['id']} ({created['name']})")
+    out.print(f"API key (shown once): [bold]{created['key']}[/]")
+
+
+@clients_app.command("list")
+def clients_list(
+    coordinator: CoordinatorOpt = None, admin_key_file: KeyFileOpt = None, as_json: JsonOpt = False
+) -> None:
+    """List client API keys (never the keys themselves)."""
+    with admin_client(coordinator, admin_key_file) as client:
+        rows = client.clients()
+    if as_json:
+        return print_json(rows)
+    table = Table("id", "name", "created", "revoked")
+    for r in rows:
+        table.add_row(r["id"], shown(r["name"]), r["created_at"], r["revoked_at"] or "")
+    out.print(table)
+
+
+@clients_app.command("revoke")
+def clients_revoke(
+    key_id: str, coordinator: CoordinatorOpt = None, admin_key_file: KeyFileOpt = None
+) -> None:
+    """Revoke a client API key (the Serve side stops accepting it within 30 s)."""
+    with admin_client(coordinator, admin_key_file) as client:
+        client.revoke_client(key_id)
+    out.print(f"client key {key_id} revoked")

@@ -1,0 +1,175 @@
+"""Donor commands: `rma join` (the agent in rma_ray/agent.py does the work), `rma leave`, `rma status` and
+`rma probe`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+from rich.text import Text
+
+from rma_ray import capabilities
+from rma_ray.cli.common import DataDirOpt, JsonOpt, data_dir_of, err, fail, out, print_json, say, shown
+
+commands = typer.Typer()  # merged into the root `rma` app by rma_ray/cli/__init__.py
+
+
+def _read_caps_file(path: Path) -> capabilities.Capabilities:
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        fail(f"cannot read capabilities from {path}: {exc}")
+    try:
+        if isinstance(raw, dict) and ({"psutil", "psutil_equivalent", "nvml"} & raw.keys()):
+            return capabilities.from_readings(raw)
+        return capabilities.Capabilities.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        fail(f"capabilities in {path}: {'.'.join(map(str, first['loc'])) or 'file'}: {first['msg']}")
+    except (KeyError, TypeError, ValueError) as exc:
+        fail(f"capabilities in {path}: not a probe reading ({exc!r}); `rma probe` prints one")
+
+
+@commands.command("join")
+def join(
+    coordinator_url: Annotated[
+        str, typer.Argument(help="the pool's coordinator, e.g. https://pool.example.org")
+    ],
+    token: Annotated[
+        str | None,
+        typer.Option(envvar="RMA_JOIN_TOKEN", help="the join token from the admin (first join only)"),
+    ] = None,
+    token_file: Annotated[Path | None, typer.Option(help="file holding the join token")] = None,
+    name: Annotated[str | None, typer.Option(help="how this machine shows in the registry")] = None,
+    cpus: Annotated[float | None, typer.Option(help="most CPUs Ray may use here", min=1)] = None,
+    memory: Annotated[str | None, typer.Option(help="most memory Ray may use here, e.g. 8GB")] = None,
+    gpus: Annotated[int | None, typer.Option(help="most GPUs Ray may use here", min=0)] = None,
+    node_ip_address: Annotated[
+        str | None,
+        typer.Option(
+            "--node-ip-address",
+            help="address Ray advertises (default: the overlay address, or the one towards "
+            "the head in a pool without an overlay)",
+        ),
+    ] = None,
+    drain_deadline: Annotated[float, typer.Option(help="seconds to drain work when leaving", min=0)] = 30,
+    capabilities_file: Annotated[
+        Path | None, typer.Option(help="send these capabilities instead of probing")
+    ] = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Donate this machine: register, start a Ray worker node in the assigned tier, stay until Ctrl-C.
+
+    After a reboot or a restart (SIGTERM) it rejoins as the same donor; the join token is needed only once."""
+    from rma_ray import logs
+    from rma_ray.agent import Agent, AgentError, JoinOptions
+
+    if token_file is not None:
+        try:
+            token = token_file.read_text().strip()
+        except OSError as exc:
+            fail(f"cannot read {token_file}: {exc.strerror}")
+    if not coordinator_url.startswith(("http://", "https://")):
+        fail(f"coordinator URL must start with http:// or https:// (got {coordinator_url!r})")
+    memory_bytes = None
+    if memory is not None:
+        try:
+            memory_bytes = capabilities._BYTES.validate_python(memory)
+        except ValidationError:
+            fail(f"cannot read the memory size {memory!r}; use e.g. 8GB or 512MiB")
+    d = data_dir_of(data_dir)
+    caps = (
+        _read_caps_file(capabilities_file)
+        if capabilities_file
+        else capabilities.probe(d if d.exists() else "/")
+    )
+    import socket as _socket
+
+    opts = JoinOptions(
+        coordinator_url=coordinator_url.rstrip("/"),
+        join_token=token or None,
+        data_dir=d,
+        name=name or _socket.gethostname(),
+        capabilities=caps,
+        node_ip=node_ip_address,
+        cpus=cpus,
+        memory_bytes=memory_bytes,
+        gpus=gpus,
+        drain_deadline_s=drain_deadline,
+    )
+    say(
+        f"probed: {caps.cpu_cores} cores, {caps.ram_mb} MiB RAM, {caps.disk_free_gb:g} GiB free disk, "
+        f"{len(caps.gpus)} GPU(s)"
+        + (
+            f", Ollama at {caps.ollama.url} with vision models "
+            f"{', '.join(caps.ollama.vision_models) or 'none'}"
+            if caps.ollama
+            else ""
+        )
+    )
+    logs.configure("agent")
+    try:
+        agent = Agent.join(opts, say)
+    except AgentError as exc:
+        fail(str(exc))
+    agent.install_signal_handlers()
+    say(f"in the pool; heartbeating every {agent.m.heartbeat_interval_s} s. Ctrl-C or `rma leave` to leave.")
+    code = agent.run()
+    if code:
+        sys.exit(code)
+
+
+@commands.command("leave")
+def leave(
+    data_dir: DataDirOpt = None,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the agent")] = 120,
+) -> None:
+    """Leave the pool: the running `rma join` drains, unregisters and stops its Ray node."""
+    from rma_ray import agent, membership
+
+    d = data_dir_of(data_dir)
+    m = membership.load(d)
+    if m is None:
+        fail(f"this machine is not in a pool (no {membership.path(d)})")
+    if membership.alive(m.agent_pid, m.agent_started):
+        if not agent.ask_to_leave(m, timeout):
+            fail(f"the agent (pid {m.agent_pid}) did not finish leaving within {timeout:.0f} s")
+        out.print(f"left the pool (donor {m.worker_id})")
+        return
+    # the agent is gone (killed): unregister and stop what it left behind ourselves
+    agent.leave_without_agent(m, d, lambda message: err.print(message))
+    out.print(f"left the pool (donor {m.worker_id}; its agent was not running)")
+
+
+@commands.command("status")
+def status(data_dir: DataDirOpt = None, as_json: JsonOpt = False) -> None:
+    """This machine's membership: donor id, tier, labels, agent and Ray node, and what the coordinator
+    says."""
+    from rma_ray import agent, membership
+
+    d = data_dir_of(data_dir)
+    m = membership.load(d)
+    if m is None:
+        fail(f"this machine is not in a pool (no {membership.path(d)}); join with `rma join URL --token T`")
+    view = agent.status_view(m)
+    if as_json:
+        return print_json(view)
+    for k, v in view.items():
+        out.print(Text.assemble(f"{k:<16} ", shown(v)), highlight=False)
+
+
+@commands.command("probe")
+def probe(disk: Annotated[Path, typer.Option(help="measure free disk here")] = Path("/")) -> None:
+    """Print this machine's capabilities as JSON (what `rma join` sends), and the tiers it qualifies for."""
+    from rma_ray import tiers
+
+    if not disk.exists():
+        fail(f"{disk} does not exist")
+    caps = capabilities.probe(disk)
+    data = caps.model_dump()
+    data["qualifies_for"] = [str(t) for t in tiers.eligible(caps)]
+    print(json.dumps(data, indent=2))
