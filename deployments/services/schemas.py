@@ -18,29 +18,17 @@ class IngestDoc(Strict):
     metadata: dict[str, str | int | float | bool] = Field(default_factory=dict)
 
 
-class IngestBody(Strict):
-    collection: str = "default"
-    text: str | None = Field(default=None, min_length=1, max_length=5_000_000)
-    source: str | None = Field(default=None, max_length=500)
-    metadata: dict[str, str | int | float | bool] = Field(default_factory=dict)
-    documents: list[IngestDoc] | None = Field(default=None, min_length=1, max_length=1000)
-    upload_id: str | None = None
-
-
-class QueryBody(Strict):
-    query: str = Field(min_length=1, max_length=4000)
-    top_k: int = Field(default=5, ge=1, le=50)
-    collection: str = "default"
-    answer: bool = True
-    stream: bool = False
-
-
 class ClientIngestBody(Strict):
+    # exactly one of text, documents, upload_id (or a multipart file instead): checked by the route
     text: str | None = Field(default=None, min_length=1, max_length=5_000_000)
     source: str | None = Field(default=None, max_length=500)
     metadata: dict[str, str | int | float | bool] = Field(default_factory=dict)
     documents: list[IngestDoc] | None = Field(default=None, min_length=1, max_length=1000)
     upload_id: str | None = None
+
+
+class IngestBody(ClientIngestBody):
+    collection: str = "default"
 
 
 class ClientQueryBody(Strict):
@@ -48,6 +36,10 @@ class ClientQueryBody(Strict):
     top_k: int = Field(default=5, ge=1, le=50)
     answer: bool = True
     stream: bool = False
+
+
+class QueryBody(ClientQueryBody):
+    collection: str = "default"
 
 
 class NoteIn(Strict):
