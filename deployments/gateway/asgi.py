@@ -1,12 +1,12 @@
 """The kit's plain ASGI pieces (no Starlette BaseHTTPMiddleware: it costs a task and a stream per request):
 
-- `ClientKeyGate`: in front of an app we did not write (vLLM's own OpenAI app in the LLM replica): only the listed
-  routes, each only with a valid client key (`deployments.gateway.auth.current_client`), refusals in OpenAI's
-  shape, the body limit, and the app mounted at its Serve route prefix;
+- `ClientKeyGate`: in front of an app we did not write (vLLM's own OpenAI app in the LLM replica): only the
+  listed routes, each only with a valid client key (`deployments.gateway.auth.current_client`), refusals in
+  OpenAI's shape, the body limit, and the app mounted at its Serve route prefix;
 - `StreamCoalescer`: fewer, larger writes of a streamed (SSE) body;
 - `PrefixIsRoot`: the route prefix itself served by the app's "/" route;
-- `body_limit`: the pool's one streamed request-body limit (`rma_ray.bodylimit`, shared with the coordinator) in
-  the refusal shape of a Serve app.
+- `body_limit`: the pool's one streamed request-body limit (`rma_ray.bodylimit`, shared with the coordinator)
+  in the refusal shape of a Serve app.
 """
 
 from __future__ import annotations
@@ -25,25 +25,35 @@ from rma_ray.bodylimit import BodyLimit, json_refusal
 Route = tuple[str, "re.Pattern[str]"]
 
 
-def body_limit(app: Any, max_bytes: int | Callable[[], int], shape: Shape = "pool",
-               code: str = "body_too_large") -> BodyLimit:
+def body_limit(
+    app: Any, max_bytes: int | Callable[[], int], shape: Shape = "pool", code: str = "body_too_large"
+) -> BodyLimit:
     """`app` behind the one streamed body limit: a 413 `code` in the app's refusal shape."""
     return BodyLimit(app, max_bytes, json_refusal(code, shape="openai" if shape == "openai" else "rma"))
 
 
 def path_under_root(scope: dict[str, Any]) -> str:
     root = scope.get("root_path", "")
-    return scope["path"][len(root):] if scope["path"].startswith(root) else scope["path"]
+    return scope["path"][len(root) :] if scope["path"].startswith(root) else scope["path"]
 
 
 class ClientKeyGate:
-    """ASGI middleware: only `routes` (method, path pattern under the prefix), each only with a valid client key;
-    OpenAI error bodies otherwise (so the `openai` client raises AuthenticationError with the reason). The app
-    behind it, whose routes carry the prefix themselves (vLLM's carry their /v1), is mounted at the Serve app's
-    route `prefix`, behind the body limit; `coalesce_s` > 0 coalesces its streamed bodies (`StreamCoalescer`)."""
+    """ASGI middleware: only `routes` (method, path pattern under the prefix), each only with a valid client
+    key; OpenAI error bodies otherwise (so the `openai` client raises AuthenticationError with the reason).
+    The app behind it, whose routes carry the prefix themselves (vLLM's carry their /v1), is mounted at the
+    Serve app's route `prefix`, behind the body limit; `coalesce_s` > 0 coalesces its streamed bodies
+    (`StreamCoalescer`)."""
 
-    def __init__(self, app: Any, *, prefix: str, routes: Sequence[Route], max_body_bytes: int,
-                 served: str, coalesce_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        app: Any,
+        *,
+        prefix: str,
+        routes: Sequence[Route],
+        max_body_bytes: int,
+        served: str,
+        coalesce_s: float = 0.0,
+    ) -> None:
         self.app, self.prefix, self.routes, self.served = app, prefix, tuple(routes), served
         self.limited = body_limit(app, max_body_bytes, "openai")
         self.window = coalesce_s
@@ -59,11 +69,13 @@ class ClientKeyGate:
         methods = [m for m, pattern in self.routes if pattern.fullmatch(path)]
         refusal: Refusal | None = None
         if not methods:
-            refusal = Refusal(404, "not_found", f"no route {path!r} under {self.prefix}: the pool serves "
-                                                f"{self.served}")
+            refusal = Refusal(
+                404, "not_found", f"no route {path!r} under {self.prefix}: the pool serves {self.served}"
+            )
         elif scope["method"] not in methods:
-            refusal = Refusal(405, "method_not_allowed", f"{scope['method']} is not allowed on {path}; use "
-                                                         f"{methods[0]}")
+            refusal = Refusal(
+                405, "method_not_allowed", f"{scope['method']} is not allowed on {path}; use {methods[0]}"
+            )
         else:
             try:
                 await current_client(Request(scope))
@@ -76,14 +88,17 @@ class ClientKeyGate:
             await response(scope, receive, send)
             return
         root = scope.get("root_path", "")
-        await self.limited({**scope, "root_path": root.removesuffix(self.prefix)}, receive,
-                           StreamCoalescer(send, self.window) if self.window > 0 else send)
+        await self.limited(
+            {**scope, "root_path": root.removesuffix(self.prefix)},
+            receive,
+            StreamCoalescer(send, self.window) if self.window > 0 else send,
+        )
 
 
 class StreamCoalescer:
-    """An ASGI `send` that writes a streamed (text/event-stream) body at most once per `window` seconds: the first
-    chunk at once (time to first token unchanged), later ones gathered for up to `window`, the last one at once.
-    Fewer, larger writes through the replica's HTTP server, HAProxy and the client's socket."""
+    """An ASGI `send` that writes a streamed (text/event-stream) body at most once per `window` seconds: the
+    first chunk at once (time to first token unchanged), later ones gathered for up to `window`, the last one
+    at once. Fewer, larger writes through the replica's HTTP server, HAProxy and the client's socket."""
 
     def __init__(self, send: Any, window: float) -> None:
         self.send, self.window = send, window
@@ -103,7 +118,9 @@ class StreamCoalescer:
             if now - self.last >= self.window and self.timer is None:
                 await self._flush()
             elif self.timer is None:
-                self.timer = asyncio.get_running_loop().create_task(self._later(self.last + self.window - now))
+                self.timer = asyncio.get_running_loop().create_task(
+                    self._later(self.last + self.window - now)
+                )
             return
         if self.timer is not None:
             self.timer.cancel()
@@ -130,8 +147,9 @@ class StreamCoalescer:
 
 
 class PrefixIsRoot:
-    """ASGI middleware: a request for the route prefix itself (e.g. /api/inference/vision, which Serve hands over
-    as the empty path under root_path) is served by the "/" route, instead of a 307 to the trailing slash."""
+    """ASGI middleware: a request for the route prefix itself (e.g. /api/inference/vision, which Serve hands
+    over as the empty path under root_path) is served by the "/" route, instead of a 307 to the trailing
+    slash."""
 
     def __init__(self, app: Any) -> None:
         self.app = app

@@ -1,12 +1,12 @@
-"""How a client key is checked: `current_client`, the one check every Serve ingress runs (the services' routes,
-the LLM's and embeddings' OpenAI routes, the inference and vision routes, and `ClientKeyGate` in front of vLLM's own
-app), so that no client route is reachable without a valid `rma_client_` key.
+"""How a client key is checked: `current_client`, the one check every Serve ingress runs (the services'
+routes, the LLM's and embeddings' OpenAI routes, the inference and vision routes, and `ClientKeyGate` in front
+of vLLM's own app), so that no client route is reachable without a valid `rma_client_` key.
 
-One `ClientKeyVerifier` (`deployments.gateway.keys`) per replica process, built lazily from this node's identity
-(`rma_ray.identity`: the donor's node credential or, on the head, its service credential `rma_service_`) and
-refreshed in the background; there is no coordinator round trip per request, and a revoked key stops working
-within the refresh interval. Tests and `rma up` may set `RMA_COORDINATOR_URL` + `RMA_KEYRING_CREDENTIAL_FILE`
-instead (a 0600 file: never a secret in an env var value).
+One `ClientKeyVerifier` (`deployments.gateway.keys`) per replica process, built lazily from this node's
+identity (`rma_ray.identity`: the donor's node credential or, on the head, its service credential
+`rma_service_`) and refreshed in the background; there is no coordinator round trip per request, and a revoked
+key stops working within the refresh interval. Tests and `rma up` may set `RMA_COORDINATOR_URL` +
+`RMA_KEYRING_CREDENTIAL_FILE` instead (a 0600 file: never a secret in an env var value).
 
 Use it as a FastAPI dependency (`ClientDep`, or `AUTH` on a route) on an app with `install_refusals`
 (`deployments.gateway.refusal`): a refusal is a `Refusal`, answered in the app's shape.
@@ -39,8 +39,9 @@ def _build() -> ClientKeyVerifier:
         ident = local_identity()
         url, credential = ident.coordinator_url, ident.credential
     refresh = float(os.environ.get("RMA_KEYRING_REFRESH_S", "10"))
-    return ClientKeyVerifier.from_coordinator(url, credential, refresh_s=refresh,
-                                              max_stale_s=max(30.0, 3 * refresh)).start()
+    return ClientKeyVerifier.from_coordinator(
+        url, credential, refresh_s=refresh, max_stale_s=max(30.0, 3 * refresh)
+    ).start()
 
 
 def verifier() -> ClientKeyVerifier:
@@ -59,22 +60,24 @@ def set_verifier(v: ClientKeyVerifier | None) -> None:
 
 
 async def _ready_verifier() -> ClientKeyVerifier:
-    """The replica's verifier; its first request builds it (a coordinator fetch) in a thread, off the event loop.
-    No identity on this node: fail closed, and say why."""
+    """The replica's verifier; its first request builds it (a coordinator fetch) in a thread, off the event
+    loop. No identity on this node: fail closed, and say why."""
     if _verifier is not None:
         return _verifier
     try:
         return await asyncio.to_thread(verifier)
     except Exception as exc:
-        raise Refusal(503, "keyring_unavailable", f"API keys cannot be checked on this replica: {exc}",
-                      KEYRING_RETRY_S) from None
+        raise Refusal(
+            503, "keyring_unavailable", f"API keys cannot be checked on this replica: {exc}", KEYRING_RETRY_S
+        ) from None
 
 
 async def current_client(request: Request) -> ClientIdentity:
     """The client a request's `Authorization` key acts for, or a Refusal (401 with what to send; 503 when the
     keyring cannot be read). On the event loop: the check is an in-memory hash lookup; a key created since the
-    keyring's last refresh is looked up again at once (one refresh, in a thread) instead of being refused until
-    the next periodic refresh. A request checked already (an app-wide dependency) is not checked twice."""
+    keyring's last refresh is looked up again at once (one refresh, in a thread) instead of being refused
+    until the next periodic refresh. A request checked already (an app-wide dependency) is not checked
+    twice."""
     done = getattr(request.state, "client", None)
     if isinstance(done, ClientIdentity):
         return done

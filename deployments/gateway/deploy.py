@@ -1,5 +1,6 @@
-"""Serve-side deploy helpers every app's `deploy()`/`undeploy()` uses: wait until applications run, delete them
-and wait until they are gone. Call them from a driver connected to the pool (`ray.init(address=...)` first)."""
+"""Serve-side deploy helpers every app's `deploy()`/`undeploy()` uses: wait until applications run, delete
+them and wait until they are gone. Call them from a driver connected to the pool (`ray.init(address=...)`
+first)."""
 
 from __future__ import annotations
 
@@ -15,16 +16,19 @@ class AppFailed(GiveUp, RuntimeError):
 
 
 def wait_running(apps: list[str], timeout_s: float) -> None:
-    """Return once every app in `apps` is RUNNING; raise AppFailed (a RuntimeError) with Serve's message when one
-    failed, and a TimeoutError naming each app's state after `timeout_s`."""
+    """Return once every app in `apps` is RUNNING; raise AppFailed (a RuntimeError) with Serve's message when
+    one failed, and a TimeoutError naming each app's state after `timeout_s`."""
     from ray import serve
     from ray.serve.schema import ApplicationStatus
 
     def running() -> bool:
         status = serve.status().applications
         states = {a: status[a].status if a in status else "MISSING" for a in apps}
-        failed = [a for a, s in states.items()
-                  if s in (ApplicationStatus.DEPLOY_FAILED, ApplicationStatus.UNHEALTHY)]
+        failed = [
+            a
+            for a, s in states.items()
+            if s in (ApplicationStatus.DEPLOY_FAILED, ApplicationStatus.UNHEALTHY)
+        ]
         if failed:
             raise AppFailed(f"Serve app {failed[0]} failed: {status[failed[0]].message[-2000:]}")
         if all(s == ApplicationStatus.RUNNING for s in states.values()):
@@ -39,8 +43,8 @@ class _NotYet(Exception):
 
 
 def delete_apps(apps: Iterable[str], *, timeout_s: float | None = None) -> None:
-    """Delete applications (Serve stops their replicas; an app already gone is fine). With `timeout_s`, all are
-    deleted at once and waited for together; without, one after the other, each with Serve's own wait."""
+    """Delete applications (Serve stops their replicas; an app already gone is fine). With `timeout_s`, all
+    are deleted at once and waited for together; without, one after the other, each with Serve's own wait."""
     from ray import serve
 
     names = list(apps)
@@ -50,8 +54,12 @@ def delete_apps(apps: Iterable[str], *, timeout_s: float | None = None) -> None:
         except Exception:  # already gone
             pass
     if timeout_s is not None:
-        wait_until(lambda: not any(a in serve.status().applications for a in names), timeout=timeout_s,
-                   interval=0.5, what=f"Serve apps {', '.join(names)} to be deleted")
+        wait_until(
+            lambda: not any(a in serve.status().applications for a in names),
+            timeout=timeout_s,
+            interval=0.5,
+            what=f"Serve apps {', '.join(names)} to be deleted",
+        )
 
 
 def app_status(app: str) -> Any:

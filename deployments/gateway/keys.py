@@ -105,8 +105,8 @@ class ClientKeyVerifier:
         with self._lock:
             loaded_at, stored, name = self._loaded_at, self._hashes.get(parsed.id), self._names.get(parsed.id, "")
         if loaded_at is None or self._clock() - loaded_at > self.max_stale_s:
-            raise Refusal(503, "keyring_stale", "API keys cannot be checked right now (coordinator unreachable)",
-                          KEYRING_RETRY_S)
+            raise Refusal(503, "keyring_stale",
+                          "API keys cannot be checked right now (coordinator unreachable)", KEYRING_RETRY_S)
         if stored is None:
             raise UnknownKey()
         if not hmac.compare_digest(credentials.hash_secret(parsed.secret), stored):

@@ -1,14 +1,14 @@
-"""How an error reaches a client: one exception, `Refusal(status, code, message, retry_after_s)`, raised anywhere on
-a request path (a route, a dependency, a backend replica: it pickles, so it crosses Ray), and one installer,
-`install_refusals(app, shape)`, that answers it in the shape the app's clients expect:
+"""How an error reaches a client: one exception, `Refusal(status, code, message, retry_after_s)`, raised
+anywhere on a request path (a route, a dependency, a backend replica: it pickles, so it crosses Ray), and one
+installer, `install_refusals(app, shape)`, that answers it in the shape the app's clients expect:
 
 - "pool" (the `/api` apps): `{"error": {"code", "message"}}`, plus `request_id` where the request has one;
-- "openai" (the `/v1` apps): `{"error": {"message", "type", "param", "code"}}`, so the `openai` client raises the
-  matching exception with the message.
+- "openai" (the `/v1` apps): `{"error": {"message", "type", "param", "code"}}`, so the `openai` client raises
+  the matching exception with the message.
 
-A 401 carries `WWW-Authenticate: Bearer`, a refusal with `retry_after_s` a `Retry-After`. The installer also turns
-FastAPI's validation errors and Starlette's HTTP errors into refusals, and (pool shape) any other exception into a
-500 whose body says only that the request id is in the logs.
+A 401 carries `WWW-Authenticate: Bearer`, a refusal with `retry_after_s` a `Retry-After`. The installer also
+turns FastAPI's validation errors and Starlette's HTTP errors into refusals, and (pool shape) any other
+exception into a 500 whose body says only that the request id is in the logs.
 """
 
 from __future__ import annotations
@@ -30,8 +30,14 @@ class Refusal(Exception):
     """A refusal with an HTTP status, a stable code and a message for a person (what was wrong, what to do).
     `param`: the request field at fault (OpenAI's error field; the OpenAI shape shows it)."""
 
-    def __init__(self, status: int, code: str, message: str, retry_after_s: float | None = None,
-                 param: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        retry_after_s: float | None = None,
+        param: str | None = None,
+    ) -> None:
         super().__init__(status, code, message, retry_after_s, param)  # every field in args: it pickles
         self.status, self.code, self.message = status, code, message
         self.retry_after_s, self.param = retry_after_s, param
@@ -67,8 +73,8 @@ class Refusal(Exception):
 
 
 class UnknownKey(Refusal):
-    """A well-formed client key whose id the replica's keyring does not know (created since its last refresh?):
-    the key check refreshes the keyring once and checks again before it refuses."""
+    """A well-formed client key whose id the replica's keyring does not know (created since its last
+    refresh?): the key check refreshes the keyring once and checks again before it refuses."""
 
     def __init__(self, message: str = "unknown or revoked API key") -> None:
         super().__init__(401, "invalid_api_key", message)
@@ -150,8 +156,9 @@ def install_refusals(app: FastAPI, shape: Shape = "pool", *, catch_all: bool = F
         if isinstance(inner, Refusal):
             return await _refused(request, inner)
         log.exception("request %s failed", request_id(request))
-        return Refusal(500, "internal_error", "the server failed on this request; the request id is in the "
-                                              "logs").response(shape, request_id(request))
+        return Refusal(
+            500, "internal_error", "the server failed on this request; the request id is in the logs"
+        ).response(shape, request_id(request))
 
     app.add_exception_handler(Exception, _other)
 
@@ -159,5 +166,5 @@ def install_refusals(app: FastAPI, shape: Shape = "pool", *, catch_all: bool = F
 def short(message: str) -> str:
     """vLLM's messages come wrapped ('Message: ..., Internal exception: ...'): keep the first part."""
     if message.startswith("Message: "):
-        message = message[len("Message: "):].split(", Internal exception:")[0]
+        message = message[len("Message: ") :].split(", Internal exception:")[0]
     return message[:500]

@@ -14,8 +14,8 @@ Signature:
 - `messages`: OpenAI chat messages, each {"role": "system"|"user"|"assistant", "content": str}.
 - `model`: a served model id (GET /v1/models); None = the pool's model.
 - Returns `ChatReply(text, model, finish_reason, usage)`; `finish_reason == "length"` means max_tokens cut it.
-- Raises the kit's `Refusal(status, code, message)`: 400 bad request (too many tokens for the context, malformed
-  messages), 404 unknown model, 5xx when the LLM is down; `TimeoutError` after `timeout_s`.
+- Raises the kit's `Refusal(status, code, message)`: 400 bad request (too many tokens for the context,
+  malformed messages), 404 unknown model, 5xx when the LLM is down; `TimeoutError` after `timeout_s`.
 
 It goes through the `LLMGateway` deployment of the `rma-inference` app with plain dicts, so the caller needs no
 vLLM import and no client key (code inside the Ray cluster is already trusted). Call it from inside a replica (or

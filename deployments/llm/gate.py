@@ -1,5 +1,6 @@
-"""What stands in front of vLLM's own OpenAI app inside the LLM replica (direct shape): the kit's `ClientKeyGate`
-with the LLM's routes, body limit and stream coalescing, and the pool's model list (`deployments.llm.models`)."""
+"""What stands in front of vLLM's own OpenAI app inside the LLM replica (direct shape): the kit's
+`ClientKeyGate` with the LLM's routes, body limit and stream coalescing, and the pool's model list
+(`deployments.llm.models`)."""
 
 from __future__ import annotations
 
@@ -29,5 +30,11 @@ def key_gate(app: Any) -> ClientKeyGate:
     """vLLM's own OpenAI app (inside the LLM replica) behind the kit's key gate: OPENAI_ROUTES only, with the
     pool's model list, the chat body limit and the stream coalescing window of the replica's runtime env."""
     window = float(os.environ.get(COALESCE_ENV, "0") or 0) / 1000
-    return ClientKeyGate(ModelCards(app), prefix=LLM_ROUTE_PREFIX, routes=OPENAI_ROUTES,
-                         max_body_bytes=MAX_BODY_BYTES, served=SERVED, coalesce_s=window)
+    return ClientKeyGate(
+        ModelCards(app),
+        prefix=LLM_ROUTE_PREFIX,
+        routes=OPENAI_ROUTES,
+        max_body_bytes=MAX_BODY_BYTES,
+        served=SERVED,
+        coalesce_s=window,
+    )

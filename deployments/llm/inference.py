@@ -1,7 +1,7 @@
-"""The `rma-inference` app at `/api/inference` (longer than the services' `/api`, so it wins there): the seed's
-POST /api/inference/llm, and the handle entry (`LLMGateway.chat`) that other deployments use through
-`deployments.llm.client` with plain dicts (so callers never import vLLM). Refusals are the kit's `Refusal`, in the
-pool's shape."""
+"""The `rma-inference` app at `/api/inference` (longer than the services' `/api`, so it wins there): the
+seed's POST /api/inference/llm, and the handle entry (`LLMGateway.chat`) that other deployments use through
+`deployments.llm.client` with plain dicts (so callers never import vLLM). Refusals are the kit's `Refusal`, in
+the pool's shape."""
 
 from __future__ import annotations
 
@@ -71,10 +71,16 @@ def _error_from(resp: Any) -> Refusal:
     return Refusal(status, code, short(err.message))
 
 
-@serve.deployment(name=GATEWAY_DEPLOYMENT, max_ongoing_requests=256,
-                  ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": dict(INGRESS_REPLICA_ENV)},
-                                     # it sees every client's key: trusted nodes only (the head is one)
-                                     "label_selector": dict(TRUSTED_NODES)})
+@serve.deployment(
+    name=GATEWAY_DEPLOYMENT,
+    max_ongoing_requests=256,
+    ray_actor_options={
+        "num_cpus": 0,
+        "runtime_env": {"env_vars": dict(INGRESS_REPLICA_ENV)},
+        # it sees every client's key: trusted nodes only (the head is one)
+        "label_selector": dict(TRUSTED_NODES),
+    },
+)
 @serve.ingress(_inference_app)
 class LLMGateway:
     """POST /api/inference/llm, and `chat(payload)` for other deployments (plain dicts in and out)."""
@@ -87,8 +93,11 @@ class LLMGateway:
         if not self._models:
             try:  # the rma-llm app's LLMServer (its ingress, or behind OpenAiIngress): one model per app
                 apps = (await asyncio.to_thread(serve.status)).applications
-                names = [n for n in (apps[LLM_APP].deployments if LLM_APP in apps else {})
-                         if n.startswith("LLMServer:")]
+                names = [
+                    n
+                    for n in (apps[LLM_APP].deployments if LLM_APP in apps else {})
+                    if n.startswith("LLMServer:")
+                ]
                 if not names:
                     raise LookupError(f"no LLMServer deployment in the {LLM_APP} app")
                 server = serve.get_deployment_handle(names[0], app_name=LLM_APP)
@@ -127,16 +136,23 @@ class LLMGateway:
             if isinstance(resp, ErrorResponse):
                 raise _error_from(resp)
             choice = resp.choices[0]
-            return {"text": choice.message.content or "", "model": resp.model,
-                    "finish_reason": choice.finish_reason,
-                    "usage": resp.usage.model_dump() if resp.usage else None}
+            return {
+                "text": choice.message.content or "",
+                "model": resp.model,
+                "finish_reason": choice.finish_reason,
+                "usage": resp.usage.model_dump() if resp.usage else None,
+            }
         raise Refusal(502, "llm_error", "the LLM replica returned nothing")
 
     @_inference_app.post("/llm", dependencies=AUTH)
     async def llm(self, body: InferenceRequest) -> dict[str, Any]:
         started = time.perf_counter()
-        payload: dict[str, Any] = {"messages": body.chat_messages(), "max_tokens": body.max_tokens,
-                                   "temperature": body.temperature, "top_p": body.top_p}
+        payload: dict[str, Any] = {
+            "messages": body.chat_messages(),
+            "max_tokens": body.max_tokens,
+            "temperature": body.temperature,
+            "top_p": body.top_p,
+        }
         if body.stop:
             payload["stop"] = body.stop
         if body.model:

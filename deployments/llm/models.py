@@ -1,5 +1,6 @@
-"""GET /v1/models for the whole pool: the LLM's OpenAI app lists its own model (`kind: chat`) and the models of
-the pool's other OpenAI routes (the `rma-embeddings` app's, `kind: embedding`), asked of that app's ingress."""
+"""GET /v1/models for the whole pool: the LLM's OpenAI app lists its own model (`kind: chat`) and the models
+of the pool's other OpenAI routes (the `rma-embeddings` app's, `kind: embedding`), asked of that app's
+ingress."""
 
 from __future__ import annotations
 

@@ -2,10 +2,10 @@
 replica starts: importing ray.serve.llm's server pulls in vLLM.
 
 - `PoolLLMServer`: ray.serve.llm's `LLMServer` with `CPUEngine`, for the proxied shape (behind OpenAiIngress).
-- `KeyedLLMServer`: the same, as its app's HTTP ingress (ray.serve.llm's "direct streaming" shape): HAProxy sends
-  each request straight into the replica, and vLLM's own OpenAI app answers it on the replica's event loop with
-  the key gate (`deployments.llm.gate.key_gate`) in front. No ingress replica between, and no hop of every streamed token
-  through Ray.
+- `KeyedLLMServer`: the same, as its app's HTTP ingress (ray.serve.llm's "direct streaming" shape): HAProxy
+  sends each request straight into the replica, and vLLM's own OpenAI app answers it on the replica's event
+  loop with the key gate (`deployments.llm.gate.key_gate`) in front. No ingress replica between, and no hop of
+  every streamed token through Ray.
 """
 
 from __future__ import annotations

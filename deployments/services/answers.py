@@ -23,34 +23,73 @@ from deployments.services.http import ApiContext, form_file, json_body, owner
 from deployments.services.rag import collection_name
 
 
-async def ingest(request: Request, client: ClientIdentity, api: ApiContext, collection: str,
-                 model: type[BaseModel], rag: Any) -> Any:
+async def ingest(
+    request: Request,
+    client: ClientIdentity,
+    api: ApiContext,
+    collection: str,
+    model: type[BaseModel],
+    rag: Any,
+) -> Any:
     """Index a request's document(s) into `collection` of the `rag` backend."""
     call, b = api.call, api.backends
     docs: list[dict[str, Any]]
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
         data, filename, ctype, fields = await form_file(request, api.settings.upload_max_bytes)
         parsed = await call("documents", b.documents.parse, data, filename, ctype, "auto", hostile=True)
-        docs = [{"text": parsed["text"], "source": fields.get("source") or filename or "upload",
-                 "metadata": {"content_type": parsed["content_type"]}}]
+        docs = [
+            {
+                "text": parsed["text"],
+                "source": fields.get("source") or filename or "upload",
+                "metadata": {"content_type": parsed["content_type"]},
+            }
+        ]
     else:
         body = await json_body(request, model)
         given = [x is not None for x in (body.text, body.documents, body.upload_id)]
         if sum(given) != 1:
-            raise Refusal(422, "invalid_body", "send exactly one of: text, documents, upload_id "
-                                               "(or a multipart file)")
+            raise Refusal(
+                422, "invalid_body", "send exactly one of: text, documents, upload_id (or a multipart file)"
+            )
         if body.upload_id is not None:
             meta, data = await call("uploads", b.uploads.read, body.upload_id, owner(client))
-            parsed = await call("documents", b.documents.parse, data, meta["filename"], meta["content_type"],
-                                "auto", hostile=True)
-            docs = [{"text": parsed["text"], "source": body.source or f"upload:{meta['id']}",
-                     "metadata": {**body.metadata, "upload_id": meta["id"], "filename": meta["filename"] or ""}}]
+            parsed = await call(
+                "documents",
+                b.documents.parse,
+                data,
+                meta["filename"],
+                meta["content_type"],
+                "auto",
+                hostile=True,
+            )
+            docs = [
+                {
+                    "text": parsed["text"],
+                    "source": body.source or f"upload:{meta['id']}",
+                    "metadata": {
+                        **body.metadata,
+                        "upload_id": meta["id"],
+                        "filename": meta["filename"] or "",
+                    },
+                }
+            ]
         elif body.text is not None:
-            docs = [{"text": body.text, "source": body.source or f"text:{uuid.uuid4().hex[:12]}",
-                     "metadata": body.metadata}]
+            docs = [
+                {
+                    "text": body.text,
+                    "source": body.source or f"text:{uuid.uuid4().hex[:12]}",
+                    "metadata": body.metadata,
+                }
+            ]
         else:
-            docs = [{"text": d.text, "source": d.source or f"text:{uuid.uuid4().hex[:12]}",
-                     "metadata": d.metadata} for d in body.documents]
+            docs = [
+                {
+                    "text": d.text,
+                    "source": d.source or f"text:{uuid.uuid4().hex[:12]}",
+                    "metadata": d.metadata,
+                }
+                for d in body.documents
+            ]
     if not any(d["text"].strip() for d in docs):
         raise Refusal(422, "no_text", "the document has no text to index")
     return await call("RAG", rag.ingest, collection, docs)
@@ -62,8 +101,12 @@ async def query(api: ApiContext, collection: str, body: Any, missing_ok: bool, r
     if not body.answer:
         return found
     if not found["results"]:
-        return {**found, "answer": None, "citations": [],
-                "note": "nothing in the collection matches; no answer generated"}
+        return {
+            **found,
+            "answer": None,
+            "citations": [],
+            "note": "nothing in the collection matches; no answer generated",
+        }
     messages = llm.rag_messages(body.query, found["results"])
     if body.stream:
         if not await asyncio.to_thread(llm.llm_running):  # say so before a 200 stream starts
@@ -73,7 +116,9 @@ async def query(api: ApiContext, collection: str, body: Any, missing_ok: bool, r
     return {**found, "answer": answer, "citations": llm.citations(answer, found["results"])}
 
 
-def stream_answer(found: dict[str, Any], messages: list[dict[str, str]], timeout_s: float) -> StreamingResponse:
+def stream_answer(
+    found: dict[str, Any], messages: list[dict[str, str]], timeout_s: float
+) -> StreamingResponse:
     """SSE: `results` (the retrieved chunks), a `delta` per piece of the answer as the LLM makes it, then
     `answer` (the whole text and its citations) and `done`; an `error` event if the LLM fails midway."""
 
@@ -95,8 +140,11 @@ def stream_answer(found: dict[str, Any], messages: list[dict[str, str]], timeout
             yield event("error", {"code": exc.code, "message": exc.message})
         yield event("done", {})
 
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        events(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 def public_collection(name: str) -> str:
@@ -106,6 +154,9 @@ def public_collection(name: str) -> str:
 def own_collection(client_id: str, client: ClientIdentity) -> str:
     """The collection of `client_id`, which must be the client this key acts for."""
     if not hmac.compare_digest(client_id.encode(), owner(client).encode()):
-        raise Refusal(403, "not_your_client", f"this API key acts for client {owner(client)!r}; it cannot use the "
-                                              f"collection of {client_id!r}")
+        raise Refusal(
+            403,
+            "not_your_client",
+            f"this API key acts for client {owner(client)!r}; it cannot use the collection of {client_id!r}",
+        )
     return collection_name("client", client_id)

@@ -1,8 +1,8 @@
 """The gateway's HTTP API (FastAPI), mounted by Serve at /api: `create_api` assembles the services' routers
-(`deployments/services/routes/`), the plumbing (`http.py`: the key check with the per-client rate, request ids,
-the body limit, the backend caller) and the kit's refusals (`deployments.gateway.refusal`). Every route needs a
-client key (a drift test lists them); every refusal is `{"error": {"code", "message", "request_id"}}`; every
-response carries X-Request-ID."""
+(`deployments/services/routes/`), the plumbing (`http.py`: the key check with the per-client rate, request
+ids, the body limit, the backend caller) and the kit's refusals (`deployments.gateway.refusal`). Every route
+needs a client key (a drift test lists them); every refusal is `{"error": {"code", "message", "request_id"}}`;
+every response carries X-Request-ID."""
 
 from __future__ import annotations
 
@@ -12,7 +12,13 @@ from fastapi import Depends, FastAPI
 
 from deployments.gateway.refusal import install_refusals
 from deployments.services.backends import Backends
-from deployments.services.http import ApiContext, BackendCaller, ClientLimiter, GatewayMiddleware, authenticated
+from deployments.services.http import (
+    ApiContext,
+    BackendCaller,
+    ClientLimiter,
+    GatewayMiddleware,
+    authenticated,
+)
 from deployments.services.routes import client_rag, documents, graph, meta, notes, ocr, rag, uploads
 from deployments.services.schemas import (  # the wire models, where openapi.ROUTES names them
     ClientIngestBody,
@@ -22,21 +28,40 @@ from deployments.services.schemas import (  # the wire models, where openapi.ROU
 )
 from deployments.services.settings import ServicesSettings
 
-__all__ = ["Backends", "ClientIngestBody", "ClientQueryBody", "IngestBody", "QueryBody", "create_api",
-           "public_routes"]
+__all__ = [
+    "Backends",
+    "ClientIngestBody",
+    "ClientQueryBody",
+    "IngestBody",
+    "QueryBody",
+    "create_api",
+    "public_routes",
+]
 ROUTERS = (meta, documents, ocr, uploads, rag, client_rag, notes, graph)
 
 
-def create_api(backends: Backends, settings: ServicesSettings | None = None, *, set_request_id: bool = True,
-               metrics: Any = None) -> FastAPI:
+def create_api(
+    backends: Backends,
+    settings: ServicesSettings | None = None,
+    *,
+    set_request_id: bool = True,
+    metrics: Any = None,
+) -> FastAPI:
     """The FastAPI app. `set_request_id`: add X-Request-ID here (off under Serve, whose proxy adds it to every
     response, its own 503s and 408s included)."""
     s = settings or ServicesSettings()
     # the schema is served by a route of its own (routes/meta.py), behind the key like every other route
-    app = FastAPI(title="RMA services", version="1", docs_url=None, redoc_url=None, openapi_url=None,
-                  dependencies=[Depends(authenticated)])
-    app.state.api = ApiContext(backends, s, BackendCaller(s, metrics),
-                               ClientLimiter(s.client_rate) if s.client_rate else None)
+    app = FastAPI(
+        title="RMA services",
+        version="1",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        dependencies=[Depends(authenticated)],
+    )
+    app.state.api = ApiContext(
+        backends, s, BackendCaller(s, metrics), ClientLimiter(s.client_rate) if s.client_rate else None
+    )
     app.state.published = []
     install_refusals(app, "pool", catch_all=True)
     app.add_middleware(GatewayMiddleware, settings=s, set_request_id=set_request_id, metrics=metrics)

@@ -33,8 +33,9 @@ FileParts = tuple[bytes, str | None, str | None, dict[str, str]]
 
 class ClientLimiter:
     """Per-client request rate (the `limits` library, sliding window counter, in this replica's memory): one
-    client cannot take the whole gateway; past the rate it gets 429 with Retry-After. The sliding window counter
-    costs the same per request at any rate (a moving window keeps one timestamp per request in the window)."""
+    client cannot take the whole gateway; past the rate it gets 429 with Retry-After. The sliding window
+    counter costs the same per request at any rate (a moving window keeps one timestamp per request in the
+    window)."""
 
     def __init__(self, rate: str) -> None:
         from limits import parse
@@ -48,49 +49,75 @@ class ClientLimiter:
         if not self._limiter.hit(self.item, client.key_id):
             reset = self._limiter.get_window_stats(self.item, client.key_id).reset_time
             retry = max(1, math.ceil(reset - time.time()))
-            raise Refusal(429, "rate_limited", f"this API key sent more than {self.item} requests; retry in "
-                                               f"{retry} s", retry)
+            raise Refusal(
+                429,
+                "rate_limited",
+                f"this API key sent more than {self.item} requests; retry in {retry} s",
+                retry,
+            )
 
 
 class BackendCaller:
     """One backend call with the gateway's time limit; Serve's refusals become 503s with Retry-After, and an
-    idempotent call (`retry`) is sent once more when the replica it reached died under it. A call that hands the
-    caller's file to a parser (`hostile`) is never retried: a replica that died under it is taken as the file's
-    doing (one bomb must not take down a second replica), and answered 422."""
+    idempotent call (`retry`) is sent once more when the replica it reached died under it. A call that hands
+    the caller's file to a parser (`hostile`) is never retried: a replica that died under it is taken as the
+    file's doing (one bomb must not take down a second replica), and answered 422."""
 
     def __init__(self, settings: ServicesSettings, metrics: Any = None) -> None:
         self.s, self.metrics = settings, metrics
 
-    async def __call__(self, what: str, fn: Callable[..., Awaitable[Any]], *args: Any, retry: bool = False,
-                       hostile: bool = False, **kwargs: Any) -> Any:
+    async def __call__(
+        self,
+        what: str,
+        fn: Callable[..., Awaitable[Any]],
+        *args: Any,
+        retry: bool = False,
+        hostile: bool = False,
+        **kwargs: Any,
+    ) -> Any:
         s = self.s
         for attempt in (1, 2):
             try:
                 return await asyncio.wait_for(fn(*args, **kwargs), s.request_timeout_s)
             except TimeoutError:
-                raise Refusal(504, "timeout", f"the {what} service did not answer within "
-                                              f"{s.request_timeout_s:g} s; try again or send less") from None
+                raise Refusal(
+                    504,
+                    "timeout",
+                    f"the {what} service did not answer within "
+                    f"{s.request_timeout_s:g} s; try again or send less",
+                ) from None
             except Refusal:
                 raise
             except Exception as exc:
                 name = type(unwrap(exc)).__name__
                 if name == "BackPressureError":
-                    raise Refusal(503, "overloaded", f"the {what} service is at capacity; retry shortly",
-                                  s.retry_after_s) from None
+                    raise Refusal(
+                        503,
+                        "overloaded",
+                        f"the {what} service is at capacity; retry shortly",
+                        s.retry_after_s,
+                    ) from None
                 if name in DIED and hostile:
                     log.warning("%s replica died under a file; the file is refused, not retried", what)
-                    raise Refusal(422, "parser_limits_exceeded",
-                                  f"the {what} service's replica died while processing this file: "
-                                  f"this file made the parser exceed its limits; it was not processed "
-                                  f"and is not retried. Send a smaller or simpler file") from None
+                    raise Refusal(
+                        422,
+                        "parser_limits_exceeded",
+                        f"the {what} service's replica died while processing this file: "
+                        f"this file made the parser exceed its limits; it was not processed "
+                        f"and is not retried. Send a smaller or simpler file",
+                    ) from None
                 if name in DIED and retry and attempt == 1:
                     log.warning("%s replica died under a request; retrying once", what)
                     if self.metrics is not None:
                         self.metrics.retried(what)
                     continue
                 if name in DIED or name == "DeploymentUnavailableError":
-                    raise Refusal(503, "service_unavailable", f"the {what} service is not available right "
-                                                              f"now ({name})", 5) from None
+                    raise Refusal(
+                        503,
+                        "service_unavailable",
+                        f"the {what} service is not available right now ({name})",
+                        5,
+                    ) from None
                 raise
         raise AssertionError("unreachable")
 
@@ -115,7 +142,8 @@ Api = Annotated[ApiContext, Depends(api_context)]
 
 
 async def authenticated(request: Request) -> ClientIdentity:
-    """The app-wide dependency: the client key (`deployments.gateway.auth`), then the client's request rate."""
+    """The app-wide dependency: the client key (`deployments.gateway.auth`), then the client's request
+    rate."""
     client = await current_client(request)
     limiter = api_context(request).limiter
     if limiter is not None:
@@ -124,8 +152,8 @@ async def authenticated(request: Request) -> ClientIdentity:
 
 
 class GatewayMiddleware:
-    """Request ids, the body-size limit before anything is read, and per-route metrics, as plain ASGI (Starlette's
-    BaseHTTPMiddleware costs a task and a stream per request)."""
+    """Request ids, the body-size limit before anything is read, and per-route metrics, as plain ASGI
+    (Starlette's BaseHTTPMiddleware costs a task and a stream per request)."""
 
     def __init__(self, app: Any, settings: ServicesSettings, set_request_id: bool, metrics: Any) -> None:
         self.app, self.settings, self.set_request_id, self.metrics = app, settings, set_request_id, metrics
@@ -179,7 +207,9 @@ async def form_file(request: Request, limit: int, field: str = "file") -> FilePa
     """The multipart file (read with a size limit) and the other form fields."""
     ctype = request.headers.get("content-type", "")
     if not ctype.startswith("multipart/form-data"):
-        raise Refusal(415, "multipart_required", f"send the file as multipart/form-data in a field named {field!r}")
+        raise Refusal(
+            415, "multipart_required", f"send the file as multipart/form-data in a field named {field!r}"
+        )
     try:
         form = await request.form(max_files=1, max_fields=20)
     except StarletteHTTPException as exc:
@@ -210,7 +240,8 @@ async def file_or_upload(request: Request, client: ClientIdentity, api: ApiConte
         if not upload_id:
             raise Refusal(422, "invalid_body", "upload_id: field required (or send a multipart file)")
     if upload_id is not None:
-        meta, data = await api.call("uploads", api.backends.uploads.read, str(upload_id), owner(client),
-                                    retry=True)
+        meta, data = await api.call(
+            "uploads", api.backends.uploads.read, str(upload_id), owner(client), retry=True
+        )
         return data, meta["filename"], meta["content_type"], {}
     return await form_file(request, api.settings.upload_max_bytes)

@@ -1,5 +1,6 @@
 """The services' request bodies (wire shapes), checked by pydantic before a route calls a backend. The ones a
-route reads by hand (a body that may also be a multipart file) are named in `openapi.ROUTES` (`body_model`)."""
+route reads by hand (a body that may also be a multipart file) are named in `openapi.ROUTES`
+(`body_model`)."""
 
 from __future__ import annotations
 
@@ -45,7 +46,9 @@ class QueryBody(ClientQueryBody):
 class NoteIn(Strict):
     title: str = Field(min_length=1, max_length=300)
     body: str = Field(default="", max_length=1_000_000)
-    tags: list[Annotated[str, Field(min_length=1, max_length=50)]] = Field(default_factory=list, max_length=50)
+    tags: list[Annotated[str, Field(min_length=1, max_length=50)]] = Field(
+        default_factory=list, max_length=50
+    )
 
 
 class NotePatch(Strict):

@@ -1,5 +1,6 @@
-"""The vision route's request: an image and a prompt, as multipart form data or JSON with a base64 image, checked
-before anything reaches a model. Pure (Pillow, pydantic and the kit's `Refusal`; no Ray), so unit tests and the GPU check use it.
+"""The vision route's request: an image and a prompt, as multipart form data or JSON with a base64 image,
+checked before anything reaches a model. Pure (Pillow, pydantic and the kit's `Refusal`; no Ray), so unit
+tests and the GPU check use it.
 
 Limits: the body (`max_image_bytes` of image, plus the base64 and form overhead) is refused early from its
 Content-Length; the image must be a JPEG, PNG or WebP that Pillow can read, of at most `max_pixels` pixels (a small

@@ -188,7 +188,7 @@ def test_no_serve_app_with_routes_is_left_out_of_the_route_check() -> None:
     known = set(_route_sources())
     for file in sorted((ROOT / "deployments").rglob("*.py")):
         rel = str(file.relative_to(ROOT))
-        if rel.startswith("deployments/services/routes/"):  # the services app's routers: code_routes() has them
+        if rel.startswith("deployments/services/routes/"):  # the services app's routers: in code_routes()
             continue
         if rel not in known and any(p.startswith("/") for _, _, p in _decorated_routes(file)):
             pytest.fail(f"{rel} serves routes: add it to _route_sources() and its routes to docs/client.md")

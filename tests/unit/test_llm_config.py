@@ -208,8 +208,8 @@ def test_inference_routes_need_a_client_key() -> None:
 
 
 def test_the_one_key_check_accepts_a_live_key_and_refuses_the_others() -> None:
-    """current_client, on the event loop: the client a live key acts for; 401 with WWW-Authenticate for a missing,
-    malformed or unknown key, and 503 with Retry-After when the replica has no keyring."""
+    """current_client, on the event loop: the client a live key acts for; 401 with WWW-Authenticate for a
+    missing, malformed or unknown key, and 503 with Retry-After when the replica has no keyring."""
     import asyncio
 
     from starlette.requests import Request
@@ -238,7 +238,8 @@ def test_the_one_key_check_accepts_a_live_key_and_refuses_the_others() -> None:
         auth.set_verifier(None)
         with pytest.MonkeyPatch.context() as mp:
             mp.delenv("RMA_COORDINATOR_URL", raising=False)
-            mp.setattr(auth, "_build", lambda: (_ for _ in ()).throw(RuntimeError("no identity on this node")))
+            no_identity = RuntimeError("no identity on this node")
+            mp.setattr(auth, "_build", lambda: (_ for _ in ()).throw(no_identity))
             with pytest.raises(Refusal) as exc:
                 asyncio.run(auth.current_client(req(f"Bearer {good.token}")))
         assert (exc.value.status, exc.value.code) == (503, "keyring_unavailable")

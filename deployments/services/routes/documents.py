@@ -13,7 +13,8 @@ router = APIRouter()
 
 
 @router.post("/documents/parse")
-async def parse_document(request: Request, client: ClientDep, api: Api,
-                         ocr: Literal["auto", "never", "always"] = "auto") -> Any:
+async def parse_document(
+    request: Request, client: ClientDep, api: Api, ocr: Literal["auto", "never", "always"] = "auto"
+) -> Any:
     data, filename, ctype, _ = await file_or_upload(request, client, api)
     return await api.call("documents", api.backends.documents.parse, data, filename, ctype, ocr, hostile=True)

@@ -15,9 +15,13 @@ router = APIRouter()
 
 @router.post("/graph/extract")
 async def graph_extract(body: ExtractBody, client: ClientDep, api: Api) -> Any:
-    return await api.call("graph", api.backends.graph.extract, owner(client), body.text, body.source, body.write)
+    return await api.call(
+        "graph", api.backends.graph.extract, owner(client), body.text, body.source, body.write
+    )
 
 
 @router.post("/graph/query")
 async def graph_query(body: GraphQueryBody, client: ClientDep, api: Api) -> Any:
-    return await api.call("graph", api.backends.graph.query, owner(client), body.entity, body.limit, retry=True)
+    return await api.call(
+        "graph", api.backends.graph.query, owner(client), body.entity, body.limit, retry=True
+    )

@@ -1,4 +1,5 @@
-"""The gateway's own routes: who a key acts for, and the published OpenAPI (behind the key like every route)."""
+"""The gateway's own routes: who a key acts for, and the published OpenAPI (behind the key like every
+route)."""
 
 from __future__ import annotations
 

@@ -21,8 +21,13 @@ async def create_note(note: NoteIn, client: ClientDep, api: Api) -> Any:
 
 
 @router.get("/notes")
-async def list_notes(client: ClientDep, api: Api, limit: int = Query(50, ge=1, le=500),
-                     offset: int = Query(0, ge=0), tag: str | None = Query(None, max_length=50)) -> Any:
+async def list_notes(
+    client: ClientDep,
+    api: Api,
+    limit: int = Query(50, ge=1, le=500),
+    offset: int = Query(0, ge=0),
+    tag: str | None = Query(None, max_length=50),
+) -> Any:
     return await api.call("notes", api.backends.notes.list, owner(client), limit, offset, tag, retry=True)
 
 
@@ -35,8 +40,9 @@ async def get_note(note_id: int, client: ClientDep, api: Api) -> Any:
 async def update_note(note_id: int, patch: NotePatch, client: ClientDep, api: Api) -> Any:
     if not patch.model_fields_set:
         raise Refusal(422, "invalid_body", "send at least one of: title, body, tags")
-    return await api.call("notes", api.backends.notes.update, owner(client), note_id,
-                          patch.model_dump(exclude_unset=True))
+    return await api.call(
+        "notes", api.backends.notes.update, owner(client), note_id, patch.model_dump(exclude_unset=True)
+    )
 
 
 @router.delete("/notes/{note_id}", status_code=204)
@@ -47,5 +53,6 @@ async def delete_note(note_id: int, client: ClientDep, api: Api) -> Response:
 
 @router.post("/notes/{note_id}/summarize")
 async def summarize_note(note_id: int, client: ClientDep, api: Api, body: SummarizeBody | None = None) -> Any:
-    return await api.call("notes", api.backends.notes.summarize, owner(client), note_id,
-                          (body or SummarizeBody()).max_words)
+    return await api.call(
+        "notes", api.backends.notes.summarize, owner(client), note_id, (body or SummarizeBody()).max_words
+    )

@@ -1,4 +1,5 @@
-"""RAG over the shared collections: ingest a document, query with an answer (`deployments.services.answers`)."""
+"""RAG over the shared collections: ingest a document, query with an answer
+(`deployments.services.answers`)."""
 
 from __future__ import annotations
 
@@ -25,8 +26,14 @@ async def rag_ingest(request: Request, client: ClientDep, api: Api) -> Any:
             collection = (json.loads(raw) or {}).get("collection", "default") if raw else "default"
         except (ValueError, AttributeError):
             raise Refusal(400, "bad_json", "the body is not valid JSON") from None
-    return await answers.ingest(request, client, api, answers.public_collection(str(collection or "default")),
-                                IngestBody, api.backends.rag)
+    return await answers.ingest(
+        request,
+        client,
+        api,
+        answers.public_collection(str(collection or "default")),
+        IngestBody,
+        api.backends.rag,
+    )
 
 
 @router.post("/rag/query")
