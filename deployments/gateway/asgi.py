@@ -33,8 +33,7 @@ def body_limit(
 
 
 def path_under_root(scope: dict[str, Any]) -> str:
-    root = scope.get("root_path", "")
-    return scope["path"][len(root) :] if scope["path"].startswith(root) else scope["path"]
+    return str(scope["path"]).removeprefix(scope.get("root_path", ""))
 
 
 class ClientKeyGate:

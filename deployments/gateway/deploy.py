@@ -5,10 +5,13 @@ first)."""
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable
 from typing import Any
 
 from rma_ray.waiting import GiveUp, wait_until
+
+log = logging.getLogger("rma.gateway.deploy")
 
 
 class AppFailed(GiveUp, RuntimeError):
@@ -51,8 +54,8 @@ def delete_apps(apps: Iterable[str], *, timeout_s: float | None = None) -> None:
     for app in names:
         try:
             serve.delete(app, _blocking=timeout_s is None)
-        except Exception:  # already gone
-            pass
+        except Exception as exc:  # already gone
+            log.debug("Serve app %s not deleted: %s", app, exc)
     if timeout_s is not None:
         wait_until(
             lambda: not any(a in serve.status().applications for a in names),
