@@ -29,10 +29,11 @@ from deployments.embeddings.config import (
     MODEL_DEPLOYMENT,
     EmbeddingSettings,
 )
-from deployments.embeddings.model import EmbeddingError, EmbeddingModel, model_card, parse_request, reply
-from deployments.gateway.auth import openai_error_handler
-from deployments.llm.app import AUTH
-from deployments.vision.app import PrefixIsRoot
+from deployments.embeddings.model import EmbeddingModel, model_card, parse_request, reply
+from deployments.gateway.asgi import PrefixIsRoot
+from deployments.gateway.auth import AUTH
+from deployments.gateway.deploy import delete_apps, wait_running
+from deployments.gateway.refusal import Refusal, install_refusals, refusal_from, unwrap
 from rma_ray.serve_admin import INGRESS_REPLICA_ENV
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -40,7 +41,7 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_P
 
 class Embedder:
     """The model replica. `embed(request)`: {"input": [str | token ids], "dimensions"?, "truncate"?} ->
-    {"vectors": float32 array, "tokens": int}; raises EmbeddingError for what the model cannot read."""
+    {"vectors": float32 array, "tokens": int}; raises Refusal for what the model cannot read."""
 
     def __init__(self, settings: dict[str, Any]) -> None:
         s = EmbeddingSettings(**settings)
@@ -66,12 +67,7 @@ class Embedder:
 
 _app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
 _app.add_middleware(PrefixIsRoot)  # POST /v1/embeddings itself, not a 307 to /v1/embeddings/
-openai_error_handler(_app)
-
-
-@_app.exception_handler(EmbeddingError)
-async def _refused(request: Request, exc: EmbeddingError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
+install_refusals(_app, "openai")
 
 
 @serve.ingress(_app)
@@ -92,7 +88,7 @@ class EmbeddingsIngress:
         try:
             body = await request.json()
         except ValueError:
-            raise EmbeddingError(
+            raise Refusal(
                 400,
                 "invalid_request",
                 f'the body is not JSON: send {{"input": ..., "model": "{self.entry.model_id}"}}',
@@ -101,13 +97,11 @@ class EmbeddingsIngress:
         try:
             out = await self.embedder.embed.remote({"input": req.items(), "dimensions": req.dimensions})
         except Exception as exc:
-            from deployments.services.errors import unwrap
-
-            inner = unwrap(exc)
-            if isinstance(inner, EmbeddingError):
-                raise inner from None
-            if type(inner).__name__ in ("BackPressureError", "DeploymentUnavailableError"):
-                raise EmbeddingError(
+            refusal = refusal_from(exc)
+            if refusal is not None:
+                raise refusal from None
+            if type(unwrap(exc)).__name__ in ("BackPressureError", "DeploymentUnavailableError"):
+                raise Refusal(
                     503, "overloaded", "the embedding model is at capacity; retry shortly"
                 ) from None
             raise
@@ -161,8 +155,6 @@ def build_app(settings: EmbeddingSettings | None = None) -> Any:
 
 
 def deploy(settings: EmbeddingSettings | None = None, *, blocking_timeout_s: float = 600) -> dict[str, Any]:
-    from deployments.llm.app import wait_running
-
     settings = settings or EmbeddingSettings()
     started = time.monotonic()
     serve.run(build_app(settings), name=EMBEDDINGS_APP, route_prefix=EMBEDDINGS_ROUTE_PREFIX, blocking=False)
@@ -176,7 +168,4 @@ def deploy(settings: EmbeddingSettings | None = None, *, blocking_timeout_s: flo
 
 
 def undeploy() -> None:
-    try:
-        serve.delete(EMBEDDINGS_APP, _blocking=True)
-    except Exception:  # already gone
-        pass
+    delete_apps((EMBEDDINGS_APP,))

@@ -13,23 +13,14 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from deployments.embeddings.config import EMBEDDED_SOURCE, EmbeddingEntry, EmbeddingSettings
+from deployments.gateway.refusal import Refusal
 
 TokenIds = list[int]
 
 
-class EmbeddingError(Exception):
-    """A refusal with its HTTP status and OpenAI error code (picklable: it crosses Ray)."""
-
-    def __init__(self, status: int, code: str, message: str, param: str | None = None) -> None:
-        super().__init__(status, code, message, param)
-        self.status, self.code, self.message, self.param = status, code, message, param
-
-    def __str__(self) -> str:
-        return self.message
-
-    def body(self) -> dict[str, Any]:
-        kind = "invalid_request_error" if self.status < 500 else "server_error"
-        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+def refused(status: int, code: str, message: str, param: str | None = None) -> Refusal:
+    """A refusal of an embeddings request, naming the request field at fault (OpenAI's `param`)."""
+    return Refusal(status, code, message, param=param)
 
 
 class EmbeddingRequest(BaseModel):
@@ -53,9 +44,9 @@ class EmbeddingRequest(BaseModel):
 
 
 def parse_request(body: Any, entry: EmbeddingEntry, settings: EmbeddingSettings) -> EmbeddingRequest:
-    """The request, or an EmbeddingError (400/404) that says what to change."""
+    """The request, or a Refusal (400/404) that says what to change."""
     if not isinstance(body, dict):
-        raise EmbeddingError(
+        raise refused(
             400, "invalid_request", "the body must be a JSON object with 'input' and 'model'"
         )
     try:
@@ -70,9 +61,9 @@ def parse_request(body: Any, entry: EmbeddingEntry, settings: EmbeddingSettings)
             )
         else:
             msg = f"'{where}': {first['msg']}"
-        raise EmbeddingError(400, "invalid_request", msg, where) from None
+        raise refused(400, "invalid_request", msg, where) from None
     if req.model != entry.model_id:
-        raise EmbeddingError(
+        raise refused(
             404,
             "model_not_found",
             f"the model {req.model!r} does not exist here; embeddings are "
@@ -81,9 +72,9 @@ def parse_request(body: Any, entry: EmbeddingEntry, settings: EmbeddingSettings)
         )
     items = req.items()
     if not items:
-        raise EmbeddingError(400, "invalid_request", "'input' is empty: send at least one string", "input")
+        raise refused(400, "invalid_request", "'input' is empty: send at least one string", "input")
     if len(items) > settings.max_items:
-        raise EmbeddingError(
+        raise refused(
             400,
             "invalid_request",
             f"'input' has {len(items)} items; at most {settings.max_items} per request",
@@ -91,14 +82,14 @@ def parse_request(body: Any, entry: EmbeddingEntry, settings: EmbeddingSettings)
         )
     for i, item in enumerate(items):
         if isinstance(item, str) and not item.strip():
-            raise EmbeddingError(
+            raise refused(
                 400, "invalid_request", f"input[{i}] is empty: every input needs some text", "input"
             )
         if isinstance(item, list) and not item:
-            raise EmbeddingError(400, "invalid_request", f"input[{i}] is an empty token list", "input")
+            raise refused(400, "invalid_request", f"input[{i}] is an empty token list", "input")
     if req.dimensions is not None and req.dimensions != entry.dim:
         if not entry.matryoshka:
-            raise EmbeddingError(
+            raise refused(
                 400,
                 "invalid_request",
                 f"the model {entry.model_id!r} cannot shorten its vectors: "
@@ -106,7 +97,7 @@ def parse_request(body: Any, entry: EmbeddingEntry, settings: EmbeddingSettings)
                 "dimensions",
             )
         if req.dimensions > entry.dim:
-            raise EmbeddingError(
+            raise refused(
                 400,
                 "invalid_request",
                 f"'dimensions' is {req.dimensions}; the model {entry.model_id!r} gives at most {entry.dim}",
@@ -182,7 +173,7 @@ def _cl100k(timeout_s: float) -> Any:
 class EmbeddingModel:
     """One loaded model. `embed_many(requests)`: each request is {"input": [str | token ids], "dimensions":
     int | None, "truncate": bool}; the answer, per request, is {"vectors": float32 array, "tokens": int} or
-    {"error": EmbeddingError}. Inputs longer than the model reads are refused unless `truncate` (the RAG
+    {"error": Refusal}. Inputs longer than the model reads are refused unless `truncate` (the RAG
     services' chunks)."""
 
     def __init__(self, settings: EmbeddingSettings, model: Any = None) -> None:
@@ -226,7 +217,7 @@ class EmbeddingModel:
         for i, item in enumerate(items):
             if isinstance(item, list):
                 if self._decode is None:
-                    raise EmbeddingError(
+                    raise refused(
                         400,
                         "invalid_request",
                         f"input[{i}] is token ids, which this pool does not "
@@ -237,7 +228,7 @@ class EmbeddingModel:
                     )
                 bad = next((t for t in item if not 0 <= t < self.vocab), None)
                 if bad is not None:
-                    raise EmbeddingError(
+                    raise refused(
                         400,
                         "invalid_request",
                         f"input[{i}] has token id {bad}, outside this "
@@ -266,7 +257,7 @@ class EmbeddingModel:
                 if not req.get("truncate"):
                     over = next((i for i, n in enumerate(counts) if n > self.limit), None)
                     if over is not None:
-                        raise EmbeddingError(
+                        raise refused(
                             400,
                             "context_length_exceeded",
                             f"input[{over}] is {counts[over]} tokens; {self.entry.model_id} reads "
@@ -276,7 +267,7 @@ class EmbeddingModel:
                 out[r]["tokens"] = sum(min(n, self.limit) for n in counts)
                 spans.append((r, len(flat), len(flat) + len(texts)))
                 flat += texts
-            except EmbeddingError as exc:
+            except Refusal as exc:
                 out[r] = {"error": exc}
         if flat:
             vectors = np.asarray(

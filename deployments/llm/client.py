@@ -1,6 +1,6 @@
 """Calling the pool's LLM from another Serve deployment (RAG answers, note summaries), through a Serve handle.
 
-    from deployments.llm.client import chat, LLMCallError
+    from deployments.llm.client import chat, Refusal
 
     reply = await chat([{"role": "system", "content": "Answer from the context."},
                         {"role": "user", "content": question}], max_tokens=256, temperature=0.2)
@@ -14,8 +14,8 @@ Signature:
 - `messages`: OpenAI chat messages, each {"role": "system"|"user"|"assistant", "content": str}.
 - `model`: a served model id (GET /v1/models); None = the pool's model.
 - Returns `ChatReply(text, model, finish_reason, usage)`; `finish_reason == "length"` means max_tokens cut it.
-- Raises `LLMCallError(status, code, message)`: 400 bad request (too many tokens for the context, malformed
-  messages), 404 unknown model, 5xx when the LLM is down; `TimeoutError` after `timeout_s`.
+- Raises the kit's `Refusal(status, code, message)`: 400 bad request (too many tokens for the context,
+  malformed messages), 404 unknown model, 5xx when the LLM is down; `TimeoutError` after `timeout_s`.
 
 It goes through the `LLMGateway` deployment of the `rma-inference` app with plain dicts, so the caller needs no
 vLLM import and no client key (code inside the Ray cluster is already trusted). Call it from inside a replica (or
@@ -24,7 +24,7 @@ any driver connected to the pool's Ray cluster); the handle is created once per 
 Streaming (the answer as the model makes it):
 
     async for text in chat_stream(messages, max_tokens=256):
-        ...  # pieces of the answer, in order; raises LLMCallError / TimeoutError like chat()
+        ...  # pieces of the answer, in order; raises Refusal / TimeoutError like chat()
 
 It goes straight to ray.serve.llm's `LLMServer` deployment through a streaming handle (`.options(stream=True)`),
 with an OpenAI chat request that the LLM replica rebuilds as its own `ChatCompletionRequest` when it unpickles the
@@ -40,10 +40,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from deployments.llm.app import GATEWAY_DEPLOYMENT, LLMCallError
-from deployments.llm.config import INFERENCE_APP, LLM_APP
+from deployments.gateway.refusal import Refusal, refusal_from
+from deployments.llm.config import GATEWAY_DEPLOYMENT, INFERENCE_APP, LLM_APP
 
-__all__ = ["ChatReply", "LLMCallError", "chat", "chat_stream"]
+__all__ = ["ChatReply", "Refusal", "chat", "chat_stream"]
 
 _handle: Any = None
 _servers: dict[str, Any] = {}
@@ -78,8 +78,8 @@ async def chat(messages: list[dict[str, str]], max_tokens: int = 256, *, tempera
         payload["model"] = model
     try:
         out = await asyncio.wait_for(_gateway().chat.remote(payload), timeout=timeout_s)
-    except LLMCallError as exc:  # Ray re-raises the replica's exception as a subclass of it
-        raise LLMCallError(exc.status, exc.code, exc.message) from None
+    except Refusal as exc:  # Ray re-raises the replica's exception as a subclass of it: a plain one
+        raise refusal_from(exc) or exc from None
     except asyncio.TimeoutError:
         raise TimeoutError(f"the LLM did not answer within {timeout_s:.0f} s") from None
     return ChatReply(text=out["text"], model=out["model"], finish_reason=out["finish_reason"], usage=out["usage"])
@@ -115,14 +115,14 @@ def _server(model: str | None) -> Any:
             app = serve.status().applications.get(LLM_APP)
             names = sorted(d for d in (app.deployments if app else {}) if d.startswith("LLMServer:"))
             if not names:
-                raise LLMCallError(503, "llm_unavailable", "the LLM is not running (no LLMServer deployment)")
+                raise Refusal(503, "llm_unavailable", "the LLM is not running (no LLMServer deployment)")
             name = names[0]
         _servers[key] = serve.get_deployment_handle(name, app_name=LLM_APP).options(stream=True)
     return _servers[key]
 
 
-def _error(obj: Any) -> LLMCallError:
-    """An OpenAI error (a dict from an SSE chunk, or ray.serve.llm's ErrorResponse) as LLMCallError."""
+def _error(obj: Any) -> Refusal:
+    """An OpenAI error (a dict from an SSE chunk, or ray.serve.llm's ErrorResponse) as Refusal."""
     err = obj.get("error") if isinstance(obj, dict) else getattr(obj, "error", None)
     get = err.get if isinstance(err, dict) else (lambda k, d=None: getattr(err, k, d))
     try:
@@ -131,12 +131,12 @@ def _error(obj: Any) -> LLMCallError:
         status = 500
     status = status if 400 <= status < 600 else 500
     code = {400: "invalid_request", 404: "model_not_found"}.get(status, "llm_error")
-    return LLMCallError(status, code, str(get("message", "the LLM failed"))[:500])
+    return Refusal(status, code, str(get("message", "the LLM failed"))[:500])
 
 
 def parse_stream_batch(batch: Any) -> tuple[list[str], bool]:
     """The text pieces in one step of ray.serve.llm's chat stream (a list of OpenAI SSE strings, `data: {...}`),
-    and whether `data: [DONE]` ended it; an error chunk (or ray.serve.llm's ErrorResponse) raises LLMCallError."""
+    and whether `data: [DONE]` ended it; an error chunk (or ray.serve.llm's ErrorResponse) raises Refusal."""
     texts: list[str] = []
     for item in batch if isinstance(batch, list) else [batch]:
         if not isinstance(item, str):

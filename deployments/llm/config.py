@@ -21,6 +21,8 @@ LLM_APP = "rma-llm"
 INFERENCE_APP = "rma-inference"
 LLM_ROUTE_PREFIX = "/v1"
 INFERENCE_ROUTE_PREFIX = "/api/inference"  # longer than the services' "/api": Serve routes it here
+GATEWAY_DEPLOYMENT = "LLMGateway"  # the rma-inference app's deployment (deployments.llm.inference)
+PROXIED_INGRESS_DEPLOYMENT = "OpenAiIngress"  # the rma-llm app's ingress in the proxied shape
 
 
 class LLMSettings(BaseSettings):

@@ -2,10 +2,10 @@
 replica starts: importing ray.serve.llm's server pulls in vLLM.
 
 - `PoolLLMServer`: ray.serve.llm's `LLMServer` with `CPUEngine`, for the proxied shape (behind OpenAiIngress).
-- `KeyedLLMServer`: the same, as its app's HTTP ingress (ray.serve.llm's "direct streaming" shape): HAProxy sends
-  each request straight into the replica, and vLLM's own OpenAI app answers it on the replica's event loop with
-  `deployments.llm.app.ClientKeyGate` in front. No ingress replica between, and no hop of every streamed token
-  through Ray.
+- `KeyedLLMServer`: the same, as its app's HTTP ingress (ray.serve.llm's "direct streaming" shape): HAProxy
+  sends each request straight into the replica, and vLLM's own OpenAI app answers it on the replica's event
+  loop with the key gate (`deployments.llm.gate.key_gate`) in front. No ingress replica between, and no hop of
+  every streamed token through Ray.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 from ray.llm._internal.serve.core.server.llm_server import LLMServer, _add_middleware_to_built_app
 from ray.llm._internal.serve.engines.vllm.vllm_engine import VLLMEngine
 
-from deployments.llm.app import ClientKeyGate
+from deployments.llm.gate import key_gate
 
 CPU_EXECUTOR_ENV = "RMA_LLM_CPU_EXECUTOR"
 
@@ -47,5 +47,5 @@ class KeyedLLMServer(PoolLLMServer):
         app = await super().__serve_build_asgi_app__()
         for attr in ("docs_url", "redoc_url", "openapi_url"):  # never reached (the gate's route list), but off
             setattr(app, attr, None)
-        _add_middleware_to_built_app(app, ClientKeyGate)
+        _add_middleware_to_built_app(app, key_gate)
         return app

@@ -2,16 +2,17 @@
 is a Serve deployment (a DeploymentHandle, in production) or an object in this process (unit tests, benches).
 
 Errors raised by the other side come back as themselves: Ray wraps a remote exception, `unwrap` takes the
-ServiceError (with its status and message) back out, so the gateway answers with what the service said."""
+Refusal (with its status and message) back out, so the gateway answers with what the service said."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
 import inspect
+from dataclasses import dataclass
 from typing import Any
 
-from deployments.services.errors import ServiceError, unwrap
+from deployments.gateway.refusal import Refusal, unwrap
 
 
 class RemoteBackend:
@@ -30,7 +31,7 @@ class RemoteBackend:
                 raise
             except Exception as exc:
                 inner = unwrap(exc)
-                if isinstance(inner, (ServiceError, BackPressureError, DeploymentUnavailableError)):
+                if isinstance(inner, (Refusal, BackPressureError, DeploymentUnavailableError)):
                     raise inner from None
                 raise
 
@@ -63,3 +64,22 @@ def as_backend(obj: Any) -> Any:
     except ImportError:
         pass
     return LocalBackend(obj)
+
+
+@dataclass
+class Backends:
+    """The gateway's collaborators, one per service (a Serve handle, or an object in this process)."""
+
+    documents: Any
+    ocr: Any
+    uploads: Any
+    notes: Any
+    rag: Any
+    graph: Any
+    client_rag: Any = None  # clients' own collections (trusted nodes); the shared RAG deployment when absent
+
+    def __post_init__(self) -> None:
+        if self.client_rag is None:
+            self.client_rag = self.rag
+        for name in ("documents", "ocr", "uploads", "notes", "rag", "graph", "client_rag"):
+            setattr(self, name, as_backend(getattr(self, name)))

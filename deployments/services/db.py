@@ -15,7 +15,7 @@ from sqlalchemy import JSON, BigInteger, DateTime, Integer, String, Text, create
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
-from deployments.services.errors import unavailable
+from deployments.gateway.refusal import unavailable
 
 log = logging.getLogger("rma.services.db")
 

@@ -20,7 +20,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from deployments.services import sandbox
-from deployments.services.errors import ServiceError
+from deployments.gateway.refusal import Refusal
 
 log = logging.getLogger("rma.services.documents")
 
@@ -66,35 +66,35 @@ def detect(data: bytes, filename: str | None = None, content_type: str | None = 
     import filetype
 
     if not data:
-        raise ServiceError(400, "empty_file", "the file is empty")
+        raise Refusal(400, "empty_file", "the file is empty")
     declared = _declared(content_type)
     by_name = EXTENSIONS.get(PurePosixPath(filename or "").suffix.lower(), "")
     guess = filetype.guess(data[:8192])
     if guess is not None:
         sniffed = ALIASES.get(guess.mime, guess.mime)
         if sniffed not in SUPPORTED:
-            raise ServiceError(415, "unsupported_type",
+            raise Refusal(415, "unsupported_type",
                                f"{sniffed} files are not supported; send one of: PDF, DOCX, HTML, TXT, MD, "
                                f"PNG, JPEG, TIFF, WEBP, BMP, GIF")
         if declared and declared not in GENERIC and declared != sniffed:
-            raise ServiceError(415, "type_mismatch",
+            raise Refusal(415, "type_mismatch",
                                f"the file was declared {declared} but its bytes are {sniffed}; send the right "
                                f"Content-Type (or application/octet-stream to let the server tell)")
         return sniffed
     # no magic number: text of some kind, or something we do not read
     if b"\x00" in data[:8192]:
-        raise ServiceError(415, "unsupported_type", "the file is binary data of a type that is not supported")
+        raise Refusal(415, "unsupported_type", "the file is binary data of a type that is not supported")
     try:
         text = data[:8192].decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         if exc.start < 8188:  # not just a multi-byte character cut at the sniffing window
-            raise ServiceError(415, "not_utf8", "text files must be UTF-8 encoded") from None
+            raise Refusal(415, "not_utf8", "text files must be UTF-8 encoded") from None
         text = data[:exc.start].decode("utf-8-sig", "ignore")
     claimed = declared if declared in SUPPORTED else by_name
     if claimed and claimed not in (HTML, MARKDOWN, TEXT):
-        raise ServiceError(415, "type_mismatch", f"the file was declared {claimed} but its bytes are text")
+        raise Refusal(415, "type_mismatch", f"the file was declared {claimed} but its bytes are text")
     if declared and declared not in GENERIC and declared not in SUPPORTED and not declared.startswith("text/"):
-        raise ServiceError(415, "unsupported_type", f"{declared} is not a supported type")
+        raise Refusal(415, "unsupported_type", f"{declared} is not a supported type")
     if claimed in (HTML, MARKDOWN, TEXT):
         return claimed
     return HTML if _looks_like_html(text) else TEXT
@@ -114,7 +114,7 @@ def _text(data: bytes) -> str:
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError:
-        raise ServiceError(415, "not_utf8", "text files must be UTF-8 encoded") from None
+        raise Refusal(415, "not_utf8", "text files must be UTF-8 encoded") from None
 
 
 def parse_pdf_text(data: bytes) -> tuple[list[Page], dict[str, Any]]:
@@ -125,16 +125,16 @@ def parse_pdf_text(data: bytes) -> tuple[list[Page], dict[str, Any]]:
     try:
         reader = PdfReader(io.BytesIO(data))
         if reader.is_encrypted and not reader.decrypt(""):
-            raise ServiceError(422, "encrypted_pdf", "the PDF is password-protected; send it without a password")
+            raise Refusal(422, "encrypted_pdf", "the PDF is password-protected; send it without a password")
         n = len(reader.pages)
         if n > MAX_PAGES:
-            raise ServiceError(413, "too_many_pages", f"the PDF has {n} pages; the limit is {MAX_PAGES}")
+            raise Refusal(413, "too_many_pages", f"the PDF has {n} pages; the limit is {MAX_PAGES}")
         pages = [Page(i + 1, (p.extract_text() or "").strip()) for i, p in enumerate(reader.pages)]
         info = reader.metadata or {}
     except FileNotDecryptedError:
-        raise ServiceError(422, "encrypted_pdf", "the PDF is password-protected; send it without a password") from None
+        raise Refusal(422, "encrypted_pdf", "the PDF is password-protected; send it without a password") from None
     except (PdfReadError, ValueError, KeyError, TypeError) as exc:
-        raise ServiceError(422, "unreadable_pdf", f"the PDF could not be read: {exc}") from None
+        raise Refusal(422, "unreadable_pdf", f"the PDF could not be read: {exc}") from None
     meta = {"pages": len(pages)}
     for key, name in (("/Title", "title"), ("/Author", "author"), ("/Subject", "subject"), ("/Producer", "producer")):
         value = info.get(key)
@@ -150,12 +150,12 @@ def render_scale(width_pt: float, height_pt: float, number: int) -> float:
     from deployments.services.ocr import MAX_PIXELS, MAX_SIDE
 
     if not (width_pt > 0 and height_pt > 0):
-        raise ServiceError(422, "unreadable_pdf", f"page {number} has no size; the PDF is damaged")
+        raise Refusal(422, "unreadable_pdf", f"page {number} has no size; the PDF is damaged")
     fit = min(MAX_SIDE / max(width_pt, height_pt), (MAX_PIXELS / (width_pt * height_pt)) ** 0.5)
     scale = min(RENDER_SCALE, fit)
     if scale < MIN_RENDER_SCALE:
         pixels = round(width_pt * MIN_RENDER_SCALE) * round(height_pt * MIN_RENDER_SCALE)
-        raise ServiceError(413, "page_too_large",
+        raise Refusal(413, "page_too_large",
                            f"page {number} is {width_pt:.0f}x{height_pt:.0f} pt: at the smallest "
                            f"resolution OCR can read ({72 * MIN_RENDER_SCALE:.0f} dpi) it is {pixels:,} "
                            f"pixels; the limit is {MAX_SIDE} pixels a side and {MAX_PIXELS:,} pixels a page")
@@ -168,7 +168,7 @@ def _pdfium(data: bytes) -> Any:
     try:
         return pdfium.PdfDocument(data)
     except pdfium.PdfiumError as exc:
-        raise ServiceError(422, "unreadable_pdf", f"the PDF could not be read: {exc}") from None
+        raise Refusal(422, "unreadable_pdf", f"the PDF could not be read: {exc}") from None
 
 
 def plan_pdf_render(data: bytes, numbers: list[int]) -> list[float]:
@@ -178,7 +178,7 @@ def plan_pdf_render(data: bytes, numbers: list[int]) -> list[float]:
         out = []
         for n in numbers:
             if not 1 <= n <= len(pdf):
-                raise ServiceError(422, "unreadable_pdf", f"the PDF has no page {n}")
+                raise Refusal(422, "unreadable_pdf", f"the PDF has no page {n}")
             width, height = pdf[n - 1].get_size()
             out.append(render_scale(width, height, n))
         return out
@@ -211,23 +211,23 @@ def check_zip(data: bytes, what: str) -> None:
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
             members = zf.infolist()
     except (zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise ServiceError(422, f"unreadable_{what.lower()}",
+        raise Refusal(422, f"unreadable_{what.lower()}",
                            f"the {what} could not be read: {exc}") from None
     if len(members) > MAX_ZIP_MEMBERS:
-        raise ServiceError(413, "too_many_parts", f"the {what} has {len(members):,} parts; the limit is "
+        raise Refusal(413, "too_many_parts", f"the {what} has {len(members):,} parts; the limit is "
                                                   f"{MAX_ZIP_MEMBERS:,}")
     total = sum(m.file_size for m in members)
     if total > MAX_ZIP_BYTES:
-        raise ServiceError(413, "unpacked_too_large", f"the {what} unpacks to {total:,} bytes; the limit is "
+        raise Refusal(413, "unpacked_too_large", f"the {what} unpacks to {total:,} bytes; the limit is "
                                                       f"{MAX_ZIP_BYTES:,}")
     xml = sum(m.file_size for m in members if m.filename.endswith((".xml", ".rels")))
     if xml > MAX_XML_BYTES:
-        raise ServiceError(413, "unpacked_too_large", f"the {what}'s XML unpacks to {xml:,} bytes; the limit "
+        raise Refusal(413, "unpacked_too_large", f"the {what}'s XML unpacks to {xml:,} bytes; the limit "
                                                       f"is {MAX_XML_BYTES:,}")
     for m in members:
         if m.file_size > 2**20 and m.file_size > MAX_ZIP_RATIO * max(m.compress_size, 1):
             ratio = m.file_size // max(m.compress_size, 1)
-            raise ServiceError(413, "compression_bomb", f"the {what}'s part {m.filename} unpacks {ratio:,} "
+            raise Refusal(413, "compression_bomb", f"the {what}'s part {m.filename} unpacks {ratio:,} "
                                                         f"times larger than it is stored; the limit is "
                                                         f"{MAX_ZIP_RATIO}x")
 
@@ -244,7 +244,7 @@ def parse_docx(data: bytes) -> tuple[list[Page], dict[str, Any]]:
         doc = docx.Document(io.BytesIO(data))
     except (PackageNotFoundError, KeyError, ValueError, LxmlError, zipfile.BadZipFile, EOFError) as exc:
         # LxmlError: XMLSyntaxError among others (a text node over lxml's 10 MB limit is one)
-        raise ServiceError(422, "unreadable_docx", f"the DOCX could not be read: {str(exc)[:300]}") from None
+        raise Refusal(422, "unreadable_docx", f"the DOCX could not be read: {str(exc)[:300]}") from None
     parts = [p.text for p in doc.paragraphs if p.text.strip()]
     for table in doc.tables:
         for row in table.rows:
@@ -317,12 +317,12 @@ async def parse_document(data: bytes, filename: str | None, content_type: str | 
                          ocr: str = "auto") -> dict[str, Any]:
     """Text, pages and metadata. `ocr`: "auto" (pages without text and images), "never", or "always"."""
     if ocr not in ("auto", "never", "always"):
-        raise ServiceError(400, "bad_ocr_mode", "ocr must be one of: auto, never, always")
+        raise Refusal(400, "bad_ocr_mode", "ocr must be one of: auto, never, always")
     kind = await asyncio.to_thread(detect, data, filename, content_type)
     meta: dict[str, Any]
     if kind in IMAGES:
         if ocr == "never":
-            raise ServiceError(422, "needs_ocr", "the file is an image: it has no text without OCR (ocr=auto)")
+            raise Refusal(422, "needs_ocr", "the file is an image: it has no text without OCR (ocr=auto)")
         result = await ocr_image(data)
         pages, meta = [Page(1, result["text"], ocr=True)], {"width": result.get("width"),
                                                            "height": result.get("height")}
@@ -330,7 +330,7 @@ async def parse_document(data: bytes, filename: str | None, content_type: str | 
         pages, meta = await sandbox.shared().arun("PDF parser", parse_pdf_text, data)
         wanted = [p.number for p in pages if ocr == "always" or (ocr == "auto" and not p.text)]
         if len(wanted) > MAX_OCR_PAGES:
-            raise ServiceError(413, "too_many_scanned_pages",
+            raise Refusal(413, "too_many_scanned_pages",
                                f"{len(wanted)} pages need OCR; the limit is {MAX_OCR_PAGES} per request")
         if wanted:
             for page, result in zip(wanted, await ocr_pdf_pages(data, wanted), strict=True):

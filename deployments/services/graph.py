@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from deployments.services.db import store_endpoint
-from deployments.services.errors import ServiceError, unavailable
+from deployments.gateway.refusal import Refusal, unavailable
 
 MAX_CHARS = 100_000
 LABEL = re.compile(r"^[A-Z][A-Z_]{0,30}$")  # a node label is spliced into Cypher: only spaCy-style names pass
@@ -81,9 +81,9 @@ class Graph:
     def extract(self, owner: str, text: str, source: str | None = None, write: bool = True) -> dict[str, Any]:
         _check_owner(owner)
         if not text or not text.strip():
-            raise ServiceError(400, "empty_text", "text must not be empty")
+            raise Refusal(400, "empty_text", "text must not be empty")
         if len(text) > MAX_CHARS:
-            raise ServiceError(413, "text_too_long", f"text is {len(text):,} characters; the limit is {MAX_CHARS:,}")
+            raise Refusal(413, "text_too_long", f"text is {len(text):,} characters; the limit is {MAX_CHARS:,}")
         with self._nlp_lock:
             entities, relations = extract_entities(self.nlp, text)
         if write and entities:
@@ -119,7 +119,7 @@ class Graph:
         _check_owner(owner)
         name = " ".join((entity or "").split())
         if not name:
-            raise ServiceError(400, "empty_entity", "entity must not be empty")
+            raise Refusal(400, "empty_entity", "entity must not be empty")
         with self._session() as s:
             rows = s.execute_read(lambda tx: [r.data() for r in tx.run(
                 "MATCH (e:Entity {owner: $owner}) WHERE toLower(e.name) = toLower($name) "
@@ -130,7 +130,7 @@ class Graph:
                 "MATCH (e:Entity {owner: $owner}) WHERE toLower(e.name) = toLower($name) "
                 "RETURN e.name AS entity, e.label AS entity_label", name=name, owner=owner)])
         if not found:
-            raise ServiceError(404, "unknown_entity", f"no entity named {name!r} in your graph; extract text "
+            raise Refusal(404, "unknown_entity", f"no entity named {name!r} in your graph; extract text "
                                                       f"that mentions it first")
         merged: dict[tuple[str, str], dict[str, Any]] = {}
         for r in rows:
@@ -148,7 +148,7 @@ class Graph:
 def _check_owner(owner: str) -> None:
     if not isinstance(owner, str) or not owner.strip():
         # the gateway always passes the caller's client; an empty owner would be a graph nobody owns
-        raise ServiceError(401, "no_client", "this request carries no client identity; send a client API key")
+        raise Refusal(401, "no_client", "this request carries no client identity; send a client API key")
 
 
 def _name(entities: list[dict[str, Any]], key: str) -> str:

@@ -9,7 +9,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from deployments.services.errors import ServiceError, unavailable
+from deployments.gateway.refusal import Refusal, unavailable
 
 log = logging.getLogger("rma.services.llm")
 
@@ -59,11 +59,11 @@ async def complete(messages: list[dict[str, str]], max_tokens: int = 300, temper
     try:
         reply = await client.chat(messages, max_tokens=max_tokens, temperature=temperature, timeout_s=timeout_s)
     except TimeoutError:
-        raise ServiceError(504, "llm_timeout", f"the LLM did not answer within {timeout_s:.0f} s") from None
+        raise Refusal(504, "llm_timeout", f"the LLM did not answer within {timeout_s:.0f} s") from None
     except Exception as exc:
         status = getattr(exc, "status", None)
         if isinstance(status, int) and 400 <= status < 500:
-            raise ServiceError(422, "llm_refused", f"the LLM refused the request: {getattr(exc, 'message', exc)}") from None
+            raise Refusal(422, "llm_refused", f"the LLM refused the request: {getattr(exc, 'message', exc)}") from None
         log.warning("LLM call failed: %s", exc)
         raise unavailable("llm_failed", f"the LLM did not answer: {getattr(exc, 'message', type(exc).__name__)}") from None
     text = getattr(reply, "text", reply)
@@ -84,13 +84,11 @@ async def stream(messages: list[dict[str, str]], max_tokens: int = 300, temperat
                                              timeout_s=timeout_s):
             yield text
     except TimeoutError:
-        raise ServiceError(504, "llm_timeout", f"the LLM did not answer within {timeout_s:.0f} s") from None
-    except ServiceError:
-        raise
+        raise Refusal(504, "llm_timeout", f"the LLM did not answer within {timeout_s:.0f} s") from None
     except Exception as exc:
         status = getattr(exc, "status", None)
         if isinstance(status, int) and 400 <= status < 500:
-            raise ServiceError(422, "llm_refused", f"the LLM refused the request: {getattr(exc, 'message', exc)}") from None
+            raise Refusal(422, "llm_refused", f"the LLM refused the request: {getattr(exc, 'message', exc)}") from None
         log.warning("LLM stream failed: %s", exc)
         raise unavailable("llm_failed", f"the LLM did not answer: {getattr(exc, 'message', type(exc).__name__)}") from None
 

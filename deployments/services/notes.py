@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 from deployments.services import llm
 from deployments.services.backends import as_backend
 from deployments.services.db import Database, Note, store_endpoint
-from deployments.services.errors import not_found
+from deployments.gateway.refusal import not_found
 from deployments.services.rag import collection_name
 from deployments.services.settings import ServicesSettings
 

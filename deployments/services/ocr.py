@@ -9,7 +9,7 @@ import threading
 from typing import Any
 
 from deployments.services import sandbox
-from deployments.services.errors import ServiceError
+from deployments.gateway.refusal import Refusal
 
 log = logging.getLogger("rma.services.ocr")
 
@@ -25,14 +25,14 @@ def load_image(data: bytes) -> Any:
     try:
         with Image.open(io.BytesIO(data)) as im:
             if im.width * im.height > MAX_PIXELS:
-                raise ServiceError(413, "image_too_large",
+                raise Refusal(413, "image_too_large",
                                    f"the image is {im.width}x{im.height}; the limit is {MAX_PIXELS:,} pixels")
             im.seek(0)
             rgb = im.convert("RGB")
     except UnidentifiedImageError:
-        raise ServiceError(415, "unreadable_image", "the bytes are not an image Pillow can read") from None
+        raise Refusal(415, "unreadable_image", "the bytes are not an image Pillow can read") from None
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise ServiceError(422, "unreadable_image", f"the image could not be decoded: {exc}") from None
+        raise Refusal(422, "unreadable_image", f"the image could not be decoded: {exc}") from None
     if max(rgb.size) > MAX_SIDE:
         rgb.thumbnail((MAX_SIDE, MAX_SIDE))
     return np.asarray(rgb)
@@ -103,7 +103,7 @@ class Ocr:
 
     def image(self, data: bytes) -> dict[str, Any]:
         if not data:
-            raise ServiceError(400, "empty_file", "the file is empty")
+            raise Refusal(400, "empty_file", "the file is empty")
         return self.engine.read(sandbox.shared().run("image decoder", load_image, data))
 
     def pdf_pages(self, data: bytes, numbers: list[int]) -> list[dict[str, Any]]:
@@ -133,12 +133,12 @@ class Ocr:
             from deployments.services.documents import MAX_OCR_PAGES
 
             if len(pages) > MAX_OCR_PAGES:
-                raise ServiceError(413, "too_many_pages",
+                raise Refusal(413, "too_many_pages",
                                    f"the PDF has {len(pages)} pages; OCR takes at most {MAX_OCR_PAGES} per request")
             results = self.pdf_pages(data, [p.number for p in pages])
             return {"content_type": kind, "text": "\n\n".join(r["text"] for r in results if r["text"]),
                     "pages": [{"number": r.pop("page"), **r} for r in results]}
-        raise ServiceError(415, "not_an_image", f"OCR reads images and PDFs; this file is {kind} "
+        raise Refusal(415, "not_an_image", f"OCR reads images and PDFs; this file is {kind} "
                                                 f"(use /api/documents/parse for it)")
 
     def check_health(self) -> None:

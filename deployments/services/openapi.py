@@ -71,7 +71,7 @@ _UPLOAD_ID = {
 @dataclass(frozen=True)
 class RouteDoc:
     example: Any = None  # a JSON request body; None: no body
-    body_model: str | None = None  # a wire model of deployments.services.api, for bodies read by hand
+    body_model: str | None = None  # a wire model of deployments.services.schemas, for bodies read by hand
     multipart: bool = False  # also takes a multipart `file`
     upload_id: bool = False  # also takes {"upload_id"} as JSON
     errors: dict[int, list[str]] = field(default_factory=dict)
@@ -199,7 +199,7 @@ def published(app: Any) -> dict[str, Any]:
     bodies read by hand, an example per body, and every error each route answers. Raises KeyError for a route
     that
     `ROUTES` does not describe."""
-    from deployments.services import api
+    from deployments.services import schemas as api
 
     schema = copy.deepcopy(app.openapi())
     comps = schema.setdefault("components", {})

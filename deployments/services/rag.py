@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from deployments.services.db import store_endpoint
-from deployments.services.errors import ServiceError, unavailable
+from deployments.gateway.refusal import Refusal, unavailable
 from deployments.services.settings import ServicesSettings
 
 NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9_-]{0,58}[A-Za-z0-9])?$")
@@ -27,7 +27,7 @@ def collection_name(scope: str, name: str) -> str:
     if scope not in ("pub", "client"):
         raise ValueError(scope)
     if not NAME.match(name or ""):
-        raise ServiceError(400, "bad_collection", f"{scope == 'client' and 'client id' or 'collection'} "
+        raise Refusal(400, "bad_collection", f"{scope == 'client' and 'client id' or 'collection'} "
                                                   f"{name!r} must be 1-60 letters, digits, '-' or '_', "
                                                   f"starting and ending with a letter or digit")
     return f"{scope}-{name}"
@@ -170,7 +170,7 @@ class Rag:
         if col is None:
             if missing_ok:
                 return {"collection": collection, "results": []}
-            raise ServiceError(404, "no_collection", f"there is no collection {collection!r}: ingest into it first")
+            raise Refusal(404, "no_collection", f"there is no collection {collection!r}: ingest into it first")
         res = col.query(query_embeddings=self.embed([query]), n_results=top_k,
                         include=["documents", "metadatas", "distances"])
         results = []

@@ -32,7 +32,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
-from deployments.services.errors import ServiceError
+from deployments.gateway.refusal import Refusal
 
 log = logging.getLogger("rma.services.sandbox")
 
@@ -51,10 +51,10 @@ LIMITS_CODE = "parser_limits_exceeded"
 
 
 def limits_exceeded(what: str, detail: str, memory_mb: int = MEMORY_LIMIT_MB,
-                    cpu_s: int = CPU_LIMIT_S) -> ServiceError:
+                    cpu_s: int = CPU_LIMIT_S) -> Refusal:
     """The file made its parser exceed the child's memory, CPU or time limit (the child was killed): a 422
-    that names the file as the cause (a ServiceError, so it pickles back from a child too)."""
-    return ServiceError(422, LIMITS_CODE,
+    that names the file as the cause (a Refusal, so it pickles back from a child too)."""
+    return Refusal(422, LIMITS_CODE,
                         f"this file made the {what} exceed its limits ({detail}; at most {memory_mb} MiB "
                         f"of memory and {cpu_s} s of CPU per file); it was not processed: send a smaller or "
                         f"simpler file")
@@ -74,20 +74,20 @@ def _limited(fn: Callable[..., T], what: str, memory_mb: int, cpu_s: int, args: 
     resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))  # SIGXCPU (which ends the process) past it
     try:
         return fn(*args)
-    except ServiceError:
+    except Refusal:
         raise
     except MemoryError:
         raise limits_exceeded(what, "it ran out of memory", memory_mb, cpu_s) from None
     except RecursionError:
         raise limits_exceeded(what, "it is nested too deeply", memory_mb, cpu_s) from None
     except Exception as exc:  # a parser's own error on a malformed file: the caller's file, so a 4xx
-        raise ServiceError(422, "unreadable_file", f"the {what} could not read this file "
+        raise Refusal(422, "unreadable_file", f"the {what} could not read this file "
                                                    f"({type(exc).__name__}: {str(exc)[:300]})") from None
 
 
 class Sandbox:
     """A pool of limited child processes; `run` (blocking) and `arun` (async) call a module-level function in
-    one of them and return its result or raise its exception (ServiceError included)."""
+    one of them and return its result or raise its exception (Refusal included)."""
 
     def __init__(self, workers: int = WORKERS, memory_mb: int = MEMORY_LIMIT_MB,
                  cpu_s: int = CPU_LIMIT_S) -> None:
@@ -127,7 +127,7 @@ class Sandbox:
             raise limits_exceeded(what, "it ran past the time limit", self.memory_mb, self.cpu_s) from None
         except BrokenProcessPool as exc:  # no worker could start (not the file's doing): replaced next call
             log.error("the %s pool is broken: %s", what, exc)
-            raise ServiceError(503, "parser_unavailable", f"the {what} could not start a worker process; "
+            raise Refusal(503, "parser_unavailable", f"the {what} could not start a worker process; "
                                                           f"retry shortly", 5) from None
 
     def run(self, what: str, fn: Callable[..., T], *args: Any) -> T:

@@ -12,7 +12,7 @@ from typing import Any
 
 from deployments.services.db import Database, Upload, store_endpoint
 from deployments.services.documents import detect
-from deployments.services.errors import ServiceError, not_found
+from deployments.gateway.refusal import Refusal, not_found
 from deployments.services.settings import ServicesSettings
 
 UPLOAD_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -49,7 +49,7 @@ class BlobStore:
     def read(self, sha: str) -> bytes:
         data = self.path(sha).read_bytes()
         if hashlib.sha256(data).hexdigest() != sha:
-            raise ServiceError(500, "corrupt_upload", f"stored bytes of {sha} do not match their hash")
+            raise Refusal(500, "corrupt_upload", f"stored bytes of {sha} do not match their hash")
         return data
 
 
@@ -69,7 +69,7 @@ class Uploads:
 
     def put(self, data: bytes, filename: str | None, content_type: str | None, owner: str) -> dict[str, Any]:
         if len(data) > self.settings.upload_max_bytes:
-            raise ServiceError(413, "file_too_large", f"the file is {len(data):,} bytes; the limit is "
+            raise Refusal(413, "file_too_large", f"the file is {len(data):,} bytes; the limit is "
                                                       f"{self.settings.upload_max_bytes:,}")
         kind = detect(data, filename, content_type)  # refuses types we cannot use, and lies about the type
         sha = self.blobs.put(data)
@@ -82,7 +82,7 @@ class Uploads:
 
     def _row(self, upload_id: str, owner: str) -> Upload:
         if not UPLOAD_ID.match(upload_id or ""):
-            raise ServiceError(404, "not_found", f"no upload with id {upload_id!r} (ids are 32 hex characters)")
+            raise Refusal(404, "not_found", f"no upload with id {upload_id!r} (ids are 32 hex characters)")
         with self.db.sessions()() as s:
             row = s.get(Upload, upload_id)
         if row is None or row.owner != owner:
@@ -97,7 +97,7 @@ class Uploads:
         try:
             return row.as_dict(), self.blobs.read(row.sha256)
         except FileNotFoundError:
-            raise ServiceError(410, "upload_gone", f"the bytes of upload {upload_id} are no longer on this "
+            raise Refusal(410, "upload_gone", f"the bytes of upload {upload_id} are no longer on this "
                                                    f"volume") from None
 
     def check_health(self) -> None:

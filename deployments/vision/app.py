@@ -21,12 +21,13 @@ import asyncio
 import time
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI, Request
 from ray import serve
 
-from deployments.gateway.auth import rma_error_handler
-from deployments.llm.app import require_client_async
+from deployments.gateway.asgi import PrefixIsRoot, body_limit
+from deployments.gateway.auth import AUTH
+from deployments.gateway.deploy import app_status, delete_apps, wait_running
+from deployments.gateway.refusal import Refusal, install_refusals, refusal_from
 from deployments.vision import request as vreq
 from deployments.vision.config import (
     BACKEND_APP,
@@ -36,27 +37,17 @@ from deployments.vision.config import (
     VISION_ROUTE_PREFIX,
     VisionSettings,
 )
-from deployments.vision.request import VisionError
-from rma_ray.bodylimit import BodyLimit, json_refusal
 from rma_ray.serve_admin import INGRESS_REPLICA_ENV
 from rma_ray.tiers import TRUSTED_NODES
 
-AUTH = [Depends(require_client_async)]
 STATUS_TTL_S = 2.0
+RETRY_S = 30.0  # Retry-After of a 503: the backend may need a node to join, or a model to load
 BODY_LIMIT: dict[str, int] = {}
 
 
-class PrefixIsRoot:
-    """ASGI middleware: a request for the route prefix itself (/api/inference/vision, which Serve hands over as
-    the empty path under root_path) is served by the "/" route, instead of a 307 to the trailing slash."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope.get("root_path") and scope["path"] == scope["root_path"]:
-            scope = {**scope, "path": scope["path"] + "/"}
-        await self.app(scope, receive, send)
+def refused(status: int, code: str, message: str) -> Refusal:
+    """A refusal of the vision route; a 503 says when to try again."""
+    return Refusal(status, code, message, RETRY_S if status == 503 else None)
 
 
 def vision_fastapi_app(max_body_bytes: int | None = None) -> FastAPI:
@@ -64,16 +55,9 @@ def vision_fastapi_app(max_body_bytes: int | None = None) -> FastAPI:
     app.add_middleware(PrefixIsRoot)
     # the largest body worth reading; by default from the replica's settings (VisionGateway sets it before any
     # request reaches the app, and the middleware reads it on the first one)
-    app.add_middleware(BodyLimit, refusal=json_refusal("request_too_large"), max_bytes=max_body_bytes or (
+    app.add_middleware(body_limit, code="request_too_large", max_bytes=max_body_bytes or (
         lambda: BODY_LIMIT.get("max_bytes", vreq.Limits().max_body_bytes())))
-    rma_error_handler(app)
-
-    @app.exception_handler(VisionError)
-    async def _vision_error(request: Request, exc: VisionError) -> JSONResponse:
-        headers = {"Retry-After": "30"} if exc.status == 503 else None
-        return JSONResponse({"error": {"code": exc.code, "message": exc.message}}, status_code=exc.status,
-                            headers=headers)
-
+    install_refusals(app, "pool")
     return app
 
 
@@ -92,7 +76,7 @@ async def parse_request(request: Request, limits: vreq.Limits) -> vreq.VisionInp
     if ctype == "application/json":
         return await asyncio.to_thread(vreq.from_json, body, limits)  # Pillow reads the whole image: off the loop
     if ctype != "multipart/form-data":
-        raise VisionError(415, "unsupported_media_type", "send multipart/form-data (an `image` file and a `prompt` "
+        raise Refusal(415, "unsupported_media_type", "send multipart/form-data (an `image` file and a `prompt` "
                                                          "field) or application/json ({\"image\": base64, "
                                                          "\"prompt\": ...})")
     sent = False
@@ -109,7 +93,7 @@ async def parse_request(request: Request, limits: vreq.Limits) -> vreq.VisionInp
     try:
         form = await StarletteRequest(request.scope, replay).form(max_files=1, max_fields=len(vreq.FORM_FIELDS))
     except Exception as exc:  # python-multipart's parse errors, too many parts
-        raise VisionError(400, "invalid_form", f"the multipart body cannot be read: {str(exc)[:200]}") from None
+        raise Refusal(400, "invalid_form", f"the multipart body cannot be read: {str(exc)[:200]}") from None
     fields: dict[str, Any] = {}
     image: bytes | None = None
     try:
@@ -119,7 +103,7 @@ async def parse_request(request: Request, limits: vreq.Limits) -> vreq.VisionInp
             elif name == "image":
                 image = await value.read()
             else:
-                raise VisionError(422, "invalid_request", f"{name}: unexpected file; send the picture as `image`")
+                raise Refusal(422, "invalid_request", f"{name}: unexpected file; send the picture as `image`")
     finally:
         await form.close()
     return await asyncio.to_thread(vreq.from_form, fields, image, limits)
@@ -174,13 +158,14 @@ class VisionGateway:
                 self._checked_at = time.monotonic()
         ok, why = self._available
         if not ok:
-            raise VisionError(503, "vision_not_available", why)
+            raise refused(503, "vision_not_available", why)
 
     async def _call_ollama(self, inp: vreq.VisionInput) -> dict[str, Any]:
         try:
             out: dict[str, Any] = await self.handle.describe.remote(inp.payload())
-        except VisionError as exc:  # Ray re-raises the replica's exception as a subclass of it
-            raise VisionError(exc.status, exc.code, exc.message) from None
+        except Refusal as exc:  # Ray re-raises the replica's exception as a subclass of it: a plain one
+            inner = refusal_from(exc) or exc
+            raise refused(inner.status, inner.code, inner.message) from None
         return out
 
     async def _call_vllm(self, inp: vreq.VisionInput) -> dict[str, Any]:
@@ -189,7 +174,7 @@ class VisionGateway:
         from deployments.vision.backends import from_chat_response, openai_messages
 
         if inp.model and inp.model != self._model_id:
-            raise VisionError(404, "model_not_found", f"unknown vision model {inp.model!r}; served: {self._model_id}")
+            raise Refusal(404, "model_not_found", f"unknown vision model {inp.model!r}; served: {self._model_id}")
         request = ChatCompletionRequest(model=self._model_id, messages=openai_messages(inp), stream=False,
                                         max_tokens=inp.max_tokens, temperature=inp.temperature)
         async for resp in self.handle.options(stream=True).chat.remote(request, None):
@@ -197,10 +182,10 @@ class VisionGateway:
                 resp = resp[0]
             if isinstance(resp, ErrorResponse):
                 status = int(resp.error.code) if 400 <= int(resp.error.code) < 600 else 502
-                raise VisionError(status, "invalid_request" if status == 400 else "vision_error",
+                raise refused(status, "invalid_request" if status == 400 else "vision_error",
                                   str(resp.error.message)[:500])
             return from_chat_response(resp)
-        raise VisionError(502, "vision_error", "the vision model returned nothing")
+        raise Refusal(502, "vision_error", "the vision model returned nothing")
 
     @_app.post("/", dependencies=AUTH)
     async def vision(self, request: Request) -> dict[str, Any]:
@@ -211,7 +196,7 @@ class VisionGateway:
         try:
             out = await asyncio.wait_for(call(inp), timeout=self.s.timeout_s + 10)
         except asyncio.TimeoutError:
-            raise VisionError(504, "vision_timeout", f"no answer within {self.s.timeout_s:.0f} s") from None
+            raise Refusal(504, "vision_timeout", f"no answer within {self.s.timeout_s:.0f} s") from None
         return {**out, "image": {"mime": inp.mime, "width": inp.width, "height": inp.height},
                 "latency_ms": round((time.perf_counter() - started) * 1000, 1)}
 
@@ -256,15 +241,13 @@ def deploy(settings: VisionSettings | None = None, *, blocking_timeout_s: float 
     stays pending until a node it may run on joins."""
     from ray.serve import RunTarget
 
-    from deployments.llm.app import wait_running
-
     settings = settings or VisionSettings()
     started = time.monotonic()
     serve.run_many([RunTarget(build_backend_app(settings), name=BACKEND_APP, route_prefix=None),
                     RunTarget(build_front_app(settings), name=VISION_APP, route_prefix=VISION_ROUTE_PREFIX)],
                    wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
     wait_running([VISION_APP], timeout_s=blocking_timeout_s)
-    backend = serve.status().applications.get(BACKEND_APP)
+    backend = app_status(BACKEND_APP)
     return {"apps": [VISION_APP, BACKEND_APP], "backend": settings.backend, "ready_s":
             round(time.monotonic() - started, 1), "backend_status": str(backend.status) if backend else "MISSING",
             "selector": settings.ollama_selector() if settings.backend == "ollama" else None}
@@ -272,15 +255,5 @@ def deploy(settings: VisionSettings | None = None, *, blocking_timeout_s: float 
 
 def undeploy(timeout_s: float = 180) -> None:
     """Delete both applications together (Serve stops their replicas in parallel); wait until both are gone."""
-    apps = (VISION_APP, BACKEND_APP)
-    for app in apps:
-        try:
-            serve.delete(app, _blocking=False)
-        except Exception:  # already gone
-            pass
-    deadline = time.monotonic() + timeout_s
-    while any(a in serve.status().applications for a in apps):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the vision apps were not deleted within {timeout_s:.0f} s")
-        time.sleep(0.5)
+    delete_apps((VISION_APP, BACKEND_APP), timeout_s=timeout_s)
 

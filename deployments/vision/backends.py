@@ -2,7 +2,7 @@
 
 - `OllamaVision`: the official `ollama` client (`AsyncClient.chat` with the image in the user message's `images`)
   against the Ollama server beside this node. Picks the requested model if that server has it and it takes images,
-  else the configured default, else the server's first vision model. Errors become `VisionError`s a client can act
+  else the configured default, else the server's first vision model. Errors become `Refusal`s a client can act
   on: 404 unknown model, 503 when the server is unreachable or has no vision model, 504 on timeout, 502 otherwise.
 - `openai_messages` / `from_chat_response`: the same request as OpenAI chat messages with an image part (a data:
   URL), for ray.serve.llm's `LLMServer` with a multimodal vLLM model, and its answer back.
@@ -14,7 +14,8 @@ import base64
 import time
 from typing import Any
 
-from deployments.vision.request import VisionError, VisionInput
+from deployments.gateway.refusal import Refusal
+from deployments.vision.request import VisionInput
 from rma_ray.capabilities import is_vision_model, ollama_url
 
 
@@ -35,8 +36,8 @@ class OllamaVision:
         self.client = ollama.AsyncClient(host=self.url, timeout=timeout_s)
         self._vision: list[str] | None = None
 
-    def _unreachable(self, exc: BaseException) -> VisionError:
-        return VisionError(503, "ollama_unreachable", f"the Ollama server at {self.url} on the vision node does not "
+    def _unreachable(self, exc: BaseException) -> Refusal:
+        return Refusal(503, "ollama_unreachable", f"the Ollama server at {self.url} on the vision node does not "
                                                       f"answer ({str(exc)[:200]}); is `ollama serve` running?")
 
     async def vision_models(self, refresh: bool = False) -> list[str]:
@@ -56,7 +57,7 @@ class OllamaVision:
             except (ConnectionError, OSError) as exc:
                 raise self._unreachable(exc) from None
             except ollama.ResponseError as exc:
-                raise VisionError(502, "ollama_error", f"Ollama at {self.url} refused to list its models: "
+                raise Refusal(502, "ollama_error", f"Ollama at {self.url} refused to list its models: "
                                                        f"{str(exc.error)[:300]}") from None
             self._vision = found
         return self._vision
@@ -77,12 +78,12 @@ class OllamaVision:
                 return found
             models = self._vision or []
             if requested:
-                raise VisionError(404, "model_not_found", f"model {requested!r} is not a vision model of this node's "
+                raise Refusal(404, "model_not_found", f"model {requested!r} is not a vision model of this node's "
                                                           f"Ollama; available: {', '.join(models) or 'none'}")
         if not models:
             models = await self.vision_models(refresh=True)
         if not models:
-            raise VisionError(503, "no_vision_model", f"the Ollama server at {self.url} has no vision model; the "
+            raise Refusal(503, "no_vision_model", f"the Ollama server at {self.url} has no vision model; the "
                                                       f"donor must pull one (e.g. `ollama pull llava:7b`)")
         return models[0]
 
@@ -95,7 +96,7 @@ class OllamaVision:
         return msgs
 
     async def describe(self, inp: VisionInput) -> dict[str, Any]:
-        """Image + prompt -> {"text", "model", "finish_reason", "usage", "backend"}; raises VisionError."""
+        """Image + prompt -> {"text", "model", "finish_reason", "usage", "backend"}; raises Refusal."""
         import httpx
         import ollama
 
@@ -108,16 +109,16 @@ class OllamaVision:
         except (ConnectionError, OSError) as exc:
             raise self._unreachable(exc) from None
         except httpx.TimeoutException:
-            raise VisionError(504, "vision_timeout", f"the Ollama server at {self.url} did not answer in time") \
+            raise Refusal(504, "vision_timeout", f"the Ollama server at {self.url} did not answer in time") \
                 from None
         except ollama.ResponseError as exc:
             message = str(exc.error)[:300]
             if exc.status_code == 404:
                 self._vision = None
-                raise VisionError(404, "model_not_found", f"Ollama: {message}") from None
+                raise Refusal(404, "model_not_found", f"Ollama: {message}") from None
             if 400 <= exc.status_code < 500:
-                raise VisionError(400, "invalid_request", f"Ollama refused the request: {message}") from None
-            raise VisionError(502, "ollama_error", f"Ollama failed: {message}") from None
+                raise Refusal(400, "invalid_request", f"Ollama refused the request: {message}") from None
+            raise Refusal(502, "ollama_error", f"Ollama failed: {message}") from None
         prompt_tokens, completion_tokens = resp.prompt_eval_count or 0, resp.eval_count or 0
         return {"text": resp.message.content or "", "model": resp.model or model,
                 "finish_reason": _finish(resp.done_reason),

@@ -1,5 +1,6 @@
-"""The vision route's request: an image and a prompt, as multipart form data or JSON with a base64 image, checked
-before anything reaches a model. Pure (Pillow and pydantic only, no Ray), so unit tests and the GPU check use it.
+"""The vision route's request: an image and a prompt, as multipart form data or JSON with a base64 image,
+checked before anything reaches a model. Pure (Pillow, pydantic and the kit's `Refusal`; no Ray), so unit
+tests and the GPU check use it.
 
 Limits: the body (`max_image_bytes` of image, plus the base64 and form overhead) is refused early from its
 Content-Length; the image must be a JPEG, PNG or WebP that Pillow can read, of at most `max_pixels` pixels (a small
@@ -17,19 +18,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from deployments.gateway.refusal import Refusal, validation_message
+
 FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
 FORM_FIELDS = {"image", "prompt", "model", "system", "max_tokens", "temperature"}
-
-
-class VisionError(Exception):
-    """A refusal or failure of the vision route, with its HTTP status and a machine-readable code."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(status, code, message)  # all three in args: Ray pickles it across a handle
-        self.status, self.code, self.message = status, code, message
-
-    def __str__(self) -> str:
-        return self.message
 
 
 class Limits(BaseModel):
@@ -82,12 +74,12 @@ class VisionInput:
         return cls(**p)
 
 
-def _first_error(exc: ValidationError) -> VisionError:
-    first = exc.errors()[0]
-    where = ".".join(str(p) for p in first.get("loc", ()))
-    msg = first["msg"] if first["type"] != "extra_forbidden" else \
-        f"unknown field; send image, prompt and optionally {', '.join(sorted(FORM_FIELDS - {'image', 'prompt'}))}"
-    return VisionError(422, "invalid_request", f"{where}: {msg}" if where else msg)
+def _first_error(exc: ValidationError) -> Refusal:
+    first = dict(exc.errors()[0])
+    if first["type"] == "extra_forbidden":
+        optional = ", ".join(sorted(FORM_FIELDS - {"image", "prompt"}))
+        first["msg"] = f"unknown field; send image, prompt and optionally {optional}"
+    return Refusal(422, "invalid_request", validation_message([first], most=1))
 
 
 def decode_base64(value: str) -> bytes:
@@ -96,48 +88,48 @@ def decode_base64(value: str) -> bytes:
     if text.startswith("data:"):
         head, sep, text = text.partition(",")
         if not sep or not head.endswith(";base64"):
-            raise VisionError(400, "invalid_image", "image: a data: URL must be base64 (data:image/png;base64,...)")
+            raise Refusal(400, "invalid_image", "image: a data: URL must be base64 (data:image/png;base64,...)")
     try:
         return base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError):
-        raise VisionError(400, "invalid_image", "image: not valid base64; send the file's bytes base64-encoded, "
+        raise Refusal(400, "invalid_image", "image: not valid base64; send the file's bytes base64-encoded, "
                                                 "or use multipart/form-data with an `image` file") from None
 
 
 def inspect_image(data: bytes, limits: Limits) -> tuple[str, int, int]:
-    """(mime type, width, height) of an acceptable image, else a VisionError saying what is wrong."""
+    """(mime type, width, height) of an acceptable image, else a Refusal saying what is wrong."""
     from PIL import Image, UnidentifiedImageError
 
     if not data:
-        raise VisionError(400, "invalid_image", "image: the file is empty")
+        raise Refusal(400, "invalid_image", "image: the file is empty")
     if len(data) > limits.max_image_bytes:
-        raise VisionError(413, "image_too_large", f"image: {len(data)} bytes; the limit is "
+        raise Refusal(413, "image_too_large", f"image: {len(data)} bytes; the limit is "
                                                   f"{limits.max_image_bytes} bytes ({limits.max_image_bytes / 2**20:g} MiB)")
     try:
         with Image.open(io.BytesIO(data)) as img:  # reads the header only
             fmt, (width, height) = img.format or "", img.size
             if fmt not in FORMATS:
-                raise VisionError(415, "unsupported_image_type",
+                raise Refusal(415, "unsupported_image_type",
                                   f"image: {fmt or 'this'} format is not accepted; send JPEG, PNG or WebP")
             if width * height > limits.max_pixels:
-                raise VisionError(413, "image_too_large", f"image: {width}x{height} pixels; the limit is "
+                raise Refusal(413, "image_too_large", f"image: {width}x{height} pixels; the limit is "
                                                           f"{limits.max_pixels} pixels (e.g. 7680x4320)")
             img.verify()  # the whole file decodes: a truncated upload is refused here, not inside the model
-    except VisionError:
+    except Refusal:
         raise
     except UnidentifiedImageError:
-        raise VisionError(415, "unsupported_image_type", "image: not an image file; send JPEG, PNG or WebP") from None
+        raise Refusal(415, "unsupported_image_type", "image: not an image file; send JPEG, PNG or WebP") from None
     except Exception as exc:  # truncated or corrupt data, decompression-bomb guard
-        raise VisionError(400, "invalid_image", f"image: cannot be read ({str(exc)[:200]})") from None
+        raise Refusal(400, "invalid_image", f"image: cannot be read ({str(exc)[:200]})") from None
     return FORMATS[fmt], width, height
 
 
 def _checked(fields: _Fields, image: bytes, limits: Limits) -> VisionInput:
     if len(fields.prompt) > limits.max_prompt_chars:
-        raise VisionError(422, "invalid_request", f"prompt: {len(fields.prompt)} characters; the limit is "
+        raise Refusal(422, "invalid_request", f"prompt: {len(fields.prompt)} characters; the limit is "
                                                   f"{limits.max_prompt_chars}")
     if fields.max_tokens > limits.max_tokens:
-        raise VisionError(422, "invalid_request", f"max_tokens: at most {limits.max_tokens}")
+        raise Refusal(422, "invalid_request", f"max_tokens: at most {limits.max_tokens}")
     mime, width, height = inspect_image(image, limits)
     return VisionInput(image=image, mime=mime, width=width, height=height, prompt=fields.prompt, model=fields.model,
                        system=fields.system, max_tokens=fields.max_tokens, temperature=fields.temperature)
@@ -147,9 +139,9 @@ def from_json(body: bytes, limits: Limits) -> VisionInput:
     try:
         data = json.loads(body)
     except ValueError:
-        raise VisionError(400, "invalid_json", "the body is not valid JSON") from None
+        raise Refusal(400, "invalid_json", "the body is not valid JSON") from None
     if not isinstance(data, dict):
-        raise VisionError(422, "invalid_request", "the body must be a JSON object with `image` and `prompt`")
+        raise Refusal(422, "invalid_request", "the body must be a JSON object with `image` and `prompt`")
     try:
         parsed = JsonBody.model_validate(data)
     except ValidationError as exc:
@@ -163,7 +155,7 @@ def from_form(fields: dict[str, Any], image: bytes | None, limits: Limits) -> Vi
         if isinstance(fields.get("image"), str):  # a base64 text field instead of a file part: accepted
             image = decode_base64(fields.pop("image"))
         else:
-            raise VisionError(422, "invalid_request", "image: missing; add the picture as a file part named `image`")
+            raise Refusal(422, "invalid_request", "image: missing; add the picture as a file part named `image`")
     fields.pop("image", None)
     try:
         parsed = _Fields.model_validate(fields)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 
-from rma_ray.client_keys import ClientKeyVerifier, KeyRejected
+from deployments.gateway.keys import ClientKeyVerifier
+from deployments.gateway.refusal import Refusal
 from tests.integration.conftest import Coordinator
 from tests.support import wait_for
 
@@ -23,7 +24,7 @@ def test_revoked_client_key_stops_working_within_refresh(coordinator: Coordinato
             try:
                 verifier.verify(f"Bearer {key['key']}")
                 return False
-            except KeyRejected as exc:
+            except Refusal as exc:
                 return exc.status == 401
 
         wait_for(rejected, timeout=30, what="the revoked key to be refused")

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from deployments.services.errors import ServiceError
+from deployments.gateway.refusal import Refusal
 from deployments.services.graph import Graph
 from deployments.stores.kinds import KINDS, Endpoint, credentials
 from deployments.stores.runtime import ProcessRuntime
@@ -74,7 +74,7 @@ def test_two_clients_have_disjoint_graphs(graph: Graph) -> None:
     assert neighbours(graph, "bob", "Ada Lovelace")["London"] == 3
     assert neighbours(graph, "bob", "Ada Lovelace")["Charles Babbage"] == 4
     # an entity only alice's text named is unknown to carol, and the refusal does not say it exists elsewhere
-    with pytest.raises(ServiceError) as err:
+    with pytest.raises(Refusal) as err:
         graph.query("carol", "Ada Lovelace")
     assert err.value.status == 404 and "your graph" in err.value.message
     # in the store: one node per (owner, entity), edges only between one owner's nodes, every edge owned
@@ -90,7 +90,7 @@ def test_nodes_without_an_owner_are_seen_by_no_client(graph: Graph) -> None:
     run(graph, "CREATE (:Entity {key: 'PERSON:grace hopper', name: 'Grace Hopper', label: 'PERSON', "
                "mentions: 9})")
     for owner in ("alice", "bob"):
-        with pytest.raises(ServiceError) as err:
+        with pytest.raises(Refusal) as err:
             graph.query(owner, "Grace Hopper")
         assert err.value.status == 404
     graph.extract("alice", "Grace Hopper worked at Harvard.")
@@ -103,6 +103,6 @@ def test_nodes_without_an_owner_are_seen_by_no_client(graph: Graph) -> None:
 def test_an_empty_owner_is_refused(graph: Graph) -> None:
     for call in (lambda: graph.extract("", "Ada Lovelace met Charles Babbage."),
                  lambda: graph.query(" ", "Ada")):
-        with pytest.raises(ServiceError) as err:
+        with pytest.raises(Refusal) as err:
             call()
         assert err.value.status == 401

@@ -340,7 +340,7 @@ def test_inference_route_wins_over_a_services_app_at_api(pool: Pool, key: str) -
 
 def test_other_deployments_call_the_llm_through_a_handle(pool: Pool) -> None:
     out = pool.driver("""
-        from deployments.llm.client import chat, LLMCallError
+        from deployments.llm.client import Refusal, chat
 
         async def main():
             reply = await chat([{"role": "user", "content": "What is the capital of France?"}], max_tokens=24,
@@ -348,7 +348,7 @@ def test_other_deployments_call_the_llm_through_a_handle(pool: Pool) -> None:
             try:
                 await chat([{"role": "user", "content": "hi"}], max_tokens=100000)
                 refused = None
-            except LLMCallError as exc:
+            except Refusal as exc:
                 refused = exc.status
             return {"text": reply.text, "finish": reply.finish_reason, "refused": refused}
 

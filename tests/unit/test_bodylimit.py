@@ -14,11 +14,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from deployments.gateway.auth import set_verifier
+from deployments.gateway.keys import ClientKeyVerifier
 from deployments.services.api import Backends, create_api
 from deployments.services.settings import ServicesSettings
 from rma_ray import credentials
 from rma_ray.bodylimit import BodyLimit
-from rma_ray.client_keys import ClientKeyVerifier
 
 CHUNK = 64 * 1024
 KEY = credentials.mint(credentials.Kind.CLIENT)
@@ -125,13 +125,13 @@ def test_the_coordinator_refuses_a_chunked_body_over_the_limit(tmp_path: Any) ->
 
 
 def test_the_llm_key_gate_refuses_a_chunked_body_over_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:
-    from deployments.llm import app as llm_app
+    from deployments.llm import gate as llm_gate
 
     ring = {"keys": [{"id": KEY.id, "hash": KEY.hash, "name": "alice"}]}
     verifier = ClientKeyVerifier(lambda: ring, refresh_s=3600)
     verifier.refresh()
     set_verifier(verifier)
-    monkeypatch.setattr(llm_app, "MAX_BODY_BYTES", 2**20)
+    monkeypatch.setattr(llm_gate, "MAX_BODY_BYTES", 2**20)
     inner = FastAPI()
 
     @inner.post("/v1/chat/completions")
@@ -139,7 +139,7 @@ def test_the_llm_key_gate_refuses_a_chunked_body_over_the_limit(monkeypatch: pyt
         return {"size": len(await request.body())}
 
     try:
-        gate = llm_app.ClientKeyGate(inner)
+        gate = llm_gate.key_gate(inner)
 
         async def mounted(scope: dict, receive: Any, send: Any) -> None:  # what Serve's replica does
             await gate({**scope, "root_path": "/v1"} if scope["type"] == "http" else scope, receive, send)

@@ -14,7 +14,8 @@ import pytest
 
 from deployments.embeddings import config
 from deployments.embeddings.config import EmbeddingSettings
-from deployments.embeddings.model import EmbeddingError, EmbeddingModel, parse_request, reply
+from deployments.embeddings.model import EmbeddingModel, parse_request, reply
+from deployments.gateway.refusal import Refusal
 
 MODEL = config.DEFAULT_MODEL
 
@@ -53,11 +54,11 @@ def model(settings: EmbeddingSettings) -> EmbeddingModel:
 def test_bad_requests_are_openai_errors_that_say_what_to_fix(
     settings: EmbeddingSettings, body: Any, status: int, param: str | None, words: str
 ) -> None:
-    with pytest.raises(EmbeddingError) as exc:
+    with pytest.raises(Refusal) as exc:
         parse_request(body, settings.entry(), settings)
     err = exc.value
     assert (err.status, err.param) == (status, param) and words in err.message, err.message
-    assert err.body()["error"]["type"] == "invalid_request_error"
+    assert err.openai_body()["error"]["type"] == "invalid_request_error"
 
 
 def test_dimensions_equal_to_the_model_s_own_and_matryoshka_prefixes(settings: EmbeddingSettings) -> None:
@@ -70,7 +71,7 @@ def test_dimensions_equal_to_the_model_s_own_and_matryoshka_prefixes(settings: E
         ).dimensions
         == 256
     )
-    with pytest.raises(EmbeddingError, match="at most 1024"):
+    with pytest.raises(Refusal, match="at most 1024"):
         parse_request({"input": "hi", "model": "mxbai-embed-large-v1", "dimensions": 2048}, gpu.entry(), gpu)
     assert gpu.selector() == {"rma.io/tier": "gpu"}
     assert settings.selector() == {"rma.io/tier": "in(service,head)", "rma.io/trusted": "true"}
@@ -177,7 +178,7 @@ def test_the_llm_s_model_list_adds_the_embedding_model_with_its_kind(monkeypatch
     from fastapi import FastAPI
 
     from deployments.embeddings.model import model_card
-    from deployments.llm import app as llm_app
+    from deployments.llm import models as llm_models
 
     vllm = FastAPI()
 
@@ -198,8 +199,8 @@ def test_the_llm_s_model_list_adds_the_embedding_model_with_its_kind(monkeypatch
     async def others() -> list[dict[str, Any]]:
         return [card]
 
-    monkeypatch.setattr(llm_app, "other_models", others)
-    app = llm_app.ModelCards(vllm)
+    monkeypatch.setattr(llm_models, "other_models", others)
+    app = llm_models.ModelCards(vllm)
     status, body = _asgi_get(app, "/models")
     assert status == 200
     assert [(m["id"], m["kind"]) for m in body["data"]] == [("smollm2", "chat"), (MODEL, "embedding")]

@@ -16,9 +16,9 @@ from typing import Any
 import psutil
 import pytest
 
+from deployments.gateway.refusal import Refusal
 from deployments.services import documents as d
 from deployments.services import sandbox
-from deployments.services.errors import ServiceError
 from deployments.services.ocr import MAX_PIXELS, MAX_SIDE, Ocr, OcrEngine
 from tests import services_samples as samples
 
@@ -75,8 +75,8 @@ def parse(data: bytes, ocr: Ocr, mode: str = "auto") -> dict[str, Any]:
     return asyncio.run(d.parse_document(data, None, None, image, pages, mode))
 
 
-def refused(fn: Any, *args: Any) -> ServiceError:
-    with pytest.raises(ServiceError) as info:
+def refused(fn: Any, *args: Any) -> Refusal:
+    with pytest.raises(Refusal) as info:
         fn(*args)
     assert 400 <= info.value.status < 500
     return info.value
@@ -201,9 +201,9 @@ def test_a_file_that_killed_its_replica_is_a_422_and_is_not_retried() -> None:
     from fastapi.testclient import TestClient
 
     from deployments.gateway.auth import set_verifier
+    from deployments.gateway.keys import ClientKeyVerifier
     from deployments.services.api import Backends, create_api
     from rma_ray import credentials
-    from rma_ray.client_keys import ClientKeyVerifier
 
     key = credentials.mint(credentials.Kind.CLIENT)
     ring = {"keys": [{"id": key.id, "hash": key.hash, "name": "a"}]}

@@ -84,7 +84,8 @@ def test_the_ingress_shape_follows_where_the_llm_may_run(tmp_path: Path, monkeyp
     import ray.serve.llm
     from ray.llm._internal.serve.core.server.llm_server import LLMServer
 
-    from deployments.llm.app import PROXIED_INGRESS_DEPLOYMENT, build_llm_app
+    from deployments.llm.app import build_llm_app
+    from deployments.llm.config import PROXIED_INGRESS_DEPLOYMENT
 
     built: list[tuple[object, dict]] = []
 
@@ -123,8 +124,8 @@ def test_the_key_gate_serves_only_the_openai_routes_and_only_with_a_key() -> Non
     from fastapi import FastAPI
 
     from deployments.gateway import auth
-    from deployments.llm import app as llm_app
-    from rma_ray.client_keys import ClientKeyVerifier
+    from deployments.gateway.keys import ClientKeyVerifier
+    from deployments.llm.gate import key_gate
     from rma_ray.credentials import Kind, mint
 
     inner = FastAPI()
@@ -150,7 +151,7 @@ def test_the_key_gate_serves_only_the_openai_routes_and_only_with_a_key() -> Non
     auth.set_verifier(v)
 
     async def run() -> None:
-        gate = llm_app.ClientKeyGate(inner)
+        gate = key_gate(inner)
 
         async def mounted(scope: dict, receive: object, send: object) -> None:  # what Serve's replica does
             await gate({**scope, "root_path": "/v1"} if scope["type"] == "http" else scope, receive, send)
@@ -171,7 +172,6 @@ def test_the_key_gate_serves_only_the_openai_routes_and_only_with_a_key() -> Non
             assert r.status_code == 405 and r.headers["allow"] == "POST"
         assert seen == []  # vLLM's other routes were never reached
 
-    llm_app._keyring_ready = False
     try:
         asyncio.run(run())
     finally:
@@ -179,11 +179,12 @@ def test_the_key_gate_serves_only_the_openai_routes_and_only_with_a_key() -> Non
 
 
 def test_every_openai_route_needs_a_client_key() -> None:
-    """Drift guard (proxied shape): the ingress mounts only these routes, each with the client-key dependency, and
-    no docs."""
+    """Drift guard (proxied shape): the ingress mounts only these routes, each with the one client-key check,
+    and no docs."""
     from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress, make_fastapi_ingress
 
-    from deployments.llm.app import AUTH, openai_fastapi_app, openai_routes, require_client_async
+    from deployments.gateway.auth import AUTH, current_client
+    from deployments.llm.openai import openai_fastapi_app, openai_routes
 
     app = openai_fastapi_app()
     make_fastapi_ingress(OpenAiIngress, endpoint_map=openai_routes(), app=app)
@@ -191,47 +192,58 @@ def test_every_openai_route_needs_a_client_key() -> None:
     assert set(routes) == {("GET", "/models"), ("GET", "/models/{model:path}"), ("POST", "/completions"),
                            ("POST", "/chat/completions")}
     for route in routes.values():
-        assert any(d.call is require_client_async for d in route.dependant.dependencies), route.path
-    assert AUTH[0].dependency is require_client_async
+        assert any(d.call is current_client for d in route.dependant.dependencies), route.path
+    assert AUTH[0].dependency is current_client
     assert app.docs_url is None and app.openapi_url is None
 
 
 def test_inference_routes_need_a_client_key() -> None:
-    from deployments.llm.app import _inference_app, require_client_async
+    from deployments.gateway.auth import current_client
+    from deployments.llm.inference import _inference_app
 
     routes = [r for r in _inference_app.routes if hasattr(r, "methods")]
     assert [(r.path, sorted(r.methods)) for r in routes] == [("/llm", ["POST"])]
-    assert any(d.call is require_client_async for d in routes[0].dependant.dependencies)
+    assert any(d.call is current_client for d in routes[0].dependant.dependencies)
     assert _inference_app.docs_url is None and _inference_app.openapi_url is None
 
 
-def test_the_async_key_check_is_the_shared_verifier(monkeypatch: pytest.MonkeyPatch) -> None:
-    """require_client_async (no thread hop per request) refuses and accepts exactly as require_client does."""
+def test_the_one_key_check_accepts_a_live_key_and_refuses_the_others() -> None:
+    """current_client, on the event loop: the client a live key acts for; 401 with WWW-Authenticate for a
+    missing, malformed or unknown key, and 503 with Retry-After when the replica has no keyring."""
     import asyncio
 
     from starlette.requests import Request
 
     from deployments.gateway import auth
-    from deployments.llm import app as llm_app
-    from rma_ray.client_keys import ClientKeyVerifier, KeyRejected
+    from deployments.gateway.keys import ClientKeyVerifier
+    from deployments.gateway.refusal import Refusal
     from rma_ray.credentials import Kind, mint
 
     good = mint(Kind.CLIENT)
     v = ClientKeyVerifier(lambda: {"keys": [{"id": good.id, "hash": good.hash, "name": "alice"}]}, refresh_s=3600,
                           max_stale_s=3600)
     v.refresh()
-    auth.set_verifier(v)
-    monkeypatch.setattr(llm_app, "_keyring_ready", False)
-    try:
-        def req(header: str | None) -> Request:
-            headers = [(b"authorization", header.encode())] if header else []
-            return Request({"type": "http", "method": "POST", "path": "/", "headers": headers})
 
-        assert asyncio.run(llm_app.require_client_async(req(f"Bearer {good.token}"))).client == "alice"
+    def req(header: str | None) -> Request:
+        headers = [(b"authorization", header.encode())] if header else []
+        return Request({"type": "http", "method": "POST", "path": "/", "headers": headers})
+
+    auth.set_verifier(v)
+    try:
+        assert asyncio.run(auth.current_client(req(f"Bearer {good.token}"))).client == "alice"
         for header in (None, "Bearer rma_client_nope_nope", f"Bearer {mint(Kind.CLIENT).token}"):
-            with pytest.raises(KeyRejected) as exc:
-                asyncio.run(llm_app.require_client_async(req(header)))
-            assert exc.value.status == 401
+            with pytest.raises(Refusal) as exc:
+                asyncio.run(auth.current_client(req(header)))
+            assert exc.value.status == 401 and exc.value.headers() == {"WWW-Authenticate": "Bearer"}
+        auth.set_verifier(None)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.delenv("RMA_COORDINATOR_URL", raising=False)
+            no_identity = RuntimeError("no identity on this node")
+            mp.setattr(auth, "_build", lambda: (_ for _ in ()).throw(no_identity))
+            with pytest.raises(Refusal) as exc:
+                asyncio.run(auth.current_client(req(f"Bearer {good.token}")))
+        assert (exc.value.status, exc.value.code) == (503, "keyring_unavailable")
+        assert "no identity" in exc.value.message and exc.value.headers() == {"Retry-After": "5"}
     finally:
         auth.set_verifier(None)
 
@@ -243,7 +255,7 @@ def test_the_stream_coalescer_writes_the_first_chunk_at_once_and_loses_nothing()
 
     import looptime
 
-    from deployments.llm.app import StreamCoalescer
+    from deployments.gateway.asgi import StreamCoalescer
 
     async def run(content_type: bytes, gaps: list[float]) -> list[tuple[float, bytes, bool]]:
         loop = asyncio.get_running_loop()

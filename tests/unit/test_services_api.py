@@ -12,12 +12,12 @@ import pytest
 from fastapi.testclient import TestClient
 
 from deployments.gateway.auth import set_verifier
+from deployments.gateway.keys import ClientKeyVerifier
 from deployments.services.api import Backends, create_api, public_routes
 from deployments.services.documents import Documents
 from deployments.services.ocr import Ocr
 from deployments.services.settings import ServicesSettings
 from rma_ray import credentials
-from rma_ray.client_keys import ClientKeyVerifier
 from tests import services_samples as samples
 
 ALICE = credentials.mint(credentials.Kind.CLIENT)

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
+from deployments.gateway.refusal import Refusal
 from deployments.services import documents as d
-from deployments.services.errors import ServiceError
 from deployments.services.ocr import Ocr
 from tests import services_samples as samples
 
@@ -86,7 +86,7 @@ def test_scanned_pdf_falls_through_to_ocr(ocr: Ocr) -> None:
     out = parse(data, "scan.pdf", "application/pdf", ocr)
     assert out["ocr"] and out["pages"][0]["ocr"]
     assert out["text"] == "Scanned contract 2026"
-    with pytest.raises(ServiceError) as exc:
+    with pytest.raises(Refusal) as exc:
         parse(samples.text_image(["x"]), "a.png", "image/png", ocr, mode="never")
     assert exc.value.status == 422
 
@@ -94,7 +94,7 @@ def test_scanned_pdf_falls_through_to_ocr(ocr: Ocr) -> None:
 def test_ocr_document_reads_every_pdf_page(ocr: Ocr) -> None:
     out = ocr.document(samples.scanned_pdf(["Page of a scan"]), "s.pdf", "application/pdf")
     assert out["text"] == "Page of a scan" and out["pages"][0]["number"] == 1 and out["pages"][0]["lines"]
-    with pytest.raises(ServiceError) as exc:
+    with pytest.raises(Refusal) as exc:
         ocr.document(b"just text", "t.txt", "text/plain")
     assert exc.value.status == 415 and "documents/parse" in exc.value.message
 
@@ -110,14 +110,14 @@ def test_ocr_document_reads_every_pdf_page(ocr: Ocr) -> None:
     (b"hello", "x.txt", "application/json", 415, "unsupported_type"),
 ])
 def test_bad_input_is_a_clear_4xx(data: bytes, filename: str, ctype: str | None, status: int, code: str) -> None:
-    with pytest.raises(ServiceError) as exc:
+    with pytest.raises(Refusal) as exc:
         parse(data, filename, ctype)
     assert (exc.value.status, exc.value.code) == (status, code)
     assert exc.value.message
 
 
 def test_unreadable_image_is_refused(ocr: Ocr) -> None:
-    with pytest.raises(ServiceError) as exc:
+    with pytest.raises(Refusal) as exc:
         ocr.image(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)
     assert exc.value.status in (415, 422)
 

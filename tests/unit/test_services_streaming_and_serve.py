@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from deployments.gateway.refusal import Refusal
 from deployments.llm import client
-from deployments.llm.app import LLMCallError
 from rma_ray import serve_admin
 
 
@@ -34,7 +34,7 @@ def test_stream_batches_give_the_text_pieces_in_order_until_done() -> None:
 def test_an_error_chunk_in_the_stream_is_an_llm_call_error() -> None:
     bad = "data: " + json.dumps({"error": {"message": "prompt is too long", "type": "BadRequestError",
                                            "code": 400}}) + "\n\n"
-    with pytest.raises(LLMCallError) as err:
+    with pytest.raises(Refusal) as err:
         client.parse_stream_batch([_chunk("a"), bad])
     assert err.value.status == 400 and err.value.code == "invalid_request" and "too long" in err.value.message
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from deployments.services.errors import ServiceError
+from deployments.gateway.refusal import Refusal
 from deployments.services.graph import entity_key, extract_entities
 from deployments.services.llm import citations
 from deployments.services.rag import chunk_text, collection_name
@@ -39,7 +39,7 @@ def test_paragraphs_are_preferred_breaks_and_long_words_still_split() -> None:
 
 @pytest.mark.parametrize("name", ["", "-x", "x-", "a/b", "../etc", "a" * 61, "with space", "é"])
 def test_bad_collection_names_are_refused(name: str) -> None:
-    with pytest.raises(ServiceError) as exc:
+    with pytest.raises(Refusal) as exc:
         collection_name("pub", name)
     assert exc.value.status == 400 and "letters, digits" in exc.value.message
 

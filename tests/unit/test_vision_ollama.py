@@ -15,8 +15,9 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from deployments.gateway.refusal import Refusal
 from deployments.vision.backends import OllamaVision, from_chat_response, openai_messages
-from deployments.vision.request import VisionError, VisionInput
+from deployments.vision.request import VisionInput
 from rma_ray import capabilities, tiers
 from rma_ray.tiers import LABEL_OLLAMA, Tier
 from tests.fake_ollama import FakeOllamaServer
@@ -101,7 +102,7 @@ def test_model_choice(fake: FakeOllamaServer) -> None:
     assert run(OllamaVision(fake.url, default_model="bakllava:latest").describe(vinput()))["model"] == \
         "bakllava:latest"
     for name in ("llama3.2:1b", "gpt-4o"):  # a text-only model of that server, a model it does not have
-        with pytest.raises(VisionError) as exc:
+        with pytest.raises(Refusal) as exc:
             run(OllamaVision(fake.url).describe(vinput(model=name)))
         assert exc.value.status == 404 and exc.value.code == "model_not_found"
         assert "llava:7b" in exc.value.message  # says what is available
@@ -109,10 +110,10 @@ def test_model_choice(fake: FakeOllamaServer) -> None:
 
 def test_no_vision_model_and_no_server_are_503() -> None:
     with FakeOllamaServer(models={"llama3.2:1b": (["completion"], ["llama"])}) as only_text:
-        with pytest.raises(VisionError) as exc:
+        with pytest.raises(Refusal) as exc:
             run(OllamaVision(only_text.url).describe(vinput()))
         assert exc.value.status == 503 and exc.value.code == "no_vision_model" and "ollama pull" in exc.value.message
-    with pytest.raises(VisionError) as exc:
+    with pytest.raises(Refusal) as exc:
         run(OllamaVision(f"http://127.0.0.1:{free_port()}").describe(vinput()))
     assert exc.value.status == 503 and exc.value.code == "ollama_unreachable"
 

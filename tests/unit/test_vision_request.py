@@ -12,8 +12,9 @@ from fastapi import Request
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from deployments.gateway.refusal import Refusal
 from deployments.vision.app import parse_request, vision_fastapi_app
-from deployments.vision.request import Limits, VisionError, decode_base64, inspect_image
+from deployments.vision.request import Limits, decode_base64, inspect_image
 
 LIMITS = Limits(max_image_bytes=200_000, max_pixels=1_000_000, max_prompt_chars=100, max_tokens=512)
 
@@ -133,6 +134,6 @@ def test_helpers_directly() -> None:
     data = image_bytes("JPEG", (10, 20))
     assert inspect_image(data, LIMITS) == ("image/jpeg", 10, 20)
     assert decode_base64("  " + base64.b64encode(data).decode() + "\n") == data
-    with pytest.raises(VisionError) as exc:
+    with pytest.raises(Refusal) as exc:
         inspect_image(b"\x89PNG\r\n\x1a\n" + b"\0" * 30, LIMITS)
     assert exc.value.status in (400, 415)

@@ -1,4 +1,5 @@
-"""Client API keys checked on the Serve side without a coordinator round-trip per request.
+"""The keyring behind the one client-key check (`deployments.gateway.auth`): client API keys checked on the
+Serve side without a coordinator round-trip per request.
 
 The verifier keeps the coordinator's keyring (ids and SHA-256 hashes of live `rma_client_` keys) and refreshes
 it every `refresh_s`; a revoked key disappears from the keyring, so it stops working within `refresh_s` plus
@@ -20,17 +21,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from deployments.gateway.refusal import Refusal, UnknownKey
 from rma_ray import credentials
 from rma_ray.credentials import Kind, MalformedToken
 
 log = logging.getLogger("rma.client_keys")
-
-
-class KeyRejected(Exception):
-    def __init__(self, status: int, code: str, message: str, unknown_id: bool = False) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
-        self.unknown_id = unknown_id  # well-formed, but its id is not in this keyring (new since the last refresh?)
+KEYRING_RETRY_S = 5.0  # Retry-After of a refusal because the keyring cannot be read
 
 
 @dataclass(frozen=True)
@@ -98,19 +94,21 @@ class ClientKeyVerifier:
             self.refresh()
 
     def verify(self, authorization: str | None) -> ClientIdentity:
-        """Check an `Authorization` header value; raise KeyRejected (401/503) with a message for the caller."""
+        """Check an `Authorization` header value; raise Refusal (401/503, with a message for the caller;
+        UnknownKey for a well-formed key whose id is not in the keyring)."""
         if not authorization or not authorization.lower().startswith("bearer "):
-            raise KeyRejected(401, "missing_api_key", "send 'Authorization: Bearer rma_client_<id>_<secret>'")
+            raise Refusal(401, "missing_api_key", "send 'Authorization: Bearer rma_client_<id>_<secret>'")
         try:
             parsed = credentials.parse(authorization[7:].strip(), Kind.CLIENT)
         except MalformedToken as exc:
-            raise KeyRejected(401, "invalid_api_key", str(exc)) from None
+            raise Refusal(401, "invalid_api_key", str(exc)) from None
         with self._lock:
             loaded_at, stored, name = self._loaded_at, self._hashes.get(parsed.id), self._names.get(parsed.id, "")
         if loaded_at is None or self._clock() - loaded_at > self.max_stale_s:
-            raise KeyRejected(503, "keyring_stale", "API keys cannot be checked right now (coordinator unreachable)")
+            raise Refusal(503, "keyring_stale",
+                          "API keys cannot be checked right now (coordinator unreachable)", KEYRING_RETRY_S)
         if stored is None:
-            raise KeyRejected(401, "invalid_api_key", "unknown or revoked API key", unknown_id=True)
+            raise UnknownKey()
         if not hmac.compare_digest(credentials.hash_secret(parsed.secret), stored):
-            raise KeyRejected(401, "invalid_api_key", "unknown or revoked API key")
+            raise Refusal(401, "invalid_api_key", "unknown or revoked API key")
         return ClientIdentity(parsed.id, name)

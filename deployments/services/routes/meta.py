@@ -1,0 +1,29 @@
+"""The gateway's own routes: who a key acts for, and the published OpenAPI (behind the key like every
+route)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from deployments.gateway.auth import ClientDep
+from deployments.services.http import owner
+
+router = APIRouter()
+
+
+@router.get("/openapi.json", include_in_schema=False)
+async def openapi_json(request: Request) -> JSONResponse:
+    """The published OpenAPI (deployments/services/openapi.py), which docs/api.md is generated from."""
+    published = request.app.state.published
+    if not published:
+        from deployments.services.openapi import published as publish
+
+        published.append(publish(request.app))
+    return JSONResponse(published[0])
+
+
+@router.get("/whoami")
+async def whoami(client: ClientDep) -> dict[str, str]:
+    """Which client this key acts for (a cheap check that a key works; the gateway's no-op route)."""
+    return {"client": owner(client), "key_id": client.key_id}
