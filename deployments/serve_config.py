@@ -18,10 +18,19 @@ build` writes them; Serve applies those options over the code's, so the file is 
 The LLM and vision entries are the gpu tier (catalog models chosen for a 16 GB card, placed on `rma.io/tier=gpu`
 nodes): the file is for clusters with GPU nodes (`--profile gpu`, the default here). `rma up` applies the same
 builders through the same declarative API (`python -m deployments up`) with the embedded profile: the apps it was
-asked for, each app's settings from `RMA_*` on the head (the CPU model inside a Python package unless told
-otherwise), and the services allowed onto the head as well as onto donors of their tier:
+asked for, each app's settings from the `RMA_*` variables of the process that generates it as args (the CPU model
+inside a Python package unless told otherwise), and the services allowed onto the head as well as onto donors of
+their tier:
 
     python -m deployments.serve_config --profile embedded --apps llm,services   # what `rma up` applies
+
+Where the builders run: Serve's controller (on the head) builds each app in a `build_serve_application` task
+(Ray 2.60: `num_cpus=0`, and a `label_selector` only when every deployment of the app config lists the same hard
+selector, `_get_shared_build_app_label_selector`). The configs here list either no deployments (embedded) or
+deployments of several tiers (gpu), so the task is not pinned: Ray's default scheduler places a zero-resource task
+on the submitter's node, the head, first. Only what the task imports must be there: this module and the app
+modules and the Python packages they import at build time (not the models: the replicas load those); every app's
+settings travel as `args`, not in the head's environment.
 
 Generating the gpu file never starts Ray: ray.serve.llm reads the driver's job runtime_env while it builds the LLM
 deployment, which would auto-start a local cluster; here that read answers what a plain driver has, an empty one.
@@ -69,6 +78,25 @@ APP_GROUPS: dict[str, tuple[str, ...]] = {"llm": ("llm_app", "inference_app"), "
                                           "services": ("services_app",),
                                           "vision": ("vision_backend_app", "vision_app")}
 PROFILES = ("gpu", "embedded")
+
+
+# each builder's settings class (the `RMA_*_` variables it reads); inference_app takes no args
+SETTINGS = {"llm_app": "deployments.llm.config:LLMSettings",
+            "embeddings_app": "deployments.embeddings.config:EmbeddingSettings",
+            "services_app": "deployments.services.settings:ServicesSettings",
+            "vision_app": "deployments.vision.config:VisionSettings",
+            "vision_backend_app": "deployments.vision.config:VisionSettings"}
+
+
+def env_args(builder: str) -> dict[str, Any]:
+    """The settings this process's environment sets for `builder`'s app (`RMA_LLM_*`, ...), as args: the
+    config carries them to Serve's controller, which builds the app wherever its build task runs."""
+    import pkgutil
+
+    if builder not in SETTINGS:
+        return {}
+    settings = pkgutil.resolve_name(SETTINGS[builder])()
+    return dict(settings.model_dump(mode="json", exclude_unset=True))
 
 
 def _embedded_args() -> dict[str, dict[str, Any]]:
@@ -146,9 +174,10 @@ def vision_backend_app(args: dict[str, Any]) -> Any:
 
 def apps(profile: str = "gpu") -> tuple[AppSpec, ...]:
     """Every Serve app of the pool with the args of `profile` (gpu: the checked-in files; embedded: `rma up`)."""
-    if profile == "embedded":
+    if profile == "embedded":  # the profile's args, and over them what the environment sets
         embedded = _embedded_args()
-        return tuple(AppSpec(a.name, a.route_prefix, a.builder, embedded.get(a.builder, {})) for a in apps())
+        return tuple(AppSpec(a.name, a.route_prefix, a.builder, {**embedded.get(a.builder, {}),
+                                                                 **env_args(a.builder)}) for a in apps())
     if profile != "gpu":
         raise ValueError(f"unknown profile {profile!r}; use one of {', '.join(PROFILES)}")
     from deployments.embeddings.config import EMBEDDINGS_APP, EMBEDDINGS_ROUTE_PREFIX

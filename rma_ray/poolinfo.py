@@ -11,6 +11,7 @@ waits for the `stores` key to appear. Keys this version does not know are kept a
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,13 @@ import psutil
 from pydantic import BaseModel, ConfigDict
 
 from rma_ray.membership import write_private
+
+# What `rma up --apps` and `--stores` may name, in the order they start (the keys of pool.json's `apps` and
+# `stores`). The one list on this side of the rooms: `python -m deployments` keys its apps
+# (deployments/serve_config.py APP_GROUPS) and stores (deployments/stores/kinds.py KINDS) by these names, and
+# a unit test keeps them equal (rma_ray never imports deployments).
+APP_NAMES = ("llm", "embeddings", "services", "vision")
+STORE_NAMES = ("redis", "postgres", "chroma", "graph")
 
 # the processes of a running pool: `rma down` removes them from the file once they are gone
 PROCESS_FIELDS = ("supervisor_pid", "head_pid", "coordinator_pid")
@@ -79,8 +87,6 @@ def read(data_dir: Path) -> PoolInfo:
 
 def write(data_dir: Path, info: PoolInfo) -> None:
     """Write pool.json (0600), or nothing when `info` holds nothing."""
-    import json
-
     data = info.as_dict()
     if data:
         write_private(pool_file(data_dir), json.dumps(data, indent=2))
