@@ -1,30 +1,31 @@
-"""`python -m deployments up|down|status|prepare`: the one driver of the Serve side. `rma up`, `rma down` and an
-admin run it as a child process (a process that imports Ray caches the cluster's token settings, so the CLI never
-does); the Ray cluster token comes from RAY_AUTH_TOKEN_PATH (`rma_ray.raynode.ray_env`). It owns the data stores
-(their Ray supervisors), the services' schema migrations and the Serve apps, and prints JSON lines, one object per
-event or result; an error is `{"error": ...}` and exit 1.
+"""`python -m deployments up|down|status|prepare`: the one driver of the Serve side. `rma up`, `rma down` and
+an admin run it as a child process (a process that imports Ray caches the cluster's token settings, so the CLI
+never does); the Ray cluster token comes from RAY_AUTH_TOKEN_PATH (`rma_ray.raynode.ray_env`). It owns the
+data stores (their Ray supervisors), the services' schema migrations and the Serve apps, and prints JSON
+lines, one object per event or result; an error is `{"error": ...}` and exit 1.
 
     python -m deployments up --address <gcs> [--stores redis,postgres|none] [--apps llm,services|none]
-    python -m deployments down --address <gcs> [--stores ...] [--apps ...]   # stores stop cleanly; volumes stay
-    python -m deployments status --address <gcs>                            # each store's and Serve app's state
-    python -m deployments prepare                                           # convert the embedded LLM now
+    python -m deployments down --address <gcs> [--stores ...] [--apps ...]   # stores stop; volumes stay
+    python -m deployments status --address <gcs>                            # stores' and apps' states
+    python -m deployments prepare                                           # convert the embedded LLM
 
-The apps are applied the way KubeRay and `serve deploy` apply them: the config that deployments/serve_config.py
-generates (embedded profile; the `RMA_*` settings of this process become the apps' args), PUT on the dashboard's
-`/api/serve/applications/` (the dashboard of the cluster `--address` names, unless `--dashboard`). One app after
-the other, each PUT naming the apps applied before it and any other app already applied declaratively (Serve
-leaves those as they are and deletes declarative apps a config leaves out); waiting for each as `rma up` always
-has. Serve's controller builds each app in a `build_serve_application` task; serve_config.py says where it runs.
+The apps are applied the way KubeRay and `serve deploy` apply them: the config that
+deployments/serve_config.py generates (embedded profile; the `RMA_*` settings of this process become the apps'
+args), PUT on the dashboard's `/api/serve/applications/` (the dashboard of the cluster `--address` names,
+unless `--dashboard`). One app after the other, each PUT naming the apps applied before it and any other app
+already applied declaratively (Serve leaves those as they are and deletes declarative apps a config leaves
+out); waiting for each as `rma up` always has. Serve's controller builds each app in a
+`build_serve_application` task; serve_config.py says where it runs.
 
 Lines of `up`, in order:
 
     {"store": "redis", "status": "ready", "where": "the head", "node_ip": ..., "port": ..., "ready_s": ...}
     {"done": "stores", "failed": 0}
-    {"migration": "services", "schema": "<revision or null: Postgres not reachable, the replicas migrate>"}
+    {"migration": "services", "schema": "<revision, or null: Postgres not reachable, the replicas migrate>"}
     {"app": "llm", "status": "running", "serve_apps": ["rma-llm", "rma-inference"], "ready_s": 61.2}
-    {"app": "vision", "status": "failed", "error": "..."}          # or "timeout"; the other apps still go on
+    {"app": "vision", "status": "failed", "error": "..."}   # or "timeout"; the other apps still go on
     {"done": "apps", "failed": 1}
-    {"error": "1 store and 1 app did not start"}                   # exit 1
+    {"error": "0 store(s) and 1 app(s) did not start"}      # exit 1
 """
 
 from __future__ import annotations
@@ -149,7 +150,7 @@ def stores_down(stores: list[str], timeout: float) -> None:
         emit(store=store, status="stopped")
 
 
-# -- what each app needs before Serve builds it ----------------------------------------------------------------
+# -- what each app needs before Serve builds it ---------------------------------------------------------
 
 def prepare_llm() -> str | None:
     """Convert the embedded CPU model once (first start), here rather than in the replica's start-up, as the
@@ -188,7 +189,8 @@ def migrate_services(services_args: dict[str, Any]) -> None:
     except ServiceError as exc:
         if exc.code == "schema_migration_failed":
             raise RuntimeError(exc.message) from None
-        emit(migration="services", schema=None, note=f"{exc.message}; the replicas migrate the schema when it is")
+        emit(migration="services", schema=None,
+             note=f"{exc.message}; the replicas migrate the schema when it is")
         return
     assert db.engine is not None
     try:
@@ -198,10 +200,10 @@ def migrate_services(services_args: dict[str, Any]) -> None:
         db.engine.dispose()
 
 
-# -- the Serve apps, applied declaratively ----------------------------------------------------------------------
+# -- the Serve apps, applied declaratively ---------------------------------------------------------------
 
 class Dashboard:
-    """Serve's REST API on the Ray dashboard, with the cluster token (what KubeRay and `serve deploy` call)."""
+    """Serve's REST API on the Ray dashboard, with the cluster token (what KubeRay, `serve deploy` call)."""
 
     def __init__(self, url: str, token: str) -> None:
         import httpx
@@ -220,18 +222,19 @@ class Dashboard:
         return r.json().get("applications") or {}
 
     def declared(self, leave_out: set[str]) -> list[dict[str, Any]]:
-        """The app configs applied declaratively before (by an earlier `up`, KubeRay, `serve deploy`), but for
-        `leave_out`: a new config keeps them, since Serve deletes declarative apps that a config leaves out."""
+        """The app configs applied declaratively before (by an earlier `up`, KubeRay, `serve deploy`), but
+        for `leave_out`: a new config keeps them, since Serve deletes declarative apps a config leaves out."""
         return [st["deployed_app_config"] for name, st in self.applications().items()
                 if name not in leave_out and st.get("deployed_app_config")]
 
 
 def http_options(host: str, port: int) -> dict[str, Any]:
-    """Serve's HTTP options as rma_ray/serve_admin.py started the proxy (a running Serve keeps its own; the same
-    ones here spare Serve's warning about a change it cannot make)."""
+    """Serve's HTTP options as rma_ray/serve_admin.py started the proxy (a running Serve keeps its own; the
+    same ones here spare Serve's warning about a change it cannot make)."""
     from rma_ray.serve_admin import haproxy_binary
 
-    return {"host": "0.0.0.0" if haproxy_binary() else host, "port": port, "request_timeout_s": REQUEST_TIMEOUT_S}
+    return {"host": "0.0.0.0" if haproxy_binary() else host, "port": port,
+            "request_timeout_s": REQUEST_TIMEOUT_S}
 
 
 def wait_apps(dash: Dashboard, names: list[str], timeout: float) -> dict[str, Any]:
@@ -290,7 +293,7 @@ def apps_up(groups: list[str], dash: Dashboard, http: dict[str, Any], wait_s: fl
 
 
 def apps_down(groups: list[str]) -> None:
-    """Delete the Serve apps of `groups` (their replicas stop; vLLM's engine process goes with its replica)."""
+    """Delete the Serve apps of `groups` (their replicas stop; vLLM's engine process goes with them)."""
     from ray import serve
 
     from deployments import serve_config
@@ -310,7 +313,7 @@ def apps_status(dash: Dashboard) -> None:
              message=(st.get("message") or "")[-300:])
 
 
-# -- the command line ------------------------------------------------------------------------------------------
+# -- the command line -----------------------------------------------------------------------------------
 
 def _names(value: str, known: tuple[str, ...] | list[str], what: str) -> list[str]:
     names = [s.strip() for s in value.split(",") if s.strip() and s.strip() != "none"]
@@ -341,11 +344,13 @@ def parser() -> argparse.ArgumentParser:
     from deployments.serve_config import APP_GROUPS
     from deployments.stores.kinds import KINDS
 
-    ap = argparse.ArgumentParser(prog="python -m deployments", description="The pool's stores and Serve apps.")
+    ap = argparse.ArgumentParser(prog="python -m deployments",
+                                 description="The pool's stores and Serve apps.")
     ap.add_argument("command", choices=["up", "down", "status", "prepare"])
     ap.add_argument("--address", help="GCS address of the pool's Ray head (default: RAY_ADDRESS)")
-    ap.add_argument("--dashboard", help="the Ray dashboard's URL (default: the one of the cluster at --address)")
-    ap.add_argument("--stores", default=",".join(KINDS), help=f"comma-separated ({', '.join(KINDS)}) or 'none'")
+    ap.add_argument("--dashboard", help="the Ray dashboard's URL (default: the cluster's at --address)")
+    ap.add_argument("--stores", default=",".join(KINDS),
+                    help=f"comma-separated ({', '.join(KINDS)}) or 'none'")
     ap.add_argument("--store-runtime", default="process", choices=["process", "docker"])
     ap.add_argument("--stores-on", default="auto", choices=["auto", "data", "head"])
     ap.add_argument("--store-port", action="append", default=[], metavar="STORE=PORT",
@@ -380,7 +385,8 @@ def run(a: argparse.Namespace) -> int:
             return 0
         url = a.dashboard or (f"http://{ctx.dashboard_url}" if ctx.dashboard_url else None)
         if url is None and (groups or a.command == "status"):
-            raise ValueError("this cluster has no Ray dashboard to apply Serve apps through; pass --dashboard")
+            raise ValueError("this cluster has no Ray dashboard to apply Serve apps through; "
+                             "pass --dashboard")
         dash = Dashboard(url, _token()) if url else None
         if a.command == "status":
             stores_status(stores)

@@ -3,9 +3,9 @@
 `rma up` starts and supervises, until Ctrl-C: a Ray head with token auth (the cluster token generated once, kept
 0600 in the data dir, never printed), Ray Serve (proxy on the head only), and the admission coordinator wired to
 the head. It prints the URLs, the admin key (first start) and a join token, and writes the same to
-`<data dir>/pool.json` (0600, rma_ray/poolinfo.py) for scripts. The data stores and the Serve apps come from one
-child process, `python -m deployments up` (JSON lines; it applies deployments/serve_config.py's config through
-Serve's declarative API). Code in Ray on the head (Serve replicas, store supervisors) gets a
+`<data dir>/pool.json` (0600, rma_ray/poolinfo.py) for scripts. The data stores and the Serve apps come from
+one child process, `python -m deployments up` (JSON lines; it applies deployments/serve_config.py's config
+through Serve's declarative API). Code in Ray on the head (Serve replicas, store supervisors) gets a
 service credential instead (`<data dir>/service.json`, 0600, minted anew on each start): keyring and store
 reports only, never the admin key (rma_ray/identity.py). `rma down` asks the supervisor to stop, or stops what
 it left, by PID.
@@ -41,8 +41,8 @@ from rma_ray.poolinfo import APP_NAMES, STORE_NAMES, PoolInfo, pool_file
 from rma_ray.tiers import LABEL_TIER, LABEL_TRUSTED
 from rma_ray.waiting import GiveUp, WaitTimeout, wait_until
 
-__all__ = ["APP_NAMES", "STORE_NAMES", "Pool", "UpError", "UpOptions", "pool_file", "read_pool", "signal_down",
-           "signal_rotate"]
+__all__ = ["APP_NAMES", "STORE_NAMES", "Pool", "UpError", "UpOptions", "pool_file", "read_pool",
+           "signal_down", "signal_rotate"]
 
 
 class UpError(Exception):
@@ -242,9 +242,9 @@ class Pool:
             registry_url=self.o.coordinator_url + "/registry",
             serve_url=f"http://{self.o.node_ip}:{self.o.serve_port}",
             ray_dashboard_url=self.dashboard_url,
-            overlay=(poolinfo.OverlayInfo(interface=self.hub.name, address=self.hub.address, subnet=self.hub.subnet,
-                                          endpoint=f"{self.o.node_ip}:{self.hub.port}",
-                                          public_key=self.hub.public_key)
+            overlay=(poolinfo.OverlayInfo(interface=self.hub.name, address=self.hub.address,
+                                          subnet=self.hub.subnet, public_key=self.hub.public_key,
+                                          endpoint=f"{self.o.node_ip}:{self.hub.port}")
                      if self.hub else None),
             ray_address=self.o.gcs_address,
             admin_key=self.admin_key,
@@ -290,18 +290,20 @@ class Pool:
         log = open(self.logs / "deployments.log", "a")
         env = {**ray_env(self.token_file), "RMA_DATA_DIR": str(self.o.data_dir), **self.o.extra_env}
         try:
-            return subprocess.Popen([sys.executable, "-m", "deployments", *args, "--address", self.o.gcs_address,
-                                     "--stores", ",".join(self.o.stores) or "none"], env=env, text=True,
-                                    stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL)
+            return subprocess.Popen([sys.executable, "-m", "deployments", *args, "--address",
+                                     self.o.gcs_address, "--stores", ",".join(self.o.stores) or "none"],
+                                    env=env, text=True, stdout=subprocess.PIPE, stderr=log,
+                                    stdin=subprocess.DEVNULL)
         finally:
             log.close()
 
     def start_deployments(self, info: PoolInfo) -> None:
-        """The data stores (under their Ray supervisors: on a trusted data donor when one is online, on the head
-        otherwise) and then the Serve apps (LLM at /v1 and /api/inference, embeddings at /v1/embeddings, the RMA
-        services at /api, the vision front at /api/inference/vision, whose backend waits for a GPU donor), from
-        `python -m deployments up`; pool.json gets `stores` when they are done, then `apps`. A store or an app
-        that fails is reported (registry, `rma status`, the log) and the rest of the pool stays up."""
+        """The data stores (under their Ray supervisors: on a trusted data donor when one is online, on the
+        head otherwise) and then the Serve apps (LLM at /v1 and /api/inference, embeddings at /v1/embeddings,
+        the RMA services at /api, the vision front at /api/inference/vision, whose backend waits for a GPU
+        donor), from `python -m deployments up`; pool.json gets `stores` when they are done, then `apps`. A
+        store or an app that fails is reported (registry, `rma status`, the log); the rest of the pool stays
+        up."""
         if not (self.o.stores or self.o.apps):
             info.stores, info.apps = {}, {}
             poolinfo.write(self.o.data_dir, info)
@@ -312,7 +314,8 @@ class Pool:
         proc = self._deployments(
             "up", "--store-runtime", self.o.store_runtime, "--stores-wait", str(self.o.stores_wait_s), *ports,
             "--apps", ",".join(self.o.apps) or "none", "--apps-wait", str(self.o.apps_wait_s),
-            "--dashboard", self.dashboard_url, "--serve-host", self.o.node_ip, "--serve-port", str(self.o.serve_port))
+            "--dashboard", self.dashboard_url, "--serve-host", self.o.node_ip,
+            "--serve-port", str(self.o.serve_port))
         # the child waits for each part itself; this only ends a child that hangs past all of that
         limit = self.o.stores_wait_s + self.o.apps_wait_s * len(self.o.apps) + 180
         watchdog = threading.Timer(limit, proc.kill)
@@ -327,7 +330,8 @@ class Pool:
                 except ValueError:
                     continue
                 if "store" in ev:
-                    stores[ev["store"]] = {k: ev.get(k) for k in ("status", "where", "node_ip", "port", "error")}
+                    stores[ev["store"]] = {k: ev.get(k)
+                                           for k in ("status", "where", "node_ip", "port", "error")}
                     self._said_store(ev)
                 elif ev.get("done") == "stores":
                     info.stores = stores
@@ -343,7 +347,8 @@ class Pool:
         finally:
             watchdog.cancel()
         if proc.returncode < 0:
-            self.say(f"[yellow]the stores and apps did not report in time[/]; see {self.logs / 'deployments.log'}")
+            self.say("[yellow]the stores and apps did not report in time[/]; "
+                     f"see {self.logs / 'deployments.log'}")
         if info.stores is None:  # the child ended before its stores were done
             info.stores = stores
         missing = {"status": "failed", "error": f"no result; see {self.logs / 'deployments.log'}"}
@@ -352,7 +357,8 @@ class Pool:
 
     def _said_store(self, ev: dict[str, Any]) -> None:
         if ev.get("status") == "ready":
-            self.say(f"  {ev['store']}: ready on {ev['where']} ({ev['node_ip']}:{ev['port']}, {ev['ready_s']:.1f} s)")
+            self.say(f"  {ev['store']}: ready on {ev['where']} ({ev['node_ip']}:{ev['port']}, "
+                     f"{ev['ready_s']:.1f} s)")
         elif ev.get("status") not in ("stopped", None):
             self.say(f"  [yellow]{ev['store']}: {ev['status']}[/] — {ev.get('error')}")
 
@@ -394,7 +400,7 @@ class Pool:
         info.head_pid = self.head.pid if self.head else None
         info.cluster_token_rotated_at = time.time()
         poolinfo.write(self.o.data_dir, info)
-        self.start_deployments(info)  # the new cluster starts empty: the supervisors again (same volumes), the apps
+        self.start_deployments(info)  # the new cluster starts empty: the stores (same volumes), the apps
         self.say("[green]cluster token rotated[/]; live donors rejoin on their next heartbeat")
 
     def supervise(self) -> bool:

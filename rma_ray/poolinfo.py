@@ -1,8 +1,8 @@
-"""`<data dir>/pool.json`: what `rma up` tells scripts and the other `rma` commands about the running pool (URLs,
-the admin key, a join token, the supervisor's PIDs, the stores' and apps' states), typed in one place.
+"""`<data dir>/pool.json`: what `rma up` tells scripts and the other `rma` commands about the running pool
+(URLs, the admin key, a join token, the supervisor's PIDs, the stores' and apps' states), typed in one place.
 
-Written 0600 (it holds the admin key). Only the fields set so far are written: a script that waits for the stores
-waits for the `stores` key to appear. Keys this version does not know are kept as they are.
+Written 0600 (it holds the admin key). Only the fields set so far are written: a script that waits for the
+stores waits for the `stores` key to appear. Keys this version does not know are kept as they are.
 
     info = poolinfo.read(data_dir)          # an empty PoolInfo when there is no file
     info.head_pid = 1234

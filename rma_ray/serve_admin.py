@@ -112,7 +112,8 @@ def start(host: str, port: int, request_timeout_s: float = 180.0, proxy: str = "
         wait_until(healthy, timeout=max(0.0, wait_s - (time.monotonic() - started)), interval=1,
                    what="Serve's proxy to be healthy")
     except WaitTimeout:
-        raise TimeoutError(f"Serve's proxy was not healthy after {wait_s:.0f} s: {serve.status().proxies}") from None
+        proxies = serve.status().proxies
+        raise TimeoutError(f"Serve's proxy was not healthy after {wait_s:.0f} s: {proxies}") from None
     return {"proxy": proxy, "host": host, "port": port}
 
 

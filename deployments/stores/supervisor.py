@@ -103,7 +103,8 @@ class StoreSupervisor:
 
         def answers() -> bool:
             if not self.runtime.alive():
-                raise GiveUp(f"{self.kind.name} exited while starting; see {self.volume}/{self.kind.name}.log")
+                raise GiveUp(f"{self.kind.name} exited while starting; "
+                             f"see {self.volume}/{self.kind.name}.log")
             return bool(self.kind.ready(self._endpoint()))  # raises while not accepting queries yet
 
         try:

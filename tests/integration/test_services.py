@@ -119,12 +119,13 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
             serve_admin.start(%r, %d, 180)  # as `rma up` starts it: HAProxy on the head
             print("{}")
         """ % (STORES, STORES, ip, http_port), timeout=600)
-        # deployed the way `rma up` does it: `python -m deployments up`, settings from RMA_SERVICES_* variables
+        # deployed the way `rma up` does it: `python -m deployments up`, settings from RMA_SERVICES_* vars
         svc_env = {**ray_env(token), "HOME": str(root / "home"), "PYTHONPATH": str(REPO),
                    **{f"RMA_SERVICES_{k.upper()}": v if isinstance(v, str) else json.dumps(v)
                       for k, v in settings.items()}}
-        r = subprocess.run([sys.executable, "-m", "deployments", "up", "--stores", "none", "--apps", "services",
-                            "--address", p.address], env=svc_env, capture_output=True, text=True, timeout=900)
+        r = subprocess.run([sys.executable, "-m", "deployments", "up", "--stores", "none", "--apps",
+                            "services", "--address", p.address], env=svc_env, capture_output=True, text=True,
+                           timeout=900)
         assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
         assert {"app": "services", "status": "running"}.items() <= next(
             e for e in map(json.loads, r.stdout.strip().splitlines()) if e.get("app") == "services").items()
@@ -545,8 +546,8 @@ def llm(pool: Pool) -> Pool:
     env = {**ray_env(pool.token), "RAY_ADDRESS": pool.address, "HOME": str(pool.root / "home"),
            "PYTHONPATH": str(REPO), "RMA_DATA_DIR": str(pool.root / "llm"),
            "RMA_LLM_MODEL_DIR": str(pool.root / "models"), "RMA_LLM_CPU_TIERS": "service"}
-    for args, timeout in ((["prepare"], 300), (["up", "--stores", "none", "--apps", "llm", "--address", pool.address,
-                                               "--apps-wait", "600"], 700)):
+    up = ["up", "--stores", "none", "--apps", "llm", "--address", pool.address, "--apps-wait", "600"]
+    for args, timeout in ((["prepare"], 300), (up, 700)):
         r = subprocess.run([sys.executable, "-m", "deployments", *args], env=env, capture_output=True,
                            text=True, timeout=timeout)
         assert r.returncode == 0, r.stderr[-3000:]

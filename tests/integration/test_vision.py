@@ -267,8 +267,8 @@ def test_a_donor_with_ollama_hosts_the_backend_and_requests_go_through_it(
 
 def test_undeploy_removes_both_apps(pool: VisionPool) -> None:
     """Last: `undeploy` deletes the front and the backend."""
-    out = pool.run(["-m", "deployments", "down", "--stores", "none", "--apps", "vision", "--address", pool.address],
-                   timeout=300)
+    out = pool.run(["-m", "deployments", "down", "--stores", "none", "--apps", "vision", "--address",
+                    pool.address], timeout=300)
     assert {"app": "vision", "status": "deleted"} in map(json.loads, out.strip().splitlines())
     # (HAProxy drops the route on its next reload, tens of seconds on a busy box: Serve's own view is checked)
     apps = pool.driver("""

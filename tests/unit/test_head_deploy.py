@@ -1,5 +1,6 @@
-"""The typed pool.json (rma_ray/poolinfo.py), the config `rma up` applies (deployments/serve_config.py's embedded
-profile) and the `python -m deployments` entry's refusals. No Ray: the entry refuses bad input before it connects."""
+"""The typed pool.json (rma_ray/poolinfo.py), the config `rma up` applies (deployments/serve_config.py's
+embedded profile) and the `python -m deployments` entry's refusals. No Ray: the entry refuses bad input before
+it connects."""
 
 from __future__ import annotations
 
