@@ -85,6 +85,15 @@ def read(data_dir: Path) -> PoolInfo:
     return PoolInfo.model_validate_json(p.read_text()) if p.exists() else PoolInfo()
 
 
+def try_read(data_dir: Path) -> PoolInfo:
+    """pool.json of `data_dir`, or an empty PoolInfo when it is missing, unreadable or not a pool's (the CLI's
+    lookups of the coordinator URL and the admin key fall back to their other sources then)."""
+    try:
+        return read(data_dir)
+    except (OSError, ValueError):  # pydantic's ValidationError is a ValueError
+        return PoolInfo()
+
+
 def write(data_dir: Path, info: PoolInfo) -> None:
     """Write pool.json (0600), or nothing when `info` holds nothing."""
     data = info.as_dict()

@@ -40,6 +40,8 @@ def test_pool_json_keeps_keys_it_does_not_know(tmp_path: Path) -> None:
     poolinfo.pool_file(tmp_path).write_text(json.dumps({"admin_key": "k", "future_field": [1]}))
     assert poolinfo.read(tmp_path).as_dict() == {"admin_key": "k", "future_field": [1]}
     assert poolinfo.read(tmp_path / "nothing").as_dict() == {}
+    poolinfo.pool_file(tmp_path).write_text('{"supervisor_pid": "not a pid"')
+    assert poolinfo.try_read(tmp_path).as_dict() == {}
 
 
 def test_rma_up_applies_the_apps_it_was_asked_for_with_the_environments_settings(
