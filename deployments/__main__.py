@@ -31,6 +31,7 @@ Lines of `up`, in order:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -162,7 +163,8 @@ def prepare_llm() -> str | None:
             "embedded:"):
         from deployments.llm.prepare import prepare_embedded
 
-        return str(prepare_embedded(settings.embedded_dir(), progress=True))
+        with contextlib.redirect_stdout(sys.stderr):  # its progress bar: stdout carries JSON lines only
+            return str(prepare_embedded(settings.embedded_dir(), progress=True))
     return None
 
 
