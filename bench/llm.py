@@ -314,7 +314,8 @@ def main() -> int:
             if proc is not None:
                 stop_tree(proc)
             log.unlink(missing_ok=True)
-            pool.run(["-m", "deployments.llm", "undeploy", "--address", pool.address], timeout=300)
+            pool.run(["-m", "deployments", "down", "--stores", "none", "--apps", "llm", "--address",
+                      pool.address], timeout=300)
     shutil.rmtree(root, ignore_errors=True)
 
     print()

@@ -1,26 +1,40 @@
-"""The pool's Serve config as a file, generated from the code (`serve build`-style), and the application builders
-it names. One YAML (a `ServeDeploySchema`) that `serve deploy`, the Ray dashboard's REST API or KubeRay's
-`RayService` (`serveConfigV2`) applies to a running cluster:
+"""The pool's Serve config as a file, generated from the code (`serve build`-style), and the application
+builders it names. One YAML (a `ServeDeploySchema`) that `serve deploy`, the Ray dashboard's REST API or
+KubeRay's `RayService` (`serveConfigV2`) applies to a running cluster:
 
     python -m deployments.serve_config                 # print the YAML
     python -m deployments.serve_config --write         # rewrite cluster_configs/serve/rma-serve.yaml and the
                                                        # serveConfigV2 block of cluster_configs/kuberay/rayservice.yaml
     python -m deployments.serve_config --check         # exit 1 when either file differs from the code
 
-The apps are the ones `rma up` deploys with `python -m deployments.<app> deploy`: `rma-llm` at /v1 and
+The apps are the ones `rma up` deploys (`python -m deployments up`): `rma-llm` at /v1 and
 `rma-inference` at /api/inference (deployments/llm/app.py), `rma-embeddings` at /v1/embeddings
-(deployments/embeddings/app.py), `rma-vision` at /api/inference/vision with its backend
-`rma-vision-backend` (deployments/vision/app.py), `services` at /api (deployments/services/app.py). Each
-entry names a builder here (`import_path: deployments.serve_config:<builder>` plus `args`) and lists its deployments
-with the options the code gives them (names, label selectors, autoscaling, max_ongoing_requests, ...), as `serve
-build` writes them; Serve applies those options over the code's, so the file is the one place an operator edits.
+(deployments/embeddings/app.py), `rma-vision` at /api/inference/vision with its backend `rma-vision-backend`
+(deployments/vision/app.py), `services` at /api (deployments/services/app.py). Each entry names a builder here
+(`import_path: deployments.serve_config:<builder>` plus `args`) and lists its deployments with the options the
+code gives them (names, label selectors, autoscaling, max_ongoing_requests, ...), as `serve build` writes
+them; Serve applies those options over the code's, so the file is the one place an operator edits.
 
-The LLM and vision entries are the gpu tier (catalog models chosen for a 16 GB card, placed on `rma.io/tier=gpu`
-nodes): the file is for clusters with GPU nodes. The embedded CPU default of a single machine stays with `rma up`.
+The LLM and vision entries are the gpu tier (catalog models chosen for a 16 GB card, placed on
+`rma.io/tier=gpu` nodes): the file is for clusters with GPU nodes (`--profile gpu`, the default here).
+`rma up` applies the same builders through the same declarative API (`python -m deployments up`) with the
+embedded profile: the apps it was asked for, each app's settings from the `RMA_*` variables of the process
+that generates it as args (the CPU model inside a Python package unless told otherwise), and the services
+allowed onto the head as well as onto donors of their tier:
 
-Generating it never starts Ray: ray.serve.llm reads the driver's job runtime_env while it builds the LLM
-deployment, which would auto-start a local cluster; here that read answers what a plain driver has, an empty one.
-"""
+    python -m deployments.serve_config --profile embedded --apps llm,services   # what `rma up` applies
+
+Where the builders run: Serve's controller (on the head) builds each app in a `build_serve_application` task
+(Ray 2.60: `num_cpus=0`, and a `label_selector` only when every deployment of the app config lists the same
+hard selector, `_get_shared_build_app_label_selector`). The configs here list either no deployments (embedded)
+or deployments of several tiers (gpu), so the task is not pinned: Ray's default scheduler places a
+zero-resource task on the submitter's node, the head, first. Only what the task imports must be there: this
+module and the app modules and the Python packages they import at build time (not the models: the replicas
+load those); every app's settings travel as `args`, not in the head's environment.
+
+Generating the gpu file never starts Ray: ray.serve.llm reads the driver's job runtime_env while it builds the
+LLM deployment, which would auto-start a local cluster; here that read answers what a plain driver has, an
+empty one."""
 
 from __future__ import annotations
 
@@ -56,6 +70,45 @@ VISION_ARGS: dict[str, Any] = {"backend": "vllm", "gpu_memory_mb": 15_360}
 # Embeddings on the gpu tier: the catalog's GPU model beside the LLM (RAG collections hold its 1024-long
 # vectors)
 EMBEDDINGS_ARGS: dict[str, Any] = {"model": "mxbai-embed-large-v1"}
+
+
+# `rma up --apps` names (pool.json's `apps`, rma_ray.poolinfo.APP_NAMES) and the builders of each one's Serve
+# apps, in the order `rma up` applies them (embeddings before the services: their RAG deployments use it)
+APP_GROUPS: dict[str, tuple[str, ...]] = {"llm": ("llm_app", "inference_app"),
+                                          "embeddings": ("embeddings_app",),
+                                          "services": ("services_app",),
+                                          "vision": ("vision_backend_app", "vision_app")}
+PROFILES = ("gpu", "embedded")
+
+
+# each builder's settings class (the `RMA_*_` variables it reads); inference_app takes no args
+SETTINGS = {"llm_app": "deployments.llm.config:LLMSettings",
+            "embeddings_app": "deployments.embeddings.config:EmbeddingSettings",
+            "services_app": "deployments.services.settings:ServicesSettings",
+            "vision_app": "deployments.vision.config:VisionSettings",
+            "vision_backend_app": "deployments.vision.config:VisionSettings"}
+
+
+def env_args(builder: str) -> dict[str, Any]:
+    """The settings this process's environment sets for `builder`'s app (`RMA_LLM_*`, ...), as args: the
+    config carries them to Serve's controller, which builds the app wherever its build task runs."""
+    import pkgutil
+
+    if builder not in SETTINGS:
+        return {}
+    settings = pkgutil.resolve_name(SETTINGS[builder])()
+    return dict(settings.model_dump(mode="json", exclude_unset=True))
+
+
+def _embedded_args() -> dict[str, dict[str, Any]]:
+    """The embedded default's args (builder -> args): none for the apps whose settings come from `RMA_*`
+    (the CPU models inside Python packages by default); the services may run on the head too, so that a pool
+    with no donor yet serves everything from the operator's machine (which is trusted)."""
+    from rma_ray.tiers import LABEL_TIER, LABEL_TRUSTED
+
+    return {"services_app": {"service_selector": {LABEL_TIER: "in(service,head)"},
+                             "data_selector": {LABEL_TIER: "in(data,head)", LABEL_TRUSTED: "true"},
+                             "client_data_selector": {LABEL_TIER: "in(service,head)", LABEL_TRUSTED: "true"}}}
 
 
 @dataclass(frozen=True)
@@ -120,7 +173,14 @@ def vision_backend_app(args: dict[str, Any]) -> Any:
     return build_backend_app(VisionSettings(**(args or {})))
 
 
-def apps() -> tuple[AppSpec, ...]:
+def apps(profile: str = "gpu") -> tuple[AppSpec, ...]:
+    """Every Serve app of the pool with the args of `profile` (gpu: the checked-in files; embedded: up)."""
+    if profile == "embedded":  # the profile's args, and over them what the environment sets
+        embedded = _embedded_args()
+        return tuple(AppSpec(a.name, a.route_prefix, a.builder, {**embedded.get(a.builder, {}),
+                                                                 **env_args(a.builder)}) for a in apps())
+    if profile != "gpu":
+        raise ValueError(f"unknown profile {profile!r}; use one of {', '.join(PROFILES)}")
     from deployments.embeddings.config import EMBEDDINGS_APP, EMBEDDINGS_ROUTE_PREFIX
     from deployments.llm.config import INFERENCE_APP, INFERENCE_ROUTE_PREFIX, LLM_APP, LLM_ROUTE_PREFIX
     from deployments.services.app import APP_NAME, ROUTE_PREFIX
@@ -164,15 +224,16 @@ def _schema(deployment: Any, to_schema: Any) -> Any:
     return schema
 
 
-def build_config() -> dict[str, Any]:
-    """The ServeDeploySchema of the pool's apps, as a plain dict (validated)."""
+def build_config(specs: list[AppSpec] | tuple[AppSpec, ...] | None = None) -> dict[str, Any]:
+    """The ServeDeploySchema of the pool's apps (`specs`, or the gpu profile's), with each app's deployments
+    and their options as `serve build` writes them, as a plain dict (validated)."""
     from ray.serve._private.build_app import build_app
     from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
     from ray.serve.scripts import deployment_to_schema
 
     applications = []
     with _plain_driver_context():
-        for spec in apps():
+        for spec in specs if specs is not None else apps():
             builder = globals()[spec.builder]
             built = build_app(builder(dict(spec.args)), name=spec.name)
             deployments = sorted((_schema(d, deployment_to_schema) for d in built.deployments), key=lambda d: d.name)
@@ -185,6 +246,28 @@ def build_config() -> dict[str, Any]:
                     d["placement_group_bundles"] = [dict(sorted(b.items())) for b in d["placement_group_bundles"]]
             applications.append(app)
     config = {"proxy_location": PROXY_LOCATION, "http_options": dict(HTTP_OPTIONS), "applications": applications}
+    ServeDeploySchema.model_validate(config)
+    return config
+
+
+def group_apps(groups: list[str] | tuple[str, ...], profile: str = "embedded") -> list[AppSpec]:
+    """The Serve apps of `rma up`'s app names, in `groups`' order (ValueError for an unknown name)."""
+    unknown = [g for g in groups if g not in APP_GROUPS]
+    if unknown:
+        raise ValueError(f"unknown app {', '.join(unknown)}; choose from {', '.join(APP_GROUPS)}")
+    by_builder = {a.builder: a for a in apps(profile)}
+    return [by_builder[b] for g in groups for b in APP_GROUPS[g]]
+
+
+def apply_config(specs: list[AppSpec], http_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A ServeDeploySchema (plain dict, validated) naming `specs` by import path and args only: the builders'
+    own deployment options apply, and nothing is built here (Serve's controller builds each app in its
+    `build_serve_application` task)."""
+    from ray.serve.schema import ServeDeploySchema
+
+    config = {"proxy_location": PROXY_LOCATION, "http_options": dict(http_options or HTTP_OPTIONS),
+              "applications": [{"name": a.name, "route_prefix": a.route_prefix, "import_path": a.import_path,
+                                "args": a.args} for a in specs]}
     ServeDeploySchema.model_validate(config)
     return config
 
@@ -230,12 +313,18 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--write", action="store_true", help=f"rewrite {SERVE_FILE.relative_to(ROOT)} and the "
                       f"serveConfigV2 block of {RAYSERVICE_FILE.relative_to(ROOT)}")
     mode.add_argument("--check", action="store_true", help="exit 1 (with a diff) when those files and the code differ")
+    ap.add_argument("--profile", choices=PROFILES, default="gpu",
+                    help="print: the gpu tier's file (default) or what `rma up` applies (embedded: no build)")
+    ap.add_argument("--apps", help=f"print: these `rma up` apps only ({', '.join(APP_GROUPS)})")
     args = ap.parse_args(argv)
     # before Ray is imported: any Ray API the build touches raises instead of starting a local cluster
     os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
     try:
         if not (args.write or args.check):
-            sys.stdout.write(render())
+            specs = (group_apps([g for g in args.apps.split(",") if g], args.profile) if args.apps
+                     else list(apps(args.profile)))
+            config = build_config(specs) if args.profile == "gpu" else apply_config(specs)
+            sys.stdout.write(render(config))
             return 0
         stale = []
         for path, want in expected_files().items():

@@ -3,7 +3,9 @@
 `rma up` starts and supervises, until Ctrl-C: a Ray head with token auth (the cluster token generated once, kept
 0600 in the data dir, never printed), Ray Serve (proxy on the head only), and the admission coordinator wired to
 the head. It prints the URLs, the admin key (first start) and a join token, and writes the same to
-`<data dir>/pool.json` (0600) for scripts. Code in Ray on the head (Serve replicas, store supervisors) gets a
+`<data dir>/pool.json` (0600, rma_ray/poolinfo.py) for scripts. The data stores and the Serve apps come from
+one child process, `python -m deployments up` (JSON lines; it applies deployments/serve_config.py's config
+through Serve's declarative API). Code in Ray on the head (Serve replicas, store supervisors) gets a
 service credential instead (`<data dir>/service.json`, 0600, minted anew on each start): keyring and store
 reports only, never the admin key (rma_ray/identity.py). `rma down` asks the supervisor to stop, or stops what
 it left, by PID.
@@ -27,7 +29,7 @@ from typing import Any
 import httpx
 import psutil
 
-from rma_ray import credentials
+from rma_ray import credentials, poolinfo
 from rma_ray import overlay as wg
 from rma_ray.client import AdmissionClient, AdmissionError
 from rma_ray.identity import service_file
@@ -35,13 +37,12 @@ from rma_ray.membership import write_private
 from rma_ray.net import port_free
 from rma_ray.raynode import FAST_HEALTH_CHECKS, NodeSpec, NodeStartError, RayNode, ray_env, short_temp_dir
 from rma_ray.settings import read_or_create_secret
+from rma_ray.poolinfo import APP_NAMES, STORE_NAMES, PoolInfo, pool_file
 from rma_ray.tiers import LABEL_TIER, LABEL_TRUSTED
+from rma_ray.waiting import GiveUp, WaitTimeout, wait_until
 
-
-# the Serve apps `rma up` deploys: `python -m deployments.<app> deploy|undeploy` (run as child processes)
-APP_NAMES = ("llm", "embeddings", "services", "vision")  # embeddings first: RAG shares its model
-# the stores deployments/stores/kinds.py knows (rma_ray never imports deployments; a unit test keeps them equal)
-STORE_NAMES = ("redis", "postgres", "chroma", "graph")
+__all__ = ["APP_NAMES", "STORE_NAMES", "Pool", "UpError", "UpOptions", "pool_file", "read_pool",
+           "signal_down", "signal_rotate"]
 
 
 class UpError(Exception):
@@ -91,13 +92,9 @@ class UpOptions:
 SERVE_SHUTDOWN_S = 5.0  # Serve's grace on `rma down`: the pool is going away, HAProxy with it
 
 
-def pool_file(data_dir: Path) -> Path:
-    return data_dir / "pool.json"
-
-
 def read_pool(data_dir: Path) -> dict[str, Any]:
-    p = pool_file(data_dir)
-    return json.loads(p.read_text()) if p.exists() else {}
+    """pool.json as a dict ({} when there is none); typed: `rma_ray.poolinfo.read(data_dir)`."""
+    return poolinfo.read(data_dir).as_dict()
 
 
 class Pool:
@@ -146,17 +143,11 @@ class Pool:
             raise UpError(f"the Ray head did not start: {exc}") from None
         dash = f"http://{self.o.ray_ip}:{self.o.dashboard_port}"
         token = self.token_file.read_text().strip()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(dash + "/api/v0/nodes", headers={"Authorization": f"Bearer {token}"},
-                             timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        else:
-            raise UpError(f"the Ray dashboard at {dash} did not answer; see {self.head.log_path}")
+        try:
+            wait_until(lambda: httpx.get(dash + "/api/v0/nodes", headers={"Authorization": f"Bearer {token}"},
+                                         timeout=5).status_code == 200, timeout=60, what="the Ray dashboard")
+        except WaitTimeout:
+            raise UpError(f"the Ray dashboard at {dash} did not answer; see {self.head.log_path}") from None
 
     def start_hub(self) -> None:
         """The overlay's hub, before Ray: the head's Ray binds to the hub's address."""
@@ -214,29 +205,31 @@ class Pool:
              "--port", str(self.o.coordinator_port), "--quiet"],
             env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         log.close()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.coordinator.poll() is not None:
-                raise UpError(f"the coordinator exited; see {self.logs / 'coordinator.log'}")
-            try:
-                if httpx.get(self.o.coordinator_url + "/healthz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise UpError(f"the coordinator did not answer on {self.o.coordinator_url}")
+        coordinator = self.coordinator
+
+        def healthy() -> bool:
+            if coordinator.poll() is not None:
+                raise GiveUp(f"the coordinator exited; see {self.logs / 'coordinator.log'}")
+            return httpx.get(self.o.coordinator_url + "/healthz", timeout=2).status_code == 200
+
+        try:
+            wait_until(healthy, timeout=60, interval=0.3, what="the coordinator")
+        except GiveUp as exc:
+            raise UpError(str(exc)) from None
+        except WaitTimeout:
+            raise UpError(f"the coordinator did not answer on {self.o.coordinator_url}") from None
 
     def up(self) -> dict[str, Any]:
         self.o.data_dir.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(parents=True, exist_ok=True)
-        old = read_pool(self.o.data_dir)
-        if old.get("supervisor_pid") and psutil.pid_exists(old["supervisor_pid"]):
-            raise UpError(f"a pool is already running from {self.o.data_dir} (pid {old['supervisor_pid']}); "
+        old = poolinfo.read(self.o.data_dir)
+        if old.supervisor_running():
+            raise UpError(f"a pool is already running from {self.o.data_dir} (pid {old.supervisor_pid}); "
                           f"`rma down` first")
         self._check_ports()
         read_or_create_secret(self.token_file)  # the cluster token: generated once, 0600, never printed
-        first_start = not old.get("admin_key")
-        self.admin_key = old.get("admin_key") or credentials.mint(credentials.Kind.ADMIN).token
+        first_start = not old.admin_key
+        self.admin_key = old.admin_key or credentials.mint(credentials.Kind.ADMIN).token
         self.start_hub()
         self.start_head()
         self.start_serve()
@@ -244,30 +237,33 @@ class Pool:
         with AdmissionClient(self.o.coordinator_url, self.admin_key) as client:
             invite = client.create_invite(ttl_s=self.o.invite_ttl_s, uses=1, note="printed by rma up")
             self.write_service_credential(client)
-        info = {
-            "coordinator_url": self.o.coordinator_url,
-            "registry_url": self.o.coordinator_url + "/registry",
-            "serve_url": f"http://{self.o.node_ip}:{self.o.serve_port}",
-            "ray_dashboard_url": f"http://{self.o.ray_ip}:{self.o.dashboard_port}",
-            "overlay": ({"interface": self.hub.name, "address": self.hub.address, "subnet": self.hub.subnet,
-                         "endpoint": f"{self.o.node_ip}:{self.hub.port}", "public_key": self.hub.public_key}
-                        if self.hub else None),
-            "ray_address": self.o.gcs_address,
-            "admin_key": self.admin_key,
-            "join_token": invite["token"],
-            "join_token_expires_at": invite["expires_at"],
-            "data_dir": str(self.o.data_dir),
-            "supervisor_pid": os.getpid(),
-            "head_pid": self.head.pid if self.head else None,
-            "coordinator_pid": self.coordinator.pid if self.coordinator else None,
-            "first_start": first_start,
-        }
-        write_private(pool_file(self.o.data_dir), json.dumps(info, indent=2))
-        info["stores"] = self.start_stores()  # supervisors on the head report with service.json's credential
-        write_private(pool_file(self.o.data_dir), json.dumps(info, indent=2))
-        info["apps"] = self.start_apps()
-        write_private(pool_file(self.o.data_dir), json.dumps(info, indent=2))
-        return info
+        info = PoolInfo(
+            coordinator_url=self.o.coordinator_url,
+            registry_url=self.o.coordinator_url + "/registry",
+            serve_url=f"http://{self.o.node_ip}:{self.o.serve_port}",
+            ray_dashboard_url=self.dashboard_url,
+            overlay=(poolinfo.OverlayInfo(interface=self.hub.name, address=self.hub.address,
+                                          subnet=self.hub.subnet, public_key=self.hub.public_key,
+                                          endpoint=f"{self.o.node_ip}:{self.hub.port}")
+                     if self.hub else None),
+            ray_address=self.o.gcs_address,
+            admin_key=self.admin_key,
+            join_token=invite["token"],
+            join_token_expires_at=invite["expires_at"],
+            data_dir=str(self.o.data_dir),
+            supervisor_pid=os.getpid(),
+            head_pid=self.head.pid if self.head else None,
+            coordinator_pid=self.coordinator.pid if self.coordinator else None,
+            first_start=first_start,
+        )
+        poolinfo.write(self.o.data_dir, info)
+        # store supervisors on the head report with service.json's credential
+        self.start_deployments(info)
+        return info.as_dict()
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://{self.o.ray_ip}:{self.o.dashboard_port}"
 
     def write_service_credential(self, client: AdmissionClient) -> None:
         """Mint the head's service credential (keyring + store reports), write it 0600 where Ray actors on the
@@ -288,83 +284,100 @@ class Pool:
                 if exc.status != 404:
                     raise
 
-    def _app_env(self) -> dict[str, str]:
-        """Where the apps may run: donors of their tier, and the head too, so that the embedded default (no
-        donor yet) serves everything from this machine."""
-        return {**ray_env(self.token_file), "RMA_DATA_DIR": str(self.o.data_dir),
-                "RMA_SERVICES_SERVICE_SELECTOR": json.dumps({LABEL_TIER: "in(service,head)"}),
-                "RMA_SERVICES_DATA_SELECTOR": json.dumps({LABEL_TIER: "in(data,head)", LABEL_TRUSTED: "true"}),
-                "RMA_SERVICES_CLIENT_DATA_SELECTOR": json.dumps({LABEL_TIER: "in(service,head)",
-                                                                 LABEL_TRUSTED: "true"}),
-                **self.o.extra_env}
-
-    def start_apps(self) -> dict[str, Any]:
-        """Deploy the Serve apps (LLM at /v1 and /api/inference, the RMA services at /api, the vision front at
-        /api/inference/vision, whose backend waits for a GPU donor with Ollama). An app that fails is
-        reported and logged; the rest of the pool stays up."""
-        out: dict[str, Any] = {}
-        for app in self.o.apps:
-            self.say(f"deploying the {app} app …")
-            t0 = time.monotonic()
-            try:
-                r = subprocess.run([sys.executable, "-m", f"deployments.{app}", "deploy", "--address",
-                                    self.o.gcs_address, "--timeout", str(self.o.apps_wait_s)], env=self._app_env(),
-                                   capture_output=True, text=True, timeout=self.o.apps_wait_s + 120, check=False)
-            except subprocess.TimeoutExpired:
-                out[app] = {"status": "timeout"}
-                self.say(f"  [yellow]{app}: not running after {self.o.apps_wait_s:.0f} s[/]; see the Ray dashboard")
-                continue
-            (self.logs / f"deploy-{app}.log").write_text(r.stdout + r.stderr)
-            if r.returncode == 0:
-                out[app] = {"status": "running", "ready_s": round(time.monotonic() - t0, 1)}
-                self.say(f"  {app}: running ({out[app]['ready_s']} s)")
-            else:
-                err = (r.stderr.strip().splitlines() or ["see the log"])[-1][:300]
-                out[app] = {"status": "failed", "error": err}
-                self.say(f"  [yellow]{app}: failed[/] — {err} (log: {self.logs / f'deploy-{app}.log'})")
-        return out
-
-    def _stores_cmd(self, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
-        env = {**ray_env(self.token_file), "RAY_ADDRESS": self.o.gcs_address}
-        return subprocess.run([sys.executable, "-m", "deployments.stores", *args], env=env, capture_output=True,
-                              text=True, timeout=timeout, check=False)
-
-    def start_stores(self) -> dict[str, Any]:
-        """The data stores under their Ray supervisors: on a trusted data donor when one is online, on the head
-        otherwise. A store that fails is reported (registry, `rma status`) but does not take the pool down."""
-        if not self.o.stores:
-            return {}
-        self.say(f"starting data stores ({', '.join(self.o.stores)}, {self.o.store_runtime} runtime) …")
+    def _deployments(self, *args: str) -> subprocess.Popen[str]:
+        """`python -m deployments <args>` against this pool: one JSON object a line on stdout (the child's
+        other output goes to logs/deployments.log)."""
+        log = open(self.logs / "deployments.log", "a")
+        env = {**ray_env(self.token_file), "RMA_DATA_DIR": str(self.o.data_dir), **self.o.extra_env}
         try:
-            ports = [a for s, p in self.o.store_ports.items() for a in ("--port", f"{s}={p}")]
-            r = self._stores_cmd("up", "--stores", ",".join(self.o.stores), "--runtime", self.o.store_runtime,
-                                 "--wait", str(self.o.stores_wait_s), *ports, timeout=self.o.stores_wait_s + 120)
-        except subprocess.TimeoutExpired:
-            self.say("[yellow]the data stores did not report in time[/]; see the registry page")
-            return {}
-        out: dict[str, Any] = {}
-        for line in r.stdout.splitlines():
-            try:
-                st = json.loads(line)
-            except ValueError:
-                continue
-            out[st["store"]] = {k: st.get(k) for k in ("status", "where", "node_ip", "port", "error")}
-            if st["status"] == "ready":
-                self.say(f"  {st['store']}: ready on {st['where']} ({st['node_ip']}:{st['port']}, "
-                         f"{st['ready_s']:.1f} s)")
-            else:
-                self.say(f"  [yellow]{st['store']}: {st['status']}[/] — {st.get('error')}")
-        if r.returncode not in (0, 1):
-            (self.logs / "stores.log").write_text(r.stdout + r.stderr)
-            self.say(f"[yellow]starting the data stores failed[/]; see {self.logs / 'stores.log'}")
-        return out
+            return subprocess.Popen([sys.executable, "-m", "deployments", *args, "--address",
+                                     self.o.gcs_address, "--stores", ",".join(self.o.stores) or "none"],
+                                    env=env, text=True, stdout=subprocess.PIPE, stderr=log,
+                                    stdin=subprocess.DEVNULL)
+        finally:
+            log.close()
+
+    def start_deployments(self, info: PoolInfo) -> None:
+        """The data stores (under their Ray supervisors: on a trusted data donor when one is online, on the
+        head otherwise) and then the Serve apps (LLM at /v1 and /api/inference, embeddings at /v1/embeddings,
+        the RMA services at /api, the vision front at /api/inference/vision, whose backend waits for a GPU
+        donor), from `python -m deployments up`; pool.json gets `stores` when they are done, then `apps`. A
+        store or an app that fails is reported (registry, `rma status`, the log); the rest of the pool stays
+        up."""
+        if not (self.o.stores or self.o.apps):
+            info.stores, info.apps = {}, {}
+            poolinfo.write(self.o.data_dir, info)
+            return
+        if self.o.stores:
+            self.say(f"starting data stores ({', '.join(self.o.stores)}, {self.o.store_runtime} runtime) …")
+        ports = [a for s, p in self.o.store_ports.items() for a in ("--store-port", f"{s}={p}")]
+        proc = self._deployments(
+            "up", "--store-runtime", self.o.store_runtime, "--stores-wait", str(self.o.stores_wait_s), *ports,
+            "--apps", ",".join(self.o.apps) or "none", "--apps-wait", str(self.o.apps_wait_s),
+            "--dashboard", self.dashboard_url, "--serve-host", self.o.node_ip,
+            "--serve-port", str(self.o.serve_port))
+        # the child waits for each part itself; this only ends a child that hangs past all of that
+        limit = self.o.stores_wait_s + self.o.apps_wait_s * len(self.o.apps) + 180
+        watchdog = threading.Timer(limit, proc.kill)
+        watchdog.start()
+        stores: dict[str, Any] = {}
+        apps: dict[str, Any] = {}
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                try:
+                    ev = json.loads(line)
+                except ValueError:
+                    continue
+                if "store" in ev:
+                    stores[ev["store"]] = {k: ev.get(k)
+                                           for k in ("status", "where", "node_ip", "port", "error")}
+                    self._said_store(ev)
+                elif ev.get("done") == "stores":
+                    info.stores = stores
+                    poolinfo.write(self.o.data_dir, info)
+                elif "app" in ev:
+                    apps[ev["app"]] = {k: ev[k] for k in ("status", "ready_s", "error") if k in ev}
+                    self._said_app(ev)
+                elif ev.get("done") == "apps" and self.o.apps:
+                    self.say("  the Serve apps are applied")
+                elif "error" in ev:
+                    self.say(f"[yellow]{ev['error']}[/]; see {self.logs / 'deployments.log'}")
+            proc.wait()
+        finally:
+            watchdog.cancel()
+        if proc.returncode < 0:
+            self.say("[yellow]the stores and apps did not report in time[/]; "
+                     f"see {self.logs / 'deployments.log'}")
+        if info.stores is None:  # the child ended before its stores were done
+            info.stores = stores
+        missing = {"status": "failed", "error": f"no result; see {self.logs / 'deployments.log'}"}
+        info.apps = {**{a: dict(missing) for a in self.o.apps}, **apps}
+        poolinfo.write(self.o.data_dir, info)
+
+    def _said_store(self, ev: dict[str, Any]) -> None:
+        if ev.get("status") == "ready":
+            self.say(f"  {ev['store']}: ready on {ev['where']} ({ev['node_ip']}:{ev['port']}, "
+                     f"{ev['ready_s']:.1f} s)")
+        elif ev.get("status") not in ("stopped", None):
+            self.say(f"  [yellow]{ev['store']}: {ev['status']}[/] — {ev.get('error')}")
+
+    def _said_app(self, ev: dict[str, Any]) -> None:
+        if ev["status"] == "running":
+            self.say(f"  {ev['app']}: running ({ev['ready_s']} s)")
+        else:
+            self.say(f"  [yellow]{ev['app']}: {ev['status']}[/] — {ev.get('error')} "
+                     f"(log: {self.logs / 'deployments.log'})")
 
     def stop_stores(self) -> bool:
         if not (self.o.stores and self.head is not None and self.head.running()):
             return False
+        proc = self._deployments("down", "--stores-wait", "60")
         try:
-            self._stores_cmd("down", "--stores", ",".join(self.o.stores), "--wait", "60", timeout=150)
+            proc.communicate(timeout=150)
         except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
             self.say("[yellow]the data stores did not stop in time[/]")
         return True
 
@@ -383,12 +396,11 @@ class Pool:
         write_private(self.token_file, secrets.token_hex(32) + "\n")
         self.start_head()
         self.start_serve()
-        info = read_pool(self.o.data_dir)
-        info.update(head_pid=self.head.pid if self.head else None, cluster_token_rotated_at=time.time())
-        write_private(pool_file(self.o.data_dir), json.dumps(info, indent=2))
-        info["stores"] = self.start_stores()  # the new cluster starts empty: the supervisors again, same volumes
-        info["apps"] = self.start_apps()
-        write_private(pool_file(self.o.data_dir), json.dumps(info, indent=2))
+        info = poolinfo.read(self.o.data_dir)
+        info.head_pid = self.head.pid if self.head else None
+        info.cluster_token_rotated_at = time.time()
+        poolinfo.write(self.o.data_dir, info)
+        self.start_deployments(info)  # the new cluster starts empty: the stores (same volumes), the apps
         self.say("[green]cluster token rotated[/]; live donors rejoin on their next heartbeat")
 
     def supervise(self) -> bool:
@@ -470,61 +482,70 @@ class Pool:
             self._progress(f"Ray head stopped ({time.monotonic() - t0:.1f} s)")
         if self.hub is not None:
             self.hub.down()
-        info = read_pool(self.o.data_dir)
-        for key in ("supervisor_pid", "head_pid", "coordinator_pid"):
-            info.pop(key, None)
-        if info:
-            write_private(pool_file(self.o.data_dir), json.dumps(info, indent=2))
+        poolinfo.write(self.o.data_dir, poolinfo.read(self.o.data_dir).without_processes())
         (self.o.data_dir / "stopping").unlink(missing_ok=True)
 
 
 def signal_rotate(data_dir: Path, timeout: float = 240) -> str:
     """`rma rotate-cluster-token`: SIGHUP the supervisor and wait until it has restarted the head."""
-    info = read_pool(data_dir)
-    pid = info.get("supervisor_pid")
-    if not pid or not psutil.pid_exists(pid):
+    info = poolinfo.read(data_dir)
+    pid = info.supervisor_pid
+    if not pid or not info.supervisor_running():
         raise UpError(f"no pool is running from {data_dir}")
-    before = info.get("cluster_token_rotated_at")
-    os.kill(pid, signal.SIGHUP)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if read_pool(data_dir).get("cluster_token_rotated_at") != before:
-            return "cluster token rotated; the Ray head restarted with it, live donors rejoin on their next heartbeat"
+    before = info.cluster_token_rotated_at
+
+    def rotated() -> bool:
+        if poolinfo.read(data_dir).cluster_token_rotated_at != before:
+            return True
         if not psutil.pid_exists(pid):
-            raise UpError("the pool supervisor stopped during the rotation; see its logs")
-        time.sleep(0.5)
-    raise UpError(f"the rotation did not finish within {timeout:.0f} s")
+            raise GiveUp("the pool supervisor stopped during the rotation; see its logs")
+        return False
+
+    os.kill(pid, signal.SIGHUP)
+    try:
+        wait_until(rotated, timeout=timeout, what="the rotation")
+    except GiveUp as exc:
+        raise UpError(str(exc)) from None
+    except WaitTimeout:
+        raise UpError(f"the rotation did not finish within {timeout:.0f} s") from None
+    return "cluster token rotated; the Ray head restarted with it, live donors rejoin on their next heartbeat"
 
 
 def signal_down(data_dir: Path, patience_s: float = 120) -> str:
     """`rma down`: SIGTERM the supervisor and wait for it to finish its clean shutdown, for as long as it
     makes progress (each step of the stop writes `<data dir>/stopping`); it gives up only after `patience_s`
     without a step."""
-    info = read_pool(data_dir)
-    pid = info.get("supervisor_pid")
-    if not pid or not psutil.pid_exists(pid):
+    info = poolinfo.read(data_dir)
+    pid = info.supervisor_pid
+    if not pid or not info.supervisor_running():
         raise UpError(f"no pool is running from {data_dir}")
     proc = psutil.Process(pid)
     proc.send_signal(signal.SIGTERM)
     marker = data_dir / "stopping"
-    last_step, last_change = "", time.monotonic()
+    last = {"step": "", "at": time.monotonic()}
+
     # not proc.wait(): for a process that is not our child it waits until the PID is gone, and a finished
     # supervisor stays a zombie until its own parent (a shell, a test harness) reaps it
-    while True:
+    def stopped() -> bool:
         try:
             if proc.status() == psutil.STATUS_ZOMBIE:
-                break
+                return True
         except psutil.NoSuchProcess:
-            break
+            return True
         try:
             step = marker.read_text()
         except OSError:
-            step = last_step
-        if step != last_step:
-            last_step, last_change = step, time.monotonic()
-        elif time.monotonic() - last_change > patience_s:
-            doing = last_step.partition(" ")[2].strip() or "the first step"
-            raise UpError(f"the pool supervisor (pid {pid}) made no progress for {patience_s:.0f} s (last: "
-                          f"{doing}); see its output")
-        time.sleep(0.2)
+            step = last["step"]
+        if step != last["step"]:
+            last.update(step=step, at=time.monotonic())
+        elif time.monotonic() - last["at"] > patience_s:  # no deadline of its own: as long as it moves on
+            doing = last["step"].partition(" ")[2].strip() or "the first step"
+            raise GiveUp(f"the pool supervisor (pid {pid}) made no progress for {patience_s:.0f} s (last: "
+                         f"{doing}); see its output")
+        return False
+
+    try:
+        wait_until(stopped, timeout=float("inf"), interval=0.2, what="the pool supervisor to stop")
+    except GiveUp as exc:
+        raise UpError(str(exc)) from None
     return f"pool stopped (supervisor pid {pid})"

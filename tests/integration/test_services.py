@@ -119,14 +119,16 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
             serve_admin.start(%r, %d, 180)  # as `rma up` starts it: HAProxy on the head
             print("{}")
         """ % (STORES, STORES, ip, http_port), timeout=600)
-        # deployed the way `rma up` does it: the module's CLI, settings from RMA_SERVICES_* variables
+        # deployed the way `rma up` does it: `python -m deployments up`, settings from RMA_SERVICES_* vars
         svc_env = {**ray_env(token), "HOME": str(root / "home"), "PYTHONPATH": str(REPO),
                    **{f"RMA_SERVICES_{k.upper()}": v if isinstance(v, str) else json.dumps(v)
                       for k, v in settings.items()}}
-        r = subprocess.run([sys.executable, "-m", "deployments.services", "deploy", "--address", p.address],
-                           env=svc_env, capture_output=True, text=True, timeout=900)
-        assert r.returncode == 0, r.stderr[-3000:]
-        assert json.loads(r.stdout.strip().splitlines()[-1])["route_prefix"] == "/api"
+        r = subprocess.run([sys.executable, "-m", "deployments", "up", "--stores", "none", "--apps",
+                            "services", "--address", p.address], env=svc_env, capture_output=True, text=True,
+                           timeout=900)
+        assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+        assert {"app": "services", "status": "running"}.items() <= next(
+            e for e in map(json.loads, r.stdout.strip().splitlines()) if e.get("app") == "services").items()
         wait_for(lambda: p.http("alice").get("/notes").status_code == 200, timeout=120, interval=1,
                  what="the services app to answer with a client key")
         yield p
@@ -529,7 +531,7 @@ def test_an_idempotent_call_survives_its_replica_dying_and_a_post_is_not_repeate
 def _llm_stack() -> str | None:
     import importlib.util
 
-    for mod in ("vllm", "openai", "deployments.llm.__main__"):
+    for mod in ("vllm", "openai", "deployments.llm.app"):
         if importlib.util.find_spec(mod) is None:
             return f"{mod} is not installed (scripts/install-llm.sh)"
     return None
@@ -544,8 +546,9 @@ def llm(pool: Pool) -> Pool:
     env = {**ray_env(pool.token), "RAY_ADDRESS": pool.address, "HOME": str(pool.root / "home"),
            "PYTHONPATH": str(REPO), "RMA_DATA_DIR": str(pool.root / "llm"),
            "RMA_LLM_MODEL_DIR": str(pool.root / "models"), "RMA_LLM_CPU_TIERS": "service"}
-    for args, timeout in ((["prepare"], 300), (["deploy", "--address", pool.address, "--timeout", "600"], 700)):
-        r = subprocess.run([sys.executable, "-m", "deployments.llm", *args], env=env, capture_output=True,
+    up = ["up", "--stores", "none", "--apps", "llm", "--address", pool.address, "--apps-wait", "600"]
+    for args, timeout in ((["prepare"], 300), (up, 700)):
+        r = subprocess.run([sys.executable, "-m", "deployments", *args], env=env, capture_output=True,
                            text=True, timeout=timeout)
         assert r.returncode == 0, r.stderr[-3000:]
     return pool

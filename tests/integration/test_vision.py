@@ -1,6 +1,6 @@
 """The vision route on a real token-auth Ray cluster with real node labels: a head (Serve's proxy and the vision
 front), a real coordinator issuing client keys and admitting a donor, and the vision apps deployed the way an admin
-does (`python -m deployments.vision deploy`).
+does (`python -m deployments up --apps vision`).
 
 First no node has a local Ollama: the backend replica stays pending (its label selector matches no node) and the
 route answers 503 `vision_not_available` at once. Then a donor registers with the coordinator with capabilities
@@ -124,9 +124,10 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VisionPool]:
         head.start()
         head.wait_started(120)
         p.run(["-m", "rma_ray.serve_admin", "start", "--address", address, "--host", ip, "--port", str(serve_port)])
-        out = p.run(["-m", "deployments.vision", "deploy", "--address", address, "--timeout", "300"], timeout=400)
-        info = json.loads(out.strip().splitlines()[-1])
-        assert info["backend"] == "ollama" and info["selector"] == {"rma.io/ollama": "true", "rma.io/tier": "gpu"}
+        out = p.run(["-m", "deployments", "up", "--stores", "none", "--apps", "vision", "--address", address,
+                     "--apps-wait", "300"], timeout=400)
+        info = next(e for e in map(json.loads, out.strip().splitlines()) if e.get("app") == "vision")
+        assert info["status"] == "running" and "rma-vision-backend" in info["serve_apps"], info
         r = p.admin("POST", "/api/admin/clients", json={"name": "vision-tests"})
         assert r.status_code == 201, r.text
         p.key = r.json()["key"]
@@ -266,8 +267,9 @@ def test_a_donor_with_ollama_hosts_the_backend_and_requests_go_through_it(
 
 def test_undeploy_removes_both_apps(pool: VisionPool) -> None:
     """Last: `undeploy` deletes the front and the backend."""
-    out = pool.run(["-m", "deployments.vision", "undeploy", "--address", pool.address], timeout=300)
-    assert json.loads(out.strip().splitlines()[-1]) == {"undeployed": True}
+    out = pool.run(["-m", "deployments", "down", "--stores", "none", "--apps", "vision", "--address",
+                    pool.address], timeout=300)
+    assert {"app": "vision", "status": "deleted"} in map(json.loads, out.strip().splitlines())
     # (HAProxy drops the route on its next reload, tens of seconds on a busy box: Serve's own view is checked)
     apps = pool.driver("""
         from ray import serve

@@ -64,15 +64,12 @@ def test_store_readers_run_on_trusted_nodes_only() -> None:
 
 
 def test_embedded_default_keeps_store_readers_on_trusted_nodes(tmp_path: Path) -> None:
+    from deployments.serve_config import group_apps
     from deployments.services.app import build_app
     from deployments.services.settings import ServicesSettings
-    from rma_ray.head import Pool, UpOptions
 
-    opts = UpOptions(data_dir=tmp_path, node_ip="127.0.0.1", coordinator_host="127.0.0.1")
-    env = Pool(opts, print)._app_env()
-    settings = ServicesSettings(**{k[len("RMA_SERVICES_"):].lower(): json.loads(v) for k, v in env.items()
-                                   if k.startswith("RMA_SERVICES_")})
-    app = build_app(settings)
+    (services,) = group_apps(["services"], profile="embedded")  # the args `rma up` applies
+    app = build_app(ServicesSettings(**services.args))
     seen: dict[str, dict[str, str]] = {}
 
     def walk(bound: Any) -> None:

@@ -54,12 +54,12 @@ def test_a_rotation_stops_serve_and_the_stores_then_starts_everything_again(tmp_
 
     pool, said = make_pool(tmp_path)
     steps: list[str] = []
-    for name in ("_shutdown_serve", "stop_stores", "start_head", "start_serve", "start_stores", "start_apps"):
-        monkeypatch.setattr(pool, name, lambda name=name: steps.append(name) or {})
+    for name in ("_shutdown_serve", "stop_stores", "start_head", "start_serve", "start_deployments"):
+        monkeypatch.setattr(pool, name, lambda *_, name=name: steps.append(name) or {})
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: steps.append("serve_admin shutdown"))
     pool.token_file.write_text("old\n")
     pool.rotate()
     assert steps == ["_shutdown_serve", "stop_stores", "serve_admin shutdown", "start_head", "start_serve",
-                     "start_stores", "start_apps"]
+                     "start_deployments"]
     assert pool.token_file.read_text().strip() not in ("", "old")
     assert any("cluster token rotated" in line for line in said)

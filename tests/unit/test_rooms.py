@@ -103,8 +103,11 @@ def test_yaml_import_paths_are_seen(tmp_path: Path) -> None:
     assert _YAML_PATH.findall((tmp_path / "c.yaml").read_text()) == ["deployments"]
 
 
-def test_rma_up_knows_every_store_kind() -> None:
+def test_rma_up_knows_every_store_kind_and_app() -> None:
+    """`rma up --stores/--apps` (rma_ray.poolinfo) and `python -m deployments` name the same parts."""
+    from deployments.serve_config import APP_GROUPS
     from deployments.stores.kinds import KINDS
-    from rma_ray.head import STORE_NAMES
+    from rma_ray.poolinfo import APP_NAMES, STORE_NAMES
 
     assert set(STORE_NAMES) == set(KINDS)
+    assert list(APP_NAMES) == list(APP_GROUPS)

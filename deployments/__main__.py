@@ -1,0 +1,420 @@
+"""`python -m deployments up|down|status|prepare`: the one driver of the Serve side. `rma up`, `rma down` and
+an admin run it as a child process (a process that imports Ray caches the cluster's token settings, so the CLI
+never does); the Ray cluster token comes from RAY_AUTH_TOKEN_PATH (`rma_ray.raynode.ray_env`). It owns the
+data stores (their Ray supervisors), the services' schema migrations and the Serve apps, and prints JSON
+lines, one object per event or result; an error is `{"error": ...}` and exit 1.
+
+    python -m deployments up --address <gcs> [--stores redis,postgres|none] [--apps llm,services|none]
+    python -m deployments down --address <gcs> [--stores ...] [--apps ...]   # stores stop; volumes stay
+    python -m deployments status --address <gcs>                            # stores' and apps' states
+    python -m deployments prepare                                           # convert the embedded LLM
+
+The apps are applied the way KubeRay and `serve deploy` apply them: the config that
+deployments/serve_config.py generates (embedded profile; the `RMA_*` settings of this process become the apps'
+args), PUT on the dashboard's `/api/serve/applications/` (the dashboard of the cluster `--address` names,
+unless `--dashboard`). One app after the other, each PUT naming the apps applied before it and any other app
+already applied declaratively (Serve leaves those as they are and deletes declarative apps a config leaves
+out); waiting for each as `rma up` always has. Serve's controller builds each app in a
+`build_serve_application` task; serve_config.py says where it runs.
+
+Lines of `up`, in order:
+
+    {"store": "redis", "status": "ready", "where": "the head", "node_ip": ..., "port": ..., "ready_s": ...}
+    {"done": "stores", "failed": 0}
+    {"migration": "services", "schema": "<revision, or null: Postgres not reachable, the replicas migrate>"}
+    {"app": "llm", "status": "running", "serve_apps": ["rma-llm", "rma-inference"], "ready_s": 61.2}
+    {"app": "vision", "status": "failed", "error": "..."}   # or "timeout"; the other apps still go on
+    {"done": "apps", "failed": 1}
+    {"error": "0 store(s) and 1 app(s) did not start"}      # exit 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rma_ray.tiers import LABEL_TIER, LABEL_TRUSTED
+from rma_ray.waiting import WaitTimeout, wait_until
+
+ON_HEAD = {LABEL_TIER: "head"}
+REQUEST_TIMEOUT_S = 180.0  # Serve's end-to-end request limit, as rma_ray/serve_admin.py starts the proxy
+# the Serve apps `up` waits for: the vision backend stays pending until a node it may run on joins
+NOT_AWAITED = ("vision_backend_app",)
+FAILED_STATES = ("DEPLOY_FAILED", "UNHEALTHY")
+
+
+def emit(**event: Any) -> None:
+    print(json.dumps(event, default=str), flush=True)
+
+
+# -- the data stores -----------------------------------------------------------------------------------------
+
+def trusted_data_alive() -> bool:
+    import ray
+
+    for n in ray.nodes():
+        labels = n.get("Labels") or {}
+        if n.get("Alive") and labels.get(LABEL_TIER) == "data" and labels.get(LABEL_TRUSTED) == "true":
+            return True
+    return False
+
+
+def placement(on: str) -> dict[str, str]:
+    from deployments.stores.supervisor import TRUSTED_DATA
+
+    if on == "data":
+        return TRUSTED_DATA
+    if on == "head":
+        return ON_HEAD
+    return TRUSTED_DATA if trusted_data_alive() else ON_HEAD
+
+
+def stores_up(stores: list[str], runtime: str, on: str, wait_s: float, ports: dict[str, int]) -> int:
+    """One supervisor per store, on a trusted data donor when one is alive, else on the head (the embedded
+    default); waits until each answers queries. One line per store; returns how many did not."""
+    import ray
+
+    from deployments.stores.supervisor import TRUSTED_DATA, ensure
+
+    selector = placement(on)
+    where = "a trusted data donor" if selector == TRUSTED_DATA else "the head"
+    pending = {s: ensure(s, runtime=runtime, selector=selector, port=ports.get(s)) for s in stores}
+    failed = 0
+
+    def settle() -> bool:
+        nonlocal failed
+        for store, actor in list(pending.items()):
+            try:
+                st = ray.get(actor.status.remote(), timeout=5)
+            except ray.exceptions.GetTimeoutError:
+                continue  # not placed yet (no node matches) or still constructing
+            if st["status"] in ("ready", "failed"):
+                pending.pop(store)
+                failed += st["status"] == "failed"
+                emit(store=store, status=st["status"], error=st["error"], where=where, node_ip=st["node_ip"],
+                     port=st["port"], ready_s=st["ready_s"])
+        return not pending
+
+    try:
+        wait_until(settle, timeout=wait_s, interval=0.5, what="the data stores")
+    except WaitTimeout:
+        reason = (f"no node matches {selector} (is a trusted data donor online?)" if selector == TRUSTED_DATA
+                  else "still starting")
+        for store in pending:
+            failed += 1
+            emit(store=store, status="pending", error=reason, where=where)
+    return failed
+
+
+def stores_status(stores: list[str]) -> None:
+    import ray
+
+    from deployments.stores.supervisor import NAMESPACE, actor_name
+
+    for store in stores:
+        try:
+            actor = ray.get_actor(actor_name(store), namespace=NAMESPACE)
+            st: dict[str, Any] = ray.get(actor.status.remote(), timeout=10)
+        except ValueError:
+            st = {"status": "absent"}
+        except ray.exceptions.GetTimeoutError:
+            st = {"status": "pending"}
+        st.pop("labels", None)
+        emit(store=store, **st)
+
+
+def stores_down(stores: list[str], timeout: float) -> None:
+    """Stop all stores at once (each flushes and exits), then remove their supervisors; the volumes stay."""
+    import ray
+
+    from deployments.stores.supervisor import NAMESPACE, actor_name
+
+    actors = {}
+    for store in stores:
+        try:
+            actors[store] = ray.get_actor(actor_name(store), namespace=NAMESPACE)
+        except ValueError:
+            continue
+    refs = {store: a.stop.remote() for store, a in actors.items()}
+    for store, ref in refs.items():
+        try:
+            ray.get(ref, timeout=timeout)
+        except Exception as exc:  # already dead or unplaced: killing it is all that is left
+            emit(store=store, warning=f"clean stop failed: {exc}"[:300])
+        ray.kill(actors[store], no_restart=True)
+        emit(store=store, status="stopped")
+
+
+# -- what each app needs before Serve builds it ---------------------------------------------------------
+
+def prepare_llm() -> str | None:
+    """Convert the embedded CPU model once (first start), here rather than in the replica's start-up, as the
+    LLM's own deploy always has. None when the settings name another model."""
+    from deployments.llm.config import LLMSettings
+
+    settings = LLMSettings()
+    if settings.resolved_tier() == "cpu" and (settings.model_source or settings.entry().source).startswith(
+            "embedded:"):
+        from deployments.llm.prepare import prepare_embedded
+
+        with contextlib.redirect_stdout(sys.stderr):  # its progress bar: stdout carries JSON lines only
+            return str(prepare_embedded(settings.embedded_dir(), progress=True))
+    return None
+
+
+def check_vision() -> None:
+    """An unknown or non-vision model: one line now, not a failed replica later."""
+    from deployments.vision.config import VisionSettings
+
+    settings = VisionSettings()
+    if settings.backend == "vllm":
+        settings.vllm_entry()
+
+
+def migrate_services(services_args: dict[str, Any]) -> None:
+    """The services' Alembic migrations before the app is deployed (a replica runs them too, on first use, if
+    the Postgres store is not up yet)."""
+    from deployments.services.db import Database, store_endpoint
+    from deployments.services.errors import ServiceError
+    from deployments.services.migrate import current
+    from deployments.services.settings import ServicesSettings
+
+    db = Database(ServicesSettings(**services_args).database, lambda store: store_endpoint(store, timeout=20))
+    try:
+        db.sessions()
+    except ServiceError as exc:
+        if exc.code == "schema_migration_failed":
+            raise RuntimeError(exc.message) from None
+        emit(migration="services", schema=None,
+             note=f"{exc.message}; the replicas migrate the schema when it is")
+        return
+    assert db.engine is not None
+    try:
+        with db.engine.connect() as c:
+            emit(migration="services", schema=current(c))
+    finally:
+        db.engine.dispose()
+
+
+# -- the Serve apps, applied declaratively ---------------------------------------------------------------
+
+class Dashboard:
+    """Serve's REST API on the Ray dashboard, with the cluster token (what KubeRay, `serve deploy` call)."""
+
+    def __init__(self, url: str, token: str) -> None:
+        import httpx
+
+        self.http = httpx.Client(base_url=url.rstrip("/"), timeout=60,
+                                 headers={"Authorization": f"Bearer {token}"} if token else {})
+
+    def apply(self, config: dict[str, Any]) -> None:
+        r = self.http.put("/api/serve/applications/", json=config)
+        if r.status_code != 200:
+            raise RuntimeError(f"Serve refused the config ({r.status_code}): {r.text[-1000:]}")
+
+    def applications(self) -> dict[str, Any]:
+        r = self.http.get("/api/serve/applications/")
+        r.raise_for_status()
+        return r.json().get("applications") or {}
+
+    def declared(self, leave_out: set[str]) -> list[dict[str, Any]]:
+        """The app configs applied declaratively before (by an earlier `up`, KubeRay, `serve deploy`), but
+        for `leave_out`: a new config keeps them, since Serve deletes declarative apps a config leaves out."""
+        return [st["deployed_app_config"] for name, st in self.applications().items()
+                if name not in leave_out and st.get("deployed_app_config")]
+
+
+def http_options(host: str, port: int) -> dict[str, Any]:
+    """Serve's HTTP options as rma_ray/serve_admin.py started the proxy (a running Serve keeps its own; the
+    same ones here spare Serve's warning about a change it cannot make)."""
+    from rma_ray.serve_admin import haproxy_binary
+
+    return {"host": "0.0.0.0" if haproxy_binary() else host, "port": port,
+            "request_timeout_s": REQUEST_TIMEOUT_S}
+
+
+def wait_apps(dash: Dashboard, names: list[str], timeout: float) -> dict[str, Any]:
+    """The apps' states once each is RUNNING or has failed."""
+
+    def settled() -> dict[str, Any] | None:
+        apps = dash.applications()
+        states = {n: apps.get(n, {}).get("status") for n in names}
+        if all(s == "RUNNING" or s in FAILED_STATES for s in states.values()):
+            return {n: apps[n] for n in names}
+        return None
+
+    return wait_until(settled, timeout=timeout, interval=1, what=f"Serve apps {', '.join(names)}")
+
+
+def apps_up(groups: list[str], dash: Dashboard, http: dict[str, Any], wait_s: float) -> int:
+    """Apply `groups` one after the other; one line per app. Returns how many did not run."""
+    from deployments import serve_config
+
+    specs = {g: serve_config.group_apps([g]) for g in groups}
+    services_args = next((a.args for a in specs.get("services", []) if a.builder == "services_app"), {})
+    before: dict[str, Callable[[], Any]] = {"llm": prepare_llm, "vision": check_vision,
+                                            "services": lambda: migrate_services(services_args)}
+    applied: list[serve_config.AppSpec] = []
+    others = dash.declared({a.name for g in specs.values() for a in g})
+    failed = 0
+    for group in groups:
+        names = [a.name for a in specs[group]]
+        t0 = time.monotonic()
+        try:
+            if group in before:
+                before[group]()
+            config = serve_config.apply_config(applied + specs[group], http)
+            config["applications"] = others + config["applications"]
+            dash.apply(config)
+            applied += specs[group]
+            awaited = [a.name for a in specs[group] if a.builder not in NOT_AWAITED]
+            states = wait_apps(dash, awaited, wait_s)
+        except WaitTimeout as exc:
+            failed += 1
+            emit(app=group, status="timeout", serve_apps=names, error=str(exc)[:500])
+            continue
+        except Exception as exc:  # one line for the operator; details are in the Serve logs
+            failed += 1
+            emit(app=group, status="failed", serve_apps=names, error=f"{exc}"[-500:])
+            continue
+        bad = {n: s for n, s in states.items() if s.get("status") in FAILED_STATES}
+        if bad:
+            failed += 1
+            name, st = next(iter(bad.items()))
+            emit(app=group, status="failed", serve_apps=names,
+                 error=f"Serve app {name} is {st.get('status')}: {(st.get('message') or '')[-500:]}")
+        else:
+            emit(app=group, status="running", serve_apps=names, ready_s=round(time.monotonic() - t0, 1))
+    return failed
+
+
+def apps_down(groups: list[str]) -> None:
+    """Delete the Serve apps of `groups` (their replicas stop; vLLM's engine process goes with them)."""
+    from ray import serve
+
+    from deployments import serve_config
+
+    for group in groups:
+        for spec in reversed(serve_config.group_apps([group])):
+            try:
+                serve.delete(spec.name, _blocking=True)
+            except Exception:  # already gone
+                pass
+        emit(app=group, status="deleted")
+
+
+def apps_status(dash: Dashboard) -> None:
+    for name, st in dash.applications().items():
+        emit(serve_app=name, status=st.get("status"), route_prefix=st.get("route_prefix"),
+             message=(st.get("message") or "")[-300:])
+
+
+# -- the command line -----------------------------------------------------------------------------------
+
+def _names(value: str, known: tuple[str, ...] | list[str], what: str) -> list[str]:
+    names = [s.strip() for s in value.split(",") if s.strip() and s.strip() != "none"]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown {what} {', '.join(unknown)}; choose from {', '.join(known)} or 'none'")
+    return names
+
+
+def _ports(items: list[str], known: list[str]) -> dict[str, int]:
+    ports = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        if name not in known or not value.isdigit() or not 0 < int(value) < 65536:
+            raise ValueError(f"--store-port {item!r}: use STORE=PORT with a store from {', '.join(known)}")
+        ports[name] = int(value)
+    return ports
+
+
+def _token() -> str:
+    import os
+
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    return Path(path).read_text().strip() if path else os.environ.get("RAY_AUTH_TOKEN", "")
+
+
+def parser() -> argparse.ArgumentParser:
+    from deployments.serve_config import APP_GROUPS
+    from deployments.stores.kinds import KINDS
+
+    ap = argparse.ArgumentParser(prog="python -m deployments",
+                                 description="The pool's stores and Serve apps.")
+    ap.add_argument("command", choices=["up", "down", "status", "prepare"])
+    ap.add_argument("--address", help="GCS address of the pool's Ray head (default: RAY_ADDRESS)")
+    ap.add_argument("--dashboard", help="the Ray dashboard's URL (default: the cluster's at --address)")
+    ap.add_argument("--stores", default=",".join(KINDS),
+                    help=f"comma-separated ({', '.join(KINDS)}) or 'none'")
+    ap.add_argument("--store-runtime", default="process", choices=["process", "docker"])
+    ap.add_argument("--stores-on", default="auto", choices=["auto", "data", "head"])
+    ap.add_argument("--store-port", action="append", default=[], metavar="STORE=PORT",
+                    help="a store's port instead of its default (repeatable)")
+    ap.add_argument("--stores-wait", type=float, default=240.0, help="seconds to wait for the stores")
+    ap.add_argument("--apps", default="none", help=f"comma-separated ({', '.join(APP_GROUPS)}) or 'none'")
+    ap.add_argument("--apps-wait", type=float, default=900.0, help="seconds to wait for each app")
+    ap.add_argument("--serve-host", default="127.0.0.1", help="Serve's HTTP host (HAProxy binds all)")
+    ap.add_argument("--serve-port", type=int, default=8000)
+    return ap
+
+
+def run(a: argparse.Namespace) -> int:
+    from deployments.serve_config import APP_GROUPS
+    from deployments.stores.kinds import KINDS
+
+    stores = _names(a.stores, list(KINDS), "store")
+    groups = _names(a.apps, list(APP_GROUPS), "app")
+    ports = _ports(a.store_port, list(KINDS))
+    if a.command == "prepare":
+        emit(model_dir=prepare_llm())
+        return 0
+    import ray
+
+    from deployments.stores.supervisor import NAMESPACE
+
+    ctx = ray.init(address=a.address, namespace=NAMESPACE, logging_level="ERROR", log_to_driver=False)
+    try:
+        if a.command == "down":
+            apps_down(groups)
+            stores_down(stores, a.stores_wait)
+            return 0
+        url = a.dashboard or (f"http://{ctx.dashboard_url}" if ctx.dashboard_url else None)
+        if url is None and (groups or a.command == "status"):
+            raise ValueError("this cluster has no Ray dashboard to apply Serve apps through; "
+                             "pass --dashboard")
+        dash = Dashboard(url, _token()) if url else None
+        if a.command == "status":
+            stores_status(stores)
+            if dash is not None:
+                apps_status(dash)
+            return 0
+        bad_stores = stores_up(stores, a.store_runtime, a.stores_on, a.stores_wait, ports) if stores else 0
+        emit(done="stores", failed=bad_stores)
+        bad_apps = apps_up(groups, dash, http_options(a.serve_host, a.serve_port), a.apps_wait) if dash else 0
+        emit(done="apps", failed=bad_apps)
+    finally:
+        ray.shutdown()
+    if bad_stores or bad_apps:
+        emit(error=f"{bad_stores} store(s) and {bad_apps} app(s) did not start")
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    try:
+        return run(a)
+    except Exception as exc:  # one line for the operator; tracebacks are in the Ray and Serve logs
+        emit(error=f"{a.command}: {exc}"[:1000])
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""The typed pool.json (rma_ray/poolinfo.py), the config `rma up` applies (deployments/serve_config.py's
+embedded profile) and the `python -m deployments` entry's refusals. No Ray: the entry refuses bad input before
+it connects."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rma_ray import poolinfo
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_pool_json_is_private_and_holds_only_what_is_set(tmp_path: Path) -> None:
+    info = poolinfo.PoolInfo(coordinator_url="http://h:8470", admin_key="rma_admin_x", overlay=None,
+                             supervisor_pid=os.getpid(), head_pid=1)
+    poolinfo.write(tmp_path, info)
+    path = poolinfo.pool_file(tmp_path)
+    assert path.stat().st_mode & 0o777 == 0o600
+    data = json.loads(path.read_text())
+    assert data == {"coordinator_url": "http://h:8470", "admin_key": "rma_admin_x", "overlay": None,
+                    "supervisor_pid": os.getpid(), "head_pid": 1}
+    assert "stores" not in data  # scripts wait for this key to appear
+    back = poolinfo.read(tmp_path)
+    assert back.supervisor_running() and back.admin_key == "rma_admin_x"
+    back.stores = {"redis": {"status": "ready"}}
+    poolinfo.write(tmp_path, back.without_processes())
+    again = json.loads(path.read_text())
+    assert again["stores"] == {"redis": {"status": "ready"}}
+    assert not {"supervisor_pid", "head_pid", "coordinator_pid"} & set(again)
+
+
+def test_pool_json_keeps_keys_it_does_not_know(tmp_path: Path) -> None:
+    poolinfo.pool_file(tmp_path).write_text(json.dumps({"admin_key": "k", "future_field": [1]}))
+    assert poolinfo.read(tmp_path).as_dict() == {"admin_key": "k", "future_field": [1]}
+    assert poolinfo.read(tmp_path / "nothing").as_dict() == {}
+    poolinfo.pool_file(tmp_path).write_text('{"supervisor_pid": "not a pid"')
+    assert poolinfo.try_read(tmp_path).as_dict() == {}
+
+
+def test_rma_up_applies_the_apps_it_was_asked_for_with_the_environments_settings(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from deployments import serve_config
+
+    monkeypatch.setenv("RMA_LLM_INGRESS", "proxied")
+    specs = serve_config.group_apps(["services", "llm"])
+    assert [s.name for s in specs] == ["services", "rma-llm", "rma-inference"]
+    by_name = {s.name: s for s in specs}
+    assert by_name["rma-llm"].args["ingress"] == "proxied"  # from the environment, carried as args
+    assert by_name["services"].args["service_selector"] == {"rma.io/tier": "in(service,head)"}
+    config = serve_config.apply_config(specs, {"host": "0.0.0.0", "port": 8123, "request_timeout_s": 180.0})
+    assert config["proxy_location"] == "HeadOnly" and config["http_options"]["port"] == 8123
+    assert [a["import_path"] for a in config["applications"]] == [
+        "deployments.serve_config:services_app", "deployments.serve_config:llm_app",
+        "deployments.serve_config:inference_app"]
+    assert all("deployments" not in a for a in config["applications"])  # the code's own options apply
+    with pytest.raises(ValueError, match="unknown app nope"):
+        serve_config.group_apps(["nope"])
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["up", "--apps", "llm,chat"], "unknown app chat"),
+    (["down", "--stores", "redis,mysql"], "unknown store mysql"),
+    (["up", "--store-port", "redis=99999"], "--store-port 'redis=99999'"),
+])
+def test_the_entry_refuses_bad_input_in_one_json_line(args: list[str], says: str) -> None:
+    r = subprocess.run([sys.executable, "-m", "deployments", *args], capture_output=True, text=True, cwd=ROOT,
+                       timeout=120, env={**os.environ, "RAY_ADDRESS": "127.0.0.1:1"})
+    assert r.returncode == 1
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(lines) == 1 and says in lines[0]["error"], r.stdout
