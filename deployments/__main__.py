@@ -181,14 +181,14 @@ def migrate_services(services_args: dict[str, Any]) -> None:
     """The services' Alembic migrations before the app is deployed (a replica runs them too, on first use, if
     the Postgres store is not up yet)."""
     from deployments.services.db import Database, store_endpoint
-    from deployments.services.errors import ServiceError
+    from deployments.gateway.refusal import Refusal
     from deployments.services.migrate import current
     from deployments.services.settings import ServicesSettings
 
     db = Database(ServicesSettings(**services_args).database, lambda store: store_endpoint(store, timeout=20))
     try:
         db.sessions()
-    except ServiceError as exc:
+    except Refusal as exc:
         if exc.code == "schema_migration_failed":
             raise RuntimeError(exc.message) from None
         emit(migration="services", schema=None,

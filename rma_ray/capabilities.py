@@ -204,9 +204,10 @@ def read_cgroup(root: str | os.PathLike[str] = "/sys/fs/cgroup",
     """The CPU quota (in cores) and memory limit (bytes) of this process's cgroup, v2 or v1; None where there
     is none. A container with `--cpus 2 --memory 4g` on a 64-core host offers 2 cores and 4 GiB, not the
     host's."""
-    base, out = Path(root), {"cpu_quota_cores": None, "memory_limit_bytes": None}
+    base = Path(root)
+    out: dict[str, Any] = {"cpu_quota_cores": None, "memory_limit_bytes": None}
     lines = (_read(Path(proc_cgroup)) or "").splitlines()
-    v1 = {}
+    v1: dict[str, str] = {}
     for line in lines:
         _, controllers, rel = line.split(":", 2) if line.count(":") >= 2 else ("", "", "")
         for c in controllers.split(","):
@@ -225,14 +226,14 @@ def read_cgroup(root: str | os.PathLike[str] = "/sys/fs/cgroup",
         cpu_dir = next((base / n for n in ("cpu,cpuacct", "cpu", "cpuacct,cpu") if (base / n).is_dir()), None)
         if cpu_dir is not None:
             for d in _ancestors(cpu_dir, v1.get("cpu", "/")):
-                quota, period = _read(d / "cpu.cfs_quota_us"), _read(d / "cpu.cfs_period_us")
-                if quota and period and int(quota) > 0 and int(period) > 0:
-                    quotas.append(int(quota) / int(period))
+                q_us, p_us = _read(d / "cpu.cfs_quota_us"), _read(d / "cpu.cfs_period_us")
+                if q_us and p_us and int(q_us) > 0 and int(p_us) > 0:
+                    quotas.append(int(q_us) / int(p_us))
         if (base / "memory").is_dir():
             for d in _ancestors(base / "memory", v1.get("memory", "/")):
-                mem = _read(d / "memory.limit_in_bytes")
-                if mem and int(mem) < _UNLIMITED_V1:
-                    limits.append(int(mem))
+                limit = _read(d / "memory.limit_in_bytes")
+                if limit and int(limit) < _UNLIMITED_V1:
+                    limits.append(int(limit))
     if quotas:
         out["cpu_quota_cores"] = min(quotas)
     if limits:

@@ -522,7 +522,7 @@ def signal_down(data_dir: Path, patience_s: float = 120) -> str:
     proc = psutil.Process(pid)
     proc.send_signal(signal.SIGTERM)
     marker = data_dir / "stopping"
-    last = {"step": "", "at": time.monotonic()}
+    last: dict[str, Any] = {"step": "", "at": time.monotonic()}
 
     # not proc.wait(): for a process that is not our child it waits until the PID is gone, and a finished
     # supervisor stays a zombie until its own parent (a shell, a test harness) reaps it

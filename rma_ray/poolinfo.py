@@ -61,7 +61,7 @@ class PoolInfo(BaseModel):
     apps: dict[str, dict[str, Any]] | None = None  # app -> status, ready_s or error
 
     def supervisor_running(self) -> bool:
-        return bool(self.supervisor_pid) and psutil.pid_exists(self.supervisor_pid)  # type: ignore[arg-type]
+        return bool(self.supervisor_pid) and psutil.pid_exists(self.supervisor_pid or 0)
 
     def without_processes(self) -> PoolInfo:
         """The same info with the running pool's PIDs removed (after `rma down`)."""

@@ -197,7 +197,7 @@ class RayNode:
                 if p.name() == "raylet":
                     for arg in p.cmdline():
                         if arg.startswith("--node_id="):
-                            return arg.split("=", 1)[1]
+                            return str(arg.split("=", 1)[1])
         except psutil.Error:
             return None
         return None

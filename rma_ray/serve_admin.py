@@ -24,6 +24,7 @@ off non-overlay addresses (rma_ray/overlay.py).
 
 from __future__ import annotations
 
+import logging
 import argparse
 import os
 import shutil
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    ray.init(address=args.address, namespace="rma", logging_level="ERROR", log_to_driver=False)
+    ray.init(address=args.address, namespace="rma", logging_level=logging.ERROR, log_to_driver=False)
     try:
         if args.action == "start":
             start(args.host, args.port, args.request_timeout, args.proxy)

@@ -1,6 +1,6 @@
 """Admin keys, client API keys and service credentials: minted here, shown once, kept as hashes.
 
-Client keys are checked on the Serve side by `rma_ray.client_keys.ClientKeyVerifier`, which pulls the keyring
+Client keys are checked on the Serve side by `deployments.gateway.keys.ClientKeyVerifier`, which pulls the keyring
 (ids and hashes of live keys) instead of calling the coordinator per request. Service credentials
 (`rma_service_`) are what `rma up` gives the head's Serve replicas and store supervisors: they read the
 keyring and report stores, and no admin route accepts them.

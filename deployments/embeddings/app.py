@@ -23,8 +23,6 @@ from ray import serve
 
 from deployments.embeddings.config import (
     EMBEDDED_SOURCE,
-    EMBEDDINGS_APP,
-    EMBEDDINGS_ROUTE_PREFIX,
     INGRESS_DEPLOYMENT,
     MODEL_DEPLOYMENT,
     EmbeddingSettings,
@@ -32,7 +30,6 @@ from deployments.embeddings.config import (
 from deployments.embeddings.model import EmbeddingModel, model_card, parse_request, reply
 from deployments.gateway.asgi import PrefixIsRoot
 from deployments.gateway.auth import AUTH
-from deployments.gateway.deploy import delete_apps, wait_running
 from deployments.gateway.refusal import Refusal, install_refusals, refusal_from, unwrap
 from rma_ray.serve_admin import INGRESS_REPLICA_ENV
 
@@ -152,20 +149,3 @@ def build_app(settings: EmbeddingSettings | None = None) -> Any:
         )
         .bind(embedder, cfg)
     )
-
-
-def deploy(settings: EmbeddingSettings | None = None, *, blocking_timeout_s: float = 600) -> dict[str, Any]:
-    settings = settings or EmbeddingSettings()
-    started = time.monotonic()
-    serve.run(build_app(settings), name=EMBEDDINGS_APP, route_prefix=EMBEDDINGS_ROUTE_PREFIX, blocking=False)
-    wait_running([EMBEDDINGS_APP], timeout_s=blocking_timeout_s)
-    return {
-        "app": EMBEDDINGS_APP,
-        "route_prefix": EMBEDDINGS_ROUTE_PREFIX,
-        "model": settings.model,
-        "ready_s": round(time.monotonic() - started, 1),
-    }
-
-
-def undeploy() -> None:
-    delete_apps((EMBEDDINGS_APP,))

@@ -11,8 +11,8 @@ Two Serve applications, so that the route answers even while no node can host a 
   ray.serve.llm's `LLMServer` with a multimodal catalog model on the gpu tier. Serve keeps its replicas pending
   until a matching node joins, then places them; the front notices within `STATUS_TTL_S`.
 
-`deploy()` runs both from a driver connected to the pool (`python -m deployments.vision deploy`); it waits for the
-front only.
+`rma up` applies both through the Serve config (`python -m deployments up --apps vision`,
+`deployments/serve_config.py`); it waits for the front only.
 """
 
 from __future__ import annotations
@@ -26,15 +26,12 @@ from ray import serve
 
 from deployments.gateway.asgi import PrefixIsRoot, body_limit
 from deployments.gateway.auth import AUTH
-from deployments.gateway.deploy import app_status, delete_apps, wait_running
 from deployments.gateway.refusal import Refusal, install_refusals, refusal_from
 from deployments.vision import request as vreq
 from deployments.vision.config import (
     BACKEND_APP,
     FRONT_DEPLOYMENT,
     OLLAMA_DEPLOYMENT,
-    VISION_APP,
-    VISION_ROUTE_PREFIX,
     VisionSettings,
 )
 from rma_ray.serve_admin import INGRESS_REPLICA_ENV
@@ -136,7 +133,7 @@ class VisionGateway:
     def _backend_state(self) -> tuple[bool, str]:
         status = serve.status().applications.get(BACKEND_APP)
         if status is None:
-            return False, "the vision backend is not deployed (`python -m deployments.vision deploy`)"
+            return False, "the vision backend is not deployed (`python -m deployments up --apps vision`)"
         dep = status.deployments.get(self.deployment)
         running = dep.replica_states.get("RUNNING", 0) if dep else 0
         if running:
@@ -234,26 +231,3 @@ def build_backend_app(settings: VisionSettings) -> Any:
 
 def build_front_app(settings: VisionSettings) -> Any:
     return VisionGateway.bind(settings.model_dump(mode="json"))
-
-
-def deploy(settings: VisionSettings | None = None, *, blocking_timeout_s: float = 300) -> dict[str, Any]:
-    """Run both applications on the Serve instance of the connected cluster. Waits for the front only: the backend
-    stays pending until a node it may run on joins."""
-    from ray.serve import RunTarget
-
-    settings = settings or VisionSettings()
-    started = time.monotonic()
-    serve.run_many([RunTarget(build_backend_app(settings), name=BACKEND_APP, route_prefix=None),
-                    RunTarget(build_front_app(settings), name=VISION_APP, route_prefix=VISION_ROUTE_PREFIX)],
-                   wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
-    wait_running([VISION_APP], timeout_s=blocking_timeout_s)
-    backend = app_status(BACKEND_APP)
-    return {"apps": [VISION_APP, BACKEND_APP], "backend": settings.backend, "ready_s":
-            round(time.monotonic() - started, 1), "backend_status": str(backend.status) if backend else "MISSING",
-            "selector": settings.ollama_selector() if settings.backend == "ollama" else None}
-
-
-def undeploy(timeout_s: float = 180) -> None:
-    """Delete both applications together (Serve stops their replicas in parallel); wait until both are gone."""
-    delete_apps((VISION_APP, BACKEND_APP), timeout_s=timeout_s)
-

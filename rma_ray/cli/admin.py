@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.table import Table
 from rich.text import Text
 
+from rma_ray import poolinfo
 from rma_ray.cli.common import (
     HELP,
     CoordinatorOpt,
@@ -31,21 +32,12 @@ clients_app = typer.Typer(help="Client API keys for the pool's HTTP routes.", **
 GROUPS = {"invite": invite_app, "donors": donors_app, "clients": clients_app}  # added by rma_ray/cli/__init__
 
 
-def _pool_file(data_dir: Path) -> dict[str, Any]:
-    from rma_ray.head import read_pool
-
-    try:
-        return read_pool(data_dir)
-    except (OSError, ValueError):
-        return {}
-
-
 def admin_client(coordinator: str | None, key_file: Path | None) -> AdmissionClient:
     """An admin-authenticated client: key from RMA_ADMIN_KEY, --admin-key-file, this pool's pool.json, or a
     prompt."""
     s = settings()
-    pool = _pool_file(s.data_dir)
-    url = coordinator or pool.get("coordinator_url") or s.coordinator_url
+    pool = poolinfo.try_read(s.data_dir)
+    url = coordinator or pool.coordinator_url or s.coordinator_url
     if s.admin_key is not None:
         key = s.admin_key.get_secret_value()
     elif key_file is not None:
@@ -53,8 +45,8 @@ def admin_client(coordinator: str | None, key_file: Path | None) -> AdmissionCli
             key = key_file.read_text().strip()
         except OSError as exc:
             fail(f"cannot read the admin key file {key_file}: {exc.strerror}")
-    elif pool.get("admin_key"):
-        key = pool["admin_key"]
+    elif pool.admin_key:
+        key = pool.admin_key
     elif sys.stdin.isatty():
         key = typer.prompt("Admin key", hide_input=True).strip()
     else:

@@ -23,19 +23,19 @@ def _name_list(value: str, known: tuple[str, ...], option: str, what: str) -> tu
 
 
 def _store_list(value: str) -> tuple[str, ...]:
-    from rma_ray.head import STORE_NAMES
+    from rma_ray.poolinfo import STORE_NAMES
 
     return _name_list(value, STORE_NAMES, "--stores", "store")
 
 
 def _app_list(value: str) -> tuple[str, ...]:
-    from rma_ray.head import APP_NAMES
+    from rma_ray.poolinfo import APP_NAMES
 
     return _name_list(value, APP_NAMES, "--apps", "app")
 
 
 def _store_ports(items: list[str]) -> dict[str, int]:
-    from rma_ray.head import STORE_NAMES
+    from rma_ray.poolinfo import STORE_NAMES
 
     ports = {}
     for item in items:
