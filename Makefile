@@ -11,7 +11,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -ec
 
-.PHONY: up test system-run system-test venv venv-test bench clean
+.PHONY: up test lint system-run system-test venv venv-test bench clean
 
 up: system-run venv
 	$(VENV)/bin/rma up $${RMA_NODE_IP:+--node-ip-address $$RMA_NODE_IP}
@@ -24,13 +24,19 @@ up: system-run venv
 TEST_SESSION_LIMIT ?= 70m
 PYTEST_CI = timeout --signal=INT --kill-after=120 $(TEST_SESSION_LIMIT) $(PY) -m pytest -q --durations=25
 
-test: system-test venv-test
+test: system-test venv-test lint
 	@rm -rf artifacts/test && mkdir -p artifacts/test/unit
 	RMA_TEST_REQUIRE=postgres $(PYTEST_CI) -p randomly tests/unit \
 	  --junitxml=artifacts/test/unit/junit.xml 2>&1 | tee artifacts/test/unit/pytest.log
 	@echo "RMA_TEST_REQUIRE=$${RMA_TEST_REQUIRE-$$($(PY) -m tests.support.capabilities)}"
 	RMA_TEST_REQUIRE="$${RMA_TEST_REQUIRE-$$($(PY) -m tests.support.capabilities)}" $(PYTEST_CI) \
 	  --ignore=tests/unit --junitxml=artifacts/test/junit.xml 2>&1 | tee artifacts/test/pytest.log
+
+# the lint and type check `make test` runs first ([tool.ruff] and [tool.mypy] in pyproject.toml)
+lint: venv-test
+	$(PY) -m ruff format --check .
+	$(PY) -m ruff check .
+	$(PY) -m mypy rma_ray admission
 
 system-run:
 	@./scripts/apt-ensure.sh $(APT_RUN)

@@ -21,8 +21,9 @@ def make_engine(url: str) -> Engine:
             # its -wal/-shm files the database file's mode)
             os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
             os.chmod(path, 0o600)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=20,
-                               max_overflow=20)
+        engine = create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=20, max_overflow=20
+        )
 
         @event.listens_for(engine, "connect")
         def _on_connect(dbapi_conn, _record):  # type: ignore[no-untyped-def]

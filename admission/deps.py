@@ -20,8 +20,11 @@ from rma_ray.credentials import Kind
 _admin_bearer = HTTPBearer(auto_error=False, scheme_name="AdminKey", description="rma_admin_<id>_<secret>")
 _join_bearer = HTTPBearer(auto_error=False, scheme_name="JoinToken", description="rma_join_<id>_<secret>")
 _node_bearer = HTTPBearer(auto_error=False, scheme_name="NodeToken", description="rma_node_<id>_<secret>")
-_any_bearer = HTTPBearer(auto_error=False, scheme_name="AdminOrNode",
-                         description="an admin key, a node token or a service credential")
+_any_bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="AdminOrNode",
+    description="an admin key, a node token or a service credential",
+)
 
 Creds = HTTPAuthorizationCredentials | None
 
@@ -45,17 +48,22 @@ SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 ClientIp = Annotated[str, Depends(get_ip)]
 
 
-def require_admin(state: State, ip: ClientIp, creds: Annotated[Creds, Depends(_admin_bearer)]) -> AdminPrincipal:
+def require_admin(
+    state: State, ip: ClientIp, creds: Annotated[Creds, Depends(_admin_bearer)]
+) -> AdminPrincipal:
     return security.authenticate_admin(state, ip, creds)
 
 
 async def require_node(request: Request, creds: Annotated[Creds, Depends(_node_bearer)]) -> NodePrincipal:
     # async: no thread hop; only a cache miss touches the database
-    return await security.authenticate_node_async(security.state_of(request), security.client_ip(request), creds)
+    return await security.authenticate_node_async(
+        security.state_of(request), security.client_ip(request), creds
+    )
 
 
-async def join_credentials(state: State, ip: ClientIp, creds: Annotated[Creds, Depends(_join_bearer)]
-                           ) -> credentials.Parsed:
+async def join_credentials(
+    state: State, ip: ClientIp, creds: Annotated[Creds, Depends(_join_bearer)]
+) -> credentials.Parsed:
     """Rate limits and the token's shape, before the body is even read; the hash is checked by the service."""
     state.limiter.hit_register(ip)
     state.limiter.check_auth_allowed(ip)

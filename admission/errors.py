@@ -33,9 +33,19 @@ def describe(errors: Sequence[Mapping[str, Any]]) -> str:
     return "; ".join(parts) + more
 
 
-_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-               405: "method_not_allowed", 406: "not_acceptable", 409: "conflict", 413: "payload_too_large",
-               415: "unsupported_media_type", 422: "invalid_request", 429: "rate_limited"}
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request",
+    429: "rate_limited",
+}
 
 
 def install(app: FastAPI) -> None:
@@ -56,4 +66,6 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse(body("internal", "internal error; the coordinator log has the details"), status_code=500)
+        return JSONResponse(
+            body("internal", "internal error; the coordinator log has the details"), status_code=500
+        )

@@ -26,10 +26,16 @@ log = logging.getLogger("rma.admission")
 
 
 # Everything the registry page loads is its own (no inline script or style, no CDN), so the CSP can be strict.
-CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
-       "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
-_HEADERS = [(b"content-security-policy", CSP.encode()), (b"x-frame-options", b"DENY"),
-            (b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer")]
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+_HEADERS = [
+    (b"content-security-policy", CSP.encode()),
+    (b"x-frame-options", b"DENY"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+]
 _HSTS = (b"strict-transport-security", b"max-age=31536000")
 
 
@@ -56,9 +62,13 @@ class SecurityHeaders:
 
 def build_state(settings: Settings) -> AppState:
     engine = db.make_engine(settings.resolved_database_url)
-    return AppState(settings=settings, engine=engine, sessions=db.make_sessionmaker(engine),
-                    secret_key=settings.resolved_secret_key(),
-                    limiter=IpLimiter(settings.register_rate, settings.auth_failure_rate))
+    return AppState(
+        settings=settings,
+        engine=engine,
+        sessions=db.make_sessionmaker(engine),
+        secret_key=settings.resolved_secret_key(),
+        limiter=IpLimiter(settings.register_rate, settings.auth_failure_rate),
+    )
 
 
 def prepare_database(state: AppState) -> str | None:
@@ -89,8 +99,10 @@ def create_app(settings: Settings | None = None, state: AppState | None = None) 
         minted = await run_in_threadpool(prepare_database, state)
         if minted:
             # Started without the CLI and without RMA_ADMIN_KEY: never log the key itself.
-            log.warning("no admin key existed; one was created but cannot be shown here. "
-                        "Use `rma admission serve` (prints it once) or set RMA_ADMIN_KEY.")
+            log.warning(
+                "no admin key existed; one was created but cannot be shown here. "
+                "Use `rma admission serve` (prints it once) or set RMA_ADMIN_KEY."
+            )
         flusher = asyncio.create_task(_flush_loop(state))
         if state.settings.ray_dashboard_url:
             from admission.services.reconcile import Reconciler
@@ -107,20 +119,28 @@ def create_app(settings: Settings | None = None, state: AppState | None = None) 
             await run_in_threadpool(state.buffer.flush, state.sessions)
 
     # No /docs or /redoc (Swagger UI and ReDoc load from a CDN); the schema is GET /api/admin/openapi.json.
-    app = FastAPI(title="RMA Pool admission coordinator", version="0.1.0", lifespan=lifespan,
-                  description="Admission, tiers, credentials and the registry of the RMA compute pool.",
-                  docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(
+        title="RMA Pool admission coordinator",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="Admission, tiers, credentials and the registry of the RMA compute pool.",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
     app.state.rma = state
     errors.install(app)
     for r in (worker.router, invites.router, admin.router, registry.router, health.router):  # hottest first
         app.include_router(r)
     app.mount("/static", StaticFiles(directory=Path(__file__).resolve().parent / "static"), name="static")
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes,
-                       refusal=json_refusal("payload_too_large"))
+    app.add_middleware(
+        BodyLimit, max_bytes=settings.max_body_bytes, refusal=json_refusal("payload_too_large")
+    )
     app.add_middleware(SecurityHeaders)
     # outermost: the rate limits, the audit rows and the Secure cookie all see what it resolves
-    app.add_middleware(ClientAddress, trusted_proxies=settings.trusted_proxies,
-                       client_ip_header=settings.client_ip_header)
+    app.add_middleware(
+        ClientAddress, trusted_proxies=settings.trusted_proxies, client_ip_header=settings.client_ip_header
+    )
     return app
 
 

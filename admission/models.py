@@ -5,8 +5,19 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text,
-                        TypeDecorator)
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -57,7 +68,9 @@ class AdminSession(Base):
     __tablename__ = "admin_sessions"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    key_id: Mapped[str] = mapped_column(String(12), ForeignKey("admin_keys.id", ondelete="CASCADE"), index=True)
+    key_id: Mapped[str] = mapped_column(
+        String(12), ForeignKey("admin_keys.id", ondelete="CASCADE"), index=True
+    )
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
     ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
@@ -115,11 +128,13 @@ class ClientKey(_Key, Base):
 
 class ServiceKey(_Key, Base):
     """The head's services (Serve replicas, store supervisors): keyring reads and store reports only."""
+
     __tablename__ = "service_keys"
 
 
 class Store(Base):
     """A data store as its Ray supervisor last reported it (the coordinator never imports the supervisors)."""
+
     __tablename__ = "stores"
 
     name: Mapped[str] = mapped_column(String(32), primary_key=True)

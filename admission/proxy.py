@@ -21,8 +21,10 @@ def parse_networks(spec: str) -> list[Network]:
         if not item:
             continue
         if item == "*":
-            raise ValueError("RMA_TRUSTED_PROXIES: '*' lets every client choose its own IP (and lock out anyone "
-                             "else's); list the proxy's addresses or CIDR networks instead")
+            raise ValueError(
+                "RMA_TRUSTED_PROXIES: '*' lets every client choose its own IP (and lock out anyone "
+                "else's); list the proxy's addresses or CIDR networks instead"
+            )
         try:
             nets.append(ipaddress.ip_network(item, strict=False))
         except ValueError:
@@ -48,8 +50,12 @@ class ClientAddress:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         peer = scope.get("client")
-        if scope["type"] not in ("http", "websocket") or self.forwarded is None or not peer \
-                or not self._trusted(peer[0]):
+        if (
+            scope["type"] not in ("http", "websocket")
+            or self.forwarded is None
+            or not peer
+            or not self._trusted(peer[0])
+        ):
             return await self.app(scope, receive, send)
         if self.header is not None:
             value = next((v for k, v in scope["headers"] if k == self.header), None)
@@ -59,9 +65,13 @@ class ClientAddress:
                 client = None
             if client is not None:
                 scope = dict(scope)
-                proto = next((v for k, v in scope["headers"] if k == b"x-forwarded-proto"), b"").decode("latin1")
+                proto = next((v for k, v in scope["headers"] if k == b"x-forwarded-proto"), b"").decode(
+                    "latin1"
+                )
                 if proto.strip() in ("http", "https"):
-                    scope["scheme"] = proto.strip() if scope["type"] == "http" else proto.strip().replace("http", "ws")
+                    scope["scheme"] = (
+                        proto.strip() if scope["type"] == "http" else proto.strip().replace("http", "ws")
+                    )
                 scope["client"] = (client, 0)
                 return await self.app(scope, receive, send)
         await self.forwarded(scope, receive, send)  # type: ignore[arg-type]

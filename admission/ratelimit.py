@@ -33,8 +33,12 @@ class IpLimiter:
     def _too_many(self, item: RateLimitItem, ip: str, what: str) -> ApiError:
         reset = self._limiter.get_window_stats(item, "ip", ip).reset_time
         retry = max(1, math.ceil(reset - time.time()))
-        return ApiError(429, "rate_limited", f"too many {what} from {ip}; retry in {retry} s",
-                        headers={"Retry-After": str(retry)})
+        return ApiError(
+            429,
+            "rate_limited",
+            f"too many {what} from {ip}; retry in {retry} s",
+            headers={"Retry-After": str(retry)},
+        )
 
     def hit_register(self, ip: str) -> None:
         if not self._limiter.hit(self.register, "ip", ip):

@@ -13,23 +13,59 @@ from rma_ray.tiers import Tier
 # routes and services find every wire shape of the coordinator in this one module
 from rma_ray.wire import (
     STORE_NAME as STORE_NAME,
+)
+from rma_ray.wire import (
     AbortResponse as AbortResponse,
+)
+from rma_ray.wire import (
     Action as Action,
+)
+from rma_ray.wire import (
     HeartbeatRequest as HeartbeatRequest,
+)
+from rma_ray.wire import (
     HeartbeatResponse as HeartbeatResponse,
+)
+from rma_ray.wire import (
     KeyringEntry as KeyringEntry,
+)
+from rma_ray.wire import (
     KeyringOut as KeyringOut,
+)
+from rma_ray.wire import (
     OverlayInfo as OverlayInfo,
+)
+from rma_ray.wire import (
     OverlayRequest as OverlayRequest,
+)
+from rma_ray.wire import (
     RayInfo as RayInfo,
+)
+from rma_ray.wire import (
     RegisterRequest as RegisterRequest,
+)
+from rma_ray.wire import (
     RegisterResponse as RegisterResponse,
+)
+from rma_ray.wire import (
     RejoinRequest as RejoinRequest,
+)
+from rma_ray.wire import (
     RejoinResponse as RejoinResponse,
+)
+from rma_ray.wire import (
     StoreReport as StoreReport,
+)
+from rma_ray.wire import (
     StoreStatus as StoreStatus,
+)
+from rma_ray.wire import (
     Strict as Strict,
+)
+from rma_ray.wire import (
     WorkerOut as WorkerOut,
+)
+from rma_ray.wire import (
     WorkerStatus as WorkerStatus,
 )
 
@@ -38,7 +74,9 @@ class InviteCreate(Strict):
     ttl_s: int | None = Field(default=None, ge=10, description="lifetime in seconds (default 15 min)")
     uses: int = Field(default=1, ge=1, le=10_000)
     trusted: bool = False
-    tier: Tier | None = Field(default=None, description="pin the donor to this tier if its hardware qualifies")
+    tier: Tier | None = Field(
+        default=None, description="pin the donor to this tier if its hardware qualifies"
+    )
     note: str = Field(default="", max_length=500)
 
 
@@ -141,6 +179,7 @@ class StoreOut(BaseModel):
 
 class RequestFigures(BaseModel):
     """Ray Serve HTTP requests over a span; percentiles estimated from Serve's latency histogram buckets."""
+
     requests: int
     errors_4xx: int
     errors_5xx: int
@@ -162,6 +201,7 @@ class DeploymentQueue(BaseModel):
 
 class RequestSeries(BaseModel):
     """Columns for the chart: bucket starts (epoch seconds) and one value per bucket."""
+
     step_s: int
     t: list[int]
     requests: list[int]
@@ -181,6 +221,7 @@ class CollectorOut(BaseModel):
 
 class RequestMetricsOut(BaseModel):
     """GET /api/admin/metrics: what the seed's dashboard showed beside the workers. "today" is the UTC day."""
+
     generated_at: datetime
     day_start: datetime
     today: RequestFigures

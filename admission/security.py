@@ -13,8 +13,8 @@ import jwt
 from fastapi import Request
 from fastapi.security import HTTPAuthorizationCredentials
 
-from admission.errors import ApiError
 from admission.db import session_scope
+from admission.errors import ApiError
 from admission.models import AdminKey, AdminSession, ServiceKey, Worker, utcnow
 from admission.state import AppState, NodeEntry
 from rma_ray import credentials
@@ -52,6 +52,7 @@ class NodePrincipal:
 @dataclass(frozen=True)
 class ServicePrincipal:
     """The head's services (rma_service_): keyring reads and store reports, nothing an admin route accepts."""
+
     key_id: str
 
     @property
@@ -67,24 +68,34 @@ def client_ip(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
 
-def auth_failed(state: AppState, ip: str, kind: str, code: str, message: str, credential_id: str | None = None
-                ) -> ApiError:
+def auth_failed(
+    state: AppState, ip: str, kind: str, code: str, message: str, credential_id: str | None = None
+) -> ApiError:
     state.limiter.record_auth_failure(ip, f"{kind}:{credential_id}" if credential_id else None)
     state.metrics.auth_failures.labels(kind).inc()
     return ApiError(401, code, message, headers={"WWW-Authenticate": "Bearer"})
 
 
-def parse_bearer(state: AppState, ip: str, creds: HTTPAuthorizationCredentials | None, kind: Kind) -> credentials.Parsed:
+def parse_bearer(
+    state: AppState, ip: str, creds: HTTPAuthorizationCredentials | None, kind: Kind
+) -> credentials.Parsed:
     if creds is None or creds.scheme.lower() != "bearer":
-        raise auth_failed(state, ip, str(kind), "missing_credentials",
-                          f"send 'Authorization: Bearer rma_{kind}_<id>_<secret>'")
+        raise auth_failed(
+            state,
+            ip,
+            str(kind),
+            "missing_credentials",
+            f"send 'Authorization: Bearer rma_{kind}_<id>_<secret>'",
+        )
     try:
         return credentials.parse(creds.credentials, kind)
     except MalformedToken as exc:
         raise auth_failed(state, ip, str(kind), "malformed_token", str(exc)) from None
 
 
-def authenticate_admin(state: AppState, ip: str, creds: HTTPAuthorizationCredentials | None) -> AdminPrincipal:
+def authenticate_admin(
+    state: AppState, ip: str, creds: HTTPAuthorizationCredentials | None
+) -> AdminPrincipal:
     state.limiter.check_auth_allowed(ip)
     parsed = parse_bearer(state, ip, creds, Kind.ADMIN)
     with state.sessions() as session:
@@ -95,16 +106,18 @@ def authenticate_admin(state: AppState, ip: str, creds: HTTPAuthorizationCredent
     return AdminPrincipal(parsed.id)
 
 
-def authenticate_service(state: AppState, ip: str, creds: HTTPAuthorizationCredentials | None
-                         ) -> ServicePrincipal:
+def authenticate_service(
+    state: AppState, ip: str, creds: HTTPAuthorizationCredentials | None
+) -> ServicePrincipal:
     state.limiter.check_auth_allowed(ip)
     parsed = parse_bearer(state, ip, creds, Kind.SERVICE)
     with state.sessions() as session:
         key = session.get(ServiceKey, parsed.id)
         ok = key is not None and key.revoked_at is None and credentials.matches(parsed, key.key_hash)
     if not ok:
-        raise auth_failed(state, ip, "service", "invalid_service_key",
-                          "unknown or revoked service credential")
+        raise auth_failed(
+            state, ip, "service", "invalid_service_key", "unknown or revoked service credential"
+        )
     return ServicePrincipal(parsed.id)
 
 
@@ -152,14 +165,20 @@ def authenticate_node(state: AppState, ip: str, creds: HTTPAuthorizationCredenti
     if entry is None or not credentials.matches(parsed, entry.token_hash):
         raise auth_failed(state, ip, "node", "invalid_node_token", "unknown node token", parsed.id)
     if not entry.active:
-        raise auth_failed(state, ip, "node", "worker_revoked",
-                          "this worker was revoked or has left the pool; stop the node (rejoin needs a new invite)",
-                          parsed.id)
+        raise auth_failed(
+            state,
+            ip,
+            "node",
+            "worker_revoked",
+            "this worker was revoked or has left the pool; stop the node (rejoin needs a new invite)",
+            parsed.id,
+        )
     return NodePrincipal(parsed.id)
 
 
-async def authenticate_node_async(state: AppState, ip: str, creds: HTTPAuthorizationCredentials | None
-                                  ) -> NodePrincipal:
+async def authenticate_node_async(
+    state: AppState, ip: str, creds: HTTPAuthorizationCredentials | None
+) -> NodePrincipal:
     """authenticate_node without blocking the event loop: only a cache miss touches the database, in a thread."""
     from fastapi.concurrency import run_in_threadpool
 
@@ -186,15 +205,24 @@ def issue_session(state: AppState, admin: AdminPrincipal) -> str:
     jti = secrets.token_hex(16)
     expires = now + state.settings.session_ttl_s
     with session_scope(state.sessions) as session:
-        session.query(AdminSession).filter(AdminSession.expires_at < utcnow()).delete()  # keep the table small
-        session.add(AdminSession(id=jti, key_id=admin.key_id, expires_at=datetime.fromtimestamp(expires, UTC)))
+        session.query(AdminSession).filter(
+            AdminSession.expires_at < utcnow()
+        ).delete()  # keep the table small
+        session.add(
+            AdminSession(id=jti, key_id=admin.key_id, expires_at=datetime.fromtimestamp(expires, UTC))
+        )
     claims = {"sub": admin.key_id, "iat": now, "exp": expires, "aud": "rma-registry", "jti": jti}
     return jwt.encode(claims, state.secret_key, algorithm="HS256")
 
 
 def _session_claims(state: AppState, token: str, verify_exp: bool = True) -> dict[str, object]:
-    return jwt.decode(token, state.secret_key, algorithms=["HS256"], audience="rma-registry",
-                      options={"require": SESSION_CLAIMS, "verify_exp": verify_exp})
+    return jwt.decode(
+        token,
+        state.secret_key,
+        algorithms=["HS256"],
+        audience="rma-registry",
+        options={"require": SESSION_CLAIMS, "verify_exp": verify_exp},
+    )
 
 
 def session_admin(state: AppState, request: Request) -> AdminPrincipal | None:
@@ -216,8 +244,13 @@ def session_admin(state: AppState, request: Request) -> AdminPrincipal | None:
     with state.sessions() as session:
         key = session.get(AdminKey, key_id)
         live = session.get(AdminSession, str(claims["jti"]))
-        ok = (key is not None and key.revoked_at is None and live is not None and live.key_id == key_id
-              and live.ended_at is None)
+        ok = (
+            key is not None
+            and key.revoked_at is None
+            and live is not None
+            and live.key_id == key_id
+            and live.ended_at is None
+        )
     if not ok:
         state.limiter.record_auth_failure(ip, f"session:{claims['jti']}")
         state.metrics.auth_failures.labels("session").inc()

@@ -14,8 +14,9 @@ from rma_ray.settings import Settings
 out = Console(soft_wrap=True)
 
 
-def serve(host: str, port: int, data_dir: Path | None, forwarded_allow_ips: str | None, quiet: bool = False
-          ) -> None:
+def serve(
+    host: str, port: int, data_dir: Path | None, forwarded_allow_ips: str | None, quiet: bool = False
+) -> None:
     """Migrate, bootstrap the first admin key (printed once), then serve until interrupted. Forwarding headers
     are the app's business (admission.proxy: trusted_proxies, client_ip_header), not uvicorn's."""
     import uvicorn
@@ -31,13 +32,21 @@ def serve(host: str, port: int, data_dir: Path | None, forwarded_allow_ips: str 
     minted = prepare_database(state)
     url = f"http://{host}:{port}"
     if not quiet:
-        out.print(f"[bold]RMA coordinator[/] on {url}  "
-                  f"(database: {state.engine.url.render_as_string(hide_password=True)})")
+        out.print(
+            f"[bold]RMA coordinator[/] on {url}  "
+            f"(database: {state.engine.url.render_as_string(hide_password=True)})"
+        )
         out.print(f"  registry page: {url}/registry   OpenAPI (admin key): {url}/api/admin/openapi.json")
     if minted:
         out.print(f"  [bold yellow]admin key (shown once, keep it safe):[/] {minted}")
-    uvicorn.run(create_app(state=state), host=host, port=port, proxy_headers=False, log_level="warning",
-                access_log=False)
+    uvicorn.run(
+        create_app(state=state),
+        host=host,
+        port=port,
+        proxy_headers=False,
+        log_level="warning",
+        access_log=False,
+    )
 
 
 def create_admin_key(name: str, data_dir: Path | None) -> str:

@@ -60,9 +60,17 @@ class HeartbeatBuffer:
             batch, self._pending = self._pending, {}
         if not batch:
             return 0
-        rows = [{"wid": wid, "last_heartbeat_at": b.at, "heartbeat_status": b.status, "current_load": b.current_load,
-                 "available_memory_mb": b.available_memory_mb, "ray_node_id": b.ray_node_id}
-                for wid, b in batch.items()]
+        rows = [
+            {
+                "wid": wid,
+                "last_heartbeat_at": b.at,
+                "heartbeat_status": b.status,
+                "current_load": b.current_load,
+                "available_memory_mb": b.available_memory_mb,
+                "ray_node_id": b.ray_node_id,
+            }
+            for wid, b in batch.items()
+        ]
         table = cast(Table, Worker.__table__)  # a mapped class's table (typed as any FromClause)
         stmt = update(table).where(table.c.id == bindparam("wid"))  # one executemany, no ORM bookkeeping
         try:
@@ -81,13 +89,21 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.heartbeats = Counter("rma_heartbeats", "Heartbeats accepted", registry=self.registry)
         self.registrations = Counter("rma_registrations", "Donors admitted", ["tier"], registry=self.registry)
-        self.refusals = Counter("rma_registrations_refused", "Registrations refused", ["reason"],
-                                registry=self.registry)
-        self.auth_failures = Counter("rma_auth_failures", "Failed authentications", ["kind"],
-                                     registry=self.registry)
-        self.rate_limited = Counter("rma_rate_limited", "Requests refused by a rate limit", registry=self.registry)
-        self.workers = Gauge("rma_workers", "Live workers (not revoked or left) by tier and status",
-                             ["tier", "status"], registry=self.registry)
+        self.refusals = Counter(
+            "rma_registrations_refused", "Registrations refused", ["reason"], registry=self.registry
+        )
+        self.auth_failures = Counter(
+            "rma_auth_failures", "Failed authentications", ["kind"], registry=self.registry
+        )
+        self.rate_limited = Counter(
+            "rma_rate_limited", "Requests refused by a rate limit", registry=self.registry
+        )
+        self.workers = Gauge(
+            "rma_workers",
+            "Live workers (not revoked or left) by tier and status",
+            ["tier", "status"],
+            registry=self.registry,
+        )
 
 
 @dataclass

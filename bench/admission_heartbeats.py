@@ -48,28 +48,48 @@ def run_case(name: str, db_url: str, donors: int, seconds: int, connections: int
     admin = credentials.mint(credentials.Kind.ADMIN).token
     port = free_port()
     data = Path(tempfile.mkdtemp(prefix="rma-bench-"))
-    env = {**os.environ, "RMA_ADMIN_KEY": admin, "RMA_DATABASE_URL": db_url, "RMA_DATA_DIR": str(data),
-           "RMA_REGISTER_RATE": "1000000/minute", "RMA_AUTH_FAILURE_RATE": "1000000/minute"}
-    proc = subprocess.Popen([sys.executable, "-m", "rma_ray.cli", "admission", "serve", "--port", str(port)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {
+        **os.environ,
+        "RMA_ADMIN_KEY": admin,
+        "RMA_DATABASE_URL": db_url,
+        "RMA_DATA_DIR": str(data),
+        "RMA_REGISTER_RATE": "1000000/minute",
+        "RMA_AUTH_FAILURE_RATE": "1000000/minute",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rma_ray.cli", "admission", "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: httpx.get(url + "/healthz").status_code == 200, timeout=60, what="coordinator")
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {admin}"}, timeout=30) as http:
             token = http.post("/api/invites", json={"uses": donors, "ttl_s": 3600}).json()["token"]
             node_tokens = [
-                http.post("/api/worker/register", json={"name": f"sim{i}", "capabilities": CAPS},
-                          headers={"Authorization": f"Bearer {token}"}).json()["node_token"]
+                http.post(
+                    "/api/worker/register",
+                    json={"name": f"sim{i}", "capabilities": CAPS},
+                    headers={"Authorization": f"Bearer {token}"},
+                ).json()["node_token"]
                 for i in range(donors)
             ]
         tokens_file = data / "tokens.txt"
         tokens_file.write_text("\n".join(node_tokens) + "\n")
         script = data / "hb.lua"
         script.write_text(LUA % tokens_file)
-        subprocess.run(["wrk", "-t1", "-c", str(connections), "-d", "3s", "-s", str(script), url],
-                       capture_output=True, check=True)  # warm-up: caches and connection pool
-        out = subprocess.run(["wrk", "-t1", "-c", str(connections), "-d", f"{seconds}s", "--latency", "-s",
-                              str(script), url], capture_output=True, text=True, check=True).stdout
+        subprocess.run(
+            ["wrk", "-t1", "-c", str(connections), "-d", "3s", "-s", str(script), url],
+            capture_output=True,
+            check=True,
+        )  # warm-up: caches and connection pool
+        out = subprocess.run(
+            ["wrk", "-t1", "-c", str(connections), "-d", f"{seconds}s", "--latency", "-s", str(script), url],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {admin}"}, timeout=30) as http:
             online = http.get("/api/admin/stats").json()["online_workers"]
         return _parse_wrk(out) | {"online": float(online)}
@@ -83,9 +103,21 @@ def run_baseline(seconds: int, connections: int) -> dict[str, float]:
     """The same request to a bare FastAPI route (pydantic body, no auth, no state) on the same uvicorn: the
     ceiling for this box, measured in the same run so that the ratio survives a noisy machine."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "bench._baseline_app:app", "--port", str(port),
-                             "--log-level", "warning", "--no-access-log"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "bench._baseline_app:app",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     data = Path(tempfile.mkdtemp(prefix="rma-bench-"))
     try:
@@ -93,10 +125,17 @@ def run_baseline(seconds: int, connections: int) -> dict[str, float]:
         (data / "tokens.txt").write_text("rma_node_x\n")
         script = data / "hb.lua"
         script.write_text(LUA % (data / "tokens.txt"))
-        subprocess.run(["wrk", "-t1", "-c", str(connections), "-d", "3s", "-s", str(script), url],
-                       capture_output=True, check=True)
-        out = subprocess.run(["wrk", "-t1", "-c", str(connections), "-d", f"{seconds}s", "--latency", "-s",
-                              str(script), url], capture_output=True, text=True, check=True).stdout
+        subprocess.run(
+            ["wrk", "-t1", "-c", str(connections), "-d", "3s", "-s", str(script), url],
+            capture_output=True,
+            check=True,
+        )
+        out = subprocess.run(
+            ["wrk", "-t1", "-c", str(connections), "-d", f"{seconds}s", "--latency", "-s", str(script), url],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         return _parse_wrk(out) | {"online": float("nan")}
     finally:
         proc.terminate()
@@ -108,7 +147,12 @@ def _parse_wrk(out: str) -> dict[str, float]:
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     lat = dict(re.findall(r"^\s+(50|99)%\s+(\S+)", out, re.M))
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return {"rps": rps, "p50": _ms(lat["50"]), "p99": _ms(lat["99"]), "errors": float(errors.group(1)) if errors else 0.0}
+    return {
+        "rps": rps,
+        "p50": _ms(lat["50"]),
+        "p99": _ms(lat["99"]),
+        "errors": float(errors.group(1)) if errors else 0.0,
+    }
 
 
 def main() -> None:
@@ -124,23 +168,33 @@ def main() -> None:
     if args.only in (None, "sqlite"):
         tmp = Path(tempfile.mkdtemp(prefix="rma-bench-db-"))
         try:
-            results["sqlite"] = run_case("sqlite", f"sqlite:///{tmp / 'c.db'}", args.donors, args.seconds,
-                                         args.connections)
+            results["sqlite"] = run_case(
+                "sqlite", f"sqlite:///{tmp / 'c.db'}", args.donors, args.seconds, args.connections
+            )
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     if args.only in (None, "postgres"):
         with run_postgres() as pg:
-            results["postgres"] = run_case("postgres", pg.create_database(), args.donors, args.seconds,
-                                           args.connections)
-    print(f"\nheartbeats to one coordinator process: {args.donors} donors, {args.connections} connections, "
-          f"{args.seconds} s, wrk on the same {os.cpu_count()}-core machine")
+            results["postgres"] = run_case(
+                "postgres", pg.create_database(), args.donors, args.seconds, args.connections
+            )
+    print(
+        f"\nheartbeats to one coordinator process: {args.donors} donors, {args.connections} connections, "
+        f"{args.seconds} s, wrk on the same {os.cpu_count()}-core machine"
+    )
     base = results["bare route"]
-    print(f"{'server':<11} {'heartbeats/s':>13} {'x bare':>7} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8} "
-          f"{'online after':>13}")
+    print(
+        f"{'server':<11} {'heartbeats/s':>13} {'x bare':>7} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8} "
+        f"{'online after':>13}"
+    )
     for name, r in results.items():
-        print(f"{name:<11} {r['rps']:>13.0f} {r['rps'] / base['rps']:>7.2f} {r['p50']:>8.2f} {r['p99']:>8.2f} "
-              f"{r['errors']:>8.0f} {r['online']:>13.0f}")
-    print("bare route = the same request to a FastAPI route with no auth and no state, same uvicorn, same run")
+        print(
+            f"{name:<11} {r['rps']:>13.0f} {r['rps'] / base['rps']:>7.2f} {r['p50']:>8.2f} {r['p99']:>8.2f} "
+            f"{r['errors']:>8.0f} {r['online']:>13.0f}"
+        )
+    print(
+        "bare route = the same request to a FastAPI route with no auth and no state, same uvicorn, same run"
+    )
     print("target: >= 5,000/s with p99 < 50 ms (150,000 donors at a 30 s interval)")
 
 

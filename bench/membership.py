@@ -66,16 +66,30 @@ class Where:
 
 serve._run(Where.bind(), name="{name}", route_prefix="/{name}", _blocking=False)  # returns while PENDING
 """
-DELETE_APP = ('import ray; from ray import serve; ray.init(address="auto", namespace="rma"); '
-              'serve.delete("{name}")')
+DELETE_APP = (
+    'import ray; from ray import serve; ray.init(address="auto", namespace="rma"); serve.delete("{name}")'
+)
 
 
 # -- the pool (as tests/e2e/conftest.py's `pool` fixture does it) -------------------------------------------
 
+
 def launch_pool(bed: TestBed, root: Path) -> PoolUnderTest:
     env = {**os.environ, "HOME": str(root / "hhome"), "RMA_DATA_DIR": str(root / "head"), "COLUMNS": "200"}
-    argv = [PY, "-m", "rma_ray.cli", "up", "--node-ip-address", bed.head_ip,
-            "--heartbeat-interval", str(HEARTBEAT_S), "--stores", "none", "--apps", "none"]
+    argv = [
+        PY,
+        "-m",
+        "rma_ray.cli",
+        "up",
+        "--node-ip-address",
+        bed.head_ip,
+        "--heartbeat-interval",
+        str(HEARTBEAT_S),
+        "--stores",
+        "none",
+        "--apps",
+        "none",
+    ]
     proc = subprocess.Popen(argv, env=env, stdout=open(root / "up.log", "wb"), stderr=subprocess.STDOUT)
     return PoolUnderTest(bed, {}, root, proc, free_hosts=list(bed.hosts))
 
@@ -116,6 +130,7 @@ def driver(put: PoolUnderTest, script: str) -> None:
 
 # -- probes -------------------------------------------------------------------------------------------------
 
+
 def served_by(put: PoolUnderTest, app: str, http: httpx.Client) -> str | None:
     """The worker id of the donor whose replica answered 200; None when no 200 came back."""
     try:
@@ -142,6 +157,7 @@ def signal_donor(donor: Donor, sig: signal.Signals) -> None:
 
 # -- measurements -------------------------------------------------------------------------------------------
 
+
 def measure_join(put: PoolUnderTest, app: str, timeout: float = 180) -> tuple[Donor, Times]:
     token = put.invite(tier="service")
     t0 = time.monotonic()
@@ -165,8 +181,9 @@ def measure_join(put: PoolUnderTest, app: str, timeout: float = 180) -> tuple[Do
     return donor, got
 
 
-def measure_loss(put: PoolUnderTest, victim: Donor, survivor: Donor, app: str, sig: signal.Signals,
-                 timeout: float = 120) -> Times:
+def measure_loss(
+    put: PoolUnderTest, victim: Donor, survivor: Donor, app: str, sig: signal.Signals, timeout: float = 120
+) -> Times:
     got: Times = {"failed": 0}
     t0 = time.monotonic()
     signal_donor(victim, sig)
@@ -209,11 +226,17 @@ def memory(donor: Donor) -> dict[str, Any]:
         pss += info.pss
         names[name] += 1
     procs = ", ".join(f"{n}×{c}" if c > 1 else n for n, c in sorted(names.items()))
-    return {"agent": agent.rss / MIB, "ray": rss / MIB, "agent_pss": agent.pss / MIB, "ray_pss": pss / MIB,
-            "procs": procs}
+    return {
+        "agent": agent.rss / MIB,
+        "ray": rss / MIB,
+        "agent_pss": agent.pss / MIB,
+        "ray_pss": pss / MIB,
+        "procs": procs,
+    }
 
 
 # -- the run ------------------------------------------------------------------------------------------------
+
 
 def scenario(put: PoolUnderTest) -> tuple[dict[str, Times], dict[str, Times], dict[str, dict[str, Any]]]:
     joins, losses = {}, {}
@@ -238,25 +261,45 @@ def table(header: list[str], rows: list[list[str]]) -> None:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     print()
     for r in [header, *rows]:
-        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        print(
+            "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+        )
 
 
-def report(joins: dict[str, Times], losses: dict[str, Times], mem: dict[str, dict[str, Any]],
-           took: float) -> None:
+def report(
+    joins: dict[str, Times], losses: dict[str, Times], mem: dict[str, dict[str, Any]], took: float
+) -> None:
     hc = {k.removeprefix("RAY_health_check_"): int(v) for k, v in FAST_HEALTH_CHECKS.items()}
-    print(f"\nRMA Pool membership bench: donor join, donor loss, donor memory. Ray {ray.__version__} on "
-          f"{os.cpu_count()} cores (head and every donor on this machine, in network namespaces); heartbeat "
-          f"interval {HEARTBEAT_S} s; head health checks: {hc['period_ms'] / 1000:g} s period, "
-          f"{hc['timeout_ms'] / 1000:g} s timeout, threshold {hc['failure_threshold']}; "
-          f"polled every {POLL_S} s")
-    table(["join (s after rma join starts)", "admitted", "ray start", "healthy", "first 200"],
-          [[n, *(f"{g[k]:.1f}" for k in ("admitted", "ray start", "healthy", "served"))]
-           for n, g in joins.items()])
-    table(["loss (s after the signal)", "offline", "200 elsewhere", "failed polls"],
-          [[n, f"{g['offline']:.1f}", f"{g['served']:.1f}", f"{g['failed']:.0f}"] for n, g in losses.items()])
-    table(["memory (MiB)", "agent RSS", "Ray RSS", "Ray/agent", "agent PSS", "Ray PSS"],
-          [[n, *(f"{m[k]:.0f}" for k in ("agent", "ray")), f"{m['ray'] / m['agent']:.1f}x",
-            *(f"{m[k]:.0f}" for k in ("agent_pss", "ray_pss"))] for n, m in mem.items()])
+    print(
+        f"\nRMA Pool membership bench: donor join, donor loss, donor memory. Ray {ray.__version__} on "
+        f"{os.cpu_count()} cores (head and every donor on this machine, in network namespaces); heartbeat "
+        f"interval {HEARTBEAT_S} s; head health checks: {hc['period_ms'] / 1000:g} s period, "
+        f"{hc['timeout_ms'] / 1000:g} s timeout, threshold {hc['failure_threshold']}; "
+        f"polled every {POLL_S} s"
+    )
+    table(
+        ["join (s after rma join starts)", "admitted", "ray start", "healthy", "first 200"],
+        [
+            [n, *(f"{g[k]:.1f}" for k in ("admitted", "ray start", "healthy", "served"))]
+            for n, g in joins.items()
+        ],
+    )
+    table(
+        ["loss (s after the signal)", "offline", "200 elsewhere", "failed polls"],
+        [[n, f"{g['offline']:.1f}", f"{g['served']:.1f}", f"{g['failed']:.0f}"] for n, g in losses.items()],
+    )
+    table(
+        ["memory (MiB)", "agent RSS", "Ray RSS", "Ray/agent", "agent PSS", "Ray PSS"],
+        [
+            [
+                n,
+                *(f"{m[k]:.0f}" for k in ("agent", "ray")),
+                f"{m['ray'] / m['agent']:.1f}x",
+                *(f"{m[k]:.0f}" for k in ("agent_pss", "ray_pss")),
+            ]
+            for n, m in mem.items()
+        ],
+    )
     for n, m in mem.items():
         print(f"  Ray side of {n}: {m['procs']}")
     print(f"\nwhole run {took:.0f} s")

@@ -30,7 +30,8 @@ import ray, time
 from ray import serve
 ray.init(address="auto", namespace="rma", logging_level="ERROR")
 
-@serve.deployment(max_ongoing_requests=64, ray_actor_options={{"num_cpus": 0.1, "label_selector": {{"rma.io/node": "{a}"}}}})
+@serve.deployment(max_ongoing_requests=64,
+                  ray_actor_options={{"num_cpus": 0.1, "label_selector": {{"rma.io/node": "{a}"}}}})
 class Echo:
     def __call__(self, request):
         return "ok"
@@ -98,8 +99,11 @@ def serve_figures(pool: OverlayPool) -> dict[str, float]:
     for t in threads:
         t.join()
     lat.sort()
-    return {"p50_ms": 1000 * statistics.median(lat), "p95_ms": 1000 * lat[int(0.95 * len(lat))],
-            "rps": done[0] / (time.perf_counter() - t0)}
+    return {
+        "p50_ms": 1000 * statistics.median(lat),
+        "p95_ms": 1000 * lat[int(0.95 * len(lat))],
+        "rps": done[0] / (time.perf_counter() - t0),
+    }
 
 
 def object_figures(pool: OverlayPool, a: str, b: str) -> dict[str, float]:
@@ -111,8 +115,11 @@ def object_figures(pool: OverlayPool, a: str, b: str) -> dict[str, float]:
 
 
 def one_pool(use_overlay: bool) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="rma-bench-ov-") as tmp, TestBed(3, prefix="rmbo") as bed, \
-            start_pool(bed, Path(tmp), use_overlay=use_overlay) as pool:
+    with (
+        tempfile.TemporaryDirectory(prefix="rma-bench-ov-") as tmp,
+        TestBed(3, prefix="rmbo") as bed,
+        start_pool(bed, Path(tmp), use_overlay=use_overlay) as pool,
+    ):
         a_host, b_host = bed.hosts[1], bed.hosts[2]
         if use_overlay:
             nat(a_host)
@@ -121,7 +128,10 @@ def one_pool(use_overlay: bool) -> dict[str, Any]:
         b = pool.wait_joined(pool.start_join(b_host, pool.invite(tier="service")))
         r = pool.driver(APP.format(a=a.worker_id))
         assert "RUNNING" in r.stdout, r.stdout + r.stderr[-3000:]
-        out: dict[str, Any] = {"serve": serve_figures(pool), "object": object_figures(pool, a.worker_id, b.worker_id)}
+        out: dict[str, Any] = {
+            "serve": serve_figures(pool),
+            "object": object_figures(pool, a.worker_id, b.worker_id),
+        }
         if use_overlay:
             ip = pool.worker(b.worker_id)["overlay_ip"]
             target = [(ip, PORTS.node_manager)]
@@ -129,7 +139,9 @@ def one_pool(use_overlay: bool) -> dict[str, Any]:
             t0 = time.perf_counter()
             pool.admin("POST", f"/api/admin/workers/{b.worker_id}/revoke").raise_for_status()
             t_return = time.perf_counter() - t0
-            wait_for(lambda: pool.head_helper.reachable(target, timeout=0.02) == set(), timeout=10, interval=0.0)
+            wait_for(
+                lambda: pool.head_helper.reachable(target, timeout=0.02) == set(), timeout=10, interval=0.0
+            )
             t_cut = time.perf_counter() - t0
             wait_for(lambda: pool.node_of(b.worker_id, "DEAD"), timeout=120, interval=0.1)
             t_dead = time.perf_counter() - t0
@@ -147,18 +159,22 @@ def main() -> None:
     direct = one_pool(False)
     print()
     print(f"{'':36}{'overlay':>12}{'direct':>12}{'ratio':>8}")
-    rows = [("Serve request p50 (ms)", ov["serve"]["p50_ms"], direct["serve"]["p50_ms"]),
-            ("Serve request p95 (ms)", ov["serve"]["p95_ms"], direct["serve"]["p95_ms"]),
-            ("Serve throughput, 8 clients (req/s)", ov["serve"]["rps"], direct["serve"]["rps"]),
-            ("object 1 B, A->B task (s)", ov["object"]["small_s"], direct["object"]["small_s"]),
-            ("object 50 MB, A->B task (s)", ov["object"]["big_s"], direct["object"]["big_s"]),
-            ("50 MB transfer rate (Mbit/s)", ov["object"]["mbit_s"], direct["object"]["mbit_s"])]
+    rows = [
+        ("Serve request p50 (ms)", ov["serve"]["p50_ms"], direct["serve"]["p50_ms"]),
+        ("Serve request p95 (ms)", ov["serve"]["p95_ms"], direct["serve"]["p95_ms"]),
+        ("Serve throughput, 8 clients (req/s)", ov["serve"]["rps"], direct["serve"]["rps"]),
+        ("object 1 B, A->B task (s)", ov["object"]["small_s"], direct["object"]["small_s"]),
+        ("object 50 MB, A->B task (s)", ov["object"]["big_s"], direct["object"]["big_s"]),
+        ("50 MB transfer rate (Mbit/s)", ov["object"]["mbit_s"], direct["object"]["mbit_s"]),
+    ]
     for name, o, d in rows:
         print(f"{name:36}{o:12.3f}{d:12.3f}{o / d:8.2f}")
     rv = ov["revoke"]
-    print(f"\nrevoke: admin request returned in {rv['request_s'] * 1000:.0f} ms; overlay traffic to the donor "
-          f"stopped {rv['cutoff_s'] * 1000:.0f} ms after the request was sent; Ray declared the node dead after "
-          f"{rv['ray_dead_s']:.1f} s (health checks 1 s / 2 s / 3)")
+    print(
+        f"\nrevoke: admin request returned in {rv['request_s'] * 1000:.0f} ms; overlay traffic to the donor "
+        f"stopped {rv['cutoff_s'] * 1000:.0f} ms after the request was sent; Ray declared the node dead after "
+        f"{rv['ray_dead_s']:.1f} s (health checks 1 s / 2 s / 3)"
+    )
 
 
 if __name__ == "__main__":

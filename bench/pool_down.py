@@ -37,14 +37,32 @@ def main() -> int:
     env = {**os.environ, "HOME": str(root / "home"), "RMA_DATA_DIR": str(root / "data"), "COLUMNS": "200"}
     stores = [s for s in args.stores.split(",") if s and s != "none"]
     ports = [a for s in stores for a in ("--store-port", f"{s}={free_port()}")]
-    argv = [sys.executable, "-m", "rma_ray.cli", "up", "--node-ip-address", "127.0.0.1",
-            "--coordinator-port", str(free_port()), "--gcs-port", str(free_port()),
-            "--dashboard-port", str(free_port()), "--serve-port", str(free_port()),
-            "--apps", args.apps, "--stores", args.stores, *ports]
+    argv = [
+        sys.executable,
+        "-m",
+        "rma_ray.cli",
+        "up",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--coordinator-port",
+        str(free_port()),
+        "--gcs-port",
+        str(free_port()),
+        "--dashboard-port",
+        str(free_port()),
+        "--serve-port",
+        str(free_port()),
+        "--apps",
+        args.apps,
+        "--stores",
+        args.stores,
+        *ports,
+    ]
     log = root / "up.log"
     t0 = time.monotonic()
     proc = subprocess.Popen(argv, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
     try:
+
         def up() -> bool:
             if proc.poll() is not None:
                 raise GiveUp(f"rma up exited {proc.returncode}: {log.read_text()[-3000:]}")
@@ -53,17 +71,32 @@ def main() -> int:
         wait_for(up, timeout=args.up_timeout, interval=1, what="rma up to finish starting")
         up_s = time.monotonic() - t0
         t1 = time.monotonic()
-        down = subprocess.run([sys.executable, "-m", "rma_ray.cli", "down"], env=env, capture_output=True,
-                              text=True, timeout=900)
+        down = subprocess.run(
+            [sys.executable, "-m", "rma_ray.cli", "down"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         down_s = time.monotonic() - t1
         proc.wait(120)
     finally:
         if proc.poll() is None:
             proc.kill()
     stop_lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines()[-12:]]
-    print(json.dumps({"up_s": round(up_s, 1), "down_s": round(down_s, 1), "down_rc": down.returncode,
-                      "down_out": (down.stdout + down.stderr).strip()[-300:], "apps": args.apps,
-                      "stores": args.stores, "supervisor_tail": stop_lines}))
+    print(
+        json.dumps(
+            {
+                "up_s": round(up_s, 1),
+                "down_s": round(down_s, 1),
+                "down_rc": down.returncode,
+                "down_out": (down.stdout + down.stderr).strip()[-300:],
+                "apps": args.apps,
+                "stores": args.stores,
+                "supervisor_tail": stop_lines,
+            }
+        )
+    )
     return 0
 
 

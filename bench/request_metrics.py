@@ -27,9 +27,16 @@ from admission.services import metrics
 from rma_ray.settings import Settings
 
 SAMPLES = Path(__file__).resolve().parents[1] / "tests" / "unit" / "data" / "serve_metrics"
-SERIES = [("services", "/api", "200"), ("services", "/api", "404"), ("services", "/api", "401"),
-          ("services", "/api", "422"), ("services", "/api", "503"), ("llm", "/v1", "200"), ("llm", "/v1", "500"),
-          ("llm", "/api/inference", "200")]
+SERIES = [
+    ("services", "/api", "200"),
+    ("services", "/api", "404"),
+    ("services", "/api", "401"),
+    ("services", "/api", "422"),
+    ("services", "/api", "503"),
+    ("llm", "/v1", "200"),
+    ("llm", "/v1", "500"),
+    ("llm", "/api/inference", "200"),
+]
 
 
 def timed(fn, n: int) -> float:  # type: ignore[no-untyped-def]
@@ -44,11 +51,16 @@ def timed(fn, n: int) -> float:  # type: ignore[no-untyped-def]
 def head_text() -> str:
     """The Serve sample plus filler in the shape of Ray's own families (what the filter drops)."""
     serve = (SAMPLES / "2-queued.prom").read_text()
-    filler = ["# HELP ray_grpc_server_req_process_time_ms x", "# TYPE ray_grpc_server_req_process_time_ms histogram"]
-    labels = 'Component="raylet",NodeAddress="10.88.0.1",SessionName="session_x",Version="2.60.0",Method="M{i}"'
+    filler = [
+        "# HELP ray_grpc_server_req_process_time_ms x",
+        "# TYPE ray_grpc_server_req_process_time_ms histogram",
+    ]
+    labels = (
+        'Component="raylet",NodeAddress="10.88.0.1",SessionName="session_x",Version="2.60.0",Method="M{i}"'
+    )
     while sum(map(len, filler)) + len(serve) < 500_000:
         i = len(filler)
-        filler.append(f"ray_grpc_server_req_process_time_ms_bucket{{{labels.format(i=i)},le=\"10.0\"}} {i}.0")
+        filler.append(f'ray_grpc_server_req_process_time_ms_bucket{{{labels.format(i=i)},le="10.0"}} {i}.0')
     return serve + "\n".join(filler) + "\n"
 
 
@@ -60,8 +72,10 @@ def main() -> None:
     parse_ms = timed(lambda: metrics.parse(text, "10.88.0.1:6393"), 20)
 
     now = datetime.now(UTC)
-    readings = [metrics.parse((SAMPLES / f"{n}.prom").read_text(), "10.88.0.1:6393")
-                for n in ("0-idle", "1-after-13", "2-queued", "3-after-proxy-restart")]
+    readings = [
+        metrics.parse((SAMPLES / f"{n}.prom").read_text(), "10.88.0.1:6393")
+        for n in ("0-idle", "1-after-13", "2-queued", "3-after-proxy-restart")
+    ]
 
     def one_pass() -> None:
         nonlocal now
@@ -72,12 +86,42 @@ def main() -> None:
     store_ms = timed(one_pass, 20)
 
     start = now.replace(second=0, microsecond=0)
-    buckets = {"1.0": 0, "2.0": 0, "5.0": 1, "10.0": 5, "20.0": 9, "50.0": 12, "100.0": 15, "200.0": 15,
-               "300.0": 15, "400.0": 15, "500.0": 15, "1000.0": 15, "2000.0": 15, "5000.0": 15, "10000.0": 15,
-               "60000.0": 15, "120000.0": 15, "300000.0": 15, "600000.0": 15, "+Inf": 15}
-    rows = [dict(minute=start - timedelta(minutes=m), application=a, route=r, status_code=c, requests=15,
-                 latency_count=15, latency_sum_ms=300.0, latency_buckets=buckets)
-            for m in range(1, 48 * 60) for a, r, c in SERIES]
+    buckets = {
+        "1.0": 0,
+        "2.0": 0,
+        "5.0": 1,
+        "10.0": 5,
+        "20.0": 9,
+        "50.0": 12,
+        "100.0": 15,
+        "200.0": 15,
+        "300.0": 15,
+        "400.0": 15,
+        "500.0": 15,
+        "1000.0": 15,
+        "2000.0": 15,
+        "5000.0": 15,
+        "10000.0": 15,
+        "60000.0": 15,
+        "120000.0": 15,
+        "300000.0": 15,
+        "600000.0": 15,
+        "+Inf": 15,
+    }
+    rows = [
+        dict(
+            minute=start - timedelta(minutes=m),
+            application=a,
+            route=r,
+            status_code=c,
+            requests=15,
+            latency_count=15,
+            latency_sum_ms=300.0,
+            latency_buckets=buckets,
+        )
+        for m in range(1, 48 * 60)
+        for a, r, c in SERIES
+    ]
     with state.sessions() as s, s.begin():
         s.bulk_insert_mappings(RequestMinute, rows)  # type: ignore[arg-type]
     collector = metrics.Collector(state, interval_s=10)

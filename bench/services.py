@@ -60,24 +60,48 @@ def _ms(text: str) -> float:
 
 
 def wrk(url: str, key: str, connections: int, seconds: int) -> dict[str, float]:
-    out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "--timeout", "10s",
-                          "-H", f"Authorization: Bearer {key}", url], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t2",
+            f"-c{connections}",
+            f"-d{seconds}s",
+            "--latency",
+            "--timeout",
+            "10s",
+            "-H",
+            f"Authorization: Bearer {key}",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     lat = dict(re.findall(r"^\s+(50|99)%\s+(\S+)", out, re.M))
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
-            "p50_ms": _ms(lat["50"]), "p99_ms": _ms(lat["99"]), "errors": int(errors.group(1)) if errors else 0}
+    return {
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
+        "p50_ms": _ms(lat["50"]),
+        "p99_ms": _ms(lat["99"]),
+        "errors": int(errors.group(1)) if errors else 0,
+    }
 
 
 def coordinator(root: Path, ip: str) -> tuple[subprocess.Popen[bytes], str, str, Path]:
     admin = credentials.mint(credentials.Kind.ADMIN).token
     port = free_port(ip)
     env = {**os.environ, "RMA_ADMIN_KEY": admin, "RMA_DATA_DIR": str(root / "coord")}
-    proc = subprocess.Popen([sys.executable, "-m", "rma_ray.cli", "admission", "serve", "--host", ip, "--port",
-                             str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rma_ray.cli", "admission", "serve", "--host", ip, "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://{ip}:{port}"
     wait_for(lambda: httpx.get(url + "/healthz").status_code == 200, timeout=60, what="coordinator")
-    key = httpx.post(url + "/api/admin/clients", json={"name": "bench"},
-                     headers={"Authorization": f"Bearer {admin}"}).json()["key"]
+    key = httpx.post(
+        url + "/api/admin/clients", json={"name": "bench"}, headers={"Authorization": f"Bearer {admin}"}
+    ).json()["key"]
     cred = root / "keyring-credential"
     cred.write_text(admin)
     cred.chmod(0o600)
@@ -87,8 +111,15 @@ def coordinator(root: Path, ip: str) -> tuple[subprocess.Popen[bytes], str, str,
 # Serve configurations: the proxy (rma_ray.serve_admin.start), more env of Serve's controller (HAProxy's manager
 # and the fallback proxy inherit it), the gateway replicas' env (ServicesSettings.ingress_env) and other gateway
 # settings. "pool" is exactly what `rma up` runs.
-ONE = {"gateway": {"max_ongoing_requests": 256, "max_queued_requests": 512, "min_replicas": 1, "max_replicas": 1,
-                   "target_ongoing_requests": 64}}
+ONE = {
+    "gateway": {
+        "max_ongoing_requests": 256,
+        "max_queued_requests": 512,
+        "min_replicas": 1,
+        "max_replicas": 1,
+        "target_ongoing_requests": 64,
+    }
+}
 TWO = {"gateway": {**ONE["gateway"], "min_replicas": 2, "max_replicas": 2}}
 TUNED = {k: v for k, v in INGRESS_REPLICA_ENV.items() if k not in HAPROXY_ENV}
 METRICS_ON = {"RAY_SERVE_HAPROXY_METRICS_ENABLED": "1"}
@@ -103,15 +134,28 @@ CASES: dict[str, tuple[str, dict[str, str], dict[str, str], dict[str, Any]]] = {
 }
 
 
-def serve_case(root: Path, ip: str, env: dict[str, str], case: str, key: str,
-               measure: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
+def serve_case(
+    root: Path, ip: str, env: dict[str, str], case: str, key: str, measure: Callable[[str], dict[str, Any]]
+) -> dict[str, Any]:
     token = root / "cluster_token"
     read_or_create_secret(token)
     gcs, http_port = free_port(ip), free_port(ip)
     proxy, controller_env, ingress_env, overrides = CASES[case]
-    head = RayNode(NodeSpec(node_ip=ip, token_file=token, head=True, temp_dir=short_temp_dir(f"bsv-{os.getpid()}"),
-                            labels={"rma.io/tier": "service"}, gcs_port=gcs, dashboard_port=free_port(ip),
-                            num_cpus=2, drain_timeout_s=2, env=env), root / f"head-{case}.log")
+    head = RayNode(
+        NodeSpec(
+            node_ip=ip,
+            token_file=token,
+            head=True,
+            temp_dir=short_temp_dir(f"bsv-{os.getpid()}"),
+            labels={"rma.io/tier": "service"},
+            gcs_port=gcs,
+            dashboard_port=free_port(ip),
+            num_cpus=2,
+            drain_timeout_s=2,
+            env=env,
+        ),
+        root / f"head-{case}.log",
+    )
     head.start()
     try:
         head.wait_started(180)
@@ -132,17 +176,34 @@ def serve_case(root: Path, ip: str, env: dict[str, str], case: str, key: str,
             except Exception as exc:  # a proxy slow to get ready on a busy box is restarted by the controller;
                 print("serve.run:", type(exc).__name__)  # the HTTP wait below tells when the route answers
         """) % (env, RATE, ingress_env, overrides, ip, http_port, proxy, controller_env)
-        r = subprocess.run([sys.executable, "-c", script], timeout=600, capture_output=True, text=True,
-                           env={**ray_env(token), "RAY_ADDRESS": f"{ip}:{gcs}", "HOME": str(root / "home"),
-                                "PYTHONPATH": str(REPO)})
+        r = subprocess.run(
+            [sys.executable, "-c", script],
+            timeout=600,
+            capture_output=True,
+            text=True,
+            env={
+                **ray_env(token),
+                "RAY_ADDRESS": f"{ip}:{gcs}",
+                "HOME": str(root / "home"),
+                "PYTHONPATH": str(REPO),
+            },
+        )
         if r.returncode != 0:
             raise SystemExit(f"deploying the gateway failed:\n{r.stderr[-3000:]}")
         url = f"http://{ip}:{http_port}/api/whoami"
-        wait_for(lambda: httpx.get(url, headers={"Authorization": f"Bearer {key}"}).status_code == 200,
-                 timeout=300, interval=1, what="the gateway on Serve")
+        wait_for(
+            lambda: httpx.get(url, headers={"Authorization": f"Bearer {key}"}).status_code == 200,
+            timeout=300,
+            interval=1,
+            what="the gateway on Serve",
+        )
         settings = ServicesSettings(**overrides)
-        wait_for(lambda: _replicas(root, token, ip, gcs) >= settings.gateway.min_replicas, timeout=300,
-                 interval=2, what="every gateway replica")
+        wait_for(
+            lambda: _replicas(root, token, ip, gcs) >= settings.gateway.min_replicas,
+            timeout=300,
+            interval=2,
+            what="every gateway replica",
+        )
         return measure(url)
     finally:
         head.stop(timeout=30)
@@ -150,11 +211,18 @@ def serve_case(root: Path, ip: str, env: dict[str, str], case: str, key: str,
 
 
 def _replicas(root: Path, token: Path, ip: str, gcs: int) -> int:
-    script = ("import ray\nfrom ray import serve\nray.init(logging_level='ERROR')\n"
-              "d = serve.status().applications['services'].deployments['gateway']\n"
-              "print(d.replica_states.get('RUNNING', 0))")
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                       env={**ray_env(token), "RAY_ADDRESS": f"{ip}:{gcs}", "HOME": str(root / "home")})
+    script = (
+        "import ray\nfrom ray import serve\nray.init(logging_level='ERROR')\n"
+        "d = serve.status().applications['services'].deployments['gateway']\n"
+        "print(d.replica_states.get('RUNNING', 0))"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**ray_env(token), "RAY_ADDRESS": f"{ip}:{gcs}", "HOME": str(root / "home")},
+    )
     return int(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 and r.stdout.strip() else 0
 
 
@@ -163,14 +231,34 @@ def uvicorn_server(root: Path, ip: str, env: dict[str, str], key: str, workers: 
     """The same FastAPI app on plain uvicorn (uvloop + httptools, like Serve's replica server)."""
     (root / "baseline_app.py").write_text(BASELINE)
     port = free_port(ip)
-    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "baseline_app:app", "--host", ip, "--port", str(port),
-                             "--log-level", "warning", "--no-access-log", "--workers", str(workers)], cwd=root,
-                            env={**os.environ, **env, "PYTHONPATH": f"{REPO}:{root}"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "baseline_app:app",
+            "--host",
+            ip,
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+            "--workers",
+            str(workers),
+        ],
+        cwd=root,
+        env={**os.environ, **env, "PYTHONPATH": f"{REPO}:{root}"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://{ip}:{port}/whoami"
     try:
-        wait_for(lambda: httpx.get(url, headers={"Authorization": f"Bearer {key}"}).status_code == 200,
-                 timeout=60, what="plain uvicorn")
+        wait_for(
+            lambda: httpx.get(url, headers={"Authorization": f"Bearer {key}"}).status_code == 200,
+            timeout=60,
+            what="plain uvicorn",
+        )
         wrk(url, key, 16, 3)  # warm up
         yield url
     finally:
@@ -188,7 +276,8 @@ def models(chunks: int, queries: int) -> None:
     from deployments.services.documents import parse_document
     from deployments.services.ocr import Ocr
     from deployments.services.rag import Rag
-    from deployments.stores.kinds import KINDS, credentials as store_credentials
+    from deployments.stores.kinds import KINDS
+    from deployments.stores.kinds import credentials as store_credentials
     from deployments.stores.runtime import ProcessRuntime
     from tests import services_samples as samples
 
@@ -201,13 +290,20 @@ def models(chunks: int, queries: int) -> None:
         ep = kind.endpoint(host, port, creds)
         wait_for(lambda: kind.ready(ep), timeout=60, what="chroma")
         rag = Rag({}, endpoint=lambda _: ep)
-        words = ("river mountain engine contract invoice harbour clinic ledger orbit violin pepper granite "
-                 "lantern meadow copper falcon").split()
-        docs = [{"text": " ".join(words[(i * 7 + j) % len(words)] for j in range(60)) + f" record {i}.",
-                 "source": f"doc-{i}"} for i in range(chunks)]
+        words = (
+            "river mountain engine contract invoice harbour clinic ledger orbit violin pepper granite "
+            "lantern meadow copper falcon"
+        ).split()
+        docs = [
+            {
+                "text": " ".join(words[(i * 7 + j) % len(words)] for j in range(60)) + f" record {i}.",
+                "source": f"doc-{i}",
+            }
+            for i in range(chunks)
+        ]
         t0 = time.perf_counter()
         for i in range(0, len(docs), 500):
-            rag.ingest("pub-bench", docs[i:i + 500])
+            rag.ingest("pub-bench", docs[i : i + 500])
         ingest_s = time.perf_counter() - t0
         lat = []
         for i in range(queries):
@@ -215,8 +311,10 @@ def models(chunks: int, queries: int) -> None:
             rag.query("pub-bench", f"{words[i % len(words)]} {words[(i * 3) % len(words)]} record {i}", 5)
             lat.append((time.perf_counter() - t) * 1000)
         lat.sort()
-        print(f"rag: {chunks} chunks ingested in {ingest_s:.1f} s ({chunks / ingest_s:.0f} chunks/s); query over "
-              f"{queries} queries: p50 {statistics.median(lat):.1f} ms, p99 {lat[int(0.99 * (len(lat) - 1))]:.1f} ms")
+        print(
+            f"rag: {chunks} chunks ingested in {ingest_s:.1f} s ({chunks / ingest_s:.0f} chunks/s); query over "
+            f"{queries} queries: p50 {statistics.median(lat):.1f} ms, p99 {lat[int(0.99 * (len(lat) - 1))]:.1f} ms"
+        )
     finally:
         chroma.stop(10)
         shutil.rmtree(root, ignore_errors=True)
@@ -244,12 +342,17 @@ def main() -> None:
     ap.add_argument("--part", choices=["gateway", "models", "all"], default="all")
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--cases", default="python,haproxy-1,pool", help=f"some of: {', '.join(CASES)}")
-    ap.add_argument("--uvicorn-workers", action="store_true",
-                    help="also measure plain uvicorn with 2 worker processes (for reference)")
+    ap.add_argument(
+        "--uvicorn-workers",
+        action="store_true",
+        help="also measure plain uvicorn with 2 worker processes (for reference)",
+    )
     ap.add_argument("--chunks", type=int, default=10_000)
     ap.add_argument("--queries", type=int, default=200)
     args = ap.parse_args()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stopped early: the finally blocks stop the nodes
+    signal.signal(
+        signal.SIGTERM, lambda *_: sys.exit(143)
+    )  # stopped early: the finally blocks stop the nodes
     if args.part in ("models", "all"):
         models(args.chunks, args.queries)
     if args.part == "models":
@@ -259,13 +362,18 @@ def main() -> None:
     ip = local_ip_towards("192.0.2.1")
     root = Path(tempfile.mkdtemp(prefix="rma-bench-svc-"))
     coord, url, key, cred = coordinator(root, ip)
-    env = {"RMA_COORDINATOR_URL": url, "RMA_KEYRING_CREDENTIAL_FILE": str(cred), "RMA_KEYRING_REFRESH_S": "10"}
+    env = {
+        "RMA_COORDINATOR_URL": url,
+        "RMA_KEYRING_CREDENTIAL_FILE": str(cred),
+        "RMA_KEYRING_REFRESH_S": "10",
+    }
     # plain uvicorn stays up and is measured right before each Serve case at each connection count, so that
     # every ratio compares two runs seconds apart on this shared box
     results: dict[str, Any] = {}
     loads: list[float] = []
     try:
         with uvicorn_server(root, ip, env, key) as base_url:
+
             def measure(serve_url: str) -> dict[str, Any]:
                 wrk(serve_url, key, 16, 3)  # warm up
                 out: dict[str, Any] = {}
@@ -282,21 +390,35 @@ def main() -> None:
                     print(f"serve-{case}: did not come up: {str(exc)[:300]}")
         if args.uvicorn_workers:
             with uvicorn_server(root, ip, env, key, workers=2) as two:
-                results["uvicorn-2-workers"] = {f"serve-{c}": wrk(two, key, c, args.seconds) for c in (16, 64)}
+                results["uvicorn-2-workers"] = {
+                    f"serve-{c}": wrk(two, key, c, args.seconds) for c in (16, 64)
+                }
     finally:
         coord.terminate()
         coord.wait(10)
         shutil.rmtree(root, ignore_errors=True)
-    print(f"{'case':<22}{'conns':>6}{'rps':>9}{'p50 ms':>9}{'p99 ms':>9}{'non-2xx':>9}{'uvicorn rps':>12}"
-          f"{'rps ratio':>10}{'p50 ratio':>10}{'p99 ratio':>10}")
+    print(
+        f"{'case':<22}{'conns':>6}{'rps':>9}{'p50 ms':>9}{'p99 ms':>9}{'non-2xx':>9}{'uvicorn rps':>12}"
+        f"{'rps ratio':>10}{'p50 ratio':>10}{'p99 ratio':>10}"
+    )
     for name, by in results.items():
         for c in (16, 64):
             r, b = by[f"serve-{c}"], by.get(f"uvicorn-{c}")
-            ratio = (f"{b['rps']:>12.0f}{r['rps'] / b['rps']:>10.3f}{r['p50_ms'] / b['p50_ms']:>10.2f}"
-                     f"{r['p99_ms'] / b['p99_ms']:>10.2f}") if b else ""
-            print(f"{name:<22}{c:>6}{r['rps']:>9.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}{r['errors']:>9}{ratio}")
+            ratio = (
+                (
+                    f"{b['rps']:>12.0f}{r['rps'] / b['rps']:>10.3f}{r['p50_ms'] / b['p50_ms']:>10.2f}"
+                    f"{r['p99_ms'] / b['p99_ms']:>10.2f}"
+                )
+                if b
+                else ""
+            )
+            print(
+                f"{name:<22}{c:>6}{r['rps']:>9.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}{r['errors']:>9}{ratio}"
+            )
     if loads:
-        print(f"load average (1 min) during the runs: {min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} cores")
+        print(
+            f"load average (1 min) during the runs: {min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} cores"
+        )
     print(json.dumps(results))
 
 

@@ -66,16 +66,36 @@ def main(stores: list[str]) -> None:
     ip = local_ip_towards("192.0.2.1")
     port = next(p for p in range(46400, 46500) if port_free(ip, p))
     dash = next(p for p in range(48300, 48400) if port_free(ip, p))
-    head = RayNode(NodeSpec(node_ip=ip, token_file=token, head=True, temp_dir=short_temp_dir("bench-st-head"),
-                            labels={"rma.io/tier": "head"}, gcs_port=port, dashboard_port=dash, num_cpus=0,
-                            env=FAST_HEALTH_CHECKS), root / "head.log")
+    head = RayNode(
+        NodeSpec(
+            node_ip=ip,
+            token_file=token,
+            head=True,
+            temp_dir=short_temp_dir("bench-st-head"),
+            labels={"rma.io/tier": "head"},
+            gcs_port=port,
+            dashboard_port=dash,
+            num_cpus=0,
+            env=FAST_HEALTH_CHECKS,
+        ),
+        root / "head.log",
+    )
     data_labels = {"rma.io/tier": "data", "rma.io/trusted": "true", "rma.io/node": "bench"}
     nodes: list[RayNode] = [head]
 
     def data_node(n: int) -> RayNode:
-        node = RayNode(NodeSpec(node_ip=ip, token_file=token, temp_dir=short_temp_dir(f"bench-st-data{n}"),
-                                labels=data_labels, address=f"{ip}:{port}", num_cpus=1,
-                                env={"RMA_STORES_DIR": str(root / "stores")}), root / f"data{n}.log")
+        node = RayNode(
+            NodeSpec(
+                node_ip=ip,
+                token_file=token,
+                temp_dir=short_temp_dir(f"bench-st-data{n}"),
+                labels=data_labels,
+                address=f"{ip}:{port}",
+                num_cpus=1,
+                env={"RMA_STORES_DIR": str(root / "stores")},
+            ),
+            root / f"data{n}.log",
+        )
         node.start()
         node.wait_started(120)
         nodes.append(node)
@@ -103,7 +123,9 @@ def main(stores: list[str]) -> None:
             ray.kill(actor, no_restart=False)
             ep = endpoint_again(store)
             row["actor kill"] = time.monotonic() - t0
-            raylet = next(p for p in psutil.Process(node.pid).children(recursive=True) if p.name() == "raylet")
+            raylet = next(
+                p for p in psutil.Process(node.pid).children(recursive=True) if p.name() == "raylet"
+            )
             t0 = time.monotonic()
             raylet.kill()
             node.stop(timeout=10)
@@ -120,7 +142,9 @@ def main(stores: list[str]) -> None:
             ray.kill(a, no_restart=True)
     finally:
         if "ray" in sys.modules and sys.modules["ray"].is_initialized():
-            sys.modules["ray"].shutdown()  # before the nodes go: a connected driver aborts when its GCS vanishes
+            sys.modules[
+                "ray"
+            ].shutdown()  # before the nodes go: a connected driver aborts when its GCS vanishes
         for nd in reversed(nodes):
             nd.stop(timeout=20)
             shutil.rmtree(nd.spec.temp_dir, ignore_errors=True)
@@ -133,8 +157,10 @@ def main(stores: list[str]) -> None:
     print(f"\nstores under Ray supervisors, process runtime, {os.cpu_count()} CPUs (seconds)")
     print(f"{'store':10} {'start':>7} {'ready_s':>8} {'actor kill':>11} {'node kill':>10} {'records':>10}")
     for r in rows:
-        print(f"{r['store']:10} {r['start']:7.1f} {r['ready_s']:8.1f} {r['actor kill']:11.1f} {r['node kill']:10.1f} "
-              f"{r['records']:>10}")
+        print(
+            f"{r['store']:10} {r['start']:7.1f} {r['ready_s']:8.1f} {r['actor kill']:11.1f} {r['node kill']:10.1f} "
+            f"{r['records']:>10}"
+        )
 
 
 if __name__ == "__main__":

@@ -67,16 +67,36 @@ def recovery(stores: list[str]) -> list[dict[str, Any]]:
         ip = local_ip_towards("192.0.2.1")
         port = next(p for p in range(46500, 46600) if port_free(ip, p))
         dash = next(p for p in range(48400, 48500) if port_free(ip, p))
-        head = RayNode(NodeSpec(node_ip=ip, token_file=token, head=True, temp_dir=short_temp_dir("bench-sd-head"),
-                                labels={"rma.io/tier": "head"}, gcs_port=port, dashboard_port=dash, num_cpus=0,
-                                env=FAST_HEALTH_CHECKS), root / "head.log")
+        head = RayNode(
+            NodeSpec(
+                node_ip=ip,
+                token_file=token,
+                head=True,
+                temp_dir=short_temp_dir("bench-sd-head"),
+                labels={"rma.io/tier": "head"},
+                gcs_port=port,
+                dashboard_port=dash,
+                num_cpus=0,
+                env=FAST_HEALTH_CHECKS,
+            ),
+            root / "head.log",
+        )
         labels = {"rma.io/tier": "data", "rma.io/trusted": "true", "rma.io/node": "bench"}
         nodes: list[RayNode] = [head]
 
         def data_node(n: int) -> RayNode:
-            node = RayNode(NodeSpec(node_ip=ip, token_file=token, temp_dir=short_temp_dir(f"bench-sd-data{n}"),
-                                    labels=labels, address=f"{ip}:{port}", num_cpus=1,
-                                    env={"RMA_STORES_DIR": str(root / "stores")}), root / f"data{n}.log")
+            node = RayNode(
+                NodeSpec(
+                    node_ip=ip,
+                    token_file=token,
+                    temp_dir=short_temp_dir(f"bench-sd-data{n}"),
+                    labels=labels,
+                    address=f"{ip}:{port}",
+                    num_cpus=1,
+                    env={"RMA_STORES_DIR": str(root / "stores")},
+                ),
+                root / f"data{n}.log",
+            )
             node.start()
             node.wait_started(120)
             nodes.append(node)
@@ -92,7 +112,9 @@ def recovery(stores: list[str]) -> list[dict[str, Any]]:
 
             ray.init(address=f"{ip}:{port}", logging_level="ERROR", log_to_driver=False)
             for n, store in enumerate(stores):
-                free = next(p for p in range(47100 + 10 * n, 47200) if port_free(ip, p) and port_free(ip, p + 1))
+                free = next(
+                    p for p in range(47100 + 10 * n, 47200) if port_free(ip, p) and port_free(ip, p + 1)
+                )
                 row: dict[str, Any] = {"store": store}
                 t0 = time.monotonic()
                 actor = supervisor.ensure(store, runtime="docker", port=free)
@@ -108,7 +130,9 @@ def recovery(stores: list[str]) -> list[dict[str, Any]]:
                 ep = _endpoint(store)
                 row["actor kill"] = time.monotonic() - t0
                 print(f"  {store}: back after the actor kill", flush=True)
-                raylet = next(p for p in psutil.Process(node.pid).children(recursive=True) if p.name() == "raylet")
+                raylet = next(
+                    p for p in psutil.Process(node.pid).children(recursive=True) if p.name() == "raylet"
+                )
                 t0 = time.monotonic()
                 raylet.kill()
                 node.stop(timeout=10)
@@ -127,7 +151,9 @@ def recovery(stores: list[str]) -> list[dict[str, Any]]:
                 ray.kill(a, no_restart=True)
         finally:
             if "ray" in sys.modules:
-                sys.modules["ray"].shutdown()  # before the nodes go: a driver that loses its GCS aborts the process
+                sys.modules[
+                    "ray"
+                ].shutdown()  # before the nodes go: a driver that loses its GCS aborts the process
             keep = os.environ.get("RMA_BENCH_KEEP")  # keep the Ray logs to look at a failed run
             for nd in reversed(nodes):
                 nd.stop(timeout=20)
@@ -136,11 +162,15 @@ def recovery(stores: list[str]) -> list[dict[str, Any]]:
             if not keep:
                 shutil.rmtree(root, ignore_errors=True)
     print(f"\nstores under Ray supervisors, docker runtime, {os.cpu_count()} CPUs (seconds)")
-    print(f"{'store':10} {'start':>7} {'ready_s':>8} {'actor kill':>11} {'node kill':>10} {'same ctr':>9} "
-          f"{'records':>10}")
+    print(
+        f"{'store':10} {'start':>7} {'ready_s':>8} {'actor kill':>11} {'node kill':>10} {'same ctr':>9} "
+        f"{'records':>10}"
+    )
     for r in rows:
-        print(f"{r['store']:10} {r['start']:7.1f} {r['ready_s']:8.1f} {r['actor kill']:11.1f} {r['node kill']:10.1f} "
-              f"{r['same container']!s:>9} {r['records']:>10}")
+        print(
+            f"{r['store']:10} {r['start']:7.1f} {r['ready_s']:8.1f} {r['actor kill']:11.1f} {r['node kill']:10.1f} "
+            f"{r['same container']!s:>9} {r['records']:>10}"
+        )
     return rows
 
 

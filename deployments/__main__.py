@@ -55,6 +55,7 @@ def emit(**event: Any) -> None:
 
 # -- the data stores -----------------------------------------------------------------------------------------
 
+
 def trusted_data_alive() -> bool:
     import ray
 
@@ -97,15 +98,25 @@ def stores_up(stores: list[str], runtime: str, on: str, wait_s: float, ports: di
             if st["status"] in ("ready", "failed"):
                 pending.pop(store)
                 failed += st["status"] == "failed"
-                emit(store=store, status=st["status"], error=st["error"], where=where, node_ip=st["node_ip"],
-                     port=st["port"], ready_s=st["ready_s"])
+                emit(
+                    store=store,
+                    status=st["status"],
+                    error=st["error"],
+                    where=where,
+                    node_ip=st["node_ip"],
+                    port=st["port"],
+                    ready_s=st["ready_s"],
+                )
         return not pending
 
     try:
         wait_until(settle, timeout=wait_s, interval=0.5, what="the data stores")
     except WaitTimeout:
-        reason = (f"no node matches {selector} (is a trusted data donor online?)" if selector == TRUSTED_DATA
-                  else "still starting")
+        reason = (
+            f"no node matches {selector} (is a trusted data donor online?)"
+            if selector == TRUSTED_DATA
+            else "still starting"
+        )
         for store in pending:
             failed += 1
             emit(store=store, status="pending", error=reason, where=where)
@@ -153,6 +164,7 @@ def stores_down(stores: list[str], timeout: float) -> None:
 
 # -- what each app needs before Serve builds it ---------------------------------------------------------
 
+
 def prepare_llm() -> str | None:
     """Convert the embedded CPU model once (first start), here rather than in the replica's start-up, as the
     LLM's own deploy always has. None when the settings name another model."""
@@ -160,7 +172,8 @@ def prepare_llm() -> str | None:
 
     settings = LLMSettings()
     if settings.resolved_tier() == "cpu" and (settings.model_source or settings.entry().source).startswith(
-            "embedded:"):
+        "embedded:"
+    ):
         from deployments.llm.prepare import prepare_embedded
 
         with contextlib.redirect_stdout(sys.stderr):  # its progress bar: stdout carries JSON lines only
@@ -180,8 +193,8 @@ def check_vision() -> None:
 def migrate_services(services_args: dict[str, Any]) -> None:
     """The services' Alembic migrations before the app is deployed (a replica runs them too, on first use, if
     the Postgres store is not up yet)."""
-    from deployments.services.db import Database, store_endpoint
     from deployments.gateway.refusal import Refusal
+    from deployments.services.db import Database, store_endpoint
     from deployments.services.migrate import current
     from deployments.services.settings import ServicesSettings
 
@@ -191,8 +204,11 @@ def migrate_services(services_args: dict[str, Any]) -> None:
     except Refusal as exc:
         if exc.code == "schema_migration_failed":
             raise RuntimeError(exc.message) from None
-        emit(migration="services", schema=None,
-             note=f"{exc.message}; the replicas migrate the schema when it is")
+        emit(
+            migration="services",
+            schema=None,
+            note=f"{exc.message}; the replicas migrate the schema when it is",
+        )
         return
     assert db.engine is not None
     try:
@@ -204,14 +220,18 @@ def migrate_services(services_args: dict[str, Any]) -> None:
 
 # -- the Serve apps, applied declaratively ---------------------------------------------------------------
 
+
 class Dashboard:
     """Serve's REST API on the Ray dashboard, with the cluster token (what KubeRay, `serve deploy` call)."""
 
     def __init__(self, url: str, token: str) -> None:
         import httpx
 
-        self.http = httpx.Client(base_url=url.rstrip("/"), timeout=60,
-                                 headers={"Authorization": f"Bearer {token}"} if token else {})
+        self.http = httpx.Client(
+            base_url=url.rstrip("/"),
+            timeout=60,
+            headers={"Authorization": f"Bearer {token}"} if token else {},
+        )
 
     def apply(self, config: dict[str, Any]) -> None:
         r = self.http.put("/api/serve/applications/", json=config)
@@ -226,8 +246,11 @@ class Dashboard:
     def declared(self, leave_out: set[str]) -> list[dict[str, Any]]:
         """The app configs applied declaratively before (by an earlier `up`, KubeRay, `serve deploy`), but
         for `leave_out`: a new config keeps them, since Serve deletes declarative apps a config leaves out."""
-        return [st["deployed_app_config"] for name, st in self.applications().items()
-                if name not in leave_out and st.get("deployed_app_config")]
+        return [
+            st["deployed_app_config"]
+            for name, st in self.applications().items()
+            if name not in leave_out and st.get("deployed_app_config")
+        ]
 
 
 def http_options(host: str, port: int) -> dict[str, Any]:
@@ -235,8 +258,11 @@ def http_options(host: str, port: int) -> dict[str, Any]:
     same ones here spare Serve's warning about a change it cannot make)."""
     from rma_ray.serve_admin import haproxy_binary
 
-    return {"host": "0.0.0.0" if haproxy_binary() else host, "port": port,
-            "request_timeout_s": REQUEST_TIMEOUT_S}
+    return {
+        "host": "0.0.0.0" if haproxy_binary() else host,
+        "port": port,
+        "request_timeout_s": REQUEST_TIMEOUT_S,
+    }
 
 
 def wait_apps(dash: Dashboard, names: list[str], timeout: float) -> dict[str, Any]:
@@ -258,8 +284,11 @@ def apps_up(groups: list[str], dash: Dashboard, http: dict[str, Any], wait_s: fl
 
     specs = {g: serve_config.group_apps([g]) for g in groups}
     services_args = next((a.args for a in specs.get("services", []) if a.builder == "services_app"), {})
-    before: dict[str, Callable[[], Any]] = {"llm": prepare_llm, "vision": check_vision,
-                                            "services": lambda: migrate_services(services_args)}
+    before: dict[str, Callable[[], Any]] = {
+        "llm": prepare_llm,
+        "vision": check_vision,
+        "services": lambda: migrate_services(services_args),
+    }
     applied: list[serve_config.AppSpec] = []
     others = dash.declared({a.name for g in specs.values() for a in g})
     failed = 0
@@ -287,8 +316,12 @@ def apps_up(groups: list[str], dash: Dashboard, http: dict[str, Any], wait_s: fl
         if bad:
             failed += 1
             name, st = next(iter(bad.items()))
-            emit(app=group, status="failed", serve_apps=names,
-                 error=f"Serve app {name} is {st.get('status')}: {(st.get('message') or '')[-500:]}")
+            emit(
+                app=group,
+                status="failed",
+                serve_apps=names,
+                error=f"Serve app {name} is {st.get('status')}: {(st.get('message') or '')[-500:]}",
+            )
         else:
             emit(app=group, status="running", serve_apps=names, ready_s=round(time.monotonic() - t0, 1))
     return failed
@@ -311,11 +344,16 @@ def apps_down(groups: list[str]) -> None:
 
 def apps_status(dash: Dashboard) -> None:
     for name, st in dash.applications().items():
-        emit(serve_app=name, status=st.get("status"), route_prefix=st.get("route_prefix"),
-             message=(st.get("message") or "")[-300:])
+        emit(
+            serve_app=name,
+            status=st.get("status"),
+            route_prefix=st.get("route_prefix"),
+            message=(st.get("message") or "")[-300:],
+        )
 
 
 # -- the command line -----------------------------------------------------------------------------------
+
 
 def _names(value: str, known: tuple[str, ...] | list[str], what: str) -> list[str]:
     names = [s.strip() for s in value.split(",") if s.strip() and s.strip() != "none"]
@@ -346,17 +384,24 @@ def parser() -> argparse.ArgumentParser:
     from deployments.serve_config import APP_GROUPS
     from deployments.stores.kinds import KINDS
 
-    ap = argparse.ArgumentParser(prog="python -m deployments",
-                                 description="The pool's stores and Serve apps.")
+    ap = argparse.ArgumentParser(
+        prog="python -m deployments", description="The pool's stores and Serve apps."
+    )
     ap.add_argument("command", choices=["up", "down", "status", "prepare"])
     ap.add_argument("--address", help="GCS address of the pool's Ray head (default: RAY_ADDRESS)")
     ap.add_argument("--dashboard", help="the Ray dashboard's URL (default: the cluster's at --address)")
-    ap.add_argument("--stores", default=",".join(KINDS),
-                    help=f"comma-separated ({', '.join(KINDS)}) or 'none'")
+    ap.add_argument(
+        "--stores", default=",".join(KINDS), help=f"comma-separated ({', '.join(KINDS)}) or 'none'"
+    )
     ap.add_argument("--store-runtime", default="process", choices=["process", "docker"])
     ap.add_argument("--stores-on", default="auto", choices=["auto", "data", "head"])
-    ap.add_argument("--store-port", action="append", default=[], metavar="STORE=PORT",
-                    help="a store's port instead of its default (repeatable)")
+    ap.add_argument(
+        "--store-port",
+        action="append",
+        default=[],
+        metavar="STORE=PORT",
+        help="a store's port instead of its default (repeatable)",
+    )
     ap.add_argument("--stores-wait", type=float, default=240.0, help="seconds to wait for the stores")
     ap.add_argument("--apps", default="none", help=f"comma-separated ({', '.join(APP_GROUPS)}) or 'none'")
     ap.add_argument("--apps-wait", type=float, default=900.0, help="seconds to wait for each app")
@@ -387,8 +432,9 @@ def run(a: argparse.Namespace) -> int:
             return 0
         url = a.dashboard or (f"http://{ctx.dashboard_url}" if ctx.dashboard_url else None)
         if url is None and (groups or a.command == "status"):
-            raise ValueError("this cluster has no Ray dashboard to apply Serve apps through; "
-                             "pass --dashboard")
+            raise ValueError(
+                "this cluster has no Ray dashboard to apply Serve apps through; pass --dashboard"
+            )
         dash = Dashboard(url, _token()) if url else None
         if a.command == "status":
             stores_status(stores)

@@ -70,11 +70,15 @@ class Agent:
         crash, a restarted unit or container), rejoin as the same donor with its node token."""
         existing = membership.load(opts.data_dir)
         if existing and membership.alive(existing.agent_pid, existing.agent_started):
-            raise AgentError(f"this machine is already in the pool as {existing.worker_id} (agent pid "
-                             f"{existing.agent_pid}); run `rma leave` first")
+            raise AgentError(
+                f"this machine is already in the pool as {existing.worker_id} (agent pid "
+                f"{existing.agent_pid}); run `rma leave` first"
+            )
         if existing is not None and existing.coordinator_url.rstrip("/") != opts.coordinator_url.rstrip("/"):
-            raise AgentError(f"this machine is donor {existing.worker_id} of {existing.coordinator_url}; "
-                             f"run `rma leave` before joining another pool")
+            raise AgentError(
+                f"this machine is donor {existing.worker_id} of {existing.coordinator_url}; "
+                f"run `rma leave` before joining another pool"
+            )
         key_file = opts.data_dir / "overlay" / "private.key"
         if existing is not None:
             cls.clean_up_after(existing, opts.data_dir, say)
@@ -82,8 +86,10 @@ class Agent:
             if reg is not None:
                 return cls.start(opts, reg, existing.node_token, key_file, say, first=False)
         if not opts.join_token:
-            raise AgentError("no join token: pass --token, --token-file or RMA_JOIN_TOKEN (ask the pool "
-                             "admin for an invite)")
+            raise AgentError(
+                "no join token: pass --token, --token-file or RMA_JOIN_TOKEN (ask the pool "
+                "admin for an invite)"
+            )
         # a new WireGuard key for every first join (a key once used never joins again); the private half
         # stays here
         key_file.unlink(missing_ok=True)
@@ -95,8 +101,10 @@ class Agent:
             raise AgentError(f"registration refused: {exc}") from None
         finally:
             client.close()
-        say(f"admitted as [bold]{reg.tier}[/] tier donor {reg.worker_id} "
-            f"({'trusted' if reg.trusted else 'untrusted'})")
+        say(
+            f"admitted as [bold]{reg.tier}[/] tier donor {reg.worker_id} "
+            f"({'trusted' if reg.trusted else 'untrusted'})"
+        )
         return cls.start(opts, reg, reg.node_token, key_file, say, first=True)
 
     @staticmethod
@@ -125,8 +133,9 @@ class Agent:
         shutil.rmtree(short_temp_dir(m.worker_id), ignore_errors=True)
 
     @classmethod
-    def rejoin_registry(cls, opts: JoinOptions, m: Membership, key_file: Path, say: Say
-                        ) -> wire.RejoinResponse | None:
+    def rejoin_registry(
+        cls, opts: JoinOptions, m: Membership, key_file: Path, say: Say
+    ) -> wire.RejoinResponse | None:
         """The registry's side of a rejoin. None: this donor left the pool (a new join token may still admit
         it); refusals the donor cannot fix (revoked, quarantined, hardware) are one line."""
         public_key = cls.overlay_key(key_file)  # the old key when it survived; a new one when it is gone
@@ -144,15 +153,25 @@ class Agent:
             if exc.status is None:  # not an answer: the coordinator is down or unreachable; a restart retries
                 raise AgentError(f"could not rejoin as donor {m.worker_id}: {exc}") from None
             raise AgentError(f"rejoin refused: {exc}") from None
-        say(f"rejoined as [bold]{reg.tier}[/] tier donor {reg.worker_id} "
-            f"({'trusted' if reg.trusted else 'untrusted'})")
+        say(
+            f"rejoined as [bold]{reg.tier}[/] tier donor {reg.worker_id} "
+            f"({'trusted' if reg.trusted else 'untrusted'})"
+        )
         return reg
 
     @classmethod
-    def start(cls, opts: JoinOptions, reg: wire.RejoinResponse, node_token: str, key_file: Path, say: Say,
-              first: bool) -> Agent:
+    def start(
+        cls,
+        opts: JoinOptions,
+        reg: wire.RejoinResponse,
+        node_token: str,
+        key_file: Path,
+        say: Say,
+        first: bool,
+    ) -> Agent:
         """Overlay, then the Ray node. A first join that fails here is aborted, which gives the invite use
         back; a rejoin that fails keeps its membership, so the next start (systemd, docker) tries again."""
+
         def give_up(why: str) -> AgentError:
             if first:
                 try:
@@ -167,8 +186,10 @@ class Agent:
             return AgentError(why)
 
         if reg.ray is None:  # an older coordinator; a current one refuses before spending the token
-            raise give_up("the coordinator runs without a Ray head (`rma admission serve` alone); "
-                          "ask the admin for a pool started with `rma up`")
+            raise give_up(
+                "the coordinator runs without a Ray head (`rma admission serve` alone); "
+                "ask the admin for a pool started with `rma up`"
+            )
         token_file = opts.data_dir / "cluster_token"
         membership.write_private(token_file, (reg.ray.auth_token or "") + "\n")
         address = reg.ray.address
@@ -177,23 +198,40 @@ class Agent:
         except AgentError as exc:
             raise give_up(str(exc)) from None
         node_ip = opts.node_ip or (spoke.address if spoke else local_ip_towards(address.rsplit(":", 1)[0]))
-        m = Membership(coordinator_url=opts.coordinator_url, worker_id=reg.worker_id,
-                       node_token=node_token,
-                       tier=str(reg.tier), labels=reg.labels, trusted=reg.trusted,
-                       heartbeat_interval_s=reg.heartbeat_interval_s, ray_address=address, node_ip=node_ip,
-                       agent_pid=os.getpid(), agent_started=psutil.Process().create_time(),
-                       extra={"cluster": fingerprint(reg.ray.auth_token),
-                              "overlay": ({"interface": spoke.name, "address": spoke.address}
-                                          if spoke else None)})
+        m = Membership(
+            coordinator_url=opts.coordinator_url,
+            worker_id=reg.worker_id,
+            node_token=node_token,
+            tier=str(reg.tier),
+            labels=reg.labels,
+            trusted=reg.trusted,
+            heartbeat_interval_s=reg.heartbeat_interval_s,
+            ray_address=address,
+            node_ip=node_ip,
+            agent_pid=os.getpid(),
+            agent_started=psutil.Process().create_time(),
+            extra={
+                "cluster": fingerprint(reg.ray.auth_token),
+                "overlay": ({"interface": spoke.name, "address": spoke.address} if spoke else None),
+            },
+        )
         membership.save(opts.data_dir, m)
-        spec = NodeSpec(node_ip=node_ip, token_file=token_file, temp_dir=short_temp_dir(reg.worker_id),
-                        labels=reg.labels, address=address, num_cpus=opts.cpus, num_gpus=opts.gpus,
-                        memory_bytes=opts.memory_bytes, drain_timeout_s=opts.drain_deadline_s,
-                        # store supervisors and Serve replicas on this node find membership.json through it
-                        env={"RMA_DATA_DIR": str(opts.data_dir)},
-                        # on the overlay every Ray port is pinned, so the firewall can keep them off other
-                        # addresses
-                        extra_args=spoke.ports.argv(head=False) if spoke else [])
+        spec = NodeSpec(
+            node_ip=node_ip,
+            token_file=token_file,
+            temp_dir=short_temp_dir(reg.worker_id),
+            labels=reg.labels,
+            address=address,
+            num_cpus=opts.cpus,
+            num_gpus=opts.gpus,
+            memory_bytes=opts.memory_bytes,
+            drain_timeout_s=opts.drain_deadline_s,
+            # store supervisors and Serve replicas on this node find membership.json through it
+            env={"RMA_DATA_DIR": str(opts.data_dir)},
+            # on the overlay every Ray port is pinned, so the firewall can keep them off other
+            # addresses
+            extra_args=spoke.ports.argv(head=False) if spoke else [],
+        )
         agent = cls(opts.data_dir, m, RayNode(spec, opts.data_dir / "logs" / "ray-node.log"), say)
         agent.spoke = spoke
         try:
@@ -223,12 +261,21 @@ class Agent:
         if ov is None:
             key_file.unlink(missing_ok=True)
             return None
-        spoke = overlay.Spoke(name=overlay.interface_name(reg.worker_id), key_file=key_file,
-                              address=ov.address, prefix=ov.prefix, hub_public_key=ov.hub_public_key,
-                              hub_endpoint=ov.hub_endpoint, hub_address=ov.hub_address,
-                              keepalive_s=ov.keepalive_s, mtu=ov.mtu)
-        say(f"joining the pool's overlay as {spoke.address} (hub {spoke.hub_endpoint}, "
-            f"interface {spoke.name}) …")
+        spoke = overlay.Spoke(
+            name=overlay.interface_name(reg.worker_id),
+            key_file=key_file,
+            address=ov.address,
+            prefix=ov.prefix,
+            hub_public_key=ov.hub_public_key,
+            hub_endpoint=ov.hub_endpoint,
+            hub_address=ov.hub_address,
+            keepalive_s=ov.keepalive_s,
+            mtu=ov.mtu,
+        )
+        say(
+            f"joining the pool's overlay as {spoke.address} (hub {spoke.hub_endpoint}, "
+            f"interface {spoke.name}) …"
+        )
         try:
             spoke.up()
         except overlay.OverlayError as exc:
@@ -246,8 +293,10 @@ class Agent:
             pass
         membership.save(self.data_dir, self.m)
         self.guard_ports()
-        self.say(f"Ray node {node_id[:12]} is up with labels "
-                 + ", ".join(f"{k}={v}" for k, v in self.m.labels.items()))
+        self.say(
+            f"Ray node {node_id[:12]} is up with labels "
+            + ", ".join(f"{k}={v}" for k, v in self.m.labels.items())
+        )
 
     # -- running ---------------------------------------------------------------------------------------
 
@@ -278,8 +327,12 @@ class Agent:
         vm = psutil.virtual_memory()
         load = os.getloadavg()[0] / (psutil.cpu_count() or 1)
         status = "draining" if self.drained else "healthy" if self.node.running() else "degraded"
-        beat = wire.HeartbeatRequest(status=status, current_load=round(load, 3),
-                                     available_memory_mb=vm.available // MB, ray_node_id=self.m.ray_node_id)
+        beat = wire.HeartbeatRequest(
+            status=status,
+            current_load=round(load, 3),
+            available_memory_mb=vm.available // MB,
+            ray_node_id=self.m.ray_node_id,
+        )
         reply = self.client.heartbeat(self.m.node_token, beat)
         if reply.cluster and reply.cluster != self.m.extra.get("cluster"):
             self.say("the pool rotated its cluster token: rejoining the new cluster")
@@ -333,8 +386,10 @@ class Agent:
                         break
                 restarts += 1
                 delay = min(60, 2 ** min(restarts, 6))
-                self.say(f"[yellow]the Ray node stopped[/] ({failure or 'no reason in its log'}); "
-                         f"restarting in {delay} s (restart {restarts})")
+                self.say(
+                    f"[yellow]the Ray node stopped[/] ({failure or 'no reason in its log'}); "
+                    f"restarting in {delay} s (restart {restarts})"
+                )
                 if self.stop_event.wait(delay):
                     break
                 try:
@@ -351,8 +406,9 @@ class Agent:
                 unreachable_since = None
             except AdmissionError as exc:
                 if exc.code == "worker_revoked":
-                    self.say("[red]this donor was revoked by the pool admin (or has left); "
-                             "stopping the node[/]")
+                    self.say(
+                        "[red]this donor was revoked by the pool admin (or has left); stopping the node[/]"
+                    )
                     self.exit_reason, self.unregister_on_exit, code = "revoked", False, 1
                     break
                 if unreachable_since is None:
@@ -375,15 +431,22 @@ class Agent:
 
     def drain(self, why: str) -> None:
         try:
-            accepted = drain_node(self.m.ray_address or "", self.node.spec.token_file,
-                                  self.m.ray_node_id or "", why,
-                                  self.node.spec.drain_timeout_s)
+            accepted = drain_node(
+                self.m.ray_address or "",
+                self.node.spec.token_file,
+                self.m.ray_node_id or "",
+                why,
+                self.node.spec.drain_timeout_s,
+            )
         except Exception as exc:  # the GCS may be gone; the node is stopped on leave anyway
             self.say(f"[yellow]drain request failed:[/] {exc}")
             return
         self.drained = accepted
-        self.say("draining: no new work will be placed here" if accepted
-                 else "[yellow]the head refused the drain[/]")
+        self.say(
+            "draining: no new work will be placed here"
+            if accepted
+            else "[yellow]the head refused the drain[/]"
+        )
 
     def unregister(self) -> None:
         unregister(self.client, self.m.node_token, self.say)
@@ -444,18 +507,27 @@ def leave_without_agent(m: Membership, data_dir: Path, warn: Say) -> None:
 
 def status_view(m: Membership) -> dict[str, Any]:
     """`rma status`: this machine's membership, its processes and overlay, and what the coordinator says."""
-    view: dict[str, Any] = {"worker_id": m.worker_id, "tier": m.tier, "trusted": m.trusted,
-                            "labels": m.labels, "coordinator_url": m.coordinator_url, "node_ip": m.node_ip,
-                            "ray_address": m.ray_address, "ray_node_id": m.ray_node_id,
-                            "agent_running": membership.alive(m.agent_pid, m.agent_started),
-                            "ray_node_running": membership.alive(m.ray_pid,
-                                                                 (m.extra or {}).get("ray_started"))}
+    view: dict[str, Any] = {
+        "worker_id": m.worker_id,
+        "tier": m.tier,
+        "trusted": m.trusted,
+        "labels": m.labels,
+        "coordinator_url": m.coordinator_url,
+        "node_ip": m.node_ip,
+        "ray_address": m.ray_address,
+        "ray_node_id": m.ray_node_id,
+        "agent_running": membership.alive(m.agent_pid, m.agent_started),
+        "ray_node_running": membership.alive(m.ray_pid, (m.extra or {}).get("ray_started")),
+    }
     ov = (m.extra or {}).get("overlay")
     if ov:
         try:
             shake = max((p.latest_handshake for p in overlay.peers_of(ov["interface"])), default=0)
-            view["overlay"] = {"address": ov["address"], "interface": ov["interface"],
-                               "last_handshake_s": round(time.time() - shake) if shake else None}
+            view["overlay"] = {
+                "address": ov["address"],
+                "interface": ov["interface"],
+                "last_handshake_s": round(time.time() - shake) if shake else None,
+            }
         except overlay.OverlayError as exc:
             view["overlay"] = {"address": ov["address"], "interface": ov["interface"], "error": str(exc)}
     with AdmissionClient(m.coordinator_url, m.node_token, timeout=5) as client:

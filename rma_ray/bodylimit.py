@@ -36,16 +36,27 @@ def json_refusal(code: str = "body_too_large", *, shape: str = "rma") -> Refusal
     def refuse(scope: Scope, limit: int) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         message = f"the request body is over the limit of {limit:,} bytes; send a smaller body"
         if shape == "openai":
-            error: dict[str, Any] = {"message": message, "type": "invalid_request_error", "param": None,
-                                     "code": code}
+            error: dict[str, Any] = {
+                "message": message,
+                "type": "invalid_request_error",
+                "param": None,
+                "code": code,
+            }
         else:
             error = {"code": code, "message": message}
             rid = (scope.get("state") or {}).get("request_id")
             if rid:
                 error["request_id"] = rid
         body = json.dumps({"error": error}).encode()
-        return 413, [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                     (b"connection", b"close")], body
+        return (
+            413,
+            [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+            body,
+        )
 
     return refuse
 

@@ -5,8 +5,9 @@ may use (CPU affinity, cgroup v1/v2 CPU quota and memory limit: a container is p
 against real readings in shared/fixtures/hardware/). A machine without an NVIDIA GPU or driver reports no GPUs;
 the probe never raises for that. It also asks a local Ollama server (the official `ollama` client; `OLLAMA_HOST` or
 http://127.0.0.1:11434) which models it has and which of them take images: a donor that runs one beside its node
-hosts the pool's vision route (label `rma.io/ollama=true`, see rma_ray.tiers). No server, no `ollama` package: none. `Capabilities` also accepts the seed's human strings ("16GB", "1TB") so that an
-old-style agent can register.
+hosts the pool's vision route (label `rma.io/ollama=true`, see rma_ray.tiers). No server, no `ollama` package:
+none. `Capabilities` also accepts the seed's human strings ("16GB", "1TB") so that an old-style agent can
+register.
 """
 
 from __future__ import annotations
@@ -123,13 +124,17 @@ def _read_nvml() -> dict[str, Any]:
                 cc = list(pynvml.nvmlDeviceGetCudaComputeCapability(h))
             except pynvml.NVMLError:
                 cc = None
-            devices.append({
-                "index": i,
-                "name": name.decode() if isinstance(name, bytes) else name,
-                "uuid": (lambda u: u.decode() if isinstance(u, bytes) else u)(pynvml.nvmlDeviceGetUUID(h)),
-                "memory_total_bytes": int(mem.total),
-                "compute_capability": cc,
-            })
+            devices.append(
+                {
+                    "index": i,
+                    "name": name.decode() if isinstance(name, bytes) else name,
+                    "uuid": (lambda u: u.decode() if isinstance(u, bytes) else u)(
+                        pynvml.nvmlDeviceGetUUID(h)
+                    ),
+                    "memory_total_bytes": int(mem.total),
+                    "compute_capability": cc,
+                }
+            )
         return {"devices": devices}
     except pynvml.NVMLError as exc:
         return {"error": f"NVML query failed ({exc})"}
@@ -199,8 +204,9 @@ def _ancestors(root: Path, rel: str) -> list[Path]:
     return [d for d in dirs if d.is_dir()] or [root]
 
 
-def read_cgroup(root: str | os.PathLike[str] = "/sys/fs/cgroup",
-                proc_cgroup: str | os.PathLike[str] = "/proc/self/cgroup") -> dict[str, Any]:
+def read_cgroup(
+    root: str | os.PathLike[str] = "/sys/fs/cgroup", proc_cgroup: str | os.PathLike[str] = "/proc/self/cgroup"
+) -> dict[str, Any]:
     """The CPU quota (in cores) and memory limit (bytes) of this process's cgroup, v2 or v1; None where there
     is none. A container with `--cpus 2 --memory 4g` on a 64-core host offers 2 cores and 4 GiB, not the
     host's."""
@@ -296,19 +302,25 @@ def from_readings(raw: dict[str, Any]) -> Capabilities:
     gpus = []
     for d in nvml.get("devices", []):
         cc = d.get("compute_capability")
-        gpus.append(GpuInfo(
-            name=d["name"],
-            memory_mb=int(d["memory_total_bytes"]) // MB,
-            uuid=d.get("uuid"),
-            compute_capability=f"{cc[0]}.{cc[1]}" if cc else None,
-        ))
+        gpus.append(
+            GpuInfo(
+                name=d["name"],
+                memory_mb=int(d["memory_total_bytes"]) // MB,
+                uuid=d.get("uuid"),
+                compute_capability=f"{cc[0]}.{cc[1]}" if cc else None,
+            )
+        )
     ollama_raw = raw.get("ollama") or {}
     ollama_info = None
     if "url" in ollama_raw:
         models = ollama_raw.get("models") or []
         ollama_info = OllamaInfo(
-            url=ollama_raw["url"], models=[m["name"] for m in models],
-            vision_models=[m["name"] for m in models if is_vision_model(m.get("capabilities"), m.get("families"))])
+            url=ollama_raw["url"],
+            models=[m["name"] for m in models],
+            vision_models=[
+                m["name"] for m in models if is_vision_model(m.get("capabilities"), m.get("families"))
+            ],
+        )
     return Capabilities(
         gpus=gpus,
         cpu_cores=cores,

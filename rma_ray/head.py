@@ -35,14 +35,23 @@ from rma_ray.client import AdmissionClient, AdmissionError
 from rma_ray.identity import service_file
 from rma_ray.membership import write_private
 from rma_ray.net import port_free
+from rma_ray.poolinfo import APP_NAMES, STORE_NAMES, PoolInfo, pool_file
 from rma_ray.raynode import FAST_HEALTH_CHECKS, NodeSpec, NodeStartError, RayNode, ray_env, short_temp_dir
 from rma_ray.settings import read_or_create_secret
-from rma_ray.poolinfo import APP_NAMES, STORE_NAMES, PoolInfo, pool_file
 from rma_ray.tiers import LABEL_TIER, LABEL_TRUSTED
 from rma_ray.waiting import GiveUp, WaitTimeout, wait_until
 
-__all__ = ["APP_NAMES", "STORE_NAMES", "Pool", "UpError", "UpOptions", "pool_file", "read_pool",
-           "signal_down", "signal_rotate"]
+__all__ = [
+    "APP_NAMES",
+    "STORE_NAMES",
+    "Pool",
+    "UpError",
+    "UpOptions",
+    "pool_file",
+    "read_pool",
+    "signal_down",
+    "signal_rotate",
+]
 
 
 class UpError(Exception):
@@ -110,10 +119,12 @@ class Pool:
         self.hub: wg.Hub | None = None
 
     def _check_ports(self) -> None:
-        for what, host, port in (("Ray GCS", self.o.node_ip, self.o.gcs_port),
-                                 ("Ray dashboard", self.o.node_ip, self.o.dashboard_port),
-                                 ("coordinator", self.o.coordinator_host, self.o.coordinator_port),
-                                 ("Serve", self.o.node_ip, self.o.serve_port)):
+        for what, host, port in (
+            ("Ray GCS", self.o.node_ip, self.o.gcs_port),
+            ("Ray dashboard", self.o.node_ip, self.o.dashboard_port),
+            ("coordinator", self.o.coordinator_host, self.o.coordinator_port),
+            ("Serve", self.o.node_ip, self.o.serve_port),
+        ):
             if not port_free(host, port):
                 hint = " (a Redis on this box? use --gcs-port)" if port == 6379 else ""
                 raise UpError(f"port {port} on {host} for the {what} is already in use{hint}")
@@ -122,15 +133,25 @@ class Pool:
         # A fresh temp dir per start: `ray start --head` refuses to start where its temp dir says a cluster ran
         # and any process on the machine still names that GCS address (a donor on the same box, in tests).
         old_temp = self.head.spec.temp_dir if self.head else None
-        spec = NodeSpec(node_ip=self.o.ray_ip, token_file=self.token_file, head=True,
-                        extra_args=wg.RayPorts().argv(head=True) if self.o.overlay else [],
-                        temp_dir=short_temp_dir("head-" + secrets.token_hex(4)),
-                        # the operator's own machine: trusted, so the embedded default may keep client data here
-                        labels={LABEL_TIER: "head", LABEL_TRUSTED: "true"}, gcs_port=self.o.gcs_port, dashboard_port=self.o.dashboard_port,
-                        num_cpus=self.o.head_cpus, drain_timeout_s=5,
-                        env={**(FAST_HEALTH_CHECKS if self.o.fast_health_checks else {}),
-                             # actors on the head (store supervisors, Serve replicas) find service.json there
-                             "RMA_DATA_DIR": str(self.o.data_dir), **self.o.extra_env})
+        spec = NodeSpec(
+            node_ip=self.o.ray_ip,
+            token_file=self.token_file,
+            head=True,
+            extra_args=wg.RayPorts().argv(head=True) if self.o.overlay else [],
+            temp_dir=short_temp_dir("head-" + secrets.token_hex(4)),
+            # the operator's own machine: trusted, so the embedded default may keep client data here
+            labels={LABEL_TIER: "head", LABEL_TRUSTED: "true"},
+            gcs_port=self.o.gcs_port,
+            dashboard_port=self.o.dashboard_port,
+            num_cpus=self.o.head_cpus,
+            drain_timeout_s=5,
+            env={
+                **(FAST_HEALTH_CHECKS if self.o.fast_health_checks else {}),
+                # actors on the head (store supervisors, Serve replicas) find service.json there
+                "RMA_DATA_DIR": str(self.o.data_dir),
+                **self.o.extra_env,
+            },
+        )
         if old_temp is not None:
             shutil.rmtree(old_temp, ignore_errors=True)
         self.head = RayNode(spec, self.logs / "ray-head.log")
@@ -144,8 +165,16 @@ class Pool:
         dash = f"http://{self.o.ray_ip}:{self.o.dashboard_port}"
         token = self.token_file.read_text().strip()
         try:
-            wait_until(lambda: httpx.get(dash + "/api/v0/nodes", headers={"Authorization": f"Bearer {token}"},
-                                         timeout=5).status_code == 200, timeout=60, what="the Ray dashboard")
+            wait_until(
+                lambda: (
+                    httpx.get(
+                        dash + "/api/v0/nodes", headers={"Authorization": f"Bearer {token}"}, timeout=5
+                    ).status_code
+                    == 200
+                ),
+                timeout=60,
+                what="the Ray dashboard",
+            )
         except WaitTimeout:
             raise UpError(f"the Ray dashboard at {dash} did not answer; see {self.head.log_path}") from None
 
@@ -156,10 +185,17 @@ class Pool:
         why = wg.missing_tools()
         if why:
             raise UpError(f"--overlay: {why}")
-        self.hub = wg.Hub(self.o.data_dir, self.o.overlay_subnet, self.o.overlay_port, self.o.overlay_interface,
-                               extra_tcp=[self.o.gcs_port, self.o.dashboard_port],
-                               public_tcp={self.o.coordinator_port, self.o.serve_port})
-        self.say(f"starting the overlay hub {self.hub.name} on {self.hub.address} (UDP {self.o.overlay_port}) …")
+        self.hub = wg.Hub(
+            self.o.data_dir,
+            self.o.overlay_subnet,
+            self.o.overlay_port,
+            self.o.overlay_interface,
+            extra_tcp=[self.o.gcs_port, self.o.dashboard_port],
+            public_tcp={self.o.coordinator_port, self.o.serve_port},
+        )
+        self.say(
+            f"starting the overlay hub {self.hub.name} on {self.hub.address} (UDP {self.o.overlay_port}) …"
+        )
         try:
             self.hub.up()
         except wg.OverlayError as exc:
@@ -179,31 +215,70 @@ class Pool:
     def hub_env(self) -> dict[str, str]:
         if self.hub is None:
             return {}
-        return {"RMA_OVERLAY_HUB_INTERFACE": self.hub.name, "RMA_OVERLAY_HUB_PUBLIC_KEY": self.hub.public_key,
-                "RMA_OVERLAY_HUB_ENDPOINT": f"{self.o.node_ip}:{self.hub.port}",
-                "RMA_OVERLAY_SUBNET": self.hub.subnet}
+        return {
+            "RMA_OVERLAY_HUB_INTERFACE": self.hub.name,
+            "RMA_OVERLAY_HUB_PUBLIC_KEY": self.hub.public_key,
+            "RMA_OVERLAY_HUB_ENDPOINT": f"{self.o.node_ip}:{self.hub.port}",
+            "RMA_OVERLAY_SUBNET": self.hub.subnet,
+        }
 
     def start_serve(self) -> None:
         self.say(f"starting Ray Serve (proxy on the head, port {self.o.serve_port}) …")
-        r = subprocess.run([sys.executable, "-m", "rma_ray.serve_admin", "start", "--address", self.o.gcs_address,
-                            "--host", self.o.node_ip, "--port", str(self.o.serve_port)],
-                           env=ray_env(self.token_file), capture_output=True, text=True, timeout=180)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "rma_ray.serve_admin",
+                "start",
+                "--address",
+                self.o.gcs_address,
+                "--host",
+                self.o.node_ip,
+                "--port",
+                str(self.o.serve_port),
+            ],
+            env=ray_env(self.token_file),
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
         if r.returncode != 0:
             (self.logs / "serve-start.log").write_text(r.stdout + r.stderr)
             raise UpError(f"Ray Serve did not start; see {self.logs / 'serve-start.log'}")
 
     def start_coordinator(self) -> None:
-        env = {**ray_env(self.token_file), "RMA_ADMIN_KEY": self.admin_key, "RMA_DATA_DIR": str(self.o.data_dir / "coordinator"),
-               "RMA_RAY_ADDRESS": self.o.gcs_address, "RMA_RAY_AUTH_TOKEN_FILE": str(self.token_file),
-               "RMA_RAY_DASHBOARD_URL": f"http://{self.o.ray_ip}:{self.o.dashboard_port}",
-               **self.hub_env(),
-               "RMA_PUBLIC_URL": self.o.coordinator_url,
-               "RMA_HEARTBEAT_INTERVAL_S": str(self.o.heartbeat_interval_s), **self.o.extra_env}
+        env = {
+            **ray_env(self.token_file),
+            "RMA_ADMIN_KEY": self.admin_key,
+            "RMA_DATA_DIR": str(self.o.data_dir / "coordinator"),
+            "RMA_RAY_ADDRESS": self.o.gcs_address,
+            "RMA_RAY_AUTH_TOKEN_FILE": str(self.token_file),
+            "RMA_RAY_DASHBOARD_URL": f"http://{self.o.ray_ip}:{self.o.dashboard_port}",
+            **self.hub_env(),
+            "RMA_PUBLIC_URL": self.o.coordinator_url,
+            "RMA_HEARTBEAT_INTERVAL_S": str(self.o.heartbeat_interval_s),
+            **self.o.extra_env,
+        }
         log = open(self.logs / "coordinator.log", "ab")
         self.coordinator = subprocess.Popen(
-            [sys.executable, "-m", "rma_ray.cli", "admission", "serve", "--host", self.o.coordinator_host,
-             "--port", str(self.o.coordinator_port), "--quiet"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "rma_ray.cli",
+                "admission",
+                "serve",
+                "--host",
+                self.o.coordinator_host,
+                "--port",
+                str(self.o.coordinator_port),
+                "--quiet",
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         log.close()
         coordinator = self.coordinator
 
@@ -224,8 +299,10 @@ class Pool:
         self.logs.mkdir(parents=True, exist_ok=True)
         old = poolinfo.read(self.o.data_dir)
         if old.supervisor_running():
-            raise UpError(f"a pool is already running from {self.o.data_dir} (pid {old.supervisor_pid}); "
-                          f"`rma down` first")
+            raise UpError(
+                f"a pool is already running from {self.o.data_dir} (pid {old.supervisor_pid}); "
+                f"`rma down` first"
+            )
         self._check_ports()
         read_or_create_secret(self.token_file)  # the cluster token: generated once, 0600, never printed
         first_start = not old.admin_key
@@ -242,10 +319,17 @@ class Pool:
             registry_url=self.o.coordinator_url + "/registry",
             serve_url=f"http://{self.o.node_ip}:{self.o.serve_port}",
             ray_dashboard_url=self.dashboard_url,
-            overlay=(poolinfo.OverlayInfo(interface=self.hub.name, address=self.hub.address,
-                                          subnet=self.hub.subnet, public_key=self.hub.public_key,
-                                          endpoint=f"{self.o.node_ip}:{self.hub.port}")
-                     if self.hub else None),
+            overlay=(
+                poolinfo.OverlayInfo(
+                    interface=self.hub.name,
+                    address=self.hub.address,
+                    subnet=self.hub.subnet,
+                    public_key=self.hub.public_key,
+                    endpoint=f"{self.o.node_ip}:{self.hub.port}",
+                )
+                if self.hub
+                else None
+            ),
             ray_address=self.o.gcs_address,
             admin_key=self.admin_key,
             join_token=invite["token"],
@@ -275,8 +359,18 @@ class Pool:
             old_id = None
         key = client.request("POST", "/api/admin/service-keys", json={"name": "rma up: head services"})
         # `overlay`: store supervisors on the head firewall their ports to trusted nodes (deployments/stores)
-        write_private(path, json.dumps({"coordinator_url": self.o.coordinator_url, "service_key": key["key"],
-                                        "key_id": key["id"], "overlay": self.hub is not None}, indent=2))
+        write_private(
+            path,
+            json.dumps(
+                {
+                    "coordinator_url": self.o.coordinator_url,
+                    "service_key": key["key"],
+                    "key_id": key["id"],
+                    "overlay": self.hub is not None,
+                },
+                indent=2,
+            ),
+        )
         if old_id and old_id != key["id"]:
             try:
                 client.request("POST", f"/api/admin/service-keys/{old_id}/revoke")
@@ -290,10 +384,23 @@ class Pool:
         log = open(self.logs / "deployments.log", "a")
         env = {**ray_env(self.token_file), "RMA_DATA_DIR": str(self.o.data_dir), **self.o.extra_env}
         try:
-            return subprocess.Popen([sys.executable, "-m", "deployments", *args, "--address",
-                                     self.o.gcs_address, "--stores", ",".join(self.o.stores) or "none"],
-                                    env=env, text=True, stdout=subprocess.PIPE, stderr=log,
-                                    stdin=subprocess.DEVNULL)
+            return subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "deployments",
+                    *args,
+                    "--address",
+                    self.o.gcs_address,
+                    "--stores",
+                    ",".join(self.o.stores) or "none",
+                ],
+                env=env,
+                text=True,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+            )
         finally:
             log.close()
 
@@ -312,10 +419,23 @@ class Pool:
             self.say(f"starting data stores ({', '.join(self.o.stores)}, {self.o.store_runtime} runtime) …")
         ports = [a for s, p in self.o.store_ports.items() for a in ("--store-port", f"{s}={p}")]
         proc = self._deployments(
-            "up", "--store-runtime", self.o.store_runtime, "--stores-wait", str(self.o.stores_wait_s), *ports,
-            "--apps", ",".join(self.o.apps) or "none", "--apps-wait", str(self.o.apps_wait_s),
-            "--dashboard", self.dashboard_url, "--serve-host", self.o.node_ip,
-            "--serve-port", str(self.o.serve_port))
+            "up",
+            "--store-runtime",
+            self.o.store_runtime,
+            "--stores-wait",
+            str(self.o.stores_wait_s),
+            *ports,
+            "--apps",
+            ",".join(self.o.apps) or "none",
+            "--apps-wait",
+            str(self.o.apps_wait_s),
+            "--dashboard",
+            self.dashboard_url,
+            "--serve-host",
+            self.o.node_ip,
+            "--serve-port",
+            str(self.o.serve_port),
+        )
         # the child waits for each part itself; this only ends a child that hangs past all of that
         limit = self.o.stores_wait_s + self.o.apps_wait_s * len(self.o.apps) + 180
         watchdog = threading.Timer(limit, proc.kill)
@@ -330,8 +450,9 @@ class Pool:
                 except ValueError:
                     continue
                 if "store" in ev:
-                    stores[ev["store"]] = {k: ev.get(k)
-                                           for k in ("status", "where", "node_ip", "port", "error")}
+                    stores[ev["store"]] = {
+                        k: ev.get(k) for k in ("status", "where", "node_ip", "port", "error")
+                    }
                     self._said_store(ev)
                 elif ev.get("done") == "stores":
                     info.stores = stores
@@ -347,8 +468,9 @@ class Pool:
         finally:
             watchdog.cancel()
         if proc.returncode < 0:
-            self.say("[yellow]the stores and apps did not report in time[/]; "
-                     f"see {self.logs / 'deployments.log'}")
+            self.say(
+                f"[yellow]the stores and apps did not report in time[/]; see {self.logs / 'deployments.log'}"
+            )
         if info.stores is None:  # the child ended before its stores were done
             info.stores = stores
         missing = {"status": "failed", "error": f"no result; see {self.logs / 'deployments.log'}"}
@@ -357,8 +479,10 @@ class Pool:
 
     def _said_store(self, ev: dict[str, Any]) -> None:
         if ev.get("status") == "ready":
-            self.say(f"  {ev['store']}: ready on {ev['where']} ({ev['node_ip']}:{ev['port']}, "
-                     f"{ev['ready_s']:.1f} s)")
+            self.say(
+                f"  {ev['store']}: ready on {ev['where']} ({ev['node_ip']}:{ev['port']}, "
+                f"{ev['ready_s']:.1f} s)"
+            )
         elif ev.get("status") not in ("stopped", None):
             self.say(f"  [yellow]{ev['store']}: {ev['status']}[/] — {ev.get('error')}")
 
@@ -366,8 +490,10 @@ class Pool:
         if ev["status"] == "running":
             self.say(f"  {ev['app']}: running ({ev['ready_s']} s)")
         else:
-            self.say(f"  [yellow]{ev['app']}: {ev['status']}[/] — {ev.get('error')} "
-                     f"(log: {self.logs / 'deployments.log'})")
+            self.say(
+                f"  [yellow]{ev['app']}: {ev['status']}[/] — {ev.get('error')} "
+                f"(log: {self.logs / 'deployments.log'})"
+            )
 
     def stop_stores(self) -> bool:
         if not (self.o.stores and self.head is not None and self.head.running()):
@@ -389,8 +515,13 @@ class Pool:
         if self.o.apps:
             self._shutdown_serve()  # the apps go with Serve (short grace), as in `rma down`
         self.stop_stores()
-        subprocess.run([sys.executable, "-m", "rma_ray.serve_admin", "shutdown", "--address", self.o.gcs_address],
-                       env=ray_env(self.token_file), capture_output=True, timeout=60, check=False)
+        subprocess.run(
+            [sys.executable, "-m", "rma_ray.serve_admin", "shutdown", "--address", self.o.gcs_address],
+            env=ray_env(self.token_file),
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
         if self.head is not None:
             self.head.stop(timeout=30)
         write_private(self.token_file, secrets.token_hex(32) + "\n")
@@ -444,8 +575,11 @@ class Pool:
         that in start-up alone, and what is left then ends with the Ray head."""
         try:
             token = self.token_file.read_text().strip()
-            httpx.delete(f"http://{self.o.ray_ip}:{self.o.dashboard_port}/api/serve/applications/",
-                         headers={"Authorization": f"Bearer {token}"}, timeout=SERVE_SHUTDOWN_S)
+            httpx.delete(
+                f"http://{self.o.ray_ip}:{self.o.dashboard_port}/api/serve/applications/",
+                headers={"Authorization": f"Bearer {token}"},
+                timeout=SERVE_SHUTDOWN_S,
+            )
         except (OSError, httpx.HTTPError):
             pass  # timed out (replicas still draining) or the dashboard is gone: the head's stop ends it
 
@@ -540,8 +674,10 @@ def signal_down(data_dir: Path, patience_s: float = 120) -> str:
             last.update(step=step, at=time.monotonic())
         elif time.monotonic() - last["at"] > patience_s:  # no deadline of its own: as long as it moves on
             doing = last["step"].partition(" ")[2].strip() or "the first step"
-            raise GiveUp(f"the pool supervisor (pid {pid}) made no progress for {patience_s:.0f} s (last: "
-                         f"{doing}); see its output")
+            raise GiveUp(
+                f"the pool supervisor (pid {pid}) made no progress for {patience_s:.0f} s (last: "
+                f"{doing}); see its output"
+            )
         return False
 
     try:

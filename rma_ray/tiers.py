@@ -76,7 +76,9 @@ def check(tier: Tier, caps: Capabilities) -> Check:
             missing.append(f"{caps.ram_mb} MiB RAM (needs {MIN_SERVICE_RAM_MB})")
         if caps.cpu_cores < MIN_SERVICE_CORES:
             missing.append(f"{caps.cpu_cores} CPU core(s) (needs {MIN_SERVICE_CORES})")
-        return Check(tier, not missing, "; ".join(missing) or f"{caps.ram_mb} MiB RAM, {caps.cpu_cores} cores")
+        return Check(
+            tier, not missing, "; ".join(missing) or f"{caps.ram_mb} MiB RAM, {caps.cpu_cores} cores"
+        )
     missing = []
     if caps.ram_mb < MIN_DATA_RAM_MB:
         missing.append(f"{caps.ram_mb} MiB RAM (needs {MIN_DATA_RAM_MB})")
@@ -103,7 +105,9 @@ def pin_refusal(tier: Tier, caps: Capabilities) -> str:
     return f"the invite pins the {tier} tier, but {check(tier, caps).reason}; the {tier} tier needs {MINIMUMS[tier]}"
 
 
-def choose(candidates: list[Tier], demand: Mapping[str, int] | None = None, pinned: Tier | None = None) -> Tier:
+def choose(
+    candidates: list[Tier], demand: Mapping[str, int] | None = None, pinned: Tier | None = None
+) -> Tier:
     """The tier to join: the pinned one, else the candidate with most unmet demand, ties by rule order."""
     if not candidates:
         raise ValueError("no candidate tier")

@@ -26,8 +26,15 @@ class WaitTimeout(TimeoutError):
         self.what, self.timeout, self.last = what, timeout, last
 
 
-def wait_until(predicate: Callable[[], T], *, timeout: float, interval: float = 0.5, what: str = "a condition",
-               sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic) -> T:
+def wait_until(
+    predicate: Callable[[], T],
+    *,
+    timeout: float,
+    interval: float = 0.5,
+    what: str = "a condition",
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> T:
     """Call `predicate` every `interval` s until it returns something truthy (returned) or `timeout` s pass."""
     deadline = clock() + timeout
     last: object = None

@@ -30,8 +30,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     uses_pool = {item.path for item in (items[i] for i in e2e) if "pool" in getattr(item, "fixturenames", ())}
     # a stable sort: each module stays whole and in its order
     # a module that leaves the pool changed for good (RUNS_LAST: an impostor raylet, a quarantined donor) goes last
-    ordered = sorted((items[i] for i in e2e), key=lambda item: (item.path in uses_pool,
-                                                                getattr(item.module, "RUNS_LAST", False)))
+    ordered = sorted(
+        (items[i] for i in e2e),
+        key=lambda item: (item.path in uses_pool, getattr(item.module, "RUNS_LAST", False)),
+    )
     for i, item in zip(e2e, ordered, strict=True):
         items[i] = item
 

@@ -43,7 +43,9 @@ def missing() -> str | None:
         return "a private dockerd and debootstrap need root"
     absent = [t for t in TOOLS if not shutil.which(t)]
     if absent:
-        return f"{', '.join(absent)} not installed (Debian docker.io and debootstrap; `make test` installs them)"
+        return (
+            f"{', '.join(absent)} not installed (Debian docker.io and debootstrap; `make test` installs them)"
+        )
     try:
         import docker  # noqa: F401
     except ImportError:
@@ -79,6 +81,7 @@ def _ping() -> bool:
 def _exclusive(lock: Path, timeout: float) -> Iterator[None]:
     fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o600)
     try:
+
         def take() -> bool:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -103,20 +106,50 @@ def private_dockerd(build: bool = True) -> Iterator[Dockerd]:
         t0 = time.monotonic()
         with open(RUN_DIR / "dockerd.log", "ab") as log:
             proc = subprocess.Popen(
-                ["dockerd", "--data-root", str(DATA_ROOT), "--exec-root", str(RUN_DIR / "exec"), "--pidfile",
-                 str(pidfile), "-H", DOCKER_HOST, "--bridge=none", "--iptables=false", "--ip6tables=false",
-                 "--containerd-namespace", "rma-test", "--containerd-plugins-namespace", "rma-test-plugins",
-                 "--log-level", "warn"],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+                [
+                    "dockerd",
+                    "--data-root",
+                    str(DATA_ROOT),
+                    "--exec-root",
+                    str(RUN_DIR / "exec"),
+                    "--pidfile",
+                    str(pidfile),
+                    "-H",
+                    DOCKER_HOST,
+                    "--bridge=none",
+                    "--iptables=false",
+                    "--ip6tables=false",
+                    "--containerd-namespace",
+                    "rma-test",
+                    "--containerd-plugins-namespace",
+                    "rma-test-plugins",
+                    "--log-level",
+                    "warn",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         try:
-            wait_for(lambda: proc.poll() is None and _ping(), timeout=90, interval=0.2,
-                     what=f"dockerd to answer on {SOCKET} (log: {RUN_DIR / 'dockerd.log'})")
+            wait_for(
+                lambda: proc.poll() is None and _ping(),
+                timeout=90,
+                interval=0.2,
+                what=f"dockerd to answer on {SOCKET} (log: {RUN_DIR / 'dockerd.log'})",
+            )
             started = time.monotonic() - t0
             out, build_s = "", 0.0
             if build:
                 t1 = time.monotonic()
-                r = subprocess.run([str(REPO / "scripts" / "build-store-images.sh")], check=False, capture_output=True,
-                                   text=True, timeout=1500, env={**os.environ, "DOCKER_HOST": DOCKER_HOST})
+                r = subprocess.run(
+                    [str(REPO / "scripts" / "build-store-images.sh")],
+                    check=False,
+                    capture_output=True,
+                    text=True,
+                    timeout=1500,
+                    env={**os.environ, "DOCKER_HOST": DOCKER_HOST},
+                )
                 build_s = time.monotonic() - t1
                 out = r.stdout + r.stderr
                 if r.returncode != 0:
@@ -180,8 +213,10 @@ def dockerd_for_session() -> Iterator[Dockerd]:
         pytest.skip(reason)
     before = os.environ.get("DOCKER_HOST")
     with private_dockerd() as d:
-        print(f"\n[docker] daemon up in {d.started_s:.1f} s; store images ready in {d.build_s:.1f} s\n"
-              + d.build_output.strip())
+        print(
+            f"\n[docker] daemon up in {d.started_s:.1f} s; store images ready in {d.build_s:.1f} s\n"
+            + d.build_output.strip()
+        )
         os.environ["DOCKER_HOST"] = d.host
         try:
             yield d
@@ -213,7 +248,9 @@ def start_to_ready(runtime: Any, kind: Any, endpoint: Any, timeout: float = 120)
     raise TimeoutError(f"{kind.name} under {runtime.name} not ready within {timeout} s")
 
 
-def bench_docker(stores: tuple[str, ...] = ("redis", "postgres", "chroma", "graph"), host: str = "127.0.0.1") -> dict[str, Any]:
+def bench_docker(
+    stores: tuple[str, ...] = ("redis", "postgres", "chroma", "graph"), host: str = "127.0.0.1"
+) -> dict[str, Any]:
     """Start-to-ready per store under docker (first start on an empty volume, then a restart on the kept
     volume), with the process runtime measured the same way in the same process as the baseline. Needs root,
     docker.io and debootstrap; starts and stops its own private dockerd. Prints and returns the figures."""
@@ -229,10 +266,16 @@ def bench_docker(stores: tuple[str, ...] = ("redis", "postgres", "chroma", "grap
     with private_dockerd() as d:
         os.environ["DOCKER_HOST"] = d.host
         client = d.client()
-        sizes = {min(img.tags, key=lambda t: not t.endswith((":latest", ":bookworm"))):
-                 round(img.attrs["Size"] / 2**20, 1) for img in client.images.list()
-                 if any(t.startswith(("rma-store-", "rma-base:")) for t in img.tags)}
-        print(f"dockerd up in {d.started_s:.1f} s; build script {d.build_s:.1f} s; image sizes (MiB): {sizes}")
+        sizes = {
+            min(img.tags, key=lambda t: not t.endswith((":latest", ":bookworm"))): round(
+                img.attrs["Size"] / 2**20, 1
+            )
+            for img in client.images.list()
+            if any(t.startswith(("rma-store-", "rma-base:")) for t in img.tags)
+        }
+        print(
+            f"dockerd up in {d.started_s:.1f} s; build script {d.build_s:.1f} s; image sizes (MiB): {sizes}"
+        )
         root = Path(tempfile.mkdtemp(prefix="rma-bench-docker-"))
         root.chmod(0o755)  # the postgres user must traverse it (process runtime)
         try:
@@ -255,8 +298,11 @@ def bench_docker(stores: tuple[str, ...] = ("redis", "postgres", "chroma", "grap
                         finally:
                             rt.stop(30)
                 results[store] = row
-                ratio = (f"; docker/process on restart {row['docker_restart_s'] / row['process_restart_s']:.2f}x"
-                         if row.get("process_restart_s") else "")
+                ratio = (
+                    f"; docker/process on restart {row['docker_restart_s'] / row['process_restart_s']:.2f}x"
+                    if row.get("process_restart_s")
+                    else ""
+                )
                 print(f"{store}: start->ready " + ", ".join(f"{k}={v:.2f}" for k, v in row.items()) + ratio)
         finally:
             shutil.rmtree(root, ignore_errors=True)

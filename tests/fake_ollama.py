@@ -42,7 +42,9 @@ class FakeOllamaServer:
     """Stand-in; real Ollama cannot run on this machine. `with FakeOllamaServer(host) as srv: srv.url`."""
 
     host: str = "127.0.0.1"
-    models: dict[str, tuple[list[str] | None, list[str]]] = field(default_factory=lambda: dict(DEFAULT_MODELS))
+    models: dict[str, tuple[list[str] | None, list[str]]] = field(
+        default_factory=lambda: dict(DEFAULT_MODELS)
+    )
     requests: list[dict[str, Any]] = field(default_factory=list)
     server: ServerThread | None = None
 
@@ -56,17 +58,33 @@ class FakeOllamaServer:
         def root() -> PlainTextResponse:
             return PlainTextResponse("Ollama is running (stand-in)")
 
-        @app.get("/healthz")  # for tests.support.ServerThread's readiness wait; Ollama itself has no such route
+        @app.get(
+            "/healthz"
+        )  # for tests.support.ServerThread's readiness wait; Ollama itself has no such route
         def healthz() -> dict[str, bool]:
             return {"ok": True}
 
         @app.get("/api/tags")
         def tags() -> dict[str, Any]:
-            return {"models": [{"name": n, "model": n, "modified_at": "2025-01-01T00:00:00Z", "size": 4_700_000_000,
-                                "digest": hashlib.sha256(n.encode()).hexdigest(),
-                                "details": {"format": "gguf", "family": fams[0], "families": fams,
-                                            "parameter_size": "7B", "quantization_level": "Q4_0"}}
-                               for n, (_caps, fams) in self.models.items()]}
+            return {
+                "models": [
+                    {
+                        "name": n,
+                        "model": n,
+                        "modified_at": "2025-01-01T00:00:00Z",
+                        "size": 4_700_000_000,
+                        "digest": hashlib.sha256(n.encode()).hexdigest(),
+                        "details": {
+                            "format": "gguf",
+                            "family": fams[0],
+                            "families": fams,
+                            "parameter_size": "7B",
+                            "quantization_level": "Q4_0",
+                        },
+                    }
+                    for n, (_caps, fams) in self.models.items()
+                ]
+            }
 
         @app.post("/api/show")
         async def show(request: Request) -> Any:
@@ -75,9 +93,13 @@ class FakeOllamaServer:
             if name not in self.models:
                 return not_found(name)
             caps, fams = self.models[name]
-            out: dict[str, Any] = {"modelfile": "", "parameters": "", "template": "{{ .Prompt }}",
-                                   "details": {"format": "gguf", "family": fams[0], "families": fams},
-                                   "model_info": {"general.architecture": fams[0]}}
+            out: dict[str, Any] = {
+                "modelfile": "",
+                "parameters": "",
+                "template": "{{ .Prompt }}",
+                "details": {"format": "gguf", "family": fams[0], "families": fams},
+                "model_info": {"general.architecture": fams[0]},
+            }
             if caps is not None:
                 out["capabilities"] = caps
             return out
@@ -99,10 +121,19 @@ class FakeOllamaServer:
             words = text.split()
             done_reason = "length" if len(words) > limit else "stop"
             text = " ".join(words[:limit])
-            return {"model": name, "created_at": "2025-01-01T00:00:00Z",
-                    "message": {"role": "assistant", "content": text}, "done": True, "done_reason": done_reason,
-                    "total_duration": 1_000_000, "load_duration": 0, "prompt_eval_count": 576 + len(user["content"]),
-                    "prompt_eval_duration": 500_000, "eval_count": min(len(words), limit), "eval_duration": 500_000}
+            return {
+                "model": name,
+                "created_at": "2025-01-01T00:00:00Z",
+                "message": {"role": "assistant", "content": text},
+                "done": True,
+                "done_reason": done_reason,
+                "total_duration": 1_000_000,
+                "load_duration": 0,
+                "prompt_eval_count": 576 + len(user["content"]),
+                "prompt_eval_duration": 500_000,
+                "eval_count": min(len(words), limit),
+                "eval_duration": 500_000,
+            }
 
         return app
 

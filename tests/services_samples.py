@@ -65,4 +65,5 @@ def scanned_pdf(lines: list[str]) -> bytes:
     img.save(buf, format="PDF", resolution=100.0)
     return buf.getvalue()
 
+
 DOCX_TYPE = "application/vnd.openxmlformats-officedocument.wordprocessingml.document"

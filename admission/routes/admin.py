@@ -25,8 +25,9 @@ def openapi_schema(admin: AdminDep, request: Request) -> dict[str, object]:
 
 
 @router.get("/admin/workers", response_model=list[schemas.WorkerOut], openapi_extra=security.ADMIN)
-def list_workers(admin: AdminDep, session: SessionDep, state: State, tier: TierQ = None, status: StatusQ = None
-                 ) -> list[schemas.WorkerOut]:
+def list_workers(
+    admin: AdminDep, session: SessionDep, state: State, tier: TierQ = None, status: StatusQ = None
+) -> list[schemas.WorkerOut]:
     return workers.list_all(state, session, tier, status)
 
 
@@ -35,21 +36,30 @@ def get_worker(worker_id: str, admin: AdminDep, session: SessionDep, state: Stat
     return workers.get(state, session, worker_id)
 
 
-@router.post("/admin/workers/{worker_id}/revoke", response_model=schemas.WorkerOut, openapi_extra=security.ADMIN)
-def revoke_worker(worker_id: str, admin: AdminDep, session: SessionDep, state: State, ip: ClientIp
-                  ) -> schemas.WorkerOut:
+@router.post(
+    "/admin/workers/{worker_id}/revoke", response_model=schemas.WorkerOut, openapi_extra=security.ADMIN
+)
+def revoke_worker(
+    worker_id: str, admin: AdminDep, session: SessionDep, state: State, ip: ClientIp
+) -> schemas.WorkerOut:
     return workers.revoke(state, session, worker_id, admin.actor, ip)
 
 
-@router.post("/admin/workers/{worker_id}/drain", response_model=schemas.WorkerOut, openapi_extra=security.ADMIN)
-def drain_worker(worker_id: str, admin: AdminDep, session: SessionDep, state: State, ip: ClientIp
-                 ) -> schemas.WorkerOut:
+@router.post(
+    "/admin/workers/{worker_id}/drain", response_model=schemas.WorkerOut, openapi_extra=security.ADMIN
+)
+def drain_worker(
+    worker_id: str, admin: AdminDep, session: SessionDep, state: State, ip: ClientIp
+) -> schemas.WorkerOut:
     return workers.set_action(state, session, worker_id, "drain", admin.actor, ip)
 
 
-@router.post("/admin/workers/{worker_id}/resume", response_model=schemas.WorkerOut, openapi_extra=security.ADMIN)
-def resume_worker(worker_id: str, admin: AdminDep, session: SessionDep, state: State, ip: ClientIp
-                  ) -> schemas.WorkerOut:
+@router.post(
+    "/admin/workers/{worker_id}/resume", response_model=schemas.WorkerOut, openapi_extra=security.ADMIN
+)
+def resume_worker(
+    worker_id: str, admin: AdminDep, session: SessionDep, state: State, ip: ClientIp
+) -> schemas.WorkerOut:
     return workers.set_action(state, session, worker_id, "none", admin.actor, ip)
 
 
@@ -69,19 +79,27 @@ def get_ray(admin: AdminDep, state: State) -> schemas.RayViewOut:
     view = state.reconciler.view if state.reconciler is not None else None
     if view is None:
         return schemas.RayViewOut(wired=False)
-    return schemas.RayViewOut(wired=True, at=view.at, error=view.error, nodes_alive=view.nodes_alive,
-                              intruders=view.intruders)
+    return schemas.RayViewOut(
+        wired=True, at=view.at, error=view.error, nodes_alive=view.nodes_alive, intruders=view.intruders
+    )
 
 
 @router.get("/admin/audit", response_model=list[schemas.AuditOut], openapi_extra=security.ADMIN)
-def get_audit(admin: AdminDep, session: SessionDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-              action: Annotated[str | None, Query(max_length=64)] = None) -> list[schemas.AuditOut]:
-    return [schemas.AuditOut.model_validate(e, from_attributes=True) for e in audit.recent(session, limit, action)]
+def get_audit(
+    admin: AdminDep,
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    action: Annotated[str | None, Query(max_length=64)] = None,
+) -> list[schemas.AuditOut]:
+    return [
+        schemas.AuditOut.model_validate(e, from_attributes=True) for e in audit.recent(session, limit, action)
+    ]
 
 
 @router.post("/admin/keys", status_code=201, response_model=schemas.KeyCreated, openapi_extra=security.ADMIN)
-def create_admin_key(req: schemas.NamedCreate, admin: AdminDep, session: SessionDep, ip: ClientIp
-                     ) -> schemas.KeyCreated:
+def create_admin_key(
+    req: schemas.NamedCreate, admin: AdminDep, session: SessionDep, ip: ClientIp
+) -> schemas.KeyCreated:
     return keys.create(session, AdminKey, req.name, admin.actor, ip)
 
 
@@ -95,9 +113,12 @@ def revoke_admin_key(key_id: str, admin: AdminDep, session: SessionDep, ip: Clie
     return keys.revoke(session, AdminKey, key_id, admin.actor, ip)
 
 
-@router.post("/admin/clients", status_code=201, response_model=schemas.KeyCreated, openapi_extra=security.ADMIN)
-def create_client(req: schemas.NamedCreate, admin: AdminDep, session: SessionDep, ip: ClientIp
-                  ) -> schemas.KeyCreated:
+@router.post(
+    "/admin/clients", status_code=201, response_model=schemas.KeyCreated, openapi_extra=security.ADMIN
+)
+def create_client(
+    req: schemas.NamedCreate, admin: AdminDep, session: SessionDep, ip: ClientIp
+) -> schemas.KeyCreated:
     return keys.create(session, ClientKey, req.name, admin.actor, ip)
 
 
@@ -111,10 +132,12 @@ def revoke_client(key_id: str, admin: AdminDep, session: SessionDep, ip: ClientI
     return keys.revoke(session, ClientKey, key_id, admin.actor, ip)
 
 
-@router.post("/admin/service-keys", status_code=201, response_model=schemas.KeyCreated,
-             openapi_extra=security.ADMIN)
-def create_service_key(req: schemas.NamedCreate, admin: AdminDep, session: SessionDep, ip: ClientIp
-                       ) -> schemas.KeyCreated:
+@router.post(
+    "/admin/service-keys", status_code=201, response_model=schemas.KeyCreated, openapi_extra=security.ADMIN
+)
+def create_service_key(
+    req: schemas.NamedCreate, admin: AdminDep, session: SessionDep, ip: ClientIp
+) -> schemas.KeyCreated:
     """A credential for the head's services (`rma up` mints one per start): keyring and store reports only."""
     return keys.create(session, ServiceKey, req.name, admin.actor, ip)
 
@@ -124,8 +147,9 @@ def list_service_keys(admin: AdminDep, session: SessionDep) -> list[schemas.KeyO
     return keys.list_all(session, ServiceKey)
 
 
-@router.post("/admin/service-keys/{key_id}/revoke", response_model=schemas.KeyOut,
-             openapi_extra=security.ADMIN)
+@router.post(
+    "/admin/service-keys/{key_id}/revoke", response_model=schemas.KeyOut, openapi_extra=security.ADMIN
+)
 def revoke_service_key(key_id: str, admin: AdminDep, session: SessionDep, ip: ClientIp) -> schemas.KeyOut:
     return keys.revoke(session, ServiceKey, key_id, admin.actor, ip)
 
@@ -137,8 +161,12 @@ def client_keyring(who: ServiceDep, session: SessionDep) -> schemas.KeyringOut:
 
 
 @router.put("/stores/{name}", status_code=204, response_class=Response, openapi_extra=security.SERVICE)
-def report_store(name: Annotated[str, Path(pattern=schemas.STORE_NAME)], body: schemas.StoreReport,
-                 who: ServiceDep, session: SessionDep) -> Response:
+def report_store(
+    name: Annotated[str, Path(pattern=schemas.STORE_NAME)],
+    body: schemas.StoreReport,
+    who: ServiceDep,
+    session: SessionDep,
+) -> Response:
     """A store supervisor's report (a trusted data donor's node credential, or the head's service credential),
     bound to the reporter that created the row."""
     stores.report(session, who, name, body)

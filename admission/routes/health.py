@@ -15,8 +15,11 @@ from admission.services import stats
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", openapi_extra=security.PUBLIC,
-            responses={503: {"description": "the database does not answer"}})
+@router.get(
+    "/healthz",
+    openapi_extra=security.PUBLIC,
+    responses={503: {"description": "the database does not answer"}},
+)
 async def healthz(state: State) -> JSONResponse:
     """Liveness: this process and its database answer. Registry figures are on /api/admin/health."""
     ok = await run_in_threadpool(stats.alive, state)

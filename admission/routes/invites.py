@@ -10,8 +10,9 @@ router = APIRouter(prefix="/api/invites", tags=["invites"])
 
 
 @router.post("", status_code=201, response_model=schemas.InviteCreated, openapi_extra=security.ADMIN)
-def create_invite(req: schemas.InviteCreate, admin: AdminDep, session: SessionDep, state: State, ip: ClientIp
-                  ) -> schemas.InviteCreated:
+def create_invite(
+    req: schemas.InviteCreate, admin: AdminDep, session: SessionDep, state: State, ip: ClientIp
+) -> schemas.InviteCreated:
     return invites.create(session, state.settings, req, admin.actor, ip)
 
 

@@ -34,29 +34,42 @@ def _fmt_ms(ms: float | None) -> str:
 
 templates.env.filters["mb"] = _fmt_mb
 templates.env.filters["ms"] = _fmt_ms
-StepQ = Annotated[int, Query(ge=60, le=3600, description="the series' bucket in whole minutes that divide a day: "
-                                                        "60, 300, 600 (default), 900, 1800 or 3600 seconds")]
+StepQ = Annotated[
+    int,
+    Query(
+        ge=60,
+        le=3600,
+        description="the series' bucket in whole minutes that divide a day: "
+        "60, 300, 600 (default), 900, 1800 or 3600 seconds",
+    ),
+]
 
 
 def _request_metrics(state: State, session: SessionDep, step_s: int) -> schemas.RequestMetricsOut:
     if step_s % 60 or 86400 % step_s:
-        raise ApiError(422, "invalid_request", f"step_s: {step_s} is not a whole number of minutes that divides a "
-                                               "day; use 60, 300, 600, 900, 1800 or 3600")
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"step_s: {step_s} is not a whole number of minutes that divides a "
+            "day; use 60, 300, 600, 900, 1800 or 3600",
+        )
     collector = state.reconciler.collector if state.reconciler is not None else None
     return metrics.cached_summary(session, collector, step_s=step_s)
 
 
 @router.get("/api/admin/metrics", response_model=schemas.RequestMetricsOut, openapi_extra=security.ADMIN)
-def request_metrics(admin: AdminDep, state: State, session: SessionDep, step_s: StepQ = 600
-                    ) -> schemas.RequestMetricsOut:
+def request_metrics(
+    admin: AdminDep, state: State, session: SessionDep, step_s: StepQ = 600
+) -> schemas.RequestMetricsOut:
     """Ray Serve requests: today (UTC) and the last hour (count, 4xx/5xx, p50/p99 from latency buckets), per
     application, queued now per deployment, and a 24 h series; from the head's scrapes of Serve's metrics."""
     return _request_metrics(state, session, step_s)
 
 
 @router.get("/registry/metrics", response_model=schemas.RequestMetricsOut, openapi_extra=security.SESSION)
-def registry_metrics(admin: SessionAdmin, state: State, session: SessionDep, step_s: StepQ = 600
-                     ) -> schemas.RequestMetricsOut:
+def registry_metrics(
+    admin: SessionAdmin, state: State, session: SessionDep, step_s: StepQ = 600
+) -> schemas.RequestMetricsOut:
     """The same figures for the registry page (its session cookie)."""
     return _request_metrics(state, session, step_s)
 
@@ -67,17 +80,30 @@ def login_page(request: Request) -> HTMLResponse:
 
 
 @router.post("/registry/login", openapi_extra=security.PUBLIC)
-def login(request: Request, state: State, ip: ClientIp, admin_key: Annotated[str, Form(max_length=200)]
-          ) -> Response:
+def login(
+    request: Request, state: State, ip: ClientIp, admin_key: Annotated[str, Form(max_length=200)]
+) -> Response:
     creds = HTTPAuthorizationCredentials(scheme="Bearer", credentials=admin_key.strip())
     try:
         admin = security.authenticate_admin(state, ip, creds)
     except ApiError as exc:
-        return templates.TemplateResponse(request, "login.html", {"error": exc.message}, status_code=exc.status,
-                                          headers=exc.headers if exc.status == 429 else None)
+        return templates.TemplateResponse(
+            request,
+            "login.html",
+            {"error": exc.message},
+            status_code=exc.status,
+            headers=exc.headers if exc.status == 429 else None,
+        )
     resp = RedirectResponse("/registry", status_code=303)
-    resp.set_cookie(security.SESSION_COOKIE, security.issue_session(state, admin), httponly=True, samesite="strict",
-                    secure=request.url.scheme == "https", max_age=state.settings.session_ttl_s, path="/")
+    resp.set_cookie(
+        security.SESSION_COOKIE,
+        security.issue_session(state, admin),
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+        max_age=state.settings.session_ttl_s,
+        path="/",
+    )
     return resp
 
 
@@ -102,7 +128,9 @@ def registry(request: Request, state: State, session: SessionDep, partial: bool 
         "stats": stats.stats(state, session),
         "tiers": [(str(t), t.number, MINIMUMS[t], tier_of[t]) for t in TIER_ORDER],
         "workers": ws,
-        "stores": stores.list_all(session, state.reconciler.view.pending_stores if state.reconciler else None),
+        "stores": stores.list_all(
+            session, state.reconciler.view.pending_stores if state.reconciler else None
+        ),
         "ray_dashboard_url": state.settings.ray_dashboard_url,
         "ray_view": state.reconciler.view if state.reconciler is not None else None,
         "admin_id": admin.key_id,
@@ -111,5 +139,9 @@ def registry(request: Request, state: State, session: SessionDep, partial: bool 
     if not partial:  # the Requests section sits outside the refreshed fragment; its script keeps it current
         ctx["requests"] = _request_metrics(state, session, 600)
         ctx["metrics_wired"] = state.reconciler is not None
-    return templates.TemplateResponse(request, "registry_body.html" if partial else "registry.html", ctx,
-                                      headers={"Cache-Control": "no-store"})
+    return templates.TemplateResponse(
+        request,
+        "registry_body.html" if partial else "registry.html",
+        ctx,
+        headers={"Cache-Control": "no-store"},
+    )

@@ -9,9 +9,8 @@ from fastapi.security import HTTPBearer
 from pydantic import ValidationError
 
 from admission import errors, schemas, security
+from admission.deps import ClientIp, Creds, JoinCreds, NodeDep, SessionDep, State
 from admission.errors import ApiError
-from admission.deps import ClientIp, JoinCreds, NodeDep, SessionDep, State
-from admission.deps import Creds
 from admission.services import workers
 from rma_ray import credentials
 from rma_ray.credentials import Kind
@@ -19,17 +18,21 @@ from rma_ray.credentials import Kind
 router = APIRouter(prefix="/api/worker", tags=["worker"])
 
 
-@router.post("/register", status_code=201, response_model=schemas.RegisterResponse, openapi_extra=security.JOIN)
-def register(req: schemas.RegisterRequest, creds: JoinCreds, session: SessionDep, state: State, ip: ClientIp
-             ) -> schemas.RegisterResponse:
+@router.post(
+    "/register", status_code=201, response_model=schemas.RegisterResponse, openapi_extra=security.JOIN
+)
+def register(
+    req: schemas.RegisterRequest, creds: JoinCreds, session: SessionDep, state: State, ip: ClientIp
+) -> schemas.RegisterResponse:
     return workers.register(state, session, creds, req, ip)
 
 
 _node_bearer = HTTPBearer(auto_error=False, scheme_name="NodeToken", description="rma_node_<id>_<secret>")
 
 
-async def _rejoin_credentials(state: State, ip: ClientIp, creds: Annotated[Creds, Depends(_node_bearer)]
-                              ) -> credentials.Parsed:
+async def _rejoin_credentials(
+    state: State, ip: ClientIp, creds: Annotated[Creds, Depends(_node_bearer)]
+) -> credentials.Parsed:
     """The node token's shape and the failure limit; the service checks the hash and says why a known donor
     may not come back (revoked, left, quarantined), which the usual node dependency folds into one answer."""
     state.limiter.check_auth_allowed(ip)
@@ -37,8 +40,13 @@ async def _rejoin_credentials(state: State, ip: ClientIp, creds: Annotated[Creds
 
 
 @router.post("/rejoin", response_model=schemas.RejoinResponse, openapi_extra=security.NODE)
-def rejoin(req: schemas.RejoinRequest, creds: Annotated[credentials.Parsed, Depends(_rejoin_credentials)],
-           session: SessionDep, state: State, ip: ClientIp) -> schemas.RejoinResponse:
+def rejoin(
+    req: schemas.RejoinRequest,
+    creds: Annotated[credentials.Parsed, Depends(_rejoin_credentials)],
+    session: SessionDep,
+    state: State,
+    ip: ClientIp,
+) -> schemas.RejoinResponse:
     """A known donor after a reboot or restart: same id, re-probed hardware, no invite spent."""
     return workers.rejoin(state, session, creds, req, ip)
 
@@ -53,8 +61,10 @@ def abort(node: NodeDep, session: SessionDep, state: State, ip: ClientIp) -> sch
 _HEARTBEAT_DOC = {
     **security.NODE,
     "security": [{"NodeToken": []}],
-    "requestBody": {"required": True, "content": {"application/json": {
-        "schema": schemas.HeartbeatRequest.model_json_schema()}}},
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": schemas.HeartbeatRequest.model_json_schema()}},
+    },
 }
 
 
@@ -63,15 +73,18 @@ async def heartbeat(request: Request) -> Response:
     # The hottest route (every donor, every few seconds) skips FastAPI's dependency and body machinery, which
     # cost it 40% of its throughput: the same checks, inline. Documented by hand (openapi_extra) to match.
     state = security.state_of(request)
-    node = await security.authenticate_node_header(state, security.client_ip(request),
-                                                   request.headers.get("authorization"))
+    node = await security.authenticate_node_header(
+        state, security.client_ip(request), request.headers.get("authorization")
+    )
     try:
         req = schemas.HeartbeatRequest.model_validate_json(await request.body() or b"{}")
     except ValidationError as exc:
         raise ApiError(422, "invalid_request", errors.describe(list(exc.errors()))) from None
     action = workers.heartbeat(state, node, req)
-    return Response(b'{"action":"%s","cluster":"%s"}' % (action.encode(), state.cluster_epoch().encode()),
-                    media_type="application/json")
+    return Response(
+        b'{"action":"%s","cluster":"%s"}' % (action.encode(), state.cluster_epoch().encode()),
+        media_type="application/json",
+    )
 
 
 @router.get("/ray", response_model=schemas.RayInfo, openapi_extra=security.NODE)

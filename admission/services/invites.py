@@ -29,30 +29,63 @@ def status_of(invite: Invite, now: datetime | None = None) -> str:
 
 
 def to_out(invite: Invite) -> schemas.InviteOut:
-    return schemas.InviteOut(id=invite.id, created_at=invite.created_at, expires_at=invite.expires_at,
-                             uses=invite.uses, uses_left=invite.uses_left, trusted=invite.trusted, tier=invite.tier,
-                             note=invite.note, status=status_of(invite))
+    return schemas.InviteOut(
+        id=invite.id,
+        created_at=invite.created_at,
+        expires_at=invite.expires_at,
+        uses=invite.uses,
+        uses_left=invite.uses_left,
+        trusted=invite.trusted,
+        tier=invite.tier,
+        note=invite.note,
+        status=status_of(invite),
+    )
 
 
-def create(session: Session, settings: Settings, req: schemas.InviteCreate, actor: str, ip: str
-           ) -> schemas.InviteCreated:
+def create(
+    session: Session, settings: Settings, req: schemas.InviteCreate, actor: str, ip: str
+) -> schemas.InviteCreated:
     ttl = req.ttl_s if req.ttl_s is not None else settings.invite_default_ttl_s
     if ttl > settings.invite_max_ttl_s:
-        raise ApiError(422, "invalid_request",
-                       f"ttl_s: at most {settings.invite_max_ttl_s} s (RMA_INVITE_MAX_TTL_S); got {ttl}")
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"ttl_s: at most {settings.invite_max_ttl_s} s (RMA_INVITE_MAX_TTL_S); got {ttl}",
+        )
     minted = credentials.mint(Kind.JOIN)
-    invite = Invite(id=minted.id, token_hash=minted.hash, expires_at=utcnow() + timedelta(seconds=ttl),
-                    uses=req.uses, uses_left=req.uses, trusted=req.trusted,
-                    tier=str(req.tier) if req.tier else None, note=req.note, created_by=actor)
+    invite = Invite(
+        id=minted.id,
+        token_hash=minted.hash,
+        expires_at=utcnow() + timedelta(seconds=ttl),
+        uses=req.uses,
+        uses_left=req.uses,
+        trusted=req.trusted,
+        tier=str(req.tier) if req.tier else None,
+        note=req.note,
+        created_by=actor,
+    )
     session.add(invite)
-    audit.record(session, actor, "invite.create", minted.id, ip, ttl_s=ttl, uses=req.uses, trusted=req.trusted,
-                 tier=invite.tier)
+    audit.record(
+        session,
+        actor,
+        "invite.create",
+        minted.id,
+        ip,
+        ttl_s=ttl,
+        uses=req.uses,
+        trusted=req.trusted,
+        tier=invite.tier,
+    )
     session.flush()
-    return schemas.InviteCreated(id=invite.id, token=minted.token, expires_at=invite.expires_at, uses=invite.uses)
+    return schemas.InviteCreated(
+        id=invite.id, token=minted.token, expires_at=invite.expires_at, uses=invite.uses
+    )
 
 
 def list_all(session: Session, limit: int = 200) -> list[schemas.InviteOut]:
-    return [to_out(i) for i in session.scalars(select(Invite).order_by(Invite.created_at.desc()).limit(limit))]
+    return [
+        to_out(i) for i in session.scalars(select(Invite).order_by(Invite.created_at.desc()).limit(limit))
+    ]
 
 
 def revoke(session: Session, invite_id: str, actor: str, ip: str) -> schemas.InviteOut:
@@ -67,11 +100,18 @@ def revoke(session: Session, invite_id: str, actor: str, ip: str) -> schemas.Inv
 
 def consume(session: Session, invite_id: str) -> bool:
     """Take one use, atomically: of N concurrent redemptions of the last use, exactly one gets True."""
-    result = cast(CursorResult[Any], session.execute(
-        update(Invite)
-        .where(Invite.id == invite_id, Invite.uses_left > 0, Invite.revoked_at.is_(None),
-               Invite.expires_at > utcnow())
-        .values(uses_left=Invite.uses_left - 1)
-        .execution_options(synchronize_session=False)
-    ))  # an UPDATE: a cursor result, with its row count
+    result = cast(
+        CursorResult[Any],
+        session.execute(
+            update(Invite)
+            .where(
+                Invite.id == invite_id,
+                Invite.uses_left > 0,
+                Invite.revoked_at.is_(None),
+                Invite.expires_at > utcnow(),
+            )
+            .values(uses_left=Invite.uses_left - 1)
+            .execution_options(synchronize_session=False)
+        ),
+    )  # an UPDATE: a cursor result, with its row count
     return result.rowcount == 1

@@ -50,14 +50,18 @@ def revoke(session: Session, model: type[K], key_id: str, actor: str, ip: str) -
         raise ApiError(404, "not_found", f"no {kind} key {key_id}")
     if row.revoked_at is None:
         if model is AdminKey and active_admin_keys(session) <= 1:
-            raise ApiError(409, "last_admin_key", "this is the last active admin key; create another one first")
+            raise ApiError(
+                409, "last_admin_key", "this is the last active admin key; create another one first"
+            )
         row.revoked_at = utcnow()
         audit.record(session, actor, f"{kind}_key.revoke", key_id, ip)
     return _out(row)
 
 
 def active_admin_keys(session: Session) -> int:
-    return session.scalar(select(func.count()).select_from(AdminKey).where(AdminKey.revoked_at.is_(None))) or 0
+    return (
+        session.scalar(select(func.count()).select_from(AdminKey).where(AdminKey.revoked_at.is_(None))) or 0
+    )
 
 
 def ensure_admin_key(session: Session, given: str | None) -> str | None:
@@ -72,8 +76,14 @@ def ensure_admin_key(session: Session, given: str | None) -> str | None:
             raise ValueError(f"RMA_ADMIN_KEY: {exc}; `rma admission create-admin-key` mints one") from None
         row = session.get(AdminKey, parsed.id)
         if row is None:
-            session.add(AdminKey(id=parsed.id, name="RMA_ADMIN_KEY", key_hash=credentials.hash_secret(parsed.secret),
-                                 created_at=utcnow()))
+            session.add(
+                AdminKey(
+                    id=parsed.id,
+                    name="RMA_ADMIN_KEY",
+                    key_hash=credentials.hash_secret(parsed.secret),
+                    created_at=utcnow(),
+                )
+            )
             audit.record(session, "system", "admin_key.import", parsed.id)
         elif not credentials.matches(parsed, row.key_hash) or row.revoked_at is not None:
             raise ValueError("RMA_ADMIN_KEY does not match the stored (or a revoked) admin key with that id")
@@ -85,5 +95,7 @@ def ensure_admin_key(session: Session, given: str | None) -> str | None:
 
 def keyring(session: Session) -> schemas.KeyringOut:
     rows = session.scalars(select(ClientKey).where(ClientKey.revoked_at.is_(None)).order_by(ClientKey.id))
-    return schemas.KeyringOut(generated_at=utcnow(),
-                              keys=[schemas.KeyringEntry(id=r.id, hash=r.key_hash, name=r.name) for r in rows])
+    return schemas.KeyringOut(
+        generated_at=utcnow(),
+        keys=[schemas.KeyringEntry(id=r.id, hash=r.key_hash, name=r.name) for r in rows],
+    )

@@ -14,8 +14,8 @@ per-minute rollups in the coordinator's database:
 
 Counters are cumulative per process. A delta is the rise since the cursor kept for that series; a fall means the
 process restarted and its whole new value is new; a series first seen after the collector's first pass is new
-traffic (a restarted proxy or replica has a new WorkerId label). Cursors are written in the same transaction as the rollups,
-so a restarted coordinator neither loses nor double-counts. The very first pass against a database with no
+traffic (a restarted proxy or replica has a new WorkerId label). Cursors are written in the same transaction as
+the rollups, so a restarted coordinator neither loses nor double-counts. The very first pass against a database with no
 cursors takes a baseline: a running cluster's history before the collector existed is not today's traffic.
 """
 
@@ -79,7 +79,9 @@ class Reading:
 
     counters: dict[str, tuple[str, Key, float]] = field(default_factory=dict)
     histograms: dict[str, tuple[str, Key, Hist]] = field(default_factory=dict)
-    load: dict[tuple[str, str], list[float]] = field(default_factory=dict)  # (app, deployment) -> [queued, ongoing]
+    load: dict[tuple[str, str], list[float]] = field(
+        default_factory=dict
+    )  # (app, deployment) -> [queued, ongoing]
 
     def merge(self, other: Reading) -> None:
         self.counters.update(other.counters)
@@ -96,7 +98,11 @@ def _series_id(target: str, family: str, labels: Mapping[str, str]) -> str:
 
 
 def _key(labels: Mapping[str, str]) -> Key:
-    return (labels.get("application", "")[:128], labels.get("route", "")[:255], labels.get("status_code", "")[:8])
+    return (
+        labels.get("application", "")[:128],
+        labels.get("route", "")[:255],
+        labels.get("status_code", "")[:8],
+    )
 
 
 def _wanted(text: str) -> str:
@@ -145,11 +151,17 @@ def counter_delta(prev: float | None, cur: float, baseline: bool) -> float:
 def hist_delta(prev: Hist | None, cur: Hist, baseline: bool) -> Hist | None:
     if prev is None:
         return None if baseline else cur
-    if (cur.count < prev.count or set(cur.buckets) != set(prev.buckets)  # restarted, or rebuilt with new bounds
-            or any(v < prev.buckets[le] for le, v in cur.buckets.items())):
+    if (
+        cur.count < prev.count
+        or set(cur.buckets) != set(prev.buckets)  # restarted, or rebuilt with new bounds
+        or any(v < prev.buckets[le] for le, v in cur.buckets.items())
+    ):
         return cur
-    return Hist({le: v - prev.buckets.get(le, 0.0) for le, v in cur.buckets.items()},
-                cur.count - prev.count, max(0.0, cur.sum - prev.sum))
+    return Hist(
+        {le: v - prev.buckets.get(le, 0.0) for le, v in cur.buckets.items()},
+        cur.count - prev.count,
+        max(0.0, cur.sum - prev.sum),
+    )
 
 
 def quantile(q: float, buckets: Mapping[str, float]) -> float | None:
@@ -185,7 +197,7 @@ def _add_buckets(into: dict[str, float], add: Mapping[str, float]) -> None:
 
 def _chunks(ids: list[str], n: int = 500) -> Iterable[list[str]]:
     for i in range(0, len(ids), n):
-        yield ids[i:i + n]
+        yield ids[i : i + n]
 
 
 def store(session: Session, reading: Reading, now: datetime, *, load_complete: bool = True) -> dict[str, int]:
@@ -196,7 +208,9 @@ def store(session: Session, reading: Reading, now: datetime, *, load_complete: b
     ids = [*reading.counters, *reading.histograms, MARKER]
     cursors: dict[str, MetricCursor] = {}
     for chunk in _chunks(ids):
-        cursors.update({c.id: c for c in session.scalars(select(MetricCursor).where(MetricCursor.id.in_(chunk)))})
+        cursors.update(
+            {c.id: c for c in session.scalars(select(MetricCursor).where(MetricCursor.id.in_(chunk)))}
+        )
     baseline = MARKER not in cursors
     rows: dict[Key, RequestMinute] = {}
 
@@ -205,8 +219,16 @@ def store(session: Session, reading: Reading, now: datetime, *, load_complete: b
         if r is None:
             r = session.get(RequestMinute, (minute, *key))
             if r is None:
-                r = RequestMinute(minute=minute, application=key[0], route=key[1], status_code=key[2], requests=0,
-                                  latency_count=0, latency_sum_ms=0.0, latency_buckets={})
+                r = RequestMinute(
+                    minute=minute,
+                    application=key[0],
+                    route=key[1],
+                    status_code=key[2],
+                    requests=0,
+                    latency_count=0,
+                    latency_sum_ms=0.0,
+                    latency_buckets={},
+                )
                 session.add(r)
             rows[key] = r
         return r
@@ -241,14 +263,21 @@ def store(session: Session, reading: Reading, now: datetime, *, load_complete: b
     for (app, dep), (queued, ongoing) in reading.load.items():
         lr = session.get(DeploymentLoad, (app, dep))
         if lr is None:
-            session.add(DeploymentLoad(application=app, deployment=dep, queued=queued, ongoing=ongoing, at=now))
+            session.add(
+                DeploymentLoad(application=app, deployment=dep, queued=queued, ongoing=ongoing, at=now)
+            )
         else:
             lr.queued, lr.ongoing, lr.at = queued, ongoing, now
     for lr in session.scalars(select(DeploymentLoad)):
-        if (lr.application, lr.deployment) not in reading.load and (load_complete or now - lr.at > LOAD_STALE):
+        if (lr.application, lr.deployment) not in reading.load and (
+            load_complete or now - lr.at > LOAD_STALE
+        ):
             session.delete(lr)
-    return {"requests": counted, "series": len(reading.counters) + len(reading.histograms),
-            "baseline": int(baseline)}
+    return {
+        "requests": counted,
+        "series": len(reading.counters) + len(reading.histograms),
+        "baseline": int(baseline),
+    }
 
 
 def prune(session: Session, now: datetime, retention_h: int) -> None:
@@ -261,8 +290,10 @@ def discover(state: AppState, http: httpx.Client) -> list[str]:
     """Every node's metrics endpoint (and the head's autoscaler and dashboard), as Ray lists them for Prometheus."""
     s = state.settings
     token = s.ray_auth_token()
-    r = http.get((s.ray_dashboard_url or "").rstrip("/") + "/api/prometheus/sd",
-                 headers={"Authorization": f"Bearer {token}"} if token else {})
+    r = http.get(
+        (s.ray_dashboard_url or "").rstrip("/") + "/api/prometheus/sd",
+        headers={"Authorization": f"Bearer {token}"} if token else {},
+    )
     r.raise_for_status()
     return sorted({str(t) for group in r.json() for t in group.get("targets", [])})
 
@@ -300,7 +331,9 @@ class Collector:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="rma-metrics", daemon=True)
         self._pruned_at: datetime | None = None
-        self.summaries: dict[int, tuple[Any, schemas.RequestMetricsOut]] = {}  # step_s -> (pass, minute), figures
+        self.summaries: dict[
+            int, tuple[Any, schemas.RequestMetricsOut]
+        ] = {}  # step_s -> (pass, minute), figures
 
     @property
     def running(self) -> bool:
@@ -352,9 +385,13 @@ class Collector:
         # Ray lists its autoscaler's and dashboard's endpoints too; one of them down is a note, not an outage
         self.view.at, self.view.targets, self.view.passes = now, len(targets), self.view.passes + 1
         self.view.unreachable = [f[:200] for f in failed]
-        self.view.error = ("Ray lists no metrics endpoint yet" if not targets
-                           else f"no Ray metrics endpoint answered ({len(failed)} tried)"
-                           if len(failed) == len(targets) else None)
+        self.view.error = (
+            "Ray lists no metrics endpoint yet"
+            if not targets
+            else f"no Ray metrics endpoint answered ({len(failed)} tried)"
+            if len(failed) == len(targets)
+            else None
+        )
         return out
 
 
@@ -397,11 +434,18 @@ class _Acc:
     def figures(self) -> dict[str, Any]:
         b = self.buckets
         p50, p99 = (quantile(q, b) for q in QUANTILES)
-        return {"requests": self.requests, "errors_4xx": self.e4, "errors_5xx": self.e5,
-                "p50_ms": _round(p50), "p99_ms": _round(p99)}
+        return {
+            "requests": self.requests,
+            "errors_4xx": self.e4,
+            "errors_5xx": self.e5,
+            "p50_ms": _round(p50),
+            "p99_ms": _round(p99),
+        }
 
 
-def cached_summary(session: Session, collector: Collector | None, step_s: int = 600) -> schemas.RequestMetricsOut:
+def cached_summary(
+    session: Session, collector: Collector | None, step_s: int = 600
+) -> schemas.RequestMetricsOut:
     """summary(), computed once per collector pass and minute (the rollups change only then): a busy day is
     tens of thousands of rows, and every open registry page asks every 15 s."""
     if collector is None:
@@ -419,8 +463,12 @@ def _round(v: float | None) -> float | None:
     return None if v is None else round(v, 2)
 
 
-def summary(session: Session, collector: Collector | None, now: datetime | None = None, step_s: int = 600,
-            ) -> schemas.RequestMetricsOut:
+def summary(
+    session: Session,
+    collector: Collector | None,
+    now: datetime | None = None,
+    step_s: int = 600,
+) -> schemas.RequestMetricsOut:
     """The figures from the rollups: today (UTC day), the last hour, per application today, queues now and a
     24 h series in `step_s` buckets."""
     now = now or utcnow()
@@ -437,7 +485,8 @@ def summary(session: Session, collector: Collector | None, now: datetime | None 
     m = RequestMinute
     # plain rows, not ORM objects: a busy day is tens of thousands of them
     for minute, app, status, requests, buckets in session.execute(
-            select(m.minute, m.application, m.status_code, m.requests, m.latency_buckets).where(m.minute >= since)):
+        select(m.minute, m.application, m.status_code, m.requests, m.latency_buckets).where(m.minute >= since)
+    ):
         if minute.tzinfo is None:  # SQLite hands back naive datetimes outside the ORM's type
             minute = minute.replace(tzinfo=UTC)
         if minute >= day_start:
@@ -449,24 +498,49 @@ def summary(session: Session, collector: Collector | None, now: datetime | None 
         if 0 <= i < n:
             slots[i].add(status, requests, buckets)
     slot_figures = [s.figures() for s in slots]
-    series = schemas.RequestSeries(step_s=step_s, t=[first + i * step_s for i in range(n)],
-                                   requests=[f["requests"] for f in slot_figures],
-                                   errors=[f["errors_4xx"] + f["errors_5xx"] for f in slot_figures],
-                                   p50_ms=[f["p50_ms"] for f in slot_figures],
-                                   p99_ms=[f["p99_ms"] for f in slot_figures])
-    queues = [schemas.DeploymentQueue(application=lr.application, deployment=lr.deployment, queued=lr.queued,
-                                      ongoing=lr.ongoing, at=lr.at)
-              for lr in session.scalars(select(DeploymentLoad).order_by(DeploymentLoad.application,
-                                                                         DeploymentLoad.deployment))]
+    series = schemas.RequestSeries(
+        step_s=step_s,
+        t=[first + i * step_s for i in range(n)],
+        requests=[f["requests"] for f in slot_figures],
+        errors=[f["errors_4xx"] + f["errors_5xx"] for f in slot_figures],
+        p50_ms=[f["p50_ms"] for f in slot_figures],
+        p99_ms=[f["p99_ms"] for f in slot_figures],
+    )
+    queues = [
+        schemas.DeploymentQueue(
+            application=lr.application,
+            deployment=lr.deployment,
+            queued=lr.queued,
+            ongoing=lr.ongoing,
+            at=lr.at,
+        )
+        for lr in session.scalars(
+            select(DeploymentLoad).order_by(DeploymentLoad.application, DeploymentLoad.deployment)
+        )
+    ]
     if collector is None:
         col = schemas.CollectorOut(running=False, error="no Ray head is wired to this coordinator")
     else:
         v = collector.view
-        col = schemas.CollectorOut(running=collector.running, interval_s=collector.interval_s, at=v.at,
-                                   error=v.error, targets=v.targets, unreachable=list(v.unreachable))
+        col = schemas.CollectorOut(
+            running=collector.running,
+            interval_s=collector.interval_s,
+            at=v.at,
+            error=v.error,
+            targets=v.targets,
+            unreachable=list(v.unreachable),
+        )
     return schemas.RequestMetricsOut(
-        generated_at=now, day_start=day_start, today=schemas.RequestFigures(**today.figures()),
+        generated_at=now,
+        day_start=day_start,
+        today=schemas.RequestFigures(**today.figures()),
         last_hour=schemas.RequestFigures(**hour.figures()),
-        applications=[schemas.ApplicationRequests(application=a, **acc.figures())
-                      for a, acc in sorted(apps.items(), key=lambda kv: -kv[1].requests)],
-        queued_total=sum(q.queued for q in queues), queues=queues, series=series, collector=col)
+        applications=[
+            schemas.ApplicationRequests(application=a, **acc.figures())
+            for a, acc in sorted(apps.items(), key=lambda kv: -kv[1].requests)
+        ],
+        queued_total=sum(q.queued for q in queues),
+        queues=queues,
+        series=series,
+        collector=col,
+    )

@@ -27,31 +27,47 @@ from rma_ray.settings import Settings
 log = logging.getLogger("rma.admission.overlay")
 
 
-def check_request(settings: Settings, session: Session, req: schemas.OverlayRequest | None) -> ApiError | None:
+def check_request(
+    settings: Settings, session: Session, req: schemas.OverlayRequest | None
+) -> ApiError | None:
     """Before the join token is spent: a pool with an overlay needs the donor's key, and a key seen before
     (a revoked donor's above all) never joins again. Returns the refusal, or None."""
     if not settings.overlay_enabled:
         return None
     if req is None:
-        return ApiError(422, "overlay_required", "this pool runs a WireGuard overlay and the request carried no "
-                                                 "public key; update rma on this machine and join again")
+        return ApiError(
+            422,
+            "overlay_required",
+            "this pool runs a WireGuard overlay and the request carried no "
+            "public key; update rma on this machine and join again",
+        )
     seen = session.scalars(select(Worker).where(Worker.wg_public_key == req.public_key)).first()
     if seen is None:
         return None
     if seen.revoked_at is not None:
-        return ApiError(403, "overlay_key_revoked",
-                        f"this WireGuard key belonged to donor {seen.id}, which the pool admin revoked; "
-                        f"it can never join again")
-    return ApiError(409, "overlay_key_reused", f"this WireGuard key was already used by donor {seen.id}; "
-                                               f"each join makes a new key: run `rma join` again")
+        return ApiError(
+            403,
+            "overlay_key_revoked",
+            f"this WireGuard key belonged to donor {seen.id}, which the pool admin revoked; "
+            f"it can never join again",
+        )
+    return ApiError(
+        409,
+        "overlay_key_reused",
+        f"this WireGuard key was already used by donor {seen.id}; "
+        f"each join makes a new key: run `rma join` again",
+    )
 
 
 def taken(session: Session) -> list[str]:
-    return [ip for ip in session.scalars(select(Worker.overlay_ip).where(Worker.overlay_ip.is_not(None))) if ip]
+    return [
+        ip for ip in session.scalars(select(Worker.overlay_ip).where(Worker.overlay_ip.is_not(None))) if ip
+    ]
 
 
-def admit(state: AppState, session: Session, worker: Worker, req: schemas.OverlayRequest | None
-          ) -> schemas.OverlayInfo | None:
+def admit(
+    state: AppState, session: Session, worker: Worker, req: schemas.OverlayRequest | None
+) -> schemas.OverlayInfo | None:
     """Give the (flushed) worker an address and put its peer on the hub."""
     s = state.settings
     if not s.overlay_enabled or req is None:
@@ -71,13 +87,20 @@ def admit(state: AppState, session: Session, worker: Worker, req: schemas.Overla
         overlay.set_peer(s.overlay_hub_interface or "", req.public_key, f"{address}/32")
     except overlay.OverlayError as exc:
         log.error("overlay hub: %s", exc)
-        raise ApiError(503, "overlay_unavailable", "the pool's overlay hub is not available; tell the pool admin "
-                                                   "(the join token was not used)") from None
-    return schemas.OverlayInfo(address=address, prefix=ipaddress.ip_network(s.overlay_subnet).prefixlen,
-                               hub_address=overlay.hub_address(s.overlay_subnet),
-                               hub_public_key=s.overlay_hub_public_key or "",
-                               hub_endpoint=s.overlay_hub_endpoint or "", keepalive_s=s.overlay_keepalive_s,
-                               mtu=s.overlay_mtu)
+        raise ApiError(
+            503,
+            "overlay_unavailable",
+            "the pool's overlay hub is not available; tell the pool admin (the join token was not used)",
+        ) from None
+    return schemas.OverlayInfo(
+        address=address,
+        prefix=ipaddress.ip_network(s.overlay_subnet).prefixlen,
+        hub_address=overlay.hub_address(s.overlay_subnet),
+        hub_public_key=s.overlay_hub_public_key or "",
+        hub_endpoint=s.overlay_hub_endpoint or "",
+        keepalive_s=s.overlay_keepalive_s,
+        mtu=s.overlay_mtu,
+    )
 
 
 def cut(state: AppState, worker: Worker) -> None:
@@ -97,8 +120,14 @@ def sync(state: AppState, session: Session) -> tuple[int, int]:
     s = state.settings
     if not s.overlay_enabled:
         return 0, 0
-    want = {w.wg_public_key: w.overlay_ip for w in session.scalars(
-        select(Worker).where(Worker.overlay_ip.is_not(None), Worker.revoked_at.is_(None), Worker.left_at.is_(None)))}
+    want = {
+        w.wg_public_key: w.overlay_ip
+        for w in session.scalars(
+            select(Worker).where(
+                Worker.overlay_ip.is_not(None), Worker.revoked_at.is_(None), Worker.left_at.is_(None)
+            )
+        )
+    }
     have = {p.public_key: p.allowed_ips for p in overlay.peers_of(s.overlay_hub_interface or "")}
     removed = [k for k in have if k not in want]
     for key in removed:

@@ -64,13 +64,20 @@ def mismatch(worker: Worker, node: dict[str, Any]) -> str | None:
     ray_gpus = float(res.get("GPU", 0))
     if worker.tier == "gpu" and ray_gpus < 1:
         names = ", ".join(g.get("name", "?") for g in gpus_reg) or "none"
-        return f"registered as gpu tier with {len(gpus_reg)} GPU(s) ({names}) but Ray reports 0 GPUs on its node"
+        return (
+            f"registered as gpu tier with {len(gpus_reg)} GPU(s) ({names}) but Ray reports 0 GPUs on its node"
+        )
     if ray_gpus > len(gpus_reg):
         return f"Ray reports {ray_gpus:g} GPUs, registered {len(gpus_reg)}"
     accel = [k.split(":", 1)[1] for k in res if k.startswith("accelerator_type:")]
-    if accel and gpus_reg and not any(a.lower() in g.get("name", "").lower().replace(" ", "") for a in accel
-                                      for g in gpus_reg):
-        return f"Ray reports accelerator {accel[0]}, registered " + ", ".join(g.get("name", "?") for g in gpus_reg)
+    if (
+        accel
+        and gpus_reg
+        and not any(a.lower() in g.get("name", "").lower().replace(" ", "") for a in accel for g in gpus_reg)
+    ):
+        return f"Ray reports accelerator {accel[0]}, registered " + ", ".join(
+            g.get("name", "?") for g in gpus_reg
+        )
     ray_mem_mb = (float(res.get("memory", 0)) + float(res.get("object_store_memory", 0))) / MB
     reg_mb = float(worker.capabilities.get("ram_mb", 0))
     if reg_mb and ray_mem_mb > reg_mb * 1.25:
@@ -98,8 +105,9 @@ def expected_address(worker: Worker, registered: bool = True) -> tuple[str, str]
     return None
 
 
-def claim_problem(worker: Worker, live: list[dict[str, Any]], duplicate_for_s: float = 0.0,
-                  registered: bool = True) -> str | None:
+def claim_problem(
+    worker: Worker, live: list[dict[str, Any]], duplicate_for_s: float = 0.0, registered: bool = True
+) -> str | None:
     """Why the live Ray nodes labelled as this donor cannot all be it, or None. `duplicate_for_s`: how long
     two or more of them have been live on one address (a restart's dead twin, until Ray notices it died)."""
     want = expected_address(worker, registered)
@@ -107,16 +115,22 @@ def claim_problem(worker: Worker, live: list[dict[str, Any]], duplicate_for_s: f
         for node in live:
             got = _usable_ip(node.get("node_ip"))
             if got != ipaddress.ip_address(want[0]):
-                return (f"Ray node {str(node.get('node_id'))[:12]} at {node.get('node_ip') or '?'} claims "
-                        f"donor {worker.id}, whose {want[1]} is {want[0]}")
+                return (
+                    f"Ray node {str(node.get('node_id'))[:12]} at {node.get('node_ip') or '?'} claims "
+                    f"donor {worker.id}, whose {want[1]} is {want[0]}"
+                )
     if len(live) > 1:
         ips = sorted({str(n.get("node_ip") or "?") for n in live})
         if len(ips) > 1:
-            return (f"{len(live)} live Ray nodes claim donor {worker.id}, from different addresses: "
-                    f"{', '.join(ips)}")
+            return (
+                f"{len(live)} live Ray nodes claim donor {worker.id}, from different addresses: "
+                f"{', '.join(ips)}"
+            )
         if duplicate_for_s >= DUPLICATE_GRACE_S:
-            return (f"{len(live)} live Ray nodes at {ips[0]} have claimed donor {worker.id} for "
-                    f"{duplicate_for_s:.0f} s")
+            return (
+                f"{len(live)} live Ray nodes at {ips[0]} have claimed donor {worker.id} for "
+                f"{duplicate_for_s:.0f} s"
+            )
     return None
 
 
@@ -127,14 +141,27 @@ def fetch(state: AppState) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     with httpx.Client(base_url=s.ray_dashboard_url or "", headers=headers, timeout=5) as http:
         nodes = http.get("/api/v0/nodes", params={"limit": 10000, "detail": "true"})
         nodes.raise_for_status()
-        actors = http.get("/api/v0/actors", params={"limit": 10000, "detail": "true", "filter_keys": "state",
-                                                      "filter_predicates": "=", "filter_values": "PENDING_CREATION"})
+        actors = http.get(
+            "/api/v0/actors",
+            params={
+                "limit": 10000,
+                "detail": "true",
+                "filter_keys": "state",
+                "filter_predicates": "=",
+                "filter_values": "PENDING_CREATION",
+            },
+        )
         actors.raise_for_status()
     return nodes.json()["data"]["result"]["result"], actors.json()["data"]["result"]["result"]
 
 
-def apply(state: AppState, session: Session, nodes: list[dict[str, Any]], pending: list[dict[str, Any]],
-          view: RayView) -> list[tuple[str, str]]:
+def apply(
+    state: AppState,
+    session: Session,
+    nodes: list[dict[str, Any]],
+    pending: list[dict[str, Any]],
+    view: RayView,
+) -> list[tuple[str, str]]:
     """Update the registry from one reading; return (ray node id, reason) of nodes to drain."""
     now = utcnow()
     by_worker: dict[str, dict[str, Any]] = {}
@@ -150,16 +177,27 @@ def apply(state: AppState, session: Session, nodes: list[dict[str, Any]], pendin
         alive = node.get("state") == "ALIVE"
         if w is None or w.revoked_at is not None or w.left_at is not None:
             if alive:
-                why = ("no rma.io/node label" if not wid else f"unknown worker {wid}" if w is None
-                       else f"worker {wid} was {'revoked' if w.revoked_at else 'unregistered'}")
+                why = (
+                    "no rma.io/node label"
+                    if not wid
+                    else f"unknown worker {wid}"
+                    if w is None
+                    else f"worker {wid} was {'revoked' if w.revoked_at else 'unregistered'}"
+                )
                 intruders.append({"node_id": node["node_id"], "node_ip": node.get("node_ip"), "reason": why})
             continue
         if alive:
             live_by_worker.setdefault(w.id, []).append(node)
         # the newest node per worker wins (a restarted node leaves a DEAD twin behind)
         prev = by_worker.get(w.id)
-        if prev is None or (alive and prev.get("state") != "ALIVE") or (
-                (node.get("start_time_ms") or 0) > (prev.get("start_time_ms") or 0) and alive == (prev.get("state") == "ALIVE")):
+        if (
+            prev is None
+            or (alive and prev.get("state") != "ALIVE")
+            or (
+                (node.get("start_time_ms") or 0) > (prev.get("start_time_ms") or 0)
+                and alive == (prev.get("state") == "ALIVE")
+            )
+        ):
             by_worker[w.id] = node
     to_drain: list[tuple[str, str]] = []
     for wid, node in by_worker.items():
@@ -172,18 +210,30 @@ def apply(state: AppState, session: Session, nodes: list[dict[str, Any]], pendin
         else:
             since = view.duplicates_since.pop(wid, now)
         if alive and not w.quarantine_reason:
-            claim = claim_problem(w, live, (now - since).total_seconds(),
-                                  state.settings.reconcile_registered_address)
+            claim = claim_problem(
+                w, live, (now - since).total_seconds(), state.settings.reconcile_registered_address
+            )
             problem = claim or mismatch(w, node)
             if problem:
                 w.quarantine_reason, w.action = problem, "drain"
                 nodes_of = [{"node_id": n["node_id"], "node_ip": n.get("node_ip")} for n in live]
-                audit.record(session, "reconciler", "worker.quarantine", w.id, str(node.get("node_ip") or ""),
-                             reason=problem, kind="claim" if claim else "mismatch", nodes=nodes_of)
+                audit.record(
+                    session,
+                    "reconciler",
+                    "worker.quarantine",
+                    w.id,
+                    str(node.get("node_ip") or ""),
+                    reason=problem,
+                    kind="claim" if claim else "mismatch",
+                    nodes=nodes_of,
+                )
                 log.warning("quarantined worker %s: %s", w.id, problem)
         if w.quarantine_reason or w.revoked_at:  # every node claiming it, impostor and donor alike
-            to_drain += [(n["node_id"], w.quarantine_reason or "revoked") for n in live
-                         if n["node_id"] not in view.drained]
+            to_drain += [
+                (n["node_id"], w.quarantine_reason or "revoked")
+                for n in live
+                if n["node_id"] not in view.drained
+            ]
     for wid in set(view.duplicates_since) - set(by_worker):
         del view.duplicates_since[wid]
     for w in workers.values():
@@ -191,8 +241,14 @@ def apply(state: AppState, session: Session, nodes: list[dict[str, Any]], pendin
             w.ray_alive, w.ray_seen_at = False, now  # its node vanished from Ray altogether
     for intruder in intruders:
         if intruder["node_id"] not in {i["node_id"] for i in view.intruders}:
-            audit.record(session, "reconciler", "ray.intruder", intruder["node_id"][:12], intruder.get("node_ip") or "",
-                         reason=intruder["reason"])
+            audit.record(
+                session,
+                "reconciler",
+                "ray.intruder",
+                intruder["node_id"][:12],
+                intruder.get("node_ip") or "",
+                reason=intruder["reason"],
+            )
         if intruder["node_id"] not in view.drained:
             to_drain.append((intruder["node_id"], intruder["reason"]))
     demand = {str(t): 0 for t in TIER_ORDER}
@@ -209,8 +265,11 @@ def apply(state: AppState, session: Session, nodes: list[dict[str, Any]], pendin
     view.at, view.error = now, None
     view.nodes_alive = sum(1 for n in nodes if n.get("state") == "ALIVE")
     view.intruders = intruders
-    view.pending_stores = {a["name"][len("rma-store-"):]: dict(a.get("label_selector") or {}) for a in pending
-                           if str(a.get("name") or "").startswith("rma-store-")}
+    view.pending_stores = {
+        a["name"][len("rma-store-") :]: dict(a.get("label_selector") or {})
+        for a in pending
+        if str(a.get("name") or "").startswith("rma-store-")
+    }
     return to_drain
 
 
@@ -227,8 +286,13 @@ def reconcile_once(state: AppState, view: RayView) -> None:
 
         for node_id, why in to_drain:
             try:
-                drain_node(state.settings.ray_address, state.settings.ray_auth_token_file, node_id,
-                           f"RMA Pool: {why}", 60)
+                drain_node(
+                    state.settings.ray_address,
+                    state.settings.ray_auth_token_file,
+                    node_id,
+                    f"RMA Pool: {why}",
+                    60,
+                )
                 view.drained.add(node_id)
             except Exception as exc:  # the node may already be gone
                 log.warning("drain of %s failed: %s", node_id[:12], exc)
@@ -266,7 +330,9 @@ class Reconciler:
     def _sync_actions(self) -> None:
         """Quarantined workers must see action=drain on their next heartbeat (the cache serves heartbeats)."""
         with self.state.sessions() as session:
-            rows = session.execute(select(Worker.id, Worker.action).where(Worker.quarantine_reason.is_not(None))).all()
+            rows = session.execute(
+                select(Worker.id, Worker.action).where(Worker.quarantine_reason.is_not(None))
+            ).all()
         with self.state.nodes_lock:
             for wid, action in rows:
                 entry = self.state.nodes.get(wid)

@@ -41,13 +41,25 @@ def stats(state: AppState, session: Session) -> schemas.StatsOut:
             demand=pending.get(tier, 0),
         )
     now = utcnow()
-    invites_active = session.scalar(select(func.count()).select_from(Invite).where(
-        Invite.revoked_at.is_(None), Invite.uses_left > 0, Invite.expires_at > now)) or 0
-    clients_active = session.scalar(select(func.count()).select_from(ClientKey).where(
-        ClientKey.revoked_at.is_(None))) or 0
-    return schemas.StatsOut(tiers=tiers, total_workers=len(all_workers),
-                            online_workers=sum(t.online for t in tiers.values()), invites_active=invites_active,
-                            clients_active=clients_active, generated_at=now)
+    invites_active = (
+        session.scalar(
+            select(func.count())
+            .select_from(Invite)
+            .where(Invite.revoked_at.is_(None), Invite.uses_left > 0, Invite.expires_at > now)
+        )
+        or 0
+    )
+    clients_active = (
+        session.scalar(select(func.count()).select_from(ClientKey).where(ClientKey.revoked_at.is_(None))) or 0
+    )
+    return schemas.StatsOut(
+        tiers=tiers,
+        total_workers=len(all_workers),
+        online_workers=sum(t.online for t in tiers.values()),
+        invites_active=invites_active,
+        clients_active=clients_active,
+        generated_at=now,
+    )
 
 
 def health(state: AppState, session: Session) -> schemas.HealthOut:
@@ -61,9 +73,13 @@ def health(state: AppState, session: Session) -> schemas.HealthOut:
         ws = workers.list_all(state, session)
         total = len(ws)
         online = sum(1 for w in ws if w.status in ONLINE)
-    return schemas.HealthOut(status="ok" if db == "ok" else "degraded", database=db,
-                             ray_configured=bool(state.settings.ray_address), workers_online=online,
-                             workers_total=total)
+    return schemas.HealthOut(
+        status="ok" if db == "ok" else "degraded",
+        database=db,
+        ray_configured=bool(state.settings.ray_address),
+        workers_online=online,
+        workers_total=total,
+    )
 
 
 def alive(state: AppState) -> bool:
@@ -87,8 +103,12 @@ def _status_sql(interval_s: int) -> ColumnElement[str]:
     beat = Worker.last_heartbeat_at
     return case(
         (Worker.quarantine_reason.is_not(None) & (Worker.quarantine_reason != ""), "quarantined"),
-        (Worker.ray_alive.is_(False) & Worker.ray_seen_at.is_not(None)
-         & (beat.is_(None) | (Worker.ray_seen_at >= beat)), "offline"),
+        (
+            Worker.ray_alive.is_(False)
+            & Worker.ray_seen_at.is_not(None)
+            & (beat.is_(None) | (Worker.ray_seen_at >= beat)),
+            "offline",
+        ),
         (beat.is_(None) & (Worker.created_at >= now - timedelta(seconds=2.5 * interval_s)), "joining"),
         (beat.is_(None), "offline"),
         (beat >= now - timedelta(seconds=1.5 * interval_s), "healthy"),
@@ -104,8 +124,11 @@ def refresh_gauges(state: AppState) -> None:
         return
     try:
         status = _status_sql(state.settings.heartbeat_interval_s).label("status")
-        q = (select(Worker.tier, status, func.count()).where(Worker.revoked_at.is_(None), Worker.left_at.is_(None))
-             .group_by(Worker.tier, status))
+        q = (
+            select(Worker.tier, status, func.count())
+            .where(Worker.revoked_at.is_(None), Worker.left_at.is_(None))
+            .group_by(Worker.tier, status)
+        )
         with state.engine.connect() as conn:
             counts = {(tier, st): n for tier, st, n in conn.execute(q)}
         for tier in map(str, TIER_ORDER):

@@ -22,8 +22,9 @@ REPORT_EVERY_S = 10.0
 STALE_AFTER_S = 3 * REPORT_EVERY_S
 
 
-def _reporter(session: Session, who: AdminPrincipal | NodePrincipal | ServicePrincipal,
-              body: schemas.StoreReport) -> str | None:
+def _reporter(
+    session: Session, who: AdminPrincipal | NodePrincipal | ServicePrincipal, body: schemas.StoreReport
+) -> str | None:
     """The worker id the report speaks for (None: the head), after checking the donor may report at all."""
     if not isinstance(who, NodePrincipal):
         return None
@@ -31,17 +32,25 @@ def _reporter(session: Session, who: AdminPrincipal | NodePrincipal | ServicePri
     if w is None or not (w.trusted and w.tier == "data"):
         raise ApiError(403, "not_trusted_data", "only a trusted data-tier donor may run and report a store")
     if w.ray_node_id and body.node_id != w.ray_node_id:
-        raise ApiError(403, "not_your_node",
-                       f"this report names Ray node {body.node_id[:12]}…, but this donor's node is "
-                       f"{w.ray_node_id[:12]}…: report only stores that run on it")
+        raise ApiError(
+            403,
+            "not_your_node",
+            f"this report names Ray node {body.node_id[:12]}…, but this donor's node is "
+            f"{w.ray_node_id[:12]}…: report only stores that run on it",
+        )
     return w.id
 
 
-def report(session: Session, who: AdminPrincipal | NodePrincipal | ServicePrincipal, name: str,
-           body: schemas.StoreReport) -> None:
+def report(
+    session: Session,
+    who: AdminPrincipal | NodePrincipal | ServicePrincipal,
+    name: str,
+    body: schemas.StoreReport,
+) -> None:
     if name not in STORE_NAMES:
-        raise ApiError(404, "unknown_store",
-                       f"no store {name!r} in this pool; known: {', '.join(STORE_NAMES)}")
+        raise ApiError(
+            404, "unknown_store", f"no store {name!r} in this pool; known: {', '.join(STORE_NAMES)}"
+        )
     worker_id = _reporter(session, who, body)
     row = session.get(Store, name, with_for_update=True)
     now = utcnow()
@@ -49,8 +58,12 @@ def report(session: Session, who: AdminPrincipal | NodePrincipal | ServicePrinci
         row = Store(name=name)
     elif row.worker_id != worker_id and (now - row.reported_at).total_seconds() <= STALE_AFTER_S:
         owner = f"donor {row.worker_id}" if row.worker_id else "the head"
-        raise ApiError(403, "store_elsewhere", f"store {name} is reported by {owner}, whose supervisor still "
-                                               f"reports; a store's row takes reports from its own node only")
+        raise ApiError(
+            403,
+            "store_elsewhere",
+            f"store {name} is reported by {owner}, whose supervisor still "
+            f"reports; a store's row takes reports from its own node only",
+        )
     for field, value in body.model_dump().items():
         setattr(row, field, value)
     row.worker_id, row.reported_at = worker_id, now
@@ -65,20 +78,52 @@ def list_all(session: Session, pending: dict[str, dict[str, str]] | None = None)
     out = []
     for r in session.scalars(select(Store).order_by(Store.name)):
         age = (now - r.reported_at).total_seconds()
-        out.append(schemas.StoreOut(
-            name=r.name, runtime=r.runtime, status=r.status if age <= STALE_AFTER_S else "unknown",
-            reported_status=r.status, error=r.error, node=r.worker_id or "head",
-            worker_name=names.get(r.worker_id) if r.worker_id else None, node_id=r.node_id, node_ip=r.node_ip,
-            port=r.port, size_bytes=r.size_bytes, restarts=r.restarts, ready_s=r.ready_s, reported_at=r.reported_at,
-            seconds_since_report=round(age, 1)))
+        out.append(
+            schemas.StoreOut(
+                name=r.name,
+                runtime=r.runtime,
+                status=r.status if age <= STALE_AFTER_S else "unknown",
+                reported_status=r.status,
+                error=r.error,
+                node=r.worker_id or "head",
+                worker_name=names.get(r.worker_id) if r.worker_id else None,
+                node_id=r.node_id,
+                node_ip=r.node_ip,
+                port=r.port,
+                size_bytes=r.size_bytes,
+                restarts=r.restarts,
+                ready_s=r.ready_s,
+                reported_at=r.reported_at,
+                seconds_since_report=round(age, 1),
+            )
+        )
     for name, selector in sorted((pending or {}).items()):
-        why = ("waiting for a node labelled " + ", ".join(f"{k}={v}" for k, v in sorted(selector.items()))
-               + " (no such donor is online: invite one with --trusted --tier data)")
+        why = (
+            "waiting for a node labelled "
+            + ", ".join(f"{k}={v}" for k, v in sorted(selector.items()))
+            + " (no such donor is online: invite one with --trusted --tier data)"
+        )
         row = next((o for o in out if o.name == name), None)
         if row is None:
-            out.append(schemas.StoreOut(name=name, runtime="", status="pending", reported_status="", error=why,
-                                        node="", worker_name=None, node_id="", node_ip="", port=0, size_bytes=0,
-                                        restarts=0, ready_s=None, reported_at=now, seconds_since_report=0.0))
+            out.append(
+                schemas.StoreOut(
+                    name=name,
+                    runtime="",
+                    status="pending",
+                    reported_status="",
+                    error=why,
+                    node="",
+                    worker_name=None,
+                    node_id="",
+                    node_ip="",
+                    port=0,
+                    size_bytes=0,
+                    restarts=0,
+                    ready_s=None,
+                    reported_at=now,
+                    seconds_since_report=0.0,
+                )
+            )
         else:
             row.status, row.error = "pending", why
     return out

@@ -27,8 +27,9 @@ from rma_ray.tiers import Tier
 log = logging.getLogger("rma.admission.workers")
 
 
-def _refuse(state: AppState, session: Session, ip: str, status: int, code: str, message: str, **detail: object
-            ) -> ApiError:
+def _refuse(
+    state: AppState, session: Session, ip: str, status: int, code: str, message: str, **detail: object
+) -> ApiError:
     """A refusal the admin should see in the audit log: nothing else of this request is kept, the audit row is.
     At most one row per IP a minute (a valid token is not spent by a refusal, so it could be replayed forever):
     the row's `count` says how many refusals from that IP it stands for."""
@@ -36,7 +37,9 @@ def _refuse(state: AppState, session: Session, ip: str, status: int, code: str, 
     session.rollback()
     count = state.limiter.audit_refusal(ip)
     if count is not None:
-        audit.record(session, "anonymous", "worker.register.refused", "", ip, code=code, count=count, **detail)
+        audit.record(
+            session, "anonymous", "worker.register.refused", "", ip, code=code, count=count, **detail
+        )
         session.commit()
     return ApiError(status, code, message)
 
@@ -45,48 +48,96 @@ def demand(session: Session) -> dict[str, int]:
     return {row.tier: row.pending for row in session.scalars(select(TierDemand))}
 
 
-def register(state: AppState, session: Session, parsed: credentials.Parsed, req: schemas.RegisterRequest, ip: str
-             ) -> schemas.RegisterResponse:
+def register(
+    state: AppState, session: Session, parsed: credentials.Parsed, req: schemas.RegisterRequest, ip: str
+) -> schemas.RegisterResponse:
     """Admit a donor: rate limits and the token's shape were checked by the route's dependency."""
     invite = session.get(Invite, parsed.id)
     if invite is None or not credentials.matches(parsed, invite.token_hash):
-        raise auth_failed(state, ip, "join", "invalid_join_token", "unknown join token; check you copied all of it",
-                          parsed.id)
+        raise auth_failed(
+            state,
+            ip,
+            "join",
+            "invalid_join_token",
+            "unknown join token; check you copied all of it",
+            parsed.id,
+        )
     why = invites.status_of(invite)
     if why == "expired":
-        raise auth_failed(state, ip, "join", "token_expired",
-                          f"join token expired at {invite.expires_at:%Y-%m-%d %H:%M} UTC; ask the pool admin for a "
-                          "new invite", parsed.id)
+        raise auth_failed(
+            state,
+            ip,
+            "join",
+            "token_expired",
+            f"join token expired at {invite.expires_at:%Y-%m-%d %H:%M} UTC; ask the pool admin for a "
+            "new invite",
+            parsed.id,
+        )
     if why == "used":
-        raise auth_failed(state, ip, "join", "token_used", "join token already used; ask the pool admin for a new "
-                          "invite", parsed.id)
+        raise auth_failed(
+            state,
+            ip,
+            "join",
+            "token_used",
+            "join token already used; ask the pool admin for a new invite",
+            parsed.id,
+        )
     if why == "revoked":
-        raise auth_failed(state, ip, "join", "token_revoked", "join token was revoked by the pool admin",
-                          parsed.id)
+        raise auth_failed(
+            state, ip, "join", "token_revoked", "join token was revoked by the pool admin", parsed.id
+        )
 
     caps = req.capabilities
     candidates = tiers.eligible(caps)
     if not candidates:
-        raise _refuse(state, session, ip, 422, "hardware_below_minimum", tiers.refusal(caps), invite=invite.id)
+        raise _refuse(
+            state, session, ip, 422, "hardware_below_minimum", tiers.refusal(caps), invite=invite.id
+        )
     pinned = Tier(invite.tier) if invite.tier else None
     if pinned is not None and pinned not in candidates:
-        raise _refuse(state, session, ip, 422, "tier_not_qualified", tiers.pin_refusal(pinned, caps), invite=invite.id)
+        raise _refuse(
+            state, session, ip, 422, "tier_not_qualified", tiers.pin_refusal(pinned, caps), invite=invite.id
+        )
     tier = tiers.choose(candidates, demand(session), pinned)
     refusal = overlay.check_request(state.settings, session, req.overlay) or unplaceable(state.settings)
     if refusal is not None:
         raise _refuse(state, session, ip, refusal.status, refusal.code, refusal.message, invite=invite.id)
 
     if not invites.consume(session, invite.id):  # lost the race for the last use
-        raise auth_failed(state, ip, "join", "token_used", "join token already used; ask the pool admin for a new "
-                          "invite", parsed.id)
+        raise auth_failed(
+            state,
+            ip,
+            "join",
+            "token_used",
+            "join token already used; ask the pool admin for a new invite",
+            parsed.id,
+        )
 
     minted = credentials.mint(Kind.NODE)
     labels = tiers.node_labels(tier, minted.id, invite.trusted, caps)
-    worker = Worker(id=minted.id, name=req.name, invite_id=invite.id, tier=str(tier), trusted=invite.trusted,
-                    capabilities=caps.model_dump(), labels=labels, node_token_hash=minted.hash, registered_ip=ip)
+    worker = Worker(
+        id=minted.id,
+        name=req.name,
+        invite_id=invite.id,
+        tier=str(tier),
+        trusted=invite.trusted,
+        capabilities=caps.model_dump(),
+        labels=labels,
+        node_token_hash=minted.hash,
+        registered_ip=ip,
+    )
     session.add(worker)
-    audit.record(session, f"invite:{invite.id}", "worker.register", worker.id, ip, tier=str(tier), name=req.name,
-                 trusted=invite.trusted, candidates=[str(t) for t in candidates])
+    audit.record(
+        session,
+        f"invite:{invite.id}",
+        "worker.register",
+        worker.id,
+        ip,
+        tier=str(tier),
+        name=req.name,
+        trusted=invite.trusted,
+        candidates=[str(t) for t in candidates],
+    )
     session.flush()
     overlay_info = overlay.admit(state, session, worker, req.overlay)  # may refuse: nothing is committed then
     state.metrics.registrations.labels(str(tier)).inc()
@@ -94,15 +145,25 @@ def register(state: AppState, session: Session, parsed: credentials.Parsed, req:
         state.nodes[worker.id] = NodeEntry(worker.id, minted.hash, True)
 
     settings = state.settings
-    return schemas.RegisterResponse(worker_id=worker.id, tier=tier, tier_number=tier.number, trusted=invite.trusted,
-                                    labels=labels, node_token=minted.token,
-                                    heartbeat_interval_s=settings.heartbeat_interval_s, ray=_ray(settings),
-                                    overlay=overlay_info)
+    return schemas.RegisterResponse(
+        worker_id=worker.id,
+        tier=tier,
+        tier_number=tier.number,
+        trusted=invite.trusted,
+        labels=labels,
+        node_token=minted.token,
+        heartbeat_interval_s=settings.heartbeat_interval_s,
+        ray=_ray(settings),
+        overlay=overlay_info,
+    )
 
 
 def _ray(settings: Settings) -> schemas.RayInfo | None:
-    return (schemas.RayInfo(address=settings.ray_address, auth_token=settings.ray_auth_token())
-            if settings.ray_address else None)
+    return (
+        schemas.RayInfo(address=settings.ray_address, auth_token=settings.ray_auth_token())
+        if settings.ray_address
+        else None
+    )
 
 
 def unplaceable(settings: Settings) -> ApiError | None:
@@ -111,34 +172,54 @@ def unplaceable(settings: Settings) -> ApiError | None:
     if not settings.ray_address:
         if settings.admit_without_ray:
             return None
-        return ApiError(409, "no_ray_head", "this coordinator runs without a Ray head (`rma admission serve` "
-                                            "alone) and admits no one; ask the admin for a pool started with "
-                                            "`rma up` (the join token was not used)")
+        return ApiError(
+            409,
+            "no_ray_head",
+            "this coordinator runs without a Ray head (`rma admission serve` "
+            "alone) and admits no one; ask the admin for a pool started with "
+            "`rma up` (the join token was not used)",
+        )
     host, _, port = settings.ray_address.rpartition(":")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=2).close()
     except (OSError, ValueError) as exc:
         log.error("Ray head %s unreachable: %s", settings.ray_address, exc)
-        return ApiError(409, "ray_head_unreachable", "the pool's Ray head does not answer; tell the pool "
-                                                     "admin and try again later (the join token was not used)")
+        return ApiError(
+            409,
+            "ray_head_unreachable",
+            "the pool's Ray head does not answer; tell the pool "
+            "admin and try again later (the join token was not used)",
+        )
     return None
 
 
 def _rejoin_refusal(worker: Worker) -> ApiError | None:
     if worker.revoked_at is not None:
-        return ApiError(403, "worker_revoked", f"donor {worker.id} was revoked by the pool admin on "
-                                               f"{worker.revoked_at:%Y-%m-%d %H:%M} UTC; it cannot rejoin")
+        return ApiError(
+            403,
+            "worker_revoked",
+            f"donor {worker.id} was revoked by the pool admin on "
+            f"{worker.revoked_at:%Y-%m-%d %H:%M} UTC; it cannot rejoin",
+        )
     if worker.left_at is not None:
-        return ApiError(403, "worker_left", f"donor {worker.id} left the pool; to come back, join with a new "
-                                            f"invite (`rma join <coordinator-url> --token-file <file>`)")
+        return ApiError(
+            403,
+            "worker_left",
+            f"donor {worker.id} left the pool; to come back, join with a new "
+            f"invite (`rma join <coordinator-url> --token-file <file>`)",
+        )
     if worker.quarantine_reason:
-        return ApiError(403, "quarantined", f"donor {worker.id} is quarantined: {worker.quarantine_reason}; "
-                                            f"ask the pool admin")
+        return ApiError(
+            403,
+            "quarantined",
+            f"donor {worker.id} is quarantined: {worker.quarantine_reason}; ask the pool admin",
+        )
     return None
 
 
-def rejoin(state: AppState, session: Session, parsed: credentials.Parsed, req: schemas.RejoinRequest, ip: str
-           ) -> schemas.RejoinResponse:
+def rejoin(
+    state: AppState, session: Session, parsed: credentials.Parsed, req: schemas.RejoinRequest, ip: str
+) -> schemas.RejoinResponse:
     """A known donor after a reboot or an agent restart: the same id and node token, no invite spent. The
     hardware is re-probed and the tier checked again; a new overlay key replaces the old one."""
     worker = session.get(Worker, parsed.id)
@@ -163,8 +244,9 @@ def rejoin(state: AppState, session: Session, parsed: credentials.Parsed, req: s
     if refusal is not None:
         state.metrics.refusals.labels(refusal.code).inc()
         session.rollback()
-        audit.record(session, f"worker:{worker.id}", "worker.rejoin.refused", worker.id, ip,
-                     code=refusal.code)
+        audit.record(
+            session, f"worker:{worker.id}", "worker.rejoin.refused", worker.id, ip, code=refusal.code
+        )
         session.commit()
         raise refusal
 
@@ -183,30 +265,47 @@ def rejoin(state: AppState, session: Session, parsed: credentials.Parsed, req: s
         session.flush()
         overlay_info = overlay.admit(state, session, worker, req.overlay)
         if old_key != req.overlay.public_key:
-            audit.record(session, f"worker:{worker.id}", "worker.overlay_key", worker.id, ip,
-                         replaced=old_key)
-    audit.record(session, f"worker:{worker.id}", "worker.rejoin", worker.id, ip, tier=str(tier),
-                 name=req.name)
+            audit.record(
+                session, f"worker:{worker.id}", "worker.overlay_key", worker.id, ip, replaced=old_key
+            )
+    audit.record(
+        session, f"worker:{worker.id}", "worker.rejoin", worker.id, ip, tier=str(tier), name=req.name
+    )
     session.flush()
     with state.nodes_lock:
         state.nodes[worker.id] = NodeEntry(worker.id, worker.node_token_hash, True, worker.action)
     s = state.settings
-    return schemas.RejoinResponse(worker_id=worker.id, tier=tier, tier_number=tier.number,
-                                  trusted=worker.trusted, labels=worker.labels,
-                                  heartbeat_interval_s=s.heartbeat_interval_s, ray=_ray(s), overlay=overlay_info)
+    return schemas.RejoinResponse(
+        worker_id=worker.id,
+        tier=tier,
+        tier_number=tier.number,
+        trusted=worker.trusted,
+        labels=worker.labels,
+        heartbeat_interval_s=s.heartbeat_interval_s,
+        ray=_ray(s),
+        overlay=overlay_info,
+    )
 
 
 def abort(state: AppState, session: Session, node: NodePrincipal, ip: str) -> schemas.AbortResponse:
     """The donor could not start (overlay or Ray failed): end a registration that never heartbeated and give
     its invite use back. One conditional UPDATE decides, so a replay or a race refunds at most once, and never
     past the invite's uses; a registration that ever ran is left the ordinary way, without a refund."""
-    ended = session.execute(
-        update(Worker)
-        .where(Worker.id == node.worker_id, Worker.last_heartbeat_at.is_(None), Worker.left_at.is_(None),
-               Worker.revoked_at.is_(None))
-        .values(left_at=utcnow(), action="leave")
-        .execution_options(synchronize_session=False)
-    ).rowcount == 1 and state.buffer.peek(node.worker_id) is None  # type: ignore[attr-defined]
+    ended = (
+        session.execute(
+            update(Worker)
+            .where(
+                Worker.id == node.worker_id,
+                Worker.last_heartbeat_at.is_(None),
+                Worker.left_at.is_(None),
+                Worker.revoked_at.is_(None),
+            )
+            .values(left_at=utcnow(), action="leave")
+            .execution_options(synchronize_session=False)
+        ).rowcount  # type: ignore[attr-defined]
+        == 1
+        and state.buffer.peek(node.worker_id) is None
+    )
     worker = session.get(Worker, node.worker_id)
     assert worker is not None  # the node token was just verified against it
     session.refresh(worker)
@@ -216,10 +315,12 @@ def abort(state: AppState, session: Session, node: NodePrincipal, ip: str) -> sc
         audit.record(session, node.actor, "worker.unregister", worker.id, ip)
     else:
         if worker.invite_id:
-            session.execute(update(Invite)
-                            .where(Invite.id == worker.invite_id, Invite.uses_left < Invite.uses)
-                            .values(uses_left=Invite.uses_left + 1)
-                            .execution_options(synchronize_session=False))
+            session.execute(
+                update(Invite)
+                .where(Invite.id == worker.invite_id, Invite.uses_left < Invite.uses)
+                .values(uses_left=Invite.uses_left + 1)
+                .execution_options(synchronize_session=False)
+            )
         audit.record(session, node.actor, "worker.register.aborted", worker.id, ip, invite=worker.invite_id)
     overlay.cut(state, worker)
     session.flush()
@@ -229,8 +330,9 @@ def abort(state: AppState, session: Session, node: NodePrincipal, ip: str) -> sc
 
 def heartbeat(state: AppState, node: NodePrincipal, req: schemas.HeartbeatRequest) -> str:
     """Record the beat in memory (flushed in bulk) and return the action the donor must take."""
-    state.buffer.put(node.worker_id, Beat(utcnow(), req.status, req.current_load, req.available_memory_mb,
-                                          req.ray_node_id))
+    state.buffer.put(
+        node.worker_id, Beat(utcnow(), req.status, req.current_load, req.available_memory_mb, req.ray_node_id)
+    )
     state.metrics.heartbeats.inc()
     with state.nodes_lock:
         return state.nodes[node.worker_id].action
@@ -283,8 +385,9 @@ def revoke(state: AppState, session: Session, worker_id: str, actor: str, ip: st
     return to_out(state, worker)
 
 
-def set_action(state: AppState, session: Session, worker_id: str, action: str, actor: str, ip: str
-               ) -> schemas.WorkerOut:
+def set_action(
+    state: AppState, session: Session, worker_id: str, action: str, actor: str, ip: str
+) -> schemas.WorkerOut:
     worker = _get(session, worker_id)
     if worker.revoked_at is not None or worker.left_at is not None:
         raise ApiError(409, "conflict", f"worker {worker_id} has already left the pool")
@@ -306,7 +409,11 @@ def derive_status(worker: Worker, last_beat: datetime | None, interval_s: int, n
         return "left"
     if worker.quarantine_reason:
         return "quarantined"
-    if worker.ray_alive is False and worker.ray_seen_at and (last_beat is None or worker.ray_seen_at >= last_beat):
+    if (
+        worker.ray_alive is False
+        and worker.ray_seen_at
+        and (last_beat is None or worker.ray_seen_at >= last_beat)
+    ):
         return "offline"
     if last_beat is None:
         return "joining" if now - worker.created_at < timedelta(seconds=2.5 * interval_s) else "offline"
@@ -324,18 +431,29 @@ def to_out(state: AppState, worker: Worker, now: datetime | None = None) -> sche
     seen = max((t for t in (last_beat, worker.ray_seen_at if worker.ray_alive else None) if t), default=None)
     status = derive_status(worker, last_beat, state.settings.heartbeat_interval_s, now or utcnow())
     return schemas.WorkerOut(
-        id=worker.id, name=worker.name, tier=worker.tier, trusted=worker.trusted, status=status,
-        labels=worker.labels, capabilities=worker.capabilities, created_at=worker.created_at, last_seen_at=seen,
+        id=worker.id,
+        name=worker.name,
+        tier=worker.tier,
+        trusted=worker.trusted,
+        status=status,
+        labels=worker.labels,
+        capabilities=worker.capabilities,
+        created_at=worker.created_at,
+        last_seen_at=seen,
         current_load=beat.current_load if beat else worker.current_load,
         available_memory_mb=beat.available_memory_mb if beat else worker.available_memory_mb,
-        ray_node_id=(beat.ray_node_id if beat else None) or worker.ray_node_id, ray_alive=worker.ray_alive,
-        action=worker.action, quarantine_reason=worker.quarantine_reason, revoked_at=worker.revoked_at,
+        ray_node_id=(beat.ray_node_id if beat else None) or worker.ray_node_id,
+        ray_alive=worker.ray_alive,
+        action=worker.action,
+        quarantine_reason=worker.quarantine_reason,
+        revoked_at=worker.revoked_at,
         overlay_ip=worker.overlay_ip,
     )
 
 
-def list_all(state: AppState, session: Session, tier: str | None = None, status: str | None = None
-             ) -> list[schemas.WorkerOut]:
+def list_all(
+    state: AppState, session: Session, tier: str | None = None, status: str | None = None
+) -> list[schemas.WorkerOut]:
     q = select(Worker).order_by(Worker.created_at)
     if tier:
         q = q.where(Worker.tier == tier)

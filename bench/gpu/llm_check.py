@@ -43,12 +43,21 @@ def probe_section() -> int:
         from rma_ray.tiers import checks, choose, eligible, node_labels
 
         caps = probe()
-        row("GPUs", ", ".join(f"{g.name} ({g.memory_mb} MiB, cc {g.compute_capability})" for g in caps.gpus) or "none")
+        row(
+            "GPUs",
+            ", ".join(f"{g.name} ({g.memory_mb} MiB, cc {g.compute_capability})" for g in caps.gpus)
+            or "none",
+        )
         row("CPU cores / RAM MiB", f"{caps.cpu_cores} / {caps.ram_mb}")
         for c in checks(caps):
             row(f"tier {c.tier}", ("yes: " if c.ok else "no: ") + c.reason)
-        row("local Ollama", f"{caps.ollama.url}: models {caps.ollama.models or 'none'}, vision "
-                            f"{caps.ollama.vision_models or 'none'}" if caps.ollama else "none answered")
+        row(
+            "local Ollama",
+            f"{caps.ollama.url}: models {caps.ollama.models or 'none'}, vision "
+            f"{caps.ollama.vision_models or 'none'}"
+            if caps.ollama
+            else "none answered",
+        )
         tiers = eligible(caps)
         if tiers:
             row("Ray labels at admission", node_labels(choose(tiers), "<id>", False, caps))
@@ -68,7 +77,10 @@ def catalog_section(gpu_mb: int) -> None:
         from deployments.llm.catalog import NoModelFits, choose, choose_vision
 
         e = choose(gpu_mb)
-        row("chat model for this GPU", f"{e.model_id} ({e.source}, max_model_len {e.max_model_len}, {e.quantization})")
+        row(
+            "chat model for this GPU",
+            f"{e.model_id} ({e.source}, max_model_len {e.max_model_len}, {e.quantization})",
+        )
         try:
             v = choose_vision(gpu_mb)
             row("vision model (RMA_VISION_BACKEND=vllm)", f"{v.model_id} ({v.source})")
@@ -111,15 +123,27 @@ class Runner:
 def smollm2_config(layers: int | None) -> Any:
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers or 30,
-                       num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
-                       rope_theta=100000.0, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
-                       pad_token_id=0)
+    return LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=layers or 30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=8192,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
 
 
 def decode_section(r: Runner, tokens: int) -> None:
-    print(f"embedded model architecture on {r.device} (transformers, random weights"
-          f"{'' if r.cuda else ', 4 layers: CPU smoke check'})")
+    print(
+        f"embedded model architecture on {r.device} (transformers, random weights"
+        f"{'' if r.cuda else ', 4 layers: CPU smoke check'})"
+    )
     from transformers import LlamaForCausalLM
 
     r.torch.manual_seed(0)
@@ -128,8 +152,14 @@ def decode_section(r: Runner, tokens: int) -> None:
 
     def gen(batch: int, n: int) -> Any:
         ids = prompt.repeat(batch, 1)
-        return model.generate(ids, attention_mask=r.torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                              do_sample=False, pad_token_id=0)
+        return model.generate(
+            ids,
+            attention_mask=r.torch.ones_like(ids),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=0,
+        )
 
     r.timed(lambda: gen(1, 2))  # warm-up (kernels, allocator)
     _, ttft = r.timed(lambda: gen(1, 1))
@@ -139,7 +169,6 @@ def decode_section(r: Runner, tokens: int) -> None:
     row(f"tokens/s, 1 sequence ({tokens} tokens)", f"{tokens / t1:.0f}")
     row(f"tokens/s, 8 sequences ({tokens} tokens)", f"{8 * tokens / t8:.0f}")
     row("peak GPU memory, MiB", r.peak())
-    del model
 
 
 def test_image() -> tuple[bytes, Any]:
@@ -155,19 +184,29 @@ def test_image() -> tuple[bytes, Any]:
 
 
 def vision_section(r: Runner, tokens: int) -> None:
-    print(f"vision path on {r.device} (route checks, CLIP preprocessing, LLaVA architecture with random weights"
-          f"{'' if r.cuda else ', 4+4 layers: CPU smoke check'})")
+    print(
+        f"vision path on {r.device} (route checks, CLIP preprocessing, LLaVA architecture with random weights"
+        f"{'' if r.cuda else ', 4+4 layers: CPU smoke check'})"
+    )
     data, img = test_image()
     try:
-        from deployments.vision.request import Limits, from_json
-
         import base64
         import json
 
-        body = json.dumps({"image": base64.b64encode(data).decode(), "prompt": "What shapes are in the picture?",
-                           "max_tokens": tokens}).encode()
+        from deployments.vision.request import Limits, from_json
+
+        body = json.dumps(
+            {
+                "image": base64.b64encode(data).decode(),
+                "prompt": "What shapes are in the picture?",
+                "max_tokens": tokens,
+            }
+        ).encode()
         (inp, secs) = (lambda t0: (from_json(body, Limits()), time.perf_counter() - t0))(time.perf_counter())
-        row("route request check (JSON, base64 JPEG)", f"{inp.mime} {inp.width}x{inp.height}, {secs * 1000:.1f} ms")
+        row(
+            "route request check (JSON, base64 JPEG)",
+            f"{inp.mime} {inp.width}x{inp.height}, {secs * 1000:.1f} ms",
+        )
     except Exception as exc:  # no pydantic/Pillow in this environment
         row("route request check", f"unavailable: {exc}")
 
@@ -180,27 +219,52 @@ def vision_section(r: Runner, tokens: int) -> None:
 
     text = smollm2_config(r.layers)
     image_token = text.vocab_size - 1
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=r.layers or 24,
-                              num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token, image_seq_length=576,
-                      vision_feature_select_strategy="default", vision_feature_layer=-2)
+    vision = CLIPVisionConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=r.layers or 24,
+        num_attention_heads=16,
+        image_size=336,
+        patch_size=14,
+        projection_dim=768,
+    )
+    cfg = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=image_token,
+        image_seq_length=576,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )
     r.torch.manual_seed(0)
     model = LlavaForConditionalGeneration(cfg).to(r.device, dtype=r.dtype).eval()
     n_image = (336 // 14) ** 2  # 576 patch features, CLS dropped ("default")
     prompt = r.torch.randint(100, 49000, (1, 16))
-    ids = r.torch.cat([r.torch.tensor([[1]]), r.torch.full((1, n_image), image_token), prompt], dim=1).to(r.device)
+    ids = r.torch.cat([r.torch.tensor([[1]]), r.torch.full((1, n_image), image_token), prompt], dim=1).to(
+        r.device
+    )
     pixel_values = pixels.to(r.device, dtype=r.dtype)
 
     def gen(n: int) -> Any:
-        return model.generate(input_ids=ids, pixel_values=pixel_values, attention_mask=r.torch.ones_like(ids),
-                              max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        return model.generate(
+            input_ids=ids,
+            pixel_values=pixel_values,
+            attention_mask=r.torch.ones_like(ids),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=0,
+        )
 
     r.timed(lambda: gen(2))  # warm-up
     ttft = min(r.timed(lambda: gen(1))[1] for _ in range(2))
     runs = [r.timed(lambda: gen(tokens)) for _ in range(2)]
     assert runs[0][0].shape[1] == ids.shape[1] + tokens
     total = min(t for _, t in runs)
-    row("params (vision tower + projector + text)", f"{sum(p.numel() for p in model.parameters()) / 1e6:.0f} M")
+    row(
+        "params (vision tower + projector + text)",
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.0f} M",
+    )
     row("image + prompt to first token, ms", f"{ttft * 1000:.1f}  ({ids.shape[1]} input tokens)")
     row(f"request with {tokens} tokens, ms", f"{total * 1000:.1f}")
     decode = (tokens - 1) / (total - ttft) if total > ttft * 1.05 else None
@@ -210,7 +274,9 @@ def vision_section(r: Runner, tokens: int) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tokens", type=int, default=None, help="tokens per sequence (default 128 on CUDA, 8 on CPU)")
+    ap.add_argument(
+        "--tokens", type=int, default=None, help="tokens per sequence (default 128 on CUDA, 8 on CPU)"
+    )
     ap.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     args = ap.parse_args()
     t0 = time.perf_counter()

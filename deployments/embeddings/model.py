@@ -46,9 +46,7 @@ class EmbeddingRequest(BaseModel):
 def parse_request(body: Any, entry: EmbeddingEntry, settings: EmbeddingSettings) -> EmbeddingRequest:
     """The request, or a Refusal (400/404) that says what to change."""
     if not isinstance(body, dict):
-        raise refused(
-            400, "invalid_request", "the body must be a JSON object with 'input' and 'model'"
-        )
+        raise refused(400, "invalid_request", "the body must be a JSON object with 'input' and 'model'")
     try:
         req = EmbeddingRequest.model_validate(body)
     except ValidationError as exc:

@@ -32,12 +32,20 @@ KEYRING_RETRY_S = 5.0  # Retry-After of a refusal because the keyring cannot be 
 @dataclass(frozen=True)
 class ClientIdentity:
     key_id: str
-    client: str = ""  # the name the key was created with (`rma clients create <name>`): the client it acts for
+    client: str = (
+        ""  # the name the key was created with (`rma clients create <name>`): the client it acts for
+    )
 
 
 class ClientKeyVerifier:
-    def __init__(self, fetch: Callable[[], dict[str, Any]], refresh_s: float = 10.0, max_stale_s: float = 30.0,
-                 clock: Callable[[], float] = time.monotonic, unknown_refresh_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        fetch: Callable[[], dict[str, Any]],
+        refresh_s: float = 10.0,
+        max_stale_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+        unknown_refresh_s: float = 1.0,
+    ) -> None:
         self._fetch = fetch
         self.refresh_s, self.max_stale_s, self.unknown_refresh_s = refresh_s, max_stale_s, unknown_refresh_s
         self._unknown_lock = threading.Lock()
@@ -103,10 +111,18 @@ class ClientKeyVerifier:
         except MalformedToken as exc:
             raise Refusal(401, "invalid_api_key", str(exc)) from None
         with self._lock:
-            loaded_at, stored, name = self._loaded_at, self._hashes.get(parsed.id), self._names.get(parsed.id, "")
+            loaded_at, stored, name = (
+                self._loaded_at,
+                self._hashes.get(parsed.id),
+                self._names.get(parsed.id, ""),
+            )
         if loaded_at is None or self._clock() - loaded_at > self.max_stale_s:
-            raise Refusal(503, "keyring_stale",
-                          "API keys cannot be checked right now (coordinator unreachable)", KEYRING_RETRY_S)
+            raise Refusal(
+                503,
+                "keyring_stale",
+                "API keys cannot be checked right now (coordinator unreachable)",
+                KEYRING_RETRY_S,
+            )
         if stored is None:
             raise UnknownKey()
         if not hmac.compare_digest(credentials.hash_secret(parsed.secret), stored):

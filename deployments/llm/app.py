@@ -12,7 +12,6 @@ The builders are imported from here by `deployments/serve_config.py`.
 
 from __future__ import annotations
 
-
 from deployments.gateway.deploy import wait_running
 from deployments.llm.inference import build_inference_app
 from deployments.llm.openai import build_llm_app, build_proxied_llm_app

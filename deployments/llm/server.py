@@ -28,12 +28,18 @@ class CPUEngine(VLLMEngine):  # type: ignore[misc]
     streams on a 2-core box: 0.87x of vLLM's own server with 'mp', 0.93x with 'uni'; one stream 0.81x -> 1.10x.
     `RMA_LLM_CPU_EXECUTOR=mp` (LLMSettings.cpu_executor) keeps ray.serve.llm's choice."""
 
-    def _start_async_llm_engine(self, vllm_engine_args: Any, vllm_engine_config: Any, placement_group: Any) -> Any:
+    def _start_async_llm_engine(
+        self, vllm_engine_args: Any, vllm_engine_config: Any, placement_group: Any
+    ) -> Any:
         from vllm.platforms import current_platform
 
         parallel = vllm_engine_config.parallel_config
-        if (os.environ.get(CPU_EXECUTOR_ENV, "uni") == "uni" and current_platform.is_cpu()
-                and parallel.world_size == 1 and parallel.distributed_executor_backend == "mp"):
+        if (
+            os.environ.get(CPU_EXECUTOR_ENV, "uni") == "uni"
+            and current_platform.is_cpu()
+            and parallel.world_size == 1
+            and parallel.distributed_executor_backend == "mp"
+        ):
             parallel.distributed_executor_backend = "uni"
         return super()._start_async_llm_engine(vllm_engine_args, vllm_engine_config, placement_group)
 
@@ -45,7 +51,11 @@ class PoolLLMServer(LLMServer):  # type: ignore[misc]
 class KeyedLLMServer(PoolLLMServer):
     async def __serve_build_asgi_app__(self) -> Any:
         app = await super().__serve_build_asgi_app__()
-        for attr in ("docs_url", "redoc_url", "openapi_url"):  # never reached (the gate's route list), but off
+        for attr in (
+            "docs_url",
+            "redoc_url",
+            "openapi_url",
+        ):  # never reached (the gate's route list), but off
             setattr(app, attr, None)
         _add_middleware_to_built_app(app, key_gate)
         return app

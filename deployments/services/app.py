@@ -18,8 +18,12 @@ from deployments.services.settings import Limits, ServicesSettings
 
 APP_NAME = "services"
 ROUTE_PREFIX = "/api"
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-               "OMP_NUM_THREADS": "1"}
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "OMP_NUM_THREADS": "1",
+}
 
 
 class ApiMetrics:
@@ -28,13 +32,20 @@ class ApiMetrics:
     def __init__(self) -> None:
         from ray.util import metrics
 
-        self.requests = metrics.Counter("rma_api_requests", "requests to the RMA services API",
-                                        tag_keys=("route", "method", "status"))
-        self.latency = metrics.Histogram("rma_api_latency_ms", "RMA services API latency (ms)",
-                                         boundaries=[5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000],
-                                         tag_keys=("route", "method"))
-        self.retries = metrics.Counter("rma_api_backend_retries", "idempotent backend calls sent again because "
-                                       "the replica they reached died", tag_keys=("service",))
+        self.requests = metrics.Counter(
+            "rma_api_requests", "requests to the RMA services API", tag_keys=("route", "method", "status")
+        )
+        self.latency = metrics.Histogram(
+            "rma_api_latency_ms",
+            "RMA services API latency (ms)",
+            boundaries=[5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000],
+            tag_keys=("route", "method"),
+        )
+        self.retries = metrics.Counter(
+            "rma_api_backend_retries",
+            "idempotent backend calls sent again because the replica they reached died",
+            tag_keys=("service",),
+        )
 
     def retried(self, service: str) -> None:
         self.retries.inc(tags={"service": service})
@@ -46,8 +57,17 @@ class ApiMetrics:
 
 @serve.ingress()
 class Gateway:
-    def __init__(self, settings: dict[str, Any], documents: Any, ocr: Any, uploads: Any, notes: Any, rag: Any,
-                 graph: Any, client_rag: Any = None) -> None:
+    def __init__(
+        self,
+        settings: dict[str, Any],
+        documents: Any,
+        ocr: Any,
+        uploads: Any,
+        notes: Any,
+        rag: Any,
+        graph: Any,
+        client_rag: Any = None,
+    ) -> None:
         from deployments.services.api import Backends
 
         self.settings = ServicesSettings(**settings)
@@ -65,8 +85,13 @@ class Gateway:
         verifier()
 
 
-def _options(name: str, limits: Limits, selector: dict[str, str], settings: ServicesSettings,
-             env: dict[str, str] | None = None) -> dict[str, Any]:
+def _options(
+    name: str,
+    limits: Limits,
+    selector: dict[str, str],
+    settings: ServicesSettings,
+    env: dict[str, str] | None = None,
+) -> dict[str, Any]:
     env_vars = {**OFFLINE_ENV, **settings.replica_env, **(env or {})}
     actor: dict[str, Any] = {"num_cpus": limits.num_cpus, "runtime_env": {"env_vars": env_vars}}
     if selector:
@@ -77,9 +102,11 @@ def _options(name: str, limits: Limits, selector: dict[str, str], settings: Serv
         "max_ongoing_requests": limits.max_ongoing_requests,
         "max_queued_requests": limits.max_queued_requests,
         "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=settings.retry_after_s),
-        "autoscaling_config": AutoscalingConfig(min_replicas=limits.min_replicas,
-                                                max_replicas=max(limits.min_replicas, limits.max_replicas),
-                                                target_ongoing_requests=limits.target_ongoing_requests),
+        "autoscaling_config": AutoscalingConfig(
+            min_replicas=limits.min_replicas,
+            max_replicas=max(limits.min_replicas, limits.max_replicas),
+            target_ongoing_requests=limits.target_ongoing_requests,
+        ),
         "health_check_period_s": 10,
         "health_check_timeout_s": 30,
         "graceful_shutdown_timeout_s": 20,
@@ -107,14 +134,27 @@ def build_app(settings: ServicesSettings | dict[str, Any] | None = None) -> Any:
     # service donors get the stateless ones (OCR, parsing). The shared `rag` reads Chroma, which has no
     # authentication and holds every client's private collection; `graph` gets the graph store's password.
     ocr = serve.deployment(Ocr).options(**_options("ocr", settings.ocr, svc, settings)).bind()
-    documents = serve.deployment(Documents).options(**_options("documents", settings.documents, svc, settings)).bind(ocr)
-    uploads = serve.deployment(Uploads).options(**_options("uploads", settings.uploads, data, settings)).bind(cfg)
+    documents = (
+        serve.deployment(Documents)
+        .options(**_options("documents", settings.documents, svc, settings))
+        .bind(ocr)
+    )
+    uploads = (
+        serve.deployment(Uploads).options(**_options("uploads", settings.uploads, data, settings)).bind(cfg)
+    )
     rag = serve.deployment(Rag).options(**_options("rag", settings.rag, trusted, settings)).bind(cfg)
-    client_rag = serve.deployment(Rag).options(**_options("client_rag", settings.rag, trusted, settings)).bind(cfg)
-    notes = serve.deployment(Notes).options(**_options("notes", settings.notes, trusted, settings)).bind(
-        cfg, client_rag)
+    client_rag = (
+        serve.deployment(Rag).options(**_options("client_rag", settings.rag, trusted, settings)).bind(cfg)
+    )
+    notes = (
+        serve.deployment(Notes)
+        .options(**_options("notes", settings.notes, trusted, settings))
+        .bind(cfg, client_rag)
+    )
     graph = serve.deployment(Graph).options(**_options("graph", settings.graph, trusted, settings)).bind()
     # the gateway sees every client's key and data in clear: trusted nodes only (the head, trusted service donors)
-    return serve.deployment(Gateway).options(**_options("gateway", settings.gateway, trusted, settings,
-                                                        settings.ingress_env)).bind(
-        cfg, documents, ocr, uploads, notes, rag, graph, client_rag)
+    return (
+        serve.deployment(Gateway)
+        .options(**_options("gateway", settings.gateway, trusted, settings, settings.ingress_env))
+        .bind(cfg, documents, ocr, uploads, notes, rag, graph, client_rag)
+    )

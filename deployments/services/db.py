@@ -40,8 +40,14 @@ class Upload(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "sha256": self.sha256, "filename": self.filename, "content_type": self.content_type,
-                "size": self.size, "created_at": self.created_at.isoformat()}
+        return {
+            "id": self.id,
+            "sha256": self.sha256,
+            "filename": self.filename,
+            "content_type": self.content_type,
+            "size": self.size,
+            "created_at": self.created_at.isoformat(),
+        }
 
 
 class Note(Base):
@@ -56,8 +62,14 @@ class Note(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now, onupdate=_now)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "title": self.title, "body": self.body, "tags": list(self.tags or []),
-                "created_at": self.created_at.isoformat(), "updated_at": self.updated_at.isoformat()}
+        return {
+            "id": self.id,
+            "title": self.title,
+            "body": self.body,
+            "tags": list(self.tags or []),
+            "created_at": self.created_at.isoformat(),
+            "updated_at": self.updated_at.isoformat(),
+        }
 
 
 def store_endpoint(store: str, timeout: float = 30.0) -> Any:
@@ -70,8 +82,15 @@ def _ensure_database(ep: Any, database: str) -> None:
     import psycopg
     from psycopg import sql
 
-    with psycopg.connect(host=ep.host, port=ep.port, user=ep.user, password=ep.password, dbname=ep.database,
-                         autocommit=True, connect_timeout=10) as c:
+    with psycopg.connect(
+        host=ep.host,
+        port=ep.port,
+        user=ep.user,
+        password=ep.password,
+        dbname=ep.database,
+        autocommit=True,
+        connect_timeout=10,
+    ) as c:
         if c.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,)).fetchone() is None:
             try:
                 c.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
@@ -97,14 +116,21 @@ class Database:
                 try:
                     ep = self._endpoint("postgres")
                     _ensure_database(ep, self.database)
-                    url = URL.create("postgresql+psycopg", username=ep.user, password=ep.password, host=ep.host,
-                                     port=ep.port, database=self.database)
+                    url = URL.create(
+                        "postgresql+psycopg",
+                        username=ep.user,
+                        password=ep.password,
+                        host=ep.host,
+                        port=ep.port,
+                        database=self.database,
+                    )
                     engine = create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=8)
                     with engine.connect():
                         pass
                 except Exception as exc:
-                    raise unavailable("store_unavailable", f"the Postgres store is not reachable yet: "
-                                                           f"{type(exc).__name__}") from None
+                    raise unavailable(
+                        "store_unavailable", f"the Postgres store is not reachable yet: {type(exc).__name__}"
+                    ) from None
                 try:
                     with engine.begin() as c:
                         c.execute(text("SELECT pg_advisory_xact_lock(4711)"))  # one replica migrates
@@ -112,7 +138,10 @@ class Database:
                 except Exception as exc:
                     log.exception("migrating the services' database failed")
                     engine.dispose()
-                    raise unavailable("schema_migration_failed", f"the services' database could not be brought to "
-                                                                 f"the current schema: {type(exc).__name__}") from None
+                    raise unavailable(
+                        "schema_migration_failed",
+                        f"the services' database could not be brought to "
+                        f"the current schema: {type(exc).__name__}",
+                    ) from None
                 self.engine, self._sessions = engine, sessionmaker(engine, expire_on_commit=False)
             return self._sessions

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
-from deployments.services import sandbox
 from deployments.gateway.refusal import Refusal
+from deployments.services import sandbox
 
 log = logging.getLogger("rma.services.documents")
 
@@ -34,12 +34,31 @@ DOCUMENTS = {PDF, DOCX, HTML, MARKDOWN, TEXT}
 SUPPORTED = DOCUMENTS | IMAGES
 GENERIC = {"", "application/octet-stream", "binary/octet-stream", "application/x-www-form-urlencoded"}
 # what browsers and curl send for these formats, as aliases of the types above
-ALIASES = {"text/x-markdown": MARKDOWN, "application/xhtml+xml": HTML, "image/jpg": "image/jpeg",
-           "image/x-ms-bmp": "image/bmp", "application/x-pdf": PDF}
-EXTENSIONS = {".pdf": PDF, ".docx": DOCX, ".html": HTML, ".htm": HTML, ".md": MARKDOWN, ".markdown": MARKDOWN,
-              ".txt": TEXT, ".text": TEXT, ".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
-              ".tif": "image/tiff", ".tiff": "image/tiff", ".webp": "image/webp", ".bmp": "image/bmp",
-              ".gif": "image/gif"}
+ALIASES = {
+    "text/x-markdown": MARKDOWN,
+    "application/xhtml+xml": HTML,
+    "image/jpg": "image/jpeg",
+    "image/x-ms-bmp": "image/bmp",
+    "application/x-pdf": PDF,
+}
+EXTENSIONS = {
+    ".pdf": PDF,
+    ".docx": DOCX,
+    ".html": HTML,
+    ".htm": HTML,
+    ".md": MARKDOWN,
+    ".markdown": MARKDOWN,
+    ".txt": TEXT,
+    ".text": TEXT,
+    ".png": "image/png",
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".tif": "image/tiff",
+    ".tiff": "image/tiff",
+    ".webp": "image/webp",
+    ".bmp": "image/bmp",
+    ".gif": "image/gif",
+}
 MAX_PAGES = 2000
 MAX_OCR_PAGES = 50
 RENDER_SCALE = 2.0  # 144 dpi: what OCR reads best at for ordinary print
@@ -73,13 +92,19 @@ def detect(data: bytes, filename: str | None = None, content_type: str | None = 
     if guess is not None:
         sniffed = ALIASES.get(guess.mime, guess.mime)
         if sniffed not in SUPPORTED:
-            raise Refusal(415, "unsupported_type",
-                               f"{sniffed} files are not supported; send one of: PDF, DOCX, HTML, TXT, MD, "
-                               f"PNG, JPEG, TIFF, WEBP, BMP, GIF")
+            raise Refusal(
+                415,
+                "unsupported_type",
+                f"{sniffed} files are not supported; send one of: PDF, DOCX, HTML, TXT, MD, "
+                f"PNG, JPEG, TIFF, WEBP, BMP, GIF",
+            )
         if declared and declared not in GENERIC and declared != sniffed:
-            raise Refusal(415, "type_mismatch",
-                               f"the file was declared {declared} but its bytes are {sniffed}; send the right "
-                               f"Content-Type (or application/octet-stream to let the server tell)")
+            raise Refusal(
+                415,
+                "type_mismatch",
+                f"the file was declared {declared} but its bytes are {sniffed}; send the right "
+                f"Content-Type (or application/octet-stream to let the server tell)",
+            )
         return sniffed
     # no magic number: text of some kind, or something we do not read
     if b"\x00" in data[:8192]:
@@ -89,11 +114,16 @@ def detect(data: bytes, filename: str | None = None, content_type: str | None = 
     except UnicodeDecodeError as exc:
         if exc.start < 8188:  # not just a multi-byte character cut at the sniffing window
             raise Refusal(415, "not_utf8", "text files must be UTF-8 encoded") from None
-        text = data[:exc.start].decode("utf-8-sig", "ignore")
+        text = data[: exc.start].decode("utf-8-sig", "ignore")
     claimed = declared if declared in SUPPORTED else by_name
     if claimed and claimed not in (HTML, MARKDOWN, TEXT):
         raise Refusal(415, "type_mismatch", f"the file was declared {claimed} but its bytes are text")
-    if declared and declared not in GENERIC and declared not in SUPPORTED and not declared.startswith("text/"):
+    if (
+        declared
+        and declared not in GENERIC
+        and declared not in SUPPORTED
+        and not declared.startswith("text/")
+    ):
         raise Refusal(415, "unsupported_type", f"{declared} is not a supported type")
     if claimed in (HTML, MARKDOWN, TEXT):
         return claimed
@@ -132,11 +162,18 @@ def parse_pdf_text(data: bytes) -> tuple[list[Page], dict[str, Any]]:
         pages = [Page(i + 1, (p.extract_text() or "").strip()) for i, p in enumerate(reader.pages)]
         info = reader.metadata or {}
     except FileNotDecryptedError:
-        raise Refusal(422, "encrypted_pdf", "the PDF is password-protected; send it without a password") from None
+        raise Refusal(
+            422, "encrypted_pdf", "the PDF is password-protected; send it without a password"
+        ) from None
     except (PdfReadError, ValueError, KeyError, TypeError) as exc:
         raise Refusal(422, "unreadable_pdf", f"the PDF could not be read: {exc}") from None
     meta = {"pages": len(pages)}
-    for key, name in (("/Title", "title"), ("/Author", "author"), ("/Subject", "subject"), ("/Producer", "producer")):
+    for key, name in (
+        ("/Title", "title"),
+        ("/Author", "author"),
+        ("/Subject", "subject"),
+        ("/Producer", "producer"),
+    ):
         value = info.get(key)
         if value:
             meta[name] = str(value)
@@ -155,10 +192,13 @@ def render_scale(width_pt: float, height_pt: float, number: int) -> float:
     scale = min(RENDER_SCALE, fit)
     if scale < MIN_RENDER_SCALE:
         pixels = round(width_pt * MIN_RENDER_SCALE) * round(height_pt * MIN_RENDER_SCALE)
-        raise Refusal(413, "page_too_large",
-                           f"page {number} is {width_pt:.0f}x{height_pt:.0f} pt: at the smallest "
-                           f"resolution OCR can read ({72 * MIN_RENDER_SCALE:.0f} dpi) it is {pixels:,} "
-                           f"pixels; the limit is {MAX_SIDE} pixels a side and {MAX_PIXELS:,} pixels a page")
+        raise Refusal(
+            413,
+            "page_too_large",
+            f"page {number} is {width_pt:.0f}x{height_pt:.0f} pt: at the smallest "
+            f"resolution OCR can read ({72 * MIN_RENDER_SCALE:.0f} dpi) it is {pixels:,} "
+            f"pixels; the limit is {MAX_SIDE} pixels a side and {MAX_PIXELS:,} pixels a page",
+        )
     return scale
 
 
@@ -211,25 +251,35 @@ def check_zip(data: bytes, what: str) -> None:
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
             members = zf.infolist()
     except (zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise Refusal(422, f"unreadable_{what.lower()}",
-                           f"the {what} could not be read: {exc}") from None
+        raise Refusal(422, f"unreadable_{what.lower()}", f"the {what} could not be read: {exc}") from None
     if len(members) > MAX_ZIP_MEMBERS:
-        raise Refusal(413, "too_many_parts", f"the {what} has {len(members):,} parts; the limit is "
-                                                  f"{MAX_ZIP_MEMBERS:,}")
+        raise Refusal(
+            413, "too_many_parts", f"the {what} has {len(members):,} parts; the limit is {MAX_ZIP_MEMBERS:,}"
+        )
     total = sum(m.file_size for m in members)
     if total > MAX_ZIP_BYTES:
-        raise Refusal(413, "unpacked_too_large", f"the {what} unpacks to {total:,} bytes; the limit is "
-                                                      f"{MAX_ZIP_BYTES:,}")
+        raise Refusal(
+            413,
+            "unpacked_too_large",
+            f"the {what} unpacks to {total:,} bytes; the limit is {MAX_ZIP_BYTES:,}",
+        )
     xml = sum(m.file_size for m in members if m.filename.endswith((".xml", ".rels")))
     if xml > MAX_XML_BYTES:
-        raise Refusal(413, "unpacked_too_large", f"the {what}'s XML unpacks to {xml:,} bytes; the limit "
-                                                      f"is {MAX_XML_BYTES:,}")
+        raise Refusal(
+            413,
+            "unpacked_too_large",
+            f"the {what}'s XML unpacks to {xml:,} bytes; the limit is {MAX_XML_BYTES:,}",
+        )
     for m in members:
         if m.file_size > 2**20 and m.file_size > MAX_ZIP_RATIO * max(m.compress_size, 1):
             ratio = m.file_size // max(m.compress_size, 1)
-            raise Refusal(413, "compression_bomb", f"the {what}'s part {m.filename} unpacks {ratio:,} "
-                                                        f"times larger than it is stored; the limit is "
-                                                        f"{MAX_ZIP_RATIO}x")
+            raise Refusal(
+                413,
+                "compression_bomb",
+                f"the {what}'s part {m.filename} unpacks {ratio:,} "
+                f"times larger than it is stored; the limit is "
+                f"{MAX_ZIP_RATIO}x",
+            )
 
 
 def parse_docx(data: bytes) -> tuple[list[Page], dict[str, Any]]:
@@ -260,8 +310,34 @@ def parse_docx(data: bytes) -> tuple[list[Page], dict[str, Any]]:
     return [Page(1, "\n".join(parts))], meta
 
 
-BLOCK_TAGS = ["p", "div", "h1", "h2", "h3", "h4", "h5", "h6", "li", "tr", "td", "th", "title", "pre", "blockquote",
-              "section", "article", "header", "footer", "table", "ul", "ol", "dt", "dd", "figcaption", "hr"]
+BLOCK_TAGS = [
+    "p",
+    "div",
+    "h1",
+    "h2",
+    "h3",
+    "h4",
+    "h5",
+    "h6",
+    "li",
+    "tr",
+    "td",
+    "th",
+    "title",
+    "pre",
+    "blockquote",
+    "section",
+    "article",
+    "header",
+    "footer",
+    "table",
+    "ul",
+    "ol",
+    "dt",
+    "dd",
+    "figcaption",
+    "hr",
+]
 
 
 def _html_text(html: str) -> tuple[str, str | None]:
@@ -291,8 +367,11 @@ def parse_markdown(data: bytes) -> tuple[list[Page], dict[str, Any]]:
     source = _text(data)
     md = MarkdownIt("commonmark")
     tokens = md.parse(source)
-    headings = [t.content for i, t in enumerate(tokens)
-                if t.type == "inline" and i > 0 and tokens[i - 1].type == "heading_open"]
+    headings = [
+        t.content
+        for i, t in enumerate(tokens)
+        if t.type == "inline" and i > 0 and tokens[i - 1].type == "heading_open"
+    ]
     text, _ = _html_text(md.render(source))
     meta: dict[str, Any] = {"headings": headings}
     if headings:
@@ -306,15 +385,24 @@ def parse_text(data: bytes) -> tuple[list[Page], dict[str, Any]]:
 
 
 PARSERS: dict[str, Callable[[bytes], tuple[list[Page], dict[str, Any]]]] = {
-    DOCX: parse_docx, HTML: parse_html, MARKDOWN: parse_markdown, TEXT: parse_text}
+    DOCX: parse_docx,
+    HTML: parse_html,
+    MARKDOWN: parse_markdown,
+    TEXT: parse_text,
+}
 
 FORMAT_NAMES = {PDF: "PDF", DOCX: "DOCX", HTML: "HTML", MARKDOWN: "Markdown", TEXT: "text"}
 OcrFn = Callable[[bytes], Awaitable[dict[str, Any]]]
 
 
-async def parse_document(data: bytes, filename: str | None, content_type: str | None,
-                         ocr_image: OcrFn, ocr_pdf_pages: Callable[[bytes, list[int]], Awaitable[list[dict[str, Any]]]],
-                         ocr: str = "auto") -> dict[str, Any]:
+async def parse_document(
+    data: bytes,
+    filename: str | None,
+    content_type: str | None,
+    ocr_image: OcrFn,
+    ocr_pdf_pages: Callable[[bytes, list[int]], Awaitable[list[dict[str, Any]]]],
+    ocr: str = "auto",
+) -> dict[str, Any]:
     """Text, pages and metadata. `ocr`: "auto" (pages without text and images), "never", or "always"."""
     if ocr not in ("auto", "never", "always"):
         raise Refusal(400, "bad_ocr_mode", "ocr must be one of: auto, never, always")
@@ -324,23 +412,36 @@ async def parse_document(data: bytes, filename: str | None, content_type: str | 
         if ocr == "never":
             raise Refusal(422, "needs_ocr", "the file is an image: it has no text without OCR (ocr=auto)")
         result = await ocr_image(data)
-        pages, meta = [Page(1, result["text"], ocr=True)], {"width": result.get("width"),
-                                                           "height": result.get("height")}
+        pages, meta = (
+            [Page(1, result["text"], ocr=True)],
+            {"width": result.get("width"), "height": result.get("height")},
+        )
     elif kind == PDF:
         pages, meta = await sandbox.shared().arun("PDF parser", parse_pdf_text, data)
         wanted = [p.number for p in pages if ocr == "always" or (ocr == "auto" and not p.text)]
         if len(wanted) > MAX_OCR_PAGES:
-            raise Refusal(413, "too_many_scanned_pages",
-                               f"{len(wanted)} pages need OCR; the limit is {MAX_OCR_PAGES} per request")
+            raise Refusal(
+                413,
+                "too_many_scanned_pages",
+                f"{len(wanted)} pages need OCR; the limit is {MAX_OCR_PAGES} per request",
+            )
         if wanted:
             for page, result in zip(wanted, await ocr_pdf_pages(data, wanted), strict=True):
                 pages[page - 1] = Page(page, result["text"], ocr=True)
     else:
         pages, meta = await sandbox.shared().arun(f"{FORMAT_NAMES[kind]} parser", PARSERS[kind], data)
     text = "\n\n".join(p.text for p in pages if p.text)
-    return {"filename": filename, "content_type": kind, "size": len(data), "text": text,
-            "pages": [p.as_dict() for p in pages], "page_count": len(pages), "metadata": meta,
-            "ocr": any(p.ocr for p in pages), "characters": len(text)}
+    return {
+        "filename": filename,
+        "content_type": kind,
+        "size": len(data),
+        "text": text,
+        "pages": [p.as_dict() for p in pages],
+        "page_count": len(pages),
+        "metadata": meta,
+        "ocr": any(p.ocr for p in pages),
+        "characters": len(text),
+    }
 
 
 class Documents:
@@ -352,8 +453,9 @@ class Documents:
 
         self.ocr = as_backend(ocr)
 
-    async def parse(self, data: bytes, filename: str | None, content_type: str | None,
-                    ocr: str = "auto") -> dict[str, Any]:
+    async def parse(
+        self, data: bytes, filename: str | None, content_type: str | None, ocr: str = "auto"
+    ) -> dict[str, Any]:
         return await parse_document(data, filename, content_type, self.ocr.image, self.ocr.pdf_pages, ocr)
 
     async def check_health(self) -> None:

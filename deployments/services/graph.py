@@ -16,8 +16,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from deployments.services.db import store_endpoint
 from deployments.gateway.refusal import Refusal, unavailable
+from deployments.services.db import store_endpoint
 
 MAX_CHARS = 100_000
 LABEL = re.compile(r"^[A-Z][A-Z_]{0,30}$")  # a node label is spliced into Cypher: only spaCy-style names pass
@@ -69,12 +69,14 @@ class Graph:
 
                 try:
                     ep = self._endpoint("graph")
-                    driver = GraphDatabase.driver(f"bolt://{ep.host}:{ep.port}", auth=(ep.user, ep.password),
-                                                  connection_timeout=10)
+                    driver = GraphDatabase.driver(
+                        f"bolt://{ep.host}:{ep.port}", auth=(ep.user, ep.password), connection_timeout=10
+                    )
                     driver.verify_connectivity()
                 except Exception as exc:
-                    raise unavailable("store_unavailable", f"the graph store is not reachable yet: "
-                                                           f"{type(exc).__name__}") from None
+                    raise unavailable(
+                        "store_unavailable", f"the graph store is not reachable yet: {type(exc).__name__}"
+                    ) from None
                 self._driver, self._database = driver, ep.database
         return self._driver.session(database=self._database)
 
@@ -83,37 +85,67 @@ class Graph:
         if not text or not text.strip():
             raise Refusal(400, "empty_text", "text must not be empty")
         if len(text) > MAX_CHARS:
-            raise Refusal(413, "text_too_long", f"text is {len(text):,} characters; the limit is {MAX_CHARS:,}")
+            raise Refusal(
+                413, "text_too_long", f"text is {len(text):,} characters; the limit is {MAX_CHARS:,}"
+            )
         with self._nlp_lock:
             entities, relations = extract_entities(self.nlp, text)
         if write and entities:
             with self._session() as s:
                 s.execute_write(self._write, owner, entities, relations, source)
-        return {"entities": [{k: e[k] for k in ("name", "label", "mentions")} for e in entities],
-                "relations": [{"source": _name(entities, r["source"]),
-                               "target": _name(entities, r["target"]), "type": r["type"], "count": r["count"]}
-                              for r in relations],
-                "written": bool(write and entities)}
+        return {
+            "entities": [{k: e[k] for k in ("name", "label", "mentions")} for e in entities],
+            "relations": [
+                {
+                    "source": _name(entities, r["source"]),
+                    "target": _name(entities, r["target"]),
+                    "type": r["type"],
+                    "count": r["count"],
+                }
+                for r in relations
+            ],
+            "written": bool(write and entities),
+        }
 
     @staticmethod
-    def _write(tx: Any, owner: str, entities: list[dict[str, Any]], relations: list[dict[str, Any]],
-               source: str | None) -> None:
+    def _write(
+        tx: Any,
+        owner: str,
+        entities: list[dict[str, Any]],
+        relations: list[dict[str, Any]],
+        source: str | None,
+    ) -> None:
         # every MATCH and MERGE names the owner: a write can only ever touch the caller's own nodes and edges
-        tx.run("UNWIND $ents AS e MERGE (n:Entity {owner: $owner, key: e.key}) "
-               "ON CREATE SET n.name = e.name, n.label = e.label, n.mentions = 0 "
-               "SET n.mentions = n.mentions + e.mentions", ents=entities, owner=owner)
+        tx.run(
+            "UNWIND $ents AS e MERGE (n:Entity {owner: $owner, key: e.key}) "
+            "ON CREATE SET n.name = e.name, n.label = e.label, n.mentions = 0 "
+            "SET n.mentions = n.mentions + e.mentions",
+            ents=entities,
+            owner=owner,
+        )
         for label in sorted({e["label"] for e in entities}):
             keys = [e["key"] for e in entities if e["label"] == label]
-            tx.run(f"UNWIND $keys AS k MATCH (n:Entity {{owner: $owner, key: k}}) SET n:{label}", keys=keys,
-                   owner=owner)
+            tx.run(
+                f"UNWIND $keys AS k MATCH (n:Entity {{owner: $owner, key: k}}) SET n:{label}",
+                keys=keys,
+                owner=owner,
+            )
         if relations:
-            tx.run("UNWIND $rels AS r MATCH (a:Entity {owner: $owner, key: r.source}), "
-                   "(b:Entity {owner: $owner, key: r.target}) "
-                   "MERGE (a)-[x:CO_OCCURS {owner: $owner}]->(b) ON CREATE SET x.count = 0 "
-                   "SET x.count = x.count + r.count", rels=relations, owner=owner)
+            tx.run(
+                "UNWIND $rels AS r MATCH (a:Entity {owner: $owner, key: r.source}), "
+                "(b:Entity {owner: $owner, key: r.target}) "
+                "MERGE (a)-[x:CO_OCCURS {owner: $owner}]->(b) ON CREATE SET x.count = 0 "
+                "SET x.count = x.count + r.count",
+                rels=relations,
+                owner=owner,
+            )
         if source:
-            tx.run("UNWIND $keys AS k MATCH (n:Entity {owner: $owner, key: k}) SET n.last_source = $source",
-                   keys=[e["key"] for e in entities], source=source[:500], owner=owner)
+            tx.run(
+                "UNWIND $keys AS k MATCH (n:Entity {owner: $owner, key: k}) SET n.last_source = $source",
+                keys=[e["key"] for e in entities],
+                source=source[:500],
+                owner=owner,
+            )
 
     def query(self, owner: str, entity: str, limit: int = 25) -> dict[str, Any]:
         _check_owner(owner)
@@ -121,25 +153,47 @@ class Graph:
         if not name:
             raise Refusal(400, "empty_entity", "entity must not be empty")
         with self._session() as s:
-            rows = s.execute_read(lambda tx: [r.data() for r in tx.run(
-                "MATCH (e:Entity {owner: $owner}) WHERE toLower(e.name) = toLower($name) "
-                "MATCH (e)-[r:CO_OCCURS {owner: $owner}]-(n:Entity {owner: $owner}) "
-                "RETURN e.name AS entity, e.label AS entity_label, n.name AS name, n.label AS label, "
-                "r.count AS weight", name=name, owner=owner)])
-            found = rows or s.execute_read(lambda tx: [r.data() for r in tx.run(
-                "MATCH (e:Entity {owner: $owner}) WHERE toLower(e.name) = toLower($name) "
-                "RETURN e.name AS entity, e.label AS entity_label", name=name, owner=owner)])
+            rows = s.execute_read(
+                lambda tx: [
+                    r.data()
+                    for r in tx.run(
+                        "MATCH (e:Entity {owner: $owner}) WHERE toLower(e.name) = toLower($name) "
+                        "MATCH (e)-[r:CO_OCCURS {owner: $owner}]-(n:Entity {owner: $owner}) "
+                        "RETURN e.name AS entity, e.label AS entity_label, n.name AS name, n.label AS label, "
+                        "r.count AS weight",
+                        name=name,
+                        owner=owner,
+                    )
+                ]
+            )
+            found = rows or s.execute_read(
+                lambda tx: [
+                    r.data()
+                    for r in tx.run(
+                        "MATCH (e:Entity {owner: $owner}) WHERE toLower(e.name) = toLower($name) "
+                        "RETURN e.name AS entity, e.label AS entity_label",
+                        name=name,
+                        owner=owner,
+                    )
+                ]
+            )
         if not found:
-            raise Refusal(404, "unknown_entity", f"no entity named {name!r} in your graph; extract text "
-                                                      f"that mentions it first")
+            raise Refusal(
+                404,
+                "unknown_entity",
+                f"no entity named {name!r} in your graph; extract text that mentions it first",
+            )
         merged: dict[tuple[str, str], dict[str, Any]] = {}
         for r in rows:
             k = (r["name"], r["label"])
             m = merged.setdefault(k, {"name": r["name"], "label": r["label"], "weight": 0})
             m["weight"] += int(r["weight"] or 0)
         neighbours = sorted(merged.values(), key=lambda m: (-m["weight"], m["name"]))[:limit]
-        return {"entity": found[0]["entity"], "labels": sorted({r["entity_label"] for r in found}),
-                "neighbours": neighbours}
+        return {
+            "entity": found[0]["entity"],
+            "labels": sorted({r["entity_label"] for r in found}),
+            "neighbours": neighbours,
+        }
 
     def check_health(self) -> None:
         return None

@@ -7,10 +7,10 @@ from typing import Any
 
 from sqlalchemy import func, select
 
+from deployments.gateway.refusal import not_found
 from deployments.services import llm
 from deployments.services.backends import as_backend
 from deployments.services.db import Database, Note, store_endpoint
-from deployments.gateway.refusal import not_found
 from deployments.services.rag import collection_name
 from deployments.services.settings import ServicesSettings
 
@@ -22,7 +22,9 @@ def _source(note_id: int) -> str:
 class Notes:
     """The Serve deployment's class."""
 
-    def __init__(self, settings: dict[str, Any] | None = None, rag: Any = None, endpoint: Any = store_endpoint) -> None:
+    def __init__(
+        self, settings: dict[str, Any] | None = None, rag: Any = None, endpoint: Any = store_endpoint
+    ) -> None:
         self.settings = ServicesSettings(**(settings or {}))
         self.db = Database(self.settings.database, endpoint)
         self.rag = as_backend(rag)
@@ -30,9 +32,16 @@ class Notes:
     async def _index(self, owner: str, note: dict[str, Any]) -> None:
         if self.rag is None:
             return
-        await self.rag.ingest(collection_name("client", owner), [{
-            "text": f"{note['title']}\n\n{note['body']}", "source": _source(note["id"]),
-            "metadata": {"kind": "note", "title": note["title"]}}])
+        await self.rag.ingest(
+            collection_name("client", owner),
+            [
+                {
+                    "text": f"{note['title']}\n\n{note['body']}",
+                    "source": _source(note["id"]),
+                    "metadata": {"kind": "note", "title": note["title"]},
+                }
+            ],
+        )
 
     def _create(self, owner: str, title: str, body: str, tags: list[str]) -> dict[str, Any]:
         with self.db.sessions().begin() as s:
@@ -57,7 +66,7 @@ class Notes:
                 rows = s.scalars(q.limit(limit).offset(offset)).all()
                 return {"total": total, "notes": [r.as_dict() for r in rows]}
             tagged = [r.as_dict() for r in s.scalars(q).all() if tag in (r.tags or [])]
-        return {"total": len(tagged), "notes": tagged[offset:offset + limit]}
+        return {"total": len(tagged), "notes": tagged[offset : offset + limit]}
 
     def get(self, owner: str, note_id: int) -> dict[str, Any]:
         with self.db.sessions()() as s:
@@ -102,11 +111,17 @@ class Notes:
         import asyncio
 
         note = await asyncio.to_thread(self.get, owner, note_id)
-        summary = await llm.complete([
-            {"role": "system", "content": f"Summarize the user's note in at most {max_words} words. Use only what "
-                                          f"the note says."},
-            {"role": "user", "content": f"Title: {note['title']}\n\n{note['body']}"}],
-            max_tokens=max(32, max_words * 2))
+        summary = await llm.complete(
+            [
+                {
+                    "role": "system",
+                    "content": f"Summarize the user's note in at most {max_words} words. Use only what "
+                    f"the note says.",
+                },
+                {"role": "user", "content": f"Title: {note['title']}\n\n{note['body']}"},
+            ],
+            max_tokens=max(32, max_words * 2),
+        )
         return {"id": note_id, "summary": summary}
 
     def check_health(self) -> None:

@@ -8,8 +8,8 @@ import logging
 import threading
 from typing import Any
 
-from deployments.services import sandbox
 from deployments.gateway.refusal import Refusal
+from deployments.services import sandbox
 
 log = logging.getLogger("rma.services.ocr")
 
@@ -25,8 +25,11 @@ def load_image(data: bytes) -> Any:
     try:
         with Image.open(io.BytesIO(data)) as im:
             if im.width * im.height > MAX_PIXELS:
-                raise Refusal(413, "image_too_large",
-                                   f"the image is {im.width}x{im.height}; the limit is {MAX_PIXELS:,} pixels")
+                raise Refusal(
+                    413,
+                    "image_too_large",
+                    f"the image is {im.width}x{im.height}; the limit is {MAX_PIXELS:,} pixels",
+                )
             im.seek(0)
             rgb = im.convert("RGB")
     except UnidentifiedImageError:
@@ -86,11 +89,20 @@ class OcrEngine:
         lines = []
         if result.txts:
             for text, score, box in zip(result.txts, result.scores, result.boxes, strict=True):
-                lines.append({"text": text, "confidence": round(float(score), 4),
-                              "box": [[round(float(x), 1), round(float(y), 1)] for x, y in box]})
+                lines.append(
+                    {
+                        "text": text,
+                        "confidence": round(float(score), 4),
+                        "box": [[round(float(x), 1), round(float(y), 1)] for x, y in box],
+                    }
+                )
         h, w = image.shape[:2]
-        return {"text": "\n".join(" ".join(ln["text"] for ln in row) for row in rows(lines)), "lines": lines,
-                "width": int(w), "height": int(h)}
+        return {
+            "text": "\n".join(" ".join(ln["text"] for ln in row) for row in rows(lines)),
+            "lines": lines,
+            "width": int(w),
+            "height": int(h),
+        }
 
 
 class Ocr:
@@ -126,20 +138,28 @@ class Ocr:
         kind = detect(data, filename, content_type)
         if kind in IMAGES:
             result = self.image(data)
-            return {"content_type": kind, "text": result["text"],
-                    "pages": [{"number": 1, **result}]}
+            return {"content_type": kind, "text": result["text"], "pages": [{"number": 1, **result}]}
         if kind == PDF:
             pages, _ = sandbox.shared().run("PDF parser", parse_pdf_text, data)
             from deployments.services.documents import MAX_OCR_PAGES
 
             if len(pages) > MAX_OCR_PAGES:
-                raise Refusal(413, "too_many_pages",
-                                   f"the PDF has {len(pages)} pages; OCR takes at most {MAX_OCR_PAGES} per request")
+                raise Refusal(
+                    413,
+                    "too_many_pages",
+                    f"the PDF has {len(pages)} pages; OCR takes at most {MAX_OCR_PAGES} per request",
+                )
             results = self.pdf_pages(data, [p.number for p in pages])
-            return {"content_type": kind, "text": "\n\n".join(r["text"] for r in results if r["text"]),
-                    "pages": [{"number": r.pop("page"), **r} for r in results]}
-        raise Refusal(415, "not_an_image", f"OCR reads images and PDFs; this file is {kind} "
-                                                f"(use /api/documents/parse for it)")
+            return {
+                "content_type": kind,
+                "text": "\n\n".join(r["text"] for r in results if r["text"]),
+                "pages": [{"number": r.pop("page"), **r} for r in results],
+            }
+        raise Refusal(
+            415,
+            "not_an_image",
+            f"OCR reads images and PDFs; this file is {kind} (use /api/documents/parse for it)",
+        )
 
     def check_health(self) -> None:
         return None

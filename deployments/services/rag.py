@@ -14,8 +14,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from deployments.services.db import store_endpoint
 from deployments.gateway.refusal import Refusal, unavailable
+from deployments.services.db import store_endpoint
 from deployments.services.settings import ServicesSettings
 
 NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9_-]{0,58}[A-Za-z0-9])?$")
@@ -27,9 +27,13 @@ def collection_name(scope: str, name: str) -> str:
     if scope not in ("pub", "client"):
         raise ValueError(scope)
     if not NAME.match(name or ""):
-        raise Refusal(400, "bad_collection", f"{scope == 'client' and 'client id' or 'collection'} "
-                                                  f"{name!r} must be 1-60 letters, digits, '-' or '_', "
-                                                  f"starting and ending with a letter or digit")
+        raise Refusal(
+            400,
+            "bad_collection",
+            f"{scope == 'client' and 'client id' or 'collection'} "
+            f"{name!r} must be 1-60 letters, digits, '-' or '_', "
+            f"starting and ending with a letter or digit",
+        )
     return f"{scope}-{name}"
 
 
@@ -46,9 +50,9 @@ def _split(text: str, size: int, seps: list[str]) -> list[str]:
             pieces = [p + sep for p in parts[:-1]] + [parts[-1]]
             out: list[str] = []
             for piece in pieces:
-                out.extend(_split(piece, size, seps[i + 1:]) if len(piece) > size else [piece])
+                out.extend(_split(piece, size, seps[i + 1 :]) if len(piece) > size else [piece])
             return out
-    return [text[i:i + size] for i in range(0, len(text), size)]
+    return [text[i : i + size] for i in range(0, len(text), size)]
 
 
 def chunk_text(text: str, size: int = 800, overlap: int = 120) -> list[str]:
@@ -66,7 +70,7 @@ def chunk_text(text: str, size: int = 800, overlap: int = 120) -> list[str]:
             chunks.append(current.strip())
             tail = current[-overlap:] if overlap else ""
             cut = tail.find(" ")
-            current = (tail[cut + 1:] if 0 <= cut < len(tail) - 1 else tail) + piece
+            current = (tail[cut + 1 :] if 0 <= cut < len(tail) - 1 else tail) + piece
         else:
             current += piece
     if current.strip():
@@ -87,7 +91,9 @@ class Embedder:
 
     def __call__(self, texts: list[str]) -> list[list[float]]:
         with self._lock:
-            vectors = self.model.encode(texts, batch_size=32, normalize_embeddings=True, show_progress_bar=False)
+            vectors = self.model.encode(
+                texts, batch_size=32, normalize_embeddings=True, show_progress_bar=False
+            )
         return [v.tolist() for v in vectors]
 
 
@@ -99,8 +105,12 @@ def _ids(source: str, n: int) -> list[str]:
 class Rag:
     """The Serve deployment's class."""
 
-    def __init__(self, settings: dict[str, Any] | None = None,
-                 endpoint: Callable[[str], Any] = store_endpoint, embedder: Any = None) -> None:
+    def __init__(
+        self,
+        settings: dict[str, Any] | None = None,
+        endpoint: Callable[[str], Any] = store_endpoint,
+        embedder: Any = None,
+    ) -> None:
         self.settings = ServicesSettings(**(settings or {}))
         if embedder is None:
             from deployments.embeddings.client import PoolEmbedder
@@ -119,12 +129,14 @@ class Rag:
 
                 try:
                     ep = self._endpoint("chroma")
-                    client = chromadb.HttpClient(host=ep.host, port=ep.port,
-                                                 settings=ChromaSettings(anonymized_telemetry=False))
+                    client = chromadb.HttpClient(
+                        host=ep.host, port=ep.port, settings=ChromaSettings(anonymized_telemetry=False)
+                    )
                     client.heartbeat()
                 except Exception as exc:
-                    raise unavailable("store_unavailable", f"the Chroma store is not reachable yet: "
-                                                           f"{type(exc).__name__}") from None
+                    raise unavailable(
+                        "store_unavailable", f"the Chroma store is not reachable yet: {type(exc).__name__}"
+                    ) from None
                 self._client = client
             return self._client
 
@@ -132,8 +144,9 @@ class Rag:
         client = self._chroma()
         if create:
             # embeddings are always passed in: no embedding function, so Chroma never downloads one
-            return client.get_or_create_collection(name, embedding_function=None,
-                                                   metadata={"hnsw:space": "cosine"})
+            return client.get_or_create_collection(
+                name, embedding_function=None, metadata={"hnsw:space": "cosine"}
+            )
         try:
             return client.get_collection(name, embedding_function=None)
         except Exception:  # chromadb raises NotFoundError (or ValueError on older servers)
@@ -150,8 +163,11 @@ class Rag:
         for doc in documents:
             source = doc["source"]
             chunks = chunk_text(doc["text"], self.settings.rag_chunk_chars, self.settings.rag_chunk_overlap)
-            extra = {k: v for k, v in (doc.get("metadata") or {}).items()
-                     if isinstance(v, (str, int, float, bool)) and k not in ("source", "chunk")}
+            extra = {
+                k: v
+                for k, v in (doc.get("metadata") or {}).items()
+                if isinstance(v, (str, int, float, bool)) and k not in ("source", "chunk")
+            }
             ids += _ids(source, len(chunks))
             texts += chunks
             metas += [{**extra, "source": source, "chunk": i} for i in range(len(chunks))]
@@ -161,8 +177,12 @@ class Rag:
             return {"collection": collection, "chunks": 0, "sources": []}
         col.delete(where={"source": {"$in": names}} if len(names) > 1 else {"source": names[0]})
         for i in range(0, len(texts), 1000):  # bounded request sizes towards Chroma
-            col.add(ids=ids[i:i + 1000], documents=texts[i:i + 1000], embeddings=self.embed(texts[i:i + 1000]),
-                    metadatas=metas[i:i + 1000])
+            col.add(
+                ids=ids[i : i + 1000],
+                documents=texts[i : i + 1000],
+                embeddings=self.embed(texts[i : i + 1000]),
+                metadatas=metas[i : i + 1000],
+            )
         return {"collection": collection, "chunks": len(texts), "sources": sources}
 
     def query(self, collection: str, query: str, top_k: int = 5, missing_ok: bool = False) -> dict[str, Any]:
@@ -170,14 +190,28 @@ class Rag:
         if col is None:
             if missing_ok:
                 return {"collection": collection, "results": []}
-            raise Refusal(404, "no_collection", f"there is no collection {collection!r}: ingest into it first")
-        res = col.query(query_embeddings=self.embed([query]), n_results=top_k,
-                        include=["documents", "metadatas", "distances"])
+            raise Refusal(
+                404, "no_collection", f"there is no collection {collection!r}: ingest into it first"
+            )
+        res = col.query(
+            query_embeddings=self.embed([query]),
+            n_results=top_k,
+            include=["documents", "metadatas", "distances"],
+        )
         results = []
-        for text, meta, dist in zip(res["documents"][0], res["metadatas"][0], res["distances"][0], strict=True):
+        for text, meta, dist in zip(
+            res["documents"][0], res["metadatas"][0], res["distances"][0], strict=True
+        ):
             meta = dict(meta or {})
-            results.append({"text": text, "score": round(1.0 - float(dist), 4), "source": meta.pop("source", None),
-                            "chunk": meta.pop("chunk", None), "metadata": meta})
+            results.append(
+                {
+                    "text": text,
+                    "score": round(1.0 - float(dist), 4),
+                    "source": meta.pop("source", None),
+                    "chunk": meta.pop("chunk", None),
+                    "metadata": meta,
+                }
+            )
         return {"collection": collection, "results": results}
 
     def delete_source(self, collection: str, source: str) -> None:

@@ -43,21 +43,36 @@ CPU_LIMIT_S = int(os.environ.get("RMA_PARSER_CPU_S", "60"))
 WORKERS = int(os.environ.get("RMA_PARSER_WORKERS", "2"))
 MAX_TASKS = 200  # a worker is replaced after this many tasks: what a parser's allocator kept is given back
 # imported once in the forkserver, so that every worker forked from it starts with the parsers loaded
-PRELOAD = ["pypdf", "pypdfium2", "docx", "lxml.etree", "bs4", "markdown_it", "filetype", "PIL.Image", "numpy",
-           "deployments.services.documents", "deployments.services.ocr"]
+PRELOAD = [
+    "pypdf",
+    "pypdfium2",
+    "docx",
+    "lxml.etree",
+    "bs4",
+    "markdown_it",
+    "filetype",
+    "PIL.Image",
+    "numpy",
+    "deployments.services.documents",
+    "deployments.services.ocr",
+]
 
 
 LIMITS_CODE = "parser_limits_exceeded"
 
 
-def limits_exceeded(what: str, detail: str, memory_mb: int = MEMORY_LIMIT_MB,
-                    cpu_s: int = CPU_LIMIT_S) -> Refusal:
+def limits_exceeded(
+    what: str, detail: str, memory_mb: int = MEMORY_LIMIT_MB, cpu_s: int = CPU_LIMIT_S
+) -> Refusal:
     """The file made its parser exceed the child's memory, CPU or time limit (the child was killed): a 422
     that names the file as the cause (a Refusal, so it pickles back from a child too)."""
-    return Refusal(422, LIMITS_CODE,
-                        f"this file made the {what} exceed its limits ({detail}; at most {memory_mb} MiB "
-                        f"of memory and {cpu_s} s of CPU per file); it was not processed: send a smaller or "
-                        f"simpler file")
+    return Refusal(
+        422,
+        LIMITS_CODE,
+        f"this file made the {what} exceed its limits ({detail}; at most {memory_mb} MiB "
+        f"of memory and {cpu_s} s of CPU per file); it was not processed: send a smaller or "
+        f"simpler file",
+    )
 
 
 def _init_worker(memory_bytes: int) -> None:
@@ -81,16 +96,20 @@ def _limited(fn: Callable[..., T], what: str, memory_mb: int, cpu_s: int, args: 
     except RecursionError:
         raise limits_exceeded(what, "it is nested too deeply", memory_mb, cpu_s) from None
     except Exception as exc:  # a parser's own error on a malformed file: the caller's file, so a 4xx
-        raise Refusal(422, "unreadable_file", f"the {what} could not read this file "
-                                                   f"({type(exc).__name__}: {str(exc)[:300]})") from None
+        raise Refusal(
+            422,
+            "unreadable_file",
+            f"the {what} could not read this file ({type(exc).__name__}: {str(exc)[:300]})",
+        ) from None
 
 
 class Sandbox:
     """A pool of limited child processes; `run` (blocking) and `arun` (async) call a module-level function in
     one of them and return its result or raise its exception (Refusal included)."""
 
-    def __init__(self, workers: int = WORKERS, memory_mb: int = MEMORY_LIMIT_MB,
-                 cpu_s: int = CPU_LIMIT_S) -> None:
+    def __init__(
+        self, workers: int = WORKERS, memory_mb: int = MEMORY_LIMIT_MB, cpu_s: int = CPU_LIMIT_S
+    ) -> None:
         self.workers, self.memory_mb, self.cpu_s = workers, memory_mb, cpu_s
         self._pool: Any = None
         self._lock = threading.Lock()
@@ -105,14 +124,20 @@ class Sandbox:
 
                 ctx = multiprocessing.get_context("forkserver")
                 ctx.set_forkserver_preload(PRELOAD)
-                self._pool = ProcessPool(max_workers=self.workers, max_tasks=MAX_TASKS, context=ctx,
-                                         initializer=_init_worker, initargs=[self.memory_mb * 2**20])
+                self._pool = ProcessPool(
+                    max_workers=self.workers,
+                    max_tasks=MAX_TASKS,
+                    context=ctx,
+                    initializer=_init_worker,
+                    initargs=[self.memory_mb * 2**20],
+                )
             return self._pool
 
     def _schedule(self, what: str, fn: Callable[..., T], args: tuple[Any, ...]) -> Any:
         # wall-clock backstop: the CPU limit ends a busy child; this ends one that waits
-        return self._get().schedule(_limited, args=[fn, what, self.memory_mb, self.cpu_s, args],
-                                    timeout=self.cpu_s * 2 + 10)
+        return self._get().schedule(
+            _limited, args=[fn, what, self.memory_mb, self.cpu_s, args], timeout=self.cpu_s * 2 + 10
+        )
 
     def _outcome(self, what: str, future: Any) -> Any:
         from pebble import ProcessExpired
@@ -120,15 +145,17 @@ class Sandbox:
         try:
             return future.result()
         except ProcessExpired as exc:
-            log.warning("a %s child died (exit code %s): the file is refused, not retried", what,
-                        exc.exitcode)
+            log.warning(
+                "a %s child died (exit code %s): the file is refused, not retried", what, exc.exitcode
+            )
             raise limits_exceeded(what, _why(exc.exitcode), self.memory_mb, self.cpu_s) from None
         except FutureTimeout:
             raise limits_exceeded(what, "it ran past the time limit", self.memory_mb, self.cpu_s) from None
         except BrokenProcessPool as exc:  # no worker could start (not the file's doing): replaced next call
             log.error("the %s pool is broken: %s", what, exc)
-            raise Refusal(503, "parser_unavailable", f"the {what} could not start a worker process; "
-                                                          f"retry shortly", 5) from None
+            raise Refusal(
+                503, "parser_unavailable", f"the {what} could not start a worker process; retry shortly", 5
+            ) from None
 
     def run(self, what: str, fn: Callable[..., T], *args: Any) -> T:
         return self._outcome(what, self._schedule(what, fn, args))  # type: ignore[no-any-return]

@@ -24,8 +24,12 @@ class Limits(BaseModel):
 
 
 def _limits(ongoing: int, queued: int, target: float, max_replicas: int = 4) -> Limits:
-    return Limits(max_ongoing_requests=ongoing, max_queued_requests=queued, target_ongoing_requests=target,
-                  max_replicas=max_replicas)
+    return Limits(
+        max_ongoing_requests=ongoing,
+        max_queued_requests=queued,
+        target_ongoing_requests=target,
+        max_replicas=max_replicas,
+    )
 
 
 class ServicesSettings(BaseSettings):
@@ -36,17 +40,24 @@ class ServicesSettings(BaseSettings):
     data_selector: dict[str, str] = Field(default_factory=lambda: {LABEL_TIER: "data", LABEL_TRUSTED: "true"})
     # what holds a store password or clients' data (rag, client RAG, notes, graph, the gateway) stays on
     # trusted service nodes: store supervisors hand credentials to trusted nodes only
-    client_data_selector: dict[str, str] = Field(default_factory=lambda: {LABEL_TIER: "service",
-                                                                          LABEL_TRUSTED: "true"})
+    client_data_selector: dict[str, str] = Field(
+        default_factory=lambda: {LABEL_TIER: "service", LABEL_TRUSTED: "true"}
+    )
 
     # the gateway is async and only waits on handles: it can hold many requests; the CPU-bound deployments
     # (parse, OCR, embeddings, NER) are kept near their core count so that a queue forms where it can be bounded
     # two gateway replicas from the start: on a 2-core box one replica's event loop is the ceiling of the whole
     # API (bench.services, HAProxy mode: 0.33-0.51x of plain uvicorn with one, 0.41-0.73x with two, over three
     # runs on a shared box), and a replica that dies leaves one
-    gateway: Limits = Field(default_factory=lambda: Limits(max_ongoing_requests=256, max_queued_requests=512,
-                                                           target_ongoing_requests=64.0, min_replicas=2,
-                                                           max_replicas=4))
+    gateway: Limits = Field(
+        default_factory=lambda: Limits(
+            max_ongoing_requests=256,
+            max_queued_requests=512,
+            target_ongoing_requests=64.0,
+            min_replicas=2,
+            max_replicas=4,
+        )
+    )
     documents: Limits = Field(default_factory=lambda: _limits(4, 64, 2.0))
     ocr: Limits = Field(default_factory=lambda: _limits(2, 32, 1.0))
     uploads: Limits = Field(default_factory=lambda: _limits(16, 128, 8.0, max_replicas=1))
@@ -54,21 +65,37 @@ class ServicesSettings(BaseSettings):
     rag: Limits = Field(default_factory=lambda: _limits(8, 128, 4.0))
     graph: Limits = Field(default_factory=lambda: _limits(8, 128, 4.0))
 
-    ingress_env: dict[str, str] = Field(default_factory=lambda: dict(INGRESS_REPLICA_ENV), description="Serve "
-                                        "settings of the gateway replicas (rma_ray.serve_admin: an HTTP server for "
-                                        "the head's HAProxy); {} when Serve runs its Python proxy only")
-    replica_env: dict[str, str] = Field(default_factory=dict, description="extra environment of every replica "
-                                        "(e.g. RMA_COORDINATOR_URL and RMA_KEYRING_CREDENTIAL_FILE: a path, "
-                                        "never a secret)")
-    client_rate: str | None = Field(default="1200/minute", description="requests per client key per gateway "
-                                    "replica (the `limits` library's notation); None: no per-client limit")
+    ingress_env: dict[str, str] = Field(
+        default_factory=lambda: dict(INGRESS_REPLICA_ENV),
+        description="Serve "
+        "settings of the gateway replicas (rma_ray.serve_admin: an HTTP server for "
+        "the head's HAProxy); {} when Serve runs its Python proxy only",
+    )
+    replica_env: dict[str, str] = Field(
+        default_factory=dict,
+        description="extra environment of every replica "
+        "(e.g. RMA_COORDINATOR_URL and RMA_KEYRING_CREDENTIAL_FILE: a path, "
+        "never a secret)",
+    )
+    client_rate: str | None = Field(
+        default="1200/minute",
+        description="requests per client key per gateway "
+        "replica (the `limits` library's notation); None: no per-client limit",
+    )
     access_log: bool = Field(default=True, description="Serve's per-request access log lines of the replicas")
     retry_after_s: float = Field(default=2.0, ge=0, description="Retry-After on a 503 for a full queue")
-    request_timeout_s: float = Field(default=120.0, gt=0, description="the gateway's limit on one backend call")
+    request_timeout_s: float = Field(
+        default=120.0, gt=0, description="the gateway's limit on one backend call"
+    )
     upload_max_bytes: int = Field(default=25 * 1024 * 1024, ge=1024)
-    uploads_dir: str | None = Field(default=None, description="content-addressed bytes; default <stores dir>/uploads")
-    database: str = Field(default="rma_services", pattern=r"^[a-z_][a-z0-9_]{0,62}$",
-                          description="the Postgres database of uploads and notes (created if missing)")
+    uploads_dir: str | None = Field(
+        default=None, description="content-addressed bytes; default <stores dir>/uploads"
+    )
+    database: str = Field(
+        default="rma_services",
+        pattern=r"^[a-z_][a-z0-9_]{0,62}$",
+        description="the Postgres database of uploads and notes (created if missing)",
+    )
     rag_chunk_chars: int = Field(default=800, ge=100, le=8000)
     rag_chunk_overlap: int = Field(default=120, ge=0, le=2000)
     llm_timeout_s: float = Field(default=120.0, gt=0)

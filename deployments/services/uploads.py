@@ -10,9 +10,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from deployments.gateway.refusal import Refusal, not_found
 from deployments.services.db import Database, Upload, store_endpoint
 from deployments.services.documents import detect
-from deployments.gateway.refusal import Refusal, not_found
 from deployments.services.settings import ServicesSettings
 
 UPLOAD_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -64,18 +64,28 @@ class Uploads:
 
     def __init__(self, settings: dict[str, Any] | None = None, endpoint: Any = store_endpoint) -> None:
         self.settings = ServicesSettings(**(settings or {}))
-        self.blobs = BlobStore(Path(self.settings.uploads_dir) if self.settings.uploads_dir else default_uploads_dir())
+        self.blobs = BlobStore(
+            Path(self.settings.uploads_dir) if self.settings.uploads_dir else default_uploads_dir()
+        )
         self.db = Database(self.settings.database, endpoint)
 
     def put(self, data: bytes, filename: str | None, content_type: str | None, owner: str) -> dict[str, Any]:
         if len(data) > self.settings.upload_max_bytes:
-            raise Refusal(413, "file_too_large", f"the file is {len(data):,} bytes; the limit is "
-                                                      f"{self.settings.upload_max_bytes:,}")
+            raise Refusal(
+                413,
+                "file_too_large",
+                f"the file is {len(data):,} bytes; the limit is {self.settings.upload_max_bytes:,}",
+            )
         kind = detect(data, filename, content_type)  # refuses types we cannot use, and lies about the type
         sha = self.blobs.put(data)
         with self.db.sessions().begin() as s:
-            row = Upload(sha256=sha, owner=owner, filename=(filename or None) and filename[:500],
-                         content_type=kind, size=len(data))
+            row = Upload(
+                sha256=sha,
+                owner=owner,
+                filename=(filename or None) and filename[:500],
+                content_type=kind,
+                size=len(data),
+            )
             s.add(row)
             s.flush()
             return row.as_dict()
@@ -97,8 +107,9 @@ class Uploads:
         try:
             return row.as_dict(), self.blobs.read(row.sha256)
         except FileNotFoundError:
-            raise Refusal(410, "upload_gone", f"the bytes of upload {upload_id} are no longer on this "
-                                                   f"volume") from None
+            raise Refusal(
+                410, "upload_gone", f"the bytes of upload {upload_id} are no longer on this volume"
+            ) from None
 
     def check_health(self) -> None:
         if not os.access(self.blobs.root, os.W_OK):

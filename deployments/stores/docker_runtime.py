@@ -46,7 +46,9 @@ class ContainerSpec:
     uid: int
     prepare: Callable[[DockerRuntime, Path], tuple[list[str], dict[str, str]]]
     stop_timeout: int = 30
-    side_ports: Callable[[DockerRuntime], list[tuple[str, int]]] | None = None  # bound besides the store's port
+    side_ports: Callable[[DockerRuntime], list[tuple[str, int]]] | None = (
+        None  # bound besides the store's port
+    )
 
 
 def _write_private(path: Path, text: str, uid: int) -> None:
@@ -57,10 +59,13 @@ def _write_private(path: Path, text: str, uid: int) -> None:
 
 
 def _prepare_redis(rt: DockerRuntime, data: Path) -> tuple[list[str], dict[str, str]]:
-    _write_private(data / "redis.conf",
-                   f"bind {rt.host}\nport {rt.port}\ndir {MOUNT}\nrequirepass {rt.creds['password']}\n"
-                   "appendonly yes\nappendfsync everysec\nprotected-mode yes\ndaemonize no\nsave \"\"\n"
-                   "unixsocket /run/redis/redis.sock\nunixsocketperm 700\n", rt.spec.uid)
+    _write_private(
+        data / "redis.conf",
+        f"bind {rt.host}\nport {rt.port}\ndir {MOUNT}\nrequirepass {rt.creds['password']}\n"
+        'appendonly yes\nappendfsync everysec\nprotected-mode yes\ndaemonize no\nsave ""\n'
+        "unixsocket /run/redis/redis.sock\nunixsocketperm 700\n",
+        rt.spec.uid,
+    )
     return ["redis-server", f"{MOUNT}/redis.conf"], {}
 
 
@@ -70,21 +75,48 @@ def _prepare_postgres(rt: DockerRuntime, data: Path) -> tuple[list[str], dict[st
         pwfile = data / ".pwfile"
         _write_private(pwfile, rt.creds["password"] + "\n", rt.spec.uid)
         try:
-            rt.run_once("init", ["initdb", "-D", f"{MOUNT}/pgdata", "-U", rt.creds["user"],
-                                 "--pwfile", f"{MOUNT}/.pwfile", "--auth=scram-sha-256", "-E", "UTF8"])
+            rt.run_once(
+                "init",
+                [
+                    "initdb",
+                    "-D",
+                    f"{MOUNT}/pgdata",
+                    "-U",
+                    rt.creds["user"],
+                    "--pwfile",
+                    f"{MOUNT}/.pwfile",
+                    "--auth=scram-sha-256",
+                    "-E",
+                    "UTF8",
+                ],
+            )
         finally:
             pwfile.unlink(missing_ok=True)
         # initdb lets only local addresses in; services connect over the network, with the password
         with open(data / "pgdata" / "pg_hba.conf", "a") as f:
             f.write("host all all all scram-sha-256\n")
-    return (["postgres", "-D", f"{MOUNT}/pgdata", "-p", str(rt.port), "-c", f"listen_addresses={rt.host}",
-             "-k", "/run/postgresql"], {"PGPORT": str(rt.port)})
+    return (
+        [
+            "postgres",
+            "-D",
+            f"{MOUNT}/pgdata",
+            "-p",
+            str(rt.port),
+            "-c",
+            f"listen_addresses={rt.host}",
+            "-k",
+            "/run/postgresql",
+        ],
+        {"PGPORT": str(rt.port)},
+    )
 
 
 def _prepare_chroma(rt: DockerRuntime, data: Path) -> tuple[list[str], dict[str, str]]:
     # Chroma 1.x has no authentication: bound to the node's pool address only, as under the process runtime
-    return (["run", "--path", f"{MOUNT}/chroma", "--host", rt.host, "--port", str(rt.port)],
-            {"RMA_HOST": rt.host, "RMA_PORT": str(rt.port)})
+    return (
+        ["run", "--path", f"{MOUNT}/chroma", "--host", rt.host, "--port", str(rt.port)],
+        {"RMA_HOST": rt.host, "RMA_PORT": str(rt.port)},
+    )
 
 
 def _prepare_graph(rt: DockerRuntime, data: Path) -> tuple[list[str], dict[str, str]]:
@@ -104,16 +136,29 @@ def _prepare_graph(rt: DockerRuntime, data: Path) -> tuple[list[str], dict[str, 
         "arcadedb.bolt.port": rt.port,
         "arcadedb.server.defaultDatabases": f"{kind.database}[root]",
     }
-    return ([f"-Xmx{kind.heap}", "-cp", "/opt/arcadedb/jars/*", *(f"-D{k}={v}" for k, v in props.items()),
-             "com.arcadedb.server.ArcadeDBServer"], {"RMA_HTTP_PORT": str(rt.port + 1)})
+    return (
+        [
+            f"-Xmx{kind.heap}",
+            "-cp",
+            "/opt/arcadedb/jars/*",
+            *(f"-D{k}={v}" for k, v in props.items()),
+            "com.arcadedb.server.ArcadeDBServer",
+        ],
+        {"RMA_HTTP_PORT": str(rt.port + 1)},
+    )
 
 
 SPECS: dict[str, ContainerSpec] = {
     "redis": ContainerSpec("rma-store-redis:latest", 999, _prepare_redis),
     "postgres": ContainerSpec("rma-store-postgres:latest", 999, _prepare_postgres, stop_timeout=60),
     "chroma": ContainerSpec("rma-store-chroma:latest", 999, _prepare_chroma),
-    "graph": ContainerSpec("rma-store-graph:latest", 999, _prepare_graph, stop_timeout=60,
-                           side_ports=lambda rt: [("127.0.0.1", rt.port + 1)]),  # ArcadeDB's HTTP
+    "graph": ContainerSpec(
+        "rma-store-graph:latest",
+        999,
+        _prepare_graph,
+        stop_timeout=60,
+        side_ports=lambda rt: [("127.0.0.1", rt.port + 1)],
+    ),  # ArcadeDB's HTTP
 }
 
 
@@ -139,8 +184,10 @@ def docker_client() -> Any:
         client.ping()
         return client
     except docker.errors.DockerException as exc:
-        raise StoreError(f"docker daemon unreachable at {where} ({_short(exc)}): start dockerd or set DOCKER_HOST "
-                         f"for the Ray node, or run the store with runtime 'process'") from None
+        raise StoreError(
+            f"docker daemon unreachable at {where} ({_short(exc)}): start dockerd or set DOCKER_HOST "
+            f"for the Ray node, or run the store with runtime 'process'"
+        ) from None
 
 
 def _short(exc: BaseException) -> str:
@@ -153,8 +200,10 @@ class DockerRuntime:
 
     def __init__(self, kind: Any, volume: Path, host: str, port: int, creds: dict[str, str]) -> None:
         if kind.name not in SPECS:
-            raise StoreError(f"no container image for the {kind.name} store yet; known: {', '.join(SPECS)}; "
-                             f"run it with runtime 'process'")
+            raise StoreError(
+                f"no container image for the {kind.name} store yet; known: {', '.join(SPECS)}; "
+                f"run it with runtime 'process'"
+            )
         self.kind, self.volume, self.host, self.port, self.creds = kind, Path(volume), host, port, creds
         self.spec = SPECS[kind.name]
         self.data = self.volume / "container"
@@ -174,13 +223,22 @@ class DockerRuntime:
         return self._client
 
     def labels(self, role: str = "store") -> dict[str, str]:
-        return {LABEL_STORE: self.kind.name, LABEL_VOLUME: str(self.volume), LABEL_SUPERVISOR: self.supervisor,
-                LABEL_ENDPOINT: f"{self.host}:{self.port}", LABEL_ROLE: role}
+        return {
+            LABEL_STORE: self.kind.name,
+            LABEL_VOLUME: str(self.volume),
+            LABEL_SUPERVISOR: self.supervisor,
+            LABEL_ENDPOINT: f"{self.host}:{self.port}",
+            LABEL_ROLE: role,
+        }
 
     def _ours(self, all_states: bool = True) -> list[Any]:
         """Containers labelled for this store on this volume (any supervisor)."""
-        return list(self.client.containers.list(all=all_states, filters={"label": [
-            f"{LABEL_STORE}={self.kind.name}", f"{LABEL_VOLUME}={self.volume}"]}))
+        return list(
+            self.client.containers.list(
+                all=all_states,
+                filters={"label": [f"{LABEL_STORE}={self.kind.name}", f"{LABEL_VOLUME}={self.volume}"]},
+            )
+        )
 
     def _save_logs(self, container: Any) -> None:
         """Keep the container's last output next to the data: the supervisor's errors point at this file."""
@@ -214,15 +272,23 @@ class DockerRuntime:
         except docker.errors.NotFound:
             pass
         c = self.client.containers.create(
-            self.spec.image, command, name=f"{self.container_name}-{step}", labels=self.labels(step),
-            user=f"{self.spec.uid}:{self.spec.uid}", network_mode="none", healthcheck={"Test": ["NONE"]},
-            volumes={str(self.data): {"bind": MOUNT, "mode": "rw"}})
+            self.spec.image,
+            command,
+            name=f"{self.container_name}-{step}",
+            labels=self.labels(step),
+            user=f"{self.spec.uid}:{self.spec.uid}",
+            network_mode="none",
+            healthcheck={"Test": ["NONE"]},
+            volumes={str(self.data): {"bind": MOUNT, "mode": "rw"}},
+        )
         try:
             c.start()
             code = c.wait(timeout=timeout).get("StatusCode")
             if code != 0:
                 tail = c.logs(tail=20).decode(errors="replace").strip()[-300:]
-                raise StoreError(f"{self.kind.name}: {command[0]} in the container failed (exit {code}): {tail}")
+                raise StoreError(
+                    f"{self.kind.name}: {command[0]} in the container failed (exit {code}): {tail}"
+                )
         finally:
             try:
                 c.remove(force=True)
@@ -238,8 +304,12 @@ class DockerRuntime:
             for c in self._ours(all_states=False):
                 labels = c.labels
                 health = c.attrs["State"].get("Health", {}).get("Status")
-                if (c.name == self.container_name and labels.get(LABEL_ROLE) == "store"
-                        and labels.get(LABEL_ENDPOINT) == f"{self.host}:{self.port}" and health != "unhealthy"):
+                if (
+                    c.name == self.container_name
+                    and labels.get(LABEL_ROLE) == "store"
+                    and labels.get(LABEL_ENDPOINT) == f"{self.host}:{self.port}"
+                    and health != "unhealthy"
+                ):
                     self.container, self._pid = c, c.attrs["State"].get("Pid") or None
                     return True
         except StoreError:
@@ -275,26 +345,39 @@ class DockerRuntime:
             self._remove(client.containers.get(self.container_name))  # an exited or unadoptable predecessor
         except docker.errors.NotFound:
             pass
-        for host, port in [(self.host, self.port), *(self.spec.side_ports(self) if self.spec.side_ports else [])]:
+        for host, port in [
+            (self.host, self.port),
+            *(self.spec.side_ports(self) if self.spec.side_ports else []),
+        ]:
             if not port_free(host, port):
-                raise StoreError(f"port {port} on {host} is taken by another program; free it or give the "
-                                 f"{self.kind.name} store another port (rma up --store-port {self.kind.name}=<port>)")
+                raise StoreError(
+                    f"port {port} on {host} is taken by another program; free it or give the "
+                    f"{self.kind.name} store another port (rma up --store-port {self.kind.name}=<port>)"
+                )
         try:
             client.images.get(self.spec.image)
         except docker.errors.ImageNotFound:
-            raise StoreError(f"image {self.spec.image} is missing on this node's Docker: build it with "
-                             f"`{BUILD_HINT} {self.kind.name}` (DOCKER_HOST={os.environ.get('DOCKER_HOST', '')!s})"
-                             ) from None
+            raise StoreError(
+                f"image {self.spec.image} is missing on this node's Docker: build it with "
+                f"`{BUILD_HINT} {self.kind.name}` (DOCKER_HOST={os.environ.get('DOCKER_HOST', '')!s})"
+            ) from None
         self.data.mkdir(parents=True, exist_ok=True)
         os.chown(self.data, self.spec.uid, self.spec.uid)
         self.data.chmod(0o700)
         try:
             command, env = self.spec.prepare(self, self.data)
             self.container = client.containers.create(
-                self.spec.image, command, name=self.container_name, labels=self.labels(), environment=env,
-                user=f"{self.spec.uid}:{self.spec.uid}", network_mode="host",
-                volumes={str(self.data): {"bind": MOUNT, "mode": "rw"}}, restart_policy={"Name": "no"},
-                log_config={"Type": "json-file", "Config": {"max-size": "10m", "max-file": "2"}})
+                self.spec.image,
+                command,
+                name=self.container_name,
+                labels=self.labels(),
+                environment=env,
+                user=f"{self.spec.uid}:{self.spec.uid}",
+                network_mode="host",
+                volumes={str(self.data): {"bind": MOUNT, "mode": "rw"}},
+                restart_policy={"Name": "no"},
+                log_config={"Type": "json-file", "Config": {"max-size": "10m", "max-file": "2"}},
+            )
             self.container.start()
             self.container.reload()
             self._pid = self.container.attrs["State"].get("Pid") or None
@@ -354,9 +437,13 @@ class DockerRuntime:
         if "no space left" in low:
             return StoreError(f"disk full while starting the {self.kind.name} container: {text}")
         if "address already in use" in low:
-            return StoreError(f"port {self.port} on {self.host} is taken by another program; free it or give the "
-                              f"{self.kind.name} store another port (rma up --store-port {self.kind.name}=<port>)")
+            return StoreError(
+                f"port {self.port} on {self.host} is taken by another program; free it or give the "
+                f"{self.kind.name} store another port (rma up --store-port {self.kind.name}=<port>)"
+            )
         if "no such image" in low:
-            return StoreError(f"image {self.spec.image} is missing on this node's Docker: build it with "
-                              f"`{BUILD_HINT} {self.kind.name}`")
+            return StoreError(
+                f"image {self.spec.image} is missing on this node's Docker: build it with "
+                f"`{BUILD_HINT} {self.kind.name}`"
+            )
         return StoreError(f"docker could not start the {self.kind.name} container: {text}")

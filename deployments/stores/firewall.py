@@ -37,16 +37,22 @@ def render(store: str, port: int, allowed: Iterable[str]) -> str:
     v4 = ", ".join(str(a) for a in addrs if a.version == 4)
     v6 = ", ".join(str(a) for a in addrs if a.version == 6)
     t = table_name(store)
-    lines = [f"table inet {t} {{}}", f"delete table inet {t}", f"table inet {t} {{",
-             f"  set trusted4 {{ type ipv4_addr;" + (f" elements = {{ {v4} }};" if v4 else "") + " }",
-             f"  set trusted6 {{ type ipv6_addr;" + (f" elements = {{ {v6} }};" if v6 else "") + " }",
-             "  chain input {",
-             "    type filter hook input priority filter - 4; policy accept;",
-             "    iifname \"lo\" accept",
-             f"    tcp dport {port} ip saddr @trusted4 accept",
-             f"    tcp dport {port} ip6 saddr @trusted6 accept",
-             f"    tcp dport {port} counter drop",
-             "  }", "}", ""]
+    lines = [
+        f"table inet {t} {{}}",
+        f"delete table inet {t}",
+        f"table inet {t} {{",
+        "  set trusted4 { type ipv4_addr;" + (f" elements = {{ {v4} }};" if v4 else "") + " }",
+        "  set trusted6 { type ipv6_addr;" + (f" elements = {{ {v6} }};" if v6 else "") + " }",
+        "  chain input {",
+        "    type filter hook input priority filter - 4; policy accept;",
+        '    iifname "lo" accept',
+        f"    tcp dport {port} ip saddr @trusted4 accept",
+        f"    tcp dport {port} ip6 saddr @trusted6 accept",
+        f"    tcp dport {port} counter drop",
+        "  }",
+        "}",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -74,8 +80,10 @@ def wanted(data_dir: Path | None, env: dict[str, str] | None = None) -> bool:
         return mode == "on"
     if data_dir is None:
         return False
-    for name, read in (("membership.json", lambda d: (d.get("extra") or {}).get("overlay")),
-                       ("service.json", lambda d: d.get("overlay"))):
+    for name, read in (
+        ("membership.json", lambda d: (d.get("extra") or {}).get("overlay")),
+        ("service.json", lambda d: d.get("overlay")),
+    ):
         try:
             if read(json.loads((data_dir / name).read_text())):
                 return True
@@ -91,8 +99,9 @@ class StoreFirewall:
     def __init__(self, store: str, port: int, enabled: bool) -> None:
         self.store, self.port, self.enabled = store, port, enabled
         self.allowed: list[str] | None = None
-        self.state = ("off: not installed yet" if enabled
-                      else "off: not wanted on this node (RMA_STORE_FIREWALL)")
+        self.state = (
+            "off: not installed yet" if enabled else "off: not wanted on this node (RMA_STORE_FIREWALL)"
+        )
         self._warned = False
 
     def apply(self, allowed: list[str]) -> None:
@@ -104,8 +113,9 @@ class StoreFirewall:
         else:
             try:
                 rules = render(self.store, self.port, allowed)
-                r = subprocess.run(["nft", "-f", "-"], input=rules, text=True, capture_output=True,
-                                   timeout=20)
+                r = subprocess.run(
+                    ["nft", "-f", "-"], input=rules, text=True, capture_output=True, timeout=20
+                )
                 if r.returncode != 0:
                     why = ((r.stderr or r.stdout).strip().splitlines() or ["nft failed"])[-1][:300]
             except FileNotFoundError:
@@ -123,6 +133,7 @@ class StoreFirewall:
 
     def remove(self) -> None:
         if self.enabled and self.allowed is not None:
-            subprocess.run(["nft", "delete", "table", "inet", table_name(self.store)], capture_output=True,
-                           timeout=20)
+            subprocess.run(
+                ["nft", "delete", "table", "inet", table_name(self.store)], capture_output=True, timeout=20
+            )
             self.allowed = None

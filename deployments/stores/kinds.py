@@ -85,13 +85,17 @@ class Redis:
         if not shutil.which("redis-server"):
             raise FileNotFoundError("redis-server not found: install Debian's redis-server on this donor")
 
-    def argv(self, volume: Path, host: str, port: int, creds: dict[str, str]) -> tuple[list[str], dict[str, Any]]:
+    def argv(
+        self, volume: Path, host: str, port: int, creds: dict[str, str]
+    ) -> tuple[list[str], dict[str, Any]]:
         conf = volume / "redis.conf"
         # the password goes in a 0600 config file, not on the command line
         fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            f.write(f"bind {host}\nport {port}\ndir {volume}\nrequirepass {creds['password']}\n"
-                    "appendonly yes\nappendfsync everysec\nprotected-mode yes\ndaemonize no\nsave \"\"\n")
+            f.write(
+                f"bind {host}\nport {port}\ndir {volume}\nrequirepass {creds['password']}\n"
+                'appendonly yes\nappendfsync everysec\nprotected-mode yes\ndaemonize no\nsave ""\n'
+            )
         return ["redis-server", str(conf)], {}
 
     def ready(self, ep: Endpoint) -> bool:
@@ -118,8 +122,10 @@ class Postgres:
         if as_user:
             shutil.chown(volume, "postgres", "postgres")
             if subprocess.run(["test", "-w", str(volume)], **as_user).returncode != 0:
-                raise FileNotFoundError(f"the postgres user cannot reach {volume}: put store volumes on a path it "
-                                        f"can traverse (RMA_STORES_DIR, default /var/lib/rma/stores for root)")
+                raise FileNotFoundError(
+                    f"the postgres user cannot reach {volume}: put store volumes on a path it "
+                    f"can traverse (RMA_STORES_DIR, default /var/lib/rma/stores for root)"
+                )
         pwfile = volume / ".pwfile"
         fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -127,23 +133,58 @@ class Postgres:
         if as_user:
             shutil.chown(pwfile, "postgres", "postgres")
         try:
-            subprocess.run([_pg_bin("initdb"), "-D", str(data), "-U", creds["user"], "--pwfile", str(pwfile),
-                            "--auth=scram-sha-256", "-E", "UTF8"], check=True, capture_output=True, **as_user)
+            subprocess.run(
+                [
+                    _pg_bin("initdb"),
+                    "-D",
+                    str(data),
+                    "-U",
+                    creds["user"],
+                    "--pwfile",
+                    str(pwfile),
+                    "--auth=scram-sha-256",
+                    "-E",
+                    "UTF8",
+                ],
+                check=True,
+                capture_output=True,
+                **as_user,
+            )
         finally:
             pwfile.unlink(missing_ok=True)
         # initdb only lets local addresses in; services connect over the network, with the password
         with open(data / "pg_hba.conf", "a") as f:
             f.write("host all all all scram-sha-256\n")
 
-    def argv(self, volume: Path, host: str, port: int, creds: dict[str, str]) -> tuple[list[str], dict[str, Any]]:
-        return ([_pg_bin("postgres"), "-D", str(volume / "pgdata"), "-p", str(port), "-k", str(volume),
-                 "-c", f"listen_addresses={host}"], _as_postgres_user())
+    def argv(
+        self, volume: Path, host: str, port: int, creds: dict[str, str]
+    ) -> tuple[list[str], dict[str, Any]]:
+        return (
+            [
+                _pg_bin("postgres"),
+                "-D",
+                str(volume / "pgdata"),
+                "-p",
+                str(port),
+                "-k",
+                str(volume),
+                "-c",
+                f"listen_addresses={host}",
+            ],
+            _as_postgres_user(),
+        )
 
     def ready(self, ep: Endpoint) -> bool:
         import psycopg
 
-        with psycopg.connect(host=ep.host, port=ep.port, user=ep.user, password=ep.password, dbname="postgres",
-                             connect_timeout=2) as c:
+        with psycopg.connect(
+            host=ep.host,
+            port=ep.port,
+            user=ep.user,
+            password=ep.password,
+            dbname="postgres",
+            connect_timeout=2,
+        ) as c:
             return c.execute("SELECT 1").fetchone() == (1,)
 
     def endpoint(self, host: str, port: int, creds: dict[str, str]) -> Endpoint:
@@ -161,7 +202,9 @@ class Chroma:
         if not _chroma_bin():
             raise FileNotFoundError("the `chroma` command was not found: pip install chromadb on this donor")
 
-    def argv(self, volume: Path, host: str, port: int, creds: dict[str, str]) -> tuple[list[str], dict[str, Any]]:
+    def argv(
+        self, volume: Path, host: str, port: int, creds: dict[str, str]
+    ) -> tuple[list[str], dict[str, Any]]:
         import importlib.util
         import sys
 
@@ -169,8 +212,12 @@ class Chroma:
         if importlib.util.find_spec("chromadb_rust_bindings") is not None:
             # the Rust server straight from its bindings: the `chroma` script imports the whole Python client
             # first (5-9 s here against under 1 s)
-            return [sys.executable, "-c", "import sys, chromadb_rust_bindings as b; b.cli(['chroma', *sys.argv[1:]])",
-                    *args], {}
+            return [
+                sys.executable,
+                "-c",
+                "import sys, chromadb_rust_bindings as b; b.cli(['chroma', *sys.argv[1:]])",
+                *args,
+            ], {}
         return [str(_chroma_bin()), *args], {}
 
     def ready(self, ep: Endpoint) -> bool:
@@ -221,7 +268,9 @@ class Graph:
             with os.fdopen(fd, "w") as f:
                 f.write(creds["password"])
 
-    def argv(self, volume: Path, host: str, port: int, creds: dict[str, str]) -> tuple[list[str], dict[str, Any]]:
+    def argv(
+        self, volume: Path, host: str, port: int, creds: dict[str, str]
+    ) -> tuple[list[str], dict[str, Any]]:
         home = self._home()
         props = {
             "arcadedb.server.rootPath": volume / "arcadedb",
@@ -235,14 +284,27 @@ class Graph:
             "arcadedb.bolt.port": port,
             "arcadedb.server.defaultDatabases": f"{self.database}[root]",
         }
-        return ([str(home / "jre" / "bin" / "java"), f"-Xmx{self.heap}", "-cp", str(home / "jars" / "*"),
-                 *(f"-D{k}={v}" for k, v in props.items()), "com.arcadedb.server.ArcadeDBServer"], {})
+        return (
+            [
+                str(home / "jre" / "bin" / "java"),
+                f"-Xmx{self.heap}",
+                "-cp",
+                str(home / "jars" / "*"),
+                *(f"-D{k}={v}" for k, v in props.items()),
+                "com.arcadedb.server.ArcadeDBServer",
+            ],
+            {},
+        )
 
     def ready(self, ep: Endpoint) -> bool:
         from neo4j import GraphDatabase
 
-        with GraphDatabase.driver(f"bolt://{ep.host}:{ep.port}", auth=(ep.user, ep.password),
-                                  connection_timeout=2) as d, d.session(database=ep.database) as s:
+        with (
+            GraphDatabase.driver(
+                f"bolt://{ep.host}:{ep.port}", auth=(ep.user, ep.password), connection_timeout=2
+            ) as d,
+            d.session(database=ep.database) as s,
+        ):
             return s.run("RETURN 1 AS ok").single()["ok"] == 1  # type: ignore[index]
 
     def endpoint(self, host: str, port: int, creds: dict[str, str]) -> Endpoint:

@@ -49,19 +49,30 @@ class ProcessRuntime:
         if shutil.disk_usage(self.volume).free < MIN_FREE_BYTES:
             raise StoreError(f"disk full: less than {MIN_FREE_BYTES >> 20} MiB free under {self.volume}")
         if not port_free(self.host, self.port):
-            raise StoreError(f"port {self.port} on {self.host} is taken by another program; "
-                             f"free it or give the {self.kind.name} store another port "
-                             f"(rma up --store-port {self.kind.name}=<port>)")
+            raise StoreError(
+                f"port {self.port} on {self.host} is taken by another program; "
+                f"free it or give the {self.kind.name} store another port "
+                f"(rma up --store-port {self.kind.name}=<port>)"
+            )
         try:
             self.kind.prepare(self.volume, self.creds)
             argv, as_user = self.kind.argv(self.volume, self.host, self.port, self.creds)
         except FileNotFoundError as exc:
             raise StoreError(str(exc)) from None
         except subprocess.CalledProcessError as exc:
-            raise StoreError(f"{self.kind.name}: {exc.cmd[0]} failed: {(exc.stderr or b'').decode()[-300:]}") from None
+            raise StoreError(
+                f"{self.kind.name}: {exc.cmd[0]} failed: {(exc.stderr or b'').decode()[-300:]}"
+            ) from None
         log = open(self.volume / f"{self.kind.name}.log", "ab")
-        self._popen = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       start_new_session=True, cwd=self.volume, **as_user)
+        self._popen = subprocess.Popen(
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd=self.volume,
+            **as_user,
+        )
         log.close()
         self.proc = psutil.Process(self._popen.pid)
         tmp = self.pidfile.with_suffix(".tmp")

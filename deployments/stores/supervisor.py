@@ -52,8 +52,9 @@ def actor_name(store: str) -> str:
 
 
 class StoreSupervisor:
-    def __init__(self, store: str, runtime: str = "process", port: int | None = None,
-                 data_dir: str | None = None) -> None:
+    def __init__(
+        self, store: str, runtime: str = "process", port: int | None = None, data_dir: str | None = None
+    ) -> None:
         import ray
 
         if store not in KINDS:
@@ -76,8 +77,12 @@ class StoreSupervisor:
         self.incarnation = f"{ctx.get_actor_id() or 'driver'}:{os.getpid()}:{int(time.time())}"
         self.state, self.error, self.restarts = "starting", None, 0
         try:
-            self.runtime: Any = make_runtime(runtime, self.kind, self.volume, self.host, self.port, self.creds)
-        except StoreError as exc:  # e.g. no Docker on this node: say so in status(), do not crash-loop the actor
+            self.runtime: Any = make_runtime(
+                runtime, self.kind, self.volume, self.host, self.port, self.creds
+            )
+        except (
+            StoreError
+        ) as exc:  # e.g. no Docker on this node: say so in status(), do not crash-loop the actor
             self.runtime, self.state, self.error = None, "failed", str(exc)
         self.ready_s: float | None = None
         self.adopted = False
@@ -103,8 +108,9 @@ class StoreSupervisor:
 
         def answers() -> bool:
             if not self.runtime.alive():
-                raise GiveUp(f"{self.kind.name} exited while starting; "
-                             f"see {self.volume}/{self.kind.name}.log")
+                raise GiveUp(
+                    f"{self.kind.name} exited while starting; see {self.volume}/{self.kind.name}.log"
+                )
             return bool(self.kind.ready(self._endpoint()))  # raises while not accepting queries yet
 
         try:
@@ -144,22 +150,38 @@ class StoreSupervisor:
         """Host, port and credentials, once the store answers queries (raises with the reason otherwise), to a
         caller on a trusted node only."""
         if not node_id or not node_is_trusted(_ray_node(node_id)):
-            log.warning("refused %s's credentials to a caller on node %s (not a trusted node)",
-                        self.kind.name, (node_id or "?")[:12])
-            raise StoreError(f"{self.kind.name}'s credentials go only to trusted nodes (rma.io/trusted=true "
-                             f"or the head); node {(node_id or '?')[:12]} is not one: place this deployment "
-                             f"on trusted nodes")
+            log.warning(
+                "refused %s's credentials to a caller on node %s (not a trusted node)",
+                self.kind.name,
+                (node_id or "?")[:12],
+            )
+            raise StoreError(
+                f"{self.kind.name}'s credentials go only to trusted nodes (rma.io/trusted=true "
+                f"or the head); node {(node_id or '?')[:12]} is not one: place this deployment "
+                f"on trusted nodes"
+            )
         if not self._ready.wait(timeout):
             raise StoreError(self.error or f"{self.kind.name} is not ready yet")
         return self._endpoint().__dict__.copy()
 
     def status(self) -> dict[str, Any]:
-        return {"name": self.kind.name, "runtime": self.runtime_name, "node_id": self.node_id,
-                "node_ip": self.host, "labels": self.labels, "status": self.state, "error": self.error,
-                "pid": self.runtime.pid if self.runtime else None, "port": self.port,
-                "size_bytes": dir_size(self.volume),
-                "ready_s": self.ready_s, "restarts": self.restarts, "adopted": self.adopted,
-                "supervisor_pid": os.getpid(), "firewall": self.firewall.state}
+        return {
+            "name": self.kind.name,
+            "runtime": self.runtime_name,
+            "node_id": self.node_id,
+            "node_ip": self.host,
+            "labels": self.labels,
+            "status": self.state,
+            "error": self.error,
+            "pid": self.runtime.pid if self.runtime else None,
+            "port": self.port,
+            "size_bytes": dir_size(self.volume),
+            "ready_s": self.ready_s,
+            "restarts": self.restarts,
+            "adopted": self.adopted,
+            "supervisor_pid": os.getpid(),
+            "firewall": self.firewall.state,
+        }
 
     def stop(self) -> None:
         self._stop.set()
@@ -182,12 +204,24 @@ class StoreSupervisor:
         except NoIdentity:
             return False  # a bare test cluster: nobody to tell
         st = self.status()
-        body = {"runtime": st["runtime"], "status": st["status"], "error": (st["error"] or None) and st["error"][:2000],
-                "node_id": st["node_id"], "node_ip": st["node_ip"], "port": st["port"],
-                "size_bytes": st["size_bytes"], "restarts": st["restarts"], "ready_s": st["ready_s"]}
+        body = {
+            "runtime": st["runtime"],
+            "status": st["status"],
+            "error": (st["error"] or None) and st["error"][:2000],
+            "node_id": st["node_id"],
+            "node_ip": st["node_ip"],
+            "port": st["port"],
+            "size_bytes": st["size_bytes"],
+            "restarts": st["restarts"],
+            "ready_s": st["ready_s"],
+        }
         try:
-            r = httpx.put(f"{ident.coordinator_url}/api/stores/{self.kind.name}", json=body, timeout=5,
-                          headers={"Authorization": f"Bearer {ident.credential}"})
+            r = httpx.put(
+                f"{ident.coordinator_url}/api/stores/{self.kind.name}",
+                json=body,
+                timeout=5,
+                headers={"Authorization": f"Bearer {ident.credential}"},
+            )
             if r.status_code != 204:
                 log.warning("store report refused: %s %s", r.status_code, r.text[:200])
             return r.status_code == 204
@@ -216,8 +250,13 @@ class StoreSupervisor:
             self._stop.wait(0.5)
 
 
-def ensure(store: str, runtime: str = "process", selector: dict[str, str] | None = None, port: int | None = None,
-           data_dir: str | None = None) -> Any:
+def ensure(
+    store: str,
+    runtime: str = "process",
+    selector: dict[str, str] | None = None,
+    port: int | None = None,
+    data_dir: str | None = None,
+) -> Any:
     """Get or create the store's supervisor (a Ray driver must be connected)."""
     import ray
 
@@ -226,14 +265,20 @@ def ensure(store: str, runtime: str = "process", selector: dict[str, str] | None
     except ValueError:
         pass
     cls = ray.remote(StoreSupervisor)
-    return cls.options(name=actor_name(store), namespace=NAMESPACE, lifetime="detached", max_restarts=-1,
-                       max_concurrency=8, num_cpus=0, label_selector=selector or TRUSTED_DATA,
-                       get_if_exists=True).remote(store, runtime, port, data_dir)
+    return cls.options(
+        name=actor_name(store),
+        namespace=NAMESPACE,
+        lifetime="detached",
+        max_restarts=-1,
+        max_concurrency=8,
+        num_cpus=0,
+        label_selector=selector or TRUSTED_DATA,
+        get_if_exists=True,
+    ).remote(store, runtime, port, data_dir)
 
 
 def endpoint(store: str, timeout: float = 120.0) -> Endpoint:
     import ray
-
     from ray.exceptions import ActorUnavailableError
 
     from rma_ray.waiting import GiveUp, wait_until
@@ -245,7 +290,9 @@ def endpoint(store: str, timeout: float = 120.0) -> Endpoint:
     class Failed(GiveUp):
         pass
 
-    def ask() -> dict[str, Any]:  # a supervisor Ray is restarting (its node died) is "not yet"; anything else fails
+    def ask() -> dict[
+        str, Any
+    ]:  # a supervisor Ray is restarting (its node died) is "not yet"; anything else fails
         left = max(deadline - time.monotonic(), 1.0)
         try:
             return ray.get(actor.endpoint.remote(left, here), timeout=left + 10)  # type: ignore[no-any-return]
@@ -255,7 +302,13 @@ def endpoint(store: str, timeout: float = 120.0) -> Endpoint:
             raise Failed() from exc
 
     try:
-        return Endpoint(**wait_until(ask, timeout=timeout + 10, interval=1,
-                                     what=f"the supervisor of {store} (restarting) to give its endpoint"))
+        return Endpoint(
+            **wait_until(
+                ask,
+                timeout=timeout + 10,
+                interval=1,
+                what=f"the supervisor of {store} (restarting) to give its endpoint",
+            )
+        )
     except Failed as exc:
         raise exc.__cause__ from None  # type: ignore[misc]

@@ -52,8 +52,11 @@ def vision_fastapi_app(max_body_bytes: int | None = None) -> FastAPI:
     app.add_middleware(PrefixIsRoot)
     # the largest body worth reading; by default from the replica's settings (VisionGateway sets it before any
     # request reaches the app, and the middleware reads it on the first one)
-    app.add_middleware(body_limit, code="request_too_large", max_bytes=max_body_bytes or (
-        lambda: BODY_LIMIT.get("max_bytes", vreq.Limits().max_body_bytes())))
+    app.add_middleware(
+        body_limit,
+        code="request_too_large",
+        max_bytes=max_body_bytes or (lambda: BODY_LIMIT.get("max_bytes", vreq.Limits().max_body_bytes())),
+    )
     install_refusals(app, "pool")
     return app
 
@@ -71,11 +74,17 @@ async def parse_request(request: Request, limits: vreq.Limits) -> vreq.VisionInp
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     body = await read_body(request)
     if ctype == "application/json":
-        return await asyncio.to_thread(vreq.from_json, body, limits)  # Pillow reads the whole image: off the loop
+        return await asyncio.to_thread(
+            vreq.from_json, body, limits
+        )  # Pillow reads the whole image: off the loop
     if ctype != "multipart/form-data":
-        raise Refusal(415, "unsupported_media_type", "send multipart/form-data (an `image` file and a `prompt` "
-                                                         "field) or application/json ({\"image\": base64, "
-                                                         "\"prompt\": ...})")
+        raise Refusal(
+            415,
+            "unsupported_media_type",
+            "send multipart/form-data (an `image` file and a `prompt` "
+            'field) or application/json ({"image": base64, '
+            '"prompt": ...})',
+        )
     sent = False
 
     async def replay() -> dict[str, Any]:
@@ -88,7 +97,9 @@ async def parse_request(request: Request, limits: vreq.Limits) -> vreq.VisionInp
     from starlette.requests import Request as StarletteRequest
 
     try:
-        form = await StarletteRequest(request.scope, replay).form(max_files=1, max_fields=len(vreq.FORM_FIELDS))
+        form = await StarletteRequest(request.scope, replay).form(
+            max_files=1, max_fields=len(vreq.FORM_FIELDS)
+        )
     except Exception as exc:  # python-multipart's parse errors, too many parts
         raise Refusal(400, "invalid_form", f"the multipart body cannot be read: {str(exc)[:200]}") from None
     fields: dict[str, Any] = {}
@@ -106,10 +117,16 @@ async def parse_request(request: Request, limits: vreq.Limits) -> vreq.VisionInp
     return await asyncio.to_thread(vreq.from_form, fields, image, limits)
 
 
-@serve.deployment(name=FRONT_DEPLOYMENT, max_ongoing_requests=64,
-                  ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": dict(INGRESS_REPLICA_ENV)},
-                                     # it sees every client's key: trusted nodes only (the head is one)
-                                     "label_selector": dict(TRUSTED_NODES)})
+@serve.deployment(
+    name=FRONT_DEPLOYMENT,
+    max_ongoing_requests=64,
+    ray_actor_options={
+        "num_cpus": 0,
+        "runtime_env": {"env_vars": dict(INGRESS_REPLICA_ENV)},
+        # it sees every client's key: trusted nodes only (the head is one)
+        "label_selector": dict(TRUSTED_NODES),
+    },
+)
 @serve.ingress(_app)
 class VisionGateway:
     """The route: key, request checks, backend availability, and the call through a Serve handle."""
@@ -139,11 +156,15 @@ class VisionGateway:
         if running:
             return True, ""
         if self.s.backend == "ollama":
-            return False, (f"no node in the pool runs Ollama with a vision model (needed: a node labelled "
-                           f"rma.io/ollama=true of tier {self.s.tiers}); a GPU donor that runs `ollama serve` "
-                           f"with e.g. llava:7b pulled and joins will host it")
-        return False, (f"the vision model {self._model_id} is not running (it needs a gpu-tier donor; "
-                       f"{'starting' if dep and dep.replica_states else 'waiting for one'})")
+            return False, (
+                f"no node in the pool runs Ollama with a vision model (needed: a node labelled "
+                f"rma.io/ollama=true of tier {self.s.tiers}); a GPU donor that runs `ollama serve` "
+                f"with e.g. llava:7b pulled and joins will host it"
+            )
+        return False, (
+            f"the vision model {self._model_id} is not running (it needs a gpu-tier donor; "
+            f"{'starting' if dep and dep.replica_states else 'waiting for one'})"
+        )
 
     async def _require_backend(self) -> None:
         async with self._status_lock:  # one status read per TTL, however many requests arrive at once
@@ -151,7 +172,10 @@ class VisionGateway:
                 try:
                     self._available = await asyncio.to_thread(self._backend_state)
                 except Exception as exc:  # the Serve controller did not answer: say so, do not guess
-                    self._available = (False, f"the vision backend's state cannot be read right now ({exc})"[:300])
+                    self._available = (
+                        False,
+                        f"the vision backend's state cannot be read right now ({exc})"[:300],
+                    )
                 self._checked_at = time.monotonic()
         ok, why = self._available
         if not ok:
@@ -166,21 +190,34 @@ class VisionGateway:
         return out
 
     async def _call_vllm(self, inp: vreq.VisionInput) -> dict[str, Any]:
-        from ray.llm._internal.serve.core.configs.openai_api_models import ChatCompletionRequest, ErrorResponse
+        from ray.llm._internal.serve.core.configs.openai_api_models import (
+            ChatCompletionRequest,
+            ErrorResponse,
+        )
 
         from deployments.vision.backends import from_chat_response, openai_messages
 
         if inp.model and inp.model != self._model_id:
-            raise Refusal(404, "model_not_found", f"unknown vision model {inp.model!r}; served: {self._model_id}")
-        request = ChatCompletionRequest(model=self._model_id, messages=openai_messages(inp), stream=False,
-                                        max_tokens=inp.max_tokens, temperature=inp.temperature)
+            raise Refusal(
+                404, "model_not_found", f"unknown vision model {inp.model!r}; served: {self._model_id}"
+            )
+        request = ChatCompletionRequest(
+            model=self._model_id,
+            messages=openai_messages(inp),
+            stream=False,
+            max_tokens=inp.max_tokens,
+            temperature=inp.temperature,
+        )
         async for resp in self.handle.options(stream=True).chat.remote(request, None):
             if isinstance(resp, list):
                 resp = resp[0]
             if isinstance(resp, ErrorResponse):
                 status = int(resp.error.code) if 400 <= int(resp.error.code) < 600 else 502
-                raise refused(status, "invalid_request" if status == 400 else "vision_error",
-                                  str(resp.error.message)[:500])
+                raise refused(
+                    status,
+                    "invalid_request" if status == 400 else "vision_error",
+                    str(resp.error.message)[:500],
+                )
             return from_chat_response(resp)
         raise Refusal(502, "vision_error", "the vision model returned nothing")
 
@@ -192,10 +229,13 @@ class VisionGateway:
         call = self._call_ollama if self.s.backend == "ollama" else self._call_vllm
         try:
             out = await asyncio.wait_for(call(inp), timeout=self.s.timeout_s + 10)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise Refusal(504, "vision_timeout", f"no answer within {self.s.timeout_s:.0f} s") from None
-        return {**out, "image": {"mime": inp.mime, "width": inp.width, "height": inp.height},
-                "latency_ms": round((time.perf_counter() - started) * 1000, 1)}
+        return {
+            **out,
+            "image": {"mime": inp.mime, "width": inp.width, "height": inp.height},
+            "latency_ms": round((time.perf_counter() - started) * 1000, 1),
+        }
 
 
 @serve.deployment(name=OLLAMA_DEPLOYMENT, ray_actor_options={"num_cpus": 0})
@@ -221,7 +261,8 @@ class OllamaVisionBackend:
 def build_backend_app(settings: VisionSettings) -> Any:
     if settings.backend == "ollama":
         return OllamaVisionBackend.options(
-            num_replicas=settings.num_replicas, max_ongoing_requests=settings.max_ongoing_requests,
+            num_replicas=settings.num_replicas,
+            max_ongoing_requests=settings.max_ongoing_requests,
             ray_actor_options={"num_cpus": 0, "label_selector": settings.ollama_selector()},
         ).bind(settings.model_dump(mode="json"))
     from ray.serve.llm import build_llm_deployment

@@ -26,8 +26,13 @@ def _finish(done_reason: str | None) -> str:
 class OllamaVision:
     """One Ollama server's vision models. `host`: None = $OLLAMA_HOST or http://127.0.0.1:11434."""
 
-    def __init__(self, host: str | None = None, default_model: str | None = None, timeout_s: float = 180,
-                 keep_alive: str | None = None) -> None:
+    def __init__(
+        self,
+        host: str | None = None,
+        default_model: str | None = None,
+        timeout_s: float = 180,
+        keep_alive: str | None = None,
+    ) -> None:
         import ollama
 
         self.url = ollama_url(host)
@@ -37,8 +42,12 @@ class OllamaVision:
         self._vision: list[str] | None = None
 
     def _unreachable(self, exc: BaseException) -> Refusal:
-        return Refusal(503, "ollama_unreachable", f"the Ollama server at {self.url} on the vision node does not "
-                                                      f"answer ({str(exc)[:200]}); is `ollama serve` running?")
+        return Refusal(
+            503,
+            "ollama_unreachable",
+            f"the Ollama server at {self.url} on the vision node does not "
+            f"answer ({str(exc)[:200]}); is `ollama serve` running?",
+        )
 
     async def vision_models(self, refresh: bool = False) -> list[str]:
         """The server's models that take images (cached; `refresh` asks again)."""
@@ -57,8 +66,11 @@ class OllamaVision:
             except (ConnectionError, OSError) as exc:
                 raise self._unreachable(exc) from None
             except ollama.ResponseError as exc:
-                raise Refusal(502, "ollama_error", f"Ollama at {self.url} refused to list its models: "
-                                                       f"{str(exc.error)[:300]}") from None
+                raise Refusal(
+                    502,
+                    "ollama_error",
+                    f"Ollama at {self.url} refused to list its models: {str(exc.error)[:300]}",
+                ) from None
             self._vision = found
         return self._vision
 
@@ -78,13 +90,21 @@ class OllamaVision:
                 return found
             models = self._vision or []
             if requested:
-                raise Refusal(404, "model_not_found", f"model {requested!r} is not a vision model of this node's "
-                                                          f"Ollama; available: {', '.join(models) or 'none'}")
+                raise Refusal(
+                    404,
+                    "model_not_found",
+                    f"model {requested!r} is not a vision model of this node's "
+                    f"Ollama; available: {', '.join(models) or 'none'}",
+                )
         if not models:
             models = await self.vision_models(refresh=True)
         if not models:
-            raise Refusal(503, "no_vision_model", f"the Ollama server at {self.url} has no vision model; the "
-                                                      f"donor must pull one (e.g. `ollama pull llava:7b`)")
+            raise Refusal(
+                503,
+                "no_vision_model",
+                f"the Ollama server at {self.url} has no vision model; the "
+                f"donor must pull one (e.g. `ollama pull llava:7b`)",
+            )
         return models[0]
 
     @staticmethod
@@ -103,14 +123,19 @@ class OllamaVision:
         model = await self.pick_model(inp.model)
         started = time.perf_counter()
         try:
-            resp = await self.client.chat(model=model, messages=self.messages(inp), stream=False,
-                                          options={"num_predict": inp.max_tokens, "temperature": inp.temperature},
-                                          keep_alive=self.keep_alive)
+            resp = await self.client.chat(
+                model=model,
+                messages=self.messages(inp),
+                stream=False,
+                options={"num_predict": inp.max_tokens, "temperature": inp.temperature},
+                keep_alive=self.keep_alive,
+            )
         except (ConnectionError, OSError) as exc:
             raise self._unreachable(exc) from None
         except httpx.TimeoutException:
-            raise Refusal(504, "vision_timeout", f"the Ollama server at {self.url} did not answer in time") \
-                from None
+            raise Refusal(
+                504, "vision_timeout", f"the Ollama server at {self.url} did not answer in time"
+            ) from None
         except ollama.ResponseError as exc:
             message = str(exc.error)[:300]
             if exc.status_code == 404:
@@ -120,11 +145,18 @@ class OllamaVision:
                 raise Refusal(400, "invalid_request", f"Ollama refused the request: {message}") from None
             raise Refusal(502, "ollama_error", f"Ollama failed: {message}") from None
         prompt_tokens, completion_tokens = resp.prompt_eval_count or 0, resp.eval_count or 0
-        return {"text": resp.message.content or "", "model": resp.model or model,
-                "finish_reason": _finish(resp.done_reason),
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                          "total_tokens": prompt_tokens + completion_tokens},
-                "backend": "ollama", "model_ms": round((time.perf_counter() - started) * 1000, 1)}
+        return {
+            "text": resp.message.content or "",
+            "model": resp.model or model,
+            "finish_reason": _finish(resp.done_reason),
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+            "backend": "ollama",
+            "model_ms": round((time.perf_counter() - started) * 1000, 1),
+        }
 
 
 def openai_messages(inp: VisionInput) -> list[dict[str, Any]]:
@@ -133,8 +165,15 @@ def openai_messages(inp: VisionInput) -> list[dict[str, Any]]:
     msgs: list[dict[str, Any]] = []
     if inp.system:
         msgs.append({"role": "system", "content": inp.system})
-    msgs.append({"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                             {"type": "text", "text": inp.prompt}]})
+    msgs.append(
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": url}},
+                {"type": "text", "text": inp.prompt},
+            ],
+        }
+    )
     return msgs
 
 
@@ -142,6 +181,10 @@ def from_chat_response(resp: Any) -> dict[str, Any]:
     """ray.serve.llm's ChatCompletionResponse (or an object of that shape) -> the route's answer."""
     choice = resp.choices[0]
     usage = resp.usage.model_dump() if getattr(resp, "usage", None) else None
-    return {"text": choice.message.content or "", "model": resp.model,
-            "finish_reason": "length" if choice.finish_reason == "length" else "stop", "usage": usage,
-            "backend": "vllm"}
+    return {
+        "text": choice.message.content or "",
+        "model": resp.model,
+        "finish_reason": "length" if choice.finish_reason == "length" else "stop",
+        "usage": usage,
+        "backend": "vllm",
+    }

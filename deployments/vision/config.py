@@ -20,7 +20,9 @@ from rma_ray.tiers import LABEL_OLLAMA, LABEL_TIER
 
 VISION_APP = "rma-vision"
 BACKEND_APP = "rma-vision-backend"
-VISION_ROUTE_PREFIX = "/api/inference/vision"  # longer than rma-inference's /api/inference: Serve routes it here
+VISION_ROUTE_PREFIX = (
+    "/api/inference/vision"  # longer than rma-inference's /api/inference: Serve routes it here
+)
 FRONT_DEPLOYMENT = "VisionGateway"
 OLLAMA_DEPLOYMENT = "OllamaVision"
 
@@ -29,15 +31,26 @@ class VisionSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RMA_VISION_", extra="ignore")
 
     backend: Literal["ollama", "vllm"] = "ollama"
-    model: str | None = Field(default=None, description="ollama: a model name (default: the node's first vision "
-                                                        "model); vllm: a vision catalog model_id")
-    ollama_host: str | None = Field(default=None, description="default: each node's OLLAMA_HOST or 127.0.0.1:11434")
+    model: str | None = Field(
+        default=None,
+        description="ollama: a model name (default: the node's first vision "
+        "model); vllm: a vision catalog model_id",
+    )
+    ollama_host: str | None = Field(
+        default=None, description="default: each node's OLLAMA_HOST or 127.0.0.1:11434"
+    )
     tiers: str = Field(default="gpu", description="node tiers that may host the backend (comma-separated)")
     num_replicas: int = Field(default=1, ge=1)
-    max_ongoing_requests: int = Field(default=4, ge=1, description="per backend replica (Ollama runs a few at once)")
+    max_ongoing_requests: int = Field(
+        default=4, ge=1, description="per backend replica (Ollama runs a few at once)"
+    )
     timeout_s: float = Field(default=180, gt=0, description="one model call")
-    keep_alive: str | None = Field(default=None, description="Ollama keep_alive, e.g. '30m' (default: Ollama's)")
-    gpu_memory_mb: int = Field(default=0, ge=0, description="vllm: the smallest gpu-tier GPU (picks the model)")
+    keep_alive: str | None = Field(
+        default=None, description="Ollama keep_alive, e.g. '30m' (default: Ollama's)"
+    )
+    gpu_memory_mb: int = Field(
+        default=0, ge=0, description="vllm: the smallest gpu-tier GPU (picks the model)"
+    )
     accelerator_type: str | None = None
     gpu_memory_utilization: float = Field(default=0.85, gt=0.1, le=0.98)
     max_image_bytes: int = Field(default=10 * 2**20, ge=1024)
@@ -46,8 +59,12 @@ class VisionSettings(BaseSettings):
     max_tokens: int = Field(default=2048, ge=1)
 
     def limits(self) -> Limits:
-        return Limits(max_image_bytes=self.max_image_bytes, max_pixels=self.max_pixels,
-                      max_prompt_chars=self.max_prompt_chars, max_tokens=self.max_tokens)
+        return Limits(
+            max_image_bytes=self.max_image_bytes,
+            max_pixels=self.max_pixels,
+            max_prompt_chars=self.max_prompt_chars,
+            max_tokens=self.max_tokens,
+        )
 
     def tier_list(self) -> list[str]:
         tiers = [t.strip() for t in self.tiers.split(",") if t.strip()]
@@ -66,7 +83,9 @@ class VisionSettings(BaseSettings):
         if self.model:
             entry = by_id(self.model)
             if not entry.vision:
-                raise NoModelFits(f"model {self.model!r} does not take images; pick a catalog entry with vision")
+                raise NoModelFits(
+                    f"model {self.model!r} does not take images; pick a catalog entry with vision"
+                )
             return entry
         return choose_vision(self.gpu_memory_mb)
 
@@ -76,9 +95,16 @@ class VisionSettings(BaseSettings):
 
         entry = self.vllm_entry()
         # the vision model's own values: RMA_LLM_MODEL_SOURCE / RMA_LLM_CATALOG are the chat model's, not this one's
-        llm = LLMSettings(tier="gpu", model=entry.model_id, model_source=None, catalog=None, gpu_memory_mb=self.gpu_memory_mb,
-                          accelerator_type=self.accelerator_type,
-                          gpu_memory_utilization=self.gpu_memory_utilization, num_replicas=self.num_replicas)
+        llm = LLMSettings(
+            tier="gpu",
+            model=entry.model_id,
+            model_source=None,
+            catalog=None,
+            gpu_memory_mb=self.gpu_memory_mb,
+            accelerator_type=self.accelerator_type,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            num_replicas=self.num_replicas,
+        )
         return build_llm_config(llm)
 
     def vllm_deployment_name(self) -> str:

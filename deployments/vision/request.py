@@ -28,7 +28,9 @@ class Limits(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     max_image_bytes: int = Field(default=10 * 2**20, ge=1024)
-    max_pixels: int = Field(default=7680 * 4320, ge=64)  # 8K UHD: larger images are downscaled by the models anyway
+    max_pixels: int = Field(
+        default=7680 * 4320, ge=64
+    )  # 8K UHD: larger images are downscaled by the models anyway
     max_prompt_chars: int = Field(default=8000, ge=1)
     max_tokens: int = Field(default=2048, ge=1)
 
@@ -65,9 +67,17 @@ class VisionInput:
 
     def payload(self) -> dict[str, Any]:
         """Plain values for a Serve handle call to a backend."""
-        return {"image": self.image, "mime": self.mime, "width": self.width, "height": self.height,
-                "prompt": self.prompt, "model": self.model, "system": self.system, "max_tokens": self.max_tokens,
-                "temperature": self.temperature}
+        return {
+            "image": self.image,
+            "mime": self.mime,
+            "width": self.width,
+            "height": self.height,
+            "prompt": self.prompt,
+            "model": self.model,
+            "system": self.system,
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+        }
 
     @classmethod
     def from_payload(cls, p: dict[str, Any]) -> VisionInput:
@@ -88,12 +98,18 @@ def decode_base64(value: str) -> bytes:
     if text.startswith("data:"):
         head, sep, text = text.partition(",")
         if not sep or not head.endswith(";base64"):
-            raise Refusal(400, "invalid_image", "image: a data: URL must be base64 (data:image/png;base64,...)")
+            raise Refusal(
+                400, "invalid_image", "image: a data: URL must be base64 (data:image/png;base64,...)"
+            )
     try:
         return base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError):
-        raise Refusal(400, "invalid_image", "image: not valid base64; send the file's bytes base64-encoded, "
-                                                "or use multipart/form-data with an `image` file") from None
+        raise Refusal(
+            400,
+            "invalid_image",
+            "image: not valid base64; send the file's bytes base64-encoded, "
+            "or use multipart/form-data with an `image` file",
+        ) from None
 
 
 def inspect_image(data: bytes, limits: Limits) -> tuple[str, int, int]:
@@ -103,22 +119,35 @@ def inspect_image(data: bytes, limits: Limits) -> tuple[str, int, int]:
     if not data:
         raise Refusal(400, "invalid_image", "image: the file is empty")
     if len(data) > limits.max_image_bytes:
-        raise Refusal(413, "image_too_large", f"image: {len(data)} bytes; the limit is "
-                                                  f"{limits.max_image_bytes} bytes ({limits.max_image_bytes / 2**20:g} MiB)")
+        raise Refusal(
+            413,
+            "image_too_large",
+            f"image: {len(data)} bytes; the limit is "
+            f"{limits.max_image_bytes} bytes ({limits.max_image_bytes / 2**20:g} MiB)",
+        )
     try:
         with Image.open(io.BytesIO(data)) as img:  # reads the header only
             fmt, (width, height) = img.format or "", img.size
             if fmt not in FORMATS:
-                raise Refusal(415, "unsupported_image_type",
-                                  f"image: {fmt or 'this'} format is not accepted; send JPEG, PNG or WebP")
+                raise Refusal(
+                    415,
+                    "unsupported_image_type",
+                    f"image: {fmt or 'this'} format is not accepted; send JPEG, PNG or WebP",
+                )
             if width * height > limits.max_pixels:
-                raise Refusal(413, "image_too_large", f"image: {width}x{height} pixels; the limit is "
-                                                          f"{limits.max_pixels} pixels (e.g. 7680x4320)")
+                raise Refusal(
+                    413,
+                    "image_too_large",
+                    f"image: {width}x{height} pixels; the limit is "
+                    f"{limits.max_pixels} pixels (e.g. 7680x4320)",
+                )
             img.verify()  # the whole file decodes: a truncated upload is refused here, not inside the model
     except Refusal:
         raise
     except UnidentifiedImageError:
-        raise Refusal(415, "unsupported_image_type", "image: not an image file; send JPEG, PNG or WebP") from None
+        raise Refusal(
+            415, "unsupported_image_type", "image: not an image file; send JPEG, PNG or WebP"
+        ) from None
     except Exception as exc:  # truncated or corrupt data, decompression-bomb guard
         raise Refusal(400, "invalid_image", f"image: cannot be read ({str(exc)[:200]})") from None
     return FORMATS[fmt], width, height
@@ -126,13 +155,25 @@ def inspect_image(data: bytes, limits: Limits) -> tuple[str, int, int]:
 
 def _checked(fields: _Fields, image: bytes, limits: Limits) -> VisionInput:
     if len(fields.prompt) > limits.max_prompt_chars:
-        raise Refusal(422, "invalid_request", f"prompt: {len(fields.prompt)} characters; the limit is "
-                                                  f"{limits.max_prompt_chars}")
+        raise Refusal(
+            422,
+            "invalid_request",
+            f"prompt: {len(fields.prompt)} characters; the limit is {limits.max_prompt_chars}",
+        )
     if fields.max_tokens > limits.max_tokens:
         raise Refusal(422, "invalid_request", f"max_tokens: at most {limits.max_tokens}")
     mime, width, height = inspect_image(image, limits)
-    return VisionInput(image=image, mime=mime, width=width, height=height, prompt=fields.prompt, model=fields.model,
-                       system=fields.system, max_tokens=fields.max_tokens, temperature=fields.temperature)
+    return VisionInput(
+        image=image,
+        mime=mime,
+        width=width,
+        height=height,
+        prompt=fields.prompt,
+        model=fields.model,
+        system=fields.system,
+        max_tokens=fields.max_tokens,
+        temperature=fields.temperature,
+    )
 
 
 def from_json(body: bytes, limits: Limits) -> VisionInput:
@@ -155,7 +196,9 @@ def from_form(fields: dict[str, Any], image: bytes | None, limits: Limits) -> Vi
         if isinstance(fields.get("image"), str):  # a base64 text field instead of a file part: accepted
             image = decode_base64(fields.pop("image"))
         else:
-            raise Refusal(422, "invalid_request", "image: missing; add the picture as a file part named `image`")
+            raise Refusal(
+                422, "invalid_request", "image: missing; add the picture as a file part named `image`"
+            )
     fields.pop("image", None)
     try:
         parsed = _Fields.model_validate(fields)

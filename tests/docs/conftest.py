@@ -45,11 +45,15 @@ class Shell:
         return self.home.parent / f"{self.name}.exports"
 
     def script(self, body: str, keep_state: bool) -> str:
-        save = (f'\nexport -p > "{self.state}.new" && mv "{self.state}.new" "{self.state}"\n'
-                f'pwd > "{self.state}.cwd"\n')
-        return (f'set -eo pipefail\n[ -f "{self.state}" ] && . "{self.state}"\n'
-                f'cd "$(cat "{self.state}.cwd" 2>/dev/null || echo "{self.work}")"\n'
-                f'{body}' + (save if keep_state else "\n"))
+        save = (
+            f'\nexport -p > "{self.state}.new" && mv "{self.state}.new" "{self.state}"\n'
+            f'pwd > "{self.state}.cwd"\n'
+        )
+        return (
+            f'set -eo pipefail\n[ -f "{self.state}" ] && . "{self.state}"\n'
+            f'cd "$(cat "{self.state}.cwd" 2>/dev/null || echo "{self.work}")"\n'
+            f"{body}" + (save if keep_state else "\n")
+        )
 
 
 @dataclass
@@ -65,8 +69,13 @@ class DocPool:
     # -- the pool's real values behind the docs' placeholders --
 
     def admin(self, method: str, path: str, **kw: Any) -> httpx.Response:
-        r = httpx.request(method, self.info["coordinator_url"] + path,
-                          headers={"Authorization": f"Bearer {self.info['admin_key']}"}, timeout=30, **kw)
+        r = httpx.request(
+            method,
+            self.info["coordinator_url"] + path,
+            headers={"Authorization": f"Bearer {self.info['admin_key']}"},
+            timeout=30,
+            **kw,
+        )
         r.raise_for_status()
         return r
 
@@ -86,9 +95,12 @@ class DocPool:
             from rma_ray import capabilities
 
             caps = capabilities.probe("/").model_dump(mode="json")
-            r = httpx.post(self.info["coordinator_url"] + "/api/worker/register", timeout=30,
-                           json={"name": "doc-donor", "capabilities": caps},
-                           headers={"Authorization": f"Bearer {self.join_token()}"})
+            r = httpx.post(
+                self.info["coordinator_url"] + "/api/worker/register",
+                timeout=30,
+                json={"name": "doc-donor", "capabilities": caps},
+                headers={"Authorization": f"Bearer {self.join_token()}"},
+            )
             assert r.status_code == 201, r.text
             self._donor_id = r.json()["worker_id"]
         return self._donor_id
@@ -102,8 +114,10 @@ class DocPool:
             "http://HEAD:8000": i["serve_url"],
             "http://HEAD:8265": i["ray_dashboard_url"],
             "HEAD:6380": i["ray_address"],
-            **{f"-h HEAD -p {default}": f"-h {st.get('node_ip')} -p {st.get('port')}"
-               for st, default in ((stores.get("postgres", {}), 5440), (stores.get("redis", {}), 6390))},
+            **{
+                f"-h HEAD -p {default}": f"-h {st.get('node_ip')} -p {st.get('port')}"
+                for st, default in ((stores.get("postgres", {}), 5440), (stores.get("redis", {}), 6390))
+            },
             "/var/lib/rma/stores": str(self.stores_dir),
             "rma_admin_...": i["admin_key"],
         }
@@ -151,9 +165,14 @@ class DocPool:
         where = f"{block.id} (on the {block.role})"
         if "background" in block.options:
             log = shell.home.parent / f"background-{block.line}.log"
-            proc = subprocess.Popen(["bash", "-c", shell.script(body, keep_state=False)], env=shell.env,
-                                    stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-                                    stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                ["bash", "-c", shell.script(body, keep_state=False)],
+                env=shell.env,
+                stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                stdout=open(log, "wb"),
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
             if stdin:
                 assert proc.stdin is not None
                 proc.stdin.write(stdin.encode())
@@ -166,19 +185,29 @@ class DocPool:
                     raise GiveUp(f"{where} exited with {proc.returncode}:\n{self.mask(out)}")
                 return block.options["ready"] in out
 
-            wait_for(ready, timeout=timeout, interval=0.5,
-                     what=f"{where} to print {block.options['ready']!r}")
+            wait_for(
+                ready, timeout=timeout, interval=0.5, what=f"{where} to print {block.options['ready']!r}"
+            )
             return
-        r = subprocess.run(["bash", "-c", shell.script(body, keep_state=True)], env=shell.env, input=stdin,
-                           stdin=None if stdin else subprocess.DEVNULL, capture_output=True, text=True,
-                           timeout=timeout)
+        r = subprocess.run(
+            ["bash", "-c", shell.script(body, keep_state=True)],
+            env=shell.env,
+            input=stdin,
+            stdin=None if stdin else subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         out = r.stdout + r.stderr
         want = int(block.options.get("exit", 0))
-        assert r.returncode == want, (f"{where} exited {r.returncode} (expected {want}):\n{self.mask(text)}\n"
-                                      f"--- output ---\n{self.mask(out)[-4000:]}")
+        assert r.returncode == want, (
+            f"{where} exited {r.returncode} (expected {want}):\n{self.mask(text)}\n"
+            f"--- output ---\n{self.mask(out)[-4000:]}"
+        )
         if "expect" in block.options:
-            assert block.options["expect"] in out, (f"{where}: output lacks {block.options['expect']!r}:\n"
-                                                    f"{self.mask(out)[-4000:]}")
+            assert block.options["expect"] in out, (
+                f"{where}: output lacks {block.options['expect']!r}:\n{self.mask(out)[-4000:]}"
+            )
 
     def stop_background(self) -> None:
         for shell in self.shells.values():
@@ -195,8 +224,13 @@ class DocPool:
 
 def _env(home: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RMA_", "RAY_", "PG", "VIRTUAL_ENV"))}
-    env.update(HOME=str(home), PATH=f"{VENV_BIN}:{env.get('PATH', '/usr/bin:/bin')}", COLUMNS="200",
-               PYTHONDONTWRITEBYTECODE="1", **extra)
+    env.update(
+        HOME=str(home),
+        PATH=f"{VENV_BIN}:{env.get('PATH', '/usr/bin:/bin')}",
+        COLUMNS="200",
+        PYTHONDONTWRITEBYTECODE="1",
+        **extra,
+    )
     return env
 
 
@@ -224,20 +258,44 @@ def docpool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DocPool]:
     data_dir = head.home / ".local" / "share" / "rma"
 
     def start(attempt: int) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
-        args = ["--node-ip-address", ip, "--gcs-port", str(free_port(ip)),
-                "--dashboard-port", str(free_port(ip)), "--coordinator-port", str(free_port(ip)),
-                "--serve-port", str(free_port(ip)),
-                "--stores", "postgres,redis", "--store-port", f"postgres={free_port(ip)}",
-                "--store-port", f"redis={free_port(ip)}", "--apps", "none"]
+        args = [
+            "--node-ip-address",
+            ip,
+            "--gcs-port",
+            str(free_port(ip)),
+            "--dashboard-port",
+            str(free_port(ip)),
+            "--coordinator-port",
+            str(free_port(ip)),
+            "--serve-port",
+            str(free_port(ip)),
+            "--stores",
+            "postgres,redis",
+            "--store-port",
+            f"postgres={free_port(ip)}",
+            "--store-port",
+            f"redis={free_port(ip)}",
+            "--apps",
+            "none",
+        ]
         log = root / f"up-{attempt}.log"
-        proc = subprocess.Popen([str(VENV_BIN / "rma"), "up", *args], env=head.env, cwd=head.work,
-                                stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [str(VENV_BIN / "rma"), "up", *args],
+            env=head.env,
+            cwd=head.work,
+            stdout=open(log, "wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         procs.append(proc)
 
         def up() -> dict[str, Any] | None:
             if proc.poll() is not None:
-                logs = "".join(f"\n--- {f.name} ---\n{f.read_text(errors='replace')[-3000:]}"
-                               for f in sorted((data_dir / "logs").glob("*.log")) if f.name != "ray-head.log")
+                logs = "".join(
+                    f"\n--- {f.name} ---\n{f.read_text(errors='replace')[-3000:]}"
+                    for f in sorted((data_dir / "logs").glob("*.log"))
+                    if f.name != "ray-head.log"
+                )
                 raise GiveUp(f"rma up exited: {log.read_text()}{logs}")
             p = data_dir / "pool.json"
             return json.loads(p.read_text()) if p.exists() and '"stores"' in p.read_text() else None
@@ -262,8 +320,9 @@ def docpool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DocPool]:
             pool.stop_background()
         for proc in procs:
             if proc.poll() is None:
-                subprocess.run([str(VENV_BIN / "rma"), "down"], env=head.env, capture_output=True,
-                               timeout=300)
+                subprocess.run(
+                    [str(VENV_BIN / "rma"), "down"], env=head.env, capture_output=True, timeout=300
+                )
                 try:
                     proc.wait(120)
                 except subprocess.TimeoutExpired:

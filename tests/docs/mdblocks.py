@@ -84,11 +84,11 @@ def _parse_directive(body: str, where: str, page: bool) -> dict[str, str]:
     if out.get("as", "head") not in ROLES:
         raise DocError(f"{where}: as={out['as']!r}: use one of {', '.join(ROLES)}")
     if "skip" in out and not out.get("reason"):
-        raise DocError(f"{where}: a skipped block needs reason=\"...\" saying why it cannot run in a test")
+        raise DocError(f'{where}: a skipped block needs reason="..." saying why it cannot run in a test')
     if ("reason" in out or "covered-by" in out) and "skip" not in out:
         raise DocError(f"{where}: reason/covered-by only go with skip")
     if "background" in out and not out.get("ready"):
-        raise DocError(f"{where}: a background block needs ready=\"...\" (what its output shows once up)")
+        raise DocError(f'{where}: a background block needs ready="..." (what its output shows once up)')
     if "stdin" in out and out["stdin"] not in STDIN:
         raise DocError(f"{where}: stdin={out['stdin']!r}: use one of {', '.join(sorted(STDIN))}")
     for key in ("exit", "timeout"):
@@ -128,8 +128,9 @@ def parse(path: Path, root: Path) -> list[Block]:
         start = i + 1
         body: list[str] = []
         i += 1
-        while i < len(lines) and not (lines[i].strip().startswith(fence[0] * len(fence))
-                                      and not lines[i].strip().strip(fence[0])):
+        while i < len(lines) and not (
+            lines[i].strip().startswith(fence[0] * len(fence)) and not lines[i].strip().strip(fence[0])
+        ):
             body.append(lines[i])
             i += 1
         if i == len(lines):
@@ -138,8 +139,10 @@ def parse(path: Path, root: Path) -> list[Block]:
         if not lang:
             raise DocError(f"{rel}:{start}: unlabelled code block: label it (sh, python, text, json, ...)")
         if lang not in RUNNABLE | INERT:
-            raise DocError(f"{rel}:{start}: unknown language {lang!r}: the harness runs {sorted(RUNNABLE)} "
-                           f"and ignores {sorted(INERT)}")
+            raise DocError(
+                f"{rel}:{start}: unknown language {lang!r}: the harness runs {sorted(RUNNABLE)} "
+                f"and ignores {sorted(INERT)}"
+            )
         opts = pending[1] if pending else {}
         if opts and lang not in RUNNABLE:
             raise DocError(f"{rel}:{start}: doctest directive on a {lang!r} block (only sh/bash/python run)")

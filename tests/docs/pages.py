@@ -8,8 +8,14 @@ from pathlib import Path
 from tests.docs.mdblocks import Block, parse
 
 ROOT = Path(__file__).resolve().parents[2]
-PAGES = ["README.md", "docs/donor.md", "docs/client.md", "docs/architecture.md", "SECURITY.md",
-         "docs/admin.md"]
+PAGES = [
+    "README.md",
+    "docs/donor.md",
+    "docs/client.md",
+    "docs/architecture.md",
+    "SECURITY.md",
+    "docs/admin.md",
+]
 
 
 def all_pages() -> list[Path]:

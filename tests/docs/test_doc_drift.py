@@ -29,8 +29,14 @@ def test_page_parses(page: Path) -> None:
 
 
 def test_every_page_exists_and_has_commands_or_says_none() -> None:
-    for rel in ("README.md", "SECURITY.md", "docs/donor.md", "docs/admin.md", "docs/client.md",
-                "docs/architecture.md"):
+    for rel in (
+        "README.md",
+        "SECURITY.md",
+        "docs/donor.md",
+        "docs/admin.md",
+        "docs/client.md",
+        "docs/architecture.md",
+    ):
         assert (ROOT / rel).is_file(), f"{rel} is missing"
     assert (ROOT / "docs" / "architecture.svg").is_file()
 
@@ -56,7 +62,6 @@ def test_relative_links_resolve(page: Path) -> None:
         if not (page.parent / target).exists():
             broken.append(target)
     assert not broken, f"{page.relative_to(ROOT)} links to missing files: {broken}"
-
 
 
 def _rma_argv(command: str) -> list[str] | None:
@@ -134,14 +139,18 @@ def test_python_modules_and_make_targets_shown_exist() -> None:
             tokens = shlex.split(c)
             if len(tokens) >= 3 and tokens[0].split("/")[-1].startswith("python") and tokens[1] == "-m":
                 mod = tokens[2]
-                if mod.split(".")[0] in ("bench", "deployments", "rma_ray", "admission") and \
-                        importlib.util.find_spec(mod) is None:
+                if (
+                    mod.split(".")[0] in ("bench", "deployments", "rma_ray", "admission")
+                    and importlib.util.find_spec(mod) is None
+                ):
                     bad.append(f"{b.id}: no module {mod}")
             if tokens and tokens[0] == "make":
-                bad += [f"{b.id}: no make target {t}" for t in tokens[1:] if not t.startswith("-")
-                        and "=" not in t and t not in targets]
+                bad += [
+                    f"{b.id}: no make target {t}"
+                    for t in tokens[1:]
+                    if not t.startswith("-") and "=" not in t and t not in targets
+                ]
     assert not bad, "\n".join(bad)
-
 
 
 def _route_sources() -> dict[str, dict[str, str]]:
@@ -151,21 +160,28 @@ def _route_sources() -> dict[str, dict[str, str]]:
     from deployments.llm import config as llm
     from deployments.vision import config as vision
 
-    return {"deployments/llm/openai.py": {"app": llm.LLM_ROUTE_PREFIX},
-            "deployments/llm/inference.py": {"_inference_app": llm.INFERENCE_ROUTE_PREFIX},
-            "deployments/vision/app.py": {"_app": vision.VISION_ROUTE_PREFIX},
-            "deployments/embeddings/app.py": {"_app": embeddings.EMBEDDINGS_ROUTE_PREFIX}}
+    return {
+        "deployments/llm/openai.py": {"app": llm.LLM_ROUTE_PREFIX},
+        "deployments/llm/inference.py": {"_inference_app": llm.INFERENCE_ROUTE_PREFIX},
+        "deployments/vision/app.py": {"_app": vision.VISION_ROUTE_PREFIX},
+        "deployments/embeddings/app.py": {"_app": embeddings.EMBEDDINGS_ROUTE_PREFIX},
+    }
 
 
 def _decorated_routes(file: Path) -> list[tuple[str, str, str]]:
     """(app name, METHOD, path) of every `<app>.get/post/...("/path")` call in a module."""
     out = []
     for node in ast.walk(ast.parse(file.read_text())):
-        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                and node.func.attr in ("get", "post", "put", "delete", "patch")
-                and isinstance(node.func.value, ast.Name) and node.args
-                and isinstance(node.args[0], ast.Constant)
-                and isinstance(node.args[0].value, str) and node.args[0].value.startswith("/")):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr in ("get", "post", "put", "delete", "patch")
+            and isinstance(node.func.value, ast.Name)
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+            and node.args[0].value.startswith("/")
+        ):
             out.append((node.func.value.id, node.func.attr.upper(), node.args[0].value))
     return out
 
@@ -206,7 +222,6 @@ def test_client_guide_lists_exactly_the_routes_the_code_serves() -> None:
     assert not docs - code, f"routes docs/client.md lists that the code does not serve: {sorted(docs - code)}"
 
 
-
 def test_readme_has_exactly_two_setup_commands_and_make_knows_them() -> None:
     blocks: list[Block] = [b for b in parse(ROOT / "README.md", ROOT) if b.runnable]
     assert [b.text.strip() for b in blocks] == ["make up", "make test"]
@@ -222,7 +237,6 @@ def test_the_picture_is_well_formed_svg() -> None:
     assert root.tag == "{http://www.w3.org/2000/svg}svg"
 
 
-
 def test_the_cli_check_refuses_what_the_cli_lacks() -> None:
     assert check_rma(["join", "http://x", "--cpus", "2", "--memory=8GB"]) is None
     assert "no option --cpu" in (check_rma(["join", "http://x", "--cpu", "2"]) or "")
@@ -230,16 +244,19 @@ def test_the_cli_check_refuses_what_the_cli_lacks() -> None:
     assert "no option --ttl" in (check_rma(["donors", "list", "--ttl", "1h"]) or "")
 
 
-@pytest.mark.parametrize("text, error", [
-    ("```\nrma probe\n```\n", "unlabelled code block"),
-    ("```shell-session\nrma probe\n```\n", "unknown language"),
-    ("<!-- doctest: skip -->\n```sh\nrma probe\n```\n", "needs reason"),
-    ("<!-- doctest: expect=x -->\nsome prose\n```sh\nrma probe\n```\n", "not followed by a code block"),
-    ("<!-- doctest: colour=red -->\n```sh\nrma probe\n```\n", "unknown doctest key"),
-    ("<!-- doctest: background -->\n```sh\nrma join x\n```\n", "needs ready="),
-    ("<!-- doctest: stdin=PASSWORD -->\n```sh\nread -rs X\n```\n", "stdin='PASSWORD'"),
-    ("```sh\nrma probe\n", "never closed"),
-])
+@pytest.mark.parametrize(
+    "text, error",
+    [
+        ("```\nrma probe\n```\n", "unlabelled code block"),
+        ("```shell-session\nrma probe\n```\n", "unknown language"),
+        ("<!-- doctest: skip -->\n```sh\nrma probe\n```\n", "needs reason"),
+        ("<!-- doctest: expect=x -->\nsome prose\n```sh\nrma probe\n```\n", "not followed by a code block"),
+        ("<!-- doctest: colour=red -->\n```sh\nrma probe\n```\n", "unknown doctest key"),
+        ("<!-- doctest: background -->\n```sh\nrma join x\n```\n", "needs ready="),
+        ("<!-- doctest: stdin=PASSWORD -->\n```sh\nread -rs X\n```\n", "stdin='PASSWORD'"),
+        ("```sh\nrma probe\n", "never closed"),
+    ],
+)
 def test_the_parser_refuses_pages_it_cannot_read_as_meant(tmp_path: Path, text: str, error: str) -> None:
     page = tmp_path / "page.md"
     page.write_text(text)
@@ -249,13 +266,19 @@ def test_the_parser_refuses_pages_it_cannot_read_as_meant(tmp_path: Path, text: 
 
 def test_the_parser_reads_directives_roles_and_inert_blocks(tmp_path: Path) -> None:
     page = tmp_path / "page.md"
-    page.write_text('<!-- doctest-page: as=donor -->\n# t\n\n<!-- doctest: expect="a b" exit=1 -->\n\n```sh\n'
-                    'rma status\n```\n\n```text\nout\n```\n\n'
-                    '<!-- doctest: as=head skip reason="why not" -->\n'
-                    '````python\nprint(1)\n```\n````\n')
+    page.write_text(
+        '<!-- doctest-page: as=donor -->\n# t\n\n<!-- doctest: expect="a b" exit=1 -->\n\n```sh\n'
+        "rma status\n```\n\n```text\nout\n```\n\n"
+        '<!-- doctest: as=head skip reason="why not" -->\n'
+        "````python\nprint(1)\n```\n````\n"
+    )
     first, inert, last = parse(page, tmp_path)
-    assert (first.role, first.options, first.text, first.line) == ("donor", {"expect": "a b", "exit": "1"},
-                                                                    "rma status\n", 6)
+    assert (first.role, first.options, first.text, first.line) == (
+        "donor",
+        {"expect": "a b", "exit": "1"},
+        "rma status\n",
+        6,
+    )
     assert not inert.runnable and inert.text == "out\n"
     assert last.role == "head" and last.skip and last.options["reason"] == "why not"
     assert last.text == "print(1)\n```\n"

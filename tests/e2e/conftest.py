@@ -55,8 +55,13 @@ class PoolUnderTest:
         return self.info["coordinator_url"]  # type: ignore[no-any-return]
 
     def admin(self, method: str, path: str, **kw: Any) -> httpx.Response:
-        return httpx.request(method, self.url + path, headers={"Authorization": f"Bearer {self.info['admin_key']}"},
-                             timeout=30, **kw)
+        return httpx.request(
+            method,
+            self.url + path,
+            headers={"Authorization": f"Bearer {self.info['admin_key']}"},
+            timeout=30,
+            **kw,
+        )
 
     def invite(self, **fields: Any) -> str:
         r = self.admin("POST", "/api/invites", json=fields)
@@ -68,8 +73,12 @@ class PoolUnderTest:
 
     def ray_nodes(self) -> list[dict[str, Any]]:
         token = (self.root / "head" / "cluster_token").read_text().strip()
-        r = httpx.get(self.info["ray_dashboard_url"] + "/api/v0/nodes", params={"detail": "true"},
-                      headers={"Authorization": f"Bearer {token}"}, timeout=10)
+        r = httpx.get(
+            self.info["ray_dashboard_url"] + "/api/v0/nodes",
+            params={"detail": "true"},
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=10,
+        )
         return r.json()["data"]["result"]["result"]  # type: ignore[no-any-return]
 
     def alive_nodes(self) -> list[dict[str, Any]]:
@@ -80,10 +89,21 @@ class PoolUnderTest:
         d = self.root / host.name
         d.mkdir(parents=True, exist_ok=True)
         log = d / "join.log"
-        env = {**os.environ, "HOME": str(d / "home"), "RMA_DATA_DIR": str(d / "data"), "RMA_JOIN_TOKEN": token,
-               "COLUMNS": "200", **(env or {})}
-        proc = host.popen([PY, "-m", "rma_ray.cli", "join", self.url, "--cpus", "1", "--drain-deadline", "10", *args],
-                          env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        env = {
+            **os.environ,
+            "HOME": str(d / "home"),
+            "RMA_DATA_DIR": str(d / "data"),
+            "RMA_JOIN_TOKEN": token,
+            "COLUMNS": "200",
+            **(env or {}),
+        }
+        proc = host.popen(
+            [PY, "-m", "rma_ray.cli", "join", self.url, "--cpus", "1", "--drain-deadline", "10", *args],
+            env=env,
+            stdout=open(log, "wb"),
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
         donor = Donor(host, proc, d / "data", log)
         self.donors.append(donor)
         return donor
@@ -102,28 +122,45 @@ class PoolUnderTest:
             w = self.worker(wid)
             return wid if w["status"] in ("healthy", "quarantined") and w["ray_node_id"] else None
 
-        donor.worker_id = wait_for(joined, timeout=timeout, interval=0.5, what=f"donor on {donor.host.name} to join")
+        donor.worker_id = wait_for(
+            joined, timeout=timeout, interval=0.5, what=f"donor on {donor.host.name} to join"
+        )
         return donor
 
     def restart(self, donor: Donor, *args: str, env: dict[str, str] | None = None) -> Donor:
         """`rma join` again on the donor's host and data dir (its saved membership), as systemd's Restart= or a
         reboot would: the returned Donor is the new process, same worker id."""
         log = donor.log.with_name(f"rejoin-{len(self.donors)}.log")
-        env = {**os.environ, "HOME": str(donor.data_dir.parent / "home"), "RMA_DATA_DIR": str(donor.data_dir),
-               "COLUMNS": "200", **(env or {})}
-        proc = donor.host.popen([PY, "-m", "rma_ray.cli", "join", self.url, "--cpus", "1", "--drain-deadline", "10",
-                                 *args], env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
+        env = {
+            **os.environ,
+            "HOME": str(donor.data_dir.parent / "home"),
+            "RMA_DATA_DIR": str(donor.data_dir),
+            "COLUMNS": "200",
+            **(env or {}),
+        }
+        proc = donor.host.popen(
+            [PY, "-m", "rma_ray.cli", "join", self.url, "--cpus", "1", "--drain-deadline", "10", *args],
+            env=env,
+            stdout=open(log, "wb"),
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
         again = Donor(donor.host, proc, donor.data_dir, log, donor.worker_id)
         self.donors.append(again)
         return again
 
     def driver(self, script: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
         """Run a Ray driver on the head (token auth from the pool's cluster token)."""
-        env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.root / "head" / "cluster_token"),
-               "RAY_ADDRESS": self.info["ray_address"], "HOME": str(self.root / "hhome")}
-        return subprocess.run([PY, "-c", textwrap.dedent(script)], env=env, capture_output=True, text=True,
-                              timeout=timeout)
+        env = {
+            **os.environ,
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(self.root / "head" / "cluster_token"),
+            "RAY_ADDRESS": self.info["ray_address"],
+            "HOME": str(self.root / "hhome"),
+        }
+        return subprocess.run(
+            [PY, "-c", textwrap.dedent(script)], env=env, capture_output=True, text=True, timeout=timeout
+        )
 
 
 @pytest.fixture(scope="package")  # torn down when tests/e2e is done: no idle pool through the other suites
@@ -134,12 +171,34 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PoolUnderTest]:
         pytest.skip(f"network namespaces unavailable: {reason}")
     root = tmp_path_factory.mktemp("pool")
     with TestBed(N_HOSTS) as bed:
-        env = {**os.environ, "HOME": str(root / "hhome"), "RMA_DATA_DIR": str(root / "head"), "COLUMNS": "200"}
+        env = {
+            **os.environ,
+            "HOME": str(root / "hhome"),
+            "RMA_DATA_DIR": str(root / "head"),
+            "COLUMNS": "200",
+        }
         log = root / "up.log"
-        proc = subprocess.Popen([PY, "-m", "rma_ray.cli", "up", "--node-ip-address", bed.head_ip,
-                                 "--heartbeat-interval", "2", "--stores", "none", "--apps", "none"], env=env, stdout=open(log, "wb"),
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [
+                PY,
+                "-m",
+                "rma_ray.cli",
+                "up",
+                "--node-ip-address",
+                bed.head_ip,
+                "--heartbeat-interval",
+                "2",
+                "--stores",
+                "none",
+                "--apps",
+                "none",
+            ],
+            env=env,
+            stdout=open(log, "wb"),
+            stderr=subprocess.STDOUT,
+        )
         try:
+
             def ready() -> dict[str, Any] | None:
                 if proc.poll() is not None:
                     raise GiveUp(f"rma up exited: {log.read_text()}")
@@ -163,8 +222,9 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PoolUnderTest]:
             for d in donors:  # Ray's temp dirs of donors a test killed (a clean leave removes its own)
                 if d.worker_id:
                     shutil.rmtree(f"/tmp/rma-{d.worker_id}", ignore_errors=True)
-            down = subprocess.run([PY, "-m", "rma_ray.cli", "down"], env=env, capture_output=True, text=True,
-                                  timeout=150)
+            down = subprocess.run(
+                [PY, "-m", "rma_ray.cli", "down"], env=env, capture_output=True, text=True, timeout=150
+            )
             if down.returncode != 0:
                 proc.send_signal(signal.SIGINT)
             try:

@@ -69,7 +69,9 @@ for line in sys.stdin:
 
 class NsHelper:
     def __init__(self, host: Host) -> None:
-        self.proc = host.popen([PY, "-u", "-c", HELPER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.proc = host.popen(
+            [PY, "-u", "-c", HELPER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
         self.lock = threading.Lock()
 
     def call(self, **req: Any) -> Any:
@@ -83,7 +85,9 @@ class NsHelper:
         return reply["ok"]
 
     def reachable(self, targets: list[tuple[str, int]], timeout: float = 0.5) -> set[tuple[str, int]]:
-        return {tuple(t) for t in self.call(op="connect", targets=[list(t) for t in targets], timeout=timeout)}  # type: ignore[misc]
+        return {
+            tuple(t) for t in self.call(op="connect", targets=[list(t) for t in targets], timeout=timeout)
+        }  # type: ignore[misc]
 
     def close(self) -> None:
         if self.proc.stdin:
@@ -131,8 +135,13 @@ class OverlayPool:
         return self.info["coordinator_url"]  # type: ignore[no-any-return]
 
     def admin(self, method: str, path: str, **kw: Any) -> httpx.Response:
-        return httpx.request(method, self.url + path, headers={"Authorization": f"Bearer {self.info['admin_key']}"},
-                             timeout=30, **kw)
+        return httpx.request(
+            method,
+            self.url + path,
+            headers={"Authorization": f"Bearer {self.info['admin_key']}"},
+            timeout=30,
+            **kw,
+        )
 
     def invite(self, **fields: Any) -> str:
         r = self.admin("POST", "/api/invites", json=fields)
@@ -143,21 +152,36 @@ class OverlayPool:
         return self.admin("GET", f"/api/admin/workers/{worker_id}").json()  # type: ignore[no-any-return]
 
     def nodes(self) -> list[dict[str, Any]]:
-        return self.head_helper.call(op="nodes", url=self.info["ray_dashboard_url"] + "/api/v0/nodes",  # type: ignore[no-any-return]
-                                     token_file=str(self.root / "head" / "cluster_token"))
+        return self.head_helper.call(
+            op="nodes",
+            url=self.info["ray_dashboard_url"] + "/api/v0/nodes",  # type: ignore[no-any-return]
+            token_file=str(self.root / "head" / "cluster_token"),
+        )
 
     def node_of(self, worker_id: str, state: str = "ALIVE") -> dict[str, Any] | None:
-        return next((n for n in self.nodes() if n["labels"].get("rma.io/node") == worker_id and n["state"] == state),
-                    None)
+        return next(
+            (n for n in self.nodes() if n["labels"].get("rma.io/node") == worker_id and n["state"] == state),
+            None,
+        )
 
     def start_join(self, host: Host, token: str, *args: str) -> Donor:
         d = self.root / host.name
         d.mkdir(parents=True, exist_ok=True)
         log = d / "join.log"
-        env = {**os.environ, "HOME": str(d / "home"), "RMA_DATA_DIR": str(d / "data"), "RMA_JOIN_TOKEN": token,
-               "COLUMNS": "200"}
-        proc = host.popen([PY, "-m", "rma_ray.cli", "join", self.url, "--cpus", "1", "--drain-deadline", "10", *args],
-                          env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        env = {
+            **os.environ,
+            "HOME": str(d / "home"),
+            "RMA_DATA_DIR": str(d / "data"),
+            "RMA_JOIN_TOKEN": token,
+            "COLUMNS": "200",
+        }
+        proc = host.popen(
+            [PY, "-m", "rma_ray.cli", "join", self.url, "--cpus", "1", "--drain-deadline", "10", *args],
+            env=env,
+            stdout=open(log, "wb"),
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
         donor = Donor(host, proc, d / "data", log)
         self.donors.append(donor)
         return donor
@@ -173,15 +197,22 @@ class OverlayPool:
             w = self.worker(wid)
             return wid if w["status"] == "healthy" and w["ray_node_id"] else None
 
-        donor.worker_id = wait_for(joined, timeout=timeout, interval=0.5, what=f"donor on {donor.host.name} to join")
+        donor.worker_id = wait_for(
+            joined, timeout=timeout, interval=0.5, what=f"donor on {donor.host.name} to join"
+        )
         assert donor.worker_id != "exited", f"rma join exited: {donor.output()[-3000:]}"
         donor.joined_at = time.monotonic()
         donor.ray_node_id = self.worker(donor.worker_id)["ray_node_id"]
         return donor
 
     def driver(self, script: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-        env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.root / "head" / "cluster_token"),
-               "RAY_ADDRESS": self.info["ray_address"], "HOME": str(self.root / "hhome")}
+        env = {
+            **os.environ,
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(self.root / "head" / "cluster_token"),
+            "RAY_ADDRESS": self.info["ray_address"],
+            "HOME": str(self.root / "hhome"),
+        }
         return self.head.run([PY, "-c", textwrap.dedent(script)], check=False, env=env, timeout=timeout)
 
 
@@ -208,14 +239,27 @@ def start_pool(bed: TestBed, root: Path, use_overlay: bool = True) -> Iterator[O
     hub_if = f"rmah{bed.id}"
     env = {**os.environ, "HOME": str(root / "hhome"), "RMA_DATA_DIR": str(root / "head"), "COLUMNS": "200"}
     log = root / "up.log"
-    argv = [PY, "-m", "rma_ray.cli", "up", "--node-ip-address", head.ip, "--heartbeat-interval", "2",
-            "--stores", "none", "--apps", "none"]
+    argv = [
+        PY,
+        "-m",
+        "rma_ray.cli",
+        "up",
+        "--node-ip-address",
+        head.ip,
+        "--heartbeat-interval",
+        "2",
+        "--stores",
+        "none",
+        "--apps",
+        "none",
+    ]
     if use_overlay:
         argv += ["--overlay", "--overlay-interface", hub_if]
     proc = head.popen(argv, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
     helper = NsHelper(head)
     pool = None
     try:
+
         def ready() -> dict[str, Any] | None:
             assert proc.poll() is None, f"rma up exited: {log.read_text()}"
             p = root / "head" / "pool.json"
@@ -246,6 +290,13 @@ def start_pool(bed: TestBed, root: Path, use_overlay: bool = True) -> Iterator[O
                 proc.kill()
         for d in donors:  # what a killed donor could not clean: Ray's temp dir, wireguard-go's socket
             if d.worker_id:
-                subprocess.run(["rm", "-rf", f"/tmp/rma-{d.worker_id}",
-                                str(overlay.WG_SOCKET_DIR / f"{d.interface}.sock")], check=False)
+                subprocess.run(
+                    [
+                        "rm",
+                        "-rf",
+                        f"/tmp/rma-{d.worker_id}",
+                        str(overlay.WG_SOCKET_DIR / f"{d.interface}.sock"),
+                    ],
+                    check=False,
+                )
         (overlay.WG_SOCKET_DIR / f"{hub_if}.sock").unlink(missing_ok=True)

@@ -29,21 +29,49 @@ def test_a_raylet_with_a_stolen_node_label_is_quarantined(pool: PoolUnderTest) -
     host = pool.free_hosts.pop(0)
     temp = Path(f"/tmp/rma-imp-{host.name[-6:]}")
     labels = {"rma.io/tier": "service", "rma.io/node": donor.worker_id, "rma.io/trusted": "false"}
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(pool.root / "head" / "cluster_token"),
-           "RAY_USAGE_STATS_ENABLED": "0", "HOME": str(pool.root / "imphome")}
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(pool.root / "head" / "cluster_token"),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "HOME": str(pool.root / "imphome"),
+    }
     log = open(pool.root / "impostor.log", "wb")
-    impostor = host.popen([ray_executable(), "start", "--block", "--address", pool.info["ray_address"],
-                           "--node-ip-address", host.ip, "--temp-dir", str(temp), "--disable-usage-stats",
-                           "--num-cpus", "1", "--labels", format_labels(labels)],
-                          env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    impostor = host.popen(
+        [
+            ray_executable(),
+            "start",
+            "--block",
+            "--address",
+            pool.info["ray_address"],
+            "--node-ip-address",
+            host.ip,
+            "--temp-dir",
+            str(temp),
+            "--disable-usage-stats",
+            "--num-cpus",
+            "1",
+            "--labels",
+            format_labels(labels),
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
     try:
+
         def quarantined() -> dict | None:  # type: ignore[type-arg]
             assert impostor.poll() is None, (pool.root / "impostor.log").read_text()[-3000:]
             got = pool.worker(donor.worker_id)
             return got if got["status"] == "quarantined" else None
 
-        got = wait_for(quarantined, timeout=90, interval=0.5,
-                       what="the reconciler to quarantine the donor whose label an impostor stole")
+        got = wait_for(
+            quarantined,
+            timeout=90,
+            interval=0.5,
+            what="the reconciler to quarantine the donor whose label an impostor stole",
+        )
         assert f"at {host.ip} claims donor {donor.worker_id}" in got["quarantine_reason"], got
         assert got["action"] == "drain"
         events = pool.admin("GET", "/api/admin/audit", params={"action": "worker.quarantine"}).json()
@@ -59,8 +87,9 @@ def test_a_raylet_with_a_stolen_node_label_is_quarantined(pool: PoolUnderTest) -
         except subprocess.TimeoutExpired:
             impostor.kill()
             impostor.wait(10)
-        for pid in subprocess.run(["ip", "netns", "pids", host.name], capture_output=True,
-                                  text=True).stdout.split():  # what the impostor's raylet left in its namespace
+        for pid in subprocess.run(
+            ["ip", "netns", "pids", host.name], capture_output=True, text=True
+        ).stdout.split():  # what the impostor's raylet left in its namespace
             subprocess.run(["kill", "-KILL", pid], check=False)
         log.close()
         shutil.rmtree(temp, ignore_errors=True)

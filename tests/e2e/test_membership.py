@@ -78,13 +78,20 @@ def test_donors_join_with_tier_labels(pool: PoolUnderTest, members: dict) -> Non
     assert nodes[data.worker_id]["node_ip"] == data.host.ip
     for d in (service, data):
         w = pool.worker(d.worker_id)
-        assert w["status"] == "healthy" and w["ray_alive"] is True and w["ray_node_id"] == nodes[d.worker_id]["node_id"]
+        assert (
+            w["status"] == "healthy"
+            and w["ray_alive"] is True
+            and w["ray_node_id"] == nodes[d.worker_id]["node_id"]
+        )
     # `rma status` on the donor shows its membership as the registry sees it
     import os
     import sys
 
-    st = service.host.run([sys.executable, "-m", "rma_ray.cli", "status", "--json"], check=False,
-                          env={**os.environ, "RMA_DATA_DIR": str(service.data_dir), "HOME": str(service.data_dir)})
+    st = service.host.run(
+        [sys.executable, "-m", "rma_ray.cli", "status", "--json"],
+        check=False,
+        env={**os.environ, "RMA_DATA_DIR": str(service.data_dir), "HOME": str(service.data_dir)},
+    )
     assert st.returncode == 0, st.stderr
     view = json.loads(st.stdout)
     assert view["worker_id"] == service.worker_id and view["registry_status"] == "healthy"
@@ -128,21 +135,38 @@ def test_serve_deployment_lands_on_its_tier(pool: PoolUnderTest, members: dict) 
 def test_pending_replicas_become_demand(pool: PoolUnderTest, members: dict) -> None:  # type: ignore[type-arg]
     # no honest GPU donor is in the pool: a gpu-tier replica waits, and shows as gpu demand
     deploy(pool, "where-gpu", "gpu", wait=0)
-    wait_for(lambda: pool.admin("GET", "/api/admin/stats").json()["tiers"]["gpu"]["demand"] >= 1, timeout=30,
-             what="gpu demand to be reported")
-    r = pool.driver('import ray; from ray import serve; ray.init(address="auto", namespace="rma"); '
-                    'serve.delete("where-gpu")')
+    wait_for(
+        lambda: pool.admin("GET", "/api/admin/stats").json()["tiers"]["gpu"]["demand"] >= 1,
+        timeout=30,
+        what="gpu demand to be reported",
+    )
+    r = pool.driver(
+        'import ray; from ray import serve; ray.init(address="auto", namespace="rma"); '
+        'serve.delete("where-gpu")'
+    )
     assert r.returncode == 0, r.stderr[-2000:]
-    wait_for(lambda: pool.admin("GET", "/api/admin/stats").json()["tiers"]["gpu"]["demand"] == 0, timeout=30,
-             what="gpu demand to clear")
+    wait_for(
+        lambda: pool.admin("GET", "/api/admin/stats").json()["tiers"]["gpu"]["demand"] == 0,
+        timeout=30,
+        what="gpu demand to clear",
+    )
 
 
 def _rma_join(pool: PoolUnderTest, token: str) -> subprocess.CompletedProcess[str]:
     host = pool.free_hosts[0]  # not consumed: a refused join starts nothing
     d = pool.root / f"refused-{time.monotonic_ns()}"
-    return host.run([__import__("sys").executable, "-m", "rma_ray.cli", "join", pool.url],
-                    check=False, timeout=60, env={**__import__("os").environ, "RMA_JOIN_TOKEN": token,
-                                                  "RMA_DATA_DIR": str(d), "HOME": str(d), "COLUMNS": "200"})
+    return host.run(
+        [__import__("sys").executable, "-m", "rma_ray.cli", "join", pool.url],
+        check=False,
+        timeout=60,
+        env={
+            **__import__("os").environ,
+            "RMA_JOIN_TOKEN": token,
+            "RMA_DATA_DIR": str(d),
+            "HOME": str(d),
+            "COLUMNS": "200",
+        },
+    )
 
 
 def test_bad_tokens_are_refused_and_start_nothing(pool: PoolUnderTest, members: dict) -> None:  # type: ignore[type-arg]
@@ -150,15 +174,21 @@ def test_bad_tokens_are_refused_and_start_nothing(pool: PoolUnderTest, members: 
     used = pool.invite()
     assert _rma_join(pool, "rma_join_nonsense").returncode == 1
     # use up a token through the API, then present it again
-    httpx.post(pool.url + "/api/worker/register", headers={"Authorization": f"Bearer {used}"},
-               json={"name": "x", "capabilities": {"cpu_cores": 4, "ram_mb": 16000, "disk_free_gb": 100}})
+    httpx.post(
+        pool.url + "/api/worker/register",
+        headers={"Authorization": f"Bearer {used}"},
+        json={"name": "x", "capabilities": {"cpu_cores": 4, "ram_mb": 16000, "disk_free_gb": 100}},
+    )
     revoked = pool.invite()
     inv_id = revoked.split("_")[2]
     pool.admin("POST", f"/api/invites/{inv_id}/revoke")
     expired = pool.invite(ttl_s=10)
     expiry = datetime.now(UTC) + timedelta(seconds=11)
-    cases = {"rma_join_" + "0" * 12 + "_" + "0" * 64: "unknown join token", used: "already used",
-             revoked: "was revoked"}
+    cases = {
+        "rma_join_" + "0" * 12 + "_" + "0" * 64: "unknown join token",
+        used: "already used",
+        revoked: "was revoked",
+    }
     for token, message in cases.items():
         r = _rma_join(pool, token)
         assert r.returncode == 1, r.stdout
@@ -180,10 +210,16 @@ def test_sigkill_and_sigstop_go_offline_within_10s(pool: PoolUnderTest) -> None:
     for pid in stopped.pids():
         subprocess.run(["kill", "-STOP", str(pid)], check=False)
     try:
-        wait_for(lambda: pool.worker(killed.worker_id)["status"] == "offline", timeout=10,
-                 what="SIGKILLed donor offline")
-        wait_for(lambda: pool.worker(stopped.worker_id)["status"] == "offline", timeout=max(1, 10 - (time.monotonic() - t0)),
-                 what="SIGSTOPped donor offline")
+        wait_for(
+            lambda: pool.worker(killed.worker_id)["status"] == "offline",
+            timeout=10,
+            what="SIGKILLed donor offline",
+        )
+        wait_for(
+            lambda: pool.worker(stopped.worker_id)["status"] == "offline",
+            timeout=max(1, 10 - (time.monotonic() - t0)),
+            what="SIGSTOPped donor offline",
+        )
     finally:
         for pid in stopped.pids():
             subprocess.run(["kill", "-KILL", str(pid)], check=False)
@@ -195,8 +231,11 @@ def test_revoke_under_load_keeps_serving(pool: PoolUnderTest, members: dict) -> 
     node_token = json.loads((second.data_dir / "membership.json").read_text())["node_token"]
     assert deploy(pool, "where-load", "service", replicas=2) == "RUNNING"
     nodes = set()
-    wait_for(lambda: nodes.add(where(pool, "where-load")["labels"]["rma.io/node"]) or len(nodes) == 2, timeout=30,
-             what="replicas on both service donors")
+    wait_for(
+        lambda: nodes.add(where(pool, "where-load")["labels"]["rma.io/node"]) or len(nodes) == 2,
+        timeout=30,
+        what="replicas on both service donors",
+    )
     ok, failed, stop = [0], [0], threading.Event()
 
     def load() -> None:
@@ -219,8 +258,11 @@ def test_revoke_under_load_keeps_serving(pool: PoolUnderTest, members: dict) -> 
         # its agent hears 401 worker_revoked, stops its Ray node and exits
         wait_for(lambda: second.proc.poll() is not None, timeout=60, what="the revoked donor's agent to exit")
         assert "revoked by the pool admin" in second.output()
-        wait_for(lambda: not any(n["labels"].get("rma.io/node") == second.worker_id for n in pool.alive_nodes()),
-                 timeout=30, what="the revoked node to leave Ray")
+        wait_for(
+            lambda: not any(n["labels"].get("rma.io/node") == second.worker_id for n in pool.alive_nodes()),
+            timeout=30,
+            what="the revoked node to leave Ray",
+        )
         wait_for(lambda: ok[0] > revoked_at + 50, timeout=60, what="requests served after the revocation")
         # every replica now runs on the remaining service donor
         for _ in range(10):
@@ -246,9 +288,15 @@ def test_agent_restarts_its_ray_node_when_it_dies(pool: PoolUnderTest) -> None:
     raylets = [p for p in map(psutil.Process, donor.pids()) if p.name() == "raylet"]
     assert len(raylets) == 1
     raylets[0].kill()
-    wait_for(lambda: any(n["labels"].get("rma.io/node") == donor.worker_id and n["node_id"] != old_node
-                         for n in pool.alive_nodes()), timeout=90, interval=1,
-             what="the agent to bring up a new Ray node for the same donor")
+    wait_for(
+        lambda: any(
+            n["labels"].get("rma.io/node") == donor.worker_id and n["node_id"] != old_node
+            for n in pool.alive_nodes()
+        ),
+        timeout=90,
+        interval=1,
+        what="the agent to bring up a new Ray node for the same donor",
+    )
     wait_for(lambda: pool.worker(donor.worker_id)["status"] == "healthy", timeout=30, what="healthy again")
     assert "restarting" in donor.output()
     assert donor.proc.poll() is None
@@ -262,12 +310,16 @@ def test_ctrl_c_drains_unregisters_and_leaves_nothing(pool: PoolUnderTest) -> No
     assert pool.worker(donor.worker_id)["status"] == "left"
     assert donor.pids() == []
     assert not (donor.data_dir / "membership.json").exists()
-    wait_for(lambda: not any(n["labels"].get("rma.io/node") == donor.worker_id for n in pool.alive_nodes()),
-             timeout=30, what="the node to leave Ray")
+    wait_for(
+        lambda: not any(n["labels"].get("rma.io/node") == donor.worker_id for n in pool.alive_nodes()),
+        timeout=30,
+        what="the node to leave Ray",
+    )
 
 
 def test_rotate_cluster_token_readmits_live_donors_and_locks_out_the_old_token(
-        pool: PoolUnderTest, members: dict) -> None:  # type: ignore[type-arg]
+    pool: PoolUnderTest, members: dict
+) -> None:  # type: ignore[type-arg]
     import os
     import sys
 
@@ -275,22 +327,46 @@ def test_rotate_cluster_token_readmits_live_donors_and_locks_out_the_old_token(
     old = pool.root / "old_cluster_token"
     old.write_text((pool.root / "head" / "cluster_token").read_text())
     old.chmod(0o600)
-    r = subprocess.run([sys.executable, "-m", "rma_ray.cli", "rotate-cluster-token", "--data-dir",
-                        str(pool.root / "head")], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "COLUMNS": "200"})
+    r = subprocess.run(
+        [sys.executable, "-m", "rma_ray.cli", "rotate-cluster-token", "--data-dir", str(pool.root / "head")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "COLUMNS": "200"},
+    )
     assert r.returncode == 0, r.stderr
     assert (pool.root / "head" / "cluster_token").read_text() != old.read_text()
     # the live donor hears of the rotation in a heartbeat reply, fetches the new token and rejoins
-    wait_for(lambda: any(n["labels"].get("rma.io/node") == service.worker_id for n in pool.alive_nodes()),
-             timeout=120, interval=1, what="the live donor to rejoin the rotated cluster")
+    wait_for(
+        lambda: any(n["labels"].get("rma.io/node") == service.worker_id for n in pool.alive_nodes()),
+        timeout=120,
+        interval=1,
+        what="the live donor to rejoin the rotated cluster",
+    )
     wait_for(lambda: pool.worker(service.worker_id)["status"] == "healthy", timeout=30, what="healthy again")
     assert "rejoining the new cluster" in service.output()
     # someone holding only the old token (a revoked donor) is refused by the new head
     host = pool.free_hosts[0]
-    out = host.run([str(Path(sys.executable).with_name("ray")), "start", "--address", pool.info["ray_address"],
-                    "--node-ip-address", host.ip, "--temp-dir", f"/tmp/rma-old-{host.name[-6:]}", "--block"],
-                   check=False, timeout=120,
-                   env={**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(old),
-                        "HOME": str(pool.root / "oldhome")})
+    out = host.run(
+        [
+            str(Path(sys.executable).with_name("ray")),
+            "start",
+            "--address",
+            pool.info["ray_address"],
+            "--node-ip-address",
+            host.ip,
+            "--temp-dir",
+            f"/tmp/rma-old-{host.name[-6:]}",
+            "--block",
+        ],
+        check=False,
+        timeout=120,
+        env={
+            **os.environ,
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(old),
+            "HOME": str(pool.root / "oldhome"),
+        },
+    )
     assert out.returncode != 0
     assert "InvalidAuthToken" in out.stdout + out.stderr

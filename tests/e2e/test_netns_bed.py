@@ -183,8 +183,14 @@ def test_exit_kills_processes_and_removes_everything() -> None:
         bridge, tag = b.bridge, b.id
         # ignores SIGTERM, and so do its two sleeps (an ignored signal stays ignored across fork and exec)
         stray = b.hosts[1].popen(["sh", "-c", "trap '' TERM; sleep 300 & sleep 300; wait"])
-        sleeps = wait_for(lambda: [c for c in psutil.Process(stray.pid).children() if c.name() == "sleep"][1:] and
-                          psutil.Process(stray.pid).children(), timeout=10, what="the stray's two sleeps")
+        sleeps = wait_for(
+            lambda: (
+                [c for c in psutil.Process(stray.pid).children() if c.name() == "sleep"][1:]
+                and psutil.Process(stray.pid).children()
+            ),
+            timeout=10,
+            what="the stray's two sleeps",
+        )
         if netns.firewall_tool():
             b.hosts[0].block_inbound()
         assert _leftovers(tag)

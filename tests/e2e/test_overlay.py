@@ -27,8 +27,20 @@ import pytest
 
 from rma_ray import overlay
 from tests.e2e.netns import Host, TestBed, available
-from tests.e2e.overlay_bed import (COORDINATOR_PORT, DASHBOARD_PORT, GCS_PORT, PORTS, SERVE_PORT, SUBNET,
-                                   Donor, NsHelper, OverlayPool, listening_tcp, nat, start_pool)
+from tests.e2e.overlay_bed import (
+    COORDINATOR_PORT,
+    DASHBOARD_PORT,
+    GCS_PORT,
+    PORTS,
+    SERVE_PORT,
+    SUBNET,
+    Donor,
+    NsHelper,
+    OverlayPool,
+    listening_tcp,
+    nat,
+    start_pool,
+)
 from tests.support import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.overlay, pytest.mark.ray]
@@ -59,7 +71,9 @@ def nated(ovpool: OverlayPool) -> dict[str, Donor]:
     return {"a": ovpool.wait_joined(a), "b": ovpool.wait_joined(b), "c": c}
 
 
-def test_nat_donors_join_through_the_overlay_and_advertise_it(ovpool: OverlayPool, nated: dict[str, Donor]) -> None:
+def test_nat_donors_join_through_the_overlay_and_advertise_it(
+    ovpool: OverlayPool, nated: dict[str, Donor]
+) -> None:
     outsider = NsHelper(ovpool.bed.hosts[4])
     try:
         for d in (nated["a"], nated["b"]):
@@ -67,15 +81,21 @@ def test_nat_donors_join_through_the_overlay_and_advertise_it(ovpool: OverlayPoo
             node = ovpool.node_of(d.worker_id)
             assert node is not None and w["overlay_ip"] and node["node_ip"] == w["overlay_ip"]
             assert w["overlay_ip"].startswith("10.88.")
-            wait_for(lambda: ovpool.worker(d.worker_id)["ray_alive"] is True, timeout=30,  # noqa: B023
-                     what="the reconciler to see the donor's node alive")
+            wait_for(
+                lambda d=d: ovpool.worker(d.worker_id)["ray_alive"] is True,
+                timeout=30,
+                what="the reconciler to see the donor's node alive",
+            )
             # the NAT is real: a port open on all of the donor's addresses takes connections from the donor's
             # own namespace, none from the LAN (Ray's own ports listen on the overlay address only: no proof)
             listener = d.host.popen([sys.executable, "-c", LISTEN % PROBE_PORT])
             inside = NsHelper(d.host)
             try:
-                wait_for(lambda: inside.reachable([(d.host.ip, PROBE_PORT)]), timeout=30,  # noqa: B023
-                         what="the probe listener on the donor")
+                wait_for(
+                    lambda inside=inside, d=d: inside.reachable([(d.host.ip, PROBE_PORT)]),
+                    timeout=30,
+                    what="the probe listener on the donor",
+                )
                 assert outsider.reachable([(d.host.ip, PROBE_PORT), (d.host.ip, PORTS.node_manager)]) == set()
             finally:
                 inside.close()
@@ -92,8 +112,11 @@ def test_nat_donors_join_through_the_overlay_and_advertise_it(ovpool: OverlayPoo
                     continue
             assert "joining the pool's overlay" in d.output()
             # `rma status` shows the donor's overlay end and a recent handshake with the hub
-            st = d.host.run([sys.executable, "-m", "rma_ray.cli", "status", "--json"], check=False,
-                            env={**os.environ, "RMA_DATA_DIR": str(d.data_dir), "HOME": str(d.data_dir)})
+            st = d.host.run(
+                [sys.executable, "-m", "rma_ray.cli", "status", "--json"],
+                check=False,
+                env={**os.environ, "RMA_DATA_DIR": str(d.data_dir), "HOME": str(d.data_dir)},
+            )
             assert st.returncode == 0, st.stderr
             view = json.loads(st.stdout)["overlay"]
             assert view["address"] == w["overlay_ip"] and view["interface"] == d.interface
@@ -118,8 +141,9 @@ def _counter(host: Host, table: str, chain: str, match: str) -> int:
     return int(m.group(1))
 
 
-def test_the_hub_routes_nothing_between_the_overlay_and_the_heads_lan(ovpool: OverlayPool,
-                                                                      nated: dict[str, Donor]) -> None:
+def test_the_hub_routes_nothing_between_the_overlay_and_the_heads_lan(
+    ovpool: OverlayPool, nated: dict[str, Donor]
+) -> None:
     """A donor sends through the tunnel to a LAN host behind the head (the hub forwards on its interface);
     and a LAN host sends to a donor's overlay address through the head, as it could where the head forwards
     on its LAN interface (Docker turns that on machine-wide). The hub's forward chain drops both (its counters
@@ -162,16 +186,23 @@ def test_the_hub_routes_nothing_between_the_overlay_and_the_heads_lan(ovpool: Ov
             h.run(["nft", "delete", "table", "inet", "rma_probe"], check=False)
 
 
-def test_without_the_overlay_a_nat_donor_is_declared_dead(ovpool: OverlayPool, nated: dict[str, Donor]) -> None:
+def test_without_the_overlay_a_nat_donor_is_declared_dead(
+    ovpool: OverlayPool, nated: dict[str, Donor]
+) -> None:
     """The control: the same kind of donor, its Ray advertising its LAN address, is unreachable for the head."""
     c = nated["c"]
+
     def registered() -> str | None:
         m = c.data_dir / "membership.json"
         return json.loads(m.read_text())["worker_id"] if m.exists() else None
 
     c.worker_id = wait_for(registered, timeout=120, interval=0.5, what="the control donor to register")
-    dead = wait_for(lambda: ovpool.node_of(c.worker_id, "DEAD"), timeout=120, interval=1,
-                    what="Ray to declare the LAN-advertising NAT donor dead")
+    dead = wait_for(
+        lambda: ovpool.node_of(c.worker_id, "DEAD"),
+        timeout=120,
+        interval=1,
+        what="Ray to declare the LAN-advertising NAT donor dead",
+    )
     assert dead["node_ip"] == c.host.ip
     c.proc.send_signal(signal.SIGTERM)
     c.proc.wait(60)
@@ -230,22 +261,31 @@ def apps(ovpool: OverlayPool, nated: dict[str, Donor]) -> Iterator[None]:
     r = ovpool.driver(SERVE_APPS.format(a=nated["a"].worker_id, b=nated["b"].worker_id))
     assert r.returncode == 0 and "RUNNING" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
     yield
-    ovpool.driver('import ray; from ray import serve; ray.init(address="auto", namespace="rma"); '
-                  'serve.delete("chain"); serve.delete("where")', timeout=120)
+    ovpool.driver(
+        'import ray; from ray import serve; ray.init(address="auto", namespace="rma"); '
+        'serve.delete("chain"); serve.delete("where")',
+        timeout=120,
+    )
 
 
-def test_serve_request_across_two_nat_donors_goes_through_the_hub(ovpool: OverlayPool, nated: dict[str, Donor],
-                                                                  apps: None) -> None:
+def test_serve_request_across_two_nat_donors_goes_through_the_hub(
+    ovpool: OverlayPool, nated: dict[str, Donor], apps: None
+) -> None:
     got = serve_get(ovpool, "chain")
     a, b = ovpool.worker(nated["a"].worker_id), ovpool.worker(nated["b"].worker_id)
     assert got["front"] == {"node": a["id"], "ip": a["overlay_ip"]}
     assert got["back"] == {"node": b["id"], "ip": b["overlay_ip"]} and got["echo"] == 100_000
     seen: set[str] = set()
-    wait_for(lambda: seen.add(serve_get(ovpool, "where")["node"]) or len(seen) == 2, timeout=60,
-             what="the two replicas of `where` to answer from both NAT donors")
+    wait_for(
+        lambda: seen.add(serve_get(ovpool, "where")["node"]) or len(seen) == 2,
+        timeout=60,
+        what="the two replicas of `where` to answer from both NAT donors",
+    )
 
 
-def test_ray_ports_are_closed_off_the_overlay(ovpool: OverlayPool, nated: dict[str, Donor], apps: None) -> None:
+def test_ray_ports_are_closed_off_the_overlay(
+    ovpool: OverlayPool, nated: dict[str, Donor], apps: None
+) -> None:
     outsider = NsHelper(ovpool.bed.hosts[4])
     try:
         for d in (nated["a"], nated["b"]):
@@ -266,13 +306,17 @@ def test_ray_ports_are_closed_off_the_overlay(ovpool: OverlayPool, nated: dict[s
         open_on_lan = {p for _, p in outsider.reachable([(ovpool.head.ip, p) for p in sorted(head_ports)])}
         assert open_on_lan == {COORDINATOR_PORT, SERVE_PORT}, open_on_lan
         # the hub's UDP port is what donors dial
-        assert f":{ovpool.info['overlay']['endpoint'].rsplit(':', 1)[1]} " in ovpool.head.run(["ss", "-lunH"]).stdout
+        assert (
+            f":{ovpool.info['overlay']['endpoint'].rsplit(':', 1)[1]} "
+            in ovpool.head.run(["ss", "-lunH"]).stdout
+        )
     finally:
         outsider.close()
 
 
-def test_revoke_cuts_the_donor_off_and_the_other_keeps_serving(ovpool: OverlayPool, nated: dict[str, Donor],
-                                                               apps: None) -> None:
+def test_revoke_cuts_the_donor_off_and_the_other_keeps_serving(
+    ovpool: OverlayPool, nated: dict[str, Donor], apps: None
+) -> None:
     a, b = nated["a"], nated["b"]
     b_ip = ovpool.worker(b.worker_id)["overlay_ip"]
     b_key = b.host.run(["wg", "show", b.interface, "public-key"]).stdout.strip()
@@ -298,13 +342,21 @@ def test_revoke_cuts_the_donor_off_and_the_other_keeps_serving(ovpool: OverlayPo
         assert r.status_code == 200 and r.json()["status"] == "revoked"
         revoked_at = time.monotonic()
         # overlay traffic to it stops within 1 s: no new connection gets through the hub
-        wait_for(lambda: ovpool.head_helper.reachable(target, timeout=0.2) == set(), timeout=1, interval=0.05,
-                 what="the revoked donor's overlay traffic to stop")
+        wait_for(
+            lambda: ovpool.head_helper.reachable(target, timeout=0.2) == set(),
+            timeout=1,
+            interval=0.05,
+            what="the revoked donor's overlay traffic to stop",
+        )
         hub_peers = ovpool.head.run(["wg", "show", ovpool.info["overlay"]["interface"], "peers"]).stdout
         assert b_key and b_key not in hub_peers
         # Ray declares it dead within 10 s (the head's fast health checks)
-        wait_for(lambda: ovpool.node_of(b.worker_id, "DEAD"), timeout=max(0.1, 10 - (time.monotonic() - revoked_at)),
-                 interval=0.2, what="Ray to mark the revoked node dead")
+        wait_for(
+            lambda: ovpool.node_of(b.worker_id, "DEAD"),
+            timeout=max(0.1, 10 - (time.monotonic() - revoked_at)),
+            interval=0.2,
+            what="Ray to mark the revoked node dead",
+        )
         # the revoked donor's agent stops its own Ray processes, takes its interface down, and exits
         wait_for(lambda: b.proc.poll() is not None, timeout=60, what="the revoked donor's agent to exit")
         assert "revoked by the pool admin" in b.output()
@@ -313,23 +365,33 @@ def test_revoke_cuts_the_donor_off_and_the_other_keeps_serving(ovpool: OverlayPo
         # the other donor keeps serving, and serves everything
         served = ok[0]
         wait_for(lambda: ok[0] > served + 50, timeout=60, what="requests served after the revocation")
-        wait_for(lambda: all(serve_get(ovpool, "where")["node"] == a.worker_id for _ in range(10)), timeout=60,
-                 what="every `where` replica on the remaining donor")
+        wait_for(
+            lambda: all(serve_get(ovpool, "where")["node"] == a.worker_id for _ in range(10)),
+            timeout=60,
+            what="every `where` replica on the remaining donor",
+        )
     finally:
         stop.set()
         for t in threads:
             t.join(15)
     assert failed[0] <= max(10, 0.05 * ok[0]), f"{failed[0]} failed of {ok[0] + failed[0]}"
     # rejoining with the old key is refused, even with a fresh invite
-    r = httpx.post(ovpool.url + "/api/worker/register", timeout=30,
-                   headers={"Authorization": f"Bearer {ovpool.invite(tier='service')}"},
-                   json={"name": "again", "overlay": {"public_key": b_key},
-                         "capabilities": {"cpu_cores": 2, "ram_mb": 16000, "disk_free_gb": 50}})
+    r = httpx.post(
+        ovpool.url + "/api/worker/register",
+        timeout=30,
+        headers={"Authorization": f"Bearer {ovpool.invite(tier='service')}"},
+        json={
+            "name": "again",
+            "overlay": {"public_key": b_key},
+            "capabilities": {"cpu_cores": 2, "ram_mb": 16000, "disk_free_gb": 50},
+        },
+    )
     assert r.status_code == 403 and r.json()["error"]["code"] == "overlay_key_revoked", r.text
 
 
-def test_nat_donor_stays_alive_and_serving_for_two_minutes(ovpool: OverlayPool, nated: dict[str, Donor],
-                                                           apps: None) -> None:
+def test_nat_donor_stays_alive_and_serving_for_two_minutes(
+    ovpool: OverlayPool, nated: dict[str, Donor], apps: None
+) -> None:
     """Checked all along, not slept through: the same Ray node stays alive and answers, for 120 s after it
     joined (the tests above ran inside that window)."""
     a = nated["a"]

@@ -21,8 +21,11 @@ import pytest
 from tests.e2e.conftest import PY, Donor, PoolUnderTest
 from tests.support import GiveUp, wait_for
 
-pytestmark = [pytest.mark.e2e, pytest.mark.ray,
-              pytest.mark.skipif(not shutil.which("redis-server"), reason="Debian redis-server not installed")]
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.ray,
+    pytest.mark.skipif(not shutil.which("redis-server"), reason="Debian redis-server not installed"),
+]
 
 STORES = ("redis", "postgres", "chroma", "graph")
 ENSURE = """
@@ -42,8 +45,12 @@ def data_donor(pool: PoolUnderTest) -> Iterator[tuple[Donor, dict[str, Any]]]:
     token_file = pool.root / "stores-donor-token"
     token_file.write_text(pool.invite(tier="data", trusted=True) + "\n")
     token_file.chmod(0o600)
-    donor = pool.join(token_file.read_text().strip(), "--token-file", str(token_file),
-                      env={"RMA_STORES_DIR": str(stores_dir)})
+    donor = pool.join(
+        token_file.read_text().strip(),
+        "--token-file",
+        str(token_file),
+        env={"RMA_STORES_DIR": str(stores_dir)},
+    )
     donor.stores_dir = stores_dir  # type: ignore[attr-defined]
     donor.token_file = token_file  # type: ignore[attr-defined]
     try:
@@ -52,7 +59,8 @@ def data_donor(pool: PoolUnderTest) -> Iterator[tuple[Donor, dict[str, Any]]]:
         assert r.returncode == 0, r.stderr[-3000:]
         yield donor, json.loads(r.stdout.strip().splitlines()[-1])
     finally:
-        pool.driver("""
+        pool.driver(
+            """
 import ray
 ray.init(logging_level="ERROR", log_to_driver=False)
 for s in %r:
@@ -62,7 +70,10 @@ for s in %r:
         ray.kill(a, no_restart=True)
     except Exception:
         pass
-""" % (STORES,), timeout=150)
+"""
+            % (STORES,),
+            timeout=150,
+        )
         for pidfile in stores_dir.glob("*/.rma-pid.json"):
             try:
                 psutil.Process(json.loads(pidfile.read_text())["pid"]).kill()
@@ -73,8 +84,13 @@ for s in %r:
 
 def records(donor: Donor, action: str, eps: dict[str, Any]) -> dict[str, int]:
     """Write or count the 1,000 records of every store from the donor's own host (endpoints on stdin)."""
-    out = donor.host.run([PY, "-m", "tests.support.records", action], check=False, timeout=300,
-                         input=json.dumps(eps), cwd=str(Path(__file__).resolve().parents[2]))
+    out = donor.host.run(
+        [PY, "-m", "tests.support.records", action],
+        check=False,
+        timeout=300,
+        input=json.dumps(eps),
+        cwd=str(Path(__file__).resolve().parents[2]),
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
@@ -83,21 +99,29 @@ def store_pids(stores_dir: Path) -> dict[str, int]:
     return {s: json.loads((stores_dir / s / ".rma-pid.json").read_text())["pid"] for s in STORES}
 
 
-def test_stores_land_on_the_trusted_data_donor_and_report(pool: PoolUnderTest,
-                                                          data_donor: tuple[Donor, dict[str, Any]]) -> None:
+def test_stores_land_on_the_trusted_data_donor_and_report(
+    pool: PoolUnderTest, data_donor: tuple[Donor, dict[str, Any]]
+) -> None:
     donor, eps = data_donor
     for s in STORES:
         assert eps[s]["host"] == donor.host.ip
-    listed = wait_for(lambda: (lambda rows: rows if {r["name"] for r in rows if r["status"] == "ready"} >= set(STORES)
-                               else None)(pool.admin("GET", "/api/admin/stores").json()),
-                      timeout=60, what="the supervisors to report to the coordinator")
+    listed = wait_for(
+        lambda: (
+            lambda rows: rows if {r["name"] for r in rows if r["status"] == "ready"} >= set(STORES) else None
+        )(pool.admin("GET", "/api/admin/stores").json()),
+        timeout=60,
+        what="the supervisors to report to the coordinator",
+    )
     for row in listed:
         if row["name"] in STORES:
-            assert row["node"] == donor.worker_id and row["node_ip"] == donor.host.ip and row["size_bytes"] > 0
+            assert (
+                row["node"] == donor.worker_id and row["node_ip"] == donor.host.ip and row["size_bytes"] > 0
+            )
 
 
-def test_1000_records_each_survive_a_power_cut_of_the_data_donor(pool: PoolUnderTest,
-                                                                  data_donor: tuple[Donor, dict[str, Any]]) -> None:
+def test_1000_records_each_survive_a_power_cut_of_the_data_donor(
+    pool: PoolUnderTest, data_donor: tuple[Donor, dict[str, Any]]
+) -> None:
     donor, eps = data_donor
     stores_dir: Path = donor.stores_dir  # type: ignore[attr-defined]
     assert records(donor, "write", eps) == {s: 1000 for s in STORES}
@@ -113,20 +137,35 @@ def test_1000_records_each_survive_a_power_cut_of_the_data_donor(pool: PoolUnder
         except ProcessLookupError:
             pass
     donor.proc.wait(10)
-    wait_for(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
-                             for p in victims), timeout=20, what="every process of the donor's host to be gone")
+    wait_for(
+        lambda: (
+            not any(
+                psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in victims
+            )
+        ),
+        timeout=20,
+        what="every process of the donor's host to be gone",
+    )
 
-    again = pool.restart(donor, "--token-file", str(donor.token_file),  # type: ignore[attr-defined]
-                         env={"RMA_STORES_DIR": str(stores_dir)})
+    again = pool.restart(
+        donor,
+        "--token-file",
+        str(donor.token_file),  # type: ignore[attr-defined]
+        env={"RMA_STORES_DIR": str(stores_dir)},
+    )
 
     def new_node() -> bool:
         if again.proc.poll() is not None:
             raise GiveUp(f"rma join exited: {again.output()}")
-        return any(n["labels"].get("rma.io/node") == donor.worker_id and n["node_id"] != old_node
-                   for n in pool.alive_nodes())
+        return any(
+            n["labels"].get("rma.io/node") == donor.worker_id and n["node_id"] != old_node
+            for n in pool.alive_nodes()
+        )
 
     wait_for(new_node, timeout=120, interval=1, what="the restarted donor to bring up a new Ray node")
-    r = pool.driver(ENSURE % (STORES, donor.worker_id, STORES), timeout=600)  # until every store answers again
+    r = pool.driver(
+        ENSURE % (STORES, donor.worker_id, STORES), timeout=600
+    )  # until every store answers again
     assert r.returncode == 0, r.stderr[-3000:]
     eps2 = json.loads(r.stdout.strip().splitlines()[-1])
     assert {s: eps2[s]["host"] for s in STORES} == {s: donor.host.ip for s in STORES}

@@ -15,7 +15,14 @@ from admission.state import AppState
 from rma_ray.settings import Settings
 from tests.support import ServerThread
 
-CPU_BOX = {"cpu_cores": 2, "ram_mb": 24105, "disk_free_gb": 70.0, "os": "Linux", "hostname": "donor", "gpus": []}
+CPU_BOX = {
+    "cpu_cores": 2,
+    "ram_mb": 24105,
+    "disk_free_gb": 70.0,
+    "os": "Linux",
+    "hostname": "donor",
+    "gpus": [],
+}
 
 
 @dataclass
@@ -34,8 +41,11 @@ class Coordinator:
         return r.json()  # type: ignore[no-any-return]
 
     def register(self, token: str, caps: dict[str, Any] | None = None, name: str = "donor") -> httpx.Response:
-        return self.http.post("/api/worker/register", json={"name": name, "capabilities": caps or CPU_BOX},
-                              headers={"Authorization": f"Bearer {token}"})
+        return self.http.post(
+            "/api/worker/register",
+            json={"name": name, "capabilities": caps or CPU_BOX},
+            headers={"Authorization": f"Bearer {token}"},
+        )
 
     def join(self, caps: dict[str, Any] | None = None, **invite: Any) -> dict[str, Any]:
         r = self.register(self.invite(**invite)["token"], caps)
@@ -44,11 +54,16 @@ class Coordinator:
 
 
 def make_settings(db_url: str, data_dir: Path, **overrides: Any) -> Settings:
-    base: dict[str, Any] = {"database_url": db_url, "data_dir": data_dir, "register_rate": "10000/minute",
-                            "auth_failure_rate": "10000/minute", "heartbeat_interval_s": 2,
-                            "heartbeat_flush_s": 0.2,
-                            # these coordinators run without a Ray head: registrations are what they test
-                            "admit_without_ray": True}
+    base: dict[str, Any] = {
+        "database_url": db_url,
+        "data_dir": data_dir,
+        "register_rate": "10000/minute",
+        "auth_failure_rate": "10000/minute",
+        "heartbeat_interval_s": 2,
+        "heartbeat_flush_s": 0.2,
+        # these coordinators run without a Ray head: registrations are what they test
+        "admit_without_ray": True,
+    }
     base.update(overrides)
     return Settings(**base)
 
@@ -59,6 +74,9 @@ def coordinator(db_url: str, tmp_path: Path) -> Iterator[Coordinator]:
     state = build_state(make_settings(db_url, tmp_path / "data"))
     admin_key = prepare_database(state)
     assert admin_key
-    with ServerThread(create_app(state=state)) as server, httpx.Client(base_url=server.url, timeout=30) as http:
+    with (
+        ServerThread(create_app(state=state)) as server,
+        httpx.Client(base_url=server.url, timeout=30) as http,
+    ):
         yield Coordinator(server.url, admin_key, state, http)
     state.engine.dispose()

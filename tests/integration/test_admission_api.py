@@ -14,8 +14,12 @@ from rma_ray import credentials
 from tests.integration.conftest import CPU_BOX, Coordinator
 from tests.support import wait_for
 
-H200 = {"cpu_cores": 16, "ram_mb": 128887, "disk_free_gb": 64.0,
-        "gpus": [{"name": "NVIDIA H200", "memory_mb": 143771, "uuid": "GPU-x", "compute_capability": "9.0"}]}
+H200 = {
+    "cpu_cores": 16,
+    "ram_mb": 128887,
+    "disk_free_gb": 64.0,
+    "gpus": [{"name": "NVIDIA H200", "memory_mb": 143771, "uuid": "GPU-x", "compute_capability": "9.0"}],
+}
 TINY = {"cpu_cores": 1, "ram_mb": 1024, "disk_free_gb": 8.0}
 
 
@@ -39,7 +43,11 @@ def test_invite_token_shown_once_and_only_hash_stored(coordinator: Coordinator) 
 def test_register_returns_credentials_and_labels(coordinator: Coordinator) -> None:
     reg = coordinator.join(trusted=True)
     assert reg["tier"] == "service" and reg["tier_number"] == 2
-    assert reg["labels"] == {"rma.io/tier": "service", "rma.io/node": reg["worker_id"], "rma.io/trusted": "true"}
+    assert reg["labels"] == {
+        "rma.io/tier": "service",
+        "rma.io/node": reg["worker_id"],
+        "rma.io/trusted": "true",
+    }
     assert reg["node_token"].startswith(f"rma_node_{reg['worker_id']}_")
     assert reg["heartbeat_interval_s"] == 2
     assert reg["ray"] is None  # this coordinator runs without a head
@@ -49,7 +57,13 @@ def test_register_returns_credentials_and_labels(coordinator: Coordinator) -> No
 
 def test_gpu_box_goes_to_gpu_tier_and_seed_strings_work(coordinator: Coordinator) -> None:
     assert coordinator.join(H200)["tier"] == "gpu"
-    seed = {"gpu_memory": "24GB", "gpu_type": "NVIDIA RTX 4090", "cpu_cores": 16, "ram": "64GB", "storage": "1TB"}
+    seed = {
+        "gpu_memory": "24GB",
+        "gpu_type": "NVIDIA RTX 4090",
+        "cpu_cores": 16,
+        "ram": "64GB",
+        "storage": "1TB",
+    }
     assert coordinator.join(seed)["tier"] == "gpu"
 
 
@@ -104,8 +118,11 @@ def test_multi_use_invite(coordinator: Coordinator) -> None:
 def test_expired_token_refused(coordinator: Coordinator) -> None:
     inv = coordinator.invite(ttl_s=60)
     with coordinator.state.sessions() as s, s.begin():
-        s.execute(update(Invite).where(Invite.id == inv["id"]).values(
-            expires_at=datetime.now(UTC) - timedelta(seconds=1)))
+        s.execute(
+            update(Invite)
+            .where(Invite.id == inv["id"])
+            .values(expires_at=datetime.now(UTC) - timedelta(seconds=1))
+        )
     r = coordinator.register(inv["token"])
     assert r.status_code == 401 and error(r)[0] == "token_expired"
     assert "expired at" in error(r)[1]
@@ -118,15 +135,20 @@ def test_revoked_invite_refused(coordinator: Coordinator) -> None:
     assert r.status_code == 401 and error(r)[0] == "token_revoked"
 
 
-@pytest.mark.parametrize(("header", "code"), [
-    (None, "missing_credentials"),
-    ("Bearer nonsense", "malformed_token"),
-    ("Bearer " + credentials.mint(credentials.Kind.NODE).token, "malformed_token"),
-    ("Bearer " + credentials.mint(credentials.Kind.JOIN).token, "invalid_join_token"),
-])
+@pytest.mark.parametrize(
+    ("header", "code"),
+    [
+        (None, "missing_credentials"),
+        ("Bearer nonsense", "malformed_token"),
+        ("Bearer " + credentials.mint(credentials.Kind.NODE).token, "malformed_token"),
+        ("Bearer " + credentials.mint(credentials.Kind.JOIN).token, "invalid_join_token"),
+    ],
+)
 def test_bad_join_tokens(coordinator: Coordinator, header: str | None, code: str) -> None:
     headers = {"Authorization": header} if header else {}
-    r = coordinator.http.post("/api/worker/register", json={"name": "x", "capabilities": CPU_BOX}, headers=headers)
+    r = coordinator.http.post(
+        "/api/worker/register", json={"name": "x", "capabilities": CPU_BOX}, headers=headers
+    )
     assert r.status_code == 401 and error(r)[0] == code
     assert r.headers["WWW-Authenticate"] == "Bearer"
 
@@ -149,8 +171,11 @@ def test_concurrent_redemptions_of_single_use_token(coordinator: Coordinator) ->
     def redeem(i: int) -> None:
         with httpx.Client(base_url=coordinator.url, timeout=60) as http:
             barrier.wait()
-            r = http.post("/api/worker/register", json={"name": f"d{i}", "capabilities": CPU_BOX},
-                          headers={"Authorization": f"Bearer {inv['token']}"})
+            r = http.post(
+                "/api/worker/register",
+                json={"name": f"d{i}", "capabilities": CPU_BOX},
+                headers={"Authorization": f"Bearer {inv['token']}"},
+            )
         with lock:
             results.append(r.status_code)
 
@@ -168,17 +193,21 @@ def test_concurrent_redemptions_of_single_use_token(coordinator: Coordinator) ->
 def test_heartbeat_status_and_actions(coordinator: Coordinator) -> None:
     reg = coordinator.join()
     node = {"Authorization": f"Bearer {reg['node_token']}"}
-    r = coordinator.http.post("/api/worker/heartbeat", headers=node,
-                              json={"status": "healthy", "current_load": 0.3, "available_memory_mb": 12000,
-                                    "ray_node_id": "ab12"})
+    r = coordinator.http.post(
+        "/api/worker/heartbeat",
+        headers=node,
+        json={"status": "healthy", "current_load": 0.3, "available_memory_mb": 12000, "ray_node_id": "ab12"},
+    )
     assert r.status_code == 200 and r.json() == {"action": "none", "cluster": ""}
     w = coordinator.admin("GET", f"/api/admin/workers/{reg['worker_id']}").json()
     assert w["status"] == "healthy" and w["current_load"] == 0.3 and w["available_memory_mb"] == 12000
+
     # written through to the database by the flusher
     def flushed() -> bool:
         with coordinator.state.sessions() as s:
             row = s.get(Worker, reg["worker_id"])
             return row is not None and row.last_heartbeat_at is not None and row.ray_node_id == "ab12"
+
     wait_for(flushed, timeout=10, what="the heartbeat flush")
 
     assert coordinator.admin("POST", f"/api/admin/workers/{reg['worker_id']}/drain").status_code == 200
@@ -189,21 +218,32 @@ def test_heartbeat_status_and_actions(coordinator: Coordinator) -> None:
 
 def test_seed_style_heartbeat(coordinator: Coordinator) -> None:
     reg = coordinator.join()
-    r = coordinator.http.post("/api/worker/heartbeat", headers={"Authorization": f"Bearer {reg['node_token']}"},
-                              json={"worker_id": reg["worker_id"], "status": "healthy", "current_load": 0.3,
-                                    "available_memory_mb": "12GB"})
+    r = coordinator.http.post(
+        "/api/worker/heartbeat",
+        headers={"Authorization": f"Bearer {reg['node_token']}"},
+        json={
+            "worker_id": reg["worker_id"],
+            "status": "healthy",
+            "current_load": 0.3,
+            "available_memory_mb": "12GB",
+        },
+    )
     assert r.status_code == 200
 
 
 def test_missed_heartbeats_go_warning_then_offline(coordinator: Coordinator) -> None:
     reg = coordinator.join()
-    coordinator.http.post("/api/worker/heartbeat", headers={"Authorization": f"Bearer {reg['node_token']}"}, json={})
+    coordinator.http.post(
+        "/api/worker/heartbeat", headers={"Authorization": f"Bearer {reg['node_token']}"}, json={}
+    )
 
     def status() -> str:
         return coordinator.admin("GET", f"/api/admin/workers/{reg['worker_id']}").json()["status"]  # type: ignore[no-any-return]
 
     assert status() == "healthy"
-    wait_for(lambda: status() == "warning", timeout=10, what="warning after a missed heartbeat (interval 2 s)")
+    wait_for(
+        lambda: status() == "warning", timeout=10, what="warning after a missed heartbeat (interval 2 s)"
+    )
     wait_for(lambda: status() == "offline", timeout=10, what="offline after 2.5 intervals")
 
 
@@ -239,8 +279,11 @@ def test_revoked_token_survives_coordinator_restart(coordinator: Coordinator, db
     coordinator.admin("POST", f"/api/admin/workers/{reg['worker_id']}/revoke")
     state = build_state(make_settings(db_url, tmp_path / "data"))
     with ServerThread(create_app(state=state)) as other:
-        r = httpx.post(other.url + "/api/worker/heartbeat", json={},
-                       headers={"Authorization": f"Bearer {reg['node_token']}"})
+        r = httpx.post(
+            other.url + "/api/worker/heartbeat",
+            json={},
+            headers={"Authorization": f"Bearer {reg['node_token']}"},
+        )
         assert r.status_code == 401 and error(r)[0] == "worker_revoked"
     state.engine.dispose()
 
@@ -248,15 +291,22 @@ def test_revoked_token_survives_coordinator_restart(coordinator: Coordinator, db
 def test_stats_and_health(coordinator: Coordinator) -> None:
     a = coordinator.join()
     coordinator.join(H200)
-    coordinator.http.post("/api/worker/heartbeat", headers={"Authorization": f"Bearer {a['node_token']}"}, json={})
+    coordinator.http.post(
+        "/api/worker/heartbeat", headers={"Authorization": f"Bearer {a['node_token']}"}, json={}
+    )
     stats = coordinator.admin("GET", "/api/admin/stats").json()
     assert stats["total_workers"] == 2 and stats["online_workers"] == 1
     assert stats["tiers"]["service"]["online"] == 1
     assert stats["tiers"]["service"]["capacity"]["cpu_cores"] == 2
     assert stats["tiers"]["gpu"]["workers"] == {"joining": 1}
     health = coordinator.admin("GET", "/api/admin/health").json()
-    assert health == {"status": "ok", "database": "ok", "ray_configured": False, "workers_online": 1,
-                      "workers_total": 2}
+    assert health == {
+        "status": "ok",
+        "database": "ok",
+        "ray_configured": False,
+        "workers_online": 1,
+        "workers_total": 2,
+    }
     assert coordinator.http.get("/healthz").json() == {"status": "ok"}
     metrics = coordinator.http.get("/metrics").text
     assert "rma_heartbeats_total 1.0" in metrics and 'rma_registrations_total{tier="gpu"} 1.0' in metrics
@@ -265,7 +315,9 @@ def test_stats_and_health(coordinator: Coordinator) -> None:
 def test_workers_filter(coordinator: Coordinator) -> None:
     coordinator.join()
     coordinator.join(H200)
-    assert [w["tier"] for w in coordinator.admin("GET", "/api/admin/workers", params={"tier": "gpu"}).json()] == ["gpu"]
+    assert [
+        w["tier"] for w in coordinator.admin("GET", "/api/admin/workers", params={"tier": "gpu"}).json()
+    ] == ["gpu"]
     assert coordinator.admin("GET", "/api/admin/workers", params={"tier": "nope"}).status_code == 422
 
 
@@ -279,8 +331,12 @@ def test_client_keys_and_keyring(coordinator: Coordinator) -> None:
     assert key["key"].split("_")[3] not in str(ring)
     # a node may read the keyring too (the Serve side runs on nodes); nobody else
     reg = coordinator.join()
-    assert coordinator.http.get("/api/clients/keyring",
-                                headers={"Authorization": f"Bearer {reg['node_token']}"}).status_code == 200
+    assert (
+        coordinator.http.get(
+            "/api/clients/keyring", headers={"Authorization": f"Bearer {reg['node_token']}"}
+        ).status_code
+        == 200
+    )
     assert coordinator.http.get("/api/clients/keyring").status_code == 401
     coordinator.admin("POST", f"/api/admin/clients/{key['id']}/revoke")
     assert coordinator.admin("GET", "/api/clients/keyring").json()["keys"] == []
@@ -298,16 +354,21 @@ def test_admin_keys(coordinator: Coordinator) -> None:
     assert r.status_code == 409 and error(r)[0] == "last_admin_key"
 
 
-@pytest.mark.parametrize("body", [
-    {"name": "x"},
-    {"name": "", "capabilities": CPU_BOX},
-    {"name": "x", "capabilities": {"cpu_cores": -1, "ram_mb": 1}},
-    {"name": "x", "capabilities": CPU_BOX, "surprise": 1},
-    [],
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"name": "x"},
+        {"name": "", "capabilities": CPU_BOX},
+        {"name": "x", "capabilities": {"cpu_cores": -1, "ram_mb": 1}},
+        {"name": "x", "capabilities": CPU_BOX, "surprise": 1},
+        [],
+    ],
+)
 def test_malformed_register_bodies_are_422(coordinator: Coordinator, body: object) -> None:
     inv = coordinator.invite()
-    r = coordinator.http.post("/api/worker/register", json=body, headers={"Authorization": f"Bearer {inv['token']}"})
+    r = coordinator.http.post(
+        "/api/worker/register", json=body, headers={"Authorization": f"Bearer {inv['token']}"}
+    )
     assert r.status_code == 422 and error(r)[0] == "invalid_request"
     assert coordinator.admin("GET", "/api/invites").json()[0]["uses_left"] == 1
 
@@ -321,8 +382,11 @@ def test_invite_validation(coordinator: Coordinator) -> None:
 
 def test_body_limit(coordinator: Coordinator) -> None:
     inv = coordinator.invite()
-    r = coordinator.http.post("/api/worker/register", content=b"{" + b" " * 100_000 + b"}",
-                              headers={"Authorization": f"Bearer {inv['token']}", "Content-Type": "application/json"})
+    r = coordinator.http.post(
+        "/api/worker/register",
+        content=b"{" + b" " * 100_000 + b"}",
+        headers={"Authorization": f"Bearer {inv['token']}", "Content-Type": "application/json"},
+    )
     assert r.status_code == 413 and error(r)[0] == "payload_too_large"
 
 

@@ -18,9 +18,16 @@ RMA = [sys.executable, "-m", "rma_ray.cli"]
 KEY_RE = re.compile(r"rma_admin_[0-9a-f]{12}_[0-9a-f]{64}")
 
 
-def rma(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*RMA, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "COLUMNS": "200", **(env or {})})
+def rma(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*RMA, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "COLUMNS": "200", **(env or {})},
+    )
 
 
 @pytest.fixture
@@ -28,10 +35,14 @@ def served(tmp_path: Path) -> Iterator[tuple[str, Path, subprocess.Popen[str], s
     """`rma admission serve` on a free port with its own data dir (~2 s to start)."""
     port = free_port()
     data = tmp_path / "coord"
-    proc = subprocess.Popen([*RMA, "admission", "serve", "--port", str(port), "--data-dir", str(data)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            # no Ray head here: admit anyway, registrations are what these tests drive
-                            env={**os.environ, "COLUMNS": "200", "RMA_ADMIT_WITHOUT_RAY": "1"})
+    proc = subprocess.Popen(
+        [*RMA, "admission", "serve", "--port", str(port), "--data-dir", str(data)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        # no Ray head here: admit anyway, registrations are what these tests drive
+        env={**os.environ, "COLUMNS": "200", "RMA_ADMIT_WITHOUT_RAY": "1"},
+    )
     url = f"http://127.0.0.1:{port}"
     lines: list[str] = []
 
@@ -60,12 +71,21 @@ def test_serve_prints_admin_key_once_and_keeps_only_its_hash(served: tuple, tmp_
     proc.terminate()
     proc.wait(15)
     port = free_port()
-    again = subprocess.Popen([*RMA, "admission", "serve", "--port", str(port), "--data-dir", str(data)],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    again = subprocess.Popen(
+        [*RMA, "admission", "serve", "--port", str(port), "--data-dir", str(data)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
-        wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200, timeout=30,
-                 what="the restarted coordinator")
-        r = httpx.get(f"http://127.0.0.1:{port}/api/admin/workers", headers={"Authorization": f"Bearer {key}"})
+        wait_for(
+            lambda: httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200,
+            timeout=30,
+            what="the restarted coordinator",
+        )
+        r = httpx.get(
+            f"http://127.0.0.1:{port}/api/admin/workers", headers={"Authorization": f"Bearer {key}"}
+        )
         assert r.status_code == 200  # the key from the first start still works
     finally:
         again.terminate()
@@ -81,8 +101,11 @@ def test_invite_join_list_revoke_through_the_cli(served: tuple) -> None:  # type
     token = re.search(r"rma_join_[0-9a-f]{12}_[0-9a-f]{64}", r.stdout).group(0)  # type: ignore[union-attr]
     assert key not in r.stdout + r.stderr
     caps = {"cpu_cores": 2, "ram_mb": 4096, "disk_free_gb": 50}
-    reg = httpx.post(url + "/api/worker/register", json={"name": "laptop", "capabilities": caps},
-                     headers={"Authorization": f"Bearer {token}"}).json()
+    reg = httpx.post(
+        url + "/api/worker/register",
+        json={"name": "laptop", "capabilities": caps},
+        headers={"Authorization": f"Bearer {token}"},
+    ).json()
     assert reg["tier"] == "data"
     r = rma("donors", "list", "--json", env=env)
     assert r.returncode == 0 and reg["worker_id"] in r.stdout
@@ -93,15 +116,22 @@ def test_invite_join_list_revoke_through_the_cli(served: tuple) -> None:  # type
     assert "frontend" in rma("clients", "list", env=env).stdout
 
 
-@pytest.mark.parametrize(("args", "env", "message"), [
-    (["donors", "list"], {"RMA_COORDINATOR_URL": "http://127.0.0.1:1"}, "cannot reach the coordinator"),
-    (["donors", "list"], {}, "unknown or revoked admin key"),
-    (["donors", "revoke", "nosuchworker"], None, "no worker nosuchworker"),
-    (["invite", "create", "--ttl", "soon"], None, "cannot read the duration"),
-    (["invite", "create", "--tier", "quantum"], None, "unknown tier"),
-])
-def test_user_mistakes_are_one_line_and_nonzero(served: tuple, args: list[str], env: dict | None,  # type: ignore[type-arg]
-                                                message: str) -> None:
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["donors", "list"], {"RMA_COORDINATOR_URL": "http://127.0.0.1:1"}, "cannot reach the coordinator"),
+        (["donors", "list"], {}, "unknown or revoked admin key"),
+        (["donors", "revoke", "nosuchworker"], None, "no worker nosuchworker"),
+        (["invite", "create", "--ttl", "soon"], None, "cannot read the duration"),
+        (["invite", "create", "--tier", "quantum"], None, "unknown tier"),
+    ],
+)
+def test_user_mistakes_are_one_line_and_nonzero(
+    served: tuple,
+    args: list[str],
+    env: dict | None,  # type: ignore[type-arg]
+    message: str,
+) -> None:
     url, _, _, key = served
     base = {"RMA_COORDINATOR_URL": url, "RMA_ADMIN_KEY": key}
     if env == {}:
@@ -114,8 +144,13 @@ def test_user_mistakes_are_one_line_and_nonzero(served: tuple, args: list[str], 
 
 def test_no_admin_key_without_a_terminal(served: tuple) -> None:  # type: ignore[type-arg]
     url, _, _, _ = served
-    r = subprocess.run([*RMA, "donors", "list"], capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                       env={**os.environ, "RMA_COORDINATOR_URL": url})
+    r = subprocess.run(
+        [*RMA, "donors", "list"],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "RMA_COORDINATOR_URL": url},
+    )
     assert r.returncode == 1 and "no admin key" in r.stderr
 
 
@@ -130,7 +165,9 @@ def _join(url: str, token: str, *extra: str, data_dir: Path) -> subprocess.Compl
 
 def test_join_failures_are_one_line(served: tuple, tmp_path: Path) -> None:  # type: ignore[type-arg]
     url, _, _, key = served
-    invite = httpx.post(url + "/api/invites", json={"uses": 5}, headers={"Authorization": f"Bearer {key}"}).json()
+    invite = httpx.post(
+        url + "/api/invites", json={"uses": 5}, headers={"Authorization": f"Bearer {key}"}
+    ).json()
     tiny = tmp_path / "tiny.json"
     tiny.write_text('{"cpu_cores": 1, "ram_mb": 1024, "disk_free_gb": 5}')
     cases = [

@@ -14,7 +14,9 @@ def test_revoked_client_key_stops_working_within_refresh(coordinator: Coordinato
     key = coordinator.admin("POST", "/api/admin/clients", json={"name": "app"}).json()
     other = coordinator.admin("POST", "/api/admin/clients", json={"name": "other"}).json()
     node = coordinator.join()["node_token"]  # the Serve side authenticates as a node
-    verifier = ClientKeyVerifier.from_coordinator(coordinator.url, node, refresh_s=1.0, max_stale_s=30).start()
+    verifier = ClientKeyVerifier.from_coordinator(
+        coordinator.url, node, refresh_s=1.0, max_stale_s=30
+    ).start()
     try:
         assert verifier.verify(f"Bearer {key['key']}").key_id == key["id"]
         coordinator.admin("POST", f"/api/admin/clients/{key['id']}/revoke")

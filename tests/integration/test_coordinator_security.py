@@ -63,9 +63,13 @@ def _statements(state: AppState) -> Iterator[dict[str, int]]:
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_forged_forwarded_for_is_ignored_with_flys_settings(db_url: str, tmp_path: Path) -> None:
-    state, admin_key, app = _app(db_url, tmp_path, auth_failure_rate="3/minute",
-                                 trusted_proxies=FLY_ENV["RMA_TRUSTED_PROXIES"],
-                                 client_ip_header=FLY_ENV["RMA_CLIENT_IP_HEADER"])
+    state, admin_key, app = _app(
+        db_url,
+        tmp_path,
+        auth_failure_rate="3/minute",
+        trusted_proxies=FLY_ENV["RMA_TRUSTED_PROXIES"],
+        client_ip_header=FLY_ENV["RMA_CLIENT_IP_HEADER"],
+    )
     proxy = TestClient(app, client=FLY_PROXY)
     direct = TestClient(app, client=("203.0.113.99", 5555))  # reached the machine without Fly's proxy
     victim, attacker = "198.51.100.1", "203.0.113.7"
@@ -73,32 +77,51 @@ def test_forged_forwarded_for_is_ignored_with_flys_settings(db_url: str, tmp_pat
     forged = {"X-Forwarded-For": victim, "X-Real-IP": victim}
 
     # through Fly's proxy: the client IP is Fly-Client-IP (which the proxy sets), whatever X-Forwarded-For says
-    codes = [proxy.get("/api/admin/workers", headers={**bad, **forged, "Fly-Client-IP": attacker}).status_code
-             for _ in range(4)]
+    codes = [
+        proxy.get("/api/admin/workers", headers={**bad, **forged, "Fly-Client-IP": attacker}).status_code
+        for _ in range(4)
+    ]
     assert codes == [401, 401, 401, 429]
     # around the proxy: its headers are not believed at all, the peer address is the client
     bad_too = _bearer(credentials.mint(credentials.Kind.ADMIN).token)
-    codes = [direct.get("/api/admin/workers", headers={**bad_too, **forged, "Fly-Client-IP": victim}).status_code
-             for _ in range(4)]
+    codes = [
+        direct.get("/api/admin/workers", headers={**bad_too, **forged, "Fly-Client-IP": victim}).status_code
+        for _ in range(4)
+    ]
     assert codes == [401, 401, 401, 429]
-    ok = proxy.post("/api/invites", json={}, headers={**_bearer(admin_key), "Fly-Client-IP": victim,
-                                                      "X-Forwarded-For": attacker})
+    ok = proxy.post(
+        "/api/invites",
+        json={},
+        headers={**_bearer(admin_key), "Fly-Client-IP": victim, "X-Forwarded-For": attacker},
+    )
     assert ok.status_code == 201, ok.text
 
-    audit = proxy.get("/api/admin/audit", params={"action": "invite.create"},
-                      headers={**_bearer(admin_key), "Fly-Client-IP": victim}).json()
+    audit = proxy.get(
+        "/api/admin/audit",
+        params={"action": "invite.create"},
+        headers={**_bearer(admin_key), "Fly-Client-IP": victim},
+    ).json()
     assert [e["ip"] for e in audit] == [victim]
-    assert "203.0.113.7" in proxy.get("/api/admin/workers", headers={**bad, "Fly-Client-IP": attacker}
-                                      ).json()["error"]["message"]
+    assert (
+        "203.0.113.7"
+        in proxy.get("/api/admin/workers", headers={**bad, "Fly-Client-IP": attacker}).json()["error"][
+            "message"
+        ]
+    )
 
     # the Secure cookie follows X-Forwarded-Proto from the proxy only
     form = {"admin_key": admin_key}
-    via_proxy = proxy.post("/registry/login", data=form, follow_redirects=False,
-                           headers={"Fly-Client-IP": victim, "X-Forwarded-Proto": "https"})
+    via_proxy = proxy.post(
+        "/registry/login",
+        data=form,
+        follow_redirects=False,
+        headers={"Fly-Client-IP": victim, "X-Forwarded-Proto": "https"},
+    )
     assert via_proxy.status_code == 303 and "secure" in via_proxy.headers["set-cookie"].lower()
     assert "max-age=31536000" in via_proxy.headers["strict-transport-security"]
     around = TestClient(app, client=("192.0.2.50", 1)).post(
-        "/registry/login", data=form, follow_redirects=False, headers={"X-Forwarded-Proto": "https"})
+        "/registry/login", data=form, follow_redirects=False, headers={"X-Forwarded-Proto": "https"}
+    )
     assert around.status_code == 303 and "secure" not in around.headers["set-cookie"].lower()
     state.engine.dispose()
 
@@ -108,8 +131,9 @@ def test_other_ips_failures_never_lock_out_a_valid_credential(db_url: str, tmp_p
     admin = TestClient(app, client=("192.0.2.1", 1))
     invite = admin.post("/api/invites", json={"uses": 1}, headers=_bearer(admin_key)).json()
     donor = TestClient(app, client=("192.0.2.2", 1))
-    reg = donor.post("/api/worker/register", json={"name": "d", "capabilities": CPU_BOX},
-                     headers=_bearer(invite["token"]))
+    reg = donor.post(
+        "/api/worker/register", json={"name": "d", "capabilities": CPU_BOX}, headers=_bearer(invite["token"])
+    )
     assert reg.status_code == 201, reg.text
     node_token = reg.json()["node_token"]
     worker_id = reg.json()["worker_id"]
@@ -123,10 +147,13 @@ def test_other_ips_failures_never_lock_out_a_valid_credential(db_url: str, tmp_p
         at_admin = TestClient(app, client=(f"203.0.113.{i + 50}", 1))
         # past the credential's budget (5 failures), one guess spends the guessing address's whole budget
         second = 401 if i < 3 else 429
-        assert [at_node.post("/api/worker/heartbeat", json={}, headers=wrong_node).status_code
-                for _ in range(2)] == [401, second]
-        assert [at_admin.get("/api/admin/workers", headers=wrong_admin).status_code
-                for _ in range(2)] == [401, second]
+        assert [
+            at_node.post("/api/worker/heartbeat", json={}, headers=wrong_node).status_code for _ in range(2)
+        ] == [401, second]
+        assert [at_admin.get("/api/admin/workers", headers=wrong_admin).status_code for _ in range(2)] == [
+            401,
+            second,
+        ]
     # the owners, from their own addresses, are never refused
     assert donor.post("/api/worker/heartbeat", json={}, headers=_bearer(node_token)).status_code == 200
     assert admin.get("/api/admin/workers", headers=_bearer(admin_key)).status_code == 200
@@ -145,10 +172,24 @@ def test_other_ips_failures_never_lock_out_a_valid_credential(db_url: str, tmp_p
 
 def _workers(n: int, start: int, **fields: Any) -> list[dict[str, Any]]:
     now = utcnow()
-    return [{"id": f"w{start + i:011d}", "name": f"donor {start + i}", "tier": "service", "trusted": False,
-             "capabilities": CPU_BOX, "labels": {}, "node_token_hash": "0" * 64, "registered_ip": "192.0.2.9",
-             "created_at": now - timedelta(hours=1), "last_heartbeat_at": now, "heartbeat_status": "ok",
-             "action": "none", **fields} for i in range(n)]
+    return [
+        {
+            "id": f"w{start + i:011d}",
+            "name": f"donor {start + i}",
+            "tier": "service",
+            "trusted": False,
+            "capabilities": CPU_BOX,
+            "labels": {},
+            "node_token_hash": "0" * 64,
+            "registered_ip": "192.0.2.9",
+            "created_at": now - timedelta(hours=1),
+            "last_heartbeat_at": now,
+            "heartbeat_status": "ok",
+            "action": "none",
+            **fields,
+        }
+        for i in range(n)
+    ]
 
 
 def test_healthz_and_metrics_cost_does_not_grow_with_the_registry(db_url: str, tmp_path: Path) -> None:
@@ -237,11 +278,13 @@ def test_refused_registrations_write_bounded_audit_rows(db_url: str, tmp_path: P
     for ip in ("198.51.100.5", "198.51.100.6"):
         donor = TestClient(app, client=(ip, 1))
         for _ in range(20):  # a refusal does not spend the token: it can be replayed
-            r = donor.post("/api/worker/register", json={"name": "small", "capabilities": TINY},
-                           headers=_bearer(token))
+            r = donor.post(
+                "/api/worker/register", json={"name": "small", "capabilities": TINY}, headers=_bearer(token)
+            )
             assert r.status_code == 422 and r.json()["error"]["code"] == "hardware_below_minimum"
-    rows = admin.get("/api/admin/audit", params={"action": "worker.register.refused"},
-                     headers=_bearer(admin_key)).json()
+    rows = admin.get(
+        "/api/admin/audit", params={"action": "worker.register.refused"}, headers=_bearer(admin_key)
+    ).json()
     assert sorted(e["ip"] for e in rows) == ["198.51.100.5", "198.51.100.6"]  # one a minute per address
     assert all(e["detail"]["count"] == 1 and e["detail"]["code"] == "hardware_below_minimum" for e in rows)
     state.engine.dispose()

@@ -44,7 +44,9 @@ def graph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Graph]:
             wait_for(ready, timeout=180, interval=0.5, what="ArcadeDB to answer over Bolt")
         except TimeoutError as exc:  # say why: the server's own log
             log = volume / "graph.log"
-            raise TimeoutError(f"{exc}; graph.log: {log.read_text(errors='replace')[-3000:] if log.exists() else '-'}")
+            raise TimeoutError(
+                f"{exc}; graph.log: {log.read_text(errors='replace')[-3000:] if log.exists() else '-'}"
+            ) from None
         g = Graph(endpoint=lambda _: ep)
         yield g
         if g._driver is not None:
@@ -78,31 +80,41 @@ def test_two_clients_have_disjoint_graphs(graph: Graph) -> None:
         graph.query("carol", "Ada Lovelace")
     assert err.value.status == 404 and "your graph" in err.value.message
     # in the store: one node per (owner, entity), edges only between one owner's nodes, every edge owned
-    rows = run(graph, "MATCH (n:Entity) WHERE n.name = 'Ada Lovelace' RETURN n.owner AS owner, "
-                      "n.mentions AS mentions")
+    rows = run(
+        graph,
+        "MATCH (n:Entity) WHERE n.name = 'Ada Lovelace' RETURN n.owner AS owner, n.mentions AS mentions",
+    )
     assert sorted((r["owner"], r["mentions"]) for r in rows) == [("alice", 1), ("bob", 5)]
-    cross = run(graph, "MATCH (a:Entity)-[r:CO_OCCURS]->(b:Entity) "
-                       "WHERE a.owner <> b.owner OR r.owner <> a.owner RETURN count(r) AS n")
+    cross = run(
+        graph,
+        "MATCH (a:Entity)-[r:CO_OCCURS]->(b:Entity) "
+        "WHERE a.owner <> b.owner OR r.owner <> a.owner RETURN count(r) AS n",
+    )
     assert cross[0]["n"] == 0
 
 
 def test_nodes_without_an_owner_are_seen_by_no_client(graph: Graph) -> None:
-    run(graph, "CREATE (:Entity {key: 'PERSON:grace hopper', name: 'Grace Hopper', label: 'PERSON', "
-               "mentions: 9})")
+    run(
+        graph,
+        "CREATE (:Entity {key: 'PERSON:grace hopper', name: 'Grace Hopper', label: 'PERSON', mentions: 9})",
+    )
     for owner in ("alice", "bob"):
         with pytest.raises(Refusal) as err:
             graph.query(owner, "Grace Hopper")
         assert err.value.status == 404
     graph.extract("alice", "Grace Hopper worked at Harvard.")
     assert neighbours(graph, "alice", "grace hopper") == {"Harvard": 1}
-    rows = run(graph, "MATCH (n:Entity) WHERE n.name = 'Grace Hopper' AND n.owner IS NULL "
-                      "RETURN n.mentions AS m")
+    rows = run(
+        graph, "MATCH (n:Entity) WHERE n.name = 'Grace Hopper' AND n.owner IS NULL RETURN n.mentions AS m"
+    )
     assert [r["m"] for r in rows] == [9]  # the legacy node is left alone, not merged into alice's
 
 
 def test_an_empty_owner_is_refused(graph: Graph) -> None:
-    for call in (lambda: graph.extract("", "Ada Lovelace met Charles Babbage."),
-                 lambda: graph.query(" ", "Ada")):
+    for call in (
+        lambda: graph.extract("", "Ada Lovelace met Charles Babbage."),
+        lambda: graph.query(" ", "Ada"),
+    ):
         with pytest.raises(Refusal) as err:
             call()
         assert err.value.status == 401

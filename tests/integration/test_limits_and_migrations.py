@@ -36,8 +36,14 @@ def test_register_is_rate_limited_per_ip(tmp_path: Path) -> None:
     app = create_app(make_settings(f"sqlite:///{tmp_path / 'db'}", tmp_path, register_rate="3/minute"))
     with TestClient(app) as client:
         token = "Bearer " + credentials.mint(credentials.Kind.JOIN).token
-        codes = [client.post("/api/worker/register", json={"name": "x", "capabilities": CPU_BOX},
-                             headers={"Authorization": token}).status_code for _ in range(4)]
+        codes = [
+            client.post(
+                "/api/worker/register",
+                json={"name": "x", "capabilities": CPU_BOX},
+                headers={"Authorization": token},
+            ).status_code
+            for _ in range(4)
+        ]
         assert codes == [401, 401, 401, 429]
 
 
@@ -48,7 +54,8 @@ def test_migrations_match_models_and_round_trip(db_url: str) -> None:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     assert diff == [], f"models and migrations disagree; add a migration: {diff}"
     assert {"workers", "invites", "admin_keys", "client_keys", "audit_events", "tier_demand"} <= set(
-        inspect(engine).get_table_names())
+        inspect(engine).get_table_names()
+    )
     migrate.downgrade(engine, "base")
     assert set(inspect(engine).get_table_names()) <= {"alembic_version"}
     migrate.upgrade(engine)

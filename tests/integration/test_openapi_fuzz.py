@@ -25,11 +25,17 @@ _app = create_app(state=_state)
 with TestClient(_app) as _c:
     _h = {"Authorization": f"Bearer {_admin}"}
     _join = _c.post("/api/invites", json={"uses": 10000, "ttl_s": 3600}, headers=_h).json()["token"]
-    _node = _c.post("/api/worker/register", json={"name": "fuzz", "capabilities": CPU_BOX},
-                    headers={"Authorization": f"Bearer {_join}"}).json()["node_token"]
+    _node = _c.post(
+        "/api/worker/register",
+        json={"name": "fuzz", "capabilities": CPU_BOX},
+        headers={"Authorization": f"Bearer {_join}"},
+    ).json()["node_token"]
 
-schema = schemathesis.openapi.from_asgi("/api/admin/openapi.json", _app,  # the schema is for admins only
-                                        headers={"Authorization": f"Bearer {_admin}"})
+schema = schemathesis.openapi.from_asgi(
+    "/api/admin/openapi.json",
+    _app,  # the schema is for admins only
+    headers={"Authorization": f"Bearer {_admin}"},
+)
 
 
 def _credential(path: str) -> str:
@@ -43,5 +49,7 @@ def _credential(path: str) -> str:
 @schema.exclude(path="/api/worker/unregister").parametrize()
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
 def test_no_server_errors(case: schemathesis.Case) -> None:
-    case.call_and_validate(headers={"Authorization": f"Bearer {_credential(case.path)}"},
-                           checks=[not_a_server_error, response_schema_conformance])
+    case.call_and_validate(
+        headers={"Authorization": f"Bearer {_credential(case.path)}"},
+        checks=[not_a_server_error, response_schema_conformance],
+    )

@@ -19,9 +19,13 @@ from rma_ray import overlay
 from tests.integration.conftest import CPU_BOX, Coordinator, make_settings
 from tests.support import ServerThread
 
-pytestmark = [pytest.mark.overlay,
-              pytest.mark.skipif(overlay.missing_tools() is not None or not overlay.shutil.which("wireguard-go"),
-                                 reason=f"overlay tools: {overlay.missing_tools() or 'wireguard-go missing'}")]
+pytestmark = [
+    pytest.mark.overlay,
+    pytest.mark.skipif(
+        overlay.missing_tools() is not None or not overlay.shutil.which("wireguard-go"),
+        reason=f"overlay tools: {overlay.missing_tools() or 'wireguard-go missing'}",
+    ),
+]
 
 
 @pytest.fixture
@@ -30,8 +34,9 @@ def hub(tmp_path: Path) -> Iterator[overlay.Interface]:
     key = tmp_path / "hub.key"
     overlay.load_or_create_key(key)
     iface = overlay.Interface(f"rmat{secrets.token_hex(4)}", "", key)
-    if overlay.subprocess.run(["ip", "link", "add", iface.name, "type", "wireguard"],
-                              capture_output=True).returncode:
+    if overlay.subprocess.run(
+        ["ip", "link", "add", iface.name, "type", "wireguard"], capture_output=True
+    ).returncode:
         iface._start_userspace()
     overlay._run(["wg", "set", iface.name, "private-key", str(key), "listen-port", "0"], "hub")
     try:
@@ -42,14 +47,22 @@ def hub(tmp_path: Path) -> Iterator[overlay.Interface]:
 
 @pytest.fixture
 def ov(db_url: str, tmp_path: Path, hub: overlay.Interface) -> Iterator[Coordinator]:
-    settings = make_settings(db_url, tmp_path / "data", overlay_hub_interface=hub.name,
-                             overlay_hub_public_key=overlay.public_key_of((tmp_path / "hub.key").read_text().strip()),
-                             overlay_hub_endpoint="203.0.113.7:51820", overlay_subnet="10.77.0.0/16",
-                             overlay_keepalive_s=5)
+    settings = make_settings(
+        db_url,
+        tmp_path / "data",
+        overlay_hub_interface=hub.name,
+        overlay_hub_public_key=overlay.public_key_of((tmp_path / "hub.key").read_text().strip()),
+        overlay_hub_endpoint="203.0.113.7:51820",
+        overlay_subnet="10.77.0.0/16",
+        overlay_keepalive_s=5,
+    )
     state = build_state(settings)
     key = prepare_database(state)
     assert key
-    with ServerThread(create_app(state=state)) as server, httpx.Client(base_url=server.url, timeout=30) as http:
+    with (
+        ServerThread(create_app(state=state)) as server,
+        httpx.Client(base_url=server.url, timeout=30) as http,
+    ):
         yield Coordinator(server.url, key, state, http)
     state.engine.dispose()
 
@@ -65,8 +78,9 @@ def new_key(tmp_path: Path) -> str:
     return overlay.load_or_create_key(tmp_path / f"k{secrets.token_hex(4)}")
 
 
-def test_register_allocates_an_address_and_adds_the_peer(ov: Coordinator, hub: overlay.Interface,
-                                                         tmp_path: Path) -> None:
+def test_register_allocates_an_address_and_adds_the_peer(
+    ov: Coordinator, hub: overlay.Interface, tmp_path: Path
+) -> None:
     k1, k2 = new_key(tmp_path), new_key(tmp_path)
     r1 = register(ov, ov.invite()["token"], k1)
     assert r1.status_code == 201, r1.text
@@ -83,8 +97,9 @@ def test_register_allocates_an_address_and_adds_the_peer(ov: Coordinator, hub: o
     assert w["overlay_ip"] == "10.77.0.2"
 
 
-def test_revoke_removes_the_peer_at_once_and_the_key_never_rejoins(ov: Coordinator, hub: overlay.Interface,
-                                                                   tmp_path: Path) -> None:
+def test_revoke_removes_the_peer_at_once_and_the_key_never_rejoins(
+    ov: Coordinator, hub: overlay.Interface, tmp_path: Path
+) -> None:
     k = new_key(tmp_path)
     wid = register(ov, ov.invite()["token"], k).json()["worker_id"]
     assert [p.public_key for p in hub.peers()] == [k]
@@ -100,11 +115,17 @@ def test_revoke_removes_the_peer_at_once_and_the_key_never_rejoins(ov: Coordinat
     assert r.status_code == 201 and r.json()["overlay"]["address"] == "10.77.0.2"
 
 
-def test_leaving_releases_the_address_and_the_peer(ov: Coordinator, hub: overlay.Interface, tmp_path: Path) -> None:
+def test_leaving_releases_the_address_and_the_peer(
+    ov: Coordinator, hub: overlay.Interface, tmp_path: Path
+) -> None:
     k = new_key(tmp_path)
     node_token = register(ov, ov.invite()["token"], k).json()["node_token"]
-    assert ov.http.delete("/api/worker/unregister", headers={"Authorization": f"Bearer {node_token}"}
-                          ).status_code == 204
+    assert (
+        ov.http.delete(
+            "/api/worker/unregister", headers={"Authorization": f"Bearer {node_token}"}
+        ).status_code
+        == 204
+    )
     assert hub.peers() == []
     r = register(ov, ov.invite()["token"], k)  # an honest donor makes a new key per join
     assert r.status_code == 409 and r.json()["error"]["code"] == "overlay_key_reused"
@@ -121,8 +142,9 @@ def test_keys_missing_or_malformed_are_refused_clearly(ov: Coordinator, hub: ove
     assert hub.peers() == []
 
 
-def test_a_hub_that_is_gone_refuses_the_join_and_keeps_the_token(ov: Coordinator, hub: overlay.Interface,
-                                                                 tmp_path: Path) -> None:
+def test_a_hub_that_is_gone_refuses_the_join_and_keeps_the_token(
+    ov: Coordinator, hub: overlay.Interface, tmp_path: Path
+) -> None:
     hub.down()
     inv = ov.invite()
     r = register(ov, inv["token"], new_key(tmp_path))
@@ -130,7 +152,9 @@ def test_a_hub_that_is_gone_refuses_the_join_and_keeps_the_token(ov: Coordinator
     assert ov.admin("GET", "/api/invites").json()[0]["uses_left"] == 1
 
 
-def test_sync_puts_live_donors_back_on_a_fresh_hub(ov: Coordinator, hub: overlay.Interface, tmp_path: Path) -> None:
+def test_sync_puts_live_donors_back_on_a_fresh_hub(
+    ov: Coordinator, hub: overlay.Interface, tmp_path: Path
+) -> None:
     keys = [new_key(tmp_path) for _ in range(3)]
     ids = [register(ov, ov.invite()["token"], k).json()["worker_id"] for k in keys]
     ov.admin("POST", f"/api/admin/workers/{ids[2]}/revoke")
@@ -140,14 +164,19 @@ def test_sync_puts_live_donors_back_on_a_fresh_hub(ov: Coordinator, hub: overlay
     with ov.state.sessions() as session:
         added, removed = overlay_service.sync(ov.state, session)
     assert (added, removed) == (1, 1)
-    assert {p.public_key: p.allowed_ips for p in hub.peers()} == {keys[0]: ["10.77.0.2/32"],
-                                                                  keys[1]: ["10.77.0.3/32"]}
+    assert {p.public_key: p.allowed_ips for p in hub.peers()} == {
+        keys[0]: ["10.77.0.2/32"],
+        keys[1]: ["10.77.0.3/32"],
+    }
 
 
 def test_without_an_overlay_the_key_is_ignored(tmp_path: Path) -> None:
     state = build_state(make_settings(f"sqlite:///{tmp_path / 'db'}", tmp_path / "d"))
     key = prepare_database(state)
-    with ServerThread(create_app(state=state)) as server, httpx.Client(base_url=server.url, timeout=30) as http:
+    with (
+        ServerThread(create_app(state=state)) as server,
+        httpx.Client(base_url=server.url, timeout=30) as http,
+    ):
         c = Coordinator(server.url, key or "", state, http)
         r = register(c, c.invite()["token"], new_key(tmp_path))
         assert r.status_code == 201 and r.json()["overlay"] is None
@@ -155,14 +184,18 @@ def test_without_an_overlay_the_key_is_ignored(tmp_path: Path) -> None:
 
 
 def test_rejoin_keeps_a_surviving_key_replaces_a_lost_one_and_aborts_cut_the_peer(
-        ov: Coordinator, hub: overlay.Interface, tmp_path: Path) -> None:
+    ov: Coordinator, hub: overlay.Interface, tmp_path: Path
+) -> None:
     k1, k2, k3 = new_key(tmp_path), new_key(tmp_path), new_key(tmp_path)
     reg = register(ov, ov.invite()["token"], k1).json()
     node = {"Authorization": f"Bearer {reg['node_token']}"}
 
     def rejoin(key: str) -> httpx.Response:
-        return ov.http.post("/api/worker/rejoin", headers=node,
-                            json={"name": "donor", "capabilities": CPU_BOX, "overlay": {"public_key": key}})
+        return ov.http.post(
+            "/api/worker/rejoin",
+            headers=node,
+            json={"name": "donor", "capabilities": CPU_BOX, "overlay": {"public_key": key}},
+        )
 
     r = rejoin(k1)  # a restart that kept its key
     assert r.status_code == 200 and r.json()["overlay"]["address"] == "10.77.0.2", r.text

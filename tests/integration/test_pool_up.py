@@ -22,8 +22,10 @@ import pytest
 from rma_ray.net import local_ip_towards
 from tests.support import GiveUp, free_port, wait_for
 
-pytestmark = [pytest.mark.ray,
-              pytest.mark.skipif(not shutil.which("redis-server"), reason="Debian redis-server not installed")]
+pytestmark = [
+    pytest.mark.ray,
+    pytest.mark.skipif(not shutil.which("redis-server"), reason="Debian redis-server not installed"),
+]
 STORES = {"redis", "postgres", "chroma", "graph"}
 
 
@@ -33,16 +35,38 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     stores = Path(tempfile.mkdtemp(prefix="rma-it-up-stores-"))
     stores.chmod(0o755)  # the postgres user must traverse it
     ip = local_ip_towards("192.0.2.1")
-    env = {**os.environ, "HOME": str(root / "home"), "RMA_DATA_DIR": str(root / "data"),
-           "RMA_STORES_DIR": str(stores), "COLUMNS": "200"}
-    args = ["--node-ip-address", ip, "--gcs-port", str(free_port(ip)), "--dashboard-port", str(free_port(ip)),
-            "--coordinator-port", str(free_port(ip)), "--serve-port", str(free_port(ip)), "--apps", "none",
-            *(a for s in sorted(STORES) for a in ("--store-port", f"{s}={free_port(ip, span=2)}"))]
+    env = {
+        **os.environ,
+        "HOME": str(root / "home"),
+        "RMA_DATA_DIR": str(root / "data"),
+        "RMA_STORES_DIR": str(stores),
+        "COLUMNS": "200",
+    }
+    args = [
+        "--node-ip-address",
+        ip,
+        "--gcs-port",
+        str(free_port(ip)),
+        "--dashboard-port",
+        str(free_port(ip)),
+        "--coordinator-port",
+        str(free_port(ip)),
+        "--serve-port",
+        str(free_port(ip)),
+        "--apps",
+        "none",
+        *(a for s in sorted(STORES) for a in ("--store-port", f"{s}={free_port(ip, span=2)}")),
+    ]
     log = root / "up.log"
-    proc = subprocess.Popen([sys.executable, "-m", "rma_ray.cli", "up", *args], env=env,
-                            stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rma_ray.cli", "up", *args],
+        env=env,
+        stdout=open(log, "wb"),
+        stderr=subprocess.STDOUT,
+    )
     info: dict[str, Any] = {"log": log, "stores_dir": stores, "env": env}
     try:
+
         def stores_reported() -> dict[str, Any] | None:
             if proc.poll() is not None:
                 raise GiveUp(f"rma up exited: {log.read_text()}")
@@ -54,8 +78,13 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         info.update(wait_for(stores_reported, timeout=420, interval=1, what="rma up to start the stores"))
         yield info
     finally:
-        down = subprocess.run([sys.executable, "-m", "rma_ray.cli", "down"], env=env, capture_output=True,
-                              text=True, timeout=300)
+        down = subprocess.run(
+            [sys.executable, "-m", "rma_ray.cli", "down"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         info["down"] = down
         try:
             proc.wait(120)
@@ -70,8 +99,9 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
 
 
 def test_rma_up_starts_every_store_on_the_head_and_lists_them(pool: dict[str, Any]) -> None:
-    assert {s: v["status"] for s, v in pool["stores"].items()} == {s: "ready" for s in STORES}, \
-        pool["log"].read_text()[-3000:]
+    assert {s: v["status"] for s, v in pool["stores"].items()} == {s: "ready" for s in STORES}, pool[
+        "log"
+    ].read_text()[-3000:]
     assert all(v["where"] == "the head" for v in pool["stores"].values())
     out = pool["log"].read_text()
     for s in STORES:
@@ -93,7 +123,9 @@ def test_rma_up_starts_every_store_on_the_head_and_lists_them(pool: dict[str, An
     assert {r["node"] for r in rows} == {"head"} and all(r["size_bytes"] > 0 for r in rows)
     assert {r["runtime"] for r in rows} == {"process"}
     # credentials never leave through the listing or the printed output
-    creds = [json.loads((pool["stores_dir"] / s / ".rma-credentials.json").read_text())["password"] for s in STORES]
+    creds = [
+        json.loads((pool["stores_dir"] / s / ".rma-credentials.json").read_text())["password"] for s in STORES
+    ]
     for pw in creds:
         assert pw not in json.dumps(rows) and pw not in out
 
@@ -101,10 +133,18 @@ def test_rma_up_starts_every_store_on_the_head_and_lists_them(pool: dict[str, An
 def test_rma_down_stops_every_store(pool: dict[str, Any]) -> None:
     pids = {s: json.loads((pool["stores_dir"] / s / ".rma-pid.json").read_text())["pid"] for s in STORES}
     assert all(psutil.pid_exists(p) for p in pids.values())
-    down = subprocess.run([sys.executable, "-m", "rma_ray.cli", "down"], env=pool["env"], capture_output=True,
-                          text=True, timeout=300)
+    down = subprocess.run(
+        [sys.executable, "-m", "rma_ray.cli", "down"],
+        env=pool["env"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert down.returncode == 0, down.stdout + down.stderr
-    wait_for(lambda: not any(psutil.pid_exists(p) for p in pids.values()), timeout=60,
-             what="every store process to stop")
+    wait_for(
+        lambda: not any(psutil.pid_exists(p) for p in pids.values()),
+        timeout=60,
+        what="every store process to stop",
+    )
     # data stays for the next `rma up`
     assert (pool["stores_dir"] / "postgres" / "pgdata" / "PG_VERSION").exists()

@@ -11,15 +11,27 @@ GIB = 1024**3
 
 
 def ray_node(node_id: str, labels: dict, alive: bool = True, start: int = 1, **res: float) -> dict:  # type: ignore[type-arg]
-    return {"node_id": node_id, "node_ip": "10.0.0.9", "is_head_node": False, "state": "ALIVE" if alive else "DEAD",
-            "labels": labels, "start_time_ms": start,
-            "resources_total": {"CPU": 1, "memory": 4 * GIB, "object_store_memory": GIB, **res}}
+    return {
+        "node_id": node_id,
+        "node_ip": "10.0.0.9",
+        "is_head_node": False,
+        "state": "ALIVE" if alive else "DEAD",
+        "labels": labels,
+        "start_time_ms": start,
+        "resources_total": {"CPU": 1, "memory": 4 * GIB, "object_store_memory": GIB, **res},
+    }
 
 
 def test_apply_tracks_quarantines_flags_and_counts_demand(coordinator: Coordinator) -> None:
     honest = coordinator.join()
-    liar = coordinator.join({"cpu_cores": 16, "ram_mb": 128887, "disk_free_gb": 64,
-                             "gpus": [{"name": "NVIDIA H200", "memory_mb": 143771}]})
+    liar = coordinator.join(
+        {
+            "cpu_cores": 16,
+            "ram_mb": 128887,
+            "disk_free_gb": 64,
+            "gpus": [{"name": "NVIDIA H200", "memory_mb": 143771}],
+        }
+    )
     gone = coordinator.join()
     revoked = coordinator.join()
     coordinator.admin("POST", f"/api/admin/workers/{revoked['worker_id']}/revoke")
@@ -31,22 +43,28 @@ def test_apply_tracks_quarantines_flags_and_counts_demand(coordinator: Coordinat
         ray_node("e" * 56, {"rma.io/tier": "service"}),
         {**ray_node("f" * 56, {}), "is_head_node": True},
     ]
-    pending = [{"label_selector": {"rma.io/tier": "gpu"}}, {"label_selector": {"rma.io/tier": "gpu"}},
-               {"label_selector": {"rma.io/tier": "data"}}, {"label_selector": None}]
+    pending = [
+        {"label_selector": {"rma.io/tier": "gpu"}},
+        {"label_selector": {"rma.io/tier": "gpu"}},
+        {"label_selector": {"rma.io/tier": "data"}},
+        {"label_selector": None},
+    ]
     view = RayView()
     state = coordinator.state
     with state.sessions() as s, s.begin():
         to_drain = apply(state, s, nodes, pending, view)
     with state.sessions() as s:
-        h, l, g = (s.get(Worker, x["worker_id"]) for x in (honest, liar, gone))
+        h, liar_w, g = (s.get(Worker, x["worker_id"]) for x in (honest, liar, gone))
         assert h.ray_alive is True and h.ray_node_id == "a" * 56 and h.quarantine_reason is None
-        assert l.quarantine_reason and "0 GPUs" in l.quarantine_reason and l.action == "drain"
+        assert liar_w.quarantine_reason and "0 GPUs" in liar_w.quarantine_reason and liar_w.action == "drain"
         assert g.ray_alive is False
         assert {r.tier: r.pending for r in s.query(TierDemand)} == {"gpu": 2, "service": 0, "data": 1}
     reasons = {i["node_id"][0]: i["reason"] for i in view.intruders}
     assert set(reasons) == {"d", "e"} and "revoked" in reasons["d"] and "no rma.io/node" in reasons["e"]
     assert {n[0][0] for n in to_drain} == {"b", "d", "e"}
-    assert coordinator.admin("GET", f"/api/admin/workers/{liar['worker_id']}").json()["status"] == "quarantined"
+    assert (
+        coordinator.admin("GET", f"/api/admin/workers/{liar['worker_id']}").json()["status"] == "quarantined"
+    )
     assert coordinator.admin("GET", f"/api/admin/workers/{gone['worker_id']}").json()["status"] == "offline"
     audit = {e["action"] for e in coordinator.admin("GET", "/api/admin/audit").json()}
     assert {"worker.quarantine", "ray.intruder"} <= audit

@@ -69,14 +69,19 @@ class Pool:
     state: AppState
 
     def metrics(self) -> dict[str, Any]:
-        r = httpx.get(self.coordinator_url + "/api/admin/metrics", timeout=30,
-                      headers={"Authorization": f"Bearer {self.admin_key}"})
+        r = httpx.get(
+            self.coordinator_url + "/api/admin/metrics",
+            timeout=30,
+            headers={"Authorization": f"Bearer {self.admin_key}"},
+        )
         assert r.status_code == 200, r.text
         return r.json()  # type: ignore[no-any-return]
 
     def app(self, m: dict[str, Any], name: str) -> dict[str, Any]:
-        return next((a for a in m["applications"] if a["application"] == name),
-                    {"requests": 0, "errors_4xx": 0, "errors_5xx": 0})
+        return next(
+            (a for a in m["applications"] if a["application"] == name),
+            {"requests": 0, "errors_4xx": 0, "errors_5xx": 0},
+        )
 
     def metrics_when(self, cond: Any) -> Any:
         """The metrics once `cond(metrics)` holds, else None (for wait_for)."""
@@ -93,17 +98,36 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
     read_or_create_secret(token)
     ip = local_ip_towards("192.0.2.1")
     gcs, dash, http_port = free_port(ip), free_port(ip), free_port(ip)
-    head = RayNode(NodeSpec(node_ip=ip, token_file=token, head=True, temp_dir=short_temp_dir(f"rm-{os.getpid()}"),
-                            labels={"rma.io/tier": "head", "rma.io/trusted": "true"}, gcs_port=gcs, dashboard_port=dash, num_cpus=2,
-                            drain_timeout_s=2, env={"RAY_metrics_report_interval_ms": "1000"}), root / "head.log")
+    head = RayNode(
+        NodeSpec(
+            node_ip=ip,
+            token_file=token,
+            head=True,
+            temp_dir=short_temp_dir(f"rm-{os.getpid()}"),
+            labels={"rma.io/tier": "head", "rma.io/trusted": "true"},
+            gcs_port=gcs,
+            dashboard_port=dash,
+            num_cpus=2,
+            drain_timeout_s=2,
+            env={"RAY_metrics_report_interval_ms": "1000"},
+        ),
+        root / "head.log",
+    )
     server = None
     state = None
     try:
         head.start()
         head.wait_started(180)
-        state = build_state(make_settings(f"sqlite:///{root / 'coordinator.db'}", root / "coord",
-                                          ray_dashboard_url=f"http://{ip}:{dash}", ray_auth_token_file=token,
-                                          reconcile_interval_s=5, metrics_interval_s=1))
+        state = build_state(
+            make_settings(
+                f"sqlite:///{root / 'coordinator.db'}",
+                root / "coord",
+                ray_dashboard_url=f"http://{ip}:{dash}",
+                ray_auth_token_file=token,
+                reconcile_interval_s=5,
+                metrics_interval_s=1,
+            )
+        )
         admin_key = prepare_database(state)
         assert admin_key
         server = ServerThread(create_app(state=state)).__enter__()
@@ -116,16 +140,24 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
             serve.run(Front.bind(Slow.bind()), name="echo", route_prefix="/echo")
             print("deployed")
         """)
-        r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+        r = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+        )
         assert r.returncode == 0 and "deployed" in r.stdout, r.stderr[-3000:]
         p = Pool(f"http://{ip}:{http_port}", server.url, admin_key, state)
         # HAProxy answers 404 itself until it has reloaded with the new app's backend; the first 200 is the one
         # request of the fixture that the echo app counts
-        wait_for(lambda: httpx.get(p.serve_url + "/echo", timeout=10).status_code == 200, timeout=60,
-                 what="the echo app through Serve's HTTP port")
+        wait_for(
+            lambda: httpx.get(p.serve_url + "/echo", timeout=10).status_code == 200,
+            timeout=60,
+            what="the echo app through Serve's HTTP port",
+        )
         # the collector has read the head's endpoint at least once: what follows is counted, not a baseline
-        wait_for(lambda: p.metrics()["collector"]["at"] and state.reconciler.collector.view.passes >= 2,
-                 timeout=60, what="the metrics collector's first passes")
+        wait_for(
+            lambda: p.metrics()["collector"]["at"] and state.reconciler.collector.view.passes >= 2,
+            timeout=60,
+            what="the metrics collector's first passes",
+        )
         yield p
     finally:
         if server is not None:
@@ -162,8 +194,12 @@ def test_requests_errors_and_latency_reach_the_api(pool: Pool) -> None:
         codes += [c.get("/echo", params={"status": s}).status_code for s in (404, 404, 429, 500, 503)]
     assert codes == [200] * 30 + [404, 404, 429, 500, 503]
 
-    m = wait_for(lambda: pool.metrics_when(lambda m: pool.app(m, "echo")["requests"] >= base[0] + 35),
-                 timeout=60, interval=1, what="35 more echo requests in /api/admin/metrics")
+    m = wait_for(
+        lambda: pool.metrics_when(lambda m: pool.app(m, "echo")["requests"] >= base[0] + 35),
+        timeout=60,
+        interval=1,
+        what="35 more echo requests in /api/admin/metrics",
+    )
     echo = pool.app(m, "echo")
     # exactly once (the collector scraped many times while the counts settled): these 35 on top of the baseline
     assert _echo_counts(pool, m) == (base[0] + 35, base[1] + 3, base[2] + 2), (base, echo)
@@ -186,14 +222,21 @@ def test_queued_now_per_deployment(pool: Pool) -> None:
     assert httpx.get(slow, params={"s": 0}, timeout=60).text == "done"
     # With HAProxy in front (as `rma up` runs Serve) requests for the ingress wait in HAProxy, not in a Serve
     # router: the deployments reached by handle (the services behind the gateway) are the ones with a queue gauge
-    m = wait_for(lambda: pool.metrics_when(lambda m: ("echo", "Slow") in {(q["application"], q["deployment"])
-                                                                          for q in m["queues"]}),
-                 timeout=60, interval=1, what="a queue gauge for the deployment behind the ingress")
+    m = wait_for(
+        lambda: pool.metrics_when(
+            lambda m: ("echo", "Slow") in {(q["application"], q["deployment"]) for q in m["queues"]}
+        ),
+        timeout=60,
+        interval=1,
+        what="a queue gauge for the deployment behind the ingress",
+    )
     assert all(q["queued"] == 0 for q in m["queues"])
 
     answers: list[str] = []
-    burst = [threading.Thread(target=lambda: answers.append(httpx.get(slow, params={"s": 2.5}, timeout=120).text))
-             for _ in range(3)]
+    burst = [
+        threading.Thread(target=lambda: answers.append(httpx.get(slow, params={"s": 2.5}, timeout=120).text))
+        for _ in range(3)
+    ]
     for t in burst:
         t.start()
     try:
@@ -209,8 +252,12 @@ def test_queued_now_per_deployment(pool: Pool) -> None:
         for t in burst:
             t.join(120)
     assert answers == ["done"] * 3
-    wait_for(lambda: next(q for q in pool.metrics()["queues"] if q["deployment"] == "Slow")["queued"] == 0,
-             timeout=40, interval=1, what="the queue to drain")
+    wait_for(
+        lambda: next(q for q in pool.metrics()["queues"] if q["deployment"] == "Slow")["queued"] == 0,
+        timeout=40,
+        interval=1,
+        what="the queue to drain",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -218,9 +265,14 @@ def slow_called(pool: Pool) -> Pool:
     """Slow has answered once through Front's handle and the collector has seen its queue gauge and a request:
     what the page tests show, whichever tests ran before them (or none, with -k)."""
     assert httpx.get(pool.serve_url + "/echo/slow", params={"s": 0}, timeout=60).text == "done"
-    wait_for(lambda: pool.metrics_when(lambda m: m["today"]["requests"] >= 1 and
-                                       any(q["deployment"] == "Slow" for q in m["queues"])),
-             timeout=60, interval=1, what="Slow's queue gauge and a counted request in /api/admin/metrics")
+    wait_for(
+        lambda: pool.metrics_when(
+            lambda m: m["today"]["requests"] >= 1 and any(q["deployment"] == "Slow" for q in m["queues"])
+        ),
+        timeout=60,
+        interval=1,
+        what="Slow's queue gauge and a counted request in /api/admin/metrics",
+    )
     return pool
 
 
@@ -248,8 +300,11 @@ def test_rollups_and_summary_on_both_databases(db_url: str) -> None:
     t0 = now - timedelta(minutes=3)
     for i, name in enumerate(("0-idle", "1-after-13", "2-queued", "3-after-proxy-restart")):
         with sessions() as s, s.begin():
-            metrics.store(s, metrics.parse((SAMPLES / f"{name}.prom").read_text(), "10.88.0.1:44217"),
-                          t0 + timedelta(seconds=40 * i))
+            metrics.store(
+                s,
+                metrics.parse((SAMPLES / f"{name}.prom").read_text(), "10.88.0.1:44217"),
+                t0 + timedelta(seconds=40 * i),
+            )
         if name == "2-queued":
             with sessions() as s:
                 assert [(r.queued, r.ongoing) for r in s.query(DeploymentLoad)] == [(3.0, 1.0)]
@@ -282,6 +337,7 @@ def test_registry_page_draws_the_chart_in_a_browser(slow_called: Pool) -> None:
     from playwright.sync_api import sync_playwright
 
     from tests.conftest import ARTIFACTS
+
     pool = slow_called
     from tests.integration.test_registry_page import ARGS
 
@@ -298,8 +354,9 @@ def test_registry_page_draws_the_chart_in_a_browser(slow_called: Pool) -> None:
             page.wait_for_selector("#requests-chart canvas", timeout=20_000)
             today = pool.metrics()["today"]["requests"]
             assert today >= 1  # at least the slow call of the fixture
-            page.wait_for_function(f"document.getElementById('req-today').textContent === '{today:,}'",
-                                   timeout=20_000)
+            page.wait_for_function(
+                f"document.getElementById('req-today').textContent === '{today:,}'", timeout=20_000
+            )
             assert page.locator("#queues tr[data-deployment='echo/Slow']").count() == 1
             assert page.locator(".u-legend").inner_text().count("requests") == 1
             ARTIFACTS.mkdir(exist_ok=True)

@@ -12,11 +12,21 @@ from tests.conftest import ARTIFACTS
 from tests.integration.conftest import Coordinator
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = [pytest.mark.browser,
-              pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed (`make test` installs it)")]
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed (`make test` installs it)"),
+]
 
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @pytest.fixture
@@ -34,10 +44,19 @@ def page() -> Iterator:  # type: ignore[type-arg]
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_registry_login_view_and_refresh(coordinator: Coordinator, page) -> None:  # type: ignore[no-untyped-def]
     svc = coordinator.join()
-    coordinator.join({"cpu_cores": 16, "ram_mb": 128887, "disk_free_gb": 64,
-                      "gpus": [{"name": "NVIDIA H200", "memory_mb": 143771}]})
-    coordinator.http.post("/api/worker/heartbeat", headers={"Authorization": f"Bearer {svc['node_token']}"},
-                          json={"current_load": 0.42, "available_memory_mb": 20000})
+    coordinator.join(
+        {
+            "cpu_cores": 16,
+            "ram_mb": 128887,
+            "disk_free_gb": 64,
+            "gpus": [{"name": "NVIDIA H200", "memory_mb": 143771}],
+        }
+    )
+    coordinator.http.post(
+        "/api/worker/heartbeat",
+        headers={"Authorization": f"Bearer {svc['node_token']}"},
+        json={"current_load": 0.42, "available_memory_mb": 20000},
+    )
 
     page.goto(coordinator.url + "/registry")
     assert page.url.endswith("/registry/login")

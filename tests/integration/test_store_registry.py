@@ -6,8 +6,16 @@ from typing import Any
 
 from tests.integration.conftest import Coordinator
 
-REPORT = {"runtime": "process", "status": "ready", "node_id": "n" * 56, "node_ip": "10.0.0.7", "port": 5440,
-          "size_bytes": 41_000_000, "restarts": 1, "ready_s": 2.5}
+REPORT = {
+    "runtime": "process",
+    "status": "ready",
+    "node_id": "n" * 56,
+    "node_ip": "10.0.0.7",
+    "port": 5440,
+    "size_bytes": 41_000_000,
+    "restarts": 1,
+    "ready_s": 2.5,
+}
 
 
 def node(coordinator: Coordinator, **invite: Any) -> dict[str, str]:
@@ -28,8 +36,9 @@ def test_trusted_data_donor_reports_and_admin_lists(coordinator: Coordinator) ->
     assert listed["redis"]["node"] == "head" and listed["redis"]["status"] == "starting"
     assert "password" not in str(listed)
     # a later report replaces the earlier one
-    coordinator.http.put("/api/stores/postgres", json={**REPORT, "status": "failed", "error": "disk full"},
-                         headers=headers)
+    coordinator.http.put(
+        "/api/stores/postgres", json={**REPORT, "status": "failed", "error": "disk full"}, headers=headers
+    )
     pg = next(s for s in coordinator.admin("GET", "/api/admin/stores").json() if s["name"] == "postgres")
     assert (pg["status"], pg["error"]) == ("failed", "disk full")
 
@@ -73,9 +82,11 @@ def test_pending_supervisor_is_listed_with_what_it_waits_for(coordinator: Coordi
     from admission.services.reconcile import RayView, apply
 
     coordinator.admin("PUT", "/api/stores/redis", json=REPORT)  # redis ran before; its node is gone now
-    pending = [{"name": "rma-store-postgres", "label_selector": {"rma.io/tier": "data", "rma.io/trusted": "true"}},
-               {"name": "rma-store-redis", "label_selector": {"rma.io/tier": "data", "rma.io/trusted": "true"}},
-               {"name": "SERVE_REPLICA::x", "label_selector": {"rma.io/tier": "service"}}]
+    pending = [
+        {"name": "rma-store-postgres", "label_selector": {"rma.io/tier": "data", "rma.io/trusted": "true"}},
+        {"name": "rma-store-redis", "label_selector": {"rma.io/tier": "data", "rma.io/trusted": "true"}},
+        {"name": "SERVE_REPLICA::x", "label_selector": {"rma.io/tier": "service"}},
+    ]
     view = RayView()
     with coordinator.state.sessions() as s, s.begin():
         apply(coordinator.state, s, [], pending, view)
@@ -128,8 +139,12 @@ def test_store_rows_are_bound_to_their_reporter(coordinator: Coordinator) -> Non
     a_id, b_id = a.pop("X-Worker"), b.pop("X-Worker")
     head = {"Authorization": f"Bearer {service_key(coordinator)['key']}"}
     big = 5 * 2**40  # 5 TiB: past a 32-bit column
-    assert coordinator.http.put("/api/stores/postgres", json={**REPORT, "size_bytes": big},
-                                headers=a).status_code == 204
+    assert (
+        coordinator.http.put(
+            "/api/stores/postgres", json={**REPORT, "size_bytes": big}, headers=a
+        ).status_code
+        == 204
+    )
     assert coordinator.http.put("/api/stores/chroma", json=REPORT, headers=head).status_code == 204
     # another donor, or the head, cannot overwrite a row its owner still reports; a donor not the head's
     for who, name in ((b, "postgres"), (head, "postgres"), (a, "chroma")):
@@ -143,7 +158,10 @@ def test_store_rows_are_bound_to_their_reporter(coordinator: Coordinator) -> Non
     listed = {s["name"]: s for s in coordinator.admin("GET", "/api/admin/stores").json()}
     assert set(listed) == {"postgres", "chroma"}
     assert (listed["postgres"]["node"], listed["postgres"]["size_bytes"], listed["postgres"]["status"]) == (
-        a_id, big, "ready")
+        a_id,
+        big,
+        "ready",
+    )
     assert listed["chroma"]["node"] == "head"
     with coordinator.state.sessions() as s:  # the reconciler saw donor b's Ray node; a report names another
         s.get(Worker, b_id).ray_node_id = "b" * 56

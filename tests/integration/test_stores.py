@@ -27,7 +27,9 @@ from tests.support import free_port, wait_for
 
 pytestmark = [pytest.mark.ray]
 STORES = ["redis", "postgres", "chroma", "graph"]
-pytestmark.append(pytest.mark.skipif(not shutil.which("redis-server"), reason="Debian redis-server not installed"))
+pytestmark.append(
+    pytest.mark.skipif(not shutil.which("redis-server"), reason="Debian redis-server not installed")
+)
 
 
 @dataclass
@@ -40,17 +42,38 @@ class Cluster:
     stores: Path  # store volumes: a path the `postgres` user can traverse (pytest's tmp is 0700)
 
     def driver(self, script: str, timeout: float = 180) -> Any:
-        env = {**ray_env(self.token), "RAY_ADDRESS": self.address, "HOME": str(self.root / "home"),
-               "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-        r = subprocess.run([sys.executable, "-c", "import json, ray\nray.init(logging_level='ERROR', log_to_driver=False)\n"
-                            + textwrap.dedent(script)], env=env, capture_output=True, text=True, timeout=timeout)
+        env = {
+            **ray_env(self.token),
+            "RAY_ADDRESS": self.address,
+            "HOME": str(self.root / "home"),
+            "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+        }
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import json, ray\nray.init(logging_level='ERROR', log_to_driver=False)\n"
+                + textwrap.dedent(script),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         assert r.returncode == 0, r.stderr[-3000:]
         return json.loads(r.stdout.strip().splitlines()[-1])
 
     def add_node(self, key: str, labels: dict[str, str]) -> RayNode:
-        spec = NodeSpec(node_ip=self.ip, token_file=self.token, temp_dir=short_temp_dir(f"it-{key}-{os.getpid()}"),
-                        labels=labels, address=self.address, num_cpus=1, drain_timeout_s=2,
-                        env={"RMA_DATA_DIR": str(self.root / key), "RMA_STORES_DIR": str(self.stores / key)})
+        spec = NodeSpec(
+            node_ip=self.ip,
+            token_file=self.token,
+            temp_dir=short_temp_dir(f"it-{key}-{os.getpid()}"),
+            labels=labels,
+            address=self.address,
+            num_cpus=1,
+            drain_timeout_s=2,
+            env={"RMA_DATA_DIR": str(self.root / key), "RMA_STORES_DIR": str(self.stores / key)},
+        )
         node = RayNode(spec, self.root / f"{key}.log")
         node.start()
         node.wait_started(120)
@@ -66,20 +89,34 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     read_or_create_secret(token)
     ip = local_ip_towards("192.0.2.1")
     port = free_port(ip)
-    head = RayNode(NodeSpec(node_ip=ip, token_file=token, head=True, temp_dir=short_temp_dir(f"it-head-{os.getpid()}"),
-                            labels={"rma.io/tier": "head"}, gcs_port=port, dashboard_port=free_port(ip), num_cpus=1,
-                            drain_timeout_s=2), root / "head.log")
+    head = RayNode(
+        NodeSpec(
+            node_ip=ip,
+            token_file=token,
+            head=True,
+            temp_dir=short_temp_dir(f"it-head-{os.getpid()}"),
+            labels={"rma.io/tier": "head"},
+            gcs_port=port,
+            dashboard_port=free_port(ip),
+            num_cpus=1,
+            drain_timeout_s=2,
+        ),
+        root / "head.log",
+    )
     head.start()
     stores = Path(tempfile.mkdtemp(prefix="rma-it-stores-"))
     stores.chmod(0o755)
     c = Cluster(root, token, f"{ip}:{port}", ip, {"head": head}, stores)
     try:
         head.wait_started(120)
-        c.add_node("untrusted", {"rma.io/tier": "data", "rma.io/trusted": "false", "rma.io/node": "untrusted"})
+        c.add_node(
+            "untrusted", {"rma.io/tier": "data", "rma.io/trusted": "false", "rma.io/node": "untrusted"}
+        )
         yield c
     finally:
         try:
-            c.driver("""
+            c.driver(
+                """
                 for s in %r:
                     try:
                         a = ray.get_actor("rma-store-" + s, namespace="rma")
@@ -88,7 +125,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                     except Exception:
                         pass
                 print("{}")
-            """ % STORES, timeout=120)
+            """
+                % STORES,
+                timeout=120,
+            )
         finally:
             for node in reversed(list(c.nodes.values())):
                 node.stop(timeout=20)
@@ -109,27 +149,38 @@ print(json.dumps(ray.get(a.status.remote())))
 
 
 def actor_state(c: Cluster, store: str) -> str:
-    return c.driver("""
+    return c.driver(
+        """
         from ray.util.state import list_actors
         found = [a.state for a in list_actors(filters=[("name", "=", "rma-store-%s")])]
         print(json.dumps(found[-1] if found else "none"))
-    """ % store)
+    """
+        % store
+    )
 
 
 def test_stores_wait_for_a_trusted_data_node_and_never_use_an_untrusted_one(cluster: Cluster) -> None:
     for store in STORES:
-        cluster.driver("""
+        cluster.driver(
+            """
             from deployments.stores import supervisor
             supervisor.ensure(%r)
             print("{}")
-        """ % store)
+        """
+            % store
+        )
     # only an untrusted data node (and the head) exist: the supervisors wait, they do not settle there
     for store in STORES:
-        wait_for(lambda s=store: actor_state(cluster, s) == "PENDING_CREATION", timeout=30,
-                 what=f"{store} supervisor pending")
+        wait_for(
+            lambda s=store: actor_state(cluster, s) == "PENDING_CREATION",
+            timeout=30,
+            what=f"{store} supervisor pending",
+        )
     cluster.add_node("trusted", {"rma.io/tier": "data", "rma.io/trusted": "true", "rma.io/node": "trusted"})
     for store in STORES:
-        wait_for(lambda s=store: actor_state(cluster, s) == "ALIVE", timeout=60, what=f"{store} supervisor placed")
+        wait_for(
+            lambda s=store: actor_state(cluster, s) == "ALIVE", timeout=60, what=f"{store} supervisor placed"
+        )
         st = cluster.driver(STATUS % {"store": store})
         assert st["labels"]["rma.io/trusted"] == "true" and st["labels"]["rma.io/tier"] == "data"
         assert st["labels"]["rma.io/node"] == "trusted"
@@ -137,13 +188,18 @@ def test_stores_wait_for_a_trusted_data_node_and_never_use_an_untrusted_one(clus
 
 @pytest.mark.parametrize("store", STORES)
 def test_ready_with_a_real_query_and_credentials_kept_private(cluster: Cluster, store: str) -> None:
-    ep = cluster.driver("""
+    ep = cluster.driver(
+        """
         from deployments.stores import supervisor
         supervisor.ensure(%r)
         print(json.dumps(supervisor.endpoint(%r).__dict__))
-    """ % (store, store))
+    """
+        % (store, store)
+    )
     assert ep["host"] == cluster.ip
-    assert ep["password"] or store == "chroma"  # Chroma 1.x has no authentication: it listens on the pool address
+    assert (
+        ep["password"] or store == "chroma"
+    )  # Chroma 1.x has no authentication: it listens on the pool address
     st = cluster.driver(STATUS % {"store": store})
     assert st["status"] == "ready" and st["ready_s"] is not None and st["size_bytes"] > 0
     creds = cluster.stores / "trusted" / store / ".rma-credentials.json"
@@ -154,7 +210,8 @@ def test_ready_with_a_real_query_and_credentials_kept_private(cluster: Cluster, 
 
 def test_store_credentials_are_refused_to_an_untrusted_node(cluster: Cluster) -> None:
     """A task on the untrusted data node asks the supervisor for the password (issue 16): refused; a task on
-    the trusted node and the head's driver get it. Without the overlay the store's port is not firewalled, and status() says so."""
+    the trusted node and the head's driver get it. Without the overlay the store's port is not firewalled, and
+    status() says so."""
     out = cluster.driver("""
         from deployments.stores import supervisor
 
@@ -241,9 +298,13 @@ COUNT = {
 
 
 def _run(c: Cluster, store: str, body: str, out: str) -> Any:
-    return c.driver("from deployments.stores import supervisor\nsupervisor.ensure(%r)\n"
-                    "ep = supervisor.endpoint(%r)\n" % (store, store) + textwrap.dedent(body)
-                    + f"\nprint(json.dumps({out}))")
+    return c.driver(
+        "from deployments.stores import supervisor\nsupervisor.ensure(%r)\n"
+        "ep = supervisor.endpoint(%r)\n"
+        % (store, store)
+        + textwrap.dedent(body)
+        + f"\nprint(json.dumps({out}))"
+    )
 
 
 @pytest.mark.parametrize("store", STORES)
@@ -252,21 +313,35 @@ def test_1000_records_survive_supervisor_and_store_deaths(cluster: Cluster, stor
     before = cluster.driver(STATUS % {"store": store})
     # 1. the supervisor actor dies (Ray restarts it, and by default kills the dead worker's children too):
     #    the new supervisor adopts the store if it survived, or restarts it on the same volume
-    cluster.driver("""
+    cluster.driver(
+        """
         a = ray.get_actor("rma-store-%s", namespace="rma")
         ray.kill(a, no_restart=False)
         print("{}")
-    """ % store)
-    wait_for(lambda: cluster.driver(STATUS % {"store": store})["supervisor_pid"] != before["supervisor_pid"],
-             timeout=60, what="the supervisor to be restarted by Ray")
-    after = wait_for(lambda: (lambda s: s if s["status"] == "ready" else None)(cluster.driver(STATUS % {"store": store})),
-                     timeout=90, what="the store to be ready under the new supervisor")
+    """
+        % store
+    )
+    wait_for(
+        lambda: cluster.driver(STATUS % {"store": store})["supervisor_pid"] != before["supervisor_pid"],
+        timeout=60,
+        what="the supervisor to be restarted by Ray",
+    )
+    after = wait_for(
+        lambda: (lambda s: s if s["status"] == "ready" else None)(cluster.driver(STATUS % {"store": store})),
+        timeout=90,
+        what="the store to be ready under the new supervisor",
+    )
     assert after["adopted"] == (after["pid"] == before["pid"])
     assert _run(cluster, store, COUNT[store], "n") == 1000
     # 2. the store process itself dies hard: the supervisor restarts it on the same volume
     os.kill(after["pid"], signal.SIGKILL)
-    wait_for(lambda: (lambda s: s["status"] == "ready" and s["pid"] != after["pid"])(
-        cluster.driver(STATUS % {"store": store})), timeout=90, what="the store to be restarted")
+    wait_for(
+        lambda: (lambda s: s["status"] == "ready" and s["pid"] != after["pid"])(
+            cluster.driver(STATUS % {"store": store})
+        ),
+        timeout=90,
+        what="the store to be restarted",
+    )
     assert _run(cluster, store, COUNT[store], "n") == 1000
 
 
@@ -279,10 +354,12 @@ def test_port_taken_is_a_clear_error(cluster: Cluster) -> None:
     holder.bind((cluster.ip, port))
     holder.listen()
     try:
-        st = cluster.driver("""
+        st = cluster.driver(
+            """
             import time
             from deployments.stores.supervisor import StoreSupervisor, TRUSTED_DATA
-            a = ray.remote(StoreSupervisor).options(num_cpus=0, label_selector=TRUSTED_DATA).remote("redis", "process", %d, "/tmp/rma-it-porttaken")
+            a = ray.remote(StoreSupervisor).options(num_cpus=0, label_selector=TRUSTED_DATA).remote(
+                "redis", "process", %d, "/tmp/rma-it-porttaken")
             for _ in range(100):
                 st = ray.get(a.status.remote())
                 if st["error"]:
@@ -290,7 +367,9 @@ def test_port_taken_is_a_clear_error(cluster: Cluster) -> None:
                 time.sleep(0.1)
             ray.kill(a)
             print(json.dumps(st))
-        """ % port)
+        """
+            % port
+        )
     finally:
         holder.close()
         shutil.rmtree("/tmp/rma-it-porttaken", ignore_errors=True)

@@ -79,21 +79,33 @@ def _chroma(ep: Any) -> Any:
 def _graph(ep: Any, cypher: str) -> Any:
     from neo4j import GraphDatabase
 
-    with GraphDatabase.driver(ep.url(), auth=(ep.user, ep.password)) as d, d.session(database=ep.database) as s:
+    with (
+        GraphDatabase.driver(ep.url(), auth=(ep.user, ep.password)) as d,
+        d.session(database=ep.database) as s,
+    ):
         return s.run(cypher).single()
 
 
 WRITE_FEW = {
-    "redis": lambda ep: __import__("redis").Redis(host=ep.host, port=ep.port, password=ep.password).mset(
-        {f"k{i}": f"v{i}" for i in range(10)}),
+    "redis": lambda ep: (
+        __import__("redis")
+        .Redis(host=ep.host, port=ep.port, password=ep.password)
+        .mset({f"k{i}": f"v{i}" for i in range(10)})
+    ),
     "postgres": lambda ep: _pg(ep, "CREATE TABLE t AS SELECT g AS id FROM generate_series(1, 10) g"),
-    "chroma": lambda ep: _chroma(ep).upsert(ids=[f"k{i}" for i in range(10)],
-                                            embeddings=[[float(i), 1.0] for i in range(10)]),
+    "chroma": lambda ep: _chroma(ep).upsert(
+        ids=[f"k{i}" for i in range(10)], embeddings=[[float(i), 1.0] for i in range(10)]
+    ),
     "graph": lambda ep: [_graph(ep, f"CREATE (:Few {{id: {i}}})") for i in range(10)],
 }
 COUNT_FEW = {
-    "redis": lambda ep: sum(1 for v in __import__("redis").Redis(host=ep.host, port=ep.port, password=ep.password)
-                            .mget([f"k{i}" for i in range(10)]) if v),
+    "redis": lambda ep: sum(
+        1
+        for v in __import__("redis")
+        .Redis(host=ep.host, port=ep.port, password=ep.password)
+        .mget([f"k{i}" for i in range(10)])
+        if v
+    ),
     "postgres": lambda ep: _pg(ep, "SELECT count(*) FROM t")[0],
     "chroma": lambda ep: _chroma(ep).count(),
     "graph": lambda ep: _graph(ep, "MATCH (n:Few) RETURN count(n) AS n")["n"],
@@ -120,23 +132,33 @@ def test_store_container_shape_adoption_and_removal(dockerd: Dockerd, volumes: P
         assert labels[LABEL_ENDPOINT] == f"{HOST}:{rt.port}" and labels[LABEL_ROLE] == "store"
         assert attrs["HostConfig"]["NetworkMode"] == "host"
         assert attrs["HostConfig"]["RestartPolicy"]["Name"] == "no"
-        assert [(m["Source"], m["Destination"]) for m in attrs["Mounts"]] == [(str(rt.volume / "container"), "/data")]
-        assert attrs["State"]["Pid"] == rt.pid and attrs["State"]["Health"]["Status"] in ("starting", "healthy")
+        assert [(m["Source"], m["Destination"]) for m in attrs["Mounts"]] == [
+            (str(rt.volume / "container"), "/data")
+        ]
+        assert attrs["State"]["Pid"] == rt.pid and attrs["State"]["Health"]["Status"] in (
+            "starting",
+            "healthy",
+        )
         # the secret is nowhere docker shows, nor on the host's view of the process
         proc = psutil.Process(rt.pid)
         assert proc.uids().real == 999
         if ep.password:  # Chroma 1.x has none (it listens on the pool address only)
             shown = json.dumps([attrs["Config"].get(k) for k in ("Cmd", "Entrypoint", "Env", "Labels")])
             assert ep.password not in shown
-            assert ep.password not in " ".join(proc.cmdline()) and ep.password not in json.dumps(proc.environ())
+            assert ep.password not in " ".join(proc.cmdline()) and ep.password not in json.dumps(
+                proc.environ()
+            )
         assert oct((rt.volume / ".rma-credentials.json").stat().st_mode & 0o777) == "0o600"
         data = rt.volume / "container"
         assert not (data / ".pwfile").exists()  # postgres: initdb's password file is gone after initdb
         for secret in (data / "redis.conf", data / ".root-password"):
             if secret.exists():
                 assert (secret.stat().st_mode & 0o777, secret.stat().st_uid) == (0o600, 999)
-        wait_for(lambda: client.containers.get(rt.container_name).attrs["State"]["Health"]["Status"] == "healthy",
-                 timeout=60, what=f"docker's health check of {store} to pass")
+        wait_for(
+            lambda: client.containers.get(rt.container_name).attrs["State"]["Health"]["Status"] == "healthy",
+            timeout=60,
+            what=f"docker's health check of {store} to pass",
+        )
 
         WRITE_FEW[store](ep)
         # a new supervisor on the same volume adopts the running container instead of starting a second one
@@ -153,8 +175,9 @@ def test_store_container_shape_adoption_and_removal(dockerd: Dockerd, volumes: P
         client.close()
 
 
-def test_orphans_of_a_dead_supervisor_are_removed_and_a_dead_container_replaced(dockerd: Dockerd,
-                                                                                volumes: Path) -> None:
+def test_orphans_of_a_dead_supervisor_are_removed_and_a_dead_container_replaced(
+    dockerd: Dockerd, volumes: Path
+) -> None:
     client = dockerd.client()
     rt, ep = runtime("redis", volumes)
     rt.reconcile_orphans("incarnation-1")
@@ -165,13 +188,25 @@ def test_orphans_of_a_dead_supervisor_are_removed_and_a_dead_container_replaced(
         # what a supervisor that crashed mid-way leaves: a one-shot step still running and an exited one,
         # labelled for this store and volume; and a container of the same store on another volume
         base = {LABEL_STORE: "redis", LABEL_VOLUME: str(rt.volume), LABEL_SUPERVISOR: "incarnation-0"}
-        running = client.containers.run(rt.spec.image, ["sleep", "infinity"], detach=True, network_mode="none",
-                                        name=f"{rt.container_name}-init", labels={**base, LABEL_ROLE: "init"})
-        exited = client.containers.run(rt.spec.image, ["true"], detach=True, network_mode="none",
-                                       labels={**base, LABEL_ROLE: "init"})
+        running = client.containers.run(
+            rt.spec.image,
+            ["sleep", "infinity"],
+            detach=True,
+            network_mode="none",
+            name=f"{rt.container_name}-init",
+            labels={**base, LABEL_ROLE: "init"},
+        )
+        exited = client.containers.run(
+            rt.spec.image, ["true"], detach=True, network_mode="none", labels={**base, LABEL_ROLE: "init"}
+        )
         exited.wait(timeout=60)
-        elsewhere = client.containers.run(rt.spec.image, ["sleep", "infinity"], detach=True, network_mode="none",
-                                          labels={**base, LABEL_VOLUME: "/elsewhere/redis", LABEL_ROLE: "store"})
+        elsewhere = client.containers.run(
+            rt.spec.image,
+            ["sleep", "infinity"],
+            detach=True,
+            network_mode="none",
+            labels={**base, LABEL_VOLUME: "/elsewhere/redis", LABEL_ROLE: "store"},
+        )
         try:
             rt2, _ = runtime("redis", volumes, rt.port)
             assert rt2.adopt()
@@ -198,7 +233,9 @@ def test_errors_say_what_to_fix(dockerd: Dockerd, volumes: Path, monkeypatch: py
     # image missing
     rt, _ = runtime("redis", volumes)
     rt.spec = dataclasses.replace(rt.spec, image="rma-store-redis:never-built")
-    with pytest.raises(StoreError, match=r"image rma-store-redis:never-built is missing .*build-store-images.sh redis"):
+    with pytest.raises(
+        StoreError, match=r"image rma-store-redis:never-built is missing .*build-store-images.sh redis"
+    ):
         rt.start()
     # port taken
     holder = socket.socket()
@@ -223,7 +260,9 @@ def test_errors_say_what_to_fix(dockerd: Dockerd, volumes: Path, monkeypatch: py
     # no daemon behind DOCKER_HOST
     monkeypatch.setenv("DOCKER_HOST", "unix:///run/rma-test-docker/nobody-here.sock")
     rt, _ = runtime("redis", volumes)
-    with pytest.raises(StoreError, match="docker daemon unreachable at unix:///run/rma-test-docker/nobody-here.sock"):
+    with pytest.raises(
+        StoreError, match="docker daemon unreachable at unix:///run/rma-test-docker/nobody-here.sock"
+    ):
         rt.start()
     assert not rt.adopt()
     # a store kind without a container spec says so instead of failing later
@@ -234,6 +273,7 @@ def test_errors_say_what_to_fix(dockerd: Dockerd, volumes: Path, monkeypatch: py
 
 # -- on a real Ray cluster, through the supervisor ------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def ray_cluster(dockerd: Dockerd, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """A Ray head plus an untrusted data node (~20 s), with DOCKER_HOST set for their workers; module-scoped.
@@ -243,21 +283,37 @@ def ray_cluster(dockerd: Dockerd, tmp_path_factory: pytest.TempPathFactory) -> I
     read_or_create_secret(token)
     ip = local_ip_towards("192.0.2.1")
     port = free_port(ip)
-    assert os.environ["DOCKER_HOST"] == dockerd.host  # Ray nodes inherit it: supervisors reach the private dockerd
-    head = RayNode(NodeSpec(node_ip=ip, token_file=token, head=True, temp_dir=short_temp_dir(f"itd-head-{os.getpid()}"),
-                            labels={"rma.io/tier": "head"}, gcs_port=port, dashboard_port=free_port(ip), num_cpus=1,
-                            drain_timeout_s=2), root / "head.log")
+    assert (
+        os.environ["DOCKER_HOST"] == dockerd.host
+    )  # Ray nodes inherit it: supervisors reach the private dockerd
+    head = RayNode(
+        NodeSpec(
+            node_ip=ip,
+            token_file=token,
+            head=True,
+            temp_dir=short_temp_dir(f"itd-head-{os.getpid()}"),
+            labels={"rma.io/tier": "head"},
+            gcs_port=port,
+            dashboard_port=free_port(ip),
+            num_cpus=1,
+            drain_timeout_s=2,
+        ),
+        root / "head.log",
+    )
     head.start()
     stores = Path(tempfile.mkdtemp(prefix="rma-itd-stores-"))
     stores.chmod(0o755)
     c = Cluster(root, token, f"{ip}:{port}", ip, {"head": head}, stores)
     try:
         head.wait_started(120)
-        c.add_node("untrusted", {"rma.io/tier": "data", "rma.io/trusted": "false", "rma.io/node": "untrusted"})
+        c.add_node(
+            "untrusted", {"rma.io/tier": "data", "rma.io/trusted": "false", "rma.io/node": "untrusted"}
+        )
         yield c
     finally:
         try:
-            c.driver("""
+            c.driver(
+                """
                 for s in %r:
                     try:
                         a = ray.get_actor("rma-store-" + s, namespace="rma")
@@ -266,7 +322,10 @@ def ray_cluster(dockerd: Dockerd, tmp_path_factory: pytest.TempPathFactory) -> I
                     except Exception:
                         pass
                 print("{}")
-            """ % STORES, timeout=150)
+            """
+                % STORES,
+                timeout=150,
+            )
         finally:
             for node in reversed(list(c.nodes.values())):
                 node.stop(timeout=20)
@@ -305,10 +364,15 @@ def _store_containers(client: Any, store: str) -> list[Any]:
 
 
 @pytest.mark.ray
-def test_docker_stores_wait_for_a_trusted_data_node_and_never_use_an_untrusted_one(dockerd: Dockerd,
-                                                                                  ray_cluster: Cluster) -> None:
-    ports = {store: free_port(ray_cluster.ip, span=2) for store in STORES}  # a process-runtime test may hold the defaults
-    _phase(ray_cluster, f"""
+def test_docker_stores_wait_for_a_trusted_data_node_and_never_use_an_untrusted_one(
+    dockerd: Dockerd, ray_cluster: Cluster
+) -> None:
+    ports = {
+        store: free_port(ray_cluster.ip, span=2) for store in STORES
+    }  # a process-runtime test may hold the defaults
+    _phase(
+        ray_cluster,
+        f"""
         from ray.util.state import list_actors
         for store, port in {ports!r}.items():
             supervisor.ensure(store, runtime="docker", port=port)
@@ -321,18 +385,28 @@ def test_docker_stores_wait_for_a_trusted_data_node_and_never_use_an_untrusted_o
         else:
             raise SystemExit(f"supervisors not pending: {{states}}")
         print("{{}}")
-    """)
+    """,
+    )
     client = dockerd.client()
-    assert not [c.name for s in STORES for c in _store_containers(client, s)]  # nothing ran on the untrusted node
-    ray_cluster.add_node("trusted", {"rma.io/tier": "data", "rma.io/trusted": "true", "rma.io/node": "trusted"})
-    ready = _phase(ray_cluster, f"""
+    assert not [
+        c.name for s in STORES for c in _store_containers(client, s)
+    ]  # nothing ran on the untrusted node
+    ray_cluster.add_node(
+        "trusted", {"rma.io/tier": "data", "rma.io/trusted": "true", "rma.io/node": "trusted"}
+    )
+    ready = _phase(
+        ray_cluster,
+        f"""
         print(json.dumps({{s: wait(s, lambda st: st["status"] == "ready") for s in {STORES!r}}}))
-    """)
+    """,
+    )
     for store, st in ready.items():
         assert st["runtime"] == "docker" and st["labels"]["rma.io/node"] == "trusted"
         assert st["labels"]["rma.io/trusted"] == "true" and st["labels"]["rma.io/tier"] == "data"
         assert st["port"] == ports[store]
-        print(f"\n[docker] {store} under its supervisor (4 stores at once): start -> ready {st['ready_s']:.2f} s")
+        print(
+            f"\n[docker] {store} under its supervisor (4 stores at once): start -> ready {st['ready_s']:.2f} s"
+        )
         (ctr,) = _store_containers(client, store)
         assert ctr.labels[LABEL_VOLUME] == str(ray_cluster.stores / "trusted" / store)
         assert ctr.attrs["State"]["Pid"] == st["pid"]
@@ -341,37 +415,61 @@ def test_docker_stores_wait_for_a_trusted_data_node_and_never_use_an_untrusted_o
 
 @pytest.mark.ray
 @pytest.mark.parametrize("store", STORES)
-def test_1000_records_survive_a_supervisor_crash_and_a_container_death(dockerd: Dockerd, ray_cluster: Cluster,
-                                                                       store: str) -> None:
+def test_1000_records_survive_a_supervisor_crash_and_a_container_death(
+    dockerd: Dockerd, ray_cluster: Cluster, store: str
+) -> None:
     client = dockerd.client()
-    first = _phase(ray_cluster, f"ep = supervisor.endpoint({store!r})", WRITE[store],
-                   f"print(json.dumps({{'acked': acked, 'st': status({store!r})}}))")
+    first = _phase(
+        ray_cluster,
+        f"ep = supervisor.endpoint({store!r})",
+        WRITE[store],
+        f"print(json.dumps({{'acked': acked, 'st': status({store!r})}}))",
+    )
     assert first["acked"] == 1000
     before = first["st"]
     (ctr,) = _store_containers(client, store)
     # what a supervisor that crashed mid-way leaves behind: a labelled one-shot container on this store's volume
-    orphan = client.containers.run(ctr.image.id, ["infinity"], entrypoint=["sleep"], detach=True, network_mode="none",
-                                   labels={LABEL_STORE: store, LABEL_VOLUME: ctr.labels[LABEL_VOLUME],
-                                                          LABEL_SUPERVISOR: "a-crashed-incarnation",
-                                                          LABEL_ROLE: "init"})
+    orphan = client.containers.run(
+        ctr.image.id,
+        ["infinity"],
+        entrypoint=["sleep"],
+        detach=True,
+        network_mode="none",
+        labels={
+            LABEL_STORE: store,
+            LABEL_VOLUME: ctr.labels[LABEL_VOLUME],
+            LABEL_SUPERVISOR: "a-crashed-incarnation",
+            LABEL_ROLE: "init",
+        },
+    )
     # 1. the supervisor actor dies; Ray restarts it; it adopts the running store container and removes the orphan
-    crash = _phase(ray_cluster, f"""
+    crash = _phase(
+        ray_cluster,
+        f"""
         ray.kill(ray.get_actor("rma-store-{store}", namespace="rma"), no_restart=False)
         after = wait({store!r}, lambda st: st["supervisor_pid"] != {before["supervisor_pid"]}
                      and st["status"] == "ready")
         ep = supervisor.endpoint({store!r})
-    """, COUNT[store], "print(json.dumps({'st': after, 'n': n}))")
+    """,
+        COUNT[store],
+        "print(json.dumps({'st': after, 'n': n}))",
+    )
     after = crash["st"]
     assert after["adopted"] and after["pid"] == before["pid"]
     assert [c.id for c in _store_containers(client, store)] == [ctr.id]  # the orphan is gone, the store kept
     assert not client.containers.list(all=True, filters={"id": orphan.id})
     assert crash["n"] == 1000
     # 2. the store's container dies hard: the supervisor starts a new one on the same volume
-    death = _phase(ray_cluster, f"""
+    death = _phase(
+        ray_cluster,
+        f"""
         os.kill({after["pid"]}, signal.SIGKILL)
         again = wait({store!r}, lambda st: st["status"] == "ready" and st["pid"] != {after["pid"]})
         ep = supervisor.endpoint({store!r})
-    """, COUNT[store], "print(json.dumps({'st': again, 'n': n}))")
+    """,
+        COUNT[store],
+        "print(json.dumps({'st': again, 'n': n}))",
+    )
     (new,) = _store_containers(client, store)
     assert new.id != ctr.id and new.attrs["State"]["Pid"] == death["st"]["pid"]
     assert death["n"] == 1000

@@ -74,19 +74,31 @@ class VisionPool:
     key: str = ""
 
     def run(self, args: list[str], timeout: float = 300) -> str:
-        r = subprocess.run([sys.executable, *args], env=self.env, capture_output=True, text=True, timeout=timeout,
-                           cwd=ROOT)
+        r = subprocess.run(
+            [sys.executable, *args], env=self.env, capture_output=True, text=True, timeout=timeout, cwd=ROOT
+        )
         assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
         return r.stdout
 
     def driver(self, script: str, timeout: float = 120) -> Any:
-        out = self.run(["-c", "import json, ray\nray.init(namespace='rma', logging_level='ERROR', log_to_driver=False)\n"
-                        + textwrap.dedent(script)], timeout=timeout)
+        out = self.run(
+            [
+                "-c",
+                "import json, ray\nray.init(namespace='rma', logging_level='ERROR', log_to_driver=False)\n"
+                + textwrap.dedent(script),
+            ],
+            timeout=timeout,
+        )
         return json.loads(out.strip().splitlines()[-1])
 
     def admin(self, method: str, path: str, **kw: Any) -> httpx.Response:
-        return httpx.request(method, self.coordinator.url + path, timeout=30, **kw,
-                             headers={"Authorization": f"Bearer {self.admin_key}"})
+        return httpx.request(
+            method,
+            self.coordinator.url + path,
+            timeout=30,
+            **kw,
+            headers={"Authorization": f"Bearer {self.admin_key}"},
+        )
 
     def post(self, timeout: float = 60, key: str | None = None, **kw: Any) -> httpx.Response:
         """POST /api/inference/vision with the tests' client key, another `key`, or none (key="")."""
@@ -108,32 +120,79 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VisionPool]:
     coordinator = ServerThread(create_app(state=state), host=ip).__enter__()
     cred = root / "keyring_credential"
     write_private(cred, admin_key + "\n")
-    node_env = {"RMA_COORDINATOR_URL": coordinator.url, "RMA_KEYRING_CREDENTIAL_FILE": str(cred),
-                "RMA_KEYRING_REFRESH_S": "1", "HOME": str(root / "home")}
+    node_env = {
+        "RMA_COORDINATOR_URL": coordinator.url,
+        "RMA_KEYRING_CREDENTIAL_FILE": str(cred),
+        "RMA_KEYRING_REFRESH_S": "1",
+        "HOME": str(root / "home"),
+    }
     gcs_port = free_port(ip)
     address = f"{ip}:{gcs_port}"
     serve_port = free_port(ip)
     env = {**ray_env(token), "RAY_ADDRESS": address, "HOME": str(root / "home"), "PYTHONPATH": str(ROOT)}
-    p = VisionPool(root, address, ip, f"http://{ip}:{serve_port}", coordinator, admin_key, env, node_env, token)
-    head = RayNode(NodeSpec(node_ip=ip, token_file=token, head=True, temp_dir=short_temp_dir(f"it-vish-{os.getpid()}"),
-                            labels={"rma.io/tier": "head", "rma.io/trusted": "true"}, gcs_port=gcs_port, dashboard_port=free_port(ip),
-                            num_cpus=1, drain_timeout_s=2, env={**node_env, "RMA_DATA_DIR": str(root / "head")}),
-                   root / "head.log")
+    p = VisionPool(
+        root, address, ip, f"http://{ip}:{serve_port}", coordinator, admin_key, env, node_env, token
+    )
+    head = RayNode(
+        NodeSpec(
+            node_ip=ip,
+            token_file=token,
+            head=True,
+            temp_dir=short_temp_dir(f"it-vish-{os.getpid()}"),
+            labels={"rma.io/tier": "head", "rma.io/trusted": "true"},
+            gcs_port=gcs_port,
+            dashboard_port=free_port(ip),
+            num_cpus=1,
+            drain_timeout_s=2,
+            env={**node_env, "RMA_DATA_DIR": str(root / "head")},
+        ),
+        root / "head.log",
+    )
     p.nodes["head"] = head
     try:
         head.start()
         head.wait_started(120)
-        p.run(["-m", "rma_ray.serve_admin", "start", "--address", address, "--host", ip, "--port", str(serve_port)])
-        out = p.run(["-m", "deployments", "up", "--stores", "none", "--apps", "vision", "--address", address,
-                     "--apps-wait", "300"], timeout=400)
+        p.run(
+            [
+                "-m",
+                "rma_ray.serve_admin",
+                "start",
+                "--address",
+                address,
+                "--host",
+                ip,
+                "--port",
+                str(serve_port),
+            ]
+        )
+        out = p.run(
+            [
+                "-m",
+                "deployments",
+                "up",
+                "--stores",
+                "none",
+                "--apps",
+                "vision",
+                "--address",
+                address,
+                "--apps-wait",
+                "300",
+            ],
+            timeout=400,
+        )
         info = next(e for e in map(json.loads, out.strip().splitlines()) if e.get("app") == "vision")
         assert info["status"] == "running" and "rma-vision-backend" in info["serve_apps"], info
         r = p.admin("POST", "/api/admin/clients", json={"name": "vision-tests"})
         assert r.status_code == 201, r.text
         p.key = r.json()["key"]
         # with Serve's HAProxy mode a new route answers once HAProxy has reloaded (404 until then)
-        wait_for(lambda: p.post(key="", json={}).status_code == 401, timeout=120, interval=0.5,
-                 what="the vision route to answer through Serve's proxy")
+        wait_for(
+            lambda: p.post(key="", json={}).status_code == 401,
+            timeout=120,
+            interval=0.5,
+            what="the vision route to answer through Serve's proxy",
+        )
         yield p
     finally:
         try:
@@ -183,7 +242,9 @@ def test_without_an_ollama_node_the_backend_is_pending_and_the_route_says_503(po
     # Serve asked Ray for the replica; Ray holds it for a node matching the selector, and none does
     assert st["actors"] and all(a["state"] == "PENDING_CREATION" for a in st["actors"]), st
     assert st["actors"][0]["label_selector"] == {"rma.io/ollama": "true", "rma.io/tier": "gpu"}
-    r = pool.post(timeout=30, files={"image": ("red.png", png(), "image/png")}, data={"prompt": "What is this?"})
+    r = pool.post(
+        timeout=30, files={"image": ("red.png", png(), "image/png")}, data={"prompt": "What is this?"}
+    )
     assert r.status_code == 503, r.text
     err = r.json()["error"]
     assert err["code"] == "vision_not_available" and "rma.io/ollama=true" in err["message"]
@@ -194,11 +255,18 @@ def test_user_mistakes_are_4xx_even_without_a_backend(pool: VisionPool) -> None:
     gif = io.BytesIO()
     Image.new("RGB", (8, 8)).save(gif, format="GIF")
     cases = [
-        ({"files": {"image": ("a.gif", gif.getvalue(), "image/gif")}, "data": {"prompt": "x"}}, 415,
-         "unsupported_image_type"),
+        (
+            {"files": {"image": ("a.gif", gif.getvalue(), "image/gif")}, "data": {"prompt": "x"}},
+            415,
+            "unsupported_image_type",
+        ),
         ({"files": {"image": ("a.png", png(), "image/png")}}, 422, "invalid_request"),
         ({"json": {"image": "###", "prompt": "x"}}, 400, "invalid_image"),
-        ({"content": b"0" * (15 * 2**20), "headers": {"content-type": "application/json"}}, 413, "request_too_large"),
+        (
+            {"content": b"0" * (15 * 2**20), "headers": {"content-type": "application/json"}},
+            413,
+            "request_too_large",
+        ),
         ({"content": png(), "headers": {"content-type": "image/png"}}, 415, "unsupported_media_type"),
     ]
     for kw, status, code in cases:
@@ -207,35 +275,58 @@ def test_user_mistakes_are_4xx_even_without_a_backend(pool: VisionPool) -> None:
 
 
 def test_a_donor_with_ollama_hosts_the_backend_and_requests_go_through_it(
-        pool: VisionPool, fake_ollama: FakeOllamaServer, hardware_fixtures: dict[str, Any]) -> None:
+    pool: VisionPool, fake_ollama: FakeOllamaServer, hardware_fixtures: dict[str, Any]
+) -> None:
     # the donor's registration: a GPU reading (the H200 fixture: stand-in hardware) + this probe of its Ollama
-    raw = {**hardware_fixtures["h200-16cpu-128g"], "ollama": capabilities.read_raw(ollama_host=fake_ollama.url)["ollama"]}
+    raw = {
+        **hardware_fixtures["h200-16cpu-128g"],
+        "ollama": capabilities.read_raw(ollama_host=fake_ollama.url)["ollama"],
+    }
     caps = capabilities.from_readings(raw)
     assert caps.ollama is not None and caps.ollama.vision_models == ["llava:7b", "bakllava:latest"]
     invite = pool.admin("POST", "/api/invites", json={})
     assert invite.status_code == 201, invite.text
-    reg = httpx.post(pool.coordinator.url + "/api/worker/register", timeout=30,
-                     json={"name": "gpu-donor", "capabilities": caps.model_dump(mode="json")},
-                     headers={"Authorization": f"Bearer {invite.json()['token']}"})
+    reg = httpx.post(
+        pool.coordinator.url + "/api/worker/register",
+        timeout=30,
+        json={"name": "gpu-donor", "capabilities": caps.model_dump(mode="json")},
+        headers={"Authorization": f"Bearer {invite.json()['token']}"},
+    )
     assert reg.status_code == 201, reg.text
     labels = reg.json()["labels"]
     assert labels["rma.io/tier"] == "gpu" and labels["rma.io/ollama"] == "true"
 
-    donor = RayNode(NodeSpec(node_ip=pool.ip, token_file=pool.token, labels=labels, address=pool.address, num_cpus=1,
-                             temp_dir=short_temp_dir(f"it-visd-{os.getpid()}"), drain_timeout_s=2,
-                             # the agent's environment reaches the node: its Ollama is where OLLAMA_HOST says
-                             env={**pool.node_env, "RMA_DATA_DIR": str(pool.root / "donor"),
-                                  "OLLAMA_HOST": fake_ollama.url}),
-                    pool.root / "donor.log")
+    donor = RayNode(
+        NodeSpec(
+            node_ip=pool.ip,
+            token_file=pool.token,
+            labels=labels,
+            address=pool.address,
+            num_cpus=1,
+            temp_dir=short_temp_dir(f"it-visd-{os.getpid()}"),
+            drain_timeout_s=2,
+            # the agent's environment reaches the node: its Ollama is where OLLAMA_HOST says
+            env={**pool.node_env, "RMA_DATA_DIR": str(pool.root / "donor"), "OLLAMA_HOST": fake_ollama.url},
+        ),
+        pool.root / "donor.log",
+    )
     pool.nodes["donor"] = donor
     donor.start()
     donor.wait_started(120)
 
     image = png()
-    r = wait_for(lambda: (lambda r: r if r.status_code != 503 else None)(
-        pool.post(timeout=60, files={"image": ("red.png", image, "image/png")},
-                  data={"prompt": "What colour is the square?", "max_tokens": "100"})),
-        timeout=240, interval=1, what="the vision backend to be placed on the donor with Ollama")
+    r = wait_for(
+        lambda: (lambda r: r if r.status_code != 503 else None)(
+            pool.post(
+                timeout=60,
+                files={"image": ("red.png", image, "image/png")},
+                data={"prompt": "What colour is the square?", "max_tokens": "100"},
+            )
+        ),
+        timeout=240,
+        interval=1,
+        what="the vision backend to be placed on the donor with Ollama",
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     digest = hashlib.sha256(image).hexdigest()[:16]
@@ -244,7 +335,9 @@ def test_a_donor_with_ollama_hosts_the_backend_and_requests_go_through_it(
     assert body["image"] == {"mime": "image/png", "width": 64, "height": 48}
     assert body["usage"]["completion_tokens"] > 0
     sent = fake_ollama.requests[-1]
-    assert sent["options"]["num_predict"] == 100 and base64.b64decode(sent["messages"][-1]["images"][0]) == image
+    assert (
+        sent["options"]["num_predict"] == 100 and base64.b64decode(sent["messages"][-1]["images"][0]) == image
+    )
 
     # the replica runs on the donor's node and talks to the Ollama beside it
     where = pool.driver("""
@@ -255,7 +348,9 @@ def test_a_donor_with_ollama_hosts_the_backend_and_requests_go_through_it(
         print(json.dumps({**w, "labels": node.labels}))
     """)
     assert where["ollama"] == fake_ollama.url
-    assert where["labels"]["rma.io/node"] == labels["rma.io/node"] and where["labels"]["rma.io/ollama"] == "true"
+    assert (
+        where["labels"]["rma.io/node"] == labels["rma.io/node"] and where["labels"]["rma.io/ollama"] == "true"
+    )
 
     # JSON with a data: URL, a chosen model, an unknown model
     b64 = base64.b64encode(png((32, 32), (0, 200, 0))).decode()
@@ -267,8 +362,10 @@ def test_a_donor_with_ollama_hosts_the_backend_and_requests_go_through_it(
 
 def test_undeploy_removes_both_apps(pool: VisionPool) -> None:
     """Last: `undeploy` deletes the front and the backend."""
-    out = pool.run(["-m", "deployments", "down", "--stores", "none", "--apps", "vision", "--address",
-                    pool.address], timeout=300)
+    out = pool.run(
+        ["-m", "deployments", "down", "--stores", "none", "--apps", "vision", "--address", pool.address],
+        timeout=300,
+    )
     assert {"app": "vision", "status": "deleted"} in map(json.loads, out.strip().splitlines())
     # (HAProxy drops the route on its next reload, tens of seconds on a busy box: Serve's own view is checked)
     apps = pool.driver("""
@@ -278,7 +375,9 @@ def test_undeploy_removes_both_apps(pool: VisionPool) -> None:
     assert "rma-vision" not in apps and "rma-vision-backend" not in apps
 
 
-@pytest.mark.opt_in("RMA_TEST_OLLAMA_URL", reason="a real Ollama with a vision model (`ollama pull llava:7b`)")
+@pytest.mark.opt_in(
+    "RMA_TEST_OLLAMA_URL", reason="a real Ollama with a vision model (`ollama pull llava:7b`)"
+)
 def test_a_real_ollama_describes_an_image() -> None:
     import asyncio
 
@@ -289,9 +388,19 @@ def test_a_real_ollama_describes_an_image() -> None:
     caps = capabilities.probe(ollama_host=url)
     assert caps.ollama is not None and caps.ollama.vision_models, "that Ollama has no vision model"
     image = png((256, 256), (230, 20, 20))
-    out = asyncio.run(OllamaVision(url).describe(VisionInput(image=image, mime="image/png", width=256, height=256,
-                                                             prompt="What colour is this image? One word.",
-                                                             max_tokens=16, temperature=0)))
+    out = asyncio.run(
+        OllamaVision(url).describe(
+            VisionInput(
+                image=image,
+                mime="image/png",
+                width=256,
+                height=256,
+                prompt="What colour is this image? One word.",
+                max_tokens=16,
+                temperature=0,
+            )
+        )
+    )
     assert out["text"].strip() and out["usage"]["completion_tokens"] > 0
     assert out["model"] in caps.ollama.vision_models
 
@@ -324,13 +433,22 @@ def test_vllm_vision_backend_reads_an_image() -> None:
     default = ROOT / "artifacts" / "llm-models" / config.model_id
     weights = Path(os.environ.get("RMA_TEST_VISION_MODEL_DIR", default))
     if not (weights / "config.json").is_file():
-        pytest.skip(f"needs the weights of {config.model_loading_config.model_source} in {weights} "
-                    "(or RMA_TEST_VISION_MODEL_DIR)")
+        pytest.skip(
+            f"needs the weights of {config.model_loading_config.model_source} in {weights} "
+            "(or RMA_TEST_VISION_MODEL_DIR)"
+        )
     from vllm import LLM, SamplingParams
 
     engine = LLM(model=str(weights), **config.engine_kwargs)
-    inp = VisionInput(image=png((256, 256), (230, 20, 20)), mime="image/png", width=256, height=256,
-                      prompt="What colour is this image? Answer with one word.", max_tokens=8, temperature=0)
+    inp = VisionInput(
+        image=png((256, 256), (230, 20, 20)),
+        mime="image/png",
+        width=256,
+        height=256,
+        prompt="What colour is this image? Answer with one word.",
+        max_tokens=8,
+        temperature=0,
+    )
     out = engine.chat(openai_messages(inp), SamplingParams(max_tokens=inp.max_tokens, temperature=0))
     text = out[0].outputs[0].text
     assert "red" in text.lower(), text

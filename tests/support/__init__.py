@@ -28,7 +28,9 @@ class GiveUp(Exception):
     """Raised by a wait_for predicate when waiting longer cannot help (the process it waits on has exited)."""
 
 
-def wait_for(predicate: Callable[[], T], timeout: float = 30.0, interval: float = 0.1, what: str = "condition") -> T:
+def wait_for(
+    predicate: Callable[[], T], timeout: float = 30.0, interval: float = 0.1, what: str = "condition"
+) -> T:
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
@@ -85,7 +87,9 @@ class Postgres:
         import psycopg
 
         name = f"t_{uuid.uuid4().hex[:12]}"
-        with psycopg.connect(f"host={self.host} port={self.port} user=rma dbname=postgres", autocommit=True) as c:
+        with psycopg.connect(
+            f"host={self.host} port={self.port} user=rma dbname=postgres", autocommit=True
+        ) as c:
             c.execute(f'CREATE DATABASE "{name}"')
         return self.url(name)
 
@@ -103,19 +107,42 @@ def run_postgres() -> Iterator[Postgres]:
     if os.geteuid() == 0:
         shutil.chown(root, "postgres", "postgres")
         as_user = {"user": "postgres", "group": "postgres"}
-    subprocess.run([str(bindir / "initdb"), "-D", str(data), "-U", "rma", "--auth=trust", "-E", "UTF8", "--no-sync"],
-                   check=True, capture_output=True, **as_user)
+    subprocess.run(
+        [str(bindir / "initdb"), "-D", str(data), "-U", "rma", "--auth=trust", "-E", "UTF8", "--no-sync"],
+        check=True,
+        capture_output=True,
+        **as_user,
+    )
     port = free_port()
     proc = subprocess.Popen(
-        [str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-k", str(root), "-c", "listen_addresses=127.0.0.1",
-         "-c", "fsync=off", "-c", "max_connections=200"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **as_user)
+        [
+            str(bindir / "postgres"),
+            "-D",
+            str(data),
+            "-p",
+            str(port),
+            "-k",
+            str(root),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            "fsync=off",
+            "-c",
+            "max_connections=200",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        **as_user,
+    )
     pg = Postgres("127.0.0.1", port, proc, root)
     try:
         import psycopg
 
-        wait_for(lambda: psycopg.connect(f"host=127.0.0.1 port={port} user=rma dbname=postgres").close() or True,
-                 timeout=30, what="postgres to accept connections")
+        wait_for(
+            lambda: psycopg.connect(f"host=127.0.0.1 port={port} user=rma dbname=postgres").close() or True,
+            timeout=30,
+            what="postgres to accept connections",
+        )
         yield pg
     finally:
         proc.terminate()
@@ -131,8 +158,11 @@ class ServerThread:
 
     def __init__(self, app: Any, host: str = "127.0.0.1", port: int | None = None) -> None:
         self.host, self.port = host, port or free_port(host)
-        self.server = uvicorn.Server(uvicorn.Config(app, host=self.host, port=self.port, log_level="warning",
-                                                    access_log=False, lifespan="on"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(
+                app, host=self.host, port=self.port, log_level="warning", access_log=False, lifespan="on"
+            )
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property
@@ -141,8 +171,11 @@ class ServerThread:
 
     def __enter__(self) -> ServerThread:
         self.thread.start()
-        wait_for(lambda: httpx.get(self.url + "/healthz", timeout=1).status_code == 200, timeout=30,
-                 what="the coordinator to serve /healthz")
+        wait_for(
+            lambda: httpx.get(self.url + "/healthz", timeout=1).status_code == 200,
+            timeout=30,
+            what="the coordinator to serve /healthz",
+        )
         return self
 
     def __exit__(self, *exc: object) -> None:

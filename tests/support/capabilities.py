@@ -50,8 +50,10 @@ def parse_required(value: str | None) -> frozenset[str]:
         return frozenset(CAPABILITIES)
     unknown = names - set(CAPABILITIES)
     if unknown:
-        raise pytest.UsageError(f"{ENV}: unknown capability {', '.join(sorted(unknown))}; "
-                                f"use a comma list of {', '.join(CAPABILITIES)} or `all`")
+        raise pytest.UsageError(
+            f"{ENV}: unknown capability {', '.join(sorted(unknown))}; "
+            f"use a comma list of {', '.join(CAPABILITIES)} or `all`"
+        )
     return frozenset(names)
 
 
@@ -81,8 +83,13 @@ def _marked_names(path: Path) -> set[str]:
         tree = ast.parse(path.read_text())
     except (OSError, SyntaxError):
         return set()
-    return {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
-            and isinstance(node.value, ast.Attribute) and node.value.attr == "mark"}
+    return {
+        node.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Attribute)
+        and node.value.attr == "mark"
+    }
 
 
 def _capabilities(item: pytest.Item) -> set[str]:
@@ -118,7 +125,8 @@ class CapabilityPlugin:
             # a test that starts the private PostgreSQL needs it: by the fixture's name or a db_url param
             callspec = getattr(item, "callspec", None)
             if "postgres" in getattr(item, "fixturenames", ()) or (
-                    callspec is not None and callspec.params.get("db_url") == "postgres"):
+                callspec is not None and callspec.params.get("db_url") == "postgres"
+            ):
                 item.add_marker(pytest.mark.postgres)
             self.marks[item.nodeid] = _capabilities(item)
             why = _opted_out(item)
@@ -126,8 +134,9 @@ class CapabilityPlugin:
                 item.add_marker(pytest.mark.skip(reason=why))
 
     @pytest.hookimpl(hookwrapper=True)
-    def pytest_runtest_makereport(self, item: pytest.Item,
-                                  call: pytest.CallInfo[None]) -> Generator[None, Any, None]:
+    def pytest_runtest_makereport(
+        self, item: pytest.Item, call: pytest.CallInfo[None]
+    ) -> Generator[None, Any, None]:
         outcome = yield
         rep: pytest.TestReport = outcome.get_result()
         if not rep.skipped or hasattr(rep, "wasxfail") or _opted_out(item):
@@ -136,8 +145,10 @@ class CapabilityPlugin:
         if needed:
             reason = _reason(call.excinfo, rep.longrepr)
             rep.outcome = "failed"
-            rep.longrepr = (f"{ENV} requires {', '.join(needed)}, but this test was skipped: {reason}\n"
-                            f"Install what it names (`make test` does), or drop it from {ENV}.")
+            rep.longrepr = (
+                f"{ENV} requires {', '.join(needed)}, but this test was skipped: {reason}\n"
+                f"Install what it names (`make test` does), or drop it from {ENV}."
+            )
 
     @pytest.hookimpl(hookwrapper=True)
     def pytest_make_collect_report(self, collector: pytest.Collector) -> Generator[None, Any, None]:
@@ -188,8 +199,15 @@ class CapabilityPlugin:
         if self.junit:
             out = Path(self.junit).parent / "capabilities.json"
             out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps({"required": sorted(self.required),
-                                       "counts": {k: dict(v) for k, v in self.counts().items()}}, indent=1))
+            out.write_text(
+                json.dumps(
+                    {
+                        "required": sorted(self.required),
+                        "counts": {k: dict(v) for k, v in self.counts().items()},
+                    },
+                    indent=1,
+                )
+            )
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         table = self.counts()
@@ -200,19 +218,24 @@ class CapabilityPlugin:
         tr.write_sep("-", f"capabilities ({ENV}={','.join(sorted(self.required)) or '-'})")
         for name, c in rows:
             need = "required" if name in self.required else ""
-            tr.write_line(f"{name:<9} {c['passed']:>5} passed {c['failed']:>4} failed "
-                          f"{c['skipped']:>4} skipped {c['not run']:>4} not run  {need}")
+            tr.write_line(
+                f"{name:<9} {c['passed']:>5} passed {c['failed']:>4} failed "
+                f"{c['skipped']:>4} skipped {c['not run']:>4} not run  {need}"
+            )
         for name in self.missing():
-            tr.write_line(f"FAILED: {ENV} requires {name} ({CAPABILITIES[name]}), and no test of it passed",
-                          red=True)
+            tr.write_line(
+                f"FAILED: {ENV} requires {name} ({CAPABILITIES[name]}), and no test of it passed", red=True
+            )
 
 
 def register(config: pytest.Config) -> None:
     """Called from tests/conftest.py's pytest_configure."""
     for name, what in CAPABILITIES.items():
         config.addinivalue_line("markers", f"{name}: needs {what}")
-    config.addinivalue_line("markers", "opt_in(variable, reason=...): skipped unless the variable is set; "
-                                       f"never required by {ENV}")
+    config.addinivalue_line(
+        "markers",
+        f"opt_in(variable, reason=...): skipped unless the variable is set; never required by {ENV}",
+    )
     required = parse_required(os.environ.get(ENV))
     plugin = CapabilityPlugin(required, config.getoption("xmlpath", None))
     config.pluginmanager.register(plugin, "rma-capabilities")

@@ -41,15 +41,25 @@ def write_1000(store: str, ep: Any) -> int:
     if store == "chroma":
         import chromadb
 
-        col = chromadb.HttpClient(host=ep.host, port=ep.port).get_or_create_collection("recs", embedding_function=None)
-        for s in range(0, N, 100):  # explicit embeddings: no embedding model is loaded (none may be downloaded)
-            col.upsert(ids=[f"r{i}" for i in range(s, s + 100)], documents=[f"v{i}" for i in range(s, s + 100)],
-                       embeddings=[[float(i % 5), 1.0] for i in range(s, s + 100)])
+        col = chromadb.HttpClient(host=ep.host, port=ep.port).get_or_create_collection(
+            "recs", embedding_function=None
+        )
+        for s in range(
+            0, N, 100
+        ):  # explicit embeddings: no embedding model is loaded (none may be downloaded)
+            col.upsert(
+                ids=[f"r{i}" for i in range(s, s + 100)],
+                documents=[f"v{i}" for i in range(s, s + 100)],
+                embeddings=[[float(i % 5), 1.0] for i in range(s, s + 100)],
+            )
         return N
     if store == "graph":
         from neo4j import GraphDatabase
 
-        with GraphDatabase.driver(ep.url(), auth=(ep.user, ep.password)) as d, d.session(database=ep.database) as s:
+        with (
+            GraphDatabase.driver(ep.url(), auth=(ep.user, ep.password)) as d,
+            d.session(database=ep.database) as s,
+        ):
             s.run("UNWIND range(0, $n - 1) AS i MERGE (r:Rec {id: i})", n=N).consume()
         return N
     raise ValueError(f"unknown store {store!r}")
@@ -73,11 +83,14 @@ def count(store: str, ep: Any) -> int:
 
         col = chromadb.HttpClient(host=ep.host, port=ep.port).get_collection("recs")
         got = col.get(ids=[f"r{i}" for i in range(N)], include=["documents"])
-        return sum(1 for i, d in zip(got["ids"], got["documents"] or []) if d == f"v{i[1:]}")
+        return sum(1 for i, d in zip(got["ids"], got["documents"] or [], strict=False) if d == f"v{i[1:]}")
     if store == "graph":
         from neo4j import GraphDatabase
 
-        with GraphDatabase.driver(ep.url(), auth=(ep.user, ep.password)) as d, d.session(database=ep.database) as s:
+        with (
+            GraphDatabase.driver(ep.url(), auth=(ep.user, ep.password)) as d,
+            d.session(database=ep.database) as s,
+        ):
             q = "MATCH (r:Rec) WHERE r.id >= 0 AND r.id < $n RETURN count(DISTINCT r.id) AS n"
             return int(s.run(q, n=N).single()["n"])  # type: ignore[index]
     raise ValueError(f"unknown store {store!r}")

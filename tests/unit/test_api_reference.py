@@ -4,14 +4,13 @@ with a key."""
 
 from __future__ import annotations
 
-
 import pytest
 from fastapi.testclient import TestClient
 
 from deployments.gateway.auth import set_verifier
 from deployments.gateway.keys import ClientKeyVerifier
-from deployments.services import schemas as services_schemas
 from deployments.services import openapi
+from deployments.services import schemas as services_schemas
 from deployments.services.api import Backends, create_api
 from rma_ray import credentials
 
@@ -60,8 +59,8 @@ def test_examples_of_fastapi_parsed_bodies_validate_against_their_schema(app: ob
     import jsonschema
 
     schema = openapi.published(app)
-    for path, ops in schema["paths"].items():
-        for method, op in ops.items():
+    for ops in schema["paths"].values():
+        for op in ops.values():
             json_body = op.get("requestBody", {}).get("content", {}).get("application/json")
             if json_body and "example" in json_body:
                 jsonschema.validate(

@@ -97,17 +97,27 @@ def services_app() -> Any:
         set_verifier(None)
 
 
-@pytest.mark.parametrize("path,ctype", [("/notes", "application/json"),
-                                        ("/uploads", "multipart/form-data; boundary=b"),
-                                        ("/documents/parse", "multipart/form-data; boundary=b")])
-def test_the_services_gateway_refuses_a_chunked_body_over_the_limit(services_app: Any, path: str,
-                                                                    ctype: str) -> None:
+@pytest.mark.parametrize(
+    "path,ctype",
+    [
+        ("/notes", "application/json"),
+        ("/uploads", "multipart/form-data; boundary=b"),
+        ("/documents/parse", "multipart/form-data; boundary=b"),
+    ],
+)
+def test_the_services_gateway_refuses_a_chunked_body_over_the_limit(
+    services_app: Any, path: str, ctype: str
+) -> None:
     head = b'{"title": "t", "body": "'
     if ctype.startswith("multipart"):
         head = b'--b\r\nContent-Disposition: form-data; name="file"; filename="big.txt"\r\n\r\n'
     body = Body(200 * 2**20, head)
-    r = post(services_app, path, body, {"Authorization": f"Bearer {KEY.token}", "Content-Type": ctype,
-                                        "X-Request-ID": "rid-1"})
+    r = post(
+        services_app,
+        path,
+        body,
+        {"Authorization": f"Bearer {KEY.token}", "Content-Type": ctype, "X-Request-ID": "rid-1"},
+    )
     assert r.status_code == 413, r.text
     assert r.json()["error"]["code"] == "body_too_large" and r.json()["error"]["request_id"] == "rid-1"
     assert body.pulled <= 2**20 + 64 * 1024 + 2 * CHUNK
@@ -145,8 +155,12 @@ def test_the_llm_key_gate_refuses_a_chunked_body_over_the_limit(monkeypatch: pyt
             await gate({**scope, "root_path": "/v1"} if scope["type"] == "http" else scope, receive, send)
 
         body = Body(100 * 2**20)
-        r = post(mounted, "/v1/chat/completions", body,
-                 {"Authorization": f"Bearer {KEY.token}", "Content-Type": "application/json"})
+        r = post(
+            mounted,
+            "/v1/chat/completions",
+            body,
+            {"Authorization": f"Bearer {KEY.token}", "Content-Type": "application/json"},
+        )
     finally:
         set_verifier(None)
     assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error", r.text

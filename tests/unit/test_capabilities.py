@@ -36,8 +36,16 @@ def test_probe_on_this_machine_never_raises_without_gpu() -> None:
 
 
 def test_seed_human_strings() -> None:
-    caps = Capabilities.model_validate({"gpu_memory": "24GB", "gpu_type": "NVIDIA RTX 4090", "cpu_cores": 16,
-                                        "ram": "64GB", "storage": "1TB", "network_bandwidth": "1Gbps"})
+    caps = Capabilities.model_validate(
+        {
+            "gpu_memory": "24GB",
+            "gpu_type": "NVIDIA RTX 4090",
+            "cpu_cores": 16,
+            "ram": "64GB",
+            "storage": "1TB",
+            "network_bandwidth": "1Gbps",
+        }
+    )
     assert caps.gpus[0].name == "NVIDIA RTX 4090"
     assert caps.gpus[0].memory_mb == 24_000_000_000 // 2**20
     assert caps.ram_mb == 64_000_000_000 // 2**20
@@ -49,13 +57,16 @@ def test_seed_without_gpu() -> None:
     assert caps.gpus == [] and caps.ram_mb == 7629
 
 
-@pytest.mark.parametrize("bad", [
-    {"cpu_cores": 0, "ram_mb": 1000},
-    {"cpu_cores": 2, "ram_mb": -1},
-    {"cpu_cores": 2, "ram": "lots"},
-    {"cpu_cores": 2, "ram_mb": 1000, "gpus": [{"name": "", "memory_mb": 1}]},
-    {"ram_mb": 1000},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"cpu_cores": 0, "ram_mb": 1000},
+        {"cpu_cores": 2, "ram_mb": -1},
+        {"cpu_cores": 2, "ram": "lots"},
+        {"cpu_cores": 2, "ram_mb": 1000, "gpus": [{"name": "", "memory_mb": 1}]},
+        {"ram_mb": 1000},
+    ],
+)
 def test_invalid_capabilities_are_refused(bad: dict) -> None:  # type: ignore[type-arg]
     with pytest.raises(ValidationError):
         Capabilities.model_validate(bad)

@@ -11,8 +11,9 @@ from rma_ray.cli import admin
 runner = CliRunner()
 
 
-@pytest.mark.parametrize(("text", "seconds"),
-                         [("90s", 90), ("15m", 900), ("2h", 7200), ("7d", 604800), ("600", 600)])
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("90s", 90), ("15m", 900), ("2h", 7200), ("7d", 604800), ("600", 600)]
+)
 def test_parse_duration(text: str, seconds: int) -> None:
     assert cli.parse_duration(text) == seconds
 
@@ -57,8 +58,18 @@ class _FakeAdmin:
 
 def test_donor_supplied_names_print_literally(monkeypatch: pytest.MonkeyPatch) -> None:
     names = ["[/bold]x", "[red]pwned[/red]", "evil\x1b]0;owned\x07\x1b[2J", "rtl\u202eexe.txt"]
-    rows = [{"id": f"w{i:011d}", "name": n, "tier": "service", "trusted": False, "status": "healthy",
-             "current_load": None, "last_seen_at": None} for i, n in enumerate(names)]
+    rows = [
+        {
+            "id": f"w{i:011d}",
+            "name": n,
+            "tier": "service",
+            "trusted": False,
+            "status": "healthy",
+            "current_load": None,
+            "last_seen_at": None,
+        }
+        for i, n in enumerate(names)
+    ]
     monkeypatch.setattr(admin, "admin_client", lambda *_: _FakeAdmin(rows))
     monkeypatch.setenv("COLUMNS", "200")
     result = runner.invoke(cli.app, ["donors", "list"])

@@ -38,7 +38,9 @@ def test_accepts_live_key_and_drops_revoked_on_refresh() -> None:
     assert v.verify(f"Bearer {b.token}").key_id == b.id
 
 
-@pytest.mark.parametrize("header", [None, "", "Basic abc", "Bearer nope", "Bearer " + credentials.mint(Kind.NODE).token])
+@pytest.mark.parametrize(
+    "header", [None, "", "Basic abc", "Bearer nope", "Bearer " + credentials.mint(Kind.NODE).token]
+)
 def test_rejects_missing_and_malformed(header: str | None) -> None:
     v = ClientKeyVerifier(lambda: {"keys": []}, clock=Clock())
     v.refresh()
@@ -105,8 +107,14 @@ def test_a_key_created_since_the_last_refresh_works_on_its_first_request() -> No
     keys.append(new)  # created at the coordinator after this replica loaded its keyring
 
     def req(token: str) -> Request:
-        return Request({"type": "http", "method": "GET", "path": "/", "headers": [(b"authorization",
-                                                                                     f"Bearer {token}".encode())]})
+        return Request(
+            {
+                "type": "http",
+                "method": "GET",
+                "path": "/",
+                "headers": [(b"authorization", f"Bearer {token}".encode())],
+            }
+        )
 
     auth.set_verifier(v)
     try:
@@ -129,8 +137,11 @@ def test_a_key_created_since_the_last_refresh_works_on_its_first_request() -> No
 def test_unknown_key_refreshes_are_limited_per_interval() -> None:
     clock = Clock()
     fetches: list[int] = []
-    v = ClientKeyVerifier(lambda: fetches.append(1) or ring(), clock=clock,  # type: ignore[func-returns-value]
-                          unknown_refresh_s=1.0)
+    v = ClientKeyVerifier(
+        lambda: fetches.append(1) or ring(),
+        clock=clock,  # type: ignore[func-returns-value]
+        unknown_refresh_s=1.0,
+    )
     assert v.refresh_for_unknown() and len(fetches) == 1
     assert not v.refresh_for_unknown() and len(fetches) == 1
     clock.now += 1.5

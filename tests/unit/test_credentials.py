@@ -22,8 +22,17 @@ def test_wrong_secret_does_not_match() -> None:
     assert not credentials.matches(credentials.parse(a.token, Kind.NODE), b.hash)
 
 
-@pytest.mark.parametrize("token", ["", "garbage", "rma_join_abc_def", "rma_join_" + "g" * 12 + "_" + "0" * 64,
-                                   "Bearer rma_join_x", "rma_join_" + "a" * 12 + "_" + "0" * 63])
+@pytest.mark.parametrize(
+    "token",
+    [
+        "",
+        "garbage",
+        "rma_join_abc_def",
+        "rma_join_" + "g" * 12 + "_" + "0" * 64,
+        "Bearer rma_join_x",
+        "rma_join_" + "a" * 12 + "_" + "0" * 63,
+    ],
+)
 def test_malformed_tokens_are_refused(token: str) -> None:
     with pytest.raises(MalformedToken):
         credentials.parse(token, Kind.JOIN)

@@ -32,8 +32,11 @@ while True:
 @pytest.fixture
 def supervisor(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[subprocess.Popen[str]]:
     steps, step_s = request.param
-    proc = subprocess.Popen([sys.executable, "-c", STEPPING.format(steps=steps, step_s=step_s),
-                             str(tmp_path / "stopping")], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STEPPING.format(steps=steps, step_s=step_s), str(tmp_path / "stopping")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
     (tmp_path / "pool.json").write_text(json.dumps({"supervisor_pid": proc.pid}))
     yield proc

@@ -18,14 +18,24 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_pool_json_is_private_and_holds_only_what_is_set(tmp_path: Path) -> None:
-    info = poolinfo.PoolInfo(coordinator_url="http://h:8470", admin_key="rma_admin_x", overlay=None,
-                             supervisor_pid=os.getpid(), head_pid=1)
+    info = poolinfo.PoolInfo(
+        coordinator_url="http://h:8470",
+        admin_key="rma_admin_x",
+        overlay=None,
+        supervisor_pid=os.getpid(),
+        head_pid=1,
+    )
     poolinfo.write(tmp_path, info)
     path = poolinfo.pool_file(tmp_path)
     assert path.stat().st_mode & 0o777 == 0o600
     data = json.loads(path.read_text())
-    assert data == {"coordinator_url": "http://h:8470", "admin_key": "rma_admin_x", "overlay": None,
-                    "supervisor_pid": os.getpid(), "head_pid": 1}
+    assert data == {
+        "coordinator_url": "http://h:8470",
+        "admin_key": "rma_admin_x",
+        "overlay": None,
+        "supervisor_pid": os.getpid(),
+        "head_pid": 1,
+    }
     assert "stores" not in data  # scripts wait for this key to appear
     back = poolinfo.read(tmp_path)
     assert back.supervisor_running() and back.admin_key == "rma_admin_x"
@@ -45,7 +55,8 @@ def test_pool_json_keeps_keys_it_does_not_know(tmp_path: Path) -> None:
 
 
 def test_rma_up_applies_the_apps_it_was_asked_for_with_the_environments_settings(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from deployments import serve_config
 
     monkeypatch.setenv("RMA_LLM_INGRESS", "proxied")
@@ -57,21 +68,32 @@ def test_rma_up_applies_the_apps_it_was_asked_for_with_the_environments_settings
     config = serve_config.apply_config(specs, {"host": "0.0.0.0", "port": 8123, "request_timeout_s": 180.0})
     assert config["proxy_location"] == "HeadOnly" and config["http_options"]["port"] == 8123
     assert [a["import_path"] for a in config["applications"]] == [
-        "deployments.serve_config:services_app", "deployments.serve_config:llm_app",
-        "deployments.serve_config:inference_app"]
+        "deployments.serve_config:services_app",
+        "deployments.serve_config:llm_app",
+        "deployments.serve_config:inference_app",
+    ]
     assert all("deployments" not in a for a in config["applications"])  # the code's own options apply
     with pytest.raises(ValueError, match="unknown app nope"):
         serve_config.group_apps(["nope"])
 
 
-@pytest.mark.parametrize(("args", "says"), [
-    (["up", "--apps", "llm,chat"], "unknown app chat"),
-    (["down", "--stores", "redis,mysql"], "unknown store mysql"),
-    (["up", "--store-port", "redis=99999"], "--store-port 'redis=99999'"),
-])
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["up", "--apps", "llm,chat"], "unknown app chat"),
+        (["down", "--stores", "redis,mysql"], "unknown store mysql"),
+        (["up", "--store-port", "redis=99999"], "--store-port 'redis=99999'"),
+    ],
+)
 def test_the_entry_refuses_bad_input_in_one_json_line(args: list[str], says: str) -> None:
-    r = subprocess.run([sys.executable, "-m", "deployments", *args], capture_output=True, text=True, cwd=ROOT,
-                       timeout=120, env={**os.environ, "RAY_ADDRESS": "127.0.0.1:1"})
+    r = subprocess.run(
+        [sys.executable, "-m", "deployments", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        env={**os.environ, "RAY_ADDRESS": "127.0.0.1:1"},
+    )
     assert r.returncode == 1
     lines = [json.loads(line) for line in r.stdout.splitlines()]
     assert len(lines) == 1 and says in lines[0]["error"], r.stdout

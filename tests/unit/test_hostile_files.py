@@ -45,9 +45,12 @@ def docx_with(document_xml: bytes) -> bytes:
 
 
 def document_xml(body: bytes) -> bytes:
-    return (b'<?xml version="1.0" encoding="UTF-8" standalone="yes"?>'
-            b'<w:document xmlns:w="http://schemas.openxmlformats.org/wordprocessingml/2006/main"><w:body>'
-            + body + b"</w:body></w:document>")
+    return (
+        b'<?xml version="1.0" encoding="UTF-8" standalone="yes"?>'
+        b'<w:document xmlns:w="http://schemas.openxmlformats.org/wordprocessingml/2006/main"><w:body>'
+        + body
+        + b"</w:body></w:document>"
+    )
 
 
 def tree_rss() -> int:
@@ -97,8 +100,11 @@ def test_a_pdf_pixel_bomb_is_refused_before_rendering_and_parsing_goes_on(ocr: O
     bomb = blank_pdf(14400, 14400)  # ~1 KB; at 144 dpi one page is 28800x28800 pixels (3.3 GB as RGBA)
     assert len(bomb) < 4096
     before = tree_rss()
-    calls = (lambda: parse(bomb, ocr), lambda: ocr.pdf_pages(bomb, [1]),
-             lambda: ocr.document(bomb, None, None))
+    calls = (
+        lambda: parse(bomb, ocr),
+        lambda: ocr.pdf_pages(bomb, [1]),
+        lambda: ocr.document(bomb, None, None),
+    )
     for call in calls:
         err = refused(call)
         assert err.status == 413 and err.code == "page_too_large", err
@@ -114,10 +120,13 @@ def test_a_large_page_is_rendered_at_a_smaller_scale_in_the_child() -> None:
     assert max(image.shape[:2]) <= MAX_SIDE and image.shape[0] * image.shape[1] <= MAX_PIXELS
 
 
-@pytest.mark.parametrize("mib,code", [
-    (40, "unpacked_too_large"),  # 40 MiB of empty paragraphs in ~40 KB
-    (8, "compression_bomb"),  # under the XML limit, but ~1000x compressed
-])
+@pytest.mark.parametrize(
+    "mib,code",
+    [
+        (40, "unpacked_too_large"),  # 40 MiB of empty paragraphs in ~40 KB
+        (8, "compression_bomb"),  # under the XML limit, but ~1000x compressed
+    ],
+)
 def test_docx_decompression_bombs_are_refused_before_unzipping(ocr: Ocr, mib: int, code: str) -> None:
     bomb = docx_with(document_xml(b"<w:p/>" * (mib * 2**20 // 6)))
     assert len(bomb) < 200 * 1024
@@ -215,8 +224,11 @@ def test_a_file_that_killed_its_replica_is_a_422_and_is_not_retried() -> None:
     try:
         with TestClient(app, raise_server_exceptions=False) as c:
             for path in ("/documents/parse", "/ocr"):
-                r = c.post(path, files={"file": ("bomb.pdf", blank_pdf(100, 100), "application/pdf")},
-                           headers={"Authorization": f"Bearer {key.token}"})
+                r = c.post(
+                    path,
+                    files={"file": ("bomb.pdf", blank_pdf(100, 100), "application/pdf")},
+                    headers={"Authorization": f"Bearer {key.token}"},
+                )
                 assert r.status_code == 422 and r.json()["error"]["code"] == sandbox.LIMITS_CODE, r.text
                 assert "not retried" in r.json()["error"]["message"]
     finally:

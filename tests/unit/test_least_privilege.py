@@ -36,15 +36,17 @@ def test_the_head_uses_its_service_credential_not_the_admin_key(tmp_path: Path) 
     with pytest.raises(NoIdentity, match="service.json"):
         local_identity(tmp_path)  # pool.json alone is no identity for code in Ray
     service = credentials.mint(Kind.SERVICE).token
-    (tmp_path / "service.json").write_text(json.dumps({"coordinator_url": "http://h:8470/",
-                                                       "service_key": service, "key_id": "x"}))
+    (tmp_path / "service.json").write_text(
+        json.dumps({"coordinator_url": "http://h:8470/", "service_key": service, "key_id": "x"})
+    )
     ident = local_identity(tmp_path)
     assert (ident.role, ident.credential, ident.coordinator_url) == ("head", service, "http://h:8470")
     assert service not in repr(ident)
     # a donor's node credential still wins on a donor
     node = credentials.mint(Kind.NODE).token
-    (tmp_path / "membership.json").write_text(json.dumps({"coordinator_url": "http://h:8470",
-                                                          "node_token": node}))
+    (tmp_path / "membership.json").write_text(
+        json.dumps({"coordinator_url": "http://h:8470", "node_token": node})
+    )
     assert local_identity(tmp_path).role == "donor"
 
 
@@ -92,10 +94,18 @@ def test_store_credentials_go_to_trusted_nodes_only(monkeypatch: pytest.MonkeyPa
 
     nodes = {
         "trusted": {"NodeID": "trusted", "Alive": True, "Labels": {LABEL_TRUSTED: "true"}, "Resources": {}},
-        "head": {"NodeID": "head", "Alive": True, "Labels": {LABEL_TIER: "head"},
-                 "Resources": {supervisor.HEAD_RESOURCE: 1.0}},
-        "untrusted": {"NodeID": "untrusted", "Alive": True, "Resources": {"CPU": 2.0},
-                      "Labels": {LABEL_TIER: "service", LABEL_TRUSTED: "false"}},
+        "head": {
+            "NodeID": "head",
+            "Alive": True,
+            "Labels": {LABEL_TIER: "head"},
+            "Resources": {supervisor.HEAD_RESOURCE: 1.0},
+        },
+        "untrusted": {
+            "NodeID": "untrusted",
+            "Alive": True,
+            "Resources": {"CPU": 2.0},
+            "Labels": {LABEL_TIER: "service", LABEL_TRUSTED: "false"},
+        },
         "dead": {"NodeID": "dead", "Alive": False, "Labels": {LABEL_TRUSTED: "true"}, "Resources": {}},
     }
     monkeypatch.setattr(supervisor, "_ray_node", nodes.get)
@@ -119,12 +129,20 @@ def test_store_firewall_rules_admit_trusted_addresses_only() -> None:
     from deployments.stores import firewall, supervisor
 
     def n(addr: str, alive: bool = True, trusted: str | None = "true", head: bool = False) -> dict[str, Any]:
-        return {"NodeManagerAddress": addr, "Alive": alive,
-                "Labels": {LABEL_TRUSTED: trusted} if trusted else {},
-                "Resources": {supervisor.HEAD_RESOURCE: 1.0} if head else {"CPU": 2.0}}
+        return {
+            "NodeManagerAddress": addr,
+            "Alive": alive,
+            "Labels": {LABEL_TRUSTED: trusted} if trusted else {},
+            "Resources": {supervisor.HEAD_RESOURCE: 1.0} if head else {"CPU": 2.0},
+        }
 
-    nodes = [n("10.90.0.1", trusted=None, head=True), n("10.90.0.7"), n("10.90.0.9", trusted="false"),
-             n("10.90.0.8", alive=False), n("fd00::7")]
+    nodes = [
+        n("10.90.0.1", trusted=None, head=True),
+        n("10.90.0.7"),
+        n("10.90.0.9", trusted="false"),
+        n("10.90.0.8", alive=False),
+        n("fd00::7"),
+    ]
     allowed = firewall.trusted_addresses(nodes, supervisor.node_is_trusted)
     assert allowed == ["10.90.0.1", "10.90.0.7", "fd00::7"]
     rules = firewall.render("chroma", 8010, allowed)
@@ -138,7 +156,8 @@ def test_store_firewall_rules_admit_trusted_addresses_only() -> None:
 
 
 def test_store_firewall_is_wanted_with_the_overlay_and_says_when_it_cannot(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     from deployments.stores import firewall
 
     assert not firewall.wanted(tmp_path, {})

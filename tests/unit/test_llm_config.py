@@ -22,7 +22,12 @@ def test_cpu_tier_serves_the_embedded_model_from_the_data_dir(tmp_path: Path) ->
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "2" and env["HF_HUB_OFFLINE"] == "1"
     # not Ray's default of the replica's one CPU: the engine computes on what the placement group reserves
     assert env["OMP_NUM_THREADS"] == "2"
-    assert build_llm_config(LLMSettings(data_dir=tmp_path, cpu_threads=6)).runtime_env["env_vars"]["OMP_NUM_THREADS"] == "6"
+    assert (
+        build_llm_config(LLMSettings(data_dir=tmp_path, cpu_threads=6)).runtime_env["env_vars"][
+            "OMP_NUM_THREADS"
+        ]
+        == "6"
+    )
     # threads float over the node (vLLM's 'auto' pins ONE thread on a 2-core node and every core on a big one)
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
     # one worker inside vLLM's engine core, as vLLM's own server runs it (deployments.llm.server.CPUEngine)
@@ -30,8 +35,9 @@ def test_cpu_tier_serves_the_embedded_model_from_the_data_dir(tmp_path: Path) ->
     # as its app's ingress, the replica's key gate writes a stream at most every 20 ms
     assert build_llm_config(s, ingress=True).runtime_env["env_vars"]["RMA_LLM_STREAM_COALESCE_MS"] == "20"
     # the CPU LLM runs on trusted nodes only (the head, trusted service donors): it is its app's ingress and sees keys
-    assert c.deployment_config["placement_group_bundle_label_selector"] == [{"rma.io/tier": "in(service,head)",
-                                                                              "rma.io/trusted": "true"}]
+    assert c.deployment_config["placement_group_bundle_label_selector"] == [
+        {"rma.io/tier": "in(service,head)", "rma.io/trusted": "true"}
+    ]
     assert s.direct_ingress()
     # the replica converts the GGUF on its own node before vLLM starts
     assert c.callback_config.callback_class == "deployments.llm.prepare:PrepareEmbeddedModel"
@@ -45,7 +51,9 @@ def test_gpu_tier_picks_by_memory_and_selects_gpu_nodes_of_the_accelerator_type(
     assert c.model_id == "qwen2.5-14b-instruct-awq"
     assert c.model_loading_config.model_source == "Qwen/Qwen2.5-14B-Instruct-AWQ"
     assert c.accelerator_type == "A10G" and c.accelerator_config.kind == "gpu"
-    assert c.engine_kwargs["quantization"] == "awq_marlin" and c.engine_kwargs["gpu_memory_utilization"] == 0.9
+    assert (
+        c.engine_kwargs["quantization"] == "awq_marlin" and c.engine_kwargs["gpu_memory_utilization"] == 0.9
+    )
     assert "enforce_eager" not in c.engine_kwargs
     # any admitted GPU donor may serve: so its replica is not an ingress (client keys stay on trusted nodes)
     assert c.deployment_config["placement_group_bundle_label_selector"] == [{"rma.io/tier": "gpu"}]
@@ -68,8 +76,9 @@ def test_settings_come_from_the_environment(tmp_path: Path, monkeypatch: pytest.
     s = LLMSettings()
     c = build_llm_config(s)
     assert s.data_dir == tmp_path and c.engine_kwargs["max_model_len"] == 1024
-    assert c.deployment_config["placement_group_bundle_label_selector"] == [{"rma.io/tier": "service",
-                                                                              "rma.io/trusted": "true"}]
+    assert c.deployment_config["placement_group_bundle_label_selector"] == [
+        {"rma.io/tier": "service", "rma.io/trusted": "true"}
+    ]
 
 
 def test_a_model_for_the_wrong_tier_is_refused(tmp_path: Path) -> None:
@@ -79,7 +88,9 @@ def test_a_model_for_the_wrong_tier_is_refused(tmp_path: Path) -> None:
         label_selector("cpu", " , ")
 
 
-def test_the_ingress_shape_follows_where_the_llm_may_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_ingress_shape_follows_where_the_llm_may_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The LLM replica answers HTTP itself (and so sees client keys) only where it runs on trusted nodes only."""
     import ray.serve.llm
     from ray.llm._internal.serve.core.server.llm_server import LLMServer
@@ -89,7 +100,9 @@ def test_the_ingress_shape_follows_where_the_llm_may_run(tmp_path: Path, monkeyp
 
     built: list[tuple[object, dict]] = []
 
-    def fake_build(llm_config: object, **kwargs: object) -> object:  # the real one asks a running Ray for its env
+    def fake_build(
+        llm_config: object, **kwargs: object
+    ) -> object:  # the real one asks a running Ray for its env
         built.append((llm_config, kwargs))
         return ray.serve.deployment(lambda: None, name="LLMServer:stand-in").bind()
 
@@ -98,7 +111,9 @@ def test_the_ingress_shape_follows_where_the_llm_may_run(tmp_path: Path, monkeyp
     config, kwargs = built[-1]
     assert kwargs["name_prefix"] == "LLMServer:" and issubclass(kwargs["deployment_cls"], LLMServer)
     assert kwargs["deployment_cls"].__mro__[1].__name__ == "KeyedLLMServer"  # serve.ingress() wraps it
-    assert config.runtime_env["env_vars"]["RAY_SERVE_ENABLE_HA_PROXY"] == "1"  # its own HTTP server for HAProxy
+    assert (
+        config.runtime_env["env_vars"]["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    )  # its own HTTP server for HAProxy
 
     proxied = build_llm_app(LLMSettings(data_dir=tmp_path, trusted_only=False))
     from deployments.llm.server import KeyedLLMServer, PoolLLMServer
@@ -113,7 +128,8 @@ def test_the_ingress_shape_follows_where_the_llm_may_run(tmp_path: Path, monkeyp
     gpu = LLMSettings(data_dir=tmp_path, gpu_memory_mb=24_576, trusted_only=True)
     assert gpu.direct_ingress()
     assert build_llm_config(gpu).deployment_config["placement_group_bundle_label_selector"] == [
-        {"rma.io/tier": "gpu", "rma.io/trusted": "true"}]
+        {"rma.io/tier": "gpu", "rma.io/trusted": "true"}
+    ]
 
 
 def test_the_key_gate_serves_only_the_openai_routes_and_only_with_a_key() -> None:
@@ -145,8 +161,11 @@ def test_the_key_gate_serves_only_the_openai_routes_and_only_with_a_key() -> Non
         return {}
 
     good = mint(Kind.CLIENT)
-    v = ClientKeyVerifier(lambda: {"keys": [{"id": good.id, "hash": good.hash, "name": "alice"}]}, refresh_s=3600,
-                          max_stale_s=3600)
+    v = ClientKeyVerifier(
+        lambda: {"keys": [{"id": good.id, "hash": good.hash, "name": "alice"}]},
+        refresh_s=3600,
+        max_stale_s=3600,
+    )
     v.refresh()
     auth.set_verifier(v)
 
@@ -160,8 +179,11 @@ def test_the_key_gate_serves_only_the_openai_routes_and_only_with_a_key() -> Non
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=mounted), base_url="http://pool") as c:
             assert (await c.get("/v1/models", headers=key)).json() == {"object": "list"}
             assert (await c.post("/v1/chat/completions", headers=key)).json() == {"object": "chat.completion"}
-            for headers in ({}, {"Authorization": "Bearer rma_client_nope_nope"},
-                            {"Authorization": f"Bearer {mint(Kind.CLIENT).token}"}):
+            for headers in (
+                {},
+                {"Authorization": "Bearer rma_client_nope_nope"},
+                {"Authorization": f"Bearer {mint(Kind.CLIENT).token}"},
+            ):
                 r = await c.post("/v1/chat/completions", headers=headers)
                 assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
                 assert r.headers["www-authenticate"] == "Bearer"
@@ -189,8 +211,12 @@ def test_every_openai_route_needs_a_client_key() -> None:
     app = openai_fastapi_app()
     make_fastapi_ingress(OpenAiIngress, endpoint_map=openai_routes(), app=app)
     routes = {(next(iter(r.methods)), r.path): r for r in app.routes if hasattr(r, "methods")}
-    assert set(routes) == {("GET", "/models"), ("GET", "/models/{model:path}"), ("POST", "/completions"),
-                           ("POST", "/chat/completions")}
+    assert set(routes) == {
+        ("GET", "/models"),
+        ("GET", "/models/{model:path}"),
+        ("POST", "/completions"),
+        ("POST", "/chat/completions"),
+    }
     for route in routes.values():
         assert any(d.call is current_client for d in route.dependant.dependencies), route.path
     assert AUTH[0].dependency is current_client
@@ -220,8 +246,11 @@ def test_the_one_key_check_accepts_a_live_key_and_refuses_the_others() -> None:
     from rma_ray.credentials import Kind, mint
 
     good = mint(Kind.CLIENT)
-    v = ClientKeyVerifier(lambda: {"keys": [{"id": good.id, "hash": good.hash, "name": "alice"}]}, refresh_s=3600,
-                          max_stale_s=3600)
+    v = ClientKeyVerifier(
+        lambda: {"keys": [{"id": good.id, "hash": good.hash, "name": "alice"}]},
+        refresh_s=3600,
+        max_stale_s=3600,
+    )
     v.refresh()
 
     def req(header: str | None) -> Request:
@@ -290,5 +319,8 @@ def test_the_stream_coalescer_writes_the_first_chunk_at_once_and_loses_nothing()
     ]
     # a response that is not an event stream passes through untouched, at the times it was written
     plain = on_fake_time(b"application/json", [0, 0.001])
-    assert plain == [(100.0, b"data: 0\n\n", True), (100.001, b"data: 1\n\n", True),
-                     (100.001, b"data: [DONE]\n\n", False)]
+    assert plain == [
+        (100.0, b"data: 0\n\n", True),
+        (100.001, b"data: 1\n\n", True),
+        (100.001, b"data: [DONE]\n\n", False),
+    ]

@@ -57,16 +57,21 @@ def test_public_key_matches_wg_pubkey(tmp_path: Path) -> None:
     key = tmp_path / "k"
     pub = overlay.load_or_create_key(key)
     with open(key) as f:  # the private key reaches wg on stdin, as it would reach `wg set` as a file
-        out = subprocess.run(["wg", "pubkey"], stdin=f, capture_output=True, text=True, check=True).stdout.strip()
+        out = subprocess.run(
+            ["wg", "pubkey"], stdin=f, capture_output=True, text=True, check=True
+        ).stdout.strip()
     assert out == pub
 
 
-@pytest.mark.parametrize("text,ok", [
-    (base64.b64encode(bytes(32)).decode(), True),
-    (base64.b64encode(bytes(31)).decode(), False),
-    ("not base64 at all, not at all, not at all!!", False),
-    ("", False),
-])
+@pytest.mark.parametrize(
+    "text,ok",
+    [
+        (base64.b64encode(bytes(32)).decode(), True),
+        (base64.b64encode(bytes(31)).decode(), False),
+        ("not base64 at all, not at all, not at all!!", False),
+        ("", False),
+    ],
+)
 def test_is_key(text: str, ok: bool) -> None:
     assert overlay.is_key(text) is ok
 
@@ -93,19 +98,27 @@ def test_firewall_drops_only_ray_ports_off_the_overlay() -> None:
 
 def test_hub_forwards_spoke_to_spoke_only() -> None:
     text = overlay.render_firewall("rma-hub", ["6391"], isolate=True)
-    chain = text[text.index("chain forward"):]
+    chain = text[text.index("chain forward") :]
     rules = [line.strip() for line in chain.splitlines()[2:] if line.strip() not in ("}", "")]
     # order matters: spoke to spoke first, then everything in or out of the overlay dropped, replies excepted
-    assert rules == ['iifname "rma-hub" oifname "rma-hub" accept', 'iifname "rma-hub" counter drop',
-                     'oifname "rma-hub" ct state established,related accept', 'oifname "rma-hub" counter drop']
+    assert rules == [
+        'iifname "rma-hub" oifname "rma-hub" accept',
+        'iifname "rma-hub" counter drop',
+        'oifname "rma-hub" ct state established,related accept',
+        'oifname "rma-hub" counter drop',
+    ]
     assert "type filter hook forward" in chain and "policy accept" in chain  # the head's other routing stays
     assert "chain forward" not in overlay.render_firewall("rmaabc", ["6391"])  # a donor routes nothing
     hub = overlay.Hub(Path("/nonexistent"), name="rma-hub")
-    assert hub.firewall.isolate and not overlay.Spoke("rmaabc", Path("/x"), "10.88.0.2", 16, "k", "h:1",
-                                                     "10.88.0.1").firewall.isolate
+    assert (
+        hub.firewall.isolate
+        and not overlay.Spoke("rmaabc", Path("/x"), "10.88.0.2", 16, "k", "h:1", "10.88.0.1").firewall.isolate
+    )
 
 
-@pytest.mark.skipif(not shutil.which("nft") or not Path("/proc/self").exists(), reason="nftables not installed")
+@pytest.mark.skipif(
+    not shutil.which("nft") or not Path("/proc/self").exists(), reason="nftables not installed"
+)
 @pytest.mark.parametrize("isolate", [False, True])
 def test_firewall_is_valid_nftables(isolate: bool) -> None:
     text = overlay.render_firewall("rmaabc", RayPorts().firewalled([6380, 8265]), isolate=isolate)
@@ -116,9 +129,11 @@ def test_firewall_is_valid_nftables(isolate: bool) -> None:
 
 
 def test_parse_wg_dump() -> None:
-    dump = ("PRIV\tPUB\t51820\toff\n"
-            "peerA=\t(none)\t(none)\t10.88.0.2/32\t0\t0\t0\toff\n"
-            "peerB=\t(none)\t10.1.1.5:40000\t10.88.0.3/32,10.88.1.0/24\t1700000000\t1200\t900\t25\n")
+    dump = (
+        "PRIV\tPUB\t51820\toff\n"
+        "peerA=\t(none)\t(none)\t10.88.0.2/32\t0\t0\t0\toff\n"
+        "peerB=\t(none)\t10.1.1.5:40000\t10.88.0.3/32,10.88.1.0/24\t1700000000\t1200\t900\t25\n"
+    )
     a, b = overlay.parse_dump(dump)
     assert a.public_key == "peerA=" and a.endpoint is None and a.latest_handshake == 0
     assert b.endpoint == "10.1.1.5:40000" and b.allowed_ips == ["10.88.0.3/32", "10.88.1.0/24"]

@@ -46,8 +46,9 @@ def test_a_requested_stop_is_clean(tmp_path: Path) -> None:
     assert not any("stopped" in line for line in said)
 
 
-def test_a_rotation_stops_serve_and_the_stores_then_starts_everything_again(tmp_path: Path,
-                                                                              monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_a_rotation_stops_serve_and_the_stores_then_starts_everything_again(
+    tmp_path: Path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
     """The rotation's steps, in order, with the Ray-facing steps stood in (a rotation once called a stop step
     that `rma down`'s rework had removed, and ended the pool)."""
     import subprocess
@@ -59,7 +60,13 @@ def test_a_rotation_stops_serve_and_the_stores_then_starts_everything_again(tmp_
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: steps.append("serve_admin shutdown"))
     pool.token_file.write_text("old\n")
     pool.rotate()
-    assert steps == ["_shutdown_serve", "stop_stores", "serve_admin shutdown", "start_head", "start_serve",
-                     "start_deployments"]
+    assert steps == [
+        "_shutdown_serve",
+        "stop_stores",
+        "serve_admin shutdown",
+        "start_head",
+        "start_serve",
+        "start_deployments",
+    ]
     assert pool.token_file.read_text().strip() not in ("", "old")
     assert any("cluster token rotated" in line for line in said)

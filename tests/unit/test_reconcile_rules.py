@@ -10,32 +10,48 @@ from admission.services.reconcile import DUPLICATE_GRACE_S, RayView, apply, clai
 GIB = 1024**3
 
 
-def worker(tier: str = "service", trusted: bool = False, gpus: list | None = None, ram_mb: int = 16000) -> Worker:  # type: ignore[type-arg]
+def worker(
+    tier: str = "service", trusted: bool = False, gpus: list | None = None, ram_mb: int = 16000
+) -> Worker:  # type: ignore[type-arg]
     labels = {"rma.io/tier": tier, "rma.io/node": "w1", "rma.io/trusted": "true" if trusted else "false"}
-    return Worker(id="w1", tier=tier, trusted=trusted, labels=labels,
-                  capabilities={"cpu_cores": 4, "ram_mb": ram_mb, "gpus": gpus or []})
+    return Worker(
+        id="w1",
+        tier=tier,
+        trusted=trusted,
+        labels=labels,
+        capabilities={"cpu_cores": 4, "ram_mb": ram_mb, "gpus": gpus or []},
+    )
 
 
 def node(labels: dict | None = None, **resources: float) -> dict:  # type: ignore[type-arg]
     base = {"rma.io/tier": "service", "rma.io/node": "w1", "rma.io/trusted": "false"}
-    return {"labels": {**base, **(labels or {})}, "resources_total": {"CPU": 1, "memory": 8 * GIB,
-                                                                      "object_store_memory": 2 * GIB, **resources}}
+    return {
+        "labels": {**base, **(labels or {})},
+        "resources_total": {"CPU": 1, "memory": 8 * GIB, "object_store_memory": 2 * GIB, **resources},
+    }
 
 
 H200 = [{"name": "NVIDIA H200", "memory_mb": 143771}]
 
 
-@pytest.mark.parametrize(("w", "n", "expect"), [
-    (worker(), node(), None),
-    (worker(), node({"rma.io/tier": "gpu"}), "label rma.io/tier"),
-    (worker(), node({"rma.io/trusted": "true"}), "label rma.io/trusted"),
-    (worker("gpu", gpus=H200), node({"rma.io/tier": "gpu"}), "0 GPUs"),
-    (worker("gpu", gpus=H200), node({"rma.io/tier": "gpu"}, GPU=1, **{"accelerator_type:H200": 1}), None),
-    (worker("gpu", gpus=H200), node({"rma.io/tier": "gpu"}, GPU=1, **{"accelerator_type:A100": 1}), "accelerator A100"),
-    (worker(), node(GPU=2), "Ray reports 2 GPUs, registered 0"),
-    (worker(ram_mb=4000), node(), "Ray sees 10240 MiB"),
-    (worker(ram_mb=64000), node(), None),  # a donor capping Ray's memory is fine
-])
+@pytest.mark.parametrize(
+    ("w", "n", "expect"),
+    [
+        (worker(), node(), None),
+        (worker(), node({"rma.io/tier": "gpu"}), "label rma.io/tier"),
+        (worker(), node({"rma.io/trusted": "true"}), "label rma.io/trusted"),
+        (worker("gpu", gpus=H200), node({"rma.io/tier": "gpu"}), "0 GPUs"),
+        (worker("gpu", gpus=H200), node({"rma.io/tier": "gpu"}, GPU=1, **{"accelerator_type:H200": 1}), None),
+        (
+            worker("gpu", gpus=H200),
+            node({"rma.io/tier": "gpu"}, GPU=1, **{"accelerator_type:A100": 1}),
+            "accelerator A100",
+        ),
+        (worker(), node(GPU=2), "Ray reports 2 GPUs, registered 0"),
+        (worker(ram_mb=4000), node(), "Ray sees 10240 MiB"),
+        (worker(ram_mb=64000), node(), None),  # a donor capping Ray's memory is fine
+    ],
+)
 def test_mismatch(w: Worker, n: dict, expect: str | None) -> None:  # type: ignore[type-arg]
     got = mismatch(w, n)
     if expect is None:
@@ -54,33 +70,63 @@ def live(ip: str, node_id: str = "n1") -> dict:  # type: ignore[type-arg]
     return {"node_id": node_id * 20, "node_ip": ip, "state": "ALIVE", "labels": {"rma.io/node": "w1"}}
 
 
-@pytest.mark.parametrize(("w", "nodes", "dup_s", "registered", "expect"), [
-    # one node where the donor is
-    (donor("10.88.0.5", "192.0.2.7"), [live("10.88.0.5")], 0, True, None),
-    (donor(None, "192.0.2.7"), [live("192.0.2.7")], 0, True, None),
-    # one node somewhere else: the overlay address wins over the registered one
-    (donor("10.88.0.5", "192.0.2.7"), [live("192.0.2.7")], 0, True, "whose overlay address is 10.88.0.5"),
-    (donor(None, "192.0.2.7"), [live("192.0.2.9")], 0, True, "at 192.0.2.9 claims donor w1, whose regis"),
-    (donor(None, "192.0.2.7"), [live("192.0.2.9")], 0, False, None),  # registered address not trusted here
-    (donor("10.88.0.5", "192.0.2.7"), [live("192.0.2.9")], 0, False, "overlay address"),  # the overlay is
-    # nothing usable recorded: any address passes
-    (donor(None, "127.0.0.1"), [live("192.0.2.9")], 0, True, None),
-    (donor(None, "testclient"), [live("192.0.2.9")], 0, True, None),
-    (donor(None, ""), [live("192.0.2.9")], 0, True, None),
-    # a node that advertises no usable address cannot be where a recorded donor is
-    (donor("10.88.0.5"), [live("")], 0, True, "at ? claims"),
-    # two live claimants: the impostor at another address is named even when it is the second
-    (donor("10.88.0.5"), [live("10.88.0.5"), live("10.88.0.9", "n2")], 0, True, "n2n2n2n2n2n2 at 10.88.0.9"),
-    (donor(None, "127.0.0.1"), [live("192.0.2.8"), live("192.0.2.9", "n2")], 0, True,
-     "2 live Ray nodes claim donor w1, from different addresses: 192.0.2.8, 192.0.2.9"),
-    # two on one address: a restart's dead twin until the grace is over, then flagged
-    (donor("10.88.0.5"), [live("10.88.0.5"), live("10.88.0.5", "n2")], 5, True, None),
-    (donor("10.88.0.5"), [live("10.88.0.5"), live("10.88.0.5", "n2")], DUPLICATE_GRACE_S, True,
-     "2 live Ray nodes at 10.88.0.5 have claimed donor w1"),
-    (donor(None, ""), [], 0, True, None),
-])
-def test_claim_problem(w: Worker, nodes: list, dup_s: float, registered: bool,  # type: ignore[type-arg]
-                       expect: str | None) -> None:
+@pytest.mark.parametrize(
+    ("w", "nodes", "dup_s", "registered", "expect"),
+    [
+        # one node where the donor is
+        (donor("10.88.0.5", "192.0.2.7"), [live("10.88.0.5")], 0, True, None),
+        (donor(None, "192.0.2.7"), [live("192.0.2.7")], 0, True, None),
+        # one node somewhere else: the overlay address wins over the registered one
+        (donor("10.88.0.5", "192.0.2.7"), [live("192.0.2.7")], 0, True, "whose overlay address is 10.88.0.5"),
+        (donor(None, "192.0.2.7"), [live("192.0.2.9")], 0, True, "at 192.0.2.9 claims donor w1, whose regis"),
+        (
+            donor(None, "192.0.2.7"),
+            [live("192.0.2.9")],
+            0,
+            False,
+            None,
+        ),  # registered address not trusted here
+        (donor("10.88.0.5", "192.0.2.7"), [live("192.0.2.9")], 0, False, "overlay address"),  # the overlay is
+        # nothing usable recorded: any address passes
+        (donor(None, "127.0.0.1"), [live("192.0.2.9")], 0, True, None),
+        (donor(None, "testclient"), [live("192.0.2.9")], 0, True, None),
+        (donor(None, ""), [live("192.0.2.9")], 0, True, None),
+        # a node that advertises no usable address cannot be where a recorded donor is
+        (donor("10.88.0.5"), [live("")], 0, True, "at ? claims"),
+        # two live claimants: the impostor at another address is named even when it is the second
+        (
+            donor("10.88.0.5"),
+            [live("10.88.0.5"), live("10.88.0.9", "n2")],
+            0,
+            True,
+            "n2n2n2n2n2n2 at 10.88.0.9",
+        ),
+        (
+            donor(None, "127.0.0.1"),
+            [live("192.0.2.8"), live("192.0.2.9", "n2")],
+            0,
+            True,
+            "2 live Ray nodes claim donor w1, from different addresses: 192.0.2.8, 192.0.2.9",
+        ),
+        # two on one address: a restart's dead twin until the grace is over, then flagged
+        (donor("10.88.0.5"), [live("10.88.0.5"), live("10.88.0.5", "n2")], 5, True, None),
+        (
+            donor("10.88.0.5"),
+            [live("10.88.0.5"), live("10.88.0.5", "n2")],
+            DUPLICATE_GRACE_S,
+            True,
+            "2 live Ray nodes at 10.88.0.5 have claimed donor w1",
+        ),
+        (donor(None, ""), [], 0, True, None),
+    ],
+)
+def test_claim_problem(
+    w: Worker,
+    nodes: list,
+    dup_s: float,
+    registered: bool,  # type: ignore[type-arg]
+    expect: str | None,
+) -> None:
     got = claim_problem(w, nodes, dup_s, registered)
     if expect is None:
         assert got is None
@@ -110,15 +156,26 @@ def test_apply_quarantines_a_stolen_label_and_drains_every_claimant() -> None:
         w.name, w.node_token_hash = w.id, "x" * 64
 
     def ray_node(node_id: str, wid: str, ip: str) -> dict:  # type: ignore[type-arg]
-        return {**node(), "node_id": node_id * 28, "node_ip": ip, "state": "ALIVE", "is_head_node": False,
-                "labels": {**node()["labels"], "rma.io/node": wid}, "start_time_ms": 1}
+        return {
+            **node(),
+            "node_id": node_id * 28,
+            "node_ip": ip,
+            "state": "ALIVE",
+            "is_head_node": False,
+            "labels": {**node()["labels"], "rma.io/node": wid},
+            "start_time_ms": 1,
+        }
 
     view = RayView()
     with Session(engine) as s, s.begin():
         s.add_all([honest, twin])
     with Session(engine) as s, s.begin():
-        nodes = [ray_node("a", "w1", "10.88.0.5"), ray_node("b", "w1", "192.0.2.66"),
-                 ray_node("c", "w2", "10.88.0.6"), ray_node("d", "w2", "10.88.0.6")]
+        nodes = [
+            ray_node("a", "w1", "10.88.0.5"),
+            ray_node("b", "w1", "192.0.2.66"),
+            ray_node("c", "w2", "10.88.0.6"),
+            ray_node("d", "w2", "10.88.0.6"),
+        ]
         drained = apply(state, s, nodes, [], view)  # type: ignore[arg-type]
     with Session(engine) as s:
         w1, w2 = s.get(Worker, "w1"), s.get(Worker, "w2")
@@ -128,7 +185,8 @@ def test_apply_quarantines_a_stolen_label_and_drains_every_claimant() -> None:
         assert w2.quarantine_reason is None  # two nodes on its own address: a restart, for now
         events = list(s.scalars(select(AuditEvent)))
         assert [(e.action, e.subject, e.detail["kind"]) for e in events] == [
-            ("worker.quarantine", "w1", "claim")]
+            ("worker.quarantine", "w1", "claim")
+        ]
         assert {n["node_ip"] for n in events[0].detail["nodes"]} == {"10.88.0.5", "192.0.2.66"}
     assert {d[0][0] for d in drained} == {"a", "b"}
     # the same two nodes on w2's address, past the grace: flagged

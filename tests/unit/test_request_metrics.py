@@ -86,7 +86,9 @@ def test_parse_sums_queued_and_ongoing_per_deployment() -> None:
 
 def test_series_ids_ignore_bucket_and_scope_labels_but_keep_the_process() -> None:
     before, after = reading("2-queued"), reading("3-after-proxy-restart")
-    assert set(before.counters) < set(after.counters)  # same ids for the old proxy, new ones for the new proxy
+    assert set(before.counters) < set(
+        after.counters
+    )  # same ids for the old proxy, new ones for the new proxy
     assert len(set(after.counters) - set(before.counters)) == 1
     other = reading("2-queued", target="10.88.0.2:44217")
     assert not set(other.counters) & set(before.counters)
@@ -144,7 +146,9 @@ def test_histogram_reset_and_bucket_deltas() -> None:
     prev = metrics.Hist({"10.0": 4, "100.0": 9, "+Inf": 10}, 10, 300.0)
     cur = metrics.Hist({"10.0": 5, "100.0": 12, "+Inf": 14}, 14, 420.0)
     d = metrics.hist_delta(prev, cur, baseline=False)
-    assert d is not None and d.buckets == {"10.0": 1, "100.0": 3, "+Inf": 4} and d.count == 4 and d.sum == 120.0
+    assert (
+        d is not None and d.buckets == {"10.0": 1, "100.0": 3, "+Inf": 4} and d.count == 4 and d.sum == 120.0
+    )
     restarted = metrics.Hist({"10.0": 1, "100.0": 2, "+Inf": 2}, 2, 30.0)
     assert metrics.hist_delta(prev, restarted, baseline=False) == restarted
     assert metrics.hist_delta(None, cur, baseline=True) is None
@@ -195,15 +199,18 @@ def test_prune_drops_rollups_and_cursors_past_retention(sessions) -> None:  # ty
 # percentiles
 
 
-@pytest.mark.parametrize(("q", "buckets", "want"), [
-    (0.5, {"10.0": 0, "20.0": 10, "+Inf": 10}, 15.0),  # inside the bucket, linearly
-    (0.5, {"10.0": 10, "+Inf": 10}, 5.0),  # the first bucket starts at 0
-    (0.99, {"10.0": 50, "100.0": 99, "+Inf": 100}, 100.0),
-    (0.99, {"10.0": 50, "100.0": 90, "+Inf": 100}, 100.0),  # in +Inf: the highest finite bound
-    (0.5, {"1.0": 0, "+Inf": 0}, None),  # no observations
-    (0.5, {}, None),
-    (0.5, {"10.0": 4}, None),  # no +Inf bucket: not a complete histogram
-])
+@pytest.mark.parametrize(
+    ("q", "buckets", "want"),
+    [
+        (0.5, {"10.0": 0, "20.0": 10, "+Inf": 10}, 15.0),  # inside the bucket, linearly
+        (0.5, {"10.0": 10, "+Inf": 10}, 5.0),  # the first bucket starts at 0
+        (0.99, {"10.0": 50, "100.0": 99, "+Inf": 100}, 100.0),
+        (0.99, {"10.0": 50, "100.0": 90, "+Inf": 100}, 100.0),  # in +Inf: the highest finite bound
+        (0.5, {"1.0": 0, "+Inf": 0}, None),  # no observations
+        (0.5, {}, None),
+        (0.5, {"10.0": 4}, None),  # no +Inf bucket: not a complete histogram
+    ],
+)
 def test_quantile_from_buckets(q: float, buckets: dict[str, float], want: float | None) -> None:
     got = metrics.quantile(q, buckets)
     assert got == want if want is None else math.isclose(got or -1, want)
@@ -222,22 +229,52 @@ def test_quantile_of_the_real_latency_histogram() -> None:
 def test_summary_today_last_hour_applications_and_series(sessions) -> None:  # type: ignore[no-untyped-def]
     now = datetime(2026, 11, 27, 9, 30, 0, tzinfo=UTC)
     with sessions() as s, s.begin():
-        s.add_all([
-            RequestMinute(minute=datetime(2026, 11, 26, 23, 50, tzinfo=UTC), application="echo", route="/echo",
-                          status_code="200", requests=7, latency_count=7, latency_sum_ms=70,
-                          latency_buckets={"10.0": 7, "+Inf": 7}),
-            RequestMinute(minute=datetime(2026, 11, 27, 8, 0, tzinfo=UTC), application="echo", route="/echo",
-                          status_code="200", requests=90, latency_count=90, latency_sum_ms=900,
-                          latency_buckets={"10.0": 90, "100.0": 90, "+Inf": 90}),
-            RequestMinute(minute=datetime(2026, 11, 27, 9, 10, tzinfo=UTC), application="echo", route="/echo",
-                          status_code="503", requests=4, latency_count=4, latency_sum_ms=400,
-                          latency_buckets={"10.0": 0, "100.0": 4, "+Inf": 4}),
-            RequestMinute(minute=datetime(2026, 11, 27, 9, 11, tzinfo=UTC), application="services",
-                          route="/api", status_code="404", requests=6, latency_count=6, latency_sum_ms=60,
-                          latency_buckets={"10.0": 6, "100.0": 6, "+Inf": 6}),
-            DeploymentLoad(application="echo", deployment="Echo", queued=3, ongoing=1, at=now),
-            DeploymentLoad(application="services", deployment="ocr", queued=2, ongoing=1, at=now),
-        ])
+        s.add_all(
+            [
+                RequestMinute(
+                    minute=datetime(2026, 11, 26, 23, 50, tzinfo=UTC),
+                    application="echo",
+                    route="/echo",
+                    status_code="200",
+                    requests=7,
+                    latency_count=7,
+                    latency_sum_ms=70,
+                    latency_buckets={"10.0": 7, "+Inf": 7},
+                ),
+                RequestMinute(
+                    minute=datetime(2026, 11, 27, 8, 0, tzinfo=UTC),
+                    application="echo",
+                    route="/echo",
+                    status_code="200",
+                    requests=90,
+                    latency_count=90,
+                    latency_sum_ms=900,
+                    latency_buckets={"10.0": 90, "100.0": 90, "+Inf": 90},
+                ),
+                RequestMinute(
+                    minute=datetime(2026, 11, 27, 9, 10, tzinfo=UTC),
+                    application="echo",
+                    route="/echo",
+                    status_code="503",
+                    requests=4,
+                    latency_count=4,
+                    latency_sum_ms=400,
+                    latency_buckets={"10.0": 0, "100.0": 4, "+Inf": 4},
+                ),
+                RequestMinute(
+                    minute=datetime(2026, 11, 27, 9, 11, tzinfo=UTC),
+                    application="services",
+                    route="/api",
+                    status_code="404",
+                    requests=6,
+                    latency_count=6,
+                    latency_sum_ms=60,
+                    latency_buckets={"10.0": 6, "100.0": 6, "+Inf": 6},
+                ),
+                DeploymentLoad(application="echo", deployment="Echo", queued=3, ongoing=1, at=now),
+                DeploymentLoad(application="services", deployment="ocr", queued=2, ongoing=1, at=now),
+            ]
+        )
     with sessions() as s:
         out = metrics.summary(s, None, now)
     assert out.day_start == datetime(2026, 11, 27, tzinfo=UTC)
@@ -264,8 +301,11 @@ def test_summary_today_last_hour_applications_and_series(sessions) -> None:  # t
 
 @pytest.fixture
 def client(tmp_path: Path) -> Iterator[TestClient]:
-    settings = Settings(database_url=f"sqlite:///{tmp_path / 'db.sqlite'}", data_dir=tmp_path,
-                        admin_key="rma_admin_" + "a" * 12 + "_" + "b" * 64)
+    settings = Settings(
+        database_url=f"sqlite:///{tmp_path / 'db.sqlite'}",
+        data_dir=tmp_path,
+        admin_key="rma_admin_" + "a" * 12 + "_" + "b" * 64,
+    )
     with TestClient(create_app(settings)) as c:
         yield c
 
@@ -283,7 +323,9 @@ def test_metrics_api_needs_an_admin_and_answers_the_figures(client: TestClient) 
     assert body["today"] == {"requests": 0, "errors_4xx": 0, "errors_5xx": 0, "p50_ms": None, "p99_ms": None}
     assert body["queues"] == [] and len(body["series"]["t"]) == 144
     assert body["collector"]["running"] is False
-    assert len(client.get("/api/admin/metrics?step_s=3600", headers=admin(client)).json()["series"]["t"]) == 24
+    assert (
+        len(client.get("/api/admin/metrics?step_s=3600", headers=admin(client)).json()["series"]["t"]) == 24
+    )
     for bad_step in ("7", "420", "abc"):
         bad = client.get(f"/api/admin/metrics?step_s={bad_step}", headers=admin(client))
         assert bad.status_code == 422 and "step_s" in bad.json()["error"]["message"], bad.text
@@ -302,24 +344,35 @@ EXTERNAL = re.compile(r"""(?:https?:)?//[a-z0-9.-]+|@import|url\(\s*['"]?(?:http
 
 
 def test_registry_page_loads_nothing_from_outside_and_the_chart_library_is_served(client: TestClient) -> None:
-    login = client.post("/registry/login", data={"admin_key": "rma_admin_" + "a" * 12 + "_" + "b" * 64},
-                        follow_redirects=False)
+    login = client.post(
+        "/registry/login",
+        data={"admin_key": "rma_admin_" + "a" * 12 + "_" + "b" * 64},
+        follow_redirects=False,
+    )
     assert login.status_code == 303
     page = client.get("/registry")
     assert page.status_code == 200 and 'id="requests"' in page.text and 'id="requests-chart"' in page.text
     refs = _Refs()
     refs.feed(page.text)
-    assert "/static/vendor/uplot/uPlot.iife.min.js" in refs.refs and "/static/vendor/uplot/uPlot.min.css" in refs.refs
+    assert (
+        "/static/vendor/uplot/uPlot.iife.min.js" in refs.refs
+        and "/static/vendor/uplot/uPlot.min.css" in refs.refs
+    )
     assert all(ref.startswith("/") and not ref.startswith("//") for ref in refs.refs), refs.refs
     assert not EXTERNAL.search(page.text.replace('href="/', "")), "the page names an outside URL"
     for path in ("registry.js", "registry.css", "vendor/uplot/uPlot.min.css"):
         assert not EXTERNAL.search((STATIC / path).read_text()), path
     js = (STATIC / "vendor/uplot/uPlot.iife.min.js").read_text()
     # the library's only URL is its banner comment; it fetches and imports nothing
-    assert EXTERNAL.findall(js) == ["https://github.com"] and js.startswith("/*! https://github.com/leeoniya/uPlot")
+    assert EXTERNAL.findall(js) == ["https://github.com"] and js.startswith(
+        "/*! https://github.com/leeoniya/uPlot"
+    )
     assert not re.search(r"\bfetch\(|XMLHttpRequest|importScripts|\bimport\(", js)
-    for path, kind in (("/static/vendor/uplot/uPlot.iife.min.js", "javascript"),
-                       ("/static/vendor/uplot/uPlot.min.css", "text/css"), ("/static/registry.js", "javascript")):
+    for path, kind in (
+        ("/static/vendor/uplot/uPlot.iife.min.js", "javascript"),
+        ("/static/vendor/uplot/uPlot.min.css", "text/css"),
+        ("/static/registry.js", "javascript"),
+    ):
         r = client.get(path)
         assert r.status_code == 200 and kind in r.headers["content-type"], path
     served = client.get("/static/vendor/uplot/uPlot.iife.min.js").content
@@ -331,10 +384,16 @@ def test_registry_page_loads_nothing_from_outside_and_the_chart_library_is_serve
 def test_the_vendored_library_ships_in_the_wheel() -> None:
     import tomllib
 
-    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["admission"]
-    vendored = [p.relative_to(ROOT / "admission").as_posix() for p in (STATIC / "vendor").rglob("*") if p.is_file()]
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"][
+        "admission"
+    ]
+    vendored = [
+        p.relative_to(ROOT / "admission").as_posix() for p in (STATIC / "vendor").rglob("*") if p.is_file()
+    ]
     assert {"static/vendor/uplot/uPlot.iife.min.js", "static/vendor/uplot/LICENSE"} <= set(vendored)
-    missing = [f for f in vendored if not any(fnmatch(f, pat) and f.count("/") == pat.count("/") for pat in patterns)]
+    missing = [
+        f for f in vendored if not any(fnmatch(f, pat) and f.count("/") == pat.count("/") for pat in patterns)
+    ]
     assert missing == [], f"package-data does not ship {missing}"
 
 
@@ -349,9 +408,18 @@ def test_summaries_are_computed_once_per_collector_pass(tmp_path: Path) -> None:
         assert metrics.cached_summary(s, collector) is first
         assert metrics.cached_summary(s, collector, step_s=3600) is not first
     with state.sessions() as s, s.begin():
-        s.add(RequestMinute(minute=datetime.now(UTC).replace(second=0, microsecond=0), application="echo",
-                            route="/echo", status_code="200", requests=3, latency_count=3, latency_sum_ms=3.0,
-                            latency_buckets={"10.0": 3, "+Inf": 3}))
+        s.add(
+            RequestMinute(
+                minute=datetime.now(UTC).replace(second=0, microsecond=0),
+                application="echo",
+                route="/echo",
+                status_code="200",
+                requests=3,
+                latency_count=3,
+                latency_sum_ms=3.0,
+                latency_buckets={"10.0": 3, "+Inf": 3},
+            )
+        )
     collector.view.passes += 1
     with state.sessions() as s:
         again = metrics.cached_summary(s, collector)
@@ -385,13 +453,21 @@ def test_a_collector_pass_over_http(tmp_path: Path) -> None:
     async def healthz(req: Request) -> PlainTextResponse:
         return PlainTextResponse("ok")
 
-    app = Starlette(routes=[Route("/api/prometheus/sd", sd), Route("/metrics", scrape), Route("/healthz", healthz)])
+    app = Starlette(
+        routes=[Route("/api/prometheus/sd", sd), Route("/metrics", scrape), Route("/healthz", healthz)]
+    )
     token = tmp_path / "cluster_token"
     token.write_text("t0ken-for-the-dashboard\n")
     with ServerThread(app) as ray:
         serving["host"] = ray.url.removeprefix("http://")
-        state = build_state(Settings(database_url=f"sqlite:///{tmp_path / 'db.sqlite'}", data_dir=tmp_path,
-                                     ray_dashboard_url=ray.url, ray_auth_token_file=token))
+        state = build_state(
+            Settings(
+                database_url=f"sqlite:///{tmp_path / 'db.sqlite'}",
+                data_dir=tmp_path,
+                ray_dashboard_url=ray.url,
+                ray_auth_token_file=token,
+            )
+        )
         prepare_database(state)
         collector = metrics.Collector(state, interval_s=1)
         assert collector.collect_once()["baseline"] == 1
@@ -405,5 +481,7 @@ def test_a_collector_pass_over_http(tmp_path: Path) -> None:
         out = metrics.summary(s, collector)
     assert out.today.requests == 13 and out.collector.running is False and out.collector.targets == 2
     # Ray's dashboard gone: the pass says so and writes nothing
-    assert collector.collect_once() == {} and "cannot list Ray's metrics endpoints" in (collector.view.error or "")
+    assert collector.collect_once() == {} and "cannot list Ray's metrics endpoints" in (
+        collector.view.error or ""
+    )
     state.engine.dispose()

@@ -13,8 +13,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-FORBIDDEN = {"rma_ray": {"admission", "deployments"}, "admission": {"deployments"},
-             "deployments": {"admission"}}
+FORBIDDEN = {
+    "rma_ray": {"admission", "deployments"},
+    "admission": {"deployments"},
+    "deployments": {"admission"},
+}
 
 
 def imported_roots(path: Path) -> set[str]:
@@ -32,7 +35,9 @@ def imported_roots(path: Path) -> set[str]:
 _PATH = re.compile(r"^(?:-m\s+)?([A-Za-z_]\w*)(?:(?:\.\w+)+(?::[\w.]*)?|:\w[\w.]*)$")
 _YAML_PATH = re.compile(r"^\s*-?\s*import_path:\s*[\"']?([A-Za-z_]\w*)[.:]", re.M)
 # strings not yet moved behind an entry point, each with the change that removes it (keep this list shrinking)
-ALLOWED = {("rma_ray/head.py", "deployments")}  # `python -m deployments up|down`: rma up runs the upper room as a child (JSON lines), never imports it
+ALLOWED = {
+    ("rma_ray/head.py", "deployments")
+}  # `python -m deployments up|down`: rma up runs the upper room as a child (JSON lines), never imports it
 
 
 def string_roots(path: Path) -> set[str]:
@@ -50,8 +55,12 @@ def string_roots(path: Path) -> set[str]:
                     roots.add(m[1])
         elif isinstance(node, ast.List | ast.Tuple):
             for flag, arg in zip(node.elts, node.elts[1:], strict=False):
-                if (isinstance(flag, ast.Constant) and flag.value == "-m" and isinstance(arg, ast.Constant)
-                        and isinstance(arg.value, str)):
+                if (
+                    isinstance(flag, ast.Constant)
+                    and flag.value == "-m"
+                    and isinstance(arg, ast.Constant)
+                    and isinstance(arg.value, str)
+                ):
                     roots.add(arg.value.split(".")[0])
     return roots
 
@@ -77,15 +86,18 @@ def test_room_imports(room: str) -> None:
     assert room_violations(room) == {}
 
 
-@pytest.mark.parametrize(("source", "roots"), [
-    ('pkgutil.resolve_name("admission.serve:serve")', {"admission"}),
-    ('pkgutil.resolve_name(f"admission.serve:{name}")', {"admission"}),
-    ('subprocess.run([sys.executable, "-m", "deployments", "up"])', {"deployments"}),
-    ('argv = ("-m deployments.stores",)', {"deployments"}),
-    ('uvicorn.run("admission.main:app")', {"admission"}),
-    ('app.add_typer(sub, name="admission")', set()),  # a name, not a path
-    ('log.info("admission refused: %s", why)', set()),
-])
+@pytest.mark.parametrize(
+    ("source", "roots"),
+    [
+        ('pkgutil.resolve_name("admission.serve:serve")', {"admission"}),
+        ('pkgutil.resolve_name(f"admission.serve:{name}")', {"admission"}),
+        ('subprocess.run([sys.executable, "-m", "deployments", "up"])', {"deployments"}),
+        ('argv = ("-m deployments.stores",)', {"deployments"}),
+        ('uvicorn.run("admission.main:app")', {"admission"}),
+        ('app.add_typer(sub, name="admission")', set()),  # a name, not a path
+        ('log.info("admission refused: %s", why)', set()),
+    ],
+)
 def test_string_import_paths_are_seen(tmp_path: Path, source: str, roots: set[str]) -> None:
     f = tmp_path / "m.py"
     f.write_text(source + "\n")

@@ -41,14 +41,21 @@ def test_no_app_imports_another_app(app: str) -> None:
     for file in sorted((ROOT / "deployments" / app).rglob("*.py")):
         for name in _imports(file):
             parts = name.split(".")
-            if (len(parts) >= 3 and parts[0] == "deployments" and parts[1] in APPS and parts[1] != app
-                    and parts[2] in APP_MODULES):
+            if (
+                len(parts) >= 3
+                and parts[0] == "deployments"
+                and parts[1] in APPS
+                and parts[1] != app
+                and parts[2] in APP_MODULES
+            ):
                 bad.append(f"{file.relative_to(ROOT)} imports {name}: use deployments.gateway")
     assert not bad, "\n".join(bad)
 
 
 def test_the_llm_replica_class_does_not_import_the_llm_app_back() -> None:
-    assert not {n for n in _imports(ROOT / "deployments/llm/server.py") if n.startswith("deployments.llm.app")}
+    assert not {
+        n for n in _imports(ROOT / "deployments/llm/server.py") if n.startswith("deployments.llm.app")
+    }
 
 
 def test_a_refusal_crosses_ray_as_itself() -> None:
@@ -88,7 +95,13 @@ def test_one_installer_answers_in_the_app_s_shape(shape: str) -> None:
     if shape == "pool":
         assert busy_r.json() == {"error": {"code": "overloaded", "message": "at capacity; retry shortly"}}
     else:
-        assert busy_r.json() == {"error": {"message": "at capacity; retry shortly", "type": "server_error",
-                                           "param": None, "code": "overloaded"}}
+        assert busy_r.json() == {
+            "error": {
+                "message": "at capacity; retry shortly",
+                "type": "server_error",
+                "param": None,
+                "code": "overloaded",
+            }
+        }
         assert key_r.json()["error"]["type"] == "authentication_error"
         assert body_r.json()["error"]["type"] == "invalid_request_error"

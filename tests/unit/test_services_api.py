@@ -37,8 +37,10 @@ class RecordingRag:
 
     def query(self, collection: str, query: str, top_k: int, missing_ok: bool) -> dict[str, Any]:
         self.calls.append(("query", collection))
-        return {"collection": collection, "results": [{"text": "t", "score": 0.9, "source": "s", "chunk": 0,
-                                                       "metadata": {}}]}
+        return {
+            "collection": collection,
+            "results": [{"text": "t", "score": 0.9, "source": "s", "chunk": 0, "metadata": {}}],
+        }
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +55,12 @@ def rag() -> RecordingRag:
 
 @pytest.fixture
 def client(ocr: Ocr, rag: RecordingRag) -> Iterator[TestClient]:
-    ring = {"keys": [{"id": ALICE.id, "hash": ALICE.hash, "name": "alice"},
-                     {"id": BOB.id, "hash": BOB.hash, "name": "bob"}]}
+    ring = {
+        "keys": [
+            {"id": ALICE.id, "hash": ALICE.hash, "name": "alice"},
+            {"id": BOB.id, "hash": BOB.hash, "name": "bob"},
+        ]
+    }
     verifier = ClientKeyVerifier(lambda: ring, refresh_s=3600)
     verifier.refresh()
     set_verifier(verifier)
@@ -93,41 +99,56 @@ def test_request_id_is_echoed_or_made(client: TestClient) -> None:
 
 
 def test_parse_a_pdf_and_a_docx_over_http(client: TestClient) -> None:
-    r = client.post("/documents/parse", headers=auth(),
-                    files={"file": ("r.pdf", samples.pdf(["Hello from page one"]), "application/pdf")})
+    r = client.post(
+        "/documents/parse",
+        headers=auth(),
+        files={"file": ("r.pdf", samples.pdf(["Hello from page one"]), "application/pdf")},
+    )
     assert r.status_code == 200, r.text
     assert r.json()["pages"][0]["text"] == "Hello from page one"
-    r = client.post("/documents/parse", headers=auth(),
-                    files={"file": ("m.docx", samples.docx(["Docx body"]), "application/octet-stream")})
+    r = client.post(
+        "/documents/parse",
+        headers=auth(),
+        files={"file": ("m.docx", samples.docx(["Docx body"]), "application/octet-stream")},
+    )
     assert r.status_code == 200 and r.json()["text"] == "Docx body"
 
 
-@pytest.mark.parametrize(("kwargs", "status", "code"), [
-    ({"json": {"x": 1}}, 422, "invalid_body"),
-    ({"content": b"raw", "headers": {"Content-Type": "application/pdf"}}, 415, "multipart_required"),
-    ({"files": {"other": ("a.txt", b"x", "text/plain")}}, 400, "missing_file"),
-    ({"files": {"file": ("a.pdf", b"not a pdf", "application/pdf")}}, 415, "type_mismatch"),
-    ({"files": {"file": ("a.txt", b"x" * (64 * 1024 + 1), "text/plain")}}, 413, "file_too_large"),
-    ({"content": b"x" * (200 * 1024), "headers": {"Content-Type": "text/plain"}}, 413, "body_too_large"),
-])
-def test_bad_uploads_are_clear_4xx(client: TestClient, kwargs: dict[str, Any], status: int, code: str) -> None:
+@pytest.mark.parametrize(
+    ("kwargs", "status", "code"),
+    [
+        ({"json": {"x": 1}}, 422, "invalid_body"),
+        ({"content": b"raw", "headers": {"Content-Type": "application/pdf"}}, 415, "multipart_required"),
+        ({"files": {"other": ("a.txt", b"x", "text/plain")}}, 400, "missing_file"),
+        ({"files": {"file": ("a.pdf", b"not a pdf", "application/pdf")}}, 415, "type_mismatch"),
+        ({"files": {"file": ("a.txt", b"x" * (64 * 1024 + 1), "text/plain")}}, 413, "file_too_large"),
+        ({"content": b"x" * (200 * 1024), "headers": {"Content-Type": "text/plain"}}, 413, "body_too_large"),
+    ],
+)
+def test_bad_uploads_are_clear_4xx(
+    client: TestClient, kwargs: dict[str, Any], status: int, code: str
+) -> None:
     headers = {**auth(), **kwargs.pop("headers", {})}
     r = client.post("/documents/parse", headers=headers, **kwargs)
     assert r.status_code == status, r.text
     assert r.json()["error"]["code"] == code and r.json()["error"]["message"]
 
 
-@pytest.mark.parametrize(("path", "body", "fragment"), [
-    ("/graph/extract", {}, "text"),
-    ("/graph/extract", {"text": "x", "bogus": 1}, "bogus"),
-    ("/graph/query", {"entity": "   "}, "entity"),
-    ("/rag/query", {"query": "q", "top_k": 0}, "top_k"),
-    ("/rag/query", {"query": "q", "collection": "../etc"}, "collection"),
-    ("/rag/ingest", {"text": "a", "documents": [{"text": "b"}]}, "exactly one"),
-    ("/notes", {"title": ""}, "title"),
-])
-def test_bad_json_is_a_422_that_names_the_field(client: TestClient, path: str, body: dict[str, Any],
-                                                fragment: str) -> None:
+@pytest.mark.parametrize(
+    ("path", "body", "fragment"),
+    [
+        ("/graph/extract", {}, "text"),
+        ("/graph/extract", {"text": "x", "bogus": 1}, "bogus"),
+        ("/graph/query", {"entity": "   "}, "entity"),
+        ("/rag/query", {"query": "q", "top_k": 0}, "top_k"),
+        ("/rag/query", {"query": "q", "collection": "../etc"}, "collection"),
+        ("/rag/ingest", {"text": "a", "documents": [{"text": "b"}]}, "exactly one"),
+        ("/notes", {"title": ""}, "title"),
+    ],
+)
+def test_bad_json_is_a_422_that_names_the_field(
+    client: TestClient, path: str, body: dict[str, Any], fragment: str
+) -> None:
     r = client.post(path, json=body, headers=auth())
     assert r.status_code in (400, 422), r.text
     assert fragment in r.json()["error"]["message"]
@@ -143,13 +164,18 @@ def test_not_json_and_unknown_routes(client: TestClient) -> None:
 def test_a_key_reaches_only_its_own_clients_collection(client: TestClient, rag: RecordingRag) -> None:
     r = client.post("/clients/alice/rag/ingest", json={"text": "alice's secret"}, headers=auth(ALICE))
     assert r.status_code == 200 and r.json()["collection"] == "client-alice"
-    for path, body in (("/clients/alice/rag/query", {"query": "secret", "answer": False}),
-                       ("/clients/alice/rag/ingest", {"text": "bob writes"})):
+    for path, body in (
+        ("/clients/alice/rag/query", {"query": "secret", "answer": False}),
+        ("/clients/alice/rag/ingest", {"text": "bob writes"}),
+    ):
         r = client.post(path, json=body, headers=auth(BOB))
         assert r.status_code == 403 and r.json()["error"]["code"] == "not_your_client"
     # the shared routes can never name a client collection: their names live under pub-
-    r = client.post("/rag/query", json={"query": "secret", "collection": "client-alice", "answer": False},
-                    headers=auth(BOB))
+    r = client.post(
+        "/rag/query",
+        json={"query": "secret", "collection": "client-alice", "answer": False},
+        headers=auth(BOB),
+    )
     assert r.status_code == 200 and r.json()["collection"] == "pub-client-alice"
     assert ("query", "client-alice") not in rag.calls and ("ingest", "client-alice") in rag.calls
 

@@ -20,8 +20,9 @@ def ocr() -> Ocr:
     return Ocr()
 
 
-def parse(data: bytes, filename: str | None, content_type: str | None, ocr: Ocr | None = None,
-          mode: str = "auto") -> dict[str, Any]:
+def parse(
+    data: bytes, filename: str | None, content_type: str | None, ocr: Ocr | None = None, mode: str = "auto"
+) -> dict[str, Any]:
     async def image(b: bytes) -> dict[str, Any]:
         assert ocr is not None, "this document should not need OCR"
         return await asyncio.to_thread(ocr.image, b)
@@ -43,17 +44,27 @@ def test_pdf_pages_text_and_metadata() -> None:
 
 
 def test_docx_paragraphs_tables_and_title() -> None:
-    data = samples.docx(["First paragraph.", "Second paragraph."], table=[["Name", "Role"], ["Ada", "Engineer"]],
-                        title="Minutes")
+    data = samples.docx(
+        ["First paragraph.", "Second paragraph."],
+        table=[["Name", "Role"], ["Ada", "Engineer"]],
+        title="Minutes",
+    )
     out = parse(data, "m.docx", None)  # no declared type: told from the bytes
     assert out["content_type"] == d.DOCX
-    assert out["text"].splitlines() == ["First paragraph.", "Second paragraph.", "Name | Role", "Ada | Engineer"]
+    assert out["text"].splitlines() == [
+        "First paragraph.",
+        "Second paragraph.",
+        "Name | Role",
+        "Ada | Engineer",
+    ]
     assert out["metadata"]["title"] == "Minutes" and out["metadata"]["tables"] == 1
 
 
 def test_html_drops_scripts_and_keeps_title() -> None:
-    html = b"<!doctype html><html><head><title>Plan</title><script>var x=1;</script><style>p{}</style></head>" \
-           b"<body><h1>Roadmap</h1><p>Ship &amp; test.</p></body></html>"
+    html = (
+        b"<!doctype html><html><head><title>Plan</title><script>var x=1;</script><style>p{}</style></head>"
+        b"<body><h1>Roadmap</h1><p>Ship &amp; test.</p></body></html>"
+    )
     out = parse(html, "plan.html", "text/html; charset=utf-8")
     assert out["content_type"] == d.HTML and out["metadata"]["title"] == "Plan"
     assert out["text"].splitlines() == ["Plan", "Roadmap", "Ship & test."]
@@ -99,17 +110,22 @@ def test_ocr_document_reads_every_pdf_page(ocr: Ocr) -> None:
     assert exc.value.status == 415 and "documents/parse" in exc.value.message
 
 
-@pytest.mark.parametrize(("data", "filename", "ctype", "status", "code"), [
-    (b"", "e.txt", "text/plain", 400, "empty_file"),
-    (b"%PDF-1.4 not really a pdf", "x.pdf", "application/pdf", 422, "unreadable_pdf"),
-    (b"plain words", "x.pdf", "application/pdf", 415, "type_mismatch"),
-    (b"\x89PNG\r\n\x1a\n" + b"\x00" * 32, "x.txt", "text/plain", 415, "type_mismatch"),
-    (b"PK\x03\x04" + b"\x00" * 40, "x.zip", "application/zip", 415, "unsupported_type"),
-    (b"\xff\xfe\x00\x01binary\x00", "x.bin", None, 415, "unsupported_type"),
-    (b"caf\xe9 latin-1", "x.txt", "text/plain", 415, "not_utf8"),
-    (b"hello", "x.txt", "application/json", 415, "unsupported_type"),
-])
-def test_bad_input_is_a_clear_4xx(data: bytes, filename: str, ctype: str | None, status: int, code: str) -> None:
+@pytest.mark.parametrize(
+    ("data", "filename", "ctype", "status", "code"),
+    [
+        (b"", "e.txt", "text/plain", 400, "empty_file"),
+        (b"%PDF-1.4 not really a pdf", "x.pdf", "application/pdf", 422, "unreadable_pdf"),
+        (b"plain words", "x.pdf", "application/pdf", 415, "type_mismatch"),
+        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 32, "x.txt", "text/plain", 415, "type_mismatch"),
+        (b"PK\x03\x04" + b"\x00" * 40, "x.zip", "application/zip", 415, "unsupported_type"),
+        (b"\xff\xfe\x00\x01binary\x00", "x.bin", None, 415, "unsupported_type"),
+        (b"caf\xe9 latin-1", "x.txt", "text/plain", 415, "not_utf8"),
+        (b"hello", "x.txt", "application/json", 415, "unsupported_type"),
+    ],
+)
+def test_bad_input_is_a_clear_4xx(
+    data: bytes, filename: str, ctype: str | None, status: int, code: str
+) -> None:
     with pytest.raises(Refusal) as exc:
         parse(data, filename, ctype)
     assert (exc.value.status, exc.value.code) == (status, code)

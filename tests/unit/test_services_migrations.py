@@ -34,8 +34,10 @@ def test_a_database_made_by_create_all_is_adopted(postgres: Postgres) -> None:
     try:
         Base.metadata.create_all(engine)
         with engine.begin() as c:
-            c.exec_driver_sql("INSERT INTO notes (owner, title, body, tags, created_at, updated_at) "
-                              "VALUES ('a', 't', 'b', '[]', now(), now())")
+            c.exec_driver_sql(
+                "INSERT INTO notes (owner, title, body, tags, created_at, updated_at) "
+                "VALUES ('a', 't', 'b', '[]', now(), now())"
+            )
         with engine.begin() as c:
             migrate.upgrade(c)
         with engine.connect() as c:

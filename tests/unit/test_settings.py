@@ -4,7 +4,6 @@ import stat
 from pathlib import Path
 
 import pytest
-
 from pydantic import ValidationError
 
 from rma_ray.settings import Settings

@@ -29,7 +29,7 @@ def test_image_is_local_non_root_health_checked_and_secret_free(store: str) -> N
     text = (IMAGES / store / "Dockerfile").read_text()
     froms = re.findall(r"^FROM (\S+)", text, re.M)
     assert froms and all(f == "rma-base:bookworm" for f in froms)  # never a registry pull
-    final = text[text.rindex("\nFROM "):]
+    final = text[text.rindex("\nFROM ") :]
     assert re.search(rf"^USER {SPECS[store].uid}:{SPECS[store].uid}$", final, re.M)
     assert re.search(r"^HEALTHCHECK ", final, re.M)
     assert not re.search(r"(?i)(password|secret|token)\s*=", text)
@@ -37,8 +37,15 @@ def test_image_is_local_non_root_health_checked_and_secret_free(store: str) -> N
 
 
 def test_importing_the_runtime_does_not_import_the_docker_sdk() -> None:
-    code = ("import sys, deployments.stores.runtime as r, deployments.stores.docker_runtime as d; "
-            "assert 'docker' not in sys.modules, 'docker imported eagerly'")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                       cwd=Path(__file__).resolve().parents[2])
+    code = (
+        "import sys, deployments.stores.runtime as r, deployments.stores.docker_runtime as d; "
+        "assert 'docker' not in sys.modules, 'docker imported eagerly'"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     assert r.returncode == 0, r.stderr

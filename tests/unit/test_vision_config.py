@@ -35,13 +35,17 @@ def test_vision_models_are_chosen_apart_from_chat_models() -> None:
         choose_vision(0)
 
 
-needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
-                                reason="the LLM stack is not installed: run scripts/install-llm.sh")
+needs_vllm = pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None,
+    reason="the LLM stack is not installed: run scripts/install-llm.sh",
+)
 
 
 @needs_vllm
 def test_vllm_backend_config_for_a_gpu_donor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("RMA_LLM_MODEL_SOURCE", "/somewhere/the-chat-model")  # the chat model's, never the vision's
+    monkeypatch.setenv(
+        "RMA_LLM_MODEL_SOURCE", "/somewhere/the-chat-model"
+    )  # the chat model's, never the vision's
     s = VisionSettings(backend="vllm", gpu_memory_mb=24_576, accelerator_type="A10G")
     c = s.vllm_config()
     assert c.model_id == "qwen2.5-vl-7b-instruct-awq"
@@ -58,8 +62,13 @@ def test_vllm_backend_refuses_a_text_model() -> None:
 
 
 def test_reconciler_quarantines_a_node_claiming_ollama_it_did_not_register() -> None:
-    w = Worker(id="w1", tier="service", trusted=False, capabilities={"ram_mb": 24_000, "gpus": []},
-               labels={"rma.io/tier": "service", "rma.io/node": "w1", "rma.io/trusted": "false"})
+    w = Worker(
+        id="w1",
+        tier="service",
+        trusted=False,
+        capabilities={"ram_mb": 24_000, "gpus": []},
+        labels={"rma.io/tier": "service", "rma.io/node": "w1", "rma.io/trusted": "false"},
+    )
     node = {"labels": {**w.labels}, "resources_total": {"CPU": 2}}
     assert mismatch(w, node) is None
     node["labels"]["rma.io/ollama"] = "true"

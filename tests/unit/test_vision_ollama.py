@@ -34,8 +34,17 @@ def fake() -> Iterator[FakeOllamaServer]:
 def vinput(model: str | None = None, max_tokens: int = 64, system: str | None = None) -> VisionInput:
     buf = io.BytesIO()
     Image.new("RGB", (64, 48), (0, 90, 200)).save(buf, format="PNG")
-    return VisionInput(image=buf.getvalue(), mime="image/png", width=64, height=48, prompt="What colour is it?",
-                       model=model, system=system, max_tokens=max_tokens, temperature=0.0)
+    return VisionInput(
+        image=buf.getvalue(),
+        mime="image/png",
+        width=64,
+        height=48,
+        prompt="What colour is it?",
+        model=model,
+        system=system,
+        max_tokens=max_tokens,
+        temperature=0.0,
+    )
 
 
 def run(coro: Any) -> Any:
@@ -57,14 +66,17 @@ def test_probe_without_a_server_reports_none_quickly() -> None:
     assert capabilities.from_readings(raw).ollama is None
 
 
-def test_probe_uses_ollama_host_like_the_client(fake: FakeOllamaServer, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_probe_uses_ollama_host_like_the_client(
+    fake: FakeOllamaServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("OLLAMA_HOST", fake.url)
     assert capabilities.ollama_url() == fake.url
     assert capabilities.probe().ollama is not None
 
 
-def test_labels_carry_ollama_only_with_a_vision_model(fake: FakeOllamaServer,
-                                                      hardware_fixtures: dict[str, Any]) -> None:
+def test_labels_carry_ollama_only_with_a_vision_model(
+    fake: FakeOllamaServer, hardware_fixtures: dict[str, Any]
+) -> None:
     raw = dict(hardware_fixtures["h200-16cpu-128g"])
     raw["ollama"] = capabilities.read_raw(ollama_host=fake.url)["ollama"]
     caps = capabilities.from_readings(raw)
@@ -72,7 +84,9 @@ def test_labels_carry_ollama_only_with_a_vision_model(fake: FakeOllamaServer,
     assert tiers.node_labels(Tier.GPU, "w1", False, caps)[LABEL_OLLAMA] == "true"
     text_only = caps.model_copy(update={"ollama": caps.ollama.model_copy(update={"vision_models": []})})
     assert LABEL_OLLAMA not in tiers.node_labels(Tier.GPU, "w1", False, text_only)
-    assert LABEL_OLLAMA not in tiers.node_labels(Tier.GPU, "w1", False, caps.model_copy(update={"ollama": None}))
+    assert LABEL_OLLAMA not in tiers.node_labels(
+        Tier.GPU, "w1", False, caps.model_copy(update={"ollama": None})
+    )
     # what a donor sends over the wire (model_dump -> JSON) keeps it
     again = capabilities.Capabilities.model_validate(caps.model_dump(mode="json"))
     assert again.ollama == caps.ollama
@@ -99,8 +113,10 @@ def test_length_cutoff_is_finish_reason_length(fake: FakeOllamaServer) -> None:
 
 def test_model_choice(fake: FakeOllamaServer) -> None:
     assert run(OllamaVision(fake.url).describe(vinput(model="bakllava")))["model"] == "bakllava:latest"
-    assert run(OllamaVision(fake.url, default_model="bakllava:latest").describe(vinput()))["model"] == \
-        "bakllava:latest"
+    assert (
+        run(OllamaVision(fake.url, default_model="bakllava:latest").describe(vinput()))["model"]
+        == "bakllava:latest"
+    )
     for name in ("llama3.2:1b", "gpt-4o"):  # a text-only model of that server, a model it does not have
         with pytest.raises(Refusal) as exc:
             run(OllamaVision(fake.url).describe(vinput(model=name)))
@@ -112,7 +128,11 @@ def test_no_vision_model_and_no_server_are_503() -> None:
     with FakeOllamaServer(models={"llama3.2:1b": (["completion"], ["llama"])}) as only_text:
         with pytest.raises(Refusal) as exc:
             run(OllamaVision(only_text.url).describe(vinput()))
-        assert exc.value.status == 503 and exc.value.code == "no_vision_model" and "ollama pull" in exc.value.message
+        assert (
+            exc.value.status == 503
+            and exc.value.code == "no_vision_model"
+            and "ollama pull" in exc.value.message
+        )
     with pytest.raises(Refusal) as exc:
         run(OllamaVision(f"http://127.0.0.1:{free_port()}").describe(vinput()))
     assert exc.value.status == 503 and exc.value.code == "ollama_unreachable"
@@ -135,9 +155,18 @@ def test_openai_messages_for_the_vllm_backend() -> None:
     class Resp:
         model = "qwen2.5-vl-7b-instruct-awq"
         usage = Usage()
-        choices = [type("C", (), {"finish_reason": "length",
-                                  "message": type("M", (), {"content": "A blue square."})()})()]
+        choices = [
+            type(
+                "C",
+                (),
+                {"finish_reason": "length", "message": type("M", (), {"content": "A blue square."})()},
+            )()
+        ]
 
-    assert from_chat_response(Resp()) == {"text": "A blue square.", "model": "qwen2.5-vl-7b-instruct-awq",
-                                          "finish_reason": "length", "usage": Usage().model_dump(),
-                                          "backend": "vllm"}
+    assert from_chat_response(Resp()) == {
+        "text": "A blue square.",
+        "model": "qwen2.5-vl-7b-instruct-awq",
+        "finish_reason": "length",
+        "usage": Usage().model_dump(),
+        "backend": "vllm",
+    }

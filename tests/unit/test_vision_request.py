@@ -32,8 +32,15 @@ def client() -> TestClient:
     @app.post("/")
     async def route(request: Request) -> dict[str, Any]:
         inp = await parse_request(request, LIMITS)
-        return {"mime": inp.mime, "width": inp.width, "height": inp.height, "prompt": inp.prompt, "model": inp.model,
-                "max_tokens": inp.max_tokens, "size": len(inp.image)}
+        return {
+            "mime": inp.mime,
+            "width": inp.width,
+            "height": inp.height,
+            "prompt": inp.prompt,
+            "model": inp.model,
+            "max_tokens": inp.max_tokens,
+            "size": len(inp.image),
+        }
 
     return TestClient(app)
 
@@ -48,11 +55,21 @@ def error(r: Any, status: int, code: str) -> str:
 @pytest.mark.parametrize("fmt,mime", [("PNG", "image/png"), ("JPEG", "image/jpeg"), ("WEBP", "image/webp")])
 def test_multipart_with_each_accepted_format(client: TestClient, fmt: str, mime: str) -> None:
     data = image_bytes(fmt)
-    r = client.post("/", files={"image": (f"x.{fmt.lower()}", data, mime)},
-                    data={"prompt": "What is in the picture?", "max_tokens": "64", "model": "llava:7b"})
+    r = client.post(
+        "/",
+        files={"image": (f"x.{fmt.lower()}", data, mime)},
+        data={"prompt": "What is in the picture?", "max_tokens": "64", "model": "llava:7b"},
+    )
     assert r.status_code == 200, r.text
-    assert r.json() == {"mime": mime, "width": 64, "height": 48, "prompt": "What is in the picture?",
-                        "model": "llava:7b", "max_tokens": 64, "size": len(data)}
+    assert r.json() == {
+        "mime": mime,
+        "width": 64,
+        "height": 48,
+        "prompt": "What is in the picture?",
+        "model": "llava:7b",
+        "max_tokens": 64,
+        "size": len(data),
+    }
 
 
 def test_json_with_base64_and_with_a_data_url(client: TestClient) -> None:
@@ -75,59 +92,114 @@ def test_multipart_may_carry_the_image_as_base64_text(client: TestClient) -> Non
 def test_missing_or_bad_fields_are_422_naming_the_field(client: TestClient) -> None:
     png = image_bytes()
     assert "image" in error(client.post("/", files={"prompt": (None, "hi")}), 422, "invalid_request")
-    assert "prompt" in error(client.post("/", files={"image": ("a.png", png, "image/png")}), 422, "invalid_request")
-    assert "prompt" in error(client.post("/", json={"image": base64.b64encode(png).decode()}), 422, "invalid_request")
-    assert "max_tokens" in error(client.post("/", json={"image": base64.b64encode(png).decode(), "prompt": "x",
-                                                        "max_tokens": 10_000}), 422, "invalid_request")
-    assert "temperature" in error(client.post("/", json={"image": base64.b64encode(png).decode(), "prompt": "x",
-                                                         "temperature": 5}), 422, "invalid_request")
-    assert "prompt" in error(client.post("/", json={"image": base64.b64encode(png).decode(), "prompt": "x" * 101}),
-                             422, "invalid_request")
-    assert "unknown field" in error(client.post("/", json={"image": "aGk=", "prompt": "x", "colour": "red"}),
-                                    422, "invalid_request")
-    error(client.post("/", files={"image": ("a.png", png, "image/png"), "prompt": (None, "x"),
-                                  "other": ("b.png", png, "image/png")}), 400, "invalid_form")  # a second file
+    assert "prompt" in error(
+        client.post("/", files={"image": ("a.png", png, "image/png")}), 422, "invalid_request"
+    )
+    assert "prompt" in error(
+        client.post("/", json={"image": base64.b64encode(png).decode()}), 422, "invalid_request"
+    )
+    assert "max_tokens" in error(
+        client.post("/", json={"image": base64.b64encode(png).decode(), "prompt": "x", "max_tokens": 10_000}),
+        422,
+        "invalid_request",
+    )
+    assert "temperature" in error(
+        client.post("/", json={"image": base64.b64encode(png).decode(), "prompt": "x", "temperature": 5}),
+        422,
+        "invalid_request",
+    )
+    assert "prompt" in error(
+        client.post("/", json={"image": base64.b64encode(png).decode(), "prompt": "x" * 101}),
+        422,
+        "invalid_request",
+    )
+    assert "unknown field" in error(
+        client.post("/", json={"image": "aGk=", "prompt": "x", "colour": "red"}), 422, "invalid_request"
+    )
+    error(
+        client.post(
+            "/",
+            files={
+                "image": ("a.png", png, "image/png"),
+                "prompt": (None, "x"),
+                "other": ("b.png", png, "image/png"),
+            },
+        ),
+        400,
+        "invalid_form",
+    )  # a second file
 
 
 def test_bad_json_and_bad_base64_are_400(client: TestClient) -> None:
-    error(client.post("/", content=b"{not json", headers={"content-type": "application/json"}), 400, "invalid_json")
+    error(
+        client.post("/", content=b"{not json", headers={"content-type": "application/json"}),
+        400,
+        "invalid_json",
+    )
     error(client.post("/", json=["image", "prompt"]), 422, "invalid_request")
-    assert "base64" in error(client.post("/", json={"image": "not base64 !!", "prompt": "x"}), 400, "invalid_image")
-    assert "data: URL" in error(client.post("/", json={"image": "data:image/png,rawbytes", "prompt": "x"}),
-                                400, "invalid_image")
+    assert "base64" in error(
+        client.post("/", json={"image": "not base64 !!", "prompt": "x"}), 400, "invalid_image"
+    )
+    assert "data: URL" in error(
+        client.post("/", json={"image": "data:image/png,rawbytes", "prompt": "x"}), 400, "invalid_image"
+    )
 
 
 def test_wrong_type_and_corrupt_images(client: TestClient) -> None:
     gif = image_bytes("GIF")
-    assert "GIF" in error(client.post("/", files={"image": ("a.gif", gif, "image/gif"), "prompt": (None, "x")}),
-                          415, "unsupported_image_type")
+    assert "GIF" in error(
+        client.post("/", files={"image": ("a.gif", gif, "image/gif"), "prompt": (None, "x")}),
+        415,
+        "unsupported_image_type",
+    )
     pdf = b"%PDF-1.4\n" + b"0" * 100
-    error(client.post("/", files={"image": ("a.pdf", pdf, "application/pdf"), "prompt": (None, "x")}),
-          415, "unsupported_image_type")
+    error(
+        client.post("/", files={"image": ("a.pdf", pdf, "application/pdf"), "prompt": (None, "x")}),
+        415,
+        "unsupported_image_type",
+    )
     truncated = image_bytes("PNG", (300, 300))[:200]
-    error(client.post("/", files={"image": ("t.png", truncated, "image/png"), "prompt": (None, "x")}),
-          400, "invalid_image")
-    error(client.post("/", files={"image": ("e.png", b"", "image/png"), "prompt": (None, "x")}), 400, "invalid_image")
+    error(
+        client.post("/", files={"image": ("t.png", truncated, "image/png"), "prompt": (None, "x")}),
+        400,
+        "invalid_image",
+    )
+    error(
+        client.post("/", files={"image": ("e.png", b"", "image/png"), "prompt": (None, "x")}),
+        400,
+        "invalid_image",
+    )
 
 
 def test_size_and_pixel_limits_are_413(client: TestClient) -> None:
     big = image_bytes("PNG", (1200, 1000))  # 1.2 MP > 1 MP, small file (one colour)
     assert len(big) < LIMITS.max_image_bytes
-    assert "1200x1000" in error(client.post("/", files={"image": ("b.png", big, "image/png"),
-                                                        "prompt": (None, "x")}), 413, "image_too_large")
+    assert "1200x1000" in error(
+        client.post("/", files={"image": ("b.png", big, "image/png"), "prompt": (None, "x")}),
+        413,
+        "image_too_large",
+    )
     noisy = Image.frombytes("RGB", (300, 300), bytes(range(256)) * 1055)  # ~270 KB as PNG
     buf = io.BytesIO()
     noisy.save(buf, format="PNG", compress_level=0)
     assert LIMITS.max_image_bytes < len(buf.getvalue()) < LIMITS.max_body_bytes()
-    assert "limit is 200000 bytes" in error(client.post("/", files={"image": ("n.png", buf.getvalue(), "image/png"),
-                                                                    "prompt": (None, "x")}), 413, "image_too_large")
+    assert "limit is 200000 bytes" in error(
+        client.post("/", files={"image": ("n.png", buf.getvalue(), "image/png"), "prompt": (None, "x")}),
+        413,
+        "image_too_large",
+    )
     huge = b"0" * (LIMITS.max_body_bytes() + 1)
-    error(client.post("/", content=huge, headers={"content-type": "application/json"}), 413, "request_too_large")
+    error(
+        client.post("/", content=huge, headers={"content-type": "application/json"}), 413, "request_too_large"
+    )
 
 
 def test_other_content_types_are_415(client: TestClient) -> None:
-    error(client.post("/", content=image_bytes(), headers={"content-type": "image/png"}), 415,
-          "unsupported_media_type")
+    error(
+        client.post("/", content=image_bytes(), headers={"content-type": "image/png"}),
+        415,
+        "unsupported_media_type",
+    )
 
 
 def test_helpers_directly() -> None:

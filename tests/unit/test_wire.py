@@ -15,11 +15,21 @@ from rma_ray.capabilities import Capabilities
 from rma_ray.client import AdmissionClient, AdmissionError
 from rma_ray.settings import Settings
 
-CAPS = Capabilities.model_validate({"cpu_cores": 2, "ram_mb": 24105, "disk_free_gb": 70.0, "os": "Linux",
-                                    "hostname": "donor", "gpus": []})
-REPLY = {"worker_id": "a1b2c3d4e5f6", "tier": "service", "tier_number": 2, "trusted": False,
-         "labels": {"rma.io/tier": "service"}, "heartbeat_interval_s": 3, "node_token": "rma_node_x",
-         "ray": {"address": "10.0.0.1:6380", "auth_token": "t"}, "overlay": None, "added_later": 1}
+CAPS = Capabilities.model_validate(
+    {"cpu_cores": 2, "ram_mb": 24105, "disk_free_gb": 70.0, "os": "Linux", "hostname": "donor", "gpus": []}
+)
+REPLY = {
+    "worker_id": "a1b2c3d4e5f6",
+    "tier": "service",
+    "tier_number": 2,
+    "trusted": False,
+    "labels": {"rma.io/tier": "service"},
+    "heartbeat_interval_s": 3,
+    "node_token": "rma_node_x",
+    "ray": {"address": "10.0.0.1:6380", "auth_token": "t"},
+    "overlay": None,
+    "added_later": 1,
+}
 
 
 def client_answering(reply: object, seen: list[httpx.Request]) -> AdmissionClient:

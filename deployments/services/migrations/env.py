@@ -13,7 +13,9 @@ target_metadata = Base.metadata
 def run() -> None:
     conn = context.config.attributes.get("connection")
     if conn is None:
-        raise SystemExit("run the services' migrations through deployments.services.migrate.upgrade(connection)")
+        raise SystemExit(
+            "run the services' migrations through deployments.services.migrate.upgrade(connection)"
+        )
     context.configure(connection=conn, target_metadata=target_metadata)
     with context.begin_transaction():
         context.run_migrations()
