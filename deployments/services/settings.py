@@ -47,8 +47,7 @@ class ServicesSettings(BaseSettings):
     # the gateway is async and only waits on handles: it can hold many requests; the CPU-bound deployments
     # (parse, OCR, embeddings, NER) are kept near their core count so that a queue forms where it can be bounded
     # two gateway replicas from the start: on a 2-core box one replica's event loop is the ceiling of the whole
-    # API (bench.services, HAProxy mode: 0.33-0.51x of plain uvicorn with one, 0.41-0.73x with two, over three
-    # runs on a shared box), and a replica that dies leaves one
+    # API (two beat one in `bench.services --part gateway`: bench/README.md), and a replica that dies leaves one
     gateway: Limits = Field(
         default_factory=lambda: Limits(
             max_ongoing_requests=256,
