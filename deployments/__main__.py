@@ -35,7 +35,6 @@ import contextlib
 import json
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +94,13 @@ def stores_up(stores: list[str], runtime: str, on: str, wait_s: float, ports: di
                 st = ray.get(actor.status.remote(), timeout=5)
             except ray.exceptions.GetTimeoutError:
                 continue  # not placed yet (no node matches) or still constructing
+            except ray.exceptions.ActorUnavailableError:
+                continue  # Ray is restarting the supervisor
+            except ray.exceptions.RayError as exc:  # it died for good: say so now, not after wait_s
+                pending.pop(store)
+                failed += 1
+                emit(store=store, status="failed", error=f"its supervisor died: {exc}"[:500], where=where)
+                continue
             if st["status"] in ("ready", "failed"):
                 pending.pop(store)
                 failed += st["status"] == "failed"
@@ -282,22 +288,26 @@ def apps_up(groups: list[str], dash: Dashboard, http: dict[str, Any], wait_s: fl
     """Apply `groups` one after the other; one line per app. Returns how many did not run."""
     from deployments import serve_config
 
-    specs = {g: serve_config.group_apps([g]) for g in groups}
-    services_args = next((a.args for a in specs.get("services", []) if a.builder == "services_app"), {})
-    before: dict[str, Callable[[], Any]] = {
-        "llm": prepare_llm,
-        "vision": check_vision,
-        "services": lambda: migrate_services(services_args),
-    }
+    names_of = {
+        g: [a.name for a in serve_config.group_apps([g], profile="gpu")] for g in groups
+    }  # no env read
     applied: list[serve_config.AppSpec] = []
-    others = dash.declared({a.name for g in specs.values() for a in g})
+    others = dash.declared({n for names in names_of.values() for n in names})
+    specs: dict[str, list[serve_config.AppSpec]] = {}
     failed = 0
     for group in groups:
-        names = [a.name for a in specs[group]]
+        names = names_of[group]
         t0 = time.monotonic()
         try:
-            if group in before:
-                before[group]()
+            specs[group] = serve_config.group_apps(
+                [group]
+            )  # its RMA_* settings: a bad one fails this app only
+            if group == "llm":
+                prepare_llm()
+            elif group == "vision":
+                check_vision()
+            elif group == "services":
+                migrate_services(next(a.args for a in specs[group] if a.builder == "services_app"))
             config = serve_config.apply_config(applied + specs[group], http)
             config["applications"] = others + config["applications"]
             dash.apply(config)

@@ -183,13 +183,16 @@ def vision_backend_app(args: dict[str, Any]) -> Any:
     return build_backend_app(VisionSettings(**(args or {})))
 
 
-def apps(profile: str = "gpu") -> tuple[AppSpec, ...]:
-    """Every Serve app of the pool with the args of `profile` (gpu: the checked-in files; embedded: up)."""
+def apps(profile: str = "gpu", builders: set[str] | None = None) -> tuple[AppSpec, ...]:
+    """Every Serve app of the pool (or those of `builders`) with the args of `profile` (gpu: the checked-in
+    files; embedded: up). Only the settings of the apps asked for are read from the environment, so that a bad
+    `RMA_VISION_*` value fails the vision app alone."""
     if profile == "embedded":  # the profile's args, and over them what the environment sets
         embedded = _embedded_args()
         return tuple(
             AppSpec(a.name, a.route_prefix, a.builder, {**embedded.get(a.builder, {}), **env_args(a.builder)})
             for a in apps()
+            if builders is None or a.builder in builders
         )
     if profile != "gpu":
         raise ValueError(f"unknown profile {profile!r}; use one of {', '.join(PROFILES)}")
@@ -282,7 +285,8 @@ def group_apps(groups: list[str] | tuple[str, ...], profile: str = "embedded") -
     unknown = [g for g in groups if g not in APP_GROUPS]
     if unknown:
         raise ValueError(f"unknown app {', '.join(unknown)}; choose from {', '.join(APP_GROUPS)}")
-    by_builder = {a.builder: a for a in apps(profile)}
+    wanted = {b for g in groups for b in APP_GROUPS[g]}
+    by_builder = {a.builder: a for a in apps(profile, wanted)}
     return [by_builder[b] for g in groups for b in APP_GROUPS[g]]
 
 

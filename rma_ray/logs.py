@@ -68,6 +68,12 @@ def configure(
     if json_lines is None:
         json_lines = os.environ.get("RMA_LOG_JSON", "").strip().lower() in ("1", "true", "yes")
     level = (level or os.environ.get("RMA_LOG_LEVEL") or "INFO").upper()
+    if level not in logging.getLevelNamesMapping():  # a typo in RMA_LOG_LEVEL must not stop the program
+        print(
+            f"RMA_LOG_LEVEL={level!r} is not a logging level (DEBUG, INFO, WARNING, ERROR): using INFO",
+            file=sys.stderr,
+        )
+        level = "INFO"
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.set_name(_HANDLER_NAME)
     handler.setFormatter(JsonFormatter() if json_lines else TextFormatter())

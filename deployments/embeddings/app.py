@@ -7,8 +7,8 @@ gate,
 - `Embedder`: the one copy of the model. `@serve.batch` gathers concurrent requests (from clients and from the
   RAG services, which call `embed` through a handle: `deployments.embeddings.client`) into one forward pass.
 
-`deploy()` runs it with `serve.run` from a driver connected to the pool (`python -m deployments.embeddings
-deploy`).
+`rma up` applies it through the Serve config (`python -m deployments up --apps embeddings`,
+`deployments/serve_config.py`).
 """
 
 from __future__ import annotations

@@ -5,5 +5,5 @@
   on /v1; `validation_message`);
 - `asgi`: `ClientKeyGate` (in front of vLLM's own app), `StreamCoalescer`, `PrefixIsRoot`, `body_limit` (the
   pool's one body limit, `rma_ray.bodylimit`);
-- `deploy`: `wait_running`, `delete_apps`, `app_status` for the apps' `deploy()`/`undeploy()`.
+- `deploy`: `wait_running`, `delete_apps`, `app_status` for drivers (tests, benches) that run apps themselves.
 """

@@ -1,5 +1,5 @@
-"""Serve-side deploy helpers every app's `deploy()`/`undeploy()` uses: wait until applications run, delete
-them and wait until they are gone. Call them from a driver connected to the pool (`ray.init(address=...)`
+"""Serve-side deploy helpers for drivers that run apps themselves (tests, benches): wait until applications run,
+delete them and wait until they are gone. Call them from a driver connected to the pool (`ray.init(address=...)`
 first)."""
 
 from __future__ import annotations

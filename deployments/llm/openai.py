@@ -45,13 +45,14 @@ def openai_fastapi_app() -> FastAPI:
     )
 
     app = FastAPI(lifespan=metrics_lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    # FastAPI's own HTTPException handler would answer {"detail": ...} (OpenAiIngress raises HTTPException for
+    # an unknown model): the installer answers it as an OpenAI error body. Installed before ray.serve.llm's
+    # handlers, so that theirs (a body that fails validation: 400 `invalid_parameter`, as OpenAI answers) win.
+    install_refusals(app, "openai")
     add_exception_handling_middleware(app)
     add_http_metrics_middleware(app)
     app.add_middleware(SetRequestIdMiddleware)
     app.add_middleware(ModelCards)
-    # FastAPI's own HTTPException handler would answer {"detail": ...} (OpenAiIngress raises HTTPException for
-    # an unknown model): the installer answers it as an OpenAI error body
-    install_refusals(app, "openai")
 
     # ray.serve.llm wraps engine refusals in "Message: ..., Internal exception: ...": keep the part a person
     # can act on

@@ -80,3 +80,22 @@ def test_donor_supplied_names_print_literally(monkeypatch: pytest.MonkeyPatch) -
     assert "evil\\x1b]0;owned\\x07\\x1b[2J" in out and "rtl\\u202eexe.txt" in out
     result = runner.invoke(cli.app, ["donors", "revoke", "w00000000002"])
     assert result.exit_code == 0 and "\x1b" not in result.stdout and "evil\\x1b" in result.stdout
+
+
+def test_a_command_group_whose_room_is_not_installed_is_left_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The donor image ships rma_ray and deployments only: admission's registered group must not break `rma`."""
+    from importlib.metadata import EntryPoint
+
+    import typer
+
+    import rma_ray.cli as cli
+
+    missing = EntryPoint(name="ghost", value="ghost_room.cli:app", group=cli.COMMAND_GROUP)
+    broken = EntryPoint(name="broken", value="tests.unit.no_such_module_here:app", group=cli.COMMAND_GROUP)
+    monkeypatch.setattr(cli, "entry_points", lambda group: [missing])
+    root = typer.Typer()
+    cli.add_registered_commands(root)  # skipped, no error
+    assert [g.name for g in root.registered_groups] == []
+    monkeypatch.setattr(cli, "entry_points", lambda group: [broken])
+    with pytest.raises(ModuleNotFoundError):  # a module missing inside an installed room is a real error
+        cli.add_registered_commands(typer.Typer())

@@ -105,3 +105,27 @@ def test_one_installer_answers_in_the_app_s_shape(shape: str) -> None:
         }
         assert key_r.json()["error"]["type"] == "authentication_error"
         assert body_r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_the_openai_app_answers_a_malformed_body_with_400_as_openai_does() -> None:
+    """ray.serve.llm's own validation handler (400 `invalid_parameter`, OpenAI's status) wins over the kit's
+    422: the official client raises BadRequestError for a malformed request, as against OpenAI."""
+    from fastapi.testclient import TestClient
+    from pydantic import BaseModel
+
+    from deployments.llm.openai import openai_fastapi_app
+
+    app = openai_fastapi_app()
+
+    class Body(BaseModel):
+        model: str
+        max_tokens: int
+
+    @app.post("/echo")
+    async def echo(body: Body) -> dict[str, object]:
+        return body.model_dump()
+
+    with TestClient(app, raise_server_exceptions=False) as c:
+        r = c.post("/echo", json={"model": "m", "max_tokens": "many"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "invalid_parameter", r.text
