@@ -143,7 +143,12 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
             assert r.status_code == 201, r.text
             p.keys[name] = r.json()
         # OCR kept to one replica with a one-deep queue, so that a burst shows the bounded queue's 503
+        # the production selectors: `python -m deployments up` applies rma up's embedded profile, which lets the
+        # services use the head too; here they must land by tier (test_replicas_run_where_their_labels_say)
         settings = {
+            "service_selector": {"rma.io/tier": "service"},
+            "client_data_selector": {"rma.io/tier": "service", "rma.io/trusted": "true"},
+            "data_selector": {"rma.io/tier": "data", "rma.io/trusted": "true"},
             "replica_env": env,
             "uploads_dir": str(shared / "data" / "uploads"),
             "upload_max_bytes": 2 * 1024 * 1024,
