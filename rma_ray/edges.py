@@ -1,0 +1,143 @@
+"""Trust domains: the core cluster and the edge clusters (DESIGN.md, "Trust domains").
+
+The **core** cluster is today's: the head, trusted donors, the data stores, every HTTP ingress that sees a client
+key. An **edge** cluster is a Ray cluster of its own for untrusted donors (stateless compute only: the LLM,
+vision, OCR, parsing, embeddings), with its own head (on the operator's machine by default, run as its own
+unprivileged system user, with nothing of the core readable), its own cluster token and its own ports, so that
+the head and an edge head share one machine.
+
+What the three sides share, named once here:
+- `EdgeSpec`: one edge's name, ports, overlay subnet and system user (what `rma up` starts; a config entry per
+  edge);
+- `EdgeEndpoint`: what the coordinator is told of a running edge (`RMA_EDGES`, a JSON list): where its GCS,
+  dashboard and Serve proxy answer and which file holds its token;
+- the edge service credential: a short-lived EdDSA JWT the coordinator mints for the core's gateway (audience
+  `edge_audience(name)`, issuer `EDGE_ISSUER`), checked by the edge's ingress against the coordinator's public
+  keys (`jwks_path(name)`); it names no client and grants nothing beyond edge compute.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+CORE = "core"  # the core cluster's name (registry, labels, pool.json)
+LABEL_CLUSTER = "rma.io/cluster"  # every node's cluster: "core" or the edge's name
+EDGE_NAME = r"^[a-z][a-z0-9-]{0,15}$"
+DEFAULT_EDGE = "edge"
+EDGE_USER = "rma-edge"  # the unprivileged system user edge heads run as
+EDGE_ISSUER = "rma-coordinator"
+EDGE_TOKEN_TTL_S = 600  # an edge credential's lifetime; the gateway refreshes it well before
+SERVED_BY_HEADER = "x-rma-served-by"  # on every forwarded answer: "edge:<name>" or "core"
+
+
+def edge_audience(name: str) -> str:
+    return f"rma-edge:{name}"
+
+
+def jwks_path(name: str) -> str:
+    """Where the coordinator publishes an edge's public keys (no credential needed: they are public)."""
+    return f"/api/edges/{name}/jwks.json"
+
+
+def valid_name(name: str) -> bool:
+    return re.fullmatch(EDGE_NAME, name) is not None and name != CORE
+
+
+@dataclass(frozen=True)
+class EdgePorts:
+    """Every port an edge head's Ray listens on, pinned and apart from the core head's (Ray's defaults and
+    `rma_ray.overlay.RayPorts`), so that both heads run on one machine. `offset` moves them all, for a second
+    edge on the same machine."""
+
+    gcs: int = 6480
+    dashboard: int = 8275
+    serve: int = 8010
+    node_manager: int = 6481
+    object_manager: int = 6482
+    metrics_export: int = 6483
+    dashboard_agent_grpc: int = 6484
+    runtime_env_agent: int = 6485
+    dashboard_agent_listen: int = 52465
+    ray_client: int = 25001
+    min_worker: int = 20002
+    max_worker: int = 24999
+
+    def shifted(self, offset: int) -> EdgePorts:
+        """The same layout `offset` ports up (worker range: offset * 5000 up)."""
+        if offset == 0:
+            return self
+        return EdgePorts(
+            gcs=self.gcs + 10 * offset,
+            dashboard=self.dashboard + offset,
+            serve=self.serve + offset,
+            node_manager=self.node_manager + 10 * offset,
+            object_manager=self.object_manager + 10 * offset,
+            metrics_export=self.metrics_export + 10 * offset,
+            dashboard_agent_grpc=self.dashboard_agent_grpc + 10 * offset,
+            runtime_env_agent=self.runtime_env_agent + 10 * offset,
+            dashboard_agent_listen=self.dashboard_agent_listen + offset,
+            ray_client=self.ray_client + offset,
+            min_worker=self.min_worker + 5000 * offset,
+            max_worker=self.max_worker + 5000 * offset,
+        )
+
+    def argv(self) -> list[str]:
+        """`ray start --head` arguments for these ports (GCS and dashboard ports go through NodeSpec)."""
+        return [
+            "--node-manager-port",
+            str(self.node_manager),
+            "--object-manager-port",
+            str(self.object_manager),
+            "--metrics-export-port",
+            str(self.metrics_export),
+            "--dashboard-agent-grpc-port",
+            str(self.dashboard_agent_grpc),
+            "--dashboard-agent-listen-port",
+            str(self.dashboard_agent_listen),
+            "--runtime-env-agent-port",
+            str(self.runtime_env_agent),
+            "--min-worker-port",
+            str(self.min_worker),
+            "--max-worker-port",
+            str(self.max_worker),
+            "--ray-client-server-port",
+            str(self.ray_client),
+        ]
+
+
+@dataclass(frozen=True)
+class EdgeSpec:
+    """One edge cluster `rma up` starts beside the core head."""
+
+    name: str = DEFAULT_EDGE
+    ports: EdgePorts = field(default_factory=EdgePorts)
+    overlay_subnet: str = "10.89.0.0/16"  # its own, apart from the core's (rma_ray.overlay.DEFAULT_SUBNET)
+    user: str = EDGE_USER
+
+    def data_dir(self, core_data_dir: Path) -> Path:
+        """The edge head's data dir (token, logs, Ray temp dir), owned by `user`, 0700. Not under the core's
+        data dir (0700, root's): a fixed place per core data dir, so the edge keeps its token across restarts."""
+        digest = hashlib.sha256(str(core_data_dir.resolve()).encode()).hexdigest()[:8]
+        return Path(tempfile.gettempdir()) / f"rma-edge-{self.name}-{digest}"
+
+
+class EdgeEndpoint(BaseModel):
+    """A running edge as the coordinator knows it (`RMA_EDGES`, a JSON list of these, set by `rma up`)."""
+
+    name: str = Field(pattern=EDGE_NAME)
+    ray_address: str = Field(description="host:port of the edge's GCS, what its donors join")
+    dashboard_url: str = Field(description="the edge's Ray dashboard (state API, Serve status)")
+    serve_url: str = Field(description="the edge's Serve proxy, which the core's gateway calls")
+    token_file: Path = Field(description="the edge's cluster token (0600, the edge user's; root reads it)")
+
+    def token(self) -> str | None:
+        try:
+            return self.token_file.read_text().strip() or None
+        except OSError:
+            return None
