@@ -14,6 +14,7 @@ gate,
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from typing import Any
 
@@ -23,6 +24,7 @@ from ray import serve
 
 from deployments.embeddings.config import (
     EMBEDDED_SOURCE,
+    EMBEDDINGS_APP,
     INGRESS_DEPLOYMENT,
     MODEL_DEPLOYMENT,
     EmbeddingSettings,
@@ -30,9 +32,12 @@ from deployments.embeddings.config import (
 from deployments.embeddings.model import EmbeddingModel, model_card, parse_request, reply
 from deployments.gateway.asgi import PrefixIsRoot
 from deployments.gateway.auth import AUTH
+from deployments.gateway.edge import EdgeForward
 from deployments.gateway.refusal import Refusal, install_refusals, refusal_from, unwrap
 from rma_ray.serve_admin import INGRESS_REPLICA_ENV
 
+EDGE_ROUTES = (("POST", re.compile(r"/v1/embeddings/?")),)
+EDGE_MAX_BODY = 16 * 2**20  # 2048 inputs of a few KiB each
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -64,6 +69,8 @@ class Embedder:
 
 _app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
 _app.add_middleware(PrefixIsRoot)  # POST /v1/embeddings itself, not a 307 to /v1/embeddings/
+# outermost: to an edge cluster's embeddings when one serves them (after the key check, which it runs itself)
+_app.add_middleware(EdgeForward, app_name=EMBEDDINGS_APP, routes=EDGE_ROUTES, max_body_bytes=EDGE_MAX_BODY)
 install_refusals(_app, "openai")
 
 

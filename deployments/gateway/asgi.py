@@ -2,7 +2,8 @@
 
 - `ClientKeyGate`: in front of an app we did not write (vLLM's own OpenAI app in the LLM replica): only the
   listed routes, each only with a valid client key (`deployments.gateway.auth.current_client`), refusals in
-  OpenAI's shape, the body limit, and the app mounted at its Serve route prefix;
+  OpenAI's shape, the body limit, and the app mounted at its Serve route prefix; with `edge_app`, the
+  forwardable routes go to an edge cluster when one serves the app (`deployments.gateway.edge.EdgeForward`);
 - `StreamCoalescer`: fewer, larger writes of a streamed (SSE) body;
 - `PrefixIsRoot`: the route prefix itself served by the app's "/" route;
 - `body_limit`: the pool's one streamed request-body limit (`rma_ray.bodylimit`, shared with the coordinator)
@@ -52,9 +53,16 @@ class ClientKeyGate:
         max_body_bytes: int,
         served: str,
         coalesce_s: float = 0.0,
+        edge_app: str | None = None,
+        edge_routes: Sequence[Route] = (),
     ) -> None:
         self.app, self.prefix, self.routes, self.served = app, prefix, tuple(routes), served
-        self.limited = body_limit(app, max_body_bytes, "openai")
+        inner = app
+        if edge_app is not None and edge_routes:  # after the key check: to an edge when one serves the app
+            from deployments.gateway.edge import EdgeForward
+
+            inner = EdgeForward(app, app_name=edge_app, routes=edge_routes, max_body_bytes=max_body_bytes)
+        self.limited = body_limit(inner, max_body_bytes, "openai")
         self.window = coalesce_s
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:

@@ -8,6 +8,10 @@ identity (`rma_ray.identity`: the donor's node credential or, on the head, its s
 key stops working within the refresh interval. Tests and `rma up` may set `RMA_COORDINATOR_URL` +
 `RMA_KEYRING_CREDENTIAL_FILE` instead (a 0600 file: never a secret in an env var value).
 
+On an edge cluster's apps (`deployments.gateway.edge_gate`: the replica's runtime env names the edge) the same
+check takes the edge service credential the core's gateway sends instead of a client key, and the keyring is
+never asked for: the caller is the gateway, whose identity is `edge_gate.EDGE_CALLER` (no client name reaches an edge).
+
 Use it as a FastAPI dependency (`ClientDep`, or `AUTH` on a route) on an app with `install_refusals`
 (`deployments.gateway.refusal`): a refusal is a `Refusal`, answered in the app's shape.
 """
@@ -22,6 +26,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
+from deployments.gateway import edge_gate
 from deployments.gateway.keys import KEYRING_RETRY_S, ClientIdentity, ClientKeyVerifier
 from deployments.gateway.refusal import Refusal, UnknownKey
 
@@ -29,15 +34,20 @@ _lock = threading.Lock()
 _verifier: ClientKeyVerifier | None = None
 
 
-def _build() -> ClientKeyVerifier:
+def coordinator_identity() -> tuple[str, str]:
+    """(coordinator URL, this node's credential) for the Serve side's calls to the coordinator (the keyring,
+    the edge routes): `RMA_COORDINATOR_URL` + `RMA_KEYRING_CREDENTIAL_FILE`, else the node's own identity."""
     url, cred_file = os.environ.get("RMA_COORDINATOR_URL"), os.environ.get("RMA_KEYRING_CREDENTIAL_FILE")
     if url and cred_file:
-        credential = Path(cred_file).read_text().strip()
-    else:
-        from rma_ray.identity import local_identity
+        return url, Path(cred_file).read_text().strip()
+    from rma_ray.identity import local_identity
 
-        ident = local_identity()
-        url, credential = ident.coordinator_url, ident.credential
+    ident = local_identity()
+    return ident.coordinator_url, ident.credential
+
+
+def _build() -> ClientKeyVerifier:
+    url, credential = coordinator_identity()
     refresh = float(os.environ.get("RMA_KEYRING_REFRESH_S", "10"))
     return ClientKeyVerifier.from_coordinator(
         url, credential, refresh_s=refresh, max_stale_s=max(30.0, 3 * refresh)
@@ -81,6 +91,11 @@ async def current_client(request: Request) -> ClientIdentity:
     done = getattr(request.state, "client", None)
     if isinstance(done, ClientIdentity):
         return done
+    edge = edge_gate.verifier()
+    if edge is not None:  # an edge app: the gateway's edge credential, never a client key
+        await edge.verify(request.headers.get("authorization"))
+        request.state.client = edge_gate.EDGE_CALLER
+        return edge_gate.EDGE_CALLER
     v = await _ready_verifier()
     header = request.headers.get("authorization")
     try:

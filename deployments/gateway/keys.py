@@ -35,6 +35,7 @@ class ClientIdentity:
     client: str = (
         ""  # the name the key was created with (`rma clients create <name>`): the client it acts for
     )
+    sensitive: bool = False  # `rma clients create --sensitive`: its requests never leave the core cluster
 
 
 class ClientKeyVerifier:
@@ -53,6 +54,7 @@ class ClientKeyVerifier:
         self._clock = clock
         self._hashes: dict[str, str] = {}
         self._names: dict[str, str] = {}
+        self._sensitive: frozenset[str] = frozenset()
         self._loaded_at: float | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -70,11 +72,13 @@ class ClientKeyVerifier:
             ring = self._fetch()
             hashes = {e["id"]: e["hash"] for e in ring["keys"]}
             names = {e["id"]: e.get("name", "") for e in ring["keys"]}
+            sensitive = frozenset(e["id"] for e in ring["keys"] if e.get("sensitive") is True)
         except Exception as exc:  # keep the last keyring until it goes stale
             log.warning("client keyring refresh failed: %s", exc)
             return False
         with self._lock:
             self._hashes, self._names, self._loaded_at = hashes, names, self._clock()
+            self._sensitive = sensitive
         return True
 
     def refresh_for_unknown(self) -> bool:
@@ -111,10 +115,11 @@ class ClientKeyVerifier:
         except MalformedToken as exc:
             raise Refusal(401, "invalid_api_key", str(exc)) from None
         with self._lock:
-            loaded_at, stored, name = (
+            loaded_at, stored, name, sensitive = (
                 self._loaded_at,
                 self._hashes.get(parsed.id),
                 self._names.get(parsed.id, ""),
+                parsed.id in self._sensitive,
             )
         if loaded_at is None or self._clock() - loaded_at > self.max_stale_s:
             raise Refusal(
@@ -127,4 +132,4 @@ class ClientKeyVerifier:
             raise UnknownKey()
         if not hmac.compare_digest(credentials.hash_secret(parsed.secret), stored):
             raise Refusal(401, "invalid_api_key", "unknown or revoked API key")
-        return ClientIdentity(parsed.id, name)
+        return ClientIdentity(parsed.id, name, sensitive)

@@ -53,6 +53,12 @@ def openai_fastapi_app() -> FastAPI:
     add_http_metrics_middleware(app)
     app.add_middleware(SetRequestIdMiddleware)
     app.add_middleware(ModelCards)
+    # outermost: the completions go to an edge cluster's LLM when one serves it (after its own key check)
+    from deployments.gateway.edge import EdgeForward
+    from deployments.llm.config import LLM_APP
+    from deployments.llm.gate import EDGE_ROUTES, MAX_BODY_BYTES
+
+    app.add_middleware(EdgeForward, app_name=LLM_APP, routes=EDGE_ROUTES, max_body_bytes=MAX_BODY_BYTES)
 
     # ray.serve.llm wraps engine refusals in "Message: ..., Internal exception: ...": keep the part a person
     # can act on
