@@ -8,6 +8,13 @@ lines, one object per event or result; an error is `{"error": ...}` and exit 1.
     python -m deployments down --address <gcs> [--stores ...] [--apps ...]   # stores stop; volumes stay
     python -m deployments status --address <gcs>                            # stores' and apps' states
     python -m deployments prepare                                           # convert the embedded LLM
+    python -m deployments up --profile edge --edge NAME --address <edge gcs> --dashboard <edge dashboard> \
+        --coordinator-url <url> --serve-port 8010 --apps llm,embeddings     # an edge cluster's apps
+
+The edge profile (DESIGN.md, "Trust domains") applies an edge cluster's stateless apps
+(`serve_config.EDGE_GROUPS`) to that cluster, with the edge's name and the coordinator's URL as their args (no
+secret; the edge's own token comes from RAY_AUTH_TOKEN_PATH as for the core): never a store (`--stores` must be
+none), never a service that sees client data.
 
 The apps are applied the way KubeRay and `serve deploy` apply them: the config that
 deployments/serve_config.py generates (embedded profile; the `RMA_*` settings of this process become the apps'
@@ -33,6 +40,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -284,12 +292,31 @@ def wait_apps(dash: Dashboard, names: list[str], timeout: float) -> dict[str, An
     return wait_until(settled, timeout=timeout, interval=1, what=f"Serve apps {', '.join(names)}")
 
 
-def apps_up(groups: list[str], dash: Dashboard, http: dict[str, Any], wait_s: float) -> int:
-    """Apply `groups` one after the other; one line per app. Returns how many did not run."""
+def apps_up(
+    groups: list[str],
+    dash: Dashboard,
+    http: dict[str, Any],
+    wait_s: float,
+    edge: tuple[str, str] | None = None,
+) -> int:
+    """Apply `groups` one after the other; one line per app. Returns how many did not run. `edge`: (name,
+    coordinator URL) of the edge cluster whose apps these are (the edge profile)."""
     from deployments import serve_config
 
+    profile = "edge" if edge else "embedded"
+
+    def specs_of(group: str) -> list[serve_config.AppSpec]:
+        return serve_config.group_apps([group], profile, *(edge or (None, None)))
+
     names_of = {
-        g: [a.name for a in serve_config.group_apps([g], profile="gpu")] for g in groups
+        g: [
+            a.name
+            for a in (
+                serve_config.group_apps([g], "gpu") if not edge else serve_config.edge_apps(*edge, env=False)
+            )
+            if not edge or a.builder in serve_config.EDGE_GROUPS[g]
+        ]
+        for g in groups
     }  # no env read
     applied: list[serve_config.AppSpec] = []
     others = dash.declared({n for names in names_of.values() for n in names})
@@ -299,10 +326,8 @@ def apps_up(groups: list[str], dash: Dashboard, http: dict[str, Any], wait_s: fl
         names = names_of[group]
         t0 = time.monotonic()
         try:
-            specs[group] = serve_config.group_apps(
-                [group]
-            )  # its RMA_* settings: a bad one fails this app only
-            if group == "llm":
+            specs[group] = specs_of(group)  # its RMA_* settings: a bad one fails this app only
+            if group == "llm" and not edge:  # an edge's replicas convert it on their own nodes
                 prepare_llm()
             elif group == "vision":
                 check_vision()
@@ -337,14 +362,17 @@ def apps_up(groups: list[str], dash: Dashboard, http: dict[str, Any], wait_s: fl
     return failed
 
 
-def apps_down(groups: list[str]) -> None:
+def apps_down(groups: list[str], edge: bool = False) -> None:
     """Delete the Serve apps of `groups` (their replicas stop; vLLM's engine process goes with them)."""
     from ray import serve
 
     from deployments import serve_config
 
     for group in groups:
-        for spec in reversed(serve_config.group_apps([group])):
+        specs = serve_config.group_apps([group], "gpu")  # names only: no env read
+        if edge:
+            specs = [a for a in specs if a.builder in serve_config.EDGE_GROUPS[group]]
+        for spec in reversed(specs):
             try:
                 serve.delete(spec.name, _blocking=True)
             except Exception:  # already gone
@@ -401,7 +429,21 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--address", help="GCS address of the pool's Ray head (default: RAY_ADDRESS)")
     ap.add_argument("--dashboard", help="the Ray dashboard's URL (default: the cluster's at --address)")
     ap.add_argument(
-        "--stores", default=",".join(KINDS), help=f"comma-separated ({', '.join(KINDS)}) or 'none'"
+        "--stores",
+        default=None,
+        help=f"comma-separated ({', '.join(KINDS)}) or 'none' (default: all; none for --profile edge)",
+    )
+    ap.add_argument(
+        "--profile",
+        default="embedded",
+        choices=["embedded", "edge"],
+        help="embedded: the core cluster's apps (rma up); edge: an edge cluster's (--edge, --coordinator-url)",
+    )
+    ap.add_argument("--edge", help="--profile edge: the edge cluster's name")
+    ap.add_argument(
+        "--coordinator-url",
+        default=os.environ.get("RMA_COORDINATOR_URL"),
+        help="--profile edge: the coordinator that publishes the edge's keys (default: RMA_COORDINATOR_URL)",
     )
     ap.add_argument("--store-runtime", default="process", choices=["process", "docker"])
     ap.add_argument("--stores-on", default="auto", choices=["auto", "data", "head"])
@@ -420,12 +462,33 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+def edge_of(a: argparse.Namespace) -> tuple[str, str] | None:
+    """(edge name, coordinator URL) for --profile edge (ValueError with what to pass), else None."""
+    if a.profile != "edge":
+        if a.edge:
+            raise ValueError("--edge is for --profile edge")
+        return None
+    if not a.edge or not a.coordinator_url:
+        raise ValueError(
+            "--profile edge needs --edge NAME and --coordinator-url URL (or RMA_COORDINATOR_URL)"
+        )
+    from deployments.serve_config import edge_apps
+
+    edge_apps(a.edge, a.coordinator_url, set(), env=False)  # checks the name and the URL
+    return a.edge, a.coordinator_url
+
+
 def run(a: argparse.Namespace) -> int:
-    from deployments.serve_config import APP_GROUPS
+    from deployments.serve_config import APP_GROUPS, EDGE_GROUPS
     from deployments.stores.kinds import KINDS
 
-    stores = _names(a.stores, list(KINDS), "store")
-    groups = _names(a.apps, list(APP_GROUPS), "app")
+    edge = edge_of(a)
+    stores = _names(
+        a.stores if a.stores is not None else ("none" if edge else ",".join(KINDS)), list(KINDS), "store"
+    )
+    if edge and stores:
+        raise ValueError("an edge cluster holds no data stores: pass --stores none")
+    groups = _names(a.apps, list(EDGE_GROUPS if edge else APP_GROUPS), "app")
     ports = _ports(a.store_port, list(KINDS))
     if a.command == "prepare":
         emit(model_dir=prepare_llm())
@@ -437,7 +500,7 @@ def run(a: argparse.Namespace) -> int:
     ctx = ray.init(address=a.address, namespace=NAMESPACE, logging_level="ERROR", log_to_driver=False)
     try:
         if a.command == "down":
-            apps_down(groups)
+            apps_down(groups, edge=edge is not None)
             stores_down(stores, a.stores_wait)
             return 0
         url = a.dashboard or (f"http://{ctx.dashboard_url}" if ctx.dashboard_url else None)
@@ -453,7 +516,8 @@ def run(a: argparse.Namespace) -> int:
             return 0
         bad_stores = stores_up(stores, a.store_runtime, a.stores_on, a.stores_wait, ports) if stores else 0
         emit(done="stores", failed=bad_stores)
-        bad_apps = apps_up(groups, dash, http_options(a.serve_host, a.serve_port), a.apps_wait) if dash else 0
+        http = http_options(a.serve_host, a.serve_port)
+        bad_apps = apps_up(groups, dash, http, a.apps_wait, edge) if dash else 0
         emit(done="apps", failed=bad_apps)
     finally:
         ray.shutdown()

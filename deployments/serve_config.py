@@ -24,6 +24,16 @@ allowed onto the head as well as onto donors of their tier:
 
     python -m deployments.serve_config --profile embedded --apps llm,services   # what `rma up` applies
 
+An edge cluster (DESIGN.md, "Trust domains") gets the stateless apps only (EDGE_GROUPS: the LLM at /v1 and the
+embeddings at /v1/embeddings, same names and prefixes as the core's, so the core's gateway forwards a request
+to the same path), each with the edge's name and the coordinator's URL as args: their replicas check the edge
+credential instead of client keys and run on the edge's donors (never its head, which has no CPU for them):
+
+    python -m deployments.serve_config --profile edge --edge edge --coordinator-url http://10.0.0.1:8080
+
+The checked-in cluster_configs/serve/rma-serve-edge.yaml is the default edge on the gpu tier (and
+cluster_configs/kuberay/rayservice-edge.yaml embeds it); `--check` compares them too.
+
 Where the builders run: Serve's controller (on the head) builds each app in a `build_serve_application` task
 (Ray 2.60: `num_cpus=0`, and a `label_selector` only when every deployment of the app config lists the same
 hard selector, `_get_shared_build_app_label_selector`). The configs here list either no deployments (embedded)
@@ -82,7 +92,15 @@ APP_GROUPS: dict[str, tuple[str, ...]] = {
     "services": ("services_app",),
     "vision": ("vision_backend_app", "vision_app"),
 }
-PROFILES = ("gpu", "embedded")
+PROFILES = ("gpu", "embedded", "edge")
+# what an edge cluster serves (`--profile edge`): stateless compute only, each app behind the edge gate
+EDGE_GROUPS: dict[str, tuple[str, ...]] = {"llm": ("llm_app",), "embeddings": ("embeddings_app",)}
+EDGE_SERVE_FILE = ROOT / "cluster_configs" / "serve" / "rma-serve-edge.yaml"
+EDGE_RAYSERVICE_FILE = ROOT / "cluster_configs" / "kuberay" / "rayservice-edge.yaml"
+# the checked-in edge file: the default edge of a pool whose coordinator is where rayservice.yaml says
+EDGE_FILE_NAME = "edge"
+EDGE_FILE_COORDINATOR = "https://rma-coordinator.fly.dev"
+EDGE_HTTP_OPTIONS = {"host": "0.0.0.0", "port": 8010, "request_timeout_s": 180.0}  # rma_ray.edges.EdgePorts
 
 
 # each builder's settings class (the `RMA_*_` variables it reads); inference_app takes no args
@@ -183,10 +201,45 @@ def vision_backend_app(args: dict[str, Any]) -> Any:
     return build_backend_app(VisionSettings(**(args or {})))
 
 
+def edge_apps(
+    edge: str, coordinator_url: str, builders: set[str] | None = None, env: bool = True
+) -> tuple[AppSpec, ...]:
+    """An edge cluster's apps (EDGE_GROUPS; those of `builders`): the gpu profile's apps of the same names and
+    route prefixes, with the edge's name and the coordinator's URL as args (no secret: its replicas read the
+    edge's public keys there), over what the environment sets (`env`)."""
+    from rma_ray.edges import valid_name
+
+    if not valid_name(edge):
+        raise ValueError(f"invalid edge name {edge!r}: lowercase letters, digits and '-', not 'core'")
+    if not coordinator_url.startswith(("http://", "https://")):
+        raise ValueError(f"the coordinator URL must be http(s)://...; got {coordinator_url!r}")
+    allowed = {b for group in EDGE_GROUPS.values() for b in group}
+    extra = set(builders or ()) - allowed
+    if extra:
+        raise ValueError(
+            f"an edge cluster serves only {', '.join(EDGE_GROUPS)} (not {', '.join(sorted(extra))})"
+        )
+    ident = {"edge": edge, "edge_coordinator_url": coordinator_url.rstrip("/")}
+    # the same models as the core's (a forwarded request names the core's model; RAG vectors must match)
+    gpu_args = {"llm_app": dict(LLM_ARGS), "embeddings_app": dict(EMBEDDINGS_ARGS)}
+    return tuple(
+        AppSpec(
+            a.name,
+            a.route_prefix,
+            a.builder,
+            {**(env_args(a.builder) if env else gpu_args[a.builder]), **ident},
+        )
+        for a in apps()
+        if a.builder in allowed and (builders is None or a.builder in builders)
+    )
+
+
 def apps(profile: str = "gpu", builders: set[str] | None = None) -> tuple[AppSpec, ...]:
     """Every Serve app of the pool (or those of `builders`) with the args of `profile` (gpu: the checked-in
     files; embedded: up). Only the settings of the apps asked for are read from the environment, so that a bad
-    `RMA_VISION_*` value fails the vision app alone."""
+    `RMA_VISION_*` value fails the vision app alone. The edge profile's apps: `edge_apps`."""
+    if profile == "edge":
+        raise ValueError("the edge profile needs the edge's name and coordinator URL: use edge_apps()")
     if profile == "embedded":  # the profile's args, and over them what the environment sets
         embedded = _embedded_args()
         return tuple(
@@ -280,14 +333,36 @@ def build_config(specs: list[AppSpec] | tuple[AppSpec, ...] | None = None) -> di
     return config
 
 
-def group_apps(groups: list[str] | tuple[str, ...], profile: str = "embedded") -> list[AppSpec]:
-    """The Serve apps of `rma up`'s app names, in `groups`' order (ValueError for an unknown name)."""
-    unknown = [g for g in groups if g not in APP_GROUPS]
+def group_apps(
+    groups: list[str] | tuple[str, ...],
+    profile: str = "embedded",
+    edge: str | None = None,
+    coordinator_url: str | None = None,
+) -> list[AppSpec]:
+    """The Serve apps of `rma up`'s app names, in `groups`' order (ValueError for an unknown name; for the
+    edge profile, `edge` and `coordinator_url` are needed and only EDGE_GROUPS are known)."""
+    known = EDGE_GROUPS if profile == "edge" else APP_GROUPS
+    unknown = [g for g in groups if g not in known]
     if unknown:
-        raise ValueError(f"unknown app {', '.join(unknown)}; choose from {', '.join(APP_GROUPS)}")
-    wanted = {b for g in groups for b in APP_GROUPS[g]}
-    by_builder = {a.builder: a for a in apps(profile, wanted)}
-    return [by_builder[b] for g in groups for b in APP_GROUPS[g]]
+        where = "an edge cluster serves" if profile == "edge" else "choose from"
+        raise ValueError(f"unknown app {', '.join(unknown)}; {where} {', '.join(known)}")
+    wanted = {b for g in groups for b in known[g]}
+    if profile == "edge":
+        if not edge or not coordinator_url:
+            raise ValueError("the edge profile needs --edge NAME and --coordinator-url URL")
+        specs = edge_apps(edge, coordinator_url, wanted)
+    else:
+        specs = apps(profile, wanted)
+    by_builder = {a.builder: a for a in specs}
+    return [by_builder[b] for g in groups for b in known[g]]
+
+
+def edge_config() -> dict[str, Any]:
+    """The checked-in edge file's config: the default edge's apps on the gpu tier (their deployments built,
+    as for rma-serve.yaml), its proxy on the edge's Serve port."""
+    config = build_config(edge_apps(EDGE_FILE_NAME, EDGE_FILE_COORDINATOR, env=False))
+    config["http_options"] = dict(EDGE_HTTP_OPTIONS)
+    return config
 
 
 def apply_config(specs: list[AppSpec], http_options: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -346,7 +421,12 @@ def embed(rayservice_text: str, serve_yaml: str) -> str:
 
 def expected_files() -> dict[Path, str]:
     text = render()
-    return {SERVE_FILE: text, RAYSERVICE_FILE: embed(RAYSERVICE_FILE.read_text(), text)}
+    files = {SERVE_FILE: text, RAYSERVICE_FILE: embed(RAYSERVICE_FILE.read_text(), text)}
+    edge_text = render(edge_config())
+    files[EDGE_SERVE_FILE] = edge_text
+    if EDGE_RAYSERVICE_FILE.exists():
+        files[EDGE_RAYSERVICE_FILE] = embed(EDGE_RAYSERVICE_FILE.read_text(), edge_text)
+    return files
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -371,17 +451,28 @@ def main(argv: list[str] | None = None) -> int:
         help="print: the gpu tier's file (default) or what `rma up` applies (embedded: no build)",
     )
     ap.add_argument("--apps", help=f"print: these `rma up` apps only ({', '.join(APP_GROUPS)})")
+    ap.add_argument("--edge", help="print, edge profile: the edge cluster's name")
+    ap.add_argument(
+        "--coordinator-url",
+        default=os.environ.get("RMA_COORDINATOR_URL"),
+        help="print, edge profile: the coordinator that publishes the edge's keys (default: RMA_COORDINATOR_URL)",
+    )
     args = ap.parse_args(argv)
     # before Ray is imported: any Ray API the build touches raises instead of starting a local cluster
     os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
     try:
         if not (args.write or args.check):
-            specs = (
-                group_apps([g for g in args.apps.split(",") if g], args.profile)
-                if args.apps
-                else list(apps(args.profile))
-            )
-            config = build_config(specs) if args.profile == "gpu" else apply_config(specs)
+            if args.profile == "edge":
+                groups = [g for g in (args.apps or ",".join(EDGE_GROUPS)).split(",") if g]
+                specs = group_apps(groups, "edge", args.edge, args.coordinator_url)
+            else:
+                specs = (
+                    group_apps([g for g in args.apps.split(",") if g], args.profile)
+                    if args.apps
+                    else list(apps(args.profile))
+                )
+            http = EDGE_HTTP_OPTIONS if args.profile == "edge" else None
+            config = build_config(specs) if args.profile == "gpu" else apply_config(specs, http)
             sys.stdout.write(render(config))
             return 0
         stale = []

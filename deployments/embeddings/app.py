@@ -150,8 +150,8 @@ def build_app(settings: EmbeddingSettings | None = None) -> Any:
             max_ongoing_requests=256,
             ray_actor_options={
                 "num_cpus": 0,
-                "runtime_env": {"env_vars": dict(INGRESS_REPLICA_ENV)},
-                "label_selector": dict(s.ingress_selector),
+                "runtime_env": {"env_vars": {**INGRESS_REPLICA_ENV, **s.edge_env()}},
+                "label_selector": s.ingress(),
             },
         )
         .bind(embedder, cfg)

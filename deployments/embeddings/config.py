@@ -107,6 +107,31 @@ class EmbeddingSettings(BaseSettings):
         default_factory=lambda: {LABEL_TRUSTED: "true"},
         description="where the replicas that see client keys run",
     )
+    edge: str | None = Field(
+        default=None,
+        description="serve it on this edge cluster (the edge profile): the ingress checks the edge "
+        "credential instead of client keys; both deployments run on the edge's donors, never its head",
+    )
+    edge_coordinator_url: str | None = Field(
+        default=None, description="with `edge`: the coordinator whose edge keys (JWKS) the ingress reads"
+    )
+
+    def ingress(self) -> dict[str, str]:
+        """Where the ingress runs: `ingress_selector`; on an edge (no trusted node, no client key), its donors."""
+        if self.edge and "ingress_selector" not in self.model_fields_set:
+            return {LABEL_TIER: "in(service,gpu)"}
+        return dict(self.ingress_selector)
+
+    def edge_env(self) -> dict[str, str]:
+        if not self.edge:
+            return {}
+        if not self.edge_coordinator_url:
+            raise ValueError(
+                "edge embeddings need edge_coordinator_url (the coordinator that publishes its keys)"
+            )
+        from deployments.gateway.edge_gate import edge_env
+
+        return edge_env(self.edge, self.edge_coordinator_url)
 
     def entry(self) -> EmbeddingEntry:
         return by_id(self.model)
@@ -118,6 +143,8 @@ class EmbeddingSettings(BaseSettings):
     def selector(self) -> dict[str, str]:
         if self.model_selector is not None:
             return dict(self.model_selector)
+        if self.edge:  # the edge's donors of the model's tier (untrusted: an edge has no other)
+            return {LABEL_TIER: "gpu" if self.entry().tier == "gpu" else "service"}
         if (
             self.entry().tier == "gpu"
         ):  # as the LLM on the gpu tier: any admitted GPU donor (its texts go there too)

@@ -35,7 +35,9 @@ class ClientIdentity:
     client: str = (
         ""  # the name the key was created with (`rma clients create <name>`): the client it acts for
     )
-    sensitive: bool = False  # `rma clients create --sensitive`: its requests never leave the core cluster
+    sensitive: bool = (
+        False  # a key created as sensitive (the keyring says): its requests never leave the core
+    )
 
 
 class ClientKeyVerifier:

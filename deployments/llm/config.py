@@ -79,6 +79,15 @@ class LLMSettings(BaseSettings):
     )
     num_replicas: int = Field(default=1, ge=1)
     replica_cpus: float = Field(default=1, ge=0, description="CPUs reserved for the LLM replica actor")
+    edge: str | None = Field(
+        default=None,
+        description="serve it on this edge cluster (the edge profile): its replicas check the edge "
+        "credential instead of client keys, run on the edge's donors (untrusted; never the edge head) and "
+        "are the app's HTTP ingress",
+    )
+    edge_coordinator_url: str | None = Field(
+        default=None, description="with `edge`: the coordinator whose edge keys (JWKS) the replicas read"
+    )
     stream_batching_ms: float | None = Field(
         default=None,
         ge=0,
@@ -102,9 +111,35 @@ class LLMSettings(BaseSettings):
         return "gpu" if self.gpu_memory_mb > 0 else "cpu"
 
     def replicas_trusted_only(self) -> bool:
+        if self.edge:  # an edge has untrusted donors only
+            return False
         return self.trusted_only if self.trusted_only is not None else self.resolved_tier() == "cpu"
 
+    def node_tiers(self) -> str:
+        """The tiers whose nodes may host the CPU LLM: on an edge, its service donors (never its head)."""
+        if self.edge and "cpu_tiers" not in self.model_fields_set:
+            return "service"
+        return self.cpu_tiers
+
+    def edge_env(self) -> dict[str, str]:
+        """The replicas' runtime env of an edge app (the edge gate's mode), or none."""
+        if not self.edge:
+            return {}
+        if not self.edge_coordinator_url:
+            raise ValueError(
+                "an edge LLM needs edge_coordinator_url (the coordinator that publishes its keys)"
+            )
+        from deployments.gateway.edge_gate import edge_env
+
+        return edge_env(self.edge, self.edge_coordinator_url)
+
     def direct_ingress(self) -> bool:
+        if self.edge:  # no client key reaches an edge: its replica is the ingress, behind the edge gate
+            if self.ingress == "proxied":
+                raise ValueError(
+                    "an edge LLM has no trusted node for a proxied ingress: use RMA_LLM_INGRESS=direct"
+                )
+            return True
         if self.ingress == "direct" and not self.replicas_trusted_only():
             raise ValueError(
                 "RMA_LLM_INGRESS=direct hands every client's API key to the LLM's nodes: set "
@@ -183,6 +218,7 @@ def build_llm_config(settings: LLMSettings, *, ingress: bool = False) -> Any:
             engine_kwargs["quantization"] = entry.quantization
         if settings.accelerator_type:
             kwargs["accelerator_type"] = settings.accelerator_type
+    env.update(settings.edge_env())
     if ingress:
         from rma_ray.serve_admin import INGRESS_REPLICA_ENV
 
@@ -208,7 +244,7 @@ def build_llm_config(settings: LLMSettings, *, ingress: bool = False) -> Any:
             "num_replicas": settings.num_replicas,
             "ray_actor_options": {"num_cpus": settings.replica_cpus},
             "placement_group_bundle_label_selector": [
-                label_selector(tier, settings.cpu_tiers, settings.replicas_trusted_only())
+                label_selector(tier, settings.node_tiers(), settings.replicas_trusted_only())
             ],
         },
         log_engine_metrics=False,

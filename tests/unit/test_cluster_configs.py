@@ -26,7 +26,7 @@ import jsonschema
 import pytest
 import yaml
 
-from rma_ray import tiers
+from rma_ray import edges, tiers
 from rma_ray.tiers import LABEL_TIER, LABEL_TRUSTED, Tier
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,11 +35,14 @@ SCHEMAS = ROOT / "tests" / "schemas"
 SERVE_FILE = CC / "serve" / "rma-serve.yaml"
 RAYCLUSTER = CC / "kuberay" / "raycluster.yaml"
 RAYSERVICE = CC / "kuberay" / "rayservice.yaml"
+EDGE_SERVE_FILE = CC / "serve" / "rma-serve-edge.yaml"
+EDGE_RAYSERVICE = CC / "kuberay" / "rayservice-edge.yaml"
 COMPOSE = CC / "donor" / "docker-compose.yml"
 HEAD_VM = CC / "ray" / "head-vm.yaml"
 FLY = CC / "fly" / "fly.toml"
 FLY_ENTRYPOINT = CC / "fly" / "entrypoint.sh"
-LABELS = {v for k, v in vars(tiers).items() if k.startswith("LABEL_")}  # the rma.io/* labels the code knows
+# the rma.io/* labels the code knows (tiers, and the cluster label of rma_ray/edges.py)
+LABELS = {v for k, v in vars(tiers).items() if k.startswith("LABEL_")} | {edges.LABEL_CLUSTER}
 TIER_VALUES = {str(t) for t in Tier} | {"head"}  # "head": what `rma up` labels its own node (rma_ray/head.py)
 
 
@@ -161,6 +164,33 @@ def test_rayservice_embeds_exactly_the_serve_config() -> None:
     assert embedded == SERVE_FILE.read_text()
 
 
+def test_the_edge_rayservice_embeds_the_edge_serve_config_and_holds_nothing_of_the_core() -> None:
+    manifest = load(EDGE_RAYSERVICE)
+    assert manifest["spec"]["serveConfigV2"] == EDGE_SERVE_FILE.read_text()
+    edge = yaml.safe_load(manifest["spec"]["serveConfigV2"])
+    assert [a["name"] for a in edge["applications"]] == ["rma-llm", "rma-embeddings"]
+    for app in edge["applications"]:
+        assert app["args"]["edge"] == "edge"
+    cluster = manifest["spec"]["rayClusterConfig"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for g in groups:  # untrusted nodes of the edge only, none with a credential of the core
+        assert g["labels"][LABEL_TRUSTED] == "false" and g["labels"]["rma.io/cluster"] == "edge"
+        pod = g["template"]["spec"]
+        assert "volumes" not in pod or all("secret" not in v for v in pod["volumes"])
+        for c in pod["containers"]:
+            assert not any(e["name"].startswith("RMA_KEYRING") for e in c.get("env", []))
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    labels = [g["labels"] for g in groups]
+    for app in edge["applications"]:
+        for d in app["deployments"]:
+            sels = [d.get("ray_actor_options", {}).get("label_selector")]
+            sels += d.get("placement_group_bundle_label_selector", [])
+            for sel in filter(None, sels):
+                assert LABEL_TRUSTED not in sel, f"{d['name']}: an edge has no trusted node"
+                assert any(_selector_matches(sel, lab) for lab in labels[1:]), f"{d['name']}: no edge group"
+                assert not _selector_matches(sel, labels[0]), f"{d['name']} may land on the edge head"
+
+
 def test_embed_replaces_only_the_serve_block() -> None:
     from deployments.serve_config import embed
 
@@ -251,7 +281,7 @@ def kuberay_errors(manifest: dict[str, Any]) -> list[str]:
     return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in v.iter_errors(manifest)]
 
 
-@pytest.mark.parametrize("path", [RAYCLUSTER, RAYSERVICE], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [RAYCLUSTER, RAYSERVICE, EDGE_RAYSERVICE], ids=lambda p: p.name)
 def test_kuberay_manifests_validate(path: Path) -> None:
     manifest = load(path)
     assert kuberay_errors(manifest) == []
@@ -591,6 +621,9 @@ def test_every_rma_label_in_configs_exists_in_the_code() -> None:
                     f"{path.name}: label {k!r} is not one of rma_ray/tiers.py's {sorted(LABELS)}"
                 )
                 values = {x.strip() for x in re.sub(r"^!?(in\()?|\)$", "", str(v)).split(",")}
+                if k == edges.LABEL_CLUSTER:
+                    assert v == edges.CORE or edges.valid_name(str(v)), f"{path.name}: {k}={v!r}"
+                    continue
                 allowed = (
                     TIER_VALUES if k == LABEL_TIER else values if k == tiers.LABEL_NODE else {"true", "false"}
                 )

@@ -77,12 +77,63 @@ def test_rma_up_applies_the_apps_it_was_asked_for_with_the_environments_settings
         serve_config.group_apps(["nope"])
 
 
+def test_an_edge_gets_its_stateless_apps_behind_the_edge_gate_on_its_donors(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from deployments import serve_config
+    from deployments.embeddings.config import EmbeddingSettings
+    from deployments.gateway.edge_gate import EDGE_COORDINATOR_ENV, EDGE_NAME_ENV
+    from deployments.llm.config import LLMSettings, label_selector
+
+    monkeypatch.setenv("RMA_LLM_MAX_NUM_SEQS", "4")
+    specs = serve_config.group_apps(["embeddings", "llm"], "edge", "e1", "http://10.0.0.1:8080/")
+    assert [s.name for s in specs] == ["rma-embeddings", "rma-llm"]  # no rma-inference: it sees client keys
+    llm = LLMSettings(**specs[1].args)
+    assert specs[1].args["max_num_seqs"] == 4  # the environment's settings, as for the core
+    assert llm.edge == "e1" and llm.direct_ingress() and not llm.replicas_trusted_only()
+    assert label_selector("cpu", llm.node_tiers(), llm.replicas_trusted_only()) == {"rma.io/tier": "service"}
+    assert llm.edge_env() == {EDGE_NAME_ENV: "e1", EDGE_COORDINATOR_ENV: "http://10.0.0.1:8080"}
+    emb = EmbeddingSettings(**specs[0].args)
+    assert emb.selector() == {"rma.io/tier": "service"} and emb.ingress() == {
+        "rma.io/tier": "in(service,gpu)"
+    }
+    with pytest.raises(ValueError, match="proxied"):
+        LLMSettings(edge="e1", edge_coordinator_url="http://c", ingress="proxied").direct_ingress()
+    with pytest.raises(ValueError, match="needs --edge"):
+        serve_config.group_apps(["llm"], "edge")
+    core = LLMSettings()  # the core's LLM is as it was
+    assert core.edge_env() == {} and core.node_tiers() == "service,head"
+
+
 @pytest.mark.parametrize(
     ("args", "says"),
     [
         (["up", "--apps", "llm,chat"], "unknown app chat"),
         (["down", "--stores", "redis,mysql"], "unknown store mysql"),
         (["up", "--store-port", "redis=99999"], "--store-port 'redis=99999'"),
+        (["up", "--profile", "edge", "--coordinator-url", ""], "--profile edge needs --edge NAME"),
+        (
+            ["up", "--profile", "edge", "--edge", "Core!", "--coordinator-url", "http://c"],
+            "invalid edge name",
+        ),
+        (
+            [
+                "up",
+                "--profile",
+                "edge",
+                "--edge",
+                "e1",
+                "--coordinator-url",
+                "http://c",
+                "--apps",
+                "services",
+            ],
+            "unknown app services; choose from llm, embeddings or 'none'",
+        ),
+        (
+            ["up", "--profile", "edge", "--edge", "e1", "--coordinator-url", "http://c", "--stores", "redis"],
+            "an edge cluster holds no data stores",
+        ),
     ],
 )
 def test_the_entry_refuses_bad_input_in_one_json_line(args: list[str], says: str) -> None:
