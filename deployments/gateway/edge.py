@@ -369,8 +369,11 @@ class EdgeForward:
         if r is None:
             await self.app(scope, receive, send)
             return
+        if not r.candidates(self.app_name):  # no edge serves the app now: no key check here, no body read
+            await self.app(scope, receive, _served_by_core(send))
+            return
         client = await _client_of(scope)
-        if client is None or client.sensitive or not r.candidates(self.app_name):
+        if client is None or client.sensitive:
             await self.app(scope, receive, _served_by_core(send))
             return
         body, more = await _read_body(receive, self.max_body_bytes)

