@@ -124,7 +124,8 @@ class EdgeCredentialVerifier:
         if not self._keys:
             raise jwt.InvalidSignatureError("no key")
         last: jwt.InvalidTokenError = jwt.InvalidSignatureError("no key verifies it")
-        for key in self._keys:
+        kid = jwt.get_unverified_header(token).get("kid")  # a hint only: the key named first, then the others
+        for key in sorted(self._keys, key=lambda k: k.key_id != kid):
             try:
                 return jwt.decode(
                     token,

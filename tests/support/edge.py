@@ -31,12 +31,13 @@ SERVICE_CREDENTIAL = "rma_service_testid_" + "s" * 40
 
 def jwk(key: Ed25519PrivateKey) -> dict[str, Any]:
     out: dict[str, Any] = json.loads(OKPAlgorithm.to_jwk(key.public_key()))
-    out.update({"use": "sig", "alg": "EdDSA"})
+    out.update({"use": "sig", "alg": "EdDSA", "kid": out["x"][:16]})
     return out
 
 
 def mint(key: Ed25519PrivateKey, edge: str = EDGE, **overrides: Any) -> str:
-    """An edge credential as the coordinator mints it (claims overridable to make bad ones)."""
+    """An edge credential as the coordinator mints it, its key id in the header (claims overridable to make
+    bad ones)."""
     now = int(time.time())
     claims: dict[str, Any] = {
         "iss": EDGE_ISSUER,
@@ -47,7 +48,8 @@ def mint(key: Ed25519PrivateKey, edge: str = EDGE, **overrides: Any) -> str:
         "jti": uuid.uuid4().hex,
     }
     claims.update(overrides)
-    return jwt.encode({k: v for k, v in claims.items() if v is not None}, key, algorithm="EdDSA")
+    claims = {k: v for k, v in claims.items() if v is not None}
+    return jwt.encode(claims, key, algorithm="EdDSA", headers={"kid": jwk(key)["kid"]})
 
 
 @dataclass

@@ -276,6 +276,13 @@ def test_no_edge_serving_the_app_or_no_routes_means_the_core(routed: Any, core: 
     assert app.seen == []
 
 
+def test_a_body_over_the_forward_limit_is_served_on_the_core(routed: Any, core: str) -> None:
+    router, _, app = routed
+    r = chat(core, padding="x" * (2**20 + 10))  # over the gate's 1 MiB: the core's own limit answers
+    assert r.status_code == 413
+    assert app.seen == [] and sum(router.counts.values()) == 0
+
+
 def test_no_router_keeps_todays_answer(routed: Any, core: str) -> None:
     edge.set_router(None, disabled=True)  # a pool with no edge routing (RMA_EDGE_ROUTING=off, no identity)
     r = chat(core)
