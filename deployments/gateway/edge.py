@@ -23,8 +23,9 @@ is the client's mistake and is passed through. A failure after the first byte en
 connection is closed: a cut answer never looks complete).
 
 Counters (Ray's metrics, and `EdgeRouter.counts` in the process): `rma_edge_requests{edge, app, outcome}`
-with outcome `forwarded` (the edge answered), `fallback` (the edge failed before answering; the core served it)
-or `broken` (the edge's answer was cut).
+with outcome `forwarded` (the edge answered), `fallback` (the edge failed before answering; the core served it),
+`breaker_open` (the edge failed lately and was not tried; the core served it) or `broken` (the edge's answer
+was cut).
 """
 
 from __future__ import annotations
@@ -140,7 +141,8 @@ class EdgeRouter:
         self._http: dict[asyncio.AbstractEventLoop, httpx.AsyncClient] = {}
         self.counter = Counter(
             "rma_edge_requests",
-            "requests the core's gateway sent to an edge cluster, by outcome (forwarded, fallback, broken)",
+            "requests the core's gateway meant for an edge cluster, by outcome "
+            "(forwarded, fallback, breaker_open, broken)",
             ("edge", "app", "outcome"),
         )
 
@@ -231,8 +233,9 @@ class EdgeRouter:
                         await resp.aclose()
                         raise EdgeFailed(route.name, resp.status_code)
             except OpenedState:
+                self.counter.inc(route.name, app, "breaker_open")
                 continue  # this edge failed lately: the next one, or the core
-            except (httpx.HTTPError, EdgeFailed, TimeoutError) as exc:
+            except Exception as exc:  # anything before the first byte: the core serves it (the body is kept)
                 status = getattr(exc, "status", None)
                 if status in (401, 403):  # the credential was refused: rotated? fetch the routes again
                     self.refresh_soon()

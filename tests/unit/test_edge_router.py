@@ -225,6 +225,7 @@ def test_failures_open_the_breaker_and_the_edge_is_skipped(routed: Any, core: st
         assert chat(core).headers[SERVED_BY_HEADER] == "core"
     assert len(app.seen) == 2
     assert router.counts[(EDGE, LLM, "fallback")] == 2
+    assert router.counts[(EDGE, LLM, "breaker_open")] == 3
 
 
 def test_a_client_mistake_at_the_edge_is_passed_through(routed: Any, core: str) -> None:
