@@ -427,7 +427,7 @@ def _replay(body: bytes, more: bool, receive: Any) -> Any:
     """A `receive` that gives the body read already, then whatever the client still sends."""
     done = False
 
-    async def replay() -> dict[str, Any]:
+    async def replay() -> Any:
         nonlocal done
         if not done:
             done = True
