@@ -12,8 +12,9 @@ an edge can serve is sent there over HTTP, and served by the core's own replicas
   replicas of the app and its breaker is closed, forwards the request; else the app serves it (`core`).
 
 What reaches an edge: the method, the path, the body and a few content headers, with `Authorization: Bearer
-<edge credential>`; never the client's key, cookies or any header naming the client. Every answer of a routed
-path says who served it (`SERVED_BY_HEADER`: `edge:<name>` or `core`).
+<edge credential>`; never the client's key, cookies or any header naming the client. Where the pool has an edge,
+every answer of a routed path says who served it (`SERVED_BY_HEADER`: `edge:<name>` or `core`); with no edge
+(none configured, or the routes cannot be read) the app answers exactly as it always has.
 
 Never a hang: connect within `connect_timeout_s`, each read (the first byte too) within `read_timeout_s`, the
 whole forward within `total_timeout_s`. A failure before the answer's first byte (connect error, timeout, a 5xx,
@@ -369,7 +370,7 @@ class EdgeForward:
             await self.app(scope, receive, send)
             return
         r = await _ready_router()
-        if r is None:
+        if r is None or not r.routes():  # no edge (none configured, or the routes cannot be read): as before
             await self.app(scope, receive, send)
             return
         if not r.candidates(self.app_name):  # no edge serves the app now: no key check here, no body read
