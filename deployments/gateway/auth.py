@@ -101,8 +101,9 @@ async def current_client(request: Request) -> ClientIdentity:
     try:
         client = v.verify(header)
     except UnknownKey:
-        if not await asyncio.to_thread(v.refresh_for_unknown):
-            raise
+        # one refresh at a time: a request that waited for another's refresh checks against that keyring (a
+        # fresh key's first requests arrive together: each must see it, not only the one that refreshed)
+        await asyncio.to_thread(v.refresh_for_unknown)
         client = v.verify(header)
     request.state.client = client
     return client

@@ -3,7 +3,8 @@ an edge can serve is sent there over HTTP, and served by the core's own replicas
 
 - `EdgeRouter` (one per replica process): the edges as the coordinator reports them (`POST
   /api/service/edge-routes` with this node's identity: each edge's Serve URL, a short-lived edge credential,
-  its running replicas per app and its health), refreshed every `refresh_s` and before a credential expires;
+  its running replicas per app and its health), refreshed every `refresh_s` (10 s: new edge capacity is used
+  within that) and before a credential expires;
   a circuit breaker per edge (`purgatory`: asyncio-native, in-memory, a failure threshold and a time to
   half-open, no thread or lock of ours); the forward itself with httpx, streamed both ways.
 - `EdgeForward`: ASGI middleware in front of an app's forwardable routes (the LLM's completions, embeddings).
@@ -115,7 +116,7 @@ class EdgeRouter:
         self,
         fetch: Callable[[], Any],
         *,
-        refresh_s: float = 30.0,
+        refresh_s: float = 10.0,
         connect_timeout_s: float = 1.0,
         read_timeout_s: float = 60.0,
         total_timeout_s: float = 170.0,  # under Serve's 180 s request limit

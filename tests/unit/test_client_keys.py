@@ -134,6 +134,47 @@ def test_a_key_created_since_the_last_refresh_works_on_its_first_request() -> No
         auth.set_verifier(None)
 
 
+def test_a_fresh_keys_concurrent_first_requests_all_pass() -> None:
+    """Eight requests with a key created since the last refresh arrive together: one refreshes the keyring,
+    the others wait for that refresh and check against it (none is refused)."""
+    import threading
+
+    from starlette.requests import Request
+
+    from deployments.gateway import auth
+
+    new = credentials.mint(Kind.CLIENT)
+    keys: list[credentials.Minted] = []
+    release = threading.Event()
+
+    def fetch() -> dict:  # type: ignore[type-arg]
+        if keys:  # the refresh the unknown key causes: slow, so the other requests arrive meanwhile
+            release.wait(5)
+        return ring(*keys)
+
+    v = ClientKeyVerifier(fetch, refresh_s=3600, max_stale_s=3600, unknown_refresh_s=3600)
+    v.refresh()
+    keys.append(new)
+    header = [(b"authorization", f"Bearer {new.token}".encode())]
+
+    async def eight() -> list[str]:
+        calls = [
+            asyncio.create_task(
+                auth.current_client(Request({"type": "http", "method": "GET", "path": "/", "headers": header}))
+            )
+            for _ in range(8)
+        ]
+        await asyncio.sleep(0.2)  # let all eight reach the key check before the refresh answers
+        release.set()
+        return [c.key_id for c in await asyncio.gather(*calls)]
+
+    auth.set_verifier(v)
+    try:
+        assert asyncio.run(eight()) == [new.id] * 8
+    finally:
+        auth.set_verifier(None)
+
+
 def test_unknown_key_refreshes_are_limited_per_interval() -> None:
     clock = Clock()
     fetches: list[int] = []
