@@ -34,6 +34,8 @@ EDGE_USER = "rma-edge"  # the unprivileged system user edge heads run as
 EDGE_ISSUER = "rma-coordinator"
 EDGE_TOKEN_TTL_S = 600  # an edge credential's lifetime; the gateway refreshes it well before
 SERVED_BY_HEADER = "x-rma-served-by"  # on every forwarded answer: "edge:<name>" or "core"
+# the apps (names of rma_ray.poolinfo.APP_NAMES) an edge runs: stateless compute, no client data
+EDGE_APPS = ("llm", "embeddings")
 
 
 def edge_audience(name: str) -> str:

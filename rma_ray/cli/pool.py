@@ -96,10 +96,19 @@ def up(
         list[str] | None,
         typer.Option(help="STORE=PORT instead of the store's default port (repeatable), e.g. postgres=5441"),
     ] = None,
+    edge: Annotated[
+        bool,
+        typer.Option(
+            "--edge/--no-edge",
+            help="start an edge cluster beside the core head for untrusted donors: its own Ray head, run as "
+            "the system user rma-edge with its own token and ports (root); --no-edge: one cluster",
+        ),
+    ] = True,
     data_dir: DataDirOpt = None,
 ) -> None:
     """Start the pool on this machine (Ray head, Serve, coordinator) and supervise it until Ctrl-C."""
     from rma_ray import logs
+    from rma_ray.edges import EdgeSpec
     from rma_ray.head import Pool, UpError, UpOptions
     from rma_ray.net import local_ip_towards
 
@@ -124,6 +133,7 @@ def up(
         store_runtime=store_runtime,
         store_ports=_store_ports(store_port or []),
         apps=_app_list(apps),
+        edges=(EdgeSpec(),) if edge else (),
     )
     if overlay:
         try:
@@ -154,6 +164,11 @@ def up(
         ("ray_dashboard_url", "Ray dashboard"),
     ):
         out.print(f"  {label:<16} {info[key]}")
+    for name, e in (info.get("edges") or {}).items():
+        state = "running" if e.get("head_pid") else f"not running ({e.get('error')})"
+        out.print(
+            f"  edge {name:<11} Ray {e['ray_address']}, Serve {e['serve_url']}, as {e['user']}: {state}"
+        )
     if info["first_start"]:
         out.print(f"  [bold yellow]admin key (first start; kept 0600 in pool.json):[/] {info['admin_key']}")
     out.print(f"  join token (1 use, expires {info['join_token_expires_at']}): {info['join_token']}")
@@ -182,12 +197,22 @@ def down(data_dir: DataDirOpt = None) -> None:
 
 
 @commands.command("rotate-cluster-token")
-def rotate_cluster_token(data_dir: DataDirOpt = None) -> None:
+def rotate_cluster_token(
+    edge: Annotated[
+        str | None,
+        typer.Option(
+            "--edge",
+            help="rotate only this edge cluster's token: its head restarts, the core's head, Serve apps and "
+            "stores keep running",
+        ),
+    ] = None,
+    data_dir: DataDirOpt = None,
+) -> None:
     """Give the pool a new Ray cluster token: the head restarts with it, live donors fetch it with their node
     token and rejoin, revoked donors are locked out (their copy of the old token is worthless)."""
     from rma_ray.head import UpError, signal_rotate
 
     try:
-        out.print(signal_rotate(data_dir_of(data_dir)))
+        out.print(signal_rotate(data_dir_of(data_dir), edge=edge))
     except UpError as exc:
         fail(str(exc))
