@@ -20,6 +20,7 @@ serves meanwhile) and rotated alone (`rma rotate-cluster-token --edge NAME`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pwd
@@ -179,6 +180,23 @@ def ensure_system_user(user: str) -> pwd.struct_passwd:
     return pwd.getpwnam(user)
 
 
+def own_dir(path: Path, pw: pwd.struct_passwd) -> None:
+    """`path` as a directory of `pw`'s only (0700), made if missing. These are fixed paths under /tmp: one that
+    someone else made (a symlink, another user's directory) is refused."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        path.mkdir(mode=0o700)
+        st = path.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid not in (0, pw.pw_uid):
+        raise UpError(
+            f"{path} exists but is not the edge's directory (a link, or owned by uid {st.st_uid}); "
+            f"remove it and start again"
+        )
+    os.chown(path, pw.pw_uid, pw.pw_gid)
+    path.chmod(0o700)
+
+
 class EdgeHead:
     """One edge cluster's Ray head beside the core head, its Serve and its apps (see the module docstring)."""
 
@@ -248,6 +266,12 @@ class EdgeHead:
             )
         ]
 
+    @property
+    def haproxy_dir(self) -> Path:
+        """The edge Serve's HAProxy files (short: Ray puts a node id and a socket name below it)."""
+        digest = hashlib.sha256(str(self.dir).encode()).hexdigest()[:8]
+        return Path("/tmp") / f"rma-hp-{digest}"
+
     def _user(self) -> pwd.struct_passwd:
         return pwd.getpwnam(self.spec.user)
 
@@ -256,19 +280,8 @@ class EdgeHead:
         user's; generated once, so the coordinator is told of the file before the edge head runs), and a check
         that the user can import the pool's code."""
         pw = ensure_system_user(self.spec.user)
-        try:
-            st = self.dir.lstat()
-        except FileNotFoundError:
-            self.dir.mkdir(mode=0o700)
-            st = self.dir.lstat()
-        # a fixed path under /tmp: refuse one that someone else made (a symlink, another user's directory)
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid not in (0, pw.pw_uid):
-            raise UpError(
-                f"{self.dir} exists but is not the edge's directory (a link, or owned by uid {st.st_uid}); "
-                f"remove it and start again"
-            )
-        os.chown(self.dir, pw.pw_uid, pw.pw_gid)
-        self.dir.chmod(0o700)
+        for path in (self.dir, self.haproxy_dir):
+            own_dir(path, pw)
         read_or_create_secret(self.token_file)
         os.chown(self.token_file, pw.pw_uid, pw.pw_gid)
         self.token_file.chmod(0o600)
@@ -344,6 +357,8 @@ class EdgeHead:
                     self.o.node_ip,
                     "--port",
                     str(self.spec.ports.serve),
+                    "--haproxy-dir",
+                    str(self.haproxy_dir),
                 ]
             ),
             capture_output=True,
@@ -693,6 +708,7 @@ class Pool:
         poolinfo.write(self.o.data_dir, info)
         for edge in self.edges.values():
             self.start_edge(edge, deploy=False)
+        info.edges = poolinfo.read(self.o.data_dir).edges
         # store supervisors on the head report with service.json's credential
         self.start_deployments(info)
         for edge in self.edges.values():
