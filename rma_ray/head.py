@@ -601,8 +601,8 @@ class Pool:
             (self.logs / "serve-start.log").write_text(r.stdout + r.stderr)
             raise UpError(f"Ray Serve did not start; see {self.logs / 'serve-start.log'}")
 
-    def start_coordinator(self) -> None:
-        env = {
+    def coordinator_env(self) -> dict[str, str]:
+        return {
             **ray_env(self.token_file),
             "RMA_ADMIN_KEY": self.admin_key,
             "RMA_DATA_DIR": str(self.o.data_dir / "coordinator"),
@@ -616,6 +616,9 @@ class Pool:
             "RMA_EDGES": json.dumps([e.endpoint().model_dump(mode="json") for e in self.edges.values()]),
             **self.o.extra_env,
         }
+
+    def start_coordinator(self) -> None:
+        env = self.coordinator_env()
         log = open(self.logs / "coordinator.log", "ab")
         self.coordinator = subprocess.Popen(
             [

@@ -234,6 +234,7 @@ def test_a_killed_edge_head_comes_back_and_the_core_goes_on(pool: Pool) -> None:
         return now if now.head_pid not in (None, before.head_pid) else None
 
     now = wait_for(back, timeout=300, interval=1, what="the supervisor to restart the edge head")
+    assert now is not None and now.head_pid
     assert psutil.Process(now.head_pid).username() == "rma-edge"
     assert serve_actors(pool.edges[EDGE].dashboard_url, pool.edges[EDGE].token_file)["proxies"]
     assert pool.head.pid == core_head and pool.head.running()  # type: ignore[union-attr]
