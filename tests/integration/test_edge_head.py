@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -80,7 +81,11 @@ def probe_result(r: subprocess.CompletedProcess[str]) -> dict[str, Any]:
 
 
 def refused(r: subprocess.CompletedProcess[str]) -> bool:
-    return r.returncode != 0 and "PROBE " not in r.stdout
+    """The driver failed for its token (not for anything else)."""
+    said = r.stdout + r.stderr
+    ok = r.returncode != 0 and "PROBE " not in r.stdout and re.search(r"(?i)auth|token", said) is not None
+    assert ok, said[-3000:]
+    return ok
 
 
 @pytest.fixture(scope="module")
