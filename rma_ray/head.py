@@ -212,6 +212,8 @@ class EdgeHead:
         self.token_rotated_at: float | None = None
         self.error: str | None = None
         self.retry_at = 0.0
+        self.deploying: threading.Thread | None = None  # the apps' deployment, beside the supervision
+        self.deploy_proc: subprocess.Popen[str] | None = None
 
     @property
     def ray_address(self) -> str:
@@ -371,10 +373,12 @@ class EdgeHead:
             raise UpError(f"Ray Serve did not start on the edge {self.name!r}; see {log}")
         self.error = None
 
-    def deploy(self, coordinator_url: str) -> None:
+    def deploy(self, coordinator_url: str, changed: Any = None) -> None:
         """The edge's apps (`python -m deployments up --profile edge`, run as the edge user with the edge's
-        token): `apps` gets each one's result. A child that fails (an app that fails, an older `deployments`
-        without the edge profile) leaves them failed; the core serves those apps meanwhile."""
+        token): `apps` gets each one's result (`changed()` is called on each). A child that fails (an app that
+        fails, an older `deployments` without the edge profile) leaves them failed; the core serves those apps
+        meanwhile. It waits as long as an app waits for an edge donor: `Pool.deploy_edge` runs it in a
+        thread."""
         if not self.apps_wanted:
             self.apps = {}
             return
@@ -409,8 +413,9 @@ class EdgeHead:
         # where the edge's ingress fetches the coordinator's public keys (jwks_path): no secret
         child["env"]["RMA_COORDINATOR_URL"] = coordinator_url
         apps: dict[str, dict[str, Any]] = {}
+        self.apps = {a: {"status": "deploying"} for a in self.apps_wanted}
         with open(logs, "a") as log:
-            proc = subprocess.Popen(
+            proc = self.deploy_proc = subprocess.Popen(
                 **child, text=True, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL
             )
         watchdog = threading.Timer(self.o.apps_wait_s * len(self.apps_wanted) + 180, proc.kill)
@@ -424,7 +429,10 @@ class EdgeHead:
                     continue
                 if isinstance(ev, dict) and "app" in ev:
                     apps[ev["app"]] = {k: ev[k] for k in ("status", "ready_s", "error") if k in ev}
+                    self.apps = {**self.apps, **apps}
                     self.say(f"  edge {self.name}: {ev['app']}: {ev.get('status')}")
+                    if changed is not None:
+                        changed()
             proc.wait()
         finally:
             watchdog.cancel()
@@ -440,6 +448,10 @@ class EdgeHead:
         return self.node.running()
 
     def stop(self) -> None:
+        if self.deploy_proc is not None and self.deploy_proc.poll() is None:
+            self.deploy_proc.kill()  # its cluster is going away: it would only wait for nothing
+        if self.deploying is not None:
+            self.deploying.join(30)
         if self.node is None:
             return
         if self.node.running():
@@ -466,6 +478,8 @@ class Pool:
         self.admin_key = ""
         self.hub: wg.Hub | None = None
         self.edges = {spec.name: EdgeHead(spec, opts, say) for spec in opts.edges}
+        # pool.json: the supervisor and the edges' deployments (threads) write it
+        self.edges_lock = threading.RLock()
 
     def _check_ports(self) -> None:
         for what, host, port in (
@@ -708,22 +722,44 @@ class Pool:
             coordinator_pid=self.coordinator.pid if self.coordinator else None,
             first_start=first_start,
         )
-        poolinfo.write(self.o.data_dir, info)
+        self.write(info)
         for edge in self.edges.values():
             self.start_edge(edge, deploy=False)
-        info.edges = poolinfo.read(self.o.data_dir).edges
         # store supervisors on the head report with service.json's credential
         self.start_deployments(info)
         for edge in self.edges.values():
             if edge.running():
-                edge.deploy(self.o.coordinator_url)
-                self.write_edges()
+                self.deploy_edge(edge)
         return poolinfo.read(self.o.data_dir).as_dict()
 
+    def write(self, info: PoolInfo) -> None:
+        """pool.json from `info`, with the edges as they are now (an edge's deployment writes beside)."""
+        with self.edges_lock:
+            if self.edges:
+                info.edges = {name: edge.info() for name, edge in self.edges.items()}
+            poolinfo.write(self.o.data_dir, info)
+
     def write_edges(self) -> None:
-        info = poolinfo.read(self.o.data_dir)
-        info.edges = {name: edge.info() for name, edge in self.edges.items()} if self.edges else None
-        poolinfo.write(self.o.data_dir, info)
+        with self.edges_lock:
+            self.write(poolinfo.read(self.o.data_dir))
+
+    def deploy_edge(self, edge: EdgeHead) -> None:
+        """The edge's apps, in a thread of their own: they may wait long for an edge donor, and neither `rma up`
+        nor the supervision of the core waits for them."""
+        if edge.deploying is not None and edge.deploying.is_alive():
+            return
+
+        def run() -> None:
+            try:
+                edge.deploy(self.o.coordinator_url, changed=self.write_edges)
+            except (OSError, subprocess.SubprocessError) as exc:
+                edge.apps = {a: {"status": "failed", "error": str(exc)} for a in edge.apps_wanted}
+                self.say(f"[yellow]the edge {edge.name!r}'s apps were not deployed:[/] {exc}")
+            finally:
+                self.write_edges()
+
+        edge.deploying = threading.Thread(target=run, name=f"rma-edge-{edge.name}-deploy", daemon=True)
+        edge.deploying.start()
 
     def start_edge(self, edge: EdgeHead, deploy: bool = True) -> bool:
         """Start (or start again) an edge head, its Serve and, with `deploy`, its apps. A failure is said and
@@ -740,8 +776,7 @@ class Pool:
             return False
         self.write_edges()
         if deploy:
-            edge.deploy(self.o.coordinator_url)
-            self.write_edges()
+            self.deploy_edge(edge)
         return True
 
     def rotate_edge(self, name: str) -> None:
@@ -860,7 +895,7 @@ class Pool:
         up."""
         if not (self.o.stores or self.o.apps):
             info.stores, info.apps = {}, {}
-            poolinfo.write(self.o.data_dir, info)
+            self.write(info)
             return
         if self.o.stores:
             self.say(f"starting data stores ({', '.join(self.o.stores)}, {self.o.store_runtime} runtime) …")
@@ -903,7 +938,7 @@ class Pool:
                     self._said_store(ev)
                 elif ev.get("done") == "stores":
                     info.stores = stores
-                    poolinfo.write(self.o.data_dir, info)
+                    self.write(info)
                 elif "app" in ev:
                     apps[ev["app"]] = {k: ev[k] for k in ("status", "ready_s", "error") if k in ev}
                     self._said_app(ev)
@@ -922,7 +957,7 @@ class Pool:
             info.stores = stores
         missing = {"status": "failed", "error": f"no result; see {self.logs / 'deployments.log'}"}
         info.apps = {**{a: dict(missing) for a in self.o.apps}, **apps}
-        poolinfo.write(self.o.data_dir, info)
+        self.write(info)
 
     def _said_store(self, ev: dict[str, Any]) -> None:
         if ev.get("status") == "ready":
@@ -977,7 +1012,7 @@ class Pool:
         info = poolinfo.read(self.o.data_dir)
         info.head_pid = self.head.pid if self.head else None
         info.cluster_token_rotated_at = time.time()
-        poolinfo.write(self.o.data_dir, info)
+        self.write(info)
         self.start_deployments(info)  # the new cluster starts empty: the stores (same volumes), the apps
         self.say("[green]cluster token rotated[/]; live donors rejoin on their next heartbeat")
 

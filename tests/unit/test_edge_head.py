@@ -138,7 +138,10 @@ def test_edge_apps_are_reported_and_a_failing_child_leaves_them_failed(tmp_path:
     assert edge.apps_wanted == ("llm", "embeddings")  # stateless compute only: no client data on an edge
     (tmp_path / "data" / "logs").mkdir(parents=True)
     stand_in_child(edge, 'print(\'{"app": "llm", "status": "running", "ready_s": 1.0}\')')
-    edge.deploy("http://127.0.0.1:8470")
+    pool.deploy_edge(edge)  # in a thread: `rma up` and the supervision do not wait for an edge donor
+    assert edge.deploying is not None
+    edge.deploying.join(60)
+    assert poolinfo.read(pool.o.data_dir).edges["edge"].apps == edge.apps  # type: ignore[index]
     assert edge.apps["llm"] == {"status": "running", "ready_s": 1.0}
     assert edge.apps["embeddings"]["status"] == "failed"
     # a `python -m deployments` without the edge profile: argparse's exit 2, never an exception
