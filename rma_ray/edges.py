@@ -84,7 +84,7 @@ class EdgePorts:
             dashboard_agent_grpc=self.dashboard_agent_grpc + 10 * offset,
             runtime_env_agent=self.runtime_env_agent + 10 * offset,
             dashboard_agent_listen=self.dashboard_agent_listen + offset,
-            ray_client=self.ray_client + offset,
+            ray_client=self.ray_client + 5000 * offset,  # in the gap after this offset's worker ports
             min_worker=self.min_worker + 5000 * offset,
             max_worker=self.max_worker + 5000 * offset,
         )

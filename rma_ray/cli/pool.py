@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from rma_ray.cli.common import DataDirOpt, data_dir_of, fail, out, say
+
+if TYPE_CHECKING:
+    from rma_ray.edges import EdgeSpec
 from rma_ray.settings import check_overlay_subnet
 
 commands = typer.Typer()  # merged into the root `rma` app by rma_ray/cli/__init__.py
@@ -47,6 +50,29 @@ def _store_ports(items: list[str]) -> dict[str, int]:
             )
         ports[name] = int(value)
     return ports
+
+
+def _edges(names: list[str]) -> tuple[EdgeSpec, ...]:
+    """One EdgeSpec per --edge-name: the first on the default ports and overlay subnet, each next one moved up
+    (ports by EdgePorts.shifted, subnet by one /16)."""
+    import ipaddress
+
+    from rma_ray.edges import EdgePorts, EdgeSpec, valid_name
+
+    for name in names:
+        if not valid_name(name):
+            fail(f"--edge-name {name!r}: use a-z, 0-9 and '-' (a letter first, up to 16), not 'core'")
+    if len(set(names)) != len(names):
+        fail("--edge-name: each edge needs a name of its own")
+    base = ipaddress.ip_network(EdgeSpec().overlay_subnet)
+    return tuple(
+        EdgeSpec(
+            name=name,
+            ports=EdgePorts().shifted(i),
+            overlay_subnet=str(ipaddress.ip_network((int(base.network_address) + i * 2**16, base.prefixlen))),
+        )
+        for i, name in enumerate(names)
+    )
 
 
 @commands.command("up")
@@ -104,11 +130,18 @@ def up(
             "the system user rma-edge with its own token and ports (root); --no-edge: one cluster",
         ),
     ] = True,
+    edge_name: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="name an edge cluster (repeatable: one edge head each, its ports 10 up from the one before; "
+            "an untrusted invite chooses one with --edge NAME)",
+        ),
+    ] = None,
     data_dir: DataDirOpt = None,
 ) -> None:
     """Start the pool on this machine (Ray head, Serve, coordinator) and supervise it until Ctrl-C."""
     from rma_ray import logs
-    from rma_ray.edges import EdgeSpec
+    from rma_ray.edges import DEFAULT_EDGE
     from rma_ray.head import Pool, UpError, UpOptions
     from rma_ray.net import local_ip_towards
 
@@ -133,7 +166,7 @@ def up(
         store_runtime=store_runtime,
         store_ports=_store_ports(store_port or []),
         apps=_app_list(apps),
-        edges=(EdgeSpec(),) if edge else (),
+        edges=_edges(edge_name or [DEFAULT_EDGE]) if edge else (),
     )
     if overlay:
         try:

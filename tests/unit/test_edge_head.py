@@ -266,10 +266,33 @@ def test_the_cli_starts_one_edge_by_default_and_none_with_no_edge(monkeypatch: p
     monkeypatch.setattr(rma_ray.logs, "configure", lambda *_: None)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
-        for args in ([], ["--no-edge"]):
+        for args in ([], ["--no-edge"], ["--edge-name", "edge", "--edge-name", "eu"]):
             r = CliRunner().invoke(cli.app, ["up", "--node-ip-address", "127.0.0.1", *args])
             assert r.exit_code != 0 and "stood in" in r.output + str(r.exception), r.output
+        r = CliRunner().invoke(cli.app, ["up", "--edge-name", "eu", "--edge-name", "eu"])
+        assert "a name of its own" in str(r.exception)
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
-    assert seen == [(EdgeSpec(),), ()]
+    assert seen[:2] == [(EdgeSpec(),), ()]
+    # a second edge: its own ports and overlay subnet, apart from the first's
+    first, second = seen[2]
+    assert (first, second.name) == (EdgeSpec(), "eu")
+    assert second.ports == EdgeSpec().ports.shifted(1) and second.overlay_subnet == "10.90.0.0/16"
+
+
+def test_edges_on_one_machine_share_no_port() -> None:
+    """Up to four edges beside the core head (--edge-name): every single port apart, none inside any edge's
+    worker range (a Ray client port once landed on the next edge's first worker port)."""
+    layouts = [EdgeSpec().ports.shifted(i) for i in range(4)]
+    singles = [
+        getattr(p, f)
+        for p in layouts
+        for f in p.__dataclass_fields__
+        if f not in ("min_worker", "max_worker")
+    ]
+    assert len(set(singles)) == len(singles)
+    for p in layouts:
+        assert not [port for port in singles if p.min_worker <= port <= p.max_worker]
+    ranges = sorted((p.min_worker, p.max_worker) for p in layouts)
+    assert all(a[1] < b[0] for a, b in zip(ranges, ranges[1:], strict=False))
