@@ -459,6 +459,8 @@ class EdgeHead:
         self.node.track()
         self.node.stop(timeout=5)
         shutil.rmtree(self.node.spec.temp_dir, ignore_errors=True)
+        for node_dir in self.haproxy_dir.glob("*"):  # one per Ray node id: a new one each start
+            shutil.rmtree(node_dir, ignore_errors=True)
 
     def new_token(self) -> None:
         pw = self._user()

@@ -61,6 +61,22 @@ print("PROBE " + json.dumps(out))
 """
 
 
+# a tiny Serve app on the core (its replica ids show whether a rotation of the edge redeployed the core)
+TINY_APP = r"""
+import sys
+import ray
+from ray import serve
+ray.init(address=sys.argv[1], namespace="rma", logging_level="ERROR", log_to_driver=False)
+
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
+class Tiny:
+    def __call__(self, request):
+        return "tiny"
+
+serve.run(Tiny.bind(), name="tiny", route_prefix="/tiny")
+"""
+
+
 def driver(
     address: str, token_file: Path, *paths: str, timeout: float = 180
 ) -> subprocess.CompletedProcess[str]:
@@ -187,7 +203,17 @@ def test_the_edge_head_runs_as_its_own_user_and_reads_nothing_of_the_core(pool: 
 def test_rotating_the_edge_token_leaves_the_core_untouched(pool: Pool) -> None:
     edge = pool.edges[EDGE]
     core_head, coordinator = pool.head.pid, pool.coordinator.pid  # type: ignore[union-attr]
+    tiny = subprocess.run(
+        [sys.executable, "-c", TINY_APP, pool.o.gcs_address],
+        env=ray_env(pool.token_file),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert tiny.returncode == 0, tiny.stderr[-3000:]
     core_serve = serve_actors(pool.dashboard_url, pool.token_file)
+    assert core_serve["replicas"], core_serve
     old_token = edge.token_file.read_text()
     before = edge_info(pool)
 
@@ -213,7 +239,7 @@ def test_rotating_the_edge_token_leaves_the_core_untouched(pool: Pool) -> None:
 
 
 def serve_actors(dashboard_url: str, token_file: Path) -> dict[str, Any]:
-    """Serve's controller and proxy actor ids (they change when Serve starts again)."""
+    """Serve's controller, proxy and replica ids (they change when Serve starts again or an app redeploys)."""
     r = httpx.get(
         dashboard_url + "/api/serve/applications/",
         headers={"Authorization": f"Bearer {token_file.read_text().strip()}"},
@@ -224,6 +250,12 @@ def serve_actors(dashboard_url: str, token_file: Path) -> dict[str, Any]:
     return {
         "controller": body.get("controller_info", {}).get("actor_id"),
         "proxies": sorted(p.get("actor_id") for p in (body.get("proxies") or {}).values()),
+        "replicas": sorted(
+            rep["replica_id"]
+            for app in (body.get("applications") or {}).values()
+            for dep in (app.get("deployments") or {}).values()
+            for rep in dep.get("replicas") or []
+        ),
     }
 
 
