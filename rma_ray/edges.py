@@ -34,6 +34,8 @@ EDGE_USER = "rma-edge"  # the unprivileged system user edge heads run as
 EDGE_ISSUER = "rma-coordinator"
 EDGE_TOKEN_TTL_S = 600  # an edge credential's lifetime; the gateway refreshes it well before
 SERVED_BY_HEADER = "x-rma-served-by"  # on every forwarded answer: "edge:<name>" or "core"
+# the apps (names of rma_ray.poolinfo.APP_NAMES) an edge runs: stateless compute, no client data
+EDGE_APPS = ("llm", "embeddings")
 
 
 def edge_audience(name: str) -> str:
@@ -82,7 +84,7 @@ class EdgePorts:
             dashboard_agent_grpc=self.dashboard_agent_grpc + 10 * offset,
             runtime_env_agent=self.runtime_env_agent + 10 * offset,
             dashboard_agent_listen=self.dashboard_agent_listen + offset,
-            ray_client=self.ray_client + offset,
+            ray_client=self.ray_client + 5000 * offset,  # in the gap after this offset's worker ports
             min_worker=self.min_worker + 5000 * offset,
             max_worker=self.max_worker + 5000 * offset,
         )

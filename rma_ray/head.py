@@ -9,15 +9,25 @@ through Serve's declarative API). Code in Ray on the head (Serve replicas, store
 service credential instead (`<data dir>/service.json`, 0600, minted anew on each start): keyring and store
 reports only, never the admin key (rma_ray/identity.py). `rma down` asks the supervisor to stop, or stops what
 it left, by PID.
+
+Beside the core head, `rma up` starts one Ray head per edge cluster (`UpOptions.edges`; rma_ray/edges.py):
+the cluster untrusted donors join. Each runs as its own unprivileged system user (`rma-edge`), with its own data
+dir (0700, its token 0600 inside), its own token and ports, no CPUs of its own (control plane only), and Serve
+with the edge's apps. Ray's workers run as the raylet's user, so code an edge donor runs on the edge head reads
+nothing of the core's: the core data dir is 0700 and root's. The edge head is restarted if it dies (the core
+serves meanwhile) and rotated alone (`rma rotate-cluster-token --edge NAME`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import pwd
 import secrets
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -32,11 +42,21 @@ import psutil
 from rma_ray import credentials, poolinfo
 from rma_ray import overlay as wg
 from rma_ray.client import AdmissionClient, AdmissionError
+from rma_ray.edges import EDGE_APPS, LABEL_CLUSTER, EdgeEndpoint, EdgeSpec, valid_name
 from rma_ray.identity import service_file
 from rma_ray.membership import write_private
 from rma_ray.net import port_free
-from rma_ray.poolinfo import APP_NAMES, STORE_NAMES, PoolInfo, pool_file
-from rma_ray.raynode import FAST_HEALTH_CHECKS, NodeSpec, NodeStartError, RayNode, ray_env, short_temp_dir
+from rma_ray.poolinfo import APP_NAMES, STORE_NAMES, EdgeInfo, PoolInfo, pool_file
+from rma_ray.raynode import (
+    FAST_HEALTH_CHECKS,
+    NodeSpec,
+    NodeStartError,
+    RayNode,
+    as_user,
+    ray_env,
+    short_temp_dir,
+    user_env,
+)
 from rma_ray.settings import read_or_create_secret
 from rma_ray.tiers import LABEL_TIER, LABEL_TRUSTED
 from rma_ray.waiting import GiveUp, WaitTimeout, wait_until
@@ -82,6 +102,8 @@ class UpOptions:
     apps: tuple[str, ...] = APP_NAMES
     apps_wait_s: float = 900.0  # the embedded model is converted once (first start) and vLLM warms up
     stores_wait_s: float = 240.0
+    # edge clusters beside the core head (the CLI starts one by default; empty here: a single-cluster pool)
+    edges: tuple[EdgeSpec, ...] = ()
 
     @property
     def ray_ip(self) -> str:
@@ -99,11 +121,351 @@ class UpOptions:
 
 
 SERVE_SHUTDOWN_S = 5.0  # Serve's grace on `rma down`: the pool is going away, HAProxy with it
+EDGE_RETRY_S = 30.0  # an edge head that failed to start again is tried again this much later
+ROTATE_REQUEST = "rotate-request"  # `rma rotate-cluster-token --edge NAME` names the edge here, then SIGHUPs
 
 
 def read_pool(data_dir: Path) -> dict[str, Any]:
     """pool.json as a dict ({} when there is none); typed: `rma_ray.poolinfo.read(data_dir)`."""
     return poolinfo.read(data_dir).as_dict()
+
+
+def wait_dashboard(url: str, token_file: Path, log_path: Path) -> None:
+    """Wait until a head's dashboard answers its state API with the cluster's token."""
+    token = token_file.read_text().strip()
+    try:
+        wait_until(
+            lambda: (
+                httpx.get(
+                    url + "/api/v0/nodes", headers={"Authorization": f"Bearer {token}"}, timeout=5
+                ).status_code
+                == 200
+            ),
+            timeout=60,
+            what="the Ray dashboard",
+        )
+    except WaitTimeout:
+        raise UpError(f"the Ray dashboard at {url} did not answer; see {log_path}") from None
+
+
+def shutdown_serve(dashboard_url: str, token_file: Path) -> None:
+    """Serve's own shutdown (every app deleted, the controller stopped) through the dashboard's REST API, as
+    `serve shutdown` does, but waiting at most SERVE_SHUTDOWN_S: a driver process would cost more than that in
+    start-up alone, and what is left then ends with the Ray head."""
+    try:
+        token = token_file.read_text().strip()
+        httpx.delete(
+            dashboard_url + "/api/serve/applications/",
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=SERVE_SHUTDOWN_S,
+        )
+    except (OSError, httpx.HTTPError):
+        pass  # timed out (replicas still draining) or the dashboard is gone: the head's stop ends it
+
+
+def ensure_system_user(user: str) -> pwd.struct_passwd:
+    """The edge head's system user (created when missing: no login, no home of its own)."""
+    try:
+        return pwd.getpwnam(user)
+    except KeyError:
+        pass
+    r = subprocess.run(
+        ["useradd", "--system", "--user-group", "--no-create-home", "--shell", "/usr/sbin/nologin", user],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if r.returncode != 0:
+        raise UpError(f"could not create the system user {user!r} for the edge head: {r.stderr.strip()}")
+    return pwd.getpwnam(user)
+
+
+def own_dir(path: Path, pw: pwd.struct_passwd) -> None:
+    """`path` as a directory of `pw`'s only (0700), made if missing. These are fixed paths under /tmp: one that
+    someone else made (a symlink, another user's directory) is refused."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        path.mkdir(mode=0o700)
+        st = path.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid not in (0, pw.pw_uid):
+        raise UpError(
+            f"{path} exists but is not the edge's directory (a link, or owned by uid {st.st_uid}); "
+            f"remove it and start again"
+        )
+    os.chown(path, pw.pw_uid, pw.pw_gid)
+    path.chmod(0o700)
+
+
+class EdgeHead:
+    """One edge cluster's Ray head beside the core head, its Serve and its apps (see the module docstring)."""
+
+    def __init__(self, spec: EdgeSpec, opts: UpOptions, say: Any) -> None:
+        self.spec, self.o, self.say = spec, opts, say
+        self.name = spec.name
+        self.dir = spec.data_dir(opts.data_dir)
+        self.token_file = self.dir / "cluster_token"
+        self.log_path = opts.data_dir / "logs" / f"edge-{spec.name}-head.log"
+        self.node: RayNode | None = None
+        self.apps_wanted = tuple(a for a in opts.apps if a in EDGE_APPS)
+        self.apps: dict[str, dict[str, Any]] = {}
+        self.token_rotated_at: float | None = None
+        self.error: str | None = None
+        self.retry_at = 0.0
+        self.deploying: threading.Thread | None = None  # the apps' deployment, beside the supervision
+        self.deploy_proc: subprocess.Popen[str] | None = None
+
+    @property
+    def ray_address(self) -> str:
+        # not on the core's overlay: edge donors never get the core's subnet (an edge overlay is its own)
+        return f"{self.o.node_ip}:{self.spec.ports.gcs}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://{self.o.node_ip}:{self.spec.ports.dashboard}"
+
+    @property
+    def serve_url(self) -> str:
+        return f"http://{self.o.node_ip}:{self.spec.ports.serve}"
+
+    def endpoint(self) -> EdgeEndpoint:
+        return EdgeEndpoint(
+            name=self.name,
+            ray_address=self.ray_address,
+            dashboard_url=self.dashboard_url,
+            serve_url=self.serve_url,
+            token_file=self.token_file,
+        )
+
+    def info(self) -> EdgeInfo:
+        return EdgeInfo(
+            ray_address=self.ray_address,
+            dashboard_url=self.dashboard_url,
+            serve_url=self.serve_url,
+            data_dir=str(self.dir),
+            user=self.spec.user,
+            head_pid=self.node.pid if self.node and self.node.running() else None,
+            token_rotated_at=self.token_rotated_at,
+            apps=dict(self.apps),
+            error=self.error,
+        )
+
+    def ports(self) -> list[tuple[str, int]]:
+        p = self.spec.ports
+        return [
+            (f"edge {self.name}'s {what}", port)
+            for what, port in (
+                ("Ray GCS", p.gcs),
+                ("Ray dashboard", p.dashboard),
+                ("Serve", p.serve),
+                ("raylet", p.node_manager),
+                ("object manager", p.object_manager),
+                ("metrics export", p.metrics_export),
+                ("dashboard agent gRPC", p.dashboard_agent_grpc),
+                ("runtime env agent", p.runtime_env_agent),
+                ("dashboard agent", p.dashboard_agent_listen),
+                ("Ray client server", p.ray_client),
+            )
+        ]
+
+    @property
+    def haproxy_dir(self) -> Path:
+        """The edge Serve's HAProxy files (short: Ray puts a node id and a socket name below it)."""
+        digest = hashlib.sha256(str(self.dir).encode()).hexdigest()[:8]
+        return Path("/tmp") / f"rma-hp-{digest}"
+
+    def _user(self) -> pwd.struct_passwd:
+        return pwd.getpwnam(self.spec.user)
+
+    def prepare(self) -> None:
+        """Before anything starts: the system user, the data dir (0700, the user's) and the token (0600, the
+        user's; generated once, so the coordinator is told of the file before the edge head runs), and a check
+        that the user can import the pool's code."""
+        pw = ensure_system_user(self.spec.user)
+        for path in (self.dir, self.haproxy_dir):
+            own_dir(path, pw)
+        read_or_create_secret(self.token_file)
+        os.chown(self.token_file, pw.pw_uid, pw.pw_gid)
+        self.token_file.chmod(0o600)
+        self.check_importable()
+
+    def _child(self, args: list[str], **kwargs: Any) -> dict[str, Any]:
+        """Popen arguments for a child of this edge run as its user: the edge's token only, in its data dir."""
+        env = ray_env(self.token_file, base=user_env(self.spec.user, self.dir))
+        return {"args": args, "env": env, **as_user(self.spec.user, self.dir), **kwargs}
+
+    def check_importable(self) -> None:
+        # The edge user runs this venv's Python, Ray and the pool's code: the install must be readable by every
+        # user (a root-owned, world-readable install, e.g. /opt/rma/venv; not a venv under /root, 0700).
+        try:
+            r = subprocess.run(
+                **self._child([sys.executable, "-c", "import deployments, ray"]),
+                capture_output=True,
+                text=True,
+                timeout=180,
+                check=False,
+            )
+            why = (r.stderr.strip().splitlines() or [f"exit code {r.returncode}"])[-1] if r.returncode else ""
+        except OSError as exc:  # the interpreter itself is out of the user's reach (a venv under /root)
+            why = exc.strerror or str(exc)
+        if why:
+            raise UpError(
+                f"the edge user {self.spec.user!r} cannot run the pool's code ({sys.executable}: {why}); "
+                f"install rma-pool where every user may read it (root-owned, world-readable, e.g. /opt/rma) "
+                f"or pass --no-edge"
+            )
+
+    def start(self) -> None:
+        """The edge head, then Serve on it (its proxy on the Serve port). UpError when either fails."""
+        old_temp = self.node.spec.temp_dir if self.node else None
+        spec = NodeSpec(
+            node_ip=self.o.node_ip,
+            token_file=self.token_file,
+            head=True,
+            extra_args=self.spec.ports.argv(),
+            temp_dir=short_temp_dir(f"e{self.name}-{secrets.token_hex(3)}"),
+            labels={LABEL_TIER: "head", LABEL_TRUSTED: "false", LABEL_CLUSTER: self.name},
+            gcs_port=self.spec.ports.gcs,
+            dashboard_port=self.spec.ports.dashboard,
+            num_cpus=0,  # control plane only: edge compute runs on edge donors
+            drain_timeout_s=5,
+            env=dict(FAST_HEALTH_CHECKS if self.o.fast_health_checks else {}),
+            user=self.spec.user,
+            home=self.dir,
+        )
+        if old_temp is not None:
+            shutil.rmtree(old_temp, ignore_errors=True)
+        self.node = RayNode(spec, self.log_path)
+        self.say(f"starting the edge head {self.name!r} on {self.ray_address} as {self.spec.user} …")
+        self.node.start()
+        try:
+            self.node.wait_started(120)
+        except NodeStartError as exc:
+            self.node.kill()
+            raise UpError(f"the edge head {self.name!r} did not start: {exc}") from None
+        wait_dashboard(self.dashboard_url, self.token_file, self.log_path)
+        self.say(f"starting Ray Serve on the edge {self.name!r} (port {self.spec.ports.serve}) …")
+        log = self.o.data_dir / "logs" / f"edge-{self.name}-serve.log"
+        r = subprocess.run(
+            **self._child(
+                [
+                    sys.executable,
+                    "-m",
+                    "rma_ray.serve_admin",
+                    "start",
+                    "--address",
+                    self.ray_address,
+                    "--host",
+                    self.o.node_ip,
+                    "--port",
+                    str(self.spec.ports.serve),
+                    "--haproxy-dir",
+                    str(self.haproxy_dir),
+                ]
+            ),
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+        )
+        if r.returncode != 0:
+            log.write_text(r.stdout + r.stderr)
+            raise UpError(f"Ray Serve did not start on the edge {self.name!r}; see {log}")
+        self.error = None
+
+    def deploy(self, coordinator_url: str, changed: Any = None) -> None:
+        """The edge's apps (`python -m deployments up --profile edge`, run as the edge user with the edge's
+        token): `apps` gets each one's result (`changed()` is called on each). A child that fails (an app that
+        fails, an older `deployments` without the edge profile) leaves them failed; the core serves those apps
+        meanwhile. It waits as long as an app waits for an edge donor: `Pool.deploy_edge` runs it in a
+        thread."""
+        if not self.apps_wanted:
+            self.apps = {}
+            return
+        logs = self.o.data_dir / "logs" / f"edge-{self.name}-deployments.log"
+        self.say(f"deploying the edge {self.name!r}'s apps ({', '.join(self.apps_wanted)}) …")
+        child = self._child(
+            [
+                sys.executable,
+                "-m",
+                "deployments",
+                "up",
+                "--profile",
+                "edge",
+                "--edge",
+                self.name,
+                "--address",
+                self.ray_address,
+                "--dashboard",
+                self.dashboard_url,
+                "--stores",
+                "none",
+                "--apps",
+                ",".join(self.apps_wanted),
+                "--apps-wait",
+                str(self.o.apps_wait_s),
+                "--serve-host",
+                self.o.node_ip,
+                "--serve-port",
+                str(self.spec.ports.serve),
+            ]
+        )
+        # where the edge's ingress fetches the coordinator's public keys (jwks_path): no secret
+        child["env"]["RMA_COORDINATOR_URL"] = coordinator_url
+        apps: dict[str, dict[str, Any]] = {}
+        self.apps = {a: {"status": "deploying"} for a in self.apps_wanted}
+        with open(logs, "a") as log:
+            proc = self.deploy_proc = subprocess.Popen(
+                **child, text=True, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL
+            )
+        watchdog = threading.Timer(self.o.apps_wait_s * len(self.apps_wanted) + 180, proc.kill)
+        watchdog.start()
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                try:
+                    ev = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(ev, dict) and "app" in ev:
+                    apps[ev["app"]] = {k: ev[k] for k in ("status", "ready_s", "error") if k in ev}
+                    self.apps = {**self.apps, **apps}
+                    self.say(f"  edge {self.name}: {ev['app']}: {ev.get('status')}")
+                    if changed is not None:
+                        changed()
+            proc.wait()
+        finally:
+            watchdog.cancel()
+        failed = {"status": "failed", "error": f"no result (exit code {proc.returncode}); see {logs}"}
+        self.apps = {**{a: dict(failed) for a in self.apps_wanted}, **apps}
+        if any(v.get("status") != "running" for v in self.apps.values()):
+            self.say(f"[yellow]the edge {self.name!r}'s apps did not all start[/]; see {logs}")
+
+    def running(self) -> bool:
+        if self.node is None:
+            return False
+        self.node.track()
+        return self.node.running()
+
+    def stop(self) -> None:
+        if self.deploy_proc is not None and self.deploy_proc.poll() is None:
+            self.deploy_proc.kill()  # its cluster is going away: it would only wait for nothing
+        if self.deploying is not None:
+            self.deploying.join(30)
+        if self.node is None:
+            return
+        if self.node.running():
+            shutdown_serve(self.dashboard_url, self.token_file)
+        self.node.track()
+        self.node.stop(timeout=5)
+        shutil.rmtree(self.node.spec.temp_dir, ignore_errors=True)
+        for node_dir in self.haproxy_dir.glob("*"):  # one per Ray node id: a new one each start
+            shutil.rmtree(node_dir, ignore_errors=True)
+
+    def new_token(self) -> None:
+        pw = self._user()
+        write_private(self.token_file, secrets.token_hex(32) + "\n")
+        os.chown(self.token_file, pw.pw_uid, pw.pw_gid)
 
 
 class Pool:
@@ -117,6 +479,9 @@ class Pool:
         self.coordinator: subprocess.Popen[bytes] | None = None
         self.admin_key = ""
         self.hub: wg.Hub | None = None
+        self.edges = {spec.name: EdgeHead(spec, opts, say) for spec in opts.edges}
+        # pool.json: the supervisor and the edges' deployments (threads) write it
+        self.edges_lock = threading.RLock()
 
     def _check_ports(self) -> None:
         for what, host, port in (
@@ -128,6 +493,26 @@ class Pool:
             if not port_free(host, port):
                 hint = " (a Redis on this box? use --gcs-port)" if port == 6379 else ""
                 raise UpError(f"port {port} on {host} for the {what} is already in use{hint}")
+        for edge in self.edges.values():
+            for what, port in edge.ports():
+                if not port_free(self.o.node_ip, port):
+                    raise UpError(
+                        f"port {port} on {self.o.node_ip} for the {what} is already in use "
+                        f"(another pool's edge? pass --no-edge)"
+                    )
+
+    def _check_edges(self) -> None:
+        names = [e.name for e in self.o.edges]
+        bad = [n for n in names if not valid_name(n)]
+        if bad:
+            raise UpError(f"edge name {bad[0]!r}: use a-z, 0-9 and '-', up to 16 characters, not 'core'")
+        if len(set(names)) != len(names):
+            raise UpError("two edges share a name; give each its own")
+        if self.edges and os.geteuid() != 0:
+            raise UpError(
+                "edge clusters need root (the edge head runs as its own system user "
+                f"{self.o.edges[0].user!r}); run `rma up` as root, or pass --no-edge"
+            )
 
     def start_head(self) -> None:
         # A fresh temp dir per start: `ray start --head` refuses to start where its temp dir says a cluster ran
@@ -162,21 +547,7 @@ class Pool:
         except NodeStartError as exc:
             self.head.kill()
             raise UpError(f"the Ray head did not start: {exc}") from None
-        dash = f"http://{self.o.ray_ip}:{self.o.dashboard_port}"
-        token = self.token_file.read_text().strip()
-        try:
-            wait_until(
-                lambda: (
-                    httpx.get(
-                        dash + "/api/v0/nodes", headers={"Authorization": f"Bearer {token}"}, timeout=5
-                    ).status_code
-                    == 200
-                ),
-                timeout=60,
-                what="the Ray dashboard",
-            )
-        except WaitTimeout:
-            raise UpError(f"the Ray dashboard at {dash} did not answer; see {self.head.log_path}") from None
+        wait_dashboard(self.dashboard_url, self.token_file, self.head.log_path)
 
     def start_hub(self) -> None:
         """The overlay's hub, before Ray: the head's Ray binds to the hub's address."""
@@ -246,8 +617,8 @@ class Pool:
             (self.logs / "serve-start.log").write_text(r.stdout + r.stderr)
             raise UpError(f"Ray Serve did not start; see {self.logs / 'serve-start.log'}")
 
-    def start_coordinator(self) -> None:
-        env = {
+    def coordinator_env(self) -> dict[str, str]:
+        return {
             **ray_env(self.token_file),
             "RMA_ADMIN_KEY": self.admin_key,
             "RMA_DATA_DIR": str(self.o.data_dir / "coordinator"),
@@ -257,8 +628,13 @@ class Pool:
             **self.hub_env(),
             "RMA_PUBLIC_URL": self.o.coordinator_url,
             "RMA_HEARTBEAT_INTERVAL_S": str(self.o.heartbeat_interval_s),
+            # the edges' addresses and token files (root reads them; the edge users own them)
+            "RMA_EDGES": json.dumps([e.endpoint().model_dump(mode="json") for e in self.edges.values()]),
             **self.o.extra_env,
         }
+
+    def start_coordinator(self) -> None:
+        env = self.coordinator_env()
         log = open(self.logs / "coordinator.log", "ab")
         self.coordinator = subprocess.Popen(
             [
@@ -296,6 +672,9 @@ class Pool:
 
     def up(self) -> dict[str, Any]:
         self.o.data_dir.mkdir(parents=True, exist_ok=True)
+        self.o.data_dir.chmod(
+            0o700
+        )  # pool.json (the admin key), the token, service.json: the edge user reads none
         self.logs.mkdir(parents=True, exist_ok=True)
         old = poolinfo.read(self.o.data_dir)
         if old.supervisor_running():
@@ -303,7 +682,12 @@ class Pool:
                 f"a pool is already running from {self.o.data_dir} (pid {old.supervisor_pid}); "
                 f"`rma down` first"
             )
+        self._check_edges()
         self._check_ports()
+        for edge in self.edges.values():
+            edge.prepare()
+            prev = (old.edges or {}).get(edge.name)
+            edge.token_rotated_at = prev.token_rotated_at if prev else None
         read_or_create_secret(self.token_file)  # the cluster token: generated once, 0600, never printed
         first_start = not old.admin_key
         self.admin_key = old.admin_key or credentials.mint(credentials.Kind.ADMIN).token
@@ -340,10 +724,110 @@ class Pool:
             coordinator_pid=self.coordinator.pid if self.coordinator else None,
             first_start=first_start,
         )
-        poolinfo.write(self.o.data_dir, info)
+        self.write(info)
+        for edge in self.edges.values():
+            self.start_edge(edge, deploy=False)
         # store supervisors on the head report with service.json's credential
         self.start_deployments(info)
-        return info.as_dict()
+        for edge in self.edges.values():
+            if edge.running():
+                self.deploy_edge(edge)
+        return poolinfo.read(self.o.data_dir).as_dict()
+
+    def write(self, info: PoolInfo) -> None:
+        """pool.json from `info`, with the edges as they are now (an edge's deployment writes beside)."""
+        with self.edges_lock:
+            if self.edges:
+                info.edges = {name: edge.info() for name, edge in self.edges.items()}
+            poolinfo.write(self.o.data_dir, info)
+
+    def write_edges(self) -> None:
+        with self.edges_lock:
+            self.write(poolinfo.read(self.o.data_dir))
+
+    def deploy_edge(self, edge: EdgeHead) -> None:
+        """The edge's apps, in a thread of their own: they may wait long for an edge donor, and neither `rma up`
+        nor the supervision of the core waits for them."""
+        if edge.deploying is not None and edge.deploying.is_alive():
+            return
+
+        def run() -> None:
+            try:
+                edge.deploy(self.o.coordinator_url, changed=self.write_edges)
+            except (OSError, subprocess.SubprocessError) as exc:
+                edge.apps = {a: {"status": "failed", "error": str(exc)} for a in edge.apps_wanted}
+                self.say(f"[yellow]the edge {edge.name!r}'s apps were not deployed:[/] {exc}")
+            finally:
+                self.write_edges()
+
+        edge.deploying = threading.Thread(target=run, name=f"rma-edge-{edge.name}-deploy", daemon=True)
+        edge.deploying.start()
+
+    def start_edge(self, edge: EdgeHead, deploy: bool = True) -> bool:
+        """Start (or start again) an edge head, its Serve and, with `deploy`, its apps. A failure is said and
+        kept in pool.json (the core serves meanwhile); the supervisor tries again after EDGE_RETRY_S."""
+        try:
+            edge.start()
+        except (UpError, OSError, subprocess.SubprocessError) as exc:
+            edge.error = str(exc)
+            edge.retry_at = time.monotonic() + EDGE_RETRY_S
+            if edge.node is not None:
+                edge.node.kill()
+            self.say(f"[yellow]{exc}[/]; the core serves meanwhile")
+            self.write_edges()
+            return False
+        self.write_edges()
+        if deploy:
+            self.deploy_edge(edge)
+        return True
+
+    def rotate_edge(self, name: str) -> None:
+        """A new token for one edge: its head restarts with it and its apps are deployed again; the core head,
+        its Serve apps and the stores are not touched. Then the coordinator rotates that edge's credential."""
+        edge = self.edges.get(name)
+        if edge is None:
+            self.say(f"[yellow]rotation: no edge {name!r} in this pool[/]")
+            return
+        self.say(f"rotating the edge {name!r}'s cluster token: restarting its head …")
+        edge.stop()
+        edge.new_token()
+        self.start_edge(edge)
+        try:
+            with AdmissionClient(self.o.coordinator_url, self.admin_key) as client:
+                client.request("POST", f"/api/admin/edges/{name}/rotate-credential")
+        except AdmissionError as exc:
+            if exc.status != 404:  # 404: a coordinator without edge credentials, nothing to rotate
+                self.say(f"[yellow]the coordinator did not rotate the edge {name!r}'s credential:[/] {exc}")
+        except httpx.HTTPError as exc:
+            self.say(f"[yellow]the coordinator did not answer the edge credential's rotation:[/] {exc}")
+        edge.token_rotated_at = time.time()
+        self.write_edges()
+        self.say(
+            f"[green]the edge {name!r}'s cluster token is rotated[/]; its donors rejoin on their heartbeat"
+        )
+
+    def _rotate_requested(self) -> str | None:
+        """The edge `rma rotate-cluster-token --edge NAME` asked for (None: the core)."""
+        path = self.o.data_dir / ROTATE_REQUEST
+        try:
+            edge = json.loads(path.read_text()).get("edge")
+        except (OSError, ValueError, AttributeError):
+            return None
+        finally:
+            path.unlink(missing_ok=True)
+        return str(edge) if edge else None
+
+    def watch_edges(self) -> None:
+        """Restart an edge head that died (same token), its Serve and its apps; the core goes on."""
+        for edge in self.edges.values():
+            if edge.running() or time.monotonic() < edge.retry_at:
+                continue
+            if edge.node is not None and edge.error is None:
+                self.say(
+                    f"[yellow]the edge head {edge.name!r} stopped; restarting it[/] (see {edge.log_path})"
+                )
+                edge.node.kill()  # whatever of its tree is left
+            self.start_edge(edge)
 
     @property
     def dashboard_url(self) -> str:
@@ -413,7 +897,7 @@ class Pool:
         up."""
         if not (self.o.stores or self.o.apps):
             info.stores, info.apps = {}, {}
-            poolinfo.write(self.o.data_dir, info)
+            self.write(info)
             return
         if self.o.stores:
             self.say(f"starting data stores ({', '.join(self.o.stores)}, {self.o.store_runtime} runtime) …")
@@ -456,7 +940,7 @@ class Pool:
                     self._said_store(ev)
                 elif ev.get("done") == "stores":
                     info.stores = stores
-                    poolinfo.write(self.o.data_dir, info)
+                    self.write(info)
                 elif "app" in ev:
                     apps[ev["app"]] = {k: ev[k] for k in ("status", "ready_s", "error") if k in ev}
                     self._said_app(ev)
@@ -475,7 +959,7 @@ class Pool:
             info.stores = stores
         missing = {"status": "failed", "error": f"no result; see {self.logs / 'deployments.log'}"}
         info.apps = {**{a: dict(missing) for a in self.o.apps}, **apps}
-        poolinfo.write(self.o.data_dir, info)
+        self.write(info)
 
     def _said_store(self, ev: dict[str, Any]) -> None:
         if ev.get("status") == "ready":
@@ -530,7 +1014,7 @@ class Pool:
         info = poolinfo.read(self.o.data_dir)
         info.head_pid = self.head.pid if self.head else None
         info.cluster_token_rotated_at = time.time()
-        poolinfo.write(self.o.data_dir, info)
+        self.write(info)
         self.start_deployments(info)  # the new cluster starts empty: the stores (same volumes), the apps
         self.say("[green]cluster token rotated[/]; live donors rejoin on their next heartbeat")
 
@@ -543,8 +1027,12 @@ class Pool:
             self.guard_ports()
             if self.rotate_event.is_set():
                 self.rotate_event.clear()
+                edge = self._rotate_requested()
                 try:
-                    self.rotate()
+                    if edge:
+                        self.rotate_edge(edge)
+                    else:
+                        self.rotate()
                 except (UpError, OSError, subprocess.SubprocessError) as exc:
                     self.say(f"[red]rotation failed:[/] {exc}")
                     return False
@@ -559,6 +1047,7 @@ class Pool:
                     self.start_coordinator()
                 except UpError as exc:
                     self.say(f"[red]{exc}[/]")
+            self.watch_edges()
         return True
 
     def _progress(self, step: str) -> None:
@@ -570,18 +1059,7 @@ class Pool:
             pass
 
     def _shutdown_serve(self) -> None:
-        """Serve's own shutdown (every app deleted, the controller stopped) through the dashboard's REST API,
-        as `serve shutdown` does, but waiting at most SERVE_SHUTDOWN_S: a driver process would cost more than
-        that in start-up alone, and what is left then ends with the Ray head."""
-        try:
-            token = self.token_file.read_text().strip()
-            httpx.delete(
-                f"http://{self.o.ray_ip}:{self.o.dashboard_port}/api/serve/applications/",
-                headers={"Authorization": f"Bearer {token}"},
-                timeout=SERVE_SHUTDOWN_S,
-            )
-        except (OSError, httpx.HTTPError):
-            pass  # timed out (replicas still draining) or the dashboard is gone: the head's stop ends it
+        shutdown_serve(self.dashboard_url, self.token_file)
 
     def down(self) -> None:
         """Stop the whole pool in seconds: Serve is shut down at once with a short grace (no app-by-app
@@ -602,6 +1080,9 @@ class Pool:
         if serve_stop is not None:
             serve_stop.join(SERVE_SHUTDOWN_S + 2)
             self._progress(f"Serve given {SERVE_SHUTDOWN_S:.0f} s to finish ({time.monotonic() - t0:.1f} s)")
+        for edge in self.edges.values():
+            edge.stop()
+            self._progress(f"edge head {edge.name!r} stopped ({time.monotonic() - t0:.1f} s)")
         if self.coordinator is not None and self.coordinator.poll() is None:
             self.coordinator.terminate()
             try:
@@ -620,21 +1101,39 @@ class Pool:
         (self.o.data_dir / "stopping").unlink(missing_ok=True)
 
 
-def signal_rotate(data_dir: Path, timeout: float = 240) -> str:
-    """`rma rotate-cluster-token`: SIGHUP the supervisor and wait until it has restarted the head."""
+def signal_rotate(data_dir: Path, timeout: float = 240, edge: str | None = None) -> str:
+    """`rma rotate-cluster-token [--edge NAME]`: SIGHUP the supervisor and wait until it has restarted the head
+    (the core's, or only that edge's: the edge is named in `<data dir>/rotate-request` first)."""
     info = poolinfo.read(data_dir)
     pid = info.supervisor_pid
     if not pid or not info.supervisor_running():
         raise UpError(f"no pool is running from {data_dir}")
-    before = info.cluster_token_rotated_at
+    edges = info.edges or {}
+    if edge is not None and edge not in edges:
+        known = ", ".join(edges) or "none: it was started with --no-edge"
+        raise UpError(f"--edge {edge}: this pool has no such edge (edges: {known})")
+
+    def stamp() -> float | None:
+        now = poolinfo.read(data_dir)
+        if edge is None:
+            return now.cluster_token_rotated_at
+        e = (now.edges or {}).get(edge)
+        return e.token_rotated_at if e else None
+
+    before = stamp()
 
     def rotated() -> bool:
-        if poolinfo.read(data_dir).cluster_token_rotated_at != before:
+        if stamp() != before:
             return True
         if not psutil.pid_exists(pid):
             raise GiveUp("the pool supervisor stopped during the rotation; see its logs")
         return False
 
+    request = data_dir / ROTATE_REQUEST
+    if edge is not None:
+        write_private(request, json.dumps({"edge": edge}))
+    else:
+        request.unlink(missing_ok=True)
     os.kill(pid, signal.SIGHUP)
     try:
         wait_until(rotated, timeout=timeout, what="the rotation")
@@ -642,6 +1141,11 @@ def signal_rotate(data_dir: Path, timeout: float = 240) -> str:
         raise UpError(str(exc)) from None
     except WaitTimeout:
         raise UpError(f"the rotation did not finish within {timeout:.0f} s") from None
+    if edge is not None:
+        return (
+            f"the edge {edge!r}'s cluster token rotated; its head restarted with it (the core untouched), "
+            f"its live donors rejoin on their next heartbeat"
+        )
     return "cluster token rotated; the Ray head restarted with it, live donors rejoin on their next heartbeat"
 
 

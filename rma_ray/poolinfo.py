@@ -39,6 +39,22 @@ class OverlayInfo(BaseModel):
     public_key: str
 
 
+class EdgeInfo(BaseModel):
+    """One edge cluster beside the core (rma_ray/edges.py): where its head answers and how it is."""
+
+    model_config = ConfigDict(extra="allow")
+
+    ray_address: str
+    dashboard_url: str
+    serve_url: str
+    data_dir: str
+    user: str
+    head_pid: int | None = None
+    token_rotated_at: float | None = None
+    apps: dict[str, dict[str, Any]] | None = None  # app -> status, ready_s or error
+    error: str | None = None  # why the edge head is not running (the core serves meanwhile)
+
+
 class PoolInfo(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -59,6 +75,7 @@ class PoolInfo(BaseModel):
     cluster_token_rotated_at: float | None = None
     stores: dict[str, dict[str, Any]] | None = None  # store -> status, where, node_ip, port, error
     apps: dict[str, dict[str, Any]] | None = None  # app -> status, ready_s or error
+    edges: dict[str, EdgeInfo] | None = None  # edge name -> its head (none: a `--no-edge` pool)
 
     def supervisor_running(self) -> bool:
         return bool(self.supervisor_pid) and psutil.pid_exists(self.supervisor_pid or 0)
@@ -68,6 +85,8 @@ class PoolInfo(BaseModel):
         data = self.as_dict()
         for key in PROCESS_FIELDS:
             data.pop(key, None)
+        for edge in (data.get("edges") or {}).values():
+            edge.pop("head_pid", None)
         return PoolInfo.model_validate(data)
 
     def as_dict(self) -> dict[str, Any]:

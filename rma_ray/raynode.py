@@ -10,6 +10,7 @@ never a command line.
 from __future__ import annotations
 
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -43,8 +44,18 @@ def short_temp_dir(key: str) -> Path:
     return Path("/tmp") / f"rma-{key}"
 
 
-def ray_env(token_file: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
+# what a process run as another user (an edge head, rma_ray/head.py) must not inherit from ours: the core's
+# settings (its data dir, admin key, token file) and any cluster token
+PRIVATE_ENV_PREFIXES = ("RMA_", "RAY_AUTH_TOKEN", "RAY_ADDRESS")
+
+
+def ray_env(
+    token_file: Path, extra: dict[str, str] | None = None, base: dict[str, str] | None = None
+) -> dict[str, str]:
+    """The env of a Ray process of the cluster whose token is in `token_file`: ours (or `base`), with the token
+    by path and no other cluster's address or token."""
+    source = os.environ if base is None else base
+    env = {k: v for k, v in source.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
     env.update(
         {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file), "RAY_USAGE_STATS_ENABLED": "0"}
     )
@@ -53,6 +64,20 @@ def ray_env(token_file: Path, extra: dict[str, str] | None = None) -> dict[str, 
     env.setdefault("RAY_DEFAULT_PYTHON_VERSION_MATCH_LEVEL", "minor")
     env.update(extra or {})
     return env
+
+
+def user_env(user: str, home: Path) -> dict[str, str]:
+    """Our env for a child run as `user`: none of our RMA_* settings or cluster tokens, its own HOME."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(PRIVATE_ENV_PREFIXES)}
+    env.update(HOME=str(home), USER=user, LOGNAME=user)
+    return env
+
+
+def as_user(user: str, home: Path) -> dict[str, object]:
+    """subprocess.Popen's arguments that run a child as `user` (its primary group only, no supplementary
+    groups of ours) in `home`."""
+    pw = pwd.getpwnam(user)
+    return {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": [], "cwd": str(home)}
 
 
 def format_labels(labels: dict[str, str]) -> str:
@@ -75,6 +100,10 @@ class NodeSpec:
     drain_timeout_s: float = 30.0
     env: dict[str, str] = field(default_factory=dict)
     extra_args: list[str] = field(default_factory=list)  # e.g. pinned ports (rma_ray.overlay.RayPorts)
+    # run Ray as this system user (an edge head): with `home` as HOME and cwd, none of our env's secrets, and
+    # a temp dir it owns (Ray's workers run as the raylet's user, so its tasks read only what that user may)
+    user: str | None = None
+    home: Path | None = None
 
     def argv(self) -> list[str]:
         args = [
@@ -152,19 +181,26 @@ class RayNode:
     def start(self) -> None:
         self.spec.temp_dir.mkdir(parents=True, exist_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = ray_env(
-            self.spec.token_file,
-            {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": str(self.spec.drain_timeout_s), **self.spec.env},
-        )
+        extra = {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": str(self.spec.drain_timeout_s), **self.spec.env}
+        kwargs: dict[str, object] = {}
+        base = None
+        if self.spec.user:
+            home = self.spec.home or self.spec.temp_dir
+            pw = pwd.getpwnam(self.spec.user)
+            os.chown(self.spec.temp_dir, pw.pw_uid, pw.pw_gid)
+            self.spec.temp_dir.chmod(0o700)
+            base, kwargs = user_env(self.spec.user, home), as_user(self.spec.user, home)
+        env = ray_env(self.spec.token_file, extra, base)
         log = open(self.log_path, "ab")
         self._log_offset = log.tell()
-        self.proc = subprocess.Popen(
+        self.proc = subprocess.Popen(  # type: ignore[call-overload]
             self.spec.argv(),
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            **kwargs,
         )
         log.close()
         self.track()

