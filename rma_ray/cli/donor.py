@@ -14,6 +14,7 @@ from rich.text import Text
 
 from rma_ray import capabilities
 from rma_ray.cli.common import DataDirOpt, JsonOpt, data_dir_of, err, fail, out, print_json, say, shown
+from rma_ray.poolinfo import PoolInfo
 
 commands = typer.Typer()  # merged into the root `rma` app by rma_ray/cli/__init__.py
 
@@ -149,17 +150,45 @@ def leave(
 def status(data_dir: DataDirOpt = None, as_json: JsonOpt = False) -> None:
     """This machine's membership: donor id, tier, labels, agent and Ray node, and what the coordinator
     says."""
-    from rma_ray import agent, membership
+    from rma_ray import agent, membership, poolinfo
 
     d = data_dir_of(data_dir)
     m = membership.load(d)
     if m is None:
-        fail(f"this machine is not in a pool (no {membership.path(d)}); join with `rma join URL --token T`")
-    view = agent.status_view(m)
+        info = poolinfo.try_read(d)
+        if not info.supervisor_running():
+            fail(
+                f"this machine is not in a pool (no {membership.path(d)}) and runs none (no `rma up` from {d}); "
+                "join with `rma join URL --token T`"
+            )
+        view = head_view(info)
+    else:
+        view = agent.status_view(m)
     if as_json:
         return print_json(view)
     for k, v in view.items():
         out.print(Text.assemble(f"{k:<16} ", shown(v)), highlight=False)
+
+
+def head_view(info: PoolInfo) -> dict[str, object]:
+    """`rma status` on the head: the pool `rma up` runs from this data dir, one line per cluster."""
+
+    def apps(a: dict[str, dict[str, object]] | None) -> str:
+        return ", ".join(f"{k} {v.get('status')}" for k, v in sorted((a or {}).items())) or "none"
+
+    view: dict[str, object] = {
+        "role": "head (rma up)",
+        "supervisor pid": info.supervisor_pid,
+        "coordinator": info.coordinator_url,
+        "Serve (clients)": info.serve_url,
+        "cluster core": f"Ray {info.ray_address}, dashboard {info.ray_dashboard_url}, head pid {info.head_pid}",
+        "core apps": apps(info.apps),
+    }
+    for name, e in sorted((info.edges or {}).items()):
+        state = f"error: {e.error}" if e.error else f"head pid {e.head_pid}"
+        view[f"cluster {name}"] = f"Ray {e.ray_address}, Serve {e.serve_url}, as {e.user}, {state}"
+        view[f"{name} apps"] = apps(e.apps)
+    return view
 
 
 @commands.command("probe")

@@ -192,6 +192,7 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PoolUnderTest]:
                 "none",
                 "--apps",
                 "none",
+                "--no-edge",  # today's single-cluster pool (tests/e2e/test_edge.py runs its own, with the edge)
             ],
             env=env,
             stdout=open(log, "wb"),

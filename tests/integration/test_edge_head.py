@@ -278,6 +278,25 @@ def test_a_killed_edge_head_comes_back_and_the_core_goes_on(pool: Pool) -> None:
     assert any("the edge head 'edge' stopped; restarting it" in line for line in pool.said)  # type: ignore[attr-defined]
 
 
+def test_rma_status_on_the_head_names_each_cluster(pool: Pool) -> None:
+
+    r = subprocess.run(
+        [sys.executable, "-m", "rma_ray.cli", "status", "--data-dir", str(pool.o.data_dir), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert r.returncode == 0, r.stderr
+    view = json.loads(r.stdout)
+    assert view["role"] == "head (rma up)"
+    assert view["cluster core"].startswith(f"Ray {pool.o.gcs_address}")
+    edge = edge_info(pool)
+    assert view[f"cluster {EDGE}"] == (
+        f"Ray {edge.ray_address}, Serve {edge.serve_url}, as rma-edge, head pid {edge.head_pid}"
+    )
+
+
 def test_rma_down_stops_both_heads(pool: Pool) -> None:
     pool.head.track()  # type: ignore[union-attr]
     edge = pool.edges[EDGE]

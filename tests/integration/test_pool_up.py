@@ -55,6 +55,7 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         str(free_port(ip)),
         "--apps",
         "none",
+        "--no-edge",  # the single-cluster pool; the edge beside it: tests/integration/test_edge_head.py
         *(a for s in sorted(STORES) for a in ("--store-port", f"{s}={free_port(ip, span=2)}")),
     ]
     log = root / "up.log"
