@@ -104,7 +104,7 @@ def create_app(settings: Settings | None = None, state: AppState | None = None) 
                 "Use `rma admission serve` (prints it once) or set RMA_ADMIN_KEY."
             )
         flusher = asyncio.create_task(_flush_loop(state))
-        if state.settings.ray_dashboard_url:
+        if state.settings.ray_dashboard_url or state.settings.edges:
             from admission.services.reconcile import Reconciler
 
             state.reconciler = Reconciler(state, state.settings.reconcile_interval_s).start()
