@@ -19,13 +19,13 @@ from rma_ray.wire import (
     AbortResponse as AbortResponse,
 )
 from rma_ray.wire import (
+    Action as Action,
+)
+from rma_ray.wire import (
     EdgeRoute as EdgeRoute,
 )
 from rma_ray.wire import (
     EdgeRoutes as EdgeRoutes,
-)
-from rma_ray.wire import (
-    Action as Action,
 )
 from rma_ray.wire import (
     HeartbeatRequest as HeartbeatRequest,
@@ -152,6 +152,7 @@ class KeyCreated(BaseModel):
     name: str
     key: str = Field(description="shown once; only its hash is kept")
     created_at: datetime
+    sensitive: bool | None = None  # client keys only
 
 
 class KeyOut(BaseModel):

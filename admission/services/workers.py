@@ -150,9 +150,7 @@ def register(
         )
 
     minted = credentials.mint(Kind.NODE)
-    labels = tiers.node_labels(
-        tier, minted.id, invite.trusted, caps, _label_cluster(state.settings, cluster)
-    )
+    labels = tiers.node_labels(tier, minted.id, invite.trusted, caps, _label_cluster(state.settings, cluster))
     worker = Worker(
         id=minted.id,
         name=req.name,

@@ -18,14 +18,10 @@ def upgrade() -> None:
     with op.batch_alter_table("invites", schema=None) as batch_op:
         batch_op.add_column(sa.Column("edge", sa.String(length=16), nullable=True))
     with op.batch_alter_table("workers", schema=None) as batch_op:
-        batch_op.add_column(
-            sa.Column("cluster", sa.String(length=16), nullable=False, server_default="core")
-        )
+        batch_op.add_column(sa.Column("cluster", sa.String(length=16), nullable=False, server_default="core"))
         batch_op.create_index("ix_workers_cluster", ["cluster"], unique=False)
     with op.batch_alter_table("client_keys", schema=None) as batch_op:
-        batch_op.add_column(
-            sa.Column("sensitive", sa.Boolean(), nullable=False, server_default=sa.false())
-        )
+        batch_op.add_column(sa.Column("sensitive", sa.Boolean(), nullable=False, server_default=sa.false()))
     # demand is per cluster now: the table only ever holds the reconciler's latest reading, so it is rebuilt
     op.drop_table("tier_demand")
     op.create_table(
