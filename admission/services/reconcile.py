@@ -258,6 +258,7 @@ def apply(
                 intruder["node_id"][:12],
                 intruder.get("node_ip") or "",
                 reason=intruder["reason"],
+                **({"cluster": cluster} if cluster != CORE else {}),
             )
         if intruder["node_id"] not in view.drained:
             to_drain.append((intruder["node_id"], intruder["reason"]))

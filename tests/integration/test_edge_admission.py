@@ -290,3 +290,47 @@ def test_without_edges_untrusted_donors_join_the_core_as_before(coordinator: Coo
     assert r.status_code == 422 and "this pool runs without edges" in r.json()["error"]["message"]
     routes = coordinator.admin("POST", "/api/service/edge-routes")
     assert routes.status_code == 200 and routes.json() == {"edges": []}
+
+
+def test_reconcile_pass_per_cluster(pool: Coordinator) -> None:
+    """One pass over the edge's nodes: its donor is matched, a node claiming a core donor is the edge's
+    intruder, a mislabelled cluster quarantines, and the edge's demand is its own."""
+    from admission.models import TierDemand, Worker
+    from admission.services import workers as worker_service
+    from admission.services.reconcile import RayView, apply
+
+    edge_donor, liar, core_donor = pool.join(), pool.join(), pool.join(trusted=True)
+
+    def node(node_id: str, labels: dict[str, str]) -> dict[str, Any]:
+        return {
+            "node_id": node_id,
+            "node_ip": "10.0.0.9",
+            "is_head_node": False,
+            "state": "ALIVE",
+            "labels": labels,
+            "start_time_ms": 1,
+            "resources_total": {"CPU": 1, "memory": 2**30, "object_store_memory": 2**29},
+        }
+
+    nodes = [
+        node("a" * 56, edge_donor["labels"]),
+        node("b" * 56, {**liar["labels"], LABEL_CLUSTER: "core"}),
+        node("c" * 56, core_donor["labels"]),
+    ]
+    view = RayView()
+    state = pool.state
+    with state.sessions() as s, s.begin():
+        to_drain = apply(state, s, nodes, [{"label_selector": {"rma.io/tier": "gpu"}}], view, "edge")
+    assert [i["node_id"] for i in view.intruders] == ["c" * 56]
+    assert "belongs to cluster 'core'" in view.intruders[0]["reason"]
+    assert {n for n, _ in to_drain} == {"b" * 56, "c" * 56}
+    with state.sessions() as s:
+        e, lw, cw = (s.get(Worker, x["worker_id"]) for x in (edge_donor, liar, core_donor))
+        assert e is not None and e.ray_alive is True and e.quarantine_reason is None
+        assert lw is not None and lw.quarantine_reason and LABEL_CLUSTER in lw.quarantine_reason
+        assert cw is not None and cw.ray_alive is None  # the edge's reading says nothing of core donors
+        assert worker_service.demand(s, "edge")["gpu"] == 1
+        assert worker_service.demand(s, "core") == {}
+        assert s.get(TierDemand, ("edge", "gpu")) is not None
+    audit = pool.admin("GET", "/api/admin/audit", params={"action": "ray.intruder"}).json()
+    assert [a["detail"].get("cluster") for a in audit] == ["edge"]
