@@ -37,7 +37,7 @@ from jwt.algorithms import OKPAlgorithm
 from admission import schemas
 from admission.errors import ApiError
 from admission.state import AppState
-from rma_ray.edges import EDGE_ISSUER, EDGE_TOKEN_TTL_S, EdgeEndpoint, edge_audience
+from rma_ray.edges import CORE, EDGE_ISSUER, EDGE_TOKEN_TTL_S, EdgeEndpoint, edge_audience
 from rma_ray.settings import Settings
 
 log = logging.getLogger("rma.admission.edges")
@@ -246,3 +246,30 @@ def routes(state: AppState) -> schemas.EdgeRoutes:
             )
         )
     return schemas.EdgeRoutes(edges=out)
+
+
+@dataclass
+class ClusterView:
+    """One cluster on the registry page: its donors, what its reconciler last saw, and (edges) its apps."""
+
+    name: str
+    workers: list[schemas.WorkerOut]
+    view: Any  # admission.services.reconcile.RayView, or None where no dashboard is wired
+    apps: dict[str, int] | None  # None for the core (its apps are the Requests section's)
+    healthy: bool
+
+
+def clusters_view(state: AppState, workers: list[schemas.WorkerOut]) -> list[ClusterView] | None:
+    """A section per cluster where the pool has edges; None (the page as it always was) where it has none."""
+    settings = state.settings
+    if not settings.edges:
+        return None
+    if state.edge_status is None:
+        state.edge_status = EdgeStatusCache()
+    views = state.reconciler.views if state.reconciler is not None else {}
+    out = [ClusterView(CORE, [w for w in workers if w.cluster == CORE], views.get(CORE), None, True)]
+    for edge in settings.edges:
+        apps, healthy = state.edge_status.get(edge)
+        mine = [w for w in workers if w.cluster == edge.name]
+        out.append(ClusterView(edge.name, mine, views.get(edge.name), apps, healthy))
+    return out

@@ -317,7 +317,8 @@ class Reconciler:
 
     def start(self) -> Reconciler:
         self._thread.start()
-        self.collector.start()
+        if self.state.settings.ray_dashboard_url:  # Serve's metrics are the core's (edges: no ingress metrics)
+            self.collector.start()
         return self
 
     def stop(self) -> None:
