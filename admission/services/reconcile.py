@@ -317,7 +317,8 @@ class Reconciler:
 
     def start(self) -> Reconciler:
         self._thread.start()
-        if self.state.settings.ray_dashboard_url:  # Serve's metrics are the core's (edges: no ingress metrics)
+        # Serve's request metrics are the core's: edges have no ingress that sees a client
+        if self.state.settings.ray_dashboard_url:
             self.collector.start()
         return self
 
