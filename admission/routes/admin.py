@@ -80,9 +80,10 @@ def get_health(admin: AdminDep, session: SessionDep, state: State) -> schemas.He
 
 
 @router.get("/admin/ray", response_model=schemas.RayViewOut, openapi_extra=security.ADMIN)
-def get_ray(admin: AdminDep, state: State) -> schemas.RayViewOut:
-    """What the reconciler last saw of the Ray cluster: live nodes, intruders, errors."""
-    view = state.reconciler.view if state.reconciler is not None else None
+def get_ray(admin: AdminDep, state: State, cluster: ClusterQ = None) -> schemas.RayViewOut:
+    """What the reconciler last saw of a Ray cluster (default the core): live nodes, intruders, errors."""
+    views = state.reconciler.views if state.reconciler is not None else {}
+    view = views.get(cluster or "core")
     if view is None:
         return schemas.RayViewOut(wired=False)
     return schemas.RayViewOut(

@@ -330,7 +330,7 @@ class Reconciler:
     @property
     def view(self) -> RayView:
         """The core's view (what the registry's stores and /api/admin/ray have always read)."""
-        return self.views.setdefault(CORE, RayView())
+        return self.views.get(CORE) or RayView()  # a pool whose core has no dashboard: nothing seen
 
     def _loop(self) -> None:
         while not self._stop.is_set():

@@ -199,3 +199,11 @@ def test_edge_routes_read_the_edges_real_serve_status(heads: Heads) -> None:
     assert r.status_code == 200, r.text
     (edge,) = r.json()["edges"]
     assert edge["name"] == "edge" and edge["healthy"] is True and edge["apps"] == {}  # no Serve app there yet
+
+
+def test_admin_ray_view_per_cluster(heads: Heads) -> None:
+    c = heads.coordinator
+    core = c.admin("GET", "/api/admin/ray").json()
+    edge = c.admin("GET", "/api/admin/ray", params={"cluster": "edge"}).json()
+    assert core["wired"] and edge["wired"] and core["error"] is None and edge["error"] is None
+    assert c.admin("GET", "/api/admin/ray", params={"cluster": "north"}).json()["wired"] is False
