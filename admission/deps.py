@@ -86,15 +86,18 @@ def require_service(state: State, ip: ClientIp, creds: Annotated[Creds, Depends(
 def require_core_service(
     state: State, ip: ClientIp, creds: Annotated[Creds, Depends(_any_bearer)]
 ) -> Service:
-    """require_service, and a donor's node credential only from a trusted donor of the core cluster: what the
-    core shares with its services (client-key hashes, edge credentials) never reaches an edge or an untrusted
-    donor."""
+    """require_service, and never an edge donor's node credential: what the core shares with its services
+    (client-key hashes, edge credentials) stays in the core. Where the pool has edges (untrusted donors join
+    them), an untrusted donor of the core is refused too; a pool without edges keeps serving the keyring to the
+    untrusted donors that host its ingress replicas, as it always has."""
     who = require_service(state, ip, creds)
     if isinstance(who, NodePrincipal):
         with state.sessions() as session:
             worker = session.get(Worker, who.worker_id)
-            trusted_core = worker is not None and worker.trusted and worker.cluster == CORE
-        if not trusted_core:
+            allowed = (
+                worker is not None and worker.cluster == CORE and (worker.trusted or not state.settings.edges)
+            )
+        if not allowed:
             raise ApiError(
                 403,
                 "not_trusted_core",

@@ -164,8 +164,8 @@ def revoke_service_key(key_id: str, admin: AdminDep, session: SessionDep, ip: Cl
 
 @router.get("/clients/keyring", response_model=schemas.KeyringOut, openapi_extra=security.SERVICE)
 def client_keyring(who: CoreServiceDep, session: SessionDep) -> schemas.KeyringOut:
-    """Ids and hashes of live client keys, for the Serve-side verifier (no secrets); never for an untrusted or
-    edge donor's node credential (403)."""
+    """Ids and hashes of live client keys, for the Serve-side verifier (no secrets); never for an edge donor's
+    node credential, nor, where the pool has edges, an untrusted donor's (403)."""
     return keys.keyring(session)
 
 

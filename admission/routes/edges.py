@@ -40,5 +40,5 @@ def rotate_edge_credential(
 @router.post("/service/edge-routes", response_model=schemas.EdgeRoutes, openapi_extra=security.SERVICE)
 async def edge_routes(who: CoreServiceDep, state: State) -> schemas.EdgeRoutes:
     """Every edge with a fresh credential and its Serve status, for the core's gateway (the head's service
-    credential, or a trusted core donor's node credential; never an edge or untrusted donor's)."""
+    credential, or a trusted core donor's node credential; never an edge donor's or an untrusted one's)."""
     return await run_in_threadpool(edges.routes, state)
