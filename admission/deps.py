@@ -12,10 +12,12 @@ from sqlalchemy.orm import Session
 from admission import security
 from admission.db import session_scope
 from admission.errors import ApiError
+from admission.models import Worker
 from admission.security import AdminPrincipal, NodePrincipal, ServicePrincipal
 from admission.state import AppState
 from rma_ray import credentials
 from rma_ray.credentials import Kind
+from rma_ray.edges import CORE
 
 _admin_bearer = HTTPBearer(auto_error=False, scheme_name="AdminKey", description="rma_admin_<id>_<secret>")
 _join_bearer = HTTPBearer(auto_error=False, scheme_name="JoinToken", description="rma_join_<id>_<secret>")
@@ -81,6 +83,30 @@ def require_service(state: State, ip: ClientIp, creds: Annotated[Creds, Depends(
     return security.authenticate_admin(state, ip, creds)
 
 
+def require_core_service(
+    state: State, ip: ClientIp, creds: Annotated[Creds, Depends(_any_bearer)]
+) -> Service:
+    """require_service, and never an edge donor's node credential: what the core shares with its services
+    (client-key hashes, edge credentials) stays in the core. Where the pool has edges (untrusted donors join
+    them), an untrusted donor of the core is refused too; a pool without edges keeps serving the keyring to the
+    untrusted donors that host its ingress replicas, as it always has."""
+    who = require_service(state, ip, creds)
+    if isinstance(who, NodePrincipal):
+        with state.sessions() as session:
+            worker = session.get(Worker, who.worker_id)
+            allowed = (
+                worker is not None and worker.cluster == CORE and (worker.trusted or not state.settings.edges)
+            )
+        if not allowed:
+            raise ApiError(
+                403,
+                "not_trusted_core",
+                "only the head's services and trusted donors of the core cluster may read this; "
+                "an untrusted or edge donor gets nothing of the core",
+            )
+    return who
+
+
 def require_session(state: State, request: Request) -> AdminPrincipal:
     admin = security.session_admin(state, request)
     if admin is None:
@@ -91,5 +117,6 @@ def require_session(state: State, request: Request) -> AdminPrincipal:
 AdminDep = Annotated[AdminPrincipal, Depends(require_admin)]
 NodeDep = Annotated[NodePrincipal, Depends(require_node)]
 ServiceDep = Annotated[Service, Depends(require_service)]
+CoreServiceDep = Annotated[Service, Depends(require_core_service)]
 JoinCreds = Annotated[credentials.Parsed, Depends(join_credentials)]
 SessionAdmin = Annotated[AdminPrincipal, Depends(require_session)]

@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from admission import db, errors, migrate
 from admission.proxy import ClientAddress
 from admission.ratelimit import IpLimiter
-from admission.routes import admin, health, invites, registry, worker
+from admission.routes import admin, edges, health, invites, registry, worker
 from admission.services import keys, overlay
 from admission.state import AppState
 from rma_ray.bodylimit import BodyLimit, json_refusal
@@ -104,7 +104,7 @@ def create_app(settings: Settings | None = None, state: AppState | None = None) 
                 "Use `rma admission serve` (prints it once) or set RMA_ADMIN_KEY."
             )
         flusher = asyncio.create_task(_flush_loop(state))
-        if state.settings.ray_dashboard_url:
+        if state.settings.ray_dashboard_url or state.settings.edges:
             from admission.services.reconcile import Reconciler
 
             state.reconciler = Reconciler(state, state.settings.reconcile_interval_s).start()
@@ -130,7 +130,8 @@ def create_app(settings: Settings | None = None, state: AppState | None = None) 
     )
     app.state.rma = state
     errors.install(app)
-    for r in (worker.router, invites.router, admin.router, registry.router, health.router):  # hottest first
+    routers = (worker.router, invites.router, admin.router, edges.router, registry.router, health.router)
+    for r in routers:  # hottest first
         app.include_router(r)
     app.mount("/static", StaticFiles(directory=Path(__file__).resolve().parent / "static"), name="static")
     app.add_middleware(

@@ -17,6 +17,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -90,6 +91,8 @@ class Invite(Base):
     note: Mapped[str] = mapped_column(String(500), default="")
     created_by: Mapped[str] = mapped_column(String(64))
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # the edge cluster an untrusted donor joins (None: the coordinator's first edge, or the core without edges)
+    edge: Mapped[str | None] = mapped_column(String(16), nullable=True)
 
 
 class Worker(Base):
@@ -120,10 +123,15 @@ class Worker(Base):
     # kept for ever, so that a key once used (a revoked donor's above all) can never join again
     overlay_ip: Mapped[str | None] = mapped_column(String(45), nullable=True, unique=True)
     wg_public_key: Mapped[str | None] = mapped_column(String(44), nullable=True, unique=True)
+    # the Ray cluster it belongs to: "core" or an edge's name (rma_ray.edges); fixed at registration
+    cluster: Mapped[str] = mapped_column(String(16), default="core", server_default="core", index=True)
 
 
 class ClientKey(_Key, Base):
     __tablename__ = "client_keys"
+
+    # a sensitive client's requests are served on the core only, never forwarded to an edge
+    sensitive: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class ServiceKey(_Key, Base):
@@ -152,10 +160,11 @@ class Store(Base):
 
 
 class TierDemand(Base):
-    """Replicas waiting for a node of a tier; written by the reconciler, read by the tier choice."""
+    """Replicas waiting for a node of a tier in a cluster; written by the reconciler, read by the tier choice."""
 
     __tablename__ = "tier_demand"
 
+    cluster: Mapped[str] = mapped_column(String(16), primary_key=True, default="core", server_default="core")
     tier: Mapped[str] = mapped_column(String(16), primary_key=True)
     pending: Mapped[int] = mapped_column(Integer, default=0)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from rma_ray.edges import EDGE_NAME
 from rma_ray.tiers import Tier
 
 # the donor and keyring wire is shared with the agent and the CLI (rma_ray/wire.py); re-exported here so that
@@ -19,6 +20,12 @@ from rma_ray.wire import (
 )
 from rma_ray.wire import (
     Action as Action,
+)
+from rma_ray.wire import (
+    EdgeRoute as EdgeRoute,
+)
+from rma_ray.wire import (
+    EdgeRoutes as EdgeRoutes,
 )
 from rma_ray.wire import (
     HeartbeatRequest as HeartbeatRequest,
@@ -78,6 +85,12 @@ class InviteCreate(Strict):
         default=None, description="pin the donor to this tier if its hardware qualifies"
     )
     note: str = Field(default="", max_length=500)
+    edge: str | None = Field(
+        default=None,
+        pattern=EDGE_NAME,
+        description="the edge cluster an untrusted donor joins (default: the first edge); "
+        "not for trusted invites",
+    )
 
 
 class InviteCreated(BaseModel):
@@ -97,6 +110,7 @@ class InviteOut(BaseModel):
     tier: str | None
     note: str
     status: Literal["active", "expired", "used", "revoked"]
+    edge: str | None = None
 
 
 class TierStats(BaseModel):
@@ -127,11 +141,18 @@ class NamedCreate(Strict):
     name: str = Field(min_length=1, max_length=100, pattern=r"^[\w .@:/-]+$")
 
 
+class ClientCreate(NamedCreate):
+    sensitive: bool = Field(
+        default=False, description="never forward this client's requests to an edge cluster"
+    )
+
+
 class KeyCreated(BaseModel):
     id: str
     name: str
     key: str = Field(description="shown once; only its hash is kept")
     created_at: datetime
+    sensitive: bool | None = None  # client keys only
 
 
 class KeyOut(BaseModel):
@@ -139,6 +160,17 @@ class KeyOut(BaseModel):
     name: str
     created_at: datetime
     revoked_at: datetime | None
+    sensitive: bool | None = None  # client keys only
+
+
+class EdgeKeyOut(BaseModel):
+    """An edge credential's signing keys after a rotation (public key ids only)."""
+
+    edge: str
+    current_kid: str
+    previous_kid: str | None
+    rotated_at: datetime
+    previous_valid_until: datetime | None
 
 
 class AuditOut(BaseModel):

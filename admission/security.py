@@ -130,7 +130,9 @@ def load_node(state: AppState, worker_id: str) -> NodeEntry | None:
         w = session.get(Worker, worker_id)
         if w is None:
             return None
-        entry = NodeEntry(w.id, w.node_token_hash, w.revoked_at is None and w.left_at is None, w.action)
+        entry = NodeEntry(
+            w.id, w.node_token_hash, w.revoked_at is None and w.left_at is None, w.action, w.cluster
+        )
     with state.nodes_lock:
         return state.nodes.setdefault(worker_id, entry)
 

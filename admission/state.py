@@ -25,6 +25,7 @@ class NodeEntry:
     token_hash: str
     active: bool  # False once revoked or left
     action: str = "none"
+    cluster: str = "core"  # the Ray cluster it belongs to (its heartbeat carries that cluster's epoch)
 
 
 @dataclass
@@ -119,11 +120,14 @@ class AppState:
     metrics: Metrics = field(default_factory=Metrics)
     reconciler: Any = None  # admission.services.reconcile.Reconciler when a Ray head is wired
     gauges_at: float = float("-inf")  # when /metrics last refreshed the workers gauge (time.monotonic())
-    _epoch: tuple[float, str] = (0.0, "")
+    _epochs: dict[str, tuple[float, str]] = field(default_factory=dict)
+    edge_status: Any = None  # admission.services.edges.EdgeStatusCache, made on first use
 
-    def cluster_epoch(self) -> str:
-        """The cluster token's fingerprint, re-read at most once a second (heartbeats carry it)."""
+    def cluster_epoch(self, cluster: str = "core") -> str:
+        """A cluster token's fingerprint, re-read at most once a second (heartbeats carry their cluster's)."""
         now = time.monotonic()
-        if now - self._epoch[0] > 1.0:
-            self._epoch = (now, self.settings.cluster_epoch())
-        return self._epoch[1]
+        at, epoch = self._epochs.get(cluster, (float("-inf"), ""))
+        if now - at > 1.0:
+            epoch = self.settings.cluster_epoch(cluster)
+            self._epochs[cluster] = (now, epoch)
+        return epoch

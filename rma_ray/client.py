@@ -188,8 +188,17 @@ class AdmissionClient:
     def revoke_worker(self, worker_id: str) -> dict[str, Any]:
         return self._object("POST", f"/api/admin/workers/{worker_id}/revoke")
 
-    def create_client(self, name: str) -> dict[str, Any]:
-        return self._object("POST", "/api/admin/clients", json={"name": name})
+    def create_client(self, name: str, sensitive: bool = False) -> dict[str, Any]:
+        body: dict[str, Any] = {"name": name, **({"sensitive": True} if sensitive else {})}
+        return self._object("POST", "/api/admin/clients", json=body)
+
+    # edge clusters: the admin rotates an edge's credential; the core's gateway reads the routes
+    def rotate_edge_credential(self, edge: str) -> dict[str, Any]:
+        return self._object("POST", f"/api/admin/edges/{edge}/rotate-credential")
+
+    def edge_routes(self) -> wire.EdgeRoutes:
+        """Every edge with a fresh credential and its Serve status (a service or trusted core credential)."""
+        return self._reply(wire.EdgeRoutes, "POST", "/api/service/edge-routes")
 
     def clients(self) -> list[dict[str, Any]]:
         return self._rows("GET", "/api/admin/clients")

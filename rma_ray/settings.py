@@ -14,6 +14,8 @@ from typing import Self
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from rma_ray.edges import CORE, EdgeEndpoint
+
 WEAK_SECRETS = {"", "changeme", "change-me", "secret", "password", "dev", "test", "admin", "default", "rma"}
 
 
@@ -71,6 +73,12 @@ class Settings(BaseSettings):
     ray_auth_token_file: Path | None = None
     ray_dashboard_url: str | None = None
     reconcile_interval_s: float = Field(default=2.0, gt=0, le=600)
+    # the edge clusters beside the core (set by `rma up`: a JSON list of EdgeEndpoint); none: one cluster
+    edges: list[EdgeEndpoint] = Field(
+        default_factory=list,
+        description="edge clusters for untrusted donors (JSON list of {name, ray_address, dashboard_url, "
+        "serve_url, token_file}); untrusted invites admit into one of them",
+    )
     reconcile_registered_address: bool = Field(
         default=True,
         description="hold a donor without an overlay address to the address it registered from "
@@ -123,6 +131,48 @@ class Settings(BaseSettings):
                 raise ValueError(f"{item!r} is not an IP address or CIDR network") from None
         return value
 
+    @field_validator("edges")
+    @classmethod
+    def _unique_edges(cls, value: list[EdgeEndpoint]) -> list[EdgeEndpoint]:
+        names = [e.name for e in value]
+        if CORE in names or len(set(names)) != len(names):
+            raise ValueError(f"edge names must be unique and not {CORE!r}; got {names}")
+        return value
+
+    def edge(self, name: str) -> EdgeEndpoint | None:
+        return next((e for e in self.edges if e.name == name), None)
+
+    @property
+    def clusters(self) -> list[str]:
+        """Every cluster this coordinator admits into: the core, then the edges."""
+        return [CORE, *(e.name for e in self.edges)]
+
+    def cluster_address(self, cluster: str = CORE) -> str | None:
+        """The GCS address donors of `cluster` join (None: no such cluster wired)."""
+        if cluster == CORE:
+            return self.ray_address
+        edge = self.edge(cluster)
+        return edge.ray_address if edge else None
+
+    def cluster_token_file(self, cluster: str = CORE) -> Path | None:
+        if cluster == CORE:
+            return self.ray_auth_token_file
+        edge = self.edge(cluster)
+        return edge.token_file if edge else None
+
+    def cluster_token(self, cluster: str = CORE) -> str | None:
+        """The cluster's current token, read each time (a rotation replaces the file); never logged."""
+        if cluster == CORE:
+            return self.ray_auth_token()
+        edge = self.edge(cluster)
+        return edge.token() if edge else None
+
+    def cluster_dashboard(self, cluster: str = CORE) -> str | None:
+        if cluster == CORE:
+            return self.ray_dashboard_url
+        edge = self.edge(cluster)
+        return edge.dashboard_url if edge else None
+
     @model_validator(mode="after")
     def _refuse_weak(self) -> Self:
         for name in ("secret_key", "admin_key"):
@@ -145,11 +195,11 @@ class Settings(BaseSettings):
             return self.secret_key.get_secret_value()
         return read_or_create_secret(self.data_dir / "secret_key")
 
-    def cluster_epoch(self) -> str:
-        """A short fingerprint of the current cluster token: donors compare it to notice a rotation."""
+    def cluster_epoch(self, cluster: str = CORE) -> str:
+        """A short fingerprint of a cluster's current token: donors compare it to notice a rotation."""
         from rma_ray.credentials import fingerprint
 
-        return fingerprint(self.ray_auth_token())
+        return fingerprint(self.cluster_token(cluster))
 
     def ray_auth_token(self) -> str | None:
         if self.ray_auth_token_file and self.ray_auth_token_file.exists():

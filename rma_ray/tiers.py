@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from rma_ray.capabilities import Capabilities
+from rma_ray.edges import LABEL_CLUSTER
 
 
 class Tier(StrEnum):
@@ -119,8 +120,14 @@ def choose(
     return max(candidates, key=lambda t: (demand.get(str(t), 0), -TIER_ORDER.index(t)))
 
 
-def node_labels(tier: Tier, node_id: str, trusted: bool, caps: Capabilities | None = None) -> dict[str, str]:
+def node_labels(
+    tier: Tier, node_id: str, trusted: bool, caps: Capabilities | None = None, cluster: str | None = None
+) -> dict[str, str]:
+    """A donor node's Ray labels. `cluster`: its cluster's name (`rma.io/cluster`), given where the pool has
+    edge clusters (a pool without edges keeps the labels it always had)."""
     labels = {LABEL_TIER: str(tier), LABEL_NODE: node_id, LABEL_TRUSTED: "true" if trusted else "false"}
+    if cluster is not None:
+        labels[LABEL_CLUSTER] = cluster
     if caps is not None and caps.ollama is not None and caps.ollama.vision_models:
         labels[LABEL_OLLAMA] = "true"
     return labels

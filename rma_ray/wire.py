@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from rma_ray.capabilities import Capabilities, _to_mb
+from rma_ray.edges import CORE
 from rma_ray.tiers import Tier
 
 Action = Literal["none", "drain", "leave"]
@@ -57,8 +58,11 @@ class RegisterRequest(Strict):
 
 
 class RayInfo(BaseModel):
+    """The Ray cluster a donor joins: the core's, or its edge's (an edge donor never sees the core's)."""
+
     address: str
     auth_token: str | None
+    cluster: str = Field(default=CORE, description="'core' or the edge cluster's name")
 
 
 class RejoinRequest(RegisterRequest):
@@ -75,6 +79,7 @@ class RejoinResponse(BaseModel):
     heartbeat_interval_s: int
     ray: RayInfo | None
     overlay: OverlayInfo | None = None
+    cluster: str = Field(default=CORE, description="the Ray cluster this donor belongs to")
 
 
 class RegisterResponse(RejoinResponse):
@@ -123,6 +128,7 @@ class WorkerOut(BaseModel):
     quarantine_reason: str | None
     revoked_at: datetime | None
     overlay_ip: str | None = None
+    cluster: str = CORE
 
 
 STORE_NAME = r"^[a-z][a-z0-9-]{0,31}$"
@@ -149,6 +155,7 @@ class KeyringEntry(BaseModel):
     id: str
     hash: str
     name: str  # the client the key belongs to: client-scoped routes (client RAG) compare it with the path
+    sensitive: bool = False  # its requests never leave the core (no edge cluster serves them)
 
 
 class KeyringOut(BaseModel):
@@ -157,3 +164,21 @@ class KeyringOut(BaseModel):
 
 
 Keyring = KeyringOut  # the name the Serve side reads it by
+
+
+class EdgeRoute(BaseModel):
+    """One edge cluster as the core's gateway sees it: where to forward, with which credential, and whether
+    the edge can serve an app now (Serve's own status of the edge, read with the edge's token)."""
+
+    name: str
+    serve_url: str
+    token: str = Field(description="an EdDSA JWT for this edge's ingress; names no client")
+    expires_at: datetime
+    apps: dict[str, int] = Field(
+        default_factory=dict, description="application -> replicas RUNNING (0: the core serves it)"
+    )
+    healthy: bool = Field(description="the edge's dashboard answered and its Serve reported its apps")
+
+
+class EdgeRoutes(BaseModel):
+    edges: list[EdgeRoute]

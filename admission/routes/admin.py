@@ -8,13 +8,14 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, Request, Response
 
 from admission import schemas, security
-from admission.deps import AdminDep, ClientIp, ServiceDep, SessionDep, State
+from admission.deps import AdminDep, ClientIp, CoreServiceDep, ServiceDep, SessionDep, State
 from admission.models import AdminKey, ClientKey, ServiceKey
 from admission.services import audit, keys, stats, stores, workers
 
 router = APIRouter(prefix="/api", tags=["admin"])
 
 TierQ = Annotated[str | None, Query(pattern="^(gpu|service|data)$")]
+ClusterQ = Annotated[str | None, Query(pattern="^[a-z][a-z0-9-]{0,15}$", description="'core' or an edge")]
 StatusQ = Annotated[str | None, Query(pattern="^(joining|healthy|warning|offline|quarantined|revoked|left)$")]
 
 
@@ -26,9 +27,14 @@ def openapi_schema(admin: AdminDep, request: Request) -> dict[str, object]:
 
 @router.get("/admin/workers", response_model=list[schemas.WorkerOut], openapi_extra=security.ADMIN)
 def list_workers(
-    admin: AdminDep, session: SessionDep, state: State, tier: TierQ = None, status: StatusQ = None
+    admin: AdminDep,
+    session: SessionDep,
+    state: State,
+    tier: TierQ = None,
+    status: StatusQ = None,
+    cluster: ClusterQ = None,
 ) -> list[schemas.WorkerOut]:
-    return workers.list_all(state, session, tier, status)
+    return workers.list_all(state, session, tier, status, cluster)
 
 
 @router.get("/admin/workers/{worker_id}", response_model=schemas.WorkerOut, openapi_extra=security.ADMIN)
@@ -74,9 +80,10 @@ def get_health(admin: AdminDep, session: SessionDep, state: State) -> schemas.He
 
 
 @router.get("/admin/ray", response_model=schemas.RayViewOut, openapi_extra=security.ADMIN)
-def get_ray(admin: AdminDep, state: State) -> schemas.RayViewOut:
-    """What the reconciler last saw of the Ray cluster: live nodes, intruders, errors."""
-    view = state.reconciler.view if state.reconciler is not None else None
+def get_ray(admin: AdminDep, state: State, cluster: ClusterQ = None) -> schemas.RayViewOut:
+    """What the reconciler last saw of a Ray cluster (default the core): live nodes, intruders, errors."""
+    views = state.reconciler.views if state.reconciler is not None else {}
+    view = views.get(cluster or "core")
     if view is None:
         return schemas.RayViewOut(wired=False)
     return schemas.RayViewOut(
@@ -117,9 +124,10 @@ def revoke_admin_key(key_id: str, admin: AdminDep, session: SessionDep, ip: Clie
     "/admin/clients", status_code=201, response_model=schemas.KeyCreated, openapi_extra=security.ADMIN
 )
 def create_client(
-    req: schemas.NamedCreate, admin: AdminDep, session: SessionDep, ip: ClientIp
+    req: schemas.ClientCreate, admin: AdminDep, session: SessionDep, ip: ClientIp
 ) -> schemas.KeyCreated:
-    return keys.create(session, ClientKey, req.name, admin.actor, ip)
+    """A client API key; `sensitive`: its requests stay on the core cluster (never forwarded to an edge)."""
+    return keys.create(session, ClientKey, req.name, admin.actor, ip, sensitive=req.sensitive)
 
 
 @router.get("/admin/clients", response_model=list[schemas.KeyOut], openapi_extra=security.ADMIN)
@@ -155,8 +163,9 @@ def revoke_service_key(key_id: str, admin: AdminDep, session: SessionDep, ip: Cl
 
 
 @router.get("/clients/keyring", response_model=schemas.KeyringOut, openapi_extra=security.SERVICE)
-def client_keyring(who: ServiceDep, session: SessionDep) -> schemas.KeyringOut:
-    """Ids and hashes of live client keys, for the Serve-side verifier (no secrets)."""
+def client_keyring(who: CoreServiceDep, session: SessionDep) -> schemas.KeyringOut:
+    """Ids and hashes of live client keys, for the Serve-side verifier (no secrets); never for an edge donor's
+    node credential, nor, where the pool has edges, an untrusted donor's (403)."""
     return keys.keyring(session)
 
 

@@ -80,16 +80,17 @@ async def heartbeat(request: Request) -> Response:
         req = schemas.HeartbeatRequest.model_validate_json(await request.body() or b"{}")
     except ValidationError as exc:
         raise ApiError(422, "invalid_request", errors.describe(list(exc.errors()))) from None
-    action = workers.heartbeat(state, node, req)
+    action, cluster = workers.heartbeat(state, node, req)
     return Response(
-        b'{"action":"%s","cluster":"%s"}' % (action.encode(), state.cluster_epoch().encode()),
+        b'{"action":"%s","cluster":"%s"}' % (action.encode(), state.cluster_epoch(cluster).encode()),
         media_type="application/json",
     )
 
 
 @router.get("/ray", response_model=schemas.RayInfo, openapi_extra=security.NODE)
 def ray_info(node: NodeDep, session: SessionDep, state: State) -> schemas.RayInfo:
-    """The head's address and the current cluster token, for a live donor (after a token rotation)."""
+    """The donor's own cluster (the core's head, or its edge's) and its current token, for a live donor (after
+    a token rotation)."""
     return workers.ray_info(state, session, node)
 
 

@@ -39,7 +39,24 @@ def to_out(invite: Invite) -> schemas.InviteOut:
         tier=invite.tier,
         note=invite.note,
         status=status_of(invite),
+        edge=invite.edge,
     )
+
+
+def check_edge(settings: Settings, trusted: bool, edge: str | None) -> None:
+    """An invite's edge must be one this coordinator knows, and only for an untrusted donor (trusted donors
+    join the core, where the data is)."""
+    if edge is None:
+        return
+    if trusted:
+        raise ApiError(
+            422,
+            "invalid_request",
+            "edge: a trusted donor joins the core cluster; drop --edge or make the invite untrusted",
+        )
+    if settings.edge(edge) is None:
+        known = ", ".join(e.name for e in settings.edges) or "none (this pool runs without edges)"
+        raise ApiError(422, "unknown_edge", f"edge: no edge cluster {edge!r}; known edges: {known}")
 
 
 def create(
@@ -52,6 +69,7 @@ def create(
             "invalid_request",
             f"ttl_s: at most {settings.invite_max_ttl_s} s (RMA_INVITE_MAX_TTL_S); got {ttl}",
         )
+    check_edge(settings, req.trusted, req.edge)
     minted = credentials.mint(Kind.JOIN)
     invite = Invite(
         id=minted.id,
@@ -63,6 +81,7 @@ def create(
         tier=str(req.tier) if req.tier else None,
         note=req.note,
         created_by=actor,
+        edge=req.edge,
     )
     session.add(invite)
     audit.record(
@@ -75,6 +94,7 @@ def create(
         uses=req.uses,
         trusted=req.trusted,
         tier=invite.tier,
+        **({"edge": req.edge} if req.edge else {}),
     )
     session.flush()
     return schemas.InviteCreated(

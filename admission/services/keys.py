@@ -26,17 +26,37 @@ KINDS: dict[Model, Kind] = {AdminKey: Kind.ADMIN, ClientKey: Kind.CLIENT, Servic
 
 
 def _out(row: AdminKey | ClientKey | ServiceKey) -> schemas.KeyOut:
-    return schemas.KeyOut(id=row.id, name=row.name, created_at=row.created_at, revoked_at=row.revoked_at)
+    return schemas.KeyOut(
+        id=row.id,
+        name=row.name,
+        created_at=row.created_at,
+        revoked_at=row.revoked_at,
+        sensitive=bool(row.sensitive) if isinstance(row, ClientKey) else None,
+    )
 
 
-def create(session: Session, model: Model, name: str, actor: str, ip: str) -> schemas.KeyCreated:
+def create(
+    session: Session, model: Model, name: str, actor: str, ip: str, sensitive: bool = False
+) -> schemas.KeyCreated:
+    """`sensitive` (client keys only): the client's requests are never forwarded to an edge cluster."""
     kind = KINDS[model]
     minted = credentials.mint(kind)
     row = model(id=minted.id, name=name, key_hash=minted.hash, created_at=utcnow())
+    extra: dict[str, object] = {}
+    if isinstance(row, ClientKey):
+        row.sensitive = sensitive
+        if sensitive:
+            extra["sensitive"] = True
     session.add(row)
-    audit.record(session, actor, f"{kind}_key.create", minted.id, ip, name=name)
+    audit.record(session, actor, f"{kind}_key.create", minted.id, ip, name=name, **extra)
     session.flush()
-    return schemas.KeyCreated(id=row.id, name=row.name, key=minted.token, created_at=row.created_at)
+    return schemas.KeyCreated(
+        id=row.id,
+        name=row.name,
+        key=minted.token,
+        created_at=row.created_at,
+        sensitive=bool(row.sensitive) if isinstance(row, ClientKey) else None,
+    )
 
 
 def list_all(session: Session, model: type[K]) -> list[schemas.KeyOut]:
@@ -97,5 +117,8 @@ def keyring(session: Session) -> schemas.KeyringOut:
     rows = session.scalars(select(ClientKey).where(ClientKey.revoked_at.is_(None)).order_by(ClientKey.id))
     return schemas.KeyringOut(
         generated_at=utcnow(),
-        keys=[schemas.KeyringEntry(id=r.id, hash=r.key_hash, name=r.name) for r in rows],
+        keys=[
+            schemas.KeyringEntry(id=r.id, hash=r.key_hash, name=r.name, sensitive=bool(r.sensitive))
+            for r in rows
+        ],
     )

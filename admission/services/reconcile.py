@@ -9,6 +9,10 @@ label, a label is also checked against where the node is: a node whose address i
 address where the donor has one, else the address it registered from), or a second live node claiming the same
 donor from another address, quarantines that donor and drains every node that claims it. Replicas pending for
 lack of a node of a tier become that tier's demand, which the tier choice at registration reads.
+
+Each cluster is read on its own: the core from its dashboard with the core token, every edge from its own
+dashboard with its own token (`RMA_EDGES`), with its own view, demand and drains. A node is matched only to a
+donor of the cluster it runs in: a node claiming a donor of another cluster is an intruder there.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from sqlalchemy.orm import Session
 from admission.models import TierDemand, Worker, utcnow
 from admission.services import audit
 from admission.state import AppState
+from rma_ray.edges import CORE, LABEL_CLUSTER
 from rma_ray.tiers import LABEL_NODE, LABEL_OLLAMA, LABEL_TIER, LABEL_TRUSTED, TIER_ORDER
 
 log = logging.getLogger("rma.reconciler")
@@ -56,7 +61,7 @@ def mismatch(worker: Worker, node: dict[str, Any]) -> str | None:
     """Why a live node disagrees with its registration, or None."""
     labels = node.get("labels") or {}
     want = worker.labels
-    for key in (LABEL_TIER, LABEL_TRUSTED, LABEL_OLLAMA):
+    for key in (LABEL_TIER, LABEL_TRUSTED, LABEL_OLLAMA, LABEL_CLUSTER):
         if labels.get(key) != want.get(key):
             return f"label {key}={labels.get(key)!r} on the Ray node, registered {want.get(key)!r}"
     res = node.get("resources_total") or {}
@@ -134,11 +139,11 @@ def claim_problem(
     return None
 
 
-def fetch(state: AppState) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def fetch(state: AppState, cluster: str = CORE) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     s = state.settings
-    token = s.ray_auth_token()
+    token = s.cluster_token(cluster)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    with httpx.Client(base_url=s.ray_dashboard_url or "", headers=headers, timeout=5) as http:
+    with httpx.Client(base_url=s.cluster_dashboard(cluster) or "", headers=headers, timeout=5) as http:
         nodes = http.get("/api/v0/nodes", params={"limit": 10000, "detail": "true"})
         nodes.raise_for_status()
         actors = http.get(
@@ -161,13 +166,15 @@ def apply(
     nodes: list[dict[str, Any]],
     pending: list[dict[str, Any]],
     view: RayView,
+    cluster: str = CORE,
 ) -> list[tuple[str, str]]:
-    """Update the registry from one reading; return (ray node id, reason) of nodes to drain."""
+    """Update the registry from one reading of `cluster`; return (ray node id, reason) of nodes to drain."""
     now = utcnow()
     by_worker: dict[str, dict[str, Any]] = {}
     live_by_worker: dict[str, list[dict[str, Any]]] = {}
     intruders = []
-    workers = {w.id: w for w in session.scalars(select(Worker))}
+    everyone = {w.id: w for w in session.scalars(select(Worker))}
+    workers = {wid: w for wid, w in everyone.items() if w.cluster == cluster}
     for node in nodes:
         labels = node.get("labels") or {}
         if node.get("is_head_node"):
@@ -177,9 +184,12 @@ def apply(
         alive = node.get("state") == "ALIVE"
         if w is None or w.revoked_at is not None or w.left_at is not None:
             if alive:
+                other = everyone.get(wid or "")
                 why = (
                     "no rma.io/node label"
                     if not wid
+                    else f"worker {wid} belongs to cluster {other.cluster!r}, not {cluster!r}"
+                    if other is not None and w is None
                     else f"unknown worker {wid}"
                     if w is None
                     else f"worker {wid} was {'revoked' if w.revoked_at else 'unregistered'}"
@@ -248,6 +258,7 @@ def apply(
                 intruder["node_id"][:12],
                 intruder.get("node_ip") or "",
                 reason=intruder["reason"],
+                **({"cluster": cluster} if cluster != CORE else {}),
             )
         if intruder["node_id"] not in view.drained:
             to_drain.append((intruder["node_id"], intruder["reason"]))
@@ -257,9 +268,9 @@ def apply(
         if tier in demand:
             demand[tier] += 1
     for tier, n in demand.items():
-        row = session.get(TierDemand, tier)
+        row = session.get(TierDemand, (cluster, tier))
         if row is None:
-            session.add(TierDemand(tier=tier, pending=n, updated_at=now))
+            session.add(TierDemand(cluster=cluster, tier=tier, pending=n, updated_at=now))
         elif row.pending != n:
             row.pending, row.updated_at = n, now
     view.at, view.error = now, None
@@ -273,26 +284,21 @@ def apply(
     return to_drain
 
 
-def reconcile_once(state: AppState, view: RayView) -> None:
+def reconcile_once(state: AppState, view: RayView, cluster: str = CORE) -> None:
     try:
-        nodes, pending = fetch(state)
+        nodes, pending = fetch(state, cluster)
     except (httpx.HTTPError, KeyError, ValueError) as exc:
         view.error = f"cannot read Ray's state: {exc}"
         return
     with state.sessions() as session, session.begin():
-        to_drain = apply(state, session, nodes, pending, view)
-    if to_drain and state.settings.ray_address and state.settings.ray_auth_token_file:
+        to_drain = apply(state, session, nodes, pending, view, cluster)
+    address, token_file = state.settings.cluster_address(cluster), state.settings.cluster_token_file(cluster)
+    if to_drain and address and token_file:
         from rma_ray.raynode import drain_node
 
         for node_id, why in to_drain:
             try:
-                drain_node(
-                    state.settings.ray_address,
-                    state.settings.ray_auth_token_file,
-                    node_id,
-                    f"RMA Pool: {why}",
-                    60,
-                )
+                drain_node(address, token_file, node_id, f"RMA Pool: {why}", 60)
                 view.drained.add(node_id)
             except Exception as exc:  # the node may already be gone
                 log.warning("drain of %s failed: %s", node_id[:12], exc)
@@ -301,7 +307,8 @@ def reconcile_once(state: AppState, view: RayView) -> None:
 class Reconciler:
     def __init__(self, state: AppState, interval_s: float = 2.0) -> None:
         self.state, self.interval_s = state, interval_s
-        self.view = RayView()
+        # one view per cluster with a dashboard: the core's (when wired) and every edge's
+        self.views = {c: RayView() for c in state.settings.clusters if state.settings.cluster_dashboard(c)}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="rma-reconciler", daemon=True)
         from admission.services.metrics import Collector
@@ -310,7 +317,9 @@ class Reconciler:
 
     def start(self) -> Reconciler:
         self._thread.start()
-        self.collector.start()
+        # Serve's request metrics are the core's: edges have no ingress that sees a client
+        if self.state.settings.ray_dashboard_url:
+            self.collector.start()
         return self
 
     def stop(self) -> None:
@@ -318,10 +327,16 @@ class Reconciler:
         self.collector.stop()
         self._thread.join(10)
 
+    @property
+    def view(self) -> RayView:
+        """The core's view (what the registry's stores and /api/admin/ray have always read)."""
+        return self.views.get(CORE) or RayView()  # a pool whose core has no dashboard: nothing seen
+
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                reconcile_once(self.state, self.view)
+                for cluster, view in list(self.views.items()):
+                    reconcile_once(self.state, view, cluster)
                 self._sync_actions()
             except Exception:
                 log.exception("reconcile pass failed")

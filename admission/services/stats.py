@@ -22,7 +22,9 @@ ONLINE = {"healthy", "warning"}
 
 def stats(state: AppState, session: Session) -> schemas.StatsOut:
     all_workers = workers.list_all(state, session)
-    pending = workers.demand(session)
+    pending: Counter[str] = Counter()
+    for cluster in state.settings.clusters:  # every cluster's pending replicas, per tier
+        pending.update(workers.demand(session, cluster))
     tiers: dict[str, schemas.TierStats] = {}
     for tier in map(str, TIER_ORDER):
         mine = [w for w in all_workers if w.tier == tier]

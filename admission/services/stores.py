@@ -1,11 +1,11 @@
 """Data stores in the registry: supervisors report (PUT /api/stores/{name}), admins list (GET /api/admin/stores).
 
 A report is bound to its reporter. A donor's node credential may report only if it is a trusted data-tier
-donor, only the pool's known stores, and only a store whose supervisor runs on its own Ray node (the node id
-the reconciler recorded for it). The head reports with its service credential (or an admin key). A row
-belongs to whoever created it (a donor, or the head): a report from anyone else is refused with 403 while the
-owner still reports; once the owner has been silent for STALE_AFTER_S (Ray moved the supervisor), the new
-node takes it."""
+donor of the core cluster, only the pool's known stores, and only a store whose supervisor runs on its own Ray
+node (the node id the reconciler recorded for it). The head reports with its service credential (or an admin
+key). A row belongs to whoever created it (a donor, or the head): a report from anyone else is refused with
+403 while the owner still reports; once the owner has been silent for STALE_AFTER_S (Ray moved the
+supervisor), the new node takes it."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from admission import schemas
 from admission.errors import ApiError
 from admission.models import Store, Worker, utcnow
 from admission.security import AdminPrincipal, NodePrincipal, ServicePrincipal
+from rma_ray.edges import CORE
 from rma_ray.head import STORE_NAMES
 
 REPORT_EVERY_S = 10.0
@@ -29,7 +30,7 @@ def _reporter(
     if not isinstance(who, NodePrincipal):
         return None
     w = session.get(Worker, who.worker_id)
-    if w is None or not (w.trusted and w.tier == "data"):
+    if w is None or not (w.trusted and w.tier == "data" and w.cluster == CORE):
         raise ApiError(403, "not_trusted_data", "only a trusted data-tier donor may run and report a store")
     if w.ray_node_id and body.node_id != w.ray_node_id:
         raise ApiError(

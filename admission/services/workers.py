@@ -21,6 +21,7 @@ from admission.services import audit, invites, overlay
 from admission.state import AppState, Beat, NodeEntry
 from rma_ray import credentials, tiers
 from rma_ray.credentials import Kind
+from rma_ray.edges import CORE
 from rma_ray.settings import Settings
 from rma_ray.tiers import Tier
 
@@ -44,8 +45,38 @@ def _refuse(
     return ApiError(status, code, message)
 
 
-def demand(session: Session) -> dict[str, int]:
-    return {row.tier: row.pending for row in session.scalars(select(TierDemand))}
+def demand(session: Session, cluster: str = CORE) -> dict[str, int]:
+    """Replicas pending per tier in one cluster (an edge's demand steers only its own donors)."""
+    rows = session.scalars(select(TierDemand).where(TierDemand.cluster == cluster))
+    return {row.tier: row.pending for row in rows}
+
+
+def cluster_for(settings: Settings, invite: Invite) -> str | ApiError:
+    """The cluster an invite admits into: trusted donors join the core; untrusted ones join the invite's edge
+    (default the first) where the coordinator has edges, else the core as before."""
+    if invite.trusted or not settings.edges:
+        if invite.edge is not None and not invite.trusted:  # its edge was configured when it was minted
+            return ApiError(
+                409,
+                "edge_gone",
+                f"this invite admits into edge cluster {invite.edge!r}, which this pool no longer runs; "
+                "ask the pool admin for a new invite (the join token was not used)",
+            )
+        return CORE
+    name = invite.edge or settings.edges[0].name
+    if settings.edge(name) is None:
+        known = ", ".join(e.name for e in settings.edges)
+        return ApiError(
+            409,
+            "edge_gone",
+            f"this invite admits into edge cluster {name!r}, which this pool no longer runs (edges: {known}); "
+            "ask the pool admin for a new invite (the join token was not used)",
+        )
+    return name
+
+
+def _label_cluster(settings: Settings, cluster: str) -> str | None:
+    return cluster if settings.edges or cluster != CORE else None
 
 
 def register(
@@ -98,8 +129,13 @@ def register(
         raise _refuse(
             state, session, ip, 422, "tier_not_qualified", tiers.pin_refusal(pinned, caps), invite=invite.id
         )
-    tier = tiers.choose(candidates, demand(session), pinned)
-    refusal = overlay.check_request(state.settings, session, req.overlay) or unplaceable(state.settings)
+    cluster = cluster_for(state.settings, invite)
+    if isinstance(cluster, ApiError):
+        raise _refuse(state, session, ip, cluster.status, cluster.code, cluster.message, invite=invite.id)
+    tier = tiers.choose(candidates, demand(session, cluster), pinned)
+    refusal = overlay.check_request(state.settings, session, req.overlay) or unplaceable(
+        state.settings, cluster
+    )
     if refusal is not None:
         raise _refuse(state, session, ip, refusal.status, refusal.code, refusal.message, invite=invite.id)
 
@@ -114,7 +150,7 @@ def register(
         )
 
     minted = credentials.mint(Kind.NODE)
-    labels = tiers.node_labels(tier, minted.id, invite.trusted, caps)
+    labels = tiers.node_labels(tier, minted.id, invite.trusted, caps, _label_cluster(state.settings, cluster))
     worker = Worker(
         id=minted.id,
         name=req.name,
@@ -125,6 +161,7 @@ def register(
         labels=labels,
         node_token_hash=minted.hash,
         registered_ip=ip,
+        cluster=cluster,
     )
     session.add(worker)
     audit.record(
@@ -137,12 +174,13 @@ def register(
         name=req.name,
         trusted=invite.trusted,
         candidates=[str(t) for t in candidates],
+        **({"cluster": cluster} if cluster != CORE else {}),
     )
     session.flush()
     overlay_info = overlay.admit(state, session, worker, req.overlay)  # may refuse: nothing is committed then
     state.metrics.registrations.labels(str(tier)).inc()
     with state.nodes_lock:
-        state.nodes[worker.id] = NodeEntry(worker.id, minted.hash, True)
+        state.nodes[worker.id] = NodeEntry(worker.id, minted.hash, True, cluster=cluster)
 
     settings = state.settings
     return schemas.RegisterResponse(
@@ -153,22 +191,33 @@ def register(
         labels=labels,
         node_token=minted.token,
         heartbeat_interval_s=settings.heartbeat_interval_s,
-        ray=_ray(settings),
+        ray=_ray(settings, cluster),
         overlay=overlay_info,
+        cluster=cluster,
     )
 
 
-def _ray(settings: Settings) -> schemas.RayInfo | None:
-    return (
-        schemas.RayInfo(address=settings.ray_address, auth_token=settings.ray_auth_token())
-        if settings.ray_address
-        else None
-    )
+def _ray(settings: Settings, cluster: str = CORE) -> schemas.RayInfo | None:
+    """The donor's own cluster: an edge donor gets its edge's address and token, nothing of the core's."""
+    address = settings.cluster_address(cluster)
+    if not address:
+        return None
+    return schemas.RayInfo(address=address, auth_token=settings.cluster_token(cluster), cluster=cluster)
 
 
-def unplaceable(settings: Settings) -> ApiError | None:
+def unplaceable(settings: Settings, cluster: str = CORE) -> ApiError | None:
     """Before a join token is spent: a donor this coordinator cannot place (no Ray head, or a head it cannot
     reach) is refused, with the reason, and keeps its invite."""
+    if cluster != CORE:
+        address = settings.cluster_address(cluster)
+        if address is None:
+            return ApiError(
+                409,
+                "edge_gone",
+                f"this donor belongs to edge cluster {cluster!r}, which this pool no longer runs; "
+                "ask the pool admin (the join token was not used)",
+            )
+        return _reachable(address, f"the pool's edge cluster {cluster!r}")
     if not settings.ray_address:
         if settings.admit_without_ray:
             return None
@@ -179,16 +228,19 @@ def unplaceable(settings: Settings) -> ApiError | None:
             "alone) and admits no one; ask the admin for a pool started with "
             "`rma up` (the join token was not used)",
         )
-    host, _, port = settings.ray_address.rpartition(":")
+    return _reachable(settings.ray_address, "the pool's Ray head")
+
+
+def _reachable(address: str, what: str) -> ApiError | None:
+    host, _, port = address.rpartition(":")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=2).close()
     except (OSError, ValueError) as exc:
-        log.error("Ray head %s unreachable: %s", settings.ray_address, exc)
+        log.error("Ray head %s unreachable: %s", address, exc)
         return ApiError(
             409,
             "ray_head_unreachable",
-            "the pool's Ray head does not answer; tell the pool "
-            "admin and try again later (the join token was not used)",
+            f"{what} does not answer; tell the pool admin and try again later (the join token was not used)",
         )
     return None
 
@@ -240,7 +292,7 @@ def rejoin(
         refusal = overlay.check_request(state.settings, session, req.overlay)
     if refusal is None and state.settings.overlay_enabled and req.overlay is None:
         refusal = overlay.check_request(state.settings, session, None)
-    refusal = refusal or unplaceable(state.settings)
+    refusal = refusal or unplaceable(state.settings, worker.cluster)
     if refusal is not None:
         state.metrics.refusals.labels(refusal.code).inc()
         session.rollback()
@@ -252,9 +304,11 @@ def rejoin(
 
     tier = Tier(worker.tier)
     if tier not in candidates:
-        tier = tiers.choose(candidates, demand(session), pinned)
+        tier = tiers.choose(candidates, demand(session, worker.cluster), pinned)
     worker.tier, worker.capabilities = str(tier), caps.model_dump()
-    worker.labels = tiers.node_labels(tier, worker.id, worker.trusted, caps)
+    worker.labels = tiers.node_labels(
+        tier, worker.id, worker.trusted, caps, _label_cluster(state.settings, worker.cluster)
+    )
     worker.ray_alive, worker.ray_node_id = None, None
     overlay_info = None
     if state.settings.overlay_enabled and req.overlay is not None:
@@ -273,7 +327,9 @@ def rejoin(
     )
     session.flush()
     with state.nodes_lock:
-        state.nodes[worker.id] = NodeEntry(worker.id, worker.node_token_hash, True, worker.action)
+        state.nodes[worker.id] = NodeEntry(
+            worker.id, worker.node_token_hash, True, worker.action, worker.cluster
+        )
     s = state.settings
     return schemas.RejoinResponse(
         worker_id=worker.id,
@@ -282,8 +338,9 @@ def rejoin(
         trusted=worker.trusted,
         labels=worker.labels,
         heartbeat_interval_s=s.heartbeat_interval_s,
-        ray=_ray(s),
+        ray=_ray(s, worker.cluster),
         overlay=overlay_info,
+        cluster=worker.cluster,
     )
 
 
@@ -328,23 +385,27 @@ def abort(state: AppState, session: Session, node: NodePrincipal, ip: str) -> sc
     return schemas.AbortResponse(refunded=ended)
 
 
-def heartbeat(state: AppState, node: NodePrincipal, req: schemas.HeartbeatRequest) -> str:
-    """Record the beat in memory (flushed in bulk) and return the action the donor must take."""
+def heartbeat(state: AppState, node: NodePrincipal, req: schemas.HeartbeatRequest) -> tuple[str, str]:
+    """Record the beat in memory (flushed in bulk); return the action the donor must take and its cluster."""
     state.buffer.put(
         node.worker_id, Beat(utcnow(), req.status, req.current_load, req.available_memory_mb, req.ray_node_id)
     )
     state.metrics.heartbeats.inc()
     with state.nodes_lock:
-        return state.nodes[node.worker_id].action
+        entry = state.nodes[node.worker_id]
+        return entry.action, entry.cluster
 
 
 def ray_info(state: AppState, session: Session, node: NodePrincipal) -> schemas.RayInfo:
     worker = _get(session, node.worker_id)
     if worker.quarantine_reason:
         raise ApiError(403, "quarantined", f"this donor is quarantined: {worker.quarantine_reason}")
-    if not state.settings.ray_address:
+    info = _ray(state.settings, worker.cluster)
+    if info is None:
+        if worker.cluster != CORE:
+            raise ApiError(409, "edge_gone", f"this pool no longer runs edge cluster {worker.cluster!r}")
         raise ApiError(409, "no_ray_head", "this coordinator runs without a Ray head")
-    return schemas.RayInfo(address=state.settings.ray_address, auth_token=state.settings.ray_auth_token())
+    return info
 
 
 def _deactivate(state: AppState, worker_id: str, action: str = "leave") -> None:
@@ -448,15 +509,22 @@ def to_out(state: AppState, worker: Worker, now: datetime | None = None) -> sche
         quarantine_reason=worker.quarantine_reason,
         revoked_at=worker.revoked_at,
         overlay_ip=worker.overlay_ip,
+        cluster=worker.cluster,
     )
 
 
 def list_all(
-    state: AppState, session: Session, tier: str | None = None, status: str | None = None
+    state: AppState,
+    session: Session,
+    tier: str | None = None,
+    status: str | None = None,
+    cluster: str | None = None,
 ) -> list[schemas.WorkerOut]:
     q = select(Worker).order_by(Worker.created_at)
     if tier:
         q = q.where(Worker.tier == tier)
+    if cluster:
+        q = q.where(Worker.cluster == cluster)
     now = utcnow()
     out = [to_out(state, w, now) for w in session.scalars(q)]
     return [w for w in out if status is None or w.status == status]

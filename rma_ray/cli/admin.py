@@ -73,6 +73,10 @@ def invite_create(
     trusted: Annotated[bool, typer.Option("--trusted", help="donors may host data stores")] = False,
     tier: Annotated[str | None, typer.Option(help="pin the tier: gpu, service or data")] = None,
     note: Annotated[str, typer.Option(help="a note for the registry")] = "",
+    edge: Annotated[
+        str | None,
+        typer.Option(help="the edge cluster an untrusted donor joins (default: the pool's first edge)"),
+    ] = None,
     coordinator: CoordinatorOpt = None,
     admin_key_file: KeyFileOpt = None,
     as_json: JsonOpt = False,
@@ -80,9 +84,12 @@ def invite_create(
     """Create a join token for a donor."""
     if tier is not None and tier not in ("gpu", "service", "data"):
         fail(f"unknown tier {tier!r}; use gpu, service or data")
+    if edge is not None and trusted:
+        fail("a trusted donor joins the core cluster; drop --edge or --trusted")
+    fields = {"edge": edge} if edge is not None else {}
     with admin_client(coordinator, admin_key_file) as client:
         inv = client.create_invite(
-            ttl_s=parse_duration(ttl), uses=uses, trusted=trusted, tier=tier, note=note
+            ttl_s=parse_duration(ttl), uses=uses, trusted=trusted, tier=tier, note=note, **fields
         )
         if as_json:
             return print_json(inv)
@@ -131,21 +138,34 @@ def invite_revoke(
 def donors_list(
     tier: Annotated[str | None, typer.Option(help="only this tier")] = None,
     status: Annotated[str | None, typer.Option(help="only this status")] = None,
+    cluster: Annotated[str | None, typer.Option(help="only this cluster: core or an edge's name")] = None,
     coordinator: CoordinatorOpt = None,
     admin_key_file: KeyFileOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """List donors with tier, status, load and last heartbeat."""
+    """List donors with tier, status, load and last heartbeat (and cluster, where the pool has edges)."""
     with admin_client(coordinator, admin_key_file) as client:
-        rows = client.workers(tier=tier, status=status)
+        rows = client.workers(tier=tier, status=status, cluster=cluster)
     if as_json:
         return print_json(rows)
-    table = Table("id", "name", "tier", "trusted", "status", "load", "last seen")
+    edges = cluster is not None or any(w.get("cluster", "core") != "core" for w in rows)
+    columns = [
+        "id",
+        "name",
+        *(["cluster"] if edges else []),
+        "tier",
+        "trusted",
+        "status",
+        "load",
+        "last seen",
+    ]
+    table = Table(*columns)
     for w in rows:
         load = f"{w['current_load']:.2f}" if w["current_load"] is not None else "-"
         table.add_row(
             w["id"],
             shown(w["name"]),
+            *([w.get("cluster", "core")] if edges else []),
             w["tier"],
             "yes" if w["trusted"] else "no",
             w["status"],
@@ -180,14 +200,21 @@ def donors_drain(
 
 @clients_app.command("create")
 def clients_create(
-    name: str, coordinator: CoordinatorOpt = None, admin_key_file: KeyFileOpt = None, as_json: JsonOpt = False
+    name: str,
+    sensitive: Annotated[
+        bool,
+        typer.Option("--sensitive", help="its requests never leave the core cluster (no edge serves them)"),
+    ] = False,
+    coordinator: CoordinatorOpt = None,
+    admin_key_file: KeyFileOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Create an API key for a client of the pool's HTTP routes."""
     with admin_client(coordinator, admin_key_file) as client:
-        created = client.create_client(name)
+        created = client.create_client(name, sensitive=sensitive)
     if as_json:
         return print_json(created)
-    out.print(f"client {created['id']} ({created['name']})")
+    out.print(f"client {created['id']} ({created['name']}){' sensitive: core only' if sensitive else ''}")
     out.print(f"API key (shown once): [bold]{created['key']}[/]")
 
 
@@ -200,9 +227,15 @@ def clients_list(
         rows = client.clients()
     if as_json:
         return print_json(rows)
-    table = Table("id", "name", "created", "revoked")
+    table = Table("id", "name", "created", "revoked", "sensitive")
     for r in rows:
-        table.add_row(r["id"], shown(r["name"]), r["created_at"], r["revoked_at"] or "")
+        table.add_row(
+            r["id"],
+            shown(r["name"]),
+            r["created_at"],
+            r["revoked_at"] or "",
+            "yes" if r.get("sensitive") else "",
+        )
     out.print(table)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -114,6 +115,23 @@ def test_invite_join_list_revoke_through_the_cli(served: tuple) -> None:  # type
     r = rma("clients", "create", "frontend", env=env)
     assert r.returncode == 0 and re.search(r"rma_client_[0-9a-f]{12}_[0-9a-f]{64}", r.stdout)
     assert "frontend" in rma("clients", "list", env=env).stdout
+
+
+def test_edge_and_sensitive_options_through_the_cli(served: tuple) -> None:  # type: ignore[type-arg]
+    """Issue 17's admin options: --edge on a pool without edges is refused with what to do, --edge with
+    --trusted before any request; a --sensitive client key says so in the list."""
+    url, _, _, key = served
+    env = {"RMA_COORDINATOR_URL": url, "RMA_ADMIN_KEY": key}
+    r = rma("invite", "create", "--edge", "edge", env=env)
+    assert r.returncode != 0 and "this pool runs without edges" in r.stdout + r.stderr
+    r = rma("invite", "create", "--edge", "edge", "--trusted", env=env)
+    assert r.returncode != 0 and "a trusted donor joins the core cluster" in r.stdout + r.stderr
+    r = rma("clients", "create", "clinic", "--sensitive", env=env)
+    assert r.returncode == 0 and "sensitive" in r.stdout
+    listed = rma("clients", "list", "--json", env=env)
+    assert [(c["name"], c["sensitive"]) for c in json.loads(listed.stdout)] == [("clinic", True)]
+    r = rma("donors", "list", "--cluster", "core", env=env)
+    assert r.returncode == 0 and "cluster" in r.stdout
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ import pytest
 
 from tests.conftest import ARTIFACTS
 from tests.integration.conftest import Coordinator
+from tests.integration.test_edge_admission import pool as pool  # a coordinator with two edges
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [
@@ -92,3 +93,31 @@ def test_registry_login_view_and_refresh(coordinator: Coordinator, page) -> None
     page.wait_for_url(coordinator.url + "/registry/login")
     page.goto(coordinator.url + "/registry")
     assert page.url.endswith("/registry/login")
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_registry_shows_a_section_per_cluster(pool: Coordinator, page) -> None:  # type: ignore[no-untyped-def]
+    """With edge clusters (issue 17): each cluster its own section, its donors, and an edge's Serve state."""
+    edge_donor, core_donor = pool.join(), pool.join(trusted=True)
+    page.goto(pool.url + "/registry/login")
+    page.fill("#admin_key", pool.admin_key)
+    page.click("button[type=submit]")
+    page.wait_for_url(pool.url + "/registry")
+    assert page.locator("section.cluster").evaluate_all("els => els.map(e => e.dataset.cluster)") == [
+        "core",
+        "edge",
+        "west",
+    ]
+    edge_row = page.locator(f"section[data-cluster='edge'] tr[data-worker='{edge_donor['worker_id']}']")
+    assert edge_row.get_attribute("data-cluster") == "edge"
+    assert (
+        page.locator(f"section[data-cluster='core'] tr[data-worker='{core_donor['worker_id']}']").count() == 1
+    )
+    assert (
+        page.locator(f"section[data-cluster='core'] tr[data-worker='{edge_donor['worker_id']}']").count() == 0
+    )
+    # the edges' dashboards do not answer here: the page says the core serves their requests
+    assert "not answering" in page.inner_text("section[data-cluster='edge'] .edge-apps")
+    assert "rma invite create --edge west" in page.inner_text("section[data-cluster='west']")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "registry-clusters.png"), full_page=True)

@@ -13,7 +13,13 @@ from admission.main import create_app
 from tests.integration.conftest import make_settings
 
 LEVELS = {"public", "admin", "join-token", "node-token", "admin-or-node", "admin-session"}
-EXPECTED_PUBLIC = {"/healthz", "/metrics", "/registry/login", "/registry/logout"}
+EXPECTED_PUBLIC = {
+    "/healthz",
+    "/metrics",
+    "/registry/login",
+    "/registry/logout",
+    "/api/edges/{name}/jwks.json",
+}
 
 
 @pytest.fixture(scope="module")

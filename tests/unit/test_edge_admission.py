@@ -1,0 +1,117 @@
+"""Edge clusters on the coordinator's side, without a server: which cluster an invite admits into, the labels,
+the settings' edge list, the wire's defaults (an older peer's replies still parse), and how an edge's Serve
+status becomes the gateway's replica counts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from admission.errors import ApiError
+from admission.models import Invite
+from admission.services.edges import parse_serve_status
+from admission.services.reconcile import mismatch
+from admission.services.workers import cluster_for
+from rma_ray import wire
+from rma_ray.edges import LABEL_CLUSTER, EdgeEndpoint
+from rma_ray.settings import Settings
+from rma_ray.tiers import Tier, node_labels
+
+
+def edge(name: str) -> EdgeEndpoint:
+    return EdgeEndpoint(
+        name=name,
+        ray_address="127.0.0.1:6480",
+        dashboard_url="http://127.0.0.1:8275",
+        serve_url="http://127.0.0.1:8010",
+        token_file=Path(f"/nonexistent/{name}"),
+    )
+
+
+TWO_EDGES = Settings(edges=[edge("edge"), edge("west")])
+NO_EDGES = Settings()
+
+
+@pytest.mark.parametrize(
+    ("settings", "trusted", "invite_edge", "want"),
+    [
+        (TWO_EDGES, False, None, "edge"),  # the first edge by default
+        (TWO_EDGES, False, "west", "west"),
+        (TWO_EDGES, True, None, "core"),  # trusted donors join the core
+        (NO_EDGES, False, None, "core"),  # --no-edge: as before
+        (TWO_EDGES, False, "north", "edge_gone"),  # its edge is no longer configured
+        (NO_EDGES, False, "edge", "edge_gone"),
+    ],
+)
+def test_the_cluster_an_invite_admits_into(
+    settings: Settings, trusted: bool, invite_edge: str | None, want: str
+) -> None:
+    got = cluster_for(settings, Invite(trusted=trusted, edge=invite_edge))
+    if isinstance(got, ApiError):
+        assert got.code == want and got.status == 409 and "join token was not used" in got.message
+    else:
+        assert got == want
+
+
+def test_labels_name_the_cluster_only_where_given() -> None:
+    assert LABEL_CLUSTER not in node_labels(Tier.SERVICE, "w1", False)
+    assert node_labels(Tier.SERVICE, "w1", False, cluster="edge")[LABEL_CLUSTER] == "edge"
+
+
+def test_a_node_in_the_wrong_cluster_is_a_mismatch() -> None:
+    from admission.models import Worker
+
+    w = Worker(labels=node_labels(Tier.SERVICE, "w1", False, cluster="edge"), capabilities={}, tier="service")
+    assert mismatch(w, {"labels": dict(w.labels), "resources_total": {}}) is None
+    why = mismatch(w, {"labels": {**w.labels, LABEL_CLUSTER: "core"}, "resources_total": {}})
+    assert why is not None and LABEL_CLUSTER in why
+
+
+def test_settings_edges_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RMA_EDGES", "[" + edge("edge").model_dump_json() + "]")
+    s = Settings()
+    assert s.clusters == ["core", "edge"] and s.cluster_address("edge") == "127.0.0.1:6480"
+    assert s.cluster_token("edge") is None  # an unreadable token file is no token, not a crash
+    assert s.cluster_address("north") is None and s.edge("north") is None
+    for bad in ([edge("edge"), edge("edge")], [edge("core")]):
+        with pytest.raises(ValidationError):
+            Settings(edges=bad)
+    with pytest.raises(ValidationError):
+        Settings(edges=[{**edge("x").model_dump(), "name": "Bad Name"}])
+
+
+def test_replies_without_the_new_fields_still_parse() -> None:
+    """A coordinator from before edges: its replies parse, and mean the core."""
+    info = wire.RayInfo.model_validate({"address": "h:6380", "auth_token": "t"})
+    assert info.cluster == "core"
+    entry = wire.KeyringEntry.model_validate({"id": "a", "hash": "b", "name": "c"})
+    assert entry.sensitive is False
+
+
+SERVE_STATUS: dict[str, Any] = {
+    "applications": {
+        "rma-llm": {
+            "status": "RUNNING",
+            "deployments": {
+                "LLMServer": {
+                    "replicas": [{"state": "RUNNING"}, {"state": "RUNNING"}, {"state": "STARTING"}]
+                },
+                "Ingress": {"replicas": [{"state": "RUNNING"}]},
+            },
+        },
+        "rma-embeddings": {
+            "status": "DEPLOYING",
+            "deployments": {"Embed": {"replicas": [{"state": "STARTING"}]}},
+        },
+        "rma-ocr": {"status": "DEPLOY_FAILED", "deployments": {"Ocr": {"replicas": [{"state": "RUNNING"}]}}},
+        "empty": {"status": "RUNNING", "deployments": {}},
+    }
+}
+
+
+def test_serve_status_becomes_replicas_that_can_serve() -> None:
+    assert parse_serve_status(SERVE_STATUS) == {"rma-llm": 1, "rma-embeddings": 0, "rma-ocr": 0, "empty": 0}
+    assert parse_serve_status({}) == {} and parse_serve_status({"applications": None}) == {}
