@@ -40,11 +40,10 @@ import re
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from datetime import datetime
 from typing import Any
 
 import httpx
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
@@ -52,6 +51,7 @@ from deployments.gateway.edge_gate import Counter
 from deployments.gateway.keys import ClientIdentity
 from deployments.gateway.refusal import Refusal
 from rma_ray.edges import SERVED_BY_HEADER
+from rma_ray.wire import EdgeRoute, EdgeRoutes
 
 log = logging.getLogger("rma.edge_router")
 
@@ -69,22 +69,10 @@ RETURNED_HEADERS = frozenset(
 Route = tuple[str, "re.Pattern[str]"]  # (method, full request path)
 
 
-class EdgeRoute(BaseModel):
-    """One edge as the coordinator reports it (rma_ray.wire.EdgeRoute, kept here until the wire has it)."""
-
-    name: str
-    serve_url: str
-    token: str = Field(repr=False)
-    expires_at: datetime
-    apps: dict[str, int] = Field(default_factory=dict, description="Serve app name -> running replicas")
-    healthy: bool = True
-
-    def serves(self, app: str, now: float) -> bool:
-        return self.healthy and self.apps.get(app, 0) > 0 and self.expires_at.timestamp() - now > MIN_VALID_S
-
-
-class EdgeRoutes(BaseModel):
-    edges: list[EdgeRoute] = Field(default_factory=list)
+def serves(route: EdgeRoute, app: str, now: float) -> bool:
+    """Whether `route`'s edge takes `app` now: healthy, running replicas of the app, a credential not about to
+    expire."""
+    return route.healthy and route.apps.get(app, 0) > 0 and route.expires_at.timestamp() - now > MIN_VALID_S
 
 
 def parse_routes(data: Any) -> EdgeRoutes:
@@ -135,7 +123,7 @@ class EdgeRouter:
             default_threshold=breaker_threshold, default_ttl=breaker_ttl_s, exclude=[asyncio.CancelledError]
         )
         self._clock = clock
-        self._routes = EdgeRoutes()
+        self._routes = EdgeRoutes(edges=[])
         self._failed_before = False
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -200,7 +188,7 @@ class EdgeRouter:
     def candidates(self, app: str) -> list[EdgeRoute]:
         """The edges that report running replicas of `app`, are healthy and hold a valid credential."""
         now = self._clock()
-        return [r for r in self._routes.edges if r.serves(app, now)]
+        return [r for r in self._routes.edges if serves(r, app, now)]
 
     # -- the forward -------------------------------------------------------------------------------------
 

@@ -160,7 +160,9 @@ def test_a_fresh_keys_concurrent_first_requests_all_pass() -> None:
     async def eight() -> list[str]:
         calls = [
             asyncio.create_task(
-                auth.current_client(Request({"type": "http", "method": "GET", "path": "/", "headers": header}))
+                auth.current_client(
+                    Request({"type": "http", "method": "GET", "path": "/", "headers": header})
+                )
             )
             for _ in range(8)
         ]

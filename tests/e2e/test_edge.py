@@ -1,0 +1,324 @@
+"""Strangers can donate (issue 17): an untrusted donor joins the edge cluster, never the core; what it can run
+reaches nothing of the core; clients' requests are served by its replicas through the core's gateway with the
+edge credential (never the client key); sensitive clients never leave the core; losing, revoking or rotating
+the edge leaves the core serving, with its Serve apps untouched.
+
+One pool for the module (tests/e2e/edge_bed.py): `rma up` with its edge on a bed of its own, the LLM app on both
+clusters, one untrusted donor (edge). Embeddings forwarded to an edge: tests/integration/test_edge_serve.py; the
+edge head's own restart after a SIGKILL and rotation without Serve traffic: tests/integration/test_edge_head.py.
+What reaches the edge replica is the edge credential and no client header: asserted from inside an edge app in
+tests/unit/test_edge_router.py; here, the edge refuses the client's key outright (so what it accepted was not
+the key)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import signal
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import PY, Donor
+from tests.e2e.edge_bed import SERVED_BY_HEADER, EdgePool, start_edge_pool
+from tests.support import wait_for
+
+pytestmark = [pytest.mark.e2e, pytest.mark.ray, pytest.mark.llm]
+
+EDGE = "edge:edge"
+
+
+@pytest.fixture(scope="module")
+def edge_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EdgePool]:
+    from tests.e2e.netns import available
+
+    reason = available()
+    if reason:
+        pytest.skip(f"network namespaces unavailable: {reason}")
+    root = tmp_path_factory.mktemp("edgepool")
+    with start_edge_pool(root) as pool:
+        yield pool
+
+
+@pytest.fixture(scope="module")
+def edge_donor(edge_pool: EdgePool) -> Donor:
+    donor = edge_pool.join(edge_pool.invite(trusted=False, tier="service"), "--cpus", "3", timeout=180)
+    wait_for(
+        lambda: edge_pool.running_replicas("rma-llm", "edge") > 0,
+        timeout=900,
+        interval=2,
+        what="the edge's LLM replica on the edge donor",
+    )
+    # the core's gateways learn of it on their next fetch of the edge routes (deployments/gateway/edge.py)
+    key = edge_pool.client_key("edge-probe")
+    wait_for(
+        lambda: _chat(edge_pool, key, max_tokens=1).headers.get(SERVED_BY_HEADER) == EDGE,
+        timeout=120,
+        interval=1,
+        what="the core's gateway to forward to the edge",
+    )
+    return donor
+
+
+def _donor_driver(pool: EdgePool, donor: Donor, address: str, script: str) -> Any:
+    """A Ray driver on the donor's host with the token the donor was given (what a hostile donor has)."""
+    token_file = donor.data_dir / "cluster_token"
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token_file),
+        "HOME": str(donor.data_dir.parent / "drv-home"),
+    }
+    prog = f"import json, os, ray\nADDRESS = {address!r}\n" + textwrap.dedent(script)
+    return donor.host.run([PY, "-c", prog], env=env, timeout=120)
+
+
+def test_untrusted_donor_joins_the_edge_and_only_the_edge(edge_pool: EdgePool, edge_donor: Donor) -> None:
+    w = edge_pool.worker(edge_donor.worker_id)
+    assert (w["cluster"], w["trusted"]) == ("edge", False)
+    edge_ids = {n["node_id"] for n in edge_pool.edge_nodes() if n["state"] == "ALIVE"}
+    assert w["ray_node_id"] in edge_ids
+    assert w["ray_node_id"] not in {n["node_id"] for n in edge_pool.ray_nodes()}  # not a core node
+    # what the donor was handed is the edge's token, not the core's
+    given = (edge_donor.data_dir / "cluster_token").read_text().strip()
+    assert given == edge_pool.edge_token_file.read_text().strip()
+    assert given != edge_pool.core_token()
+
+    seen = _donor_driver(
+        edge_pool,
+        edge_donor,
+        edge_pool.edge["ray_address"],
+        """
+        ray.init(address=ADDRESS, logging_level="ERROR", log_to_driver=False)
+        print(json.dumps([n["NodeID"] for n in ray.nodes() if n["Alive"]]))
+        """,
+    )
+    assert seen.returncode == 0, seen.stderr[-3000:]
+    assert set(json.loads(seen.stdout.strip().splitlines()[-1])) == edge_ids
+
+    core = _donor_driver(
+        edge_pool,
+        edge_donor,
+        edge_pool.info["ray_address"],
+        """
+        try:
+            ray.init(address=ADDRESS, logging_level="ERROR", log_to_driver=False)
+            print(json.dumps({"connected": [n["NodeID"] for n in ray.nodes()]}))
+        except Exception as exc:
+            print(json.dumps({"refused": f"{type(exc).__name__}: {exc}"[:500]}))
+        """,
+    )
+    out = (
+        json.loads(core.stdout.strip().splitlines()[-1]) if core.stdout.strip() else {"refused": core.stderr}
+    )
+    assert "refused" in out, f"the edge token opened the core cluster: {out}"
+
+
+HOSTILE = """
+import pwd
+ray.init(address=ADDRESS, logging_level="ERROR", log_to_driver=False)
+CORE = %r
+
+@ray.remote(num_cpus=0, label_selector={"rma.io/tier": "head"})
+def snoop():
+    out = {"user": pwd.getpwuid(os.getuid()).pw_name, "reads": {}}
+    for name in ("pool.json", "cluster_token", "service.json", "coordinator"):
+        path = os.path.join(CORE, name)
+        try:
+            if os.path.isdir(path):
+                os.listdir(path)
+            else:
+                open(path).read()
+            out["reads"][name] = "read"
+        except Exception as exc:
+            out["reads"][name] = type(exc).__name__
+    try:
+        os.listdir(CORE)
+        out["reads"]["<data dir>"] = "read"
+    except Exception as exc:
+        out["reads"]["<data dir>"] = type(exc).__name__
+    return out
+
+found = ray.get(snoop.remote(), timeout=60)
+actors = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
+try:
+    ray.get_actor("rma-store-postgres", namespace="rma")
+    store = "found"
+except ValueError:
+    store = "none"
+print(json.dumps({**found, "actors": actors, "store": store}))
+"""
+
+
+def test_a_hostile_edge_donor_reads_nothing_of_the_core(edge_pool: EdgePool, edge_donor: Donor) -> None:
+    core_dir = str(edge_pool.root / "head")
+    r = _donor_driver(edge_pool, edge_donor, edge_pool.edge["ray_address"], HOSTILE % core_dir)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["user"] == edge_pool.edge["user"] == "rma-edge"  # ran on the edge head, as the edge's user
+    assert out["reads"] == {
+        "pool.json": "PermissionError",
+        "cluster_token": "PermissionError",
+        "service.json": "PermissionError",
+        "coordinator": "PermissionError",
+        "<data dir>": "PermissionError",
+    }
+    assert not [a for a in out["actors"] if a.startswith("rma-store-")]
+    assert out["store"] == "none"
+
+
+def _chat(pool: EdgePool, key: str, **kw: Any) -> httpx.Response:
+    body = {
+        "model": pool.info.get("llm_model") or _model(pool, key),
+        "messages": [{"role": "user", "content": "Say hi."}],
+        "max_tokens": 4,
+        **kw,
+    }
+    return httpx.post(
+        pool.info["serve_url"] + "/v1/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=120,
+    )
+
+
+_MODELS: dict[str, str] = {}
+
+
+def _model(pool: EdgePool, key: str) -> str:
+    if "chat" not in _MODELS:
+        r = httpx.get(
+            pool.info["serve_url"] + "/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=30
+        )
+        r.raise_for_status()
+        _MODELS["chat"] = next(m["id"] for m in r.json()["data"] if m.get("kind", "chat") == "chat")
+    return _MODELS["chat"]
+
+
+def test_chat_is_served_by_the_edge_with_the_official_client(edge_pool: EdgePool, edge_donor: Donor) -> None:
+    import openai
+
+    key = edge_pool.client_key("edge-chat")
+    client = openai.OpenAI(base_url=edge_pool.info["serve_url"] + "/v1", api_key=key, max_retries=0)
+    model = _model(edge_pool, key)
+    raw = client.chat.completions.with_raw_response.create(
+        model=model, messages=[{"role": "user", "content": "Say hi."}], max_tokens=8
+    )
+    assert raw.headers.get(SERVED_BY_HEADER) == EDGE
+    assert raw.parse().choices[0].message.content is not None
+    with client.chat.completions.with_streaming_response.create(
+        model=model, messages=[{"role": "user", "content": "Count to five."}], max_tokens=12, stream=True
+    ) as stream:
+        assert stream.headers.get(SERVED_BY_HEADER) == EDGE
+        chunks = [c for c in stream.parse() if c.choices]
+    assert len(chunks) >= 2
+    # the edge takes no client key: what reached its replica above was the edge credential
+    direct = httpx.post(
+        edge_pool.edge["serve_url"] + "/v1/chat/completions",
+        json={"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=30,
+    )
+    assert direct.status_code == 401, direct.text
+
+
+def test_a_sensitive_client_never_reaches_the_edge(edge_pool: EdgePool, edge_donor: Donor) -> None:
+    plain, sensitive = edge_pool.client_key("edge-plain"), edge_pool.client_key("edge-secret", sensitive=True)
+    assert _chat(edge_pool, plain).headers.get(SERVED_BY_HEADER) == EDGE  # the edge is there and taking work
+    with concurrent.futures.ThreadPoolExecutor(4) as ex:
+        answers = list(ex.map(lambda _i: _chat(edge_pool, sensitive, max_tokens=1), range(50)))
+    assert [r.status_code for r in answers] == [200] * 50
+    assert {r.headers.get(SERVED_BY_HEADER) for r in answers} == {"core"}
+
+
+def _load(pool: EdgePool, key: str, stop: threading.Event, log: list[dict[str, Any]]) -> None:
+    while not stop.is_set():
+        t0 = time.monotonic()
+        try:
+            r = _chat(pool, key, max_tokens=2)
+            log.append(
+                {
+                    "t": t0,
+                    "s": time.monotonic() - t0,
+                    "status": r.status_code,
+                    "by": r.headers.get(SERVED_BY_HEADER),
+                    "retry_after": r.headers.get("retry-after"),
+                }
+            )
+        except httpx.HTTPError as exc:
+            log.append({"t": t0, "s": time.monotonic() - t0, "status": 0, "by": None, "error": repr(exc)})
+
+
+def _under_load(
+    pool: EdgePool, key: str, act: Any, after_s: float = 20
+) -> tuple[list[dict[str, Any]], float]:
+    stop, log = threading.Event(), []  # type: ignore[var-annotated]
+    threads = [threading.Thread(target=_load, args=(pool, key, stop, log), daemon=True) for _ in range(8)]
+    for t in threads:
+        t.start()
+    try:
+        wait_for(lambda: len(log) >= 8, timeout=120, what="the load to start")
+        at = time.monotonic()
+        act()
+        wait_for(lambda: time.monotonic() - at > after_s, timeout=after_s + 5, interval=0.5, what="load")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(150)
+    return log, at
+
+
+def _no_hang_no_error(log: list[dict[str, Any]]) -> None:
+    bad = [e for e in log if e["status"] not in (200, 503) or (e["status"] == 503 and not e["retry_after"])]
+    assert not bad, bad[:5]
+    assert max(e["s"] for e in log) < 120
+
+
+def test_losing_the_edge_leaves_the_core_serving_untouched(edge_pool: EdgePool, edge_donor: Donor) -> None:
+    key = edge_pool.client_key("edge-load")
+    core_before = edge_pool.replica_ids("core")
+    head_pid = edge_pool.refresh_info()["head_pid"]
+
+    def power_cut() -> None:
+        for pid in edge_donor.pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    log, cut_at = _under_load(edge_pool, key, power_cut)
+    _no_hang_no_error(log)
+    assert any(e["by"] == EDGE for e in log if e["t"] < cut_at)
+    after = sorted(
+        e["t"] + e["s"] for e in log if e["t"] > cut_at and e["by"] == "core" and e["status"] == 200
+    )
+    assert after, "nothing was served by the core after the edge donor died"
+    print(f"\nedge loss -> first request served by the core: {after[0] - cut_at:.2f} s")
+    assert edge_pool.replica_ids("core") == core_before  # the core's apps were not redeployed
+    assert edge_pool.refresh_info()["head_pid"] == head_pid
+
+
+def test_revoke_and_rotate_the_edge_under_load(edge_pool: EdgePool, edge_donor: Donor) -> None:
+    key = edge_pool.client_key("edge-rotate")
+    core_before = edge_pool.replica_ids("core")
+    head_pid = edge_pool.refresh_info()["head_pid"]
+    old_edge_token = edge_pool.edge_token_file.read_text().strip()
+
+    def revoke_and_rotate() -> None:
+        r = edge_pool.rma("donors", "revoke", edge_donor.worker_id)
+        assert r.returncode == 0, r.stdout + r.stderr
+        r = edge_pool.rma("rotate-cluster-token", "--edge", "edge", timeout=400)
+        assert r.returncode == 0, r.stdout + r.stderr
+
+    log, _at = _under_load(edge_pool, key, revoke_and_rotate, after_s=5)
+    _no_hang_no_error(log)
+    assert edge_pool.edge_token_file.read_text().strip() != old_edge_token
+    assert edge_pool.replica_ids("core") == core_before
+    assert edge_pool.refresh_info()["head_pid"] == head_pid
+    assert edge_pool.worker(edge_donor.worker_id)["status"] == "revoked"
