@@ -2,9 +2,10 @@
 credential of the right shape, and with the right credential of the route's declared level (`x-rma-auth`: admin
 key, node token, join token, the registry's session cookie). Generated requests (valid and not) must never get a
 server error and every response must match its documented schema; without the right credential every
-non-public route must refuse (401/403). The app and its credentials are built in a fixture (~1 s), so a missing
-extra fails these tests, not the collection of the whole run. Bounded: 125 examples an operation with the
-right credential, 6 with none or a wrong one (~90 s in all)."""
+non-public route must refuse (401/403). The services' published OpenAPI gets the no-key and wrong-key runs (its
+right-key answers need the Serve backends: test_services.py). The apps and credentials are built in fixtures
+(~1 s), so a missing extra fails these tests, not the collection of the whole run. Bounded: 125 examples an
+operation with the right credential, 6 with none or a wrong one (70-85 s in all on a busy 2-core box)."""
 
 from __future__ import annotations
 
