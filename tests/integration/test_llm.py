@@ -753,3 +753,55 @@ def test_the_proxied_shape_answers_from_an_ingress_on_another_node(pool: Pool, k
         timeout=90,  # type: ignore[arg-type]
         what="vLLM's engine process to exit",
     )
+
+
+def test_every_embeddings_route_refuses_no_wrong_and_revoked_key(
+    pool: Pool, embeddings: dict[str, Any]
+) -> None:
+    """Issue 15: every route of the embeddings app (read from its FastAPI app) x {no key, a wrong key of the
+    right shape, a revoked key} is a 401 with an OpenAI error, never a 2xx or a 5xx; the revoke costs no replica
+    of the app. (/v1's chat routes and /api/inference: test_services.py, on its pool's LLM apps.)"""
+    from deployments.embeddings.app import _app
+    from deployments.embeddings.config import EMBEDDINGS_ROUTE_PREFIX
+    from rma_ray import credentials
+
+    routes = [
+        (m, (EMBEDDINGS_ROUTE_PREFIX + r.path).rstrip("/"))
+        for r in _app.routes
+        for m in getattr(r, "methods", None) or []
+        if m != "HEAD"
+    ]
+    assert ("POST", "/v1/embeddings") in routes, routes
+    k = pool.client_key("embeddings-revoked")
+    body = {"model": EMBED, "input": "hi"}
+    as_revoked = {"Authorization": f"Bearer {k['key']}"}
+    wait_for(
+        lambda: (
+            httpx.post(pool.serve_url + "/v1/embeddings", json=body, headers=as_revoked).status_code == 200
+        ),
+        timeout=30,
+        what="the new key to be accepted on /v1/embeddings",
+    )
+    replicas = """
+        from ray import serve
+        apps = serve.status().applications
+        print(json.dumps({a: {n: d.replica_states.get("RUNNING", 0) for n, d in s.deployments.items()}
+                          for a, s in apps.items()}))
+    """
+    before = pool.driver(replicas)
+    assert pool.admin("POST", f"/api/admin/clients/{k['id']}/revoke").status_code == 200
+    wait_for(
+        lambda: all(
+            httpx.post(pool.serve_url + "/v1/embeddings", json=body, headers=as_revoked).status_code == 401
+            for _ in range(4)
+        ),
+        timeout=30,
+        what="the revoked key to be refused on /v1/embeddings",
+    )
+    wrong = {"Authorization": f"Bearer {credentials.mint(credentials.Kind.CLIENT).token}"}
+    for method, path in routes:
+        for kind, headers in (("none", {}), ("wrong", wrong), ("revoked", as_revoked)):
+            r = httpx.request(method, pool.serve_url + path, json=body, headers=headers, timeout=30)
+            assert r.status_code == 401, (kind, method, path, r.status_code, r.text)
+            assert r.json()["error"]["type"] == "authentication_error", r.text
+    assert pool.driver(replicas) == before, "a revoke cost a replica"

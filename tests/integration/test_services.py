@@ -775,3 +775,156 @@ def test_note_summary_from_the_llm(llm: Pool) -> None:
         r = c.post(f"/notes/{note['id']}/summarize", json={"max_words": 30})
         assert r.status_code == 200, r.text
         assert r.json()["id"] == note["id"] and r.json()["summary"].strip()
+
+
+def _services_routes() -> list[tuple[str, str]]:
+    """Every route the services app serves, read from the FastAPI app itself (a new route is covered here
+    without an edit); the app is only assembled, with no backends, so this needs no Ray."""
+    from deployments.services.api import Backends, create_api, public_routes
+
+    app = create_api(Backends(None, None, None, None, None, None))
+    return [(m, p) for m, p in public_routes(app) if m != "HEAD"]
+
+
+def _serve_replicas(pool: Pool) -> dict[str, dict[str, int]]:
+    """Running replicas per deployment of every Serve app, as Serve's controller counts them."""
+    return pool.driver(  # type: ignore[no-any-return]
+        """
+        from ray import serve
+        apps = serve.status().applications
+        print(json.dumps({a: {n: d.replica_states.get("RUNNING", 0) for n, d in s.deployments.items()}
+                          for a, s in apps.items()}))
+    """
+    )
+
+
+def test_every_route_refuses_no_wrong_revoked_and_another_clients_key(pool: Pool) -> None:
+    """Issue 15: every introspected route x {no key, a wrong key of the right shape, a revoked key} is a 401, and
+    bob's key on alice's notes, uploads and client RAG is the 404/403 those routes document; never a 2xx or a
+    5xx. Revoking a key costs no replica (the gateways refresh their keyring; none is restarted)."""
+    from deployments.services.openapi import ROUTES
+    from rma_ray import credentials
+
+    routes = _services_routes()
+    assert ("POST", "/notes") in routes and ("POST", "/clients/{client_id}/rag/query") in routes
+    with pool.http("alice") as alice:
+        note = alice.post("/notes", json={"title": "Key check", "body": "alice's only"})
+        assert note.status_code == 201, note.text
+        up = alice.post("/uploads", files={"file": ("k.txt", b"alice's file", "text/plain")})
+        assert up.status_code == 201, up.text
+    ids = {"note_id": note.json()["id"], "upload_id": up.json()["id"], "client_id": "alice"}
+
+    r = pool.admin.post("/api/admin/clients", json={"name": "revoked-in-route-check"})
+    assert r.status_code == 201, r.text
+    revoked = r.json()
+    with httpx.Client(base_url=pool.api, timeout=60) as c:
+        as_revoked = {"Authorization": f"Bearer {revoked['key']}"}
+        wait_for(
+            lambda: c.get("/whoami", headers=as_revoked).status_code == 200,
+            timeout=30,
+            what="the new key to be accepted",
+        )
+        before = _serve_replicas(pool)
+        assert pool.admin.post(f"/api/admin/clients/{revoked['id']}/revoke").status_code == 200
+        wait_for(
+            lambda: all(c.get("/whoami", headers=as_revoked).status_code == 401 for _ in range(8)),
+            timeout=30,
+            what="the revoked key to be refused by every gateway replica",
+        )
+        assert _serve_replicas(pool) == before, "a revoke restarted or removed a replica"
+
+        kinds = {
+            "none": {},
+            "wrong": {"Authorization": f"Bearer {credentials.mint(credentials.Kind.CLIENT).token}"},
+            "revoked": as_revoked,
+        }
+        bob = {"Authorization": f"Bearer {pool.keys['bob']['key']}"}
+        for method, template in routes:
+            path = template.format(**ids)
+            doc = ROUTES.get((method, template))
+            body: dict[str, Any] = {}
+            if doc is not None and doc.multipart:
+                body["files"] = {"file": ("k.txt", b"some text", "text/plain")}
+            elif doc is not None and doc.example is not None:
+                body["json"] = doc.example
+            for kind, headers in kinds.items():
+                r = c.request(method, path, headers=headers, **body)
+                assert r.status_code == 401, (kind, method, path, r.status_code, r.text)
+                code = "missing_api_key" if kind == "none" else "invalid_api_key"
+                assert r.json()["error"]["code"] == code, (kind, method, path, r.text)
+            if "{client_id}" in template:  # alice's own RAG collection: bob may not name it
+                r = c.request(method, path, headers=bob, **body)
+                assert r.status_code == 403 and r.json()["error"]["code"] == "not_your_client", r.text
+            elif "{note_id}" in template or "{upload_id}" in template:  # another client's: it does not exist
+                r = c.request(method, path, headers=bob, **body)
+                assert r.status_code == 404, (method, path, r.status_code, r.text)
+    with pool.http("alice") as alice:  # and alice's own are still there, untouched by bob's attempts
+        assert alice.get(f"/notes/{ids['note_id']}").json()["body"] == "alice's only"
+        assert alice.get(f"/uploads/{ids['upload_id']}/content").content == b"alice's file"
+
+
+def _llm_routes() -> list[tuple[str, str]]:
+    """The LLM apps' routes as their FastAPI apps declare them: /v1 (OpenAiIngress' endpoint map, the one both
+    ingress shapes serve) and /api/inference (the LLM gateway's app)."""
+    from fastapi import FastAPI
+
+    from deployments.llm.config import INFERENCE_ROUTE_PREFIX, LLM_ROUTE_PREFIX
+    from deployments.llm.inference import _inference_app
+    from deployments.llm.openai import openai_routes
+
+    v1 = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    for register in openai_routes().values():
+        register(v1)(lambda: None)
+    out = []
+    for prefix, app in ((LLM_ROUTE_PREFIX, v1), (INFERENCE_ROUTE_PREFIX, _inference_app)):
+        out += [
+            (m, prefix + r.path) for r in app.routes for m in getattr(r, "methods", None) or [] if m != "HEAD"
+        ]
+    return out
+
+
+@pytest.mark.llm
+def test_every_llm_route_refuses_no_wrong_and_revoked_key(llm: Pool) -> None:
+    """Issue 15: /v1 (models, chat, completions) and /api/inference x {no key, a wrong key of the right shape, a
+    revoked key}: 401, never a 2xx or a 5xx; the revoke costs no replica of any app."""
+    from rma_ray import credentials
+
+    base = llm.api.removesuffix("/api")
+    alice = {"Authorization": f"Bearer {llm.keys['alice']['key']}"}
+    model = httpx.get(base + "/v1/models", headers=alice, timeout=60).json()["data"][0]["id"]
+    routes = _llm_routes()
+    assert {("POST", "/v1/chat/completions"), ("POST", "/api/inference/llm")} <= set(routes), routes
+    bodies = {
+        "/v1/chat/completions": {"model": model, "messages": [{"role": "user", "content": "hi"}]},
+        "/v1/completions": {"model": model, "prompt": "hi"},
+        "/api/inference/llm": {"prompt": "hi"},
+    }
+    r = llm.admin.post("/api/admin/clients", json={"name": "revoked-in-llm-route-check"})
+    assert r.status_code == 201, r.text
+    revoked = r.json()
+    as_revoked = {"Authorization": f"Bearer {revoked['key']}"}
+    with httpx.Client(base_url=base, timeout=60) as c:
+        wait_for(
+            lambda: c.get("/v1/models", headers=as_revoked).status_code == 200,
+            timeout=30,
+            what="the new key to be accepted on /v1",
+        )
+        before = _serve_replicas(llm)
+        assert llm.admin.post(f"/api/admin/clients/{revoked['id']}/revoke").status_code == 200
+        wait_for(
+            lambda: all(c.get("/v1/models", headers=as_revoked).status_code == 401 for _ in range(4)),
+            timeout=30,
+            what="the revoked key to be refused on /v1",
+        )
+        kinds = {
+            "none": {},
+            "wrong": {"Authorization": f"Bearer {credentials.mint(credentials.Kind.CLIENT).token}"},
+            "revoked": as_revoked,
+        }
+        for method, template in routes:
+            path = template.replace("{model:path}", model)
+            for kind, headers in kinds.items():
+                r = c.request(method, path, headers=headers, json=bodies.get(template))
+                assert r.status_code == 401, (kind, method, path, r.status_code, r.text)
+                assert r.json()["error"]["message"], r.text
+        assert _serve_replicas(llm) == before, "a revoke cost a replica"

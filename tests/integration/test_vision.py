@@ -452,3 +452,70 @@ def test_vllm_vision_backend_reads_an_image() -> None:
     out = engine.chat(openai_messages(inp), SamplingParams(max_tokens=inp.max_tokens, temperature=0))
     text = out[0].outputs[0].text
     assert "red" in text.lower(), text
+
+
+def _vision_front(pool: VisionPool) -> dict[str, Any]:
+    """The front app's status and running replicas per deployment ({} when it is not deployed)."""
+    return pool.driver(  # type: ignore[no-any-return]
+        """
+        from ray import serve
+        app = serve.status().applications.get("rma-vision")
+        print(json.dumps({"status": str(app.status.value), "replicas": {
+            n: d.replica_states.get("RUNNING", 0) for n, d in app.deployments.items()}} if app else {}))
+    """
+    )
+
+
+def test_the_vision_route_refuses_no_wrong_and_revoked_key_and_a_revoke_costs_no_replica(
+    pool: VisionPool,
+) -> None:
+    """Issue 15: every route of the vision front (read from its FastAPI app) x {no key, a wrong key of the right
+    shape, a revoked key} is a 401, never a 2xx or a 5xx, and the revoke costs no replica. Runs after the test
+    that undeploys the apps (module order): it deploys them again then, as `rma up` does (~20 s)."""
+    from deployments.vision.app import _app
+    from deployments.vision.config import VISION_ROUTE_PREFIX
+    from rma_ray import credentials
+
+    routes = [
+        (m, (VISION_ROUTE_PREFIX + r.path).rstrip("/"))
+        for r in _app.routes
+        for m in getattr(r, "methods", None) or []
+        if m != "HEAD"
+    ]
+    assert ("POST", "/api/inference/vision") in routes, routes
+    if not _vision_front(pool):
+        pool.run(
+            ["-m", "deployments", "up", "--stores", "none", "--apps", "vision", "--address", pool.address]
+            + ["--apps-wait", "300"],
+            timeout=400,
+        )
+    k = pool.admin("POST", "/api/admin/clients", json={"name": "vision-revoked"}).json()
+    body = {"image": base64.b64encode(png()).decode(), "prompt": "hi"}
+    # accepted: past the key check the route answers for itself (the backend may be pending: a 503 then)
+    wait_for(
+        lambda: pool.post(key=k["key"], json=body).status_code not in (401, 404),
+        timeout=120,
+        interval=0.5,
+        what="the new key to pass the vision front's key check",
+    )
+    # the front (it checks the keys; the backend's replicas come and go with Ollama donors, not keys)
+    before = wait_for(
+        lambda: (f := _vision_front(pool)) and f["status"] == "RUNNING" and f,
+        timeout=120,
+        interval=1,
+        what="the vision front to be RUNNING",
+    )
+    assert pool.admin("POST", f"/api/admin/clients/{k['id']}/revoke").status_code == 200
+    wait_for(
+        lambda: all(pool.post(key=k["key"], json=body).status_code == 401 for _ in range(4)),
+        timeout=30,
+        what="the revoked key to be refused by the vision front",
+    )
+    wrong = credentials.mint(credentials.Kind.CLIENT).token
+    for method, path in routes:
+        for kind, key in (("none", ""), ("wrong", wrong), ("revoked", k["key"])):
+            headers = {"Authorization": f"Bearer {key}"} if key else {}
+            r = httpx.request(method, pool.serve_url + path, json=body, headers=headers, timeout=60)
+            assert r.status_code == 401, (kind, method, path, r.status_code, r.text)
+            assert r.json()["error"]["code"] and r.json()["error"]["message"], r.text
+    assert _vision_front(pool) == before, "a revoke cost the vision front a replica"
