@@ -32,6 +32,7 @@ from deployments.gateway.refusal import Refusal, UnknownKey
 
 _lock = threading.Lock()
 _verifier: ClientKeyVerifier | None = None
+UNKNOWN_KEY_PATIENCE_S = 1.5  # longest a request with a not-yet-known key waits for the next keyring refresh
 
 
 def coordinator_identity() -> tuple[str, str]:
@@ -104,7 +105,18 @@ async def current_client(request: Request) -> ClientIdentity:
         # one refresh at a time: a request that waited for another's refresh checks against that keyring (a
         # fresh key's first requests arrive together: each must see it, not only the one that refreshed)
         await asyncio.to_thread(v.refresh_for_unknown)
-        client = v.verify(header)
+        try:
+            client = v.verify(header)
+        except UnknownKey:
+            # the keyring was refreshed for another unknown key a moment ago, before this one existed: wait for
+            # the next refresh allowed (on the loop, no thread held; made-up keys still cost the coordinator at
+            # most one fetch per interval, and get their 401 a moment later)
+            wait = v.unknown_refresh_wait()
+            if not 0 < wait <= UNKNOWN_KEY_PATIENCE_S:
+                raise
+            await asyncio.sleep(wait)
+            await asyncio.to_thread(v.refresh_for_unknown)
+            client = v.verify(header)
     request.state.client = client
     return client
 

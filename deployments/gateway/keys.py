@@ -83,6 +83,11 @@ class ClientKeyVerifier:
             self._sensitive = sensitive
         return True
 
+    def unknown_refresh_wait(self) -> float:
+        """Seconds until `refresh_for_unknown` may fetch again (0: now)."""
+        at = self._unknown_at
+        return 0.0 if at is None else max(0.0, self.unknown_refresh_s - (self._clock() - at))
+
     def refresh_for_unknown(self) -> bool:
         """Refresh now because a request carried a key id this keyring does not know; False when a refresh of this
         kind ran less than `unknown_refresh_s` ago (concurrent callers wait for the one in flight, then see its

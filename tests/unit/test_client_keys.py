@@ -177,6 +177,43 @@ def test_a_fresh_keys_concurrent_first_requests_all_pass() -> None:
         auth.set_verifier(None)
 
 
+def test_a_key_created_just_after_another_keys_refresh_waits_for_the_next_one() -> None:
+    """Key A's first request refreshes the keyring; key B, created a moment later, arrives within the refresh
+    interval: it waits for the next refresh allowed (here 0.3 s) instead of a 401. A made-up key still gets its
+    401, after at most that wait, and the coordinator sees one fetch per interval."""
+    from starlette.requests import Request
+
+    from deployments.gateway import auth
+
+    a, b = credentials.mint(Kind.CLIENT), credentials.mint(Kind.CLIENT)
+    keys: list[credentials.Minted] = []
+    fetches: list[int] = []
+
+    def fetch() -> dict:  # type: ignore[type-arg]
+        fetches.append(1)
+        return ring(*keys)
+
+    v = ClientKeyVerifier(fetch, refresh_s=3600, max_stale_s=3600, unknown_refresh_s=0.3)
+    v.refresh()
+
+    def call(token: str) -> str:
+        header = [(b"authorization", f"Bearer {token}".encode())]
+        request = Request({"type": "http", "method": "GET", "path": "/", "headers": header})
+        return asyncio.run(auth.current_client(request)).key_id
+
+    auth.set_verifier(v)
+    try:
+        keys.append(a)
+        assert call(a.token) == a.id and len(fetches) == 2
+        keys.append(b)  # created after that refresh, used within its interval
+        assert call(b.token) == b.id and len(fetches) == 3
+        with pytest.raises(Refusal) as info:
+            call(credentials.mint(Kind.CLIENT).token)
+        assert info.value.status == 401
+    finally:
+        auth.set_verifier(None)
+
+
 def test_unknown_key_refreshes_are_limited_per_interval() -> None:
     clock = Clock()
     fetches: list[int] = []
