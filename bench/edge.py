@@ -160,7 +160,8 @@ def main() -> None:
     print(f"| edge / core | {e_tok / c_tok:.2f}x | {e_ttft / c_ttft:.2f}x |")
     print(f"edge loss -> first request served by the core: {loss:.2f} s")
     print(
-        f"edge head RSS (all processes of the edge user): {rss_idle:.0f} MiB idle, {rss:.0f} MiB with Serve+apps"
+        f"RSS of every process of the edge user (Ray head, dashboard, Serve, idle workers): {rss_idle:.0f} MiB "
+        f"after rma up, {rss:.0f} MiB at the end"
     )
     print(f"load average: {os.getloadavg()}")
 
