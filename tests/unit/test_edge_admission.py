@@ -143,3 +143,26 @@ def test_the_status_cache_reads_an_edge_once_for_concurrent_callers(monkeypatch:
     assert calls == ["edge"]
     cache.get(edge("west"))  # another edge has its own reading
     assert calls == ["edge", "west"]
+
+
+@pytest.mark.parametrize(
+    ("settings", "trusted", "cluster", "refused"),
+    [
+        (TWO_EDGES, False, "core", True),  # registered before the pool had edges (migration 0007)
+        (TWO_EDGES, False, "edge", False),
+        (TWO_EDGES, True, "core", False),
+        (NO_EDGES, False, "core", False),  # --no-edge: untrusted donors join the core as before
+    ],
+)
+def test_an_untrusted_donor_left_in_the_core_is_refused_once_edges_exist(
+    settings: Settings, trusted: bool, cluster: str, refused: bool
+) -> None:
+    from admission.models import Worker
+    from admission.services.workers import untrusted_in_core
+
+    refusal = untrusted_in_core(settings, Worker(trusted=trusted, cluster=cluster))
+    if not refused:
+        assert refusal is None
+    else:
+        assert refusal is not None and refusal.status == 409 and refusal.code == "untrusted_in_core"
+        assert "ask the admin for a new invite" in refusal.message
