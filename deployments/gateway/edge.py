@@ -107,8 +107,8 @@ class EdgeFailed(Exception):
 
 
 class EdgeBusy(Exception):
-    """Not the edge's fault (no breaker failure, see the module's doc): a non-streaming request it took and had
-    not answered by the total deadline, or no free connection in this replica's pool."""
+    """Not the edge's fault (no breaker failure, see the module's doc): a non-streaming request it took and
+    had not answered by the total deadline, or no free connection in this replica's pool."""
 
 
 def _streaming(body: bytes) -> bool:
@@ -139,7 +139,7 @@ class EdgeRouter:
         self._fetch = fetch
         self.refresh_s = refresh_s
         self.timeout = httpx.Timeout(connect=connect_timeout_s, read=read_timeout_s, write=10.0, pool=1.0)
-        # a non-streaming request's first byte may take until the total deadline (`asyncio.timeout_at` ends it)
+        # a non-streaming request's first byte may take until the total deadline (asyncio.timeout_at ends it)
         self.slow_timeout = httpx.Timeout(
             connect=connect_timeout_s, read=total_timeout_s, write=10.0, pool=1.0
         )
@@ -149,7 +149,7 @@ class EdgeRouter:
         self.total_timeout_s = total_timeout_s
         from purgatory import AsyncCircuitBreakerFactory  # here: a node without it serves on the core
 
-        # a request the client gave up on (its task cancelled) says nothing about the edge, nor does `EdgeBusy`
+        # a request the client gave up on (its task cancelled) says nothing about the edge, nor does EdgeBusy
         # (purgatory ends an excluded exception's request as a success: the edge did take the request)
         self.breakers = AsyncCircuitBreakerFactory(
             default_threshold=breaker_threshold,
