@@ -197,16 +197,27 @@ class EdgeStatusCache:
         self.ttl_s = ttl_s
         self._lock = threading.Lock()
         self._readings: dict[str, _Reading] = {}
+        self._fetching: dict[str, threading.Lock] = {}  # one per edge: one dashboard call at a time
+
+    def _fresh(self, name: str) -> _Reading | None:
+        with self._lock:
+            reading = self._readings.get(name)
+        return reading if reading is not None and time.monotonic() - reading.at <= self.ttl_s else None
 
     def get(self, edge: EdgeEndpoint) -> tuple[dict[str, int], bool]:
-        now = time.monotonic()
-        with self._lock:
-            reading = self._readings.get(edge.name)
-        if reading is None or now - reading.at > self.ttl_s:
-            apps, healthy = read_serve_status(edge)
-            reading = _Reading(now, apps, healthy)
+        """Single-flight per edge: concurrent callers that find the reading stale wait for one dashboard call
+        (up to STATUS_TIMEOUT_S) and share its answer, instead of one call each."""
+        reading = self._fresh(edge.name)
+        if reading is None:
             with self._lock:
-                self._readings[edge.name] = reading
+                fetching = self._fetching.setdefault(edge.name, threading.Lock())
+            with fetching:
+                reading = self._fresh(edge.name)  # another caller read it while this one waited
+                if reading is None:
+                    apps, healthy = read_serve_status(edge)
+                    reading = _Reading(time.monotonic(), apps, healthy)
+                    with self._lock:
+                        self._readings[edge.name] = reading
         return dict(reading.apps), reading.healthy
 
 

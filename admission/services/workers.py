@@ -245,6 +245,20 @@ def _reachable(address: str, what: str) -> ApiError | None:
     return None
 
 
+UNTRUSTED_IN_CORE = (
+    "this pool now admits untrusted donors into an edge cluster: ask the admin for a new invite"
+)
+
+
+def untrusted_in_core(settings: Settings, worker: Worker) -> ApiError | None:
+    """An untrusted donor registered in the core before the pool had edges (migration 0007 put every donor in
+    'core'): once edges exist it must get nothing of the core again (neither its address nor its token on
+    rejoin or `GET /api/worker/ray`); it joins an edge with a new invite."""
+    if settings.edges and not worker.trusted and worker.cluster == CORE:
+        return ApiError(409, "untrusted_in_core", UNTRUSTED_IN_CORE)
+    return None
+
+
 def _rejoin_refusal(worker: Worker) -> ApiError | None:
     if worker.revoked_at is not None:
         return ApiError(
@@ -277,7 +291,7 @@ def rejoin(
     worker = session.get(Worker, parsed.id)
     if worker is None or not credentials.matches(parsed, worker.node_token_hash):
         raise auth_failed(state, ip, "node", "invalid_node_token", "unknown node token")
-    refusal = _rejoin_refusal(worker)
+    refusal = _rejoin_refusal(worker) or untrusted_in_core(state.settings, worker)
     if refusal is None:
         caps = req.capabilities
         candidates = tiers.eligible(caps)
@@ -400,6 +414,9 @@ def ray_info(state: AppState, session: Session, node: NodePrincipal) -> schemas.
     worker = _get(session, node.worker_id)
     if worker.quarantine_reason:
         raise ApiError(403, "quarantined", f"this donor is quarantined: {worker.quarantine_reason}")
+    refusal = untrusted_in_core(state.settings, worker)
+    if refusal is not None:
+        raise refusal
     info = _ray(state.settings, worker.cluster)
     if info is None:
         if worker.cluster != CORE:

@@ -17,12 +17,20 @@ What reaches an edge: the method, the path, the body and a few content headers, 
 every answer of a routed path says who served it (`SERVED_BY_HEADER`: `edge:<name>` or `core`); with no edge
 (none configured, or the routes cannot be read) the app answers exactly as it always has.
 
-Never a hang: connect within `connect_timeout_s`, each read (the first byte too) within `read_timeout_s`, the
-whole forward within `total_timeout_s`. A failure before the answer's first byte (connect error, timeout, a 5xx,
-or a 401/403: the credential was refused, so the routes are fetched again at once) counts against the edge's
-breaker and the request is served on the core: the body was kept, so this is safe for any call. An edge's 4xx
-is the client's mistake and is passed through. A failure after the first byte ends the client's stream (the
-connection is closed: a cut answer never looks complete).
+Never a hang: connect within `connect_timeout_s`, the whole forward within `total_timeout_s`; each read within
+`read_timeout_s`, but for a request whose JSON body does not ask `"stream": true` the first byte may take
+until the total deadline (a non-streaming completion sends its headers only once the whole generation is
+done: a slow but healthy edge is not given up after `read_timeout_s`). A failure before the answer's first
+byte (connect error, a stream's first byte not within `read_timeout_s`, a 5xx, or a 401/403: the credential
+was refused, so the routes are fetched again at once) counts against the edge's breaker and the request is
+served on the core, once: the body was kept, and the routed calls (completions, embeddings) change nothing
+but the compute they cost, so this is safe. Two failures before the first byte are not the edge's fault and
+do not count against its breaker (they are served on the core all the same): a non-streaming request still
+unanswered at the total deadline (the edge took it and is busy: opening the breaker would move all the load
+to the core just when the edge is loaded), and no free connection in this replica's own pool
+(`httpx.PoolTimeout`: our limit, not the edge's health). An edge's 4xx is the client's mistake and is passed
+through. A failure after the first byte ends the client's stream (the connection is closed: a cut answer
+never looks complete).
 
 Counters (Ray's metrics, and `EdgeRouter.counts` in the process): `rma_edge_requests{edge, app, outcome}`
 with outcome `forwarded` (the edge answered), `fallback` (the edge failed before answering; the core served it),
@@ -34,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import logging
 import os
 import re
@@ -97,6 +106,20 @@ class EdgeFailed(Exception):
         self.status = status
 
 
+class EdgeBusy(Exception):
+    """Not the edge's fault (no breaker failure, see the module's doc): a non-streaming request it took and
+    had not answered by the total deadline, or no free connection in this replica's pool."""
+
+
+def _streaming(body: bytes) -> bool:
+    """Whether the request's JSON body asks `"stream": true` (its answer's headers come at once)."""
+    try:
+        req = json.loads(body or b"{}")
+    except ValueError:
+        return False
+    return isinstance(req, dict) and req.get("stream") is True
+
+
 class EdgeRouter:
     """The edges this replica may forward to, their breakers and the forward itself."""
 
@@ -110,17 +133,28 @@ class EdgeRouter:
         total_timeout_s: float = 170.0,  # under Serve's 180 s request limit
         breaker_threshold: int = 3,
         breaker_ttl_s: float = 15.0,
+        max_connections: int = 1000,  # per replica process and event loop, all edges together
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._fetch = fetch
         self.refresh_s = refresh_s
         self.timeout = httpx.Timeout(connect=connect_timeout_s, read=read_timeout_s, write=10.0, pool=1.0)
+        # a non-streaming request's first byte may take until the total deadline (asyncio.timeout_at ends it)
+        self.slow_timeout = httpx.Timeout(
+            connect=connect_timeout_s, read=total_timeout_s, write=10.0, pool=1.0
+        )
+        # httpx's default pool (100 connections, 1 s to get one) would refuse requests exactly when the edge
+        # should absorb load; a high bound still keeps a runaway from opening sockets without end
+        self.limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=100)
         self.total_timeout_s = total_timeout_s
         from purgatory import AsyncCircuitBreakerFactory  # here: a node without it serves on the core
 
-        # a request the client gave up on (its task cancelled) says nothing about the edge
+        # a request the client gave up on (its task cancelled) says nothing about the edge, nor does EdgeBusy
+        # (purgatory ends an excluded exception's request as a success: the edge did take the request)
         self.breakers = AsyncCircuitBreakerFactory(
-            default_threshold=breaker_threshold, default_ttl=breaker_ttl_s, exclude=[asyncio.CancelledError]
+            default_threshold=breaker_threshold,
+            default_ttl=breaker_ttl_s,
+            exclude=[asyncio.CancelledError, EdgeBusy],
         )
         self._clock = clock
         self._routes = EdgeRoutes(edges=[])
@@ -196,7 +230,9 @@ class EdgeRouter:
         loop = asyncio.get_running_loop()
         client = self._http.get(loop)
         if client is None:
-            client = self._http[loop] = httpx.AsyncClient(timeout=self.timeout, follow_redirects=False)
+            client = self._http[loop] = httpx.AsyncClient(
+                timeout=self.timeout, limits=self.limits, follow_redirects=False
+            )
         return client
 
     async def open(
@@ -212,13 +248,24 @@ class EdgeRouter:
         can take it now, or the one tried failed before answering (the caller serves it on the core)."""
         from purgatory.domain.model import OpenedState
 
+        streaming = _streaming(body)
+        timeout = self.timeout if streaming else self.slow_timeout
         for route in self.candidates(app):
             breaker = await self.breakers.get_breaker(route.name)
             deadline = asyncio.get_running_loop().time() + self.total_timeout_s
             try:
                 async with breaker:
-                    async with asyncio.timeout_at(deadline):
-                        resp = await self._send(route, method, path, query, headers, body)
+                    try:
+                        async with asyncio.timeout_at(deadline):
+                            resp = await self._send(route, method, path, query, headers, body, timeout)
+                    except httpx.PoolTimeout as exc:  # our own pool is full: not the edge's health
+                        raise EdgeBusy(f"no free connection to edge {route.name}") from exc
+                    except (httpx.ReadTimeout, TimeoutError) as exc:
+                        if streaming:  # a stream's headers come at once: an edge that sends none is stuck
+                            raise
+                        # the edge took the whole request and is still generating at the deadline: the core
+                        # serves it (once), but this is load, not a fault, so the breaker stays as it is
+                        raise EdgeBusy(f"edge {route.name} had not answered by the deadline") from exc
                     if resp.status_code >= 500 or resp.status_code in (401, 403):
                         await resp.aclose()
                         raise EdgeFailed(route.name, resp.status_code)
@@ -248,13 +295,17 @@ class EdgeRouter:
         query: bytes,
         headers: Sequence[tuple[bytes, bytes]],
         body: bytes,
+        timeout: httpx.Timeout | None = None,
     ) -> httpx.Response:
         sent = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers if k.lower() in _FORWARDED_B}
         sent["authorization"] = f"Bearer {route.token}"
         sent["accept-encoding"] = "identity"  # the bytes are passed on as they come
         url = route.serve_url.rstrip("/") + path + (f"?{query.decode('latin-1')}" if query else "")
         client = self._client()
-        return await client.send(client.build_request(method, url, headers=sent, content=body), stream=True)
+        request = client.build_request(
+            method, url, headers=sent, content=body, timeout=timeout or self.timeout
+        )
+        return await client.send(request, stream=True)
 
     async def _relay(
         self, edge: str, app: str, resp: httpx.Response, deadline: float

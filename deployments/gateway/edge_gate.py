@@ -95,16 +95,28 @@ class EdgeCredentialVerifier:
         self._keys: list[jwt.PyJWK] = []
         self._loaded_at: float | None = None
         self._lock = threading.Lock()
+        self._attempts = 0  # reads of the key set ended (under `_lock`), for the single-flight in load()
+        self._last_ok = False  # whether the last of them succeeded
         self.counter = Counter(
             "rma_edge_gate_requests",
             "requests an edge cluster's ingress checked, by outcome (accepted, refused)",
             ("edge", "outcome"),
         )
 
-    def load(self) -> bool:
+    def load(self, max_age: float | None = None) -> bool:
         """Read the key set now (blocking: off the event loop). False when it cannot be read; the last set is
-        kept until it is older than `lifespan_s`."""
+        kept until it is older than `lifespan_s`.
+
+        Single-flight: a caller that waited on the lock while another read the set takes that read's result
+        instead of fetching again (n requests that see a stale set while the coordinator is slow make one
+        fetch, not n of `fetch_timeout_s` each): the set is no longer older than `max_age` (when given), or
+        a read ended (well or not) since this caller came."""
+        seen = self._attempts
         with self._lock:
+            if max_age is not None and not self._stale(max_age):
+                return True
+            if self._attempts != seen:
+                return self._last_ok
             try:
                 keys = [
                     k
@@ -113,8 +125,10 @@ class EdgeCredentialVerifier:
                 ]
             except (jwt.PyJWKClientError, jwt.exceptions.PyJWKSetError) as exc:
                 log.warning("edge %s: cannot read the coordinator's keys at %s: %s", self.name, self.url, exc)
+                self._attempts, self._last_ok = self._attempts + 1, False
                 return False
             self._keys, self._loaded_at = keys, self._clock()
+            self._attempts, self._last_ok = self._attempts + 1, True
             return True
 
     def _stale(self, age: float) -> bool:
@@ -158,7 +172,7 @@ class EdgeCredentialVerifier:
             )
         token = authorization[7:].strip()
         if self._stale(self.lifespan_s):
-            await asyncio.to_thread(self.load)
+            await asyncio.to_thread(self.load, self.lifespan_s)
         if self._stale(max(self.lifespan_s * 3, 180.0)):  # never read, or unreadable for long: fail closed
             raise Refusal(
                 503, "edge_keys_unavailable", "the edge credential cannot be checked right now", KEYS_RETRY_S
@@ -167,7 +181,7 @@ class EdgeCredentialVerifier:
             try:
                 return self._decode(token)
             except jwt.InvalidSignatureError:
-                if not self._stale(self.reload_s) or not await asyncio.to_thread(self.load):
+                if not self._stale(self.reload_s) or not await asyncio.to_thread(self.load, self.reload_s):
                     raise
                 return self._decode(token)  # a key rotated since the last read
         except jwt.InvalidTokenError as exc:

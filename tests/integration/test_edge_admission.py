@@ -106,6 +106,39 @@ def test_untrusted_donor_joins_its_edge_and_gets_nothing_of_the_core(pool: Coord
     assert [(w["id"], w["cluster"]) for w in rows] == [(west["worker_id"], "west")]
 
 
+def test_an_untrusted_donor_left_in_the_core_from_before_edges_gets_nothing_of_it(pool: Coordinator) -> None:
+    """Migration 0007 put every donor in 'core': an untrusted one registered before the pool had edges is
+    refused the core's address and token (rejoin, `GET /api/worker/ray`) once edges exist; it needs a new
+    invite (which admits it into an edge). A trusted core donor rejoins as before."""
+    from admission.models import Worker
+
+    donor = pool.register(pool.invite()["token"]).json()
+    with pool.state.sessions() as session:  # as the migration left it
+        worker = session.get(Worker, donor["worker_id"])
+        assert worker is not None
+        worker.cluster = "core"
+        session.commit()
+    with pool.state.nodes_lock:
+        pool.state.nodes.pop(donor["worker_id"], None)
+    token = bearer(donor["node_token"])
+    again = pool.http.post(
+        "/api/worker/rejoin", json={"name": "donor", "capabilities": CPU_BOX}, headers=token
+    )
+    info = pool.http.get("/api/worker/ray", headers=token)
+    for r in (again, info):
+        assert r.status_code == 409, r.text
+        assert r.json()["error"]["code"] == "untrusted_in_core"
+        assert "ask the admin for a new invite" in r.json()["error"]["message"]
+        assert CORE_TOKEN not in r.text and pool.state.settings.ray_address not in r.text
+    trusted = pool.join(trusted=True)
+    ok = pool.http.post(
+        "/api/worker/rejoin",
+        json={"name": "donor", "capabilities": CPU_BOX},
+        headers=bearer(trusted["node_token"]),
+    )
+    assert ok.status_code == 200 and ok.json()["ray"]["auth_token"] == CORE_TOKEN
+
+
 def test_trusted_donor_joins_the_core(pool: Coordinator) -> None:
     body = pool.join(trusted=True)
     assert body["cluster"] == "core" and body["ray"]["auth_token"] == CORE_TOKEN

@@ -115,3 +115,54 @@ SERVE_STATUS: dict[str, Any] = {
 def test_serve_status_becomes_replicas_that_can_serve() -> None:
     assert parse_serve_status(SERVE_STATUS) == {"rma-llm": 1, "rma-embeddings": 0, "rma-ocr": 0, "empty": 0}
     assert parse_serve_status({}) == {} and parse_serve_status({"applications": None}) == {}
+
+
+def test_the_status_cache_reads_an_edge_once_for_concurrent_callers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Single-flight per edge: callers that find the reading stale together share one dashboard call."""
+    import threading
+    import time
+
+    from admission.services import edges as edges_mod
+
+    calls: list[str] = []
+
+    def slow_read(e: EdgeEndpoint) -> tuple[dict[str, int], bool]:
+        calls.append(e.name)
+        time.sleep(0.2)
+        return {"llm": 1}, True
+
+    monkeypatch.setattr(edges_mod, "read_serve_status", slow_read)
+    cache = edges_mod.EdgeStatusCache(ttl_s=60)
+    results: list[tuple[dict[str, int], bool]] = []
+    threads = [threading.Thread(target=lambda: results.append(cache.get(edge("edge")))) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [({"llm": 1}, True)] * 6
+    assert calls == ["edge"]
+    cache.get(edge("west"))  # another edge has its own reading
+    assert calls == ["edge", "west"]
+
+
+@pytest.mark.parametrize(
+    ("settings", "trusted", "cluster", "refused"),
+    [
+        (TWO_EDGES, False, "core", True),  # registered before the pool had edges (migration 0007)
+        (TWO_EDGES, False, "edge", False),
+        (TWO_EDGES, True, "core", False),
+        (NO_EDGES, False, "core", False),  # --no-edge: untrusted donors join the core as before
+    ],
+)
+def test_an_untrusted_donor_left_in_the_core_is_refused_once_edges_exist(
+    settings: Settings, trusted: bool, cluster: str, refused: bool
+) -> None:
+    from admission.models import Worker
+    from admission.services.workers import untrusted_in_core
+
+    refusal = untrusted_in_core(settings, Worker(trusted=trusted, cluster=cluster))
+    if not refused:
+        assert refusal is None
+    else:
+        assert refusal is not None and refusal.status == 409 and refusal.code == "untrusted_in_core"
+        assert "ask the admin for a new invite" in refusal.message

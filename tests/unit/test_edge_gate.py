@@ -137,3 +137,27 @@ def test_an_edge_replica_checks_the_edge_credential_and_never_the_keyring(
         assert info.value.status == 401
     finally:
         edge_gate.set_verifier(None)
+
+
+def test_concurrent_requests_on_a_stale_key_set_make_one_fetch(coordinator: Any) -> None:
+    """Single-flight: requests that all see a stale set while the coordinator is slow wait for one read of
+    the set and share it (not one `fetch_timeout_s` fetch each, one after the other)."""
+    coord, url = coordinator
+    verifier = EdgeCredentialVerifier(EDGE, url)
+    real, fetches = verifier.client.get_jwk_set, []
+
+    def slow_fetch(refresh: bool = False) -> Any:
+        fetches.append(1)
+        time.sleep(0.3)
+        return real(refresh=refresh)
+
+    verifier.client.get_jwk_set = slow_fetch  # type: ignore[method-assign]
+    token = "Bearer " + mint(coord.key)
+
+    async def many() -> list[Any]:
+        return await asyncio.gather(*(verifier.verify(token) for _ in range(6)))
+
+    claims = asyncio.run(many())
+    assert len(claims) == 6 and all(c["iss"] == EDGE_ISSUER for c in claims)
+    assert len(fetches) == 1
+    assert verifier.load() and len(fetches) == 2  # a later, lone read still fetches

@@ -4,7 +4,9 @@ each served by uvicorn on its own port (module-scoped: three servers, well under
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -205,12 +207,104 @@ def test_edge_down_is_served_on_the_core(routed: Any, core: str) -> None:
 
 
 def test_an_edge_that_does_not_answer_is_given_up_and_served_on_the_core(routed: Any, core: str) -> None:
+    """A stream's headers come at once: none within the read timeout is a stuck edge (a breaker failure)."""
     router, _, app = routed
     app.mode = "hang"  # until the router's read timeout
-    r = chat(core)
+    r = chat(core, stream=True)
     assert r.headers[SERVED_BY_HEADER] == "core"
-    assert r.json()["served"] == "core"
+    assert r.text.startswith('data: {"core": 1}')
     assert router.counts[(EDGE, LLM, "fallback")] == 1
+    assert failures(router) == 1
+
+
+def failures(router: EdgeRouter) -> int:
+    breaker = asyncio.run(router.breakers.get_breaker(EDGE))
+    return int(breaker.context.failure_count or 0)
+
+
+def test_a_slow_non_streaming_answer_waits_past_the_read_timeout(routed: Any, core: str) -> None:
+    """A non-streaming completion's headers come only after the whole generation: its first byte may take
+    until the total deadline, not `read_timeout_s` (2 s here)."""
+    router, _, app = routed
+    app.mode = "hang"
+    threading.Timer(3.0, app.release.set).start()
+    r = chat(core)
+    assert r.headers[SERVED_BY_HEADER] == f"edge:{EDGE}"
+    assert r.json()["served"] == "edge"
+    assert router.counts[(EDGE, LLM, "forwarded")] == 1 and failures(router) == 0
+
+
+def test_a_non_streaming_request_past_the_deadline_is_served_on_the_core_without_a_breaker_failure(
+    coordinator: tuple[Coordinator, str], edge_server: tuple[EdgeApp, str], core: str
+) -> None:
+    """The edge took the request and is busy: the core serves it once, and the breaker stays closed (threshold
+    2, three such requests), so the edge still gets the next request."""
+    coord, coord_url = coordinator
+    app, edge_url = edge_server
+    app.mode, app.seen = "hang", []
+    app.release.clear()
+    coord.route(edge_url, {LLM: 1})
+    router = EdgeRouter(
+        coordinator_fetch(coord_url, SERVICE_CREDENTIAL),
+        read_timeout_s=0.5,
+        total_timeout_s=1.0,
+        breaker_threshold=2,
+        breaker_ttl_s=600,
+    )
+    assert router.refresh()
+    edge.set_router(router)
+    try:
+        for _ in range(3):
+            r = chat(core)
+            assert r.headers[SERVED_BY_HEADER] == "core" and r.json()["served"] == "core"
+        assert len(app.seen) == 3 and failures(router) == 0
+        app.mode = "ok"
+        assert chat(core).headers[SERVED_BY_HEADER] == f"edge:{EDGE}"
+        assert router.counts[(EDGE, LLM, "fallback")] == 3
+    finally:
+        app.release.set()
+        edge.set_router(None, disabled=True)
+
+
+def test_a_full_connection_pool_is_not_an_edge_failure(
+    coordinator: tuple[Coordinator, str], edge_server: tuple[EdgeApp, str], core: str
+) -> None:
+    """No free connection in this replica's pool (httpx.PoolTimeout, 1 s) is our limit, not the edge's
+    health: served on the core, the breaker stays closed. The pool is high by default (not httpx's 100)."""
+    coord, coord_url = coordinator
+    app, edge_url = edge_server
+    app.mode, app.seen = "ok", []
+    app.release.clear()
+    coord.route(edge_url, {LLM: 1})
+    router = EdgeRouter(
+        coordinator_fetch(coord_url, SERVICE_CREDENTIAL),
+        breaker_threshold=2,
+        breaker_ttl_s=600,
+        max_connections=1,
+    )
+    assert EdgeRouter(lambda: None).limits.max_connections == 1000
+    assert router.refresh()
+    edge.set_router(router)
+    try:
+        with httpx.stream(  # holds the only connection: the edge's stream waits for `release`
+            "POST",
+            core + "/v1/chat/completions",
+            json={"model": "m", "messages": [], "stream": True},
+            headers={"Authorization": f"Bearer {PLAIN.token}"},
+            timeout=20,
+        ) as held:
+            assert held.headers[SERVED_BY_HEADER] == f"edge:{EDGE}"
+            for _ in range(3):  # over the breaker's threshold
+                r = chat(core)
+                assert r.headers[SERVED_BY_HEADER] == "core"
+            assert failures(router) == 0
+            app.release.set()
+            held.read()
+        assert chat(core).headers[SERVED_BY_HEADER] == f"edge:{EDGE}"
+        assert router.counts[(EDGE, LLM, "fallback")] == 3
+    finally:
+        app.release.set()
+        edge.set_router(None, disabled=True)
 
 
 def test_failures_open_the_breaker_and_the_edge_is_skipped(routed: Any, core: str) -> None:
