@@ -236,8 +236,8 @@ def _env(home: Path, **extra: str) -> dict[str, str]:
 
 @pytest.fixture(scope="package")
 def docpool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DocPool]:
-    """`rma up --stores postgres,redis --apps none --no-edge` with free ports (~50 s here); torn down by PID at the end of
-    the package. The admin page ends with `rma down`: teardown only stops what is still running."""
+    """`rma up --stores postgres,redis --apps none --no-edge` with free ports (~50 s here); torn down by PID at the
+    end of the package. The admin page ends with `rma down`: teardown only stops what is still running."""
     if not shutil.which("pg_dumpall") or not list(Path("/usr/lib/postgresql").glob("*/bin/initdb")):
         pytest.skip("Debian postgresql is not installed (`make test` installs it)")
     root = tmp_path_factory.mktemp("docs")
