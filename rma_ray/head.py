@@ -601,7 +601,8 @@ class Pool:
             token_file=self.token_file,
             head=True,
             extra_args=wg.RayPorts().argv(head=True) if self.o.overlay else [],
-            temp_dir=short_temp_dir("head-" + secrets.token_hex(4)),
+            # under a fresh 0700 parent of root's: Ray makes the temp dir 0777, an edge's user must not enter
+            temp_dir=private_temp_dir(),
             # the operator's own machine: trusted, so the embedded default may keep client data here
             labels={LABEL_TIER: "head", LABEL_TRUSTED: "true"},
             gcs_port=self.o.gcs_port,
@@ -616,7 +617,7 @@ class Pool:
             },
         )
         if old_temp is not None:
-            shutil.rmtree(old_temp, ignore_errors=True)
+            shutil.rmtree(old_temp.parent, ignore_errors=True)  # private_temp_dir's parent
         self.head = RayNode(spec, self.logs / "ray-head.log")
         self.say(f"starting the Ray head on {self.o.gcs_address} (token auth) …")
         self.head.start()
@@ -1171,7 +1172,7 @@ class Pool:
         if self.head is not None:
             self.head.track()
             self.head.stop(timeout=5)  # Serve and the stores are done: nothing on the head needs draining
-            shutil.rmtree(self.head.spec.temp_dir, ignore_errors=True)
+            shutil.rmtree(self.head.spec.temp_dir.parent, ignore_errors=True)  # private_temp_dir's parent
             self._progress(f"Ray head stopped ({time.monotonic() - t0:.1f} s)")
         if self.hub is not None:
             self.hub.down()
