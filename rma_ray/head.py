@@ -34,6 +34,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,6 +166,26 @@ def shutdown_serve(dashboard_url: str, token_file: Path) -> None:
         )
     except (OSError, httpx.HTTPError):
         pass  # timed out (replicas still draining) or the dashboard is gone: the head's stop ends it
+
+
+# The operator's model settings an edge's apps follow too (deployments.serve_config.env_args), so that the
+# model a forwarded request names is the one the edge serves. Not those naming a path on the head (the edge's
+# user may not read it) nor any secret: the edge's code is not trusted with them.
+EDGE_APP_ENV_PREFIXES = ("RMA_LLM_", "RMA_EMBEDDINGS_")
+EDGE_APP_ENV_PATH_SUFFIXES = ("_DIR", "_FILE", "_PATH")
+EDGE_APP_ENV_SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
+
+
+def edge_app_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The part of `environ` the edge's deployment child gets: RMA_LLM_* and RMA_EMBEDDINGS_*, less paths and
+    secrets (the lists above)."""
+    return {
+        k: v
+        for k, v in environ.items()
+        if k.startswith(EDGE_APP_ENV_PREFIXES)
+        and not k.endswith(EDGE_APP_ENV_PATH_SUFFIXES)
+        and not any(word in k for word in EDGE_APP_ENV_SECRET_WORDS)
+    }
 
 
 def ensure_system_user(user: str) -> pwd.struct_passwd:
@@ -474,6 +495,8 @@ class EdgeHead:
                 str(self.spec.ports.serve),
             ]
         )
+        # the operator's model settings (no path, no secret: edge_app_env): the edge serves the core's models
+        child["env"].update(edge_app_env(os.environ))
         # where the edge's ingress fetches the coordinator's public keys (jwks_path): no secret
         child["env"]["RMA_COORDINATOR_URL"] = coordinator_url
         apps: dict[str, dict[str, Any]] = {}
