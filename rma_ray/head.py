@@ -893,7 +893,7 @@ class Pool:
         self.say(f"rotating the edge {name!r}'s cluster token: restarting its head …")
         edge.stop()
         edge.new_token()
-        self.start_edge(edge)
+        started = self.start_edge(edge)
         try:
             with AdmissionClient(self.o.coordinator_url, self.admin_key) as client:
                 client.request("POST", f"/api/admin/edges/{name}/rotate-credential")
@@ -902,6 +902,8 @@ class Pool:
                 self.say(f"[yellow]the coordinator did not rotate the edge {name!r}'s credential:[/] {exc}")
         except httpx.HTTPError as exc:
             self.say(f"[yellow]the coordinator did not answer the edge credential's rotation:[/] {exc}")
+        if not started:  # the new token is written, but no head runs with it: not a rotation to report done
+            raise UpError(f"the edge {name!r} did not start again with its new token: {edge.error}")
         edge.token_rotated_at = time.time()
         self.write_edges()
         self.say(
@@ -1135,7 +1137,13 @@ class Pool:
                         self.rotate_edge(edge)
                     else:
                         self.rotate()
-                except (UpError, OSError, subprocess.SubprocessError) as exc:
+                except UpError as exc:
+                    self.say(f"[red]rotation failed:[/] {exc}")
+                    if not edge:
+                        return False
+                    # an edge that did not start again is retried by watch_edges (EDGE_RETRY_S);
+                    # the core goes on
+                except (OSError, subprocess.SubprocessError) as exc:
                     self.say(f"[red]rotation failed:[/] {exc}")
                     return False
             if self.head is not None:
