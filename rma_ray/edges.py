@@ -19,7 +19,9 @@ What the three sides share, named once here:
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +32,7 @@ CORE = "core"  # the core cluster's name (registry, labels, pool.json)
 LABEL_CLUSTER = "rma.io/cluster"  # every node's cluster: "core" or the edge's name
 EDGE_NAME = r"^[a-z][a-z0-9-]{0,15}$"
 DEFAULT_EDGE = "edge"
-EDGE_USER = "rma-edge"  # the unprivileged system user edge heads run as
+EDGE_USER = "rma-edge"  # the unprivileged system user the default edge's head runs as (see edge_user)
 EDGE_ISSUER = "rma-coordinator"
 EDGE_TOKEN_TTL_S = 600  # an edge credential's lifetime; the gateway refreshes it well before
 SERVED_BY_HEADER = "x-rma-served-by"  # on every forwarded answer: "edge:<name>" or "core"
@@ -45,6 +47,13 @@ def edge_audience(name: str) -> str:
 def jwks_path(name: str) -> str:
     """Where the coordinator publishes an edge's public keys (no credential needed: they are public)."""
     return f"/api/edges/{name}/jwks.json"
+
+
+def edge_user(name: str) -> str:
+    """An edge's own system user: `rma-edge` for the default edge, `rma-edge-<name>` for any other (at most 25
+    characters: within useradd's 32). Each edge needs its own: stopping an edge kills every process of its
+    user (rma_ray.raynode.kill_user_processes), which must never reach another edge's."""
+    return EDGE_USER if name == DEFAULT_EDGE else f"{EDGE_USER}-{name}"
 
 
 def valid_name(name: str) -> bool:
@@ -120,11 +129,17 @@ class EdgeSpec:
     name: str = DEFAULT_EDGE
     ports: EdgePorts = field(default_factory=EdgePorts)
     overlay_subnet: str = "10.89.0.0/16"  # its own, apart from the core's (rma_ray.overlay.DEFAULT_SUBNET)
-    user: str = EDGE_USER
+    user: str = ""  # empty: edge_user(name)
+
+    def __post_init__(self) -> None:
+        if not self.user:
+            object.__setattr__(self, "user", edge_user(self.name))
 
     def data_dir(self, core_data_dir: Path) -> Path:
-        """The edge head's data dir (token, logs, Ray temp dir), owned by `user`, 0700. Not under the core's
-        data dir (0700, root's): a fixed place per core data dir, so the edge keeps its token across restarts."""
+        """The edge's data dir: root's, 0755, holding the token (root:`user`, 0640, written by root only) and
+        `home` (`user`'s, 0700: the edge head's HOME and cwd). Never writable by `user`: root reads and writes
+        the token by path, so a link the edge's code put there must be impossible. Not under the core's data
+        dir (0700, root's): a fixed place per core data dir, so the edge keeps its token across restarts."""
         digest = hashlib.sha256(str(core_data_dir.resolve()).encode()).hexdigest()[:8]
         return Path(tempfile.gettempdir()) / f"rma-edge-{self.name}-{digest}"
 
@@ -136,10 +151,21 @@ class EdgeEndpoint(BaseModel):
     ray_address: str = Field(description="host:port of the edge's GCS, what its donors join")
     dashboard_url: str = Field(description="the edge's Ray dashboard (state API, Serve status)")
     serve_url: str = Field(description="the edge's Serve proxy, which the core's gateway calls")
-    token_file: Path = Field(description="the edge's cluster token (0600, the edge user's; root reads it)")
+    token_file: Path = Field(description="the edge's cluster token (root:edge user, 0640; root reads it)")
 
     def token(self) -> str | None:
+        """The token, read only from a regular file, never through a link (defence in depth: the edge dir is
+        root's, so its user cannot put a link to the core's secrets there)."""
         try:
-            return self.token_file.read_text().strip() or None
+            fd = os.open(self.token_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError:
             return None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            with os.fdopen(fd, "r", closefd=False) as f:
+                return f.read(4096).strip() or None
+        except (OSError, ValueError):
+            return None
+        finally:
+            os.close(fd)

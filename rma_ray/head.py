@@ -10,12 +10,14 @@ service credential instead (`<data dir>/service.json`, 0600, minted anew on each
 reports only, never the admin key (rma_ray/identity.py). `rma down` asks the supervisor to stop, or stops what
 it left, by PID.
 
-Beside the core head, `rma up` starts one Ray head per edge cluster (`UpOptions.edges`; rma_ray/edges.py):
-the cluster untrusted donors join. Each runs as its own unprivileged system user (`rma-edge`), with its own data
-dir (0700, its token 0600 inside), its own token and ports, no CPUs of its own (control plane only), and Serve
-with the edge's apps. Ray's workers run as the raylet's user, so code an edge donor runs on the edge head reads
-nothing of the core's: the core data dir is 0700 and root's. The edge head is restarted if it dies (the core
-serves meanwhile) and rotated alone (`rma rotate-cluster-token --edge NAME`).
+Beside the core head, `rma up` starts one Ray head per edge cluster (`UpOptions.edges`; rma_ray/edges.py): the
+cluster untrusted donors join. Each runs as its own unprivileged system user (`rma-edge`, `rma-edge-NAME`),
+with its own data dir (root's, 0755: the token root:user 0640, and `home`, the user's 0700), its own token and
+ports, an allowlisted env, no CPUs of its own (control plane only), and Serve with the edge's apps. Ray's
+workers run as the raylet's user, so code an edge donor runs on the edge head reads nothing of the core's: the
+core data dir is 0700 and root's, the core head's Ray temp dir lies under a 0700 parent of root's. Stopping an
+edge kills every process of its user. The edge head is restarted if it dies (the core serves meanwhile) and
+rotated alone (`rma rotate-cluster-token --edge NAME`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +56,8 @@ from rma_ray.raynode import (
     NodeStartError,
     RayNode,
     as_user,
+    kill_user_processes,
+    private_temp_dir,
     ray_env,
     short_temp_dir,
     user_env,
@@ -163,6 +168,26 @@ def shutdown_serve(dashboard_url: str, token_file: Path) -> None:
         pass  # timed out (replicas still draining) or the dashboard is gone: the head's stop ends it
 
 
+# The operator's model settings an edge's apps follow too (deployments.serve_config.env_args), so that the
+# model a forwarded request names is the one the edge serves. Not those naming a path on the head (the edge's
+# user may not read it) nor any secret: the edge's code is not trusted with them.
+EDGE_APP_ENV_PREFIXES = ("RMA_LLM_", "RMA_EMBEDDINGS_")
+EDGE_APP_ENV_PATH_SUFFIXES = ("_DIR", "_FILE", "_PATH")
+EDGE_APP_ENV_SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
+
+
+def edge_app_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The part of `environ` the edge's deployment child gets: RMA_LLM_* and RMA_EMBEDDINGS_*, less paths and
+    secrets (the lists above)."""
+    return {
+        k: v
+        for k, v in environ.items()
+        if k.startswith(EDGE_APP_ENV_PREFIXES)
+        and not k.endswith(EDGE_APP_ENV_PATH_SUFFIXES)
+        and not any(word in k for word in EDGE_APP_ENV_SECRET_WORDS)
+    }
+
+
 def ensure_system_user(user: str) -> pwd.struct_passwd:
     """The edge head's system user (created when missing: no login, no home of its own)."""
     try:
@@ -180,21 +205,51 @@ def ensure_system_user(user: str) -> pwd.struct_passwd:
     return pwd.getpwnam(user)
 
 
-def own_dir(path: Path, pw: pwd.struct_passwd) -> None:
-    """`path` as a directory of `pw`'s only (0700), made if missing. These are fixed paths under /tmp: one that
-    someone else made (a symlink, another user's directory) is refused."""
+def _open_dir(path: Path, mode: int, owners: tuple[int, ...]) -> int:
+    """A descriptor of the directory `path` (made with `mode` if missing), opened without following a link,
+    and owned by one of `owners`; UpError otherwise. Ownership and mode are then set through the descriptor:
+    these are fixed paths under /tmp, where another user may put a link or a directory of theirs first."""
     try:
-        st = path.lstat()
-    except FileNotFoundError:
-        path.mkdir(mode=0o700)
-        st = path.lstat()
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid not in (0, pw.pw_uid):
+        path.mkdir(mode=mode)
+    except FileExistsError:
+        pass  # made by us before, or by someone else (checked below); also a race with another `rma up`
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:  # ELOOP (a link), ENOTDIR (a file)
         raise UpError(
-            f"{path} exists but is not the edge's directory (a link, or owned by uid {st.st_uid}); "
+            f"{path} exists but is not the edge's directory (a link?); remove it and start again"
+        ) from None
+    uid = os.fstat(fd).st_uid
+    if uid not in owners:
+        os.close(fd)
+        raise UpError(
+            f"{path} exists but is not the edge's directory (owned by uid {uid}, not {owners}); "
             f"remove it and start again"
         )
-    os.chown(path, pw.pw_uid, pw.pw_gid)
-    path.chmod(0o700)
+    return fd
+
+
+def own_dir(path: Path, pw: pwd.struct_passwd) -> None:
+    """`path` as a directory of `pw`'s only (0700), made if missing. One that someone else made (a link,
+    another user's directory) is refused."""
+    fd = _open_dir(path, 0o700, (0, pw.pw_uid))
+    try:
+        os.fchown(fd, pw.pw_uid, pw.pw_gid)
+        os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
+
+
+def root_dir(path: Path) -> None:
+    """`path` as a directory of root's (0755), made if missing: an edge's data dir, which its user may enter
+    but never change (no link of its can stand where root reads and writes the token). One that exists and is
+    not root's (a link; the edge user's, as an older `rma up` made it) is refused."""
+    fd = _open_dir(path, 0o755, (0,))
+    try:
+        os.fchown(fd, 0, 0)
+        os.fchmod(fd, 0o755)
+    finally:
+        os.close(fd)
 
 
 class EdgeHead:
@@ -203,8 +258,9 @@ class EdgeHead:
     def __init__(self, spec: EdgeSpec, opts: UpOptions, say: Any) -> None:
         self.spec, self.o, self.say = spec, opts, say
         self.name = spec.name
-        self.dir = spec.data_dir(opts.data_dir)
-        self.token_file = self.dir / "cluster_token"
+        self.dir = spec.data_dir(opts.data_dir)  # root's, 0755 (EdgeSpec.data_dir)
+        self.token_file = self.dir / "cluster_token"  # root:edge user, 0640, written by root only
+        self.home = self.dir / "home"  # the edge user's (0700): its HOME and cwd
         self.log_path = opts.data_dir / "logs" / f"edge-{spec.name}-head.log"
         self.node: RayNode | None = None
         self.apps_wanted = tuple(a for a in opts.apps if a in EDGE_APPS)
@@ -278,21 +334,50 @@ class EdgeHead:
         return pwd.getpwnam(self.spec.user)
 
     def prepare(self) -> None:
-        """Before anything starts: the system user, the data dir (0700, the user's) and the token (0600, the
-        user's; generated once, so the coordinator is told of the file before the edge head runs), and a check
-        that the user can import the pool's code."""
-        pw = ensure_system_user(self.spec.user)
-        for path in (self.dir, self.haproxy_dir):
+        """Before anything starts: the system user, the data dir (root's, 0755), the user's home in it and the
+        HAProxy dir (the user's, 0700), the token (root:user, 0640; generated once, so the coordinator is told
+        of the file before the edge head runs), and a check that the user can import the pool's code."""
+        ensure_system_user(self.spec.user)
+        pw = self._user()
+        root_dir(self.dir)
+        for path in (self.home, self.haproxy_dir):
             own_dir(path, pw)
-        read_or_create_secret(self.token_file)
-        os.chown(self.token_file, pw.pw_uid, pw.pw_gid)
-        self.token_file.chmod(0o600)
+        self._write_token(keep=True)
         self.check_importable()
 
+    def _write_token(self, keep: bool) -> None:
+        """The token file as root:user 0640, written by root in its own dir (atomically: a temp file, then
+        rename); with `keep`, a token already there (a regular file, not a link) is kept."""
+        gid = self._user().pw_gid
+        if keep:
+            try:
+                fd = os.open(self.token_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            except FileNotFoundError:
+                fd = -1
+            except OSError:  # a link (ELOOP): not ours
+                raise UpError(f"{self.token_file} is not a regular file; remove it and start again") from None
+            if fd >= 0:
+                try:
+                    st = os.fstat(fd)
+                    if stat.S_ISREG(st.st_mode) and os.read(fd, 4096).strip():
+                        os.fchown(fd, 0, gid)
+                        os.fchmod(fd, 0o640)
+                        return
+                finally:
+                    os.close(fd)
+        tmp = self.token_file.with_name(self.token_file.name + ".tmp")
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            os.fchown(fd, 0, gid)
+            os.fchmod(fd, 0o640)
+            f.write(secrets.token_hex(32) + "\n")
+        os.replace(tmp, self.token_file)
+
     def _child(self, args: list[str], **kwargs: Any) -> dict[str, Any]:
-        """Popen arguments for a child of this edge run as its user: the edge's token only, in its data dir."""
-        env = ray_env(self.token_file, base=user_env(self.spec.user, self.dir))
-        return {"args": args, "env": env, **as_user(self.spec.user, self.dir), **kwargs}
+        """Popen arguments for a child of this edge run as its user: the edge's token only, in its home."""
+        env = ray_env(self.token_file, base=user_env(self.spec.user, self.home))
+        return {"args": args, "env": env, **as_user(self.spec.user, self.home), **kwargs}
 
     def check_importable(self) -> None:
         # The edge user runs this venv's Python, Ray and the pool's code: the install must be readable by every
@@ -331,14 +416,14 @@ class EdgeHead:
             drain_timeout_s=5,
             env=dict(FAST_HEALTH_CHECKS if self.o.fast_health_checks else {}),
             user=self.spec.user,
-            home=self.dir,
+            home=self.home,
         )
         if old_temp is not None:
             shutil.rmtree(old_temp, ignore_errors=True)
         self.node = RayNode(spec, self.log_path)
         self.say(f"starting the edge head {self.name!r} on {self.ray_address} as {self.spec.user} …")
-        self.node.start()
         try:
+            self.node.start()
             self.node.wait_started(120)
         except NodeStartError as exc:
             self.node.kill()
@@ -410,6 +495,8 @@ class EdgeHead:
                 str(self.spec.ports.serve),
             ]
         )
+        # the operator's model settings (no path, no secret: edge_app_env): the edge serves the core's models
+        child["env"].update(edge_app_env(os.environ))
         # where the edge's ingress fetches the coordinator's public keys (jwks_path): no secret
         child["env"]["RMA_COORDINATOR_URL"] = coordinator_url
         apps: dict[str, dict[str, Any]] = {}
@@ -452,20 +539,34 @@ class EdgeHead:
             self.deploy_proc.kill()  # its cluster is going away: it would only wait for nothing
         if self.deploying is not None:
             self.deploying.join(30)
-        if self.node is None:
-            return
-        if self.node.running():
-            shutdown_serve(self.dashboard_url, self.token_file)
-        self.node.track()
-        self.node.stop(timeout=5)
-        shutil.rmtree(self.node.spec.temp_dir, ignore_errors=True)
+        if self.node is not None:
+            if self.node.running():
+                shutdown_serve(self.dashboard_url, self.token_file)
+            self.node.track()
+            self.node.stop(timeout=5)
+        self.kill_user_processes()
+        if self.node is not None:
+            shutil.rmtree(self.node.spec.temp_dir, ignore_errors=True)
         for node_dir in self.haproxy_dir.glob("*"):  # one per Ray node id: a new one each start
             shutil.rmtree(node_dir, ignore_errors=True)
 
+    def kill_user_processes(self) -> None:
+        """Every process of the edge's own user, not only the node's tree we track: a task that
+        double-forked out of its worker would outlive the edge and read its next token (EdgeSpec.user: one
+        user per edge)."""
+        try:
+            uid = self._user().pw_uid
+        except KeyError:
+            return  # never prepared: no such user, no process of it
+        killed = kill_user_processes(uid)
+        if killed:
+            self.say(
+                f"the edge {self.name!r}: {len(killed)} process(es) of {self.spec.user} were left; killed"
+            )
+
     def new_token(self) -> None:
-        pw = self._user()
-        write_private(self.token_file, secrets.token_hex(32) + "\n")
-        os.chown(self.token_file, pw.pw_uid, pw.pw_gid)
+        self.kill_user_processes()  # nothing of the edge's user may be left to read the new token
+        self._write_token(keep=False)
 
 
 class Pool:
@@ -523,7 +624,8 @@ class Pool:
             token_file=self.token_file,
             head=True,
             extra_args=wg.RayPorts().argv(head=True) if self.o.overlay else [],
-            temp_dir=short_temp_dir("head-" + secrets.token_hex(4)),
+            # under a fresh 0700 parent of root's: Ray makes the temp dir 0777, an edge's user must not enter
+            temp_dir=private_temp_dir(),
             # the operator's own machine: trusted, so the embedded default may keep client data here
             labels={LABEL_TIER: "head", LABEL_TRUSTED: "true"},
             gcs_port=self.o.gcs_port,
@@ -538,7 +640,7 @@ class Pool:
             },
         )
         if old_temp is not None:
-            shutil.rmtree(old_temp, ignore_errors=True)
+            shutil.rmtree(old_temp.parent, ignore_errors=True)  # private_temp_dir's parent
         self.head = RayNode(spec, self.logs / "ray-head.log")
         self.say(f"starting the Ray head on {self.o.gcs_address} (token auth) …")
         self.head.start()
@@ -791,7 +893,7 @@ class Pool:
         self.say(f"rotating the edge {name!r}'s cluster token: restarting its head …")
         edge.stop()
         edge.new_token()
-        self.start_edge(edge)
+        started = self.start_edge(edge)
         try:
             with AdmissionClient(self.o.coordinator_url, self.admin_key) as client:
                 client.request("POST", f"/api/admin/edges/{name}/rotate-credential")
@@ -800,6 +902,8 @@ class Pool:
                 self.say(f"[yellow]the coordinator did not rotate the edge {name!r}'s credential:[/] {exc}")
         except httpx.HTTPError as exc:
             self.say(f"[yellow]the coordinator did not answer the edge credential's rotation:[/] {exc}")
+        if not started:  # the new token is written, but no head runs with it: not a rotation to report done
+            raise UpError(f"the edge {name!r} did not start again with its new token: {edge.error}")
         edge.token_rotated_at = time.time()
         self.write_edges()
         self.say(
@@ -1033,7 +1137,13 @@ class Pool:
                         self.rotate_edge(edge)
                     else:
                         self.rotate()
-                except (UpError, OSError, subprocess.SubprocessError) as exc:
+                except UpError as exc:
+                    self.say(f"[red]rotation failed:[/] {exc}")
+                    if not edge:
+                        return False
+                    # an edge that did not start again is retried by watch_edges (EDGE_RETRY_S);
+                    # the core goes on
+                except (OSError, subprocess.SubprocessError) as exc:
                     self.say(f"[red]rotation failed:[/] {exc}")
                     return False
             if self.head is not None:
@@ -1093,7 +1203,7 @@ class Pool:
         if self.head is not None:
             self.head.track()
             self.head.stop(timeout=5)  # Serve and the stores are done: nothing on the head needs draining
-            shutil.rmtree(self.head.spec.temp_dir, ignore_errors=True)
+            shutil.rmtree(self.head.spec.temp_dir.parent, ignore_errors=True)  # private_temp_dir's parent
             self._progress(f"Ray head stopped ({time.monotonic() - t0:.1f} s)")
         if self.hub is not None:
             self.hub.down()

@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,9 +45,33 @@ def short_temp_dir(key: str) -> Path:
     return Path("/tmp") / f"rma-{key}"
 
 
-# what a process run as another user (an edge head, rma_ray/head.py) must not inherit from ours: the core's
-# settings (its data dir, admin key, token file) and any cluster token
-PRIVATE_ENV_PREFIXES = ("RMA_", "RAY_AUTH_TOKEN", "RAY_ADDRESS")
+def private_temp_dir() -> Path:
+    """A Ray temp dir for the core head, under a fresh parent only its creator may enter (0700, made by
+    mkdtemp: a random name, never a path someone else could have made first). Ray chmods the temp dir it is
+    given (and its session, logs and sockets) 0777; the parent keeps other users (an edge head's `rma-edge`)
+    out of them all. Short, like short_temp_dir: `/tmp/rma-XXXXXXXX/h`. Remove `path.parent` when done."""
+    return Path(tempfile.mkdtemp(prefix="rma-", dir="/tmp")) / "h"
+
+
+# What a process run as another user (an edge head, rma_ray/head.py) may inherit from ours: an allowlist,
+# since the operator's env may hold anything (HF_TOKEN, cloud credentials, PGPASSWORD, the core's RMA_*
+# settings), and any code an edge donor runs may run on the edge head as that user. Names, then prefixes;
+# Ray's own settings (RAY_AUTH_*, the health checks) are set by ray_env and NodeSpec.env, never inherited.
+USER_ENV_NAMES = frozenset(
+    {
+        "PATH",
+        "LANG",
+        "LANGUAGE",
+        "TZ",
+        "VIRTUAL_ENV",
+        "PYTHONPATH",
+        "OMP_NUM_THREADS",
+        "TOKENIZERS_PARALLELISM",
+        "HF_HUB_OFFLINE",
+        "TRANSFORMERS_OFFLINE",
+    }
+)
+USER_ENV_PREFIXES = ("LC_",)
 
 
 def ray_env(
@@ -67,10 +92,39 @@ def ray_env(
 
 
 def user_env(user: str, home: Path) -> dict[str, str]:
-    """Our env for a child run as `user`: none of our RMA_* settings or cluster tokens, its own HOME."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(PRIVATE_ENV_PREFIXES)}
+    """The env of a child run as `user`: only the allowlisted part of ours (USER_ENV_NAMES,
+    USER_ENV_PREFIXES),
+    its own HOME, USER and LOGNAME."""
+    env = {k: v for k, v in os.environ.items() if k in USER_ENV_NAMES or k.startswith(USER_ENV_PREFIXES)}
     env.update(HOME=str(home), USER=user, LOGNAME=user)
     return env
+
+
+def kill_user_processes(uid: int, rounds: int = 20, grace: float = 5.0) -> list[int]:
+    """SIGKILL every process whose real uid is `uid` (an edge's own system user) and wait until they are gone:
+    a task that double-forked out of its Ray worker (setsid, reparented to init) is no child of the node we
+    track, and would go on reading the edge's next token. Several rounds: one may fork while we kill. Returns
+    the PIDs killed. Never for root or our own uid."""
+    if uid in (0, os.getuid()):
+        raise ValueError(f"refusing to kill every process of uid {uid}")
+    killed: list[int] = []
+    for _ in range(rounds):
+        procs = []
+        for p in psutil.process_iter(["uids", "status"]):
+            uids = p.info.get("uids")
+            # a zombie (dead, not yet reaped by its parent: one of our children) runs nothing: not waited on
+            if uids is not None and uids.real == uid and p.info.get("status") != psutil.STATUS_ZOMBIE:
+                procs.append(p)
+        if not procs:
+            break
+        for p in procs:
+            try:
+                p.kill()
+                killed.append(p.pid)
+            except psutil.Error:
+                pass
+        psutil.wait_procs(procs, timeout=grace)
+    return killed
 
 
 def as_user(user: str, home: Path) -> dict[str, object]:
@@ -179,7 +233,6 @@ class RayNode:
         return self.proc.pid if self.proc else None
 
     def start(self) -> None:
-        self.spec.temp_dir.mkdir(parents=True, exist_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         extra = {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": str(self.spec.drain_timeout_s), **self.spec.env}
         kwargs: dict[str, object] = {}
@@ -187,9 +240,24 @@ class RayNode:
         if self.spec.user:
             home = self.spec.home or self.spec.temp_dir
             pw = pwd.getpwnam(self.spec.user)
-            os.chown(self.spec.temp_dir, pw.pw_uid, pw.pw_gid)
-            self.spec.temp_dir.chmod(0o700)
+            # A fresh dir made here (never one found: under /tmp another user may have put a link there
+            # first), handed to the user through its descriptor, so no link is followed.
+            self.spec.temp_dir.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.spec.temp_dir.mkdir(mode=0o700)
+            except FileExistsError:
+                raise NodeStartError(
+                    f"{self.spec.temp_dir} exists already; remove it and start again"
+                ) from None
+            fd = os.open(self.spec.temp_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            try:
+                os.fchown(fd, pw.pw_uid, pw.pw_gid)
+                os.fchmod(fd, 0o700)
+            finally:
+                os.close(fd)
             base, kwargs = user_env(self.spec.user, home), as_user(self.spec.user, home)
+        else:
+            self.spec.temp_dir.mkdir(parents=True, exist_ok=True)
         env = ray_env(self.spec.token_file, extra, base)
         log = open(self.log_path, "ab")
         self._log_offset = log.tell()

@@ -127,7 +127,8 @@ def up(
         typer.Option(
             "--edge/--no-edge",
             help="start an edge cluster beside the core head for untrusted donors: its own Ray head, run as "
-            "the system user rma-edge with its own token and ports (root); --no-edge: one cluster",
+            "its own system user (rma-edge; rma-edge-NAME for another --edge-name) with its own token "
+            "and ports (root); --no-edge: one cluster",
         ),
     ] = True,
     edge_name: Annotated[

@@ -176,11 +176,17 @@ def test_the_edge_head_runs_as_its_own_user_and_reads_nothing_of_the_core(pool: 
     names = {p.name() for p in procs}
     assert {"gcs_server", "raylet"} <= names, names
     assert {p.username() for p in procs} == {"rma-edge"}
-    # its data dir 0700 and token 0600, the edge user's; the core's 0700 and 0600, root's
+    # its data dir root's 0755 (the edge user cannot put a link where root reads the token), the token
+    # root:edge 0640, its home the edge user's 0700; the core's 0700 and 0600, root's
     d, tok = Path(info.data_dir), Path(info.data_dir) / "cluster_token"
-    for path, mode in ((d, 0o700), (tok, 0o600)):
-        st = path.stat()
-        assert (stat.S_IMODE(st.st_mode), st.st_uid) == (mode, edge._user().pw_uid), path
+    pw = edge._user()
+    for path, mode, owner in ((d, 0o755, (0, 0)), (tok, 0o640, (0, pw.pw_gid)), (d / "home", 0o700, None)):
+        st = path.lstat()
+        want = owner or (pw.pw_uid, pw.pw_gid)
+        assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (mode, *want), path
+    # the core head's Ray temp dir (made 0777 by Ray) lies under a 0700 parent of root's
+    core_temp = pool.head.spec.temp_dir.parent  # type: ignore[union-attr]
+    assert stat.S_IMODE(core_temp.stat().st_mode) == 0o700 and core_temp.stat().st_uid == 0
     core = pool.o.data_dir
     secrets_ = [core / "pool.json", core / "cluster_token", core / "service.json"]
     assert stat.S_IMODE(core.stat().st_mode) == 0o700 and core.stat().st_uid == 0
@@ -188,7 +194,7 @@ def test_the_edge_head_runs_as_its_own_user_and_reads_nothing_of_the_core(pool: 
     # the coordinator holds no edge token, and the edge head's env holds no core secret
     env = psutil.Process(info.head_pid).environ()
     assert not [k for k in env if k.startswith("RMA_")] and env["RAY_AUTH_TOKEN_PATH"] == str(tok)
-    assert env["HOME"] == info.data_dir
+    assert env["HOME"] == str(Path(info.data_dir) / "home")
 
     # a task submitted to the edge with its token runs as rma-edge and cannot read the core's secrets
     out = probe_result(driver(edge.ray_address, tok, *map(str, secrets_)))
@@ -222,8 +228,8 @@ def test_rotating_the_edge_token_leaves_the_core_untouched(pool: Pool) -> None:
     after = edge_info(pool)
     assert after.token_rotated_at != before.token_rotated_at and after.head_pid != before.head_pid
     assert edge.token_file.read_text() != old_token
-    assert stat.S_IMODE(edge.token_file.stat().st_mode) == 0o600
-    assert edge.token_file.stat().st_uid == edge._user().pw_uid
+    assert stat.S_IMODE(edge.token_file.stat().st_mode) == 0o640
+    assert (edge.token_file.stat().st_uid, edge.token_file.stat().st_gid) == (0, edge._user().pw_gid)
     # the core: the same head, coordinator and Serve (controller and proxy actors)
     assert (pool.head.pid, pool.coordinator.pid) == (core_head, coordinator)  # type: ignore[union-attr]
     assert serve_actors(pool.dashboard_url, pool.token_file) == core_serve
@@ -308,9 +314,16 @@ def test_rma_down_stops_both_heads(pool: Pool) -> None:
         except psutil.NoSuchProcess:
             pass
     assert any(p.username() == "rma-edge" for p in procs)
+    # a process of the edge's user that left the node's tree (as a task that double-forks with setsid would):
+    # `rma down` ends it too (every process of the edge's own user)
+    pw = edge._user()
+    stray = subprocess.Popen(
+        ["sleep", "600"], user=pw.pw_uid, group=pw.pw_gid, extra_groups=[], start_new_session=True
+    )
     pool.stop_event.set()
     pool.supervisor.join(120)  # type: ignore[attr-defined]
     pool.down()
+    stray.wait(30)  # a `sleep 600`: gone only because `rma down` killed it (TimeoutExpired otherwise)
     left = [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not left, [(p.pid, p.name()) for p in left]
     info = poolinfo.read(pool.o.data_dir)

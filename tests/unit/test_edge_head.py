@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
+import shutil
 import signal
+import stat
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,10 +18,12 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from rma_ray import cli, poolinfo
+from rma_ray import cli, poolinfo, raynode
 from rma_ray.edges import EdgeEndpoint, EdgeSpec
-from rma_ray.head import EdgeHead, Pool, UpError, UpOptions, own_dir, signal_rotate
-from rma_ray.raynode import NodeSpec, ray_env, user_env
+from rma_ray.head import EdgeHead, Pool, UpError, UpOptions, edge_app_env, own_dir, root_dir, signal_rotate
+from rma_ray.raynode import NodeSpec, kill_user_processes, private_temp_dir, ray_env, user_env
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="chowns to root and another user")
 
 
 def make_pool(tmp_path: Path, *edges: EdgeSpec, apps: tuple[str, ...] = ()) -> tuple[Pool, list[str]]:
@@ -44,12 +50,21 @@ def test_an_edge_child_inherits_no_core_secret(monkeypatch: pytest.MonkeyPatch, 
         "RAY_AUTH_TOKEN_PATH": "/var/lib/rma/cluster_token",
         "RAY_ADDRESS": "10.0.0.1:6380",
         "PATH": "/usr/bin",
+        # the operator's other secrets: an allowlist keeps out what no denylist named
+        "HF_TOKEN": "hf_x",
+        "AWS_SECRET_ACCESS_KEY": "aws_x",
+        "PGPASSWORD": "pg_x",
+        "SOME_VENDOR_CREDENTIAL": "x",
+        "LC_ALL": "C.UTF-8",
+        "HF_HUB_OFFLINE": "1",
     }.items():
         monkeypatch.setenv(k, v)
     edge_token = tmp_path / "edge" / "cluster_token"
     env = ray_env(edge_token, base=user_env("rma-edge", tmp_path / "edge"))
     assert not [k for k in env if k.startswith("RMA_")]
     assert "RAY_AUTH_TOKEN" not in env and "RAY_ADDRESS" not in env
+    assert not {"HF_TOKEN", "AWS_SECRET_ACCESS_KEY", "PGPASSWORD", "SOME_VENDOR_CREDENTIAL"} & set(env)
+    assert (env["LC_ALL"], env["HF_HUB_OFFLINE"]) == ("C.UTF-8", "1")
     assert env["RAY_AUTH_TOKEN_PATH"] == str(edge_token) and env["RAY_AUTH_MODE"] == "token"
     assert (env["HOME"], env["USER"], env["PATH"]) == (str(tmp_path / "edge"), "rma-edge", "/usr/bin")
     # the core's own children keep today's env
@@ -61,6 +76,7 @@ def test_the_edge_head_is_a_control_plane_of_its_own(tmp_path: Path) -> None:
     edge = pool.edges["edge"]
     assert edge.ray_address == "127.0.0.1:6480" and edge.serve_url == "http://127.0.0.1:8010"
     assert edge.dir == EdgeSpec().data_dir(tmp_path / "data") and edge.token_file.parent == edge.dir
+    assert edge.home == edge.dir / "home" and edge.token_file.name == "cluster_token"  # tests/e2e/edge_bed.py
     # 107-byte socket paths: HAProxy's below a node id (56) and a socket name
     assert len(str(edge.haproxy_dir)) + 1 + 56 + len("/metrics.sock") < 107
     spec = NodeSpec(
@@ -122,7 +138,155 @@ def test_own_dir_refuses_a_link_someone_left(tmp_path: Path) -> None:
     with pytest.raises(UpError, match="not the edge's directory"):
         own_dir(tmp_path / "edge", me)
     own_dir(tmp_path / "fresh", me)
+    own_dir(tmp_path / "fresh", me)  # there already (another `rma up` made it first): no FileExistsError
     assert oct((tmp_path / "fresh").stat().st_mode & 0o777) == "0o700"
+
+
+def test_each_edge_has_a_user_of_its_own() -> None:
+    assert EdgeSpec().user == "rma-edge" and EdgeSpec(name="eu").user == "rma-edge-eu"
+    assert EdgeSpec(name="e" * 16).user == "rma-edge-" + "e" * 16 and len(EdgeSpec(name="e" * 16).user) <= 32
+    assert EdgeSpec(name="eu", user="someone").user == "someone"
+
+
+@needs_root
+def test_the_edge_dir_is_roots_and_no_link_there_reaches_root(tmp_path: Path) -> None:
+    """The token is root's to write, in root's dir; the edge user's link in its place is neither followed by
+    root's writes nor read by the coordinator (EdgeEndpoint.token)."""
+    pool, _ = make_pool(tmp_path, EdgeSpec(user="nobody"))
+    edge = pool.edges["edge"]
+    pw = pwd.getpwnam("nobody")
+    secret = tmp_path / "pool.json"
+    secret.write_text("rma_admin_secret")
+    try:
+        root_dir(edge.dir)
+        own_dir(edge.home, pw)
+        edge._write_token(keep=True)
+        for path, mode, owner in ((edge.dir, 0o755, (0, 0)), (edge.token_file, 0o640, (0, pw.pw_gid))):
+            st = path.lstat()
+            assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (mode, *owner), path
+        home = edge.home.lstat()
+        assert (stat.S_IMODE(home.st_mode), home.st_uid) == (0o700, pw.pw_uid)
+        token = edge.endpoint().token()
+        assert token and len(token) == 64
+        edge._write_token(keep=True)  # kept across restarts
+        assert edge.endpoint().token() == token
+        # a link where the token was (as the edge's user could make in a dir of its own)
+        edge.token_file.unlink()
+        edge.token_file.symlink_to(secret)
+        assert edge.endpoint().token() is None
+        with pytest.raises(UpError, match="not a regular file"):
+            edge._write_token(keep=True)
+        edge._write_token(keep=False)  # a rotation replaces the link; it never writes through it
+        assert secret.read_text() == "rma_admin_secret" and secret.stat().st_uid == 0
+        assert not edge.token_file.is_symlink() and edge.endpoint().token() not in (None, token)
+        # an edge dir that is the edge user's (as an older `rma up` made it), or a link: refused
+        os.chown(edge.dir, pw.pw_uid, pw.pw_gid)
+        with pytest.raises(UpError, match="not the edge's directory"):
+            root_dir(edge.dir)
+    finally:
+        shutil.rmtree(edge.dir, ignore_errors=True)
+    edge.dir.symlink_to(tmp_path)
+    try:
+        with pytest.raises(UpError, match="not the edge's directory"):
+            root_dir(edge.dir)
+    finally:
+        edge.dir.unlink()
+
+
+def test_the_core_heads_temp_dir_is_under_a_private_parent() -> None:
+    temp = private_temp_dir()
+    try:
+        assert temp.parent.parent == Path("/tmp") and len(str(temp)) <= len("/tmp/rma-head-12345678")
+        st = temp.parent.stat()
+        assert (stat.S_IMODE(st.st_mode), st.st_uid) == (0o700, os.getuid()) and not temp.exists()
+    finally:
+        shutil.rmtree(temp.parent)
+
+
+@needs_root
+def test_stopping_an_edge_kills_what_escaped_its_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process of the edge's user outside the node's tree (setsid, reparented to init) is killed too. Only
+    our own stray is shown to it here: other processes of that user on this machine are not ours."""
+    with pytest.raises(ValueError):
+        kill_user_processes(0)
+    pw = pwd.getpwnam("nobody")
+    stray = subprocess.Popen(
+        ["sleep", "600"], user=pw.pw_uid, group=pw.pw_gid, extra_groups=[], start_new_session=True
+    )
+    try:
+        real_iter = raynode.psutil.process_iter
+        monkeypatch.setattr(
+            raynode.psutil,
+            "process_iter",
+            lambda attrs=None: [p for p in real_iter(attrs) if p.pid == stray.pid],
+        )
+        assert kill_user_processes(pw.pw_uid) == [stray.pid]
+        stray.wait(10)  # gone (a `sleep 600`; psutil may have reaped it already: no exit code to assert)
+        assert not raynode.psutil.pid_exists(stray.pid)
+        assert kill_user_processes(pw.pw_uid) == []  # the zombie, then nothing, is not waited on
+    finally:
+        stray.kill()
+        stray.wait()
+
+
+def test_the_edges_apps_get_the_operators_model_settings_but_no_path_or_secret() -> None:
+    environ = {
+        "RMA_LLM_MODEL": "Qwen/Qwen2.5-0.5B-Instruct",
+        "RMA_LLM_MAX_MODEL_LEN": "4096",
+        "RMA_EMBEDDINGS_MODEL": "BAAI/bge-small-en-v1.5",
+        "RMA_LLM_MODEL_DIR": "/var/lib/rma/models",
+        "RMA_LLM_CACHE_PATH": "/root/.cache",
+        "RMA_EMBEDDINGS_CONFIG_FILE": "/etc/rma/e.json",
+        "RMA_LLM_API_KEY": "sk-x",
+        "RMA_LLM_HF_TOKEN": "hf_x",
+        "RMA_EMBEDDINGS_SECRET": "x",
+        "RMA_LLM_DB_PASSWORD": "x",
+        "RMA_ADMIN_KEY": "rma_admin_x",
+        "RMA_DATA_DIR": "/var/lib/rma",
+        "HF_TOKEN": "hf_x",
+    }
+    assert edge_app_env(environ) == {
+        "RMA_LLM_MODEL": "Qwen/Qwen2.5-0.5B-Instruct",
+        "RMA_LLM_MAX_MODEL_LEN": "4096",
+        "RMA_EMBEDDINGS_MODEL": "BAAI/bge-small-en-v1.5",
+    }
+
+
+def test_an_edge_rotation_whose_restart_fails_is_no_success(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import httpx
+
+    import rma_ray.head
+
+    pool, said = make_pool(tmp_path, EdgeSpec())
+    edge = pool.edges["edge"]
+    monkeypatch.setattr(edge, "stop", lambda: None)
+    monkeypatch.setattr(edge, "new_token", lambda: None)
+
+    def failed_start(e: EdgeHead, deploy: bool = True) -> bool:
+        e.error = "the edge head 'edge' did not start: port in use"
+        return False
+
+    class NoCoordinator:
+        def __init__(self, *_: Any) -> None:
+            raise httpx.ConnectError("no coordinator here")
+
+    monkeypatch.setattr(pool, "start_edge", failed_start)
+    monkeypatch.setattr(rma_ray.head, "AdmissionClient", NoCoordinator)
+    with pytest.raises(UpError, match="did not start again with its new token: .*port in use"):
+        pool.rotate_edge("edge")
+    assert edge.token_rotated_at is None
+    # the supervisor says so and goes on (the core serves; watch_edges tries the edge again)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "rotate-request").write_text(json.dumps({"edge": "edge"}))
+    monkeypatch.setattr(pool, "watch_edges", lambda: None)
+    pool.rotate_event.set()
+    import threading
+
+    threading.Timer(0.05, pool.stop_event.set).start()
+    assert pool.supervise() is True
+    assert any("rotation failed" in line for line in said)
 
 
 def stand_in_child(edge: EdgeHead, script: str) -> None:
