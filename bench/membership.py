@@ -89,6 +89,7 @@ def launch_pool(bed: TestBed, root: Path) -> PoolUnderTest:
         "none",
         "--apps",
         "none",
+        "--no-edge",  # the core's membership figures: its donors join the core
     ]
     proc = subprocess.Popen(argv, env=env, stdout=open(root / "up.log", "wb"), stderr=subprocess.STDOUT)
     return PoolUnderTest(bed, {}, root, proc, free_hosts=list(bed.hosts))

@@ -123,14 +123,16 @@ def up(
         typer.Option(help="STORE=PORT instead of the store's default port (repeatable), e.g. postgres=5441"),
     ] = None,
     edge: Annotated[
-        bool,
+        bool | None,
         typer.Option(
             "--edge/--no-edge",
             help="start an edge cluster beside the core head for untrusted donors: its own Ray head, run as "
             "its own system user (rma-edge; rma-edge-NAME for another --edge-name) with its own token "
-            "and ports (root); --no-edge: one cluster",
+            "and ports (root); --no-edge: one cluster. Default: on, but off with --overlay (edges do not "
+            "use the overlay yet: their donors must accept connections from the head)",
+            show_default=False,
         ),
-    ] = True,
+    ] = None,
     edge_name: Annotated[
         list[str] | None,
         typer.Option(
@@ -167,8 +169,15 @@ def up(
         store_runtime=store_runtime,
         store_ports=_store_ports(store_port or []),
         apps=_app_list(apps),
-        edges=_edges(edge_name or [DEFAULT_EDGE]) if edge else (),
+        # edges do not use the overlay yet (no subnet or firewall of their own): an overlay pool, whose donors
+        # may sit behind NAT, gets one only when asked, and is told what that means
+        edges=_edges(edge_name or [DEFAULT_EDGE]) if (edge if edge is not None else not overlay) else (),
     )
+    if overlay and opts.edges:
+        say(
+            "[yellow]note:[/] the edge cluster does not use the overlay yet: edge donors join it on the head's "
+            "address and must accept connections from it (no NAT)"
+        )
     if overlay:
         try:
             check_overlay_subnet(overlay_subnet)

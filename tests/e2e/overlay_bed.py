@@ -252,6 +252,7 @@ def start_pool(bed: TestBed, root: Path, use_overlay: bool = True) -> Iterator[O
         "none",
         "--apps",
         "none",
+        "--no-edge",  # the single-cluster pool: untrusted donors join the core (edges do not use the overlay yet)
     ]
     if use_overlay:
         argv += ["--overlay", "--overlay-interface", hub_if]

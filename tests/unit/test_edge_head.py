@@ -430,7 +430,13 @@ def test_the_cli_starts_one_edge_by_default_and_none_with_no_edge(monkeypatch: p
     monkeypatch.setattr(rma_ray.logs, "configure", lambda *_: None)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
-        for args in ([], ["--no-edge"], ["--edge-name", "edge", "--edge-name", "eu"]):
+        for args in (
+            [],
+            ["--no-edge"],
+            ["--edge-name", "edge", "--edge-name", "eu"],
+            ["--overlay"],  # no edge by default: edges do not use the overlay yet
+            ["--overlay", "--edge"],
+        ):
             r = CliRunner().invoke(cli.app, ["up", "--node-ip-address", "127.0.0.1", *args])
             assert r.exit_code != 0 and "stood in" in r.output + str(r.exception), r.output
         r = CliRunner().invoke(cli.app, ["up", "--edge-name", "eu", "--edge-name", "eu"])
@@ -439,6 +445,7 @@ def test_the_cli_starts_one_edge_by_default_and_none_with_no_edge(monkeypatch: p
         for s, h in handlers.items():
             signal.signal(s, h)
     assert seen[:2] == [(EdgeSpec(),), ()]
+    assert seen[3:5] == [(), (EdgeSpec(),)]
     # a second edge: its own ports and overlay subnet, apart from the first's
     first, second = seen[2]
     assert (first, second.name) == (EdgeSpec(), "eu")
