@@ -99,27 +99,21 @@ class EdgePorts:
         )
 
     def argv(self) -> list[str]:
-        """`ray start --head` arguments for these ports (GCS and dashboard ports go through NodeSpec)."""
-        return [
-            "--node-manager-port",
-            str(self.node_manager),
-            "--object-manager-port",
-            str(self.object_manager),
-            "--metrics-export-port",
-            str(self.metrics_export),
-            "--dashboard-agent-grpc-port",
-            str(self.dashboard_agent_grpc),
-            "--dashboard-agent-listen-port",
-            str(self.dashboard_agent_listen),
-            "--runtime-env-agent-port",
-            str(self.runtime_env_agent),
-            "--min-worker-port",
-            str(self.min_worker),
-            "--max-worker-port",
-            str(self.max_worker),
-            "--ray-client-server-port",
-            str(self.ray_client),
-        ]
+        """`ray start --head` arguments for these ports (GCS and dashboard ports go through NodeSpec): the same
+        pinning as the core head's under the overlay (`rma_ray.overlay.RayPorts`), on the edge's numbers."""
+        from rma_ray.overlay import RayPorts
+
+        return RayPorts(
+            node_manager=self.node_manager,
+            object_manager=self.object_manager,
+            metrics_export=self.metrics_export,
+            dashboard_agent_grpc=self.dashboard_agent_grpc,
+            runtime_env_agent=self.runtime_env_agent,
+            dashboard_agent_listen=self.dashboard_agent_listen,
+            min_worker=self.min_worker,
+            max_worker=self.max_worker,
+            ray_client=self.ray_client,
+        ).argv(head=True)
 
 
 @dataclass(frozen=True)
