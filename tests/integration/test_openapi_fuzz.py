@@ -230,7 +230,10 @@ def services(fuzz: Fuzz) -> Iterator[ServicesFuzz]:
         got.json()
     )  # read once: an unknown key's look-up again must not cross threads into the coordinator
 
-    verifier = ClientKeyVerifier(lambda: keyring, refresh_s=3600)
+    # unknown_refresh_s=0: a made-up key is refused after one look-up, not after the second look-up a fresh key
+    # may wait up to 1 s for (deployments/gateway/auth.py); with it, every wrong-key case cost ~1 s and the
+    # whole run passed pytest's 600 s limit in CI
+    verifier = ClientKeyVerifier(lambda: keyring, refresh_s=3600, unknown_refresh_s=0.0)
     verifier.refresh()
     set_verifier(verifier)
     app = create_api(Backends(None, None, None, None, None, None))
