@@ -270,6 +270,9 @@ class EdgeHead:
         self.retry_at = 0.0
         self.deploying: threading.Thread | None = None  # the apps' deployment, beside the supervision
         self.deploy_proc: subprocess.Popen[str] | None = None
+        self.restarting: threading.Thread | None = None  # the supervisor's restart of a dead head (30-60 s)
+        self._lock = threading.Lock()  # `close()` against a restart that is about to start a node
+        self.closed = False  # the pool is going down: no node may start any more
 
     @property
     def ray_address(self) -> str:
@@ -420,10 +423,17 @@ class EdgeHead:
         )
         if old_temp is not None:
             shutil.rmtree(old_temp, ignore_errors=True)
-        self.node = RayNode(spec, self.log_path)
         self.say(f"starting the edge head {self.name!r} on {self.ray_address} as {self.spec.user} …")
+        with self._lock:  # a node started after close() would outlive `rma down`
+            if self.closed:
+                raise UpError(f"the edge {self.name!r} was not started: the pool is stopping")
+            self.node = RayNode(spec, self.log_path)
+            try:
+                self.node.start()
+            except NodeStartError as exc:
+                self.node.kill()
+                raise UpError(f"the edge head {self.name!r} did not start: {exc}") from None
         try:
-            self.node.start()
             self.node.wait_started(120)
         except NodeStartError as exc:
             self.node.kill()
@@ -533,6 +543,18 @@ class EdgeHead:
             return False
         self.node.track()
         return self.node.running()
+
+    def close(self) -> None:
+        """Stop for good (`rma down`): a restart in flight is cut short (its node and the edge user's
+        processes, `serve_admin` included, are killed, so it fails at once) and no node starts after this."""
+        with self._lock:
+            self.closed = True
+        if self.restarting is not None and self.restarting.is_alive():
+            if self.node is not None:
+                self.node.kill()
+            self.kill_user_processes()
+            self.restarting.join(30)
+        self.stop()
 
     def stop(self) -> None:
         if self.deploy_proc is not None and self.deploy_proc.poll() is None:
@@ -890,6 +912,8 @@ class Pool:
         if edge is None:
             self.say(f"[yellow]rotation: no edge {name!r} in this pool[/]")
             return
+        if edge.restarting is not None:  # the supervisor's restart of a dead head ends first
+            edge.restarting.join()
         self.say(f"rotating the edge {name!r}'s cluster token: restarting its head …")
         edge.stop()
         edge.new_token()
@@ -922,16 +946,23 @@ class Pool:
         return str(edge) if edge else None
 
     def watch_edges(self) -> None:
-        """Restart an edge head that died (same token), its Serve and its apps; the core goes on."""
+        """Restart an edge head that died (same token), its Serve and its apps, in a thread: the restart
+        takes 30-60 s, and meanwhile the supervision of the core (its head, the coordinator) and `rma down`
+        must not wait for it."""
         for edge in self.edges.values():
-            if edge.running() or time.monotonic() < edge.retry_at:
+            if edge.restarting is not None and edge.restarting.is_alive():
+                continue
+            if edge.closed or edge.running() or time.monotonic() < edge.retry_at:
                 continue
             if edge.node is not None and edge.error is None:
                 self.say(
                     f"[yellow]the edge head {edge.name!r} stopped; restarting it[/] (see {edge.log_path})"
                 )
                 edge.node.kill()  # whatever of its tree is left
-            self.start_edge(edge)
+            edge.restarting = threading.Thread(
+                target=self.start_edge, args=(edge,), name=f"rma-edge-{edge.name}-restart", daemon=True
+            )
+            edge.restarting.start()
 
     @property
     def dashboard_url(self) -> str:
@@ -1191,7 +1222,7 @@ class Pool:
             serve_stop.join(SERVE_SHUTDOWN_S + 2)
             self._progress(f"Serve given {SERVE_SHUTDOWN_S:.0f} s to finish ({time.monotonic() - t0:.1f} s)")
         for edge in self.edges.values():
-            edge.stop()
+            edge.close()
             self._progress(f"edge head {edge.name!r} stopped ({time.monotonic() - t0:.1f} s)")
         if self.coordinator is not None and self.coordinator.poll() is None:
             self.coordinator.terminate()

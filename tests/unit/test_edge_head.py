@@ -345,12 +345,56 @@ def test_the_supervisor_restarts_a_dead_edge_and_the_core_goes_on(
 
     monkeypatch.setattr(pool, "start_edge", start_edge)
     pool.watch_edges()
+    assert edge.restarting is not None
+    edge.restarting.join(5)
     assert starts == [True] and dead.killed
     assert any("the edge head 'edge' stopped; restarting it" in line for line in said)
     # a start that failed is tried again only after EDGE_RETRY_S
     edge.retry_at = float("inf")
     pool.watch_edges()
+    edge.restarting.join(5)
     assert starts == [True]
+
+
+def test_an_edge_restart_runs_beside_the_supervision_and_close_cuts_it_short(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    pool, _ = make_pool(tmp_path, EdgeSpec())
+    edge = pool.edges["edge"]
+    dead = StandInNode(alive=False)
+    edge.node = dead  # type: ignore[assignment]
+    release, entered = threading.Event(), threading.Event()
+    starts: list[bool] = []
+
+    def slow_start(e: EdgeHead, deploy: bool = True) -> bool:  # a head start takes 30-60 s for real
+        starts.append(deploy)
+        entered.set()
+        release.wait(10)
+        return True
+
+    monkeypatch.setattr(pool, "start_edge", slow_start)
+    pool.watch_edges()  # returns while the restart is in flight
+    assert entered.wait(5) and edge.restarting is not None and edge.restarting.is_alive()
+    pool.watch_edges()  # the next round leaves the restart in flight alone
+    assert starts == [True]
+    stopped: list[str] = []
+    monkeypatch.setattr(edge, "stop", lambda: stopped.append("stop"))
+    monkeypatch.setattr(edge, "kill_user_processes", lambda: release.set())  # what ends serve_admin for real
+    edge.close()
+    assert edge.closed and stopped == ["stop"] and not edge.restarting.is_alive()
+    pool.watch_edges()  # a closed edge is never restarted
+    assert starts == [True]
+
+
+def test_a_closed_edge_starts_no_node(tmp_path: Path) -> None:
+    pool, _ = make_pool(tmp_path, EdgeSpec())
+    edge = pool.edges["edge"]
+    edge.closed = True
+    with pytest.raises(UpError, match="the pool is stopping"):
+        edge.start()
+    assert edge.node is None
 
 
 def test_a_rotation_request_for_an_edge_rotates_only_that_edge(
