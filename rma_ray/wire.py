@@ -17,8 +17,25 @@ from rma_ray.edges import CORE
 from rma_ray.tiers import Tier
 
 Action = Literal["none", "drain", "leave"]
-WorkerStatus = Literal["joining", "healthy", "warning", "offline", "quarantined", "revoked", "left"]
-HeartbeatStatus = Literal["healthy", "starting", "draining", "degraded", "stopping"]
+# a donor that stepped aside on purpose: by `rma pause`, outside its `--schedule`, or for its owner's own use
+# (`--yield-when-busy`); it keeps heartbeating, and the registry never counts it offline
+PAUSED_STATES = ("paused", "off_schedule", "yielding")
+PausedState = Literal["paused", "off_schedule", "yielding"]
+WorkerStatus = Literal[
+    "joining",
+    "healthy",
+    "warning",
+    "offline",
+    "quarantined",
+    "revoked",
+    "left",
+    "paused",
+    "off_schedule",
+    "yielding",
+]
+HeartbeatStatus = Literal[
+    "healthy", "starting", "draining", "degraded", "stopping", "paused", "off_schedule", "yielding"
+]
 
 
 class Strict(BaseModel):
@@ -97,6 +114,9 @@ class HeartbeatRequest(BaseModel):
     current_load: float = Field(default=0.0, ge=0, le=100_000)
     available_memory_mb: int | None = Field(default=None, ge=0, le=64 * 1024 * 1024)
     ray_node_id: str | None = Field(default=None, max_length=64, pattern=r"^[0-9a-fA-F]*$")
+    resume_at: datetime | None = Field(
+        default=None, description="off_schedule: when the donor's next window starts (it comes back then)"
+    )
 
     @field_validator("available_memory_mb", mode="before")
     @classmethod
@@ -129,6 +149,7 @@ class WorkerOut(BaseModel):
     revoked_at: datetime | None
     overlay_ip: str | None = None
     cluster: str = CORE
+    resume_at: datetime | None = Field(default=None, description="off_schedule: its next window's start")
 
 
 STORE_NAME = r"^[a-z][a-z0-9-]{0,31}$"
