@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -212,3 +212,14 @@ def test_caps_without_a_running_agent_are_kept_for_the_next_join(tmp_path: Path)
     assert saved is not None and saved.extra["caps"] == {"cpus": 2.0}
     result = runner.invoke(cli.app, ["pause", "--data-dir", str(tmp_path)])
     assert "is not running" in str(result.exception)
+
+
+def test_a_paused_donor_whose_beats_stop_is_offline() -> None:
+    from admission.models import Worker
+    from admission.services.workers import derive_status
+
+    now = datetime(2026, 12, 7, 12, 0)
+    w = Worker(created_at=now, heartbeat_status="paused", ray_alive=False, ray_seen_at=now)
+    assert derive_status(w, now, 5, now) == "paused"  # Ray saw the node go: meant, not offline
+    assert derive_status(w, now, 5, now, beat_status="healthy") == "offline"
+    assert derive_status(w, now - timedelta(seconds=13), 5, now) == "offline"  # its agent is gone too
