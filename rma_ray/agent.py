@@ -32,9 +32,8 @@ from rma_ray.raynode import NodeSpec, NodeStartError, RayNode, drain_node, short
 from rma_ray.schedule import Schedule
 
 MB = 1024 * 1024
-CONTROL_FILE = (
-    "control.json"  # `rma pause`, `rma resume` or `rma caps` -> the running agent (then SIGUSR1 wakes it)
-)
+# `rma pause`, `rma resume` or `rma caps` -> the running agent (then SIGUSR1 wakes it)
+CONTROL_FILE = "control.json"
 
 
 class AgentError(Exception):
@@ -61,8 +60,9 @@ class JoinOptions:
 def caps_problem(
     caps: Capabilities, tier: str | None, cpus: float | None, memory_bytes: int | None, gpus: int | None
 ) -> str | None:
-    """Why these limits cannot apply on this machine (more than it has, or less than its tier needs), as one
-    line; None when they can."""
+    """Why these limits cannot apply on this machine, as one line; None when they can. Only more than the
+    machine has is refused (the tier comes from the probe of the whole machine, as at `rma join`), and a gpu
+    tier donor's last GPU (Ray reporting none there would quarantine it)."""
     if cpus is not None and cpus > caps.cpu_cores:
         return f"--cpus {cpus:g}: this machine has {caps.cpu_cores} cores"
     if memory_bytes is not None:
@@ -74,12 +74,6 @@ def caps_problem(
         return f"--gpus {gpus}: this machine has {len(caps.gpus)} GPU(s)"
     if tier == str(tiers.Tier.GPU) and gpus == 0:
         return "--gpus 0: this donor is in the gpu tier; leave the pool to stop lending its GPU"
-    if tier == str(tiers.Tier.SERVICE):
-        if cpus is not None and cpus < tiers.MIN_SERVICE_CORES:
-            return f"--cpus {cpus:g}: the service tier needs at least {tiers.MIN_SERVICE_CORES}"
-        if memory_bytes is not None and memory_bytes < tiers.MIN_SERVICE_RAM_MB * MB:
-            need = tiers.MIN_SERVICE_RAM_MB
-            return f"--memory {memory_bytes // MB} MiB: the service tier needs at least {need} MiB"
     return None
 
 
