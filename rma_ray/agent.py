@@ -55,6 +55,7 @@ class JoinOptions:
     start_timeout_s: float = 120.0
     schedule: Schedule | None = None  # lend the machine only inside these windows
     yield_when_busy: BusyPolicy | None = None  # step aside while the owner uses the machine
+    paused: bool = False  # a rejoin after `rma pause`: the pause holds until `rma resume`
 
 
 def caps_problem(
@@ -125,6 +126,7 @@ class Agent:
                 opts.memory_bytes if opts.memory_bytes is not None else saved.get("memory_bytes")
             )
             opts.gpus = opts.gpus if opts.gpus is not None else saved.get("gpus")
+            opts.paused = bool((existing.extra or {}).get("manual_pause"))
             cls.clean_up_after(existing, opts.data_dir, say)
             reg = cls.rejoin_registry(opts, existing, key_file, say)
             if reg is not None:
@@ -261,6 +263,7 @@ class Agent:
                 "schedule": opts.schedule.text if opts.schedule else None,
                 "yield_when_busy": opts.yield_when_busy is not None,
                 "state": "active",
+                "manual_pause": opts.paused,
             },
         )
         membership.save(opts.data_dir, m)
@@ -285,6 +288,14 @@ class Agent:
         if opts.yield_when_busy is not None:
             agent.busy = BusyWatch(opts.yield_when_busy)
             agent.owner_load = OwnerLoad(lambda: agent.node.pid if agent.node.running() else None)
+        agent.manual_pause = opts.paused
+        off_schedule = opts.schedule is not None and not opts.schedule.in_window(agent.now())
+        if not first and (opts.paused or off_schedule):  # a first join still proves its node can start
+            say(
+                "not starting the Ray node now: "
+                + ("paused (`rma resume` lends the machine again)" if opts.paused else "outside the schedule")
+            )
+            return agent
         try:
             try:
                 agent.start_node(opts.start_timeout_s)
@@ -535,7 +546,7 @@ class Agent:
         if request is not None:
             op = request.get("op")
             if op in ("pause", "resume"):
-                self.manual_pause = op == "pause"
+                self.manual_pause = self.m.extra["manual_pause"] = op == "pause"
             elif op == "caps":
                 error = self.set_caps(request.get("cpus"), request.get("memory_bytes"), request.get("gpus"))
             else:

@@ -101,6 +101,7 @@ def test_pause_and_resume_through_the_control_file(tmp_path: Path) -> None:
     saved = membership.load(tmp_path)
     assert saved is not None and saved.extra["state"] == "paused"
     assert saved.extra["control"] == {"id": "r1", "error": None} and saved.ray_pid is None
+    assert saved.extra["manual_pause"]  # kept for a restart
     assert not (tmp_path / CONTROL_FILE).exists()
     agent.step_aside()  # nothing asked: stays paused
     assert node.stops == 1 and node.starts == 0
@@ -109,6 +110,7 @@ def test_pause_and_resume_through_the_control_file(tmp_path: Path) -> None:
     assert agent.paused is None and node.running() and node.starts == 1
     saved = membership.load(tmp_path)
     assert saved is not None and saved.extra["state"] == "active" and saved.ray_node_id
+    assert not saved.extra["manual_pause"]
 
 
 def test_a_schedule_window_drains_and_returns(tmp_path: Path) -> None:
@@ -222,3 +224,26 @@ def test_a_paused_donor_whose_beats_stop_is_offline() -> None:
     assert derive_status(w, now, 5, now) == "paused"  # Ray saw the node go: meant, not offline
     assert derive_status(w, now, 5, now, beat_status="healthy") == "offline"
     assert derive_status(w, now - timedelta(seconds=13), 5, now) == "offline"  # its agent is gone too
+
+
+def test_a_pause_outlives_a_restart(tmp_path: Path) -> None:
+    from rma_ray.agent import JoinOptions
+
+    reg = wire.RejoinResponse(
+        worker_id="w1",
+        tier="service",
+        tier_number=2,
+        trusted=True,
+        labels={},
+        heartbeat_interval_s=5,
+        ray=wire.RayInfo(address="127.0.0.1:6380", auth_token="t"),
+    )
+    opts = JoinOptions("http://coordinator.invalid", None, tmp_path, "box", CAPS, paused=True)
+    agent = Agent.start(opts, reg, "rma_node_w1_secret", tmp_path / "key", lambda _m: None, first=False)
+    assert agent.manual_pause and not agent.node.running() and agent.node.proc is None
+    coordinator = FakeCoordinator()
+    agent.client = coordinator  # type: ignore[assignment]
+    agent.step_aside()
+    assert agent.paused == "paused" and coordinator.beats[-1].status == "paused"
+    saved = membership.load(tmp_path)
+    assert saved is not None and saved.extra["manual_pause"] and saved.extra["state"] == "paused"
