@@ -247,3 +247,19 @@ def test_a_pause_outlives_a_restart(tmp_path: Path) -> None:
     assert agent.paused == "paused" and coordinator.beats[-1].status == "paused"
     saved = membership.load(tmp_path)
     assert saved is not None and saved.extra["manual_pause"] and saved.extra["state"] == "paused"
+
+
+def test_donors_list_shows_the_next_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rma_ray.cli import admin
+    from tests.unit.test_cli_units import _FakeAdmin
+
+    row = {"id": "w1", "name": "box", "tier": "service", "trusted": False, "current_load": None}
+    rows = [
+        {**row, "status": "off_schedule", "resume_at": "2026-12-08T18:00:00Z", "last_seen_at": None},
+        {**row, "id": "w2", "status": "paused", "last_seen_at": None},
+    ]
+    monkeypatch.setattr(admin, "admin_client", lambda *_: _FakeAdmin(rows))
+    monkeypatch.setenv("COLUMNS", "200")
+    result = runner.invoke(cli.app, ["donors", "list"])
+    assert result.exit_code == 0, result.output
+    assert "off_schedule (next window 2026-12-08T18:00:00Z)" in result.stdout and "paused" in result.stdout
