@@ -17,9 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import psutil
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rma_ray import membership, overlay, tiers, wire
 from rma_ray.busy import BusyPolicy, BusyWatch, OwnerLoad
@@ -34,6 +35,18 @@ from rma_ray.schedule import Schedule
 MB = 1024 * 1024
 # `rma pause`, `rma resume` or `rma caps` -> the running agent (then SIGUSR1 wakes it)
 CONTROL_FILE = "control.json"
+
+
+class ControlRequest(BaseModel):
+    """What `rma pause`, `rma resume` and `rma caps` ask of the running agent (control.json)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(max_length=64)
+    op: Literal["pause", "resume", "caps"]
+    cpus: float | None = Field(default=None, ge=1)
+    memory_bytes: int | None = Field(default=None, ge=0)
+    gpus: int | None = Field(default=None, ge=0)
 
 
 class AgentError(Exception):
@@ -541,16 +554,12 @@ class Agent:
     def step_aside(self) -> None:
         """Apply what control.json asks, then stop or start the Ray node as the pause, the schedule and the
         owner's use want; record the state (and the answer to the request) in membership.json."""
-        request = self.read_control()
-        error = None
+        rid, request, error = self.read_control()
         if request is not None:
-            op = request.get("op")
-            if op in ("pause", "resume"):
-                self.manual_pause = self.m.extra["manual_pause"] = op == "pause"
-            elif op == "caps":
-                error = self.set_caps(request.get("cpus"), request.get("memory_bytes"), request.get("gpus"))
+            if request.op in ("pause", "resume"):
+                self.manual_pause = self.m.extra["manual_pause"] = request.op == "pause"
             else:
-                error = f"unknown request {op!r}"
+                error = self.set_caps(request.cpus, request.memory_bytes, request.gpus)
         want = self.wanted_state()
         if want and not self.paused:
             self.pause(want)
@@ -559,23 +568,36 @@ class Agent:
             self.say(f"still stepped aside, now {want.replace('_', ' ')}")
         elif not want and self.paused:
             self.resume()
-        if request is not None or self.m.extra.get("state") != (self.paused or "active"):
+        if rid is not None or self.m.extra.get("state") != (self.paused or "active"):
             self.m.extra["state"] = self.paused or "active"
-            if request is not None:
-                self.m.extra["control"] = {"id": request.get("id"), "error": error}
+            if rid is not None:
+                self.m.extra["control"] = {"id": rid, "error": error}
             membership.save(self.data_dir, self.m)
 
-    def read_control(self) -> dict[str, Any] | None:
+    def read_control(self) -> tuple[str | None, ControlRequest | None, str | None]:
+        """The pending request's id, the request, and why it cannot be done when it is malformed (the asker
+        reads that answer under its id); (None, None, None) when nothing was asked."""
         file = self.data_dir / CONTROL_FILE
         try:
-            request = json.loads(file.read_text())
+            text = file.read_text()
         except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as exc:
+            return None, None, None
+        except OSError as exc:
             self.say(f"[yellow]ignoring an unreadable {file}:[/] {exc}")
-            request = None
-        file.unlink(missing_ok=True)
-        return request if isinstance(request, dict) else None
+            return None, None, None
+        finally:
+            file.unlink(missing_ok=True)
+        try:
+            request = ControlRequest.model_validate_json(text)
+        except ValidationError as exc:
+            try:
+                raw = json.loads(text)
+            except ValueError:
+                raw = None
+            first = exc.errors()[0]
+            rid = str(raw.get("id") or "")[:64] if isinstance(raw, dict) else ""
+            return rid, None, f"bad request: {'.'.join(map(str, first['loc'])) or 'body'}: {first['msg']}"
+        return request.id, request, None
 
     def pause(self, state: str) -> None:
         """Drain and stop the Ray node the way a leave does, but keep the membership and keep heartbeating."""
@@ -703,7 +725,8 @@ def ask_agent(m: Membership, data_dir: Path, request: dict[str, Any], timeout: f
     from rma_ray.waiting import GiveUp, WaitTimeout, wait_until
 
     rid = secrets.token_hex(8)
-    membership.write_private(data_dir / CONTROL_FILE, json.dumps({**request, "id": rid}))
+    body = ControlRequest(id=rid, **request).model_dump_json()
+    membership.write_private(data_dir / CONTROL_FILE, body)
     try:
         psutil.Process(m.agent_pid).send_signal(signal.SIGUSR1)
     except psutil.Error as exc:

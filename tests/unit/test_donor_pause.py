@@ -169,6 +169,11 @@ def test_caps_restart_the_node_and_are_kept(tmp_path: Path) -> None:
     saved = membership.load(tmp_path)
     assert saved is not None and "this machine has 8 cores" in saved.extra["control"]["error"]
     assert node.stops == 1 and node.spec.num_cpus == 2
+    request(tmp_path, op="caps", cpus="lots")  # malformed: answered, not obeyed, and the agent lives on
+    agent.step_aside()
+    saved = membership.load(tmp_path)
+    assert saved is not None and saved.extra["control"]["error"].startswith("bad request: cpus:")
+    assert node.stops == 1
 
 
 @pytest.mark.parametrize(
