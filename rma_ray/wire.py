@@ -7,10 +7,10 @@ Reply models ignore fields they do not know (a newer coordinator may add some); 
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
 from rma_ray.capabilities import Capabilities, _to_mb
 from rma_ray.edges import CORE
@@ -114,14 +114,23 @@ class HeartbeatRequest(BaseModel):
     current_load: float = Field(default=0.0, ge=0, le=100_000)
     available_memory_mb: int | None = Field(default=None, ge=0, le=64 * 1024 * 1024)
     ray_node_id: str | None = Field(default=None, max_length=64, pattern=r"^[0-9a-fA-F]*$")
-    resume_at: datetime | None = Field(
-        default=None, description="off_schedule: when the donor's next window starts (it comes back then)"
+    resume_at: AwareDatetime | None = Field(
+        default=None,
+        description="off_schedule: when the donor's next window starts (it comes back then); within 8 days",
     )
 
     @field_validator("available_memory_mb", mode="before")
     @classmethod
     def _human(cls, v: Any) -> Any:
         return _to_mb(v)
+
+    @field_validator("resume_at")
+    @classmethod
+    def _soon(cls, v: datetime | None) -> datetime | None:
+        # a weekly schedule's next window is under 8 days away; anything else is a broken clock or a bad client
+        if v is not None and abs(v - datetime.now(UTC)) > timedelta(days=8):
+            raise ValueError("must be within 8 days of now (the next window of a weekly schedule)")
+        return v
 
 
 class HeartbeatResponse(BaseModel):

@@ -32,6 +32,14 @@ def test_paused_and_off_schedule_donors_are_never_offline(coordinator: Coordinat
         json={"status": "off_schedule", "resume_at": window.isoformat()},
     )
     assert r.status_code == 200
+    # a window without a zone, or years away, would poison the bulk flush of every donor's beats: refused
+    for bad in ("2026-12-08T19:00:00", "2999-01-01T00:00:00Z"):
+        r = beat(
+            "/api/worker/heartbeat",
+            headers={"Authorization": f"Bearer {b['node_token']}"},
+            json={"status": "off_schedule", "resume_at": bad},
+        )
+        assert r.status_code == 422 and "resume_at" in r.json()["error"]["message"], r.text
 
     def admin_view(worker_id: str) -> dict[str, object]:
         return coordinator.admin("GET", f"/api/admin/workers/{worker_id}").json()  # type: ignore[no-any-return]
