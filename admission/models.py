@@ -110,6 +110,8 @@ class Worker(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     last_heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     heartbeat_status: Mapped[str] = mapped_column(String(32), default="")
+    # an off-schedule donor's next window (from its heartbeat), shown in the registry
+    resume_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     current_load: Mapped[float | None] = mapped_column(Float, nullable=True)
     available_memory_mb: Mapped[int | None] = mapped_column(Integer, nullable=True)
     ray_node_id: Mapped[str | None] = mapped_column(String(64), nullable=True)

@@ -35,6 +35,7 @@ class Beat:
     current_load: float
     available_memory_mb: int | None
     ray_node_id: str | None
+    resume_at: datetime | None = None
 
 
 class HeartbeatBuffer:
@@ -69,6 +70,7 @@ class HeartbeatBuffer:
                 "current_load": b.current_load,
                 "available_memory_mb": b.available_memory_mb,
                 "ray_node_id": b.ray_node_id,
+                "resume_at": b.resume_at,
             }
             for wid, b in batch.items()
         ]

@@ -6,27 +6,47 @@ failure a donor can cause or meet is one line (AgentError)."""
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
 import shutil
 import signal
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import psutil
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from rma_ray import membership, overlay, wire
+from rma_ray import membership, overlay, tiers, wire
+from rma_ray.busy import BusyPolicy, BusyWatch, OwnerLoad
 from rma_ray.capabilities import Capabilities
 from rma_ray.client import AdmissionClient, AdmissionError
 from rma_ray.credentials import fingerprint
 from rma_ray.membership import Membership
 from rma_ray.net import local_ip_towards
 from rma_ray.raynode import NodeSpec, NodeStartError, RayNode, drain_node, short_temp_dir
+from rma_ray.schedule import Schedule
 
 MB = 1024 * 1024
+# `rma pause`, `rma resume` or `rma caps` -> the running agent (then SIGUSR1 wakes it)
+CONTROL_FILE = "control.json"
+
+
+class ControlRequest(BaseModel):
+    """What `rma pause`, `rma resume` and `rma caps` ask of the running agent (control.json)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(max_length=64)
+    op: Literal["pause", "resume", "caps"]
+    cpus: float | None = Field(default=None, ge=1)
+    memory_bytes: int | None = Field(default=None, ge=0)
+    gpus: int | None = Field(default=None, ge=0)
 
 
 class AgentError(Exception):
@@ -46,6 +66,29 @@ class JoinOptions:
     gpus: int | None = None
     drain_deadline_s: float = 30.0
     start_timeout_s: float = 120.0
+    schedule: Schedule | None = None  # lend the machine only inside these windows
+    yield_when_busy: BusyPolicy | None = None  # step aside while the owner uses the machine
+    paused: bool = False  # a rejoin after `rma pause`: the pause holds until `rma resume`
+
+
+def caps_problem(
+    caps: Capabilities, tier: str | None, cpus: float | None, memory_bytes: int | None, gpus: int | None
+) -> str | None:
+    """Why these limits cannot apply on this machine, as one line; None when they can. Only more than the
+    machine has is refused (the tier comes from the probe of the whole machine, as at `rma join`), and a gpu
+    tier donor's last GPU (Ray reporting none there would quarantine it)."""
+    if cpus is not None and cpus > caps.cpu_cores:
+        return f"--cpus {cpus:g}: this machine has {caps.cpu_cores} cores"
+    if memory_bytes is not None:
+        if memory_bytes > caps.ram_mb * MB:
+            return f"--memory {memory_bytes // MB} MiB: this machine has {caps.ram_mb} MiB"
+        if memory_bytes < 256 * MB:
+            return "--memory: Ray needs at least 256MiB"
+    if gpus is not None and gpus > len(caps.gpus):
+        return f"--gpus {gpus}: this machine has {len(caps.gpus)} GPU(s)"
+    if tier == str(tiers.Tier.GPU) and gpus == 0:
+        return "--gpus 0: this donor is in the gpu tier; leave the pool to stop lending its GPU"
+    return None
 
 
 Say = Callable[[str], None]
@@ -61,6 +104,15 @@ class Agent:
         self.unregister_on_exit = True
         self.keep_membership = False
         self.spoke: overlay.Spoke | None = None
+        # a signal (SIGUSR1 from `rma pause`, `rma resume` or `rma caps`, or a leave) ends a wait
+        self.wake = threading.Event()
+        self.paused: str | None = None  # a wire.PAUSED_STATES while the Ray node is stopped on purpose
+        self.manual_pause = False  # `rma pause` (until `rma resume`)
+        self.schedule: Schedule | None = None
+        self.busy: BusyWatch | None = None
+        self.owner_load: OwnerLoad | None = None
+        self.capabilities: Capabilities | None = None
+        self.now: Callable[[], datetime] = lambda: datetime.now(UTC)
 
     # -- joining ---------------------------------------------------------------------------------------
 
@@ -81,6 +133,13 @@ class Agent:
             )
         key_file = opts.data_dir / "overlay" / "private.key"
         if existing is not None:
+            saved = (existing.extra or {}).get("caps") or {}  # `rma caps` outlives a restart
+            opts.cpus = opts.cpus if opts.cpus is not None else saved.get("cpus")
+            opts.memory_bytes = (
+                opts.memory_bytes if opts.memory_bytes is not None else saved.get("memory_bytes")
+            )
+            opts.gpus = opts.gpus if opts.gpus is not None else saved.get("gpus")
+            opts.paused = bool((existing.extra or {}).get("manual_pause"))
             cls.clean_up_after(existing, opts.data_dir, say)
             reg = cls.rejoin_registry(opts, existing, key_file, say)
             if reg is not None:
@@ -213,6 +272,11 @@ class Agent:
             extra={
                 "cluster": fingerprint(reg.ray.auth_token),
                 "overlay": ({"interface": spoke.name, "address": spoke.address} if spoke else None),
+                "caps": {"cpus": opts.cpus, "memory_bytes": opts.memory_bytes, "gpus": opts.gpus},
+                "schedule": opts.schedule.text if opts.schedule else None,
+                "yield_when_busy": opts.yield_when_busy is not None,
+                "state": "active",
+                "manual_pause": opts.paused,
             },
         )
         membership.save(opts.data_dir, m)
@@ -233,7 +297,18 @@ class Agent:
             extra_args=spoke.ports.argv(head=False) if spoke else [],
         )
         agent = cls(opts.data_dir, m, RayNode(spec, opts.data_dir / "logs" / "ray-node.log"), say)
-        agent.spoke = spoke
+        agent.spoke, agent.schedule, agent.capabilities = spoke, opts.schedule, opts.capabilities
+        if opts.yield_when_busy is not None:
+            agent.busy = BusyWatch(opts.yield_when_busy)
+            agent.owner_load = OwnerLoad(lambda: agent.node.pid if agent.node.running() else None)
+        agent.manual_pause = opts.paused
+        off_schedule = opts.schedule is not None and not opts.schedule.in_window(agent.now())
+        if not first and (opts.paused or off_schedule):  # a first join still proves its node can start
+            say(
+                "not starting the Ray node now: "
+                + ("paused (`rma resume` lends the machine again)" if opts.paused else "outside the schedule")
+            )
+            return agent
         try:
             try:
                 agent.start_node(opts.start_timeout_s)
@@ -310,9 +385,11 @@ class Agent:
             else:
                 self.exit_reason = "left the pool (" + signal.Signals(signum).name + ")"
             self.stop_event.set()
+            self.wake.set()
 
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGUSR1, lambda _s, _f: self.wake.set())  # a request in control.json
 
     def guard_ports(self) -> None:
         """Firewall any port Ray opened outside the pinned ones (on the overlay only)."""
@@ -326,12 +403,18 @@ class Agent:
     def beat(self) -> str:
         vm = psutil.virtual_memory()
         load = os.getloadavg()[0] / (psutil.cpu_count() or 1)
-        status = "draining" if self.drained else "healthy" if self.node.running() else "degraded"
+        status = self.paused or (
+            "draining" if self.drained else "healthy" if self.node.running() else "degraded"
+        )
+        resume_at = None
+        if self.paused == "off_schedule" and self.schedule is not None:
+            resume_at = self.schedule.next_change(self.now())
         beat = wire.HeartbeatRequest(
             status=status,
             current_load=round(load, 3),
             available_memory_mb=vm.available // MB,
-            ray_node_id=self.m.ray_node_id,
+            ray_node_id=None if self.paused else self.m.ray_node_id,
+            resume_at=resume_at,
         )
         reply = self.client.heartbeat(self.m.node_token, beat)
         if reply.cluster and reply.cluster != self.m.extra.get("cluster"):
@@ -369,6 +452,21 @@ class Agent:
         restarts, unreachable_since = 0, None
         code = 0
         while not self.stop_event.is_set():
+            self.step_aside()
+            if self.paused:
+                try:  # the Ray node is stopped on purpose: heartbeat the state, so the registry shows it
+                    action = self.beat()
+                except AdmissionError as exc:
+                    if exc.code == "worker_revoked":
+                        self.say("[red]this donor was revoked by the pool admin (or has left)[/]")
+                        self.exit_reason, self.unregister_on_exit, code = "revoked", False, 1
+                        break
+                    action = "none"
+                if action == "leave":
+                    self.exit_reason = "asked to leave by the coordinator"
+                    break
+                self.pause_wait(interval)
+                continue
             self.node.track()
             self.guard_ports()
             if not self.node.running():
@@ -425,9 +523,134 @@ class Agent:
                 self.node.stop(timeout=15)
                 self.drained = False
                 continue
-            self.stop_event.wait(interval)
+            self.pause_wait(interval)
         self.leave()
         return code
+
+    # -- stepping aside: `rma pause`, --schedule, --yield-when-busy, `rma caps` ------------------------------
+
+    def pause_wait(self, interval: float) -> None:
+        """Sleep until the next heartbeat, a request (`rma pause`, `rma resume`, `rma caps`), a leave, or the
+        schedule's next change, whichever comes first."""
+        timeout = float(interval)
+        if self.schedule is not None:
+            change = self.schedule.next_change(self.now())
+            if change is not None:
+                timeout = min(timeout, max(0.5, (change - self.now()).total_seconds()))
+        self.wake.wait(timeout)
+        self.wake.clear()
+
+    def wanted_state(self) -> str | None:
+        """Why the Ray node should be stopped now (a wire.PAUSED_STATES), or None to lend the machine."""
+        yielding = False
+        if self.busy is not None and self.owner_load is not None:
+            yielding = self.busy.update(self.owner_load.sample())
+        if self.manual_pause:
+            return "paused"
+        if self.schedule is not None and not self.schedule.in_window(self.now()):
+            return "off_schedule"
+        return "yielding" if yielding else None
+
+    def step_aside(self) -> None:
+        """Apply what control.json asks, then stop or start the Ray node as the pause, the schedule and the
+        owner's use want; record the state (and the answer to the request) in membership.json."""
+        rid, request, error = self.read_control()
+        if request is not None:
+            if request.op in ("pause", "resume"):
+                self.manual_pause = self.m.extra["manual_pause"] = request.op == "pause"
+            else:
+                error = self.set_caps(request.cpus, request.memory_bytes, request.gpus)
+        want = self.wanted_state()
+        if want and not self.paused:
+            self.pause(want)
+        elif want and want != self.paused:
+            self.paused = want
+            self.say(f"still stepped aside, now {want.replace('_', ' ')}")
+        elif not want and self.paused:
+            self.resume()
+        if rid is not None or self.m.extra.get("state") != (self.paused or "active"):
+            self.m.extra["state"] = self.paused or "active"
+            if rid is not None:
+                self.m.extra["control"] = {"id": rid, "error": error}
+            membership.save(self.data_dir, self.m)
+
+    def read_control(self) -> tuple[str | None, ControlRequest | None, str | None]:
+        """The pending request's id, the request, and why it cannot be done when it is malformed (the asker
+        reads that answer under its id); (None, None, None) when nothing was asked."""
+        file = self.data_dir / CONTROL_FILE
+        try:
+            text = file.read_text()
+        except FileNotFoundError:
+            return None, None, None
+        except OSError as exc:
+            self.say(f"[yellow]ignoring an unreadable {file}:[/] {exc}")
+            return None, None, None
+        finally:
+            file.unlink(missing_ok=True)
+        try:
+            request = ControlRequest.model_validate_json(text)
+        except ValidationError as exc:
+            try:
+                raw = json.loads(text)
+            except ValueError:
+                raw = None
+            first = exc.errors()[0]
+            rid = str(raw.get("id") or "")[:64] if isinstance(raw, dict) else ""
+            return rid, None, f"bad request: {'.'.join(map(str, first['loc'])) or 'body'}: {first['msg']}"
+        return request.id, request, None
+
+    def pause(self, state: str) -> None:
+        """Drain and stop the Ray node the way a leave does, but keep the membership and keep heartbeating."""
+        why = {"paused": "paused by the donor", "off_schedule": "outside the donor's schedule"}.get(
+            state, "the machine's owner is using it"
+        )
+        self.paused = state
+        self.say(
+            f"stepping aside ({why}): draining the Ray node (up to {self.node.spec.drain_timeout_s:.0f} s) …"
+        )
+        try:  # the registry shows the state before Ray reports the node gone, so it is never taken as offline
+            self.beat()
+        except AdmissionError as exc:
+            self.say(f"[yellow]heartbeat failed:[/] {exc}")
+        self.node.stop()
+        self.drained = False
+        self.m.ray_pid = self.m.ray_node_id = None
+        self.say(f"{state.replace('_', ' ')}: the Ray node is stopped; still a member of the pool")
+
+    def resume(self) -> None:
+        self.say("coming back: starting the Ray node again …")
+        try:
+            self.node.kill_leftovers()
+            self.start_node(120)
+        except NodeStartError as exc:  # the usual restart path (run's loop) tries again
+            self.say(f"[yellow]could not start the Ray node:[/] {exc}")
+        self.paused = None
+
+    def set_caps(self, cpus: float | None, memory_bytes: int | None, gpus: int | None) -> str | None:
+        """New limits for Ray: drain, restart the node with them (at once, or on resume); kept in
+        membership.json so a restart keeps them."""
+        spec = self.node.spec
+        cpus = spec.num_cpus if cpus is None else cpus
+        memory_bytes = spec.memory_bytes if memory_bytes is None else memory_bytes
+        gpus = spec.num_gpus if gpus is None else gpus
+        if self.capabilities is not None:
+            problem = caps_problem(self.capabilities, self.m.tier, cpus, memory_bytes, gpus)
+            if problem:
+                return problem
+        spec.num_cpus, spec.memory_bytes, spec.num_gpus = cpus, memory_bytes, gpus
+        self.m.extra["caps"] = {"cpus": cpus, "memory_bytes": memory_bytes, "gpus": gpus}
+        membership.save(self.data_dir, self.m)
+        if self.paused:
+            self.say("new limits saved; they apply when the Ray node comes back")
+            return None
+        self.say("new limits: draining the Ray node to restart it with them …")
+        self.node.stop()
+        try:
+            self.node.kill_leftovers()
+            self.start_node(120)
+        except NodeStartError as exc:
+            return f"the Ray node did not restart with the new limits: {exc}"
+        return None
 
     def drain(self, why: str) -> None:
         try:
@@ -495,6 +718,44 @@ def ask_to_leave(m: Membership, timeout: float) -> bool:
     return True
 
 
+def ask_agent(m: Membership, data_dir: Path, request: dict[str, Any], timeout: float) -> Membership:
+    """`rma pause`, `rma resume` or `rma caps` while the agent runs: the request goes in control.json (mode
+    0600, beside the membership, so only who may read that may ask), SIGUSR1 wakes the agent, and its answer
+    comes back in membership.json under the request's id. AgentError: refused, or no answer in `timeout` s."""
+    from rma_ray.waiting import GiveUp, WaitTimeout, wait_until
+
+    rid = secrets.token_hex(8)
+    body = ControlRequest(id=rid, **request).model_dump_json()
+    membership.write_private(data_dir / CONTROL_FILE, body)
+    try:
+        psutil.Process(m.agent_pid).send_signal(signal.SIGUSR1)
+    except psutil.Error as exc:
+        (data_dir / CONTROL_FILE).unlink(missing_ok=True)
+        raise AgentError(f"cannot reach the agent (pid {m.agent_pid}): {exc}") from None
+
+    def answered() -> Membership | None:
+        now = membership.load(data_dir)
+        if now is not None and (now.extra.get("control") or {}).get("id") == rid:
+            return now
+        if not membership.alive(m.agent_pid, m.agent_started):
+            raise GiveUp(f"the agent (pid {m.agent_pid}) exited")
+        return None
+
+    try:
+        now = wait_until(answered, timeout=timeout, interval=0.3, what="the agent's answer")
+    except GiveUp as exc:
+        raise AgentError(str(exc)) from None
+    except WaitTimeout:
+        raise AgentError(
+            f"the agent (pid {m.agent_pid}) did not answer within {timeout:.0f} s; see `rma status`"
+        ) from None
+    assert now is not None  # wait_until returns only a truthy answer
+    error = now.extra["control"].get("error")
+    if error:
+        raise AgentError(error)
+    return now
+
+
 def leave_without_agent(m: Membership, data_dir: Path, warn: Say) -> None:
     """`rma leave` when the agent is gone (killed): stop what it left behind (its Ray node, its overlay
     interface and firewall, which outlive it), unregister, and forget the membership."""
@@ -518,7 +779,16 @@ def status_view(m: Membership) -> dict[str, Any]:
         "ray_node_id": m.ray_node_id,
         "agent_running": membership.alive(m.agent_pid, m.agent_started),
         "ray_node_running": membership.alive(m.ray_pid, (m.extra or {}).get("ray_started")),
+        "state": (m.extra or {}).get("state", "active"),
     }
+    extra = m.extra or {}
+    if extra.get("schedule"):
+        view["schedule"] = extra["schedule"]
+    if extra.get("yield_when_busy"):
+        view["yield_when_busy"] = True
+    caps = {k: v for k, v in (extra.get("caps") or {}).items() if v is not None}
+    if caps:
+        view["caps"] = caps
     ov = (m.extra or {}).get("overlay")
     if ov:
         try:
@@ -534,6 +804,8 @@ def status_view(m: Membership) -> dict[str, Any]:
         try:
             me = client.me().model_dump(mode="json")
             view.update(registry_status=me["status"], action=me["action"], last_seen_at=me["last_seen_at"])
+            if me.get("resume_at"):
+                view["next_window"] = me["resume_at"]
         except AdmissionError as exc:
             view["registry_status"] = f"unknown ({exc})"
     return view

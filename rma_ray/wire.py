@@ -7,18 +7,35 @@ Reply models ignore fields they do not know (a newer coordinator may add some); 
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
 from rma_ray.capabilities import Capabilities, _to_mb
 from rma_ray.edges import CORE
 from rma_ray.tiers import Tier
 
 Action = Literal["none", "drain", "leave"]
-WorkerStatus = Literal["joining", "healthy", "warning", "offline", "quarantined", "revoked", "left"]
-HeartbeatStatus = Literal["healthy", "starting", "draining", "degraded", "stopping"]
+# a donor that stepped aside on purpose: by `rma pause`, outside its `--schedule`, or for its owner's own use
+# (`--yield-when-busy`); it keeps heartbeating, and the registry never counts it offline
+PAUSED_STATES = ("paused", "off_schedule", "yielding")
+PausedState = Literal["paused", "off_schedule", "yielding"]
+WorkerStatus = Literal[
+    "joining",
+    "healthy",
+    "warning",
+    "offline",
+    "quarantined",
+    "revoked",
+    "left",
+    "paused",
+    "off_schedule",
+    "yielding",
+]
+HeartbeatStatus = Literal[
+    "healthy", "starting", "draining", "degraded", "stopping", "paused", "off_schedule", "yielding"
+]
 
 
 class Strict(BaseModel):
@@ -97,11 +114,23 @@ class HeartbeatRequest(BaseModel):
     current_load: float = Field(default=0.0, ge=0, le=100_000)
     available_memory_mb: int | None = Field(default=None, ge=0, le=64 * 1024 * 1024)
     ray_node_id: str | None = Field(default=None, max_length=64, pattern=r"^[0-9a-fA-F]*$")
+    resume_at: AwareDatetime | None = Field(
+        default=None,
+        description="off_schedule: when the donor's next window starts (it comes back then); within 8 days",
+    )
 
     @field_validator("available_memory_mb", mode="before")
     @classmethod
     def _human(cls, v: Any) -> Any:
         return _to_mb(v)
+
+    @field_validator("resume_at")
+    @classmethod
+    def _soon(cls, v: datetime | None) -> datetime | None:
+        # a weekly schedule's next window is under 8 days away; anything else is a broken clock or a bad client
+        if v is not None and abs(v - datetime.now(UTC)) > timedelta(days=8):
+            raise ValueError("must be within 8 days of now (the next window of a weekly schedule)")
+        return v
 
 
 class HeartbeatResponse(BaseModel):
@@ -129,6 +158,7 @@ class WorkerOut(BaseModel):
     revoked_at: datetime | None
     overlay_ip: str | None = None
     cluster: str = CORE
+    resume_at: datetime | None = Field(default=None, description="off_schedule: its next window's start")
 
 
 STORE_NAME = r"^[a-z][a-z0-9-]{0,31}$"

@@ -16,7 +16,12 @@ router = APIRouter(prefix="/api", tags=["admin"])
 
 TierQ = Annotated[str | None, Query(pattern="^(gpu|service|data)$")]
 ClusterQ = Annotated[str | None, Query(pattern="^[a-z][a-z0-9-]{0,15}$", description="'core' or an edge")]
-StatusQ = Annotated[str | None, Query(pattern="^(joining|healthy|warning|offline|quarantined|revoked|left)$")]
+StatusQ = Annotated[
+    str | None,
+    Query(
+        pattern="^(joining|healthy|warning|offline|quarantined|revoked|left|paused|off_schedule|yielding)$"
+    ),
+]
 
 
 @router.get("/admin/openapi.json", include_in_schema=False, openapi_extra=security.ADMIN)

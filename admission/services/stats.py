@@ -16,6 +16,7 @@ from admission.models import ClientKey, Invite, Worker, utcnow
 from admission.services import workers
 from admission.state import AppState
 from rma_ray.tiers import TIER_ORDER
+from rma_ray.wire import PAUSED_STATES
 
 ONLINE = {"healthy", "warning"}
 
@@ -94,7 +95,7 @@ def alive(state: AppState) -> bool:
         return False
 
 
-LIVE_STATUSES = ("joining", "healthy", "warning", "offline", "quarantined")
+LIVE_STATUSES = ("joining", "healthy", "warning", "offline", "quarantined", *PAUSED_STATES)
 GAUGE_TTL_S = 5.0
 _refreshing = threading.Lock()
 
@@ -105,6 +106,13 @@ def _status_sql(interval_s: int) -> ColumnElement[str]:
     beat = Worker.last_heartbeat_at
     return case(
         (Worker.quarantine_reason.is_not(None) & (Worker.quarantine_reason != ""), "quarantined"),
+        *(  # stepped aside on purpose, still heartbeating: never offline
+            (
+                (Worker.heartbeat_status == st) & (beat >= now - timedelta(seconds=2.5 * interval_s)),
+                st,
+            )
+            for st in PAUSED_STATES
+        ),
         (
             Worker.ray_alive.is_(False)
             & Worker.ray_seen_at.is_not(None)

@@ -24,6 +24,7 @@ from rma_ray.credentials import Kind
 from rma_ray.edges import CORE
 from rma_ray.settings import Settings
 from rma_ray.tiers import Tier
+from rma_ray.wire import PAUSED_STATES
 
 log = logging.getLogger("rma.admission.workers")
 
@@ -402,7 +403,15 @@ def abort(state: AppState, session: Session, node: NodePrincipal, ip: str) -> sc
 def heartbeat(state: AppState, node: NodePrincipal, req: schemas.HeartbeatRequest) -> tuple[str, str]:
     """Record the beat in memory (flushed in bulk); return the action the donor must take and its cluster."""
     state.buffer.put(
-        node.worker_id, Beat(utcnow(), req.status, req.current_load, req.available_memory_mb, req.ray_node_id)
+        node.worker_id,
+        Beat(
+            utcnow(),
+            req.status,
+            req.current_load,
+            req.available_memory_mb,
+            req.ray_node_id,
+            req.resume_at if req.status == "off_schedule" else None,
+        ),
     )
     state.metrics.heartbeats.inc()
     with state.nodes_lock:
@@ -479,14 +488,21 @@ def set_action(
     return to_out(state, worker)
 
 
-def derive_status(worker: Worker, last_beat: datetime | None, interval_s: int, now: datetime) -> str:
-    """Offline as soon as either source says so: heartbeats stopped, or Ray saw the node die after the last beat."""
+def derive_status(
+    worker: Worker, last_beat: datetime | None, interval_s: int, now: datetime, beat_status: str | None = None
+) -> str:
+    """Offline as soon as either source says so: heartbeats stopped, or Ray saw the node die after the last
+    beat. A donor that stepped aside on purpose (paused, off schedule, yielding to its owner) stopped its Ray
+    node but keeps heartbeating: it shows that state, never offline, while its beats arrive."""
     if worker.revoked_at is not None:
         return "revoked"
     if worker.left_at is not None:
         return "left"
     if worker.quarantine_reason:
         return "quarantined"
+    status = beat_status if beat_status is not None else worker.heartbeat_status
+    if status in PAUSED_STATES and last_beat and now - last_beat <= timedelta(seconds=2.5 * interval_s):
+        return status
     if (
         worker.ray_alive is False
         and worker.ray_seen_at
@@ -507,7 +523,10 @@ def to_out(state: AppState, worker: Worker, now: datetime | None = None) -> sche
     beat = state.buffer.peek(worker.id)
     last_beat = beat.at if beat else worker.last_heartbeat_at
     seen = max((t for t in (last_beat, worker.ray_seen_at if worker.ray_alive else None) if t), default=None)
-    status = derive_status(worker, last_beat, state.settings.heartbeat_interval_s, now or utcnow())
+    status = derive_status(
+        worker, last_beat, state.settings.heartbeat_interval_s, now or utcnow(), beat.status if beat else None
+    )
+    resume_at = (beat.resume_at if beat else worker.resume_at) if status == "off_schedule" else None
     return schemas.WorkerOut(
         id=worker.id,
         name=worker.name,
@@ -527,6 +546,7 @@ def to_out(state: AppState, worker: Worker, now: datetime | None = None) -> sche
         revoked_at=worker.revoked_at,
         overlay_ip=worker.overlay_ip,
         cluster=worker.cluster,
+        resume_at=resume_at,
     )
 
 

@@ -168,7 +168,7 @@ def donors_list(
             *([w.get("cluster", "core")] if edges else []),
             w["tier"],
             "yes" if w["trusted"] else "no",
-            w["status"],
+            w["status"] + (f" (next window {w['resume_at']})" if w.get("resume_at") else ""),
             load,
             w["last_seen_at"] or "never",
         )

@@ -1,10 +1,11 @@
-"""Donor commands: `rma join` (the agent in rma_ray/agent.py does the work), `rma leave`, `rma status` and
-`rma probe`."""
+"""Donor commands: `rma join` (the agent in rma_ray/agent.py does the work), `rma leave`, `rma pause`,
+`rma resume`, `rma caps`, `rma status` and `rma probe`."""
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated
 
@@ -61,13 +62,40 @@ def join(
     capabilities_file: Annotated[
         Path | None, typer.Option(help="send these capabilities instead of probing")
     ] = None,
+    schedule: Annotated[
+        str | None,
+        typer.Option(
+            help='lend the machine only in these windows, local time, e.g. "Mon-Fri 19:00-07:00; Sat-Sun"'
+        ),
+    ] = None,
+    yield_when_busy: Annotated[
+        bool, typer.Option(help="step aside while the machine's own (non-pool) CPU or GPU use is high")
+    ] = False,
+    busy_percent: Annotated[float, typer.Option(help="owner's use (%) that counts as busy")] = 50,
+    busy_for: Annotated[float, typer.Option(help="seconds busy before stepping aside")] = 30,
+    idle_percent: Annotated[float, typer.Option(help="owner's use (%) that counts as idle")] = 20,
+    idle_for: Annotated[float, typer.Option(help="seconds idle before coming back")] = 120,
     data_dir: DataDirOpt = None,
 ) -> None:
     """Donate this machine: register, start a Ray worker node in the assigned tier, stay until Ctrl-C.
 
     After a reboot or a restart (SIGTERM) it rejoins as the same donor; the join token is needed only once."""
     from rma_ray import logs
-    from rma_ray.agent import Agent, AgentError, JoinOptions
+    from rma_ray import schedule as schedules
+    from rma_ray.agent import Agent, AgentError, JoinOptions, caps_problem
+    from rma_ray.busy import BusyPolicy
+
+    plan = None
+    if schedule is not None:
+        try:
+            plan = schedules.parse(schedule)
+        except schedules.ScheduleError as exc:
+            fail(f"--schedule: {exc}")
+    policy = None
+    if yield_when_busy:
+        policy = BusyPolicy(busy_percent, busy_for, idle_percent, idle_for)
+        if policy.problem():
+            fail(str(policy.problem()))
 
     if token_file is not None:
         try:
@@ -76,18 +104,16 @@ def join(
             fail(f"cannot read {token_file}: {exc.strerror}")
     if not coordinator_url.startswith(("http://", "https://")):
         fail(f"coordinator URL must start with http:// or https:// (got {coordinator_url!r})")
-    memory_bytes = None
-    if memory is not None:
-        try:
-            memory_bytes = capabilities._BYTES.validate_python(memory)
-        except ValidationError:
-            fail(f"cannot read the memory size {memory!r}; use e.g. 8GB or 512MiB")
+    memory_bytes = _memory(memory)
     d = data_dir_of(data_dir)
     caps = (
         _read_caps_file(capabilities_file)
         if capabilities_file
         else capabilities.probe(d if d.exists() else "/")
     )
+    problem = caps_problem(caps, None, cpus, memory_bytes, gpus)
+    if problem:
+        fail(problem)
     import socket as _socket
 
     opts = JoinOptions(
@@ -101,6 +127,8 @@ def join(
         memory_bytes=memory_bytes,
         gpus=gpus,
         drain_deadline_s=drain_deadline,
+        schedule=plan,
+        yield_when_busy=policy,
     )
     say(
         f"probed: {caps.cpu_cores} cores, {caps.ram_mb} MiB RAM, {caps.disk_free_gb:g} GiB free disk, "
@@ -122,6 +150,95 @@ def join(
     code = agent.run()
     if code:
         sys.exit(code)
+
+
+def _memory(text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        return int(capabilities._BYTES.validate_python(text))
+    except ValidationError:
+        fail(f"cannot read the memory size {text!r}; use e.g. 8GB or 512MiB")
+
+
+def _running_agent(data_dir: Path | None, what: str) -> tuple[Path, object]:
+    from rma_ray import membership
+
+    d = data_dir_of(data_dir)
+    m = membership.load(d)
+    if m is None:
+        fail(f"this machine is not in a pool (no {membership.path(d)})")
+    if not membership.alive(m.agent_pid, m.agent_started):
+        fail(f"the agent of donor {m.worker_id} is not running; start it with `rma join` before {what}")
+    return d, m
+
+
+def _ask(data_dir: Path | None, what: str, request: Mapping[str, object], timeout: float) -> str:
+    from rma_ray.agent import AgentError, ask_agent
+
+    d, m = _running_agent(data_dir, what)
+    try:
+        now = ask_agent(m, d, dict(request), timeout)  # type: ignore[arg-type]
+    except AgentError as exc:
+        fail(str(exc))
+    return str(now.extra.get("state", "active")).replace("_", " ")
+
+
+@commands.command("pause")
+def pause(
+    data_dir: DataDirOpt = None,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the agent to drain")] = 120,
+) -> None:
+    """Stop lending this machine for now: the agent drains and stops its Ray node, stays a member and shows as
+    `paused` until `rma resume`."""
+    state = _ask(data_dir, "pausing", {"op": "pause"}, timeout)
+    out.print(f"paused: the Ray node is stopped; `rma resume` lends the machine again (state: {state})")
+
+
+@commands.command("resume")
+def resume(
+    data_dir: DataDirOpt = None,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the Ray node to start")] = 180,
+) -> None:
+    """Lend this machine again after `rma pause` (outside its --schedule, or while its owner is busy with
+    --yield-when-busy, it stays aside until that ends)."""
+    state = _ask(data_dir, "resuming", {"op": "resume"}, timeout)
+    out.print(f"resumed (state: {state})")
+
+
+@commands.command("caps")
+def caps(
+    cpus: Annotated[float | None, typer.Option(help="most CPUs Ray may use here", min=1)] = None,
+    memory: Annotated[str | None, typer.Option(help="most memory Ray may use here, e.g. 8GB")] = None,
+    gpus: Annotated[int | None, typer.Option(help="most GPUs Ray may use here", min=0)] = None,
+    data_dir: DataDirOpt = None,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the node to restart")] = 240,
+) -> None:
+    """Change what Ray may use on this machine without leaving: the agent drains and restarts its Ray node
+    with the new limits, and keeps them across restarts."""
+    from rma_ray import membership
+    from rma_ray.agent import caps_problem
+
+    memory_bytes = _memory(memory)
+    if cpus is None and memory_bytes is None and gpus is None:
+        fail("nothing to change: give --cpus, --memory or --gpus")
+    d = data_dir_of(data_dir)
+    m = membership.load(d)
+    if m is None:
+        fail(f"this machine is not in a pool (no {membership.path(d)})")
+    problem = caps_problem(capabilities.probe(d), m.tier, cpus, memory_bytes, gpus)
+    if problem:
+        fail(problem)
+    request = {"op": "caps", "cpus": cpus, "memory_bytes": memory_bytes, "gpus": gpus}
+    if not membership.alive(m.agent_pid, m.agent_started):  # kept for the next `rma join`
+        saved = dict(m.extra.get("caps") or {})
+        saved.update({k: v for k, v in request.items() if k != "op" and v is not None})
+        m.extra["caps"] = saved
+        membership.save(d, m)
+        out.print("saved; the agent is not running, so the next `rma join` starts the Ray node with them")
+        return
+    _ask(d, "changing limits", request, timeout)
+    out.print("the Ray node runs with the new limits")
 
 
 @commands.command("leave")
