@@ -432,3 +432,44 @@ def test_backup_and_restore_keep_the_acknowledged_records(
     assert "restored" in r.stdout
     assert _run(cluster, store, COUNT[store], "n") == 1000
     assert cluster.driver(STATUS % {"store": store})["status"] == "ready"
+
+
+STATUS_NOW = """
+a = ray.get_actor("rma-store-%(store)s", namespace="rma")
+try:
+    print(json.dumps(ray.get(a.status.remote(), timeout=5)))
+except Exception:  # Ray is restarting it (its node left): not placed yet
+    print(json.dumps(None))
+"""
+
+
+def _status_is(c: Cluster, store: str, **want: Any) -> dict[str, Any] | None:
+    st = c.driver(STATUS_NOW % {"store": store})
+    return st if st and all(st.get(k) == v for k, v in want.items()) else None
+
+
+def test_a_store_stays_with_its_donor_when_the_donor_goes(cluster: Cluster) -> None:
+    """The donor hosting the stores leaves while a second trusted data donor is online: Ray restarts the
+    supervisors there, and they wait for their donor instead of starting empty stores; when the donor is back,
+    each supervisor returns to it and its store serves the 1,000 acknowledged records."""
+    labels = {"rma.io/tier": "data", "rma.io/trusted": "true"}
+    cluster.add_node("trusted2", {**labels, "rma.io/node": "trusted2"})
+    before = cluster.driver(STATUS % {"store": "postgres"})
+    assert before["donor"] == "trusted" and before["pinned_to"] == "trusted" and before["status"] == "ready"
+    cluster.nodes.pop("trusted").stop(timeout=30)
+    waiting = wait_for(
+        lambda: _status_is(cluster, "postgres", status="waiting", donor="trusted2"),
+        timeout=120,
+        what="the postgres supervisor to be restarted on trusted2 and wait there",
+    )
+    assert waiting["waiting_for"] == "trusted" and waiting["pid"] is None
+    assert "waiting for trusted" in waiting["error"]
+    assert not (cluster.stores / "trusted2" / "postgres" / "pgdata").exists()  # no empty store started
+    cluster.add_node("trusted", {**labels, "rma.io/node": "trusted"})
+    for store in STORES:  # every supervisor goes back (the module's teardown stops them there)
+        wait_for(
+            lambda s=store: _status_is(cluster, s, status="ready", donor="trusted"),
+            timeout=180,
+            what=f"{store} back on its donor and ready",
+        )
+    assert _run(cluster, "postgres", COUNT["postgres"], "n") == 1000
