@@ -12,7 +12,8 @@ One backup is one file plus a manifest (kind, format, the store's version, time,
   ArcadeDB's BACKUP DATABASE covers one database and not the server's users), so the supervisor STOPS the store
   (a clean shutdown flushes its files), tars the directory, and starts it again: consistent at the cost of a
   few seconds of unavailability (a SIGSTOP pause would only give a crash-consistent copy of HNSW files and the
-  JVM's pages). Restore: stop, replace the directory, start.
+  JVM's pages). Restore: stop, replace the directory, start. The graph store's snapshot is its `databases/`
+  directory: its users (the root password's hash) stay those of the volume it is restored into.
 Secrets never reach a command line: pg_dump/pg_restore get the password in PGPASSWORD."""
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ from deployments.stores.runtime import StoreError
 
 FORMAT_VERSION = 1
 FORMATS = {"postgres": "pg_dump-custom", "redis": "rdb", "chroma": "tar", "graph": "tar"}
-DIRS = {"chroma": "chroma", "graph": "arcadedb"}  # the directory each stopped-snapshot kind keeps its data in
+# the directory each stopped-snapshot kind keeps its data in: ArcadeDB's databases only, not its config/, whose
+# server-users file holds the root password's hash (the node's own credential, which a move does not carry)
+DIRS = {"chroma": "chroma", "graph": "arcadedb/databases"}
 STOP_TO_BACKUP = frozenset(DIRS)
 STOP_TO_RESTORE = frozenset({"redis", *DIRS})
 CHUNK = 8 * 1024 * 1024
@@ -171,6 +174,7 @@ def restore_stopped(kind: str, volume: Path, src: Path) -> None:
             tar.extractall(staging, filter="data")
         if not (staging / DIRS[kind]).is_dir():
             raise StoreError(f"the backup holds no {DIRS[kind]}/ directory: not a {kind} backup")
+        target.parent.mkdir(parents=True, exist_ok=True)
         _swap(staging / DIRS[kind], target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -196,3 +200,52 @@ def manifest(kind: str, version: str, path: Path, runtime: str) -> dict[str, Any
         "size_bytes": path.stat().st_size,
         "sha256": sha256_of(path),
     }
+
+
+def counts(kind: str, ep: Endpoint) -> dict[str, int]:
+    """What the store holds, counted with its own queries: rows per table, keys, records per collection, nodes
+    and relationships. A move checks them on both sides; a backup's manifest keeps them."""
+    if kind == "postgres":
+        import psycopg
+        from psycopg import sql
+
+        with psycopg.connect(ep.url(), connect_timeout=10) as c:
+            tables = c.execute(
+                "SELECT table_schema, table_name FROM information_schema.tables WHERE table_type = 'BASE TABLE'"
+                " AND table_schema NOT IN ('pg_catalog', 'information_schema') ORDER BY 1, 2"
+            ).fetchall()
+            return {
+                f"{schema}.{name}": int(
+                    c.execute(
+                        sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(schema, name))
+                    ).fetchone()[0]  # type: ignore[index]
+                )
+                for schema, name in tables
+            }
+    if kind == "redis":
+        import redis
+
+        with redis.Redis(host=ep.host, port=ep.port, password=ep.password, socket_timeout=10) as r:
+            return {f"{db}.keys": int(v["keys"]) for db, v in r.info("keyspace").items()}
+    if kind == "chroma":
+        import httpx
+
+        base = (
+            f"http://{ep.host}:{ep.port}/api/v2/tenants/default_tenant/databases/default_database/collections"
+        )
+        with httpx.Client(timeout=30) as c:
+            cols = c.get(base).raise_for_status().json()
+            return {
+                col["name"]: int(c.get(f"{base}/{col['id']}/count").raise_for_status().json()) for col in cols
+            }
+    if kind == "graph":
+        from neo4j import GraphDatabase
+
+        with (
+            GraphDatabase.driver(f"bolt://{ep.host}:{ep.port}", auth=(ep.user, ep.password)) as d,
+            d.session(database=ep.database) as s,
+        ):
+            nodes = s.run("MATCH (n) RETURN count(n) AS n").single()["n"]  # type: ignore[index]
+            rels = s.run("MATCH ()-[r]->() RETURN count(r) AS n").single()["n"]  # type: ignore[index]
+            return {"nodes": int(nodes), "relationships": int(rels)}
+    raise StoreError(f"no counts for {kind}")

@@ -395,6 +395,11 @@ class StoreSupervisor:
         ep = self._endpoint()
         version = backup.store_version(self.kind.name, ep, self.volume)
         try:
+            held = backup.counts(self.kind.name, ep)
+        except Exception as exc:  # informative in a plain backup; a move checks them and says so
+            log.info("counts of %s not taken: %s", self.kind.name, exc)
+            held = None
+        try:
             if self.kind.name in backup.STOP_TO_BACKUP:
                 with self._stopped("backing-up"):
                     backup.snapshot_stopped(self.kind.name, self.volume, path)
@@ -403,7 +408,7 @@ class StoreSupervisor:
         except BaseException:
             self.transfer_end(tid)
             raise
-        manifest = backup.manifest(self.kind.name, version, path, self.runtime_name)
+        manifest = {**backup.manifest(self.kind.name, version, path, self.runtime_name), "counts": held}
         log.info("backup of %s taken: %d bytes", self.kind.name, manifest["size_bytes"])
         return {"transfer": tid, "manifest": manifest}
 
@@ -457,6 +462,41 @@ class StoreSupervisor:
             self.transfer_end(tid)
         log.info("%s restored from a backup of %s", self.kind.name, manifest.get("created_at"))
         return self.status()
+
+    def counts(self) -> dict[str, int]:
+        """Rows, keys or records the store holds (backup.counts)."""
+        self._usable()
+        if not self._ready.wait(120):
+            raise StoreError(self.error or f"{self.kind.name} is not ready yet")
+        return backup.counts(self.kind.name, self._endpoint())
+
+    def move_to(self, donor: str) -> None:
+        """Hand this store's place to a new supervisor pinned on `donor` (a trusted data donor that is online):
+        a detached `Repin` stops this one (the store flushes; the volume stays here) and creates the new one,
+        which starts an empty store there for `rma stores move` to restore into."""
+        import ray
+
+        node = next(
+            (n for n in ray.nodes() if n.get("Alive") and (n.get("Labels") or {}).get(LABEL_NODE) == donor),
+            None,
+        )
+        labels = (node or {}).get("Labels") or {}
+        if node is None or any(labels.get(k) != v for k, v in TRUSTED_DATA.items()):
+            raise StoreError(
+                f"{donor} is not a trusted data donor that is online (rma.io/node={donor}, "
+                f"rma.io/tier=data, rma.io/trusted=true): pick one from `rma donors list --tier data`"
+            )
+        if donor == self.donor:
+            raise StoreError(f"{self.kind.name} already runs on {donor}")
+        ray.remote(Repin).options(
+            name=f"{actor_name(self.store_name)}-repin",
+            namespace=NAMESPACE,
+            lifetime="detached",
+            num_cpus=0,
+            get_if_exists=True,
+        ).remote().run.remote(
+            self.store_name, self.runtime_name, self.port_arg, self.data_dir_arg, self.incarnation, donor
+        )
 
     # -- reporting to the coordinator (registry page, GET /api/admin/stores) ------------------------------
 
@@ -518,15 +558,34 @@ class StoreSupervisor:
 
 
 class Repin:
-    """One-shot and detached: replaces a waiting supervisor (see the module docstring) by one that Ray places on
-    the store's pinned donor. Holds no secret; outlives the supervisor it kills."""
+    """One-shot and detached: replaces a supervisor by one that Ray places on the store's pinned donor (a
+    waiting one, see the module docstring), or on a new donor (`to`: a move). Holds no secret; outlives the
+    supervisor it ends."""
 
-    def run(self, store: str, runtime: str, port: int | None, data_dir: str | None, incarnation: str) -> None:
+    def run(
+        self,
+        store: str,
+        runtime: str,
+        port: int | None,
+        data_dir: str | None,
+        incarnation: str,
+        to: str | None = None,
+    ) -> None:
         import ray
+        from ray.experimental import internal_kv
 
         try:
             old = ray.get_actor(actor_name(store), namespace=NAMESPACE)
             if ray.get(old.status.remote(), timeout=30).get("incarnation") == incarnation:
+                if to is not None:  # the new supervisor's pin: it starts its store there (pin_decision)
+                    pin = {"store": store, "donor": to, "labelled": True, "node_id": None, "since": None}
+                    internal_kv._internal_kv_put(
+                        pin_key(store), json.dumps(pin), overwrite=True, namespace=NAMESPACE
+                    )
+                try:
+                    ray.get(old.stop.remote(), timeout=120)  # the store flushes and exits; its volume stays
+                except Exception as exc:  # a waiting supervisor has nothing to stop; a dead one cannot
+                    log.info("old supervisor of %s not stopped cleanly: %s", store, exc)
                 ray.kill(old, no_restart=True)
 
                 def gone() -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -155,6 +156,53 @@ def _progress() -> Progress:
     )
 
 
+def _download(ray: Any, sup: Any, store: str, dest: Path) -> dict[str, Any]:
+    """Have the supervisor take a backup, and bring it into `dest` chunk by chunk; returns its manifest."""
+    err.print(f"backing up {store} on its node …", highlight=False)
+    begun = _call(ray, sup.backup_begin.remote())
+    tid, manifest = begun["transfer"], dict(begun["manifest"])
+    manifest["file"] = FILES[store]
+    dest.mkdir(parents=True, exist_ok=True)
+    data = dest / FILES[store]
+    h, done = hashlib.sha256(), 0
+    try:
+        with _progress() as bar, open(data, "wb") as f:
+            task = bar.add_task(f"{store} → {dest}", total=manifest["size_bytes"])
+            nxt = sup.read_chunk.remote(tid, 0, CHUNK)
+            while done < manifest["size_bytes"]:
+                chunk = _call(ray, nxt, timeout=600)
+                if not chunk:
+                    fail(f"the backup of {store} ended early ({done} of {manifest['size_bytes']} bytes)")
+                done += len(chunk)
+                if done < manifest["size_bytes"]:  # ask for the next while this one is written
+                    nxt = sup.read_chunk.remote(tid, done, CHUNK)
+                f.write(chunk)
+                h.update(chunk)
+                del chunk
+                bar.update(task, completed=done)
+        if h.hexdigest() != manifest["sha256"]:
+            fail(f"the backup of {store} arrived damaged (sha256 differs): try again")
+        (dest / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    except BaseException:
+        data.unlink(missing_ok=True)
+        raise
+    finally:
+        sup.transfer_end.remote(tid)  # the node's copy goes; a failure here changes nothing for the caller
+    return manifest
+
+
+def _upload(ray: Any, sup: Any, store: str, manifest: dict[str, Any], data: Path, what: str) -> Any:
+    """Send a checked backup to the supervisor, chunk by chunk, and have it restore it; returns its status."""
+    tid = _call(ray, sup.restore_begin.remote(manifest))
+    size = data.stat().st_size
+    with _progress() as bar, open(data, "rb") as f:
+        task = bar.add_task(f"{what} → {store}", total=size)
+        while chunk := f.read(CHUNK):
+            bar.update(task, completed=_call(ray, sup.write_chunk.remote(tid, chunk), timeout=600))
+    err.print(f"restoring {store} on its node …", highlight=False)
+    return _call(ray, sup.restore_apply.remote(tid))
+
+
 @stores_app.command("backup")
 def stores_backup(
     store: str,
@@ -168,39 +216,7 @@ def stores_backup(
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         fail(f"{dest} exists and is not an empty directory: give a new directory for the backup")
     with pool_ray(data_dir, address) as ray:
-        sup = _supervisor(ray, store)
-        err.print(f"backing up {store} on its node …", highlight=False)
-        begun = _call(ray, sup.backup_begin.remote())
-        tid, manifest = begun["transfer"], begun["manifest"]
-        manifest["file"] = FILES[store]
-        dest.mkdir(parents=True, exist_ok=True)
-        data = dest / FILES[store]
-        h, done = hashlib.sha256(), 0
-        try:
-            with _progress() as bar, open(data, "wb") as f:
-                task = bar.add_task(f"{store} → {dest}", total=manifest["size_bytes"])
-                nxt = sup.read_chunk.remote(tid, 0, CHUNK)
-                while done < manifest["size_bytes"]:
-                    chunk = _call(ray, nxt, timeout=600)
-                    if not chunk:
-                        fail(f"the backup of {store} ended early ({done} of {manifest['size_bytes']} bytes)")
-                    done += len(chunk)
-                    if done < manifest["size_bytes"]:  # ask for the next while this one is written
-                        nxt = sup.read_chunk.remote(tid, done, CHUNK)
-                    f.write(chunk)
-                    h.update(chunk)
-                    del chunk
-                    bar.update(task, completed=done)
-            if h.hexdigest() != manifest["sha256"]:
-                fail(f"the backup of {store} arrived damaged (sha256 differs): try again")
-            (dest / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        except BaseException:
-            data.unlink(missing_ok=True)
-            raise
-        finally:
-            sup.transfer_end.remote(
-                tid
-            )  # the node's copy goes; a failure here changes nothing for the caller
+        manifest = _download(ray, _supervisor(ray, store), store, dest)
     if as_json:
         return print_json({"dest": str(dest), **manifest})
     out.print(
@@ -221,18 +237,65 @@ def stores_restore(
     _store(store)
     manifest, data = read_manifest(src, store)
     with pool_ray(data_dir, address) as ray:
-        sup = _supervisor(ray, store)
-        tid = _call(ray, sup.restore_begin.remote(manifest))
-        size, sent = data.stat().st_size, 0
-        with _progress() as bar, open(data, "rb") as f:
-            task = bar.add_task(f"{src} → {store}", total=size)
-            while chunk := f.read(CHUNK):
-                sent = _call(ray, sup.write_chunk.remote(tid, chunk), timeout=600)
-                bar.update(task, completed=sent)
-        err.print(f"restoring {store} on its node …", highlight=False)
-        st = _call(ray, sup.restore_apply.remote(tid))
+        st = _upload(ray, _supervisor(ray, store), store, manifest, data, str(src))
     out.print(
         f"{store} restored from {src} (backup of {manifest.get('created_at')}); status: {st['status']}",
+        highlight=False,
+    )
+
+
+@stores_app.command("move")
+def stores_move(
+    store: str,
+    to: Annotated[str, typer.Option("--to", help="the trusted data donor (its id) to move the store to")],
+    address: AddressOpt = None,
+    data_dir: DataDirOpt = None,
+    wait_s: Annotated[
+        float, typer.Option("--wait", help="seconds to wait for the store on its new donor")
+    ] = 300,
+) -> None:
+    """Move a store with its data to another trusted data donor: back up, start it there, restore, check the
+    counts, switch. Stop its writers first: a write after the backup would be lost, so the move stops if the
+    counts changed meanwhile. The old donor keeps its volume; the backup stays in the data dir's backups/."""
+    from rma_ray.waiting import WaitTimeout, wait_until
+
+    _store(store)
+    ddir = data_dir_of(data_dir)
+    dest = ddir / "backups" / f"move-{store}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
+    with pool_ray(data_dir, address) as ray:
+        old = _supervisor(ray, store)
+        was = _call(ray, old.status.remote(), timeout=30)
+        if was["status"] != "ready":
+            fail(f"{store} is {was['status']} ({was.get('error')}); a move starts from a running store")
+        manifest = _download(ray, old, store, dest)
+        now = _call(ray, old.counts.remote())
+        if manifest.get("counts") != now:
+            fail(
+                f"{store} changed during the backup (counts {manifest.get('counts')} → {now}): stop its "
+                f"writers and move it again; nothing was moved"
+            )
+        _call(ray, old.move_to.remote(to), timeout=60)
+        err.print(f"starting {store} on {to} …", highlight=False)
+
+        def there() -> Any:
+            sup = ray.get_actor(f"rma-store-{store}", namespace="rma")
+            st = ray.get(sup.status.remote(), timeout=5)
+            return sup if st["donor"] == to and st["status"] == "ready" else None
+
+        try:
+            new = wait_until(there, timeout=wait_s, interval=1, what=f"{store} to answer on {to}")
+        except WaitTimeout:
+            fail(f"{store} did not start on {to} within {wait_s:g} s; the backup is in {dest}")
+        st = _upload(ray, new, store, manifest, dest / FILES[store], str(dest))
+        after = _call(ray, new.counts.remote())
+    if after != manifest.get("counts"):
+        fail(
+            f"{store} on {to} holds {after}, the backup {manifest.get('counts')}: check it; "
+            f"the old volume stays on {was['donor']} and the backup in {dest}"
+        )
+    out.print(
+        f"{store} moved from {was['donor']} to {to} ({st['status']}; counts match: {after}); "
+        f"backup kept in {dest}",
         highlight=False,
     )
 

@@ -409,18 +409,23 @@ def rma(c: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def _have_records(c: Cluster, store: str) -> None:
+    """The 1,000 records test_1000_records_... wrote; written here when a test runs alone."""
+    try:
+        written = _run(c, store, COUNT[store], "n") == 1000
+    except AssertionError:  # no table or collection yet
+        written = False
+    if not written:
+        assert _run(c, store, WRITE[store], "acked") == 1000
+
+
 @pytest.mark.parametrize("store", STORES)
 def test_backup_and_restore_keep_the_acknowledged_records(
     cluster: Cluster, store: str, tmp_path: Path
 ) -> None:
     """`rma stores backup` with the store's own tool, half the records dropped, `rma stores restore`: the 1,000
     acknowledged records are back (and only a backup of the same store, whole, is accepted)."""
-    try:
-        written = _run(cluster, store, COUNT[store], "n") == 1000
-    except AssertionError:  # run alone: no table or collection yet
-        written = False
-    if not written:
-        assert _run(cluster, store, WRITE[store], "acked") == 1000
+    _have_records(cluster, store)
     dest = tmp_path / f"{store}-backup"
     r = rma(cluster, "stores", "backup", store, str(dest))
     assert r.returncode == 0, r.stderr[-2000:]
@@ -473,3 +478,25 @@ def test_a_store_stays_with_its_donor_when_the_donor_goes(cluster: Cluster) -> N
             what=f"{store} back on its donor and ready",
         )
     assert _run(cluster, "postgres", COUNT["postgres"], "n") == 1000
+
+
+def test_move_refuses_a_donor_that_may_not_hold_stores(cluster: Cluster) -> None:
+    r = rma(cluster, "stores", "move", "redis", "--to", "untrusted")
+    assert r.returncode == 1 and "untrusted is not a trusted data donor that is online" in r.stderr, r.stderr
+    assert _status_is(cluster, "redis", status="ready", donor="trusted")  # nothing moved
+
+
+@pytest.mark.parametrize("store", STORES)
+def test_move_to_another_trusted_data_donor_keeps_the_records(cluster: Cluster, store: str) -> None:
+    """`rma stores move`: backup, a new supervisor pinned on the target, restore, counts checked, switch."""
+    if "trusted2" not in cluster.nodes:  # run alone
+        cluster.add_node(
+            "trusted2", {"rma.io/tier": "data", "rma.io/trusted": "true", "rma.io/node": "trusted2"}
+        )
+    _have_records(cluster, store)
+    r = rma(cluster, "stores", "move", store, "--to", "trusted2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"{store} moved from trusted to trusted2" in r.stdout and "counts match" in r.stdout
+    st = cluster.driver(STATUS % {"store": store})
+    assert st["donor"] == "trusted2" and st["pinned_to"] == "trusted2" and st["status"] == "ready"
+    assert _run(cluster, store, COUNT[store], "n") == 1000

@@ -113,7 +113,7 @@ def test_directory_snapshot_round_trip_and_redis_rdb_becomes_the_aof_base(tmp_pa
     ).exists()
     with tarfile.open(snap, "w") as tar:  # a tar without the kind's directory is not its backup
         tar.add(vol / "chroma" / "chroma.sqlite3", arcname="other/x")
-    with pytest.raises(backup.StoreError, match="holds no arcadedb/"):
+    with pytest.raises(backup.StoreError, match="holds no arcadedb/databases/"):
         backup.restore_stopped("graph", vol, snap)
 
     rdb = tmp_path / "dump.rdb"
