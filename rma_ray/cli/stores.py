@@ -98,7 +98,13 @@ def read_manifest(src: Path, store: str) -> tuple[dict[str, Any], Path]:
 
 @contextmanager
 def pool_ray(data_dir: Path | None, address: str | None) -> Iterator[Any]:
-    """A Ray driver connected to the pool (its token by path, never on a command line)."""
+    """A Ray driver connected to the pool (its token by path, never on a command line); the caller's own
+    connection where it is a Ray driver already (a script, a test)."""
+    import sys
+
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        yield sys.modules["ray"]
+        return
     ddir = data_dir_of(data_dir)
     address = address or poolinfo.try_read(ddir).ray_address or os.environ.get("RAY_ADDRESS")
     if not address:
