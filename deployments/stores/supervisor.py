@@ -19,8 +19,8 @@ supervisor as `waiting for <donor>`. A supervisor created before its store had a
 selector, so Ray may restart it on another donor when the pinned one dies: that incarnation finds the pin naming
 another donor and an empty volume (`pin_decision`), does not start an empty store, reports
 `waiting for <donor>`, and, once the pinned donor's node is back, has a one-shot detached `Repin` actor kill it
-and create the supervisor again with the pinned selector. A store leaves a donor that will not return only
-on purpose, from a backup (`rma stores backup`, then `rma stores restore`).
+and create the supervisor again with the pinned selector. A store leaves its donor only on purpose:
+`rma stores move` (`move_to`: a `Repin` that pins the store on the new donor first).
 
 Backups (`backup_begin`, `read_chunk`, `restore_begin`, `write_chunk`, `restore_apply`): the store's own tools,
 run here on its node (backup.py), the bytes handed to the caller in chunks (never the whole file in one
