@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import threading
 import time
 import uuid
@@ -160,6 +161,7 @@ class StoreSupervisor:
         self._lock = threading.RLock()  # held by each supervision step and for a backup's or restore's stop
         self._transfers: dict[str, dict[str, Any]] = {}
         self.transfers_dir = root / f".{store}-transfers"
+        shutil.rmtree(self.transfers_dir, ignore_errors=True)  # an earlier incarnation's unfinished transfers
         self.store_name, self.port_arg, self.data_dir_arg = store, port, data_dir
         self.donor = self.labels.get(LABEL_NODE) or (
             "head"
