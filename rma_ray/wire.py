@@ -162,7 +162,9 @@ class WorkerOut(BaseModel):
 
 
 STORE_NAME = r"^[a-z][a-z0-9-]{0,31}$"
-StoreStatus = Literal["starting", "ready", "restarting", "failed", "stopped"]
+StoreStatus = Literal[
+    "starting", "ready", "restarting", "failed", "stopped", "waiting", "backing-up", "restoring"
+]
 
 
 class StoreReport(BaseModel):

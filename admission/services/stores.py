@@ -18,6 +18,7 @@ from admission.models import Store, Worker, utcnow
 from admission.security import AdminPrincipal, NodePrincipal, ServicePrincipal
 from rma_ray.edges import CORE
 from rma_ray.head import STORE_NAMES
+from rma_ray.tiers import LABEL_NODE
 
 REPORT_EVERY_S = 10.0
 STALE_AFTER_S = 3 * REPORT_EVERY_S
@@ -71,6 +72,22 @@ def report(
     session.add(row)
 
 
+def _waiting_why(name: str, selector: dict[str, str], names: dict[str, str]) -> str:
+    """Why a supervisor waits: for its pinned donor (the store's data is there), or for any node it may use."""
+    donor = selector.get(LABEL_NODE)
+    if donor:
+        shown = f"{donor} ({names[donor]})" if names.get(donor) else donor
+        return (
+            f"waiting for {shown}: the store's data is on that donor, which is offline; its supervisor starts "
+            f"there when the donor is back"
+        )
+    return (
+        "waiting for a node labelled "
+        + ", ".join(f"{k}={v}" for k, v in sorted(selector.items()))
+        + " (no such donor is online: invite one with --trusted --tier data)"
+    )
+
+
 def list_all(session: Session, pending: dict[str, dict[str, str]] | None = None) -> list[schemas.StoreOut]:
     """Every reported store; `pending` (from the reconciler's view of Ray) adds the supervisors that wait for a
     node, with the label selector nobody matches."""
@@ -99,18 +116,15 @@ def list_all(session: Session, pending: dict[str, dict[str, str]] | None = None)
             )
         )
     for name, selector in sorted((pending or {}).items()):
-        why = (
-            "waiting for a node labelled "
-            + ", ".join(f"{k}={v}" for k, v in sorted(selector.items()))
-            + " (no such donor is online: invite one with --trusted --tier data)"
-        )
+        why = _waiting_why(name, selector, names)
+        status = "waiting" if selector.get(LABEL_NODE) else "pending"
         row = next((o for o in out if o.name == name), None)
         if row is None:
             out.append(
                 schemas.StoreOut(
                     name=name,
                     runtime="",
-                    status="pending",
+                    status=status,
                     reported_status="",
                     error=why,
                     node="",
@@ -126,5 +140,5 @@ def list_all(session: Session, pending: dict[str, dict[str, str]] | None = None)
                 )
             )
         else:
-            row.status, row.error = "pending", why
+            row.status, row.error = status, why
     return out

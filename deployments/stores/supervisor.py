@@ -8,22 +8,44 @@ Least exposure: `endpoint()` hands the store's password only to a caller on a tr
 caller names its node, so this stops honest misplacement (a replica of a store-reading deployment scheduled
 on an untrusted donor), not a hostile member of the same cluster: that boundary is the core/edge split
 (SECURITY.md). Where the node runs the overlay, the store's port is firewalled to trusted nodes
-(firewall.py)."""
+(firewall.py).
+
+Pinning: a store stays with its data. The first supervisor that starts a store records where (its donor, the
+`rma.io/node` label, and Ray node id) in the volume (`.rma-pin.json`) and in the GCS's key-value store (namespace
+`rma`, key `store-pin/<store>`). Ray enforces the pin from then on: `ensure()` creates a supervisor whose store
+has a pin with the pinned donor's label in its label selector, so Ray restarts it on that donor only (a label
+outlives the donor's Ray node id, which changes when it rejoins), and the registry shows the pending
+supervisor as `waiting for <donor>`. A supervisor created before its store had a pin has the plain trusted-data
+selector, so Ray may restart it on another donor when the pinned one dies: that incarnation finds the pin naming
+another donor and an empty volume (`pin_decision`), does not start an empty store, reports
+`waiting for <donor>`, and, once the pinned donor's node is back, has a one-shot detached `Repin` actor kill it
+and create the supervisor again with the pinned selector. A store leaves its donor only on purpose:
+`rma stores move` (`move_to`: a `Repin` that pins the store on the new donor first).
+
+Backups (`backup_begin`, `read_chunk`, `restore_begin`, `write_chunk`, `restore_apply`): the store's own tools,
+run here on its node (backup.py), the bytes handed to the caller in chunks (never the whole file in one
+message); the store is stopped for the kinds that need it, with supervision held off meanwhile."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 import threading
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from deployments.stores import backup
 from deployments.stores.firewall import StoreFirewall, trusted_addresses, wanted
 from deployments.stores.kinds import KINDS, Endpoint, credentials, dir_size
 from deployments.stores.runtime import RUNTIMES, StoreError, make_runtime
 from rma_ray.settings import Settings
-from rma_ray.tiers import LABEL_TIER, LABEL_TRUSTED
+from rma_ray.tiers import LABEL_NODE, LABEL_TIER, LABEL_TRUSTED
 from rma_ray.waiting import GiveUp, WaitTimeout, wait_until
 
 NAMESPACE = "rma"
@@ -49,6 +71,54 @@ def _ray_node(node_id: str) -> dict[str, Any] | None:
 
 def actor_name(store: str) -> str:
     return f"rma-store-{store}"
+
+
+PIN_FILE = ".rma-pin.json"
+
+
+def pin_key(store: str) -> bytes:
+    return f"store-pin/{store}".encode()
+
+
+def volume_has_data(kind: str, volume: Path) -> bool:
+    """Whether this volume holds the store's data already (a pin file, or the kind's own files)."""
+    marks = {
+        "postgres": "pgdata/PG_VERSION",
+        "redis": "appendonlydir",
+        "chroma": "chroma",
+        "graph": "arcadedb",
+    }
+    return (volume / PIN_FILE).exists() or (volume / marks.get(kind, PIN_FILE)).exists()
+
+
+def pin_decision(pin: dict[str, Any] | None, donor: str, has_data: bool) -> str | None:
+    """Whether a supervisor starting on `donor` may start its store: None (yes), or the donor it must wait for
+    (its store is pinned there and this node has none of its data: starting here would start it empty)."""
+    if not pin or not pin.get("donor") or pin["donor"] == donor or has_data:
+        return None
+    return str(pin["donor"])
+
+
+def pinned_selector(selector: dict[str, str], pin: dict[str, Any] | None) -> dict[str, str]:
+    """The label selector that keeps a supervisor on its store's donor (a pin on a donor with a `rma.io/node`
+    label; the head is one node already)."""
+    if pin and pin.get("labelled") and selector.get(LABEL_TIER) != "head":
+        return {**selector, LABEL_NODE: str(pin["donor"])}
+    return dict(selector)
+
+
+def read_pin(store: str) -> dict[str, Any] | None:
+    """The store's pin from the GCS (None: never placed, or a GCS that started again empty)."""
+    from ray.experimental import internal_kv
+
+    raw = internal_kv._internal_kv_get(pin_key(store), namespace=NAMESPACE)
+    return json.loads(raw) if raw else None
+
+
+def donor_alive(donor: str) -> bool:
+    import ray
+
+    return any(n.get("Alive") and (n.get("Labels") or {}).get(LABEL_NODE) == donor for n in ray.nodes())
 
 
 class StoreSupervisor:
@@ -88,8 +158,28 @@ class StoreSupervisor:
         self.adopted = False
         self._stop = threading.Event()
         self._ready = threading.Event()
+        self._lock = threading.RLock()  # held by each supervision step and for a backup's or restore's stop
+        self._transfers: dict[str, dict[str, Any]] = {}
+        self.transfers_dir = root / f".{store}-transfers"
+        shutil.rmtree(self.transfers_dir, ignore_errors=True)  # an earlier incarnation's unfinished transfers
+        self.store_name, self.port_arg, self.data_dir_arg = store, port, data_dir
+        self.donor = self.labels.get(LABEL_NODE) or (
+            "head"
+            if HEAD_RESOURCE in ((_ray_node(self.node_id) or {}).get("Resources") or {})
+            else self.node_id
+        )
+        self.pin = self._pin()
+        self.waiting_for = pin_decision(self.pin, self.donor, volume_has_data(store, self.volume))
         self._thread = threading.Thread(target=self._supervise, daemon=True)
-        if self.runtime is not None:
+        if self.waiting_for is not None:
+            self.state = "waiting"
+            self.error = (
+                f"waiting for {self.waiting_for}: this store's data is on that donor and this node has none; "
+                f"it starts there when the donor is back"
+            )
+            threading.Thread(target=self._wait_for_donor, daemon=True).start()
+        elif self.runtime is not None:
+            self._record_pin()
             self._thread.start()
         self._reporter = threading.Thread(target=self._report_loop, daemon=True)
         self._reporter.start()
@@ -126,23 +216,87 @@ class StoreSupervisor:
     def _supervise(self) -> None:
         delay = 1.0
         while not self._stop.is_set():
-            if self.state != "ready":
-                try:
-                    self._bring_up()
-                    delay = 1.0
-                except Exception as exc:  # StoreError says what to fix; anything else: its type and text
-                    self.state = "failed"
-                    self.error = str(exc) if isinstance(exc, StoreError) else f"{type(exc).__name__}: {exc}"
-                    self.runtime.stop(5)
-                    self._stop.wait(delay)
-                    delay = min(60.0, delay * 2)
+            pause = 1.0
+            with self._lock:
+                if self._stop.is_set():
+                    return
+                if self.state != "ready":
+                    try:
+                        self._bring_up()
+                        delay = 1.0
+                    except Exception as exc:  # StoreError says what to fix; anything else: its type and text
+                        self.state = "failed"
+                        self.error = (
+                            str(exc) if isinstance(exc, StoreError) else f"{type(exc).__name__}: {exc}"
+                        )
+                        self.runtime.stop(5)
+                        pause, delay = delay, min(60.0, delay * 2)
+                elif not self.runtime.alive():
+                    self.state, self.error = "restarting", f"{self.kind.name} {self.runtime.name} exited"
+                    self._ready.clear()
+                    self.restarts += 1
+                    pause = 0.0
+            self._stop.wait(pause)
+
+    # -- pinning -------------------------------------------------------------------------------------------
+
+    def _pin(self) -> dict[str, Any] | None:
+        """The store's pin: the GCS's copy, else the volume's (a GCS that started again empty)."""
+        try:
+            pin = read_pin(self.store_name)
+        except Exception as exc:  # the GCS busy: the volume's copy is all there is
+            log.info("store pin not read from the GCS: %s", exc)
+            pin = None
+        if pin is None:
+            try:
+                pin = json.loads((self.volume / PIN_FILE).read_text())
+            except (OSError, ValueError):
+                pin = None
+        return pin
+
+    def _record_pin(self) -> None:
+        from ray.experimental import internal_kv
+
+        pin = {
+            "store": self.store_name,
+            "donor": self.donor,
+            "labelled": LABEL_NODE in self.labels,
+            "node_id": self.node_id,
+            "node_ip": self.host,
+            "since": (self.pin or {}).get("since") if (self.pin or {}).get("donor") == self.donor else None,
+        }
+        pin["since"] = pin["since"] or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        tmp = self.volume / (PIN_FILE + ".tmp")
+        tmp.write_text(json.dumps(pin))
+        os.replace(tmp, self.volume / PIN_FILE)
+        try:
+            internal_kv._internal_kv_put(
+                pin_key(self.store_name), json.dumps(pin), overwrite=True, namespace=NAMESPACE
+            )
+        except Exception as exc:  # the volume keeps it; the next supervisor writes it again
+            log.warning("store pin not written to the GCS: %s", exc)
+        self.pin = pin
+
+    def _wait_for_donor(self) -> None:
+        """Waiting: once the pinned donor's node is back, have a `Repin` actor put this supervisor there."""
+        import ray
+
+        while not self._stop.wait(2.0):
+            try:
+                if not donor_alive(str(self.waiting_for)):
                     continue
-            if not self.runtime.alive():
-                self.state, self.error = "restarting", f"{self.kind.name} {self.runtime.name} exited"
-                self._ready.clear()
-                self.restarts += 1
-                continue
-            self._stop.wait(1.0)
+                ray.remote(Repin).options(
+                    name=f"{actor_name(self.store_name)}-repin",
+                    namespace=NAMESPACE,
+                    lifetime="detached",
+                    num_cpus=0,
+                    get_if_exists=True,
+                ).remote().run.remote(
+                    self.store_name, self.runtime_name, self.port_arg, self.data_dir_arg, self.incarnation
+                )
+                return
+            except Exception as exc:  # the GCS busy: try again
+                log.info("repin not started: %s", exc)
 
     # -- the actor's API ---------------------------------------------------------------------------------
 
@@ -181,15 +335,170 @@ class StoreSupervisor:
             "adopted": self.adopted,
             "supervisor_pid": os.getpid(),
             "firewall": self.firewall.state,
+            "donor": self.donor,
+            "pinned_to": (self.pin or {}).get("donor"),
+            "waiting_for": self.waiting_for,
+            "incarnation": self.incarnation,
         }
 
     def stop(self) -> None:
         self._stop.set()
-        if self.runtime is not None:
-            self.runtime.stop()
+        with self._lock:
+            if self.runtime is not None:
+                self.runtime.stop()
         self.firewall.remove()
         self.state = "stopped"
         self._report()
+
+    # -- backups (backup.py: what each kind runs) ------------------------------------------------------------
+
+    def _usable(self) -> None:
+        if self.runtime is None or self.waiting_for is not None:
+            raise StoreError(f"{self.kind.name} is not running here: {self.error}")
+        if self.runtime_name != "process" and self.kind.name != "postgres":
+            raise StoreError(
+                f"backups of {self.kind.name} under the {self.runtime_name} runtime are not supported yet; "
+                f"only postgres (pg_dump over the network) is"
+            )
+
+    @contextmanager
+    def _stopped(self, state: str) -> Iterator[None]:
+        """The store stopped cleanly, supervision held off, then started again and answering queries."""
+        with self._lock:
+            self.state, self.error = state, None
+            self._ready.clear()
+            self.runtime.stop()
+            try:
+                yield
+            finally:
+                self.state = "starting"
+                self._bring_up()  # raises if it does not come back; the supervision loop keeps trying
+
+    def _new_transfer(self, **fields: Any) -> tuple[str, Path]:
+        tid = uuid.uuid4().hex
+        self.transfers_dir.mkdir(mode=0o700, exist_ok=True)
+        path = self.transfers_dir / tid
+        self._transfers[tid] = {"path": path, **fields}
+        return tid, path
+
+    def _transfer(self, tid: str) -> dict[str, Any]:
+        try:
+            return self._transfers[tid]
+        except KeyError:
+            raise StoreError(
+                f"no transfer {tid[:8]} on this supervisor (it restarted?): start again"
+            ) from None
+
+    def backup_begin(self) -> dict[str, Any]:
+        """Take a backup into a file on this node; returns its manifest and a transfer id for `read_chunk`."""
+        self._usable()
+        self._ready.wait(120)
+        tid, path = self._new_transfer()
+        ep = self._endpoint()
+        version = backup.store_version(self.kind.name, ep, self.volume)
+        try:
+            held = backup.counts(self.kind.name, ep)
+        except Exception as exc:  # informative in a plain backup; a move checks them and says so
+            log.info("counts of %s not taken: %s", self.kind.name, exc)
+            held = None
+        try:
+            if self.kind.name in backup.STOP_TO_BACKUP:
+                with self._stopped("backing-up"):
+                    backup.snapshot_stopped(self.kind.name, self.volume, path)
+            else:
+                backup.dump_online(self.kind.name, ep, self.volume, path)
+        except BaseException:
+            self.transfer_end(tid)
+            raise
+        manifest = {**backup.manifest(self.kind.name, version, path, self.runtime_name), "counts": held}
+        log.info("backup of %s taken: %d bytes", self.kind.name, manifest["size_bytes"])
+        return {"transfer": tid, "manifest": manifest}
+
+    def read_chunk(self, tid: str, offset: int, size: int = backup.CHUNK) -> bytes:
+        with open(self._transfer(tid)["path"], "rb") as f:
+            f.seek(offset)
+            return f.read(min(size, backup.CHUNK))
+
+    def transfer_end(self, tid: str) -> None:
+        t = self._transfers.pop(tid, None)
+        if t is not None:
+            Path(t["path"]).unlink(missing_ok=True)
+
+    def restore_begin(self, manifest: dict[str, Any]) -> str:
+        """Get ready to receive a backup (`write_chunk`, then `restore_apply`)."""
+        self._usable()
+        if (
+            manifest.get("store") != self.kind.name
+            or manifest.get("format") != backup.FORMATS[self.kind.name]
+        ):
+            raise StoreError(
+                f"this backup is of {manifest.get('store')!r} ({manifest.get('format')!r}), "
+                f"not of {self.kind.name}: restore it into its own store"
+            )
+        tid, path = self._new_transfer(manifest=manifest)
+        path.touch(mode=0o600)
+        return tid
+
+    def write_chunk(self, tid: str, data: bytes) -> int:
+        path = self._transfer(tid)["path"]
+        with open(path, "ab") as f:
+            f.write(data)
+        return int(path.stat().st_size)
+
+    def restore_apply(self, tid: str) -> dict[str, Any]:
+        """Check the received file against its manifest, then put it in place of the store's data."""
+        t = self._transfer(tid)
+        try:
+            path, manifest = t["path"], t["manifest"]
+            if backup.sha256_of(path) != manifest.get("sha256"):
+                raise StoreError(
+                    "the backup arrived damaged (its sha256 differs from the manifest's): try again"
+                )
+            if self.kind.name in backup.STOP_TO_RESTORE:
+                with self._stopped("restoring"):
+                    backup.restore_stopped(self.kind.name, self.volume, path)
+            else:
+                self._ready.wait(120)
+                backup.restore_online(self.kind.name, self._endpoint(), path)
+        finally:
+            self.transfer_end(tid)
+        log.info("%s restored from a backup of %s", self.kind.name, manifest.get("created_at"))
+        return self.status()
+
+    def counts(self) -> dict[str, int]:
+        """Rows, keys or records the store holds (backup.counts)."""
+        self._usable()
+        if not self._ready.wait(120):
+            raise StoreError(self.error or f"{self.kind.name} is not ready yet")
+        return backup.counts(self.kind.name, self._endpoint())
+
+    def move_to(self, donor: str) -> None:
+        """Hand this store's place to a new supervisor pinned on `donor` (a trusted data donor that is online):
+        a detached `Repin` stops this one (the store flushes; the volume stays here) and creates the new one,
+        which starts an empty store there for `rma stores move` to restore into."""
+        import ray
+
+        node = next(
+            (n for n in ray.nodes() if n.get("Alive") and (n.get("Labels") or {}).get(LABEL_NODE) == donor),
+            None,
+        )
+        labels = (node or {}).get("Labels") or {}
+        if node is None or any(labels.get(k) != v for k, v in TRUSTED_DATA.items()):
+            raise StoreError(
+                f"{donor} is not a trusted data donor that is online (rma.io/node={donor}, "
+                f"rma.io/tier=data, rma.io/trusted=true): pick one from `rma donors list --tier data`"
+            )
+        if donor == self.donor:
+            raise StoreError(f"{self.kind.name} already runs on {donor}")
+        ray.remote(Repin).options(
+            name=f"{actor_name(self.store_name)}-repin",
+            namespace=NAMESPACE,
+            lifetime="detached",
+            num_cpus=0,
+            get_if_exists=True,
+        ).remote().run.remote(
+            self.store_name, self.runtime_name, self.port_arg, self.data_dir_arg, self.incarnation, donor
+        )
 
     # -- reporting to the coordinator (registry page, GET /api/admin/stores) ------------------------------
 
@@ -250,6 +559,50 @@ class StoreSupervisor:
             self._stop.wait(0.5)
 
 
+class Repin:
+    """One-shot and detached: replaces a supervisor by one that Ray places on the store's pinned donor (a
+    waiting one, see the module docstring), or on a new donor (`to`: a move). Holds no secret; outlives the
+    supervisor it ends."""
+
+    def run(
+        self,
+        store: str,
+        runtime: str,
+        port: int | None,
+        data_dir: str | None,
+        incarnation: str,
+        to: str | None = None,
+    ) -> None:
+        import ray
+        from ray.experimental import internal_kv
+
+        try:
+            old = ray.get_actor(actor_name(store), namespace=NAMESPACE)
+            if ray.get(old.status.remote(), timeout=30).get("incarnation") == incarnation:
+                if to is not None:  # the new supervisor's pin: it starts its store there (pin_decision)
+                    pin = {"store": store, "donor": to, "labelled": True, "node_id": None, "since": None}
+                    internal_kv._internal_kv_put(
+                        pin_key(store), json.dumps(pin), overwrite=True, namespace=NAMESPACE
+                    )
+                try:
+                    ray.get(old.stop.remote(), timeout=120)  # the store flushes and exits; its volume stays
+                except Exception as exc:  # a waiting supervisor has nothing to stop; a dead one cannot
+                    log.info("old supervisor of %s not stopped cleanly: %s", store, exc)
+                ray.kill(old, no_restart=True)
+
+                def gone() -> bool:
+                    try:
+                        ray.get_actor(actor_name(store), namespace=NAMESPACE)
+                        return False
+                    except ValueError:
+                        return True
+
+                wait_until(gone, timeout=60, interval=0.5, what=f"the waiting supervisor of {store} to end")
+                ensure(store, runtime, port=port, data_dir=data_dir)
+        finally:
+            ray.actor.exit_actor()
+
+
 def ensure(
     store: str,
     runtime: str = "process",
@@ -257,13 +610,19 @@ def ensure(
     port: int | None = None,
     data_dir: str | None = None,
 ) -> Any:
-    """Get or create the store's supervisor (a Ray driver must be connected)."""
+    """Get or create the store's supervisor (a Ray driver must be connected): on its pinned donor when the
+    store has a pin, else wherever `selector` allows."""
     import ray
 
     try:
         return ray.get_actor(actor_name(store), namespace=NAMESPACE)
     except ValueError:
         pass
+    try:
+        pin = read_pin(store)
+    except Exception as exc:  # the GCS busy: the supervisor itself still refuses to start empty
+        log.info("store pin not read: %s", exc)
+        pin = None
     cls = ray.remote(StoreSupervisor)
     return cls.options(
         name=actor_name(store),
@@ -272,7 +631,7 @@ def ensure(
         max_restarts=-1,
         max_concurrency=8,
         num_cpus=0,
-        label_selector=selector or TRUSTED_DATA,
+        label_selector=pinned_selector(selector or TRUSTED_DATA, pin),
         get_if_exists=True,
     ).remote(store, runtime, port, data_dir)
 

@@ -13,7 +13,7 @@ import typer
 from pydantic import ValidationError
 from rich.text import Text
 
-from rma_ray.cli import admin, donor, pool
+from rma_ray.cli import admin, donor, pool, stores
 from rma_ray.cli.admin import admin_client, parse_duration
 from rma_ray.cli.common import HELP, CliError, err, fail, shown
 from rma_ray.client import AdmissionError
@@ -49,6 +49,7 @@ app.add_typer(donor.commands)
 add_registered_commands(app)
 for _name, _group in admin.GROUPS.items():
     app.add_typer(_group, name=_name)
+app.add_typer(stores.stores_app, name="stores")
 
 
 def main() -> None:

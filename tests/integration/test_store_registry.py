@@ -86,16 +86,23 @@ def test_pending_supervisor_is_listed_with_what_it_waits_for(coordinator: Coordi
         {"name": "rma-store-postgres", "label_selector": {"rma.io/tier": "data", "rma.io/trusted": "true"}},
         {"name": "rma-store-redis", "label_selector": {"rma.io/tier": "data", "rma.io/trusted": "true"}},
         {"name": "SERVE_REPLICA::x", "label_selector": {"rma.io/tier": "service"}},
+        {  # pinned to its donor, which is gone (deployments/stores/supervisor.py: pinning)
+            "name": "rma-store-chroma",
+            "label_selector": {"rma.io/tier": "data", "rma.io/trusted": "true", "rma.io/node": "w-gone"},
+        },
     ]
     view = RayView()
     with coordinator.state.sessions() as s, s.begin():
         apply(coordinator.state, s, [], pending, view)
-    assert set(view.pending_stores) == {"postgres", "redis"}
+    assert set(view.pending_stores) == {"postgres", "redis", "chroma"}
     with coordinator.state.sessions() as s:
         rows = {r.name: r for r in stores.list_all(s, view.pending_stores)}
     assert rows["postgres"].status == "pending" and "rma.io/trusted=true" in (rows["postgres"].error or "")
     assert "--trusted --tier data" in (rows["postgres"].error or "")
     assert rows["redis"].status == "pending" and rows["redis"].reported_status == "ready"
+    assert rows["chroma"].status == "waiting" and (rows["chroma"].error or "").startswith(
+        "waiting for w-gone"
+    )
 
 
 def service_key(coordinator: Coordinator) -> dict[str, Any]:

@@ -374,3 +374,149 @@ def test_port_taken_is_a_clear_error(cluster: Cluster) -> None:
         holder.close()
         shutil.rmtree("/tmp/rma-it-porttaken", ignore_errors=True)
     assert st["status"] == "failed" and f"port {port}" in st["error"] and "taken" in st["error"]
+
+
+DROP = {  # half the records go after the backup: the restore must bring them back
+    "redis": """
+        r = redis.Redis(host=ep.host, port=ep.port, password=ep.password)
+        r.delete(*[f"rec:{i}" for i in range(500)])
+    """,
+    "postgres": """
+        with psycopg.connect(ep.url(), autocommit=True) as c:
+            c.execute("DELETE FROM recs WHERE id < 500")
+    """,
+    "chroma": """
+        col.delete(ids=[f"rec-{i}" for i in range(500)])
+    """,
+    "graph": """
+        with GraphDatabase.driver(ep.url(), auth=(ep.user, ep.password)) as d, d.session(database=ep.database) as s:
+            s.run("MATCH (r:Rec) WHERE r.id < 500 DETACH DELETE r").consume()
+    """,
+}
+
+
+def rma(c: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
+    """The `rma` CLI on the operator's machine, joining this cluster by RAY_ADDRESS and the token's path."""
+    env = {
+        **ray_env(c.token),
+        "RAY_ADDRESS": c.address,
+        "HOME": str(c.root / "home"),
+        "RMA_DATA_DIR": str(c.root / "cli"),
+        "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "rma_ray.cli", *args], env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def _cli_run(c: Cluster, store: str, steps: list[tuple[str, Any]]) -> dict[str, Any]:
+    """One driver (a Ray driver costs seconds to start) that runs, in order, `rma` commands (in process, on this
+    driver's connection) and record scripts; returns each record script's `n` by name, and the store's status.
+    Writes the 1,000 records first when they are not there (the test runs alone)."""
+    body = [
+        "from deployments.stores import supervisor",
+        "from rma_ray.cli import app",
+        f"supervisor.ensure({store!r})",
+        f"ep = supervisor.endpoint({store!r})",
+        "results = {}",
+        "try:",
+        textwrap.indent(textwrap.dedent(COUNT[store]), "    "),
+        "except Exception:",
+        "    n = 0",
+        "if n != 1000:",
+        textwrap.indent(textwrap.dedent(WRITE[store]), "    "),
+    ]
+    for what, arg in steps:
+        if what == "rma":
+            body.append(f"app({list(arg)!r}, standalone_mode=False)")
+        else:
+            body += [textwrap.dedent(arg), f"results[{what!r}] = n"]
+    body += [
+        f"ep = supervisor.endpoint({store!r})",
+        textwrap.dedent(COUNT[store]),
+        "results['final'] = n",
+        f"results['status'] = ray.get(supervisor.ensure({store!r}).status.remote())",
+        "print(json.dumps(results))",
+    ]
+    return c.driver("\n".join(body), timeout=400)  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("store", STORES)
+def test_backup_and_restore_keep_the_acknowledged_records(
+    cluster: Cluster, store: str, tmp_path: Path
+) -> None:
+    """`rma stores backup` with the store's own tool, half the records dropped, `rma stores restore`: the 1,000
+    acknowledged records are back (a wrong or damaged backup is refused: tests/unit/test_stores_backup.py)."""
+    dest = tmp_path / f"{store}-backup"
+    got = _cli_run(
+        cluster,
+        store,
+        [
+            ("rma", ["stores", "backup", store, str(dest)]),
+            ("dropped", COUNT[store] + DROP[store] + COUNT[store]),
+            ("rma", ["stores", "restore", store, str(dest)]),
+        ],
+    )
+    manifest = json.loads((dest / "manifest.json").read_text())
+    assert manifest["store"] == store and manifest["size_bytes"] == (dest / manifest["file"]).stat().st_size
+    assert got["dropped"] == 500 and got["final"] == 1000 and got["status"]["status"] == "ready"
+
+
+STATUS_NOW = """
+a = ray.get_actor("rma-store-%(store)s", namespace="rma")
+try:
+    print(json.dumps(ray.get(a.status.remote(), timeout=5)))
+except Exception:  # Ray is restarting it (its node left): not placed yet
+    print(json.dumps(None))
+"""
+
+
+def _status_is(c: Cluster, store: str, **want: Any) -> dict[str, Any] | None:
+    st = c.driver(STATUS_NOW % {"store": store})
+    return st if st and all(st.get(k) == v for k, v in want.items()) else None
+
+
+def test_a_store_stays_with_its_donor_when_the_donor_goes(cluster: Cluster) -> None:
+    """The donor hosting the stores leaves while a second trusted data donor is online: Ray restarts the
+    supervisors there, and they wait for their donor instead of starting empty stores; when the donor is back,
+    each supervisor returns to it and its store serves the 1,000 acknowledged records."""
+    labels = {"rma.io/tier": "data", "rma.io/trusted": "true"}
+    cluster.add_node("trusted2", {**labels, "rma.io/node": "trusted2"})
+    before = cluster.driver(STATUS % {"store": "postgres"})
+    assert before["donor"] == "trusted" and before["pinned_to"] == "trusted" and before["status"] == "ready"
+    cluster.nodes.pop("trusted").stop(timeout=30)
+    waiting = wait_for(
+        lambda: _status_is(cluster, "postgres", status="waiting", donor="trusted2"),
+        timeout=120,
+        what="the postgres supervisor to be restarted on trusted2 and wait there",
+    )
+    assert waiting["waiting_for"] == "trusted" and waiting["pid"] is None
+    assert "waiting for trusted" in waiting["error"]
+    assert not (cluster.stores / "trusted2" / "postgres" / "pgdata").exists()  # no empty store started
+    cluster.add_node("trusted", {**labels, "rma.io/node": "trusted"})
+    for store in STORES:  # every supervisor goes back (the module's teardown stops them there)
+        wait_for(
+            lambda s=store: _status_is(cluster, s, status="ready", donor="trusted"),
+            timeout=180,
+            what=f"{store} back on its donor and ready",
+        )
+    assert _run(cluster, "postgres", COUNT["postgres"], "n") == 1000
+
+
+def test_move_refuses_a_donor_that_may_not_hold_stores(cluster: Cluster) -> None:
+    r = rma(cluster, "stores", "move", "redis", "--to", "untrusted")
+    assert r.returncode == 1 and "untrusted is not a trusted data donor that is online" in r.stderr, r.stderr
+    assert _status_is(cluster, "redis", status="ready", donor="trusted")  # nothing moved
+
+
+@pytest.mark.parametrize("store", STORES)
+def test_move_to_another_trusted_data_donor_keeps_the_records(cluster: Cluster, store: str) -> None:
+    """`rma stores move`: backup, a new supervisor pinned on the target, restore, counts checked, switch."""
+    if "trusted2" not in cluster.nodes:  # run alone
+        cluster.add_node(
+            "trusted2", {"rma.io/tier": "data", "rma.io/trusted": "true", "rma.io/node": "trusted2"}
+        )
+    got = _cli_run(cluster, store, [("rma", ["stores", "move", store, "--to", "trusted2"])])
+    st = got["status"]
+    assert st["donor"] == "trusted2" and st["pinned_to"] == "trusted2" and st["status"] == "ready"
+    assert got["final"] == 1000

@@ -1,0 +1,331 @@
+"""`rma stores list|backup|restore`: the pool's data stores, run on the operator's machine (the Ray head).
+
+`list` asks the coordinator (admin key), as the registry page does. `backup` and `restore` join the pool's Ray
+cluster as a driver (the pool's `cluster_token` from the data dir, or the caller's RAY_ADDRESS and
+RAY_AUTH_TOKEN_PATH) and talk to the store's supervisor actor by name, which runs the store's own tool on the
+store's node (deployments/stores/backup.py). The bytes come and go in chunks of at most 8 MiB, so a large
+backup is never whole in memory. A backup is a directory: the store's file and `manifest.json` (store, format,
+version, time, size, sha256), written last, so a directory with a manifest is a whole backup."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from rma_ray import poolinfo
+from rma_ray.cli.admin import admin_client
+from rma_ray.cli.common import (
+    HELP,
+    CoordinatorOpt,
+    DataDirOpt,
+    JsonOpt,
+    KeyFileOpt,
+    data_dir_of,
+    err,
+    fail,
+    out,
+    print_json,
+    shown,
+)
+from rma_ray.poolinfo import STORE_NAMES
+
+stores_app = typer.Typer(help="The pool's data stores: list, back up, restore.", **HELP)
+MANIFEST = "manifest.json"
+CHUNK = 8 * 1024 * 1024  # the supervisor's own cap (deployments/stores/backup.py CHUNK)
+FILES = {"postgres": "postgres.dump", "redis": "redis.rdb", "chroma": "chroma.tar", "graph": "graph.tar"}
+AddressOpt = Annotated[
+    str | None,
+    typer.Option("--address", help="the pool's Ray address (default: this pool's pool.json, or RAY_ADDRESS)"),
+]
+
+
+def _store(name: str) -> str:
+    if name not in STORE_NAMES:
+        fail(f"no store {name!r}; the pool's stores are: {', '.join(STORE_NAMES)}")
+    return name
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_manifest(src: Path, store: str) -> tuple[dict[str, Any], Path]:
+    """The backup at `src`, checked before anything is sent: its manifest names this store, and its file has
+    the manifest's size and sha256. A mismatch is one line that says what is wrong."""
+    try:
+        manifest = json.loads((src / MANIFEST).read_text())
+    except FileNotFoundError:
+        fail(f"{src} holds no {MANIFEST}: not a backup made by `rma stores backup` (or an unfinished one)")
+    except (OSError, ValueError) as exc:
+        fail(f"cannot read {src / MANIFEST}: {exc}")
+    if not isinstance(manifest, dict):
+        fail(f"{src / MANIFEST} is not a backup manifest")
+    if manifest.get("store") != store:
+        fail(
+            f"{src} is a backup of {manifest.get('store')!r}, not of {store}: "
+            f"restore it with `rma stores restore {manifest.get('store')} {src}`"
+        )
+    data = src / str(manifest.get("file") or FILES[store])
+    if data.parent != src or not data.is_file():
+        fail(f"{src} lacks the backup's file {data.name}: copy the whole backup directory")
+    if data.stat().st_size != manifest.get("size_bytes") or _sha256(data) != manifest.get("sha256"):
+        fail(
+            f"{data} does not match {MANIFEST} (size or sha256 differ): the backup is damaged or was changed"
+        )
+    return manifest, data
+
+
+@contextmanager
+def pool_ray(data_dir: Path | None, address: str | None) -> Iterator[Any]:
+    """A Ray driver connected to the pool (its token by path, never on a command line); the caller's own
+    connection where it is a Ray driver already (a script, a test)."""
+    import sys
+
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        yield sys.modules["ray"]
+        return
+    ddir = data_dir_of(data_dir)
+    address = address or poolinfo.try_read(ddir).ray_address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        fail(f"no running pool found in {ddir} (no pool.json with ray_address): pass --data-dir or --address")
+    token = ddir / "cluster_token"
+    if token.exists():
+        os.environ.update(
+            {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0"}
+        )
+        os.environ.pop("RAY_AUTH_TOKEN", None)
+    os.environ.setdefault("RAY_DEFAULT_PYTHON_VERSION_MATCH_LEVEL", "minor")
+    import logging
+
+    import ray
+
+    try:
+        ray.init(address=address, namespace="rma", logging_level=logging.ERROR, log_to_driver=False)
+    except ConnectionError as exc:
+        fail(f"cannot reach the pool's Ray cluster at {address}: {exc}")
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def _supervisor(ray: Any, store: str) -> Any:
+    try:
+        return ray.get_actor(f"rma-store-{store}", namespace="rma")
+    except ValueError:
+        fail(f"the pool runs no {store} store (no supervisor rma-store-{store}): `rma up` starts the stores")
+
+
+def _call(ray: Any, ref: Any, timeout: float = 3600) -> Any:
+    """A supervisor call's result; a refusal from it (StoreError) becomes one line."""
+    try:
+        return ray.get(ref, timeout=timeout)
+    except ray.exceptions.RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        fail(str(cause) if cause is not None else str(exc).strip().splitlines()[-1])
+    except ray.exceptions.GetTimeoutError:
+        fail(f"the store's supervisor did not answer within {timeout:g} s")
+    except ray.exceptions.RayActorError as exc:
+        fail(f"the store's supervisor is not running (its node gone?): {str(exc).splitlines()[0]}")
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+    )
+
+
+def _download(ray: Any, sup: Any, store: str, dest: Path) -> dict[str, Any]:
+    """Have the supervisor take a backup, and bring it into `dest` chunk by chunk; returns its manifest."""
+    err.print(f"backing up {store} on its node …", highlight=False)
+    begun = _call(ray, sup.backup_begin.remote())
+    tid, manifest = begun["transfer"], dict(begun["manifest"])
+    manifest["file"] = FILES[store]
+    dest.mkdir(parents=True, exist_ok=True)
+    data = dest / FILES[store]
+    h, done = hashlib.sha256(), 0
+    try:
+        with _progress() as bar, open(data, "wb") as f:
+            task = bar.add_task(f"{store} → {dest}", total=manifest["size_bytes"])
+            nxt = sup.read_chunk.remote(tid, 0, CHUNK)
+            while done < manifest["size_bytes"]:
+                chunk = _call(ray, nxt, timeout=600)
+                if not chunk:
+                    fail(f"the backup of {store} ended early ({done} of {manifest['size_bytes']} bytes)")
+                done += len(chunk)
+                if done < manifest["size_bytes"]:  # ask for the next while this one is written
+                    nxt = sup.read_chunk.remote(tid, done, CHUNK)
+                f.write(chunk)
+                h.update(chunk)
+                del chunk
+                bar.update(task, completed=done)
+        if h.hexdigest() != manifest["sha256"]:
+            fail(f"the backup of {store} arrived damaged (sha256 differs): try again")
+        (dest / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    except BaseException:
+        data.unlink(missing_ok=True)
+        raise
+    finally:
+        sup.transfer_end.remote(tid)  # the node's copy goes; a failure here changes nothing for the caller
+    return manifest
+
+
+def _upload(ray: Any, sup: Any, store: str, manifest: dict[str, Any], data: Path, what: str) -> Any:
+    """Send a checked backup to the supervisor, chunk by chunk, and have it restore it; returns its status."""
+    tid = _call(ray, sup.restore_begin.remote(manifest))
+    size = data.stat().st_size
+    with _progress() as bar, open(data, "rb") as f:
+        task = bar.add_task(f"{what} → {store}", total=size)
+        while chunk := f.read(CHUNK):
+            bar.update(task, completed=_call(ray, sup.write_chunk.remote(tid, chunk), timeout=600))
+    err.print(f"restoring {store} on its node …", highlight=False)
+    return _call(ray, sup.restore_apply.remote(tid))
+
+
+@stores_app.command("backup")
+def stores_backup(
+    store: str,
+    dest: Annotated[Path, typer.Argument(help="a new (or empty) directory for the backup")],
+    address: AddressOpt = None,
+    data_dir: DataDirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Back up a store with its own tool (pg_dump, Redis RDB, a directory snapshot) into DEST here."""
+    _store(store)
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        fail(f"{dest} exists and is not an empty directory: give a new directory for the backup")
+    with pool_ray(data_dir, address) as ray:
+        manifest = _download(ray, _supervisor(ray, store), store, dest)
+    if as_json:
+        return print_json({"dest": str(dest), **manifest})
+    out.print(
+        f"{store} backed up to {dest} ({manifest['size_bytes']} bytes, {manifest['format']}, "
+        f"{store} {manifest['store_version']}, sha256 {manifest['sha256'][:12]}…)",
+        highlight=False,
+    )
+
+
+@stores_app.command("restore")
+def stores_restore(
+    store: str,
+    src: Annotated[Path, typer.Argument(help="a directory made by `rma stores backup`")],
+    address: AddressOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Replace a store's data with a backup (the manifest's store and checksum are checked first)."""
+    _store(store)
+    manifest, data = read_manifest(src, store)
+    with pool_ray(data_dir, address) as ray:
+        st = _upload(ray, _supervisor(ray, store), store, manifest, data, str(src))
+    out.print(
+        f"{store} restored from {src} (backup of {manifest.get('created_at')}); status: {st['status']}",
+        highlight=False,
+    )
+
+
+@stores_app.command("move")
+def stores_move(
+    store: str,
+    to: Annotated[str, typer.Option("--to", help="the trusted data donor (its id) to move the store to")],
+    address: AddressOpt = None,
+    data_dir: DataDirOpt = None,
+    wait_s: Annotated[
+        float, typer.Option("--wait", help="seconds to wait for the store on its new donor")
+    ] = 300,
+) -> None:
+    """Move a store with its data to another trusted data donor: back up, start it there, restore, check the
+    counts, switch. Stop its writers first: a write after the backup would be lost, so the move stops if the
+    counts changed meanwhile. The old donor keeps its volume; the backup stays in the data dir's backups/."""
+    from rma_ray.waiting import WaitTimeout, wait_until
+
+    _store(store)
+    ddir = data_dir_of(data_dir)
+    dest = ddir / "backups" / f"move-{store}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
+    with pool_ray(data_dir, address) as ray:
+        old = _supervisor(ray, store)
+        was = _call(ray, old.status.remote(), timeout=30)
+        if was["status"] != "ready":
+            fail(f"{store} is {was['status']} ({was.get('error')}); a move starts from a running store")
+        manifest = _download(ray, old, store, dest)
+        now = _call(ray, old.counts.remote())
+        if manifest.get("counts") != now:
+            fail(
+                f"{store} changed during the backup (counts {manifest.get('counts')} → {now}): stop its "
+                f"writers and move it again; nothing was moved"
+            )
+        _call(ray, old.move_to.remote(to), timeout=60)
+        err.print(f"starting {store} on {to} …", highlight=False)
+
+        def there() -> Any:
+            sup = ray.get_actor(f"rma-store-{store}", namespace="rma")
+            st = ray.get(sup.status.remote(), timeout=5)
+            return sup if st["donor"] == to and st["status"] == "ready" else None
+
+        try:
+            new = wait_until(there, timeout=wait_s, interval=1, what=f"{store} to answer on {to}")
+        except WaitTimeout:
+            fail(f"{store} did not start on {to} within {wait_s:g} s; the backup is in {dest}")
+        st = _upload(ray, new, store, manifest, dest / FILES[store], str(dest))
+        after = _call(ray, new.counts.remote())
+    if after != manifest.get("counts"):
+        fail(
+            f"{store} on {to} holds {after}, the backup {manifest.get('counts')}: check it; "
+            f"the old volume stays on {was['donor']} and the backup in {dest}"
+        )
+    out.print(
+        f"{store} moved from {was['donor']} to {to} ({st['status']}; counts match: {after}); "
+        f"backup kept in {dest}",
+        highlight=False,
+    )
+
+
+@stores_app.command("list")
+def stores_list(
+    coordinator: CoordinatorOpt = None, admin_key_file: KeyFileOpt = None, as_json: JsonOpt = False
+) -> None:
+    """List the data stores as their supervisors report them (a store pinned to a donor that is gone shows
+    `waiting for <donor>`)."""
+    with admin_client(coordinator, admin_key_file) as client:
+        rows = client.request("GET", "/api/admin/stores")
+    if as_json:
+        return print_json(rows)
+    table = Table("store", "status", "runtime", "node", "address", "size", "note")
+    for r in rows:
+        node = "head" if r["node"] == "head" else f"{r['node']} {r.get('worker_name') or ''}".strip()
+        table.add_row(
+            r["name"],
+            r["status"],
+            r["runtime"],
+            shown(node),
+            f"{r['node_ip']}:{r['port']}" if r["port"] else "",
+            f"{r['size_bytes'] / 1048576:.1f} MiB",
+            shown(r["error"] or ""),
+        )
+    out.print(table)
