@@ -8,7 +8,7 @@ import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 from fastapi.concurrency import run_in_threadpool
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from admission import db, errors, migrate
 from admission.proxy import ClientAddress
 from admission.ratelimit import IpLimiter
-from admission.routes import admin, edges, health, invites, registry, worker
+from admission.routes import admin, contributions, edges, health, invites, registry, worker
 from admission.services import keys, overlay
 from admission.state import AppState
 from rma_ray.bodylimit import BodyLimit, json_refusal
@@ -130,7 +130,14 @@ def create_app(settings: Settings | None = None, state: AppState | None = None) 
     )
     app.state.rma = state
     errors.install(app)
-    routers = (worker.router, invites.router, admin.router, edges.router, registry.router, health.router)
+    routers: tuple[APIRouter, ...] = (
+        worker.router,
+        invites.router,
+        admin.router,
+        edges.router,
+        registry.router,
+    )
+    routers += (health.router, contributions.router)
     for r in routers:  # hottest first
         app.include_router(r)
     app.mount("/static", StaticFiles(directory=Path(__file__).resolve().parent / "static"), name="static")
