@@ -264,8 +264,8 @@ def store(
 
 
 def rollup(session: Session, now: datetime, minutes_h: int) -> int:
-    """Rows older than `minutes_h` hours become one row per donor and hour (at the hour's first minute); returns
-    the rows removed. Idempotent: an hour already rolled is one row and is left alone."""
+    """Rows older than `minutes_h` hours become one row per donor and hour (at the hour's first minute);
+    returns the rows removed. Idempotent: an hour already rolled is one row and is left alone."""
     cutoff = (now - timedelta(hours=minutes_h)).replace(minute=0, second=0, microsecond=0)
     rows = session.scalars(
         select(ContributionMinute).where(
