@@ -355,3 +355,14 @@ def test_rma_status_lines_render_the_figures() -> None:
     lines = render(wc)
     assert lines["given today"] == "3.23 credits: 2.00 CPU-h, 0.00 GPU-h, 1,234 requests, 0 tokens"
     assert lines["given all time"].endswith("99 tokens")
+
+
+def test_rma_status_says_why_it_has_no_figures() -> None:
+    from types import SimpleNamespace
+
+    from rma_ray.contribution import status_lines
+    from tests.support import free_port
+
+    m = SimpleNamespace(coordinator_url=f"http://127.0.0.1:{free_port()}", node_token="rma_node_x_y")
+    line = status_lines(m)["contribution"]
+    assert line.startswith("unknown (cannot reach the coordinator")
