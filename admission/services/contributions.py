@@ -19,8 +19,11 @@ Per donor and minute (rolled into one row per hour after `contribution_minutes_h
   way; a node without GPUs exports none, and its column is 0.
 - **requests**: `ray_serve_deployment_request_counter`, counted by each replica (so: by the node the replica
   runs on), as deltas of the cumulative counter with the collector's restart rules.
-- **LLM tokens**: vLLM's `generation_tokens` counter as Ray exports it from the replica's node (`ray_vllm:...`
-  names, and vLLM's own `vllm:...` in case an exporter keeps them), as deltas like the requests.
+- **LLM tokens**: vLLM's `vllm:generation_tokens` counter as Ray exports it from the replica's node (vLLM's
+  RayPrometheusStatLogger sanitises the name for OpenTelemetry: `ray_vllm_generation_tokens_total`; the
+  colon forms are read too), as deltas like the requests. Our LLM deployment runs with
+  `log_engine_metrics=False` (deployments/llm/config.py), so today no token counter reaches Ray's exporter
+  and the column stays 0 until that is turned on.
 
 A scrape target (`host:port`, as Ray publishes it for Prometheus) is mapped to a Ray node id with the
 dashboard's node table (each node's `nodeManagerAddress` and `metricsExportPort`, the very fields Ray builds
@@ -58,7 +61,7 @@ from rma_ray.settings import Settings
 CPU = "ray_component_cpu_percentage"
 GPU = "ray_node_gpus_utilization"
 REQUESTS = "ray_serve_deployment_request_counter"  # the family's name as parsed; its sample ends in _total
-TOKENS = ("ray_vllm:generation_tokens", "ray_vllm_generation_tokens", "vllm:generation_tokens")
+TOKENS = ("ray_vllm_generation_tokens", "ray_vllm:generation_tokens", "vllm:generation_tokens")
 FAMILIES = (CPU, GPU, REQUESTS, *TOKENS)
 _NOT_IDENTITY = {"otel_scope_name", "otel_scope_schema_url", "otel_scope_version"}
 MARKER = "contributions-started"
