@@ -30,6 +30,14 @@ dashboard's node table (each node's `nodeManagerAddress` and `metricsExportPort`
 its target list from), and a Ray node id to a donor with the registry's `workers.ray_node_id`, which the
 reconciler sets only after checking the node's labels and address. So a node says nothing about whose it is;
 a node no donor accounts for (the head, an intruder) is attributed to no one and leaves no cursor behind.
+Edge clusters (untrusted donors) are read the same way through each edge's dashboard: their nodes' endpoints
+are scraped for the ledger only (the Requests section stays the core's); an edge whose dashboard or node does
+not answer is skipped for that pass, which loses no counted work (counters are cumulative) and at most
+MAX_GAP of CPU time per pass.
+
+Everything here is what Ray's processes on the donor's machine export: a donor who controls that machine can
+make them export more. The ledger avoids trusting the donor's agent, not the donor's hardware; sampled
+re-checks on trusted replicas are the remedy for that, and are not this module's.
 
 Cursors (the counters' last values, each node's last pass time and a started-marker) live in the collector's
 `metric_cursors` table and are written in the collector's transaction, with the rows: a restarted coordinator
@@ -56,6 +64,7 @@ from sqlalchemy.orm import Session
 from admission import schemas
 from admission.models import ContributionMinute, MetricCursor, Worker, utcnow
 from admission.state import AppState
+from rma_ray.edges import CORE
 from rma_ray.settings import Settings
 
 CPU = "ray_component_cpu_percentage"
@@ -172,11 +181,11 @@ def node_targets(nodes_summary: Any) -> dict[str, str]:
     return out
 
 
-def discover_nodes(state: AppState, http: httpx.Client) -> dict[str, str]:
+def discover_nodes(state: AppState, http: httpx.Client, cluster: str = CORE) -> dict[str, str]:
     s = state.settings
-    token = s.ray_auth_token()
+    token = s.cluster_token(cluster)
     r = http.get(
-        (s.ray_dashboard_url or "").rstrip("/") + "/nodes",
+        (s.cluster_dashboard(cluster) or "").rstrip("/") + "/nodes",
         params={"view": "summary"},
         headers={"Authorization": f"Bearer {token}"} if token else {},
     )

@@ -377,8 +377,18 @@ class Collector:
             except (httpx.HTTPError, ValueError, TypeError, AttributeError) as exc:
                 log.warning("contribution ledger skipped a pass: cannot read Ray's node table: %s", exc)
                 node_of = None
+            if node_of is not None:
+                texts.update(self._edge_nodes(http, node_of))
         nodes: dict[str, contributions.NodeReading] = {}
+        core = set(targets)
         for target, text in texts.items():
+            if target not in core:  # an edge node's endpoint: the ledger's only
+                if isinstance(text, str):
+                    try:
+                        nodes[target] = contributions.parse(text, target)
+                    except (ValueError, KeyError) as exc:
+                        log.warning("contribution ledger: cannot parse %s's metrics: %r", target, exc)
+                continue
             if isinstance(text, Exception):
                 failed.append(f"{target}: {text}")
                 continue
@@ -408,6 +418,22 @@ class Collector:
             if len(failed) == len(targets)
             else None
         )
+        return out
+
+    def _edge_nodes(self, http: httpx.Client, node_of: dict[str, str]) -> dict[str, str | Exception]:
+        """Each edge cluster's node endpoints, scraped for the contribution ledger; `node_of` gains their
+        nodes. An edge that does not answer is skipped this pass."""
+        out: dict[str, str | Exception] = {}
+        for edge in self.state.settings.edges:
+            try:
+                of = contributions.discover_nodes(self.state, http, edge.name)
+            except (httpx.HTTPError, ValueError, TypeError, AttributeError) as exc:
+                log.warning("contribution ledger: cannot read edge %s's node table: %s", edge.name, exc)
+                continue
+            new = [t for t in of if t not in node_of]
+            with ThreadPoolExecutor(max_workers=max(1, min(8, len(new)))) as pool:
+                out.update(zip(new, pool.map(lambda t: _try_scrape(http, t), new), strict=True))
+            node_of.update({t: of[t] for t in new})
         return out
 
 

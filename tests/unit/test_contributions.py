@@ -11,6 +11,7 @@ import json
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -366,3 +367,81 @@ def test_rma_status_says_why_it_has_no_figures() -> None:
     m = SimpleNamespace(coordinator_url=f"http://127.0.0.1:{free_port()}", node_token="rma_node_x_y")
     line = status_lines(m)["contribution"]
     assert line.startswith("unknown (cannot reach the coordinator")
+
+
+def test_a_collector_pass_reads_the_core_and_each_edge_over_http(tmp_path: Path) -> None:
+    """Ray's dashboards and a node's endpoint played by a small Starlette app (no Ray in unit tests): the core
+    lists no node, the edge's node table lists one donor's node; each dashboard gets its own cluster's token,
+    the node's endpoint none."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, PlainTextResponse
+    from starlette.routing import Route
+
+    from admission.main import prepare_database
+    from admission.services import metrics
+    from tests.support import ServerThread
+
+    seen: list[tuple[str, str | None]] = []
+    serving: dict[str, Any] = {"host": "", "req": 5.0}
+
+    async def sd(req: Request) -> JSONResponse:
+        return JSONResponse([{"labels": {"job": "ray"}, "targets": []}])
+
+    async def nodes(req: Request) -> JSONResponse:
+        auth = req.headers.get("authorization")
+        seen.append(("nodes", auth))
+        host, port = serving["host"].rsplit(":", 1)
+        rows = [{"raylet": {"nodeId": "n-edge", "nodeManagerAddress": host, "metricsExportPort": int(port)}}]
+        return JSONResponse({"data": {"summary": rows if auth == "Bearer edge-token" else []}})
+
+    async def scrape(req: Request) -> PlainTextResponse:
+        seen.append(("metrics", req.headers.get("authorization")))
+        return PlainTextResponse(node_text("127.0.0.1", req=serving["req"]))
+
+    async def healthz(req: Request) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    app = Starlette(
+        routes=[
+            Route("/api/prometheus/sd", sd),
+            Route("/nodes", nodes),
+            Route("/metrics", scrape),
+            Route("/healthz", healthz),
+        ]
+    )
+    (tmp_path / "core_token").write_text("core-token\n")
+    (tmp_path / "edge_token").write_text("edge-token\n")
+    with ServerThread(app) as ray:
+        serving["host"] = ray.url.removeprefix("http://")
+        edge = {
+            "name": "edge",
+            "ray_address": "127.0.0.1:1",
+            "dashboard_url": ray.url,
+            "serve_url": ray.url,
+            "token_file": str(tmp_path / "edge_token"),
+        }
+        state = build_state(
+            Settings(
+                database_url=f"sqlite:///{tmp_path / 'db.sqlite'}",
+                data_dir=tmp_path,
+                ray_dashboard_url=ray.url,
+                ray_auth_token_file=tmp_path / "core_token",
+                edges=[edge],
+            )
+        )
+        prepare_database(state)
+        with state.sessions() as s, s.begin():
+            w = donor("edgedonor", "n-edge")
+            w.cluster = "edge"
+            s.add(w)
+        collector = metrics.Collector(state, interval_s=1)
+        t0 = datetime.now(UTC)
+        collector.collect_once(t0)  # the baseline
+        serving["req"] = 12.0
+        collector.collect_once(t0 + timedelta(seconds=10))
+    assert rows(state.sessions)["edgedonor"] == (5.0, 0.0, 7, 0)
+    assert ("nodes", "Bearer core-token") in seen and ("nodes", "Bearer edge-token") in seen
+    assert ("metrics", None) in seen and not any(k == "metrics" and a for k, a in seen)
+    assert collector.view.error == "Ray lists no metrics endpoint yet"  # the Requests section: core only
+    state.engine.dispose()
