@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -488,3 +489,44 @@ def test_registry_page_shows_the_contributors_in_a_browser(ledger: Ledger) -> No
             page.locator("#contributors").screenshot(path=str(ARTIFACTS / "registry-contributors.png"))
         finally:
             browser.close()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite", "postgres"], indirect=True)
+def test_the_ledger_on_both_databases(db_url: str) -> None:
+    """The ledger's writes, rollup and reads on each database, from the unit tests' node endpoint text."""
+    from admission.models import ContributionMinute, Worker
+    from admission.services import contributions
+    from tests.unit.test_contributions import node_text
+
+    engine = make_engine(db_url)
+    migrate.upgrade(engine)
+    sessions = make_sessionmaker(engine)
+    now = datetime(2026, 3, 14, 12, 0, tzinfo=UTC)
+    target = "10.88.0.5:9100"
+    with sessions() as s, s.begin():
+        s.add(
+            Worker(
+                id="ledgerdb",
+                name="pc",
+                tier="service",
+                capabilities={},
+                labels={},
+                node_token_hash="0",
+                ray_node_id="n1",
+            )
+        )
+    for i, req in enumerate((5, 9, 30)):  # a baseline, then +4 and +21; 50 % of a core for 2 x 20 s
+        at = now - timedelta(hours=50) + timedelta(seconds=20 * i)
+        with sessions() as s, s.begin():
+            reading = {target: contributions.parse(node_text(req=req), target)}
+            contributions.store(s, reading, {target: "n1"}, at)
+    state: Any = SimpleNamespace(settings=make_settings(db_url, Path("/nonexistent")))  # weights only
+    with sessions() as s, s.begin():
+        contributions.maintain(s, now, state.settings)
+    with sessions() as s:
+        assert s.query(ContributionMinute).count() == 1  # two minutes 50 h ago, rolled into their hour
+        out = contributions.overview(state, s, now=now, hours=72)
+    (d,) = out.donors
+    assert (d.all_time.requests, d.all_time.cpu_s) == (4 + 21, 20.0)
+    assert sum(d.series.requests) == 25 and d.today.requests == 0
+    engine.dispose()
