@@ -8,7 +8,7 @@ import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from fastapi import APIRouter, FastAPI
+from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -130,16 +130,10 @@ def create_app(settings: Settings | None = None, state: AppState | None = None) 
     )
     app.state.rma = state
     errors.install(app)
-    routers: tuple[APIRouter, ...] = (
-        worker.router,
-        invites.router,
-        admin.router,
-        edges.router,
-        registry.router,
-    )
-    routers += (health.router, contributions.router)
+    routers = (worker.router, invites.router, admin.router, edges.router, registry.router, health.router)
     for r in routers:  # hottest first
         app.include_router(r)
+    app.include_router(contributions.router)
     app.mount("/static", StaticFiles(directory=Path(__file__).resolve().parent / "static"), name="static")
     app.add_middleware(
         BodyLimit, max_bytes=settings.max_body_bytes, refusal=json_refusal("payload_too_large")
