@@ -225,3 +225,20 @@ class MetricCursor(Base):
     target: Mapped[str] = mapped_column(String(255))
     value: Mapped[dict[str, Any]] = mapped_column(JSON)
     seen_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+
+class ContributionMinute(Base):
+    """What one donor's node gave the pool in one minute (rolled into one row per hour after 48 h, the row at
+    the hour's first minute): CPU- and GPU-seconds of Ray's processes there, requests its replicas served and
+    LLM tokens generated there, from the head's scrapes (written by admission.services.contributions)."""
+
+    __tablename__ = "contribution_minutes"
+
+    minute: Mapped[datetime] = mapped_column(UTCDateTime, primary_key=True)
+    worker_id: Mapped[str] = mapped_column(
+        String(12), ForeignKey("workers.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
+    cpu_s: Mapped[float] = mapped_column(Float, default=0.0)
+    gpu_s: Mapped[float] = mapped_column(Float, default=0.0)
+    requests: Mapped[int] = mapped_column(BigInteger, default=0)
+    tokens: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -263,3 +263,45 @@ class RequestMetricsOut(BaseModel):
     queues: list[DeploymentQueue]
     series: RequestSeries
     collector: CollectorOut
+
+
+# the contribution ledger (admission/services/contributions.py); a donor's own view is the wire of
+# rma_ray/contribution.py, which `rma status` parses
+from rma_ray.contribution import (  # noqa: E402
+    ContributionFigures as ContributionFigures,
+)
+from rma_ray.contribution import (  # noqa: E402
+    CreditWeights as CreditWeights,
+)
+from rma_ray.contribution import (  # noqa: E402
+    WorkerContribution as WorkerContribution,
+)
+
+
+class ContributionSeries(BaseModel):
+    step_s: int = Field(description="each slot's length (an hour)")
+    t: list[int] = Field(description="each slot's start, Unix seconds")
+    cpu_s: list[float]
+    requests: list[int]
+    tokens: list[int]
+    credits: list[float]
+
+
+class DonorContribution(BaseModel):
+    worker_id: str
+    name: str
+    tier: str
+    cluster: str
+    today: ContributionFigures
+    last_7d: ContributionFigures
+    all_time: ContributionFigures
+    series: ContributionSeries
+
+
+class ContributionsOut(BaseModel):
+    """GET /api/admin/contributions: every donor, best first by credits all time. "today" is the UTC day."""
+
+    generated_at: datetime
+    day_start: datetime
+    weights: CreditWeights
+    donors: list[DonorContribution]

@@ -88,6 +88,24 @@ class Settings(BaseSettings):
     metrics_retention_h: int = Field(
         default=48, ge=25, le=24 * 90, description="per-minute request rollups kept"
     )
+    # the contribution ledger (admission.services.contributions): per-minute rows become per-hour ones after
+    # contribution_minutes_h and go after contribution_retention_d; credits = sum of weight x amount
+    contribution_minutes_h: int = Field(
+        default=48, ge=1, le=24 * 90, description="donor contributions kept per minute, then per hour"
+    )
+    contribution_retention_d: int = Field(
+        default=90, ge=1, le=3650, description="donor contributions kept (days)"
+    )
+    credit_per_cpu_hour: float = Field(default=1.0, ge=0, description="credits for one CPU-hour of pool work")
+    credit_per_gpu_hour: float = Field(
+        default=10.0, ge=0, description="credits for one GPU-hour of pool work"
+    )
+    credit_per_1k_requests: float = Field(
+        default=1.0, ge=0, description="credits for a thousand requests served by a donor's replicas"
+    )
+    credit_per_1k_tokens: float = Field(
+        default=0.1, ge=0, description="credits for a thousand LLM tokens generated on a donor's node"
+    )
 
     # the WireGuard overlay (set by `rma up --overlay`; see rma_ray/overlay.py). With a hub interface on this
     # machine the coordinator hands each donor an overlay address and adds/removes its peer on the hub itself.

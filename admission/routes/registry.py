@@ -1,6 +1,7 @@
 """The admin registry page: server-rendered, log-in with an admin key (HttpOnly cookie), refreshes itself by
 swapping in a freshly rendered fragment; its Requests section (Serve's request metrics and a 24 h chart drawn by
-the vendored uPlot) updates from /registry/metrics. Everything it loads is served from this package (no CDN)."""
+the vendored uPlot) updates from /registry/metrics. Everything it loads is served from this package (no CDN).
+The fragment carries the donors' Contributors leaderboard (admission.services.contributions)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from fastapi.templating import Jinja2Templates
 from admission import schemas, security
 from admission.deps import AdminDep, ClientIp, SessionAdmin, SessionDep, State
 from admission.errors import ApiError
-from admission.services import edges, metrics, stats, stores, workers
+from admission.services import contributions, edges, metrics, stats, stores, workers
 from rma_ray.tiers import MINIMUMS, TIER_ORDER
 
 router = APIRouter(tags=["registry"])
@@ -34,6 +35,7 @@ def _fmt_ms(ms: float | None) -> str:
 
 templates.env.filters["mb"] = _fmt_mb
 templates.env.filters["ms"] = _fmt_ms
+templates.env.filters["sparkline"] = contributions.sparkline
 StepQ = Annotated[
     int,
     Query(
@@ -136,6 +138,7 @@ def registry(request: Request, state: State, session: SessionDep, partial: bool 
         "clusters": edges.clusters_view(state, ws),
         "admin_id": admin.key_id,
         "partial": partial,
+        "contributions": contributions.cached_overview(state, session, hours=24),
     }
     if not partial:  # the Requests section sits outside the refreshed fragment; its script keeps it current
         ctx["requests"] = _request_metrics(state, session, 600)

@@ -17,6 +17,9 @@ process restarted and its whole new value is new; a series first seen after the 
 traffic (a restarted proxy or replica has a new WorkerId label). Cursors are written in the same transaction as
 the rollups, so a restarted coordinator neither loses nor double-counts. The very first pass against a database with no
 cursors takes a baseline: a running cluster's history before the collector existed is not today's traffic.
+
+The same pass feeds the donors' contribution ledger (admission.services.contributions) from the same scrapes,
+in the same transaction.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from sqlalchemy.orm import Session
 
 from admission import schemas
 from admission.models import DeploymentLoad, MetricCursor, RequestMinute, utcnow
+from admission.services import contributions
 from admission.state import AppState
 
 log = logging.getLogger("rma.metrics")
@@ -334,6 +338,7 @@ class Collector:
         self.summaries: dict[
             int, tuple[Any, schemas.RequestMetricsOut]
         ] = {}  # step_s -> (pass, minute), figures
+        self.ledger: dict[int, tuple[Any, schemas.ContributionsOut]] = {}  # hours -> (pass, minute), figures
 
     @property
     def running(self) -> bool:
@@ -367,20 +372,41 @@ class Collector:
             reading, failed = Reading(), []
             with ThreadPoolExecutor(max_workers=max(1, min(8, len(targets)))) as pool:
                 texts = dict(zip(targets, pool.map(lambda t: _try_scrape(http, t), targets), strict=True))
+            try:  # which node each endpoint is, for the contribution ledger; without it, no ledger this pass
+                node_of: dict[str, str] | None = contributions.discover_nodes(self.state, http)
+            except (httpx.HTTPError, ValueError, TypeError, AttributeError) as exc:
+                log.warning("contribution ledger skipped a pass: cannot read Ray's node table: %s", exc)
+                node_of = None
+            if node_of is not None:
+                texts.update(self._edge_nodes(http, node_of))
+        nodes: dict[str, contributions.NodeReading] = {}
+        core = set(targets)
         for target, text in texts.items():
+            if target not in core:  # an edge node's endpoint: the ledger's only
+                if isinstance(text, str):
+                    try:
+                        nodes[target] = contributions.parse(text, target)
+                    except (ValueError, KeyError) as exc:
+                        log.warning("contribution ledger: cannot parse %s's metrics: %r", target, exc)
+                continue
             if isinstance(text, Exception):
                 failed.append(f"{target}: {text}")
                 continue
             try:
                 reading.merge(parse(text, target))
+                if node_of and target in node_of:
+                    nodes[target] = contributions.parse(text, target)
             except (ValueError, KeyError) as exc:  # not Prometheus text, or a bucket without its bound
                 failed.append(f"{target}: cannot parse its metrics: {exc!r}"[:200])
         now = now or utcnow()
         with self.state.sessions() as session, session.begin():
             # a node that did not answer keeps its deployments' last values rather than dropping them
             out = store(session, reading, now, load_complete=not failed)
+            if node_of is not None:  # the ledger's rows and cursors commit with the request metrics' cursors
+                contributions.store(session, nodes, node_of, now)
             if self._pruned_at is None or now - self._pruned_at > timedelta(minutes=10):
                 prune(session, now, self.state.settings.metrics_retention_h)
+                contributions.maintain(session, now, self.state.settings)
                 self._pruned_at = now
         # Ray lists its autoscaler's and dashboard's endpoints too; one of them down is a note, not an outage
         self.view.at, self.view.targets, self.view.passes = now, len(targets), self.view.passes + 1
@@ -392,6 +418,22 @@ class Collector:
             if len(failed) == len(targets)
             else None
         )
+        return out
+
+    def _edge_nodes(self, http: httpx.Client, node_of: dict[str, str]) -> dict[str, str | Exception]:
+        """Each edge cluster's node endpoints, scraped for the contribution ledger; `node_of` gains their
+        nodes. An edge that does not answer is skipped this pass."""
+        out: dict[str, str | Exception] = {}
+        for edge in self.state.settings.edges:
+            try:
+                of = contributions.discover_nodes(self.state, http, edge.name)
+            except (httpx.HTTPError, ValueError, TypeError, AttributeError) as exc:
+                log.warning("contribution ledger: cannot read edge %s's node table: %s", edge.name, exc)
+                continue
+            new = [t for t in of if t not in node_of]
+            with ThreadPoolExecutor(max_workers=max(1, min(8, len(new)))) as pool:
+                out.update(zip(new, pool.map(lambda t: _try_scrape(http, t), new), strict=True))
+            node_of.update({t: of[t] for t in new})
         return out
 
 

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -364,3 +365,168 @@ def test_registry_page_draws_the_chart_in_a_browser(slow_called: Pool) -> None:
         finally:
             browser.close()
     assert asked and all(u.startswith(pool.coordinator_url) for u in asked), asked
+
+
+@dataclass
+class Ledger:
+    pool: Pool
+    donor: str  # worker id of the donor whose node is the head's (it served the echo requests)
+    idle: str  # a donor whose node is not in the cluster
+    tokens: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def ledger(pool: Pool) -> Ledger:
+    """Two donors in the registry: one whose Ray node id is this cluster's only node (the head, so the echo
+    replicas' requests and Ray's processes there are its work), one with a node no longer in Ray. Then
+    requests through Serve, and the ledger attributes CPU and requests to the first (~5-20 s)."""
+    from admission.models import Worker
+    from admission.services import contributions
+    from rma_ray import credentials
+
+    with httpx.Client(timeout=10) as http:
+        node_of = contributions.discover_nodes(pool.state, http)
+    assert len(node_of) == 1, node_of  # the head's endpoint, from the dashboard's node table
+    (head_node,) = node_of.values()
+    tokens: dict[str, str] = {}
+    with pool.state.sessions() as s, s.begin():
+        for name, node in (("ledger-donor", head_node), ("ledger-idle", "f" * 56)):
+            m = credentials.mint(credentials.Kind.NODE)
+            s.add(
+                Worker(
+                    id=m.id,
+                    name=name,
+                    tier="service",
+                    capabilities={},
+                    labels={},
+                    node_token_hash=m.hash,
+                    ray_node_id=node,
+                )
+            )
+            tokens[name] = m.token
+    ids = {name: t.split("_")[2] for name, t in tokens.items()}
+    with httpx.Client(base_url=pool.serve_url, timeout=60) as c:
+        assert [c.get("/echo").status_code for _ in range(10)] == [200] * 10
+
+    def attributed() -> dict[str, Any] | None:
+        r = httpx.get(
+            pool.coordinator_url + "/api/admin/contributions",
+            headers={"Authorization": f"Bearer {pool.admin_key}"},
+            timeout=30,
+        )
+        assert r.status_code == 200, r.text
+        mine = next(d for d in r.json()["donors"] if d["worker_id"] == ids["ledger-donor"])
+        return mine if mine["all_time"]["requests"] >= 10 and mine["all_time"]["cpu_s"] > 0 else None
+
+    wait_for(attributed, timeout=120, interval=1, what="requests and CPU-seconds attributed to the donor")
+    return Ledger(pool, ids["ledger-donor"], ids["ledger-idle"], tokens)
+
+
+@pytest.mark.ray
+def test_the_ledger_credits_the_node_that_did_the_work(ledger: Ledger) -> None:
+    pool = ledger.pool
+    admin = {"Authorization": f"Bearer {pool.admin_key}"}
+    donors = httpx.get(pool.coordinator_url + "/api/admin/contributions", headers=admin, timeout=30).json()
+    by_id = {d["worker_id"]: d for d in donors["donors"]}
+    mine, idle = by_id[ledger.donor], by_id[ledger.idle]
+    assert mine["all_time"]["requests"] >= 10 and mine["all_time"]["cpu_s"] > 0
+    assert mine["all_time"]["gpu_s"] == 0 and mine["all_time"]["credits"] > 0  # no GPU here
+    assert mine["today"]["requests"] == mine["all_time"]["requests"]
+    assert sum(mine["series"]["requests"]) == mine["all_time"]["requests"]
+    assert idle["all_time"] == {"cpu_s": 0.0, "gpu_s": 0.0, "requests": 0, "tokens": 0, "credits": 0.0}
+    assert [d["worker_id"] for d in donors["donors"]].index(ledger.donor) == 0  # the leaderboard's top
+    # each donor's node credential sees its own figures, and no admin route
+    for name, wid in (("ledger-donor", ledger.donor), ("ledger-idle", ledger.idle)):
+        node = {"Authorization": f"Bearer {ledger.tokens[name]}"}
+        own = httpx.get(pool.coordinator_url + "/api/worker/contribution", headers=node, timeout=30)
+        assert own.status_code == 200 and own.json()["worker_id"] == wid, own.text
+        assert own.json()["all_time"]["requests"] == by_id[wid]["all_time"]["requests"]
+        denied = httpx.get(pool.coordinator_url + "/api/admin/contributions", headers=node, timeout=30)
+        assert denied.status_code == 401, denied.text
+
+
+@pytest.mark.ray
+@pytest.mark.browser
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed (`make test` installs it)")
+def test_registry_page_shows_the_contributors_in_a_browser(ledger: Ledger) -> None:
+    """Headless Chromium (~2 s): the Contributors leaderboard, the donor that worked first with its sparkline
+    drawn inline; a screenshot goes to artifacts/registry-contributors.png."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.conftest import ARTIFACTS
+    from tests.integration.test_registry_page import ARGS
+
+    pool = ledger.pool
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(pool.coordinator_url + "/registry/login")
+            page.fill("#admin_key", pool.admin_key)
+            page.click("button[type=submit]")
+            page.wait_for_url(pool.coordinator_url + "/registry")
+            rows = page.locator("#contributors-table tbody tr")
+            assert rows.first.get_attribute("data-worker") == ledger.donor
+            top = page.locator(f"#contributors tr[data-worker='{ledger.donor}']")
+            assert int(top.get_attribute("data-requests") or 0) >= 10
+            assert float(top.get_attribute("data-cpu-s") or 0) > 0
+            assert page.locator(f"#contributors tr[data-worker='{ledger.idle}']").get_attribute(
+                "data-credits"
+            ) == ("0.0")
+            line = top.locator("svg.sparkline polyline")
+            assert len((line.get_attribute("points") or "").split()) == 24
+            box = top.locator("svg.sparkline").bounding_box()
+            assert box is not None and box["width"] > 0 and box["height"] > 0  # drawn, not hidden
+            assert "per CPU-hour" in page.inner_text("#credit-weights")
+            # the section lives in the refreshed fragment: it is still there after a refresh
+            page.wait_for_function(
+                "prev => document.querySelector('#generated-at').textContent !== prev",
+                arg=page.inner_text("#generated-at"),
+                timeout=20_000,
+            )
+            assert page.locator(f"#contributors tr[data-worker='{ledger.donor}']").count() == 1
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.locator("#contributors").screenshot(path=str(ARTIFACTS / "registry-contributors.png"))
+        finally:
+            browser.close()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite", "postgres"], indirect=True)
+def test_the_ledger_on_both_databases(db_url: str) -> None:
+    """The ledger's writes, rollup and reads on each database, from the unit tests' node endpoint text."""
+    from admission.models import ContributionMinute, Worker
+    from admission.services import contributions
+    from tests.unit.test_contributions import node_text
+
+    engine = make_engine(db_url)
+    migrate.upgrade(engine)
+    sessions = make_sessionmaker(engine)
+    now = datetime(2026, 3, 14, 12, 0, tzinfo=UTC)
+    target = "10.88.0.5:9100"
+    with sessions() as s, s.begin():
+        s.add(
+            Worker(
+                id="ledgerdb",
+                name="pc",
+                tier="service",
+                capabilities={},
+                labels={},
+                node_token_hash="0",
+                ray_node_id="n1",
+            )
+        )
+    for i, req in enumerate((5, 9, 30)):  # a baseline, then +4 and +21; 50 % of a core for 2 x 20 s
+        at = now - timedelta(hours=50) + timedelta(seconds=20 * i)
+        with sessions() as s, s.begin():
+            reading = {target: contributions.parse(node_text(req=req), target)}
+            contributions.store(s, reading, {target: "n1"}, at)
+    state: Any = SimpleNamespace(settings=make_settings(db_url, Path("/nonexistent")))  # weights only
+    with sessions() as s, s.begin():
+        contributions.maintain(s, now, state.settings)
+    with sessions() as s:
+        assert s.query(ContributionMinute).count() == 1  # two minutes 50 h ago, rolled into their hour
+        out = contributions.overview(state, s, now=now, hours=72)
+    (d,) = out.donors
+    assert (d.all_time.requests, d.all_time.cpu_s) == (4 + 21, 20.0)
+    assert sum(d.series.requests) == 25 and d.today.requests == 0
+    engine.dispose()
