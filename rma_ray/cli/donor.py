@@ -267,7 +267,7 @@ def leave(
 def status(data_dir: DataDirOpt = None, as_json: JsonOpt = False) -> None:
     """This machine's membership: donor id, tier, labels, agent and Ray node, and what the coordinator
     says."""
-    from rma_ray import agent, membership, poolinfo
+    from rma_ray import agent, contribution, membership, poolinfo
 
     d = data_dir_of(data_dir)
     m = membership.load(d)
@@ -281,6 +281,7 @@ def status(data_dir: DataDirOpt = None, as_json: JsonOpt = False) -> None:
         view = head_view(info)
     else:
         view = agent.status_view(m)
+        view.update(contribution.status_lines(m))  # what the coordinator's collector credits this donor with
     if as_json:
         return print_json(view)
     for k, v in view.items():
