@@ -39,6 +39,7 @@ DAY_TTL_S = 35 * 86400
 FIELDS = ("requests", "tokens_in", "tokens_out", "upload_bytes")
 PREFIX = "rma:usage"
 METER_ENV = "RMA_METER"  # "off": no counting and no quotas in this process (a bench's baseline)
+REPORT_ENV = "RMA_USAGE_REPORT_S"  # how often a replica reports the day's usage to the coordinator
 
 
 def day_of(now: float) -> str:
@@ -71,10 +72,10 @@ def limited(code: str, message: str, limit: int, remaining: int, reset_s: int) -
     )
 
 
-def day_refusal(what: str, used: int, limit: int, now: float) -> Refusal:
+def day_refusal(code: str, what: str, used: int, limit: int, now: float) -> Refusal:
     reset = seconds_to_midnight(now)
     return limited(
-        f"{what.replace(' ', '_')}_quota_exceeded",
+        code,
         f"this API key used {used:,} of its {limit:,} {what} for today (UTC); the quota resets in {reset} s "
         f"(ask the pool's admin for a larger quota: `rma clients quota`)",
         limit,
@@ -98,6 +99,8 @@ class Meter:
         *,
         retry_s: float = 5.0,
         clock: Callable[[], float] = time.time,
+        reporter: Callable[[Any], None] | None = None,
+        report_every_s: float = 30.0,
     ) -> None:
         from limits.aio.storage import MemoryStorage
         from limits.aio.strategies import MovingWindowRateLimiter
@@ -110,6 +113,8 @@ class Meter:
         self.error: str | None = None if connect is not None else "no shared store configured"
         self._next_try = 0.0
         self._connecting: asyncio.Lock | None = None
+        self._reporter, self.report_every_s = reporter, report_every_s
+        self._report_task: asyncio.Task[None] | None = None
         # counted while the shared store was down (day, key id) -> field -> n; added to it once it is back
         self.local: dict[tuple[str, str], dict[str, int]] = defaultdict(lambda: dict.fromkeys(FIELDS, 0))
         self.pending: dict[tuple[str, str], dict[str, int]] = defaultdict(lambda: dict.fromkeys(FIELDS, 0))
@@ -218,9 +223,40 @@ class Meter:
         stats = None if ok else await self._memory_limiter.get_window_stats(item, "rpm", key_id)
         return ok, stats
 
+    def _ensure_reporting(self) -> None:
+        if self._reporter is not None and self._report_task is None:
+            self._report_task = asyncio.get_running_loop().create_task(self._report_loop())
+
+    async def _report_loop(self) -> None:
+        first = True
+        while True:  # the replica's lifetime: a periodic report, not a wait for a condition
+            await asyncio.sleep(min(1.0, self.report_every_s) if first else self.report_every_s)
+            first = False
+            try:
+                await self.report_once()
+            except Exception as exc:  # the coordinator away: the counters stay in Redis; next time
+                log.warning("usage report to the coordinator failed: %s: %s", type(exc).__name__, exc)
+
+    async def report_once(self) -> None:
+        """The day's usage of every key (the shared counters; this replica's while Redis is down) and this
+        replica's quota state, to the coordinator."""
+        from rma_ray.wire import Usage, UsageReport
+
+        usage = await self.today()
+        body = UsageReport(
+            replica=replica_name(),
+            day=day_of(self.clock()),
+            shared=self.shared,
+            error=self.error,
+            usage={k: Usage(**v) for k, v in usage.items()},
+        )
+        if self._reporter is not None:
+            await asyncio.to_thread(self._reporter, body)
+
     async def admit(self, key_id: str, quota: Any) -> None:
         """One request of `key_id`: counted, then checked against its quota (`rma_ray.wire.Quota`); a Refusal
         (429) when it is over. A refused request is counted too (the client sent it)."""
+        self._ensure_reporting()
         rpm = quota.requests_per_minute
         if rpm:
             from limits import RateLimitItemPerMinute
@@ -240,7 +276,9 @@ class Meter:
         if quota.tokens_per_day:
             tokens = used["tokens_in"] + used["tokens_out"]
             if tokens >= quota.tokens_per_day:
-                raise day_refusal("LLM tokens", tokens, quota.tokens_per_day, self.clock())
+                raise day_refusal(
+                    "token_quota_exceeded", "LLM tokens", tokens, quota.tokens_per_day, self.clock()
+                )
 
     async def charge_upload(self, key_id: str, quota: Any, size: int) -> None:
         """An upload of `size` bytes: refused (429) when it would take the key past its day's upload quota,
@@ -249,7 +287,7 @@ class Meter:
         if limit:
             used = (await self._count(key_id, {}))["upload_bytes"]
             if used + size > limit:
-                raise day_refusal("upload bytes", used, limit, self.clock())
+                raise day_refusal("upload_quota_exceeded", "upload bytes", used, limit, self.clock())
         await self._count(key_id, {"upload_bytes": size})
 
     async def add_tokens(self, key_id: str, tokens_in: int, tokens_out: int) -> None:
@@ -417,6 +455,28 @@ def redis_connect(endpoint: Callable[[], Any]) -> Callable[[], Awaitable[Any]]:
     return connect
 
 
+def replica_name() -> str:
+    """This Serve replica's id (deployment and replica), else host and process."""
+    try:
+        from ray import serve
+
+        rid = serve.get_replica_context().replica_id
+        return f"{rid.deployment_id.app_name}/{rid.deployment_id.name}#{rid.unique_id}"
+    except Exception:
+        import socket
+
+        return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _report(body: Any) -> None:
+    from deployments.gateway.auth import coordinator_identity
+    from rma_ray.client import AdmissionClient
+
+    url, credential = coordinator_identity()
+    with AdmissionClient(url, credential, timeout=5.0) as client:
+        client.report_usage(body)
+
+
 def _store_endpoint() -> Any:
     from deployments.stores import supervisor
 
@@ -442,7 +502,12 @@ def meter() -> Meter | None:
             if os.environ.get(METER_ENV, "").lower() == "off":
                 _off = True
             else:
-                _meter = Meter(redis_connect(_store_endpoint) if _in_ray() else None)
+                ray = _in_ray()
+                _meter = Meter(
+                    redis_connect(_store_endpoint) if ray else None,
+                    reporter=_report if ray else None,
+                    report_every_s=float(os.environ.get(REPORT_ENV, "30")),
+                )
         return _meter
 
 

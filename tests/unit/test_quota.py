@@ -75,7 +75,7 @@ def test_tokens_per_day_refused_until_midnight() -> None:
         return err.value
 
     r = run(go())
-    assert (r.status, r.code) == (429, "LLM_tokens_quota_exceeded")
+    assert (r.status, r.code) == (429, "token_quota_exceeded")
     h = r.headers() or {}
     assert h["Retry-After"] == str(12 * 3600) and h["X-RateLimit-Limit"] == "100"
     assert h["X-RateLimit-Remaining"] == "0"
