@@ -142,23 +142,27 @@ class Meter:
             if self.clock() < self._next_try:
                 return None
             self._next_try = self.clock() + self.retry_s
-            try:
-                redis = self._redis or await self._connect()
+            try:  # the endpoint asked again: a store restarted elsewhere has a new address
+                redis = await self._connect()
                 await redis.ping()
                 if self.pending:
                     await self._flush(redis)
             except Exception as exc:
                 self._down(exc)
                 return None
-            if self._redis is None:
-                from limits.aio.storage import RedisStorage
-                from limits.aio.strategies import MovingWindowRateLimiter
+            from limits.aio.storage import RedisStorage
+            from limits.aio.strategies import MovingWindowRateLimiter
 
-                storage = RedisStorage(
-                    "async+redis://", implementation="redispy", connection_pool=redis.connection_pool
-                )
-                self._shared_limiter = MovingWindowRateLimiter(storage)
-            self._redis = redis
+            storage = RedisStorage(
+                "async+redis://", implementation="redispy", connection_pool=redis.connection_pool
+            )
+            self._shared_limiter = MovingWindowRateLimiter(storage)
+            old, self._redis = self._redis, redis
+            if old is not None:
+                try:
+                    await old.aclose()
+                except Exception:  # a client of a store that is gone
+                    pass
             if self.down_since is not None and self.error != "no shared store configured":
                 log.warning("client quotas are shared again (Redis is back)")
             self.down_since, self.error = None, None
@@ -441,6 +445,8 @@ def redis_connect(endpoint: Callable[[], Any]) -> Callable[[], Awaitable[Any]]:
 
     async def connect() -> Any:
         import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
 
         ep = await asyncio.to_thread(endpoint)
         return aioredis.Redis(
@@ -449,7 +455,7 @@ def redis_connect(endpoint: Callable[[], Any]) -> Callable[[], Awaitable[Any]]:
             password=ep.password,
             socket_timeout=0.5,
             socket_connect_timeout=0.5,
-            retry_on_timeout=False,
+            retry=Retry(NoBackoff(), 0),  # no retries: a failed command falls back at once
         )
 
     return connect

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from deployments.gateway.auth import ClientDep
 from deployments.gateway.keys import ClientKeyVerifier
 from deployments.gateway.quota import Meter, Tally, day_of, seconds_to_midnight
 from deployments.gateway.refusal import Refusal
@@ -177,3 +178,50 @@ def test_keyring_quota_reaches_the_identity() -> None:
     del ring["keys"][0]["quota"]  # an older coordinator: no quota
     v.refresh()
     assert v.verify(f"Bearer {minted.token}").quota == Quota()
+
+
+def test_one_count_per_request_and_the_reply_tokens_through_an_app() -> None:
+    """The key check counts a request once (however many dependencies ask for the client), and CountTokens
+    adds the reply's usage to the key that the check found; a refused request adds no tokens."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from deployments.gateway.auth import AUTH, set_verifier
+    from deployments.gateway.quota import CountTokens, set_meter
+    from deployments.gateway.refusal import install_refusals
+
+    minted = credentials.mint(Kind.CLIENT)
+    ring = {
+        "keys": [{"id": minted.id, "hash": minted.hash, "name": "app", "quota": {"requests_per_minute": 3}}]
+    }
+    verifier = ClientKeyVerifier(lambda: ring)
+    verifier.refresh()
+    meter = Meter(None)
+    app = FastAPI(dependencies=AUTH)
+    install_refusals(app, "openai")
+    app.add_middleware(CountTokens)
+
+    @app.post("/v1/chat/completions")
+    async def chat(client: ClientDep) -> dict[str, Any]:
+        return {"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 6}}
+
+    set_verifier(verifier)
+    set_meter(meter)
+    try:
+        with TestClient(app) as c:
+            auth = {"Authorization": f"Bearer {minted.token}"}
+            assert [c.post("/v1/chat/completions", headers=auth).status_code for _ in range(4)] == [
+                200,
+                200,
+                200,
+                429,
+            ]
+            r = c.post("/v1/chat/completions", headers=auth)
+            assert r.status_code == 429 and r.headers["X-RateLimit-Limit"] == "3" and r.headers["Retry-After"]
+            assert r.json()["error"]["code"] == "rate_limited"
+            assert c.post("/v1/chat/completions").status_code == 401
+        used = asyncio.run(meter.usage(minted.id))
+        assert used == {"requests": 5, "tokens_in": 12, "tokens_out": 18, "upload_bytes": 0}
+    finally:
+        set_verifier(None)
+        set_meter(None)
