@@ -15,7 +15,7 @@ from fastapi.templating import Jinja2Templates
 from admission import schemas, security
 from admission.deps import AdminDep, ClientIp, SessionAdmin, SessionDep, State
 from admission.errors import ApiError
-from admission.services import edges, metrics, stats, stores, workers
+from admission.services import edges, metrics, stats, stores, usage, workers
 from rma_ray.tiers import MINIMUMS, TIER_ORDER
 
 router = APIRouter(tags=["registry"])
@@ -134,6 +134,7 @@ def registry(request: Request, state: State, session: SessionDep, partial: bool 
         "ray_dashboard_url": state.settings.ray_dashboard_url,
         "ray_view": state.reconciler.view if state.reconciler is not None else None,
         "clusters": edges.clusters_view(state, ws),
+        "usage": usage.summary(session, state.settings),
         "admin_id": admin.key_id,
         "partial": partial,
     }
