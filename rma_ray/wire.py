@@ -174,10 +174,13 @@ class QuotaPatch(Strict):
 class Usage(BaseModel):
     """One client key's counters for one UTC day, as the gateway counts them (once per request)."""
 
-    requests: int = Field(0, ge=0)
-    tokens_in: int = Field(0, ge=0)
-    tokens_out: int = Field(0, ge=0)
-    upload_bytes: int = Field(0, ge=0)
+    requests: int = Field(0, ge=0, le=10**15)
+    tokens_in: int = Field(0, ge=0, le=10**15)
+    tokens_out: int = Field(0, ge=0, le=10**15)
+    upload_bytes: int = Field(0, ge=0, le=10**15)
+
+
+REPORT_KEYS = 200  # keys per usage report: a day with more keys is sent in several (the body limit is 64 KiB)
 
 
 class UsageReport(Strict):
@@ -189,7 +192,7 @@ class UsageReport(Strict):
     day: str = Field(pattern=r"^\d{4}-\d{2}-\d{2}$")
     shared: bool
     error: str | None = Field(None, max_length=500)
-    usage: dict[str, Usage] = Field(default_factory=dict, max_length=100_000)
+    usage: dict[str, Usage] = Field(default_factory=dict, max_length=REPORT_KEYS)
 
 
 class KeyringEntry(BaseModel):

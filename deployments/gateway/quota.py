@@ -244,18 +244,19 @@ class Meter:
     async def report_once(self) -> None:
         """The day's usage of every key (the shared counters; this replica's while Redis is down) and this
         replica's quota state, to the coordinator."""
-        from rma_ray.wire import Usage, UsageReport
+        from rma_ray.wire import REPORT_KEYS, Usage, UsageReport
 
-        usage = await self.today()
-        body = UsageReport(
-            replica=replica_name(),
-            day=day_of(self.clock()),
-            shared=self.shared,
-            error=self.error,
-            usage={k: Usage(**v) for k, v in usage.items()},
-        )
-        if self._reporter is not None:
-            await asyncio.to_thread(self._reporter, body)
+        usage = sorted((await self.today()).items())
+        for start in range(0, max(1, len(usage)), REPORT_KEYS):  # one report even with no usage: the state
+            body = UsageReport(
+                replica=replica_name(),
+                day=day_of(self.clock()),
+                shared=self.shared,
+                error=self.error,
+                usage={k: Usage(**v) for k, v in usage[start : start + REPORT_KEYS]},
+            )
+            if self._reporter is not None:
+                await asyncio.to_thread(self._reporter, body)
 
     async def admit(self, key_id: str, quota: Any) -> None:
         """One request of `key_id`: counted, then checked against its quota (`rma_ray.wire.Quota`); a Refusal

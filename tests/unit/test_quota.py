@@ -225,3 +225,22 @@ def test_one_count_per_request_and_the_reply_tokens_through_an_app() -> None:
     finally:
         set_verifier(None)
         set_meter(None)
+
+
+def test_reports_are_split_under_the_coordinator_s_body_limit() -> None:
+    from rma_ray.wire import REPORT_KEYS, UsageReport
+
+    sent: list[UsageReport] = []
+
+    async def go() -> None:
+        m = Meter(None, reporter=sent.append)
+        await m.report_once()  # no usage yet: one report all the same (the replica's state)
+        for i in range(REPORT_KEYS + 5):
+            await m.admit(f"key{i:08d}", Quota())
+        await m.report_once()
+
+    run(go())
+    assert [len(r.usage) for r in sent] == [0, REPORT_KEYS, 5]
+    assert all(r.shared is False and r.error == "no shared store configured" for r in sent)
+    assert max(len(r.model_dump_json()) for r in sent) < 60 * 1024
+    assert sum(u.requests for r in sent for u in r.usage.values()) == REPORT_KEYS + 5
