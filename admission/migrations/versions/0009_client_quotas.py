@@ -5,12 +5,17 @@ Revises: 0008_donor_pause
 Create Date: 2026-12-05
 """
 
+from pathlib import Path
+
 import sqlalchemy as sa
 from alembic import op
 
 revision = "0009_client_quotas"
-# TEMPORARY: "0008_donor_pause" once the donor-pause branch (migration 0008) is merged
-down_revision = "0007_edge_clusters"
+# 0008_donor_pause was written at the same time, on another branch: this revision follows it once both are
+# merged, and 0007 on a tree without it (one head either way). After the merge: the literal "0008_donor_pause".
+down_revision = (
+    "0008_donor_pause" if (Path(__file__).parent / "0008_donor_pause.py").exists() else "0007_edge_clusters"
+)
 branch_labels = None
 depends_on = None
 
