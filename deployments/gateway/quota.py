@@ -269,7 +269,7 @@ class Meter:
             ok, stats = await self._rate(RateLimitItemPerMinute(rpm), key_id)
             if not ok:
                 await self._count(key_id, {"requests": 1})
-                reset = max(1, math.ceil(stats.reset_time - self.clock()))
+                reset = max(1, math.ceil(stats.reset_time - time.time()))  # the limits library's clock
                 raise limited(
                     "rate_limited",
                     f"this API key sent {rpm} requests in the last minute (its quota); retry in {reset} s",
