@@ -5,9 +5,11 @@ each key's effective quota: `rma_ray.wire.Quota`).
 - requests per minute: the `limits` library's moving window (exactly N in any 60 s), its counter in the pool's
   Redis store, so the limit holds across every gateway and ingress replica;
 - LLM tokens (in + out) and upload bytes per UTC day: counters per key per day in a Redis hash
-  (`rma:usage:<day>:<key id>`, kept 35 days), read with the request's own count (one round trip); a key at its
-  day's quota gets 429 until UTC midnight. Tokens are added once the LLM has answered (`UsageMeter`), so the
-  request that crosses the quota is served and the next one is refused.
+  (`rma:usage:<day>:<key id>`, kept 35 days). A replica counts in memory and adds its counts to Redis every
+  second (one pipeline for all keys, reading the totals back), so counting costs a request no round trip; the
+  day's quotas are checked against those totals (up to a second old across replicas; uploads are checked
+  against Redis of now). A key at its day's quota gets 429 until UTC midnight. Tokens are added once the LLM
+  has answered (`CountTokens`), so the request that crosses the quota is served and the next one is refused.
 
 A refusal is a 429 with `Retry-After` and `X-RateLimit-Limit`, `X-RateLimit-Remaining`, `X-RateLimit-Reset`
 (seconds until the window frees a request).
@@ -15,7 +17,8 @@ A refusal is a 429 with `Retry-After` and `X-RateLimit-Limit`, `X-RateLimit-Rema
 Fail open: when Redis cannot be reached (or its endpoint not yet found), the replica counts in its own memory
 (the same quotas, per replica: a client may get up to N times its quota across N replicas), says so once in
 the log, in `/api/usage` and in its report to the coordinator (the registry page shows it), tries Redis again
-every `retry_s`, and adds what it counted meanwhile to the shared counters once Redis is back.
+every `retry_s`, and adds what it counted meanwhile to the shared counters once Redis is back. Only the
+per-minute limit takes a Redis round trip per request, and only for a key that has one.
 """
 
 from __future__ import annotations
@@ -101,6 +104,7 @@ class Meter:
         clock: Callable[[], float] = time.time,
         reporter: Callable[[Any], None] | None = None,
         report_every_s: float = 30.0,
+        flush_s: float = 1.0,
     ) -> None:
         from limits.aio.storage import MemoryStorage
         from limits.aio.strategies import MovingWindowRateLimiter
@@ -115,9 +119,14 @@ class Meter:
         self._connecting: asyncio.Lock | None = None
         self._reporter, self.report_every_s = reporter, report_every_s
         self._report_task: asyncio.Task[None] | None = None
-        # counted while the shared store was down (day, key id) -> field -> n; added to it once it is back
-        self.local: dict[tuple[str, str], dict[str, int]] = defaultdict(lambda: dict.fromkeys(FIELDS, 0))
+        # counted here and not yet added to the shared counters: (day, key id) -> field -> n. Added every
+        # `flush_s` (one pipeline for every key), so that counting costs a request no round trip; kept while
+        # the store is down, and added once it is back
         self.pending: dict[tuple[str, str], dict[str, int]] = defaultdict(lambda: dict.fromkeys(FIELDS, 0))
+        # the shared counters as the last flush read them, for the keys this replica counted
+        self.seen: dict[tuple[str, str], dict[str, int]] = {}
+        self.flush_s = flush_s
+        self._flusher: asyncio.Task[None] | None = None
 
     @property
     def shared(self) -> bool:
@@ -145,8 +154,6 @@ class Meter:
             try:  # the endpoint asked again: a store restarted elsewhere has a new address
                 redis = await self._connect()
                 await redis.ping()
-                if self.pending:
-                    await self._flush(redis)
             except Exception as exc:
                 self._down(exc)
                 return None
@@ -181,38 +188,51 @@ class Meter:
             self._next_try = self.clock() + self.retry_s
         self.error = f"{type(exc).__name__}: {exc}"[:500]
 
-    async def _flush(self, redis: Any) -> None:
-        pipe = redis.pipeline(transaction=False)
-        for (day, key_id), counts in self.pending.items():
-            for field, n in counts.items():
-                if n:
-                    pipe.hincrby(usage_key(day, key_id), field, n)
-            pipe.expire(usage_key(day, key_id), DAY_TTL_S)
-        await pipe.execute()
-        self.pending.clear()
-
-    def _count_locally(self, day: str, key_id: str, add: Mapping[str, int]) -> dict[str, int]:
-        for field, n in add.items():
-            self.local[(day, key_id)][field] += n
-            self.pending[(day, key_id)][field] += n
-        return dict(self.local[(day, key_id)])
-
-    async def _count(self, key_id: str, add: Mapping[str, int]) -> dict[str, int]:
-        """Add to today's counters of `key_id` and return them (after the addition)."""
-        day = day_of(self.clock())
+    async def flush(self) -> None:
+        """Add what this replica counted to the shared counters and read them back (one pipeline)."""
         redis = await self._store()
-        if redis is not None:
-            try:
-                pipe = redis.pipeline(transaction=False)
-                for field, n in add.items():
-                    pipe.hincrby(usage_key(day, key_id), field, n)
+        if redis is None or not self.pending:
+            return
+        batch, self.pending = self.pending, defaultdict(lambda: dict.fromkeys(FIELDS, 0))
+        try:
+            pipe = redis.pipeline(transaction=False)
+            for (day, key_id), counts in batch.items():
+                for field, n in counts.items():
+                    if n:
+                        pipe.hincrby(usage_key(day, key_id), field, n)
                 pipe.expire(usage_key(day, key_id), DAY_TTL_S)
                 pipe.hgetall(usage_key(day, key_id))
-                out = await pipe.execute()
-                return _ints(out[-1])
-            except Exception as exc:
-                self._down(exc)
-        return self._count_locally(day, key_id, add)
+            out = await pipe.execute()
+        except Exception as exc:  # not added: counted again with what comes next
+            for k, counts in batch.items():
+                for field, n in counts.items():
+                    self.pending[k][field] += n
+            self._down(exc)
+            return
+        rows = [r for r in out if isinstance(r, dict)]
+        today = day_of(self.clock())
+        self.seen = {k: v for k, v in self.seen.items() if k[0] == today}
+        for k, row in zip(batch, rows, strict=True):
+            if k[0] == today:
+                self.seen[k] = _ints(row)
+
+    async def _flush_loop(self) -> None:
+        while True:  # the replica's lifetime: a periodic flush, not a wait for a condition
+            await asyncio.sleep(self.flush_s)
+            try:
+                await self.flush()
+            except Exception:
+                log.exception("adding the usage counters to Redis failed")
+
+    def _count(self, key_id: str, add: Mapping[str, int]) -> dict[str, int]:
+        """Add to today's counters of `key_id`; its counters now, as far as this replica knows (the shared
+        ones as of the last flush, up to `flush_s` old, plus what it counted since)."""
+        k = (day_of(self.clock()), key_id)
+        mine = self.pending[k]
+        for field, n in add.items():
+            mine[field] += n
+        shared = self.seen.get(k)
+        return {f: mine[f] + (shared[f] if shared else 0) for f in FIELDS}
 
     async def _rate(self, item: Any, key_id: str) -> tuple[bool, Any]:
         redis = await self._store()
@@ -227,7 +247,9 @@ class Meter:
         stats = None if ok else await self._memory_limiter.get_window_stats(item, "rpm", key_id)
         return ok, stats
 
-    def _ensure_reporting(self) -> None:
+    def _ensure_tasks(self) -> None:
+        if self._connect is not None and self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
         if self._reporter is not None and self._report_task is None:
             self._report_task = asyncio.get_running_loop().create_task(self._report_loop())
 
@@ -261,14 +283,14 @@ class Meter:
     async def admit(self, key_id: str, quota: Any) -> None:
         """One request of `key_id`: counted, then checked against its quota (`rma_ray.wire.Quota`); a Refusal
         (429) when it is over. A refused request is counted too (the client sent it)."""
-        self._ensure_reporting()
+        self._ensure_tasks()
         rpm = quota.requests_per_minute
         if rpm:
             from limits import RateLimitItemPerMinute
 
             ok, stats = await self._rate(RateLimitItemPerMinute(rpm), key_id)
             if not ok:
-                await self._count(key_id, {"requests": 1})
+                self._count(key_id, {"requests": 1})
                 reset = max(1, math.ceil(stats.reset_time - time.time()))  # the limits library's clock
                 raise limited(
                     "rate_limited",
@@ -277,7 +299,7 @@ class Meter:
                     stats.remaining,
                     reset,
                 )
-        used = await self._count(key_id, {"requests": 1})
+        used = self._count(key_id, {"requests": 1})
         if quota.tokens_per_day:
             tokens = used["tokens_in"] + used["tokens_out"]
             if tokens >= quota.tokens_per_day:
@@ -287,28 +309,41 @@ class Meter:
 
     async def charge_upload(self, key_id: str, quota: Any, size: int) -> None:
         """An upload of `size` bytes: refused (429) when it would take the key past its day's upload quota,
-        else counted."""
+        else counted. Checked against the shared counters of now (a flush before and after: uploads are few
+        and each is a large request already)."""
         limit = quota.upload_bytes_per_day
         if limit:
-            used = (await self._count(key_id, {}))["upload_bytes"]
+            self._count(key_id, {})
+            await self.flush()
+            used = self._count(key_id, {})["upload_bytes"]
             if used + size > limit:
                 raise day_refusal("upload_quota_exceeded", "upload bytes", used, limit, self.clock())
-        await self._count(key_id, {"upload_bytes": size})
+        self._count(key_id, {"upload_bytes": size})
+        await self.flush()
 
     async def add_tokens(self, key_id: str, tokens_in: int, tokens_out: int) -> None:
         if tokens_in or tokens_out:
-            await self._count(key_id, {"tokens_in": tokens_in, "tokens_out": tokens_out})
+            self._count(key_id, {"tokens_in": tokens_in, "tokens_out": tokens_out})
 
     async def usage(self, key_id: str) -> dict[str, int]:
-        """Today's counters of `key_id` (the shared ones; this replica's while the store is down)."""
-        return await self._count(key_id, {})
+        """Today's counters of `key_id`: the shared ones after this replica's flush (other replicas add theirs
+        within `flush_s`); this replica's own while the store is down."""
+        self._count(key_id, {})
+        await self.flush()
+        return self._count(key_id, {})
+
+    def _local_today(self) -> dict[str, dict[str, int]]:
+        day = day_of(self.clock())
+        keys = {k for d, k in (*self.pending, *self.seen) if d == day}
+        return {k: self._count(k, {}) for k in keys}
 
     async def today(self) -> dict[str, dict[str, int]]:
         """Today's counters of every key (for the report to the coordinator)."""
         day = day_of(self.clock())
+        await self.flush()
         redis = await self._store()
         if redis is None:
-            return {k: dict(v) for (d, k), v in self.local.items() if d == day}
+            return self._local_today()
         try:
             keys = [k async for k in redis.scan_iter(match=usage_key(day, "*"), count=1000)]
             pipe = redis.pipeline(transaction=False)
@@ -317,7 +352,7 @@ class Meter:
             rows = await pipe.execute()
         except Exception as exc:
             self._down(exc)
-            return {k: dict(v) for (d, k), v in self.local.items() if d == day}
+            return self._local_today()
         return {_text(k).rsplit(":", 1)[1]: _ints(r) for k, r in zip(keys, rows, strict=True)}
 
     async def remaining(self, key_id: str, quota: Any) -> dict[str, int | None]:
