@@ -15,7 +15,7 @@ limiter and the day's counters run): `pool` meters in each replica's memory (no 
 `pool-redis` in the pool's Redis store (a supervised redis-server on the head, as `rma up` runs it),
 `pool-meter-off` not at all (RMA_METER=off); with both, the metering ratio is printed:
 
-    .venv/bin/python -m bench.services --part gateway --cases pool-meter-off,pool-redis,pool
+    .venv/bin/python -m bench.services --part gateway --cases pool-meter-off,pool-redis,pool [--quota-rpm 0]
 
 `--part models`: per replica (one process running the deployments' own classes): RAG query p50/p99 with 10,000
 chunks in a real Chroma server, OCR images/s, PDF parse/s.
@@ -360,6 +360,12 @@ def main() -> None:
         action="store_true",
         help="also measure plain uvicorn with 2 worker processes (for reference)",
     )
+    ap.add_argument(
+        "--quota-rpm",
+        type=int,
+        default=10**9,
+        help="the bench key's per-minute quota (never reached; 0: none, so no limiter round trip to Redis)",
+    )
     ap.add_argument("--chunks", type=int, default=10_000)
     ap.add_argument("--queries", type=int, default=200)
     args = ap.parse_args()
@@ -379,7 +385,10 @@ def main() -> None:
     # a quota that never refuses: the limiter and the day's counters run on every request
     httpx.put(
         f"{url}/api/admin/clients/{key.split('_')[2]}/quota",
-        json={"requests_per_minute": 10**9, "tokens_per_day": 10**12},
+        json={
+            "tokens_per_day": 10**12,
+            **({"requests_per_minute": args.quota_rpm} if args.quota_rpm else {}),
+        },
         headers={"Authorization": f"Bearer {admin}"},
     ).raise_for_status()
     env = {
