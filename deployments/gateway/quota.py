@@ -142,13 +142,14 @@ class Meter:
             return None
         if self._redis is not None and self.down_since is None:
             return self._redis
-        if self.clock() < self._next_try:
+        if self.down_since is not None and self.clock() < self._next_try:
             return None
+        # the first connection: every request waits for it (none is let through on this replica's memory)
         self._connecting = self._connecting or asyncio.Lock()
         async with self._connecting:
             if self._redis is not None and self.down_since is None:
                 return self._redis
-            if self.clock() < self._next_try:
+            if self.down_since is not None and self.clock() < self._next_try:
                 return None
             self._next_try = self.clock() + self.retry_s
             try:  # the endpoint asked again: a store restarted elsewhere has a new address

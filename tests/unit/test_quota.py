@@ -244,3 +244,36 @@ def test_reports_are_split_under_the_coordinator_s_body_limit() -> None:
     assert all(r.shared is False and r.error == "no shared store configured" for r in sent)
     assert max(len(r.model_dump_json()) for r in sent) < 60 * 1024
     assert sum(u.requests for r in sent for u in r.usage.values()) == REPORT_KEYS + 5
+
+
+def test_requests_wait_for_the_first_connection_instead_of_slipping_through() -> None:
+    """Concurrent first requests on a replica all wait for the shared store's first connection (one attempt):
+    none is let through on this replica's memory meanwhile (a 4th request would pass a 3/minute quota)."""
+    calls: list[int] = []
+
+    class Store:
+        connection_pool = None  # the limits library's storage then makes its own (lazily; never used here)
+
+        def __init__(self, up: bool) -> None:
+            self.up = up
+
+        async def ping(self) -> bool:
+            if not self.up:
+                raise ConnectionError("refused")
+            return True
+
+    def connecting(up: bool) -> Any:
+        async def connect() -> Store:
+            calls.append(1)
+            await asyncio.sleep(0.05)  # the endpoint look-up takes a moment
+            return Store(up)
+
+        return connect
+
+    async def go(up: bool) -> list[bool]:
+        m = Meter(connecting(up), retry_s=60)
+        got = await asyncio.gather(*(m._store() for _ in range(5)))
+        return [g is not None for g in got]
+
+    assert run(go(True)) == [True] * 5 and len(calls) == 1
+    assert run(go(False)) == [False] * 5 and len(calls) == 2  # down: one attempt, the others wait for it
