@@ -134,6 +134,25 @@ class ClientKey(_Key, Base):
 
     # a sensitive client's requests are served on the core only, never forwarded to an edge
     sensitive: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # quota overrides (None: the coordinator's default, rma_ray.settings `client_*`); `rma clients quota`
+    quota_requests_per_minute: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    quota_tokens_per_day: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    quota_upload_bytes_per_day: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+class ClientUsage(Base):
+    """A client key's counters for one UTC day, as the gateway replicas report them from the pool's Redis
+    (absolute values: the highest reported wins, so repeated or concurrent reports change nothing)."""
+
+    __tablename__ = "client_usage"
+
+    key_id: Mapped[str] = mapped_column(String(12), primary_key=True)
+    day: Mapped[str] = mapped_column(String(10), primary_key=True)  # YYYY-MM-DD (UTC)
+    requests: Mapped[int] = mapped_column(BigInteger, default=0)
+    tokens_in: Mapped[int] = mapped_column(BigInteger, default=0)
+    tokens_out: Mapped[int] = mapped_column(BigInteger, default=0)
+    upload_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class ServiceKey(_Key, Base):

@@ -46,6 +46,12 @@ from rma_ray.wire import (
     OverlayRequest as OverlayRequest,
 )
 from rma_ray.wire import (
+    Quota as Quota,
+)
+from rma_ray.wire import (
+    QuotaPatch as QuotaPatch,
+)
+from rma_ray.wire import (
     RayInfo as RayInfo,
 )
 from rma_ray.wire import (
@@ -68,6 +74,12 @@ from rma_ray.wire import (
 )
 from rma_ray.wire import (
     Strict as Strict,
+)
+from rma_ray.wire import (
+    Usage as Usage,
+)
+from rma_ray.wire import (
+    UsageReport as UsageReport,
 )
 from rma_ray.wire import (
     WorkerOut as WorkerOut,
@@ -161,6 +173,38 @@ class KeyOut(BaseModel):
     created_at: datetime
     revoked_at: datetime | None
     sensitive: bool | None = None  # client keys only
+    quota: Quota | None = None  # client keys only: the effective quota (defaults + this key's overrides)
+    quota_overrides: Quota | None = None  # client keys only: what `rma clients quota` set (None: defaults)
+
+
+class ClientUsageRow(BaseModel):
+    """One client key's usage on one UTC day, with its quota and (for today) what is left of it."""
+
+    key_id: str
+    name: str
+    day: str
+    requests: int
+    tokens_in: int
+    tokens_out: int
+    upload_bytes: int
+    quota: Quota
+    updated_at: datetime
+
+
+class QuotaReplica(BaseModel):
+    """A gateway replica's quota state, as it last reported: shared (Redis) or per replica (fail-open)."""
+
+    replica: str
+    shared: bool
+    error: str | None
+    reported_at: datetime
+
+
+class UsageOut(BaseModel):
+    days: list[str]
+    clients: list[ClientUsageRow]
+    shared: bool = Field(description="every replica that reported lately counts in the shared store")
+    replicas: list[QuotaReplica]
 
 
 class EdgeKeyOut(BaseModel):

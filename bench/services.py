@@ -10,6 +10,12 @@ as a ratio of plain uvicorn, and the load average. Nothing is asserted.
 Cases (CASES below): Serve's Python proxy (its default) and HAProxy mode (`rma_ray.serve_admin`, the pool's
 default), with one or two gateway replicas, with Serve's per-request HTTP metrics from HAProxy's log or from the
 replica. `pool` is exactly what `rma up` starts. `--uvicorn-workers` adds plain uvicorn with two workers.
+Client metering and quotas (deployments/gateway/quota.py; the bench key has a quota that never refuses, so the
+limiter and the day's counters run): `pool` meters in each replica's memory (no Redis store: fail-open),
+`pool-redis` in the pool's Redis store (a supervised redis-server on the head, as `rma up` runs it),
+`pool-meter-off` not at all (RMA_METER=off); with both, the metering ratio is printed:
+
+    .venv/bin/python -m bench.services --part gateway --cases pool-meter-off,pool-redis,pool [--quota-rpm 0]
 
 `--part models`: per replica (one process running the deployments' own classes): RAG query p50/p99 with 10,000
 chunks in a real Chroma server, OCR images/s, PDF parse/s.
@@ -131,7 +137,10 @@ CASES: dict[str, tuple[str, dict[str, str], dict[str, str], dict[str, Any]]] = {
     "haproxy-1-metrics": ("haproxy", METRICS_ON, {**INGRESS_REPLICA_ENV, **METRICS_ON}, ONE),
     "haproxy-2-metrics": ("haproxy", METRICS_ON, {**INGRESS_REPLICA_ENV, **METRICS_ON}, TWO),
     "pool": ("haproxy", {}, INGRESS_REPLICA_ENV, {}),
+    "pool-redis": ("haproxy", {}, INGRESS_REPLICA_ENV, {}),
+    "pool-meter-off": ("haproxy", {}, {**INGRESS_REPLICA_ENV, "RMA_METER": "off"}, {}),
 }
+WITH_REDIS = {"pool-redis"}  # the pool's Redis store runs: client quotas are shared
 
 
 def serve_case(
@@ -166,6 +175,10 @@ def serve_case(
             from deployments.services.settings import ServicesSettings
             from rma_ray import serve_admin
             ray.init(logging_level="ERROR", namespace="rma")
+            if %r:
+                from deployments.stores import supervisor
+                supervisor.ensure("redis", selector={"rma.io/tier": "service"})
+                supervisor.endpoint("redis", timeout=120)
             s = ServicesSettings(replica_env=%r, client_rate=%r, ingress_env=%r, **%r)
             serve_admin.start(%r, %d, 60, %r, %r)
             app = serve.deployment(Gateway).options(**_options("gateway", s.gateway, s.service_selector, s,
@@ -175,7 +188,7 @@ def serve_case(
                 serve.run(app, name="services", route_prefix="/api")
             except Exception as exc:  # a proxy slow to get ready on a busy box is restarted by the controller;
                 print("serve.run:", type(exc).__name__)  # the HTTP wait below tells when the route answers
-        """) % (env, RATE, ingress_env, overrides, ip, http_port, proxy, controller_env)
+        """) % (case in WITH_REDIS, env, RATE, ingress_env, overrides, ip, http_port, proxy, controller_env)
         r = subprocess.run(
             [sys.executable, "-c", script],
             timeout=600,
@@ -347,6 +360,12 @@ def main() -> None:
         action="store_true",
         help="also measure plain uvicorn with 2 worker processes (for reference)",
     )
+    ap.add_argument(
+        "--quota-rpm",
+        type=int,
+        default=10**9,
+        help="the bench key's per-minute quota (never reached; 0: none, so no limiter round trip to Redis)",
+    )
     ap.add_argument("--chunks", type=int, default=10_000)
     ap.add_argument("--queries", type=int, default=200)
     args = ap.parse_args()
@@ -362,10 +381,21 @@ def main() -> None:
     ip = local_ip_towards("192.0.2.1")
     root = Path(tempfile.mkdtemp(prefix="rma-bench-svc-"))
     coord, url, key, cred = coordinator(root, ip)
+    admin = cred.read_text().strip()
+    # a quota that never refuses: the limiter and the day's counters run on every request
+    httpx.put(
+        f"{url}/api/admin/clients/{key.split('_')[2]}/quota",
+        json={
+            "tokens_per_day": 10**12,
+            **({"requests_per_minute": args.quota_rpm} if args.quota_rpm else {}),
+        },
+        headers={"Authorization": f"Bearer {admin}"},
+    ).raise_for_status()
     env = {
         "RMA_COORDINATOR_URL": url,
         "RMA_KEYRING_CREDENTIAL_FILE": str(cred),
         "RMA_KEYRING_REFRESH_S": "10",
+        "RMA_STORES_DIR": str(root / "stores"),  # the Redis store of `pool-redis`
     }
     # plain uvicorn stays up and is measured right before each Serve case at each connection count, so that
     # every ratio compares two runs seconds apart on this shared box
@@ -396,6 +426,11 @@ def main() -> None:
     finally:
         coord.terminate()
         coord.wait(10)
+        for pidfile in (root / "stores").glob("*/.rma-pid.json"):  # pool-redis: the supervisor's redis-server
+            try:
+                os.kill(json.loads(pidfile.read_text())["pid"], signal.SIGKILL)
+            except (OSError, ValueError):
+                pass
         shutil.rmtree(root, ignore_errors=True)
     print(
         f"{'case':<22}{'conns':>6}{'rps':>9}{'p50 ms':>9}{'p99 ms':>9}{'non-2xx':>9}{'uvicorn rps':>12}"
@@ -415,6 +450,15 @@ def main() -> None:
             print(
                 f"{name:<22}{c:>6}{r['rps']:>9.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}{r['errors']:>9}{ratio}"
             )
+    off = results.get("pool-meter-off")
+    for case in ("pool", "pool-redis"):
+        if off and case in results:
+            for c in (16, 64):
+                r, b = results[case][f"serve-{c}"], off[f"serve-{c}"]
+                print(
+                    f"metering ({case} / pool-meter-off), {c} connections: rps {r['rps'] / b['rps']:.3f}, "
+                    f"p50 {r['p50_ms'] / b['p50_ms']:.2f}, p99 {r['p99_ms'] / b['p99_ms']:.2f}"
+                )
     if loads:
         print(
             f"load average (1 min) during the runs: {min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} cores"

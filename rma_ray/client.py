@@ -205,3 +205,15 @@ class AdmissionClient:
 
     def revoke_client(self, key_id: str) -> dict[str, Any]:
         return self._object("POST", f"/api/admin/clients/{key_id}/revoke")
+
+    def set_client_quota(self, key_id: str, patch: wire.QuotaPatch) -> dict[str, Any]:
+        return self._object(
+            "PUT", f"/api/admin/clients/{key_id}/quota", json=patch.model_dump(exclude_none=True)
+        )
+
+    def usage(self, days: int = 1) -> dict[str, Any]:
+        return self._object("GET", "/api/admin/usage", params={"days": days})
+
+    # the Serve side (a service credential): a gateway replica's usage report
+    def report_usage(self, report: wire.UsageReport) -> None:
+        self.request("POST", "/api/clients/usage", json=report.model_dump(mode="json"))

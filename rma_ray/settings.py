@@ -84,6 +84,18 @@ class Settings(BaseSettings):
         description="hold a donor without an overlay address to the address it registered from "
         "(turn off where a proxy or NAT between donors and coordinator hides it)",
     )
+    # client quotas: the defaults every client key gets (None: no limit); `rma clients quota` overrides them
+    # per key. The keyring carries each key's effective quota to every gateway and ingress replica.
+    client_requests_per_minute: int | None = Field(
+        default=None, ge=1, description="requests per client key in any 60 s, across all replicas"
+    )
+    client_tokens_per_day: int | None = Field(
+        default=None, ge=1, description="LLM tokens (prompt + completion) per client key per UTC day"
+    )
+    client_upload_bytes_per_day: int | None = Field(
+        default=None, ge=1, description="uploaded bytes per client key per UTC day"
+    )
+    usage_retention_days: int = Field(default=90, ge=1, le=3650, description="per-day client usage rows kept")
     metrics_interval_s: float = Field(default=10.0, gt=0, le=600, description="Serve metrics scrape period")
     metrics_retention_h: int = Field(
         default=48, ge=25, le=24 * 90, description="per-minute request rollups kept"

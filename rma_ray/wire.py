@@ -183,11 +183,56 @@ class StoreReport(BaseModel):
     ready_s: float | None = Field(None, ge=0)
 
 
+class Quota(BaseModel):
+    """A client key's quotas (None: no limit): requests per minute (any 60 s), LLM tokens (in + out) and
+    uploaded bytes per UTC day. In the keyring each key carries its effective quota (the coordinator's
+    defaults with the key's overrides on top), so every ingress enforces the same numbers."""
+
+    requests_per_minute: int | None = Field(None, ge=1, le=10**9)
+    tokens_per_day: int | None = Field(None, ge=1, le=10**15)
+    upload_bytes_per_day: int | None = Field(None, ge=1, le=10**15)
+
+
+class QuotaPatch(Strict):
+    """`rma clients quota`: the fields given replace the key's overrides; `reset` drops them all first (the
+    key is back on the defaults)."""
+
+    requests_per_minute: int | None = Field(None, ge=1, le=10**9)
+    tokens_per_day: int | None = Field(None, ge=1, le=10**15)
+    upload_bytes_per_day: int | None = Field(None, ge=1, le=10**15)
+    reset: bool = False
+
+
+class Usage(BaseModel):
+    """One client key's counters for one UTC day, as the gateway counts them (once per request)."""
+
+    requests: int = Field(0, ge=0, le=10**15)
+    tokens_in: int = Field(0, ge=0, le=10**15)
+    tokens_out: int = Field(0, ge=0, le=10**15)
+    upload_bytes: int = Field(0, ge=0, le=10**15)
+
+
+REPORT_KEYS = 200  # keys per usage report: a day with more keys is sent in several (the body limit is 64 KiB)
+
+
+class UsageReport(Strict):
+    """What a gateway replica reports every ~30 s (a service credential): the day's usage per key id as the
+    shared store holds it (absolute counters: a report repeated or sent by several replicas changes
+    nothing), and whether the replica's quotas are shared (Redis) or per replica (Redis unreachable)."""
+
+    replica: str = Field(min_length=1, max_length=200)
+    day: str = Field(pattern=r"^\d{4}-\d{2}-\d{2}$")
+    shared: bool
+    error: str | None = Field(None, max_length=500)
+    usage: dict[str, Usage] = Field(default_factory=dict, max_length=REPORT_KEYS)
+
+
 class KeyringEntry(BaseModel):
     id: str
     hash: str
     name: str  # the client the key belongs to: client-scoped routes (client RAG) compare it with the path
     sensitive: bool = False  # its requests never leave the core (no edge cluster serves them)
+    quota: Quota = Field(default_factory=Quota)  # the key's effective quota (defaults + overrides)
 
 
 class KeyringOut(BaseModel):

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Path, Query, Request, Response
 from admission import schemas, security
 from admission.deps import AdminDep, ClientIp, CoreServiceDep, ServiceDep, SessionDep, State
 from admission.models import AdminKey, ClientKey, ServiceKey
-from admission.services import audit, keys, stats, stores, workers
+from admission.services import audit, keys, stats, stores, usage, workers
 
 router = APIRouter(prefix="/api", tags=["admin"])
 
@@ -136,8 +136,28 @@ def create_client(
 
 
 @router.get("/admin/clients", response_model=list[schemas.KeyOut], openapi_extra=security.ADMIN)
-def list_clients(admin: AdminDep, session: SessionDep) -> list[schemas.KeyOut]:
-    return keys.list_all(session, ClientKey)
+def list_clients(admin: AdminDep, session: SessionDep, state: State) -> list[schemas.KeyOut]:
+    return keys.list_all(session, ClientKey, state.settings)
+
+
+@router.put("/admin/clients/{key_id}/quota", response_model=schemas.KeyOut, openapi_extra=security.ADMIN)
+def set_client_quota(
+    key_id: str, req: schemas.QuotaPatch, admin: AdminDep, session: SessionDep, state: State, ip: ClientIp
+) -> schemas.KeyOut:
+    """A client key's quota overrides (`reset`: back on the defaults); replicas apply them within 10 s."""
+    return keys.set_quota(session, key_id, req, state.settings, admin.actor, ip)
+
+
+@router.get("/admin/usage", response_model=schemas.UsageOut, openapi_extra=security.ADMIN)
+def get_usage(
+    admin: AdminDep,
+    session: SessionDep,
+    state: State,
+    days: Annotated[int, Query(ge=1, le=90, description="the last N UTC days, today first")] = 1,
+) -> schemas.UsageOut:
+    """Per client key and day: requests, LLM tokens in/out, uploaded bytes (as the gateway replicas last
+    reported them), each key's quota, and whether the replicas' quotas are shared or per replica."""
+    return usage.summary(session, state.settings, days)
 
 
 @router.post("/admin/clients/{key_id}/revoke", response_model=schemas.KeyOut, openapi_extra=security.ADMIN)
@@ -168,10 +188,20 @@ def revoke_service_key(key_id: str, admin: AdminDep, session: SessionDep, ip: Cl
 
 
 @router.get("/clients/keyring", response_model=schemas.KeyringOut, openapi_extra=security.SERVICE)
-def client_keyring(who: CoreServiceDep, session: SessionDep) -> schemas.KeyringOut:
+def client_keyring(who: CoreServiceDep, session: SessionDep, state: State) -> schemas.KeyringOut:
     """Ids and hashes of live client keys, for the Serve-side verifier (no secrets); never for an edge donor's
     node credential, nor, where the pool has edges, an untrusted donor's (403)."""
-    return keys.keyring(session)
+    return keys.keyring(session, state.settings)
+
+
+@router.post("/clients/usage", status_code=204, response_class=Response, openapi_extra=security.SERVICE)
+def report_usage(
+    body: schemas.UsageReport, who: CoreServiceDep, session: SessionDep, state: State
+) -> Response:
+    """A gateway replica's report: the day's usage per client key (absolute, from the pool's Redis) and its
+    quota state."""
+    usage.report(session, body, state.settings)
+    return Response(status_code=204)
 
 
 @router.put("/stores/{name}", status_code=204, response_class=Response, openapi_extra=security.SERVICE)

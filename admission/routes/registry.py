@@ -16,7 +16,7 @@ from fastapi.templating import Jinja2Templates
 from admission import schemas, security
 from admission.deps import AdminDep, ClientIp, SessionAdmin, SessionDep, State
 from admission.errors import ApiError
-from admission.services import contributions, edges, metrics, stats, stores, workers
+from admission.services import contributions, edges, metrics, stats, stores, usage, workers
 from rma_ray.tiers import MINIMUMS, TIER_ORDER
 
 router = APIRouter(tags=["registry"])
@@ -136,6 +136,7 @@ def registry(request: Request, state: State, session: SessionDep, partial: bool 
         "ray_dashboard_url": state.settings.ray_dashboard_url,
         "ray_view": state.reconciler.view if state.reconciler is not None else None,
         "clusters": edges.clusters_view(state, ws),
+        "usage": usage.summary(session, state.settings),
         "admin_id": admin.key_id,
         "partial": partial,
         "contributions": contributions.cached_overview(state, session, hours=24),

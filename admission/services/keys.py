@@ -19,19 +19,39 @@ from admission.models import AdminKey, ClientKey, ServiceKey, utcnow
 from admission.services import audit
 from rma_ray import credentials
 from rma_ray.credentials import Kind, MalformedToken
+from rma_ray.settings import Settings
+
+QUOTA_FIELDS = ("requests_per_minute", "tokens_per_day", "upload_bytes_per_day")
 
 Model = type[AdminKey] | type[ClientKey] | type[ServiceKey]
 K = TypeVar("K", AdminKey, ClientKey, ServiceKey)
 KINDS: dict[Model, Kind] = {AdminKey: Kind.ADMIN, ClientKey: Kind.CLIENT, ServiceKey: Kind.SERVICE}
 
 
-def _out(row: AdminKey | ClientKey | ServiceKey) -> schemas.KeyOut:
+def overrides(row: ClientKey) -> schemas.Quota:
+    return schemas.Quota(**{f: getattr(row, f"quota_{f}") for f in QUOTA_FIELDS})
+
+
+def effective_quota(row: ClientKey, settings: Settings | None) -> schemas.Quota:
+    """The key's quota: its overrides, else the coordinator's defaults (`client_*` settings)."""
+    own = overrides(row)
+    return schemas.Quota(
+        **{
+            f: getattr(own, f) if getattr(own, f) is not None else getattr(settings, f"client_{f}", None)
+            for f in QUOTA_FIELDS
+        }
+    )
+
+
+def _out(row: AdminKey | ClientKey | ServiceKey, settings: Settings | None = None) -> schemas.KeyOut:
     return schemas.KeyOut(
         id=row.id,
         name=row.name,
         created_at=row.created_at,
         revoked_at=row.revoked_at,
         sensitive=bool(row.sensitive) if isinstance(row, ClientKey) else None,
+        quota=effective_quota(row, settings) if isinstance(row, ClientKey) else None,
+        quota_overrides=overrides(row) if isinstance(row, ClientKey) else None,
     )
 
 
@@ -59,8 +79,35 @@ def create(
     )
 
 
-def list_all(session: Session, model: type[K]) -> list[schemas.KeyOut]:
-    return [_out(r) for r in session.scalars(select(model).order_by(model.created_at))]
+def list_all(session: Session, model: type[K], settings: Settings | None = None) -> list[schemas.KeyOut]:
+    return [_out(r, settings) for r in session.scalars(select(model).order_by(model.created_at))]
+
+
+def set_quota(
+    session: Session, key_id: str, patch: schemas.QuotaPatch, settings: Settings, actor: str, ip: str
+) -> schemas.KeyOut:
+    """`rma clients quota`: the given overrides replace the key's (after `reset`, which drops them all).
+    The gateway replicas see it with their next keyring refresh (10 s)."""
+    row = session.get(ClientKey, key_id)
+    if row is None:
+        raise ApiError(404, "not_found", f"no client key {key_id}; `rma clients list` shows them")
+    if row.revoked_at is not None:
+        raise ApiError(409, "revoked", f"client key {key_id} is revoked; its quota no longer matters")
+    given = {f: getattr(patch, f) for f in QUOTA_FIELDS if getattr(patch, f) is not None}
+    if not given and not patch.reset:
+        raise ApiError(
+            422,
+            "nothing_to_change",
+            "give at least one of requests_per_minute, tokens_per_day, upload_bytes_per_day, or reset",
+        )
+    if patch.reset:
+        for f in QUOTA_FIELDS:
+            setattr(row, f"quota_{f}", None)
+    for f, v in given.items():
+        setattr(row, f"quota_{f}", v)
+    audit.record(session, actor, "client_key.quota", key_id, ip, reset=patch.reset, **given)
+    session.flush()
+    return _out(row, settings)
 
 
 def revoke(session: Session, model: type[K], key_id: str, actor: str, ip: str) -> schemas.KeyOut:
@@ -113,12 +160,19 @@ def ensure_admin_key(session: Session, given: str | None) -> str | None:
     return None
 
 
-def keyring(session: Session) -> schemas.KeyringOut:
+def keyring(session: Session, settings: Settings | None = None) -> schemas.KeyringOut:
+    """Live client keys with their effective quotas (the replicas enforce them without asking again)."""
     rows = session.scalars(select(ClientKey).where(ClientKey.revoked_at.is_(None)).order_by(ClientKey.id))
     return schemas.KeyringOut(
         generated_at=utcnow(),
         keys=[
-            schemas.KeyringEntry(id=r.id, hash=r.key_hash, name=r.name, sensitive=bool(r.sensitive))
+            schemas.KeyringEntry(
+                id=r.id,
+                hash=r.key_hash,
+                name=r.name,
+                sensitive=bool(r.sensitive),
+                quota=effective_quota(r, settings),
+            )
             for r in rows
         ],
     )

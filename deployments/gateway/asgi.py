@@ -62,7 +62,10 @@ class ClientKeyGate:
             from deployments.gateway.edge import EdgeForward
 
             inner = EdgeForward(app, app_name=edge_app, routes=edge_routes, max_body_bytes=max_body_bytes)
-        self.limited = body_limit(inner, max_body_bytes, "openai")
+        from deployments.gateway.quota import CountTokens
+
+        # the answer's tokens, to the client key's usage (edge answers too: counted here, in the core)
+        self.limited = body_limit(CountTokens(inner), max_body_bytes, "openai")
         self.window = coalesce_s
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:

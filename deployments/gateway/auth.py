@@ -26,7 +26,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
-from deployments.gateway import edge_gate
+from deployments.gateway import edge_gate, quota
 from deployments.gateway.keys import KEYRING_RETRY_S, ClientIdentity, ClientKeyVerifier
 from deployments.gateway.refusal import Refusal, UnknownKey
 
@@ -117,6 +117,9 @@ async def current_client(request: Request) -> ClientIdentity:
             await asyncio.sleep(wait)
             await asyncio.to_thread(v.refresh_for_unknown)
             client = v.verify(header)
+    meter = quota.meter()
+    if meter is not None:  # counted once per request, here, for every ingress; over its quota: a 429
+        await meter.admit(client.key_id, client.quota)
     request.state.client = client
     return client
 

@@ -18,12 +18,15 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from deployments.gateway.refusal import Refusal, UnknownKey
 from rma_ray import credentials
 from rma_ray.credentials import Kind, MalformedToken
+from rma_ray.wire import Quota
+
+NO_QUOTA = Quota()
 
 log = logging.getLogger("rma.client_keys")
 KEYRING_RETRY_S = 5.0  # Retry-After of a refusal because the keyring cannot be read
@@ -38,6 +41,8 @@ class ClientIdentity:
     sensitive: bool = (
         False  # a key created as sensitive (the keyring says): its requests never leave the core
     )
+    # the key's effective quota, as the keyring says (deployments.gateway.quota enforces it)
+    quota: Quota = field(default_factory=Quota, compare=False)
 
 
 class ClientKeyVerifier:
@@ -57,6 +62,7 @@ class ClientKeyVerifier:
         self._hashes: dict[str, str] = {}
         self._names: dict[str, str] = {}
         self._sensitive: frozenset[str] = frozenset()
+        self._quotas: dict[str, Quota] = {}
         self._loaded_at: float | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -75,12 +81,13 @@ class ClientKeyVerifier:
             hashes = {e["id"]: e["hash"] for e in ring["keys"]}
             names = {e["id"]: e.get("name", "") for e in ring["keys"]}
             sensitive = frozenset(e["id"] for e in ring["keys"] if e.get("sensitive") is True)
+            quotas = {e["id"]: Quota.model_validate(e["quota"]) for e in ring["keys"] if e.get("quota")}
         except Exception as exc:  # keep the last keyring until it goes stale
             log.warning("client keyring refresh failed: %s", exc)
             return False
         with self._lock:
             self._hashes, self._names, self._loaded_at = hashes, names, self._clock()
-            self._sensitive = sensitive
+            self._sensitive, self._quotas = sensitive, quotas
         return True
 
     def unknown_refresh_wait(self) -> float:
@@ -122,11 +129,12 @@ class ClientKeyVerifier:
         except MalformedToken as exc:
             raise Refusal(401, "invalid_api_key", str(exc)) from None
         with self._lock:
-            loaded_at, stored, name, sensitive = (
+            loaded_at, stored, name, sensitive, quota = (
                 self._loaded_at,
                 self._hashes.get(parsed.id),
                 self._names.get(parsed.id, ""),
                 parsed.id in self._sensitive,
+                self._quotas.get(parsed.id, NO_QUOTA),
             )
         if loaded_at is None or self._clock() - loaded_at > self.max_stale_s:
             raise Refusal(
@@ -139,4 +147,4 @@ class ClientKeyVerifier:
             raise UnknownKey()
         if not hmac.compare_digest(credentials.hash_secret(parsed.secret), stored):
             raise Refusal(401, "invalid_api_key", "unknown or revoked API key")
-        return ClientIdentity(parsed.id, name, sensitive)
+        return ClientIdentity(parsed.id, name, sensitive, quota)

@@ -37,20 +37,25 @@ class Refusal(Exception):
         message: str,
         retry_after_s: float | None = None,
         param: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
-        super().__init__(status, code, message, retry_after_s, param)  # every field in args: it pickles
+        # every field in args: it pickles
+        super().__init__(status, code, message, retry_after_s, param, headers)
         self.status, self.code, self.message = status, code, message
-        self.retry_after_s, self.param = retry_after_s, param
+        self.retry_after_s, self.param, self.extra_headers = retry_after_s, param, headers
 
     def __str__(self) -> str:
         return self.message
 
     def headers(self) -> dict[str, str] | None:
+        """WWW-Authenticate on a 401, Retry-After with `retry_after_s`, and the refusal's own (a quota's
+        X-RateLimit-*)."""
+        out = dict(self.extra_headers or {})
         if self.status == 401:
-            return {"WWW-Authenticate": "Bearer"}
-        if self.retry_after_s:
-            return {"Retry-After": str(max(1, round(self.retry_after_s)))}
-        return None
+            out["WWW-Authenticate"] = "Bearer"
+        elif self.retry_after_s:
+            out["Retry-After"] = str(max(1, round(self.retry_after_s)))
+        return out or None
 
     def pool_body(self, request_id: str | None = None) -> dict[str, Any]:
         error: dict[str, Any] = {"code": self.code, "message": self.message}
@@ -108,7 +113,9 @@ def refusal_from(exc: BaseException) -> Refusal | None:
     inner = unwrap(exc)
     if not isinstance(inner, Refusal):
         return None
-    return Refusal(inner.status, inner.code, inner.message, inner.retry_after_s, inner.param)
+    return Refusal(
+        inner.status, inner.code, inner.message, inner.retry_after_s, inner.param, inner.extra_headers
+    )
 
 
 def validation_message(errors: Iterable[Any], most: int = 5) -> str:

@@ -56,8 +56,11 @@ class InferenceRequest(BaseModel):
 
 
 def inference_fastapi_app() -> FastAPI:
+    from deployments.gateway.quota import CountTokens
+
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
     install_refusals(app, "pool")
+    app.add_middleware(CountTokens)  # the reply's `usage`, to the client key's usage
     return app
 
 

@@ -59,6 +59,9 @@ def openai_fastapi_app() -> FastAPI:
     from deployments.llm.gate import EDGE_ROUTES, MAX_BODY_BYTES
 
     app.add_middleware(EdgeForward, app_name=LLM_APP, routes=EDGE_ROUTES, max_body_bytes=MAX_BODY_BYTES)
+    from deployments.gateway.quota import CountTokens
+
+    app.add_middleware(CountTokens)  # the answers' tokens, to the client key's usage (edge answers too)
 
     # ray.serve.llm wraps engine refusals in "Message: ..., Internal exception: ...": keep the part a person
     # can act on

@@ -45,7 +45,11 @@ ERROR_SCHEMA = {
 # status -> (codes, when): every route can answer these
 COMMON_ERRORS: dict[int, tuple[list[str], str]] = {
     401: (["missing_api_key", "invalid_api_key"], "no key, a wrong key or a revoked key"),
-    429: (["rate_limited"], "this key sent more than its rate; Retry-After says when to retry"),
+    429: (
+        ["rate_limited", "token_quota_exceeded"],
+        "this key is over its quota (requests per minute, LLM tokens per day); Retry-After and "
+        "X-RateLimit-Limit/-Remaining/-Reset say when to retry (GET /api/usage shows the quota)",
+    ),
     503: (
         ["service_unavailable", "overloaded", "keyring_unavailable"],
         "the backend is starting, gone or at capacity; Retry-After says when to retry",
@@ -108,6 +112,7 @@ STORE = {503: ["store_unavailable"]}
 
 ROUTES: dict[tuple[str, str], RouteDoc] = {
     ("GET", "/whoami"): RouteDoc(),
+    ("GET", "/usage"): RouteDoc(),
     ("POST", "/documents/parse"): RouteDoc(
         example={"upload_id": "3f2a9c0e"},
         multipart=True,
@@ -120,7 +125,9 @@ ROUTES: dict[tuple[str, str], RouteDoc] = {
         upload_id=True,
         errors=_merge(FILE_ERRORS, UPLOAD_READ, OCR_ERRORS),
     ),
-    ("POST", "/uploads"): RouteDoc(multipart=True, errors=_merge(FILE_ERRORS, STORE)),
+    ("POST", "/uploads"): RouteDoc(
+        multipart=True, errors=_merge(FILE_ERRORS, STORE, {429: ["upload_quota_exceeded"]})
+    ),
     ("GET", "/uploads/{upload_id}"): RouteDoc(errors={404: ["not_found"]}),
     ("GET", "/uploads/{upload_id}/content"): RouteDoc(errors={404: ["not_found"], 410: ["upload_gone"]}),
     ("POST", "/rag/ingest"): RouteDoc(

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from pydantic import ByteSize, TypeAdapter, ValidationError
 from rich.table import Table
 from rich.text import Text
 
@@ -227,7 +228,7 @@ def clients_list(
         rows = client.clients()
     if as_json:
         return print_json(rows)
-    table = Table("id", "name", "created", "revoked", "sensitive")
+    table = Table("id", "name", "created", "revoked", "sensitive", "quota")
     for r in rows:
         table.add_row(
             r["id"],
@@ -235,8 +236,114 @@ def clients_list(
             r["created_at"],
             r["revoked_at"] or "",
             "yes" if r.get("sensitive") else "",
+            quota_text(r.get("quota")),
         )
     out.print(table)
+
+
+def quota_text(q: dict[str, Any] | None) -> str:
+    if not q:
+        return ""
+    parts = []
+    if q.get("requests_per_minute"):
+        parts.append(f"{q['requests_per_minute']:,} req/min")
+    if q.get("tokens_per_day"):
+        parts.append(f"{q['tokens_per_day']:,} tokens/day")
+    if q.get("upload_bytes_per_day"):
+        parts.append(f"{ByteSize(q['upload_bytes_per_day']).human_readable()} uploads/day")
+    return ", ".join(parts) or "no limit"
+
+
+def _size(text: str) -> int:
+    try:
+        return int(TypeAdapter(ByteSize).validate_python(text.strip()))
+    except ValidationError:
+        raise typer.BadParameter(f"{text!r} is not a size; write e.g. 500MB, 2GiB or 1000000") from None
+
+
+def _client_key_id(client: AdmissionClient, name: str) -> str:
+    """A live client key by id or by name (a name shared by several keys must be given as an id)."""
+    live = [r for r in client.clients() if not r["revoked_at"]]
+    if any(r["id"] == name for r in live):
+        return name
+    named = [str(r["id"]) for r in live if r["name"] == name]
+    if len(named) == 1:
+        return named[0]
+    if not named:
+        fail(f"no live client key named or with id {name!r}; `rma clients list` shows them")
+    fail(f"{len(named)} live keys are named {name!r} ({', '.join(named)}): give the key id instead")
+
+
+@clients_app.command("quota")
+def clients_quota(
+    name: Annotated[str, typer.Argument(help="the client key's name or id")],
+    requests_per_minute: Annotated[
+        int | None, typer.Option(min=1, help="requests in any 60 s, across every replica")
+    ] = None,
+    tokens_per_day: Annotated[
+        int | None, typer.Option(min=1, help="LLM tokens (prompt + completion) per UTC day")
+    ] = None,
+    upload_bytes_per_day: Annotated[
+        str | None, typer.Option(metavar="SIZE", help="uploaded bytes per UTC day, e.g. 500MB or 2GiB")
+    ] = None,
+    reset: Annotated[
+        bool, typer.Option("--reset", help="drop this key's overrides first (back on the defaults)")
+    ] = False,
+    coordinator: CoordinatorOpt = None,
+    admin_key_file: KeyFileOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Set a client key's quotas (the pool's gateway applies them within 10 s); over a quota the client gets
+    429 with Retry-After."""
+    from rma_ray.wire import QuotaPatch
+
+    size = _size(upload_bytes_per_day) if upload_bytes_per_day is not None else None
+    if requests_per_minute is None and tokens_per_day is None and size is None and not reset:
+        fail(
+            "nothing to change: give --requests-per-minute, --tokens-per-day, --upload-bytes-per-day or --reset"
+        )
+    patch = QuotaPatch(
+        requests_per_minute=requests_per_minute,
+        tokens_per_day=tokens_per_day,
+        upload_bytes_per_day=size,
+        reset=reset,
+    )
+    with admin_client(coordinator, admin_key_file) as client:
+        key_id = _client_key_id(client, name)
+        row = client.set_client_quota(key_id, patch)
+    if as_json:
+        return print_json(row)
+    out.print(f"client {row['id']} ({shown(row['name'])}): {quota_text(row.get('quota'))}")
+
+
+@clients_app.command("usage")
+def clients_usage(
+    days: Annotated[int, typer.Option(min=1, max=90, help="the last N UTC days, today first")] = 1,
+    coordinator: CoordinatorOpt = None,
+    admin_key_file: KeyFileOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Requests, LLM tokens and uploaded bytes per client key and day (as the gateway last reported them)."""
+    with admin_client(coordinator, admin_key_file) as client:
+        got = client.usage(days)
+    if as_json:
+        return print_json(got)
+    table = Table("day", "id", "name", "requests", "tokens in", "tokens out", "uploaded", "quota")
+    for r in got["clients"]:
+        table.add_row(
+            r["day"],
+            r["key_id"],
+            shown(r["name"]),
+            f"{r['requests']:,}",
+            f"{r['tokens_in']:,}",
+            f"{r['tokens_out']:,}",
+            ByteSize(r["upload_bytes"]).human_readable(),
+            quota_text(r["quota"]),
+        )
+    out.print(table)
+    if not got["shared"]:
+        down = [r["replica"] for r in got["replicas"] if not r["shared"]]
+        out.print(f"[yellow]quotas are per replica on {', '.join(down)}: the pool's Redis is unreachable[/]")
 
 
 @clients_app.command("revoke")

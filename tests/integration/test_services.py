@@ -29,10 +29,15 @@ from rma_ray.raynode import NodeSpec, RayNode, ray_env, short_temp_dir
 from rma_ray.settings import read_or_create_secret
 from tests import services_samples as samples
 from tests.integration.conftest import make_settings
+from tests.integration.quota_checks import (
+    check_quota_across_gateway_replicas,
+    check_quotas_fail_open,
+    check_tokens_counted,
+)
 from tests.support import ServerThread, free_port, wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
-STORES = ["postgres", "chroma", "graph"]
+STORES = ["postgres", "chroma", "graph", "redis"]  # redis: the client quotas' shared counters
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -96,6 +101,7 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
         "RMA_KEYRING_CREDENTIAL_FILE": str(keyring_file),
         "RMA_KEYRING_REFRESH_S": "1",
         "RMA_GRAPH_HEAP": "384m",
+        "RMA_USAGE_REPORT_S": "1",  # the gateway's usage reports to the coordinator (30 s in a pool)
     }
     port = free_port(ip)
     head = RayNode(
@@ -928,3 +934,24 @@ def test_every_llm_route_refuses_no_wrong_and_revoked_key(llm: Pool) -> None:
                 assert r.status_code == 401, (kind, method, path, r.status_code, r.text)
                 assert r.json()["error"]["message"], r.text
         assert _serve_replicas(llm) == before, "a revoke cost a replica"
+
+
+def test_a_quota_holds_across_the_gateway_replicas_and_is_reported(pool: Pool) -> None:
+    check_quota_across_gateway_replicas(pool.api, pool.admin)
+
+
+@pytest.mark.llm
+def test_llm_tokens_count_against_the_key_on_every_ingress(llm: Pool) -> None:
+    check_tokens_counted(llm.api, llm.admin)
+
+
+def test_redis_down_quotas_fail_open_and_the_coordinator_says_so(pool: Pool) -> None:
+    """Last in this module: it stops the Redis store."""
+    pool.driver(
+        """
+        a = ray.get_actor("rma-store-redis", namespace="rma")
+        ray.get(a.stop.remote(), timeout=60)
+        print("{}")
+    """
+    )
+    check_quotas_fail_open(pool.api, pool.admin)

@@ -11,7 +11,7 @@ from alembic import op
 revision = "0010_contributions"
 # the chain at merge is 0007 -> 0008 (donor pause) -> 0009 (client quotas) -> 0010; this branch was written
 # before 0008 and 0009 existed and ran its migrations on 0007 (see the merge note in the branch's report)
-down_revision = "0008_donor_pause"
+down_revision = "0009_client_quotas"
 branch_labels = None
 depends_on = None
 

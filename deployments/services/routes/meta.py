@@ -1,11 +1,14 @@
-"""The gateway's own routes: who a key acts for, and the published OpenAPI (behind the key like every
-route)."""
+"""The gateway's own routes: who a key acts for, its usage and quota, and the published OpenAPI (behind the
+key like every route)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from deployments.gateway import quota
 from deployments.gateway.auth import ClientDep
 from deployments.services.http import owner
 
@@ -27,3 +30,24 @@ async def openapi_json(request: Request) -> JSONResponse:
 async def whoami(client: ClientDep) -> dict[str, str]:
     """Which client this key acts for (a cheap check that a key works; the gateway's no-op route)."""
     return {"client": owner(client), "key_id": client.key_id}
+
+
+@router.get("/usage")
+async def usage(client: ClientDep) -> dict[str, Any]:
+    """This key's usage today (UTC), its quota and what is left of it.
+
+    The usage includes this request. `quotas.shared` false: the pool's Redis is unreachable and each replica
+    counts on its own (the limits then hold per replica)."""
+    m = quota.meter()
+    if m is None:
+        return {"client": owner(client), "key_id": client.key_id, "metered": False}
+    return {
+        "client": owner(client),
+        "key_id": client.key_id,
+        "metered": True,
+        "day": quota.day_of(m.clock()),
+        "usage": await m.usage(client.key_id),
+        "quota": client.quota.model_dump(),
+        "remaining": await m.remaining(client.key_id, client.quota),
+        "quotas": m.state(),
+    }

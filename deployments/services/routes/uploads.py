@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from deployments.gateway import quota
 from deployments.gateway.auth import ClientDep
 from deployments.services.http import Api, form_file, owner
 
@@ -17,6 +18,9 @@ router = APIRouter()
 @router.post("/uploads", status_code=201)
 async def create_upload(request: Request, client: ClientDep, api: Api) -> Any:
     data, filename, ctype, _ = await form_file(request, api.settings.upload_max_bytes)
+    m = quota.meter()
+    if m is not None:  # the day's upload quota (429 past it), and the key's usage
+        await m.charge_upload(client.key_id, client.quota, len(data))
     return await api.call("uploads", api.backends.uploads.put, data, filename, ctype, owner(client))
 
 

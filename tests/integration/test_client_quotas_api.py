@@ -1,0 +1,122 @@
+"""Client quotas and usage on a real coordinator (SQLite and PostgreSQL): `rma clients quota` sets a key's
+overrides, the keyring carries each key's effective quota, the gateway's usage reports land in
+`GET /api/admin/usage` (absolute counters: repeated reports change nothing) with the replicas' quota state.
+No Ray: the gateway side runs against a real pool in test_services.py and test_llm.py."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+from typer.testing import CliRunner
+
+from admission.services import usage as usage_service
+from rma_ray.cli import app as rma_app
+from tests.integration.conftest import Coordinator
+
+
+def rma(coordinator: Coordinator, *args: str) -> tuple[int, str]:
+    env = {"RMA_COORDINATOR_URL": coordinator.url, "RMA_ADMIN_KEY": coordinator.admin_key, "COLUMNS": "200"}
+    r = CliRunner().invoke(rma_app, list(args), env=env)
+    # a person's mistake is a CliError (the `rma` entry point prints its one line)
+    return r.exit_code, r.output + (str(r.exception) if r.exception else "")
+
+
+def ring_quota(coordinator: Coordinator, key_id: str) -> dict[str, object]:
+    ring = coordinator.admin("GET", "/api/clients/keyring").json()
+    return next(e["quota"] for e in ring["keys"] if e["id"] == key_id)  # type: ignore[no-any-return]
+
+
+def test_quota_overrides_keyring_and_usage_reports(coordinator: Coordinator) -> None:
+    coordinator.state.settings.client_tokens_per_day = 50_000  # the pool's default for every key
+    app = coordinator.admin("POST", "/api/admin/clients", json={"name": "app"}).json()
+    other = coordinator.admin("POST", "/api/admin/clients", json={"name": "other"}).json()
+    assert ring_quota(coordinator, app["id"]) == {
+        "requests_per_minute": None,
+        "tokens_per_day": 50_000,
+        "upload_bytes_per_day": None,
+    }
+
+    code, out = rma(coordinator, "clients", "quota", "app", "--requests-per-minute", "3",
+                    "--upload-bytes-per-day", "2MiB")  # fmt: skip
+    assert code == 0, out
+    assert "3 req/min" in out and "50,000 tokens/day" in out
+    assert ring_quota(coordinator, app["id"]) == {
+        "requests_per_minute": 3,
+        "tokens_per_day": 50_000,
+        "upload_bytes_per_day": 2 * 2**20,
+    }
+    assert ring_quota(coordinator, other["id"])["requests_per_minute"] is None  # only that key
+
+    # people's mistakes: one line that says what to do, never a traceback
+    code, out = rma(coordinator, "clients", "quota", "app")
+    assert code != 0 and "nothing to change" in out
+    code, out = rma(coordinator, "clients", "quota", "app", "--upload-bytes-per-day", "lots")
+    assert code != 0 and "not a size" in out
+    code, out = rma(coordinator, "clients", "quota", "nobody", "--tokens-per-day", "5")
+    assert code != 0 and "no live client key named" in out
+    bad = coordinator.admin("PUT", f"/api/admin/clients/{app['id']}/quota", json={"tokens_per_day": 0})
+    assert bad.status_code == 422 and "tokens_per_day" in bad.text
+    assert (
+        coordinator.admin("PUT", "/api/admin/clients/000000000000/quota", json={"reset": True}).status_code
+        == 404
+    )
+    assert (
+        coordinator.http.put(f"/api/admin/clients/{app['id']}/quota", json={"reset": True}).status_code == 401
+    )
+
+    # the gateway's reports: absolute counters from Redis, the highest wins; a key the pool does not know
+    # is dropped
+    day = datetime.now(UTC).date().isoformat()
+
+    def report(replica: str, shared: bool, requests: int, **more: object) -> int:
+        body = {
+            "replica": replica,
+            "day": day,
+            "shared": shared,
+            "error": None if shared else "ConnectionError: Connection refused",
+            "usage": {
+                app["id"]: {"requests": requests, "tokens_in": 10, "tokens_out": 20, "upload_bytes": 5},
+                "ffffffffffff": {"requests": 1},
+            },
+            **more,
+        }
+        return coordinator.admin("POST", "/api/clients/usage", json=body).status_code
+
+    usage_service._replicas.clear()
+    assert report("gw#1", True, 7) == 204
+    assert report("gw#2", False, 5) == 204  # a replica counting on its own, behind: no step back
+    assert report("gw#2", False, 5, extra=1) == 422  # the report's shape is strict
+    got = coordinator.admin("GET", "/api/admin/usage").json()
+    assert [(c["name"], c["requests"], c["tokens_in"], c["tokens_out"], c["upload_bytes"])
+            for c in got["clients"]] == [("app", 7, 10, 20, 5)]  # fmt: skip
+    assert got["clients"][0]["quota"]["requests_per_minute"] == 3
+    assert got["shared"] is False
+    assert {(r["replica"], r["shared"]) for r in got["replicas"]} == {("gw#1", True), ("gw#2", False)}
+    # the registry page: the per-client table, and the per-replica alert
+    login = coordinator.http.post("/registry/login", data={"admin_key": coordinator.admin_key})
+    assert login.status_code == 303, login.text
+    page = coordinator.http.get("/registry", params={"partial": True}).text
+    assert 'id="client-usage"' in page and f'data-key="{app["id"]}"' in page
+    assert 'id="quotas-per-replica"' in page and "gw#2" in page and "Connection refused" in page
+    code, out = rma(coordinator, "clients", "usage")
+    assert code == 0 and "app" in out and "quotas are per replica on gw#2" in out
+    # who may report is who may read the keyring (the Serve side: the head's service credential, or a core
+    # node where the pool has no edges, as here); nobody without a credential
+    assert coordinator.http.post("/api/clients/usage", json={}).status_code == 401
+    node = coordinator.join()
+    r = coordinator.http.post(
+        "/api/clients/usage",
+        json={"replica": "x", "day": day, "shared": True, "usage": {}},
+        headers={"Authorization": f"Bearer {node['node_token']}"},
+    )
+    assert r.status_code == 204
+
+    code, out = rma(coordinator, "clients", "quota", app["id"], "--reset")
+    assert code == 0 and "50,000 tokens/day" in out and "req/min" not in out
+    assert ring_quota(coordinator, app["id"])["requests_per_minute"] is None
+
+
+@pytest.mark.parametrize("body", [{"replica": "", "day": "2026-12-05", "shared": True}, {"day": "today"}])
+def test_bad_usage_reports_are_422(coordinator: Coordinator, body: dict[str, object]) -> None:
+    assert coordinator.admin("POST", "/api/clients/usage", json=body).status_code == 422
