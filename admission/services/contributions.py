@@ -28,8 +28,10 @@ Per donor and minute (rolled into one row per hour after `contribution_minutes_h
 A scrape target (`host:port`, as Ray publishes it for Prometheus) is mapped to a Ray node id with the
 dashboard's node table (each node's `nodeManagerAddress` and `metricsExportPort`, the very fields Ray builds
 its target list from), and a Ray node id to a donor with the registry's `workers.ray_node_id`, which the
-reconciler sets only after checking the node's labels and address. So a node says nothing about whose it is;
-a node no donor accounts for (the head, an intruder) is attributed to no one and leaves no cursor behind.
+reconciler sets after checking the node's labels and address, and which a donor's heartbeat may also claim: a
+node two donors claim goes to the one the reconciler saw alive on it, or to no one (`owners`). So a node says
+nothing about whose it is; a node no donor accounts for (the head, an intruder) is attributed to no one and
+leaves no cursor behind.
 Edge clusters (untrusted donors) are read the same way through each edge's dashboard: their nodes' endpoints
 are scraped for the ledger only (the Requests section stays the core's); an edge whose dashboard or node does
 not answer is skipped for that pass, which loses no counted work (counters are cumulative) and at most
@@ -206,17 +208,32 @@ def _chunks(ids: list[str], n: int = 500) -> Iterable[list[str]]:
         yield ids[i : i + n]
 
 
+def owners(workers: Iterable[Worker]) -> dict[str, str]:
+    """Ray node id -> the one donor it is credited to. `workers.ray_node_id` is written by the reconciler (after
+    matching the node's `rma.io/node` label) and also by each heartbeat (the donor's own claim), so two donors
+    can name one node. Then the claimant the reconciler last saw alive on a node wins when it is the only one;
+    otherwise the node is credited to no one for this pass, and as its cursors do not move, its counted work
+    (requests, tokens) goes to the right donor on the next pass that tells them apart: a claim can neither take
+    another donor's work nor, for longer than it lasts, withhold it."""
+    claims: dict[str, list[Worker]] = defaultdict(list)
+    for w in workers:
+        if w.ray_node_id and w.revoked_at is None and w.left_at is None:
+            claims[w.ray_node_id].append(w)
+    out: dict[str, str] = {}
+    for node_id, ws in claims.items():
+        seen = [w for w in ws if w.ray_alive] if len(ws) > 1 else ws
+        if len(seen) == 1:
+            out[node_id] = seen[0].id
+    return out
+
+
 def store(
     session: Session, readings: Mapping[str, NodeReading], node_of: Mapping[str, str], now: datetime
 ) -> dict[str, Amounts]:
     """One pass: `readings` by target, `node_of` target -> Ray node id. Adds each donor's share to its
     minute's row and moves the cursors, in the caller's transaction; returns what was added, by worker id."""
     minute = now.replace(second=0, microsecond=0)
-    donors = {
-        w.ray_node_id: w.id
-        for w in session.scalars(select(Worker).where(Worker.ray_node_id.in_(set(node_of.values()))))
-        if w.ray_node_id
-    }
+    donors = owners(session.scalars(select(Worker).where(Worker.ray_node_id.in_(set(node_of.values())))))
     mine = {
         t: (node_of[t], donors[node_of[t]], r) for t, r in readings.items() if donors.get(node_of.get(t, ""))
     }

@@ -445,3 +445,21 @@ def test_a_collector_pass_reads_the_core_and_each_edge_over_http(tmp_path: Path)
     assert ("metrics", None) in seen and not any(k == "metrics" and a for k, a in seen)
     assert collector.view.error == "Ray lists no metrics endpoint yet"  # the Requests section: core only
     state.engine.dispose()
+
+
+def test_a_node_two_donors_claim_goes_to_the_one_the_reconciler_saw_alive_or_to_no_one() -> None:
+    from types import SimpleNamespace
+
+    from admission.services.contributions import owners
+
+    def w(wid: str, node: str | None, alive: bool, revoked: bool = False) -> Any:
+        return SimpleNamespace(
+            id=wid, ray_node_id=node, ray_alive=alive, revoked_at="x" if revoked else None, left_at=None
+        )
+
+    # B's node, matched by the reconciler; A (no node of its own, ray_alive False) claims B's id in its beats
+    assert owners([w("A", "nB", False), w("B", "nB", True)]) == {"nB": "B"}
+    # both seen alive (A's own node between a reconcile pass and A's next beat): credited to no one this pass
+    assert owners([w("A", "nB", True), w("B", "nB", True)]) == {}
+    # one claimant: its node, alive or not yet reconciled; a revoked donor is credited nothing
+    assert owners([w("A", "nA", False), w("B", "nB", True, revoked=True)]) == {"nA": "A"}
