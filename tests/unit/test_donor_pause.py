@@ -333,3 +333,50 @@ def test_caps_that_fail_to_restart_are_not_kept(tmp_path: Path) -> None:
     assert saved is not None and "did not restart with the new limits" in saved.extra["control"]["error"]
     assert "caps" not in saved.extra  # not applied, so not kept for the next start either
     assert (node.spec.num_cpus, node.spec.memory_bytes, node.spec.num_gpus) == before
+
+
+def test_a_request_during_start_up_does_not_kill_the_agent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`rma pause` signals the pid in membership.json: SIGUSR1 must be handled before that pid is saved."""
+    import signal
+
+    from rma_ray import agent as agent_module
+    from rma_ray.agent import JoinOptions
+
+    reg = wire.RejoinResponse(
+        worker_id="w1",
+        tier="service",
+        tier_number=2,
+        trusted=True,
+        labels={},
+        heartbeat_interval_s=5,
+        ray=wire.RayInfo(address="127.0.0.1:6380", auth_token="t"),
+    )
+    seen: list[object] = []
+    real_save = membership.save
+
+    def save(data_dir: Path, m: Membership) -> None:
+        if m.agent_pid == os.getpid():
+            seen.append(signal.getsignal(signal.SIGUSR1))
+        real_save(data_dir, m)
+
+    monkeypatch.setattr(agent_module.membership, "save", save)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    try:
+        opts = JoinOptions("http://coordinator.invalid", None, tmp_path, "box", CAPS, paused=True)
+        agent = Agent.start(opts, reg, "rma_node_w1_secret", tmp_path / "key", lambda _m: None, first=False)
+        assert seen and signal.SIG_DFL not in seen  # never published while SIGUSR1 would end the process
+        os.kill(os.getpid(), signal.SIGUSR1)  # `rma pause` now: the agent lives on
+        request(tmp_path, op="resume")
+        agent.client = FakeCoordinator()  # type: ignore[assignment]
+        agent.node = FakeNode(agent.node.spec)  # type: ignore[assignment]
+        agent.step_aside()  # the loop's first step answers the request sent during start-up
+        saved = membership.load(tmp_path)
+        assert saved is not None and saved.extra["control"] == {"id": "r1", "error": None}
+        agent.install_signal_handlers()
+        assert signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, signal.SIG_IGN)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
