@@ -257,9 +257,9 @@ class Agent:
         except AgentError as exc:
             raise give_up(str(exc)) from None
         node_ip = opts.node_ip or (spoke.address if spoke else local_ip_towards(address.rsplit(":", 1)[0]))
-        # once agent_pid is saved, `rma pause/resume/caps` may send SIGUSR1, whose default action ends the
-        # process; starting the node takes minutes, so ignore it until install_signal_handlers: the
-        # request waits in control.json, and run's loop reads that first
+        # once agent_pid is saved, `rma pause`, `rma resume` or `rma caps` may send SIGUSR1, whose default
+        # action ends the process; starting the node takes minutes, so ignore it until
+        # install_signal_handlers: the request waits in control.json, and run's loop reads that first
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         m = Membership(
             coordinator_url=opts.coordinator_url,
