@@ -257,6 +257,10 @@ class Agent:
         except AgentError as exc:
             raise give_up(str(exc)) from None
         node_ip = opts.node_ip or (spoke.address if spoke else local_ip_towards(address.rsplit(":", 1)[0]))
+        # once agent_pid is saved, `rma pause`, `rma resume` or `rma caps` may send SIGUSR1, whose default
+        # action ends the process; starting the node takes minutes, so ignore it until
+        # install_signal_handlers: the request waits in control.json, and run's loop reads that first
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         m = Membership(
             coordinator_url=opts.coordinator_url,
             worker_id=reg.worker_id,
@@ -418,8 +422,12 @@ class Agent:
         )
         reply = self.client.heartbeat(self.m.node_token, beat)
         if reply.cluster and reply.cluster != self.m.extra.get("cluster"):
-            self.say("the pool rotated its cluster token: rejoining the new cluster")
-            self.rejoin_cluster()
+            if self.paused:  # stepped aside: the node stays stopped; `resume` starts it with the new token
+                self.say("the pool rotated its cluster token: fetched it for when the node comes back")
+                self.refresh_ray()
+            else:
+                self.say("the pool rotated its cluster token: rejoining the new cluster")
+                self.rejoin_cluster()
         return reply.action
 
     def refresh_ray(self) -> bool:
@@ -637,19 +645,21 @@ class Agent:
             problem = caps_problem(self.capabilities, self.m.tier, cpus, memory_bytes, gpus)
             if problem:
                 return problem
+        old = spec.num_cpus, spec.memory_bytes, spec.num_gpus
         spec.num_cpus, spec.memory_bytes, spec.num_gpus = cpus, memory_bytes, gpus
+        if not self.paused:
+            self.say("new limits: draining the Ray node to restart it with them …")
+            self.node.stop()
+            try:
+                self.node.kill_leftovers()
+                self.start_node(120)
+            except NodeStartError as exc:  # not applied, so not kept: run's loop restarts with the old ones
+                spec.num_cpus, spec.memory_bytes, spec.num_gpus = old
+                return f"the Ray node did not restart with the new limits: {exc}"
         self.m.extra["caps"] = {"cpus": cpus, "memory_bytes": memory_bytes, "gpus": gpus}
         membership.save(self.data_dir, self.m)
         if self.paused:
             self.say("new limits saved; they apply when the Ray node comes back")
-            return None
-        self.say("new limits: draining the Ray node to restart it with them …")
-        self.node.stop()
-        try:
-            self.node.kill_leftovers()
-            self.start_node(120)
-        except NodeStartError as exc:
-            return f"the Ray node did not restart with the new limits: {exc}"
         return None
 
     def drain(self, why: str) -> None:

@@ -56,40 +56,66 @@ class BusyWatch:
 
 
 class OwnerLoad:
-    """The machine's use by everything except the pool: the busier of CPU and GPU, in percent."""
+    """The machine's use by everything except the pool: the busier of CPU and GPU, in percent.
 
-    def __init__(self, pool_root: Callable[[], int | None]) -> None:
+    CPU is measured as cumulative CPU time between samples, never as psutil's per-process cpu_percent (0.0
+    on the first call for each new process, nothing for one that exited in between): the pool's share is
+    each of its processes' own time plus that of its children that exited and were reaped (children_user,
+    children_system), so a short-lived Ray worker still counts as the pool's, against the whole machine's
+    busy time over the same interval."""
+
+    def __init__(self, pool_root: Callable[[], int | None], wall: Callable[[], float] = time.time) -> None:
         self.pool_root = pool_root  # the `ray start` process of this donor (None while it is stopped)
+        self.wall = wall
         self._procs: dict[int, psutil.Process] = {}
-        self._cpus = psutil.cpu_count() or 1
-        psutil.cpu_percent(interval=None)  # the first reading only starts the count
+        self._used: dict[tuple[int, float], float] = {}  # (pid, started) -> its CPU seconds, reaped ones too
+        self._root: tuple[int, float] | None = None
+        self._last = wall()
+        self._system = _system_times()
+        self._pool_seconds()  # the first reading only starts the count
         self._nvml = _nvml_handles()
 
-    def _pool(self) -> list[psutil.Process]:
+    def _pool_seconds(self) -> float:
+        """CPU seconds (summed over cores) the pool's processes used since the last call."""
+        since, self._last = self._last, self.wall()
         root = self.pool_root()
-        if not root:
-            self._procs.clear()
-            return []
-        try:
-            tree = psutil.Process(root)
-            current = [tree, *tree.children(recursive=True)]
-        except psutil.Error:
-            return []
-        keep = {}
-        for p in current:
-            keep[p.pid] = self._procs.get(p.pid, p)  # the same object, so cpu_percent counts since last time
-        self._procs = keep
-        return list(keep.values())
-
-    def cpu(self) -> float:
-        total = float(psutil.cpu_percent(interval=None))
-        pool = 0.0
-        for p in self._pool():
+        current: list[psutil.Process] = []
+        if root:
             try:
-                pool += p.cpu_percent(interval=None)
+                tree = psutil.Process(root)
+                current = [tree, *tree.children(recursive=True)]
+            except psutil.Error:
+                current = []
+        used: dict[tuple[int, float], float] = {}
+        procs: dict[int, psutil.Process] = {}
+        seconds = 0.0
+        same_tree = False
+        for p in current:
+            try:
+                key = (p.pid, p.create_time())
+                t = p.cpu_times()
             except psutil.Error:
                 continue
-        return max(0.0, total - pool / self._cpus)
+            if p.pid == root:
+                same_tree, self._root = key == self._root, key
+            now = t.user + t.system + t.children_user + t.children_system
+            before = self._used.get(key)
+            if before is None:  # new in a known tree, or started since the last call: all of it is new
+                before = 0.0 if same_tree or key[1] >= since - 1.0 else now  # (create_time is coarse)
+            seconds += max(0.0, now - before)
+            used[key], procs[p.pid] = now, p
+        if not used:
+            self._root = None
+        self._used, self._procs = used, procs
+        return seconds
+
+    def cpu(self) -> float:
+        (total0, busy0), self._system = self._system, _system_times()
+        total, busy = self._system[0] - total0, self._system[1] - busy0
+        pool = self._pool_seconds()
+        if total <= 0:
+            return 0.0
+        return min(100.0, max(0.0, (busy - pool) / total * 100.0))
 
     def gpu(self) -> float:
         if not self._nvml:
@@ -113,6 +139,13 @@ class OwnerLoad:
 
     def sample(self) -> float:
         return max(self.cpu(), self.gpu())
+
+
+def _system_times() -> tuple[float, float]:
+    """All CPU seconds so far, summed over cores, and the busy ones (as psutil's cpu_percent counts them)."""
+    t = psutil.cpu_times()
+    total = sum(t) - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)  # in user/nice already
+    return total, total - t.idle - getattr(t, "iowait", 0.0)
 
 
 def _nvml_handles() -> list[object]:

@@ -18,8 +18,9 @@ from rma_ray import cli, membership, wire
 from rma_ray.agent import CONTROL_FILE, Agent, caps_problem
 from rma_ray.busy import BusyPolicy, BusyWatch
 from rma_ray.capabilities import Capabilities
+from rma_ray.credentials import fingerprint
 from rma_ray.membership import Membership
-from rma_ray.raynode import NodeSpec
+from rma_ray.raynode import NodeSpec, NodeStartError
 from rma_ray.schedule import parse
 
 runner = CliRunner()
@@ -268,3 +269,114 @@ def test_donors_list_shows_the_next_window(monkeypatch: pytest.MonkeyPatch) -> N
     result = runner.invoke(cli.app, ["donors", "list"])
     assert result.exit_code == 0, result.output
     assert "off_schedule (next window 2026-12-08T18:00:00Z)" in result.stdout and "paused" in result.stdout
+
+
+class RotatingCoordinator(FakeCoordinator):
+    """A coordinator after `rma rotate-cluster-token`: the beats name a new cluster, ray_info hands it out."""
+
+    def __init__(self, token: str) -> None:
+        super().__init__()
+        self.token, self.infos = token, 0
+
+    def heartbeat(self, token: str, beat: wire.HeartbeatRequest) -> wire.HeartbeatResponse:
+        self.beats.append(beat)
+        return wire.HeartbeatResponse(action="none", cluster=fingerprint(self.token))
+
+    def ray_info(self, token: str) -> wire.RayInfo:
+        self.infos += 1
+        return wire.RayInfo(address="10.0.0.1:6390", auth_token=self.token)
+
+
+@pytest.mark.parametrize("how", ["pause", "beat_while_paused"])
+def test_a_token_rotation_does_not_undo_a_pause(tmp_path: Path, how: str) -> None:
+    agent, node, _ = make_agent(tmp_path)
+    if how == "beat_while_paused":
+        request(tmp_path, op="pause")
+        agent.step_aside()
+    coordinator = RotatingCoordinator("new-cluster-token")
+    agent.client = coordinator  # type: ignore[assignment]
+    if how == "pause":  # the beat inside pause() already names the new cluster
+        request(tmp_path, op="pause")
+        agent.step_aside()
+    else:
+        agent.beat()
+    assert agent.paused == "paused" and not node.running() and node.starts == 0
+    assert coordinator.beats[-1].status == "paused" and coordinator.beats[-1].ray_node_id is None
+    assert coordinator.infos == 1 and node.spec.token_file.read_text() == "new-cluster-token\n"
+    assert node.spec.address == "10.0.0.1:6390"
+    agent.beat()  # the fingerprint is now current: nothing fetched again
+    assert coordinator.infos == 1 and node.starts == 0
+    request(tmp_path, op="resume")
+    agent.step_aside()  # comes back on the new cluster
+    assert agent.paused is None and node.running() and node.starts == 1
+
+
+def test_a_token_rotation_rejoins_an_active_donor(tmp_path: Path) -> None:
+    agent, node, _ = make_agent(tmp_path)
+    coordinator = RotatingCoordinator("new-cluster-token")
+    agent.client = coordinator  # type: ignore[assignment]
+    agent.beat()
+    assert node.stops == 1 and node.starts == 1 and node.running()
+
+
+def test_caps_that_fail_to_restart_are_not_kept(tmp_path: Path) -> None:
+    agent, node, _ = make_agent(tmp_path)
+    before = node.spec.num_cpus, node.spec.memory_bytes, node.spec.num_gpus
+
+    def fail(timeout: float) -> str:
+        raise NodeStartError("raylet exited")
+
+    node.wait_started = fail  # type: ignore[method-assign]
+    request(tmp_path, op="caps", cpus=2)
+    agent.step_aside()
+    saved = membership.load(tmp_path)
+    assert saved is not None and "did not restart with the new limits" in saved.extra["control"]["error"]
+    assert "caps" not in saved.extra  # not applied, so not kept for the next start either
+    assert (node.spec.num_cpus, node.spec.memory_bytes, node.spec.num_gpus) == before
+
+
+def test_a_request_during_start_up_does_not_kill_the_agent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`rma pause` signals the pid in membership.json: SIGUSR1 must be handled before that pid is saved."""
+    import signal
+
+    from rma_ray import agent as agent_module
+    from rma_ray.agent import JoinOptions
+
+    reg = wire.RejoinResponse(
+        worker_id="w1",
+        tier="service",
+        tier_number=2,
+        trusted=True,
+        labels={},
+        heartbeat_interval_s=5,
+        ray=wire.RayInfo(address="127.0.0.1:6380", auth_token="t"),
+    )
+    seen: list[object] = []
+    real_save = membership.save
+
+    def save(data_dir: Path, m: Membership) -> None:
+        if m.agent_pid == os.getpid():
+            seen.append(signal.getsignal(signal.SIGUSR1))
+        real_save(data_dir, m)
+
+    monkeypatch.setattr(agent_module.membership, "save", save)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    try:
+        opts = JoinOptions("http://coordinator.invalid", None, tmp_path, "box", CAPS, paused=True)
+        agent = Agent.start(opts, reg, "rma_node_w1_secret", tmp_path / "key", lambda _m: None, first=False)
+        assert seen and signal.SIG_DFL not in seen  # never published while SIGUSR1 would end the process
+        os.kill(os.getpid(), signal.SIGUSR1)  # `rma pause` now: the agent lives on
+        request(tmp_path, op="resume")
+        agent.client = FakeCoordinator()  # type: ignore[assignment]
+        agent.node = FakeNode(agent.node.spec)  # type: ignore[assignment]
+        agent.step_aside()  # the loop's first step answers the request sent during start-up
+        saved = membership.load(tmp_path)
+        assert saved is not None and saved.extra["control"] == {"id": "r1", "error": None}
+        agent.install_signal_handlers()
+        assert signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, signal.SIG_IGN)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
