@@ -191,9 +191,14 @@ def _download(ray: Any, sup: Any, store: str, dest: Path) -> dict[str, Any]:
     manifest["file"] = FILES[store]
     private_dir(dest)
     data = dest / FILES[store]
+    try:
+        fresh = private_file(data)
+    except FileExistsError:  # never write into (or, failing, remove) a file that was there
+        sup.transfer_end.remote(tid)
+        fail(f"{data} exists already: give a new directory for the backup")
     h, done = hashlib.sha256(), 0
     try:
-        with _progress() as bar, private_file(data) as f:
+        with _progress() as bar, fresh as f:
             task = bar.add_task(f"{store} → {dest}", total=manifest["size_bytes"])
             nxt = sup.read_chunk.remote(tid, 0, CHUNK)
             while done < manifest["size_bytes"]:

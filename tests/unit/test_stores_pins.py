@@ -243,3 +243,12 @@ def test_redis_bgsave_waits_for_a_running_rewrite_and_needs_no_lastsave_change(t
     assert r.saves == 1 and not r.refusals and sum(naps) < 2  # never the 600 s a same-second LASTSAVE cost
     with pytest.raises(StoreError, match="redis BGSAVE failed: ERR no disk"):
         backup.redis_bgsave(FakeRedis(["ERR no disk"]), 600, tmp_path, sleep=naps.append)
+
+
+def test_backup_never_writes_into_or_removes_a_file_that_was_there(tmp_path: Path) -> None:
+    from rma_ray.cli.stores import _download
+
+    (tmp_path / "redis.rdb").write_text("someone's")
+    with pytest.raises(CliError, match="exists already"):
+        _download(FakeRay(), FakeSupervisor(), "redis", tmp_path)
+    assert (tmp_path / "redis.rdb").read_text() == "someone's" and mode(tmp_path) == 0o700
