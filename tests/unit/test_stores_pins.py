@@ -54,7 +54,7 @@ def test_kept_pins_outlive_the_gcs_and_place_the_supervisor_on_its_donor(tmp_pat
     # a GCS that started again empty is seeded from the file; a pin the GCS has wins
     assert seed_pin(None, load_pins(path)["postgres"]) == pin
     assert seed_pin({"donor": "w-b"}, pin) == {"donor": "w-b"}
-    # before any data donor rejoined `up` would place on the head: the pinned store waits for its donor instead
+    # before a data donor rejoined `up` would place on the head: the pinned store waits for its donor
     assert placement_selector(ON_HEAD, pin) == {**TRUSTED_DATA, "rma.io/node": "w-a"}
     assert placement_selector(TRUSTED_DATA, pin) == {**TRUSTED_DATA, "rma.io/node": "w-a"}
     assert placement_selector(TRUSTED_DATA, {"donor": "head", "labelled": False}) == ON_HEAD
@@ -64,8 +64,8 @@ def test_kept_pins_outlive_the_gcs_and_place_the_supervisor_on_its_donor(tmp_pat
 
 
 class FakeRay(types.ModuleType):
-    """What supervisor.py and rma_ray/cli/stores.py use of `ray`: values are ready at once (`get` returns them,
-    or raises the error a call was given)."""
+    """What supervisor.py and rma_ray/cli/stores.py use of `ray`: values are ready at once (`get` returns
+    them, or raises the error a call was given)."""
 
     class exceptions:  # noqa: N801 - as ray spells it
         class RayTaskError(Exception):
