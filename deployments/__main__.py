@@ -83,6 +83,48 @@ def placement(on: str) -> dict[str, str]:
     return TRUSTED_DATA if trusted_data_alive() else ON_HEAD
 
 
+def pins_path() -> Path:
+    """The store pins kept on the operator's machine (this process runs on the head): they outlive the GCS,
+    which `rma down`/`rma up` or a core token rotation recreates empty."""
+    from rma_ray.settings import Settings
+    from rma_ray.storepins import PINS_FILE
+
+    return Settings().data_dir / PINS_FILE
+
+
+def seed_pins(stores: list[str]) -> None:
+    """Put each kept pin back into the GCS where it holds none (a GCS that started again empty)."""
+    from ray.experimental import internal_kv
+
+    from deployments.stores.supervisor import NAMESPACE, pin_key, read_pin, seed_pin
+    from rma_ray.storepins import load_pins
+
+    kept = load_pins(pins_path())
+    for store in stores:
+        try:
+            gcs = read_pin(store)
+            pin = seed_pin(gcs, kept.get(store))
+            if pin is not None and pin is not gcs:
+                internal_kv._internal_kv_put(
+                    pin_key(store), json.dumps(pin), overwrite=True, namespace=NAMESPACE
+                )
+        except Exception as exc:  # the GCS busy: the supervisor itself still refuses to start empty
+            emit(store=store, warning=f"its kept pin was not put back into the GCS: {exc}"[:300])
+
+
+def keep_pins(stores: list[str]) -> None:
+    """Copy the GCS's pins (the supervisors record them) into the file on this machine."""
+    from deployments.stores.supervisor import read_pin
+    from rma_ray.storepins import save_pins
+
+    try:
+        pins = {s: p for s in stores if (p := read_pin(s)) is not None}
+        if pins:
+            save_pins(pins_path(), dict(pins))
+    except Exception as exc:  # the GCS busy: the file keeps the last pins it had
+        emit(warning=f"store pins not kept: {exc}"[:300])
+
+
 def stores_up(stores: list[str], runtime: str, on: str, wait_s: float, ports: dict[str, int]) -> int:
     """One supervisor per store, on a trusted data donor when one is alive, else on the head (the embedded
     default); waits until each answers queries. One line per store; returns how many did not."""
@@ -92,6 +134,9 @@ def stores_up(stores: list[str], runtime: str, on: str, wait_s: float, ports: di
 
     selector = placement(on)
     where = "a trusted data donor" if selector == TRUSTED_DATA else "the head"
+    seed_pins(
+        stores
+    )  # before ensure(): a pinned store is created on its donor, not wherever the default says
     pending = {s: ensure(s, runtime=runtime, selector=selector, port=ports.get(s)) for s in stores}
     failed = 0
 
@@ -124,7 +169,10 @@ def stores_up(stores: list[str], runtime: str, on: str, wait_s: float, ports: di
         return not pending
 
     try:
-        wait_until(settle, timeout=wait_s, interval=0.5, what="the data stores")
+        try:
+            wait_until(settle, timeout=wait_s, interval=0.5, what="the data stores")
+        finally:
+            keep_pins(stores)
     except WaitTimeout:
         reason = (
             f"no node matches {selector} (is a trusted data donor online?)"
@@ -160,6 +208,7 @@ def stores_down(stores: list[str], timeout: float) -> None:
 
     from deployments.stores.supervisor import NAMESPACE, actor_name
 
+    keep_pins(stores)  # the GCS may start again empty: the pins stay on this machine
     actors = {}
     for store in stores:
         try:

@@ -5,9 +5,10 @@ One backup is one file plus a manifest (kind, format, the store's version, time,
 - postgres: `pg_dump -Fc` of the pool's database (a consistent snapshot by itself, the store stays up);
   restore: `pg_restore --clean --if-exists` into the running store (objects the dump holds are dropped and made
   again; a table created after the backup stays).
-- redis: `BGSAVE`, wait for `LASTSAVE` to move, copy `dump.rdb` (the store stays up). Restore, with the store
-  stopped: the RDB becomes the base file of a fresh AOF (the store runs with `appendonly yes`, and Redis 7 reads
-  the AOF, not `dump.rdb`, when AOF is on), so it starts with exactly the backed-up keys.
+- redis: a `BGSAVE` of its own (after a running save or AOF rewrite), wait for it to finish, copy `dump.rdb`
+  (the store stays up). Restore, with the store stopped: the RDB becomes the base file of a fresh AOF (the
+  store runs with `appendonly yes`, and Redis 7 reads the AOF, not `dump.rdb`, when AOF is on), so it
+  starts with exactly the backed-up keys.
 - chroma, graph: neither has an online snapshot of its directory that this runtime can drive (Chroma has none;
   ArcadeDB's BACKUP DATABASE covers one database and not the server's users), so the supervisor STOPS the store
   (a clean shutdown flushes its files), tars the directory, and starts it again: consistent at the cost of a
@@ -24,6 +25,7 @@ import shutil
 import subprocess
 import tarfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +91,42 @@ def store_version(kind: str, ep: Endpoint, volume: Path) -> str:
     return "unknown"
 
 
+REDIS_BUSY = ("in progress", "another child process is active")  # a save or an AOF rewrite is running
+
+
+def redis_bgsave(r: Any, wait_s: float, volume: Path, sleep: Callable[[float], None] = time.sleep) -> None:
+    """Have redis write `dump.rdb` now, by a BGSAVE of our own (one started earlier would miss the latest
+    writes): while another save or an AOF rewrite runs, BGSAVE is refused, so wait and ask again; then wait
+    until the save is done (`rdb_bgsave_in_progress`, set when BGSAVE returns) and check
+    `rdb_last_bgsave_status`. Not by LASTSAVE: it has 1 s resolution, two backups in one second look alike."""
+    import redis
+
+    from rma_ray.waiting import GiveUp, WaitTimeout, wait_until
+
+    def started() -> bool:
+        try:
+            r.bgsave()
+            return True
+        except redis.ResponseError as exc:
+            if any(b in str(exc).lower() for b in REDIS_BUSY):
+                return False
+            raise GiveUp(f"redis BGSAVE failed: {exc}") from None
+
+    def saved() -> bool:
+        return not r.info("persistence")["rdb_bgsave_in_progress"]
+
+    try:
+        wait_until(started, timeout=wait_s, interval=0.2, sleep=sleep, what="redis to take a BGSAVE")
+        wait_until(saved, timeout=wait_s, interval=0.2, sleep=sleep, what="redis's BGSAVE to finish")
+    except GiveUp as exc:
+        raise StoreError(str(exc)) from None
+    except WaitTimeout as exc:
+        raise StoreError(f"{exc} (another save or an AOF rewrite running?)") from None
+    info = r.info("persistence")
+    if info["rdb_last_bgsave_status"] != "ok":
+        raise StoreError(f"redis BGSAVE failed; see {volume}/redis.log")
+
+
 def dump_online(kind: str, ep: Endpoint, volume: Path, out: Path, wait_s: float = 600) -> None:
     """A backup taken while the store serves (postgres, redis)."""
     if kind == "postgres":
@@ -100,26 +138,8 @@ def dump_online(kind: str, ep: Endpoint, volume: Path, out: Path, wait_s: float 
     if kind == "redis":
         import redis
 
-        from rma_ray.waiting import WaitTimeout, wait_until
-
         with redis.Redis(host=ep.host, port=ep.port, password=ep.password, socket_timeout=30) as r:
-            before = r.lastsave()
-            try:
-                r.bgsave()
-            except redis.ResponseError as exc:  # one already running (an AOF rewrite): wait for it instead
-                if "in progress" not in str(exc):
-                    raise StoreError(f"redis BGSAVE failed: {exc}") from None
-            try:
-                wait_until(
-                    lambda: r.lastsave() != before and not r.info("persistence")["rdb_bgsave_in_progress"],
-                    timeout=wait_s,
-                    interval=0.2,
-                    what="redis's BGSAVE to finish (LASTSAVE to change)",
-                )
-            except WaitTimeout as exc:
-                raise StoreError(str(exc)) from None
-            if r.info("persistence")["rdb_last_bgsave_status"] != "ok":
-                raise StoreError(f"redis BGSAVE failed; see {volume}/redis.log")
+            redis_bgsave(r, wait_s, volume)
         shutil.copyfile(volume / "dump.rdb", out)
         return
     raise StoreError(f"{kind} is backed up with the store stopped")

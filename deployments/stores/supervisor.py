@@ -20,7 +20,14 @@ selector, so Ray may restart it on another donor when the pinned one dies: that 
 another donor and an empty volume (`pin_decision`), does not start an empty store, reports
 `waiting for <donor>`, and, once the pinned donor's node is back, has a one-shot detached `Repin` actor kill it
 and create the supervisor again with the pinned selector. A store leaves its donor only on purpose:
-`rma stores move` (`move_to`: a `Repin` that pins the store on the new donor first).
+`rma stores move` (`move_to`: a `Repin` that pins the store on the new donor first; the old volume's pin file
+is rewritten to name the new donor, so a supervisor placed there later waits instead of serving the pre-move
+data). A labelled pin beats data found on another node (`pin_decision`): that data is stale.
+
+The GCS starts again empty after `rma down`/`rma up` or a core token rotation, so the operator's machine keeps
+the pins too (`<data_dir>/store-pins.json`, rma_ray/storepins.py): `python -m deployments up|down` on the head
+copies them from the GCS, and `up` puts them back before `ensure()`, which creates a store pinned on a
+labelled donor there whatever the default placement (the head, before a data donor rejoined) says.
 
 Backups (`backup_begin`, `read_chunk`, `restore_begin`, `write_chunk`, `restore_apply`): the store's own tools,
 run here on its node (backup.py), the bytes handed to the caller in chunks (never the whole file in one
@@ -45,6 +52,7 @@ from deployments.stores.firewall import StoreFirewall, trusted_addresses, wanted
 from deployments.stores.kinds import KINDS, Endpoint, credentials, dir_size
 from deployments.stores.runtime import RUNTIMES, StoreError, make_runtime
 from rma_ray.settings import Settings
+from rma_ray.storepins import moved_pin
 from rma_ray.tiers import LABEL_NODE, LABEL_TIER, LABEL_TRUSTED
 from rma_ray.waiting import GiveUp, WaitTimeout, wait_until
 
@@ -93,10 +101,30 @@ def volume_has_data(kind: str, volume: Path) -> bool:
 
 def pin_decision(pin: dict[str, Any] | None, donor: str, has_data: bool) -> str | None:
     """Whether a supervisor starting on `donor` may start its store: None (yes), or the donor it must wait for
-    (its store is pinned there and this node has none of its data: starting here would start it empty)."""
-    if not pin or not pin.get("donor") or pin["donor"] == donor or has_data:
+    (its store is pinned there and this node has none of its data: starting here would start it empty).
+
+    Local data counts only for an unlabelled pin (a Ray node id, which changes when the node rejoins): a
+    labelled pin names the donor for good, and data here is then stale (an earlier placement or a move)."""
+    if not pin or not pin.get("donor") or pin["donor"] == donor or (has_data and not pin.get("labelled")):
         return None
     return str(pin["donor"])
+
+
+def seed_pin(gcs_pin: dict[str, Any] | None, kept: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The pin the GCS should hold before `ensure()`: its own, else the one kept on the operator's machine
+    (a GCS that started again empty after `rma down`/`rma up` or a token rotation)."""
+    return gcs_pin if gcs_pin else kept
+
+
+def placement_selector(selector: dict[str, str], pin: dict[str, Any] | None) -> dict[str, str]:
+    """Where `ensure()` creates a supervisor: a store pinned on a labelled donor goes there whatever the
+    default placement (the head, before any data donor rejoined) says; a store pinned on the head stays
+    there."""
+    if pin and pin.get("labelled") and pin.get("donor") and pin["donor"] != "head":
+        return {**TRUSTED_DATA, LABEL_NODE: str(pin["donor"])}
+    if pin and pin.get("donor") == "head":
+        return {LABEL_TIER: "head"}
+    return pinned_selector(selector, pin)
 
 
 def pinned_selector(selector: dict[str, str], pin: dict[str, Any] | None) -> dict[str, str]:
@@ -266,9 +294,7 @@ class StoreSupervisor:
             "since": (self.pin or {}).get("since") if (self.pin or {}).get("donor") == self.donor else None,
         }
         pin["since"] = pin["since"] or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        tmp = self.volume / (PIN_FILE + ".tmp")
-        tmp.write_text(json.dumps(pin))
-        os.replace(tmp, self.volume / PIN_FILE)
+        self._write_volume_pin(pin)
         try:
             internal_kv._internal_kv_put(
                 pin_key(self.store_name), json.dumps(pin), overwrite=True, namespace=NAMESPACE
@@ -276,6 +302,13 @@ class StoreSupervisor:
         except Exception as exc:  # the volume keeps it; the next supervisor writes it again
             log.warning("store pin not written to the GCS: %s", exc)
         self.pin = pin
+
+    def _write_volume_pin(self, pin: dict[str, Any]) -> None:
+        tmp = self.volume / (PIN_FILE + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(pin))
+        os.replace(tmp, self.volume / PIN_FILE)
 
     def _wait_for_donor(self) -> None:
         """Waiting: once the pinned donor's node is back, have a `Repin` actor put this supervisor there."""
@@ -300,20 +333,25 @@ class StoreSupervisor:
 
     # -- the actor's API ---------------------------------------------------------------------------------
 
-    def endpoint(self, timeout: float = 120.0, node_id: str | None = None) -> dict[str, Any]:
-        """Host, port and credentials, once the store answers queries (raises with the reason otherwise), to a
-        caller on a trusted node only."""
+    def _check_caller(self, node_id: str | None, what: str, fix: str) -> None:
+        """Refuse a caller that is not on a trusted node (labelled, or the head): the store's credentials and
+        its whole data (a backup, a restore, its counts) go to and come from trusted nodes only."""
         if not node_id or not node_is_trusted(_ray_node(node_id)):
             log.warning(
-                "refused %s's credentials to a caller on node %s (not a trusted node)",
+                "refused %s's %s to a caller on node %s (not a trusted node)",
                 self.kind.name,
+                what,
                 (node_id or "?")[:12],
             )
             raise StoreError(
-                f"{self.kind.name}'s credentials go only to trusted nodes (rma.io/trusted=true "
-                f"or the head); node {(node_id or '?')[:12]} is not one: place this deployment "
-                f"on trusted nodes"
+                f"{self.kind.name}'s {what} go only to trusted nodes (rma.io/trusted=true "
+                f"or the head); node {(node_id or '?')[:12]} is not one: {fix}"
             )
+
+    def endpoint(self, timeout: float = 120.0, node_id: str | None = None) -> dict[str, Any]:
+        """Host, port and credentials, once the store answers queries (raises with the reason otherwise), to a
+        caller on a trusted node only."""
+        self._check_caller(node_id, "credentials", "place this deployment on trusted nodes")
         if not self._ready.wait(timeout):
             raise StoreError(self.error or f"{self.kind.name} is not ready yet")
         return self._endpoint().__dict__.copy()
@@ -389,8 +427,12 @@ class StoreSupervisor:
                 f"no transfer {tid[:8]} on this supervisor (it restarted?): start again"
             ) from None
 
-    def backup_begin(self) -> dict[str, Any]:
-        """Take a backup into a file on this node; returns its manifest and a transfer id for `read_chunk`."""
+    def backup_begin(self, node_id: str | None = None) -> dict[str, Any]:
+        """Take a backup into a file on this node; returns its manifest and a transfer id for `read_chunk`
+        (to a caller on a trusted node only)."""
+        self._check_caller(
+            node_id, "backups", "run this from the operator's machine (the head) or a trusted node"
+        )
         self._usable()
         self._ready.wait(120)
         tid, path = self._new_transfer()
@@ -424,8 +466,11 @@ class StoreSupervisor:
         if t is not None:
             Path(t["path"]).unlink(missing_ok=True)
 
-    def restore_begin(self, manifest: dict[str, Any]) -> str:
-        """Get ready to receive a backup (`write_chunk`, then `restore_apply`)."""
+    def restore_begin(self, manifest: dict[str, Any], node_id: str | None = None) -> str:
+        """Get ready to receive a backup (`write_chunk`, then `restore_apply`), from a trusted node only."""
+        self._check_caller(
+            node_id, "restores", "run this from the operator's machine (the head) or a trusted node"
+        )
         self._usable()
         if (
             manifest.get("store") != self.kind.name
@@ -465,8 +510,11 @@ class StoreSupervisor:
         log.info("%s restored from a backup of %s", self.kind.name, manifest.get("created_at"))
         return self.status()
 
-    def counts(self) -> dict[str, int]:
-        """Rows, keys or records the store holds (backup.counts)."""
+    def counts(self, node_id: str | None = None) -> dict[str, int]:
+        """Rows, keys or records the store holds (backup.counts), to a caller on a trusted node only."""
+        self._check_caller(
+            node_id, "counts", "run this from the operator's machine (the head) or a trusted node"
+        )
         self._usable()
         if not self._ready.wait(120):
             raise StoreError(self.error or f"{self.kind.name} is not ready yet")
@@ -490,6 +538,9 @@ class StoreSupervisor:
             )
         if donor == self.donor:
             raise StoreError(f"{self.kind.name} already runs on {donor}")
+        # this volume keeps the pre-move data: its pin names the new donor, so a supervisor placed here later
+        # waits for that donor instead of serving stale data (pin_decision)
+        self._write_volume_pin(moved_pin(self.store_name, donor))
         ray.remote(Repin).options(
             name=f"{actor_name(self.store_name)}-repin",
             namespace=NAMESPACE,
@@ -580,9 +631,8 @@ class Repin:
             old = ray.get_actor(actor_name(store), namespace=NAMESPACE)
             if ray.get(old.status.remote(), timeout=30).get("incarnation") == incarnation:
                 if to is not None:  # the new supervisor's pin: it starts its store there (pin_decision)
-                    pin = {"store": store, "donor": to, "labelled": True, "node_id": None, "since": None}
                     internal_kv._internal_kv_put(
-                        pin_key(store), json.dumps(pin), overwrite=True, namespace=NAMESPACE
+                        pin_key(store), json.dumps(moved_pin(store, to)), overwrite=True, namespace=NAMESPACE
                     )
                 try:
                     ray.get(old.stop.remote(), timeout=120)  # the store flushes and exits; its volume stays
@@ -598,7 +648,13 @@ class Repin:
                         return True
 
                 wait_until(gone, timeout=60, interval=0.5, what=f"the waiting supervisor of {store} to end")
-                ensure(store, runtime, port=port, data_dir=data_dir)
+                # a transient failure (the GCS busy) must not leave the store with no supervisor at all
+                wait_until(
+                    lambda: ensure(store, runtime, port=port, data_dir=data_dir),
+                    timeout=300,
+                    interval=2,
+                    what=f"a new supervisor of {store}",
+                )
         finally:
             ray.actor.exit_actor()
 
@@ -631,7 +687,7 @@ def ensure(
         max_restarts=-1,
         max_concurrency=8,
         num_cpus=0,
-        label_selector=pinned_selector(selector or TRUSTED_DATA, pin),
+        label_selector=placement_selector(selector or TRUSTED_DATA, pin),
         get_if_exists=True,
     ).remote(store, runtime, port, data_dir)
 

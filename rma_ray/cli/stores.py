@@ -130,6 +130,27 @@ def pool_ray(data_dir: Path | None, address: str | None) -> Iterator[Any]:
         ray.shutdown()
 
 
+def private_dir(dest: Path) -> None:
+    """The backup's directory, 0700: created so, or an existing empty one made so (a backup is the store's
+    whole data)."""
+    dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        dest.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    os.chmod(dest, 0o700)  # the umask may have taken bits off the mode, or the directory existed
+
+
+def private_file(path: Path) -> Any:
+    """A new file, 0600, never one that exists (O_EXCL: not a link planted there either)."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
+
+
+def _here(ray: Any) -> str:
+    """This driver's node id: the supervisor hands its store's data only to a trusted node's caller."""
+    return str(ray.get_runtime_context().get_node_id())
+
+
 def _supervisor(ray: Any, store: str) -> Any:
     try:
         return ray.get_actor(f"rma-store-{store}", namespace="rma")
@@ -165,14 +186,19 @@ def _progress() -> Progress:
 def _download(ray: Any, sup: Any, store: str, dest: Path) -> dict[str, Any]:
     """Have the supervisor take a backup, and bring it into `dest` chunk by chunk; returns its manifest."""
     err.print(f"backing up {store} on its node …", highlight=False)
-    begun = _call(ray, sup.backup_begin.remote())
+    begun = _call(ray, sup.backup_begin.remote(_here(ray)))
     tid, manifest = begun["transfer"], dict(begun["manifest"])
     manifest["file"] = FILES[store]
-    dest.mkdir(parents=True, exist_ok=True)
+    private_dir(dest)
     data = dest / FILES[store]
+    try:
+        fresh = private_file(data)
+    except FileExistsError:  # never write into (or, failing, remove) a file that was there
+        sup.transfer_end.remote(tid)
+        fail(f"{data} exists already: give a new directory for the backup")
     h, done = hashlib.sha256(), 0
     try:
-        with _progress() as bar, open(data, "wb") as f:
+        with _progress() as bar, fresh as f:
             task = bar.add_task(f"{store} → {dest}", total=manifest["size_bytes"])
             nxt = sup.read_chunk.remote(tid, 0, CHUNK)
             while done < manifest["size_bytes"]:
@@ -188,7 +214,8 @@ def _download(ray: Any, sup: Any, store: str, dest: Path) -> dict[str, Any]:
                 bar.update(task, completed=done)
         if h.hexdigest() != manifest["sha256"]:
             fail(f"the backup of {store} arrived damaged (sha256 differs): try again")
-        (dest / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        with private_file(dest / MANIFEST) as f:
+            f.write((json.dumps(manifest, indent=2) + "\n").encode())
     except BaseException:
         data.unlink(missing_ok=True)
         raise
@@ -199,7 +226,7 @@ def _download(ray: Any, sup: Any, store: str, dest: Path) -> dict[str, Any]:
 
 def _upload(ray: Any, sup: Any, store: str, manifest: dict[str, Any], data: Path, what: str) -> Any:
     """Send a checked backup to the supervisor, chunk by chunk, and have it restore it; returns its status."""
-    tid = _call(ray, sup.restore_begin.remote(manifest))
+    tid = _call(ray, sup.restore_begin.remote(manifest, _here(ray)))
     size = data.stat().st_size
     with _progress() as bar, open(data, "rb") as f:
         task = bar.add_task(f"{what} → {store}", total=size)
@@ -250,6 +277,46 @@ def stores_restore(
     )
 
 
+def moved_empty(store: str, to: str, dest: Path, donor: str, exc: BaseException) -> str:
+    """The one line a move that failed after the switch ends with: the store on `to` is live and empty."""
+    cause = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+    return (
+        f"{store} on {to} is EMPTY; run `rma stores restore {store} {dest}` (the backup is at {dest}); "
+        f"the old volume stays on {donor} ({cause})"
+    )
+
+
+def keep_moved_pin(ddir: Path, store: str, to: str) -> None:
+    """The moved store's pin, kept on the operator's machine too (deployments/__main__.py seeds the GCS)."""
+    from rma_ray.storepins import PINS_FILE, moved_pin, save_pins
+
+    try:
+        save_pins(ddir / PINS_FILE, {store: moved_pin(store, to)})
+    except OSError as exc:
+        err.print(f"warning: the pin of {store} was not kept in {ddir / PINS_FILE}: {exc}", highlight=False)
+
+
+def _fill_moved(
+    ray: Any, store: str, to: str, manifest: dict[str, Any], dest: Path, wait_s: float
+) -> tuple[Any, Any]:
+    """After the switch: wait for the store on `to`, restore the backup into it, take its counts."""
+    from rma_ray.waiting import WaitTimeout, wait_until
+
+    err.print(f"starting {store} on {to} …", highlight=False)
+
+    def there() -> Any:
+        sup = ray.get_actor(f"rma-store-{store}", namespace="rma")
+        st = ray.get(sup.status.remote(), timeout=5)
+        return sup if st["donor"] == to and st["status"] == "ready" else None
+
+    try:
+        new = wait_until(there, timeout=wait_s, interval=1, what=f"{store} to answer on {to}")
+    except WaitTimeout:
+        fail(f"{store} did not start on {to} within {wait_s:g} s")
+    st = _upload(ray, new, store, manifest, dest / FILES[store], str(dest))
+    return st, _call(ray, new.counts.remote(_here(ray)))
+
+
 @stores_app.command("move")
 def stores_move(
     store: str,
@@ -263,8 +330,6 @@ def stores_move(
     """Move a store with its data to another trusted data donor: back up, start it there, restore, check the
     counts, switch. Stop its writers first: a write after the backup would be lost, so the move stops if the
     counts changed meanwhile. The old donor keeps its volume; the backup stays in the data dir's backups/."""
-    from rma_ray.waiting import WaitTimeout, wait_until
-
     _store(store)
     ddir = data_dir_of(data_dir)
     dest = ddir / "backups" / f"move-{store}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
@@ -274,26 +339,19 @@ def stores_move(
         if was["status"] != "ready":
             fail(f"{store} is {was['status']} ({was.get('error')}); a move starts from a running store")
         manifest = _download(ray, old, store, dest)
-        now = _call(ray, old.counts.remote())
+        now = _call(ray, old.counts.remote(_here(ray)))
         if manifest.get("counts") != now:
             fail(
                 f"{store} changed during the backup (counts {manifest.get('counts')} → {now}): stop its "
                 f"writers and move it again; nothing was moved"
             )
         _call(ray, old.move_to.remote(to), timeout=60)
-        err.print(f"starting {store} on {to} …", highlight=False)
-
-        def there() -> Any:
-            sup = ray.get_actor(f"rma-store-{store}", namespace="rma")
-            st = ray.get(sup.status.remote(), timeout=5)
-            return sup if st["donor"] == to and st["status"] == "ready" else None
-
+        keep_moved_pin(ddir, store, to)  # the store is pinned on `to` now, whatever follows
+        # from here on the store on `to` may be live and empty: any failure says so, and how to fill it
         try:
-            new = wait_until(there, timeout=wait_s, interval=1, what=f"{store} to answer on {to}")
-        except WaitTimeout:
-            fail(f"{store} did not start on {to} within {wait_s:g} s; the backup is in {dest}")
-        st = _upload(ray, new, store, manifest, dest / FILES[store], str(dest))
-        after = _call(ray, new.counts.remote())
+            st, after = _fill_moved(ray, store, to, manifest, dest, wait_s)
+        except Exception as exc:  # CliError too: one line, the cause last
+            fail(moved_empty(store, to, dest, was["donor"], exc))
     if after != manifest.get("counts"):
         fail(
             f"{store} on {to} holds {after}, the backup {manifest.get('counts')}: check it; "

@@ -1,0 +1,254 @@
+"""Store pinning that outlives the GCS, a move's hand-over, who may take a store's data, a backup's file modes
+and a redis BGSAVE that has to wait: without Ray (a stand-in `ray` module where the code imports one)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import stat
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from typer.testing import CliRunner
+
+from deployments.stores import backup, supervisor
+from deployments.stores.kinds import KINDS
+from deployments.stores.runtime import StoreError
+from deployments.stores.supervisor import (
+    PIN_FILE,
+    TRUSTED_DATA,
+    StoreSupervisor,
+    pin_decision,
+    placement_selector,
+    seed_pin,
+    volume_has_data,
+)
+from rma_ray.cli import app
+from rma_ray.cli.common import CliError
+from rma_ray.storepins import PINS_FILE, load_pins, moved_pin, save_pins
+
+ON_HEAD = {"rma.io/tier": "head"}
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_labelled_pin_wins_over_stale_data_here() -> None:
+    labelled = {"donor": "w-a", "labelled": True}
+    assert pin_decision(labelled, "w-b", has_data=True) == "w-a"  # old data from an earlier placement: wait
+    assert pin_decision(labelled, "w-a", has_data=False) is None
+    assert pin_decision({"donor": "0a1b", "labelled": False}, "w-b", has_data=True) is None  # node id changed
+
+
+def test_kept_pins_outlive_the_gcs_and_place_the_supervisor_on_its_donor(tmp_path: Path) -> None:
+    path = tmp_path / "pool" / PINS_FILE
+    pin = {"store": "postgres", "donor": "w-a", "labelled": True, "node_id": "n1", "since": "2026"}
+    save_pins(path, {"postgres": pin, "redis": {"store": "redis", "donor": "head", "labelled": False}})
+    save_pins(path, {"redis": None})  # merged: postgres stays, redis forgotten
+    assert load_pins(path) == {"postgres": pin} and mode(path) == 0o600
+    # a GCS that started again empty is seeded from the file; a pin the GCS has wins
+    assert seed_pin(None, load_pins(path)["postgres"]) == pin
+    assert seed_pin({"donor": "w-b"}, pin) == {"donor": "w-b"}
+    # before a data donor rejoined `up` would place on the head: the pinned store waits for its donor
+    assert placement_selector(ON_HEAD, pin) == {**TRUSTED_DATA, "rma.io/node": "w-a"}
+    assert placement_selector(TRUSTED_DATA, pin) == {**TRUSTED_DATA, "rma.io/node": "w-a"}
+    assert placement_selector(TRUSTED_DATA, {"donor": "head", "labelled": False}) == ON_HEAD
+    assert placement_selector(ON_HEAD, None) == ON_HEAD
+    (tmp_path / "bad.json").write_text("{not json")
+    assert load_pins(tmp_path / "bad.json") == {} and load_pins(tmp_path / "none.json") == {}
+
+
+class FakeRay(types.ModuleType):
+    """What supervisor.py and rma_ray/cli/stores.py use of `ray`: values are ready at once (`get` returns
+    them, or raises the error a call was given)."""
+
+    class exceptions:  # noqa: N801 - as ray spells it
+        class RayTaskError(Exception):
+            def __init__(self, cause: Exception) -> None:
+                super().__init__(str(cause))
+                self.cause = cause
+
+        class GetTimeoutError(Exception):
+            pass
+
+        class RayActorError(Exception):
+            pass
+
+    def __init__(self, nodes: list[dict[str, Any]] | None = None, actor: Any = None) -> None:
+        super().__init__("ray")
+        self._nodes, self.actor = nodes or [], actor
+        self.started: list[tuple[Any, ...]] = []
+
+    def is_initialized(self) -> bool:
+        return True
+
+    def nodes(self) -> list[dict[str, Any]]:
+        return self._nodes
+
+    def get(self, ref: Any, timeout: float | None = None) -> Any:
+        if isinstance(ref, Exception):
+            raise ref
+        return ref
+
+    def get_actor(self, name: str, namespace: str | None = None) -> Any:
+        return self.actor
+
+    def get_runtime_context(self) -> Any:
+        return types.SimpleNamespace(get_node_id=lambda: "node-here")
+
+    def remote(self, cls: Any) -> Any:
+        started = self.started
+
+        class Handle:
+            def options(self, **kw: Any) -> Any:
+                return self
+
+            def remote(self) -> Any:
+                return types.SimpleNamespace(run=types.SimpleNamespace(remote=lambda *a: started.append(a)))
+
+        return Handle()
+
+
+def bare_supervisor(tmp_path: Path, store: str = "redis", donor: str = "w-a") -> StoreSupervisor:
+    sup = StoreSupervisor.__new__(StoreSupervisor)
+    sup.kind, sup.store_name, sup.donor = KINDS[store], store, donor
+    sup.volume = tmp_path / store
+    sup.volume.mkdir(parents=True, exist_ok=True)
+    sup.runtime, sup.runtime_name, sup.waiting_for, sup.error = None, "process", None, "stopped"
+    sup.port_arg, sup.data_dir_arg, sup.incarnation = None, None, "inc-1"
+    return sup
+
+
+def test_move_leaves_the_old_volume_waiting_for_the_new_donor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = FakeRay([{"Alive": True, "Labels": {**TRUSTED_DATA, "rma.io/node": "w-b"}}])
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    sup = bare_supervisor(tmp_path, "postgres", donor="head")
+    (sup.volume / "pgdata").mkdir()
+    (sup.volume / "pgdata" / "PG_VERSION").write_text("17\n")  # the pre-move data stays here
+    sup._write_volume_pin({"store": "postgres", "donor": "head", "labelled": False})
+    sup.move_to("w-b")
+    assert fake.started and fake.started[0][-1] == "w-b"  # the Repin that creates the new supervisor
+    pin = json.loads((sup.volume / PIN_FILE).read_text())
+    assert pin == moved_pin("postgres", "w-b") and mode(sup.volume / PIN_FILE) == 0o600
+    # a supervisor that lands on the old volume later (the GCS empty: it reads this pin) waits, never serves
+    assert pin_decision(pin, "head", volume_has_data("postgres", sup.volume)) == "w-b"
+
+
+def test_store_data_goes_to_trusted_callers_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    nodes = {
+        "donor": {"Alive": True, "Labels": {"rma.io/tier": "data"}, "Resources": {}},
+        "trusted": {"Alive": True, "Labels": {"rma.io/trusted": "true"}, "Resources": {}},
+    }
+    monkeypatch.setattr(supervisor, "_ray_node", nodes.get)
+    sup = bare_supervisor(tmp_path)
+    for call in (
+        lambda n: sup.backup_begin(n),
+        lambda n: sup.restore_begin({"store": "redis"}, n),
+        lambda n: sup.counts(n),
+    ):
+        for node in (None, "donor", "gone"):
+            with pytest.raises(StoreError, match="go only to trusted nodes"):
+                call(node)
+        with pytest.raises(StoreError, match="not running here"):  # past the check: the store's own state
+            call("trusted")
+
+
+class FakeSupervisor:
+    """A redis supervisor on w-a whose store moves to w-b; restoring into the new one fails."""
+
+    content = b"REDIS0011" + b"k" * 100
+
+    def __init__(self) -> None:
+        self.donor, self.callers = "w-a", []  # type: ignore[var-annotated]
+
+        def remote(fn: Any) -> Any:
+            return types.SimpleNamespace(remote=fn)
+
+        manifest = {
+            "store": "redis",
+            "format": "rdb",
+            "store_version": "7",
+            "size_bytes": len(self.content),
+            "sha256": hashlib.sha256(self.content).hexdigest(),
+            "counts": {"keys": 3},
+        }
+        self.status = remote(lambda: {"status": "ready", "donor": self.donor, "error": None})
+        self.backup_begin = remote(lambda node: self._by(node, {"transfer": "t1", "manifest": manifest}))
+        self.read_chunk = remote(lambda tid, off, size: self.content[off : off + size])
+        self.transfer_end = remote(lambda tid: None)
+        self.counts = remote(lambda node: self._by(node, {"keys": 3}))
+        self.move_to = remote(lambda to: setattr(self, "donor", to))
+        self.restore_begin = remote(
+            lambda manifest, node: FakeRay.exceptions.RayTaskError(StoreError("no space left on device"))
+        )
+
+    def _by(self, node: str, value: Any) -> Any:
+        self.callers.append(node)
+        return value
+
+
+def test_failed_move_says_the_new_store_is_empty_and_keeps_the_pin(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sup = FakeSupervisor()
+    monkeypatch.setitem(sys.modules, "ray", FakeRay(actor=sup))
+    r = CliRunner().invoke(app, ["stores", "move", "redis", "--to", "w-b", "--data-dir", str(tmp_path)])
+    assert isinstance(r.exception, CliError), r.output
+    msg = str(r.exception)
+    (dest,) = (tmp_path / "backups").iterdir()
+    assert msg.startswith(f"redis on w-b is EMPTY; run `rma stores restore redis {dest}`")
+    assert "the old volume stays on w-a" in msg and "no space left on device" in msg and "\n" not in msg
+    assert sup.callers == ["node-here", "node-here"]  # backup and counts name the caller's node
+    # the backup: a private directory of private files
+    assert mode(dest) == 0o700 and mode(dest / "redis.rdb") == 0o600 and mode(dest / "manifest.json") == 0o600
+    assert (dest / "redis.rdb").read_bytes() == sup.content
+    # the store is pinned on w-b now: the pool's data dir keeps that for a GCS that starts again empty
+    assert load_pins(tmp_path / PINS_FILE)["redis"]["donor"] == "w-b" and mode(tmp_path / PINS_FILE) == 0o600
+
+
+class FakeRedis:
+    """BGSAVE refused while an AOF rewrite runs, then taken; the save is done after two polls."""
+
+    def __init__(self, refusals: list[str]) -> None:
+        self.refusals, self.polls, self.saves = refusals, 0, 0
+
+    def bgsave(self) -> bool:
+        if self.refusals:
+            raise redis.ResponseError(self.refusals.pop(0))
+        self.saves += 1
+        return True
+
+    def info(self, section: str) -> dict[str, Any]:
+        self.polls += 1
+        busy = self.saves and self.polls < 3
+        return {"rdb_bgsave_in_progress": int(bool(busy)), "rdb_last_bgsave_status": "ok"}
+
+
+def test_redis_bgsave_waits_for_a_running_rewrite_and_needs_no_lastsave_change(tmp_path: Path) -> None:
+    naps: list[float] = []
+    r = FakeRedis(
+        [
+            "Background append only file rewriting in progress",
+            "Another child process is active (AOF?): can't BGSAVE right now.",
+        ]
+    )
+    backup.redis_bgsave(r, 600, tmp_path, sleep=naps.append)
+    assert r.saves == 1 and not r.refusals and sum(naps) < 2  # never the 600 s a same-second LASTSAVE cost
+    with pytest.raises(StoreError, match="redis BGSAVE failed: ERR no disk"):
+        backup.redis_bgsave(FakeRedis(["ERR no disk"]), 600, tmp_path, sleep=naps.append)
+
+
+def test_backup_never_writes_into_or_removes_a_file_that_was_there(tmp_path: Path) -> None:
+    from rma_ray.cli.stores import _download
+
+    (tmp_path / "redis.rdb").write_text("someone's")
+    with pytest.raises(CliError, match="exists already"):
+        _download(FakeRay(), FakeSupervisor(), "redis", tmp_path)
+    assert (tmp_path / "redis.rdb").read_text() == "someone's" and mode(tmp_path) == 0o700
