@@ -466,11 +466,11 @@ def test_registry_page_shows_the_contributors_in_a_browser(ledger: Ledger) -> No
             page.click("button[type=submit]")
             page.wait_for_url(pool.coordinator_url + "/registry")
             rows = page.locator("#contributors-table tbody tr")
-            assert rows.first.get_attribute("data-worker") == ledger.donor
-            top = page.locator(f"#contributors tr[data-worker='{ledger.donor}']")
+            assert rows.first.get_attribute("data-contributor") == ledger.donor
+            top = page.locator(f"#contributors tr[data-contributor='{ledger.donor}']")
             assert int(top.get_attribute("data-requests") or 0) >= 10
             assert float(top.get_attribute("data-cpu-s") or 0) > 0
-            assert page.locator(f"#contributors tr[data-worker='{ledger.idle}']").get_attribute(
+            assert page.locator(f"#contributors tr[data-contributor='{ledger.idle}']").get_attribute(
                 "data-credits"
             ) == ("0.0")
             line = top.locator("svg.sparkline polyline")
@@ -484,7 +484,7 @@ def test_registry_page_shows_the_contributors_in_a_browser(ledger: Ledger) -> No
                 arg=page.inner_text("#generated-at"),
                 timeout=20_000,
             )
-            assert page.locator(f"#contributors tr[data-worker='{ledger.donor}']").count() == 1
+            assert page.locator(f"#contributors tr[data-contributor='{ledger.donor}']").count() == 1
             ARTIFACTS.mkdir(exist_ok=True)
             page.locator("#contributors").screenshot(path=str(ARTIFACTS / "registry-contributors.png"))
         finally:
