@@ -132,7 +132,9 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="rma-bench-edge-"))
     with start_edge_pool(root, n_hosts=2, apps="llm") as pool:
         rss_idle = edge_head_rss(pool)
-        donor = pool.join(pool.invite(trusted=False, tier="service"), "--cpus", "3", timeout=180)
+        donor = pool.join(
+            pool.invite(trusted=False, tier="service"), "--cpus", "3", "--overcommit-cpus", timeout=180
+        )
         wait_for(
             lambda: pool.running_replicas("rma-llm", "edge") > 0, timeout=900, interval=2, what="edge LLM"
         )

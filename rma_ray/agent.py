@@ -72,13 +72,23 @@ class JoinOptions:
 
 
 def caps_problem(
-    caps: Capabilities, tier: str | None, cpus: float | None, memory_bytes: int | None, gpus: int | None
+    caps: Capabilities,
+    tier: str | None,
+    cpus: float | None,
+    memory_bytes: int | None,
+    gpus: int | None,
+    overcommit_cpus: bool = False,
 ) -> str | None:
     """Why these limits cannot apply on this machine, as one line; None when they can. Only more than the
     machine has is refused (the tier comes from the probe of the whole machine, as at `rma join`), and a gpu
-    tier donor's last GPU (Ray reporting none there would quarantine it)."""
-    if cpus is not None and cpus > caps.cpu_cores:
-        return f"--cpus {cpus:g}: this machine has {caps.cpu_cores} cores"
+    tier donor's last GPU (Ray reporting none there would quarantine it). `overcommit_cpus` (`rma join
+    --overcommit-cpus`): Ray's CPUs are logical, and a donor may knowingly promise more than its cores (I/O-bound
+    work; test beds that fit several replicas on a 2-core machine)."""
+    if cpus is not None and cpus > caps.cpu_cores and not overcommit_cpus:
+        return (
+            f"--cpus {cpus:g}: this machine has {caps.cpu_cores} cores "
+            "(add --overcommit-cpus to promise Ray more logical CPUs than cores)"
+        )
     if memory_bytes is not None:
         if memory_bytes > caps.ram_mb * MB:
             return f"--memory {memory_bytes // MB} MiB: this machine has {caps.ram_mb} MiB"

@@ -75,6 +75,9 @@ def join(
     busy_for: Annotated[float, typer.Option(help="seconds busy before stepping aside")] = 30,
     idle_percent: Annotated[float, typer.Option(help="owner's use (%) that counts as idle")] = 20,
     idle_for: Annotated[float, typer.Option(help="seconds idle before coming back")] = 120,
+    overcommit_cpus: Annotated[
+        bool, typer.Option(help="allow --cpus above this machine's cores (Ray's CPUs are logical)")
+    ] = False,
     data_dir: DataDirOpt = None,
 ) -> None:
     """Donate this machine: register, start a Ray worker node in the assigned tier, stay until Ctrl-C.
@@ -111,7 +114,7 @@ def join(
         if capabilities_file
         else capabilities.probe(d if d.exists() else "/")
     )
-    problem = caps_problem(caps, None, cpus, memory_bytes, gpus)
+    problem = caps_problem(caps, None, cpus, memory_bytes, gpus, overcommit_cpus=overcommit_cpus)
     if problem:
         fail(problem)
     import socket as _socket

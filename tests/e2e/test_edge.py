@@ -48,7 +48,9 @@ def edge_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EdgePool]:
 
 @pytest.fixture(scope="module")
 def edge_donor(edge_pool: EdgePool) -> Donor:
-    donor = edge_pool.join(edge_pool.invite(trusted=False, tier="service"), "--cpus", "3", timeout=180)
+    donor = edge_pool.join(
+        edge_pool.invite(trusted=False, tier="service"), "--cpus", "3", "--overcommit-cpus", timeout=180
+    )
     wait_for(
         lambda: edge_pool.running_replicas("rma-llm", "edge") > 0,
         timeout=900,

@@ -191,6 +191,13 @@ def test_caps_problems(tier: str | None, limits: dict[str, Any], says: str) -> N
     assert says in (caps_problem(CAPS, tier, **full) or "")
 
 
+def test_more_cpus_than_cores_only_when_the_donor_says_so() -> None:
+    assert "--overcommit-cpus" in (caps_problem(CAPS, None, 16, None, None) or "")
+    assert caps_problem(CAPS, None, 16, None, None, overcommit_cpus=True) is None
+    # memory and GPUs are not logical: no overcommit for them
+    assert caps_problem(CAPS, None, 16, 64 * 1024**3, None, overcommit_cpus=True)
+
+
 def test_cli_refusals_are_one_line(tmp_path: Path) -> None:
     cases = [
         (["join", "http://x", "--schedule", "Mon-Fro 19:00-07:00"], "--schedule: cannot read the days"),
