@@ -312,21 +312,12 @@ class StoreSupervisor:
 
     def _wait_for_donor(self) -> None:
         """Waiting: once the pinned donor's node is back, have a `Repin` actor put this supervisor there."""
-        import ray
 
         while not self._stop.wait(2.0):
             try:
                 if not donor_alive(str(self.waiting_for)):
                     continue
-                ray.remote(Repin).options(
-                    name=f"{actor_name(self.store_name)}-repin",
-                    namespace=NAMESPACE,
-                    lifetime="detached",
-                    num_cpus=0,
-                    get_if_exists=True,
-                ).remote().run.remote(
-                    self.store_name, self.runtime_name, self.port_arg, self.data_dir_arg, self.incarnation
-                )
+                self._repin()
                 return
             except Exception as exc:  # the GCS busy: try again
                 log.info("repin not started: %s", exc)
@@ -541,6 +532,12 @@ class StoreSupervisor:
         # this volume keeps the pre-move data: its pin names the new donor, so a supervisor placed here later
         # waits for that donor instead of serving stale data (pin_decision)
         self._write_volume_pin(moved_pin(self.store_name, donor))
+        self._repin(donor)
+
+    def _repin(self, *donor: str) -> None:
+        """The one-shot `Repin` actor that replaces this supervisor with one on the pinned donor (or `donor`)."""
+        import ray
+
         ray.remote(Repin).options(
             name=f"{actor_name(self.store_name)}-repin",
             namespace=NAMESPACE,
@@ -548,7 +545,7 @@ class StoreSupervisor:
             num_cpus=0,
             get_if_exists=True,
         ).remote().run.remote(
-            self.store_name, self.runtime_name, self.port_arg, self.data_dir_arg, self.incarnation, donor
+            self.store_name, self.runtime_name, self.port_arg, self.data_dir_arg, self.incarnation, *donor
         )
 
     # -- reporting to the coordinator (registry page, GET /api/admin/stores) ------------------------------
