@@ -32,7 +32,7 @@ from deployments.gateway.refusal import Refusal, UnknownKey
 
 _lock = threading.Lock()
 _verifier: ClientKeyVerifier | None = None
-UNKNOWN_KEY_PATIENCE_S = 1.5  # longest a request with a not-yet-known key waits for the next keyring refresh
+UNKNOWN_KEY_PATIENCE_S = 5.0  # longest a request with a not-yet-known key waits for a keyring fetched after it came
 
 
 def coordinator_identity() -> tuple[str, str]:
@@ -99,29 +99,46 @@ async def current_client(request: Request) -> ClientIdentity:
         return edge_gate.EDGE_CALLER
     v = await _ready_verifier()
     header = request.headers.get("authorization")
-    try:
-        client = v.verify(header)
-    except UnknownKey:
-        # one refresh at a time: a request that waited for another's refresh checks against that keyring (a
-        # fresh key's first requests arrive together: each must see it, not only the one that refreshed)
-        await asyncio.to_thread(v.refresh_for_unknown)
-        try:
-            client = v.verify(header)
-        except UnknownKey:
-            # the keyring was refreshed for another unknown key a moment ago, before this one existed: wait for
-            # the next refresh allowed (on the loop, no thread held; made-up keys still cost the coordinator at
-            # most one fetch per interval, and get their 401 a moment later)
-            wait = v.unknown_refresh_wait()
-            if not 0 < wait <= UNKNOWN_KEY_PATIENCE_S:
-                raise
-            await asyncio.sleep(wait)
-            await asyncio.to_thread(v.refresh_for_unknown)
-            client = v.verify(header)
+    client = await _verify_waiting_for_new_keys(v, header)
     meter = quota.meter()
     if meter is not None:  # counted once per request, here, for every ingress; over its quota: a 429
         await meter.admit(client.key_id, client.quota)
     request.state.client = client
     return client
+
+
+async def _verify_waiting_for_new_keys(v: ClientKeyVerifier, header: str | None) -> ClientIdentity:
+    """`v.verify(header)`, except that a key the keyring does not know is refused only once a keyring fetched
+    after this request arrived says so (a key created a moment ago is not refused because the last refresh, or
+    a slow or failed one, predates it). Refreshes for unknown keys are one at a time and at most one per
+    `unknown_refresh_s` (a flood of made-up keys costs the coordinator one fetch per interval); a request waits
+    at most UNKNOWN_KEY_PATIENCE_S, on the loop between fetches (no thread held), and a made-up key gets its 401
+    that much later."""
+    arrived = v.now()
+    try:
+        return v.verify(header)
+    except UnknownKey:
+        pass
+    while True:
+        # one refresh at a time: a caller that waited for another's refresh (its lock) checks that keyring
+        await asyncio.to_thread(v.refresh_for_unknown)
+        try:
+            return v.verify(header)
+        except UnknownKey:
+            if v.fetched_since(arrived):
+                raise
+        wait = v.unknown_refresh_wait()
+        if v.now() + wait - arrived > UNKNOWN_KEY_PATIENCE_S:
+            if not v.failing:  # no fetch allowed in time: refused on the keyring in hand
+                raise UnknownKey()
+            raise Refusal(
+                503,
+                "keyring_unavailable",
+                "this API key is newer than the keyring on this replica and the coordinator could not be asked "
+                "again in time; retry",
+                KEYRING_RETRY_S,
+            )
+        await asyncio.sleep(wait)
 
 
 ClientDep = Annotated[ClientIdentity, Depends(current_client)]

@@ -64,6 +64,8 @@ class ClientKeyVerifier:
         self._sensitive: frozenset[str] = frozenset()
         self._quotas: dict[str, Quota] = {}
         self._loaded_at: float | None = None
+        self._fetched_from: float | None = None  # when the fetch behind the current keyring began
+        self.failing = False  # the last fetch failed
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -76,6 +78,7 @@ class ClientKeyVerifier:
         return cls(client.keyring, **kwargs)
 
     def refresh(self) -> bool:
+        started = self._clock()
         try:
             ring = self._fetch()
             hashes = {e["id"]: e["hash"] for e in ring["keys"]}
@@ -84,11 +87,22 @@ class ClientKeyVerifier:
             quotas = {e["id"]: Quota.model_validate(e["quota"]) for e in ring["keys"] if e.get("quota")}
         except Exception as exc:  # keep the last keyring until it goes stale
             log.warning("client keyring refresh failed: %s", exc)
+            self.failing = True
             return False
         with self._lock:
             self._hashes, self._names, self._loaded_at = hashes, names, self._clock()
+            self._fetched_from, self.failing = started, False
             self._sensitive, self._quotas = sensitive, quotas
         return True
+
+    def fetched_since(self, t: float) -> bool:
+        """True when the keyring in hand was fetched by a request to the coordinator that began at or after `t`
+        (a key created before `t` is in it, unless revoked)."""
+        at = self._fetched_from
+        return at is not None and at >= t
+
+    def now(self) -> float:
+        return self._clock()
 
     def unknown_refresh_wait(self) -> float:
         """Seconds until `refresh_for_unknown` may fetch again (0: now)."""

@@ -229,3 +229,42 @@ def test_unknown_key_refreshes_are_limited_per_interval() -> None:
     with pytest.raises(Refusal) as info:
         v.verify(f"Bearer {credentials.mint(Kind.CLIENT).token}")
     assert isinstance(info.value, UnknownKey)
+
+
+def test_a_new_key_is_not_refused_because_one_refresh_failed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The refresh a fresh key causes fails (the coordinator hiccups): the request waits for the next refresh
+    allowed and passes, instead of a 401 for a key that exists. With the coordinator down for longer than the
+    patience, the answer is a 503 to retry, not a 401 that says the key is wrong."""
+    from starlette.requests import Request
+
+    from deployments.gateway import auth
+
+    new = credentials.mint(Kind.CLIENT)
+    keys: list[credentials.Minted] = []
+    failures = [1]
+
+    def fetch() -> dict:  # type: ignore[type-arg]
+        if keys and failures:
+            failures.pop()
+            raise ConnectionError("coordinator hiccup")
+        return ring(*keys)
+
+    v = ClientKeyVerifier(fetch, refresh_s=3600, max_stale_s=3600, unknown_refresh_s=0.2)
+    v.refresh()
+    keys.append(new)
+
+    def call(token: str) -> str:
+        header = [(b"authorization", f"Bearer {token}".encode())]
+        request = Request({"type": "http", "method": "GET", "path": "/", "headers": header})
+        return asyncio.run(auth.current_client(request)).key_id
+
+    auth.set_verifier(v)
+    monkeypatch.setattr(auth, "UNKNOWN_KEY_PATIENCE_S", 1.0)
+    try:
+        assert call(new.token) == new.id and not failures
+        failures.extend([1] * 100)  # down for good
+        with pytest.raises(Refusal) as info:
+            call(credentials.mint(Kind.CLIENT).token)
+        assert info.value.status == 503 and info.value.code == "keyring_unavailable"
+    finally:
+        auth.set_verifier(None)
