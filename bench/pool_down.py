@@ -1,5 +1,6 @@
 """How long `rma down` takes: `rma up` of the embedded default (every app and store, free ports, its own data
-dir and HOME), wait until it is up, then time `rma down`. Prints one JSON line; asserts nothing. Run it under
+dir and HOME), wait until it is up, then time `rma down`; again on the same data dir (`--cycles`, default 2):
+the second `rma up` is warm (models prepared). Prints one JSON line; asserts nothing. Run it under
 the heavy lock: `flock /tmp/rma-heavy.lock .venv/bin/python -m bench.pool_down` (~3-8 min on 2 cores).
 
 Measured on the shared 2-core box (every app and store, idle pool): before issue 18, `rma down` gave up at
@@ -32,6 +33,9 @@ def main() -> int:
     ap.add_argument("--apps", default="llm,services,vision")
     ap.add_argument("--stores", default="redis,postgres,chroma,graph")
     ap.add_argument("--up-timeout", type=float, default=1200)
+    ap.add_argument(
+        "--cycles", type=int, default=2, help="up+down cycles on one data dir (2nd+: warm `rma up`)"
+    )
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="rma-down-bench-"))
     env = {**os.environ, "HOME": str(root / "home"), "RMA_DATA_DIR": str(root / "data"), "COLUMNS": "200"}
@@ -58,7 +62,14 @@ def main() -> int:
         args.stores,
         *ports,
     ]
-    log = root / "up.log"
+    cycles = [_cycle(argv, env, root / f"up-{i}.log", args.up_timeout) for i in range(args.cycles)]
+    print(json.dumps({"apps": args.apps, "stores": args.stores, "cycles": cycles}))
+    return 0
+
+
+def _cycle(argv: list[str], env: dict[str, str], log: Path, up_timeout: float) -> dict[str, object]:
+    """One `rma up` until it says it is up, then `rma down`, timed. The first cycle prepares the models
+    (converted into the data dir); the next ones are warm starts."""
     t0 = time.monotonic()
     proc = subprocess.Popen(argv, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
     try:
@@ -68,7 +79,7 @@ def main() -> int:
                 raise GiveUp(f"rma up exited {proc.returncode}: {log.read_text()[-3000:]}")
             return "stop with Ctrl-C or `rma down`" in log.read_text(errors="replace")
 
-        wait_for(up, timeout=args.up_timeout, interval=1, what="rma up to finish starting")
+        wait_for(up, timeout=up_timeout, interval=1, what="rma up to finish starting")
         up_s = time.monotonic() - t0
         t1 = time.monotonic()
         down = subprocess.run(
@@ -83,21 +94,13 @@ def main() -> int:
     finally:
         if proc.poll() is None:
             proc.kill()
-    stop_lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines()[-12:]]
-    print(
-        json.dumps(
-            {
-                "up_s": round(up_s, 1),
-                "down_s": round(down_s, 1),
-                "down_rc": down.returncode,
-                "down_out": (down.stdout + down.stderr).strip()[-300:],
-                "apps": args.apps,
-                "stores": args.stores,
-                "supervisor_tail": stop_lines,
-            }
-        )
-    )
-    return 0
+    return {
+        "up_s": round(up_s, 1),
+        "down_s": round(down_s, 1),
+        "down_rc": down.returncode,
+        "down_out": (down.stdout + down.stderr).strip()[-300:],
+        "supervisor_tail": [ln.strip() for ln in log.read_text(errors="replace").splitlines()[-6:]],
+    }
 
 
 if __name__ == "__main__":
