@@ -114,6 +114,29 @@ def require_session(state: State, request: Request) -> AdminPrincipal:
     return admin
 
 
+def credential_first(request: Request) -> None:
+    """The check of the credential a route declares (`openapi_extra` x-rma-auth), run by the handler of an
+    invalid request before it answers 422: raises the same ApiError the route's dependency would. A join token
+    is checked for its shape only, as the join routes do before the body (its hash is checked after)."""
+    route = request.scope.get("route")
+    level = ((getattr(route, "openapi_extra", None) or {}).get("x-rma-auth")) if route else None
+    if level in (None, "public"):
+        return
+    state, ip = security.state_of(request), security.client_ip(request)
+    scheme, _, token = (request.headers.get("authorization") or "").partition(" ")
+    creds = HTTPAuthorizationCredentials(scheme=scheme, credentials=token.strip()) if token.strip() else None
+    if level == "admin":
+        security.authenticate_admin(state, ip, creds)
+    elif level == "node-token":
+        security.authenticate_node(state, ip, creds)
+    elif level == "admin-or-node":
+        require_service(state, ip, creds)
+    elif level == "join-token":
+        security.parse_bearer(state, ip, creds, Kind.JOIN)
+    elif level == "admin-session":
+        require_session(state, request)
+
+
 AdminDep = Annotated[AdminPrincipal, Depends(require_admin)]
 NodeDep = Annotated[NodePrincipal, Depends(require_node)]
 ServiceDep = Annotated[Service, Depends(require_service)]

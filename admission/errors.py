@@ -48,17 +48,39 @@ _HTTP_CODES = {
 }
 
 
+async def _credential_refusal(request: Request) -> ApiError | None:
+    """The refusal the route's credential check gives this request, if any (admission.deps.credential_first)."""
+    from starlette.concurrency import run_in_threadpool
+
+    from admission.deps import credential_first
+
+    try:
+        await run_in_threadpool(credential_first, request)
+    except ApiError as refused:
+        return refused
+    return None
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(body(exc.code, exc.message), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI parses a JSON body before it runs the route's dependencies: a request whose body is not JSON
+        # would learn it is invalid before its credential was looked at. The credential comes first.
+        refused = await _credential_refusal(request)
+        if refused is not None:
+            return await _api_error(request, refused)
         return JSONResponse(body("invalid_request", describe(list(exc.errors()))), status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:  # FastAPI's "error parsing the body", also before the route's dependencies
+            refused = await _credential_refusal(request)
+            if refused is not None:
+                return await _api_error(request, refused)
         code = _HTTP_CODES.get(exc.status_code, "error")
         message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
         return JSONResponse(body(code, message), status_code=exc.status_code, headers=exc.headers)

@@ -144,9 +144,19 @@ def install_refusals(app: FastAPI, shape: Shape = "pool", *, catch_all: bool = F
         return exc.response(shape, request_id(request))
 
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return await _refused(request, Refusal(422, "invalid_request", validation_message(exc.errors())))
+        # FastAPI parses a JSON body before it runs the route's dependencies: a body that is not JSON would be
+        # answered 422 before the key was looked at. The key comes first (a request checked already is not
+        # checked, nor counted, twice).
+        refused = await _key_refusal(request)
+        return await _refused(
+            request, refused or Refusal(422, "invalid_request", validation_message(exc.errors()))
+        )
 
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:  # FastAPI's "error parsing the body", also before the route's dependencies
+            refused = await _key_refusal(request)
+            if refused is not None:
+                return await _refused(request, refused)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         if shape == "openai" and exc.status_code == 404 and "model" in str(exc.detail).lower():
             code = "model_not_found"
@@ -168,6 +178,34 @@ def install_refusals(app: FastAPI, shape: Shape = "pool", *, catch_all: bool = F
         ).response(shape, request_id(request))
 
     app.add_exception_handler(Exception, _other)
+
+
+async def _key_refusal(request: Request) -> Refusal | None:
+    """The refusal the route's client-key check gives this request, if the route has one and it refuses."""
+    if not _needs_client_key(request):
+        return None
+    from deployments.gateway.auth import current_client
+
+    try:
+        await current_client(request)
+    except Refusal as refused:
+        return refused
+    return None
+
+
+def _needs_client_key(request: Request) -> bool:
+    """Whether the matched route runs the client-key check (its own dependency or the app's)."""
+    from deployments.gateway.auth import current_client
+
+    dependant = getattr(request.scope.get("route"), "dependant", None)
+    todo, seen = [dependant] if dependant is not None else [], 0
+    while todo and seen < 200:
+        d = todo.pop()
+        seen += 1
+        if d.call is current_client:
+            return True
+        todo.extend(d.dependencies)
+    return False
 
 
 def short(message: str) -> str:
