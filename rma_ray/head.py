@@ -533,6 +533,8 @@ class EdgeHead:
             proc.wait()
         finally:
             watchdog.cancel()
+        if self.closed:  # `rma down` stopped the deploy (an edge with no donor yet waits for one): no failure
+            return
         failed = {"status": "failed", "error": f"no result (exit code {proc.returncode}); see {logs}"}
         self.apps = {**{a: dict(failed) for a in self.apps_wanted}, **apps}
         if any(v.get("status") != "running" for v in self.apps.values()):
