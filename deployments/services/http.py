@@ -146,8 +146,19 @@ async def authenticated(request: Request) -> ClientIdentity:
     rate."""
     client = await current_client(request)
     limiter = api_context(request).limiter
-    if limiter is not None:
-        limiter.hit(client)
+    if limiter is None:
+        return client
+    # once per request: `EdgeForward` runs this check before the route's dependency does
+    counted = getattr(request.state, "rate", None)
+    if counted is None:
+        try:
+            limiter.hit(client)
+            counted = True
+        except Refusal as exc:
+            counted = exc
+        request.state.rate = counted
+    if isinstance(counted, Refusal):
+        raise counted
     return client
 
 
@@ -240,6 +251,13 @@ async def file_or_upload(request: Request, client: ClientIdentity, api: ApiConte
         if not upload_id:
             raise Refusal(422, "invalid_body", "upload_id: field required (or send a multipart file)")
     if upload_id is not None:
+        if api.backends.uploads is None:  # an edge cluster's app: no uploads here, bytes in the body only
+            raise Refusal(
+                400,
+                "upload_id_not_served_here",
+                "this edge serves files sent in the request only (multipart field 'file'); "
+                "an upload's id is read by the pool's gateway",
+            )
         meta, data = await api.call(
             "uploads", api.backends.uploads.read, str(upload_id), owner(client), retry=True
         )
