@@ -474,7 +474,7 @@ def _token() -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    from deployments.serve_config import APP_GROUPS
+    from deployments.serve_config import APP_GROUPS, EDGE_GROUPS
     from deployments.stores.kinds import KINDS
 
     ap = argparse.ArgumentParser(
@@ -510,7 +510,11 @@ def parser() -> argparse.ArgumentParser:
         help="a store's port instead of its default (repeatable)",
     )
     ap.add_argument("--stores-wait", type=float, default=240.0, help="seconds to wait for the stores")
-    ap.add_argument("--apps", default="none", help=f"comma-separated ({', '.join(APP_GROUPS)}) or 'none'")
+    ap.add_argument(
+        "--apps",
+        default="none",
+        help=f"comma-separated ({', '.join(APP_GROUPS)}; --profile edge: {', '.join(EDGE_GROUPS)}) or 'none'",
+    )
     ap.add_argument("--apps-wait", type=float, default=900.0, help="seconds to wait for each app")
     ap.add_argument("--serve-host", default="127.0.0.1", help="Serve's HTTP host (HAProxy binds all)")
     ap.add_argument("--serve-port", type=int, default=8000)
