@@ -19,14 +19,16 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deployments.gateway.asgi import body_limit
+from deployments.gateway.asgi import body_limit, path_under_root
 from deployments.gateway.auth import current_client
 from deployments.gateway.keys import ClientIdentity
 from deployments.gateway.refusal import Refusal, unwrap, validation_message
 from deployments.services.backends import Backends
 from deployments.services.settings import ServicesSettings
+from rma_ray.edges import SERVED_BY_HEADER
 
 log = logging.getLogger("rma.services.api")
+SERVED_BY = SERVED_BY_HEADER.encode()
 DIED = {"ActorDiedError", "RayActorError", "ActorUnavailableError", "WorkerCrashedError"}
 FileParts = tuple[bytes, str | None, str | None, dict[str, str]]
 
@@ -179,11 +181,15 @@ class GatewayMiddleware:
         scope.setdefault("state", {})["request_id"] = rid
         t0 = time.perf_counter()
         status = 500
+        forwarded = False
 
         async def send_with_id(message: Any) -> None:
-            nonlocal status
+            nonlocal status, forwarded
             if message["type"] == "http.response.start":
                 status = message["status"]
+                forwarded = any(
+                    k == SERVED_BY and v.startswith(b"edge:") for k, v in message.get("headers") or []
+                )
                 if self.set_request_id:
                     out = list(message.get("headers") or [])
                     if not any(k.lower() == b"x-request-id" for k, _ in out):
@@ -194,7 +200,10 @@ class GatewayMiddleware:
         # the one streamed body limit (rma_ray.bodylimit, through the kit): chunked bodies are counted as read
         await self.limit(scope, receive, send_with_id)
         if self.metrics is not None:
-            route = getattr(scope.get("route"), "path", "unmatched")
+            # an answer an edge gave (EdgeForward) matched no route here: its path, one of the few forwarded
+            route = getattr(scope.get("route"), "path", None) or (
+                path_under_root(scope) if forwarded else "unmatched"
+            )
             self.metrics.observe(route, scope["method"], status, (time.perf_counter() - t0) * 1000)
 
 

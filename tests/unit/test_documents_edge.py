@@ -54,6 +54,16 @@ class Uploads:
         return {"filename": "u.md", "content_type": "text/markdown"}, b"# Kept on the core\n\nbody"
 
 
+class Metrics:
+    """The gateway's per-route metrics (Ray's metrics API in the pool), recorded."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str, int]] = []
+
+    def observe(self, route: str, method: str, status: int, ms: float) -> None:
+        self.seen.append((route, method, status))
+
+
 def serve_like(app: Any) -> Any:
     """`app` as Serve hands it requests at route prefix /api (full path, /api as root_path); /healthz for the
     test server."""
@@ -95,12 +105,17 @@ def uploads() -> Uploads:
 
 
 @pytest.fixture(scope="module")
-def core(ocr: Ocr, uploads: Uploads) -> Iterator[str]:
+def metrics() -> Metrics:
+    return Metrics()
+
+
+@pytest.fixture(scope="module")
+def core(ocr: Ocr, uploads: Uploads, metrics: Metrics) -> Iterator[str]:
     verifier = ClientKeyVerifier(lambda: KEYRING, refresh_s=3600, max_stale_s=3600)
     verifier.refresh()
     auth.set_verifier(verifier)
     settings = ServicesSettings(upload_max_bytes=2**20, client_rate=f"{RATE}/minute")
-    api = create_api(Backends(Documents(ocr), ocr, uploads, None, None, None), settings)
+    api = create_api(Backends(Documents(ocr), ocr, uploads, None, None, None), settings, metrics=metrics)
     try:
         with ServerThread(serve_like(api)) as server:
             yield server.url
@@ -149,7 +164,9 @@ def test_only_a_file_in_the_body_may_leave_the_core(
     assert bytes_in_body({"headers": headers, "query_string": query}) is forwardable
 
 
-def test_a_file_is_read_on_the_edge_as_the_core_reads_it(router: EdgeRouter, core: str) -> None:
+def test_a_file_is_read_on_the_edge_as_the_core_reads_it(
+    router: EdgeRouter, core: str, metrics: Metrics
+) -> None:
     """The same bytes from a plain client (to the edge) and a sensitive one (never leaves the core)."""
     pdf, image = samples.pdf(["Parsed at the edge"]), samples.text_image(["Edge reads this"])
     answers = {}
@@ -171,6 +188,8 @@ def test_a_file_is_read_on_the_edge_as_the_core_reads_it(router: EdgeRouter, cor
     parsed, read = answers[PLAIN.id]
     assert parsed.json()["text"] == "Parsed at the edge" and "Edge reads this" in read.json()["text"]
     assert router.counts[(EDGE, EDGE_APP, "forwarded")] == 2
+    # each counted under its route, wherever it was served
+    assert metrics.seen[-4:] == [("/documents/parse", "POST", 200), ("/ocr", "POST", 200)] * 2
 
 
 def test_an_upload_id_is_read_on_the_core(router: EdgeRouter, core: str, uploads: Uploads) -> None:
