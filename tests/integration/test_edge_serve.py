@@ -287,6 +287,7 @@ def test_ocr_and_parsing_of_a_plain_clients_file_are_served_by_the_edge(edge_clu
     try:
         with ServerThread(serve_like(core)) as server:
             on_edge, on_core = send(server.url, plain), send(server.url, sensitive)
+            direct = send(edge_cluster.serve_url, plain)  # a client key is no credential on the edge
             down = [*edge_cluster.up_argv, "--apps", "documents"]
             down[down.index("up")] = "down"
             assert {"app": "documents", "status": "deleted"} in run_up(down, edge_cluster.up_env)
@@ -302,6 +303,8 @@ def test_ocr_and_parsing_of_a_plain_clients_file_are_served_by_the_edge(edge_clu
         assert e.json() == c.json() == a.json()
     assert "reads this" in on_edge[0].json()["text"] and on_edge[1].json()["text"] == "Parsed on the edge"
     assert router.counts[(EDGE, DOCUMENTS, "forwarded")] == 2
+    for r in direct:
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_edge_credential", r.text
 
 
 @pytest.mark.llm
