@@ -246,3 +246,14 @@ def test_a_forwarded_request_counts_against_the_clients_rate_once(router: EdgeRo
     assert [r.status_code for r in answers] == [200] * RATE + [429], answers[-1].text
     assert answers[-1].json()["error"]["code"] == "rate_limited" and answers[-1].headers["retry-after"]
     assert router.counts[(EDGE, EDGE_APP, "forwarded")] == RATE
+
+
+def test_documents_is_an_edge_app_at_the_services_prefix_and_no_core_app() -> None:
+    from deployments import serve_config
+
+    (spec,) = serve_config.group_apps(["documents"], "edge", EDGE, "http://10.0.0.1:8470")
+    assert (spec.name, spec.route_prefix, spec.builder) == (EDGE_APP, "/api", "documents_app")
+    assert spec.args["edge"] == EDGE and spec.args["edge_coordinator_url"] == "http://10.0.0.1:8470"
+    with pytest.raises(ValueError, match="unknown app documents"):
+        serve_config.group_apps(["documents"], "embedded")  # the core's OCR and parsing are the services'
+    assert EDGE_APP not in {a.name for a in serve_config.apps()}
