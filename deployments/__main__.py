@@ -9,7 +9,7 @@ lines, one object per event or result; an error is `{"error": ...}` and exit 1.
     python -m deployments status --address <gcs>                            # stores' and apps' states
     python -m deployments prepare                                           # convert the embedded LLM
     python -m deployments up --profile edge --edge NAME --address <edge gcs> --dashboard <edge dashboard> \
-        --coordinator-url <url> --serve-port 8010 --apps llm,embeddings     # an edge cluster's apps
+        --coordinator-url <url> --serve-port 8010 --apps llm,embeddings,documents  # an edge's apps
 
 The edge profile (DESIGN.md, "Trust domains") applies an edge cluster's stateless apps
 (`serve_config.EDGE_GROUPS`) to that cluster, with the edge's name and the coordinator's URL as their args (no
@@ -411,16 +411,22 @@ def apps_up(
     return failed
 
 
-def apps_down(groups: list[str], edge: bool = False) -> None:
-    """Delete the Serve apps of `groups` (their replicas stop; vLLM's engine process goes with them)."""
+def apps_down(groups: list[str], edge: tuple[str, str] | None = None) -> None:
+    """Delete the Serve apps of `groups` (their replicas stop; vLLM's engine process goes with them); `edge`:
+    (name, coordinator URL) of the edge cluster whose apps these are."""
     from ray import serve
 
     from deployments import serve_config
 
     for group in groups:
-        specs = serve_config.group_apps([group], "gpu")  # names only: no env read
-        if edge:
-            specs = [a for a in specs if a.builder in serve_config.EDGE_GROUPS[group]]
+        if edge:  # names only: no env read
+            specs = [
+                a
+                for a in serve_config.edge_apps(*edge, env=False)
+                if a.builder in serve_config.EDGE_GROUPS[group]
+            ]
+        else:
+            specs = serve_config.group_apps([group], "gpu")
         for spec in reversed(specs):
             try:
                 serve.delete(spec.name, _blocking=True)
@@ -468,7 +474,7 @@ def _token() -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    from deployments.serve_config import APP_GROUPS
+    from deployments.serve_config import APP_GROUPS, EDGE_GROUPS
     from deployments.stores.kinds import KINDS
 
     ap = argparse.ArgumentParser(
@@ -504,7 +510,11 @@ def parser() -> argparse.ArgumentParser:
         help="a store's port instead of its default (repeatable)",
     )
     ap.add_argument("--stores-wait", type=float, default=240.0, help="seconds to wait for the stores")
-    ap.add_argument("--apps", default="none", help=f"comma-separated ({', '.join(APP_GROUPS)}) or 'none'")
+    ap.add_argument(
+        "--apps",
+        default="none",
+        help=f"comma-separated ({', '.join(APP_GROUPS)}; --profile edge: {', '.join(EDGE_GROUPS)}) or 'none'",
+    )
     ap.add_argument("--apps-wait", type=float, default=900.0, help="seconds to wait for each app")
     ap.add_argument("--serve-host", default="127.0.0.1", help="Serve's HTTP host (HAProxy binds all)")
     ap.add_argument("--serve-port", type=int, default=8000)
@@ -549,7 +559,7 @@ def run(a: argparse.Namespace) -> int:
     ctx = ray.init(address=a.address, namespace=NAMESPACE, logging_level="ERROR", log_to_driver=False)
     try:
         if a.command == "down":
-            apps_down(groups, edge=edge is not None)
+            apps_down(groups, edge=edge)
             stores_down(stores, a.stores_wait)
             return 0
         url = a.dashboard or (f"http://{ctx.dashboard_url}" if ctx.dashboard_url else None)

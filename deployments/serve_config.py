@@ -25,9 +25,10 @@ allowed onto the head as well as onto donors of their tier:
     python -m deployments.serve_config --profile embedded --apps llm,services   # what `rma up` applies
 
 An edge cluster (DESIGN.md, "Trust domains") gets the stateless apps only (EDGE_GROUPS: the LLM at /v1 and the
-embeddings at /v1/embeddings, same names and prefixes as the core's, so the core's gateway forwards a request
-to the same path), each with the edge's name and the coordinator's URL as args: their replicas check the edge
-credential instead of client keys and run on the edge's donors (never its head, which has no CPU for them):
+embeddings at /v1/embeddings, same names and prefixes as the core's, and `rma-documents`, the services' OCR and
+parsing, at the services' /api: the core's gateway forwards a request to the same path), each with the edge's
+name and the coordinator's URL as args: their replicas check the edge credential instead of client keys and
+run on the edge's donors (never its head, which has no CPU for them):
 
     python -m deployments.serve_config --profile edge --edge edge --coordinator-url http://10.0.0.1:8080
 
@@ -94,7 +95,11 @@ APP_GROUPS: dict[str, tuple[str, ...]] = {
 }
 PROFILES = ("gpu", "embedded", "edge")
 # what an edge cluster serves (`--profile edge`): stateless compute only, each app behind the edge gate
-EDGE_GROUPS: dict[str, tuple[str, ...]] = {"llm": ("llm_app",), "embeddings": ("embeddings_app",)}
+EDGE_GROUPS: dict[str, tuple[str, ...]] = {
+    "llm": ("llm_app",),
+    "embeddings": ("embeddings_app",),
+    "documents": ("documents_app",),
+}
 EDGE_SERVE_FILE = ROOT / "cluster_configs" / "serve" / "rma-serve-edge.yaml"
 EDGE_RAYSERVICE_FILE = ROOT / "cluster_configs" / "kuberay" / "rayservice-edge.yaml"
 # the checked-in edge file: the default edge of a pool whose coordinator is where rayservice.yaml says
@@ -201,12 +206,29 @@ def vision_backend_app(args: dict[str, Any]) -> Any:
     return build_backend_app(VisionSettings(**(args or {})))
 
 
+def documents_app(args: dict[str, Any]) -> Any:
+    """`rma-documents` (/api, on an edge cluster only): OCR and document parsing of a file in the request,
+    the stateless part of the services; `args` are EdgeDocumentsSettings fields (the edge's name and
+    coordinator among them)."""
+    from deployments.services.edge_app import build_edge_app
+
+    return build_edge_app(args)
+
+
+def edge_only_apps() -> tuple[AppSpec, ...]:
+    """The apps only an edge runs: on the core their routes are part of a core app (`services`)."""
+    from deployments.services.edge_app import EDGE_APP, EDGE_ROUTE_PREFIX
+
+    return (AppSpec(EDGE_APP, EDGE_ROUTE_PREFIX, "documents_app"),)
+
+
 def edge_apps(
     edge: str, coordinator_url: str, builders: set[str] | None = None, env: bool = True
 ) -> tuple[AppSpec, ...]:
     """An edge cluster's apps (EDGE_GROUPS; those of `builders`): the gpu profile's apps of the same names and
-    route prefixes, with the edge's name and the coordinator's URL as args (no secret: its replicas read the
-    edge's public keys there), over what the environment sets (`env`)."""
+    route prefixes, and `rma-documents` at the services' prefix, with the edge's name and the coordinator's
+    URL as args (no secret: its replicas read the edge's public keys there), over what the environment sets
+    (`env`)."""
     from rma_ray.edges import valid_name
 
     if not valid_name(edge):
@@ -221,7 +243,7 @@ def edge_apps(
         )
     ident = {"edge": edge, "edge_coordinator_url": coordinator_url.rstrip("/")}
     # the same models as the core's (a forwarded request names the core's model; RAG vectors must match)
-    gpu_args = {"llm_app": dict(LLM_ARGS), "embeddings_app": dict(EMBEDDINGS_ARGS)}
+    gpu_args = {"llm_app": dict(LLM_ARGS), "embeddings_app": dict(EMBEDDINGS_ARGS), "documents_app": {}}
     return tuple(
         AppSpec(
             a.name,
@@ -229,7 +251,7 @@ def edge_apps(
             a.builder,
             {**(env_args(a.builder) if env else gpu_args[a.builder]), **ident},
         )
-        for a in apps()
+        for a in (*apps(), *edge_only_apps())
         if a.builder in allowed and (builders is None or a.builder in builders)
     )
 

@@ -36,8 +36,17 @@ EDGE_USER = "rma-edge"  # the unprivileged system user the default edge's head r
 EDGE_ISSUER = "rma-coordinator"
 EDGE_TOKEN_TTL_S = 600  # an edge credential's lifetime; the gateway refreshes it well before
 SERVED_BY_HEADER = "x-rma-served-by"  # on every forwarded answer: "edge:<name>" or "core"
-# the apps (names of rma_ray.poolinfo.APP_NAMES) an edge runs: stateless compute, no client data
-EDGE_APPS = ("llm", "embeddings")
+# the apps an edge runs (`rma up --edge-apps`): stateless compute, no client data. Each takes over routes of a
+# core app (rma_ray.poolinfo.APP_NAMES): the LLM's and the embeddings' of their own; `documents` (OCR and
+# document parsing of bytes sent in the request, deployments/services/edge_app.py) those of `services`
+EDGE_APPS = ("llm", "embeddings", "documents")
+EDGE_APP_CORE = {"llm": "llm", "embeddings": "embeddings", "documents": "services"}
+
+
+def default_edge_apps(core_apps: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """The edge apps of a pool that deploys `core_apps`: each edge app whose core app runs (an edge takes
+    over routes of the core's apps, and a request the edge cannot take is served by the core's)."""
+    return tuple(a for a in EDGE_APPS if EDGE_APP_CORE[a] in core_apps)
 
 
 def edge_audience(name: str) -> str:

@@ -45,7 +45,7 @@ import psutil
 from rma_ray import credentials, poolinfo
 from rma_ray import overlay as wg
 from rma_ray.client import AdmissionClient, AdmissionError
-from rma_ray.edges import EDGE_APPS, LABEL_CLUSTER, EdgeEndpoint, EdgeSpec, valid_name
+from rma_ray.edges import LABEL_CLUSTER, EdgeEndpoint, EdgeSpec, default_edge_apps, valid_name
 from rma_ray.identity import service_file
 from rma_ray.membership import write_private
 from rma_ray.net import port_free
@@ -109,6 +109,8 @@ class UpOptions:
     stores_wait_s: float = 240.0
     # edge clusters beside the core head (the CLI starts one by default; empty here: a single-cluster pool)
     edges: tuple[EdgeSpec, ...] = ()
+    # the apps each edge runs (rma_ray.edges.EDGE_APPS); None: those of `apps` (edges.default_edge_apps)
+    edge_apps: tuple[str, ...] | None = None
 
     @property
     def ray_ip(self) -> str:
@@ -263,7 +265,7 @@ class EdgeHead:
         self.home = self.dir / "home"  # the edge user's (0700): its HOME and cwd
         self.log_path = opts.data_dir / "logs" / f"edge-{spec.name}-head.log"
         self.node: RayNode | None = None
-        self.apps_wanted = tuple(a for a in opts.apps if a in EDGE_APPS)
+        self.apps_wanted = opts.edge_apps if opts.edge_apps is not None else default_edge_apps(opts.apps)
         self.apps: dict[str, dict[str, Any]] = {}
         self.token_rotated_at: float | None = None
         self.error: str | None = None

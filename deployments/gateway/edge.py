@@ -7,7 +7,8 @@ an edge can serve is sent there over HTTP, and served by the core's own replicas
   within that) and before a credential expires;
   a circuit breaker per edge (`purgatory`: asyncio-native, in-memory, a failure threshold and a time to
   half-open, no thread or lock of ours); the forward itself with httpx, streamed both ways.
-- `EdgeForward`: ASGI middleware in front of an app's forwardable routes (the LLM's completions, embeddings).
+- `EdgeForward`: ASGI middleware in front of an app's forwardable routes (the LLM's completions, embeddings,
+  the services' OCR and parsing of a file sent in the body).
   It takes the client the key check found (or runs the check; a refused request goes on to the app, which
   refuses it in its own shape), and for a client that is not `sensitive`, when an edge reports running
   replicas of the app and its breaker is closed, forwards the request; else the app serves it (`core`).
@@ -19,18 +20,18 @@ every answer of a routed path says who served it (`SERVED_BY_HEADER`: `edge:<nam
 
 Never a hang: connect within `connect_timeout_s`, the whole forward within `total_timeout_s`; each read within
 `read_timeout_s`, but for a request whose JSON body does not ask `"stream": true` the first byte may take
-until the total deadline (a non-streaming completion sends its headers only once the whole generation is
-done: a slow but healthy edge is not given up after `read_timeout_s`). A failure before the answer's first
-byte (connect error, a stream's first byte not within `read_timeout_s`, a 5xx, or a 401/403: the credential
-was refused, so the routes are fetched again at once) counts against the edge's breaker and the request is
-served on the core, once: the body was kept, and the routed calls (completions, embeddings) change nothing
-but the compute they cost, so this is safe. Two failures before the first byte are not the edge's fault and
-do not count against its breaker (they are served on the core all the same): a non-streaming request still
-unanswered at the total deadline (the edge took it and is busy: opening the breaker would move all the load
-to the core just when the edge is loaded), and no free connection in this replica's own pool
+until the total deadline (a non-streaming completion sends its headers only once the whole generation is done:
+a slow but healthy edge is not given up after `read_timeout_s`). A failure before the answer's first byte
+(connect error, a stream's first byte not within `read_timeout_s`, a 5xx, or a 401/403: the credential was
+refused, so the routes are fetched again at once) counts against the edge's breaker and the request is served
+on the core, once: the body was kept, and the routed calls (completions, embeddings, OCR, parsing) change
+nothing but the compute they cost, so this is safe. Two failures before the first byte are not the edge's
+fault and do not count against its breaker (they are served on the core all the same): a non-streaming request
+still unanswered at the total deadline (the edge took it and is busy: opening the breaker would move all the
+load to the core just when the edge is loaded), and no free connection in this replica's own pool
 (`httpx.PoolTimeout`: our limit, not the edge's health). An edge's 4xx is the client's mistake and is passed
-through. A failure after the first byte ends the client's stream (the connection is closed: a cut answer
-never looks complete).
+through. A failure after the first byte ends the client's stream (the connection is closed: a cut answer never
+looks complete).
 
 Counters (Ray's metrics, and `EdgeRouter.counts` in the process): `rma_edge_requests{edge, app, outcome}`
 with outcome `forwarded` (the edge answered), `fallback` (the edge failed before answering; the core served it),
@@ -48,7 +49,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import httpx
@@ -392,15 +393,30 @@ async def _ready_router() -> EdgeRouter | None:
 class EdgeForward:
     """ASGI middleware: `routes` (method, full path) of Serve app `app_name` go to an edge when one serves the
     app, else to `app`; other requests go to `app` untouched. Place it after the client-key check (it reads
-    the client the check found, or runs it). Bodies over `max_body_bytes` are served on the core."""
+    the client the check found, or runs it). Bodies over `max_body_bytes` are served on the core.
 
-    def __init__(self, app: Any, *, app_name: str, routes: Sequence[Route], max_body_bytes: int = 16 * 2**20):
+    `forwardable(scope)`: whether a routed request may leave the core at all (the services' OCR and parse
+    routes: only a file in the body, never an upload's id, whose bytes only the core reads); False: the core
+    serves it. `check(request)`: the app's own client check (the key, and e.g. the per-client rate) instead
+    of the key check alone; its Refusal sends the request on to the app, which refuses it in its own shape."""
+
+    def __init__(
+        self,
+        app: Any,
+        *,
+        app_name: str,
+        routes: Sequence[Route],
+        max_body_bytes: int = 16 * 2**20,
+        forwardable: Callable[[dict[str, Any]], bool] | None = None,
+        check: Callable[[Request], Awaitable[ClientIdentity]] | None = None,
+    ):
         self.app, self.app_name, self.routes, self.max_body_bytes = (
             app,
             app_name,
             tuple(routes),
             max_body_bytes,
         )
+        self.forwardable, self.check = forwardable, check
 
     def _routed(self, scope: dict[str, Any]) -> bool:
         return any(m == scope["method"] and p.fullmatch(scope["path"]) for m, p in self.routes)
@@ -413,10 +429,11 @@ class EdgeForward:
         if r is None or not r.routes():  # no edge (none configured, or the routes cannot be read): as before
             await self.app(scope, receive, send)
             return
-        if not r.candidates(self.app_name):  # no edge serves the app now: no key check here, no body read
+        if not r.candidates(self.app_name) or (self.forwardable is not None and not self.forwardable(scope)):
+            # no edge serves the app now, or this request may not leave the core: no key check, no body read
             await self.app(scope, receive, _served_by_core(send))
             return
-        client = await _client_of(scope)
+        client = await _client_of(scope, self.check)
         if client is None or client.sensitive:
             await self.app(scope, receive, _served_by_core(send))
             return
@@ -436,13 +453,15 @@ class EdgeForward:
         await self.app(scope, _replay(body, more, receive), _served_by_core(send))
 
 
-async def _client_of(scope: dict[str, Any]) -> ClientIdentity | None:
-    """The client the key check found for this request (runs it when no check ran yet); None when refused:
-    the app behind refuses it in its own shape."""
+async def _client_of(
+    scope: dict[str, Any], check: Callable[[Request], Awaitable[ClientIdentity]] | None = None
+) -> ClientIdentity | None:
+    """The client the key check (`check`, default the key check alone) found for this request (runs it when
+    no check ran yet); None when refused: the app behind refuses it in its own shape."""
     from deployments.gateway.auth import current_client
 
     try:
-        return await current_client(Request(scope))
+        return await (check or current_client)(Request(scope))
     except Refusal:
         return None
 

@@ -10,8 +10,10 @@ from typing import Any
 
 from fastapi import Depends, FastAPI
 
+from deployments.gateway.edge import EdgeForward
 from deployments.gateway.refusal import install_refusals
 from deployments.services.backends import Backends
+from deployments.services.edge_app import EDGE_APP, EDGE_ROUTES, bytes_in_body
 from deployments.services.http import (
     ApiContext,
     BackendCaller,
@@ -35,9 +37,11 @@ __all__ = [
     "IngestBody",
     "QueryBody",
     "create_api",
+    "create_edge_api",
     "public_routes",
 ]
 ROUTERS = (meta, documents, ocr, uploads, rag, client_rag, notes, graph)
+EDGE_ROUTERS = (documents, ocr)  # what an edge serves: bytes in, text out
 
 
 def create_api(
@@ -64,8 +68,41 @@ def create_api(
     )
     app.state.published = []
     install_refusals(app, "pool", catch_all=True)
+    # inside the request ids, the body limit and the metrics: OCR and parsing of a file in the body go to an
+    # edge cluster's `rma-documents` when one runs it (after the client's key and rate, checked here)
+    app.add_middleware(
+        EdgeForward,
+        app_name=EDGE_APP,
+        routes=EDGE_ROUTES,
+        max_body_bytes=s.upload_max_bytes + 64 * 1024,
+        forwardable=bytes_in_body,
+        check=authenticated,
+    )
     app.add_middleware(GatewayMiddleware, settings=s, set_request_id=set_request_id, metrics=metrics)
     for module in ROUTERS:
+        app.include_router(module.router)
+    return app
+
+
+def create_edge_api(
+    backends: Backends, settings: ServicesSettings, *, set_request_id: bool = True
+) -> FastAPI:
+    """An edge cluster's app (`deployments.services.edge_app`): the OCR and parse routes only, each needing
+    the edge credential (the replica runs in edge mode: `authenticated` checks it instead of a client key), a
+    file in the body only (no uploads backend: an upload's id is refused)."""
+    app = FastAPI(
+        title="RMA documents (edge)",
+        version="1",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        dependencies=[Depends(authenticated)],
+    )
+    app.state.api = ApiContext(backends, settings, BackendCaller(settings), None)
+    app.state.published = []
+    install_refusals(app, "pool", catch_all=True)
+    app.add_middleware(GatewayMiddleware, settings=settings, set_request_id=set_request_id, metrics=None)
+    for module in EDGE_ROUTERS:
         app.include_router(module.router)
     return app
 

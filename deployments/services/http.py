@@ -19,14 +19,16 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deployments.gateway.asgi import body_limit
+from deployments.gateway.asgi import body_limit, path_under_root
 from deployments.gateway.auth import current_client
 from deployments.gateway.keys import ClientIdentity
 from deployments.gateway.refusal import Refusal, unwrap, validation_message
 from deployments.services.backends import Backends
 from deployments.services.settings import ServicesSettings
+from rma_ray.edges import SERVED_BY_HEADER
 
 log = logging.getLogger("rma.services.api")
+SERVED_BY = SERVED_BY_HEADER.encode()
 DIED = {"ActorDiedError", "RayActorError", "ActorUnavailableError", "WorkerCrashedError"}
 FileParts = tuple[bytes, str | None, str | None, dict[str, str]]
 
@@ -146,8 +148,19 @@ async def authenticated(request: Request) -> ClientIdentity:
     rate."""
     client = await current_client(request)
     limiter = api_context(request).limiter
-    if limiter is not None:
-        limiter.hit(client)
+    if limiter is None:
+        return client
+    # once per request: `EdgeForward` runs this check before the route's dependency does
+    counted = getattr(request.state, "rate", None)
+    if counted is None:
+        try:
+            limiter.hit(client)
+            counted = True
+        except Refusal as exc:
+            counted = exc
+        request.state.rate = counted
+    if isinstance(counted, Refusal):
+        raise counted
     return client
 
 
@@ -168,11 +181,15 @@ class GatewayMiddleware:
         scope.setdefault("state", {})["request_id"] = rid
         t0 = time.perf_counter()
         status = 500
+        forwarded = False
 
         async def send_with_id(message: Any) -> None:
-            nonlocal status
+            nonlocal status, forwarded
             if message["type"] == "http.response.start":
                 status = message["status"]
+                forwarded = any(
+                    k == SERVED_BY and v.startswith(b"edge:") for k, v in message.get("headers") or []
+                )
                 if self.set_request_id:
                     out = list(message.get("headers") or [])
                     if not any(k.lower() == b"x-request-id" for k, _ in out):
@@ -183,7 +200,10 @@ class GatewayMiddleware:
         # the one streamed body limit (rma_ray.bodylimit, through the kit): chunked bodies are counted as read
         await self.limit(scope, receive, send_with_id)
         if self.metrics is not None:
-            route = getattr(scope.get("route"), "path", "unmatched")
+            # an answer an edge gave (EdgeForward) matched no route here: its path, one of the few forwarded
+            route = getattr(scope.get("route"), "path", None) or (
+                path_under_root(scope) if forwarded else "unmatched"
+            )
             self.metrics.observe(route, scope["method"], status, (time.perf_counter() - t0) * 1000)
 
 
@@ -240,6 +260,13 @@ async def file_or_upload(request: Request, client: ClientIdentity, api: ApiConte
         if not upload_id:
             raise Refusal(422, "invalid_body", "upload_id: field required (or send a multipart file)")
     if upload_id is not None:
+        if api.backends.uploads is None:  # an edge cluster's app: no uploads here, bytes in the body only
+            raise Refusal(
+                400,
+                "upload_id_not_served_here",
+                "this edge serves files sent in the request only (multipart field 'file'); "
+                "an upload's id is read by the pool's gateway",
+            )
         meta, data = await api.call(
             "uploads", api.backends.uploads.read, str(upload_id), owner(client), retry=True
         )

@@ -37,6 +37,23 @@ def _app_list(value: str) -> tuple[str, ...]:
     return _name_list(value, APP_NAMES, "--apps", "app")
 
 
+def _edge_app_list(value: str | None, apps: tuple[str, ...]) -> tuple[str, ...] | None:
+    """--edge-apps: edge apps (rma_ray.edges.EDGE_APPS), or None (those of --apps). An edge app takes over
+    routes of a core app, whose replicas serve what the edge cannot: that core app must run too."""
+    from rma_ray.edges import EDGE_APP_CORE, EDGE_APPS
+
+    if value is None:
+        return None
+    names = _name_list(value, EDGE_APPS, "--edge-apps", "edge app")
+    missing = [n for n in names if EDGE_APP_CORE[n] not in apps]
+    if missing:
+        fail(
+            f"--edge-apps {missing[0]}: the core serves its requests when the edge cannot, so --apps must "
+            f"name {EDGE_APP_CORE[missing[0]]} too"
+        )
+    return names
+
+
 def _store_ports(items: list[str]) -> dict[str, int]:
     from rma_ray.poolinfo import STORE_NAMES
 
@@ -140,6 +157,14 @@ def up(
             "an untrusted invite chooses one with --edge NAME)",
         ),
     ] = None,
+    edge_apps: Annotated[
+        str | None,
+        typer.Option(
+            help="Serve apps each edge cluster runs, comma-separated (llm, embeddings, documents: OCR and "
+            "document parsing), or 'none'. Default: those of --apps (documents with services)",
+            show_default=False,
+        ),
+    ] = None,
     data_dir: DataDirOpt = None,
 ) -> None:
     """Start the pool on this machine (Ray head, Serve, coordinator) and supervise it until Ctrl-C."""
@@ -169,6 +194,7 @@ def up(
         store_runtime=store_runtime,
         store_ports=_store_ports(store_port or []),
         apps=_app_list(apps),
+        edge_apps=_edge_app_list(edge_apps, _app_list(apps)),
         # edges do not use the overlay yet (no subnet or firewall of their own): an overlay pool, whose donors
         # may sit behind NAT, gets one only when asked, and is told what that means
         edges=_edges(edge_name or [DEFAULT_EDGE]) if (edge if edge is not None else not overlay) else (),

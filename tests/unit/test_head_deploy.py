@@ -128,7 +128,7 @@ def test_an_edge_gets_its_stateless_apps_behind_the_edge_gate_on_its_donors(
                 "--apps",
                 "services",
             ],
-            "unknown app services; choose from llm, embeddings or 'none'",
+            "unknown app services; choose from llm, embeddings, documents or 'none'",
         ),
         (
             ["up", "--profile", "edge", "--edge", "e1", "--coordinator-url", "http://c", "--stores", "redis"],
