@@ -109,7 +109,8 @@ def test_untrusted_donor_joins_its_edge_and_gets_nothing_of_the_core(pool: Coord
 def test_an_untrusted_donor_left_in_the_core_from_before_edges_gets_nothing_of_it(pool: Coordinator) -> None:
     """Migration 0007 put every donor in 'core': an untrusted one registered before the pool had edges is
     told to leave by its next heartbeat and refused the core's address and token (rejoin, `GET
-    /api/worker/ray`) once edges exist; it needs a new invite (which admits it into an edge). A trusted core donor rejoins as before."""
+    /api/worker/ray`) once edges exist; it needs a new invite (which admits it into an edge). A trusted core
+    donor rejoins as before."""
     from admission.models import Worker
 
     donor = pool.register(pool.invite()["token"]).json()
