@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -114,6 +114,16 @@ def require_session(state: State, request: Request) -> AdminPrincipal:
     return admin
 
 
+def _calls(dependant: Any) -> set[Any]:
+    """Every dependency callable under a route's dependant."""
+    out, todo = set(), [dependant] if dependant is not None else []
+    while todo:
+        d = todo.pop()
+        out.add(d.call)
+        todo.extend(d.dependencies)
+    return out
+
+
 def credential_first(request: Request) -> None:
     """The check of the credential a route declares (`openapi_extra` x-rma-auth), run by the handler of an
     invalid request before it answers 422: raises the same ApiError the route's dependency would. A join token
@@ -130,7 +140,8 @@ def credential_first(request: Request) -> None:
     elif level == "node-token":
         security.authenticate_node(state, ip, creds)
     elif level == "admin-or-node":
-        require_service(state, ip, creds)
+        core_only = require_core_service in _calls(getattr(route, "dependant", None))
+        (require_core_service if core_only else require_service)(state, ip, creds)
     elif level == "join-token":
         security.parse_bearer(state, ip, creds, Kind.JOIN)
     elif level == "admin-session":

@@ -4,7 +4,6 @@ IP and per credential id (admission.ratelimit) and never logs more than a creden
 
 from __future__ import annotations
 
-import logging
 import secrets
 import time
 from dataclasses import dataclass
@@ -20,9 +19,6 @@ from admission.models import AdminKey, AdminSession, ServiceKey, Worker, utcnow
 from admission.state import AppState, NodeEntry
 from rma_ray import credentials
 from rma_ray.credentials import Kind, MalformedToken
-from rma_ray.edges import CORE
-
-log = logging.getLogger("rma.admission.security")
 
 # Auth levels, declared on every route (openapi_extra) and checked by the drift-guard test.
 PUBLIC = {"x-rma-auth": "public"}
@@ -134,14 +130,13 @@ def load_node(state: AppState, worker_id: str) -> NodeEntry | None:
         w = session.get(Worker, worker_id)
         if w is None:
             return None
-        action = w.action
-        if state.settings.edges and not w.trusted and w.cluster == CORE and action != "leave":
-            # an untrusted donor admitted into the core before the pool had edges: its next heartbeat tells it
-            # to leave (the core is not shared with strangers); it comes back into an edge with a new invite
-            log.warning("donor %s is untrusted and in the core cluster: asking it to leave", w.id)
-            action = "leave"
         entry = NodeEntry(
-            w.id, w.node_token_hash, w.revoked_at is None and w.left_at is None, action, w.cluster
+            w.id,
+            w.node_token_hash,
+            w.revoked_at is None and w.left_at is None,
+            w.action,
+            w.cluster,
+            bool(w.trusted),
         )
     with state.nodes_lock:
         return state.nodes.setdefault(worker_id, entry)

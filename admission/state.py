@@ -26,6 +26,7 @@ class NodeEntry:
     active: bool  # False once revoked or left
     action: str = "none"
     cluster: str = "core"  # the Ray cluster it belongs to (its heartbeat carries that cluster's epoch)
+    trusted: bool = True  # an untrusted donor of the core, once the pool has edges, is told to leave
 
 
 @dataclass

@@ -118,11 +118,21 @@ SETTINGS = {
 }
 
 
+# the services' settings the edge's `rma-documents` shares with the core's (a request the core would take, the
+# edge takes too: the same body limit and time limit)
+DOCUMENTS_FROM_SERVICES = ("upload_max_bytes", "request_timeout_s", "retry_after_s")
+
+
 def env_args(builder: str) -> dict[str, Any]:
     """The settings this process's environment sets for `builder`'s app (`RMA_LLM_*`, ...), as args: the
     config carries them to Serve's controller, which builds the app wherever its build task runs."""
     import pkgutil
 
+    if builder == "documents_app":  # the edge's OCR/parse take the core services' limits: same answer there
+        from deployments.services.settings import ServicesSettings
+
+        core = ServicesSettings().model_dump(mode="json", exclude_unset=True)
+        return {k: core[k] for k in DOCUMENTS_FROM_SERVICES if k in core}
     if builder not in SETTINGS:
         return {}
     settings = pkgutil.resolve_name(SETTINGS[builder])()

@@ -175,18 +175,26 @@ def shutdown_serve(dashboard_url: str, token_file: Path) -> None:
 # user may not read it) nor any secret: the edge's code is not trusted with them.
 EDGE_APP_ENV_PREFIXES = ("RMA_LLM_", "RMA_EMBEDDINGS_")
 EDGE_APP_ENV_PATH_SUFFIXES = ("_DIR", "_FILE", "_PATH")
+EDGE_APP_ENV_SERVICES = (  # deployments.serve_config.DOCUMENTS_FROM_SERVICES
+    "RMA_SERVICES_UPLOAD_MAX_BYTES",
+    "RMA_SERVICES_REQUEST_TIMEOUT_S",
+    "RMA_SERVICES_RETRY_AFTER_S",
+)
 EDGE_APP_ENV_SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
 
 
 def edge_app_env(environ: Mapping[str, str]) -> dict[str, str]:
     """The part of `environ` the edge's deployment child gets: RMA_LLM_* and RMA_EMBEDDINGS_*, less paths and
-    secrets (the lists above)."""
+    secrets (the lists above), and the services' limits the edge's documents app shares with the core's."""
     return {
         k: v
         for k, v in environ.items()
-        if k.startswith(EDGE_APP_ENV_PREFIXES)
-        and not k.endswith(EDGE_APP_ENV_PATH_SUFFIXES)
-        and not any(word in k for word in EDGE_APP_ENV_SECRET_WORDS)
+        if (
+            k.startswith(EDGE_APP_ENV_PREFIXES)
+            and not k.endswith(EDGE_APP_ENV_PATH_SUFFIXES)
+            and not any(word in k for word in EDGE_APP_ENV_SECRET_WORDS)
+        )
+        or k in EDGE_APP_ENV_SERVICES
     }
 
 

@@ -181,7 +181,9 @@ def register(
     overlay_info = overlay.admit(state, session, worker, req.overlay)  # may refuse: nothing is committed then
     state.metrics.registrations.labels(str(tier)).inc()
     with state.nodes_lock:
-        state.nodes[worker.id] = NodeEntry(worker.id, minted.hash, True, cluster=cluster)
+        state.nodes[worker.id] = NodeEntry(
+            worker.id, minted.hash, True, cluster=cluster, trusted=bool(worker.trusted)
+        )
 
     settings = state.settings
     return schemas.RegisterResponse(
@@ -343,7 +345,7 @@ def rejoin(
     session.flush()
     with state.nodes_lock:
         state.nodes[worker.id] = NodeEntry(
-            worker.id, worker.node_token_hash, True, worker.action, worker.cluster
+            worker.id, worker.node_token_hash, True, worker.action, worker.cluster, bool(worker.trusted)
         )
     s = state.settings
     return schemas.RejoinResponse(
@@ -416,6 +418,13 @@ def heartbeat(state: AppState, node: NodePrincipal, req: schemas.HeartbeatReques
     state.metrics.heartbeats.inc()
     with state.nodes_lock:
         entry = state.nodes[node.worker_id]
+        stranger = state.settings.edges and not entry.trusted and entry.cluster == CORE
+        if stranger and entry.action != "leave":
+            # an untrusted donor admitted into the core before the pool had edges: told to leave whatever
+            # else it was told (the core is not shared with strangers); it comes back into an edge with a new
+            # invite
+            log.warning("donor %s is untrusted and in the core cluster: asking it to leave", node.worker_id)
+            entry.action = "leave"
         return entry.action, entry.cluster
 
 

@@ -94,10 +94,21 @@ async def current_client(request: Request) -> ClientIdentity:
     done = getattr(request.state, "client", None)
     if isinstance(done, ClientIdentity):
         return done
+    if isinstance(done, Refusal):  # refused already (EdgeForward's check, then the route's): the same answer
+        raise done
+    try:
+        client = await _check(request)
+    except Refusal as refused:
+        request.state.client = refused
+        raise
+    request.state.client = client
+    return client
+
+
+async def _check(request: Request) -> ClientIdentity:
     edge = edge_gate.verifier()
     if edge is not None:  # an edge app: the gateway's edge credential, never a client key
         await edge.verify(request.headers.get("authorization"))
-        request.state.client = edge_gate.EDGE_CALLER
         return edge_gate.EDGE_CALLER
     v = await _ready_verifier()
     header = request.headers.get("authorization")
@@ -105,7 +116,6 @@ async def current_client(request: Request) -> ClientIdentity:
     meter = quota.meter()
     if meter is not None:  # counted once per request, here, for every ingress; over its quota: a 429
         await meter.admit(client.key_id, client.quota)
-    request.state.client = client
     return client
 
 

@@ -233,14 +233,17 @@ def test_seed_style_heartbeat(coordinator: Coordinator) -> None:
 
 def test_missed_heartbeats_go_warning_then_offline(coordinator: Coordinator) -> None:
     reg = coordinator.join()
-    coordinator.http.post(
-        "/api/worker/heartbeat", headers={"Authorization": f"Bearer {reg['node_token']}"}, json={}
-    )
 
     def status() -> str:
         return coordinator.admin("GET", f"/api/admin/workers/{reg['worker_id']}").json()["status"]  # type: ignore[no-any-return]
 
-    assert status() == "healthy"
+    def beat_then_healthy() -> bool:  # a beat and the read within one interval (a loaded box may take longer)
+        r = coordinator.http.post(
+            "/api/worker/heartbeat", headers={"Authorization": f"Bearer {reg['node_token']}"}, json={}
+        )
+        return r.status_code == 200 and status() == "healthy"
+
+    wait_for(beat_then_healthy, timeout=30, what="healthy right after a heartbeat")
     wait_for(
         lambda: status() == "warning", timeout=10, what="warning after a missed heartbeat (interval 2 s)"
     )

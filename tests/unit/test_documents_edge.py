@@ -27,7 +27,7 @@ from rma_ray import credentials
 from rma_ray.credentials import Kind
 from rma_ray.edges import SERVED_BY_HEADER
 from tests import services_samples as samples
-from tests.support import ServerThread
+from tests.support import ServerThread, wait_for
 from tests.support.edge import EDGE, SERVICE_CREDENTIAL, Coordinator, mint
 
 PLAIN = credentials.mint(Kind.CLIENT)
@@ -188,7 +188,9 @@ def test_a_file_is_read_on_the_edge_as_the_core_reads_it(
     parsed, read = answers[PLAIN.id]
     assert parsed.json()["text"] == "Parsed at the edge" and "Edge reads this" in read.json()["text"]
     assert router.counts[(EDGE, EDGE_APP, "forwarded")] == 2
-    # each counted under its route, wherever it was served
+    # each counted under its route, wherever it was served (recorded once the answer is sent: wait for it)
+    wait_for(lambda: metrics.seen[-4:] == [("/documents/parse", "POST", 200), ("/ocr", "POST", 200)] * 2,
+             timeout=10, interval=0.05, what="the four answers in the services' metrics")  # fmt: skip
     assert metrics.seen[-4:] == [("/documents/parse", "POST", 200), ("/ocr", "POST", 200)] * 2
 
 
@@ -257,3 +259,15 @@ def test_documents_is_an_edge_app_at_the_services_prefix_and_no_core_app() -> No
     with pytest.raises(ValueError, match="unknown app documents"):
         serve_config.group_apps(["documents"], "embedded")  # the core's OCR and parsing are the services'
     assert EDGE_APP not in {a.name for a in serve_config.apps()}
+
+
+def test_the_edge_documents_app_takes_the_core_services_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file the core would take (an operator's larger body limit, a longer time limit) the edge takes too:
+    else a plain client's forwarded 40 MB PDF is a 413 that a sensitive client's is not."""
+    from deployments.serve_config import edge_apps
+
+    monkeypatch.setenv("RMA_SERVICES_UPLOAD_MAX_BYTES", "100000000")
+    monkeypatch.setenv("RMA_SERVICES_REQUEST_TIMEOUT_S", "300")
+    (spec,) = edge_apps("west", "http://coordinator:8470", {"documents_app"})
+    assert spec.args["upload_max_bytes"] == 100000000 and spec.args["request_timeout_s"] == 300
+    assert spec.args["edge"] == "west"

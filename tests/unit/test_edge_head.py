@@ -244,11 +244,15 @@ def test_the_edges_apps_get_the_operators_model_settings_but_no_path_or_secret()
         "RMA_ADMIN_KEY": "rma_admin_x",
         "RMA_DATA_DIR": "/var/lib/rma",
         "HF_TOKEN": "hf_x",
+        "RMA_SERVICES_UPLOAD_MAX_BYTES": "100000000",  # the documents app takes the core's body limit
+        "RMA_SERVICES_POSTGRES_PASSWORD": "x",
+        "RMA_SERVICES_BLOB_DIR": "/var/lib/rma/blobs",
     }
     assert edge_app_env(environ) == {
         "RMA_LLM_MODEL": "Qwen/Qwen2.5-0.5B-Instruct",
         "RMA_LLM_MAX_MODEL_LEN": "4096",
         "RMA_EMBEDDINGS_MODEL": "BAAI/bge-small-en-v1.5",
+        "RMA_SERVICES_UPLOAD_MAX_BYTES": "100000000",
     }
 
 
