@@ -208,7 +208,9 @@ def repack(
             else:
                 entries.append((f"{data_dir}/data/{rel}", data))
     dest.mkdir(parents=True, exist_ok=True)
-    wheel = dest / f"{stem}-{tags[0]}.whl"
+    # the compressed tag set of the file name (PEP 425): `Tag: py2-none-any` + `Tag: py3-none-any` -> py2.py3-none-any
+    parts = [".".join(dict.fromkeys(t.split("-")[i] for t in tags)) for i in range(3)]
+    wheel = dest / f"{stem}-{'-'.join(parts)}.whl"
     tmp = wheel.with_suffix(".tmp")
     record = f"{info.name}/RECORD"
     with zipfile.ZipFile(tmp, "w", compression=compression) as zf:
