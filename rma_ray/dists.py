@@ -46,7 +46,7 @@ def closure(
     """{canonical name: (name, version)} of `root[extras]` and everything it requires, root excluded, each at
     the version installed in this environment. Markers are evaluated for `python` (a full version; default this
     interpreter's); `pinned` gives versions for what that Python needs and this one has not installed."""
-    env: dict[str, str] = dict(default_environment())
+    env: dict[str, str] = {k: str(v) for k, v in default_environment().items()}
     if python:
         env.update(python_full_version=python, python_version=".".join(python.split(".")[:2]))
     fixed = {canonicalize_name(k): v for k, v in (pinned or {}).items()}

@@ -5,6 +5,7 @@ credential before it joins."""
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
@@ -22,7 +23,9 @@ router = APIRouter(prefix="/donor", tags=["donor"])
 _URL = re.compile(
     r"https?://[A-Za-z0-9.\-]+(:\d{1,5})?(/[A-Za-z0-9._~\-/]*)?|https?://\[[0-9A-Fa-f:.]+\](:\d{1,5})?"
 )
-_UNAVAILABLE = {503: {"description": "the pool's wheel cannot be built here (the message says why)"}}
+_UNAVAILABLE: dict[int | str, dict[str, Any]] = {
+    503: {"description": "the pool's wheel cannot be built here (the message says why)"}
+}
 
 
 async def _kit(state: State) -> donor_kit.Kit:

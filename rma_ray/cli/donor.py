@@ -344,6 +344,7 @@ def version(
 
     here = dists.local_versions()
     head = None
+    url = (check or "").rstrip("/")
     if check is not None:
         if not check.startswith(("http://", "https://")):
             fail(f"--check: the coordinator URL must start with http:// or https:// (got {check!r})")
@@ -359,7 +360,7 @@ def version(
     if problem:
         fail(
             f"this machine does not match the pool's head: {problem}; "
-            f"reinstall with `curl -fsSL {check.rstrip('/')}/donor/install.sh | sh`"
+            f"reinstall with `curl -fsSL {url}/donor/install.sh | sh`"
         )
     if not as_json:
-        say(f"matches the head at {check.rstrip('/')}")
+        say(f"matches the head at {url}")

@@ -96,7 +96,9 @@ def installer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installer]:
     state.engine.dispose()
 
 
-def test_the_install_line_installs_rma_for_the_heads_versions_in_a_clean_namespace(installer: Installer) -> None:
+def test_the_install_line_installs_rma_for_the_heads_versions_in_a_clean_namespace(
+    installer: Installer,
+) -> None:
     res = installer.install()
     assert res.returncode == 0, res.stdout + res.stderr
     assert f"rma join {installer.url} --token-file ~/.config/rma/join-token" in res.stdout
