@@ -13,6 +13,7 @@ import importlib.metadata as md
 import importlib.util
 import json
 import platform
+import stat
 import sys
 import zipfile
 from collections.abc import Iterable, Mapping
@@ -218,7 +219,7 @@ def repack(
         # the .dist-info last, as the spec recommends
         for rel, data in sorted(entries, key=lambda e: (e[0].startswith(info.name + "/"), e[0])):
             zinfo = zipfile.ZipInfo(rel, date_time=(1980, 1, 1, 0, 0, 0))
-            zinfo.external_attr = (0o755 if "/scripts/" in rel else 0o644) << 16
+            zinfo.external_attr = (stat.S_IFREG | (0o755 if "/scripts/" in rel else 0o644)) << 16
             zinfo.compress_type = compression
             zf.writestr(zinfo, data)
             lines.append(f"{rel},{_record_hash(data)},{len(data)}")

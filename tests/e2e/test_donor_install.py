@@ -1,10 +1,11 @@
 """The one install line for donors, run for real: `curl -fsSL <coordinator>/donor/install.sh | sh`, fetched
-from a real coordinator, inside a network namespace that reaches nothing but that coordinator, into an empty
-HOME, with no PYTHONPATH and nothing of this checkout on the PATH (only a `python3.11` and the system's tools).
+from a real coordinator, inside a network namespace that reaches nothing but that coordinator, as an unprivileged
+user (nobody) with an empty HOME, no PYTHONPATH and nothing of this checkout on the PATH (only a `python3.11`
+and the system's tools).
 
 No index is reachable there, so pip installs from a wheelhouse packed from this test environment's own
 installed distributions (rma_ray.dists.repack): the very versions the head's constraints pin. It is kept in
-/var/cache/rma/venv-wheels between runs (~10 s to make, ~0 s after). The install itself ~40 s; the rerun that
+/var/cache/rma/venv-wheels between runs (~10 s to make, ~0 s after). The install itself ~30 s; the rerun that
 checks idempotence and a version mismatch ~15 s. Not covered here: the uv path of the script (no uv on this
 machine) and --overlay-packages (apt-get from inside the namespace cannot reach a mirror)."""
 
@@ -12,7 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import sys
+import tempfile
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +34,7 @@ from tests.support import ServerThread
 pytestmark = pytest.mark.e2e
 
 WHEELHOUSE = Path(os.environ.get("RMA_TEST_WHEELHOUSE", "/var/cache/rma/venv-wheels"))
+NOBODY = 65534
 
 
 @dataclasses.dataclass
@@ -42,7 +46,8 @@ class Installer:
     env: dict[str, str]
 
     def run(self, argv: list[str], timeout: float = 300) -> Any:
-        return self.host.run(argv, check=False, timeout=timeout, env=self.env, cwd=self.home)
+        as_nobody = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+        return self.host.run([*as_nobody, *argv], check=False, timeout=timeout, env=self.env, cwd=self.home)
 
     def install(self, *args: str) -> Any:
         return self.run(["sh", "-c", f"curl -fsSL {self.url}/donor/install.sh | sh -s -- {' '.join(args)}"])
@@ -71,13 +76,18 @@ def installer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installer]:
     why = available()
     if why:
         pytest.skip(why)
-    tmp = tmp_path_factory.mktemp("donor-install")
+    if not shutil.which("setpriv"):
+        pytest.skip("setpriv (util-linux) not found: the install runs as an unprivileged user")
     wheels = _wheelhouse()
+    # under /tmp, not pytest's 0700 tmp_path: the donor's user must reach its HOME and the interpreter
+    tmp = Path(tempfile.mkdtemp(prefix="rma-donor-install-"))
     pybin = tmp / "python-only"
     pybin.mkdir()
     (pybin / "python3.11").symlink_to(sys._base_executable)  # this interpreter's own Python, not the venv
     home = tmp / "home"
     home.mkdir()
+    for p in (tmp, home):
+        os.chown(p, NOBODY, NOBODY)
     env = {
         "HOME": str(home),
         "PATH": f"{pybin}:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -88,12 +98,16 @@ def installer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installer]:
         "PIP_FIND_LINKS": str(wheels),
         "PIP_NO_COMPILE": "1",
     }
-    state = build_state(make_settings(f"sqlite:///{tmp / 'coordinator.db'}", tmp / "data"))
+    head_dir = tmp_path_factory.mktemp("donor-install-head")
+    state = build_state(make_settings(f"sqlite:///{head_dir / 'coordinator.db'}", head_dir / "data"))
     prepare_database(state)
-    with TestBed(1, prefix="rmainst") as bed:
-        with ServerThread(create_app(state=state), host=bed.head_ip) as server:
-            yield Installer(bed.hosts[0], server.url, state, home, env)
-    state.engine.dispose()
+    try:
+        with TestBed(1, prefix="rmainst") as bed:
+            with ServerThread(create_app(state=state), host=bed.head_ip) as server:
+                yield Installer(bed.hosts[0], server.url, state, home, env)
+    finally:
+        state.engine.dispose()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def test_the_install_line_installs_rma_for_the_heads_versions_in_a_clean_namespace(
