@@ -6,8 +6,9 @@ and the system's tools).
 No index is reachable there, so pip installs from a wheelhouse packed from this test environment's own
 installed distributions (rma_ray.dists.repack): the very versions the head's constraints pin. It is kept in
 /var/cache/rma/venv-wheels between runs (~10 s to make, ~0 s after). The install itself ~30 s; the rerun that
-checks idempotence and a version mismatch ~15 s. Not covered here: the uv path of the script (no uv on this
-machine) and --overlay-packages (apt-get from inside the namespace cannot reach a mirror)."""
+checks idempotence and a version mismatch ~5 s; the same line where uv is on the PATH (the `uv` test extra)
+~5 s. Not covered here: --overlay-packages (apt-get from inside the namespace cannot reach a mirror) and uv
+fetching a Python of its own (nothing to fetch it from)."""
 
 from __future__ import annotations
 
@@ -157,3 +158,33 @@ def test_a_second_run_upgrades_in_place_and_a_version_mismatch_fails_clearly(ins
         assert "runs Python 3.99" in res.stderr and "python3.99" in res.stderr
     finally:
         installer.state.donor_kit = kit
+
+
+def test_where_uv_is_on_the_path_the_same_line_installs_with_uv(installer: Installer) -> None:
+    uv = shutil.which("uv") or str(Path(sys.executable).parent / "uv")
+    if not os.access(uv, os.X_OK):
+        pytest.skip("uv is not installed (the `test` extra installs it)")
+    home = installer.home.parent / "home-uv"
+    empty_index = (
+        installer.home.parent / "empty-index"
+    )  # uv has no --no-index variable: an index with nothing
+    tools = installer.home.parent / "python-only"
+    for d in (home, empty_index):
+        d.mkdir()
+        os.chown(d, NOBODY, NOBODY)
+    if not (tools / "uv").exists():
+        (tools / "uv").symlink_to(uv)
+    uv_env = {
+        **installer.env,
+        "HOME": str(home),
+        "UV_DEFAULT_INDEX": empty_index.as_uri(),
+        "UV_FIND_LINKS": installer.env["PIP_FIND_LINKS"],
+        "UV_PYTHON_DOWNLOADS": "never",
+        "UV_NO_CONFIG": "1",
+    }
+    uv_installer = dataclasses.replace(installer, home=home, env=uv_env)
+    res = uv_installer.install()
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "with uv" in res.stdout and "matches the head" in res.stdout
+    res = uv_installer.run([uv_installer.rma, "version", "--check", installer.url])
+    assert res.returncode == 0 and "matches the head" in res.stdout, res.stdout + res.stderr
