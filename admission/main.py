@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from admission import db, errors, migrate
 from admission.proxy import ClientAddress
 from admission.ratelimit import IpLimiter
-from admission.routes import admin, contributions, edges, health, invites, registry, worker
+from admission.routes import admin, contributions, donor, edges, health, invites, registry, worker
 from admission.services import keys, overlay
 from admission.state import AppState
 from rma_ray.bodylimit import BodyLimit, json_refusal
@@ -134,6 +134,7 @@ def create_app(settings: Settings | None = None, state: AppState | None = None) 
     for r in routers:  # hottest first
         app.include_router(r)
     app.include_router(contributions.router)
+    app.include_router(donor.router)
     app.mount("/static", StaticFiles(directory=Path(__file__).resolve().parent / "static"), name="static")
     app.add_middleware(
         BodyLimit, max_bytes=settings.max_body_bytes, refusal=json_refusal("payload_too_large")

@@ -159,6 +159,10 @@ class AdmissionClient:
             wire.HeartbeatResponse, "POST", "/api/worker/heartbeat", token=node_token, json=body
         )
 
+    def donor_versions(self) -> wire.DonorVersions:
+        """The head's Python, Ray and pool versions (public: a donor has no credential before it joins)."""
+        return self._reply(wire.DonorVersions, "GET", "/donor/versions.json")
+
     def ray_info(self, node_token: str) -> wire.RayInfo:
         """The head's address and the current cluster token (after a rotation)."""
         return self._reply(wire.RayInfo, "GET", "/api/worker/ray", token=node_token)

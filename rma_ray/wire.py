@@ -259,3 +259,20 @@ class EdgeRoute(BaseModel):
 
 class EdgeRoutes(BaseModel):
     edges: list[EdgeRoute]
+
+
+class DonorVersions(BaseModel):
+    """What a donor must match (GET /donor/versions.json; `rma version --check`): Ray, the Python minor version
+    and the pool's code (its version and the fingerprint of its modules: rma_ray/dists.py)."""
+
+    pool: str = Field(description="the rma-pool version")
+    revision: str | None = Field(None, description="fingerprint of the pool's Python modules a donor runs")
+    ray: str
+    python: str = Field(description="the full Python version, e.g. 3.11.7; donors must match its minor")
+    wheel: str | None = Field(
+        None, description="the pool's wheel under /donor/ (what the install line installs)"
+    )
+
+    @property
+    def python_minor(self) -> str:
+        return ".".join(self.python.split(".")[:2])

@@ -13,60 +13,28 @@ satisfies pyproject.toml's ranges.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata as md
 import sys
 
-from packaging.markers import default_environment
-from packaging.requirements import Requirement
-from packaging.utils import canonicalize_name
+from rma_ray.dists import ClosureError
+from rma_ray.dists import closure as _closure
 
-ROOT = "rma-pool"
 # The image's interpreter: Debian bookworm's python3 (3.11.2). Markers are evaluated for it, not for the venv's.
 IMAGE_PYTHON = "3.11.2"
 # Distributions the image's Python needs that the venv's does not (so no installed version to pin from); a pin here
-# must satisfy every requirement naming it (checked below).
+# must satisfy every requirement naming it (checked by the closure).
 TARGET_ONLY = {"async-timeout": "5.0.1"}  # redis: `async-timeout>=4.0.3; python_full_version < '3.11.3'`
 
 
 def closure(extras: set[str], python: str = IMAGE_PYTHON) -> dict[str, tuple[str, str]]:
-    """{canonical name: (name, version)} of ROOT[extras] and everything it requires on `python`, ROOT excluded."""
-    found: dict[str, tuple[str, str]] = {}
-    visited: dict[str, set[str]] = {}
-    env = {
-        **default_environment(),
-        "python_full_version": python,
-        "python_version": ".".join(python.split(".")[:2]),
-    }
-
-    def visit(name: str, want: set[str], req: Requirement | None = None) -> None:
-        key = canonicalize_name(name)
-        if key in TARGET_ONLY:
-            if req is not None and not req.specifier.contains(TARGET_ONLY[key], prereleases=True):
-                sys.exit(f"TARGET_ONLY pins {name}=={TARGET_ONLY[key]}, but something requires {req}")
-            found[key] = (name, TARGET_ONLY[key])
-            return
-        done = visited.setdefault(key, set())
-        if key in found and want <= done:
-            return
-        try:
-            dist = md.distribution(name)
-        except md.PackageNotFoundError:
-            sys.exit(
-                f"{name} is required on Python {python} but not installed in {sys.prefix}: install the repo "
-                f"first (make venv), or pin it in TARGET_ONLY if only the image's Python needs it"
-            )
-        if req is not None and not req.specifier.contains(dist.version, prereleases=True):
-            sys.exit(f"{name} {dist.version} is installed, but something requires {req}")
-        found[key] = (dist.metadata["Name"], dist.version)
-        done |= want
-        for line in dist.requires or []:
-            sub = Requirement(line)
-            if sub.marker is None or any(sub.marker.evaluate({**env, "extra": e}) for e in (want | {""})):
-                visit(sub.name, set(sub.extras), sub)
-
-    visit(ROOT, extras)
-    found.pop(canonicalize_name(ROOT))
-    return found
+    """{canonical name: (name, version)} of rma-pool[extras] and everything it requires on `python` (the same
+    closure the coordinator pins a donor's install with: rma_ray/dists.py)."""
+    try:
+        return _closure(extras, python=python, pinned=TARGET_ONLY)
+    except ClosureError as exc:
+        sys.exit(
+            f"{exc} (on Python {python}, in {sys.prefix}): install the repo first (make venv), or pin it in "
+            "TARGET_ONLY if only the image's Python needs it"
+        )
 
 
 def main() -> None:

@@ -1,5 +1,6 @@
 """Donor commands: `rma join` (the agent in rma_ray/agent.py does the work), `rma leave`, `rma pause`,
-`rma resume`, `rma caps`, `rma status` and `rma probe`."""
+`rma resume`, `rma caps`, `rma status`, `rma probe` and `rma version` (this machine's versions against the
+head's: the install line runs `rma version --check`)."""
 
 from __future__ import annotations
 
@@ -323,3 +324,43 @@ def probe(disk: Annotated[Path, typer.Option(help="measure free disk here")] = P
     data = caps.model_dump()
     data["qualifies_for"] = [str(t) for t in tiers.eligible(caps)]
     print(json.dumps(data, indent=2))
+
+
+@commands.command("version")
+def version(
+    check: Annotated[
+        str | None,
+        typer.Option(
+            "--check",
+            metavar="COORDINATOR_URL",
+            help="compare with the pool's head (its /donor/versions.json); exit 1 on a mismatch",
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print this machine's rma-pool, Ray and Python versions; with --check, whether they match the head's."""
+    from rma_ray import dists
+    from rma_ray.client import AdmissionClient
+
+    here = dists.local_versions()
+    head = None
+    url = (check or "").rstrip("/")
+    if check is not None:
+        if not check.startswith(("http://", "https://")):
+            fail(f"--check: the coordinator URL must start with http:// or https:// (got {check!r})")
+        with AdmissionClient(check) as client:
+            head = client.donor_versions()
+    if as_json:
+        print_json({"here": here.model_dump(), "head": head.model_dump() if head else None})
+    else:
+        say(f"rma-pool {here.pool} (revision {here.revision}), Ray {here.ray}, Python {here.python}")
+    if head is None:
+        return
+    problem = dists.mismatch(here, head)
+    if problem:
+        fail(
+            f"this machine does not match the pool's head: {problem}; "
+            f"reinstall with `curl -fsSL {url}/donor/install.sh | sh`"
+        )
+    if not as_json:
+        say(f"matches the head at {url}")

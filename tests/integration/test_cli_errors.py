@@ -125,6 +125,9 @@ def cases(c: Coordinator, tmp: Path, port: int) -> list[tuple[str, list[str], di
         ("not in a pool", ["leave"], {}, "not in a pool"),
         ("probe a missing disk", ["probe", "--disk", str(tmp / "nope")], {}, "does not exist"),
         ("unknown store", ["up", "--stores", "mongo"], {}, "unknown store"),
+        ("version check, bad URL", ["version", "--check", "pool.example.org"], {}, "http://"),
+        ("version check, unreachable", ["version", "--check", "http://127.0.0.1:1"], {}, "cannot reach"),
+        ("version check, not a coordinator", ["version", "--check", url + "/nope"], {}, "coordinator URL"),
     ]
 
 

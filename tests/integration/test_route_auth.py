@@ -19,6 +19,11 @@ EXPECTED_PUBLIC = {
     "/registry/login",
     "/registry/logout",
     "/api/edges/{name}/jwks.json",
+    # the donor kit: nothing secret, and a donor has no credential before it joins (SECURITY.md)
+    "/donor/install.sh",
+    "/donor/constraints.txt",
+    "/donor/versions.json",
+    "/donor/{filename}",
 }
 
 

@@ -1,0 +1,97 @@
+"""The donor kit's pure parts: the version comparison of `rma version --check`, the pins, the code fingerprint,
+and the install script the coordinator renders (shellcheck-clean, refusing bad options before it touches
+anything). The real install runs in tests/e2e/test_donor_install.py."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from admission.services import donor_kit
+from rma_ray import dists
+from rma_ray.wire import DonorVersions
+
+HEAD = DonorVersions(pool="0.1.0", revision="aaaa", ray="2.60.0", python="3.11.7", wheel="w.whl")
+
+
+@pytest.mark.parametrize(
+    ("here", "expected"),
+    [
+        (
+            {"python": "3.11.2"},
+            None,
+        ),  # the patch release may differ: Ray is started with the minor match level
+        ({"python": "3.12.1"}, "Python 3.12 here, 3.11 on the head"),
+        ({"ray": "2.59.0"}, "Ray 2.59.0 here, Ray 2.60.0 on the head"),
+        ({"revision": "bbbb"}, "the pool's code differs (revision bbbb here, aaaa on the head)"),
+        ({"pool": "0.2.0", "revision": "bbbb"}, "rma-pool 0.2.0 here, 0.1.0 on the head"),
+        ({"ray": "2.59.0", "python": "3.12.0"}, "Python 3.12 here, 3.11 on the head; Ray 2.59.0 here"),
+    ],
+)
+def test_mismatch_names_what_differs_in_one_line(here: dict[str, str], expected: str | None) -> None:
+    got = dists.mismatch(HEAD.model_copy(update=here), HEAD)
+    if expected is None:
+        assert got is None
+    else:
+        assert got is not None and got.startswith(expected) and "\n" not in got
+
+
+def test_pins_drop_local_labels_and_the_fingerprint_covers_only_the_donors_modules() -> None:
+    assert dists.public_version("2.13.0+cpu") == "2.13.0"
+    assert dists.public_version("2026.10.19.post1") == "2026.10.19.post1"
+    files = [("rma_ray/a.py", b"x"), ("deployments/b.py", b"y")]
+    rev = dists.code_revision(files)
+    noise = [("admission/c.py", b"z"), ("rma_ray/x.pyc", b"0"), ("rma_pool-0.1.0.dist-info/RECORD", b"r")]
+    assert dists.code_revision(list(reversed(files)) + noise) == rev
+    assert dists.code_revision([("rma_ray/a.py", b"x!"), ("deployments/b.py", b"y")]) != rev
+
+
+def test_the_closure_pins_ray_and_leaves_the_pool_out() -> None:
+    pins = dists.closure()
+    assert pins["ray"][1] == "2.60.0"
+    assert "rma-pool" not in pins and "fastapi" in pins
+
+
+@pytest.fixture
+def script(tmp_path: Path) -> Path:
+    kit = donor_kit.Kit(Path("rma_pool-0.1.0-py3-none-any.whl"), "0" * 64, HEAD, "ray==2.60.0\n")
+    path = tmp_path / "install.sh"
+    path.write_text(donor_kit.script(kit, "http://pool.example.org:8470", overlay=True))
+    return path
+
+
+def test_the_rendered_script_is_posix_sh_and_shellcheck_clean(script: Path) -> None:
+    text = script.read_text()
+    assert "RMA_POOL_URL=http://pool.example.org:8470" in text and "RMA_WHEEL_SHA256=" + "0" * 64 in text
+    assert "RMA_PYTHON=3.11" in text and "@HEAD_VALUES@" not in text
+    shellcheck = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
+    res = subprocess.run([shellcheck, "-s", "sh", str(script)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--bogus"], "unknown option '--bogus'"),
+        (["--extras", "head"], "unknown extra 'head' (a donor may ask for: overlay,services)"),
+        (["--extras"], "--extras needs a value"),
+    ],
+)
+def test_the_script_refuses_bad_options_before_it_touches_anything(
+    script: Path, tmp_path: Path, args: list[str], message: str
+) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    res = subprocess.run(
+        ["sh", str(script), *args],
+        capture_output=True,
+        text=True,
+        env={"HOME": str(home), "PATH": "/usr/bin:/bin"},
+    )
+    assert res.returncode == 1
+    assert res.stderr.startswith(f"rma install: error: {message}") and res.stderr.count("\n") == 1
+    assert list(home.iterdir()) == []
