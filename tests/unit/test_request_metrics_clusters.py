@@ -307,3 +307,14 @@ def test_the_collector_reads_both_clusters_over_http_and_skips_one_that_does_not
             "core, edge"
             in client.get("/api/admin/metrics?cluster=nowhere", headers=auth).json()["error"]["message"]
         )
+        # the registry page's Requests section: a row per cluster and application, its cluster shown
+        login = client.post("/registry/login", data={"admin_key": ADMIN}, follow_redirects=False)
+        assert login.status_code == 303
+        page = client.get("/registry").text
+    for app, n in (("core/gateway", 10), ("edge/llm", 7)):
+        cluster = app.split("/")[0]
+        assert (
+            f'data-app="{app}" data-cluster="{cluster}" data-requests="{n}"><td class="cluster">{cluster}<'
+            in page
+        )
+    assert 'data-deployment="llm/LLM" data-cluster="edge"><td class="cluster">edge<' in page
