@@ -264,7 +264,9 @@ def _settled(pool: EdgePool) -> dict[str, int]:
 def test_a_sensitive_client_never_reaches_the_edge(edge_pool: EdgePool, edge_donor: Donor) -> None:
     plain, sensitive = edge_pool.client_key("edge-plain"), edge_pool.client_key("edge-secret", sensitive=True)
     assert _chat(edge_pool, plain).headers.get(SERVED_BY_HEADER) == EDGE  # the edge is there and taking work
+    t0 = time.monotonic()
     before = _settled(edge_pool)
+    settled_s = time.monotonic() - t0
     with concurrent.futures.ThreadPoolExecutor(4) as ex:
         answers = list(ex.map(lambda _i: _chat(edge_pool, sensitive, max_tokens=1), range(50)))
     assert [r.status_code for r in answers] == [200] * 50
@@ -272,6 +274,7 @@ def test_a_sensitive_client_never_reaches_the_edge(edge_pool: EdgePool, edge_don
     # the registry's request figures per cluster: the 50 under the core's ingress, none under the edge's. A
     # plain request sent after them is the edge's marker: once it is counted, so is anything the 50 did there
     assert _chat(edge_pool, plain, max_tokens=1).headers.get(SERVED_BY_HEADER) == EDGE
+    t0 = time.monotonic()
 
     def counted_after() -> dict[str, int] | None:
         counts = _counted(edge_pool)[0]
@@ -282,6 +285,10 @@ def test_a_sensitive_client_never_reaches_the_edge(edge_pool: EdgePool, edge_don
         timeout=120,
         interval=2,
         what="the 51 requests in the core's figures and the marker in the edge's",
+    )
+    print(
+        f"\nrequests per cluster before {before}, after {after}; settling {settled_s:.0f} s, "
+        f"counted {time.monotonic() - t0:.0f} s after the marker"
     )
     assert after["edge"] == before["edge"] + 1, (before, after)
     assert after["core"] >= before["core"] + 51, (before, after)
