@@ -419,9 +419,8 @@ class Collector:
         listed is skipped (its cursors kept); nothing is written when no cluster could be listed."""
         listed: dict[str, list[str]] = {}  # cluster -> its endpoints
         unlisted: dict[str, str] = {}  # cluster -> why its endpoints could not be listed
-        node_of: (
-            dict[str, str] | None
-        ) = {}  # endpoint -> Ray node id, for the ledger; None: no ledger this pass
+        # endpoint -> Ray node id, for the ledger; None: no ledger this pass
+        node_of: dict[str, str] | None = {}
         with httpx.Client(timeout=5) as http:
             for cluster in self.state.settings.clusters:
                 try:
