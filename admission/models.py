@@ -205,13 +205,15 @@ class AuditEvent(Base):
 
 
 class RequestMinute(Base):
-    """Ray Serve's HTTP requests in one minute, per application, route and status code: Serve's ingress request
-    counter and latency histogram, as deltas (written by admission.services.metrics). Bucket deltas are kept
-    cumulative by upper bound ({"10.0": n, ..., "+Inf": n}) so that percentiles over any span can be estimated."""
+    """Ray Serve's HTTP requests in one minute, per cluster (the core or an edge: whose Serve ingress recorded
+    them), application, route and status code: Serve's ingress request counter and latency histogram, as deltas
+    (written by admission.services.metrics). Bucket deltas are kept cumulative by upper bound
+    ({"10.0": n, ..., "+Inf": n}) so that percentiles over any span can be estimated."""
 
     __tablename__ = "request_minutes"
 
     minute: Mapped[datetime] = mapped_column(UTCDateTime, primary_key=True)
+    cluster: Mapped[str] = mapped_column(String(16), primary_key=True, default="core", server_default="core")
     application: Mapped[str] = mapped_column(String(128), primary_key=True)
     route: Mapped[str] = mapped_column(String(255), primary_key=True)
     status_code: Mapped[str] = mapped_column(String(8), primary_key=True)
@@ -222,10 +224,12 @@ class RequestMinute(Base):
 
 
 class DeploymentLoad(Base):
-    """Requests queued (waiting for a replica) and ongoing at replicas, per Serve deployment, as last scraped."""
+    """Requests queued (waiting for a replica) and ongoing at replicas, per cluster and Serve deployment (an edge
+    runs apps of the same names as the core's), as last scraped."""
 
     __tablename__ = "deployment_load"
 
+    cluster: Mapped[str] = mapped_column(String(16), primary_key=True, default="core", server_default="core")
     application: Mapped[str] = mapped_column(String(128), primary_key=True)
     deployment: Mapped[str] = mapped_column(String(128), primary_key=True)
     queued: Mapped[float] = mapped_column(Float, default=0.0)

@@ -264,10 +264,12 @@ class RequestFigures(BaseModel):
 
 
 class ApplicationRequests(RequestFigures):
+    cluster: str  # whose Serve ingress recorded them: "core" or an edge's name
     application: str  # "" for requests no application's route matched (Serve's own 404)
 
 
 class DeploymentQueue(BaseModel):
+    cluster: str
     application: str
     deployment: str
     queued: float  # waiting for a replica, summed over the handles that call the deployment
@@ -293,12 +295,18 @@ class CollectorOut(BaseModel):
     error: str | None = None
     targets: int = 0  # Ray's metrics endpoints (every node's, the autoscaler's, the dashboard's)
     unreachable: list[str] = Field(default_factory=list)
+    clusters: list[str] = Field(default_factory=list)  # the clusters the last pass read ("core", edges)
 
 
 class RequestMetricsOut(BaseModel):
-    """GET /api/admin/metrics: what the seed's dashboard showed beside the workers. "today" is the UTC day."""
+    """GET /api/admin/metrics: what the seed's dashboard showed beside the workers. "today" is the UTC day.
+    Of the pool, or of one cluster's Serve ingress (`cluster`, from `?cluster=`). For the pool, today, last_hour
+    and series are the clients' requests (the core's ingress, where every client's request enters: a request the
+    gateway forwards to an edge is in the edge's figures too, not added twice), applications and queues are every
+    cluster's, each row naming its cluster."""
 
     generated_at: datetime
+    cluster: str | None = None
     day_start: datetime
     today: RequestFigures
     last_hour: RequestFigures

@@ -45,9 +45,19 @@ StepQ = Annotated[
         "60, 300, 600 (default), 900, 1800 or 3600 seconds",
     ),
 ]
+ClusterQ = Annotated[
+    str | None,
+    Query(
+        max_length=16,
+        description="one cluster's figures: core or an edge's name (default: the pool's, every row naming its "
+        "cluster)",
+    ),
+]
 
 
-def _request_metrics(state: State, session: SessionDep, step_s: int) -> schemas.RequestMetricsOut:
+def _request_metrics(
+    state: State, session: SessionDep, step_s: int, cluster: str | None = None
+) -> schemas.RequestMetricsOut:
     if step_s % 60 or 86400 % step_s:
         raise ApiError(
             422,
@@ -55,25 +65,34 @@ def _request_metrics(state: State, session: SessionDep, step_s: int) -> schemas.
             f"step_s: {step_s} is not a whole number of minutes that divides a "
             "day; use 60, 300, 600, 900, 1800 or 3600",
         )
+    known = state.settings.clusters
+    if cluster is not None and cluster not in known:
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"cluster: {cluster[:16]!r} is not a cluster of this pool; use one of {', '.join(known)} "
+            "(or leave it out for the whole pool)",
+        )
     collector = state.reconciler.collector if state.reconciler is not None else None
-    return metrics.cached_summary(session, collector, step_s=step_s)
+    return metrics.cached_summary(session, collector, step_s=step_s, cluster=cluster)
 
 
 @router.get("/api/admin/metrics", response_model=schemas.RequestMetricsOut, openapi_extra=security.ADMIN)
 def request_metrics(
-    admin: AdminDep, state: State, session: SessionDep, step_s: StepQ = 600
+    admin: AdminDep, state: State, session: SessionDep, step_s: StepQ = 600, cluster: ClusterQ = None
 ) -> schemas.RequestMetricsOut:
     """Ray Serve requests: today (UTC) and the last hour (count, 4xx/5xx, p50/p99 from latency buckets), per
-    application, queued now per deployment, and a 24 h series; from the head's scrapes of Serve's metrics."""
-    return _request_metrics(state, session, step_s)
+    cluster and application, queued now per deployment, and a 24 h series; from the head's scrapes of every
+    cluster's Serve metrics. `?cluster=` narrows them to what one cluster's Serve ingress served."""
+    return _request_metrics(state, session, step_s, cluster)
 
 
 @router.get("/registry/metrics", response_model=schemas.RequestMetricsOut, openapi_extra=security.SESSION)
 def registry_metrics(
-    admin: SessionAdmin, state: State, session: SessionDep, step_s: StepQ = 600
+    admin: SessionAdmin, state: State, session: SessionDep, step_s: StepQ = 600, cluster: ClusterQ = None
 ) -> schemas.RequestMetricsOut:
     """The same figures for the registry page (its session cookie)."""
-    return _request_metrics(state, session, step_s)
+    return _request_metrics(state, session, step_s, cluster)
 
 
 @router.get("/registry/login", response_class=HTMLResponse, openapi_extra=security.PUBLIC)

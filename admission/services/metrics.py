@@ -1,8 +1,12 @@
-"""Ray Serve request metrics for the registry: requests today, errors, p50/p99, queues per deployment, 24 h series.
+"""Ray Serve request metrics for the registry: requests today, errors, p50/p99, queues per deployment, 24 h series,
+per cluster (the core and each edge, rma_ray.edges) and for the whole pool.
 
-A collector thread on the head scrapes every Ray node's metrics endpoint (the targets Ray publishes for Prometheus
-at the dashboard's `/api/prometheus/sd`), parses the Prometheus text with prometheus_client's parser and keeps
-per-minute rollups in the coordinator's database:
+A collector thread on the head scrapes every Ray node's metrics endpoint of every cluster (the targets each
+cluster's Ray publishes for Prometheus at its dashboard's `/api/prometheus/sd`, and the nodes of its node table),
+parses the Prometheus text with prometheus_client's parser and keeps per-minute rollups in the coordinator's
+database, keyed by the cluster whose Serve ingress recorded them (a client's request that the core's gateway
+forwards to an edge is counted once by the core's ingress, for the gateway, and once by the edge's, for the app
+that served it: each cluster's figures are what that cluster served):
 
 - requests per application, route and status code: `ray_serve_num_http_requests_total`, recorded by Serve's
   HTTP ingress (the Python proxy, or with HAProxy in front, as `rma up` runs it, each ingress replica: a request
@@ -15,8 +19,10 @@ per-minute rollups in the coordinator's database:
 Counters are cumulative per process. A delta is the rise since the cursor kept for that series; a fall means the
 process restarted and its whole new value is new; a series first seen after the collector's first pass is new
 traffic (a restarted proxy or replica has a new WorkerId label). Cursors are written in the same transaction as
-the rollups, so a restarted coordinator neither loses nor double-counts. The very first pass against a database with no
-cursors takes a baseline: a running cluster's history before the collector existed is not today's traffic.
+the rollups, so a restarted coordinator neither loses nor double-counts. The very first pass that reads a cluster
+(no cursors of it yet: a new database, or an edge added since) takes a baseline for that cluster: its history
+before the collector saw it is not today's traffic. A cluster that does not answer is skipped: its cursors stay
+as they were, and its next answer counts everything since.
 
 The same pass feeds the donors' contribution ledger (admission.services.contributions) from the same scrapes,
 in the same transaction.
@@ -45,6 +51,7 @@ from admission import schemas
 from admission.models import DeploymentLoad, MetricCursor, RequestMinute, utcnow
 from admission.services import contributions
 from admission.state import AppState
+from rma_ray.edges import CORE
 
 log = logging.getLogger("rma.metrics")
 
@@ -55,12 +62,12 @@ ONGOING = "ray_serve_num_ongoing_requests_at_replicas"
 FAMILIES = (REQUESTS, LATENCY, QUEUED, ONGOING)
 # labels that say nothing about which series it is (OpenTelemetry's scope) or split one histogram into buckets
 _NOT_IDENTITY = {"le", "otel_scope_name", "otel_scope_schema_url", "otel_scope_version"}
-MARKER = "collector-started"
+MARKER = "collector-started"  # the core's; an edge's is marker(name)
 MAX_SCRAPE_BYTES = 64 * 1024 * 1024
 QUANTILES = (0.5, 0.99)
 LOAD_STALE = timedelta(minutes=5)
 
-Key = tuple[str, str, str]  # application, route, status code
+Key = tuple[str, str, str, str]  # cluster, application, route, status code
 
 
 @dataclass
@@ -83,9 +90,8 @@ class Reading:
 
     counters: dict[str, tuple[str, Key, float]] = field(default_factory=dict)
     histograms: dict[str, tuple[str, Key, Hist]] = field(default_factory=dict)
-    load: dict[tuple[str, str], list[float]] = field(
-        default_factory=dict
-    )  # (app, deployment) -> [queued, ongoing]
+    # (cluster, app, deployment) -> [queued, ongoing]
+    load: dict[tuple[str, str, str], list[float]] = field(default_factory=dict)
 
     def merge(self, other: Reading) -> None:
         self.counters.update(other.counters)
@@ -96,13 +102,22 @@ class Reading:
             mine[1] += o
 
 
-def _series_id(target: str, family: str, labels: Mapping[str, str]) -> str:
+def marker(cluster: str = CORE) -> str:
+    """The cursor whose presence says the cluster has been read before (absent: the next pass is a baseline)."""
+    return MARKER if cluster == CORE else f"{MARKER}:{cluster}"
+
+
+def _series_id(target: str, family: str, labels: Mapping[str, str], cluster: str = CORE) -> str:
     ident = "|".join(f"{k}={v}" for k, v in sorted(labels.items()) if k not in _NOT_IDENTITY)
-    return hashlib.sha256(f"{target}|{family}|{ident}".encode()).hexdigest()
+    # the core's ids are those of before edges existed (its cursors carry over); an edge's name its cluster, so
+    # that two clusters' endpoints never share a cursor, whatever their addresses
+    where = target if cluster == CORE else f"{cluster}|{target}"
+    return hashlib.sha256(f"{where}|{family}|{ident}".encode()).hexdigest()
 
 
-def _key(labels: Mapping[str, str]) -> Key:
+def _key(labels: Mapping[str, str], cluster: str) -> Key:
     return (
+        cluster,
         labels.get("application", "")[:128],
         labels.get("route", "")[:255],
         labels.get("status_code", "")[:8],
@@ -115,21 +130,22 @@ def _wanted(text: str) -> str:
     return "\n".join(line for line in text.splitlines() if line.startswith(heads)) + "\n"
 
 
-def parse(text: str, target: str) -> Reading:
-    """The Serve request families in one target's Prometheus text (prometheus_client's parser)."""
+def parse(text: str, target: str, cluster: str = CORE) -> Reading:
+    """The Serve request families in one target's Prometheus text (prometheus_client's parser), for `cluster`."""
     out = Reading()
     hists: dict[str, tuple[Key, Hist]] = {}
     for fam in text_string_to_metric_families(_wanted(text)):
         if fam.name == REQUESTS:
             for s in fam.samples:
                 if s.name.endswith("_total") and not s.labels.get("route", "").startswith("/-/"):
-                    out.counters[_series_id(target, fam.name, s.labels)] = (target, _key(s.labels), s.value)
+                    sid = _series_id(target, fam.name, s.labels, cluster)
+                    out.counters[sid] = (target, _key(s.labels, cluster), s.value)
         elif fam.name == LATENCY:
             for s in fam.samples:
                 if s.labels.get("route", "").startswith("/-/"):
                     continue
-                sid = _series_id(target, fam.name, s.labels)
-                h = hists.setdefault(sid, (_key(s.labels), Hist({}, 0.0, 0.0)))[1]
+                sid = _series_id(target, fam.name, s.labels, cluster)
+                h = hists.setdefault(sid, (_key(s.labels, cluster), Hist({}, 0.0, 0.0)))[1]
                 if s.name.endswith("_bucket"):
                     h.buckets[s.labels["le"]] = s.value
                 elif s.name.endswith("_count"):
@@ -139,7 +155,7 @@ def parse(text: str, target: str) -> Reading:
         elif fam.name in (QUEUED, ONGOING):
             col = 0 if fam.name == QUEUED else 1
             for s in fam.samples:
-                k = (s.labels.get("application", "")[:128], s.labels.get("deployment", "")[:128])
+                k = (cluster, s.labels.get("application", "")[:128], s.labels.get("deployment", "")[:128])
                 if math.isfinite(s.value):
                     out.load.setdefault(k, [0.0, 0.0])[col] += s.value
     out.histograms = {sid: (target, key, h) for sid, (key, h) in hists.items()}
@@ -204,18 +220,35 @@ def _chunks(ids: list[str], n: int = 500) -> Iterable[list[str]]:
         yield ids[i : i + n]
 
 
-def store(session: Session, reading: Reading, now: datetime, *, load_complete: bool = True) -> dict[str, int]:
-    """Turn one reading into per-minute deltas and move the cursors, in the caller's transaction. Deployments
-    not in the reading leave the queue table: at once when every endpoint answered (`load_complete`), else once
-    their last value is older than LOAD_STALE (the endpoint that did not answer may have been theirs)."""
+def store(
+    session: Session,
+    reading: Reading,
+    now: datetime,
+    *,
+    answered: Iterable[str] | None = None,
+    complete: Iterable[str] | None = None,
+) -> dict[str, int]:
+    """Turn one reading into per-minute deltas and move the cursors, in the caller's transaction.
+
+    `answered`: the clusters this pass read (at least one endpoint answered): each takes its baseline on its
+    first pass and has its marker moved; a cluster not among them (it did not answer) keeps its cursors as they
+    were. Default: the core and every cluster in the reading. `complete`: the answered clusters every endpoint of
+    which answered (default: all answered): their deployments not in the reading leave the queue table at once;
+    other deployments go once their last value is older than LOAD_STALE (the endpoint, or the cluster, that did
+    not answer may have been theirs)."""
     minute = now.replace(second=0, microsecond=0)
-    ids = [*reading.counters, *reading.histograms, MARKER]
+    read = {k[0] for _, k, _ in reading.counters.values()} | {k[0] for _, k, _ in reading.histograms.values()}
+    read |= {k[0] for k in reading.load}
+    answered = {CORE, *read} if answered is None else set(answered)
+    complete = answered if complete is None else set(complete) & answered
+    markers = {c: marker(c) for c in answered}
+    ids = [*reading.counters, *reading.histograms, *markers.values()]
     cursors: dict[str, MetricCursor] = {}
     for chunk in _chunks(ids):
         cursors.update(
             {c.id: c for c in session.scalars(select(MetricCursor).where(MetricCursor.id.in_(chunk)))}
         )
-    baseline = MARKER not in cursors
+    baseline = {c for c, m in markers.items() if m not in cursors}
     rows: dict[Key, RequestMinute] = {}
 
     def row(key: Key) -> RequestMinute:
@@ -225,9 +258,10 @@ def store(session: Session, reading: Reading, now: datetime, *, load_complete: b
             if r is None:
                 r = RequestMinute(
                     minute=minute,
-                    application=key[0],
-                    route=key[1],
-                    status_code=key[2],
+                    cluster=key[0],
+                    application=key[1],
+                    route=key[2],
+                    status_code=key[3],
                     requests=0,
                     latency_count=0,
                     latency_sum_ms=0.0,
@@ -246,15 +280,20 @@ def store(session: Session, reading: Reading, now: datetime, *, load_complete: b
 
     counted = 0
     for sid, (target, key, value) in reading.counters.items():
+        if key[0] not in answered:
+            continue
         prev = cursors.get(sid)
-        d = round(counter_delta(None if prev is None else float(prev.value.get("v", 0)), value, baseline))
+        prev_v = None if prev is None else float(prev.value.get("v", 0))
+        d = round(counter_delta(prev_v, value, key[0] in baseline))
         if d > 0:
             row(key).requests += d
             counted += d
         move(sid, target, {"v": value})
     for sid, (target, key, h) in reading.histograms.items():
+        if key[0] not in answered:
+            continue
         prev = cursors.get(sid)
-        dh = hist_delta(None if prev is None else Hist.from_json(prev.value), h, baseline)
+        dh = hist_delta(None if prev is None else Hist.from_json(prev.value), h, key[0] in baseline)
         if dh is not None and dh.count > 0:
             r = row(key)
             r.latency_count += round(dh.count)
@@ -263,39 +302,49 @@ def store(session: Session, reading: Reading, now: datetime, *, load_complete: b
             _add_buckets(buckets, dh.buckets)
             r.latency_buckets = buckets  # a new dict: the JSON column sees the change
         move(sid, target, h.as_json())
-    move(MARKER, "", {})
-    for (app, dep), (queued, ongoing) in reading.load.items():
-        lr = session.get(DeploymentLoad, (app, dep))
+    for m in markers.values():
+        move(m, "", {})
+    for (cluster, app, dep), (queued, ongoing) in reading.load.items():
+        if cluster not in answered:
+            continue
+        lr = session.get(DeploymentLoad, (cluster, app, dep))
         if lr is None:
             session.add(
-                DeploymentLoad(application=app, deployment=dep, queued=queued, ongoing=ongoing, at=now)
+                DeploymentLoad(
+                    cluster=cluster, application=app, deployment=dep, queued=queued, ongoing=ongoing, at=now
+                )
             )
         else:
             lr.queued, lr.ongoing, lr.at = queued, ongoing, now
     for lr in session.scalars(select(DeploymentLoad)):
-        if (lr.application, lr.deployment) not in reading.load and (
-            load_complete or now - lr.at > LOAD_STALE
+        if (lr.cluster, lr.application, lr.deployment) not in reading.load and (
+            lr.cluster in complete or now - lr.at > LOAD_STALE
         ):
             session.delete(lr)
     return {
         "requests": counted,
         "series": len(reading.counters) + len(reading.histograms),
-        "baseline": int(baseline),
+        "baseline": int(CORE in baseline),
+        "baselines": len(baseline),
     }
 
 
 def prune(session: Session, now: datetime, retention_h: int) -> None:
     cutoff = now - timedelta(hours=retention_h)
     session.execute(delete(RequestMinute).where(RequestMinute.minute < cutoff))
-    session.execute(delete(MetricCursor).where(MetricCursor.seen_at < cutoff, MetricCursor.id != MARKER))
+    # the markers stay: a cluster down past the retention still has been read before (its next pass counts)
+    session.execute(
+        delete(MetricCursor).where(MetricCursor.seen_at < cutoff, ~MetricCursor.id.startswith(MARKER))
+    )
 
 
-def discover(state: AppState, http: httpx.Client) -> list[str]:
-    """Every node's metrics endpoint (and the head's autoscaler and dashboard), as Ray lists them for Prometheus."""
+def discover(state: AppState, http: httpx.Client, cluster: str = CORE) -> list[str]:
+    """Every node's metrics endpoint of a cluster (and its head's autoscaler and dashboard), as that cluster's Ray
+    lists them for Prometheus."""
     s = state.settings
-    token = s.ray_auth_token()
+    token = s.cluster_token(cluster)
     r = http.get(
-        (s.ray_dashboard_url or "").rstrip("/") + "/api/prometheus/sd",
+        (s.cluster_dashboard(cluster) or "").rstrip("/") + "/api/prometheus/sd",
         headers={"Authorization": f"Bearer {token}"} if token else {},
     )
     r.raise_for_status()
@@ -320,7 +369,10 @@ class CollectorView:
     at: datetime | None = None
     error: str | None = None  # nothing could be read: Ray's target list or every endpoint failed
     targets: int = 0
-    unreachable: list[str] = field(default_factory=list)  # "host:port: why" of endpoints that did not answer
+    # "host:port: why" of the core's endpoints that did not answer, "edge: host:port: why" of an edge's, and
+    # "cluster: why" of a cluster whose endpoints could not be listed
+    unreachable: list[str] = field(default_factory=list)
+    clusters: list[str] = field(default_factory=list)  # the clusters read by the last pass
     passes: int = 0
 
 
@@ -335,9 +387,8 @@ class Collector:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="rma-metrics", daemon=True)
         self._pruned_at: datetime | None = None
-        self.summaries: dict[
-            int, tuple[Any, schemas.RequestMetricsOut]
-        ] = {}  # step_s -> (pass, minute), figures
+        # (step_s, cluster) -> (pass, minute), figures
+        self.summaries: dict[tuple[int, str | None], tuple[Any, schemas.RequestMetricsOut]] = {}
         self.ledger: dict[int, tuple[Any, schemas.ContributionsOut]] = {}  # hours -> (pass, minute), figures
 
     @property
@@ -363,45 +414,66 @@ class Collector:
             self._stop.wait(self.interval_s)
 
     def collect_once(self, now: datetime | None = None) -> dict[str, int]:
+        """One pass over every cluster: the core's and each edge's endpoints, scraped together; the request
+        metrics and the contribution ledger written in one transaction. A cluster whose endpoints cannot be
+        listed is skipped (its cursors kept); nothing is written when no cluster could be listed."""
+        listed: dict[str, list[str]] = {}  # cluster -> its endpoints
+        unlisted: dict[str, str] = {}  # cluster -> why its endpoints could not be listed
+        # endpoint -> Ray node id, for the ledger; None: no ledger this pass
+        node_of: dict[str, str] | None = {}
         with httpx.Client(timeout=5) as http:
-            try:
-                targets = discover(self.state, http)
-            except (httpx.HTTPError, ValueError, TypeError, AttributeError) as exc:
-                self.view.error = f"cannot list Ray's metrics endpoints: {exc}"
+            for cluster in self.state.settings.clusters:
+                try:
+                    targets = discover(self.state, http, cluster)
+                except (httpx.HTTPError, ValueError, TypeError, AttributeError) as exc:
+                    unlisted[cluster] = f"cannot list Ray's metrics endpoints: {exc}"
+                    targets = None
+                try:  # which node each endpoint is; without the core's, no ledger this pass
+                    of = contributions.discover_nodes(self.state, http, cluster)
+                except (httpx.HTTPError, ValueError, TypeError, AttributeError) as exc:
+                    log.warning("contribution ledger: cannot read %s's node table: %s", cluster, exc)
+                    if cluster == CORE:
+                        node_of = None
+                    of = {}
+                if targets is None and not of:
+                    continue
+                unlisted.pop(cluster, None)  # Ray's node table lists the nodes' endpoints too
+                if node_of is not None:
+                    node_of.update(of)
+                listed[cluster] = sorted({*(targets or ()), *of})
+            if not listed:
+                why = unlisted.get(CORE) or next(iter(unlisted.values()), "no cluster is wired")
+                self.view.error = (
+                    why if len(unlisted) <= 1 else "; ".join(f"{c}: {w}" for c, w in unlisted.items())
+                )
                 return {}
-            reading, failed = Reading(), []
-            with ThreadPoolExecutor(max_workers=max(1, min(8, len(targets)))) as pool:
-                texts = dict(zip(targets, pool.map(lambda t: _try_scrape(http, t), targets), strict=True))
-            try:  # which node each endpoint is, for the contribution ledger; without it, no ledger this pass
-                node_of: dict[str, str] | None = contributions.discover_nodes(self.state, http)
-            except (httpx.HTTPError, ValueError, TypeError, AttributeError) as exc:
-                log.warning("contribution ledger skipped a pass: cannot read Ray's node table: %s", exc)
-                node_of = None
-            if node_of is not None:
-                texts.update(self._edge_nodes(http, node_of))
+            todo = [(c, t) for c, ts in listed.items() for t in ts]
+            with ThreadPoolExecutor(max_workers=max(1, min(8, len(todo)))) as pool:
+                texts = list(pool.map(lambda ct: _try_scrape(http, ct[1]), todo))
+        reading, failed = Reading(), []
         nodes: dict[str, contributions.NodeReading] = {}
-        core = set(targets)
-        for target, text in texts.items():
-            if target not in core:  # an edge node's endpoint: the ledger's only
-                if isinstance(text, str):
-                    try:
-                        nodes[target] = contributions.parse(text, target)
-                    except (ValueError, KeyError) as exc:
-                        log.warning("contribution ledger: cannot parse %s's metrics: %r", target, exc)
-                continue
+        answered: set[str] = set()
+        incomplete: set[str] = set()
+        for (cluster, target), text in zip(todo, texts, strict=True):
+            where = target if cluster == CORE else f"{cluster}: {target}"
             if isinstance(text, Exception):
-                failed.append(f"{target}: {text}")
+                failed.append(f"{where}: {text}")
+                incomplete.add(cluster)
                 continue
             try:
-                reading.merge(parse(text, target))
+                reading.merge(parse(text, target, cluster))
                 if node_of and target in node_of:
                     nodes[target] = contributions.parse(text, target)
             except (ValueError, KeyError) as exc:  # not Prometheus text, or a bucket without its bound
-                failed.append(f"{target}: cannot parse its metrics: {exc!r}"[:200])
+                failed.append(f"{where}: cannot parse its metrics: {exc!r}"[:200])
+                incomplete.add(cluster)
+                continue
+            answered.add(cluster)
         now = now or utcnow()
         with self.state.sessions() as session, session.begin():
-            # a node that did not answer keeps its deployments' last values rather than dropping them
-            out = store(session, reading, now, load_complete=not failed)
+            # a node (or a cluster) that did not answer keeps its deployments' last values rather than dropping
+            # them, and its cursors: its next answer counts what it served meanwhile
+            out = store(session, reading, now, answered=answered, complete=answered - incomplete)
             if node_of is not None:  # the ledger's rows and cursors commit with the request metrics' cursors
                 contributions.store(session, nodes, node_of, now)
             if self._pruned_at is None or now - self._pruned_at > timedelta(minutes=10):
@@ -409,31 +481,16 @@ class Collector:
                 contributions.maintain(session, now, self.state.settings)
                 self._pruned_at = now
         # Ray lists its autoscaler's and dashboard's endpoints too; one of them down is a note, not an outage
-        self.view.at, self.view.targets, self.view.passes = now, len(targets), self.view.passes + 1
-        self.view.unreachable = [f[:200] for f in failed]
+        self.view.at, self.view.targets, self.view.passes = now, len(todo), self.view.passes + 1
+        self.view.unreachable = [f[:200] for f in [*(f"{c}: {w}" for c, w in unlisted.items()), *failed]]
+        self.view.clusters = sorted(answered, key=lambda c: (c != CORE, c))
         self.view.error = (
             "Ray lists no metrics endpoint yet"
-            if not targets
+            if not todo
             else f"no Ray metrics endpoint answered ({len(failed)} tried)"
-            if len(failed) == len(targets)
+            if len(failed) == len(todo)
             else None
         )
-        return out
-
-    def _edge_nodes(self, http: httpx.Client, node_of: dict[str, str]) -> dict[str, str | Exception]:
-        """Each edge cluster's node endpoints, scraped for the contribution ledger; `node_of` gains their
-        nodes. An edge that does not answer is skipped this pass."""
-        out: dict[str, str | Exception] = {}
-        for edge in self.state.settings.edges:
-            try:
-                of = contributions.discover_nodes(self.state, http, edge.name)
-            except (httpx.HTTPError, ValueError, TypeError, AttributeError) as exc:
-                log.warning("contribution ledger: cannot read edge %s's node table: %s", edge.name, exc)
-                continue
-            new = [t for t in of if t not in node_of]
-            with ThreadPoolExecutor(max_workers=max(1, min(8, len(new)))) as pool:
-                out.update(zip(new, pool.map(lambda t: _try_scrape(http, t), new), strict=True))
-            node_of.update({t: of[t] for t in new})
         return out
 
 
@@ -486,18 +543,18 @@ class _Acc:
 
 
 def cached_summary(
-    session: Session, collector: Collector | None, step_s: int = 600
+    session: Session, collector: Collector | None, step_s: int = 600, cluster: str | None = None
 ) -> schemas.RequestMetricsOut:
     """summary(), computed once per collector pass and minute (the rollups change only then): a busy day is
     tens of thousands of rows, and every open registry page asks every 15 s."""
     if collector is None:
-        return summary(session, None, step_s=step_s)
+        return summary(session, None, step_s=step_s, cluster=cluster)
     key = (collector.view.passes, utcnow().replace(second=0, microsecond=0))
-    hit = collector.summaries.get(step_s)
+    hit = collector.summaries.get((step_s, cluster))
     if hit is not None and hit[0] == key:
         return hit[1]
-    out = summary(session, collector, step_s=step_s)
-    collector.summaries[step_s] = (key, out)
+    out = summary(session, collector, step_s=step_s, cluster=cluster)
+    collector.summaries[(step_s, cluster)] = (key, out)
     return out
 
 
@@ -510,9 +567,14 @@ def summary(
     collector: Collector | None,
     now: datetime | None = None,
     step_s: int = 600,
+    cluster: str | None = None,
 ) -> schemas.RequestMetricsOut:
-    """The figures from the rollups: today (UTC day), the last hour, per application today, queues now and a
-    24 h series in `step_s` buckets."""
+    """The figures from the rollups: today (UTC day), the last hour, per cluster and application today, queues
+    now and a 24 h series in `step_s` buckets; of one cluster's Serve ingress, or (None) of the pool: today, the
+    last hour and the series are then the clients' requests, as the core's ingress recorded them (every client's
+    request enters there; one the core's gateway forwards to an edge is counted again by the edge's ingress, so
+    adding the edges' would count it twice), the applications and queues those of every cluster."""
+    totals = cluster or CORE
     now = now or utcnow()
     day_start = now.replace(hour=0, minute=0, second=0, microsecond=0)
     hour_ago = now - timedelta(hours=1)
@@ -521,19 +583,25 @@ def summary(
     first = last - (n - 1) * step_s
     since = min(day_start, datetime.fromtimestamp(first, tz=now.tzinfo))
     today, hour = _Acc(), _Acc()
-    apps: dict[str, _Acc] = defaultdict(_Acc)
+    apps: dict[tuple[str, str], _Acc] = defaultdict(_Acc)  # (cluster, application)
     slots = [_Acc() for _ in range(n)]
     hour_start = hour_ago.replace(second=0, microsecond=0)
     m = RequestMinute
     # plain rows, not ORM objects: a busy day is tens of thousands of them
-    for minute, app, status, requests, buckets in session.execute(
-        select(m.minute, m.application, m.status_code, m.requests, m.latency_buckets).where(m.minute >= since)
-    ):
+    rows = select(m.minute, m.cluster, m.application, m.status_code, m.requests, m.latency_buckets).where(
+        m.minute >= since
+    )
+    if cluster is not None:
+        rows = rows.where(m.cluster == cluster)
+    for minute, where, app, status, requests, buckets in session.execute(rows):
         if minute.tzinfo is None:  # SQLite hands back naive datetimes outside the ORM's type
             minute = minute.replace(tzinfo=UTC)
         if minute >= day_start:
+            apps[(where, app)].add(status, requests, buckets)
+        if where != totals:  # an edge's share of the clients' requests, already counted by the core's ingress
+            continue
+        if minute >= day_start:
             today.add(status, requests, buckets)
-            apps[app].add(status, requests, buckets)
         if minute >= hour_start:
             hour.add(status, requests, buckets)
         i = (int(minute.timestamp()) - first) // step_s
@@ -548,17 +616,24 @@ def summary(
         p50_ms=[f["p50_ms"] for f in slot_figures],
         p99_ms=[f["p99_ms"] for f in slot_figures],
     )
+    load = select(DeploymentLoad).order_by(
+        DeploymentLoad.cluster != CORE,
+        DeploymentLoad.cluster,
+        DeploymentLoad.application,
+        DeploymentLoad.deployment,
+    )
+    if cluster is not None:
+        load = load.where(DeploymentLoad.cluster == cluster)
     queues = [
         schemas.DeploymentQueue(
+            cluster=lr.cluster,
             application=lr.application,
             deployment=lr.deployment,
             queued=lr.queued,
             ongoing=lr.ongoing,
             at=lr.at,
         )
-        for lr in session.scalars(
-            select(DeploymentLoad).order_by(DeploymentLoad.application, DeploymentLoad.deployment)
-        )
+        for lr in session.scalars(load)
     ]
     if collector is None:
         col = schemas.CollectorOut(running=False, error="no Ray head is wired to this coordinator")
@@ -571,15 +646,17 @@ def summary(
             error=v.error,
             targets=v.targets,
             unreachable=list(v.unreachable),
+            clusters=list(v.clusters),
         )
     return schemas.RequestMetricsOut(
         generated_at=now,
+        cluster=cluster,
         day_start=day_start,
         today=schemas.RequestFigures(**today.figures()),
         last_hour=schemas.RequestFigures(**hour.figures()),
         applications=[
-            schemas.ApplicationRequests(application=a, **acc.figures())
-            for a, acc in sorted(apps.items(), key=lambda kv: -kv[1].requests)
+            schemas.ApplicationRequests(cluster=c, application=a, **acc.figures())
+            for (c, a), acc in sorted(apps.items(), key=lambda kv: (-kv[1].requests, kv[0][0] != CORE, kv[0]))
         ],
         queued_total=sum(q.queued for q in queues),
         queues=queues,

@@ -64,25 +64,40 @@
     window.addEventListener("resize", () => plot.setSize({ width: chartWidth(), height: 220 }));
   }
 
-  function queues(rows) {
-    const body = document.querySelector("#queues tbody");
+  // rows of a table in the section: [data attributes, [text, class] cells] each, or the empty line
+  function fill(selector, rows, empty, width) {
+    const body = document.querySelector(selector + " tbody");
     if (!body) return;
     body.replaceChildren();
     if (!rows.length) {
       const tr = body.insertRow(); tr.className = "empty";
-      const td = tr.insertCell(); td.colSpan = 4; td.className = "muted";
-      td.textContent = "No Serve deployment has reported yet.";
+      const td = tr.insertCell(); td.colSpan = width; td.className = "muted";
+      td.textContent = empty;
       return;
     }
-    for (const q of rows) {
+    for (const [data, cells] of rows) {
       const tr = body.insertRow();
-      tr.dataset.deployment = q.application + "/" + q.deployment;
-      for (const [text, cls] of [[q.application, ""], [q.deployment, ""],
-                                 [Math.round(q.queued), "queued" + (q.queued ? " warn" : "")],
-                                 [Math.round(q.ongoing), ""]]) {
+      Object.assign(tr.dataset, data);
+      for (const [text, cls] of cells) {
         const td = tr.insertCell(); td.textContent = String(text); if (cls) td.className = cls;
       }
     }
+  }
+
+  function queues(rows) {
+    fill("#queues", rows.map((q) => [
+      { deployment: q.application + "/" + q.deployment, cluster: q.cluster },
+      [[q.cluster, "cluster"], [q.application, ""], [q.deployment, ""],
+       [Math.round(q.queued), "queued" + (q.queued ? " warn" : "")], [Math.round(q.ongoing), ""]],
+    ]), "No Serve deployment has reported yet.", 5);
+  }
+
+  function apps(rows) {
+    fill("#request-apps", rows.map((a) => [
+      { app: a.cluster + "/" + a.application, cluster: a.cluster, requests: String(a.requests) },
+      [[a.cluster, "cluster"], [a.application || "(no route)", ""], [a.requests.toLocaleString("en-US"), ""],
+       [a.errors_4xx, ""], [a.errors_5xx, a.errors_5xx ? "alert" : ""], [ms(a.p50_ms), ""], [ms(a.p99_ms), ""]],
+    ]), "No request counted today.", 7);
   }
 
   function show(m) {
@@ -97,6 +112,7 @@
     set("errors-5xx", String(m.today.errors_5xx));
     const errs = document.getElementById("errors-today");
     if (errs) errs.classList.toggle("alert", m.today.errors_5xx > 0);
+    apps(m.applications);
     queues(m.queues);
     const st = document.getElementById("metrics-status");
     if (st && section.dataset.wired === "true") {

@@ -20,6 +20,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
@@ -230,13 +231,67 @@ def test_chat_is_served_by_the_edge_with_the_official_client(edge_pool: EdgePool
     assert direct.status_code == 401, direct.text
 
 
+def _counted(pool: EdgePool) -> tuple[dict[str, int], datetime]:
+    """Requests each cluster's Serve ingress served in the last 24 h, as the registry counts them, and when the
+    collector last read them."""
+    out, at = {}, None
+    for cluster in ("core", "edge"):
+        r = pool.admin("GET", "/api/admin/metrics", params={"cluster": cluster, "step_s": 3600})
+        assert r.status_code == 200, r.text
+        m = r.json()
+        out[cluster], at = sum(m["series"]["requests"]), m["collector"]["at"]
+    assert at, "the collector has not read Serve's metrics yet"
+    return out, datetime.fromisoformat(at)
+
+
+def _settled(pool: EdgePool) -> dict[str, int]:
+    """The registry's counts once two collector passes 25 s apart agree: Ray exports a process' counters every
+    10 s and the collector reads them every 10 s, so whatever was served before is all counted."""
+
+    def agree() -> dict[str, int] | None:
+        first, at = _counted(pool)
+
+        def later() -> dict[str, int] | None:
+            counts, read_at = _counted(pool)
+            return counts if read_at >= at + timedelta(seconds=25) else None
+
+        again = wait_for(later, timeout=120, interval=2, what="a collector pass 25 s later")
+        return first if again == first else None
+
+    return wait_for(agree, timeout=300, interval=0.1, what="the registry's request counts to settle")
+
+
 def test_a_sensitive_client_never_reaches_the_edge(edge_pool: EdgePool, edge_donor: Donor) -> None:
     plain, sensitive = edge_pool.client_key("edge-plain"), edge_pool.client_key("edge-secret", sensitive=True)
     assert _chat(edge_pool, plain).headers.get(SERVED_BY_HEADER) == EDGE  # the edge is there and taking work
+    t0 = time.monotonic()
+    before = _settled(edge_pool)
+    settled_s = time.monotonic() - t0
     with concurrent.futures.ThreadPoolExecutor(4) as ex:
         answers = list(ex.map(lambda _i: _chat(edge_pool, sensitive, max_tokens=1), range(50)))
     assert [r.status_code for r in answers] == [200] * 50
     assert {r.headers.get(SERVED_BY_HEADER) for r in answers} == {"core"}
+    # the registry's request figures per cluster: the 50 under the core's ingress, none under the edge's. A
+    # plain request sent after them is the edge's marker: once it is counted, so is anything the 50 did there
+    assert _chat(edge_pool, plain, max_tokens=1).headers.get(SERVED_BY_HEADER) == EDGE
+    t0 = time.monotonic()
+
+    def counted_after() -> dict[str, int] | None:
+        counts = _counted(edge_pool)[0]
+        return counts if counts["edge"] > before["edge"] and counts["core"] >= before["core"] + 51 else None
+
+    after = wait_for(
+        counted_after,
+        timeout=120,
+        interval=2,
+        what="the 51 requests in the core's figures and the marker in the edge's",
+    )
+    print(
+        f"\nrequests per cluster before {before}, after {after}; settling {settled_s:.0f} s, "
+        f"counted {time.monotonic() - t0:.0f} s after the marker"
+    )
+    assert after["edge"] == before["edge"] + 1, (before, after)
+    assert after["core"] >= before["core"] + 51, (before, after)
 
 
 def _load(pool: EdgePool, key: str, stop: threading.Event, log: list[dict[str, Any]]) -> None:

@@ -202,6 +202,7 @@ def test_requests_errors_and_latency_reach_the_api(pool: Pool) -> None:
         what="35 more echo requests in /api/admin/metrics",
     )
     echo = pool.app(m, "echo")
+    assert echo["cluster"] == "core"  # served by the core's Serve ingress (this pool has no edge)
     # exactly once (the collector scraped many times while the counts settled): these 35 on top of the baseline
     assert _echo_counts(pool, m) == (base[0] + 35, base[1] + 3, base[2] + 2), (base, echo)
     assert m["today"]["requests"] >= 35 and m["last_hour"]["requests"] >= 35
@@ -214,6 +215,7 @@ def test_requests_errors_and_latency_reach_the_api(pool: Pool) -> None:
     assert any(v is not None for v in series["p99_ms"])
     c = m["collector"]
     assert c["running"] and c["error"] is None and c["targets"] > len(c["unreachable"]), c
+    assert c["clusters"] == ["core"]
 
 
 @pytest.mark.ray
@@ -358,7 +360,13 @@ def test_registry_page_draws_the_chart_in_a_browser(slow_called: Pool) -> None:
             page.wait_for_function(
                 f"document.getElementById('req-today').textContent === '{today:,}'", timeout=20_000
             )
-            assert page.locator("#queues tr[data-deployment='echo/Slow']").count() == 1
+            assert page.locator("#queues tr[data-deployment='echo/Slow'][data-cluster='core']").count() == 1
+            # the per-app rows, redrawn by the script from /registry/metrics, name the cluster that served them
+            echo = page.locator("#request-apps tr[data-app='core/echo']")
+            assert (
+                echo.locator("td.cluster").inner_text() == "core"
+                and int(echo.get_attribute("data-requests")) >= 1
+            )
             assert page.locator(".u-legend").inner_text().count("requests") == 1
             ARTIFACTS.mkdir(exist_ok=True)
             page.locator("#requests").screenshot(path=str(ARTIFACTS / "registry-requests.png"))

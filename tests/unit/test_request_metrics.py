@@ -68,20 +68,20 @@ def totals(sessions) -> dict[str, int]:  # type: ignore[no-untyped-def]
 
 def test_parse_reads_requests_latency_and_queues_from_a_real_scrape() -> None:
     r = reading("1-after-13")
-    by_status = {key[2]: v for _, key, v in r.counters.values()}
+    by_status = {key[3]: v for _, key, v in r.counters.values()}
     assert by_status == {"200": 10.0, "404": 2.0, "503": 1.0}
-    assert {key[:2] for _, key, _ in r.counters.values()} == {("echo", "/echo")}
-    hists = {key[2]: h for _, key, h in r.histograms.values()}
+    assert {key[:3] for _, key, _ in r.counters.values()} == {("core", "echo", "/echo")}
+    hists = {key[3]: h for _, key, h in r.histograms.values()}
     assert {k: h.count for k, h in hists.items()} == {"200": 10.0, "404": 2.0, "503": 1.0}
     assert hists["200"].buckets["+Inf"] == 10.0 and hists["200"].sum > 0
-    assert r.load == {("echo", "Echo"): [0.0, 0.0]}
+    assert r.load == {("core", "echo", "Echo"): [0.0, 0.0]}
     # the error counter and the router's counter count the same requests again: they are not read
     assert "ray_serve_num_http_error_requests_total" in sample("1-after-13")
     assert len(r.counters) == 3
 
 
 def test_parse_sums_queued_and_ongoing_per_deployment() -> None:
-    assert reading("2-queued").load == {("echo", "Echo"): [3.0, 1.0]}
+    assert reading("2-queued").load == {("core", "echo", "Echo"): [3.0, 1.0]}
 
 
 def test_series_ids_ignore_bucket_and_scope_labels_but_keep_the_process() -> None:
