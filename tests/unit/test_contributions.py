@@ -444,7 +444,9 @@ def test_a_collector_pass_reads_the_core_and_each_edge_over_http(tmp_path: Path)
     assert ("nodes", "Bearer core-token") in seen and ("nodes", "Bearer edge-token") in seen
     assert ("metrics", None) in seen and not any(k == "metrics" and a for k, a in seen)
     # the Requests section reads the edge's endpoint too (the core lists none): under the edge's name
-    assert collector.view.error is None and collector.view.clusters == ["edge"] and collector.view.targets == 1
+    assert (
+        collector.view.error is None and collector.view.clusters == ["edge"] and collector.view.targets == 1
+    )
     state.engine.dispose()
 
 
