@@ -150,8 +150,8 @@ class LLMGateway:
 
     async def openai(self, endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
         """One OpenAI request (`endpoint` /v1/chat/completions or /v1/completions, `body` its JSON, never
-        streamed) answered by the LLM replica; the whole OpenAI response as a dict. The Batch API's runner calls
-        it (deployments/services/batches.py). Raises Refusal(status, code, message) as the online route would
+        streamed) answered by the LLM replica; the whole OpenAI response as a dict. The Batch API's runner
+        calls it (deployments/services/batches.py). Raises Refusal(status, code, message) as the online route would
         answer."""
         from ray.llm._internal.serve.core.configs.openai_api_models import (
             ChatCompletionRequest,

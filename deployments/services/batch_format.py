@@ -17,7 +17,13 @@ PURPOSES = ("batch", "batch_output")
 
 # OpenAI's batch statuses; the last four are final
 VALIDATING, IN_PROGRESS, FINALIZING = "validating", "in_progress", "finalizing"
-COMPLETED, FAILED, CANCELLING, CANCELLED, EXPIRED = "completed", "failed", "cancelling", "cancelled", "expired"
+COMPLETED, FAILED, CANCELLING, CANCELLED, EXPIRED = (
+    "completed",
+    "failed",
+    "cancelling",
+    "cancelled",
+    "expired",
+)
 FINAL = frozenset({COMPLETED, FAILED, CANCELLED, EXPIRED})
 # event -> {from status: to status}; anything else is a refusal (or, for the runner, nothing to do)
 MOVES: dict[str, dict[str, str]] = {
@@ -74,8 +80,10 @@ def check_jsonl(data: bytes, max_lines: int, max_custom_id: int = 512) -> tuple[
             continue
         try:
             obj = json.loads(raw)
-        except ValueError as exc:
-            raise _bad(n, f"not valid JSON ({exc.msg} at column {exc.colno}); each line is one JSON object")
+        except json.JSONDecodeError as exc:
+            raise _bad(
+                n, f"not valid JSON ({exc.msg} at column {exc.colno}); each line is one JSON object"
+            ) from None
         if not isinstance(obj, dict):
             raise _bad(n, "a line must be a JSON object with custom_id, method, url and body")
         extra = sorted(set(obj) - {"custom_id", "method", "url", "body"})
@@ -87,7 +95,7 @@ def check_jsonl(data: bytes, max_lines: int, max_custom_id: int = 512) -> tuple[
         if cid in seen:
             raise _bad(n, f"custom_id {cid!r} is also on line {seen[cid]}; each custom_id must be unique")
         if obj.get("method") != "POST":
-            raise _bad(n, f"method must be \"POST\" (got {obj.get('method')!r})")
+            raise _bad(n, f'method must be "POST" (got {obj.get("method")!r})')
         url = obj.get("url")
         if url not in ENDPOINTS:
             raise _bad(n, f"url must be one of {', '.join(ENDPOINTS)} (got {url!r})")
@@ -105,7 +113,9 @@ def check_jsonl(data: bytes, max_lines: int, max_custom_id: int = 512) -> tuple[
         if len(items) > max_lines:
             raise _bad(n, f"the file has more than {max_lines:,} requests; split it into several batches")
     if endpoint is None:
-        raise Refusal(400, "invalid_batch_file", "the file has no requests (one JSON object per line)", "file")
+        raise Refusal(
+            400, "invalid_batch_file", "the file has no requests (one JSON object per line)", "file"
+        )
     return endpoint, items
 
 
@@ -141,9 +151,7 @@ def output_line(
     """One line of an output or error file: a response (any status code) or, when no request was made, an
     error {code, message} and a null response."""
     response = (
-        None
-        if status_code is None
-        else {"status_code": status_code, "request_id": request_id, "body": body}
+        None if status_code is None else {"status_code": status_code, "request_id": request_id, "body": body}
     )
     return {"id": item_id, "custom_id": custom_id, "response": response, "error": error}
 

@@ -3,10 +3,11 @@ tier beside the uploads volume. Files are blobs on that volume (`uploads.BlobSto
 batches and one row per item in the services' Postgres (`db.BatchFile`, `db.Batch`, `db.BatchItem`).
 
 Durable queue: procrastinate (3.x) on the same Postgres. Chosen over pgqueuer because it is a plain library
-(no broker, no CLI-managed schema: its schema SQL goes into the services' Alembic migration 0002, in a schema of
-its own), runs its worker inside an asyncio loop we own (the replica's), gives each worker a heartbeat and lists
-the jobs of a worker that stopped beating (`get_stalled_jobs`), retries with a bounded strategy, and defers
-periodic tasks once per period across runners. One job per item; the item row, not the job, is the truth:
+(no broker, no CLI-managed schema: its schema SQL goes into the services' Alembic migration 0002, in a
+schema of its own), runs its worker inside an asyncio loop we own (the replica's), gives each worker a
+heartbeat and lists the jobs of a worker that stopped beating (`get_stalled_jobs`), retries with a bounded
+strategy, and defers periodic tasks once per period across runners. One job per item; the item row, not
+the job, is the truth:
 
 - a job claims its item (attempts + 1, committed before the model is called); past `batch_max_attempts` the
   item gets an error line instead of another call;
@@ -117,9 +118,7 @@ class Batches:
         models: Any = None,
     ) -> None:
         self.settings = s = ServicesSettings(**(settings or {}))
-        self.blobs = BlobStore(
-            Path(s.uploads_dir) if s.uploads_dir else default_uploads_dir()
-        )
+        self.blobs = BlobStore(Path(s.uploads_dir) if s.uploads_dir else default_uploads_dir())
         self.db = Database(s.database, endpoint)
         self._endpoint = endpoint
         self.models = models if models is not None else ServeModels(s.batch_item_timeout_s)
@@ -174,7 +173,9 @@ class Batches:
         try:
             return file_dict(row), self.blobs.read(row.sha256)
         except FileNotFoundError:
-            raise Refusal(410, "file_gone", f"the bytes of file {file_id} are no longer on this volume") from None
+            raise Refusal(
+                410, "file_gone", f"the bytes of file {file_id} are no longer on this volume"
+            ) from None
 
     # -- batches -----------------------------------------------------------------------------------------
     def _counts(self, db: Any, batch_ids: list[str]) -> dict[str, dict[str, int]]:
@@ -228,13 +229,16 @@ class Batches:
             )
         if completion_window not in bf.COMPLETION_WINDOWS:
             raise Refusal(
-                400, "invalid_request", "completion_window must be \"24h\"", param="completion_window"
+                400, "invalid_request", 'completion_window must be "24h"', param="completion_window"
             )
         meta = _check_metadata(metadata)
         src = self._file(input_file_id, owner)
         if src.purpose != "batch":
             raise Refusal(
-                400, "invalid_request", f"file {input_file_id} is not a batch input file", param="input_file_id"
+                400,
+                "invalid_request",
+                f"file {input_file_id} is not a batch input file",
+                param="input_file_id",
             )
         if src.endpoint != endpoint:
             raise Refusal(
@@ -385,7 +389,9 @@ class Batches:
                     ),
                 )(self.run_item)
                 app.periodic(cron=SWEEP_CRON, periodic_id="sweep")(
-                    app.task(name="rma.batch.sweep", queue=QUEUE, queueing_lock="rma.batch.sweep")(self._sweep_job)
+                    app.task(name="rma.batch.sweep", queue=QUEUE, queueing_lock="rma.batch.sweep")(
+                        self._sweep_job
+                    )
                 )
                 await app.open_async()
                 self._app = app
@@ -464,7 +470,9 @@ class Batches:
                     select(BatchItem).where(BatchItem.batch_id == bid, BatchItem.status == bf.PENDING)
                 ):
                     item.status = bf.ITEM_FAILED
-                    item.output = bf.output_line(_item_id(bid, item.custom_id), item.custom_id, None, None, "", err)
+                    item.output = bf.output_line(
+                        _item_id(bid, item.custom_id), item.custom_id, None, None, "", err
+                    )
             return list(
                 db.scalars(
                     select(Batch.id).where(
@@ -486,7 +494,9 @@ class Batches:
     def _open_batches(self) -> list[str]:
         with self.db.sessions()() as db:
             return list(
-                db.scalars(select(Batch.id).where(Batch.status.in_((bf.IN_PROGRESS, bf.CANCELLING, bf.FINALIZING))))
+                db.scalars(
+                    select(Batch.id).where(Batch.status.in_((bf.IN_PROGRESS, bf.CANCELLING, bf.FINALIZING)))
+                )
             )
 
     def claim(self, batch_id: str, custom_id: str) -> tuple[str, dict[str, Any], int] | None:
@@ -551,10 +561,14 @@ class Batches:
             if attempt > s.batch_max_attempts:
                 err = {
                     "code": "attempts_exhausted",
-                    "message": f"the request was started {attempt - 1} times and its runner stopped each time",
+                    "message": f"the request was started {attempt - 1} times; its runner stopped each time",
                 }
                 await asyncio.to_thread(
-                    self.record, batch_id, custom_id, False, bf.output_line(iid, custom_id, None, None, rid, err)
+                    self.record,
+                    batch_id,
+                    custom_id,
+                    False,
+                    bf.output_line(iid, custom_id, None, None, rid, err),
                 )
             else:
                 try:
@@ -598,7 +612,10 @@ class Batches:
                 .order_by(BatchItem.line)
             ):
                 (done if status == bf.DONE else failed).append(output)
-            for lines, attr, name in ((done, "output_file_id", "output"), (failed, "error_file_id", "errors")):
+            for lines, attr, name in (
+                (done, "output_file_id", "output"),
+                (failed, "error_file_id", "errors"),
+            ):
                 if lines:
                     data = bf.jsonl(lines)
                     f = BatchFile(
@@ -666,8 +683,12 @@ class ServeModels:
             if refusal is not None:
                 if refusal.status in TRANSIENT_STATUS:
                     raise Transient(f"{refusal.status} {refusal.code}: {refusal.message}") from None
-                error = {"message": refusal.message, "type": "invalid_request_error", "param": refusal.param,
-                         "code": refusal.code}
+                error = {
+                    "message": refusal.message,
+                    "type": "invalid_request_error",
+                    "param": refusal.param,
+                    "code": refusal.code,
+                }
                 return refusal.status, {"error": error}
             name = type(unwrap(exc)).__name__
             if isinstance(exc, TimeoutError) or name in UNAVAILABLE:
@@ -677,4 +698,3 @@ class ServeModels:
                     f"the model did not answer ({name} after {time.perf_counter() - t0:.0f} s)"
                 ) from None
             raise
-

@@ -76,7 +76,7 @@ def test_the_state_machine_moves_as_openai_batches_do() -> None:
     }
 
 
-# -- the store and the runner on a real Postgres, procrastinate's worker in this process -----------------------
+# -- the store and the runner on a real Postgres, procrastinate's worker in this process ---------------------
 
 
 @dataclass
@@ -89,7 +89,7 @@ class Endpoint:
 
 
 class FakeModels:
-    """Answers like the online route: a 400 for a body asking for it, else an echo; `gate` holds every call."""
+    """Answers like the online route: a 400 for a body that asks for it, else an echo; `gate` holds calls."""
 
     def __init__(self) -> None:
         self.calls: list[str] = []
@@ -117,11 +117,15 @@ def make_store(postgres: Postgres, tmp_path: Any, **settings: Any) -> Any:
     return store
 
 
-def upload(store: Any, n: int, owner: str = "alice", bad: set[int] = frozenset()) -> str:  # type: ignore[assignment]
+def upload(store: Any, n: int, owner: str = "alice", bad: frozenset[int] = frozenset()) -> str:
     data = jsonl(
         *(
-            {"custom_id": f"req-{i}", "method": "POST", "url": "/v1/chat/completions",
-             "body": {"tag": f"req-{i}", **({"bad": True} if i in bad else {})}}
+            {
+                "custom_id": f"req-{i}",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": {"tag": f"req-{i}", **({"bad": True} if i in bad else {})},
+            }
             for i in range(n)
         )
     )
@@ -220,7 +224,9 @@ def test_cancel_stops_new_items_and_a_client_has_a_limit_of_unfinished_batches(
     asyncio.run(scenario())
 
 
-def test_an_item_claimed_past_its_attempts_gets_an_error_line_not_a_call(postgres: Postgres, tmp_path: Any) -> None:
+def test_an_item_claimed_past_its_attempts_gets_an_error_line_not_a_call(
+    postgres: Postgres, tmp_path: Any
+) -> None:
     store = make_store(postgres, tmp_path, batch_max_attempts=2, batch_runner=False)
 
     async def scenario() -> None:

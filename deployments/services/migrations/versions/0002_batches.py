@@ -76,8 +76,8 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("batch_id", "custom_id"),
     )
     op.create_index("ix_batch_items_batch_status", "batch_items", ["batch_id", "status"], unique=False)
-    # procrastinate's own schema SQL (its tables, functions, triggers), in a Postgres schema of its own so that
-    # the services' tables and Alembic's comparisons never see it; on the raw psycopg connection (same
+    # procrastinate's own schema SQL (its tables, functions, triggers), in a Postgres schema of its own so
+    # that the services' tables and Alembic's comparisons never see it; on the raw psycopg connection (same
     # transaction), which runs a parameterless statement as is (the SQL has `%` and `::` in it)
     from procrastinate.schema import SchemaManager
 
