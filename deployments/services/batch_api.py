@@ -67,31 +67,31 @@ def _app(settings: ServicesSettings, max_body: int) -> FastAPI:
 
 def files_api(settings: ServicesSettings, store: Any = None) -> FastAPI:
     s, st = settings, _Store(store, settings)
-    app = _app(s, s.batch_file_max_bytes + 64 * 1024)
+    files = _app(s, s.batch_file_max_bytes + 64 * 1024)
 
-    @app.post("/")
+    @files.post("/")
     async def create_file(request: Request, client: ClientDep) -> Any:
         data, filename, _, fields = await form_file(request, s.batch_file_max_bytes)
         purpose = fields.get("purpose", "")
         return await st.call("batch store", st.store.put_file, data, filename, purpose, owner(client))
 
-    @app.get("/{file_id}")
+    @files.get("/{file_id}")
     async def get_file(file_id: str, client: ClientDep) -> Any:
         return await st.call("batch store", st.store.get_file, file_id, owner(client), retry=True)
 
-    @app.get("/{file_id}/content")
+    @files.get("/{file_id}/content")
     async def get_file_content(file_id: str, client: ClientDep) -> Response:
         _, data = await st.call("batch store", st.store.read_file, file_id, owner(client), retry=True)
         return Response(data, media_type="application/octet-stream")
 
-    return app
+    return files
 
 
 def batches_api(settings: ServicesSettings, store: Any = None) -> FastAPI:
     s, st = settings, _Store(store, settings)
-    app = _app(s, 64 * 1024)
+    batches = _app(s, 64 * 1024)
 
-    @app.post("/")
+    @batches.post("/")
     async def create_batch(request: Request, client: ClientDep) -> Any:
         body = await json_body(request, CreateBatch)
         return await st.call(
@@ -104,21 +104,21 @@ def batches_api(settings: ServicesSettings, store: Any = None) -> FastAPI:
             body.metadata,
         )
 
-    @app.get("/")
+    @batches.get("/")
     async def list_batches(
         client: ClientDep, after: str | None = None, limit: int = Query(default=20, ge=1, le=100)
     ) -> Any:
         return await st.call("batch store", st.store.list, owner(client), after, limit, retry=True)
 
-    @app.get("/{batch_id}")
+    @batches.get("/{batch_id}")
     async def get_batch(batch_id: str, client: ClientDep) -> Any:
         return await st.call("batch store", st.store.get, batch_id, owner(client), retry=True)
 
-    @app.post("/{batch_id}/cancel")
+    @batches.post("/{batch_id}/cancel")
     async def cancel_batch(batch_id: str, client: ClientDep) -> Any:
         return await st.call("batch store", st.store.cancel, batch_id, owner(client), retry=True)
 
-    return app
+    return batches
 
 
 @serve.ingress()

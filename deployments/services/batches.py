@@ -431,8 +431,8 @@ class Batches:
             raise RuntimeError(f"uploads volume {self.blobs.root} is not writable")
         try:
             await self.ensure_runner()
-        except Refusal as exc:  # Postgres not there yet: the replica is fine, the runner starts later
-            log.warning("batch runner not started: %s", exc.message)
+        except Exception as exc:  # Postgres not there yet: the replica is fine, the runner starts later
+            log.warning("batch runner not started: %s", exc)
 
     async def _sweep_job(self, timestamp: int) -> None:
         await self.sweep()

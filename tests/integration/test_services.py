@@ -1018,7 +1018,7 @@ def test_openai_batches_chat_and_embeddings_complete_each_custom_id_once_and_sta
     from deployments.embeddings.config import EmbeddingSettings
 
     alice, bob = _openai(batch_llm, "alice"), _openai(batch_llm, "bob")
-    chat_model = next(m.id for m in alice.models.list().data if "embed" not in m.id.lower())
+    chat_model = next(m.id for m in alice.models.list().data if getattr(m, "kind", "chat") == "chat")
     embed_model = EmbeddingSettings().entry().model_id
     chat = alice.files.create(
         file=(
@@ -1128,7 +1128,7 @@ def _kill_batch_store_replica(pool: Pool) -> int:
 @pytest.mark.llm
 def test_a_batch_survives_its_runner_being_killed_mid_batch(batch_llm: Pool) -> None:
     alice = _openai(batch_llm, "alice")
-    model = next(m.id for m in alice.models.list().data if "embed" not in m.id.lower())
+    model = next(m.id for m in alice.models.list().data if getattr(m, "kind", "chat") == "chat")
     f = alice.files.create(
         file=(
             "restart.jsonl",
