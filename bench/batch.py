@@ -1,4 +1,4 @@
-"""Batch API figures: the same chat prompts sent online at 8 concurrent and run as one batch, same pool, same run.
+"""Batch API figures: the same chat prompts sent online at 8 concurrent and run as one batch, in one run.
 
 `rma up` of the embedded default with the LLM and the services (Postgres for the batch store; free ports, its
 own data dir and HOME), a client key from the coordinator, then, in order: the prompts online (8 in flight,
@@ -11,7 +11,8 @@ from create to completed as the client sees it), and the batch's ratio to the on
 The batch runner's in-flight bound is `RMA_SERVICES_BATCH_CONCURRENCY` (default 4: batches leave room for
 online traffic); `--batch-concurrency 8` (the default here) compares like with like.
 
-    flock /tmp/rma-heavy.lock .venv/bin/python -m bench.batch [--prompts 64] [--tokens 32] [--batch-concurrency 8]
+    flock /tmp/rma-heavy.lock .venv/bin/python -m bench.batch [--prompts 64] [--tokens 32]
+                                                      [--batch-concurrency 8]
 """
 
 from __future__ import annotations
