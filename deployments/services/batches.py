@@ -45,7 +45,7 @@ from deployments.services.uploads import BlobStore, default_uploads_dir
 log = logging.getLogger("rma.services.batches")
 QUEUE = "rma-batch"
 QUEUE_SCHEMA = "procrastinate"
-SWEEP_CRON = "*/10 * * * * *"  # procrastinate's cron with seconds
+SWEEP_CRON = "* * * * * */10"  # every 10 s: croniter's seconds are the sixth field, the last
 TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
 DIED = {"ActorDiedError", "RayActorError", "ActorUnavailableError", "WorkerCrashedError"}
 UNAVAILABLE = DIED | {"BackPressureError", "DeploymentUnavailableError", "TimeoutError"}

@@ -241,3 +241,58 @@ def test_an_item_claimed_past_its_attempts_gets_an_error_line_not_a_call(
         assert err["response"] is None and err["error"]["code"] == "attempts_exhausted"
 
     asyncio.run(scenario())
+
+
+def test_the_sweep_runs_every_ten_seconds() -> None:
+    from datetime import datetime
+
+    from croniter import croniter
+
+    from deployments.services.batches import SWEEP_CRON
+
+    it = croniter(SWEEP_CRON, datetime(2026, 1, 1, 0, 1, 3))
+    assert [it.get_next(datetime).second for _ in range(3)] == [10, 20, 30]
+
+
+def test_a_runner_that_died_mid_item_is_replaced_and_the_item_is_in_the_output_once(
+    postgres: Postgres, tmp_path: Any
+) -> None:
+    """A runner's process killed while it ran an item: its worker stops beating, its job stays `doing`; the
+    sweep of a live runner puts the job back, the item runs again and is written once."""
+    import psycopg
+
+    from deployments.services.db import BatchItem
+
+    store = make_store(postgres, tmp_path, batch_stalled_s=2)
+
+    async def scenario() -> None:
+        store.settings.batch_runner = False  # jobs queued, no worker yet
+        b = await store.create("alice", upload(store, 6), "/v1/chat/completions", "24h")
+        assert store.claim(b["id"], "req-3")[2] == 1  # the dead runner had started req-3 ...
+        conninfo = f"host={postgres.host} port={postgres.port} user=rma dbname={store.settings.database}"
+        with psycopg.connect(conninfo, autocommit=True) as c:  # ... as worker 'dead', silent for an hour
+            c.execute("SET search_path TO procrastinate")
+            wid = c.execute(
+                "INSERT INTO procrastinate_workers (last_heartbeat) VALUES (now() - interval '1 hour') RETURNING id"
+            ).fetchone()[0]
+            c.execute(
+                "UPDATE procrastinate_jobs SET status = 'doing', worker_id = %s WHERE args->>'custom_id' = 'req-3'",
+                (wid,),
+            )
+        store.settings.batch_runner = True
+        await store.ensure_runner()
+        # the periodic sweep (every 10 s) finds the job of the silent worker and puts it back
+        await until(
+            lambda: store.get(b["id"], "alice")["status"] == bf.COMPLETED, "the batch to complete", 60
+        )
+        assert sorted(store.models.calls) == [
+            f"req-{i}" for i in range(6)
+        ]  # req-3 asked once, by the live one
+        with store.db.sessions()() as db:
+            assert db.get(BatchItem, (b["id"], "req-3")).attempts == 2
+        final = store.get(b["id"], "alice")
+        out = lines(store, final["output_file_id"])
+        assert sorted(x["custom_id"] for x in out) == [f"req-{i}" for i in range(6)]
+        assert final["request_counts"] == {"total": 6, "completed": 6, "failed": 0}
+
+    asyncio.run(scenario())
