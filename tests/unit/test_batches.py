@@ -273,10 +273,12 @@ def test_a_runner_that_died_mid_item_is_replaced_and_the_item_is_in_the_output_o
         with psycopg.connect(conninfo, autocommit=True) as c:  # ... as worker 'dead', silent for an hour
             c.execute("SET search_path TO procrastinate")
             wid = c.execute(
-                "INSERT INTO procrastinate_workers (last_heartbeat) VALUES (now() - interval '1 hour') RETURNING id"
+                "INSERT INTO procrastinate_workers (last_heartbeat) "
+                "VALUES (now() - interval '1 hour') RETURNING id"
             ).fetchone()[0]
             c.execute(
-                "UPDATE procrastinate_jobs SET status = 'doing', worker_id = %s WHERE args->>'custom_id' = 'req-3'",
+                "UPDATE procrastinate_jobs SET status = 'doing', worker_id = %s "
+                "WHERE args->>'custom_id' = 'req-3'",
                 (wid,),
             )
         store.settings.batch_runner = True
