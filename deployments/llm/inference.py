@@ -172,7 +172,7 @@ class LLMGateway:
                 resp = resp[0]
             if isinstance(resp, ErrorResponse):
                 raise _error_from(resp)
-            out: dict[str, Any] = resp.model_dump(mode="json", exclude_none=True)
+            out: dict[str, Any] = resp.model_dump(mode="json")  # as the online route sends it
             return out
         raise Refusal(502, "llm_error", "the LLM replica returned nothing")
 
