@@ -68,9 +68,8 @@ def test_store_readers_run_on_trusted_nodes_only() -> None:
 def test_embedded_default_keeps_store_readers_on_trusted_nodes(tmp_path: Path) -> None:
     from deployments.serve_config import group_apps
     from deployments.services.app import build_app
-    from deployments.services.settings import ServicesSettings
-
     from deployments.services.batch_api import build_batches_app, build_files_app
+    from deployments.services.settings import ServicesSettings
 
     services, batches, files = group_apps(["services"], profile="embedded")  # the args `rma up` applies
     app = build_app(ServicesSettings(**services.args))
