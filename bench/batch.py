@@ -52,6 +52,7 @@ def up(root: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
         str(free_port()),
         "--serve-port",
         str(free_port()),
+        "--no-edge",  # the core's own LLM replica serves both paths
         "--apps",
         "llm,services",
         "--stores",
