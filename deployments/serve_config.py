@@ -10,7 +10,9 @@ KubeRay's `RayService` (`serveConfigV2`) applies to a running cluster:
 The apps are the ones `rma up` deploys (`python -m deployments up`): `rma-llm` at /v1 and
 `rma-inference` at /api/inference (deployments/llm/app.py), `rma-embeddings` at /v1/embeddings
 (deployments/embeddings/app.py), `rma-vision` at /api/inference/vision with its backend `rma-vision-backend`
-(deployments/vision/app.py), `services` at /api (deployments/services/app.py). Each entry names a builder here
+(deployments/vision/app.py), `services` at /api (deployments/services/app.py), and the Batch API's
+`rma-batches` at /v1/batches and `rma-files` at /v1/files (deployments/services/batch_api.py). Each entry names
+a builder here
 (`import_path: deployments.serve_config:<builder>` plus `args`) and lists its deployments with the options the
 code gives them (names, label selectors, autoscaling, max_ongoing_requests, ...), as `serve build` writes
 them; Serve applies those options over the code's, so the file is the one place an operator edits.
@@ -90,7 +92,7 @@ EMBEDDINGS_ARGS: dict[str, Any] = {"model": "mxbai-embed-large-v1"}
 APP_GROUPS: dict[str, tuple[str, ...]] = {
     "llm": ("llm_app", "inference_app"),
     "embeddings": ("embeddings_app",),
-    "services": ("services_app",),
+    "services": ("services_app", "batches_app", "files_app"),
     "vision": ("vision_backend_app", "vision_app"),
 }
 PROFILES = ("gpu", "embedded", "edge")
@@ -113,6 +115,8 @@ SETTINGS = {
     "llm_app": "deployments.llm.config:LLMSettings",
     "embeddings_app": "deployments.embeddings.config:EmbeddingSettings",
     "services_app": "deployments.services.settings:ServicesSettings",
+    "batches_app": "deployments.services.settings:ServicesSettings",
+    "files_app": "deployments.services.settings:ServicesSettings",
     "vision_app": "deployments.vision.config:VisionSettings",
     "vision_backend_app": "deployments.vision.config:VisionSettings",
 }
@@ -145,13 +149,12 @@ def _embedded_args() -> dict[str, dict[str, Any]]:
     with no donor yet serves everything from the operator's machine (which is trusted)."""
     from rma_ray.tiers import LABEL_TIER, LABEL_TRUSTED
 
-    return {
-        "services_app": {
-            "service_selector": {LABEL_TIER: "in(service,head)"},
-            "data_selector": {LABEL_TIER: "in(data,head)", LABEL_TRUSTED: "true"},
-            "client_data_selector": {LABEL_TIER: "in(service,head)", LABEL_TRUSTED: "true"},
-        }
+    services = {
+        "service_selector": {LABEL_TIER: "in(service,head)"},
+        "data_selector": {LABEL_TIER: "in(data,head)", LABEL_TRUSTED: "true"},
+        "client_data_selector": {LABEL_TIER: "in(service,head)", LABEL_TRUSTED: "true"},
     }
+    return {"services_app": services, "batches_app": dict(services), "files_app": dict(services)}
 
 
 @dataclass(frozen=True)
@@ -198,6 +201,22 @@ def services_app(args: dict[str, Any]) -> Any:
     from deployments.services.app import build_app
 
     return build_app(args or None)
+
+
+def batches_app(args: dict[str, Any]) -> Any:
+    """`rma-batches` (/v1/batches): OpenAI's Batch API and its store and runner; `args` are ServicesSettings."""
+    from deployments.services.batch_api import build_batches_app
+    from deployments.services.settings import ServicesSettings
+
+    return build_batches_app(ServicesSettings(**(args or {})))
+
+
+def files_app(args: dict[str, Any]) -> Any:
+    """`rma-files` (/v1/files): the Batch API's files (the store is rma-batches'); `args` as batches_app's."""
+    from deployments.services.batch_api import build_files_app
+    from deployments.services.settings import ServicesSettings
+
+    return build_files_app(ServicesSettings(**(args or {})))
 
 
 def vision_app(args: dict[str, Any]) -> Any:
@@ -284,6 +303,7 @@ def apps(profile: str = "gpu", builders: set[str] | None = None) -> tuple[AppSpe
     from deployments.embeddings.config import EMBEDDINGS_APP, EMBEDDINGS_ROUTE_PREFIX
     from deployments.llm.config import INFERENCE_APP, INFERENCE_ROUTE_PREFIX, LLM_APP, LLM_ROUTE_PREFIX
     from deployments.services.app import APP_NAME, ROUTE_PREFIX
+    from deployments.services.batch_api import BATCHES_APP, BATCHES_PREFIX, FILES_APP, FILES_PREFIX
     from deployments.vision.config import BACKEND_APP, VISION_APP, VISION_ROUTE_PREFIX
 
     return (
@@ -295,6 +315,9 @@ def apps(profile: str = "gpu", builders: set[str] | None = None) -> tuple[AppSpe
         AppSpec(BACKEND_APP, None, "vision_backend_app", dict(VISION_ARGS)),
         AppSpec(VISION_APP, VISION_ROUTE_PREFIX, "vision_app", dict(VISION_ARGS)),
         AppSpec(APP_NAME, ROUTE_PREFIX, "services_app"),
+        # the Batch API (deployments/services/batch_api.py): the store and runner first, then the files' front
+        AppSpec(BATCHES_APP, BATCHES_PREFIX, "batches_app"),
+        AppSpec(FILES_APP, FILES_PREFIX, "files_app"),
     )
 
 

@@ -87,6 +87,13 @@ class EmbeddingsIngress:
     async def models(self) -> list[dict[str, Any]]:
         return [model_card(self.entry, self.created)]
 
+    async def openai(self, body: Any) -> dict[str, Any]:
+        """POST /v1/embeddings's answer to `body` through a handle (the Batch API's runner): the same checks
+        and reply; a Refusal for what the route would refuse."""
+        req = parse_request(body, self.entry, self.settings)
+        out = await self.embedder.embed.remote({"input": req.items(), "dimensions": req.dimensions})
+        return reply(req, out["vectors"], out["tokens"])
+
     @_app.post("/", dependencies=AUTH)
     async def embeddings(self, request: Request) -> JSONResponse:
         try:

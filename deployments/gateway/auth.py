@@ -32,9 +32,8 @@ from deployments.gateway.refusal import Refusal, UnknownKey
 
 _lock = threading.Lock()
 _verifier: ClientKeyVerifier | None = None
-UNKNOWN_KEY_PATIENCE_S = (
-    5.0  # longest a request with a not-yet-known key waits for a keyring fetched after it came
-)
+# longest a request with a not-yet-known key waits for a keyring fetched after it came
+UNKNOWN_KEY_PATIENCE_S = 5.0
 
 
 def coordinator_identity() -> tuple[str, str]:

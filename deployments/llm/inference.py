@@ -86,7 +86,8 @@ def _error_from(resp: Any) -> Refusal:
 )
 @serve.ingress(_inference_app)
 class LLMGateway:
-    """POST /api/inference/llm, and `chat(payload)` for other deployments (plain dicts in and out)."""
+    """POST /api/inference/llm, and `chat(payload)` and `openai(endpoint, body)` for other deployments (plain
+    dicts in and out)."""
 
     def __init__(self) -> None:
         self._models: list[str] = []
@@ -145,6 +146,34 @@ class LLMGateway:
                 "finish_reason": choice.finish_reason,
                 "usage": resp.usage.model_dump() if resp.usage else None,
             }
+        raise Refusal(502, "llm_error", "the LLM replica returned nothing")
+
+    async def openai(self, endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
+        """One OpenAI request (`endpoint` /v1/chat/completions or /v1/completions, `body` its JSON, never
+        streamed) answered by the LLM replica; the whole OpenAI response as a dict. The Batch API's runner
+        calls it (deployments/services/batches.py). Raises Refusal(status, code, message) as the online route would
+        answer."""
+        from ray.llm._internal.serve.core.configs.openai_api_models import (
+            ChatCompletionRequest,
+            CompletionRequest,
+            ErrorResponse,
+        )
+
+        chat = endpoint.rstrip("/").endswith("/chat/completions")
+        model, server = await self._server(body.get("model"))
+        try:
+            cls = ChatCompletionRequest if chat else CompletionRequest
+            request = cls(**{**body, "model": model, "stream": False})
+        except ValidationError as exc:
+            raise Refusal(400, "invalid_request", validation_message(exc.errors(), most=1)) from None
+        method = server.chat if chat else server.completions
+        async for resp in method.remote(request, None):
+            if isinstance(resp, list):
+                resp = resp[0]
+            if isinstance(resp, ErrorResponse):
+                raise _error_from(resp)
+            out: dict[str, Any] = resp.model_dump(mode="json")  # as the online route sends it
+            return out
         raise Refusal(502, "llm_error", "the LLM replica returned nothing")
 
     @_inference_app.post("/llm", dependencies=AUTH)

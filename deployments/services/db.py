@@ -1,4 +1,5 @@
-"""The services' rows in Postgres (SQLAlchemy 2.0 ORM): upload metadata and notes. The database is the
+"""The services' rows in Postgres (SQLAlchemy 2.0 ORM): upload metadata, notes, and the Batch API's files,
+batches and per-item rows. The database is the
 Postgres store's (found through its supervisor), in a database of its own, created on first use and brought to
 the current schema by the services' Alembic migrations (deployments/services/migrations)."""
 
@@ -11,7 +12,17 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, Integer, String, Text, create_engine, text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Index,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    text,
+)
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
@@ -70,6 +81,65 @@ class Note(Base):
             "created_at": self.created_at.isoformat(),
             "updated_at": self.updated_at.isoformat(),
         }
+
+
+class BatchFile(Base):
+    """A Batch API file: an input (purpose `batch`, checked line by line on upload) or an output or error file
+    (`batch_output`); its bytes are a blob on the uploads volume, named by their SHA-256."""
+
+    __tablename__ = "batch_files"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: f"file-{uuid.uuid4().hex}")
+    owner: Mapped[str] = mapped_column(String(200), index=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+    filename: Mapped[str | None] = mapped_column(String(500))
+    purpose: Mapped[str] = mapped_column(String(20))
+    size: Mapped[int] = mapped_column(BigInteger)
+    endpoint: Mapped[str | None] = mapped_column(String(40))  # an input file's one url
+    lines: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class Batch(Base):
+    __tablename__ = "batches"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: f"batch_{uuid.uuid4().hex}")
+    owner: Mapped[str] = mapped_column(String(200), index=True)
+    endpoint: Mapped[str] = mapped_column(String(40))
+    input_file_id: Mapped[str] = mapped_column(String(40))
+    completion_window: Mapped[str] = mapped_column(String(10))
+    status: Mapped[str] = mapped_column(String(20), index=True)
+    meta: Mapped[dict[str, str] | None] = mapped_column("metadata", JSON)
+    errors: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    output_file_id: Mapped[str | None] = mapped_column(String(40))
+    error_file_id: Mapped[str | None] = mapped_column(String(40))
+    total: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    in_progress_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finalizing_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    failed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    expired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    cancelling_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    cancelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class BatchItem(Base):
+    """One request of a batch, keyed by (batch, custom_id): its output is written once, by an upsert that
+    leaves a finished row alone, whatever runner (or retry of it) gets there."""
+
+    __tablename__ = "batch_items"
+    __table_args__ = (Index("ix_batch_items_batch_status", "batch_id", "status"),)
+
+    batch_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    custom_id: Mapped[str] = mapped_column(String(512), primary_key=True)
+    line: Mapped[int] = mapped_column(Integer)
+    body: Mapped[dict[str, Any]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    output: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # the output or error file's line
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now, onupdate=_now)
 
 
 def store_endpoint(store: str, timeout: float = 30.0) -> Any:

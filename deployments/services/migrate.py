@@ -12,6 +12,7 @@ from sqlalchemy import Connection, inspect
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 FIRST = "0001_uploads_notes"
+HEAD = "0002_batches"
 
 
 def config(connection: Connection) -> Config:

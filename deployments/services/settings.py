@@ -63,6 +63,8 @@ class ServicesSettings(BaseSettings):
     notes: Limits = Field(default_factory=lambda: _limits(32, 256, 16.0))
     rag: Limits = Field(default_factory=lambda: _limits(8, 128, 4.0))
     graph: Limits = Field(default_factory=lambda: _limits(8, 128, 4.0))
+    # the Batch API's store and runner: next to the uploads volume (its files are blobs there), one replica
+    batches: Limits = Field(default_factory=lambda: _limits(32, 256, 16.0, max_replicas=1))
 
     ingress_env: dict[str, str] = Field(
         default_factory=lambda: dict(INGRESS_REPLICA_ENV),
@@ -98,3 +100,22 @@ class ServicesSettings(BaseSettings):
     rag_chunk_chars: int = Field(default=800, ge=100, le=8000)
     rag_chunk_overlap: int = Field(default=120, ge=0, le=2000)
     llm_timeout_s: float = Field(default=120.0, gt=0)
+
+    # the OpenAI Batch API (deployments/services/batches.py)
+    batch_file_max_bytes: int = Field(default=50 * 1024 * 1024, ge=1024, description="an input file's limit")
+    batch_max_lines: int = Field(default=50_000, ge=1, description="requests in one input file")
+    batch_concurrency: int = Field(
+        default=4, ge=1, le=256, description="items in flight per runner: batches take what online leaves"
+    )
+    batch_max_attempts: int = Field(
+        default=3, ge=1, le=20, description="tries of one item (its runner died, the model was away)"
+    )
+    batch_max_queued: int = Field(default=20, ge=1, description="unfinished batches per client key")
+    batch_max_queued_items: int = Field(
+        default=100_000, ge=1, description="requests not yet run, per client key, over all its batches"
+    )
+    batch_item_timeout_s: float = Field(default=600.0, gt=0, description="one item's model call")
+    batch_stalled_s: float = Field(
+        default=30.0, ge=2, description="a runner silent this long is dead: its items are run again"
+    )
+    batch_runner: bool = Field(default=True, description="run items in the batches replicas")

@@ -158,6 +158,7 @@ def _route_sources() -> dict[str, dict[str, str]]:
     import ray.serve.llm (importing it loads vLLM: 18 s here), read from their source instead."""
     from deployments.embeddings import config as embeddings
     from deployments.llm import config as llm
+    from deployments.services import batch_api
     from deployments.vision import config as vision
 
     return {
@@ -165,6 +166,10 @@ def _route_sources() -> dict[str, dict[str, str]]:
         "deployments/llm/inference.py": {"_inference_app": llm.INFERENCE_ROUTE_PREFIX},
         "deployments/vision/app.py": {"_app": vision.VISION_ROUTE_PREFIX},
         "deployments/embeddings/app.py": {"_app": embeddings.EMBEDDINGS_ROUTE_PREFIX},
+        "deployments/services/batch_api.py": {
+            "files": batch_api.FILES_PREFIX,
+            "batches": batch_api.BATCHES_PREFIX,
+        },
     }
 
 

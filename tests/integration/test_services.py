@@ -159,6 +159,7 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
             "uploads_dir": str(shared / "data" / "uploads"),
             "upload_max_bytes": 2 * 1024 * 1024,
             "retry_after_s": 3,
+            "batch_stalled_s": 5,  # the Batch API's runner killed mid-batch: its items run again 5 s later
             "ocr": {
                 "max_ongoing_requests": 1,
                 "max_queued_requests": 1,
@@ -955,3 +956,204 @@ def test_redis_down_quotas_fail_open_and_the_coordinator_says_so(pool: Pool) -> 
     """
     )
     check_quotas_fail_open(pool.api, pool.admin)
+
+
+# -- the OpenAI Batch API (deployments/services/batch_api.py, batches.py) with the official client ----------
+
+
+@pytest.fixture(scope="module")
+def batch_llm(llm: Pool) -> Pool:
+    """The embeddings app beside the LLM (its model loads in ~20 s): embeddings batches go through it."""
+    env = {**ray_env(llm.token), "HOME": str(llm.root / "home"), "PYTHONPATH": str(REPO)}
+    up = ["up", "--stores", "none", "--apps", "embeddings", "--address", llm.address, "--apps-wait", "300"]
+    r = subprocess.run(
+        [sys.executable, "-m", "deployments", *up], env=env, capture_output=True, text=True, timeout=400
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    return llm
+
+
+def _openai(pool: Pool, client: str) -> Any:
+    from openai import OpenAI
+
+    return OpenAI(
+        base_url=pool.api.removesuffix("/api") + "/v1", api_key=pool.keys[client]["key"], timeout=120
+    )
+
+
+def _batch_file(endpoint: str, n: int, body: Any, prefix: str) -> bytes:
+    return b"".join(
+        json.dumps(
+            {"custom_id": f"{prefix}-{i}", "method": "POST", "url": endpoint, "body": body(i)}
+        ).encode()
+        + b"\n"
+        for i in range(n)
+    )
+
+
+def _finished(client: Any, batch_id: str, timeout: float = 300) -> Any:
+    return wait_for(
+        lambda: (
+            (b := client.batches.retrieve(batch_id)).status in ("completed", "failed", "cancelled", "expired")
+            and b
+        ),
+        timeout=timeout,
+        interval=1,
+        what=f"batch {batch_id} to finish",
+    )
+
+
+def _output(client: Any, file_id: str | None) -> list[dict[str, Any]]:
+    if file_id is None:
+        return []
+    return [json.loads(x) for x in client.files.content(file_id).text.splitlines()]
+
+
+@pytest.mark.llm
+def test_openai_batches_chat_and_embeddings_complete_each_custom_id_once_and_stay_private(
+    batch_llm: Pool,
+) -> None:
+    import openai
+
+    from deployments.embeddings.config import EmbeddingSettings
+
+    alice, bob = _openai(batch_llm, "alice"), _openai(batch_llm, "bob")
+    chat_model = next(m.id for m in alice.models.list().data if getattr(m, "kind", "chat") == "chat")
+    embed_model = EmbeddingSettings().entry().model_id
+    chat = alice.files.create(
+        file=(
+            "chat.jsonl",
+            _batch_file(
+                "/v1/chat/completions",
+                40,
+                lambda i: {
+                    "model": chat_model,
+                    "messages": [{"role": "user", "content": f"Say {i}"}],
+                    "max_tokens": 3,
+                },
+                "chat",
+            ),
+        ),
+        purpose="batch",
+    )
+    assert chat.purpose == "batch" and chat.bytes > 0
+    emb = alice.files.create(
+        file=(
+            "emb.jsonl",
+            _batch_file("/v1/embeddings", 40, lambda i: {"model": embed_model, "input": f"text {i}"}, "emb"),
+        ),
+        purpose="batch",
+    )
+    b1 = alice.batches.create(
+        input_file_id=chat.id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        metadata={"t": "chat"},
+    )
+    b2 = alice.batches.create(input_file_id=emb.id, endpoint="/v1/embeddings", completion_window="24h")
+    assert b1.status in ("validating", "in_progress") and b1.request_counts.total == 40
+    # a bad file is a 400 naming the line
+    with pytest.raises(openai.BadRequestError) as bad:
+        alice.files.create(file=("bad.jsonl", b'{"custom_id": "a", "method": "POST"}\n'), purpose="batch")
+    assert "line 1: url must be one of" in str(bad.value)
+    # the file's endpoint and the batch's must agree
+    with pytest.raises(openai.BadRequestError):
+        alice.batches.create(input_file_id=emb.id, endpoint="/v1/chat/completions", completion_window="24h")
+
+    for b, prefix, check in (
+        (b1, "chat", lambda body: body["choices"][0]["message"]["role"] == "assistant"),
+        (b2, "emb", lambda body: len(body["data"][0]["embedding"]) == 384),
+    ):
+        done = _finished(alice, b.id)
+        assert done.status == "completed", done
+        assert done.request_counts.total == 40 and done.request_counts.completed == 40, done.request_counts
+        out = _output(alice, done.output_file_id)
+        assert sorted(x["custom_id"] for x in out) == sorted(f"{prefix}-{i}" for i in range(40))
+        assert all(x["response"]["status_code"] == 200 and check(x["response"]["body"]) for x in out)
+        assert done.error_file_id is None
+
+    # another client's key: the batch and its files are as absent as ones that never existed
+    for call in (
+        lambda: bob.batches.retrieve(b1.id),
+        lambda: bob.batches.cancel(b1.id),
+        lambda: bob.files.retrieve(chat.id),
+        lambda: bob.files.content(chat.id),
+        lambda: bob.files.content(alice.batches.retrieve(b1.id).output_file_id),
+    ):
+        with pytest.raises(openai.NotFoundError):
+            call()
+    assert {b1.id, b2.id} <= {b.id for b in alice.batches.list(limit=10).data}
+    assert not {b1.id, b2.id} & {b.id for b in bob.batches.list(limit=100).data}
+
+    # cancel stops new items: those already running finish and are kept, each once
+    slow = alice.files.create(
+        file=(
+            "slow.jsonl",
+            _batch_file(
+                "/v1/chat/completions",
+                40,
+                lambda i: {
+                    "model": chat_model,
+                    "messages": [{"role": "user", "content": f"Count to {i}"}],
+                    "max_tokens": 24,
+                },
+                "slow",
+            ),
+        ),
+        purpose="batch",
+    )
+    b3 = alice.batches.create(input_file_id=slow.id, endpoint="/v1/chat/completions", completion_window="24h")
+    assert alice.batches.cancel(b3.id).status in ("cancelling", "cancelled")
+    done = _finished(alice, b3.id)
+    assert done.status == "cancelled" and done.cancelled_at
+    out = _output(alice, done.output_file_id)
+    ids = [x["custom_id"] for x in out]
+    assert len(ids) == len(set(ids)) == done.request_counts.completed < 40, done.request_counts
+
+
+def _kill_batch_store_replica(pool: Pool) -> int:
+    """SIGKILL the process of the rma-batches app's store and runner replica (Serve starts another)."""
+    pid = pool.driver(
+        """
+        from ray.util.state import list_actors
+        alive = list_actors(filters=[("class_name", "=", "ServeReplica:rma-batches:batch_store"),
+                                     ("state", "=", "ALIVE")])
+        print(json.dumps(alive[0].pid))
+    """
+    )
+    os.kill(int(pid), signal.SIGKILL)
+    return int(pid)
+
+
+@pytest.mark.llm
+def test_a_batch_survives_its_runner_being_killed_mid_batch(batch_llm: Pool) -> None:
+    alice = _openai(batch_llm, "alice")
+    model = next(m.id for m in alice.models.list().data if getattr(m, "kind", "chat") == "chat")
+    f = alice.files.create(
+        file=(
+            "restart.jsonl",
+            _batch_file(
+                "/v1/chat/completions",
+                24,
+                lambda i: {
+                    "model": model,
+                    "messages": [{"role": "user", "content": f"Name {i} colours"}],
+                    "max_tokens": 12,
+                },
+                "r",
+            ),
+        ),
+        purpose="batch",
+    )
+    b = alice.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+    wait_for(
+        lambda: alice.batches.retrieve(b.id).request_counts.completed >= 2,
+        timeout=180,
+        interval=0.5,
+        what="a few items answered",
+    )
+    _kill_batch_store_replica(batch_llm)
+    done = _finished(alice, b.id, timeout=400)
+    assert done.status == "completed" and done.request_counts.completed == 24, done
+    ids = [x["custom_id"] for x in _output(alice, done.output_file_id)]
+    assert sorted(ids) == sorted(f"r-{i}" for i in range(24))  # every custom_id exactly once

@@ -114,6 +114,8 @@ def test_serve_config_is_a_valid_serve_deploy_schema() -> None:
         "rma-vision": "/api/inference/vision",
         "rma-vision-backend": None,
         "services": "/api",
+        "rma-batches": "/v1/batches",  # the Batch API: longer than the LLM's /v1, so Serve routes them here
+        "rma-files": "/v1/files",
     }
     assert schema.proxy_location.value == "HeadOnly"
     from deployments import serve_config
@@ -133,6 +135,9 @@ def test_serve_config_is_a_valid_serve_deploy_schema() -> None:
         LABEL_TRUSTED: "true",
     }
     assert services["gateway"]["max_ongoing_requests"] == 256
+    batches = next(a for a in load(SERVE_FILE)["applications"] if a["name"] == "rma-batches")
+    store = next(d for d in batches["deployments"] if d["name"] == "batch_store")
+    assert store["ray_actor_options"]["label_selector"] == {LABEL_TIER: "data", LABEL_TRUSTED: "true"}
     for name in ("rma-llm", "rma-vision-backend"):  # both models on gpu-tier nodes
         app = next(a for a in load(SERVE_FILE)["applications"] if a["name"] == name)
         server = next(d for d in app["deployments"] if d["name"].startswith("LLMServer:"))

@@ -61,14 +61,18 @@ def test_rma_up_applies_the_apps_it_was_asked_for_with_the_environments_settings
 
     monkeypatch.setenv("RMA_LLM_INGRESS", "proxied")
     specs = serve_config.group_apps(["services", "llm"])
-    assert [s.name for s in specs] == ["services", "rma-llm", "rma-inference"]
+    # the services group: the services app and the Batch API's two apps
+    assert [s.name for s in specs] == ["services", "rma-batches", "rma-files", "rma-llm", "rma-inference"]
     by_name = {s.name: s for s in specs}
     assert by_name["rma-llm"].args["ingress"] == "proxied"  # from the environment, carried as args
     assert by_name["services"].args["service_selector"] == {"rma.io/tier": "in(service,head)"}
+    assert by_name["rma-batches"].args["data_selector"] == by_name["services"].args["data_selector"]
     config = serve_config.apply_config(specs, {"host": "0.0.0.0", "port": 8123, "request_timeout_s": 180.0})
     assert config["proxy_location"] == "HeadOnly" and config["http_options"]["port"] == 8123
     assert [a["import_path"] for a in config["applications"]] == [
         "deployments.serve_config:services_app",
+        "deployments.serve_config:batches_app",
+        "deployments.serve_config:files_app",
         "deployments.serve_config:llm_app",
         "deployments.serve_config:inference_app",
     ]

@@ -68,9 +68,10 @@ def test_store_readers_run_on_trusted_nodes_only() -> None:
 def test_embedded_default_keeps_store_readers_on_trusted_nodes(tmp_path: Path) -> None:
     from deployments.serve_config import group_apps
     from deployments.services.app import build_app
+    from deployments.services.batch_api import build_batches_app, build_files_app
     from deployments.services.settings import ServicesSettings
 
-    (services,) = group_apps(["services"], profile="embedded")  # the args `rma up` applies
+    services, batches, files = group_apps(["services"], profile="embedded")  # the args `rma up` applies
     app = build_app(ServicesSettings(**services.args))
     seen: dict[str, dict[str, str]] = {}
 
@@ -85,6 +86,11 @@ def test_embedded_default_keeps_store_readers_on_trusted_nodes(tmp_path: Path) -
     for name in STORE_READERS:
         assert seen[name].get(LABEL_TRUSTED) == "true", name
     assert seen["rag"][LABEL_TIER] == "in(service,head)"
+    # the Batch API: its store reads Postgres and clients' files, its fronts see client keys
+    walk(build_batches_app(ServicesSettings(**batches.args)))
+    walk(build_files_app(ServicesSettings(**files.args)))
+    for name in ("batch_store", "batches_ingress", "files_ingress"):
+        assert seen[name].get(LABEL_TRUSTED) == "true", name
 
 
 def test_store_credentials_go_to_trusted_nodes_only(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,700 @@
+"""The OpenAI Batch API's store and runner: the `batches` deployment of the services app, on the trusted data
+tier beside the uploads volume. Files are blobs on that volume (`uploads.BlobStore`), their metadata, the
+batches and one row per item in the services' Postgres (`db.BatchFile`, `db.Batch`, `db.BatchItem`).
+
+Durable queue: procrastinate (3.x) on the same Postgres. Chosen over pgqueuer because it is a plain library
+(no broker, no CLI-managed schema: its schema SQL goes into the services' Alembic migration 0002, in a
+schema of its own), runs its worker inside an asyncio loop we own (the replica's), gives each worker a
+heartbeat and lists the jobs of a worker that stopped beating (`get_stalled_jobs`), retries with a bounded
+strategy, and defers periodic tasks once per period across runners. One job per item; the item row, not
+the job, is the truth:
+
+- a job claims its item (attempts + 1, committed before the model is called); past `batch_max_attempts` the
+  item gets an error line instead of another call;
+- the answer is written by an upsert keyed by (batch, custom_id) that leaves a finished row alone: an item
+  whose runner died after the model answered, and was run again, is still in the output once;
+- a periodic sweep (every 10 s) puts the jobs of dead runners back (stalled: no heartbeat for
+  `batch_stalled_s`), expires batches past their window, and finalizes a batch whose items are all finished
+  (the output and error files in OpenAI's line format), so a restart of the runner resumes where it was.
+
+Items go to the same Serve handles the online routes use (`LLMGateway.openai` of the rma-inference app,
+`EmbeddingsIngress.openai` of rma-embeddings), at most `batch_concurrency` at a time per runner: a batch never
+holds more of the model's queue than that, so online requests keep their place."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+from deployments.gateway.refusal import Refusal, not_found, refusal_from, unwrap
+from deployments.services import batch_format as bf
+from deployments.services.db import Batch, BatchFile, BatchItem, Database, store_endpoint
+from deployments.services.settings import ServicesSettings
+from deployments.services.uploads import BlobStore, default_uploads_dir
+
+log = logging.getLogger("rma.services.batches")
+QUEUE = "rma-batch"
+QUEUE_SCHEMA = "procrastinate"
+SWEEP_CRON = "* * * * * */10"  # every 10 s: croniter's seconds are the sixth field, the last
+TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
+DIED = {"ActorDiedError", "RayActorError", "ActorUnavailableError", "WorkerCrashedError"}
+UNAVAILABLE = DIED | {"BackPressureError", "DeploymentUnavailableError", "TimeoutError"}
+
+
+class Transient(Exception):
+    """The model could not be asked now (its replica is away, full or died): the item is tried again."""
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def file_dict(row: BatchFile) -> dict[str, Any]:
+    return bf.file_object(row.id, row.size, row.created_at, row.filename, row.purpose)
+
+
+def batch_dict(row: Batch, counts: dict[str, int]) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "object": "batch",
+        "endpoint": row.endpoint,
+        "errors": row.errors,
+        "input_file_id": row.input_file_id,
+        "completion_window": row.completion_window,
+        "status": row.status,
+        "output_file_id": row.output_file_id,
+        "error_file_id": row.error_file_id,
+        "created_at": bf.ts(row.created_at),
+        "in_progress_at": bf.ts(row.in_progress_at),
+        "expires_at": bf.ts(row.expires_at),
+        "finalizing_at": bf.ts(row.finalizing_at),
+        "completed_at": bf.ts(row.completed_at),
+        "failed_at": bf.ts(row.failed_at),
+        "expired_at": bf.ts(row.expired_at),
+        "cancelling_at": bf.ts(row.cancelling_at),
+        "cancelled_at": bf.ts(row.cancelled_at),
+        "request_counts": bf.request_counts(row.total, counts),
+        "metadata": row.meta,
+    }
+
+
+def _check_metadata(metadata: Any) -> dict[str, str] | None:
+    if metadata is None:
+        return None
+    if (
+        not isinstance(metadata, dict)
+        or len(metadata) > 16
+        or not all(isinstance(k, str) and len(k) <= 64 for k in metadata)
+        or not all(isinstance(v, str) and len(v) <= 512 for v in metadata.values())
+    ):
+        raise Refusal(
+            400,
+            "invalid_request",
+            "metadata must be at most 16 string pairs (keys up to 64, values up to 512 characters)",
+            param="metadata",
+        )
+    return dict(metadata)
+
+
+class Batches:
+    """The Serve deployment's class. The routes' half (files, batches) is plain methods; the runner half
+    (procrastinate's worker and the sweep) starts on the replica's event loop at its first call or health
+    check."""
+
+    def __init__(
+        self,
+        settings: dict[str, Any] | None = None,
+        endpoint: Any = store_endpoint,
+        models: Any = None,
+    ) -> None:
+        self.settings = s = ServicesSettings(**(settings or {}))
+        self.blobs = BlobStore(Path(s.uploads_dir) if s.uploads_dir else default_uploads_dir())
+        self.db = Database(s.database, endpoint)
+        self._endpoint = endpoint
+        self.models = models if models is not None else ServeModels(s.batch_item_timeout_s)
+        self._app: Any = None
+        self._item_task: Any = None
+        self._runner: asyncio.Task[None] | None = None
+        self._open_lock = asyncio.Lock()
+        self.worker_name = f"rma-batch-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+    # -- files -------------------------------------------------------------------------------------------
+    def put_file(self, data: bytes, filename: str | None, purpose: str, owner: str) -> dict[str, Any]:
+        s = self.settings
+        if purpose != "batch":
+            raise Refusal(
+                400, "invalid_request", f"purpose must be 'batch' (got {purpose!r})", param="purpose"
+            )
+        if len(data) > s.batch_file_max_bytes:
+            raise Refusal(
+                413,
+                "file_too_large",
+                f"the file is {len(data):,} bytes; the limit is {s.batch_file_max_bytes:,}",
+                param="file",
+            )
+        endpoint, items = bf.check_jsonl(data, s.batch_max_lines)
+        sha = self.blobs.put(data)
+        with self.db.sessions().begin() as db:
+            row = BatchFile(
+                owner=owner,
+                sha256=sha,
+                filename=(filename or "")[:500] or None,
+                purpose=purpose,
+                size=len(data),
+                endpoint=endpoint,
+                lines=len(items),
+            )
+            db.add(row)
+            db.flush()
+            return file_dict(row)
+
+    def _file(self, file_id: str, owner: str) -> BatchFile:
+        with self.db.sessions()() as db:
+            row = db.get(BatchFile, str(file_id)[:40])
+        if row is None or row.owner != owner:
+            raise not_found("file", file_id)
+        return row
+
+    def get_file(self, file_id: str, owner: str) -> dict[str, Any]:
+        return file_dict(self._file(file_id, owner))
+
+    def read_file(self, file_id: str, owner: str) -> tuple[dict[str, Any], bytes]:
+        row = self._file(file_id, owner)
+        try:
+            return file_dict(row), self.blobs.read(row.sha256)
+        except FileNotFoundError:
+            raise Refusal(
+                410, "file_gone", f"the bytes of file {file_id} are no longer on this volume"
+            ) from None
+
+    # -- batches -----------------------------------------------------------------------------------------
+    def _counts(self, db: Any, batch_ids: list[str]) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {b: {} for b in batch_ids}
+        if batch_ids:
+            q = (
+                select(BatchItem.batch_id, BatchItem.status, func.count())
+                .where(BatchItem.batch_id.in_(batch_ids))
+                .group_by(BatchItem.batch_id, BatchItem.status)
+            )
+            for bid, status, n in db.execute(q):
+                out[bid][status] = n
+        return out
+
+    def _batch(self, db: Any, batch_id: str, owner: str) -> Batch:
+        row = db.get(Batch, str(batch_id)[:40])
+        if row is None or row.owner != owner:
+            raise not_found("batch", batch_id)
+        return row
+
+    def _dict(self, db: Any, row: Batch) -> dict[str, Any]:
+        return batch_dict(row, self._counts(db, [row.id])[row.id])
+
+    async def create(
+        self,
+        owner: str,
+        input_file_id: str,
+        endpoint: str,
+        completion_window: str,
+        metadata: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        out, items = await asyncio.to_thread(
+            self._create, owner, input_file_id, endpoint, completion_window, metadata
+        )
+        await self._defer(out["id"], items)
+        started = await asyncio.to_thread(self._start, out["id"])
+        return started
+
+    def _create(
+        self,
+        owner: str,
+        input_file_id: str,
+        endpoint: str,
+        completion_window: str,
+        metadata: Any,
+    ) -> tuple[dict[str, Any], list[str]]:
+        s = self.settings
+        if endpoint not in bf.ENDPOINTS:
+            raise Refusal(
+                400, "invalid_request", f"endpoint must be one of {', '.join(bf.ENDPOINTS)}", param="endpoint"
+            )
+        if completion_window not in bf.COMPLETION_WINDOWS:
+            raise Refusal(
+                400, "invalid_request", 'completion_window must be "24h"', param="completion_window"
+            )
+        meta = _check_metadata(metadata)
+        src = self._file(input_file_id, owner)
+        if src.purpose != "batch":
+            raise Refusal(
+                400,
+                "invalid_request",
+                f"file {input_file_id} is not a batch input file",
+                param="input_file_id",
+            )
+        if src.endpoint != endpoint:
+            raise Refusal(
+                400,
+                "invalid_request",
+                f"the file's requests are for {src.endpoint}, not {endpoint}: create the batch with "
+                f"endpoint {src.endpoint!r}",
+                param="endpoint",
+            )
+        _, items = bf.check_jsonl(self.blobs.read(src.sha256), s.batch_max_lines)
+        with self.db.sessions().begin() as db:
+            open_batches = db.scalar(
+                select(func.count())
+                .select_from(Batch)
+                .where(Batch.owner == owner, Batch.status.notin_(bf.FINAL))
+            )
+            if open_batches >= s.batch_max_queued:
+                raise Refusal(
+                    429,
+                    "too_many_batches",
+                    f"this key has {open_batches} batches not finished; the limit is {s.batch_max_queued}: "
+                    "wait for one to finish or cancel one",
+                    retry_after_s=60,
+                )
+            waiting = db.scalar(
+                select(func.count())
+                .select_from(BatchItem)
+                .join(Batch, Batch.id == BatchItem.batch_id)
+                .where(Batch.owner == owner, BatchItem.status.in_((bf.PENDING, bf.RUNNING)))
+            )
+            if waiting + len(items) > s.batch_max_queued_items:
+                raise Refusal(
+                    429,
+                    "too_many_queued_requests",
+                    f"this key has {waiting:,} batch requests waiting; {len(items):,} more would pass the "
+                    f"limit of {s.batch_max_queued_items:,}: wait, or send a smaller file",
+                    retry_after_s=60,
+                )
+            now = _now()
+            row = Batch(
+                owner=owner,
+                endpoint=endpoint,
+                input_file_id=src.id,
+                completion_window=completion_window,
+                status=bf.VALIDATING,
+                meta=meta,
+                total=len(items),
+                created_at=now,
+                expires_at=now + timedelta(seconds=bf.COMPLETION_WINDOWS[completion_window]),
+            )
+            db.add(row)
+            db.flush()
+            db.add_all(
+                BatchItem(
+                    batch_id=row.id,
+                    custom_id=it.custom_id,
+                    line=it.line,
+                    body=it.body,
+                    status=bf.PENDING,
+                    attempts=0,
+                )
+                for it in items
+            )
+            db.flush()
+            return batch_dict(row, {bf.PENDING: len(items)}), [it.custom_id for it in items]
+
+    def _start(self, batch_id: str) -> dict[str, Any]:
+        with self.db.sessions().begin() as db:
+            row = db.get(Batch, batch_id, with_for_update=True)
+            if row.status == bf.VALIDATING:
+                row.status = bf.move(row.status, "start")
+                row.in_progress_at = _now()
+            return self._dict(db, row)
+
+    def get(self, batch_id: str, owner: str) -> dict[str, Any]:
+        with self.db.sessions()() as db:
+            return self._dict(db, self._batch(db, batch_id, owner))
+
+    def list(self, owner: str, after: str | None = None, limit: int = 20) -> dict[str, Any]:
+        if not 1 <= limit <= 100:
+            raise Refusal(400, "invalid_request", "limit must be between 1 and 100", param="limit")
+        with self.db.sessions()() as db:
+            q = select(Batch).where(Batch.owner == owner)
+            if after:
+                cursor = self._batch(db, after, owner)
+                q = q.where(
+                    (Batch.created_at < cursor.created_at)
+                    | ((Batch.created_at == cursor.created_at) & (Batch.id < cursor.id))
+                )
+            rows = list(db.scalars(q.order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit + 1)))
+            page = rows[:limit]
+            counts = self._counts(db, [r.id for r in page])
+            return bf.list_page([batch_dict(r, counts[r.id]) for r in page], len(rows) > limit)
+
+    async def cancel(self, batch_id: str, owner: str) -> dict[str, Any]:
+        out = await asyncio.to_thread(self._cancel, batch_id, owner)
+        await asyncio.to_thread(self.finalize, out["id"])
+        return await asyncio.to_thread(self.get, batch_id, owner)
+
+    def _cancel(self, batch_id: str, owner: str) -> dict[str, Any]:
+        with self.db.sessions().begin() as db:
+            row = self._batch(db, batch_id, owner)
+            db.refresh(row, with_for_update=True)
+            if row.status in (bf.CANCELLING, bf.CANCELLED):
+                return self._dict(db, row)
+            row.status = bf.move(row.status, "cancel")
+            row.cancelling_at = _now()
+            # no new item starts; those running finish and keep their answers
+            db.execute(
+                update(BatchItem)
+                .where(BatchItem.batch_id == row.id, BatchItem.status == bf.PENDING)
+                .values(status=bf.SKIPPED, updated_at=_now())
+            )
+            return self._dict(db, row)
+
+    # -- the runner ----------------------------------------------------------------------------------------
+    def _conninfo(self) -> str:
+        from psycopg.conninfo import make_conninfo
+
+        ep = self._endpoint("postgres")
+        self.db.sessions()  # the database exists and is migrated (procrastinate's schema comes with it)
+        return make_conninfo(
+            host=ep.host,
+            port=ep.port,
+            user=ep.user,
+            password=ep.password,
+            dbname=self.settings.database,
+            options=f"-c search_path={QUEUE_SCHEMA}",
+        )
+
+    async def _open(self) -> Any:
+        async with self._open_lock:
+            if self._app is None:
+                import procrastinate
+
+                conninfo = await asyncio.to_thread(self._conninfo)
+                app = procrastinate.App(
+                    connector=procrastinate.PsycopgConnector(
+                        conninfo=conninfo, min_size=1, max_size=self.settings.batch_concurrency + 3
+                    )
+                )
+                s = self.settings
+                self._item_task = app.task(
+                    name="rma.batch.item",
+                    queue=QUEUE,
+                    retry=procrastinate.RetryStrategy(
+                        max_attempts=s.batch_max_attempts + 1, wait=3, retry_exceptions={Transient}
+                    ),
+                )(self.run_item)
+                app.periodic(cron=SWEEP_CRON, periodic_id="sweep")(
+                    app.task(name="rma.batch.sweep", queue=QUEUE, queueing_lock="rma.batch.sweep")(
+                        self._sweep_job
+                    )
+                )
+                await app.open_async()
+                self._app = app
+            return self._app
+
+    async def _defer(self, batch_id: str, custom_ids: list[str]) -> None:
+        await self._open()
+        for i in range(0, len(custom_ids), 1000):
+            await self._item_task.batch_defer_async(
+                *({"batch_id": batch_id, "custom_id": c} for c in custom_ids[i : i + 1000])
+            )
+
+    async def ensure_runner(self) -> None:
+        if not self.settings.batch_runner or (self._runner is not None and not self._runner.done()):
+            return
+        app = await self._open()
+        s = self.settings
+        self._runner = asyncio.get_running_loop().create_task(
+            app.run_worker_async(
+                queues=[QUEUE],
+                name=self.worker_name,
+                concurrency=s.batch_concurrency,
+                install_signal_handlers=False,
+                update_heartbeat_interval=max(1.0, s.batch_stalled_s / 5),
+                stalled_worker_timeout=s.batch_stalled_s,
+                delete_jobs="successful",
+            )
+        )
+        self._runner.add_done_callback(self._runner_ended)
+
+    def _runner_ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("the batch runner stopped: %r (restarted at the next health check)", task.exception())
+
+    async def check_health(self) -> None:
+        if not os.access(self.blobs.root, os.W_OK):
+            raise RuntimeError(f"uploads volume {self.blobs.root} is not writable")
+        try:
+            await self.ensure_runner()
+        except Exception as exc:  # Postgres not there yet: the replica is fine, the runner starts later
+            log.warning("batch runner not started: %s", exc)
+
+    async def _sweep_job(self, timestamp: int) -> None:
+        await self.sweep()
+
+    async def sweep(self) -> None:
+        """Jobs of dead runners back in the queue, batches past their window expired, and every batch whose
+        items are all finished finalized (after a restart too)."""
+        app = await self._open()
+        for job in await app.job_manager.get_stalled_jobs(
+            queue=QUEUE, seconds_since_heartbeat=self.settings.batch_stalled_s
+        ):
+            log.warning("batch job %s stalled (its runner stopped beating): run again", job.id)
+            await app.job_manager.retry_job(job)
+        for batch_id in await asyncio.to_thread(self._expire_and_unstarted):
+            await self._defer(batch_id, await asyncio.to_thread(self._pending, batch_id))
+            await asyncio.to_thread(self._start, batch_id)
+        for batch_id in await asyncio.to_thread(self._open_batches):
+            await asyncio.to_thread(self.finalize, batch_id)
+
+    def _expire_and_unstarted(self) -> list[str]:
+        """Expires the pending items of batches past their window; returns batches left in validating (their
+        creator died between writing the rows and queueing their jobs)."""
+        now = _now()
+        with self.db.sessions().begin() as db:
+            late = list(
+                db.scalars(
+                    select(Batch.id).where(
+                        Batch.status.in_((bf.VALIDATING, bf.IN_PROGRESS)), Batch.expires_at < now
+                    )
+                )
+            )
+            for bid in late:
+                err = {"code": "batch_expired", "message": "the batch expired before this request was run"}
+                for item in db.scalars(
+                    select(BatchItem).where(BatchItem.batch_id == bid, BatchItem.status == bf.PENDING)
+                ):
+                    item.status = bf.ITEM_FAILED
+                    item.output = bf.output_line(
+                        _item_id(bid, item.custom_id), item.custom_id, None, None, "", err
+                    )
+            return list(
+                db.scalars(
+                    select(Batch.id).where(
+                        Batch.status == bf.VALIDATING, Batch.created_at < now - timedelta(seconds=60)
+                    )
+                )
+            )
+
+    def _pending(self, batch_id: str) -> list[str]:
+        with self.db.sessions()() as db:
+            return list(
+                db.scalars(
+                    select(BatchItem.custom_id).where(
+                        BatchItem.batch_id == batch_id, BatchItem.status.in_((bf.PENDING, bf.RUNNING))
+                    )
+                )
+            )
+
+    def _open_batches(self) -> list[str]:
+        with self.db.sessions()() as db:
+            return list(
+                db.scalars(
+                    select(Batch.id).where(Batch.status.in_((bf.IN_PROGRESS, bf.CANCELLING, bf.FINALIZING)))
+                )
+            )
+
+    def claim(self, batch_id: str, custom_id: str) -> tuple[str, dict[str, Any], int] | None:
+        """(endpoint, body, attempt) of an item to run now, or None (finished, or its batch no longer runs
+        items)."""
+        with self.db.sessions().begin() as db:
+            batch = db.get(Batch, batch_id)
+            item = db.get(BatchItem, (batch_id, custom_id), with_for_update=True)
+            if batch is None or item is None or item.status in bf.ITEM_FINAL:
+                return None
+            if batch.status not in (bf.VALIDATING, bf.IN_PROGRESS):
+                item.status = bf.SKIPPED
+                return None
+            item.attempts += 1
+            item.status = bf.RUNNING
+            return batch.endpoint, dict(item.body), item.attempts
+
+    def record(self, batch_id: str, custom_id: str, ok: bool, line: dict[str, Any]) -> bool:
+        """The item's output line, once: an upsert on (batch, custom_id) that leaves a finished row as it is.
+        True when this call wrote it."""
+        now = _now()
+        status = bf.DONE if ok else bf.ITEM_FAILED
+        stmt = pg_insert(BatchItem).values(
+            batch_id=batch_id,
+            custom_id=custom_id,
+            line=0,
+            body={},
+            status=status,
+            attempts=1,
+            output=line,
+            updated_at=now,
+        )
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[BatchItem.batch_id, BatchItem.custom_id],
+            set_={"status": status, "output": line, "updated_at": now},
+            where=BatchItem.status.notin_(bf.ITEM_FINAL),
+        ).returning(BatchItem.custom_id)
+        with self.db.sessions().begin() as db:
+            return db.execute(stmt).first() is not None
+
+    def release(self, batch_id: str, custom_id: str) -> None:
+        with self.db.sessions().begin() as db:
+            db.execute(
+                update(BatchItem)
+                .where(
+                    BatchItem.batch_id == batch_id,
+                    BatchItem.custom_id == custom_id,
+                    BatchItem.status == bf.RUNNING,
+                )
+                .values(status=bf.PENDING)
+            )
+
+    async def run_item(self, batch_id: str, custom_id: str) -> None:
+        """procrastinate's task: one item, its output line written once, then the batch finalized if it was
+        the last."""
+        s = self.settings
+        claimed = await asyncio.to_thread(self.claim, batch_id, custom_id)
+        if claimed is not None:
+            endpoint, body, attempt = claimed
+            iid = _item_id(batch_id, custom_id)
+            rid = uuid.uuid4().hex
+            if attempt > s.batch_max_attempts:
+                err = {
+                    "code": "attempts_exhausted",
+                    "message": f"the request was started {attempt - 1} times; its runner stopped each time",
+                }
+                await asyncio.to_thread(
+                    self.record,
+                    batch_id,
+                    custom_id,
+                    False,
+                    bf.output_line(iid, custom_id, None, None, rid, err),
+                )
+            else:
+                try:
+                    status, answer = await self.models.call(endpoint, body)
+                except Transient as exc:
+                    if attempt < s.batch_max_attempts:
+                        await asyncio.to_thread(self.release, batch_id, custom_id)
+                        raise
+                    err = {"code": "model_unavailable", "message": str(exc)[:500]}
+                    line = bf.output_line(iid, custom_id, None, None, rid, err)
+                    await asyncio.to_thread(self.record, batch_id, custom_id, False, line)
+                else:
+                    line = bf.output_line(iid, custom_id, status, answer, rid)
+                    await asyncio.to_thread(self.record, batch_id, custom_id, 200 <= status < 300, line)
+        await asyncio.to_thread(self.finalize, batch_id)
+
+    def finalize(self, batch_id: str) -> None:
+        """When no item of the batch is pending or running: its output and error files, and its final status
+        (completed, cancelled or expired). Under the batch row's lock: one runner does it."""
+        with self.db.sessions().begin() as db:
+            row = db.get(Batch, batch_id, with_for_update=True)
+            if row is None or row.status not in (bf.IN_PROGRESS, bf.CANCELLING, bf.FINALIZING):
+                return
+            left = db.scalar(
+                select(func.count())
+                .select_from(BatchItem)
+                .where(BatchItem.batch_id == batch_id, BatchItem.status.in_((bf.PENDING, bf.RUNNING)))
+            )
+            if left:
+                return
+            now = _now()
+            cancelled = row.status == bf.CANCELLING or row.cancelling_at is not None
+            if row.status != bf.FINALIZING:
+                row.status = bf.move(row.status, "drained")
+            row.finalizing_at = row.finalizing_at or now
+            done: list[dict[str, Any]] = []
+            failed: list[dict[str, Any]] = []
+            for status, output in db.execute(
+                select(BatchItem.status, BatchItem.output)
+                .where(BatchItem.batch_id == batch_id, BatchItem.status.in_((bf.DONE, bf.ITEM_FAILED)))
+                .order_by(BatchItem.line)
+            ):
+                (done if status == bf.DONE else failed).append(output)
+            for lines, attr, name in (
+                (done, "output_file_id", "output"),
+                (failed, "error_file_id", "errors"),
+            ):
+                if lines:
+                    data = bf.jsonl(lines)
+                    f = BatchFile(
+                        owner=row.owner,
+                        sha256=self.blobs.put(data),
+                        filename=f"{batch_id}_{name}.jsonl",
+                        purpose="batch_output",
+                        size=len(data),
+                    )
+                    db.add(f)
+                    db.flush()
+                    setattr(row, attr, f.id)
+            if cancelled:
+                row.status, row.cancelled_at = bf.CANCELLED, now
+            elif row.expires_at <= now:
+                row.status, row.expired_at = bf.EXPIRED, now
+            else:
+                row.status, row.completed_at = bf.COMPLETED, now
+            log.info("batch %s %s: %d answered, %d failed", batch_id, row.status, len(done), len(failed))
+
+
+def _item_id(batch_id: str, custom_id: str) -> str:
+    return "batch_req_" + hashlib.sha256(f"{batch_id}\0{custom_id}".encode()).hexdigest()[:24]
+
+
+class ServeModels:
+    """The models through the online routes' Serve handles: chat and completions through the rma-inference
+    app's `LLMGateway.openai`, embeddings through rma-embeddings' `EmbeddingsIngress.openai`. (status, body)
+    of an answer or of a refusal the online route would give; Transient when the model is away."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self._handles: dict[str, Any] = {}
+
+    def _handle(self, endpoint: str) -> Any:
+        from ray import serve
+
+        if endpoint not in self._handles:
+            if endpoint == "/v1/embeddings":
+                from deployments.embeddings.config import EMBEDDINGS_APP, INGRESS_DEPLOYMENT
+
+                app, name = EMBEDDINGS_APP, INGRESS_DEPLOYMENT
+            else:
+                from deployments.llm.config import GATEWAY_DEPLOYMENT, INFERENCE_APP
+
+                app, name = INFERENCE_APP, GATEWAY_DEPLOYMENT
+            apps = serve.status().applications
+            if app not in apps or name not in apps[app].deployments:
+                raise Transient(f"{endpoint} is not served in this pool now (no {app} app)")
+            self._handles[endpoint] = serve.get_deployment_handle(name, app_name=app)
+        return self._handles[endpoint]
+
+    async def call(self, endpoint: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        handle = await asyncio.to_thread(self._handle, endpoint)
+        t0 = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                if endpoint == "/v1/embeddings":
+                    out = await handle.openai.remote(body)
+                else:
+                    out = await handle.openai.remote(endpoint, body)
+            return 200, out
+        except Exception as exc:
+            refusal = refusal_from(exc)
+            if refusal is not None:
+                if refusal.status in TRANSIENT_STATUS:
+                    raise Transient(f"{refusal.status} {refusal.code}: {refusal.message}") from None
+                error = {
+                    "message": refusal.message,
+                    "type": "invalid_request_error",
+                    "param": refusal.param,
+                    "code": refusal.code,
+                }
+                return refusal.status, {"error": error}
+            name = type(unwrap(exc)).__name__
+            if isinstance(exc, TimeoutError) or name in UNAVAILABLE:
+                if name in DIED or name == "DeploymentUnavailableError":
+                    self._handles.pop(endpoint, None)
+                raise Transient(
+                    f"the model did not answer ({name} after {time.perf_counter() - t0:.0f} s)"
+                ) from None
+            raise

@@ -1,0 +1,300 @@
+"""The Batch API without Ray: the input file's checks and the batch's state machine (pure), then the store and
+the runner (`deployments.services.batches`) on a real PostgreSQL with procrastinate's real worker, the models
+replaced by an object in this process (the private server is session-scoped, ~3 s; each test its own
+database)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from deployments.gateway.refusal import Refusal
+from deployments.services import batch_format as bf
+from tests.support import Postgres
+
+
+def line(cid: str, url: str = "/v1/chat/completions", **over: Any) -> dict[str, Any]:
+    return {"custom_id": cid, "method": "POST", "url": url, "body": {"messages": [{"role": "user"}]}, **over}
+
+
+def jsonl(*objs: Any) -> bytes:
+    return b"\n".join(o if isinstance(o, bytes) else json.dumps(o).encode() for o in objs) + b"\n"
+
+
+def test_a_good_file_gives_its_endpoint_and_items_in_order() -> None:
+    endpoint, items = bf.check_jsonl(jsonl(line("a"), b"", line("b")), max_lines=10)
+    assert endpoint == "/v1/chat/completions"
+    assert [(i.line, i.custom_id) for i in items] == [(1, "a"), (3, "b")]
+
+
+@pytest.mark.parametrize(
+    ("objs", "says"),
+    [
+        ((line("a"), b"{not json"), "line 2: not valid JSON"),
+        ((line("a"), line("a")), "line 2: custom_id 'a' is also on line 1"),
+        ((line("a", method="GET"),), 'line 1: method must be "POST"'),
+        ((line("a", url="/v1/images"),), "line 1: url must be one of"),
+        ((line("a"), line("b", url="/v1/embeddings")), "line 2: url '/v1/embeddings' differs"),
+        ((line("a", body="hi"),), "line 1: body must be a JSON object"),
+        ((line("a", body={"stream": True}),), "line 1: body.stream must be false"),
+        ((line("", url="/v1/completions"),), "line 1: custom_id must be a non-empty string"),
+        ((line("a", extra=1),), "line 1: unknown field 'extra'"),
+        (([1, 2],), "line 1: a line must be a JSON object"),
+        ((line("a"), line("b"), line("c")), "line 3: the file has more than 2 requests"),
+        ((b"", b"  "), "the file has no requests"),
+    ],
+)
+def test_a_bad_file_is_a_400_naming_the_line_and_the_fix(objs: tuple[Any, ...], says: str) -> None:
+    with pytest.raises(Refusal) as exc:
+        bf.check_jsonl(jsonl(*objs), max_lines=2)
+    assert exc.value.status == 400 and exc.value.code == "invalid_batch_file"
+    assert exc.value.message.startswith(says), exc.value.message
+
+
+def test_the_state_machine_moves_as_openai_batches_do() -> None:
+    s = bf.move(bf.VALIDATING, "start")
+    assert s == bf.IN_PROGRESS
+    assert bf.move(s, "cancel") == bf.CANCELLING
+    assert bf.move(bf.CANCELLING, "drained") == bf.FINALIZING
+    assert bf.move(bf.IN_PROGRESS, "drained") == bf.FINALIZING
+    assert bf.finished_status(cancelled=False) == bf.COMPLETED
+    assert bf.finished_status(cancelled=True) == bf.CANCELLED
+    assert bf.move(bf.IN_PROGRESS, "expire") == bf.EXPIRED
+    for final in bf.FINAL:
+        with pytest.raises(Refusal) as exc:
+            bf.move(final, "cancel")
+        assert exc.value.status == 409 and f"a batch that is {final} cannot be cancelled" in exc.value.message
+    assert bf.request_counts(5, {bf.DONE: 3, bf.ITEM_FAILED: 1, bf.SKIPPED: 1}) == {
+        "total": 5,
+        "completed": 3,
+        "failed": 1,
+    }
+
+
+# -- the store and the runner on a real Postgres, procrastinate's worker in this process ---------------------
+
+
+@dataclass
+class Endpoint:
+    host: str
+    port: int
+    user: str = "rma"
+    password: str = ""
+    database: str = "postgres"
+
+
+class FakeModels:
+    """Answers like the online route: a 400 for a body that asks for it, else an echo; `gate` holds calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.gate: asyncio.Event | None = None
+
+    async def call(self, endpoint: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        self.calls.append(body["tag"])
+        if self.gate is not None:
+            await self.gate.wait()
+        if body.get("bad"):
+            return 400, {"error": {"message": "bad request", "code": "invalid_request"}}
+        return 200, {"object": "chat.completion", "echo": body["tag"]}
+
+
+def make_store(postgres: Postgres, tmp_path: Any, **settings: Any) -> Any:
+    from deployments.services.batches import Batches
+
+    s = {
+        "database": f"t_{uuid.uuid4().hex[:12]}",
+        "uploads_dir": str(tmp_path / "blobs"),
+        "batch_concurrency": 2,
+        **settings,
+    }
+    store = Batches(s, endpoint=lambda _store: Endpoint(postgres.host, postgres.port), models=FakeModels())
+    return store
+
+
+def upload(store: Any, n: int, owner: str = "alice", bad: frozenset[int] = frozenset()) -> str:
+    data = jsonl(
+        *(
+            {
+                "custom_id": f"req-{i}",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": {"tag": f"req-{i}", **({"bad": True} if i in bad else {})},
+            }
+            for i in range(n)
+        )
+    )
+    f = store.put_file(data, "in.jsonl", "batch", owner)
+    assert f["object"] == "file" and f["purpose"] == "batch" and f["bytes"] == len(data)
+    return str(f["id"])
+
+
+async def until(predicate: Any, what: str, timeout: float = 30) -> Any:
+    try:
+        async with asyncio.timeout(timeout):
+            while not (out := await asyncio.to_thread(predicate)):
+                await asyncio.sleep(0.1)
+    except TimeoutError:
+        raise AssertionError(f"waited {timeout} s for {what}") from None
+    return out
+
+
+def lines(store: Any, file_id: str | None, owner: str = "alice") -> list[dict[str, Any]]:
+    if file_id is None:
+        return []
+    return [json.loads(x) for x in store.read_file(file_id, owner)[1].splitlines()]
+
+
+def test_a_batch_runs_every_item_once_and_writes_openai_output_and_error_files(
+    postgres: Postgres, tmp_path: Any
+) -> None:
+    store = make_store(postgres, tmp_path)
+
+    async def scenario() -> None:
+        fid = upload(store, 12, bad={4})
+        b = await store.create("alice", fid, "/v1/chat/completions", "24h", {"job": "nightly"})
+        assert b["status"] == bf.IN_PROGRESS and b["request_counts"]["total"] == 12
+        await store.ensure_runner()
+        done = await until(lambda: store.get(b["id"], "alice")["status"] == bf.COMPLETED, "completed")
+        assert done
+        final = store.get(b["id"], "alice")
+        assert final["request_counts"] == {"total": 12, "completed": 11, "failed": 1}
+        assert final["metadata"] == {"job": "nightly"} and final["completed_at"] >= final["in_progress_at"]
+        out, err = lines(store, final["output_file_id"]), lines(store, final["error_file_id"])
+        assert sorted(x["custom_id"] for x in out) == sorted(f"req-{i}" for i in range(12) if i != 4)
+        assert [x["custom_id"] for x in err] == ["req-4"]
+        one = out[0]
+        assert set(one) == {"id", "custom_id", "response", "error"} and one["error"] is None
+        assert one["response"]["status_code"] == 200 and one["response"]["body"]["echo"] == one["custom_id"]
+        assert err[0]["response"]["status_code"] == 400
+        assert sorted(store.models.calls) == sorted(f"req-{i}" for i in range(12))  # each model call once
+        # written once: a late second answer for a finished item changes nothing
+        assert store.record(b["id"], "req-0", True, {"late": True}) is False
+        # another client's key: the batch and its files do not exist
+        for call in (
+            lambda: store.get(b["id"], "bob"),
+            lambda: store.get_file(fid, "bob"),
+            lambda: store.read_file(final["output_file_id"], "bob"),
+        ):
+            with pytest.raises(Refusal) as exc:
+                call()
+            assert exc.value.status == 404
+        page = store.list("alice", limit=1)
+        assert page["object"] == "list" and page["data"][0]["id"] == b["id"] and page["has_more"] is False
+        assert store.list("bob")["data"] == []
+
+    asyncio.run(scenario())
+
+
+def test_cancel_stops_new_items_and_a_client_has_a_limit_of_unfinished_batches(
+    postgres: Postgres, tmp_path: Any
+) -> None:
+    store = make_store(postgres, tmp_path, batch_max_attempts=2, batch_max_queued=2)
+
+    async def scenario() -> None:
+        store.models.gate = asyncio.Event()
+        b = await store.create("alice", upload(store, 10), "/v1/chat/completions", "24h")
+        await store.ensure_runner()
+        await until(lambda: len(store.models.calls) == 2, "two items in flight (the runner's concurrency)")
+        c = await store.cancel(b["id"], "alice")
+        assert c["status"] == bf.CANCELLING and c["cancelling_at"]
+        store.models.gate.set()
+        await until(lambda: store.get(b["id"], "alice")["status"] == bf.CANCELLED, "cancelled")
+        final = store.get(b["id"], "alice")
+        assert final["request_counts"] == {"total": 10, "completed": 2, "failed": 0}
+        assert len(lines(store, final["output_file_id"])) == 2 and len(store.models.calls) == 2
+        with pytest.raises(Refusal) as exc:
+            await store.cancel(b["id"], "bob")
+        assert exc.value.status == 404
+
+        # per-client limit: two unfinished batches at most
+        store.models.gate = asyncio.Event()
+        await store.create("alice", upload(store, 1), "/v1/chat/completions", "24h")
+        await store.create("alice", upload(store, 1), "/v1/chat/completions", "24h")
+        with pytest.raises(Refusal) as exc:
+            await store.create("alice", upload(store, 1), "/v1/chat/completions", "24h")
+        assert exc.value.status == 429 and "limit is 2" in exc.value.message
+        store.models.gate.set()
+
+    asyncio.run(scenario())
+
+
+def test_an_item_claimed_past_its_attempts_gets_an_error_line_not_a_call(
+    postgres: Postgres, tmp_path: Any
+) -> None:
+    store = make_store(postgres, tmp_path, batch_max_attempts=2, batch_runner=False)
+
+    async def scenario() -> None:
+        b = await store.create("alice", upload(store, 1), "/v1/chat/completions", "24h")
+        # two runners died mid-item (each claimed it, neither wrote its answer)
+        assert store.claim(b["id"], "req-0")[2] == 1
+        assert store.claim(b["id"], "req-0")[2] == 2
+        await store.run_item(b["id"], "req-0")  # the third start: no model call, an error line
+        final = store.get(b["id"], "alice")
+        assert final["status"] == bf.COMPLETED and store.models.calls == []
+        (err,) = lines(store, final["error_file_id"])
+        assert err["response"] is None and err["error"]["code"] == "attempts_exhausted"
+
+    asyncio.run(scenario())
+
+
+def test_the_sweep_runs_every_ten_seconds() -> None:
+    from datetime import datetime
+
+    from croniter import croniter
+
+    from deployments.services.batches import SWEEP_CRON
+
+    it = croniter(SWEEP_CRON, datetime(2026, 1, 1, 0, 1, 3))
+    assert [it.get_next(datetime).second for _ in range(3)] == [10, 20, 30]
+
+
+def test_a_runner_that_died_mid_item_is_replaced_and_the_item_is_in_the_output_once(
+    postgres: Postgres, tmp_path: Any
+) -> None:
+    """A runner's process killed while it ran an item: its worker stops beating, its job stays `doing`; the
+    sweep of a live runner puts the job back, the item runs again and is written once."""
+    import psycopg
+
+    from deployments.services.db import BatchItem
+
+    store = make_store(postgres, tmp_path, batch_stalled_s=2)
+
+    async def scenario() -> None:
+        store.settings.batch_runner = False  # jobs queued, no worker yet
+        b = await store.create("alice", upload(store, 6), "/v1/chat/completions", "24h")
+        assert store.claim(b["id"], "req-3")[2] == 1  # the dead runner had started req-3 ...
+        conninfo = f"host={postgres.host} port={postgres.port} user=rma dbname={store.settings.database}"
+        with psycopg.connect(conninfo, autocommit=True) as c:  # ... as worker 'dead', silent for an hour
+            c.execute("SET search_path TO procrastinate")
+            wid = c.execute(
+                "INSERT INTO procrastinate_workers (last_heartbeat) "
+                "VALUES (now() - interval '1 hour') RETURNING id"
+            ).fetchone()[0]
+            c.execute(
+                "UPDATE procrastinate_jobs SET status = 'doing', worker_id = %s "
+                "WHERE args->>'custom_id' = 'req-3'",
+                (wid,),
+            )
+        store.settings.batch_runner = True
+        await store.ensure_runner()
+        # the periodic sweep (every 10 s) finds the job of the silent worker and puts it back
+        await until(
+            lambda: store.get(b["id"], "alice")["status"] == bf.COMPLETED, "the batch to complete", 60
+        )
+        assert sorted(store.models.calls) == [
+            f"req-{i}" for i in range(6)
+        ]  # req-3 asked once, by the live one
+        with store.db.sessions()() as db:
+            assert db.get(BatchItem, (b["id"], "req-3")).attempts == 2
+        final = store.get(b["id"], "alice")
+        out = lines(store, final["output_file_id"])
+        assert sorted(x["custom_id"] for x in out) == [f"req-{i}" for i in range(6)]
+        assert final["request_counts"] == {"total": 6, "completed": 6, "failed": 0}
+
+    asyncio.run(scenario())
