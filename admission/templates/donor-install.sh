@@ -113,7 +113,8 @@ else
   pip_() { "$VENV/bin/python" -m pip --disable-pip-version-check "$@"; }
   # a venv made by uv (an earlier run where uv was on the PATH) has no pip: add it, or make the venv anew
   if [ -x "$VENV/bin/python" ] && ! pip_ --version >/dev/null 2>&1; then
-    "$VENV/bin/python" -m ensurepip -q >/dev/null 2>&1 || { say "replacing $VENV (it has no pip)"; rm -rf "$VENV"; }
+    "$VENV/bin/python" -m ensurepip -q >/dev/null 2>&1 \
+      || { say "replacing $VENV (it has no pip)"; rm -rf "$VENV"; }
   fi
   if [ ! -x "$VENV/bin/python" ]; then
     "$PY" -m venv "$VENV" 2>"$TMP/venv.log" || {

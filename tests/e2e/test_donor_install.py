@@ -7,8 +7,9 @@ No index is reachable there, so pip installs from a wheelhouse packed from this 
 installed distributions (rma_ray.dists.repack): the very versions the head's constraints pin. It is kept in
 /var/cache/rma/venv-wheels between runs (~10 s to make, ~0 s after). The install itself ~30 s; the rerun that
 checks idempotence and a version mismatch ~5 s; the same line where uv is on the PATH (the `uv` test extra)
-~5 s. Not covered here: --overlay-packages (apt-get from inside the namespace cannot reach a mirror) and uv
-fetching a Python of its own (nothing to fetch it from)."""
+~5 s, then a pip run (--no-uv) over uv's pip-less venv (ensurepip) ~30 s. Not covered here:
+--overlay-packages (apt-get from inside the namespace cannot reach a mirror) and uv fetching a Python of its own
+(nothing to fetch it from)."""
 
 from __future__ import annotations
 
