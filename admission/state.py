@@ -126,6 +126,7 @@ class AppState:
     _epochs: dict[str, tuple[float, str]] = field(default_factory=dict)
     edge_status: Any = None  # admission.services.edges.EdgeStatusCache, made on first use
     donor_kit: Any = None  # admission.services.donor_kit.Kit, built on the first request under /donor/
+    donor_kit_failure: tuple[float, str] | None = None  # (time.monotonic(), reason) of the last failed build
 
     def cluster_epoch(self, cluster: str = "core") -> str:
         """A cluster token's fingerprint, re-read at most once a second (heartbeats carry their cluster's)."""

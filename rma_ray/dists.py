@@ -12,9 +12,11 @@ import hashlib
 import importlib.metadata as md
 import importlib.util
 import json
+import os
 import platform
 import stat
 import sys
+import tempfile
 import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -212,12 +214,26 @@ def repack(
     # the compressed tag set of the file name (PEP 425): `Tag: py2-none-any` + `Tag: py3-none-any` -> py2.py3-none-any
     parts = [".".join(dict.fromkeys(t.split("-")[i] for t in tags)) for i in range(3)]
     wheel = dest / f"{stem}-{'-'.join(parts)}.whl"
-    tmp = wheel.with_suffix(".tmp")
     record = f"{info.name}/RECORD"
+    # a temp file of its own (two packers of one wheel never write the same file), renamed into place whole
+    with tempfile.NamedTemporaryFile(dir=dest, prefix=f".{stem}-", suffix=".tmp", delete=False) as fh:
+        tmp = Path(fh.name)
+    try:
+        _write_wheel(tmp, entries, info.name, record, compression)
+        os.replace(tmp, wheel)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return wheel
+
+
+def _write_wheel(
+    tmp: Path, entries: list[tuple[str, bytes]], info_name: str, record: str, compression: int
+) -> None:
     with zipfile.ZipFile(tmp, "w", compression=compression) as zf:
         lines = []
         # the .dist-info last, as the spec recommends
-        for rel, data in sorted(entries, key=lambda e: (e[0].startswith(info.name + "/"), e[0])):
+        for rel, data in sorted(entries, key=lambda e: (e[0].startswith(info_name + "/"), e[0])):
             zinfo = zipfile.ZipInfo(rel, date_time=(1980, 1, 1, 0, 0, 0))
             zinfo.external_attr = (stat.S_IFREG | (0o755 if "/scripts/" in rel else 0o644)) << 16
             zinfo.compress_type = compression
@@ -225,5 +241,3 @@ def repack(
             lines.append(f"{rel},{_record_hash(data)},{len(data)}")
         lines.append(f"{record},,")
         zf.writestr(zipfile.ZipInfo(record, date_time=(1980, 1, 1, 0, 0, 0)), "\n".join(lines) + "\n")
-    tmp.replace(wheel)
-    return wheel

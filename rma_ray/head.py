@@ -759,6 +759,7 @@ class Pool:
             "RMA_ADMIN_KEY": self.admin_key,
             "RMA_DATA_DIR": str(self.o.data_dir / "coordinator"),
             "RMA_RAY_ADDRESS": self.o.gcs_address,
+            "RMA_DONOR_KIT": "1",  # beside its head: this machine's Python and Ray are the head's
             "RMA_RAY_AUTH_TOKEN_FILE": str(self.token_file),
             "RMA_RAY_DASHBOARD_URL": f"http://{self.o.ray_ip}:{self.o.dashboard_port}",
             **self.hub_env(),

@@ -70,6 +70,11 @@ class Settings(BaseSettings):
         "tests only); by default such a join is "
         "refused, its token unspent",
     )
+    donor_kit: bool = Field(
+        default=False,
+        description="serve the donor install line (/donor/*): on only beside the Ray head (`rma up` sets it), "
+        "since the kit pins this machine's Python and Ray",
+    )
     ray_auth_token_file: Path | None = None
     ray_dashboard_url: str | None = None
     reconcile_interval_s: float = Field(default=2.0, gt=0, le=600)

@@ -23,6 +23,7 @@ router = APIRouter(prefix="/donor", tags=["donor"])
 _URL = re.compile(
     r"https?://[A-Za-z0-9.\-]+(:\d{1,5})?(/[A-Za-z0-9._~\-/]*)?|https?://\[[0-9A-Fa-f:.]+\](:\d{1,5})?"
 )
+_SH = "text/x-shellscript; charset=utf-8"
 _UNAVAILABLE: dict[int | str, dict[str, Any]] = {
     503: {"description": "the pool's wheel cannot be built here (the message says why)"}
 }
@@ -36,21 +37,25 @@ async def _kit(state: State) -> donor_kit.Kit:
     "/install.sh",
     response_class=PlainTextResponse,
     openapi_extra=security.PUBLIC,
-    responses={400: {"description": "the URL the request came to cannot go into a script"}, **_UNAVAILABLE},
 )
 async def install_script(request: Request, state: State) -> PlainTextResponse:
-    """`curl -fsSL <coordinator>/donor/install.sh | sh`: installs `rma` for this head's code, Ray and Python."""
-    url = (state.settings.public_url or str(request.base_url)).rstrip("/")
-    if not _URL.fullmatch(url):
-        raise ApiError(
-            400,
-            "bad_coordinator_url",
-            f"this coordinator's URL as requested ({url[:100]!r}) cannot go into the script: "
-            "ask for it by host name or address, or set RMA_PUBLIC_URL on the coordinator",
-        )
-    kit = await _kit(state)
+    """`curl -fsSL <coordinator>/donor/install.sh | sh`: installs `rma` for this head's code, Ray and Python.
+    Where it cannot (no kit here, a URL that cannot go into a script), a script that prints why and exits 1."""
+    try:
+        url = (state.settings.public_url or str(request.base_url)).rstrip("/")
+        if not _URL.fullmatch(url):
+            raise ApiError(
+                400,
+                "bad_coordinator_url",
+                f"this coordinator's URL as requested ({url[:100]!r}) cannot go into the script: "
+                "ask for it by host name or address, or set RMA_PUBLIC_URL on the coordinator",
+            )
+        kit = await _kit(state)
+    except ApiError as exc:
+        # `curl -fsSL ... | sh` would drop an error body: a script that says it and fails is seen instead
+        return PlainTextResponse(donor_kit.error_script(exc.message), media_type=_SH)
     body = donor_kit.script(kit, url, state.settings.overlay_enabled)
-    return PlainTextResponse(body, media_type="text/x-shellscript; charset=utf-8")
+    return PlainTextResponse(body, media_type=_SH)
 
 
 @router.get(

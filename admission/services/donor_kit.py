@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import zipfile
 from dataclasses import dataclass
 from importlib import metadata as md
@@ -50,6 +51,10 @@ DONOR_EXTRAS = (
 SCRIPT = Path(__file__).resolve().parent.parent / "templates" / "donor-install.sh"
 _STAGED = ("pyproject.toml", "README.md", *dists.DONOR_PACKAGES)
 _lock = threading.Lock()
+_LOCK_WAIT_S = (
+    0.5  # a request during a build waits this long, then gets 503 + Retry-After (no queued threads)
+)
+_FAILURE_TTL_S = 60.0  # a failed build is answered from memory this long (503 at once, with its reason)
 
 
 @dataclass(frozen=True)
@@ -61,12 +66,44 @@ class Kit:
 
 
 def get(state: AppState) -> Kit:
-    """This head's kit, built (or found in the cache) once per process; 503 when it cannot be built."""
-    with _lock:
-        if state.donor_kit is None:
-            state.donor_kit = _build(state.settings.data_dir / "donor-kit")
-        kit: Kit = state.donor_kit
+    """This head's kit, built (or found in the cache) once per process; 503 when it cannot be built or while
+    another request builds it. Served only by `rma up`'s own coordinator (settings.donor_kit): the kit
+    describes this machine's Python and Ray, which are the head's only there."""
+    if not state.settings.donor_kit:
+        raise ApiError(
+            503,
+            "donor_kit_unavailable",
+            "the install line is served by `rma up` coordinators only (this one's Ray head runs elsewhere): "
+            "install rma-pool of the head's version on the donor by hand (docs/donor.md)",
+        )
+    kit = state.donor_kit
+    if isinstance(kit, Kit) and kit.wheel.is_file():
         return kit
+    if not _lock.acquire(timeout=_LOCK_WAIT_S):
+        raise ApiError(
+            503, "donor_kit_building", "building the donor kit, retry in a moment", {"Retry-After": "5"}
+        )
+    try:
+        kit = state.donor_kit
+        if isinstance(kit, Kit) and kit.wheel.is_file():
+            return kit
+        failed = state.donor_kit_failure
+        if failed is not None and time.monotonic() - failed[0] < _FAILURE_TTL_S:
+            raise ApiError(503, "donor_kit_unavailable", failed[1])
+        try:
+            kit = _build(state.settings.data_dir / "donor-kit")
+        except ApiError as exc:
+            state.donor_kit_failure = (time.monotonic(), exc.message)
+            raise
+        except Exception as exc:  # ClosureError, OSError, a bad wheel: a refusal with the reason, never a 500
+            log.exception("donor kit: build failed")
+            reason = f"this coordinator cannot build the donor kit ({type(exc).__name__}: {exc}); see its log"
+            state.donor_kit_failure = (time.monotonic(), reason)
+            raise ApiError(503, "donor_kit_unavailable", reason) from None
+        state.donor_kit, state.donor_kit_failure = kit, None
+        return kit
+    finally:
+        _lock.release()
 
 
 def _source_hash(root: Path) -> str:
@@ -171,3 +208,9 @@ def script(kit: Kit, coordinator_url: str, overlay: bool) -> str:
     }
     header = "\n".join(f"{k}={shlex.quote(val)}" for k, val in values.items())
     return SCRIPT.read_text().replace("# @HEAD_VALUES@", header, 1)
+
+
+def error_script(message: str) -> str:
+    """What /donor/install.sh serves when it cannot serve the installer: prints the reason, exits 1."""
+    line = " ".join(message.split())
+    return f"#!/bin/sh\nprintf 'rma install: error: %s\\n' {shlex.quote(line)} >&2\nexit 1\n"

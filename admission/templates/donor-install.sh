@@ -12,13 +12,15 @@
 #
 # Options (or the environment): --extras LIST (RMA_EXTRAS; a service donor wants `services`),
 # --overlay-packages (RMA_OVERLAY_PACKAGES=1), --no-uv (RMA_NO_UV=1: plain venv + pip even where uv is).
+# RMA_INSTALL_URL: the coordinator's URL to download from and check against, where the one in this script
+# (the coordinator's RMA_PUBLIC_URL, or the URL it was asked by) is not how this machine reaches it.
 # pip and uv read their usual settings (PIP_INDEX_URL, PIP_FIND_LINKS, UV_INDEX_URL, ...).
 set -eu
 
 # The head's values (filled in by the coordinator):
 # @HEAD_VALUES@
 
-POOL_URL=${RMA_COORDINATOR_URL:-$RMA_POOL_URL}
+POOL_URL=${RMA_INSTALL_URL:-$RMA_POOL_URL}
 RMA_HOME=${RMA_HOME:-$HOME/.local/share/rma}
 VENV=$RMA_HOME/venv
 EXTRAS=${RMA_EXTRAS:-}
@@ -108,6 +110,12 @@ if [ -n "$USE_UV" ]; then
   uv pip install -q --python "$VENV/bin/python" --no-deps --reinstall-package rma-pool "$TMP/$RMA_WHEEL" \
     || die "reinstalling $RMA_WHEEL failed (uv's output above)"
 else
+  pip_() { "$VENV/bin/python" -m pip --disable-pip-version-check "$@"; }
+  # a venv made by uv (an earlier run where uv was on the PATH) has no pip: add it, or make the venv anew
+  if [ -x "$VENV/bin/python" ] && ! pip_ --version >/dev/null 2>&1; then
+    "$VENV/bin/python" -m ensurepip -q >/dev/null 2>&1 \
+      || { say "replacing $VENV (it has no pip)"; rm -rf "$VENV"; }
+  fi
   if [ ! -x "$VENV/bin/python" ]; then
     "$PY" -m venv "$VENV" 2>"$TMP/venv.log" || {
       rm -rf "$VENV"
@@ -115,10 +123,9 @@ else
     }
   fi
   say "installing into $VENV with pip"
-  PIP="$VENV/bin/python -m pip --disable-pip-version-check"
-  $PIP install -q --upgrade --constraint "$TMP/constraints.txt" "$SPEC @ $WHEEL_URL" \
+  pip_ install -q --upgrade --constraint "$TMP/constraints.txt" "$SPEC @ $WHEEL_URL" \
     || die "installing $RMA_WHEEL failed (pip's output above)"
-  $PIP install -q --force-reinstall --no-deps "$TMP/$RMA_WHEEL" \
+  pip_ install -q --force-reinstall --no-deps "$TMP/$RMA_WHEEL" \
     || die "reinstalling $RMA_WHEEL failed (pip's output above)"
 fi
 
@@ -136,6 +143,8 @@ if [ -n "$OVERLAY_PACKAGES" ]; then
     die "--overlay-packages needs root: run it as root or install sudo"
   fi
   say "installing the overlay's packages (root): $OVERLAY_DEBS"
+  # shellcheck disable=SC2086  # an empty or a `sudo`
+  $SUDO apt-get update -q || die "apt-get update failed (its output above)"
   # shellcheck disable=SC2086  # two words on purpose: the packages, and an empty or a `sudo`
   $SUDO apt-get install -y -q $OVERLAY_DEBS || die "apt-get could not install $OVERLAY_DEBS"
 elif [ "$RMA_POOL_OVERLAY" = yes ]; then

@@ -7,8 +7,9 @@ No index is reachable there, so pip installs from a wheelhouse packed from this 
 installed distributions (rma_ray.dists.repack): the very versions the head's constraints pin. It is kept in
 /var/cache/rma/venv-wheels between runs (~10 s to make, ~0 s after). The install itself ~30 s; the rerun that
 checks idempotence and a version mismatch ~5 s; the same line where uv is on the PATH (the `uv` test extra)
-~5 s. Not covered here: --overlay-packages (apt-get from inside the namespace cannot reach a mirror) and uv
-fetching a Python of its own (nothing to fetch it from)."""
+~5 s, then a pip run (--no-uv) over uv's pip-less venv (ensurepip) ~30 s. Not covered here:
+--overlay-packages (apt-get from inside the namespace cannot reach a mirror) and uv fetching a Python of its own
+(nothing to fetch it from)."""
 
 from __future__ import annotations
 
@@ -19,10 +20,13 @@ import sys
 import tempfile
 import zipfile
 from collections.abc import Iterator
+from importlib import metadata as md
 from pathlib import Path
 from typing import Any
 
 import pytest
+from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
+from packaging.version import Version
 
 from admission.main import build_state, create_app, prepare_database
 from admission.services import donor_kit
@@ -36,6 +40,7 @@ pytestmark = pytest.mark.e2e
 
 WHEELHOUSE = Path(os.environ.get("RMA_TEST_WHEELHOUSE", "/var/cache/rma/venv-wheels"))
 NOBODY = 65534
+RAY = md.version("ray")
 
 
 @dataclasses.dataclass
@@ -57,16 +62,31 @@ class Installer:
     def rma(self) -> str:
         return str(self.home / ".local" / "bin" / "rma")
 
+    def installed(self) -> None:
+        """Installs first where this test runs alone (the venv is missing)."""
+        if not Path(self.rma).exists():
+            res = self.install()
+            assert res.returncode == 0, res.stdout + res.stderr
+
 
 def _wheelhouse() -> Path:
     """Wheels of everything `rma-pool` needs, packed from this environment (only those not packed yet)."""
     WHEELHOUSE.mkdir(parents=True, exist_ok=True)
-    have = {p.name.split("-")[0].lower(): p for p in WHEELHOUSE.glob("*.whl")}
+    have: dict[str, list[tuple[Version, Path]]] = {}
+    for p in WHEELHOUSE.glob("*.whl"):
+        try:
+            wname, wversion, _, _ = parse_wheel_filename(p.name)
+        except InvalidWheelFilename:
+            p.unlink(missing_ok=True)
+            continue
+        have.setdefault(wname, []).append((wversion, p))
     for key, (name, version) in dists.closure().items():
-        stem = key.replace("-", "_")
-        old = have.get(stem)
-        if old is None or old.name.split("-")[1] != version:
-            dists.repack(name, WHEELHOUSE, compression=zipfile.ZIP_STORED)  # stored: no time spent deflating
+        found = have.get(canonicalize_name(key), [])
+        if any(v == Version(version) for v, _ in found):
+            continue
+        dists.repack(name, WHEELHOUSE, compression=zipfile.ZIP_STORED)  # stored: no time spent deflating
+        for _, old in found:  # another version of it: pip would be free to pick either
+            old.unlink(missing_ok=True)
     return WHEELHOUSE
 
 
@@ -100,7 +120,9 @@ def installer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installer]:
         "PIP_NO_COMPILE": "1",
     }
     head_dir = tmp_path_factory.mktemp("donor-install-head")
-    state = build_state(make_settings(f"sqlite:///{head_dir / 'coordinator.db'}", head_dir / "data"))
+    # donor_kit: as `rma up` sets it (this coordinator runs beside this environment's Ray)
+    settings = make_settings(f"sqlite:///{head_dir / 'coordinator.db'}", head_dir / "data", donor_kit=True)
+    state = build_state(settings)
     prepare_database(state)
     try:
         with TestBed(1, prefix="rmainst") as bed:
@@ -130,11 +152,12 @@ def test_the_install_line_installs_rma_for_the_heads_versions_in_a_clean_namespa
     res = installer.run([str(venv / "bin" / "python"), "-c", probe])
     # the donor's own copy of the pool's code, not this checkout; and no coordinator in it
     assert res.stdout.startswith(str(venv)), res.stdout + res.stderr
-    assert "2.60" in res.stdout
+    assert RAY in res.stdout
     assert "No module named 'admission'" in res.stderr
 
 
 def test_a_second_run_upgrades_in_place_and_a_version_mismatch_fails_clearly(installer: Installer) -> None:
+    installer.installed()
     kit = donor_kit.get(installer.state)
     try:
         installer.state.donor_kit = dataclasses.replace(
@@ -142,7 +165,7 @@ def test_a_second_run_upgrades_in_place_and_a_version_mismatch_fails_clearly(ins
         )
         res = installer.run([installer.rma, "version", "--check", installer.url])
         assert res.returncode == 1
-        assert "Ray 2.60.0 here, Ray 2.99.0 on the head" in res.stderr
+        assert f"Ray {RAY} here, Ray 2.99.0 on the head" in res.stderr
         assert "Traceback" not in res.stdout + res.stderr
 
         res = installer.install()  # the same venv, upgraded in place; the check before joining refuses
@@ -168,14 +191,15 @@ def test_where_uv_is_on_the_path_the_same_line_installs_with_uv(installer: Insta
     empty_index = (
         installer.home.parent / "empty-index"
     )  # uv has no --no-index variable: an index with nothing
-    tools = installer.home.parent / "python-only"
-    for d in (home, empty_index):
+    tools = installer.home.parent / "python-and-uv"  # its own: the other tests' PATH stays without uv
+    for d in (home, empty_index, tools):
         d.mkdir()
         os.chown(d, NOBODY, NOBODY)
-    if not (tools / "uv").exists():
-        (tools / "uv").symlink_to(uv)
+    (tools / "uv").symlink_to(uv)
+    (tools / "python3.11").symlink_to(sys._base_executable)
     uv_env = {
         **installer.env,
+        "PATH": f"{tools}:/usr/sbin:/usr/bin:/sbin:/bin",
         "HOME": str(home),
         "UV_DEFAULT_INDEX": empty_index.as_uri(),
         "UV_FIND_LINKS": installer.env["PIP_FIND_LINKS"],
@@ -188,3 +212,8 @@ def test_where_uv_is_on_the_path_the_same_line_installs_with_uv(installer: Insta
     assert "with uv" in res.stdout and "matches the head" in res.stdout
     res = uv_installer.run([uv_installer.rma, "version", "--check", installer.url])
     assert res.returncode == 0 and "matches the head" in res.stdout, res.stdout + res.stderr
+
+    # the same venv on a pip run (--no-uv): uv made it without pip, the script adds pip (ensurepip) first
+    res = uv_installer.install("--no-uv")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "with pip" in res.stdout and "matches the head" in res.stdout

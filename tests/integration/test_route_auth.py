@@ -4,6 +4,8 @@ without credentials. A new route without a declared level fails here."""
 from __future__ import annotations
 
 import re
+import subprocess
+from pathlib import Path
 
 import pytest
 from fastapi.routing import APIRoute
@@ -93,3 +95,20 @@ def test_openapi_documents_the_levels(client: TestClient) -> None:
     for path, ops in spec["paths"].items():
         for op in ops.values():
             assert op.get("x-rma-auth") in LEVELS, path
+
+
+def test_a_coordinator_away_from_its_head_serves_no_donor_kit_and_says_why(
+    client: TestClient, tmp_path: Path
+) -> None:
+    """Not `rma up`'s own (RMA_DONOR_KIT off): /donor/* is a 503 that says so, and install.sh a script that
+    prints it and fails (`curl -fsSL ... | sh` drops an error body)."""
+    r = client.get("/donor/versions.json")
+    assert r.status_code == 503 and "served by `rma up` coordinators only" in r.json()["error"]["message"]
+    r = client.get("/donor/install.sh")
+    assert r.status_code == 200
+    (tmp_path / "install.sh").write_text(r.text)
+    res = subprocess.run(["sh", str(tmp_path / "install.sh")], capture_output=True, text=True)
+    assert res.returncode == 1 and res.stdout == ""
+    assert res.stderr.startswith(
+        "rma install: error: the install line is served by `rma up` coordinators only"
+    )

@@ -7,10 +7,14 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from importlib import metadata as md
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
+from admission.errors import ApiError
 from admission.services import donor_kit
 from rma_ray import dists
 from rma_ray.wire import DonorVersions
@@ -52,7 +56,7 @@ def test_pins_drop_local_labels_and_the_fingerprint_covers_only_the_donors_modul
 
 def test_the_closure_pins_ray_and_leaves_the_pool_out() -> None:
     pins = dists.closure()
-    assert pins["ray"][1] == "2.60.0"
+    assert pins["ray"][1] == md.version("ray")
     assert "rma-pool" not in pins and "fastapi" in pins
 
 
@@ -95,3 +99,79 @@ def test_the_script_refuses_bad_options_before_it_touches_anything(
     assert res.returncode == 1
     assert res.stderr.startswith(f"rma install: error: {message}") and res.stderr.count("\n") == 1
     assert list(home.iterdir()) == []
+
+
+def _state(tmp_path: Path, *, beside_head: bool = True) -> Any:
+    settings = SimpleNamespace(donor_kit=beside_head, data_dir=tmp_path)
+    return SimpleNamespace(settings=settings, donor_kit=None, donor_kit_failure=None)
+
+
+def _fake_build(tmp_path: Path, calls: list[Path]) -> Any:
+    def build(cache: Path) -> donor_kit.Kit:
+        calls.append(cache)
+        wheel = tmp_path / "rma_pool-0.1.0-py3-none-any.whl"
+        wheel.write_bytes(b"wheel")
+        return donor_kit.Kit(wheel, "0" * 64, HEAD, "")
+
+    return build
+
+
+def test_a_coordinator_away_from_its_head_refuses_the_kit(tmp_path: Path) -> None:
+    with pytest.raises(ApiError) as err:
+        donor_kit.get(_state(tmp_path, beside_head=False))
+    assert err.value.status == 503 and "served by `rma up` coordinators only" in err.value.message
+
+
+def test_a_request_during_a_build_gets_503_with_retry_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(donor_kit, "_LOCK_WAIT_S", 0.01)
+    with donor_kit._lock, pytest.raises(ApiError) as err:  # another request is building
+        donor_kit.get(_state(tmp_path))
+    assert err.value.status == 503 and err.value.headers.get("Retry-After")
+    assert "building" in err.value.message
+
+
+@pytest.mark.parametrize(
+    "exc", [dists.ClosureError("ray is required but not installed here"), OSError(28, "nope")]
+)
+def test_a_failed_build_is_a_503_with_its_reason_remembered_for_a_while(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exc: Exception
+) -> None:
+    calls: list[Path] = []
+
+    def fail(cache: Path) -> donor_kit.Kit:
+        calls.append(cache)
+        raise exc
+
+    monkeypatch.setattr(donor_kit, "_build", fail)
+    state = _state(tmp_path)
+    for _ in range(2):
+        with pytest.raises(ApiError) as err:
+            donor_kit.get(state)
+        assert err.value.status == 503 and err.value.code == "donor_kit_unavailable"
+        assert str(exc) in err.value.message
+    assert len(calls) == 1  # the second answer came from memory
+    state.donor_kit_failure = (state.donor_kit_failure[0] - donor_kit._FAILURE_TTL_S, "old")
+    monkeypatch.setattr(donor_kit, "_build", _fake_build(tmp_path, calls))
+    assert donor_kit.get(state).wheel.is_file() and len(calls) == 2
+
+
+def test_a_kit_whose_wheel_was_deleted_is_built_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[Path] = []
+    monkeypatch.setattr(donor_kit, "_build", _fake_build(tmp_path, calls))
+    state = _state(tmp_path)
+    kit = donor_kit.get(state)
+    assert donor_kit.get(state) is kit and len(calls) == 1
+    kit.wheel.unlink()
+    assert donor_kit.get(state).wheel.is_file() and len(calls) == 2
+
+
+def test_the_error_script_prints_the_reason_and_fails(tmp_path: Path) -> None:
+    path = tmp_path / "install.sh"
+    path.write_text(donor_kit.error_script("it's 'quoted' $(no) `expansion`\nhere"))
+    res = subprocess.run(["sh", str(path)], capture_output=True, text=True)
+    assert res.returncode == 1 and res.stdout == ""
+    assert res.stderr == "rma install: error: it's 'quoted' $(no) `expansion` here\n"
