@@ -64,6 +64,12 @@ FAMILIES = (REQUESTS, LATENCY, QUEUED, ONGOING)
 _NOT_IDENTITY = {"le", "otel_scope_name", "otel_scope_schema_url", "otel_scope_version"}
 MARKER = "collector-started"  # the core's; an edge's is marker(name)
 MAX_SCRAPE_BYTES = 64 * 1024 * 1024
+# An edge's endpoints are its untrusted donors' to write: a count outside 0..MAX_COUNT (the rollups' int4 columns)
+# is dropped, a gauge clamped into it, and a target serving over MAX_SERIES of our samples is not read that pass
+MAX_COUNT = 2**31 - 1
+MAX_SUM_MS = 2.0**62
+MAX_SERIES = 2000
+TIMEOUT = httpx.Timeout(5, connect=2)
 QUANTILES = (0.5, 0.99)
 LOAD_STALE = timedelta(minutes=5)
 
@@ -130,14 +136,35 @@ def _wanted(text: str) -> str:
     return "\n".join(line for line in text.splitlines() if line.startswith(heads)) + "\n"
 
 
+def _count(v: float) -> bool:
+    return math.isfinite(v) and 0 <= v <= MAX_COUNT
+
+
+def _bound(le: str) -> bool:
+    try:
+        return not math.isnan(float(le))
+    except ValueError:
+        return False
+
+
 def parse(text: str, target: str, cluster: str = CORE) -> Reading:
-    """The Serve request families in one target's Prometheus text (prometheus_client's parser), for `cluster`."""
+    """The Serve request families in one target's Prometheus text (prometheus_client's parser), for `cluster`.
+    Values no Serve process writes (not finite, negative, past MAX_COUNT) are dropped, a histogram with one of
+    them whole; ValueError when the target serves over MAX_SERIES samples of these families."""
     out = Reading()
     hists: dict[str, tuple[Key, Hist]] = {}
-    for fam in text_string_to_metric_families(_wanted(text)):
+    bad: set[str] = set()
+    families = list(text_string_to_metric_families(_wanted(text)))
+    if sum(len(f.samples) for f in families) > MAX_SERIES:
+        raise ValueError(f"over {MAX_SERIES} Serve request series")
+    for fam in families:
         if fam.name == REQUESTS:
             for s in fam.samples:
-                if s.name.endswith("_total") and not s.labels.get("route", "").startswith("/-/"):
+                if (
+                    s.name.endswith("_total")
+                    and not s.labels.get("route", "").startswith("/-/")
+                    and _count(s.value)
+                ):
                     sid = _series_id(target, fam.name, s.labels, cluster)
                     out.counters[sid] = (target, _key(s.labels, cluster), s.value)
         elif fam.name == LATENCY:
@@ -146,19 +173,25 @@ def parse(text: str, target: str, cluster: str = CORE) -> Reading:
                     continue
                 sid = _series_id(target, fam.name, s.labels, cluster)
                 h = hists.setdefault(sid, (_key(s.labels, cluster), Hist({}, 0.0, 0.0)))[1]
-                if s.name.endswith("_bucket"):
-                    h.buckets[s.labels["le"]] = s.value
-                elif s.name.endswith("_count"):
-                    h.count = s.value
-                elif s.name.endswith("_sum"):
+                if s.name.endswith("_sum"):
+                    ok = math.isfinite(s.value) and 0 <= s.value <= MAX_SUM_MS
                     h.sum = s.value
+                else:
+                    ok = _count(s.value)
+                    if s.name.endswith("_bucket"):
+                        ok = ok and _bound(s.labels["le"])
+                        h.buckets[s.labels["le"]] = s.value
+                    elif s.name.endswith("_count"):
+                        h.count = s.value
+                if not ok:
+                    bad.add(sid)
         elif fam.name in (QUEUED, ONGOING):
             col = 0 if fam.name == QUEUED else 1
             for s in fam.samples:
                 k = (cluster, s.labels.get("application", "")[:128], s.labels.get("deployment", "")[:128])
                 if math.isfinite(s.value):
-                    out.load.setdefault(k, [0.0, 0.0])[col] += s.value
-    out.histograms = {sid: (target, key, h) for sid, (key, h) in hists.items()}
+                    out.load.setdefault(k, [0.0, 0.0])[col] += min(max(0.0, s.value), MAX_COUNT)
+    out.histograms = {sid: (target, key, h) for sid, (key, h) in hists.items() if sid not in bad}
     return out
 
 
@@ -286,7 +319,8 @@ def store(
         prev_v = None if prev is None else float(prev.value.get("v", 0))
         d = round(counter_delta(prev_v, value, key[0] in baseline))
         if d > 0:
-            row(key).requests += d
+            r = row(key)
+            r.requests = min(MAX_COUNT, r.requests + d)
             counted += d
         move(sid, target, {"v": value})
     for sid, (target, key, h) in reading.histograms.items():
@@ -296,7 +330,7 @@ def store(
         dh = hist_delta(None if prev is None else Hist.from_json(prev.value), h, key[0] in baseline)
         if dh is not None and dh.count > 0:
             r = row(key)
-            r.latency_count += round(dh.count)
+            r.latency_count = min(MAX_COUNT, r.latency_count + round(dh.count))
             r.latency_sum_ms += dh.sum
             buckets = dict(r.latency_buckets or {})
             _add_buckets(buckets, dh.buckets)
@@ -304,9 +338,10 @@ def store(
         move(sid, target, h.as_json())
     for m in markers.values():
         move(m, "", {})
-    for (cluster, app, dep), (queued, ongoing) in reading.load.items():
+    for (cluster, app, dep), summed in reading.load.items():
         if cluster not in answered:
             continue
+        queued, ongoing = (min(v, MAX_COUNT) for v in summed)  # summed over targets: finite, maybe past it
         lr = session.get(DeploymentLoad, (cluster, app, dep))
         if lr is None:
             session.add(
