@@ -64,8 +64,8 @@ FAMILIES = (REQUESTS, LATENCY, QUEUED, ONGOING)
 _NOT_IDENTITY = {"le", "otel_scope_name", "otel_scope_schema_url", "otel_scope_version"}
 MARKER = "collector-started"  # the core's; an edge's is marker(name)
 MAX_SCRAPE_BYTES = 64 * 1024 * 1024
-# An edge's endpoints are its untrusted donors' to write: a count outside 0..MAX_COUNT (the rollups' int4 columns)
-# is dropped, a gauge clamped into it, and a target serving over MAX_SERIES of our samples is not read that pass
+# An edge's endpoints are its untrusted donors' to write: a count outside 0..MAX_COUNT (the rollups' int4
+# columns) is dropped, a gauge clamped into it, and a target serving over MAX_SERIES of our samples is not read
 MAX_COUNT = 2**31 - 1
 MAX_SUM_MS = 2.0**62
 MAX_SERIES = 2000
@@ -404,9 +404,10 @@ class CollectorView:
     at: datetime | None = None
     error: str | None = None  # nothing could be read: Ray's target list or every endpoint failed
     targets: int = 0
-    # "host:port: why" of the core's endpoints that did not answer, "edge: host:port: why" of an edge's, and
-    # "cluster: why" of a cluster whose endpoints could not be listed
+    # "host:port: why" of the core's endpoints that did not answer, "edge: host:port: why" of an edge's
     unreachable: list[str] = field(default_factory=list)
+    # "cluster: why" of a cluster whose endpoints could not be listed (not among `targets`)
+    unlisted: list[str] = field(default_factory=list)
     clusters: list[str] = field(default_factory=list)  # the clusters read by the last pass
     passes: int = 0
 
@@ -456,24 +457,20 @@ class Collector:
         unlisted: dict[str, str] = {}  # cluster -> why its endpoints could not be listed
         # endpoint -> Ray node id, for the ledger; None: no ledger this pass
         node_of: dict[str, str] | None = {}
-        with httpx.Client(timeout=5) as http:
-            for cluster in self.state.settings.clusters:
-                try:
-                    targets = discover(self.state, http, cluster)
-                except (httpx.HTTPError, ValueError, TypeError, AttributeError) as exc:
-                    unlisted[cluster] = f"cannot list Ray's metrics endpoints: {exc}"
-                    targets = None
-                try:  # which node each endpoint is; without the core's, no ledger this pass
-                    of = contributions.discover_nodes(self.state, http, cluster)
-                except (httpx.HTTPError, ValueError, TypeError, AttributeError) as exc:
-                    log.warning("contribution ledger: cannot read %s's node table: %s", cluster, exc)
+        clusters = self.state.settings.clusters
+        with httpx.Client(timeout=TIMEOUT) as http:
+            # the clusters listed side by side: an edge's dashboard that never answers costs one timeout a pass
+            with ThreadPoolExecutor(max_workers=max(1, min(8, len(clusters)))) as pool:
+                lists = list(pool.map(lambda c: _list_cluster(self.state, http, c), clusters))
+            for cluster, (targets, of, why) in zip(clusters, lists, strict=True):
+                if of is None:  # which node each endpoint is; without the core's, no ledger this pass
                     if cluster == CORE:
                         node_of = None
                     of = {}
                 if targets is None and not of:
+                    unlisted[cluster] = why
                     continue
-                unlisted.pop(cluster, None)  # Ray's node table lists the nodes' endpoints too
-                if node_of is not None:
+                if node_of is not None:  # Ray's node table lists the nodes' endpoints too
                     node_of.update(of)
                 listed[cluster] = sorted({*(targets or ()), *of})
             if not listed:
@@ -481,6 +478,7 @@ class Collector:
                 self.view.error = (
                     why if len(unlisted) <= 1 else "; ".join(f"{c}: {w}" for c, w in unlisted.items())
                 )
+                self.view.unlisted = [f"{c}: {w}"[:200] for c, w in unlisted.items()]
                 return {}
             todo = [(c, t) for c, ts in listed.items() for t in ts]
             with ThreadPoolExecutor(max_workers=max(1, min(8, len(todo)))) as pool:
@@ -499,7 +497,8 @@ class Collector:
                 reading.merge(parse(text, target, cluster))
                 if node_of and target in node_of:
                     nodes[target] = contributions.parse(text, target)
-            except (ValueError, KeyError) as exc:  # not Prometheus text, or a bucket without its bound
+            except (ValueError, KeyError) as exc:  # not Prometheus text, a bucket without its bound, too many
+                log.warning("metrics of %s not read this pass: %r", where, exc)
                 failed.append(f"{where}: cannot parse its metrics: {exc!r}"[:200])
                 incomplete.add(cluster)
                 continue
@@ -517,16 +516,39 @@ class Collector:
                 self._pruned_at = now
         # Ray lists its autoscaler's and dashboard's endpoints too; one of them down is a note, not an outage
         self.view.at, self.view.targets, self.view.passes = now, len(todo), self.view.passes + 1
-        self.view.unreachable = [f[:200] for f in [*(f"{c}: {w}" for c, w in unlisted.items()), *failed]]
+        self.view.unreachable = [f[:200] for f in failed]
+        self.view.unlisted = [f"{c}: {w}"[:200] for c, w in unlisted.items()]
         self.view.clusters = sorted(answered, key=lambda c: (c != CORE, c))
         self.view.error = (
-            "Ray lists no metrics endpoint yet"
+            f"{CORE}: {unlisted[CORE]}"
+            if CORE in unlisted
+            else "Ray lists no metrics endpoint yet"
             if not todo
             else f"no Ray metrics endpoint answered ({len(failed)} tried)"
             if len(failed) == len(todo)
             else None
         )
         return out
+
+
+def _list_cluster(
+    state: AppState, http: httpx.Client, cluster: str
+) -> tuple[list[str] | None, dict[str, str] | None, str]:
+    """A cluster's metrics endpoints (None: not listed), its node table's endpoint -> node id (None: not read)
+    and why the endpoints could not be listed. A dashboard that did not answer is not asked twice."""
+    try:
+        targets: list[str] | None = discover(state, http, cluster)
+        why = ""
+    except (httpx.HTTPError, ValueError, TypeError, AttributeError) as exc:
+        why = f"cannot list Ray's metrics endpoints: {exc or type(exc).__name__}"
+        if isinstance(exc, httpx.TransportError):
+            return None, None, why
+        targets = None
+    try:
+        return targets, contributions.discover_nodes(state, http, cluster), why
+    except (httpx.HTTPError, ValueError, TypeError, AttributeError) as exc:
+        log.warning("contribution ledger: cannot read %s's node table: %s", cluster, exc)
+        return targets, None, why
 
 
 def _try_scrape(http: httpx.Client, target: str) -> str | Exception:
@@ -681,6 +703,7 @@ def summary(
             error=v.error,
             targets=v.targets,
             unreachable=list(v.unreachable),
+            unlisted=list(v.unlisted),
             clusters=list(v.clusters),
         )
     return schemas.RequestMetricsOut(

@@ -282,10 +282,12 @@ def test_the_collector_reads_both_clusters_over_http_and_skips_one_that_does_not
         core["text"] = prom("gateway", {"c1": {"200": 13}})
         assert collector.collect_once(t + timedelta(seconds=20))["requests"] == 3
         assert collector.view.clusters == ["core"] and collector.view.error is None
-        assert [u.split(":")[0] for u in collector.view.unreachable] == ["edge"]
+        # a cluster not listed is named apart from the endpoints it scraped (no "Scraped -1 of 1")
+        assert [u.split(":")[0] for u in collector.view.unlisted] == ["edge"]
+        assert collector.view.unreachable == [] and collector.view.targets == 1
         edge["down"] = False
         assert collector.collect_once(t + timedelta(seconds=30))["requests"] == 3  # the edge's 3 meanwhile
-        assert collector.view.clusters == ["core", "edge"] and collector.view.unreachable == []
+        assert collector.view.clusters == ["core", "edge"] and collector.view.unlisted == []
     with state.sessions() as s:
         assert metrics.summary(s, collector, cluster="edge").today.requests == 4 + 3
     state.engine.dispose()
