@@ -20,9 +20,10 @@ Counters are cumulative per process. A delta is the rise since the cursor kept f
 process restarted and its whole new value is new; a series first seen after the collector's first pass is new
 traffic (a restarted proxy or replica has a new WorkerId label). Cursors are written in the same transaction as
 the rollups, so a restarted coordinator neither loses nor double-counts. The very first pass that reads a cluster
-(no cursors of it yet: a new database, or an edge added since) takes a baseline for that cluster: its history
-before the collector saw it is not today's traffic. A cluster that does not answer is skipped: its cursors stay
-as they were, and its next answer counts everything since.
+(no marker of it: a new database, an edge added since, or one away past the retention) takes a baseline for
+that cluster: its history before the collector saw it is not today's traffic; the marker is written once every
+endpoint of the cluster answered in one pass. A cluster that does not answer is skipped: its cursors stay as
+they were, and its next answer counts everything since.
 
 The same pass feeds the donors' contribution ledger (admission.services.contributions) from the same scrapes,
 in the same transaction.
@@ -336,8 +337,9 @@ def store(
             _add_buckets(buckets, dh.buckets)
             r.latency_buckets = buckets  # a new dict: the JSON column sees the change
         move(sid, target, h.as_json())
-    for m in markers.values():
-        move(m, "", {})
+    for c, m in markers.items():  # a first read is done once every endpoint of the cluster answered
+        if c in complete or m in cursors:
+            move(m, "", {})
     for (cluster, app, dep), summed in reading.load.items():
         if cluster not in answered:
             continue
@@ -367,10 +369,9 @@ def store(
 def prune(session: Session, now: datetime, retention_h: int) -> None:
     cutoff = now - timedelta(hours=retention_h)
     session.execute(delete(RequestMinute).where(RequestMinute.minute < cutoff))
-    # the markers stay: a cluster down past the retention still has been read before (its next pass counts)
-    session.execute(
-        delete(MetricCursor).where(MetricCursor.seen_at < cutoff, ~MetricCursor.id.startswith(MARKER))
-    )
+    # the markers too: a cluster away past the retention has lost its series' cursors with it, so its next
+    # pass is a first read (a baseline), not its whole history counted as new
+    session.execute(delete(MetricCursor).where(MetricCursor.seen_at < cutoff))
 
 
 def discover(state: AppState, http: httpx.Client, cluster: str = CORE) -> list[str]:

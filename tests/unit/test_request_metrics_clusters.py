@@ -173,10 +173,42 @@ def test_an_edge_that_does_not_answer_is_skipped_and_keeps_its_cursors(sessions:
         ("eu", prom("llm", {"u": {"200": 70}})),
     )
     assert counted(sessions) == {("core", "gateway"): 5, ("edge", "llm"): 11}
+    # the edge away for two days, past the 48 h retention, while the core answers: its cursors and its marker
+    # expire together, so its return is a first read (a baseline), not its whole history counted again
+    later = T0 + timedelta(hours=48, minutes=30)
+    store(sessions, later, ("core", prom("gateway", {"c1": {"200": 7}})), answered={"core"})
     with sessions() as s, s.begin():
-        metrics.prune(s, T0 + timedelta(hours=49), 48)  # every cursor past retention, but the markers
+        metrics.prune(s, T0 + timedelta(hours=49), 48)
     with sessions() as s:
-        assert {c.id for c in s.query(MetricCursor)} == {metrics.marker(c) for c in ("core", "edge", "eu")}
+        assert s.get(MetricCursor, metrics.MARKER) is not None
+        assert not {c.id for c in s.query(MetricCursor)} & edge_ids
+    out = store(
+        sessions,
+        T0 + timedelta(hours=49),
+        ("core", prom("gateway", {"c1": {"200": 8}})),
+        ("edge", prom("llm", {"e1": {"200": 500, "429": 2}})),
+    )
+    # the rows of before the retention are gone; the edge's 500 are history, not its first minute's traffic
+    assert out["baselines"] == 1 and counted(sessions) == {("core", "gateway"): 1 + 1}
+
+
+def test_a_first_read_is_done_only_once_the_whole_cluster_answered(sessions: Any) -> None:
+    """An edge whose second proxy did not answer its first read: that proxy's history, seen later, is not new
+    traffic; the marker is written by the first pass in which every endpoint answered."""
+    store(sessions, T0, ("edge", prom("llm", {"e1": {"200": 30}})), answered={"edge"}, complete=set())
+    with sessions() as s:
+        assert s.get(MetricCursor, metrics.marker("edge")) is None
+    out = store(
+        sessions,
+        T0 + timedelta(seconds=10),
+        ("edge", prom("llm", {"e1": {"200": 32}, "e2": {"200": 900}})),  # e2's endpoint answers at last
+        answered={"edge"},
+    )
+    assert out["baselines"] == 1 and counted(sessions) == {("edge", "llm"): 2}  # e1's rise; e2's baseline
+    with sessions() as s:
+        assert s.get(MetricCursor, metrics.marker("edge")) is not None
+    store(sessions, T0 + timedelta(seconds=20), ("edge", prom("llm", {"e1": {"200": 33}, "e3": {"200": 4}})))
+    assert counted(sessions) == {("edge", "llm"): 2 + 1 + 4}  # e3: a proxy born since, counted in full
 
 
 def test_the_pool_totals_are_the_clients_requests_and_rows_name_their_cluster(sessions: Any) -> None:
