@@ -33,8 +33,8 @@ node two donors claim goes to the one the reconciler saw alive on it, or to no o
 nothing about whose it is; a node no donor accounts for (the head, an intruder) is attributed to no one and
 leaves no cursor behind.
 Edge clusters (untrusted donors) are read the same way through each edge's dashboard: their nodes' endpoints
-are scraped for the ledger only (the Requests section stays the core's); an edge whose dashboard or node does
-not answer is skipped for that pass, which loses no counted work (counters are cumulative) and at most
+are scraped once a pass, for the ledger and for the edge's own Serve request metrics (admission.services.metrics,
+per cluster); an edge whose dashboard or node does not answer is skipped for that pass, which loses no counted work (counters are cumulative) and at most
 MAX_GAP of CPU time per pass.
 
 Everything here is what Ray's processes on the donor's machine export: a donor who controls that machine can
