@@ -34,8 +34,8 @@ nothing about whose it is; a node no donor accounts for (the head, an intruder) 
 leaves no cursor behind.
 Edge clusters (untrusted donors) are read the same way through each edge's dashboard: their nodes' endpoints
 are scraped once a pass, for the ledger and for the edge's own Serve request metrics (admission.services.metrics,
-per cluster); an edge whose dashboard or node does not answer is skipped for that pass, which loses no counted work (counters are cumulative) and at most
-MAX_GAP of CPU time per pass.
+per cluster); an edge whose dashboard or node does not answer is skipped for that pass, which loses no counted
+work (counters are cumulative) and at most MAX_GAP of CPU time per pass.
 
 Everything here is what Ray's processes on the donor's machine export: a donor who controls that machine can
 make them export more. The ledger avoids trusting the donor's agent, not the donor's hardware; sampled
