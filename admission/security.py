@@ -140,9 +140,7 @@ def load_node(state: AppState, worker_id: str) -> NodeEntry | None:
             # to leave (the core is not shared with strangers); it comes back into an edge with a new invite
             log.warning("donor %s is untrusted and in the core cluster: asking it to leave", w.id)
             action = "leave"
-        entry = NodeEntry(
-            w.id, w.node_token_hash, w.revoked_at is None and w.left_at is None, action, w.cluster
-        )
+        entry = NodeEntry(w.id, w.node_token_hash, w.revoked_at is None and w.left_at is None, action, w.cluster)
     with state.nodes_lock:
         return state.nodes.setdefault(worker_id, entry)
 
