@@ -294,7 +294,9 @@ class CollectorOut(BaseModel):
     at: datetime | None = None
     error: str | None = None
     targets: int = 0  # Ray's metrics endpoints (every node's, the autoscaler's, the dashboard's)
-    unreachable: list[str] = Field(default_factory=list)
+    unreachable: list[str] = Field(default_factory=list)  # of the `targets`: "[cluster: ]host:port: why"
+    # "cluster: why" of the clusters whose endpoints could not be listed (not among `targets`)
+    unlisted: list[str] = Field(default_factory=list)
     clusters: list[str] = Field(default_factory=list)  # the clusters the last pass read ("core", edges)
 
 

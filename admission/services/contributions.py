@@ -33,9 +33,9 @@ node two donors claim goes to the one the reconciler saw alive on it, or to no o
 nothing about whose it is; a node no donor accounts for (the head, an intruder) is attributed to no one and
 leaves no cursor behind.
 Edge clusters (untrusted donors) are read the same way through each edge's dashboard: their nodes' endpoints
-are scraped for the ledger only (the Requests section stays the core's); an edge whose dashboard or node does
-not answer is skipped for that pass, which loses no counted work (counters are cumulative) and at most
-MAX_GAP of CPU time per pass.
+are scraped once a pass, for the ledger and for the edge's own Serve request metrics (admission.services.metrics,
+per cluster); an edge whose dashboard or node does not answer is skipped for that pass, which loses no counted
+work (counters are cumulative) and at most MAX_GAP of CPU time per pass.
 
 Everything here is what Ray's processes on the donor's machine export: a donor who controls that machine can
 make them export more. The ledger avoids trusting the donor's agent, not the donor's hardware; sampled
@@ -77,6 +77,9 @@ FAMILIES = (CPU, GPU, REQUESTS, *TOKENS)
 _NOT_IDENTITY = {"otel_scope_name", "otel_scope_schema_url", "otel_scope_version"}
 MARKER = "contributions-started"
 MAX_GAP = timedelta(minutes=2)
+# what a node's endpoint serves is its donor's to write: a counter outside 0..MAX_VALUE is dropped, a gauge
+# clamped into it (an infinite or huge value would fail the collector's whole transaction)
+MAX_VALUE = 2**31 - 1
 ROLLUP_WINDOW = timedelta(days=3)  # rows older than the per-minute span looked at on each rollup
 SERIES_HOURS = 168
 
@@ -154,13 +157,14 @@ def parse(text: str, target: str) -> NodeReading:
         for s in fam.samples:
             if not math.isfinite(s.value):
                 continue
+            gauge, counter = min(max(0.0, s.value), MAX_VALUE), 0 <= s.value <= MAX_VALUE
             if fam.name == CPU:
-                out.cpu_pct = (out.cpu_pct or 0.0) + max(0.0, s.value)
+                out.cpu_pct = (out.cpu_pct or 0.0) + gauge
             elif fam.name == GPU:
-                out.gpu_pct += max(0.0, s.value)
-            elif fam.name == REQUESTS and s.name.endswith("_total"):
+                out.gpu_pct += gauge
+            elif fam.name == REQUESTS and s.name.endswith("_total") and counter:
                 out.requests[_series_id(target, fam.name, s.labels)] = s.value
-            elif fam.name in TOKENS and s.name.endswith("_total"):
+            elif fam.name in TOKENS and s.name.endswith("_total") and counter:
                 out.tokens[_series_id(target, fam.name, s.labels)] = s.value
     return out
 

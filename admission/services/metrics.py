@@ -20,9 +20,10 @@ Counters are cumulative per process. A delta is the rise since the cursor kept f
 process restarted and its whole new value is new; a series first seen after the collector's first pass is new
 traffic (a restarted proxy or replica has a new WorkerId label). Cursors are written in the same transaction as
 the rollups, so a restarted coordinator neither loses nor double-counts. The very first pass that reads a cluster
-(no cursors of it yet: a new database, or an edge added since) takes a baseline for that cluster: its history
-before the collector saw it is not today's traffic. A cluster that does not answer is skipped: its cursors stay
-as they were, and its next answer counts everything since.
+(no marker of it: a new database, an edge added since, or one away past the retention) takes a baseline for
+that cluster: its history before the collector saw it is not today's traffic; the marker is written once every
+endpoint of the cluster answered in one pass. A cluster that does not answer is skipped: its cursors stay as
+they were, and its next answer counts everything since.
 
 The same pass feeds the donors' contribution ledger (admission.services.contributions) from the same scrapes,
 in the same transaction.
@@ -64,6 +65,12 @@ FAMILIES = (REQUESTS, LATENCY, QUEUED, ONGOING)
 _NOT_IDENTITY = {"le", "otel_scope_name", "otel_scope_schema_url", "otel_scope_version"}
 MARKER = "collector-started"  # the core's; an edge's is marker(name)
 MAX_SCRAPE_BYTES = 64 * 1024 * 1024
+# An edge's endpoints are its untrusted donors' to write: a count outside 0..MAX_COUNT (the rollups' int4
+# columns) is dropped, a gauge clamped into it, and a target serving over MAX_SERIES of our samples is not read
+MAX_COUNT = 2**31 - 1
+MAX_SUM_MS = 2.0**62
+MAX_SERIES = 2000
+TIMEOUT = httpx.Timeout(5, connect=2)
 QUANTILES = (0.5, 0.99)
 LOAD_STALE = timedelta(minutes=5)
 
@@ -130,14 +137,35 @@ def _wanted(text: str) -> str:
     return "\n".join(line for line in text.splitlines() if line.startswith(heads)) + "\n"
 
 
+def _count(v: float) -> bool:
+    return math.isfinite(v) and 0 <= v <= MAX_COUNT
+
+
+def _bound(le: str) -> bool:
+    try:
+        return not math.isnan(float(le))
+    except ValueError:
+        return False
+
+
 def parse(text: str, target: str, cluster: str = CORE) -> Reading:
-    """The Serve request families in one target's Prometheus text (prometheus_client's parser), for `cluster`."""
+    """The Serve request families in one target's Prometheus text (prometheus_client's parser), for `cluster`.
+    Values no Serve process writes (not finite, negative, past MAX_COUNT) are dropped, a histogram with one of
+    them whole; ValueError when the target serves over MAX_SERIES samples of these families."""
     out = Reading()
     hists: dict[str, tuple[Key, Hist]] = {}
-    for fam in text_string_to_metric_families(_wanted(text)):
+    bad: set[str] = set()
+    families = list(text_string_to_metric_families(_wanted(text)))
+    if sum(len(f.samples) for f in families) > MAX_SERIES:
+        raise ValueError(f"over {MAX_SERIES} Serve request series")
+    for fam in families:
         if fam.name == REQUESTS:
             for s in fam.samples:
-                if s.name.endswith("_total") and not s.labels.get("route", "").startswith("/-/"):
+                if (
+                    s.name.endswith("_total")
+                    and not s.labels.get("route", "").startswith("/-/")
+                    and _count(s.value)
+                ):
                     sid = _series_id(target, fam.name, s.labels, cluster)
                     out.counters[sid] = (target, _key(s.labels, cluster), s.value)
         elif fam.name == LATENCY:
@@ -146,19 +174,25 @@ def parse(text: str, target: str, cluster: str = CORE) -> Reading:
                     continue
                 sid = _series_id(target, fam.name, s.labels, cluster)
                 h = hists.setdefault(sid, (_key(s.labels, cluster), Hist({}, 0.0, 0.0)))[1]
-                if s.name.endswith("_bucket"):
-                    h.buckets[s.labels["le"]] = s.value
-                elif s.name.endswith("_count"):
-                    h.count = s.value
-                elif s.name.endswith("_sum"):
+                if s.name.endswith("_sum"):
+                    ok = math.isfinite(s.value) and 0 <= s.value <= MAX_SUM_MS
                     h.sum = s.value
+                else:
+                    ok = _count(s.value)
+                    if s.name.endswith("_bucket"):
+                        ok = ok and _bound(s.labels["le"])
+                        h.buckets[s.labels["le"]] = s.value
+                    elif s.name.endswith("_count"):
+                        h.count = s.value
+                if not ok:
+                    bad.add(sid)
         elif fam.name in (QUEUED, ONGOING):
             col = 0 if fam.name == QUEUED else 1
             for s in fam.samples:
                 k = (cluster, s.labels.get("application", "")[:128], s.labels.get("deployment", "")[:128])
                 if math.isfinite(s.value):
-                    out.load.setdefault(k, [0.0, 0.0])[col] += s.value
-    out.histograms = {sid: (target, key, h) for sid, (key, h) in hists.items()}
+                    out.load.setdefault(k, [0.0, 0.0])[col] += min(max(0.0, s.value), MAX_COUNT)
+    out.histograms = {sid: (target, key, h) for sid, (key, h) in hists.items() if sid not in bad}
     return out
 
 
@@ -286,7 +320,8 @@ def store(
         prev_v = None if prev is None else float(prev.value.get("v", 0))
         d = round(counter_delta(prev_v, value, key[0] in baseline))
         if d > 0:
-            row(key).requests += d
+            r = row(key)
+            r.requests = min(MAX_COUNT, r.requests + d)
             counted += d
         move(sid, target, {"v": value})
     for sid, (target, key, h) in reading.histograms.items():
@@ -296,17 +331,19 @@ def store(
         dh = hist_delta(None if prev is None else Hist.from_json(prev.value), h, key[0] in baseline)
         if dh is not None and dh.count > 0:
             r = row(key)
-            r.latency_count += round(dh.count)
+            r.latency_count = min(MAX_COUNT, r.latency_count + round(dh.count))
             r.latency_sum_ms += dh.sum
             buckets = dict(r.latency_buckets or {})
             _add_buckets(buckets, dh.buckets)
             r.latency_buckets = buckets  # a new dict: the JSON column sees the change
         move(sid, target, h.as_json())
-    for m in markers.values():
-        move(m, "", {})
-    for (cluster, app, dep), (queued, ongoing) in reading.load.items():
+    for c, m in markers.items():  # a first read is done once every endpoint of the cluster answered
+        if c in complete or m in cursors:
+            move(m, "", {})
+    for (cluster, app, dep), summed in reading.load.items():
         if cluster not in answered:
             continue
+        queued, ongoing = (min(v, MAX_COUNT) for v in summed)  # summed over targets: finite, maybe past it
         lr = session.get(DeploymentLoad, (cluster, app, dep))
         if lr is None:
             session.add(
@@ -332,10 +369,9 @@ def store(
 def prune(session: Session, now: datetime, retention_h: int) -> None:
     cutoff = now - timedelta(hours=retention_h)
     session.execute(delete(RequestMinute).where(RequestMinute.minute < cutoff))
-    # the markers stay: a cluster down past the retention still has been read before (its next pass counts)
-    session.execute(
-        delete(MetricCursor).where(MetricCursor.seen_at < cutoff, ~MetricCursor.id.startswith(MARKER))
-    )
+    # the markers too: a cluster away past the retention has lost its series' cursors with it, so its next
+    # pass is a first read (a baseline), not its whole history counted as new
+    session.execute(delete(MetricCursor).where(MetricCursor.seen_at < cutoff))
 
 
 def discover(state: AppState, http: httpx.Client, cluster: str = CORE) -> list[str]:
@@ -369,9 +405,10 @@ class CollectorView:
     at: datetime | None = None
     error: str | None = None  # nothing could be read: Ray's target list or every endpoint failed
     targets: int = 0
-    # "host:port: why" of the core's endpoints that did not answer, "edge: host:port: why" of an edge's, and
-    # "cluster: why" of a cluster whose endpoints could not be listed
+    # "host:port: why" of the core's endpoints that did not answer, "edge: host:port: why" of an edge's
     unreachable: list[str] = field(default_factory=list)
+    # "cluster: why" of a cluster whose endpoints could not be listed (not among `targets`)
+    unlisted: list[str] = field(default_factory=list)
     clusters: list[str] = field(default_factory=list)  # the clusters read by the last pass
     passes: int = 0
 
@@ -421,24 +458,20 @@ class Collector:
         unlisted: dict[str, str] = {}  # cluster -> why its endpoints could not be listed
         # endpoint -> Ray node id, for the ledger; None: no ledger this pass
         node_of: dict[str, str] | None = {}
-        with httpx.Client(timeout=5) as http:
-            for cluster in self.state.settings.clusters:
-                try:
-                    targets = discover(self.state, http, cluster)
-                except (httpx.HTTPError, ValueError, TypeError, AttributeError) as exc:
-                    unlisted[cluster] = f"cannot list Ray's metrics endpoints: {exc}"
-                    targets = None
-                try:  # which node each endpoint is; without the core's, no ledger this pass
-                    of = contributions.discover_nodes(self.state, http, cluster)
-                except (httpx.HTTPError, ValueError, TypeError, AttributeError) as exc:
-                    log.warning("contribution ledger: cannot read %s's node table: %s", cluster, exc)
+        clusters = self.state.settings.clusters
+        with httpx.Client(timeout=TIMEOUT) as http:
+            # the clusters listed side by side: an edge's dashboard that never answers costs one timeout a pass
+            with ThreadPoolExecutor(max_workers=max(1, min(8, len(clusters)))) as pool:
+                lists = list(pool.map(lambda c: _list_cluster(self.state, http, c), clusters))
+            for cluster, (targets, of, why) in zip(clusters, lists, strict=True):
+                if of is None:  # which node each endpoint is; without the core's, no ledger this pass
                     if cluster == CORE:
                         node_of = None
                     of = {}
                 if targets is None and not of:
+                    unlisted[cluster] = why
                     continue
-                unlisted.pop(cluster, None)  # Ray's node table lists the nodes' endpoints too
-                if node_of is not None:
+                if node_of is not None:  # Ray's node table lists the nodes' endpoints too
                     node_of.update(of)
                 listed[cluster] = sorted({*(targets or ()), *of})
             if not listed:
@@ -446,6 +479,7 @@ class Collector:
                 self.view.error = (
                     why if len(unlisted) <= 1 else "; ".join(f"{c}: {w}" for c, w in unlisted.items())
                 )
+                self.view.unlisted = [f"{c}: {w}"[:200] for c, w in unlisted.items()]
                 return {}
             todo = [(c, t) for c, ts in listed.items() for t in ts]
             with ThreadPoolExecutor(max_workers=max(1, min(8, len(todo)))) as pool:
@@ -464,7 +498,8 @@ class Collector:
                 reading.merge(parse(text, target, cluster))
                 if node_of and target in node_of:
                     nodes[target] = contributions.parse(text, target)
-            except (ValueError, KeyError) as exc:  # not Prometheus text, or a bucket without its bound
+            except (ValueError, KeyError) as exc:  # not Prometheus text, a bucket without its bound, too many
+                log.warning("metrics of %s not read this pass: %r", where, exc)
                 failed.append(f"{where}: cannot parse its metrics: {exc!r}"[:200])
                 incomplete.add(cluster)
                 continue
@@ -482,16 +517,39 @@ class Collector:
                 self._pruned_at = now
         # Ray lists its autoscaler's and dashboard's endpoints too; one of them down is a note, not an outage
         self.view.at, self.view.targets, self.view.passes = now, len(todo), self.view.passes + 1
-        self.view.unreachable = [f[:200] for f in [*(f"{c}: {w}" for c, w in unlisted.items()), *failed]]
+        self.view.unreachable = [f[:200] for f in failed]
+        self.view.unlisted = [f"{c}: {w}"[:200] for c, w in unlisted.items()]
         self.view.clusters = sorted(answered, key=lambda c: (c != CORE, c))
         self.view.error = (
-            "Ray lists no metrics endpoint yet"
+            f"{CORE}: {unlisted[CORE]}"
+            if CORE in unlisted
+            else "Ray lists no metrics endpoint yet"
             if not todo
             else f"no Ray metrics endpoint answered ({len(failed)} tried)"
             if len(failed) == len(todo)
             else None
         )
         return out
+
+
+def _list_cluster(
+    state: AppState, http: httpx.Client, cluster: str
+) -> tuple[list[str] | None, dict[str, str] | None, str]:
+    """A cluster's metrics endpoints (None: not listed), its node table's endpoint -> node id (None: not read)
+    and why the endpoints could not be listed. A dashboard that did not answer is not asked twice."""
+    try:
+        targets: list[str] | None = discover(state, http, cluster)
+        why = ""
+    except (httpx.HTTPError, ValueError, TypeError, AttributeError) as exc:
+        why = f"cannot list Ray's metrics endpoints: {exc or type(exc).__name__}"
+        if isinstance(exc, httpx.TransportError):
+            return None, None, why
+        targets = None
+    try:
+        return targets, contributions.discover_nodes(state, http, cluster), why
+    except (httpx.HTTPError, ValueError, TypeError, AttributeError) as exc:
+        log.warning("contribution ledger: cannot read %s's node table: %s", cluster, exc)
+        return targets, None, why
 
 
 def _try_scrape(http: httpx.Client, target: str) -> str | Exception:
@@ -646,6 +704,7 @@ def summary(
             error=v.error,
             targets=v.targets,
             unreachable=list(v.unreachable),
+            unlisted=list(v.unlisted),
             clusters=list(v.clusters),
         )
     return schemas.RequestMetricsOut(

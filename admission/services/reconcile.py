@@ -317,7 +317,8 @@ class Reconciler:
 
     def start(self) -> Reconciler:
         self._thread.start()
-        # Serve's request metrics are the core's: edges have no ingress that sees a client
+        # the collector reads every cluster's Serve metrics (the core's and each edge's) and the ledger's; it
+        # runs where the core's dashboard is wired (the pool totals are the core ingress's)
         if self.state.settings.ray_dashboard_url:
             self.collector.start()
         return self

@@ -118,12 +118,14 @@
     if (st && section.dataset.wired === "true") {
       const c = m.collector;
       const missed = (c.unreachable || []).length;
+      const unlisted = c.unlisted || [];
       st.textContent = c.error ? c.error : c.at
         ? "Scraped " + (c.targets - missed) + " of " + c.targets + " Ray metrics endpoint(s) at "
           + c.at.slice(11, 19) + " UTC, every " + Math.round(c.interval_s) + " s."
           + (missed ? " " + missed + " did not answer." : "")
+          + (unlisted.length ? " " + unlisted.length + " cluster(s) could not be listed." : "")
         : "Waiting for the first scrape of Serve's metrics…";
-      st.title = (c.unreachable || []).join("; ");
+      st.title = [...(c.unreachable || []), ...unlisted].join("; ");
       st.classList.toggle("alert", !!c.error);
     }
     draw(m.series);

@@ -149,6 +149,19 @@ def test_first_pass_is_a_baseline_then_each_donor_gets_its_own_nodes_work(
         assert all(cur.target != HEAD for cur in s.query(MetricCursor))
 
 
+def test_values_no_ray_process_writes_leave_the_pass_whole(sessions: sessionmaker[Session]) -> None:
+    """A donor's endpoint (an edge's, untrusted) serving infinite or huge counters and gauges: the counters are
+    dropped, the gauges clamped; the pass and the other donor's figures go on."""
+    store(sessions, {A: node_text(req=6, tok=100), B: node_text("10.88.0.6", req=1)}, T0)
+    hostile = node_text(req=1e30, tok=float("inf"), raylet=1e308, replica=1e308)
+    r = c.parse(hostile, A)
+    assert sorted(r.requests.values()) == [2.0] and not r.tokens and r.cpu_pct == 5.0 + 2 * c.MAX_VALUE
+    store(sessions, {A: hostile, B: node_text("10.88.0.6", req=4)}, T0 + timedelta(seconds=10))
+    got = rows(sessions)
+    assert got["donorb"][2] == 3  # B's 3 requests counted beside A's nonsense
+    assert got["donora"][2:] == (0, 0) and 0 < got["donora"][0] < float("inf")
+
+
 def test_restarts_gaps_and_a_missing_gauge(sessions: sessionmaker[Session]) -> None:
     store(sessions, {A: node_text(req=100)}, T0)
     store(sessions, {A: node_text(req=130)}, T0 + timedelta(seconds=10))  # +30, 5 cpu-s

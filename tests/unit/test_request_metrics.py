@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from fnmatch import fnmatch
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -439,12 +440,13 @@ def test_a_collector_pass_over_http(tmp_path: Path) -> None:
     from tests.support import ServerThread, free_port
 
     seen: list[tuple[str, str | None]] = []
-    serving = {"name": "0-idle", "host": ""}
+    serving: dict[str, Any] = {"name": "0-idle", "host": "", "dead": False}
     dead = f"127.0.0.1:{free_port()}"
 
     async def sd(req: Request) -> JSONResponse:
         seen.append(("sd", req.headers.get("authorization")))
-        return JSONResponse([{"labels": {"job": "ray"}, "targets": [serving["host"], dead]}])
+        targets = [serving["host"], *([dead] if serving["dead"] else [])]
+        return JSONResponse([{"labels": {"job": "ray"}, "targets": targets}])
 
     async def scrape(req: Request) -> PlainTextResponse:
         seen.append(("metrics", req.headers.get("authorization")))
@@ -470,8 +472,8 @@ def test_a_collector_pass_over_http(tmp_path: Path) -> None:
         )
         prepare_database(state)
         collector = metrics.Collector(state, interval_s=1)
-        assert collector.collect_once()["baseline"] == 1
-        serving["name"] = "1-after-13"
+        assert collector.collect_once()["baseline"] == 1  # every endpoint answered: the first read is done
+        serving["name"], serving["dead"] = "1-after-13", True  # and then a node is gone, still listed
         assert collector.collect_once()["requests"] == 13
     assert collector.view.targets == 2 and collector.view.error is None
     assert len(collector.view.unreachable) == 1 and collector.view.unreachable[0].startswith(dead)
