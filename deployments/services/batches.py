@@ -453,7 +453,8 @@ class Batches:
             await asyncio.to_thread(self.finalize, batch_id)
 
     def _expire_and_unstarted(self) -> list[str]:
-        """Expires the pending items of batches past their window; returns batches left in validating (their
+        """Expires the pending and running items of batches past their window (a running item's late answer
+        is then left out: `record` keeps a finished row); returns batches left in validating (their
         creator died between writing the rows and queueing their jobs)."""
         now = _now()
         with self.db.sessions().begin() as db:
@@ -467,7 +468,9 @@ class Batches:
             for bid in late:
                 err = {"code": "batch_expired", "message": "the batch expired before this request was run"}
                 for item in db.scalars(
-                    select(BatchItem).where(BatchItem.batch_id == bid, BatchItem.status == bf.PENDING)
+                    select(BatchItem).where(
+                        BatchItem.batch_id == bid, BatchItem.status.in_((bf.PENDING, bf.RUNNING))
+                    )
                 ):
                     item.status = bf.ITEM_FAILED
                     item.output = bf.output_line(
@@ -578,6 +581,11 @@ class Batches:
                         await asyncio.to_thread(self.release, batch_id, custom_id)
                         raise
                     err = {"code": "model_unavailable", "message": str(exc)[:500]}
+                    line = bf.output_line(iid, custom_id, None, None, rid, err)
+                    await asyncio.to_thread(self.record, batch_id, custom_id, False, line)
+                except Exception as exc:  # a bug or an unforeseen error: the item still reaches a final state
+                    log.exception("batch %s item %s: the model call failed", batch_id, custom_id)
+                    err = {"code": "internal_error", "message": str(exc)[:500]}
                     line = bf.output_line(iid, custom_id, None, None, rid, err)
                     await asyncio.to_thread(self.record, batch_id, custom_id, False, line)
                 else:

@@ -298,3 +298,34 @@ def test_a_runner_that_died_mid_item_is_replaced_and_the_item_is_in_the_output_o
         assert final["request_counts"] == {"total": 6, "completed": 6, "failed": 0}
 
     asyncio.run(scenario())
+
+
+def test_an_unexpected_model_error_and_an_expired_running_item_both_reach_a_final_state(
+    postgres: Postgres, tmp_path: Any
+) -> None:
+    from sqlalchemy import update
+
+    from deployments.services.db import Batch
+
+    store = make_store(postgres, tmp_path, batch_runner=False)
+
+    async def boom(endpoint: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        raise RuntimeError("the handle broke")
+
+    async def scenario() -> None:
+        b = await store.create("alice", upload(store, 2), "/v1/chat/completions", "24h")
+        store.models.call = boom
+        await store.run_item(b["id"], "req-0")  # no exception escapes: the item has an error line
+        # req-1 was claimed by a runner that never answers; then the batch's window passes
+        assert store.claim(b["id"], "req-1") is not None
+        with store.db.sessions().begin() as db:
+            db.execute(update(Batch).where(Batch.id == b["id"]).values(expires_at=Batch.created_at))
+        store._expire_and_unstarted()
+        store.finalize(b["id"])
+        final = store.get(b["id"], "alice")
+        assert final["status"] == bf.EXPIRED and final["output_file_id"] is None
+        err = {x["custom_id"]: x["error"] for x in lines(store, final["error_file_id"])}
+        assert err["req-0"] == {"code": "internal_error", "message": "the handle broke"}
+        assert err["req-1"]["code"] == "batch_expired"
+
+    asyncio.run(scenario())
