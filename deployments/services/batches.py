@@ -142,6 +142,10 @@ class Batches:
                 f"the file is {len(data):,} bytes; the limit is {s.batch_file_max_bytes:,}",
                 param="file",
             )
+        if filename and "\0" in filename:
+            raise Refusal(
+                400, "invalid_request", "the file's name must not contain a NUL character", param="file"
+            )
         endpoint, items = bf.check_jsonl(data, s.batch_max_lines)
         sha = self.blobs.put(data)
         with self.db.sessions().begin() as db:

@@ -30,6 +30,11 @@ def test_a_good_file_gives_its_endpoint_and_items_in_order() -> None:
     endpoint, items = bf.check_jsonl(jsonl(line("a"), b"", line("b")), max_lines=10)
     assert endpoint == "/v1/chat/completions"
     assert [(i.line, i.custom_id) for i in items] == [(1, "a"), (3, "b")]
+    # lines end at "\n" (a "\r" before it dropped); U+2028 and U+0085 inside a string are text, not ends
+    raw = json.dumps(line("c\u2028d", body={"tag": "x\u0085y"}), ensure_ascii=False).encode()
+    _, items = bf.check_jsonl(raw + b"\r\n" + json.dumps(line("e")).encode() + b"\r\n", max_lines=10)
+    assert [(i.line, i.custom_id) for i in items] == [(1, "c\u2028d"), (2, "e")]
+    assert items[0].body == {"tag": "x\u0085y"}
 
 
 @pytest.mark.parametrize(
@@ -47,6 +52,7 @@ def test_a_good_file_gives_its_endpoint_and_items_in_order() -> None:
         (([1, 2],), "line 1: a line must be a JSON object"),
         ((line("a"), line("b"), line("c")), "line 3: the file has more than 2 requests"),
         ((b"", b"  "), "the file has no requests"),
+        ((line("a"), line("b\0c")), "line 2: custom_id must not contain a NUL"),
     ],
 )
 def test_a_bad_file_is_a_400_naming_the_line_and_the_fix(objs: tuple[Any, ...], says: str) -> None:
@@ -313,6 +319,9 @@ def test_an_unexpected_model_error_and_an_expired_running_item_both_reach_a_fina
         raise RuntimeError("the handle broke")
 
     async def scenario() -> None:
+        with pytest.raises(Refusal) as exc:
+            store.put_file(jsonl(line("x")), "in\0.jsonl", "batch", "alice")
+        assert exc.value.status == 400 and "NUL" in exc.value.message
         b = await store.create("alice", upload(store, 2), "/v1/chat/completions", "24h")
         store.models.call = boom
         await store.run_item(b["id"], "req-0")  # no exception escapes: the item has an error line
