@@ -422,6 +422,7 @@ class Batches:
                 update_heartbeat_interval=max(1.0, s.batch_stalled_s / 5),
                 stalled_worker_timeout=s.batch_stalled_s,
                 delete_jobs="successful",
+                shutdown_graceful_timeout=5,  # a cancelled runner aborts its jobs after 5 s, never hangs
             )
         )
         self._runner.add_done_callback(self._runner_ended)

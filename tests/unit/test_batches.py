@@ -203,29 +203,35 @@ def test_cancel_stops_new_items_and_a_client_has_a_limit_of_unfinished_batches(
     store = make_store(postgres, tmp_path, batch_max_attempts=2, batch_max_queued=2)
 
     async def scenario() -> None:
-        store.models.gate = asyncio.Event()
-        b = await store.create("alice", upload(store, 10), "/v1/chat/completions", "24h")
-        await store.ensure_runner()
-        await until(lambda: len(store.models.calls) == 2, "two items in flight (the runner's concurrency)")
-        c = await store.cancel(b["id"], "alice")
-        assert c["status"] == bf.CANCELLING and c["cancelling_at"]
-        store.models.gate.set()
-        await until(lambda: store.get(b["id"], "alice")["status"] == bf.CANCELLED, "cancelled")
-        final = store.get(b["id"], "alice")
-        assert final["request_counts"] == {"total": 10, "completed": 2, "failed": 0}
-        assert len(lines(store, final["output_file_id"])) == 2 and len(store.models.calls) == 2
-        with pytest.raises(Refusal) as exc:
-            await store.cancel(b["id"], "bob")
-        assert exc.value.status == 404
+        try:
+            store.models.gate = asyncio.Event()
+            b = await store.create("alice", upload(store, 10), "/v1/chat/completions", "24h")
+            await store.ensure_runner()
+            await until(
+                lambda: len(store.models.calls) == 2, "two items in flight (the runner's concurrency)"
+            )
+            c = await store.cancel(b["id"], "alice")
+            assert c["status"] == bf.CANCELLING and c["cancelling_at"]
+            store.models.gate.set()
+            await until(lambda: store.get(b["id"], "alice")["status"] == bf.CANCELLED, "cancelled")
+            final = store.get(b["id"], "alice")
+            assert final["request_counts"] == {"total": 10, "completed": 2, "failed": 0}
+            assert len(lines(store, final["output_file_id"])) == 2 and len(store.models.calls) == 2
+            with pytest.raises(Refusal) as exc:
+                await store.cancel(b["id"], "bob")
+            assert exc.value.status == 404
 
-        # per-client limit: two unfinished batches at most
-        store.models.gate = asyncio.Event()
-        await store.create("alice", upload(store, 1), "/v1/chat/completions", "24h")
-        await store.create("alice", upload(store, 1), "/v1/chat/completions", "24h")
-        with pytest.raises(Refusal) as exc:
+            # per-client limit: two unfinished batches at most
+            store.models.gate = asyncio.Event()
             await store.create("alice", upload(store, 1), "/v1/chat/completions", "24h")
-        assert exc.value.status == 429 and "limit is 2" in exc.value.message
-        store.models.gate.set()
+            await store.create("alice", upload(store, 1), "/v1/chat/completions", "24h")
+            with pytest.raises(Refusal) as exc:
+                await store.create("alice", upload(store, 1), "/v1/chat/completions", "24h")
+            assert exc.value.status == 429 and "limit is 2" in exc.value.message
+            store.models.gate.set()
+        finally:  # a failed assertion must not leave the runner waiting on the gate
+            if store.models.gate is not None:
+                store.models.gate.set()
 
     asyncio.run(scenario())
 
