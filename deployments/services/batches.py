@@ -51,6 +51,10 @@ DIED = {"ActorDiedError", "RayActorError", "ActorUnavailableError", "WorkerCrash
 UNAVAILABLE = DIED | {"BackPressureError", "DeploymentUnavailableError", "TimeoutError"}
 
 
+class Busy(Exception):
+    """The item is running in another job whose runner beat recently: not run twice."""
+
+
 class Transient(Exception):
     """The model could not be asked now (its replica is away, full or died): the item is tried again."""
 
@@ -509,12 +513,16 @@ class Batches:
 
     def claim(self, batch_id: str, custom_id: str) -> tuple[str, dict[str, Any], int] | None:
         """(endpoint, body, attempt) of an item to run now, or None (finished, or its batch no longer runs
-        items)."""
+        items). Busy when another job claimed it less than `batch_stalled_s` ago (a second job of the same
+        item, as the sweep's re-defer of a batch left validating makes): no second model call."""
         with self.db.sessions().begin() as db:
             batch = db.get(Batch, batch_id)
             item = db.get(BatchItem, (batch_id, custom_id), with_for_update=True)
             if batch is None or item is None or item.status in bf.ITEM_FINAL:
                 return None
+            fresh = _now() - timedelta(seconds=self.settings.batch_stalled_s)
+            if item.status == bf.RUNNING and item.updated_at is not None and item.updated_at > fresh:
+                raise Busy(f"item {custom_id} of batch {batch_id} is running in another job")
             if batch.status not in (bf.VALIDATING, bf.IN_PROGRESS):
                 item.status = bf.SKIPPED
                 return None
@@ -561,7 +569,13 @@ class Batches:
         """procrastinate's task: one item, its output line written once, then the batch finalized if it was
         the last."""
         s = self.settings
-        claimed = await asyncio.to_thread(self.claim, batch_id, custom_id)
+        try:
+            claimed = await asyncio.to_thread(self.claim, batch_id, custom_id)
+        except Busy:  # looked at again once its runner could be known dead: never left running
+            await self._item_task.configure(schedule_in={"seconds": int(s.batch_stalled_s) + 1}).defer_async(
+                batch_id=batch_id, custom_id=custom_id
+            )
+            return
         if claimed is not None:
             endpoint, body, attempt = claimed
             iid = _item_id(batch_id, custom_id)

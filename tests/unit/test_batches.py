@@ -236,6 +236,22 @@ def test_cancel_stops_new_items_and_a_client_has_a_limit_of_unfinished_batches(
     asyncio.run(scenario())
 
 
+def age(store: Any, batch_id: str) -> None:
+    """The batch's items last touched long ago (their runner silent past `batch_stalled_s`)."""
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import update
+
+    from deployments.services.db import BatchItem
+
+    with store.db.sessions().begin() as db:
+        db.execute(
+            update(BatchItem)
+            .where(BatchItem.batch_id == batch_id)
+            .values(updated_at=datetime.now(UTC) - timedelta(hours=1))
+        )
+
+
 def test_an_item_claimed_past_its_attempts_gets_an_error_line_not_a_call(
     postgres: Postgres, tmp_path: Any
 ) -> None:
@@ -245,7 +261,11 @@ def test_an_item_claimed_past_its_attempts_gets_an_error_line_not_a_call(
         b = await store.create("alice", upload(store, 1), "/v1/chat/completions", "24h")
         # two runners died mid-item (each claimed it, neither wrote its answer)
         assert store.claim(b["id"], "req-0")[2] == 1
+        await store.run_item(b["id"], "req-0")  # claimed just now: another job's, not run twice
+        assert store.models.calls == [] and store.get(b["id"], "alice")["status"] == bf.IN_PROGRESS
+        age(store, b["id"])
         assert store.claim(b["id"], "req-0")[2] == 2
+        age(store, b["id"])
         await store.run_item(b["id"], "req-0")  # the third start: no model call, an error line
         final = store.get(b["id"], "alice")
         assert final["status"] == bf.COMPLETED and store.models.calls == []
