@@ -144,8 +144,9 @@ def file_object(
 
 
 def request_counts(total: int, item_states: dict[str, int]) -> dict[str, int]:
-    """OpenAI's request_counts: completed = answered with a 2xx (output file), failed = in the error file;
-    items not run (a cancelled or expired batch) are neither."""
+    """OpenAI's request_counts: completed = answered with a 2xx (output file), failed = in the error file
+    (an expired batch's unfinished items too: each has a `batch_expired` line there); the items a cancelled
+    batch never started are neither."""
     return {"total": total, "completed": item_states.get(DONE, 0), "failed": item_states.get(ITEM_FAILED, 0)}
 
 
