@@ -75,7 +75,9 @@ def check_jsonl(data: bytes, max_lines: int, max_custom_id: int = 512) -> tuple[
     items: list[Item] = []
     seen: dict[str, int] = {}
     endpoint: str | None = None
-    for n, raw in enumerate(text.splitlines(), start=1):
+    # "\n" only: U+2028, U+0085 and the like are legal inside a JSON string, not line ends
+    for n, raw in enumerate(text.split("\n"), start=1):
+        raw = raw.removesuffix("\r")
         if not raw.strip():
             continue
         try:
@@ -92,6 +94,8 @@ def check_jsonl(data: bytes, max_lines: int, max_custom_id: int = 512) -> tuple[
         cid = obj.get("custom_id")
         if not isinstance(cid, str) or not cid or len(cid) > max_custom_id:
             raise _bad(n, f"custom_id must be a non-empty string of at most {max_custom_id} characters")
+        if "\0" in cid:
+            raise _bad(n, "custom_id must not contain a NUL character (\\u0000)")
         if cid in seen:
             raise _bad(n, f"custom_id {cid!r} is also on line {seen[cid]}; each custom_id must be unique")
         if obj.get("method") != "POST":
@@ -140,8 +144,9 @@ def file_object(
 
 
 def request_counts(total: int, item_states: dict[str, int]) -> dict[str, int]:
-    """OpenAI's request_counts: completed = answered with a 2xx (output file), failed = in the error file;
-    items not run (a cancelled or expired batch) are neither."""
+    """OpenAI's request_counts: completed = answered with a 2xx (output file), failed = in the error file
+    (an expired batch's unfinished items too: each has a `batch_expired` line there); the items a cancelled
+    batch never started are neither."""
     return {"total": total, "completed": item_states.get(DONE, 0), "failed": item_states.get(ITEM_FAILED, 0)}
 
 

@@ -51,6 +51,10 @@ DIED = {"ActorDiedError", "RayActorError", "ActorUnavailableError", "WorkerCrash
 UNAVAILABLE = DIED | {"BackPressureError", "DeploymentUnavailableError", "TimeoutError"}
 
 
+class Busy(Exception):
+    """The item is running in another job whose runner beat recently: not run twice."""
+
+
 class Transient(Exception):
     """The model could not be asked now (its replica is away, full or died): the item is tried again."""
 
@@ -141,6 +145,10 @@ class Batches:
                 "file_too_large",
                 f"the file is {len(data):,} bytes; the limit is {s.batch_file_max_bytes:,}",
                 param="file",
+            )
+        if filename and "\0" in filename:
+            raise Refusal(
+                400, "invalid_request", "the file's name must not contain a NUL character", param="file"
             )
         endpoint, items = bf.check_jsonl(data, s.batch_max_lines)
         sha = self.blobs.put(data)
@@ -418,6 +426,7 @@ class Batches:
                 update_heartbeat_interval=max(1.0, s.batch_stalled_s / 5),
                 stalled_worker_timeout=s.batch_stalled_s,
                 delete_jobs="successful",
+                shutdown_graceful_timeout=5,  # a cancelled runner aborts its jobs after 5 s, never hangs
             )
         )
         self._runner.add_done_callback(self._runner_ended)
@@ -453,7 +462,8 @@ class Batches:
             await asyncio.to_thread(self.finalize, batch_id)
 
     def _expire_and_unstarted(self) -> list[str]:
-        """Expires the pending items of batches past their window; returns batches left in validating (their
+        """Expires the pending and running items of batches past their window (a running item's late answer
+        is then left out: `record` keeps a finished row); returns batches left in validating (their
         creator died between writing the rows and queueing their jobs)."""
         now = _now()
         with self.db.sessions().begin() as db:
@@ -467,7 +477,9 @@ class Batches:
             for bid in late:
                 err = {"code": "batch_expired", "message": "the batch expired before this request was run"}
                 for item in db.scalars(
-                    select(BatchItem).where(BatchItem.batch_id == bid, BatchItem.status == bf.PENDING)
+                    select(BatchItem).where(
+                        BatchItem.batch_id == bid, BatchItem.status.in_((bf.PENDING, bf.RUNNING))
+                    )
                 ):
                     item.status = bf.ITEM_FAILED
                     item.output = bf.output_line(
@@ -501,12 +513,16 @@ class Batches:
 
     def claim(self, batch_id: str, custom_id: str) -> tuple[str, dict[str, Any], int] | None:
         """(endpoint, body, attempt) of an item to run now, or None (finished, or its batch no longer runs
-        items)."""
+        items). Busy when another job claimed it less than `batch_stalled_s` ago (a second job of the same
+        item, as the sweep's re-defer of a batch left validating makes): no second model call."""
         with self.db.sessions().begin() as db:
             batch = db.get(Batch, batch_id)
             item = db.get(BatchItem, (batch_id, custom_id), with_for_update=True)
             if batch is None or item is None or item.status in bf.ITEM_FINAL:
                 return None
+            fresh = _now() - timedelta(seconds=self.settings.batch_stalled_s)
+            if item.status == bf.RUNNING and item.updated_at is not None and item.updated_at > fresh:
+                raise Busy(f"item {custom_id} of batch {batch_id} is running in another job")
             if batch.status not in (bf.VALIDATING, bf.IN_PROGRESS):
                 item.status = bf.SKIPPED
                 return None
@@ -553,7 +569,13 @@ class Batches:
         """procrastinate's task: one item, its output line written once, then the batch finalized if it was
         the last."""
         s = self.settings
-        claimed = await asyncio.to_thread(self.claim, batch_id, custom_id)
+        try:
+            claimed = await asyncio.to_thread(self.claim, batch_id, custom_id)
+        except Busy:  # looked at again once its runner could be known dead: never left running
+            await self._item_task.configure(schedule_in={"seconds": int(s.batch_stalled_s) + 1}).defer_async(
+                batch_id=batch_id, custom_id=custom_id
+            )
+            return
         if claimed is not None:
             endpoint, body, attempt = claimed
             iid = _item_id(batch_id, custom_id)
@@ -578,6 +600,11 @@ class Batches:
                         await asyncio.to_thread(self.release, batch_id, custom_id)
                         raise
                     err = {"code": "model_unavailable", "message": str(exc)[:500]}
+                    line = bf.output_line(iid, custom_id, None, None, rid, err)
+                    await asyncio.to_thread(self.record, batch_id, custom_id, False, line)
+                except Exception as exc:  # a bug or an unforeseen error: the item still reaches a final state
+                    log.exception("batch %s item %s: the model call failed", batch_id, custom_id)
+                    err = {"code": "internal_error", "message": str(exc)[:500]}
                     line = bf.output_line(iid, custom_id, None, None, rid, err)
                     await asyncio.to_thread(self.record, batch_id, custom_id, False, line)
                 else:

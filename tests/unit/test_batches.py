@@ -30,6 +30,11 @@ def test_a_good_file_gives_its_endpoint_and_items_in_order() -> None:
     endpoint, items = bf.check_jsonl(jsonl(line("a"), b"", line("b")), max_lines=10)
     assert endpoint == "/v1/chat/completions"
     assert [(i.line, i.custom_id) for i in items] == [(1, "a"), (3, "b")]
+    # lines end at "\n" (a "\r" before it dropped); U+2028 and U+0085 inside a string are text, not ends
+    raw = json.dumps(line("c\u2028d", body={"tag": "x\u0085y"}), ensure_ascii=False).encode()
+    _, items = bf.check_jsonl(raw + b"\r\n" + json.dumps(line("e")).encode() + b"\r\n", max_lines=10)
+    assert [(i.line, i.custom_id) for i in items] == [(1, "c\u2028d"), (2, "e")]
+    assert items[0].body == {"tag": "x\u0085y"}
 
 
 @pytest.mark.parametrize(
@@ -47,6 +52,7 @@ def test_a_good_file_gives_its_endpoint_and_items_in_order() -> None:
         (([1, 2],), "line 1: a line must be a JSON object"),
         ((line("a"), line("b"), line("c")), "line 3: the file has more than 2 requests"),
         ((b"", b"  "), "the file has no requests"),
+        ((line("a"), line("b\0c")), "line 2: custom_id must not contain a NUL"),
     ],
 )
 def test_a_bad_file_is_a_400_naming_the_line_and_the_fix(objs: tuple[Any, ...], says: str) -> None:
@@ -197,31 +203,53 @@ def test_cancel_stops_new_items_and_a_client_has_a_limit_of_unfinished_batches(
     store = make_store(postgres, tmp_path, batch_max_attempts=2, batch_max_queued=2)
 
     async def scenario() -> None:
-        store.models.gate = asyncio.Event()
-        b = await store.create("alice", upload(store, 10), "/v1/chat/completions", "24h")
-        await store.ensure_runner()
-        await until(lambda: len(store.models.calls) == 2, "two items in flight (the runner's concurrency)")
-        c = await store.cancel(b["id"], "alice")
-        assert c["status"] == bf.CANCELLING and c["cancelling_at"]
-        store.models.gate.set()
-        await until(lambda: store.get(b["id"], "alice")["status"] == bf.CANCELLED, "cancelled")
-        final = store.get(b["id"], "alice")
-        assert final["request_counts"] == {"total": 10, "completed": 2, "failed": 0}
-        assert len(lines(store, final["output_file_id"])) == 2 and len(store.models.calls) == 2
-        with pytest.raises(Refusal) as exc:
-            await store.cancel(b["id"], "bob")
-        assert exc.value.status == 404
+        try:
+            store.models.gate = asyncio.Event()
+            b = await store.create("alice", upload(store, 10), "/v1/chat/completions", "24h")
+            await store.ensure_runner()
+            await until(
+                lambda: len(store.models.calls) == 2, "two items in flight (the runner's concurrency)"
+            )
+            c = await store.cancel(b["id"], "alice")
+            assert c["status"] == bf.CANCELLING and c["cancelling_at"]
+            store.models.gate.set()
+            await until(lambda: store.get(b["id"], "alice")["status"] == bf.CANCELLED, "cancelled")
+            final = store.get(b["id"], "alice")
+            assert final["request_counts"] == {"total": 10, "completed": 2, "failed": 0}
+            assert len(lines(store, final["output_file_id"])) == 2 and len(store.models.calls) == 2
+            with pytest.raises(Refusal) as exc:
+                await store.cancel(b["id"], "bob")
+            assert exc.value.status == 404
 
-        # per-client limit: two unfinished batches at most
-        store.models.gate = asyncio.Event()
-        await store.create("alice", upload(store, 1), "/v1/chat/completions", "24h")
-        await store.create("alice", upload(store, 1), "/v1/chat/completions", "24h")
-        with pytest.raises(Refusal) as exc:
+            # per-client limit: two unfinished batches at most
+            store.models.gate = asyncio.Event()
             await store.create("alice", upload(store, 1), "/v1/chat/completions", "24h")
-        assert exc.value.status == 429 and "limit is 2" in exc.value.message
-        store.models.gate.set()
+            await store.create("alice", upload(store, 1), "/v1/chat/completions", "24h")
+            with pytest.raises(Refusal) as exc:
+                await store.create("alice", upload(store, 1), "/v1/chat/completions", "24h")
+            assert exc.value.status == 429 and "limit is 2" in exc.value.message
+            store.models.gate.set()
+        finally:  # a failed assertion must not leave the runner waiting on the gate
+            if store.models.gate is not None:
+                store.models.gate.set()
 
     asyncio.run(scenario())
+
+
+def age(store: Any, batch_id: str) -> None:
+    """The batch's items last touched long ago (their runner silent past `batch_stalled_s`)."""
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import update
+
+    from deployments.services.db import BatchItem
+
+    with store.db.sessions().begin() as db:
+        db.execute(
+            update(BatchItem)
+            .where(BatchItem.batch_id == batch_id)
+            .values(updated_at=datetime.now(UTC) - timedelta(hours=1))
+        )
 
 
 def test_an_item_claimed_past_its_attempts_gets_an_error_line_not_a_call(
@@ -233,7 +261,11 @@ def test_an_item_claimed_past_its_attempts_gets_an_error_line_not_a_call(
         b = await store.create("alice", upload(store, 1), "/v1/chat/completions", "24h")
         # two runners died mid-item (each claimed it, neither wrote its answer)
         assert store.claim(b["id"], "req-0")[2] == 1
+        await store.run_item(b["id"], "req-0")  # claimed just now: another job's, not run twice
+        assert store.models.calls == [] and store.get(b["id"], "alice")["status"] == bf.IN_PROGRESS
+        age(store, b["id"])
         assert store.claim(b["id"], "req-0")[2] == 2
+        age(store, b["id"])
         await store.run_item(b["id"], "req-0")  # the third start: no model call, an error line
         final = store.get(b["id"], "alice")
         assert final["status"] == bf.COMPLETED and store.models.calls == []
@@ -296,5 +328,39 @@ def test_a_runner_that_died_mid_item_is_replaced_and_the_item_is_in_the_output_o
         out = lines(store, final["output_file_id"])
         assert sorted(x["custom_id"] for x in out) == [f"req-{i}" for i in range(6)]
         assert final["request_counts"] == {"total": 6, "completed": 6, "failed": 0}
+
+    asyncio.run(scenario())
+
+
+def test_an_unexpected_model_error_and_an_expired_running_item_both_reach_a_final_state(
+    postgres: Postgres, tmp_path: Any
+) -> None:
+    from sqlalchemy import update
+
+    from deployments.services.db import Batch
+
+    store = make_store(postgres, tmp_path, batch_runner=False)
+
+    async def boom(endpoint: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        raise RuntimeError("the handle broke")
+
+    async def scenario() -> None:
+        with pytest.raises(Refusal) as exc:
+            store.put_file(jsonl(line("x")), "in\0.jsonl", "batch", "alice")
+        assert exc.value.status == 400 and "NUL" in exc.value.message
+        b = await store.create("alice", upload(store, 2), "/v1/chat/completions", "24h")
+        store.models.call = boom
+        await store.run_item(b["id"], "req-0")  # no exception escapes: the item has an error line
+        # req-1 was claimed by a runner that never answers; then the batch's window passes
+        assert store.claim(b["id"], "req-1") is not None
+        with store.db.sessions().begin() as db:
+            db.execute(update(Batch).where(Batch.id == b["id"]).values(expires_at=Batch.created_at))
+        store._expire_and_unstarted()
+        store.finalize(b["id"])
+        final = store.get(b["id"], "alice")
+        assert final["status"] == bf.EXPIRED and final["output_file_id"] is None
+        err = {x["custom_id"]: x["error"] for x in lines(store, final["error_file_id"])}
+        assert err["req-0"] == {"code": "internal_error", "message": "the handle broke"}
+        assert err["req-1"]["code"] == "batch_expired"
 
     asyncio.run(scenario())
