@@ -220,6 +220,8 @@ def repack(
         tmp = Path(fh.name)
     try:
         _write_wheel(tmp, entries, info.name, record, compression)
+        # a wheel is for anyone to read (mkstemp made it 0600): a donor's pip runs as its own user
+        os.chmod(tmp, 0o644)
         os.replace(tmp, wheel)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -80,6 +80,8 @@ def _wheelhouse() -> Path:
             p.unlink(missing_ok=True)
             continue
         have.setdefault(wname, []).append((wversion, p))
+        if p.stat().st_mode & 0o444 != 0o444:  # an older packer made 0600: the donor (nobody) must read it
+            p.chmod(0o644)
     for key, (name, version) in dists.closure().items():
         found = have.get(canonicalize_name(key), [])
         if any(v == Version(version) for v, _ in found):

@@ -175,3 +175,17 @@ def test_the_error_script_prints_the_reason_and_fails(tmp_path: Path) -> None:
     res = subprocess.run(["sh", str(path)], capture_output=True, text=True)
     assert res.returncode == 1 and res.stdout == ""
     assert res.stderr == "rma install: error: it's 'quoted' $(no) `expansion` here\n"
+
+
+def test_a_repacked_wheel_is_readable_by_anyone(tmp_path: Path) -> None:
+    """A donor's pip runs as the donor's user: a wheel packed by root (through a 0600 temp file) must be 0644,
+    and it is a real wheel of the installed distribution."""
+    import zipfile
+
+    from rma_ray import dists
+
+    wheel = dists.repack("idna", tmp_path, compression=zipfile.ZIP_STORED)
+    assert wheel.stat().st_mode & 0o777 == 0o644
+    with zipfile.ZipFile(wheel) as zf:
+        assert any(n.endswith(".dist-info/RECORD") for n in zf.namelist())
+    assert not list(tmp_path.glob("*.tmp"))
