@@ -25,7 +25,10 @@ _URL = re.compile(
 )
 _SH = "text/x-shellscript; charset=utf-8"
 _UNAVAILABLE: dict[int | str, dict[str, Any]] = {
-    503: {"description": "the pool's wheel cannot be built here (the message says why)"}
+    404: {
+        "description": "not served by this coordinator (only `rma up`'s own serves the kit), or no such file"
+    },
+    503: {"description": "the pool's wheel cannot be built here (the message says why)"},
 }
 
 
@@ -81,7 +84,7 @@ async def versions(state: State) -> DonorVersions:
     "/{filename}",
     response_class=FileResponse,
     openapi_extra=security.PUBLIC,
-    responses={404: {"description": "not this head's wheel"}, **_UNAVAILABLE},
+    responses=_UNAVAILABLE,
 )
 async def wheel(filename: str, state: State) -> FileResponse:
     """The pool's wheel (its name is in versions.json and install.sh)."""

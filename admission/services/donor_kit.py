@@ -70,9 +70,9 @@ def get(state: AppState) -> Kit:
     another request builds it. Served only by `rma up`'s own coordinator (settings.donor_kit): the kit
     describes this machine's Python and Ray, which are the head's only there."""
     if not state.settings.donor_kit:
-        raise ApiError(
-            503,
-            "donor_kit_unavailable",
+        raise ApiError(  # not served here at all (not a passing failure): 404
+            404,
+            "donor_kit_not_served",
             "the install line is served by `rma up` coordinators only (this one's Ray head runs elsewhere): "
             "install rma-pool of the head's version on the donor by hand (docs/donor.md)",
         )

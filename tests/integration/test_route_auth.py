@@ -100,10 +100,10 @@ def test_openapi_documents_the_levels(client: TestClient) -> None:
 def test_a_coordinator_away_from_its_head_serves_no_donor_kit_and_says_why(
     client: TestClient, tmp_path: Path
 ) -> None:
-    """Not `rma up`'s own (RMA_DONOR_KIT off): /donor/* is a 503 that says so, and install.sh a script that
+    """Not `rma up`'s own (RMA_DONOR_KIT off): /donor/* is a 404 that says so, and install.sh a script that
     prints it and fails (`curl -fsSL ... | sh` drops an error body)."""
     r = client.get("/donor/versions.json")
-    assert r.status_code == 503 and "served by `rma up` coordinators only" in r.json()["error"]["message"]
+    assert r.status_code == 404 and "served by `rma up` coordinators only" in r.json()["error"]["message"]
     r = client.get("/donor/install.sh")
     assert r.status_code == 200
     (tmp_path / "install.sh").write_text(r.text)

@@ -119,7 +119,7 @@ def _fake_build(tmp_path: Path, calls: list[Path]) -> Any:
 def test_a_coordinator_away_from_its_head_refuses_the_kit(tmp_path: Path) -> None:
     with pytest.raises(ApiError) as err:
         donor_kit.get(_state(tmp_path, beside_head=False))
-    assert err.value.status == 503 and "served by `rma up` coordinators only" in err.value.message
+    assert err.value.status == 404 and "served by `rma up` coordinators only" in err.value.message
 
 
 def test_a_request_during_a_build_gets_503_with_retry_after(
