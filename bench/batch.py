@@ -30,38 +30,15 @@ from typing import Any
 
 import httpx
 
-from bench.pool_down import free_port
+from bench.pool_down import up_argv
 from tests.support import GiveUp, wait_for
 
 FINAL = ("completed", "failed", "cancelled", "expired")
 
 
 def up(root: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    argv = [
-        sys.executable,
-        "-m",
-        "rma_ray.cli",
-        "up",
-        "--node-ip-address",
-        "127.0.0.1",
-        "--coordinator-port",
-        str(free_port()),
-        "--gcs-port",
-        str(free_port()),
-        "--dashboard-port",
-        str(free_port()),
-        "--serve-port",
-        str(free_port()),
-        "--no-edge",  # the core's own LLM replica serves both paths
-        "--apps",
-        "llm,services",
-        "--stores",
-        "postgres,redis",
-        "--store-port",
-        f"postgres={free_port()}",
-        "--store-port",
-        f"redis={free_port()}",
-    ]
+    # --no-edge: the core's own LLM replica serves both paths
+    argv = up_argv("llm,services", "postgres,redis", "--no-edge")
     log = root / "up.log"
     proc = subprocess.Popen(argv, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
 

@@ -28,20 +28,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.pool_down")
-    ap.add_argument("--apps", default="llm,services,vision")
-    ap.add_argument("--stores", default="redis,postgres,chroma,graph")
-    ap.add_argument("--up-timeout", type=float, default=1200)
-    ap.add_argument(
-        "--cycles", type=int, default=2, help="up+down cycles on one data dir (2nd+: warm `rma up`)"
-    )
-    args = ap.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="rma-down-bench-"))
-    env = {**os.environ, "HOME": str(root / "home"), "RMA_DATA_DIR": str(root / "data"), "COLUMNS": "200"}
-    stores = [s for s in args.stores.split(",") if s and s != "none"]
-    ports = [a for s in stores for a in ("--store-port", f"{s}={free_port()}")]
-    argv = [
+def up_argv(apps: str, stores: str, *extra: str) -> list[str]:
+    """`rma up` of `apps` and `stores` on free ports of this machine (a bench's own pool)."""
+    ports = [
+        a for s in stores.split(",") if s and s != "none" for a in ("--store-port", f"{s}={free_port()}")
+    ]
+    return [
         sys.executable,
         "-m",
         "rma_ray.cli",
@@ -56,12 +48,27 @@ def main() -> int:
         str(free_port()),
         "--serve-port",
         str(free_port()),
+        *extra,
         "--apps",
-        args.apps,
+        apps,
         "--stores",
-        args.stores,
+        stores,
         *ports,
     ]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.pool_down")
+    ap.add_argument("--apps", default="llm,services,vision")
+    ap.add_argument("--stores", default="redis,postgres,chroma,graph")
+    ap.add_argument("--up-timeout", type=float, default=1200)
+    ap.add_argument(
+        "--cycles", type=int, default=2, help="up+down cycles on one data dir (2nd+: warm `rma up`)"
+    )
+    args = ap.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="rma-down-bench-"))
+    env = {**os.environ, "HOME": str(root / "home"), "RMA_DATA_DIR": str(root / "data"), "COLUMNS": "200"}
+    argv = up_argv(args.apps, args.stores)
     cycles = [_cycle(argv, env, root / f"up-{i}.log", args.up_timeout) for i in range(args.cycles)]
     print(json.dumps({"apps": args.apps, "stores": args.stores, "cycles": cycles}))
     return 0
