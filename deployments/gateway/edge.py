@@ -25,11 +25,13 @@ a slow but healthy edge is not given up after `read_timeout_s`). A failure befor
 (connect error, a stream's first byte not within `read_timeout_s`, a 5xx, or a 401/403: the credential was
 refused, so the routes are fetched again at once) counts against the edge's breaker and the request is served
 on the core, once: the body was kept, and the routed calls (completions, embeddings, OCR, parsing) change
-nothing but the compute they cost, so this is safe. Two failures before the first byte are not the edge's
-fault and do not count against its breaker (they are served on the core all the same): a non-streaming request
-still unanswered at the total deadline (the edge took it and is busy: opening the breaker would move all the
-load to the core just when the edge is loaded), and no free connection in this replica's own pool
-(`httpx.PoolTimeout`: our limit, not the edge's health). An edge's 4xx is the client's mistake and is passed
+nothing but the compute they cost, so this is safe. Three failures before the first byte do not count against
+the edge's breaker (they are served on the core all the same): a non-streaming request still unanswered at the
+total deadline (the edge took it and is busy: opening the breaker would move all the load to the core just when
+the edge is loaded), no free connection in this replica's own pool (`httpx.PoolTimeout`: our limit, not the
+edge's health), and a request still unanswered when the refreshed routes stop naming the edge as running the
+app (checked every `withdraw_check_s`: its donor died, and the edge's Serve would hold the request until a
+replica comes back; the routes already keep new requests away). An edge's 4xx is the client's mistake and is passed
 through. A failure after the first byte ends the client's stream (the connection is closed: a cut answer never
 looks complete).
 
@@ -112,6 +114,15 @@ class EdgeBusy(Exception):
     had not answered by the total deadline, or no free connection in this replica's pool."""
 
 
+class EdgeWithdrawn(Exception):
+    """The routes stopped naming the edge as running the app while a request to it had no answer yet (its
+    donor died: the edge's Serve holds such a request until a replica comes back, or for ever). Not a breaker
+    failure: the routes already keep new requests away, and the edge is used again as soon as they name it."""
+
+    def __init__(self, edge: str, app: str) -> None:
+        super().__init__(f"edge {edge} no longer runs {app}")
+
+
 def _streaming(body: bytes) -> bool:
     """Whether the request's JSON body asks `"stream": true` (its answer's headers come at once)."""
     try:
@@ -134,6 +145,7 @@ class EdgeRouter:
         total_timeout_s: float = 170.0,  # under Serve's 180 s request limit
         breaker_threshold: int = 3,
         breaker_ttl_s: float = 15.0,
+        withdraw_check_s: float = 1.0,
         max_connections: int = 1000,  # per replica process and event loop, all edges together
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -148,6 +160,7 @@ class EdgeRouter:
         # should absorb load; a high bound still keeps a runaway from opening sockets without end
         self.limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=100)
         self.total_timeout_s = total_timeout_s
+        self.withdraw_check_s = withdraw_check_s
         from purgatory import AsyncCircuitBreakerFactory  # here: a node without it serves on the core
 
         # a request the client gave up on (its task cancelled) says nothing about the edge, nor does EdgeBusy
@@ -155,7 +168,7 @@ class EdgeRouter:
         self.breakers = AsyncCircuitBreakerFactory(
             default_threshold=breaker_threshold,
             default_ttl=breaker_ttl_s,
-            exclude=[asyncio.CancelledError, EdgeBusy],
+            exclude=[asyncio.CancelledError, EdgeBusy, EdgeWithdrawn],
         )
         self._clock = clock
         self._routes = EdgeRoutes(edges=[])
@@ -220,6 +233,12 @@ class EdgeRouter:
             self._wake.wait(self.next_refresh_s())
             self._wake.clear()
 
+    def still_runs(self, edge: str, app: str) -> bool:
+        """Whether the latest routes still name `edge` healthy with running replicas of `app` (its credential's
+        expiry aside: a request already sent was accepted with it)."""
+        route = next((r for r in self._routes.edges if r.name == edge), None)
+        return route is not None and route.healthy and route.apps.get(app, 0) > 0
+
     def candidates(self, app: str) -> list[EdgeRoute]:
         """The edges that report running replicas of `app`, are healthy and hold a valid credential."""
         now = self._clock()
@@ -258,7 +277,11 @@ class EdgeRouter:
                 async with breaker:
                     try:
                         async with asyncio.timeout_at(deadline):
-                            resp = await self._send(route, method, path, query, headers, body, timeout)
+                            resp = await self._unless_withdrawn(
+                                route.name,
+                                app,
+                                self._send(route, method, path, query, headers, body, timeout),
+                            )
                     except httpx.PoolTimeout as exc:  # our own pool is full: not the edge's health
                         raise EdgeBusy(f"no free connection to edge {route.name}") from exc
                     except (httpx.ReadTimeout, TimeoutError) as exc:
@@ -287,6 +310,29 @@ class EdgeRouter:
                 self._relay(route.name, app, resp, deadline), status_code=resp.status_code, headers=out
             )
         return None
+
+    async def _unless_withdrawn(
+        self, edge: str, app: str, sending: Awaitable[httpx.Response]
+    ) -> httpx.Response:
+        """The edge's answer (status and headers), or EdgeWithdrawn once the routes, refreshed meanwhile, no
+        longer name the edge as running `app`: the request is cancelled there and the core serves it. Checked
+        every `withdraw_check_s` until the answer's first byte."""
+        send = asyncio.ensure_future(sending)
+        answered = False
+        try:
+            while True:
+                done, _ = await asyncio.wait({send}, timeout=self.withdraw_check_s)
+                if done:
+                    answered = True
+                    return send.result()
+                if not self.still_runs(edge, app):
+                    raise EdgeWithdrawn(edge, app)
+        finally:
+            if not send.done():
+                send.cancel()
+            elif not answered and not send.cancelled() and send.exception() is None:
+                # it answered in the very turn this wait was cancelled (the client left, the deadline): unread
+                asyncio.ensure_future(send.result().aclose())
 
     async def _send(
         self,

@@ -26,7 +26,7 @@ from deployments.llm.gate import EDGE_ROUTES, OPENAI_ROUTES, SERVED
 from rma_ray import credentials
 from rma_ray.credentials import Kind
 from rma_ray.edges import SERVED_BY_HEADER
-from tests.support import ServerThread, free_port
+from tests.support import ServerThread, free_port, wait_for
 from tests.support.edge import EDGE, SERVICE_CREDENTIAL, Coordinator, EdgeApp
 
 LLM = "rma-llm"
@@ -302,6 +302,62 @@ def test_a_full_connection_pool_is_not_an_edge_failure(
             held.read()
         assert chat(core).headers[SERVED_BY_HEADER] == f"edge:{EDGE}"
         assert router.counts[(EDGE, LLM, "fallback")] == 3
+    finally:
+        app.release.set()
+        edge.set_router(None, disabled=True)
+
+
+@pytest.mark.parametrize("loss", ["no replica", "unhealthy", "gone"])
+def test_a_request_the_edge_holds_once_the_routes_drop_it_is_taken_back_by_the_core(
+    coordinator: tuple[Coordinator, str], edge_server: tuple[EdgeApp, str], core: str, loss: str
+) -> None:
+    """The edge's donor died while the edge held a non-streaming request (its Serve waits for a replica that
+    will not come): once the refreshed routes stop naming the edge as running the app, the core cancels the
+    forward and serves the request, without a breaker failure. The total deadline here (60 s) is past the
+    client's own timeout (20 s): without the withdrawal the client would time out."""
+    coord, coord_url = coordinator
+    app, edge_url = edge_server
+    app.mode, app.seen = "hang", []
+    app.release.clear()
+    coord.route(edge_url, {LLM: 1})
+    router = EdgeRouter(
+        coordinator_fetch(coord_url, SERVICE_CREDENTIAL),
+        read_timeout_s=2.0,
+        total_timeout_s=60.0,
+        breaker_threshold=1,
+        breaker_ttl_s=600,
+        withdraw_check_s=0.2,
+    )
+    assert router.refresh()
+    edge.set_router(router)
+
+    def donor_dies() -> None:
+        wait_for(lambda: app.seen, timeout=10, interval=0.05, what="the edge to hold the request")
+        token = coord.routes[0]["token"]
+        if loss == "no replica":
+            coord.route(edge_url, {LLM: 0}, token=token)
+        elif loss == "unhealthy":
+            coord.route(edge_url, {LLM: 1}, token=token, healthy=False)
+        else:
+            coord.routes = []
+        assert router.refresh()
+
+    dies = threading.Thread(target=donor_dies)
+    dies.start()
+    try:
+        r = chat(core)
+        dies.join(15)
+        assert r.headers[SERVED_BY_HEADER] == "core", r.headers
+        assert r.json() == {
+            "served": "core",
+            "echo": {"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+        }
+        assert len(app.seen) == 1  # the edge had it
+        assert router.counts[(EDGE, LLM, "fallback")] == 1 and failures(router) == 0
+        coord.route(edge_url, {LLM: 1})  # the edge is back: used again (no breaker to wait out)
+        assert router.refresh()
+        app.mode = "ok"
+        assert chat(core).headers[SERVED_BY_HEADER] == f"edge:{EDGE}"
     finally:
         app.release.set()
         edge.set_router(None, disabled=True)
