@@ -138,6 +138,11 @@ class ClientKey(_Key, Base):
     quota_requests_per_minute: Mapped[int | None] = mapped_column(Integer, nullable=True)
     quota_tokens_per_day: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     quota_upload_bytes_per_day: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # the donor this client belongs to (`rma clients create NAME --donor ID`): its key gets a larger default
+    # quota while the donor gives to the pool (admission.services.keys.donor_bonus)
+    donor_id: Mapped[str | None] = mapped_column(
+        String(12), ForeignKey("workers.id", ondelete="SET NULL"), nullable=True, index=True
+    )
 
 
 class ClientUsage(Base):

@@ -157,6 +157,15 @@ class ClientCreate(NamedCreate):
     sensitive: bool = Field(
         default=False, description="never forward this client's requests to an edge cluster"
     )
+    donor_id: str | None = Field(
+        default=None,
+        max_length=12,
+        description="the donor this client belongs to: its key gets a larger default quota while the donor gives",
+    )
+
+
+class ClientDonorLink(Strict):
+    donor_id: str | None = Field(max_length=12, description="the donor to link the key to; null unlinks it")
 
 
 class KeyCreated(BaseModel):
@@ -165,6 +174,7 @@ class KeyCreated(BaseModel):
     key: str = Field(description="shown once; only its hash is kept")
     created_at: datetime
     sensitive: bool | None = None  # client keys only
+    donor_id: str | None = None  # client keys only: the donor it is linked to
 
 
 class KeyOut(BaseModel):
@@ -175,6 +185,8 @@ class KeyOut(BaseModel):
     sensitive: bool | None = None  # client keys only
     quota: Quota | None = None  # client keys only: the effective quota (defaults + this key's overrides)
     quota_overrides: Quota | None = None  # client keys only: what `rma clients quota` set (None: defaults)
+    donor_id: str | None = None  # client keys only: the donor it is linked to
+    donor_bonus: bool | None = None  # client keys only: its defaults are multiplied (the donor gives)
 
 
 class ClientUsageRow(BaseModel):

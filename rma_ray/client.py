@@ -192,9 +192,16 @@ class AdmissionClient:
     def revoke_worker(self, worker_id: str) -> dict[str, Any]:
         return self._object("POST", f"/api/admin/workers/{worker_id}/revoke")
 
-    def create_client(self, name: str, sensitive: bool = False) -> dict[str, Any]:
+    def create_client(
+        self, name: str, sensitive: bool = False, donor_id: str | None = None
+    ) -> dict[str, Any]:
         body: dict[str, Any] = {"name": name, **({"sensitive": True} if sensitive else {})}
+        if donor_id is not None:
+            body["donor_id"] = donor_id
         return self._object("POST", "/api/admin/clients", json=body)
+
+    def link_client_donor(self, key_id: str, donor_id: str | None) -> dict[str, Any]:
+        return self._object("PUT", f"/api/admin/clients/{key_id}/donor", json={"donor_id": donor_id})
 
     # edge clusters: the admin rotates an edge's credential; the core's gateway reads the routes
     def rotate_edge_credential(self, edge: str) -> dict[str, Any]:

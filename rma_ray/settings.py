@@ -123,6 +123,17 @@ class Settings(BaseSettings):
     credit_per_1k_tokens: float = Field(
         default=0.1, ge=0, description="credits for a thousand LLM tokens generated on a donor's node"
     )
+    # a client key linked to a donor (`rma clients create NAME --donor ID`, `rma clients link`) gets the default
+    # quotas times this factor while its donor is not revoked and earned at least the credits below in 7 days
+    client_donor_quota_factor: float = Field(
+        default=2.0,
+        ge=1,
+        le=1000,
+        description="default quotas x this for a key whose donor gives to the pool",
+    )
+    client_donor_min_credits_7d: float = Field(
+        default=1.0, ge=0, description="credits a linked donor must have earned in the last 7 days"
+    )
 
     # the WireGuard overlay (set by `rma up --overlay`; see rma_ray/overlay.py). With a hub interface on this
     # machine the coordinator hands each donor an overlay address and adds/removes its peer on the hub itself.

@@ -131,13 +131,31 @@ def revoke_admin_key(key_id: str, admin: AdminDep, session: SessionDep, ip: Clie
 def create_client(
     req: schemas.ClientCreate, admin: AdminDep, session: SessionDep, ip: ClientIp
 ) -> schemas.KeyCreated:
-    """A client API key; `sensitive`: its requests stay on the core cluster (never forwarded to an edge)."""
-    return keys.create(session, ClientKey, req.name, admin.actor, ip, sensitive=req.sensitive)
+    """A client API key; `sensitive`: its requests stay on the core cluster (never forwarded to an edge);
+    `donor_id`: the donor it belongs to (a larger default quota while the donor gives to the pool)."""
+    return keys.create(
+        session, ClientKey, req.name, admin.actor, ip, sensitive=req.sensitive, donor_id=req.donor_id
+    )
 
 
 @router.get("/admin/clients", response_model=list[schemas.KeyOut], openapi_extra=security.ADMIN)
 def list_clients(admin: AdminDep, session: SessionDep, state: State) -> list[schemas.KeyOut]:
     return keys.list_all(session, ClientKey, state.settings)
+
+
+@router.put("/admin/clients/{key_id}/donor", response_model=schemas.KeyOut, openapi_extra=security.ADMIN)
+def link_client_donor(
+    key_id: str,
+    req: schemas.ClientDonorLink,
+    admin: AdminDep,
+    session: SessionDep,
+    state: State,
+    ip: ClientIp,
+) -> schemas.KeyOut:
+    """The donor a client key belongs to (`donor_id` null: none). While that donor gives to the pool (not
+    revoked, `client_donor_min_credits_7d` credits in 7 days) the key's default quotas are multiplied by
+    `client_donor_quota_factor`; replicas apply it within 10 s."""
+    return keys.link_donor(session, key_id, req.donor_id, state.settings, admin.actor, ip)
 
 
 @router.put("/admin/clients/{key_id}/quota", response_model=schemas.KeyOut, openapi_extra=security.ADMIN)

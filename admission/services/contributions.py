@@ -339,13 +339,21 @@ def maintain(session: Session, now: datetime, s: Settings) -> None:
     prune(session, now, s.contribution_retention_d)
 
 
-def _totals(session: Session, since: datetime | None, worker_id: str | None = None) -> dict[str, Amounts]:
+def totals(
+    session: Session,
+    since: datetime | None,
+    worker_id: str | None = None,
+    worker_ids: Iterable[str] | None = None,
+) -> dict[str, Amounts]:
+    """Each donor's amounts since `since` (all time: None), of one donor or of some."""
     m = ContributionMinute
     q = select(m.worker_id, func.sum(m.cpu_s), func.sum(m.gpu_s), func.sum(m.requests), func.sum(m.tokens))
     if since is not None:
         q = q.where(m.minute >= since)
     if worker_id is not None:
         q = q.where(m.worker_id == worker_id)
+    if worker_ids is not None:
+        q = q.where(m.worker_id.in_(list(worker_ids)))
     out: dict[str, Amounts] = defaultdict(Amounts)
     for wid, cpu, gpu, req, tok in session.execute(q.group_by(m.worker_id)):
         out[wid].add(cpu, gpu, req, tok)
@@ -365,7 +373,7 @@ def for_worker(
     worker = session.get(Worker, worker_id)
     day_start, week = _spans(now)
     figs = {
-        k: _totals(session, since, worker_id).get(worker_id, Amounts()).figures(w)
+        k: totals(session, since, worker_id).get(worker_id, Amounts()).figures(w)
         for k, since in (("today", day_start), ("last_7d", week), ("all_time", None))
     }
     return schemas.WorkerContribution(
@@ -386,7 +394,7 @@ def overview(
     now = now or utcnow()
     w = weights(state.settings)
     day_start, week = _spans(now)
-    today, last_7d, all_time = (_totals(session, s) for s in (day_start, week, None))
+    today, last_7d, all_time = (totals(session, s) for s in (day_start, week, None))
     step = 3600
     last = int(now.timestamp()) // step * step
     first = last - (hours - 1) * step

@@ -8,6 +8,7 @@ keyring and report stores, and no admin route accepts them.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import TypeVar
 
 from sqlalchemy import func, select
@@ -15,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from admission import schemas
 from admission.errors import ApiError
-from admission.models import AdminKey, ClientKey, ServiceKey, utcnow
+from admission.models import AdminKey, ClientKey, ServiceKey, Worker, utcnow
 from admission.services import audit
 from rma_ray import credentials
 from rma_ray.credentials import Kind, MalformedToken
@@ -32,33 +33,86 @@ def overrides(row: ClientKey) -> schemas.Quota:
     return schemas.Quota(**{f: getattr(row, f"quota_{f}") for f in QUOTA_FIELDS})
 
 
-def effective_quota(row: ClientKey, settings: Settings | None) -> schemas.Quota:
-    """The key's quota: its overrides, else the coordinator's defaults (`client_*` settings)."""
+def effective_quota(row: ClientKey, settings: Settings | None, bonus: bool = False) -> schemas.Quota:
+    """The key's quota: its overrides, else the coordinator's defaults (`client_*` settings); with `bonus` (the
+    key's donor gives to the pool) the defaults times `client_donor_quota_factor` (an override is the admin's
+    word and stays as set; no limit stays no limit)."""
     own = overrides(row)
-    return schemas.Quota(
-        **{
-            f: getattr(own, f) if getattr(own, f) is not None else getattr(settings, f"client_{f}", None)
-            for f in QUOTA_FIELDS
-        }
+    factor = settings.client_donor_quota_factor if bonus and settings is not None else 1.0
+    out: dict[str, int | None] = {}
+    for f in QUOTA_FIELDS:
+        given, default = getattr(own, f), getattr(settings, f"client_{f}", None)
+        out[f] = given if given is not None else None if default is None else int(default * factor)
+    return schemas.Quota(**out)
+
+
+def giving_donors(session: Session, settings: Settings | None, donor_ids: set[str]) -> set[str]:
+    """Those of `donor_ids` that earn their clients' bonus: neither revoked nor quarantined, and at least
+    `client_donor_min_credits_7d` credits in the last 7 days (admission.services.contributions)."""
+    if not donor_ids or settings is None:
+        return set()
+    from admission.services import contributions
+
+    live = set(
+        session.scalars(
+            select(Worker.id).where(
+                Worker.id.in_(donor_ids),
+                Worker.revoked_at.is_(None),
+                (Worker.quarantine_reason.is_(None)) | (Worker.quarantine_reason == ""),
+            )
+        )
     )
+    if not live:
+        return set()
+    w = contributions.weights(settings)
+    given = contributions.totals(session, utcnow() - timedelta(days=7), worker_ids=live)
+    return {
+        wid
+        for wid in live
+        if contributions.credits(given.get(wid, contributions.Amounts()), w)
+        >= settings.client_donor_min_credits_7d
+    }
 
 
-def _out(row: AdminKey | ClientKey | ServiceKey, settings: Settings | None = None) -> schemas.KeyOut:
+def _out(
+    row: AdminKey | ClientKey | ServiceKey, settings: Settings | None = None, giving: set[str] | None = None
+) -> schemas.KeyOut:
+    client = isinstance(row, ClientKey)
+    bonus = isinstance(row, ClientKey) and row.donor_id is not None and row.donor_id in (giving or set())
     return schemas.KeyOut(
         id=row.id,
         name=row.name,
         created_at=row.created_at,
         revoked_at=row.revoked_at,
         sensitive=bool(row.sensitive) if isinstance(row, ClientKey) else None,
-        quota=effective_quota(row, settings) if isinstance(row, ClientKey) else None,
+        quota=effective_quota(row, settings, bonus) if isinstance(row, ClientKey) else None,
         quota_overrides=overrides(row) if isinstance(row, ClientKey) else None,
+        donor_id=row.donor_id if isinstance(row, ClientKey) else None,
+        donor_bonus=bonus if client else None,
     )
 
 
+def _linkable_donor(session: Session, donor_id: str) -> str:
+    """A donor a client key may be linked to: registered and not revoked."""
+    worker = session.get(Worker, donor_id)
+    if worker is None:
+        raise ApiError(404, "unknown_donor", f"no donor {donor_id}; `rma donors list` shows them")
+    if worker.revoked_at is not None:
+        raise ApiError(409, "donor_revoked", f"donor {donor_id} is revoked; link the key to a live donor")
+    return worker.id
+
+
 def create(
-    session: Session, model: Model, name: str, actor: str, ip: str, sensitive: bool = False
+    session: Session,
+    model: Model,
+    name: str,
+    actor: str,
+    ip: str,
+    sensitive: bool = False,
+    donor_id: str | None = None,
 ) -> schemas.KeyCreated:
-    """`sensitive` (client keys only): the client's requests are never forwarded to an edge cluster."""
+    """`sensitive` (client keys only): the client's requests are never forwarded to an edge cluster;
+    `donor_id` (client keys only): the donor it belongs to (a larger default quota while the donor gives)."""
     kind = KINDS[model]
     minted = credentials.mint(kind)
     row = model(id=minted.id, name=name, key_hash=minted.hash, created_at=utcnow())
@@ -67,6 +121,8 @@ def create(
         row.sensitive = sensitive
         if sensitive:
             extra["sensitive"] = True
+        if donor_id is not None:
+            row.donor_id = extra["donor_id"] = _linkable_donor(session, donor_id)
     session.add(row)
     audit.record(session, actor, f"{kind}_key.create", minted.id, ip, name=name, **extra)
     session.flush()
@@ -76,11 +132,36 @@ def create(
         key=minted.token,
         created_at=row.created_at,
         sensitive=bool(row.sensitive) if isinstance(row, ClientKey) else None,
+        donor_id=row.donor_id if isinstance(row, ClientKey) else None,
     )
 
 
 def list_all(session: Session, model: type[K], settings: Settings | None = None) -> list[schemas.KeyOut]:
-    return [_out(r, settings) for r in session.scalars(select(model).order_by(model.created_at))]
+    rows = list(session.scalars(select(model).order_by(model.created_at)))
+    linked = {r.donor_id for r in rows if isinstance(r, ClientKey) and r.donor_id and r.revoked_at is None}
+    giving = giving_donors(session, settings, linked)
+    return [_out(r, settings, giving) for r in rows]
+
+
+def link_donor(
+    session: Session, key_id: str, donor_id: str | None, settings: Settings, actor: str, ip: str
+) -> schemas.KeyOut:
+    """`rma clients link`: the donor a client key belongs to (None: none). The gateway replicas see the
+    quota that follows with their next keyring refresh (10 s)."""
+    row = _live_client(session, key_id)
+    row.donor_id = _linkable_donor(session, donor_id) if donor_id is not None else None
+    audit.record(session, actor, "client_key.donor", key_id, ip, donor_id=row.donor_id)
+    session.flush()
+    return _out(row, settings, giving_donors(session, settings, {row.donor_id} if row.donor_id else set()))
+
+
+def _live_client(session: Session, key_id: str) -> ClientKey:
+    row = session.get(ClientKey, key_id)
+    if row is None:
+        raise ApiError(404, "not_found", f"no client key {key_id}; `rma clients list` shows them")
+    if row.revoked_at is not None:
+        raise ApiError(409, "revoked", f"client key {key_id} is revoked; its quota no longer matters")
+    return row
 
 
 def set_quota(
@@ -88,11 +169,7 @@ def set_quota(
 ) -> schemas.KeyOut:
     """`rma clients quota`: the given overrides replace the key's (after `reset`, which drops them all).
     The gateway replicas see it with their next keyring refresh (10 s)."""
-    row = session.get(ClientKey, key_id)
-    if row is None:
-        raise ApiError(404, "not_found", f"no client key {key_id}; `rma clients list` shows them")
-    if row.revoked_at is not None:
-        raise ApiError(409, "revoked", f"client key {key_id} is revoked; its quota no longer matters")
+    row = _live_client(session, key_id)
     given = {f: getattr(patch, f) for f in QUOTA_FIELDS if getattr(patch, f) is not None}
     if not given and not patch.reset:
         raise ApiError(
@@ -107,7 +184,7 @@ def set_quota(
         setattr(row, f"quota_{f}", v)
     audit.record(session, actor, "client_key.quota", key_id, ip, reset=patch.reset, **given)
     session.flush()
-    return _out(row, settings)
+    return _out(row, settings, giving_donors(session, settings, {row.donor_id} if row.donor_id else set()))
 
 
 def revoke(session: Session, model: type[K], key_id: str, actor: str, ip: str) -> schemas.KeyOut:
@@ -162,7 +239,10 @@ def ensure_admin_key(session: Session, given: str | None) -> str | None:
 
 def keyring(session: Session, settings: Settings | None = None) -> schemas.KeyringOut:
     """Live client keys with their effective quotas (the replicas enforce them without asking again)."""
-    rows = session.scalars(select(ClientKey).where(ClientKey.revoked_at.is_(None)).order_by(ClientKey.id))
+    rows = list(
+        session.scalars(select(ClientKey).where(ClientKey.revoked_at.is_(None)).order_by(ClientKey.id))
+    )
+    giving = giving_donors(session, settings, {r.donor_id for r in rows if r.donor_id})
     return schemas.KeyringOut(
         generated_at=utcnow(),
         keys=[
@@ -171,7 +251,7 @@ def keyring(session: Session, settings: Settings | None = None) -> schemas.Keyri
                 hash=r.key_hash,
                 name=r.name,
                 sensitive=bool(r.sensitive),
-                quota=effective_quota(r, settings),
+                quota=effective_quota(r, settings, r.donor_id in giving),
             )
             for r in rows
         ],

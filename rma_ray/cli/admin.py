@@ -206,16 +206,27 @@ def clients_create(
         bool,
         typer.Option("--sensitive", help="its requests never leave the core cluster (no edge serves them)"),
     ] = False,
+    donor: Annotated[
+        str | None,
+        typer.Option(
+            "--donor",
+            metavar="DONOR_ID",
+            help="the donor this client belongs to: a larger default quota while the donor gives",
+        ),
+    ] = None,
     coordinator: CoordinatorOpt = None,
     admin_key_file: KeyFileOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Create an API key for a client of the pool's HTTP routes."""
     with admin_client(coordinator, admin_key_file) as client:
-        created = client.create_client(name, sensitive=sensitive)
+        created = client.create_client(name, sensitive=sensitive, donor_id=donor)
     if as_json:
         return print_json(created)
-    out.print(f"client {created['id']} ({created['name']}){' sensitive: core only' if sensitive else ''}")
+    linked = f" linked to donor {created['donor_id']}" if created.get("donor_id") else ""
+    out.print(
+        f"client {created['id']} ({created['name']}){' sensitive: core only' if sensitive else ''}{linked}"
+    )
     out.print(f"API key (shown once): [bold]{created['key']}[/]")
 
 
@@ -228,7 +239,7 @@ def clients_list(
         rows = client.clients()
     if as_json:
         return print_json(rows)
-    table = Table("id", "name", "created", "revoked", "sensitive", "quota")
+    table = Table("id", "name", "created", "revoked", "sensitive", "donor", "quota")
     for r in rows:
         table.add_row(
             r["id"],
@@ -236,9 +247,16 @@ def clients_list(
             r["created_at"],
             r["revoked_at"] or "",
             "yes" if r.get("sensitive") else "",
+            donor_text(r),
             quota_text(r.get("quota")),
         )
     out.print(table)
+
+
+def donor_text(r: dict[str, Any]) -> str:
+    if not r.get("donor_id"):
+        return ""
+    return f"{r['donor_id']} (bonus)" if r.get("donor_bonus") else str(r["donor_id"])
 
 
 def quota_text(q: dict[str, Any] | None) -> str:
@@ -314,6 +332,36 @@ def clients_quota(
     if as_json:
         return print_json(row)
     out.print(f"client {row['id']} ({shown(row['name'])}): {quota_text(row.get('quota'))}")
+
+
+@clients_app.command("link")
+def clients_link(
+    name: Annotated[str, typer.Argument(help="the client key's name or id")],
+    donor: Annotated[
+        str | None, typer.Option("--donor", metavar="DONOR_ID", help="the donor the client belongs to")
+    ] = None,
+    unlink: Annotated[bool, typer.Option("--unlink", help="the client belongs to no donor")] = False,
+    coordinator: CoordinatorOpt = None,
+    admin_key_file: KeyFileOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Link a client key to the donor it belongs to: while that donor gives to the pool, the key's default
+    quotas are multiplied (the coordinator's `client_donor_quota_factor`)."""
+    if (donor is None) == (not unlink):
+        fail("give exactly one of --donor DONOR_ID or --unlink")
+    with admin_client(coordinator, admin_key_file) as client:
+        key_id = _client_key_id(client, name)
+        row = client.link_client_donor(key_id, donor)
+    if as_json:
+        return print_json(row)
+    if not row.get("donor_id"):
+        out.print(f"client {row['id']} ({shown(row['name'])}): no donor; {quota_text(row.get('quota'))}")
+        return
+    state = "gives to the pool: bonus quota" if row.get("donor_bonus") else "no bonus yet (too few credits)"
+    out.print(
+        f"client {row['id']} ({shown(row['name'])}) linked to donor {row['donor_id']} ({state}): "
+        f"{quota_text(row.get('quota'))}"
+    )
 
 
 @clients_app.command("usage")

@@ -120,3 +120,60 @@ def test_quota_overrides_keyring_and_usage_reports(coordinator: Coordinator) -> 
 @pytest.mark.parametrize("body", [{"replica": "", "day": "2026-12-05", "shared": True}, {"day": "today"}])
 def test_bad_usage_reports_are_422(coordinator: Coordinator, body: dict[str, object]) -> None:
     assert coordinator.admin("POST", "/api/clients/usage", json=body).status_code == 422
+
+
+def test_a_key_linked_to_a_giving_donor_gets_the_bonus_quota(coordinator: Coordinator) -> None:
+    """`rma clients create --donor` / `rma clients link`: while the donor is live and earned
+    `client_donor_min_credits_7d` in 7 days (its ledger rows), the key's default quotas are multiplied by
+    `client_donor_quota_factor`, in the keyring the replicas enforce; an override stays as set."""
+    from admission.models import ContributionMinute, utcnow
+
+    s = coordinator.state.settings
+    s.client_requests_per_minute, s.client_tokens_per_day = 60, 10_000
+    s.client_donor_quota_factor, s.client_donor_min_credits_7d = 3.0, 2.0
+    donor = coordinator.join()["worker_id"]
+    code, out = rma(coordinator, "clients", "create", "donor-app", "--donor", donor)
+    assert code == 0 and f"linked to donor {donor}" in out, out
+    (key,) = [k for k in coordinator.admin("GET", "/api/admin/clients").json() if k["name"] == "donor-app"]
+    assert (key["donor_id"], key["donor_bonus"]) == (donor, False)  # nothing given yet: no bonus
+    assert ring_quota(coordinator, key["id"])["requests_per_minute"] == 60
+
+    def give(cpu_hours: float) -> None:  # the ledger's rows, as the collector writes them (1 credit/CPU-hour)
+        with coordinator.state.sessions() as db, db.begin():
+            db.add(ContributionMinute(minute=utcnow(), worker_id=donor, cpu_s=cpu_hours * 3600))
+
+    give(1.0)  # 1 credit: under the 2 asked
+    assert ring_quota(coordinator, key["id"])["requests_per_minute"] == 60
+    give(1.5)
+    assert ring_quota(coordinator, key["id"]) == {
+        "requests_per_minute": 180,
+        "tokens_per_day": 30_000,
+        "upload_bytes_per_day": None,  # no limit stays no limit
+    }
+    code, out = rma(coordinator, "clients", "quota", "donor-app", "--tokens-per-day", "500")
+    assert code == 0, out
+    assert ring_quota(coordinator, key["id"])["tokens_per_day"] == 500  # the admin's override wins
+    code, out = rma(coordinator, "clients", "list")
+    assert f"{donor} (bonus)" in out, out
+
+    # another key: linked later, unlinked; mistakes are one line each
+    other = coordinator.admin("POST", "/api/admin/clients", json={"name": "plain"}).json()
+    code, out = rma(coordinator, "clients", "link", "plain", "--donor", donor)
+    assert code == 0 and "bonus quota" in out, out
+    assert ring_quota(coordinator, other["id"])["requests_per_minute"] == 180
+    code, out = rma(coordinator, "clients", "link", "plain", "--unlink")
+    assert code == 0 and "no donor" in out, out
+    assert ring_quota(coordinator, other["id"])["requests_per_minute"] == 60
+    code, out = rma(coordinator, "clients", "link", "plain")
+    assert code != 0 and "exactly one of --donor" in out
+    code, out = rma(coordinator, "clients", "link", "plain", "--donor", "nosuchdonor1")
+    assert code != 0 and "no donor nosuchdonor1" in out and "Traceback" not in out
+    r = coordinator.admin("POST", "/api/admin/clients", json={"name": "x", "donor_id": "nosuchdonor1"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_donor", r.text
+    assert not [k for k in coordinator.admin("GET", "/api/admin/clients").json() if k["name"] == "x"]
+
+    # the donor revoked: no more bonus, and no new link to it
+    assert coordinator.admin("POST", f"/api/admin/workers/{donor}/revoke").status_code == 200
+    assert ring_quota(coordinator, key["id"])["requests_per_minute"] == 60
+    r = coordinator.admin("PUT", f"/api/admin/clients/{other['id']}/donor", json={"donor_id": donor})
+    assert r.status_code == 409 and "revoked" in r.json()["error"]["message"], r.text
