@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import platform
 import shlex
 import shutil
@@ -50,6 +51,7 @@ DONOR_EXTRAS = (
 )  # what `install.sh --extras` may ask for; the head's own extras are not
 SCRIPT = Path(__file__).resolve().parent.parent / "templates" / "donor-install.sh"
 _STAGED = ("pyproject.toml", "README.md", *dists.DONOR_PACKAGES)
+REPRODUCIBLE_EPOCH = "315532800"  # 1980-01-01, the earliest time a zip entry holds
 _lock = threading.Lock()
 _LOCK_WAIT_S = (
     0.5  # a request during a build waits this long, then gets 503 + Retry-After (no queued threads)
@@ -158,9 +160,12 @@ def _pip_wheel(source: Path, staged: Path, out: Path) -> None:
         elif (source / top).is_file():
             shutil.copy2(source / top, staged / top)
     argv = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index"]
+    # the same source gives the same bytes (zip times from SOURCE_DATE_EPOCH, not the build's clock): two
+    # coordinators, or one rebuilding its cache, serve one sha256 for one revision
+    env = {**os.environ, "SOURCE_DATE_EPOCH": REPRODUCIBLE_EPOCH}
     try:
         res = subprocess.run(
-            [*argv, "-w", str(out), str(staged)], capture_output=True, text=True, timeout=300
+            [*argv, "-w", str(out), str(staged)], capture_output=True, text=True, timeout=300, env=env
         )
     except subprocess.TimeoutExpired:
         raise ApiError(503, "donor_kit_unavailable", "building the pool's wheel took over 300 s") from None

@@ -4,6 +4,7 @@ anything). The real install runs in tests/e2e/test_donor_install.py."""
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import subprocess
 import sys
@@ -189,3 +190,19 @@ def test_a_repacked_wheel_is_readable_by_anyone(tmp_path: Path) -> None:
     with zipfile.ZipFile(wheel) as zf:
         assert any(n.endswith(".dist-info/RECORD") for n in zf.namelist())
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_the_pools_wheel_is_the_same_bytes_when_built_again(tmp_path: Path) -> None:
+    """Two builds of one source (two coordinators, or a rebuilt cache) give one sha256 (SOURCE_DATE_EPOCH)."""
+    from rma_ray import dists
+
+    source = dists.editable_source()
+    if source is None:
+        pytest.skip("the pool is installed from a wheel here: the kit repacks that wheel, no build")
+    shas = []
+    for i in range(2):
+        out = tmp_path / f"out{i}"
+        donor_kit._pip_wheel(source, tmp_path / f"src{i}", out)
+        (wheel,) = out.glob("*.whl")
+        shas.append(hashlib.sha256(wheel.read_bytes()).hexdigest())
+    assert shas[0] == shas[1]
