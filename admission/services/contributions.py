@@ -80,6 +80,7 @@ MAX_GAP = timedelta(minutes=2)
 # what a node's endpoint serves is its donor's to write: a counter outside 0..MAX_VALUE is dropped, a gauge
 # clamped into it (an infinite or huge value would fail the collector's whole transaction)
 MAX_VALUE = 2**31 - 1
+MAX_SERIES = 2000  # samples of our families per node and pass, as the request metrics' (metrics.MAX_SERIES)
 ROLLUP_WINDOW = timedelta(days=3)  # rows older than the per-minute span looked at on each rollup
 SERIES_HOURS = 168
 
@@ -152,8 +153,13 @@ def _wanted(text: str) -> str:
 
 
 def parse(text: str, target: str) -> NodeReading:
+    """A node's reading; ValueError when it serves over MAX_SERIES samples of our families (each counter series
+    becomes a cursor row: a donor's endpoint must not grow the coordinator's database at will)."""
     out = NodeReading()
-    for fam in text_string_to_metric_families(_wanted(text)):
+    families = list(text_string_to_metric_families(_wanted(text)))
+    if sum(len(f.samples) for f in families) > MAX_SERIES:
+        raise ValueError(f"over {MAX_SERIES} contribution series")
+    for fam in families:
         for s in fam.samples:
             if not math.isfinite(s.value):
                 continue

@@ -103,6 +103,21 @@ def test_parse_sums_the_nodes_processes_and_keys_each_counter_series() -> None:
     assert c.parse(no_cpu, A).cpu_pct is None and c.parse(node_text(), A).gpu_pct == 0.0
 
 
+def test_a_node_serving_too_many_series_is_not_read() -> None:
+    """Each counter series becomes a cursor row: a donor's endpoint cannot grow the coordinator's database."""
+    text = node_text()
+    line = next(x for x in text.splitlines() if x.startswith("ray_serve_deployment_request_counter_total"))
+
+    def with_routes(n: int) -> str:  # n more series of the family, in its block
+        return text.replace(
+            line, "\n".join([line, *(line.replace('route="/echo"', f'route="/r{i}"') for i in range(n))])
+        )
+
+    assert len(c.parse(with_routes(100), A).requests) > 100
+    with pytest.raises(ValueError, match="contribution series"):
+        c.parse(with_routes(c.MAX_SERIES), A)
+
+
 def test_targets_map_to_live_nodes_from_the_dashboards_node_table() -> None:
     summary = {
         "data": {
