@@ -1,6 +1,7 @@
 """The OpenAI Batch API's store and runner: the `batches` deployment of the services app, on the trusted data
 tier beside the uploads volume. Files are blobs on that volume (`uploads.BlobStore`), their metadata, the
-batches and one row per item in the services' Postgres (`db.BatchFile`, `db.Batch`, `db.BatchItem`).
+batches and one row per item in the services' Postgres (`db.BatchFile`, `db.Batch`, `db.BatchItem`). Equal
+bytes are one blob: deleting a file removes it only when no other file or upload names it.
 
 Durable queue: procrastinate (3.x) on the same Postgres. Chosen over pgqueuer because it is a plain library
 (no broker, no CLI-managed schema: its schema SQL goes into the services' Alembic migration 0002, in a
@@ -216,21 +217,23 @@ class Batches:
     def delete_file(self, file_id: str, owner: str) -> dict[str, Any]:
         """The row first, in its own transaction; then the bytes, only if no file (of any owner) and no upload
         has the same SHA-256 (the volume keeps one copy of equal bytes). A file that an unfinished batch reads
-        is refused (409): the row lock orders this against `_create`, which locks it too."""
+        is refused (409): the row lock orders this against `_create`, which locks it too. Files written here
+        take the blob's lock (`_put_blob`); `Uploads.put` does not yet, so an upload of the very same bytes
+        racing the last file's delete (between its blob write and its row) could find them gone."""
         with self.db.sessions().begin() as db:
             row = db.get(BatchFile, str(file_id)[:40], with_for_update=True)
             if row is None or row.owner != owner:
                 raise not_found("file", file_id)
-            user = db.execute(
+            reader = db.execute(
                 select(Batch.id, Batch.status)
                 .where(Batch.input_file_id == row.id, Batch.status.notin_(bf.FINAL))
                 .limit(1)
             ).first()
-            if user is not None:
+            if reader is not None:
                 raise Refusal(
                     409,
                     "file_in_use",
-                    f"file {row.id} is the input of batch {user.id}, which is {user.status}: cancel the "
+                    f"file {row.id} is the input of batch {reader.id}, which is {reader.status}: cancel the "
                     "batch or wait until it ends, then delete the file",
                 )
             fid, sha = row.id, row.sha256
