@@ -14,7 +14,7 @@ Ownership is the services' rule: another client's file or batch is a 404, as if 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import Response
@@ -24,6 +24,7 @@ from ray import serve
 from deployments.gateway.asgi import PrefixIsRoot, body_limit
 from deployments.gateway.auth import ClientDep, current_client
 from deployments.gateway.refusal import install_refusals
+from deployments.services import batch_format as bf
 from deployments.services.backends import as_backend
 from deployments.services.http import BackendCaller, form_file, json_body, owner
 from deployments.services.settings import ServicesSettings
@@ -75,9 +76,25 @@ def files_api(settings: ServicesSettings, store: Any = None) -> FastAPI:
         purpose = fields.get("purpose", "")
         return await st.call("batch store", st.store.put_file, data, filename, purpose, owner(client))
 
+    @files.get("/")
+    async def list_files(
+        client: ClientDep,
+        purpose: str | None = Query(default=None, max_length=40),
+        limit: int = Query(default=bf.FILES_MAX_LIMIT, ge=1, le=bf.FILES_MAX_LIMIT),
+        order: Literal["asc", "desc"] = "desc",
+        after: str | None = Query(default=None, max_length=100),
+    ) -> Any:
+        return await st.call(
+            "batch store", st.store.list_files, owner(client), purpose, limit, order, after, retry=True
+        )
+
     @files.get("/{file_id}")
     async def get_file(file_id: str, client: ClientDep) -> Any:
         return await st.call("batch store", st.store.get_file, file_id, owner(client), retry=True)
+
+    @files.delete("/{file_id}")
+    async def delete_file(file_id: str, client: ClientDep) -> Any:
+        return await st.call("batch store", st.store.delete_file, file_id, owner(client))
 
     @files.get("/{file_id}/content")
     async def get_file_content(file_id: str, client: ClientDep) -> Response:

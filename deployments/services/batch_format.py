@@ -14,6 +14,8 @@ from deployments.gateway.refusal import Refusal
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 COMPLETION_WINDOWS = {"24h": 24 * 3600}
 PURPOSES = ("batch", "batch_output")
+FILES_MAX_LIMIT = 10_000  # OpenAI's bounds (and default) for GET /v1/files' `limit`
+FILES_PAGE = 1000  # the most files one list answer holds: a larger `limit` gets has_more and `after`
 
 # OpenAI's batch statuses; the last four are final
 VALIDATING, IN_PROGRESS, FINALIZING = "validating", "in_progress", "finalizing"
@@ -141,6 +143,10 @@ def file_object(
         "status_details": None,
         "expires_at": None,
     }
+
+
+def file_deleted(file_id: str) -> dict[str, Any]:
+    return {"id": file_id, "object": "file", "deleted": True}
 
 
 def request_counts(total: int, item_states: dict[str, int]) -> dict[str, int]:

@@ -1,6 +1,7 @@
 """The OpenAI Batch API's store and runner: the `batches` deployment of the services app, on the trusted data
 tier beside the uploads volume. Files are blobs on that volume (`uploads.BlobStore`), their metadata, the
-batches and one row per item in the services' Postgres (`db.BatchFile`, `db.Batch`, `db.BatchItem`).
+batches and one row per item in the services' Postgres (`db.BatchFile`, `db.Batch`, `db.BatchItem`). Equal
+bytes are one blob: deleting a file removes it only when no other file or upload names it.
 
 Durable queue: procrastinate (3.x) on the same Postgres. Chosen over pgqueuer because it is a plain library
 (no broker, no CLI-managed schema: its schema SQL goes into the services' Alembic migration 0002, in a
@@ -33,12 +34,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import exists, func, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from deployments.gateway.refusal import Refusal, not_found, refusal_from, unwrap
 from deployments.services import batch_format as bf
-from deployments.services.db import Batch, BatchFile, BatchItem, Database, store_endpoint
+from deployments.services.db import Batch, BatchFile, BatchItem, Database, Upload, store_endpoint
 from deployments.services.settings import ServicesSettings
 from deployments.services.uploads import BlobStore, default_uploads_dir
 
@@ -151,11 +152,10 @@ class Batches:
                 400, "invalid_request", "the file's name must not contain a NUL character", param="file"
             )
         endpoint, items = bf.check_jsonl(data, s.batch_max_lines)
-        sha = self.blobs.put(data)
         with self.db.sessions().begin() as db:
             row = BatchFile(
                 owner=owner,
-                sha256=sha,
+                sha256=self._put_blob(db, data),
                 filename=(filename or "")[:500] or None,
                 purpose=purpose,
                 size=len(data),
@@ -175,6 +175,87 @@ class Batches:
 
     def get_file(self, file_id: str, owner: str) -> dict[str, Any]:
         return file_dict(self._file(file_id, owner))
+
+    def list_files(
+        self,
+        owner: str,
+        purpose: str | None = None,
+        limit: int = bf.FILES_MAX_LIMIT,
+        order: str = "desc",
+        after: str | None = None,
+    ) -> dict[str, Any]:
+        """The owner's files (inputs, and the output and error files of their batches) by created_at, OpenAI's
+        list shape; at most bf.FILES_PAGE a page, the rest after the page's last id."""
+        if not 1 <= limit <= bf.FILES_MAX_LIMIT:
+            raise Refusal(
+                400, "invalid_request", f"limit must be between 1 and {bf.FILES_MAX_LIMIT:,}", param="limit"
+            )
+        if order not in ("asc", "desc"):
+            raise Refusal(400, "invalid_request", 'order must be "asc" or "desc"', param="order")
+        key = tuple_(BatchFile.created_at, BatchFile.id)
+        with self.db.sessions()() as db:
+            q = select(BatchFile).where(BatchFile.owner == owner)
+            if purpose:
+                q = q.where(BatchFile.purpose == purpose)
+            if after:
+                cursor = db.get(BatchFile, str(after)[:40])
+                if cursor is None or cursor.owner != owner:
+                    raise Refusal(
+                        404,
+                        "not_found",
+                        f"no file with id {after} (the `after` cursor): list again without `after`",
+                        param="after",
+                    )
+                mark = tuple_(cursor.created_at, cursor.id)
+                q = q.where(key < mark if order == "desc" else key > mark)
+            by = (BatchFile.created_at, BatchFile.id)
+            q = q.order_by(*(c.desc() for c in by) if order == "desc" else by)
+            page = min(limit, bf.FILES_PAGE)
+            rows = list(db.scalars(q.limit(page + 1)))
+            return bf.list_page([file_dict(r) for r in rows[:page]], len(rows) > page)
+
+    def delete_file(self, file_id: str, owner: str) -> dict[str, Any]:
+        """The row first, in its own transaction; then the bytes, only if no file (of any owner) and no upload
+        has the same SHA-256 (the volume keeps one copy of equal bytes). A file that an unfinished batch reads
+        is refused (409): the row lock orders this against `_create`, which locks it too. Files written here
+        take the blob's lock (`_put_blob`); `Uploads.put` does not yet, so an upload of the very same bytes
+        racing the last file's delete (between its blob write and its row) could find them gone."""
+        with self.db.sessions().begin() as db:
+            row = db.get(BatchFile, str(file_id)[:40], with_for_update=True)
+            if row is None or row.owner != owner:
+                raise not_found("file", file_id)
+            reader = db.execute(
+                select(Batch.id, Batch.status)
+                .where(Batch.input_file_id == row.id, Batch.status.notin_(bf.FINAL))
+                .limit(1)
+            ).first()
+            if reader is not None:
+                raise Refusal(
+                    409,
+                    "file_in_use",
+                    f"file {row.id} is the input of batch {reader.id}, which is {reader.status}: cancel the "
+                    "batch or wait until it ends, then delete the file",
+                )
+            fid, sha = row.id, row.sha256
+            db.delete(row)
+        self._drop_blob(sha)
+        return bf.file_deleted(fid)
+
+    def _put_blob(self, db: Any, data: bytes) -> str:
+        """Writes the bytes under their blob's lock, held until `db` commits the row that names them: a delete
+        of another file with the same bytes cannot find no row and unlink them in between."""
+        sha = hashlib.sha256(data).hexdigest()
+        db.execute(select(func.pg_advisory_xact_lock(_blob_lock(sha))))
+        return self.blobs.put(data)
+
+    def _drop_blob(self, sha: str) -> None:
+        with self.db.sessions().begin() as db:
+            db.execute(select(func.pg_advisory_xact_lock(_blob_lock(sha))))
+            used = db.scalar(
+                select(exists().where(BatchFile.sha256 == sha) | exists().where(Upload.sha256 == sha))
+            )
+            if not used:
+                self.blobs.path(sha).unlink(missing_ok=True)
 
     def read_file(self, file_id: str, owner: str) -> tuple[dict[str, Any], bytes]:
         row = self._file(file_id, owner)
@@ -256,8 +337,13 @@ class Batches:
                 f"endpoint {src.endpoint!r}",
                 param="endpoint",
             )
-        _, items = bf.check_jsonl(self.blobs.read(src.sha256), s.batch_max_lines)
+        try:
+            _, items = bf.check_jsonl(self.blobs.read(src.sha256), s.batch_max_lines)
+        except FileNotFoundError:  # deleted since `_file` read its row
+            raise not_found("file", input_file_id) from None
         with self.db.sessions().begin() as db:
+            if db.get(BatchFile, src.id, with_for_update=True) is None:  # deleted meanwhile
+                raise not_found("file", input_file_id)
             open_batches = db.scalar(
                 select(func.count())
                 .select_from(Batch)
@@ -647,7 +733,7 @@ class Batches:
                     data = bf.jsonl(lines)
                     f = BatchFile(
                         owner=row.owner,
-                        sha256=self.blobs.put(data),
+                        sha256=self._put_blob(db, data),
                         filename=f"{batch_id}_{name}.jsonl",
                         purpose="batch_output",
                         size=len(data),
@@ -662,6 +748,11 @@ class Batches:
             else:
                 row.status, row.completed_at = bf.COMPLETED, now
             log.info("batch %s %s: %d answered, %d failed", batch_id, row.status, len(done), len(failed))
+
+
+def _blob_lock(sha: str) -> int:
+    """The Postgres advisory lock of a blob: its hash's first 60 bits (a bigint)."""
+    return int(sha[:15], 16)
 
 
 def _item_id(batch_id: str, custom_id: str) -> str:

@@ -1084,6 +1084,14 @@ def test_openai_batches_chat_and_embeddings_complete_each_custom_id_once_and_sta
             call()
     assert {b1.id, b2.id} <= {b.id for b in alice.batches.list(limit=10).data}
     assert not {b1.id, b2.id} & {b.id for b in bob.batches.list(limit=100).data}
+    # the files list: her inputs and her batches' outputs, never bob's; a finished batch's input deleted
+    out1 = alice.batches.retrieve(b1.id).output_file_id
+    assert {chat.id, emb.id, out1} <= {f.id for f in alice.files.list()}
+    assert not {chat.id, out1} & {f.id for f in bob.files.list()}
+    assert alice.files.delete(chat.id).deleted
+    with pytest.raises(openai.NotFoundError):
+        alice.files.retrieve(chat.id)
+    assert len(_output(alice, out1)) == 40  # its output stays
 
     # cancel stops new items: those already running finish and are kept, each once
     slow = alice.files.create(
@@ -1103,6 +1111,8 @@ def test_openai_batches_chat_and_embeddings_complete_each_custom_id_once_and_sta
         purpose="batch",
     )
     b3 = alice.batches.create(input_file_id=slow.id, endpoint="/v1/chat/completions", completion_window="24h")
+    with pytest.raises(openai.ConflictError):  # the input of a batch still running
+        alice.files.delete(slow.id)
     assert alice.batches.cancel(b3.id).status in ("cancelling", "cancelled")
     done = _finished(alice, b3.id)
     assert done.status == "cancelled" and done.cancelled_at

@@ -364,3 +364,148 @@ def test_an_unexpected_model_error_and_an_expired_running_item_both_reach_a_fina
         assert err["req-1"]["code"] == "batch_expired"
 
     asyncio.run(scenario())
+
+
+# -- the Files API: list, delete ------------------------------------------------------------------------------
+
+
+def sha_of(store: Any, file_id: str) -> str:
+    from deployments.services.db import BatchFile
+
+    with store.db.sessions()() as db:
+        return str(db.get(BatchFile, file_id).sha256)
+
+
+def test_files_are_listed_per_owner_in_order_and_a_delete_keeps_bytes_another_file_or_upload_has(
+    postgres: Postgres, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from deployments.services.db import Upload
+
+    store = make_store(postgres, tmp_path, batch_runner=False)
+
+    def ids(**query: Any) -> list[str]:
+        return [f["id"] for f in store.list_files("alice", **query)["data"]]
+
+    def refused(call: Any) -> Refusal:
+        with pytest.raises(Refusal) as exc:
+            call()
+        return exc.value
+
+    async def scenario() -> None:
+        f1, f2, f3 = upload(store, 2), upload(store, 3), upload(store, 3)  # f2 and f3: the same bytes
+        bobs = upload(store, 1, owner="bob")
+        b = await store.create("alice", f1, "/v1/chat/completions", "24h")
+        gone = refused(lambda: store.delete_file(f1, "alice"))  # its batch would fail
+        assert gone.status == 409 and b["id"] in gone.message and "in_progress" in gone.message
+        for cid in ("req-0", "req-1"):
+            await store.run_item(b["id"], cid)
+        out = store.get(b["id"], "alice")["output_file_id"]
+        assert store.get(b["id"], "alice")["status"] == bf.COMPLETED
+
+        page = store.list_files("alice")
+        assert set(page) == {"object", "data", "first_id", "last_id", "has_more"}
+        assert page["object"] == "list" and page["has_more"] is False
+        assert [f["id"] for f in page["data"]] == [out, f3, f2, f1]  # newest first, outputs are the owner's
+        assert (page["first_id"], page["last_id"]) == (out, f1)
+        assert page["data"][0]["purpose"] == "batch_output" and page["data"][0]["object"] == "file"
+        assert ids(order="asc") == [f1, f2, f3, out]
+        assert ids(purpose="batch") == [f3, f2, f1] and ids(purpose="batch_output") == [out]
+        assert ids(purpose="fine-tune") == []
+        two = store.list_files("alice", limit=2)
+        assert [f["id"] for f in two["data"]] == [out, f3] and two["has_more"] is True
+        assert ids(after=f3) == [f2, f1] and ids(after=f1, order="asc", limit=1) == [f2]
+        monkeypatch.setattr(bf, "FILES_PAGE", 3)  # a page is bounded whatever the limit
+        assert len(store.list_files("alice")["data"]) == 3 and store.list_files("alice")["has_more"]
+        assert [f["id"] for f in store.list_files("bob")["data"]] == [bobs]
+        assert refused(lambda: store.list_files("bob", after=f1)).status == 404
+        assert refused(lambda: store.list_files("alice", limit=0)).status == 400
+        assert "order must be" in refused(lambda: store.list_files("alice", order="up")).message
+
+        # the finished batch's input goes; its output stays
+        assert refused(lambda: store.delete_file(f1, "bob")).status == 404
+        sha1 = sha_of(store, f1)
+        assert store.delete_file(f1, "alice") == {"id": f1, "object": "file", "deleted": True}
+        for call in (lambda: store.get_file(f1, "alice"), lambda: store.read_file(f1, "alice")):
+            assert refused(call).status == 404
+        assert refused(lambda: store.delete_file(f1, "alice")).status == 404
+        assert not store.blobs.path(sha1).exists()
+        assert [x["custom_id"] for x in lines(store, out)] == ["req-0", "req-1"]
+
+        # f2 and f3 share one blob; an upload of the same bytes keeps it too
+        sha = sha_of(store, f2)
+        store.delete_file(f2, "alice")
+        assert store.blobs.path(sha).exists() and store.read_file(f3, "alice")[1]
+        with store.db.sessions().begin() as db:
+            db.add(Upload(sha256=sha, owner="carol", content_type="application/jsonl", size=1))
+        store.delete_file(f3, "alice")
+        assert store.blobs.path(sha).exists()
+        with store.db.sessions().begin() as db:
+            db.query(Upload).filter(Upload.sha256 == sha).delete()
+        f4 = upload(store, 3)  # the same bytes once more: the last reference, then none
+        store.delete_file(f4, "alice")
+        assert not store.blobs.path(sha).exists()
+        assert ids() == [out]
+
+    asyncio.run(scenario())
+
+
+def test_the_official_openai_client_lists_retrieves_and_deletes_files_over_http(
+    postgres: Postgres, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import openai
+    from starlette.applications import Starlette
+    from starlette.responses import Response
+
+    from deployments.gateway import auth
+    from deployments.gateway.keys import ClientKeyVerifier
+    from deployments.services.batch_api import FILES_PREFIX, files_api
+    from rma_ray import credentials
+    from tests.support import ServerThread
+
+    store = make_store(postgres, tmp_path, batch_runner=False)
+    keys = {name: credentials.mint(credentials.Kind.CLIENT) for name in ("alice", "bob")}
+    ring = {"keys": [{"id": k.id, "hash": k.hash, "name": name} for name, k in keys.items()]}
+    verifier = ClientKeyVerifier(lambda: ring, refresh_s=3600)
+    verifier.refresh()
+    api = files_api(store.settings, store)
+
+    async def serve_like(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """As Serve hands the app requests: the full path, the route prefix as root_path."""
+        if scope["type"] == "http" and scope["path"] == "/healthz":
+            await Response("ok")(scope, receive, send)
+        elif scope["type"] == "http":
+            await api({**scope, "root_path": FILES_PREFIX}, receive, send)
+        else:
+            await Starlette()(scope, receive, send)
+
+    auth.set_verifier(verifier)
+    try:
+        with ServerThread(serve_like) as server:
+            alice, bob = (
+                openai.OpenAI(base_url=server.url + "/v1", api_key=keys[name].token, max_retries=0)
+                for name in ("alice", "bob")
+            )
+            data = jsonl(line("a"), line("b"))
+            made = [alice.files.create(file=(f"in{i}.jsonl", data), purpose="batch") for i in range(3)]
+            assert made[0].purpose == "batch" and made[0].bytes == len(data)
+            listed = alice.files.list()
+            assert [f.id for f in listed.data] == [f.id for f in reversed(made)] and not listed.has_more
+            assert [f.id for f in alice.files.list(purpose="batch", order="asc")] == [f.id for f in made]
+            assert alice.files.list(purpose="batch_output").data == []
+            monkeypatch.setattr(bf, "FILES_PAGE", 2)  # the client follows has_more with `after`
+            assert [f.id for f in alice.files.list()] == [f.id for f in reversed(made)]
+            got = alice.files.retrieve(made[1].id)
+            assert (got.filename, got.status, got.object) == ("in1.jsonl", "processed", "file")
+            assert bob.files.list().data == []
+            with pytest.raises(openai.NotFoundError):
+                bob.files.delete(made[1].id)
+            deleted = alice.files.delete(made[1].id)
+            assert (deleted.id, deleted.deleted, deleted.object) == (made[1].id, True, "file")
+            for gone in (alice.files.retrieve, alice.files.content, alice.files.delete):
+                with pytest.raises(openai.NotFoundError):
+                    gone(made[1].id)
+            assert alice.files.content(made[2].id).content == data  # the same bytes, still there
+            with pytest.raises(openai.UnprocessableEntityError):
+                alice.files.list(order="sideways")  # type: ignore[arg-type]
+    finally:
+        auth.set_verifier(None)
