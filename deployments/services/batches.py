@@ -41,7 +41,7 @@ from deployments.gateway.refusal import Refusal, not_found, refusal_from, unwrap
 from deployments.services import batch_format as bf
 from deployments.services.db import Batch, BatchFile, BatchItem, Database, Upload, store_endpoint
 from deployments.services.settings import ServicesSettings
-from deployments.services.uploads import BlobStore, default_uploads_dir
+from deployments.services.uploads import BlobStore, blob_lock, default_uploads_dir, put_locked
 
 log = logging.getLogger("rma.services.batches")
 QUEUE = "rma-batch"
@@ -218,8 +218,8 @@ class Batches:
         """The row first, in its own transaction; then the bytes, only if no file (of any owner) and no upload
         has the same SHA-256 (the volume keeps one copy of equal bytes). A file that an unfinished batch reads
         is refused (409): the row lock orders this against `_create`, which locks it too. Files written here
-        take the blob's lock (`_put_blob`); `Uploads.put` does not yet, so an upload of the very same bytes
-        racing the last file's delete (between its blob write and its row) could find them gone."""
+        and uploads take the blob's lock until their row commits (`uploads.put_locked`), so bytes that a new row
+        is being written with are never unlinked."""
         with self.db.sessions().begin() as db:
             row = db.get(BatchFile, str(file_id)[:40], with_for_update=True)
             if row is None or row.owner != owner:
@@ -242,15 +242,11 @@ class Batches:
         return bf.file_deleted(fid)
 
     def _put_blob(self, db: Any, data: bytes) -> str:
-        """Writes the bytes under their blob's lock, held until `db` commits the row that names them: a delete
-        of another file with the same bytes cannot find no row and unlink them in between."""
-        sha = hashlib.sha256(data).hexdigest()
-        db.execute(select(func.pg_advisory_xact_lock(_blob_lock(sha))))
-        return self.blobs.put(data)
+        return put_locked(db, self.blobs, data)
 
     def _drop_blob(self, sha: str) -> None:
         with self.db.sessions().begin() as db:
-            db.execute(select(func.pg_advisory_xact_lock(_blob_lock(sha))))
+            db.execute(select(func.pg_advisory_xact_lock(blob_lock(sha))))
             used = db.scalar(
                 select(exists().where(BatchFile.sha256 == sha) | exists().where(Upload.sha256 == sha))
             )
@@ -748,11 +744,6 @@ class Batches:
             else:
                 row.status, row.completed_at = bf.COMPLETED, now
             log.info("batch %s %s: %d answered, %d failed", batch_id, row.status, len(done), len(failed))
-
-
-def _blob_lock(sha: str) -> int:
-    """The Postgres advisory lock of a blob: its hash's first 60 bits (a bigint)."""
-    return int(sha[:15], 16)
 
 
 def _item_id(batch_id: str, custom_id: str) -> str:

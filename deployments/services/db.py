@@ -91,7 +91,7 @@ class BatchFile(Base):
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: f"file-{uuid.uuid4().hex}")
     owner: Mapped[str] = mapped_column(String(200), index=True)
-    sha256: Mapped[str] = mapped_column(String(64))
+    sha256: Mapped[str] = mapped_column(String(64), index=True)  # a delete asks whether others share it
     filename: Mapped[str | None] = mapped_column(String(500))
     purpose: Mapped[str] = mapped_column(String(20))
     size: Mapped[int] = mapped_column(BigInteger)

@@ -53,6 +53,22 @@ class BlobStore:
         return data
 
 
+def blob_lock(sha: str) -> int:
+    """The Postgres advisory lock of a blob: its hash's first 60 bits (a bigint). Held by every write of a row
+    that names the blob (until that row commits) and by the delete that removes the bytes once no row does."""
+    return int(sha[:15], 16)
+
+
+def put_locked(db: Any, blobs: BlobStore, data: bytes) -> str:
+    """Writes the bytes under their blob's lock, held until `db` commits the row that names them: a delete of
+    another row with the same bytes cannot find no row and unlink them in between."""
+    from sqlalchemy import func, select
+
+    sha = hashlib.sha256(data).hexdigest()
+    db.execute(select(func.pg_advisory_xact_lock(blob_lock(sha))))
+    return blobs.put(data)
+
+
 def default_uploads_dir() -> Path:
     from rma_ray.settings import Settings
 
@@ -77,10 +93,9 @@ class Uploads:
                 f"the file is {len(data):,} bytes; the limit is {self.settings.upload_max_bytes:,}",
             )
         kind = detect(data, filename, content_type)  # refuses types we cannot use, and lies about the type
-        sha = self.blobs.put(data)
         with self.db.sessions().begin() as s:
             row = Upload(
-                sha256=sha,
+                sha256=put_locked(s, self.blobs, data),
                 owner=owner,
                 filename=(filename or None) and filename[:500],
                 content_type=kind,
