@@ -439,7 +439,7 @@ class DockerRuntime:
         if self.container is None:
             raise StoreError(f"{self.kind.name} is not running: no container to ask its version")
         code, output = self.container.exec_run(self.spec.version, user=f"{self.spec.uid}:{self.spec.uid}")
-        text = output.decode(errors="replace").strip()
+        text = str(output.decode(errors="replace")).strip()
         if code != 0:
             raise StoreError(
                 f"{self.spec.version[0]} in the {self.kind.name} container failed: {text[-200:]}"
