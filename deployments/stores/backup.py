@@ -15,12 +15,27 @@ One backup is one file plus a manifest (kind, format, the store's version, time,
   few seconds of unavailability (a SIGSTOP pause would only give a crash-consistent copy of HNSW files and the
   JVM's pages). Restore: stop, replace the directory, start. The graph store's snapshot is its `databases/`
   directory: its users (the root password's hash) stay those of the volume it is restored into.
-Secrets never reach a command line: pg_dump/pg_restore get the password in PGPASSWORD."""
+Secrets never reach a command line: pg_dump/pg_restore get the password in PGPASSWORD.
+
+Both runtimes (`process`, `docker`) take the same backups: the functions below work on the directory that holds
+the store's files, the volume itself under `process` and `<volume>/container` (bind-mounted at `/data`) under
+`docker`, whose layout inside is the same (`dump.rdb` and `appendonlydir/`, `chroma/`, `arcadedb/databases/`);
+postgres is dumped and restored over the network either way. So the file and the manifest (kind, format,
+version, counts, sha256; `runtime` says where it was taken) do not depend on the runtime, and a backup taken
+under one restores under the other. What is written into a docker store's bind mount (a restore's files) is
+made the image's uid's (the container runs as it, not as root), directories 0700 and files 0600; what the
+store wrote itself stays as it was, under the 0700 `container/` directory.
+
+A backup restores into the same or a newer version of its store, never an older one, whatever the runtimes:
+an older Redis refuses a newer RDB, pg_restore a newer archive, and Chroma's SQLite and ArcadeDB's files are
+migrated forward only (`check_restorable` refuses, before any byte is sent, saying which version to run). Under
+docker the store's version is the image's (its chromadb, its ArcadeDB jars), not the supervisor's packages."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tarfile
@@ -65,9 +80,24 @@ def _run(argv: list[str], env: dict[str, str] | None = None, timeout: float = 36
     return r.stdout
 
 
-def store_version(kind: str, ep: Endpoint, volume: Path) -> str:
-    """The store's version, for the manifest (best effort: the backup does not depend on it)."""
+def arcadedb_version(jar_names: list[str]) -> str:
+    """ArcadeDB's own version, from its engine jar's name (`arcadedb-engine-26.11.1-SNAPSHOT.jar`): the same
+    under both runtimes (the docker image has the jars, not the wheel's metadata)."""
+    for name in jar_names:
+        m = re.fullmatch(r"arcadedb-engine-(\d[^/]*)\.jar", name)
+        if m:
+            return m.group(1)
+    return "unknown (no arcadedb-engine jar)"
+
+
+def store_version(kind: str, ep: Endpoint, volume: Path, runtime: Any = None) -> str:
+    """The store's version, for the manifest and `check_restorable`; never raises ("unknown (...)": nothing
+    is refused on it). Postgres and Redis say theirs over the network; for Chroma (whose server says "1.0.0"
+    whatever its release) and ArcadeDB, the runtime's `image_version` where it has one (docker), else the
+    packages the process runtime runs them from."""
     try:
+        if kind in ("chroma", "graph") and hasattr(runtime, "image_version"):
+            return str(runtime.image_version())
         if kind == "postgres":
             import psycopg
 
@@ -83,12 +113,37 @@ def store_version(kind: str, ep: Endpoint, volume: Path) -> str:
 
             return version("chromadb")
         if kind == "graph":
-            from importlib.metadata import version
+            from deployments.stores.kinds import KINDS
 
-            return version("arcadedb-jvm")
+            return arcadedb_version(sorted(os.listdir(KINDS["graph"]._home() / "jars")))
     except Exception as exc:  # the version is informative only
         return f"unknown ({type(exc).__name__})"
     return "unknown"
+
+
+def release(version: object) -> tuple[int, ...] | None:
+    """The numeric release a version string starts with (`7.0.15`, `15.14 (Debian ...)`, `26.11.1-SNAPSHOT`,
+    `26.11.1.dev2`), or None where there is none (`unknown (...)`)."""
+    m = re.match(r"\d+(?:\.\d+)*", str(version or ""))
+    return tuple(int(p) for p in m.group(0).split(".")) if m else None
+
+
+def check_restorable(kind: str, backup_version: object, store_version: str) -> None:
+    """Refuse, before anything is sent, a backup of a newer version of the store than the one it would be
+    restored into (see the module docstring); a version either side could not tell is not refused."""
+    theirs, ours = release(backup_version), release(store_version)
+    if theirs is None or ours is None or theirs <= ours:
+        return
+    where = {
+        "chroma": "chromadb on the donor, or the image: scripts/build-store-images.sh chroma",
+        "graph": "arcadedb-jvm on the donor, or the image: scripts/build-store-images.sh graph",
+        "redis": "redis-server on the donor, or the image: scripts/build-store-images.sh redis",
+        "postgres": "PostgreSQL on the donor, or the image: scripts/build-store-images.sh postgres",
+    }[kind]
+    raise StoreError(
+        f"this backup is of {kind} {backup_version}, newer than the {store_version} this store runs, "
+        f"which cannot read it: upgrade the store to {backup_version} or later ({where}), then restore again"
+    )
 
 
 REDIS_BUSY = ("in progress", "another child process is active")  # a save or an AOF rewrite is running
@@ -124,11 +179,12 @@ def redis_bgsave(r: Any, wait_s: float, volume: Path, sleep: Callable[[float], N
         raise StoreError(f"{exc} (another save or an AOF rewrite running?)") from None
     info = r.info("persistence")
     if info["rdb_last_bgsave_status"] != "ok":
-        raise StoreError(f"redis BGSAVE failed; see {volume}/redis.log")
+        raise StoreError(f"redis BGSAVE failed; see redis.log in the store's volume ({volume})")
 
 
-def dump_online(kind: str, ep: Endpoint, volume: Path, out: Path, wait_s: float = 600) -> None:
-    """A backup taken while the store serves (postgres, redis)."""
+def dump_online(kind: str, ep: Endpoint, root: Path, out: Path, wait_s: float = 600) -> None:
+    """A backup taken while the store serves (postgres, redis); `root` holds the store's files (redis writes
+    `dump.rdb` there: its `dir`, the bind mount's `/data` under docker, where the image's uid owns it)."""
     if kind == "postgres":
         _run(
             [_pg_bin("pg_dump"), "-Fc", "-f", str(out), *_pg_args(ep), "-d", ep.database or "postgres"],
@@ -139,19 +195,29 @@ def dump_online(kind: str, ep: Endpoint, volume: Path, out: Path, wait_s: float 
         import redis
 
         with redis.Redis(host=ep.host, port=ep.port, password=ep.password, socket_timeout=30) as r:
-            redis_bgsave(r, wait_s, volume)
-        shutil.copyfile(volume / "dump.rdb", out)
+            redis_bgsave(r, wait_s, root)
+        rdb = root / "dump.rdb"
+        os.chmod(rdb, 0o600)  # the store's umask made it 0644; the whole dataset is in it
+        shutil.copyfile(rdb, out)
         return
     raise StoreError(f"{kind} is backed up with the store stopped")
 
 
-def snapshot_stopped(kind: str, volume: Path, out: Path) -> None:
-    """A tar of the kind's data directory; the store is stopped (its files are whole and still)."""
-    src = volume / DIRS[kind]
+def _neutral(member: tarfile.TarInfo) -> tarfile.TarInfo:
+    """No owner in the tar: the same snapshot whichever runtime (and uid) wrote the files; a restore gives
+    them to whoever runs the store."""
+    member.uid = member.gid = 0
+    member.uname = member.gname = ""
+    return member
+
+
+def snapshot_stopped(kind: str, root: Path, out: Path) -> None:
+    """A tar of the kind's data directory under `root`; the store is stopped (its files are whole and still)."""
+    src = root / DIRS[kind]
     if not src.is_dir():
         raise StoreError(f"{kind} has no data directory at {src} yet: nothing to back up")
     with tarfile.open(out, "w") as tar:
-        tar.add(src, arcname=DIRS[kind])
+        tar.add(src, arcname=DIRS[kind], filter=_neutral)
 
 
 def restore_online(kind: str, ep: Endpoint, src: Path) -> None:
@@ -173,28 +239,56 @@ def restore_online(kind: str, ep: Endpoint, src: Path) -> None:
     )
 
 
-def restore_stopped(kind: str, volume: Path, src: Path) -> None:
-    """Put the backup in place of the store's data (the store is stopped); the old data is removed only once
-    the new is whole beside it."""
+def give_to(path: Path, uid: int) -> None:
+    """`path` (a file or a whole tree) to `uid`, private: directories 0700, files 0600 (a container running
+    as `uid` reads and writes them; no other user of the node reads them)."""
+    paths = [path] if not path.is_dir() else [path, *path.rglob("*")]
+    for p in paths:
+        if p.is_symlink():
+            os.lchown(p, uid, uid)
+            continue
+        os.chown(p, uid, uid)
+        os.chmod(p, 0o700 if p.is_dir() else 0o600)
+
+
+def restore_stopped(kind: str, root: Path, src: Path, uid: int | None = None) -> None:
+    """Put the backup in place of the store's data under `root` (the store is stopped); the old data is
+    removed only once the new is whole beside it. `uid`: whose the new files are (docker: the image's uid),
+    made private; None keeps them as made (the process runtime)."""
     stamp = f"{os.getpid()}-{int(time.time())}"
     if kind == "redis":
-        aof = volume / "appendonlydir"
-        fresh = volume / f".appendonlydir-restore-{stamp}"
-        fresh.mkdir()
-        shutil.copyfile(src, fresh / "appendonly.aof.1.base.rdb")
-        (fresh / "appendonly.aof.manifest").write_text("file appendonly.aof.1.base.rdb seq 1 type b\n")
+        aof = root / "appendonlydir"
+        fresh = root / f".appendonlydir-restore-{stamp}"
+        fresh.mkdir(mode=0o700)
+        try:
+            shutil.copyfile(src, fresh / "appendonly.aof.1.base.rdb")
+            (fresh / "appendonly.aof.manifest").write_text("file appendonly.aof.1.base.rdb seq 1 type b\n")
+            rdb = root / f".dump.rdb-restore-{stamp}"
+            shutil.copyfile(src, rdb)
+            if uid is not None:
+                give_to(fresh, uid)
+                give_to(rdb, uid)
+        except BaseException:
+            shutil.rmtree(fresh, ignore_errors=True)
+            (root / f".dump.rdb-restore-{stamp}").unlink(missing_ok=True)
+            raise
         _swap(fresh, aof)
-        shutil.copyfile(src, volume / "dump.rdb")
+        os.replace(rdb, root / "dump.rdb")
         return
-    target = volume / DIRS[kind]
-    staging = volume / f".restore-{stamp}"
-    staging.mkdir()
+    target = root / DIRS[kind]
+    staging = root / f".restore-{stamp}"
+    staging.mkdir(mode=0o700)
     try:
         with tarfile.open(src) as tar:
             tar.extractall(staging, filter="data")
         if not (staging / DIRS[kind]).is_dir():
             raise StoreError(f"the backup holds no {DIRS[kind]}/ directory: not a {kind} backup")
-        target.parent.mkdir(parents=True, exist_ok=True)
+        if uid is not None:
+            give_to(staging / DIRS[kind], uid)
+        if not target.parent.exists():
+            target.parent.mkdir(parents=True, mode=0o700)
+            if uid is not None:
+                os.chown(target.parent, uid, uid)
         _swap(staging / DIRS[kind], target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

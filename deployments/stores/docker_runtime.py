@@ -7,6 +7,8 @@ scripts/build-store-images.sh), driven with the official `docker` SDK (DOCKER_HO
 - Data lives on the node: `<volume>/container` is bind-mounted at `/data`, owned by the image's fixed uid.
 - Secrets stay out of `docker inspect`: Redis reads `requirepass` from a 0600 config file in the volume, Postgres
   gets its password once, through `initdb --pwfile` in a one-shot container; Cmd and Env carry no password.
+- Backups (backup.py) work on `data` (the bind mount's host side) as on a process runtime's volume, and give
+  what they write there to `spec.uid`; `image_version` is the store's version in the image, for their manifest.
 - Every container carries labels (store, volume, supervisor incarnation, host, port): a restarted supervisor
   adopts the store container it finds running on its volume, and `reconcile_orphans` removes the rest.
 
@@ -40,7 +42,8 @@ LOG_KEEP_BYTES = 4 * 1024 * 1024  # <store>.log rolls over to <store>.log.1 past
 @dataclass(frozen=True)
 class ContainerSpec:
     """How one store runs under Docker. `prepare` readies `<volume>/container` (config, first-time init) and
-    returns the container's command and environment; neither may contain a secret."""
+    returns the container's command and environment; neither may contain a secret. `version`: a command run in
+    the store's container that prints the store's version (where the server itself does not say it)."""
 
     image: str
     uid: int
@@ -49,6 +52,7 @@ class ContainerSpec:
     side_ports: Callable[[DockerRuntime], list[tuple[str, int]]] | None = (
         None  # bound besides the store's port
     )
+    version: list[str] | None = None
 
 
 def _write_private(path: Path, text: str, uid: int) -> None:
@@ -151,14 +155,25 @@ def _prepare_graph(rt: DockerRuntime, data: Path) -> tuple[list[str], dict[str, 
 SPECS: dict[str, ContainerSpec] = {
     "redis": ContainerSpec("rma-store-redis:latest", 999, _prepare_redis),
     "postgres": ContainerSpec("rma-store-postgres:latest", 999, _prepare_postgres, stop_timeout=60),
-    "chroma": ContainerSpec("rma-store-chroma:latest", 999, _prepare_chroma),
+    "chroma": ContainerSpec(
+        "rma-store-chroma:latest",
+        999,
+        _prepare_chroma,
+        # the Rust server's own /api/v2/version says 1.0.0 whatever the release: the wheel's version
+        version=[
+            "/opt/chroma/bin/python",
+            "-c",
+            "import importlib.metadata as m; print(m.version('chromadb'))",
+        ],
+    ),
     "graph": ContainerSpec(
         "rma-store-graph:latest",
         999,
         _prepare_graph,
         stop_timeout=60,
-        side_ports=lambda rt: [("127.0.0.1", rt.port + 1)],
-    ),  # ArcadeDB's HTTP
+        side_ports=lambda rt: [("127.0.0.1", rt.port + 1)],  # ArcadeDB's HTTP
+        version=["ls", "/opt/arcadedb/jars"],  # backup.arcadedb_version reads the engine jar's name
+    ),
 }
 
 
@@ -416,6 +431,24 @@ class DockerRuntime:
         except docker.errors.DockerException:
             pass
         self.container, self._pid = None, None
+
+    def image_version(self) -> str:
+        """The store's version in its image (Chroma, ArcadeDB), asked inside the running container."""
+        if self.spec.version is None:
+            raise StoreError(f"the {self.kind.name} image has no version command: ask the store itself")
+        if self.container is None:
+            raise StoreError(f"{self.kind.name} is not running: no container to ask its version")
+        code, output = self.container.exec_run(self.spec.version, user=f"{self.spec.uid}:{self.spec.uid}")
+        text = str(output.decode(errors="replace")).strip()
+        if code != 0:
+            raise StoreError(
+                f"{self.spec.version[0]} in the {self.kind.name} container failed: {text[-200:]}"
+            )
+        if self.kind.name == "graph":
+            from deployments.stores.backup import arcadedb_version
+
+            return arcadedb_version(text.split())
+        return text
 
     # -- errors for operators -----------------------------------------------------------------------------------
 

@@ -31,7 +31,9 @@ labelled donor there whatever the default placement (the head, before a data don
 
 Backups (`backup_begin`, `read_chunk`, `restore_begin`, `write_chunk`, `restore_apply`): the store's own tools,
 run here on its node (backup.py), the bytes handed to the caller in chunks (never the whole file in one
-message); the store is stopped for the kinds that need it, with supervision held off meanwhile."""
+message); the store is stopped for the kinds that need it, with supervision held off meanwhile. Every store
+under both runtimes: under docker, on the bind mount's host side, with what is written there given to the
+image's uid."""
 
 from __future__ import annotations
 
@@ -384,11 +386,21 @@ class StoreSupervisor:
     def _usable(self) -> None:
         if self.runtime is None or self.waiting_for is not None:
             raise StoreError(f"{self.kind.name} is not running here: {self.error}")
-        if self.runtime_name != "process" and self.kind.name != "postgres":
+        if self.runtime_name not in ("process", "docker"):
             raise StoreError(
-                f"backups of {self.kind.name} under the {self.runtime_name} runtime are not supported yet; "
-                f"only postgres (pg_dump over the network) is"
+                f"backups of stores under the {self.runtime_name} runtime are not supported: "
+                f"run the {self.kind.name} store with runtime 'process' or 'docker'"
             )
+
+    def _files(self) -> tuple[Path, int | None]:
+        """Where the store's files are on this node, and whose what a restore writes there must be: the volume
+        (left as made) under `process`; the bind mount's host side and the image's uid under `docker`."""
+        if self.runtime_name == "docker":
+            return Path(self.runtime.data), int(self.runtime.spec.uid)
+        return self.volume, None
+
+    def _version(self) -> str:
+        return backup.store_version(self.kind.name, self._endpoint(), self.volume, self.runtime)
 
     @contextmanager
     def _stopped(self, state: str) -> Iterator[None]:
@@ -428,7 +440,8 @@ class StoreSupervisor:
         self._ready.wait(120)
         tid, path = self._new_transfer()
         ep = self._endpoint()
-        version = backup.store_version(self.kind.name, ep, self.volume)
+        version = self._version()
+        root, _ = self._files()
         try:
             held = backup.counts(self.kind.name, ep)
         except Exception as exc:  # informative in a plain backup; a move checks them and says so
@@ -437,9 +450,9 @@ class StoreSupervisor:
         try:
             if self.kind.name in backup.STOP_TO_BACKUP:
                 with self._stopped("backing-up"):
-                    backup.snapshot_stopped(self.kind.name, self.volume, path)
+                    backup.snapshot_stopped(self.kind.name, root, path)
             else:
-                backup.dump_online(self.kind.name, ep, self.volume, path)
+                backup.dump_online(self.kind.name, ep, root, path)
         except BaseException:
             self.transfer_end(tid)
             raise
@@ -471,6 +484,8 @@ class StoreSupervisor:
                 f"this backup is of {manifest.get('store')!r} ({manifest.get('format')!r}), "
                 f"not of {self.kind.name}: restore it into its own store"
             )
+        self._ready.wait(120)
+        backup.check_restorable(self.kind.name, manifest.get("store_version"), self._version())
         tid, path = self._new_transfer(manifest=manifest)
         path.touch(mode=0o600)
         return tid
@@ -491,8 +506,9 @@ class StoreSupervisor:
                     "the backup arrived damaged (its sha256 differs from the manifest's): try again"
                 )
             if self.kind.name in backup.STOP_TO_RESTORE:
+                root, uid = self._files()
                 with self._stopped("restoring"):
-                    backup.restore_stopped(self.kind.name, self.volume, path)
+                    backup.restore_stopped(self.kind.name, root, path, uid)
             else:
                 self._ready.wait(120)
                 backup.restore_online(self.kind.name, self._endpoint(), path)

@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tarfile
 import tempfile
 import textwrap
 from collections.abc import Iterator
@@ -474,3 +475,126 @@ def test_1000_records_survive_a_supervisor_crash_and_a_container_death(
     assert new.id != ctr.id and new.attrs["State"]["Pid"] == death["st"]["pid"]
     assert death["n"] == 1000
     client.close()
+
+
+LATE = {  # 100 records written after the backup: the restore must take them away again
+    "redis": """
+        r = redis.Redis(host=ep.host, port=ep.port, password=ep.password)
+        r.mset({f"late:{i}": "after the backup" for i in range(100)})
+    """,
+    "postgres": """
+        with psycopg.connect(ep.url(), autocommit=True) as c:
+            c.execute("INSERT INTO recs SELECT g, 'late' FROM generate_series(1000, 1099) g")
+    """,
+    "chroma": """
+        col.upsert(ids=[f"late-{i}" for i in range(100)], documents=["late"] * 100,
+                   embeddings=[[1.0, 2.0, float(i)] for i in range(100)])
+    """,
+    "graph": """
+        with GraphDatabase.driver(ep.url(), auth=(ep.user, ep.password)) as d, d.session(database=ep.database) as s:
+            for i in range(1000, 1100):
+                s.run("CREATE (:Rec {id: $id, v: 'late'})", id=i).consume()
+    """,
+}
+TOTAL = {  # every record the store holds (COUNT counts the 1,000 acknowledged ones with their values)
+    "redis": "total = r.dbsize()",
+    "postgres": """
+        with psycopg.connect(ep.url()) as c:
+            total = c.execute("SELECT count(*) FROM recs").fetchone()[0]
+    """,
+    "chroma": "total = col.count()",
+    "graph": """
+        with GraphDatabase.driver(ep.url(), auth=(ep.user, ep.password)) as d, d.session(database=ep.database) as s:
+            total = s.run("MATCH (r:Rec) RETURN count(r) AS n").single()["n"]
+    """,
+}
+MANIFEST_COUNTS = {
+    "redis": {"db0.keys": 1000},
+    "postgres": {"public.recs": 1000},
+    "chroma": {"recs": 1000},
+    "graph": {"nodes": 1000, "relationships": 0},
+}
+RESTORED = {"redis": ["appendonlydir", "dump.rdb"], "chroma": ["chroma"], "graph": ["arcadedb/databases"]}
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("store", STORES)
+def test_backup_and_restore_under_docker_keep_exactly_the_acknowledged_records(
+    dockerd: Dockerd, ray_cluster: Cluster, store: str, tmp_path: Path
+) -> None:
+    """`rma stores backup` (the same supervisor calls, in the driver), 100 records more, `rma stores restore`:
+    exactly the 1,000 acknowledged before the backup are there; the manifest has the process runtime's shape
+    and the store's counts; the file is the same format as under the process runtime (an owner-neutral tar,
+    an RDB, a pg_dump archive); what the restore wrote into the bind mount is the image's uid's."""
+    if "trusted" not in ray_cluster.nodes:  # run alone
+        ray_cluster.add_node(
+            "trusted", {"rma.io/tier": "data", "rma.io/trusted": "true", "rma.io/node": "trusted"}
+        )
+    dest = tmp_path / "backup"
+    port = free_port(ray_cluster.ip, span=2)  # when this test creates the supervisor: not a default port
+
+    def block(code: str, indent: str = "") -> str:
+        return textwrap.indent(textwrap.dedent(code).strip("\n"), indent)
+
+    script = "\n".join(
+        [
+            "from rma_ray.cli import app",
+            f"supervisor.ensure({store!r}, runtime='docker', port={port})",
+            f"ep = supervisor.endpoint({store!r})",
+            "try:",
+            block(COUNT[store], "    "),
+            "except Exception:",
+            "    n = 0",
+            "if n != 1000:  # run alone: the 1,000 acknowledged records are not there yet",
+            block(WRITE[store], "    "),
+            f"app(['stores', 'backup', {store!r}, {str(dest)!r}], standalone_mode=False)",
+            block(COUNT[store]),
+            block(LATE[store]),
+            block(TOTAL[store]),
+            "before = total",
+            f"app(['stores', 'restore', {store!r}, {str(dest)!r}], standalone_mode=False)",
+            f"ep = supervisor.endpoint({store!r})",
+            block(COUNT[store]),
+            block(TOTAL[store]),
+            f"print(json.dumps({{'before': before, 'n': n, 'total': total, 'st': status({store!r})}}))",
+        ]
+    )
+    got = _phase(ray_cluster, script)
+    assert got["before"] == 1100, got  # the late records were there until the restore
+    assert got["n"] == 1000 and got["total"] == 1000, got
+    assert got["st"]["status"] == "ready" and got["st"]["runtime"] == "docker"
+
+    manifest = json.loads((dest / "manifest.json").read_text())
+    data = dest / manifest["file"]
+    assert set(manifest) == {
+        "format_version",
+        "store",
+        "format",
+        "store_version",
+        "runtime",
+        "created_at",
+        "size_bytes",
+        "sha256",
+        "counts",
+        "file",
+    }
+    assert (manifest["store"], manifest["runtime"]) == (store, "docker")
+    assert manifest["counts"] == MANIFEST_COUNTS[store]
+    assert not manifest["store_version"].startswith("unknown"), manifest["store_version"]
+    assert manifest["size_bytes"] == data.stat().st_size
+    if store in ("chroma", "graph"):
+        with tarfile.open(data) as tar:
+            members = tar.getmembers()
+        top = {"chroma": "chroma", "graph": "arcadedb/databases"}[store]
+        assert members[0].name == top and all(m.name.startswith(top) for m in members)
+        assert {(m.uid, m.gid, m.uname, m.gname) for m in members} == {(0, 0, "", "")}
+    else:
+        assert data.read_bytes()[:5] == {"redis": b"REDIS", "postgres": b"PGDMP"}[store]
+
+    files = ray_cluster.stores / "trusted" / store / "container"
+    assert (files.stat().st_uid, files.stat().st_mode & 0o777) == (999, 0o700)
+    for rel in RESTORED.get(store, []):
+        top = files / rel
+        assert top.stat().st_mode & 0o777 == (0o700 if top.is_dir() else 0o600), rel
+        owners = {p.stat().st_uid for p in [top, *(top.rglob("*") if top.is_dir() else [])]}
+        assert owners == {999}, (rel, owners)
