@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from admission import schemas
 from admission.models import ClientKey, ClientUsage, utcnow
-from admission.services.keys import effective_quota
+from admission.services.keys import effective_quota, giving_donors
 from rma_ray.settings import Settings
 
 FRESH_S = 120.0  # a replica's state is shown while its last report is this recent
@@ -84,6 +84,8 @@ def summary(
     )
     if key_id is not None:
         q = q.where(ClientUsage.key_id == key_id)
+    found = list(session.execute(q).tuples())
+    giving = giving_donors(session, settings, {k.donor_id for _, k in found if k.donor_id})
     rows = [
         schemas.ClientUsageRow(
             key_id=u.key_id,
@@ -93,10 +95,10 @@ def summary(
             tokens_in=u.tokens_in,
             tokens_out=u.tokens_out,
             upload_bytes=u.upload_bytes,
-            quota=effective_quota(k, settings),
+            quota=effective_quota(k, settings, k.donor_id in giving),
             updated_at=u.updated_at,
         )
-        for u, k in session.execute(q)
+        for u, k in found
     ]
     reps = replicas()
     return schemas.UsageOut(days=wanted, clients=rows, shared=all(r.shared for r in reps), replicas=reps)

@@ -150,6 +150,14 @@ def test_a_key_linked_to_a_giving_donor_gets_the_bonus_quota(coordinator: Coordi
         "tokens_per_day": 30_000,
         "upload_bytes_per_day": None,  # no limit stays no limit
     }
+    # the usage figures show the quota the replicas enforce
+    day = datetime.now(UTC).date().isoformat()
+    report = {"replica": "gw#1", "day": day, "shared": True, "usage": {key["id"]: {"requests": 3}}}
+    assert coordinator.admin("POST", "/api/clients/usage", json=report).status_code == 204
+    (row,) = [
+        c for c in coordinator.admin("GET", "/api/admin/usage").json()["clients"] if c["key_id"] == key["id"]
+    ]
+    assert row["quota"]["requests_per_minute"] == 180
     code, out = rma(coordinator, "clients", "quota", "donor-app", "--tokens-per-day", "500")
     assert code == 0, out
     assert ring_quota(coordinator, key["id"])["tokens_per_day"] == 500  # the admin's override wins
