@@ -42,12 +42,22 @@ def effective_quota(row: ClientKey, settings: Settings | None, bonus: bool = Fal
     out: dict[str, int | None] = {}
     for f in QUOTA_FIELDS:
         given, default = getattr(own, f), getattr(settings, f"client_{f}", None)
-        out[f] = given if given is not None else None if default is None else int(default * factor)
+        if given is not None or default is None:
+            out[f] = given
+        else:  # the bonus never takes a default past what a quota may be
+            out[f] = min(int(default * factor), _quota_bound(f))
     return schemas.Quota(**out)
 
 
+def _quota_bound(field: str) -> int:
+    for meta in schemas.Quota.model_fields[field].metadata:
+        if getattr(meta, "le", None) is not None:
+            return int(meta.le)
+    return 2**62
+
+
 def giving_donors(session: Session, settings: Settings | None, donor_ids: set[str]) -> set[str]:
-    """Those of `donor_ids` that earn their clients' bonus: neither revoked nor quarantined, and at least
+    """Those of `donor_ids` that earn their clients' bonus: not revoked, gone or quarantined, and at least
     `client_donor_min_credits_7d` credits in the last 7 days (admission.services.contributions)."""
     if not donor_ids or settings is None:
         return set()
@@ -58,6 +68,7 @@ def giving_donors(session: Session, settings: Settings | None, donor_ids: set[st
             select(Worker.id).where(
                 Worker.id.in_(donor_ids),
                 Worker.revoked_at.is_(None),
+                Worker.left_at.is_(None),
                 (Worker.quarantine_reason.is_(None)) | (Worker.quarantine_reason == ""),
             )
         )
@@ -93,12 +104,14 @@ def _out(
 
 
 def _linkable_donor(session: Session, donor_id: str) -> str:
-    """A donor a client key may be linked to: registered and not revoked."""
+    """A donor a client key may be linked to: registered, neither revoked nor gone."""
     worker = session.get(Worker, donor_id)
     if worker is None:
         raise ApiError(404, "unknown_donor", f"no donor {donor_id}; `rma donors list` shows them")
     if worker.revoked_at is not None:
         raise ApiError(409, "donor_revoked", f"donor {donor_id} is revoked; link the key to a live donor")
+    if worker.left_at is not None:
+        raise ApiError(409, "donor_left", f"donor {donor_id} has left the pool; link the key to a live donor")
     return worker.id
 
 

@@ -494,10 +494,13 @@ class Collector:
                 failed.append(f"{where}: {text}")
                 incomplete.add(cluster)
                 continue
+            if node_of and target in node_of:
+                try:  # the ledger's own reading: a node over its cap is left out of the ledger only
+                    nodes[target] = contributions.parse(text, target)
+                except ValueError as exc:
+                    log.warning("contributions of %s not read this pass: %r", where, exc)
             try:
                 reading.merge(parse(text, target, cluster))
-                if node_of and target in node_of:
-                    nodes[target] = contributions.parse(text, target)
             except (ValueError, KeyError) as exc:  # not Prometheus text, a bucket without its bound, too many
                 log.warning("metrics of %s not read this pass: %r", where, exc)
                 failed.append(f"{where}: cannot parse its metrics: {exc!r}"[:200])

@@ -29,11 +29,11 @@ nothing but the compute they cost, so this is safe. Three failures before the fi
 the edge's breaker (they are served on the core all the same): a non-streaming request still unanswered at the
 total deadline (the edge took it and is busy: opening the breaker would move all the load to the core just when
 the edge is loaded), no free connection in this replica's own pool (`httpx.PoolTimeout`: our limit, not the
-edge's health), and a request still unanswered when the refreshed routes stop naming the edge as running the
-app (checked every `withdraw_check_s`: its donor died, and the edge's Serve would hold the request until a
-replica comes back; the routes already keep new requests away). An edge's 4xx is the client's mistake and is passed
-through. A failure after the first byte ends the client's stream (the connection is closed: a cut answer never
-looks complete).
+edge's health), and a request still unanswered when the refreshed routes drop the edge or report it with no
+running replica of the app (checked every `withdraw_check_s`: its donor died, and the edge's Serve would hold
+the request until a replica comes back; the routes already keep new requests away). An edge's 4xx is the
+client's mistake and is passed through. A failure after the first byte ends the client's stream (the
+connection is closed: a cut answer never looks complete).
 
 Counters (Ray's metrics, and `EdgeRouter.counts` in the process): `rma_edge_requests{edge, app, outcome}`
 with outcome `forwarded` (the edge answered), `fallback` (the edge failed before answering; the core served it),
@@ -234,10 +234,12 @@ class EdgeRouter:
             self._wake.clear()
 
     def still_runs(self, edge: str, app: str) -> bool:
-        """Whether the latest routes still name `edge` healthy with running replicas of `app` (its credential's
-        expiry aside: a request already sent was accepted with it)."""
+        """False once the latest routes drop `edge`, or name it answering with no running replica of `app` (its
+        donor died). An edge whose Serve status could not be read (`healthy` false: one slow dashboard call) is
+        given the benefit of the doubt: its requests may be mid-generation. The credential's expiry does not
+        matter here: a request already sent was accepted with it."""
         route = next((r for r in self._routes.edges if r.name == edge), None)
-        return route is not None and route.healthy and route.apps.get(app, 0) > 0
+        return route is not None and (not route.healthy or route.apps.get(app, 0) > 0)
 
     def candidates(self, app: str) -> list[EdgeRoute]:
         """The edges that report running replicas of `app`, are healthy and hold a valid credential."""

@@ -238,7 +238,12 @@ class Batches:
                 )
             fid, sha = row.id, row.sha256
             db.delete(row)
-        self._drop_blob(sha)
+        try:
+            self._drop_blob(sha)
+        except Exception as exc:  # the file is deleted; its bytes stay on the volume (equal bytes reuse them)
+            log.warning(
+                "file %s deleted; its bytes %s were not removed: %s", fid, sha[:12], type(exc).__name__
+            )
         return bf.file_deleted(fid)
 
     def _put_blob(self, db: Any, data: bytes) -> str:

@@ -128,17 +128,27 @@ def release(version: object) -> tuple[int, ...] | None:
     return tuple(int(p) for p in m.group(0).split(".")) if m else None
 
 
+# the parts of a release that decide whether its files can be read: a pg_dump archive's format follows
+# PostgreSQL's major version, an RDB's Redis's major.minor; Chroma's and ArcadeDB's files the whole release
+SIGNIFICANT = {"postgres": 1, "redis": 2}
+
+
 def check_restorable(kind: str, backup_version: object, store_version: str) -> None:
     """Refuse, before anything is sent, a backup of a newer version of the store than the one it would be
-    restored into (see the module docstring); a version either side could not tell is not refused."""
+    restored into (see the module docstring), compared on the parts that change the file format (a point
+    release never refuses: images and donors' packages drift apart by those); a version either side could not
+    tell is not refused."""
     theirs, ours = release(backup_version), release(store_version)
-    if theirs is None or ours is None or theirs <= ours:
+    if theirs is None or ours is None:
+        return
+    n = SIGNIFICANT.get(kind, len(theirs) + len(ours))
+    if theirs[:n] <= ours[:n]:
         return
     where = {
-        "chroma": "chromadb on the donor, or the image: scripts/build-store-images.sh chroma",
-        "graph": "arcadedb-jvm on the donor, or the image: scripts/build-store-images.sh graph",
-        "redis": "redis-server on the donor, or the image: scripts/build-store-images.sh redis",
-        "postgres": "PostgreSQL on the donor, or the image: scripts/build-store-images.sh postgres",
+        "chroma": "chromadb on the donor, or the version pinned in images/stores/chroma, then rebuild the image",
+        "graph": "arcadedb-jvm on the donor, or the version pinned in images/stores/graph, then rebuild the image",
+        "redis": "redis-server on the donor, or the version in images/stores/redis, then rebuild the image",
+        "postgres": "PostgreSQL on the donor, or the version in images/stores/postgres, then rebuild the image",
     }[kind]
     raise StoreError(
         f"this backup is of {kind} {backup_version}, newer than the {store_version} this store runs, "
@@ -179,7 +189,9 @@ def redis_bgsave(r: Any, wait_s: float, volume: Path, sleep: Callable[[float], N
         raise StoreError(f"{exc} (another save or an AOF rewrite running?)") from None
     info = r.info("persistence")
     if info["rdb_last_bgsave_status"] != "ok":
-        raise StoreError(f"redis BGSAVE failed; see redis.log in the store's volume ({volume})")
+        raise StoreError(
+            f"redis BGSAVE failed; see the store's log (redis.log in its volume {volume}, or the container's log)"
+        )
 
 
 def dump_online(kind: str, ep: Endpoint, root: Path, out: Path, wait_s: float = 600) -> None:

@@ -484,7 +484,8 @@ class StoreSupervisor:
                 f"this backup is of {manifest.get('store')!r} ({manifest.get('format')!r}), "
                 f"not of {self.kind.name}: restore it into its own store"
             )
-        self._ready.wait(120)
+        if not self._ready.wait(120):  # its version is what the backup is checked against
+            raise StoreError(self.error or f"{self.kind.name} is not ready yet: restore once it runs")
         backup.check_restorable(self.kind.name, manifest.get("store_version"), self._version())
         tid, path = self._new_transfer(manifest=manifest)
         path.touch(mode=0o600)

@@ -126,7 +126,7 @@ def test_a_key_linked_to_a_giving_donor_gets_the_bonus_quota(coordinator: Coordi
     """`rma clients create --donor` / `rma clients link`: while the donor is live and earned
     `client_donor_min_credits_7d` in 7 days (its ledger rows), the key's default quotas are multiplied by
     `client_donor_quota_factor`, in the keyring the replicas enforce; an override stays as set."""
-    from admission.models import ContributionMinute, utcnow
+    from admission.models import ContributionMinute, Worker, utcnow
 
     s = coordinator.state.settings
     s.client_requests_per_minute, s.client_tokens_per_day = 60, 10_000
@@ -158,6 +158,9 @@ def test_a_key_linked_to_a_giving_donor_gets_the_bonus_quota(coordinator: Coordi
         c for c in coordinator.admin("GET", "/api/admin/usage").json()["clients"] if c["key_id"] == key["id"]
     ]
     assert row["quota"]["requests_per_minute"] == 180
+    s.client_tokens_per_day = 10**15  # the bonus stops at what a quota may be (the keyring stays valid)
+    assert ring_quota(coordinator, key["id"])["tokens_per_day"] == 10**15
+    s.client_tokens_per_day = 10_000
     code, out = rma(coordinator, "clients", "quota", "donor-app", "--tokens-per-day", "500")
     assert code == 0, out
     assert ring_quota(coordinator, key["id"])["tokens_per_day"] == 500  # the admin's override wins
@@ -179,6 +182,19 @@ def test_a_key_linked_to_a_giving_donor_gets_the_bonus_quota(coordinator: Coordi
     r = coordinator.admin("POST", "/api/admin/clients", json={"name": "x", "donor_id": "nosuchdonor1"})
     assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_donor", r.text
     assert not [k for k in coordinator.admin("GET", "/api/admin/clients").json() if k["name"] == "x"]
+
+    # a donor that left (`rma leave`): no bonus, no new link to it
+    gone = coordinator.join()["worker_id"]
+    code, out = rma(coordinator, "clients", "link", "plain", "--donor", gone)
+    assert code == 0, out
+    with coordinator.state.sessions() as db, db.begin():
+        db.add(ContributionMinute(minute=utcnow(), worker_id=gone, cpu_s=3 * 3600))
+    assert ring_quota(coordinator, other["id"])["requests_per_minute"] == 180
+    with coordinator.state.sessions() as db, db.begin():
+        db.get(Worker, gone).left_at = utcnow()
+    assert ring_quota(coordinator, other["id"])["requests_per_minute"] == 60
+    code, out = rma(coordinator, "clients", "link", "plain", "--donor", gone)
+    assert code != 0 and "has left the pool" in out, out
 
     # the donor revoked: no more bonus, and no new link to it
     assert coordinator.admin("POST", f"/api/admin/workers/{donor}/revoke").status_code == 200

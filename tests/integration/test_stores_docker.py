@@ -357,7 +357,8 @@ def wait(store, cond, timeout=180):
 
 
 def _phase(c: Cluster, *parts: str) -> Any:
-    return c.driver(WAIT + "\n".join(textwrap.dedent(p) for p in parts), timeout=300)
+    # a first start of graph or chroma, 1,000 writes and two stop/starts on a loaded 2-core box
+    return c.driver(WAIT + "\n".join(textwrap.dedent(p) for p in parts), timeout=540)
 
 
 def _store_containers(client: Any, store: str) -> list[Any]:

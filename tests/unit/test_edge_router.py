@@ -307,7 +307,7 @@ def test_a_full_connection_pool_is_not_an_edge_failure(
         edge.set_router(None, disabled=True)
 
 
-@pytest.mark.parametrize("loss", ["no replica", "unhealthy", "gone"])
+@pytest.mark.parametrize("loss", ["no replica", "gone"])
 def test_a_request_the_edge_holds_once_the_routes_drop_it_is_taken_back_by_the_core(
     coordinator: tuple[Coordinator, str], edge_server: tuple[EdgeApp, str], core: str, loss: str
 ) -> None:
@@ -336,8 +336,6 @@ def test_a_request_the_edge_holds_once_the_routes_drop_it_is_taken_back_by_the_c
         token = coord.routes[0]["token"]
         if loss == "no replica":
             coord.route(edge_url, {LLM: 0}, token=token)
-        elif loss == "unhealthy":
-            coord.route(edge_url, {LLM: 1}, token=token, healthy=False)
         else:
             coord.routes = []
         assert router.refresh()
@@ -361,6 +359,23 @@ def test_a_request_the_edge_holds_once_the_routes_drop_it_is_taken_back_by_the_c
     finally:
         app.release.set()
         edge.set_router(None, disabled=True)
+
+
+def test_an_edge_whose_status_could_not_be_read_keeps_its_requests(routed: Any, core: str) -> None:
+    """One failed read of the edge's Serve status (the coordinator reports it unhealthy with no apps) keeps new
+    requests away but does not take back those it holds: they may be mid-generation."""
+    router, coord, _ = routed
+    token, url = coord.routes[0]["token"], coord.routes[0]["serve_url"]
+    coord.route(url, {}, token=token, healthy=False)
+    assert router.refresh()
+    assert router.still_runs(EDGE, LLM)
+    assert chat(core).headers[SERVED_BY_HEADER] == "core"  # a new request: not sent there
+    coord.route(url, {LLM: 1}, token=token)
+    assert router.refresh() and router.still_runs(EDGE, LLM)
+    coord.route(url, {LLM: 0}, token=token)
+    assert router.refresh() and not router.still_runs(EDGE, LLM)
+    coord.routes = []
+    assert router.refresh() and not router.still_runs(EDGE, LLM)
 
 
 def test_failures_open_the_breaker_and_the_edge_is_skipped(routed: Any, core: str) -> None:

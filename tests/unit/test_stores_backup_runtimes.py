@@ -15,6 +15,7 @@ from deployments.stores import backup
 from deployments.stores.runtime import StoreError
 
 UID = 999  # the store images' fixed uid
+OWNER = UID if os.geteuid() == 0 else os.geteuid()  # chown to another uid needs root
 
 
 def test_a_snapshot_taken_as_one_owner_restores_as_another(tmp_path: Path) -> None:
@@ -27,7 +28,7 @@ def test_a_snapshot_taken_as_one_owner_restores_as_another(tmp_path: Path) -> No
         assert {(m.uid, m.gid, m.uname, m.gname) for m in tar.getmembers()} == {(0, 0, "", "")}
 
     docker_files.mkdir(parents=True)
-    backup.restore_stopped("graph", docker_files, snap, UID)
+    backup.restore_stopped("graph", docker_files, snap, OWNER)
     restored = docker_files / "arcadedb" / "databases"
     assert (restored / "graph" / "schema.json").read_text() == "{}"
     if os.geteuid() == 0:  # chown needs root (as the supervisor has on a donor)
@@ -37,7 +38,7 @@ def test_a_snapshot_taken_as_one_owner_restores_as_another(tmp_path: Path) -> No
 
     rdb = tmp_path / "dump.rdb"
     rdb.write_bytes(b"REDIS0011...")
-    backup.restore_stopped("redis", docker_files, rdb, UID)
+    backup.restore_stopped("redis", docker_files, rdb, OWNER)
     for p in [docker_files / "dump.rdb", *(docker_files / "appendonlydir").iterdir()]:
         assert p.stat().st_mode & 0o777 == 0o600
         assert os.geteuid() != 0 or p.stat().st_uid == UID
@@ -50,7 +51,9 @@ def test_a_snapshot_taken_as_one_owner_restores_as_another(tmp_path: Path) -> No
         ("redis", "7.0.15", "7.0.15", False),
         ("redis", "7.0.15", "7.2.4", False),  # into a newer store: it reads older files
         ("redis", "7.2.4", "7.0.15", True),
+        ("redis", "7.0.15", "7.0.11", False),  # a point release: the same RDB format
         ("postgres", "16.4 (Debian 16.4-1)", "15.14 (Debian 15.14-0+deb12u1)", True),
+        ("postgres", "15.14 (Debian 15.14-0+deb12u1)", "15.13", False),  # the same major: the same archive
         ("chroma", "1.5.9", "1.5.9", False),
         ("chroma", "1.6.0", "1.5.9", True),
         ("graph", "26.11.1.dev2", "26.11.1-SNAPSHOT", False),  # the wheel's and the jar's spelling
