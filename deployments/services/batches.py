@@ -34,12 +34,20 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import exists, func, select, tuple_, update
+from sqlalchemy import DateTime, exists, func, literal, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from deployments.gateway.refusal import Refusal, not_found, refusal_from, unwrap
 from deployments.services import batch_format as bf
-from deployments.services.db import Batch, BatchFile, BatchItem, Database, Upload, store_endpoint
+from deployments.services.db import (
+    Batch,
+    BatchFile,
+    BatchItem,
+    Database,
+    Upload,
+    file_id_time,
+    store_endpoint,
+)
 from deployments.services.settings import ServicesSettings
 from deployments.services.uploads import BlobStore, blob_lock, default_uploads_dir, put_locked
 
@@ -153,7 +161,7 @@ class Batches:
             )
         endpoint, items = bf.check_jsonl(data, s.batch_max_lines)
         with self.db.sessions().begin() as db:
-            row = BatchFile(
+            row = BatchFile.create(
                 owner=owner,
                 sha256=self._put_blob(db, data),
                 filename=(filename or "")[:500] or None,
@@ -198,15 +206,17 @@ class Batches:
             if purpose:
                 q = q.where(BatchFile.purpose == purpose)
             if after:
-                cursor = db.get(BatchFile, str(after)[:40])
-                if cursor is None or cursor.owner != owner:
+                # a file id carries its creation time: the cursor is placed by it even once that file was
+                # deleted (a client deleting as it pages on), and another owner's id only says a time
+                at = file_id_time(str(after))
+                if at is None:
                     raise Refusal(
                         404,
                         "not_found",
                         f"no file with id {after} (the `after` cursor): list again without `after`",
                         param="after",
                     )
-                mark = tuple_(cursor.created_at, cursor.id)
+                mark = tuple_(literal(at, DateTime(timezone=True)), literal(str(after)))
                 q = q.where(key < mark if order == "desc" else key > mark)
             by = (BatchFile.created_at, BatchFile.id)
             q = q.order_by(*(c.desc() for c in by) if order == "desc" else by)
@@ -732,7 +742,7 @@ class Batches:
             ):
                 if lines:
                     data = bf.jsonl(lines)
-                    f = BatchFile(
+                    f = BatchFile.create(
                         owner=row.owner,
                         sha256=self._put_blob(db, data),
                         filename=f"{batch_id}_{name}.jsonl",

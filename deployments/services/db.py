@@ -6,10 +6,12 @@ the current schema by the services' Alembic migrations (deployments/services/mig
 from __future__ import annotations
 
 import logging
+import re
+import secrets
 import threading
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
@@ -33,6 +35,22 @@ log = logging.getLogger("rma.services.db")
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_FILE_ID = re.compile(r"file-([0-9a-f]{14})[0-9a-f]{20}")
+
+
+def new_file_id(at: datetime) -> str:
+    """`file-`, the creation time in microseconds (14 hex digits), 20 random hex digits: a list's `after`
+    cursor can be placed by its id alone, so it stays usable once its file is deleted."""
+    return f"file-{(at - _EPOCH) // timedelta(microseconds=1):014x}{secrets.token_hex(10)}"
+
+
+def file_id_time(file_id: str) -> datetime | None:
+    """The creation time a file id carries (exact: a row's created_at is this), or None for another shape."""
+    m = _FILE_ID.fullmatch(file_id)
+    return _EPOCH + timedelta(microseconds=int(m.group(1), 16)) if m else None
 
 
 class Base(DeclarativeBase):
@@ -89,7 +107,7 @@ class BatchFile(Base):
 
     __tablename__ = "batch_files"
 
-    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: f"file-{uuid.uuid4().hex}")
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # new_file_id: BatchFile.create
     owner: Mapped[str] = mapped_column(String(200), index=True)
     sha256: Mapped[str] = mapped_column(String(64), index=True)  # a delete asks whether others share it
     filename: Mapped[str | None] = mapped_column(String(500))
@@ -98,6 +116,12 @@ class BatchFile(Base):
     endpoint: Mapped[str | None] = mapped_column(String(40))  # an input file's one url
     lines: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+    @classmethod
+    def create(cls, **fields: Any) -> BatchFile:
+        """A new file row whose id carries its created_at (`new_file_id`)."""
+        fid = new_file_id(_now())
+        return cls(id=fid, created_at=file_id_time(fid), **fields)
 
 
 class Batch(Base):

@@ -417,7 +417,8 @@ def test_files_are_listed_per_owner_in_order_and_a_delete_keeps_bytes_another_fi
         monkeypatch.setattr(bf, "FILES_PAGE", 3)  # a page is bounded whatever the limit
         assert len(store.list_files("alice")["data"]) == 3 and store.list_files("alice")["has_more"]
         assert [f["id"] for f in store.list_files("bob")["data"]] == [bobs]
-        assert refused(lambda: store.list_files("bob", after=f1)).status == 404
+        assert store.list_files("bob", after=f1)["data"] == []  # another's id only places a time
+        assert refused(lambda: store.list_files("alice", after="file-nope")).status == 404
         assert refused(lambda: store.list_files("alice", limit=0)).status == 400
         assert "order must be" in refused(lambda: store.list_files("alice", order="up")).message
 
@@ -435,6 +436,8 @@ def test_files_are_listed_per_owner_in_order_and_a_delete_keeps_bytes_another_fi
         sha = sha_of(store, f2)
         store.delete_file(f2, "alice")
         assert store.blobs.path(sha).exists() and store.read_file(f3, "alice")[1]
+        # a deleted file's id still places a list's cursor (a client deleting as it pages on)
+        assert ids(after=f2, order="asc") == [f3, out] and ids(after=f2) == []
         with store.db.sessions().begin() as db:
             db.add(Upload(sha256=sha, owner="carol", content_type="application/jsonl", size=1))
         store.delete_file(f3, "alice")
@@ -507,5 +510,10 @@ def test_the_official_openai_client_lists_retrieves_and_deletes_files_over_http(
             assert alice.files.content(made[2].id).content == data  # the same bytes, still there
             with pytest.raises(openai.UnprocessableEntityError):
                 alice.files.list(order="sideways")  # type: ignore[arg-type]
+            # the usual clean-up loop: deleting as the client pages on (pages of 2, `after` a deleted id)
+            more = [alice.files.create(file=(f"m{i}.jsonl", data), purpose="batch") for i in range(3)]
+            for f in alice.files.list():
+                alice.files.delete(f.id)
+            assert alice.files.list().data == [] and len(more) == 3
     finally:
         auth.set_verifier(None)
