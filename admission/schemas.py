@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from rma_ray.edges import EDGE_NAME
 from rma_ray.tiers import Tier
@@ -80,6 +80,9 @@ from rma_ray.wire import (
 )
 from rma_ray.wire import (
     UsageReport as UsageReport,
+)
+from rma_ray.wire import (
+    BatchQueueReport as BatchQueueReport,
 )
 from rma_ray.wire import (
     WorkerOut as WorkerOut,
@@ -217,6 +220,19 @@ class UsageOut(BaseModel):
     clients: list[ClientUsageRow]
     shared: bool = Field(description="every replica that reported lately counts in the shared store")
     replicas: list[QuotaReplica]
+
+
+class BatchQueueReplica(BatchQueueReport):
+    """A batches replica's queue figures as it last reported them."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    reported_at: datetime
+    per_minute: float = Field(description="items finished per minute over the last 10 minutes")
+
+
+class BatchQueueOut(BaseModel):
+    replicas: list[BatchQueueReplica] = Field(description="fresh reports (5 min), by replica name")
 
 
 class EdgeKeyOut(BaseModel):

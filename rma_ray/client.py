@@ -228,3 +228,7 @@ class AdmissionClient:
     # the Serve side (a service credential): a gateway replica's usage report
     def report_usage(self, report: wire.UsageReport) -> None:
         self.request("POST", "/api/clients/usage", json=report.model_dump(mode="json"))
+
+    # the Serve side (a service credential): a batches replica's queue figures
+    def report_batch_queue(self, report: wire.BatchQueueReport) -> None:
+        self.request("POST", "/api/service/batch-queue", json=report.model_dump(mode="json"))

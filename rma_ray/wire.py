@@ -227,6 +227,20 @@ class UsageReport(Strict):
     usage: dict[str, Usage] = Field(default_factory=dict, max_length=REPORT_KEYS)
 
 
+class BatchQueueReport(Strict):
+    """What a batches replica reports after each sweep (a service credential): the durable batch queue's
+    figures, read from the services' Postgres (the coordinator cannot read that database)."""
+
+    replica: str = Field(min_length=1, max_length=200)
+    waiting: int = Field(ge=0, le=10**12, description="items pending")
+    running: int = Field(ge=0, le=10**12, description="items claimed by a runner")
+    batches: int = Field(ge=0, le=10**9, description="batches not finished yet")
+    oldest_waiting_s: float | None = Field(
+        None, ge=0, le=10**9, description="age of the oldest pending item's batch; None when none waits"
+    )
+    finished_10min: int = Field(ge=0, le=10**12, description="items done or failed in the last 10 minutes")
+
+
 class KeyringEntry(BaseModel):
     id: str
     hash: str

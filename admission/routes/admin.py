@@ -10,7 +10,7 @@ from fastapi import APIRouter, Path, Query, Request, Response
 from admission import schemas, security
 from admission.deps import AdminDep, ClientIp, CoreServiceDep, ServiceDep, SessionDep, State
 from admission.models import AdminKey, ClientKey, ServiceKey
-from admission.services import audit, keys, stats, stores, usage, workers
+from admission.services import audit, batch_queue, keys, stats, stores, usage, workers
 
 router = APIRouter(prefix="/api", tags=["admin"])
 
@@ -220,6 +220,20 @@ def report_usage(
     quota state."""
     usage.report(session, body, state.settings)
     return Response(status_code=204)
+
+
+@router.post("/service/batch-queue", status_code=204, response_class=Response, openapi_extra=security.SERVICE)
+def report_batch_queue(body: schemas.BatchQueueReport, who: CoreServiceDep) -> Response:
+    """A batches replica's figures of the durable batch queue (after each sweep, ~10 s)."""
+    batch_queue.report(body)
+    return Response(status_code=204)
+
+
+@router.get("/admin/batch-queue", response_model=schemas.BatchQueueOut, openapi_extra=security.ADMIN)
+def get_batch_queue(admin: AdminDep) -> schemas.BatchQueueOut:
+    """The batch queue as each batches replica last reported it (reports older than 5 minutes dropped):
+    items waiting and running, unfinished batches, the oldest waiting item's age, items finished lately."""
+    return batch_queue.summary()
 
 
 @router.put("/stores/{name}", status_code=204, response_class=Response, openapi_extra=security.SERVICE)

@@ -16,7 +16,7 @@ from fastapi.templating import Jinja2Templates
 from admission import schemas, security
 from admission.deps import AdminDep, ClientIp, SessionAdmin, SessionDep, State
 from admission.errors import ApiError
-from admission.services import contributions, edges, metrics, stats, stores, usage, workers
+from admission.services import batch_queue, contributions, edges, metrics, stats, stores, usage, workers
 from rma_ray.tiers import MINIMUMS, TIER_ORDER
 
 router = APIRouter(tags=["registry"])
@@ -33,7 +33,18 @@ def _fmt_ms(ms: float | None) -> str:
     return f"{ms:.0f} ms" if ms < 1000 else f"{ms / 1000:.1f} s"
 
 
+def _fmt_age(s: float | None) -> str:
+    """An age for people: "40 s", "3 min", "2 h", "1 d"; "–" for none."""
+    if s is None:
+        return "–"
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if s >= size:
+            return f"{int(s // size)} {unit}"
+    return f"{int(s)} s"
+
+
 templates.env.filters["mb"] = _fmt_mb
+templates.env.filters["age"] = _fmt_age
 templates.env.filters["ms"] = _fmt_ms
 templates.env.filters["sparkline"] = contributions.sparkline
 StepQ = Annotated[
@@ -156,6 +167,7 @@ def registry(request: Request, state: State, session: SessionDep, partial: bool 
         "ray_view": state.reconciler.view if state.reconciler is not None else None,
         "clusters": edges.clusters_view(state, ws),
         "usage": usage.summary(session, state.settings),
+        "batch_queue": batch_queue.summary(),
         "admin_id": admin.key_id,
         "partial": partial,
         "contributions": contributions.cached_overview(state, session, hours=24),

@@ -28,13 +28,14 @@ import asyncio
 import hashlib
 import logging
 import os
+import sys
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import DateTime, exists, func, literal, select, tuple_, update
+from sqlalchemy import DateTime, and_, exists, func, literal, or_, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from deployments.gateway.refusal import Refusal, not_found, refusal_from, unwrap
@@ -66,6 +67,20 @@ class Busy(Exception):
 
 class Transient(Exception):
     """The model could not be asked now (its replica is away, full or died): the item is tried again."""
+
+
+def _in_ray() -> bool:
+    ray = sys.modules.get("ray")
+    return bool(ray is not None and ray.is_initialized())
+
+
+def _report_queue(body: Any) -> None:
+    from deployments.gateway.auth import coordinator_identity
+    from rma_ray.client import AdmissionClient
+
+    url, credential = coordinator_identity()
+    with AdmissionClient(url, credential, timeout=5.0) as client:
+        client.report_batch_queue(body)
 
 
 def _now() -> datetime:
@@ -129,6 +144,7 @@ class Batches:
         settings: dict[str, Any] | None = None,
         endpoint: Any = store_endpoint,
         models: Any = None,
+        reporter: Any = "default",
     ) -> None:
         self.settings = s = ServicesSettings(**(settings or {}))
         self.blobs = BlobStore(Path(s.uploads_dir) if s.uploads_dir else default_uploads_dir())
@@ -140,6 +156,9 @@ class Batches:
         self._runner: asyncio.Task[None] | None = None
         self._open_lock = asyncio.Lock()
         self.worker_name = f"rma-batch-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        # the queue's figures go to the coordinator after each sweep (inside Ray; a test passes its own)
+        self._reporter = (_report_queue if _in_ray() else None) if reporter == "default" else reporter
+        self._report_failing = False
 
     # -- files -------------------------------------------------------------------------------------------
     def put_file(self, data: bytes, filename: str | None, purpose: str, owner: str) -> dict[str, Any]:
@@ -546,6 +565,12 @@ class Batches:
     async def sweep(self) -> None:
         """Jobs of dead runners back in the queue, batches past their window expired, and every batch whose
         items are all finished finalized (after a restart too)."""
+        try:
+            await self._sweep()
+        finally:  # the figures go out even when a step of the sweep failed
+            await self.report_queue()
+
+    async def _sweep(self) -> None:
         app = await self._open()
         for job in await app.job_manager.get_stalled_jobs(
             queue=QUEUE, seconds_since_heartbeat=self.settings.batch_stalled_s
@@ -557,6 +582,56 @@ class Batches:
             await asyncio.to_thread(self._start, batch_id)
         for batch_id in await asyncio.to_thread(self._open_batches):
             await asyncio.to_thread(self.finalize, batch_id)
+
+    def queue_figures(self, now: datetime | None = None) -> dict[str, Any]:
+        """The durable queue's figures for the registry page, in two queries that stay on the batches'
+        status index and the items' (batch_id, status) index: only items of unfinished batches or of batches
+        finished in the last 10 minutes are read, never the whole history."""
+        now = now or _now()
+        since = now - timedelta(minutes=10)
+        ended = func.coalesce(Batch.completed_at, Batch.failed_at, Batch.expired_at, Batch.cancelled_at)
+        live = Batch.status.notin_(bf.FINAL)
+        finished = and_(BatchItem.status.in_((bf.DONE, bf.ITEM_FAILED)), BatchItem.updated_at >= since)
+        pending = BatchItem.status == bf.PENDING
+        with self.db.sessions()() as db:
+            batches = db.scalar(select(func.count()).select_from(Batch).where(live)) or 0
+            waiting, running, oldest, done = db.execute(
+                select(
+                    func.count().filter(pending),
+                    func.count().filter(BatchItem.status == bf.RUNNING),
+                    func.min(Batch.created_at).filter(pending),
+                    func.count().filter(finished),
+                )
+                .select_from(BatchItem)
+                .join(Batch, Batch.id == BatchItem.batch_id)
+                .where(or_(live, ended >= since))
+            ).one()
+        return {
+            "waiting": waiting,
+            "running": running,
+            "batches": batches,
+            "oldest_waiting_s": None if oldest is None else max(0.0, (now - oldest).total_seconds()),
+            "finished_10min": done,
+        }
+
+    async def report_queue(self) -> None:
+        """The queue's figures to the coordinator; a failure is one warning (then debug lines until a
+        report goes through again), never an exception in the sweep."""
+        if self._reporter is None:
+            return
+        try:
+            from deployments.gateway.quota import replica_name
+            from rma_ray.wire import BatchQueueReport
+
+            figures = await asyncio.to_thread(self.queue_figures)
+            await asyncio.to_thread(self._reporter, BatchQueueReport(replica=replica_name(), **figures))
+        except Exception as exc:
+            (log.debug if self._report_failing else log.warning)(
+                "batch queue report to the coordinator failed: %s: %s", type(exc).__name__, exc
+            )
+            self._report_failing = True
+        else:
+            self._report_failing = False
 
     def _expire_and_unstarted(self) -> list[str]:
         """Expires the pending and running items of batches past their window (a running item's late answer

@@ -517,3 +517,71 @@ def test_the_official_openai_client_lists_retrieves_and_deletes_files_over_http(
             assert alice.files.list().data == [] and len(more) == 3
     finally:
         auth.set_verifier(None)
+
+
+def test_the_queue_figures_count_items_by_state_and_age_the_oldest_waiting_batch(
+    postgres: Postgres, tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The registry page's figures, from the real tables (no runner: rows written as the runner would)."""
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import update
+
+    from deployments.services.db import Batch, BatchItem
+
+    now = datetime.now(UTC)
+    reports: list[Any] = []
+    store = make_store(postgres, tmp_path)
+    store._reporter = reports.append
+    assert store.queue_figures(now) == {
+        "waiting": 0, "running": 0, "batches": 0, "oldest_waiting_s": None, "finished_10min": 0
+    }  # fmt: skip
+
+    def batch(n: int, created: datetime, status: str = bf.IN_PROGRESS) -> str:
+        out, _ = store._create("alice", upload(store, n), "/v1/chat/completions", "24h", None)
+        with store.db.sessions().begin() as db:
+            db.execute(update(Batch).where(Batch.id == out["id"]).values(status=status, created_at=created))
+        return str(out["id"])
+
+    def items(bid: str, status: str, ids: range, at: datetime) -> None:
+        with store.db.sessions().begin() as db:
+            db.execute(
+                update(BatchItem)
+                .where(BatchItem.batch_id == bid, BatchItem.custom_id.in_([f"req-{i}" for i in ids]))
+                .values(status=status, updated_at=at)
+            )
+
+    old = batch(5, now - timedelta(minutes=3))  # 2 waiting, 1 running, 1 done now, 1 failed an hour ago
+    items(old, bf.RUNNING, range(2, 3), now)
+    items(old, bf.DONE, range(3, 4), now - timedelta(minutes=2))
+    items(old, bf.ITEM_FAILED, range(4, 5), now - timedelta(hours=1))
+    new = batch(2, now - timedelta(seconds=30), bf.VALIDATING)  # 2 waiting, a younger batch
+    ended = batch(3, now - timedelta(hours=2), bf.COMPLETED)  # finished 5 min ago: its items count
+    items(ended, bf.DONE, range(3), now - timedelta(minutes=5))
+    with store.db.sessions().begin() as db:
+        db.execute(update(Batch).where(Batch.id == ended).values(completed_at=now - timedelta(minutes=5)))
+    gone = batch(4, now - timedelta(days=2), bf.COMPLETED)  # finished long ago: left out
+    items(gone, bf.DONE, range(4), now - timedelta(days=1))
+    with store.db.sessions().begin() as db:
+        db.execute(update(Batch).where(Batch.id == gone).values(completed_at=now - timedelta(days=1)))
+
+    got = store.queue_figures(now)
+    assert got["oldest_waiting_s"] == pytest.approx(180, abs=1)
+    assert {k: v for k, v in got.items() if k != "oldest_waiting_s"} == {
+        "waiting": 4, "running": 1, "batches": 2, "finished_10min": 4
+    }  # fmt: skip
+    assert new
+
+    # the sweep's report: the figures with this replica's name; a failing coordinator is one warning
+    asyncio.run(store.report_queue())
+    assert reports[-1].waiting == 4 and reports[-1].replica
+
+    def down(body: Any) -> None:
+        raise ConnectionError("connection refused")
+
+    store._reporter = down
+    with caplog.at_level("DEBUG", logger="rma.services.batches"):
+        asyncio.run(store.report_queue())
+        asyncio.run(store.report_queue())
+    said = [r.levelname for r in caplog.records if "batch queue report" in r.getMessage()]
+    assert said == ["WARNING", "DEBUG"]
