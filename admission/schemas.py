@@ -22,6 +22,9 @@ from rma_ray.wire import (
     Action as Action,
 )
 from rma_ray.wire import (
+    BatchQueueReport as BatchQueueReport,
+)
+from rma_ray.wire import (
     EdgeRoute as EdgeRoute,
 )
 from rma_ray.wire import (
@@ -80,9 +83,6 @@ from rma_ray.wire import (
 )
 from rma_ray.wire import (
     UsageReport as UsageReport,
-)
-from rma_ray.wire import (
-    BatchQueueReport as BatchQueueReport,
 )
 from rma_ray.wire import (
     WorkerOut as WorkerOut,
