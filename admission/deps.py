@@ -107,6 +107,25 @@ def require_core_service(
     return who
 
 
+def require_trusted_service(
+    state: State, ip: ClientIp, creds: Annotated[Creds, Depends(_any_bearer)]
+) -> Service:
+    """require_service, and a node credential only of a trusted donor of the core (whether or not the pool has
+    edges): for reports only what runs on trusted nodes sends (the batch queue's figures)."""
+    who = require_service(state, ip, creds)
+    if isinstance(who, NodePrincipal):
+        with state.sessions() as session:
+            worker = session.get(Worker, who.worker_id)
+            allowed = worker is not None and worker.cluster == CORE and bool(worker.trusted)
+        if not allowed:
+            raise ApiError(
+                403,
+                "not_trusted_core",
+                "only the head's services and trusted donors of the core cluster may send this",
+            )
+    return who
+
+
 def require_session(state: State, request: Request) -> AdminPrincipal:
     admin = security.session_admin(state, request)
     if admin is None:
@@ -140,8 +159,11 @@ def credential_first(request: Request) -> None:
     elif level == "node-token":
         security.authenticate_node(state, ip, creds)
     elif level == "admin-or-node":
-        core_only = require_core_service in _calls(getattr(route, "dependant", None))
-        (require_core_service if core_only else require_service)(state, ip, creds)
+        calls = _calls(getattr(route, "dependant", None))
+        strictest = next(
+            (d for d in (require_trusted_service, require_core_service) if d in calls), require_service
+        )
+        strictest(state, ip, creds)
     elif level == "join-token":
         security.parse_bearer(state, ip, creds, Kind.JOIN)
     elif level == "admin-session":
@@ -152,5 +174,6 @@ AdminDep = Annotated[AdminPrincipal, Depends(require_admin)]
 NodeDep = Annotated[NodePrincipal, Depends(require_node)]
 ServiceDep = Annotated[Service, Depends(require_service)]
 CoreServiceDep = Annotated[Service, Depends(require_core_service)]
+TrustedServiceDep = Annotated[Service, Depends(require_trusted_service)]
 JoinCreds = Annotated[credentials.Parsed, Depends(join_credentials)]
 SessionAdmin = Annotated[AdminPrincipal, Depends(require_session)]

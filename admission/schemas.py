@@ -228,7 +228,7 @@ class BatchQueueReplica(BatchQueueReport):
     model_config = ConfigDict(extra="ignore")
 
     reported_at: datetime
-    per_minute: float = Field(description="items finished per minute over the last 10 minutes")
+    per_minute: float = Field(description="items answered per minute over the last 10 minutes")
 
 
 class BatchQueueOut(BaseModel):

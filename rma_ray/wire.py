@@ -238,7 +238,7 @@ class BatchQueueReport(Strict):
     oldest_waiting_s: float | None = Field(
         None, ge=0, le=10**9, description="age of the oldest pending item's batch; None when none waits"
     )
-    finished_10min: int = Field(ge=0, le=10**12, description="items done or failed in the last 10 minutes")
+    finished_10min: int = Field(ge=0, le=10**12, description="items answered in the last 10 minutes")
 
 
 class KeyringEntry(BaseModel):

@@ -8,7 +8,15 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, Request, Response
 
 from admission import schemas, security
-from admission.deps import AdminDep, ClientIp, CoreServiceDep, ServiceDep, SessionDep, State
+from admission.deps import (
+    AdminDep,
+    ClientIp,
+    CoreServiceDep,
+    ServiceDep,
+    SessionDep,
+    State,
+    TrustedServiceDep,
+)
 from admission.models import AdminKey, ClientKey, ServiceKey
 from admission.services import audit, batch_queue, keys, stats, stores, usage, workers
 
@@ -223,8 +231,10 @@ def report_usage(
 
 
 @router.post("/service/batch-queue", status_code=204, response_class=Response, openapi_extra=security.SERVICE)
-def report_batch_queue(body: schemas.BatchQueueReport, who: CoreServiceDep) -> Response:
-    """A batches replica's figures of the durable batch queue (after each sweep, ~10 s)."""
+def report_batch_queue(body: schemas.BatchQueueReport, who: TrustedServiceDep) -> Response:
+    """A batches replica's figures of the durable batch queue (after each sweep, ~10 s): the head's service
+    credential or a trusted core donor's (the batches store runs on trusted nodes only); 429 when
+    `batch_queue.MAX_REPLICAS` other replicas reported in the last 5 minutes."""
     batch_queue.report(body)
     return Response(status_code=204)
 

@@ -10,9 +10,11 @@ import threading
 from datetime import datetime
 
 from admission import schemas
+from admission.errors import ApiError
 from admission.models import utcnow
 
 STALE_S = 300.0  # a replica's figures are dropped after 5 minutes without a report
+MAX_REPLICAS = 64  # replicas kept at once: a reporter cannot grow the coordinator's memory at will
 WINDOW_MIN = 10.0  # `finished_10min` counts the last 10 minutes
 
 _lock = threading.Lock()
@@ -25,8 +27,16 @@ def report(body: schemas.BatchQueueReport, now: datetime | None = None) -> None:
         **body.model_dump(), reported_at=now, per_minute=round(body.finished_10min / WINDOW_MIN, 2)
     )
     with _lock:
-        _replicas[body.replica] = row
         _drop_stale(now)
+        if body.replica not in _replicas and len(_replicas) >= MAX_REPLICAS:
+            raise ApiError(
+                429,
+                "too_many_replicas",
+                f"{MAX_REPLICAS} batches replicas reported in the last {STALE_S / 60:g} minutes; "
+                "a new one is kept once one of them goes quiet",
+                headers={"Retry-After": "60"},
+            )
+        _replicas[body.replica] = row
 
 
 def _drop_stale(now: datetime) -> None:

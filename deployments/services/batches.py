@@ -79,7 +79,7 @@ def _report_queue(body: Any) -> None:
     from rma_ray.client import AdmissionClient
 
     url, credential = coordinator_identity()
-    with AdmissionClient(url, credential, timeout=5.0) as client:
+    with AdmissionClient(url, credential, timeout=2.0) as client:
         client.report_batch_queue(body)
 
 
@@ -591,7 +591,9 @@ class Batches:
         since = now - timedelta(minutes=10)
         ended = func.coalesce(Batch.completed_at, Batch.failed_at, Batch.expired_at, Batch.cancelled_at)
         live = Batch.status.notin_(bf.FINAL)
-        finished = and_(BatchItem.status.in_((bf.DONE, bf.ITEM_FAILED)), BatchItem.updated_at >= since)
+        # throughput is what the models answered: an item failed unrun (its batch expired, no model to take
+        # it) is no work done
+        finished = and_(BatchItem.status == bf.DONE, BatchItem.updated_at >= since)
         pending = BatchItem.status == bf.PENDING
         with self.db.sessions()() as db:
             batches = db.scalar(select(func.count()).select_from(Batch).where(live)) or 0
@@ -625,9 +627,9 @@ class Batches:
 
             figures = await asyncio.to_thread(self.queue_figures)
             await asyncio.to_thread(self._reporter, BatchQueueReport(replica=replica_name(), **figures))
-        except Exception as exc:
+        except Exception as exc:  # the figures' query (Postgres) or the report (the coordinator)
             (log.debug if self._report_failing else log.warning)(
-                "batch queue report to the coordinator failed: %s: %s", type(exc).__name__, exc
+                "batch queue figures not reported: %s: %s", type(exc).__name__, exc
             )
             self._report_failing = True
         else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 from admission.services import batch_queue
+from rma_ray import credentials
 from tests.integration.conftest import Coordinator
 
 
@@ -58,7 +59,20 @@ def test_batch_queue_reports_show_per_replica_and_go_stale(
 
     # nobody without a credential; a body out of shape or bounds is a 422 that names the field
     assert report(body(), headers=None) == 401
-    assert report(body(), headers={"Authorization": "Bearer rma_svc_nope_nope"}) == 401
+    unknown = credentials.mint(credentials.Kind.SERVICE).token  # the right shape, no such key
+    assert report(body(), headers={"Authorization": f"Bearer {unknown}"}) == 401
+    # a donor's node credential: a trusted core donor may report (the batches store runs there), an untrusted
+    # one may not, even in a pool without edges
+    trusted = coordinator.join(trusted=True)["node_token"]
+    untrusted = coordinator.join(trusted=False)["node_token"]
+    assert report(body("services/batches#t"), headers={"Authorization": f"Bearer {trusted}"}) == 204
+    assert report(body(), headers={"Authorization": f"Bearer {untrusted}"}) == 403
+    assert report(body(extra=1), headers={"Authorization": f"Bearer {untrusted}"}) == 403  # before the body
+    # a bounded number of replicas: a new name past it is a 429 until one goes quiet
+    monkeypatch.setattr(batch_queue, "MAX_REPLICAS", 3)
+    assert report(body("services/batches#new")) == 429
+    assert report(body()) == 204  # a known replica still reports
+    batch_queue._replicas.pop("services/batches#t")
     for bad, field in (
         (body(extra=1), "extra"),
         (body(waiting=-1), "waiting"),

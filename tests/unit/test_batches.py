@@ -556,8 +556,9 @@ def test_the_queue_figures_count_items_by_state_and_age_the_oldest_waiting_batch
     items(old, bf.DONE, range(3, 4), now - timedelta(minutes=2))
     items(old, bf.ITEM_FAILED, range(4, 5), now - timedelta(hours=1))
     new = batch(2, now - timedelta(seconds=30), bf.VALIDATING)  # 2 waiting, a younger batch
-    ended = batch(3, now - timedelta(hours=2), bf.COMPLETED)  # finished 5 min ago: its items count
+    ended = batch(4, now - timedelta(hours=2), bf.COMPLETED)  # finished 5 min ago: its answers count
     items(ended, bf.DONE, range(3), now - timedelta(minutes=5))
+    items(ended, bf.ITEM_FAILED, range(3, 4), now - timedelta(minutes=5))  # failed (unrun): not throughput
     with store.db.sessions().begin() as db:
         db.execute(update(Batch).where(Batch.id == ended).values(completed_at=now - timedelta(minutes=5)))
     gone = batch(4, now - timedelta(days=2), bf.COMPLETED)  # finished long ago: left out
@@ -583,5 +584,5 @@ def test_the_queue_figures_count_items_by_state_and_age_the_oldest_waiting_batch
     with caplog.at_level("DEBUG", logger="rma.services.batches"):
         asyncio.run(store.report_queue())
         asyncio.run(store.report_queue())
-    said = [r.levelname for r in caplog.records if "batch queue report" in r.getMessage()]
+    said = [r.levelname for r in caplog.records if "batch queue figures not reported" in r.getMessage()]
     assert said == ["WARNING", "DEBUG"]
