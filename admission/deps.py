@@ -83,6 +83,22 @@ def require_service(state: State, ip: ClientIp, creds: Annotated[Creds, Depends(
     return security.authenticate_admin(state, ip, creds)
 
 
+def _core_node_only(state: AppState, who: Service, trusted: bool, refusal: str) -> Service:
+    """`who`, unless it is a donor's node credential other than a core donor's that is trusted (`trusted`), or,
+    without `trusted`, that is trusted or in a pool without edges."""
+    if isinstance(who, NodePrincipal):
+        with state.sessions() as session:
+            worker = session.get(Worker, who.worker_id)
+            allowed = (
+                worker is not None
+                and worker.cluster == CORE
+                and (bool(worker.trusted) or (not trusted and not state.settings.edges))
+            )
+        if not allowed:
+            raise ApiError(403, "not_trusted_core", refusal)
+    return who
+
+
 def require_core_service(
     state: State, ip: ClientIp, creds: Annotated[Creds, Depends(_any_bearer)]
 ) -> Service:
@@ -90,21 +106,13 @@ def require_core_service(
     (client-key hashes, edge credentials) stays in the core. Where the pool has edges (untrusted donors join
     them), an untrusted donor of the core is refused too; a pool without edges keeps serving the keyring to the
     untrusted donors that host its ingress replicas, as it always has."""
-    who = require_service(state, ip, creds)
-    if isinstance(who, NodePrincipal):
-        with state.sessions() as session:
-            worker = session.get(Worker, who.worker_id)
-            allowed = (
-                worker is not None and worker.cluster == CORE and (worker.trusted or not state.settings.edges)
-            )
-        if not allowed:
-            raise ApiError(
-                403,
-                "not_trusted_core",
-                "only the head's services and trusted donors of the core cluster may read this; "
-                "an untrusted or edge donor gets nothing of the core",
-            )
-    return who
+    return _core_node_only(
+        state,
+        require_service(state, ip, creds),
+        trusted=False,
+        refusal="only the head's services and trusted donors of the core cluster may read this; "
+        "an untrusted or edge donor gets nothing of the core",
+    )
 
 
 def require_trusted_service(
@@ -112,18 +120,12 @@ def require_trusted_service(
 ) -> Service:
     """require_service, and a node credential only of a trusted donor of the core (whether or not the pool has
     edges): for reports only what runs on trusted nodes sends (the batch queue's figures)."""
-    who = require_service(state, ip, creds)
-    if isinstance(who, NodePrincipal):
-        with state.sessions() as session:
-            worker = session.get(Worker, who.worker_id)
-            allowed = worker is not None and worker.cluster == CORE and bool(worker.trusted)
-        if not allowed:
-            raise ApiError(
-                403,
-                "not_trusted_core",
-                "only the head's services and trusted donors of the core cluster may send this",
-            )
-    return who
+    return _core_node_only(
+        state,
+        require_service(state, ip, creds),
+        trusted=True,
+        refusal="only the head's services and trusted donors of the core cluster may send this",
+    )
 
 
 def require_session(state: State, request: Request) -> AdminPrincipal:

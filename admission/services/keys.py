@@ -9,7 +9,7 @@ keyring and report stores, and no admin route accepts them.
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -88,19 +88,24 @@ def giving_donors(session: Session, settings: Settings | None, donor_ids: set[st
 def _out(
     row: AdminKey | ClientKey | ServiceKey, settings: Settings | None = None, giving: set[str] | None = None
 ) -> schemas.KeyOut:
-    client = isinstance(row, ClientKey)
-    bonus = isinstance(row, ClientKey) and row.donor_id is not None and row.donor_id in (giving or set())
+    client: dict[str, Any] = {}
+    if isinstance(row, ClientKey):
+        bonus = row.donor_id is not None and row.donor_id in (giving or set())
+        client = {
+            "sensitive": bool(row.sensitive),
+            "quota": effective_quota(row, settings, bonus),
+            "quota_overrides": overrides(row),
+            "donor_id": row.donor_id,
+            "donor_bonus": bonus,
+        }
     return schemas.KeyOut(
-        id=row.id,
-        name=row.name,
-        created_at=row.created_at,
-        revoked_at=row.revoked_at,
-        sensitive=bool(row.sensitive) if isinstance(row, ClientKey) else None,
-        quota=effective_quota(row, settings, bonus) if isinstance(row, ClientKey) else None,
-        quota_overrides=overrides(row) if isinstance(row, ClientKey) else None,
-        donor_id=row.donor_id if isinstance(row, ClientKey) else None,
-        donor_bonus=bonus if client else None,
+        id=row.id, name=row.name, created_at=row.created_at, revoked_at=row.revoked_at, **client
     )
+
+
+def _client_out(session: Session, row: ClientKey, settings: Settings | None) -> schemas.KeyOut:
+    """One client key's view, its donor's bonus looked up."""
+    return _out(row, settings, giving_donors(session, settings, {row.donor_id} if row.donor_id else set()))
 
 
 def _linkable_donor(session: Session, donor_id: str) -> str:
@@ -165,7 +170,7 @@ def link_donor(
     row.donor_id = _linkable_donor(session, donor_id) if donor_id is not None else None
     audit.record(session, actor, "client_key.donor", key_id, ip, donor_id=row.donor_id)
     session.flush()
-    return _out(row, settings, giving_donors(session, settings, {row.donor_id} if row.donor_id else set()))
+    return _client_out(session, row, settings)
 
 
 def _live_client(session: Session, key_id: str) -> ClientKey:
@@ -197,7 +202,7 @@ def set_quota(
         setattr(row, f"quota_{f}", v)
     audit.record(session, actor, "client_key.quota", key_id, ip, reset=patch.reset, **given)
     session.flush()
-    return _out(row, settings, giving_donors(session, settings, {row.donor_id} if row.donor_id else set()))
+    return _client_out(session, row, settings)
 
 
 def revoke(session: Session, model: type[K], key_id: str, actor: str, ip: str) -> schemas.KeyOut:

@@ -10,6 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import func, select
+
 from deployments.gateway.refusal import Refusal, not_found
 from deployments.services.db import Database, Upload, store_endpoint
 from deployments.services.documents import detect
@@ -62,8 +64,6 @@ def blob_lock(sha: str) -> int:
 def put_locked(db: Any, blobs: BlobStore, data: bytes) -> str:
     """Writes the bytes under their blob's lock, held until `db` commits the row that names them: a delete of
     another row with the same bytes cannot find no row and unlink them in between."""
-    from sqlalchemy import func, select
-
     sha = hashlib.sha256(data).hexdigest()
     db.execute(select(func.pg_advisory_xact_lock(blob_lock(sha))))
     return blobs.put(data)

@@ -5,6 +5,7 @@ each served by uvicorn on its own port (module-scoped: three servers, well under
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 from collections.abc import Iterator
@@ -111,31 +112,42 @@ def core() -> Iterator[str]:
         auth.set_verifier(None)
 
 
+@contextlib.contextmanager
+def routed_by(
+    coordinator: tuple[Coordinator, str], edge_server: tuple[EdgeApp, str], mode: str = "ok", **router: Any
+) -> Iterator[tuple[EdgeRouter, Coordinator, EdgeApp, str]]:
+    """A fresh router (breakers closed, `router`'s options) over routes that name the edge app as serving the
+    LLM, the edge app in `mode`; the router is the gate's while the block runs."""
+    coord, coord_url = coordinator
+    app, edge_url = edge_server
+    app.mode, app.seen = mode, []
+    app.release.clear()
+    coord.route(edge_url, {LLM: 1})
+    made = EdgeRouter(coordinator_fetch(coord_url, SERVICE_CREDENTIAL), **router)
+    assert made.refresh()
+    edge.set_router(made)
+    try:
+        yield made, coord, app, edge_url
+    finally:
+        app.release.set()
+        edge.set_router(None, disabled=True)
+
+
 @pytest.fixture
 def routed(
     coordinator: tuple[Coordinator, str], edge_server: tuple[EdgeApp, str], core: str
 ) -> Iterator[tuple[EdgeRouter, Coordinator, EdgeApp]]:
     """A fresh router (breakers closed) over routes that name the edge app as serving the LLM."""
-    coord, coord_url = coordinator
-    app, edge_url = edge_server
-    app.mode, app.seen = "ok", []
-    app.release.clear()
-    coord.route(edge_url, {LLM: 1})
-    router = EdgeRouter(
-        coordinator_fetch(coord_url, SERVICE_CREDENTIAL),
+    with routed_by(
+        coordinator,
+        edge_server,
         connect_timeout_s=1.0,
         read_timeout_s=2.0,
         total_timeout_s=10.0,
         breaker_threshold=2,
         breaker_ttl_s=600,
-    )
-    assert router.refresh()
-    edge.set_router(router)
-    try:
+    ) as (router, coord, app, _):
         yield router, coord, app
-    finally:
-        app.release.set()
-        edge.set_router(None, disabled=True)
 
 
 def chat(core: str, key: str = PLAIN.token, **body: Any) -> httpx.Response:
@@ -239,21 +251,10 @@ def test_a_non_streaming_request_past_the_deadline_is_served_on_the_core_without
 ) -> None:
     """The edge took the request and is busy: the core serves it once, and the breaker stays closed (threshold
     2, three such requests), so the edge still gets the next request."""
-    coord, coord_url = coordinator
-    app, edge_url = edge_server
-    app.mode, app.seen = "hang", []
-    app.release.clear()
-    coord.route(edge_url, {LLM: 1})
-    router = EdgeRouter(
-        coordinator_fetch(coord_url, SERVICE_CREDENTIAL),
-        read_timeout_s=0.5,
-        total_timeout_s=1.0,
-        breaker_threshold=2,
+    with routed_by(
+        coordinator, edge_server, "hang", read_timeout_s=0.5, total_timeout_s=1.0, breaker_threshold=2,
         breaker_ttl_s=600,
-    )
-    assert router.refresh()
-    edge.set_router(router)
-    try:
+    ) as (router, _, app, _url):  # fmt: skip
         for _ in range(3):
             r = chat(core)
             assert r.headers[SERVED_BY_HEADER] == "core" and r.json()["served"] == "core"
@@ -261,9 +262,6 @@ def test_a_non_streaming_request_past_the_deadline_is_served_on_the_core_without
         app.mode = "ok"
         assert chat(core).headers[SERVED_BY_HEADER] == f"edge:{EDGE}"
         assert router.counts[(EDGE, LLM, "fallback")] == 3
-    finally:
-        app.release.set()
-        edge.set_router(None, disabled=True)
 
 
 def test_a_full_connection_pool_is_not_an_edge_failure(
@@ -271,21 +269,11 @@ def test_a_full_connection_pool_is_not_an_edge_failure(
 ) -> None:
     """No free connection in this replica's pool (httpx.PoolTimeout, 1 s) is our limit, not the edge's
     health: served on the core, the breaker stays closed. The pool is high by default (not httpx's 100)."""
-    coord, coord_url = coordinator
-    app, edge_url = edge_server
-    app.mode, app.seen = "ok", []
-    app.release.clear()
-    coord.route(edge_url, {LLM: 1})
-    router = EdgeRouter(
-        coordinator_fetch(coord_url, SERVICE_CREDENTIAL),
-        breaker_threshold=2,
-        breaker_ttl_s=600,
-        max_connections=1,
-    )
     assert EdgeRouter(lambda: None).limits.max_connections == 1000
-    assert router.refresh()
-    edge.set_router(router)
-    try:
+    one_connection = routed_by(
+        coordinator, edge_server, breaker_threshold=2, breaker_ttl_s=600, max_connections=1
+    )
+    with one_connection as (router, _, app, _url):
         with httpx.stream(  # holds the only connection: the edge's stream waits for `release`
             "POST",
             core + "/v1/chat/completions",
@@ -302,9 +290,6 @@ def test_a_full_connection_pool_is_not_an_edge_failure(
             held.read()
         assert chat(core).headers[SERVED_BY_HEADER] == f"edge:{EDGE}"
         assert router.counts[(EDGE, LLM, "fallback")] == 3
-    finally:
-        app.release.set()
-        edge.set_router(None, disabled=True)
 
 
 @pytest.mark.parametrize("loss", ["no replica", "gone"])
@@ -315,34 +300,22 @@ def test_a_request_the_edge_holds_once_the_routes_drop_it_is_taken_back_by_the_c
     will not come): once the refreshed routes stop naming the edge as running the app, the core cancels the
     forward and serves the request, without a breaker failure. The total deadline here (60 s) is past the
     client's own timeout (20 s): without the withdrawal the client would time out."""
-    coord, coord_url = coordinator
-    app, edge_url = edge_server
-    app.mode, app.seen = "hang", []
-    app.release.clear()
-    coord.route(edge_url, {LLM: 1})
-    router = EdgeRouter(
-        coordinator_fetch(coord_url, SERVICE_CREDENTIAL),
-        read_timeout_s=2.0,
-        total_timeout_s=60.0,
-        breaker_threshold=1,
-        breaker_ttl_s=600,
-        withdraw_check_s=0.2,
-    )
-    assert router.refresh()
-    edge.set_router(router)
+    with routed_by(
+        coordinator, edge_server, "hang", read_timeout_s=2.0, total_timeout_s=60.0, breaker_threshold=1,
+        breaker_ttl_s=600, withdraw_check_s=0.2,
+    ) as (router, coord, app, edge_url):  # fmt: skip
 
-    def donor_dies() -> None:
-        wait_for(lambda: app.seen, timeout=10, interval=0.05, what="the edge to hold the request")
-        token = coord.routes[0]["token"]
-        if loss == "no replica":
-            coord.route(edge_url, {LLM: 0}, token=token)
-        else:
-            coord.routes = []
-        assert router.refresh()
+        def donor_dies() -> None:
+            wait_for(lambda: app.seen, timeout=10, interval=0.05, what="the edge to hold the request")
+            token = coord.routes[0]["token"]
+            if loss == "no replica":
+                coord.route(edge_url, {LLM: 0}, token=token)
+            else:
+                coord.routes = []
+            assert router.refresh()
 
-    dies = threading.Thread(target=donor_dies)
-    dies.start()
-    try:
+        dies = threading.Thread(target=donor_dies)
+        dies.start()
         r = chat(core)
         dies.join(15)
         assert r.headers[SERVED_BY_HEADER] == "core", r.headers
@@ -356,9 +329,6 @@ def test_a_request_the_edge_holds_once_the_routes_drop_it_is_taken_back_by_the_c
         assert router.refresh()
         app.mode = "ok"
         assert chat(core).headers[SERVED_BY_HEADER] == f"edge:{EDGE}"
-    finally:
-        app.release.set()
-        edge.set_router(None, disabled=True)
 
 
 def test_an_edge_whose_status_could_not_be_read_keeps_its_requests(routed: Any, core: str) -> None:
