@@ -232,3 +232,7 @@ class AdmissionClient:
     # the Serve side (a service credential): a batches replica's queue figures
     def report_batch_queue(self, report: wire.BatchQueueReport) -> None:
         self.request("POST", "/api/service/batch-queue", json=report.model_dump(mode="json"))
+
+    # the Serve side (a service credential): a core gateway's verdict on a sampled edge answer
+    def report_spot_check(self, report: wire.SpotCheckReport) -> None:
+        self.request("POST", "/api/service/spot-checks", json=report.model_dump(mode="json"))

@@ -272,7 +272,32 @@ class EdgeRoute(BaseModel):
 
 
 class EdgeRoutes(BaseModel):
-    edges: list[EdgeRoute]
+    edges: list[EdgeRoute]  # a quarantined edge (failed spot-checks) is left out: the core serves its share
+    spot_check_rate: float = Field(
+        0.0, ge=0.0, le=1.0, description="fraction of edge answers the core re-checks (RMA_SPOT_CHECK_RATE)"
+    )
+
+
+SpotCheckKind = Literal["llm", "embeddings", "ocr", "parse"]
+
+
+class SpotCheckReport(Strict):
+    """A core gateway's verdict on one sampled edge answer, re-checked on a core replica off the request path
+    (POST /api/service/spot-checks, a service credential or a trusted core donor's). The coordinator keeps a
+    decayed pass rate per edge and quarantines an edge below its threshold. `sample` is kept for review only
+    when the check failed: the request and both answers, truncated (client data: it stays on the core)."""
+
+    edge: str = Field(min_length=1, max_length=64)
+    app: str = Field(min_length=1, max_length=64, description="the Serve application the edge answered for")
+    kind: SpotCheckKind
+    path: str = Field(min_length=1, max_length=200)
+    passed: bool
+    score: float = Field(description="the comparison's score (cosine, text similarity, mean logprob gap)")
+    threshold: float = Field(description="the score a pass needs (the check's own calibrated bound)")
+    request_sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="the request body's digest")
+    sample: dict[str, Any] | None = Field(
+        None, description="failed checks only: request and both answers, each truncated to 4 KiB"
+    )
 
 
 class DonorVersions(BaseModel):
