@@ -145,6 +145,60 @@ def read_pin(store: str) -> dict[str, Any] | None:
     return json.loads(raw) if raw else None
 
 
+def args_key(store: str) -> bytes:
+    return f"store-args/{store}".encode()
+
+
+def check_move_target(donor: str) -> None:
+    """A move's target must be a trusted data donor that is online; else the one line that says so."""
+    import ray
+
+    node = next(
+        (n for n in ray.nodes() if n.get("Alive") and (n.get("Labels") or {}).get(LABEL_NODE) == donor),
+        None,
+    )
+    labels = (node or {}).get("Labels") or {}
+    if node is None or any(labels.get(k) != v for k, v in TRUSTED_DATA.items()):
+        raise StoreError(
+            f"{donor} is not a trusted data donor that is online (rma.io/node={donor}, "
+            f"rma.io/tier=data, rma.io/trusted=true): pick one from `rma donors list --tier data`"
+        )
+
+
+def move_unplaced(store: str, to: str) -> None:
+    """`move_to` for a supervisor Ray cannot place (pinned on a donor that is gone, so it cannot answer):
+    pin the store on `to`, end the pending supervisor, and create one there with the arguments the last
+    placed incarnation recorded (`store-args/<store>`), which starts an empty store there."""
+    import ray
+    from ray.experimental import internal_kv
+
+    check_move_target(to)
+    raw = internal_kv._internal_kv_get(args_key(store), namespace=NAMESPACE)
+    args = json.loads(raw) if raw else {}
+    internal_kv._internal_kv_put(
+        pin_key(store), json.dumps(moved_pin(store, to)), overwrite=True, namespace=NAMESPACE
+    )
+    try:
+        ray.kill(ray.get_actor(actor_name(store), namespace=NAMESPACE), no_restart=True)
+    except ValueError:
+        pass
+
+    def gone() -> bool:
+        try:
+            ray.get_actor(actor_name(store), namespace=NAMESPACE)
+            return False
+        except ValueError:
+            return True
+
+    wait_until(gone, timeout=60, interval=0.5, what=f"the unplaced supervisor of {store} to end")
+    ensure(
+        store,
+        str(args.get("runtime") or "process"),
+        port=args.get("port"),
+        data_dir=args.get("data_dir"),
+    )
+
+
 def donor_alive(donor: str) -> bool:
     import ray
 
@@ -193,6 +247,15 @@ class StoreSupervisor:
         self.transfers_dir = root / f".{store}-transfers"
         shutil.rmtree(self.transfers_dir, ignore_errors=True)  # an earlier incarnation's unfinished transfers
         self.store_name, self.port_arg, self.data_dir_arg = store, port, data_dir
+        try:  # for `move_unplaced`: an incarnation Ray cannot place cannot say how it was created
+            from ray.experimental import internal_kv
+
+            args = {"runtime": runtime, "port": port, "data_dir": data_dir}
+            internal_kv._internal_kv_put(
+                args_key(store), json.dumps(args), overwrite=True, namespace=NAMESPACE
+            )
+        except Exception as exc:  # the GCS busy: a later incarnation writes it
+            log.info("store arguments not written to the GCS: %s", exc)
         self.donor = self.labels.get(LABEL_NODE) or (
             "head"
             if HEAD_RESOURCE in ((_ray_node(self.node_id) or {}).get("Resources") or {})
@@ -532,19 +595,8 @@ class StoreSupervisor:
         """Hand this store's place to a new supervisor pinned on `donor` (a trusted data donor that is online):
         a detached `Repin` stops this one (the store flushes; the volume stays here) and creates the new one,
         which starts an empty store there for `rma stores move` to restore into."""
-        import ray
-
-        node = next(
-            (n for n in ray.nodes() if n.get("Alive") and (n.get("Labels") or {}).get(LABEL_NODE) == donor),
-            None,
-        )
-        labels = (node or {}).get("Labels") or {}
-        if node is None or any(labels.get(k) != v for k, v in TRUSTED_DATA.items()):
-            raise StoreError(
-                f"{donor} is not a trusted data donor that is online (rma.io/node={donor}, "
-                f"rma.io/tier=data, rma.io/trusted=true): pick one from `rma donors list --tier data`"
-            )
-        if donor == self.donor:
+        check_move_target(donor)
+        if donor == self.donor and self.waiting_for is None:  # a waiting one runs no store here
             raise StoreError(f"{self.kind.name} already runs on {donor}")
         # this volume keeps the pre-move data: its pin names the new donor, so a supervisor placed here later
         # waits for that donor instead of serving stale data (pin_decision)

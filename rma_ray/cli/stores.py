@@ -317,6 +317,71 @@ def _fill_moved(
     return st, _call(ray, new.counts.remote(_here(ray)))
 
 
+def _unplaced(ray: Any, store: str) -> bool:
+    """Whether the store's supervisor is one Ray cannot place now (pinned on a donor that is gone): Ray's own
+    record of it says so, not a slow answer alone."""
+    from ray.util.state import list_actors
+
+    try:
+        found = list_actors(filters=[("name", "=", f"rma-store-{store}")], timeout=30)
+    except Exception as exc:  # noqa: BLE001 - the state API down: say so, change nothing
+        fail(
+            f"the {store} supervisor does not answer and Ray's actor state is unreadable ({exc}); nothing moved"
+        )
+    return bool(found) and all(a.state != "ALIVE" for a in found)
+
+
+def _move_from_backup(
+    store: str,
+    to: str,
+    src: Path,
+    force: bool,
+    ddir: Path,
+    data_dir: Path | None,
+    address: str | None,
+    wait_s: float,
+) -> None:
+    """`rma stores move STORE --to DONOR --from-backup DIR`: the backup is checked first (a bad one moves
+    nothing); a ready store moves only with --force (its data after the backup is dropped)."""
+    from deployments.stores.runtime import StoreError
+    from deployments.stores.supervisor import move_unplaced
+
+    manifest, _data = read_manifest(src, store)
+    with pool_ray(data_dir, address) as ray:
+        old = _supervisor(ray, store)
+        try:
+            was = ray.get(old.status.remote(), timeout=15)
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
+            was = None
+        if was is None:
+            if not _unplaced(ray, store):
+                fail(f"the {store} supervisor does not answer (it is busy?): try again; nothing moved")
+            donor = "its donor"
+            try:
+                move_unplaced(store, to)
+            except StoreError as exc:
+                fail(str(exc))
+        else:
+            donor = str(was["waiting_for"] or was["donor"])
+            if was["status"] == "ready" and not force:
+                fail(
+                    f"{store} is ready on {was['donor']}: moving it from a backup drops its data written since "
+                    f"the backup; add --force to do so, or use `rma stores move {store} --to {to}`"
+                )
+            _call(ray, old.move_to.remote(to), timeout=60)
+        keep_moved_pin(ddir, store, to)  # the store is pinned on `to` now, whatever follows
+        try:
+            st, after = _fill_moved(ray, store, to, manifest, src, wait_s)
+        except Exception as exc:  # CliError too: one line, the cause last
+            fail(moved_empty(store, to, src, donor, exc))
+    if after != manifest.get("counts"):
+        fail(f"{store} on {to} holds {after}, the backup {src} {manifest.get('counts')}: check it")
+    out.print(
+        f"{store} moved to {to} from the backup {src} ({st['status']}; counts match the backup's: {after})",
+        highlight=False,
+    )
+
+
 @stores_app.command("move")
 def stores_move(
     store: str,
@@ -326,12 +391,30 @@ def stores_move(
     wait_s: Annotated[
         float, typer.Option("--wait", help="seconds to wait for the store on its new donor")
     ] = 300,
+    from_backup: Annotated[
+        Path | None,
+        typer.Option(
+            "--from-backup",
+            help="start the store on DONOR from this backup (`rma stores backup`) instead of its running data: "
+            "for a store whose donor is gone",
+        ),
+    ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="with --from-backup: also for a ready store (its newer data is dropped)"
+        ),
+    ] = False,
 ) -> None:
     """Move a store with its data to another trusted data donor: back up, start it there, restore, check the
     counts, switch. Stop its writers first: a write after the backup would be lost, so the move stops if the
-    counts changed meanwhile. The old donor keeps its volume; the backup stays in the data dir's backups/."""
+    counts changed meanwhile. The old donor keeps its volume; the backup stays in the data dir's backups/.
+    With --from-backup DIR: the store (waiting for a donor that is gone, or failed) starts on DONOR with the
+    backup's data."""
     _store(store)
     ddir = data_dir_of(data_dir)
+    if from_backup is not None:
+        return _move_from_backup(store, to, from_backup, force, ddir, data_dir, address, wait_s)
     dest = ddir / "backups" / f"move-{store}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
     with pool_ray(data_dir, address) as ray:
         old = _supervisor(ray, store)
