@@ -552,9 +552,9 @@ def test_move_from_a_backup_when_the_donor_is_gone(cluster: Cluster, tmp_path: P
     assert _status_is(cluster, "redis", status="ready", donor=held)  # nothing moved
     cluster.nodes.pop(held).stop(timeout=30)
     wait_for(
-        lambda: actor_state(cluster, "redis") != "ALIVE",
+        lambda: actor_state(cluster, "redis") != "ALIVE" or _status_is(cluster, "redis", status="waiting"),
         timeout=60,
-        what="the redis supervisor to lose its donor",
+        what="the redis supervisor to wait for its donor (or Ray to be unable to place it)",
     )
     r = rma(cluster, "stores", "move", "redis", "--to", other, "--from-backup", str(dest))
     assert r.returncode == 0 and f"redis moved to {other} from the backup" in r.stdout, r.stderr
