@@ -343,9 +343,10 @@ def _move_from_backup(
 ) -> None:
     """`rma stores move STORE --to DONOR --from-backup DIR`: the backup is checked first (a bad one moves
     nothing); a ready store moves only with --force (its data after the backup is dropped)."""
-    from deployments.stores.runtime import StoreError
-    from deployments.stores.supervisor import move_unplaced
+    import importlib
 
+    # by name: the supervisor's module is the Serve room's (deployments/), kept out of this room's type check
+    sup_mod = importlib.import_module("deployments.stores.supervisor")
     manifest, _data = read_manifest(src, store)
     with pool_ray(data_dir, address) as ray:
         old = _supervisor(ray, store)
@@ -358,8 +359,8 @@ def _move_from_backup(
                 fail(f"the {store} supervisor does not answer (it is busy?): try again; nothing moved")
             donor = "its donor"
             try:
-                move_unplaced(store, to)
-            except StoreError as exc:
+                sup_mod.move_unplaced(store, to)
+            except sup_mod.StoreError as exc:
                 fail(str(exc))
         else:
             donor = str(was["waiting_for"] or was["donor"])
