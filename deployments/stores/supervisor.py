@@ -165,14 +165,18 @@ def check_move_target(donor: str) -> None:
         )
 
 
-def move_unplaced(store: str, to: str) -> None:
+def move_unplaced(store: str, to: str) -> str | None:
     """`move_to` for a supervisor Ray cannot place (pinned on a donor that is gone, so it cannot answer):
     pin the store on `to`, end the pending supervisor, and create one there with the arguments the last
-    placed incarnation recorded (`store-args/<store>`), which starts an empty store there."""
+    placed incarnation recorded (`store-args/<store>`), which starts an empty store there. Returns None, or
+    the one line of a refusal (`rma stores move --from-backup` reaches it by the `rma.stores` entry point)."""
     import ray
     from ray.experimental import internal_kv
 
-    check_move_target(to)
+    try:
+        check_move_target(to)
+    except StoreError as exc:
+        return str(exc)
     raw = internal_kv._internal_kv_get(args_key(store), namespace=NAMESPACE)
     args = json.loads(raw) if raw else {}
     internal_kv._internal_kv_put(
@@ -197,6 +201,7 @@ def move_unplaced(store: str, to: str) -> None:
         port=args.get("port"),
         data_dir=args.get("data_dir"),
     )
+    return None
 
 
 def donor_alive(donor: str) -> bool:

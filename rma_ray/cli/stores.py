@@ -343,10 +343,15 @@ def _move_from_backup(
 ) -> None:
     """`rma stores move STORE --to DONOR --from-backup DIR`: the backup is checked first (a bad one moves
     nothing); a ready store moves only with --force (its data after the backup is dropped)."""
-    import importlib
+    from importlib.metadata import entry_points
 
-    # by name: the supervisor's module is the Serve room's (deployments/), kept out of this room's type check
-    sup_mod = importlib.import_module("deployments.stores.supervisor")
+    # the supervisors are the upper room's (deployments/): reached by the entry point it registers
+    found = entry_points(group="rma.stores", name="move_unplaced")
+    if not found:
+        fail(
+            "this install has no store supervisors (`rma.stores` entry points): run the move on the pool's head"
+        )
+    move_unplaced = next(iter(found)).load()
     manifest, _data = read_manifest(src, store)
     with pool_ray(data_dir, address) as ray:
         old = _supervisor(ray, store)
@@ -358,10 +363,8 @@ def _move_from_backup(
             if not _unplaced(ray, store):
                 fail(f"the {store} supervisor does not answer (it is busy?): try again; nothing moved")
             donor = "its donor"
-            try:
-                sup_mod.move_unplaced(store, to)
-            except sup_mod.StoreError as exc:
-                fail(str(exc))
+            if refused := move_unplaced(store, to):
+                fail(refused)
         else:
             donor = str(was["waiting_for"] or was["donor"])
             if was["status"] == "ready" and not force:
