@@ -178,30 +178,54 @@ def move_unplaced(store: str, to: str) -> str | None:
     except StoreError as exc:
         return str(exc)
     raw = internal_kv._internal_kv_get(args_key(store), namespace=NAMESPACE)
-    args = json.loads(raw) if raw else {}
-    internal_kv._internal_kv_put(
-        pin_key(store), json.dumps(moved_pin(store, to)), overwrite=True, namespace=NAMESPACE
-    )
+    if not raw:
+        return (
+            f"the pool has no record of how {store}'s supervisor was created (its runtime and port): "
+            f"run `rma up` once so it is recorded, then move it again; nothing moved"
+        )
+    args = json.loads(raw)
+    before = read_pin(store)
+    _put_pin(store, moved_pin(store, to))
     try:
-        ray.kill(ray.get_actor(actor_name(store), namespace=NAMESPACE), no_restart=True)
-    except ValueError:
-        pass
+        try:
+            old = ray.get_actor(actor_name(store), namespace=NAMESPACE)
+        except ValueError:
+            old = None
+        if old is not None:
+            try:  # placed meanwhile (its donor back): let it stop its store cleanly first
+                ray.get(old.stop.remote(), timeout=30)
+            except Exception:  # noqa: BLE001 - not placed, or not answering: ended below all the same
+                pass
+            ray.kill(old, no_restart=True)
 
-    def gone() -> bool:
+        def gone() -> bool:
+            try:
+                ray.get_actor(actor_name(store), namespace=NAMESPACE)
+                return False
+            except ValueError:
+                return True
+
+        wait_until(gone, timeout=60, interval=0.5, what=f"the unplaced supervisor of {store} to end")
+        _put_pin(
+            store, moved_pin(store, to)
+        )  # again: an incarnation placed meanwhile may have written its own
+        ensure(
+            store, str(args.get("runtime") or "process"), port=args.get("port"), data_dir=args.get("data_dir")
+        )
+    except Exception as exc:  # noqa: BLE001 - one line to the CLI; the old pin back where nothing was created
         try:
             ray.get_actor(actor_name(store), namespace=NAMESPACE)
-            return False
         except ValueError:
-            return True
-
-    wait_until(gone, timeout=60, interval=0.5, what=f"the unplaced supervisor of {store} to end")
-    ensure(
-        store,
-        str(args.get("runtime") or "process"),
-        port=args.get("port"),
-        data_dir=args.get("data_dir"),
-    )
+            if before is not None:
+                _put_pin(store, before)
+        return f"{store} could not be moved ({type(exc).__name__}: {exc})"[:500]
     return None
+
+
+def _put_pin(store: str, pin: dict[str, Any]) -> None:
+    from ray.experimental import internal_kv
+
+    internal_kv._internal_kv_put(pin_key(store), json.dumps(pin), overwrite=True, namespace=NAMESPACE)
 
 
 def donor_alive(donor: str) -> bool:
@@ -252,15 +276,6 @@ class StoreSupervisor:
         self.transfers_dir = root / f".{store}-transfers"
         shutil.rmtree(self.transfers_dir, ignore_errors=True)  # an earlier incarnation's unfinished transfers
         self.store_name, self.port_arg, self.data_dir_arg = store, port, data_dir
-        try:  # for `move_unplaced`: an incarnation Ray cannot place cannot say how it was created
-            from ray.experimental import internal_kv
-
-            args = {"runtime": runtime, "port": port, "data_dir": data_dir}
-            internal_kv._internal_kv_put(
-                args_key(store), json.dumps(args), overwrite=True, namespace=NAMESPACE
-            )
-        except Exception as exc:  # the GCS busy: a later incarnation writes it
-            log.info("store arguments not written to the GCS: %s", exc)
         self.donor = self.labels.get(LABEL_NODE) or (
             "head"
             if HEAD_RESOURCE in ((_ray_node(self.node_id) or {}).get("Resources") or {})
@@ -606,6 +621,10 @@ class StoreSupervisor:
         # this volume keeps the pre-move data: its pin names the new donor, so a supervisor placed here later
         # waits for that donor instead of serving stale data (pin_decision)
         self._write_volume_pin(moved_pin(self.store_name, donor))
+        # and the GCS pin, before any Repin runs: a waiting supervisor's own return-to-its-donor run may reach
+        # the one-shot Repin first (its donor back meanwhile); with the pin on `donor` either run creates the
+        # new supervisor there
+        _put_pin(self.store_name, moved_pin(self.store_name, donor))
         self._repin(donor)
 
     def _repin(self, *donor: str) -> None:
@@ -750,6 +769,13 @@ def ensure(
     except Exception as exc:  # the GCS busy: the supervisor itself still refuses to start empty
         log.info("store pin not read: %s", exc)
         pin = None
+    try:  # for `move_unplaced`: a supervisor Ray cannot place cannot say how it was created
+        from ray.experimental import internal_kv
+
+        args = {"runtime": runtime, "port": port, "data_dir": data_dir}
+        internal_kv._internal_kv_put(args_key(store), json.dumps(args), overwrite=True, namespace=NAMESPACE)
+    except Exception as exc:  # the GCS busy: move_unplaced then refuses rather than guess
+        log.info("store arguments not written to the GCS: %s", exc)
     cls = ray.remote(StoreSupervisor)
     return cls.options(
         name=actor_name(store),

@@ -286,14 +286,32 @@ def moved_empty(store: str, to: str, dest: Path, donor: str, exc: BaseException)
     )
 
 
-def keep_moved_pin(ddir: Path, store: str, to: str) -> None:
-    """The moved store's pin, kept on the operator's machine too (deployments/__main__.py seeds the GCS)."""
+def keep_moved_pin(ddir: Path, store: str, to: str, strict: bool = False) -> None:
+    """The moved store's pin, kept on the operator's machine too (deployments/__main__.py seeds the GCS).
+    `strict` (a move from a backup, whose old volume keeps its own pin): not kept is a failure, not a warning."""
     from rma_ray.storepins import PINS_FILE, moved_pin, save_pins
 
     try:
         save_pins(ddir / PINS_FILE, {store: moved_pin(store, to)})
     except OSError as exc:
-        err.print(f"warning: the pin of {store} was not kept in {ddir / PINS_FILE}: {exc}", highlight=False)
+        why = f"the pin of {store} was not kept in {ddir / PINS_FILE}: {exc}"
+        if strict:
+            fail(f"{why}; fix that file's directory and run the move again (the store is pinned on {to})")
+        err.print(f"warning: {why}", highlight=False)
+
+
+def _pinned_donor(ray: Any, store: str) -> str | None:
+    from ray.experimental import internal_kv
+
+    try:
+        raw = internal_kv._internal_kv_get(f"store-pin/{store}".encode(), namespace="rma")
+        return str(json.loads(raw)["donor"]) if raw else None
+    except Exception:  # noqa: BLE001 - unknown: the caller treats it as gone only with --force
+        return None
+
+
+def _donor_online(ray: Any, donor: str) -> bool:
+    return any(n.get("Alive") and (n.get("Labels") or {}).get("rma.io/node") == donor for n in ray.nodes())
 
 
 def _fill_moved(
@@ -362,18 +380,26 @@ def _move_from_backup(
         if was is None:
             if not _unplaced(ray, store):
                 fail(f"the {store} supervisor does not answer (it is busy?): try again; nothing moved")
-            donor = "its donor"
+            pinned = _pinned_donor(ray, store) or "its donor"
+            if not force and _donor_online(ray, pinned):
+                fail(
+                    f"{store}'s donor {pinned} is online (its supervisor is being restarted?): moving it from a "
+                    f"backup drops its data written since the backup; add --force to do so"
+                )
+            donor = pinned
             if refused := move_unplaced(store, to):
                 fail(refused)
         else:
             donor = str(was["waiting_for"] or was["donor"])
-            if was["status"] == "ready" and not force:
+            # only a store whose donor is gone, or that failed, moves without --force: a starting, restarting,
+            # backing-up or restoring one holds data newer than the backup
+            if not force and was["waiting_for"] is None and was["status"] != "failed":
                 fail(
-                    f"{store} is ready on {was['donor']}: moving it from a backup drops its data written since "
-                    f"the backup; add --force to do so, or use `rma stores move {store} --to {to}`"
+                    f"{store} is {was['status']} on {was['donor']}: moving it from a backup drops its data "
+                    f"written since the backup; add --force to do so, or use `rma stores move {store} --to {to}`"
                 )
             _call(ray, old.move_to.remote(to), timeout=60)
-        keep_moved_pin(ddir, store, to)  # the store is pinned on `to` now, whatever follows
+        keep_moved_pin(ddir, store, to, strict=True)  # the store is pinned on `to` now, whatever follows
         try:
             st, after = _fill_moved(ray, store, to, manifest, src, wait_s)
         except Exception as exc:  # CliError too: one line, the cause last
