@@ -145,6 +145,89 @@ def read_pin(store: str) -> dict[str, Any] | None:
     return json.loads(raw) if raw else None
 
 
+def args_key(store: str) -> bytes:
+    return f"store-args/{store}".encode()
+
+
+def check_move_target(donor: str) -> None:
+    """A move's target must be a trusted data donor that is online; else the one line that says so."""
+    import ray
+
+    node = next(
+        (n for n in ray.nodes() if n.get("Alive") and (n.get("Labels") or {}).get(LABEL_NODE) == donor),
+        None,
+    )
+    labels = (node or {}).get("Labels") or {}
+    if node is None or any(labels.get(k) != v for k, v in TRUSTED_DATA.items()):
+        raise StoreError(
+            f"{donor} is not a trusted data donor that is online (rma.io/node={donor}, "
+            f"rma.io/tier=data, rma.io/trusted=true): pick one from `rma donors list --tier data`"
+        )
+
+
+def move_unplaced(store: str, to: str) -> str | None:
+    """`move_to` for a supervisor Ray cannot place (pinned on a donor that is gone, so it cannot answer):
+    pin the store on `to`, end the pending supervisor, and create one there with the arguments the last
+    placed incarnation recorded (`store-args/<store>`), which starts an empty store there. Returns None, or
+    the one line of a refusal (`rma stores move --from-backup` reaches it by the `rma.stores` entry point)."""
+    import ray
+    from ray.experimental import internal_kv
+
+    try:
+        check_move_target(to)
+    except StoreError as exc:
+        return str(exc)
+    raw = internal_kv._internal_kv_get(args_key(store), namespace=NAMESPACE)
+    if not raw:
+        return (
+            f"the pool has no record of how {store}'s supervisor was created (its runtime and port): "
+            f"run `rma up` once so it is recorded, then move it again; nothing moved"
+        )
+    args = json.loads(raw)
+    before = read_pin(store)
+    _put_pin(store, moved_pin(store, to))
+    try:
+        try:
+            old = ray.get_actor(actor_name(store), namespace=NAMESPACE)
+        except ValueError:
+            old = None
+        if old is not None:
+            try:  # placed meanwhile (its donor back): let it stop its store cleanly first
+                ray.get(old.stop.remote(), timeout=30)
+            except Exception:  # noqa: BLE001 - not placed, or not answering: ended below all the same
+                pass
+            ray.kill(old, no_restart=True)
+
+        def gone() -> bool:
+            try:
+                ray.get_actor(actor_name(store), namespace=NAMESPACE)
+                return False
+            except ValueError:
+                return True
+
+        wait_until(gone, timeout=60, interval=0.5, what=f"the unplaced supervisor of {store} to end")
+        _put_pin(
+            store, moved_pin(store, to)
+        )  # again: an incarnation placed meanwhile may have written its own
+        ensure(
+            store, str(args.get("runtime") or "process"), port=args.get("port"), data_dir=args.get("data_dir")
+        )
+    except Exception as exc:  # noqa: BLE001 - one line to the CLI; the old pin back where nothing was created
+        try:
+            ray.get_actor(actor_name(store), namespace=NAMESPACE)
+        except ValueError:
+            if before is not None:
+                _put_pin(store, before)
+        return f"{store} could not be moved ({type(exc).__name__}: {exc})"[:500]
+    return None
+
+
+def _put_pin(store: str, pin: dict[str, Any]) -> None:
+    from ray.experimental import internal_kv
+
+    internal_kv._internal_kv_put(pin_key(store), json.dumps(pin), overwrite=True, namespace=NAMESPACE)
+
+
 def donor_alive(donor: str) -> bool:
     import ray
 
@@ -532,23 +615,19 @@ class StoreSupervisor:
         """Hand this store's place to a new supervisor pinned on `donor` (a trusted data donor that is online):
         a detached `Repin` stops this one (the store flushes; the volume stays here) and creates the new one,
         which starts an empty store there for `rma stores move` to restore into."""
-        import ray
-
-        node = next(
-            (n for n in ray.nodes() if n.get("Alive") and (n.get("Labels") or {}).get(LABEL_NODE) == donor),
-            None,
-        )
-        labels = (node or {}).get("Labels") or {}
-        if node is None or any(labels.get(k) != v for k, v in TRUSTED_DATA.items()):
-            raise StoreError(
-                f"{donor} is not a trusted data donor that is online (rma.io/node={donor}, "
-                f"rma.io/tier=data, rma.io/trusted=true): pick one from `rma donors list --tier data`"
-            )
-        if donor == self.donor:
+        check_move_target(donor)
+        if donor == self.donor and self.waiting_for is None:  # a waiting one runs no store here
             raise StoreError(f"{self.kind.name} already runs on {donor}")
         # this volume keeps the pre-move data: its pin names the new donor, so a supervisor placed here later
         # waits for that donor instead of serving stale data (pin_decision)
         self._write_volume_pin(moved_pin(self.store_name, donor))
+        # and the GCS pin, before any Repin runs: a waiting supervisor's own return-to-its-donor run may reach
+        # the one-shot Repin first (its donor back meanwhile); with the pin on `donor` either run creates the
+        # new supervisor there
+        try:
+            _put_pin(self.store_name, moved_pin(self.store_name, donor))
+        except Exception as exc:  # noqa: BLE001 - the GCS busy: the Repin's own run still pins it there
+            log.warning("the GCS pin of %s not written before its move: %s", self.store_name, exc)
         self._repin(donor)
 
     def _repin(self, *donor: str) -> None:
@@ -693,6 +772,13 @@ def ensure(
     except Exception as exc:  # the GCS busy: the supervisor itself still refuses to start empty
         log.info("store pin not read: %s", exc)
         pin = None
+    try:  # for `move_unplaced`: a supervisor Ray cannot place cannot say how it was created
+        from ray.experimental import internal_kv
+
+        args = {"runtime": runtime, "port": port, "data_dir": data_dir}
+        internal_kv._internal_kv_put(args_key(store), json.dumps(args), overwrite=True, namespace=NAMESPACE)
+    except Exception as exc:  # the GCS busy: move_unplaced then refuses rather than guess
+        log.info("store arguments not written to the GCS: %s", exc)
     cls = ray.remote(StoreSupervisor)
     return cls.options(
         name=actor_name(store),

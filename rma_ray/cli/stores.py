@@ -286,14 +286,32 @@ def moved_empty(store: str, to: str, dest: Path, donor: str, exc: BaseException)
     )
 
 
-def keep_moved_pin(ddir: Path, store: str, to: str) -> None:
-    """The moved store's pin, kept on the operator's machine too (deployments/__main__.py seeds the GCS)."""
+def keep_moved_pin(ddir: Path, store: str, to: str, strict: bool = False) -> None:
+    """The moved store's pin, kept on the operator's machine too (deployments/__main__.py seeds the GCS).
+    `strict` (a move from a backup, whose old volume keeps its own pin): not kept is a failure, not a warning."""
     from rma_ray.storepins import PINS_FILE, moved_pin, save_pins
 
     try:
         save_pins(ddir / PINS_FILE, {store: moved_pin(store, to)})
     except OSError as exc:
-        err.print(f"warning: the pin of {store} was not kept in {ddir / PINS_FILE}: {exc}", highlight=False)
+        why = f"the pin of {store} was not kept in {ddir / PINS_FILE}: {exc}"
+        if strict:
+            fail(f"{why}; fix that file's directory and run the move again (the store is pinned on {to})")
+        err.print(f"warning: {why}", highlight=False)
+
+
+def _pinned_donor(ray: Any, store: str) -> str | None:
+    from ray.experimental import internal_kv
+
+    try:
+        raw = internal_kv._internal_kv_get(f"store-pin/{store}".encode(), namespace="rma")
+        return str(json.loads(raw)["donor"]) if raw else None
+    except Exception:  # noqa: BLE001 - unknown: the caller treats it as gone only with --force
+        return None
+
+
+def _donor_online(ray: Any, donor: str) -> bool:
+    return any(n.get("Alive") and (n.get("Labels") or {}).get("rma.io/node") == donor for n in ray.nodes())
 
 
 def _fill_moved(
@@ -317,6 +335,83 @@ def _fill_moved(
     return st, _call(ray, new.counts.remote(_here(ray)))
 
 
+def _unplaced(ray: Any, store: str) -> bool:
+    """Whether the store's supervisor is one Ray cannot place now (pinned on a donor that is gone): Ray's own
+    record of it says so, not a slow answer alone."""
+    from ray.util.state import list_actors
+
+    try:
+        found = list_actors(filters=[("name", "=", f"rma-store-{store}")], timeout=30)
+    except Exception as exc:  # noqa: BLE001 - the state API down: say so, change nothing
+        fail(
+            f"the {store} supervisor does not answer and Ray's actor state is unreadable ({exc}); nothing moved"
+        )
+    return bool(found) and all(a.state != "ALIVE" for a in found)
+
+
+def _move_from_backup(
+    store: str,
+    to: str,
+    src: Path,
+    force: bool,
+    ddir: Path,
+    data_dir: Path | None,
+    address: str | None,
+    wait_s: float,
+) -> None:
+    """`rma stores move STORE --to DONOR --from-backup DIR`: the backup is checked first (a bad one moves
+    nothing); a ready store moves only with --force (its data after the backup is dropped)."""
+    from importlib.metadata import entry_points
+
+    # the supervisors are the upper room's (deployments/): reached by the entry point it registers
+    found = entry_points(group="rma.stores", name="move_unplaced")
+    if not found:
+        fail(
+            "this install has no store supervisors (`rma.stores` entry points): run the move on the pool's head"
+        )
+    move_unplaced = next(iter(found)).load()
+    manifest, _data = read_manifest(src, store)
+    with pool_ray(data_dir, address) as ray:
+        old = _supervisor(ray, store)
+        try:
+            was = ray.get(old.status.remote(), timeout=15)
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
+            was = None
+        if was is None:
+            if not _unplaced(ray, store):
+                fail(f"the {store} supervisor does not answer (it is busy?): try again; nothing moved")
+            pinned = _pinned_donor(ray, store) or "its donor"
+            if not force and _donor_online(ray, pinned):
+                fail(
+                    f"{store}'s donor {pinned} is online (its supervisor is being restarted?): moving it from a "
+                    f"backup drops its data written since the backup; add --force to do so"
+                )
+            donor = pinned
+            if refused := move_unplaced(store, to):
+                fail(refused)
+        else:
+            donor = str(was["waiting_for"] or was["donor"])
+            # only a store whose donor is gone, or that failed, moves without --force: a starting, restarting,
+            # backing-up or restoring one holds data newer than the backup
+            if not force and was["waiting_for"] is None and was["status"] != "failed":
+                fail(
+                    f"{store} is {was['status']} on {was['donor']}: moving it from a backup drops its data "
+                    f"written since the backup; add --force to do so, or use `rma stores move {store} --to {to}`"
+                )
+            _call(ray, old.move_to.remote(to), timeout=60)
+        keep_moved_pin(ddir, store, to, strict=True)  # the store is pinned on `to` now, whatever follows
+        try:
+            st, after = _fill_moved(ray, store, to, manifest, src, wait_s)
+        except Exception as exc:  # CliError too: one line, the cause last
+            fail(moved_empty(store, to, src, donor, exc))
+    if after != manifest.get("counts"):
+        fail(f"{store} on {to} holds {after}, the backup {src} {manifest.get('counts')}: check it")
+    out.print(
+        f"{store} moved to {to} from the backup {src} ({st['status']}; counts match the backup's: {after})",
+        highlight=False,
+    )
+
+
 @stores_app.command("move")
 def stores_move(
     store: str,
@@ -326,12 +421,30 @@ def stores_move(
     wait_s: Annotated[
         float, typer.Option("--wait", help="seconds to wait for the store on its new donor")
     ] = 300,
+    from_backup: Annotated[
+        Path | None,
+        typer.Option(
+            "--from-backup",
+            help="start the store on DONOR from this backup (`rma stores backup`) instead of its running data: "
+            "for a store whose donor is gone",
+        ),
+    ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="with --from-backup: also for a ready store (its newer data is dropped)"
+        ),
+    ] = False,
 ) -> None:
     """Move a store with its data to another trusted data donor: back up, start it there, restore, check the
     counts, switch. Stop its writers first: a write after the backup would be lost, so the move stops if the
-    counts changed meanwhile. The old donor keeps its volume; the backup stays in the data dir's backups/."""
+    counts changed meanwhile. The old donor keeps its volume; the backup stays in the data dir's backups/.
+    With --from-backup DIR: the store (waiting for a donor that is gone, or failed) starts on DONOR with the
+    backup's data."""
     _store(store)
     ddir = data_dir_of(data_dir)
+    if from_backup is not None:
+        return _move_from_backup(store, to, from_backup, force, ddir, data_dir, address, wait_s)
     dest = ddir / "backups" / f"move-{store}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
     with pool_ray(data_dir, address) as ray:
         old = _supervisor(ray, store)

@@ -159,6 +159,18 @@ def actor_state(c: Cluster, store: str) -> str:
     )
 
 
+def live_actor_states(c: Cluster, store: str) -> list[str]:
+    """The states of the store's supervisor actors that are not DEAD (earlier incarnations stay listed)."""
+    return c.driver(  # type: ignore[no-any-return]
+        """
+        from ray.util.state import list_actors
+        found = [a.state for a in list_actors(filters=[("name", "=", "rma-store-%s")])]
+        print(json.dumps([s for s in found if s != "DEAD"]))
+    """
+        % store
+    )
+
+
 def test_stores_wait_for_a_trusted_data_node_and_never_use_an_untrusted_one(cluster: Cluster) -> None:
     for store in STORES:
         cluster.driver(
@@ -520,3 +532,64 @@ def test_move_to_another_trusted_data_donor_keeps_the_records(cluster: Cluster, 
     st = got["status"]
     assert st["donor"] == "trusted2" and st["pinned_to"] == "trusted2" and st["status"] == "ready"
     assert got["final"] == 1000
+
+
+def test_move_from_a_backup_when_the_donor_is_gone(cluster: Cluster, tmp_path: Path) -> None:
+    """`rma stores move --from-backup`: a bad backup, or a ready store without --force, is refused and moves
+    nothing; once the donor holding redis is gone, redis starts on the other trusted data donor with exactly
+    the backup's records (a record written after the backup is not there). The donor then rejoins, so the
+    other stores (pinned there) are back for the module's teardown."""
+    labels = {"rma.io/tier": "data", "rma.io/trusted": "true"}
+    for key in ("trusted", "trusted2"):  # run alone
+        if key not in cluster.nodes:
+            cluster.add_node(key, {**labels, "rma.io/node": key})
+    dest = tmp_path / "redis-backup"
+    got = _cli_run(
+        cluster,
+        "redis",
+        [  # a marker no older copy of the volume holds, then the backup, then a record after it
+            ("marker", "r.set('rec:frombackup', 'in the backup')\nn = 1"),
+            ("rma", ["stores", "backup", "redis", str(dest)]),
+            ("later", "r.set('rec:later', 'after the backup')\nn = 1"),
+        ],
+    )
+    held = got["status"]["donor"]
+    other = "trusted" if held == "trusted2" else "trusted2"
+    bad = tmp_path / "bad"
+    shutil.copytree(dest, bad)
+    (bad / "redis.rdb").write_bytes(b"not the backup")
+    r = rma(cluster, "stores", "move", "redis", "--to", other, "--from-backup", str(bad), "--force")
+    assert r.returncode == 1 and "does not match manifest.json" in r.stderr and "Traceback" not in r.stderr
+    r = rma(cluster, "stores", "move", "redis", "--to", other, "--from-backup", str(dest))
+    assert r.returncode == 1 and f"redis is ready on {held}" in r.stderr and "--force" in r.stderr, r.stderr
+    assert _status_is(cluster, "redis", status="ready", donor=held)  # nothing moved
+    cluster.nodes.pop(held).stop(timeout=30)
+    try:
+        wait_for(
+            lambda: (
+                "ALIVE" not in live_actor_states(cluster, "redis")
+                or _status_is(cluster, "redis", status="waiting")
+            ),
+            timeout=60,
+            what="the redis supervisor to wait for its donor (or Ray to be unable to place it)",
+        )
+        r = rma(cluster, "stores", "move", "redis", "--to", other, "--from-backup", str(dest))
+        assert r.returncode == 0 and f"redis moved to {other} from the backup" in r.stdout, r.stderr
+        after = _run(
+            cluster,
+            "redis",
+            textwrap.dedent(COUNT["redis"])
+            + "\nlater = r.get('rec:later')\nmarker = (r.get('rec:frombackup') or b'').decode()",
+            "{'n': n, 'later': later, 'marker': marker}",
+        )
+        # the 1,000 records and the marker (restored, not an older copy of the volume); not the record after
+        assert after == {"n": 1000, "later": None, "marker": "in the backup"}, after
+        assert _status_is(cluster, "redis", status="ready", donor=other, pinned_to=other)
+    finally:  # the other stores (pinned there) back for the module's teardown, whatever happened
+        cluster.add_node(held, {**labels, "rma.io/node": held})
+        for store in STORES[1:]:
+            wait_for(
+                lambda s=store: _status_is(cluster, s, status="ready"),
+                timeout=180,
+                what=f"{store} back on {held} and ready",
+            )
