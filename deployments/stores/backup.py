@@ -263,30 +263,72 @@ def give_to(path: Path, uid: int) -> None:
         os.chmod(p, 0o700 if p.is_dir() else 0o600)
 
 
-def restore_stopped(kind: str, root: Path, src: Path, uid: int | None = None) -> None:
-    """Put the backup in place of the store's data under `root` (the store is stopped); the old data is
-    removed only once the new is whole beside it. `uid`: whose the new files are (docker: the image's uid),
+class Swapped:
+    """What a stopped restore put in place, and the data it replaced, kept beside it (`.<name>-old`) until the
+    store has started on the new data: `commit()` then removes the old, `rollback()` puts it back (the new
+    data did not start: the store's previous data is not lost with it)."""
+
+    def __init__(self) -> None:
+        self.pairs: list[tuple[Path, Path | None]] = []  # (what was replaced, where its old data is kept)
+
+    def swap(self, new: Path, target: Path) -> None:
+        old = target.with_name(f".{target.name}-old")
+        _remove(old)
+        kept: Path | None = None
+        if target.exists():
+            os.replace(target, old)
+            kept = old
+        os.replace(new, target)
+        self.pairs.append((target, kept))
+
+    def commit(self) -> None:
+        for _, old in self.pairs:
+            if old is not None:
+                _remove(old)
+        self.pairs = []
+
+    def rollback(self) -> None:
+        for target, old in reversed(self.pairs):
+            _remove(target)
+            if old is not None:
+                os.replace(old, target)
+        self.pairs = []
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p)
+    else:
+        p.unlink(missing_ok=True)
+
+
+def restore_stopped(kind: str, root: Path, src: Path, uid: int | None = None) -> Swapped:
+    """Put the backup in place of the store's data under `root` (the store is stopped). The new data is made
+    whole beside the old first; the old is kept until the caller has started the store on the new
+    (`Swapped.commit`, or `rollback` to put it back). `uid`: whose the new files are (docker: the image's uid),
     made private; None keeps them as made (the process runtime)."""
     stamp = f"{os.getpid()}-{int(time.time())}"
+    swapped = Swapped()
     if kind == "redis":
         aof = root / "appendonlydir"
         fresh = root / f".appendonlydir-restore-{stamp}"
         fresh.mkdir(mode=0o700)
+        rdb = root / f".dump.rdb-restore-{stamp}"
         try:
             shutil.copyfile(src, fresh / "appendonly.aof.1.base.rdb")
             (fresh / "appendonly.aof.manifest").write_text("file appendonly.aof.1.base.rdb seq 1 type b\n")
-            rdb = root / f".dump.rdb-restore-{stamp}"
             shutil.copyfile(src, rdb)
             if uid is not None:
                 give_to(fresh, uid)
                 give_to(rdb, uid)
+            swapped.swap(fresh, aof)
+            swapped.swap(rdb, root / "dump.rdb")
         except BaseException:
+            swapped.rollback()
             shutil.rmtree(fresh, ignore_errors=True)
-            (root / f".dump.rdb-restore-{stamp}").unlink(missing_ok=True)
+            rdb.unlink(missing_ok=True)
             raise
-        _swap(fresh, aof)
-        os.replace(rdb, root / "dump.rdb")
-        return
+        return swapped
     target = root / DIRS[kind]
     staging = root / f".restore-{stamp}"
     staging.mkdir(mode=0o700)
@@ -301,18 +343,10 @@ def restore_stopped(kind: str, root: Path, src: Path, uid: int | None = None) ->
             target.parent.mkdir(parents=True, mode=0o700)
             if uid is not None:
                 os.chown(target.parent, uid, uid)
-        _swap(staging / DIRS[kind], target)
+        swapped.swap(staging / DIRS[kind], target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def _swap(new: Path, target: Path) -> None:
-    old = target.with_name(f".{target.name}-old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(new, target)
-    shutil.rmtree(old, ignore_errors=True)
+    return swapped
 
 
 def manifest(kind: str, version: str, path: Path, runtime: str) -> dict[str, Any]:

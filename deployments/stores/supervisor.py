@@ -250,7 +250,10 @@ class StoreSupervisor:
         self.host = ray.util.get_node_ip_address()
         root = Path(data_dir) if data_dir else Settings().resolved_stores_dir
         self.volume = root / store
-        self.volume.mkdir(parents=True, exist_ok=True)
+        self.volume.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.volume.chmod(
+            0o700
+        )  # a store's files are its whole dataset: no other user on the donor reads them
         self.port = port or self.kind.default_port
         self.creds = credentials(self.volume)
         # the store's port: open to trusted nodes only, where this node runs the overlay (firewall.py)
@@ -590,9 +593,7 @@ class StoreSupervisor:
                     "the backup arrived damaged (its sha256 differs from the manifest's): try again"
                 )
             if self.kind.name in backup.STOP_TO_RESTORE:
-                root, uid = self._files()
-                with self._stopped("restoring"):
-                    backup.restore_stopped(self.kind.name, root, path, uid)
+                self._restore_stopped(path)
             else:
                 self._ready.wait(120)
                 backup.restore_online(self.kind.name, self._endpoint(), path)
@@ -600,6 +601,33 @@ class StoreSupervisor:
             self.transfer_end(tid)
         log.info("%s restored from a backup of %s", self.kind.name, manifest.get("created_at"))
         return self.status()
+
+    def _restore_stopped(self, path: Path) -> None:
+        """Stop the store, put the backup in place, start it on the new data; if it does not start, its previous
+        data is put back and started again (a restore never leaves the store with neither)."""
+        root, uid = self._files()
+        swapped: backup.Swapped | None = None
+        try:
+            with self._stopped("restoring"):
+                swapped = backup.restore_stopped(self.kind.name, root, path, uid)
+        except BaseException as exc:
+            if swapped is None:  # nothing was replaced: _stopped brought the store back on its own data
+                raise
+            log.error(
+                "%s did not start on the restored data (%s): putting its previous data back",
+                self.kind.name,
+                exc,
+            )
+            with self._lock:
+                self._ready.clear()
+                self.runtime.stop()
+                swapped.rollback()
+                self.state = "starting"
+                self._bring_up()
+            raise StoreError(
+                f"{self.kind.name} did not start on the restored data ({exc}); its previous data was put back"
+            ) from exc
+        swapped.commit()
 
     def counts(self, node_id: str | None = None) -> dict[str, int]:
         """Rows, keys or records the store holds (backup.counts), to a caller on a trusted node only."""

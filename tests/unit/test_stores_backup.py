@@ -107,10 +107,17 @@ def test_directory_snapshot_round_trip_and_redis_rdb_becomes_the_aof_base(tmp_pa
     backup.snapshot_stopped("chroma", vol, snap)
     (vol / "chroma" / "chroma.sqlite3").write_text("v2")
     (vol / "chroma" / "later.bin").write_text("after the backup")
-    backup.restore_stopped("chroma", vol, snap)
+    swapped = backup.restore_stopped("chroma", vol, snap)
     assert (vol / "chroma" / "chroma.sqlite3").read_text() == "v1" and not (
         vol / "chroma" / "later.bin"
     ).exists()
+    # the old data is kept beside the new until the store has started on it
+    assert (vol / ".chroma-old" / "later.bin").read_text() == "after the backup"
+    swapped.rollback()  # it did not start: the previous data is back, whole
+    assert (vol / "chroma" / "chroma.sqlite3").read_text() == "v2"
+    assert (vol / "chroma" / "later.bin").exists() and not (vol / ".chroma-old").exists()
+    backup.restore_stopped("chroma", vol, snap).commit()  # it started: the old data goes
+    assert (vol / "chroma" / "chroma.sqlite3").read_text() == "v1" and not (vol / ".chroma-old").exists()
     with tarfile.open(snap, "w") as tar:  # a tar without the kind's directory is not its backup
         tar.add(vol / "chroma" / "chroma.sqlite3", arcname="other/x")
     with pytest.raises(backup.StoreError, match="holds no arcadedb/databases/"):
@@ -120,7 +127,15 @@ def test_directory_snapshot_round_trip_and_redis_rdb_becomes_the_aof_base(tmp_pa
     rdb.write_bytes(b"REDIS0010...")
     (vol / "appendonlydir").mkdir()
     (vol / "appendonlydir" / "appendonly.aof.3.incr.aof").write_text("later writes")
-    backup.restore_stopped("redis", vol, rdb)
+    (vol / "dump.rdb").write_bytes(b"REDIS0010 older")
+    swapped = backup.restore_stopped("redis", vol, rdb)
     aof = vol / "appendonlydir"
     assert sorted(p.name for p in aof.iterdir()) == ["appendonly.aof.1.base.rdb", "appendonly.aof.manifest"]
     assert (aof / "appendonly.aof.1.base.rdb").read_bytes() == rdb.read_bytes()
+    assert (vol / "dump.rdb").read_bytes() == rdb.read_bytes()
+    swapped.rollback()
+    assert [p.name for p in aof.iterdir()] == ["appendonly.aof.3.incr.aof"]
+    assert (vol / "dump.rdb").read_bytes() == b"REDIS0010 older"
+    backup.restore_stopped("redis", vol, rdb).commit()
+    assert sorted(p.name for p in aof.iterdir()) == ["appendonly.aof.1.base.rdb", "appendonly.aof.manifest"]
+    assert not [p.name for p in vol.iterdir() if p.name.endswith("-old")]

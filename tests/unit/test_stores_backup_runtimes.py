@@ -28,7 +28,7 @@ def test_a_snapshot_taken_as_one_owner_restores_as_another(tmp_path: Path) -> No
         assert {(m.uid, m.gid, m.uname, m.gname) for m in tar.getmembers()} == {(0, 0, "", "")}
 
     docker_files.mkdir(parents=True)
-    backup.restore_stopped("graph", docker_files, snap, OWNER)
+    backup.restore_stopped("graph", docker_files, snap, OWNER).commit()
     restored = docker_files / "arcadedb" / "databases"
     assert (restored / "graph" / "schema.json").read_text() == "{}"
     if os.geteuid() == 0:  # chown needs root (as the supervisor has on a donor)
@@ -38,7 +38,7 @@ def test_a_snapshot_taken_as_one_owner_restores_as_another(tmp_path: Path) -> No
 
     rdb = tmp_path / "dump.rdb"
     rdb.write_bytes(b"REDIS0011...")
-    backup.restore_stopped("redis", docker_files, rdb, OWNER)
+    backup.restore_stopped("redis", docker_files, rdb, OWNER).commit()
     for p in [docker_files / "dump.rdb", *(docker_files / "appendonlydir").iterdir()]:
         assert p.stat().st_mode & 0o777 == 0o600
         assert os.geteuid() != 0 or p.stat().st_uid == UID
