@@ -215,6 +215,56 @@ def dump_online(kind: str, ep: Endpoint, root: Path, out: Path, wait_s: float = 
     raise StoreError(f"{kind} is backed up with the store stopped")
 
 
+def freeze_writes(kind: str, ep: Endpoint) -> None:
+    """Refuse writes from now on, keep serving reads: what a move does before its backup, so that the backup is
+    the store's last state (a write after it would be lost on the new donor). Writers get the store's own
+    error (PostgreSQL "cannot execute ... in a read-only transaction", Redis NOREPLICAS) and retry once the
+    store runs on its new donor. Only PostgreSQL and Redis back up while serving; the others are snapshotted
+    stopped and a move keeps them stopped instead (StoreSupervisor.backup_begin(freeze=True))."""
+    if kind == "postgres":
+        import psycopg
+
+        with psycopg.connect(ep.url(), autocommit=True, connect_timeout=10) as c:
+            c.execute("ALTER SYSTEM SET default_transaction_read_only = on")
+            c.execute("SELECT pg_reload_conf()")
+            # sessions read the new default at their next command; end them all so that none writes on under
+            # the old one (an open transaction is rolled back: it was not acknowledged)
+            c.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'"
+            )
+        return
+    if kind == "redis":
+        import redis
+
+        with redis.Redis(host=ep.host, port=ep.port, password=ep.password, socket_timeout=10) as r:
+            # a primary with no replica then refuses every write (NOREPLICAS); in memory only: a restart of
+            # redis, or thaw_writes, ends it
+            r.config_set("min-replicas-max-lag", 10)
+            r.config_set("min-replicas-to-write", 1)
+        return
+    raise StoreError(f"{kind} is frozen by keeping it stopped")
+
+
+def thaw_writes(kind: str, ep: Endpoint) -> None:
+    """Undo freeze_writes (a move that stopped before the switch; a store started on a frozen volume)."""
+    if kind == "postgres":
+        import psycopg
+
+        url = ep.url() + "?options=-c%20default_transaction_read_only%3Doff"
+        with psycopg.connect(url, autocommit=True, connect_timeout=10) as c:
+            c.execute("ALTER SYSTEM RESET default_transaction_read_only")
+            c.execute("SELECT pg_reload_conf()")
+        return
+    if kind == "redis":
+        import redis
+
+        with redis.Redis(host=ep.host, port=ep.port, password=ep.password, socket_timeout=10) as r:
+            r.config_set("min-replicas-to-write", 0)
+        return
+    raise StoreError(f"{kind} is thawed by starting it")
+
+
 def _neutral(member: tarfile.TarInfo) -> tarfile.TarInfo:
     """No owner in the tar: the same snapshot whichever runtime (and uid) wrote the files; a restore gives
     them to whoever runs the store."""

@@ -272,6 +272,7 @@ class StoreSupervisor:
             self.runtime, self.state, self.error = None, "failed", str(exc)
         self.ready_s: float | None = None
         self.adopted = False
+        self.frozen = False  # a move's backup_begin(freeze=True): writes refused until unfreeze or the switch
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._lock = threading.RLock()  # held by each supervision step and for a backup's or restore's stop
@@ -325,9 +326,22 @@ class StoreSupervisor:
             raise StoreError(str(exc)) from None
         except WaitTimeout:
             raise StoreError(f"{self.kind.name} did not answer a query within 120 s") from None
+        if self.kind.name == "postgres" and not self.frozen:
+            self._thaw_volume()
         self.ready_s = time.monotonic() - t0
         self.state, self.error = "ready", None
         self._ready.set()
+
+    def _thaw_volume(self) -> None:
+        """A volume a move froze (its PostgreSQL read-only by ALTER SYSTEM) and later started again here, e.g.
+        the store moved back: it takes writes again."""
+        import psycopg
+
+        with psycopg.connect(self._endpoint().url(), connect_timeout=10) as c:
+            on = c.execute("SHOW default_transaction_read_only").fetchone()
+        if on and on[0] == "on":
+            backup.thaw_writes("postgres", self._endpoint())
+            log.info("postgres was left read-only by a move on this volume: it takes writes again")
 
     def _supervise(self) -> None:
         delay = 1.0
@@ -336,7 +350,9 @@ class StoreSupervisor:
             with self._lock:
                 if self._stop.is_set():
                     return
-                if self.state != "ready":
+                if self.state == "frozen":
+                    pass  # stopped for a move on purpose: unfreeze() or the switch ends it
+                elif self.state != "ready":
                     try:
                         self._bring_up()
                         delay = 1.0
@@ -456,6 +472,7 @@ class StoreSupervisor:
             "pinned_to": (self.pin or {}).get("donor"),
             "waiting_for": self.waiting_for,
             "incarnation": self.incarnation,
+            "frozen": self.frozen,
         }
 
     def stop(self) -> None:
@@ -489,17 +506,39 @@ class StoreSupervisor:
         return backup.store_version(self.kind.name, self._endpoint(), self.volume, self.runtime)
 
     @contextmanager
-    def _stopped(self, state: str) -> Iterator[None]:
-        """The store stopped cleanly, supervision held off, then started again and answering queries."""
+    def _stopped(self, state: str, keep_stopped: bool = False) -> Iterator[None]:
+        """The store stopped cleanly, supervision held off, then started again and answering queries; with
+        `keep_stopped` (a move's backup) it stays stopped, `frozen`, if the body succeeded (`unfreeze`)."""
         with self._lock:
             self.state, self.error = state, None
             self._ready.clear()
             self.runtime.stop()
+            ok = False
             try:
                 yield
+                ok = True
             finally:
+                if ok and keep_stopped:
+                    self.state, self.error = "frozen", "stopped for a move: its data is being moved"
+                    self.frozen = True
+                else:
+                    self.state = "starting"
+                    self._bring_up()  # raises if it does not come back; the supervision loop keeps trying
+
+    def unfreeze(self) -> dict[str, Any]:
+        """Take writes again after a move that stopped before its switch (`backup_begin(freeze=True)`)."""
+        with self._lock:
+            if not self.frozen:
+                return self.status()
+            self.frozen = False
+            if self.state == "frozen":
                 self.state = "starting"
-                self._bring_up()  # raises if it does not come back; the supervision loop keeps trying
+                self._bring_up()
+            else:
+                backup.thaw_writes(self.kind.name, self._endpoint())
+                self.error = None
+        log.info("%s takes writes again (the move did not switch)", self.kind.name)
+        return self.status()
 
     def _new_transfer(self, **fields: Any) -> tuple[str, Path]:
         tid = uuid.uuid4().hex
@@ -516,9 +555,11 @@ class StoreSupervisor:
                 f"no transfer {tid[:8]} on this supervisor (it restarted?): start again"
             ) from None
 
-    def backup_begin(self, node_id: str | None = None) -> dict[str, Any]:
+    def backup_begin(self, node_id: str | None = None, freeze: bool = False) -> dict[str, Any]:
         """Take a backup into a file on this node; returns its manifest and a transfer id for `read_chunk`
-        (to a caller on a trusted node only)."""
+        (to a caller on a trusted node only). `freeze` (a move): writes are refused from before the backup
+        on (backup.freeze_writes; a store snapshotted stopped stays stopped) until `unfreeze` or the move's
+        switch stops this supervisor, so that nothing is acknowledged after the backup and lost."""
         self._check_caller(
             node_id, "backups", "run this from the operator's machine (the head) or a trusted node"
         )
@@ -535,12 +576,20 @@ class StoreSupervisor:
             held = None
         try:
             if self.kind.name in backup.STOP_TO_BACKUP:
-                with self._stopped("backing-up"):
+                with self._stopped("backing-up", keep_stopped=freeze):
                     backup.snapshot_stopped(self.kind.name, root, path)
             else:
+                if freeze:
+                    with self._lock:
+                        backup.freeze_writes(self.kind.name, ep)
+                        self.frozen = True
+                        self.error = "writes refused: its data is being moved"
+                    held = backup.counts(self.kind.name, ep)  # what the frozen store holds: all there is
                 backup.dump_online(self.kind.name, ep, root, path)
         except BaseException:
             self.transfer_end(tid)
+            if freeze:
+                self.unfreeze()
             raise
         manifest = {**backup.manifest(self.kind.name, version, path, self.runtime_name), "counts": held}
         log.info("backup of %s taken: %d bytes", self.kind.name, manifest["size_bytes"])

@@ -9,6 +9,7 @@ version, time, size, sha256), written last, so a directory with a manifest is a 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -183,10 +184,14 @@ def _progress() -> Progress:
     )
 
 
-def _download(ray: Any, sup: Any, store: str, dest: Path) -> dict[str, Any]:
-    """Have the supervisor take a backup, and bring it into `dest` chunk by chunk; returns its manifest."""
-    err.print(f"backing up {store} on its node …", highlight=False)
-    begun = _call(ray, sup.backup_begin.remote(_here(ray)))
+def _download(ray: Any, sup: Any, store: str, dest: Path, freeze: bool = False) -> dict[str, Any]:
+    """Have the supervisor take a backup, and bring it into `dest` chunk by chunk; returns its manifest.
+    `freeze` (a move): the store refuses writes from before the backup on (its supervisor's backup_begin)."""
+    err.print(
+        f"backing up {store} on its node{' (writes refused until it runs on its new donor)' if freeze else ''} …",
+        highlight=False,
+    )
+    begun = _call(ray, sup.backup_begin.remote(_here(ray), freeze))
     tid, manifest = begun["transfer"], dict(begun["manifest"])
     manifest["file"] = FILES[store]
     private_dir(dest)
@@ -436,9 +441,11 @@ def stores_move(
         ),
     ] = False,
 ) -> None:
-    """Move a store with its data to another trusted data donor: back up, start it there, restore, check the
-    counts, switch. Stop its writers first: a write after the backup would be lost, so the move stops if the
-    counts changed meanwhile. The old donor keeps its volume; the backup stays in the data dir's backups/.
+    """Move a store with its data to another trusted data donor: refuse writes, back up, start it there,
+    restore, check the counts. From the backup on, writers get the store's error (PostgreSQL and Redis keep
+    serving reads; Chroma and the graph store are stopped) until it answers on its new donor, so that no write is
+    acknowledged and lost; a move that fails before its switch gives the store back its writes where it is.
+    The old donor keeps its volume; the backup stays in the data dir's backups/.
     With --from-backup DIR: the store (waiting for a donor that is gone, or failed) starts on DONOR with the
     backup's data."""
     _store(store)
@@ -451,14 +458,13 @@ def stores_move(
         was = _call(ray, old.status.remote(), timeout=30)
         if was["status"] != "ready":
             fail(f"{store} is {was['status']} ({was.get('error')}); a move starts from a running store")
-        manifest = _download(ray, old, store, dest)
-        now = _call(ray, old.counts.remote(_here(ray)))
-        if manifest.get("counts") != now:
-            fail(
-                f"{store} changed during the backup (counts {manifest.get('counts')} → {now}): stop its "
-                f"writers and move it again; nothing was moved"
-            )
-        _call(ray, old.move_to.remote(to), timeout=60)
+        try:
+            manifest = _download(ray, old, store, dest, freeze=True)
+            _call(ray, old.move_to.remote(to), timeout=60)
+        except BaseException:  # before the switch: the store takes writes again where it is
+            with contextlib.suppress(Exception):
+                _call(ray, old.unfreeze.remote(), timeout=180)
+            raise
         keep_moved_pin(ddir, store, to)  # the store is pinned on `to` now, whatever follows
         # from here on the store on `to` may be live and empty: any failure says so, and how to fill it
         try:

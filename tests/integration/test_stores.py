@@ -521,17 +521,63 @@ def test_move_refuses_a_donor_that_may_not_hold_stores(cluster: Cluster) -> None
     assert _status_is(cluster, "redis", status="ready", donor="trusted")  # nothing moved
 
 
+# a move's freeze (backup_begin(freeze=True)), then unfreeze as a move that fails before its switch does:
+# n = 1 if writes were refused (reads still served where the store runs), + 10 if they are taken again after
+FROZEN = {
+    "redis": """
+        import redis
+        r = redis.Redis(host=ep.host, port=ep.port, password=ep.password)
+        try:
+            r.set("rec:frozen", "x")
+            n = 0
+        except redis.exceptions.ResponseError as exc:
+            n = int("NOREPLICAS" in str(exc) and r.get("rec:0") == b"value-0")
+        ray.get(sup.unfreeze.remote(), timeout=200)
+        n += 10 * bool(r.set("rec:frozen", "x") and r.delete("rec:frozen"))
+    """,
+    "postgres": """
+        import psycopg
+        with psycopg.connect(ep.url(), autocommit=True) as c:
+            try:
+                c.execute("INSERT INTO recs VALUES (-1, 'frozen')")
+                n = 0
+            except psycopg.errors.ReadOnlySqlTransaction:
+                n = int(c.execute("SELECT count(*) FROM recs").fetchone()[0] == 1000)
+        ray.get(sup.unfreeze.remote(), timeout=200)
+        with psycopg.connect(ep.url(), autocommit=True) as c:
+            n += 10 * (c.execute("INSERT INTO recs VALUES (-1, 'x') RETURNING id").fetchone()[0] == -1)
+            c.execute("DELETE FROM recs WHERE id = -1")
+    """,
+}
+FREEZE = """
+    sup = supervisor.ensure(%r)
+    begun = ray.get(sup.backup_begin.remote(ray.get_runtime_context().get_node_id(), True), timeout=300)
+    ray.get(sup.transfer_end.remote(begun["transfer"]))
+    st = ray.get(sup.status.remote())
+"""
+STOPPED_FROZEN = """
+    n = int(st["status"] == "frozen" and st["frozen"])
+    ray.get(sup.unfreeze.remote(), timeout=200)
+    n += 10 * (ray.get(sup.status.remote())["status"] == "ready")
+"""
+
+
 @pytest.mark.parametrize("store", STORES)
 def test_move_to_another_trusted_data_donor_keeps_the_records(cluster: Cluster, store: str) -> None:
-    """`rma stores move`: backup, a new supervisor pinned on the target, restore, counts checked, switch."""
+    """`rma stores move`: writes refused, backup, a new supervisor pinned on the target, restore, counts
+    checked, switch. First the freeze alone, and its undoing (a move that fails before its switch)."""
     if "trusted2" not in cluster.nodes:  # run alone
         cluster.add_node(
             "trusted2", {"rma.io/tier": "data", "rma.io/trusted": "true", "rma.io/node": "trusted2"}
         )
-    got = _cli_run(cluster, store, [("rma", ["stores", "move", store, "--to", "trusted2"])])
+    frozen = textwrap.dedent(FREEZE % store) + textwrap.dedent(FROZEN.get(store, STOPPED_FROZEN))
+    got = _cli_run(
+        cluster, store, [("frozen", frozen), ("rma", ["stores", "move", store, "--to", "trusted2"])]
+    )
+    assert got["frozen"] == 11, got  # refused while frozen, served reads; taken again after
     st = got["status"]
     assert st["donor"] == "trusted2" and st["pinned_to"] == "trusted2" and st["status"] == "ready"
-    assert got["final"] == 1000
+    assert got["final"] == 1000 and not st["frozen"]
 
 
 def test_move_from_a_backup_when_the_donor_is_gone(cluster: Cluster, tmp_path: Path) -> None:
