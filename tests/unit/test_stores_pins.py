@@ -180,7 +180,13 @@ class FakeSupervisor:
             "counts": {"keys": 3},
         }
         self.status = remote(lambda: {"status": "ready", "donor": self.donor, "error": None})
-        self.backup_begin = remote(lambda node: self._by(node, {"transfer": "t1", "manifest": manifest}))
+        self.frozen: list[bool] = []
+        self.backup_begin = remote(
+            lambda node, freeze=False: (
+                self.frozen.append(freeze) or self._by(node, {"transfer": "t1", "manifest": manifest})
+            )
+        )
+        self.unfreeze = remote(lambda: self.frozen.append(False))
         self.read_chunk = remote(lambda tid, off, size: self.content[off : off + size])
         self.transfer_end = remote(lambda tid: None)
         self.counts = remote(lambda node: self._by(node, {"keys": 3}))
@@ -205,7 +211,8 @@ def test_failed_move_says_the_new_store_is_empty_and_keeps_the_pin(
     (dest,) = (tmp_path / "backups").iterdir()
     assert msg.startswith(f"redis on w-b is EMPTY; run `rma stores restore redis {dest}`")
     assert "the old volume stays on w-a" in msg and "no space left on device" in msg and "\n" not in msg
-    assert sup.callers == ["node-here", "node-here"]  # backup and counts name the caller's node
+    assert sup.callers == ["node-here"]  # the backup names the caller's node
+    assert sup.frozen == [True]  # taken frozen; past the switch a failure does not unfreeze the old store
     # the backup: a private directory of private files
     assert mode(dest) == 0o700 and mode(dest / "redis.rdb") == 0o600 and mode(dest / "manifest.json") == 0o600
     assert (dest / "redis.rdb").read_bytes() == sup.content
@@ -252,3 +259,17 @@ def test_backup_never_writes_into_or_removes_a_file_that_was_there(tmp_path: Pat
     with pytest.raises(CliError, match="exists already"):
         _download(FakeRay(), FakeSupervisor(), "redis", tmp_path)
     assert (tmp_path / "redis.rdb").read_text() == "someone's" and mode(tmp_path) == 0o700
+
+
+def test_a_move_that_fails_before_its_switch_gives_the_store_its_writes_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sup = FakeSupervisor()
+    sup.move_to = types.SimpleNamespace(
+        remote=lambda to: FakeRay.exceptions.RayTaskError(StoreError("w-b is not online"))
+    )
+    monkeypatch.setitem(sys.modules, "ray", FakeRay(actor=sup))
+    r = CliRunner().invoke(app, ["stores", "move", "redis", "--to", "w-b", "--data-dir", str(tmp_path)])
+    assert isinstance(r.exception, CliError) and "w-b is not online" in str(r.exception), r.output
+    assert sup.frozen == [True, False] and sup.donor == "w-a"  # frozen for the backup, then unfrozen
+    assert not (tmp_path / PINS_FILE).exists()  # nothing was pinned elsewhere
