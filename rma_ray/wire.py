@@ -163,7 +163,7 @@ class WorkerOut(BaseModel):
 
 STORE_NAME = r"^[a-z][a-z0-9-]{0,31}$"
 StoreStatus = Literal[
-    "starting", "ready", "restarting", "failed", "stopped", "waiting", "backing-up", "restoring"
+    "starting", "ready", "restarting", "failed", "stopped", "waiting", "backing-up", "restoring", "frozen"
 ]
 
 

@@ -229,8 +229,8 @@ def freeze_writes(kind: str, ep: Endpoint) -> None:
             c.execute("SELECT pg_reload_conf()")
             # sessions read the new default at their next command; end them all so that none writes on under
             # the old one (an open transaction is rolled back: it was not acknowledged)
-            c.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            c.execute(  # and wait (5 s each) until they are gone: none commits after the freeze
+                "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity"
                 " WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'"
             )
         return
@@ -244,6 +244,22 @@ def freeze_writes(kind: str, ep: Endpoint) -> None:
             r.config_set("min-replicas-to-write", 1)
         return
     raise StoreError(f"{kind} is frozen by keeping it stopped")
+
+
+def is_frozen(kind: str, ep: Endpoint) -> bool:
+    """Whether freeze_writes is in force on this store (PostgreSQL's default, Redis's replica rule)."""
+    if kind == "postgres":
+        import psycopg
+
+        with psycopg.connect(ep.url(), connect_timeout=10) as c:
+            row = c.execute("SHOW default_transaction_read_only").fetchone()
+        return bool(row and row[0] == "on")
+    if kind == "redis":
+        import redis
+
+        with redis.Redis(host=ep.host, port=ep.port, password=ep.password, socket_timeout=10) as r:
+            return int(r.config_get("min-replicas-to-write").get("min-replicas-to-write", 0)) > 0
+    return False
 
 
 def thaw_writes(kind: str, ep: Endpoint) -> None:

@@ -37,6 +37,7 @@ image's uid."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -59,6 +60,9 @@ from rma_ray.tiers import LABEL_NODE, LABEL_TIER, LABEL_TRUSTED
 from rma_ray.waiting import GiveUp, WaitTimeout, wait_until
 
 NAMESPACE = "rma"
+# a move's freeze with no word from its CLI for this long (killed, its connection lost) is undone: writes come
+# back where the store is, rather than never (a chunk read, each few seconds of a download, renews it)
+FREEZE_LEASE_S = 300
 REPORT_EVERY_S = 10.0  # the coordinator shows a store as `unknown` after three missed reports
 log = logging.getLogger("rma.stores")
 TRUSTED_DATA = {LABEL_TIER: "data", LABEL_TRUSTED: "true"}
@@ -273,6 +277,9 @@ class StoreSupervisor:
         self.ready_s: float | None = None
         self.adopted = False
         self.frozen = False  # a move's backup_begin(freeze=True): writes refused until unfreeze or the switch
+        self.switching = False  # move_to began: the freeze is the switch's now, unfreeze refuses
+        self.freeze_touched = 0.0  # the move's last call (backup, a chunk read): the freeze's lease
+        self._freeze_cancelled = False  # unfreeze came while a freezing backup was still on its way
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._lock = threading.RLock()  # held by each supervision step and for a backup's or restore's stop
@@ -326,22 +333,20 @@ class StoreSupervisor:
             raise StoreError(str(exc)) from None
         except WaitTimeout:
             raise StoreError(f"{self.kind.name} did not answer a query within 120 s") from None
-        if self.kind.name == "postgres" and not self.frozen:
-            self._thaw_volume()
+        if self.frozen and self.kind.name in ("postgres", "redis"):
+            backup.freeze_writes(self.kind.name, self._endpoint())  # it restarted mid-move: still no writes
+        elif self.kind.name in ("postgres", "redis"):
+            self._thaw_left_freeze()
         self.ready_s = time.monotonic() - t0
         self.state, self.error = "ready", None
         self._ready.set()
 
-    def _thaw_volume(self) -> None:
-        """A volume a move froze (its PostgreSQL read-only by ALTER SYSTEM) and later started again here, e.g.
-        the store moved back: it takes writes again."""
-        import psycopg
-
-        with psycopg.connect(self._endpoint().url(), connect_timeout=10) as c:
-            on = c.execute("SHOW default_transaction_read_only").fetchone()
-        if on and on[0] == "on":
-            backup.thaw_writes("postgres", self._endpoint())
-            log.info("postgres was left read-only by a move on this volume: it takes writes again")
+    def _thaw_left_freeze(self) -> None:
+        """A freeze no live move owns: a PostgreSQL volume left read-only by a move (ALTER SYSTEM), started
+        again here later (the store moved back), or a Redis adopted from an incarnation that froze it."""
+        if backup.is_frozen(self.kind.name, self._endpoint()):
+            backup.thaw_writes(self.kind.name, self._endpoint())
+            log.info("%s was left refusing writes by a move: it takes writes again", self.kind.name)
 
     def _supervise(self) -> None:
         delay = 1.0
@@ -350,7 +355,17 @@ class StoreSupervisor:
             with self._lock:
                 if self._stop.is_set():
                     return
-                if self.state == "frozen":
+                if self.frozen and not self.switching and self._freeze_lapsed():
+                    log.warning(
+                        "%s: the move that froze it has not been heard of for %d s: it takes writes again",
+                        self.kind.name,
+                        FREEZE_LEASE_S,
+                    )
+                    try:
+                        self._unfreeze()
+                    except Exception as exc:  # tried again on the next turn
+                        log.warning("%s: its freeze could not be undone: %s", self.kind.name, exc)
+                elif self.state == "frozen":
                     pass  # stopped for a move on purpose: unfreeze() or the switch ends it
                 elif self.state != "ready":
                     try:
@@ -473,6 +488,7 @@ class StoreSupervisor:
             "waiting_for": self.waiting_for,
             "incarnation": self.incarnation,
             "frozen": self.frozen,
+            "switching": self.switching,
         }
 
     def stop(self) -> None:
@@ -489,6 +505,10 @@ class StoreSupervisor:
     def _usable(self) -> None:
         if self.runtime is None or self.waiting_for is not None:
             raise StoreError(f"{self.kind.name} is not running here: {self.error}")
+        if self.frozen:
+            raise StoreError(
+                f"{self.kind.name} is frozen for a move (writes refused): back it up or restore it after the move"
+            )
         if self.runtime_name not in ("process", "docker"):
             raise StoreError(
                 f"backups of stores under the {self.runtime_name} runtime are not supported: "
@@ -520,25 +540,37 @@ class StoreSupervisor:
             finally:
                 if ok and keep_stopped:
                     self.state, self.error = "frozen", "stopped for a move: its data is being moved"
-                    self.frozen = True
+                    self.frozen, self.freeze_touched = True, time.monotonic()
                 else:
                     self.state = "starting"
                     self._bring_up()  # raises if it does not come back; the supervision loop keeps trying
 
+    def _freeze_lapsed(self) -> bool:
+        return time.monotonic() - self.freeze_touched > FREEZE_LEASE_S
+
     def unfreeze(self) -> dict[str, Any]:
-        """Take writes again after a move that stopped before its switch (`backup_begin(freeze=True)`)."""
+        """Take writes again after a move that stopped before its switch (`backup_begin(freeze=True)`); refused
+        once the switch has begun (the store is then the new donor's)."""
         with self._lock:
+            if self.switching:
+                raise StoreError(
+                    f"{self.kind.name} is switching to its new donor: its writes come back there"
+                )
             if not self.frozen:
+                self._freeze_cancelled = True  # a freezing backup still on its way gives up
                 return self.status()
-            self.frozen = False
-            if self.state == "frozen":
-                self.state = "starting"
-                self._bring_up()
-            else:
-                backup.thaw_writes(self.kind.name, self._endpoint())
-                self.error = None
+            self._unfreeze()
         log.info("%s takes writes again (the move did not switch)", self.kind.name)
         return self.status()
+
+    def _unfreeze(self) -> None:
+        if self.state == "frozen":
+            self.frozen = False
+            self.state = "starting"
+            self._bring_up()
+        else:
+            backup.thaw_writes(self.kind.name, self._endpoint())  # raises: still frozen, unfreeze again
+            self.frozen, self.error = False, None
 
     def _new_transfer(self, **fields: Any) -> tuple[str, Path]:
         tid = uuid.uuid4().hex
@@ -564,6 +596,9 @@ class StoreSupervisor:
             node_id, "backups", "run this from the operator's machine (the head) or a trusted node"
         )
         self._usable()
+        if freeze:
+            with self._lock:
+                self._freeze_cancelled = False
         self._ready.wait(120)
         tid, path = self._new_transfer()
         ep = self._endpoint()
@@ -576,13 +611,16 @@ class StoreSupervisor:
             held = None
         try:
             if self.kind.name in backup.STOP_TO_BACKUP:
+                if freeze:
+                    self._freeze_check()
                 with self._stopped("backing-up", keep_stopped=freeze):
                     backup.snapshot_stopped(self.kind.name, root, path)
             else:
                 if freeze:
                     with self._lock:
+                        self._freeze_check()
                         backup.freeze_writes(self.kind.name, ep)
-                        self.frozen = True
+                        self.frozen, self.freeze_touched = True, time.monotonic()
                         self.error = "writes refused: its data is being moved"
                     held = backup.counts(self.kind.name, ep)  # what the frozen store holds: all there is
                 backup.dump_online(self.kind.name, ep, root, path)
@@ -595,7 +633,16 @@ class StoreSupervisor:
         log.info("backup of %s taken: %d bytes", self.kind.name, manifest["size_bytes"])
         return {"transfer": tid, "manifest": manifest}
 
+    def _freeze_check(self) -> None:
+        if self._freeze_cancelled:
+            self._freeze_cancelled = False
+            raise StoreError(
+                f"the move of {self.kind.name} was given up before its backup: nothing was moved"
+            )
+
     def read_chunk(self, tid: str, offset: int, size: int = backup.CHUNK) -> bytes:
+        if self.frozen:
+            self.freeze_touched = time.monotonic()  # the move is alive: its freeze holds
         with open(self._transfer(tid)["path"], "rb") as f:
             f.seek(offset)
             return f.read(min(size, backup.CHUNK))
@@ -688,24 +735,45 @@ class StoreSupervisor:
             raise StoreError(self.error or f"{self.kind.name} is not ready yet")
         return backup.counts(self.kind.name, self._endpoint())
 
-    def move_to(self, donor: str) -> None:
-        """Hand this store's place to a new supervisor pinned on `donor` (a trusted data donor that is online):
-        a detached `Repin` stops this one (the store flushes; the volume stays here) and creates the new one,
-        which starts an empty store there for `rma stores move` to restore into."""
+    def check_target(self, donor: str) -> None:
+        """What move_to checks of its target, asked before a move freezes anything (a mistyped donor)."""
         check_move_target(donor)
         if donor == self.donor and self.waiting_for is None:  # a waiting one runs no store here
             raise StoreError(f"{self.kind.name} already runs on {donor}")
-        # this volume keeps the pre-move data: its pin names the new donor, so a supervisor placed here later
-        # waits for that donor instead of serving stale data (pin_decision)
-        self._write_volume_pin(moved_pin(self.store_name, donor))
-        # and the GCS pin, before any Repin runs: a waiting supervisor's own return-to-its-donor run may reach
-        # the one-shot Repin first (its donor back meanwhile); with the pin on `donor` either run creates the
-        # new supervisor there
+
+    def move_to(self, donor: str, frozen_only: bool = False) -> None:
+        """Hand this store's place to a new supervisor pinned on `donor` (a trusted data donor that is online):
+        a detached `Repin` stops this one (the store flushes; the volume stays here) and creates the new one,
+        which starts an empty store there for `rma stores move` to restore into. `frozen_only` (a move that
+        froze it): refused if the freeze was undone meanwhile (the move was given up; writes were taken)."""
+        with self._lock:
+            if frozen_only and not self.frozen:
+                raise StoreError(
+                    f"{self.kind.name} takes writes again (the move was given up, or its freeze lapsed): "
+                    f"move it again"
+                )
+            self.check_target(donor)
+            self.switching = True
         try:
-            _put_pin(self.store_name, moved_pin(self.store_name, donor))
-        except Exception as exc:  # noqa: BLE001 - the GCS busy: the Repin's own run still pins it there
-            log.warning("the GCS pin of %s not written before its move: %s", self.store_name, exc)
-        self._repin(donor)
+            # this volume keeps the pre-move data: its pin names the new donor, so a supervisor placed here
+            # later waits for that donor instead of serving stale data (pin_decision)
+            self._write_volume_pin(moved_pin(self.store_name, donor))
+            # and the GCS pin, before any Repin runs: a waiting supervisor's own return-to-its-donor run may
+            # reach the one-shot Repin first (its donor back meanwhile); with the pin on `donor` either run
+            # creates the new supervisor there
+            try:
+                _put_pin(self.store_name, moved_pin(self.store_name, donor))
+            except Exception as exc:  # noqa: BLE001 - the GCS busy: the Repin's own run still pins it there
+                log.warning("the GCS pin of %s not written before its move: %s", self.store_name, exc)
+            self._repin(donor)
+        except BaseException:
+            # no Repin: the store stays here, and so do its pins (else it would wait for `donor` later)
+            with contextlib.suppress(Exception):
+                if self.pin is not None:
+                    self._write_volume_pin(self.pin)
+                    _put_pin(self.store_name, self.pin)
+            self.switching = False
+            raise
 
     def _repin(self, *donor: str) -> None:
         """The one-shot `Repin` actor that replaces this supervisor with one on the pinned donor (or `donor`)."""
@@ -839,20 +907,25 @@ def ensure(
     """Get or create the store's supervisor (a Ray driver must be connected): on its pinned donor when the
     store has a pin, else wherever `selector` allows."""
     import ray
+    from ray.experimental import internal_kv
 
+    args = {"runtime": runtime, "port": port, "data_dir": data_dir}
     try:
-        return ray.get_actor(actor_name(store), namespace=NAMESPACE)
+        actor = ray.get_actor(actor_name(store), namespace=NAMESPACE)
     except ValueError:
-        pass
+        actor = None
+    if actor is not None:
+        with contextlib.suppress(Exception):  # a pool from before the record (`rma up` after an upgrade)
+            internal_kv._internal_kv_put(
+                args_key(store), json.dumps(args), overwrite=False, namespace=NAMESPACE
+            )
+        return actor
     try:
         pin = read_pin(store)
     except Exception as exc:  # the GCS busy: the supervisor itself still refuses to start empty
         log.info("store pin not read: %s", exc)
         pin = None
     try:  # for `move_unplaced`: a supervisor Ray cannot place cannot say how it was created
-        from ray.experimental import internal_kv
-
-        args = {"runtime": runtime, "port": port, "data_dir": data_dir}
         internal_kv._internal_kv_put(args_key(store), json.dumps(args), overwrite=True, namespace=NAMESPACE)
     except Exception as exc:  # the GCS busy: move_unplaced then refuses rather than guess
         log.info("store arguments not written to the GCS: %s", exc)

@@ -450,7 +450,7 @@ def _cli_run(c: Cluster, store: str, steps: list[tuple[str, Any]]) -> dict[str, 
         f"results['status'] = ray.get(supervisor.ensure({store!r}).status.remote())",
         "print(json.dumps(results))",
     ]
-    return c.driver("\n".join(body), timeout=400)  # type: ignore[no-any-return]
+    return c.driver("\n".join(body), timeout=540)  # type: ignore[no-any-return]
 
 
 @pytest.mark.parametrize("store", STORES)
@@ -577,7 +577,7 @@ def test_move_to_another_trusted_data_donor_keeps_the_records(cluster: Cluster, 
     assert got["frozen"] == 11, got  # refused while frozen, served reads; taken again after
     st = got["status"]
     assert st["donor"] == "trusted2" and st["pinned_to"] == "trusted2" and st["status"] == "ready"
-    assert got["final"] == 1000 and not st["frozen"]
+    assert got["final"] == 1000
 
 
 def test_move_from_a_backup_when_the_donor_is_gone(cluster: Cluster, tmp_path: Path) -> None:
@@ -633,7 +633,11 @@ def test_move_from_a_backup_when_the_donor_is_gone(cluster: Cluster, tmp_path: P
         assert _status_is(cluster, "redis", status="ready", donor=other, pinned_to=other)
     finally:  # the other stores (pinned there) back for the module's teardown, whatever happened
         cluster.add_node(held, {**labels, "rma.io/node": held})
-        for store in STORES[1:]:
+        existing = cluster.driver(
+            "names = {a['name'] for a in ray.util.list_named_actors(all_namespaces=True)}\n"
+            f"print(json.dumps([s for s in {STORES[1:]!r} if 'rma-store-' + s in names]))"
+        )
+        for store in existing:  # run alone, only redis's supervisor exists
             wait_for(
                 lambda s=store: _status_is(cluster, s, status="ready"),
                 timeout=180,

@@ -7,6 +7,7 @@ import hashlib
 import json
 import stat
 import sys
+import threading
 import types
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,7 @@ def bare_supervisor(tmp_path: Path, store: str = "redis", donor: str = "w-a") ->
     sup.volume.mkdir(parents=True, exist_ok=True)
     sup.runtime, sup.runtime_name, sup.waiting_for, sup.error = None, "process", None, "stopped"
     sup.port_arg, sup.data_dir_arg, sup.incarnation = None, None, "inc-1"
+    sup._lock, sup.frozen, sup.switching, sup.pin = threading.RLock(), False, False, None
     return sup
 
 
@@ -190,7 +192,8 @@ class FakeSupervisor:
         self.read_chunk = remote(lambda tid, off, size: self.content[off : off + size])
         self.transfer_end = remote(lambda tid: None)
         self.counts = remote(lambda node: self._by(node, {"keys": 3}))
-        self.move_to = remote(lambda to: setattr(self, "donor", to))
+        self.move_to = remote(lambda to, frozen_only=False: setattr(self, "donor", to))
+        self.check_target = remote(lambda to: None)
         self.restore_begin = remote(
             lambda manifest, node: FakeRay.exceptions.RayTaskError(StoreError("no space left on device"))
         )
@@ -266,10 +269,28 @@ def test_a_move_that_fails_before_its_switch_gives_the_store_its_writes_back(
 ) -> None:
     sup = FakeSupervisor()
     sup.move_to = types.SimpleNamespace(
-        remote=lambda to: FakeRay.exceptions.RayTaskError(StoreError("w-b is not online"))
+        remote=lambda to, frozen_only=False: FakeRay.exceptions.RayTaskError(StoreError("w-b is not online"))
     )
     monkeypatch.setitem(sys.modules, "ray", FakeRay(actor=sup))
     r = CliRunner().invoke(app, ["stores", "move", "redis", "--to", "w-b", "--data-dir", str(tmp_path)])
     assert isinstance(r.exception, CliError) and "w-b is not online" in str(r.exception), r.output
     assert sup.frozen == [True, False] and sup.donor == "w-a"  # frozen for the backup, then unfrozen
     assert not (tmp_path / PINS_FILE).exists()  # nothing was pinned elsewhere
+
+
+def test_a_given_up_move_cannot_switch_and_a_switching_one_cannot_be_unfrozen(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = FakeRay([{"Alive": True, "Labels": {**TRUSTED_DATA, "rma.io/node": "w-b"}}])
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    sup = bare_supervisor(tmp_path)
+    with pytest.raises(StoreError, match="takes writes again"):  # its freeze undone: a late move_to refused
+        sup.move_to("w-b", frozen_only=True)
+    assert not fake.started and not (sup.volume / PIN_FILE).exists()
+    with pytest.raises(StoreError, match="not a trusted data donor"):  # a mistyped target, before any freeze
+        sup.check_target("w-typo")
+    sup.frozen = True
+    sup.move_to("w-b", frozen_only=True)
+    assert fake.started and sup.switching
+    with pytest.raises(StoreError, match="switching to its new donor"):
+        sup.unfreeze()
