@@ -41,7 +41,7 @@ def fill(store: str, ep: Any, mb: int) -> int:
             c.execute("CREATE TABLE IF NOT EXISTS filler (id int PRIMARY KEY, v text)")
             for start in range(0, n, 100_000):
                 c.execute(
-                    "INSERT INTO filler SELECT g, repeat(md5(g::text), 32) FROM generate_series(%s, %s) g",
+                    "INSERT INTO filler SELECT g, repeat(md5(g::text), 32) FROM generate_series(%s::int, %s::int) g",
                     (start, min(n, start + 100_000) - 1),
                 )
         return n
