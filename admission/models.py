@@ -273,9 +273,9 @@ class ContributionMinute(Base):
 
 
 class SpotCheck(Base):
-    """One core gateway's verdict on one sampled edge answer (admission.services.reputation). Passes are pruned
-    after `spot_check_retention_h`; failures are kept with their sample, at most `spot_check_samples_kept` per
-    edge (the oldest dropped): they are what an admin reviews before trusting an edge again."""
+    """One core gateway's verdict on one sampled edge answer (admission.services.reputation). Passes are
+    pruned after `spot_check_retention_h`; failures are kept with their sample, at most
+    `spot_check_samples_kept` per edge (the oldest dropped): what an admin reviews before trusting an edge."""
 
     __tablename__ = "spot_checks"
     __table_args__ = (Index("ix_spot_checks_edge_passed_at", "edge", "passed", "at"),)

@@ -31,9 +31,6 @@ from rma_ray.wire import (
     EdgeRoutes as EdgeRoutes,
 )
 from rma_ray.wire import (
-    SpotCheckReport as SpotCheckReport,
-)
-from rma_ray.wire import (
     HeartbeatRequest as HeartbeatRequest,
 )
 from rma_ray.wire import (
@@ -71,6 +68,9 @@ from rma_ray.wire import (
 )
 from rma_ray.wire import (
     RejoinResponse as RejoinResponse,
+)
+from rma_ray.wire import (
+    SpotCheckReport as SpotCheckReport,
 )
 from rma_ray.wire import (
     StoreReport as StoreReport,

@@ -247,7 +247,7 @@ def routes(state: AppState) -> schemas.EdgeRoutes:
         quarantined = reputation.quarantined(session)
     out = []
     for edge in state.settings.edges:
-        if edge.name in quarantined:  # failed its spot-checks: the core serves its share until an admin trusts it
+        if edge.name in quarantined:  # failed its spot-checks: the core serves its share until trusted again
             continue
         token, expires_at = mint(state.settings, edge.name)
         apps, healthy = state.edge_status.get(edge)

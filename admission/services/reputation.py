@@ -1,13 +1,13 @@
-"""Spot-checks and reputation of edge clusters: the core's gateways re-check a sampled fraction of edge answers
-on core replicas (off the request path) and report each verdict here (`POST /api/service/spot-checks`). Each
-edge keeps a decayed pass rate; an edge under `spot_check_quarantine_below`, once it has had
-`spot_check_min_checks` checks, is quarantined: left out of the edge routes (the core serves its share at
-once), audited, shown on the registry page. Its donors stay registered: the core cannot tell which of an edge's
-donors served a request, so the verdict is the edge's, not a donor's.
+"""Spot-checks and reputation of edge clusters: the core's gateways re-check a sampled fraction of edge
+answers on core replicas (off the request path) and report each verdict here (`POST
+/api/service/spot-checks`). Each edge keeps a decayed pass rate; an edge under `spot_check_quarantine_below`,
+once it has had `spot_check_min_checks` checks, is quarantined: left out of the edge routes (the core serves
+its share at once), audited, shown on the registry page. Its donors stay registered: the core cannot tell
+which of an edge's donors served a request, so the verdict is the edge's, not a donor's.
 
-The pass rate is exponentially weighted over checks, not over hours: evidence arrives one check at a time, so
-the number of checks behind the rate is what bounds its noise, and a quiet edge neither forgets its failures by
-waiting nor loses its good record for want of traffic. With half-life h each older verdict weighs
+The pass rate is exponentially weighted over checks, not over hours: evidence arrives one check at a time,
+so the number of checks behind the rate is what bounds its noise, and a quiet edge neither forgets its
+failures by waiting nor loses its good record for want of traffic. With half-life h each older verdict weighs
 d = 2^(-1/h) times the next: rate = sum(d^k * passed_k) / sum(d^k). From a long clean record, an edge that
 starts failing every check falls under a threshold t after h * log2(1/t) failures (17 for h = 50, t = 0.8);
 a new edge that fails every check is quarantined at the minimum number of checks.
@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -56,7 +57,7 @@ def decay(half_life_checks: float) -> float:
     """The factor each verdict's weight shrinks by with every newer check: half after `half_life_checks`."""
     if half_life_checks <= 0:
         raise ValueError("the half-life must be positive")
-    return 0.5 ** (1.0 / half_life_checks)
+    return float(0.5 ** (1.0 / half_life_checks))
 
 
 def add(tally: Tally, passed: bool, half_life_checks: float) -> Tally:
@@ -185,9 +186,11 @@ def quarantined(session: Session) -> set[str]:
     return set(session.scalars(select(EdgeReputation.edge).where(EdgeReputation.quarantined_at.is_not(None))))
 
 
-def trust(session: Session, settings: Settings, actor: str, name: str, ip: str = "") -> schemas.EdgeSpotChecks:
-    """An admin's word after review: the quarantine is cleared and the pass rate starts again from nothing (the
-    kept failing samples stay for the record)."""
+def trust(
+    session: Session, settings: Settings, actor: str, name: str, ip: str = ""
+) -> schemas.EdgeSpotChecks:
+    """An admin's word after review: the quarantine is cleared and the pass rate starts again from nothing
+    (the kept failing samples stay for the record)."""
     if settings.edge(name) is None:
         known = ", ".join(e.name for e in settings.edges) or "none (this pool runs without edges)"
         raise ApiError(404, "unknown_edge", f"no edge cluster {name!r}; known edges: {known}")
@@ -212,7 +215,7 @@ def _edge_out(
     kept = session.scalar(
         select(func.count()).select_from(SpotCheck).where(SpotCheck.edge == edge, SpotCheck.passed.is_(False))
     )
-    recent = (
+    recent: Iterable[SpotCheck] = (
         session.scalars(
             select(SpotCheck)
             .where(SpotCheck.edge == edge, SpotCheck.passed.is_(False))

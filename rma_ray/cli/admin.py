@@ -1,6 +1,6 @@
-"""Admin commands, run with the admin key: invites, donors, client API keys and edges' spot-checks. The coordinator's own
-commands (`rma admission serve|create-admin-key`) are registered by `admission` itself (the `rma.commands`
-entry points), so that rma_ray never reaches into it."""
+"""Admin commands, run with the admin key: invites, donors, client API keys and edges' spot-checks. The
+coordinator's own commands (`rma admission serve|create-admin-key`) are registered by `admission` itself (the
+`rma.commands` entry points), so that rma_ray never reaches into it."""
 
 from __future__ import annotations
 
@@ -433,7 +433,9 @@ def edges_checks(
     for e in got["edges"]:
         rate = "-" if e["pass_rate"] is None else f"{e['pass_rate']:.1%}"
         state = f"[red]quarantined since {e['since']}[/]" if e["quarantined"] else "routed"
-        table.add_row(e["edge"], f"{e['checks']:,}", f"{e['failures']:,}", rate, state, str(e["samples_kept"]))
+        table.add_row(
+            e["edge"], f"{e['checks']:,}", f"{e['failures']:,}", rate, state, str(e["samples_kept"])
+        )
     out.print(table)
     for e in got["edges"]:
         if e["quarantined"]:
@@ -443,7 +445,8 @@ def edges_checks(
                 Text.assemble(
                     f"  {e['edge']} failed {f['at']}: {f['app']} ",
                     shown(f["path"]),
-                    f" scored {f['score']:.4g} (a pass needs {f['threshold']:.4g}), request {f['request_sha256'][:12]}",
+                    f" scored {f['score']:.4g} (a pass needs {f['threshold']:.4g}),",
+                    f" request {f['request_sha256'][:12]}",
                 )
             )
 

@@ -2,8 +2,8 @@
 (`POST /api/service/spot-checks`) move the edge's decayed pass rate; under the threshold, after the minimum
 number of checks, the edge is quarantined (gone from the edge routes, audited, on the registry page, its
 failing samples kept and bounded) until an admin trusts it again. A coordinator served in this process with
-one edge whose "GCS" is a listening socket (registration only checks that it answers; ~0.3 s on SQLite, ~1 s on
-PostgreSQL); no Ray is started."""
+one edge whose "GCS" is a listening socket (registration only checks that it answers; ~0.3 s on SQLite,
+~1 s on PostgreSQL); no Ray is started."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The decayed pass rate behind edge quarantine (admission.services.reputation): pure arithmetic, no database."""
+"""The decayed pass rate behind edge quarantine (admission.services.reputation): pure arithmetic, no
+database."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import pytest
 from admission.services.reputation import SAMPLE_MAX_BYTES, Tally, add, bounded_sample, decay, quarantines
 
 
-def run(verdicts: list[bool], half_life: float, start: Tally = Tally()) -> Tally:
-    t = start
+def run(verdicts: list[bool], half_life: float, start: Tally | None = None) -> Tally:
+    t = start or Tally()
     for v in verdicts:
         t = add(t, v, half_life)
     return t
