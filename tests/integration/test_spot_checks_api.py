@@ -16,10 +16,12 @@ from typing import Any
 
 import httpx
 import pytest
+from typer.testing import CliRunner
 
 from admission.main import build_state, create_app, prepare_database
 from admission.services.reputation import Tally, add
 from rma_ray import credentials
+from rma_ray.cli import app as rma_app
 from rma_ray.edges import EdgeEndpoint
 from tests.integration.conftest import Coordinator, make_settings
 from tests.support import ServerThread
@@ -90,6 +92,12 @@ def routed(pool: Coordinator, cred: str) -> tuple[set[str], float]:
     return {e["name"] for e in r.json()["edges"]}, r.json()["spot_check_rate"]
 
 
+def rma(pool: Coordinator, *args: str) -> tuple[int, str]:
+    env = {"RMA_COORDINATOR_URL": pool.url, "RMA_ADMIN_KEY": pool.admin_key, "COLUMNS": "300"}
+    r = CliRunner().invoke(rma_app, list(args), env=env)
+    return r.exit_code, r.output + (str(r.exception) if r.exception else "")
+
+
 def edge_view(pool: Coordinator, failures: int = 5) -> dict[str, Any]:
     r = pool.admin("GET", "/api/admin/spot-checks", params={"failures": failures})
     assert r.status_code == 200, r.text
@@ -146,6 +154,13 @@ def test_failing_checks_quarantine_the_edge_until_an_admin_trusts_it(pool: Coord
     assert 'id="spot-checks"' in html and 'data-edge="edge"' in html and 'id="quarantined-edges"' in html
     assert "4 of 5 checks failed" in html
 
+    # the admin's view on the command line
+    code, text = rma(pool, "edges", "checks")
+    assert code == 0 and "quarantined since" in text and "4 of 5 checks failed" in text, text
+    assert "5.0% of edge answers re-checked" in text and "scored -6.5" in text
+    code, text = rma(pool, "edges", "trust", "north")
+    assert code != 0 and "no edge cluster 'north'" in text, text
+
     # the admin trusts it again: routed, the rate starts anew, audited; the samples stay for the record
     r = pool.admin("POST", "/api/admin/edges/edge/trust")
     assert r.status_code == 200, r.text
@@ -156,6 +171,10 @@ def test_failing_checks_quarantine_the_edge_until_an_admin_trusts_it(pool: Coord
     assert trusted["detail"]["was_quarantined"] is True and trusted["actor"].startswith("admin:")
     assert 'id="quarantined-edges"' not in pool.http.get("/registry", params={"partial": True}).text
     assert pool.admin("POST", "/api/admin/edges/north/trust").status_code == 404
+    assert rma(pool, "edges", "trust", "edge") == (
+        0,
+        "edge edge trusted again: routed, its pass rate starts anew\n",
+    )
     assert pool.http.post("/api/admin/edges/edge/trust").status_code == 401
 
 
