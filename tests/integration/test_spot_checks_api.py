@@ -11,14 +11,17 @@ import hashlib
 import json
 import socket
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import select, update
 from typer.testing import CliRunner
 
 from admission.main import build_state, create_app, prepare_database
+from admission.models import SpotCheck, utcnow
 from admission.services.reputation import Tally, add
 from rma_ray import credentials
 from rma_ray.cli import app as rma_app
@@ -209,3 +212,13 @@ def test_only_the_core_reports_and_bad_reports_name_their_field(pool: Coordinato
         assert r.status_code == 422 and field in r.json()["error"]["message"], (bad, r.text)
     view = edge_view(pool)
     assert view["checks"] == 1 and view["samples_kept"] == 0  # only the trusted donor's pass counted
+
+    # passes past the retention are pruned (the pass rate keeps their weight); a pass never keeps a sample
+    old = utcnow() - timedelta(hours=pool.state.settings.spot_check_retention_h + 1)
+    with pool.state.sessions() as s, s.begin():
+        s.execute(update(SpotCheck).values(at=old))
+    assert report(verdict(True, 7, sample={"request": "secret"}), bearer(svc)).status_code == 204
+    with pool.state.sessions() as s:
+        kept = list(s.scalars(select(SpotCheck)))
+    assert [(c.request_sha256, c.sample) for c in kept] == [(verdict(True, 7)["request_sha256"], None)]
+    assert edge_view(pool)["checks"] == 2
