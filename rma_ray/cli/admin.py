@@ -429,6 +429,9 @@ def edges_checks(
         f"{got['rate']:.1%} of edge answers re-checked; quarantine under {got['quarantine_below']:.0%} "
         f"after {got['min_checks']} checks (half-life {got['half_life_checks']:g} checks)"
     )
+    if not got["edges"]:
+        out.print("no edge cluster in this pool (`rma up --no-edge`): nothing is spot-checked")
+        return None
     table = Table("edge", "checks", "failed", "pass rate", "state", "samples kept")
     for e in got["edges"]:
         rate = "-" if e["pass_rate"] is None else f"{e['pass_rate']:.1%}"

@@ -155,7 +155,7 @@ def test_failing_checks_quarantine_the_edge_until_an_admin_trusts_it(pool: Coord
     assert login.status_code == 303, login.text
     html = pool.http.get("/registry", params={"partial": True}).text
     assert 'id="spot-checks"' in html and 'data-edge="edge"' in html and 'id="quarantined-edges"' in html
-    assert "4 of 5 checks failed" in html
+    assert "4 of 5 checks failed" in html and 'class="alert edge-quarantined"' in html
 
     # the admin's view on the command line
     code, text = rma(pool, "edges", "checks")
