@@ -170,7 +170,9 @@ def redis_bgsave(r: Any, wait_s: float, volume: Path, sleep: Callable[[float], N
 
     def started() -> bool:
         try:
-            r.bgsave()
+            # not redis-py's default BGSAVE SCHEDULE: during an AOF rewrite it answers OK and saves later, so
+            # "no save in progress" would be read at once and an older dump.rdb (or none) taken for the backup
+            r.bgsave(schedule=False)
             return True
         except redis.ResponseError as exc:
             if any(b in str(exc).lower() for b in REDIS_BUSY):

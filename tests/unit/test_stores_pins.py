@@ -229,7 +229,8 @@ class FakeRedis:
     def __init__(self, refusals: list[str]) -> None:
         self.refusals, self.polls, self.saves = refusals, 0, 0
 
-    def bgsave(self) -> bool:
+    def bgsave(self, schedule: bool = True) -> bool:
+        assert not schedule  # a scheduled save answers OK before it has started
         if self.refusals:
             raise redis.ResponseError(self.refusals.pop(0))
         self.saves += 1
