@@ -73,10 +73,12 @@ def quarantines(checks: int, rate: float | None, min_checks: int, below: float) 
 def bounded_sample(sample: dict[str, Any] | None) -> dict[str, Any] | None:
     if sample is None:
         return None
-    text = json.dumps(sample, ensure_ascii=False, separators=(",", ":"))
-    if len(text.encode()) <= SAMPLE_MAX_BYTES:
-        return sample
-    cut = text.encode()[: SAMPLE_MAX_BYTES - 64].decode(errors="ignore")
+    # a lone surrogate ("\\ud800" in the report's JSON) cannot be encoded: replaced, never a 500 that would lose
+    # the failing verdict
+    raw = json.dumps(sample, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "replace")
+    if len(raw) <= SAMPLE_MAX_BYTES:
+        return dict(json.loads(raw))
+    cut = raw[: SAMPLE_MAX_BYTES - 64].decode(errors="ignore")
     return {"truncated": True, "json": cut}
 
 
@@ -166,9 +168,8 @@ def report(
 def _prune(session: Session, settings: Settings, edge: str, now: datetime) -> None:
     """Passes older than the retention go; failures beyond the per-edge bound go, oldest first."""
     cutoff = now - timedelta(hours=settings.spot_check_retention_h)
-    session.execute(
-        delete(SpotCheck).where(SpotCheck.edge == edge, SpotCheck.passed.is_(True), SpotCheck.at < cutoff)
-    )
+    # every edge's old passes (a quarantined or idle edge reports nothing that would prune its own)
+    session.execute(delete(SpotCheck).where(SpotCheck.passed.is_(True), SpotCheck.at < cutoff))
     surplus = list(
         session.scalars(
             select(SpotCheck.id)
@@ -192,6 +193,12 @@ def trust(
     """An admin's word after review: the quarantine is cleared and the pass rate starts again from nothing
     (the kept failing samples stay for the record)."""
     if settings.edge(name) is None:
+        if session.get(EdgeReputation, name) is not None:  # an edge no longer configured: its record goes
+            session.execute(delete(SpotCheck).where(SpotCheck.edge == name))
+            session.execute(delete(EdgeReputation).where(EdgeReputation.edge == name))
+            audit.record(session, actor, "edge.trust", name, ip, removed_edge=True)
+            session.flush()
+            return _edge_out(session, name, None, failures=0)
         known = ", ".join(e.name for e in settings.edges) or "none (this pool runs without edges)"
         raise ApiError(404, "unknown_edge", f"no edge cluster {name!r}; known edges: {known}")
     row = _row(session, name)

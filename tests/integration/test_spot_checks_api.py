@@ -17,11 +17,11 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from typer.testing import CliRunner
 
 from admission.main import build_state, create_app, prepare_database
-from admission.models import SpotCheck, utcnow
+from admission.models import EdgeReputation, SpotCheck, utcnow
 from admission.services.reputation import Tally, add
 from rma_ray import credentials
 from rma_ray.cli import app as rma_app
@@ -200,6 +200,17 @@ def test_only_the_core_reports_and_bad_reports_name_their_field(pool: Coordinato
     assert report(verdict(True), bearer(trusted)).status_code == 204
     assert report(verdict(True), bearer(untrusted["node_token"])).status_code == 403
     assert report({"edge": "edge"}, bearer(untrusted["node_token"])).status_code == 403  # before the body
+    # a client's key, and the edge's own credential (what every forwarded request shows the edge) are refused
+    client = pool.admin("POST", "/api/admin/clients", json={"name": "alice"}).json()["key"]
+    assert report(verdict(False), bearer(client)).status_code == 401
+    routes = pool.http.post("/api/service/edge-routes", headers=bearer(svc)).json()["edges"]
+    assert routes and report(verdict(False), bearer(routes[0]["token"])).status_code == 401
+    # a lone surrogate in a failing sample (an edge's text, escaped) is stored replaced, never a 500
+    raw = json.dumps(verdict(False, 99, sample={"edge": "x"})).replace('"x"', '"\\ud800"').encode()
+    r = pool.http.post(
+        "/api/service/spot-checks", content=raw, headers={"Content-Type": "application/json", **bearer(svc)}
+    )
+    assert r.status_code == 204, r.text
     for bad, field in (
         (verdict(True, extra=1), "extra"),
         (verdict(True, kind="video"), "kind"),
@@ -211,7 +222,9 @@ def test_only_the_core_reports_and_bad_reports_name_their_field(pool: Coordinato
         r = report(bad, bearer(svc))
         assert r.status_code == 422 and field in r.json()["error"]["message"], (bad, r.text)
     view = edge_view(pool)
-    assert view["checks"] == 1 and view["samples_kept"] == 0  # only the trusted donor's pass counted
+    assert view["checks"] == 2 and view["samples_kept"] == 1  # the trusted donor's pass, the surrogate's fail
+    with pool.state.sessions() as s, s.begin():  # the rest of the test counts passes only
+        s.execute(delete(SpotCheck).where(SpotCheck.passed.is_(False)))
 
     # passes past the retention are pruned (the pass rate keeps their weight); a pass never keeps a sample
     old = utcnow() - timedelta(hours=pool.state.settings.spot_check_retention_h + 1)
@@ -221,4 +234,28 @@ def test_only_the_core_reports_and_bad_reports_name_their_field(pool: Coordinato
     with pool.state.sessions() as s:
         kept = list(s.scalars(select(SpotCheck)))
     assert [(c.request_sha256, c.sample) for c in kept] == [(verdict(True, 7)["request_sha256"], None)]
-    assert edge_view(pool)["checks"] == 2
+    assert edge_view(pool)["checks"] == 3
+
+    # an edge no longer configured, with a record left (quarantined): trust removes the record and its samples
+    with pool.state.sessions() as s, s.begin():
+        s.add(
+            EdgeReputation(
+                edge="gone", checks=30, failures=30, quarantined_at=utcnow(), quarantine_reason="x"
+            )
+        )
+        v = verdict(False, 5)
+        s.add(
+            SpotCheck(
+                **{k: v[k] for k in ("app", "kind", "path", "passed", "score", "threshold")},
+                edge="gone",
+                request_sha256=v["request_sha256"],
+                reporter="service:x",
+                sample=v["sample"],
+            )
+        )
+    assert pool.admin("POST", "/api/admin/edges/gone/trust").status_code == 200
+    with pool.state.sessions() as s:
+        assert s.get(EdgeReputation, "gone") is None and not list(
+            s.scalars(select(SpotCheck).where(SpotCheck.edge == "gone"))
+        )
+    assert pool.admin("POST", "/api/admin/edges/never/trust").status_code == 404
