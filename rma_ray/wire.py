@@ -276,6 +276,10 @@ class EdgeRoutes(BaseModel):
     spot_check_rate: float = Field(
         0.0, ge=0.0, le=1.0, description="fraction of edge answers the core re-checks (RMA_SPOT_CHECK_RATE)"
     )
+    quarantined: list[str] = Field(
+        default_factory=list,
+        description="edges left out for failed spot-checks (the pool has edges: say `core`)",
+    )
 
 
 SpotCheckKind = Literal["llm", "embeddings", "ocr", "parse"]

@@ -261,7 +261,11 @@ def routes(state: AppState) -> schemas.EdgeRoutes:
                 healthy=healthy,
             )
         )
-    return schemas.EdgeRoutes(edges=out, spot_check_rate=state.settings.spot_check_rate)
+    return schemas.EdgeRoutes(
+        edges=out,
+        spot_check_rate=state.settings.spot_check_rate,
+        quarantined=sorted(q for q in quarantined if state.settings.edge(q) is not None),
+    )
 
 
 @dataclass

@@ -326,7 +326,11 @@ def test_without_edges_untrusted_donors_join_the_core_as_before(coordinator: Coo
     r = coordinator.admin("POST", "/api/invites", json={"edge": "edge"})
     assert r.status_code == 422 and "this pool runs without edges" in r.json()["error"]["message"]
     routes = coordinator.admin("POST", "/api/service/edge-routes")
-    assert routes.status_code == 200 and routes.json() == {"edges": [], "spot_check_rate": 0.02}
+    assert routes.status_code == 200 and routes.json() == {
+        "edges": [],
+        "spot_check_rate": 0.02,
+        "quarantined": [],
+    }
 
 
 def test_reconcile_pass_per_cluster(pool: Coordinator) -> None:

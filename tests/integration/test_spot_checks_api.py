@@ -144,6 +144,8 @@ def test_failing_checks_quarantine_the_edge_until_an_admin_trusts_it(pool: Coord
 
     # gone from the routes the core's gateways fetch; audited with the reason
     assert routed(pool, svc) == (set(), RATE)
+    # named apart, so a gateway whose only edge is quarantined still says the core served
+    assert pool.http.post("/api/service/edge-routes", headers=bearer(svc)).json()["quarantined"] == ["edge"]
     (event,) = pool.admin("GET", "/api/admin/audit", params={"action": "edge.quarantine"}).json()
     assert event["subject"] == "edge" and event["detail"]["reason"] == view["reason"]
     # more reports keep counting, with no second quarantine event
