@@ -45,7 +45,14 @@ import psutil
 from rma_ray import credentials, poolinfo
 from rma_ray import overlay as wg
 from rma_ray.client import AdmissionClient, AdmissionError
-from rma_ray.edges import LABEL_CLUSTER, EdgeEndpoint, EdgeSpec, default_edge_apps, valid_name
+from rma_ray.edges import (
+    LABEL_CLUSTER,
+    EdgeEndpoint,
+    EdgeOverlay,
+    EdgeSpec,
+    default_edge_apps,
+    valid_name,
+)
 from rma_ray.identity import service_file
 from rma_ray.membership import write_private
 from rma_ray.net import port_free
@@ -283,19 +290,73 @@ class EdgeHead:
         self.restarting: threading.Thread | None = None  # the supervisor's restart of a dead head (30-60 s)
         self._lock = threading.Lock()  # `close()` against a restart that is about to start a node
         self.closed = False  # the pool is going down: no node may start any more
+        self.hub: wg.Hub | None = None  # its own overlay hub (`rma up --overlay`)
+
+    @property
+    def ray_ip(self) -> str:
+        """Where the edge head's Ray binds and what it advertises: its own hub's address under the overlay
+        (never the core's subnet: edge donors are given none of it), the head's address otherwise."""
+        return wg.hub_address(self.spec.overlay_subnet) if self.o.overlay else self.o.node_ip
 
     @property
     def ray_address(self) -> str:
-        # not on the core's overlay: edge donors never get the core's subnet (an edge overlay is its own)
-        return f"{self.o.node_ip}:{self.spec.ports.gcs}"
+        return f"{self.ray_ip}:{self.spec.ports.gcs}"
 
     @property
     def dashboard_url(self) -> str:
-        return f"http://{self.o.node_ip}:{self.spec.ports.dashboard}"
+        return f"http://{self.ray_ip}:{self.spec.ports.dashboard}"
 
     @property
     def serve_url(self) -> str:
-        return f"http://{self.o.node_ip}:{self.spec.ports.serve}"
+        # under the overlay the edge's Serve port is open to the core only: its gateway (on the head, or a
+        # trusted donor) calls it on the core hub's address, through the core's overlay
+        return f"http://{self.o.ray_ip}:{self.spec.ports.serve}"
+
+    def start_hub(self) -> None:
+        """The edge's own overlay hub (rma_ray.overlay.edge_hub), before its head: Ray binds its address. It
+        outlives restarts and rotations of the edge head (its peers are the edge's donors)."""
+        if not self.o.overlay or self.hub is not None:
+            return
+        self.hub = wg.edge_hub(
+            self.o.data_dir,
+            self.name,
+            self.spec.overlay_subnet,
+            self.spec.overlay_port,
+            wg.edge_interface(self.o.overlay_interface, self.name),
+            self.spec.ports.ray_ports(),
+            self.spec.ports.head_tcp(),
+            core_interface=self.o.overlay_interface,
+            core_subnet=self.o.overlay_subnet,
+        )
+        self.say(
+            f"starting the edge {self.name!r}'s overlay hub {self.hub.name} on {self.hub.address} "
+            f"(UDP {self.hub.port}) …"
+        )
+        try:
+            self.hub.up()
+        except wg.OverlayError as exc:
+            self.hub = None
+            raise UpError(f"the edge {self.name!r}'s overlay hub did not start: {exc}") from None
+
+    def guard_ports(self) -> None:
+        """Firewall any port the edge head's Ray opened outside the pinned ones (as Pool.guard_ports)."""
+        if self.hub is None or self.node is None or not self.node.running():
+            return
+        self.node.track()
+        try:
+            self.hub.firewall.cover(wg.listening_ports(self.node.pids()))
+        except wg.OverlayError as exc:
+            self.say(f"[yellow]firewall of the edge {self.name!r}:[/] {exc}")
+
+    def overlay_info(self) -> EdgeOverlay | None:
+        if self.hub is None:
+            return None
+        return EdgeOverlay(
+            interface=self.hub.name,
+            public_key=self.hub.public_key,
+            endpoint=f"{self.o.node_ip}:{self.hub.port}",
+            subnet=self.hub.subnet,
+        )
 
     def endpoint(self) -> EdgeEndpoint:
         return EdgeEndpoint(
@@ -304,6 +365,7 @@ class EdgeHead:
             dashboard_url=self.dashboard_url,
             serve_url=self.serve_url,
             token_file=self.token_file,
+            overlay=self.overlay_info(),
         )
 
     def info(self) -> EdgeInfo:
@@ -417,7 +479,7 @@ class EdgeHead:
         """The edge head, then Serve on it (its proxy on the Serve port). UpError when either fails."""
         old_temp = self.node.spec.temp_dir if self.node else None
         spec = NodeSpec(
-            node_ip=self.o.node_ip,
+            node_ip=self.ray_ip,
             token_file=self.token_file,
             head=True,
             extra_args=self.spec.ports.argv(),
@@ -461,7 +523,9 @@ class EdgeHead:
                     "--address",
                     self.ray_address,
                     "--host",
-                    self.o.node_ip,
+                    # the overlay: every address (HAProxy binds them all anyway), the edge hub's table lets
+                    # only the core and the edge reach it
+                    "0.0.0.0" if self.o.overlay else self.o.node_ip,
                     "--port",
                     str(self.spec.ports.serve),
                     "--haproxy-dir",
@@ -711,6 +775,8 @@ class Pool:
 
     def guard_ports(self) -> None:
         """Firewall any port the head's Ray opened outside the pinned ones (autoscaler monitor, dashboard gRPC)."""
+        for edge in self.edges.values():
+            edge.guard_ports()
         if self.hub is None or self.head is None:
             return
         self.head.track()
@@ -829,6 +895,8 @@ class Pool:
         first_start = not old.admin_key
         self.admin_key = old.admin_key or credentials.mint(credentials.Kind.ADMIN).token
         self.start_hub()
+        for edge in self.edges.values():
+            edge.start_hub()  # before the coordinator: it is told each edge hub (RMA_EDGES)
         self.start_head()
         self.start_serve()
         self.start_coordinator()
@@ -1249,6 +1317,9 @@ class Pool:
             self.head.stop(timeout=5)  # Serve and the stores are done: nothing on the head needs draining
             shutil.rmtree(self.head.spec.temp_dir.parent, ignore_errors=True)  # private_temp_dir's parent
             self._progress(f"Ray head stopped ({time.monotonic() - t0:.1f} s)")
+        for edge in self.edges.values():
+            if edge.hub is not None:
+                edge.hub.down()  # its interface and its table
         if self.hub is not None:
             self.hub.down()
         poolinfo.write(self.o.data_dir, poolinfo.read(self.o.data_dir).without_processes())

@@ -517,8 +517,8 @@ def test_the_cli_starts_one_edge_by_default_and_none_with_no_edge(monkeypatch: p
             [],
             ["--no-edge"],
             ["--edge-name", "edge", "--edge-name", "eu"],
-            ["--overlay"],  # no edge by default: edges do not use the overlay yet
-            ["--overlay", "--edge"],
+            ["--overlay"],  # the edge by default with the overlay too: its own hub, subnet and firewall
+            ["--overlay", "--no-edge"],
         ):
             r = CliRunner().invoke(cli.app, ["up", "--node-ip-address", "127.0.0.1", *args])
             assert r.exit_code != 0 and "stood in" in r.output + str(r.exception), r.output
@@ -528,11 +528,14 @@ def test_the_cli_starts_one_edge_by_default_and_none_with_no_edge(monkeypatch: p
         for s, h in handlers.items():
             signal.signal(s, h)
     assert seen[:2] == [(EdgeSpec(),), ()]
-    assert seen[3:5] == [(), (EdgeSpec(),)]
-    # a second edge: its own ports and overlay subnet, apart from the first's
+    assert seen[3:5] == [(EdgeSpec(),), ()]
+    # a second edge: its own ports, overlay subnet and hub port, apart from the first's
     first, second = seen[2]
     assert (first, second.name) == (EdgeSpec(), "eu")
     assert second.ports == EdgeSpec().ports.shifted(1) and second.overlay_subnet == "10.90.0.0/16"
+    assert (first.overlay_port, second.overlay_port) == (51821, 51822)
+    r = CliRunner().invoke(cli.app, ["up", "--overlay", "--overlay-subnet", "10.0.0.0/8"])
+    assert r.exit_code != 0 and "overlaps the subnet 10.89.0.0/16" in str(r.exception), r.output
 
 
 def test_edges_on_one_machine_share_no_port() -> None:
