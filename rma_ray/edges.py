@@ -10,7 +10,8 @@ What the three sides share, named once here:
 - `EdgeSpec`: one edge's name, ports, overlay subnet and system user (what `rma up` starts; a config entry per
   edge);
 - `EdgeEndpoint`: what the coordinator is told of a running edge (`RMA_EDGES`, a JSON list): where its GCS,
-  dashboard and Serve proxy answer and which file holds its token;
+  dashboard and Serve proxy answer, which file holds its token and, with the overlay, its own hub
+  (`EdgeOverlay`: the edge's donors get addresses and a peer there, never on the core's hub);
 - the edge service credential: a short-lived EdDSA JWT the coordinator mints for the core's gateway (audience
   `edge_audience(name)`, issuer `EDGE_ISSUER`), checked by the edge's ingress against the coordinator's public
   keys (`jwks_path(name)`); it names no client and grants nothing beyond edge compute.

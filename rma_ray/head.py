@@ -18,6 +18,13 @@ workers run as the raylet's user, so code an edge donor runs on the edge head re
 core data dir is 0700 and root's, the core head's Ray temp dir lies under a 0700 parent of root's. Stopping an
 edge kills every process of its user. The edge head is restarted if it dies (the core serves meanwhile) and
 rotated alone (`rma rotate-cluster-token --edge NAME`).
+
+With `--overlay` each edge also gets its own WireGuard hub (rma_ray.overlay.edge_hub: its key, UDP port,
+interface and subnet), up before the core's head and kept across the edge head's restarts and rotations; the
+edge head's Ray binds that hub's address, the coordinator is told the hub (`RMA_EDGES`) and puts the edge's
+donors on it only. The edge's Serve proxy listens on every address but its hub's table opens it (and every
+other port of the edge's Ray) to loopback, the edge's own donors and the core's overlay only: the core's
+gateway calls it on the core hub's address. `rma down` takes each hub and its table away.
 """
 
 from __future__ import annotations
