@@ -770,6 +770,7 @@ class Pool:
             self.o.overlay_interface,
             extra_tcp=[self.o.gcs_port, self.o.dashboard_port],
             public_tcp={self.o.coordinator_port, self.o.serve_port},
+            local_deny=self.edge_local_deny(),
         )
         self.say(
             f"starting the overlay hub {self.hub.name} on {self.hub.address} (UDP {self.o.overlay_port}) …"
@@ -779,6 +780,32 @@ class Pool:
         except wg.OverlayError as exc:
             self.hub = None
             raise UpError(f"the overlay hub did not start: {exc}") from None
+
+    def store_ports(self) -> list[int]:
+        """Every TCP port the core's stores listen on (their defaults unless --store-port moved them; the
+        graph store's HTTP port is its Bolt port + 1)."""
+        from deployments.stores.kinds import KINDS
+
+        ports = []
+        for name in self.o.stores:
+            kind = KINDS.get(name)
+            port = self.o.store_ports.get(name, kind.default_port if kind else 0)
+            if port:
+                ports += [port, port + 1] if name == "graph" else [port]
+        return ports
+
+    def edge_local_deny(self) -> wg.LocalDeny | None:
+        """What the edges' system users (known after EdgeHead.prepare) may not reach on the head: the core's
+        Ray ports, the stores' and the core's overlay subnet (rma_ray.overlay.LocalDeny); the coordinator's
+        HTTP port stays open to them (an edge's ingress fetches its public keys)."""
+        if not self.edges:
+            return None
+        return wg.LocalDeny(
+            uids=tuple(edge._user().pw_uid for edge in self.edges.values()),
+            tcp=tuple(self.store_ports()),
+            nets=(self.o.overlay_subnet,),
+            allow_tcp=(self.o.coordinator_port,),
+        )
 
     def guard_ports(self) -> None:
         """Firewall any port the head's Ray opened outside the pinned ones (autoscaler monitor, dashboard gRPC)."""

@@ -177,6 +177,7 @@ def render_firewall(
     isolate: bool = False,
     also_from: Iterable[str] = (),
     no_reach: Iterable[str] = (),
+    local_deny: LocalDeny | None = None,
 ) -> str:
     """An nftables table that drops TCP to Ray's ports unless it arrives on the overlay interface or loopback.
     Only Ray's ports: a donor's own services (ssh, ...) are none of the pool's business.
@@ -192,7 +193,11 @@ def render_firewall(
     subnets (the core's) that nothing arriving on this interface may reach on the head at all, whatever the
     port. Each hub's table only drops: nftables runs every table's chain on a packet and a drop in any is
     final, so the core's table keeps an edge donor off the core's ports and the edge's table keeps everyone but
-    the core and its own donors off the edge's."""
+    the core and its own donors off the edge's.
+
+    `local_deny` (the core's hub, with edges): an output chain for what the edges' system users run on the
+    head itself (an edge donor's Ray task runs on the edge head as that user), which the input chain's
+    `iifname "lo" accept` would let through: see LocalDeny."""
     forward = (
         ""
         if not isolate
@@ -220,8 +225,42 @@ def render_firewall(
         f"    tcp dport @ray_tcp counter drop\n"
         f"  }}\n"
         f"{forward}"
+        f"{local_deny.render() if local_deny and local_deny.uids else ''}"
         f"}}\n"
     )
+
+
+@dataclass(frozen=True)
+class LocalDeny:
+    """What processes of the edges' system users (`uids`) on the head may not reach, whatever the address
+    (loopback, the head's own, the core hub's): new TCP connections to the core's Ray ports (the table's
+    `ray_tcp` set, kept current by Firewall.cover) and to `tcp` (the stores' ports), and anything new to the
+    `nets` (the core's overlay subnet). `allow_tcp` (the coordinator's HTTP port: an edge's ingress fetches the
+    coordinator's public keys) passes first. Replies of the edge's own sockets (the core's gateway calling the
+    edge's Serve) are established connections and pass."""
+
+    uids: tuple[int, ...]
+    tcp: tuple[int, ...] = ()
+    nets: tuple[str, ...] = ()
+    allow_tcp: tuple[int, ...] = ()
+
+    def render(self) -> str:
+        who = f"meta skuid {{ {', '.join(str(u) for u in sorted(set(self.uids)))} }}"
+        lines = [
+            "  chain output {\n",
+            "    type filter hook output priority filter - 5; policy accept;\n",
+            "    ct state established,related accept\n",
+        ]
+        if self.allow_tcp:
+            ports = ", ".join(str(p) for p in sorted(set(self.allow_tcp)))
+            lines.append(f"    {who} tcp dport {{ {ports} }} accept\n")
+        lines.append(f"    {who} tcp dport @ray_tcp counter reject with tcp reset\n")
+        if self.tcp:
+            ports = ", ".join(str(p) for p in sorted(set(self.tcp)))
+            lines.append(f"    {who} tcp dport {{ {ports} }} counter reject with tcp reset\n")
+        lines += [f"    {who} {_family(net)} daddr {net} counter reject\n" for net in self.nets]
+        lines.append("  }\n")
+        return "".join(lines)
 
 
 def _family(net: str) -> str:
@@ -275,10 +314,17 @@ class Firewall:
     isolate: bool = False  # the hub: forward spoke to spoke only (render_firewall)
     also_from: tuple[str, ...] = ()  # an edge's hub: the core's interface reaches the edge's ports too
     no_reach: tuple[str, ...] = ()  # an edge's hub: subnets (the core's) its donors never reach
+    local_deny: LocalDeny | None = None  # the core's hub with edges: what the edges' users may not reach
 
     def render(self) -> str:
         return render_firewall(
-            self.interface, self.elements, self.table, self.isolate, self.also_from, self.no_reach
+            self.interface,
+            self.elements,
+            self.table,
+            self.isolate,
+            self.also_from,
+            self.no_reach,
+            self.local_deny,
         )
 
     def install(self) -> None:
@@ -483,6 +529,7 @@ class Hub:
     table: str = NFT_TABLE
     also_from: tuple[str, ...] = ()  # Firewall.also_from
     no_reach: tuple[str, ...] = ()  # Firewall.no_reach
+    local_deny: LocalDeny | None = None  # Firewall.local_deny
 
     def __post_init__(self) -> None:
         self.key_file = self.data_dir / "overlay" / f"{self.key_name}.key"
@@ -497,6 +544,7 @@ class Hub:
             isolate=True,
             also_from=self.also_from,
             no_reach=self.no_reach,
+            local_deny=self.local_deny,
         )
         self.public_key = ""
 

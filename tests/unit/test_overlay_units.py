@@ -117,12 +117,36 @@ def test_hub_forwards_spoke_to_spoke_only() -> None:
     )
 
 
+def test_core_table_keeps_edge_users_off_core_ports_on_the_head() -> None:
+    deny = overlay.LocalDeny(uids=(999, 998), tcp=(5440, 8010), nets=("10.88.0.0/16",), allow_tcp=(8470,))
+    text = overlay.render_firewall("rma-hub", ["6380", "6391"], isolate=True, local_deny=deny)
+    chain = text[text.index("chain output") :]
+    rules = [line.strip() for line in chain.splitlines()[2:] if line.strip() not in ("}", "")]
+    who = "meta skuid { 998, 999 }"
+    # order matters: replies of the edge's own sockets and the coordinator first, then the core's ports and
+    # subnet, from any address (loopback included: the input chain accepts lo)
+    assert rules == [
+        "ct state established,related accept",
+        f"{who} tcp dport {{ 8470 }} accept",
+        f"{who} tcp dport @ray_tcp counter reject with tcp reset",
+        f"{who} tcp dport {{ 5440, 8010 }} counter reject with tcp reset",
+        f"{who} ip daddr 10.88.0.0/16 counter reject",
+    ]
+    assert "type filter hook output" in chain and "policy accept" in chain
+    assert "chain output" not in overlay.render_firewall("rma-hub", ["6391"], isolate=True)  # no edges
+    empty = overlay.LocalDeny(uids=())
+    assert "chain output" not in overlay.render_firewall("rma-hub", ["6391"], local_deny=empty)
+
+
 @pytest.mark.skipif(
     not shutil.which("nft") or not Path("/proc/self").exists(), reason="nftables not installed"
 )
 @pytest.mark.parametrize("isolate", [False, True])
-def test_firewall_is_valid_nftables(isolate: bool) -> None:
-    text = overlay.render_firewall("rmaabc", RayPorts().firewalled([6380, 8265]), isolate=isolate)
+@pytest.mark.parametrize("deny", [None, overlay.LocalDeny((999,), (5440,), ("10.88.0.0/16",), (8470,))])
+def test_firewall_is_valid_nftables(isolate: bool, deny: overlay.LocalDeny | None) -> None:
+    text = overlay.render_firewall(
+        "rmaabc", RayPorts().firewalled([6380, 8265]), isolate=isolate, local_deny=deny
+    )
     r = subprocess.run(["nft", "-c", "-f", "-"], input=text, capture_output=True, text=True)
     if r.returncode and "Operation not permitted" in r.stderr:
         pytest.skip("nft -c needs CAP_NET_ADMIN here")
