@@ -82,7 +82,7 @@ class EdgePorts:
 
     gcs: int = 6480
     dashboard: int = 8275
-    serve: int = 8010
+    serve: int = 8030  # not 8010: the chroma store's default (deployments/stores/kinds.py)
     node_manager: int = 6481
     object_manager: int = 6482
     metrics_export: int = 6483

@@ -699,8 +699,23 @@ class Pool:
             if not port_free(host, port):
                 hint = " (a Redis on this box? use --gcs-port)" if port == 6379 else ""
                 raise UpError(f"port {port} on {host} for the {what} is already in use{hint}")
+        # the stores start later (free now), but on the head like the edges' ports
+        core = {port: f"the {name} store" for port, name in self.store_ports().items()}
+        core.update(
+            {
+                self.o.gcs_port: "the Ray GCS",
+                self.o.dashboard_port: "the Ray dashboard",
+                self.o.coordinator_port: "the coordinator",
+                self.o.serve_port: "Serve",
+            }
+        )
         for edge in self.edges.values():
             for what, port in edge.ports():
+                if port in core:
+                    raise UpError(
+                        f"port {port} is both the {what} and {core[port]}'s: move the store "
+                        f"(--store-port) or the core's port"
+                    )
                 if not port_free(self.o.node_ip, port):
                     raise UpError(
                         f"port {port} on {self.o.node_ip} for the {what} is already in use "
@@ -781,17 +796,17 @@ class Pool:
             self.hub = None
             raise UpError(f"the overlay hub did not start: {exc}") from None
 
-    def store_ports(self) -> list[int]:
-        """Every TCP port the core's stores listen on (their defaults unless --store-port moved them; the
-        graph store's HTTP port is its Bolt port + 1)."""
+    def store_ports(self) -> dict[int, str]:
+        """Every TCP port the core's stores listen on, with the store's name (their defaults unless
+        --store-port moved them; the graph store's HTTP port is its Bolt port + 1)."""
         from deployments.stores.kinds import KINDS
 
-        ports = []
+        ports = {}
         for name in self.o.stores:
             kind = KINDS.get(name)
             port = self.o.store_ports.get(name, kind.default_port if kind else 0)
             if port:
-                ports += [port, port + 1] if name == "graph" else [port]
+                ports.update({p: name for p in ([port, port + 1] if name == "graph" else [port])})
         return ports
 
     def edge_local_deny(self) -> wg.LocalDeny | None:

@@ -74,7 +74,7 @@ def test_an_edge_child_inherits_no_core_secret(monkeypatch: pytest.MonkeyPatch, 
 def test_the_edge_head_is_a_control_plane_of_its_own(tmp_path: Path) -> None:
     pool, _ = make_pool(tmp_path, EdgeSpec())
     edge = pool.edges["edge"]
-    assert edge.ray_address == "127.0.0.1:6480" and edge.serve_url == "http://127.0.0.1:8010"
+    assert edge.ray_address == "127.0.0.1:6480" and edge.serve_url == "http://127.0.0.1:8030"
     assert edge.dir == EdgeSpec().data_dir(tmp_path / "data") and edge.token_file.parent == edge.dir
     assert edge.home == edge.dir / "home" and edge.token_file.name == "cluster_token"  # tests/e2e/edge_bed.py
     # 107-byte socket paths: HAProxy's below a node id (56) and a socket name
@@ -553,3 +553,23 @@ def test_edges_on_one_machine_share_no_port() -> None:
         assert not [port for port in singles if p.min_worker <= port <= p.max_worker]
     ranges = sorted((p.min_worker, p.max_worker) for p in layouts)
     assert all(a[1] < b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+
+
+def test_no_edge_port_is_a_store_or_core_default(tmp_path: Path) -> None:
+    """The edge's Serve binds every address under the overlay: a store on its port could not start (chroma's
+    default once was the edge's Serve port). `rma up` refuses a clash it is asked for, before anything runs."""
+    from rma_ray.poolinfo import STORE_NAMES
+
+    def options(**kw: Any) -> UpOptions:
+        return UpOptions(tmp_path / "data", "127.0.0.1", "127.0.0.1", apps=(), edges=(EdgeSpec(),), **kw)
+
+    pool = Pool(options(stores=STORE_NAMES), lambda _: None)
+    taken = set(pool.store_ports()) | {8000, 8265, 6380, 8470}
+    assert {8010, 5440, 6390, 7697, 7698} <= set(pool.store_ports())
+    for i in range(4):
+        p = EdgeSpec().ports.shifted(i)
+        singles = {getattr(p, f) for f in p.__dataclass_fields__ if f not in ("min_worker", "max_worker")}
+        assert not singles & taken and not [t for t in taken if p.min_worker <= t <= p.max_worker]
+    moved = Pool(options(stores=("chroma",), store_ports={"chroma": 8030}), lambda _: None)
+    with pytest.raises(UpError, match="port 8030 is both the edge edge's Serve and the chroma store's"):
+        moved._check_ports()
