@@ -159,22 +159,40 @@ def cut(state: AppState, worker: Worker) -> None:
     worker.overlay_ip = None
 
 
+def _belongs(settings: Settings, cluster: str, hub: HubRef, worker: Worker) -> bool:
+    """Whether a live donor's stored peer belongs on its cluster's hub: its address inside the hub's subnet
+    (a row from before a subnet change would otherwise route a foreign address), and, on the core's hub of a
+    pool with edges, a trusted donor only (an untrusted one that joined the core before edges existed belongs
+    to an edge now)."""
+    try:
+        inside = ipaddress.ip_address(worker.overlay_ip or "") in ipaddress.ip_network(hub.subnet)
+    except ValueError:
+        inside = False
+    return inside and (cluster != CORE or not settings.edges or bool(worker.trusted))
+
+
 def sync(state: AppState, session: Session) -> tuple[int, int]:
     """Make each hub's peers exactly the live donors' of its cluster (after a restart of the head or of the
-    coordinator). Returns (added, removed), over every hub."""
+    coordinator). A live row whose peer does not belong there (_belongs) is treated as gone: its peer removed,
+    its address cleared, so that its next rejoin gets a fresh one. Returns (added, removed), over every hub."""
     added = removed = 0
     for cluster, hub in hubs(state.settings).items():
-        want = {
-            w.wg_public_key: w.overlay_ip
-            for w in session.scalars(
-                select(Worker).where(
-                    Worker.overlay_ip.is_not(None),
-                    Worker.revoked_at.is_(None),
-                    Worker.left_at.is_(None),
-                    Worker.cluster == cluster,
-                )
+        want = {}
+        for w in session.scalars(
+            select(Worker).where(
+                Worker.overlay_ip.is_not(None),
+                Worker.revoked_at.is_(None),
+                Worker.left_at.is_(None),
+                Worker.cluster == cluster,
             )
-        }
+        ):
+            if _belongs(state.settings, cluster, hub, w):
+                want[w.wg_public_key] = w.overlay_ip
+            else:
+                log.warning(
+                    "overlay: %s's peer does not belong on %s; its address is released", w.id, hub.interface
+                )
+                w.overlay_ip = None
         have = {p.public_key: p.allowed_ips for p in overlay.peers_of(hub.interface)}
         gone = [k for k in have if k not in want]
         for key in gone:

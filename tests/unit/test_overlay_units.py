@@ -274,7 +274,7 @@ def test_edge_donors_get_addresses_and_a_peer_on_their_edge_hub_only(
                 name="edge",
                 ray_address="10.89.0.1:6480",
                 dashboard_url="http://10.89.0.1:8275",
-                serve_url="http://10.88.0.1:8010",
+                serve_url="http://10.88.0.1:8030",
                 token_file=tmp_path / "token",
                 overlay=EdgeOverlay(
                     interface="rma-hub-edge",
@@ -336,3 +336,42 @@ def test_edge_donors_get_addresses_and_a_peer_on_their_edge_hub_only(
         service.cut(state, e1)  # type: ignore[arg-type]
         assert peers == [("remove", "rma-hub-edge", key)] and e1.overlay_ip is None
         assert service.hubs(settings).keys() == {"core", "edge"}
+
+        # sync at a coordinator start: an untrusted donor that joined the core before edges existed, and a row
+        # whose stored address lies outside its hub's subnet, are gone (peer removed, address cleared)
+        legacy, trusted, stray = worker("c2", "core"), worker("c3", "core"), worker("e3", "edge")
+        trusted.trusted = True
+        core.trusted = True
+        for w, ip in ((legacy, "10.88.0.7"), (trusted, "10.88.0.8"), (stray, "10.88.0.9")):
+            w.overlay_ip, w.wg_public_key = ip, req().public_key
+        session.add_all([legacy, trusted, stray])
+        session.flush()
+        on_hub = {
+            "rma-hub": [(legacy.wg_public_key, "10.88.0.7/32"), (core.wg_public_key, "10.88.0.2/32")],
+            "rma-hub-edge": [(stray.wg_public_key, "10.88.0.9/32"), (e2.wg_public_key, "10.89.0.3/32")],
+        }
+        monkeypatch.setattr(
+            overlay,
+            "peers_of",
+            lambda iface: [overlay.Peer(k, [ips], None, 0, 0, 0) for k, ips in on_hub[iface]],
+        )
+        peers.clear()
+        assert service.sync(state, session) == (1, 2)  # type: ignore[arg-type]
+        assert sorted(peers) == sorted(
+            [
+                ("remove", "rma-hub", legacy.wg_public_key),
+                ("add", "rma-hub", trusted.wg_public_key, "10.88.0.8/32"),
+                ("remove", "rma-hub-edge", stray.wg_public_key),
+            ]
+        )
+        assert legacy.overlay_ip is None and stray.overlay_ip is None and trusted.overlay_ip == "10.88.0.8"
+        assert e2.overlay_ip == "10.89.0.3" and not [
+            p for p in peers if p[1] == "rma-hub" and "10.89" in p[-1]
+        ]
+        # no edges: an untrusted core donor keeps its peer on the core's hub
+        alone = SimpleNamespace(settings=Settings(**{**settings.model_dump(), "edges": []}))
+        legacy.overlay_ip = "10.88.0.7"
+        on_hub["rma-hub"] = [(legacy.wg_public_key, "10.88.0.7/32")]
+        peers.clear()
+        service.sync(alone, session)  # type: ignore[arg-type]
+        assert ("remove", "rma-hub", legacy.wg_public_key) not in peers and legacy.overlay_ip == "10.88.0.7"
