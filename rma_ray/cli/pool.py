@@ -235,6 +235,12 @@ def up(
     except UpError as exc:
         pool.down()
         fail(str(exc))
+    except Exception as exc:  # anything else: the hubs, tables and processes started so far go too
+        import logging
+
+        logging.getLogger("rma.up").exception("rma up failed")  # the traceback to the log, not the terminal
+        pool.down()
+        fail(f"rma up failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300])
     out.print("[bold green]RMA Pool is up[/]")
     for key, label in (
         ("coordinator_url", "coordinator"),

@@ -573,3 +573,33 @@ def test_no_edge_port_is_a_store_or_core_default(tmp_path: Path) -> None:
     moved = Pool(options(stores=("chroma",), store_ports={"chroma": 8030}), lambda _: None)
     with pytest.raises(UpError, match="port 8030 is both the edge edge's Serve and the chroma store's"):
         moved._check_ports()
+
+
+def test_rma_up_takes_down_what_it_started_whatever_failed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not only an UpError: any exception after the hubs started still runs pool.down() (hubs, nft tables)."""
+    import rma_ray.head
+    import rma_ray.logs
+
+    downs: list[bool] = []
+
+    class Failing:
+        def __init__(self, opts: UpOptions, say: Any) -> None:
+            self.stop_event = self.rotate_event = None
+
+        def up(self) -> None:
+            raise RuntimeError("boom\nsecond line")
+
+        def down(self) -> None:
+            downs.append(True)
+
+    monkeypatch.setattr(rma_ray.head, "Pool", Failing)
+    monkeypatch.setattr(rma_ray.logs, "configure", lambda *_: None)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        r = CliRunner().invoke(cli.app, ["up", "--node-ip-address", "127.0.0.1", "--no-edge"])
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    assert downs == [True] and r.exit_code != 0
+    assert "rma up failed: RuntimeError: boom" in r.output + str(r.exception)
+    assert "second line" not in r.output + str(r.exception)
