@@ -9,8 +9,10 @@ stores, no apps), A is an untrusted donor behind a NAT (tests/e2e/overlay_bed.py
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from tests.e2e.overlay_bed import (
     GCS_PORT,
     HUB,
     PORTS,
+    PY,
     SERVE_PORT,
     SUBNET,
     Donor,
@@ -117,6 +120,44 @@ def test_the_edge_donor_joins_its_edge_over_the_edges_own_hub(edgepool: OverlayP
     assert not any(n["labels"].get(LABEL_CLUSTER) == CORE or n["node_ip"] == HUB for n in nodes)
 
 
+LISTEN = (
+    "import socket, sys\n"
+    "s = socket.socket(); s.bind((sys.argv[1], 0)); s.listen(64)\n"
+    "print(s.getsockname()[1], flush=True)\n"
+    "while True: s.accept()[0].close()\n"
+)
+PROBE = (
+    "import json, socket, sys\n"
+    "def ok(h, p):\n"
+    "    try:\n"
+    "        socket.create_connection((h, p), timeout=2).close(); return True\n"
+    "    except OSError:\n"
+    "        return False\n"
+    "print(json.dumps([ok(h, p) for h, p in json.loads(sys.argv[1])]))\n"
+)
+
+
+@contextlib.contextmanager
+def core_listener(pool: OverlayPool) -> Iterator[int]:
+    """A throwaway TCP listener on the core hub's address in the head's namespace, on a free port no table
+    names: only the rules about the core's subnet keep anyone from it."""
+    proc = pool.head.popen([PY, "-c", LISTEN, HUB], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout
+        yield int(proc.stdout.readline())
+    finally:
+        proc.kill()
+        proc.wait(5)
+
+
+def no_core_counter(pool: OverlayPool) -> int:
+    """Packets the edge table's `ip daddr <core subnet> counter drop` rule dropped so far."""
+    text = pool.head.run(["nft", "list", "table", "inet", overlay.edge_table(DEFAULT_EDGE)]).stdout
+    m = re.search(rf"ip daddr {re.escape(SUBNET)} counter packets (\d+)", text)
+    assert m, text
+    return int(m.group(1))
+
+
 def test_the_edge_donor_cannot_open_any_core_ray_port(edgepool: OverlayPool, donor: Donor) -> None:
     # every port the core's processes (root's: the edge head runs as its own user) listen on, pinned or
     # picked at random by Ray, but the two public ones; and every pinned one besides
@@ -143,9 +184,13 @@ def test_the_edge_donor_cannot_open_any_core_ray_port(edgepool: OverlayPool, don
         )
         donor.host.run(["ip", "route", "replace", SUBNET, "dev", donor.interface])
         try:
-            assert (
-                helper.reachable([(HUB, p) for p in sorted(core | {COORDINATOR_PORT, SERVE_PORT})]) == set()
-            )
+            with core_listener(edgepool) as port:
+                # the head reaches the listener; the forced donor does not, and the edge table's rule drops it
+                assert edgepool.head_helper.reachable([(HUB, port)], timeout=2) == {(HUB, port)}
+                before = no_core_counter(edgepool)
+                core_ports = sorted(core | {COORDINATOR_PORT, SERVE_PORT, port})
+                assert helper.reachable([(HUB, p) for p in core_ports]) == set()
+                assert no_core_counter(edgepool) > before
         finally:
             donor.host.run(["ip", "route", "del", SUBNET, "dev", donor.interface])
             donor.host.run(["wg", "set", donor.interface, "peer", hub_key, "allowed-ips", EDGE_SUBNET])
@@ -172,3 +217,23 @@ def test_revoke_takes_the_edge_donor_off_its_hub_at_once(edgepool: OverlayPool, 
         interval=0.05,
         what="the revoked edge donor's tunnel to carry nothing",
     )
+
+
+def test_edge_user_code_on_the_head_reaches_its_edge_but_no_core_port(edgepool: OverlayPool) -> None:
+    """Code an edge donor runs on the edge head runs as the edge's system user there: the core table's output
+    chain keeps it off the core's Ray ports and subnet on every address, loopback included."""
+    user = edge_of(edgepool).get("user") or "rma-edge"
+    with core_listener(edgepool) as port:
+        targets = [
+            [EDGE_HUB, EDGE.gcs],  # its own GCS
+            [edgepool.head.ip, COORDINATOR_PORT],  # the coordinator (its ingress fetches the public keys)
+            [HUB, GCS_PORT],  # the core's GCS
+            [HUB, port],  # anything on the core's subnet
+        ]
+        probe = ["runuser", "-u", user, "--", PY, "-c", PROBE, json.dumps(targets)]
+        assert json.loads(edgepool.head.run(probe).stdout) == [True, True, False, False]
+        # root (the core) still reaches both
+        assert edgepool.head_helper.reachable([(HUB, GCS_PORT), (HUB, port)], timeout=2) == {
+            (HUB, GCS_PORT),
+            (HUB, port),
+        }
