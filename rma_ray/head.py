@@ -799,11 +799,13 @@ class Pool:
     def store_ports(self) -> dict[int, str]:
         """Every TCP port the core's stores listen on, with the store's name (their defaults unless
         --store-port moved them; the graph store's HTTP port is its Bolt port + 1)."""
-        from deployments.stores.kinds import KINDS
+        import importlib
 
-        ports = {}
+        # by name: rma_ray imports nothing of deployments/ statically (mypy checks rma_ray and admission only)
+        kinds: dict[str, Any] = importlib.import_module("deployments.stores.kinds").KINDS
+        ports: dict[int, str] = {}
         for name in self.o.stores:
-            kind = KINDS.get(name)
+            kind = kinds.get(name)
             port = self.o.store_ports.get(name, kind.default_port if kind else 0)
             if port:
                 ports.update({p: name for p in ([port, port + 1] if name == "graph" else [port])})
