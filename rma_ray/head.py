@@ -24,7 +24,11 @@ interface and subnet), up before the core's head and kept across the edge head's
 edge head's Ray binds that hub's address, the coordinator is told the hub (`RMA_EDGES`) and puts the edge's
 donors on it only. The edge's Serve proxy listens on every address but its hub's table opens it (and every
 other port of the edge's Ray) to loopback, the edge's own donors and the core's overlay only: the core's
-gateway calls it on the core hub's address. `rma down` takes each hub and its table away.
+gateway calls it on the core hub's address. The core hub's table has an output chain for the edges' users
+(Pool.edge_local_deny): what they run on the head opens no connection to the core's Ray ports, the stores'
+ports or the core's subnet, loopback included; only the coordinator's port stays open to them. Without the
+overlay there is no such chain (the edge is then for donors that accept the head's connections; nothing
+firewalls the head). `rma down` takes each hub and its table away.
 """
 
 from __future__ import annotations
