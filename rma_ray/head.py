@@ -27,8 +27,8 @@ other port of the edge's Ray) to loopback, the edge's own donors and the core's 
 gateway calls it on the core hub's address. The core hub's table has an output chain for the edges' users
 (Pool.edge_local_deny): what they run on the head opens no connection to the core's Ray ports, the stores'
 ports or the core's subnet, loopback included; only the coordinator's port stays open to them. Without the
-overlay there is no such chain (the edge is then for donors that accept the head's connections; nothing
-firewalls the head). `rma down` takes each hub and its table away.
+overlay there is no hub, so no such chain (a known gap: code an edge donor runs on the edge head may then
+connect to the core's ports on the head). `rma down` takes each hub and its table away.
 """
 
 from __future__ import annotations
