@@ -10,7 +10,8 @@ What the three sides share, named once here:
 - `EdgeSpec`: one edge's name, ports, overlay subnet and system user (what `rma up` starts; a config entry per
   edge);
 - `EdgeEndpoint`: what the coordinator is told of a running edge (`RMA_EDGES`, a JSON list): where its GCS,
-  dashboard and Serve proxy answer and which file holds its token;
+  dashboard and Serve proxy answer, which file holds its token and, with the overlay, its own hub
+  (`EdgeOverlay`: the edge's donors get addresses and a peer there, never on the core's hub);
 - the edge service credential: a short-lived EdDSA JWT the coordinator mints for the core's gateway (audience
   `edge_audience(name)`, issuer `EDGE_ISSUER`), checked by the edge's ingress against the coordinator's public
   keys (`jwks_path(name)`); it names no client and grants nothing beyond edge compute.
@@ -25,8 +26,12 @@ import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field
+
+if TYPE_CHECKING:
+    from rma_ray.overlay import RayPorts
 
 CORE = "core"  # the core cluster's name (registry, labels, pool.json)
 LABEL_CLUSTER = "rma.io/cluster"  # every node's cluster: "core" or the edge's name
@@ -77,7 +82,7 @@ class EdgePorts:
 
     gcs: int = 6480
     dashboard: int = 8275
-    serve: int = 8010
+    serve: int = 8030  # not 8010: the chroma store's default (deployments/stores/kinds.py)
     node_manager: int = 6481
     object_manager: int = 6482
     metrics_export: int = 6483
@@ -110,6 +115,13 @@ class EdgePorts:
     def argv(self) -> list[str]:
         """`ray start --head` arguments for these ports (GCS and dashboard ports go through NodeSpec): the same
         pinning as the core head's under the overlay (`rma_ray.overlay.RayPorts`), on the edge's numbers."""
+        return self.ray_ports().argv(head=True)
+
+    def head_tcp(self) -> list[int]:
+        """The edge head's ports beyond RayPorts': GCS, dashboard, Serve (its edge hub firewalls them too)."""
+        return [self.gcs, self.dashboard, self.serve]
+
+    def ray_ports(self) -> RayPorts:
         from rma_ray.overlay import RayPorts
 
         return RayPorts(
@@ -122,7 +134,7 @@ class EdgePorts:
             min_worker=self.min_worker,
             max_worker=self.max_worker,
             ray_client=self.ray_client,
-        ).argv(head=True)
+        )
 
 
 @dataclass(frozen=True)
@@ -133,6 +145,7 @@ class EdgeSpec:
     ports: EdgePorts = field(default_factory=EdgePorts)
     overlay_subnet: str = "10.89.0.0/16"  # its own, apart from the core's (rma_ray.overlay.DEFAULT_SUBNET)
     user: str = ""  # empty: edge_user(name)
+    overlay_port: int = 51821  # its hub's UDP port, beside the core hub's (rma_ray.overlay.DEFAULT_PORT)
 
     def __post_init__(self) -> None:
         if not self.user:
@@ -147,6 +160,16 @@ class EdgeSpec:
         return Path(tempfile.gettempdir()) / f"rma-edge-{self.name}-{digest}"
 
 
+class EdgeOverlay(BaseModel):
+    """An edge's own WireGuard hub on the head (`rma up --overlay`): its donors get an address from `subnet`
+    and a peer on `interface`, never on the core's hub (rma_ray.overlay.edge_hub)."""
+
+    interface: str = Field(description="the edge hub's WireGuard interface, on the coordinator's machine")
+    public_key: str
+    endpoint: str = Field(description="host:port (UDP) the edge's donors dial")
+    subnet: str
+
+
 class EdgeEndpoint(BaseModel):
     """A running edge as the coordinator knows it (`RMA_EDGES`, a JSON list of these, set by `rma up`)."""
 
@@ -155,6 +178,7 @@ class EdgeEndpoint(BaseModel):
     dashboard_url: str = Field(description="the edge's Ray dashboard (state API, Serve status)")
     serve_url: str = Field(description="the edge's Serve proxy, which the core's gateway calls")
     token_file: Path = Field(description="the edge's cluster token (root:edge user, 0640; root reads it)")
+    overlay: EdgeOverlay | None = Field(default=None, description="the edge's hub; None: no overlay")
 
     def token(self) -> str | None:
         """The token, read only from a regular file, never through a link (defence in depth: the edge dir is

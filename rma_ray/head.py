@@ -18,6 +18,17 @@ workers run as the raylet's user, so code an edge donor runs on the edge head re
 core data dir is 0700 and root's, the core head's Ray temp dir lies under a 0700 parent of root's. Stopping an
 edge kills every process of its user. The edge head is restarted if it dies (the core serves meanwhile) and
 rotated alone (`rma rotate-cluster-token --edge NAME`).
+
+With `--overlay` each edge also gets its own WireGuard hub (rma_ray.overlay.edge_hub: its key, UDP port,
+interface and subnet), up before the core's head and kept across the edge head's restarts and rotations; the
+edge head's Ray binds that hub's address, the coordinator is told the hub (`RMA_EDGES`) and puts the edge's
+donors on it only. The edge's Serve proxy listens on every address but its hub's table opens it (and every
+other port of the edge's Ray) to loopback, the edge's own donors and the core's overlay only: the core's
+gateway calls it on the core hub's address. The core hub's table has an output chain for the edges' users
+(Pool.edge_local_deny): what they run on the head opens no connection to the core's Ray ports, the stores'
+ports or the core's subnet, loopback included; only the coordinator's port stays open to them. Without the
+overlay there is no hub, so no such chain (a known gap: code an edge donor runs on the edge head may then
+connect to the core's ports on the head). `rma down` takes each hub and its table away.
 """
 
 from __future__ import annotations
@@ -45,7 +56,14 @@ import psutil
 from rma_ray import credentials, poolinfo
 from rma_ray import overlay as wg
 from rma_ray.client import AdmissionClient, AdmissionError
-from rma_ray.edges import LABEL_CLUSTER, EdgeEndpoint, EdgeSpec, default_edge_apps, valid_name
+from rma_ray.edges import (
+    LABEL_CLUSTER,
+    EdgeEndpoint,
+    EdgeOverlay,
+    EdgeSpec,
+    default_edge_apps,
+    valid_name,
+)
 from rma_ray.identity import service_file
 from rma_ray.membership import write_private
 from rma_ray.net import port_free
@@ -283,19 +301,73 @@ class EdgeHead:
         self.restarting: threading.Thread | None = None  # the supervisor's restart of a dead head (30-60 s)
         self._lock = threading.Lock()  # `close()` against a restart that is about to start a node
         self.closed = False  # the pool is going down: no node may start any more
+        self.hub: wg.Hub | None = None  # its own overlay hub (`rma up --overlay`)
+
+    @property
+    def ray_ip(self) -> str:
+        """Where the edge head's Ray binds and what it advertises: its own hub's address under the overlay
+        (never the core's subnet: edge donors are given none of it), the head's address otherwise."""
+        return wg.hub_address(self.spec.overlay_subnet) if self.o.overlay else self.o.node_ip
 
     @property
     def ray_address(self) -> str:
-        # not on the core's overlay: edge donors never get the core's subnet (an edge overlay is its own)
-        return f"{self.o.node_ip}:{self.spec.ports.gcs}"
+        return f"{self.ray_ip}:{self.spec.ports.gcs}"
 
     @property
     def dashboard_url(self) -> str:
-        return f"http://{self.o.node_ip}:{self.spec.ports.dashboard}"
+        return f"http://{self.ray_ip}:{self.spec.ports.dashboard}"
 
     @property
     def serve_url(self) -> str:
-        return f"http://{self.o.node_ip}:{self.spec.ports.serve}"
+        # under the overlay the edge's Serve port is open to the core only: its gateway (on the head, or a
+        # trusted donor) calls it on the core hub's address, through the core's overlay
+        return f"http://{self.o.ray_ip}:{self.spec.ports.serve}"
+
+    def start_hub(self) -> None:
+        """The edge's own overlay hub (rma_ray.overlay.edge_hub), before its head: Ray binds its address. It
+        outlives restarts and rotations of the edge head (its peers are the edge's donors)."""
+        if not self.o.overlay or self.hub is not None:
+            return
+        self.hub = wg.edge_hub(
+            self.o.data_dir,
+            self.name,
+            self.spec.overlay_subnet,
+            self.spec.overlay_port,
+            wg.edge_interface(self.o.overlay_interface, self.name),
+            self.spec.ports.ray_ports(),
+            self.spec.ports.head_tcp(),
+            core_interface=self.o.overlay_interface,
+            core_subnet=self.o.overlay_subnet,
+        )
+        self.say(
+            f"starting the edge {self.name!r}'s overlay hub {self.hub.name} on {self.hub.address} "
+            f"(UDP {self.hub.port}) …"
+        )
+        try:
+            self.hub.up()
+        except wg.OverlayError as exc:
+            self.hub = None
+            raise UpError(f"the edge {self.name!r}'s overlay hub did not start: {exc}") from None
+
+    def guard_ports(self) -> None:
+        """Firewall any port the edge head's Ray opened outside the pinned ones (as Pool.guard_ports)."""
+        if self.hub is None or self.node is None or not self.node.running():
+            return
+        self.node.track()
+        try:
+            self.hub.firewall.cover(wg.listening_ports(self.node.pids()))
+        except wg.OverlayError as exc:
+            self.say(f"[yellow]firewall of the edge {self.name!r}:[/] {exc}")
+
+    def overlay_info(self) -> EdgeOverlay | None:
+        if self.hub is None:
+            return None
+        return EdgeOverlay(
+            interface=self.hub.name,
+            public_key=self.hub.public_key,
+            endpoint=f"{self.o.node_ip}:{self.hub.port}",
+            subnet=self.hub.subnet,
+        )
 
     def endpoint(self) -> EdgeEndpoint:
         return EdgeEndpoint(
@@ -304,6 +376,7 @@ class EdgeHead:
             dashboard_url=self.dashboard_url,
             serve_url=self.serve_url,
             token_file=self.token_file,
+            overlay=self.overlay_info(),
         )
 
     def info(self) -> EdgeInfo:
@@ -417,7 +490,7 @@ class EdgeHead:
         """The edge head, then Serve on it (its proxy on the Serve port). UpError when either fails."""
         old_temp = self.node.spec.temp_dir if self.node else None
         spec = NodeSpec(
-            node_ip=self.o.node_ip,
+            node_ip=self.ray_ip,
             token_file=self.token_file,
             head=True,
             extra_args=self.spec.ports.argv(),
@@ -461,7 +534,9 @@ class EdgeHead:
                     "--address",
                     self.ray_address,
                     "--host",
-                    self.o.node_ip,
+                    # the overlay: every address (HAProxy binds them all anyway), the edge hub's table lets
+                    # only the core and the edge reach it
+                    "0.0.0.0" if self.o.overlay else self.o.node_ip,
                     "--port",
                     str(self.spec.ports.serve),
                     "--haproxy-dir",
@@ -628,8 +703,23 @@ class Pool:
             if not port_free(host, port):
                 hint = " (a Redis on this box? use --gcs-port)" if port == 6379 else ""
                 raise UpError(f"port {port} on {host} for the {what} is already in use{hint}")
+        # the stores start later (free now), but on the head like the edges' ports
+        core = {port: f"the {name} store" for port, name in self.store_ports().items()}
+        core.update(
+            {
+                self.o.gcs_port: "the Ray GCS",
+                self.o.dashboard_port: "the Ray dashboard",
+                self.o.coordinator_port: "the coordinator",
+                self.o.serve_port: "Serve",
+            }
+        )
         for edge in self.edges.values():
             for what, port in edge.ports():
+                if port in core:
+                    raise UpError(
+                        f"port {port} is both the {what} and {core[port]}'s: move the store "
+                        f"(--store-port) or the core's port"
+                    )
                 if not port_free(self.o.node_ip, port):
                     raise UpError(
                         f"port {port} on {self.o.node_ip} for the {what} is already in use "
@@ -699,6 +789,7 @@ class Pool:
             self.o.overlay_interface,
             extra_tcp=[self.o.gcs_port, self.o.dashboard_port],
             public_tcp={self.o.coordinator_port, self.o.serve_port},
+            local_deny=self.edge_local_deny(),
         )
         self.say(
             f"starting the overlay hub {self.hub.name} on {self.hub.address} (UDP {self.o.overlay_port}) …"
@@ -709,8 +800,38 @@ class Pool:
             self.hub = None
             raise UpError(f"the overlay hub did not start: {exc}") from None
 
+    def store_ports(self) -> dict[int, str]:
+        """Every TCP port the core's stores listen on, with the store's name (their defaults unless
+        --store-port moved them; the graph store's HTTP port is its Bolt port + 1)."""
+        import importlib
+
+        # by name: rma_ray imports nothing of deployments/ statically (mypy checks rma_ray and admission only)
+        kinds: dict[str, Any] = importlib.import_module("deployments.stores.kinds").KINDS
+        ports: dict[int, str] = {}
+        for name in self.o.stores:
+            kind = kinds.get(name)
+            port = self.o.store_ports.get(name, kind.default_port if kind else 0)
+            if port:
+                ports.update({p: name for p in ([port, port + 1] if name == "graph" else [port])})
+        return ports
+
+    def edge_local_deny(self) -> wg.LocalDeny | None:
+        """What the edges' system users (known after EdgeHead.prepare) may not reach on the head: the core's
+        Ray ports, the stores' and the core's overlay subnet (rma_ray.overlay.LocalDeny); the coordinator's
+        HTTP port stays open to them (an edge's ingress fetches its public keys)."""
+        if not self.edges:
+            return None
+        return wg.LocalDeny(
+            uids=tuple(edge._user().pw_uid for edge in self.edges.values()),
+            tcp=tuple(self.store_ports()),
+            nets=(self.o.overlay_subnet,),
+            allow_tcp=(self.o.coordinator_port,),
+        )
+
     def guard_ports(self) -> None:
         """Firewall any port the head's Ray opened outside the pinned ones (autoscaler monitor, dashboard gRPC)."""
+        for edge in self.edges.values():
+            edge.guard_ports()
         if self.hub is None or self.head is None:
             return
         self.head.track()
@@ -829,6 +950,8 @@ class Pool:
         first_start = not old.admin_key
         self.admin_key = old.admin_key or credentials.mint(credentials.Kind.ADMIN).token
         self.start_hub()
+        for edge in self.edges.values():
+            edge.start_hub()  # before the coordinator: it is told each edge hub (RMA_EDGES)
         self.start_head()
         self.start_serve()
         self.start_coordinator()
@@ -1249,6 +1372,9 @@ class Pool:
             self.head.stop(timeout=5)  # Serve and the stores are done: nothing on the head needs draining
             shutil.rmtree(self.head.spec.temp_dir.parent, ignore_errors=True)  # private_temp_dir's parent
             self._progress(f"Ray head stopped ({time.monotonic() - t0:.1f} s)")
+        for edge in self.edges.values():
+            if edge.hub is not None:
+                edge.hub.down()  # its interface and its table
         if self.hub is not None:
             self.hub.down()
         poolinfo.write(self.o.data_dir, poolinfo.read(self.o.data_dir).without_processes())

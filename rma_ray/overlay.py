@@ -16,6 +16,7 @@ where `ip link add ... type wireguard` works, `wireguard-go` (userspace) otherwi
 from __future__ import annotations
 
 import base64
+import hashlib
 import ipaddress
 import os
 import shutil
@@ -170,7 +171,13 @@ class RayPorts:
 
 
 def render_firewall(
-    interface: str, elements: list[str], table: str = NFT_TABLE, isolate: bool = False
+    interface: str,
+    elements: list[str],
+    table: str = NFT_TABLE,
+    isolate: bool = False,
+    also_from: Iterable[str] = (),
+    no_reach: Iterable[str] = (),
+    local_deny: LocalDeny | None = None,
 ) -> str:
     """An nftables table that drops TCP to Ray's ports unless it arrives on the overlay interface or loopback.
     Only Ray's ports: a donor's own services (ssh, ...) are none of the pool's business.
@@ -179,7 +186,18 @@ def render_firewall(
     could send through the hub to anything the head's other interfaces reach (its LAN, a cloud's metadata
     address, Docker's bridges), and the head's networks could reach donors through it wherever the head
     forwards. Packets between the overlay and the head's other interfaces are dropped both ways; towards the
-    overlay, replies to connections already made pass. What the head itself sends is output, not forwarded."""
+    overlay, replies to connections already made pass. What the head itself sends is output, not forwarded.
+
+    An edge's hub (`edge_hub`) adds two things. `also_from`: the core's overlay interface may reach the edge's
+    Ray ports too (the core's gateway calls the edge's Serve, the coordinator reads its dashboard). `no_reach`:
+    subnets (the core's) that nothing arriving on this interface may reach on the head at all, whatever the
+    port. Each hub's table only drops: nftables runs every table's chain on a packet and a drop in any is
+    final, so the core's table keeps an edge donor off the core's ports and the edge's table keeps everyone but
+    the core and its own donors off the edge's.
+
+    `local_deny` (the core's hub, with edges): an output chain for what the edges' system users run on the
+    head itself (an edge donor's Ray task runs on the edge head as that user), which the input chain's
+    `iifname "lo" accept` would let through: see LocalDeny."""
     forward = (
         ""
         if not isolate
@@ -191,18 +209,62 @@ def render_firewall(
         f'    oifname "{interface}" counter drop\n'
         f"  }}\n"
     )
+    denied = "".join(
+        f'    iifname "{interface}" {_family(net)} daddr {net} counter drop\n' for net in no_reach
+    )
+    trusted = "".join(f'    iifname "{other}" accept\n' for other in also_from)
     return (
         f"table inet {table} {{\n"
         f"  set ray_tcp {{ type inet_service; flags interval; elements = {{ {', '.join(elements)} }} }}\n"
         f"  chain input {{\n"
         f"    type filter hook input priority filter - 5; policy accept;\n"
         f'    iifname "lo" accept\n'
+        f"{denied}"
         f'    iifname "{interface}" accept\n'
+        f"{trusted}"
         f"    tcp dport @ray_tcp counter drop\n"
         f"  }}\n"
         f"{forward}"
+        f"{local_deny.render() if local_deny and local_deny.uids else ''}"
         f"}}\n"
     )
+
+
+@dataclass(frozen=True)
+class LocalDeny:
+    """What processes of the edges' system users (`uids`) on the head may not reach, whatever the address
+    (loopback, the head's own, the core hub's): new TCP connections to the core's Ray ports (the table's
+    `ray_tcp` set, kept current by Firewall.cover) and to `tcp` (the stores' ports), and anything new to the
+    `nets` (the core's overlay subnet). `allow_tcp` (the coordinator's HTTP port: an edge's ingress fetches the
+    coordinator's public keys) passes first. Replies of the edge's own sockets (the core's gateway calling the
+    edge's Serve) are established connections and pass."""
+
+    uids: tuple[int, ...]
+    tcp: tuple[int, ...] = ()
+    nets: tuple[str, ...] = ()
+    allow_tcp: tuple[int, ...] = ()
+
+    def render(self) -> str:
+        who = f"meta skuid {{ {', '.join(str(u) for u in sorted(set(self.uids)))} }}"
+        lines = [
+            "  chain output {\n",
+            "    type filter hook output priority filter - 5; policy accept;\n",
+            "    ct state established,related accept\n",
+        ]
+        if self.allow_tcp:
+            ports = ", ".join(str(p) for p in sorted(set(self.allow_tcp)))
+            lines.append(f"    {who} tcp dport {{ {ports} }} accept\n")
+        lines.append(f"    {who} tcp dport @ray_tcp counter reject with tcp reset\n")
+        if self.tcp:
+            ports = ", ".join(str(p) for p in sorted(set(self.tcp)))
+            lines.append(f"    {who} tcp dport {{ {ports} }} counter reject with tcp reset\n")
+        lines += [f"    {who} {_family(net)} daddr {net} counter reject\n" for net in self.nets]
+        lines.append("  }\n")
+        return "".join(lines)
+
+
+def _family(net: str) -> str:
+    return "ip" if ipaddress.ip_network(net).version == 4 else "ip6"
 
 
 def _run(argv: list[str], what: str, input: str | None = None, timeout: float = 20) -> str:
@@ -250,14 +312,24 @@ class Firewall:
     table: str = NFT_TABLE
     allow: set[int] = field(default_factory=set)
     isolate: bool = False  # the hub: forward spoke to spoke only (render_firewall)
+    also_from: tuple[str, ...] = ()  # an edge's hub: the core's interface reaches the edge's ports too
+    no_reach: tuple[str, ...] = ()  # an edge's hub: subnets (the core's) its donors never reach
+    local_deny: LocalDeny | None = None  # the core's hub with edges: what the edges' users may not reach
+
+    def render(self) -> str:
+        return render_firewall(
+            self.interface,
+            self.elements,
+            self.table,
+            self.isolate,
+            self.also_from,
+            self.no_reach,
+            self.local_deny,
+        )
 
     def install(self) -> None:
         self.remove()
-        _run(
-            ["nft", "-f", "-"],
-            "installing the Ray firewall",
-            input=render_firewall(self.interface, self.elements, self.table, self.isolate),
-        )
+        _run(["nft", "-f", "-"], "installing the Ray firewall", input=self.render())
         self._covered: set[int] = set()
         for e in self.elements:
             lo, _, hi = e.partition("-")
@@ -453,14 +525,26 @@ class Hub:
     ports: RayPorts = field(default_factory=RayPorts)
     extra_tcp: list[int] = field(default_factory=list)  # the head's own Ray ports: GCS, dashboard
     public_tcp: set[int] = field(default_factory=set)  # open to all: the coordinator, Serve's HTTP proxy
+    key_name: str = "hub"  # <data dir>/overlay/<key_name>.key: an edge's hub has a key of its own
+    table: str = NFT_TABLE
+    also_from: tuple[str, ...] = ()  # Firewall.also_from
+    no_reach: tuple[str, ...] = ()  # Firewall.no_reach
+    local_deny: LocalDeny | None = None  # Firewall.local_deny
 
     def __post_init__(self) -> None:
-        self.key_file = self.data_dir / "overlay" / "hub.key"
+        self.key_file = self.data_dir / "overlay" / f"{self.key_name}.key"
         prefix = ipaddress.ip_network(self.subnet).prefixlen
         self.address = hub_address(self.subnet)
         self.iface = Interface(self.name, f"{self.address}/{prefix}", self.key_file, listen_port=self.port)
         self.firewall = Firewall(
-            self.name, self.ports.firewalled(self.extra_tcp), allow=self.public_tcp, isolate=True
+            self.name,
+            self.ports.firewalled(self.extra_tcp),
+            table=self.table,
+            allow=self.public_tcp,
+            isolate=True,
+            also_from=self.also_from,
+            no_reach=self.no_reach,
+            local_deny=self.local_deny,
         )
         self.public_key = ""
 
@@ -479,6 +563,51 @@ class Hub:
     def down(self) -> None:
         self.firewall.remove()
         self.iface.down()
+
+
+def edge_interface(core_interface: str, edge: str) -> str:
+    """An edge hub's interface name, made from the core hub's (unique per pool on a machine: wireguard-go's
+    sockets share one directory) and the edge's name; hashed where the two exceed Linux's 15 characters."""
+    name = f"{core_interface}-{edge}"
+    if len(name) > 15:
+        name = f"{core_interface[:6]}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+    return interface_name(name, prefix="")
+
+
+def edge_table(edge: str) -> str:
+    """The nftables table an edge's hub owns (nft names: letters, digits, '_')."""
+    return f"{NFT_TABLE}_edge_{edge.replace('-', '_')}"
+
+
+def edge_hub(
+    data_dir: Path,
+    edge: str,
+    subnet: str,
+    port: int,
+    interface: str,
+    ports: RayPorts,
+    extra_tcp: Iterable[int],
+    core_interface: str,
+    core_subnet: str,
+) -> Hub:
+    """An edge cluster's own hub on the head, beside the core's (DESIGN.md, "Trust domains"): its own key,
+    UDP port, interface and subnet, so edge donors get addresses and a peer here and never on the core's hub.
+    Its table lets the edge's Ray ports (`ports` plus `extra_tcp`: GCS, dashboard, Serve) be reached from
+    loopback, its own interface and the core's interface only, and drops anything from its donors to the
+    core's subnet; forwarding is spoke to spoke within the edge (render_firewall). The core's own table keeps
+    the core's Ray ports from the edge's interface like from any other."""
+    return Hub(
+        data_dir,
+        subnet,
+        port,
+        interface,
+        ports=ports,
+        extra_tcp=list(extra_tcp),
+        key_name=f"edge-{edge}",
+        table=edge_table(edge),
+        also_from=(core_interface,),
+        no_reach=(core_subnet,),
+    )
 
 
 @dataclass

@@ -69,9 +69,10 @@ def _store_ports(items: list[str]) -> dict[str, int]:
     return ports
 
 
-def _edges(names: list[str]) -> tuple[EdgeSpec, ...]:
+def _edges(names: list[str], overlay_port: int = 51820) -> tuple[EdgeSpec, ...]:
     """One EdgeSpec per --edge-name: the first on the default ports and overlay subnet, each next one moved up
-    (ports by EdgePorts.shifted, subnet by one /16)."""
+    (ports by EdgePorts.shifted, subnet by one /16); each edge's overlay hub on the UDP port after the one
+    before (the core's hub on `overlay_port`)."""
     import ipaddress
 
     from rma_ray.edges import EdgePorts, EdgeSpec, valid_name
@@ -87,9 +88,18 @@ def _edges(names: list[str]) -> tuple[EdgeSpec, ...]:
             name=name,
             ports=EdgePorts().shifted(i),
             overlay_subnet=str(ipaddress.ip_network((int(base.network_address) + i * 2**16, base.prefixlen))),
+            overlay_port=overlay_port + 1 + i,
         )
         for i, name in enumerate(names)
     )
+
+
+def _overlapping_edge(core_subnet: str, edges: tuple[EdgeSpec, ...]) -> EdgeSpec | None:
+    """The first edge whose overlay subnet overlaps the core's (each cluster's donors get a subnet apart)."""
+    import ipaddress
+
+    core = ipaddress.ip_network(core_subnet, strict=False)
+    return next((e for e in edges if ipaddress.ip_network(e.overlay_subnet).overlaps(core)), None)
 
 
 @commands.command("up")
@@ -145,8 +155,8 @@ def up(
             "--edge/--no-edge",
             help="start an edge cluster beside the core head for untrusted donors: its own Ray head, run as "
             "its own system user (rma-edge; rma-edge-NAME for another --edge-name) with its own token "
-            "and ports (root); --no-edge: one cluster. Default: on, but off with --overlay (edges do not "
-            "use the overlay yet: their donors must accept connections from the head)",
+            "and ports (root); with --overlay also its own hub, subnet (10.89.0.0/16) and firewall; "
+            "--no-edge: one cluster. Default: on",
             show_default=False,
         ),
     ] = None,
@@ -195,20 +205,20 @@ def up(
         store_ports=_store_ports(store_port or []),
         apps=_app_list(apps),
         edge_apps=_edge_app_list(edge_apps, _app_list(apps)),
-        # edges do not use the overlay yet (no subnet or firewall of their own): an overlay pool, whose donors
-        # may sit behind NAT, gets one only when asked, and is told what that means
-        edges=_edges(edge_name or [DEFAULT_EDGE]) if (edge if edge is not None else not overlay) else (),
+        # with --overlay each edge gets its own hub, subnet and firewall (rma_ray.overlay.edge_hub)
+        edges=_edges(edge_name or [DEFAULT_EDGE], overlay_port) if edge is not False else (),
     )
-    if overlay and opts.edges:
-        say(
-            "[yellow]note:[/] the edge cluster does not use the overlay yet: edge donors join it on the head's "
-            "address and must accept connections from it (no NAT)"
-        )
     if overlay:
         try:
             check_overlay_subnet(overlay_subnet)
         except ValueError as exc:
             fail(f"--overlay-subnet {exc}")
+        clash = _overlapping_edge(overlay_subnet, opts.edges)
+        if clash:
+            fail(
+                f"--overlay-subnet {overlay_subnet} overlaps the subnet {clash.overlay_subnet} of the edge "
+                f"{clash.name!r} (each edge's donors get a subnet of their own); choose one outside it"
+            )
     logs.configure("up")
     pool = Pool(opts, say)
 
@@ -225,6 +235,12 @@ def up(
     except UpError as exc:
         pool.down()
         fail(str(exc))
+    except Exception as exc:  # anything else: the hubs, tables and processes started so far go too
+        import logging
+
+        logging.getLogger("rma.up").exception("rma up failed")  # the traceback to the log, not the terminal
+        pool.down()
+        fail(f"rma up failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300])
     out.print("[bold green]RMA Pool is up[/]")
     for key, label in (
         ("coordinator_url", "coordinator"),

@@ -233,8 +233,12 @@ def listening_tcp(host: Host) -> set[int]:
 
 
 @contextlib.contextmanager
-def start_pool(bed: TestBed, root: Path, use_overlay: bool = True) -> Iterator[OverlayPool]:
-    """`rma up` in bed.hosts[0] (~30 s); donors leave and the pool goes down by PID afterwards."""
+def start_pool(
+    bed: TestBed, root: Path, use_overlay: bool = True, edge: bool = False
+) -> Iterator[OverlayPool]:
+    """`rma up` in bed.hosts[0] (~30 s); donors leave and the pool goes down by PID afterwards. `edge`: with
+    the edge cluster (its own hub on the overlay; untrusted donors join it); pool.json is ready once the edge
+    head runs."""
     head = bed.hosts[0]
     hub_if = f"rmah{bed.id}"
     env = {**os.environ, "HOME": str(root / "hhome"), "RMA_DATA_DIR": str(root / "head"), "COLUMNS": "200"}
@@ -252,8 +256,9 @@ def start_pool(bed: TestBed, root: Path, use_overlay: bool = True) -> Iterator[O
         "none",
         "--apps",
         "none",
-        "--no-edge",  # the single-cluster pool: untrusted donors join the core (edges do not use the overlay yet)
     ]
+    if not edge:
+        argv.append("--no-edge")  # the single-cluster pool: untrusted donors join the core
     if use_overlay:
         argv += ["--overlay", "--overlay-interface", hub_if]
     proc = head.popen(argv, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
@@ -264,7 +269,12 @@ def start_pool(bed: TestBed, root: Path, use_overlay: bool = True) -> Iterator[O
         def ready() -> dict[str, Any] | None:
             assert proc.poll() is None, f"rma up exited: {log.read_text()}"
             p = root / "head" / "pool.json"
-            return json.loads(p.read_text()) if p.exists() and "join_token" in p.read_text() else None
+            info = json.loads(p.read_text()) if p.exists() and "join_token" in p.read_text() else None
+            if info and edge:
+                e = (info.get("edges") or {}).get("edge") or {}
+                assert not e.get("error"), f"the edge did not start: {e['error']}"
+                return info if e.get("head_pid") else None
+            return info
 
         info = wait_for(ready, timeout=240, interval=0.5, what="rma up to write pool.json")
         pool = OverlayPool(bed, head, root, proc, info, helper)
@@ -301,3 +311,5 @@ def start_pool(bed: TestBed, root: Path, use_overlay: bool = True) -> Iterator[O
                     check=False,
                 )
         (overlay.WG_SOCKET_DIR / f"{hub_if}.sock").unlink(missing_ok=True)
+        if edge:
+            (overlay.WG_SOCKET_DIR / f"{overlay.edge_interface(hub_if, 'edge')}.sock").unlink(missing_ok=True)

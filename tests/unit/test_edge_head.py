@@ -74,7 +74,7 @@ def test_an_edge_child_inherits_no_core_secret(monkeypatch: pytest.MonkeyPatch, 
 def test_the_edge_head_is_a_control_plane_of_its_own(tmp_path: Path) -> None:
     pool, _ = make_pool(tmp_path, EdgeSpec())
     edge = pool.edges["edge"]
-    assert edge.ray_address == "127.0.0.1:6480" and edge.serve_url == "http://127.0.0.1:8010"
+    assert edge.ray_address == "127.0.0.1:6480" and edge.serve_url == "http://127.0.0.1:8030"
     assert edge.dir == EdgeSpec().data_dir(tmp_path / "data") and edge.token_file.parent == edge.dir
     assert edge.home == edge.dir / "home" and edge.token_file.name == "cluster_token"  # tests/e2e/edge_bed.py
     # 107-byte socket paths: HAProxy's below a node id (56) and a socket name
@@ -517,8 +517,8 @@ def test_the_cli_starts_one_edge_by_default_and_none_with_no_edge(monkeypatch: p
             [],
             ["--no-edge"],
             ["--edge-name", "edge", "--edge-name", "eu"],
-            ["--overlay"],  # no edge by default: edges do not use the overlay yet
-            ["--overlay", "--edge"],
+            ["--overlay"],  # the edge by default with the overlay too: its own hub, subnet and firewall
+            ["--overlay", "--no-edge"],
         ):
             r = CliRunner().invoke(cli.app, ["up", "--node-ip-address", "127.0.0.1", *args])
             assert r.exit_code != 0 and "stood in" in r.output + str(r.exception), r.output
@@ -528,11 +528,14 @@ def test_the_cli_starts_one_edge_by_default_and_none_with_no_edge(monkeypatch: p
         for s, h in handlers.items():
             signal.signal(s, h)
     assert seen[:2] == [(EdgeSpec(),), ()]
-    assert seen[3:5] == [(), (EdgeSpec(),)]
-    # a second edge: its own ports and overlay subnet, apart from the first's
+    assert seen[3:5] == [(EdgeSpec(),), ()]
+    # a second edge: its own ports, overlay subnet and hub port, apart from the first's
     first, second = seen[2]
     assert (first, second.name) == (EdgeSpec(), "eu")
     assert second.ports == EdgeSpec().ports.shifted(1) and second.overlay_subnet == "10.90.0.0/16"
+    assert (first.overlay_port, second.overlay_port) == (51821, 51822)
+    r = CliRunner().invoke(cli.app, ["up", "--overlay", "--overlay-subnet", "10.0.0.0/8"])
+    assert r.exit_code != 0 and "overlaps the subnet 10.89.0.0/16" in str(r.exception), r.output
 
 
 def test_edges_on_one_machine_share_no_port() -> None:
@@ -550,3 +553,53 @@ def test_edges_on_one_machine_share_no_port() -> None:
         assert not [port for port in singles if p.min_worker <= port <= p.max_worker]
     ranges = sorted((p.min_worker, p.max_worker) for p in layouts)
     assert all(a[1] < b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+
+
+def test_no_edge_port_is_a_store_or_core_default(tmp_path: Path) -> None:
+    """The edge's Serve binds every address under the overlay: a store on its port could not start (chroma's
+    default once was the edge's Serve port). `rma up` refuses a clash it is asked for, before anything runs."""
+    from rma_ray.poolinfo import STORE_NAMES
+
+    def options(**kw: Any) -> UpOptions:
+        return UpOptions(tmp_path / "data", "127.0.0.1", "127.0.0.1", apps=(), edges=(EdgeSpec(),), **kw)
+
+    pool = Pool(options(stores=STORE_NAMES), lambda _: None)
+    taken = set(pool.store_ports()) | {8000, 8265, 6380, 8470}
+    assert {8010, 5440, 6390, 7697, 7698} <= set(pool.store_ports())
+    for i in range(4):
+        p = EdgeSpec().ports.shifted(i)
+        singles = {getattr(p, f) for f in p.__dataclass_fields__ if f not in ("min_worker", "max_worker")}
+        assert not singles & taken and not [t for t in taken if p.min_worker <= t <= p.max_worker]
+    moved = Pool(options(stores=("chroma",), store_ports={"chroma": 8030}), lambda _: None)
+    with pytest.raises(UpError, match="port 8030 is both the edge edge's Serve and the chroma store's"):
+        moved._check_ports()
+
+
+def test_rma_up_takes_down_what_it_started_whatever_failed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not only an UpError: any exception after the hubs started still runs pool.down() (hubs, nft tables)."""
+    import rma_ray.head
+    import rma_ray.logs
+
+    downs: list[bool] = []
+
+    class Failing:
+        def __init__(self, opts: UpOptions, say: Any) -> None:
+            self.stop_event = self.rotate_event = None
+
+        def up(self) -> None:
+            raise RuntimeError("boom\nsecond line")
+
+        def down(self) -> None:
+            downs.append(True)
+
+    monkeypatch.setattr(rma_ray.head, "Pool", Failing)
+    monkeypatch.setattr(rma_ray.logs, "configure", lambda *_: None)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        r = CliRunner().invoke(cli.app, ["up", "--node-ip-address", "127.0.0.1", "--no-edge"])
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    assert downs == [True] and r.exit_code != 0
+    assert "rma up failed: RuntimeError: boom" in r.output + str(r.exception)
+    assert "second line" not in r.output + str(r.exception)

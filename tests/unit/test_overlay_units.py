@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import secrets
 import shutil
 import subprocess
 from pathlib import Path
@@ -116,12 +117,36 @@ def test_hub_forwards_spoke_to_spoke_only() -> None:
     )
 
 
+def test_core_table_keeps_edge_users_off_core_ports_on_the_head() -> None:
+    deny = overlay.LocalDeny(uids=(999, 998), tcp=(5440, 8010), nets=("10.88.0.0/16",), allow_tcp=(8470,))
+    text = overlay.render_firewall("rma-hub", ["6380", "6391"], isolate=True, local_deny=deny)
+    chain = text[text.index("chain output") :]
+    rules = [line.strip() for line in chain.splitlines()[2:] if line.strip() not in ("}", "")]
+    who = "meta skuid { 998, 999 }"
+    # order matters: replies of the edge's own sockets and the coordinator first, then the core's ports and
+    # subnet, from any address (loopback included: the input chain accepts lo)
+    assert rules == [
+        "ct state established,related accept",
+        f"{who} tcp dport {{ 8470 }} accept",
+        f"{who} tcp dport @ray_tcp counter reject with tcp reset",
+        f"{who} tcp dport {{ 5440, 8010 }} counter reject with tcp reset",
+        f"{who} ip daddr 10.88.0.0/16 counter reject",
+    ]
+    assert "type filter hook output" in chain and "policy accept" in chain
+    assert "chain output" not in overlay.render_firewall("rma-hub", ["6391"], isolate=True)  # no edges
+    empty = overlay.LocalDeny(uids=())
+    assert "chain output" not in overlay.render_firewall("rma-hub", ["6391"], local_deny=empty)
+
+
 @pytest.mark.skipif(
     not shutil.which("nft") or not Path("/proc/self").exists(), reason="nftables not installed"
 )
 @pytest.mark.parametrize("isolate", [False, True])
-def test_firewall_is_valid_nftables(isolate: bool) -> None:
-    text = overlay.render_firewall("rmaabc", RayPorts().firewalled([6380, 8265]), isolate=isolate)
+@pytest.mark.parametrize("deny", [None, overlay.LocalDeny((999,), (5440,), ("10.88.0.0/16",), (8470,))])
+def test_firewall_is_valid_nftables(isolate: bool, deny: overlay.LocalDeny | None) -> None:
+    text = overlay.render_firewall(
+        "rmaabc", RayPorts().firewalled([6380, 8265]), isolate=isolate, local_deny=deny
+    )
     r = subprocess.run(["nft", "-c", "-f", "-"], input=text, capture_output=True, text=True)
     if r.returncode and "Operation not permitted" in r.stderr:
         pytest.skip("nft -c needs CAP_NET_ADMIN here")
@@ -152,3 +177,201 @@ def test_firewall_covers_random_ray_ports_once_and_never_public_ones(monkeypatch
     assert calls[-1] == ["nft", "add", "element", "inet", "rma_overlay", "ray_tcp", "{ 44217, 44227 }"]
     assert fw.cover([44217]) == []
     assert len(calls) == 2
+
+
+# ---- edges on the overlay: each edge its own hub, subnet and table ----------------------------------------
+
+
+def _edge_hub(edge: str = "edge", core_if: str = "rma-hub") -> overlay.Hub:
+    from rma_ray.edges import EdgePorts
+
+    ports = EdgePorts()
+    return overlay.edge_hub(
+        Path("/nonexistent"),
+        edge,
+        "10.89.0.0/16",
+        51821,
+        overlay.edge_interface(core_if, edge),
+        ports.ray_ports(),
+        ports.head_tcp(),
+        core_interface=core_if,
+        core_subnet="10.88.0.0/16",
+    )
+
+
+def test_edge_hub_firewall_admits_the_core_and_its_own_donors_only() -> None:
+    from rma_ray.edges import EdgePorts
+
+    hub = _edge_hub()
+    assert hub.address == "10.89.0.1" and hub.port == 51821 and hub.key_file.name == "edge-edge.key"
+    text = hub.firewall.render()
+    assert text.startswith("table inet rma_overlay_edge_edge {")  # its own table, apart from the core's
+    rules = [line.strip() for line in text[text.index("chain input") :].splitlines()[2:7]]
+    # order matters: its donors' packets to the core's subnet die before its own interface is accepted
+    assert rules == [
+        'iifname "lo" accept',
+        f'iifname "{hub.name}" ip daddr 10.88.0.0/16 counter drop',
+        f'iifname "{hub.name}" accept',
+        'iifname "rma-hub" accept',  # the core: its gateway calls the edge's Serve
+        "tcp dport @ray_tcp counter drop",
+    ]
+    p = EdgePorts()
+    elements = hub.firewall.elements
+    for port in (p.gcs, p.dashboard, p.serve, p.node_manager, p.object_manager, p.ray_client):
+        assert str(port) in elements
+    assert f"{p.min_worker}-{p.max_worker}" in elements
+    # nothing of the core's: its Ray ports are the core table's, which drops them from every interface
+    # but loopback and the core's own
+    assert not {"6379", "6380", "6391", "10002-19999"} & set(elements)
+    forward = text[text.index("chain forward") :]
+    assert f'iifname "{hub.name}" oifname "{hub.name}" accept' in forward
+    assert f'iifname "{hub.name}" counter drop' in forward  # nothing routed from the edge to the core
+
+
+def test_edge_hub_names_are_unique_and_fit_linux() -> None:
+    assert overlay.edge_interface("rma-hub", "edge") == "rma-hub-edge"
+    long_a = overlay.edge_interface("rmah0123abcd", "west-europe-1")
+    long_b = overlay.edge_interface("rmah0123abcd", "west-europe-2")
+    assert len(long_a) <= 15 and len(long_b) <= 15 and long_a != long_b
+    assert overlay.edge_table("eu-west") == "rma_overlay_edge_eu_west"
+
+
+@pytest.mark.skipif(not shutil.which("nft"), reason="nftables not installed")
+def test_edge_firewall_is_valid_nftables() -> None:
+    r = subprocess.run(
+        ["nft", "-c", "-f", "-"], input=_edge_hub().firewall.render(), capture_output=True, text=True
+    )
+    if r.returncode and "Operation not permitted" in r.stderr:
+        pytest.skip("nft -c needs CAP_NET_ADMIN here")
+    assert r.returncode == 0, r.stderr
+
+
+def test_edge_donors_get_addresses_and_a_peer_on_their_edge_hub_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """admission.services.overlay on an SQLite database: the edge's subnet and hub, never the core's."""
+    from types import SimpleNamespace
+
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import Session
+
+    from admission import schemas
+    from admission.models import Base, Worker
+    from admission.services import overlay as service
+    from rma_ray.edges import EdgeEndpoint, EdgeOverlay
+    from rma_ray.settings import Settings
+
+    peers: list[tuple[str, ...]] = []
+    monkeypatch.setattr(overlay, "set_peer", lambda iface, key, ips: peers.append(("add", iface, key, ips)))
+    monkeypatch.setattr(overlay, "remove_peer", lambda iface, key: peers.append(("remove", iface, key)))
+    edge_key = overlay.load_or_create_key(tmp_path / "edge.key")
+    settings = Settings(
+        overlay_hub_interface="rma-hub",
+        overlay_hub_public_key=overlay.load_or_create_key(tmp_path / "hub.key"),
+        overlay_hub_endpoint="192.0.2.1:51820",
+        edges=[
+            EdgeEndpoint(
+                name="edge",
+                ray_address="10.89.0.1:6480",
+                dashboard_url="http://10.89.0.1:8275",
+                serve_url="http://10.88.0.1:8030",
+                token_file=tmp_path / "token",
+                overlay=EdgeOverlay(
+                    interface="rma-hub-edge",
+                    public_key=edge_key,
+                    endpoint="192.0.2.1:51821",
+                    subnet="10.89.0.0/16",
+                ),
+            ),
+            EdgeEndpoint(  # an edge without a hub of its own: its donors get no overlay part
+                name="bare",
+                ray_address="192.0.2.1:6490",
+                dashboard_url="http://192.0.2.1:8276",
+                serve_url="http://192.0.2.1:8011",
+                token_file=tmp_path / "token2",
+            ),
+        ],
+    )
+    state = SimpleNamespace(settings=settings)
+    engine = create_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    Base.metadata.create_all(engine)
+
+    def worker(wid: str, cluster: str) -> Worker:
+        return Worker(
+            id=wid, name=wid, tier="service", capabilities={}, labels={}, node_token_hash="x", cluster=cluster
+        )
+
+    def req() -> schemas.OverlayRequest:
+        return schemas.OverlayRequest(public_key=overlay.load_or_create_key(tmp_path / secrets.token_hex(4)))
+
+    with Session(engine) as session:
+        core, e1, e2, bare = (
+            worker("c1", "core"),
+            worker("e1", "edge"),
+            worker("e2", "edge"),
+            worker("b1", "bare"),
+        )
+        session.add_all([core, e1, e2, bare])
+        session.flush()
+        got_core = service.admit(state, session, core, req())  # type: ignore[arg-type]
+        got_e1 = service.admit(state, session, e1, req())  # type: ignore[arg-type]
+        got_e2 = service.admit(state, session, e2, req())  # type: ignore[arg-type]
+        assert service.admit(state, session, bare, req()) is None  # type: ignore[arg-type]
+        assert got_core and got_e1 and got_e2
+        assert (got_core.address, got_core.hub_address, got_core.hub_endpoint) == (
+            "10.88.0.2",
+            "10.88.0.1",
+            "192.0.2.1:51820",
+        )
+        assert (got_e1.address, got_e2.address, got_e1.hub_address) == ("10.89.0.2", "10.89.0.3", "10.89.0.1")
+        assert got_e1.hub_public_key == edge_key and got_e1.hub_endpoint == "192.0.2.1:51821"
+        assert got_e1.prefix == 16
+        assert [(p[1], p[3]) for p in peers] == [
+            ("rma-hub", "10.88.0.2/32"),
+            ("rma-hub-edge", "10.89.0.2/32"),
+            ("rma-hub-edge", "10.89.0.3/32"),
+        ]
+        peers.clear()
+        key = e1.wg_public_key
+        service.cut(state, e1)  # type: ignore[arg-type]
+        assert peers == [("remove", "rma-hub-edge", key)] and e1.overlay_ip is None
+        assert service.hubs(settings).keys() == {"core", "edge"}
+
+        # sync at a coordinator start: an untrusted donor that joined the core before edges existed, and a row
+        # whose stored address lies outside its hub's subnet, are gone (peer removed, address cleared)
+        legacy, trusted, stray = worker("c2", "core"), worker("c3", "core"), worker("e3", "edge")
+        trusted.trusted = True
+        core.trusted = True
+        for w, ip in ((legacy, "10.88.0.7"), (trusted, "10.88.0.8"), (stray, "10.88.0.9")):
+            w.overlay_ip, w.wg_public_key = ip, req().public_key
+        session.add_all([legacy, trusted, stray])
+        session.flush()
+        on_hub = {
+            "rma-hub": [(legacy.wg_public_key, "10.88.0.7/32"), (core.wg_public_key, "10.88.0.2/32")],
+            "rma-hub-edge": [(stray.wg_public_key, "10.88.0.9/32"), (e2.wg_public_key, "10.89.0.3/32")],
+        }
+        monkeypatch.setattr(
+            overlay,
+            "peers_of",
+            lambda iface: [overlay.Peer(k, [ips], None, 0, 0, 0) for k, ips in on_hub[iface]],
+        )
+        peers.clear()
+        assert service.sync(state, session) == (1, 2)  # type: ignore[arg-type]
+        assert sorted(peers) == sorted(
+            [
+                ("remove", "rma-hub", legacy.wg_public_key),
+                ("add", "rma-hub", trusted.wg_public_key, "10.88.0.8/32"),
+                ("remove", "rma-hub-edge", stray.wg_public_key),
+            ]
+        )
+        assert legacy.overlay_ip is None and stray.overlay_ip is None and trusted.overlay_ip == "10.88.0.8"
+        assert e2.overlay_ip == "10.89.0.3" and not [
+            p for p in peers if p[1] == "rma-hub" and "10.89" in p[-1]
+        ]
+        # no edges: an untrusted core donor keeps its peer on the core's hub
+        alone = SimpleNamespace(settings=Settings(**{**settings.model_dump(), "edges": []}))
+        legacy.overlay_ip = "10.88.0.7"
+        on_hub["rma-hub"] = [(legacy.wg_public_key, "10.88.0.7/32")]
+        peers.clear()
+        service.sync(alone, session)  # type: ignore[arg-type]
+        assert ("remove", "rma-hub", legacy.wg_public_key) not in peers and legacy.overlay_ip == "10.88.0.7"
