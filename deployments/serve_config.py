@@ -107,7 +107,7 @@ EDGE_RAYSERVICE_FILE = ROOT / "cluster_configs" / "kuberay" / "rayservice-edge.y
 # the checked-in edge file: the default edge of a pool whose coordinator is where rayservice.yaml says
 EDGE_FILE_NAME = "edge"
 EDGE_FILE_COORDINATOR = "https://rma-coordinator.fly.dev"
-EDGE_HTTP_OPTIONS = {"host": "0.0.0.0", "port": 8010, "request_timeout_s": 180.0}  # rma_ray.edges.EdgePorts
+EDGE_HTTP_OPTIONS = {"host": "0.0.0.0", "port": 8030, "request_timeout_s": 180.0}  # rma_ray.edges.EdgePorts
 
 
 # each builder's settings class (the `RMA_*_` variables it reads); inference_app takes no args
