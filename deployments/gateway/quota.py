@@ -48,7 +48,8 @@ FIELDS = ("requests", "tokens_in", "tokens_out", "upload_bytes")
 PREFIX = "rma:usage"
 METER_ENV = "RMA_METER"  # "off": no counting and no quotas in this process (a bench's baseline)
 REPORT_ENV = "RMA_USAGE_REPORT_S"  # how often a replica reports the day's usage to the coordinator
-SPOT_CHECK = "rma.spot_check"  # ASGI scope flag: the core's re-run of an edge answer, never the client's usage
+# ASGI scope flag: the core's re-run of an edge answer, never the client's usage
+SPOT_CHECK = "rma.spot_check"
 # set (in its own task) while the core re-runs an edge answer: the meter counts nothing of that run
 spot_checking: ContextVar[bool] = ContextVar("rma_spot_checking", default=False)
 
@@ -292,6 +293,8 @@ class Meter:
     async def admit(self, key_id: str, quota: Any) -> None:
         """One request of `key_id`: counted, then checked against its quota (`rma_ray.wire.Quota`); a Refusal
         (429) when it is over. A refused request is counted too (the client sent it)."""
+        if spot_checking.get():
+            return
         self._ensure_tasks()
         rpm = quota.requests_per_minute
         if rpm:

@@ -212,7 +212,8 @@ async def call_app(app: Any, scope: dict[str, Any], body: bytes) -> tuple[int, b
         if not sent:
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
-        await never  # the caller does not leave: a streaming app's disconnect listener waits (and is cancelled)
+        # the caller does not leave: a streaming app's disconnect listener waits (and is cancelled)
+        await never
         return {"type": "http.disconnect"}
 
     async def send(message: dict[str, Any]) -> None:
