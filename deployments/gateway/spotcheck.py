@@ -6,7 +6,8 @@ each verdict goes to the coordinator, which keeps a pass rate per edge and quara
   streamed (a streamed chat answer is never sampled: its chunks would have to be reassembled; clients that
   stream are checked through their non-streaming requests), a fraction `spot_check_rate` (the coordinator's
   setting, delivered with the edge routes; 0 = off) is copied while it is relayed, up to `max_answer_bytes`
-  (a longer answer is not sampled). The client gets the edge's answer exactly as before; the copy is queued once
+  (a longer answer, or a request over `max_request_bytes`, is not sampled: at most `queue_size` samples of
+  bounded size are held). The client gets the edge's answer exactly as before; the copy is queued once
   the answer's last byte was sent. The queue is bounded per event loop (`queue_size`; a sample that finds it
   full is dropped, counted `dropped`), and `workers` (1) checks run at a time per replica process.
 - The re-run: the same method, path and body, in process, through the app `EdgeForward` wraps (the core's own
@@ -295,12 +296,14 @@ class SpotChecker:
         queue_size: int = 8,
         workers: int = 1,
         max_answer_bytes: int = 256 * 1024,
+        max_request_bytes: int = 4 * 2**20,
         thresholds: dict[str, float] | None = None,
         timeout_s: float = 120.0,
         rng: Callable[[], float] = random.random,
     ) -> None:
         self.report, self.queue_size, self.workers = report, queue_size, workers
-        self.max_answer_bytes, self.timeout_s, self.rng = max_answer_bytes, timeout_s, rng
+        self.max_answer_bytes, self.max_request_bytes = max_answer_bytes, max_request_bytes
+        self.timeout_s, self.rng = timeout_s, rng
         self.thresholds = {**THRESHOLDS, **(thresholds or {})}
         self._queues: dict[asyncio.AbstractEventLoop, asyncio.Queue[Sample]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -482,7 +485,7 @@ def sampler(
         return None
     kind = kind_of(str(scope.get("path", "")))
     c = checker()
-    if kind is None or c is None or _streaming(body) or not c.wants(rate):
+    if kind is None or len(body) > c.max_request_bytes or _streaming(body) or not c.wants(rate):
         return None
     edge = str(headers.get(SERVED_BY_HEADER, "")).removeprefix("edge:")
     if not edge:

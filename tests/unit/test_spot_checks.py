@@ -394,6 +394,22 @@ def test_rate_zero_samples_nothing(fresh: Bed) -> None:
     assert fresh.core.calls == [] and spotcheck.checker().counts.total() == 0
 
 
+@pytest.mark.parametrize("limit", ["answer", "request"])
+def test_a_long_answer_or_request_is_not_sampled(fresh: Bed, limit: str) -> None:
+    checker = SpotChecker(fresh.report)
+    if limit == "answer":
+        checker.max_answer_bytes = 64  # an embeddings answer here is ~600 bytes
+    else:
+        checker.max_request_bytes = 200
+    spotcheck.set_checker(checker)
+    post(fresh, "/v1/embeddings", json={"model": "e", "input": ["x" * 300]})
+    checker.max_answer_bytes = checker.max_request_bytes = 2**20
+    post(fresh, "/v1/embeddings", json={"model": "e", "input": ["beta"]})
+    (verdict,) = verdicts(fresh, 1)  # one worker, in order: an earlier sample would have been checked first
+    assert verdict["passed"] and len(fresh.core.calls) == 1
+    assert checker.counts.total() == 1
+
+
 def test_a_full_queue_drops_samples_and_never_delays_the_client(fresh: Bed) -> None:
     """One check at a time, one sample queued: with the core holding the first re-run, the second waits in
     the queue and the third is dropped; every client got its answer meanwhile."""
