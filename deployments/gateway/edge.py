@@ -65,6 +65,7 @@ from starlette.responses import StreamingResponse
 from deployments.gateway.edge_gate import Counter
 from deployments.gateway.keys import ClientIdentity
 from deployments.gateway.refusal import Refusal
+from deployments.gateway.spotcheck import sampler
 from rma_ray.edges import SERVED_BY_HEADER
 from rma_ray.wire import EdgeRoute, EdgeRoutes
 
@@ -505,8 +506,6 @@ class EdgeForward:
             )
             if resp is not None:
                 # a sampled answer is copied as it is relayed and re-checked on the core once it was sent
-                from deployments.gateway.spotcheck import sampler
-
                 tee = sampler(r.spot_check_rate, self.app_name, self.app, scope, body, resp.headers, send)
                 await resp(scope, receive, send if tee is None else tee.send)
                 if tee is not None:
