@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import hashlib
 import json
 import logging
@@ -274,6 +275,9 @@ class Sample:
     too_big: bool = False
     status: int = 0
     core: Any = field(default=None, repr=False)  # the app EdgeForward wraps: the core's own path
+    # the client's request's context (Serve's request context): the re-run runs in a copy of it, as the request
+    # would have run on the core
+    context: contextvars.Context = field(default_factory=contextvars.copy_context, repr=False)
 
 
 def _coordinator_report(report: SpotCheckReport) -> None:
@@ -329,7 +333,10 @@ class SpotChecker:
         if queue is None:
             queue = self._queues[loop] = asyncio.Queue(self.queue_size)
             for _ in range(self.workers):
-                task = loop.create_task(self._work(queue), name="rma-spot-check")
+                # a context of its own: not the context of the request that happened to start it
+                task = loop.create_task(
+                    self._work(queue), name="rma-spot-check", context=contextvars.Context()
+                )
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
         try:
@@ -343,7 +350,7 @@ class SpotChecker:
         while True:
             sample = await queue.get()
             try:
-                await self.run(sample)
+                await asyncio.get_running_loop().create_task(self.run(sample), context=sample.context)
             except Exception:  # a bug of ours: one line, the worker goes on
                 log.exception("spot-check of an answer of edge %s failed", sample.edge)
             finally:
