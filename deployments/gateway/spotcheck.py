@@ -15,7 +15,7 @@ each verdict goes to the coordinator, which keeps a pass rate per edge and quara
   already known (the key check's result is reused): never counted against the client's quota or usage.
 - Verdicts, by kind (`kind_of`: from the path):
   - embeddings: cosine similarity of each vector with the core's, the lowest of the batch; passes at >= 0.99
-    (the same model on other hardware differs by float noise only: 1 - 1e-6 measured);
+    (the same model: other hardware or batching changes the vectors by float noise only);
   - ocr / parse: the answers' `text`, `rapidfuzz.fuzz.ratio` / 100 >= 0.95 (the same models, deterministic);
   - llm (chat and completions): not regenerated (sampling differs run to run). The core's own vLLM scores the
     edge's completion: one request to the same route with the completion appended (chat: as the final
@@ -63,6 +63,7 @@ PART_BYTES = 4096  # each part of a failed check's sample (the wire's bound)
 # the lowest honest and the highest of those (-6.23): -5.2, no false positive on the honest runs. Not caught:
 # a fluent answer to another prompt (-2.67 to -1.62, like honest ones): the mean logprob judges whether the model
 # would say this, not whether it answers the question. A larger model (GPU donors) needs its own calibration.
+# Cost: one prefill of prompt + completion on the core, median 187 ms per check here (max 2.3 s, under load).
 LLM_THRESHOLD = -5.2
 THRESHOLDS: dict[str, float] = {"embeddings": 0.99, "ocr": 0.95, "parse": 0.95, "llm": LLM_THRESHOLD}
 KINDS: tuple[tuple[re.Pattern[str], SpotCheckKind], ...] = (
