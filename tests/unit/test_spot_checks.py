@@ -464,3 +464,11 @@ def test_count_tokens_passes_a_flagged_re_run_uncounted() -> None:
         assert m._count(PLAIN.id, {})["tokens_out"] == 7
     finally:
         quota.set_meter(None)
+
+
+def test_a_streamed_answer_is_not_sampled(fresh: Bed) -> None:
+    chat = {"model": "m", "messages": [{"role": "user", "content": "Capital of France?"}]}
+    post(fresh, "/v1/chat/completions", json={**chat, "stream": True})
+    post(fresh, "/v1/embeddings", json={"model": "e", "input": ["beta"]})
+    (verdict,) = verdicts(fresh, 1)  # one worker, in order: the streamed answer would have been checked first
+    assert verdict["kind"] == "embeddings" and len(fresh.core.calls) == 1
