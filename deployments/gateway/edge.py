@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import logging
 import os
 import re
@@ -66,6 +65,7 @@ from deployments.gateway.edge_gate import Counter
 from deployments.gateway.keys import ClientIdentity
 from deployments.gateway.refusal import Refusal
 from deployments.gateway.spotcheck import sampler
+from deployments.gateway.spotcheck import streaming as _streaming
 from rma_ray.edges import SERVED_BY_HEADER
 from rma_ray.wire import EdgeRoute, EdgeRoutes
 
@@ -125,15 +125,6 @@ class EdgeWithdrawn(Exception):
 
     def __init__(self, edge: str, app: str) -> None:
         super().__init__(f"edge {edge} no longer runs {app}")
-
-
-def _streaming(body: bytes) -> bool:
-    """Whether the request's JSON body asks `"stream": true` (its answer's headers come at once)."""
-    try:
-        req = json.loads(body or b"{}")
-    except ValueError:
-        return False
-    return isinstance(req, dict) and req.get("stream") is True
 
 
 class EdgeRouter:

