@@ -45,7 +45,11 @@ ROUTES = (
     ("POST", re.compile(r"/api/ocr")),
 )
 OCR_TEXT = "INVOICE 2026-12-05\nTotal due: 41.20 EUR"
-HONEST_REPLY = "The capital of France is Paris."
+HONEST_REPLY = (
+    "The capital of France is Paris, a city on the Seine in the north of the country, home to about two"
+    " million people."
+)  # over MIN_COMPLETION_TOKENS words: one scored token each here
+GARBAGE_REPLY = " ".join(["zq", "xv", "wk", "pl", "mm"] * 4)
 
 
 def vector(text: str, seed: int = 0) -> list[float]:
@@ -117,6 +121,7 @@ class Edge:
     """An edge behind the real edge gate: `honest`, or not (other vectors, other text, garbage)."""
 
     honest: bool = True
+    answer: tuple[int, bytes] | None = None  # the chat answer (status, body), when set
 
     def app(self, verifier: EdgeCredentialVerifier) -> Any:
         async def answer(request: Request) -> Response:
@@ -125,10 +130,15 @@ class Edge:
                 return JSONResponse(
                     {"content_type": "image/png", "text": OCR_TEXT if self.honest else "lorem"}
                 )
-            req = json.loads(body)
+            try:
+                req = json.loads(body)
+            except (ValueError, RecursionError):
+                return JSONResponse({"error": {"message": "the body is not JSON"}}, status_code=400)
             if request.url.path == "/v1/embeddings":
                 return JSONResponse(embeddings_answer(req["input"], seed=0 if self.honest else 1))
-            return JSONResponse(chat_answer(HONEST_REPLY if self.honest else "zq xv wk pl mm"))
+            if self.answer is not None:
+                return Response(self.answer[1], status_code=self.answer[0], media_type="application/json")
+            return JSONResponse(chat_answer(HONEST_REPLY if self.honest else GARBAGE_REPLY))
 
         gated = EdgeGate(
             Starlette(routes=[Route(p.pattern, answer, methods=[m]) for m, p in ROUTES]), verifier
@@ -243,14 +253,15 @@ def fresh(bed: Bed) -> Iterator[Bed]:
     assert bed.router.refresh()
     bed.core.calls.clear()
     bed.core.gate.set()
-    bed.edge.honest = True
+    bed.edge.honest, bed.edge.answer = True, None
     yield bed
     bed.core.gate.set()
 
 
-def post(bed: Bed, path: str, **kw: Any) -> httpx.Response:
-    r = httpx.post(bed.url + path, headers={"Authorization": f"Bearer {PLAIN.token}"}, timeout=20, **kw)
-    assert r.status_code == 200, r.text
+def post(bed: Bed, path: str, status: int = 200, **kw: Any) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {PLAIN.token}", **kw.pop("headers", {})}
+    r = httpx.post(bed.url + path, headers=headers, timeout=20, **kw)
+    assert r.status_code == status, r.text
     assert r.headers[SERVED_BY_HEADER] == f"edge:{EDGE}"
     return r
 
@@ -300,8 +311,38 @@ def test_text_score_and_llm_parts() -> None:
     assert spotcheck.scoring_request({"model": "m", "prompt": "Q: "}, "A")["prompt"] == "Q: A"
     with pytest.raises(spotcheck.Unjudgeable):
         spotcheck.scoring_request({"model": "m", "prompt": [1, 2, 3]}, "A")
-    with pytest.raises(spotcheck.Unjudgeable):
-        spotcheck.completion_text(chat, {"choices": [{"message": {"content": None, "tool_calls": []}}]})
+    with pytest.raises(spotcheck.Unjudgeable):  # a tool call: no text to judge
+        spotcheck.completion_text(chat, {"choices": [{"message": {"content": None, "tool_calls": [{}]}}]})
+    for malformed in (
+        {"choices": []},
+        {"choices": ["x"]},
+        {"choices": [{"message": "x"}]},
+        {"choices": [{"message": {"content": "", "tool_calls": []}}]},
+        {"error": "busy"},
+    ):
+        with pytest.raises(spotcheck.Malformed):
+            spotcheck.completion_text(chat, malformed)
+    spotcheck.calibrated({**chat, "temperature": 1.0, "top_p": 0.95, "presence_penalty": 0, "seed": 3})
+    spotcheck.calibrated(
+        {**chat, "temperature": None, "response_format": {"type": "text"}, "tool_choice": "none"}
+    )
+    for out_of_range in (
+        {"temperature": 2.0},
+        {"temperature": "hot"},
+        {"top_p": 0.5},
+        {"logit_bias": {"50256": -100}},
+        {"response_format": {"type": "json_object"}},
+        {"guided_regex": "a+"},
+        {"structured_outputs": {"choice": ["a"]}},
+        {"frequency_penalty": 1.5},
+        {"repetition_penalty": 1.3},
+        {"min_tokens": 40},
+        {"ignore_eos": True},
+        {"tools": [{"type": "function", "function": {"name": "f"}}]},
+        {"tool_choice": "required"},
+    ):
+        with pytest.raises(spotcheck.Unjudgeable):
+            spotcheck.calibrated({**chat, **out_of_range})
     # the completion's tokens are the last ones of the prompt: only those count
     answer = {
         "prompt_logprobs": [
@@ -356,7 +397,7 @@ def test_a_hostile_edge_fails_its_checks_and_the_client_gets_its_answer_unchange
     r = post(fresh, "/api/ocr", files={"file": ("scan.png", b"\x89PNG fake image", "image/png")})
     assert r.json()["text"] == "lorem"
     chat = {"model": "m", "messages": [{"role": "user", "content": "Capital of France?"}]}
-    assert post(fresh, "/v1/chat/completions", json=chat).json() == chat_answer("zq xv wk pl mm")
+    assert post(fresh, "/v1/chat/completions", json=chat).json() == chat_answer(GARBAGE_REPLY)
     got = {v["kind"]: v for v in verdicts(fresh, 3)}
     assert set(got) == {"embeddings", "ocr", "llm"}
     for v in got.values():
@@ -391,7 +432,20 @@ def test_rate_zero_samples_nothing(fresh: Bed) -> None:
     fresh.reports.rate = 0.0
     assert fresh.router.refresh() and fresh.router.spot_check_rate == 0.0
     post(fresh, "/v1/embeddings", json={"model": "e", "input": ["alpha"]})
-    assert fresh.core.calls == [] and spotcheck.checker().counts.total() == 0
+    fresh.reports.rate = 1.0
+    assert fresh.router.refresh() and fresh.router.spot_check_rate == 1.0
+    body = json.dumps({"model": "e", "input": ["beta"]}).encode()
+    post(fresh, "/v1/embeddings", content=body, headers={"Content-Type": "application/json"})
+    (verdict,) = verdicts(fresh, 1)  # one worker, in order: the rate-0 answer would have been checked first
+    assert verdict["request_sha256"] == hashlib.sha256(body).hexdigest()
+    assert len(fresh.core.calls) == 1 and spotcheck.checker().counts.total() == 1
+
+
+def test_wants_draws_at_the_rate() -> None:
+    draws = iter([0.05, 0.5, 0.09999, 0.1, 0.99])
+    checker = SpotChecker(None, rng=lambda: next(draws))
+    assert [checker.wants(0.1) for _ in range(5)] == [True, False, True, False, False]
+    assert not SpotChecker(None, rng=lambda: 0.0).wants(0.0)  # rate 0: never, whatever the draw
 
 
 @pytest.mark.parametrize("limit", ["answer", "request"])
@@ -404,10 +458,12 @@ def test_a_long_answer_or_request_is_not_sampled(fresh: Bed, limit: str) -> None
     spotcheck.set_checker(checker)
     post(fresh, "/v1/embeddings", json={"model": "e", "input": ["x" * 300]})
     checker.max_answer_bytes = checker.max_request_bytes = 2**20
-    post(fresh, "/v1/embeddings", json={"model": "e", "input": ["beta"]})
+    body = json.dumps({"model": "e", "input": ["beta"]}).encode()
+    post(fresh, "/v1/embeddings", content=body, headers={"Content-Type": "application/json"})
     (verdict,) = verdicts(fresh, 1)  # one worker, in order: an earlier sample would have been checked first
-    assert verdict["passed"] and len(fresh.core.calls) == 1
-    assert checker.counts.total() == 1
+    assert verdict["passed"] and verdict["request_sha256"] == hashlib.sha256(body).hexdigest()
+    assert len(fresh.core.calls) == 1
+    assert checker.counts == {(EDGE, "embeddings", "oversize"): 1, (EDGE, "embeddings", "passed"): 1}
 
 
 def test_a_full_queue_drops_samples_and_never_delays_the_client(fresh: Bed) -> None:
@@ -443,7 +499,7 @@ def test_a_report_the_coordinator_refuses_is_a_log_line(fresh: Bed, caplog: pyte
 
 
 def test_count_tokens_passes_a_flagged_re_run_uncounted() -> None:
-    m = quota.Meter(None)
+    m, previous = quota.Meter(None), quota._meter  # the bed's meter, when it runs: put back after
     quota.set_meter(m)
     client = ClientKeyVerifier(lambda: KEYRING)
     client.refresh()
@@ -463,7 +519,7 @@ def test_count_tokens_passes_a_flagged_re_run_uncounted() -> None:
         asyncio.run(call(flagged=False))
         assert m._count(PLAIN.id, {})["tokens_out"] == 7
     finally:
-        quota.set_meter(None)
+        quota.set_meter(previous)
 
 
 def test_a_streamed_answer_is_not_sampled(fresh: Bed) -> None:
@@ -472,3 +528,29 @@ def test_a_streamed_answer_is_not_sampled(fresh: Bed) -> None:
     post(fresh, "/v1/embeddings", json={"model": "e", "input": ["beta"]})
     (verdict,) = verdicts(fresh, 1)  # one worker, in order: the streamed answer would have been checked first
     assert verdict["kind"] == "embeddings" and len(fresh.core.calls) == 1
+
+
+def test_an_llm_answer_out_of_range_or_short_is_skipped_and_a_malformed_one_fails(fresh: Bed) -> None:
+    chat = {"model": "m", "messages": [{"role": "user", "content": "Capital of France?"}]}
+    fresh.edge.honest = False  # garbage, but asked at temperature 2: what an honest edge sends too
+    post(fresh, "/v1/chat/completions", json={**chat, "temperature": 2.0})
+    fresh.edge.answer = (200, json.dumps(chat_answer("Paris.")).encode())  # 2 tokens: too few to judge
+    post(fresh, "/v1/chat/completions", json=chat)
+    for status, answer in ((200, b"not json"), (200, b'{"choices": []}'), (203, b'{"choices": ["x"]}')):
+        fresh.edge.answer = (status, answer)
+        post(fresh, "/v1/chat/completions", status=status, json=chat)
+    got = verdicts(fresh, 3)
+    assert [(v["passed"], v["score"], v["sample"]["edge_answer"]) for v in got] == [
+        (False, spotcheck.LOGPROB_FLOOR, "not json"),
+        (False, spotcheck.LOGPROB_FLOOR, '{"choices": []}'),
+        (False, spotcheck.LOGPROB_FLOOR, '{"choices": ["x"]}'),
+    ]
+    checker = spotcheck.checker()
+    assert checker.counts == {(EDGE, "llm", "skipped"): 2, (EDGE, "llm", "failed"): 3}
+    assert len(fresh.core.calls) == 1  # the short answer's scoring only: the rest never reached the core
+
+
+def test_a_deeply_nested_body_gets_an_answer_not_a_500(fresh: Bed) -> None:
+    r = post(fresh, "/v1/chat/completions", status=400, content=b"[" * 100_000)  # the edge's own refusal
+    assert "not JSON" in r.text
+    assert spotcheck.checker().counts.total() == 0
