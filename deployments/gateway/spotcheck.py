@@ -394,10 +394,11 @@ class SpotChecker:
         thresholds: dict[str, float] | None = None,
         timeout_s: float = 120.0,
         rng: Callable[[], float] = random.random,
+        min_tokens: int = MIN_COMPLETION_TOKENS,
     ) -> None:
         self.report, self.queue_size, self.workers = report, queue_size, workers
         self.max_answer_bytes, self.max_request_bytes = max_answer_bytes, max_request_bytes
-        self.timeout_s, self.rng = timeout_s, rng
+        self.timeout_s, self.rng, self.min_tokens = timeout_s, rng, min_tokens
         self.thresholds = {**THRESHOLDS, **(thresholds or {})}
         self._queues: dict[asyncio.AbstractEventLoop, asyncio.Queue[Sample]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -549,7 +550,7 @@ class SpotChecker:
         except (ValueError, RecursionError, AttributeError, KeyError, TypeError) as exc:
             raise CoreFailed(f"the core's answer cannot be read: {type(exc).__name__}: {exc}") from None
         if sample.kind == "llm":
-            if len(lps) < MIN_COMPLETION_TOKENS:
+            if len(lps) < self.min_tokens:
                 raise Unjudgeable(f"{len(lps)} completion tokens: too few to judge")
             score = sum(lps) / len(lps)
             detail = json.dumps({"mean_logprob": score, "tokens": len(lps), "logprobs": lps[::-1]})

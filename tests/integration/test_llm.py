@@ -330,18 +330,23 @@ def test_the_llm_spot_check_tells_an_honest_completion_from_garbage(pool: Pool, 
     import asyncio
 
     from bench.spot_check import chat, http_core, sample_of
-    from deployments.gateway.spotcheck import SpotChecker
+    from deployments.gateway.spotcheck import SpotChecker, Unjudgeable
 
-    prompt = "What is the capital of France?"
-    req = {"model": MODEL, "messages": [{"role": "user", "content": prompt}], "max_tokens": 32}
-    honest = chat(pool.serve_url, key, MODEL, prompt, 32, 0.0)
-    garbage = "lantern cobalt whisper ledger orbit violin pepper falcon marble tulip"
+    prompt = "Describe Paris in three sentences."
+    req = {"model": MODEL, "messages": [{"role": "user", "content": prompt}], "max_tokens": 40}
+    honest = chat(pool.serve_url, key, MODEL, prompt, 40, 0.0)
+    garbage = "lantern cobalt whisper ledger orbit violin pepper falcon marble tulip " * 3
     checker, core = SpotChecker(None), http_core(pool.serve_url)
     good = asyncio.run(checker.check(sample_of(core, key, req, honest)))
     bad = asyncio.run(checker.check(sample_of(core, key, req, garbage)))
     assert good.passed and good.sample is None, (honest, good)
     assert not bad.passed and bad.score < good.score, bad
     assert bad.sample and garbage in bad.sample["edge_answer"]
+    # a mean over a few tokens is noise; a client asking temperature 2 gets such text from an honest edge
+    with pytest.raises(Unjudgeable):
+        asyncio.run(checker.check(sample_of(core, key, req, "Paris.")))
+    with pytest.raises(Unjudgeable):
+        asyncio.run(checker.check(sample_of(core, key, {**req, "temperature": 2.0}, garbage)))
 
 
 def test_every_route_refuses_a_missing_or_wrong_key(pool: Pool, key: str) -> None:
