@@ -329,13 +329,13 @@ def test_the_llm_spot_check_tells_an_honest_completion_from_garbage(pool: Pool, 
     template; the scoring request through the pool's /v1 route, as the gateway's in-process re-run sends it)."""
     import asyncio
 
-    from bench.spot_check import chat, http_core, sample_of
+    from bench.spot_check import WORDS, chat, http_core, sample_of
     from deployments.gateway.spotcheck import SpotChecker, Unjudgeable
 
     prompt = "Describe Paris in three sentences."
     req = {"model": MODEL, "messages": [{"role": "user", "content": prompt}], "max_tokens": 40}
     honest = chat(pool.serve_url, key, MODEL, prompt, 40, 0.0)
-    garbage = "lantern cobalt whisper ledger orbit violin pepper falcon marble tulip " * 3
+    garbage = " ".join(WORDS)  # 20 words, none repeated (a repeat is likely: the model copies it)
     checker, core = SpotChecker(None), http_core(pool.serve_url)
     good = asyncio.run(checker.check(sample_of(core, key, req, honest)))
     bad = asyncio.run(checker.check(sample_of(core, key, req, garbage)))
