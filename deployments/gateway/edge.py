@@ -39,6 +39,9 @@ Counters (Ray's metrics, and `EdgeRouter.counts` in the process): `rma_edge_requ
 with outcome `forwarded` (the edge answered), `fallback` (the edge failed before answering; the core served it),
 `breaker_open` (the edge failed lately and was not tried; the core served it) or `broken` (the edge's answer
 was cut).
+
+Spot-checks (`deployments.gateway.spotcheck`): a fraction of the edge's complete, non-streamed answers (the
+routes' `spot_check_rate`) is copied while relayed and re-checked on the core after the client has it.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ from starlette.responses import StreamingResponse
 from deployments.gateway.edge_gate import Counter
 from deployments.gateway.keys import ClientIdentity
 from deployments.gateway.refusal import Refusal
+from deployments.gateway.spotcheck import sampler
 from rma_ray.edges import SERVED_BY_HEADER
 from rma_ray.wire import EdgeRoute, EdgeRoutes
 
@@ -205,6 +209,11 @@ class EdgeRouter:
 
     def routes(self) -> list[EdgeRoute]:
         return list(self._routes.edges)
+
+    @property
+    def spot_check_rate(self) -> float:
+        """The fraction of edge answers the core re-checks (the coordinator's, with the routes; 0 = off)."""
+        return self._routes.spot_check_rate
 
     def next_refresh_s(self) -> float:
         """Seconds until the next fetch: `refresh_s`, or sooner when a credential nears its expiry."""
@@ -496,7 +505,11 @@ class EdgeForward:
                 body,
             )
             if resp is not None:
-                await resp(scope, receive, send)
+                # a sampled answer is copied as it is relayed and re-checked on the core once it was sent
+                tee = sampler(r.spot_check_rate, self.app_name, self.app, scope, body, resp.headers, send)
+                await resp(scope, receive, send if tee is None else tee.send)
+                if tee is not None:
+                    tee.done()
                 return
         await self.app(scope, _replay(body, more, receive), _served_by_core(send))
 

@@ -19,6 +19,10 @@ Fail open: when Redis cannot be reached (or its endpoint not yet found), the rep
 the log, in `/api/usage` and in its report to the coordinator (the registry page shows it), tries Redis again
 every `retry_s`, and adds what it counted meanwhile to the shared counters once Redis is back. Only the
 per-minute limit takes a Redis round trip per request, and only for a key that has one.
+
+The core's re-run of a sampled edge answer (`deployments.gateway.spotcheck`) is never counted: its ASGI scope
+carries `SPOT_CHECK` (`CountTokens` passes it through) and it runs with `spot_checking` set (the meter counts
+nothing in that context: no request, no tokens, no upload bytes).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Mapping
+from contextvars import ContextVar
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -43,6 +48,10 @@ FIELDS = ("requests", "tokens_in", "tokens_out", "upload_bytes")
 PREFIX = "rma:usage"
 METER_ENV = "RMA_METER"  # "off": no counting and no quotas in this process (a bench's baseline)
 REPORT_ENV = "RMA_USAGE_REPORT_S"  # how often a replica reports the day's usage to the coordinator
+# ASGI scope flag: the core's re-run of an edge answer, never the client's usage
+SPOT_CHECK = "rma.spot_check"
+# set (in its own task) while the core re-runs an edge answer: the meter counts nothing of that run
+spot_checking: ContextVar[bool] = ContextVar("rma_spot_checking", default=False)
 
 
 def day_of(now: float) -> str:
@@ -284,6 +293,8 @@ class Meter:
     async def admit(self, key_id: str, quota: Any) -> None:
         """One request of `key_id`: counted, then checked against its quota (`rma_ray.wire.Quota`); a Refusal
         (429) when it is over. A refused request is counted too (the client sent it)."""
+        if spot_checking.get():
+            return
         self._ensure_tasks()
         rpm = quota.requests_per_minute
         if rpm:
@@ -312,6 +323,8 @@ class Meter:
         """An upload of `size` bytes: refused (429) when it would take the key past its day's upload quota,
         else counted. Checked against the shared counters of now (a flush before and after: uploads are few
         and each is a large request already)."""
+        if spot_checking.get():
+            return
         limit = quota.upload_bytes_per_day
         if limit:
             self._count(key_id, {})
@@ -323,7 +336,7 @@ class Meter:
         await self.flush()
 
     async def add_tokens(self, key_id: str, tokens_in: int, tokens_out: int) -> None:
-        if tokens_in or tokens_out:
+        if (tokens_in or tokens_out) and not spot_checking.get():
             self._count(key_id, {"tokens_in": tokens_in, "tokens_out": tokens_out})
 
     async def usage(self, key_id: str) -> dict[str, int]:
@@ -391,7 +404,7 @@ class CountTokens:
         self.app = app
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST":
+        if scope["type"] != "http" or scope["method"] != "POST" or scope.get(SPOT_CHECK):
             await self.app(scope, receive, send)
             return
         tally = Tally()

