@@ -270,3 +270,42 @@ class ContributionMinute(Base):
     gpu_s: Mapped[float] = mapped_column(Float, default=0.0)
     requests: Mapped[int] = mapped_column(BigInteger, default=0)
     tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class SpotCheck(Base):
+    """One core gateway's verdict on one sampled edge answer (admission.services.reputation). Passes are
+    pruned after `spot_check_retention_h`; failures are kept with their sample, at most
+    `spot_check_samples_kept` per edge (the oldest dropped): what an admin reviews before trusting an edge."""
+
+    __tablename__ = "spot_checks"
+    __table_args__ = (Index("ix_spot_checks_edge_passed_at", "edge", "passed", "at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    edge: Mapped[str] = mapped_column(String(64))
+    app: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(16))
+    path: Mapped[str] = mapped_column(String(200))
+    passed: Mapped[bool] = mapped_column(Boolean)
+    score: Mapped[float] = mapped_column(Float)
+    threshold: Mapped[float] = mapped_column(Float)
+    request_sha256: Mapped[str] = mapped_column(String(64))
+    reporter: Mapped[str] = mapped_column(String(64))  # the credential's actor (service:<id>, worker:<id>)
+    sample: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+
+
+class EdgeReputation(Base):
+    """An edge's decayed pass rate (exponentially weighted over checks) and its quarantine, if any. `checks`
+    and `failures` count since the last reset (an admin's `rma edges trust`)."""
+
+    __tablename__ = "edge_reputation"
+
+    edge: Mapped[str] = mapped_column(String(64), primary_key=True)
+    checks: Mapped[int] = mapped_column(BigInteger, default=0)
+    failures: Mapped[int] = mapped_column(BigInteger, default=0)
+    passed_weight: Mapped[float] = mapped_column(Float, default=0.0)
+    weight: Mapped[float] = mapped_column(Float, default=0.0)
+    last_check_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    quarantined_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    quarantine_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    reset_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)

@@ -70,6 +70,9 @@ from rma_ray.wire import (
     RejoinResponse as RejoinResponse,
 )
 from rma_ray.wire import (
+    SpotCheckReport as SpotCheckReport,
+)
+from rma_ray.wire import (
     StoreReport as StoreReport,
 )
 from rma_ray.wire import (
@@ -387,3 +390,40 @@ class ContributionsOut(BaseModel):
     day_start: datetime
     weights: CreditWeights
     donors: list[DonorContribution]
+
+
+class SpotCheckFailure(BaseModel):
+    """A failed spot-check kept for review: what was checked, how it scored, and the sample the gateway sent
+    (the request and both answers, truncated; client data that stays on the core)."""
+
+    id: int
+    at: datetime
+    app: str
+    kind: str
+    path: str
+    score: float
+    threshold: float
+    request_sha256: str
+    reporter: str = Field(description="the credential that reported it (service:<id> or worker:<id>)")
+    sample: dict[str, Any] | None
+
+
+class EdgeSpotChecks(BaseModel):
+    edge: str
+    checks: int = Field(description="checks since the edge was last trusted by an admin (or ever)")
+    failures: int = Field(description="failed checks among them")
+    pass_rate: float | None = Field(description="the decayed pass rate; None before the first check")
+    quarantined: bool = Field(description="left out of the edge routes: the core serves its share")
+    reason: str | None = None
+    since: datetime | None = Field(None, description="when it was quarantined")
+    last_check_at: datetime | None = None
+    samples_kept: int = Field(description="failing samples kept for review (bounded per edge)")
+    recent_failures: list[SpotCheckFailure] = Field(default_factory=list, description="newest first")
+
+
+class SpotChecksOut(BaseModel):
+    rate: float = Field(description="fraction of edge answers the core re-checks")
+    min_checks: int = Field(description="checks before any verdict on an edge")
+    quarantine_below: float
+    half_life_checks: float = Field(description="checks after which a verdict counts half")
+    edges: list[EdgeSpotChecks]

@@ -135,6 +135,31 @@ class Settings(BaseSettings):
         default=1.0, ge=0, description="credits a linked donor must have earned in the last 7 days"
     )
 
+    # spot-checks of edge answers (admission.services.reputation): the core's gateways re-check this fraction
+    # of edge answers on core replicas and report each verdict; an edge whose decayed pass rate falls below
+    # spot_check_quarantine_below, after spot_check_min_checks checks, is left out of the edge routes
+    spot_check_rate: float = Field(
+        default=0.02, ge=0.0, le=1.0, description="fraction of edge answers the core re-checks"
+    )
+    spot_check_min_checks: int = Field(
+        default=20, ge=1, le=100_000, description="checks of an edge before any verdict on it"
+    )
+    spot_check_quarantine_below: float = Field(
+        default=0.8, ge=0.0, le=1.0, description="an edge's decayed pass rate under this quarantines it"
+    )
+    spot_check_half_life: float = Field(
+        default=50.0,
+        gt=0,
+        le=1_000_000,
+        description="checks after which a verdict counts half (the pass rate's decay, counted in checks)",
+    )
+    spot_check_samples_kept: int = Field(
+        default=20, ge=0, le=1000, description="failing samples kept per edge for review (oldest dropped)"
+    )
+    spot_check_retention_h: int = Field(
+        default=48, ge=1, le=24 * 90, description="passed checks kept (hours); failures stay, bounded"
+    )
+
     # the WireGuard overlay (set by `rma up --overlay`; see rma_ray/overlay.py). With a hub interface on this
     # machine the coordinator hands each donor an overlay address and adds/removes its peer on the hub itself.
     overlay_subnet: str = Field(default="10.88.0.0/16", description="donor addresses come from here")

@@ -16,7 +16,17 @@ from fastapi.templating import Jinja2Templates
 from admission import schemas, security
 from admission.deps import AdminDep, ClientIp, SessionAdmin, SessionDep, State
 from admission.errors import ApiError
-from admission.services import batch_queue, contributions, edges, metrics, stats, stores, usage, workers
+from admission.services import (
+    batch_queue,
+    contributions,
+    edges,
+    metrics,
+    reputation,
+    stats,
+    stores,
+    usage,
+    workers,
+)
 from rma_ray.tiers import MINIMUMS, TIER_ORDER
 
 router = APIRouter(tags=["registry"])
@@ -168,6 +178,7 @@ def registry(request: Request, state: State, session: SessionDep, partial: bool 
         "clusters": edges.clusters_view(state, ws),
         "usage": usage.summary(session, state.settings),
         "batch_queue": batch_queue.summary(),
+        "spot_checks": reputation.overview(session, state.settings, failures=0),
         "admin_id": admin.key_id,
         "partial": partial,
         "contributions": contributions.cached_overview(state, session, hours=24),

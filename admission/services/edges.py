@@ -36,6 +36,7 @@ from jwt.algorithms import OKPAlgorithm
 
 from admission import schemas
 from admission.errors import ApiError
+from admission.services import reputation
 from admission.state import AppState
 from rma_ray.edges import CORE, EDGE_ISSUER, EDGE_TOKEN_TTL_S, EdgeEndpoint, edge_audience
 from rma_ray.settings import Settings
@@ -239,11 +240,15 @@ def read_serve_status(edge: EdgeEndpoint) -> tuple[dict[str, int], bool]:
 
 
 def routes(state: AppState) -> schemas.EdgeRoutes:
-    """Every edge, with a fresh credential and its Serve status."""
+    """Every edge not quarantined, with a fresh credential and its Serve status, and the spot-check rate."""
     if state.edge_status is None:
         state.edge_status = EdgeStatusCache()
+    with state.sessions() as session:
+        quarantined = reputation.quarantined(session)
     out = []
     for edge in state.settings.edges:
+        if edge.name in quarantined:  # failed its spot-checks: the core serves its share until trusted again
+            continue
         token, expires_at = mint(state.settings, edge.name)
         apps, healthy = state.edge_status.get(edge)
         out.append(
@@ -256,7 +261,7 @@ def routes(state: AppState) -> schemas.EdgeRoutes:
                 healthy=healthy,
             )
         )
-    return schemas.EdgeRoutes(edges=out)
+    return schemas.EdgeRoutes(edges=out, spot_check_rate=state.settings.spot_check_rate)
 
 
 @dataclass

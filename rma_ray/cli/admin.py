@@ -1,6 +1,6 @@
-"""Admin commands, run with the admin key: invites, donors and client API keys. The coordinator's own
-commands (`rma admission serve|create-admin-key`) are registered by `admission` itself (the `rma.commands`
-entry points), so that rma_ray never reaches into it."""
+"""Admin commands, run with the admin key: invites, donors, client API keys and edges' spot-checks. The
+coordinator's own commands (`rma admission serve|create-admin-key`) are registered by `admission` itself (the
+`rma.commands` entry points), so that rma_ray never reaches into it."""
 
 from __future__ import annotations
 
@@ -30,7 +30,13 @@ from rma_ray.client import AdmissionClient
 invite_app = typer.Typer(help="Invites (join tokens) for donors.", **HELP)
 donors_app = typer.Typer(help="The donors in the registry.", **HELP)
 clients_app = typer.Typer(help="Client API keys for the pool's HTTP routes.", **HELP)
-GROUPS = {"invite": invite_app, "donors": donors_app, "clients": clients_app}  # added by rma_ray/cli/__init__
+edges_app = typer.Typer(help="Edge clusters (untrusted donors): spot-check verdicts and quarantine.", **HELP)
+GROUPS = {  # added by rma_ray/cli/__init__
+    "invite": invite_app,
+    "donors": donors_app,
+    "clients": clients_app,
+    "edges": edges_app,
+}
 
 
 def admin_client(coordinator: str | None, key_file: Path | None) -> AdmissionClient:
@@ -402,3 +408,56 @@ def clients_revoke(
     with admin_client(coordinator, admin_key_file) as client:
         client.revoke_client(key_id)
     out.print(f"client key {key_id} revoked")
+
+
+# ---- edges -----------------------------------------------------------------------------------------------
+
+
+@edges_app.command("checks")
+def edges_checks(
+    failures: Annotated[int, typer.Option(min=0, max=100, help="recent failures shown per edge")] = 3,
+    coordinator: CoordinatorOpt = None,
+    admin_key_file: KeyFileOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Spot-checks per edge: checks, decayed pass rate, quarantine and its reason, recent failures."""
+    with admin_client(coordinator, admin_key_file) as client:
+        got = client._object("GET", "/api/admin/spot-checks", params={"failures": failures})
+    if as_json:
+        return print_json(got)
+    out.print(
+        f"{got['rate']:.1%} of edge answers re-checked; quarantine under {got['quarantine_below']:.0%} "
+        f"after {got['min_checks']} checks (half-life {got['half_life_checks']:g} checks)"
+    )
+    table = Table("edge", "checks", "failed", "pass rate", "state", "samples kept")
+    for e in got["edges"]:
+        rate = "-" if e["pass_rate"] is None else f"{e['pass_rate']:.1%}"
+        state = f"[red]quarantined since {e['since']}[/]" if e["quarantined"] else "routed"
+        table.add_row(
+            e["edge"], f"{e['checks']:,}", f"{e['failures']:,}", rate, state, str(e["samples_kept"])
+        )
+    out.print(table)
+    for e in got["edges"]:
+        if e["quarantined"]:
+            out.print(Text.assemble((f"{e['edge']}: ", "bold"), shown(e["reason"] or "")))
+        for f in e["recent_failures"]:
+            out.print(
+                Text.assemble(
+                    f"  {e['edge']} failed {f['at']}: {f['app']} ",
+                    shown(f["path"]),
+                    f" scored {f['score']:.4g} (a pass needs {f['threshold']:.4g}),",
+                    f" request {f['request_sha256'][:12]}",
+                )
+            )
+
+
+@edges_app.command("trust")
+def edges_trust(
+    name: Annotated[str, typer.Argument(help="the edge cluster's name")],
+    coordinator: CoordinatorOpt = None,
+    admin_key_file: KeyFileOpt = None,
+) -> None:
+    """Clear an edge's quarantine and start its pass rate again (review `rma edges checks` first)."""
+    with admin_client(coordinator, admin_key_file) as client:
+        e = client._object("POST", f"/api/admin/edges/{name}/trust")
+    out.print(f"edge {e['edge']} trusted again: routed, its pass rate starts anew")

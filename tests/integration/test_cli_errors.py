@@ -128,6 +128,12 @@ def cases(c: Coordinator, tmp: Path, port: int) -> list[tuple[str, list[str], di
         ("version check, bad URL", ["version", "--check", "pool.example.org"], {}, "http://"),
         ("version check, unreachable", ["version", "--check", "http://127.0.0.1:1"], {}, "cannot reach"),
         ("version check, not a coordinator", ["version", "--check", url + "/nope"], {}, "coordinator URL"),
+        (
+            "trust of an edge the pool does not run",
+            ["edges", "trust", "north", "-c", url],
+            {"RMA_ADMIN_KEY": c.admin_key},
+            "no edge cluster 'north'",
+        ),
     ]
 
 

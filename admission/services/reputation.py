@@ -1,0 +1,266 @@
+"""Spot-checks and reputation of edge clusters: the core's gateways re-check a sampled fraction of edge
+answers on core replicas (off the request path) and report each verdict here (`POST
+/api/service/spot-checks`). Each edge keeps a decayed pass rate; an edge under `spot_check_quarantine_below`,
+once it has had `spot_check_min_checks` checks, is quarantined: left out of the edge routes (the core serves
+its share at once), audited, shown on the registry page. Its donors stay registered: the core cannot tell
+which of an edge's donors served a request, so the verdict is the edge's, not a donor's.
+
+The pass rate is exponentially weighted over checks, not over hours: evidence arrives one check at a time,
+so the number of checks behind the rate is what bounds its noise, and a quiet edge neither forgets its
+failures by waiting nor loses its good record for want of traffic. With half-life h each older verdict weighs
+d = 2^(-1/h) times the next: rate = sum(d^k * passed_k) / sum(d^k). From a long clean record, an edge that
+starts failing every check falls under a threshold t after h * log2(1/t) failures (17 for h = 50, t = 0.8);
+a new edge that fails every check is quarantined at the minimum number of checks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+
+from admission import schemas
+from admission.errors import ApiError
+from admission.models import EdgeReputation, SpotCheck, utcnow
+from admission.services import audit
+from rma_ray.settings import Settings
+
+log = logging.getLogger("rma.admission.reputation")
+
+# the wire truncates each of the sample's three parts to 4 KiB; JSON escaping can grow them, so the stored
+# sample is bounded by its encoded size (a larger one is kept cut, marked as such)
+SAMPLE_MAX_BYTES = 16 * 1024
+
+
+@dataclass(frozen=True)
+class Tally:
+    """The decayed sums behind a pass rate: weighted passes and total weight."""
+
+    passed_weight: float = 0.0
+    weight: float = 0.0
+
+    @property
+    def rate(self) -> float | None:
+        return self.passed_weight / self.weight if self.weight > 0 else None
+
+
+def decay(half_life_checks: float) -> float:
+    """The factor each verdict's weight shrinks by with every newer check: half after `half_life_checks`."""
+    if half_life_checks <= 0:
+        raise ValueError("the half-life must be positive")
+    return float(0.5 ** (1.0 / half_life_checks))
+
+
+def add(tally: Tally, passed: bool, half_life_checks: float) -> Tally:
+    d = decay(half_life_checks)
+    return Tally(d * tally.passed_weight + (1.0 if passed else 0.0), d * tally.weight + 1.0)
+
+
+def quarantines(checks: int, rate: float | None, min_checks: int, below: float) -> bool:
+    """No verdict before `min_checks` checks; after them, a rate under `below` quarantines."""
+    return rate is not None and checks >= min_checks and rate < below
+
+
+def bounded_sample(sample: dict[str, Any] | None) -> dict[str, Any] | None:
+    if sample is None:
+        return None
+    text = json.dumps(sample, ensure_ascii=False, separators=(",", ":"))
+    if len(text.encode()) <= SAMPLE_MAX_BYTES:
+        return sample
+    cut = text.encode()[: SAMPLE_MAX_BYTES - 64].decode(errors="ignore")
+    return {"truncated": True, "json": cut}
+
+
+def _edge_known(settings: Settings, name: str) -> None:
+    if settings.edge(name) is None:
+        known = ", ".join(e.name for e in settings.edges) or "none (this pool runs without edges)"
+        raise ApiError(422, "unknown_edge", f"edge: no edge cluster {name!r}; known edges: {known}")
+
+
+def _row(session: Session, edge: str) -> EdgeReputation:
+    """The edge's reputation row, made if missing, locked for this transaction where the database can (two
+    gateways reporting on one edge at once update it one after the other)."""
+    dialect = session.get_bind().dialect.name
+    ins = pg_insert if dialect == "postgresql" else sqlite_insert
+    session.execute(
+        ins(EdgeReputation)
+        .values(edge=edge, checks=0, failures=0, passed_weight=0.0, weight=0.0)
+        .on_conflict_do_nothing(index_elements=["edge"])
+    )
+    # populate_existing: the values another transaction committed while this one waited for the lock
+    return session.scalars(
+        select(EdgeReputation)
+        .where(EdgeReputation.edge == edge)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    ).one()
+
+
+def report(
+    session: Session, settings: Settings, actor: str, body: schemas.SpotCheckReport, ip: str = ""
+) -> None:
+    """Store one verdict, update the edge's pass rate, quarantine it when the rate says so, prune."""
+    _edge_known(settings, body.edge)
+    for field in ("score", "threshold"):
+        if not math.isfinite(getattr(body, field)):
+            raise ApiError(422, "not_finite", f"{field}: must be a finite number")
+    now = utcnow()
+    row = _row(session, body.edge)
+    tally = add(Tally(row.passed_weight, row.weight), body.passed, settings.spot_check_half_life)
+    row.passed_weight, row.weight = tally.passed_weight, tally.weight
+    row.checks += 1
+    row.failures += 0 if body.passed else 1
+    row.last_check_at = now
+    session.add(
+        SpotCheck(
+            at=now,
+            edge=body.edge,
+            app=body.app,
+            kind=body.kind,
+            path=body.path,
+            passed=body.passed,
+            score=body.score,
+            threshold=body.threshold,
+            request_sha256=body.request_sha256,
+            reporter=actor,
+            # a passed check's sample is client data with nothing to review: never kept
+            sample=None if body.passed else bounded_sample(body.sample),
+        )
+    )
+    rate = tally.rate
+    if row.quarantined_at is None and quarantines(
+        row.checks, rate, settings.spot_check_min_checks, settings.spot_check_quarantine_below
+    ):
+        assert rate is not None
+        row.quarantined_at = now
+        row.quarantine_reason = (
+            f"spot-checks: pass rate {rate:.0%} is under {settings.spot_check_quarantine_below:.0%} "
+            f"({row.failures} of {row.checks} checks failed; the last: {body.app} {body.path} "
+            f"scored {body.score:.4g}, a pass needs {body.threshold:.4g})"
+        )
+        audit.record(
+            session,
+            actor,
+            "edge.quarantine",
+            body.edge,
+            ip,
+            reason=row.quarantine_reason,
+            pass_rate=round(rate, 4),
+            checks=row.checks,
+            failures=row.failures,
+        )
+        log.warning("edge %s quarantined: %s", body.edge, row.quarantine_reason)
+    session.flush()
+    _prune(session, settings, body.edge, now)
+
+
+def _prune(session: Session, settings: Settings, edge: str, now: datetime) -> None:
+    """Passes older than the retention go; failures beyond the per-edge bound go, oldest first."""
+    cutoff = now - timedelta(hours=settings.spot_check_retention_h)
+    session.execute(
+        delete(SpotCheck).where(SpotCheck.edge == edge, SpotCheck.passed.is_(True), SpotCheck.at < cutoff)
+    )
+    surplus = list(
+        session.scalars(
+            select(SpotCheck.id)
+            .where(SpotCheck.edge == edge, SpotCheck.passed.is_(False))
+            .order_by(SpotCheck.id.desc())
+            .offset(settings.spot_check_samples_kept)
+        )
+    )
+    if surplus:
+        session.execute(delete(SpotCheck).where(SpotCheck.id.in_(surplus)))
+
+
+def quarantined(session: Session) -> set[str]:
+    """The edges the core's gateways must not route to."""
+    return set(session.scalars(select(EdgeReputation.edge).where(EdgeReputation.quarantined_at.is_not(None))))
+
+
+def trust(
+    session: Session, settings: Settings, actor: str, name: str, ip: str = ""
+) -> schemas.EdgeSpotChecks:
+    """An admin's word after review: the quarantine is cleared and the pass rate starts again from nothing
+    (the kept failing samples stay for the record)."""
+    if settings.edge(name) is None:
+        known = ", ".join(e.name for e in settings.edges) or "none (this pool runs without edges)"
+        raise ApiError(404, "unknown_edge", f"no edge cluster {name!r}; known edges: {known}")
+    row = _row(session, name)
+    was = {
+        "was_quarantined": row.quarantined_at is not None,
+        "reason": row.quarantine_reason,
+        "pass_rate": Tally(row.passed_weight, row.weight).rate,
+        "checks": row.checks,
+    }
+    row.checks = row.failures = 0
+    row.passed_weight = row.weight = 0.0
+    row.quarantined_at, row.quarantine_reason, row.reset_at = None, None, utcnow()
+    audit.record(session, actor, "edge.trust", name, ip, **was)
+    session.flush()
+    return _edge_out(session, name, row, failures=0)
+
+
+def _edge_out(
+    session: Session, edge: str, row: EdgeReputation | None, failures: int
+) -> schemas.EdgeSpotChecks:
+    kept = session.scalar(
+        select(func.count()).select_from(SpotCheck).where(SpotCheck.edge == edge, SpotCheck.passed.is_(False))
+    )
+    recent: Iterable[SpotCheck] = (
+        session.scalars(
+            select(SpotCheck)
+            .where(SpotCheck.edge == edge, SpotCheck.passed.is_(False))
+            .order_by(SpotCheck.id.desc())
+            .limit(failures)
+        )
+        if failures
+        else []
+    )
+    return schemas.EdgeSpotChecks(
+        edge=edge,
+        checks=row.checks if row else 0,
+        failures=row.failures if row else 0,
+        pass_rate=Tally(row.passed_weight, row.weight).rate if row else None,
+        quarantined=bool(row and row.quarantined_at is not None),
+        reason=row.quarantine_reason if row else None,
+        since=row.quarantined_at if row else None,
+        last_check_at=row.last_check_at if row else None,
+        samples_kept=kept or 0,
+        recent_failures=[
+            schemas.SpotCheckFailure(
+                id=c.id,
+                at=c.at,
+                app=c.app,
+                kind=c.kind,
+                path=c.path,
+                score=c.score,
+                threshold=c.threshold,
+                request_sha256=c.request_sha256,
+                reporter=c.reporter,
+                sample=c.sample,
+            )
+            for c in recent
+        ],
+    )
+
+
+def overview(session: Session, settings: Settings, failures: int = 5) -> schemas.SpotChecksOut:
+    """Every edge the pool runs (and any that was checked before it was taken out of the settings)."""
+    rows = {r.edge: r for r in session.scalars(select(EdgeReputation))}
+    names = [e.name for e in settings.edges] + sorted(set(rows) - {e.name for e in settings.edges})
+    return schemas.SpotChecksOut(
+        rate=settings.spot_check_rate,
+        min_checks=settings.spot_check_min_checks,
+        quarantine_below=settings.spot_check_quarantine_below,
+        half_life_checks=settings.spot_check_half_life,
+        edges=[_edge_out(session, n, rows.get(n), failures) for n in names],
+    )

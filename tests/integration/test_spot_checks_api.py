@@ -1,0 +1,224 @@
+"""Spot-checks of edge answers on a real coordinator (issue 20): the core gateway's verdicts
+(`POST /api/service/spot-checks`) move the edge's decayed pass rate; under the threshold, after the minimum
+number of checks, the edge is quarantined (gone from the edge routes, audited, on the registry page, its
+failing samples kept and bounded) until an admin trusts it again. A coordinator served in this process with
+one edge whose "GCS" is a listening socket (registration only checks that it answers; ~0.3 s on SQLite,
+~1 s on PostgreSQL); no Ray is started."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import select, update
+from typer.testing import CliRunner
+
+from admission.main import build_state, create_app, prepare_database
+from admission.models import SpotCheck, utcnow
+from admission.services.reputation import Tally, add
+from rma_ray import credentials
+from rma_ray.cli import app as rma_app
+from rma_ray.edges import EdgeEndpoint
+from tests.integration.conftest import Coordinator, make_settings
+from tests.support import ServerThread
+
+MIN_CHECKS, HALF_LIFE, BELOW, KEPT, RATE = 5, 10.0, 0.8, 3, 0.05
+
+
+@pytest.fixture
+def pool(db_url: str, tmp_path: Path) -> Iterator[Coordinator]:
+    """A coordinator with one edge ("edge"; untrusted invites join it) and small spot-check settings."""
+    gcs = socket.socket()
+    gcs.bind(("127.0.0.1", 0))
+    gcs.listen(8)
+    (tmp_path / "edge-token").write_text("edge-token-" + "e" * 40)
+    edge = EdgeEndpoint(
+        name="edge",
+        ray_address=f"127.0.0.1:{gcs.getsockname()[1]}",
+        dashboard_url="http://127.0.0.1:9",  # nothing answers: the edge reports unhealthy, still routed
+        serve_url="http://127.0.0.1:9/edge",
+        token_file=tmp_path / "edge-token",
+    )
+    settings = make_settings(
+        db_url,
+        tmp_path / "data",
+        edges=[edge],
+        spot_check_rate=RATE,
+        spot_check_min_checks=MIN_CHECKS,
+        spot_check_half_life=HALF_LIFE,
+        spot_check_quarantine_below=BELOW,
+        spot_check_samples_kept=KEPT,
+    )
+    state = build_state(settings)
+    admin_key = prepare_database(state)
+    assert admin_key
+    try:
+        with (
+            ServerThread(create_app(state=state)) as server,
+            httpx.Client(base_url=server.url, timeout=30) as http,
+        ):
+            yield Coordinator(server.url, admin_key, state, http)
+    finally:
+        state.engine.dispose()
+        gcs.close()
+
+
+def verdict(passed: bool, n: int = 0, **over: Any) -> dict[str, Any]:
+    return {
+        "edge": "edge",
+        "app": "llm",
+        "kind": "llm",
+        "path": "/v1/chat/completions",
+        "passed": passed,
+        "score": -0.4 if passed else -6.5,
+        "threshold": -2.0,
+        "request_sha256": hashlib.sha256(str(n).encode()).hexdigest(),
+        "sample": None if passed else {"request": f"prompt {n}", "edge": "garbage", "core": "an answer"},
+        **over,
+    }
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def routed(pool: Coordinator, cred: str) -> tuple[set[str], float]:
+    r = pool.http.post("/api/service/edge-routes", headers=bearer(cred))
+    assert r.status_code == 200, r.text
+    return {e["name"] for e in r.json()["edges"]}, r.json()["spot_check_rate"]
+
+
+def rma(pool: Coordinator, *args: str) -> tuple[int, str]:
+    env = {"RMA_COORDINATOR_URL": pool.url, "RMA_ADMIN_KEY": pool.admin_key, "COLUMNS": "300"}
+    r = CliRunner().invoke(rma_app, list(args), env=env)
+    return r.exit_code, r.output + (str(r.exception) if r.exception else "")
+
+
+def edge_view(pool: Coordinator, failures: int = 5) -> dict[str, Any]:
+    r = pool.admin("GET", "/api/admin/spot-checks", params={"failures": failures})
+    assert r.status_code == 200, r.text
+    (view,) = r.json()["edges"]
+    return view  # type: ignore[no-any-return]
+
+
+def test_failing_checks_quarantine_the_edge_until_an_admin_trusts_it(pool: Coordinator) -> None:
+    svc = pool.admin("POST", "/api/admin/service-keys", json={"name": "gateway"}).json()["key"]
+
+    def report(body: dict[str, Any]) -> None:
+        r = pool.http.post("/api/service/spot-checks", json=body, headers=bearer(svc))
+        assert r.status_code == 204, r.text
+
+    assert routed(pool, svc) == ({"edge"}, RATE)  # the rate the gateways sample at comes with the routes
+    assert edge_view(pool)["pass_rate"] is None
+
+    # failures first: no verdict before the minimum, however bad the rate
+    tally = Tally()
+    for n in range(MIN_CHECKS - 1):
+        report(verdict(False, n, sample={"request": "x" * 100, "edge": "y", "core": "z"}))
+        tally = add(tally, False, HALF_LIFE)
+    view = edge_view(pool)
+    assert view["checks"] == MIN_CHECKS - 1 and view["pass_rate"] == 0.0 and not view["quarantined"]
+    assert routed(pool, svc)[0] == {"edge"}
+    # passes lift the rate; at the minimum a rate still under the threshold quarantines
+    report(verdict(True, 100))
+    tally = add(tally, True, HALF_LIFE)
+    assert tally.rate is not None and tally.rate < BELOW
+    view = edge_view(pool)
+    assert view["quarantined"] and view["since"] and view["checks"] == MIN_CHECKS
+    assert view["pass_rate"] == pytest.approx(tally.rate)
+    assert "pass rate" in view["reason"] and "4 of 5 checks failed" in view["reason"]
+    # the failing samples, newest first, at most KEPT per edge; a pass keeps no sample
+    assert view["samples_kept"] == KEPT and view["failures"] == MIN_CHECKS - 1
+    assert [f["request_sha256"] for f in view["recent_failures"]] == [
+        hashlib.sha256(str(n).encode()).hexdigest() for n in (3, 2, 1)
+    ]
+    assert view["recent_failures"][0]["sample"]["request"] == "x" * 100
+    assert view["recent_failures"][0]["reporter"].startswith("service:")
+
+    # gone from the routes the core's gateways fetch; audited with the reason
+    assert routed(pool, svc) == (set(), RATE)
+    (event,) = pool.admin("GET", "/api/admin/audit", params={"action": "edge.quarantine"}).json()
+    assert event["subject"] == "edge" and event["detail"]["reason"] == view["reason"]
+    # more reports keep counting, with no second quarantine event
+    report(verdict(True, 101))
+    assert len(pool.admin("GET", "/api/admin/audit", params={"action": "edge.quarantine"}).json()) == 1
+
+    # the registry page: the section, and the alarm with the reason
+    login = pool.http.post("/registry/login", data={"admin_key": pool.admin_key})
+    assert login.status_code == 303, login.text
+    html = pool.http.get("/registry", params={"partial": True}).text
+    assert 'id="spot-checks"' in html and 'data-edge="edge"' in html and 'id="quarantined-edges"' in html
+    assert "4 of 5 checks failed" in html
+
+    # the admin's view on the command line
+    code, text = rma(pool, "edges", "checks")
+    assert code == 0 and "quarantined since" in text and "4 of 5 checks failed" in text, text
+    assert "5.0% of edge answers re-checked" in text and "scored -6.5" in text
+    code, text = rma(pool, "edges", "trust", "north")
+    assert code != 0 and "no edge cluster 'north'" in text, text
+
+    # the admin trusts it again: routed, the rate starts anew, audited; the samples stay for the record
+    r = pool.admin("POST", "/api/admin/edges/edge/trust")
+    assert r.status_code == 200, r.text
+    assert not r.json()["quarantined"] and r.json()["checks"] == 0 and r.json()["pass_rate"] is None
+    assert r.json()["samples_kept"] == KEPT
+    assert routed(pool, svc) == ({"edge"}, RATE)
+    (trusted,) = pool.admin("GET", "/api/admin/audit", params={"action": "edge.trust"}).json()
+    assert trusted["detail"]["was_quarantined"] is True and trusted["actor"].startswith("admin:")
+    assert 'id="quarantined-edges"' not in pool.http.get("/registry", params={"partial": True}).text
+    assert pool.admin("POST", "/api/admin/edges/north/trust").status_code == 404
+    assert rma(pool, "edges", "trust", "edge") == (
+        0,
+        "edge edge trusted again: routed, its pass rate starts anew\n",
+    )
+    assert pool.http.post("/api/admin/edges/edge/trust").status_code == 401
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_only_the_core_reports_and_bad_reports_name_their_field(pool: Coordinator) -> None:
+    svc = pool.admin("POST", "/api/admin/service-keys", json={"name": "gateway"}).json()["key"]
+
+    def report(body: dict[str, Any], headers: dict[str, str] | None) -> httpx.Response:
+        # json.dumps, not httpx's json=: Python's encoder writes NaN, as a careless reporter might
+        raw = json.dumps(body).encode()
+        h = {"Content-Type": "application/json", **(headers or {})}
+        return pool.http.post("/api/service/spot-checks", content=raw, headers=h)
+
+    assert report(verdict(True), None).status_code == 401
+    unknown = credentials.mint(credentials.Kind.SERVICE).token  # the right shape, no such key
+    assert report(verdict(True), bearer(unknown)).status_code == 401
+    trusted = pool.join(trusted=True)["node_token"]  # a trusted donor joins the core
+    untrusted = pool.join(trusted=False)  # an untrusted one joins the edge
+    assert untrusted["cluster"] == "edge"
+    assert report(verdict(True), bearer(trusted)).status_code == 204
+    assert report(verdict(True), bearer(untrusted["node_token"])).status_code == 403
+    assert report({"edge": "edge"}, bearer(untrusted["node_token"])).status_code == 403  # before the body
+    for bad, field in (
+        (verdict(True, extra=1), "extra"),
+        (verdict(True, kind="video"), "kind"),
+        (verdict(True, request_sha256="abc"), "request_sha256"),
+        (verdict(True, edge="north"), "edge"),
+        (verdict(True, score=float("nan")), "score"),
+        ({k: v for k, v in verdict(True).items() if k != "passed"}, "passed"),
+    ):
+        r = report(bad, bearer(svc))
+        assert r.status_code == 422 and field in r.json()["error"]["message"], (bad, r.text)
+    view = edge_view(pool)
+    assert view["checks"] == 1 and view["samples_kept"] == 0  # only the trusted donor's pass counted
+
+    # passes past the retention are pruned (the pass rate keeps their weight); a pass never keeps a sample
+    old = utcnow() - timedelta(hours=pool.state.settings.spot_check_retention_h + 1)
+    with pool.state.sessions() as s, s.begin():
+        s.execute(update(SpotCheck).values(at=old))
+    assert report(verdict(True, 7, sample={"request": "secret"}), bearer(svc)).status_code == 204
+    with pool.state.sessions() as s:
+        kept = list(s.scalars(select(SpotCheck)))
+    assert [(c.request_sha256, c.sample) for c in kept] == [(verdict(True, 7)["request_sha256"], None)]
+    assert edge_view(pool)["checks"] == 2
