@@ -201,6 +201,10 @@ class EdgeRouter:
     def routes(self) -> list[EdgeRoute]:
         return list(self._routes.edges)
 
+    def has_edges(self) -> bool:
+        """The pool has edges: some routed, or every one quarantined (the core then says it served)."""
+        return bool(self._routes.edges or self._routes.quarantined)
+
     @property
     def spot_check_rate(self) -> float:
         """The fraction of edge answers the core re-checks (the coordinator's, with the routes; 0 = off)."""
@@ -474,7 +478,7 @@ class EdgeForward:
             await self.app(scope, receive, send)
             return
         r = await _ready_router()
-        if r is None or not r.routes():  # no edge (none configured, or the routes cannot be read): as before
+        if r is None or not r.has_edges():  # no edge (none configured, or the routes unreadable): as before
             await self.app(scope, receive, send)
             return
         if not r.candidates(self.app_name) or (self.forwardable is not None and not self.forwardable(scope)):

@@ -224,11 +224,6 @@ def test_an_honest_edge_over_as_many_requests_stays_routed(fresh: Loop) -> None:
     assert fresh.router.refresh() and [e.name for e in fresh.router.routes()] == [EDGE]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="deployments/gateway/edge.py EdgeForward.__call__ (`not r.routes()`): routes emptied by a quarantine "
-    "read as a pool with no edge, so the core's answer carries no served-by header",
-)
 def test_the_core_says_it_served_while_its_only_edge_is_quarantined(fresh: Loop) -> None:
     quarantine(fresh)
     assert fresh.router.refresh() and fresh.router.routes() == []
