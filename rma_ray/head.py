@@ -694,16 +694,8 @@ class Pool:
         self.edges_lock = threading.RLock()
 
     def _check_ports(self) -> None:
-        for what, host, port in (
-            ("Ray GCS", self.o.node_ip, self.o.gcs_port),
-            ("Ray dashboard", self.o.node_ip, self.o.dashboard_port),
-            ("coordinator", self.o.coordinator_host, self.o.coordinator_port),
-            ("Serve", self.o.node_ip, self.o.serve_port),
-        ):
-            if not port_free(host, port):
-                hint = " (a Redis on this box? use --gcs-port)" if port == 6379 else ""
-                raise UpError(f"port {port} on {host} for the {what} is already in use{hint}")
-        # the stores start later (free now), but on the head like the edges' ports
+        # first what clashes by configuration (the stores start later, but on the head like the edges' ports),
+        # then what is taken on this machine now
         core = {port: f"the {name} store" for port, name in self.store_ports().items()}
         core.update(
             {
@@ -720,6 +712,17 @@ class Pool:
                         f"port {port} is both the {what} and {core[port]}'s: move the store "
                         f"(--store-port) or the core's port"
                     )
+        for what, host, port in (
+            ("Ray GCS", self.o.node_ip, self.o.gcs_port),
+            ("Ray dashboard", self.o.node_ip, self.o.dashboard_port),
+            ("coordinator", self.o.coordinator_host, self.o.coordinator_port),
+            ("Serve", self.o.node_ip, self.o.serve_port),
+        ):
+            if not port_free(host, port):
+                hint = " (a Redis on this box? use --gcs-port)" if port == 6379 else ""
+                raise UpError(f"port {port} on {host} for the {what} is already in use{hint}")
+        for edge in self.edges.values():
+            for what, port in edge.ports():
                 if not port_free(self.o.node_ip, port):
                     raise UpError(
                         f"port {port} on {self.o.node_ip} for the {what} is already in use "
