@@ -520,6 +520,60 @@ def test_graph_extract_writes_entities_and_edges_readable_over_bolt(pool: Pool) 
     assert ["Apple", "Tim Cook"] in read["edges"] and ["Cupertino", "Tim Cook"] in read["edges"]
 
 
+def test_an_ingest_job_over_a_pdf_with_a_scanned_page_indexes_its_text_and_entities(pool: Pool) -> None:
+    """POST /api/jobs/ingest (deployments/services/ingest.py): parse, OCR of the scanned page only, RAG chunks
+    a query finds, entities in the caller's graph; the same Idempotency-Key twice is one job; the SSE stream
+    ends with the final state."""
+    import io
+
+    from pypdf import PdfReader, PdfWriter
+
+    w = PdfWriter()
+    for part in (
+        samples.pdf(["Tim Cook leads Apple in Cupertino.", "Revenue grew in the second quarter."]),
+        samples.scanned_pdf(["Signed lease 2026"]),
+    ):
+        for page in PdfReader(io.BytesIO(part)).pages:
+            w.add_page(page)
+    buf = io.BytesIO()
+    w.write(buf)
+    files = {"file": ("report.pdf", buf.getvalue(), "application/pdf")}
+    form = {"rag": '{"collection": "jobs"}', "graph": "true"}
+    key = {"Idempotency-Key": f"ingest-{os.getpid()}"}
+    with pool.http("carol") as c:
+        r = c.post("/jobs/ingest", files=files, data=form, headers=key)
+        assert r.status_code == 202, r.text
+        job = r.json()
+        again = c.post("/jobs/ingest", files=files, data=form, headers=key)
+        assert again.status_code in (200, 202) and again.json()["id"] == job["id"], again.text
+        events = []
+        with c.stream("GET", f"/jobs/{job['id']}/events", timeout=240) as s:
+            assert s.status_code == 200
+            events = [ln.removeprefix("event: ") for ln in s.iter_lines() if ln.startswith("event: ")]
+        assert events[-1] == "succeeded" and set(events[:-1]) <= {"progress"}, events
+        final = c.get(f"/jobs/{job['id']}").json()
+        assert [(st["name"], st["state"]) for st in final["steps"]] == [
+            ("parse", "done"),
+            ("ocr", "done"),
+            ("index", "done"),
+            ("entities", "done"),
+        ], final
+        result = final["result"]
+        assert result["pages"] == 3 and result["ocr_pages"] == 1 and result["chunks"] >= 1, result
+        names = {(e["name"], e["label"]) for e in result["entity_sample"]}
+        assert {("Tim Cook", "PERSON"), ("Apple", "ORG")} <= names, result
+        text = c.get(f"/jobs/{job['id']}/text").text
+        assert "Tim Cook leads Apple" in text and text.endswith("Signed lease 2026"), text
+        r = c.post("/rag/query", json={"query": "signed lease", "collection": "jobs", "answer": False})
+        assert r.status_code == 200 and r.json()["results"][0]["source"] == f"upload:{job['upload_id']}"
+        assert "Signed lease 2026" in r.json()["results"][0]["text"]
+        r = c.post("/graph/query", json={"entity": "Tim Cook"})
+        assert r.status_code == 200 and "Apple" in {n["name"] for n in r.json()["neighbours"]}, r.text
+        assert [j["id"] for j in c.get("/jobs").json()["data"]] == [job["id"]]  # one job for the key
+    with pool.http("bob") as c:
+        assert c.get(f"/jobs/{job['id']}").status_code == 404
+
+
 def test_a_revoked_key_is_refused(pool: Pool) -> None:
     r = pool.admin.post("/api/admin/clients", json={"name": "temp"})
     key = r.json()

@@ -358,7 +358,11 @@ def http(postgres: Postgres, tmp_path: Any, ocr: Ocr) -> Iterator[tuple[TestClie
     app = create_api(Backends(None, None, None, None, None, None), ServicesSettings(), jobs=store)
     try:
         with TestClient(app, raise_server_exceptions=False) as c:
-            yield c, store
+            try:
+                yield c, store
+            finally:  # the queue's connection pool lives on the client's loop: closed on it
+                if store._app is not None:
+                    c.portal.call(store._app.close_async)  # type: ignore[union-attr]
     finally:
         set_verifier(None)
 
@@ -416,7 +420,11 @@ def test_the_routes_create_idempotently_stream_events_to_the_final_state_and_ref
         ({"files": files, "data": {"upload_id": "0" * 32}}, 422, "either a file or upload_id"),
         ({"files": files, "data": {"colour": "red"}}, 422, "unknown form field(s) colour"),
         ({"files": files, "data": {"rag": "{bad"}}, 422, 'rag must be "client"'),
-        ({"json": {"upload_id": "0" * 32}, "headers": {"Idempotency-Key": "two words"}}, 400, "Idempotency-Key"),
+        (
+            {"json": {"upload_id": "0" * 32}, "headers": {"Idempotency-Key": "two words"}},
+            400,
+            "Idempotency-Key",
+        ),
     ):
         headers = {**auth(), **kwargs.pop("headers", {})}  # type: ignore[arg-type]
         r = c.post("/jobs/ingest", headers=headers, **kwargs)  # type: ignore[arg-type]
