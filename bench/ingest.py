@@ -40,7 +40,11 @@ def document(pages: int, scan_every: int, seed: int) -> bytes:
     w = PdfWriter()
     for n in range(1, pages + 1):
         lines = [" ".join(WORDS[(i + n + seed) % len(WORDS) :] + WORDS[: (i + n) % 7]) for i in range(12)]
-        part = samples.scanned_pdf(lines[:3]) if scan_every and n % scan_every == 0 else samples.pdf(lines)
+        part = (
+            samples.scanned_pdf(lines[:3])
+            if scan_every and n % scan_every == 0
+            else samples.pdf(["\n".join(lines)])
+        )
         for page in PdfReader(io.BytesIO(part)).pages:
             w.add_page(page)
     buf = io.BytesIO()
