@@ -351,7 +351,7 @@ class IngestJobs:
             return True, job_dict(row)
 
     def _ingest_row(self, db: Any, job_id: str, owner: str) -> IngestJob:
-        row = db.get(IngestJob, str(job_id)[:40])
+        row: IngestJob | None = db.get(IngestJob, str(job_id)[:40])
         if row is None or row.owner != owner:
             raise not_found("job", job_id)
         return row
@@ -603,7 +603,8 @@ class IngestJobs:
                 raise Refusal(
                     422, "needs_ocr", 'the file is an image: it has no text without OCR (ocr "auto")'
                 )
-            pages, meta = [{"number": 1, "text": ""}], {}
+            pages: list[dict[str, Any]] = [{"number": 1, "text": ""}]
+            meta: dict[str, Any] = {}
             needs = [1]
         else:
             parsed = await self._pipeline().call("documents", "parse", data, ctx["filename"], kind, "never")

@@ -234,7 +234,7 @@ def test_a_job_whose_runner_died_resumes_at_its_step_without_duplicating_chunks(
         col = store.rag.collections["client-alice"]
         assert len(col.rows) == final["result"]["chunks"] >= 1
         # the index step again (as a runner dying after Chroma's write, before the checkpoint, makes it)
-        await store._step_index(jid, store.ingest_claim(jid) or {**ctx, "upload_id": job["upload_id"]}, b"")
+        await store._step_index(jid, ctx, b"")
         assert len(col.rows) == final["result"]["chunks"]
 
     asyncio.run(scenario())
