@@ -586,7 +586,10 @@ class Batches(IngestJobs):
         ):
             log.warning("batch job %s stalled (its runner stopped beating): run again", job.id)
             await app.job_manager.retry_job(job)
-        await self._ingest_sweep(app)
+        try:  # the ingest jobs' part never keeps the batches' part from running
+            await self._ingest_sweep(app)
+        except Exception as exc:
+            log.warning("ingest jobs not swept: %s: %s", type(exc).__name__, exc)
         for batch_id in await asyncio.to_thread(self._expire_and_unstarted):
             await self._defer(batch_id, await asyncio.to_thread(self._pending, batch_id))
             await asyncio.to_thread(self._start, batch_id)
