@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -77,11 +78,16 @@ class MemoryRag(Rag):
 
 
 class RecordingGraph:
+    """Records calls; `gate` (set by a test) holds a call until it is opened."""
+
     def __init__(self) -> None:
         self.calls: list[tuple[str, str]] = []
+        self.gate: threading.Event | None = None
 
     def extract(self, owner: str, text: str, source: str | None, write: bool) -> dict[str, Any]:
         self.calls.append((owner, text))
+        if self.gate is not None:
+            assert self.gate.wait(60), "the test never opened the gate"
         names = [n for n in ("Ana Lima", "Bruno Costa", "Lisbon") if n in text]
         return {
             "entities": [
@@ -394,11 +400,31 @@ def test_the_routes_create_idempotently_stream_events_to_the_final_state_and_ref
     assert r.status_code == 200 and r.json()["id"] == job["id"]
     r = c.post("/jobs/ingest", headers=auth(**{"Idempotency-Key": "abc"}), files=files, data={})
     assert r.status_code == 409 and r.json()["error"]["code"] == "idempotency_key_reused"
-    c.portal.call(store.run_ingest, job["id"])  # type: ignore[union-attr]
+    # the job held in its last step (the graph's gate): the stream shows it running, then its end
+    store.graph.gate = threading.Event()
+    c.portal.start_task_soon(store.run_ingest, job["id"])  # type: ignore[union-attr]
+    try:
+        with c.stream("GET", f"/jobs/{job['id']}/events", headers=auth()) as s:
+            assert s.status_code == 200 and s.headers["content-type"].startswith("text/event-stream")
+            events: list[tuple[str, dict[str, Any]]] = []
+            name = ""
+            for line in s.iter_lines():
+                if line.startswith("event: "):
+                    name = line.removeprefix("event: ")
+                elif line.startswith("data: "):
+                    events.append((name, json.loads(line.removeprefix("data: "))))
+                    if events[-1][1]["steps"][3]["state"] == "running":
+                        store.graph.gate.set()
+    finally:
+        store.graph.gate.set()
+    names = [n for n, _ in events]
+    assert names[-1] == "succeeded" and set(names[:-1]) == {"progress"}, names
+    assert events[-1][1]["state"] == "succeeded" and events[-1][1]["result"]["entities"] == 2
+    revisions = [e["revision"] for _, e in events]
+    assert revisions == sorted(set(revisions))  # one event per change, in order
     with c.stream("GET", f"/jobs/{job['id']}/events", headers=auth()) as s:
-        assert s.status_code == 200 and s.headers["content-type"].startswith("text/event-stream")
-        events = [line.removeprefix("event: ") for line in s.iter_lines() if line.startswith("event: ")]
-    assert events == ["succeeded"]  # the job had ended: one event, its final state, and the stream ends
+        finished = [ln.removeprefix("event: ") for ln in s.iter_lines() if ln.startswith("event: ")]
+    assert finished == ["succeeded"]  # a finished job's stream: its final state, then the end
     assert c.get(f"/jobs/{job['id']}", headers=auth()).json()["state"] == "succeeded"
     assert c.get(f"/jobs/{job['id']}/text", headers=auth()).text == "Ana Lima met Bruno Costa."
     assert c.post(f"/jobs/{job['id']}/cancel", headers=auth()).json()["state"] == "succeeded"
