@@ -873,7 +873,14 @@ def test_every_route_refuses_no_wrong_revoked_and_another_clients_key(pool: Pool
         assert note.status_code == 201, note.text
         up = alice.post("/uploads", files={"file": ("k.txt", b"alice's file", "text/plain")})
         assert up.status_code == 201, up.text
-    ids = {"note_id": note.json()["id"], "upload_id": up.json()["id"], "client_id": "alice"}
+        job = alice.post("/jobs/ingest", json={"upload_id": up.json()["id"]})
+        assert job.status_code == 202, job.text
+    ids = {
+        "note_id": note.json()["id"],
+        "upload_id": up.json()["id"],
+        "client_id": "alice",
+        "job_id": job.json()["id"],
+    }
 
     r = pool.admin.post("/api/admin/clients", json={"name": "revoked-in-route-check"})
     assert r.status_code == 201, r.text
@@ -916,12 +923,13 @@ def test_every_route_refuses_no_wrong_revoked_and_another_clients_key(pool: Pool
             if "{client_id}" in template:  # alice's own RAG collection: bob may not name it
                 r = c.request(method, path, headers=bob, **body)
                 assert r.status_code == 403 and r.json()["error"]["code"] == "not_your_client", r.text
-            elif "{note_id}" in template or "{upload_id}" in template:  # another client's: it does not exist
+            elif any(f"{{{k}}}" in template for k in ("note_id", "upload_id", "job_id")):  # another's: absent
                 r = c.request(method, path, headers=bob, **body)
                 assert r.status_code == 404, (method, path, r.status_code, r.text)
     with pool.http("alice") as alice:  # and alice's own are still there, untouched by bob's attempts
         assert alice.get(f"/notes/{ids['note_id']}").json()["body"] == "alice's only"
         assert alice.get(f"/uploads/{ids['upload_id']}/content").content == b"alice's file"
+        assert alice.get(f"/jobs/{ids['job_id']}").status_code == 200
 
 
 def _llm_routes() -> list[tuple[str, str]]:
