@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import delete, func, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from deployments.gateway.refusal import Refusal, not_found, unwrap, validation_message
 from deployments.services.db import IngestJob, IngestPage, Upload
@@ -65,6 +65,13 @@ UNAVAILABLE = {
 class Unavailable(Exception):
     """A service the step needs could not be asked now (away, full, died under the call): the job is started
     again later, within its attempts."""
+
+
+def _db_errors() -> tuple[type[BaseException], ...]:
+    """The database being away (down, restarting, a connection cut): the job is tried again, not failed."""
+    import psycopg
+
+    return (OperationalError, DBAPIError, psycopg.OperationalError)
 
 
 class RagTarget(BaseModel):
@@ -469,25 +476,51 @@ class IngestJobs:
 
     async def _ingest_sweep(self, app: Any) -> None:
         """Jobs of dead runners back in the queue (they resume at their step); jobs whose row was written but
-        whose queue entry was lost (their creator died in between) queued again."""
+        whose queue entry was lost (their creator died in between, or their runner died while the database
+        was away and left the row `running`) queued again. One job's error never stops the rest."""
         for job in await app.job_manager.get_stalled_jobs(
             queue=QUEUE, seconds_since_heartbeat=self.settings.batch_stalled_s
         ):
-            log.warning("ingest job %s stalled (its runner stopped beating): run again", job.id)
-            await app.job_manager.retry_job(job)
-        for job_id in await asyncio.to_thread(self._ingest_waiting):
-            await self._ingest_defer(job_id)
+            try:
+                if job.lock and await self._ingest_active(app, job.lock, "todo"):
+                    continue  # already waiting again: a second entry would break the queueing lock
+                log.warning("ingest job %s stalled (its runner stopped beating): run again", job.id)
+                await app.job_manager.retry_job(job)
+            except Exception as exc:
+                log.warning("ingest task %s not retried: %s: %s", job.id, type(exc).__name__, exc)
+        for job_id, state in await asyncio.to_thread(self._ingest_waiting):
+            try:
+                if await self._ingest_active(app, job_id, "todo", "doing"):
+                    continue
+                if state == RUNNING:
+                    log.warning("ingest job %s left running with no task: queued again", job_id)
+                    await asyncio.to_thread(self._ingest_requeue, job_id)
+                await self._ingest_defer(job_id)
+            except Exception as exc:
+                log.warning("ingest job %s not re-queued: %s: %s", job_id, type(exc).__name__, exc)
 
-    def _ingest_waiting(self) -> list[str]:
-        old = _now() - timedelta(seconds=60)
+    @staticmethod
+    async def _ingest_active(app: Any, lock: str, *statuses: str) -> bool:
+        """Whether a procrastinate task holding the job's lock is in one of `statuses`."""
+        for status in statuses:
+            if list(await app.job_manager.list_jobs_async(queue=QUEUE, lock=lock, status=status)):
+                return True
+        return False
+
+    def _ingest_waiting(self) -> list[tuple[str, str]]:
+        """Queued rows untouched for a minute, and running rows untouched for twice the stalled time."""
+        now = _now()
+        old, stale = now - timedelta(seconds=60), now - timedelta(seconds=2 * self.settings.batch_stalled_s)
         with self.db.sessions()() as db:
-            return list(
-                db.scalars(
-                    select(IngestJob.id)
-                    .where(IngestJob.state == QUEUED, IngestJob.updated_at < old)
-                    .limit(100)
+            rows = db.execute(
+                select(IngestJob.id, IngestJob.state)
+                .where(
+                    ((IngestJob.state == QUEUED) & (IngestJob.updated_at < old))
+                    | ((IngestJob.state == RUNNING) & (IngestJob.updated_at < stale))
                 )
+                .limit(100)
             )
+            return [(str(i), str(st)) for i, st in rows]
 
     def _pipeline(self) -> Any:
         if self.pipeline is None:
@@ -578,12 +611,18 @@ class IngestJobs:
                 data = await asyncio.to_thread(self.blobs.read, ctx["sha256"])
             except FileNotFoundError:
                 raise Refusal(410, "upload_gone", "the file's bytes are no longer on the volume") from None
-            while (step := await asyncio.to_thread(self.ingest_next_step, job_id)) is not None:
-                await getattr(self, f"_step_{step}")(job_id, ctx, data)
+            try:
+                while (step := await asyncio.to_thread(self.ingest_next_step, job_id)) is not None:
+                    await getattr(self, f"_step_{step}")(job_id, ctx, data)
+            except _db_errors() as exc:
+                raise Unavailable(f"the database did not answer ({type(exc).__name__})") from exc
         except Unavailable as exc:
             if ctx["attempt"] < self.settings.ingest_max_attempts:
                 log.warning("ingest job %s: %s; tried again", job_id, exc)
-                await asyncio.to_thread(self._ingest_requeue, job_id)
+                try:
+                    await asyncio.to_thread(self._ingest_requeue, job_id)
+                except _db_errors():  # still away: the sweep re-queues the row once it is back
+                    log.warning("ingest job %s: not marked queued (the database is away)", job_id)
                 raise
             await asyncio.to_thread(self._ingest_fail, job_id, step, "service_unavailable", str(exc))
         except Refusal as exc:

@@ -303,6 +303,51 @@ def test_cancel_queued_running_and_finished_jobs_and_the_unfinished_limit(
     asyncio.run(scenario())
 
 
+def test_a_database_outage_retries_the_job_and_the_sweep_requeues_a_running_row_with_no_task(
+    postgres: Postgres, tmp_path: Any, ocr: Ocr
+) -> None:
+    import psycopg
+    from sqlalchemy.exc import OperationalError
+
+    store = make_store(postgres, tmp_path, ocr, batch_runner=False, ingest_max_attempts=3)
+    conninfo = f"host={postgres.host} port={postgres.port} user=rma dbname={store.settings.database}"
+    real, calls = store.ingest_next_step, []
+
+    def flaky(job_id: str) -> str | None:  # the checkpoint after parsing: the database away once
+        calls.append(job_id)
+        if len(calls) == 2:
+            raise OperationalError("UPDATE ingest_jobs", {}, Exception("server closed the connection"))
+        return real(job_id)
+
+    store.ingest_next_step = flaky
+
+    async def scenario() -> None:
+        _, job = await store.ingest_create("alice", samples.pdf(["Ana Lima"]), "a.pdf", None, None, {})
+        with pytest.raises(ingest.Unavailable):
+            await store.run_ingest(job["id"])  # procrastinate retries it
+        assert store.ingest_get(job["id"], "alice")["state"] == ingest.QUEUED
+        await store.run_ingest(job["id"])
+        out = store.ingest_get(job["id"], "alice")
+        assert out["state"] == ingest.SUCCEEDED and out["attempts"] == 2, out
+        # a runner that died while the database was away: its row `running`, untouched, no task left
+        _, other = await store.ingest_create("alice", samples.pdf(["Bruno"]), "b.pdf", None, None, {})
+        assert store.ingest_claim(other["id"]) is not None
+        with psycopg.connect(conninfo, autocommit=True) as c:
+            c.execute("UPDATE public.ingest_jobs SET updated_at = now() - interval '1 hour'")
+            c.execute("SET search_path TO procrastinate")
+            c.execute("DELETE FROM procrastinate_jobs")
+        await store.sweep()
+        assert store.ingest_get(other["id"], "alice")["state"] == ingest.QUEUED
+        with psycopg.connect(conninfo, autocommit=True) as c:
+            rows = c.execute("SELECT lock, status FROM procrastinate.procrastinate_jobs").fetchall()
+        assert rows == [(other["id"], "todo")]
+        await store.sweep()  # its task is waiting: not queued twice, the sweep does not fail
+        with psycopg.connect(conninfo, autocommit=True) as c:
+            assert c.execute("SELECT count(*) FROM procrastinate.procrastinate_jobs").fetchone() == (1,)
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.parametrize(
     ("data", "upload_id", "options", "status", "says"),
     [
