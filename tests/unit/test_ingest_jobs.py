@@ -9,6 +9,7 @@ import asyncio
 import io
 import json
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -87,7 +88,7 @@ class RecordingGraph:
     def extract(self, owner: str, text: str, source: str | None, write: bool) -> dict[str, Any]:
         self.calls.append((owner, text))
         if self.gate is not None:
-            assert self.gate.wait(60), "the test never opened the gate"
+            assert self.gate.wait(30), "the test never opened the gate"  # before the pipeline's 60 s
         names = [n for n in ("Ana Lima", "Bruno Costa", "Lisbon") if n in text]
         return {
             "entities": [
@@ -405,7 +406,7 @@ def http(postgres: Postgres, tmp_path: Any, ocr: Ocr) -> Iterator[tuple[TestClie
     verifier = ClientKeyVerifier(lambda: ring, refresh_s=3600)
     verifier.refresh()
     set_verifier(verifier)
-    store = make_store(postgres, tmp_path, ocr, batch_runner=False)
+    store = make_store(postgres, tmp_path, ocr, batch_runner=False, ingest_max_attempts=1)
     app = create_api(Backends(None, None, None, None, None, None), ServicesSettings(), jobs=store)
     try:
         with TestClient(app, raise_server_exceptions=False) as c:
@@ -453,7 +454,9 @@ def test_the_routes_create_idempotently_stream_events_to_the_final_state_and_ref
             assert s.status_code == 200 and s.headers["content-type"].startswith("text/event-stream")
             events: list[tuple[str, dict[str, Any]]] = []
             name = ""
+            deadline = time.monotonic() + 120  # pings every 15 s: the loop never waits past it unseen
             for line in s.iter_lines():
+                assert time.monotonic() < deadline, f"the stream did not end; events so far: {events}"
                 if line.startswith("event: "):
                     name = line.removeprefix("event: ")
                 elif line.startswith("data: "):
@@ -501,3 +504,30 @@ def test_the_routes_create_idempotently_stream_events_to_the_final_state_and_ref
         r = c.post("/jobs/ingest", headers=headers, **kwargs)  # type: ignore[arg-type]
         assert r.status_code == status and says in r.json()["error"]["message"], (kwargs, r.text)
     assert json.loads(c.get("/jobs", headers=auth()).text)["has_more"] is False
+
+
+def test_an_events_stream_ends_itself_with_a_retry_hint_and_resumes_after_last_event_id(
+    http: tuple[TestClient, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from deployments.services.routes import jobs as routes
+
+    monkeypatch.setattr(routes, "EVENTS_MAX_S", 0.0)  # Serve's 180 s limit, shortened
+    c, store = http
+    r = c.post("/jobs/ingest", headers=auth(), files={"file": ("a.txt", b"Ana Lima", "text/plain")})
+    job = r.json()
+
+    def read(**headers: str) -> list[str]:
+        with c.stream("GET", f"/jobs/{job['id']}/events", headers=auth(**headers)) as s:
+            assert s.status_code == 200, s.read()
+            return [ln for ln in s.iter_lines() if ln]
+
+    lines = read()  # the queued job (no runner): its state, then the end with a retry hint
+    assert lines[:2] == [f"id: {job['revision']}", "event: progress"], lines
+    assert lines[-2:] == [": stream time limit: reconnect with Last-Event-ID", "retry: 1000"], lines
+    # reconnecting after that event: nothing new yet, only the hint
+    assert not [ln for ln in read(**{"Last-Event-ID": str(job["revision"])}) if ln.startswith("event: ")]
+    store.ingest_cancel(job["id"], "alice")  # a change: the next stream sends it
+    lines = read(**{"Last-Event-ID": str(job["revision"])})
+    assert [ln for ln in lines if ln.startswith("event: ")] == ["event: cancelled"], lines
+    r = c.get(f"/jobs/{job['id']}/events", headers=auth(**{"Last-Event-ID": "latest"}))
+    assert r.status_code == 400 and "Last-Event-ID" in r.json()["error"]["message"]

@@ -24,6 +24,8 @@ router = APIRouter()
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 EVENTS_POLL_S = 0.5
 EVENTS_PING_S = 15
+EVENTS_MAX_S = 150.0  # a stream ends by itself before Serve's request_timeout_s (180 s) cuts it
+EVENTS_RETRY_MS = 1000
 OPTION_FIELDS = ("ocr", "rag", "graph")
 
 
@@ -162,28 +164,47 @@ async def cancel_job(job_id: str, request: Request, client: ClientDep, api: Api)
 
 
 async def _events(
-    api: ApiContext, jobs: Any, job_id: str, who: str, first: dict[str, Any]
+    api: ApiContext, jobs: Any, job_id: str, who: str, first: dict[str, Any], after: int | None
 ) -> AsyncIterator[Any]:
-    """A `progress` event each time the job changed (its revision), the last one named by the final state,
-    then the end of the stream."""
-    job, last = first, None
+    """A `progress` event each time the job changed (its revision, the event's id), the last one named by the
+    final state, then the end of the stream. A stream ends by itself after `EVENTS_MAX_S` (a `retry:` hint and
+    a comment): the client reconnects with `Last-Event-ID` and gets the changes after that revision."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + EVENTS_MAX_S
+    job, last = first, after
     while True:
-        if job["revision"] != last:
+        final = job["state"] in FINAL
+        if last is None or job["revision"] > last:
             last = job["revision"]
-            final = job["state"] in FINAL
             yield {"event": job["state"] if final else "progress", "id": str(last), "data": json.dumps(job)}
-            if final:
-                return
+        if final:
+            return
+        if loop.time() >= deadline:
+            yield {"retry": EVENTS_RETRY_MS, "comment": "stream time limit: reconnect with Last-Event-ID"}
+            return
         await asyncio.sleep(EVENTS_POLL_S)
         job = await api.call("jobs", jobs.ingest_get, job_id, who, retry=True)
 
 
+def _last_event_id(request: Request) -> int | None:
+    raw = request.headers.get("last-event-id")
+    if raw is None or not raw.strip():
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise Refusal(
+            400, "bad_last_event_id", "Last-Event-ID must be an event id this stream sent (a revision number)"
+        ) from None
+
+
 @router.get("/jobs/{job_id}/events")
 async def job_events(job_id: str, request: Request, client: ClientDep, api: Api) -> Any:
+    after = _last_event_id(request)
     jobs = jobs_backend(request)
     first = await api.call("jobs", jobs.ingest_get, job_id, owner(client), retry=True)  # 404 before a 200
     return EventSourceResponse(
-        _events(api, jobs, job_id, owner(client), first),
+        _events(api, jobs, job_id, owner(client), first, after),
         ping=EVENTS_PING_S,
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
