@@ -61,6 +61,9 @@ UNAVAILABLE = {
     "TimeoutError",
 }
 
+CRASHED = {"ActorDiedError", "RayActorError", "WorkerCrashedError", "TimeoutError"}
+HOSTILE = {"documents", "ocr"}  # the services that parse the caller's bytes
+
 
 class Unavailable(Exception):
     """A service the step needs could not be asked now (away, full, died under the call): the job is started
@@ -201,6 +204,16 @@ class ServePipeline:
             raise
         except Exception as exc:
             kind = type(unwrap(exc)).__name__
+            if name in HOSTILE and (isinstance(exc, TimeoutError) or kind in CRASHED):
+                # the caller's file under a parser: a replica that died (or hung) on it dies again on a fresh
+                # one, so the job fails once, as the online routes refuse it (`http.py`, hostile=True)
+                log.warning("the %s service's replica died under a job's file (%s): not retried", name, kind)
+                raise Refusal(
+                    422,
+                    "parser_limits_exceeded",
+                    f"the {name} service's replica died or hung while processing this file ({kind}): this "
+                    "file made the parser exceed its limits; it is not retried. Send a smaller or simpler file",
+                ) from None
             if isinstance(exc, TimeoutError) or kind in UNAVAILABLE:
                 if name not in self._given and kind != "TimeoutError":
                     self._backends.pop(name, None)  # a fresh handle next time

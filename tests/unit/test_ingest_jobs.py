@@ -349,6 +349,41 @@ def test_a_database_outage_retries_the_job_and_the_sweep_requeues_a_running_row_
     asyncio.run(scenario())
 
 
+def test_a_file_that_crashes_the_parser_fails_the_job_once_and_backpressure_is_retried() -> None:
+    class ActorDiedError(Exception):
+        pass
+
+    class BackPressureError(Exception):
+        pass
+
+    class Dying:
+        def __init__(self, error: type[Exception]) -> None:
+            self.error, self.calls = error, 0
+
+        async def parse(self, *args: Any) -> Any:
+            self.calls += 1
+            raise self.error("the replica died")
+
+        async def pdf_pages(self, *args: Any) -> Any:
+            await asyncio.sleep(5)
+
+    async def scenario() -> None:
+        died, full = Dying(ActorDiedError), Dying(BackPressureError)
+        for pipe, name, method in (
+            (ingest.ServePipeline(5, documents=died), "documents", "parse"),
+            (ingest.ServePipeline(0.05, ocr=Dying(ActorDiedError)), "ocr", "pdf_pages"),  # hung: a timeout
+        ):
+            with pytest.raises(Refusal) as exc:
+                await pipe.call(name, method, b"%PDF", [1])
+            assert exc.value.status == 422 and exc.value.code == "parser_limits_exceeded", exc.value.message
+        with pytest.raises(ingest.Unavailable):
+            await ingest.ServePipeline(5, documents=full).call("documents", "parse", b"%PDF")
+        with pytest.raises(ingest.Unavailable):  # a service that does not read the file: tried again
+            await ingest.ServePipeline(5, graph=Dying(ActorDiedError)).call("graph", "parse", b"x")
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.parametrize(
     ("data", "upload_id", "options", "status", "says"),
     [
