@@ -49,6 +49,8 @@ STATES = (QUEUED, RUNNING, *FINAL)
 PENDING, DONE, SKIPPED = "pending", "done", "skipped"
 STEPS = ("parse", "ocr", "index", "entities")
 GRAPH_PIECE = 50_000  # characters per graph call (the graph service takes at most 100,000)
+MAX_TEXT = 5_000_000  # characters: the online routes' limit on a text (`schemas.py`)
+MAX_ENTITIES = 5_000  # distinct entities kept in a job's result (the graph has them all)
 SERVICES_APP = "services"
 TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
 UNAVAILABLE = {
@@ -164,6 +166,16 @@ def _set_step(row: IngestJob, name: str, **fields: Any) -> None:
     """Steps are a JSON list: a new list, so SQLAlchemy sees the change."""
     row.steps = [{**s, **fields} if s["name"] == name else dict(s) for s in row.steps]
     row.revision += 1
+
+
+def check_text_size(chars: int) -> None:
+    if chars > MAX_TEXT:
+        raise Refusal(
+            413,
+            "text_too_large",
+            f"the document's text is {chars:,} characters; a job reads at most {MAX_TEXT:,} "
+            "(the limit of a text on the online routes): split the document and send the parts",
+        )
 
 
 def _merge_result(row: IngestJob, **fields: Any) -> None:
@@ -666,6 +678,7 @@ class IngestJobs:
                 for p in pages
                 if kind == PDF and (opts.ocr == "always" or (opts.ocr == "auto" and not p["text"].strip()))
             ]
+        check_text_size(sum(len(p["text"]) for p in pages if p["number"] not in needs))
         if len(needs) > self.settings.ingest_max_ocr_pages:
             raise Refusal(
                 413,
@@ -712,6 +725,13 @@ class IngestJobs:
                     update(IngestPage)
                     .where(IngestPage.job_id == job_id, IngestPage.number == number)
                     .values(text=out["text"], ocr=True)
+                )
+                check_text_size(
+                    db.scalar(
+                        select(func.coalesce(func.sum(func.length(IngestPage.text)), 0)).where(
+                            IngestPage.job_id == job_id
+                        )
+                    )
                 )
                 st = _step(row, "ocr")
                 _set_step(row, "ocr", done=min(st["total"], st["done"] + 1))
@@ -776,13 +796,21 @@ class IngestJobs:
             with self.db.sessions().begin() as db:
                 row = db.get(IngestJob, job_id, with_for_update=True)
                 seen = {(e["name"], e["label"]) for e in (row.result or {}).get("_entities", [])}
-                seen |= {(e["name"], e["label"]) for e in out["entities"]}
+                capped = len(seen) >= MAX_ENTITIES or bool((row.result or {}).get("entities_capped"))
+                for e in out["entities"]:  # bounded: past MAX_ENTITIES new ones are not kept here
+                    if (e["name"], e["label"]) in seen:
+                        continue
+                    if len(seen) >= MAX_ENTITIES:
+                        capped = True
+                        break
+                    seen.add((e["name"], e["label"]))
                 found = [{"name": n, "label": lb} for n, lb in sorted(seen)]
                 _set_step(row, "entities", done=i + 1)
                 _merge_result(
                     row,
                     _entities=found,
                     entities=len(found),
+                    entities_capped=capped,
                     entity_sample=found[:50],
                     relations=(row.result or {}).get("relations", 0) + len(out["relations"]),
                 )

@@ -384,6 +384,33 @@ def test_a_file_that_crashes_the_parser_fails_the_job_once_and_backpressure_is_r
     asyncio.run(scenario())
 
 
+def test_a_text_past_the_online_limit_fails_the_job_and_the_kept_entities_are_bounded(
+    postgres: Postgres, tmp_path: Any, ocr: Ocr, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = make_store(postgres, tmp_path, ocr, batch_runner=False)
+    monkeypatch.setattr(ingest, "MAX_ENTITIES", 2)
+
+    class Huge:
+        async def parse(self, *args: Any) -> dict[str, Any]:
+            return {"pages": [{"number": 1, "text": "a" * (ingest.MAX_TEXT + 1)}]}
+
+    async def scenario() -> None:
+        doc = samples.pdf(["Ana Lima and Bruno Costa in Lisbon."])
+        _, many = await store.ingest_create("alice", doc, "a.pdf", None, None, {"graph": True})
+        await store.run_ingest(many["id"])
+        out = store.ingest_get(many["id"], "alice")
+        assert out["state"] == ingest.SUCCEEDED, out
+        assert out["result"]["entities"] == 2 and out["result"]["entities_capped"] is True
+        _, big = await store.ingest_create("alice", doc, "b.pdf", None, None, {})
+        store.pipeline = ingest.ServePipeline(60, documents=Huge())
+        await store.run_ingest(big["id"])
+        out = store.ingest_get(big["id"], "alice")
+        assert out["state"] == ingest.FAILED and out["error"]["code"] == "text_too_large", out
+        assert "at most 5,000,000" in out["error"]["message"]
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.parametrize(
     ("data", "upload_id", "options", "status", "says"),
     [
