@@ -446,6 +446,16 @@ class IngestJobs:
                 row.revision += 1
             return job_dict(row)
 
+    def ingest_withdraw(self, job_id: str, owner: str, code: str) -> None:
+        """A job created but refused after (its upload past the day's quota): cancelled before it ran, its
+        Idempotency-Key freed so that the same request can be sent again later."""
+        with self.db.sessions().begin() as db:
+            row = self._ingest_row(db, job_id, owner)
+            db.refresh(row, with_for_update=True)
+            if row.state == QUEUED:
+                row.idempotency_key = None
+                self._finish(row, CANCELLED, {"step": None, "code": code, "message": "refused when created"})
+
     @staticmethod
     def _finish(row: IngestJob, state: str, error: dict[str, Any] | None = None) -> None:
         row.state, row.finished_at = state, _now()

@@ -593,3 +593,44 @@ def test_an_events_stream_ends_itself_with_a_retry_hint_and_resumes_after_last_e
     assert [ln for ln in lines if ln.startswith("event: ")] == ["event: cancelled"], lines
     r = c.get(f"/jobs/{job['id']}/events", headers=auth(**{"Last-Event-ID": "latest"}))
     assert r.status_code == 400 and "Last-Event-ID" in r.json()["error"]["message"]
+
+
+def test_the_upload_quota_is_charged_once_per_new_job_never_for_a_replay_or_a_refusal(
+    http: tuple[TestClient, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from deployments.gateway import quota
+
+    charged: list[int] = []
+    refuse = False
+
+    real = quota.meter()
+
+    class Meter:
+        def __getattr__(self, name: str) -> Any:  # the rest of the gateway's metering: the real one
+            return getattr(real, name)
+
+        async def charge_upload(self, key_id: str, q: Any, size: int) -> None:
+            if refuse:
+                raise Refusal(429, "upload_quota_exceeded", "the day's upload quota is spent")
+            charged.append(size)
+
+    monkeypatch.setattr(quota, "meter", lambda: Meter())
+    c, store = http
+    doc = samples.pdf(["Ana Lima"])
+    files = {"file": ("a.pdf", doc, "application/pdf")}
+    for status in (202, 200):  # the same key twice: one job, charged once
+        r = c.post("/jobs/ingest", headers=auth(**{"Idempotency-Key": "q-1"}), files=files)
+        assert r.status_code == status, r.text
+    r = c.post("/jobs/ingest", headers=auth(**{"Idempotency-Key": "q-1"}), files=files, data={"graph": "true"})
+    assert r.status_code == 409
+    r = c.post("/jobs/ingest", headers=auth(), files={"file": ("b.bin", b"\x00\x01", "application/octet-stream")})
+    assert r.status_code == 415
+    assert charged == [len(doc)]
+    refuse = True  # past the quota: refused, the new job withdrawn, its key free again
+    r = c.post("/jobs/ingest", headers=auth(**{"Idempotency-Key": "q-2"}), files=files)
+    assert r.status_code == 429 and r.json()["error"]["code"] == "upload_quota_exceeded"
+    withdrawn = c.get("/jobs", headers=auth()).json()["data"][0]
+    assert withdrawn["state"] == "cancelled" and withdrawn["error"]["code"] == "upload_quota_exceeded"
+    refuse = False
+    r = c.post("/jobs/ingest", headers=auth(**{"Idempotency-Key": "q-2"}), files=files)
+    assert r.status_code == 202 and r.json()["id"] != withdrawn["id"]

@@ -118,10 +118,6 @@ async def create_ingest_job(request: Request, client: ClientDep, api: Api) -> An
                 "upload_id: a string is required (the id POST /api/uploads gave), or send a multipart file",
             )
         options = body
-    if data is not None:
-        m = quota.meter()
-        if m is not None:  # stored as an upload: the day's upload quota, as POST /api/uploads
-            await m.charge_upload(client.key_id, client.quota, len(data))
     status, job = await api.call(
         "jobs",
         jobs_backend(request).ingest_create,
@@ -133,6 +129,15 @@ async def create_ingest_job(request: Request, client: ClientDep, api: Api) -> An
         options,
         key,
     )
+    m = quota.meter()
+    if data is not None and status == 202 and m is not None:
+        # a new job stored the file as an upload: the day's upload quota, as POST /api/uploads (a replay, a
+        # 409, a 429 or a refused file is not charged); past the quota the new job is withdrawn
+        try:
+            await m.charge_upload(client.key_id, client.quota, len(data))
+        except Refusal as exc:
+            await api.call("jobs", jobs_backend(request).ingest_withdraw, job["id"], owner(client), exc.code)
+            raise
     return JSONResponse(job, status_code=status, headers={"Location": f"/api/jobs/{job['id']}"})
 
 
