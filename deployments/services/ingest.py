@@ -52,6 +52,7 @@ GRAPH_PIECE = 50_000  # characters per graph call (the graph service takes at mo
 MAX_TEXT = 5_000_000  # characters: the online routes' limit on a text (`schemas.py`)
 MAX_ENTITIES = 5_000  # distinct entities kept in a job's result (the graph has them all)
 SERVICES_APP = "services"
+OWNER_LOCK = 0x1A6E57  # the advisory locks' first key: an owner's job creates
 TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
 UNAVAILABLE = {
     "ActorDiedError",
@@ -331,6 +332,8 @@ class IngestJobs:
                             "or options: send that request again unchanged, or use a new key",
                         )
                     return False, job_dict(seen)
+            # one create per owner at a time past this point: concurrent creates count each other's jobs
+            db.execute(select(func.pg_advisory_xact_lock(OWNER_LOCK, func.hashtext(owner))))
             unfinished = db.scalar(
                 select(func.count())
                 .select_from(IngestJob)

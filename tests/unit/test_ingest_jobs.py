@@ -300,6 +300,12 @@ def test_cancel_queued_running_and_finished_jobs_and_the_unfinished_limit(
         # a finished job's cancel answers its state unchanged
         assert store.ingest_cancel(running["id"], "alice") == out
         assert (await store.ingest_create("alice", doc, "c.pdf", None, None, {}))[0] == 202
+        # creates at once: the limit holds (each counts the others' jobs under the owner's lock)
+        outs = await asyncio.gather(
+            *(store.ingest_create("carol", doc, f"{i}.pdf", None, None, {}) for i in range(6)),
+            return_exceptions=True,
+        )
+        assert sorted(o[0] if isinstance(o, tuple) else o.status for o in outs) == [202, 202, 429, 429, 429, 429]
 
     asyncio.run(scenario())
 
