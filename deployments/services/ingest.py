@@ -665,10 +665,14 @@ class IngestJobs:
             await asyncio.to_thread(self._ingest_fail, job_id, step, "service_unavailable", str(exc))
         except Refusal as exc:
             await asyncio.to_thread(self._ingest_fail, job_id, step, exc.code, exc.message)
-        except Exception as exc:  # a bug or an unforeseen error: the job still ends, with the error
+        except Exception:  # a bug or an unforeseen error: the job still ends; its details only in the logs
             log.exception("ingest job %s: step %s failed", job_id, step)
             await asyncio.to_thread(
-                self._ingest_fail, job_id, step, "internal_error", f"{type(exc).__name__}: {exc}"
+                self._ingest_fail,
+                job_id,
+                step,
+                "internal_error",
+                f"internal error; the operator's logs have the details under job {job_id}",
             )
 
     # -- the steps (each ends with its checkpoint) --------------------------------------------------------

@@ -349,6 +349,12 @@ def test_a_database_outage_retries_the_job_and_the_sweep_requeues_a_running_row_
             rows = c.execute("SELECT lock, status FROM procrastinate.procrastinate_jobs").fetchall()
         assert rows == [(other["id"], "todo")]
         await store.sweep()  # its task is waiting: not queued twice, the sweep does not fail
+        # a bug under a step: the job fails with a message naming it, the details only in the logs
+        store.ingest_next_step = lambda _id: (_ for _ in ()).throw(KeyError("secret internals"))
+        await store.run_ingest(other["id"])
+        err = store.ingest_get(other["id"], "alice")["error"]
+        assert err["code"] == "internal_error" and "secret" not in json.dumps(err)
+        assert err["message"] == f"internal error; the operator's logs have the details under job {other['id']}"
         with psycopg.connect(conninfo, autocommit=True) as c:
             assert c.execute("SELECT count(*) FROM procrastinate.procrastinate_jobs").fetchone() == (1,)
 
@@ -559,6 +565,8 @@ def test_the_routes_create_idempotently_stream_events_to_the_final_state_and_ref
         ({"json": {"ocr": "auto"}}, 422, "upload_id: a string is required"),
         ({"json": [1]}, 422, "a JSON object"),
         ({"content": b"{no", "headers": {"Content-Type": "application/json"}}, 400, "not valid JSON"),
+        ({"content": b"[" * 100000, "headers": {"Content-Type": "application/json"}}, 400, "not valid JSON"),
+        ({"files": files, "data": {"rag": "{" + "[" * 100000}}, 422, 'rag must be "client"'),
         ({"files": files, "data": {"upload_id": "0" * 32}}, 422, "either a file or upload_id"),
         ({"files": files, "data": {"colour": "red"}}, 422, "unknown form field(s) colour"),
         ({"files": files, "data": {"rag": "{bad"}}, 422, 'rag must be "client"'),

@@ -70,7 +70,7 @@ def _form_options(fields: dict[str, str]) -> dict[str, Any]:
         if rag.strip().startswith("{"):
             try:
                 out["rag"] = json.loads(rag)
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise Refusal(
                     422, "invalid_options", 'rag must be "client" or JSON like {"collection": "handbook"}'
                 ) from None
@@ -106,8 +106,8 @@ async def create_ingest_job(request: Request, client: ClientDep, api: Api) -> An
             )
         try:
             body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise Refusal(400, "bad_json", "the body is not valid JSON") from None
+        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError; too deep: RecursionError
+            raise Refusal(400, "bad_json", "the body is not valid JSON (or nested too deeply)") from None
         if not isinstance(body, dict):
             raise Refusal(422, "invalid_body", "the body must be a JSON object")
         upload_id = body.pop("upload_id", None)
