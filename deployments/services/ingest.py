@@ -703,6 +703,11 @@ class IngestJobs:
                 f"{len(needs)} pages need OCR; a job reads at most {self.settings.ingest_max_ocr_pages}: "
                 'send fewer pages, or ocr "never"',
             )
+        await asyncio.to_thread(self._parse_checkpoint, job_id, pages, needs, meta)
+
+    def _parse_checkpoint(
+        self, job_id: str, pages: list[dict[str, Any]], needs: list[int], meta: dict[str, Any]
+    ) -> None:
         with self.db.sessions().begin() as db:
             row = db.get(IngestJob, job_id, with_for_update=True)
             db.execute(delete(IngestPage).where(IngestPage.job_id == job_id))  # a re-run writes them anew
@@ -721,40 +726,50 @@ class IngestJobs:
             metadata = {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool))}
             _merge_result(row, pages=len(pages), ocr_pages=0, metadata=metadata)
 
-    async def _step_ocr(self, job_id: str, ctx: dict[str, Any], data: bytes) -> None:
+    def _ocr_todo(self, job_id: str) -> list[int]:
         with self.db.sessions()() as db:
-            todo = list(
+            return list(
                 db.scalars(
                     select(IngestPage.number)
                     .where(IngestPage.job_id == job_id, IngestPage.needs_ocr, ~IngestPage.ocr)
                     .order_by(IngestPage.number)
                 )
             )
+
+    async def _step_ocr(self, job_id: str, ctx: dict[str, Any], data: bytes) -> None:
+        todo = await asyncio.to_thread(self._ocr_todo, job_id)
         image = ctx["content_type"] in IMAGES
         for number in todo:  # one page at a time, each checkpointed: a resumed job reads only the rest
             if image:
                 out = await self._pipeline().call("ocr", "image", data)
             else:
                 (out,) = await self._pipeline().call("ocr", "pdf_pages", data, [number])
-            with self.db.sessions().begin() as db:
-                row = db.get(IngestJob, job_id, with_for_update=True)
-                db.execute(
-                    update(IngestPage)
-                    .where(IngestPage.job_id == job_id, IngestPage.number == number)
-                    .values(text=out["text"], ocr=True)
-                )
-                check_text_size(
-                    db.scalar(
-                        select(func.coalesce(func.sum(func.length(IngestPage.text)), 0)).where(
-                            IngestPage.job_id == job_id
-                        )
+            if await asyncio.to_thread(self._ocr_checkpoint, job_id, number, out["text"]):
+                return  # a cancel asked for: the boundary, ingest_next_step cancels
+        await asyncio.to_thread(self._ocr_done, job_id)
+
+    def _ocr_checkpoint(self, job_id: str, number: int, text: str) -> bool:
+        """The page's text saved; whether a cancel was asked for."""
+        with self.db.sessions().begin() as db:
+            row = db.get(IngestJob, job_id, with_for_update=True)
+            db.execute(
+                update(IngestPage)
+                .where(IngestPage.job_id == job_id, IngestPage.number == number)
+                .values(text=text, ocr=True)
+            )
+            check_text_size(
+                db.scalar(
+                    select(func.coalesce(func.sum(func.length(IngestPage.text)), 0)).where(
+                        IngestPage.job_id == job_id
                     )
                 )
-                st = _step(row, "ocr")
-                _set_step(row, "ocr", done=min(st["total"], st["done"] + 1))
-                _merge_result(row, ocr_pages=(row.result or {}).get("ocr_pages", 0) + 1)
-                if row.cancel_requested:
-                    return  # the boundary: ingest_next_step cancels
+            )
+            st = _step(row, "ocr")
+            _set_step(row, "ocr", done=min(st["total"], st["done"] + 1))
+            _merge_result(row, ocr_pages=(row.result or {}).get("ocr_pages", 0) + 1)
+            return bool(row.cancel_requested)
+
+    def _ocr_done(self, job_id: str) -> None:
         with self.db.sessions().begin() as db:
             row = db.get(IngestJob, job_id, with_for_update=True)
             st = _step(row, "ocr")
@@ -790,6 +805,11 @@ class IngestJobs:
             errors.append(
                 {"step": "index", "code": "no_text", "message": "the document has no text to index"}
             )
+        await asyncio.to_thread(self._index_checkpoint, job_id, chunks, collection, errors)
+
+    def _index_checkpoint(
+        self, job_id: str, chunks: int, collection: str, errors: list[dict[str, Any]]
+    ) -> None:
         with self.db.sessions().begin() as db:
             row = db.get(IngestJob, job_id, with_for_update=True)
             _set_step(row, "index", state=DONE, done=1, total=1)
@@ -803,36 +823,47 @@ class IngestJobs:
     async def _step_entities(self, job_id: str, ctx: dict[str, Any], data: bytes) -> None:
         text = await asyncio.to_thread(self._text_and_mark, job_id)
         pieces = chunk_text(text, GRAPH_PIECE, 0) if text.strip() else []
-        with self.db.sessions().begin() as db:
-            row = db.get(IngestJob, job_id, with_for_update=True)
-            start = _step(row, "entities")["done"] if _step(row, "entities")["total"] == len(pieces) else 0
-            _set_step(row, "entities", total=len(pieces), done=start)
+        start = await asyncio.to_thread(self._entities_start, job_id, len(pieces))
         source = f"upload:{ctx['upload_id']}"
         for i in range(start, len(pieces)):
             out = await self._pipeline().call("graph", "extract", ctx["owner"], pieces[i], source, True)
-            with self.db.sessions().begin() as db:
-                row = db.get(IngestJob, job_id, with_for_update=True)
-                seen = {(e["name"], e["label"]) for e in (row.result or {}).get("_entities", [])}
-                capped = len(seen) >= MAX_ENTITIES or bool((row.result or {}).get("entities_capped"))
-                for e in out["entities"]:  # bounded: past MAX_ENTITIES new ones are not kept here
-                    if (e["name"], e["label"]) in seen:
-                        continue
-                    if len(seen) >= MAX_ENTITIES:
-                        capped = True
-                        break
-                    seen.add((e["name"], e["label"]))
-                found = [{"name": n, "label": lb} for n, lb in sorted(seen)]
-                _set_step(row, "entities", done=i + 1)
-                _merge_result(
-                    row,
-                    _entities=found,
-                    entities=len(found),
-                    entities_capped=capped,
-                    entity_sample=found[:50],
-                    relations=(row.result or {}).get("relations", 0) + len(out["relations"]),
-                )
+            await asyncio.to_thread(self._entities_checkpoint, job_id, i, out)
+        await asyncio.to_thread(self._entities_done, job_id, len(pieces))
+
+    def _entities_start(self, job_id: str, n: int) -> int:
+        """The piece to start at: a resumed job goes on after its last checkpointed piece."""
         with self.db.sessions().begin() as db:
             row = db.get(IngestJob, job_id, with_for_update=True)
-            _set_step(row, "entities", state=DONE, done=len(pieces))
-            if not pieces:
+            start = int(_step(row, "entities")["done"]) if _step(row, "entities")["total"] == n else 0
+            _set_step(row, "entities", total=n, done=start)
+            return start
+
+    def _entities_checkpoint(self, job_id: str, i: int, out: dict[str, Any]) -> None:
+        with self.db.sessions().begin() as db:
+            row = db.get(IngestJob, job_id, with_for_update=True)
+            seen = {(e["name"], e["label"]) for e in (row.result or {}).get("_entities", [])}
+            capped = len(seen) >= MAX_ENTITIES or bool((row.result or {}).get("entities_capped"))
+            for e in out["entities"]:  # bounded: past MAX_ENTITIES new ones are not kept here
+                if (e["name"], e["label"]) in seen:
+                    continue
+                if len(seen) >= MAX_ENTITIES:
+                    capped = True
+                    break
+                seen.add((e["name"], e["label"]))
+            found = [{"name": n, "label": lb} for n, lb in sorted(seen)]
+            _set_step(row, "entities", done=i + 1)
+            _merge_result(
+                row,
+                _entities=found,
+                entities=len(found),
+                entities_capped=capped,
+                entity_sample=found[:50],
+                relations=(row.result or {}).get("relations", 0) + len(out["relations"]),
+            )
+
+    def _entities_done(self, job_id: str, n: int) -> None:
+        with self.db.sessions().begin() as db:
+            row = db.get(IngestJob, job_id, with_for_update=True)
+            _set_step(row, "entities", state=DONE, done=n)
+            if not n:
                 _merge_result(row, entities=0, relations=0)

@@ -305,7 +305,8 @@ def test_cancel_queued_running_and_finished_jobs_and_the_unfinished_limit(
             *(store.ingest_create("carol", doc, f"{i}.pdf", None, None, {}) for i in range(6)),
             return_exceptions=True,
         )
-        assert sorted(o[0] if isinstance(o, tuple) else o.status for o in outs) == [202, 202, 429, 429, 429, 429]
+        statuses = sorted(o[0] if isinstance(o, tuple) else o.status for o in outs)
+        assert statuses == [202, 202, 429, 429, 429, 429], outs
 
     asyncio.run(scenario())
 
@@ -354,7 +355,9 @@ def test_a_database_outage_retries_the_job_and_the_sweep_requeues_a_running_row_
         await store.run_ingest(other["id"])
         err = store.ingest_get(other["id"], "alice")["error"]
         assert err["code"] == "internal_error" and "secret" not in json.dumps(err)
-        assert err["message"] == f"internal error; the operator's logs have the details under job {other['id']}"
+        assert (
+            err["message"] == f"internal error; the operator's logs have the details under job {other['id']}"
+        )
         with psycopg.connect(conninfo, autocommit=True) as c:
             assert c.execute("SELECT count(*) FROM procrastinate.procrastinate_jobs").fetchone() == (1,)
 
@@ -635,9 +638,13 @@ def test_the_upload_quota_is_charged_once_per_new_job_never_for_a_replay_or_a_re
     for status in (202, 200):  # the same key twice: one job, charged once
         r = c.post("/jobs/ingest", headers=auth(**{"Idempotency-Key": "q-1"}), files=files)
         assert r.status_code == status, r.text
-    r = c.post("/jobs/ingest", headers=auth(**{"Idempotency-Key": "q-1"}), files=files, data={"graph": "true"})
+    r = c.post(
+        "/jobs/ingest", headers=auth(**{"Idempotency-Key": "q-1"}), files=files, data={"graph": "true"}
+    )
     assert r.status_code == 409
-    r = c.post("/jobs/ingest", headers=auth(), files={"file": ("b.bin", b"\x00\x01", "application/octet-stream")})
+    r = c.post(
+        "/jobs/ingest", headers=auth(), files={"file": ("b.bin", b"\x00\x01", "application/octet-stream")}
+    )
     assert r.status_code == 415
     assert charged == [len(doc)]
     refuse = True  # past the quota: refused, the new job withdrawn, its key free again
