@@ -12,7 +12,7 @@ from fastapi import Depends, FastAPI
 
 from deployments.gateway.edge import EdgeForward
 from deployments.gateway.refusal import install_refusals
-from deployments.services.backends import Backends
+from deployments.services.backends import Backends, as_backend
 from deployments.services.edge_app import EDGE_APP, EDGE_ROUTES, bytes_in_body
 from deployments.services.http import (
     ApiContext,
@@ -21,7 +21,7 @@ from deployments.services.http import (
     GatewayMiddleware,
     authenticated,
 )
-from deployments.services.routes import client_rag, documents, graph, meta, notes, ocr, rag, uploads
+from deployments.services.routes import client_rag, documents, graph, jobs, meta, notes, ocr, rag, uploads
 from deployments.services.schemas import (  # the wire models, where openapi.ROUTES names them
     ClientIngestBody,
     ClientQueryBody,
@@ -40,7 +40,7 @@ __all__ = [
     "create_edge_api",
     "public_routes",
 ]
-ROUTERS = (meta, documents, ocr, uploads, rag, client_rag, notes, graph)
+ROUTERS = (meta, documents, ocr, uploads, rag, client_rag, notes, graph, jobs)
 EDGE_ROUTERS = (documents, ocr)  # what an edge serves: bytes in, text out
 
 
@@ -50,9 +50,11 @@ def create_api(
     *,
     set_request_id: bool = True,
     metrics: Any = None,
+    jobs: Any = None,
 ) -> FastAPI:
     """The FastAPI app. `set_request_id`: add X-Request-ID here (off under Serve, whose proxy adds it to every
-    response, its own 503s and 408s included)."""
+    response, its own 503s and 408s included). `jobs`: the ingest jobs' store (default: the rma-batches app's
+    `batch_store`, by handle, found at the first /api/jobs call)."""
     s = settings or ServicesSettings()
     # the schema is served by a route of its own (routes/meta.py), behind the key like every other route
     app = FastAPI(
@@ -67,6 +69,7 @@ def create_api(
         backends, s, BackendCaller(s, metrics), ClientLimiter(s.client_rate) if s.client_rate else None
     )
     app.state.published = []
+    app.state.jobs = as_backend(jobs)
     install_refusals(app, "pool", catch_all=True)
     # inside the request ids, the body limit and the metrics: OCR and parsing of a file in the body go to an
     # edge cluster's `rma-documents` when one runs it (after the client's key and rate, checked here)

@@ -49,6 +49,7 @@ from deployments.services.db import (
     file_id_time,
     store_endpoint,
 )
+from deployments.services.ingest import IngestJobs
 from deployments.services.settings import ServicesSettings
 from deployments.services.uploads import BlobStore, blob_lock, default_uploads_dir, put_locked
 
@@ -134,10 +135,10 @@ def _check_metadata(metadata: Any) -> dict[str, str] | None:
     return dict(metadata)
 
 
-class Batches:
+class Batches(IngestJobs):
     """The Serve deployment's class. The routes' half (files, batches) is plain methods; the runner half
     (procrastinate's worker and the sweep) starts on the replica's event loop at its first call or health
-    check."""
+    check. The document-ingest jobs (`deployments.services.ingest`) share its queue app, runner and sweep."""
 
     def __init__(
         self,
@@ -145,6 +146,7 @@ class Batches:
         endpoint: Any = store_endpoint,
         models: Any = None,
         reporter: Any = "default",
+        pipeline: Any = None,
     ) -> None:
         self.settings = s = ServicesSettings(**(settings or {}))
         self.blobs = BlobStore(Path(s.uploads_dir) if s.uploads_dir else default_uploads_dir())
@@ -159,6 +161,7 @@ class Batches:
         # the queue's figures go to the coordinator after each sweep (inside Ray; a test passes its own)
         self._reporter = (_report_queue if _in_ray() else None) if reporter == "default" else reporter
         self._report_failing = False
+        self.pipeline = pipeline  # the ingest jobs' services (None: the services app's, by handle)
 
     # -- files -------------------------------------------------------------------------------------------
     def put_file(self, data: bytes, filename: str | None, purpose: str, owner: str) -> dict[str, Any]:
@@ -501,7 +504,9 @@ class Batches:
                 conninfo = await asyncio.to_thread(self._conninfo)
                 app = procrastinate.App(
                     connector=procrastinate.PsycopgConnector(
-                        conninfo=conninfo, min_size=1, max_size=self.settings.batch_concurrency + 3
+                        conninfo=conninfo,
+                        min_size=1,
+                        max_size=self.settings.batch_concurrency + self.settings.ingest_concurrency + 4,
                     )
                 )
                 s = self.settings
@@ -512,6 +517,7 @@ class Batches:
                         max_attempts=s.batch_max_attempts + 1, wait=3, retry_exceptions={Transient}
                     ),
                 )(self.run_item)
+                self._register_ingest(app)
                 app.periodic(cron=SWEEP_CRON, periodic_id="sweep")(
                     app.task(name="rma.batch.sweep", queue=QUEUE, queueing_lock="rma.batch.sweep")(
                         self._sweep_job
@@ -529,9 +535,12 @@ class Batches:
             )
 
     async def ensure_runner(self) -> None:
-        if not self.settings.batch_runner or (self._runner is not None and not self._runner.done()):
+        if not self.settings.batch_runner:
             return
         app = await self._open()
+        self._ensure_ingest_runner(app)  # its own worker: at most `ingest_concurrency` jobs at a time
+        if self._runner is not None and not self._runner.done():
+            return
         s = self.settings
         self._runner = asyncio.get_running_loop().create_task(
             app.run_worker_async(
@@ -577,6 +586,10 @@ class Batches:
         ):
             log.warning("batch job %s stalled (its runner stopped beating): run again", job.id)
             await app.job_manager.retry_job(job)
+        try:  # the ingest jobs' part never keeps the batches' part from running
+            await self._ingest_sweep(app)
+        except Exception as exc:
+            log.warning("ingest jobs not swept: %s: %s", type(exc).__name__, exc)
         for batch_id in await asyncio.to_thread(self._expire_and_unstarted):
             await self._defer(batch_id, await asyncio.to_thread(self._pending, batch_id))
             await asyncio.to_thread(self._start, batch_id)

@@ -1,5 +1,5 @@
-"""The services' rows in Postgres (SQLAlchemy 2.0 ORM): upload metadata, notes, and the Batch API's files,
-batches and per-item rows. The database is the
+"""The services' rows in Postgres (SQLAlchemy 2.0 ORM): upload metadata, notes, the Batch API's files,
+batches and per-item rows, and the document-ingest jobs with their checkpointed pages. The database is the
 Postgres store's (found through its supervisor), in a database of its own, created on first use and brought to
 the current schema by the services' Alembic migrations (deployments/services/migrations)."""
 
@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Index,
     Integer,
@@ -164,6 +165,50 @@ class BatchItem(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     output: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # the output or error file's line
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now, onupdate=_now)
+
+
+class IngestJob(Base):
+    """A document-ingest job (`deployments.services.ingest`): its options, its state, one entry per step
+    ({name, state, done, total}) and what each finished step left for the next (`result`), so a job whose
+    runner died resumes at the step it was in. `idempotency_key` is unique per owner while the job exists."""
+
+    __tablename__ = "ingest_jobs"
+    __table_args__ = (
+        Index("ix_ingest_jobs_owner_created", "owner", "created_at"),
+        Index("ix_ingest_jobs_owner_key", "owner", "idempotency_key", unique=True),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: f"job_{uuid.uuid4().hex}")
+    owner: Mapped[str] = mapped_column(String(200))
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    request_hash: Mapped[str] = mapped_column(String(64))
+    upload_id: Mapped[str] = mapped_column(String(32))
+    filename: Mapped[str | None] = mapped_column(String(500))
+    content_type: Mapped[str] = mapped_column(String(200))
+    options: Mapped[dict[str, Any]] = mapped_column(JSON)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    steps: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    result: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    revision: Mapped[int] = mapped_column(Integer, default=0)  # +1 at every change a client can see
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now, onupdate=_now)
+
+
+class IngestPage(Base):
+    """One page's text as a job's parse or OCR step left it (the checkpoint OCR resumes from)."""
+
+    __tablename__ = "ingest_pages"
+
+    job_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    number: Mapped[int] = mapped_column(Integer, primary_key=True)
+    text: Mapped[str] = mapped_column(Text)
+    ocr: Mapped[bool] = mapped_column(Boolean, default=False)
+    needs_ocr: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 def store_endpoint(store: str, timeout: float = 30.0) -> Any:

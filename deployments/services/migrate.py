@@ -12,7 +12,7 @@ from sqlalchemy import Connection, inspect
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 FIRST = "0001_uploads_notes"
-HEAD = "0003_batch_files_sha256"
+HEAD = "0004_ingest_jobs"
 
 
 def config(connection: Connection) -> Config:

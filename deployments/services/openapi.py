@@ -174,12 +174,36 @@ ROUTES: dict[tuple[str, str], RouteDoc] = {
         example={"entity": "Ana Lima", "limit": 10},
         errors={400: ["empty_entity"], 404: ["unknown_entity"], **STORE},
     ),
+    # document-ingest jobs (deployments/services/ingest.py): options beside the file or the upload's id
+    ("POST", "/jobs/ingest"): RouteDoc(
+        example={"upload_id": "3f2a9c0e", "ocr": "auto", "rag": {"collection": "handbook"}, "graph": True},
+        multipart=True,
+        upload_id=True,
+        errors=_merge(
+            FILE_ERRORS,
+            {
+                400: ["bad_json", "bad_idempotency_key", "bad_collection"],
+                404: ["not_found"],
+                409: ["idempotency_key_reused"],
+                415: ["unsupported_type", "type_mismatch", "not_utf8", "unsupported_media_type"],
+                422: ["invalid_options"],
+                429: ["too_many_jobs", "upload_quota_exceeded"],
+            },
+            STORE,
+        ),
+    ),
+    ("GET", "/jobs"): RouteDoc(errors={404: ["not_found"], **STORE}),
+    ("GET", "/jobs/{job_id}"): RouteDoc(errors={404: ["not_found"], **STORE}),
+    ("GET", "/jobs/{job_id}/events"): RouteDoc(errors={404: ["not_found"], **STORE}),
+    ("GET", "/jobs/{job_id}/text"): RouteDoc(errors={404: ["not_found"], 409: ["not_parsed_yet"], **STORE}),
+    ("POST", "/jobs/{job_id}/cancel"): RouteDoc(errors={404: ["not_found"], **STORE}),
 }
 
 STATUS_WHEN = {
     400: "the request cannot be served as sent",
     403: "the key may not use this resource",
     404: "no such resource (or not yours)",
+    409: "the request conflicts with an earlier one or with the resource's state",
     410: "the upload's bytes are gone",
     413: "too large",
     415: "a type the route does not read",

@@ -119,3 +119,13 @@ class ServicesSettings(BaseSettings):
         default=30.0, ge=2, description="a runner silent this long is dead: its items are run again"
     )
     batch_runner: bool = Field(default=True, description="run items in the batches replicas")
+
+    # document-ingest jobs (deployments/services/ingest.py): in the batches' runner, a queue of their own
+    ingest_concurrency: int = Field(
+        default=1, ge=1, le=32, description="ingest jobs in flight per runner: online requests keep the rest"
+    )
+    ingest_max_attempts: int = Field(
+        default=3, ge=1, le=20, description="starts of one job (its runner died, a service was away)"
+    )
+    ingest_max_unfinished: int = Field(default=10, ge=1, description="queued or running ingest jobs per key")
+    ingest_max_ocr_pages: int = Field(default=500, ge=1, description="pages one job may send to OCR")

@@ -520,6 +520,60 @@ def test_graph_extract_writes_entities_and_edges_readable_over_bolt(pool: Pool) 
     assert ["Apple", "Tim Cook"] in read["edges"] and ["Cupertino", "Tim Cook"] in read["edges"]
 
 
+def test_an_ingest_job_over_a_pdf_with_a_scanned_page_indexes_its_text_and_entities(pool: Pool) -> None:
+    """POST /api/jobs/ingest (deployments/services/ingest.py): parse, OCR of the scanned page only, RAG chunks
+    a query finds, entities in the caller's graph; the same Idempotency-Key twice is one job; the SSE stream
+    ends with the final state."""
+    import io
+
+    from pypdf import PdfReader, PdfWriter
+
+    w = PdfWriter()
+    for part in (
+        samples.pdf(["Tim Cook leads Apple in Cupertino.", "Revenue grew in the second quarter."]),
+        samples.scanned_pdf(["Signed lease 2026"]),
+    ):
+        for page in PdfReader(io.BytesIO(part)).pages:
+            w.add_page(page)
+    buf = io.BytesIO()
+    w.write(buf)
+    files = {"file": ("report.pdf", buf.getvalue(), "application/pdf")}
+    form = {"rag": '{"collection": "jobs"}', "graph": "true"}
+    key = {"Idempotency-Key": f"ingest-{os.getpid()}"}
+    with pool.http("carol") as c:
+        r = c.post("/jobs/ingest", files=files, data=form, headers=key)
+        assert r.status_code == 202, r.text
+        job = r.json()
+        again = c.post("/jobs/ingest", files=files, data=form, headers=key)
+        assert again.status_code in (200, 202) and again.json()["id"] == job["id"], again.text
+        events = []
+        with c.stream("GET", f"/jobs/{job['id']}/events", timeout=240) as s:
+            assert s.status_code == 200
+            events = [ln.removeprefix("event: ") for ln in s.iter_lines() if ln.startswith("event: ")]
+        assert events[-1] == "succeeded" and set(events[:-1]) <= {"progress"}, events
+        final = c.get(f"/jobs/{job['id']}").json()
+        assert [(st["name"], st["state"]) for st in final["steps"]] == [
+            ("parse", "done"),
+            ("ocr", "done"),
+            ("index", "done"),
+            ("entities", "done"),
+        ], final
+        result = final["result"]
+        assert result["pages"] == 3 and result["ocr_pages"] == 1 and result["chunks"] >= 1, result
+        names = {(e["name"], e["label"]) for e in result["entity_sample"]}
+        assert {("Tim Cook", "PERSON"), ("Apple", "ORG")} <= names, result
+        text = c.get(f"/jobs/{job['id']}/text").text
+        assert "Tim Cook leads Apple" in text and text.endswith("Signed lease 2026"), text
+        r = c.post("/rag/query", json={"query": "signed lease", "collection": "jobs", "answer": False})
+        assert r.status_code == 200 and r.json()["results"][0]["source"] == f"upload:{job['upload_id']}"
+        assert "Signed lease 2026" in r.json()["results"][0]["text"]
+        r = c.post("/graph/query", json={"entity": "Tim Cook"})
+        assert r.status_code == 200 and "Apple" in {n["name"] for n in r.json()["neighbours"]}, r.text
+        assert [j["id"] for j in c.get("/jobs").json()["data"]] == [job["id"]]  # one job for the key
+    with pool.http("bob") as c:
+        assert c.get(f"/jobs/{job['id']}").status_code == 404
+
+
 def test_a_revoked_key_is_refused(pool: Pool) -> None:
     r = pool.admin.post("/api/admin/clients", json={"name": "temp"})
     key = r.json()
@@ -819,7 +873,14 @@ def test_every_route_refuses_no_wrong_revoked_and_another_clients_key(pool: Pool
         assert note.status_code == 201, note.text
         up = alice.post("/uploads", files={"file": ("k.txt", b"alice's file", "text/plain")})
         assert up.status_code == 201, up.text
-    ids = {"note_id": note.json()["id"], "upload_id": up.json()["id"], "client_id": "alice"}
+        job = alice.post("/jobs/ingest", json={"upload_id": up.json()["id"]})
+        assert job.status_code == 202, job.text
+    ids = {
+        "note_id": note.json()["id"],
+        "upload_id": up.json()["id"],
+        "client_id": "alice",
+        "job_id": job.json()["id"],
+    }
 
     r = pool.admin.post("/api/admin/clients", json={"name": "revoked-in-route-check"})
     assert r.status_code == 201, r.text
@@ -862,12 +923,13 @@ def test_every_route_refuses_no_wrong_revoked_and_another_clients_key(pool: Pool
             if "{client_id}" in template:  # alice's own RAG collection: bob may not name it
                 r = c.request(method, path, headers=bob, **body)
                 assert r.status_code == 403 and r.json()["error"]["code"] == "not_your_client", r.text
-            elif "{note_id}" in template or "{upload_id}" in template:  # another client's: it does not exist
+            elif any(f"{{{k}}}" in template for k in ("note_id", "upload_id", "job_id")):  # another's: absent
                 r = c.request(method, path, headers=bob, **body)
                 assert r.status_code == 404, (method, path, r.status_code, r.text)
     with pool.http("alice") as alice:  # and alice's own are still there, untouched by bob's attempts
         assert alice.get(f"/notes/{ids['note_id']}").json()["body"] == "alice's only"
         assert alice.get(f"/uploads/{ids['upload_id']}/content").content == b"alice's file"
+        assert alice.get(f"/jobs/{ids['job_id']}").status_code == 200
 
 
 def _llm_routes() -> list[tuple[str, str]]:

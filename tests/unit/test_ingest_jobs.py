@@ -1,0 +1,657 @@
+"""Document-ingest jobs without Ray (`deployments.services.ingest`, in the Batch API's store and runner): a real
+PostgreSQL (the session's private server, a database per test), procrastinate's real worker, the real parser
+and OCR in this process; the RAG service is the real `Rag` over an in-memory collection (its chunking and
+chunk ids are what is tested), the graph a recorder (its MERGE writes are tested in integration)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from deployments.gateway.refusal import Refusal
+from deployments.services import ingest
+from deployments.services.documents import Documents
+from deployments.services.ocr import Ocr
+from deployments.services.rag import Rag
+from tests import services_samples as samples
+from tests.support import Postgres
+
+PAGES = ["Ana Lima signed the lease in Lisbon.", "Bruno Costa paid the deposit."]
+SCANNED = "Signed lease 2026"
+
+
+def mixed_pdf() -> bytes:
+    """Two pages with a text layer, then a scanned page (an image of text, no text layer)."""
+    from pypdf import PdfReader, PdfWriter
+
+    w = PdfWriter()
+    for part in (samples.pdf(PAGES), samples.scanned_pdf([SCANNED])):
+        for page in PdfReader(io.BytesIO(part)).pages:
+            w.add_page(page)
+    buf = io.BytesIO()
+    w.write(buf)
+    return buf.getvalue()
+
+
+@dataclass
+class Endpoint:
+    host: str
+    port: int
+    user: str = "rma"
+    password: str = ""
+    database: str = "postgres"
+
+
+class MemoryCollection:
+    def __init__(self) -> None:
+        self.rows: dict[str, tuple[str, dict[str, Any]]] = {}
+
+    def delete(self, where: dict[str, Any]) -> None:
+        src = where["source"]
+        names = set(src["$in"]) if isinstance(src, dict) else {src}
+        self.rows = {k: v for k, v in self.rows.items() if v[1]["source"] not in names}
+
+    def add(self, ids: list[str], documents: list[str], embeddings: Any, metadatas: list[Any]) -> None:
+        for i, d, m in zip(ids, documents, metadatas, strict=True):
+            assert i not in self.rows, f"chunk id {i} added twice"
+            self.rows[i] = (d, m)
+
+
+class MemoryRag(Rag):
+    """The real `Rag.ingest` (chunking, ids from the source, replace-then-add) over in-memory collections."""
+
+    def __init__(self) -> None:
+        super().__init__({}, endpoint=lambda _s: None, embedder=lambda texts: [[0.0] * 3 for _ in texts])
+        self.collections: dict[str, MemoryCollection] = {}
+
+    def _collection(self, name: str, create: bool) -> Any:
+        return self.collections.setdefault(name, MemoryCollection())
+
+
+class RecordingGraph:
+    """Records calls; `gate` (set by a test) holds a call until it is opened."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.gate: threading.Event | None = None
+
+    def extract(self, owner: str, text: str, source: str | None, write: bool) -> dict[str, Any]:
+        self.calls.append((owner, text))
+        if self.gate is not None:
+            assert self.gate.wait(30), "the test never opened the gate"  # before the pipeline's 60 s
+        names = [n for n in ("Ana Lima", "Bruno Costa", "Lisbon") if n in text]
+        return {
+            "entities": [
+                {"name": n, "label": "GPE" if n == "Lisbon" else "PERSON", "mentions": 1} for n in names
+            ],
+            "relations": [{"source": "Ana Lima", "target": "Lisbon", "type": "CO_OCCURS", "count": 1}],
+            "written": True,
+        }
+
+
+class CountingDocuments(Documents):
+    def __init__(self, ocr: Any) -> None:
+        super().__init__(ocr)
+        self.calls = 0
+
+    async def parse(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        self.calls += 1
+        return await super().parse(*args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def ocr() -> Ocr:
+    return Ocr()
+
+
+def make_store(postgres: Postgres, tmp_path: Any, ocr: Ocr, **settings: Any) -> Any:
+    from deployments.services.batches import Batches
+
+    rag, graph, docs = MemoryRag(), RecordingGraph(), CountingDocuments(ocr)
+    pipeline = ingest.ServePipeline(60, documents=docs, ocr=ocr, rag=rag, client_rag=rag, graph=graph)
+    s = {"database": f"t_{uuid.uuid4().hex[:12]}", "uploads_dir": str(tmp_path / "blobs"), **settings}
+    store = Batches(
+        s,
+        endpoint=lambda _s: Endpoint(postgres.host, postgres.port),
+        models=object(),
+        reporter=None,
+        pipeline=pipeline,
+    )
+    store.rag, store.graph, store.docs = rag, graph, docs  # for the tests' eyes
+    return store
+
+
+async def until(predicate: Any, what: str, timeout: float = 60) -> Any:
+    try:
+        async with asyncio.timeout(timeout):
+            while not (out := await asyncio.to_thread(predicate)):
+                await asyncio.sleep(0.1)
+    except TimeoutError:
+        raise AssertionError(f"waited {timeout} s for {what}") from None
+    return out
+
+
+OPTS = {"ocr": "auto", "rag": {"collection": "handbook"}, "graph": True}
+
+
+def test_a_job_runs_every_step_on_the_runner_and_a_key_makes_one_job(
+    postgres: Postgres, tmp_path: Any, ocr: Ocr
+) -> None:
+    store = make_store(postgres, tmp_path, ocr)
+    pdf = mixed_pdf()
+
+    async def scenario() -> None:
+        status, job = await store.ingest_create(
+            "alice", pdf, "lease.pdf", "application/pdf", None, OPTS, "k-1"
+        )
+        assert status == 202 and job["state"] == ingest.QUEUED and job["object"] == "ingest.job"
+        assert [s["name"] for s in job["steps"]] == list(ingest.STEPS)
+        # the same key and request: the same job, no second one; the key with another request: a 409
+        again, same = await store.ingest_create("alice", pdf, "lease.pdf", None, None, OPTS, "k-1")
+        assert again == 200 and same["id"] == job["id"]
+        with pytest.raises(Refusal) as exc:
+            await store.ingest_create("alice", pdf, "lease.pdf", None, None, {**OPTS, "graph": False}, "k-1")
+        assert exc.value.status == 409 and "different document or options" in exc.value.message
+        # the key is per client: bob's "k-1" is his own job
+        _, bobs = await store.ingest_create("bob", pdf, "lease.pdf", None, None, {}, "k-1")
+        assert bobs["id"] != job["id"]
+        await store.ensure_runner()
+        final = await until(
+            lambda: (j := store.ingest_get(job["id"], "alice"))["state"] in ingest.FINAL and j, "the job"
+        )
+        assert final["state"] == ingest.SUCCEEDED, final
+        assert [(s["name"], s["state"], s["done"], s["total"]) for s in final["steps"]] == [
+            ("parse", "done", 1, 1),
+            ("ocr", "done", 1, 1),  # only the scanned page
+            ("index", "done", 1, 1),
+            ("entities", "done", 1, 1),
+        ]
+        r = final["result"]
+        assert r["pages"] == 3 and r["ocr_pages"] == 1 and r["errors"] == []
+        assert r["collection"] == "pub-handbook" and r["chunks"] >= 1
+        assert r["entities"] == 3 and {"name": "Lisbon", "label": "GPE"} in r["entity_sample"]
+        text = store.ingest_text(job["id"], "alice")
+        assert text.split("\n\n") == [*PAGES, SCANNED] and r["characters"] == len(text)
+        indexed = " ".join(d for d, _ in store.rag.collections["pub-handbook"].rows.values())
+        assert SCANNED in indexed and PAGES[1] in indexed
+        assert store.graph.calls == [("alice", text)]
+        # another client's job: absent everywhere
+        for call in (store.ingest_get, store.ingest_cancel, store.ingest_text):
+            with pytest.raises(Refusal) as exc:
+                call(job["id"], "bob")
+            assert exc.value.status == 404
+        assert [j["id"] for j in store.ingest_list("alice")["data"]] == [job["id"]]
+        assert [j["id"] for j in store.ingest_list("bob")["data"]] == [bobs["id"]]
+
+    asyncio.run(scenario())
+
+
+def test_a_job_whose_runner_died_resumes_at_its_step_without_duplicating_chunks(
+    postgres: Postgres, tmp_path: Any, ocr: Ocr
+) -> None:
+    """A runner killed inside the OCR step: the sweep puts the job back, the next run parses nothing again,
+    reads the scanned page, indexes; indexing run twice leaves one set of chunks."""
+    import psycopg
+
+    store = make_store(postgres, tmp_path, ocr, batch_runner=False, ingest_max_attempts=3)
+
+    async def scenario() -> None:
+        _, job = await store.ingest_create("alice", mixed_pdf(), "lease.pdf", None, None, {"rag": "client"})
+        jid = job["id"]
+        # the first runner: parsed, started OCR, died (its procrastinate job 'doing', its worker silent)
+        ctx = store.ingest_claim(jid)
+        assert store.ingest_next_step(jid) == "parse"
+        await store._step_parse(jid, ctx, mixed_pdf())
+        assert store.ingest_next_step(jid) == "ocr"
+        mid = store.ingest_get(jid, "alice")
+        assert mid["state"] == ingest.RUNNING and mid["steps"][1] == {
+            "name": "ocr",
+            "state": "running",
+            "done": 0,
+            "total": 1,
+        }
+        conninfo = f"host={postgres.host} port={postgres.port} user=rma dbname={store.settings.database}"
+        with psycopg.connect(conninfo, autocommit=True) as c:
+            c.execute("SET search_path TO procrastinate")
+            wid = c.execute(
+                "INSERT INTO procrastinate_workers (last_heartbeat) VALUES (now() - interval '1 hour') RETURNING id"
+            ).fetchone()[0]
+            c.execute("UPDATE procrastinate_jobs SET status = 'doing', worker_id = %s", (wid,))
+        await store.sweep()  # the stalled job back in the queue
+        with psycopg.connect(conninfo, autocommit=True) as c:
+            c.execute("SET search_path TO procrastinate")
+            assert c.execute("SELECT status FROM procrastinate_jobs").fetchall() == [("todo",)]
+        store.settings.batch_runner = True
+        await store.ensure_runner()
+        final = await until(
+            lambda: (j := store.ingest_get(jid, "alice"))["state"] in ingest.FINAL and j, "the resumed job"
+        )
+        assert final["state"] == ingest.SUCCEEDED and final["attempts"] == 2, final
+        assert store.docs.calls == 1  # parse was checkpointed: not run again
+        col = store.rag.collections["client-alice"]
+        assert len(col.rows) == final["result"]["chunks"] >= 1
+        # the index step again (as a runner dying after Chroma's write, before the checkpoint, makes it)
+        await store._step_index(jid, ctx, b"")
+        assert len(col.rows) == final["result"]["chunks"]
+
+    asyncio.run(scenario())
+
+
+def test_attempts_are_bounded_and_a_refused_file_fails_the_job_with_the_error(
+    postgres: Postgres, tmp_path: Any, ocr: Ocr
+) -> None:
+    store = make_store(postgres, tmp_path, ocr, batch_runner=False, ingest_max_attempts=2)
+
+    async def scenario() -> None:
+        _, job = await store.ingest_create("alice", samples.pdf(["x"]), "a.pdf", None, None, {})
+        for _ in range(2):  # two runners died in it
+            assert store.ingest_claim(job["id"]) is not None
+        await store.run_ingest(job["id"])  # the third start: failed, nothing run
+        out = store.ingest_get(job["id"], "alice")
+        assert out["state"] == ingest.FAILED and out["error"]["code"] == "attempts_exhausted"
+        assert out["result"]["errors"] == [out["error"]] and store.docs.calls == 0
+        # a file the parser refuses: failed at once, the step and the parser's message kept
+        broken = b"%PDF-1.4\n" + b"\x00garbage" * 50
+        _, bad = await store.ingest_create("alice", broken, "b.pdf", "application/pdf", None, {})
+        await store.run_ingest(bad["id"])
+        out = store.ingest_get(bad["id"], "alice")
+        assert out["state"] == ingest.FAILED and out["error"]["step"] == "parse", out
+        assert out["error"]["code"] == "unreadable_pdf" and out["steps"][0]["state"] == "failed"
+
+    asyncio.run(scenario())
+
+
+def test_cancel_queued_running_and_finished_jobs_and_the_unfinished_limit(
+    postgres: Postgres, tmp_path: Any, ocr: Ocr
+) -> None:
+    store = make_store(postgres, tmp_path, ocr, batch_runner=False, ingest_max_unfinished=2)
+    doc = samples.pdf(["Ana Lima"])
+
+    async def scenario() -> None:
+        _, queued = await store.ingest_create("alice", doc, "a.pdf", None, None, {})
+        _, running = await store.ingest_create("alice", doc, "b.pdf", None, None, {"graph": True})
+        with pytest.raises(Refusal) as exc:
+            await store.ingest_create("alice", doc, "c.pdf", None, None, {})
+        assert exc.value.status == 429 and exc.value.retry_after_s and "limit is 2" in exc.value.message
+        out = store.ingest_cancel(queued["id"], "alice")
+        assert out["state"] == ingest.CANCELLED and out["finished_at"]
+        await store.run_ingest(queued["id"])  # its queue entry runs later: nothing happens
+        assert store.docs.calls == 0
+        # running: stops at the next step boundary
+        ctx = store.ingest_claim(running["id"])
+        assert store.ingest_next_step(running["id"]) == "parse"
+        await store._step_parse(running["id"], ctx, doc)
+        out = store.ingest_cancel(running["id"], "alice")
+        assert out["state"] == ingest.RUNNING and out["cancel_requested"]
+        assert store.ingest_next_step(running["id"]) is None
+        out = store.ingest_get(running["id"], "alice")
+        assert out["state"] == ingest.CANCELLED and store.graph.calls == []
+        assert [s["state"] for s in out["steps"]] == ["done", "skipped", "skipped", "cancelled"]
+        # a finished job's cancel answers its state unchanged
+        assert store.ingest_cancel(running["id"], "alice") == out
+        assert (await store.ingest_create("alice", doc, "c.pdf", None, None, {}))[0] == 202
+        # creates at once: the limit holds (each counts the others' jobs under the owner's lock)
+        outs = await asyncio.gather(
+            *(store.ingest_create("carol", doc, f"{i}.pdf", None, None, {}) for i in range(6)),
+            return_exceptions=True,
+        )
+        statuses = sorted(o[0] if isinstance(o, tuple) else o.status for o in outs)
+        assert statuses == [202, 202, 429, 429, 429, 429], outs
+
+    asyncio.run(scenario())
+
+
+def test_a_database_outage_retries_the_job_and_the_sweep_requeues_a_running_row_with_no_task(
+    postgres: Postgres, tmp_path: Any, ocr: Ocr
+) -> None:
+    import psycopg
+    from sqlalchemy.exc import OperationalError
+
+    store = make_store(postgres, tmp_path, ocr, batch_runner=False, ingest_max_attempts=3)
+    conninfo = f"host={postgres.host} port={postgres.port} user=rma dbname={store.settings.database}"
+    real, calls = store.ingest_next_step, []
+
+    def flaky(job_id: str) -> str | None:  # the checkpoint after parsing: the database away once
+        calls.append(job_id)
+        if len(calls) == 2:
+            raise OperationalError("UPDATE ingest_jobs", {}, Exception("server closed the connection"))
+        return real(job_id)
+
+    store.ingest_next_step = flaky
+
+    async def scenario() -> None:
+        _, job = await store.ingest_create("alice", samples.pdf(["Ana Lima"]), "a.pdf", None, None, {})
+        with pytest.raises(ingest.Unavailable):
+            await store.run_ingest(job["id"])  # procrastinate retries it
+        assert store.ingest_get(job["id"], "alice")["state"] == ingest.QUEUED
+        await store.run_ingest(job["id"])
+        out = store.ingest_get(job["id"], "alice")
+        assert out["state"] == ingest.SUCCEEDED and out["attempts"] == 2, out
+        # a runner that died while the database was away: its row `running`, untouched, no task left
+        _, other = await store.ingest_create("alice", samples.pdf(["Bruno"]), "b.pdf", None, None, {})
+        assert store.ingest_claim(other["id"]) is not None
+        with psycopg.connect(conninfo, autocommit=True) as c:
+            c.execute("UPDATE public.ingest_jobs SET updated_at = now() - interval '1 hour'")
+            c.execute("SET search_path TO procrastinate")
+            c.execute("DELETE FROM procrastinate_jobs")
+        await store.sweep()
+        assert store.ingest_get(other["id"], "alice")["state"] == ingest.QUEUED
+        with psycopg.connect(conninfo, autocommit=True) as c:
+            rows = c.execute("SELECT lock, status FROM procrastinate.procrastinate_jobs").fetchall()
+        assert rows == [(other["id"], "todo")]
+        await store.sweep()  # its task is waiting: not queued twice, the sweep does not fail
+        # a bug under a step: the job fails with a message naming it, the details only in the logs
+        store.ingest_next_step = lambda _id: (_ for _ in ()).throw(KeyError("secret internals"))
+        await store.run_ingest(other["id"])
+        err = store.ingest_get(other["id"], "alice")["error"]
+        assert err["code"] == "internal_error" and "secret" not in json.dumps(err)
+        assert (
+            err["message"] == f"internal error; the operator's logs have the details under job {other['id']}"
+        )
+        with psycopg.connect(conninfo, autocommit=True) as c:
+            assert c.execute("SELECT count(*) FROM procrastinate.procrastinate_jobs").fetchone() == (1,)
+
+    asyncio.run(scenario())
+
+
+def test_a_file_that_crashes_the_parser_fails_the_job_once_and_backpressure_is_retried() -> None:
+    class ActorDiedError(Exception):
+        pass
+
+    class BackPressureError(Exception):
+        pass
+
+    class Dying:
+        def __init__(self, error: type[Exception]) -> None:
+            self.error, self.calls = error, 0
+
+        async def parse(self, *args: Any) -> Any:
+            self.calls += 1
+            raise self.error("the replica died")
+
+        async def pdf_pages(self, *args: Any) -> Any:
+            await asyncio.sleep(5)
+
+    async def scenario() -> None:
+        died, full = Dying(ActorDiedError), Dying(BackPressureError)
+        for pipe, name, method in (
+            (ingest.ServePipeline(5, documents=died), "documents", "parse"),
+            (ingest.ServePipeline(0.05, ocr=Dying(ActorDiedError)), "ocr", "pdf_pages"),  # hung: a timeout
+        ):
+            with pytest.raises(Refusal) as exc:
+                await pipe.call(name, method, b"%PDF", [1])
+            assert exc.value.status == 422 and exc.value.code == "parser_limits_exceeded", exc.value.message
+        with pytest.raises(ingest.Unavailable):
+            await ingest.ServePipeline(5, documents=full).call("documents", "parse", b"%PDF")
+        with pytest.raises(ingest.Unavailable):  # a service that does not read the file: tried again
+            await ingest.ServePipeline(5, graph=Dying(ActorDiedError)).call("graph", "parse", b"x")
+
+    asyncio.run(scenario())
+
+
+def test_a_text_past_the_online_limit_fails_the_job_and_the_kept_entities_are_bounded(
+    postgres: Postgres, tmp_path: Any, ocr: Ocr, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = make_store(postgres, tmp_path, ocr, batch_runner=False)
+    monkeypatch.setattr(ingest, "MAX_ENTITIES", 2)
+
+    class Huge:
+        async def parse(self, *args: Any) -> dict[str, Any]:
+            return {"pages": [{"number": 1, "text": "a" * (ingest.MAX_TEXT + 1)}]}
+
+    async def scenario() -> None:
+        doc = samples.pdf(["Ana Lima and Bruno Costa in Lisbon."])
+        _, many = await store.ingest_create("alice", doc, "a.pdf", None, None, {"graph": True})
+        await store.run_ingest(many["id"])
+        out = store.ingest_get(many["id"], "alice")
+        assert out["state"] == ingest.SUCCEEDED, out
+        assert out["result"]["entities"] == 2 and out["result"]["entities_capped"] is True
+        _, big = await store.ingest_create("alice", doc, "b.pdf", None, None, {})
+        store.pipeline = ingest.ServePipeline(60, documents=Huge())
+        await store.run_ingest(big["id"])
+        out = store.ingest_get(big["id"], "alice")
+        assert out["state"] == ingest.FAILED and out["error"]["code"] == "text_too_large", out
+        assert "at most 5,000,000" in out["error"]["message"]
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("data", "upload_id", "options", "status", "says"),
+    [
+        (None, None, {}, 422, "send the document once"),
+        (b"hello", "0" * 32, {}, 422, "send the document once"),
+        (None, "0" * 32, {}, 404, "upload the file with POST /api/uploads first"),
+        (None, "nope", {}, 404, "ids are 32 hex characters"),
+        (b"hello", None, {"ocr": "maybe"}, 422, "ocr"),
+        (b"hello", None, {"rag": "everyone"}, 422, 'rag {"collection": NAME} or "client"'),
+        (b"hello", None, {"rag": {"collection": "no spaces"}}, 400, "must be 1-60 letters"),
+        (b"hello", None, {"pages": 3}, 422, "pages"),
+        (b"x" * 5000, None, {}, 413, "the limit is 4,096"),
+        (b"\x00\x01binary", None, {}, 415, "not supported"),
+    ],
+)
+def test_bad_input_is_a_4xx_saying_what_to_fix_and_writes_nothing(
+    postgres: Postgres,
+    tmp_path: Any,
+    ocr: Ocr,
+    data: bytes | None,
+    upload_id: str | None,
+    options: dict[str, Any],
+    status: int,
+    says: str,
+) -> None:
+    store = make_store(postgres, tmp_path, ocr, batch_runner=False, upload_max_bytes=4096)
+    with pytest.raises(Refusal) as exc:
+        store._ingest_create("alice", data, "a.txt", None, upload_id, options, None)
+    assert exc.value.status == status and says in exc.value.message, exc.value.message
+    with store.db.sessions()() as db:
+        from sqlalchemy import func, select
+
+        from deployments.services.db import IngestJob, Upload
+
+        assert db.scalar(select(func.count()).select_from(IngestJob)) == 0
+        assert db.scalar(select(func.count()).select_from(Upload)) == 0
+
+
+# -- over HTTP: the gateway's routes with the store in this process ------------------------------------------
+
+
+@pytest.fixture
+def http(postgres: Postgres, tmp_path: Any, ocr: Ocr) -> Iterator[tuple[TestClient, Any]]:
+    from deployments.gateway.auth import set_verifier
+    from deployments.gateway.keys import ClientKeyVerifier
+    from deployments.services.api import Backends, create_api
+    from deployments.services.settings import ServicesSettings
+
+    ring = {
+        "keys": [
+            {"id": ALICE.id, "hash": ALICE.hash, "name": "alice"},
+            {"id": BOB.id, "hash": BOB.hash, "name": "bob"},
+        ]
+    }
+    verifier = ClientKeyVerifier(lambda: ring, refresh_s=3600)
+    verifier.refresh()
+    set_verifier(verifier)
+    store = make_store(postgres, tmp_path, ocr, batch_runner=False, ingest_max_attempts=1)
+    app = create_api(Backends(None, None, None, None, None, None), ServicesSettings(), jobs=store)
+    try:
+        with TestClient(app, raise_server_exceptions=False) as c:
+            try:
+                yield c, store
+            finally:  # the queue's connection pool lives on the client's loop: closed on it
+                if store._app is not None:
+                    c.portal.call(store._app.close_async)  # type: ignore[union-attr]
+    finally:
+        set_verifier(None)
+
+
+def _keys() -> tuple[Any, Any]:
+    from rma_ray import credentials
+
+    return credentials.mint(credentials.Kind.CLIENT), credentials.mint(credentials.Kind.CLIENT)
+
+
+ALICE, BOB = _keys()
+
+
+def auth(key: Any = ALICE, **extra: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key.token}", **extra}
+
+
+def test_the_routes_create_idempotently_stream_events_to_the_final_state_and_refuse_bad_requests(
+    http: tuple[TestClient, Any],
+) -> None:
+    c, store = http
+    files = {"file": ("a.pdf", samples.pdf(["Ana Lima met Bruno Costa."]), "application/pdf")}
+    form = {"graph": "true", "rag": '{"collection": "handbook"}'}
+    r = c.post("/jobs/ingest", headers=auth(**{"Idempotency-Key": "abc"}), files=files, data=form)
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert r.headers["location"] == f"/api/jobs/{job['id']}" and job["options"]["graph"] is True
+    r = c.post("/jobs/ingest", headers=auth(**{"Idempotency-Key": "abc"}), files=files, data=form)
+    assert r.status_code == 200 and r.json()["id"] == job["id"]
+    r = c.post("/jobs/ingest", headers=auth(**{"Idempotency-Key": "abc"}), files=files, data={})
+    assert r.status_code == 409 and r.json()["error"]["code"] == "idempotency_key_reused"
+    # the job held in its last step (the graph's gate): the stream shows it running, then its end
+    store.graph.gate = threading.Event()
+    c.portal.start_task_soon(store.run_ingest, job["id"])  # type: ignore[union-attr]
+    try:
+        with c.stream("GET", f"/jobs/{job['id']}/events", headers=auth()) as s:
+            assert s.status_code == 200 and s.headers["content-type"].startswith("text/event-stream")
+            events: list[tuple[str, dict[str, Any]]] = []
+            name = ""
+            deadline = time.monotonic() + 120  # pings every 15 s: the loop never waits past it unseen
+            for line in s.iter_lines():
+                assert time.monotonic() < deadline, f"the stream did not end; events so far: {events}"
+                if line.startswith("event: "):
+                    name = line.removeprefix("event: ")
+                elif line.startswith("data: "):
+                    events.append((name, json.loads(line.removeprefix("data: "))))
+                    if events[-1][1]["steps"][3]["state"] == "running":
+                        store.graph.gate.set()
+    finally:
+        store.graph.gate.set()
+    names = [n for n, _ in events]
+    assert names[-1] == "succeeded" and set(names[:-1]) == {"progress"}, names
+    assert events[-1][1]["state"] == "succeeded" and events[-1][1]["result"]["entities"] == 2
+    revisions = [e["revision"] for _, e in events]
+    assert revisions == sorted(set(revisions))  # one event per change, in order
+    with c.stream("GET", f"/jobs/{job['id']}/events", headers=auth()) as s:
+        finished = [ln.removeprefix("event: ") for ln in s.iter_lines() if ln.startswith("event: ")]
+    assert finished == ["succeeded"]  # a finished job's stream: its final state, then the end
+    assert c.get(f"/jobs/{job['id']}", headers=auth()).json()["state"] == "succeeded"
+    assert c.get(f"/jobs/{job['id']}/text", headers=auth()).text == "Ana Lima met Bruno Costa."
+    assert c.post(f"/jobs/{job['id']}/cancel", headers=auth()).json()["state"] == "succeeded"
+    assert [j["id"] for j in c.get("/jobs", headers=auth()).json()["data"]] == [job["id"]]
+    for method, path in (
+        ("GET", f"/jobs/{job['id']}"),
+        ("GET", f"/jobs/{job['id']}/events"),
+        ("GET", f"/jobs/{job['id']}/text"),
+        ("POST", f"/jobs/{job['id']}/cancel"),
+    ):
+        r = c.request(method, path, headers=auth(BOB))
+        assert r.status_code == 404, (method, path, r.text)
+    assert c.get("/jobs", headers=auth(BOB)).json()["data"] == []
+    for kwargs, status, says in (
+        ({}, 422, 'a multipart file (field "file") or JSON {"upload_id"'),
+        ({"json": {"ocr": "auto"}}, 422, "upload_id: a string is required"),
+        ({"json": [1]}, 422, "a JSON object"),
+        ({"content": b"{no", "headers": {"Content-Type": "application/json"}}, 400, "not valid JSON"),
+        ({"content": b"[" * 100000, "headers": {"Content-Type": "application/json"}}, 400, "not valid JSON"),
+        ({"files": files, "data": {"rag": "{" + "[" * 100000}}, 422, 'rag must be "client"'),
+        ({"files": files, "data": {"upload_id": "0" * 32}}, 422, "either a file or upload_id"),
+        ({"files": files, "data": {"colour": "red"}}, 422, "unknown form field(s) colour"),
+        ({"files": files, "data": {"rag": "{bad"}}, 422, 'rag must be "client"'),
+        (
+            {"json": {"upload_id": "0" * 32}, "headers": {"Idempotency-Key": "two words"}},
+            400,
+            "Idempotency-Key",
+        ),
+    ):
+        headers = {**auth(), **kwargs.pop("headers", {})}  # type: ignore[arg-type]
+        r = c.post("/jobs/ingest", headers=headers, **kwargs)  # type: ignore[arg-type]
+        assert r.status_code == status and says in r.json()["error"]["message"], (kwargs, r.text)
+    assert json.loads(c.get("/jobs", headers=auth()).text)["has_more"] is False
+
+
+def test_an_events_stream_ends_itself_with_a_retry_hint_and_resumes_after_last_event_id(
+    http: tuple[TestClient, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from deployments.services.routes import jobs as routes
+
+    monkeypatch.setattr(routes, "EVENTS_MAX_S", 0.0)  # Serve's 180 s limit, shortened
+    c, store = http
+    r = c.post("/jobs/ingest", headers=auth(), files={"file": ("a.txt", b"Ana Lima", "text/plain")})
+    job = r.json()
+
+    def read(**headers: str) -> list[str]:
+        with c.stream("GET", f"/jobs/{job['id']}/events", headers=auth(**headers)) as s:
+            assert s.status_code == 200, s.read()
+            return [ln for ln in s.iter_lines() if ln]
+
+    lines = read()  # the queued job (no runner): its state, then the end with a retry hint
+    assert lines[:2] == [f"id: {job['revision']}", "event: progress"], lines
+    assert lines[-2:] == [": stream time limit: reconnect with Last-Event-ID", "retry: 1000"], lines
+    # reconnecting after that event: nothing new yet, only the hint
+    assert not [ln for ln in read(**{"Last-Event-ID": str(job["revision"])}) if ln.startswith("event: ")]
+    store.ingest_cancel(job["id"], "alice")  # a change: the next stream sends it
+    lines = read(**{"Last-Event-ID": str(job["revision"])})
+    assert [ln for ln in lines if ln.startswith("event: ")] == ["event: cancelled"], lines
+    r = c.get(f"/jobs/{job['id']}/events", headers=auth(**{"Last-Event-ID": "latest"}))
+    assert r.status_code == 400 and "Last-Event-ID" in r.json()["error"]["message"]
+
+
+def test_the_upload_quota_is_charged_once_per_new_job_never_for_a_replay_or_a_refusal(
+    http: tuple[TestClient, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from deployments.gateway import quota
+
+    charged: list[int] = []
+    refuse = False
+
+    real = quota.meter()
+
+    class Meter:
+        def __getattr__(self, name: str) -> Any:  # the rest of the gateway's metering: the real one
+            return getattr(real, name)
+
+        async def charge_upload(self, key_id: str, q: Any, size: int) -> None:
+            if refuse:
+                raise Refusal(429, "upload_quota_exceeded", "the day's upload quota is spent")
+            charged.append(size)
+
+    monkeypatch.setattr(quota, "meter", lambda: Meter())
+    c, store = http
+    doc = samples.pdf(["Ana Lima"])
+    files = {"file": ("a.pdf", doc, "application/pdf")}
+    for status in (202, 200):  # the same key twice: one job, charged once
+        r = c.post("/jobs/ingest", headers=auth(**{"Idempotency-Key": "q-1"}), files=files)
+        assert r.status_code == status, r.text
+    r = c.post(
+        "/jobs/ingest", headers=auth(**{"Idempotency-Key": "q-1"}), files=files, data={"graph": "true"}
+    )
+    assert r.status_code == 409
+    r = c.post(
+        "/jobs/ingest", headers=auth(), files={"file": ("b.bin", b"\x00\x01", "application/octet-stream")}
+    )
+    assert r.status_code == 415
+    assert charged == [len(doc)]
+    refuse = True  # past the quota: refused, the new job withdrawn, its key free again
+    r = c.post("/jobs/ingest", headers=auth(**{"Idempotency-Key": "q-2"}), files=files)
+    assert r.status_code == 429 and r.json()["error"]["code"] == "upload_quota_exceeded"
+    withdrawn = c.get("/jobs", headers=auth()).json()["data"][0]
+    assert withdrawn["state"] == "cancelled" and withdrawn["error"]["code"] == "upload_quota_exceeded"
+    refuse = False
+    r = c.post("/jobs/ingest", headers=auth(**{"Idempotency-Key": "q-2"}), files=files)
+    assert r.status_code == 202 and r.json()["id"] != withdrawn["id"]
