@@ -9,7 +9,7 @@ lines, one object per event or result; an error is `{"error": ...}` and exit 1.
     python -m deployments status --address <gcs>                            # stores' and apps' states
     python -m deployments prepare                                           # convert the embedded LLM
     python -m deployments up --profile edge --edge NAME --address <edge gcs> --dashboard <edge dashboard> \
-        --coordinator-url <url> --serve-port 8010 --apps llm,embeddings,documents  # an edge's apps
+        --coordinator-url <url> --serve-port 8030 --apps llm,embeddings,documents  # an edge's apps
 
 The edge profile (DESIGN.md, "Trust domains") applies an edge cluster's stateless apps
 (`serve_config.EDGE_GROUPS`) to that cluster, with the edge's name and the coordinator's URL as their args (no

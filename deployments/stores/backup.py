@@ -231,10 +231,23 @@ def freeze_writes(kind: str, ep: Endpoint) -> None:
             c.execute("SELECT pg_reload_conf()")
             # sessions read the new default at their next command; end them all so that none writes on under
             # the old one (an open transaction is rolled back: it was not acknowledged)
-            c.execute(  # and wait (5 s each) until they are gone: none commits after the freeze
-                "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity"
-                " WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'"
-            )
+            # and wait until they are gone, so that none commits after the freeze (pg_terminate_backend's
+            # timeout argument needs PostgreSQL 14; a donor's may be older: poll instead)
+            others = "pid <> pg_backend_pid() AND backend_type = 'client backend' AND backend_start < %s"
+            started = c.execute("SELECT now()").fetchone()[0]  # type: ignore[index]
+            c.execute(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE {others}", (started,))
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                row = c.execute(
+                    f"SELECT count(*) FROM pg_stat_activity WHERE {others}", (started,)
+                ).fetchone()
+                if not row or not row[0]:
+                    break
+                time.sleep(0.1)
+            else:
+                raise StoreError(
+                    "postgres sessions did not end within 15 s of the freeze: try the move again"
+                )
         return
     if kind == "redis":
         import redis

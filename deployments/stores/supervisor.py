@@ -619,15 +619,25 @@ class StoreSupervisor:
                 if freeze:
                     with self._lock:
                         self._freeze_check()
-                        backup.freeze_writes(self.kind.name, ep)
-                        self.frozen, self.freeze_touched = True, time.monotonic()
+                        # frozen before the freeze is applied: one that fails half-way (ALTER SYSTEM done, the
+                        # sessions not ended) is undone below like a whole one; and no lease runs out while the
+                        # dump is taken (a large store dumps for minutes; the chunk reads renew it after)
+                        self.frozen, self.freeze_touched = True, float("inf")
                         self.error = "writes refused: its data is being moved"
+                        backup.freeze_writes(self.kind.name, ep)
                     held = backup.counts(self.kind.name, ep)  # what the frozen store holds: all there is
                 backup.dump_online(self.kind.name, ep, root, path)
+                if freeze:
+                    self.freeze_touched = time.monotonic()
         except BaseException:
             self.transfer_end(tid)
             if freeze:
-                self.unfreeze()
+                try:
+                    self.unfreeze()
+                except Exception as exc:  # the lease still undoes it; the backup's own error is what to say
+                    log.warning(
+                        "%s: its freeze was not undone after a failed backup: %s", self.kind.name, exc
+                    )
             raise
         manifest = {**backup.manifest(self.kind.name, version, path, self.runtime_name), "counts": held}
         log.info("backup of %s taken: %d bytes", self.kind.name, manifest["size_bytes"])
@@ -768,10 +778,18 @@ class StoreSupervisor:
             self._repin(donor)
         except BaseException:
             # no Repin: the store stays here, and so do its pins (else it would wait for `donor` later)
-            with contextlib.suppress(Exception):
-                if self.pin is not None:
+            if self.pin is not None:
+                with contextlib.suppress(Exception):
                     self._write_volume_pin(self.pin)
-                    _put_pin(self.store_name, self.pin)
+                for attempt in range(5):  # the GCS busy: a pin left on `donor` would move it there empty
+                    try:
+                        _put_pin(self.store_name, self.pin)
+                        break
+                    except Exception as exc:  # noqa: BLE001
+                        log.warning(
+                            "the GCS pin of %s not put back (try %d): %s", self.store_name, attempt, exc
+                        )
+                        time.sleep(1.0)
             self.switching = False
             raise
 

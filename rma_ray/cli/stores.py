@@ -333,15 +333,22 @@ def _donor_online(ray: Any, donor: str) -> bool:
     return any(n.get("Alive") and (n.get("Labels") or {}).get("rma.io/node") == donor for n in ray.nodes())
 
 
-def _unfreeze(ray: Any, sup: Any, store: str) -> None:
+def _unfreeze_or_switched(ray: Any, sup: Any, store: str, to: str) -> bool:
+    """After a move failed before its switch answered: True when the switch went ahead after all."""
     try:
         _call(ray, sup.unfreeze.remote(), timeout=180)
-    except BaseException as exc:  # noqa: BLE001 - say so: writes may still be refused
+        return False
+    except BaseException as exc:  # noqa: BLE001 - which one decides what follows
+        if "is switching to its new donor" in str(exc):
+            return True
+        if _pinned_donor(ray, store) == to:  # the old supervisor gone: replaced by the switch
+            return True
         err.print(
             f"warning: {store} may still refuse writes ({exc}); its supervisor takes them again by itself "
             f"within 5 minutes",
             highlight=False,
         )
+        return False
 
 
 def _fill_moved(
@@ -498,10 +505,9 @@ def stores_move(
             manifest = _download(ray, old, store, dest, freeze=True)
             _call(ray, old.move_to.remote(to, True), timeout=180)
         except BaseException as exc:
-            if _pinned_donor(ray, store) != to:  # before the switch: writes come back where it is
-                _unfreeze(ray, old, store)
-                raise
-            if not isinstance(exc, Exception):
+            # the supervisor decides under its lock: unfreeze succeeds (the move is given up: a late move_to
+            # is refused) or is refused because the switch began (it goes ahead: fill the new store)
+            if not _unfreeze_or_switched(ray, old, store, to) or not isinstance(exc, Exception):
                 raise
             err.print(f"the switch to {to} answered late ({exc}); it went ahead", highlight=False)
         keep_moved_pin(ddir, store, to)  # the store is pinned on `to` now, whatever follows
@@ -511,21 +517,25 @@ def stores_move(
         except Exception as exc:  # CliError too: one line, the cause last
             fail(moved_empty(store, to, dest, was["donor"], exc))
     before = manifest.get("counts") or {}
+    verdict = f"counts match: {after}"
     if after != before:
-        if set(after) >= set(before) and all(after[k] >= v for k, v in before.items()):
-            # Chroma and the graph store are counted just before they stop: a write in between is in the
-            # snapshot, so the new store holds it too
-            err.print(
-                f"note: {store} holds {after}, counted {before} just before it stopped", highlight=False
-            )
+        # chroma and the graph store (backed up stopped) are counted just before they stop; the others are
+        # counted frozen and must match exactly
+        if (
+            store in ("chroma", "graph")
+            and before
+            and set(after) >= set(before)
+            and all(after[k] >= v for k, v in before.items())
+        ):
+            # a write between the count and the stop is in the snapshot, so the new store holds it too
+            verdict = f"counts {after}, at least the {before} counted just before it stopped"
         else:
             fail(
                 f"{store} on {to} holds {after}, the backup {before}: check it; "
                 f"the old volume stays on {was['donor']} and the backup in {dest}"
             )
     out.print(
-        f"{store} moved from {was['donor']} to {to} ({st['status']}; counts match: {after}); "
-        f"backup kept in {dest}",
+        f"{store} moved from {was['donor']} to {to} ({st['status']}; {verdict}); backup kept in {dest}",
         highlight=False,
     )
 

@@ -139,3 +139,31 @@ def test_directory_snapshot_round_trip_and_redis_rdb_becomes_the_aof_base(tmp_pa
     backup.restore_stopped("redis", vol, rdb).commit()
     assert sorted(p.name for p in aof.iterdir()) == ["appendonly.aof.1.base.rdb", "appendonly.aof.manifest"]
     assert not [p.name for p in vol.iterdir() if p.name.endswith("-old")]
+
+
+@pytest.mark.postgres
+def test_a_frozen_postgres_refuses_writes_serves_reads_and_ended_its_sessions() -> None:
+    """A move's freeze: every session open before it is ended (none commits after), new ones are read-only,
+    reads are served; thawed, writes are taken again. On a server of its own (ALTER SYSTEM is server-wide)."""
+    import psycopg
+
+    from deployments.stores.kinds import Endpoint
+    from tests.support import run_postgres
+
+    with run_postgres() as pg:
+        ep = Endpoint("postgres", pg.host, pg.port, "rma", "", "postgres")
+        with psycopg.connect(ep.url(), autocommit=True) as held:
+            held.execute("CREATE TABLE t (id int)")
+            backup.freeze_writes("postgres", ep)
+            assert backup.is_frozen("postgres", ep)
+            with pytest.raises(psycopg.OperationalError):
+                held.execute("INSERT INTO t VALUES (0)")  # its session was ended before the freeze returned
+        with psycopg.connect(ep.url(), autocommit=True) as c:
+            with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+                c.execute("INSERT INTO t VALUES (1)")
+            assert c.execute("SELECT count(*) FROM t").fetchone() == (0,)
+        backup.thaw_writes("postgres", ep)
+        assert not backup.is_frozen("postgres", ep)
+        with psycopg.connect(ep.url(), autocommit=True) as c:
+            c.execute("INSERT INTO t VALUES (2)")
+            assert c.execute("SELECT count(*) FROM t").fetchone() == (1,)

@@ -295,3 +295,26 @@ def test_a_given_up_move_cannot_switch_and_a_switching_one_cannot_be_unfrozen(
     assert fake.started and sup.switching
     with pytest.raises(StoreError, match="switching to its new donor"):
         sup.unfreeze()
+
+
+def test_a_switch_that_answered_late_is_followed_through(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """move_to's answer was lost, but the supervisor refuses to unfreeze because its switch began: the CLI goes
+    on to fill the store on its new donor (which never answers here: it says the new store is EMPTY)."""
+    sup = FakeSupervisor()
+    sup.move_to = types.SimpleNamespace(
+        remote=lambda to, frozen_only=False: FakeRay.exceptions.GetTimeoutError("no answer")
+    )
+    sup.unfreeze = types.SimpleNamespace(
+        remote=lambda: FakeRay.exceptions.RayTaskError(
+            StoreError("redis is switching to its new donor: later")
+        )
+    )
+    monkeypatch.setitem(sys.modules, "ray", FakeRay(actor=sup))
+    r = CliRunner().invoke(
+        app, ["stores", "move", "redis", "--to", "w-b", "--wait", "1", "--data-dir", str(tmp_path)]
+    )
+    assert isinstance(r.exception, CliError), r.output
+    assert str(r.exception).startswith("redis on w-b is EMPTY"), r.exception
+    assert "it went ahead" in r.output
