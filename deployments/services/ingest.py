@@ -26,6 +26,7 @@ import asyncio
 import hashlib
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
@@ -244,9 +245,7 @@ class IngestJobs:
     _ingest_task: Any = None
     _ingest_runner: asyncio.Task[None] | None = None
     pipeline: Any = None
-
-    async def _open(self) -> Any:  # Batches'
-        raise NotImplementedError
+    _open: Callable[[], Awaitable[Any]]  # Batches' (the procrastinate app, opened once)
 
     # -- the routes' half -------------------------------------------------------------------------------
     async def ingest_create(
