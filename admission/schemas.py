@@ -159,6 +159,12 @@ class NamedCreate(Strict):
     name: str = Field(min_length=1, max_length=100, pattern=r"^[\w .@:/-]+$")
 
 
+class QuotaGiven(Quota):
+    """A key's own quotas as an admin gives them (unknown fields refused)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
 class ClientCreate(NamedCreate):
     sensitive: bool = Field(
         default=False, description="never forward this client's requests to an edge cluster"
@@ -167,6 +173,11 @@ class ClientCreate(NamedCreate):
         default=None,
         max_length=12,
         description="the donor this client belongs to: its key gets a larger default quota while the donor gives",
+    )
+    quota: QuotaGiven | None = Field(
+        default=None,
+        description="the key's own quotas from its first request (unset fields: the defaults); the same as "
+        "`PUT /api/admin/clients/{id}/quota` afterwards, without the window in which the key runs on the defaults",
     )
 
 

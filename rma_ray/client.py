@@ -193,11 +193,17 @@ class AdmissionClient:
         return self._object("POST", f"/api/admin/workers/{worker_id}/revoke")
 
     def create_client(
-        self, name: str, sensitive: bool = False, donor_id: str | None = None
+        self,
+        name: str,
+        sensitive: bool = False,
+        donor_id: str | None = None,
+        quota: wire.Quota | None = None,
     ) -> dict[str, Any]:
         body: dict[str, Any] = {"name": name, **({"sensitive": True} if sensitive else {})}
         if donor_id is not None:
             body["donor_id"] = donor_id
+        if quota is not None:
+            body["quota"] = quota.model_dump(exclude_none=True)
         return self._object("POST", "/api/admin/clients", json=body)
 
     def link_client_donor(self, key_id: str, donor_id: str | None) -> dict[str, Any]:

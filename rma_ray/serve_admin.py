@@ -28,7 +28,6 @@ import argparse
 import logging
 import os
 import shutil
-import socket
 import sys
 from typing import Any
 
@@ -60,9 +59,9 @@ CONTROLLER_ENV = {
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return int(s.getsockname()[1])
+    from rma_ray.net import free_port
+
+    return free_port()
 
 
 def proxy_env(cpus: int | None = None) -> dict[str, str]:

@@ -140,9 +140,17 @@ def create_client(
     req: schemas.ClientCreate, admin: AdminDep, session: SessionDep, ip: ClientIp
 ) -> schemas.KeyCreated:
     """A client API key; `sensitive`: its requests stay on the core cluster (never forwarded to an edge);
-    `donor_id`: the donor it belongs to (a larger default quota while the donor gives to the pool)."""
+    `donor_id`: the donor it belongs to (a larger default quota while the donor gives to the pool); `quota`:
+    its own quotas from the start."""
     return keys.create(
-        session, ClientKey, req.name, admin.actor, ip, sensitive=req.sensitive, donor_id=req.donor_id
+        session,
+        ClientKey,
+        req.name,
+        admin.actor,
+        ip,
+        sensitive=req.sensitive,
+        donor_id=req.donor_id,
+        quota=req.quota,
     )
 
 

@@ -128,9 +128,11 @@ def create(
     ip: str,
     sensitive: bool = False,
     donor_id: str | None = None,
+    quota: schemas.Quota | None = None,
 ) -> schemas.KeyCreated:
     """`sensitive` (client keys only): the client's requests are never forwarded to an edge cluster;
-    `donor_id` (client keys only): the donor it belongs to (a larger default quota while the donor gives)."""
+    `donor_id` (client keys only): the donor it belongs to (a larger default quota while the donor gives);
+    `quota` (client keys only): its overrides, set in the same transaction (the key never runs unmetered)."""
     kind = KINDS[model]
     minted = credentials.mint(kind)
     row = model(id=minted.id, name=name, key_hash=minted.hash, created_at=utcnow())
@@ -141,6 +143,10 @@ def create(
             extra["sensitive"] = True
         if donor_id is not None:
             row.donor_id = extra["donor_id"] = _linkable_donor(session, donor_id)
+        for f in QUOTA_FIELDS:
+            if quota is not None and getattr(quota, f) is not None:
+                setattr(row, f"quota_{f}", getattr(quota, f))
+                extra[f] = getattr(quota, f)
     session.add(row)
     audit.record(session, actor, f"{kind}_key.create", minted.id, ip, name=name, **extra)
     session.flush()

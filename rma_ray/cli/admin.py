@@ -220,18 +220,38 @@ def clients_create(
             help="the donor this client belongs to: a larger default quota while the donor gives",
         ),
     ] = None,
+    requests_per_minute: Annotated[
+        int | None, typer.Option(min=1, help="its own quota: requests in any 60 s, across every replica")
+    ] = None,
+    tokens_per_day: Annotated[
+        int | None, typer.Option(min=1, help="its own quota: LLM tokens (prompt + completion) per UTC day")
+    ] = None,
+    upload_bytes_per_day: Annotated[
+        str | None, typer.Option(metavar="SIZE", help="its own quota: uploaded bytes per UTC day, e.g. 500MB")
+    ] = None,
     coordinator: CoordinatorOpt = None,
     admin_key_file: KeyFileOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Create an API key for a client of the pool's HTTP routes."""
+    """Create an API key for a client of the pool's HTTP routes (with quota options: the key has them from its
+    first request; unset ones are the defaults)."""
+    from rma_ray.wire import Quota
+
+    size = _size(upload_bytes_per_day) if upload_bytes_per_day is not None else None
+    given = requests_per_minute is not None or tokens_per_day is not None or size is not None
+    quota = Quota(
+        requests_per_minute=requests_per_minute, tokens_per_day=tokens_per_day, upload_bytes_per_day=size
+    )
     with admin_client(coordinator, admin_key_file) as client:
-        created = client.create_client(name, sensitive=sensitive, donor_id=donor)
+        created = client.create_client(
+            name, sensitive=sensitive, donor_id=donor, quota=quota if given else None
+        )
     if as_json:
         return print_json(created)
     linked = f" linked to donor {created['donor_id']}" if created.get("donor_id") else ""
+    own = f"; quota {quota_text(quota.model_dump())}" if given else ""
     out.print(
-        f"client {created['id']} ({created['name']}){' sensitive: core only' if sensitive else ''}{linked}"
+        f"client {created['id']} ({created['name']}){' sensitive: core only' if sensitive else ''}{linked}{own}"
     )
     out.print(f"API key (shown once): [bold]{created['key']}[/]")
 

@@ -5,6 +5,7 @@ No Ray: the gateway side runs against a real pool in test_services.py and test_l
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 
 import pytest
@@ -115,6 +116,36 @@ def test_quota_overrides_keyring_and_usage_reports(coordinator: Coordinator) -> 
     code, out = rma(coordinator, "clients", "quota", app["id"], "--reset")
     assert code == 0 and "50,000 tokens/day" in out and "req/min" not in out
     assert ring_quota(coordinator, app["id"])["requests_per_minute"] is None
+
+
+def test_a_key_is_born_with_its_quota(coordinator: Coordinator) -> None:
+    """`rma clients create --requests-per-minute ...` (and `quota` in POST /api/admin/clients): the key's
+    overrides are set in the same transaction, so the keyring never carries the key without them."""
+    coordinator.state.settings.client_tokens_per_day = 50_000
+    code, out = rma(coordinator, "clients", "create", "born-metered", "--requests-per-minute", "5",
+                    "--upload-bytes-per-day", "1MB", "--json")  # fmt: skip
+    assert code == 0, out
+    key_id = json.loads(out)["id"]
+    assert ring_quota(coordinator, key_id) == {
+        "requests_per_minute": 5,
+        "tokens_per_day": 50_000,  # not given: the default
+        "upload_bytes_per_day": 1_000_000,
+    }
+    (row,) = [k for k in coordinator.admin("GET", "/api/admin/clients").json() if k["id"] == key_id]
+    assert (
+        row["quota_overrides"]["requests_per_minute"] == 5
+        and row["quota_overrides"]["tokens_per_day"] is None
+    )
+    code, out = rma(coordinator, "clients", "create", "plain")
+    assert code == 0 and "quota" not in out, out
+    # mistakes: a 422 that names the field, and nothing created
+    before = len(coordinator.admin("GET", "/api/admin/clients").json())
+    for quota in ({"tokens_per_day": 0}, {"tokens_per_minute": 5}):
+        r = coordinator.admin("POST", "/api/admin/clients", json={"name": "bad", "quota": quota})
+        assert r.status_code == 422 and next(iter(quota)) in r.text, r.text
+    code, out = rma(coordinator, "clients", "create", "bad", "--upload-bytes-per-day", "lots")
+    assert code != 0 and "not a size" in out
+    assert len(coordinator.admin("GET", "/api/admin/clients").json()) == before
 
 
 @pytest.mark.parametrize("body", [{"replica": "", "day": "2026-12-05", "shared": True}, {"day": "today"}])

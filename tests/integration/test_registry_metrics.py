@@ -357,8 +357,12 @@ def test_registry_page_draws_the_chart_in_a_browser(slow_called: Pool) -> None:
             page.wait_for_selector("#requests-chart canvas", timeout=20_000)
             today = pool.metrics()["today"]["requests"]
             assert today >= 1  # at least the slow call of the fixture
+            # a function with an argument, never an expression string: Playwright evals a string in the page
+            # when it has to poll, which the registry's CSP (no unsafe-eval) refuses
             page.wait_for_function(
-                f"document.getElementById('req-today').textContent === '{today:,}'", timeout=20_000
+                "want => document.getElementById('req-today').textContent === want",
+                arg=f"{today:,}",
+                timeout=20_000,
             )
             assert page.locator("#queues tr[data-deployment='echo/Slow'][data-cluster='core']").count() == 1
             # the per-app rows, redrawn by the script from /registry/metrics, name the cluster that served them

@@ -7,7 +7,6 @@ import contextlib
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import threading
@@ -47,25 +46,13 @@ def wait_for(
 
 
 def free_port(host: str = "127.0.0.1", span: int = 1) -> int:
-    """A port free on `host`; with span > 1, the first of `span` consecutive free ports (the graph store takes
-    its Bolt port and the next one for HTTP: a busy next port leaves ArcadeDB up but not answering)."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind((host, 0))
-            port = int(s.getsockname()[1])
-        if span == 1:
-            return port
-        if port + span > 65536:
-            continue
-        try:
-            with contextlib.ExitStack() as stack:
-                for p in range(port + 1, port + span):
-                    t = stack.enter_context(socket.socket())
-                    t.bind((host, p))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError(f"no {span} consecutive free ports on {host}")
+    """A port free on every address here (`host` too); with span > 1, the first of `span` consecutive free ports
+    (the graph store takes its Bolt port and the next one for HTTP: a busy next port leaves ArcadeDB up but not
+    answering). Above the kernel's ephemeral range (`rma_ray.net.free_port`): a server that binds the port
+    later, on all addresses as HAProxy does, does not find it taken by one of Ray's connections meanwhile."""
+    from rma_ray.net import free_port as pick
+
+    return pick(host, span)
 
 
 def pg_bindir() -> Path | None:
