@@ -16,7 +16,11 @@ the false-positive rate of `LLM_THRESHOLD` on the honest runs, its miss rates (g
 to another prompt, which the mean logprob does not tell from honest ones) and the median cost of one check (ms,
 the scoring request on the core). Asserts nothing.
 
-    flock /tmp/rma-heavy.lock .venv/bin/python -m bench.spot_check [--prompts 6] [--max-tokens 40]
+    flock /tmp/rma-heavy.lock .venv/bin/python -m bench.spot_check [--prompts 6] [--max-tokens 40] [--honest 500]
+
+`--honest N` adds N more honest completions (the prompts in turn, temperature 0.7 or 1.0 drawn, a new sample
+each time) for the false-positive rate alone: counted as the gateway judges (completions of at least
+`MIN_COMPLETION_TOKENS` tokens), with a 95 % upper bound (Wilson; 3/n when none failed).
 
 Every completion is scored, however short (`min_tokens` 1): the gateway skips those under
 `MIN_COMPLETION_TOKENS`.
@@ -37,7 +41,7 @@ from typing import Any
 
 import httpx
 
-from deployments.gateway.spotcheck import LLM_THRESHOLD, Sample, SpotChecker
+from deployments.gateway.spotcheck import LLM_THRESHOLD, MIN_COMPLETION_TOKENS, Sample, SpotChecker
 
 PROMPTS = [
     "What is the capital of France?",
@@ -95,6 +99,13 @@ async def score(checker: SpotChecker, sample: Sample) -> tuple[float, float]:
 
 
 def chat(base: str, key: str, model: str, prompt: str, max_tokens: int, temperature: float) -> str:
+    return chat_usage(base, key, model, prompt, max_tokens, temperature)[0]
+
+
+def chat_usage(
+    base: str, key: str, model: str, prompt: str, max_tokens: int, temperature: float
+) -> tuple[str, int]:
+    """The completion's text and its number of tokens."""
     r = httpx.post(
         base + "/v1/chat/completions",
         json={
@@ -107,7 +118,18 @@ def chat(base: str, key: str, model: str, prompt: str, max_tokens: int, temperat
         timeout=180,
     )
     r.raise_for_status()
-    return str(r.json()["choices"][0]["message"]["content"])
+    out = r.json()
+    return str(out["choices"][0]["message"]["content"]), int(out["usage"]["completion_tokens"])
+
+
+def upper_95(failed: int, n: int) -> float:
+    """A 95 % upper bound of a rate seen as failed/n (3/n, the rule of three, when none failed; else Wilson)."""
+    if failed == 0:
+        return 3 / n
+    z, p = 1.96, failed / n
+    centre = p + z * z / (2 * n)
+    spread = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5)
+    return float((centre + spread) / (1 + z * z / n))
 
 
 def show(name: str, scores: list[float]) -> None:
@@ -116,7 +138,7 @@ def show(name: str, scores: list[float]) -> None:
     print(" " * 12 + " ".join(f"{x:.2f}" for x in s))
 
 
-def run(prompts: int, max_tokens: int) -> None:
+def run(prompts: int, max_tokens: int, extra_honest: int = 0) -> None:
     from tests.integration.test_llm import MODEL, start_pool
 
     rng = random.Random(20)
@@ -154,6 +176,27 @@ def run(prompts: int, max_tokens: int) -> None:
                     costs.append(ms)
 
         asyncio.run(all_scores())
+        judged: list[float] = []  # the extra honest runs the gateway would judge (long enough)
+        short = 0
+
+        async def more_honest() -> None:
+            nonlocal short
+            for i in range(extra_honest):
+                p = PROMPTS[i % len(PROMPTS)]
+                t = rng.choice((0.7, 1.0))
+                req = {"model": MODEL, "messages": [{"role": "user", "content": p}], "max_tokens": max_tokens}
+                text, tokens = chat_usage(base, key, MODEL, p, max_tokens, t)
+                s, ms = await score(checker, sample_of(core, key, req, text))
+                costs.append(ms)
+                if tokens < MIN_COMPLETION_TOKENS:
+                    short += 1
+                    continue
+                judged.append(s)
+                if (i + 1) % 50 == 0:
+                    print(f"extra honest {i + 1}/{extra_honest}: lowest so far {min(judged):.2f}", flush=True)
+
+        if extra_honest:
+            asyncio.run(more_honest())
 
     show("honest", honest)
     for kind, scores in dishonest.items():
@@ -172,6 +215,14 @@ def run(prompts: int, max_tokens: int) -> None:
         f"false negatives {fn:.1%} of {len(garbage)} garbage (words, chars), "
         f"{missed:.1%} of {len(dishonest['other'])} answers to another prompt"
     )
+    if judged:
+        failed = sum(x < LLM_THRESHOLD for x in judged)
+        show("extra", judged)
+        print(
+            f"extra honest runs: {len(judged)} judged ({short} under {MIN_COMPLETION_TOKENS} tokens, not judged); "
+            f"false positives at {LLM_THRESHOLD}: {failed} ({failed / len(judged):.2%}), "
+            f"95 % upper bound {upper_95(failed, len(judged)):.2%}"
+        )
     print(
         f"cost per check (the scoring request on the core): median {median(costs):.0f} ms, max {max(costs):.0f} ms"
     )
@@ -181,8 +232,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, default=6)  # LLM_THRESHOLD's figures: these defaults
     ap.add_argument("--max-tokens", type=int, default=40)
+    ap.add_argument("--honest", type=int, default=0, help="more honest runs, for the false-positive rate")
     a = ap.parse_args()
-    run(min(a.prompts, len(PROMPTS)), a.max_tokens)
+    run(min(a.prompts, len(PROMPTS)), a.max_tokens, a.honest)
 
 
 if __name__ == "__main__":
