@@ -9,7 +9,6 @@ import logging
 import re
 import secrets
 import threading
-import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -32,6 +31,7 @@ from sqlalchemy.engine import URL, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from deployments.gateway.refusal import unavailable
+from deployments.services.recheck import Recheck, address
 
 log = logging.getLogger("rma.services.db")
 
@@ -250,10 +250,6 @@ def connection_error(exc: BaseException) -> bool:
     )
 
 
-def _address(ep: Any) -> tuple[Any, ...]:
-    return (ep.host, ep.port, ep.user, ep.password, ep.database)
-
-
 class Database:
     """The engine, made on first use: a replica starts even while Postgres is still coming up, and answers 503
     (not a crash loop) until it is there. A store moved to another donor (or restarted elsewhere) has a new
@@ -264,28 +260,23 @@ class Database:
     def __init__(
         self, database: str, endpoint: Callable[[str], Any] = store_endpoint, recheck_s: float = 2.0
     ) -> None:
-        self.database, self._endpoint, self.recheck_s = database, endpoint, recheck_s
+        self.database, self._endpoint = database, endpoint
         self._lock = threading.Lock()
         self._sessions: sessionmaker[Any] | None = None
         self.engine: Engine | None = None
         self.endpoint: Any = None  # the one the engine was made for
         self.generation = 0
-        self._failed = False  # a connection error since the endpoint was last asked
-        self._asked = 0.0  # time.monotonic() of that ask
+        self._recheck = Recheck(recheck_s)
 
     def connection_failed(self) -> None:
         """A connection to the store failed (the engine's own errors call this): the next `sessions()` asks
         the endpoint again, if it was not asked within `recheck_s`."""
-        self._failed = True
+        self._recheck.failed()
 
     def sessions(self) -> sessionmaker[Any]:
         with self._lock:
-            if (
-                self._sessions is not None
-                and self._failed
-                and time.monotonic() - self._asked >= self.recheck_s
-            ):
-                self._recheck()
+            if self._sessions is not None and self._recheck.due():
+                self._moved()
             if self._sessions is None:
                 try:
                     ep = self._endpoint("postgres")
@@ -297,14 +288,13 @@ class Database:
             assert self._sessions is not None
             return self._sessions
 
-    def _recheck(self) -> None:
-        self._failed, self._asked = False, time.monotonic()
+    def _moved(self) -> None:
         try:
             ep = self._endpoint("postgres")
         except Exception as exc:  # the supervisor is not there (being restarted): the old address stays
             log.warning("the Postgres store's endpoint could not be asked: %s: %s", type(exc).__name__, exc)
             return
-        if _address(ep) == _address(self.endpoint):
+        if address(ep) == address(self.endpoint):
             return
         log.warning("the Postgres store moved to %s:%s: a new engine", ep.host, ep.port)
         if self.engine is not None:
@@ -351,5 +341,5 @@ class Database:
         event.listen(engine, "handle_error", failed)
         self.engine, self.endpoint = engine, ep
         self._sessions = sessionmaker(engine, expire_on_commit=False)
-        self._failed, self._asked = False, time.monotonic()
+        self._recheck.asked()
         self.generation += 1
