@@ -154,6 +154,9 @@ class Batches(IngestJobs):
         self._endpoint = endpoint
         self.models = models if models is not None else ServeModels(s.batch_item_timeout_s)
         self._app: Any = None
+        self._app_generation = 0  # the Database generation (the store's address) the app was opened for
+        self._runners_generation = 0  # and the one the runners were started on
+        self._stale_apps: list[Any] = []
         self._item_task: Any = None
         self._runner: asyncio.Task[None] | None = None
         self._open_lock = asyncio.Lock()
@@ -482,12 +485,15 @@ class Batches(IngestJobs):
             return self._dict(db, row)
 
     # -- the runner ----------------------------------------------------------------------------------------
-    def _conninfo(self) -> str:
+    def _conninfo(self) -> tuple[int, str]:
+        """The queue's conninfo and the `Database` generation it belongs to (its endpoint: one ask, one
+        address for both)."""
         from psycopg.conninfo import make_conninfo
 
-        ep = self._endpoint("postgres")
         self.db.sessions()  # the database exists and is migrated (procrastinate's schema comes with it)
-        return make_conninfo(
+        generation = self.db.generation  # first: an engine made meanwhile is newer, never older, than `ep`
+        ep = self.db.endpoint
+        return generation, make_conninfo(
             host=ep.host,
             port=ep.port,
             user=ep.user,
@@ -497,11 +503,17 @@ class Batches(IngestJobs):
         )
 
     async def _open(self) -> Any:
+        """The procrastinate app, opened once per address of the store: after the store moved (the
+        `Database` made a new engine) a new one, the old one closed with its runners by `ensure_runner`."""
         async with self._open_lock:
+            if self._app is not None and self._app_generation != self.db.generation:
+                log.warning("the Postgres store moved: the batch queue reconnects")
+                self._stale_apps.append(self._app)  # closed by ensure_runner (a job of its may be calling)
+                self._app = None
             if self._app is None:
                 import procrastinate
 
-                conninfo = await asyncio.to_thread(self._conninfo)
+                self._app_generation, conninfo = await asyncio.to_thread(self._conninfo)
                 app = procrastinate.App(
                     connector=procrastinate.PsycopgConnector(
                         conninfo=conninfo,
@@ -527,6 +539,22 @@ class Batches(IngestJobs):
                 self._app = app
             return self._app
 
+    async def _retire_stale(self) -> None:
+        """The runners started on an app of an older address stopped, and those apps closed."""
+        if self._runners_generation != self._app_generation:
+            tasks = [t for t in (self._runner, self._ingest_runner) if t is not None and not t.done()]
+            for task in tasks:
+                task.cancel()
+            if tasks:  # their jobs are aborted after 5 s; unregistering on the old address can only time out
+                await asyncio.wait(tasks, timeout=6)
+            self._runner = self._ingest_runner = None  # new ones, on the new app
+            self._runners_generation = self._app_generation
+        while self._stale_apps:
+            try:
+                await self._stale_apps.pop().close_async()
+            except Exception as exc:
+                log.warning("the old batch queue app did not close: %s: %s", type(exc).__name__, exc)
+
     async def _defer(self, batch_id: str, custom_ids: list[str]) -> None:
         await self._open()
         for i in range(0, len(custom_ids), 1000):
@@ -537,7 +565,11 @@ class Batches(IngestJobs):
     async def ensure_runner(self) -> None:
         if not self.settings.batch_runner:
             return
+        if any(t is not None and t.done() and not t.cancelled() for t in (self._runner, self._ingest_runner)):
+            self.db.connection_failed()  # a runner stopped (its connection cut?): is the store still there?
+            await asyncio.to_thread(self.db.sessions)
         app = await self._open()
+        await self._retire_stale()
         self._ensure_ingest_runner(app)  # its own worker: at most `ingest_concurrency` jobs at a time
         if self._runner is not None and not self._runner.done():
             return

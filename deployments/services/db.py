@@ -24,12 +24,14 @@ from sqlalchemy import (
     String,
     Text,
     create_engine,
+    event,
     text,
 )
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from deployments.gateway.refusal import unavailable
+from deployments.services.recheck import Recheck, address
 
 log = logging.getLogger("rma.services.db")
 
@@ -237,50 +239,107 @@ def _ensure_database(ep: Any, database: str) -> None:
                 pass
 
 
+def connection_error(exc: BaseException) -> bool:
+    """Whether `exc` is the database being unreachable (refused, cut, gone), not a refused statement: what
+    makes a `Database` ask again where its store is."""
+    import psycopg
+    from sqlalchemy.exc import InterfaceError, OperationalError
+
+    return isinstance(
+        exc, OperationalError | InterfaceError | psycopg.OperationalError | psycopg.InterfaceError
+    )
+
+
 class Database:
     """The engine, made on first use: a replica starts even while Postgres is still coming up, and answers 503
-    (not a crash loop) until it is there."""
+    (not a crash loop) until it is there. A store moved to another donor (or restarted elsewhere) has a new
+    address: after a connection error the endpoint is asked again (at most every `recheck_s`, it is a call to
+    the store's supervisor), and a changed one gets a new engine; `generation` counts the engines made, for
+    the users of `endpoint` that keep connections of their own (the batch queue)."""
 
-    def __init__(self, database: str, endpoint: Callable[[str], Any] = store_endpoint) -> None:
+    def __init__(
+        self, database: str, endpoint: Callable[[str], Any] = store_endpoint, recheck_s: float = 2.0
+    ) -> None:
         self.database, self._endpoint = database, endpoint
         self._lock = threading.Lock()
         self._sessions: sessionmaker[Any] | None = None
         self.engine: Engine | None = None
+        self.endpoint: Any = None  # the one the engine was made for
+        self.generation = 0
+        self._recheck = Recheck(recheck_s)
+
+    def connection_failed(self) -> None:
+        """A connection to the store failed (the engine's own errors call this): the next `sessions()` asks
+        the endpoint again, if it was not asked within `recheck_s`."""
+        self._recheck.failed()
 
     def sessions(self) -> sessionmaker[Any]:
-        from deployments.services import migrate
-
         with self._lock:
+            if self._sessions is not None and self._recheck.due():
+                self._moved()
             if self._sessions is None:
                 try:
                     ep = self._endpoint("postgres")
-                    _ensure_database(ep, self.database)
-                    url = URL.create(
-                        "postgresql+psycopg",
-                        username=ep.user,
-                        password=ep.password,
-                        host=ep.host,
-                        port=ep.port,
-                        database=self.database,
-                    )
-                    engine = create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=8)
-                    with engine.connect():
-                        pass
                 except Exception as exc:
                     raise unavailable(
                         "store_unavailable", f"the Postgres store is not reachable yet: {type(exc).__name__}"
                     ) from None
-                try:
-                    with engine.begin() as c:
-                        c.execute(text("SELECT pg_advisory_xact_lock(4711)"))  # one replica migrates
-                        migrate.upgrade(c)
-                except Exception as exc:
-                    log.exception("migrating the services' database failed")
-                    engine.dispose()
-                    raise unavailable(
-                        "schema_migration_failed",
-                        f"the services' database could not be brought to "
-                        f"the current schema: {type(exc).__name__}",
-                    ) from None
-                self.engine, self._sessions = engine, sessionmaker(engine, expire_on_commit=False)
+                self._open(ep)
+            assert self._sessions is not None
             return self._sessions
+
+    def _moved(self) -> None:
+        try:
+            ep = self._endpoint("postgres")
+        except Exception as exc:  # the supervisor is not there (being restarted): the old address stays
+            log.warning("the Postgres store's endpoint could not be asked: %s: %s", type(exc).__name__, exc)
+            return
+        if address(ep) == address(self.endpoint):
+            return
+        log.warning("the Postgres store moved to %s:%s: a new engine", ep.host, ep.port)
+        if self.engine is not None:
+            self.engine.dispose()
+        self.engine, self._sessions = None, None
+        self._open(ep)
+
+    def _open(self, ep: Any) -> None:
+        from deployments.services import migrate
+
+        try:
+            _ensure_database(ep, self.database)
+            url = URL.create(
+                "postgresql+psycopg",
+                username=ep.user,
+                password=ep.password,
+                host=ep.host,
+                port=ep.port,
+                database=self.database,
+            )
+            engine = create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=8)
+            with engine.connect():
+                pass
+        except Exception as exc:
+            raise unavailable(
+                "store_unavailable", f"the Postgres store is not reachable yet: {type(exc).__name__}"
+            ) from None
+        try:
+            with engine.begin() as c:
+                c.execute(text("SELECT pg_advisory_xact_lock(4711)"))  # one replica migrates
+                migrate.upgrade(c)
+        except Exception as exc:
+            log.exception("migrating the services' database failed")
+            engine.dispose()
+            raise unavailable(
+                "schema_migration_failed",
+                f"the services' database could not be brought to the current schema: {type(exc).__name__}",
+            ) from None
+
+        def failed(context: Any) -> None:
+            if connection_error(context.original_exception) or connection_error(context.sqlalchemy_exception):
+                self.connection_failed()
+
+        event.listen(engine, "handle_error", failed)
+        self.engine, self.endpoint = engine, ep
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self._recheck.asked()
+        self.generation += 1

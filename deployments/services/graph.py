@@ -10,15 +10,19 @@ owners existed have none: they match no client (delete them with
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import logging
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from deployments.gateway.refusal import Refusal, unavailable
 from deployments.services.db import store_endpoint
+from deployments.services.recheck import Recheck, address
 
+log = logging.getLogger("rma.services.graph")
 MAX_CHARS = 100_000
 LABEL = re.compile(r"^[A-Z][A-Z_]{0,30}$")  # a node label is spliced into Cypher: only spaCy-style names pass
 
@@ -59,16 +63,33 @@ class Graph:
         self._endpoint = endpoint
         self._driver: Any = None
         self._database: str | None = None
+        self._address: tuple[Any, ...] = ()
+        self._recheck = Recheck()
         self._lock = threading.Lock()
         self._nlp_lock = threading.Lock()
 
-    def _session(self) -> Any:
+    def _driver_now(self) -> tuple[Any, str | None]:
         with self._lock:
+            ep = None
+            if self._driver is not None and self._recheck.due():
+                try:  # the store may have moved: a new address gets a new driver
+                    ep = self._endpoint("graph")
+                except (
+                    Exception
+                ) as exc:  # its supervisor is not there (being restarted): the old address stays
+                    log.warning(
+                        "the graph store's endpoint could not be asked: %s: %s", type(exc).__name__, exc
+                    )
+                if ep is not None and address(ep) != self._address:
+                    log.warning("the graph store moved to %s:%s: a new driver", ep.host, ep.port)
+                    old, self._driver = self._driver, None
+                    with contextlib.suppress(Exception):
+                        old.close()
             if self._driver is None:
                 from neo4j import GraphDatabase
 
                 try:
-                    ep = self._endpoint("graph")
+                    ep = ep or self._endpoint("graph")
                     driver = GraphDatabase.driver(
                         f"bolt://{ep.host}:{ep.port}", auth=(ep.user, ep.password), connection_timeout=10
                     )
@@ -77,8 +98,25 @@ class Graph:
                     raise unavailable(
                         "store_unavailable", f"the graph store is not reachable yet: {type(exc).__name__}"
                     ) from None
-                self._driver, self._database = driver, ep.database
-        return self._driver.session(database=self._database)
+                self._driver, self._database, self._address = driver, ep.database, address(ep)
+                self._recheck.asked()
+            return self._driver, self._database
+
+    @contextlib.contextmanager
+    def _session(self) -> Iterator[Any]:
+        """A session of the graph store; one that lost the store answers 503 and has its address asked
+        again (it may have moved)."""
+        from neo4j.exceptions import ServiceUnavailable, SessionExpired
+
+        driver, database = self._driver_now()
+        try:
+            with driver.session(database=database) as s:
+                yield s
+        except (ServiceUnavailable, SessionExpired) as exc:
+            self._recheck.failed()
+            raise unavailable(
+                "store_unavailable", f"the graph store did not answer: {type(exc).__name__}"
+            ) from None
 
     def extract(self, owner: str, text: str, source: str | None = None, write: bool = True) -> dict[str, Any]:
         _check_owner(owner)

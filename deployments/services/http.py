@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from deployments.gateway.asgi import body_limit, path_under_root
 from deployments.gateway.auth import current_client
 from deployments.gateway.keys import ClientIdentity
-from deployments.gateway.refusal import Refusal, unwrap, validation_message
+from deployments.gateway.refusal import Refusal, unavailable, unwrap, validation_message
 from deployments.services.backends import Backends
 from deployments.services.settings import ServicesSettings
 from rma_ray.edges import SERVED_BY_HEADER
@@ -57,6 +57,12 @@ class ClientLimiter:
                 f"this API key sent more than {self.item} requests; retry in {retry} s",
                 retry,
             )
+
+
+def _database_away(exc: BaseException) -> bool:
+    from deployments.services.db import connection_error
+
+    return connection_error(exc)
 
 
 class BackendCaller:
@@ -113,6 +119,11 @@ class BackendCaller:
                     if self.metrics is not None:
                         self.metrics.retried(what)
                     continue
+                if _database_away(unwrap(exc)):  # the replica asks where its store is now (db.Database)
+                    raise unavailable(
+                        "store_unavailable",
+                        f"the {what} service could not reach its database ({name}); retry",
+                    ) from None
                 if name in DIED or name == "DeploymentUnavailableError":
                     raise Refusal(
                         503,

@@ -7,17 +7,22 @@ Collections are namespaced so that the shared routes can never name a client's: 
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import logging
 import os
 import re
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from deployments.gateway.refusal import Refusal, unavailable
 from deployments.services.db import store_endpoint
+from deployments.services.recheck import Recheck, address
 from deployments.services.settings import ServicesSettings
 
+log = logging.getLogger("rma.services.rag")
+T = TypeVar("T")
 NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9_-]{0,58}[A-Za-z0-9])?$")
 DIM = 384
 
@@ -102,6 +107,31 @@ def _ids(source: str, n: int) -> list[str]:
     return [f"{h}-{i}" for i in range(n)]
 
 
+def _away(exc: BaseException) -> bool:
+    """Chroma not answering (refused, cut, timed out), not Chroma refusing a request."""
+    import httpx
+
+    return isinstance(exc, httpx.TransportError)
+
+
+def _watched(method: Callable[..., T]) -> Callable[..., T]:
+    """A call that lost the Chroma store: answered 503, and the store's address asked again (it may have moved)."""
+
+    @functools.wraps(method)
+    def call(self: Rag, *args: Any, **kwargs: Any) -> T:
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as exc:
+            if not _away(exc):
+                raise
+            self._recheck.failed()
+            raise unavailable(
+                "store_unavailable", f"the Chroma store did not answer: {type(exc).__name__}"
+            ) from None
+
+    return call
+
+
 class Rag:
     """The Serve deployment's class."""
 
@@ -119,16 +149,31 @@ class Rag:
         self.embed = embedder
         self._endpoint = endpoint
         self._client: Any = None
+        self._address: tuple[Any, ...] = ()
+        self._recheck = Recheck()
         self._lock = threading.Lock()
 
     def _chroma(self) -> Any:
         with self._lock:
+            ep = None
+            if self._client is not None and self._recheck.due():
+                try:  # the store may have moved: a new address gets a new client
+                    ep = self._endpoint("chroma")
+                except (
+                    Exception
+                ) as exc:  # its supervisor is not there (being restarted): the old address stays
+                    log.warning(
+                        "the Chroma store's endpoint could not be asked: %s: %s", type(exc).__name__, exc
+                    )
+                if ep is not None and address(ep) != self._address:
+                    log.warning("the Chroma store moved to %s:%s: a new client", ep.host, ep.port)
+                    self._client = None
             if self._client is None:
                 import chromadb
                 from chromadb.config import Settings as ChromaSettings
 
                 try:
-                    ep = self._endpoint("chroma")
+                    ep = ep or self._endpoint("chroma")
                     client = chromadb.HttpClient(
                         host=ep.host, port=ep.port, settings=ChromaSettings(anonymized_telemetry=False)
                     )
@@ -137,7 +182,8 @@ class Rag:
                     raise unavailable(
                         "store_unavailable", f"the Chroma store is not reachable yet: {type(exc).__name__}"
                     ) from None
-                self._client = client
+                self._client, self._address = client, address(ep)
+                self._recheck.asked()
             return self._client
 
     def _collection(self, name: str, create: bool) -> Any:
@@ -149,9 +195,12 @@ class Rag:
             )
         try:
             return client.get_collection(name, embedding_function=None)
-        except Exception:  # chromadb raises NotFoundError (or ValueError on older servers)
+        except Exception as exc:  # chromadb raises NotFoundError (or ValueError on older servers)
+            if _away(exc):
+                raise
             return None
 
+    @_watched
     def ingest(self, collection: str, documents: list[dict[str, Any]]) -> dict[str, Any]:
         """Each document: {text, source, metadata?}. Re-ingesting a source replaces its chunks. One delete, one
         embedding pass and one add per call, however many documents it carries."""
@@ -185,6 +234,7 @@ class Rag:
             )
         return {"collection": collection, "chunks": len(texts), "sources": sources}
 
+    @_watched
     def query(self, collection: str, query: str, top_k: int = 5, missing_ok: bool = False) -> dict[str, Any]:
         col = self._collection(collection, create=False)
         if col is None:
@@ -214,6 +264,7 @@ class Rag:
             )
         return {"collection": collection, "results": results}
 
+    @_watched
     def delete_source(self, collection: str, source: str) -> None:
         col = self._collection(collection, create=False)
         if col is not None:
