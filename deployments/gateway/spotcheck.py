@@ -77,7 +77,10 @@ PART_BYTES = 4096  # each part of a failed check's sample (the wire's bound)
 # or to another prompt (-2.67 to -1.62, like honest ones): the mean logprob judges whether the model would say
 # this, not whether it answers the question. Only requests in the calibrated range are judged (`calibrated`): a
 # client asking temperature 2 gets text scoring -10.94 to -9.27 from an honest edge (the bench's out-of-range
-# row), so it is skipped. A larger model (GPU donors) needs its own calibration.
+# row), so it is skipped. A larger model (GPU donors) needs its own calibration. False positives, from 500 more
+# honest runs (`--honest 500`: temperature 0.7 or 1.0, the 12 prompts in turn): 3 of the 431 long enough to be
+# judged scored under -5.2 (0.70 %, 95 % upper bound 2.0 %; lowest -6.89): an honest edge's decayed pass rate
+# stays far above the quarantine line (admission/services/reputation.py).
 # Cost: one prefill of prompt + completion on the core, median 187 ms per check here (max 2.3 s, under load).
 LLM_THRESHOLD = -5.2
 MIN_COMPLETION_TOKENS = 16  # a mean over fewer tokens is noise: skipped
