@@ -547,6 +547,9 @@ class Batches(IngestJobs):
                 task.cancel()
             if tasks:  # their jobs are aborted after 5 s; unregistering on the old address can only time out
                 await asyncio.wait(tasks, timeout=6)
+            for task in tasks:  # their end on the old address is expected: retrieved, not logged as lost
+                if task.done() and not task.cancelled() and task.exception() is not None:
+                    log.info("a batch runner on the old address ended: %r", task.exception())
             self._runner = self._ingest_runner = None  # new ones, on the new app
             self._runners_generation = self._app_generation
         while self._stale_apps:
