@@ -26,6 +26,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -45,6 +46,8 @@ log = logging.getLogger("rma.services.ingest")
 QUEUE = "rma-ingest"
 TASK = "rma.ingest.job"
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
+FORGET_EVERY_S = 600.0  # how often the sweep deletes jobs past `ingest_keep_days`
+FORGET_BATCH = 500  # jobs deleted per clean-up
 FINAL = (SUCCEEDED, FAILED, CANCELLED)
 STATES = (QUEUED, RUNNING, *FINAL)
 PENDING, DONE, SKIPPED = "pending", "done", "skipped"
@@ -246,6 +249,7 @@ class IngestJobs:
     _ingest_runner: asyncio.Task[None] | None = None
     pipeline: Any = None
     _open: Callable[[], Awaitable[Any]]  # Batches' (the procrastinate app, opened once)
+    _ingest_forget_at = 0.0  # monotonic time of the next clean-up (the first sweep does one)
 
     # -- the routes' half -------------------------------------------------------------------------------
     async def ingest_create(
@@ -535,6 +539,42 @@ class IngestJobs:
                 await self._ingest_defer(job_id)
             except Exception as exc:
                 log.warning("ingest job %s not re-queued: %s: %s", job_id, type(exc).__name__, exc)
+        if time.monotonic() >= self._ingest_forget_at:  # the clean-up: every 10 minutes is plenty
+            self._ingest_forget_at = time.monotonic() + FORGET_EVERY_S
+            forgotten = await asyncio.to_thread(self.ingest_forget)
+            if forgotten:
+                log.info(
+                    "%d ingest jobs finished over %d days ago deleted",
+                    forgotten,
+                    self.settings.ingest_keep_days,
+                )
+            await app.job_manager.delete_old_jobs(
+                nb_hours=24 * self.settings.ingest_keep_days,
+                queue=QUEUE,
+                include_failed=True,
+                include_cancelled=True,
+                include_aborted=True,
+            )
+
+    def ingest_forget(self, now: datetime | None = None) -> int:
+        """Finished jobs that ended over `ingest_keep_days` ago deleted with their page texts (at most
+        `FORGET_BATCH` per call; the next sweep takes the rest); what they indexed and extracted stays.
+        Their Idempotency-Keys go with them."""
+        cutoff = (now or _now()) - timedelta(days=self.settings.ingest_keep_days)
+        with self.db.sessions().begin() as db:
+            ids = list(
+                db.scalars(
+                    select(IngestJob.id)
+                    .where(
+                        IngestJob.state.in_((SUCCEEDED, FAILED, CANCELLED)), IngestJob.finished_at < cutoff
+                    )
+                    .limit(FORGET_BATCH)
+                )
+            )
+            if ids:
+                db.execute(delete(IngestPage).where(IngestPage.job_id.in_(ids)))
+                db.execute(delete(IngestJob).where(IngestJob.id.in_(ids)))
+        return len(ids)
 
     @staticmethod
     async def _ingest_active(app: Any, lock: str, *statuses: str) -> bool:

@@ -129,3 +129,10 @@ class ServicesSettings(BaseSettings):
     )
     ingest_max_unfinished: int = Field(default=10, ge=1, description="queued or running ingest jobs per key")
     ingest_max_ocr_pages: int = Field(default=500, ge=1, description="pages one job may send to OCR")
+    ingest_keep_days: int = Field(
+        default=30,
+        ge=1,
+        le=3650,
+        description="a finished ingest job (its row, page texts, Idempotency-Key and queue entry) is deleted "
+        "this many days after it ended; what it indexed and extracted stays",
+    )

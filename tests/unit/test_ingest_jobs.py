@@ -311,6 +311,56 @@ def test_cancel_queued_running_and_finished_jobs_and_the_unfinished_limit(
     asyncio.run(scenario())
 
 
+def test_finished_jobs_past_the_keep_days_are_deleted_with_their_texts_and_nothing_else(
+    postgres: Postgres, tmp_path: Any, ocr: Ocr, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sweep's clean-up: a job that ended over `ingest_keep_days` ago goes (its row, page texts and
+    Idempotency-Key: the key makes a new job); a recent finished job and an old unfinished one stay; procrastinate's
+    own old entries are deleted in the same sweep."""
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import func, select, update
+
+    from deployments.services.db import IngestJob, IngestPage
+
+    store = make_store(postgres, tmp_path, ocr, batch_runner=False, ingest_keep_days=7)
+    doc = samples.pdf(["Ana Lima"])
+
+    async def scenario() -> None:
+        _, old = await store.ingest_create("alice", doc, "old.pdf", None, None, {}, "key-old")
+        _, recent = await store.ingest_create("alice", doc, "recent.pdf", None, None, {})
+        _, waiting = await store.ingest_create("alice", doc, "waiting.pdf", None, None, {})
+        for job in (old, recent):
+            store.ingest_cancel(job["id"], "alice")
+        long_ago = datetime.now(UTC) - timedelta(days=8)
+        with store.db.sessions().begin() as db:
+            db.execute(update(IngestJob).where(IngestJob.id == old["id"]).values(finished_at=long_ago))
+            db.execute(update(IngestJob).where(IngestJob.id == waiting["id"]).values(created_at=long_ago))
+            db.add_all(IngestPage(job_id=j["id"], number=1, text="page text") for j in (old, recent))
+        store._ingest_forget_at = 0.0
+        await store._ingest_sweep(await store._open())
+        with pytest.raises(Refusal) as exc:
+            store.ingest_get(old["id"], "alice")
+        assert exc.value.status == 404
+        assert store.ingest_get(recent["id"], "alice")["state"] == ingest.CANCELLED
+        assert store.ingest_get(waiting["id"], "alice")["state"] == ingest.QUEUED
+        with store.db.sessions()() as db:
+            pages = db.scalars(select(IngestPage.job_id)).all()
+            assert pages == [recent["id"]]
+        assert store.ingest_forget() == 0  # nothing more to delete
+        # its Idempotency-Key went with it: the same key makes a new job
+        status, again = await store.ingest_create("alice", doc, "old.pdf", None, None, {}, "key-old")
+        assert status == 202 and again["id"] != old["id"]
+        # a clean-up deletes at most FORGET_BATCH jobs; the rest at the next one
+        with store.db.sessions().begin() as db:
+            db.execute(update(IngestJob).values(state=ingest.SUCCEEDED, finished_at=long_ago))
+            assert db.scalar(select(func.count()).select_from(IngestJob)) == 3
+        monkeypatch.setattr(ingest, "FORGET_BATCH", 2)
+        assert [store.ingest_forget(), store.ingest_forget(), store.ingest_forget()] == [2, 1, 0]
+
+    asyncio.run(scenario())
+
+
 def test_a_database_outage_retries_the_job_and_the_sweep_requeues_a_running_row_with_no_task(
     postgres: Postgres, tmp_path: Any, ocr: Ocr
 ) -> None:
