@@ -227,6 +227,21 @@ class UsageReport(Strict):
     usage: dict[str, Usage] = Field(default_factory=dict, max_length=REPORT_KEYS)
 
 
+class JobQueueFigures(Strict):
+    """The document-ingest jobs' queue (deployments/services/ingest.py) in a batches replica's report."""
+
+    queued: int = Field(ge=0, le=10**12, description="jobs waiting for a runner")
+    running: int = Field(ge=0, le=10**12, description="jobs a runner is on")
+    oldest_queued_s: float | None = Field(
+        None, ge=0, le=10**9, description="age of the oldest waiting job; None when none waits"
+    )
+    succeeded_10min: int = Field(ge=0, le=10**12, description="jobs succeeded in the last 10 minutes")
+    failed_10min: int = Field(ge=0, le=10**12, description="jobs failed in the last 10 minutes")
+    pages_10min: int = Field(
+        ge=0, le=10**12, description="pages of the jobs succeeded in the last 10 minutes"
+    )
+
+
 class BatchQueueReport(Strict):
     """What a batches replica reports after each sweep (a service credential): the durable batch queue's
     figures, read from the services' Postgres (the coordinator cannot read that database)."""
@@ -239,6 +254,7 @@ class BatchQueueReport(Strict):
         None, ge=0, le=10**9, description="age of the oldest pending item's batch; None when none waits"
     )
     finished_10min: int = Field(ge=0, le=10**12, description="items answered in the last 10 minutes")
+    jobs: JobQueueFigures | None = Field(None, description="the ingest jobs' queue (None: an older replica)")
 
 
 class KeyringEntry(BaseModel):

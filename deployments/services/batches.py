@@ -662,6 +662,7 @@ class Batches(IngestJobs):
             "batches": batches,
             "oldest_waiting_s": None if oldest is None else max(0.0, (now - oldest).total_seconds()),
             "finished_10min": done,
+            "jobs": self.ingest_queue_figures(now),
         }
 
     async def report_queue(self) -> None:

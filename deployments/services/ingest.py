@@ -556,6 +556,35 @@ class IngestJobs:
                 include_aborted=True,
             )
 
+    def ingest_queue_figures(self, now: datetime | None = None) -> dict[str, Any]:
+        """The jobs' queue for the registry page (in the batches replica's report): jobs waiting and running,
+        the oldest waiting one's age, and the jobs (and their pages) finished in the last 10 minutes. Reads
+        the unfinished jobs and those finished lately only (the state index, then `finished_at`)."""
+        now = now or _now()
+        since = now - timedelta(minutes=10)
+        with self.db.sessions()() as db:
+            queued, running, oldest = db.execute(
+                select(
+                    func.count().filter(IngestJob.state == QUEUED),
+                    func.count().filter(IngestJob.state == RUNNING),
+                    func.min(IngestJob.created_at).filter(IngestJob.state == QUEUED),
+                ).where(IngestJob.state.in_((QUEUED, RUNNING)))
+            ).one()
+            ended = db.execute(
+                select(IngestJob.state, IngestJob.result).where(
+                    IngestJob.state.in_((SUCCEEDED, FAILED)), IngestJob.finished_at >= since
+                )
+            ).all()
+        done = [r for st, r in ended if st == SUCCEEDED]
+        return {
+            "queued": queued,
+            "running": running,
+            "oldest_queued_s": None if oldest is None else max(0.0, (now - oldest).total_seconds()),
+            "succeeded_10min": len(done),
+            "failed_10min": len(ended) - len(done),
+            "pages_10min": sum(int((r or {}).get("pages") or 0) for r in done),
+        }
+
     def ingest_forget(self, now: datetime | None = None) -> int:
         """Finished jobs that ended over `ingest_keep_days` ago deleted with their page texts (at most
         `FORGET_BATCH` per call; the next sweep takes the rest); what they indexed and extracted stays.

@@ -56,6 +56,15 @@ def test_batch_queue_reports_show_per_replica_and_go_stale(
     html = page()
     assert 'id="batch-queue"' in html and 'data-replica="services/batches#a"' in html
     assert ">3 min<" in html and "4.5 items/min" in html and 'id="no-batch-queue"' not in html
+    assert 'id="job-queue"' not in html  # no replica reported jobs' figures (an older one): no table
+    jobs = {"queued": 4, "running": 1, "oldest_queued_s": 130.0, "succeeded_10min": 3, "failed_10min": 1,
+            "pages_10min": 57}  # fmt: skip
+    assert report(body(jobs=jobs)) == 204
+    assert coordinator.admin("GET", "/api/admin/batch-queue").json()["replicas"][0]["jobs"] == jobs
+    html = page()
+    assert 'id="job-queue"' in html and 'data-queued="4"' in html
+    assert "3 succeeded" in html and "1 failed" in html and "5.7 pages/min" in html and ">2 min<" in html
+    assert report(body(jobs={**jobs, "queued": -1})) == 422
 
     # nobody without a credential; a body out of shape or bounds is a 422 that names the field
     assert report(body(), headers=None) == 401

@@ -533,8 +533,10 @@ def test_the_queue_figures_count_items_by_state_and_age_the_oldest_waiting_batch
     reports: list[Any] = []
     store = make_store(postgres, tmp_path)
     store._reporter = reports.append
+    no_jobs = {"queued": 0, "running": 0, "oldest_queued_s": None, "succeeded_10min": 0, "failed_10min": 0,
+               "pages_10min": 0}  # fmt: skip
     assert store.queue_figures(now) == {
-        "waiting": 0, "running": 0, "batches": 0, "oldest_waiting_s": None, "finished_10min": 0
+        "waiting": 0, "running": 0, "batches": 0, "oldest_waiting_s": None, "finished_10min": 0, "jobs": no_jobs
     }  # fmt: skip
 
     def batch(n: int, created: datetime, status: str = bf.IN_PROGRESS) -> str:
@@ -569,7 +571,7 @@ def test_the_queue_figures_count_items_by_state_and_age_the_oldest_waiting_batch
     got = store.queue_figures(now)
     assert got["oldest_waiting_s"] == pytest.approx(180, abs=1)
     assert {k: v for k, v in got.items() if k != "oldest_waiting_s"} == {
-        "waiting": 4, "running": 1, "batches": 2, "finished_10min": 4
+        "waiting": 4, "running": 1, "batches": 2, "finished_10min": 4, "jobs": no_jobs
     }  # fmt: skip
     assert new
 

@@ -311,6 +311,51 @@ def test_cancel_queued_running_and_finished_jobs_and_the_unfinished_limit(
     asyncio.run(scenario())
 
 
+def test_the_jobs_queue_figures_count_by_state_age_the_oldest_and_sum_recent_pages(
+    postgres: Postgres, tmp_path: Any, ocr: Ocr
+) -> None:
+    """The registry page's figures for the jobs (in the batches replica's report), from the real table."""
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import update
+
+    from deployments.services.db import IngestJob
+    from rma_ray.wire import BatchQueueReport
+
+    store = make_store(postgres, tmp_path, ocr, batch_runner=False)
+    doc = samples.pdf(["Ana Lima"])
+    now = datetime.now(UTC)
+
+    async def scenario() -> None:
+        ids = [
+            (await store.ingest_create("alice", doc, f"{i}.pdf", None, None, {}))[1]["id"] for i in range(6)
+        ]
+        rows = [  # (state, created, finished, pages)
+            (ingest.QUEUED, now - timedelta(minutes=4), None, None),
+            (ingest.QUEUED, now - timedelta(minutes=1), None, None),
+            (ingest.RUNNING, now - timedelta(minutes=9), None, None),
+            (ingest.SUCCEEDED, now - timedelta(minutes=8), now - timedelta(minutes=2), 7),
+            (ingest.FAILED, now - timedelta(minutes=8), now - timedelta(minutes=3), None),
+            (ingest.SUCCEEDED, now - timedelta(hours=2), now - timedelta(hours=1), 50),  # long ago: left out
+        ]
+        with store.db.sessions().begin() as db:
+            for job_id, (state, created, finished, pages) in zip(ids, rows, strict=True):
+                db.execute(
+                    update(IngestJob)
+                    .where(IngestJob.id == job_id)
+                    .values(state=state, created_at=created, finished_at=finished, result={"pages": pages})
+                )
+        got = store.ingest_queue_figures(now)
+        assert got.pop("oldest_queued_s") == pytest.approx(240, abs=1)
+        assert got == {"queued": 2, "running": 1, "succeeded_10min": 1, "failed_10min": 1, "pages_10min": 7}
+        report = BatchQueueReport(
+            replica="r", **store.queue_figures(now)
+        )  # the wire takes the figures as they are
+        assert report.jobs is not None and report.jobs.queued == 2
+
+    asyncio.run(scenario())
+
+
 def test_finished_jobs_past_the_keep_days_are_deleted_with_their_texts_and_nothing_else(
     postgres: Postgres, tmp_path: Any, ocr: Ocr, monkeypatch: pytest.MonkeyPatch
 ) -> None:
