@@ -506,3 +506,36 @@ def test_edge_guard_is_valid_nftables(tmp_path: Path, monkeypatch: pytest.Monkey
         ["nft", "-c", "-f", "-"], input=pool.edge_guard.render(), capture_output=True, text=True
     )
     assert r.returncode == 0, r.stderr
+
+
+def test_the_supervisor_denies_the_core_heads_listeners_and_not_the_edges(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pool.guard_ports without the overlay: what the core head listens on (loopback included) is added to the
+    edge guard; a port an edge head listens on now is not, and is taken out if the core had it before."""
+    from types import SimpleNamespace
+
+    calls: list[list[str]] = []
+    monkeypatch.setattr(overlay, "_run", lambda argv, what, input=None, timeout=20: calls.append(argv) or "")
+    monkeypatch.setattr(overlay.subprocess, "run", lambda *a, **k: None)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    pool = _guard_pool(tmp_path, monkeypatch, n_edges=1)
+    pool.start_edge_guard()
+    listens = {1: {44217, 44227}, 2: {44227, 50001}}  # pid 1: the core head's; pid 2: the edge head's
+    loopback_asked: list[bool] = []
+
+    def listening(pids: Iterable[int], loopback: bool = False) -> set[int]:
+        loopback_asked.append(loopback)
+        return set().union(*(listens[p] for p in pids))
+
+    monkeypatch.setattr(overlay, "listening_ports", listening)
+    node = lambda pid: SimpleNamespace(track=lambda: None, running=lambda: True, pids=lambda: [pid])  # noqa: E731
+    pool.head = node(1)
+    pool.edges["edge"].node = node(2)
+    pool.guard_ports()
+    assert all(loopback_asked)
+    assert calls[-1] == ["nft", "add", "element", "inet", pool.edge_guard.table, "ray_tcp", "{ 44217 }"]
+    listens[2] = {44217}  # the core let 44217 go, the edge's Ray took it
+    listens[1] = set()
+    pool.guard_ports()
+    assert calls[-1] == ["nft", "delete", "element", "inet", pool.edge_guard.table, "ray_tcp", "{ 44217 }"]
