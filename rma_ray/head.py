@@ -27,8 +27,13 @@ other port of the edge's Ray) to loopback, the edge's own donors and the core's 
 gateway calls it on the core hub's address. The core hub's table has an output chain for the edges' users
 (Pool.edge_local_deny): what they run on the head opens no connection to the core's Ray ports, the stores'
 ports or the core's subnet, loopback included; only the coordinator's port stays open to them. Without the
-overlay there is no hub, so no such chain (a known gap: code an edge donor runs on the edge head may then
-connect to the core's ports on the head). `rma down` takes each hub and its table away.
+overlay there is no hub, so `rma up` installs a table of its own for that chain (Pool.start_edge_guard,
+rma_ray.overlay.EdgeGuard): for the edges' users, to the head's own addresses only (they still reach their
+donors anywhere), the stores' ports, the core's GCS, dashboard and Ray's default worker range, and what the
+core head's processes listen on (loopback included), added as they appear; no input chain, so LAN donors
+reach the head as before. Without `nft` `rma up` says the edge users are not firewalled and goes on. `rma down`
+takes each hub and its table away, and the edge guard's table; a stale one of a crashed run is replaced by
+the next `rma up`.
 """
 
 from __future__ import annotations
@@ -689,6 +694,7 @@ class Pool:
         self.coordinator: subprocess.Popen[bytes] | None = None
         self.admin_key = ""
         self.hub: wg.Hub | None = None
+        self.edge_guard: wg.EdgeGuard | None = None  # no overlay, with edges: start_edge_guard
         self.edges = {spec.name: EdgeHead(spec, opts, say) for spec in opts.edges}
         # pool.json: the supervisor and the edges' deployments (threads) write it
         self.edges_lock = threading.RLock()
@@ -831,17 +837,80 @@ class Pool:
             allow_tcp=(self.o.coordinator_port,),
         )
 
+    def edge_ports(self) -> set[int]:
+        """Every port the edges' heads pin (their worker ranges included): never a core port to deny."""
+        ports: set[int] = set()
+        for edge in self.edges.values():
+            ports.update(port for _, port in edge.ports())
+            ports.update(range(edge.spec.ports.min_worker, edge.spec.ports.max_worker + 1))
+        return ports
+
+    def start_edge_guard(self) -> None:
+        """Without the overlay (no hub table to hold Pool.edge_local_deny's chain), a table of its own
+        (rma_ray.overlay.EdgeGuard) keeps what the edges' users run on the head off the core's ports on the
+        head's own addresses: the stores', the core's GCS and dashboard, Ray's default worker range and
+        client port, and what the core head's processes listen on (guard_ports, loopback included). The
+        coordinator's port stays open to them; the core's Serve port (public) and the edges' own are never
+        denied. Installed before any edge head starts; a stale table of a crashed run is replaced."""
+        if self.o.overlay or not self.edges:
+            return
+        why = "it needs root" if os.geteuid() != 0 else None
+        if why is None and not shutil.which("nft"):
+            why = "`nft` is missing: apt-get install nftables"
+        if why:
+            self.say(
+                f"[yellow]the edge users are not firewalled from the core's ports on this machine:[/] {why} "
+                f"(see SECURITY.md)"
+            )
+            return
+        guard = wg.EdgeGuard(
+            "",
+            wg.RayPorts().firewalled([self.o.gcs_port, self.o.dashboard_port]),
+            table=wg.edge_guard_table(self.o.data_dir),
+            allow={self.o.coordinator_port, self.o.serve_port} | self.edge_ports(),
+            local_deny=wg.LocalDeny(
+                uids=tuple(edge._user().pw_uid for edge in self.edges.values()),
+                tcp=tuple(self.store_ports()),
+                allow_tcp=(self.o.coordinator_port,),
+                local_only=True,
+            ),
+        )
+        try:
+            guard.install()
+        except wg.OverlayError as exc:
+            self.say(f"[yellow]the edge users are not firewalled from the core's ports:[/] {exc}")
+            return
+        self.edge_guard = guard
+
     def guard_ports(self) -> None:
         """Firewall any port the head's Ray opened outside the pinned ones (autoscaler monitor, dashboard gRPC)."""
         for edge in self.edges.values():
             edge.guard_ports()
-        if self.hub is None or self.head is None:
+        if self.head is None:
             return
         self.head.track()
+        if self.hub is not None:
+            try:
+                self.hub.firewall.cover(wg.listening_ports(self.head.pids()))
+            except wg.OverlayError as exc:
+                self.say(f"[yellow]firewall:[/] {exc}")
+        if self.edge_guard is not None:
+            self.guard_edge_users()
+
+    def guard_edge_users(self) -> None:
+        """EdgeGuard: the core head's listeners, loopback ones included, denied to the edges' users; a port an
+        edge head listens on itself (Ray's random ones: one the core let go may be the edge's now) is not."""
+        assert self.edge_guard is not None and self.head is not None
+        edge_now: set[int] = set()
+        for edge in self.edges.values():
+            if edge.node is not None and edge.node.running():
+                edge.node.track()
+                edge_now |= wg.listening_ports(edge.node.pids(), loopback=True)
         try:
-            self.hub.firewall.cover(wg.listening_ports(self.head.pids()))
+            self.edge_guard.uncover(edge_now)
+            self.edge_guard.cover(wg.listening_ports(self.head.pids(), loopback=True) - edge_now)
         except wg.OverlayError as exc:
-            self.say(f"[yellow]firewall:[/] {exc}")
+            self.say(f"[yellow]edge users' firewall:[/] {exc}")
 
     def hub_env(self) -> dict[str, str]:
         if self.hub is None:
@@ -955,6 +1024,7 @@ class Pool:
         self.start_hub()
         for edge in self.edges.values():
             edge.start_hub()  # before the coordinator: it is told each edge hub (RMA_EDGES)
+        self.start_edge_guard()  # before any edge head: code of an edge's user never runs unguarded
         self.start_head()
         self.start_serve()
         self.start_coordinator()
@@ -988,6 +1058,7 @@ class Pool:
             first_start=first_start,
         )
         self.write(info)
+        self.guard_ports()  # the core head's listeners so far, before the edges' users run anything
         for edge in self.edges.values():
             self.start_edge(edge, deploy=False)
         # store supervisors on the head report with service.json's credential
@@ -1380,6 +1451,9 @@ class Pool:
                 edge.hub.down()  # its interface and its table
         if self.hub is not None:
             self.hub.down()
+        if self.edge_guard is not None:
+            self.edge_guard.remove()
+            self.edge_guard = None
         poolinfo.write(self.o.data_dir, poolinfo.read(self.o.data_dir).without_processes())
         (self.o.data_dir / "stopping").unlink(missing_ok=True)
 

@@ -237,12 +237,17 @@ class LocalDeny:
     `ray_tcp` set, kept current by Firewall.cover) and to `tcp` (the stores' ports), and anything new to the
     `nets` (the core's overlay subnet). `allow_tcp` (the coordinator's HTTP port: an edge's ingress fetches the
     coordinator's public keys) passes first. Replies of the edge's own sockets (the core's gateway calling the
-    edge's Serve) are established connections and pass."""
+    edge's Serve) are established connections and pass.
+
+    `local_only` (EdgeGuard, no overlay): the port rules match local destinations only (`fib daddr type
+    local`: loopback and every address of the head), so the edge head still reaches its own donors on other
+    machines on any port."""
 
     uids: tuple[int, ...]
     tcp: tuple[int, ...] = ()
     nets: tuple[str, ...] = ()
     allow_tcp: tuple[int, ...] = ()
+    local_only: bool = False
 
     def render(self) -> str:
         who = f"meta skuid {{ {', '.join(str(u) for u in sorted(set(self.uids)))} }}"
@@ -254,10 +259,11 @@ class LocalDeny:
         if self.allow_tcp:
             ports = ", ".join(str(p) for p in sorted(set(self.allow_tcp)))
             lines.append(f"    {who} tcp dport {{ {ports} }} accept\n")
-        lines.append(f"    {who} tcp dport @ray_tcp counter reject with tcp reset\n")
+        where = f"{who} fib daddr type local" if self.local_only else who
+        lines.append(f"    {where} tcp dport @ray_tcp counter reject with tcp reset\n")
         if self.tcp:
             ports = ", ".join(str(p) for p in sorted(set(self.tcp)))
-            lines.append(f"    {who} tcp dport {{ {ports} }} counter reject with tcp reset\n")
+            lines.append(f"    {where} tcp dport {{ {ports} }} counter reject with tcp reset\n")
         lines += [f"    {who} {_family(net)} daddr {net} counter reject\n" for net in self.nets]
         lines.append("  }\n")
         return "".join(lines)
@@ -283,8 +289,9 @@ def _run(argv: list[str], what: str, input: str | None = None, timeout: float = 
     return r.stdout
 
 
-def listening_ports(pids: Iterable[int]) -> set[int]:
-    """TCP ports these processes listen on, on any address but loopback."""
+def listening_ports(pids: Iterable[int], loopback: bool = False) -> set[int]:
+    """TCP ports these processes listen on, on any address but loopback (the input chains accept loopback);
+    with `loopback`, on loopback too (an output chain, EdgeGuard, sees what local users connect to)."""
     ports = set()
     for pid in pids:
         try:
@@ -295,8 +302,7 @@ def listening_ports(pids: Iterable[int]) -> set[int]:
             if (
                 c.status == psutil.CONN_LISTEN
                 and c.laddr
-                and not c.laddr.ip.startswith("127.")
-                and c.laddr.ip != "::1"
+                and (loopback or (not c.laddr.ip.startswith("127.") and c.laddr.ip != "::1"))
             ):
                 ports.add(c.laddr.port)
     return ports
@@ -330,10 +336,7 @@ class Firewall:
     def install(self) -> None:
         self.remove()
         _run(["nft", "-f", "-"], "installing the Ray firewall", input=self.render())
-        self._covered: set[int] = set()
-        for e in self.elements:
-            lo, _, hi = e.partition("-")
-            self._covered.update(range(int(lo), int(hi or lo) + 1))
+        self._covered: set[int] = _ports_in(self.elements)
 
     def cover(self, ports: Iterable[int]) -> list[int]:
         new = sorted(set(ports) - getattr(self, "_covered", set()) - self.allow)
@@ -353,8 +356,67 @@ class Firewall:
             self._covered.update(new)
         return new
 
+    def uncover(self, ports: Iterable[int]) -> list[int]:
+        """Take ports `cover()` added out of the set again (never the pinned elements)."""
+        gone = sorted((set(ports) & getattr(self, "_covered", set())) - _ports_in(self.elements))
+        if gone:
+            _run(
+                [
+                    "nft",
+                    "delete",
+                    "element",
+                    "inet",
+                    self.table,
+                    "ray_tcp",
+                    "{ " + ", ".join(map(str, gone)) + " }",
+                ],
+                "unfirewalling a port",
+            )
+            self._covered.difference_update(gone)
+        return gone
+
     def remove(self) -> None:
         subprocess.run(["nft", "delete", "table", "inet", self.table], capture_output=True, timeout=20)
+
+
+def _ports_in(elements: Iterable[str]) -> set[int]:
+    """Every port nft set elements name ("6380", "10002-19999")."""
+    ports: set[int] = set()
+    for e in elements:
+        lo, _, hi = e.partition("-")
+        ports.update(range(int(lo), int(hi or lo) + 1))
+    return ports
+
+
+def render_edge_guard(table: str, elements: list[str], local_deny: LocalDeny) -> str:
+    """EdgeGuard's table: the core's Ray ports (`ray_tcp`) and the output chain of `local_deny` only. No input
+    or forward chain: donors on the LAN reach the core head as without it."""
+    return (
+        f"table inet {table} {{\n"
+        f"  set ray_tcp {{ type inet_service; flags interval; elements = {{ {', '.join(elements)} }} }}\n"
+        f"{local_deny.render()}"
+        f"}}\n"
+    )
+
+
+def edge_guard_table(data_dir: Path) -> str:
+    """EdgeGuard's table name: one per pool (data dir) on a machine, so a pool's `rma up` replaces its own
+    stale table of a crashed run and never another live pool's."""
+    return f"rma_edge_guard_{hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:8]}"
+
+
+@dataclass
+class EdgeGuard(Firewall):
+    """Without the overlay (no hub, so no hub table to hold LocalDeny): a table of its own with only the output
+    chain that keeps what the edges' system users run on the head (an edge donor's Ray task) off the core's
+    ports on the head's own addresses, loopback included (`local_deny.local_only`). `elements` are the core's
+    Ray ports known up front, `cover()` adds what the core head's processes listen on as they appear, `allow`
+    (public ports, the edge's own) is never added. Its `interface` is unused ("")."""
+
+    def render(self) -> str:
+        if self.local_deny is None or not self.local_deny.uids:
+            raise OverlayError("the edge guard has no edge user to keep off the core's ports")
+        return render_edge_guard(self.table, self.elements, self.local_deny)
 
 
 def missing_tools() -> str | None:

@@ -16,6 +16,8 @@ import concurrent.futures
 import json
 import os
 import signal
+import socket
+import subprocess
 import textwrap
 import threading
 import time
@@ -24,6 +26,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 
 from tests.e2e.conftest import PY, Donor
@@ -174,6 +177,109 @@ def test_a_hostile_edge_donor_reads_nothing_of_the_core(edge_pool: EdgePool, edg
     }
     assert not [a for a in out["actors"] if a.startswith("rma-store-")]
     assert out["store"] == "none"
+
+
+PROBE = (
+    "import json, socket, sys\n"
+    "def ok(h, p):\n"
+    "    try:\n"
+    "        socket.create_connection((h, p), timeout=2).close(); return True\n"
+    "    except OSError:\n"
+    "        return False\n"
+    "print(json.dumps([ok(h, p) for h, p in json.loads(sys.argv[1])]))\n"
+)
+
+
+def _probe_as(user: str, targets: list[tuple[str, int]]) -> list[bool]:
+    r = subprocess.run(
+        ["runuser", "-u", user, "--", PY, "-c", PROBE, json.dumps(targets)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout)  # type: ignore[no-any-return]
+
+
+def _core_listener(pool: EdgePool) -> tuple[str, int] | None:
+    """A port the core head's processes listen on outside every port known up front (Ray's random ones: the
+    edge guard adds them as they appear), with an address to reach it on; None if Ray opened none."""
+    from rma_ray.overlay import RayPorts
+
+    urls = (pool.info["ray_address"], pool.info["ray_dashboard_url"], pool.info["coordinator_url"])
+    static = {int(u.rsplit(":", 1)[1]) for u in (*urls, pool.info["serve_url"])}
+    static |= {int(e) for e in RayPorts().firewalled() if "-" not in e}
+    head = psutil.Process(pool.info["head_pid"])
+    for proc in [head, *head.children(recursive=True)]:
+        try:
+            conns = proc.net_connections(kind="tcp")
+        except psutil.Error:
+            continue
+        for c in conns:
+            port = c.laddr.port if c.laddr else 0
+            if c.status != psutil.CONN_LISTEN or port in static or 10002 <= port <= 19999:
+                continue
+            if ":" in c.laddr.ip and c.laddr.ip not in ("::", "::1"):
+                continue
+            host = {"0.0.0.0": "127.0.0.1", "::": "127.0.0.1", "::1": "::1"}.get(c.laddr.ip, c.laddr.ip)
+            return host, port
+    return None
+
+
+def test_edge_user_code_on_the_head_reaches_its_edge_but_no_core_port(edge_pool: EdgePool) -> None:
+    """Without the overlay, `rma up`'s edge guard (an nft output chain of its own) keeps what the edge's user
+    runs on the head (an edge donor's Ray task) off the core's ports on the head's addresses, loopback
+    included; its own ports and the coordinator stay reachable, and root (the core) reaches everything."""
+    from rma_ray.overlay import edge_guard_table
+
+    table = edge_guard_table(edge_pool.root / "head")
+    listed = subprocess.run(["nft", "list", "table", "inet", table], capture_output=True, text=True)
+    assert listed.returncode == 0, f"no edge guard table {table}: {listed.stderr}"
+    assert "chain input" not in listed.stdout  # donors on the LAN reach the head as before
+
+    user = edge_pool.edge["user"]
+    edge_gcs = edge_pool.edge["ray_address"].rsplit(":", 1)
+    coordinator = edge_pool.info["coordinator_url"].split("//", 1)[1].rsplit(":", 1)
+    core_gcs = edge_pool.info["ray_address"].rsplit(":", 1)
+    dashboard = edge_pool.info["ray_dashboard_url"].split("//", 1)[1].rsplit(":", 1)
+    # a throwaway listener of root's on loopback in Ray's worker range: the core's, denied up front
+    lo = socket.socket()
+    lo.bind(("127.0.0.1", _free_in_workers()))
+    lo.listen()
+    try:
+        targets = [
+            (edge_gcs[0], int(edge_gcs[1])),  # its own GCS
+            (coordinator[0], int(coordinator[1])),  # the coordinator (its ingress fetches the public keys)
+            (core_gcs[0], int(core_gcs[1])),  # the core's GCS
+            ("127.0.0.1", int(core_gcs[1])),  # the same on loopback
+            (dashboard[0], int(dashboard[1])),  # the core's dashboard
+            ("127.0.0.1", lo.getsockname()[1]),  # a core worker's port on loopback
+        ]
+        assert _probe_as(user, targets) == [True, True, False, False, False, False]
+        assert _probe_as("root", targets[2:]) == [True, True, True, True]  # the core still reaches them
+        found = _core_listener(edge_pool)
+        if found is not None:  # one of Ray's random ports of the core head, added by the supervisor
+            wait_for(
+                lambda: _probe_as(user, [found]) == [False],
+                timeout=15,
+                interval=1,
+                what=f"the edge guard to cover the core head's port {found}",
+            )
+            assert _probe_as("root", [found]) == [True]
+    finally:
+        lo.close()
+
+
+def _free_in_workers() -> int:
+    """A port in Ray's default worker range (10002-19999) free on loopback now."""
+    for port in range(19999, 10002, -7):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port in 10002-19999")
 
 
 def _chat(pool: EdgePool, key: str, **kw: Any) -> httpx.Response:

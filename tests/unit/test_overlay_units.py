@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import base64
+import os
 import secrets
 import shutil
 import subprocess
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from rma_ray import overlay
+from rma_ray.edges import EdgePorts
 from rma_ray.overlay import RayPorts
 
 
@@ -375,3 +379,163 @@ def test_edge_donors_get_addresses_and_a_peer_on_their_edge_hub_only(
         peers.clear()
         service.sync(alone, session)  # type: ignore[arg-type]
         assert ("remove", "rma-hub", legacy.wg_public_key) not in peers and legacy.overlay_ip == "10.88.0.7"
+
+
+# ---- edges without the overlay: the edge guard's table ---------------------------------------------------
+
+
+def _guard_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, n_edges: int = 2, **kw: Any) -> Any:
+    """A Pool with edges and no overlay whose edge users are stood in (uids 990, 991...): nothing is created."""
+    import pwd
+
+    from rma_ray.edges import EdgeSpec
+    from rma_ray.head import EdgeHead, Pool, UpOptions
+
+    edges = tuple(
+        EdgeSpec(name="edge" if i == 0 else f"edge{i}", ports=EdgePorts().shifted(i)) for i in range(n_edges)
+    )
+    opts = UpOptions(tmp_path / "data", "127.0.0.1", "127.0.0.1", apps=(), edges=edges, **kw)
+    uids = {spec.user: 990 + i for i, spec in enumerate(edges)}
+    monkeypatch.setattr(
+        EdgeHead,
+        "_user",
+        lambda self: pwd.struct_passwd((self.spec.user, "x", uids[self.spec.user], 0, "", "", "")),
+    )
+    return Pool(opts, lambda _: None)
+
+
+def _ports_of(elements: Iterable[str]) -> set[int]:
+    out: set[int] = set()
+    for e in elements:
+        lo, _, hi = e.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def test_edge_guard_is_an_output_chain_for_the_edge_users_to_local_core_ports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rma_ray.poolinfo import STORE_NAMES
+
+    installed: list[str] = []
+    monkeypatch.setattr(
+        overlay, "_run", lambda argv, what, input=None, timeout=20: installed.append(input) or ""
+    )
+    monkeypatch.setattr(overlay.subprocess, "run", lambda *a, **k: None)  # remove() before install()
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    pool = _guard_pool(tmp_path, monkeypatch, stores=STORE_NAMES)
+    pool.start_edge_guard()
+    guard = pool.edge_guard
+    assert guard is not None and installed == [guard.render()]
+    text = guard.render()
+    assert text.startswith(f"table inet {overlay.edge_guard_table(tmp_path / 'data')} {{")
+    assert "chain input" not in text and "chain forward" not in text  # LAN donors reach the head as before
+    chain = text[text.index("chain output") :]
+    rules = [line.strip() for line in chain.splitlines()[2:] if line.strip() not in ("}", "")]
+    who = "meta skuid { 990, 991 }"
+    stores = ", ".join(str(p) for p in sorted(pool.store_ports()))
+    # order matters: replies and the coordinator first, then the core's ports on the head's own addresses
+    assert rules == [
+        "ct state established,related accept",
+        f"{who} tcp dport {{ {pool.o.coordinator_port} }} accept",
+        f"{who} fib daddr type local tcp dport @ray_tcp counter reject with tcp reset",
+        f"{who} fib daddr type local tcp dport {{ {stores} }} counter reject with tcp reset",
+    ]
+    assert "type filter hook output" in chain and "policy accept" in chain
+    denied = _ports_of(guard.elements) | set(pool.store_ports())
+    assert {pool.o.gcs_port, pool.o.dashboard_port, 10001, 10002, 19999} <= denied
+    assert pool.o.coordinator_port not in denied and pool.o.serve_port not in denied
+    # the edges' own ports are never a core port, for a further edge either
+    assert not denied & pool.edge_ports()
+    for i in range(4):
+        p = EdgePorts().shifted(i)
+        pinned = {getattr(p, f) for f in p.__dataclass_fields__ if f not in ("min_worker", "max_worker")}
+        assert not denied & (pinned | set(range(p.min_worker, p.max_worker + 1)))
+    # what the core head listens on is added, never a public or an edge's port
+    assert guard.cover([44217, pool.o.coordinator_port, pool.o.serve_port, EdgePorts().gcs, 20500]) == [44217]
+
+
+def test_edge_guard_is_only_for_edges_without_the_overlay(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(overlay, "_run", lambda *a, **k: pytest.fail("nothing to install"))
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    for pool in (
+        _guard_pool(tmp_path, monkeypatch, n_edges=0),
+        _guard_pool(tmp_path, monkeypatch, overlay=True),  # the core hub's table holds the chain
+    ):
+        pool.start_edge_guard()
+        assert pool.edge_guard is None
+
+
+def test_without_nft_rma_up_says_the_edge_users_are_not_firewalled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import rma_ray.head
+
+    said: list[str] = []
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(rma_ray.head.shutil, "which", lambda name: None)
+    pool = _guard_pool(tmp_path, monkeypatch)
+    pool.say = said.append
+    pool.start_edge_guard()
+    assert pool.edge_guard is None
+    assert len(said) == 1 and "edge users are not firewalled" in said[0] and "nftables" in said[0]
+
+
+def test_edge_guard_gives_back_a_port_an_edge_now_listens_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[list[str]] = []
+    monkeypatch.setattr(overlay, "_run", lambda argv, what, input=None, timeout=20: calls.append(argv) or "")
+    monkeypatch.setattr(overlay.subprocess, "run", lambda *a, **k: None)
+    deny = overlay.LocalDeny((990,), allow_tcp=(8470,), local_only=True)
+    guard = overlay.EdgeGuard("", RayPorts().firewalled([6380]), table="rma_edge_guard_x", local_deny=deny)
+    guard.install()
+    assert guard.cover([44217, 44227]) == [44217, 44227]
+    assert guard.uncover([44217, 6380, 12000, 50000]) == [44217]  # never a pinned port
+    assert calls[-1] == ["nft", "delete", "element", "inet", "rma_edge_guard_x", "ray_tcp", "{ 44217 }"]
+    assert guard.uncover([44217]) == [] and guard.cover([44217]) == [44217]
+
+
+def test_edge_guard_is_valid_nftables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(overlay.EdgeGuard, "install", lambda self: None)
+    pool = _guard_pool(tmp_path, monkeypatch, stores=("chroma",))
+    pool.start_edge_guard()
+    assert pool.edge_guard is not None
+    r = subprocess.run(
+        ["nft", "-c", "-f", "-"], input=pool.edge_guard.render(), capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr
+
+
+def test_the_supervisor_denies_the_core_heads_listeners_and_not_the_edges(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pool.guard_ports without the overlay: what the core head listens on (loopback included) is added to the
+    edge guard; a port an edge head listens on now is not, and is taken out if the core had it before."""
+    from types import SimpleNamespace
+
+    calls: list[list[str]] = []
+    monkeypatch.setattr(overlay, "_run", lambda argv, what, input=None, timeout=20: calls.append(argv) or "")
+    monkeypatch.setattr(overlay.subprocess, "run", lambda *a, **k: None)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    pool = _guard_pool(tmp_path, monkeypatch, n_edges=1)
+    pool.start_edge_guard()
+    listens = {1: {44217, 44227}, 2: {44227, 50001}}  # pid 1: the core head's; pid 2: the edge head's
+    loopback_asked: list[bool] = []
+
+    def listening(pids: Iterable[int], loopback: bool = False) -> set[int]:
+        loopback_asked.append(loopback)
+        return set().union(*(listens[p] for p in pids))
+
+    monkeypatch.setattr(overlay, "listening_ports", listening)
+    node = lambda pid: SimpleNamespace(track=lambda: None, running=lambda: True, pids=lambda: [pid])  # noqa: E731
+    pool.head = node(1)
+    pool.edges["edge"].node = node(2)
+    pool.guard_ports()
+    assert all(loopback_asked)
+    assert calls[-1] == ["nft", "add", "element", "inet", pool.edge_guard.table, "ray_tcp", "{ 44217 }"]
+    listens[2] = {44217}  # the core let 44217 go, the edge's Ray took it
+    listens[1] = set()
+    pool.guard_ports()
+    assert calls[-1] == ["nft", "delete", "element", "inet", pool.edge_guard.table, "ray_tcp", "{ 44217 }"]
