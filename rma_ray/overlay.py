@@ -291,21 +291,28 @@ def _run(argv: list[str], what: str, input: str | None = None, timeout: float = 
 
 def listening_ports(pids: Iterable[int], loopback: bool = False) -> set[int]:
     """TCP ports these processes listen on, on any address but loopback (the input chains accept loopback);
-    with `loopback`, on loopback too (an output chain, EdgeGuard, sees what local users connect to)."""
-    ports = set()
-    for pid in pids:
-        try:
-            conns = psutil.Process(pid).net_connections(kind="tcp")
-        except psutil.Error:
-            continue
-        for c in conns:
-            if (
-                c.status == psutil.CONN_LISTEN
-                and c.laddr
-                and (loopback or (not c.laddr.ip.startswith("127.") and c.laddr.ip != "::1"))
-            ):
-                ports.add(c.laddr.port)
-    return ports
+    with `loopback`, on loopback too (an output chain, EdgeGuard, sees what local users connect to). One scan of
+    the machine's sockets (the supervisor asks every 2 s for dozens of Ray processes: one /proc/net/tcp parse
+    per process would be dozens); per process where that scan may not see other processes' owners."""
+    wanted = set(pids)
+    if not wanted:
+        return set()
+    try:
+        conns = [c for c in psutil.net_connections(kind="tcp") if c.pid in wanted]
+    except psutil.Error:
+        conns = []
+        for pid in wanted:
+            try:
+                conns += psutil.Process(pid).net_connections(kind="tcp")
+            except psutil.Error:
+                continue
+    return {
+        c.laddr.port
+        for c in conns
+        if c.status == psutil.CONN_LISTEN
+        and c.laddr
+        and (loopback or (not c.laddr.ip.startswith("127.") and c.laddr.ip != "::1"))
+    }
 
 
 @dataclass
