@@ -890,8 +890,10 @@ class Pool:
             return
         self.head.track()
         if self.hub is not None:
-            try:
-                self.hub.firewall.cover(wg.listening_ports(self.head.pids()))
+            try:  # loopback listeners too: the table's output chain keeps the edges' users off them
+                # (its input chain takes loopback before the set: covering them changes nothing there)
+                loopback = bool(self.edges)
+                self.hub.firewall.cover(wg.listening_ports(self.head.pids(), loopback=loopback))
             except wg.OverlayError as exc:
                 self.say(f"[yellow]firewall:[/] {exc}")
         if self.edge_guard is not None:
