@@ -867,7 +867,7 @@ class Pool:
             "",
             wg.RayPorts().firewalled([self.o.gcs_port, self.o.dashboard_port]),
             table=wg.edge_guard_table(self.o.data_dir),
-            allow={self.o.coordinator_port, self.o.serve_port} | self.edge_ports(),
+            allow={self.o.coordinator_port, self.o.serve_port},
             local_deny=wg.LocalDeny(
                 uids=tuple(edge._user().pw_uid for edge in self.edges.values()),
                 tcp=tuple(self.store_ports()),
@@ -900,8 +900,10 @@ class Pool:
             self.guard_edge_users()
 
     def guard_edge_users(self) -> None:
-        """EdgeGuard: the core head's listeners, loopback ones included, denied to the edges' users; a port an
-        edge head listens on itself (Ray's random ones: one the core let go may be the edge's now) is not."""
+        """EdgeGuard: the core head's listeners, loopback ones included, denied to the edges' users. A port only
+        an edge head listens on now (one the core let go may be Ray's random port of the edge's now) is taken
+        out again; a port both listen on (on different addresses: an edge donor's task may bind the core's
+        port number on loopback on purpose) stays denied: the core wins."""
         assert self.edge_guard is not None and self.head is not None
         edge_now: set[int] = set()
         for edge in self.edges.values():
@@ -909,8 +911,9 @@ class Pool:
                 edge.node.track()
                 edge_now |= wg.listening_ports(edge.node.pids(), loopback=True)
         try:
-            self.edge_guard.uncover(edge_now)
-            self.edge_guard.cover(wg.listening_ports(self.head.pids(), loopback=True) - edge_now)
+            core = wg.listening_ports(self.head.pids(), loopback=True)
+            self.edge_guard.uncover(edge_now - core)
+            self.edge_guard.cover(core)
         except wg.OverlayError as exc:
             self.say(f"[yellow]edge users' firewall:[/] {exc}")
 

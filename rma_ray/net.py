@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -40,6 +41,7 @@ def _ephemeral_high() -> int:
 
 
 _next: int | None = None  # this process's cursor over the range above the ephemeral one
+_lock = threading.Lock()
 
 
 def free_port(host: str = "", span: int = 1) -> int:
@@ -55,9 +57,9 @@ def free_port(host: str = "", span: int = 1) -> int:
     size = 65536 - first - span
     for _ in range(2000):
         if size >= 1000:
-            if _next is None:
-                _next = (os.getpid() * 2654435761) % size
-            port, _next = first + _next, (_next + span) % size
+            with _lock:
+                start = (os.getpid() * 2654435761) if _next is None else _next
+                port, _next = first + start % size, (start % size + span) % size
         else:
             with socket.socket() as s:
                 s.bind((host, 0))

@@ -239,9 +239,10 @@ class LocalDeny:
     coordinator's public keys) passes first. Replies of the edge's own sockets (the core's gateway calling the
     edge's Serve) are established connections and pass.
 
-    `local_only` (EdgeGuard, no overlay): the port rules match local destinations only (`fib daddr type
+    `local_only` (EdgeGuard, no overlay): the Ray ports' rule matches local destinations only (`fib daddr type
     local`: loopback and every address of the head), so the edge head still reaches its own donors on other
-    machines on any port."""
+    machines on any Ray port; the stores' ports are refused on any address (a store on a data donor accepts
+    the head's address)."""
 
     uids: tuple[int, ...]
     tcp: tuple[int, ...] = ()
@@ -261,9 +262,9 @@ class LocalDeny:
             lines.append(f"    {who} tcp dport {{ {ports} }} accept\n")
         where = f"{who} fib daddr type local" if self.local_only else who
         lines.append(f"    {where} tcp dport @ray_tcp counter reject with tcp reset\n")
-        if self.tcp:
+        if self.tcp:  # the stores' ports on any address: a store on a data donor trusts the head's address
             ports = ", ".join(str(p) for p in sorted(set(self.tcp)))
-            lines.append(f"    {where} tcp dport {{ {ports} }} counter reject with tcp reset\n")
+            lines.append(f"    {who} tcp dport {{ {ports} }} counter reject with tcp reset\n")
         lines += [f"    {who} {_family(net)} daddr {net} counter reject\n" for net in self.nets]
         lines.append("  }\n")
         return "".join(lines)

@@ -88,6 +88,7 @@ class Graph:
             if self._driver is None:
                 from neo4j import GraphDatabase
 
+                driver = None
                 try:
                     ep = ep or self._endpoint("graph")
                     driver = GraphDatabase.driver(
@@ -95,6 +96,9 @@ class Graph:
                     )
                     driver.verify_connectivity()
                 except Exception as exc:
+                    if driver is not None:  # its pool closed: a store away for long is asked on every call
+                        with contextlib.suppress(Exception):
+                            driver.close()
                     raise unavailable(
                         "store_unavailable", f"the graph store is not reachable yet: {type(exc).__name__}"
                     ) from None

@@ -239,9 +239,13 @@ def clients_create(
 
     size = _size(upload_bytes_per_day) if upload_bytes_per_day is not None else None
     given = requests_per_minute is not None or tokens_per_day is not None or size is not None
-    quota = Quota(
-        requests_per_minute=requests_per_minute, tokens_per_day=tokens_per_day, upload_bytes_per_day=size
-    )
+    try:
+        quota = Quota(
+            requests_per_minute=requests_per_minute, tokens_per_day=tokens_per_day, upload_bytes_per_day=size
+        )
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        fail(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}")
     with admin_client(coordinator, admin_key_file) as client:
         created = client.create_client(
             name, sensitive=sensitive, donor_id=donor, quota=quota if given else None

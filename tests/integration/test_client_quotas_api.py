@@ -145,6 +145,8 @@ def test_a_key_is_born_with_its_quota(coordinator: Coordinator) -> None:
         assert r.status_code == 422 and next(iter(quota)) in r.text, r.text
     code, out = rma(coordinator, "clients", "create", "bad", "--upload-bytes-per-day", "lots")
     assert code != 0 and "not a size" in out
+    code, out = rma(coordinator, "clients", "create", "bad", "--requests-per-minute", str(10**10))
+    assert code != 0 and "--requests-per-minute" in out and "Traceback" not in out, out
     assert len(coordinator.admin("GET", "/api/admin/clients").json()) == before
 
 
