@@ -275,8 +275,12 @@ class Database:
 
     def sessions(self) -> sessionmaker[Any]:
         with self._lock:
-            if self._sessions is not None and self._recheck.due():
-                self._moved()
+            recheck = self._sessions is not None and self._recheck.due()
+        if (
+            recheck
+        ):  # the endpoint asked outside the lock: a slow supervisor stalls this caller, not every one
+            self._moved()
+        with self._lock:
             if self._sessions is None:
                 try:
                     ep = self._endpoint("postgres")
@@ -294,13 +298,14 @@ class Database:
         except Exception as exc:  # the supervisor is not there (being restarted): the old address stays
             log.warning("the Postgres store's endpoint could not be asked: %s: %s", type(exc).__name__, exc)
             return
-        if address(ep) == address(self.endpoint):
-            return
-        log.warning("the Postgres store moved to %s:%s: a new engine", ep.host, ep.port)
-        if self.engine is not None:
-            self.engine.dispose()
-        self.engine, self._sessions = None, None
-        self._open(ep)
+        with self._lock:
+            if self._sessions is None or address(ep) == address(self.endpoint):
+                return  # not made yet (the first-use path asks), or the same address
+            log.warning("the Postgres store moved to %s:%s: a new engine", ep.host, ep.port)
+            if self.engine is not None:
+                self.engine.dispose()
+            self.engine, self._sessions = None, None
+            self._open(ep)
 
     def _open(self, ep: Any) -> None:
         from deployments.services import migrate
