@@ -16,6 +16,7 @@ import typer.main
 
 from tests.docs.mdblocks import Block, DocError, command_lines, inline_code, parse
 from tests.docs.pages import ROOT, all_blocks, all_pages
+from tests.support import parse_python
 
 PAGE_IDS = [str(p.relative_to(ROOT)) for p in all_pages()]
 
@@ -176,7 +177,7 @@ def _route_sources() -> dict[str, dict[str, str]]:
 def _decorated_routes(file: Path) -> list[tuple[str, str, str]]:
     """(app name, METHOD, path) of every `<app>.get/post/...("/path")` call in a module."""
     out = []
-    for node in ast.walk(ast.parse(file.read_text())):
+    for node in ast.walk(parse_python(file.read_text())):
         if (
             isinstance(node, ast.Call)
             and isinstance(node.func, ast.Attribute)

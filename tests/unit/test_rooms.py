@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import parse_python
+
 ROOT = Path(__file__).resolve().parents[2]
 FORBIDDEN = {
     "rma_ray": {"admission", "deployments"},
@@ -22,7 +24,7 @@ FORBIDDEN = {
 
 def imported_roots(path: Path) -> set[str]:
     roots = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(parse_python(path.read_text())):
         if isinstance(node, ast.Import):
             roots |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -44,7 +46,7 @@ def string_roots(path: Path) -> set[str]:
     """The roots of the import paths a module writes as strings: whole constants, f-strings' leading text, and
     the argument after a "-m" in a list or tuple (an argv)."""
     roots = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(parse_python(path.read_text())):
         if isinstance(node, ast.Constant) and isinstance(node.value, str):
             if m := _PATH.match(node.value.strip()):
                 roots.add(m[1])

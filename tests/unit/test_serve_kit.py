@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from pydantic import BaseModel
 
 from deployments.gateway.refusal import Refusal, UnknownKey, install_refusals, refusal_from
+from tests.support import parse_python
 
 ROOT = Path(__file__).resolve().parents[2]
 APPS = ("embeddings", "llm", "services", "vision")
@@ -26,7 +27,7 @@ class Body(BaseModel):
 
 def _imports(file: Path) -> set[str]:
     out: set[str] = set()
-    for node in ast.walk(ast.parse(file.read_text())):
+    for node in ast.walk(parse_python(file.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module:
             out.add(node.module)
             out.update(f"{node.module}.{a.name}" for a in node.names)
