@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import logging
 import re
 import threading
 from collections.abc import Callable, Iterator
@@ -22,7 +21,6 @@ from deployments.gateway.refusal import Refusal, unavailable
 from deployments.services.db import store_endpoint
 from deployments.services.recheck import Recheck, address
 
-log = logging.getLogger("rma.services.graph")
 MAX_CHARS = 100_000
 LABEL = re.compile(r"^[A-Z][A-Z_]{0,30}$")  # a node label is spliced into Cypher: only spaCy-style names pass
 
@@ -70,21 +68,15 @@ class Graph:
 
     def _driver_now(self) -> tuple[Any, str | None]:
         with self._lock:
-            ep = None
-            if self._driver is not None and self._recheck.due():
-                try:  # the store may have moved: a new address gets a new driver
-                    ep = self._endpoint("graph")
-                except (
-                    Exception
-                ) as exc:  # its supervisor is not there (being restarted): the old address stays
-                    log.warning(
-                        "the graph store's endpoint could not be asked: %s: %s", type(exc).__name__, exc
-                    )
-                if ep is not None and address(ep) != self._address:
-                    log.warning("the graph store moved to %s:%s: a new driver", ep.host, ep.port)
-                    old, self._driver = self._driver, None
-                    with contextlib.suppress(Exception):
-                        old.close()
+            ep = (
+                self._recheck.moved(self._endpoint, "graph", self._address)
+                if self._driver is not None
+                else None
+            )
+            if ep is not None:
+                old, self._driver = self._driver, None
+                with contextlib.suppress(Exception):
+                    old.close()
             if self._driver is None:
                 from neo4j import GraphDatabase
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import logging
 import os
 import re
 import threading
@@ -21,7 +20,6 @@ from deployments.services.db import store_endpoint
 from deployments.services.recheck import Recheck, address
 from deployments.services.settings import ServicesSettings
 
-log = logging.getLogger("rma.services.rag")
 T = TypeVar("T")
 NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9_-]{0,58}[A-Za-z0-9])?$")
 DIM = 384
@@ -155,19 +153,13 @@ class Rag:
 
     def _chroma(self) -> Any:
         with self._lock:
-            ep = None
-            if self._client is not None and self._recheck.due():
-                try:  # the store may have moved: a new address gets a new client
-                    ep = self._endpoint("chroma")
-                except (
-                    Exception
-                ) as exc:  # its supervisor is not there (being restarted): the old address stays
-                    log.warning(
-                        "the Chroma store's endpoint could not be asked: %s: %s", type(exc).__name__, exc
-                    )
-                if ep is not None and address(ep) != self._address:
-                    log.warning("the Chroma store moved to %s:%s: a new client", ep.host, ep.port)
-                    self._client = None
+            ep = (
+                self._recheck.moved(self._endpoint, "chroma", self._address)
+                if self._client is not None
+                else None
+            )
+            if ep is not None:
+                self._client = None
             if self._client is None:
                 import chromadb
                 from chromadb.config import Settings as ChromaSettings

@@ -5,9 +5,13 @@ most every `every_s` (each ask is a call to the store's supervisor), and never b
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
+
+log = logging.getLogger("rma.services.recheck")
 
 
 class Recheck:
@@ -32,6 +36,21 @@ class Recheck:
                 return False
             self.asked()
             return True
+
+    def moved(self, endpoint: Callable[[str], Any], store: str, current: tuple[Any, ...]) -> Any | None:
+        """When due (`due()`): the store's endpoint if its address is no longer `current`; None when not due, at
+        the same address, or not answered (its supervisor being restarted: the old address stays)."""
+        if not self.due():
+            return None
+        try:
+            ep = endpoint(store)
+        except Exception as exc:
+            log.warning("the %s store's endpoint could not be asked: %s: %s", store, type(exc).__name__, exc)
+            return None
+        if address(ep) == current:
+            return None
+        log.warning("the %s store moved to %s:%s: a new client", store, ep.host, ep.port)
+        return ep
 
 
 def address(ep: Any) -> tuple[Any, ...]:
