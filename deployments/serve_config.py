@@ -101,6 +101,9 @@ EDGE_GROUPS: dict[str, tuple[str, ...]] = {
     "llm": ("llm_app",),
     "embeddings": ("embeddings_app",),
     "documents": ("documents_app",),
+    # the front and its backend, as on the core (the coordinator routes to the front only while the backend
+    # has a running replica too: admission.services.edges.parse_serve_status)
+    "vision": ("vision_backend_app", "vision_app"),
 }
 EDGE_SERVE_FILE = ROOT / "cluster_configs" / "serve" / "rma-serve-edge.yaml"
 EDGE_RAYSERVICE_FILE = ROOT / "cluster_configs" / "kuberay" / "rayservice-edge.yaml"
@@ -272,7 +275,13 @@ def edge_apps(
         )
     ident = {"edge": edge, "edge_coordinator_url": coordinator_url.rstrip("/")}
     # the same models as the core's (a forwarded request names the core's model; RAG vectors must match)
-    gpu_args = {"llm_app": dict(LLM_ARGS), "embeddings_app": dict(EMBEDDINGS_ARGS), "documents_app": {}}
+    gpu_args = {
+        "llm_app": dict(LLM_ARGS),
+        "embeddings_app": dict(EMBEDDINGS_ARGS),
+        "documents_app": {},
+        "vision_backend_app": dict(VISION_ARGS),
+        "vision_app": dict(VISION_ARGS),
+    }
     return tuple(
         AppSpec(
             a.name,

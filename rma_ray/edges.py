@@ -43,9 +43,14 @@ EDGE_TOKEN_TTL_S = 600  # an edge credential's lifetime; the gateway refreshes i
 SERVED_BY_HEADER = "x-rma-served-by"  # on every forwarded answer: "edge:<name>" or "core"
 # the apps an edge runs (`rma up --edge-apps`): stateless compute, no client data. Each takes over routes of a
 # core app (rma_ray.poolinfo.APP_NAMES): the LLM's and the embeddings' of their own; `documents` (OCR and
-# document parsing of bytes sent in the request, deployments/services/edge_app.py) those of `services`
-EDGE_APPS = ("llm", "embeddings", "documents")
-EDGE_APP_CORE = {"llm": "llm", "embeddings": "embeddings", "documents": "services"}
+# document parsing of bytes sent in the request, deployments/services/edge_app.py) those of `services`; `vision`
+# its own (the front and a backend on an edge donor with Ollama or a GPU)
+EDGE_APPS = ("llm", "embeddings", "documents", "vision")
+EDGE_APP_CORE = {"llm": "llm", "embeddings": "embeddings", "documents": "services", "vision": "vision"}
+# Serve apps an edge's app needs to answer (the front calls the other through a handle): the coordinator counts
+# the front as running only while these run too, so the core forwards no request an edge would answer 503
+# (deployments.vision.config's app names)
+EDGE_APP_NEEDS: dict[str, tuple[str, ...]] = {"rma-vision": ("rma-vision-backend",)}
 
 
 def default_edge_apps(core_apps: tuple[str, ...] | list[str]) -> tuple[str, ...]:

@@ -196,7 +196,7 @@ def shutdown_serve(dashboard_url: str, token_file: Path) -> None:
 # The operator's model settings an edge's apps follow too (deployments.serve_config.env_args), so that the
 # model a forwarded request names is the one the edge serves. Not those naming a path on the head (the edge's
 # user may not read it) nor any secret: the edge's code is not trusted with them.
-EDGE_APP_ENV_PREFIXES = ("RMA_LLM_", "RMA_EMBEDDINGS_")
+EDGE_APP_ENV_PREFIXES = ("RMA_LLM_", "RMA_EMBEDDINGS_", "RMA_VISION_")
 EDGE_APP_ENV_PATH_SUFFIXES = ("_DIR", "_FILE", "_PATH")
 EDGE_APP_ENV_SERVICES = (  # deployments.serve_config.DOCUMENTS_FROM_SERVICES
     "RMA_SERVICES_UPLOAD_MAX_BYTES",

@@ -38,7 +38,14 @@ from admission import schemas
 from admission.errors import ApiError
 from admission.services import reputation
 from admission.state import AppState
-from rma_ray.edges import CORE, EDGE_ISSUER, EDGE_TOKEN_TTL_S, EdgeEndpoint, edge_audience
+from rma_ray.edges import (
+    CORE,
+    EDGE_APP_NEEDS,
+    EDGE_ISSUER,
+    EDGE_TOKEN_TTL_S,
+    EdgeEndpoint,
+    edge_audience,
+)
 from rma_ray.settings import Settings
 
 log = logging.getLogger("rma.admission.edges")
@@ -170,7 +177,8 @@ def mint(settings: Settings, name: str, now: float | None = None) -> tuple[str, 
 
 def parse_serve_status(body: dict[str, Any]) -> dict[str, int]:
     """application -> replicas that can serve it now: the fewest RUNNING replicas over its deployments (a
-    request needs every deployment of the app), 0 for an app that failed or is being deleted."""
+    request needs every deployment of the app) and over the apps it calls (`EDGE_APP_NEEDS`), 0 for an app
+    that failed or is being deleted."""
     apps: dict[str, int] = {}
     for name, app in (body.get("applications") or {}).items():
         deployments = (app or {}).get("deployments") or {}
@@ -181,6 +189,9 @@ def parse_serve_status(body: dict[str, Any]) -> dict[str, int]:
             sum(1 for r in (d or {}).get("replicas") or [] if r.get("state") == "RUNNING")
             for d in deployments.values()
         )
+    for name, needs in EDGE_APP_NEEDS.items():  # an app that calls another app answers only while it runs
+        if name in apps:
+            apps[name] = min([apps[name], *(apps.get(n, 0) for n in needs)])
     return apps
 
 

@@ -13,11 +13,18 @@ Two Serve applications, so that the route answers even while no node can host a 
 
 `rma up` applies both through the Serve config (`python -m deployments up --apps vision`,
 `deployments/serve_config.py`); it waits for the front only.
+
+With an edge cluster that runs vision (`rma up --edge-apps`, DESIGN.md "Trust domains"), the core's front checks
+the key and then hands the request to the edge's front (`EdgeForward`, with the edge credential, no client key;
+not for `--sensitive` clients), which calls the edge's backend on an untrusted donor (e.g. a GPU donor running
+Ollama); the core's own backend answers when no edge runs one. Vision answers from an edge are not spot-checked
+(deployments/gateway/spotcheck.py checks the LLM, embeddings, OCR and parsing).
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from typing import Any
 
@@ -26,12 +33,15 @@ from ray import serve
 
 from deployments.gateway.asgi import PrefixIsRoot, body_limit
 from deployments.gateway.auth import AUTH
+from deployments.gateway.edge import EdgeForward
 from deployments.gateway.refusal import Refusal, install_refusals, refusal_from
 from deployments.vision import request as vreq
 from deployments.vision.config import (
     BACKEND_APP,
     FRONT_DEPLOYMENT,
     OLLAMA_DEPLOYMENT,
+    VISION_APP,
+    VISION_ROUTE_PREFIX,
     VisionSettings,
 )
 from rma_ray.serve_admin import INGRESS_REPLICA_ENV
@@ -40,6 +50,8 @@ from rma_ray.tiers import TRUSTED_NODES
 STATUS_TTL_S = 2.0
 RETRY_S = 30.0  # Retry-After of a 503: the backend may need a node to join, or a model to load
 BODY_LIMIT: dict[str, int] = {}
+# what an edge cluster's vision may serve instead (full paths: deployments.gateway.edge.EdgeForward)
+EDGE_ROUTES = (("POST", re.compile(re.escape(VISION_ROUTE_PREFIX) + "/?")),)
 
 
 def refused(status: int, code: str, message: str) -> Refusal:
@@ -56,6 +68,14 @@ def vision_fastapi_app(max_body_bytes: int | None = None) -> FastAPI:
         body_limit,
         code="request_too_large",
         max_bytes=max_body_bytes or (lambda: BODY_LIMIT.get("max_bytes", vreq.Limits().max_body_bytes())),
+    )
+    # outermost: to an edge cluster's vision when one serves it (after the key check, which it runs itself); a
+    # body over the default limit (an operator who raised RMA_VISION_MAX_IMAGE_BYTES) is served on the core
+    app.add_middleware(
+        EdgeForward,
+        app_name=VISION_APP,
+        routes=EDGE_ROUTES,
+        max_body_bytes=max_body_bytes or vreq.Limits().max_body_bytes(),
     )
     install_refusals(app, "pool")
     return app
@@ -271,4 +291,10 @@ def build_backend_app(settings: VisionSettings) -> Any:
 
 
 def build_front_app(settings: VisionSettings) -> Any:
-    return VisionGateway.bind(settings.model_dump(mode="json"))
+    return VisionGateway.options(
+        ray_actor_options={
+            "num_cpus": 0,
+            "runtime_env": {"env_vars": {**INGRESS_REPLICA_ENV, **settings.edge_env()}},
+            "label_selector": settings.front_selector(),
+        },
+    ).bind(settings.model_dump(mode="json"))

@@ -6,6 +6,10 @@ request limits.
   `rma.io/ollama=true` (a donor whose probe found a local Ollama with a vision model) of the tiers in `tiers`.
 - `vllm`: a multimodal catalog model (`deployments.llm.catalog`, `vision=True`) served by ray.serve.llm's
   `LLMServer` on a gpu-tier node, chosen by `model` or by `gpu_memory_mb`.
+
+On an edge cluster (`edge`, the edge profile: DESIGN.md, "Trust domains") the same two apps run on the edge's
+untrusted donors: the front checks the edge credential instead of client keys and runs on the edge's donors
+(never its head); the backend is placed as on the core, by the same labels, among the edge's donors.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from deployments.vision.request import Limits
-from rma_ray.tiers import LABEL_OLLAMA, LABEL_TIER
+from rma_ray.tiers import LABEL_OLLAMA, LABEL_TIER, TRUSTED_NODES
 
 VISION_APP = "rma-vision"
 BACKEND_APP = "rma-vision-backend"
@@ -57,6 +61,33 @@ class VisionSettings(BaseSettings):
     max_pixels: int = Field(default=7680 * 4320, ge=64)
     max_prompt_chars: int = Field(default=8000, ge=1)
     max_tokens: int = Field(default=2048, ge=1)
+    edge: str | None = Field(
+        default=None,
+        description="serve it on this edge cluster (the edge profile): the front checks the edge credential "
+        "instead of client keys; both apps run on the edge's donors, never its head",
+    )
+    edge_coordinator_url: str | None = Field(
+        default=None, description="with `edge`: the coordinator whose edge keys (JWKS) the front reads"
+    )
+
+    def front_selector(self) -> dict[str, str]:
+        """Where the front runs: it sees every client's key on the core (trusted nodes only, the head is one);
+        on an edge (no client key reaches it) the edge's donors."""
+        if self.edge:
+            return {LABEL_TIER: "in(service,gpu)"}
+        return dict(TRUSTED_NODES)
+
+    def edge_env(self) -> dict[str, str]:
+        """The front's env vars that put it in edge mode (none on the core)."""
+        if not self.edge:
+            return {}
+        if not self.edge_coordinator_url:
+            raise ValueError(
+                "edge vision needs edge_coordinator_url (the coordinator that publishes its keys)"
+            )
+        from deployments.gateway.edge_gate import edge_env
+
+        return edge_env(self.edge, self.edge_coordinator_url)
 
     def limits(self) -> Limits:
         return Limits(

@@ -91,7 +91,13 @@ def edge_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
             token_file=token_file,
             head=True,
             temp_dir=short_temp_dir(f"it-edge-{os.getpid()}"),
-            labels={"rma.io/tier": "service", "rma.io/trusted": "false", "rma.io/cluster": EDGE},
+            # rma.io/ollama: the vision test's backend (a stand-in Ollama on this address) is placed here
+            labels={
+                "rma.io/tier": "service",
+                "rma.io/trusted": "false",
+                "rma.io/cluster": EDGE,
+                "rma.io/ollama": "true",
+            },
             gcs_port=gcs,
             dashboard_port=dash,
             num_cpus=2,  # the LLM test's placement group: replica + engine
@@ -305,6 +311,120 @@ def test_ocr_and_parsing_of_a_plain_clients_file_are_served_by_the_edge(edge_clu
     assert router.counts[(EDGE, DOCUMENTS, "forwarded")] == 2
     for r in direct:
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_edge_credential", r.text
+
+
+def test_vision_of_a_plain_clients_image_is_served_by_the_edge(edge_cluster: Edge) -> None:
+    """The edge's vision apps (the front behind the edge gate and the Ollama backend, applied by the real entry
+    point) on the edge's donor; its Ollama is tests.fake_ollama.FakeOllamaServer (a STAND-IN: no Ollama or vision
+    model can run here), which answers with what it received. The coordinator counts the edge's front as
+    serving only once its backend runs too; the core's side in this process (the real key check and
+    EdgeForward in front of a stand-in for the core's own front) sends a plain client's image to the edge and
+    keeps a sensitive client's."""
+    from admission.services.edges import parse_serve_status, read_serve_status
+    from deployments.vision.app import EDGE_ROUTES as VISION_ROUTES
+    from deployments.vision.config import BACKEND_APP, VISION_APP
+    from rma_ray.edges import EdgeEndpoint
+    from tests.fake_ollama import FakeOllamaServer
+    from tests.integration.test_vision import png
+    from tests.support import wait_for
+
+    endpoint = EdgeEndpoint(
+        name=EDGE,
+        ray_address="unused:0",
+        dashboard_url=edge_cluster.dashboard_url,
+        serve_url=edge_cluster.serve_url,
+        token_file=edge_cluster.token_file,
+    )
+    ip = edge_cluster.serve_url.split("//")[1].split(":")[0]
+    with FakeOllamaServer(host=ip) as ollama:
+        env = {**edge_cluster.up_env, "RMA_VISION_TIERS": "service", "RMA_VISION_OLLAMA_HOST": ollama.url}
+        lines = run_up([*edge_cluster.up_argv, "--apps", "vision"], env)
+        assert [line["serve_apps"] for line in lines if "app" in line] == [[BACKEND_APP, VISION_APP]]
+        # the front alone is awaited; the edge serves vision once the backend runs too
+        wait_for(
+            lambda: read_serve_status(endpoint)[0].get(VISION_APP, 0) >= 1,
+            timeout=120,
+            what="the edge's vision front and backend to run",
+        )
+
+        def routes() -> dict[str, Any]:
+            apps, healthy = read_serve_status(endpoint)
+            expires = (datetime.now(UTC) + timedelta(minutes=10)).isoformat()
+            token = mint(edge_cluster.coordinator.key)
+            edge_route = {"name": EDGE, "serve_url": edge_cluster.serve_url, "token": token}
+            return {"edges": [{**edge_route, "expires_at": expires, "apps": apps, "healthy": healthy}]}
+
+        plain, sensitive = credentials.mint(Kind.CLIENT), credentials.mint(Kind.CLIENT)
+        keys = ClientKeyVerifier(
+            lambda: {
+                "keys": [
+                    {"id": plain.id, "hash": plain.hash, "name": "carol"},
+                    {"id": sensitive.id, "hash": sensitive.hash, "name": "dave", "sensitive": True},
+                ]
+            },
+            refresh_s=3600,
+            max_stale_s=3600,
+        )
+        keys.refresh()
+        router = EdgeRouter(routes, read_timeout_s=60)
+        assert router.refresh() and router.candidates(VISION_APP)
+
+        async def core_front(scope: Any, receive: Any, send: Any) -> None:
+            await JSONResponse({"served": "core"})(scope, receive, send)
+
+        forward = EdgeForward(core_front, app_name=VISION_APP, routes=VISION_ROUTES)
+
+        async def core(scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] == "lifespan":
+                await Starlette()(scope, receive, send)
+            elif scope["path"] == "/healthz":
+                await Response("ok")(scope, receive, send)
+            else:
+                await forward(scope, receive, send)
+
+        image = png()
+
+        def send(url: str, key: str) -> httpx.Response:
+            return httpx.post(
+                url + "/api/inference/vision",
+                files={"image": ("red.png", image, "image/png")},
+                data={"prompt": "What is on the edge?"},
+                headers={"Authorization": f"Bearer {key}"},
+                timeout=120,
+            )
+
+        auth.set_verifier(keys)
+        edge.set_router(router)
+        try:
+            with ServerThread(core) as server:
+                on_edge, on_core = send(server.url, plain.token), send(server.url, sensitive.token)
+        finally:
+            edge.set_router(None, disabled=True)
+            auth.set_verifier(None)
+        direct = send(edge_cluster.serve_url, plain.token)  # a client key is no credential on the edge
+        down = [*edge_cluster.up_argv, "--apps", "vision"]
+        down[down.index("up")] = "down"
+        assert {"app": "vision", "status": "deleted"} in run_up(down, env)
+    assert on_edge.status_code == 200, on_edge.text
+    assert on_edge.headers[SERVED_BY_HEADER] == f"edge:{EDGE}"
+    text = on_edge.json()["text"]
+    assert "[stand-in] PNG 64x48" in text and "What is on the edge?" in text, text
+    assert on_core.status_code == 200 and on_core.json() == {"served": "core"}, on_core.text
+    assert on_core.headers[SERVED_BY_HEADER] == "core"
+    assert router.counts[(EDGE, VISION_APP, "forwarded")] == 1
+    assert direct.status_code == 401 and direct.json()["error"]["code"] == "invalid_edge_credential", (
+        direct.text
+    )
+    # one model call (the plain client's), and nothing of the client's key reached the edge's model
+    assert len(ollama.requests) == 1 and plain.token not in json.dumps(ollama.requests)
+    # what the coordinator reports once the backend is gone: 0 even if a front were left running
+    assert parse_serve_status(
+        {
+            "applications": {
+                VISION_APP: {"status": "RUNNING", "deployments": {"F": {"replicas": [{"state": "RUNNING"}]}}},
+            }
+        }
+    ) == {VISION_APP: 0}
 
 
 @pytest.mark.llm

@@ -173,7 +173,13 @@ def test_the_edge_rayservice_embeds_the_edge_serve_config_and_holds_nothing_of_t
     manifest = load(EDGE_RAYSERVICE)
     assert manifest["spec"]["serveConfigV2"] == EDGE_SERVE_FILE.read_text()
     edge = yaml.safe_load(manifest["spec"]["serveConfigV2"])
-    assert [a["name"] for a in edge["applications"]] == ["rma-llm", "rma-embeddings", "rma-documents"]
+    assert [a["name"] for a in edge["applications"]] == [
+        "rma-llm",
+        "rma-embeddings",
+        "rma-vision-backend",
+        "rma-vision",
+        "rma-documents",
+    ]
     for app in edge["applications"]:
         assert app["args"]["edge"] == "edge"
     cluster = manifest["spec"]["rayClusterConfig"]

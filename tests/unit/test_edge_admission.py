@@ -117,6 +117,33 @@ def test_serve_status_becomes_replicas_that_can_serve() -> None:
     assert parse_serve_status({}) == {} and parse_serve_status({"applications": None}) == {}
 
 
+def test_an_edge_s_vision_front_serves_only_while_its_backend_runs() -> None:
+    from deployments.vision.config import BACKEND_APP, VISION_APP
+    from rma_ray.edges import EDGE_APP_NEEDS
+
+    assert EDGE_APP_NEEDS == {
+        VISION_APP: (BACKEND_APP,)
+    }  # rma_ray names deployments' apps without importing it
+
+    def status(backend_replicas: list[str] | None) -> dict[str, Any]:
+        apps: dict[str, Any] = {
+            VISION_APP: {
+                "status": "RUNNING",
+                "deployments": {"VisionGateway": {"replicas": [{"state": "RUNNING"}]}},
+            }
+        }
+        if backend_replicas is not None:
+            apps[BACKEND_APP] = {
+                "status": "RUNNING" if "RUNNING" in backend_replicas else "DEPLOYING",
+                "deployments": {"OllamaVision": {"replicas": [{"state": s} for s in backend_replicas]}},
+            }
+        return {"applications": apps}
+
+    assert parse_serve_status(status(None))[VISION_APP] == 0  # no backend app at all
+    assert parse_serve_status(status(["PENDING_ALLOCATION"])) == {VISION_APP: 0, BACKEND_APP: 0}
+    assert parse_serve_status(status(["RUNNING", "RUNNING"])) == {VISION_APP: 1, BACKEND_APP: 2}
+
+
 def test_the_status_cache_reads_an_edge_once_for_concurrent_callers(monkeypatch: pytest.MonkeyPatch) -> None:
     """Single-flight per edge: callers that find the reading stale together share one dashboard call."""
     import threading

@@ -465,7 +465,7 @@ def test_rma_down_leaves_no_edge_pid_in_pool_json() -> None:
 def test_an_edge_runs_the_edge_apps_of_the_core_apps_or_those_asked_for(tmp_path: Path) -> None:
     for apps, wanted in [
         (("llm", "services"), ("llm", "documents")),  # documents: the services' OCR and parsing
-        (("embeddings", "vision"), ("embeddings",)),  # vision is not an edge app (yet)
+        (("embeddings", "vision"), ("embeddings", "vision")),  # vision: its front and its backend
         ((), ()),
     ]:
         pool, _ = make_pool(tmp_path, EdgeSpec(), apps=apps)

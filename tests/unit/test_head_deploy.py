@@ -109,6 +109,26 @@ def test_an_edge_gets_its_stateless_apps_behind_the_edge_gate_on_its_donors(
     assert core.edge_env() == {} and core.node_tiers() == "service,head"
 
 
+def test_an_edges_vision_front_checks_the_edge_credential_on_its_donors_and_the_core_s_stays_trusted() -> (
+    None
+):
+    from deployments import serve_config
+    from deployments.gateway.edge_gate import EDGE_COORDINATOR_ENV, EDGE_NAME_ENV
+    from deployments.vision.config import BACKEND_APP, VISION_APP, VisionSettings
+
+    specs = serve_config.group_apps(["vision"], "edge", "e1", "http://10.0.0.1:8080/")
+    assert [s.name for s in specs] == [BACKEND_APP, VISION_APP]  # the backend first, as on the core
+    front, backend = VisionSettings(**specs[1].args), VisionSettings(**specs[0].args)
+    assert front.edge == backend.edge == "e1"
+    assert front.front_selector() == {"rma.io/tier": "in(service,gpu)"}  # the edge's donors, never its head
+    assert front.edge_env() == {EDGE_NAME_ENV: "e1", EDGE_COORDINATOR_ENV: "http://10.0.0.1:8080"}
+    assert backend.ollama_selector() == {"rma.io/ollama": "true", "rma.io/tier": "gpu"}  # as on the core
+    core = VisionSettings()
+    assert core.front_selector() == {"rma.io/trusted": "true"} and core.edge_env() == {}
+    with pytest.raises(ValueError, match="edge_coordinator_url"):
+        VisionSettings(edge="e1").edge_env()
+
+
 @pytest.mark.parametrize(
     ("args", "says"),
     [
@@ -132,7 +152,7 @@ def test_an_edge_gets_its_stateless_apps_behind_the_edge_gate_on_its_donors(
                 "--apps",
                 "services",
             ],
-            "unknown app services; choose from llm, embeddings, documents or 'none'",
+            "unknown app services; choose from llm, embeddings, documents, vision or 'none'",
         ),
         (
             ["up", "--profile", "edge", "--edge", "e1", "--coordinator-url", "http://c", "--stores", "redis"],
