@@ -8,6 +8,10 @@ number of tokens (`ignore_eos`, vLLM's extra field, which the batch body carries
 generate the same work. Prints one JSON line: tokens/s of each (completion tokens over wall time, the batch
 from create to completed as the client sees it), and the batch's ratio to the online mean; asserts nothing.
 
+Then online latency under a batch (the issue's "online p99 while a batch runs vs without"): `--probes` short
+chats (16 tokens, 2 in flight: an interactive client) alone, then the same while a batch of twice the prompts
+runs (cancelled once the probes are done); p50 / p99 of each, and the ratio of the p99s.
+
 The batch runner's in-flight bound is `RMA_SERVICES_BATCH_CONCURRENCY` (default 4: batches leave room for
 online traffic); `--batch-concurrency 8` (the default here) compares like with like.
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import subprocess
 import sys
@@ -78,17 +83,47 @@ async def online(base: str, key: str, bodies: list[dict[str, Any]], concurrency:
         return tokens / (time.perf_counter() - t0)
 
 
-def batch(base: str, key: str, bodies: list[dict[str, Any]]) -> tuple[float, dict[str, int]]:
-    from openai import OpenAI
+async def probes(base: str, key: str, bodies: list[dict[str, Any]], concurrency: int) -> list[float]:
+    """Each request's latency (s), `concurrency` in flight."""
+    sem = asyncio.Semaphore(concurrency)
+    out: list[float] = []
+    async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=600) as c:
 
-    client = OpenAI(base_url=base, api_key=key, timeout=600)
+        async def one(b: dict[str, Any]) -> None:
+            async with sem:
+                t0 = time.perf_counter()
+                r = await c.post("/chat/completions", json=b)
+                r.raise_for_status()
+                out.append(time.perf_counter() - t0)
+
+        await asyncio.gather(*(one(b) for b in bodies))
+    return out
+
+
+def quantile(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
+
+
+def done_items(b: Any) -> int:
+    return int(b.request_counts.completed) if b.request_counts else 0
+
+
+def start_batch(client: Any, bodies: list[dict[str, Any]]) -> Any:
     data = "".join(
         json.dumps({"custom_id": f"b{i}", "method": "POST", "url": "/v1/chat/completions", "body": b}) + "\n"
         for i, b in enumerate(bodies)
     ).encode()
     f = client.files.create(file=("bench.jsonl", data), purpose="batch")
+    return client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+
+
+def batch(base: str, key: str, bodies: list[dict[str, Any]]) -> tuple[float, dict[str, int]]:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=base, api_key=key, timeout=600)
     t0 = time.perf_counter()
-    b = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+    b = start_batch(client, bodies)
     done = wait_for(
         lambda: (x := client.batches.retrieve(b.id)).status in FINAL and x,
         timeout=3600,
@@ -107,6 +142,7 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--concurrency", type=int, default=8, help="online requests in flight")
     ap.add_argument("--batch-concurrency", type=int, default=8, help="the batch runner's items in flight")
+    ap.add_argument("--probes", type=int, default=48, help="online latency probes, alone then beside a batch")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="rma-batch-bench-"))
     env = {
@@ -143,6 +179,21 @@ def main() -> int:
         first = asyncio.run(online(base, key, bodies, args.concurrency))
         batch_tps, counts = batch(base, key, bodies)
         second = asyncio.run(online(base, key, bodies, args.concurrency))
+        probe_bodies = [body(model, 1000 + i, 16) for i in range(args.probes)]
+        alone = asyncio.run(probes(base, key, probe_bodies, 2))
+        from openai import OpenAI
+
+        oai = OpenAI(base_url=base, api_key=key, timeout=600)
+        running = start_batch(oai, [body(model, 2000 + i, args.tokens) for i in range(2 * args.prompts)])
+        wait_for(
+            lambda: done_items(oai.batches.retrieve(running.id)) > 0,
+            timeout=600,
+            interval=0.2,
+            what="the batch's first item",
+        )
+        beside = asyncio.run(probes(base, key, probe_bodies, 2))
+        still = oai.batches.retrieve(running.id)
+        oai.batches.cancel(running.id)
         load = os.getloadavg()
     finally:
         subprocess.run(
@@ -161,6 +212,17 @@ def main() -> int:
                 "batch_tok_s": round(batch_tps, 1),
                 "batch_vs_online": round(batch_tps / ((first + second) / 2), 2),
                 "request_counts": counts,
+                "probe_ms_alone": {
+                    "p50": round(1000 * quantile(alone, 0.5)),
+                    "p99": round(1000 * quantile(alone, 0.99)),
+                },
+                "probe_ms_beside_batch": {
+                    "p50": round(1000 * quantile(beside, 0.5)),
+                    "p99": round(1000 * quantile(beside, 0.99)),
+                },
+                "p99_beside_vs_alone": round(quantile(beside, 0.99) / quantile(alone, 0.99), 2),
+                "batch_items_done_when_probes_ended": done_items(still),
+                "batch_items": 2 * args.prompts,
                 "load": [round(x, 1) for x in load],
             }
         )
