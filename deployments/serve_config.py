@@ -125,6 +125,10 @@ SETTINGS = {
 }
 
 
+EDGE_IDENT_FIELDS = (
+    "edge",
+    "edge_coordinator_url",
+)  # an app's edge identity: edge_apps sets it, never the env
 # the services' settings the edge's `rma-documents` shares with the core's (a request the core would take, the
 # edge takes too: the same body limit and time limit)
 DOCUMENTS_FROM_SERVICES = ("upload_max_bytes", "request_timeout_s", "retry_after_s")
@@ -143,7 +147,13 @@ def env_args(builder: str) -> dict[str, Any]:
     if builder not in SETTINGS:
         return {}
     settings = pkgutil.resolve_name(SETTINGS[builder])()
-    return dict(settings.model_dump(mode="json", exclude_unset=True))
+    # never an edge identity from the environment (RMA_*_EDGE would put a core app's front in edge mode, off
+    # trusted nodes): the edge profile sets it (edge_apps)
+    return {
+        k: v
+        for k, v in settings.model_dump(mode="json", exclude_unset=True).items()
+        if k not in EDGE_IDENT_FIELDS
+    }
 
 
 def _embedded_args() -> dict[str, dict[str, Any]]:

@@ -44,8 +44,11 @@ SERVED_BY_HEADER = "x-rma-served-by"  # on every forwarded answer: "edge:<name>"
 # the apps an edge runs (`rma up --edge-apps`): stateless compute, no client data. Each takes over routes of a
 # core app (rma_ray.poolinfo.APP_NAMES): the LLM's and the embeddings' of their own; `documents` (OCR and
 # document parsing of bytes sent in the request, deployments/services/edge_app.py) those of `services`; `vision`
-# its own (the front and a backend on an edge donor with Ollama or a GPU)
+# its own (the front and a backend on an edge donor with Ollama or a GPU). Vision goes to an edge only when asked
+# for (`--edge-apps`, not in EDGE_DEFAULT_APPS): its answers are not spot-checked (deployments/gateway/spotcheck.py)
+# and an edge donor's Ollama serves the models that donor pulled
 EDGE_APPS = ("llm", "embeddings", "documents", "vision")
+EDGE_DEFAULT_APPS = ("llm", "embeddings", "documents")
 EDGE_APP_CORE = {"llm": "llm", "embeddings": "embeddings", "documents": "services", "vision": "vision"}
 # Serve apps an edge's app needs to answer (the front calls the other through a handle): the coordinator counts
 # the front as running only while these run too, so the core forwards no request an edge would answer 503
@@ -54,9 +57,9 @@ EDGE_APP_NEEDS: dict[str, tuple[str, ...]] = {"rma-vision": ("rma-vision-backend
 
 
 def default_edge_apps(core_apps: tuple[str, ...] | list[str]) -> tuple[str, ...]:
-    """The edge apps of a pool that deploys `core_apps`: each edge app whose core app runs (an edge takes
-    over routes of the core's apps, and a request the edge cannot take is served by the core's)."""
-    return tuple(a for a in EDGE_APPS if EDGE_APP_CORE[a] in core_apps)
+    """The edge apps of a pool that deploys `core_apps`: each default edge app whose core app runs (an edge
+    takes over routes of the core's apps, and a request the edge cannot take is served by the core's)."""
+    return tuple(a for a in EDGE_DEFAULT_APPS if EDGE_APP_CORE[a] in core_apps)
 
 
 def edge_audience(name: str) -> str:

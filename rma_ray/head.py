@@ -193,9 +193,10 @@ def shutdown_serve(dashboard_url: str, token_file: Path) -> None:
         pass  # timed out (replicas still draining) or the dashboard is gone: the head's stop ends it
 
 
-# The operator's model settings an edge's apps follow too (deployments.serve_config.env_args), so that the
-# model a forwarded request names is the one the edge serves. Not those naming a path on the head (the edge's
-# user may not read it) nor any secret: the edge's code is not trusted with them.
+# The operator's model settings (RMA_LLM_*, RMA_EMBEDDINGS_*, RMA_VISION_*) an edge's apps follow too
+# (deployments.serve_config.env_args), so that the model a forwarded request names is the one the edge serves.
+# Not those naming a path on the head (the edge's user may not read it) nor any secret: the edge's code is not
+# trusted with them.
 EDGE_APP_ENV_PREFIXES = ("RMA_LLM_", "RMA_EMBEDDINGS_", "RMA_VISION_")
 EDGE_APP_ENV_PATH_SUFFIXES = ("_DIR", "_FILE", "_PATH")
 EDGE_APP_ENV_SERVICES = (  # deployments.serve_config.DOCUMENTS_FROM_SERVICES
@@ -204,11 +205,16 @@ EDGE_APP_ENV_SERVICES = (  # deployments.serve_config.DOCUMENTS_FROM_SERVICES
     "RMA_SERVICES_RETRY_AFTER_S",
 )
 EDGE_APP_ENV_SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
+# nor where the operator's own services are (an Ollama URL may carry credentials, and an edge donor's backend
+# calls the Ollama beside it), nor an edge identity (the edge's deploy sets its own)
+EDGE_APP_ENV_DENIED = ("RMA_VISION_OLLAMA_HOST",)
+EDGE_APP_ENV_DENIED_WORDS = ("_EDGE",)
 
 
 def edge_app_env(environ: Mapping[str, str]) -> dict[str, str]:
-    """The part of `environ` the edge's deployment child gets: RMA_LLM_* and RMA_EMBEDDINGS_*, less paths and
-    secrets (the lists above), and the services' limits the edge's documents app shares with the core's."""
+    """The part of `environ` the edge's deployment child gets: RMA_LLM_*, RMA_EMBEDDINGS_* and RMA_VISION_*,
+    less paths, secrets, hosts and edge identities (the lists above), and the services' limits the edge's
+    documents app shares with the core's."""
     return {
         k: v
         for k, v in environ.items()
@@ -216,6 +222,8 @@ def edge_app_env(environ: Mapping[str, str]) -> dict[str, str]:
             k.startswith(EDGE_APP_ENV_PREFIXES)
             and not k.endswith(EDGE_APP_ENV_PATH_SUFFIXES)
             and not any(word in k for word in EDGE_APP_ENV_SECRET_WORDS)
+            and k not in EDGE_APP_ENV_DENIED
+            and not any(word in k for word in EDGE_APP_ENV_DENIED_WORDS)
         )
         or k in EDGE_APP_ENV_SERVICES
     }

@@ -2,10 +2,10 @@
 
 Two Serve applications, so that the route answers even while no node can host a model:
 - `rma-vision` at /api/inference/vision (longer than rma-inference's /api/inference, so Serve routes it here): the
-  `VisionGateway` front (no CPU reserved, placed anywhere). It checks the key, parses and checks the request
-  (`request`), and forwards plain values to the backend through a Serve handle. When the backend has no running
-  replica it answers 503 `vision_not_available` at once, instead of queueing the request for a node that may
-  never come.
+  `VisionGateway` front (no CPU reserved, on trusted nodes: it sees client keys). It checks the key, parses and
+  checks the request (`request`), and forwards plain values to the backend through a Serve handle. When the
+  backend has no running replica it answers 503 `vision_not_available` at once, instead of queueing the
+  request for a node that may never come.
 - `rma-vision-backend` (no HTTP route): with `RMA_VISION_BACKEND=ollama`, `OllamaVision` replicas placed by the
   label selector `rma.io/ollama=true` + tier, each calling the Ollama server beside its own node; with `vllm`,
   ray.serve.llm's `LLMServer` with a multimodal catalog model on the gpu tier. Serve keeps its replicas pending
@@ -14,11 +14,16 @@ Two Serve applications, so that the route answers even while no node can host a 
 `rma up` applies both through the Serve config (`python -m deployments up --apps vision`,
 `deployments/serve_config.py`); it waits for the front only.
 
-With an edge cluster that runs vision (`rma up --edge-apps`, DESIGN.md "Trust domains"), the core's front checks
-the key and then hands the request to the edge's front (`EdgeForward`, with the edge credential, no client key;
-not for `--sensitive` clients), which calls the edge's backend on an untrusted donor (e.g. a GPU donor running
-Ollama); the core's own backend answers when no edge runs one. Vision answers from an edge are not spot-checked
-(deployments/gateway/spotcheck.py checks the LLM, embeddings, OCR and parsing).
+With an edge cluster that runs vision (only when named: `rma up --edge-apps ...,vision`, DESIGN.md "Trust
+domains"), the core's front checks the key and then hands the request to the edge's front (`EdgeForward`, with
+the edge credential, no client key; not for `--sensitive` clients), which calls the edge's backend on an
+untrusted donor (e.g. a GPU donor running Ollama); the core's own backend answers when no edge runs one. What
+that costs (say it to clients): the image and prompt reach a stranger's machine; vision answers from an edge
+are not spot-checked (deployments/gateway/spotcheck.py checks the LLM, embeddings, OCR and parsing); each donor's
+Ollama serves the models that donor pulled (a request naming a model the edge donor lacks gets its 404); the
+edge's 5xx (its Ollama down) count against that edge's breaker, shared with its other apps; EdgeForward reads
+at most the default body limit (a larger image, after RMA_VISION_MAX_IMAGE_BYTES was raised, stays on the
+core).
 """
 
 from __future__ import annotations
@@ -48,6 +53,10 @@ from rma_ray.serve_admin import INGRESS_REPLICA_ENV
 from rma_ray.tiers import TRUSTED_NODES
 
 STATUS_TTL_S = 2.0
+# an edge's front gives the model at most this long: the core's gateway gives up on an edge at 170 s
+# (deployments.gateway.edge.EdgeRouter's total_timeout_s) and serves the request itself, so an edge still
+# working on it past that only doubles the work
+EDGE_CALL_LIMIT_S = 150.0
 RETRY_S = 30.0  # Retry-After of a 503: the backend may need a node to join, or a model to load
 BODY_LIMIT: dict[str, int] = {}
 # what an edge cluster's vision may serve instead (full paths: deployments.gateway.edge.EdgeForward)
@@ -160,6 +169,9 @@ class VisionGateway:
         self._checked_at, self._available = 0.0, (False, "")
         self._status_lock = asyncio.Lock()
         self._model_id = self.s.vllm_entry().model_id if self.s.backend == "vllm" else None
+        self.call_timeout_s = self.s.timeout_s + 10
+        if self.s.edge:
+            self.call_timeout_s = min(self.call_timeout_s, EDGE_CALL_LIMIT_S)
 
     @property
     def handle(self) -> Any:
@@ -248,9 +260,9 @@ class VisionGateway:
         await self._require_backend()
         call = self._call_ollama if self.s.backend == "ollama" else self._call_vllm
         try:
-            out = await asyncio.wait_for(call(inp), timeout=self.s.timeout_s + 10)
+            out = await asyncio.wait_for(call(inp), timeout=self.call_timeout_s)
         except TimeoutError:
-            raise Refusal(504, "vision_timeout", f"no answer within {self.s.timeout_s:.0f} s") from None
+            raise Refusal(504, "vision_timeout", f"no answer within {self.call_timeout_s:.0f} s") from None
         return {
             **out,
             "image": {"mime": inp.mime, "width": inp.width, "height": inp.height},

@@ -171,7 +171,8 @@ def up(
         str | None,
         typer.Option(
             help="Serve apps each edge cluster runs, comma-separated (llm, embeddings, documents: OCR and "
-            "document parsing), or 'none'. Default: those of --apps (documents with services)",
+            "document parsing, vision: only when named), or 'none'. Default: those of --apps (documents "
+            "with services; not vision)",
             show_default=False,
         ),
     ] = None,

@@ -247,12 +247,19 @@ def test_the_edges_apps_get_the_operators_model_settings_but_no_path_or_secret()
         "RMA_SERVICES_UPLOAD_MAX_BYTES": "100000000",  # the documents app takes the core's body limit
         "RMA_SERVICES_POSTGRES_PASSWORD": "x",
         "RMA_SERVICES_BLOB_DIR": "/var/lib/rma/blobs",
+        "RMA_VISION_MODEL": "llava:7b",
+        "RMA_VISION_MAX_IMAGE_BYTES": "2000000",
+        "RMA_VISION_OLLAMA_HOST": "http://ops:hunter2@10.0.0.7:11434",  # the operator's Ollama, maybe a password
+        "RMA_VISION_EDGE": "e1",  # an edge identity: the edge's deploy sets its own
+        "RMA_LLM_EDGE_COORDINATOR_URL": "http://x",
     }
     assert edge_app_env(environ) == {
         "RMA_LLM_MODEL": "Qwen/Qwen2.5-0.5B-Instruct",
         "RMA_LLM_MAX_MODEL_LEN": "4096",
         "RMA_EMBEDDINGS_MODEL": "BAAI/bge-small-en-v1.5",
         "RMA_SERVICES_UPLOAD_MAX_BYTES": "100000000",
+        "RMA_VISION_MODEL": "llava:7b",
+        "RMA_VISION_MAX_IMAGE_BYTES": "2000000",
     }
 
 
@@ -465,7 +472,7 @@ def test_rma_down_leaves_no_edge_pid_in_pool_json() -> None:
 def test_an_edge_runs_the_edge_apps_of_the_core_apps_or_those_asked_for(tmp_path: Path) -> None:
     for apps, wanted in [
         (("llm", "services"), ("llm", "documents")),  # documents: the services' OCR and parsing
-        (("embeddings", "vision"), ("embeddings", "vision")),  # vision: its front and its backend
+        (("embeddings", "vision"), ("embeddings",)),  # vision goes to an edge only when named (below)
         ((), ()),
     ]:
         pool, _ = make_pool(tmp_path, EdgeSpec(), apps=apps)

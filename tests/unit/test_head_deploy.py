@@ -127,6 +127,27 @@ def test_an_edges_vision_front_checks_the_edge_credential_on_its_donors_and_the_
     assert core.front_selector() == {"rma.io/trusted": "true"} and core.edge_env() == {}
     with pytest.raises(ValueError, match="edge_coordinator_url"):
         VisionSettings(edge="e1").edge_env()
+    # the replica's actor options follow the settings (not only the checked-in file)
+    from deployments.vision.app import build_front_app
+
+    on_edge = build_front_app(front)._bound_deployment.ray_actor_options
+    assert on_edge["label_selector"] == {"rma.io/tier": "in(service,gpu)"}
+    assert on_edge["runtime_env"]["env_vars"][EDGE_NAME_ENV] == "e1"
+    on_core = build_front_app(core)._bound_deployment.ray_actor_options
+    assert on_core["label_selector"] == {"rma.io/trusted": "true"}
+    assert EDGE_NAME_ENV not in on_core["runtime_env"]["env_vars"]
+
+
+def test_the_environment_never_makes_a_core_app_an_edge_app(monkeypatch: pytest.MonkeyPatch) -> None:
+    from deployments import serve_config
+
+    monkeypatch.setenv("RMA_VISION_EDGE", "e1")
+    monkeypatch.setenv("RMA_VISION_EDGE_COORDINATOR_URL", "http://c")
+    monkeypatch.setenv("RMA_LLM_EDGE", "e1")
+    for spec in serve_config.group_apps(["vision", "llm"], "embedded"):
+        assert "edge" not in spec.args and "edge_coordinator_url" not in spec.args, spec
+    (backend, front) = serve_config.group_apps(["vision"], "edge", "e2", "http://coord")
+    assert front.args["edge"] == backend.args["edge"] == "e2"  # the edge profile's own, not the env's
 
 
 @pytest.mark.parametrize(
