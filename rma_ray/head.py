@@ -1428,8 +1428,9 @@ class Pool:
     def down(self) -> None:
         """Stop the whole pool in seconds: Serve is shut down at once with a short grace (no app-by-app
         undeploy: each ingress replica would drain for HAProxy's 30 s), beside the data stores (which do stop
-        gracefully: Postgres checkpoints, Redis fsyncs); then the coordinator and the Ray head; any process of
-        the head's tree that lingers (vLLM's engine, whose replica was killed) is stopped by PID."""
+        gracefully: Postgres checkpoints, Redis fsyncs) and the edge heads (each in a thread of its own); then
+        the coordinator and the Ray head; any process of the head's tree that lingers (vLLM's engine, whose
+        replica was killed) is stopped by PID."""
         t0 = time.monotonic()
         live = self.head is not None and self.head.running()
         if self.head is not None:
@@ -1439,14 +1440,21 @@ class Pool:
         if live and self.o.apps:
             serve_stop = threading.Thread(target=self._shutdown_serve, daemon=True)
             serve_stop.start()
+        # the edges share nothing with the core's stop: each goes down beside it (its own Serve grace, its node)
+        edge_stops = {
+            name: threading.Thread(target=edge.close, daemon=True, name=f"rma-edge-stop-{name}")
+            for name, edge in self.edges.items()
+        }
+        for thread in edge_stops.values():
+            thread.start()
         if self.stop_stores():
             self._progress(f"data stores stopped ({time.monotonic() - t0:.1f} s)")
         if serve_stop is not None:
             serve_stop.join(SERVE_SHUTDOWN_S + 2)
             self._progress(f"Serve given {SERVE_SHUTDOWN_S:.0f} s to finish ({time.monotonic() - t0:.1f} s)")
-        for edge in self.edges.values():
-            edge.close()
-            self._progress(f"edge head {edge.name!r} stopped ({time.monotonic() - t0:.1f} s)")
+        for name, thread in edge_stops.items():
+            thread.join()  # as long as it takes, as when it ran in turn (its node stop is bounded)
+            self._progress(f"edge head {name!r} stopped ({time.monotonic() - t0:.1f} s)")
         if self.coordinator is not None and self.coordinator.poll() is None:
             self.coordinator.terminate()
             try:
