@@ -4,17 +4,25 @@ each verdict goes to the coordinator, which keeps a pass rate per edge and quara
 
 - Sampling (`EdgeForward` calls `sampler`): a fraction `spot_check_rate` (the coordinator's setting, delivered
   with the edge routes; 0 = off) of the requests an edge answered is drawn first (nothing else is looked at for
-  the others); of those, the answers that were complete, a 2xx and not streamed are copied while relayed, up to
+  the others); of those, the answers that were complete and a 2xx are copied while relayed, up to
   `max_answer_bytes`. The client gets the edge's answer exactly as before; the copy is queued once the answer's
   last byte was sent. Each event loop of the process has its own bounded queue (`queue_size`; a sample that
   finds it full is dropped, counted `dropped`) and its own `workers` (1) checking tasks: one check at a time
   per event loop (a Serve replica runs its requests on one loop).
-- Not checked (the gaps): a streamed answer (`"stream": true`: its chunks would have to be reassembled; a
-  client that streams is checked through its non-streaming requests only, so an edge may cheat on streamed
-  answers unseen), and a sampled answer over `max_answer_bytes` (256 KiB) or request over `max_request_bytes`
-  (4 MiB), which would make the queue hold unbounded samples. Those skipped for size are counted (`oversize`),
-  so an edge whose sampled answers are mostly oversize shows in the counter. An LLM answer to a request outside
-  the calibrated range, or under `MIN_COMPLETION_TOKENS` tokens, is not judged either (counted `skipped`).
+- Streamed LLM answers (`"stream": true`: server-sent events, `data: {chunk}` ... `data: [DONE]`) are sampled
+  the same way; the copy holds the events as sent and is queued only when its last line is `data: [DONE]` (a
+  stream that ended without it was cut: nothing to judge, counted `skipped`, where an edge that leaves it out
+  on purpose shows). The checker's worker, off the
+  request path, puts the answer back together (`reassemble`: the first choice's text, or its message's content
+  and tool calls, and its finish_reason) into the non-streamed shape, which is then judged as one. A stream
+  the edge's API could not have sent (a `data:` line that is not a JSON object, no choices, a choice of another
+  shape) fails its check like a malformed answer; one asking several choices (`n` > 1), or carrying the API's
+  error event, is not judged (counted `skipped`).
+- Not checked (the gaps): a sampled answer over `max_answer_bytes` (256 KiB; a stream's events take several
+  times the bytes of its text) or request over `max_request_bytes` (4 MiB), which would make the queue hold
+  unbounded samples. Those skipped for size are counted (`oversize`), so an edge whose sampled answers are
+  mostly oversize shows in the counter. An LLM answer to a request outside the calibrated range, or under
+  `MIN_COMPLETION_TOKENS` tokens, is not judged either (counted `skipped`).
 - The re-run: the same method, path and body, in process, through the app `EdgeForward` wraps (the core's own
   replica path), its scope flagged `quota.SPOT_CHECK` and run with `quota.spot_checking` set, the client
   already known (the key check's result is reused): never counted against the client's quota or usage.
@@ -27,8 +35,9 @@ each verdict goes to the coordinator, which keeps a pass rate per edge and quara
     log-probability per token of the edge's completion under the core's own model (not a gap to anything):
     one request to the same route with the completion appended (chat: as the final assistant message with
     `continue_final_message`, so the core applies its own chat template; completions: appended to the
-    prompt), `max_tokens` 1 and `prompt_logprobs` 0. Threshold `LLM_THRESHOLD`, calibrated with
-    `bench/spot_check.py` (see the constant's comment: it catches non-fluent text, not a fluent answer from
+    prompt), `max_tokens` 1 and `prompt_logprobs` 0, never streamed (`scoring_request` copies only the model
+    from the client's request: not its `stream` or `stream_options`). Threshold `LLM_THRESHOLD`, calibrated
+    with `bench/spot_check.py` (see the constant's comment: it catches non-fluent text, not a fluent answer from
     another model or to another prompt). Only requests in the calibrated range are judged (`calibrated`: the
     model's own distribution, near default sampling, free text) and only completions of at least
     `MIN_COMPLETION_TOKENS` tokens; the others are `skipped`.
@@ -36,13 +45,15 @@ each verdict goes to the coordinator, which keeps a pass rate per edge and quara
     completion without tool calls; no vectors; no text) fails its check: `score` is the kind's lowest
     (`FLOOR`), the sample is reported.
 - Each verdict goes to the coordinator (`AdmissionClient.report_spot_check`, the gateway's service identity,
-  a 2 s timeout, in a thread); a failed check carries the request and both answers (4 KiB each). A report that
-  cannot be sent is one log line (a warning, then debug while it keeps failing), never an exception.
+  a 2 s timeout, in a thread); a failed check carries the request and both answers (4 KiB each; a stream's
+  answer as put back together, or as sent when it could not be). A report that cannot be sent is one log line
+  (a warning, then debug while it keeps failing), never an exception.
 
 Counter `rma_spot_checks{edge, kind, outcome}`: `passed`, `failed`, `dropped` (queue full), `oversize` (a
 sampled request or answer over the size limits: not checked), `skipped` (nothing to judge: outside the
-calibrated range, too short, a prompt that is not one string), `error` (the core could not answer the re-run:
-no verdict, nothing reported: not the edge's fault; one log line, no traceback).
+calibrated range, too short, a prompt that is not one string; a stream cut before `[DONE]`, asking several
+choices or carrying an error event), `error` (the core could not answer the re-run: no verdict, nothing
+reported: not the edge's fault; one log line, no traceback).
 """
 
 from __future__ import annotations
@@ -103,7 +114,7 @@ def kind_of(path: str) -> SpotCheckKind | None:
 
 class Unjudgeable(Exception):
     """Nothing to judge in this answer (outside the calibrated range, too short, a prompt that is not one
-    string): skipped."""
+    string, a stream of several choices or with an error event): skipped."""
 
 
 class Malformed(Exception):
@@ -242,10 +253,88 @@ def completion_text(request: dict[str, Any], answer: Any) -> str:
     return text
 
 
+def reassemble(request: dict[str, Any], stream: bytes) -> dict[str, Any]:
+    """The streamed answer `stream` (server-sent events) in the non-streamed shape `completion_text` reads:
+    the first choice's `delta.content` (chat; its tool calls merged by index) or `text` (completions)
+    concatenated, and its last finish_reason. A tolerant parse: only `data:` lines count (comments, keep-alives
+    and other fields are skipped), the first `data: [DONE]` ends it. Malformed when the edge's API could not
+    have sent it (a data line that is not a JSON object, no choices, a choice of another shape); Unjudgeable
+    for several choices (`n` > 1), an error event (the client saw the generation fail) or no `[DONE]`."""
+    if request.get("n") not in (None, 1):
+        raise Unjudgeable("several choices asked")
+    chat = "messages" in request
+    text: list[str] = []
+    tool_calls: dict[int, dict[str, Any]] = {}
+    finish_reason = None
+    seen = False  # a choice 0 in some chunk
+    for line in stream.splitlines():
+        if not line.startswith(b"data:"):
+            continue
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            break
+        try:
+            chunk = _json(data)
+        except (ValueError, RecursionError):
+            raise Malformed("a data line is not a JSON object") from None
+        choices = chunk.get("choices")
+        if choices is None and ("error" in chunk or chunk.get("object") == "error"):
+            raise Unjudgeable("the stream carries an error")
+        if not isinstance(choices, list):  # empty in a usage chunk (stream_options.include_usage)
+            raise Malformed("a chunk has no choices")
+        for choice in choices:
+            if not isinstance(choice, dict) or not isinstance(choice.get("index", 0), int):
+                raise Malformed("a choice of another shape")
+            if choice.get("index", 0) != 0:
+                continue
+            seen = True
+            part = choice.get("delta") if chat else choice
+            if not isinstance(part, dict):
+                raise Malformed("a chat choice without a delta")
+            piece = part.get("content" if chat else "text")
+            if not isinstance(piece, str | None):
+                raise Malformed("a choice's text is not a string")
+            text.append(piece or "")
+            for call in (part.get("tool_calls") or []) if chat else []:
+                _merge_tool_call(tool_calls, call)
+            finish_reason = choice.get("finish_reason") or finish_reason
+    else:
+        raise Unjudgeable("the stream ended before [DONE]")
+    if not seen:
+        raise Malformed("no choices in the stream")
+    if chat:
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(text)}
+        if tool_calls:
+            message["tool_calls"] = [tool_calls[i] for i in sorted(tool_calls)]
+        choice = {"index": 0, "message": message, "finish_reason": finish_reason}
+    else:
+        choice = {"index": 0, "text": "".join(text), "finish_reason": finish_reason}
+    return {"choices": [choice]}
+
+
+def _merge_tool_call(calls: dict[int, dict[str, Any]], part: Any) -> None:
+    """Add one streamed tool-call delta to `calls` (by its index): the first id and name, the arguments'
+    pieces concatenated."""
+    if not isinstance(part, dict):
+        raise Malformed("a tool call of another shape")
+    index, function = part.get("index", 0), part.get("function") or {}
+    if not (isinstance(index, int) and isinstance(function, dict)) or not isinstance(
+        function.get("arguments") or "", str
+    ):
+        raise Malformed("a tool call of another shape")
+    call = calls.setdefault(
+        index, {"id": None, "type": "function", "function": {"name": None, "arguments": ""}}
+    )
+    call["id"] = call["id"] or part.get("id")
+    call["function"]["name"] = call["function"]["name"] or function.get("name")
+    call["function"]["arguments"] += function.get("arguments") or ""
+
+
 def scoring_request(request: dict[str, Any], completion: str) -> dict[str, Any]:
     """The request the core answers with the log-probabilities of `completion` after the client's prompt:
-    the same model; chat: the completion as the final assistant message, continued (the core's own chat
-    template); completions: appended to the prompt."""
+    the same model, one whole answer (none of the client's other keys: a streamed request's `stream` and
+    `stream_options` are not the scoring's); chat: the completion as the final assistant message, continued
+    (the core's own chat template); completions: appended to the prompt."""
     scoring: dict[str, Any] = {
         "model": request.get("model"),
         "max_tokens": 1,
@@ -365,6 +454,7 @@ class Sample:
     scope: dict[str, Any]
     body: bytes
     answer: bytes = b""
+    streamed: bool = False  # an LLM request asking `"stream": true`: the answer is server-sent events
     too_big: bool = False
     status: int = 0
     core: Any = field(default=None, repr=False)  # the app EdgeForward wraps: the core's own path
@@ -494,8 +584,11 @@ class SpotChecker:
                 self._report_failing = False
         return report
 
-    def verdict(self, sample: Sample, score: float, detail: str | bytes) -> SpotCheckReport:
-        """The report on `sample` at `score` (`detail`: the core's side of a failed check's sample)."""
+    def verdict(
+        self, sample: Sample, score: float, detail: str | bytes, answer: bytes | None = None
+    ) -> SpotCheckReport:
+        """The report on `sample` at `score` (`detail`: the core's side of a failed check's sample; `answer`:
+        the edge's, when not the answer as sent: a stream put back together)."""
         threshold = self.thresholds[sample.kind]
         passed = score >= threshold
         return SpotCheckReport(
@@ -511,7 +604,7 @@ class SpotChecker:
             if passed
             else {
                 "request": _part(sample.body),
-                "edge_answer": _part(sample.answer),
+                "edge_answer": _part(sample.answer if answer is None else answer),
                 "core_answer": _part(detail),
             },
         )
@@ -525,10 +618,13 @@ class SpotChecker:
                 request = _json(sample.body)
             except (ValueError, RecursionError):
                 raise Unjudgeable("the request is not a JSON object") from None
-        try:
-            answer = _json(sample.answer)
-        except (ValueError, RecursionError):
-            raise Malformed("the answer is not a JSON object") from None
+        if sample.streamed:
+            answer = reassemble(request, sample.answer)
+        else:
+            try:
+                answer = _json(sample.answer)
+            except (ValueError, RecursionError):
+                raise Malformed("the answer is not a JSON object") from None
         body = sample.body
         completion = ""
         if sample.kind == "llm":
@@ -557,7 +653,10 @@ class SpotChecker:
                 raise Unjudgeable(f"{len(lps)} completion tokens: too few to judge")
             score = sum(lps) / len(lps)
             detail = json.dumps({"mean_logprob": score, "tokens": len(lps), "logprobs": lps[::-1]})
-            return self.verdict(sample, score, detail)
+            # a stream's events are many times its text: the sample shows the answer put back together
+            return self.verdict(
+                sample, score, detail, json.dumps(answer).encode() if sample.streamed else None
+            )
         if sample.kind == "embeddings":
             return self.verdict(sample, embeddings_score(answer, core), core_bytes)
         return self.verdict(sample, text_score(answer, core), core_bytes)
@@ -595,9 +694,20 @@ class Tee:
             return
         if s.too_big:
             self.checker.counter.inc(s.edge, s.kind, "oversize")
+            return
+        s.answer = b"".join(self._parts)
+        if s.streamed and not _ended(s.answer):  # cut: the client did not get a whole answer either
+            self.checker.counter.inc(s.edge, s.kind, "skipped")
         else:
-            s.answer = b"".join(self._parts)
             self.checker.offer(s)
+
+
+def _ended(stream: bytes) -> bool:
+    """Whether the server-sent events `stream` end with `data: [DONE]` (its last line; only the tail is read:
+    this runs on the request path)."""
+    tail = stream[-256:].rstrip()
+    last = tail[max(tail.rfind(b"\n"), tail.rfind(b"\r")) + 1 :]
+    return last.startswith(b"data:") and last[5:].strip() == b"[DONE]"
 
 
 def sampler(
@@ -618,9 +728,12 @@ def sampler(
     if len(body) > c.max_request_bytes:
         c.counter.inc(edge, kind, "oversize")
         return None
-    if streaming(body):
-        return None
-    return Tee(c, Sample(edge=edge, app=app_name, kind=kind, scope=scope, body=body, core=core), send)
+    streamed = kind == "llm" and streaming(body)
+    return Tee(
+        c,
+        Sample(edge=edge, app=app_name, kind=kind, scope=scope, body=body, streamed=streamed, core=core),
+        send,
+    )
 
 
 def streaming(body: bytes) -> bool:
