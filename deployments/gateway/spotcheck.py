@@ -9,17 +9,21 @@ each verdict goes to the coordinator, which keeps a pass rate per edge and quara
   last byte was sent. Each event loop of the process has its own bounded queue (`queue_size`; a sample that
   finds it full is dropped, counted `dropped`) and its own `workers` (1) checking tasks: one check at a time
   per event loop (a Serve replica runs its requests on one loop).
-- Streamed LLM answers (`"stream": true`: server-sent events, `data: {chunk}` ... `data: [DONE]`) are sampled
-  the same way; the copy holds the events as sent and is queued only when its last line is `data: [DONE]` (a
-  stream that ended without it was cut: nothing to judge, counted `skipped`, where an edge that leaves it out
-  on purpose shows). The checker's worker, off the
-  request path, puts the answer back together (`reassemble`: the first choice's text, or its message's content
-  and tool calls, and its finish_reason) into the non-streamed shape, which is then judged as one. A stream
-  the edge's API could not have sent (a `data:` line that is not a JSON object, no choices, a choice of another
-  shape) fails its check like a malformed answer; one asking several choices (`n` > 1), or carrying the API's
-  error event, is not judged (counted `skipped`).
-- Not checked (the gaps): a sampled answer over `max_answer_bytes` (256 KiB; a stream's events take several
-  times the bytes of its text) or request over `max_request_bytes` (4 MiB), which would make the queue hold
+- Streamed LLM answers (the edge's answer is `text/event-stream`, whatever the body's `stream` said:
+  `data: {chunk}` ... `data: [DONE]`) are sampled the same way; the copy holds the events as sent, up to
+  `max_stream_bytes` (default 4x `max_answer_bytes`). The checker's worker, off the event loop, puts the answer
+  back together (`reassemble`: the first choice's text, or its message's content and tool calls, and its
+  finish_reason) into the non-streamed shape, which is then judged as one. Chat or completions is read from
+  the path, for streamed answers and the others alike. A stream the edge's API could not have sent fails its
+  check like a malformed answer: a data line that is not a JSON object, no choices, a choice of another shape,
+  a chunk of several choices or a choice other than index 0 (clients read `choices[0]` by position), or no
+  `data: [DONE]` (the API always sends it; a transport cut raises in the relay and is never sampled, so a 2xx
+  stream that ended cleanly without it is the edge's doing). An error event ends the stream: the text before
+  it is judged (too short: skipped), none at all is skipped. A request asking several choices (`n` > 1), or
+  a batch of prompts, is skipped before the stream is read.
+- Not checked (the gaps): a sampled answer over `max_answer_bytes` (256 KiB) or a stream over
+  `max_stream_bytes` (1 MiB; its bytes are counted as sent, comments and keep-alives included, so an edge can
+  pad a stream oversize), or a request over `max_request_bytes` (4 MiB), which would make the queue hold
   unbounded samples. Those skipped for size are counted (`oversize`), so an edge whose sampled answers are
   mostly oversize shows in the counter. An LLM answer to a request outside the calibrated range, or under
   `MIN_COMPLETION_TOKENS` tokens, is not judged either (counted `skipped`).
@@ -51,8 +55,8 @@ each verdict goes to the coordinator, which keeps a pass rate per edge and quara
 
 Counter `rma_spot_checks{edge, kind, outcome}`: `passed`, `failed`, `dropped` (queue full), `oversize` (a
 sampled request or answer over the size limits: not checked), `skipped` (nothing to judge: outside the
-calibrated range, too short, a prompt that is not one string; a stream cut before `[DONE]`, asking several
-choices or carrying an error event), `error` (the core could not answer the re-run: no verdict, nothing
+calibrated range, too short, a prompt that is not one string; asking several choices; a stream whose error
+event came before any text), `error` (the core could not answer the re-run: no verdict, nothing
 reported: not the edge's fault; one log line, no traceback).
 """
 
@@ -108,13 +112,22 @@ KINDS: tuple[tuple[re.Pattern[str], SpotCheckKind], ...] = (
 )
 
 
+_CHAT = re.compile(r".*/chat/completions/?")
+
+
 def kind_of(path: str) -> SpotCheckKind | None:
     return next((kind for pattern, kind in KINDS if pattern.fullmatch(path)), None)
 
 
+def is_chat(path: str) -> bool:
+    """Whether the LLM request to `path` is a chat completion (else a completion): from the path, as the API
+    routes it, not from the body's keys."""
+    return _CHAT.fullmatch(path) is not None
+
+
 class Unjudgeable(Exception):
     """Nothing to judge in this answer (outside the calibrated range, too short, a prompt that is not one
-    string, a stream of several choices or with an error event): skipped."""
+    string, several choices asked, a stream whose error event came before any text): skipped."""
 
 
 class Malformed(Exception):
@@ -232,14 +245,15 @@ def calibrated(request: dict[str, Any]) -> None:
             raise Unjudgeable(f"the request sets {key}")
 
 
-def completion_text(request: dict[str, Any], answer: Any) -> str:
-    """The edge's completion (the first choice's text); Malformed when the answer cannot be the API's (no
-    choices, a choice of another shape, an empty completion without tool calls); Unjudgeable for tool calls."""
+def completion_text(answer: Any, *, chat: bool) -> str:
+    """The edge's completion (the first choice's text; `chat`: its message's content); Malformed when the
+    answer cannot be the API's (no choices, a choice of another shape, an empty completion without tool
+    calls); Unjudgeable for tool calls."""
     choices = answer.get("choices") if isinstance(answer, dict) else None
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
         raise Malformed("no choices of the API's shape")
     first = choices[0]
-    if "messages" in request:
+    if chat:
         message = first.get("message")
         if not isinstance(message, dict):
             raise Malformed("the first choice has no message")
@@ -253,20 +267,23 @@ def completion_text(request: dict[str, Any], answer: Any) -> str:
     return text
 
 
-def reassemble(request: dict[str, Any], stream: bytes) -> dict[str, Any]:
+def reassemble(request: dict[str, Any], stream: bytes, *, chat: bool) -> dict[str, Any]:
     """The streamed answer `stream` (server-sent events) in the non-streamed shape `completion_text` reads:
-    the first choice's `delta.content` (chat; its tool calls merged by index) or `text` (completions)
+    the first choice's `delta.content` (`chat`; its tool calls merged by index) or `text` (completions)
     concatenated, and its last finish_reason. A tolerant parse: only `data:` lines count (comments, keep-alives
-    and other fields are skipped), the first `data: [DONE]` ends it. Malformed when the edge's API could not
-    have sent it (a data line that is not a JSON object, no choices, a choice of another shape); Unjudgeable
-    for several choices (`n` > 1), an error event (the client saw the generation fail) or no `[DONE]`."""
+    and other fields are skipped), the first `data: [DONE]` ends it. An error event ends it too: the text
+    before it is judged (the client got it), nothing when there was none (Unjudgeable: the generation failed).
+    Malformed when the edge's API could not have sent it: a data line that is not a JSON object, no choices, a
+    choice of another shape, a chunk of several choices or a choice other than index 0 (`n` is 1: the caller
+    skips a request asking several, or a batch of prompts, first; clients read `choices[0]` by position, so
+    the judged choice must be that one), or no `[DONE]` (the edge's API always ends with it; a cut transport
+    raises in the relay and is never offered)."""
     if request.get("n") not in (None, 1):
         raise Unjudgeable("several choices asked")
-    chat = "messages" in request
     text: list[str] = []
     tool_calls: dict[int, dict[str, Any]] = {}
     finish_reason = None
-    seen = False  # a choice 0 in some chunk
+    seen = errored = False  # a choice 0 in some chunk; an error event ended the stream
     for line in stream.splitlines():
         if not line.startswith(b"data:"):
             continue
@@ -279,14 +296,15 @@ def reassemble(request: dict[str, Any], stream: bytes) -> dict[str, Any]:
             raise Malformed("a data line is not a JSON object") from None
         choices = chunk.get("choices")
         if choices is None and ("error" in chunk or chunk.get("object") == "error"):
-            raise Unjudgeable("the stream carries an error")
+            errored = True
+            break
         if not isinstance(choices, list):  # empty in a usage chunk (stream_options.include_usage)
             raise Malformed("a chunk has no choices")
+        if len(choices) > 1:
+            raise Malformed("a chunk of several choices")
         for choice in choices:
-            if not isinstance(choice, dict) or not isinstance(choice.get("index", 0), int):
-                raise Malformed("a choice of another shape")
-            if choice.get("index", 0) != 0:
-                continue
+            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                raise Malformed("a choice of another shape or index")
             seen = True
             part = choice.get("delta") if chat else choice
             if not isinstance(part, dict):
@@ -295,11 +313,16 @@ def reassemble(request: dict[str, Any], stream: bytes) -> dict[str, Any]:
             if not isinstance(piece, str | None):
                 raise Malformed("a choice's text is not a string")
             text.append(piece or "")
-            for call in (part.get("tool_calls") or []) if chat else []:
+            calls = part.get("tool_calls") if chat else None
+            if not isinstance(calls, list | None):
+                raise Malformed("tool calls that are not a list")
+            for call in calls or []:
                 _merge_tool_call(tool_calls, call)
             finish_reason = choice.get("finish_reason") or finish_reason
     else:
-        raise Unjudgeable("the stream ended before [DONE]")
+        raise Malformed("the stream ended without [DONE]")
+    if errored and not "".join(text) and not tool_calls:
+        raise Unjudgeable("the stream carries an error and nothing before it")
     if not seen:
         raise Malformed("no choices in the stream")
     if chat:
@@ -330,7 +353,7 @@ def _merge_tool_call(calls: dict[int, dict[str, Any]], part: Any) -> None:
     call["function"]["arguments"] += function.get("arguments") or ""
 
 
-def scoring_request(request: dict[str, Any], completion: str) -> dict[str, Any]:
+def scoring_request(request: dict[str, Any], completion: str, *, chat: bool) -> dict[str, Any]:
     """The request the core answers with the log-probabilities of `completion` after the client's prompt:
     the same model, one whole answer (none of the client's other keys: a streamed request's `stream` and
     `stream_options` are not the scoring's); chat: the completion as the final assistant message, continued
@@ -342,19 +365,28 @@ def scoring_request(request: dict[str, Any], completion: str) -> dict[str, Any]:
         "prompt_logprobs": 0,
         "stream": False,
     }
-    if "messages" in request:
-        messages = request["messages"]
-        if not isinstance(messages, list):
-            raise Unjudgeable("messages is not a list")
-        scoring["messages"] = [*messages, {"role": "assistant", "content": completion}]
+    prompt = one_prompt(request, chat=chat)
+    if isinstance(prompt, list):
+        scoring["messages"] = [*prompt, {"role": "assistant", "content": completion}]
         scoring["add_generation_prompt"] = False
         scoring["continue_final_message"] = True
     else:
-        prompt = request.get("prompt")
-        if not isinstance(prompt, str):  # token ids or a batch of prompts: not judged
-            raise Unjudgeable("the prompt is not one string")
         scoring["prompt"] = prompt + completion
     return scoring
+
+
+def one_prompt(request: dict[str, Any], *, chat: bool) -> list[Any] | str:
+    """The request's one prompt: its messages (`chat`) or its prompt string; Unjudgeable for anything else
+    (token ids or a batch of prompts: several choices, one per prompt, not judged)."""
+    if chat:
+        messages = request.get("messages")
+        if not isinstance(messages, list):
+            raise Unjudgeable("messages is not a list")
+        return messages
+    prompt = request.get("prompt")
+    if not isinstance(prompt, str):
+        raise Unjudgeable("the prompt is not one string")
+    return prompt
 
 
 def completion_logprobs(answer: dict[str, Any], completion: str) -> list[float]:
@@ -454,7 +486,7 @@ class Sample:
     scope: dict[str, Any]
     body: bytes
     answer: bytes = b""
-    streamed: bool = False  # an LLM request asking `"stream": true`: the answer is server-sent events
+    streamed: bool = False  # an LLM answer of content-type text/event-stream: server-sent events
     too_big: bool = False
     status: int = 0
     core: Any = field(default=None, repr=False)  # the app EdgeForward wraps: the core's own path
@@ -483,6 +515,7 @@ class SpotChecker:
         queue_size: int = 8,
         workers: int = 1,
         max_answer_bytes: int = 256 * 1024,
+        max_stream_bytes: int | None = None,
         max_request_bytes: int = 4 * 2**20,
         thresholds: dict[str, float] | None = None,
         timeout_s: float = 120.0,
@@ -491,6 +524,8 @@ class SpotChecker:
     ) -> None:
         self.report, self.queue_size, self.workers = report, queue_size, workers
         self.max_answer_bytes, self.max_request_bytes = max_answer_bytes, max_request_bytes
+        # a stream's events take several times the bytes of its text: a cap of its own (default 4x)
+        self.max_stream_bytes = 4 * max_answer_bytes if max_stream_bytes is None else max_stream_bytes
         self.timeout_s, self.rng, self.min_tokens = timeout_s, rng, min_tokens
         self.thresholds = {**THRESHOLDS, **(thresholds or {})}
         self._queues: dict[asyncio.AbstractEventLoop, asyncio.Queue[Sample]] = {}
@@ -618,8 +653,16 @@ class SpotChecker:
                 request = _json(sample.body)
             except (ValueError, RecursionError):
                 raise Unjudgeable("the request is not a JSON object") from None
+        chat = is_chat(str(sample.scope.get("path", "")))
         if sample.streamed:
-            answer = reassemble(request, sample.answer)
+            # the range and the one prompt first: a batch of prompts streams several choices honestly (skipped,
+            # not failed); the stream is parsed off the event loop
+            calibrated(request)
+            one_prompt(request, chat=chat)
+            try:
+                answer = await asyncio.to_thread(reassemble, request, sample.answer, chat=chat)
+            except (AttributeError, KeyError, TypeError) as exc:  # not the API's shape
+                raise Malformed(f"the stream cannot be read: {type(exc).__name__}") from None
         else:
             try:
                 answer = _json(sample.answer)
@@ -630,10 +673,10 @@ class SpotChecker:
         if sample.kind == "llm":
             calibrated(request)
             try:
-                completion = completion_text(request, answer)
+                completion = completion_text(answer, chat=chat)
             except (AttributeError, KeyError, TypeError) as exc:  # not the API's shape
                 raise Malformed(f"the answer cannot be read: {type(exc).__name__}") from None
-            body = json.dumps(scoring_request(request, completion)).encode()
+            body = json.dumps(scoring_request(request, completion, chat=chat)).encode()
         token = spot_checking.set(True)
         try:
             async with asyncio.timeout(self.timeout_s):
@@ -668,8 +711,7 @@ class Tee:
 
     def __init__(self, checker: SpotChecker, sample: Sample, send: Any) -> None:
         self.checker, self.sample, self._send = checker, sample, send
-        self._parts: list[bytes] = []
-        self._size = 0
+        self._parts = bytearray()
         self._complete = False
 
     async def send(self, message: dict[str, Any]) -> None:
@@ -681,12 +723,10 @@ class Tee:
             self._complete = not message.get("more_body", False)
             if s.too_big:
                 return
-            chunk = message.get("body", b"")
-            self._size += len(chunk)
-            if self._size > self.checker.max_answer_bytes:
-                s.too_big, self._parts = True, []
-            else:
-                self._parts.append(chunk)
+            limit = self.checker.max_stream_bytes if s.streamed else self.checker.max_answer_bytes
+            self._parts += message.get("body", b"")
+            if len(self._parts) > limit:
+                s.too_big, self._parts = True, bytearray()
 
     def done(self) -> None:
         s = self.sample
@@ -695,27 +735,17 @@ class Tee:
         if s.too_big:
             self.checker.counter.inc(s.edge, s.kind, "oversize")
             return
-        s.answer = b"".join(self._parts)
-        if s.streamed and not _ended(s.answer):  # cut: the client did not get a whole answer either
-            self.checker.counter.inc(s.edge, s.kind, "skipped")
-        else:
-            self.checker.offer(s)
-
-
-def _ended(stream: bytes) -> bool:
-    """Whether the server-sent events `stream` end with `data: [DONE]` (its last line; only the tail is read:
-    this runs on the request path)."""
-    tail = stream[-256:].rstrip()
-    last = tail[max(tail.rfind(b"\n"), tail.rfind(b"\r")) + 1 :]
-    return last.startswith(b"data:") and last[5:].strip() == b"[DONE]"
+        s.answer = bytes(self._parts)
+        self.checker.offer(s)
 
 
 def sampler(
     rate: float, app_name: str, core: Any, scope: dict[str, Any], body: bytes, headers: Any, send: Any
 ) -> Tee | None:
     """A Tee for this edge answer when it is to be spot-checked (`rate`: the routes' spot_check_rate), else
-    None. `headers`: the edge answer's headers (the edge's name); `core`: the app EdgeForward wraps. The draw
-    comes first: an answer not drawn costs no parsing."""
+    None. `headers`: the edge answer's headers (the edge's name; its content-type: a stream or not, as the
+    client reads it, whatever the body's `stream` said); `core`: the app EdgeForward wraps. The draw comes
+    first: an answer not drawn costs nothing more."""
     if rate <= 0:
         return None
     c = checker()
@@ -728,7 +758,8 @@ def sampler(
     if len(body) > c.max_request_bytes:
         c.counter.inc(edge, kind, "oversize")
         return None
-    streamed = kind == "llm" and streaming(body)
+    media = str(headers.get("content-type", "")).lower()
+    streamed = kind == "llm" and media.startswith("text/event-stream")
     return Tee(
         c,
         Sample(edge=edge, app=app_name, kind=kind, scope=scope, body=body, streamed=streamed, core=core),
