@@ -40,8 +40,8 @@ with outcome `forwarded` (the edge answered), `fallback` (the edge failed before
 `breaker_open` (the edge failed lately and was not tried; the core served it) or `broken` (the edge's answer
 was cut).
 
-Spot-checks (`deployments.gateway.spotcheck`): a fraction of the edge's complete, non-streamed answers (the
-routes' `spot_check_rate`) is copied while relayed and re-checked on the core after the client has it.
+Spot-checks (`deployments.gateway.spotcheck`): a fraction of the edge's complete answers, streamed or not (the
+routes' `spot_check_rate`), is copied while relayed and re-checked on the core after the client has it.
 """
 
 from __future__ import annotations

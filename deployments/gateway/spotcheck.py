@@ -4,17 +4,29 @@ each verdict goes to the coordinator, which keeps a pass rate per edge and quara
 
 - Sampling (`EdgeForward` calls `sampler`): a fraction `spot_check_rate` (the coordinator's setting, delivered
   with the edge routes; 0 = off) of the requests an edge answered is drawn first (nothing else is looked at for
-  the others); of those, the answers that were complete, a 2xx and not streamed are copied while relayed, up to
+  the others); of those, the answers that were complete and a 2xx are copied while relayed, up to
   `max_answer_bytes`. The client gets the edge's answer exactly as before; the copy is queued once the answer's
   last byte was sent. Each event loop of the process has its own bounded queue (`queue_size`; a sample that
   finds it full is dropped, counted `dropped`) and its own `workers` (1) checking tasks: one check at a time
   per event loop (a Serve replica runs its requests on one loop).
-- Not checked (the gaps): a streamed answer (`"stream": true`: its chunks would have to be reassembled; a
-  client that streams is checked through its non-streaming requests only, so an edge may cheat on streamed
-  answers unseen), and a sampled answer over `max_answer_bytes` (256 KiB) or request over `max_request_bytes`
-  (4 MiB), which would make the queue hold unbounded samples. Those skipped for size are counted (`oversize`),
-  so an edge whose sampled answers are mostly oversize shows in the counter. An LLM answer to a request outside
-  the calibrated range, or under `MIN_COMPLETION_TOKENS` tokens, is not judged either (counted `skipped`).
+- Streamed LLM answers (the edge's answer is `text/event-stream`, whatever the body's `stream` said:
+  `data: {chunk}` ... `data: [DONE]`) are sampled the same way; the copy holds the events as sent, up to
+  `max_stream_bytes` (default 4x `max_answer_bytes`). The checker's worker, off the event loop, puts the answer
+  back together (`reassemble`: the first choice's text, or its message's content and tool calls, and its
+  finish_reason) into the non-streamed shape, which is then judged as one. Chat or completions is read from
+  the path, for streamed answers and the others alike. A stream the edge's API could not have sent fails its
+  check like a malformed answer: a data line that is not a JSON object, no choices, a choice of another shape,
+  a chunk of several choices or a choice other than index 0 (clients read `choices[0]` by position), or no
+  `data: [DONE]` (the API always sends it; a transport cut raises in the relay and is never sampled, so a 2xx
+  stream that ended cleanly without it is the edge's doing). An error event ends the stream: the text before
+  it is judged (too short: skipped), none at all is skipped. A request asking several choices (`n` > 1), or
+  a batch of prompts, is skipped before the stream is read.
+- Not checked (the gaps): a sampled answer over `max_answer_bytes` (256 KiB) or a stream over
+  `max_stream_bytes` (1 MiB; its bytes are counted as sent, comments and keep-alives included, so an edge can
+  pad a stream oversize), or a request over `max_request_bytes` (4 MiB), which would make the queue hold
+  unbounded samples. Those skipped for size are counted (`oversize`), so an edge whose sampled answers are
+  mostly oversize shows in the counter. An LLM answer to a request outside the calibrated range, or under
+  `MIN_COMPLETION_TOKENS` tokens, is not judged either (counted `skipped`).
 - The re-run: the same method, path and body, in process, through the app `EdgeForward` wraps (the core's own
   replica path), its scope flagged `quota.SPOT_CHECK` and run with `quota.spot_checking` set, the client
   already known (the key check's result is reused): never counted against the client's quota or usage.
@@ -27,8 +39,9 @@ each verdict goes to the coordinator, which keeps a pass rate per edge and quara
     log-probability per token of the edge's completion under the core's own model (not a gap to anything):
     one request to the same route with the completion appended (chat: as the final assistant message with
     `continue_final_message`, so the core applies its own chat template; completions: appended to the
-    prompt), `max_tokens` 1 and `prompt_logprobs` 0. Threshold `LLM_THRESHOLD`, calibrated with
-    `bench/spot_check.py` (see the constant's comment: it catches non-fluent text, not a fluent answer from
+    prompt), `max_tokens` 1 and `prompt_logprobs` 0, never streamed (`scoring_request` copies only the model
+    from the client's request: not its `stream` or `stream_options`). Threshold `LLM_THRESHOLD`, calibrated
+    with `bench/spot_check.py` (see the constant's comment: it catches non-fluent text, not a fluent answer from
     another model or to another prompt). Only requests in the calibrated range are judged (`calibrated`: the
     model's own distribution, near default sampling, free text) and only completions of at least
     `MIN_COMPLETION_TOKENS` tokens; the others are `skipped`.
@@ -36,13 +49,15 @@ each verdict goes to the coordinator, which keeps a pass rate per edge and quara
     completion without tool calls; no vectors; no text) fails its check: `score` is the kind's lowest
     (`FLOOR`), the sample is reported.
 - Each verdict goes to the coordinator (`AdmissionClient.report_spot_check`, the gateway's service identity,
-  a 2 s timeout, in a thread); a failed check carries the request and both answers (4 KiB each). A report that
-  cannot be sent is one log line (a warning, then debug while it keeps failing), never an exception.
+  a 2 s timeout, in a thread); a failed check carries the request and both answers (4 KiB each; a stream's
+  answer as put back together, or as sent when it could not be). A report that cannot be sent is one log line
+  (a warning, then debug while it keeps failing), never an exception.
 
 Counter `rma_spot_checks{edge, kind, outcome}`: `passed`, `failed`, `dropped` (queue full), `oversize` (a
 sampled request or answer over the size limits: not checked), `skipped` (nothing to judge: outside the
-calibrated range, too short, a prompt that is not one string), `error` (the core could not answer the re-run:
-no verdict, nothing reported: not the edge's fault; one log line, no traceback).
+calibrated range, too short, a prompt that is not one string; asking several choices; a stream whose error
+event came before any text), `error` (the core could not answer the re-run: no verdict, nothing
+reported: not the edge's fault; one log line, no traceback).
 """
 
 from __future__ import annotations
@@ -97,13 +112,22 @@ KINDS: tuple[tuple[re.Pattern[str], SpotCheckKind], ...] = (
 )
 
 
+_CHAT = re.compile(r".*/chat/completions/?")
+
+
 def kind_of(path: str) -> SpotCheckKind | None:
     return next((kind for pattern, kind in KINDS if pattern.fullmatch(path)), None)
 
 
+def is_chat(path: str) -> bool:
+    """Whether the LLM request to `path` is a chat completion (else a completion): from the path, as the API
+    routes it, not from the body's keys."""
+    return _CHAT.fullmatch(path) is not None
+
+
 class Unjudgeable(Exception):
     """Nothing to judge in this answer (outside the calibrated range, too short, a prompt that is not one
-    string): skipped."""
+    string, several choices asked, a stream whose error event came before any text): skipped."""
 
 
 class Malformed(Exception):
@@ -221,14 +245,15 @@ def calibrated(request: dict[str, Any]) -> None:
             raise Unjudgeable(f"the request sets {key}")
 
 
-def completion_text(request: dict[str, Any], answer: Any) -> str:
-    """The edge's completion (the first choice's text); Malformed when the answer cannot be the API's (no
-    choices, a choice of another shape, an empty completion without tool calls); Unjudgeable for tool calls."""
+def completion_text(answer: Any, *, chat: bool) -> str:
+    """The edge's completion (the first choice's text; `chat`: its message's content); Malformed when the
+    answer cannot be the API's (no choices, a choice of another shape, an empty completion without tool
+    calls); Unjudgeable for tool calls."""
     choices = answer.get("choices") if isinstance(answer, dict) else None
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
         raise Malformed("no choices of the API's shape")
     first = choices[0]
-    if "messages" in request:
+    if chat:
         message = first.get("message")
         if not isinstance(message, dict):
             raise Malformed("the first choice has no message")
@@ -242,10 +267,97 @@ def completion_text(request: dict[str, Any], answer: Any) -> str:
     return text
 
 
-def scoring_request(request: dict[str, Any], completion: str) -> dict[str, Any]:
+def reassemble(request: dict[str, Any], stream: bytes, *, chat: bool) -> dict[str, Any]:
+    """The streamed answer `stream` (server-sent events) in the non-streamed shape `completion_text` reads:
+    the first choice's `delta.content` (`chat`; its tool calls merged by index) or `text` (completions)
+    concatenated, and its last finish_reason. A tolerant parse: only `data:` lines count (comments, keep-alives
+    and other fields are skipped), the first `data: [DONE]` ends it. An error event ends it too: the text
+    before it is judged (the client got it), nothing when there was none (Unjudgeable: the generation failed).
+    Malformed when the edge's API could not have sent it: a data line that is not a JSON object, no choices, a
+    choice of another shape, a chunk of several choices or a choice other than index 0 (`n` is 1: the caller
+    skips a request asking several, or a batch of prompts, first; clients read `choices[0]` by position, so
+    the judged choice must be that one), or no `[DONE]` (the edge's API always ends with it; a cut transport
+    raises in the relay and is never offered)."""
+    if request.get("n") not in (None, 1):
+        raise Unjudgeable("several choices asked")
+    text: list[str] = []
+    tool_calls: dict[int, dict[str, Any]] = {}
+    finish_reason = None
+    seen = errored = False  # a choice 0 in some chunk; an error event ended the stream
+    for line in stream.splitlines():
+        if not line.startswith(b"data:"):
+            continue
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            break
+        try:
+            chunk = _json(data)
+        except (ValueError, RecursionError):
+            raise Malformed("a data line is not a JSON object") from None
+        choices = chunk.get("choices")
+        if choices is None and ("error" in chunk or chunk.get("object") == "error"):
+            errored = True
+            break
+        if not isinstance(choices, list):  # empty in a usage chunk (stream_options.include_usage)
+            raise Malformed("a chunk has no choices")
+        if len(choices) > 1:
+            raise Malformed("a chunk of several choices")
+        for choice in choices:
+            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                raise Malformed("a choice of another shape or index")
+            seen = True
+            part = choice.get("delta") if chat else choice
+            if not isinstance(part, dict):
+                raise Malformed("a chat choice without a delta")
+            piece = part.get("content" if chat else "text")
+            if not isinstance(piece, str | None):
+                raise Malformed("a choice's text is not a string")
+            text.append(piece or "")
+            calls = part.get("tool_calls") if chat else None
+            if not isinstance(calls, list | None):
+                raise Malformed("tool calls that are not a list")
+            for call in calls or []:
+                _merge_tool_call(tool_calls, call)
+            finish_reason = choice.get("finish_reason") or finish_reason
+    else:
+        raise Malformed("the stream ended without [DONE]")
+    if errored and not "".join(text) and not tool_calls:
+        raise Unjudgeable("the stream carries an error and nothing before it")
+    if not seen:
+        raise Malformed("no choices in the stream")
+    if chat:
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(text)}
+        if tool_calls:
+            message["tool_calls"] = [tool_calls[i] for i in sorted(tool_calls)]
+        choice = {"index": 0, "message": message, "finish_reason": finish_reason}
+    else:
+        choice = {"index": 0, "text": "".join(text), "finish_reason": finish_reason}
+    return {"choices": [choice]}
+
+
+def _merge_tool_call(calls: dict[int, dict[str, Any]], part: Any) -> None:
+    """Add one streamed tool-call delta to `calls` (by its index): the first id and name, the arguments'
+    pieces concatenated."""
+    if not isinstance(part, dict):
+        raise Malformed("a tool call of another shape")
+    index, function = part.get("index", 0), part.get("function") or {}
+    if not (isinstance(index, int) and isinstance(function, dict)) or not isinstance(
+        function.get("arguments") or "", str
+    ):
+        raise Malformed("a tool call of another shape")
+    call = calls.setdefault(
+        index, {"id": None, "type": "function", "function": {"name": None, "arguments": ""}}
+    )
+    call["id"] = call["id"] or part.get("id")
+    call["function"]["name"] = call["function"]["name"] or function.get("name")
+    call["function"]["arguments"] += function.get("arguments") or ""
+
+
+def scoring_request(request: dict[str, Any], completion: str, *, chat: bool) -> dict[str, Any]:
     """The request the core answers with the log-probabilities of `completion` after the client's prompt:
-    the same model; chat: the completion as the final assistant message, continued (the core's own chat
-    template); completions: appended to the prompt."""
+    the same model, one whole answer (none of the client's other keys: a streamed request's `stream` and
+    `stream_options` are not the scoring's); chat: the completion as the final assistant message, continued
+    (the core's own chat template); completions: appended to the prompt."""
     scoring: dict[str, Any] = {
         "model": request.get("model"),
         "max_tokens": 1,
@@ -253,19 +365,28 @@ def scoring_request(request: dict[str, Any], completion: str) -> dict[str, Any]:
         "prompt_logprobs": 0,
         "stream": False,
     }
-    if "messages" in request:
-        messages = request["messages"]
-        if not isinstance(messages, list):
-            raise Unjudgeable("messages is not a list")
-        scoring["messages"] = [*messages, {"role": "assistant", "content": completion}]
+    prompt = one_prompt(request, chat=chat)
+    if isinstance(prompt, list):
+        scoring["messages"] = [*prompt, {"role": "assistant", "content": completion}]
         scoring["add_generation_prompt"] = False
         scoring["continue_final_message"] = True
     else:
-        prompt = request.get("prompt")
-        if not isinstance(prompt, str):  # token ids or a batch of prompts: not judged
-            raise Unjudgeable("the prompt is not one string")
         scoring["prompt"] = prompt + completion
     return scoring
+
+
+def one_prompt(request: dict[str, Any], *, chat: bool) -> list[Any] | str:
+    """The request's one prompt: its messages (`chat`) or its prompt string; Unjudgeable for anything else
+    (token ids or a batch of prompts: several choices, one per prompt, not judged)."""
+    if chat:
+        messages = request.get("messages")
+        if not isinstance(messages, list):
+            raise Unjudgeable("messages is not a list")
+        return messages
+    prompt = request.get("prompt")
+    if not isinstance(prompt, str):
+        raise Unjudgeable("the prompt is not one string")
+    return prompt
 
 
 def completion_logprobs(answer: dict[str, Any], completion: str) -> list[float]:
@@ -365,6 +486,7 @@ class Sample:
     scope: dict[str, Any]
     body: bytes
     answer: bytes = b""
+    streamed: bool = False  # an LLM answer of content-type text/event-stream: server-sent events
     too_big: bool = False
     status: int = 0
     core: Any = field(default=None, repr=False)  # the app EdgeForward wraps: the core's own path
@@ -393,6 +515,7 @@ class SpotChecker:
         queue_size: int = 8,
         workers: int = 1,
         max_answer_bytes: int = 256 * 1024,
+        max_stream_bytes: int | None = None,
         max_request_bytes: int = 4 * 2**20,
         thresholds: dict[str, float] | None = None,
         timeout_s: float = 120.0,
@@ -401,6 +524,8 @@ class SpotChecker:
     ) -> None:
         self.report, self.queue_size, self.workers = report, queue_size, workers
         self.max_answer_bytes, self.max_request_bytes = max_answer_bytes, max_request_bytes
+        # a stream's events take several times the bytes of its text: a cap of its own (default 4x)
+        self.max_stream_bytes = 4 * max_answer_bytes if max_stream_bytes is None else max_stream_bytes
         self.timeout_s, self.rng, self.min_tokens = timeout_s, rng, min_tokens
         self.thresholds = {**THRESHOLDS, **(thresholds or {})}
         self._queues: dict[asyncio.AbstractEventLoop, asyncio.Queue[Sample]] = {}
@@ -494,8 +619,11 @@ class SpotChecker:
                 self._report_failing = False
         return report
 
-    def verdict(self, sample: Sample, score: float, detail: str | bytes) -> SpotCheckReport:
-        """The report on `sample` at `score` (`detail`: the core's side of a failed check's sample)."""
+    def verdict(
+        self, sample: Sample, score: float, detail: str | bytes, answer: bytes | None = None
+    ) -> SpotCheckReport:
+        """The report on `sample` at `score` (`detail`: the core's side of a failed check's sample; `answer`:
+        the edge's, when not the answer as sent: a stream put back together)."""
         threshold = self.thresholds[sample.kind]
         passed = score >= threshold
         return SpotCheckReport(
@@ -511,7 +639,7 @@ class SpotChecker:
             if passed
             else {
                 "request": _part(sample.body),
-                "edge_answer": _part(sample.answer),
+                "edge_answer": _part(sample.answer if answer is None else answer),
                 "core_answer": _part(detail),
             },
         )
@@ -525,19 +653,30 @@ class SpotChecker:
                 request = _json(sample.body)
             except (ValueError, RecursionError):
                 raise Unjudgeable("the request is not a JSON object") from None
-        try:
-            answer = _json(sample.answer)
-        except (ValueError, RecursionError):
-            raise Malformed("the answer is not a JSON object") from None
+        chat = is_chat(str(sample.scope.get("path", "")))
+        if sample.streamed:
+            # the range and the one prompt first: a batch of prompts streams several choices honestly (skipped,
+            # not failed); the stream is parsed off the event loop
+            calibrated(request)
+            one_prompt(request, chat=chat)
+            try:
+                answer = await asyncio.to_thread(reassemble, request, sample.answer, chat=chat)
+            except (AttributeError, KeyError, TypeError) as exc:  # not the API's shape
+                raise Malformed(f"the stream cannot be read: {type(exc).__name__}") from None
+        else:
+            try:
+                answer = _json(sample.answer)
+            except (ValueError, RecursionError):
+                raise Malformed("the answer is not a JSON object") from None
         body = sample.body
         completion = ""
         if sample.kind == "llm":
             calibrated(request)
             try:
-                completion = completion_text(request, answer)
+                completion = completion_text(answer, chat=chat)
             except (AttributeError, KeyError, TypeError) as exc:  # not the API's shape
                 raise Malformed(f"the answer cannot be read: {type(exc).__name__}") from None
-            body = json.dumps(scoring_request(request, completion)).encode()
+            body = json.dumps(scoring_request(request, completion, chat=chat)).encode()
         token = spot_checking.set(True)
         try:
             async with asyncio.timeout(self.timeout_s):
@@ -557,7 +696,10 @@ class SpotChecker:
                 raise Unjudgeable(f"{len(lps)} completion tokens: too few to judge")
             score = sum(lps) / len(lps)
             detail = json.dumps({"mean_logprob": score, "tokens": len(lps), "logprobs": lps[::-1]})
-            return self.verdict(sample, score, detail)
+            # a stream's events are many times its text: the sample shows the answer put back together
+            return self.verdict(
+                sample, score, detail, json.dumps(answer).encode() if sample.streamed else None
+            )
         if sample.kind == "embeddings":
             return self.verdict(sample, embeddings_score(answer, core), core_bytes)
         return self.verdict(sample, text_score(answer, core), core_bytes)
@@ -569,8 +711,7 @@ class Tee:
 
     def __init__(self, checker: SpotChecker, sample: Sample, send: Any) -> None:
         self.checker, self.sample, self._send = checker, sample, send
-        self._parts: list[bytes] = []
-        self._size = 0
+        self._parts = bytearray()
         self._complete = False
 
     async def send(self, message: dict[str, Any]) -> None:
@@ -582,12 +723,10 @@ class Tee:
             self._complete = not message.get("more_body", False)
             if s.too_big:
                 return
-            chunk = message.get("body", b"")
-            self._size += len(chunk)
-            if self._size > self.checker.max_answer_bytes:
-                s.too_big, self._parts = True, []
-            else:
-                self._parts.append(chunk)
+            limit = self.checker.max_stream_bytes if s.streamed else self.checker.max_answer_bytes
+            self._parts += message.get("body", b"")
+            if len(self._parts) > limit:
+                s.too_big, self._parts = True, bytearray()
 
     def done(self) -> None:
         s = self.sample
@@ -595,17 +734,18 @@ class Tee:
             return
         if s.too_big:
             self.checker.counter.inc(s.edge, s.kind, "oversize")
-        else:
-            s.answer = b"".join(self._parts)
-            self.checker.offer(s)
+            return
+        s.answer = bytes(self._parts)
+        self.checker.offer(s)
 
 
 def sampler(
     rate: float, app_name: str, core: Any, scope: dict[str, Any], body: bytes, headers: Any, send: Any
 ) -> Tee | None:
     """A Tee for this edge answer when it is to be spot-checked (`rate`: the routes' spot_check_rate), else
-    None. `headers`: the edge answer's headers (the edge's name); `core`: the app EdgeForward wraps. The draw
-    comes first: an answer not drawn costs no parsing."""
+    None. `headers`: the edge answer's headers (the edge's name; its content-type: a stream or not, as the
+    client reads it, whatever the body's `stream` said); `core`: the app EdgeForward wraps. The draw comes
+    first: an answer not drawn costs nothing more."""
     if rate <= 0:
         return None
     c = checker()
@@ -618,9 +758,13 @@ def sampler(
     if len(body) > c.max_request_bytes:
         c.counter.inc(edge, kind, "oversize")
         return None
-    if streaming(body):
-        return None
-    return Tee(c, Sample(edge=edge, app=app_name, kind=kind, scope=scope, body=body, core=core), send)
+    media = str(headers.get("content-type", "")).lower()
+    streamed = kind == "llm" and media.startswith("text/event-stream")
+    return Tee(
+        c,
+        Sample(edge=edge, app=app_name, kind=kind, scope=scope, body=body, streamed=streamed, core=core),
+        send,
+    )
 
 
 def streaming(body: bytes) -> bool:

@@ -4,8 +4,8 @@ a service credential and whose `SpotChecker` reports its verdicts there (the gat
 `AdmissionClient`); an edge behind the real edge gate (verifying the coordinator's credential against its
 JWKS), honest or not, which also answers the edge's Serve status as its dashboard would. A dishonest edge is
 quarantined after the minimum number of checks, the core then serves its share, and an admin's trust routes
-it again; an honest edge over as many requests stays routed at a pass rate of 1.0. Module-scoped: three
-uvicorn servers (~1 s)."""
+it again; an honest edge over as many requests stays routed at a pass rate of 1.0; a streamed answer is
+checked too. Module-scoped: three uvicorn servers (~1 s)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,17 @@ from rma_ray.edges import SERVED_BY_HEADER, EdgeEndpoint
 from tests.integration.conftest import Coordinator, make_settings
 from tests.support import ServerThread, free_port, wait_for
 from tests.support.edge import EDGE
-from tests.unit.test_spot_checks import APP, KEYRING, PLAIN, ROUTES, Core, Edge, embeddings_answer
+from tests.unit.test_spot_checks import (
+    APP,
+    GARBAGE_REPLY,
+    KEYRING,
+    PLAIN,
+    ROUTES,
+    Core,
+    Edge,
+    embeddings_answer,
+    events,
+)
 
 MIN_CHECKS, BELOW = 3, 0.8
 BOUND = 10  # requests a dishonest edge may answer before the coordinator must have quarantined it
@@ -228,3 +238,23 @@ def test_the_core_says_it_served_while_its_only_edge_is_quarantined(fresh: Loop)
     quarantine(fresh)
     assert fresh.router.refresh() and fresh.router.routes() == []
     assert fresh.post("after").headers.get(SERVED_BY_HEADER) == "core"
+
+
+def test_a_dishonest_edge_is_caught_on_a_streamed_answer(fresh: Loop) -> None:
+    fresh.edge.honest = False
+    chat = {"model": "m", "messages": [{"role": "user", "content": "Capital of France?"}], "stream": True}
+    r = httpx.post(
+        fresh.core_url + "/v1/chat/completions",
+        json=chat,
+        headers={"Authorization": f"Bearer {PLAIN.token}"},
+        timeout=20,
+    )
+    assert r.status_code == 200, r.text
+    assert r.headers[SERVED_BY_HEADER] == f"edge:{EDGE}"
+    assert r.content == b"".join(events(GARBAGE_REPLY, chat=True))  # the edge's events, as it sent them
+    view = fresh.checked(1)
+    assert (view["checks"], view["failures"]) == (1, 1), view
+    failure = view["recent_failures"][0]  # the newest
+    assert failure["kind"] == "llm"
+    # the sample shows the answer put back together
+    assert json.loads(failure["sample"]["edge_answer"])["choices"][0]["message"]["content"] == GARBAGE_REPLY

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from deployments.gateway import auth, edge, quota, spotcheck
@@ -42,6 +42,7 @@ KEYRING = {"keys": [{"id": PLAIN.id, "hash": PLAIN.hash, "name": "alice"}]}
 ROUTES = (
     ("POST", re.compile(r"/v1/embeddings")),
     ("POST", re.compile(r"/v1/chat/completions")),
+    ("POST", re.compile(r"/v1/completions")),
     ("POST", re.compile(r"/api/ocr")),
 )
 OCR_TEXT = "INVOICE 2026-12-05\nTotal due: 41.20 EUR"
@@ -75,16 +76,62 @@ def chat_answer(text: str) -> dict[str, Any]:
     }
 
 
-def scored(messages: list[dict[str, Any]]) -> dict[str, Any]:
-    """The core's answer to a scoring request, shaped as vLLM's (`prompt_logprobs`: null first, then one
-    {token id: {logprob, rank, decoded_token}} per prompt token): words of the honest reply are likely."""
-    words = re.findall(r"\S+\s*", " ".join(str(m["content"]) for m in messages))
+def completion_answer(text: str) -> dict[str, Any]:
+    return {
+        "choices": [{"index": 0, "text": text, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12},
+    }
+
+
+def words(text: str) -> list[str]:
+    """The 'tokens' of `text`: its words, each with the spaces after it (they spell `text` again)."""
+    return re.findall(r"\S+\s*", text)
+
+
+def events(text: str, chat: bool) -> list[bytes]:
+    """`text` streamed as vLLM streams it: one chunk per word (chat: a first chunk with the role), the
+    finish_reason in its own chunk, a usage chunk with no choices (`stream_options.include_usage`), `[DONE]`;
+    a keep-alive comment in between."""
+
+    def chunk(choice: dict[str, Any] | None, **extra: Any) -> bytes:
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        data = {"id": "cmpl-1", "object": obj, "choices": [] if choice is None else [choice], **extra}
+        return b"data: " + json.dumps(data).encode() + b"\n\n"
+
+    def piece(word: str | None, finish: str | None = None) -> dict[str, Any]:
+        if chat:
+            delta = {} if word is None else {"content": word}
+            return {"index": 0, "delta": delta, "finish_reason": finish}
+        return {"index": 0, "text": word or "", "finish_reason": finish}
+
+    out = [chunk({"index": 0, "delta": {"role": "assistant", "content": ""}})] if chat else []
+    out += [chunk(piece(w)) for w in words(text)]
+    out.insert(2, b": keep-alive\n\n")
+    out += [chunk(piece(None, "stop")), chunk(None, usage={"prompt_tokens": 5, "completion_tokens": 7})]
+    return [*out, b"data: [DONE]\n\n"]
+
+
+def logprobs(prompt: str) -> list[Any]:
+    """vLLM's `prompt_logprobs` for `prompt` (null first, then one {token id: {logprob, rank, decoded_token}}
+    per token): words of the honest reply are likely."""
     likely = set(HONEST_REPLY.split())
     entries: list[Any] = [None]
-    for i, w in enumerate(words[1:]):
+    for i, w in enumerate(words(prompt)[1:]):
         lp = -0.4 if w.strip() in likely else -9.0
         entries.append({str(100 + i): {"logprob": lp, "rank": 1, "decoded_token": w}})
-    return {**chat_answer("x"), "prompt_logprobs": entries}
+    return entries
+
+
+def scored(request: dict[str, Any]) -> dict[str, Any]:
+    """The core's answer to a scoring request, shaped as vLLM's: chat's logprobs at the top, completions' in
+    the choice."""
+    if "messages" in request:
+        return {
+            **chat_answer("x"),
+            "prompt_logprobs": logprobs(" ".join(m["content"] for m in request["messages"])),
+        }
+    answer = completion_answer("x")
+    return {**answer, "choices": [{**answer["choices"][0], "prompt_logprobs": logprobs(request["prompt"])}]}
 
 
 @dataclass
@@ -101,15 +148,20 @@ class Core:
             await asyncio.to_thread(self.gate.wait, 30)
             body = await request.body()
             self.calls.append(
-                {"path": request.url.path, "client": client.key_id, "scope": dict(request.scope)}
+                {
+                    "path": request.url.path,
+                    "client": client.key_id,
+                    "scope": dict(request.scope),
+                    "body": body,
+                }
             )
             if request.url.path == "/api/ocr":
                 return JSONResponse({"content_type": "image/png", "text": OCR_TEXT})
             req = json.loads(body)
             if request.url.path == "/v1/embeddings":
                 return JSONResponse(embeddings_answer(req["input"]))
-            if req.get("continue_final_message"):
-                return JSONResponse(scored(req["messages"]))
+            if req.get("prompt_logprobs") is not None:
+                return JSONResponse(scored(req))
             return JSONResponse(chat_answer(HONEST_REPLY))
 
         # the answers' tokens as the LLM replica counts them (a re-run must pass uncounted)
@@ -118,10 +170,11 @@ class Core:
 
 @dataclass
 class Edge:
-    """An edge behind the real edge gate: `honest`, or not (other vectors, other text, garbage)."""
+    """An edge behind the real edge gate: `honest`, or not (other vectors, other text, garbage); an LLM
+    answer streamed when asked."""
 
     honest: bool = True
-    answer: tuple[int, bytes] | None = None  # the chat answer (status, body), when set
+    answer: tuple[int, bytes] | None = None  # the LLM answer (status, body, streamed when asked), when set
 
     def app(self, verifier: EdgeCredentialVerifier) -> Any:
         async def answer(request: Request) -> Response:
@@ -136,9 +189,15 @@ class Edge:
                 return JSONResponse({"error": {"message": "the body is not JSON"}}, status_code=400)
             if request.url.path == "/v1/embeddings":
                 return JSONResponse(embeddings_answer(req["input"], seed=0 if self.honest else 1))
+            streamed = req.get("stream") in (True, 1, "true")  # vLLM's pydantic reads these as true
             if self.answer is not None:
-                return Response(self.answer[1], status_code=self.answer[0], media_type="application/json")
-            return JSONResponse(chat_answer(HONEST_REPLY if self.honest else GARBAGE_REPLY))
+                media = "text/event-stream" if streamed else "application/json"
+                return Response(self.answer[1], status_code=self.answer[0], media_type=media)
+            text = HONEST_REPLY if self.honest else GARBAGE_REPLY
+            chat = request.url.path.endswith("/chat/completions")
+            if streamed:
+                return StreamingResponse(iter(events(text, chat)), media_type="text/event-stream")
+            return JSONResponse(chat_answer(text) if chat else completion_answer(text))
 
         gated = EdgeGate(
             Starlette(routes=[Route(p.pattern, answer, methods=[m]) for m, p in ROUTES]), verifier
@@ -304,15 +363,19 @@ def test_text_score_and_llm_parts() -> None:
     assert spotcheck.text_score({"text": "lorem"}, {"text": OCR_TEXT}) < 0.5
     assert spotcheck.text_score({}, {"text": OCR_TEXT}) == 0.0
     chat = {"model": "m", "messages": [{"role": "user", "content": "Capital of France?"}], "temperature": 1.3}
-    req = spotcheck.scoring_request(chat, "Paris.")
+    req = spotcheck.scoring_request(chat, "Paris.", chat=True)
     assert req["messages"][-1] == {"role": "assistant", "content": "Paris."}
     assert req["continue_final_message"] and not req["add_generation_prompt"]
     assert (req["max_tokens"], req["prompt_logprobs"], req["model"]) == (1, 0, "m")
-    assert spotcheck.scoring_request({"model": "m", "prompt": "Q: "}, "A")["prompt"] == "Q: A"
+    assert spotcheck.scoring_request({"model": "m", "prompt": "Q: "}, "A", chat=False)["prompt"] == "Q: A"
     with pytest.raises(spotcheck.Unjudgeable):
-        spotcheck.scoring_request({"model": "m", "prompt": [1, 2, 3]}, "A")
+        spotcheck.scoring_request({"model": "m", "prompt": [1, 2, 3]}, "A", chat=False)
+    with pytest.raises(spotcheck.Unjudgeable):  # a chat request (by its path) without messages
+        spotcheck.scoring_request({"model": "m", "prompt": "Q: "}, "A", chat=True)
     with pytest.raises(spotcheck.Unjudgeable):  # a tool call: no text to judge
-        spotcheck.completion_text(chat, {"choices": [{"message": {"content": None, "tool_calls": [{}]}}]})
+        spotcheck.completion_text(
+            {"choices": [{"message": {"content": None, "tool_calls": [{}]}}]}, chat=True
+        )
     for malformed in (
         {"choices": []},
         {"choices": ["x"]},
@@ -321,7 +384,7 @@ def test_text_score_and_llm_parts() -> None:
         {"error": "busy"},
     ):
         with pytest.raises(spotcheck.Malformed):
-            spotcheck.completion_text(chat, malformed)
+            spotcheck.completion_text(malformed, chat=True)
     spotcheck.calibrated({**chat, "temperature": 1.0, "top_p": 0.95, "presence_penalty": 0, "seed": 3})
     spotcheck.calibrated(
         {**chat, "temperature": None, "response_format": {"type": "text"}, "tool_choice": "none"}
@@ -359,6 +422,8 @@ def test_text_score_and_llm_parts() -> None:
 
 
 def test_kinds_by_path() -> None:
+    assert spotcheck.is_chat("/v1/chat/completions") and spotcheck.is_chat("/v1/chat/completions/")
+    assert not spotcheck.is_chat("/v1/completions")
     assert spotcheck.kind_of("/v1/chat/completions") == "llm"
     assert spotcheck.kind_of("/v1/completions") == "llm"
     assert spotcheck.kind_of("/v1/embeddings") == "embeddings"
@@ -522,12 +587,219 @@ def test_count_tokens_passes_a_flagged_re_run_uncounted() -> None:
         quota.set_meter(previous)
 
 
-def test_a_streamed_answer_is_not_sampled(fresh: Bed) -> None:
-    chat = {"model": "m", "messages": [{"role": "user", "content": "Capital of France?"}]}
-    post(fresh, "/v1/chat/completions", json={**chat, "stream": True})
-    post(fresh, "/v1/embeddings", json={"model": "e", "input": ["beta"]})
-    (verdict,) = verdicts(fresh, 1)  # one worker, in order: the streamed answer would have been checked first
-    assert verdict["kind"] == "embeddings" and len(fresh.core.calls) == 1
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "Capital of France?"}]}
+COMPLETION = {"model": "m", "prompt": "Capital of France?\n"}
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+@pytest.mark.parametrize("honest", [True, False])
+def test_a_streamed_answer_is_judged_as_the_same_answer_not_streamed(
+    fresh: Bed, path: str, honest: bool
+) -> None:
+    fresh.edge.honest = honest
+    request = CHAT if path == "/v1/chat/completions" else COMPLETION
+    text = HONEST_REPLY if honest else GARBAGE_REPLY
+    post(fresh, path, json=request)
+    streamed = json.dumps({**request, "stream": True, "stream_options": {"include_usage": True}}).encode()
+    r = post(fresh, path, content=streamed, headers={"Content-Type": "application/json"})
+    assert r.content == b"".join(events(text, chat=request is CHAT))  # the edge's bytes, as it sent them
+    plain, stream = verdicts(fresh, 2)  # one worker, in order
+    assert (stream["passed"], stream["score"]) == (plain["passed"], plain["score"])
+    assert stream["passed"] is honest
+    assert stream["score"] == pytest.approx(-0.4 if honest else -9.0)
+    assert stream["request_sha256"] == hashlib.sha256(streamed).hexdigest()
+    if not honest:  # the failed sample shows the answer put back together, not its events
+        (choice,) = json.loads(stream["sample"]["edge_answer"])["choices"]
+        assert (choice["message"]["content"] if request is CHAT else choice["text"]) == text
+        assert choice["finish_reason"] == "stop"
+    # the core scored one whole answer: nothing of the client's stream asked of it
+    for call in fresh.core.calls:
+        scoring = json.loads(call["body"])
+        assert scoring["stream"] is False and "stream_options" not in scoring, scoring
+    assert fresh.core.calls[0]["body"] == fresh.core.calls[1]["body"]
+
+
+def test_a_streamed_answer_the_api_could_not_send_fails(fresh: Bed) -> None:
+    whole = b"".join(events(HONEST_REPLY, chat=True))
+    streamed = {**CHAT, "stream": True}
+    for answer in (
+        whole.removesuffix(b"data: [DONE]\n\n"),  # ended cleanly without [DONE]: the API always sends it
+        b'data: {"choices": [{"index": 0, "delta": {"content": "Paris"}}]}\n\ndata: Paris\n\ndata: [DONE]\n\n',
+        b'data: {"id": "x"}\n\ndata: [DONE]\n\n',
+        b'{"choices": [{"message": {"content": "Paris"}}]}\ndata: [DONE]\n',  # no chunk at all
+        # a second choice: clients read the first by position, the one judged must be it
+        whole.replace(
+            b'"choices": [{"index": 0, "delta": {"content": "The',
+            b'"choices": [{"index": 1, "delta": {"content": "The',
+        ),
+        b'data: {"choices": [{"index": 0, "delta": {"content": "Paris", "tool_calls": 1}}]}\n\ndata: [DONE]\n\n',
+    ):
+        fresh.edge.answer = (200, answer)
+        assert post(fresh, "/v1/chat/completions", json=streamed).content == answer  # as the edge sent it
+    got = verdicts(fresh, 6)
+    assert [(v["passed"], v["score"]) for v in got] == [(False, spotcheck.LOGPROB_FLOOR)] * 6
+    assert got[0]["sample"]["edge_answer"].startswith(
+        'data: {"id": "cmpl-1"'
+    )  # as sent: it could not be read
+    assert got[2]["sample"]["edge_answer"].startswith('data: {"id": "x"}')
+    checker = spotcheck.checker()
+    assert checker.counts == {(EDGE, "llm", "failed"): 6}  # failed, not a traceback in the worker
+    assert fresh.core.calls == []  # nothing of these was worth a re-run
+
+
+def test_a_stream_reassemble_cannot_read_fails_not_a_traceback(
+    fresh: Bed, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def unreadable(request: dict[str, Any], stream: bytes, *, chat: bool) -> dict[str, Any]:
+        raise KeyError("index")  # a shape reassemble does not foresee
+
+    monkeypatch.setattr(spotcheck, "reassemble", unreadable)
+    post(fresh, "/v1/chat/completions", json={**CHAT, "stream": True})
+    (verdict,) = verdicts(fresh, 1)
+    assert (verdict["passed"], verdict["score"]) == (False, spotcheck.LOGPROB_FLOOR)
+    assert "KeyError" in verdict["sample"]["core_answer"]
+
+
+def test_a_stream_is_told_by_its_content_type_and_chat_by_the_path(fresh: Bed) -> None:
+    """vLLM streams for `"stream": 1` too; a completions request carrying a `messages` key is still one."""
+    post(fresh, "/v1/completions", json=COMPLETION)
+    request = {**COMPLETION, "messages": CHAT["messages"], "stream": 1}
+    r = post(fresh, "/v1/completions", json=request)
+    assert r.headers["content-type"].startswith("text/event-stream")
+    plain, stream = verdicts(fresh, 2)
+    assert stream["passed"] and (stream["score"], plain["score"]) == (
+        pytest.approx(-0.4),
+        pytest.approx(-0.4),
+    )
+    assert fresh.core.calls[0]["body"] == fresh.core.calls[1]["body"]  # scored as the completion it is
+
+
+def test_a_batch_of_prompts_streamed_is_skipped_before_the_stream_is_read(fresh: Bed) -> None:
+    """A list prompt: vLLM streams one choice per prompt (honest indexes 0 and 1): skipped, not failed."""
+    fresh.edge.answer = (
+        200,
+        sse(
+            {"choices": [{"index": 0, "text": "Paris", "finish_reason": None}]},
+            {"choices": [{"index": 1, "text": "Rome", "finish_reason": None}]},
+        ),
+    )
+    post(fresh, "/v1/completions", json={**COMPLETION, "prompt": ["France?", "Italy?"], "stream": True})
+    checker = spotcheck.checker()
+    wait_for(lambda: checker.counts.total() == 1, timeout=20, what="the stream's outcome")
+    assert checker.counts == {(EDGE, "llm", "skipped"): 1}
+
+
+def test_a_stream_has_a_larger_cap_of_its_own(fresh: Bed) -> None:
+    whole = b"".join(events(HONEST_REPLY, chat=True))
+    checker = SpotChecker(fresh.report, max_answer_bytes=len(whole) // 2)  # the stream cap: 4x that
+    spotcheck.set_checker(checker)
+    post(fresh, "/v1/chat/completions", json={**CHAT, "stream": True})
+    (verdict,) = verdicts(fresh, 1)
+    assert verdict["passed"]
+    checker.max_stream_bytes = len(whole) - 1
+    post(fresh, "/v1/chat/completions", json={**CHAT, "stream": True})
+    wait_for(lambda: checker.counts.total() == 2, timeout=20, what="the second stream's outcome")
+    assert checker.counts == {(EDGE, "llm", "passed"): 1, (EDGE, "llm", "oversize"): 1}
+
+
+def test_streamed_embeddings_are_unaffected(fresh: Bed) -> None:
+    post(fresh, "/v1/embeddings", json={"model": "e", "input": ["alpha"], "stream": True})
+    (verdict,) = verdicts(fresh, 1)
+    assert verdict["kind"] == "embeddings" and verdict["passed"]
+
+
+def sse(*chunks: Any, done: bytes = b"data: [DONE]\n\n") -> bytes:
+    return b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks) + done
+
+
+def delta(content: Any = None, index: int = 0, **extra: Any) -> dict[str, Any]:
+    return {"choices": [{"index": index, "delta": {"content": content, **extra}, "finish_reason": None}]}
+
+
+def test_reassemble_reads_a_stream_tolerantly() -> None:
+    stream = (
+        b": ping\r\n\r\nevent: message\r\nid: 1\r\n"  # comments and other fields: skipped; CRLF lines
+        + b'data:{"choices": [{"index": 0, "delta": {"role": "assistant"}}]}\r\n\r\n'  # no space after data:
+        + sse(
+            delta("Par"),
+            delta("is"),
+            {"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]},
+            {"choices": [], "usage": {"completion_tokens": 2}},
+            done=b"data:[DONE]\n\n"
+            + b'data: {"choices": [{"index": 0, "delta": {"content": " after"}}]}\n\n',
+        )
+    )
+    assert spotcheck.reassemble(CHAT, stream, chat=True) == {
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "Paris"}, "finish_reason": "length"}
+        ]
+    }
+    completions = sse(
+        {"choices": [{"index": 0, "text": "Par", "finish_reason": None}]},
+        {"choices": [{"index": 0, "text": "is.", "finish_reason": "stop"}]},
+    )
+    assert spotcheck.reassemble(COMPLETION, completions, chat=False) == {
+        "choices": [{"index": 0, "text": "Paris.", "finish_reason": "stop"}]
+    }
+    reassembled = spotcheck.reassemble(COMPLETION, completions, chat=False)
+    assert spotcheck.completion_text(reassembled, chat=False) == "Paris."
+    # an error event after some text ends the stream: the text before it is judged (the client got it)
+    errored = sse(delta("Par"), delta("is"), {"error": {"message": "the engine died"}}, delta(" Rome"))
+    (choice,) = spotcheck.reassemble(CHAT, errored, chat=True)["choices"]
+    assert choice["message"]["content"] == "Paris"
+    # tool calls, merged by index: with no text, nothing to judge (as a non-streamed answer)
+    call = {"index": 0, "id": "call-1", "type": "function", "function": {"name": "f", "arguments": '{"a"'}}
+    tools = sse(delta(tool_calls=[call]), delta(tool_calls=[{"index": 0, "function": {"arguments": ": 1}"}}]))
+    (choice,) = spotcheck.reassemble(CHAT, tools, chat=True)["choices"]
+    assert choice["message"]["tool_calls"] == [
+        {"id": "call-1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}
+    ]
+    with pytest.raises(spotcheck.Unjudgeable):
+        spotcheck.completion_text({"choices": [choice]}, chat=True)
+
+
+@pytest.mark.parametrize(
+    ("stream", "request_", "why"),
+    [
+        (b"data: not json\n\ndata: [DONE]\n\n", CHAT, spotcheck.Malformed),
+        (b"data: [1, 2]\n\ndata: [DONE]\n\n", CHAT, spotcheck.Malformed),
+        (sse({"id": "x"}), CHAT, spotcheck.Malformed),  # no choices
+        (sse({"choices": []}), CHAT, spotcheck.Malformed),  # never a first choice
+        (sse({"choices": ["Paris"]}), CHAT, spotcheck.Malformed),
+        (sse({"choices": [{"index": "0", "text": "Paris"}]}), COMPLETION, spotcheck.Malformed),
+        (sse({"choices": [{"index": 0, "text": "Paris"}]}), CHAT, spotcheck.Malformed),  # no delta
+        (sse({"choices": [{"index": 0, "text": 3}]}), COMPLETION, spotcheck.Malformed),
+        (sse({"choices": [{"index": 0, "delta": {"tool_calls": ["f"]}}]}), CHAT, spotcheck.Malformed),
+        (sse(delta("Paris", tool_calls=1)), CHAT, spotcheck.Malformed),  # not a list
+        (sse(delta("Paris", tool_calls=True)), CHAT, spotcheck.Malformed),
+        (sse(delta("Paris", tool_calls={"index": 0})), CHAT, spotcheck.Malformed),
+        # n is 1: a choice other than the first, or a chunk of several, is not the API's
+        (sse(delta("Paris"), delta("ignored", index=1)), CHAT, spotcheck.Malformed),
+        (sse({"choices": [delta("a")["choices"][0], delta("b")["choices"][0]]}), CHAT, spotcheck.Malformed),
+        (b"", CHAT, spotcheck.Malformed),  # no [DONE]: the API always sends it
+        (sse({"choices": [{"index": 0, "text": "Paris"}]}, done=b""), COMPLETION, spotcheck.Malformed),
+        (sse({"choices": [{"index": 0, "text": "Paris"}]}), {**COMPLETION, "n": 2}, spotcheck.Unjudgeable),
+        (sse({"error": {"message": "the engine died"}}), CHAT, spotcheck.Unjudgeable),
+        (sse({"object": "error", "message": "the engine died"}), CHAT, spotcheck.Unjudgeable),
+        (sse(delta(""), {"error": {"message": "died"}}, done=b""), CHAT, spotcheck.Unjudgeable),  # no text
+    ],
+)
+def test_reassemble_refuses_what_the_api_could_not_send(
+    stream: bytes, request_: dict[str, Any], why: type
+) -> None:
+    with pytest.raises(why):
+        spotcheck.reassemble(request_, stream, chat="messages" in request_)
+
+
+def test_the_scoring_request_of_a_streamed_request_is_not_streamed() -> None:
+    for request in (CHAT, COMPLETION):
+        scoring = spotcheck.scoring_request(
+            {**request, "stream": True, "stream_options": {"include_usage": True}},
+            "Paris.",
+            chat=request is CHAT,
+        )
+        assert scoring["stream"] is False and "stream_options" not in scoring
+    spotcheck.calibrated({**CHAT, "stream": True, "stream_options": {"include_usage": True}})
 
 
 def test_an_llm_answer_out_of_range_or_short_is_skipped_and_a_malformed_one_fails(fresh: Bed) -> None:
