@@ -241,6 +241,33 @@ def render_pdf_page(data: bytes, number: int, scale: float) -> Any:
         pdf.close()
 
 
+def cut_pdf_pages(data: bytes, numbers: list[int]) -> dict[int, bytes]:
+    """Each given 1-based page as a PDF of its own (PDFium copies the page with the resources it uses), so a
+    job sends OCR a page's bytes, not the whole file's, per scanned page. A page that cannot be cut (no such
+    page, a damaged page tree) is left out: its caller sends the whole file for it."""
+    import pypdfium2 as pdfium
+
+    src = _pdfium(data)
+    out = {}
+    try:
+        for n in numbers:
+            if not 1 <= n <= len(src):
+                continue
+            one = pdfium.PdfDocument.new()
+            try:
+                one.import_pages(src, [n - 1])
+                buf = io.BytesIO()
+                one.save(buf)
+                out[n] = buf.getvalue()
+            except pdfium.PdfiumError:
+                log.warning("page %d of a PDF could not be cut out: its whole file goes to OCR", n)
+            finally:
+                one.close()
+        return out
+    finally:
+        src.close()
+
+
 def check_zip(data: bytes, what: str) -> None:
     """Refuse (413) a ZIP-based file (DOCX, XLSX) whose directory declares too many members, too many bytes,
     or a bomb's compression ratio, before any member is unzipped. Members cannot unzip to more than they

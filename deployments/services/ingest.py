@@ -12,6 +12,8 @@ the same procrastinate app on the services' Postgres, the same replica, the same
   step (and page, and piece) it was in. Steps are idempotent: chunks get ids derived from their source
   (`rag._ids`), so indexing again replaces them; graph writes MERGE (only a piece interrupted between its
   write and its checkpoint adds its mention counts twice).
+- OCR is sent each scanned page as a PDF of its own, cut out of the file in this replica's sandbox
+  (`documents.cut_pdf_pages`), not the whole file once per page; a file that cannot be cut is sent whole.
 - Bounded: a job is started at most `ingest_max_attempts` times (its runner died, a service was away); then
   it is `failed` with the error. A file the services refuse (unreadable, too many pages) fails it at once.
 - Cancel stops a running job at the next step boundary (or OCR page); a queued one at once.
@@ -36,8 +38,9 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from deployments.gateway.refusal import Refusal, not_found, unwrap, validation_message
+from deployments.services import sandbox
 from deployments.services.db import IngestJob, IngestPage, Upload
-from deployments.services.documents import IMAGES, PDF, detect
+from deployments.services.documents import IMAGES, PDF, cut_pdf_pages, detect
 from deployments.services.rag import chunk_text, collection_name
 from deployments.services.uploads import UPLOAD_ID, put_locked
 
@@ -52,6 +55,7 @@ FINAL = (SUCCEEDED, FAILED, CANCELLED)
 STATES = (QUEUED, RUNNING, *FINAL)
 PENDING, DONE, SKIPPED = "pending", "done", "skipped"
 STEPS = ("parse", "ocr", "index", "entities")
+CUT_PAGES = 20  # scanned pages cut out of the PDF per sandbox call (each call ships the file to the child)
 GRAPH_PIECE = 50_000  # characters per graph call (the graph service takes at most 100,000)
 MAX_TEXT = 5_000_000  # characters: the online routes' limit on a text (`schemas.py`)
 MAX_ENTITIES = 5_000  # distinct entities kept in a job's result (the graph has them all)
@@ -236,6 +240,18 @@ class ServePipeline:
                     self._backends.pop(name, None)  # a fresh handle next time
                 raise Unavailable(f"the {name} service did not answer ({kind})") from None
             raise
+
+
+async def _cut_pages(data: bytes, numbers: list[int]) -> dict[int, bytes]:
+    """The given pages cut out of the PDF, each a one-page PDF (`documents.cut_pdf_pages`), in this replica's
+    sandbox: PDFium reading the caller's bytes in the runner's own process could take the runner (and the Batch
+    API it serves) down with it. A file that cannot be cut gives {}: its pages go to OCR whole, as before, and
+    the OCR service refuses them if they are damaged."""
+    try:
+        return await sandbox.shared().arun("PDF cutter", cut_pdf_pages, data, numbers)
+    except Refusal as exc:
+        log.warning("a job's PDF could not be cut into pages (%s): its whole file goes to OCR", exc.code)
+        return {}
 
 
 class IngestJobs:
@@ -807,13 +823,18 @@ class IngestJobs:
     async def _step_ocr(self, job_id: str, ctx: dict[str, Any], data: bytes) -> None:
         todo = await asyncio.to_thread(self._ocr_todo, job_id)
         image = ctx["content_type"] in IMAGES
-        for number in todo:  # one page at a time, each checkpointed: a resumed job reads only the rest
-            if image:
-                out = await self._pipeline().call("ocr", "image", data)
-            else:
-                (out,) = await self._pipeline().call("ocr", "pdf_pages", data, [number])
-            if await asyncio.to_thread(self._ocr_checkpoint, job_id, number, out["text"]):
-                return  # a cancel asked for: the boundary, ingest_next_step cancels
+        for first in range(0, len(todo), CUT_PAGES):
+            group = todo[first : first + CUT_PAGES]
+            cut = {} if image else await _cut_pages(data, group)
+            for number in group:  # one page at a time, each checkpointed: a resumed job reads only the rest
+                if image:
+                    out = await self._pipeline().call("ocr", "image", data)
+                elif number in cut:  # the page's own one-page PDF: its page 1 is the job's page `number`
+                    (out,) = await self._pipeline().call("ocr", "pdf_pages", cut[number], [1])
+                else:
+                    (out,) = await self._pipeline().call("ocr", "pdf_pages", data, [number])
+                if await asyncio.to_thread(self._ocr_checkpoint, job_id, number, out["text"]):
+                    return  # a cancel asked for: the boundary, ingest_next_step cancels
         await asyncio.to_thread(self._ocr_done, job_id)
 
     def _ocr_checkpoint(self, job_id: str, number: int, text: str) -> bool:

@@ -247,6 +247,106 @@ def test_a_job_whose_runner_died_resumes_at_its_step_without_duplicating_chunks(
     asyncio.run(scenario())
 
 
+class RecordingOcr:
+    """The real OCR, with each `pdf_pages` call's bytes and page numbers recorded."""
+
+    def __init__(self, ocr: Ocr) -> None:
+        self.ocr = ocr
+        self.calls: list[tuple[bytes, list[int]]] = []
+
+    def image(self, data: bytes) -> dict[str, Any]:
+        return self.ocr.image(data)
+
+    def pdf_pages(self, data: bytes, numbers: list[int]) -> list[dict[str, Any]]:
+        self.calls.append((data, numbers))
+        return self.ocr.pdf_pages(data, numbers)
+
+
+def two_scans_pdf() -> tuple[bytes, list[str]]:
+    """Text, scanned, text, scanned pages; and the text each page has."""
+    from pypdf import PdfReader, PdfWriter
+
+    texts = [PAGES[0], SCANNED, PAGES[1], "Scanned contract 2026"]
+    w = PdfWriter()
+    for part in (
+        samples.pdf([texts[0]]),
+        samples.scanned_pdf([texts[1]]),
+        samples.pdf([texts[2]]),
+        samples.scanned_pdf([texts[3]]),
+    ):
+        w.add_page(PdfReader(io.BytesIO(part)).pages[0])
+    buf = io.BytesIO()
+    w.write(buf)
+    return buf.getvalue(), texts
+
+
+def page_images(data: bytes) -> list[list[bytes]]:
+    from pypdf import PdfReader
+
+    return [[im.data for im in page.images] for page in PdfReader(io.BytesIO(data)).pages]
+
+
+def test_ocr_is_sent_each_scanned_page_alone_and_its_text_is_kept_for_that_page(
+    postgres: Postgres, tmp_path: Any, ocr: Ocr
+) -> None:
+    """The OCR service gets a one-page PDF per scanned page (the page's own image, not the whole file), and
+    what it reads is stored as the job's page of that number."""
+    store = make_store(postgres, tmp_path, ocr, batch_runner=False)
+    recorder = RecordingOcr(ocr)
+    store.pipeline = ingest.ServePipeline(60, documents=store.docs, ocr=recorder)
+    pdf, texts = two_scans_pdf()
+
+    async def scenario() -> None:
+        _, job = await store.ingest_create("alice", pdf, "lease.pdf", None, None, {})
+        await store.run_ingest(job["id"])
+        out = store.ingest_get(job["id"], "alice")
+        assert out["state"] == ingest.SUCCEEDED and out["result"]["ocr_pages"] == 2, out
+        whole = page_images(pdf)
+        assert [numbers for _, numbers in recorder.calls] == [[1], [1]]
+        for (sent, _), number in zip(recorder.calls, (2, 4), strict=True):
+            assert len(sent) < len(pdf)
+            assert page_images(sent) == [whole[number - 1]]  # one page: the job's page `number`
+        assert store.ingest_text(job["id"], "alice").split("\n\n") == texts
+
+    asyncio.run(scenario())
+
+
+def test_a_page_that_cannot_be_cut_goes_to_ocr_with_the_whole_file(
+    postgres: Postgres, tmp_path: Any, ocr: Ocr, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from deployments.services.documents import cut_pdf_pages
+
+    pdf, texts = two_scans_pdf()
+    assert sorted(cut_pdf_pages(pdf, [2, 9])) == [2]  # no page 9: left out, not an error
+
+    real = ingest.sandbox.shared()
+
+    class Broken:
+        """The sandbox, whose PDF cutter fails as on a damaged file (the parser and OCR use it too)."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        async def arun(self, what: str, *args: Any) -> Any:
+            if what == "PDF cutter":
+                raise Refusal(422, "unreadable_pdf", "the PDF could not be read")
+            return await real.arun(what, *args)
+
+    monkeypatch.setattr(ingest.sandbox, "shared", lambda: Broken())
+    store = make_store(postgres, tmp_path, ocr, batch_runner=False)
+    recorder = RecordingOcr(ocr)
+    store.pipeline = ingest.ServePipeline(60, documents=store.docs, ocr=recorder)
+
+    async def scenario() -> None:
+        _, job = await store.ingest_create("alice", pdf, "lease.pdf", None, None, {})
+        await store.run_ingest(job["id"])
+        assert store.ingest_get(job["id"], "alice")["state"] == ingest.SUCCEEDED
+        assert recorder.calls == [(pdf, [2]), (pdf, [4])]
+        assert store.ingest_text(job["id"], "alice").split("\n\n") == texts
+
+    asyncio.run(scenario())
+
+
 def test_attempts_are_bounded_and_a_refused_file_fails_the_job_with_the_error(
     postgres: Postgres, tmp_path: Any, ocr: Ocr
 ) -> None:
