@@ -575,7 +575,7 @@ class IngestJobs:
     def ingest_queue_figures(self, now: datetime | None = None) -> dict[str, Any]:
         """The jobs' queue for the registry page (in the batches replica's report): jobs waiting and running,
         the oldest waiting one's age, and the jobs (and their pages) finished in the last 10 minutes. Reads
-        the unfinished jobs and those finished lately only (the state index, then `finished_at`)."""
+        the unfinished jobs and those finished lately only (the (state, finished_at) index)."""
         now = now or _now()
         since = now - timedelta(minutes=10)
         with self.db.sessions()() as db:
