@@ -10,8 +10,9 @@ the same procrastinate app on the services' Postgres, the same replica, the same
   (`db.IngestPage`), each OCR'd page as it is read, the chunk count after indexing, each piece of text sent to
   the graph. A job whose runner died is put back by the sweep (procrastinate's stalled jobs) and resumes at the
   step (and page, and piece) it was in. Steps are idempotent: chunks get ids derived from their source
-  (`rag._ids`), so indexing again replaces them; graph writes MERGE (only a piece interrupted between its
-  write and its checkpoint adds its mention counts twice).
+  (`rag._ids`), so indexing again replaces them; graph writes MERGE, and the job's result counts each piece
+  once (a piece interrupted between its write and its checkpoint is written again: the graph's own mention
+  and co-occurrence counts get its counts twice).
 - OCR is sent each scanned page as a PDF of its own, cut out of the file in this replica's sandbox
   (`documents.cut_pdf_pages`), not the whole file once per page; a file that cannot be cut is sent whole.
 - Bounded: a job is started at most `ingest_max_attempts` times (its runner died, a service was away); then
@@ -925,9 +926,14 @@ class IngestJobs:
             row = db.get(IngestJob, job_id, with_for_update=True)
             start = int(_step(row, "entities")["done"]) if _step(row, "entities")["total"] == n else 0
             _set_step(row, "entities", total=n, done=start)
+            if not start:  # every piece again: none of the counts kept so far stands
+                _merge_result(row, _relations={})
             return start
 
     def _entities_checkpoint(self, job_id: str, i: int, out: dict[str, Any]) -> None:
+        """Piece `i`'s entities and relations into the result. A piece is run again when its runner died
+        between its graph write and this checkpoint: the entities are a set and the relations are kept per
+        piece (`_relations`), so its second checkpoint replaces its first instead of adding to it."""
         with self.db.sessions().begin() as db:
             row = db.get(IngestJob, job_id, with_for_update=True)
             seen = {(e["name"], e["label"]) for e in (row.result or {}).get("_entities", [])}
@@ -940,6 +946,7 @@ class IngestJobs:
                     break
                 seen.add((e["name"], e["label"]))
             found = [{"name": n, "label": lb} for n, lb in sorted(seen)]
+            per_piece = {**(row.result or {}).get("_relations", {}), str(i): len(out["relations"])}
             _set_step(row, "entities", done=i + 1)
             _merge_result(
                 row,
@@ -947,7 +954,8 @@ class IngestJobs:
                 entities=len(found),
                 entities_capped=capped,
                 entity_sample=found[:50],
-                relations=(row.result or {}).get("relations", 0) + len(out["relations"]),
+                _relations=per_piece,
+                relations=sum(per_piece.values()),
             )
 
     def _entities_done(self, job_id: str, n: int) -> None:

@@ -594,6 +594,52 @@ def test_a_file_that_crashes_the_parser_fails_the_job_once_and_backpressure_is_r
     asyncio.run(scenario())
 
 
+def test_a_graph_piece_written_but_not_checkpointed_is_counted_once_after_the_resume(
+    postgres: Postgres, tmp_path: Any, ocr: Ocr, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The runner killed between piece 1's graph write and its checkpoint: the resumed job writes piece 1
+    again (the graph MERGEs it) and the job's result counts its entities and relations once."""
+    from deployments.services.rag import chunk_text
+
+    monkeypatch.setattr(ingest, "GRAPH_PIECE", 40)  # a piece a page
+    store = make_store(postgres, tmp_path, ocr, batch_runner=False, ingest_max_attempts=3)
+    doc = samples.pdf([*PAGES, "Lisbon in the spring."])
+
+    class Killed(BaseException):
+        """The runner's process ending: nothing after it runs, no handler sees it."""
+
+    real = store._entities_checkpoint
+
+    def dies_after_the_write(job_id: str, i: int, out: dict[str, Any]) -> None:
+        if i == 1:
+            raise Killed
+        real(job_id, i, out)
+
+    async def scenario() -> None:
+        _, job = await store.ingest_create("alice", doc, "a.pdf", None, None, {"graph": True})
+        jid = job["id"]
+        ctx = store.ingest_claim(jid)
+        assert store.ingest_next_step(jid) == "parse"
+        await store._step_parse(jid, ctx, doc)
+        assert store.ingest_next_step(jid) == "entities"  # no OCR, no index asked for
+        store._entities_checkpoint = dies_after_the_write
+        with pytest.raises(Killed):
+            await store._step_entities(jid, ctx, doc)
+        pieces = chunk_text(store.ingest_text(jid, "alice"), ingest.GRAPH_PIECE, 0)
+        assert len(pieces) == 3 and [t for _, t in store.graph.calls] == pieces[:2]
+        assert store.ingest_get(jid, "alice")["steps"][3]["done"] == 1
+        store._entities_checkpoint = real
+        await store.run_ingest(jid)  # the next runner: from piece 1
+        out = store.ingest_get(jid, "alice")
+        assert out["state"] == ingest.SUCCEEDED and out["attempts"] == 2, out
+        assert [t for _, t in store.graph.calls] == [pieces[0], pieces[1], pieces[1], pieces[2]]
+        # RecordingGraph answers one relation a piece: three pieces, three relations, not four
+        assert out["result"]["relations"] == 3 and out["result"]["entities"] == 3, out["result"]
+        assert "_relations" not in out["result"]
+
+    asyncio.run(scenario())
+
+
 def test_a_text_past_the_online_limit_fails_the_job_and_the_kept_entities_are_bounded(
     postgres: Postgres, tmp_path: Any, ocr: Ocr, monkeypatch: pytest.MonkeyPatch
 ) -> None:
