@@ -946,7 +946,11 @@ class IngestJobs:
                     break
                 seen.add((e["name"], e["label"]))
             found = [{"name": n, "label": lb} for n, lb in sorted(seen)]
-            per_piece = {**(row.result or {}).get("_relations", {}), str(i): len(out["relations"])}
+            # no `_relations`: the job's first pieces ran before it was kept; their sum stands for them
+            earlier = (row.result or {}).get(
+                "_relations", {"earlier": (row.result or {}).get("relations", 0)}
+            )
+            per_piece = {**earlier, str(i): len(out["relations"])}
             _set_step(row, "entities", done=i + 1)
             _merge_result(
                 row,

@@ -594,11 +594,18 @@ def test_a_file_that_crashes_the_parser_fails_the_job_once_and_backpressure_is_r
     asyncio.run(scenario())
 
 
+@pytest.mark.parametrize("first_piece_by_earlier_code", [False, True])
 def test_a_graph_piece_written_but_not_checkpointed_is_counted_once_after_the_resume(
-    postgres: Postgres, tmp_path: Any, ocr: Ocr, monkeypatch: pytest.MonkeyPatch
+    postgres: Postgres,
+    tmp_path: Any,
+    ocr: Ocr,
+    monkeypatch: pytest.MonkeyPatch,
+    first_piece_by_earlier_code: bool,
 ) -> None:
     """The runner killed between piece 1's graph write and its checkpoint: the resumed job writes piece 1
-    again (the graph MERGEs it) and the job's result counts its entities and relations once."""
+    again (the graph MERGEs it) and the job's result counts its entities and relations once; also for a job
+    whose first piece was checkpointed by the code before the per-piece counts (a deploy's restart)."""
+    from deployments.services.db import IngestJob
     from deployments.services.rag import chunk_text
 
     monkeypatch.setattr(ingest, "GRAPH_PIECE", 40)  # a piece a page
@@ -628,6 +635,10 @@ def test_a_graph_piece_written_but_not_checkpointed_is_counted_once_after_the_re
         pieces = chunk_text(store.ingest_text(jid, "alice"), ingest.GRAPH_PIECE, 0)
         assert len(pieces) == 3 and [t for _, t in store.graph.calls] == pieces[:2]
         assert store.ingest_get(jid, "alice")["steps"][3]["done"] == 1
+        if first_piece_by_earlier_code:
+            with store.db.sessions().begin() as db:
+                row = db.get(IngestJob, jid)
+                row.result = {k: v for k, v in row.result.items() if k != "_relations"}
         store._entities_checkpoint = real
         await store.run_ingest(jid)  # the next runner: from piece 1
         out = store.ingest_get(jid, "alice")
