@@ -14,7 +14,9 @@ the same procrastinate app on the services' Postgres, the same replica, the same
   once (a piece interrupted between its write and its checkpoint is written again: the graph's own mention
   and co-occurrence counts get its counts twice).
 - OCR is sent each scanned page as a PDF of its own, cut out of the file in this replica's sandbox
-  (`documents.cut_pdf_pages`), not the whole file once per page; a file that cannot be cut is sent whole.
+  (`documents.cut_pdf_pages`), not the whole file once per page; a file that cannot be cut is sent whole, and
+  so is a page whose cut saves nothing, every page past the cuts' memory budget, and a cut page OCR refuses
+  (so that the refusal names the job's page).
 - Bounded: a job is started at most `ingest_max_attempts` times (its runner died, a service was away); then
   it is `failed` with the error. A file the services refuse (unreadable, too many pages) fails it at once.
 - Cancel stops a running job at the next step boundary (or OCR page); a queued one at once.
@@ -247,12 +249,15 @@ async def _cut_pages(data: bytes, numbers: list[int]) -> dict[int, bytes]:
     """The given pages cut out of the PDF, each a one-page PDF (`documents.cut_pdf_pages`), in this replica's
     sandbox: PDFium reading the caller's bytes in the runner's own process could take the runner (and the Batch
     API it serves) down with it. A file that cannot be cut gives {}: its pages go to OCR whole, as before, and
-    the OCR service refuses them if they are damaged."""
+    the OCR service refuses them if they are damaged. Any error does (the sandbox away, a bug): cutting only
+    saves bytes, so it never fails the job; a cancelled task still stops."""
     try:
         return await sandbox.shared().arun("PDF cutter", cut_pdf_pages, data, numbers)
     except Refusal as exc:
         log.warning("a job's PDF could not be cut into pages (%s): its whole file goes to OCR", exc.code)
-        return {}
+    except Exception:
+        log.exception("a job's PDF could not be cut into pages: its whole file goes to OCR")
+    return {}
 
 
 class IngestJobs:
@@ -826,17 +831,39 @@ class IngestJobs:
         image = ctx["content_type"] in IMAGES
         for first in range(0, len(todo), CUT_PAGES):
             group = todo[first : first + CUT_PAGES]
+            if await asyncio.to_thread(self._cancel_requested, job_id):
+                return  # a cancel asked for since the last checkpoint: no cut for a job that stops here
             cut = {} if image else await _cut_pages(data, group)
             for number in group:  # one page at a time, each checkpointed: a resumed job reads only the rest
                 if image:
                     out = await self._pipeline().call("ocr", "image", data)
-                elif number in cut:  # the page's own one-page PDF: its page 1 is the job's page `number`
-                    (out,) = await self._pipeline().call("ocr", "pdf_pages", cut[number], [1])
                 else:
-                    (out,) = await self._pipeline().call("ocr", "pdf_pages", data, [number])
+                    out = await self._ocr_page(data, number, cut.get(number))
                 if await asyncio.to_thread(self._ocr_checkpoint, job_id, number, out["text"]):
                     return  # a cancel asked for: the boundary, ingest_next_step cancels
         await asyncio.to_thread(self._ocr_done, job_id)
+
+    async def _ocr_page(self, data: bytes, number: int, page: bytes | None) -> dict[str, Any]:
+        """OCR of the job's page `number`: from its own one-page PDF when it was cut (its page 1), else from the
+        whole file. A cut page OCR refuses (4xx) is sent again whole: the refusal then names the job's page
+        (`page 37`, not the cut's `page 1`), and a page the cut spoiled is still read. A service error (5xx,
+        away) is not the cut's fault: it goes up as from any call."""
+        if page is not None:
+            try:
+                (out,) = await self._pipeline().call("ocr", "pdf_pages", page, [1])
+                return dict(out)
+            except Refusal as exc:
+                if exc.status >= 500:
+                    raise
+                log.warning("OCR refused page %d cut out of a job's PDF (%s): sent whole", number, exc.code)
+        (out,) = await self._pipeline().call("ocr", "pdf_pages", data, [number])
+        return dict(out)
+
+    def _cancel_requested(self, job_id: str) -> bool:
+        """Whether a cancel was asked for (as `_ocr_checkpoint` reports it), between checkpoints."""
+        with self.db.sessions()() as db:
+            row = db.get(IngestJob, job_id)
+            return row is not None and bool(row.cancel_requested)
 
     def _ocr_checkpoint(self, job_id: str, number: int, text: str) -> bool:
         """The page's text saved; whether a cancel was asked for."""

@@ -311,8 +311,15 @@ def test_ocr_is_sent_each_scanned_page_alone_and_its_text_is_kept_for_that_page(
     asyncio.run(scenario())
 
 
+@pytest.mark.parametrize(
+    "error",
+    [
+        Refusal(422, "unreadable_pdf", "the PDF could not be read"),  # a damaged file
+        RuntimeError("the sandbox's pool is broken"),  # anything else: cutting only saves bytes
+    ],
+)
 def test_a_page_that_cannot_be_cut_goes_to_ocr_with_the_whole_file(
-    postgres: Postgres, tmp_path: Any, ocr: Ocr, monkeypatch: pytest.MonkeyPatch
+    postgres: Postgres, tmp_path: Any, ocr: Ocr, monkeypatch: pytest.MonkeyPatch, error: Exception
 ) -> None:
     from deployments.services.documents import cut_pdf_pages
 
@@ -322,14 +329,14 @@ def test_a_page_that_cannot_be_cut_goes_to_ocr_with_the_whole_file(
     real = ingest.sandbox.shared()
 
     class Broken:
-        """The sandbox, whose PDF cutter fails as on a damaged file (the parser and OCR use it too)."""
+        """The sandbox, whose PDF cutter fails with `error` (the parser and OCR use it too)."""
 
         def __getattr__(self, name: str) -> Any:
             return getattr(real, name)
 
         async def arun(self, what: str, *args: Any) -> Any:
             if what == "PDF cutter":
-                raise Refusal(422, "unreadable_pdf", "the PDF could not be read")
+                raise error
             return await real.arun(what, *args)
 
     monkeypatch.setattr(ingest.sandbox, "shared", lambda: Broken())
@@ -343,6 +350,177 @@ def test_a_page_that_cannot_be_cut_goes_to_ocr_with_the_whole_file(
         assert store.ingest_get(job["id"], "alice")["state"] == ingest.SUCCEEDED
         assert recorder.calls == [(pdf, [2]), (pdf, [4])]
         assert store.ingest_text(job["id"], "alice").split("\n\n") == texts
+
+    asyncio.run(scenario())
+
+    class Stopped:
+        async def arun(self, what: str, *args: Any) -> Any:
+            raise asyncio.CancelledError
+
+    monkeypatch.setattr(ingest.sandbox, "shared", lambda: Stopped())
+    with pytest.raises(asyncio.CancelledError):  # a cancelled task is not taken for a file that cannot be cut
+        asyncio.run(ingest._cut_pages(pdf, [2]))
+
+
+def shared_image_pdf(pages: int) -> bytes:
+    """`pages` pages that all draw one image of noise (it does not compress): the file holds it once, and
+    each page cut out of it carries it whole."""
+    import random
+
+    from PIL import Image
+    from pypdf import PdfReader, PdfWriter
+
+    noise = random.Random(7).randbytes(300 * 300)
+    buf = io.BytesIO()
+    Image.frombytes("L", (300, 300), noise).save(buf, format="PDF", resolution=100.0)
+    page = PdfReader(io.BytesIO(buf.getvalue())).pages[0]
+    w = PdfWriter()
+    for _ in range(pages):
+        w.add_page(page)
+    out = io.BytesIO()
+    w.write(out)
+    return out.getvalue()
+
+
+def test_cut_pages_that_save_nothing_or_pass_the_budget_are_left_to_go_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """20 pages sharing one image: each cut is nearly the whole file, so all 20 would be 20x the file in
+    memory; the cuts stop at max(file, `CUT_BUDGET`) and the rest go whole. A cut no smaller than the file
+    (a one-page file: the same page plus PDFium's own framing) is left out too."""
+    from deployments.services import documents
+
+    pdf = shared_image_pdf(20)
+    numbers = list(range(1, 21))
+    cut = documents.cut_pdf_pages(pdf, numbers)
+    assert sorted(cut) == numbers  # under the 32 MiB floor: all cut, each smaller than the file
+    assert all(len(page) < len(pdf) for page in cut.values())
+    monkeypatch.setattr(documents, "CUT_BUDGET", 0)  # a file past the floor: the budget is the file's size
+    cut = documents.cut_pdf_pages(pdf, numbers)
+    assert sorted(cut) == [1] and sum(map(len, cut.values())) <= len(pdf)
+    one = samples.scanned_pdf([SCANNED])
+    assert documents.cut_pdf_pages(one, [1]) == {}
+
+
+class RefusingOcr(RecordingOcr):
+    """The real OCR, but a cut page (any bytes but `whole`) is refused with `status`."""
+
+    def __init__(self, ocr: Ocr, whole: bytes, status: int) -> None:
+        super().__init__(ocr)
+        self.whole, self.status = whole, status
+
+    def pdf_pages(self, data: bytes, numbers: list[int]) -> list[dict[str, Any]]:
+        if data != self.whole:
+            self.calls.append((data, numbers))
+            raise Refusal(self.status, "ocr_refused", f"page {numbers[0]} refused")
+        return super().pdf_pages(data, numbers)
+
+
+@pytest.mark.parametrize("status", [422, 503])
+def test_a_cut_page_ocr_refuses_is_sent_whole_and_a_service_error_is_not(
+    postgres: Postgres, tmp_path: Any, ocr: Ocr, status: int
+) -> None:
+    """A 4xx on a cut page: the page is sent again in the whole file, and read; a 5xx is the service's, not
+    the cut's: it goes up as before, the whole file not sent."""
+    store = make_store(postgres, tmp_path, ocr, batch_runner=False, ingest_max_attempts=1)
+    pdf, texts = two_scans_pdf()
+    recorder = RefusingOcr(ocr, pdf, status)
+    store.pipeline = ingest.ServePipeline(60, documents=store.docs, ocr=recorder)
+
+    async def scenario() -> None:
+        _, job = await store.ingest_create("alice", pdf, "lease.pdf", None, None, {})
+        await store.run_ingest(job["id"])
+        out = store.ingest_get(job["id"], "alice")
+        sent = [(data == pdf, numbers) for data, numbers in recorder.calls]
+        if status < 500:
+            assert out["state"] == ingest.SUCCEEDED, out
+            assert sent == [(False, [1]), (True, [2]), (False, [1]), (True, [4])]
+            assert store.ingest_text(job["id"], "alice").split("\n\n") == texts
+        else:
+            # a transient error, as ever: the job is started again; with one attempt, it fails with it
+            assert out["state"] == ingest.FAILED and out["error"]["code"] == "service_unavailable", out
+            assert sent == [(False, [1])]
+
+    asyncio.run(scenario())
+
+
+def test_a_page_too_large_for_ocr_is_named_by_its_number_in_the_job(
+    postgres: Postgres, tmp_path: Any, ocr: Ocr
+) -> None:
+    """The real OCR refuses a page past its pixel limit; cut out, the page is its file's page 1, so it is
+    sent again whole and the job's error names page 4, the page the caller can find."""
+    from pypdf import PdfReader, PdfWriter
+    from pypdf.generic import RectangleObject
+
+    pdf, _ = two_scans_pdf()
+    w = PdfWriter()
+    for n, page in enumerate(PdfReader(io.BytesIO(pdf)).pages, 1):
+        if n == 4:  # 5000 pt a side: past the OCR's 4096-pixel side even at 72 dpi
+            page.mediabox = page.cropbox = RectangleObject([0, 0, 5000, 5000])
+        w.add_page(page)
+    buf = io.BytesIO()
+    w.write(buf)
+    pdf = buf.getvalue()
+    store = make_store(postgres, tmp_path, ocr, batch_runner=False)
+    recorder = RecordingOcr(ocr)
+    store.pipeline = ingest.ServePipeline(60, documents=store.docs, ocr=recorder)
+
+    async def scenario() -> None:
+        _, job = await store.ingest_create("alice", pdf, "big.pdf", None, None, {})
+        await store.run_ingest(job["id"])
+        out = store.ingest_get(job["id"], "alice")
+        assert out["state"] == ingest.FAILED and out["error"]["code"] == "page_too_large", out
+        assert out["error"]["message"].startswith("page 4 is 5000x5000 pt"), out["error"]
+        assert [(data == pdf, numbers) for data, numbers in recorder.calls] == [
+            (False, [1]),
+            (False, [1]),
+            (True, [4]),
+        ]
+
+    asyncio.run(scenario())
+
+
+def test_ocr_groups_are_cut_one_at_a_time_and_a_cancel_between_groups_stops_before_the_next_cut(
+    postgres: Postgres, tmp_path: Any, ocr: Ocr, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ingest, "CUT_PAGES", 1)  # a group a scanned page
+    cuts: list[list[int]] = []
+    real_cut = ingest._cut_pages
+
+    async def recording_cut(data: bytes, numbers: list[int]) -> dict[int, bytes]:
+        cuts.append(numbers)
+        return await real_cut(data, numbers)
+
+    monkeypatch.setattr(ingest, "_cut_pages", recording_cut)
+    store = make_store(postgres, tmp_path, ocr, batch_runner=False)
+    recorder = RecordingOcr(ocr)
+    store.pipeline = ingest.ServePipeline(60, documents=store.docs, ocr=recorder)
+    pdf, texts = two_scans_pdf()
+
+    async def scenario() -> None:
+        _, job = await store.ingest_create("alice", pdf, "a.pdf", None, None, {})
+        await store.run_ingest(job["id"])
+        out = store.ingest_get(job["id"], "alice")
+        assert out["state"] == ingest.SUCCEEDED and out["result"]["ocr_pages"] == 2, out
+        assert cuts == [[2], [4]] and [n for _, n in recorder.calls] == [[1], [1]]
+        assert store.ingest_text(job["id"], "alice").split("\n\n") == texts
+
+        # a cancel asked for just after page 2's checkpoint (which reported none): page 4 is neither cut nor read
+        cuts.clear()
+        recorder.calls.clear()
+        _, job = await store.ingest_create("alice", pdf, "b.pdf", None, None, {})
+        real_checkpoint = store._ocr_checkpoint
+
+        def checkpoint_then_cancel(job_id: str, number: int, text: str) -> bool:
+            asked = real_checkpoint(job_id, number, text)
+            store.ingest_cancel(job_id, "alice")
+            return asked
+
+        store._ocr_checkpoint = checkpoint_then_cancel
+        await store.run_ingest(job["id"])
+        out = store.ingest_get(job["id"], "alice")
+        assert out["state"] == ingest.CANCELLED, out
+        assert cuts == [[2]] and len(recorder.calls) == 1 and out["result"]["ocr_pages"] == 1
 
     asyncio.run(scenario())
 
