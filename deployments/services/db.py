@@ -178,6 +178,8 @@ class IngestJob(Base):
     __table_args__ = (
         Index("ix_ingest_jobs_owner_created", "owner", "created_at"),
         Index("ix_ingest_jobs_owner_key", "owner", "idempotency_key", unique=True),
+        # the registry figures' recently finished jobs and the clean-up's long finished ones
+        Index("ix_ingest_jobs_state_finished", "state", "finished_at"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: f"job_{uuid.uuid4().hex}")

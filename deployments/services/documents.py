@@ -67,6 +67,7 @@ MIN_RENDER_SCALE = 1.0  # 72 dpi: below it ordinary print is too small for OCR t
 MAX_ZIP_MEMBERS = 1000
 MAX_ZIP_BYTES = 200 * 2**20  # all members, uncompressed (embedded pictures included)
 MAX_XML_BYTES = 16 * 2**20  # the XML parts, uncompressed: python-docx builds a tree of every element in them
+CUT_BUDGET = 32 * 2**20  # a job's pages cut out of a PDF in one call, at least: their bytes all sit in memory
 MAX_ZIP_RATIO = 100  # uncompressed/compressed of a member over 1 MiB; real XML compresses 5-20x, a bomb 1000x
 
 
@@ -239,6 +240,43 @@ def render_pdf_page(data: bytes, number: int, scale: float) -> Any:
         return np.asarray(page.render(scale=scale).to_pil().convert("RGB"))
     finally:
         pdf.close()
+
+
+def cut_pdf_pages(data: bytes, numbers: list[int]) -> dict[int, bytes]:
+    """Each given 1-based page as a PDF of its own (PDFium copies the page with the resources it uses), so a
+    job sends OCR a page's bytes, not the whole file's, per scanned page. A page left out goes whole (its
+    caller sends the whole file for it): one that cannot be cut (no such page, a damaged page tree); one whose
+    cut is no smaller than the file (it saves nothing); and every page once the kept pages would pass
+    max(len(data), `CUT_BUDGET`) bytes: pages sharing resources (20 pages drawing one large image) each carry
+    them all, so their cuts could add up to many times the file."""
+    import pypdfium2 as pdfium
+
+    src = _pdfium(data)
+    out = {}
+    budget, total = max(len(data), CUT_BUDGET), 0
+    try:
+        for n in numbers:
+            if not 1 <= n <= len(src):
+                continue
+            one = pdfium.PdfDocument.new()
+            try:
+                one.import_pages(src, [n - 1])
+                buf = io.BytesIO()
+                one.save(buf)
+                page = buf.getvalue()
+                if len(page) >= len(data):
+                    continue
+                if total + len(page) > budget:
+                    break  # the rest go whole, as the file always did
+                out[n] = page
+                total += len(page)
+            except pdfium.PdfiumError:
+                log.warning("page %d of a PDF could not be cut out: its whole file goes to OCR", n)
+            finally:
+                one.close()
+        return out
+    finally:
+        src.close()
 
 
 def check_zip(data: bytes, what: str) -> None:

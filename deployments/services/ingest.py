@@ -10,8 +10,13 @@ the same procrastinate app on the services' Postgres, the same replica, the same
   (`db.IngestPage`), each OCR'd page as it is read, the chunk count after indexing, each piece of text sent to
   the graph. A job whose runner died is put back by the sweep (procrastinate's stalled jobs) and resumes at the
   step (and page, and piece) it was in. Steps are idempotent: chunks get ids derived from their source
-  (`rag._ids`), so indexing again replaces them; graph writes MERGE (only a piece interrupted between its
-  write and its checkpoint adds its mention counts twice).
+  (`rag._ids`), so indexing again replaces them; graph writes MERGE, and the job's result counts each piece
+  once (a piece interrupted between its write and its checkpoint is written again: the graph's own mention
+  and co-occurrence counts get its counts twice).
+- OCR is sent each scanned page as a PDF of its own, cut out of the file in this replica's sandbox
+  (`documents.cut_pdf_pages`), not the whole file once per page; a file that cannot be cut is sent whole, and
+  so is a page whose cut saves nothing, every page past the cuts' memory budget, and a cut page OCR refuses
+  (so that the refusal names the job's page).
 - Bounded: a job is started at most `ingest_max_attempts` times (its runner died, a service was away); then
   it is `failed` with the error. A file the services refuse (unreadable, too many pages) fails it at once.
 - Cancel stops a running job at the next step boundary (or OCR page); a queued one at once.
@@ -36,8 +41,9 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from deployments.gateway.refusal import Refusal, not_found, unwrap, validation_message
+from deployments.services import sandbox
 from deployments.services.db import IngestJob, IngestPage, Upload
-from deployments.services.documents import IMAGES, PDF, detect
+from deployments.services.documents import IMAGES, PDF, cut_pdf_pages, detect
 from deployments.services.rag import chunk_text, collection_name
 from deployments.services.uploads import UPLOAD_ID, put_locked
 
@@ -52,6 +58,7 @@ FINAL = (SUCCEEDED, FAILED, CANCELLED)
 STATES = (QUEUED, RUNNING, *FINAL)
 PENDING, DONE, SKIPPED = "pending", "done", "skipped"
 STEPS = ("parse", "ocr", "index", "entities")
+CUT_PAGES = 20  # scanned pages cut out of the PDF per sandbox call (each call ships the file to the child)
 GRAPH_PIECE = 50_000  # characters per graph call (the graph service takes at most 100,000)
 MAX_TEXT = 5_000_000  # characters: the online routes' limit on a text (`schemas.py`)
 MAX_ENTITIES = 5_000  # distinct entities kept in a job's result (the graph has them all)
@@ -236,6 +243,21 @@ class ServePipeline:
                     self._backends.pop(name, None)  # a fresh handle next time
                 raise Unavailable(f"the {name} service did not answer ({kind})") from None
             raise
+
+
+async def _cut_pages(data: bytes, numbers: list[int]) -> dict[int, bytes]:
+    """The given pages cut out of the PDF, each a one-page PDF (`documents.cut_pdf_pages`), in this replica's
+    sandbox: PDFium reading the caller's bytes in the runner's own process could take the runner (and the Batch
+    API it serves) down with it. A file that cannot be cut gives {}: its pages go to OCR whole, as before, and
+    the OCR service refuses them if they are damaged. Any error does (the sandbox away, a bug): cutting only
+    saves bytes, so it never fails the job; a cancelled task still stops."""
+    try:
+        return await sandbox.shared().arun("PDF cutter", cut_pdf_pages, data, numbers)
+    except Refusal as exc:
+        log.warning("a job's PDF could not be cut into pages (%s): its whole file goes to OCR", exc.code)
+    except Exception:
+        log.exception("a job's PDF could not be cut into pages: its whole file goes to OCR")
+    return {}
 
 
 class IngestJobs:
@@ -559,7 +581,7 @@ class IngestJobs:
     def ingest_queue_figures(self, now: datetime | None = None) -> dict[str, Any]:
         """The jobs' queue for the registry page (in the batches replica's report): jobs waiting and running,
         the oldest waiting one's age, and the jobs (and their pages) finished in the last 10 minutes. Reads
-        the unfinished jobs and those finished lately only (the state index, then `finished_at`)."""
+        the unfinished jobs and those finished lately only (the (state, finished_at) index)."""
         now = now or _now()
         since = now - timedelta(minutes=10)
         with self.db.sessions()() as db:
@@ -807,14 +829,41 @@ class IngestJobs:
     async def _step_ocr(self, job_id: str, ctx: dict[str, Any], data: bytes) -> None:
         todo = await asyncio.to_thread(self._ocr_todo, job_id)
         image = ctx["content_type"] in IMAGES
-        for number in todo:  # one page at a time, each checkpointed: a resumed job reads only the rest
-            if image:
-                out = await self._pipeline().call("ocr", "image", data)
-            else:
-                (out,) = await self._pipeline().call("ocr", "pdf_pages", data, [number])
-            if await asyncio.to_thread(self._ocr_checkpoint, job_id, number, out["text"]):
-                return  # a cancel asked for: the boundary, ingest_next_step cancels
+        for first in range(0, len(todo), CUT_PAGES):
+            group = todo[first : first + CUT_PAGES]
+            if await asyncio.to_thread(self._cancel_requested, job_id):
+                return  # a cancel asked for since the last checkpoint: no cut for a job that stops here
+            cut = {} if image else await _cut_pages(data, group)
+            for number in group:  # one page at a time, each checkpointed: a resumed job reads only the rest
+                if image:
+                    out = await self._pipeline().call("ocr", "image", data)
+                else:
+                    out = await self._ocr_page(data, number, cut.get(number))
+                if await asyncio.to_thread(self._ocr_checkpoint, job_id, number, out["text"]):
+                    return  # a cancel asked for: the boundary, ingest_next_step cancels
         await asyncio.to_thread(self._ocr_done, job_id)
+
+    async def _ocr_page(self, data: bytes, number: int, page: bytes | None) -> dict[str, Any]:
+        """OCR of the job's page `number`: from its own one-page PDF when it was cut (its page 1), else from the
+        whole file. A cut page OCR refuses (4xx) is sent again whole: the refusal then names the job's page
+        (`page 37`, not the cut's `page 1`), and a page the cut spoiled is still read. A service error (5xx,
+        away) is not the cut's fault: it goes up as from any call."""
+        if page is not None:
+            try:
+                (out,) = await self._pipeline().call("ocr", "pdf_pages", page, [1])
+                return dict(out)
+            except Refusal as exc:
+                if exc.status >= 500:
+                    raise
+                log.warning("OCR refused page %d cut out of a job's PDF (%s): sent whole", number, exc.code)
+        (out,) = await self._pipeline().call("ocr", "pdf_pages", data, [number])
+        return dict(out)
+
+    def _cancel_requested(self, job_id: str) -> bool:
+        """Whether a cancel was asked for (as `_ocr_checkpoint` reports it), between checkpoints."""
+        with self.db.sessions()() as db:
+            row = db.get(IngestJob, job_id)
+            return row is not None and bool(row.cancel_requested)
 
     def _ocr_checkpoint(self, job_id: str, number: int, text: str) -> bool:
         """The page's text saved; whether a cancel was asked for."""
@@ -904,9 +953,14 @@ class IngestJobs:
             row = db.get(IngestJob, job_id, with_for_update=True)
             start = int(_step(row, "entities")["done"]) if _step(row, "entities")["total"] == n else 0
             _set_step(row, "entities", total=n, done=start)
+            if not start:  # every piece again: none of the counts kept so far stands
+                _merge_result(row, _relations={})
             return start
 
     def _entities_checkpoint(self, job_id: str, i: int, out: dict[str, Any]) -> None:
+        """Piece `i`'s entities and relations into the result. A piece is run again when its runner died
+        between its graph write and this checkpoint: the entities are a set and the relations are kept per
+        piece (`_relations`), so its second checkpoint replaces its first instead of adding to it."""
         with self.db.sessions().begin() as db:
             row = db.get(IngestJob, job_id, with_for_update=True)
             seen = {(e["name"], e["label"]) for e in (row.result or {}).get("_entities", [])}
@@ -919,6 +973,11 @@ class IngestJobs:
                     break
                 seen.add((e["name"], e["label"]))
             found = [{"name": n, "label": lb} for n, lb in sorted(seen)]
+            # no `_relations`: the job's first pieces ran before it was kept; their sum stands for them
+            earlier = (row.result or {}).get(
+                "_relations", {"earlier": (row.result or {}).get("relations", 0)}
+            )
+            per_piece = {**earlier, str(i): len(out["relations"])}
             _set_step(row, "entities", done=i + 1)
             _merge_result(
                 row,
@@ -926,7 +985,8 @@ class IngestJobs:
                 entities=len(found),
                 entities_capped=capped,
                 entity_sample=found[:50],
-                relations=(row.result or {}).get("relations", 0) + len(out["relations"]),
+                _relations=per_piece,
+                relations=sum(per_piece.values()),
             )
 
     def _entities_done(self, job_id: str, n: int) -> None:

@@ -247,6 +247,284 @@ def test_a_job_whose_runner_died_resumes_at_its_step_without_duplicating_chunks(
     asyncio.run(scenario())
 
 
+class RecordingOcr:
+    """The real OCR, with each `pdf_pages` call's bytes and page numbers recorded."""
+
+    def __init__(self, ocr: Ocr) -> None:
+        self.ocr = ocr
+        self.calls: list[tuple[bytes, list[int]]] = []
+
+    def image(self, data: bytes) -> dict[str, Any]:
+        return self.ocr.image(data)
+
+    def pdf_pages(self, data: bytes, numbers: list[int]) -> list[dict[str, Any]]:
+        self.calls.append((data, numbers))
+        return self.ocr.pdf_pages(data, numbers)
+
+
+def two_scans_pdf() -> tuple[bytes, list[str]]:
+    """Text, scanned, text, scanned pages; and the text each page has."""
+    from pypdf import PdfReader, PdfWriter
+
+    texts = [PAGES[0], SCANNED, PAGES[1], "Scanned contract 2026"]
+    w = PdfWriter()
+    for part in (
+        samples.pdf([texts[0]]),
+        samples.scanned_pdf([texts[1]]),
+        samples.pdf([texts[2]]),
+        samples.scanned_pdf([texts[3]]),
+    ):
+        w.add_page(PdfReader(io.BytesIO(part)).pages[0])
+    buf = io.BytesIO()
+    w.write(buf)
+    return buf.getvalue(), texts
+
+
+def page_images(data: bytes) -> list[list[bytes]]:
+    from pypdf import PdfReader
+
+    return [[im.data for im in page.images] for page in PdfReader(io.BytesIO(data)).pages]
+
+
+def test_ocr_is_sent_each_scanned_page_alone_and_its_text_is_kept_for_that_page(
+    postgres: Postgres, tmp_path: Any, ocr: Ocr
+) -> None:
+    """The OCR service gets a one-page PDF per scanned page (the page's own image, not the whole file), and
+    what it reads is stored as the job's page of that number."""
+    store = make_store(postgres, tmp_path, ocr, batch_runner=False)
+    recorder = RecordingOcr(ocr)
+    store.pipeline = ingest.ServePipeline(60, documents=store.docs, ocr=recorder)
+    pdf, texts = two_scans_pdf()
+
+    async def scenario() -> None:
+        _, job = await store.ingest_create("alice", pdf, "lease.pdf", None, None, {})
+        await store.run_ingest(job["id"])
+        out = store.ingest_get(job["id"], "alice")
+        assert out["state"] == ingest.SUCCEEDED and out["result"]["ocr_pages"] == 2, out
+        whole = page_images(pdf)
+        assert [numbers for _, numbers in recorder.calls] == [[1], [1]]
+        for (sent, _), number in zip(recorder.calls, (2, 4), strict=True):
+            assert len(sent) < len(pdf)
+            assert page_images(sent) == [whole[number - 1]]  # one page: the job's page `number`
+        assert store.ingest_text(job["id"], "alice").split("\n\n") == texts
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        Refusal(422, "unreadable_pdf", "the PDF could not be read"),  # a damaged file
+        RuntimeError("the sandbox's pool is broken"),  # anything else: cutting only saves bytes
+    ],
+)
+def test_a_page_that_cannot_be_cut_goes_to_ocr_with_the_whole_file(
+    postgres: Postgres, tmp_path: Any, ocr: Ocr, monkeypatch: pytest.MonkeyPatch, error: Exception
+) -> None:
+    from deployments.services.documents import cut_pdf_pages
+
+    pdf, texts = two_scans_pdf()
+    assert sorted(cut_pdf_pages(pdf, [2, 9])) == [2]  # no page 9: left out, not an error
+
+    real = ingest.sandbox.shared()
+
+    class Broken:
+        """The sandbox, whose PDF cutter fails with `error` (the parser and OCR use it too)."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        async def arun(self, what: str, *args: Any) -> Any:
+            if what == "PDF cutter":
+                raise error
+            return await real.arun(what, *args)
+
+    monkeypatch.setattr(ingest.sandbox, "shared", lambda: Broken())
+    store = make_store(postgres, tmp_path, ocr, batch_runner=False)
+    recorder = RecordingOcr(ocr)
+    store.pipeline = ingest.ServePipeline(60, documents=store.docs, ocr=recorder)
+
+    async def scenario() -> None:
+        _, job = await store.ingest_create("alice", pdf, "lease.pdf", None, None, {})
+        await store.run_ingest(job["id"])
+        assert store.ingest_get(job["id"], "alice")["state"] == ingest.SUCCEEDED
+        assert recorder.calls == [(pdf, [2]), (pdf, [4])]
+        assert store.ingest_text(job["id"], "alice").split("\n\n") == texts
+
+    asyncio.run(scenario())
+
+    class Stopped:
+        async def arun(self, what: str, *args: Any) -> Any:
+            raise asyncio.CancelledError
+
+    monkeypatch.setattr(ingest.sandbox, "shared", lambda: Stopped())
+    with pytest.raises(asyncio.CancelledError):  # a cancelled task is not taken for a file that cannot be cut
+        asyncio.run(ingest._cut_pages(pdf, [2]))
+
+
+def shared_image_pdf(pages: int) -> bytes:
+    """`pages` pages that all draw one image of noise (it does not compress): the file holds it once, and
+    each page cut out of it carries it whole."""
+    import random
+
+    from PIL import Image
+    from pypdf import PdfReader, PdfWriter
+
+    noise = random.Random(7).randbytes(300 * 300)
+    buf = io.BytesIO()
+    Image.frombytes("L", (300, 300), noise).save(buf, format="PDF", resolution=100.0)
+    page = PdfReader(io.BytesIO(buf.getvalue())).pages[0]
+    w = PdfWriter()
+    for _ in range(pages):
+        w.add_page(page)
+    out = io.BytesIO()
+    w.write(out)
+    return out.getvalue()
+
+
+def test_cut_pages_that_save_nothing_or_pass_the_budget_are_left_to_go_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """20 pages sharing one image: each cut is nearly the whole file, so all 20 would be 20x the file in
+    memory; the cuts stop at max(file, `CUT_BUDGET`) and the rest go whole. A cut no smaller than the file
+    (a one-page file: the same page plus PDFium's own framing) is left out too."""
+    from deployments.services import documents
+
+    pdf = shared_image_pdf(20)
+    numbers = list(range(1, 21))
+    cut = documents.cut_pdf_pages(pdf, numbers)
+    assert sorted(cut) == numbers  # under the 32 MiB floor: all cut, each smaller than the file
+    assert all(len(page) < len(pdf) for page in cut.values())
+    monkeypatch.setattr(documents, "CUT_BUDGET", 0)  # a file past the floor: the budget is the file's size
+    cut = documents.cut_pdf_pages(pdf, numbers)
+    assert sorted(cut) == [1] and sum(map(len, cut.values())) <= len(pdf)
+    one = samples.scanned_pdf([SCANNED])
+    assert documents.cut_pdf_pages(one, [1]) == {}
+
+
+class RefusingOcr(RecordingOcr):
+    """The real OCR, but a cut page (any bytes but `whole`) is refused with `status`."""
+
+    def __init__(self, ocr: Ocr, whole: bytes, status: int) -> None:
+        super().__init__(ocr)
+        self.whole, self.status = whole, status
+
+    def pdf_pages(self, data: bytes, numbers: list[int]) -> list[dict[str, Any]]:
+        if data != self.whole:
+            self.calls.append((data, numbers))
+            raise Refusal(self.status, "ocr_refused", f"page {numbers[0]} refused")
+        return super().pdf_pages(data, numbers)
+
+
+@pytest.mark.parametrize("status", [422, 503])
+def test_a_cut_page_ocr_refuses_is_sent_whole_and_a_service_error_is_not(
+    postgres: Postgres, tmp_path: Any, ocr: Ocr, status: int
+) -> None:
+    """A 4xx on a cut page: the page is sent again in the whole file, and read; a 5xx is the service's, not
+    the cut's: it goes up as before, the whole file not sent."""
+    store = make_store(postgres, tmp_path, ocr, batch_runner=False, ingest_max_attempts=1)
+    pdf, texts = two_scans_pdf()
+    recorder = RefusingOcr(ocr, pdf, status)
+    store.pipeline = ingest.ServePipeline(60, documents=store.docs, ocr=recorder)
+
+    async def scenario() -> None:
+        _, job = await store.ingest_create("alice", pdf, "lease.pdf", None, None, {})
+        await store.run_ingest(job["id"])
+        out = store.ingest_get(job["id"], "alice")
+        sent = [(data == pdf, numbers) for data, numbers in recorder.calls]
+        if status < 500:
+            assert out["state"] == ingest.SUCCEEDED, out
+            assert sent == [(False, [1]), (True, [2]), (False, [1]), (True, [4])]
+            assert store.ingest_text(job["id"], "alice").split("\n\n") == texts
+        else:
+            # a transient error, as ever: the job is started again; with one attempt, it fails with it
+            assert out["state"] == ingest.FAILED and out["error"]["code"] == "service_unavailable", out
+            assert sent == [(False, [1])]
+
+    asyncio.run(scenario())
+
+
+def test_a_page_too_large_for_ocr_is_named_by_its_number_in_the_job(
+    postgres: Postgres, tmp_path: Any, ocr: Ocr
+) -> None:
+    """The real OCR refuses a page past its pixel limit; cut out, the page is its file's page 1, so it is
+    sent again whole and the job's error names page 4, the page the caller can find."""
+    from pypdf import PdfReader, PdfWriter
+    from pypdf.generic import RectangleObject
+
+    pdf, _ = two_scans_pdf()
+    w = PdfWriter()
+    for n, page in enumerate(PdfReader(io.BytesIO(pdf)).pages, 1):
+        if n == 4:  # 5000 pt a side: past the OCR's 4096-pixel side even at 72 dpi
+            page.mediabox = page.cropbox = RectangleObject([0, 0, 5000, 5000])
+        w.add_page(page)
+    buf = io.BytesIO()
+    w.write(buf)
+    pdf = buf.getvalue()
+    store = make_store(postgres, tmp_path, ocr, batch_runner=False)
+    recorder = RecordingOcr(ocr)
+    store.pipeline = ingest.ServePipeline(60, documents=store.docs, ocr=recorder)
+
+    async def scenario() -> None:
+        _, job = await store.ingest_create("alice", pdf, "big.pdf", None, None, {})
+        await store.run_ingest(job["id"])
+        out = store.ingest_get(job["id"], "alice")
+        assert out["state"] == ingest.FAILED and out["error"]["code"] == "page_too_large", out
+        assert out["error"]["message"].startswith("page 4 is 5000x5000 pt"), out["error"]
+        assert [(data == pdf, numbers) for data, numbers in recorder.calls] == [
+            (False, [1]),
+            (False, [1]),
+            (True, [4]),
+        ]
+
+    asyncio.run(scenario())
+
+
+def test_ocr_groups_are_cut_one_at_a_time_and_a_cancel_between_groups_stops_before_the_next_cut(
+    postgres: Postgres, tmp_path: Any, ocr: Ocr, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ingest, "CUT_PAGES", 1)  # a group a scanned page
+    cuts: list[list[int]] = []
+    real_cut = ingest._cut_pages
+
+    async def recording_cut(data: bytes, numbers: list[int]) -> dict[int, bytes]:
+        cuts.append(numbers)
+        return await real_cut(data, numbers)
+
+    monkeypatch.setattr(ingest, "_cut_pages", recording_cut)
+    store = make_store(postgres, tmp_path, ocr, batch_runner=False)
+    recorder = RecordingOcr(ocr)
+    store.pipeline = ingest.ServePipeline(60, documents=store.docs, ocr=recorder)
+    pdf, texts = two_scans_pdf()
+
+    async def scenario() -> None:
+        _, job = await store.ingest_create("alice", pdf, "a.pdf", None, None, {})
+        await store.run_ingest(job["id"])
+        out = store.ingest_get(job["id"], "alice")
+        assert out["state"] == ingest.SUCCEEDED and out["result"]["ocr_pages"] == 2, out
+        assert cuts == [[2], [4]] and [n for _, n in recorder.calls] == [[1], [1]]
+        assert store.ingest_text(job["id"], "alice").split("\n\n") == texts
+
+        # a cancel asked for just after page 2's checkpoint (which reported none): page 4 is neither cut nor read
+        cuts.clear()
+        recorder.calls.clear()
+        _, job = await store.ingest_create("alice", pdf, "b.pdf", None, None, {})
+        real_checkpoint = store._ocr_checkpoint
+
+        def checkpoint_then_cancel(job_id: str, number: int, text: str) -> bool:
+            asked = real_checkpoint(job_id, number, text)
+            store.ingest_cancel(job_id, "alice")
+            return asked
+
+        store._ocr_checkpoint = checkpoint_then_cancel
+        await store.run_ingest(job["id"])
+        out = store.ingest_get(job["id"], "alice")
+        assert out["state"] == ingest.CANCELLED, out
+        assert cuts == [[2]] and len(recorder.calls) == 1 and out["result"]["ocr_pages"] == 1
+
+    asyncio.run(scenario())
+
+
 def test_attempts_are_bounded_and_a_refused_file_fails_the_job_with_the_error(
     postgres: Postgres, tmp_path: Any, ocr: Ocr
 ) -> None:
@@ -490,6 +768,63 @@ def test_a_file_that_crashes_the_parser_fails_the_job_once_and_backpressure_is_r
             await ingest.ServePipeline(5, documents=full).call("documents", "parse", b"%PDF")
         with pytest.raises(ingest.Unavailable):  # a service that does not read the file: tried again
             await ingest.ServePipeline(5, graph=Dying(ActorDiedError)).call("graph", "parse", b"x")
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("first_piece_by_earlier_code", [False, True])
+def test_a_graph_piece_written_but_not_checkpointed_is_counted_once_after_the_resume(
+    postgres: Postgres,
+    tmp_path: Any,
+    ocr: Ocr,
+    monkeypatch: pytest.MonkeyPatch,
+    first_piece_by_earlier_code: bool,
+) -> None:
+    """The runner killed between piece 1's graph write and its checkpoint: the resumed job writes piece 1
+    again (the graph MERGEs it) and the job's result counts its entities and relations once; also for a job
+    whose first piece was checkpointed by the code before the per-piece counts (a deploy's restart)."""
+    from deployments.services.db import IngestJob
+    from deployments.services.rag import chunk_text
+
+    monkeypatch.setattr(ingest, "GRAPH_PIECE", 40)  # a piece a page
+    store = make_store(postgres, tmp_path, ocr, batch_runner=False, ingest_max_attempts=3)
+    doc = samples.pdf([*PAGES, "Lisbon in the spring."])
+
+    class Killed(BaseException):
+        """The runner's process ending: nothing after it runs, no handler sees it."""
+
+    real = store._entities_checkpoint
+
+    def dies_after_the_write(job_id: str, i: int, out: dict[str, Any]) -> None:
+        if i == 1:
+            raise Killed
+        real(job_id, i, out)
+
+    async def scenario() -> None:
+        _, job = await store.ingest_create("alice", doc, "a.pdf", None, None, {"graph": True})
+        jid = job["id"]
+        ctx = store.ingest_claim(jid)
+        assert store.ingest_next_step(jid) == "parse"
+        await store._step_parse(jid, ctx, doc)
+        assert store.ingest_next_step(jid) == "entities"  # no OCR, no index asked for
+        store._entities_checkpoint = dies_after_the_write
+        with pytest.raises(Killed):
+            await store._step_entities(jid, ctx, doc)
+        pieces = chunk_text(store.ingest_text(jid, "alice"), ingest.GRAPH_PIECE, 0)
+        assert len(pieces) == 3 and [t for _, t in store.graph.calls] == pieces[:2]
+        assert store.ingest_get(jid, "alice")["steps"][3]["done"] == 1
+        if first_piece_by_earlier_code:
+            with store.db.sessions().begin() as db:
+                row = db.get(IngestJob, jid)
+                row.result = {k: v for k, v in row.result.items() if k != "_relations"}
+        store._entities_checkpoint = real
+        await store.run_ingest(jid)  # the next runner: from piece 1
+        out = store.ingest_get(jid, "alice")
+        assert out["state"] == ingest.SUCCEEDED and out["attempts"] == 2, out
+        assert [t for _, t in store.graph.calls] == [pieces[0], pieces[1], pieces[1], pieces[2]]
+        # RecordingGraph answers one relation a piece: three pieces, three relations, not four
+        assert out["result"]["relations"] == 3 and out["result"]["entities"] == 3, out["result"]
+        assert "_relations" not in out["result"]
 
     asyncio.run(scenario())
 
