@@ -24,6 +24,15 @@ and create the supervisor again with the pinned selector. A store leaves its don
 is rewritten to name the new donor, so a supervisor placed there later waits instead of serving the pre-move
 data). A labelled pin beats data found on another node (`pin_decision`): that data is stale.
 
+A moved store serves nobody before its data is in: the move's pin carries a marker (`awaiting_restore`), and the
+supervisor it creates starts the store empty but hands its endpoint to nobody (`endpoint()` refuses: the
+services answer 503 as for a store not ready; `status()` says `awaiting-restore`) until the move has restored
+the backup and checked its counts (`serve`), or a plain restore is applied (`rma stores restore`, the way out of
+a move that failed after its switch). Otherwise the services, which ask the endpoint again after a connection
+failure, would find the empty store: reads that find nothing, and writes a restore of a stopped store then
+replaces. The supervisor writes the marker into its volume's pin too, so an incarnation Ray restarts mid-move
+(even with a GCS that started again empty) still waits; `serve` clears both.
+
 The GCS starts again empty after `rma down`/`rma up` or a core token rotation, so the operator's machine keeps
 the pins too (`<data_dir>/store-pins.json`, rma_ray/storepins.py): `python -m deployments up|down` on the head
 copies them from the GCS, and `up` puts them back before `ensure()`, which creates a store pinned on a
@@ -55,7 +64,7 @@ from deployments.stores.firewall import StoreFirewall, trusted_addresses, wanted
 from deployments.stores.kinds import KINDS, Endpoint, credentials, dir_size
 from deployments.stores.runtime import RUNTIMES, StoreError, make_runtime
 from rma_ray.settings import Settings
-from rma_ray.storepins import moved_pin
+from rma_ray.storepins import AWAITING_RESTORE, moved_pin
 from rma_ray.tiers import LABEL_NODE, LABEL_TIER, LABEL_TRUSTED
 from rma_ray.waiting import GiveUp, WaitTimeout, wait_until
 
@@ -114,6 +123,18 @@ def pin_decision(pin: dict[str, Any] | None, donor: str, has_data: bool) -> str 
     if not pin or not pin.get("donor") or pin["donor"] == donor or (has_data and not pin.get("labelled")):
         return None
     return str(pin["donor"])
+
+
+def awaits_restore(pin: dict[str, Any] | None, volume_pin: dict[str, Any] | None, donor: str) -> bool:
+    """Whether a supervisor starting its store on `donor` holds its endpoint back for a move's restore: the
+    store's pin (`pin`, the GCS's or else the volume's) names this donor, and it or the volume's own pin here
+    still carries the move's marker (the volume's outlives a GCS seeded from the operator's machine, whose
+    copy never carries it)."""
+    if not pin or pin.get("donor") != donor:
+        return False
+    return bool(pin.get(AWAITING_RESTORE)) or bool(
+        volume_pin and volume_pin.get("donor") == donor and volume_pin.get(AWAITING_RESTORE)
+    )
 
 
 def seed_pin(gcs_pin: dict[str, Any] | None, kept: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -294,6 +315,8 @@ class StoreSupervisor:
         )
         self.pin = self._pin()
         self.waiting_for = pin_decision(self.pin, self.donor, volume_has_data(store, self.volume))
+        # created by a move: the store starts here, but serves nobody until its data is restored
+        self.awaiting_restore = awaits_restore(self.pin, self._volume_pin(), self.donor)
         self._thread = threading.Thread(target=self._supervise, daemon=True)
         if self.waiting_for is not None:
             self.state = "waiting"
@@ -394,12 +417,14 @@ class StoreSupervisor:
         except Exception as exc:  # the GCS busy: the volume's copy is all there is
             log.info("store pin not read from the GCS: %s", exc)
             pin = None
-        if pin is None:
-            try:
-                pin = json.loads((self.volume / PIN_FILE).read_text())
-            except (OSError, ValueError):
-                pin = None
-        return pin
+        return pin if pin is not None else self._volume_pin()
+
+    def _volume_pin(self) -> dict[str, Any] | None:
+        try:
+            pin = json.loads((self.volume / PIN_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+        return pin if isinstance(pin, dict) else None
 
     def _record_pin(self) -> None:
         from ray.experimental import internal_kv
@@ -412,6 +437,8 @@ class StoreSupervisor:
             "node_ip": self.host,
             "since": (self.pin or {}).get("since") if (self.pin or {}).get("donor") == self.donor else None,
         }
+        if self.awaiting_restore:
+            pin[AWAITING_RESTORE] = True
         pin["since"] = pin["since"] or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self._write_volume_pin(pin)
         try:
@@ -462,19 +489,54 @@ class StoreSupervisor:
         """Host, port and credentials, once the store answers queries (raises with the reason otherwise), to a
         caller on a trusted node only."""
         self._check_caller(node_id, "credentials", "place this deployment on trusted nodes")
+        if self.awaiting_restore:  # at once: callers held for the restore's minutes would take every thread
+            raise StoreError(self._awaiting_why())
         if not self._ready.wait(timeout):
             raise StoreError(self.error or f"{self.kind.name} is not ready yet")
         return self._endpoint().__dict__.copy()
 
+    def _awaiting_why(self) -> str:
+        return (
+            f"{self.kind.name} is being moved to {self.donor}: waiting for its data (the move restores it; "
+            f"after a move that failed, `rma stores restore {self.kind.name} BACKUP` with its backup does)"
+        )
+
+    def _shown_state(self) -> str:
+        """The state the registry shows: a ready store a move has not restored yet is `awaiting-restore`."""
+        return "awaiting-restore" if self.awaiting_restore and self.state == "ready" else self.state
+
+    def serve(self, node_id: str | None = None) -> dict[str, Any]:
+        """A moved store's data is in (the move restored it and checked its counts): its endpoint goes to the
+        services from now on, also from an incarnation Ray restarts (the pins lose the move's marker)."""
+        self._check_caller(
+            node_id, "restores", "run this from the operator's machine (the head) or a trusted node"
+        )
+        self._serve()
+        return self.status()
+
+    def _serve(self) -> None:
+        with self._lock:
+            if not self.awaiting_restore:
+                return
+            self.awaiting_restore = False
+            try:
+                self._record_pin()
+            except OSError as exc:
+                # the volume's pin still has the marker: an incarnation Ray restarts would wait again
+                self.awaiting_restore = True
+                raise StoreError(f"{self.kind.name}'s pin could not be written ({exc}): try again") from exc
+        log.info("%s serves: its data was restored on %s", self.kind.name, self.donor)
+
     def status(self) -> dict[str, Any]:
+        shown = self._shown_state()
         return {
             "name": self.kind.name,
             "runtime": self.runtime_name,
             "node_id": self.node_id,
             "node_ip": self.host,
             "labels": self.labels,
-            "status": self.state,
-            "error": self.error,
+            "status": shown,
+            "error": self._awaiting_why() if shown == "awaiting-restore" else self.error,
             "pid": self.runtime.pid if self.runtime else None,
             "port": self.port,
             "size_bytes": dir_size(self.volume),
@@ -489,6 +551,7 @@ class StoreSupervisor:
             "incarnation": self.incarnation,
             "frozen": self.frozen,
             "switching": self.switching,
+            "awaiting_restore": self.awaiting_restore,
         }
 
     def stop(self) -> None:
@@ -689,8 +752,9 @@ class StoreSupervisor:
             f.write(data)
         return int(path.stat().st_size)
 
-    def restore_apply(self, tid: str) -> dict[str, Any]:
-        """Check the received file against its manifest, then put it in place of the store's data."""
+    def restore_apply(self, tid: str, hold: bool = False) -> dict[str, Any]:
+        """Check the received file against its manifest, then put it in place of the store's data. A store a
+        move created serves from then on, unless `hold` (the move, which checks its counts first: `serve`)."""
         t = self._transfer(tid)
         try:
             path, manifest = t["path"], t["manifest"]
@@ -706,6 +770,8 @@ class StoreSupervisor:
         finally:
             self.transfer_end(tid)
         log.info("%s restored from a backup of %s", self.kind.name, manifest.get("created_at"))
+        if not hold:
+            self._serve()
         return self.status()
 
     def _restore_stopped(self, path: Path) -> None:
@@ -858,10 +924,11 @@ class StoreSupervisor:
         last = None
         next_at = 0.0
         while not self._stop.is_set():
-            if self.state != last or time.monotonic() >= next_at:
+            shown = self._shown_state()
+            if shown != last or time.monotonic() >= next_at:
                 self._refresh_firewall()
                 if self._report():
-                    last = self.state
+                    last = shown
                 next_at = time.monotonic() + REPORT_EVERY_S
             self._stop.wait(0.5)
 

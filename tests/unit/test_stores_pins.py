@@ -23,6 +23,7 @@ from deployments.stores.supervisor import (
     PIN_FILE,
     TRUSTED_DATA,
     StoreSupervisor,
+    awaits_restore,
     pin_decision,
     placement_selector,
     seed_pin,
@@ -123,6 +124,7 @@ def bare_supervisor(tmp_path: Path, store: str = "redis", donor: str = "w-a") ->
     sup.runtime, sup.runtime_name, sup.waiting_for, sup.error = None, "process", None, "stopped"
     sup.port_arg, sup.data_dir_arg, sup.incarnation = None, None, "inc-1"
     sup._lock, sup.frozen, sup.switching, sup.pin = threading.RLock(), False, False, None
+    sup.awaiting_restore = False
     return sup
 
 
@@ -318,3 +320,134 @@ def test_a_switch_that_answered_late_is_followed_through(
     assert isinstance(r.exception, CliError), r.output
     assert str(r.exception).startswith("redis on w-b is EMPTY"), r.exception
     assert "it went ahead" in r.output
+
+
+def test_only_a_store_a_move_pinned_here_awaits_its_restore() -> None:
+    moved = moved_pin("redis", "w-b")
+    own = {"store": "redis", "donor": "w-b", "labelled": True}  # after the restore, or never moved
+    table = [  # (the store's pin, the volume's pin here, donor here, awaits)
+        (moved, None, "w-b", True),  # the move's new supervisor
+        (moved, moved, "w-a", False),  # the old donor's volume: it waits for w-b (pin_decision), never serves
+        (own, None, "w-b", False),  # restarted by Ray on its own pinned volume: serves as before
+        (
+            own,
+            {**own, "awaiting_restore": True},
+            "w-b",
+            True,
+        ),  # restarted mid-move, the GCS seeded without it
+        (own, {**moved, "donor": "w-a"}, "w-b", False),  # an older move's marker for another donor
+        (None, None, "w-b", False),
+    ]
+    for pin, volume_pin, donor, awaits in table:
+        assert awaits_restore(pin, volume_pin, donor) is awaits, (pin, volume_pin, donor)
+
+
+def test_the_operators_copy_of_a_pin_never_holds_a_store_back(tmp_path: Path) -> None:
+    """A copy taken mid-move (`up`/`down` copy the GCS's pins) would otherwise keep a restored store from
+    serving after the GCS started again empty."""
+    save_pins(tmp_path / PINS_FILE, {"redis": moved_pin("redis", "w-b")})
+    kept = load_pins(tmp_path / PINS_FILE)["redis"]
+    assert kept["donor"] == "w-b" and "awaiting_restore" not in kept
+
+
+def moved_supervisor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[StoreSupervisor, dict[bytes, Any]]:
+    """A redis supervisor a move created on w-b, its store up and empty; and the GCS's key-value store."""
+    gcs: dict[bytes, Any] = {}
+    kv = types.ModuleType("ray.experimental.internal_kv")
+    kv._internal_kv_put = lambda key, value, **kw: gcs.__setitem__(key, value)  # type: ignore[attr-defined]
+    experimental = types.ModuleType("ray.experimental")
+    experimental.internal_kv = kv  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "ray", FakeRay())
+    monkeypatch.setitem(sys.modules, "ray.experimental", experimental)
+    monkeypatch.setattr(supervisor, "_ray_node", {"trusted": {"Alive": True, "Labels": TRUSTED_DATA}}.get)
+    sup = bare_supervisor(tmp_path, "redis", donor="w-b")
+    sup.labels, sup.node_id, sup.host, sup.port = {"rma.io/node": "w-b"}, "n2", "10.0.0.2", 6390
+    sup.creds = {"user": "rma", "password": "secret"}
+    sup.state, sup.error, sup.ready_s, sup.restarts, sup.adopted = "ready", None, 0.5, 0, False
+    sup.firewall = types.SimpleNamespace(state="off")
+    sup.transfers_dir, sup._transfers = tmp_path / ".redis-transfers", {}
+    sup._ready = threading.Event()
+    sup._ready.set()
+    sup.pin = moved_pin("redis", "w-b")
+    sup.awaiting_restore = awaits_restore(sup.pin, None, "w-b")
+    sup._record_pin()  # as its start does
+    return sup, gcs
+
+
+def test_a_moved_store_serves_nobody_before_its_data_is_restored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sup, gcs = moved_supervisor(tmp_path, monkeypatch)
+    # persistent: a supervisor Ray restarts mid-move reads this pin and waits too
+    assert json.loads((sup.volume / PIN_FILE).read_text())["awaiting_restore"] is True
+    st = sup.status()
+    assert st["status"] == "awaiting-restore" and "being moved to w-b: waiting for its data" in st["error"]
+    with pytest.raises(StoreError, match="redis is being moved to w-b: waiting for its data"):
+        sup.endpoint(0.1, "trusted")  # at once, not after the timeout: the empty store is never handed out
+    # the move's own calls still work; its restore, held for its count check, does not serve yet
+    content = b"REDIS0011"
+    tid, path = sup._new_transfer(manifest={"sha256": hashlib.sha256(content).hexdigest()})
+    path.write_bytes(content)
+    monkeypatch.setattr(sup, "_restore_stopped", lambda path: None)
+    assert sup.restore_apply(tid, hold=True)["status"] == "awaiting-restore"
+    with pytest.raises(StoreError, match="waiting for its data"):
+        sup.endpoint(0.1, "trusted")
+    assert sup.serve("trusted")["status"] == "ready"
+    assert sup.endpoint(0.1, "trusted")["password"] == "secret"
+    # and for good: neither pin holds a restarted incarnation back
+    assert "awaiting_restore" not in json.loads((sup.volume / PIN_FILE).read_text())
+    assert "awaiting_restore" not in json.loads(gcs[b"store-pin/redis"])
+
+
+def test_a_plain_restore_lets_a_moved_store_serve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The way out of a move that failed after its switch: `rma stores restore STORE BACKUP`."""
+    sup, _ = moved_supervisor(tmp_path, monkeypatch)
+    tid, path = sup._new_transfer(manifest={"sha256": hashlib.sha256(b"").hexdigest()})
+    path.touch()
+    monkeypatch.setattr(sup, "_restore_stopped", lambda path: None)
+    assert sup.restore_apply(tid)["status"] == "ready" and not sup.awaiting_restore
+
+
+class MovingSupervisor(FakeSupervisor):
+    """A redis move that reaches its new store: the restore is held for the count check, then `serve`."""
+
+    def __init__(self, counts: dict[str, int]) -> None:
+        super().__init__()
+        self.calls: list[Any] = []
+
+        def remote(fn: Any) -> Any:
+            return types.SimpleNamespace(remote=fn)
+
+        self.status = remote(
+            lambda: {
+                "status": "awaiting-restore" if self.donor == "w-b" else "ready",
+                "donor": self.donor,
+                "error": None,
+            }
+        )
+        self.restore_begin = remote(lambda manifest, node: "t2")
+        self.write_chunk = remote(lambda tid, chunk: len(chunk))
+        self.restore_apply = remote(
+            lambda tid, hold=False: self.calls.append(("apply", hold)) or {"status": "x"}
+        )
+        self.counts = remote(lambda node: counts)
+        self.serve = remote(lambda node: self.calls.append("serve") or {"status": "ready"})
+
+
+@pytest.mark.parametrize("counts", [{"keys": 3}, {"keys": 2}])
+def test_a_moved_store_serves_once_its_counts_are_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, counts: dict[str, int]
+) -> None:
+    sup = MovingSupervisor(counts)
+    monkeypatch.setitem(sys.modules, "ray", FakeRay(actor=sup))
+    r = CliRunner().invoke(app, ["stores", "move", "redis", "--to", "w-b", "--data-dir", str(tmp_path)])
+    if counts == {"keys": 3}:
+        assert r.exit_code == 0 and "redis moved from w-a to w-b (ready; counts match" in r.output, r.output
+        assert sup.calls == [("apply", True), "serve"]
+    else:  # held: the operator checks it, and a plain restore of the backup lets it serve
+        (dest,) = (tmp_path / "backups").iterdir()
+        assert isinstance(r.exception, CliError), r.output
+        assert f"it serves nobody until `rma stores restore redis {dest}`" in str(r.exception)
+        assert sup.calls == [("apply", True)]
