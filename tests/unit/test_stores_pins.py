@@ -8,6 +8,7 @@ import json
 import stat
 import sys
 import threading
+import time
 import types
 from pathlib import Path
 from typing import Any
@@ -124,7 +125,7 @@ def bare_supervisor(tmp_path: Path, store: str = "redis", donor: str = "w-a") ->
     sup.runtime, sup.runtime_name, sup.waiting_for, sup.error = None, "process", None, "stopped"
     sup.port_arg, sup.data_dir_arg, sup.incarnation = None, None, "inc-1"
     sup._lock, sup.frozen, sup.switching, sup.pin = threading.RLock(), False, False, None
-    sup.awaiting_restore = False
+    sup.awaiting_restore, sup._marker_lock = False, threading.Lock()
     return sup
 
 
@@ -183,7 +184,14 @@ class FakeSupervisor:
             "sha256": hashlib.sha256(self.content).hexdigest(),
             "counts": {"keys": 3},
         }
-        self.status = remote(lambda: {"status": "ready", "donor": self.donor, "error": None})
+        self.status = remote(
+            lambda: {
+                "status": "awaiting-restore" if self.donor == "w-b" else "ready",
+                "awaiting_restore": self.donor == "w-b",
+                "donor": self.donor,
+                "error": None,
+            }
+        )
         self.frozen: list[bool] = []
         self.backup_begin = remote(
             lambda node, freeze=False: (
@@ -214,7 +222,8 @@ def test_failed_move_says_the_new_store_is_empty_and_keeps_the_pin(
     assert isinstance(r.exception, CliError), r.output
     msg = str(r.exception)
     (dest,) = (tmp_path / "backups").iterdir()
-    assert msg.startswith(f"redis on w-b is EMPTY; run `rma stores restore redis {dest}`")
+    assert msg.startswith(f"redis on w-b is EMPTY (the backup is at {dest}); it serves nobody until ")
+    assert f"`rma stores restore redis {dest}`" in msg and "`rma stores serve redis`" in msg
     assert "the old volume stays on w-a" in msg and "no space left on device" in msg and "\n" not in msg
     assert sup.callers == ["node-here"]  # the backup names the caller's node
     assert sup.frozen == [True]  # taken frozen; past the switch a failure does not unfreeze the old store
@@ -357,6 +366,7 @@ def moved_supervisor(
     gcs: dict[bytes, Any] = {}
     kv = types.ModuleType("ray.experimental.internal_kv")
     kv._internal_kv_put = lambda key, value, **kw: gcs.__setitem__(key, value)  # type: ignore[attr-defined]
+    kv._internal_kv_get = lambda key, **kw: gcs.get(key)  # type: ignore[attr-defined]
     experimental = types.ModuleType("ray.experimental")
     experimental.internal_kv = kv  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "ray", FakeRay())
@@ -384,8 +394,12 @@ def test_a_moved_store_serves_nobody_before_its_data_is_restored(
     assert json.loads((sup.volume / PIN_FILE).read_text())["awaiting_restore"] is True
     st = sup.status()
     assert st["status"] == "awaiting-restore" and "being moved to w-b: waiting for its data" in st["error"]
+    sup._ready.clear()  # not ready either: still refused at once, not after the timeout
+    t0 = time.monotonic()
     with pytest.raises(StoreError, match="redis is being moved to w-b: waiting for its data"):
-        sup.endpoint(0.1, "trusted")  # at once, not after the timeout: the empty store is never handed out
+        sup.endpoint(30, "trusted")  # the empty store is never handed out, and no caller is held for it
+    assert time.monotonic() - t0 < 1
+    sup._ready.set()
     # the move's own calls still work; its restore, held for its count check, does not serve yet
     content = b"REDIS0011"
     tid, path = sup._new_transfer(manifest={"sha256": hashlib.sha256(content).hexdigest()})
@@ -423,6 +437,7 @@ class MovingSupervisor(FakeSupervisor):
         self.status = remote(
             lambda: {
                 "status": "awaiting-restore" if self.donor == "w-b" else "ready",
+                "awaiting_restore": self.donor == "w-b",
                 "donor": self.donor,
                 "error": None,
             }
@@ -450,4 +465,178 @@ def test_a_moved_store_serves_once_its_counts_are_checked(
         (dest,) = (tmp_path / "backups").iterdir()
         assert isinstance(r.exception, CliError), r.output
         assert f"it serves nobody until `rma stores restore redis {dest}`" in str(r.exception)
+        assert "`rma stores serve redis`" in str(r.exception)
         assert sup.calls == [("apply", True)]
+
+
+def test_serve_refuses_and_keeps_waiting_when_the_gcs_pin_cannot_be_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A GCS pin left with the marker would hold a restarted incarnation back while this one serves; one
+    written without it and a volume pin with it, the other way round: `serve` is all or nothing."""
+    sup, gcs = moved_supervisor(tmp_path, monkeypatch)
+    tries: list[bytes] = []
+
+    def busy(key: bytes, value: Any, **kw: Any) -> None:
+        tries.append(key)
+        raise TimeoutError("GCS busy")
+
+    monkeypatch.setattr(sys.modules["ray.experimental"].internal_kv, "_internal_kv_put", busy)
+    monkeypatch.setattr(supervisor.time, "sleep", lambda s: None)
+    with pytest.raises(
+        StoreError, match="redis's pin could not be written .*GCS busy.*rma stores serve redis"
+    ):
+        sup.serve("trusted")
+    assert len(tries) == supervisor.PIN_WRITE_TRIES
+    assert sup.awaiting_restore and sup.status()["status"] == "awaiting-restore"
+    assert json.loads((sup.volume / PIN_FILE).read_text())["awaiting_restore"] is True
+    assert json.loads(gcs[b"store-pin/redis"])["awaiting_restore"] is True
+    with pytest.raises(StoreError, match="waiting for its data"):
+        sup.endpoint(0.1, "trusted")
+
+
+def test_serve_is_not_held_behind_a_supervision_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sup, gcs = moved_supervisor(tmp_path, monkeypatch)
+    with sup._lock:  # a `_bring_up` of up to 120 s holds this
+        done = threading.Thread(target=sup.serve, args=("trusted",))
+        done.start()
+        done.join(5)
+        assert not done.is_alive() and not sup.awaiting_restore
+    assert "awaiting_restore" not in json.loads(gcs[b"store-pin/redis"])
+
+
+def test_a_start_never_takes_the_marker_off_the_gcs_pin(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The move pinned the store here with its marker after this supervisor read its pin (or read none):
+    recording its own pin keeps the marker, so the store still awaits its restore."""
+    sup, gcs = moved_supervisor(tmp_path, monkeypatch)
+    sup.awaiting_restore = False
+    gcs[b"store-pin/redis"] = json.dumps(moved_pin("redis", "w-b"))
+    sup._record_pin()
+    assert sup.awaiting_restore and json.loads(gcs[b"store-pin/redis"])["awaiting_restore"] is True
+    # a pin for another donor, or none: its own, without a marker
+    gcs[b"store-pin/redis"] = json.dumps(moved_pin("redis", "w-c"))
+    sup.awaiting_restore = False
+    sup._record_pin()
+    assert not sup.awaiting_restore and "awaiting_restore" not in json.loads(gcs[b"store-pin/redis"])
+
+
+def test_a_pin_the_gcs_cannot_give_is_not_guessed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GCS not answering is not "no pin": the volume's copy may lack the move's marker."""
+    sup = bare_supervisor(tmp_path, "redis", donor="w-b")
+    sup._write_volume_pin({"store": "redis", "donor": "w-b", "labelled": True})
+    asked: list[str] = []
+
+    def unreadable(store: str) -> Any:
+        asked.append(store)
+        raise TimeoutError("GCS busy")
+
+    monkeypatch.setattr(supervisor, "read_pin", unreadable)
+    monkeypatch.setattr(supervisor, "PIN_READ_S", 0.3)
+    with pytest.raises(StoreError, match="GCS busy"):
+        sup._pin()
+    assert asked  # asked, and again until PIN_READ_S ran out
+    monkeypatch.setattr(supervisor, "read_pin", lambda store: None)  # no pin there: the volume's
+    assert sup._pin() == {"store": "redis", "donor": "w-b", "labelled": True}
+
+
+def test_a_store_awaiting_its_restore_is_not_backed_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sup, _ = moved_supervisor(tmp_path, monkeypatch)
+    sup.runtime = types.SimpleNamespace(pid=1)
+    with pytest.raises(StoreError, match="redis on w-b awaits a move's restore: it holds no data of its own"):
+        sup.backup_begin("trusted")
+    assert not sup._transfers
+
+
+def test_stores_serve_serves_what_a_moved_store_holds_after_asking(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sup = MovingSupervisor({"keys": 3})
+    sup.donor = "w-b"
+    monkeypatch.setitem(sys.modules, "ray", FakeRay(actor=sup))
+    runner = CliRunner()
+    r = runner.invoke(app, ["stores", "serve", "redis", "--data-dir", str(tmp_path)], input="n\n")
+    assert isinstance(r.exception, CliError) and "still awaits its restore: nothing changed" in str(
+        r.exception
+    )
+    assert sup.calls == []
+    r = runner.invoke(app, ["stores", "serve", "redis", "--data-dir", str(tmp_path)], input="y\n")
+    assert r.exit_code == 0 and "redis on w-b serves its data as it is (ready)" in r.output, r.output
+    r = runner.invoke(app, ["stores", "serve", "redis", "--yes", "--data-dir", str(tmp_path)])
+    assert r.exit_code == 0 and sup.calls == ["serve", "serve"], r.output
+    sup.donor = "w-a"  # not awaiting a restore: refused, nothing asked
+    r = runner.invoke(app, ["stores", "serve", "redis", "--yes", "--data-dir", str(tmp_path)])
+    assert isinstance(r.exception, CliError), r.output
+    assert str(r.exception) == "redis is ready on w-a, not awaiting a restore: nothing to serve"
+    assert sup.calls == ["serve", "serve"]
+
+
+def test_a_move_whose_new_store_serves_already_stops_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A target `ready` without awaiting its restore lost the move's mark: the move does not restore into a
+    store the services may be writing to."""
+    sup = MovingSupervisor({"keys": 3})
+    sup.status = types.SimpleNamespace(remote=lambda: {"status": "ready", "donor": sup.donor, "error": None})
+    monkeypatch.setitem(sys.modules, "ray", FakeRay(actor=sup))
+    r = CliRunner().invoke(app, ["stores", "move", "redis", "--to", "w-b", "--data-dir", str(tmp_path)])
+    assert isinstance(r.exception, CliError), r.output
+    msg = str(r.exception)
+    assert "redis on w-b is ready, not awaiting its restore: the move's mark was lost" in msg
+    assert "rma stores restore redis" in msg and "rma stores serve redis" in msg and "\n" not in msg
+    assert sup.calls == []  # nothing restored into it
+
+
+def test_a_serve_that_answered_late_but_went_through_is_a_moved_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sup = MovingSupervisor({"keys": 3})
+    served = {"late": False}
+
+    def late(node: str) -> Any:
+        served["late"] = True
+        return FakeRay.exceptions.GetTimeoutError("no answer")
+
+    sup.serve = types.SimpleNamespace(remote=late)
+    status = sup.status.remote
+    sup.status = types.SimpleNamespace(
+        remote=lambda: {
+            **status(),
+            **({"status": "ready", "awaiting_restore": False} if served["late"] else {}),
+        }
+    )
+    monkeypatch.setitem(sys.modules, "ray", FakeRay(actor=sup))
+    r = CliRunner().invoke(app, ["stores", "move", "redis", "--to", "w-b", "--data-dir", str(tmp_path)])
+    assert r.exit_code == 0 and "redis moved from w-a to w-b (ready; counts match" in r.output, r.output
+    served["late"] = False  # and one that did not go through says how to go on
+    sup.status = types.SimpleNamespace(remote=status)
+    sup.donor = "w-a"
+    again = tmp_path / "again"  # a backup directory of its own
+    r = CliRunner().invoke(app, ["stores", "move", "redis", "--to", "w-b", "--data-dir", str(again)])
+    assert isinstance(r.exception, CliError), r.output
+    assert "redis on w-b holds its data but it serves nobody until" in str(r.exception)
+    assert "`rma stores serve redis`" in str(r.exception)
+
+
+def test_a_plain_restore_sends_no_hold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A supervisor started by the previous version has `restore_apply(tid)` only."""
+    sup = MovingSupervisor({"keys": 3})
+    sup.restore_apply = types.SimpleNamespace(
+        remote=lambda tid: sup.calls.append("apply") or {"status": "ready"}
+    )
+    src = tmp_path / "b"
+    src.mkdir()
+    (src / "redis.rdb").write_bytes(sup.content)
+    manifest = {
+        "store": "redis",
+        "file": "redis.rdb",
+        "size_bytes": len(sup.content),
+        "sha256": hashlib.sha256(sup.content).hexdigest(),
+    }
+    (src / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setitem(sys.modules, "ray", FakeRay(actor=sup))
+    r = CliRunner().invoke(app, ["stores", "restore", "redis", str(src), "--data-dir", str(tmp_path)])
+    assert r.exit_code == 0 and sup.calls == ["apply"], r.output
