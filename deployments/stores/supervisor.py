@@ -80,9 +80,8 @@ REPORT_EVERY_S = 10.0  # the coordinator shows a store as `unknown` after three 
 # how long a starting supervisor asks a GCS that does not answer for its store's pin before it gives up (and its
 # process exits, for Ray to start another): guessing from the volume's copy could serve a moved store empty
 PIN_READ_S = 10.0
-PIN_WRITE_TRIES = (
-    3  # `serve` writes the GCS's pin without the move's marker: this many tries, else it refuses
-)
+# `serve` writes the GCS's pin without the move's marker, tried again for this long, else it refuses
+PIN_WRITE_S = 3.0
 log = logging.getLogger("rma.stores")
 TRUSTED_DATA = {LABEL_TIER: "data", LABEL_TRUSTED: "true"}
 HEAD_RESOURCE = "node:__internal_head__"
@@ -482,9 +481,7 @@ class StoreSupervisor:
             if not self.awaiting_restore:
                 try:
                     self.awaiting_restore = awaits_restore(read_pin(self.store_name), None, self.donor)
-                except (
-                    Exception
-                ) as exc:  # the GCS busy: its pin is not overwritten unseen; the volume keeps it
+                except Exception as exc:  # the GCS busy: its pin is not overwritten unseen
                     log.warning("store pin not read from the GCS, so not written there: %s", exc)
                     gcs = False
             pin = self._pin_here(self.awaiting_restore)
@@ -568,32 +565,30 @@ class StoreSupervisor:
     def _serve(self) -> None:
         """Take the move's marker off both pins, then serve. Strict: a pin left with it would hold an
         incarnation Ray restarts back, one left without it would let it serve whatever it holds; so both are
-        written (the GCS's tried `PIN_WRITE_TRIES` times) or this raises and the store stays awaiting."""
+        written (the GCS's tried again for `PIN_WRITE_S`) or this raises and the store stays awaiting."""
         from ray.experimental import internal_kv
 
         with self._marker_lock:
             if not self.awaiting_restore:
                 return
             pin = self._pin_here(awaiting=False)
+
+            def put() -> bool:
+                internal_kv._internal_kv_put(
+                    pin_key(self.store_name), json.dumps(pin), overwrite=True, namespace=NAMESPACE
+                )
+                return True
+
             try:
                 self._write_volume_pin(pin)
-                for attempt in range(1, PIN_WRITE_TRIES + 1):
-                    try:
-                        internal_kv._internal_kv_put(
-                            pin_key(self.store_name), json.dumps(pin), overwrite=True, namespace=NAMESPACE
-                        )
-                        break
-                    except Exception as exc:  # noqa: BLE001 - the GCS busy: again, then refuse
-                        if attempt == PIN_WRITE_TRIES:
-                            raise
-                        log.info("store pin not written to the GCS (try %d): %s", attempt, exc)
-                        time.sleep(0.5)
+                wait_until(put, timeout=PIN_WRITE_S, interval=0.5, what=f"{self.store_name}'s pin in the GCS")
             except Exception as exc:
                 # the volume's pin gets its marker back: an incarnation Ray restarts waits again
                 with contextlib.suppress(OSError):
                     self._write_volume_pin(self._pin_here(awaiting=True))
+                cause = exc.last if isinstance(exc, WaitTimeout) else exc  # the GCS's own error, tried again
                 raise StoreError(
-                    f"{self.kind.name}'s pin could not be written ({type(exc).__name__}: {exc}); it serves "
+                    f"{self.kind.name}'s pin could not be written ({type(cause).__name__}: {cause}); it serves "
                     f"nobody yet: try `rma stores serve {self.kind.name}` again"
                 ) from exc
             self.pin, self.awaiting_restore = pin, False

@@ -35,6 +35,7 @@ from rma_ray.cli.common import CliError
 from rma_ray.storepins import PINS_FILE, load_pins, moved_pin, save_pins
 
 ON_HEAD = {"rma.io/tier": "head"}
+pin_key_redis = supervisor.pin_key("redis")
 
 
 def mode(path: Path) -> int:
@@ -482,12 +483,12 @@ def test_serve_refuses_and_keeps_waiting_when_the_gcs_pin_cannot_be_written(
         raise TimeoutError("GCS busy")
 
     monkeypatch.setattr(sys.modules["ray.experimental"].internal_kv, "_internal_kv_put", busy)
-    monkeypatch.setattr(supervisor.time, "sleep", lambda s: None)
+    monkeypatch.setattr(supervisor, "PIN_WRITE_S", 0.6)
     with pytest.raises(
-        StoreError, match="redis's pin could not be written .*GCS busy.*rma stores serve redis"
+        StoreError, match="redis's pin could not be written .*GCS busy.*try `rma stores serve redis` again"
     ):
         sup.serve("trusted")
-    assert len(tries) == supervisor.PIN_WRITE_TRIES
+    assert len(tries) > 1  # tried again before refusing
     assert sup.awaiting_restore and sup.status()["status"] == "awaiting-restore"
     assert json.loads((sup.volume / PIN_FILE).read_text())["awaiting_restore"] is True
     assert json.loads(gcs[b"store-pin/redis"])["awaiting_restore"] is True
@@ -640,3 +641,69 @@ def test_a_plain_restore_sends_no_hold(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setitem(sys.modules, "ray", FakeRay(actor=sup))
     r = CliRunner().invoke(app, ["stores", "restore", "redis", str(src), "--data-dir", str(tmp_path)])
     assert r.exit_code == 0 and sup.calls == ["apply"], r.output
+
+
+def test_up_reports_a_store_awaiting_its_restore_and_does_not_count_it_failed(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`rma up` mid-move (or after a move that failed past its switch): the store is settled, its line says
+    which command ends the wait; neither pending until the timeout nor a failure."""
+    from deployments import __main__ as deployments_main
+
+    awaiting = {
+        "status": "awaiting-restore",
+        "error": "redis is being moved to w-b: waiting for its data (…)",
+        "node_ip": "10.0.0.2",
+        "port": 6390,
+        "ready_s": 0.5,
+    }
+    actor = types.SimpleNamespace(status=types.SimpleNamespace(remote=lambda: awaiting))
+    fake = FakeRay()
+    unavailable = type("ActorUnavailableError", (Exception,), {})
+    monkeypatch.setattr(FakeRay.exceptions, "ActorUnavailableError", unavailable, raising=False)
+    monkeypatch.setattr(FakeRay.exceptions, "RayError", Exception, raising=False)
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.setattr(deployments_main, "placement", lambda on: TRUSTED_DATA)
+    monkeypatch.setattr(deployments_main, "seed_pins", lambda stores: None)
+    monkeypatch.setattr(deployments_main, "keep_pins", lambda stores: None)
+    monkeypatch.setattr(supervisor, "ensure", lambda store, **kw: actor)
+    assert deployments_main.stores_up(["redis"], "process", "data", 5, {}) == 0
+    (line,) = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert line["store"] == "redis" and line["status"] == "awaiting-restore"
+    assert line["error"].startswith("redis is being moved to w-b")
+
+
+def test_a_moved_store_whose_runtime_cannot_start_still_marks_its_volume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No docker on the new donor: the supervisor fails to start its store, but the move's marker reaches the
+    volume, so a later incarnation (docker installed, the GCS started again empty) still waits."""
+    gcs: dict[bytes, Any] = {pin_key_redis: json.dumps(moved_pin("redis", "w-b"))}
+    kv = types.ModuleType("ray.experimental.internal_kv")
+    kv._internal_kv_put = lambda key, value, **kw: gcs.__setitem__(key, value)  # type: ignore[attr-defined]
+    kv._internal_kv_get = lambda key, **kw: gcs.get(key)  # type: ignore[attr-defined]
+    experimental = types.ModuleType("ray.experimental")
+    experimental.internal_kv = kv  # type: ignore[attr-defined]
+    fake = FakeRay()
+    fake.get_runtime_context = lambda: types.SimpleNamespace(  # type: ignore[method-assign]
+        get_node_id=lambda: "n2", get_node_labels=lambda: {"rma.io/node": "w-b"}, get_actor_id=lambda: "a1"
+    )
+    fake.util = types.SimpleNamespace(get_node_ip_address=lambda: "10.0.0.2")  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.setitem(sys.modules, "ray.experimental", experimental)
+
+    def no_docker(*a: Any) -> Any:
+        raise StoreError("docker is not installed on this node")
+
+    monkeypatch.setattr(supervisor, "make_runtime", no_docker)
+    monkeypatch.setattr(supervisor, "credentials", lambda volume: {"user": "rma", "password": "secret"})
+    monkeypatch.setattr(supervisor, "Settings", lambda: types.SimpleNamespace(data_dir=tmp_path))
+    monkeypatch.setattr(supervisor, "wanted", lambda data_dir: False)
+    monkeypatch.setattr(
+        supervisor, "StoreFirewall", lambda *a: types.SimpleNamespace(state="off", enabled=False)
+    )
+    monkeypatch.setattr(StoreSupervisor, "_report_loop", lambda self: None)  # nobody to report to here
+    sup = StoreSupervisor("redis", runtime="docker", data_dir=str(tmp_path))
+    assert sup.state == "failed" and "docker is not installed" in str(sup.error)
+    assert json.loads((tmp_path / "redis" / PIN_FILE).read_text())["awaiting_restore"] is True
+    assert json.loads(gcs[pin_key_redis])["awaiting_restore"] is True
