@@ -127,7 +127,8 @@ def keep_pins(stores: list[str]) -> None:
 
 def stores_up(stores: list[str], runtime: str, on: str, wait_s: float, ports: dict[str, int]) -> int:
     """One supervisor per store, on a trusted data donor when one is alive, else on the head (the embedded
-    default); waits until each answers queries. One line per store; returns how many did not."""
+    default); waits until each answers queries (or awaits a move's restore). One line per store; returns how many
+    did not."""
     import ray
 
     from deployments.stores.supervisor import TRUSTED_DATA, ensure
@@ -154,7 +155,9 @@ def stores_up(stores: list[str], runtime: str, on: str, wait_s: float, ports: di
                 failed += 1
                 emit(store=store, status="failed", error=f"its supervisor died: {exc}"[:500], where=where)
                 continue
-            if st["status"] in ("ready", "failed"):
+            # a moved store awaiting its restore is settled: the move (or the operator) ends that, not `up`;
+            # its line says which command does
+            if st["status"] in ("ready", "failed", "awaiting-restore"):
                 pending.pop(store)
                 failed += st["status"] == "failed"
                 emit(

@@ -163,7 +163,16 @@ class WorkerOut(BaseModel):
 
 STORE_NAME = r"^[a-z][a-z0-9-]{0,31}$"
 StoreStatus = Literal[
-    "starting", "ready", "restarting", "failed", "stopped", "waiting", "backing-up", "restoring", "frozen"
+    "starting",
+    "ready",
+    "restarting",
+    "failed",
+    "stopped",
+    "waiting",
+    "backing-up",
+    "restoring",
+    "frozen",
+    "awaiting-restore",  # a moved store before its data is restored: it serves nobody yet
 ]
 
 

@@ -24,6 +24,19 @@ and create the supervisor again with the pinned selector. A store leaves its don
 is rewritten to name the new donor, so a supervisor placed there later waits instead of serving the pre-move
 data). A labelled pin beats data found on another node (`pin_decision`): that data is stale.
 
+A moved store serves nobody before its data is in: the move's pin carries a marker (`awaiting_restore`), and the
+supervisor it creates starts the store empty but hands its endpoint to nobody (`endpoint()` refuses: the
+services answer 503 as for a store not ready; `status()` says `awaiting-restore`) until the move has restored
+the backup and checked its counts (`serve`), or a plain restore is applied (`rma stores restore`), or the operator
+says its data is in (`rma stores serve`: the ways out of a move that failed after its switch). Otherwise the
+services, which ask the endpoint again after a connection failure, would find the empty store: reads that find
+nothing, and writes a restore of a stopped store then replaces. The supervisor writes the marker into its volume's
+pin too (also where its runtime cannot start), so an incarnation Ray restarts mid-move (even with a GCS that
+started again empty) still waits; `serve` clears both or neither (it raises, the store still waiting), under a lock
+of its own, not behind a supervision step. A starting supervisor whose GCS does not give its pin does not guess from
+the volume's copy (it may lack the marker): its process exits and Ray starts another; and recording its own pin
+never takes the marker off a GCS pin for this donor.
+
 The GCS starts again empty after `rma down`/`rma up` or a core token rotation, so the operator's machine keeps
 the pins too (`<data_dir>/store-pins.json`, rma_ray/storepins.py): `python -m deployments up|down` on the head
 copies them from the GCS, and `up` puts them back before `ensure()`, which creates a store pinned on a
@@ -55,7 +68,7 @@ from deployments.stores.firewall import StoreFirewall, trusted_addresses, wanted
 from deployments.stores.kinds import KINDS, Endpoint, credentials, dir_size
 from deployments.stores.runtime import RUNTIMES, StoreError, make_runtime
 from rma_ray.settings import Settings
-from rma_ray.storepins import moved_pin
+from rma_ray.storepins import AWAITING_RESTORE, moved_pin
 from rma_ray.tiers import LABEL_NODE, LABEL_TIER, LABEL_TRUSTED
 from rma_ray.waiting import GiveUp, WaitTimeout, wait_until
 
@@ -64,6 +77,11 @@ NAMESPACE = "rma"
 # back where the store is, rather than never (a chunk read, each few seconds of a download, renews it)
 FREEZE_LEASE_S = 300
 REPORT_EVERY_S = 10.0  # the coordinator shows a store as `unknown` after three missed reports
+# how long a starting supervisor asks a GCS that does not answer for its store's pin before it gives up (and its
+# process exits, for Ray to start another): guessing from the volume's copy could serve a moved store empty
+PIN_READ_S = 10.0
+# `serve` writes the GCS's pin without the move's marker, tried again for this long, else it refuses
+PIN_WRITE_S = 3.0
 log = logging.getLogger("rma.stores")
 TRUSTED_DATA = {LABEL_TIER: "data", LABEL_TRUSTED: "true"}
 HEAD_RESOURCE = "node:__internal_head__"
@@ -114,6 +132,18 @@ def pin_decision(pin: dict[str, Any] | None, donor: str, has_data: bool) -> str 
     if not pin or not pin.get("donor") or pin["donor"] == donor or (has_data and not pin.get("labelled")):
         return None
     return str(pin["donor"])
+
+
+def awaits_restore(pin: dict[str, Any] | None, volume_pin: dict[str, Any] | None, donor: str) -> bool:
+    """Whether a supervisor starting its store on `donor` holds its endpoint back for a move's restore: the
+    store's pin (`pin`, the GCS's or else the volume's) names this donor, and it or the volume's own pin here
+    still carries the move's marker (the volume's outlives a GCS seeded from the operator's machine, whose
+    copy never carries it)."""
+    if not pin or pin.get("donor") != donor:
+        return False
+    return bool(pin.get(AWAITING_RESTORE)) or bool(
+        volume_pin and volume_pin.get("donor") == donor and volume_pin.get(AWAITING_RESTORE)
+    )
 
 
 def seed_pin(gcs_pin: dict[str, Any] | None, kept: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -283,6 +313,9 @@ class StoreSupervisor:
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._lock = threading.RLock()  # held by each supervision step and for a backup's or restore's stop
+        # the move's marker (awaiting_restore) and the pins that carry it: its own lock, so that `serve` never
+        # waits behind a supervision step (a `_bring_up` takes up to 120 s)
+        self._marker_lock = threading.Lock()
         self._transfers: dict[str, dict[str, Any]] = {}
         self.transfers_dir = root / f".{store}-transfers"
         shutil.rmtree(self.transfers_dir, ignore_errors=True)  # an earlier incarnation's unfinished transfers
@@ -292,8 +325,16 @@ class StoreSupervisor:
             if HEAD_RESOURCE in ((_ray_node(self.node_id) or {}).get("Resources") or {})
             else self.node_id
         )
-        self.pin = self._pin()
+        try:
+            self.pin = self._pin()
+        except StoreError as exc:
+            # raised, it would end this actor for good (Ray restarts one whose process dies, not one whose
+            # constructor raised): the process exits, and the incarnation Ray starts asks the GCS again
+            log.error("%s: %s; this incarnation exits for Ray to start another", store, exc)
+            os._exit(1)
         self.waiting_for = pin_decision(self.pin, self.donor, volume_has_data(store, self.volume))
+        # created by a move: the store starts here, but serves nobody until its data is restored
+        self.awaiting_restore = awaits_restore(self.pin, self._volume_pin(), self.donor)
         self._thread = threading.Thread(target=self._supervise, daemon=True)
         if self.waiting_for is not None:
             self.state = "waiting"
@@ -302,9 +343,13 @@ class StoreSupervisor:
                 f"it starts there when the donor is back"
             )
             threading.Thread(target=self._wait_for_donor, daemon=True).start()
-        elif self.runtime is not None:
-            self._record_pin()
-            self._thread.start()
+        else:
+            if self.runtime is not None or (self.pin or {}).get("donor") == self.donor:
+                # the pinned one records its pin even when its runtime cannot start here (no docker): a move's
+                # marker then reaches its volume, and an incarnation Ray restarts still waits for the restore
+                self._record_pin()
+            if self.runtime is not None:
+                self._thread.start()
         self._reporter = threading.Thread(target=self._report_loop, daemon=True)
         self._reporter.start()
 
@@ -388,22 +433,30 @@ class StoreSupervisor:
     # -- pinning -------------------------------------------------------------------------------------------
 
     def _pin(self) -> dict[str, Any] | None:
-        """The store's pin: the GCS's copy, else the volume's (a GCS that started again empty)."""
+        """The store's pin: the GCS's copy, else the volume's (a GCS that started again empty). A GCS that does
+        not answer is asked again for `PIN_READ_S`, then this raises: the volume's copy may lack a move's
+        marker that only the GCS's holds (the move's pin, written before this supervisor existed), and a
+        guess would serve the moved store empty."""
         try:
-            pin = read_pin(self.store_name)
-        except Exception as exc:  # the GCS busy: the volume's copy is all there is
-            log.info("store pin not read from the GCS: %s", exc)
-            pin = None
-        if pin is None:
-            try:
-                pin = json.loads((self.volume / PIN_FILE).read_text())
-            except (OSError, ValueError):
-                pin = None
-        return pin
+            (pin,) = wait_until(
+                lambda: (read_pin(self.store_name),),  # a tuple: "no pin" (None) ends the wait too
+                timeout=PIN_READ_S,
+                interval=1,
+                what=f"{self.store_name}'s pin from the GCS",
+            )
+        except WaitTimeout as exc:
+            raise StoreError(str(exc)) from None
+        return pin if pin is not None else self._volume_pin()
 
-    def _record_pin(self) -> None:
-        from ray.experimental import internal_kv
+    def _volume_pin(self) -> dict[str, Any] | None:
+        try:
+            pin = json.loads((self.volume / PIN_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+        return pin if isinstance(pin, dict) else None
 
+    def _pin_here(self, awaiting: bool) -> dict[str, Any]:
+        """This supervisor's pin: its donor and node, with the move's marker if `awaiting`."""
         pin = {
             "store": self.store_name,
             "donor": self.donor,
@@ -412,15 +465,35 @@ class StoreSupervisor:
             "node_ip": self.host,
             "since": (self.pin or {}).get("since") if (self.pin or {}).get("donor") == self.donor else None,
         }
+        if awaiting:
+            pin[AWAITING_RESTORE] = True
         pin["since"] = pin["since"] or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        self._write_volume_pin(pin)
-        try:
-            internal_kv._internal_kv_put(
-                pin_key(self.store_name), json.dumps(pin), overwrite=True, namespace=NAMESPACE
-            )
-        except Exception as exc:  # the volume keeps it; the next supervisor writes it again
-            log.warning("store pin not written to the GCS: %s", exc)
-        self.pin = pin
+        return pin
+
+    def _record_pin(self) -> None:
+        """Pin the store here, in the volume and the GCS (at start). A GCS pin that holds a move's marker for
+        this donor keeps it (a move that pinned it here after this supervisor read its pin): only `_serve`
+        takes the marker away."""
+        from ray.experimental import internal_kv
+
+        with self._marker_lock:
+            gcs = True
+            if not self.awaiting_restore:
+                try:
+                    self.awaiting_restore = awaits_restore(read_pin(self.store_name), None, self.donor)
+                except Exception as exc:  # the GCS busy: its pin is not overwritten unseen
+                    log.warning("store pin not read from the GCS, so not written there: %s", exc)
+                    gcs = False
+            pin = self._pin_here(self.awaiting_restore)
+            self._write_volume_pin(pin)
+            if gcs:
+                try:
+                    internal_kv._internal_kv_put(
+                        pin_key(self.store_name), json.dumps(pin), overwrite=True, namespace=NAMESPACE
+                    )
+                except Exception as exc:  # the volume keeps it; the next supervisor writes it again
+                    log.warning("store pin not written to the GCS: %s", exc)
+            self.pin = pin
 
     def _write_volume_pin(self, pin: dict[str, Any]) -> None:
         tmp = self.volume / (PIN_FILE + ".tmp")
@@ -462,19 +535,75 @@ class StoreSupervisor:
         """Host, port and credentials, once the store answers queries (raises with the reason otherwise), to a
         caller on a trusted node only."""
         self._check_caller(node_id, "credentials", "place this deployment on trusted nodes")
+        if self.awaiting_restore:  # at once: callers held for the restore's minutes would take every thread
+            raise StoreError(self._awaiting_why())
         if not self._ready.wait(timeout):
             raise StoreError(self.error or f"{self.kind.name} is not ready yet")
         return self._endpoint().__dict__.copy()
 
+    def _awaiting_why(self) -> str:
+        return (
+            f"{self.kind.name} is being moved to {self.donor}: waiting for its data (the move restores it; "
+            f"after a move that failed, `rma stores restore {self.kind.name} BACKUP` if its data is not in, "
+            f"`rma stores serve {self.kind.name}` if it is)"
+        )
+
+    def _shown_state(self) -> str:
+        """The state the registry shows: a ready store a move has not restored yet is `awaiting-restore`."""
+        return "awaiting-restore" if self.awaiting_restore and self.state == "ready" else self.state
+
+    def serve(self, node_id: str | None = None) -> dict[str, Any]:
+        """A moved store's data is in (the move restored it and checked its counts, or the operator says so:
+        `rma stores serve`): its endpoint goes to the services from now on, also from an incarnation Ray
+        restarts (the pins lose the move's marker). Nothing for a store that awaits no restore."""
+        self._check_caller(
+            node_id, "restores", "run this from the operator's machine (the head) or a trusted node"
+        )
+        self._serve()
+        return self.status()
+
+    def _serve(self) -> None:
+        """Take the move's marker off both pins, then serve. Strict: a pin left with it would hold an
+        incarnation Ray restarts back, one left without it would let it serve whatever it holds; so both are
+        written (the GCS's tried again for `PIN_WRITE_S`) or this raises and the store stays awaiting."""
+        from ray.experimental import internal_kv
+
+        with self._marker_lock:
+            if not self.awaiting_restore:
+                return
+            pin = self._pin_here(awaiting=False)
+
+            def put() -> bool:
+                internal_kv._internal_kv_put(
+                    pin_key(self.store_name), json.dumps(pin), overwrite=True, namespace=NAMESPACE
+                )
+                return True
+
+            try:
+                self._write_volume_pin(pin)
+                wait_until(put, timeout=PIN_WRITE_S, interval=0.5, what=f"{self.store_name}'s pin in the GCS")
+            except Exception as exc:
+                # the volume's pin gets its marker back: an incarnation Ray restarts waits again
+                with contextlib.suppress(OSError):
+                    self._write_volume_pin(self._pin_here(awaiting=True))
+                cause = exc.last if isinstance(exc, WaitTimeout) else exc  # the GCS's own error, tried again
+                raise StoreError(
+                    f"{self.kind.name}'s pin could not be written ({type(cause).__name__}: {cause}); it serves "
+                    f"nobody yet: try `rma stores serve {self.kind.name}` again"
+                ) from exc
+            self.pin, self.awaiting_restore = pin, False
+        log.info("%s serves: its data was restored on %s", self.kind.name, self.donor)
+
     def status(self) -> dict[str, Any]:
+        shown = self._shown_state()
         return {
             "name": self.kind.name,
             "runtime": self.runtime_name,
             "node_id": self.node_id,
             "node_ip": self.host,
             "labels": self.labels,
-            "status": self.state,
-            "error": self.error,
+            "status": shown,
+            "error": self._awaiting_why() if shown == "awaiting-restore" else self.error,
             "pid": self.runtime.pid if self.runtime else None,
             "port": self.port,
             "size_bytes": dir_size(self.volume),
@@ -489,6 +618,7 @@ class StoreSupervisor:
             "incarnation": self.incarnation,
             "frozen": self.frozen,
             "switching": self.switching,
+            "awaiting_restore": self.awaiting_restore,
         }
 
     def stop(self) -> None:
@@ -596,6 +726,12 @@ class StoreSupervisor:
             node_id, "backups", "run this from the operator's machine (the head) or a trusted node"
         )
         self._usable()
+        if self.awaiting_restore:  # what it holds is not the store's data (the move's backup is)
+            raise StoreError(
+                f"{self.kind.name} on {self.donor} awaits a move's restore: it holds no data of its own to back up "
+                f"yet; the move's backup is in the data dir's backups/ (`rma stores restore {self.kind.name} "
+                f"BACKUP` puts it in, `rma stores serve {self.kind.name}` serves what it holds)"
+            )
         if freeze:
             with self._lock:
                 self._freeze_cancelled = False
@@ -689,8 +825,9 @@ class StoreSupervisor:
             f.write(data)
         return int(path.stat().st_size)
 
-    def restore_apply(self, tid: str) -> dict[str, Any]:
-        """Check the received file against its manifest, then put it in place of the store's data."""
+    def restore_apply(self, tid: str, hold: bool = False) -> dict[str, Any]:
+        """Check the received file against its manifest, then put it in place of the store's data. A store a
+        move created serves from then on, unless `hold` (the move, which checks its counts first: `serve`)."""
         t = self._transfer(tid)
         try:
             path, manifest = t["path"], t["manifest"]
@@ -706,6 +843,8 @@ class StoreSupervisor:
         finally:
             self.transfer_end(tid)
         log.info("%s restored from a backup of %s", self.kind.name, manifest.get("created_at"))
+        if not hold:
+            self._serve()
         return self.status()
 
     def _restore_stopped(self, path: Path) -> None:
@@ -858,10 +997,11 @@ class StoreSupervisor:
         last = None
         next_at = 0.0
         while not self._stop.is_set():
-            if self.state != last or time.monotonic() >= next_at:
+            shown = self._shown_state()
+            if shown != last or time.monotonic() >= next_at:
                 self._refresh_firewall()
                 if self._report():
-                    last = self.state
+                    last = shown
                 next_at = time.monotonic() + REPORT_EVERY_S
             self._stop.wait(0.5)
 

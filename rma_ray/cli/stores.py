@@ -1,4 +1,4 @@
-"""`rma stores list|backup|restore`: the pool's data stores, run on the operator's machine (the Ray head).
+"""`rma stores list|backup|restore|move|serve`: the pool's data stores, run on the operator's machine (the Ray head).
 
 `list` asks the coordinator (admin key), as the registry page does. `backup` and `restore` join the pool's Ray
 cluster as a driver (the pool's `cluster_token` from the data dir, or the caller's RAY_ADDRESS and
@@ -46,7 +46,7 @@ from rma_ray.cli.common import (
 )
 from rma_ray.poolinfo import STORE_NAMES
 
-stores_app = typer.Typer(help="The pool's data stores: list, back up, restore.", **HELP)
+stores_app = typer.Typer(help="The pool's data stores: list, back up, restore, move, serve.", **HELP)
 MANIFEST = "manifest.json"
 CHUNK = 8 * 1024 * 1024  # the supervisor's own cap (deployments/stores/backup.py CHUNK)
 FILES = {"postgres": "postgres.dump", "redis": "redis.rdb", "chroma": "chroma.tar", "graph": "graph.tar"}
@@ -228,8 +228,12 @@ def _download(ray: Any, sup: Any, store: str, dest: Path, freeze: bool = False) 
     return manifest
 
 
-def _upload(ray: Any, sup: Any, store: str, manifest: dict[str, Any], data: Path, what: str) -> Any:
-    """Send a checked backup to the supervisor, chunk by chunk, and have it restore it; returns its status."""
+def _upload(
+    ray: Any, sup: Any, store: str, manifest: dict[str, Any], data: Path, what: str, hold: bool = False
+) -> Any:
+    """Send a checked backup to the supervisor, chunk by chunk, and have it restore it; returns its status.
+    The store serves from then on (a moved one, too: the way out of a move that failed), unless `hold` (the
+    move itself, which checks its counts first)."""
     tid = _call(ray, sup.restore_begin.remote(manifest, _here(ray)))
     size = data.stat().st_size
     with _progress() as bar, open(data, "rb") as f:
@@ -237,7 +241,8 @@ def _upload(ray: Any, sup: Any, store: str, manifest: dict[str, Any], data: Path
         while chunk := f.read(CHUNK):
             bar.update(task, completed=_call(ray, sup.write_chunk.remote(tid, chunk), timeout=600))
     err.print(f"restoring {store} on its node …", highlight=False)
-    return _call(ray, sup.restore_apply.remote(tid))
+    # `hold` only when holding: a supervisor started by an earlier version takes no second argument
+    return _call(ray, sup.restore_apply.remote(tid, True) if hold else sup.restore_apply.remote(tid))
 
 
 @stores_app.command("backup")
@@ -281,12 +286,22 @@ def stores_restore(
     )
 
 
+def ways_out(store: str, dest: Path) -> str:
+    """How a moved store that awaits its restore comes to serve, for every failure line after a move's switch:
+    the backup restored (its data not in), or `serve` (its data in, or to stop waiting)."""
+    return (
+        f"it serves nobody until `rma stores restore {store} {dest}` (its data not in) or "
+        f"`rma stores serve {store}` (its data in, or to stop waiting)"
+    )
+
+
 def moved_empty(store: str, to: str, dest: Path, donor: str, exc: BaseException) -> str:
-    """The one line a move that failed after the switch ends with: the store on `to` is live and empty."""
+    """The one line a move that failed after the switch ends with: the store on `to` may run empty, serving
+    nobody until a restore (its supervisor's `awaiting-restore`)."""
     cause = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
     return (
-        f"{store} on {to} is EMPTY; run `rma stores restore {store} {dest}` (the backup is at {dest}); "
-        f"the old volume stays on {donor} ({cause})"
+        f"{store} on {to} is EMPTY (the backup is at {dest}); {ways_out(store, dest)}; the old volume stays on "
+        f"{donor} ({cause})"
     )
 
 
@@ -353,23 +368,48 @@ def _unfreeze_or_switched(ray: Any, sup: Any, store: str, to: str) -> bool:
 
 def _fill_moved(
     ray: Any, store: str, to: str, manifest: dict[str, Any], dest: Path, wait_s: float
-) -> tuple[Any, Any]:
-    """After the switch: wait for the store on `to`, restore the backup into it, take its counts."""
-    from rma_ray.waiting import WaitTimeout, wait_until
+) -> tuple[Any, Any, Any]:
+    """After the switch: wait for the store on `to`, restore the backup into it, take its counts; returns its
+    supervisor, its status and its counts. The store serves nobody yet: `_serve_moved`, once they are checked."""
+    from rma_ray.waiting import GiveUp, WaitTimeout, wait_until
 
     err.print(f"starting {store} on {to} …", highlight=False)
 
     def there() -> Any:
         sup = ray.get_actor(f"rma-store-{store}", namespace="rma")
         st = ray.get(sup.status.remote(), timeout=5)
-        return sup if st["donor"] == to and st["status"] == "ready" else None
+        if st["donor"] == to and st["status"] == "ready":  # it serves its empty store to the services
+            raise GiveUp(
+                f"{store} on {to} is ready, not awaiting its restore: the move's mark was lost, so the services "
+                f"may be using it empty; run `rma stores restore {store} {dest}`, then "
+                f"`rma stores serve {store}` if it still awaits"
+            )
+        return sup if st["donor"] == to and st["status"] == "awaiting-restore" else None
 
     try:
         new = wait_until(there, timeout=wait_s, interval=1, what=f"{store} to answer on {to}")
+    except GiveUp as exc:
+        fail(str(exc))
     except WaitTimeout:
         fail(f"{store} did not start on {to} within {wait_s:g} s")
-    st = _upload(ray, new, store, manifest, dest / FILES[store], str(dest))
-    return st, _call(ray, new.counts.remote(_here(ray)))
+    st = _upload(ray, new, store, manifest, dest / FILES[store], str(dest), hold=True)
+    return new, st, _call(ray, new.counts.remote(_here(ray)))
+
+
+def _serve_moved(ray: Any, new: Any, store: str, to: str, dest: Path) -> Any:
+    """The moved store, its data restored and its counts checked: its endpoint goes to the services now. A
+    `serve` that answered late may have gone through: its status is asked again before saying it failed."""
+    try:
+        return _call(ray, new.serve.remote(_here(ray)), timeout=60)
+    except Exception as exc:  # CliError too: one line, the cause last
+        try:
+            st = ray.get(new.status.remote(), timeout=15)
+        except Exception:  # noqa: BLE001 - not answering either: the failure line below says what to do
+            st = None
+        if st is not None and not st.get("awaiting_restore"):
+            return st
+        cause = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        fail(f"{store} on {to} holds its data but {ways_out(store, dest)} ({cause})")
 
 
 def _unplaced(ray: Any, store: str) -> bool:
@@ -447,11 +487,15 @@ def _move_from_backup(
             _call(ray, old.move_to.remote(to), timeout=60)
         keep_moved_pin(ddir, store, to, strict=True)  # the store is pinned on `to` now, whatever follows
         try:
-            st, after = _fill_moved(ray, store, to, manifest, src, wait_s)
+            new, st, after = _fill_moved(ray, store, to, manifest, src, wait_s)
         except Exception as exc:  # CliError too: one line, the cause last
             fail(moved_empty(store, to, src, donor, exc))
-    if after != manifest.get("counts"):
-        fail(f"{store} on {to} holds {after}, the backup {src} {manifest.get('counts')}: check it")
+        if after != manifest.get("counts"):
+            fail(
+                f"{store} on {to} holds {after}, the backup {src} {manifest.get('counts')}: check it; "
+                f"{ways_out(store, src)}"
+            )
+        st = _serve_moved(ray, new, store, to, src)
     out.print(
         f"{store} moved to {to} from the backup {src} ({st['status']}; counts match the backup's: {after})",
         highlight=False,
@@ -483,10 +527,11 @@ def stores_move(
     ] = False,
 ) -> None:
     """Move a store with its data to another trusted data donor: refuse writes, back up, start it there,
-    restore, check the counts. From the backup on, writers get the store's error (PostgreSQL and Redis keep
-    serving reads; Chroma and the graph store are stopped) until it answers on its new donor, so that no write is
-    acknowledged and lost; a move that fails before its switch gives the store back its writes where it is.
-    The old donor keeps its volume; the backup stays in the data dir's backups/.
+    restore, check the counts (it serves nobody there until then). From the backup on, writers get the store's
+    error (PostgreSQL and Redis keep serving reads; Chroma and the graph store are stopped) until it answers on
+    its new donor, so that no write is acknowledged and lost; a move that fails before its switch gives the
+    store back its writes where it is. The old donor keeps its volume; the backup stays in the data dir's
+    backups/.
     With --from-backup DIR: the store (waiting for a donor that is gone, or failed) starts on DONOR with the
     backup's data."""
     _store(store)
@@ -511,33 +556,59 @@ def stores_move(
                 raise
             err.print(f"the switch to {to} answered late ({exc}); it went ahead", highlight=False)
         keep_moved_pin(ddir, store, to)  # the store is pinned on `to` now, whatever follows
-        # from here on the store on `to` may be live and empty: any failure says so, and how to fill it
+        # from here on the store on `to` runs empty, serving nobody: any failure says so, and how to fill it
         try:
-            st, after = _fill_moved(ray, store, to, manifest, dest, wait_s)
+            new, st, after = _fill_moved(ray, store, to, manifest, dest, wait_s)
         except Exception as exc:  # CliError too: one line, the cause last
             fail(moved_empty(store, to, dest, was["donor"], exc))
-    before = manifest.get("counts") or {}
-    verdict = f"counts match: {after}"
-    if after != before:
-        # chroma and the graph store (backed up stopped) are counted just before they stop; the others are
-        # counted frozen and must match exactly
-        if (
-            store in ("chroma", "graph")
-            and before
-            and set(after) >= set(before)
-            and all(after[k] >= v for k, v in before.items())
-        ):
-            # a write between the count and the stop is in the snapshot, so the new store holds it too
-            verdict = f"counts {after}, at least the {before} counted just before it stopped"
-        else:
-            fail(
-                f"{store} on {to} holds {after}, the backup {before}: check it; "
-                f"the old volume stays on {was['donor']} and the backup in {dest}"
-            )
+        before = manifest.get("counts") or {}
+        verdict = f"counts match: {after}"
+        if after != before:
+            # chroma and the graph store (backed up stopped) are counted just before they stop; the others are
+            # counted frozen and must match exactly
+            if (
+                store in ("chroma", "graph")
+                and before
+                and set(after) >= set(before)
+                and all(after[k] >= v for k, v in before.items())
+            ):
+                # a write between the count and the stop is in the snapshot, so the new store holds it too
+                verdict = f"counts {after}, at least the {before} counted just before it stopped"
+            else:
+                fail(
+                    f"{store} on {to} holds {after}, the backup {before}: check it; {ways_out(store, dest)}; "
+                    f"the old volume stays on {was['donor']}"
+                )
+        st = _serve_moved(ray, new, store, to, dest)
     out.print(
         f"{store} moved from {was['donor']} to {to} ({st['status']}; {verdict}); backup kept in {dest}",
         highlight=False,
     )
+
+
+@stores_app.command("serve")
+def stores_serve(
+    store: str,
+    address: AddressOpt = None,
+    data_dir: DataDirOpt = None,
+    yes: Annotated[bool, typer.Option("--yes", help="do not ask for confirmation")] = False,
+) -> None:
+    """Let a moved store that awaits its restore serve the data it holds now, unchanged: after a move that failed
+    once its data was in (the counts differed, or its last step did not answer), or to stop waiting for a
+    restore. Changes no data; `rma stores restore` puts a backup in and serves too."""
+    _store(store)
+    with pool_ray(data_dir, address) as ray:
+        sup = _supervisor(ray, store)
+        st = _call(ray, sup.status.remote(), timeout=30)
+        if not st.get("awaiting_restore"):
+            fail(f"{store} is {st['status']} on {st['donor']}, not awaiting a restore: nothing to serve")
+        if not yes and not typer.confirm(
+            f"{store} on {st['donor']} serves what it holds now, as it is, to the pool's services: go on?"
+        ):
+            fail(f"{store} on {st['donor']} still awaits its restore: nothing changed")
+        donor = st["donor"]
+        st = _call(ray, sup.serve.remote(_here(ray)), timeout=60)
+    out.print(f"{store} on {donor} serves its data as it is ({st['status']})", highlight=False)
 
 
 @stores_app.command("list")

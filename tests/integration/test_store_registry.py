@@ -41,6 +41,19 @@ def test_trusted_data_donor_reports_and_admin_lists(coordinator: Coordinator) ->
     )
     pg = next(s for s in coordinator.admin("GET", "/api/admin/stores").json() if s["name"] == "postgres")
     assert (pg["status"], pg["error"]) == ("failed", "disk full")
+    # a moved store before its restore: its own state, listed and on the registry page
+    moving = "redis is being moved to w-b: waiting for its data"
+    r = coordinator.admin(
+        "PUT",
+        "/api/stores/redis",
+        json={**REPORT, "port": 6390, "status": "awaiting-restore", "error": moving},
+    )
+    assert r.status_code == 204, r.text
+    rd = next(s for s in coordinator.admin("GET", "/api/admin/stores").json() if s["name"] == "redis")
+    assert (rd["status"], rd["error"]) == ("awaiting-restore", moving)
+    coordinator.http.post("/registry/login", data={"admin_key": coordinator.admin_key})
+    page = coordinator.http.get("/registry", params={"partial": True})
+    assert page.status_code == 200 and 'data-store="redis" data-status="awaiting-restore"' in page.text
 
 
 def test_untrusted_or_non_data_donor_cannot_report(coordinator: Coordinator) -> None:

@@ -561,20 +561,51 @@ STOPPED_FROZEN = """
     n += 10 * (ray.get(sup.status.remote())["status"] == "ready")
 """
 
+# before the move's restore (its new supervisor exists, its store runs empty): what a service asking for the
+# store's endpoint gets, how fast, and the store's status; `n` is the dict, filled in during the move
+BEFORE_RESTORE = """
+    import time
+    import rma_ray.cli.stores as cli_stores
+    probe, real_upload = {}, cli_stores._upload
+    def probing_upload(ray, sup, store, *args, hold=False, **kw):
+        if hold:  # the move's own restore
+            t0 = time.monotonic()
+            try:
+                probe["endpoint"] = "handed out: %s" % supervisor.endpoint(store, timeout=30).port
+            except Exception as exc:
+                probe["endpoint"] = str(exc)
+            probe["endpoint_s"] = time.monotonic() - t0
+            probe["status"] = ray.get(sup.status.remote())["status"]
+        return real_upload(ray, sup, store, *args, hold=hold, **kw)
+    cli_stores._upload = probing_upload
+    n = probe
+"""
+
 
 @pytest.mark.parametrize("store", STORES)
 def test_move_to_another_trusted_data_donor_keeps_the_records(cluster: Cluster, store: str) -> None:
     """`rma stores move`: writes refused, backup, a new supervisor pinned on the target, restore, counts
-    checked, switch. First the freeze alone, and its undoing (a move that fails before its switch)."""
+    checked, switch. First the freeze alone, and its undoing (a move that fails before its switch). Before
+    the restore the new store runs empty and its endpoint goes to nobody (a service would find no data, or
+    write what the restore then replaces)."""
     if "trusted2" not in cluster.nodes:  # run alone
         cluster.add_node(
             "trusted2", {"rma.io/tier": "data", "rma.io/trusted": "true", "rma.io/node": "trusted2"}
         )
     frozen = textwrap.dedent(FREEZE % store) + textwrap.dedent(FROZEN.get(store, STOPPED_FROZEN))
     got = _cli_run(
-        cluster, store, [("frozen", frozen), ("rma", ["stores", "move", store, "--to", "trusted2"])]
+        cluster,
+        store,
+        [
+            ("frozen", frozen),
+            ("before_restore", BEFORE_RESTORE),
+            ("rma", ["stores", "move", store, "--to", "trusted2"]),
+        ],
     )
     assert got["frozen"] == 11, got  # refused while frozen, served reads; taken again after
+    probe = got["before_restore"]
+    assert f"{store} is being moved to trusted2: waiting for its data" in probe["endpoint"], probe
+    assert probe["endpoint_s"] < 10 and probe["status"] == "awaiting-restore", probe
     st = got["status"]
     assert st["donor"] == "trusted2" and st["pinned_to"] == "trusted2" and st["status"] == "ready"
     assert got["final"] == 1000

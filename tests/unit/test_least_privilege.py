@@ -117,7 +117,7 @@ def test_store_credentials_go_to_trusted_nodes_only(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(supervisor, "_ray_node", nodes.get)
     sup = object.__new__(supervisor.StoreSupervisor)  # no Ray: only what endpoint() reads
     sup.kind, sup.host, sup.port = KINDS["postgres"], "10.0.0.7", 5440
-    sup.creds = {"user": "rma", "password": "s3cret-pw"}
+    sup.creds, sup.awaiting_restore = {"user": "rma", "password": "s3cret-pw"}, False
     sup._ready = __import__("threading").Event()
     sup._ready.set()
     for ok in ("trusted", "head"):
