@@ -21,8 +21,14 @@ up: system-run venv
 # here fails instead of skipping quietly; set RMA_TEST_REQUIRE yourself to narrow or widen it. Each run writes
 # JUnit XML, its output (with the 25 slowest) and per-capability counts under artifacts/. A run that hangs is
 # interrupted at TEST_SESSION_LIMIT: pytest prints the test it was in, and the run fails.
+# PYTHONNODEBUGRANGES: tracebacks without column carets. CPython 3.11 finds the carets by parsing the failing
+# line (`ast.parse`), and its parser keeps one recursion counter per interpreter: a traceback formatted by a
+# finalizer (an asyncio task's unread exception, logged when it is collected) in the middle of another
+# `ast.parse` (pytest's assertion rewriting of a module imported late) breaks that parse with "AST constructor
+# recursion depth mismatch" (seen twice in random unit orders).
 TEST_SESSION_LIMIT ?= 70m
-PYTEST_CI = timeout --signal=INT --kill-after=120 $(TEST_SESSION_LIMIT) $(PY) -m pytest -q --durations=25
+PYTEST_CI = PYTHONNODEBUGRANGES=1 timeout --signal=INT --kill-after=120 $(TEST_SESSION_LIMIT) $(PY) -m pytest -q \
+  --durations=25
 
 test: system-test venv-test lint
 	@rm -rf artifacts/test && mkdir -p artifacts/test/unit

@@ -536,6 +536,14 @@ class IngestJobs:
                 shutdown_graceful_timeout=5,
             )
         )
+        # its end is read at once (one log line): an exception left unread is logged, traceback and all, when
+        # the task is garbage-collected, which can land inside another `ast.parse` and break it on CPython 3.11
+        # ("AST constructor recursion depth mismatch": Python's traceback formatting parses source too)
+        self._ingest_runner.add_done_callback(self._ingest_runner_ended)
+
+    def _ingest_runner_ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("the ingest runner stopped: %r (restarted at the next health check)", task.exception())
 
     async def _ingest_sweep(self, app: Any) -> None:
         """Jobs of dead runners back in the queue (they resume at their step); jobs whose row was written but
