@@ -123,15 +123,9 @@ class EmbeddingSettings(BaseSettings):
         return dict(self.ingress_selector)
 
     def edge_env(self) -> dict[str, str]:
-        if not self.edge:
-            return {}
-        if not self.edge_coordinator_url:
-            raise ValueError(
-                "edge embeddings need edge_coordinator_url (the coordinator that publishes its keys)"
-            )
         from deployments.gateway.edge_gate import edge_env
 
-        return edge_env(self.edge, self.edge_coordinator_url)
+        return edge_env(self.edge, self.edge_coordinator_url, "the edge's embeddings")
 
     def entry(self) -> EmbeddingEntry:
         return by_id(self.model)

@@ -64,8 +64,13 @@ class Counter:
                 pass
 
 
-def edge_env(name: str, coordinator_url: str) -> dict[str, str]:
-    """The runtime env vars that put an edge app's replica in edge mode (`deployments.gateway.auth`)."""
+def edge_env(name: str | None, coordinator_url: str | None, app: str = "an edge app") -> dict[str, str]:
+    """The runtime env vars that put an edge app's replica in edge mode (`deployments.gateway.auth`); none for a
+    core app (`name` None). `app` names it in the error when the coordinator URL is missing."""
+    if not name:
+        return {}
+    if not coordinator_url:
+        raise ValueError(f"{app} needs edge_coordinator_url (the coordinator that publishes its keys)")
     return {EDGE_NAME_ENV: name, EDGE_COORDINATOR_ENV: coordinator_url.rstrip("/")}
 
 

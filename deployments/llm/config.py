@@ -123,15 +123,9 @@ class LLMSettings(BaseSettings):
 
     def edge_env(self) -> dict[str, str]:
         """The replicas' runtime env of an edge app (the edge gate's mode), or none."""
-        if not self.edge:
-            return {}
-        if not self.edge_coordinator_url:
-            raise ValueError(
-                "an edge LLM needs edge_coordinator_url (the coordinator that publishes its keys)"
-            )
         from deployments.gateway.edge_gate import edge_env
 
-        return edge_env(self.edge, self.edge_coordinator_url)
+        return edge_env(self.edge, self.edge_coordinator_url, "an edge LLM")
 
     def direct_ingress(self) -> bool:
         if self.edge:  # no client key reaches an edge: its replica is the ingress, behind the edge gate

@@ -121,7 +121,7 @@ def build_edge_app(settings: EdgeDocumentsSettings | dict[str, Any]) -> Any:
     documents = (
         serve.deployment(Documents).options(**_options("documents", s.documents, s.selector, svc)).bind(ocr)
     )
-    ingress_env = {**INGRESS_REPLICA_ENV, **edge_env(s.edge, s.edge_coordinator_url)}
+    ingress_env = {**INGRESS_REPLICA_ENV, **edge_env(s.edge, s.edge_coordinator_url, "the edge's documents")}
     gateway = serve.ingress()(EdgeDocumentsGateway)
     return (
         serve.deployment(gateway)

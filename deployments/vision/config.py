@@ -79,15 +79,9 @@ class VisionSettings(BaseSettings):
 
     def edge_env(self) -> dict[str, str]:
         """The front's env vars that put it in edge mode (none on the core)."""
-        if not self.edge:
-            return {}
-        if not self.edge_coordinator_url:
-            raise ValueError(
-                "edge vision needs edge_coordinator_url (the coordinator that publishes its keys)"
-            )
         from deployments.gateway.edge_gate import edge_env
 
-        return edge_env(self.edge, self.edge_coordinator_url)
+        return edge_env(self.edge, self.edge_coordinator_url, "edge vision")
 
     def limits(self) -> Limits:
         return Limits(

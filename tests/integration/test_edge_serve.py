@@ -57,6 +57,28 @@ class Edge:
     dashboard_url: str
     token_file: Path
 
+    def serve_status(self) -> tuple[dict[str, int], bool]:
+        """(apps, healthy) as the coordinator reads this edge's Serve status."""
+        from admission.services.edges import read_serve_status
+        from rma_ray.edges import EdgeEndpoint
+
+        return read_serve_status(
+            EdgeEndpoint(
+                name=EDGE,
+                ray_address="unused:0",
+                dashboard_url=self.dashboard_url,
+                serve_url=self.serve_url,
+                token_file=self.token_file,
+            )
+        )
+
+    def routes(self) -> dict[str, Any]:
+        """The edge routes as the coordinator reports them: this edge's own Serve status, a fresh credential."""
+        apps, healthy = self.serve_status()
+        expires = (datetime.now(UTC) + timedelta(minutes=10)).isoformat()
+        route = {"name": EDGE, "serve_url": self.serve_url, "token": mint(self.coordinator.key)}
+        return {"edges": [{**route, "expires_at": expires, "apps": apps, "healthy": healthy}]}
+
     def embed(self, token: str | None, text: str = "an edge computes this") -> httpx.Response:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         return httpx.post(
@@ -65,6 +87,23 @@ class Edge:
             headers=headers,
             timeout=120,
         )
+
+
+def plain_and_sensitive() -> tuple[credentials.Minted, credentials.Minted, ClientKeyVerifier]:
+    """Two client keys, the second created `--sensitive`, and the core's key check knowing both."""
+    plain, sensitive = credentials.mint(Kind.CLIENT), credentials.mint(Kind.CLIENT)
+    keys = ClientKeyVerifier(
+        lambda: {
+            "keys": [
+                {"id": plain.id, "hash": plain.hash, "name": "carol"},
+                {"id": sensitive.id, "hash": sensitive.hash, "name": "dave", "sensitive": True},
+            ]
+        },
+        refresh_s=3600,
+        max_stale_s=3600,
+    )
+    keys.refresh()
+    return plain, sensitive, keys
 
 
 def run_up(argv: list[str], env: dict[str, str]) -> list[dict[str, Any]]:
@@ -233,45 +272,17 @@ def test_ocr_and_parsing_of_a_plain_clients_file_are_served_by_the_edge(edge_clu
     with routes from the edge's own Serve status, as the coordinator reads it. A plain client's file is read
     on the edge, as the core reads it; a sensitive client's stays on the core; once the edge app is gone (the
     real `down`), the core serves everyone."""
-    from admission.services.edges import read_serve_status
     from deployments.services.api import Backends, create_api
     from deployments.services.documents import Documents
     from deployments.services.ocr import Ocr
     from deployments.services.settings import ServicesSettings
-    from rma_ray.edges import EdgeEndpoint
     from tests import services_samples as samples
     from tests.unit.test_documents_edge import serve_like
 
     lines = run_up([*edge_cluster.up_argv, "--apps", "documents"], edge_cluster.up_env)
     assert [line["serve_apps"] for line in lines if "app" in line] == [[DOCUMENTS]]
-    endpoint = EdgeEndpoint(
-        name=EDGE,
-        ray_address="unused:0",
-        dashboard_url=edge_cluster.dashboard_url,
-        serve_url=edge_cluster.serve_url,
-        token_file=edge_cluster.token_file,
-    )
-
-    def routes() -> dict[str, Any]:
-        apps, healthy = read_serve_status(endpoint)
-        expires = (datetime.now(UTC) + timedelta(minutes=10)).isoformat()
-        token = mint(edge_cluster.coordinator.key)
-        edge_route = {"name": EDGE, "serve_url": edge_cluster.serve_url, "token": token}
-        return {"edges": [{**edge_route, "expires_at": expires, "apps": apps, "healthy": healthy}]}
-
-    plain, sensitive = credentials.mint(Kind.CLIENT), credentials.mint(Kind.CLIENT)
-    keys = ClientKeyVerifier(
-        lambda: {
-            "keys": [
-                {"id": plain.id, "hash": plain.hash, "name": "carol"},
-                {"id": sensitive.id, "hash": sensitive.hash, "name": "dave", "sensitive": True},
-            ]
-        },
-        refresh_s=3600,
-        max_stale_s=3600,
-    )
-    keys.refresh()
-    router = EdgeRouter(routes, read_timeout_s=60)
+    plain, sensitive, keys = plain_and_sensitive()
+    router = EdgeRouter(edge_cluster.routes, read_timeout_s=60)
     assert router.refresh() and router.candidates(DOCUMENTS)
     ocr = Ocr()
     core = create_api(
@@ -320,21 +331,13 @@ def test_vision_of_a_plain_clients_image_is_served_by_the_edge(edge_cluster: Edg
     serving only once its backend runs too; the core's side in this process (the real key check and
     EdgeForward in front of a stand-in for the core's own front) sends a plain client's image to the edge and
     keeps a sensitive client's."""
-    from admission.services.edges import parse_serve_status, read_serve_status
+    from admission.services.edges import parse_serve_status
     from deployments.vision.app import EDGE_ROUTES as VISION_ROUTES
     from deployments.vision.config import BACKEND_APP, VISION_APP
-    from rma_ray.edges import EdgeEndpoint
     from tests.fake_ollama import FakeOllamaServer
     from tests.integration.test_vision import png
     from tests.support import wait_for
 
-    endpoint = EdgeEndpoint(
-        name=EDGE,
-        ray_address="unused:0",
-        dashboard_url=edge_cluster.dashboard_url,
-        serve_url=edge_cluster.serve_url,
-        token_file=edge_cluster.token_file,
-    )
     ip = edge_cluster.serve_url.split("//")[1].split(":")[0]
     with FakeOllamaServer(host=ip) as ollama:
         env = {**edge_cluster.up_env, "RMA_VISION_TIERS": "service", "RMA_VISION_OLLAMA_HOST": ollama.url}
@@ -342,31 +345,12 @@ def test_vision_of_a_plain_clients_image_is_served_by_the_edge(edge_cluster: Edg
         assert [line["serve_apps"] for line in lines if "app" in line] == [[BACKEND_APP, VISION_APP]]
         # the front alone is awaited; the edge serves vision once the backend runs too
         wait_for(
-            lambda: read_serve_status(endpoint)[0].get(VISION_APP, 0) >= 1,
+            lambda: edge_cluster.serve_status()[0].get(VISION_APP, 0) >= 1,
             timeout=120,
             what="the edge's vision front and backend to run",
         )
-
-        def routes() -> dict[str, Any]:
-            apps, healthy = read_serve_status(endpoint)
-            expires = (datetime.now(UTC) + timedelta(minutes=10)).isoformat()
-            token = mint(edge_cluster.coordinator.key)
-            edge_route = {"name": EDGE, "serve_url": edge_cluster.serve_url, "token": token}
-            return {"edges": [{**edge_route, "expires_at": expires, "apps": apps, "healthy": healthy}]}
-
-        plain, sensitive = credentials.mint(Kind.CLIENT), credentials.mint(Kind.CLIENT)
-        keys = ClientKeyVerifier(
-            lambda: {
-                "keys": [
-                    {"id": plain.id, "hash": plain.hash, "name": "carol"},
-                    {"id": sensitive.id, "hash": sensitive.hash, "name": "dave", "sensitive": True},
-                ]
-            },
-            refresh_s=3600,
-            max_stale_s=3600,
-        )
-        keys.refresh()
-        router = EdgeRouter(routes, read_timeout_s=60)
+        plain, sensitive, keys = plain_and_sensitive()
+        router = EdgeRouter(edge_cluster.routes, read_timeout_s=60)
         assert router.refresh() and router.candidates(VISION_APP)
 
         async def core_front(scope: Any, receive: Any, send: Any) -> None:
