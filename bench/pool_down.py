@@ -1,6 +1,7 @@
 """How long `rma down` takes: `rma up` of the embedded default (every app and store, free ports, its own data
 dir and HOME), wait until it is up, then time `rma down`; again on the same data dir (`--cycles`, default 2):
-the second `rma up` is warm (models prepared). Prints one JSON line; asserts nothing. Run it under
+the second `rma up` is warm (models prepared). Prints one JSON line (with each cycle's `up_timeline`: the
+seconds at which each line of `rma up` appeared); asserts nothing. Run it under
 the heavy lock: `flock /tmp/rma-heavy.lock .venv/bin/python -m bench.pool_down` (~3-8 min on 2 cores).
 
 Measured on the shared 2-core box (every app and store, idle pool): before issue 18, `rma down` gave up at
@@ -80,13 +81,17 @@ def _cycle(argv: list[str], env: dict[str, str], log: Path, up_timeout: float) -
     t0 = time.monotonic()
     proc = subprocess.Popen(argv, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
     try:
+        timeline: list[tuple[float, str]] = []  # when each line of `rma up` appeared (0.5 s resolution)
 
         def up() -> bool:
             if proc.poll() is not None:
                 raise GiveUp(f"rma up exited {proc.returncode}: {log.read_text()[-3000:]}")
-            return "stop with Ctrl-C or `rma down`" in log.read_text(errors="replace")
+            text = log.read_text(errors="replace")
+            for line in text.splitlines()[len(timeline) :]:
+                timeline.append((round(time.monotonic() - t0, 1), line.strip()[:70]))
+            return "stop with Ctrl-C or `rma down`" in text
 
-        wait_for(up, timeout=up_timeout, interval=1, what="rma up to finish starting")
+        wait_for(up, timeout=up_timeout, interval=0.5, what="rma up to finish starting")
         up_s = time.monotonic() - t0
         t1 = time.monotonic()
         down = subprocess.run(
@@ -107,6 +112,9 @@ def _cycle(argv: list[str], env: dict[str, str], log: Path, up_timeout: float) -
         "down_rc": down.returncode,
         "down_out": (down.stdout + down.stderr).strip()[-300:],
         "supervisor_tail": [ln.strip() for ln in log.read_text(errors="replace").splitlines()[-6:]],
+        "up_timeline": [
+            f"{t:6.1f} {line}" for t, line in timeline if not line.startswith(("join token", "admin key"))
+        ],
     }
 
 

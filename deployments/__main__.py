@@ -19,9 +19,10 @@ none), never a service that sees client data.
 The apps are applied the way KubeRay and `serve deploy` apply them: the config that
 deployments/serve_config.py generates (embedded profile; the `RMA_*` settings of this process become the apps'
 args), PUT on the dashboard's `/api/serve/applications/` (the dashboard of the cluster `--address` names,
-unless `--dashboard`). One app after the other, each PUT naming the apps applied before it and any other app
-already applied declaratively (Serve leaves those as they are and deletes declarative apps a config leaves
-out); waiting for each as `rma up` always has. Serve's controller builds each app in a
+unless `--dashboard`). Each app is prepared in turn (settings, the LLM's conversion, migrations), then all
+are applied in one PUT that also names any other app already applied declaratively (Serve leaves those as they
+are and deletes declarative apps a config leaves out), and waited for together: their replicas start side by
+side. Serve's controller builds each app in a
 `build_serve_application` task; serve_config.py says where it runs.
 
 Lines of `up`, in order:
@@ -31,6 +32,7 @@ Lines of `up`, in order:
     {"migration": "services", "schema": "<revision, or null: Postgres not reachable, the replicas migrate>"}
     {"app": "llm", "status": "running", "serve_apps": ["rma-llm", "rma-inference"], "ready_s": 61.2}
     {"app": "vision", "status": "failed", "error": "..."}   # or "timeout"; the other apps still go on
+                                                            # (apps in the order they settle)
     {"done": "apps", "failed": 1}
     {"error": "0 store(s) and 1 app(s) did not start"}      # exit 1
 """
@@ -331,17 +333,13 @@ def http_options(host: str, port: int) -> dict[str, Any]:
     }
 
 
-def wait_apps(dash: Dashboard, names: list[str], timeout: float) -> dict[str, Any]:
-    """The apps' states once each is RUNNING or has failed."""
-
-    def settled() -> dict[str, Any] | None:
-        apps = dash.applications()
-        states = {n: apps.get(n, {}).get("status") for n in names}
-        if all(s == "RUNNING" or s in FAILED_STATES for s in states.values()):
-            return {n: apps[n] for n in names}
-        return None
-
-    return wait_until(settled, timeout=timeout, interval=1, what=f"Serve apps {', '.join(names)}")
+def app_states(apps: dict[str, Any], names: list[str]) -> dict[str, Any] | None:
+    """The states of `names` among Serve's `apps` once each is RUNNING or has failed; None while any is still
+    on its way."""
+    states = {n: apps.get(n, {}).get("status") for n in names}
+    if all(s == "RUNNING" or s in FAILED_STATES for s in states.values()):
+        return {n: apps[n] for n in names}
+    return None
 
 
 def apps_up(
@@ -351,8 +349,13 @@ def apps_up(
     wait_s: float,
     edge: tuple[str, str] | None = None,
 ) -> int:
-    """Apply `groups` one after the other; one line per app. Returns how many did not run. `edge`: (name,
-    coordinator URL) of the edge cluster whose apps these are (the edge profile)."""
+    """Prepare each of `groups` in turn (its RMA_* settings, the LLM's one-time conversion, the vision model's
+    check, the services' migrations: a failure there fails that app only), apply all the prepared ones in one
+    PUT, and wait for them together (each at most `wait_s` from the PUT): one line per app as it settles. Their
+    replicas start side by side (a warm `rma up` waits for the slowest app, not for the sum of them). Should
+    Serve refuse the config as a whole, the apps are applied one by one so that only the one it refuses fails.
+    Returns how many did not run. `edge`: (name, coordinator URL) of the edge cluster whose apps these are (the
+    edge profile)."""
     from deployments import serve_config
 
     profile = "edge" if edge else "embedded"
@@ -370,13 +373,18 @@ def apps_up(
         ]
         for g in groups
     }  # no env read
-    applied: list[serve_config.AppSpec] = []
     others = dash.declared({n for names in names_of.values() for n in names})
     specs: dict[str, list[serve_config.AppSpec]] = {}
+    started: dict[str, float] = {}
     failed = 0
+
+    def fail(group: str, status: str, error: str) -> None:
+        nonlocal failed
+        failed += 1
+        emit(app=group, status=status, serve_apps=names_of[group], error=error[-500:])
+
     for group in groups:
-        names = names_of[group]
-        t0 = time.monotonic()
+        started[group] = time.monotonic()
         try:
             specs[group] = specs_of(group)  # its RMA_* settings: a bad one fails this app only
             if group == "llm" and not edge:  # an edge's replicas convert it on their own nodes
@@ -385,32 +393,52 @@ def apps_up(
                 check_vision()
             elif group == "services":
                 migrate_services(next(a.args for a in specs[group] if a.builder == "services_app"))
-            config = serve_config.apply_config(applied + specs[group], http)
-            config["applications"] = others + config["applications"]
-            dash.apply(config)
-            applied += specs[group]
-            awaited = [a.name for a in specs[group] if a.builder not in NOT_AWAITED]
-            states = wait_apps(dash, awaited, wait_s)
-        except WaitTimeout as exc:
-            failed += 1
-            emit(app=group, status="timeout", serve_apps=names, error=str(exc)[:500])
-            continue
         except Exception as exc:  # one line for the operator; details are in the Serve logs
-            failed += 1
-            emit(app=group, status="failed", serve_apps=names, error=f"{exc}"[-500:])
-            continue
-        bad = {n: s for n, s in states.items() if s.get("status") in FAILED_STATES}
-        if bad:
-            failed += 1
-            name, st = next(iter(bad.items()))
-            emit(
-                app=group,
-                status="failed",
-                serve_apps=names,
-                error=f"Serve app {name} is {st.get('status')}: {(st.get('message') or '')[-500:]}",
-            )
-        else:
-            emit(app=group, status="running", serve_apps=names, ready_s=round(time.monotonic() - t0, 1))
+            specs.pop(group, None)
+            fail(group, "failed", f"{exc}")
+
+    def apply(these: list[str]) -> None:
+        config = serve_config.apply_config([a for g in these for a in specs[g]], http)
+        config["applications"] = others + config["applications"]
+        dash.apply(config)
+
+    ready = list(specs)
+    try:
+        apply(ready)
+    except Exception:  # refused as a whole: find the app Serve refuses
+        ok: list[str] = []
+        for group in ready:
+            try:
+                apply([*ok, group])
+            except Exception as exc:
+                fail(group, "failed", f"{exc}")
+            else:
+                ok.append(group)
+        ready = ok
+    awaited = {g: [a.name for a in specs[g] if a.builder not in NOT_AWAITED] for g in ready}
+    pending = list(ready)
+
+    def settle() -> bool:
+        apps = dash.applications()  # a dashboard error is retried until the wait ends
+        for group in list(pending):
+            states = app_states(apps, awaited[group])
+            if states is None:
+                continue
+            pending.remove(group)
+            bad = {n: s for n, s in states.items() if s.get("status") in FAILED_STATES}
+            if bad:
+                name, st = next(iter(bad.items()))
+                fail(group, "failed", f"Serve app {name} is {st.get('status')}: {st.get('message') or ''}")
+            else:
+                ready_s = round(time.monotonic() - started[group], 1)
+                emit(app=group, status="running", serve_apps=names_of[group], ready_s=ready_s)
+        return not pending
+
+    try:
+        wait_until(settle, timeout=wait_s, interval=1, what="the Serve apps")
+    except WaitTimeout:
+        for group in pending:
+            fail(group, "timeout", f"Serve apps {', '.join(awaited[group])} not running after {wait_s:g} s")
     return failed
 
 

@@ -664,8 +664,7 @@ class EdgeHead:
         if self.node is not None:
             if self.node.running():
                 shutdown_serve(self.dashboard_url, self.token_file)
-            self.node.track()
-            self.node.stop(timeout=5)
+            self.node.stop_all(grace=5)  # its Serve is shut down: nothing left to drain
         self.kill_user_processes()
         if self.node is not None:
             shutil.rmtree(self.node.spec.temp_dir, ignore_errors=True)
@@ -1072,10 +1071,20 @@ class Pool:
         )
         self.write(info)
         self.guard_ports()  # the core head's listeners so far, before the edges' users run anything
-        for edge in self.edges.values():
-            self.start_edge(edge, deploy=False)
+        # each edge head and its Serve start beside the core's stores and apps (~20 s of a warm `rma up` on 2
+        # cores); the edges' apps are deployed once the core's are, as before
+        edge_starts = [
+            threading.Thread(
+                target=self.start_edge, args=(edge,), kwargs={"deploy": False}, name=f"rma-edge-{name}-start"
+            )
+            for name, edge in self.edges.items()
+        ]
+        for thread in edge_starts:
+            thread.start()
         # store supervisors on the head report with service.json's credential
         self.start_deployments(info)
+        for thread in edge_starts:
+            thread.join()  # bounded: the node's start and Serve's each have their own timeout
         for edge in self.edges.values():
             if edge.running():
                 self.deploy_edge(edge)
@@ -1463,8 +1472,7 @@ class Pool:
                 self.coordinator.kill()
             self._progress(f"coordinator stopped ({time.monotonic() - t0:.1f} s)")
         if self.head is not None:
-            self.head.track()
-            self.head.stop(timeout=5)  # Serve and the stores are done: nothing on the head needs draining
+            self.head.stop_all(grace=5)  # Serve and the stores are done: nothing on the head needs draining
             shutil.rmtree(self.head.spec.temp_dir.parent, ignore_errors=True)  # private_temp_dir's parent
             self._progress(f"Ray head stopped ({time.monotonic() - t0:.1f} s)")
         for edge in self.edges.values():

@@ -363,24 +363,43 @@ class RayNode:
                 pass
         self.kill_leftovers()
 
+    def stop_all(self, grace: float = 5.0) -> None:
+        """Stop a node with nothing left to drain (its Serve and stores already stopped) in about two seconds:
+        SIGTERM to every process of the node at once but the GCS (`ray start`, the raylet, the dashboard,
+        the agents, the workers), the GCS once the raylet has gone, SIGKILL to what is left after `grace`.
+        The GCS last: a raylet whose GCS went first waits ~10 s for it before it exits (measured: all at once
+        12 s, GCS last 2 s); `ray start`'s own shutdown stops them one by one, waiting on each."""
+        self.track()
+        procs = self._tracked()
+        gcs = [p for p in procs if _name(p) == "gcs_server"]
+        for p in procs:
+            if p not in gcs:
+                _signal(p, signal.SIGTERM)
+        psutil.wait_procs([p for p in procs if _name(p) == "raylet"], timeout=grace)
+        for p in gcs:
+            _signal(p, signal.SIGTERM)
+        self.kill_leftovers(sig=signal.SIGTERM, grace=grace)
+
     def kill(self) -> None:
         self.track()
         self.kill_leftovers(sig=signal.SIGKILL, grace=0)
 
-    def kill_leftovers(self, sig: int = signal.SIGTERM, grace: float = 5.0) -> None:
+    def _tracked(self) -> list[psutil.Process]:
+        """The processes seen in the node's tree that still run (the same processes: not a reused PID)."""
         procs = []
         for pid, created in self._seen.items():
             try:
                 p = psutil.Process(pid)
-                if p.create_time() == created:  # the same process, not a reused PID
+                if p.create_time() == created:
                     procs.append(p)
             except psutil.Error:
                 continue
+        return procs
+
+    def kill_leftovers(self, sig: int = signal.SIGTERM, grace: float = 5.0) -> None:
+        procs = self._tracked()
         for p in procs:
-            try:
-                p.send_signal(sig)
-            except psutil.Error:
-                pass
+            _signal(p, sig)
         _, alive = psutil.wait_procs(procs, timeout=grace)
         for p in alive:
             try:
@@ -393,6 +412,20 @@ class RayNode:
                 self.proc.wait(1)
             except subprocess.TimeoutExpired:
                 pass
+
+
+def _name(p: psutil.Process) -> str:
+    try:
+        return str(p.name())
+    except psutil.Error:
+        return ""
+
+
+def _signal(p: psutil.Process, sig: int) -> None:
+    try:
+        p.send_signal(sig)
+    except psutil.Error:
+        pass
 
 
 def stop_process_tree(pid: int, grace: float = 10.0) -> None:

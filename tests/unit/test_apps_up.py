@@ -1,0 +1,157 @@
+"""`python -m deployments up`'s Serve apps (`deployments.__main__.apps_up`): every prepared app in one PUT,
+waited for together, one line per app as it settles; a preparation or a config Serve refuses fails only its
+app. A stand-in for Serve's REST API (no Ray here) whose apps move to the states each test scripts."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from deployments import __main__ as deployments_main
+from deployments import serve_config
+from rma_ray import waiting
+
+HTTP = {"host": "127.0.0.1", "port": 8000, "request_timeout_s": 180.0}
+
+
+class Clock:
+    """wait_until's clock and sleep: a poll costs no real time."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def now(self) -> float:
+        return self.t
+
+    def sleep(self, s: float) -> None:
+        self.t += s
+
+
+class Serve:
+    """Serve's /api/serve/applications/ as the Dashboard class calls it. `becomes[name]`: (polls, status): an
+    applied app reads DEPLOYING until it was polled that many times, then that status; an app not named there
+    never settles. `refuse`: apps whose presence in a PUT makes Serve refuse the whole config."""
+
+    def __init__(self, becomes: dict[str, tuple[int, str]], refuse: tuple[str, ...] = ()) -> None:
+        self.becomes, self.refuse = becomes, refuse
+        self.puts: list[list[str]] = []
+        self.polls: dict[str, int] = {}
+
+    def apply(self, config: dict[str, Any]) -> None:
+        names = [a["name"] for a in config["applications"]]
+        if any(n in self.refuse for n in names):
+            raise RuntimeError(f"Serve refused the config (400): bad app {self.refuse[0]}")
+        self.puts.append(names)
+
+    def applications(self) -> dict[str, Any]:
+        out = {}
+        for name in self.puts[-1] if self.puts else []:
+            self.polls[name] = self.polls.get(name, 0) + 1
+            polls, status = self.becomes.get(name, (10**9, "RUNNING"))
+            st = status if self.polls[name] >= polls else "DEPLOYING"
+            out[name] = {"status": st, "message": f"{name} broke" if st == "DEPLOY_FAILED" else ""}
+        return out
+
+    def declared(self, leave_out: set[str]) -> list[dict[str, Any]]:
+        return []
+
+
+def names(group: str) -> list[str]:
+    return [a.name for a in serve_config.group_apps([group], "gpu")]
+
+
+@pytest.fixture
+def run(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Any:
+    """apps_up with the preparations stubbed (no model conversion, no Postgres) and a clock that costs no
+    time; returns (failed count, the JSON lines it printed)."""
+    clock = Clock()
+    prepared: list[str] = []
+    monkeypatch.setattr(deployments_main, "prepare_llm", lambda: prepared.append("llm"))
+    monkeypatch.setattr(deployments_main, "check_vision", lambda: prepared.append("vision"))
+    monkeypatch.setattr(deployments_main, "migrate_services", lambda args: prepared.append("services"))
+    monkeypatch.setattr(
+        deployments_main,
+        "wait_until",
+        lambda pred, **kw: waiting.wait_until(pred, sleep=clock.sleep, clock=clock.now, **kw),
+    )
+
+    def go(groups: list[str], serve: Serve, wait_s: float = 600) -> tuple[int, list[dict[str, Any]]]:
+        failed = deployments_main.apps_up(groups, serve, HTTP, wait_s)  # type: ignore[arg-type]
+        return failed, [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+
+    go.prepared = prepared  # type: ignore[attr-defined]
+    return go
+
+
+def test_every_app_goes_in_one_put_and_each_line_comes_as_it_settles(run: Any) -> None:
+    llm, services, vision = names("llm"), names("services"), names("vision")
+    serve = Serve(
+        {
+            **{n: (8, "RUNNING") for n in llm},
+            **{n: (3, "RUNNING") for n in services},
+            **{n: (1, "RUNNING") for n in vision},
+        }
+    )
+    failed, lines = run(["llm", "services", "vision"], serve)
+    assert failed == 0
+    assert serve.puts == [llm + services + vision], "one PUT with every app: their replicas start together"
+    assert run.prepared == ["llm", "services", "vision"]
+    # in the order they settled, not the order asked
+    assert [(x["app"], x["status"]) for x in lines] == [
+        ("vision", "running"),
+        ("services", "running"),
+        ("llm", "running"),
+    ]
+    assert all(isinstance(x["ready_s"], float) for x in lines)
+
+
+def test_the_vision_backend_is_not_waited_for(run: Any) -> None:
+    """It stays pending until a node it may run on joins: the front's state is the group's."""
+    front = [a.name for a in serve_config.group_apps(["vision"], "gpu") if a.builder == "vision_app"]
+    failed, lines = run(["vision"], Serve({front[0]: (1, "RUNNING")}))
+    assert failed == 0 and [(x["app"], x["status"]) for x in lines] == [("vision", "running")]
+
+
+def test_a_failed_preparation_fails_only_its_app(run: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    def bad_vision() -> None:
+        raise ValueError("unknown vision model 'nope'")
+
+    monkeypatch.setattr(deployments_main, "check_vision", bad_vision)
+    llm = names("llm")
+    serve = Serve({n: (1, "RUNNING") for n in llm})
+    failed, lines = run(["vision", "llm"], serve)
+    assert failed == 1
+    assert serve.puts == [llm], "the app whose preparation failed is never applied"
+    assert lines[0] == {
+        "app": "vision",
+        "status": "failed",
+        "serve_apps": names("vision"),
+        "error": "unknown vision model 'nope'",
+    }
+    assert (lines[1]["app"], lines[1]["status"]) == ("llm", "running")
+
+
+def test_a_config_serve_refuses_fails_only_the_app_it_refuses(run: Any) -> None:
+    llm, services = names("llm"), names("services")
+    serve = Serve({n: (1, "RUNNING") for n in llm + services}, refuse=(services[0],))
+    failed, lines = run(["llm", "services"], serve)
+    assert failed == 1
+    assert serve.puts == [llm], "one by one after the whole was refused: the good app applied"
+    by_app = {x["app"]: x for x in lines}
+    assert by_app["services"]["status"] == "failed"
+    assert f"bad app {services[0]}" in by_app["services"]["error"]
+    assert by_app["llm"]["status"] == "running"
+
+
+def test_a_failed_app_and_one_that_never_settles(run: Any) -> None:
+    llm, services = names("llm"), names("services")
+    serve = Serve({llm[0]: (2, "DEPLOY_FAILED"), llm[1]: (1, "RUNNING")})  # services: never settles
+    failed, lines = run(["llm", "services"], serve, wait_s=30)
+    assert failed == 2
+    by_app = {x["app"]: x for x in lines}
+    assert by_app["llm"]["status"] == "failed"
+    assert by_app["llm"]["error"] == f"Serve app {llm[0]} is DEPLOY_FAILED: {llm[0]} broke"
+    assert by_app["services"]["status"] == "timeout"
+    assert by_app["services"]["error"] == f"Serve apps {', '.join(services)} not running after 30 s"
