@@ -118,7 +118,10 @@ def start_batch(client: Any, bodies: list[dict[str, Any]]) -> Any:
     return client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
 
 
-def batch(base: str, key: str, bodies: list[dict[str, Any]]) -> tuple[float, dict[str, int]]:
+def batch(base: str, key: str, bodies: list[dict[str, Any]]) -> tuple[float, dict[str, int], dict[str, int]]:
+    """tokens/s of one batch as its client sees it, its request counts, and where its time went (whole seconds,
+    the Batch object's own timestamps: created -> in_progress (queued), -> finalizing (the items),
+    -> completed (the output file))."""
     from openai import OpenAI
 
     client = OpenAI(base_url=base, api_key=key, timeout=600)
@@ -133,7 +136,13 @@ def batch(base: str, key: str, bodies: list[dict[str, Any]]) -> tuple[float, dic
     wall = time.perf_counter() - t0
     out = [json.loads(x) for x in client.files.content(done.output_file_id).text.splitlines()]
     tokens = sum(x["response"]["body"]["usage"]["completion_tokens"] for x in out)
-    return tokens / wall, done.request_counts.model_dump()
+    phases = {
+        "queued_s": (done.in_progress_at or 0) - done.created_at,
+        "items_s": (done.finalizing_at or 0) - (done.in_progress_at or 0),
+        "finalizing_s": (done.completed_at or 0) - (done.finalizing_at or 0),
+        "client_wall_s": round(wall, 1),
+    }
+    return tokens / wall, done.request_counts.model_dump(), phases
 
 
 def main() -> int:
@@ -176,8 +185,9 @@ def main() -> int:
         ]
         bodies = [body(model, i, args.tokens) for i in range(args.prompts)]
         asyncio.run(online(base, key, bodies[:8], args.concurrency))  # warm-up
+        batch(base, key, bodies[:8])  # warm-up too: the runner's first batch opens its pool and handles
         first = asyncio.run(online(base, key, bodies, args.concurrency))
-        batch_tps, counts = batch(base, key, bodies)
+        batch_tps, counts, phases = batch(base, key, bodies)
         second = asyncio.run(online(base, key, bodies, args.concurrency))
         probe_bodies = [body(model, 1000 + i, 16) for i in range(args.probes)]
         alone = asyncio.run(probes(base, key, probe_bodies, 2))
@@ -212,6 +222,7 @@ def main() -> int:
                 "batch_tok_s": round(batch_tps, 1),
                 "batch_vs_online": round(batch_tps / ((first + second) / 2), 2),
                 "request_counts": counts,
+                "batch_phases": phases,
                 "probe_ms_alone": {
                     "p50": round(1000 * quantile(alone, 0.5)),
                     "p99": round(1000 * quantile(alone, 0.99)),

@@ -105,7 +105,10 @@ class ServicesSettings(BaseSettings):
     batch_file_max_bytes: int = Field(default=50 * 1024 * 1024, ge=1024, description="an input file's limit")
     batch_max_lines: int = Field(default=50_000, ge=1, description="requests in one input file")
     batch_concurrency: int = Field(
-        default=4, ge=1, le=256, description="items in flight per runner: batches take what online leaves"
+        default=4,
+        ge=1,
+        le=256,
+        description="model calls in flight per runner: batches take what online leaves",
     )
     batch_max_attempts: int = Field(
         default=3, ge=1, le=20, description="tries of one item (its runner died, the model was away)"
