@@ -190,7 +190,7 @@ class IngestJob(Base):
     filename: Mapped[str | None] = mapped_column(String(500))
     content_type: Mapped[str] = mapped_column(String(200))
     options: Mapped[dict[str, Any]] = mapped_column(JSON)
-    state: Mapped[str] = mapped_column(String(16), index=True)
+    state: Mapped[str] = mapped_column(String(16))  # indexed by ix_ingest_jobs_state_finished
     steps: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
     result: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
