@@ -1,6 +1,11 @@
-"""How fast a donor comes into service, and how fast the pool notices it gone, on real hosts (netns test bed).
+"""How fast a donor comes into service, how fast the pool notices it gone, and how fast a restarted donor is
+back, on real hosts (netns test bed).
 
-    cd /work/main && timeout 900 .venv/bin/python -m bench.membership     # as root; about 1.5 min on 2 cores
+    cd /work/main && timeout 900 .venv/bin/python -m bench.membership [--part join|restart] [--reps N]  # root
+
+`--part join` (about 1.5 min on 2 cores) prints the join, loss and memory figures, `--part restart` the donor
+restart figures (about 2 min with 3 restarts of each kind), the default both (about 3.5 min), restart after join
+in the same pool.
 
 `rma up` runs on the head with heartbeat interval 2 s; its Ray head runs with tuned health checks (1 s period,
 2 s timeout, failure threshold 3: `rma_ray.raynode.FAST_HEALTH_CHECKS`). Donors are `rma join --cpus 1` on
@@ -25,15 +30,29 @@ which donor served it. Requests are polled every 0.2 s. Figures, in seconds from
   dashboard agent, runtime env agent, log monitor, the replica worker), and their ratio. Summed RSS counts
   shared pages once per process, so summed PSS is shown too.
 
-Prints tables and asserts nothing about time. Donors' Ray temp dirs (/tmp/rma-<worker id>) are removed.
+* restart (issue 18's "donor restart -> healthy again"): a donor D joins with `--token-file` (its invite is
+  single use, so the file holds a spent token afterwards, as a donor's unit file would) while its own probe app
+  waits PENDING; every other service donor is dead or full, so the replica can only come back on D. A power
+  cut is a SIGKILL of every pid in D's namespace (the agent and the whole Ray node, nothing cleaned up); a
+  graceful restart is a SIGTERM to the agent, as systemd sends it, which drains and stops the node. Once no
+  process is left in the namespace (`stop`, in seconds from the signal), `rma join` starts again in the same
+  namespace with the same data dir and the same token file. In seconds from that start: `admitted again`:
+  membership.json names the same worker id and the new agent's pid; `ray start`: it records a new Ray node id;
+  `healthy`: the registry says healthy with that new node id; `first 200`: a request served by a replica on
+  D. Each kind `--reps` times, then the median.
+
+Prints tables and the load average, and asserts nothing about time. Donors' Ray temp dirs (/tmp/rma-<worker
+id>) are removed.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -204,6 +223,48 @@ def measure_loss(
     return got
 
 
+def measure_restart(
+    put: PoolUnderTest, donor: Donor, app: str, token_file: Path, graceful: bool, timeout: float = 180
+) -> tuple[Donor, Times]:
+    """Stop the donor (SIGTERM to the agent, or SIGKILL of its whole namespace), then `rma join` it again
+    with its data dir and token file; the figures are in the module docstring. Returns the restarted donor."""
+    old_node = membership(donor).get("ray_node_id")
+    t = time.monotonic()
+    if graceful:
+        donor.proc.send_signal(signal.SIGTERM)
+        if donor.proc.wait(90) != 0:
+            raise RuntimeError(f"SIGTERM of {donor.host.name}: the agent failed: {donor.output()[-2000:]}")
+    else:
+        signal_donor(donor, signal.SIGKILL)
+        donor.proc.wait(10)
+    wait_for(lambda: not donor.pids(), timeout=60, interval=0.1, what=f"{donor.host.name} to have no process")
+    got: Times = {"stop": time.monotonic() - t}
+    t0 = time.monotonic()
+    again = put.restart(donor, "--token-file", str(token_file))
+
+    def new_node(node: str | None) -> bool:
+        return node not in (None, old_node)
+
+    with httpx.Client(timeout=2) as http:
+        while len(got) < 5:
+            if again.proc.poll() is not None or time.monotonic() - t0 > timeout:
+                raise RuntimeError(f"restart on {donor.host.name} failed ({got}): {again.output()[-2000:]}")
+            m = membership(again)
+            if m.get("worker_id") == donor.worker_id and m.get("agent_pid") == again.proc.pid:
+                got.setdefault("admitted", time.monotonic() - t0)
+                if new_node(m.get("ray_node_id")):
+                    got.setdefault("ray start", time.monotonic() - t0)
+            if "healthy" not in got:
+                w = put.worker(donor.worker_id)
+                if w["status"] == "healthy" and new_node(w["ray_node_id"]):
+                    got["healthy"] = time.monotonic() - t0
+            # every process of the old node is gone, so a 200 from this donor is the new node's replica
+            if "served" not in got and served_by(put, app, http) == donor.worker_id:
+                got["served"] = time.monotonic() - t0
+            time.sleep(POLL_S)
+    return again, got
+
+
 def label(p: psutil.Process) -> str:
     """A readable name: the script for python processes, `ray start` for the ray CLI."""
     name, argv = p.name(), p.cmdline()
@@ -257,6 +318,27 @@ def scenario(put: PoolUnderTest) -> tuple[dict[str, Times], dict[str, Times], di
     return joins, losses, mem
 
 
+def restart_scenario(put: PoolUnderTest, reps: int) -> dict[str, list[Times]]:
+    """D joins with a token file under its own pending probe app, then is restarted `reps` times each way."""
+    token_file = put.root / "restart-token"
+    token_file.write_text(put.invite(tier="service") + "\n")
+    driver(put, PROBE_APP.format(name="probe-d"))  # pending: every service donor is dead or full
+    d = put.join(token_file.read_text().strip(), "--token-file", str(token_file))
+    with httpx.Client(timeout=2) as http:
+        wait_for(
+            lambda: served_by(put, "probe-d", http) == d.worker_id,
+            timeout=120,
+            interval=POLL_S,
+            what="the first request served by D's replica",
+        )
+    runs: dict[str, list[Times]] = {"power cut": [], "SIGTERM": []}
+    for kind, graceful in (("power cut", False), ("SIGTERM", True)):
+        for _ in range(reps):
+            d, got = measure_restart(put, d, "probe-d", token_file, graceful)
+            runs[kind].append(got)
+    return runs
+
+
 def table(header: list[str], rows: list[list[str]]) -> None:
     """First column left-aligned, the figures right-aligned."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
@@ -267,17 +349,19 @@ def table(header: list[str], rows: list[list[str]]) -> None:
         )
 
 
-def report(
-    joins: dict[str, Times], losses: dict[str, Times], mem: dict[str, dict[str, Any]], took: float
-) -> None:
+def header(part: str) -> None:
     hc = {k.removeprefix("RAY_health_check_"): int(v) for k, v in FAST_HEALTH_CHECKS.items()}
+    what = {"join": "donor join, donor loss, donor memory", "restart": "donor restart"}
     print(
-        f"\nRMA Pool membership bench: donor join, donor loss, donor memory. Ray {ray.__version__} on "
-        f"{os.cpu_count()} cores (head and every donor on this machine, in network namespaces); heartbeat "
-        f"interval {HEARTBEAT_S} s; head health checks: {hc['period_ms'] / 1000:g} s period, "
-        f"{hc['timeout_ms'] / 1000:g} s timeout, threshold {hc['failure_threshold']}; "
+        f"\nRMA Pool membership bench: {what.get(part, what['join'] + ', ' + what['restart'])}. Ray "
+        f"{ray.__version__} on {os.cpu_count()} cores (head and every donor on this machine, in network "
+        f"namespaces); heartbeat interval {HEARTBEAT_S} s; head health checks: {hc['period_ms'] / 1000:g} s "
+        f"period, {hc['timeout_ms'] / 1000:g} s timeout, threshold {hc['failure_threshold']}; "
         f"polled every {POLL_S} s"
     )
+
+
+def report(joins: dict[str, Times], losses: dict[str, Times], mem: dict[str, dict[str, Any]]) -> None:
     table(
         ["join (s after rma join starts)", "admitted", "ray start", "healthy", "first 200"],
         [
@@ -303,21 +387,45 @@ def report(
     )
     for n, m in mem.items():
         print(f"  Ray side of {n}: {m['procs']}")
-    print(f"\nwhole run {took:.0f} s")
+
+
+def report_restarts(runs: dict[str, list[Times]]) -> None:
+    keys = ("stop", "admitted", "ray start", "healthy", "served")
+    rows = []
+    for kind, reps in runs.items():
+        rows += [[f"{kind} #{i}", *(f"{g[k]:.1f}" for k in keys)] for i, g in enumerate(reps, 1)]
+        rows.append([f"{kind} median", *(f"{statistics.median(g[k] for g in reps):.1f}" for k in keys)])
+    table(
+        ["restart (s after rma join starts)", "stop", "admitted again", "ray start", "healthy", "first 200"],
+        rows,
+    )
+    print("  stop: s from the signal until no process is left in the donor's namespace (before the restart)")
 
 
 def main() -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.membership")
+    ap.add_argument("--part", choices=["all", "join", "restart"], default="all")
+    ap.add_argument("--reps", type=int, default=3, help="restarts of each kind (--part restart or all)")
+    args = ap.parse_args()
+    if args.reps < 1:
+        ap.error("--reps: at least 1")
     reason = available()
     if reason:
         print(f"cannot run: {reason}", file=sys.stderr)
         return 2
     started, root = time.monotonic(), Path(tempfile.mkdtemp(prefix="rma-bench-membership-"))
+    load_before = os.getloadavg()
+    joined, restarts = None, None
     try:
-        with TestBed(4) as bed:
+        # join uses three hosts and keeps one free, as it always did; restart's donor takes the fourth
+        with TestBed(1 if args.part == "restart" else 4) as bed:
             put = launch_pool(bed, root)
             try:
                 wait_ready(put)
-                results = scenario(put)
+                if args.part != "restart":
+                    joined = scenario(put)
+                if args.part != "join":
+                    restarts = restart_scenario(put, args.reps)
             finally:
                 stop_pool(put)
                 for d in put.donors:
@@ -326,7 +434,16 @@ def main() -> int:
     except BaseException:
         print(f"bench failed; logs kept under {root}", file=sys.stderr)
         raise
-    report(*results, took=time.monotonic() - started)
+    header(args.part)
+    if joined:
+        report(*joined)
+    if restarts:
+        report_restarts(restarts)
+    load_after = os.getloadavg()
+    print(
+        f"\nwhole run {time.monotonic() - started:.0f} s; load average (1, 5, 15 min) "
+        f"{' '.join(f'{x:.1f}' for x in load_before)} before, {' '.join(f'{x:.1f}' for x in load_after)} after"
+    )
     shutil.rmtree(root, ignore_errors=True)
     return 0
 
