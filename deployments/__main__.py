@@ -289,6 +289,10 @@ def migrate_services(services_args: dict[str, Any]) -> None:
 # -- the Serve apps, applied declaratively ---------------------------------------------------------------
 
 
+class ConfigRefused(RuntimeError):
+    """Serve answered a config PUT with a 4xx: something in the config is wrong."""
+
+
 class Dashboard:
     """Serve's REST API on the Ray dashboard, with the cluster token (what KubeRay, `serve deploy` call)."""
 
@@ -302,9 +306,12 @@ class Dashboard:
         )
 
     def apply(self, config: dict[str, Any]) -> None:
+        """PUT the config: ConfigRefused when Serve answers 4xx (the config itself is wrong), RuntimeError for
+        any other answer; httpx's errors pass (the dashboard did not answer: the config may have landed)."""
         r = self.http.put("/api/serve/applications/", json=config)
         if r.status_code != 200:
-            raise RuntimeError(f"Serve refused the config ({r.status_code}): {r.text[-1000:]}")
+            cls = ConfigRefused if 400 <= r.status_code < 500 else RuntimeError
+            raise cls(f"Serve refused the config ({r.status_code}): {r.text[-1000:]}")
 
     def applications(self) -> dict[str, Any]:
         r = self.http.get("/api/serve/applications/")
@@ -375,16 +382,16 @@ def apps_up(
     }  # no env read
     others = dash.declared({n for names in names_of.values() for n in names})
     specs: dict[str, list[serve_config.AppSpec]] = {}
-    started: dict[str, float] = {}
+    prepared_s: dict[str, float] = {}  # each group's own preparation
     failed = 0
 
     def fail(group: str, status: str, error: str) -> None:
         nonlocal failed
         failed += 1
-        emit(app=group, status=status, serve_apps=names_of[group], error=error[-500:])
+        emit(app=group, status=status, serve_apps=names_of[group], error=error)
 
     for group in groups:
-        started[group] = time.monotonic()
+        t0 = time.monotonic()
         try:
             specs[group] = specs_of(group)  # its RMA_* settings: a bad one fails this app only
             if group == "llm" and not edge:  # an edge's replicas convert it on their own nodes
@@ -395,7 +402,8 @@ def apps_up(
                 migrate_services(next(a.args for a in specs[group] if a.builder == "services_app"))
         except Exception as exc:  # one line for the operator; details are in the Serve logs
             specs.pop(group, None)
-            fail(group, "failed", f"{exc}")
+            fail(group, "failed", f"{exc}"[-500:])
+        prepared_s[group] = time.monotonic() - t0
 
     def apply(these: list[str]) -> None:
         config = serve_config.apply_config([a for g in these for a in specs[g]], http)
@@ -403,22 +411,31 @@ def apps_up(
         dash.apply(config)
 
     ready = list(specs)
+    if not ready:
+        return failed
     try:
         apply(ready)
-    except Exception:  # refused as a whole: find the app Serve refuses
+    except ConfigRefused:  # refused as a whole: find the app Serve refuses
         ok: list[str] = []
         for group in ready:
             try:
                 apply([*ok, group])
             except Exception as exc:
-                fail(group, "failed", f"{exc}")
+                fail(group, "failed", f"{exc}"[-500:])
             else:
                 ok.append(group)
         ready = ok
+    except Exception as exc:  # no answer: whether the config landed is unknown; said for each app
+        for group in ready:
+            fail(group, "failed", f"{exc}"[-500:])
+        return failed
+    applied_at = time.monotonic()
     awaited = {g: [a.name for a in specs[g] if a.builder not in NOT_AWAITED] for g in ready}
     pending = list(ready)
 
     def settle() -> bool:
+        if not pending:
+            return True
         apps = dash.applications()  # a dashboard error is retried until the wait ends
         for group in list(pending):
             states = app_states(apps, awaited[group])
@@ -428,9 +445,11 @@ def apps_up(
             bad = {n: s for n, s in states.items() if s.get("status") in FAILED_STATES}
             if bad:
                 name, st = next(iter(bad.items()))
-                fail(group, "failed", f"Serve app {name} is {st.get('status')}: {st.get('message') or ''}")
+                message = (st.get("message") or "")[-500:]  # a traceback's end; the app's name kept
+                fail(group, "failed", f"Serve app {name} is {st.get('status')}: {message}")
             else:
-                ready_s = round(time.monotonic() - started[group], 1)
+                # its own preparation, then from the PUT: not the other apps' preparations
+                ready_s = round(prepared_s[group] + time.monotonic() - applied_at, 1)
                 emit(app=group, status="running", serve_apps=names_of[group], ready_s=ready_s)
         return not pending
 

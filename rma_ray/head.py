@@ -535,6 +535,9 @@ class EdgeHead:
             self.node.kill()
             raise UpError(f"the edge head {self.name!r} did not start: {exc}") from None
         wait_dashboard(self.dashboard_url, self.token_file, self.log_path)
+        with self._lock:
+            if self.closed:  # stopped meanwhile: no Serve started as the edge user after its processes went
+                raise UpError(f"the edge {self.name!r} was not started: the pool is stopping")
         self.say(f"starting Ray Serve on the edge {self.name!r} (port {self.spec.ports.serve}) …")
         log = self.o.data_dir / "logs" / f"edge-{self.name}-serve.log"
         r = subprocess.run(
@@ -1073,18 +1076,17 @@ class Pool:
         self.guard_ports()  # the core head's listeners so far, before the edges' users run anything
         # each edge head and its Serve start beside the core's stores and apps (~20 s of a warm `rma up` on 2
         # cores); the edges' apps are deployed once the core's are, as before
-        edge_starts = [
-            threading.Thread(
-                target=self.start_edge, args=(edge,), kwargs={"deploy": False}, name=f"rma-edge-{name}-start"
+        # (as edge.restarting: a stop meanwhile cuts the start short, as it does a restart's)
+        for name, edge in self.edges.items():
+            edge.restarting = threading.Thread(
+                target=self._start_edge_quietly, args=(edge,), name=f"rma-edge-{name}-start", daemon=True
             )
-            for name, edge in self.edges.items()
-        ]
-        for thread in edge_starts:
-            thread.start()
+            edge.restarting.start()
         # store supervisors on the head report with service.json's credential
         self.start_deployments(info)
-        for thread in edge_starts:
-            thread.join()  # bounded: the node's start and Serve's each have their own timeout
+        for edge in self.edges.values():
+            if edge.restarting is not None:
+                edge.restarting.join()  # bounded: the node's start and Serve's each have their own timeout
         for edge in self.edges.values():
             if edge.running():
                 self.deploy_edge(edge)
@@ -1118,6 +1120,16 @@ class Pool:
 
         edge.deploying = threading.Thread(target=run, name=f"rma-edge-{edge.name}-deploy", daemon=True)
         edge.deploying.start()
+
+    def _start_edge_quietly(self, edge: EdgeHead) -> None:
+        """start_edge in a thread of its own: whatever goes wrong is said and kept for a retry, as a failed
+        start's error is (nothing in a thread reaches the caller)."""
+        try:
+            self.start_edge(edge, deploy=False)
+        except Exception as exc:
+            edge.error = f"the edge head {edge.name!r} did not start: {exc}"
+            edge.retry_at = time.monotonic() + EDGE_RETRY_S
+            self.say(f"[yellow]{edge.error}[/]; the core serves meanwhile")
 
     def start_edge(self, edge: EdgeHead, deploy: bool = True) -> bool:
         """Start (or start again) an edge head, its Serve and, with `deploy`, its apps. A failure is said and
@@ -1483,7 +1495,8 @@ class Pool:
         if self.edge_guard is not None:
             self.edge_guard.remove()
             self.edge_guard = None
-        poolinfo.write(self.o.data_dir, poolinfo.read(self.o.data_dir).without_processes())
+        with self.edges_lock:  # after any edge thread's last write
+            poolinfo.write(self.o.data_dir, poolinfo.read(self.o.data_dir).without_processes())
         (self.o.data_dir / "stopping").unlink(missing_ok=True)
 
 

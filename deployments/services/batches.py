@@ -41,6 +41,7 @@ from typing import Any
 
 from sqlalchemy import DateTime, and_, exists, func, literal, or_, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.exc import SQLAlchemyError
 
 from deployments.gateway.refusal import Refusal, not_found, refusal_from, unwrap
 from deployments.services import batch_format as bf
@@ -164,7 +165,8 @@ class Batches(IngestJobs):
         self._stale_apps: list[Any] = []
         self._item_task: Any = None
         self._runner: asyncio.Task[None] | None = None
-        self._call_slots: asyncio.Semaphore | None = None  # the model calls in flight (batch_concurrency)
+        # the model calls in flight (batch_concurrency), for the event loop they run on
+        self._call_slots: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
         self._open_lock = asyncio.Lock()
         self.worker_name = f"rma-batch-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         # the queue's figures go to the coordinator after each sweep (inside Ray; a test passes its own)
@@ -743,9 +745,11 @@ class Batches(IngestJobs):
             )
 
     def claim(self, batch_id: str, custom_id: str) -> tuple[str, dict[str, Any], int] | None:
-        """(endpoint, body, attempt) of an item to run now, or None (finished, or its batch no longer runs
-        items). Busy when another job claimed it less than `batch_stalled_s` ago (a second job of the same
-        item, as the sweep's re-defer of a batch left validating makes): no second model call."""
+        """(endpoint, body, starts so far) of an item to run, or None (finished, or its batch no longer runs
+        items). Busy when another job claimed or touched it less than `batch_stalled_s` ago (a second job of
+        the same item, as the sweep's re-defer of a batch left validating makes). The attempt is counted
+        when the model call starts (`start`), not here: an item claimed but still waiting for a model-call
+        slot when its runner dies has not been tried."""
         with self.db.sessions().begin() as db:
             batch = db.get(Batch, batch_id)
             item = db.get(BatchItem, (batch_id, custom_id), with_for_update=True)
@@ -757,8 +761,7 @@ class Batches(IngestJobs):
             if batch.status not in (bf.VALIDATING, bf.IN_PROGRESS):
                 item.status = bf.SKIPPED
                 return None
-            item.attempts += 1
-            item.status = bf.RUNNING
+            item.status = bf.RUNNING  # and updated_at: claimed now
             return batch.endpoint, dict(item.body), item.attempts
 
     def record(self, batch_id: str, custom_id: str, ok: bool, line: dict[str, Any]) -> bool:
@@ -784,23 +787,38 @@ class Batches(IngestJobs):
         with self.db.sessions().begin() as db:
             return db.execute(stmt).first() is not None
 
-    def still_runs(self, batch_id: str, custom_id: str) -> bool:
-        """Whether a claimed item's batch still runs items (as `claim` asks); if not, the item is skipped, as
-        `claim` would have done: a cancel stops every item whose model call had not started."""
+    def start(self, batch_id: str, custom_id: str, starts: int) -> bool:
+        """Whether this job's model call of a claimed item may start now (it holds a slot): its batch still
+        runs items, and no other job started the item since this one claimed it (`attempts` is still
+        `starts`: compare and set). Counts the attempt and touches the item (claim's Busy check holds for
+        another `batch_stalled_s`). An item whose batch no longer runs items is skipped, as `claim` would have
+        done: a cancel stops every item whose model call had not started."""
+        item = update(BatchItem).where(
+            BatchItem.batch_id == batch_id,
+            BatchItem.custom_id == custom_id,
+            BatchItem.status == bf.RUNNING,
+            BatchItem.attempts == starts,
+        )
         with self.db.sessions().begin() as db:
             batch = db.get(Batch, batch_id)
-            if batch is not None and batch.status in (bf.VALIDATING, bf.IN_PROGRESS):
-                return True
+            if batch is None or batch.status not in (bf.VALIDATING, bf.IN_PROGRESS):
+                db.execute(item.values(status=bf.SKIPPED))
+                return False
+            return bool(db.execute(item.values(attempts=starts + 1, updated_at=_now())).rowcount == 1)
+
+    def touch(self, batch_id: str, custom_id: str, attempt: int) -> None:
+        """The item is still being answered by this job (its model call is long): claim's Busy check holds."""
+        with self.db.sessions().begin() as db:
             db.execute(
                 update(BatchItem)
                 .where(
                     BatchItem.batch_id == batch_id,
                     BatchItem.custom_id == custom_id,
                     BatchItem.status == bf.RUNNING,
+                    BatchItem.attempts == attempt,
                 )
-                .values(status=bf.SKIPPED)
+                .values(updated_at=_now())
             )
-            return False
 
     def release(self, batch_id: str, custom_id: str) -> None:
         with self.db.sessions().begin() as db:
@@ -826,13 +844,13 @@ class Batches(IngestJobs):
             )
             return
         if claimed is not None:
-            endpoint, body, attempt = claimed
+            endpoint, body, starts = claimed
             iid = _item_id(batch_id, custom_id)
             rid = uuid.uuid4().hex
-            if attempt > s.batch_max_attempts:
+            if starts >= s.batch_max_attempts:
                 err = {
                     "code": "attempts_exhausted",
-                    "message": f"the request was started {attempt - 1} times; its runner stopped each time",
+                    "message": f"the request was started {starts} times; its runner stopped each time",
                 }
                 await asyncio.to_thread(
                     self.record,
@@ -842,37 +860,66 @@ class Batches(IngestJobs):
                     bf.output_line(iid, custom_id, None, None, rid, err),
                 )
             else:
-                try:
-                    slots = self._slots()
-                    waited = slots.locked()
-                    async with slots:
-                        # claimed while every slot was taken: the batch may have been cancelled since
-                        if waited and not await asyncio.to_thread(self.still_runs, batch_id, custom_id):
-                            await asyncio.to_thread(self.finalize, batch_id)
-                            return
-                        status, answer = await self.models.call(endpoint, body)
-                except Transient as exc:
-                    if attempt < s.batch_max_attempts:
-                        await asyncio.to_thread(self.release, batch_id, custom_id)
-                        raise
-                    err = {"code": "model_unavailable", "message": str(exc)[:500]}
-                    line = bf.output_line(iid, custom_id, None, None, rid, err)
-                    await asyncio.to_thread(self.record, batch_id, custom_id, False, line)
-                except Exception as exc:  # a bug or an unforeseen error: the item still reaches a final state
-                    log.exception("batch %s item %s: the model call failed", batch_id, custom_id)
-                    err = {"code": "internal_error", "message": str(exc)[:500]}
-                    line = bf.output_line(iid, custom_id, None, None, rid, err)
-                    await asyncio.to_thread(self.record, batch_id, custom_id, False, line)
-                else:
-                    line = bf.output_line(iid, custom_id, status, answer, rid)
-                    await asyncio.to_thread(self.record, batch_id, custom_id, 200 <= status < 300, line)
+                async with self._slots():
+                    try:
+                        go = await asyncio.to_thread(self.start, batch_id, custom_id, starts)
+                    except SQLAlchemyError as exc:  # the store away for a moment: procrastinate tries again
+                        raise Transient(f"the batch store did not answer: {exc}"[:300]) from None
+                    if go:
+                        await self._answer(batch_id, custom_id, endpoint, body, starts + 1, iid, rid)
         await asyncio.to_thread(self.finalize, batch_id)
 
+    async def _answer(
+        self,
+        batch_id: str,
+        custom_id: str,
+        endpoint: str,
+        body: dict[str, Any],
+        attempt: int,
+        iid: str,
+        rid: str,
+    ) -> None:
+        """Attempt `attempt` of an item: the model call (the item touched while it lasts) and its output line;
+        Transient (procrastinate tries the item again) while attempts are left."""
+        s = self.settings
+
+        async def keep_touched() -> None:  # never ends in an exception: nothing reads its end
+            while True:
+                await asyncio.sleep(s.batch_stalled_s / 3)
+                try:
+                    await asyncio.to_thread(self.touch, batch_id, custom_id, attempt)
+                except Exception as exc:  # the store away for a moment: the next touch may reach it
+                    log.warning("batch %s item %s: could not mark it running: %s", batch_id, custom_id, exc)
+
+        toucher = asyncio.get_running_loop().create_task(keep_touched())
+        try:
+            try:
+                status, answer = await self.models.call(endpoint, body)
+            finally:
+                toucher.cancel()
+        except Transient as exc:
+            if attempt < s.batch_max_attempts:
+                await asyncio.to_thread(self.release, batch_id, custom_id)
+                raise
+            err = {"code": "model_unavailable", "message": str(exc)[:500]}
+            line = bf.output_line(iid, custom_id, None, None, rid, err)
+            await asyncio.to_thread(self.record, batch_id, custom_id, False, line)
+        except Exception as exc:  # a bug or an unforeseen error: the item still reaches a final state
+            log.exception("batch %s item %s: the model call failed", batch_id, custom_id)
+            err = {"code": "internal_error", "message": str(exc)[:500]}
+            line = bf.output_line(iid, custom_id, None, None, rid, err)
+            await asyncio.to_thread(self.record, batch_id, custom_id, False, line)
+        else:
+            line = bf.output_line(iid, custom_id, status, answer, rid)
+            await asyncio.to_thread(self.record, batch_id, custom_id, 200 <= status < 300, line)
+
     def _slots(self) -> asyncio.Semaphore:
-        """The runner's model-call slots: at most `batch_concurrency` items call the model at once."""
-        if self._call_slots is None:
-            self._call_slots = asyncio.Semaphore(self.settings.batch_concurrency)
-        return self._call_slots
+        """The runner's model-call slots: at most `batch_concurrency` items call the model at once (one set per
+        event loop: a semaphore belongs to the loop that first waits on it)."""
+        loop = asyncio.get_running_loop()
+        if self._call_slots is None or self._call_slots[0] is not loop:
+            self._call_slots = (loop, asyncio.Semaphore(self.settings.batch_concurrency))
+        return self._call_slots[1]
 
     def finalize(self, batch_id: str) -> None:
         """When no item of the batch is pending or running: its output and error files, and its final status

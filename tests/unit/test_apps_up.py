@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import httpx
 import pytest
 
 from deployments import __main__ as deployments_main
@@ -34,15 +35,20 @@ class Serve:
     applied app reads DEPLOYING until it was polled that many times, then that status; an app not named there
     never settles. `refuse`: apps whose presence in a PUT makes Serve refuse the whole config."""
 
-    def __init__(self, becomes: dict[str, tuple[int, str]], refuse: tuple[str, ...] = ()) -> None:
-        self.becomes, self.refuse = becomes, refuse
+    def __init__(
+        self, becomes: dict[str, tuple[int, str]], refuse: tuple[str, ...] = (), silent: bool = False
+    ) -> None:
+        self.becomes, self.refuse, self.silent = becomes, refuse, silent
         self.puts: list[list[str]] = []
         self.polls: dict[str, int] = {}
 
     def apply(self, config: dict[str, Any]) -> None:
         names = [a["name"] for a in config["applications"]]
+        if self.silent:
+            self.puts.append(names)  # it may well have landed
+            raise httpx.ReadTimeout("timed out")
         if any(n in self.refuse for n in names):
-            raise RuntimeError(f"Serve refused the config (400): bad app {self.refuse[0]}")
+            raise deployments_main.ConfigRefused(f"Serve refused the config (400): bad app {self.refuse[0]}")
         self.puts.append(names)
 
     def applications(self) -> dict[str, Any]:
@@ -155,3 +161,24 @@ def test_a_failed_app_and_one_that_never_settles(run: Any) -> None:
     assert by_app["llm"]["error"] == f"Serve app {llm[0]} is DEPLOY_FAILED: {llm[0]} broke"
     assert by_app["services"]["status"] == "timeout"
     assert by_app["services"]["error"] == f"Serve apps {', '.join(services)} not running after 30 s"
+
+
+def test_a_put_that_got_no_answer_fails_every_app_without_a_partial_config(run: Any) -> None:
+    """No answer is not a refusal: a PUT naming fewer apps would delete the ones the first may have started."""
+    serve = Serve({}, silent=True)
+    failed, lines = run(["llm", "services"], serve)
+    assert failed == 2 and len(serve.puts) == 1
+    assert [(x["app"], x["status"], x["error"]) for x in lines] == [
+        ("llm", "failed", "timed out"),
+        ("services", "failed", "timed out"),
+    ]
+
+
+def test_nothing_to_apply_makes_no_put(run: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    def bad() -> None:
+        raise ValueError("no such model")
+
+    monkeypatch.setattr(deployments_main, "prepare_llm", bad)
+    serve = Serve({})
+    failed, lines = run(["llm"], serve)
+    assert failed == 1 and serve.puts == [] and lines[0]["error"] == "no such model"

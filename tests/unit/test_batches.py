@@ -259,18 +259,44 @@ def test_an_item_claimed_past_its_attempts_gets_an_error_line_not_a_call(
 
     async def scenario() -> None:
         b = await store.create("alice", upload(store, 1), "/v1/chat/completions", "24h")
-        # two runners died mid-item (each claimed it, neither wrote its answer)
-        assert store.claim(b["id"], "req-0")[2] == 1
-        await store.run_item(b["id"], "req-0")  # claimed just now: another job's, not run twice
+        # two runners died mid-item (each claimed and started it, neither wrote its answer)
+        assert store.claim(b["id"], "req-0")[2] == 0 and store.start(b["id"], "req-0", 0)
+        await store.run_item(b["id"], "req-0")  # started just now: another job's, not run twice
         assert store.models.calls == [] and store.get(b["id"], "alice")["status"] == bf.IN_PROGRESS
         age(store, b["id"])
-        assert store.claim(b["id"], "req-0")[2] == 2
+        assert store.claim(b["id"], "req-0")[2] == 1 and store.start(b["id"], "req-0", 1)
         age(store, b["id"])
         await store.run_item(b["id"], "req-0")  # the third start: no model call, an error line
         final = store.get(b["id"], "alice")
         assert final["status"] == bf.COMPLETED and store.models.calls == []
         (err,) = lines(store, final["error_file_id"])
         assert err["response"] is None and err["error"]["code"] == "attempts_exhausted"
+
+    asyncio.run(scenario())
+
+
+def test_an_item_is_started_once_however_many_jobs_claim_it(postgres: Postgres, tmp_path: Any) -> None:
+    """A claimed item may wait for a model-call slot; a second job of it (the sweep's re-defer, a stalled-job
+    retry) claims it once the first looks silent. Only one of them starts the model call; a long call keeps
+    the item touched, so no other job claims it meanwhile."""
+    from deployments.services.batches import Busy
+
+    store = make_store(postgres, tmp_path, batch_runner=False)
+
+    async def scenario() -> None:
+        b = await store.create("alice", upload(store, 1), "/v1/chat/completions", "24h")
+        first = store.claim(b["id"], "req-0")[2]
+        with pytest.raises(Busy):
+            store.claim(b["id"], "req-0")  # claimed just now
+        age(store, b["id"])  # the first job waits for a slot past batch_stalled_s
+        second = store.claim(b["id"], "req-0")[2]
+        assert first == second == 0
+        assert store.start(b["id"], "req-0", first) is True
+        assert store.start(b["id"], "req-0", second) is False  # started since its claim: no second call
+        age(store, b["id"])
+        store.touch(b["id"], "req-0", 1)  # the first job's call goes on
+        with pytest.raises(Busy):
+            store.claim(b["id"], "req-0")
 
     asyncio.run(scenario())
 
@@ -300,7 +326,8 @@ def test_a_runner_that_died_mid_item_is_replaced_and_the_item_is_in_the_output_o
     async def scenario() -> None:
         store.settings.batch_runner = False  # jobs queued, no worker yet
         b = await store.create("alice", upload(store, 6), "/v1/chat/completions", "24h")
-        assert store.claim(b["id"], "req-3")[2] == 1  # the dead runner had started req-3 ...
+        assert store.claim(b["id"], "req-3")[2] == 0  # the dead runner had started req-3 ...
+        assert store.start(b["id"], "req-3", 0)
         conninfo = f"host={postgres.host} port={postgres.port} user=rma dbname={store.settings.database}"
         with psycopg.connect(conninfo, autocommit=True) as c:  # ... as worker 'dead', silent for an hour
             c.execute("SET search_path TO procrastinate")
