@@ -10,23 +10,28 @@ each verdict goes to the coordinator, which keeps a pass rate per edge and quara
   finds it full is dropped, counted `dropped`) and its own `workers` (1) checking tasks: one check at a time
   per event loop (a Serve replica runs its requests on one loop).
 - Streamed LLM answers (the edge's answer is `text/event-stream`, whatever the body's `stream` said:
-  `data: {chunk}` ... `data: [DONE]`) are sampled the same way; the copy holds the events as sent, up to
-  `max_stream_bytes` (default 4x `max_answer_bytes`). The checker's worker, off the event loop, puts the answer
-  back together (`reassemble`: the first choice's text, or its message's content and tool calls, and its
-  finish_reason) into the non-streamed shape, which is then judged as one. Chat or completions is read from
-  the path, for streamed answers and the others alike. A stream the edge's API could not have sent fails its
-  check like a malformed answer: a data line that is not a JSON object, no choices, a choice of another shape,
-  a chunk of several choices or a choice other than index 0 (clients read `choices[0]` by position), or no
-  `data: [DONE]` (the API always sends it; a transport cut raises in the relay and is never sampled, so a 2xx
-  stream that ended cleanly without it is the edge's doing). An error event ends the stream: the text before
-  it is judged (too short: skipped), none at all is skipped. A request asking several choices (`n` > 1), or
-  a batch of prompts, is skipped before the stream is read.
-- Not checked (the gaps): a sampled answer over `max_answer_bytes` (256 KiB) or a stream over
-  `max_stream_bytes` (1 MiB; its bytes are counted as sent, comments and keep-alives included, so an edge can
-  pad a stream oversize), or a request over `max_request_bytes` (4 MiB), which would make the queue hold
-  unbounded samples. Those skipped for size are counted (`oversize`), so an edge whose sampled answers are
-  mostly oversize shows in the counter. An LLM answer to a request outside the calibrated range, or under
-  `MIN_COMPLETION_TOKENS` tokens, is not judged either (counted `skipped`).
+  `data: {chunk}` ... `data: [DONE]`) are sampled the same way, but the copy is not the events: a sampled
+  stream is put back together as it is relayed (`StreamAssembler`, on the relay path, after each body message
+  went to the client: one `json.loads` per data line), keeping only the answer (the first choice's text, or its
+  message's content and tool calls merged by index, and its last finish_reason) and the first PART_BYTES as
+  sent (a failed check's sample when it cannot be read). Comments, keep-alives and other fields cost nothing,
+  so padding cannot make a stream oversize: its cap is `max_answer_bytes`, on the answer's text and tool-call
+  arguments, as a non-streamed answer's (`max_line_bytes`, default 4x that, only bounds one data line cut
+  across body messages). The answer, in the non-streamed shape, is then judged as one. Chat or completions is
+  read from the path, for streamed answers and the others alike. A stream the edge's API could not have sent
+  fails its check like a malformed answer: a data line that is not a JSON object, no choices, a choice of
+  another shape, a chunk of several choices or a choice other than index 0 (clients read `choices[0]` by
+  position), more chunks carrying nothing than honest vLLM sends (`EMPTY_CHUNKS`: padding with empty chunks),
+  or no `data: [DONE]` (the API always sends it; a transport cut raises in the relay and is never sampled, so
+  a 2xx stream that ended cleanly without it is the edge's doing). An error event ends the stream: the text
+  before it is judged (too short: skipped), none at all is skipped. A request asking several choices
+  (`n` > 1), or a batch of prompts, is skipped before the answer is read.
+- Not checked (the gaps): a sampled answer over `max_answer_bytes` (256 KiB; a stream's text and tool-call
+  arguments put back together, whatever its padding), a stream with one data line over `max_line_bytes`
+  (1 MiB), or a request over `max_request_bytes` (4 MiB), which would make the queue hold unbounded samples.
+  Those skipped for size are counted (`oversize`), so an edge whose sampled answers are mostly oversize shows
+  in the counter. An LLM answer to a request outside the calibrated range, or under `MIN_COMPLETION_TOKENS`
+  tokens, is not judged either (counted `skipped`).
 - The re-run: the same method, path and body, in process, through the app `EdgeForward` wraps (the core's own
   replica path), its scope flagged `quota.SPOT_CHECK` and run with `quota.spot_checking` set, the client
   already known (the key check's result is reused): never counted against the client's quota or usage.
@@ -267,90 +272,228 @@ def completion_text(answer: Any, *, chat: bool) -> str:
     return text
 
 
-def reassemble(request: dict[str, Any], stream: bytes, *, chat: bool) -> dict[str, Any]:
-    """The streamed answer `stream` (server-sent events) in the non-streamed shape `completion_text` reads:
-    the first choice's `delta.content` (`chat`; its tool calls merged by index) or `text` (completions)
-    concatenated, and its last finish_reason. A tolerant parse: only `data:` lines count (comments, keep-alives
-    and other fields are skipped), the first `data: [DONE]` ends it. An error event ends it too: the text
-    before it is judged (the client got it), nothing when there was none (Unjudgeable: the generation failed).
-    Malformed when the edge's API could not have sent it: a data line that is not a JSON object, no choices, a
-    choice of another shape, a chunk of several choices or a choice other than index 0 (`n` is 1: the caller
-    skips a request asking several, or a batch of prompts, first; clients read `choices[0]` by position, so
-    the judged choice must be that one), or no `[DONE]` (the edge's API always ends with it; a cut transport
-    raises in the relay and is never offered)."""
-    if request.get("n") not in (None, 1):
-        raise Unjudgeable("several choices asked")
-    text: list[str] = []
-    tool_calls: dict[int, dict[str, Any]] = {}
-    finish_reason = None
-    seen = errored = False  # a choice 0 in some chunk; an error event ended the stream
-    for line in stream.splitlines():
-        if not line.startswith(b"data:"):
-            continue
-        data = line[5:].strip()
+# chunks carrying nothing (no text, tool call, finish_reason, logprobs or usage) a stream may hold beyond 4 per
+# chunk that carries something. Honest vLLM sends one such chunk first (chat: the role), then one per token
+# that completes no character: its incremental detokenizer holds back an incomplete UTF-8 character (at most
+# 4 bytes, at worst one byte-level token each: 3 empty chunks before the one carrying it) and the text that
+# may be the start of a stop string. 16 more cover the role chunk and a few such holds before the first text;
+# an edge padding with empty chunks (to make the stream cost more than its answer) goes past it at once.
+EMPTY_CHUNKS = 16
+EMPTY_PER_CHUNK = 4
+_DATA_LINE = re.compile(rb"(?<![^\r\n])data:([^\r\n]*)[\r\n]")  # a whole data line at a line's start
+_EOL = re.compile(rb"[\r\n]")
+
+
+def _maybe_data(line: bytes | bytearray) -> bool:
+    """Whether `line` (the start of one) is, or may still become, a `data:` line."""
+    head = bytes(line[:5])
+    return head == b"data:"[: len(head)]
+
+
+class StreamAssembler:
+    """A streamed LLM answer (server-sent events) put back together as it is relayed: only the answer
+    `completion_text` reads is kept (choice 0's text or message content, its tool calls merged by index, its
+    last finish_reason), never the events, so padding (comments, keep-alives, other fields, chunks carrying
+    nothing) costs no memory. It runs on the relay path, for sampled streams only, after each body message was
+    sent to the client: per `data:` line one `json.loads` and a few checks, other lines are skipped by a regular
+    expression without a copy. Only `data:` lines count (as `reassemble` always read them: each on its own),
+    the first `data: [DONE]` or error event ends it (what follows is not read). `oversize`: the answer (text and
+    tool-call arguments) went over `max_answer_bytes`, or one line over `max_line_bytes` (the line buffer's
+    bound: a `data:` line may arrive split across body messages); its state is dropped then. The first event
+    the edge's API could not have sent is kept as `failure` (`answer` raises it) and ends the reading."""
+
+    def __init__(
+        self, *, chat: bool, max_answer_bytes: int | None = None, max_line_bytes: int | None = None
+    ) -> None:
+        self.chat = chat
+        self.max_answer_bytes = math.inf if max_answer_bytes is None else max_answer_bytes
+        self.max_line_bytes = math.inf if max_line_bytes is None else max_line_bytes
+        self.text: list[str] = []
+        self.tool_calls: dict[int, dict[str, Any]] = {}
+        self.finish_reason: Any = None
+        self.size = 0  # the answer's bytes: text, tool-call arguments, ids and names
+        self.carrying = self.empty = 0  # chunks that carry something, and those that carry nothing
+        self.seen = False  # a choice 0 in some chunk
+        self.errored = False  # an error event ended the stream
+        self.ended = False  # [DONE] or an error event: nothing more is read
+        self.oversize = False
+        self.failure: Malformed | None = None
+        self._line = bytearray()  # the start of a data line cut by the end of a body message
+        self._skipping = False  # inside a line that is not a data line: up to its end, nothing is kept
+
+    @property
+    def reading(self) -> bool:
+        return not (self.ended or self.oversize or self.failure)
+
+    def feed(self, data: bytes) -> None:
+        """Read one body message of the stream (never raises: the client's relay calls it)."""
+        if not self.reading or not data:
+            return
+        start = 0
+        if self._line or self._skipping:  # the rest of a line begun in an earlier message
+            eol = _EOL.search(data)
+            start = len(data) if eol is None else eol.start()
+            if not self._skipping:
+                self._line += data[:start]
+                self._skipping = not _maybe_data(self._line)
+                if self._skipping:
+                    self._line.clear()
+                elif len(self._line) > self.max_line_bytes:
+                    self._drop()
+                    return
+            if eol is None:
+                return
+            if not self.close():
+                return
+            self._skipping = False
+        # the whole lines of this message (`start` is at a line's end, or 0), then its last line's start: the
+        # rest of that line comes in the next message
+        cut = max(data.rfind(b"\n"), data.rfind(b"\r")) + 1
+        for match in _DATA_LINE.finditer(data, start, cut):
+            if not self._read(match.group(1)):
+                return
+        tail = data[cut:]
+        if tail:
+            if _maybe_data(tail):
+                self._line += tail
+                if len(self._line) > self.max_line_bytes:
+                    self._drop()
+            else:
+                self._skipping = True
+
+    def close(self) -> bool:
+        """Read the line cut by the end of the last message (a stream's last line may have no line end);
+        whether to read on."""
+        line = bytes(self._line)
+        self._line.clear()
+        return self._read(line[5:]) if line.startswith(b"data:") else self.reading
+
+    def _read(self, data: bytes) -> bool:
+        """Read one data line's value; whether to read on."""
+        if len(data) + 5 > self.max_line_bytes:
+            self._drop()
+            return False
+        try:
+            self._event(data.strip())
+        except Malformed as exc:
+            self.failure = exc
+        except (AttributeError, KeyError, TypeError) as exc:  # not the API's shape
+            self.failure = Malformed(f"the stream cannot be read: {type(exc).__name__}")
+        if self.size > self.max_answer_bytes:
+            self._drop()
+        return self.reading
+
+    def _drop(self) -> None:
+        self.oversize = True
+        self.text, self.tool_calls, self._line = [], {}, bytearray()
+
+    def _event(self, data: bytes) -> None:
         if data == b"[DONE]":
-            break
+            self.ended = True
+            return
         try:
             chunk = _json(data)
         except (ValueError, RecursionError):
             raise Malformed("a data line is not a JSON object") from None
         choices = chunk.get("choices")
         if choices is None and ("error" in chunk or chunk.get("object") == "error"):
-            errored = True
-            break
+            self.errored = self.ended = True
+            return
         if not isinstance(choices, list):  # empty in a usage chunk (stream_options.include_usage)
             raise Malformed("a chunk has no choices")
         if len(choices) > 1:
             raise Malformed("a chunk of several choices")
+        carries = bool(chunk.get("usage"))
         for choice in choices:
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 raise Malformed("a choice of another shape or index")
-            seen = True
-            part = choice.get("delta") if chat else choice
+            self.seen = True
+            part = choice.get("delta") if self.chat else choice
             if not isinstance(part, dict):
                 raise Malformed("a chat choice without a delta")
-            piece = part.get("content" if chat else "text")
+            piece = part.get("content" if self.chat else "text")
             if not isinstance(piece, str | None):
                 raise Malformed("a choice's text is not a string")
-            text.append(piece or "")
-            calls = part.get("tool_calls") if chat else None
+            if piece:
+                self.text.append(piece)
+                self.size += len(piece.encode())
+            calls = part.get("tool_calls") if self.chat else None
             if not isinstance(calls, list | None):
                 raise Malformed("tool calls that are not a list")
             for call in calls or []:
-                _merge_tool_call(tool_calls, call)
-            finish_reason = choice.get("finish_reason") or finish_reason
-    else:
-        raise Malformed("the stream ended without [DONE]")
-    if errored and not "".join(text) and not tool_calls:
-        raise Unjudgeable("the stream carries an error and nothing before it")
-    if not seen:
-        raise Malformed("no choices in the stream")
-    if chat:
-        message: dict[str, Any] = {"role": "assistant", "content": "".join(text)}
-        if tool_calls:
-            message["tool_calls"] = [tool_calls[i] for i in sorted(tool_calls)]
-        choice = {"index": 0, "message": message, "finish_reason": finish_reason}
-    else:
-        choice = {"index": 0, "text": "".join(text), "finish_reason": finish_reason}
-    return {"choices": [choice]}
+                self._merge_tool_call(call)
+            self.finish_reason = choice.get("finish_reason") or self.finish_reason
+            # a chat delta's other fields (reasoning) carry text too; its role alone carries nothing
+            carried = [v for k, v in part.items() if k != "role"] if self.chat else [piece]
+            carries = carries or any(carried) or bool(choice.get("finish_reason") or choice.get("logprobs"))
+        if carries:
+            self.carrying += 1
+            return
+        self.empty += 1
+        if self.empty > EMPTY_CHUNKS + EMPTY_PER_CHUNK * self.carrying:
+            raise Malformed(f"{self.empty} chunks that carry nothing (padding)")
+
+    def _merge_tool_call(self, part: Any) -> None:
+        """Add one streamed tool-call delta (by its index): the first id and name, the arguments' pieces
+        concatenated; each counted in the answer's bytes (a new index too: an edge could send many)."""
+        if not isinstance(part, dict):
+            raise Malformed("a tool call of another shape")
+        index, function = part.get("index", 0), part.get("function") or {}
+        if not (isinstance(index, int) and isinstance(function, dict)) or not isinstance(
+            function.get("arguments") or "", str
+        ):
+            raise Malformed("a tool call of another shape")
+        if index not in self.tool_calls:
+            self.size += 64  # the call's own shape
+        call = self.tool_calls.setdefault(
+            index, {"id": None, "type": "function", "function": {"name": None, "arguments": ""}}
+        )
+        for owner, key, value in (
+            (call, "id", part.get("id")),
+            (call["function"], "name", function.get("name")),
+        ):
+            if not owner[key]:  # the first one given (as the API sends it: in the call's first delta)
+                owner[key] = value
+                self.size += len(str(value or "").encode())
+        arguments = function.get("arguments") or ""
+        call["function"]["arguments"] += arguments
+        self.size += len(arguments.encode())
+
+    def answer(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The answer read, in the non-streamed shape `completion_text` reads. Unjudgeable for a request
+        asking several choices (`n` > 1; the caller skips a batch of prompts first), or an error event with
+        nothing before it (the generation failed); Malformed when the edge's API could not have sent the
+        stream: the first such event read, no choice at all, or no `[DONE]` (the edge's API always ends with
+        it; a cut transport raises in the relay and is never offered)."""
+        if request.get("n") not in (None, 1):
+            raise Unjudgeable("several choices asked")
+        if self.failure is not None:
+            raise self.failure
+        if not self.ended:
+            raise Malformed("the stream ended without [DONE]")
+        text = "".join(self.text)
+        if self.errored and not text and not self.tool_calls:
+            raise Unjudgeable("the stream carries an error and nothing before it")
+        if not self.seen:
+            raise Malformed("no choices in the stream")
+        if self.chat:
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if self.tool_calls:
+                message["tool_calls"] = [self.tool_calls[i] for i in sorted(self.tool_calls)]
+            return {"choices": [{"index": 0, "message": message, "finish_reason": self.finish_reason}]}
+        return {"choices": [{"index": 0, "text": text, "finish_reason": self.finish_reason}]}
 
 
-def _merge_tool_call(calls: dict[int, dict[str, Any]], part: Any) -> None:
-    """Add one streamed tool-call delta to `calls` (by its index): the first id and name, the arguments'
-    pieces concatenated."""
-    if not isinstance(part, dict):
-        raise Malformed("a tool call of another shape")
-    index, function = part.get("index", 0), part.get("function") or {}
-    if not (isinstance(index, int) and isinstance(function, dict)) or not isinstance(
-        function.get("arguments") or "", str
-    ):
-        raise Malformed("a tool call of another shape")
-    call = calls.setdefault(
-        index, {"id": None, "type": "function", "function": {"name": None, "arguments": ""}}
-    )
-    call["id"] = call["id"] or part.get("id")
-    call["function"]["name"] = call["function"]["name"] or function.get("name")
-    call["function"]["arguments"] += function.get("arguments") or ""
+def reassemble(request: dict[str, Any], stream: bytes, *, chat: bool) -> dict[str, Any]:
+    """The whole streamed answer `stream` (server-sent events) in the non-streamed shape `completion_text`
+    reads (`StreamAssembler` fed at once, no size limit): the first choice's `delta.content` (`chat`; its tool
+    calls merged by index) or `text` (completions) concatenated, and its last finish_reason. Malformed and
+    Unjudgeable as `StreamAssembler.answer`: clients read `choices[0]` by position, so the judged choice must
+    be that one."""
+    assembler = StreamAssembler(chat=chat)
+    assembler.feed(stream)
+    assembler.close()
+    return assembler.answer(request)
 
 
 def scoring_request(request: dict[str, Any], completion: str, *, chat: bool) -> dict[str, Any]:
@@ -485,8 +628,9 @@ class Sample:
     kind: SpotCheckKind
     scope: dict[str, Any]
     body: bytes
-    answer: bytes = b""
-    streamed: bool = False  # an LLM answer of content-type text/event-stream: server-sent events
+    answer: bytes = b""  # a stream's: its first PART_BYTES as sent (a failed check's sample when unreadable)
+    # an LLM answer of content-type text/event-stream (server-sent events): put back together as relayed
+    stream: StreamAssembler | None = None
     too_big: bool = False
     status: int = 0
     core: Any = field(default=None, repr=False)  # the app EdgeForward wraps: the core's own path
@@ -515,7 +659,7 @@ class SpotChecker:
         queue_size: int = 8,
         workers: int = 1,
         max_answer_bytes: int = 256 * 1024,
-        max_stream_bytes: int | None = None,
+        max_line_bytes: int | None = None,
         max_request_bytes: int = 4 * 2**20,
         thresholds: dict[str, float] | None = None,
         timeout_s: float = 120.0,
@@ -524,8 +668,9 @@ class SpotChecker:
     ) -> None:
         self.report, self.queue_size, self.workers = report, queue_size, workers
         self.max_answer_bytes, self.max_request_bytes = max_answer_bytes, max_request_bytes
-        # a stream's events take several times the bytes of its text: a cap of its own (default 4x)
-        self.max_stream_bytes = 4 * max_answer_bytes if max_stream_bytes is None else max_stream_bytes
+        # a stream's line buffer: one data line (a chunk) of a stream, JSON-escaped, may take several times
+        # the bytes of its text (default 4x the answer's cap); comments and other lines are never buffered
+        self.max_line_bytes = 4 * max_answer_bytes if max_line_bytes is None else max_line_bytes
         self.timeout_s, self.rng, self.min_tokens = timeout_s, rng, min_tokens
         self.thresholds = {**THRESHOLDS, **(thresholds or {})}
         self._queues: dict[asyncio.AbstractEventLoop, asyncio.Queue[Sample]] = {}
@@ -654,15 +799,12 @@ class SpotChecker:
             except (ValueError, RecursionError):
                 raise Unjudgeable("the request is not a JSON object") from None
         chat = is_chat(str(sample.scope.get("path", "")))
-        if sample.streamed:
+        if sample.stream is not None:
             # the range and the one prompt first: a batch of prompts streams several choices honestly (skipped,
-            # not failed); the stream is parsed off the event loop
+            # not failed); the stream was put back together as it was relayed
             calibrated(request)
             one_prompt(request, chat=chat)
-            try:
-                answer = await asyncio.to_thread(reassemble, request, sample.answer, chat=chat)
-            except (AttributeError, KeyError, TypeError) as exc:  # not the API's shape
-                raise Malformed(f"the stream cannot be read: {type(exc).__name__}") from None
+            answer = sample.stream.answer(request)
         else:
             try:
                 answer = _json(sample.answer)
@@ -698,7 +840,7 @@ class SpotChecker:
             detail = json.dumps({"mean_logprob": score, "tokens": len(lps), "logprobs": lps[::-1]})
             # a stream's events are many times its text: the sample shows the answer put back together
             return self.verdict(
-                sample, score, detail, json.dumps(answer).encode() if sample.streamed else None
+                sample, score, detail, json.dumps(answer).encode() if sample.stream is not None else None
             )
         if sample.kind == "embeddings":
             return self.verdict(sample, embeddings_score(answer, core), core_bytes)
@@ -707,7 +849,8 @@ class SpotChecker:
 
 class Tee:
     """An ASGI `send` that passes every message on and keeps a copy of the answer (up to the checker's
-    limit); `done()` queues the sample once the last byte was sent."""
+    limit; a stream: put back together as it goes, its first PART_BYTES as sent); `done()` queues the sample
+    once the last byte was sent."""
 
     def __init__(self, checker: SpotChecker, sample: Sample, send: Any) -> None:
         self.checker, self.sample, self._send = checker, sample, send
@@ -721,12 +864,17 @@ class Tee:
             s.status = int(message["status"])
         elif message["type"] == "http.response.body":
             self._complete = not message.get("more_body", False)
-            if s.too_big:
-                return
-            limit = self.checker.max_stream_bytes if s.streamed else self.checker.max_answer_bytes
-            self._parts += message.get("body", b"")
-            if len(self._parts) > limit:
-                s.too_big, self._parts = True, bytearray()
+            body = message.get("body", b"")
+            if s.stream is not None:
+                self._parts += body[: PART_BYTES - len(self._parts)]
+                s.stream.feed(body)
+                if self._complete:
+                    s.stream.close()
+                s.too_big = s.stream.oversize
+            elif not s.too_big:
+                self._parts += body
+                if len(self._parts) > self.checker.max_answer_bytes:
+                    s.too_big, self._parts = True, bytearray()
 
     def done(self) -> None:
         s = self.sample
@@ -759,11 +907,15 @@ def sampler(
         c.counter.inc(edge, kind, "oversize")
         return None
     media = str(headers.get("content-type", "")).lower()
-    streamed = kind == "llm" and media.startswith("text/event-stream")
+    stream = None
+    if kind == "llm" and media.startswith("text/event-stream"):
+        stream = StreamAssembler(
+            chat=is_chat(str(scope.get("path", ""))),
+            max_answer_bytes=c.max_answer_bytes,
+            max_line_bytes=c.max_line_bytes,
+        )
     return Tee(
-        c,
-        Sample(edge=edge, app=app_name, kind=kind, scope=scope, body=body, streamed=streamed, core=core),
-        send,
+        c, Sample(edge=edge, app=app_name, kind=kind, scope=scope, body=body, stream=stream, core=core), send
     )
 
 

@@ -647,14 +647,15 @@ def test_a_streamed_answer_the_api_could_not_send_fails(fresh: Bed) -> None:
     assert fresh.core.calls == []  # nothing of these was worth a re-run
 
 
-def test_a_stream_reassemble_cannot_read_fails_not_a_traceback(
+def test_a_stream_the_assembler_cannot_read_fails_not_a_traceback(
     fresh: Bed, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def unreadable(request: dict[str, Any], stream: bytes, *, chat: bool) -> dict[str, Any]:
-        raise KeyError("index")  # a shape reassemble does not foresee
+    def unreadable(self: spotcheck.StreamAssembler, data: bytes) -> None:
+        raise KeyError("index")  # a shape the assembler does not foresee: read on the relay path
 
-    monkeypatch.setattr(spotcheck, "reassemble", unreadable)
-    post(fresh, "/v1/chat/completions", json={**CHAT, "stream": True})
+    monkeypatch.setattr(spotcheck.StreamAssembler, "_event", unreadable)
+    r = post(fresh, "/v1/chat/completions", json={**CHAT, "stream": True})
+    assert r.content == b"".join(events(HONEST_REPLY, chat=True))  # the client's relay never saw it
     (verdict,) = verdicts(fresh, 1)
     assert (verdict["passed"], verdict["score"]) == (False, spotcheck.LOGPROB_FLOOR)
     assert "KeyError" in verdict["sample"]["core_answer"]
@@ -689,17 +690,145 @@ def test_a_batch_of_prompts_streamed_is_skipped_before_the_stream_is_read(fresh:
     assert checker.counts == {(EDGE, "llm", "skipped"): 1}
 
 
-def test_a_stream_has_a_larger_cap_of_its_own(fresh: Bed) -> None:
-    whole = b"".join(events(HONEST_REPLY, chat=True))
-    checker = SpotChecker(fresh.report, max_answer_bytes=len(whole) // 2)  # the stream cap: 4x that
+def padded(stream: list[bytes], padding: bytes, total: int) -> bytes:
+    """`stream`'s events with `padding` between them, repeated to over `total` bytes in all."""
+    per_gap = total // (len(padding) * (len(stream) - 1)) + 1
+    return (padding * per_gap).join(stream)
+
+
+PADDING = b": " + b"x" * 1000 + b"\n\n" + b"\n\n" + b"event: ping\nid: 7\nretry: 10\n\n"  # cost nothing
+
+
+@pytest.mark.parametrize("honest", [True, False])
+def test_a_stream_padded_with_comments_and_keep_alives_is_judged_not_oversize(
+    fresh: Bed, honest: bool
+) -> None:
+    """The copy is bounded by the answer the client got, not by the stream's bytes: 2 MiB of comments,
+    keep-alives and other fields (8x the answer's cap) between the events change nothing."""
+    text = HONEST_REPLY if honest else GARBAGE_REPLY
+    answer = padded(events(text, chat=True), PADDING, 2 * 2**20)
+    assert len(answer) > 2 * 2**20
+    fresh.edge.answer = (200, answer)
+    assert post(fresh, "/v1/chat/completions", json={**CHAT, "stream": True}).content == answer
+    (verdict,) = verdicts(fresh, 1)
+    assert verdict["passed"] is honest
+    assert verdict["score"] == pytest.approx(-0.4 if honest else -9.0)
+    if not honest:  # the failed sample shows the answer put back together, not the padding
+        (choice,) = json.loads(verdict["sample"]["edge_answer"])["choices"]
+        assert choice["message"]["content"] == text
+    assert spotcheck.checker().counts == {(EDGE, "llm", "passed" if honest else "failed"): 1}
+
+
+EMPTY_CHUNK = b'data: {"choices": [{"index": 0, "delta": {}}]}\n\n'
+
+
+def test_a_stream_padded_with_empty_chunks_fails_as_malformed(fresh: Bed) -> None:
+    """Chunks that carry nothing, past what honest vLLM sends (EMPTY_CHUNKS and EMPTY_PER_CHUNK per chunk
+    carrying something), fail the check and are reported; up to the bound the stream is judged."""
+    stream = events(HONEST_REPLY, chat=True)
+    carrying = len(words(HONEST_REPLY)) + 2  # the words, the finish chunk, the usage chunk
+    bound = spotcheck.EMPTY_CHUNKS + spotcheck.EMPTY_PER_CHUNK * carrying - 1  # the role chunk is one
+    at_bound = b"".join(stream[:-1]) + EMPTY_CHUNK * bound + stream[-1]
+    for answer in (at_bound, padded(stream, EMPTY_CHUNK, 2**20)):
+        fresh.edge.answer = (200, answer)
+        assert post(fresh, "/v1/chat/completions", json={**CHAT, "stream": True}).content == answer
+    at, over = verdicts(fresh, 2)
+    assert at["passed"]
+    assert (over["passed"], over["score"]) == (False, spotcheck.LOGPROB_FLOOR)
+    assert "carry nothing" in over["sample"]["core_answer"]
+    assert over["sample"]["edge_answer"].startswith('data: {"id": "cmpl-1"')  # as sent: not put together
+    one_more = b"".join(stream[:-1]) + EMPTY_CHUNK * (bound + 1) + stream[-1]
+    with pytest.raises(spotcheck.Malformed, match="carry nothing"):
+        spotcheck.reassemble(CHAT, one_more, chat=True)
+    assert len(fresh.core.calls) == 1  # the padded stream was never worth a re-run
+
+
+def test_a_stream_whose_answer_is_over_the_cap_is_oversize(fresh: Bed) -> None:
+    """The cap is the answer's (as a non-streamed one's), whatever the stream's bytes: the text's bytes."""
+    size = len(HONEST_REPLY.encode())
+    checker = SpotChecker(fresh.report, max_answer_bytes=size)  # the stream's events: several times that
     spotcheck.set_checker(checker)
     post(fresh, "/v1/chat/completions", json={**CHAT, "stream": True})
     (verdict,) = verdicts(fresh, 1)
     assert verdict["passed"]
-    checker.max_stream_bytes = len(whole) - 1
-    post(fresh, "/v1/chat/completions", json={**CHAT, "stream": True})
+    checker.max_answer_bytes = size - 1
+    r = post(fresh, "/v1/chat/completions", json={**CHAT, "stream": True})
+    assert r.content == b"".join(events(HONEST_REPLY, chat=True))  # the client got it all the same
     wait_for(lambda: checker.counts.total() == 2, timeout=20, what="the second stream's outcome")
     assert checker.counts == {(EDGE, "llm", "passed"): 1, (EDGE, "llm", "oversize"): 1}
+    assert len(fresh.reports.received) == 1
+
+
+def test_the_assembler_counts_tool_calls_and_bounds_a_line() -> None:
+    call = {"index": 0, "id": "c", "function": {"name": "f", "arguments": "x" * 100}}
+    tools = sse(*[delta(tool_calls=[{**call, "index": i}]) for i in range(10)])
+    assembler = spotcheck.StreamAssembler(chat=True, max_answer_bytes=1000)
+    assembler.feed(tools)
+    assert assembler.oversize and assembler.tool_calls == {}  # 10 calls of 100 bytes of arguments and more
+    # many tool calls with no arguments cost their own shape: not a way around the cap either
+    many = sse(*[delta(tool_calls=[{"index": i}]) for i in range(100)])
+    assembler = spotcheck.StreamAssembler(chat=True, max_answer_bytes=1000)
+    assembler.feed(many)
+    assert assembler.oversize
+    line = sse(delta("Paris" * 100))
+    assembler = spotcheck.StreamAssembler(chat=True, max_line_bytes=100)
+    for i in range(0, len(line), 30):  # one data line over the line buffer's bound, in pieces
+        assembler.feed(line[i : i + 30])
+    assert assembler.oversize and len(assembler._line) == 0
+
+
+@pytest.mark.parametrize("eol", [b"\n", b"\r\n", b"\r"])
+def test_a_stream_split_at_every_byte_reassembles_to_the_same_answer(eol: bytes) -> None:
+    whole = b"".join(events(HONEST_REPLY, chat=True)).replace(b"\n", eol)
+    expected = spotcheck.reassemble(CHAT, whole, chat=True)
+    assert expected["choices"][0]["message"]["content"] == HONEST_REPLY
+    for cut in range(len(whole) + 1):
+        assembler = spotcheck.StreamAssembler(chat=True)
+        assembler.feed(whole[:cut])
+        assembler.feed(whole[cut:])
+        assembler.close()
+        assert assembler.answer(CHAT) == expected, cut
+    assembler = spotcheck.StreamAssembler(chat=True)
+    for i in range(len(whole)):
+        assembler.feed(whole[i : i + 1])
+    assert assembler.answer(CHAT) == expected
+    # the last line without its line end: read at the end of the stream
+    assert spotcheck.reassemble(CHAT, whole.removesuffix(eol * 2), chat=True) == expected
+
+
+def test_the_tee_keeps_no_raw_copy_of_a_stream() -> None:
+    """5 MiB of padding (comments, keep-alives, other fields, one comment line spanning many messages) goes
+    through the Tee: the client gets every byte, the held state stays a few KiB, the answer is put together."""
+    checker = SpotChecker(None)
+    stream = spotcheck.StreamAssembler(chat=True, max_answer_bytes=1024, max_line_bytes=4096)
+    sample = spotcheck.Sample(
+        edge=EDGE, app=APP, kind="llm", scope={"path": "/v1/chat/completions"}, body=b"{}", stream=stream
+    )
+    received: list[bytes] = []
+
+    async def client(message: dict[str, Any]) -> None:
+        received.append(message.get("body", b""))
+
+    tee = spotcheck.Tee(checker, sample, client)
+    long_comment = [b": " + b"y" * 2**20, b"y" * 2**20, b"\n\n"]  # 2 MiB in one line, 3 messages
+    padding = [PADDING * 64] * 48 + long_comment  # ~3 MiB + 2 MiB
+    messages = [*padding[:20], *events(HONEST_REPLY, chat=True)[:4], *padding[20:]]
+    messages += events(HONEST_REPLY, chat=True)[4:]
+    assert sum(map(len, messages)) > 5 * 2**20
+
+    def held() -> int:
+        return len(tee._parts) + len(stream._line) + sum(len(t) for t in stream.text)
+
+    async def relay() -> None:
+        await tee.send({"type": "http.response.start", "status": 200, "headers": []})
+        for i, body in enumerate(messages):
+            await tee.send({"type": "http.response.body", "body": body, "more_body": i < len(messages) - 1})
+            assert held() <= spotcheck.PART_BYTES + 1024, i
+
+    asyncio.run(relay())
+    assert b"".join(received) == b"".join(messages)
+    assert not sample.too_big and len(tee._parts) == spotcheck.PART_BYTES
+    assert stream.answer(CHAT)["choices"][0]["message"]["content"] == HONEST_REPLY
 
 
 def test_streamed_embeddings_are_unaffected(fresh: Bed) -> None:
