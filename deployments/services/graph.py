@@ -6,7 +6,18 @@ Each client has a graph of its own: every node and edge carries `owner` (the cli
 extraction merges only into the caller's nodes, and a query matches only the caller's nodes and edges, so one
 client's text never shows in another's answers and no client can change another's counts. Nodes written before
 owners existed have none: they match no client (delete them with
-`MATCH (n:Entity) WHERE n.owner IS NULL DETACH DELETE n`)."""
+`MATCH (n:Entity) WHERE n.owner IS NULL DETACH DELETE n`).
+
+A write may name its piece (`extract(..., piece=KEY)`; the ingest jobs do, one key per piece of a job's text): the
+write transaction first MERGEs the owner's marker for that key (`:GraphPiece {owner, key}`) and, when the marker
+was already there, writes nothing, so a piece written again (a job resumed after its runner died between the
+piece's write and its checkpoint) is counted in `mentions` and CO_OCCURS `count` once. The pair (owner, key) is
+unique by a constraint the service creates on connecting: of two writers of the same piece at once, the second
+waits for the first (Neo4j) or fails on the constraint and is run again, then finds the marker (ArcadeDB).
+Markers are small (owner, key, token), one per ingest piece (50,000 characters of a document), kept as long as the
+graph they counted into; no query reads them (every read matches `:Entity` and CO_OCCURS only). There is no
+route that deletes a client's graph; to delete one by hand, markers included:
+`MATCH (n) WHERE n.owner = $owner DETACH DELETE n`. Online extracts name no piece and are counted each time."""
 
 from __future__ import annotations
 
@@ -14,6 +25,7 @@ import contextlib
 import itertools
 import re
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -23,6 +35,12 @@ from deployments.services.recheck import Recheck, address
 
 MAX_CHARS = 100_000
 LABEL = re.compile(r"^[A-Z][A-Z_]{0,30}$")  # a node label is spliced into Cypher: only spaCy-style names pass
+MAX_PIECE_KEY = 200
+# of two writers of one piece at once, one commits its marker; the other's MERGE then finds it (Neo4j waits on
+# the constraint's lock) or its commit fails on the constraint (ArcadeDB) and it is run again
+PIECE_CONSTRAINT = (
+    "CREATE CONSTRAINT graph_piece IF NOT EXISTS FOR (m:GraphPiece) REQUIRE (m.owner, m.key) IS UNIQUE"
+)
 
 
 def entity_key(name: str, label: str) -> str:
@@ -87,6 +105,8 @@ class Graph:
                         f"bolt://{ep.host}:{ep.port}", auth=(ep.user, ep.password), connection_timeout=10
                     )
                     driver.verify_connectivity()
+                    with driver.session(database=ep.database) as s:  # a schema command: its own transaction
+                        s.run(PIECE_CONSTRAINT).consume()
                 except Exception as exc:
                     if driver is not None:  # its pool closed: a store away for long is asked on every call
                         with contextlib.suppress(Exception):
@@ -114,7 +134,17 @@ class Graph:
                 "store_unavailable", f"the graph store did not answer: {type(exc).__name__}"
             ) from None
 
-    def extract(self, owner: str, text: str, source: str | None = None, write: bool = True) -> dict[str, Any]:
+    def extract(
+        self,
+        owner: str,
+        text: str,
+        source: str | None = None,
+        write: bool = True,
+        piece: str | None = None,
+    ) -> dict[str, Any]:
+        """Entities and relations of `text`, written into the owner's graph when `write`. With `piece` (a key
+        stable across runs of the same text, e.g. an ingest job's piece) a piece the owner's graph already
+        counted is not written again: the answer is the same, with `written: false` and `already_written`."""
         _check_owner(owner)
         if not text or not text.strip():
             raise Refusal(400, "empty_text", "text must not be empty")
@@ -122,12 +152,14 @@ class Graph:
             raise Refusal(
                 413, "text_too_long", f"text is {len(text):,} characters; the limit is {MAX_CHARS:,}"
             )
+        if piece is not None and (not isinstance(piece, str) or not 0 < len(piece) <= MAX_PIECE_KEY):
+            raise Refusal(400, "invalid_piece", f"a piece key is 1-{MAX_PIECE_KEY} characters")
         with self._nlp_lock:
             entities, relations = extract_entities(self.nlp, text)
-        if write and entities:
-            with self._session() as s:
-                s.execute_write(self._write, owner, entities, relations, source)
-        return {
+        written = bool(write and entities)
+        if written:
+            written = self._write_once(owner, entities, relations, source, piece)
+        out = {
             "entities": [{k: e[k] for k in ("name", "label", "mentions")} for e in entities],
             "relations": [
                 {
@@ -138,8 +170,31 @@ class Graph:
                 }
                 for r in relations
             ],
-            "written": bool(write and entities),
+            "written": written,
         }
+        if piece is not None:
+            out["already_written"] = bool(write and entities) and not written
+        return out
+
+    def _write_once(
+        self,
+        owner: str,
+        entities: list[dict[str, Any]],
+        relations: list[dict[str, Any]],
+        source: str | None,
+        piece: str | None,
+    ) -> bool:
+        """One write transaction; False when `piece` was already counted. A concurrent writer of the same piece
+        that committed first makes this one fail on the constraint: run again, it finds that writer's marker."""
+        from neo4j.exceptions import ConstraintError
+
+        with self._session() as s:
+            try:
+                return bool(s.execute_write(self._write, owner, entities, relations, source, piece))
+            except ConstraintError:
+                if piece is None:
+                    raise
+                return bool(s.execute_write(self._write, owner, entities, relations, source, piece))
 
     @staticmethod
     def _write(
@@ -148,8 +203,20 @@ class Graph:
         entities: list[dict[str, Any]],
         relations: list[dict[str, Any]],
         source: str | None,
-    ) -> None:
+        piece: str | None = None,
+    ) -> bool:
         # every MATCH and MERGE names the owner: a write can only ever touch the caller's own nodes and edges
+        if piece is not None:
+            token = uuid.uuid4().hex  # ours only when this transaction created the marker
+            mark = tx.run(
+                "MERGE (m:GraphPiece {owner: $owner, key: $key}) ON CREATE SET m.token = $token "
+                "RETURN m.token AS token",
+                owner=owner,
+                key=piece,
+                token=token,
+            ).single(strict=True)
+            if mark["token"] != token:
+                return False
         tx.run(
             "UNWIND $ents AS e MERGE (n:Entity {owner: $owner, key: e.key}) "
             "ON CREATE SET n.name = e.name, n.label = e.label, n.mentions = 0 "
@@ -180,6 +247,7 @@ class Graph:
                 source=source[:500],
                 owner=owner,
             )
+        return True
 
     def query(self, owner: str, entity: str, limit: int = 25) -> dict[str, Any]:
         _check_owner(owner)

@@ -10,9 +10,9 @@ the same procrastinate app on the services' Postgres, the same replica, the same
   (`db.IngestPage`), each OCR'd page as it is read, the chunk count after indexing, each piece of text sent to
   the graph. A job whose runner died is put back by the sweep (procrastinate's stalled jobs) and resumes at the
   step (and page, and piece) it was in. Steps are idempotent: chunks get ids derived from their source
-  (`rag._ids`), so indexing again replaces them; graph writes MERGE, and the job's result counts each piece
-  once (a piece interrupted between its write and its checkpoint is written again: the graph's own mention
-  and co-occurrence counts get its counts twice).
+  (`rag._ids`), so indexing again replaces them; each graph write names its piece (`_piece_key`), so a piece
+  interrupted between its write and its checkpoint, sent again, is not counted again in the graph's mention
+  and co-occurrence counts (`graph.py`), and the job's result counts each piece once.
 - OCR is sent each scanned page as a PDF of its own, cut out of the file in this replica's sandbox
   (`documents.cut_pdf_pages`), not the whole file once per page; a file that cannot be cut is sent whole, and
   so is a page whose cut saves nothing, every page past the cuts' memory budget, and a cut page OCR refuses
@@ -243,6 +243,12 @@ class ServePipeline:
                     self._backends.pop(name, None)  # a fresh handle next time
                 raise Unavailable(f"the {name} service did not answer ({kind})") from None
             raise
+
+
+def _piece_key(job_id: str, i: int, piece: str) -> str:
+    """The graph's key for a job's piece: the same on every run of the job over the same text, another for other
+    text at that place (the piece size changed between deploys), so the graph counts exactly what it was sent."""
+    return f"ingest:{job_id}:{i}:{hashlib.sha256(piece.encode()).hexdigest()[:16]}"
 
 
 async def _cut_pages(data: bytes, numbers: list[int]) -> dict[int, bytes]:
@@ -951,7 +957,8 @@ class IngestJobs:
         start = await asyncio.to_thread(self._entities_start, job_id, len(pieces))
         source = f"upload:{ctx['upload_id']}"
         for i in range(start, len(pieces)):
-            out = await self._pipeline().call("graph", "extract", ctx["owner"], pieces[i], source, True)
+            key = _piece_key(job_id, i, pieces[i])
+            out = await self._pipeline().call("graph", "extract", ctx["owner"], pieces[i], source, True, key)
             await asyncio.to_thread(self._entities_checkpoint, job_id, i, out)
         await asyncio.to_thread(self._entities_done, job_id, len(pieces))
 
@@ -966,9 +973,11 @@ class IngestJobs:
             return start
 
     def _entities_checkpoint(self, job_id: str, i: int, out: dict[str, Any]) -> None:
-        """Piece `i`'s entities and relations into the result. A piece is run again when its runner died
-        between its graph write and this checkpoint: the entities are a set and the relations are kept per
-        piece (`_relations`), so its second checkpoint replaces its first instead of adding to it."""
+        """Piece `i`'s entities and relations into the result, in the transaction that marks it done. A piece
+        is sent again when its runner died between its graph write and this checkpoint: the graph does not
+        count it again (`already_written`) but answers the same entities and relations, so the result is what
+        one run makes; the entities are a set and the relations are kept per piece (`_relations`), so a piece's
+        count is set, never added twice."""
         with self.db.sessions().begin() as db:
             row = db.get(IngestJob, job_id, with_for_update=True)
             seen = {(e["name"], e["label"]) for e in (row.result or {}).get("_entities", [])}

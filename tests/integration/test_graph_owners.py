@@ -5,6 +5,7 @@ owner (tests/integration/test_services.py covers them over HTTP)."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -118,3 +119,98 @@ def test_an_empty_owner_is_refused(graph: Graph) -> None:
         with pytest.raises(Refusal) as err:
             call()
         assert err.value.status == 401
+
+
+def counts(g: Graph, owner: str, a: str, b: str) -> tuple[list[int], list[int]]:
+    """The owner's `mentions` of entities named `a` and the count of its CO_OCCURS edges between `a` and `b`."""
+    mentions = run(
+        g, "MATCH (n:Entity {owner: $owner}) WHERE n.name = $a RETURN n.mentions AS m", owner=owner, a=a
+    )
+    edges = run(
+        g,
+        "MATCH (x:Entity {owner: $owner})-[r:CO_OCCURS {owner: $owner}]-(y:Entity {owner: $owner}) "
+        "WHERE x.name = $a AND y.name = $b RETURN r.count AS c",
+        owner=owner,
+        a=a,
+        b=b,
+    )
+    return [r["m"] for r in mentions], [r["c"] for r in edges]
+
+
+def test_a_piece_written_twice_is_counted_once_per_owner(graph: Graph) -> None:
+    text = "Marie Curie met Pierre Curie in Warsaw."
+    first = graph.extract("alice", text, "upload:1", True, "ingest:j1:0")
+    assert first["written"] is True and first["already_written"] is False
+    names = {e["name"] for e in first["entities"]}
+    assert {"Marie Curie", "Pierre Curie"} <= names, first
+    again = graph.extract("alice", text, "upload:1", True, "ingest:j1:0")
+    # the same answer, computed from the text, but nothing written: the counts already hold this piece
+    assert again["written"] is False and again["already_written"] is True
+    assert (again["entities"], again["relations"]) == (first["entities"], first["relations"])
+    assert counts(graph, "alice", "Marie Curie", "Pierre Curie") == ([1], [1])
+    # another piece adds
+    graph.extract("alice", text, "upload:1", True, "ingest:j1:1")
+    assert counts(graph, "alice", "Marie Curie", "Pierre Curie") == ([2], [2])
+    # another owner's same key is its own: counted in bob's graph, alice's unchanged
+    assert graph.extract("bob", text, "upload:1", True, "ingest:j1:0")["written"] is True
+    assert counts(graph, "bob", "Marie Curie", "Pierre Curie") == ([1], [1])
+    assert counts(graph, "alice", "Marie Curie", "Pierre Curie") == ([2], [2])
+    # an extract without a key (the online route) is counted every time, and answers as before
+    online = graph.extract("alice", text)
+    assert online["written"] is True and "already_written" not in online
+    assert counts(graph, "alice", "Marie Curie", "Pierre Curie") == ([3], [3])
+    # the markers are in the store, one per (owner, key), and no query shows them
+    marks = run(
+        graph,
+        "MATCH (m:GraphPiece) WHERE m.key STARTS WITH 'ingest:j1:' RETURN m.owner AS owner, m.key AS key",
+    )
+    assert sorted((m["owner"], m["key"]) for m in marks) == [
+        ("alice", "ingest:j1:0"),
+        ("alice", "ingest:j1:1"),
+        ("bob", "ingest:j1:0"),
+    ]
+    got = graph.query("alice", "Marie Curie")
+    assert {n["name"] for n in got["neighbours"]} <= names and got["neighbours"]
+    assert not {n["label"] for n in got["neighbours"]} - {e["label"] for e in first["entities"]}
+    for key in ("ingest:j1:0", "GraphPiece"):
+        with pytest.raises(Refusal) as err:
+            graph.query("alice", key)
+        assert err.value.status == 404
+
+
+def test_writers_of_one_piece_at_once_count_it_once(graph: Graph, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two runners of the same piece at once (one thought dead, still running): both transactions have written
+    before either commits; one commits, the other fails on the marker's constraint, is run again and finds the
+    marker. The piece is counted once."""
+    text = "Niels Bohr lectured in Copenhagen."
+    write, both_written = Graph._write, threading.Barrier(2)
+    attempts: list[bool] = []
+
+    def held(tx: Any, *args: Any) -> bool:
+        written = write(tx, *args)
+        attempts.append(written)
+        if len(attempts) <= 2:  # each runner's first transaction waits, uncommitted, for the other's
+            both_written.wait(30)
+        return written
+
+    monkeypatch.setattr(Graph, "_write", staticmethod(held))
+    out: list[dict[str, Any]] = []
+    threads = [
+        threading.Thread(target=lambda: out.append(graph.extract("carol", text, None, True, "ingest:j2:0")))
+        for _ in range(2)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(o["written"] for o in out) == [False, True], out
+    # ArcadeDB: both first transactions wrote, the loser's commit was refused, its second run found the marker
+    assert attempts == [True, True, False]
+    assert counts(graph, "carol", "Niels Bohr", "Copenhagen") == ([1], [1])
+
+
+def test_a_bad_piece_key_is_refused(graph: Graph) -> None:
+    for piece in ("", "k" * 201):
+        with pytest.raises(Refusal) as err:
+            graph.extract("alice", "Ada Lovelace met Charles Babbage.", None, True, piece)
+        assert err.value.status == 400 and "piece key" in err.value.message

@@ -79,24 +79,44 @@ class MemoryRag(Rag):
 
 
 class RecordingGraph:
-    """Records calls; `gate` (set by a test) holds a call until it is opened."""
+    """Records calls and counts as the graph store does: a write adds its mentions and relations to the owner's
+    counts once per piece key (`graph.py`'s markers; the store's own behaviour is tested in
+    tests/integration/test_graph_owners.py). `gate` (set by a test) holds a call until it is opened."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, str]] = []
+        self.keys: list[str | None] = []
         self.gate: threading.Event | None = None
+        self.marks: set[tuple[str, str]] = set()
+        self.mentions: dict[tuple[str, str], int] = {}
+        self.relations: dict[str, int] = {}
 
-    def extract(self, owner: str, text: str, source: str | None, write: bool) -> dict[str, Any]:
+    def extract(
+        self, owner: str, text: str, source: str | None, write: bool, piece: str | None = None
+    ) -> dict[str, Any]:
         self.calls.append((owner, text))
+        self.keys.append(piece)
         if self.gate is not None:
             assert self.gate.wait(30), "the test never opened the gate"  # before the pipeline's 60 s
         names = [n for n in ("Ana Lima", "Bruno Costa", "Lisbon") if n in text]
-        return {
+        out: dict[str, Any] = {
             "entities": [
                 {"name": n, "label": "GPE" if n == "Lisbon" else "PERSON", "mentions": 1} for n in names
             ],
             "relations": [{"source": "Ana Lima", "target": "Lisbon", "type": "CO_OCCURS", "count": 1}],
-            "written": True,
+            "written": bool(write and names),
         }
+        seen = piece is not None and (owner, piece) in self.marks
+        if out["written"] and not seen:
+            if piece is not None:
+                self.marks.add((owner, piece))
+            for n in names:
+                self.mentions[(owner, n)] = self.mentions.get((owner, n), 0) + 1
+            self.relations[owner] = self.relations.get(owner, 0) + len(out["relations"])
+        if piece is not None:
+            out["already_written"] = seen and out["written"]
+            out["written"] = out["written"] and not seen
+        return out
 
 
 class CountingDocuments(Documents):
@@ -780,9 +800,10 @@ def test_a_graph_piece_written_but_not_checkpointed_is_counted_once_after_the_re
     monkeypatch: pytest.MonkeyPatch,
     first_piece_by_earlier_code: bool,
 ) -> None:
-    """The runner killed between piece 1's graph write and its checkpoint: the resumed job writes piece 1
-    again (the graph MERGEs it) and the job's result counts its entities and relations once; also for a job
-    whose first piece was checkpointed by the code before the per-piece counts (a deploy's restart)."""
+    """The runner killed between piece 1's graph write and its checkpoint: the resumed job sends piece 1
+    again under the same key, the graph does not count it again, and the job's result counts its entities and
+    relations once; also for a job whose first piece was checkpointed by the code before the per-piece counts
+    (a deploy's restart)."""
     from deployments.services.db import IngestJob
     from deployments.services.rag import chunk_text
 
@@ -822,6 +843,15 @@ def test_a_graph_piece_written_but_not_checkpointed_is_counted_once_after_the_re
         out = store.ingest_get(jid, "alice")
         assert out["state"] == ingest.SUCCEEDED and out["attempts"] == 2, out
         assert [t for _, t in store.graph.calls] == [pieces[0], pieces[1], pieces[1], pieces[2]]
+        keys = store.graph.keys
+        assert keys[1] == keys[2] and len({keys[0], keys[1], keys[3]}) == 3 and all(keys), keys
+        # the graph's own counts: piece 1 (Bruno Costa's) once, though it was sent twice
+        assert store.graph.mentions == {
+            ("alice", "Ana Lima"): 1,
+            ("alice", "Bruno Costa"): 1,
+            ("alice", "Lisbon"): 2,
+        }
+        assert store.graph.relations == {"alice": 3}
         # RecordingGraph answers one relation a piece: three pieces, three relations, not four
         assert out["result"]["relations"] == 3 and out["result"]["entities"] == 3, out["result"]
         assert "_relations" not in out["result"]

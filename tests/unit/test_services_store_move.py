@@ -323,6 +323,10 @@ def test_the_graph_service_finds_its_moved_graph_store(monkeypatch: pytest.Monke
         def __exit__(self, *exc: Any) -> None:
             return None
 
+        def run(self, cypher: str) -> Any:  # the schema command the service sends on connecting
+            assert cypher.startswith("CREATE CONSTRAINT")
+            return types.SimpleNamespace(consume=lambda: None)
+
         def execute_read(self, fn: Any) -> Any:
             if not up[self.host]:
                 raise ServiceUnavailable(f"unable to connect to {self.host}")
