@@ -21,17 +21,19 @@ each verdict goes to the coordinator, which keeps a pass rate per edge and quara
   read from the path, for streamed answers and the others alike. A stream the edge's API could not have sent
   fails its check like a malformed answer: a data line that is not a JSON object, no choices, a choice of
   another shape, a chunk of several choices or a choice other than index 0 (clients read `choices[0]` by
-  position), more chunks carrying nothing than honest vLLM sends (`EMPTY_CHUNKS`: padding with empty chunks),
-  or no `data: [DONE]` (the API always sends it; a transport cut raises in the relay and is never sampled, so
-  a 2xx stream that ended cleanly without it is the edge's doing). An error event ends the stream: the text
-  before it is judged (too short: skipped), none at all is skipped. A request asking several choices
+  position), more chunks carrying nothing than honest vLLM sends (`EMPTY_CHUNKS`, plus the request's longest
+  stop string: padding with empty chunks), text no encoder takes (a lone surrogate), or no `data: [DONE]`
+  (the API always sends it; a transport cut raises in the relay and is never sampled, so a 2xx stream that
+  ended cleanly without it is the edge's doing). An error event ends the stream: the text before it is judged
+  (too short: skipped), none at all is skipped. A request asking several choices
   (`n` > 1), or a batch of prompts, is skipped before the answer is read.
 - Not checked (the gaps): a sampled answer over `max_answer_bytes` (256 KiB; a stream's text and tool-call
-  arguments put back together, whatever its padding), a stream with one data line over `max_line_bytes`
-  (1 MiB), or a request over `max_request_bytes` (4 MiB), which would make the queue hold unbounded samples.
-  Those skipped for size are counted (`oversize`), so an edge whose sampled answers are mostly oversize shows
-  in the counter. An LLM answer to a request outside the calibrated range, or under `MIN_COMPLETION_TOKENS`
-  tokens, is not judged either (counted `skipped`).
+  arguments put back together, whatever its padding), a stream with one data line over `max_line_bytes` (1 MiB) or
+  more data lines than bytes in its answer cap (+ `EVENTS_SLACK`: chunks padded with fields that are not empty but
+  carry no answer, each one more `json.loads` on the relay path), or a request over `max_request_bytes` (4 MiB),
+  which would make the queue hold unbounded samples. Those skipped for size are counted (`oversize`), so an edge
+  whose sampled answers are mostly oversize shows in the counter. An LLM answer to a request outside the
+  calibrated range, or under `MIN_COMPLETION_TOKENS` tokens, is not judged either (counted `skipped`).
 - The re-run: the same method, path and body, in process, through the app `EdgeForward` wraps (the core's own
   replica path), its scope flagged `quota.SPOT_CHECK` and run with `quota.spot_checking` set, the client
   already known (the key check's result is reused): never counted against the client's quota or usage.
@@ -280,6 +282,8 @@ def completion_text(answer: Any, *, chat: bool) -> str:
 # an edge padding with empty chunks (to make the stream cost more than its answer) goes past it at once.
 EMPTY_CHUNKS = 16
 EMPTY_PER_CHUNK = 4
+# data lines an honest stream may have beyond one per byte of its answer cap (role, finish, usage chunks)
+EVENTS_SLACK = 1024
 _DATA_LINE = re.compile(rb"(?<![^\r\n])data:([^\r\n]*)[\r\n]")  # a whole data line at a line's start
 _EOL = re.compile(rb"[\r\n]")
 
@@ -303,9 +307,17 @@ class StreamAssembler:
     the edge's API could not have sent is kept as `failure` (`answer` raises it) and ends the reading."""
 
     def __init__(
-        self, *, chat: bool, max_answer_bytes: int | None = None, max_line_bytes: int | None = None
+        self,
+        *,
+        chat: bool,
+        max_answer_bytes: int | None = None,
+        max_line_bytes: int | None = None,
+        held_back: int = 0,
     ) -> None:
         self.chat = chat
+        # empty chunks an honest stream may start with: vLLM holds back text that may begin a stop string
+        # (up to the longest one's length in characters, each token at least one)
+        self.held_back = held_back
         self.max_answer_bytes = math.inf if max_answer_bytes is None else max_answer_bytes
         self.max_line_bytes = math.inf if max_line_bytes is None else max_line_bytes
         self.text: list[str] = []
@@ -313,6 +325,7 @@ class StreamAssembler:
         self.finish_reason: Any = None
         self.size = 0  # the answer's bytes: text, tool-call arguments, ids and names
         self.carrying = self.empty = 0  # chunks that carry something, and those that carry nothing
+        self.events = 0  # data lines read: past max_answer_bytes + EVENTS_SLACK (+ held_back) it is oversize
         self.seen = False  # a choice 0 in some chunk
         self.errored = False  # an error event ended the stream
         self.ended = False  # [DONE] or an error event: nothing more is read
@@ -326,7 +339,14 @@ class StreamAssembler:
         return not (self.ended or self.oversize or self.failure)
 
     def feed(self, data: bytes) -> None:
-        """Read one body message of the stream (never raises: the client's relay calls it)."""
+        """Read one body message of the stream. Never raises (the client's relay calls it): whatever goes
+        wrong while reading is the stream's failure."""
+        try:
+            self._feed(data)
+        except Exception as exc:
+            self.failure = Malformed(f"the stream cannot be read: {type(exc).__name__}")
+
+    def _feed(self, data: bytes) -> None:
         if not self.reading or not data:
             return
         start = 0
@@ -363,21 +383,28 @@ class StreamAssembler:
 
     def close(self) -> bool:
         """Read the line cut by the end of the last message (a stream's last line may have no line end);
-        whether to read on."""
+        whether to read on. Never raises, as `feed`."""
         line = bytes(self._line)
         self._line.clear()
-        return self._read(line[5:]) if line.startswith(b"data:") else self.reading
+        try:
+            return self._read(line[5:]) if line.startswith(b"data:") else self.reading
+        except Exception as exc:
+            self.failure = Malformed(f"the stream cannot be read: {type(exc).__name__}")
+            return False
 
     def _read(self, data: bytes) -> bool:
         """Read one data line's value; whether to read on."""
-        if len(data) + 5 > self.max_line_bytes:
+        self.events += 1
+        if len(data) + 5 > self.max_line_bytes or self.events > (
+            self.max_answer_bytes + EVENTS_SLACK + self.held_back
+        ):  # each chunk of an honest answer carries at least a byte of it: the rest is padding to parse
             self._drop()
             return False
         try:
             self._event(data.strip())
         except Malformed as exc:
             self.failure = exc
-        except (AttributeError, KeyError, TypeError) as exc:  # not the API's shape
+        except Exception as exc:  # not the API's shape (or text no encoder takes: a lone surrogate)
             self.failure = Malformed(f"the stream cannot be read: {type(exc).__name__}")
         if self.size > self.max_answer_bytes:
             self._drop()
@@ -430,7 +457,7 @@ class StreamAssembler:
             self.carrying += 1
             return
         self.empty += 1
-        if self.empty > EMPTY_CHUNKS + EMPTY_PER_CHUNK * self.carrying:
+        if self.empty > EMPTY_CHUNKS + EMPTY_PER_CHUNK * self.carrying + self.held_back:
             raise Malformed(f"{self.empty} chunks that carry nothing (padding)")
 
     def _merge_tool_call(self, part: Any) -> None:
@@ -913,10 +940,23 @@ def sampler(
             chat=is_chat(str(scope.get("path", ""))),
             max_answer_bytes=c.max_answer_bytes,
             max_line_bytes=c.max_line_bytes,
+            held_back=longest_stop(body),
         )
     return Tee(
         c, Sample(edge=edge, app=app_name, kind=kind, scope=scope, body=body, stream=stream, core=core), send
     )
+
+
+def longest_stop(body: bytes) -> int:
+    """The longest stop string the request's JSON body names, in characters (0 for none, or a body that is
+    not JSON: never an exception to the client)."""
+    try:
+        req = json.loads(body or b"{}")
+    except (ValueError, RecursionError):
+        return 0
+    stop = req.get("stop") if isinstance(req, dict) else None
+    stops = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []
+    return max((len(x) for x in stops if isinstance(x, str)), default=0)
 
 
 def streaming(body: bytes) -> bool:

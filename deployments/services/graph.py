@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import re
 import threading
 import uuid
@@ -33,6 +34,7 @@ from deployments.gateway.refusal import Refusal, unavailable
 from deployments.services.db import store_endpoint
 from deployments.services.recheck import Recheck, address
 
+log = logging.getLogger(__name__)
 MAX_CHARS = 100_000
 LABEL = re.compile(r"^[A-Z][A-Z_]{0,30}$")  # a node label is spliced into Cypher: only spaCy-style names pass
 MAX_PIECE_KEY = 200
@@ -105,8 +107,6 @@ class Graph:
                         f"bolt://{ep.host}:{ep.port}", auth=(ep.user, ep.password), connection_timeout=10
                     )
                     driver.verify_connectivity()
-                    with driver.session(database=ep.database) as s:  # a schema command: its own transaction
-                        s.run(PIECE_CONSTRAINT).consume()
                 except Exception as exc:
                     if driver is not None:  # its pool closed: a store away for long is asked on every call
                         with contextlib.suppress(Exception):
@@ -116,7 +116,21 @@ class Graph:
                     ) from None
                 self._driver, self._database, self._address = driver, ep.database, address(ep)
                 self._recheck.asked()
+                self._guard_pieces(driver, ep.database)
             return self._driver, self._database
+
+    @staticmethod
+    def _guard_pieces(driver: Any, database: str | None) -> None:
+        """The pieces' uniqueness constraint (a schema command: its own transaction), on every connect (it
+        exists already: a no-op). A store that refuses it (an old Neo4j, a user without the privilege, a
+        replica that lost the race to create it) still serves every call: one log line, and keyed writes
+        keep their MERGE marker, which counts a piece written again once; only two writers of the same piece
+        at the very same moment could then both count it."""
+        try:
+            with driver.session(database=database) as s:
+                s.run(PIECE_CONSTRAINT).consume()
+        except Exception as exc:
+            log.warning("the graph store refused the pieces' constraint (%s): %s", type(exc).__name__, exc)
 
     @contextlib.contextmanager
     def _session(self) -> Iterator[Any]:

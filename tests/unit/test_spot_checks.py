@@ -955,3 +955,41 @@ def test_a_deeply_nested_body_gets_an_answer_not_a_500(fresh: Bed) -> None:
     r = post(fresh, "/v1/chat/completions", status=400, content=b"[" * 100_000)  # the edge's own refusal
     assert "not JSON" in r.text
     assert spotcheck.checker().counts.total() == 0
+
+
+def test_text_no_encoder_takes_fails_the_check_and_never_reaches_the_relay() -> None:
+    """A lone surrogate (`\\ud800`: JSON allows it, UTF-8 does not; vLLM never sends one) in the text or a tool
+    call's id: the stream is malformed; feeding it raises nothing (the client's relay calls feed)."""
+    for chunk in (delta("\ud800"), delta(tool_calls=[{"index": 0, "id": "\ud800", "function": {}}])):
+        assembler = spotcheck.StreamAssembler(chat=True, max_answer_bytes=1000)
+        assembler.feed(sse(delta("Paris"), chunk))
+        assembler.close()
+        with pytest.raises(spotcheck.Malformed, match="UnicodeEncodeError"):
+            assembler.answer(CHAT)
+
+
+def test_a_long_stop_string_allows_as_many_empty_chunks_first() -> None:
+    """vLLM holds back text that may begin a stop string: an honest stream asked to stop at a 70-character
+    string may open with that many empty chunks. Without the allowance they would read as padding."""
+    stop = "x" * 70
+    stream = sse(*[delta("") for _ in range(60)], delta("Paris is the capital."), done=b"data: [DONE]\n\n")
+    body = json.dumps({**CHAT, "stop": ["end", stop]}).encode()
+    assert spotcheck.longest_stop(body) == 70
+    assert spotcheck.longest_stop(b"not json") == 0 and spotcheck.longest_stop(b'{"stop": "ab"}') == 2
+    honest = spotcheck.StreamAssembler(chat=True, held_back=spotcheck.longest_stop(body))
+    honest.feed(stream)
+    assert honest.answer(CHAT)["choices"][0]["message"]["content"] == "Paris is the capital."
+    padded = spotcheck.StreamAssembler(chat=True)
+    padded.feed(stream)
+    with pytest.raises(spotcheck.Malformed, match="carry nothing"):
+        padded.answer(CHAT)
+
+
+def test_chunks_that_carry_only_other_fields_end_the_reading_as_oversize() -> None:
+    """Chunks with a field that is not empty but no answer (`{"x": 1}`) are not padding the empty-chunk bound
+    sees, yet each costs a json.loads on the relay: past one per byte of the answer cap (+ slack), the stream
+    is oversize and read no further."""
+    junk = {"choices": [{"index": 0, "delta": {"x": 1}}]}
+    assembler = spotcheck.StreamAssembler(chat=True, max_answer_bytes=100)
+    assembler.feed(sse(delta("Paris"), *[junk] * (100 + spotcheck.EVENTS_SLACK)))
+    assert assembler.oversize and not assembler.reading
