@@ -794,12 +794,7 @@ class Batches(IngestJobs):
         `starts`: compare and set). Counts the attempt and touches the item (claim's Busy check holds for
         another `batch_stalled_s`). An item whose batch no longer runs items is skipped, as `claim` would have
         done: a cancel stops every item whose model call had not started."""
-        item = update(BatchItem).where(
-            BatchItem.batch_id == batch_id,
-            BatchItem.custom_id == custom_id,
-            BatchItem.status == bf.RUNNING,
-            BatchItem.attempts == starts,
-        )
+        item = _running(batch_id, custom_id).where(BatchItem.attempts == starts)
         with self.db.sessions().begin() as db:
             batch = db.get(Batch, batch_id)
             if batch is None or batch.status not in (bf.VALIDATING, bf.IN_PROGRESS):
@@ -811,27 +806,12 @@ class Batches(IngestJobs):
         """The item is still being answered by this job (its model call is long): claim's Busy check holds."""
         with self.db.sessions().begin() as db:
             db.execute(
-                update(BatchItem)
-                .where(
-                    BatchItem.batch_id == batch_id,
-                    BatchItem.custom_id == custom_id,
-                    BatchItem.status == bf.RUNNING,
-                    BatchItem.attempts == attempt,
-                )
-                .values(updated_at=_now())
+                _running(batch_id, custom_id).where(BatchItem.attempts == attempt).values(updated_at=_now())
             )
 
     def release(self, batch_id: str, custom_id: str) -> None:
         with self.db.sessions().begin() as db:
-            db.execute(
-                update(BatchItem)
-                .where(
-                    BatchItem.batch_id == batch_id,
-                    BatchItem.custom_id == custom_id,
-                    BatchItem.status == bf.RUNNING,
-                )
-                .values(status=bf.PENDING)
-            )
+            db.execute(_running(batch_id, custom_id).values(status=bf.PENDING))
 
     async def run_item(self, batch_id: str, custom_id: str) -> None:
         """procrastinate's task: one item, its output line written once, then the batch finalized if it was
@@ -972,6 +952,13 @@ class Batches(IngestJobs):
             else:
                 row.status, row.completed_at = bf.COMPLETED, now
             log.info("batch %s %s: %d answered, %d failed", batch_id, row.status, len(done), len(failed))
+
+
+def _running(batch_id: str, custom_id: str) -> Any:
+    """An UPDATE of the item, if it is still running (claimed, not yet answered)."""
+    return update(BatchItem).where(
+        BatchItem.batch_id == batch_id, BatchItem.custom_id == custom_id, BatchItem.status == bf.RUNNING
+    )
 
 
 def _item_id(batch_id: str, custom_id: str) -> str:

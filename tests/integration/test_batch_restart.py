@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 import pytest
 
 from rma_ray.net import local_ip_towards
-from tests.support import GiveUp, free_port, wait_for
+from tests.support import GiveUp, free_port, kill_left_stores, pool_ports, wait_for
 
 pytestmark = [
     pytest.mark.ray,
@@ -107,14 +106,7 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
     args = [
         "--node-ip-address",
         ip,
-        "--gcs-port",
-        str(free_port(ip)),
-        "--dashboard-port",
-        str(free_port(ip)),
-        "--coordinator-port",
-        str(free_port(ip)),
-        "--serve-port",
-        str(free_port(ip)),
+        *pool_ports(ip),
         "--apps",
         "services,embeddings",
         "--stores",
@@ -128,11 +120,7 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
         yield p
     finally:
         p.stop()
-        for pidfile in stores.glob("*/.rma-pid.json"):  # anything `rma down` failed to stop (the test fails)
-            try:
-                psutil.Process(json.loads(pidfile.read_text())["pid"]).kill()
-            except (psutil.Error, OSError, ValueError):
-                pass
+        kill_left_stores(stores)  # anything `rma down` failed to stop (the test fails)
         shutil.rmtree(stores, ignore_errors=True)
 
 

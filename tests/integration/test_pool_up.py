@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from rma_ray.net import local_ip_towards
-from tests.support import GiveUp, free_port, wait_for
+from tests.support import GiveUp, free_port, kill_left_stores, pool_ports, wait_for
 
 pytestmark = [
     pytest.mark.ray,
@@ -45,14 +45,7 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     args = [
         "--node-ip-address",
         ip,
-        "--gcs-port",
-        str(free_port(ip)),
-        "--dashboard-port",
-        str(free_port(ip)),
-        "--coordinator-port",
-        str(free_port(ip)),
-        "--serve-port",
-        str(free_port(ip)),
+        *pool_ports(ip),
         "--apps",
         "none",
         "--no-edge",  # the single-cluster pool; the edge beside it: tests/integration/test_edge_head.py
@@ -91,11 +84,7 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             proc.wait(120)
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
-        for pidfile in stores.glob("*/.rma-pid.json"):  # anything `rma down` failed to stop (the test fails)
-            try:
-                psutil.Process(json.loads(pidfile.read_text())["pid"]).kill()
-            except (psutil.Error, OSError, ValueError):
-                pass
+        kill_left_stores(stores)  # anything `rma down` failed to stop (the test fails)
         shutil.rmtree(stores, ignore_errors=True)
 
 

@@ -55,6 +55,30 @@ def free_port(host: str = "127.0.0.1", span: int = 1) -> int:
     return pick(host, span)
 
 
+def pool_ports(ip: str) -> list[str]:
+    """`rma up`'s port options (GCS, dashboard, coordinator, Serve), each a free port of `ip`: a test's own
+    pool beside anything else on the box."""
+    return [
+        a
+        for opt in ("--gcs-port", "--dashboard-port", "--coordinator-port", "--serve-port")
+        for a in (opt, str(free_port(ip)))
+    ]
+
+
+def kill_left_stores(stores: Path) -> None:
+    """Kill any store process under `stores` that `rma down` failed to stop (by the PID file each store keeps),
+    so one failed test leaves nothing running."""
+    import json
+
+    import psutil
+
+    for pidfile in stores.glob("*/.rma-pid.json"):
+        try:
+            psutil.Process(json.loads(pidfile.read_text())["pid"]).kill()
+        except (psutil.Error, OSError, ValueError):
+            pass
+
+
 def pg_bindir() -> Path | None:
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
     return Path(found[-1]).parent if found else None
