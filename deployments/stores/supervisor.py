@@ -40,7 +40,10 @@ never takes the marker off a GCS pin for this donor.
 The GCS starts again empty after `rma down`/`rma up` or a core token rotation, so the operator's machine keeps
 the pins too (`<data_dir>/store-pins.json`, rma_ray/storepins.py): `python -m deployments up|down` on the head
 copies them from the GCS, and `up` puts them back before `ensure()`, which creates a store pinned on a
-labelled donor there whatever the default placement (the head, before a data donor rejoined) says.
+labelled donor there whatever the default placement (the head, before a data donor rejoined) says. A move's
+marker is kept there too (`rma stores move` writes it, the commands that end the wait take it off): a GCS that
+starts again empty after the switch but before the new supervisor's first start (no pin in its volume yet) is
+seeded with it, so the store still waits rather than serving empty.
 
 Backups (`backup_begin`, `read_chunk`, `restore_begin`, `write_chunk`, `restore_apply`): the store's own tools,
 run here on its node (backup.py), the bytes handed to the caller in chunks (never the whole file in one

@@ -280,6 +280,8 @@ def stores_restore(
     manifest, data = read_manifest(src, store)
     with pool_ray(data_dir, address) as ray:
         st = _upload(ray, _supervisor(ray, store), store, manifest, data, str(src))
+    if not st.get("awaiting_restore"):
+        keep_served(data_dir_of(data_dir), store)
     out.print(
         f"{store} restored from {src} (backup of {manifest.get('created_at')}); status: {st['status']}",
         highlight=False,
@@ -317,6 +319,22 @@ def keep_moved_pin(ddir: Path, store: str, to: str, strict: bool = False) -> Non
         if strict:
             fail(f"{why}; fix that file's directory and run the move again (the store is pinned on {to})")
         err.print(f"warning: {why}", highlight=False)
+
+
+def keep_served(ddir: Path, store: str) -> None:
+    """The store serves its data now: the copy of its pin on this machine loses the move's marker (else a GCS
+    that starts again empty would hold it back until `rma stores serve`). A failure is a warning: the store
+    serves; the line says what a later fresh GCS would do."""
+    from rma_ray.storepins import PINS_FILE, served
+
+    try:
+        served(ddir / PINS_FILE, store)
+    except OSError as exc:
+        err.print(
+            f"warning: {ddir / PINS_FILE} still marks {store} as awaiting its restore ({exc}): after the pool's "
+            f"next fresh start it waits until `rma stores serve {store}`",
+            highlight=False,
+        )
 
 
 def _pins_writable(ddir: Path) -> None:
@@ -496,6 +514,7 @@ def _move_from_backup(
                 f"{ways_out(store, src)}"
             )
         st = _serve_moved(ray, new, store, to, src)
+        keep_served(ddir, store)
     out.print(
         f"{store} moved to {to} from the backup {src} ({st['status']}; counts match the backup's: {after})",
         highlight=False,
@@ -580,6 +599,7 @@ def stores_move(
                     f"the old volume stays on {was['donor']}"
                 )
         st = _serve_moved(ray, new, store, to, dest)
+        keep_served(ddir, store)
     out.print(
         f"{store} moved from {was['donor']} to {to} ({st['status']}; {verdict}); backup kept in {dest}",
         highlight=False,
@@ -608,6 +628,7 @@ def stores_serve(
             fail(f"{store} on {st['donor']} still awaits its restore: nothing changed")
         donor = st["donor"]
         st = _call(ray, sup.serve.remote(_here(ray)), timeout=60)
+    keep_served(data_dir_of(data_dir), store)
     out.print(f"{store} on {donor} serves its data as it is ({st['status']})", highlight=False)
 
 

@@ -32,7 +32,7 @@ from deployments.stores.supervisor import (
 )
 from rma_ray.cli import app
 from rma_ray.cli.common import CliError
-from rma_ray.storepins import PINS_FILE, load_pins, moved_pin, save_pins
+from rma_ray.storepins import PINS_FILE, load_pins, moved_pin, save_pins, served
 
 ON_HEAD = {"rma.io/tier": "head"}
 pin_key_redis = supervisor.pin_key("redis")
@@ -352,12 +352,24 @@ def test_only_a_store_a_move_pinned_here_awaits_its_restore() -> None:
         assert awaits_restore(pin, volume_pin, donor) is awaits, (pin, volume_pin, donor)
 
 
-def test_the_operators_copy_of_a_pin_never_holds_a_store_back(tmp_path: Path) -> None:
-    """A copy taken mid-move (`up`/`down` copy the GCS's pins) would otherwise keep a restored store from
-    serving after the GCS started again empty."""
-    save_pins(tmp_path / PINS_FILE, {"redis": moved_pin("redis", "w-b")})
-    kept = load_pins(tmp_path / PINS_FILE)["redis"]
-    assert kept["donor"] == "w-b" and "awaiting_restore" not in kept
+def test_a_fresh_gcs_seeded_mid_move_still_holds_the_moved_store_back(tmp_path: Path) -> None:
+    """The GCS starts again empty after the move's switch but before the new supervisor first ran (its volume
+    has no pin yet): the operator's copy keeps the marker, so the seeded pin holds the store back; once the
+    store serves (`served`, called by `rma stores move|serve|restore`), a fresh GCS seeded again lets it serve."""
+    path = tmp_path / PINS_FILE
+    save_pins(path, {"redis": moved_pin("redis", "w-b"), "postgres": {"store": "postgres", "donor": "head"}})
+    seeded = seed_pin(None, load_pins(path)["redis"])
+    assert seeded is not None and seeded["donor"] == "w-b"
+    assert awaits_restore(seeded, None, "w-b")  # no volume pin on w-b yet: the marker comes from the file
+    served(path, "redis")
+    kept = load_pins(path)
+    assert kept["redis"]["donor"] == "w-b" and "awaiting_restore" not in kept["redis"]
+    assert not awaits_restore(seed_pin(None, kept["redis"]), None, "w-b")
+    assert kept["postgres"] == {"store": "postgres", "donor": "head"}  # the others untouched
+    before = path.read_bytes()
+    served(path, "postgres")  # no marker: the file is not rewritten
+    served(path, "chroma")  # no pin at all
+    assert path.read_bytes() == before
 
 
 def moved_supervisor(
@@ -462,8 +474,13 @@ def test_a_moved_store_serves_once_its_counts_are_checked(
     if counts == {"keys": 3}:
         assert r.exit_code == 0 and "redis moved from w-a to w-b (ready; counts match" in r.output, r.output
         assert sup.calls == [("apply", True), "serve"]
+        # the operator's copy of the pin: on w-b, no longer awaiting (a fresh GCS seeded from it serves)
+        assert load_pins(tmp_path / PINS_FILE)["redis"]["donor"] == "w-b"
+        assert "awaiting_restore" not in load_pins(tmp_path / PINS_FILE)["redis"]
     else:  # held: the operator checks it, and a plain restore of the backup lets it serve
         (dest,) = (tmp_path / "backups").iterdir()
+        # still awaiting in the operator's copy too: a fresh GCS seeded from it holds the store back
+        assert load_pins(tmp_path / PINS_FILE)["redis"]["awaiting_restore"] is True
         assert isinstance(r.exception, CliError), r.output
         assert f"it serves nobody until `rma stores restore redis {dest}`" in str(r.exception)
         assert "`rma stores serve redis`" in str(r.exception)
@@ -558,14 +575,16 @@ def test_stores_serve_serves_what_a_moved_store_holds_after_asking(
     sup = MovingSupervisor({"keys": 3})
     sup.donor = "w-b"
     monkeypatch.setitem(sys.modules, "ray", FakeRay(actor=sup))
+    save_pins(tmp_path / PINS_FILE, {"redis": moved_pin("redis", "w-b")})  # the move's copy, kept
     runner = CliRunner()
     r = runner.invoke(app, ["stores", "serve", "redis", "--data-dir", str(tmp_path)], input="n\n")
     assert isinstance(r.exception, CliError) and "still awaits its restore: nothing changed" in str(
         r.exception
     )
-    assert sup.calls == []
+    assert sup.calls == [] and load_pins(tmp_path / PINS_FILE)["redis"]["awaiting_restore"] is True
     r = runner.invoke(app, ["stores", "serve", "redis", "--data-dir", str(tmp_path)], input="y\n")
     assert r.exit_code == 0 and "redis on w-b serves its data as it is (ready)" in r.output, r.output
+    assert "awaiting_restore" not in load_pins(tmp_path / PINS_FILE)["redis"]
     r = runner.invoke(app, ["stores", "serve", "redis", "--yes", "--data-dir", str(tmp_path)])
     assert r.exit_code == 0 and sup.calls == ["serve", "serve"], r.output
     sup.donor = "w-a"  # not awaiting a restore: refused, nothing asked
