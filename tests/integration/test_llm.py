@@ -330,7 +330,7 @@ def test_the_llm_spot_check_tells_an_honest_completion_from_garbage(pool: Pool, 
     import asyncio
 
     from bench.spot_check import WORDS, chat, http_core, sample_of
-    from deployments.gateway.spotcheck import SpotChecker, Unjudgeable
+    from deployments.gateway.spotcheck import GREEDY_THRESHOLD, SpotChecker, Unjudgeable
 
     prompt = "Describe Paris in three sentences."
     req = {"model": MODEL, "messages": [{"role": "user", "content": prompt}], "max_tokens": 40}
@@ -342,6 +342,19 @@ def test_the_llm_spot_check_tells_an_honest_completion_from_garbage(pool: Pool, 
     assert good.passed and good.sample is None, (honest, good)
     assert not bad.passed and bad.score < good.score, bad
     assert bad.sample and garbage in bad.sample["edge_answer"]
+    # asked greedy (temperature 0): judged by the share of the model's own top tokens. A fluent answer to
+    # another prompt passes the mean logprob (a sampled request) but is not what the model says first here
+    other = chat(pool.serve_url, key, MODEL, "Name three colours.", 40, 0.0)
+    greedy_req = {**req, "temperature": 0.0}
+    sampled = asyncio.run(checker.check(sample_of(core, key, req, other)))
+    g_good = asyncio.run(checker.check(sample_of(core, key, greedy_req, honest)))
+    g_bad = asyncio.run(checker.check(sample_of(core, key, greedy_req, other)))
+    assert sampled.passed, (other, sampled)
+    assert g_good.passed and g_good.threshold == GREEDY_THRESHOLD, (honest, g_good)
+    assert not g_bad.passed and g_bad.score < g_good.score and g_bad.sample, (other, g_bad)
+    assert json.loads(g_bad.sample["core_answer"])[
+        "not_top"
+    ]  # which tokens were not the model's first choice
     # a mean over a few tokens is noise; a client asking temperature 2 gets such text from an honest edge
     with pytest.raises(Unjudgeable):
         asyncio.run(checker.check(sample_of(core, key, req, "Paris.")))

@@ -366,7 +366,7 @@ def test_text_score_and_llm_parts() -> None:
     req = spotcheck.scoring_request(chat, "Paris.", chat=True)
     assert req["messages"][-1] == {"role": "assistant", "content": "Paris."}
     assert req["continue_final_message"] and not req["add_generation_prompt"]
-    assert (req["max_tokens"], req["prompt_logprobs"], req["model"]) == (1, 0, "m")
+    assert (req["max_tokens"], req["prompt_logprobs"], req["model"]) == (1, 1, "m")
     assert spotcheck.scoring_request({"model": "m", "prompt": "Q: "}, "A", chat=False)["prompt"] == "Q: A"
     with pytest.raises(spotcheck.Unjudgeable):
         spotcheck.scoring_request({"model": "m", "prompt": [1, 2, 3]}, "A", chat=False)
@@ -419,6 +419,71 @@ def test_text_score_and_llm_parts() -> None:
     assert spotcheck.llm_score(answer, " Paris.") == pytest.approx(-2.0)
     with pytest.raises(spotcheck.CoreFailed):
         spotcheck.completion_logprobs({"choices": [{}]}, "x")
+
+
+def test_a_greedy_answer_is_judged_by_its_share_of_the_models_top_tokens() -> None:
+    """temperature 0: an honest edge's text is the core model's most likely token at every step (a near-tie
+    within GREEDY_TIE_NATS counts as the top); another model's fluent text, whose mean logprob passes the
+    sampled requests' threshold, is not, and fails. The core here answers the scoring request with
+    vLLM's prompt_logprobs at k = 1: the prompt's own token first, the top one beside it when it differs."""
+    words = HONEST_REPLY.split(" ")
+    completion = " ".join(words)
+
+    def entries(top: list[bool], gap: float = 1.5) -> list[Any]:
+        out: list[Any] = [None, {"1": {"logprob": -7.0, "rank": 3, "decoded_token": "Capital?"}}]
+        for i, (w, is_top) in enumerate(zip(words, top, strict=True)):
+            tok = w if i == 0 else " " + w
+            own = {"logprob": -1.0, "rank": 1 if is_top else 2, "decoded_token": tok}
+            out.append({str(10 + i): own} if is_top else {str(10 + i): own, "9": {"logprob": -1.0 + gap}})
+        return out
+
+    def core_app(prompt_logprobs: list[Any]) -> Any:
+        async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            body = json.loads((await receive())["body"])
+            assert body["prompt_logprobs"] == 1 and body["messages"][-1]["content"] == completion
+            answer = {**chat_answer("x"), "prompt_logprobs": prompt_logprobs}
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": json.dumps(answer).encode()})
+
+        return app
+
+    def check(request: dict[str, Any], prompt_logprobs: list[Any]) -> SpotCheckReport:
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": "/v1/chat/completions",
+            "headers": [],
+            "query_string": b"",
+        }
+        sample = spotcheck.Sample(
+            EDGE,
+            APP,
+            "llm",
+            scope,
+            json.dumps(request).encode(),
+            json.dumps(chat_answer(completion)).encode(),
+            core=core_app(prompt_logprobs),
+        )
+        return asyncio.run(SpotChecker(None).check(sample))
+
+    chat = {"model": "m", "messages": [{"role": "user", "content": "Capital?"}], "temperature": 0}
+    n = len(words)
+    honest = check(chat, entries([True] * n))
+    assert honest.passed and honest.score == 1.0 and honest.threshold == spotcheck.GREEDY_THRESHOLD
+    flips = [i % 4 != 1 for i in range(n)]  # one token in four another than the top, each by 1.5 nats
+    other = check(chat, entries(flips))
+    assert not other.passed and other.score == pytest.approx(sum(flips) / n)
+    assert other.sample and json.loads(other.sample["core_answer"])["not_top"] == [
+        i for i, top in enumerate(flips) if not top
+    ]
+    # the same text, sampled (temperature absent or 0.7): its mean logprob (-1.0) passes
+    for sampled in ({k: v for k, v in chat.items() if k != "temperature"}, {**chat, "temperature": 0.7}):
+        report = check(sampled, entries(flips))
+        assert report.passed and report.score == -1.0 and report.threshold == spotcheck.LLM_THRESHOLD
+    # a near-tie broken the other way (float noise between builds) counts as the top token
+    assert check(chat, entries(flips, gap=spotcheck.GREEDY_TIE_NATS / 2)).score == 1.0
+    assert spotcheck.greedy({"temperature": 0.0}) and spotcheck.greedy({"temperature": 0})
+    assert not any(spotcheck.greedy({"temperature": t}) for t in (None, False, 0.2, "0"))
 
 
 def test_kinds_by_path() -> None:
