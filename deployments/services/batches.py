@@ -16,8 +16,9 @@ the job, is the truth:
   whose runner died after the model answered, and was run again, is still in the output once;
 - a periodic sweep (every 10 s) puts the jobs of dead runners back (stalled: no heartbeat for
   `batch_stalled_s`), expires batches past their window, and finalizes a batch whose items are all finished
-  (the output and error files in OpenAI's line format), so a restart of the runner, or of the whole pool
-  (`rma down`, `rma up`: tests/integration/test_batch_restart.py), resumes where it was.
+  (the output and error files in OpenAI's line format), so a restart of the runner, a power cut of its donor
+  (Serve starts it on another: tests/e2e/test_batch_e2e.py) or a restart of the whole pool (`rma down`, `rma
+  up`: tests/integration/test_batch_restart.py) resumes where it was.
 
 Items go to the same Serve handles the online routes use (`LLMGateway.openai` of the rma-inference app,
 `EmbeddingsIngress.openai` of rma-embeddings), at most `batch_concurrency` model calls at a time per runner: a
