@@ -87,14 +87,18 @@ class EdgePool(PoolUnderTest):
 
 
 @contextlib.contextmanager
-def start_edge_pool(root: Path, n_hosts: int = 2, apps: str = "llm") -> Iterator[EdgePool]:
-    """A bed of `n_hosts` donor hosts and `rma up` (edge on) on its root side; torn down by PID."""
+def start_edge_pool(
+    root: Path, n_hosts: int = 2, apps: str = "llm", settings: dict[str, str] | None = None
+) -> Iterator[EdgePool]:
+    """A bed of `n_hosts` donor hosts and `rma up` (edge on) on its root side; torn down by PID. `settings`:
+    `RMA_*` variables for `rma up` (its coordinator reads them)."""
     with TestBed(n_hosts, prefix="rma-edge") as bed:
         env = {
             **os.environ,
             "HOME": str(root / "hhome"),
             "RMA_DATA_DIR": str(root / "head"),
             "COLUMNS": "200",
+            **(settings or {}),
         }
         log = root / "up.log"
         proc = subprocess.Popen(

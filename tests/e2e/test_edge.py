@@ -1,18 +1,20 @@
 """Strangers can donate (issue 17): an untrusted donor joins the edge cluster, never the core; what it can run
 reaches nothing of the core; clients' requests are served by its replicas through the core's gateway with the
 edge credential (never the client key); sensitive clients never leave the core; losing, revoking or rotating
-the edge leaves the core serving, with its Serve apps untouched.
+the edge leaves the core serving, with its Serve apps untouched; an edge donor that tampers with its sampler is
+caught by the core's spot-checks and its edge quarantined (issue 20).
 
 One pool for the module (tests/e2e/edge_bed.py): `rma up` with its edge on a bed of its own, the LLM app on both
-clusters, one untrusted donor (edge). Embeddings forwarded to an edge: tests/integration/test_edge_serve.py; the
-edge head's own restart after a SIGKILL and rotation without Serve traffic: tests/integration/test_edge_head.py.
-What reaches the edge replica is the edge credential and no client header: asserted from inside an edge app in
-tests/unit/test_edge_router.py; here, the edge refuses the client's key outright (so what it accepted was not
-the key)."""
+clusters, one untrusted donor (edge), then (last) a tampered one on the bed's other host. Embeddings forwarded
+to an edge: tests/integration/test_edge_serve.py; the edge head's own restart after a SIGKILL and rotation
+without Serve traffic: tests/integration/test_edge_head.py. What reaches the edge replica is the edge credential
+and no client header: asserted from inside an edge app in tests/unit/test_edge_router.py; here, the edge refuses
+the client's key outright (so what it accepted was not the key)."""
 
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import json
 import os
 import signal
@@ -36,6 +38,10 @@ from tests.support import wait_for
 pytestmark = [pytest.mark.e2e, pytest.mark.ray, pytest.mark.llm]
 
 EDGE = "edge:edge"
+# The core re-checks every edge answer (`spot_check_rate` 1, not 2%): the tampered donor's test then has a bound
+# that does not depend on chance. Only LLM answers of 16 tokens or more get a verdict and the tests before it
+# ask for 12 at most, so the edge has no verdict before that test (each check still costs the core a prefill).
+SETTINGS = {"RMA_SPOT_CHECK_RATE": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +52,7 @@ def edge_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EdgePool]:
     if reason:
         pytest.skip(f"network namespaces unavailable: {reason}")
     root = tmp_path_factory.mktemp("edgepool")
-    with start_edge_pool(root) as pool:
+    with start_edge_pool(root, settings=SETTINGS) as pool:
         yield pool
 
 
@@ -489,3 +495,185 @@ def test_revoke_and_rotate_the_edge_under_load(edge_pool: EdgePool, edge_donor: 
     assert edge_pool.replica_ids("core") == core_before
     assert edge_pool.refresh_info()["head_pid"] == head_pid
     assert edge_pool.worker(edge_donor.worker_id)["status"] == "revoked"
+
+
+# A dishonest donor's tamper, all of it on its own host: a directory on the PYTHONPATH it starts `rma join` with.
+# Every Python process of the node inherits it (its raylet, Ray's workers, the Serve replica, vLLM's engine
+# process) and runs sitecustomize.py at start; once one of them imports vLLM's sampling parameters, every request
+# is sampled at temperature 2 whatever the client asked (greedy included). A marker per process it tampered in.
+TAMPER = """
+import importlib.abc, importlib.util, os, sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def tamper(module):
+    honest = module.SamplingParams.from_optional
+
+    def from_optional(*args, **kwargs):
+        kwargs.update(temperature=2.0, top_p=1.0, top_k=0, min_p=0.0)
+        return honest(*args, **kwargs)
+
+    module.SamplingParams.from_optional = staticmethod(from_optional)
+    open(os.path.join(HERE, f"tampered-{os.getpid()}"), "w").close()
+
+
+class Hook(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "vllm.sampling_params":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            tamper(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+sys.meta_path.insert(0, Hook())
+"""
+REFRESH_S = 10.0  # the core's gateways fetch the edge routes this often (deployments/gateway/edge.py)
+QUEUE = (
+    8  # samples a gateway's event loop holds for checking (SpotChecker.queue_size): verdicts behind answers
+)
+
+
+def _ask(pool: EdgePool, key: str, prompt: str) -> dict[str, Any]:
+    """One greedy chat request long enough to be judged (32 tokens; a verdict needs 16), its body as sent
+    (the spot-check keeps its hash) and what the client got."""
+    body = json.dumps(
+        {
+            "model": _model(pool, key),
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": 32,
+            "temperature": 0,
+        }
+    ).encode()
+    t0 = time.monotonic()
+    r = httpx.post(
+        pool.info["serve_url"] + "/v1/chat/completions",
+        content=body,
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+        timeout=120,
+    )
+    assert r.status_code == 200, r.text
+    return {
+        "t": t0,
+        "by": r.headers.get(SERVED_BY_HEADER),
+        "sha256": hashlib.sha256(body).hexdigest(),
+        "content": r.content,
+        "text": r.json()["choices"][0]["message"]["content"],
+    }
+
+
+def _spot_checks(pool: EdgePool) -> dict[str, Any]:
+    r = pool.admin("GET", "/api/admin/spot-checks", params={"failures": 100})
+    assert r.status_code == 200, r.text
+    return r.json()  # type: ignore[no-any-return]
+
+
+def test_a_tampered_edge_donor_is_quarantined(edge_pool: EdgePool) -> None:
+    """A donor that joins the edge with a tampered sampler (TAMPER: its own environment, no hook of the
+    product) answers from the same model but not as the model would: the core's gateways check every edge
+    answer (SETTINGS), each check fails, and at the pool's `spot_check_min_checks` checks the coordinator
+    quarantines the edge. The bound: the edge answers at most min_checks judged requests plus those whose
+    checks were still queued when the verdict came (QUEUE), and no request sent more than one routes refresh
+    (REFRESH_S) after the quarantine was seen. The admin sees the reason and the failing samples; each sample
+    is byte for byte the answer its client got (the check read a copy and changed nothing); then the core serves
+    every request. Last in the module: the edge stays quarantined."""
+    # the edge's other donors leave (the tampered one must be the edge's only replica host)
+    left = [d for d in edge_pool.donors if d.proc.poll() is None]
+    for d in left:
+        d.proc.send_signal(signal.SIGINT)
+        d.proc.wait(60)
+    if left:
+        wait_for(
+            lambda: edge_pool.running_replicas("rma-llm", "edge") == 0,
+            timeout=120,
+            interval=1,
+            what="the edge's LLM replica to go with its donors",
+        )
+    spot = _spot_checks(edge_pool)
+    assert spot["rate"] == 1.0
+    assert [(e["edge"], e["checks"], e["quarantined"]) for e in spot["edges"]] == [("edge", 0, False)]
+    min_checks = spot["min_checks"]
+
+    tamper = edge_pool.root / "tamper"
+    tamper.mkdir()
+    (tamper / "sitecustomize.py").write_text(TAMPER)
+    path = os.pathsep.join(p for p in (str(tamper), os.environ.get("PYTHONPATH", "")) if p)
+    donor = edge_pool.join(
+        edge_pool.invite(trusted=False, tier="service"),
+        "--cpus",
+        "3",
+        "--overcommit-cpus",
+        timeout=180,
+        env={"PYTHONPATH": path},
+    )
+    assert edge_pool.worker(donor.worker_id)["cluster"] == "edge"
+    wait_for(
+        lambda: edge_pool.running_replicas("rma-llm", "edge") > 0,
+        timeout=900,
+        interval=2,
+        what="the edge's LLM replica on the tampered donor",
+    )
+    plain, sensitive = (
+        edge_pool.client_key("tampered-plain"),
+        edge_pool.client_key("tampered-core", sensitive=True),
+    )
+    prompt = "List the days of the week."
+    core = _ask(edge_pool, sensitive, prompt)
+    assert core["by"] == "core"
+    answers: list[dict[str, Any]] = []
+
+    def by_edge() -> dict[str, Any] | None:
+        answers.append(_ask(edge_pool, plain, prompt))
+        return answers[-1] if answers[-1]["by"] == EDGE else None
+
+    first = wait_for(by_edge, timeout=120, interval=0.5, what="the core's gateway to forward to the edge")
+    # the tamper is active: greedy, the edge's answer is not the model's (the core's), and it ran on the donor
+    assert first["text"] != core["text"], (first["text"], core["text"])
+    assert list(tamper.glob("tampered-*"))
+
+    def quarantined() -> dict[str, Any] | None:
+        answers.append(_ask(edge_pool, plain, f"Write one sentence about the number {len(answers)}."))
+        edge = _spot_checks(edge_pool)["edges"][0]
+        return edge if edge["quarantined"] else None
+
+    edge = wait_for(quarantined, timeout=600, interval=0, what="the edge to be quarantined")
+    seen = time.monotonic()
+    before = sum(a["by"] == EDGE for a in answers)
+
+    def by_core() -> bool:
+        answers.append(_ask(edge_pool, plain, f"Write one sentence about the number {len(answers)}."))
+        return bool(answers[-1]["by"] == "core")
+
+    wait_for(by_core, timeout=REFRESH_S + 120, interval=0, what="the core to serve the edge's share")
+    for _ in range(5):
+        assert by_core(), "the quarantined edge served a request after the core had taken over"
+    edge_answers = [a for a in answers if a["by"] == EDGE]
+    late = [round(a["t"] - seen, 1) for a in edge_answers if a["t"] > seen + REFRESH_S + 5]
+    print(
+        f"\ntampered edge: quarantine seen after {before} of its answers ({min_checks} checks to a verdict), "
+        f"{len(edge_answers)} in all ({len(edge_answers) - before} more before the gateways' next routes fetch)"
+    )
+    assert not late, f"edge answers to requests sent this long (s) after the quarantine: {late}"
+    assert min_checks <= before <= min_checks + QUEUE, before
+
+    # what the admin sees: why, and the failing samples (each one a client's answer as that client got it)
+    assert edge["checks"] == edge["failures"] >= min_checks
+    assert edge["pass_rate"] == 0.0
+    assert f"{min_checks} of {min_checks} checks failed" in edge["reason"], edge["reason"]
+    assert edge["samples_kept"] == len(edge["recent_failures"]) >= min(min_checks, 20)
+    sent = {a["sha256"]: a["content"] for a in edge_answers}
+    for failure in edge["recent_failures"]:
+        assert (failure["kind"], failure["path"]) == ("llm", "/v1/chat/completions")
+        assert failure["score"] < failure["threshold"]
+        sample = failure["sample"]
+        got = sent[failure["request_sha256"]]
+        assert sample["edge_answer"] == got[:4096].decode("utf-8", errors="replace")
+        assert json.loads(sample["core_answer"])["tokens"] >= 16
