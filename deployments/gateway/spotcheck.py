@@ -53,8 +53,9 @@ each verdict goes to the coordinator, which keeps a pass rate per edge and quara
     is the share of the completion's tokens that are the core model's most likely next token (`greedy_share`;
     `prompt_logprobs` 1 gives the top one beside each), passing at `GREEDY_THRESHOLD`: an honest edge's greedy
     text is the model's argmax at every token, a fluent answer from another model, to another prompt or from
-    a tampered sampler is not. Only requests in the calibrated range are judged (`calibrated`: the
-    model's own distribution, near default sampling, free text) and only completions of at least
+    a tampered sampler is not (a phrase repeated over and over or an echo of the prompt may pass: once copying
+    has begun, copying on is the model's first choice). Only requests in the calibrated range are judged
+    (`calibrated`: the model's own distribution, near default sampling, free text) and only completions of at least
     `MIN_COMPLETION_TOKENS` tokens; the others are `skipped`.
   - A 2xx the edge's API could not have sent (not JSON, no choices, a choice of another shape, an empty
     completion without tool calls; no vectors; no text) fails its check: `score` is the kind's lowest
@@ -229,8 +230,13 @@ _DEFAULTS: dict[str, Any] = {
     "echo": False,
     "add_generation_prompt": True,
     "continue_final_message": False,
+    "use_beam_search": False,
 }
 _OUT_OF_RANGE = (
+    "truncate_prompt_tokens",  # the edge answered a shorter prompt than the one scored
+    "documents",
+    "vllm_xargs",
+    "reasoning_effort",
     "logit_bias",
     "tools",
     "tool_choice",
@@ -579,11 +585,30 @@ def one_prompt(request: dict[str, Any], *, chat: bool) -> list[Any] | str:
     return prompt
 
 
+def _own_and_top(entry: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(the prompt's own token, the model's top token there when it is another) of one `prompt_logprobs` entry
+    at k = 1, told apart by rank, never by position: one entry is the own token and the top one at once (rank
+    1); of two, the own token is the one not ranked 1. Anything else is CoreFailed (a core that ignored k, or an
+    answer reordered on its way: taking the top token for the edge's would pass every check)."""
+    values = list(entry.values()) if isinstance(entry, dict) else []
+    if values and all(isinstance(v, dict) for v in values):
+        ranked = [v for v in values if v.get("rank") == 1]
+        if len(values) == 1 and ranked:
+            return values[0], None
+        if len(values) == 2 and len(ranked) == 1:
+            own = next(v for v in values if v is not ranked[0])
+            if isinstance(own.get("rank"), int) and not isinstance(own.get("rank"), bool):
+                return own, ranked[0]
+    raise CoreFailed("the core's prompt_logprobs entry is not one ranked token, or it and the top one")
+
+
 def completion_tokens(answer: dict[str, Any], completion: str) -> list[tuple[float, bool]]:
     """Per token of the last prompt tokens that spell `completion`, last token first back: its log-probability
-    and whether it is the model's most likely token there (or within GREEDY_TIE_NATS of it). vLLM's
-    `prompt_logprobs` (k = 1): one entry per prompt token, the first null, {token id: {logprob, rank,
-    decoded_token}} with the prompt's own token first and the most likely one after it when that is another."""
+    and whether the model would have written the same text there first: the token is its most likely one (or
+    within GREEDY_TIE_NATS of it), or the most likely token spells the start of the same remaining text (the
+    completion tokenized again for the scoring may split a word other than the model did: the same text).
+    vLLM's `prompt_logprobs` at k = 1: one entry per prompt token (the first null), {token id: {logprob, rank,
+    decoded_token}}, the top token beside the prompt's own when it is another (`_own_and_top`)."""
     entries = answer.get("prompt_logprobs")
     if entries is None:  # completions: per choice
         entries = ((answer.get("choices") or [{}])[0]).get("prompt_logprobs")
@@ -594,11 +619,16 @@ def completion_tokens(answer: dict[str, Any], completion: str) -> list[tuple[flo
     for entry in reversed(entries):
         if covered >= len(completion) or not entry:
             break
-        own, *others = entry.values()  # the prompt's own token first
+        own, best = _own_and_top(entry)
+        text = str(own.get("decoded_token") or "")
         lp = max(float(own.get("logprob", -math.inf)), LOGPROB_FLOOR)
-        best = max((float(o.get("logprob", -math.inf)) for o in others), default=-math.inf)
-        out.append((lp, own.get("rank") == 1 or best - lp <= GREEDY_TIE_NATS))
-        covered += len(own.get("decoded_token") or "")
+        top = best is None or float(best.get("logprob", -math.inf)) - lp <= GREEDY_TIE_NATS
+        if not top and best is not None:
+            start = max(len(completion) - covered - len(text), 0)
+            first = str(best.get("decoded_token") or "")
+            top = bool(first) and completion.startswith(first, start)
+        out.append((lp, top))
+        covered += len(text)
     if not out:
         raise CoreFailed("no completion tokens in the core's answer")
     return out
@@ -610,14 +640,17 @@ def completion_logprobs(answer: dict[str, Any], completion: str) -> list[float]:
 
 
 def greedy(request: dict[str, Any]) -> bool:
-    """Whether the client asked for the model's most likely text (temperature 0): `greedy_share` judges it."""
-    t = request.get("temperature")
-    return isinstance(t, int | float) and not isinstance(t, bool) and t == 0
+    """Whether the client asked for the model's most likely text, as vLLM reads it (a temperature under its
+    1e-5, or top_k 1): `greedy_share` judges the answer."""
+    t, k = request.get("temperature"), request.get("top_k")
+    number = isinstance(t, int | float) and not isinstance(t, bool)
+    return (number and 0 <= t < 1e-5) or (isinstance(k, int) and not isinstance(k, bool) and k == 1)
 
 
 def greedy_share(tokens: list[tuple[float, bool]]) -> float:
-    """The share of the completion's tokens that are the model's most likely one (a greedy answer's score)."""
-    return sum(top for _, top in tokens) / len(tokens)
+    """The share of the completion's tokens that the model would have written first (a greedy answer's
+    score); 0 for none."""
+    return sum(top for _, top in tokens) / len(tokens) if tokens else 0.0
 
 
 def llm_score(core_answer: dict[str, Any], completion: str) -> float:
@@ -913,14 +946,16 @@ class SpotChecker:
                 raise Unjudgeable(f"{len(tokens)} completion tokens: too few to judge")
             lps = [lp for lp, _ in tokens[::-1]]
             mean, share = sum(lps) / len(lps), greedy_share(tokens)
+            # within a failed sample's 4 KiB (`PART_BYTES`): the figures first, the per-token lists bounded
             detail = json.dumps(
                 {
-                    "mean_logprob": mean,
-                    "greedy_share": share,
+                    "mean_logprob": round(mean, 4),
+                    "greedy_share": round(share, 4),
                     "tokens": len(lps),
-                    "logprobs": lps,
-                    "not_top": [i for i, (_, top) in enumerate(tokens[::-1]) if not top],
-                }
+                    "not_top": [i for i, (_, top) in enumerate(tokens[::-1]) if not top][:200],
+                    "logprobs": [round(x, 2) for x in lps[:200]],
+                },
+                separators=(",", ":"),
             )
             # a stream's events are many times its text: the sample shows the answer put back together
             shown = json.dumps(answer).encode() if sample.stream is not None else None

@@ -31,7 +31,6 @@ slot of the model's queue empty (measured: `bench.batch`, items 0.85x of online 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import os
@@ -811,14 +810,9 @@ class Batches(IngestJobs):
                 _running(batch_id, custom_id).where(BatchItem.attempts == attempt).values(updated_at=_now())
             )
 
-    def release(self, batch_id: str, custom_id: str, unstarted: int | None = None) -> None:
-        """The item runs again (its attempt failed, or this job stopped before its call). `unstarted`: only if
-        no job started it since this one claimed it (`attempts` still that): not one another job runs now."""
-        stmt = _running(batch_id, custom_id)
-        if unstarted is not None:
-            stmt = stmt.where(BatchItem.attempts == unstarted)
+    def release(self, batch_id: str, custom_id: str) -> None:
         with self.db.sessions().begin() as db:
-            db.execute(stmt.values(status=bf.PENDING))
+            db.execute(_running(batch_id, custom_id).values(status=bf.PENDING))
 
     async def run_item(self, batch_id: str, custom_id: str) -> None:
         """procrastinate's task: one item, its output line written once, then the batch finalized if it was
@@ -848,24 +842,13 @@ class Batches(IngestJobs):
                     bf.output_line(iid, custom_id, None, None, rid, err),
                 )
             else:
-                slots = self._slots()
-                try:
-                    await slots.acquire()
-                except asyncio.CancelledError:
-                    # the runner stopped (its store moved, its replica shut down) before this item's model call:
-                    # the item is free again at once, not held as running until `batch_stalled_s` has passed
-                    with contextlib.suppress(Exception):
-                        await asyncio.shield(asyncio.to_thread(self.release, batch_id, custom_id, starts))
-                    raise
-                try:
+                async with self._slots():
                     try:
                         go = await asyncio.to_thread(self.start, batch_id, custom_id, starts)
                     except SQLAlchemyError as exc:  # the store away for a moment: procrastinate tries again
                         raise Transient(f"the batch store did not answer: {exc}"[:300]) from None
                     if go:
                         await self._answer(batch_id, custom_id, endpoint, body, starts + 1, iid, rid)
-                finally:
-                    slots.release()
         await asyncio.to_thread(self.finalize, batch_id)
 
     async def _answer(

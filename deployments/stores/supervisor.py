@@ -140,8 +140,8 @@ def pin_decision(pin: dict[str, Any] | None, donor: str, has_data: bool) -> str 
 def awaits_restore(pin: dict[str, Any] | None, volume_pin: dict[str, Any] | None, donor: str) -> bool:
     """Whether a supervisor starting its store on `donor` holds its endpoint back for a move's restore: the
     store's pin (`pin`, the GCS's or else the volume's) names this donor, and it or the volume's own pin here
-    still carries the move's marker (the volume's outlives a GCS seeded from the operator's machine, whose
-    copy never carries it)."""
+    still carries the move's marker (the volume's outlives a GCS that started again empty; the operator's
+    copy, which seeds such a GCS, keeps the marker too until a command that ends the wait takes it off)."""
     if not pin or pin.get("donor") != donor:
         return False
     return bool(pin.get(AWAITING_RESTORE)) or bool(

@@ -621,6 +621,8 @@ def stores_serve(
         sup = _supervisor(ray, store)
         st = _call(ray, sup.status.remote(), timeout=30)
         if not st.get("awaiting_restore"):
+            # a serve that went through but answered late: this machine's copy of the pin may still be marked
+            keep_served(data_dir_of(data_dir), store)
             fail(f"{store} is {st['status']} on {st['donor']}, not awaiting a restore: nothing to serve")
         if not yes and not typer.confirm(
             f"{store} on {st['donor']} serves what it holds now, as it is, to the pool's services: go on?"

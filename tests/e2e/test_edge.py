@@ -31,6 +31,7 @@ import httpx
 import psutil
 import pytest
 
+from deployments.gateway.spotcheck import GREEDY_THRESHOLD
 from tests.e2e.conftest import PY, Donor
 from tests.e2e.edge_bed import SERVED_BY_HEADER, EdgePool, start_edge_pool
 from tests.support import wait_for
@@ -672,7 +673,8 @@ def test_a_tampered_edge_donor_is_quarantined(edge_pool: EdgePool) -> None:
     sent = {a["sha256"]: a["content"] for a in edge_answers}
     for failure in edge["recent_failures"]:
         assert (failure["kind"], failure["path"]) == ("llm", "/v1/chat/completions")
-        assert failure["score"] < failure["threshold"]
+        # greedy requests: judged by the share of the model's first-choice tokens (spotcheck.greedy_share)
+        assert failure["score"] < failure["threshold"] == GREEDY_THRESHOLD
         sample = failure["sample"]
         got = sent[failure["request_sha256"]]
         assert sample["edge_answer"] == got[:4096].decode("utf-8", errors="replace")

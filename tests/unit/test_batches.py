@@ -301,53 +301,6 @@ def test_an_item_is_started_once_however_many_jobs_claim_it(postgres: Postgres, 
     asyncio.run(scenario())
 
 
-def test_an_item_waiting_for_a_slot_when_its_runner_stops_is_free_again_at_once(
-    postgres: Postgres, tmp_path: Any
-) -> None:
-    """The runner cancelled (its store moved, its replica stopping) while a claimed item waits for a model-call
-    slot: the item is pending again (the next job claims it at once, not after `batch_stalled_s`) and was
-    never started; one another job started meanwhile is left to that job."""
-    from deployments.services.batches import Busy
-
-    store = make_store(postgres, tmp_path, batch_runner=False, batch_concurrency=1)
-
-    async def scenario() -> None:
-        b = await store.create("alice", upload(store, 2), "/v1/chat/completions", "24h")
-        slots = store._slots()
-        await slots.acquire()  # every slot taken (a long model call)
-        waiting = asyncio.create_task(store.run_item(b["id"], "req-0"))
-        await until(lambda: item(store, b["id"], "req-0").status == bf.RUNNING, "req-0 claimed")
-        waiting.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await waiting
-        row = item(store, b["id"], "req-0")
-        assert (row.status, row.attempts) == (bf.PENDING, 0) and store.models.calls == []
-        assert store.claim(b["id"], "req-0") is not None  # claimable now: no Busy
-        # another job started req-1 after this one claimed it: the cancelled one leaves it running
-        waiting = asyncio.create_task(store.run_item(b["id"], "req-1"))
-        await until(lambda: item(store, b["id"], "req-1").status == bf.RUNNING, "req-1 claimed")
-        assert store.start(b["id"], "req-1", 0)  # the other job's start
-        waiting.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await waiting
-        row = item(store, b["id"], "req-1")
-        assert (row.status, row.attempts) == (bf.RUNNING, 1)
-        with pytest.raises(Busy):
-            store.claim(b["id"], "req-1")
-        slots.release()
-
-    asyncio.run(scenario())
-
-
-def item(store: Any, batch_id: str, custom_id: str) -> Any:
-    from deployments.services.db import BatchItem
-
-    with store.db.sessions().begin() as db:
-        row = db.get(BatchItem, (batch_id, custom_id))
-        db.expunge(row)
-        return row
-
-
 def test_the_sweep_runs_every_ten_seconds() -> None:
     from datetime import datetime
 

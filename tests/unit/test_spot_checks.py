@@ -410,9 +410,9 @@ def test_text_score_and_llm_parts() -> None:
     answer = {
         "prompt_logprobs": [
             None,
-            {"7": {"logprob": -20.0, "decoded_token": "Capital"}},
-            {"8": {"logprob": -3.0, "decoded_token": " Par"}},
-            {"9": {"logprob": -1.0, "decoded_token": "is."}},
+            {"7": {"logprob": -20.0, "rank": 1, "decoded_token": "Capital"}},
+            {"8": {"logprob": -3.0, "rank": 1, "decoded_token": " Par"}},
+            {"9": {"logprob": -1.0, "rank": 1, "decoded_token": "is."}},
         ]
     }
     assert spotcheck.completion_logprobs(answer, " Paris.") == [-1.0, -3.0]
@@ -434,7 +434,11 @@ def test_a_greedy_answer_is_judged_by_its_share_of_the_models_top_tokens() -> No
         for i, (w, is_top) in enumerate(zip(words, top, strict=True)):
             tok = w if i == 0 else " " + w
             own = {"logprob": -1.0, "rank": 1 if is_top else 2, "decoded_token": tok}
-            out.append({str(10 + i): own} if is_top else {str(10 + i): own, "9": {"logprob": -1.0 + gap}})
+            out.append(
+                {str(10 + i): own}
+                if is_top
+                else {str(10 + i): own, "9": {"logprob": -1.0 + gap, "rank": 1, "decoded_token": " zq"}}
+            )
         return out
 
     def core_app(prompt_logprobs: list[Any]) -> Any:
@@ -483,7 +487,44 @@ def test_a_greedy_answer_is_judged_by_its_share_of_the_models_top_tokens() -> No
     # a near-tie broken the other way (float noise between builds) counts as the top token
     assert check(chat, entries(flips, gap=spotcheck.GREEDY_TIE_NATS / 2)).score == 1.0
     assert spotcheck.greedy({"temperature": 0.0}) and spotcheck.greedy({"temperature": 0})
+    assert spotcheck.greedy({"temperature": 1e-6}) and spotcheck.greedy({"temperature": 0.7, "top_k": 1})
     assert not any(spotcheck.greedy({"temperature": t}) for t in (None, False, 0.2, "0"))
+    assert spotcheck.greedy_share([]) == 0.0
+
+
+def test_the_greedy_share_reads_tokens_by_rank_and_counts_the_same_text_split_otherwise() -> None:
+    """The prompt's own token is told from the top one by rank, never by position (an answer reordered on
+    its way would otherwise pass every check); a token the model would not write first still counts when its
+    top token spells the start of the same remaining text (the scoring tokenizes the completion again)."""
+    completion = " Paris is"
+    own_first = {
+        "1": {"logprob": -3.0, "rank": 2, "decoded_token": " Par"},
+        "2": {"logprob": -0.5, "rank": 1, "decoded_token": " Paris"},
+    }
+    top_first = dict(reversed(list(own_first.items())))
+    tail = [{"3": {"logprob": -0.1, "rank": 1, "decoded_token": "is"}}]
+    for order in (own_first, top_first):
+        got = spotcheck.completion_tokens({"prompt_logprobs": [None, order, *tail]}, " Paris")
+        assert got == [(-0.1, True), (-3.0, True)]  # " Par" + "is": " Paris" is the model's, split otherwise
+    other = {
+        "1": {"logprob": -3.0, "rank": 2, "decoded_token": " Lyon"},
+        "2": {"logprob": -0.5, "rank": 1, "decoded_token": " Paris"},
+    }
+    got = spotcheck.completion_tokens({"prompt_logprobs": [None, other, *tail]}, " Lyonis")
+    assert got == [(-0.1, True), (-3.0, False)]
+    for bad in (
+        {"1": {"logprob": -3.0, "decoded_token": " Par"}},  # one token, not ranked first: no top beside it
+        {"1": {"logprob": -3.0, "rank": 1}, "2": {"logprob": -0.5, "rank": 1}},  # two ranked first
+        {"1": {"logprob": -3.0, "rank": 2}, "2": {"logprob": -0.5, "rank": 3}},  # none ranked first
+        {
+            "1": {"logprob": -3.0, "rank": 2},
+            "2": {"logprob": -0.5, "rank": 1},
+            "3": {"logprob": -1, "rank": 2},
+        },
+        {"1": ["not", "a", "dict"]},
+    ):
+        with pytest.raises(spotcheck.CoreFailed):
+            spotcheck.completion_tokens({"prompt_logprobs": [None, bad]}, completion)
 
 
 def test_kinds_by_path() -> None:

@@ -588,10 +588,13 @@ def test_stores_serve_serves_what_a_moved_store_holds_after_asking(
     r = runner.invoke(app, ["stores", "serve", "redis", "--yes", "--data-dir", str(tmp_path)])
     assert r.exit_code == 0 and sup.calls == ["serve", "serve"], r.output
     sup.donor = "w-a"  # not awaiting a restore: refused, nothing asked
+    # a serve that went through but answered late left this machine's copy marked: the refused run clears it
+    save_pins(tmp_path / PINS_FILE, {"redis": moved_pin("redis", "w-b")})
     r = runner.invoke(app, ["stores", "serve", "redis", "--yes", "--data-dir", str(tmp_path)])
     assert isinstance(r.exception, CliError), r.output
     assert str(r.exception) == "redis is ready on w-a, not awaiting a restore: nothing to serve"
     assert sup.calls == ["serve", "serve"]
+    assert "awaiting_restore" not in load_pins(tmp_path / PINS_FILE)["redis"]
 
 
 def test_a_move_whose_new_store_serves_already_stops_and_says_so(
