@@ -26,7 +26,7 @@ up: system-run venv
 # finalizer (an asyncio task's unread exception, logged when it is collected) in the middle of another
 # `ast.parse` (pytest's assertion rewriting of a module imported late) breaks that parse with "AST constructor
 # recursion depth mismatch" (seen twice in random unit orders).
-TEST_SESSION_LIMIT ?= 70m
+TEST_SESSION_LIMIT ?= 80m
 PYTEST_CI = PYTHONNODEBUGRANGES=1 timeout --signal=INT --kill-after=120 $(TEST_SESSION_LIMIT) $(PY) -m pytest -q \
   --durations=25
 
