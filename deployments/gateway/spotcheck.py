@@ -123,7 +123,9 @@ LLM_THRESHOLD = -5.2
 # request (a sampler that ignores the client's) 0.28 to 0.60, random words 0.00 to 0.16, characters 0.00 to
 # 0.04. The threshold is halfway between the lowest honest and the highest dishonest share: 0.8. Another model
 # (a smaller or quantised one) chooses other tokens like an answer to another prompt does; none ships here to
-# measure. Honest greedy text is one per prompt, so the false-positive rate rests on 12 answers only.
+# measure. Honest greedy text is one per prompt, so the false-positive rate rests on 12 answers only. Measured
+# before the same-text rule of `completion_tokens` (a top token that spells the start of the same remaining text
+# counts), which can only raise a share: not measured again.
 GREEDY_THRESHOLD = 0.8
 GREEDY_TIE_NATS = 0.05
 MIN_COMPLETION_TOKENS = 16  # a mean over fewer tokens is noise: skipped
