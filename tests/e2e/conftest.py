@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 
 from tests.e2e.netns import Host, TestBed, available
@@ -39,6 +40,26 @@ class Donor:
     def pids(self) -> list[int]:
         r = subprocess.run(["ip", "netns", "pids", self.host.name], capture_output=True, text=True)
         return [int(p) for p in r.stdout.split()]
+
+    def power_cut(self, victims: list[int]) -> None:
+        """SIGKILL `victims` (this host's processes, `pids()`) at once, as a power cut would, and wait until
+        every one is gone."""
+        for pid in victims:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait(10)
+        wait_for(
+            lambda: (
+                not any(
+                    psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+                    for p in victims
+                )
+            ),
+            timeout=20,
+            what="every process of the donor's host to be gone",
+        )
 
 
 @dataclass

@@ -10,7 +10,6 @@ machine: tests/integration/test_services.py; the whole pool restarted: tests/int
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -26,7 +25,7 @@ import psutil
 import pytest
 
 from tests.e2e.conftest import Donor, PoolUnderTest
-from tests.support import wait_for
+from tests.support import batch_jsonl, wait_for
 
 pytestmark = [
     pytest.mark.e2e,
@@ -197,45 +196,13 @@ def batch_pool(pool: PoolUnderTest) -> Iterator[BatchPool]:
             shutil.rmtree(volume, ignore_errors=True)
 
 
-def power_cut(donor: Donor) -> None:
-    """Every process of the donor's host (the agent, its Ray node, the Serve replicas on it) SIGKILLed at once."""
-    victims = donor.pids()
-    assert donor.proc.pid in victims, victims
-    for pid in victims:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    donor.proc.wait(10)
-    wait_for(
-        lambda: (
-            not any(
-                psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in victims
-            )
-        ),
-        timeout=20,
-        what="every process of the donor's host to be gone",
-    )
-
-
 def test_a_batch_completes_when_the_donor_running_it_loses_power(batch_pool: BatchPool) -> None:
     from deployments.embeddings.config import EmbeddingSettings
 
     pool = batch_pool.pool
     client = batch_pool.openai()
     model = EmbeddingSettings().entry().model_id
-    lines = b"".join(
-        json.dumps(
-            {
-                "custom_id": f"e-{i}",
-                "method": "POST",
-                "url": "/v1/embeddings",
-                "body": {"model": model, "input": f"text number {i}"},
-            }
-        ).encode()
-        + b"\n"
-        for i in range(N)
-    )
+    lines = batch_jsonl("/v1/embeddings", N, lambda i: {"model": model, "input": f"text number {i}"}, "e")
     # the ingress answers client keys once the coordinator's keyring has reached its donor
     f = wait_for(
         lambda: client.files.create(file=("power-cut.jsonl", lines), purpose="batch"),
@@ -258,7 +225,9 @@ def test_a_batch_completes_when_the_donor_running_it_loses_power(batch_pool: Bat
     before = client.batches.retrieve(b.id).request_counts
     assert before.completed < N, f"the batch finished before the power cut: {before}"
 
-    power_cut(victim)
+    victims = victim.pids()
+    assert victim.proc.pid in victims, victims
+    victim.power_cut(victims)
     wait_for(
         lambda: any(n["node_id"] == runner_node and n["state"] == "DEAD" for n in pool.ray_nodes()),
         timeout=120,

@@ -7,9 +7,7 @@ and each store process is a new one (its PID changed) on the same volume."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -131,21 +129,7 @@ def test_1000_records_each_survive_a_power_cut_of_the_data_donor(
     # the power cut: every process of the donor's host, the agent and the store processes included, at once
     victims = donor.pids()
     assert donor.proc.pid in victims and set(before.values()) <= set(victims), (victims, before)
-    for pid in victims:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    donor.proc.wait(10)
-    wait_for(
-        lambda: (
-            not any(
-                psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in victims
-            )
-        ),
-        timeout=20,
-        what="every process of the donor's host to be gone",
-    )
+    donor.power_cut(victims)
 
     again = pool.restart(
         donor,

@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from rma_ray.net import local_ip_towards
-from tests.support import GiveUp, free_port, kill_left_stores, pool_ports, wait_for
+from tests.support import GiveUp, batch_jsonl, free_port, kill_left_stores, pool_ports, wait_for
 
 pytestmark = [
     pytest.mark.ray,
@@ -150,18 +150,7 @@ def test_rma_down_and_up_mid_batch_resumes_it_with_each_custom_id_once(pool: Poo
     alice_key, bob_key = _client_key(info, "alice"), _client_key(info, "bob")
     alice = _openai(info, alice_key)
     model = EmbeddingSettings().entry().model_id
-    lines = b"".join(
-        json.dumps(
-            {
-                "custom_id": f"e-{i}",
-                "method": "POST",
-                "url": "/v1/embeddings",
-                "body": {"model": model, "input": f"t {i}"},
-            }
-        ).encode()
-        + b"\n"
-        for i in range(N)
-    )
+    lines = batch_jsonl("/v1/embeddings", N, lambda i: {"model": model, "input": f"t {i}"}, "e")
     # the services app answers client keys once the coordinator's keyring has reached it
     f = wait_for(
         lambda: alice.files.create(file=("restart.jsonl", lines), purpose="batch"),

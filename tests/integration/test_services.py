@@ -34,7 +34,7 @@ from tests.integration.quota_checks import (
     check_quotas_fail_open,
     check_tokens_counted,
 )
-from tests.support import ServerThread, free_port, wait_for
+from tests.support import ServerThread, batch_jsonl, free_port, wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 STORES = ["postgres", "chroma", "graph", "redis"]  # redis: the client quotas' shared counters
@@ -1043,16 +1043,6 @@ def _openai(pool: Pool, client: str) -> Any:
     )
 
 
-def _batch_file(endpoint: str, n: int, body: Any, prefix: str) -> bytes:
-    return b"".join(
-        json.dumps(
-            {"custom_id": f"{prefix}-{i}", "method": "POST", "url": endpoint, "body": body(i)}
-        ).encode()
-        + b"\n"
-        for i in range(n)
-    )
-
-
 def _finished(client: Any, batch_id: str, timeout: float = 300) -> Any:
     return wait_for(
         lambda: (
@@ -1085,7 +1075,7 @@ def test_openai_batches_chat_and_embeddings_complete_each_custom_id_once_and_sta
     chat = alice.files.create(
         file=(
             "chat.jsonl",
-            _batch_file(
+            batch_jsonl(
                 "/v1/chat/completions",
                 40,
                 lambda i: {
@@ -1102,7 +1092,7 @@ def test_openai_batches_chat_and_embeddings_complete_each_custom_id_once_and_sta
     emb = alice.files.create(
         file=(
             "emb.jsonl",
-            _batch_file("/v1/embeddings", 40, lambda i: {"model": embed_model, "input": f"text {i}"}, "emb"),
+            batch_jsonl("/v1/embeddings", 40, lambda i: {"model": embed_model, "input": f"text {i}"}, "emb"),
         ),
         purpose="batch",
     )
@@ -1159,7 +1149,7 @@ def test_openai_batches_chat_and_embeddings_complete_each_custom_id_once_and_sta
     slow = alice.files.create(
         file=(
             "slow.jsonl",
-            _batch_file(
+            batch_jsonl(
                 "/v1/chat/completions",
                 40,
                 lambda i: {
@@ -1204,7 +1194,7 @@ def test_a_batch_survives_its_runner_being_killed_mid_batch(batch_llm: Pool) -> 
     f = alice.files.create(
         file=(
             "restart.jsonl",
-            _batch_file(
+            batch_jsonl(
                 "/v1/chat/completions",
                 24,
                 lambda i: {

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import shutil
 import subprocess
@@ -209,3 +210,14 @@ def parse_python(source: str) -> Any:
                 raise
             time.sleep(0.05)
     return ast.parse(source)
+
+
+def batch_jsonl(endpoint: str, n: int, body: Callable[[int], Any], prefix: str) -> bytes:
+    """A Batch API input file: `n` lines to `endpoint`, custom ids `{prefix}-{i}`, bodies `body(i)`."""
+    return b"".join(
+        json.dumps(
+            {"custom_id": f"{prefix}-{i}", "method": "POST", "url": endpoint, "body": body(i)}
+        ).encode()
+        + b"\n"
+        for i in range(n)
+    )
