@@ -26,6 +26,9 @@ up: system-run venv
 # finalizer (an asyncio task's unread exception, logged when it is collected) in the middle of another
 # `ast.parse` (pytest's assertion rewriting of a module imported late) breaks that parse with "AST constructor
 # recursion depth mismatch" (seen twice in random unit orders).
+# No pytest-xdist: the suite is CPU-bound on the 2-core box it runs on. Measured (session 12): tests/e2e/test_edge.py
+# and tests/integration/test_services.py run at once took 962 s, one after the other 974 s (CPU 97 % busy
+# throughout); only less work (fewer cluster starts, no waiting for nothing) makes it faster.
 TEST_SESSION_LIMIT ?= 80m
 PYTEST_CI = PYTHONNODEBUGRANGES=1 timeout --signal=INT --kill-after=120 $(TEST_SESSION_LIMIT) $(PY) -m pytest -q \
   --durations=25

@@ -19,7 +19,11 @@ the false-positive rate of `LLM_THRESHOLD` on the honest runs, its miss rates (g
 to another prompt, which the mean logprob does not tell from honest ones) and the median cost of one check (ms,
 the scoring request on the core). Asserts nothing.
 
-    flock /tmp/rma-heavy.lock .venv/bin/python -m bench.spot_check [--prompts 6] [--max-tokens 40] [--honest 500]
+    flock /tmp/rma-heavy.lock .venv/bin/python -m bench.spot_check [--prompts 6] [--max-tokens 40] \\
+        [--honest 500] [--greedy-honest 200]
+
+`--greedy-honest N` adds the greedy answers to N distinct prompts (templates x subjects: prose, code, lists, French,
+Spanish, German), judged as the gateway judges a greedy request, for the greedy check's false-positive rate.
 
 `--honest N` adds N more honest completions (the prompts in turn, temperature 0.7 or 1.0 drawn, a new sample
 each time) for the false-positive rate alone: counted as the gateway judges (completions of at least
@@ -66,6 +70,25 @@ PROMPTS = [
     "Translate 'good morning' into French.",
     "List two fruits that are yellow.",
 ]
+# `--greedy-honest N`: N distinct prompts (a greedy answer is one per prompt), prose, code, lists and other
+# languages, for the greedy check's false-positive rate
+GREEDY_TEMPLATES = (
+    "Explain {} in one sentence.",
+    "Write a short Python function that has something to do with {}.",
+    "Give two facts about {}.",
+    "Describe {} to a child.",
+    "Écris une phrase sur {}.",
+    "Escribe una frase sobre {}.",
+    "Schreibe einen Satz über {}.",
+    "List three words related to {}.",
+    "Write a haiku about {}.",
+    "What is the history of {}?",
+)
+GREEDY_SUBJECTS = (
+    "the moon", "bread", "rain", "electricity", "a bicycle", "music", "the ocean", "trees", "a computer",
+    "coffee", "winter", "a library", "mountains", "friendship", "the internet", "bees", "a train", "chess",
+    "volcanoes", "soap",
+)  # fmt: skip
 WORDS = (
     "table river quantum blue seven yesterday engine violin carpet orbit pepper lantern gravity tulip "
     "cobalt whisper ledger marble falcon orchard"
@@ -147,7 +170,7 @@ def show(name: str, scores: list[float]) -> None:
     print(" " * 12 + " ".join(f"{x:.2f}" for x in s))
 
 
-def run(prompts: int, max_tokens: int, extra_honest: int = 0) -> None:
+def run(prompts: int, max_tokens: int, extra_honest: int = 0, extra_greedy: int = 0) -> None:
     from tests.integration.test_llm import MODEL, start_pool
 
     rng = random.Random(20)
@@ -222,6 +245,36 @@ def run(prompts: int, max_tokens: int, extra_honest: int = 0) -> None:
 
         if extra_honest:
             asyncio.run(more_honest())
+        greedy_judged: list[float] = []  # `--greedy-honest`: honest greedy answers the gateway would judge
+        greedy_short = 0
+
+        async def more_greedy() -> None:
+            nonlocal greedy_short
+            pool_of = [t.format(s) for t in GREEDY_TEMPLATES for s in GREEDY_SUBJECTS]
+            random.Random(7).shuffle(pool_of)
+            for i, p in enumerate(pool_of[:extra_greedy]):
+                req = {
+                    "model": MODEL,
+                    "messages": [{"role": "user", "content": p}],
+                    "max_tokens": max_tokens,
+                    "temperature": 0.0,
+                }
+                text, tokens = chat_usage(base, key, MODEL, p, max_tokens, 0.0)
+                s, ms = await score(checker, sample_of(core, key, req, text))
+                costs.append(ms)
+                if tokens < MIN_COMPLETION_TOKENS:
+                    greedy_short += 1
+                    continue
+                greedy_judged.append(s)
+                if s < GREEDY_THRESHOLD:
+                    print(f"greedy honest under the threshold: {s:.2f} {p!r} -> {text[:80]!r}", flush=True)
+                if (i + 1) % 50 == 0:
+                    print(
+                        f"greedy honest {i + 1}/{extra_greedy}: lowest {min(greedy_judged):.2f}", flush=True
+                    )
+
+        if extra_greedy:
+            asyncio.run(more_greedy())
 
     show("honest", honest)
     for kind, scores in dishonest.items():
@@ -257,6 +310,15 @@ def run(prompts: int, max_tokens: int, extra_honest: int = 0) -> None:
             f"false positives at {LLM_THRESHOLD}: {failed} ({failed / len(judged):.2%}), "
             f"95 % upper bound {upper_95(failed, len(judged)):.2%}"
         )
+    if greedy_judged:
+        failed = sum(x < GREEDY_THRESHOLD for x in greedy_judged)
+        show("g-extra", greedy_judged)
+        print(
+            f"greedy honest answers to {len(greedy_judged) + greedy_short} distinct prompts: {len(greedy_judged)} "
+            f"judged ({greedy_short} under {MIN_COMPLETION_TOKENS} tokens); false positives at "
+            f"{GREEDY_THRESHOLD}: {failed} ({failed / len(greedy_judged):.2%}), "
+            f"95 % upper bound {upper_95(failed, len(greedy_judged)):.2%}"
+        )
     print(
         f"cost per check (the scoring request on the core): median {median(costs):.0f} ms, max {max(costs):.0f} ms"
     )
@@ -267,8 +329,16 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=6)  # LLM_THRESHOLD's figures: these defaults
     ap.add_argument("--max-tokens", type=int, default=40)
     ap.add_argument("--honest", type=int, default=0, help="more honest runs, for the false-positive rate")
+    ap.add_argument(
+        "--greedy-honest",
+        type=int,
+        default=0,
+        help=f"honest greedy answers to that many distinct prompts (at most "
+        f"{len(GREEDY_TEMPLATES) * len(GREEDY_SUBJECTS)}), for the greedy check's false-positive rate",
+    )
     a = ap.parse_args()
-    run(min(a.prompts, len(PROMPTS)), a.max_tokens, a.honest)
+    limit = len(GREEDY_TEMPLATES) * len(GREEDY_SUBJECTS)
+    run(min(a.prompts, len(PROMPTS)), a.max_tokens, a.honest, min(a.greedy_honest, limit))
 
 
 if __name__ == "__main__":

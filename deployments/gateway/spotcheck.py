@@ -123,9 +123,11 @@ LLM_THRESHOLD = -5.2
 # request (a sampler that ignores the client's) 0.28 to 0.60, random words 0.00 to 0.16, characters 0.00 to
 # 0.04. The threshold is halfway between the lowest honest and the highest dishonest share: 0.8. Another model
 # (a smaller or quantised one) chooses other tokens like an answer to another prompt does; none ships here to
-# measure. Honest greedy text is one per prompt, so the false-positive rate rests on 12 answers only. Measured
-# before the same-text rule of `completion_tokens` (a top token that spells the start of the same remaining text
-# counts), which can only raise a share: not measured again.
+# measure. Those figures predate the same-text rule of `completion_tokens` (a top token that spells the start of
+# the same remaining text counts), which can only raise a share. With it, the false-positive rate on honest greedy
+# text (one answer per prompt): `--greedy-honest 200` (200 distinct prompts: prose, code, lists, French, Spanish,
+# German; 177 of 16 tokens or more, as the gateway judges) scored 0.85 to 1.00 (median 1.00): none under 0.8
+# (95 % upper bound 1.7 %); the halfway point between 0.85 and 0.72 is 0.785, so 0.8 stays.
 GREEDY_THRESHOLD = 0.8
 GREEDY_TIE_NATS = 0.05
 MIN_COMPLETION_TOKENS = 16  # a mean over fewer tokens is noise: skipped
