@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
+
 from tests.support import GiveUp, wait_for
 
 
@@ -66,18 +68,71 @@ def main() -> int:
     ap.add_argument(
         "--cycles", type=int, default=2, help="up+down cycles on one data dir (2nd+: warm `rma up`)"
     )
+    ap.add_argument(
+        "--cpu-top",
+        type=int,
+        default=0,
+        help="with each cycle, the N process kinds that used the most CPU during `rma up` (cpu_by_process)",
+    )
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="rma-down-bench-"))
     env = {**os.environ, "HOME": str(root / "home"), "RMA_DATA_DIR": str(root / "data"), "COLUMNS": "200"}
     argv = up_argv(args.apps, args.stores)
-    cycles = [_cycle(argv, env, root / f"up-{i}.log", args.up_timeout) for i in range(args.cycles)]
+    cycles = [
+        _cycle(argv, env, root / f"up-{i}.log", args.up_timeout, args.cpu_top) for i in range(args.cycles)
+    ]
     print(json.dumps({"apps": args.apps, "stores": args.stores, "cycles": cycles}))
     return 0
 
 
-def _cycle(argv: list[str], env: dict[str, str], log: Path, up_timeout: float) -> dict[str, object]:
+def process_kind(p: psutil.Process) -> str:
+    """What a process is, for `--cpu-top`: Ray's process title (`ray::ServeReplica:rma-llm:LLMServer`, `raylet`,
+    ...) or the program and its `-m` module."""
+    argv = p.cmdline()
+    if not argv:
+        return p.name()
+    if argv[0].startswith("ray::"):
+        return argv[0].split(" ")[0]
+    name = Path(argv[0]).name
+    if name.startswith("python") and "-m" in argv[:-1]:
+        return f"python -m {argv[argv.index('-m') + 1]}"
+    if name.startswith("python") and len(argv) > 1:
+        return f"python {Path(argv[1]).name}"
+    return name
+
+
+def cpu_by_process(since: float, top: int) -> dict[str, object]:
+    """CPU seconds (user + system) of the processes started since `since` (epoch) and alive now, summed by
+    `process_kind`: where a start's CPU went. Processes that already exited are not seen (their share is in
+    `missed_s` only as far as a parent waited for them: children's times)."""
+    by_kind: dict[str, float] = {}
+    count: dict[str, int] = {}
+    waited = 0.0
+    for p in psutil.process_iter():
+        try:
+            if p.create_time() < since:
+                continue
+            t = p.cpu_times()
+            kind = process_kind(p)
+        except (psutil.Error, OSError):
+            continue
+        by_kind[kind] = by_kind.get(kind, 0.0) + t.user + t.system
+        count[kind] = count.get(kind, 0) + 1
+        waited += t.children_user + t.children_system
+    ranked = sorted(by_kind.items(), key=lambda kv: -kv[1])
+    return {
+        "total_s": round(sum(by_kind.values()), 1),
+        "exited_children_s": round(waited, 1),
+        "top": [f"{s:6.1f} s  x{count[k]:<3} {k}" for k, s in ranked[:top]],
+    }
+
+
+def _cycle(
+    argv: list[str], env: dict[str, str], log: Path, up_timeout: float, cpu_top: int = 0
+) -> dict[str, object]:
     """One `rma up` until it says it is up, then `rma down`, timed. The first cycle prepares the models
     (converted into the data dir); the next ones are warm starts."""
+    started = time.time()
     t0 = time.monotonic()
     proc = subprocess.Popen(argv, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
     try:
@@ -93,6 +148,7 @@ def _cycle(argv: list[str], env: dict[str, str], log: Path, up_timeout: float) -
 
         wait_for(up, timeout=up_timeout, interval=0.5, what="rma up to finish starting")
         up_s = time.monotonic() - t0
+        cpu = cpu_by_process(started - 1, cpu_top) if cpu_top else None
         t1 = time.monotonic()
         down = subprocess.run(
             [sys.executable, "-m", "rma_ray.cli", "down"],
@@ -108,6 +164,7 @@ def _cycle(argv: list[str], env: dict[str, str], log: Path, up_timeout: float) -
             proc.kill()
     return {
         "up_s": round(up_s, 1),
+        **({"cpu_during_up": cpu} if cpu else {}),
         "down_s": round(down_s, 1),
         "down_rc": down.returncode,
         "down_out": (down.stdout + down.stderr).strip()[-300:],
