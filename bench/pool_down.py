@@ -88,9 +88,9 @@ def main() -> int:
 def process_kind(p: psutil.Process) -> str:
     """What a process is, for `--cpu-top`: Ray's process title (`ray::ServeReplica:rma-llm:LLMServer`, `raylet`,
     ...) or the program and its `-m` module."""
-    argv = p.cmdline()
+    argv = [str(a) for a in p.cmdline()]
     if not argv:
-        return p.name()
+        return str(p.name())
     if argv[0].startswith("ray::"):
         return argv[0].split(" ")[0]
     name = Path(argv[0]).name
