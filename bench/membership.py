@@ -115,10 +115,10 @@ def launch_pool(bed: TestBed, root: Path) -> PoolUnderTest:
 
 
 def wait_ready(put: PoolUnderTest) -> None:
-    def ready() -> dict[str, Any] | None:
+    def ready() -> dict[str, Any]:  # empty (falsy) until rma up has written it
         assert put.proc.poll() is None, f"rma up exited: {(put.root / 'up.log').read_text()}"
         p = put.root / "head" / "pool.json"
-        return json.loads(p.read_text()) if p.exists() and "join_token" in p.read_text() else None
+        return dict(json.loads(p.read_text())) if p.exists() and "join_token" in p.read_text() else {}
 
     put.info = wait_for(ready, timeout=240, interval=0.5, what="rma up to write pool.json")
 
@@ -267,7 +267,7 @@ def measure_restart(
 
 def label(p: psutil.Process) -> str:
     """A readable name: the script for python processes, `ray start` for the ray CLI."""
-    name, argv = p.name(), p.cmdline()
+    name, argv = str(p.name()), [str(a) for a in p.cmdline()]
     if name.startswith("python"):
         return next((os.path.basename(a) for a in argv[1:] if a.endswith(".py")), name)
     return "ray start" if name == "ray" else name
