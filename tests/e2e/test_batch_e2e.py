@@ -91,17 +91,18 @@ names = [a.name for a in specs]
 states = wait_until(lambda: app_states(dash.applications(), names), timeout=480, interval=2, what="the apps")
 print(json.dumps({n: s["status"] for n, s in states.items()}))
 """
+# the apps deleted at once and waited for together: each app's ingress replica stays reachable for 30 s once
+# deleted (Ray's HAProxy mode, RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S), so one after the other took 93 s
 TEARDOWN = """
 import ray
-from ray import serve
 from ray.experimental import internal_kv
+from deployments.gateway.deploy import delete_apps
 from deployments.stores import supervisor
 ray.init(logging_level="ERROR", log_to_driver=False)
-for app in ("rma-files", "rma-batches", "rma-embeddings"):
-    try:
-        serve.delete(app, _blocking=True)
-    except Exception:
-        pass
+try:
+    delete_apps(("rma-files", "rma-batches", "rma-embeddings"), timeout_s=120)
+except Exception:
+    pass
 try:
     a = ray.get_actor(supervisor.actor_name("postgres"), namespace=supervisor.NAMESPACE)
     ray.get(a.stop.remote(), timeout=60)

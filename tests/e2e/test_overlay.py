@@ -261,9 +261,11 @@ def apps(ovpool: OverlayPool, nated: dict[str, Donor]) -> Iterator[None]:
     r = ovpool.driver(SERVE_APPS.format(a=nated["a"].worker_id, b=nated["b"].worker_id))
     assert r.returncode == 0 and "RUNNING" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
     yield
+    # both at once, waited for together: each app's ingress replica stays reachable for 30 s once deleted (Ray's
+    # HAProxy mode), so one after the other took a minute
     ovpool.driver(
-        'import ray; from ray import serve; ray.init(address="auto", namespace="rma"); '
-        'serve.delete("chain"); serve.delete("where")',
+        "import ray; from deployments.gateway.deploy import delete_apps; "
+        'ray.init(address="auto", namespace="rma"); delete_apps(("chain", "where"), timeout_s=90)',
         timeout=120,
     )
 

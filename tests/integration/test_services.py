@@ -223,12 +223,15 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
         )
         yield p
     finally:
+        # torn down as `rma down` tears a pool down (rma_ray/head.py): Serve given a few seconds (serve.shutdown()
+        # waits 30 s, every ingress replica's HAProxy draining), then each node stopped at once, GCS last (Ray's own
+        # `ray start` stop waits on its processes one by one): the cluster goes, nothing on it needs draining
         try:
             p.driver(
                 """
-                from ray import serve
+                from rma_ray import serve_admin
                 try:
-                    serve.shutdown()
+                    serve_admin.shutdown(timeout_s=5)
                 except Exception:
                     pass
                 for s in %r:
@@ -244,8 +247,9 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
                 timeout=180,
             )
         finally:
+            # the head last: a raylet whose GCS went first waits ~10 s for it
             for node in reversed(list(p.nodes.values())):
-                node.stop(timeout=20)
+                node.stop_all(grace=5)
                 shutil.rmtree(node.spec.temp_dir, ignore_errors=True)
             for pidfile in shared.glob("*/*/.rma-pid.json"):
                 try:
