@@ -461,13 +461,23 @@ def apps_up(
     return failed
 
 
-def apps_down(groups: list[str], edge: tuple[str, str] | None = None) -> None:
-    """Delete the Serve apps of `groups` (their replicas stop; vLLM's engine process goes with them); `edge`:
-    (name, coordinator URL) of the edge cluster whose apps these are."""
+def apps_down(groups: list[str], edge: tuple[str, str] | None = None, timeout_s: float = 120.0) -> int:
+    """Delete the Serve apps of `groups` (their replicas stop; vLLM's engine process goes with them), all at once,
+    and wait for them together: one line per group, `deleted`, or `timeout` if any of its apps is still there
+    after `timeout_s`; returns how many groups timed out. `edge`: (name, coordinator URL) of the edge cluster
+    whose apps these are.
+
+    At once: in Ray's HAProxy mode a deleted app's ingress replica stays reachable for 30 s
+    (RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S) and a blocking `serve.delete` waits that out, so one app after
+    the other cost ~31 s each (a group has two or three apps) and gave up silently after Serve's own 60 s. A
+    request that still reaches a front in that window may find its backend gone already: an app being deleted
+    answers it with an error either way."""
     from ray import serve
 
     from deployments import serve_config
+    from deployments.gateway.deploy import delete_apps
 
+    names_of: dict[str, list[str]] = {}
     for group in groups:
         if edge:  # names only: no env read
             specs = [
@@ -477,12 +487,23 @@ def apps_down(groups: list[str], edge: tuple[str, str] | None = None) -> None:
             ]
         else:
             specs = serve_config.group_apps([group], "gpu")
-        for spec in reversed(specs):
-            try:
-                serve.delete(spec.name, _blocking=True)
-            except Exception:  # already gone
-                pass
-        emit(app=group, status="deleted")
+        names_of[group] = [spec.name for spec in reversed(specs)]  # a front before its backend
+    try:
+        delete_apps([n for names in names_of.values() for n in names], timeout_s=timeout_s)
+        left: set[str] = set()
+    except WaitTimeout:
+        left = set(serve.status().applications)
+    for group, names in names_of.items():
+        still = [n for n in names if n in left]
+        if still:
+            emit(
+                app=group,
+                status="timeout",
+                error=f"Serve apps {', '.join(still)} still there after {timeout_s:g} s",
+            )
+        else:
+            emit(app=group, status="deleted")
+    return sum(any(n in left for n in names) for names in names_of.values())
 
 
 def apps_status(dash: Dashboard) -> None:
@@ -609,8 +630,11 @@ def run(a: argparse.Namespace) -> int:
     ctx = ray.init(address=a.address, namespace=NAMESPACE, logging_level="ERROR", log_to_driver=False)
     try:
         if a.command == "down":
-            apps_down(groups, edge=edge)
+            bad_apps = apps_down(groups, edge=edge)
             stores_down(stores, a.stores_wait)
+            if bad_apps:
+                emit(error=f"{bad_apps} app(s) not deleted")
+                return 1
             return 0
         url = a.dashboard or (f"http://{ctx.dashboard_url}" if ctx.dashboard_url else None)
         if url is None and (groups or a.command == "status"):

@@ -143,8 +143,8 @@ def heads(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Heads]:
     finally:
         if server is not None:
             server.__exit__(None, None, None)
-        for node in reversed(nodes):
-            node.stop(timeout=30)
+        for node in reversed(nodes):  # a discarded cluster, head last, as `rma down` stops one
+            node.stop_all(grace=5)
             shutil.rmtree(node.spec.temp_dir, ignore_errors=True)
         if state is not None:
             state.engine.dispose()

@@ -241,11 +241,16 @@ def start_pool(root: Path, say: Any = None, llm_env: dict[str, str] | None = Non
         yield p
     finally:
         try:
-            p.run(["-m", "rma_ray.serve_admin", "shutdown", "--address", address], timeout=180)
+            # Serve given a few seconds, as `rma down` gives it (its own shutdown waits out each ingress
+            # replica's 30 s HAProxy drain); what is left goes with the nodes
+            p.run(
+                ["-m", "rma_ray.serve_admin", "shutdown", "--address", address, "--timeout", "5"], timeout=180
+            )
         except Exception as exc:  # keep tearing down; the PID check below still runs
             print(f"serve shutdown failed: {exc}")
+        # the head last: a raylet whose GCS went first waits for it
         for node in reversed(list(p.nodes.values())):
-            node.stop(timeout=30)
+            node.stop_all(grace=5)
             shutil.rmtree(node.spec.temp_dir, ignore_errors=True)
         for pid, created in p.vllm_pids:  # never leave an engine behind, even when a test failed
             try:

@@ -196,11 +196,15 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VisionPool]:
         yield p
     finally:
         try:
-            p.run(["-m", "rma_ray.serve_admin", "shutdown", "--address", address], timeout=180)
+            # Serve given a few seconds, as `rma down` gives it; what is left goes with the nodes
+            p.run(
+                ["-m", "rma_ray.serve_admin", "shutdown", "--address", address, "--timeout", "5"], timeout=180
+            )
         except Exception as exc:  # keep tearing down
             print(f"serve shutdown failed: {exc}")
+        # the head last: a raylet whose GCS went first waits for it
         for node in reversed(list(p.nodes.values())):
-            node.stop(timeout=30)
+            node.stop_all(grace=5)
             shutil.rmtree(node.spec.temp_dir, ignore_errors=True)
         coordinator.__exit__(None, None, None)
         state.engine.dispose()

@@ -182,3 +182,44 @@ def test_nothing_to_apply_makes_no_put(run: Any, monkeypatch: pytest.MonkeyPatch
     serve = Serve({})
     failed, lines = run(["llm"], serve)
     assert failed == 1 and serve.puts == [] and lines[0]["error"] == "no such model"
+
+
+@pytest.mark.parametrize("left", [(), ("rma-vision",)])
+def test_down_deletes_every_app_at_once_and_says_which_group_is_left(
+    left: tuple[str, ...], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`deployments down`: one delete of all the groups' apps (a front before its backend), waited for together
+    (one after the other, each waited out Ray's 30 s ingress drain); a group whose app is still there when the
+    wait ends is a `timeout` line and counts as failed."""
+    from types import SimpleNamespace
+
+    import ray.serve
+
+    from deployments.gateway import deploy
+    from rma_ray.waiting import WaitTimeout
+
+    deleted: list[tuple[list[str], float | None]] = []
+
+    def delete_apps(apps: list[str], *, timeout_s: float | None = None) -> None:
+        deleted.append((list(apps), timeout_s))
+        if left:
+            raise WaitTimeout("the apps to be deleted", 90, False)
+
+    monkeypatch.setattr(deploy, "delete_apps", delete_apps)
+    monkeypatch.setattr(ray.serve, "status", lambda: SimpleNamespace(applications={n: {} for n in left}))
+    failed = deployments_main.apps_down(["llm", "vision"], timeout_s=90)
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    llm = [a.name for a in reversed(serve_config.group_apps(["llm"], "gpu"))]
+    vision = [a.name for a in reversed(serve_config.group_apps(["vision"], "gpu"))]
+    assert deleted == [(llm + vision, 90)], "one delete of every app, fronts first, one wait"
+    assert "rma-vision" in vision and vision.index("rma-vision") < vision.index("rma-vision-backend")
+    assert failed == len(left)
+    by_app = {x["app"]: x for x in lines}
+    assert by_app["llm"] == {"app": "llm", "status": "deleted"}
+    if left:
+        assert (
+            by_app["vision"]["status"] == "timeout"
+            and "rma-vision still there after 90 s" in by_app["vision"]["error"]
+        )
+    else:
+        assert by_app["vision"] == {"app": "vision", "status": "deleted"}
