@@ -101,17 +101,21 @@ def process_kind(p: psutil.Process) -> str:
     return name
 
 
-def cpu_by_process(since: float, top: int) -> dict[str, object]:
-    """CPU seconds (user + system) of the processes started since `since` (epoch) and alive now, summed by
-    `process_kind`: where a start's CPU went. Processes that already exited are not seen (their share is in
-    `missed_s` only as far as a parent waited for them: children's times)."""
+def cpu_by_process(root: int, top: int) -> dict[str, object]:
+    """CPU seconds (user + system) of `root` (`rma up`) and every process under it alive now (Ray's heads,
+    workers and Serve replicas, vLLM's engine, the stores, the edge head), summed by `process_kind`: where a
+    start's CPU went; nothing else on the box counts. Processes that already exited are not seen but as far as
+    a parent waited for them (`exited_children_s`); one that left the tree (a double fork) is not seen."""
     by_kind: dict[str, float] = {}
     count: dict[str, int] = {}
     waited = 0.0
-    for p in psutil.process_iter():
+    try:
+        top_proc = psutil.Process(root)
+        tree = [top_proc, *top_proc.children(recursive=True)]
+    except psutil.Error:
+        tree = []
+    for p in tree:
         try:
-            if p.create_time() < since:
-                continue
             t = p.cpu_times()
             kind = process_kind(p)
         except (psutil.Error, OSError):
@@ -132,7 +136,6 @@ def _cycle(
 ) -> dict[str, object]:
     """One `rma up` until it says it is up, then `rma down`, timed. The first cycle prepares the models
     (converted into the data dir); the next ones are warm starts."""
-    started = time.time()
     t0 = time.monotonic()
     proc = subprocess.Popen(argv, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
     try:
@@ -148,7 +151,7 @@ def _cycle(
 
         wait_for(up, timeout=up_timeout, interval=0.5, what="rma up to finish starting")
         up_s = time.monotonic() - t0
-        cpu = cpu_by_process(started - 1, cpu_top) if cpu_top else None
+        cpu = cpu_by_process(proc.pid, cpu_top) if cpu_top else None
         t1 = time.monotonic()
         down = subprocess.run(
             [sys.executable, "-m", "rma_ray.cli", "down"],

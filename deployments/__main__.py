@@ -492,7 +492,12 @@ def apps_down(groups: list[str], edge: tuple[str, str] | None = None, timeout_s:
         delete_apps([n for names in names_of.values() for n in names], timeout_s=timeout_s)
         left: set[str] = set()
     except WaitTimeout:
-        left = set(serve.status().applications)
+        try:
+            left = set(serve.status().applications)
+        except (
+            Exception
+        ):  # Serve's controller went meanwhile: whether they are gone is unknown, said for each
+            left = {n for names in names_of.values() for n in names}
     for group, names in names_of.items():
         still = [n for n in names if n in left]
         if still:
@@ -630,8 +635,10 @@ def run(a: argparse.Namespace) -> int:
     ctx = ray.init(address=a.address, namespace=NAMESPACE, logging_level="ERROR", log_to_driver=False)
     try:
         if a.command == "down":
-            bad_apps = apps_down(groups, edge=edge)
-            stores_down(stores, a.stores_wait)
+            try:
+                bad_apps = apps_down(groups, edge=edge)
+            finally:  # the stores stop whatever became of the apps
+                stores_down(stores, a.stores_wait)
             if bad_apps:
                 emit(error=f"{bad_apps} app(s) not deleted")
                 return 1

@@ -126,8 +126,10 @@ LLM_THRESHOLD = -5.2
 # measure. Those figures predate the same-text rule of `completion_tokens` (a top token that spells the start of
 # the same remaining text counts), which can only raise a share. With it, the false-positive rate on honest greedy
 # text (one answer per prompt): `--greedy-honest 200` (200 distinct prompts: prose, code, lists, French, Spanish,
-# German; 177 of 16 tokens or more, as the gateway judges) scored 0.85 to 1.00 (median 1.00): none under 0.8
-# (95 % upper bound 1.7 %); the halfway point between 0.85 and 0.72 is 0.785, so 0.8 stays.
+# German; 177 of 16 tokens or more by the engine's count) scored 0.85 to 1.00 (median 1.00): none under 0.8
+# (95 % upper bound 1.7 %); the same run's two dishonest greedy rows under the rule: another prompt's answer
+# 0.43 and 0.72, the sampled answer 0.33 and 0.51 (no higher than before). Halfway between 0.85 and 0.72 is
+# 0.785, so 0.8 stays.
 GREEDY_THRESHOLD = 0.8
 GREEDY_TIE_NATS = 0.05
 MIN_COMPLETION_TOKENS = 16  # a mean over fewer tokens is noise: skipped

@@ -223,3 +223,26 @@ def test_down_deletes_every_app_at_once_and_says_which_group_is_left(
         )
     else:
         assert by_app["vision"] == {"app": "vision", "status": "deleted"}
+
+
+def test_down_says_timeout_for_every_app_when_serve_cannot_tell_what_is_left(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Serve's controller gone during the wait: no traceback (the stores still stop after it); every asked group
+    is a `timeout` line, since whether its apps went is unknown."""
+    import ray.serve
+
+    from deployments.gateway import deploy
+    from rma_ray.waiting import WaitTimeout
+
+    def delete_apps(apps: list[str], *, timeout_s: float | None = None) -> None:
+        raise WaitTimeout("the apps to be deleted", 90, False)
+
+    def status() -> None:
+        raise RuntimeError("the controller died")
+
+    monkeypatch.setattr(deploy, "delete_apps", delete_apps)
+    monkeypatch.setattr(ray.serve, "status", status)
+    assert deployments_main.apps_down(["llm", "vision"], timeout_s=90) == 2
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [(x["app"], x["status"]) for x in lines] == [("llm", "timeout"), ("vision", "timeout")]
