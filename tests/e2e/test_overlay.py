@@ -296,7 +296,17 @@ def test_ray_ports_are_closed_off_the_overlay(
             # nothing of Ray answers on the donor's LAN address, even without its NAT
             d.host.run(["nft", "delete", "table", "inet", "rma_nat"])
             try:
-                assert outsider.reachable([(d.host.ip, p) for p in sorted(ports)]) == set()
+                # a port a Ray process opened since the agent's last pass (a Serve replica's direct-ingress
+                # ports, 30000 and up and a random one) is covered on its next pass, a heartbeat later
+                # (`Agent.guard_ports`; SECURITY.md: "covered within one agent loop, not at once"): seen once
+                # open in a rehearsal where the replicas had just started
+                targets = [(d.host.ip, p) for p in sorted(ports)]
+                wait_for(
+                    lambda targets=targets: outsider.reachable(targets) == set(),
+                    timeout=30,
+                    interval=1,
+                    what=f"no Ray port of {d.host.ip} to answer on its LAN address",
+                )
             finally:
                 nat(d.host)
             # ... and the head reaches all of them over the overlay
