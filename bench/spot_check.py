@@ -225,18 +225,31 @@ def run(prompts: int, max_tokens: int, extra_honest: int = 0, extra_greedy: int 
 
         asyncio.run(all_scores())
         judged: list[float] = []  # the extra honest runs the gateway would judge (long enough)
-        short = 0
+        greedy_judged: list[float] = []  # `--greedy-honest`: honest greedy answers the gateway would judge
+        short = greedy_short = 0
+
+        async def judged_score(p: str, t: float) -> float | None:
+            """The score of the model's own answer to `p` at temperature `t` (a greedy request at 0); None when
+            it is too short for the gateway to judge."""
+            req: dict[str, Any] = {
+                "model": MODEL,
+                "messages": [{"role": "user", "content": p}],
+                "max_tokens": max_tokens,
+            }
+            if t == 0.0:
+                req["temperature"] = 0.0
+            text, tokens = chat_usage(base, key, MODEL, p, max_tokens, t)
+            s, ms = await score(checker, sample_of(core, key, req, text))
+            costs.append(ms)
+            if s < GREEDY_THRESHOLD and t == 0.0 and tokens >= MIN_COMPLETION_TOKENS:
+                print(f"greedy honest under the threshold: {s:.2f} {p!r} -> {text[:80]!r}", flush=True)
+            return None if tokens < MIN_COMPLETION_TOKENS else s
 
         async def more_honest() -> None:
             nonlocal short
             for i in range(extra_honest):
-                p = PROMPTS[i % len(PROMPTS)]
-                t = rng.choice((0.7, 1.0))
-                req = {"model": MODEL, "messages": [{"role": "user", "content": p}], "max_tokens": max_tokens}
-                text, tokens = chat_usage(base, key, MODEL, p, max_tokens, t)
-                s, ms = await score(checker, sample_of(core, key, req, text))
-                costs.append(ms)
-                if tokens < MIN_COMPLETION_TOKENS:
+                s = await judged_score(PROMPTS[i % len(PROMPTS)], rng.choice((0.7, 1.0)))
+                if s is None:
                     short += 1
                     continue
                 judged.append(s)
@@ -245,29 +258,17 @@ def run(prompts: int, max_tokens: int, extra_honest: int = 0, extra_greedy: int 
 
         if extra_honest:
             asyncio.run(more_honest())
-        greedy_judged: list[float] = []  # `--greedy-honest`: honest greedy answers the gateway would judge
-        greedy_short = 0
 
         async def more_greedy() -> None:
             nonlocal greedy_short
             pool_of = [t.format(s) for t in GREEDY_TEMPLATES for s in GREEDY_SUBJECTS]
             random.Random(7).shuffle(pool_of)
             for i, p in enumerate(pool_of[:extra_greedy]):
-                req = {
-                    "model": MODEL,
-                    "messages": [{"role": "user", "content": p}],
-                    "max_tokens": max_tokens,
-                    "temperature": 0.0,
-                }
-                text, tokens = chat_usage(base, key, MODEL, p, max_tokens, 0.0)
-                s, ms = await score(checker, sample_of(core, key, req, text))
-                costs.append(ms)
-                if tokens < MIN_COMPLETION_TOKENS:
+                s = await judged_score(p, 0.0)
+                if s is None:
                     greedy_short += 1
                     continue
                 greedy_judged.append(s)
-                if s < GREEDY_THRESHOLD:
-                    print(f"greedy honest under the threshold: {s:.2f} {p!r} -> {text[:80]!r}", flush=True)
                 if (i + 1) % 50 == 0:
                     print(
                         f"greedy honest {i + 1}/{extra_greedy}: lowest {min(greedy_judged):.2f}", flush=True
