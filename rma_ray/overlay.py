@@ -114,6 +114,26 @@ def interface_name(key: str, prefix: str = "rma") -> str:
 # ---- Ray's ports ----------------------------------------------------------------------------------------
 
 
+# Serve's direct-ingress ports (HAProxy mode, rma_ray.serve_admin): the controller gives each ingress replica an
+# HTTP port from the first range on the replica's node, and a gRPC port from the second where gRPC is on. These
+# are Ray 2.60's defaults, pinned in the controller's environment (serve_admin.proxy_env) so that a donor's
+# firewall covers them from the start: `Firewall.cover` would add a replica's port on the agent's next pass only,
+# and until then the replica answered on the donor's LAN address (a rehearsal saw it).
+SERVE_INGRESS_HTTP_PORTS = (30000, 31000)
+SERVE_INGRESS_GRPC_PORTS = (40000, 41000)
+
+
+def serve_ingress_env() -> dict[str, str]:
+    """The Serve controller's environment that keeps its direct-ingress ports in the ranges above."""
+    (http_lo, http_hi), (grpc_lo, grpc_hi) = SERVE_INGRESS_HTTP_PORTS, SERVE_INGRESS_GRPC_PORTS
+    return {
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(http_lo),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(http_hi),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(grpc_lo),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(grpc_hi),
+    }
+
+
 @dataclass(frozen=True)
 class RayPorts:
     """Every port Ray listens on, pinned, so the firewall can name them all. Ray would otherwise pick random
@@ -152,8 +172,19 @@ class RayPorts:
             args += ["--ray-client-server-port", str(self.ray_client)]
         return args
 
-    def firewalled(self, extra: Iterable[int] = ()) -> list[str]:
-        """nft set elements: single ports and ranges."""
+    def firewalled(self, extra: Iterable[int] = (), serve: bool = False) -> list[str]:
+        """nft set elements: single ports and ranges (an interval set refuses overlapping elements, so ranges
+        that touch are merged and a single port inside a range is left to it). `serve`: Serve's direct-ingress
+        ranges too (a donor, where ingress replicas run; the head's own replicas are covered by its agent loop)."""
+        ranges = [(self.min_worker, self.max_worker)]
+        if serve:
+            ranges += [SERVE_INGRESS_HTTP_PORTS, SERVE_INGRESS_GRPC_PORTS]
+        merged: list[tuple[int, int]] = []
+        for lo, hi in sorted(ranges):
+            if merged and lo <= merged[-1][1] + 1:
+                merged[-1] = (merged[-1][0], max(hi, merged[-1][1]))
+            else:
+                merged.append((lo, hi))
         singles = sorted(
             {
                 self.node_manager,
@@ -166,8 +197,8 @@ class RayPorts:
                 *extra,
             }
         )
-        singles = [p for p in singles if not self.min_worker <= p <= self.max_worker]
-        return [str(p) for p in singles] + [f"{self.min_worker}-{self.max_worker}"]
+        singles = [p for p in singles if not any(lo <= p <= hi for lo, hi in merged)]
+        return [str(p) for p in singles] + [f"{lo}-{hi}" for lo, hi in merged]
 
 
 def render_firewall(
@@ -697,7 +728,7 @@ class Spoke:
 
     def __post_init__(self) -> None:
         self.iface = Interface(self.name, f"{self.address}/{self.prefix}", self.key_file, mtu=self.mtu)
-        self.firewall = Firewall(self.name, self.ports.firewalled())
+        self.firewall = Firewall(self.name, self.ports.firewalled(serve=True))
 
     @property
     def subnet(self) -> str:

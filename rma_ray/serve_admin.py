@@ -19,7 +19,8 @@ A new app answers through HAProxy once HAProxy has reloaded with its backend, a 
 HAProxy mode binds Serve's HTTP host on all addresses: Ray's HAProxy reaches a replica on its own node at
 127.0.0.1 and one on another node at that node's IP, and a replica's server binds Serve's HTTP host, so any
 single address leaves one of them unreachable. On the overlay the firewall keeps every port but the Serve port
-off non-overlay addresses (rma_ray/overlay.py).
+off non-overlay addresses (rma_ray/overlay.py); a donor's covers the replicas' direct-ingress port ranges from the
+start (`serve_ingress_env`).
 """
 
 from __future__ import annotations
@@ -67,10 +68,14 @@ def _free_port() -> int:
 def proxy_env(cpus: int | None = None) -> dict[str, str]:
     """Env of Serve's controller (inherited by HAProxy's manager and the fallback proxy) in HAProxy mode. Ray's
     side ports are fixed by default (fallback proxy 8500/9500, HAProxy's exporter 9101 and stats page 8404), so
-    two pools on one machine would collide: this head takes free ones."""
+    two pools on one machine would collide: this head takes free ones. The replicas' direct-ingress ports stay in
+    the ranges a donor's firewall covers from the start (rma_ray.overlay.serve_ingress_env)."""
+    from rma_ray.overlay import serve_ingress_env
+
     threads = max(1, min(4, (cpus or os.cpu_count() or 2) // 2))
     return {
         **HAPROXY_ENV,
+        **serve_ingress_env(),
         "RAY_SERVE_HAPROXY_NBTHREAD": str(threads),
         "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(_free_port()),
         "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(_free_port()),

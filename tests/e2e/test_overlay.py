@@ -293,14 +293,20 @@ def test_ray_ports_are_closed_off_the_overlay(
         for d in (nated["a"], nated["b"]):
             ports = listening_tcp(d.host)
             assert {PORTS.node_manager, PORTS.object_manager} <= ports, ports
+            if d is nated["a"]:  # `chain`'s front: an ingress replica's direct-ingress port in Serve's range
+                lo, hi = overlay.SERVE_INGRESS_HTTP_PORTS
+                assert any(lo <= p <= hi for p in ports), ports
             # nothing of Ray answers on the donor's LAN address, even without its NAT
             d.host.run(["nft", "delete", "table", "inet", "rma_nat"])
             try:
-                # a port a Ray process opened since the agent's last pass (a Serve replica's direct-ingress
-                # ports, 30000 and up and a random one) is covered on its next pass, a heartbeat later
-                # (`Agent.guard_ports`; SECURITY.md: "covered within one agent loop, not at once"): seen once
-                # open in a rehearsal where the replicas had just started
                 targets = [(d.host.ip, p) for p in sorted(ports)]
+                # Serve's direct-ingress ports are firewalled from the start (overlay.serve_ingress_env): a
+                # replica that started since the agent's last pass answers on none of them
+                pinned = overlay._ports_in(PORTS.firewalled(serve=True))
+                assert not {p for _, p in outsider.reachable(targets)} & pinned
+                # a port a Ray process opened at random since then (a Serve replica opens one beside its
+                # ingress port) is covered on the agent's next pass, a heartbeat later (`Agent.guard_ports`;
+                # SECURITY.md: "covered within one agent loop, not at once")
                 wait_for(
                     lambda targets=targets: outsider.reachable(targets) == set(),
                     timeout=30,

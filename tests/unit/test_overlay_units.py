@@ -93,6 +93,40 @@ def test_every_pinned_ray_port_is_firewalled() -> None:
     assert "--ray-client-server-port" not in ports.argv(head=False)
 
 
+def test_a_donors_firewall_covers_serves_direct_ingress_ports_from_the_start() -> None:
+    """The ranges the Serve controller is told to use (serve_admin.proxy_env) are in a donor's set at install,
+    not one agent pass after a replica opens them; the head's set leaves them to its agent loop."""
+    from rma_ray import serve_admin
+
+    env = serve_admin.proxy_env(cpus=2)
+    http = (
+        int(env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"]),
+        int(env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]),
+    )
+    grpc = (
+        int(env["RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT"]),
+        int(env["RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT"]),
+    )
+    spoke = overlay.Spoke(
+        "rmaabc", Path("/nonexistent.key"), "10.77.0.2", 24, "k" * 43 + "=", "h:51820", "10.77.0.1"
+    )
+    covered = overlay._ports_in(spoke.firewall.elements)
+    assert set(range(http[0], http[1] + 1)) | set(range(grpc[0], grpc[1] + 1)) <= covered
+    assert not set(range(http[0], http[1] + 1)) & overlay._ports_in(RayPorts().firewalled([6380]))
+    assert overlay.render_firewall("rmaabc", spoke.firewall.elements).count("30000-31000") == 1
+
+
+def test_ranges_that_touch_are_one_element_and_a_port_inside_one_is_left_to_it() -> None:
+    """nft refuses overlapping elements in an interval set: an edge's worker range shifted onto Serve's
+    (EdgePorts.shifted) must still make a valid set."""
+    ports = RayPorts(min_worker=29000, max_worker=30500, ray_client=30400)
+    elements = ports.firewalled(serve=True)
+    ranges = sorted(tuple(map(int, e.split("-"))) for e in elements if "-" in e)
+    assert ranges == [(29000, 31000), (40000, 41000)]
+    assert "30400" not in elements
+    assert all(a[1] < b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+
+
 def test_firewall_drops_only_ray_ports_off_the_overlay() -> None:
     text = overlay.render_firewall("rmaabc", ["6391", "10002-19999"])
     assert 'iifname "rmaabc" accept' in text and 'iifname "lo" accept' in text
