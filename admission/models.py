@@ -292,6 +292,26 @@ class SpotCheck(Base):
     request_sha256: Mapped[str] = mapped_column(String(64))
     reporter: Mapped[str] = mapped_column(String(64))  # the credential's actor (service:<id>, worker:<id>)
     sample: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # where the edge head's HAProxy forwarded the request (rma_ray.upstream), and the donor at that address
+    upstream: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    donor: Mapped[str | None] = mapped_column(String(12), nullable=True, index=True)
+
+
+class DonorReputation(Base):
+    """An edge donor's own decayed pass rate, over the spot-checks of answers its replicas gave (attributed by
+    the edge head's HAProxy: rma_ray.upstream). Under the edge's threshold the donor is quarantined (drained),
+    and the edge goes on with its other donors. Reset with its edge's (`rma edges trust`)."""
+
+    __tablename__ = "donor_reputation"
+
+    worker_id: Mapped[str] = mapped_column(String(12), primary_key=True)
+    edge: Mapped[str] = mapped_column(String(64), index=True)
+    checks: Mapped[int] = mapped_column(BigInteger, default=0)
+    failures: Mapped[int] = mapped_column(BigInteger, default=0)
+    passed_weight: Mapped[float] = mapped_column(Float, default=0.0)
+    weight: Mapped[float] = mapped_column(Float, default=0.0)
+    last_check_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    quarantined_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
 class EdgeReputation(Base):

@@ -417,6 +417,20 @@ class SpotCheckFailure(BaseModel):
     request_sha256: str
     reporter: str = Field(description="the credential that reported it (service:<id> or worker:<id>)")
     sample: dict[str, Any] | None
+    upstream: str | None = Field(None, description="where the edge head's HAProxy sent the request")
+    donor: str | None = Field(None, description="the edge donor at that address (None: not attributable)")
+
+
+class DonorSpotChecks(BaseModel):
+    """One edge donor's own record, over the checks attributed to it (its replica's address)."""
+
+    id: str
+    name: str | None = Field(None, description="the donor's name, if still registered")
+    checks: int
+    failures: int
+    pass_rate: float | None
+    quarantined: bool = Field(description="drained by the spot-checks: its edge serves on without it")
+    last_check_at: datetime | None = None
 
 
 class EdgeSpotChecks(BaseModel):
@@ -430,6 +444,10 @@ class EdgeSpotChecks(BaseModel):
     last_check_at: datetime | None = None
     samples_kept: int = Field(description="failing samples kept for review (bounded per edge)")
     recent_failures: list[SpotCheckFailure] = Field(default_factory=list, description="newest first")
+    donors: list[DonorSpotChecks] = Field(
+        default_factory=list, description="per donor, from the checks attributed to it (fewest passes first)"
+    )
+    unattributed: int = Field(0, description="checks since the last reset that named no known donor")
 
 
 class SpotChecksOut(BaseModel):

@@ -557,6 +557,8 @@ class EdgeHead:
                     str(self.spec.ports.serve),
                     "--haproxy-dir",
                     str(self.haproxy_dir),
+                    # the core tells which donor answered a spot-checked request (rma_ray.upstream)
+                    "--upstream-header",
                 ]
             ),
             capture_output=True,

@@ -117,9 +117,11 @@ def start(
     proxy: str = "haproxy",
     env: dict[str, str] | None = None,
     wait_s: float = 300.0,
+    upstream_dir: str | None = None,
 ) -> dict[str, Any]:
     """`serve.start` for the pool, from a driver connected to it (`env`: more of the controller's environment);
-    returns once the head's proxy is healthy (raises TimeoutError after `wait_s`)."""
+    returns once the head's proxy is healthy (raises TimeoutError after `wait_s`). `upstream_dir` (an edge
+    head): HAProxy names the replica of each answer (rma_ray.upstream), its wrapper script written there."""
     import time
 
     from ray import serve
@@ -132,6 +134,13 @@ def start(
         )
         proxy = "python"
     controller_env = {**CONTROLLER_ENV, **(proxy_env() if proxy == "haproxy" else {}), **(env or {})}
+    real = haproxy_binary()
+    if proxy == "haproxy" and upstream_dir and real:
+        from pathlib import Path
+
+        from rma_ray import upstream
+
+        controller_env["RAY_SERVE_HAPROXY_BINARY_PATH"] = str(upstream.wrapper(Path(upstream_dir), real))
     if proxy == "haproxy":
         host = "0.0.0.0"
     started = time.monotonic()
@@ -194,6 +203,12 @@ def main(argv: list[str] | None = None) -> int:
         help="HAProxy's files here instead of /tmp/haproxy-serve (a head run as another user; short path)",
     )
     ap.add_argument(
+        "--upstream-header",
+        action="store_true",
+        help="an edge head: HAProxy adds x-rma-upstream (the replica's address) to each answer "
+        "(needs --haproxy-dir)",
+    )
+    ap.add_argument(
         "--timeout",
         type=float,
         default=30.0,
@@ -208,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.action == "start":
             env = haproxy_dir_env(args.haproxy_dir) if args.haproxy_dir else None
-            start(args.host, args.port, args.request_timeout, args.proxy, env=env)
+            upstream_dir = args.haproxy_dir if args.upstream_header else None
+            start(args.host, args.port, args.request_timeout, args.proxy, env=env, upstream_dir=upstream_dir)
         else:
             shutdown(args.timeout)
     except TimeoutError as exc:

@@ -327,6 +327,13 @@ class SpotCheckReport(Strict):
     sample: dict[str, Any] | None = Field(
         None, description="failed checks only: request and both answers, each truncated to 4 KiB"
     )
+    upstream: str | None = Field(
+        None,
+        max_length=64,
+        pattern=r"^[0-9A-Za-z.:\[\]]+$",
+        description="where the edge's HAProxy forwarded the request (x-rma-upstream: the replica's address "
+        "and port, rma_ray.upstream): the coordinator names the donor at that address",
+    )
 
 
 class DonorVersions(BaseModel):

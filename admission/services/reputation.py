@@ -2,8 +2,15 @@
 answers on core replicas (off the request path) and report each verdict here (`POST
 /api/service/spot-checks`). Each edge keeps a decayed pass rate; an edge under `spot_check_quarantine_below`,
 once it has had `spot_check_min_checks` checks, is quarantined: left out of the edge routes (the core serves
-its share at once), audited, shown on the registry page. Its donors stay registered: the core cannot tell
-which of an edge's donors served a request, so the verdict is the edge's, not a donor's.
+its share at once), audited, shown on the registry page.
+
+An LLM verdict also names the donor that answered, where it can: the edge head's HAProxy writes the address of
+the replica it forwarded to (rma_ray.upstream; a donor cannot set it), and the donor registered at that address
+(its overlay address, else the address it registered from, when exactly one donor of the edge has it) gets the
+verdict too. A donor keeps its own decayed pass rate on the same terms as its edge; under the threshold it is
+quarantined like a donor whose hardware lied (drained, flagged, audited) and the edge goes on with its other
+donors. The edge's own rate counts every verdict, attributed or not: the backstop for answers no donor could be
+named for (the Python proxy instead of HAProxy, two donors behind one NAT address).
 
 The pass rate is exponentially weighted over checks, not over hours: evidence arrives one check at a time,
 so the number of checks behind the rate is what bounds its noise, and a quiet edge neither forgets its
@@ -23,18 +30,25 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, or_, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from admission import schemas
 from admission.errors import ApiError
-from admission.models import EdgeReputation, SpotCheck, utcnow
+from admission.models import DonorReputation, EdgeReputation, SpotCheck, Worker, utcnow
 from admission.services import audit
 from rma_ray.settings import Settings
+from rma_ray.upstream import upstream_host
 
 log = logging.getLogger("rma.admission.reputation")
+
+# the kinds whose answer the edge's ingress replica computes itself: the LLM (an edge LLM is its own ingress:
+# deployments.llm.config.direct_ingress). The embeddings and documents apps' ingress hands the work to another
+# deployment (the embedder, OCR), whose replica may run on another donor: naming the ingress's donor could blame
+# an honest one, so those verdicts stay the edge's alone.
+ATTRIBUTED_KINDS = frozenset({"llm"})
 
 # the wire truncates each of the sample's three parts to 4 KiB; JSON escaping can grow them, so the stored
 # sample is bounded by its encoded size (a larger one is kept cut, marked as such)
@@ -107,10 +121,87 @@ def _row(session: Session, edge: str) -> EdgeReputation:
     ).one()
 
 
+def donor_at(session: Session, edge: str, upstream: str | None) -> Worker | None:
+    """The edge's donor at `upstream`'s address: the one whose overlay address it is, else the only one that
+    registered from it (two behind one NAT address: nobody). Donors that left are not looked at."""
+    host = upstream_host(upstream)
+    if host is None:
+        return None
+    mine = select(Worker).where(Worker.cluster == edge, Worker.left_at.is_(None))
+    found = session.scalars(mine.where(Worker.overlay_ip == host)).all()
+    if not found:
+        found = session.scalars(
+            mine.where(
+                Worker.registered_ip == host, or_(Worker.overlay_ip.is_(None), Worker.overlay_ip == "")
+            )
+        ).all()
+    return found[0] if len(found) == 1 else None
+
+
+def _donor_row(session: Session, worker_id: str, edge: str) -> DonorReputation:
+    """The donor's reputation row, made if missing, locked like the edge's (_row)."""
+    dialect = session.get_bind().dialect.name
+    ins = pg_insert if dialect == "postgresql" else sqlite_insert
+    session.execute(
+        ins(DonorReputation)
+        .values(worker_id=worker_id, edge=edge, checks=0, failures=0, passed_weight=0.0, weight=0.0)
+        .on_conflict_do_nothing(index_elements=["worker_id"])
+    )
+    return session.scalars(
+        select(DonorReputation)
+        .where(DonorReputation.worker_id == worker_id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    ).one()
+
+
+def _judge_donor(
+    session: Session, settings: Settings, actor: str, body: schemas.SpotCheckReport, donor: Worker, ip: str
+) -> None:
+    """The verdict on the donor's own record; a donor under the threshold is quarantined: drained and flagged
+    like a donor whose hardware lied (admission.services.reconcile), its node credential refused the cluster
+    token, the edge serving on without it."""
+    now = utcnow()
+    row = _donor_row(session, donor.id, body.edge)
+    tally = add(Tally(row.passed_weight, row.weight), body.passed, settings.spot_check_half_life)
+    row.passed_weight, row.weight = tally.passed_weight, tally.weight
+    row.checks += 1
+    row.failures += 0 if body.passed else 1
+    row.last_check_at = now
+    rate = tally.rate
+    if row.quarantined_at is None and quarantines(
+        row.checks, rate, settings.spot_check_min_checks, settings.spot_check_quarantine_below
+    ):
+        assert rate is not None
+        row.quarantined_at = now
+        reason = (
+            f"spot-checks: its answers' pass rate {rate:.0%} is under "
+            f"{settings.spot_check_quarantine_below:.0%} ({row.failures} of {row.checks} checks of edge "
+            f"{body.edge!r} failed; the last: {body.app} {body.path} scored {body.score:.4g}, a pass needs "
+            f"{body.threshold:.4g})"
+        )
+        if not donor.quarantine_reason and donor.revoked_at is None:
+            donor.quarantine_reason, donor.action = reason, "drain"
+        audit.record(
+            session,
+            actor,
+            "worker.quarantine",
+            donor.id,
+            ip,
+            reason=reason,
+            edge=body.edge,
+            pass_rate=round(rate, 4),
+            checks=row.checks,
+            failures=row.failures,
+        )
+        log.warning("edge donor %s (%s) quarantined: %s", donor.id, body.edge, reason)
+
+
 def report(
     session: Session, settings: Settings, actor: str, body: schemas.SpotCheckReport, ip: str = ""
 ) -> None:
-    """Store one verdict, update the edge's pass rate, quarantine it when the rate says so, prune."""
+    """Store one verdict, update the edge's pass rate (and that of the donor that answered, where known),
+    quarantine either when its rate says so, prune."""
     _edge_known(settings, body.edge)
     for field in ("score", "threshold"):
         if not math.isfinite(getattr(body, field)):
@@ -122,6 +213,7 @@ def report(
     row.checks += 1
     row.failures += 0 if body.passed else 1
     row.last_check_at = now
+    donor = donor_at(session, body.edge, body.upstream) if body.kind in ATTRIBUTED_KINDS else None
     session.add(
         SpotCheck(
             at=now,
@@ -136,8 +228,12 @@ def report(
             reporter=actor,
             # a passed check's sample is client data with nothing to review: never kept
             sample=None if body.passed else bounded_sample(body.sample),
+            upstream=body.upstream,
+            donor=donor.id if donor else None,
         )
     )
+    if donor is not None:
+        _judge_donor(session, settings, actor, body, donor, ip)
     rate = tally.rate
     if row.quarantined_at is None and quarantines(
         row.checks, rate, settings.spot_check_min_checks, settings.spot_check_quarantine_below
@@ -196,6 +292,7 @@ def trust(
         if session.get(EdgeReputation, name) is not None:  # an edge no longer configured: its record goes
             session.execute(delete(SpotCheck).where(SpotCheck.edge == name))
             session.execute(delete(EdgeReputation).where(EdgeReputation.edge == name))
+            session.execute(delete(DonorReputation).where(DonorReputation.edge == name))
             audit.record(session, actor, "edge.trust", name, ip, removed_edge=True)
             session.flush()
             return _edge_out(session, name, None, failures=0)
@@ -211,6 +308,9 @@ def trust(
     row.checks = row.failures = 0
     row.passed_weight = row.weight = 0.0
     row.quarantined_at, row.quarantine_reason, row.reset_at = None, None, utcnow()
+    # its donors' records start again too; a donor the checks quarantined stays so (its quarantine is the
+    # worker's: revoke it, or let it register again once the admin knows why)
+    session.execute(delete(DonorReputation).where(DonorReputation.edge == name))
     audit.record(session, actor, "edge.trust", name, ip, **was)
     session.flush()
     return _edge_out(session, name, row, failures=0)
@@ -232,6 +332,7 @@ def _edge_out(
         if failures
         else []
     )
+    donors = _donors_out(session, edge)
     return schemas.EdgeSpotChecks(
         edge=edge,
         checks=row.checks if row else 0,
@@ -254,10 +355,33 @@ def _edge_out(
                 request_sha256=c.request_sha256,
                 reporter=c.reporter,
                 sample=c.sample,
+                upstream=c.upstream,
+                donor=c.donor,
             )
             for c in recent
         ],
+        donors=donors,
+        unattributed=max(0, (row.checks if row else 0) - sum(d.checks for d in donors)),
     )
+
+
+def _donors_out(session: Session, edge: str) -> list[schemas.DonorSpotChecks]:
+    rows = session.scalars(select(DonorReputation).where(DonorReputation.edge == edge)).all()
+    found = session.execute(select(Worker.id, Worker.name).where(Worker.id.in_([r.worker_id for r in rows])))
+    names = {wid: name for wid, name in found}
+    out = [
+        schemas.DonorSpotChecks(
+            id=r.worker_id,
+            name=names.get(r.worker_id),
+            checks=r.checks,
+            failures=r.failures,
+            pass_rate=Tally(r.passed_weight, r.weight).rate,
+            quarantined=r.quarantined_at is not None,
+            last_check_at=r.last_check_at,
+        )
+        for r in rows
+    ]
+    return sorted(out, key=lambda d: (d.pass_rate if d.pass_rate is not None else 2.0, d.id))
 
 
 def overview(session: Session, settings: Settings, failures: int = 5) -> schemas.SpotChecksOut:

@@ -67,6 +67,7 @@ from deployments.gateway.refusal import Refusal
 from deployments.gateway.spotcheck import sampler
 from deployments.gateway.spotcheck import streaming as _streaming
 from rma_ray.edges import SERVED_BY_HEADER
+from rma_ray.upstream import UPSTREAM_HEADER
 from rma_ray.wire import EdgeRoute, EdgeRoutes
 
 log = logging.getLogger("rma.edge_router")
@@ -83,6 +84,13 @@ RETURNED_HEADERS = frozenset(
 )
 
 Route = tuple[str, "re.Pattern[str]"]  # (method, full request path)
+
+
+class EdgeAnswer(StreamingResponse):
+    """An edge's answer as relayed to the client, and where the edge head's HAProxy forwarded the request
+    (`upstream`, its x-rma-upstream: rma_ray.upstream): kept for a spot-check's attribution, never sent on."""
+
+    upstream: str | None = None
 
 
 def serves(route: EdgeRoute, app: str, now: float) -> bool:
@@ -312,9 +320,11 @@ class EdgeRouter:
             self.counter.inc(route.name, app, "forwarded")
             out = {k: v for k, v in resp.headers.items() if k.lower() in RETURNED_HEADERS}
             out[SERVED_BY_HEADER] = f"edge:{route.name}"
-            return StreamingResponse(
+            answer = EdgeAnswer(
                 self._relay(route.name, app, resp, deadline), status_code=resp.status_code, headers=out
             )
+            answer.upstream = resp.headers.get(UPSTREAM_HEADER)
+            return answer
         return None
 
     async def _unless_withdrawn(
@@ -501,7 +511,16 @@ class EdgeForward:
             )
             if resp is not None:
                 # a sampled answer is copied as it is relayed and re-checked on the core once it was sent
-                tee = sampler(r.spot_check_rate, self.app_name, self.app, scope, body, resp.headers, send)
+                tee = sampler(
+                    r.spot_check_rate,
+                    self.app_name,
+                    self.app,
+                    scope,
+                    body,
+                    resp.headers,
+                    send,
+                    upstream=getattr(resp, "upstream", None),
+                )
                 await resp(scope, receive, send if tee is None else tee.send)
                 if tee is not None:
                     tee.done()

@@ -743,6 +743,8 @@ class Sample:
     # the client's request's context (Serve's request context): the re-run runs in a copy of it, as the request
     # would have run on the core
     context: contextvars.Context = field(default_factory=contextvars.copy_context, repr=False)
+    # where the edge's HAProxy sent the request (rma_ray.upstream: set on the edge head, not by a donor)
+    upstream: str | None = None
 
 
 def _coordinator_report(report: SpotCheckReport) -> None:
@@ -894,6 +896,7 @@ class SpotChecker:
             score=score,
             threshold=threshold,
             request_sha256=hashlib.sha256(sample.body).hexdigest(),
+            upstream=sample.upstream,
             sample=None
             if passed
             else {
@@ -1014,12 +1017,20 @@ class Tee:
 
 
 def sampler(
-    rate: float, app_name: str, core: Any, scope: dict[str, Any], body: bytes, headers: Any, send: Any
+    rate: float,
+    app_name: str,
+    core: Any,
+    scope: dict[str, Any],
+    body: bytes,
+    headers: Any,
+    send: Any,
+    upstream: str | None = None,
 ) -> Tee | None:
     """A Tee for this edge answer when it is to be spot-checked (`rate`: the routes' spot_check_rate), else
     None. `headers`: the edge answer's headers (the edge's name; its content-type: a stream or not, as the
-    client reads it, whatever the body's `stream` said); `core`: the app EdgeForward wraps. The draw comes
-    first: an answer not drawn costs nothing more."""
+    client reads it, whatever the body's `stream` said); `core`: the app EdgeForward wraps; `upstream`: the
+    edge's x-rma-upstream (not among the headers the client gets). The draw comes first: an answer not drawn
+    costs nothing more."""
     if rate <= 0:
         return None
     c = checker()
@@ -1041,9 +1052,22 @@ def sampler(
             max_line_bytes=c.max_line_bytes,
             held_back=longest_stop(body),
         )
-    return Tee(
-        c, Sample(edge=edge, app=app_name, kind=kind, scope=scope, body=body, stream=stream, core=core), send
+    if upstream is not None and (len(upstream) > 64 or not _UPSTREAM.fullmatch(upstream)):
+        upstream = None  # not what the edge head's HAProxy writes: unattributed
+    sample = Sample(
+        edge=edge,
+        app=app_name,
+        kind=kind,
+        scope=scope,
+        body=body,
+        stream=stream,
+        core=core,
+        upstream=upstream,
     )
+    return Tee(c, sample, send)
+
+
+_UPSTREAM = re.compile(r"[0-9A-Za-z.:\[\]]+")
 
 
 def longest_stop(body: bytes) -> int:

@@ -444,7 +444,8 @@ def edges_checks(
     admin_key_file: KeyFileOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Spot-checks per edge: checks, decayed pass rate, quarantine and its reason, recent failures."""
+    """Spot-checks per edge: checks, decayed pass rate, quarantine and its reason, each donor's own record,
+    recent failures (with the donor that answered, where the edge head named it)."""
     with admin_client(coordinator, admin_key_file) as client:
         got = client._object("GET", "/api/admin/spot-checks", params={"failures": failures})
     if as_json:
@@ -467,6 +468,16 @@ def edges_checks(
     for e in got["edges"]:
         if e["quarantined"]:
             out.print(Text.assemble((f"{e['edge']}: ", "bold"), shown(e["reason"] or "")))
+        for d in e.get("donors", []):  # the donors the edge head's HAProxy named (rma_ray.upstream)
+            rate = "-" if d["pass_rate"] is None else f"{d['pass_rate']:.1%}"
+            out.print(
+                Text.assemble(
+                    f"  {e['edge']} donor {d['id']} ",
+                    shown(d["name"] or "(gone)"),
+                    f": {d['failures']:,} of {d['checks']:,} checks failed, pass rate {rate}",
+                    (" quarantined" if d["quarantined"] else "", "red"),
+                )
+            )
         for f in e["recent_failures"]:
             out.print(
                 Text.assemble(
@@ -474,6 +485,7 @@ def edges_checks(
                     shown(f["path"]),
                     f" scored {f['score']:.4g} (a pass needs {f['threshold']:.4g}),",
                     f" request {f['request_sha256'][:12]}",
+                    f", donor {f['donor']}" if f.get("donor") else "",
                 )
             )
 

@@ -679,3 +679,9 @@ def test_a_tampered_edge_donor_is_quarantined(edge_pool: EdgePool) -> None:
         got = sent[failure["request_sha256"]]
         assert sample["edge_answer"] == got[:4096].decode("utf-8", errors="replace")
         assert json.loads(sample["core_answer"])["tokens"] >= 16
+    # ... and which donor gave them: the edge head's HAProxy named its replica's address (rma_ray.upstream),
+    # the coordinator the donor registered there; that donor is quarantined on its own record too (drained)
+    assert {f["donor"] for f in edge["recent_failures"]} == {donor.worker_id}
+    assert {f["upstream"].rpartition(":")[0] for f in edge["recent_failures"]} == {donor.host.ip}
+    (named,) = [d for d in edge["donors"] if d["id"] == donor.worker_id]
+    assert named["checks"] == named["failures"] >= min_checks and named["quarantined"], named

@@ -21,7 +21,7 @@ from sqlalchemy import delete, select, update
 from typer.testing import CliRunner
 
 from admission.main import build_state, create_app, prepare_database
-from admission.models import EdgeReputation, SpotCheck, utcnow
+from admission.models import EdgeReputation, SpotCheck, Worker, utcnow
 from admission.services.reputation import Tally, add
 from rma_ray import credentials
 from rma_ray.cli import app as rma_app
@@ -261,3 +261,87 @@ def test_only_the_core_reports_and_bad_reports_name_their_field(pool: Coordinato
             s.scalars(select(SpotCheck).where(SpotCheck.edge == "gone"))
         )
     assert pool.admin("POST", "/api/admin/edges/never/trust").status_code == 404
+
+
+def test_a_verdict_names_the_donor_that_answered_and_a_failing_donor_is_quarantined_alone(
+    pool: Coordinator,
+) -> None:
+    """The edge head's HAProxy names the replica's address (`upstream`, rma_ray.upstream); the coordinator
+    gives the verdict to the edge's donor at that address too. A donor under the threshold is quarantined
+    (drained, audited, shown) while the edge, whose other donor passes, stays routed."""
+    svc = pool.admin("POST", "/api/admin/service-keys", json={"name": "gateway"}).json()["key"]
+
+    def report(body: dict[str, Any]) -> None:
+        r = pool.http.post("/api/service/spot-checks", json=body, headers=bearer(svc))
+        assert r.status_code == 204, r.text
+
+    bad, good = pool.join(trusted=False), pool.join(trusted=False)
+    assert bad["cluster"] == good["cluster"] == "edge"
+    # both registered from 127.0.0.1 here: the overlay addresses the coordinator gave them tell them apart
+    with pool.state.sessions() as s, s.begin():
+        s.execute(update(Worker).where(Worker.id == bad["worker_id"]).values(overlay_ip="10.77.0.2"))
+        s.execute(update(Worker).where(Worker.id == good["worker_id"]).values(overlay_ip="10.77.0.3"))
+    n = 0
+    for _ in range(MIN_CHECKS):
+        for _ in range(9):  # the honest donor's passes keep the edge's own rate over the threshold
+            n += 1
+            report(verdict(True, n, upstream="10.77.0.3:30001"))
+        n += 1
+        report(verdict(False, n, upstream="10.77.0.2:30002"))
+    # an address no donor of the edge has, and none at all: the edge's verdicts only
+    report(verdict(True, n + 1, upstream="10.77.0.9:30001"))
+    report(verdict(True, n + 2))
+    # an embeddings answer's ingress hands the work to the embedder, maybe on another donor: the edge's alone
+    report(
+        verdict(
+            True, n + 3, app="embeddings", kind="embeddings", path="/v1/embeddings", upstream="10.77.0.3:1"
+        )
+    )
+
+    view = edge_view(pool, failures=1)
+    assert not view["quarantined"] and view["checks"] == MIN_CHECKS * 10 + 3
+    donors = {d["id"]: d for d in view["donors"]}
+    assert (
+        donors[bad["worker_id"]]["checks"] == MIN_CHECKS
+        and donors[bad["worker_id"]]["failures"] == MIN_CHECKS
+    )
+    assert donors[bad["worker_id"]]["quarantined"] and donors[bad["worker_id"]]["pass_rate"] == 0.0
+    assert (
+        donors[good["worker_id"]]["checks"] == MIN_CHECKS * 9 and not donors[good["worker_id"]]["quarantined"]
+    )
+    assert view["donors"][0]["id"] == bad["worker_id"]  # the worst first
+    assert view["unattributed"] == 3
+    (failure,) = view["recent_failures"]
+    assert failure["donor"] == bad["worker_id"] and failure["upstream"] == "10.77.0.2:30002"
+    # the donor is quarantined like one whose hardware lied: drained on its heartbeat, audited; the other is not
+    with pool.state.sessions() as s:
+        workers = {w.id: w for w in s.scalars(select(Worker))}
+    assert workers[bad["worker_id"]].action == "drain"
+    assert "spot-checks" in (workers[bad["worker_id"]].quarantine_reason or "")
+    assert (
+        workers[good["worker_id"]].quarantine_reason is None and workers[good["worker_id"]].action == "none"
+    )
+    (event,) = pool.admin("GET", "/api/admin/audit", params={"action": "worker.quarantine"}).json()
+    assert event["subject"] == bad["worker_id"] and event["detail"]["edge"] == "edge"
+    assert routed(pool, svc)[0] == {"edge"}
+    # the admin's views: the registry page's row per donor, and `rma edges checks`
+    login = pool.http.post("/registry/login", data={"admin_key": pool.admin_key})
+    assert login.status_code == 303, login.text
+    html = pool.http.get("/registry", params={"partial": True}).text
+    assert f'data-donor="{bad["worker_id"]}" data-quarantined="true"' in html
+    assert f'data-donor="{good["worker_id"]}" data-quarantined="false"' in html
+    code, text = rma(pool, "edges", "checks")
+    assert (
+        code == 0 and f"donor {bad['worker_id']} donor: {MIN_CHECKS} of {MIN_CHECKS} checks failed" in text
+    ), text
+    assert f", donor {bad['worker_id']}" in text  # the recent failure names the donor that answered
+    # an upstream that is not an address and a port is refused with the field named
+    r = pool.http.post(
+        "/api/service/spot-checks", json=verdict(True, upstream="x; drop"), headers=bearer(svc)
+    )
+    assert r.status_code == 422 and "upstream" in r.json()["error"]["message"], r.text
+    # trusting the edge again starts its donors' records anew; the donor's quarantine stays (the worker's own)
+    assert pool.admin("POST", "/api/admin/edges/edge/trust").status_code == 200
+    assert edge_view(pool)["donors"] == []
+    with pool.state.sessions() as s:
+        assert s.get(Worker, bad["worker_id"]).quarantine_reason  # type: ignore[union-attr]

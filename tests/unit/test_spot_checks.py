@@ -32,6 +32,7 @@ from rma_ray import credentials
 from rma_ray.client import AdmissionClient
 from rma_ray.credentials import Kind
 from rma_ray.edges import SERVED_BY_HEADER, jwks_path
+from rma_ray.upstream import UPSTREAM_HEADER
 from rma_ray.wire import SpotCheckReport
 from tests.support import ServerThread, wait_for
 from tests.support.edge import EDGE, SERVICE_CREDENTIAL, Coordinator, jwk
@@ -175,6 +176,7 @@ class Edge:
 
     honest: bool = True
     answer: tuple[int, bytes] | None = None  # the LLM answer (status, body, streamed when asked), when set
+    upstream: str | None = None  # the x-rma-upstream the edge head's HAProxy adds (rma_ray.upstream)
 
     def app(self, verifier: EdgeCredentialVerifier) -> Any:
         async def answer(request: Request) -> Response:
@@ -209,7 +211,16 @@ class Edge:
                     scope, receive, send
                 )
             else:
-                await gated(scope, receive, send)
+                await gated(scope, receive, with_upstream(send))
+
+        def with_upstream(send: Any) -> Any:
+            async def sending(message: dict[str, Any]) -> None:
+                if message["type"] == "http.response.start" and self.upstream is not None:
+                    headers = [*message.get("headers", []), (b"x-rma-upstream", self.upstream.encode())]
+                    message = {**message, "headers": headers}
+                await send(message)
+
+            return sending
 
         return app
 
@@ -312,7 +323,7 @@ def fresh(bed: Bed) -> Iterator[Bed]:
     assert bed.router.refresh()
     bed.core.calls.clear()
     bed.core.gate.set()
-    bed.edge.honest, bed.edge.answer = True, None
+    bed.edge.honest, bed.edge.answer, bed.edge.upstream = True, None, None
     yield bed
     bed.core.gate.set()
 
@@ -1099,3 +1110,18 @@ def test_chunks_that_carry_only_other_fields_end_the_reading_as_oversize() -> No
     assembler = spotcheck.StreamAssembler(chat=True, max_answer_bytes=100)
     assembler.feed(sse(delta("Paris"), *[junk] * (100 + spotcheck.EVENTS_SLACK)))
     assert assembler.oversize and not assembler.reading
+
+
+def test_the_edge_heads_upstream_reaches_the_verdict_and_never_the_client(fresh: Bed) -> None:
+    """The edge head's HAProxy names the replica's address (rma_ray.upstream): the verdict carries it for the
+    coordinator to name the donor; the client never sees it; a value not of that shape is dropped."""
+    fresh.edge.upstream = "10.77.0.2:30001"
+    r = post(fresh, "/v1/chat/completions", json=CHAT)
+    assert UPSTREAM_HEADER not in r.headers
+    (v,) = verdicts(fresh, 1)
+    assert v["upstream"] == "10.77.0.2:30001" and v["passed"]
+    fresh.reports.received.clear()
+    fresh.edge.upstream = "10.77.0.2:30001; x"
+    post(fresh, "/v1/chat/completions", json=CHAT)
+    (v,) = verdicts(fresh, 1)
+    assert v["upstream"] is None
