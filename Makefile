@@ -20,7 +20,9 @@ up: system-run venv
 # RMA_TEST_REQUIRE set to all this machine can run (tests/support/capabilities.py), so a test that cannot run
 # here fails instead of skipping quietly; set RMA_TEST_REQUIRE yourself to narrow or widen it. Each run writes
 # JUnit XML, its output (with the 25 slowest) and per-capability counts under artifacts/. A run that hangs is
-# interrupted at TEST_SESSION_LIMIT: pytest prints the test it was in, and the run fails.
+# interrupted at TEST_SESSION_LIMIT: pytest prints the test it was in, and the run fails. After the run, the claims of
+# SECURITY.md, docs/architecture.md and the README (tests/claims.toml) are reported against both JUnit files, even
+# when pytest failed (its status is kept): a claim whose named test failed or vanished fails the target too.
 # PYTHONNODEBUGRANGES: tracebacks without column carets. CPython 3.11 finds the carets by parsing the failing
 # line (`ast.parse`), and its parser keeps one recursion counter per interpreter: a traceback formatted by a
 # finalizer (an asyncio task's unread exception, logged when it is collected) in the middle of another
@@ -38,8 +40,10 @@ test: system-test venv-test lint
 	RMA_TEST_REQUIRE=postgres $(PYTEST_CI) -p randomly tests/unit \
 	  --junitxml=artifacts/test/unit/junit.xml 2>&1 | tee artifacts/test/unit/pytest.log
 	@echo "RMA_TEST_REQUIRE=$${RMA_TEST_REQUIRE-$$($(PY) -m tests.support.capabilities)}"
-	RMA_TEST_REQUIRE="$${RMA_TEST_REQUIRE-$$($(PY) -m tests.support.capabilities)}" $(PYTEST_CI) \
-	  --ignore=tests/unit --junitxml=artifacts/test/junit.xml 2>&1 | tee artifacts/test/pytest.log
+	status=0; RMA_TEST_REQUIRE="$${RMA_TEST_REQUIRE-$$($(PY) -m tests.support.capabilities)}" $(PYTEST_CI) \
+	  --ignore=tests/unit --junitxml=artifacts/test/junit.xml 2>&1 | tee artifacts/test/pytest.log || status=$$?; \
+	claims=0; $(PY) -m tests.support.claims artifacts/test/unit/junit.xml artifacts/test/junit.xml || claims=$$?; \
+	exit $$(( status ? status : claims ))
 
 # the lint and type check `make test` runs first ([tool.ruff] and [tool.mypy] in pyproject.toml)
 lint: venv-test
