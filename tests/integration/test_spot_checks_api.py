@@ -321,6 +321,10 @@ def test_a_verdict_names_the_donor_that_answered_and_a_failing_donor_is_quaranti
     assert (
         workers[good["worker_id"]].quarantine_reason is None and workers[good["worker_id"]].action == "none"
     )
+    # its node credential no longer fetches the cluster token (a restart could not bring it back); the other's does
+    refused = pool.http.get("/api/worker/ray", headers=bearer(bad["node_token"]))
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "quarantined", refused.text
+    assert pool.http.get("/api/worker/ray", headers=bearer(good["node_token"])).status_code == 200
     (event,) = pool.admin("GET", "/api/admin/audit", params={"action": "worker.quarantine"}).json()
     assert event["subject"] == bad["worker_id"] and event["detail"]["edge"] == "edge"
     assert routed(pool, svc)[0] == {"edge"}

@@ -640,3 +640,42 @@ def test_every_rma_label_in_configs_exists_in_the_code() -> None:
                 )
                 assert values <= allowed, f"{path.name}: {k}={v!r} (allowed: {sorted(allowed)})"
     assert {LABEL_TIER, LABEL_TRUSTED} <= seen
+
+
+def _service_keys(path: Path) -> dict[str, str]:
+    """The [Service] section's settings (the last one of a key wins, as in systemd)."""
+    keys: dict[str, str] = {}
+    section = ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if line.startswith("[") and line.endswith("]"):
+            section = line
+        elif section == "[Service]" and "=" in line and not line.startswith(("#", ";")):
+            key, _, value = line.partition("=")
+            keys[key.strip()] = value.strip()
+    return keys
+
+
+def test_the_donor_unit_runs_the_pool_as_a_throwaway_user_on_a_read_only_system() -> None:
+    """SECURITY.md's promise for the donor's systemd unit: a DynamicUser, private /tmp, read-only system, no
+    home; the overlay drop-in gives up only what WireGuard needs (root, kernel tunables, namespaces)."""
+    unit = _service_keys(CC / "donor" / "rma-join.service")
+    for key, value in {
+        "DynamicUser": "yes",
+        "PrivateTmp": "yes",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "NoNewPrivileges": "yes",
+        "UMask": "0077",
+    }.items():
+        assert unit.get(key) == value, (key, unit.get(key))
+    overlay = _service_keys(CC / "donor" / "rma-join-overlay.conf")
+    assert set(overlay) <= {
+        "DynamicUser",
+        "User",
+        "ProtectKernelTunables",
+        "RestrictNamespaces",
+        "AmbientCapabilities",
+        "CapabilityBoundingSet",
+    }, overlay
+    assert overlay["DynamicUser"] == "no" and overlay["User"] == "root"

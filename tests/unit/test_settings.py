@@ -36,3 +36,14 @@ def test_default_database_is_sqlite_in_data_dir(tmp_path: Path) -> None:
 def test_secret_not_in_repr(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RMA_SECRET_KEY", "a-real-secret-value-123")
     assert "a-real-secret-value-123" not in repr(Settings())
+
+
+@pytest.mark.parametrize("value", ["*", "10.0.0.0/8, *", " * "])
+def test_a_wildcard_trusted_proxy_is_refused(value: str, tmp_path: Path) -> None:
+    """`*` would let every client name its own IP in the forwarded header (and spend anyone's rate limit)."""
+    with pytest.raises(ValidationError, match="lets every client choose its own IP"):
+        Settings(data_dir=tmp_path, trusted_proxies=value)
+    with pytest.raises(ValidationError):
+        Settings(data_dir=tmp_path, trusted_proxies="proxy.example")
+    ok = Settings(data_dir=tmp_path, trusted_proxies="10.0.0.0/8, 172.16.0.1")
+    assert ok.trusted_proxies == "10.0.0.0/8, 172.16.0.1"

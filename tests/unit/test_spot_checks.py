@@ -414,6 +414,12 @@ def test_text_score_and_llm_parts() -> None:
         {"ignore_eos": True},
         {"tools": [{"type": "function", "function": {"name": "f"}}]},
         {"tool_choice": "required"},
+        # what changes the prompt the edge's model saw, or how it chose: a client could fail an honest edge
+        {"truncate_prompt_tokens": 4},
+        {"use_beam_search": True},
+        {"documents": [{"title": "t", "text": "x"}]},
+        {"vllm_xargs": {"k": 1}},
+        {"reasoning_effort": "high"},
     ):
         with pytest.raises(spotcheck.Unjudgeable):
             spotcheck.calibrated({**chat, **out_of_range})
