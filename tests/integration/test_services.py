@@ -35,6 +35,7 @@ from tests.integration.quota_checks import (
     check_tokens_counted,
 )
 from tests.support import ServerThread, batch_jsonl, free_port, wait_for
+from tests.support.llm import MODEL_CACHE
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 STORES = ["postgres", "chroma", "graph", "redis"]  # redis: the client quotas' shared counters
@@ -760,7 +761,8 @@ def _llm_stack() -> str | None:
 
 @pytest.fixture(scope="module")
 def llm(pool: Pool) -> Pool:
-    """The LLM apps on the same cluster (model conversion ~30-50 s, ready ~60 s more on a busy 2-core box)."""
+    """The LLM apps on the same cluster (ready ~60 s on a busy 2-core box), the model from the tests' shared
+    converted folder (tests.support.llm: converted once per checkout, ~30-50 s, by whichever module comes first)."""
     missing = _llm_stack()
     if missing:
         pytest.skip(missing)
@@ -770,7 +772,7 @@ def llm(pool: Pool) -> Pool:
         "HOME": str(pool.root / "home"),
         "PYTHONPATH": str(REPO),
         "RMA_DATA_DIR": str(pool.root / "llm"),
-        "RMA_LLM_MODEL_DIR": str(pool.root / "models"),
+        "RMA_LLM_MODEL_DIR": str(MODEL_CACHE),
         "RMA_LLM_CPU_TIERS": "service",
     }
     up = ["up", "--stores", "none", "--apps", "llm", "--address", pool.address, "--apps-wait", "600"]

@@ -328,8 +328,11 @@ def ray_cluster(dockerd: Dockerd, tmp_path_factory: pytest.TempPathFactory) -> I
                 timeout=150,
             )
         finally:
+            # each node stopped at once, GCS last, the head last (a raylet whose GCS went first waits ~10 s for
+            # it): the stores are stopped above and nothing else on the nodes needs draining; `ray start`'s own
+            # stop waits on its processes one by one
             for node in reversed(list(c.nodes.values())):
-                node.stop(timeout=20)
+                node.stop_all(grace=5)
                 shutil.rmtree(node.spec.temp_dir, ignore_errors=True)
             shutil.rmtree(stores, ignore_errors=True)
 
