@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -160,3 +161,8 @@ def start_edge_pool(
                 proc.wait(150)
             except subprocess.TimeoutExpired:
                 proc.kill()
+            # `rma down` keeps the edge's data dir (its token across restarts, EdgeSpec.data_dir) and with it the
+            # model the edge donor converted under the edge's home (~260 MB in /tmp a run); this bed's data dir
+            # is never started again
+            if pool is not None and pool.edge.get("data_dir"):
+                shutil.rmtree(pool.edge["data_dir"], ignore_errors=True)
