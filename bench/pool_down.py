@@ -3,6 +3,10 @@ dir and HOME), wait until it is up, then time `rma down`; again on the same data
 the second `rma up` is warm (models prepared). Prints one JSON line (with each cycle's `up_timeline`: the
 seconds at which each line of `rma up` appeared); asserts nothing. Run it under
 the heavy lock: `flock /tmp/rma-heavy.lock .venv/bin/python -m bench.pool_down` (~3-8 min on 2 cores).
+`--root DIR` keeps HOME and the data dir there (a second run on it: every cycle warm); `--keep-ray-logs` copies
+the core head's Ray session logs (Serve's controller and replicas, the workers, vLLM's engine process) to
+`<root>/ray-logs-<cycle>` before `rma down` removes them: where a start's time goes. Ray's workers import this
+checkout's code (PYTHONPATH), whichever venv the `ray` script beside the interpreter belongs to.
 
 Measured on the shared 2-core box (every app and store, idle pool): before issue 18, `rma down` gave up at
 121.4 s ("did not stop within 120 s") while the supervisor went on to 147.7 s (the apps' undeploy alone 142.9 s);
@@ -13,6 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -23,6 +29,8 @@ from pathlib import Path
 import psutil
 
 from tests.support import GiveUp, wait_for
+
+CHECKOUT = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -74,14 +82,37 @@ def main() -> int:
         default=0,
         help="with each cycle, the N process kinds that used the most CPU during `rma up` (cpu_by_process)",
     )
+    ap.add_argument(
+        "--root",
+        type=Path,
+        help="HOME and data dir under this folder, kept (again: every cycle warm); default: a fresh temp dir",
+    )
+    ap.add_argument(
+        "--keep-ray-logs",
+        action="store_true",
+        help="copy the Ray head's session logs (serve/, worker-*, raylet) to <root>/ray-logs-<cycle> before "
+        "`rma down` removes them",
+    )
     args = ap.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="rma-down-bench-"))
+    root = args.root or Path(tempfile.mkdtemp(prefix="rma-down-bench-"))
+    root.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "HOME": str(root / "home"), "RMA_DATA_DIR": str(root / "data"), "COLUMNS": "200"}
+    # this checkout's code in Ray's workers too: the `ray` script beside the venv's python may run another
+    # checkout's venv (its shebang), whose editable install points at that checkout
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(CHECKOUT), os.environ.get("PYTHONPATH")) if p)
     argv = up_argv(args.apps, args.stores)
     cycles = [
-        _cycle(argv, env, root / f"up-{i}.log", args.up_timeout, args.cpu_top) for i in range(args.cycles)
+        _cycle(
+            argv,
+            env,
+            root / f"up-{i}.log",
+            args.up_timeout,
+            args.cpu_top,
+            root / f"ray-logs-{i}" if args.keep_ray_logs else None,
+        )
+        for i in range(args.cycles)
     ]
-    print(json.dumps({"apps": args.apps, "stores": args.stores, "cycles": cycles}))
+    print(json.dumps({"apps": args.apps, "stores": args.stores, "root": str(root), "cycles": cycles}))
     return 0
 
 
@@ -131,11 +162,37 @@ def cpu_by_process(root: int, top: int) -> dict[str, object]:
     }
 
 
+def session_dir(root: int) -> Path | None:
+    """The Ray session dir of the core head under `root` (`rma up`), as its raylet's command line names it:
+    `/tmp/rma-XXXXXXXX/h/session_...` (rma_ray.raynode.private_temp_dir), not an edge head's; None when none
+    is found."""
+    try:
+        tree = psutil.Process(root).children(recursive=True)
+    except psutil.Error:
+        return None
+    for p in tree:
+        try:
+            argv = p.cmdline()
+        except psutil.Error:
+            continue
+        for arg in argv:
+            found = re.search(r"(/\S*/h/session_[0-9_-]+)(/|$)", arg)
+            if found and Path(found.group(1), "logs").is_dir():
+                return Path(found.group(1))
+    return None
+
+
 def _cycle(
-    argv: list[str], env: dict[str, str], log: Path, up_timeout: float, cpu_top: int = 0
+    argv: list[str],
+    env: dict[str, str],
+    log: Path,
+    up_timeout: float,
+    cpu_top: int = 0,
+    keep_logs: Path | None = None,
 ) -> dict[str, object]:
     """One `rma up` until it says it is up, then `rma down`, timed. The first cycle prepares the models
-    (converted into the data dir); the next ones are warm starts."""
+    (converted into the data dir); the next ones are warm starts. `keep_logs`: where the Ray session's logs
+    are copied before the down."""
     t0 = time.monotonic()
     proc = subprocess.Popen(argv, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
     try:
@@ -152,6 +209,9 @@ def _cycle(
         wait_for(up, timeout=up_timeout, interval=0.5, what="rma up to finish starting")
         up_s = time.monotonic() - t0
         cpu = cpu_by_process(proc.pid, cpu_top) if cpu_top else None
+        session = session_dir(proc.pid) if keep_logs else None
+        if keep_logs and session:
+            shutil.copytree(session / "logs", keep_logs, dirs_exist_ok=True, ignore_dangling_symlinks=True)
         t1 = time.monotonic()
         down = subprocess.run(
             [sys.executable, "-m", "rma_ray.cli", "down"],

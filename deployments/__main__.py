@@ -19,11 +19,11 @@ none), never a service that sees client data.
 The apps are applied the way KubeRay and `serve deploy` apply them: the config that
 deployments/serve_config.py generates (embedded profile; the `RMA_*` settings of this process become the apps'
 args), PUT on the dashboard's `/api/serve/applications/` (the dashboard of the cluster `--address` names,
-unless `--dashboard`). Each app is prepared in turn (settings, the LLM's conversion, migrations), then all
-are applied in one PUT that also names any other app already applied declaratively (Serve leaves those as they
-are and deletes declarative apps a config leaves out), and waited for together: their replicas start side by
-side. Serve's controller builds each app in a
-`build_serve_application` task; serve_config.py says where it runs.
+unless `--dashboard`). Each app is prepared in turn (settings, the LLM's conversion, migrations), then applied
+in a PUT that also names any other app already applied declaratively (Serve leaves those as they are and deletes
+declarative apps a config leaves out), and waited for together: their replicas start side by side. The LLM
+goes first, alone, until Serve has built it (`HEAD_START`); then every app in one PUT. Serve's controller builds
+each app in a `build_serve_application` task; serve_config.py says where it runs.
 
 Lines of `up`, in order:
 
@@ -56,6 +56,14 @@ REQUEST_TIMEOUT_S = 180.0  # Serve's end-to-end request limit, as rma_ray/serve_
 # the Serve apps `up` waits for: the vision backend stays pending until a node it may run on joins
 NOT_AWAITED = ("vision_backend_app",)
 FAILED_STATES = ("DEPLOY_FAILED", "UNHEALTHY")
+# The groups `up` applies alone first (embedded profile), until Serve has built their apps (at most
+# HEAD_START_S), then with the others. The LLM's start is the longest chain of a warm `rma up` and mostly one
+# thread: its build imports vLLM, then its replica imports it again and spawns vLLM's engine process, which
+# imports it a third time. Put beside every other app's build and replicas, its build took ~40 s of a 2-core
+# head and its replica ran on alone afterwards, one core idle; built first, its replica starts while the other
+# apps build and start on the other core (bench.pool_down, bench/README.md).
+HEAD_START = ("llm",)
+HEAD_START_S = 60.0
 
 
 def emit(**event: Any) -> None:
@@ -349,6 +357,25 @@ def app_states(apps: dict[str, Any], names: list[str]) -> dict[str, Any] | None:
     return None
 
 
+def built(apps: dict[str, Any], names: list[str]) -> bool:
+    """Whether Serve has built each of `names` among its `apps` (its deployments are known), or failed it."""
+    return all(
+        apps.get(n, {}).get("deployments") or apps.get(n, {}).get("status") in FAILED_STATES for n in names
+    )
+
+
+def head_start(dash: Dashboard, names: list[str]) -> None:
+    """Wait until Serve has built the apps `names` (HEAD_START), at most HEAD_START_S: the others go on after
+    that whatever came of them (their own wait says)."""
+    with contextlib.suppress(WaitTimeout):
+        wait_until(
+            lambda: built(dash.applications(), names),
+            timeout=HEAD_START_S,
+            interval=0.5,
+            what=f"Serve to build {', '.join(names)}",
+        )
+
+
 def apps_up(
     groups: list[str],
     dash: Dashboard,
@@ -357,10 +384,11 @@ def apps_up(
     edge: tuple[str, str] | None = None,
 ) -> int:
     """Prepare each of `groups` in turn (its RMA_* settings, the LLM's one-time conversion, the vision model's
-    check, the services' migrations: a failure there fails that app only), apply all the prepared ones in one
-    PUT, and wait for them together (each at most `wait_s` from the PUT): one line per app as it settles. Their
-    replicas start side by side (a warm `rma up` waits for the slowest app, not for the sum of them). Should
-    Serve refuse the config as a whole, the apps are applied one by one so that only the one it refuses fails.
+    check, the services' migrations: a failure there fails that app only), apply the prepared ones (those of
+    HEAD_START alone first, until Serve has built them, then all in one PUT), and wait for them together (each
+    at most `wait_s` from its PUT): one line per app as it settles. Their replicas start side by side (a warm
+    `rma up` waits for the slowest app, not for the sum of them). Should Serve refuse a config as a whole, the
+    apps are applied one by one so that only the one it refuses fails.
     Returns how many did not run. `edge`: (name, coordinator URL) of the edge cluster whose apps these are (the
     edge profile)."""
     from deployments import serve_config
@@ -405,32 +433,46 @@ def apps_up(
             fail(group, "failed", f"{exc}"[-500:])
         prepared_s[group] = time.monotonic() - t0
 
-    def apply(these: list[str]) -> None:
+    applied_at: dict[str, float] = {}  # each group's first PUT that Serve took
+
+    def apply(these: list[str], keep: list[dict[str, Any]] | None = None) -> None:
+        """PUT `these` groups' apps with the declared ones that are not of `groups` (or `keep`)."""
         config = serve_config.apply_config([a for g in these for a in specs[g]], http)
-        config["applications"] = others + config["applications"]
+        config["applications"] = (others if keep is None else keep) + config["applications"]
         dash.apply(config)
+        for g in these:
+            applied_at.setdefault(g, time.monotonic())
 
     ready = list(specs)
     if not ready:
         return failed
+    awaited = {g: [a.name for a in specs[g] if a.builder not in NOT_AWAITED] for g in ready}
+    first = [g for g in ready if g in HEAD_START] if not edge else []
     try:
+        if first and len(first) < len(ready):
+            # every other declared app as it is (one of an earlier `up` stays up until the full PUT)
+            apply(first, keep=dash.declared({n for g in first for n in names_of[g]}))
+            head_start(dash, [n for g in first for n in awaited[g]])
         apply(ready)
     except ConfigRefused:  # refused as a whole: find the app Serve refuses
-        ok: list[str] = []
+        ok = list(applied_at)  # in every PUT from now on: a config without them would delete them
         for group in ready:
+            if group in ok:
+                continue
             try:
                 apply([*ok, group])
             except Exception as exc:
                 fail(group, "failed", f"{exc}"[-500:])
             else:
                 ok.append(group)
-        ready = ok
-    except Exception as exc:  # no answer: whether the config landed is unknown; said for each app
-        for group in ready:
-            fail(group, "failed", f"{exc}"[-500:])
-        return failed
-    applied_at = time.monotonic()
-    awaited = {g: [a.name for a in specs[g] if a.builder not in NOT_AWAITED] for g in ready}
+        ready = [g for g in ready if g in ok]
+    except Exception as exc:  # no answer: whether the config landed is unknown; said for each app not in one
+        for group in ready:  # that landed before
+            if group not in applied_at:
+                fail(group, "failed", f"{exc}"[-500:])
+        ready = [g for g in ready if g in applied_at]
+        if not ready:
+            return failed
     pending = list(ready)
 
     def settle() -> bool:
@@ -449,7 +491,7 @@ def apps_up(
                 fail(group, "failed", f"Serve app {name} is {st.get('status')}: {message}")
             else:
                 # its own preparation, then from the PUT: not the other apps' preparations
-                ready_s = round(prepared_s[group] + time.monotonic() - applied_at, 1)
+                ready_s = round(prepared_s[group] + time.monotonic() - applied_at[group], 1)
                 emit(app=group, status="running", serve_apps=names_of[group], ready_s=ready_s)
         return not pending
 

@@ -1,7 +1,9 @@
 """The pool's LLMServer classes (ray.serve.llm's replica class, vLLM inside). Imported only where an app is built or a
 replica starts: importing ray.serve.llm's server pulls in vLLM.
 
-- `PoolLLMServer`: ray.serve.llm's `LLMServer` with `CPUEngine`, for the proxied shape (behind OpenAiIngress).
+- `PoolLLMServer`: ray.serve.llm's `LLMServer` with `CPUEngine`, for the proxied shape (behind OpenAiIngress);
+  with Ray's usage stats off (the pool's Ray runs with RAY_USAGE_STATS_ENABLED=0) its engine starts without
+  ray.serve.llm's telemetry report.
 - `KeyedLLMServer`: the same, as its app's HTTP ingress (ray.serve.llm's "direct streaming" shape): HAProxy
   sends each request straight into the replica, and vLLM's own OpenAI app answers it on the replica's event
   loop with the key gate (`deployments.llm.gate.key_gate`) in front. No ingress replica between, and no hop of
@@ -46,6 +48,20 @@ class CPUEngine(VLLMEngine):  # type: ignore[misc]
 
 class PoolLLMServer(LLMServer):  # type: ignore[misc]
     _default_engine_cls = CPUEngine
+
+    async def _start_engine(self) -> None:
+        """ray.serve.llm's engine start, less its telemetry report when Ray's usage stats are off (as the pool
+        runs Ray: rma_ray.raynode.ray_env): the report went nowhere then, yet the replica waited for it, and it
+        creates a detached TelemetryAgent actor, a fresh worker process on the head: ~6 s of a warm `rma up`'s
+        longest chain on a 2-core head (bench.pool_down, bench/README.md)."""
+        from ray._common.usage.usage_lib import usage_stats_enabled
+
+        if usage_stats_enabled():
+            await super()._start_engine()
+            return
+        if self.engine is None:
+            raise ValueError("Engine is not set")
+        await self.engine.start()
 
 
 class KeyedLLMServer(PoolLLMServer):

@@ -1,6 +1,7 @@
-"""`python -m deployments up`'s Serve apps (`deployments.__main__.apps_up`): every prepared app in one PUT,
-waited for together, one line per app as it settles; a preparation or a config Serve refuses fails only its
-app. A stand-in for Serve's REST API (no Ray here) whose apps move to the states each test scripts."""
+"""`python -m deployments up`'s Serve apps (`deployments.__main__.apps_up`): the LLM alone until Serve has built
+it, then every prepared app in one PUT, waited for together, one line per app as it settles; a preparation or a
+config Serve refuses fails only its app. A stand-in for Serve's REST API (no Ray here) whose apps move to the
+states each test scripts."""
 
 from __future__ import annotations
 
@@ -33,14 +34,23 @@ class Clock:
 class Serve:
     """Serve's /api/serve/applications/ as the Dashboard class calls it. `becomes[name]`: (polls, status): an
     applied app reads DEPLOYING until it was polled that many times, then that status; an app not named there
-    never settles. `refuse`: apps whose presence in a PUT makes Serve refuse the whole config."""
+    never settles. An app is built (its deployments listed) from its `builds[name]`th poll (default: the first).
+    `refuse`: apps whose presence in a PUT makes Serve refuse the whole config. `declared`: the configs of apps
+    applied before."""
 
     def __init__(
-        self, becomes: dict[str, tuple[int, str]], refuse: tuple[str, ...] = (), silent: bool = False
+        self,
+        becomes: dict[str, tuple[int, str]],
+        refuse: tuple[str, ...] = (),
+        silent: bool = False,
+        builds: dict[str, int] | None = None,
+        declared: list[dict[str, Any]] | None = None,
     ) -> None:
         self.becomes, self.refuse, self.silent = becomes, refuse, silent
+        self.builds, self.declared_apps = builds or {}, declared or []
         self.puts: list[list[str]] = []
         self.polls: dict[str, int] = {}
+        self.polls_at_put: list[dict[str, int]] = []  # how often each app was polled before each PUT
 
     def apply(self, config: dict[str, Any]) -> None:
         names = [a["name"] for a in config["applications"]]
@@ -50,6 +60,7 @@ class Serve:
         if any(n in self.refuse for n in names):
             raise deployments_main.ConfigRefused(f"Serve refused the config (400): bad app {self.refuse[0]}")
         self.puts.append(names)
+        self.polls_at_put.append(dict(self.polls))
 
     def applications(self) -> dict[str, Any]:
         out = {}
@@ -57,11 +68,16 @@ class Serve:
             self.polls[name] = self.polls.get(name, 0) + 1
             polls, status = self.becomes.get(name, (10**9, "RUNNING"))
             st = status if self.polls[name] >= polls else "DEPLOYING"
-            out[name] = {"status": st, "message": f"{name} broke" if st == "DEPLOY_FAILED" else ""}
+            built = self.polls[name] >= self.builds.get(name, 1)
+            out[name] = {
+                "status": st,
+                "message": f"{name} broke" if st == "DEPLOY_FAILED" else "",
+                "deployments": {"d": {"status": "UPDATING"}} if built else {},
+            }
         return out
 
     def declared(self, leave_out: set[str]) -> list[dict[str, Any]]:
-        return []
+        return [a for a in self.declared_apps if a["name"] not in leave_out]
 
 
 def names(group: str) -> list[str]:
@@ -88,6 +104,7 @@ def run(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> 
         return failed, [json.loads(x) for x in capsys.readouterr().out.splitlines()]
 
     go.prepared = prepared  # type: ignore[attr-defined]
+    go.clock = clock  # type: ignore[attr-defined]
     return go
 
 
@@ -102,7 +119,9 @@ def test_every_app_goes_in_one_put_and_each_line_comes_as_it_settles(run: Any) -
     )
     failed, lines = run(["llm", "services", "vision"], serve)
     assert failed == 0
-    assert serve.puts == [llm + services + vision], "one PUT with every app: their replicas start together"
+    assert serve.puts == [llm, llm + services + vision], (
+        "the LLM alone (built at the first poll), then one PUT with every app: their replicas start together"
+    )
     assert run.prepared == ["llm", "services", "vision"]
     # in the order they settled, not the order asked
     assert [(x["app"], x["status"]) for x in lines] == [
@@ -246,3 +265,52 @@ def test_down_says_timeout_for_every_app_when_serve_cannot_tell_what_is_left(
     assert deployments_main.apps_down(["llm", "vision"], timeout_s=90) == 2
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert [(x["app"], x["status"]) for x in lines] == [("llm", "timeout"), ("vision", "timeout")]
+
+
+def test_the_llm_is_built_alone_before_the_other_apps_are_applied(run: Any) -> None:
+    """Its build (vLLM imported) and then its replica are the longest chain of a start: the other apps' builds
+    and replicas start only once Serve has built it, so that they take the cores it leaves."""
+    llm, services = names("llm"), names("services")
+    serve = Serve(
+        {n: (1, "RUNNING") for n in services} | {n: (9, "RUNNING") for n in llm}, builds={llm[0]: 5}
+    )
+    failed, lines = run(["services", "llm"], serve)
+    assert failed == 0
+    assert serve.puts == [llm, services + llm]
+    assert serve.polls_at_put[1][llm[0]] == 5, "the full PUT came at the poll that saw it built"
+    assert {x["app"] for x in lines} == {"llm", "services"}
+
+
+def test_a_build_that_takes_too_long_holds_the_others_back_for_head_start_s_only(run: Any) -> None:
+    llm, services = names("llm"), names("services")
+    serve = Serve({n: (1, "RUNNING") for n in services + llm}, builds={llm[0]: 10**9})
+    failed, lines = run(["llm", "services"], serve)
+    assert serve.puts == [llm, llm + services]
+    assert run.clock.t >= deployments_main.HEAD_START_S
+    assert failed == 0 and [x["status"] for x in lines] == ["running", "running"]
+
+
+def test_the_head_start_put_keeps_the_apps_declared_before(run: Any) -> None:
+    """`deployments up` on a pool whose services already run: the LLM's own PUT leaves them as they are (a
+    declarative config that left them out would delete them until the full PUT)."""
+    llm, services = names("llm"), names("services")
+    serve = Serve(
+        {n: (1, "RUNNING") for n in services + llm},
+        declared=[{"name": n, "import_path": "x:y"} for n in services + llm],
+    )
+    failed, _ = run(["llm", "services"], serve)
+    assert failed == 0
+    assert serve.puts == [services + llm, llm + services]
+
+
+def test_a_config_refused_after_the_head_start_keeps_the_llm_in_every_put(run: Any) -> None:
+    llm, services, vision = names("llm"), names("services"), names("vision")
+    serve = Serve({n: (1, "RUNNING") for n in llm + services + vision}, refuse=(services[0],))
+    failed, lines = run(["llm", "services", "vision"], serve)
+    assert failed == 1
+    assert serve.puts == [llm, llm + vision], "never a PUT without the LLM it already started"
+    assert {x["app"]: x["status"] for x in lines} == {
+        "services": "failed",
+        "llm": "running",
+        "vision": "running",
+    }

@@ -324,3 +324,34 @@ def test_the_stream_coalescer_writes_the_first_chunk_at_once_and_loses_nothing()
         (100.001, b"data: 1\n\n", True),
         (100.001, b"data: [DONE]\n\n", False),
     ]
+
+
+@pytest.mark.parametrize("usage_stats", ["0", "1"])
+def test_the_engine_starts_without_the_telemetry_report_when_usage_stats_are_off(
+    usage_stats: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pool runs Ray with usage stats off: the replica then does not wait for ray.serve.llm's TelemetryAgent
+    (a detached actor, a fresh worker process on the head); with them on, ray.serve.llm's start is kept."""
+    import asyncio
+
+    from ray.llm._internal.serve.core.server import llm_server
+
+    from deployments.llm.server import KeyedLLMServer
+
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", usage_stats)
+    reports: list[object] = []
+    monkeypatch.setattr(
+        llm_server, "push_telemetry_report_for_all_models", lambda all_models: reports.append(all_models)
+    )
+    monkeypatch.setattr(llm_server, "record_extra_usage_tag", lambda *a: None)
+    started: list[bool] = []
+
+    class Engine:
+        async def start(self) -> None:
+            started.append(True)
+
+    server = KeyedLLMServer.__new__(KeyedLLMServer)
+    server.engine, server._llm_config = Engine(), "the config"
+    asyncio.run(server._start_engine())
+    assert started == [True]
+    assert reports == ([] if usage_stats == "0" else [["the config"]])
