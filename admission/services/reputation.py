@@ -102,23 +102,42 @@ def _edge_known(settings: Settings, name: str) -> None:
         raise ApiError(422, "unknown_edge", f"edge: no edge cluster {name!r}; known edges: {known}")
 
 
-def _row(session: Session, edge: str) -> EdgeReputation:
-    """The edge's reputation row, made if missing, locked for this transaction where the database can (two
-    gateways reporting on one edge at once update it one after the other)."""
+def _locked(session: Session, model: Any, key: str, **values: Any) -> Any:
+    """The reputation row of `model` whose primary key `key` has `values[key]`, made if missing (empty
+    counts), locked for this transaction where the database can (two gateways reporting on one edge at once
+    update it one after the other)."""
     dialect = session.get_bind().dialect.name
     ins = pg_insert if dialect == "postgresql" else sqlite_insert
     session.execute(
-        ins(EdgeReputation)
-        .values(edge=edge, checks=0, failures=0, passed_weight=0.0, weight=0.0)
-        .on_conflict_do_nothing(index_elements=["edge"])
+        ins(model)
+        .values(**values, checks=0, failures=0, passed_weight=0.0, weight=0.0)
+        .on_conflict_do_nothing(index_elements=[key])
     )
     # populate_existing: the values another transaction committed while this one waited for the lock
     return session.scalars(
-        select(EdgeReputation)
-        .where(EdgeReputation.edge == edge)
+        select(model)
+        .where(getattr(model, key) == values[key])
         .with_for_update()
         .execution_options(populate_existing=True)
     ).one()
+
+
+def _row(session: Session, edge: str) -> EdgeReputation:
+    """The edge's reputation row, made if missing, locked (_locked)."""
+    row: EdgeReputation = _locked(session, EdgeReputation, "edge", edge=edge)
+    return row
+
+
+def _count(
+    row: EdgeReputation | DonorReputation, passed: bool, settings: Settings, now: datetime
+) -> float | None:
+    """One more verdict on `row`'s record, at `now`; its decayed pass rate after it."""
+    tally = add(Tally(row.passed_weight, row.weight), passed, settings.spot_check_half_life)
+    row.passed_weight, row.weight = tally.passed_weight, tally.weight
+    row.checks += 1
+    row.failures += 0 if passed else 1
+    row.last_check_at = now
+    return tally.rate
 
 
 def donor_at(session: Session, edge: str, upstream: str | None) -> Worker | None:
@@ -138,23 +157,6 @@ def donor_at(session: Session, edge: str, upstream: str | None) -> Worker | None
     return found[0] if len(found) == 1 else None
 
 
-def _donor_row(session: Session, worker_id: str, edge: str) -> DonorReputation:
-    """The donor's reputation row, made if missing, locked like the edge's (_row)."""
-    dialect = session.get_bind().dialect.name
-    ins = pg_insert if dialect == "postgresql" else sqlite_insert
-    session.execute(
-        ins(DonorReputation)
-        .values(worker_id=worker_id, edge=edge, checks=0, failures=0, passed_weight=0.0, weight=0.0)
-        .on_conflict_do_nothing(index_elements=["worker_id"])
-    )
-    return session.scalars(
-        select(DonorReputation)
-        .where(DonorReputation.worker_id == worker_id)
-        .with_for_update()
-        .execution_options(populate_existing=True)
-    ).one()
-
-
 def _judge_donor(
     session: Session, settings: Settings, actor: str, body: schemas.SpotCheckReport, donor: Worker, ip: str
 ) -> None:
@@ -162,13 +164,8 @@ def _judge_donor(
     like a donor whose hardware lied (admission.services.reconcile), its node credential refused the cluster
     token, the edge serving on without it."""
     now = utcnow()
-    row = _donor_row(session, donor.id, body.edge)
-    tally = add(Tally(row.passed_weight, row.weight), body.passed, settings.spot_check_half_life)
-    row.passed_weight, row.weight = tally.passed_weight, tally.weight
-    row.checks += 1
-    row.failures += 0 if body.passed else 1
-    row.last_check_at = now
-    rate = tally.rate
+    row: DonorReputation = _locked(session, DonorReputation, "worker_id", worker_id=donor.id, edge=body.edge)
+    rate = _count(row, body.passed, settings, now)
     if row.quarantined_at is None and quarantines(
         row.checks, rate, settings.spot_check_min_checks, settings.spot_check_quarantine_below
     ):
@@ -208,11 +205,7 @@ def report(
             raise ApiError(422, "not_finite", f"{field}: must be a finite number")
     now = utcnow()
     row = _row(session, body.edge)
-    tally = add(Tally(row.passed_weight, row.weight), body.passed, settings.spot_check_half_life)
-    row.passed_weight, row.weight = tally.passed_weight, tally.weight
-    row.checks += 1
-    row.failures += 0 if body.passed else 1
-    row.last_check_at = now
+    rate = _count(row, body.passed, settings, now)
     donor = donor_at(session, body.edge, body.upstream) if body.kind in ATTRIBUTED_KINDS else None
     session.add(
         SpotCheck(
@@ -234,7 +227,6 @@ def report(
     )
     if donor is not None:
         _judge_donor(session, settings, actor, body, donor, ip)
-    rate = tally.rate
     if row.quarantined_at is None and quarantines(
         row.checks, rate, settings.spot_check_min_checks, settings.spot_check_quarantine_below
     ):
