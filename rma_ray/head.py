@@ -214,19 +214,20 @@ EDGE_APP_ENV_DENIED_WORDS = ("_EDGE",)
 def edge_app_env(environ: Mapping[str, str]) -> dict[str, str]:
     """The part of `environ` the edge's deployment child gets: RMA_LLM_*, RMA_EMBEDDINGS_* and RMA_VISION_*,
     less paths, secrets, hosts and edge identities (the lists above), and the services' limits the edge's
-    documents app shares with the core's."""
-    return {
-        k: v
-        for k, v in environ.items()
-        if (
+    documents app shares with the core's. Names are compared in upper case: the settings classes read the
+    environment case-insensitively (pydantic-settings' default), so `RMA_LLM_api_key` is a key to them too."""
+
+    def passes(name: str) -> bool:
+        k = name.upper()
+        return (
             k.startswith(EDGE_APP_ENV_PREFIXES)
             and not k.endswith(EDGE_APP_ENV_PATH_SUFFIXES)
             and not any(word in k for word in EDGE_APP_ENV_SECRET_WORDS)
             and k not in EDGE_APP_ENV_DENIED
             and not any(word in k for word in EDGE_APP_ENV_DENIED_WORDS)
-        )
-        or k in EDGE_APP_ENV_SERVICES
-    }
+        ) or k in EDGE_APP_ENV_SERVICES
+
+    return {k: v for k, v in environ.items() if passes(k)}
 
 
 def ensure_system_user(user: str) -> pwd.struct_passwd:

@@ -627,7 +627,14 @@ def test_a_tampered_edge_donor_is_quarantined(edge_pool: EdgePool) -> None:
         edge_pool.client_key("tampered-core", sensitive=True),
     )
     prompt = "List the days of the week."
-    core = _ask(edge_pool, sensitive, prompt)
+    # the core's gateways fetch the edge's routes every REFRESH_S: until one has seen the edge serve again, an
+    # answer carries no served-by header at all (no edge known: the app answers as it always has)
+    core = wait_for(
+        lambda: (a := _ask(edge_pool, sensitive, prompt))["by"] is not None and a,
+        timeout=6 * REFRESH_S,
+        interval=1,
+        what="the core's gateway to know the edge (its answers then say who served them)",
+    )
     assert core["by"] == "core"
     answers: list[dict[str, Any]] = []
 

@@ -252,8 +252,14 @@ def test_the_edges_apps_get_the_operators_model_settings_but_no_path_or_secret()
         "RMA_VISION_OLLAMA_HOST": "http://ops:hunter2@10.0.0.7:11434",  # the operator's Ollama, maybe a password
         "RMA_VISION_EDGE": "e1",  # an edge identity: the edge's deploy sets its own
         "RMA_LLM_EDGE_COORDINATOR_URL": "http://x",
+        # the settings read names case-insensitively: so does the filter
+        "RMA_LLM_api_key": "sk-y",
+        "rma_llm_model_dir": "/var/lib/rma/models",
+        "Rma_Vision_Ollama_Host": "http://ops:hunter2@10.0.0.7:11434",
+        "rma_embeddings_batch_size": "16",
     }
     assert edge_app_env(environ) == {
+        "rma_embeddings_batch_size": "16",
         "RMA_LLM_MODEL": "Qwen/Qwen2.5-0.5B-Instruct",
         "RMA_LLM_MAX_MODEL_LEN": "4096",
         "RMA_EMBEDDINGS_MODEL": "BAAI/bge-small-en-v1.5",
