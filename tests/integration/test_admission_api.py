@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import re
 import threading
 from datetime import UTC, datetime, timedelta
 
@@ -411,3 +414,92 @@ def test_bad_heartbeat_bodies_are_422_after_auth(coordinator: Coordinator) -> No
     # without a credential the body is never looked at
     r = coordinator.http.post("/api/worker/heartbeat", content=b"not json")
     assert r.status_code == 401
+
+
+def test_logs_and_the_audit_trail_carry_only_the_kind_and_id(
+    coordinator: Coordinator, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every flow that handles a secret (admin, invite, node, client and service credentials, a registry session,
+    and secrets guessed wrong), with every log record at DEBUG and every audit row read back: no secret, nor the
+    hash stored for it, appears in either; audit actors are `kind:id`. The coordinator logs nothing on these
+    paths today: the log half fails the day a line that carries a secret is added."""
+    c, http = coordinator, coordinator.http
+
+    def bearer(token: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {token}"}
+
+    caplog.set_level(logging.DEBUG)  # the root logger: every logger that propagates, the rma tree included
+    uvicorn_log = logging.getLogger("uvicorn")  # uvicorn's own tree does not propagate: hear it too
+    uvicorn_log.addHandler(caplog.handler)
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.asgi"):
+        caplog.set_level(logging.DEBUG, logger=name)
+    try:
+        admin = c.admin("POST", "/api/admin/keys", json={"name": "ops"}).json()
+        assert c.admin("POST", f"/api/admin/keys/{admin['id']}/revoke").status_code == 200
+        inv = c.invite(uses=2)
+        reg = c.register(inv["token"]).json()
+        node = reg["node_token"]
+        assert http.post("/api/worker/heartbeat", headers=bearer(node), json={}).status_code == 200
+        c.state.buffer.flush(c.state.sessions)
+        r = http.post("/api/worker/rejoin", headers=bearer(node), json={"name": "d", "capabilities": CPU_BOX})
+        assert r.status_code == 200, r.text
+        aborted = c.register(inv["token"]).json()["node_token"]
+        assert http.post("/api/worker/abort", headers=bearer(aborted)).json() == {"refunded": True}
+        client = c.admin("POST", "/api/admin/clients", json={"name": "frontend"}).json()
+        assert c.admin("POST", f"/api/admin/clients/{client['id']}/revoke").status_code == 200
+        service = c.admin("POST", "/api/admin/service-keys", json={"name": "head"}).json()
+        assert http.get("/api/clients/keyring", headers=bearer(service["key"])).status_code == 200
+        # secrets guessed wrong for real ids: refused, and not logged either
+        forged = [
+            f"rma_join_{inv['id']}_{'1' * 64}",
+            f"rma_admin_{admin['id']}_{'2' * 64}",
+            f"rma_node_{reg['worker_id']}_{'3' * 64}",
+        ]
+        assert c.register(forged[0]).status_code == 401
+        assert http.get("/api/admin/workers", headers=bearer(forged[1])).status_code == 401
+        assert http.post("/api/worker/heartbeat", headers=bearer(forged[2]), json={}).status_code == 401
+        login = http.post("/registry/login", data={"admin_key": c.admin_key})
+        assert login.status_code == 303, login.text
+        session = login.cookies["rma_session"]
+        assert http.get("/registry").status_code == 200  # the client's jar sends the cookie
+        assert http.post("/registry/logout").status_code == 303
+        http.cookies.clear()
+        assert c.admin("POST", f"/api/admin/workers/{reg['worker_id']}/revoke").status_code == 200
+        assert http.delete("/api/worker/unregister", headers=bearer(node)).status_code == 401
+        api_audit = c.admin("GET", "/api/admin/audit", params={"limit": 1000}).json()
+    finally:
+        uvicorn_log.removeHandler(caplog.handler)
+
+    with c.state.sessions() as s:
+        rows = [
+            {"actor": e.actor, "action": e.action, "subject": e.subject, "ip": e.ip, "detail": e.detail}
+            for e in s.scalars(select(AuditEvent))
+        ]
+    actions = {row["action"] for row in rows}
+    assert {
+        "admin_key.create",
+        "admin_key.revoke",
+        "invite.create",
+        "worker.register",
+        "worker.register.aborted",
+        "client_key.create",
+        "client_key.revoke",
+        "service_key.create",
+        "worker.revoke",
+    } <= actions, actions
+    assert all(re.fullmatch(r"system|[a-z]+:[0-9a-f]{12}", row["actor"]) for row in rows), rows
+    tokens = [c.admin_key, admin["key"], inv["token"], node, aborted, client["key"], service["key"], *forged]
+    parts = [credentials.parse(t, credentials.Kind(t.split("_")[1])) for t in tokens]
+    forbidden = {p.secret for p in parts} | {credentials.hash_secret(p.secret) for p in parts}
+    forbidden |= {session, c.state.settings.resolved_secret_key()}
+    # The test's own HTTP client logs response headers at DEBUG, the session's Set-Cookie included: that is
+    # this test holding the cookie it was given, not the coordinator logging it.
+    mine = threading.get_ident()
+    served = [
+        r for r in caplog.records if not (r.thread == mine and r.name.startswith(("httpx", "httpcore")))
+    ]
+    logs = "\n".join(f"{r.name} {r.getMessage()} {r.exc_text or ''} {r.__dict__}" for r in served)
+    haystacks = {"logs": logs, "audit rows": json.dumps(rows), "audit API": json.dumps(api_audit)}
+    for where, text in haystacks.items():
+        leaked = [value[:12] + "..." for value in forbidden if value in text]
+        assert not leaked, f"{where} carry secrets or their hashes: {leaked}"

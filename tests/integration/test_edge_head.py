@@ -1,6 +1,6 @@
 """`rma up` with an edge cluster (issue 17): the edge head runs as its own system user with its own token and
 ports, code on it reads nothing of the core's, its token rotates alone, it comes back when it dies, and `rma down`
-leaves no process of either head.
+leaves no process of either head, nor the edge guard's table (which `rma up` put in place of a crashed run's).
 
 One pool for the module, started with `rma up`'s Python API (Pool.up in this process, its supervisor in a
 thread): the core head, Serve, the coordinator and one edge head with Serve; no stores, no apps (~60 s on 2 cores).
@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import stat
 import subprocess
@@ -28,6 +29,7 @@ from rma_ray import poolinfo
 from rma_ray.edges import LABEL_CLUSTER, EdgePorts, EdgeSpec
 from rma_ray.head import Pool, UpError, UpOptions, signal_rotate
 from rma_ray.net import local_ip_towards
+from rma_ray.overlay import edge_guard_table
 from rma_ray.raynode import ray_env
 from tests.support import free_port, wait_for
 
@@ -137,6 +139,11 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
         apps=(),
         edges=(EdgeSpec(name=EDGE, ports=ports),),
     )
+    # what a crashed run of this pool (its data dir) left: its edge guard's table, which `rma up` replaces
+    table = edge_guard_table(opts.data_dir)
+    stale = f"table inet {table} {{\n  set stale {{ type inet_service; elements = {{ 1 }} }}\n}}\n"
+    if shutil.which("nft"):
+        subprocess.run(["nft", "-f", "-"], input=stale, text=True, check=True, timeout=20)
     said: list[str] = []
     p = Pool(opts, said.append)
     p.said = said  # type: ignore[attr-defined]
@@ -157,6 +164,8 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
         if supervisor.is_alive():
             supervisor.join(120)
         p.down()
+        if shutil.which("nft"):  # the stale table, where the test failed before `rma up` replaced it
+            subprocess.run(["nft", "delete", "table", "inet", table], capture_output=True, timeout=20)
         signal.signal(signal.SIGHUP, old_hup)
         print("\n".join(said))  # what `rma up` said, for a failure's report
 
@@ -284,6 +293,25 @@ def test_a_killed_edge_head_comes_back_and_the_core_goes_on(pool: Pool) -> None:
     assert any("the edge head 'edge' stopped; restarting it" in line for line in pool.said)  # type: ignore[attr-defined]
 
 
+def nft_table(data_dir: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["nft", "list", "table", "inet", edge_guard_table(data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+
+
+@pytest.mark.skipif(not shutil.which("nft"), reason="no nft: `rma up` says the edge users are not firewalled")
+def test_rma_up_replaced_a_crashed_runs_edge_guard(pool: Pool) -> None:
+    """Without the overlay, the edge guard is a table of the pool's own; the one a crashed run left (the
+    fixture's `stale` set) is replaced by the next `rma up`'s."""
+    assert pool.edge_guard is not None and pool.edge_guard.table == edge_guard_table(pool.o.data_dir)
+    listed = nft_table(pool.o.data_dir)
+    assert listed.returncode == 0, listed.stderr
+    assert "set stale" not in listed.stdout and "chain output" in listed.stdout, listed.stdout
+
+
 def test_rma_status_on_the_head_names_each_cluster(pool: Pool) -> None:
 
     r = subprocess.run(
@@ -320,9 +348,13 @@ def test_rma_down_stops_both_heads(pool: Pool) -> None:
     stray = subprocess.Popen(
         ["sleep", "600"], user=pw.pw_uid, group=pw.pw_gid, extra_groups=[], start_new_session=True
     )
+    guarded = shutil.which("nft") is not None
+    assert (pool.edge_guard is not None) == guarded
     pool.stop_event.set()
     pool.supervisor.join(120)  # type: ignore[attr-defined]
     pool.down()
+    if guarded:  # the edge guard's table goes with the pool
+        assert nft_table(pool.o.data_dir).returncode != 0, nft_table(pool.o.data_dir).stdout
     stray.wait(30)  # a `sleep 600`: gone only because `rma down` killed it (TimeoutExpired otherwise)
     left = [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not left, [(p.pid, p.name()) for p in left]

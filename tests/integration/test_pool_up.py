@@ -118,6 +118,26 @@ def test_rma_up_starts_every_store_on_the_head_and_lists_them(pool: dict[str, An
     ]
     for pw in creds:
         assert pw not in json.dumps(rows) and pw not in out
+    # Chroma has no authentication: it listens on the head's pool address only, never on every address
+    chroma = pool["stores"]["chroma"]
+    pid = json.loads((pool["stores_dir"] / "chroma" / ".rma-pid.json").read_text())["pid"]
+    procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    listening = {
+        (c.laddr.ip, c.laddr.port)
+        for p in procs
+        for c in p.net_connections("inet")
+        if c.status == psutil.CONN_LISTEN
+    }
+    assert listening == {(chroma["node_ip"], chroma["port"])}, listening
+    assert chroma["node_ip"] not in ("0.0.0.0", "::", "127.0.0.1"), chroma
+    # the Ray cluster token: 0600 in the data dir, never in `rma up`'s output nor in its logs
+    token_file = Path(pool["data_dir"]) / "cluster_token"
+    token = token_file.read_text().strip()
+    assert oct(token_file.stat().st_mode & 0o777) == "0o600" and len(token) == 64
+    logs = [f for f in (Path(pool["data_dir"]) / "logs").rglob("*") if f.is_file()]
+    assert any(f.name == "coordinator.log" for f in logs), logs
+    assert token not in out
+    assert not [f.name for f in logs if token in f.read_text(errors="replace")]
 
 
 def test_rma_down_stops_every_store(pool: dict[str, Any]) -> None:

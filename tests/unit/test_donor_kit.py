@@ -1,6 +1,6 @@
 """The donor kit's pure parts: the version comparison of `rma version --check`, the pins, the code fingerprint,
-and the install script the coordinator renders (shellcheck-clean, refusing bad options before it touches
-anything). The real install runs in tests/e2e/test_donor_install.py."""
+and the install script the coordinator renders (shellcheck-clean, refusing bad options and a wheel whose sha256
+differs before it touches anything). The real install runs in tests/e2e/test_donor_install.py."""
 
 from __future__ import annotations
 
@@ -100,6 +100,55 @@ def test_the_script_refuses_bad_options_before_it_touches_anything(
     assert res.returncode == 1
     assert res.stderr.startswith(f"rma install: error: {message}") and res.stderr.count("\n") == 1
     assert list(home.iterdir()) == []
+
+
+def test_the_script_refuses_a_wheel_whose_sha256_differs_and_installs_nothing(tmp_path: Path) -> None:
+    """The coordinator (here a plain HTTP server on 127.0.0.1) serves a wheel whose bytes are not the ones the
+    script's sha256 names: one line says so, the exit is 1, and nothing is made under HOME."""
+    import http.server
+    import platform
+    import threading
+
+    wheel = "rma_pool-0.1.0-py3-none-any.whl"
+    served = tmp_path / "served"
+    (served / "donor").mkdir(parents=True)
+    (served / "donor" / wheel).write_bytes(b"PK not the wheel the head built")
+    (served / "donor" / "constraints.txt").write_text("ray==2.60.0\n")
+    asked: list[str] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, directory=str(served), **kwargs)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            asked.append(self.path)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        head = HEAD.model_copy(update={"python": platform.python_version()})  # this Python passes the check
+        kit = donor_kit.Kit(Path(wheel), hashlib.sha256(b"the wheel the head built").hexdigest(), head, "")
+        script = tmp_path / "install.sh"
+        script.write_text(donor_kit.script(kit, url, overlay=False))
+        home = tmp_path / "home"
+        home.mkdir()
+        res = subprocess.run(
+            ["sh", str(script)],
+            capture_output=True,
+            text=True,
+            env={"HOME": str(home), "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "RMA_NO_UV": "1"},
+            timeout=60,
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert f"/donor/{wheel}" in " ".join(asked)  # it did download the wheel
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert res.stderr == (
+        f"rma install: error: {wheel} from {url} does not match its sha256 in this script: run it again\n"
+    )
+    assert list(home.iterdir()) == []  # no venv, no RMA_HOME, no ~/.local/bin/rma
 
 
 def _state(tmp_path: Path, *, beside_head: bool = True) -> Any:
