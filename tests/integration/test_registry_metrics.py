@@ -163,7 +163,9 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
     finally:
         if server is not None:
             server.__exit__(None, None, None)  # stops the reconciler and the collector with the app
-        head.stop(timeout=30)
+        # nothing on the head needs draining (the echo app's requests are done): every process at once, GCS
+        # last, not `ray start`'s stop one by one (module teardown 5.9 -> 2.3 s, no raylet or HAProxy left)
+        head.stop_all(grace=5)
         shutil.rmtree(head.spec.temp_dir, ignore_errors=True)
         if state is not None:
             state.engine.dispose()

@@ -2,7 +2,8 @@
 Chroma and the ArcadeDB graph store under their supervisors, and the uploads volume) and a service node (the
 gateway and the service deployments, placed by label). Client keys come from a real coordinator; every route is
 exercised over HTTP with httpx and the real offline models (RapidOCR, MiniLM, spaCy). Drivers run as child
-processes (a Ray client reads its token settings once, at import)."""
+processes (a Ray client reads its token settings once, at import): one, kept for the module, runs every script
+(a fresh driver costs 2-4 s)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from tests.integration.quota_checks import (
     check_tokens_counted,
 )
 from tests.support import ServerThread, batch_jsonl, free_port, wait_for
+from tests.support.driver import Driver
 from tests.support.llm import MODEL_CACHE
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
@@ -54,27 +56,20 @@ class Pool:
     nodes: dict[str, RayNode] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
 
+    kept: Driver | None = None
+
     def driver(self, script: str, timeout: float = 300) -> Any:
-        env = {
-            **ray_env(self.token),
-            "RAY_ADDRESS": self.address,
-            "HOME": str(self.root / "home"),
-            "PYTHONPATH": str(REPO),
-        }
-        r = subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                "import json, ray\nray.init(logging_level='ERROR', namespace='rma')\n"
-                + textwrap.dedent(script),
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-        assert r.returncode == 0, r.stderr[-4000:]
-        return json.loads(r.stdout.strip().splitlines()[-1])
+        """`script`'s answer (the JSON it printed last), run on the module's kept driver."""
+        if self.kept is None:
+            env = {
+                **ray_env(self.token),
+                "RAY_ADDRESS": self.address,
+                "HOME": str(self.root / "home"),
+                "PYTHONPATH": str(REPO),
+            }
+            init = "ray.init(logging_level='ERROR', namespace='rma', log_to_driver=False)"
+            self.kept = Driver(env, self.root / "driver.log", init)
+        return self.kept.run(textwrap.dedent(script), timeout)
 
     def http(self, client: str) -> httpx.Client:
         return httpx.Client(
@@ -248,6 +243,8 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
                 timeout=180,
             )
         finally:
+            if p.kept is not None:
+                p.kept.close()
             # the head last: a raylet whose GCS went first waits ~10 s for it
             for node in reversed(list(p.nodes.values())):
                 node.stop_all(grace=5)
@@ -735,10 +732,10 @@ def test_an_idempotent_call_survives_its_replica_dying_and_a_post_is_not_repeate
             print(json.dumps({m: ray.get(gate.count.remote(m)) for m in ("get", "create")}))
         """)
         assert counts == {"get": 2, "create": 1}  # the GET was sent twice, the POST once
-    finally:
+    finally:  # not waited for (Serve keeps a deleted app's ingress ~30 s, HAProxy draining): nothing needs it gone
         pool.driver("""
             from ray import serve
-            serve.delete("retry-test")
+            serve.delete("retry-test", _blocking=False)
             try:
                 ray.kill(ray.get_actor("rma-test-gate", namespace="rma"))
             except ValueError:
@@ -854,13 +851,14 @@ def _services_routes() -> list[tuple[str, str]]:
 
 
 def _serve_replicas(pool: Pool) -> dict[str, dict[str, int]]:
-    """Running replicas per deployment of every Serve app, as Serve's controller counts them."""
+    """Running replicas per deployment of every Serve app, as Serve's controller counts them; not of an app being
+    deleted (the retry test's, deleted without waiting, goes meanwhile)."""
     return pool.driver(  # type: ignore[no-any-return]
         """
         from ray import serve
         apps = serve.status().applications
         print(json.dumps({a: {n: d.replica_states.get("RUNNING", 0) for n, d in s.deployments.items()}
-                          for a, s in apps.items()}))
+                          for a, s in apps.items() if s.status != "DELETING"}))
     """
     )
 

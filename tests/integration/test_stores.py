@@ -1,6 +1,7 @@
 """Data stores under their Ray supervisors on a real multi-node Ray cluster (process runtime): placement only on
 trusted data-tier nodes, real readiness, 1,000 acknowledged records that survive the supervisor's death and the
-store process's death. Drivers run as child processes (a Ray client reads its token settings once, at import)."""
+store process's death. Drivers run as child processes (a Ray client reads its token settings once, at import):
+one kept for the module runs the polls and most scripts (a fresh driver costs 2-4 s)."""
 
 from __future__ import annotations
 
@@ -24,8 +25,11 @@ from rma_ray.net import local_ip_towards
 from rma_ray.raynode import NodeSpec, RayNode, ray_env, short_temp_dir
 from rma_ray.settings import read_or_create_secret
 from tests.support import free_port, wait_for
+from tests.support.driver import Driver
 
 pytestmark = [pytest.mark.ray]
+INIT = "ray.init(logging_level='ERROR', log_to_driver=False)"
+POLL = 0.5  # s between polls: each asks the supervisor or Ray's state API, on a 2-core box the stores share
 STORES = ["redis", "postgres", "chroma", "graph"]
 pytestmark.append(
     pytest.mark.skipif(not shutil.which("redis-server"), reason="Debian redis-server not installed")
@@ -40,22 +44,26 @@ class Cluster:
     ip: str
     nodes: dict[str, RayNode]
     stores: Path  # store volumes: a path the `postgres` user can traverse (pytest's tmp is 0700)
+    kept: Driver | None = None
 
-    def driver(self, script: str, timeout: float = 180) -> Any:
-        env = {
+    def env(self) -> dict[str, str]:
+        return {
             **ray_env(self.token),
             "RAY_ADDRESS": self.address,
             "HOME": str(self.root / "home"),
             "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
         }
+
+    def driver(self, script: str, timeout: float = 180, fresh: bool = False) -> Any:
+        """`script`'s answer (the JSON it printed last), run on the module's kept driver; `fresh`: on a new
+        driver of its own, for a script that changes module state (a monkeypatch) the next would inherit."""
+        if self.kept is None:
+            self.kept = Driver(self.env(), self.root / "driver.log", INIT)
+        if not fresh:
+            return self.kept.run(textwrap.dedent(script), timeout)
         r = subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                "import json, ray\nray.init(logging_level='ERROR', log_to_driver=False)\n"
-                + textwrap.dedent(script),
-            ],
-            env=env,
+            [sys.executable, "-c", "import json, ray\n" + INIT + "\n" + textwrap.dedent(script)],
+            env=self.env(),
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -130,6 +138,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                 timeout=120,
             )
         finally:
+            if c.kept is not None:
+                c.kept.close()
             # each node stopped at once, GCS last, the head last (a raylet whose GCS went first waits ~10 s for
             # it): the stores are stopped above and nothing else on the nodes needs draining; `ray start`'s own
             # stop waits on its processes one by one
@@ -189,12 +199,16 @@ def test_stores_wait_for_a_trusted_data_node_and_never_use_an_untrusted_one(clus
         wait_for(
             lambda s=store: actor_state(cluster, s) == "PENDING_CREATION",
             timeout=30,
+            interval=POLL,
             what=f"{store} supervisor pending",
         )
     cluster.add_node("trusted", {"rma.io/tier": "data", "rma.io/trusted": "true", "rma.io/node": "trusted"})
     for store in STORES:
         wait_for(
-            lambda s=store: actor_state(cluster, s) == "ALIVE", timeout=60, what=f"{store} supervisor placed"
+            lambda s=store: actor_state(cluster, s) == "ALIVE",
+            timeout=60,
+            interval=POLL,
+            what=f"{store} supervisor placed",
         )
         st = cluster.driver(STATUS % {"store": store})
         assert st["labels"]["rma.io/trusted"] == "true" and st["labels"]["rma.io/tier"] == "data"
@@ -339,11 +353,13 @@ def test_1000_records_survive_supervisor_and_store_deaths(cluster: Cluster, stor
     wait_for(
         lambda: cluster.driver(STATUS % {"store": store})["supervisor_pid"] != before["supervisor_pid"],
         timeout=60,
+        interval=POLL,
         what="the supervisor to be restarted by Ray",
     )
     after = wait_for(
         lambda: (lambda s: s if s["status"] == "ready" else None)(cluster.driver(STATUS % {"store": store})),
         timeout=90,
+        interval=POLL,
         what="the store to be ready under the new supervisor",
     )
     assert after["adopted"] == (after["pid"] == before["pid"])
@@ -355,6 +371,7 @@ def test_1000_records_survive_supervisor_and_store_deaths(cluster: Cluster, stor
             cluster.driver(STATUS % {"store": store})
         ),
         timeout=90,
+        interval=POLL,
         what="the store to be restarted",
     )
     assert _run(cluster, store, COUNT[store], "n") == 1000
@@ -453,7 +470,8 @@ def _cli_run(c: Cluster, store: str, steps: list[tuple[str, Any]]) -> dict[str, 
         f"results['status'] = ray.get(supervisor.ensure({store!r}).status.remote())",
         "print(json.dumps(results))",
     ]
-    return c.driver("\n".join(body), timeout=540)  # type: ignore[no-any-return]
+    # its own driver: BEFORE_RESTORE patches the CLI's module, which a kept driver would keep
+    return c.driver("\n".join(body), timeout=540, fresh=True)  # type: ignore[no-any-return]
 
 
 @pytest.mark.parametrize("store", STORES)
@@ -503,6 +521,7 @@ def test_a_store_stays_with_its_donor_when_the_donor_goes(cluster: Cluster) -> N
     waiting = wait_for(
         lambda: _status_is(cluster, "postgres", status="waiting", donor="trusted2"),
         timeout=120,
+        interval=POLL,
         what="the postgres supervisor to be restarted on trusted2 and wait there",
     )
     assert waiting["waiting_for"] == "trusted" and waiting["pid"] is None
@@ -513,6 +532,7 @@ def test_a_store_stays_with_its_donor_when_the_donor_goes(cluster: Cluster) -> N
         wait_for(
             lambda s=store: _status_is(cluster, s, status="ready", donor="trusted"),
             timeout=180,
+            interval=POLL,
             what=f"{store} back on its donor and ready",
         )
     assert _run(cluster, "postgres", COUNT["postgres"], "n") == 1000
@@ -651,6 +671,7 @@ def test_move_from_a_backup_when_the_donor_is_gone(cluster: Cluster, tmp_path: P
                 or _status_is(cluster, "redis", status="waiting")
             ),
             timeout=60,
+            interval=POLL,
             what="the redis supervisor to wait for its donor (or Ray to be unable to place it)",
         )
         r = rma(cluster, "stores", "move", "redis", "--to", other, "--from-backup", str(dest))
@@ -675,5 +696,6 @@ def test_move_from_a_backup_when_the_donor_is_gone(cluster: Cluster, tmp_path: P
             wait_for(
                 lambda s=store: _status_is(cluster, s, status="ready"),
                 timeout=180,
+                interval=POLL,
                 what=f"{store} back on {held} and ready",
             )
