@@ -84,7 +84,7 @@ def summary(
     )
     if key_id is not None:
         q = q.where(ClientUsage.key_id == key_id)
-    found = list(session.execute(q).tuples())
+    found = session.execute(q).all()
     giving = giving_donors(session, settings, {k.donor_id for _, k in found if k.donor_id})
     rows = [
         schemas.ClientUsageRow(

@@ -147,6 +147,7 @@ def test_rma_down_and_up_mid_batch_resumes_it_with_each_custom_id_once(pool: Poo
     from deployments.embeddings.config import EmbeddingSettings
 
     info = pool.start()
+    token = (pool.root / "data" / "cluster_token").read_text()
     alice_key, bob_key = _client_key(info, "alice"), _client_key(info, "bob")
     alice = _openai(info, alice_key)
     model = EmbeddingSettings().entry().model_id
@@ -170,6 +171,9 @@ def test_rma_down_and_up_mid_batch_resumes_it_with_each_custom_id_once(pool: Poo
     down = pool.stop()
     assert down.returncode == 0, down.stdout + down.stderr
     info = pool.start()
+    # SECURITY.md: the cluster token is generated once (the restarted head keeps it) and never printed
+    assert (pool.root / "data" / "cluster_token").read_text() == token
+    assert all(token.strip() not in (pool.root / f"up-{n}.log").read_text() for n in (1, 2))
     alice = _openai(info, alice_key)
     done: Any = wait_for(
         lambda: (
