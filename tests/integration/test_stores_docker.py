@@ -328,6 +328,9 @@ def ray_cluster(dockerd: Dockerd, tmp_path_factory: pytest.TempPathFactory) -> I
                 timeout=150,
             )
         finally:
+            # the module's kept driver (test_stores.Cluster.driver) goes before its cluster
+            if c.kept is not None:
+                c.kept.close()
             # each node stopped at once, GCS last, the head last (a raylet whose GCS went first waits ~10 s for
             # it): the stores are stopped above and nothing else on the nodes needs draining; `ray start`'s own
             # stop waits on its processes one by one
