@@ -106,6 +106,10 @@ class UpError(Exception):
     """One line for the admin."""
 
 
+class StartInterrupted(UpError):
+    """A stop (Ctrl-C, SIGTERM, `rma down`) came while `rma up` was starting the pool."""
+
+
 @dataclass
 class UpOptions:
     data_dir: Path
@@ -701,6 +705,7 @@ class Pool:
         self.o, self.say = opts, say
         self.stop_event = threading.Event()
         self.rotate_event = threading.Event()
+        self.starting: subprocess.Popen[str] | None = None  # `deployments up` while `up` waits for it
         self.token_file = opts.data_dir / "cluster_token"
         self.logs = opts.data_dir / "logs"
         self.head: RayNode | None = None
@@ -1018,6 +1023,22 @@ class Pool:
         except WaitTimeout:
             raise UpError(f"the coordinator did not answer on {self.o.coordinator_url}") from None
 
+    def interrupt(self) -> None:
+        """Ctrl-C or `rma down` (SIGINT/SIGTERM): once the pool is up, the supervision ends and the pool stops;
+        during the start, the start is cut short at its next step (the stores' and apps' child, whose waits
+        can take minutes, is ended now) and `up` raises StartInterrupted, after which the caller stops what was
+        started. Called from a signal handler: sets a flag and sends a signal, nothing more."""
+        self.stop_event.set()
+        child = self.starting
+        if child is not None and child.poll() is None:
+            child.terminate()
+
+    def _not_stopped(self) -> None:
+        if self.stop_event.is_set():
+            raise StartInterrupted(
+                "stopped during the start (Ctrl-C or `rma down`); stopping what was started"
+            )
+
     def up(self) -> dict[str, Any]:
         self.o.data_dir.mkdir(parents=True, exist_ok=True)
         self.o.data_dir.chmod(
@@ -1043,9 +1064,13 @@ class Pool:
         for edge in self.edges.values():
             edge.start_hub()  # before the coordinator: it is told each edge hub (RMA_EDGES)
         self.start_edge_guard()  # before any edge head: code of an edge's user never runs unguarded
+        self._not_stopped()
         self.start_head()
+        self._not_stopped()
         self.start_serve()
+        self._not_stopped()
         self.start_coordinator()
+        self._not_stopped()
         with AdmissionClient(self.o.coordinator_url, self.admin_key) as client:
             invite = client.create_invite(ttl_s=self.o.invite_ttl_s, uses=1, note="printed by rma up")
             self.write_service_credential(client)
@@ -1086,10 +1111,12 @@ class Pool:
             )
             edge.restarting.start()
         # store supervisors on the head report with service.json's credential
-        self.start_deployments(info)
+        if not self.stop_event.is_set():
+            self.start_deployments(info)
         for edge in self.edges.values():
             if edge.restarting is not None:
                 edge.restarting.join()  # bounded: the node's start and Serve's each have their own timeout
+        self._not_stopped()
         for edge in self.edges.values():
             if edge.running():
                 self.deploy_edge(edge)
@@ -1302,6 +1329,9 @@ class Pool:
             "--serve-port",
             str(self.o.serve_port),
         )
+        self.starting = proc  # a stop during the start ends it (interrupt)
+        if self.stop_event.is_set():  # the stop came before it was known
+            proc.terminate()
         # the child waits for each part itself; this only ends a child that hangs past all of that
         limit = self.o.stores_wait_s + self.o.apps_wait_s * len(self.o.apps) + 180
         watchdog = threading.Timer(limit, proc.kill)
@@ -1333,6 +1363,9 @@ class Pool:
             proc.wait()
         finally:
             watchdog.cancel()
+            self.starting = None
+        if self.stop_event.is_set():
+            return  # up() says why, and the caller stops what was started
         if proc.returncode < 0:
             self.say(
                 f"[yellow]the stores and apps did not report in time[/]; see {self.logs / 'deployments.log'}"

@@ -181,7 +181,7 @@ def up(
     """Start the pool on this machine (Ray head, Serve, coordinator) and supervise it until Ctrl-C."""
     from rma_ray import logs
     from rma_ray.edges import DEFAULT_EDGE
-    from rma_ray.head import Pool, UpError, UpOptions
+    from rma_ray.head import Pool, StartInterrupted, UpError, UpOptions
     from rma_ray.net import local_ip_towards
 
     ip = node_ip_address or local_ip_towards("192.0.2.1")
@@ -224,7 +224,7 @@ def up(
     pool = Pool(opts, say)
 
     def stop(signum: int, _frame: object) -> None:
-        pool.stop_event.set()
+        pool.interrupt()
 
     import signal as _signal
 
@@ -233,6 +233,11 @@ def up(
     _signal.signal(_signal.SIGHUP, lambda *_: pool.rotate_event.set())
     try:
         info = pool.up()
+    except StartInterrupted as exc:
+        out.print(f"[yellow]{exc}[/]")
+        pool.down()
+        out.print("pool stopped")
+        raise typer.Exit(1) from None  # the start did not finish: not a pool that ran and stopped
     except UpError as exc:
         pool.down()
         fail(str(exc))

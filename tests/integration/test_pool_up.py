@@ -88,6 +88,94 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         shutil.rmtree(stores, ignore_errors=True)
 
 
+def test_ctrl_c_during_the_start_stops_the_start_and_leaves_nothing_running(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Ctrl-C while `rma up` still starts (the stores and apps take minutes on a cold pool) cuts the start short:
+    no "RMA Pool is up", one line that says so, a non-zero exit, and nothing left running: the Ray head, the
+    coordinator and the stores started so far are stopped as `rma down` stops them. (Before, the signal waited
+    for the whole start; a second Ctrl-C did nothing more, and a `kill -9` then left every process behind.)
+    Its own pool, before the module's (no fixture here): the signal comes as the stores start, while the graph
+    store (a JVM, seconds) is still coming up and the services app is still to deploy."""
+    root = tmp_path_factory.mktemp("up-interrupted")
+    stores = Path(tempfile.mkdtemp(prefix="rma-it-upint-stores-"))
+    stores.chmod(0o755)
+    ip = local_ip_towards("192.0.2.1")
+    env = {
+        **os.environ,
+        "HOME": str(root / "home"),
+        "RMA_DATA_DIR": str(root / "data"),
+        "RMA_STORES_DIR": str(stores),
+        "COLUMNS": "200",
+    }
+    args = [
+        "--node-ip-address",
+        ip,
+        *pool_ports(ip),
+        "--stores",
+        "redis,graph",
+        "--apps",
+        "services",
+        "--no-edge",
+        "--store-port",
+        f"redis={free_port(ip)}",
+        "--store-port",
+        f"graph={free_port(ip, span=2)}",
+    ]
+    log = root / "up.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rma_ray.cli", "up", *args],
+        env=env,
+        stdout=open(log, "wb"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+
+        def stores_starting() -> bool:
+            if proc.poll() is not None:
+                raise GiveUp(f"rma up exited: {log.read_text()}")
+            return "starting data stores" in log.read_text()
+
+        wait_for(stores_starting, timeout=300, interval=0.2, what="rma up to start the stores")
+        info = json.loads((root / "data" / "pool.json").read_text())
+        started = [pid for pid in (info["head_pid"], info["coordinator_pid"]) if pid]
+        assert len(started) == 2 and all(psutil.pid_exists(p) for p in started)
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(300)
+        out = log.read_text()
+        assert rc != 0, out
+        assert "stopped during the start" in out and "pool stopped" in out, out
+        assert "RMA Pool is up" not in out, out
+        assert "Traceback" not in out, out
+        wait_for(
+            lambda: not any(psutil.pid_exists(p) for p in started),
+            timeout=60,
+            what="the head and the coordinator to be gone",
+        )
+        pids = [json.loads(f.read_text())["pid"] for f in stores.glob("*/.rma-pid.json")]
+        wait_for(
+            lambda: not any(psutil.pid_exists(p) for p in pids),
+            timeout=60,
+            what="every store process to stop",
+        )
+        down = subprocess.run(
+            [sys.executable, "-m", "rma_ray.cli", "down"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert down.returncode != 0 and "no pool is running" in down.stdout + down.stderr
+    finally:
+        if proc.poll() is None:
+            subprocess.run(
+                [sys.executable, "-m", "rma_ray.cli", "down"], env=env, capture_output=True, timeout=300
+            )
+            proc.kill()
+        kill_left_stores(stores)
+        shutil.rmtree(stores, ignore_errors=True)
+
+
 def test_rma_up_starts_every_store_on_the_head_and_lists_them(pool: dict[str, Any]) -> None:
     assert {s: v["status"] for s, v in pool["stores"].items()} == {s: "ready" for s in STORES}, pool[
         "log"
