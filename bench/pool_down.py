@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -224,7 +225,13 @@ def _cycle(
         proc.wait(120)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            # a bench interrupted or failed: the supervisor stops what it started (also mid-start), where a
+            # kill would leave the pool's processes behind
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(300)
+            except subprocess.TimeoutExpired:
+                proc.kill()
     return {
         "up_s": round(up_s, 1),
         **({"cpu_during_up": cpu} if cpu else {}),
