@@ -9,7 +9,9 @@ each key's effective quota: `rma_ray.wire.Quota`).
   second (one pipeline for all keys, reading the totals back), so counting costs a request no round trip; the
   day's quotas are checked against those totals (up to a second old across replicas; uploads are checked
   against Redis of now). A key at its day's quota gets 429 until UTC midnight. Tokens are added once the LLM
-  has answered (`CountTokens`), so the request that crosses the quota is served and the next one is refused.
+  has answered (`CountTokens`; a batch item's by the batch runner, `Meter.add_tokens`, to the key that created
+  the batch, and an item that starts past the quota is refused: `Meter.check_tokens`), so the request that
+  crosses the quota is served and the next one is refused.
 
 A refusal is a 429 with `Retry-After` and `X-RateLimit-Limit`, `X-RateLimit-Remaining`, `X-RateLimit-Reset`
 (seconds until the window frees a request).
@@ -337,7 +339,21 @@ class Meter:
 
     async def add_tokens(self, key_id: str, tokens_in: int, tokens_out: int) -> None:
         if (tokens_in or tokens_out) and not spot_checking.get():
+            if self._connect is not None and self._flusher is None:  # a process that admits no requests
+                self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
             self._count(key_id, {"tokens_in": tokens_in, "tokens_out": tokens_out})
+
+    async def check_tokens(self, key_id: str, quota: Any) -> None:
+        """Work the key asked for earlier (a batch item) and runs now: refused (the 429 `admit` gives) when the
+        key's tokens for today are spent; counts no request. Checked against the shared counters of now."""
+        if spot_checking.get() or not quota.tokens_per_day:
+            return
+        used = await self.usage(key_id)
+        tokens = used["tokens_in"] + used["tokens_out"]
+        if tokens >= quota.tokens_per_day:
+            raise day_refusal(
+                "token_quota_exceeded", "LLM tokens", tokens, quota.tokens_per_day, self.clock()
+            )
 
     async def usage(self, key_id: str) -> dict[str, int]:
         """Today's counters of `key_id`: the shared ones after this replica's flush (other replicas add theirs
