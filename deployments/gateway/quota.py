@@ -9,7 +9,9 @@ each key's effective quota: `rma_ray.wire.Quota`).
   second (one pipeline for all keys, reading the totals back), so counting costs a request no round trip; the
   day's quotas are checked against those totals (up to a second old across replicas; uploads are checked
   against Redis of now). A key at its day's quota gets 429 until UTC midnight. Tokens are added once the LLM
-  has answered (`CountTokens`), so the request that crosses the quota is served and the next one is refused.
+  has answered (`CountTokens`; a batch item's by the batch runner, `Meter.add_tokens`, to the key that created
+  the batch, and an item that starts past the quota is refused: `Meter.check_tokens`), so the request that
+  crosses the quota is served and the next one is refused.
 
 A refusal is a 429 with `Retry-After` and `X-RateLimit-Limit`, `X-RateLimit-Remaining`, `X-RateLimit-Reset`
 (seconds until the window frees a request).
@@ -337,7 +339,21 @@ class Meter:
 
     async def add_tokens(self, key_id: str, tokens_in: int, tokens_out: int) -> None:
         if (tokens_in or tokens_out) and not spot_checking.get():
+            if self._connect is not None and self._flusher is None:  # a process that admits no requests
+                self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
             self._count(key_id, {"tokens_in": tokens_in, "tokens_out": tokens_out})
+
+    async def check_tokens(self, key_id: str, quota: Any) -> None:
+        """Work the key asked for earlier (a batch item) and runs now: refused (the 429 `admit` gives) when the
+        key's tokens for today are spent; counts no request. Checked against the shared counters of now."""
+        if spot_checking.get() or not quota.tokens_per_day:
+            return
+        used = await self.usage(key_id)
+        tokens = used["tokens_in"] + used["tokens_out"]
+        if tokens >= quota.tokens_per_day:
+            raise day_refusal(
+                "token_quota_exceeded", "LLM tokens", tokens, quota.tokens_per_day, self.clock()
+            )
 
     async def usage(self, key_id: str) -> dict[str, int]:
         """Today's counters of `key_id`: the shared ones after this replica's flush (other replicas add theirs
@@ -395,10 +411,13 @@ class Meter:
 
 class CountTokens:
     """ASGI middleware on an LLM ingress: the tokens of each answer, added to its client key's counters once
-    the answer is sent. A JSON reply's `usage`; a stream's final usage chunk (when the client asked for
-    `stream_options.include_usage`), else its content chunks counted as completion tokens (vLLM sends one
-    token per chunk; the prompt's tokens are then not known). The client is the one the key check put in the
-    request's state: a refused request counts no tokens."""
+    the answer is sent. A JSON reply's `usage`; a stream's final usage chunk. A streamed chat or completions
+    request is sent on with `stream_options.include_usage` set (`ask_usage`), so that its prompt and
+    completion tokens are known; when the client did not ask for that chunk it is taken out of the stream
+    (`DropUsage`): the client gets the bytes it would have got. With no usage chunk (an upstream that sends
+    none) the content, tool-call argument and reasoning deltas are counted as completion tokens (vLLM sends
+    one token per chunk; the prompt's tokens are then not known). The client is the one the key check put in
+    the request's state: a refused request counts no tokens."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -408,10 +427,17 @@ class CountTokens:
             await self.app(scope, receive, send)
             return
         tally = Tally()
+        strip = False
+        if scope.get("path", "").endswith(USAGE_PATHS):
+            scope, receive, strip = await ask_usage(scope, receive)
+        dropper = DropUsage(send) if strip else None
 
         async def counting(message: dict[str, Any]) -> None:
             tally.see(message)
-            await send(message)
+            if dropper is not None:
+                await dropper(message)
+            else:
+                await send(message)
 
         try:
             await self.app(scope, receive, counting)
@@ -425,6 +451,98 @@ class CountTokens:
                     await m.add_tokens(key_id, tokens_in, tokens_out)
                 except Exception:  # counting must never fail an answer already sent
                     log.exception("counting the tokens of a reply failed")
+
+
+# the OpenAI routes whose streamed answers end in a usage chunk when `stream_options.include_usage` is set
+USAGE_PATHS = ("/chat/completions", "/completions")
+ASK_USAGE_MAX_BYTES = 1 << 24  # a larger body is passed on as it came (the body limit refuses it anyway)
+
+
+async def ask_usage(scope: dict[str, Any], receive: Any) -> tuple[dict[str, Any], Any, bool]:
+    """A streamed request's body with `stream_options.include_usage` set: (scope with its content-length,
+    receive that replays the body, whether the client had not asked for the usage chunk). Any other body is
+    replayed as it came."""
+    import json
+
+    chunks: list[bytes] = []
+    size, more, last = 0, True, None
+    while more:
+        message = await receive()
+        if message["type"] != "http.request":  # the client went away: the app sees it as it would
+            last = message
+            break
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        more = message.get("more_body", False)
+        if size > ASK_USAGE_MAX_BYTES:
+            break
+    body, strip = b"".join(chunks), False
+    if not more and last is None:
+        try:
+            data = json.loads(body)
+        except ValueError:
+            data = None
+        if isinstance(data, dict) and data.get("stream") is True:
+            options = data.get("stream_options")
+            if options is None or isinstance(options, dict):
+                if not (options or {}).get("include_usage"):
+                    data["stream_options"] = {**(options or {}), "include_usage": True}
+                    body, strip = json.dumps(data).encode(), True
+                    headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"]
+                    scope = {**scope, "headers": [*headers, (b"content-length", str(len(body)).encode())]}
+    replay: list[dict[str, Any]] = [{"type": "http.request", "body": body, "more_body": more}]
+    if last is not None:
+        replay.append(last)
+
+    async def replayed() -> dict[str, Any]:
+        return replay.pop(0) if replay else await receive()
+
+    return scope, replayed, strip
+
+
+class DropUsage:
+    """An ASGI `send` that takes the usage chunk (`"choices":[]` and a `usage` object) out of a streamed
+    answer, and sends every other byte as it came. Events are sent whole (one split across messages waits for
+    its end), so the usage chunk is known before any of its bytes go out."""
+
+    def __init__(self, send: Any) -> None:
+        self.send = send
+        self.stream = False
+        self.rest = b""
+
+    async def __call__(self, message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            ctype = dict(message.get("headers") or []).get(b"content-type", b"")
+            self.stream = message.get("status") == 200 and ctype.startswith(b"text/event-stream")
+            await self.send(message)
+            return
+        if not self.stream or message["type"] != "http.response.body":
+            await self.send(message)
+            return
+        data = self.rest + message.get("body", b"")
+        end = data.rfind(b"\n\n") + 2 if b"\n\n" in data else 0
+        whole, self.rest = data[:end], data[end:]
+        if not message.get("more_body", False):
+            whole, self.rest = data, b""
+        # "A\n\nU\n\nB\n\n" -> [A, U, B, ""] -> "A\n\nB\n\n": the usage event goes with its separator
+        out = b"\n\n".join(e for e in whole.split(b"\n\n") if not _usage_event(e))
+        await self.send({**message, "body": out})
+
+
+def _usage_event(event: bytes) -> bool:
+    import json
+
+    if not event.startswith(b"data: {") or b'"usage"' not in event:
+        return False
+    try:
+        data = json.loads(event[6:])
+    except ValueError:
+        return False
+    return isinstance(data, dict) and data.get("choices") == [] and isinstance(data.get("usage"), dict)
+
+
+# the deltas that carry generated tokens: text, tool-call arguments, reasoning (vLLM's and OpenAI's names)
+DELTA_KEYS = (b'"content":"', b'"text":"', b'"arguments":"', b'"reasoning_content":"', b'"reasoning":"')
 
 
 class Tally:
@@ -463,7 +581,7 @@ class Tally:
                     self.usage = json.loads(line[6:]).get("usage") or self.usage
                 except ValueError:
                     pass
-            elif (b'"content":"' in line and b'"content":""' not in line) or b'"text":"' in line:
+            elif any(k in line and k + b'"' not in line for k in DELTA_KEYS):
                 self.chunks += 1
 
     def tokens(self) -> tuple[int, int]:

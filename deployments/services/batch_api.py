@@ -21,6 +21,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
+from deployments.gateway import quota
 from deployments.gateway.asgi import PrefixIsRoot, body_limit
 from deployments.gateway.auth import ClientDep, current_client
 from deployments.gateway.refusal import install_refusals
@@ -74,6 +75,9 @@ def files_api(settings: ServicesSettings, store: Any = None) -> FastAPI:
     async def create_file(request: Request, client: ClientDep) -> Any:
         data, filename, _, fields = await form_file(request, s.batch_file_max_bytes)
         purpose = fields.get("purpose", "")
+        m = quota.meter()
+        if m is not None:  # the day's upload quota (429 past it, nothing stored), and the key's usage
+            await m.charge_upload(client.key_id, client.quota, len(data))
         return await st.call("batch store", st.store.put_file, data, filename, purpose, owner(client))
 
     @files.get("/")
@@ -119,6 +123,8 @@ def batches_api(settings: ServicesSettings, store: Any = None) -> FastAPI:
             body.endpoint,
             body.completion_window,
             body.metadata,
+            client.key_id,  # its items' tokens count against this key's day, as its online requests' do
+            client.quota,
         )
 
     @batches.get("/")

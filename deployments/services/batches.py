@@ -39,12 +39,13 @@ import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import DateTime, and_, exists, func, literal, or_, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import SQLAlchemyError
 
+from deployments.gateway.quota import meter as quota_meter
 from deployments.gateway.refusal import Refusal, not_found, refusal_from, unwrap
 from deployments.services import batch_format as bf
 from deployments.services.db import (
@@ -59,6 +60,7 @@ from deployments.services.db import (
 from deployments.services.ingest import IngestJobs
 from deployments.services.settings import ServicesSettings
 from deployments.services.uploads import BlobStore, blob_lock, default_uploads_dir, put_locked
+from rma_ray.wire import Quota
 
 log = logging.getLogger("rma.services.batches")
 QUEUE = "rma-batch"
@@ -341,9 +343,13 @@ class Batches(IngestJobs):
         endpoint: str,
         completion_window: str,
         metadata: dict[str, str] | None = None,
+        key_id: str | None = None,
+        quota: Quota | None = None,
     ) -> dict[str, Any]:
+        """A batch of the owner's input file; `key_id` (the client key that asks, with its quota): the key its
+        items' tokens are charged to, and refused once that key's tokens for the day are spent."""
         out, items = await asyncio.to_thread(
-            self._create, owner, input_file_id, endpoint, completion_window, metadata
+            self._create, owner, input_file_id, endpoint, completion_window, metadata, key_id, quota
         )
         await self._defer(out["id"], items)
         started = await asyncio.to_thread(self._start, out["id"])
@@ -356,6 +362,8 @@ class Batches(IngestJobs):
         endpoint: str,
         completion_window: str,
         metadata: Any,
+        key_id: str | None = None,
+        quota: Quota | None = None,
     ) -> tuple[dict[str, Any], list[str]]:
         s = self.settings
         if endpoint not in bf.ENDPOINTS:
@@ -428,6 +436,8 @@ class Batches(IngestJobs):
                 total=len(items),
                 created_at=now,
                 expires_at=now + timedelta(seconds=bf.COMPLETION_WINDOWS[completion_window]),
+                key_id=key_id,
+                quota=quota.model_dump(mode="json") if key_id and quota is not None else None,
             )
             db.add(row)
             db.flush()
@@ -746,12 +756,12 @@ class Batches(IngestJobs):
                 )
             )
 
-    def claim(self, batch_id: str, custom_id: str) -> tuple[str, dict[str, Any], int] | None:
-        """(endpoint, body, starts so far) of an item to run, or None (finished, or its batch no longer runs
-        items). Busy when another job claimed or touched it less than `batch_stalled_s` ago (a second job of
-        the same item, as the sweep's re-defer of a batch left validating makes). The attempt is counted
-        when the model call starts (`start`), not here: an item claimed but still waiting for a model-call
-        slot when its runner dies has not been tried."""
+    def claim(self, batch_id: str, custom_id: str) -> Claimed | None:
+        """(endpoint, body, starts so far, the key it is charged to) of an item to run, or None (finished, or its
+        batch no longer runs items). Busy when another job claimed or touched it less than `batch_stalled_s`
+        ago (a second job of the same item, as the sweep's re-defer of a batch left validating makes). The
+        attempt is counted when the model call starts (`start`), not here: an item claimed but still waiting
+        for a model-call slot when its runner dies has not been tried."""
         with self.db.sessions().begin() as db:
             batch = db.get(Batch, batch_id)
             item = db.get(BatchItem, (batch_id, custom_id), with_for_update=True)
@@ -764,7 +774,10 @@ class Batches(IngestJobs):
                 item.status = bf.SKIPPED
                 return None
             item.status = bf.RUNNING  # and updated_at: claimed now
-            return batch.endpoint, dict(item.body), item.attempts
+            payer = None
+            if batch.key_id:
+                payer = (batch.key_id, Quota.model_validate(batch.quota or {}))
+            return Claimed(batch.endpoint, dict(item.body), item.attempts, payer)
 
     def record(self, batch_id: str, custom_id: str, ok: bool, line: dict[str, Any]) -> bool:
         """The item's output line, once: an upsert on (batch, custom_id) that leaves a finished row as it is.
@@ -826,7 +839,7 @@ class Batches(IngestJobs):
             )
             return
         if claimed is not None:
-            endpoint, body, starts = claimed
+            endpoint, body, starts, payer = claimed
             iid = _item_id(batch_id, custom_id)
             rid = uuid.uuid4().hex
             if starts >= s.batch_max_attempts:
@@ -848,7 +861,7 @@ class Batches(IngestJobs):
                     except SQLAlchemyError as exc:  # the store away for a moment: procrastinate tries again
                         raise Transient(f"the batch store did not answer: {exc}"[:300]) from None
                     if go:
-                        await self._answer(batch_id, custom_id, endpoint, body, starts + 1, iid, rid)
+                        await self._answer(batch_id, custom_id, endpoint, body, starts + 1, iid, rid, payer)
         await asyncio.to_thread(self.finalize, batch_id)
 
     async def _answer(
@@ -860,10 +873,21 @@ class Batches(IngestJobs):
         attempt: int,
         iid: str,
         rid: str,
+        payer: tuple[str, Quota] | None = None,
     ) -> None:
         """Attempt `attempt` of an item: the model call (the item touched while it lasts) and its output line;
-        Transient (procrastinate tries the item again) while attempts are left."""
+        Transient (procrastinate tries the item again) while attempts are left. With a `payer` (the batch's
+        key and quota) the item is the key's as an online request is: refused with the online 429 when the
+        key's tokens for the day are spent, and its answer's tokens counted."""
         s = self.settings
+        m = quota_meter() if payer is not None else None
+        if m is not None and payer is not None:
+            try:
+                await m.check_tokens(*payer)
+            except Refusal as exc:
+                line = bf.output_line(iid, custom_id, exc.status, _error_body(exc), rid)
+                await asyncio.to_thread(self.record, batch_id, custom_id, False, line)
+                return
 
         async def keep_touched() -> None:  # never ends in an exception: nothing reads its end
             while True:
@@ -892,6 +916,12 @@ class Batches(IngestJobs):
             line = bf.output_line(iid, custom_id, None, None, rid, err)
             await asyncio.to_thread(self.record, batch_id, custom_id, False, line)
         else:
+            if m is not None and payer is not None and 200 <= status < 300:
+                usage = answer.get("usage") if isinstance(answer, dict) else None
+                if isinstance(usage, dict):
+                    tokens_in = int(usage.get("prompt_tokens") or 0)
+                    tokens_out = int(usage.get("completion_tokens") or 0)
+                    await m.add_tokens(payer[0], tokens_in, tokens_out)
             line = bf.output_line(iid, custom_id, status, answer, rid)
             await asyncio.to_thread(self.record, batch_id, custom_id, 200 <= status < 300, line)
 
@@ -955,6 +985,19 @@ class Batches(IngestJobs):
             log.info("batch %s %s: %d answered, %d failed", batch_id, row.status, len(done), len(failed))
 
 
+class Claimed(NamedTuple):
+    endpoint: str
+    body: dict[str, Any]
+    starts: int
+    payer: tuple[str, Quota] | None  # the batch's key and its quota: charged for the item's tokens
+
+
+def _error_body(refusal: Refusal) -> dict[str, Any]:
+    """The body the online route answers a refusal with (OpenAI's shape)."""
+    error = {"message": refusal.message, "type": "invalid_request_error", "param": refusal.param}
+    return {"error": {**error, "code": refusal.code}}
+
+
 def _running(batch_id: str, custom_id: str) -> Any:
     """An UPDATE of the item, if it is still running (claimed, not yet answered)."""
     return update(BatchItem).where(
@@ -1008,13 +1051,7 @@ class ServeModels:
             if refusal is not None:
                 if refusal.status in TRANSIENT_STATUS:
                     raise Transient(f"{refusal.status} {refusal.code}: {refusal.message}") from None
-                error = {
-                    "message": refusal.message,
-                    "type": "invalid_request_error",
-                    "param": refusal.param,
-                    "code": refusal.code,
-                }
-                return refusal.status, {"error": error}
+                return refusal.status, _error_body(refusal)
             name = type(unwrap(exc)).__name__
             if isinstance(exc, TimeoutError) or name in UNAVAILABLE:
                 if name in DIED or name == "DeploymentUnavailableError":

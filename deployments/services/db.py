@@ -150,6 +150,10 @@ class Batch(Base):
     expired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     cancelling_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     cancelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # the client key that created the batch, and its quota then (`rma_ray.wire.Quota`): its items' tokens
+    # count against that key's day, as its online requests' do (None: not charged, a batch from before)
+    key_id: Mapped[str | None] = mapped_column(String(40))
+    quota: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 class BatchItem(Base):

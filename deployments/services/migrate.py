@@ -12,7 +12,7 @@ from sqlalchemy import Connection, inspect
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 FIRST = "0001_uploads_notes"
-HEAD = "0006_drop_ingest_state_ix"
+HEAD = "0007_batches_payer"
 
 
 def config(connection: Connection) -> Config:
