@@ -1,9 +1,10 @@
 """Limits on registration, failed authentication and refusal audit rows (the `limits` library, moving window).
 
 Failed authentications are counted per client IP and per credential id. An IP over its budget is refused
-before its credential is looked at (no database work for it). A credential id over its budget (guessed at from
-many IPs) refuses no one: its owner's valid secret still works, but every further failure on it spends the whole
-budget of the IP that made it, so each guessing IP gets one try a window. So only an IP's own failures can ever
+without database work (admission.security lets through only a credential its memory already vouches for). A
+credential id over its budget (guessed at from many IPs) refuses no one: its owner's valid secret still works,
+but every further failure on it spends the whole budget of the IP that made it, so each guessing IP gets one try
+a window. So only an IP's own failures can ever
 refuse it, and the client IP is only what `admission.proxy` lets a trusted proxy say it is."""
 
 from __future__ import annotations
