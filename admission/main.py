@@ -13,7 +13,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from admission import db, errors, migrate
+from admission import db, errors, migrate, security
 from admission.proxy import ClientAddress
 from admission.ratelimit import IpLimiter
 from admission.routes import admin, contributions, donor, edges, health, invites, registry, worker
@@ -78,7 +78,10 @@ def prepare_database(state: AppState) -> str | None:
     given = state.settings.admin_key.get_secret_value() if state.settings.admin_key else None
     with db.session_scope(state.sessions) as session:
         overlay.sync(state, session)  # a restarted head brings its hub up empty: give it the live donors back
-        return keys.ensure_admin_key(session, given)
+        minted = keys.ensure_admin_key(session, given)
+        session.flush()
+        security.remember_live_keys(state, session)
+        return minted
 
 
 async def _flush_loop(state: AppState) -> None:

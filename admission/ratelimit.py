@@ -1,9 +1,10 @@
 """Limits on registration, failed authentication and refusal audit rows (the `limits` library, moving window).
 
 Failed authentications are counted per client IP and per credential id. An IP over its budget is refused
-before its credential is looked at (no database work for it). A credential id over its budget (guessed at from
-many IPs) refuses no one: its owner's valid secret still works, but every further failure on it spends the whole
-budget of the IP that made it, so each guessing IP gets one try a window. So only an IP's own failures can ever
+without database work (admission.security lets through only a credential its memory already vouches for). A
+credential id over its budget (guessed at from many IPs) refuses no one: its owner's valid secret still works,
+but every further failure on it spends the whole budget of the IP that made it, so each guessing IP gets one try
+a window. So only an IP's own failures can ever
 refuse it, and the client IP is only what `admission.proxy` lets a trusted proxy say it is."""
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ class IpLimiter:
         # IPs with a failure inside the window; the common case (no failures) skips the limiter entirely
         self._failed_at: dict[str, float] = {}
         self._lock = threading.Lock()
-        self._unaudited: dict[str, tuple[int, float]] = {}  # ip -> (refusals without a row, last one at)
+        # '<kind>:<ip>' -> (refusals without a row, last one at)
+        self._unaudited: dict[str, tuple[int, float]] = {}
 
     def _too_many(self, item: RateLimitItem, ip: str, what: str) -> ApiError:
         reset = self._limiter.get_window_stats(item, "ip", ip).reset_time
@@ -64,14 +66,16 @@ class IpLimiter:
             cost = max(1, self._limiter.get_window_stats(self.auth_failure, "ip", ip).remaining)
         self._limiter.hit(self.auth_failure, "ip", ip, cost=cost)
 
-    def audit_refusal(self, ip: str) -> int | None:
-        """None while this IP already got a refusal row this minute; else how many refusals the row stands for."""
+    def audit_refusal(self, ip: str, what: str = "register") -> int | None:
+        """None while this IP already got a refusal row of this kind (register, rejoin) this minute; else how many
+        refusals the row stands for."""
         now = time.time()
+        key = f"{what}:{ip}"
         with self._lock:
-            count, _ = self._unaudited.pop(ip, (0, now))
-            if self._limiter.hit(self.refusal_audit, "refusal", ip):
+            count, _ = self._unaudited.pop(key, (0, now))
+            if self._limiter.hit(self.refusal_audit, "refusal", what, ip):
                 return count + 1
-            self._unaudited[ip] = (count + 1, now)
+            self._unaudited[key] = (count + 1, now)
             if len(self._unaudited) > 10_000:  # bounded: forget counts idle for over a window
                 horizon = now - self.refusal_audit.get_expiry()
                 self._unaudited = {k: v for k, v in self._unaudited.items() if v[1] > horizon}

@@ -12,6 +12,8 @@ from datetime import UTC, datetime
 import jwt
 from fastapi import Request
 from fastapi.security import HTTPAuthorizationCredentials
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from admission.db import session_scope
 from admission.errors import ApiError
@@ -93,14 +95,64 @@ def parse_bearer(
         raise auth_failed(state, ip, str(kind), "malformed_token", str(exc)) from None
 
 
+def _key_name(kind: Kind, key_id: str) -> str:
+    return f"{kind}:{key_id}"
+
+
+def _remember_key(state: AppState, parsed: credentials.Parsed, valid_hash: str | None, live: bool) -> None:
+    """After the database has decided: a valid key's hash is kept, a revoked or deleted key's dropped (a wrong
+    secret for a live key id drops nothing: anyone may know an id, and it must not evict its owner)."""
+    if valid_hash is not None:
+        state.keys[_key_name(parsed.kind, parsed.id)] = valid_hash
+    elif not live:
+        state.keys.pop(_key_name(parsed.kind, parsed.id), None)
+
+
+def remember_live_keys(state: AppState, session: Session) -> None:
+    """At start-up: every live admin and service key (a handful), so that the first request of the head's
+    services or of the operator after a restart is not refused by a failed-auth budget someone else spent."""
+    for model, kind in ((AdminKey, Kind.ADMIN), (ServiceKey, Kind.SERVICE)):
+        for key_id, key_hash in session.execute(
+            select(model.id, model.key_hash).where(model.revoked_at.is_(None))
+        ):
+            state.keys[_key_name(kind, key_id)] = key_hash
+
+
+def _known_key_ok(state: AppState, creds: HTTPAuthorizationCredentials | None, kind: Kind) -> bool:
+    """An admin or service key that verifies against the hashes of keys last seen valid (no database work)."""
+    if creds is None or creds.scheme.lower() != "bearer":
+        return False
+    try:
+        parsed = credentials.parse(creds.credentials, kind)
+    except MalformedToken:
+        return False
+    stored = state.keys.get(_key_name(kind, parsed.id))
+    return stored is not None and credentials.matches(parsed, stored)
+
+
+def check_key_allowed(
+    state: AppState, ip: str, creds: HTTPAuthorizationCredentials | None, kind: Kind
+) -> None:
+    """The IP's failed-auth limit, before any database work; a valid admin or service key passes anyway: code
+    that shares the head's address (an edge donor's tasks) must not be able to lock out the head's own services
+    and the operator by failing on purpose. What gets past is checked against the database as usual."""
+    try:
+        state.limiter.check_auth_allowed(ip)
+    except ApiError:
+        if not _known_key_ok(state, creds, kind):
+            raise
+
+
 def authenticate_admin(
     state: AppState, ip: str, creds: HTTPAuthorizationCredentials | None
 ) -> AdminPrincipal:
-    state.limiter.check_auth_allowed(ip)
+    check_key_allowed(state, ip, creds, Kind.ADMIN)
     parsed = parse_bearer(state, ip, creds, Kind.ADMIN)
     with state.sessions() as session:
         key = session.get(AdminKey, parsed.id)
-        ok = key is not None and key.revoked_at is None and credentials.matches(parsed, key.key_hash)
+        live = key is not None and key.revoked_at is None
+        ok = live and key is not None and credentials.matches(parsed, key.key_hash)
+    _remember_key(state, parsed, key.key_hash if ok and key is not None else None, live)
     if not ok:
         raise auth_failed(state, ip, "admin", "invalid_admin_key", "unknown or revoked admin key", parsed.id)
     return AdminPrincipal(parsed.id)
@@ -109,11 +161,13 @@ def authenticate_admin(
 def authenticate_service(
     state: AppState, ip: str, creds: HTTPAuthorizationCredentials | None
 ) -> ServicePrincipal:
-    state.limiter.check_auth_allowed(ip)
+    check_key_allowed(state, ip, creds, Kind.SERVICE)
     parsed = parse_bearer(state, ip, creds, Kind.SERVICE)
     with state.sessions() as session:
         key = session.get(ServiceKey, parsed.id)
-        ok = key is not None and key.revoked_at is None and credentials.matches(parsed, key.key_hash)
+        live = key is not None and key.revoked_at is None
+        ok = live and key is not None and credentials.matches(parsed, key.key_hash)
+    _remember_key(state, parsed, key.key_hash if ok and key is not None else None, live)
     if not ok:
         raise auth_failed(
             state, ip, "service", "invalid_service_key", "unknown or revoked service credential"
@@ -238,12 +292,14 @@ def session_admin(state: AppState, request: Request) -> AdminPrincipal | None:
     if not token:
         return None
     ip = client_ip(request)
-    state.limiter.check_auth_allowed(ip)
     try:
+        # a cookie this coordinator signed (an HMAC, no database work) passes its IP's failed-auth refusal
         claims = _session_claims(state, token)
     except jwt.ExpiredSignatureError:
+        state.limiter.check_auth_allowed(ip)
         return None  # an honest browser's old cookie
     except jwt.PyJWTError:
+        state.limiter.check_auth_allowed(ip)
         state.limiter.record_auth_failure(ip)
         state.metrics.auth_failures.labels("session").inc()
         return None

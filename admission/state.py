@@ -120,6 +120,9 @@ class AppState:
     buffer: HeartbeatBuffer = field(default_factory=HeartbeatBuffer)
     nodes: dict[str, NodeEntry] = field(default_factory=dict)
     nodes_lock: threading.Lock = field(default_factory=threading.Lock)
+    # admin and service keys last seen valid ('<kind>:<id>' -> hash): a hint only, so that a valid one passes
+    # its IP's failed-auth refusal without database work; the database still decides (admission.security)
+    keys: dict[str, str] = field(default_factory=dict)
     metrics: Metrics = field(default_factory=Metrics)
     reconciler: Any = None  # admission.services.reconcile.Reconciler when a Ray head is wired
     gauges_at: float = float("-inf")  # when /metrics last refreshed the workers gauge (time.monotonic())

@@ -33,9 +33,12 @@ _node_bearer = HTTPBearer(auto_error=False, scheme_name="NodeToken", description
 async def _rejoin_credentials(
     state: State, ip: ClientIp, creds: Annotated[Creds, Depends(_node_bearer)]
 ) -> credentials.Parsed:
-    """The node token's shape and the failure limit; the service checks the hash and says why a known donor
-    may not come back (revoked, left, quarantined), which the usual node dependency folds into one answer."""
-    state.limiter.check_auth_allowed(ip)
+    """Rate limits and the node token's shape, before the body is even read (a rejoin costs what a registration
+    does, and a refused one can be replayed forever: it spends the same per-IP budget); the service checks the
+    hash and says why a known donor may not come back (revoked, left, quarantined), which the usual node
+    dependency folds into one answer."""
+    state.limiter.hit_register(ip)
+    security.check_node_allowed(state, ip, creds)
     return security.parse_bearer(state, ip, creds, Kind.NODE)
 
 

@@ -30,18 +30,26 @@ log = logging.getLogger("rma.admission.workers")
 
 
 def _refuse(
-    state: AppState, session: Session, ip: str, status: int, code: str, message: str, **detail: object
+    state: AppState,
+    session: Session,
+    ip: str,
+    status: int,
+    code: str,
+    message: str,
+    actor: str = "anonymous",
+    action: str = "worker.register.refused",
+    target: str = "",
+    **detail: object,
 ) -> ApiError:
     """A refusal the admin should see in the audit log: nothing else of this request is kept, the audit row is.
-    At most one row per IP a minute (a valid token is not spent by a refusal, so it could be replayed forever):
-    the row's `count` says how many refusals from that IP it stands for."""
+    At most one row per IP a minute (a valid token, a join token or a refused donor's node token, is not spent
+    by a refusal, so it could be replayed forever): the row's `count` says how many refusals from that IP it
+    stands for."""
     state.metrics.refusals.labels(code).inc()
     session.rollback()
-    count = state.limiter.audit_refusal(ip)
+    count = state.limiter.audit_refusal(ip, action.removeprefix("worker.").removesuffix(".refused"))
     if count is not None:
-        audit.record(
-            session, "anonymous", "worker.register.refused", "", ip, code=code, count=count, **detail
-        )
+        audit.record(session, actor, action, target, ip, code=code, count=count, **detail)
         session.commit()
     return ApiError(status, code, message)
 
@@ -311,13 +319,17 @@ def rejoin(
         refusal = overlay.check_request(state.settings, session, None)
     refusal = refusal or unplaceable(state.settings, worker.cluster)
     if refusal is not None:
-        state.metrics.refusals.labels(refusal.code).inc()
-        session.rollback()
-        audit.record(
-            session, f"worker:{worker.id}", "worker.rejoin.refused", worker.id, ip, code=refusal.code
+        raise _refuse(
+            state,
+            session,
+            ip,
+            refusal.status,
+            refusal.code,
+            refusal.message,
+            actor=f"worker:{worker.id}",
+            action="worker.rejoin.refused",
+            target=worker.id,
         )
-        session.commit()
-        raise refusal
 
     tier = Tier(worker.tier)
     if tier not in candidates:
