@@ -315,7 +315,8 @@ def test_revoking_a_data_donor_stops_its_node_and_store_and_keeps_the_data(pool:
     """SECURITY.md: a revoked data donor's node stops, and with it the store; the data stays on its disk. A
     trusted data donor joined by `rma join` hosts redis (process runtime) with a key written; the admin revokes it:
     its agent stops the Ray node and exits, the redis process is gone, and the volume on the donor's disk still
-    holds the key, which redis-server serves again when started on that directory. ~40 s."""
+    holds the key, which redis-server serves again when started on that directory; the registry stops showing
+    the store ready. ~40 s (up to 30 s of it the registry's staleness window)."""
     import psutil
     import redis
 
@@ -382,6 +383,19 @@ def test_revoking_a_data_donor_stops_its_node_and_store_and_keeps_the_data(pool:
             assert (
                 wait_for(read_back, timeout=30, what="redis-server on the kept volume") == b"kept on its disk"
             )
+        # the registry stops showing it ready (its reports ended with the node), so a supervisor of this store on
+        # another donor (test_stores_e2e's, on the same pool) takes its row: a row reported within
+        # STALE_AFTER_S (30 s) is refused to anyone else
+        wait_for(
+            lambda: all(
+                r["status"] != "ready"
+                for r in pool.admin("GET", "/api/admin/stores").json()
+                if r["name"] == "redis" and r["node"] == donor.worker_id
+            ),
+            timeout=60,
+            interval=2,
+            what="the registry to stop showing the revoked donor's redis ready",
+        )
     finally:
         if again is not None:
             again.stop()
