@@ -5,8 +5,11 @@ donor brings its own."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
+import tempfile
+import textwrap
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -278,6 +281,131 @@ def test_revoke_under_load_keeps_serving(pool: PoolUnderTest, members: dict) -> 
     with AdmissionClient(pool.url) as coordinator, pytest.raises(AdmissionError) as refused:
         coordinator.heartbeat(node_token)
     assert (refused.value.status, refused.value.code) == (401, "worker_revoked"), refused.value
+
+
+# The redis supervisor, pinned to one donor, with the store's GCS records cleared first and after: the pool is
+# shared, and test_stores_e2e (before or after this module) pins its own redis to its own data donor.
+FORGET_REDIS = """
+    try:
+        a = ray.get_actor("rma-store-redis", namespace="rma")
+        ray.kill(a, no_restart=True)
+    except ValueError:
+        pass
+    for key in (supervisor.pin_key("redis"), supervisor.args_key("redis")):
+        internal_kv._internal_kv_del(key, namespace=supervisor.NAMESPACE)
+"""
+REDIS_ON = """
+import json, ray
+from ray.experimental import internal_kv
+from deployments.stores import supervisor
+ray.init(logging_level="ERROR", log_to_driver=False)
+%s
+supervisor.ensure("redis", selector={**supervisor.TRUSTED_DATA, "rma.io/node": %%r})
+print(json.dumps(supervisor.endpoint("redis", 240).__dict__))
+""" % textwrap.dedent(FORGET_REDIS)
+FORGET = """
+import ray
+from ray.experimental import internal_kv
+from deployments.stores import supervisor
+ray.init(logging_level="ERROR", log_to_driver=False)
+""" + textwrap.dedent(FORGET_REDIS)
+
+
+def test_revoking_a_data_donor_stops_its_node_and_store_and_keeps_the_data(pool: PoolUnderTest) -> None:
+    """SECURITY.md: a revoked data donor's node stops, and with it the store; the data stays on its disk. A
+    trusted data donor joined by `rma join` hosts redis (process runtime) with a key written; the admin revokes it:
+    its agent stops the Ray node and exits, the redis process is gone, and the volume on the donor's disk still
+    holds the key, which redis-server serves again when started on that directory; the registry stops showing
+    the store ready. ~40 s (up to 30 s of it the registry's staleness window)."""
+    import psutil
+    import redis
+
+    from deployments.stores.kinds import KINDS, credentials
+    from deployments.stores.runtime import ProcessRuntime
+    from tests.support import free_port
+
+    stores_dir = Path(tempfile.mkdtemp(prefix="rma-e2e-revoke-"))
+    donor = pool.join(pool.invite(tier="data", trusted=True), env={"RMA_STORES_DIR": str(stores_dir)})
+    volume = stores_dir / "redis"
+    again: ProcessRuntime | None = None
+    try:
+        r = pool.driver(REDIS_ON % donor.worker_id, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        ep = json.loads(r.stdout.strip().splitlines()[-1])
+        assert ep["host"] == donor.host.ip
+        with redis.Redis(host=ep["host"], port=ep["port"], password=ep["password"], socket_timeout=10) as db:
+            assert db.set("rma:revoked-donor", "kept on its disk")
+        # acknowledged and in the append-only file (fsynced each second): on the donor's disk before the revoke
+        wait_for(
+            lambda: any(
+                b"kept on its disk" in f.read_bytes() for f in (volume / "appendonlydir").glob("*.aof")
+            ),
+            timeout=30,
+            what="the key in redis's append-only file",
+        )
+        store_pid = json.loads((volume / ".rma-pid.json").read_text())["pid"]
+        assert store_pid in donor.pids()  # the store runs on the donor's host
+        ray_node = pool.worker(donor.worker_id)["ray_node_id"]
+        assert ray_node
+
+        r = pool.admin("POST", f"/api/admin/workers/{donor.worker_id}/revoke")
+        assert r.status_code == 200 and r.json()["status"] == "revoked"
+        wait_for(lambda: donor.proc.poll() is not None, timeout=60, what="the revoked donor's agent to exit")
+        assert "revoked by the pool admin" in donor.output()
+        wait_for(
+            lambda: all(n["node_id"] != ray_node for n in pool.alive_nodes()),
+            timeout=30,
+            what="the revoked donor's Ray node to leave Ray",
+        )
+        wait_for(
+            lambda: (
+                not psutil.pid_exists(store_pid) or psutil.Process(store_pid).status() == psutil.STATUS_ZOMBIE
+            ),
+            timeout=30,
+            what="the store's redis-server to stop",
+        )
+        assert donor.pids() == [], "the revoked donor left processes behind"
+
+        # the data stays on the donor's disk: its files, and the key when redis-server is started on them again
+        assert (volume / ".rma-credentials.json").exists()
+        assert any(b"kept on its disk" in f.read_bytes() for f in (volume / "appendonlydir").glob("*.aof"))
+        again = ProcessRuntime(KINDS["redis"], volume, "127.0.0.1", free_port(), credentials(volume))
+        again.start()
+        local = redis.Redis(host="127.0.0.1", port=again.port, password=credentials(volume)["password"])
+        with local:
+
+            def read_back() -> bytes | None:
+                try:
+                    return local.get("rma:revoked-donor")  # type: ignore[return-value]
+                except (redis.exceptions.BusyLoadingError, redis.exceptions.ConnectionError):
+                    return None
+
+            assert (
+                wait_for(read_back, timeout=30, what="redis-server on the kept volume") == b"kept on its disk"
+            )
+        # the registry stops showing it ready (its reports ended with the node), so a supervisor of this store on
+        # another donor (test_stores_e2e's, on the same pool) takes its row: a row reported within
+        # STALE_AFTER_S (30 s) is refused to anyone else
+        wait_for(
+            lambda: all(
+                r["status"] != "ready"
+                for r in pool.admin("GET", "/api/admin/stores").json()
+                if r["name"] == "redis" and r["node"] == donor.worker_id
+            ),
+            timeout=60,
+            interval=2,
+            what="the registry to stop showing the revoked donor's redis ready",
+        )
+    finally:
+        if again is not None:
+            again.stop()
+        pool.driver(FORGET, timeout=120)
+        for pidfile in stores_dir.glob("*/.rma-pid.json"):
+            try:
+                psutil.Process(json.loads(pidfile.read_text())["pid"]).kill()
+            except (psutil.Error, OSError, ValueError):
+                pass
+        shutil.rmtree(stores_dir, ignore_errors=True)
 
 
 def test_agent_restarts_its_ray_node_when_it_dies(pool: PoolUnderTest) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 from deployments.gateway.keys import ClientKeyVerifier
 from deployments.gateway.refusal import Refusal
 from tests.integration.conftest import Coordinator
@@ -20,7 +18,6 @@ def test_revoked_client_key_stops_working_within_refresh(coordinator: Coordinato
     try:
         assert verifier.verify(f"Bearer {key['key']}").key_id == key["id"]
         coordinator.admin("POST", f"/api/admin/clients/{key['id']}/revoke")
-        revoked_at = time.monotonic()
 
         def rejected() -> bool:
             try:
@@ -30,7 +27,6 @@ def test_revoked_client_key_stops_working_within_refresh(coordinator: Coordinato
                 return exc.status == 401
 
         wait_for(rejected, timeout=30, what="the revoked key to be refused")
-        assert time.monotonic() - revoked_at < 30
         assert verifier.verify(f"Bearer {other['key']}").key_id == other["id"]
     finally:
         verifier.stop()

@@ -418,7 +418,7 @@ def test_ollama_entrypoint_starts_ollama_pulls_the_donors_models_then_joins(
     fake.write_text(FAKE_OLLAMA)
     fake.chmod(0o755)
     env = ("-e", "FAKE_SERVE_FAILS=1") if serve_fails else ()
-    t0 = time.monotonic()
+    # a 60 s limit, not the default 180 s: a `ollama serve` left running keeps the container up and times this out
     r = node_image.run(
         "http://127.0.0.1:9",
         entrypoint="/entrypoint.sh",
@@ -433,8 +433,8 @@ def test_ollama_entrypoint_starts_ollama_pulls_the_donors_models_then_joins(
             "-v",
             f"{fake}:/usr/local/bin/ollama:ro",
         ),
+        timeout=60,
     )
-    assert time.monotonic() - t0 < 60, "the entrypoint did not stop its `ollama serve`"
     out = r.stdout + r.stderr
     assert r.returncode == 1, out
     if serve_fails:
