@@ -82,14 +82,14 @@ USER_ENV_PREFIXES = ("LC_",)
 # and a limit counted in tokens (RMA_EMBEDDINGS_TOKEN_IDS, RMA_CLIENT_TOKENS_PER_DAY) are no secrets; what a
 # node needs is set by name in NodeSpec.env, which is never filtered. Names in upper case: the settings read
 # them case-insensitively.
-SECRET_ENV_SUFFIXES = ("_KEY", "_TOKEN", "_SECRET", "_PASSWORD")
-SECRET_ENV_NAMES = frozenset({"RMA_DATABASE_URL"})
+CREDENTIAL_ENV_SUFFIXES = ("_KEY", "_TOKEN", "_SECRET", "_PASSWORD")
+CREDENTIAL_ENV_NAMES = frozenset({"RMA_DATABASE_URL"})
 
 
 def is_secret_setting(name: str) -> bool:
     k = name.upper()
     return k.startswith("RMA_") and (
-        k in SECRET_ENV_NAMES or (k.endswith(SECRET_ENV_SUFFIXES) and not k.endswith("_PUBLIC_KEY"))
+        k in CREDENTIAL_ENV_NAMES or (k.endswith(CREDENTIAL_ENV_SUFFIXES) and not k.endswith("_PUBLIC_KEY"))
     )
 
 
