@@ -85,14 +85,20 @@ def require_service(state: State, ip: ClientIp, creds: Annotated[Creds, Depends(
 
 def _core_node_only(state: AppState, who: Service, trusted: bool, refusal: str) -> Service:
     """`who`, unless it is a donor's node credential other than a core donor's that is trusted (`trusted`), or,
-    without `trusted`, that is trusted or in a pool without edges."""
+    without `trusted`, that is trusted or in a pool without edges; never a quarantined donor's (its node may be
+    an impostor's or lie about its hardware: it keeps only its heartbeat, status and leave)."""
     if isinstance(who, NodePrincipal):
         with state.sessions() as session:
             worker = session.get(Worker, who.worker_id)
+            quarantine = worker.quarantine_reason if worker is not None else None
             allowed = (
                 worker is not None
                 and worker.cluster == CORE
                 and (bool(worker.trusted) or (not trusted and not state.settings.edges))
+            )
+        if quarantine:
+            raise ApiError(
+                403, "quarantined", f"donor {who.worker_id} is quarantined: {quarantine}; ask the pool admin"
             )
         if not allowed:
             raise ApiError(403, "not_trusted_core", refusal)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -58,6 +59,25 @@ class SecurityHeaders:
             await send(message)
 
         await self.app(scope, receive, with_headers)
+
+
+class NoNul:
+    """A NUL (%00) in the path or the query string is refused (400) before any route: PostgreSQL's text
+    cannot hold one (a lookup by such an id was a 500 there), and no id, name or filter of ours has one.
+    Bodies are checked by their models (rma_ray.wire.NulFree)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            path = "\x00" in scope.get("path", "") or b"\x00" in scope.get("raw_path", b"")
+            query = scope.get("query_string", b"")
+            if path or b"%00" in query or b"\x00" in query:
+                message = f"the {'path' if path else 'query string'} holds a NUL character (%00); no id or name has one"
+                refusal = JSONResponse(errors.body("invalid_request", message), status_code=400)
+                return await refusal(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 def build_state(settings: Settings) -> AppState:
@@ -142,6 +162,7 @@ def create_app(settings: Settings | None = None, state: AppState | None = None) 
     app.add_middleware(
         BodyLimit, max_bytes=settings.max_body_bytes, refusal=json_refusal("payload_too_large")
     )
+    app.add_middleware(NoNul)
     app.add_middleware(SecurityHeaders)
     # outermost: the rate limits, the audit rows and the Secure cookie all see what it resolves
     app.add_middleware(

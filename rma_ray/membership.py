@@ -5,8 +5,10 @@ Holds the node token, so it is written like a secret."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,14 +38,20 @@ def path(data_dir: Path) -> Path:
     return data_dir / "membership.json"
 
 
-def write_private(file: Path, text: str) -> None:
-    """Write a secret-bearing file atomically with mode 0600 from the first byte."""
+def write_private(file: Path, data: str | bytes) -> None:
+    """Write a secret-bearing file atomically with mode 0600 from the first byte. The temp file is a new one
+    of a random name (mkstemp: O_EXCL, 0600), never one found there: a stale temp file keeps its mode and a
+    link planted at a fixed temp name would be followed."""
     file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_suffix(file.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, file)
+    fd, tmp = tempfile.mkstemp(prefix=f".{file.name}.", dir=file.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, file)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def save(data_dir: Path, m: Membership) -> None:

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,6 +73,29 @@ USER_ENV_NAMES = frozenset(
     }
 )
 USER_ENV_PREFIXES = ("LC_",)
+
+
+# What a Ray node never inherits from ours, whoever started it: the secrets RMA_* settings may carry (the
+# agent's RMA_JOIN_TOKEN, which the rma-node image passes in its env; the operator's RMA_ADMIN_KEY and
+# RMA_SECRET_KEY; RMA_DATABASE_URL with its password). Every task and actor on the node inherits the raylet's
+# env, and a join token that has uses left admits another machine. A path to a secret (`_FILE`), a public key
+# and a limit counted in tokens (RMA_EMBEDDINGS_TOKEN_IDS, RMA_CLIENT_TOKENS_PER_DAY) are no secrets; what a
+# node needs is set by name in NodeSpec.env, which is never filtered. Names in upper case: the settings read
+# them case-insensitively.
+CREDENTIAL_ENV_SUFFIXES = ("_KEY", "_TOKEN", "_SECRET", "_PASSWORD")
+CREDENTIAL_ENV_NAMES = frozenset({"RMA_DATABASE_URL"})
+
+
+def is_secret_setting(name: str) -> bool:
+    k = name.upper()
+    return k.startswith("RMA_") and (
+        k in CREDENTIAL_ENV_NAMES or (k.endswith(CREDENTIAL_ENV_SUFFIXES) and not k.endswith("_PUBLIC_KEY"))
+    )
+
+
+def without_secrets(environ: Mapping[str, str]) -> dict[str, str]:
+    """`environ` less the RMA_* settings that carry a secret (is_secret_setting)."""
+    return {k: v for k, v in environ.items() if not is_secret_setting(k)}
 
 
 def ray_env(
@@ -258,7 +282,7 @@ class RayNode:
             base, kwargs = user_env(self.spec.user, home), as_user(self.spec.user, home)
         else:
             self.spec.temp_dir.mkdir(parents=True, exist_ok=True)
-        env = ray_env(self.spec.token_file, extra, base)
+        env = ray_env(self.spec.token_file, extra, without_secrets(os.environ if base is None else base))
         log = open(self.log_path, "ab")
         self._log_offset = log.tell()
         self.proc = subprocess.Popen(  # type: ignore[call-overload]

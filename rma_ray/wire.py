@@ -38,7 +38,31 @@ HeartbeatStatus = Literal[
 ]
 
 
-class Strict(BaseModel):
+def _has_nul(v: Any) -> bool:
+    if isinstance(v, str):
+        return "\x00" in v
+    if isinstance(v, BaseModel):
+        return any(_has_nul(x) for x in v.__dict__.values())
+    if isinstance(v, dict):
+        return any(_has_nul(k) or _has_nul(x) for k, x in v.items())
+    if isinstance(v, list | tuple | set | frozenset):
+        return any(_has_nul(x) for x in v)
+    return False
+
+
+class NulFree(BaseModel):
+    """No string in it, nested models' included, holds a NUL: PostgreSQL's text cannot store one (a 500
+    there, where SQLite took it), and no name, hostname or id of ours has one."""
+
+    @field_validator("*")
+    @classmethod
+    def _no_nul(cls, v: Any) -> Any:
+        if _has_nul(v):
+            raise ValueError("must not contain a NUL character (\\u0000)")
+        return v
+
+
+class Strict(NulFree):
     model_config = ConfigDict(extra="forbid")
 
 
@@ -176,7 +200,7 @@ StoreStatus = Literal[
 ]
 
 
-class StoreReport(BaseModel):
+class StoreReport(NulFree):
     """What a store supervisor reports about its store (PUT /api/stores/{name}); never credentials."""
 
     model_config = ConfigDict(extra="forbid")

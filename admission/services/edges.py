@@ -46,6 +46,7 @@ from rma_ray.edges import (
     EdgeEndpoint,
     edge_audience,
 )
+from rma_ray.membership import write_private
 from rma_ray.settings import Settings
 
 log = logging.getLogger("rma.admission.edges")
@@ -73,11 +74,7 @@ def _write_key(path: Path, key: Ed25519PrivateKey) -> None:
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
-    os.replace(tmp, path)
+    write_private(path, pem)
 
 
 def _read_key(path: Path) -> Ed25519PrivateKey | None:

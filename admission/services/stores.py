@@ -31,6 +31,10 @@ def _reporter(
     if not isinstance(who, NodePrincipal):
         return None
     w = session.get(Worker, who.worker_id)
+    if w is not None and w.quarantine_reason:  # drained: its node may be an impostor's
+        raise ApiError(
+            403, "quarantined", f"donor {w.id} is quarantined: {w.quarantine_reason}; ask the pool admin"
+        )
     if w is None or not (w.trusted and w.tier == "data" and w.cluster == CORE):
         raise ApiError(403, "not_trusted_data", "only a trusted data-tier donor may run and report a store")
     if w.ray_node_id and body.node_id != w.ray_node_id:
