@@ -6,6 +6,7 @@ states each test scripts."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -314,3 +315,51 @@ def test_a_config_refused_after_the_head_start_keeps_the_llm_in_every_put(run: A
         "llm": "running",
         "vision": "running",
     }
+
+
+def test_a_warm_start_applies_the_llm_before_the_stores_and_not_again_alone(
+    run: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Warm (the model converted already): `early_head_start` PUTs the LLM alone, keeping the apps declared
+    before, while the stores are still to start; `apps_up` then waits for its build and PUTs every app once,
+    without a second PUT of the LLM alone, and times the LLM's ready_s from the early PUT."""
+    monkeypatch.setattr(deployments_main, "llm_prepared", lambda: True)
+    monkeypatch.setattr(deployments_main, "time", SimpleNamespace(monotonic=run.clock.now))
+    llm, services = names("llm"), names("services")
+    kept = [{"name": "someone-elses", "import_path": "x:y"}]
+    serve = Serve({n: (1, "RUNNING") for n in services} | {n: (4, "RUNNING") for n in llm}, declared=kept)
+    early = deployments_main.early_head_start(["llm", "services"], serve, HTTP)  # type: ignore[arg-type]
+    assert list(early) == ["llm"] and serve.puts == [["someone-elses", *llm]]
+    assert run.prepared == [], "nothing prepared before the stores: the model needed no conversion"
+    run.clock.t += 30.0  # the stores' start
+    failed = deployments_main.apps_up(["llm", "services"], serve, HTTP, 600, early=early)  # type: ignore[arg-type]
+    assert failed == 0
+    assert serve.puts == [["someone-elses", *llm], ["someone-elses", *llm, *services]]
+    assert run.prepared == ["llm", "services"]
+    ready = {x["app"]: x["ready_s"] for x in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert ready["llm"] >= 30.0 > ready["services"], ready
+
+
+@pytest.mark.parametrize("why", ["cold", "alone", "refused"])
+def test_no_early_put_on_a_cold_start_for_the_llm_alone_or_when_serve_refuses_it(
+    run: Any, monkeypatch: pytest.MonkeyPatch, why: str
+) -> None:
+    """A cold start converts the model in `apps_up`, after the stores (a conversion before them would hold them
+    up); the LLM alone needs no head start; a PUT Serve refuses is left to `apps_up`, which says what fails."""
+    monkeypatch.setattr(deployments_main, "llm_prepared", lambda: why != "cold")
+    llm, services = names("llm"), names("services")
+    serve = Serve({n: (1, "RUNNING") for n in services + llm}, refuse=tuple(llm) if why == "refused" else ())
+    groups = ["llm"] if why == "alone" else ["llm", "services"]
+    assert deployments_main.early_head_start(groups, serve, HTTP) == {}  # type: ignore[arg-type]
+    assert serve.puts == []
+
+
+def test_llm_prepared_reads_the_conversion_marker(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from deployments.llm import prepare
+
+    monkeypatch.setenv("RMA_LLM_MODEL_DIR", str(tmp_path / "model"))
+    assert not deployments_main.llm_prepared()
+    monkeypatch.setattr(prepare, "is_prepared", lambda target, gguf=None: target == tmp_path / "model")
+    assert deployments_main.llm_prepared()
+    monkeypatch.setenv("RMA_LLM_MODEL", "no-such-model")
+    assert not deployments_main.llm_prepared(), "a bad setting: apps_up says what is wrong"
