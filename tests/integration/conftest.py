@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,7 @@ import pytest
 
 from admission.main import build_state, create_app, prepare_database
 from admission.state import AppState
+from rma_ray.edges import EdgeEndpoint
 from rma_ray.settings import Settings
 from tests.support import ServerThread
 
@@ -68,15 +71,41 @@ def make_settings(db_url: str, data_dir: Path, **overrides: Any) -> Settings:
     return Settings(**base)
 
 
-@pytest.fixture
-def coordinator(db_url: str, tmp_path: Path) -> Iterator[Coordinator]:
-    """A coordinator served by uvicorn in this process on a free port (~0.3 s on SQLite, ~1 s on Postgres)."""
-    state = build_state(make_settings(db_url, tmp_path / "data"))
+@contextmanager
+def serve(settings: Settings) -> Iterator[Coordinator]:
+    """A coordinator with these settings, served by uvicorn in this process on a free port (~0.3 s on SQLite,
+    ~1 s on Postgres)."""
+    state = build_state(settings)
     admin_key = prepare_database(state)
     assert admin_key
-    with (
-        ServerThread(create_app(state=state)) as server,
-        httpx.Client(base_url=server.url, timeout=30) as http,
-    ):
-        yield Coordinator(server.url, admin_key, state, http)
-    state.engine.dispose()
+    try:
+        with (
+            ServerThread(create_app(state=state)) as server,
+            httpx.Client(base_url=server.url, timeout=30) as http,
+        ):
+            yield Coordinator(server.url, admin_key, state, http)
+    finally:
+        state.engine.dispose()
+
+
+@contextmanager
+def one_edge(tmp_path: Path) -> Iterator[EdgeEndpoint]:
+    """An edge named "edge": a listening socket stands for its GCS, a token file for its token, and nothing
+    answers at its dashboard (the edge reports unhealthy, and is still routed to)."""
+    with socket.socket() as gcs:
+        gcs.bind(("127.0.0.1", 0))
+        gcs.listen(8)
+        (tmp_path / "edge-token").write_text("edge-token-" + "e" * 40)
+        yield EdgeEndpoint(
+            name="edge",
+            ray_address=f"127.0.0.1:{gcs.getsockname()[1]}",
+            dashboard_url="http://127.0.0.1:9",
+            serve_url="http://127.0.0.1:9/edge",
+            token_file=tmp_path / "edge-token",
+        )
+
+
+@pytest.fixture
+def coordinator(db_url: str, tmp_path: Path) -> Iterator[Coordinator]:
+    with serve(make_settings(db_url, tmp_path / "data")) as c:
+        yield c

@@ -11,7 +11,8 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,27 +30,40 @@ pytestmark = [
 STORES = {"redis", "postgres", "chroma", "graph"}
 
 
-@pytest.fixture(scope="module")
-def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    root = tmp_path_factory.mktemp("up")
-    stores = Path(tempfile.mkdtemp(prefix="rma-it-up-stores-"))
-    stores.chmod(0o755)  # the postgres user must traverse it
+@dataclass
+class Up:
+    """`rma up` started in the background on its own data dir, HOME and stores dir (its output in `log`)."""
+
+    root: Path
+    stores: Path
+    env: dict[str, str]
+    log: Path
+    proc: subprocess.Popen[bytes]
+
+
+def start_up(root: Path, stores: Sequence[str], apps: str) -> Up:
+    """`rma up --no-edge` (the single-cluster pool; the edge beside it: tests/integration/test_edge_head.py) of
+    `stores` and `apps` on free ports of this machine's address."""
+    stores_dir = Path(tempfile.mkdtemp(prefix="rma-it-up-stores-"))
+    stores_dir.chmod(0o755)  # the postgres user must traverse it
     ip = local_ip_towards("192.0.2.1")
     env = {
         **os.environ,
         "HOME": str(root / "home"),
         "RMA_DATA_DIR": str(root / "data"),
-        "RMA_STORES_DIR": str(stores),
+        "RMA_STORES_DIR": str(stores_dir),
         "COLUMNS": "200",
     }
     args = [
         "--node-ip-address",
         ip,
         *pool_ports(ip),
+        "--stores",
+        ",".join(stores),
         "--apps",
-        "none",
-        "--no-edge",  # the single-cluster pool; the edge beside it: tests/integration/test_edge_head.py
-        *(a for s in sorted(STORES) for a in ("--store-port", f"{s}={free_port(ip, span=2)}")),
+        apps,
+        "--no-edge",
+        *(a for s in sorted(stores) for a in ("--store-port", f"{s}={free_port(ip, span=2)}")),
     ]
     log = root / "up.log"
     proc = subprocess.Popen(
@@ -58,6 +72,13 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         stdout=open(log, "wb"),
         stderr=subprocess.STDOUT,
     )
+    return Up(root, stores_dir, env, log, proc)
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    up = start_up(tmp_path_factory.mktemp("up"), sorted(STORES), "none")
+    root, stores, env, log, proc = up.root, up.stores, up.env, up.log, up.proc
     info: dict[str, Any] = {"log": log, "stores_dir": stores, "env": env}
     try:
 
@@ -97,38 +118,8 @@ def test_ctrl_c_during_the_start_stops_the_start_and_leaves_nothing_running(
     for the whole start; a second Ctrl-C did nothing more, and a `kill -9` then left every process behind.)
     Its own pool, before the module's (no fixture here): the signal comes as the stores start, while the graph
     store (a JVM, seconds) is still coming up and the services app is still to deploy."""
-    root = tmp_path_factory.mktemp("up-interrupted")
-    stores = Path(tempfile.mkdtemp(prefix="rma-it-upint-stores-"))
-    stores.chmod(0o755)
-    ip = local_ip_towards("192.0.2.1")
-    env = {
-        **os.environ,
-        "HOME": str(root / "home"),
-        "RMA_DATA_DIR": str(root / "data"),
-        "RMA_STORES_DIR": str(stores),
-        "COLUMNS": "200",
-    }
-    args = [
-        "--node-ip-address",
-        ip,
-        *pool_ports(ip),
-        "--stores",
-        "redis,graph",
-        "--apps",
-        "services",
-        "--no-edge",
-        "--store-port",
-        f"redis={free_port(ip)}",
-        "--store-port",
-        f"graph={free_port(ip, span=2)}",
-    ]
-    log = root / "up.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rma_ray.cli", "up", *args],
-        env=env,
-        stdout=open(log, "wb"),
-        stderr=subprocess.STDOUT,
-    )
+    up = start_up(tmp_path_factory.mktemp("up-interrupted"), ["redis", "graph"], "services")
+    root, stores, env, log, proc = up.root, up.stores, up.env, up.log, up.proc
     try:
 
         def stores_starting() -> bool:

@@ -7,7 +7,6 @@ listening socket (~0.3 s on SQLite, ~1 s on PostgreSQL)."""
 from __future__ import annotations
 
 import hashlib
-import socket
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,12 +16,9 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
-from admission.main import build_state, create_app, prepare_database
 from admission.models import AuditEvent, Invite, SpotCheck, Store, Worker
 from admission.services import batch_queue
-from rma_ray.edges import EdgeEndpoint
-from tests.integration.conftest import CPU_BOX, Coordinator, make_settings
-from tests.support import ServerThread
+from tests.integration.conftest import CPU_BOX, Coordinator, make_settings, one_edge, serve
 
 STORE_REPORT = {
     "runtime": "process",
@@ -37,29 +33,13 @@ STORE_REPORT = {
 @pytest.fixture
 def pool(db_url: str, tmp_path: Path) -> Iterator[Coordinator]:
     """A coordinator with one edge ("edge"), so that the edge routes and spot-checks exist."""
-    gcs = socket.socket()
-    gcs.bind(("127.0.0.1", 0))
-    gcs.listen(8)
-    (tmp_path / "edge-token").write_text("edge-token-" + "e" * 40)
-    edge = EdgeEndpoint(
-        name="edge",
-        ray_address=f"127.0.0.1:{gcs.getsockname()[1]}",
-        dashboard_url="http://127.0.0.1:9",
-        serve_url="http://127.0.0.1:9/edge",
-        token_file=tmp_path / "edge-token",
-    )
-    state = build_state(make_settings(db_url, tmp_path / "data", edges=[edge], spot_check_min_checks=5))
-    admin_key = prepare_database(state)
-    assert admin_key
     try:
         with (
-            ServerThread(create_app(state=state)) as server,
-            httpx.Client(base_url=server.url, timeout=30) as http,
+            one_edge(tmp_path) as edge,
+            serve(make_settings(db_url, tmp_path / "data", edges=[edge], spot_check_min_checks=5)) as c,
         ):
-            yield Coordinator(server.url, admin_key, state, http)
+            yield c
     finally:
-        state.engine.dispose()
-        gcs.close()
         batch_queue._replicas.clear()
 
 

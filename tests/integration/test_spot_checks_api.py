@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -20,14 +19,11 @@ import pytest
 from sqlalchemy import delete, select, update
 from typer.testing import CliRunner
 
-from admission.main import build_state, create_app, prepare_database
 from admission.models import EdgeReputation, SpotCheck, Worker, utcnow
 from admission.services.reputation import Tally, add
 from rma_ray import credentials
 from rma_ray.cli import app as rma_app
-from rma_ray.edges import EdgeEndpoint
-from tests.integration.conftest import Coordinator, make_settings
-from tests.support import ServerThread
+from tests.integration.conftest import Coordinator, make_settings, one_edge, serve
 
 MIN_CHECKS, HALF_LIFE, BELOW, KEPT, RATE = 5, 10.0, 0.8, 3, 0.05
 
@@ -35,39 +31,19 @@ MIN_CHECKS, HALF_LIFE, BELOW, KEPT, RATE = 5, 10.0, 0.8, 3, 0.05
 @pytest.fixture
 def pool(db_url: str, tmp_path: Path) -> Iterator[Coordinator]:
     """A coordinator with one edge ("edge"; untrusted invites join it) and small spot-check settings."""
-    gcs = socket.socket()
-    gcs.bind(("127.0.0.1", 0))
-    gcs.listen(8)
-    (tmp_path / "edge-token").write_text("edge-token-" + "e" * 40)
-    edge = EdgeEndpoint(
-        name="edge",
-        ray_address=f"127.0.0.1:{gcs.getsockname()[1]}",
-        dashboard_url="http://127.0.0.1:9",  # nothing answers: the edge reports unhealthy, still routed
-        serve_url="http://127.0.0.1:9/edge",
-        token_file=tmp_path / "edge-token",
-    )
-    settings = make_settings(
-        db_url,
-        tmp_path / "data",
-        edges=[edge],
-        spot_check_rate=RATE,
-        spot_check_min_checks=MIN_CHECKS,
-        spot_check_half_life=HALF_LIFE,
-        spot_check_quarantine_below=BELOW,
-        spot_check_samples_kept=KEPT,
-    )
-    state = build_state(settings)
-    admin_key = prepare_database(state)
-    assert admin_key
-    try:
-        with (
-            ServerThread(create_app(state=state)) as server,
-            httpx.Client(base_url=server.url, timeout=30) as http,
-        ):
-            yield Coordinator(server.url, admin_key, state, http)
-    finally:
-        state.engine.dispose()
-        gcs.close()
+    with one_edge(tmp_path) as edge:
+        settings = make_settings(
+            db_url,
+            tmp_path / "data",
+            edges=[edge],
+            spot_check_rate=RATE,
+            spot_check_min_checks=MIN_CHECKS,
+            spot_check_half_life=HALF_LIFE,
+            spot_check_quarantine_below=BELOW,
+            spot_check_samples_kept=KEPT,
+        )
+        with serve(settings) as c:
+            yield c
 
 
 def verdict(passed: bool, n: int = 0, **over: Any) -> dict[str, Any]:
