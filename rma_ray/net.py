@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+from collections.abc import Collection
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -44,14 +45,15 @@ _next: int | None = None  # this process's cursor over the range above the ephem
 _lock = threading.Lock()
 
 
-def free_port(host: str = "", span: int = 1) -> int:
+def free_port(host: str = "", span: int = 1, avoid: Collection[int] = ()) -> int:
     """A port free on every address of this machine (`host` too), to give to a server that starts later; with
     span > 1 the first of `span` consecutive free ones. Taken above the kernel's ephemeral range: a port that
     bind(0) handed out is free again at once, and the kernel may hand it to the next process that binds port 0
     or connects anywhere (Ray starts dozens) before our server binds it; below that range lie Ray's worker
     ports. Each process walks that range from its own starting point (from its pid), so it never hands out a
     port twice before the range wraps and two processes rarely meet. A machine whose ephemeral range leaves no
-    room above it gets one from bind(0)."""
+    room above it gets one from bind(0). `avoid`: ports already promised to a server that has not bound them yet
+    (another process's cursor may land on them: HAProxy then fails to bind the Serve port a test picked)."""
     global _next
     first = _ephemeral_high() + 1
     size = 65536 - first - span
@@ -66,7 +68,7 @@ def free_port(host: str = "", span: int = 1) -> int:
                 port = int(s.getsockname()[1])
             if port + span > 65536:
                 continue
-        if all(_bindable(h, p) for p in range(port, port + span) for h in {"", host}):
+        if all(p not in avoid and _bindable(h, p) for p in range(port, port + span) for h in {"", host}):
             return port
     raise RuntimeError(f"no {span} consecutive free port(s) on {host or 'this machine'}")
 

