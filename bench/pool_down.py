@@ -5,8 +5,11 @@ seconds at which each line of `rma up` appeared); asserts nothing. Run it under
 the heavy lock: `flock /tmp/rma-heavy.lock .venv/bin/python -m bench.pool_down` (~3-8 min on 2 cores).
 `--root DIR` keeps HOME and the data dir there (a second run on it: every cycle warm); `--keep-ray-logs` copies
 the core head's Ray session logs (Serve's controller and replicas, the workers, vLLM's engine process) to
-`<root>/ray-logs-<cycle>` before `rma down` removes them: where a start's time goes. Ray's workers import this
-checkout's code (PYTHONPATH), whichever venv the `ray` script beside the interpreter belongs to.
+`<root>/ray-logs-<cycle>` before `rma down` removes them: where a start's time goes. A later run on the same
+`--root` reuses the first run's ports (`<root>/up-argv.json`), as a real pool keeps its ports from one start to
+the next; `--up-arg=--no-edge` (repeatable) passes more options to `rma up` (an A/B of what the edge costs).
+Ray's workers import this checkout's code (PYTHONPATH), whichever venv the `ray` script beside the interpreter
+belongs to.
 
 Measured on the shared 2-core box (every app and store, idle pool): before issue 18, `rma down` gave up at
 121.4 s ("did not stop within 120 s") while the supervisor went on to 147.7 s (the apps' undeploy alone 142.9 s);
@@ -69,6 +72,18 @@ def up_argv(apps: str, stores: str, *extra: str) -> list[str]:
     ]
 
 
+def _without_ports(argv: list[str]) -> list[str]:
+    """`argv` less the port options' values (and the interpreter): what must match to reuse a run's ports."""
+    out, skip = [], False
+    for a in argv[1:]:
+        if skip:
+            skip = False
+            continue
+        out.append(a)
+        skip = a.endswith("-port")
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.pool_down")
     ap.add_argument("--apps", default="llm,services,vision")
@@ -94,6 +109,13 @@ def main() -> int:
         help="copy the Ray head's session logs (serve/, worker-*, raylet) to <root>/ray-logs-<cycle> before "
         "`rma down` removes them",
     )
+    ap.add_argument(
+        "--up-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="one more argument for `rma up` (repeatable), e.g. --up-arg=--no-edge",
+    )
     args = ap.parse_args()
     root = args.root or Path(tempfile.mkdtemp(prefix="rma-down-bench-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -101,7 +123,17 @@ def main() -> int:
     # this checkout's code in Ray's workers too: the `ray` script beside the venv's python may run another
     # checkout's venv (its shebang), whose editable install points at that checkout
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(CHECKOUT), os.environ.get("PYTHONPATH")) if p)
-    argv = up_argv(args.apps, args.stores)
+    # a pool's ports stay from one start to the next: a later run on the same --root starts with the same ones
+    # (what a warm start reuses may be keyed on them, as Serve's controller env is)
+    saved = root / "up-argv.json"
+    argv = up_argv(args.apps, args.stores, *args.up_arg)
+    try:
+        old = json.loads(saved.read_text())
+        if _without_ports(old) == _without_ports(argv):
+            argv = old
+    except (OSError, ValueError):
+        pass
+    saved.write_text(json.dumps(argv))
     cycles = [
         _cycle(
             argv,
