@@ -959,6 +959,15 @@ class Pool:
                 self.o.node_ip,
                 "--port",
                 str(self.o.serve_port),
+                # the servers that bind their ports after Serve's start
+                *(
+                    a
+                    for port in sorted(
+                        {self.o.coordinator_port, *self.store_ports()}
+                        | {port for edge in self.edges.values() for _, port in edge.ports()}
+                    )
+                    for a in ("--avoid-port", str(port))
+                ),
             ],
             env=ray_env(self.token_file),
             capture_output=True,

@@ -30,6 +30,7 @@ import logging
 import os
 import shutil
 import sys
+from collections.abc import Collection
 from typing import Any
 
 from rma_ray.waiting import WaitTimeout, wait_until
@@ -59,7 +60,9 @@ CONTROLLER_ENV = {
 }
 
 
-def proxy_env(cpus: int | None = None, serve_port: int | None = None) -> dict[str, str]:
+def proxy_env(
+    cpus: int | None = None, serve_port: int | None = None, avoid: Collection[int] = ()
+) -> dict[str, str]:
     """Env of Serve's controller (inherited by HAProxy's manager and the fallback proxy) in HAProxy mode. Ray's
     side ports are fixed by default (fallback proxy 8500/9500, HAProxy's exporter 9101 and stats page 8404), so
     two pools on one machine would collide: this head takes free ones. The replicas' direct-ingress ports stay in
@@ -68,7 +71,7 @@ def proxy_env(cpus: int | None = None, serve_port: int | None = None) -> dict[st
     from rma_ray.net import free_port
     from rma_ray.overlay import serve_ingress_env
 
-    taken: list[int] = [] if serve_port is None else [serve_port]
+    taken: list[int] = [*avoid, *([] if serve_port is None else [serve_port])]
 
     def pick() -> int:
         taken.append(free_port(avoid=taken))
@@ -120,10 +123,12 @@ def start(
     env: dict[str, str] | None = None,
     wait_s: float = 300.0,
     upstream_dir: str | None = None,
+    avoid: Collection[int] = (),
 ) -> dict[str, Any]:
     """`serve.start` for the pool, from a driver connected to it (`env`: more of the controller's environment);
     returns once the head's proxy is healthy (raises TimeoutError after `wait_s`). `upstream_dir` (an edge
-    head): HAProxy names the replica of each answer (rma_ray.upstream), its wrapper script written there."""
+    head): HAProxy names the replica of each answer (rma_ray.upstream), its wrapper script written there.
+    `avoid`: ports the pool's other servers bind later, never given to Serve's side listeners."""
     import time
 
     from ray import serve
@@ -137,7 +142,7 @@ def start(
         proxy = "python"
     controller_env = {
         **CONTROLLER_ENV,
-        **(proxy_env(serve_port=port) if proxy == "haproxy" else {}),
+        **(proxy_env(serve_port=port, avoid=avoid) if proxy == "haproxy" else {}),
         **(env or {}),
     }
     real = haproxy_binary()
@@ -215,6 +220,14 @@ def main(argv: list[str] | None = None) -> int:
         "(needs --haproxy-dir)",
     )
     ap.add_argument(
+        "--avoid-port",
+        type=int,
+        action="append",
+        default=[],
+        metavar="PORT",
+        help="a port another server of the pool binds later (repeatable): Serve's side listeners never take it",
+    )
+    ap.add_argument(
         "--timeout",
         type=float,
         default=30.0,
@@ -230,7 +243,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.action == "start":
             env = haproxy_dir_env(args.haproxy_dir) if args.haproxy_dir else None
             upstream_dir = args.haproxy_dir if args.upstream_header else None
-            start(args.host, args.port, args.request_timeout, args.proxy, env=env, upstream_dir=upstream_dir)
+            start(
+                args.host,
+                args.port,
+                args.request_timeout,
+                args.proxy,
+                env=env,
+                upstream_dir=upstream_dir,
+                avoid=args.avoid_port,
+            )
         else:
             shutdown(args.timeout)
     except TimeoutError as exc:

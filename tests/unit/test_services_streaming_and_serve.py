@@ -106,3 +106,9 @@ def test_no_side_port_is_the_serve_port_haproxy_binds_later(monkeypatch: pytest.
     env = serve_admin.proxy_env(cpus=2, serve_port=serve_port)
     sides = {int(v) for k, v in env.items() if k.endswith("_PORT") and "DIRECT_INGRESS" not in k}
     assert len(sides) == 4 and serve_port not in sides
+    # nor the ports of the servers `rma up` starts after Serve (coordinator, stores: Pool.start_serve)
+    later = [serve_port + 1, serve_port + 2]
+    monkeypatch.setattr(net, "_next", serve_port - (net._ephemeral_high() + 1))
+    env = serve_admin.proxy_env(cpus=2, serve_port=serve_port, avoid=later)
+    sides = {int(v) for k, v in env.items() if k.endswith("_PORT") and "DIRECT_INGRESS" not in k}
+    assert len(sides) == 4 and not sides & {serve_port, *later}
