@@ -414,30 +414,44 @@ def overview(
         i = (int(minute.timestamp()) - first) // step
         if 0 <= i < hours:
             slots.setdefault(wid, [Amounts() for _ in range(hours)])[i].add(cpu, gpu, req, tok)
-    workers = {wk.id: wk for wk in session.scalars(select(Worker))}
+    # the columns only (a pool's every donor, left and revoked ones too: no ORM object each)
+    columns = (Worker.id, Worker.name, Worker.tier, Worker.cluster, Worker.revoked_at, Worker.left_at)
+    workers = {row.id: row for row in session.execute(select(*columns))}
+    t = [first + i * step for i in range(hours)]
+
+    def series_of(amounts: list[Amounts]) -> schemas.ContributionSeries:
+        return schemas.ContributionSeries(
+            step_s=step,
+            t=t,
+            cpu_s=[round(a.cpu_s, 3) for a in amounts],
+            requests=[a.requests for a in amounts],
+            tokens=[a.tokens for a in amounts],
+            credits=[credits(a, w) for a in amounts],
+        )
+
+    # a donor that gave nothing lately (most, in a large pool) shares one series and one set of zero figures
+    idle, nothing = series_of([Amounts()] * hours), Amounts().figures(w)
+
+    def figures(amounts: dict[str, Amounts], wid: str) -> schemas.ContributionFigures:
+        a = amounts.get(wid)
+        return a.figures(w) if a is not None else nothing
+
     donors = []
     for wid in set(all_time) | {
         k for k, wk in workers.items() if wk.revoked_at is None and wk.left_at is None
     }:
         wk = workers.get(wid)
-        series = slots.get(wid) or [Amounts() for _ in range(hours)]
+        series = slots.get(wid)
         donors.append(
             schemas.DonorContribution(
                 worker_id=wid,
                 name=wk.name if wk is not None else "",
                 tier=wk.tier if wk is not None else "",
                 cluster=wk.cluster if wk is not None else "",
-                today=today.get(wid, Amounts()).figures(w),
-                last_7d=last_7d.get(wid, Amounts()).figures(w),
-                all_time=all_time.get(wid, Amounts()).figures(w),
-                series=schemas.ContributionSeries(
-                    step_s=step,
-                    t=[first + i * step for i in range(hours)],
-                    cpu_s=[round(a.cpu_s, 3) for a in series],
-                    requests=[a.requests for a in series],
-                    tokens=[a.tokens for a in series],
-                    credits=[credits(a, w) for a in series],
-                ),
+                today=figures(today, wid),
+                last_7d=figures(last_7d, wid),
+                all_time=figures(all_time, wid),
+                series=series_of(series) if series else idle,
             )
         )
     donors.sort(key=lambda d: (-d.all_time.credits, -d.all_time.requests, d.worker_id))
