@@ -13,16 +13,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import jwt
 import pytest
 
-from admission.main import build_state, create_app, prepare_database
 from admission.services import edges as edge_service
 from rma_ray.credentials import fingerprint
 from rma_ray.edges import EDGE_ISSUER, EDGE_TOKEN_TTL_S, LABEL_CLUSTER, EdgeEndpoint, edge_audience, jwks_path
-from tests.integration.conftest import CPU_BOX, Coordinator, make_settings
-from tests.support import ServerThread, wait_for
+from tests.integration.conftest import CPU_BOX, Coordinator, make_settings, serve
+from tests.support import wait_for
 
 CORE_TOKEN = "core-token-" + "c" * 40
 EDGE_TOKENS = {"edge": "edge-token-" + "e" * 40, "west": "west-token-" + "w" * 40}
@@ -61,17 +59,10 @@ def pool(db_url: str, tmp_path: Path) -> Iterator[Coordinator]:
         edges=endpoints,
         admit_without_ray=False,
     )
-    state = build_state(settings)
-    admin_key = prepare_database(state)
-    assert admin_key
     try:
-        with (
-            ServerThread(create_app(state=state)) as server,
-            httpx.Client(base_url=server.url, timeout=30) as http,
-        ):
-            yield Coordinator(server.url, admin_key, state, http)
+        with serve(settings) as coordinator:
+            yield coordinator
     finally:
-        state.engine.dispose()
         for s in sockets:
             s.close()
 
