@@ -8,6 +8,7 @@ the core head's Ray session logs (Serve's controller and replicas, the workers, 
 `<root>/ray-logs-<cycle>` before `rma down` removes them: where a start's time goes. A later run on the same
 `--root` reuses the first run's ports (`<root>/up-argv.json`), as a real pool keeps its ports from one start to
 the next; `--up-arg=--no-edge` (repeatable) passes more options to `rma up` (an A/B of what the edge costs).
+`edge_running_s`: when each edge head ran, from the same start (it starts after `rma up` says it is up).
 Ray's workers import this checkout's code (PYTHONPATH), whichever venv the `ray` script beside the interpreter
 belongs to.
 
@@ -242,6 +243,22 @@ def _cycle(
         wait_for(up, timeout=up_timeout, interval=0.5, what="rma up to finish starting")
         up_s = time.monotonic() - t0
         cpu = cpu_by_process(proc.pid, cpu_top) if cpu_top else None
+        # the edge heads start after `rma up` says it is up (Pool.up): when each runs, then the down
+        edge_running_s: dict[str, float] = {}
+        pool_json = Path(env["RMA_DATA_DIR"]) / "pool.json"
+
+        def edges_running() -> bool:
+            if proc.poll() is not None:
+                raise GiveUp(f"rma up exited {proc.returncode}: {log.read_text()[-3000:]}")
+            edges = json.loads(pool_json.read_text()).get("edges") or {}
+            for name, e in edges.items():
+                if e.get("error"):
+                    raise GiveUp(f"the edge {name!r} did not start: {e['error']}")
+                if e.get("head_pid") and name not in edge_running_s:
+                    edge_running_s[name] = round(time.monotonic() - t0, 1)
+            return len(edge_running_s) == len(edges)
+
+        wait_for(edges_running, timeout=300, interval=0.5, what="the edge heads to run")
         session = session_dir(proc.pid) if keep_logs else None
         if keep_logs and session:
             shutil.copytree(session / "logs", keep_logs, dirs_exist_ok=True, ignore_dangling_symlinks=True)
@@ -266,6 +283,7 @@ def _cycle(
                 proc.kill()
     return {
         "up_s": round(up_s, 1),
+        "edge_running_s": edge_running_s,
         **({"cpu_during_up": cpu} if cpu else {}),
         "down_s": round(down_s, 1),
         "down_rc": down.returncode,

@@ -16,8 +16,10 @@ with its own data dir (root's, 0755: the token root:user 0640, and `home`, the u
 ports, an allowlisted env, no CPUs of its own (control plane only), and Serve with the edge's apps. Ray's
 workers run as the raylet's user, so code an edge donor runs on the edge head reads nothing of the core's: the
 core data dir is 0700 and root's, the core head's Ray temp dir lies under a 0700 parent of root's. Stopping an
-edge kills every process of its user. The edge head is restarted if it dies (the core serves meanwhile) and
-rotated alone (`rma rotate-cluster-token --edge NAME`).
+edge kills every process of its user. `rma up` starts each edge once the core's apps run and does not wait for
+it (pool.json and `rma status` say "starting" until its head runs; an untrusted donor asking meanwhile is told to
+try again, its invite unspent). The edge head is restarted if it dies (the core serves meanwhile) and rotated
+alone (`rma rotate-cluster-token --edge NAME`).
 
 With `--overlay` each edge also gets its own WireGuard hub (rma_ray.overlay.edge_hub: its key, UDP port,
 interface and subnet), up before the core's head and kept across the edge head's restarts and rotations; the
@@ -1110,25 +1112,22 @@ class Pool:
             first_start=first_start,
         )
         self.write(info)
-        self.guard_ports()  # the core head's listeners so far, before the edges' users run anything
-        # each edge head and its Serve start beside the core's stores and apps (~20 s of a warm `rma up` on 2
-        # cores); the edges' apps are deployed once the core's are, as before
-        # (as edge.restarting: a stop meanwhile cuts the start short, as it does a restart's)
+        # store supervisors on the head report with service.json's credential
+        if not self.stop_event.is_set():
+            self.start_deployments(info)
+        self._not_stopped()
+        # Each edge head, its Serve and its apps start after the core's apps run, in a thread `rma up` does not
+        # wait for: an edge serves no client until an edge donor joins, and starting it beside the core's apps
+        # cost a warm `rma up` ~15-20 s of the 2 cores (bench.pool_down --up-arg=--no-edge). pool.json says
+        # the edge is starting (no head pid, no error) until it runs; a start that fails is said, kept and
+        # retried by the supervisor (watch_edges), as an edge head that died. (As edge.restarting: a stop
+        # meanwhile cuts the start short, as it does a restart's.)
+        self.guard_ports()  # the core's listeners so far, before the edges' users run anything
         for name, edge in self.edges.items():
             edge.restarting = threading.Thread(
                 target=self._start_edge_quietly, args=(edge,), name=f"rma-edge-{name}-start", daemon=True
             )
             edge.restarting.start()
-        # store supervisors on the head report with service.json's credential
-        if not self.stop_event.is_set():
-            self.start_deployments(info)
-        for edge in self.edges.values():
-            if edge.restarting is not None:
-                edge.restarting.join()  # bounded: the node's start and Serve's each have their own timeout
-        self._not_stopped()
-        for edge in self.edges.values():
-            if edge.running():
-                self.deploy_edge(edge)
         return poolinfo.read(self.o.data_dir).as_dict()
 
     def write(self, info: PoolInfo) -> None:
@@ -1164,11 +1163,12 @@ class Pool:
         """start_edge in a thread of its own: whatever goes wrong is said and kept for a retry, as a failed
         start's error is (nothing in a thread reaches the caller)."""
         try:
-            self.start_edge(edge, deploy=False)
+            self.start_edge(edge)
         except Exception as exc:
             edge.error = f"the edge head {edge.name!r} did not start: {exc}"
             edge.retry_at = time.monotonic() + EDGE_RETRY_S
             self.say(f"[yellow]{edge.error}[/]; the core serves meanwhile")
+            self.write_edges()
 
     def start_edge(self, edge: EdgeHead, deploy: bool = True) -> bool:
         """Start (or start again) an edge head, its Serve and, with `deploy`, its apps. A failure is said and

@@ -307,7 +307,12 @@ def head_view(info: PoolInfo) -> dict[str, object]:
         "core apps": apps(info.apps),
     }
     for name, e in sorted((info.edges or {}).items()):
-        state = f"error: {e.error}" if e.error else f"head pid {e.head_pid}"
+        if e.error:
+            state = f"error: {e.error}"
+        elif e.head_pid:
+            state = f"head pid {e.head_pid}"
+        else:  # `rma up` starts an edge after the core's apps run, and the supervisor restarts a dead one
+            state = "starting" if info.supervisor_running() else "stopped"
         view[f"cluster {name}"] = f"Ray {e.ray_address}, Serve {e.serve_url}, as {e.user}, {state}"
         view[f"{name} apps"] = apps(e.apps)
     return view

@@ -256,7 +256,12 @@ def up(
     ):
         out.print(f"  {label:<16} {info[key]}")
     for name, e in (info.get("edges") or {}).items():
-        state = "running" if e.get("head_pid") else f"not running ({e.get('error')})"
+        if e.get("head_pid"):
+            state = "running"
+        elif e.get("error"):
+            state = f"not running ({e['error']})"
+        else:  # started after the core's apps, beside the supervision (Pool.up): `rma status` says when it runs
+            state = "starting (its head, Serve and apps come up now; `rma status` shows it)"
         out.print(
             f"  edge {name:<11} Ray {e['ray_address']}, Serve {e['serve_url']}, as {e['user']}: {state}"
         )

@@ -136,7 +136,11 @@ def start_edge_pool(
                 if not p.exists():
                     return None
                 info = json.loads(p.read_text())
-                return info if info.get("apps") is not None and info.get("edges") else None
+                # the edge head starts after the core's apps run (Pool.up): its head pid is set once it runs
+                edge = (info.get("edges") or {}).get(DEFAULT_EDGE) or {}
+                if edge.get("error"):
+                    raise GiveUp(f"the edge did not start: {edge['error']}")
+                return info if info.get("apps") is not None and edge.get("head_pid") else None
 
             info = wait_for(ready, timeout=1500, interval=1, what="rma up to deploy the core and edge apps")
             pool = EdgePool(bed, info, root, proc, free_hosts=list(bed.hosts))

@@ -156,6 +156,13 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
             if "cannot run the pool's code" in str(exc):
                 pytest.skip(str(exc))  # the install is not readable by the edge user (a venv under /root)
             raise
+        # `rma up` returns once the core's apps run; the edge head, its Serve and its apps start after them,
+        # in a thread of their own (Pool.up), which the tests here wait for
+        edge = p.edges[EDGE]
+        assert edge.restarting is not None
+        edge.restarting.join(300)
+        assert not edge.restarting.is_alive(), "the edge head did not start within 300 s"
+        assert edge.error is None, edge.error
         supervisor.start()
         p.supervisor = supervisor  # type: ignore[attr-defined]
         yield p

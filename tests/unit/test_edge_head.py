@@ -616,3 +616,97 @@ def test_rma_up_takes_down_what_it_started_whatever_failed(monkeypatch: pytest.M
     assert downs == [True] and r.exit_code != 0
     assert "rma up failed: RuntimeError: boom" in r.output + str(r.exception)
     assert "second line" not in r.output + str(r.exception)
+
+
+def test_rma_up_returns_once_the_core_runs_and_starts_the_edge_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 18's warm start: the edge head, its Serve and its apps start after the core's apps run, in a thread
+    `rma up` does not wait for; pool.json (and `rma status`) says the edge is starting until its head runs. The
+    Ray-facing steps are stood in (tests/integration/test_edge_head.py starts the real edge)."""
+    import threading
+
+    import rma_ray.head
+    from rma_ray.cli.donor import head_view
+
+    pool, _ = make_pool(tmp_path, EdgeSpec())
+    edge = pool.edges["edge"]
+    order: list[str] = []
+    for step in (
+        "_check_edges",
+        "_check_ports",
+        "start_hub",
+        "start_edge_guard",
+        "start_head",
+        "start_serve",
+        "start_coordinator",
+        "guard_ports",
+        "write_service_credential",
+    ):
+        monkeypatch.setattr(pool, step, lambda *_, step=step: order.append(step))
+    monkeypatch.setattr(edge, "prepare", lambda: None)
+    monkeypatch.setattr(edge, "start_hub", lambda: None)
+
+    class Coordinator:  # what `rma up` asks the coordinator: one printed invite
+        def __init__(self, *_: object) -> None:
+            pass
+
+        def __enter__(self) -> Coordinator:
+            return self
+
+        def __exit__(self, *_: object) -> None:
+            pass
+
+        def create_invite(self, **_: object) -> dict[str, str]:
+            return {"token": "invite", "expires_at": "later"}
+
+    monkeypatch.setattr(rma_ray.head, "AdmissionClient", Coordinator)
+
+    def core_apps(info: poolinfo.PoolInfo) -> None:
+        order.append("core apps")
+        info.apps = {"llm": {"status": "running"}}
+        pool.write(info)
+
+    release = threading.Event()
+
+    def start_edge(e: EdgeHead, deploy: bool = True) -> bool:
+        order.append(f"edge start (deploy={deploy})")
+        assert release.wait(10)
+        e.node = StandInNode(alive=True)  # type: ignore[assignment]
+        pool.write_edges()
+        return True
+
+    monkeypatch.setattr(pool, "start_deployments", core_apps)
+    monkeypatch.setattr(pool, "start_edge", start_edge)
+    info = pool.up()  # returns while the edge start waits on `release`
+    assert edge.restarting is not None and edge.restarting.is_alive()
+    assert order.index("core apps") < order.index("guard_ports") < order.index("edge start (deploy=True)")
+    assert info["apps"] == {"llm": {"status": "running"}}
+    assert info["edges"]["edge"].get("head_pid") is None and info["edges"]["edge"].get("error") is None
+    monkeypatch.setattr(poolinfo.PoolInfo, "supervisor_running", lambda self: True)
+    assert head_view(poolinfo.read(pool.o.data_dir))["cluster edge"].endswith(", starting")
+    pool.watch_edges()  # the supervision leaves the start in flight alone
+    release.set()
+    edge.restarting.join(10)
+    assert order.count("edge start (deploy=True)") == 1
+    running = poolinfo.read(pool.o.data_dir)
+    assert running.edges and running.edges["edge"].head_pid == StandInNode(alive=True).pid
+    assert head_view(running)["cluster edge"].endswith(f"head pid {running.edges['edge'].head_pid}")
+
+
+def test_an_edge_start_that_raises_is_said_kept_and_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pool, said = make_pool(tmp_path, EdgeSpec())
+    edge = pool.edges["edge"]
+    poolinfo.write(pool.o.data_dir, poolinfo.PoolInfo(supervisor_pid=os.getpid()))
+
+    def broken(e: EdgeHead, deploy: bool = True) -> bool:
+        raise RuntimeError("no such thing")
+
+    monkeypatch.setattr(pool, "start_edge", broken)
+    pool._start_edge_quietly(edge)
+    assert edge.error == "the edge head 'edge' did not start: no such thing" and edge.retry_at > 0
+    assert any("did not start: no such thing" in line for line in said)
+    kept = poolinfo.read(pool.o.data_dir)
+    assert kept.edges and kept.edges["edge"].error == edge.error
