@@ -16,11 +16,13 @@ Importing this module is cheap: the SDK is imported on first use."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import socket
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,10 +58,20 @@ class ContainerSpec:
 
 
 def _write_private(path: Path, text: str, uid: int) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chown(path, uid, uid)
+    """`text` into `path`, 0600 and the store's user's, written by root into a directory that user owns: a new
+    temp file of a random name (mkstemp: O_EXCL, 0600), chowned by its descriptor and renamed over `path`. Never
+    an open or chown by name of what is there: a link the store's user left at `path` (its process may be
+    compromised) would have root write through it and hand the link's target to that user."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            os.fchown(f.fileno(), uid, uid)
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def _prepare_redis(rt: DockerRuntime, data: Path) -> tuple[list[str], dict[str, str]]:
