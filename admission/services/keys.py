@@ -216,14 +216,30 @@ def revoke(session: Session, model: type[K], key_id: str, actor: str, ip: str) -
     row = session.get(model, key_id)
     if row is None:
         raise ApiError(404, "not_found", f"no {kind} key {key_id}")
-    if row.revoked_at is None:
-        if model is AdminKey and active_admin_keys(session) <= 1:
+    if row.revoked_at is None and model is AdminKey:
+        active = _lock_active_admin_keys(session)
+        if row.id not in active:  # another request revoked it meanwhile (committed while this one waited)
+            session.refresh(row)
+        elif len(active) <= 1:
             raise ApiError(
                 409, "last_admin_key", "this is the last active admin key; create another one first"
             )
+    if row.revoked_at is None:
         row.revoked_at = utcnow()
         audit.record(session, actor, f"{kind}_key.revoke", key_id, ip)
     return _out(row)
+
+
+def _lock_active_admin_keys(session: Session) -> list[str]:
+    """The active admin keys' ids, their rows locked until this transaction ends (PostgreSQL: FOR UPDATE), so
+    that two revokes of the last two keys at once cannot both see two: the second waits for the first's commit,
+    finds the first's key revoked (PostgreSQL re-reads a locked row that changed) and is refused. SQLite needs
+    no lock: its writers run one at a time from BEGIN IMMEDIATE (admission/db.py)."""
+    return list(
+        session.scalars(
+            select(AdminKey.id).where(AdminKey.revoked_at.is_(None)).order_by(AdminKey.id).with_for_update()
+        )
+    )
 
 
 def active_admin_keys(session: Session) -> int:
