@@ -76,11 +76,20 @@ def report(
     session.add(row)
 
 
-def _waiting_why(name: str, selector: dict[str, str], names: dict[str, str]) -> str:
-    """Why a supervisor waits: for its pinned donor (the store's data is there), or for any node it may use."""
+def _waiting_why(
+    name: str, selector: dict[str, str], names: dict[str, str], gone: dict[str, str] | None = None
+) -> str:
+    """Why a supervisor waits: for its pinned donor (the store's data is there), or for any node it may use.
+    `gone`: donors that will not come back (revoked, left), each with the word for it: the way out is a backup."""
     donor = selector.get(LABEL_NODE)
     if donor:
         shown = f"{donor} ({names[donor]})" if names.get(donor) else donor
+        if reason := (gone or {}).get(donor):
+            return (
+                f"waiting for {shown}, which was {reason} and will not come back with the store's data: start "
+                f"it on another trusted data donor from a backup, `rma stores move {name} --to DONOR "
+                f"--from-backup DIR`"
+            )
         return (
             f"waiting for {shown}: the store's data is on that donor, which is offline; its supervisor starts "
             f"there when the donor is back"
@@ -96,7 +105,9 @@ def list_all(session: Session, pending: dict[str, dict[str, str]] | None = None)
     """Every reported store; `pending` (from the reconciler's view of Ray) adds the supervisors that wait for a
     node, with the label selector nobody matches."""
     now = utcnow()
-    names = {w.id: w.name for w in session.scalars(select(Worker))}
+    workers = list(session.scalars(select(Worker)))
+    names = {w.id: w.name for w in workers}
+    gone = {w.id: "revoked" if w.revoked_at else "left" for w in workers if w.revoked_at or w.left_at}
     out = []
     for r in session.scalars(select(Store).order_by(Store.name)):
         age = (now - r.reported_at).total_seconds()
@@ -120,7 +131,7 @@ def list_all(session: Session, pending: dict[str, dict[str, str]] | None = None)
             )
         )
     for name, selector in sorted((pending or {}).items()):
-        why = _waiting_why(name, selector, names)
+        why = _waiting_why(name, selector, names, gone)
         status = "waiting" if selector.get(LABEL_NODE) else "pending"
         row = next((o for o in out if o.name == name), None)
         if row is None:

@@ -55,6 +55,13 @@ def test_registry_says_waiting_for_the_pinned_donor() -> None:
     why = _waiting_why("postgres", {**TRUSTED_DATA, "rma.io/node": "w-a"}, {"w-a": "attic"})
     assert why.startswith("waiting for w-a (attic): the store's data is on that donor")
     assert "--trusted --tier data" in _waiting_why("postgres", TRUSTED_DATA, {})
+    # a donor that will not come back (revoked, left): the store waits on, and the way out is said
+    for word in ("revoked", "left"):
+        why = _waiting_why(
+            "postgres", {**TRUSTED_DATA, "rma.io/node": "w-a"}, {"w-a": "attic"}, {"w-a": word}
+        )
+        assert why.startswith(f"waiting for w-a (attic), which was {word} and will not come back")
+        assert why.endswith("`rma stores move postgres --to DONOR --from-backup DIR`")
 
 
 def _backup(tmp_path: Path, store: str, content: bytes = b"x" * 1000) -> Path:
