@@ -198,8 +198,8 @@ def cpu_by_process(root: int, top: int) -> dict[str, object]:
 
 def session_dir(root: int) -> Path | None:
     """The Ray session dir of the core head under `root` (`rma up`), as its raylet's command line names it:
-    `/tmp/rma-XXXXXXXX/h/session_...` (rma_ray.raynode.private_temp_dir), not an edge head's; None when none
-    is found."""
+    `/tmp/rma-<8 random characters>/h/session_...` (rma_ray.raynode.private_temp_dir), not an edge head's; None
+    when none is found."""
     try:
         tree = psutil.Process(root).children(recursive=True)
     except psutil.Error:

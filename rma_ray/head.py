@@ -1170,8 +1170,8 @@ class Pool:
             self.say(f"[yellow]{edge.error}[/]; the core serves meanwhile")
             self.write_edges()
 
-    def start_edge(self, edge: EdgeHead, deploy: bool = True) -> bool:
-        """Start (or start again) an edge head, its Serve and, with `deploy`, its apps. A failure is said and
+    def start_edge(self, edge: EdgeHead) -> bool:
+        """Start (or start again) an edge head, its Serve and its apps. A failure is said and
         kept in pool.json (the core serves meanwhile); the supervisor tries again after EDGE_RETRY_S."""
         try:
             edge.start()
@@ -1184,8 +1184,7 @@ class Pool:
             self.write_edges()
             return False
         self.write_edges()
-        if deploy:
-            self.deploy_edge(edge)
+        self.deploy_edge(edge)
         return True
 
     def rotate_edge(self, name: str) -> None:

@@ -38,14 +38,17 @@ def path(data_dir: Path) -> Path:
     return data_dir / "membership.json"
 
 
-def write_private(file: Path, data: str | bytes) -> None:
+def write_private(file: Path, data: str | bytes, owner: int | None = None) -> None:
     """Write a secret-bearing file atomically with mode 0600 from the first byte. The temp file is a new one
     of a random name (mkstemp: O_EXCL, 0600), never one found there: a stale temp file keeps its mode and a
-    link planted at a fixed temp name would be followed."""
+    link planted at a fixed temp name would be followed; the rename replaces whatever is at `file` (a link
+    too), never writes through it. `owner`: a uid (and gid) the file is given, by its descriptor."""
     file.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{file.name}.", dir=file.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            if owner is not None:
+                os.fchown(f.fileno(), owner, owner)
             f.write(data.encode() if isinstance(data, str) else data)
         os.replace(tmp, file)
     except BaseException:

@@ -50,7 +50,7 @@ def private_temp_dir() -> Path:
     """A Ray temp dir for the core head, under a fresh parent only its creator may enter (0700, made by
     mkdtemp: a random name, never a path someone else could have made first). Ray chmods the temp dir it is
     given (and its session, logs and sockets) 0777; the parent keeps other users (an edge head's `rma-edge`)
-    out of them all. Short, like short_temp_dir: `/tmp/rma-XXXXXXXX/h`. Remove `path.parent` when done."""
+    out of them all. Short, like short_temp_dir: `/tmp/rma-<8 random characters>/h`. Remove `path.parent` when done."""
     return Path(tempfile.mkdtemp(prefix="rma-", dir="/tmp")) / "h"
 
 

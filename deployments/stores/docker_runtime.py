@@ -16,19 +16,18 @@ Importing this module is cheap: the SDK is imported on first use."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import shutil
 import socket
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from deployments.stores.runtime import MIN_FREE_BYTES, StoreError
+from rma_ray.membership import write_private
 from rma_ray.net import port_free
 
 LABEL_STORE = "rma.io/store"
@@ -58,20 +57,11 @@ class ContainerSpec:
 
 
 def _write_private(path: Path, text: str, uid: int) -> None:
-    """`text` into `path`, 0600 and the store's user's, written by root into a directory that user owns: a new
-    temp file of a random name (mkstemp: O_EXCL, 0600), chowned by its descriptor and renamed over `path`. Never
-    an open or chown by name of what is there: a link the store's user left at `path` (its process may be
-    compromised) would have root write through it and hand the link's target to that user."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            os.fchown(f.fileno(), uid, uid)
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    """`text` into `path`, 0600 and the store's user's, written by root into a directory that user owns: never an
+    open or chown by name of what is there (a link the store's user left at `path` would have root write through
+    it and hand the link's target to that user), but a new temp file chowned by its descriptor and renamed over
+    `path` (rma_ray.membership.write_private)."""
+    write_private(path, text, owner=uid)
 
 
 def _prepare_redis(rt: DockerRuntime, data: Path) -> tuple[list[str], dict[str, str]]:
