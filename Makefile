@@ -16,34 +16,24 @@ SHELL := /bin/bash
 up: system-run venv
 	$(VENV)/bin/rma up $${RMA_NODE_IP:+--node-ip-address $$RMA_NODE_IP}
 
-# `make test`: the unit tests in random order (pytest-randomly; the seed is printed), then everything else with
-# RMA_TEST_REQUIRE set to all this machine can run (tests/support/capabilities.py), so a test that cannot run
-# here fails instead of skipping quietly; set RMA_TEST_REQUIRE yourself to narrow or widen it. Each run writes
-# JUnit XML, its output (with the 25 slowest) and per-capability counts under artifacts/. A run that hangs is
-# interrupted at TEST_SESSION_LIMIT: pytest prints the test it was in, and the run fails. After the run, the claims of
-# SECURITY.md, docs/architecture.md and the README (tests/claims.toml) are reported against both JUnit files, even
-# when pytest failed (its status is kept): a claim whose named test failed or vanished fails the target too.
-# PYTHONNODEBUGRANGES: tracebacks without column carets. CPython 3.11 finds the carets by parsing the failing
-# line (`ast.parse`), and its parser keeps one recursion counter per interpreter: a traceback formatted by a
-# finalizer (an asyncio task's unread exception, logged when it is collected) in the middle of another
-# `ast.parse` (pytest's assertion rewriting of a module imported late) breaks that parse with "AST constructor
-# recursion depth mismatch" (seen twice in random unit orders).
-# No pytest-xdist: the suite is CPU-bound on the 2-core box it runs on. Measured (session 12): tests/e2e/test_edge.py
-# and tests/integration/test_services.py run at once took 962 s, one after the other 974 s (CPU 97 % busy
-# throughout); only less work (fewer cluster starts, no waiting for nothing) makes it faster.
+# `make test`: the install, the lint, then scripts/run-tests.sh: the unit tests in random order (pytest-randomly;
+# the seed is printed) and the tests that start no cluster run in a background lane while the heavy tests (Ray,
+# netns beds, dockerd, Chromium, the LLM) run in the foreground, with RMA_TEST_REQUIRE set to all this machine can
+# run (tests/support/capabilities.py), so a test that cannot run here fails instead of skipping quietly; set
+# RMA_TEST_REQUIRE yourself to narrow or widen it. Each lane writes JUnit XML, its output (with the 25 slowest) and
+# per-capability counts under artifacts/test/. A run that hangs is interrupted at TEST_SESSION_LIMIT: pytest prints
+# the test it was in, and the run fails. After the run, the claims of SECURITY.md, docs/architecture.md and the
+# README (tests/claims.toml) are reported against the JUnit files, even when pytest failed (its status is kept): a
+# claim whose named test failed or vanished fails the target too. The script says why two lanes and not more.
+# PYTHONNODEBUGRANGES (set by the script): tracebacks without column carets. CPython 3.11 finds the carets by
+# parsing the failing line (`ast.parse`), and its parser keeps one recursion counter per interpreter: a traceback
+# formatted by a finalizer (an asyncio task's unread exception, logged when it is collected) in the middle of
+# another `ast.parse` (pytest's assertion rewriting of a module imported late) breaks that parse with "AST
+# constructor recursion depth mismatch" (seen twice in random unit orders).
 TEST_SESSION_LIMIT ?= 80m
-PYTEST_CI = PYTHONNODEBUGRANGES=1 timeout --signal=INT --kill-after=120 $(TEST_SESSION_LIMIT) $(PY) -m pytest -q \
-  --durations=25
 
 test: system-test venv-test lint
-	@rm -rf artifacts/test && mkdir -p artifacts/test/unit
-	RMA_TEST_REQUIRE=postgres $(PYTEST_CI) -p randomly tests/unit \
-	  --junitxml=artifacts/test/unit/junit.xml 2>&1 | tee artifacts/test/unit/pytest.log
-	@echo "RMA_TEST_REQUIRE=$${RMA_TEST_REQUIRE-$$($(PY) -m tests.support.capabilities)}"
-	status=0; RMA_TEST_REQUIRE="$${RMA_TEST_REQUIRE-$$($(PY) -m tests.support.capabilities)}" $(PYTEST_CI) \
-	  --ignore=tests/unit --junitxml=artifacts/test/junit.xml 2>&1 | tee artifacts/test/pytest.log || status=$$?; \
-	claims=0; $(PY) -m tests.support.claims artifacts/test/unit/junit.xml artifacts/test/junit.xml || claims=$$?; \
-	exit $$(( status ? status : claims ))
+	PY=$(PY) TEST_SESSION_LIMIT=$(TEST_SESSION_LIMIT) scripts/run-tests.sh
 
 # the lint and type check `make test` runs first ([tool.ruff] and [tool.mypy] in pyproject.toml)
 lint: venv-test

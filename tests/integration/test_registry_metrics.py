@@ -171,7 +171,6 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
             state.engine.dispose()
 
 
-@pytest.mark.ray
 def _echo_counts(pool: Pool, m: dict[str, Any]) -> tuple[int, int, int]:
     a = pool.app(m, "echo")
     return a["requests"], a["errors_4xx"], a["errors_5xx"]
@@ -190,6 +189,7 @@ def _settled_echo_counts(pool: Pool) -> tuple[int, int, int]:
     return wait_for(settled, timeout=120, interval=0.1, what="the echo app's counts to settle")
 
 
+@pytest.mark.ray
 def test_requests_errors_and_latency_reach_the_api(pool: Pool) -> None:
     base = _settled_echo_counts(pool)  # the fixture's probe, and the slow calls of tests that ran before
     with httpx.Client(base_url=pool.serve_url, timeout=60) as c:
