@@ -50,7 +50,7 @@ rm -rf "$OUT" && mkdir -p "$OUT/unit" "$OUT/light"
 ) &
 lane=$!
 # Ctrl-C or a kill of `make test`: the background lane's pytest goes too (timeout passes the signal on)
-trap 'pkill -INT -P "$lane" 2>/dev/null; wait "$lane"; exit 130' INT TERM
+trap 'pkill -INT -P "$lane" 2>/dev/null || kill "$lane"; wait "$lane"; exit 130' INT TERM
 
 echo "lane 1 (unit, then light: $OUT/unit/pytest.log, $OUT/light/pytest.log) runs in the background; lane 2 (heavy):"
 RMA_TEST_REQUIRE=$REQUIRE run_pytest --ignore=tests/unit -m "$HEAVY" --junitxml="$OUT/junit.xml" 2>&1 |
