@@ -7,11 +7,15 @@
 # schemathesis over its OpenAPI, the CLI, the linters). Lane 2 (the foreground, its log live): the heavy tests, every
 # test that starts a Ray cluster, a netns bed, dockerd, Chromium or the LLM.
 #
-# Why two lanes: the heavy lane leaves about a third of the 2 cores idle (measured, session 18: 64 % busy over
-# tests/e2e/test_edge.py, test_services.py and test_llm.py: it waits on heartbeats, route refreshes, collector
-# passes, donors' starts), and the light lane is one pytest process, at most one core, ~450 s of it. Two heavy
-# lanes would not help: run at once, tests/e2e/test_edge.py and test_services.py took 962 s against 974 s one after
-# the other (session 12, CPU 97 % busy), and their beds would share root's namespace's ports and addresses.
+# Why two lanes: the heavy lane leaves about half of the 2 cores idle (measured, session 18: 64 % busy over
+# tests/e2e/test_edge.py, test_services.py and test_llm.py, 47 % over the heavy lane of a CI run: it waits on
+# heartbeats, route refreshes, collector passes, donors' starts), and the light lane is one pytest process, at most
+# one core, ~450 s of it. Why not more: two heavy modules busy at the same moments gain nothing (session 12:
+# tests/e2e/test_edge.py and test_services.py at once 962 s, one after the other 974 s, CPU 97 % busy); and every
+# edge head on a machine runs as the one `rma-edge` user, whose processes a stopping edge head kills (one pool per
+# machine): tried in session 18, tests/e2e beside the heavy integration tests, the integration lane's edge tests
+# killed the e2e lane's edge head. A split of the heavy tests must keep
+# every test that starts an edge head in one lane.
 #
 # Each pytest is interrupted at TEST_SESSION_LIMIT (it prints the test it was in, and the run fails).
 # RMA_TEST_REQUIRE (unset: all this machine can run, tests/support/capabilities.py) holds for the heavy lane; the
