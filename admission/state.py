@@ -40,23 +40,33 @@ class Beat:
 
 
 class HeartbeatBuffer:
-    """Latest heartbeat per worker, flushed to the database in one bulk UPDATE every `flush_s`."""
+    """Latest heartbeat per worker, flushed to the database in one bulk UPDATE every `flush_s`.
+
+    `peek` answers the latest beat this process received, flushed or not: a reader that loaded a worker's row
+    just before a flush committed, or while the flush's batch was out of the pending map and not yet written,
+    would otherwise see neither the beat nor the row that holds it (an admin view said `paused` after the
+    donor's next, healthy, beat). The database only ever gets beats from here, so the kept one is never older."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._pending: dict[str, Beat] = {}
+        self._latest: dict[
+            str, Beat
+        ] = {}  # one per live worker: `drop` forgets a worker that left or was revoked
 
     def put(self, worker_id: str, beat: Beat) -> None:
         with self._lock:
             self._pending[worker_id] = beat
+            self._latest[worker_id] = beat
 
     def peek(self, worker_id: str) -> Beat | None:
         with self._lock:
-            return self._pending.get(worker_id)
+            return self._latest.get(worker_id)
 
     def drop(self, worker_id: str) -> None:
         with self._lock:
             self._pending.pop(worker_id, None)
+            self._latest.pop(worker_id, None)
 
     def flush(self, factory: sessionmaker[Session]) -> int:
         with self._lock:
