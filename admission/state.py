@@ -50,9 +50,8 @@ class HeartbeatBuffer:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._pending: dict[str, Beat] = {}
-        self._latest: dict[
-            str, Beat
-        ] = {}  # one per live worker: `drop` forgets a worker that left or was revoked
+        # one per live worker: `drop` forgets a worker that left or was revoked
+        self._latest: dict[str, Beat] = {}
 
     def put(self, worker_id: str, beat: Beat) -> None:
         with self._lock:
